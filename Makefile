@@ -1,0 +1,52 @@
+# Two commands set everything up on a fresh machine with python3 and make:
+#   make run   - creates .venv, installs, starts Envoy + EPP + simulated pods, prints a curl line
+#   make test  - creates .venv if needed, runs lint, type checks and the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.deps-installed
+
+.PHONY: venv install run test lint typecheck unit e2e bench bench-quick clean
+
+venv: $(STAMP)
+
+# Dependencies are (re)installed only when pyproject.toml / setup.py change.
+$(STAMP): pyproject.toml setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=strict
+	@touch $(STAMP)
+
+# The strict editable install links each source file; relinking picks up files added since.
+install: $(STAMP)
+	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=strict 2>&1 \
+		| grep -v -i -E 'warning|^\s*$$|!!|\*{5}|strict editable|auxiliary|users|files|directory|paths|more information|setuptools' || true
+
+run: install
+	$(PY) -m llmepp.devstack
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: install
+	$(VENV)/bin/mypy -p llmepp -p llmepp_sim
+
+unit: install
+	$(VENV)/bin/pytest -q -m "not e2e"
+
+e2e: install
+	$(VENV)/bin/pytest -q -m e2e
+
+test: lint typecheck
+	$(VENV)/bin/pytest -q
+
+bench: install
+	$(PY) -m benchmarks.run_all
+
+bench-quick: install
+	$(PY) -m benchmarks.run_all --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .run

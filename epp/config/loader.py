@@ -1,0 +1,323 @@
+"""EndpointPickerConfig YAML → built, wired, validated plugins.
+
+    load_config(text)  → EndpointPickerConfig        (YAML + schema errors)
+    build(config, ...) → Components                  (plugins, defaults, profiles, wiring)
+
+Defaults follow the reference loader: producers a plugin consumes are auto-created, a
+profile without a picker gets `max-score-picker`, one profile without a handler gets
+`single-profile-handler`, scorers default to weight 1, and a config with no profiles gets a
+`default` profile holding every filter, scorer and picker. Every error is a ConfigError
+whose message names the plugin / profile and field.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import yaml
+
+from llmepp.config.schema import (
+    API_VERSIONS,
+    DEPRECATED_API_VERSIONS,
+    KIND,
+    EndpointPickerConfig,
+    SchedulingProfileSpec,
+)
+from llmepp.director import Pipeline
+from llmepp.framework.datakeys import PREFIX_CACHE_MATCH_INFO, TOKENIZED_PROMPT
+from llmepp.framework.datalayer import EndpointDiscovery
+from llmepp.framework.plugin import ConfigError, Plugin, PluginContext, PluginRegistry, registry
+from llmepp.framework.requestcontrol import (
+    Admitter,
+    DataProducer,
+    PreRequest,
+    ResponseCompleteProcessor,
+    ResponseHeaderProcessor,
+)
+from llmepp.framework.scheduling import Filter, Picker, ProfileHandler, Scorer
+from llmepp.scheduling.profile import SchedulerProfile, WeightedScorer
+from llmepp.scheduling.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+# Data key → the producer type auto-created when a consumer needs it and none is configured.
+DEFAULT_PRODUCERS: dict[str, str] = {
+    PREFIX_CACHE_MATCH_INFO: "approx-prefix-cache-producer",
+    TOKENIZED_PROMPT: "token-producer",
+}
+DEFAULT_PICKER = "max-score-picker"
+DEFAULT_HANDLER = "single-profile-handler"
+KNOWN_FEATURE_GATES = {"flowControl": False, "haPopulateNonLeaderDatastore": True}
+
+
+@dataclass(slots=True)
+class DataSource:
+    source: Plugin
+    extractors: list[Plugin]
+
+
+@dataclass(slots=True)
+class Components:
+    """Everything the app wires together, built from one config."""
+
+    config: EndpointPickerConfig
+    plugins: dict[str, Plugin]
+    pipeline: Pipeline
+    feature_gates: dict[str, bool]
+    discovery: EndpointDiscovery | None = None
+    data_sources: list[DataSource] = field(default_factory=list)
+
+
+def load_config(text: str) -> EndpointPickerConfig:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config is not valid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config must be a mapping, got {type(raw).__name__}")
+    try:
+        config = msgspec.convert(raw, EndpointPickerConfig, str_keys=True)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"config: {str(e).replace('`$.', '`').replace('`$`', 'the document')}") from None
+    if config.api_version not in API_VERSIONS:
+        raise ConfigError(
+            f"apiVersion: unsupported {config.api_version!r}; expected one of {', '.join(API_VERSIONS)}"
+        )
+    if config.api_version in DEPRECATED_API_VERSIONS:
+        log.warning("apiVersion %s is deprecated; use %s", config.api_version, API_VERSIONS[0])
+    if config.kind != KIND:
+        raise ConfigError(f"kind: expected {KIND!r}, got {config.kind!r}")
+    return config
+
+
+def parse_feature_gates(gates: Iterable[str]) -> dict[str, bool]:
+    result = dict(KNOWN_FEATURE_GATES)
+    for i, gate in enumerate(gates):
+        name, _, value = gate.partition("=")
+        name = name.strip()
+        if value.strip().lower() not in ("", "true", "false"):
+            raise ConfigError(f"featureGates[{i}]: {gate!r}: value must be true or false")
+        if name not in KNOWN_FEATURE_GATES:
+            log.warning("featureGates[%d]: unknown gate %r ignored", i, name)
+        result[name] = value.strip().lower() != "false"
+    return result
+
+
+def build(
+    config: EndpointPickerConfig,
+    *,
+    datastore: Any = None,
+    settings: Any = None,
+    metrics: Any = None,
+    plugin_registry: PluginRegistry = registry,
+) -> Components:
+    plugins = _build_plugins(config, plugin_registry)
+    _add_default_producers(plugins, plugin_registry)
+    specs = config.scheduling_profiles or [_default_profile_spec(plugins)]
+    if not any(isinstance(p, Picker) for p in plugins.values()) or any(
+        not _profile_has(spec, plugins, Picker) for spec in specs
+    ):
+        plugins.setdefault(DEFAULT_PICKER, plugin_registry.build(DEFAULT_PICKER, DEFAULT_PICKER, None))
+    profiles = {spec.name: _build_profile(spec, plugins) for spec in specs}
+    if len(profiles) != len(specs):
+        raise ConfigError("schedulingProfiles: profile names must be unique")
+    handler = _profile_handler(plugins, profiles, plugin_registry)
+
+    ctx = PluginContext(plugins, datastore=datastore, settings=settings, metrics=metrics)
+    for plugin in plugins.values():
+        try:
+            plugin.setup(ctx)
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"plugin {plugin.name!r} (type {plugin.type}): {e}") from None
+    try:
+        handler.validate_profiles(profiles)
+    except ConfigError as e:
+        raise ConfigError(f"plugin {handler.name!r} (type {handler.type}): {e}") from None
+
+    values = list(plugins.values())
+    pipeline = Pipeline(
+        scheduler=Scheduler(handler, profiles),
+        producers=_ordered_producers([p for p in values if isinstance(p, DataProducer)]),
+        admitters=[p for p in values if isinstance(p, Admitter)],
+        pre_request=[p for p in values if isinstance(p, PreRequest)],
+        response_header=[p for p in values if isinstance(p, ResponseHeaderProcessor)],
+        response_complete=[p for p in values if isinstance(p, ResponseCompleteProcessor)],
+    )
+    components = Components(
+        config=config,
+        plugins=plugins,
+        pipeline=pipeline,
+        feature_gates=parse_feature_gates(config.feature_gates),
+    )
+    _build_data_layer(config, plugins, components, plugin_registry)
+    return components
+
+
+# -- steps ---------------------------------------------------------------------------------
+def _build_plugins(config: EndpointPickerConfig, plugin_registry: PluginRegistry) -> dict[str, Plugin]:
+    plugins: dict[str, Plugin] = {}
+    for i, spec in enumerate(config.plugins):
+        name = spec.name or spec.type
+        if not spec.type:
+            raise ConfigError(f"plugins[{i}]: type is required")
+        if name in plugins:
+            raise ConfigError(f"plugins[{i}]: duplicate plugin name {name!r}")
+        plugins[name] = plugin_registry.build(spec.type, name, spec.parameters)
+    return plugins
+
+
+def _add_default_producers(plugins: dict[str, Plugin], plugin_registry: PluginRegistry) -> None:
+    """Create the default producer of every consumed data key nobody produces (to a fixed point)."""
+    changed = True
+    while changed:
+        changed = False
+        produced = {key for p in plugins.values() for key in p.produces}
+        for plugin in list(plugins.values()):
+            for key in sorted(plugin.consumes - produced):
+                default = DEFAULT_PRODUCERS.get(key)
+                if default is None:
+                    raise ConfigError(
+                        f"plugin {plugin.name!r} (type {plugin.type}): consumes {key} but no configured "
+                        "plugin produces it"
+                    )
+                if default in plugins:
+                    raise ConfigError(f"plugin {default!r} exists but does not produce {key}")
+                log.info("auto-created producer %s for %s (needed by %s)", default, key, plugin.name)
+                plugins[default] = plugin_registry.build(default, default, None)
+                produced |= plugins[default].produces
+                changed = True
+
+
+def _default_profile_spec(plugins: dict[str, Plugin]) -> SchedulingProfileSpec:
+    from llmepp.config.schema import ProfilePluginRef
+
+    refs = [
+        ProfilePluginRef(plugin_ref=name)
+        for name, p in plugins.items()
+        if isinstance(p, (Filter, Scorer, Picker))
+    ]
+    return SchedulingProfileSpec(name="default", plugins=refs)
+
+
+def _profile_has(spec: SchedulingProfileSpec, plugins: dict[str, Plugin], kind: type[Plugin]) -> bool:
+    return any(isinstance(plugins.get(ref.plugin_ref), kind) for ref in spec.plugins)
+
+
+def _build_profile(spec: SchedulingProfileSpec, plugins: dict[str, Plugin]) -> SchedulerProfile:
+    where = f"schedulingProfiles[{spec.name!r}]"
+    filters: list[Filter] = []
+    scorers: list[WeightedScorer] = []
+    picker: Picker | None = None
+    for ref in spec.plugins:
+        plugin = plugins.get(ref.plugin_ref)
+        if plugin is None:
+            raise ConfigError(f"{where}: pluginRef {ref.plugin_ref!r}: no plugin with that name")
+        used = False
+        if isinstance(plugin, Filter):
+            filters.append(plugin)
+            used = True
+        if isinstance(plugin, Scorer):
+            weight = 1.0 if ref.weight is None else ref.weight
+            if weight < 0:
+                raise ConfigError(f"{where}: pluginRef {ref.plugin_ref!r}: weight must be >= 0, got {weight}")
+            scorers.append(WeightedScorer(plugin, weight))
+            used = True
+        if isinstance(plugin, Picker):
+            if picker is not None:
+                raise ConfigError(f"{where}: more than one picker ({picker.name!r}, {plugin.name!r})")
+            picker = plugin
+            used = True
+        if not used:
+            raise ConfigError(
+                f"{where}: pluginRef {ref.plugin_ref!r} (type {plugin.type}) is not a filter, scorer or picker"
+            )
+    if picker is None:
+        default = plugins[DEFAULT_PICKER]
+        assert isinstance(default, Picker)
+        picker = default
+    return SchedulerProfile(name=spec.name, picker=picker, filters=filters, scorers=scorers)
+
+
+def _profile_handler(
+    plugins: dict[str, Plugin], profiles: dict[str, SchedulerProfile], plugin_registry: PluginRegistry
+) -> ProfileHandler:
+    handlers = [p for p in plugins.values() if isinstance(p, ProfileHandler)]
+    if len(handlers) > 1:
+        raise ConfigError(
+            f"plugins: at most one profile handler, found {', '.join(h.name for h in handlers)}"
+        )
+    if handlers:
+        return handlers[0]
+    if len(profiles) != 1:
+        raise ConfigError(
+            f"schedulingProfiles: {len(profiles)} profiles need a profile handler plugin "
+            "(e.g. disagg-profile-handler)"
+        )
+    handler = plugin_registry.build(DEFAULT_HANDLER, DEFAULT_HANDLER, None)
+    assert isinstance(handler, ProfileHandler)
+    plugins[DEFAULT_HANDLER] = handler
+    return handler
+
+
+def _ordered_producers(producers: list[DataProducer]) -> list[DataProducer]:
+    """Topological order: a producer runs after the producers of the keys it consumes."""
+    ordered: list[DataProducer] = []
+    pending = list(producers)
+    while pending:
+        ready = [p for p in pending if not any(p.consumes & q.produces for q in pending if q is not p)]
+        if not ready:
+            raise ConfigError(f"data producers form a dependency cycle: {', '.join(p.name for p in pending)}")
+        ordered += ready
+        pending = [p for p in pending if p not in ready]
+    return ordered
+
+
+def _build_data_layer(
+    config: EndpointPickerConfig,
+    plugins: dict[str, Plugin],
+    components: Components,
+    plugin_registry: PluginRegistry,
+) -> None:
+    layer = config.data_layer
+    if layer is not None and layer.discovery is not None:
+        ref = layer.discovery.plugin_ref
+        plugin = plugins.get(ref)
+        if plugin is None:
+            raise ConfigError(f"dataLayer.discovery.pluginRef: no plugin named {ref!r}")
+        if not isinstance(plugin, EndpointDiscovery):
+            raise ConfigError(
+                f"dataLayer.discovery.pluginRef: plugin {ref!r} (type {plugin.type}) is not a discovery"
+            )
+        components.discovery = plugin
+    for i, src in enumerate(layer.sources if layer is not None else []):
+        source = plugins.get(src.plugin_ref)
+        if source is None:
+            raise ConfigError(f"dataLayer.sources[{i}].pluginRef: no plugin named {src.plugin_ref!r}")
+        extractors = []
+        for j, ext in enumerate(src.extractors):
+            extractor = plugins.get(ext.plugin_ref)
+            if extractor is None:
+                raise ConfigError(
+                    f"dataLayer.sources[{i}].extractors[{j}].pluginRef: no plugin named {ext.plugin_ref!r}"
+                )
+            extractors.append(extractor)
+        components.data_sources.append(DataSource(source, extractors))
+    inject = layer.inject_defaults if layer is not None else True
+    has_metrics_source = any(ds.source.type == "metrics-data-source" for ds in components.data_sources)
+    if inject and not has_metrics_source and plugin_registry.get("metrics-data-source") is not None:
+        source = plugins.setdefault(
+            "metrics-data-source", plugin_registry.build("metrics-data-source", "metrics-data-source", None)
+        )
+        extractor = plugins.setdefault(
+            "core-metrics-extractor",
+            plugin_registry.build("core-metrics-extractor", "core-metrics-extractor", None),
+        )
+        components.data_sources.append(DataSource(source, [extractor]))

@@ -1,0 +1,90 @@
+"""The reference's `EndpointPickerConfig` YAML schema (apiVersion llm-d.ai/v1alpha1).
+
+Field names are the YAML's camelCase; unknown fields are rejected so typos surface at
+start-up. Blocks this build reads but does not interpret yet are kept as raw mappings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+API_VERSIONS = ("llm-d.ai/v1alpha1", "inference.networking.x-k8s.io/v1alpha1")
+DEPRECATED_API_VERSIONS = ("inference.networking.x-k8s.io/v1alpha1",)
+KIND = "EndpointPickerConfig"
+
+
+class _Schema(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    pass
+
+
+class PluginSpec(_Schema):
+    type: str
+    name: str = ""
+    parameters: dict[str, Any] | None = None
+
+
+class ProfilePluginRef(_Schema):
+    plugin_ref: str
+    weight: float | None = None
+
+
+class SchedulingProfileSpec(_Schema):
+    name: str
+    plugins: list[ProfilePluginRef] = []
+
+
+class PluginRef(_Schema):
+    plugin_ref: str
+
+
+class RequestHandlerSpec(_Schema):
+    parsers: list[PluginRef] = []
+
+
+class DataSourceSpec(_Schema):
+    plugin_ref: str
+    extractors: list[PluginRef] = []
+
+
+class DataLayerSpec(_Schema):
+    inject_defaults: bool = True
+    sources: list[DataSourceSpec] = []
+    discovery: PluginRef | None = None
+    peer_discovery: PluginRef | None = None
+    cross_replica_syncer_plugin_ref: str = ""
+    cross_replica_sync_interval: str = ""
+
+
+class EndpointPickerConfig(_Schema):
+    api_version: str = API_VERSIONS[0]
+    kind: str = KIND
+    feature_gates: list[str] = []
+    plugins: list[PluginSpec] = []
+    scheduling_profiles: list[SchedulingProfileSpec] = []
+    request_handler: RequestHandlerSpec | None = None
+    data_layer: DataLayerSpec | None = None
+    # Flow control is its own subsystem; its block is validated where it is built.
+    flow_control: dict[str, Any] | None = None
+    saturation_detector: dict[str, Any] | None = None  # deprecated location
+    parser: PluginRef | None = None  # deprecated: requestHandler.parsers
+
+
+DEFAULT_CONFIG = """\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+"""

@@ -1,0 +1,101 @@
+"""The endpoint model shared by discovery, scraping, scheduling and accounting.
+
+An `Endpoint` is one model-server rank (pod IP + port). Discovery creates it from an
+`EndpointSpec`; the metrics collector replaces `endpoint.metrics` with a fresh immutable
+`EndpointMetrics` after every scrape (one attribute store, so readers never see a torn
+update); the director keeps router-local in-flight counters in `endpoint.inflight`.
+Plugins only read these objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSpec:
+    """What discovery knows about an endpoint (file entry or pod + target port)."""
+
+    name: str
+    address: str
+    port: int
+    namespace: str = "default"
+    labels: Mapping[str, str] = field(default_factory=dict)
+    # Where /metrics is scraped; defaults to address:port.
+    metrics_port: int | None = None
+
+    @property
+    def hostport(self) -> str:
+        return f"{self.address}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointMetrics:
+    """One scrape of a model server's /metrics (vLLM names, see datalayer.metrics)."""
+
+    waiting_queue_size: int = 0
+    running_requests_size: int = 0
+    kv_cache_usage_percent: float = 0.0  # fraction 0..1, as vLLM reports it
+    # LoRA adapters: running / waiting adapter names and the server's max_lora.
+    active_models: frozenset[str] = frozenset()
+    waiting_models: frozenset[str] = frozenset()
+    max_active_models: int = 0
+    cache_block_size: int = 0
+    cache_num_blocks: int = 0
+    # time.monotonic() of the scrape that produced this object; 0.0 = never scraped.
+    update_time: float = 0.0
+
+
+NO_METRICS = EndpointMetrics()
+
+
+@dataclass(slots=True)
+class InFlight:
+    """Router-local load: requests and prompt tokens this EPP has sent and not seen finish."""
+
+    requests: int = 0
+    tokens: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class Endpoint:
+    """A routable model-server endpoint. Hashable by identity, so it can key per-request dicts."""
+
+    spec: EndpointSpec
+    metrics: EndpointMetrics = NO_METRICS
+    inflight: InFlight = field(default_factory=InFlight)
+    # Set when discovery removes the endpoint; long-lived plugin state uses it to drop entries.
+    removed: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def namespace(self) -> str:
+        return self.spec.namespace
+
+    @property
+    def address(self) -> str:
+        return self.spec.address
+
+    @property
+    def port(self) -> int:
+        return self.spec.port
+
+    @property
+    def hostport(self) -> str:
+        return self.spec.hostport
+
+    @property
+    def labels(self) -> Mapping[str, str]:
+        return self.spec.labels
+
+    def metrics_age(self, now: float) -> float:
+        """Seconds since the last successful scrape (infinite if never scraped)."""
+        t = self.metrics.update_time
+        return now - t if t else float("inf")
+
+    def __repr__(self) -> str:
+        return f"Endpoint({self.spec.namespace}/{self.spec.name} {self.hostport})"

@@ -1,0 +1,222 @@
+"""Request control: what happens between a parsed request and a routing decision.
+
+    handle_request:  candidates (pool ∩ subset hint) → data producers → admitters
+                     → scheduler (profiles: filter → score → pick) → pre-request plugins
+                     → in-flight accounting → RoutingDecision
+    response_headers / response_complete: response plugins and in-flight release.
+
+The ext_proc stream (server/extproc.py) owns the protocol; this module owns the policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+
+from llmepp.datalayer.datastore import Datastore
+from llmepp.datalayer.endpoint import Endpoint
+from llmepp.framework.datakeys import TOKENIZED_PROMPT
+from llmepp.errors import BadRequest, NoEndpoints, RequestError
+from llmepp.framework.requestcontrol import (
+    Admitter,
+    DataProducer,
+    PreRequest,
+    ResponseCompleteProcessor,
+    ResponseHeaderProcessor,
+)
+from llmepp.framework.scheduling import ProfileResult, SchedulingResult
+from llmepp.observability.metrics import EppMetrics
+from llmepp.request.types import InferenceRequest, ResponseInfo
+from llmepp.scheduling.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+# Each producer gets this long (reference: 400 ms); a late producer is logged, not fatal.
+PRODUCER_TIMEOUT = 0.4
+
+
+@dataclass(slots=True)
+class RoutingDecision:
+    """Where a request goes and what to change on its way."""
+
+    targets: list[Endpoint]
+    # Value of x-gateway-destination-endpoint and envoy.lb metadata: "ip:port[,ip:port...]".
+    destination: str
+    # Body to send upstream; None means unchanged.
+    body: bytes | None = None
+    # Request headers to set upstream (plugins' request.upstream_headers).
+    headers: dict[str, str] = field(default_factory=dict)
+    result: SchedulingResult | None = None
+    # {ip:port: score} of the primary profile, only with --emit-endpoint-scores.
+    scores: dict[str, float] | None = None
+    # Prompt tokens charged to the primary target's in-flight load until completion.
+    inflight_tokens: int = 0
+
+
+@dataclass(slots=True)
+class Pipeline:
+    """The configured plugins, in the order the director calls them (built by config.loader)."""
+
+    scheduler: Scheduler
+    producers: list[DataProducer] = field(default_factory=list)
+    admitters: list[Admitter] = field(default_factory=list)
+    pre_request: list[PreRequest] = field(default_factory=list)
+    response_header: list[ResponseHeaderProcessor] = field(default_factory=list)
+    response_complete: list[ResponseCompleteProcessor] = field(default_factory=list)
+
+
+class Director:
+    def __init__(
+        self,
+        datastore: Datastore,
+        pipeline: Pipeline,
+        metrics: EppMetrics,
+        *,
+        subset_filter: bool = True,
+        emit_scores: bool = False,
+    ) -> None:
+        self.datastore = datastore
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self.subset_filter = subset_filter
+        self.emit_scores = emit_scores
+        self._rng = random.Random()
+        # Sync and async producers are told apart once, not per request.
+        self._producers: list[tuple[DataProducer, bool]] = [
+            (p, inspect.iscoroutinefunction(p.produce)) for p in pipeline.producers
+        ]
+
+    # -- request path ------------------------------------------------------------------
+    def candidates(self, subset: Sequence[str] | None) -> Sequence[Endpoint]:
+        """The pool, narrowed by Envoy's subset hint (matched on IP only, like the reference)."""
+        endpoints = self.datastore.endpoints
+        if subset is not None and self.subset_filter:
+            ips = {hp.rsplit(":", 1)[0] for hp in subset}
+            endpoints = tuple(ep for ep in endpoints if ep.address in ips)
+        if not endpoints:
+            raise NoEndpoints()
+        return endpoints
+
+    async def handle_request(
+        self, request: InferenceRequest, subset: Sequence[str] | None
+    ) -> RoutingDecision:
+        candidates = self.candidates(subset)
+        for producer, is_async in self._producers:
+            if is_async:
+                await self._run_async_producer(producer, request, candidates)
+            else:
+                producer.produce(request, candidates)
+        for admitter in self.pipeline.admitters:
+            admitter.admit(request, candidates)
+
+        t0 = time.perf_counter()
+        try:
+            result = self.pipeline.scheduler.schedule(request, candidates)
+        except RequestError:
+            self.metrics.scheduler_attempts.labels(status="failure").inc()
+            raise
+        self.metrics.scheduler_e2e.observe(time.perf_counter() - t0)
+        self.metrics.scheduler_attempts.labels(status="success").inc()
+
+        for plugin in self.pipeline.pre_request:
+            plugin.pre_request(request, result)
+        targets = result.targets
+        primary = targets[0]
+        tokens = _prompt_tokens(request)
+        primary.inflight.requests += 1
+        primary.inflight.tokens += tokens
+        return RoutingDecision(
+            targets=targets,
+            destination=_join(targets),
+            body=self._rewritten_body(request),
+            headers=request.upstream_headers,
+            result=result,
+            scores=self._scores(result) if self.emit_scores else None,
+            inflight_tokens=tokens,
+        )
+
+    def handle_bodyless(self, request: InferenceRequest, subset: Sequence[str] | None) -> RoutingDecision:
+        """GET /v1/models and friends: any ready endpoint will do."""
+        endpoint = self._rng.choice(self.candidates(subset))
+        return RoutingDecision(targets=[endpoint], destination=endpoint.hostport)
+
+    # -- response path -----------------------------------------------------------------
+    def response_headers(
+        self, request: InferenceRequest, response: ResponseInfo, headers: dict[str, str]
+    ) -> dict[str, str] | None:
+        extra: dict[str, str] | None = None
+        for plugin in self.pipeline.response_header:
+            out = plugin.response_headers(request, response, headers)
+            if out:
+                extra = {**(extra or {}), **out}
+        return extra
+
+    def response_complete(
+        self, request: InferenceRequest, response: ResponseInfo, decision: RoutingDecision
+    ) -> None:
+        """Exactly once per routed request, however the response ended: releases what it held."""
+        result = decision.result
+        if result is None:
+            return
+        inflight = decision.targets[0].inflight
+        inflight.requests -= 1
+        inflight.tokens -= decision.inflight_tokens
+        for plugin in self.pipeline.response_complete:
+            try:
+                plugin.response_complete(request, response, result)
+            except Exception:
+                log.exception("response-complete plugin %s failed", plugin.name)
+
+    # -- helpers -----------------------------------------------------------------------
+    async def _run_async_producer(
+        self, producer: DataProducer, request: InferenceRequest, candidates: Sequence[Endpoint]
+    ) -> None:
+        produce: Callable[..., Awaitable[None]] = producer.produce  # type: ignore[assignment]
+        try:
+            await asyncio.wait_for(produce(request, candidates), PRODUCER_TIMEOUT)
+        except TimeoutError:
+            log.warning("data producer %s timed out", producer.name, extra={"request_id": request.request_id})
+        except RequestError:
+            raise
+        except Exception:
+            log.exception("data producer %s failed", producer.name, extra={"request_id": request.request_id})
+
+    @staticmethod
+    def _rewritten_body(request: InferenceRequest) -> bytes | None:
+        """Re-encode the body only when the model name must change on the way upstream."""
+        if not request.target_model or request.target_model == request.model or request.payload is None:
+            return None
+        payload = dict(request.payload)
+        payload["model"] = request.target_model
+        try:
+            return msgspec.json.encode(payload)
+        except (TypeError, msgspec.EncodeError) as e:
+            raise BadRequest(f"cannot rewrite model name: {e}") from None
+
+    @staticmethod
+    def _scores(result: SchedulingResult) -> dict[str, float]:
+        res: ProfileResult | None = result.profiles.get(result.primary_profile)
+        if res is None:
+            return {}
+        return {ep.hostport: s for ep, s in zip(res.targets, res.scores)}
+
+
+def _prompt_tokens(request: InferenceRequest) -> int:
+    """Prompt size in tokens: the token producer's count if it ran, else bytes/4 (its estimate)."""
+    tokens = request.data.get(TOKENIZED_PROMPT)
+    if tokens is not None:
+        return int(tokens.count)
+    return (len(request.prompt) + 3) // 4 if request.prompt else 0
+
+
+def _join(targets: Sequence[Endpoint]) -> str:
+    if len(targets) == 1:
+        return targets[0].hostport
+    return ",".join(ep.hostport for ep in targets)

@@ -1,0 +1,46 @@
+"""Per-request data passed from producers to consumers through `request.data`.
+
+Producers write under `scoped(KEY, producer_name)` so two instances of one producer type
+(e.g. approximate and precise prefix) can coexist; consumers resolve the producer at setup.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmepp.datalayer.endpoint import Endpoint
+
+TOKENIZED_PROMPT = "TokenizedPrompt"
+PREFIX_CACHE_MATCH_INFO = "PrefixCacheMatchInfo"
+IN_FLIGHT_LOAD = "InFlightLoad"
+
+
+def scoped(key: str, producer_name: str) -> str:
+    return f"{key}/{producer_name}"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizedPrompt:
+    """Prompt tokens as raw little-endian uint32 bytes (4 bytes per token).
+
+    The estimate backend's "tokens" are the prompt's UTF-8 bytes themselves, zero-padded to a
+    multiple of 4, so `token_bytes` is the padded prompt and hashing needs no conversion.
+    """
+
+    token_bytes: bytes
+    backend: str = "estimate"
+
+    @property
+    def count(self) -> int:
+        return len(self.token_bytes) // 4
+
+
+@dataclass(slots=True)
+class PrefixMatchInfo:
+    """Per-endpoint prefix hits: `hits[endpoint]` consecutive blocks from the prompt start."""
+
+    block_size: int  # tokens per block
+    total_blocks: int
+    hits: dict[Endpoint, int]
+    # The block hashes of this prompt, kept so PreRequest can index them without rehashing.
+    hashes: list[int]

@@ -1,0 +1,205 @@
+"""Plugin base class, typed parameters and the type-string registry.
+
+Every behaviour the config can name is a `Plugin` subclass with a unique `type` string
+(the reference's), an optional nested `Params` msgspec Struct (camelCase keys in YAML,
+snake_case attributes, defaults as field defaults), and a docstring giving its formula.
+
+    class MyScorer(Scorer):
+        \"\"\"Prefers ...  score = ...\"\"\"
+        type = "my-scorer"
+
+        class Params(PluginParams):
+            threshold: int = 128
+
+        def __init__(self, name: str, params: Params) -> None:
+            super().__init__(name, params)
+            self.threshold = params.threshold
+
+Out-of-tree packages register through the `epp.plugins` entry-point group: the entry
+point is either a Plugin subclass or a callable taking the `PluginRegistry`.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC
+from collections.abc import Mapping
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, TypeVar
+
+import msgspec
+
+from llmepp.framework.datakeys import scoped
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "epp.plugins"
+
+
+class PluginParams(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
+    """Base for a plugin's parameters: YAML keys are the camelCase field names."""
+
+
+class NoParams(PluginParams):
+    pass
+
+
+class ConfigError(Exception):
+    """A configuration problem found at start-up; the message names the plugin and field."""
+
+
+class Plugin(ABC):
+    """Base of every plugin. `name` is the instance name from the config (defaults to type)."""
+
+    type: ClassVar[str] = ""
+    Params: ClassVar[type[PluginParams]] = NoParams
+    # Data keys this plugin writes into `request.data` / reads from it (producer wiring).
+    produces: ClassVar[frozenset[str]] = frozenset()
+    consumes: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, name: str, params: Any = None) -> None:
+        self.name = name or self.type
+        self.params = params if params is not None else self.Params()
+
+    def setup(self, ctx: PluginContext) -> None:
+        """Called once after every plugin is built: resolve references, start background work."""
+
+    async def aclose(self) -> None:
+        """Release background work on shutdown."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+P = TypeVar("P", bound=Plugin)
+
+
+class PluginContext:
+    """What plugins may reach at setup: the datastore, settings, and other plugins by name."""
+
+    def __init__(self, plugins: Mapping[str, Plugin], datastore: Any, settings: Any, metrics: Any) -> None:
+        self._plugins = plugins
+        self.datastore = datastore
+        self.settings = settings
+        self.metrics = metrics
+
+    def plugin(self, name: str, kind: type[P], *, referrer: Plugin, field: str) -> P:
+        """The plugin instance `name`, checked to be a `kind`; errors name the referring field."""
+        found = self._plugins.get(name)
+        if found is None:
+            raise ConfigError(
+                f"plugin {referrer.name!r} (type {referrer.type}): {field}: no plugin named {name!r}"
+            )
+        if not isinstance(found, kind):
+            raise ConfigError(
+                f"plugin {referrer.name!r} (type {referrer.type}): {field}: plugin {name!r} "
+                f"(type {found.type}) is not a {kind.__name__}"
+            )
+        return found
+
+    def plugins_of(self, kind: type[P]) -> list[P]:
+        return [p for p in self._plugins.values() if isinstance(p, kind)]
+
+    def producer_key(self, consumer: Plugin, data_key: str, producer_name: str, field: str) -> str:
+        """The `request.data` key a consumer reads `data_key` from: the named producer's, else
+        the only producer of that key (the loader auto-creates a default one when missing)."""
+        label = f"plugin {consumer.name!r} (type {consumer.type}): {field}"
+        if producer_name:
+            producer = self.plugin(producer_name, Plugin, referrer=consumer, field=field)
+            if data_key not in producer.produces:
+                raise ConfigError(
+                    f"{label}: plugin {producer_name!r} (type {producer.type}) does not produce {data_key}"
+                )
+        else:
+            producers = [p for p in self._plugins.values() if data_key in p.produces]
+            if len(producers) != 1:
+                found = ", ".join(p.name for p in producers) or "none"
+                raise ConfigError(
+                    f"{label}: exactly one producer of {data_key} is needed (found: {found}); name one"
+                )
+            producer = producers[0]
+        return scoped(data_key, producer.name)
+
+
+class PluginRegistry:
+    """Type string → plugin class. One global instance: `registry`."""
+
+    def __init__(self) -> None:
+        self._types: dict[str, type[Plugin]] = {}
+        self._aliases: dict[str, str] = {}
+        self._loaded_entry_points = False
+
+    def register(self, cls: type[P], *aliases: str) -> type[P]:
+        """Register a plugin class under `cls.type` (usable as a class decorator)."""
+        if not cls.type:
+            raise ValueError(f"{cls.__name__} has no type string")
+        for key in (cls.type, *aliases):
+            existing = self._types.get(key)
+            if existing is not None and existing is not cls:
+                raise ValueError(f"plugin type {key!r} already registered by {existing.__qualname__}")
+            self._types[key] = cls
+        return cls
+
+    def get(self, type_name: str) -> type[Plugin] | None:
+        self.load_entry_points()
+        return self._types.get(type_name)
+
+    def types(self) -> list[str]:
+        self.load_entry_points()
+        return sorted(self._types)
+
+    def load_entry_points(self) -> None:
+        """Import every `epp.plugins` entry point once (built-ins register the same way)."""
+        if self._loaded_entry_points:
+            return
+        self._loaded_entry_points = True
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                target = ep.load()
+            except Exception:
+                log.exception("failed to load plugin entry point %s", ep.value)
+                continue
+            self._apply(target, ep.value)
+
+    def _apply(self, target: Any, origin: str) -> None:
+        if isinstance(target, type) and issubclass(target, Plugin):
+            self.register(target)
+        elif callable(target):
+            target(self)
+        else:
+            log.error("plugin entry point %s is neither a Plugin class nor a callable", origin)
+
+    def build(self, type_name: str, name: str, raw_params: Any) -> Plugin:
+        """Instantiate a plugin from config, validating its parameters."""
+        cls = self.get(type_name)
+        label = f"plugin {name!r} (type {type_name})"
+        if cls is None:
+            raise ConfigError(f"{label}: unknown plugin type; known types: {', '.join(self.types())}")
+        try:
+            params = msgspec.convert(raw_params or {}, cls.Params, str_keys=True)
+        except msgspec.ValidationError as e:
+            raise ConfigError(f"{label}: parameters: {_describe(e)}") from None
+        try:
+            return cls(name, params)
+        except ConfigError as e:
+            raise ConfigError(f"{label}: {e}") from None
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{label}: parameters: {e}") from None
+
+
+def _describe(err: msgspec.ValidationError) -> str:
+    # msgspec says "... - at `$.fieldName`"; make the path read like the YAML.
+    return str(err).replace("`$.", "`parameters.").replace("`$`", "`parameters`")
+
+
+registry = PluginRegistry()
+
+__all__ = [
+    "ConfigError",
+    "NoParams",
+    "Plugin",
+    "PluginContext",
+    "PluginParams",
+    "PluginRegistry",
+    "registry",
+]

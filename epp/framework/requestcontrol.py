@@ -1,0 +1,59 @@
+"""Request-control extension points around scheduling (reference `requestcontrol`).
+
+Order per request: DataProducers (write request.data) → Admitters → scheduling →
+PreRequest (bookkeeping for the chosen targets) → ... response: ResponseHeaderProcessor on
+the response headers, ResponseCompleteProcessor once when the response ends, however it ends.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Awaitable, Sequence
+
+from llmepp.datalayer.endpoint import Endpoint
+from llmepp.framework.plugin import Plugin
+from llmepp.framework.scheduling import SchedulingResult
+from llmepp.request.types import InferenceRequest, ResponseInfo
+
+
+class DataProducer(Plugin):
+    """Computes per-request data (`request.data[key]`) that scorers consume.
+
+    May be `async def produce` when it must wait (e.g. a remote tokenizer); the director
+    awaits it with a timeout. Declare written keys in `produces`, read keys in `consumes`.
+    """
+
+    @abstractmethod
+    def produce(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None | Awaitable[None]: ...
+
+
+class Admitter(Plugin):
+    """May reject a request before scheduling by raising a RequestError."""
+
+    @abstractmethod
+    def admit(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None: ...
+
+
+class PreRequest(Plugin):
+    """Runs after a successful schedule, before the request goes upstream."""
+
+    @abstractmethod
+    def pre_request(self, request: InferenceRequest, result: SchedulingResult) -> None: ...
+
+
+class ResponseHeaderProcessor(Plugin):
+    """Sees the response status and headers; may return headers to set on the client response."""
+
+    @abstractmethod
+    def response_headers(
+        self, request: InferenceRequest, response: ResponseInfo, headers: dict[str, str]
+    ) -> dict[str, str] | None: ...
+
+
+class ResponseCompleteProcessor(Plugin):
+    """Called exactly once per scheduled request when its response ends (naturally or not)."""
+
+    @abstractmethod
+    def response_complete(
+        self, request: InferenceRequest, response: ResponseInfo, result: SchedulingResult
+    ) -> None: ...

@@ -1,0 +1,109 @@
+"""Scheduling extension points: Filter → Scorer → Picker, run per profile by a ProfileHandler.
+
+All of them are synchronous and run on the event loop: keep them allocation-light, they
+run for every request. Endpoint lists are plain Python lists/tuples; a scorer returns one
+float per endpoint, in order.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+from llmepp.datalayer.endpoint import Endpoint
+from llmepp.framework.plugin import Plugin, PluginParams
+from llmepp.request.types import InferenceRequest
+
+if TYPE_CHECKING:
+    from llmepp.scheduling.profile import SchedulerProfile
+
+
+class ScorerCategory(enum.Enum):
+    DISTRIBUTION = "distribution"  # spreads load
+    AFFINITY = "affinity"  # concentrates related requests
+
+
+class Filter(Plugin):
+    """Removes endpoints that must not serve the request. Returns the kept endpoints, in order."""
+
+    @abstractmethod
+    def filter(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]: ...
+
+
+class Scorer(Plugin):
+    """Rates each endpoint in [0, 1] (higher is better); the profile sums weight·score.
+
+    Values outside [0, 1] are clamped by the framework.
+    """
+
+    category: ClassVar[ScorerCategory] = ScorerCategory.DISTRIBUTION
+
+    @abstractmethod
+    def score(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Sequence[float]: ...
+
+
+class PickerParams(PluginParams):
+    # How many endpoints to return; more than one gives Envoy an ordered fallback list.
+    max_num_of_endpoints: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_num_of_endpoints < 1:
+            raise ValueError("maxNumOfEndpoints must be >= 1")
+
+
+class Picker(Plugin):
+    """Chooses the ordered target list from the scored endpoints."""
+
+    Params: ClassVar[type[PluginParams]] = PickerParams
+
+    def __init__(self, name: str, params: PickerParams | None = None) -> None:
+        super().__init__(name, params)
+        self.max_num_of_endpoints: int = self.params.max_num_of_endpoints
+
+    @abstractmethod
+    def pick(self, endpoints: Sequence[Endpoint], scores: Sequence[float]) -> list[Endpoint]: ...
+
+
+@dataclass(slots=True)
+class ProfileResult:
+    """A profile's outcome: targets in preference order (first = primary)."""
+
+    targets: list[Endpoint]
+    # Total weighted score of each target, same order (for debugging / emit-scores).
+    scores: list[float] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class SchedulingResult:
+    primary_profile: str
+    profiles: dict[str, ProfileResult | None]
+
+    @property
+    def targets(self) -> list[Endpoint]:
+        res = self.profiles.get(self.primary_profile)
+        return res.targets if res is not None else []
+
+
+class ProfileHandler(Plugin):
+    """Decides which profiles run (in rounds) and which result is primary."""
+
+    def validate_profiles(self, profiles: Mapping[str, SchedulerProfile]) -> None:
+        """Raise ConfigError at start-up if the configured profiles don't suit this handler."""
+
+    @abstractmethod
+    def pick_profiles(
+        self,
+        request: InferenceRequest,
+        profiles: Mapping[str, SchedulerProfile],
+        results: Mapping[str, ProfileResult | None],
+    ) -> Sequence[SchedulerProfile]:
+        """Profiles to run next given results so far; an empty list ends the loop."""
+        ...
+
+    @abstractmethod
+    def process_results(
+        self, request: InferenceRequest, results: dict[str, ProfileResult | None]
+    ) -> SchedulingResult: ...

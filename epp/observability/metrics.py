@@ -1,0 +1,138 @@
+"""The EPP's own Prometheus metrics (reference names, `llm_d_epp_` prefix).
+
+One `EppMetrics` object per process, on its own CollectorRegistry so tests can build
+several apps in one interpreter. Hot paths hold direct references to label-less children
+(e.g. `metrics.scheduler_e2e.observe`) instead of calling `.labels()` per request.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "llm_d_epp_"
+
+# Buckets in seconds; fine resolution below 1 ms where EPP overheads live.
+_FAST_BUCKETS = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+)  # fmt: skip
+_REQUEST_BUCKETS = (0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.5, 2, 3, 5, 10, 30, 60, 120, 300, 600)
+_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+_SIZE_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
+
+_REQ_LABELS = ("model_name", "target_model_name")
+
+
+class EppMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        p = PREFIX
+        # Requests.
+        self.request_total = Counter(p + "request_total", "Requests received.", _REQ_LABELS, registry=r)
+        self.request_error_total = Counter(
+            p + "request_error_total",
+            "Requests answered with an error.",
+            (*_REQ_LABELS, "error_code"),
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            p + "request_duration_seconds", "End-to-end request latency seen by the EPP.", _REQ_LABELS,
+            buckets=_REQUEST_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.request_ttft = Histogram(
+            p + "request_ttft_seconds", "Time to first response byte.", (*_REQ_LABELS, "streaming"),
+            buckets=_REQUEST_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.request_size = Histogram(
+            p + "request_size_bytes", "Request body size.", _REQ_LABELS, buckets=_SIZE_BUCKETS, registry=r
+        )
+        self.response_size = Histogram(
+            p + "response_size_bytes", "Response body size.", _REQ_LABELS, buckets=_SIZE_BUCKETS, registry=r
+        )
+        self.input_tokens = Histogram(
+            p + "request_input_tokens",
+            "Prompt tokens (from usage).",
+            _REQ_LABELS,
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.output_tokens = Histogram(
+            p + "request_output_tokens", "Completion tokens.", _REQ_LABELS, buckets=_TOKEN_BUCKETS, registry=r
+        )
+        self.cached_tokens = Histogram(
+            p + "request_cached_tokens",
+            "Cached prompt tokens.",
+            _REQ_LABELS,
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.request_running = Gauge(p + "request_running", "Requests in flight.", _REQ_LABELS, registry=r)
+        # EPP overhead.
+        self.scheduler_e2e = Histogram(
+            p + "scheduler_e2e_duration_seconds",
+            "Scheduling time (all profiles).",
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.scheduler_attempts = Counter(
+            p + "scheduler_attempts_total", "Scheduling attempts.", ("status",), registry=r
+        )
+        self.request_processing = Histogram(
+            p + "request_processing_duration_seconds",
+            "EPP time from end of request body to routing decision (includes queue wait).",
+            buckets=_FAST_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.response_processing = Histogram(
+            p + "response_processing_duration_seconds", "EPP time spent on a response (all chunks).",
+            buckets=_FAST_BUCKETS, registry=r,
+        )  # fmt: skip
+        # Pool.
+        pool = ("name",)
+        self.pool_avg_kv = Gauge(
+            p + "average_kv_cache_utilization", "Mean KV-cache utilisation.", pool, registry=r
+        )
+        self.pool_avg_queue = Gauge(p + "average_queue_size", "Mean waiting queue.", pool, registry=r)
+        self.pool_avg_running = Gauge(
+            p + "average_running_requests", "Mean running requests.", pool, registry=r
+        )
+        self.pool_ready = Gauge(p + "ready_endpoints", "Endpoints in the pool.", pool, registry=r)
+        self.pool_endpoint_queue = Gauge(
+            p + "per_endpoint_queue_size",
+            "Waiting queue per endpoint.",
+            ("name", "model_server_endpoint"),
+            registry=r,
+        )
+        # Data layer.
+        self.poll_errors = Counter(
+            p + "datalayer_poll_errors_total", "Failed metric scrapes.", ("source_type",), registry=r
+        )
+        self.extract_errors = Counter(
+            p + "datalayer_extract_errors_total", "Unparsable metric pages / values.",
+            ("source_type", "extractor_type"), registry=r,
+        )  # fmt: skip
+        # Plugins.
+        self.plugin_duration = Histogram(
+            p + "plugin_duration_seconds", "Time per plugin call.", ("extension_point", "plugin_type", "plugin_name"),
+            buckets=_FAST_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.prefix_indexer_size = Gauge(
+            p + "prefix_indexer_size", "Blocks in the approximate prefix index.", registry=r
+        )
+        self.prefix_indexer_hit_ratio = Histogram(
+            p + "prefix_indexer_hit_ratio", "Matched fraction of prompt blocks (best endpoint).",
+            buckets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r,
+        )  # fmt: skip
+        self.prefix_indexer_hit_bytes = Histogram(
+            p + "prefix_indexer_hit_bytes",
+            "Matched prompt bytes (best endpoint).",
+            buckets=_SIZE_BUCKETS,
+            registry=r,
+        )
+        # Protocol.
+        self.extproc_streams_inflight = Gauge(
+            p + "extproc_streams_inflight", "Open ext_proc streams.", registry=r
+        )
+        self.extproc_protocol_errors = Counter(
+            p + "extproc_protocol_errors_total", "Unexpected ext_proc messages (answered, not fatal).", ("kind",),
+            registry=r,
+        )  # fmt: skip

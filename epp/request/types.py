@@ -1,0 +1,83 @@
+"""The parsed request as the rest of the pipeline sees it, and the response accounting record."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class RequestKind(enum.Enum):
+    COMPLETIONS = "completions"
+    CHAT_COMPLETIONS = "chat_completions"
+    EMBEDDINGS = "embeddings"
+    # Unknown path: routed by load only, the body is not interpreted.
+    PASSTHROUGH = "passthrough"
+    # No body (GET /v1/models etc.): routed to a random ready endpoint.
+    BODYLESS = "bodyless"
+
+
+@dataclass(slots=True)
+class InferenceRequest:
+    """One client request after parsing. Created by the ext_proc stream, read by every plugin.
+
+    `prompt` is the canonical prompt text as UTF-8 bytes (completions: the prompt(s); chat:
+    tools JSON then role+content of each message). It is what token producers tokenize; None
+    for passthrough and body-less requests, so prompt-based scorers skip them.
+    """
+
+    request_id: str
+    path: str
+    headers: dict[str, str]  # lower-cased names
+    kind: RequestKind
+    body: bytes = b""
+    model: str = ""  # the model the client asked for
+    target_model: str = ""  # after rewrite (header / InferenceModelRewrite)
+    prompt: bytes | None = None
+    stream: bool = False
+    max_tokens: int | None = None
+    cache_salt: str = ""
+    # Flow-control identity.
+    objective: str = ""
+    priority: int = 0
+    fairness_id: str = "default-flow"
+    # Parsed JSON body, kept only when something must rewrite it (model name).
+    payload: dict[str, Any] | None = None
+    # Per-request data written by producers and read by scorers, keyed by data key.
+    data: dict[str, Any] = field(default_factory=dict)
+    # Request headers to add / overwrite upstream (e.g. x-prefiller-host-port).
+    upstream_headers: dict[str, str] = field(default_factory=dict)
+    # time.monotonic() when the request headers arrived.
+    received_at: float = 0.0
+
+    @property
+    def body_size(self) -> int:
+        return len(self.body)
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    total_tokens: int = 0
+
+
+class TerminationCause(enum.Enum):
+    NATURAL = "natural"
+    CLIENT_DISCONNECT = "client-disconnect"
+    ERROR = "error"
+    EVICTED = "evicted"
+
+
+@dataclass(slots=True)
+class ResponseInfo:
+    """What the response side learned; handed to response plugins at the end of the stream."""
+
+    status: int = 0
+    streaming: bool = False
+    usage: Usage | None = None
+    first_byte_at: float = 0.0  # monotonic time of the first response body byte (TTFT)
+    finished_at: float = 0.0
+    bytes: int = 0
+    cause: TerminationCause = TerminationCause.NATURAL

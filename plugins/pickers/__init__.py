@@ -1,0 +1,5 @@
+from llmepp.framework.plugin import Plugin
+from llmepp.plugins.pickers.max_score import MaxScorePicker
+from llmepp.plugins.pickers.random_picker import RandomPicker
+
+PLUGINS: list[type[Plugin]] = [MaxScorePicker, RandomPicker]

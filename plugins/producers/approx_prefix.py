@@ -1,0 +1,135 @@
+"""`approx-prefix-cache-producer`: guesses each endpoint's prefix cache from past routing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from llmepp.datalayer.endpoint import Endpoint
+from llmepp.framework.datakeys import (
+    PREFIX_CACHE_MATCH_INFO,
+    TOKENIZED_PROMPT,
+    PrefixMatchInfo,
+    TokenizedPrompt,
+    scoped,
+)
+from llmepp.framework.plugin import PluginContext, PluginParams
+from llmepp.framework.requestcontrol import DataProducer, PreRequest
+from llmepp.framework.scheduling import SchedulingResult
+from llmepp.observability.metrics import EppMetrics
+from llmepp.plugins.producers.prefix_index import PrefixIndex, block_hashes, prefix_seed
+from llmepp.request.types import InferenceRequest
+
+# Each (endpoint, block) costs one LRU entry, so blocks are never smaller than this (#1158).
+MIN_BLOCK_TOKENS = 64
+
+
+class ApproxPrefixCacheProducer(DataProducer, PreRequest):
+    """Writes PrefixCacheMatchInfo: per endpoint, the consecutive prompt blocks it likely caches.
+
+    Assumes an endpoint caches every block of every prompt routed to it (speculative, updated
+    in PreRequest for the primary target and any `prefill` profile target), bounded per
+    endpoint by an LRU of `lruCapacityPerServer` blocks (with `autoTune`: the endpoint's
+    `vllm:cache_config_info` num_gpu_blocks).
+
+    Parameters (reference defaults): `autoTune` true, `blockSizeTokens` 16 (floor 64; with
+    autoTune the endpoint's reported block size, floor 64), `maxPrefixTokensToMatch` 131072,
+    `maxPrefixBlocksToMatch` 2048 (used when the token cap is 0), `lruCapacityPerServer` 31250.
+    """
+
+    type = "approx-prefix-cache-producer"
+    produces = frozenset({PREFIX_CACHE_MATCH_INFO})
+    consumes = frozenset({TOKENIZED_PROMPT})
+
+    class Params(PluginParams):
+        auto_tune: bool = True
+        block_size_tokens: int = 16
+        max_prefix_tokens_to_match: int = 131072
+        max_prefix_blocks_to_match: int = 2048
+        lru_capacity_per_server: int = 31250
+
+        def __post_init__(self) -> None:
+            if self.block_size_tokens <= 0:
+                raise ValueError("blockSizeTokens must be > 0")
+            if self.lru_capacity_per_server <= 0:
+                raise ValueError("lruCapacityPerServer must be > 0")
+            if self.max_prefix_tokens_to_match < 0 or self.max_prefix_blocks_to_match < 0:
+                raise ValueError("maxPrefixTokensToMatch / maxPrefixBlocksToMatch must be >= 0")
+
+    def __init__(self, name: str, params: Params) -> None:
+        super().__init__(name, params)
+        self.auto_tune = params.auto_tune
+        self.index = PrefixIndex(params.lru_capacity_per_server)
+        self.key = scoped(PREFIX_CACHE_MATCH_INFO, self.name)
+        self._metrics: EppMetrics | None = None
+
+    def setup(self, ctx: PluginContext) -> None:
+        self._metrics = ctx.metrics
+        if ctx.datastore is not None:
+            ctx.datastore.add_listener(self)
+
+    # -- DatastoreListener ---------------------------------------------------------------
+    def endpoint_added(self, endpoint: Endpoint) -> None:
+        pass
+
+    def endpoint_removed(self, endpoint: Endpoint) -> None:
+        self.index.remove_endpoint(endpoint)
+
+    # -- DataProducer ----------------------------------------------------------------------
+    def block_tokens(self, endpoints: Sequence[Endpoint]) -> int:
+        size = self.params.block_size_tokens
+        if self.auto_tune:
+            for ep in endpoints:
+                if ep.metrics.cache_block_size:
+                    size = ep.metrics.cache_block_size
+                    break
+        return max(size, MIN_BLOCK_TOKENS)
+
+    def max_blocks(self, block_tokens: int) -> int:
+        p = self.params
+        if p.max_prefix_tokens_to_match:
+            return max(1, p.max_prefix_tokens_to_match // block_tokens)
+        return p.max_prefix_blocks_to_match
+
+    def produce(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None:
+        tokens: TokenizedPrompt | None = request.data.get(TOKENIZED_PROMPT)
+        if tokens is None or not tokens.token_bytes:
+            return
+        bt = self.block_tokens(endpoints)
+        seed = prefix_seed(request.target_model or request.model, request.cache_salt)
+        hashes = block_hashes(tokens.token_bytes, bt, seed, self.max_blocks(bt))
+        hits = self.index.match(hashes)
+        request.data[self.key] = PrefixMatchInfo(
+            block_size=bt, total_blocks=len(hashes), hits=hits, hashes=hashes
+        )
+        if self._metrics is not None and hashes:
+            best = max(hits.values(), default=0)
+            self._metrics.prefix_indexer_hit_ratio.observe(best / len(hashes))
+            self._metrics.prefix_indexer_hit_bytes.observe(best * bt * 4)
+
+    def _capacity(self, endpoint: Endpoint, block_tokens: int) -> int:
+        """LRU size in our blocks. With autoTune: the endpoint's KV capacity converted from its
+        own block size to ours (the reference uses num_gpu_blocks unconverted, ~4x too large)."""
+        m = endpoint.metrics
+        if self.auto_tune and m.cache_num_blocks and m.cache_block_size:
+            return max(1, m.cache_num_blocks * m.cache_block_size // block_tokens)
+        return 0  # the index default: lruCapacityPerServer
+
+    # -- PreRequest ------------------------------------------------------------------------
+    def pre_request(self, request: InferenceRequest, result: SchedulingResult) -> None:
+        info: PrefixMatchInfo | None = request.data.get(self.key)
+        if info is None:
+            return
+        targets = [res.targets[0] for name, res in result.profiles.items() if res is not None and res.targets
+                   and (name == result.primary_profile or name == "prefill")]  # fmt: skip
+        # Index after the routing answer has gone out: it is bookkeeping, not on the critical path.
+        try:
+            asyncio.get_running_loop().call_soon(self._record, targets, info)
+        except RuntimeError:  # no loop (in-process benchmarks, unit tests)
+            self._record(targets, info)
+
+    def _record(self, targets: list[Endpoint], info: PrefixMatchInfo) -> None:
+        for ep in targets:
+            self.index.add(ep, info.hashes, self._capacity(ep, info.block_size))
+        if self._metrics is not None:
+            self._metrics.prefix_indexer_size.set(len(self.index))
