@@ -22,8 +22,8 @@ import msgspec
 
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import Endpoint
-from llmepp.framework.datakeys import TOKENIZED_PROMPT
 from llmepp.errors import BadRequest, NoEndpoints, RequestError
+from llmepp.framework.datakeys import TOKENIZED_PROMPT
 from llmepp.framework.requestcontrol import (
     Admitter,
     DataProducer,
@@ -104,9 +104,7 @@ class Director:
             raise NoEndpoints()
         return endpoints
 
-    async def handle_request(
-        self, request: InferenceRequest, subset: Sequence[str] | None
-    ) -> RoutingDecision:
+    async def handle_request(self, request: InferenceRequest, subset: Sequence[str] | None) -> RoutingDecision:
         candidates = self.candidates(subset)
         for producer, is_async in self._producers:
             if is_async:
@@ -158,9 +156,7 @@ class Director:
                 extra = {**(extra or {}), **out}
         return extra
 
-    def response_complete(
-        self, request: InferenceRequest, response: ResponseInfo, decision: RoutingDecision
-    ) -> None:
+    def response_complete(self, request: InferenceRequest, response: ResponseInfo, decision: RoutingDecision) -> None:
         """Exactly once per routed request, however the response ended: releases what it held."""
         result = decision.result
         if result is None:

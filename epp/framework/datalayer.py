@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import abstractmethod
+
 from llmepp.datalayer.datastore import DiscoveryNotifier
 from llmepp.framework.plugin import Plugin
 

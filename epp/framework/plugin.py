@@ -21,6 +21,7 @@ point is either a Plugin subclass or a callable taking the `PluginRegistry`.
 
 from __future__ import annotations
 
+import builtins
 import logging
 from abc import ABC
 from collections.abc import Mapping
@@ -52,14 +53,15 @@ class Plugin(ABC):
     """Base of every plugin. `name` is the instance name from the config (defaults to type)."""
 
     type: ClassVar[str] = ""
-    Params: ClassVar[type[PluginParams]] = NoParams
+    # `builtins.type`: inside this class body, `type` is the type-string attribute above.
+    Params: ClassVar[builtins.type[PluginParams]] = NoParams
     # Data keys this plugin writes into `request.data` / reads from it (producer wiring).
     produces: ClassVar[frozenset[str]] = frozenset()
     consumes: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, name: str, params: Any = None) -> None:
         self.name = name or self.type
-        self.params = params if params is not None else self.Params()
+        self.params: Any = params if params is not None else self.Params()
 
     def setup(self, ctx: PluginContext) -> None:
         """Called once after every plugin is built: resolve references, start background work."""
@@ -87,9 +89,7 @@ class PluginContext:
         """The plugin instance `name`, checked to be a `kind`; errors name the referring field."""
         found = self._plugins.get(name)
         if found is None:
-            raise ConfigError(
-                f"plugin {referrer.name!r} (type {referrer.type}): {field}: no plugin named {name!r}"
-            )
+            raise ConfigError(f"plugin {referrer.name!r} (type {referrer.type}): {field}: no plugin named {name!r}")
         if not isinstance(found, kind):
             raise ConfigError(
                 f"plugin {referrer.name!r} (type {referrer.type}): {field}: plugin {name!r} "
@@ -114,9 +114,7 @@ class PluginContext:
             producers = [p for p in self._plugins.values() if data_key in p.produces]
             if len(producers) != 1:
                 found = ", ".join(p.name for p in producers) or "none"
-                raise ConfigError(
-                    f"{label}: exactly one producer of {data_key} is needed (found: {found}); name one"
-                )
+                raise ConfigError(f"{label}: exactly one producer of {data_key} is needed (found: {found}); name one")
             producer = producers[0]
         return scoped(data_key, producer.name)
 

@@ -24,7 +24,7 @@ class DataProducer(Plugin):
     """
 
     @abstractmethod
-    def produce(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None | Awaitable[None]: ...
+    def produce(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Awaitable[None] | None: ...
 
 
 class Admitter(Plugin):

@@ -7,6 +7,7 @@ float per endpoint, in order.
 
 from __future__ import annotations
 
+import builtins
 import enum
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
@@ -57,7 +58,7 @@ class PickerParams(PluginParams):
 class Picker(Plugin):
     """Chooses the ordered target list from the scored endpoints."""
 
-    Params: ClassVar[type[PluginParams]] = PickerParams
+    Params: ClassVar[builtins.type[PluginParams]] = PickerParams
 
     def __init__(self, name: str, params: PickerParams | None = None) -> None:
         super().__init__(name, params)

@@ -88,13 +88,9 @@ class EppMetrics:
         )  # fmt: skip
         # Pool.
         pool = ("name",)
-        self.pool_avg_kv = Gauge(
-            p + "average_kv_cache_utilization", "Mean KV-cache utilisation.", pool, registry=r
-        )
+        self.pool_avg_kv = Gauge(p + "average_kv_cache_utilization", "Mean KV-cache utilisation.", pool, registry=r)
         self.pool_avg_queue = Gauge(p + "average_queue_size", "Mean waiting queue.", pool, registry=r)
-        self.pool_avg_running = Gauge(
-            p + "average_running_requests", "Mean running requests.", pool, registry=r
-        )
+        self.pool_avg_running = Gauge(p + "average_running_requests", "Mean running requests.", pool, registry=r)
         self.pool_ready = Gauge(p + "ready_endpoints", "Endpoints in the pool.", pool, registry=r)
         self.pool_endpoint_queue = Gauge(
             p + "per_endpoint_queue_size",
@@ -129,9 +125,7 @@ class EppMetrics:
             registry=r,
         )
         # Protocol.
-        self.extproc_streams_inflight = Gauge(
-            p + "extproc_streams_inflight", "Open ext_proc streams.", registry=r
-        )
+        self.extproc_streams_inflight = Gauge(p + "extproc_streams_inflight", "Open ext_proc streams.", registry=r)
         self.extproc_protocol_errors = Counter(
             p + "extproc_protocol_errors_total", "Unexpected ext_proc messages (answered, not fatal).", ("kind",),
             registry=r,

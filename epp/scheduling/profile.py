@@ -7,7 +7,7 @@ Filters that leave nothing raise Saturated (HTTP 429 rejected-saturated, as the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from llmepp.datalayer.endpoint import Endpoint
@@ -28,6 +28,10 @@ class SchedulerProfile:
     picker: Picker
     filters: list[Filter] = field(default_factory=list)
     scorers: list[WeightedScorer] = field(default_factory=list)
+    _combine: Callable[[list[Sequence[float]]], list[float]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._combine = weighted_sum([ws.weight for ws in self.scorers])
 
     def run(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> ProfileResult:
         endpoints = candidates
@@ -48,22 +52,41 @@ class SchedulerProfile:
 
     def _score(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
         n = len(endpoints)
-        totals = [0.0] * n
+        columns: list[Sequence[float]] = []
         for ws in self.scorers:
             scores = ws.scorer.score(request, endpoints)
             if len(scores) != n:
-                raise RuntimeError(
-                    f"scorer {ws.scorer.name!r} returned {len(scores)} scores for {n} endpoints"
-                )
+                raise RuntimeError(f"scorer {ws.scorer.name!r} returned {len(scores)} scores for {n} endpoints")
             # Clamping per element is costly; check the range once (two C-level passes) instead.
             if n and (min(scores) < 0.0 or max(scores) > 1.0):
                 scores = [0.0 if s < 0.0 else 1.0 if s > 1.0 else s for s in scores]
-            w = ws.weight
-            if w == 1.0:
-                totals = [t + s for t, s in zip(totals, scores)]
-            else:
-                totals = [t + w * s for t, s in zip(totals, scores)]
+            columns.append(scores)
+        return self._combine(columns) if columns else [0.0] * n
+
+
+def weighted_sum(weights: list[float]) -> Callable[[list[Sequence[float]]], list[float]]:
+    """A function summing weight·score columns in one pass, specialised once per profile
+    (one comprehension over zipped columns is much faster than one pass per scorer)."""
+    if len(weights) == 1:
+        (w1,) = weights
+        return lambda c: [w1 * a for a in c[0]]
+    if len(weights) == 2:
+        w1, w2 = weights
+        return lambda c: [w1 * a + w2 * b for a, b in zip(c[0], c[1])]
+    if len(weights) == 3:
+        w1, w2, w3 = weights
+        return lambda c: [w1 * a + w2 * b + w3 * d for a, b, d in zip(c[0], c[1], c[2])]
+    if len(weights) == 4:
+        w1, w2, w3, w4 = weights
+        return lambda c: [w1 * a + w2 * b + w3 * d + w4 * e for a, b, d, e in zip(c[0], c[1], c[2], c[3])]
+
+    def combine(columns: list[Sequence[float]]) -> list[float]:
+        totals = [weights[0] * s for s in columns[0]]
+        for w, col in zip(weights[1:], columns[1:]):
+            totals = [t + w * s for t, s in zip(totals, col)]
         return totals
+
+    return combine
 
 
 def _index(endpoints: Sequence[Endpoint], target: Endpoint) -> int:

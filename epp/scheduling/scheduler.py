@@ -34,9 +34,7 @@ class Scheduler:
                     # Multi-profile handlers decide whether a missing result is fatal.
                     results[profile.name] = None
         else:
-            raise RuntimeError(
-                f"profile handler {self.handler.name!r} did not finish in {_MAX_ROUNDS} rounds"
-            )
+            raise RuntimeError(f"profile handler {self.handler.name!r} did not finish in {_MAX_ROUNDS} rounds")
         result = self.handler.process_results(request, results)
         if not result.targets:
             raise ResourceExhausted(f"no endpoint chosen by primary profile {result.primary_profile!r}")

@@ -6,7 +6,7 @@ import random
 from collections.abc import Sequence
 
 from llmepp.datalayer.endpoint import Endpoint
-from llmepp.framework.scheduling import Picker
+from llmepp.framework.scheduling import Picker, PickerParams
 
 
 class MaxScorePicker(Picker):
@@ -18,7 +18,7 @@ class MaxScorePicker(Picker):
 
     type = "max-score-picker"
 
-    def __init__(self, name: str, params: Picker.Params | None = None) -> None:  # type: ignore[name-defined]
+    def __init__(self, name: str, params: PickerParams | None = None) -> None:
         super().__init__(name, params)
         self._rng = random.Random()
 
@@ -27,9 +27,9 @@ class MaxScorePicker(Picker):
             return []
         if self.max_num_of_endpoints == 1:
             best = max(scores)
-            ties = [i for i, s in enumerate(scores) if s == best]
-            i = ties[0] if len(ties) == 1 else self._rng.choice(ties)
-            return [endpoints[i]]
+            if scores.count(best) == 1:
+                return [endpoints[scores.index(best)]]
+            return [endpoints[self._rng.choice([i for i, s in enumerate(scores) if s == best])]]
         order = list(range(len(endpoints)))
         self._rng.shuffle(order)
         order.sort(key=scores.__getitem__, reverse=True)  # stable: shuffled ties stay random

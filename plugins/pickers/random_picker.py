@@ -6,7 +6,7 @@ import random
 from collections.abc import Sequence
 
 from llmepp.datalayer.endpoint import Endpoint
-from llmepp.framework.scheduling import Picker
+from llmepp.framework.scheduling import Picker, PickerParams
 
 
 class RandomPicker(Picker):
@@ -14,7 +14,7 @@ class RandomPicker(Picker):
 
     type = "random-picker"
 
-    def __init__(self, name: str, params: Picker.Params | None = None) -> None:  # type: ignore[name-defined]
+    def __init__(self, name: str, params: PickerParams | None = None) -> None:
         super().__init__(name, params)
         self._rng = random.Random()
 

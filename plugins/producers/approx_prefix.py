@@ -99,9 +99,7 @@ class ApproxPrefixCacheProducer(DataProducer, PreRequest):
         seed = prefix_seed(request.target_model or request.model, request.cache_salt)
         hashes = block_hashes(tokens.token_bytes, bt, seed, self.max_blocks(bt))
         hits = self.index.match(hashes)
-        request.data[self.key] = PrefixMatchInfo(
-            block_size=bt, total_blocks=len(hashes), hits=hits, hashes=hashes
-        )
+        request.data[self.key] = PrefixMatchInfo(block_size=bt, total_blocks=len(hashes), hits=hits, hashes=hashes)
         if self._metrics is not None and hashes:
             best = max(hits.values(), default=0)
             self._metrics.prefix_indexer_hit_ratio.observe(best / len(hashes))

@@ -63,7 +63,7 @@ class PrefixIndex:
         alive = set(first)
         hits: dict[Endpoint, int] = {}
         i = 1
-        for i in range(1, len(hashes)):  # noqa: B007 (i is read after the loop)
+        for i in range(1, len(hashes)):
             held = holders.get(hashes[i])
             if not held:
                 break

@@ -17,9 +17,7 @@ class SingleProfileHandler(ProfileHandler):
 
     def validate_profiles(self, profiles: Mapping[str, SchedulerProfile]) -> None:
         if len(profiles) != 1:
-            raise ConfigError(
-                f"needs exactly one scheduling profile, found {len(profiles)}: {', '.join(profiles)}"
-            )
+            raise ConfigError(f"needs exactly one scheduling profile, found {len(profiles)}: {', '.join(profiles)}")
 
     def pick_profiles(
         self,
@@ -29,8 +27,6 @@ class SingleProfileHandler(ProfileHandler):
     ) -> Sequence[SchedulerProfile]:
         return () if results else tuple(profiles.values())
 
-    def process_results(
-        self, request: InferenceRequest, results: dict[str, ProfileResult | None]
-    ) -> SchedulingResult:
+    def process_results(self, request: InferenceRequest, results: dict[str, ProfileResult | None]) -> SchedulingResult:
         name = next(iter(results))
         return SchedulingResult(primary_profile=name, profiles=results)

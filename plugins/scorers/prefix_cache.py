@@ -62,7 +62,4 @@ class PrefixCacheScorer(Scorer):
         if w == 0.0:
             return [hits.get(ep, 0) / total for ep in endpoints]
         b, scale = info.block_size, self.scale
-        return [
-            w * min(1.0, m * b / scale) ** 2 + (1.0 - w) * m / total
-            for m in (hits.get(ep, 0) for ep in endpoints)
-        ]
+        return [w * min(1.0, m * b / scale) ** 2 + (1.0 - w) * m / total for m in (hits.get(ep, 0) for ep in endpoints)]

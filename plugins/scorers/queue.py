@@ -23,5 +23,5 @@ class QueueScorer(Scorer):
         lo, hi = min(queues, default=0), max(queues, default=0)
         if hi == lo:
             return [1.0] * len(queues)
-        span = float(hi - lo)
-        return [(hi - q) / span for q in queues]
+        inv_span = 1.0 / (hi - lo)
+        return [(hi - q) * inv_span for q in queues]

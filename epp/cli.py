@@ -1,0 +1,114 @@
+"""`epp` command line: flags (reference names and defaults) → Settings → App."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+from collections.abc import Sequence
+
+from llmepp.framework.plugin import ConfigError
+from llmepp.settings import Settings
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB|K|M|G)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
+               "g": 1024**3, "gib": 1024**3, "gb": 1000**3}  # fmt: skip
+
+
+def parse_duration(text: str) -> float:
+    """'50ms', '2s', '1.5m', '300' (seconds) → seconds."""
+    m = _DURATION.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (examples: 50ms, 2s, 1m)")
+    value, unit = float(m.group(1)), m.group(2) or "s"
+    return value * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
+
+
+def parse_size(text: str) -> int:
+    """'16MiB', '10MB', '1048576' → bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 16MiB, 4MB, 1048576)")
+    return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Settings()
+    p = argparse.ArgumentParser(prog="epp", description="Endpoint Picker: Envoy ext_proc server for LLM pools.")
+    p.add_argument("--grpc-port", type=int, default=d.grpc_port, help="ext_proc gRPC port")
+    p.add_argument("--grpc-health-port", type=int, default=d.grpc_health_port, help="gRPC health port")
+    p.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Prometheus /metrics port (0 = off)")
+    p.add_argument("--bind-address", default=d.bind_address, help="address the servers listen on")
+    cfg = p.add_mutually_exclusive_group()
+    cfg.add_argument("--config-file", help="EndpointPickerConfig YAML file")
+    cfg.add_argument("--config-text", help="EndpointPickerConfig YAML as a string")
+    p.add_argument("--pool-name", default=d.pool_name, help="InferencePool name (labels in file mode)")
+    p.add_argument("--pool-namespace", default=d.pool_namespace)
+    p.add_argument("--refresh-metrics-interval", type=parse_duration, default=d.refresh_metrics_interval,
+                   help="model-server metrics scrape interval (min 50ms)")  # fmt: skip
+    p.add_argument("--metrics-staleness-threshold", type=parse_duration, default=d.metrics_staleness_threshold,
+                   help="age after which scraped metrics count as stale")  # fmt: skip
+    p.add_argument("--refresh-prometheus-metrics-interval", type=parse_duration,
+                   default=d.refresh_prometheus_metrics_interval, help="pool gauge refresh interval")  # fmt: skip
+    p.add_argument("--max-body-size", type=parse_size, default=d.max_body_bytes,
+                   help="largest request body accepted (413 above); gRPC message limits follow it")  # fmt: skip
+    p.add_argument("--drain-timeout", type=parse_duration, default=d.drain_timeout,
+                   help="time in-flight requests get after SIGTERM")  # fmt: skip
+    p.add_argument("--disable-endpoint-subset-filter", action="store_true")
+    p.add_argument("--emit-endpoint-scores", action="store_true")
+    p.add_argument("--allow-experimental-plugins", action="store_true")
+    p.add_argument("-v", "--v", dest="verbosity", type=int, default=d.verbosity, help="log verbosity 0-5")
+    p.add_argument("--log-format", choices=("json", "text"), default="json")
+    return p
+
+
+def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
+    a = build_parser().parse_args(argv)
+    return Settings(
+        grpc_port=a.grpc_port,
+        grpc_health_port=a.grpc_health_port,
+        metrics_port=a.metrics_port,
+        bind_address=a.bind_address,
+        config_file=a.config_file,
+        config_text=a.config_text,
+        pool_name=a.pool_name,
+        pool_namespace=a.pool_namespace,
+        refresh_metrics_interval=max(0.05, a.refresh_metrics_interval),
+        metrics_staleness_threshold=a.metrics_staleness_threshold,
+        refresh_prometheus_metrics_interval=a.refresh_prometheus_metrics_interval,
+        max_body_bytes=a.max_body_size,
+        drain_timeout=a.drain_timeout,
+        disable_endpoint_subset_filter=a.disable_endpoint_subset_filter,
+        emit_endpoint_scores=a.emit_endpoint_scores,
+        allow_experimental_plugins=a.allow_experimental_plugins,
+        verbosity=a.verbosity,
+        log_json=a.log_format == "json",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from llmepp.app import run
+    from llmepp.observability.logging import configure_logging
+
+    settings = settings_from_args(argv)
+    configure_logging(settings.verbosity, settings.log_json)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # non-Linux dev machines; asyncio's loop works, slower
+        pass
+    try:
+        asyncio.run(run(settings))
+    except ConfigError as e:
+        print(f"epp: configuration error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Structured logs: one JSON object per line, carrying `extra` fields such as request_id."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+# Attributes every LogRecord has; anything else came from `extra=` and is emitted as a field.
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        out.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def level_for_verbosity(verbosity: int) -> int:
+    """The reference's -v scale: 2 default (info), 3 verbose, 4 debug, 5 trace."""
+    if verbosity <= 1:
+        return logging.WARNING
+    if verbosity <= 3:
+        return logging.INFO
+    return logging.DEBUG
+
+
+def configure_logging(verbosity: int, json_format: bool = True) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if json_format:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level_for_verbosity(verbosity))
+    # grpc's own asyncio noise at info level is not ours to report.
+    logging.getLogger("grpc").setLevel(logging.WARNING)

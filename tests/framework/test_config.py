@@ -1,0 +1,157 @@
+"""Config loading: the reference's schema, defaults, and errors that name plugin and field."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmepp.config.loader import build, load_config, parse_feature_gates
+from llmepp.config.schema import DEFAULT_CONFIG
+from llmepp.framework.plugin import ConfigError
+from llmepp.framework.scheduling import Scorer
+from llmepp.plugins.pickers.max_score import MaxScorePicker
+from llmepp.plugins.profile_handlers.single import SingleProfileHandler
+
+
+def built(text: str):  # type: ignore[no-untyped-def]
+    return build(load_config(text))
+
+
+def test_default_config_matches_reference_default() -> None:
+    c = built(DEFAULT_CONFIG)
+    profile = c.pipeline.scheduler.profiles["default"]
+    assert [(w.scorer.type, w.weight) for w in profile.scorers] == [
+        ("queue-scorer", 2.0),
+        ("kv-cache-utilization-scorer", 2.0),
+        ("prefix-cache-scorer", 3.0),
+    ]
+    assert isinstance(profile.picker, MaxScorePicker)
+    assert isinstance(c.pipeline.scheduler.handler, SingleProfileHandler)
+    # The prefix scorer's producers are auto-created, in dependency order.
+    assert [p.type for p in c.pipeline.producers] == ["token-producer", "approx-prefix-cache-producer"]
+
+
+OPTIMIZED_BASELINE_PREFIX = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: approx-prefix-cache-producer
+  parameters:
+    maxPrefixTokensToMatch: 100000
+- type: prefix-cache-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: queue-scorer, weight: 2}
+  - {pluginRef: kv-cache-utilization-scorer, weight: 2}
+  - {pluginRef: prefix-cache-scorer, weight: 3}
+"""
+
+
+def test_reference_style_config_with_explicit_producer_parameters() -> None:
+    c = built(OPTIMIZED_BASELINE_PREFIX)
+    producer = c.plugins["approx-prefix-cache-producer"]
+    assert producer.params.max_prefix_tokens_to_match == 100000
+    assert producer.params.lru_capacity_per_server == 31250  # default kept
+
+
+def test_old_api_version_still_loads() -> None:
+    c = built(DEFAULT_CONFIG.replace("llm-d.ai/v1alpha1", "inference.networking.x-k8s.io/v1alpha1"))
+    assert "queue-scorer" in c.plugins
+
+
+def test_no_profiles_gives_default_profile_with_every_scorer() -> None:
+    c = built("plugins:\n- type: queue-scorer\n- type: kv-cache-utilization-scorer\n")
+    profile = c.pipeline.scheduler.profiles["default"]
+    assert sorted(w.scorer.type for w in profile.scorers) == ["kv-cache-utilization-scorer", "queue-scorer"]
+    assert all(w.weight == 1.0 for w in profile.scorers)
+
+
+def test_named_instances_of_one_type() -> None:
+    c = built(
+        "plugins:\n- {type: queue-scorer, name: q1}\n- {type: queue-scorer, name: q2}\n"
+        "schedulingProfiles:\n- name: p\n  plugins: [{pluginRef: q1, weight: 1}, {pluginRef: q2, weight: 4}]\n"
+    )
+    weights = {w.scorer.name: w.weight for w in c.pipeline.scheduler.profiles["p"].scorers}
+    assert weights == {"q1": 1.0, "q2": 4.0}
+    assert all(isinstance(w.scorer, Scorer) for w in c.pipeline.scheduler.profiles["p"].scorers)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "plugins:\n- type: no-such-plugin\n",
+            "plugin 'no-such-plugin' (type no-such-plugin): unknown plugin type",
+        ),
+        (
+            "plugins:\n- type: approx-prefix-cache-producer\n  parameters: {lruCapacityPerServer: lots}\n",
+            "plugin 'approx-prefix-cache-producer' (type approx-prefix-cache-producer): parameters: Expected `int`, "
+            "got `str` - at `parameters.lruCapacityPerServer`",
+        ),
+        (
+            "plugins:\n- type: approx-prefix-cache-producer\n  parameters: {lruCapacity: 5}\n",
+            "unknown field `lruCapacity`",
+        ),
+        (
+            "plugins:\n- type: approx-prefix-cache-producer\n  parameters: {lruCapacityPerServer: 0}\n",
+            "(type approx-prefix-cache-producer): parameters: lruCapacityPerServer must be > 0",
+        ),
+        (
+            "plugins:\n- type: max-score-picker\n  parameters: {maxNumOfEndpoints: 0}\n",
+            "maxNumOfEndpoints must be >= 1",
+        ),
+        (
+            "plugins:\n- type: queue-scorer\n- type: queue-scorer\n",
+            "plugins[1]: duplicate plugin name 'queue-scorer'",
+        ),
+        (
+            "plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: d\n  plugins: [{pluginRef: nope}]\n",
+            "schedulingProfiles['d']: pluginRef 'nope': no plugin with that name",
+        ),
+        (
+            "plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: d\n  plugins: [{pluginRef: queue-scorer, "
+            "weight: -1}]\n",
+            "weight must be >= 0",
+        ),
+        (
+            "plugins:\n- type: max-score-picker\n- type: random-picker\nschedulingProfiles:\n- name: d\n  plugins: "
+            "[{pluginRef: max-score-picker}, {pluginRef: random-picker}]\n",
+            "more than one picker",
+        ),
+        (
+            "plugins:\n- type: queue-scorer\nschedulingProfiles:\n- {name: a, plugins: [{pluginRef: queue-scorer}]}\n"
+            "- {name: b, plugins: [{pluginRef: queue-scorer}]}\n",
+            "2 profiles need a profile handler",
+        ),
+        (
+            "plugins:\n- type: prefix-cache-scorer\n  parameters: {prefixMatchInfoProducerName: missing}\n",
+            "plugin 'prefix-cache-scorer' (type prefix-cache-scorer): prefixMatchInfoProducerName: no plugin named "
+            "'missing'",
+        ),
+        (
+            "plugins:\n- type: queue-scorer\n- type: prefix-cache-scorer\n  parameters: "
+            "{prefixMatchInfoProducerName: queue-scorer}\n",
+            "does not produce PrefixCacheMatchInfo",
+        ),
+        ("apiVersion: v9\n", "apiVersion: unsupported 'v9'"),
+        ("kind: Pod\n", "kind: expected 'EndpointPickerConfig'"),
+        ("plugins: [\n", "config is not valid YAML"),
+        ("- 1\n- 2\n", "config must be a mapping"),
+        ("plugin: []\n", "unknown field `plugin`"),
+        ("plugins:\n- name: x\n", "missing required field `type`"),
+        ("featureGates: [flowControl=maybe]\n", "featureGates[0]: 'flowControl=maybe'"),
+    ],
+)
+def test_config_errors_name_the_field(text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        built(text)
+    assert expected in str(err.value)
+
+
+def test_feature_gates() -> None:
+    gates = parse_feature_gates(["flowControl", "haPopulateNonLeaderDatastore=false"])
+    assert gates["flowControl"] is True
+    assert gates["haPopulateNonLeaderDatastore"] is False
+    assert parse_feature_gates([])["flowControl"] is False

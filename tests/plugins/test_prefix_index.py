@@ -1,0 +1,115 @@
+"""Approximate prefix hashing (reference scheme) and the per-endpoint index."""
+
+from __future__ import annotations
+
+import struct
+
+import xxhash
+from helpers import endpoint, request
+from hypothesis import given
+from hypothesis import strategies as st
+
+from llmepp.framework.datakeys import PREFIX_CACHE_MATCH_INFO, TOKENIZED_PROMPT, TokenizedPrompt, scoped
+from llmepp.framework.scheduling import ProfileResult, SchedulingResult
+from llmepp.plugins.producers.approx_prefix import ApproxPrefixCacheProducer
+from llmepp.plugins.producers.prefix_index import PrefixIndex, block_hashes, prefix_seed
+from llmepp.plugins.producers.token import estimate_tokens
+
+
+def reference_hashes(prompt: bytes, block_tokens: int, model: str, salt: str) -> list[int]:
+    """The reference's formula written out literally, token by token."""
+    padded = prompt + b"\0" * (-len(prompt) % 4)
+    tokens = [int.from_bytes(padded[i : i + 4], "little") for i in range(0, len(padded), 4)]
+    h = xxhash.xxh64_intdigest((model + salt).encode())
+    out = []
+    for i in range(0, len(tokens), block_tokens):
+        raw = b"".join(struct.pack("<I", t) for t in tokens[i : i + block_tokens])
+        content = xxhash.xxh64_intdigest(raw)
+        h = xxhash.xxh64_intdigest(struct.pack("<Q", content) + struct.pack("<Q", h))
+        out.append(h)
+    return out
+
+
+@given(st.binary(max_size=3000), st.sampled_from([1, 4, 64]), st.text(max_size=8), st.text(max_size=4))
+def test_block_hashes_follow_reference_formula(prompt: bytes, block_tokens: int, model: str, salt: str) -> None:
+    got = block_hashes(estimate_tokens(prompt), block_tokens, prefix_seed(model, salt))
+    assert got == reference_hashes(prompt, block_tokens, model, salt)
+
+
+@given(st.binary(min_size=256, max_size=2000), st.binary(min_size=1, max_size=500), st.binary(max_size=500))
+def test_shared_prefix_shares_leading_hashes(prefix: bytes, a: bytes, b: bytes) -> None:
+    prefix = prefix[: len(prefix) // 256 * 256]  # whole 64-token blocks
+    ha = block_hashes(estimate_tokens(prefix + a), 64, 7)
+    hb = block_hashes(estimate_tokens(prefix + b), 64, 7)
+    n = len(prefix) // 256
+    assert ha[:n] == hb[:n]
+
+
+def test_model_and_salt_change_every_hash() -> None:
+    p = estimate_tokens(b"x" * 1000)
+    base = block_hashes(p, 64, prefix_seed("m", ""))
+    assert not set(base) & set(block_hashes(p, 64, prefix_seed("other", "")))
+    assert not set(base) & set(block_hashes(p, 64, prefix_seed("m", "tenant-a")))
+
+
+def test_max_blocks_caps_hashing() -> None:
+    assert len(block_hashes(b"\1" * 4096, 64, 0, max_blocks=3)) == 3
+    assert len(block_hashes(b"\1" * 4100, 64, 0)) == 17  # trailing partial block hashed
+
+
+def test_index_counts_consecutive_blocks_per_endpoint() -> None:
+    idx = PrefixIndex(100)
+    a, b = endpoint(0), endpoint(1)
+    idx.add(a, [1, 2, 3, 4])
+    idx.add(b, [1, 2, 9])
+    assert idx.match([1, 2, 3, 4, 5]) == {a: 4, b: 2}
+    assert idx.match([1, 9, 3]) == {a: 1, b: 2}  # b holds 1 and 9 -> 2 contiguous; a stops at 9
+    assert idx.match([7, 1, 2]) == {}
+
+
+def test_index_lru_evicts_oldest_blocks() -> None:
+    idx = PrefixIndex(3)
+    a = endpoint(0)
+    idx.add(a, [1, 2, 3])
+    idx.add(a, [1])  # refresh 1
+    idx.add(a, [4])  # evicts 2
+    assert idx.match([1]) == {a: 1}
+    assert idx.match([2]) == {}
+    assert idx.blocks_of(a) == 3
+
+
+def test_index_drops_removed_endpoint() -> None:
+    idx = PrefixIndex(10)
+    a, b = endpoint(0), endpoint(1)
+    idx.add(a, [1, 2])
+    idx.add(b, [1, 2])
+    idx.remove_endpoint(a)
+    assert idx.match([1, 2]) == {b: 2}
+    a.removed = True
+    idx.add(a, [1, 2])  # late bookkeeping for a removed endpoint is ignored
+    assert idx.match([1, 2]) == {b: 2}
+
+
+def test_producer_learns_from_routing_and_converts_capacity() -> None:
+    producer = ApproxPrefixCacheProducer("approx", ApproxPrefixCacheProducer.Params())
+    key = scoped(PREFIX_CACHE_MATCH_INFO, "approx")
+    # Engine reports 16-token blocks and 64 of them = 1024 tokens = 16 of our 64-token blocks.
+    a, b = endpoint(0, block_size=16, num_blocks=64), endpoint(1, block_size=16, num_blocks=64)
+    prompt = b"abcd" * 64 * 10  # 10 blocks of 64 tokens
+    req = request(prompt)
+    req.data[TOKENIZED_PROMPT] = TokenizedPrompt(estimate_tokens(prompt))
+    producer.produce(req, [a, b])
+    info = req.data[key]
+    assert info.block_size == 64 and info.total_blocks == 10 and info.hits == {}
+    producer.pre_request(req, SchedulingResult("default", {"default": ProfileResult([a])}))
+    req2 = request(prompt)
+    req2.data[TOKENIZED_PROMPT] = TokenizedPrompt(estimate_tokens(prompt))
+    producer.produce(req2, [a, b])
+    assert req2.data[key].hits == {a: 10}
+    # A 25-block prompt overflows a's 16-block capacity: only the newest 16 stay.
+    big = b"wxyz" * 64 * 25
+    req3 = request(big)
+    req3.data[TOKENIZED_PROMPT] = TokenizedPrompt(estimate_tokens(big))
+    producer.produce(req3, [a, b])
+    producer.pre_request(req3, SchedulingResult("default", {"default": ProfileResult([a])}))
+    assert producer.index.blocks_of(a) == 16

@@ -1,0 +1,97 @@
+"""Formulas of the default-profile scorers and the pickers, with their edge cases."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from helpers import endpoint, request
+
+from llmepp.framework.datakeys import PREFIX_CACHE_MATCH_INFO, PrefixMatchInfo, scoped
+from llmepp.framework.plugin import PluginContext
+from llmepp.framework.scheduling import PickerParams
+from llmepp.plugins.pickers.max_score import MaxScorePicker
+from llmepp.plugins.pickers.random_picker import RandomPicker
+from llmepp.plugins.producers.approx_prefix import ApproxPrefixCacheProducer
+from llmepp.plugins.scorers.kv_cache_utilization import KVCacheUtilizationScorer
+from llmepp.plugins.scorers.prefix_cache import PrefixCacheScorer
+from llmepp.plugins.scorers.queue import QueueScorer
+
+
+def test_queue_scorer_min_max() -> None:
+    eps = [endpoint(0, queue=0), endpoint(1, queue=5), endpoint(2, queue=10)]
+    assert QueueScorer("q").score(request(), eps) == [1.0, 0.5, 0.0]
+
+
+def test_queue_scorer_all_equal_and_empty() -> None:
+    assert QueueScorer("q").score(request(), [endpoint(0, queue=3), endpoint(1, queue=3)]) == [1.0, 1.0]
+    assert QueueScorer("q").score(request(), []) == []
+
+
+def test_queue_scorer_unscraped_endpoint_counts_as_empty_queue() -> None:
+    # Reference behaviour: scorers use last known values; never scraped means zeros.
+    eps = [endpoint(0, queue=4), endpoint(1, scraped=False)]
+    assert QueueScorer("q").score(request(), eps) == [0.0, 1.0]
+
+
+def test_kv_cache_scorer() -> None:
+    eps = [endpoint(0, kv=0.0), endpoint(1, kv=0.25), endpoint(2, kv=1.0)]
+    assert KVCacheUtilizationScorer("kv").score(request(), eps) == [1.0, 0.75, 0.0]
+
+
+def _prefix_scorer(**params: object) -> tuple[PrefixCacheScorer, str]:
+    producer = ApproxPrefixCacheProducer("approx", ApproxPrefixCacheProducer.Params())
+    scorer = PrefixCacheScorer("prefix", PrefixCacheScorer.Params(**params))  # type: ignore[arg-type]
+    scorer.setup(PluginContext({"approx": producer, "prefix": scorer}, None, None, None))
+    return scorer, scoped(PREFIX_CACHE_MATCH_INFO, "approx")
+
+
+def test_prefix_scorer_matched_fraction() -> None:
+    scorer, key = _prefix_scorer()
+    eps = [endpoint(0), endpoint(1), endpoint(2)]
+    req = request()
+    req.data[key] = PrefixMatchInfo(block_size=64, total_blocks=4, hits={eps[0]: 4, eps[1]: 1}, hashes=[1, 2, 3, 4])
+    assert scorer.score(req, eps) == [1.0, 0.25, 0.0]
+
+
+def test_prefix_scorer_match_length_weight() -> None:
+    scorer, key = _prefix_scorer(match_length_weight=0.5, match_length_scale_tokens=256)
+    eps = [endpoint(0), endpoint(1)]
+    req = request()
+    req.data[key] = PrefixMatchInfo(block_size=64, total_blocks=8, hits={eps[0]: 2, eps[1]: 8}, hashes=[0] * 8)
+    # e0: 0.5*min(1, 128/256)^2 + 0.5*2/8 = 0.125 + 0.125; e1: 0.5*1 + 0.5*1
+    assert scorer.score(req, eps) == pytest.approx([0.25, 1.0])
+
+
+def test_prefix_scorer_without_data_scores_zero() -> None:
+    scorer, _ = _prefix_scorer()
+    assert scorer.score(request(prompt=None), [endpoint(0), endpoint(1)]) == [0.0, 0.0]
+
+
+def test_max_score_picker_picks_best() -> None:
+    eps = [endpoint(i) for i in range(4)]
+    assert MaxScorePicker("p").pick(eps, [0.1, 0.9, 0.3, 0.2]) == [eps[1]]
+
+
+def test_max_score_picker_breaks_ties_at_random() -> None:
+    eps = [endpoint(i) for i in range(3)]
+    picker = MaxScorePicker("p")
+    seen = Counter(picker.pick(eps, [1.0, 1.0, 0.5])[0].name for _ in range(400))
+    assert set(seen) == {"pod-0", "pod-1"}
+    assert min(seen.values()) > 120  # roughly even, never the lower score
+
+
+def test_max_score_picker_fallback_list_is_ordered() -> None:
+    eps = [endpoint(i) for i in range(5)]
+    picker = MaxScorePicker("p", PickerParams(max_num_of_endpoints=3))
+    assert [e.name for e in picker.pick(eps, [0.2, 0.9, 0.5, 0.7, 0.1])] == ["pod-1", "pod-3", "pod-2"]
+    assert len(picker.pick(eps[:2], [0.1, 0.2])) == 2
+
+
+def test_random_picker_ignores_scores() -> None:
+    eps = [endpoint(i) for i in range(3)]
+    picker = RandomPicker("r")
+    seen = Counter(picker.pick(eps, [1.0, 0.0, 0.0])[0].name for _ in range(300))
+    assert set(seen) == {"pod-0", "pod-1", "pod-2"}
+    many = RandomPicker("r", PickerParams(max_num_of_endpoints=5)).pick(eps, [0.0] * 3)
+    assert sorted(e.name for e in many) == ["pod-0", "pod-1", "pod-2"]
