@@ -1,1 +1,81 @@
+"""llmepp: an Endpoint Picker for LLM inference pools behind Envoy (ext_proc).
 
+The public API for plugin authors is re-exported here; everything else is internal.
+
+    from llmepp import Scorer, PluginParams, InferenceRequest, Endpoint
+
+    class PreferLabel(Scorer):
+        \"\"\"1.0 for endpoints carrying `label=value`, else 0.\"\"\"
+        type = "prefer-label-scorer"
+
+        class Params(PluginParams):
+            label: str
+            value: str = "true"
+
+        def score(self, request, endpoints):
+            key, value = self.params.label, self.params.value
+            return [1.0 if ep.labels.get(key) == value else 0.0 for ep in endpoints]
+
+Register it in your package's pyproject.toml:
+
+    [project.entry-points."epp.plugins"]
+    prefer-label = "mypackage:PreferLabel"
+"""
+
+from llmepp.datalayer.endpoint import Endpoint, EndpointMetrics, EndpointSpec, InFlight
+from llmepp.framework.datakeys import PREFIX_CACHE_MATCH_INFO, TOKENIZED_PROMPT, PrefixMatchInfo, TokenizedPrompt
+from llmepp.framework.datalayer import EndpointDiscovery
+from llmepp.framework.plugin import ConfigError, Plugin, PluginContext, PluginParams, PluginRegistry, registry
+from llmepp.framework.requestcontrol import (
+    Admitter,
+    DataProducer,
+    PreRequest,
+    ResponseCompleteProcessor,
+    ResponseHeaderProcessor,
+)
+from llmepp.framework.scheduling import (
+    Filter,
+    Picker,
+    PickerParams,
+    ProfileHandler,
+    ProfileResult,
+    Scorer,
+    ScorerCategory,
+    SchedulingResult,
+)
+from llmepp.request.types import InferenceRequest, RequestKind, ResponseInfo, Usage
+
+__all__ = [
+    "PREFIX_CACHE_MATCH_INFO",
+    "TOKENIZED_PROMPT",
+    "Admitter",
+    "ConfigError",
+    "DataProducer",
+    "Endpoint",
+    "EndpointDiscovery",
+    "EndpointMetrics",
+    "EndpointSpec",
+    "Filter",
+    "InFlight",
+    "InferenceRequest",
+    "Picker",
+    "PickerParams",
+    "Plugin",
+    "PluginContext",
+    "PluginParams",
+    "PluginRegistry",
+    "PreRequest",
+    "PrefixMatchInfo",
+    "ProfileHandler",
+    "ProfileResult",
+    "RequestKind",
+    "ResponseCompleteProcessor",
+    "ResponseHeaderProcessor",
+    "ResponseInfo",
+    "SchedulingResult",
+    "Scorer",
+    "ScorerCategory",
+    "TokenizedPrompt",
+    "Usage",
+    "registry",
+]

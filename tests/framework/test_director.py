@@ -1,0 +1,104 @@
+"""Director: candidates, subset hints, in-flight accounting, model rewrite, errors."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from helpers import endpoint, request
+
+from llmepp.config.loader import build, load_config
+from llmepp.config.schema import DEFAULT_CONFIG
+from llmepp.datalayer.datastore import Datastore
+from llmepp.director import Director
+from llmepp.errors import NoEndpoints, Saturated
+from llmepp.framework.scheduling import Filter
+from llmepp.observability.metrics import EppMetrics
+from llmepp.request.types import ResponseInfo, TerminationCause
+from llmepp.scheduling.profile import SchedulerProfile
+
+
+def director_for(n: int, config: str = DEFAULT_CONFIG) -> tuple[Director, Datastore]:
+    ds = Datastore()
+    for i in range(n):
+        ds.upsert(endpoint(i).spec)
+    metrics = EppMetrics()
+    c = build(load_config(config), datastore=ds, metrics=metrics)
+    return Director(ds, c.pipeline, metrics), ds
+
+
+async def test_routes_to_a_pool_endpoint_and_accounts_inflight() -> None:
+    d, ds = director_for(3)
+    req = request(b"x" * 400)
+    decision = await d.handle_request(req, None)
+    target = decision.targets[0]
+    assert decision.destination == target.hostport
+    assert target.inflight.requests == 1 and target.inflight.tokens == 100
+    d.response_complete(req, ResponseInfo(status=200, cause=TerminationCause.CLIENT_DISCONNECT), decision)
+    assert target.inflight.requests == 0 and target.inflight.tokens == 0
+
+
+async def test_subset_hint_matches_on_ip_only() -> None:
+    d, ds = director_for(4)
+    wanted = ds.endpoints[2]
+    for _ in range(20):
+        decision = await d.handle_request(request(), [f"{wanted.address}:9999"])
+        assert decision.targets == [wanted]
+
+
+async def test_empty_pool_and_empty_subset_are_503() -> None:
+    d, _ = director_for(0)
+    with pytest.raises(NoEndpoints) as err:
+        await d.handle_request(request(), None)
+    assert err.value.status == 503 and err.value.reason == "rejected-no-endpoints"
+    d2, _ = director_for(2)
+    with pytest.raises(NoEndpoints):
+        await d2.handle_request(request(), [])
+    with pytest.raises(NoEndpoints):
+        d2.handle_bodyless(request(None), ["10.9.9.9:8000"])
+
+
+async def test_filters_removing_everything_is_429_saturated() -> None:
+    d, _ = director_for(2)
+
+    class DropAll(Filter):
+        type = "drop-all"
+
+        def filter(self, request, endpoints):  # type: ignore[no-untyped-def]
+            return []
+
+    profile: SchedulerProfile = d.pipeline.scheduler.profiles["default"]
+    profile.filters.append(DropAll("drop-all"))
+    with pytest.raises(Saturated) as err:
+        await d.handle_request(request(), None)
+    assert err.value.status == 429 and err.value.reason == "rejected-saturated"
+
+
+async def test_bodyless_goes_to_a_random_ready_endpoint() -> None:
+    d, ds = director_for(3)
+    seen = {d.handle_bodyless(request(None), None).destination for _ in range(60)}
+    assert seen == {ep.hostport for ep in ds.endpoints}
+
+
+async def test_model_rewrite_reencodes_body_only_when_needed() -> None:
+    d, _ = director_for(1)
+    same = request(model="llama")
+    same.payload = {"model": "llama", "prompt": "hi"}
+    assert (await d.handle_request(same, None)).body is None
+    req = request(model="llama")
+    req.target_model = "llama-v2"
+    req.payload = {"model": "llama", "prompt": "hi", "max_tokens": 3}
+    body = (await d.handle_request(req, None)).body
+    assert body is not None
+    assert msgspec.json.decode(body) == {"model": "llama-v2", "prompt": "hi", "max_tokens": 3}
+
+
+async def test_fallback_list_is_comma_separated() -> None:
+    text = (
+        "plugins:\n- type: queue-scorer\n- type: max-score-picker\n  parameters: {maxNumOfEndpoints: 3}\n"
+        "schedulingProfiles:\n- name: d\n  plugins: [{pluginRef: queue-scorer}, {pluginRef: max-score-picker}]\n"
+    )
+    d, _ = director_for(4, text)
+    decision = await d.handle_request(request(), None)
+    parts = decision.destination.split(",")
+    assert len(parts) == 3 and len(set(parts)) == 3
+    assert parts[0] == decision.targets[0].hostport
