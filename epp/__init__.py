@@ -39,9 +39,9 @@ from llmepp.framework.scheduling import (
     PickerParams,
     ProfileHandler,
     ProfileResult,
+    SchedulingResult,
     Scorer,
     ScorerCategory,
-    SchedulingResult,
 )
 from llmepp.request.types import InferenceRequest, RequestKind, ResponseInfo, Usage
 

@@ -86,9 +86,7 @@ def load_config(text: str) -> EndpointPickerConfig:
     except msgspec.ValidationError as e:
         raise ConfigError(f"config: {str(e).replace('`$.', '`').replace('`$`', 'the document')}") from None
     if config.api_version not in API_VERSIONS:
-        raise ConfigError(
-            f"apiVersion: unsupported {config.api_version!r}; expected one of {', '.join(API_VERSIONS)}"
-        )
+        raise ConfigError(f"apiVersion: unsupported {config.api_version!r}; expected one of {', '.join(API_VERSIONS)}")
     if config.api_version in DEPRECATED_API_VERSIONS:
         log.warning("apiVersion %s is deprecated; use %s", config.api_version, API_VERSIONS[0])
     if config.kind != KIND:
@@ -199,11 +197,7 @@ def _add_default_producers(plugins: dict[str, Plugin], plugin_registry: PluginRe
 def _default_profile_spec(plugins: dict[str, Plugin]) -> SchedulingProfileSpec:
     from llmepp.config.schema import ProfilePluginRef
 
-    refs = [
-        ProfilePluginRef(plugin_ref=name)
-        for name, p in plugins.items()
-        if isinstance(p, (Filter, Scorer, Picker))
-    ]
+    refs = [ProfilePluginRef(plugin_ref=name) for name, p in plugins.items() if isinstance(p, (Filter, Scorer, Picker))]
     return SchedulingProfileSpec(name="default", plugins=refs)
 
 
@@ -251,15 +245,12 @@ def _profile_handler(
 ) -> ProfileHandler:
     handlers = [p for p in plugins.values() if isinstance(p, ProfileHandler)]
     if len(handlers) > 1:
-        raise ConfigError(
-            f"plugins: at most one profile handler, found {', '.join(h.name for h in handlers)}"
-        )
+        raise ConfigError(f"plugins: at most one profile handler, found {', '.join(h.name for h in handlers)}")
     if handlers:
         return handlers[0]
     if len(profiles) != 1:
         raise ConfigError(
-            f"schedulingProfiles: {len(profiles)} profiles need a profile handler plugin "
-            "(e.g. disagg-profile-handler)"
+            f"schedulingProfiles: {len(profiles)} profiles need a profile handler plugin (e.g. disagg-profile-handler)"
         )
     handler = plugin_registry.build(DEFAULT_HANDLER, DEFAULT_HANDLER, None)
     assert isinstance(handler, ProfileHandler)
@@ -293,9 +284,7 @@ def _build_data_layer(
         if plugin is None:
             raise ConfigError(f"dataLayer.discovery.pluginRef: no plugin named {ref!r}")
         if not isinstance(plugin, EndpointDiscovery):
-            raise ConfigError(
-                f"dataLayer.discovery.pluginRef: plugin {ref!r} (type {plugin.type}) is not a discovery"
-            )
+            raise ConfigError(f"dataLayer.discovery.pluginRef: plugin {ref!r} (type {plugin.type}) is not a discovery")
         components.discovery = plugin
     for i, src in enumerate(layer.sources if layer is not None else []):
         source = plugins.get(src.plugin_ref)

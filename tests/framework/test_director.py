@@ -27,7 +27,7 @@ def director_for(n: int, config: str = DEFAULT_CONFIG) -> tuple[Director, Datast
 
 
 async def test_routes_to_a_pool_endpoint_and_accounts_inflight() -> None:
-    d, ds = director_for(3)
+    d, _ds = director_for(3)
     req = request(b"x" * 400)
     decision = await d.handle_request(req, None)
     target = decision.targets[0]
