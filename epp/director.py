@@ -1,6 +1,6 @@
 """Request control: what happens between a parsed request and a routing decision.
 
-    handle_request:  candidates (pool ∩ subset hint) → data producers → admitters
+    handle_request:  candidates (pool ∩ subset hint) → admission (flow control) → data producers → admitters
                      → scheduler (profiles: filter → score → pick) → pre-request plugins
                      → in-flight accounting → RoutingDecision
     response_headers / response_complete: response plugins and in-flight release.
@@ -17,6 +17,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import msgspec
 
@@ -60,11 +61,20 @@ class RoutingDecision:
     inflight_tokens: int = 0
 
 
+class Admission(Protocol):
+    """Admission control before scheduling: returns when the request may be scheduled, raises a
+    RequestError (429 / 503) when it must not. Flow control waits here in its queues; a client
+    that disconnects cancels the waiting task, which must free its place."""
+
+    async def admit(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> None: ...
+
+
 @dataclass(slots=True)
 class Pipeline:
     """The configured plugins, in the order the director calls them (built by config.loader)."""
 
     scheduler: Scheduler
+    admission: Admission | None = None
     producers: list[DataProducer] = field(default_factory=list)
     admitters: list[Admitter] = field(default_factory=list)
     pre_request: list[PreRequest] = field(default_factory=list)
@@ -106,6 +116,8 @@ class Director:
 
     async def handle_request(self, request: InferenceRequest, subset: Sequence[str] | None) -> RoutingDecision:
         candidates = self.candidates(subset)
+        if self.pipeline.admission is not None:
+            await self.pipeline.admission.admit(request, candidates)
         for producer, is_async in self._producers:
             if is_async:
                 await self._run_async_producer(producer, request, candidates)
