@@ -10,9 +10,16 @@ from llmepp.framework.plugin import Plugin, PluginRegistry
 
 
 def builtin_plugins() -> list[type[Plugin]]:
-    from llmepp.plugins import pickers, producers, profile_handlers, scorers
+    from llmepp.plugins import datasources, discovery, pickers, producers, profile_handlers, scorers
 
-    return [*scorers.PLUGINS, *pickers.PLUGINS, *profile_handlers.PLUGINS, *producers.PLUGINS]
+    return [
+        *scorers.PLUGINS,
+        *pickers.PLUGINS,
+        *profile_handlers.PLUGINS,
+        *producers.PLUGINS,
+        *discovery.PLUGINS,
+        *datasources.PLUGINS,
+    ]
 
 
 def register_builtins(registry: PluginRegistry) -> None:
