@@ -15,7 +15,7 @@ from llmepp.config.schema import DEFAULT_CONFIG
 from llmepp.testing.stack import Stack, StackOptions
 
 
-async def main() -> None:
+def parse_options() -> tuple[StackOptions, int]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pods", type=int, default=4, help="simulated vLLM pods (127.0.0.2, 127.0.0.3, ...)")
     ap.add_argument("--port", type=int, default=8081, help="Envoy listener port")
@@ -33,7 +33,11 @@ async def main() -> None:
         health_port=9003,
         metrics_port=9090,
     )
-    print(f"starting {args.pods} simulated pods, the EPP and Envoy ...", flush=True)
+    return options, args.pods
+
+
+async def main(options: StackOptions, pods: int) -> None:
+    print(f"starting {pods} simulated pods, the EPP and Envoy ...", flush=True)
     async with Stack(options) as stack:
         url = stack.url.replace("127.0.0.1", "localhost")
         print(
@@ -59,4 +63,4 @@ Ctrl-C stops everything.""",
 
 if __name__ == "__main__":
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+        asyncio.run(main(*parse_options()))

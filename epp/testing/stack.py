@@ -17,7 +17,6 @@ import asyncio
 import os
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,7 +69,7 @@ class EppProcess:
         self.health_port = health_port
         self.log_path = log_path
         self.startup_timeout = startup_timeout
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: asyncio.subprocess.Process | None = None
 
     @property
     def log(self) -> str:
@@ -78,10 +77,12 @@ class EppProcess:
 
     async def start(self) -> None:
         with self.log_path.open("ab") as out:
-            self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.args, stdout=out, stderr=asyncio.subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+            if self.proc.returncode is not None:
                 raise RuntimeError(f"epp exited with {self.proc.returncode}:\n{self.log[-4000:]}")
             if await self.health("readiness") == health_pb2.HealthCheckResponse.SERVING:
                 return
@@ -100,22 +101,25 @@ class EppProcess:
             return None
 
     def signal(self, sig: int) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc is not None and self.proc.returncode is None:
             self.proc.send_signal(sig)
 
-    async def wait(self, timeout: float) -> int | None:
-        deadline = time.monotonic() + timeout
-        while self.proc is not None and self.proc.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        return None if self.proc is None else self.proc.poll()
+    async def exit_code(self, within: float) -> int | None:
+        """The exit code once the process ends, or None if it is still running after `within` s."""
+        if self.proc is None:
+            return None
+        try:
+            return await asyncio.wait_for(self.proc.wait(), within)
+        except TimeoutError:
+            return None
 
-    async def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+    async def stop(self, grace: float = 10.0) -> None:
+        if self.proc is None or self.proc.returncode is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
-        if await self.wait(timeout) is None:
+        if await self.exit_code(grace) is None:
             self.proc.kill()
-            await self.wait(timeout)
+            await self.proc.wait()
 
 
 class Stack:
