@@ -63,6 +63,7 @@ class App:
             self.metrics,
             subset_filter=not settings.disable_endpoint_subset_filter,
             emit_scores=settings.emit_endpoint_scores,
+            decision_header=settings.decision_header,
         )
         self.collector = self._build_collector()
         self.health = health.HealthService(self.ready)

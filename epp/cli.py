@@ -57,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=parse_duration, default=d.drain_timeout,
                    help="time in-flight requests get after SIGTERM")  # fmt: skip
     p.add_argument("--disable-endpoint-subset-filter", action="store_true")
-    p.add_argument("--emit-endpoint-scores", action="store_true")
+    p.add_argument("--emit-endpoint-scores", action="store_true",
+                   help="every candidate's score in envoy.lb/x-gateway-destination-endpoint-scores")  # fmt: skip
+    p.add_argument("--decision-header", action="store_true",
+                   help="add x-epp-decision (chosen endpoint and top scores) to responses")  # fmt: skip
     p.add_argument("--allow-experimental-plugins", action="store_true")
     p.add_argument("-v", "--v", dest="verbosity", type=int, default=d.verbosity, help="log verbosity 0-5")
     p.add_argument("--log-format", choices=("json", "text"), default="json")
@@ -82,6 +85,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
         drain_timeout=a.drain_timeout,
         disable_endpoint_subset_filter=a.disable_endpoint_subset_filter,
         emit_endpoint_scores=a.emit_endpoint_scores,
+        decision_header=a.decision_header,
         allow_experimental_plugins=a.allow_experimental_plugins,
         verbosity=a.verbosity,
         log_json=a.log_format == "json",

@@ -91,12 +91,14 @@ class Director:
         *,
         subset_filter: bool = True,
         emit_scores: bool = False,
+        decision_header: bool = False,
     ) -> None:
         self.datastore = datastore
         self.pipeline = pipeline
         self.metrics = metrics
         self.subset_filter = subset_filter
         self.emit_scores = emit_scores
+        self.decision_header = decision_header
         self._rng = random.Random()
         # Sync and async producers are told apart once, not per request.
         self._producers: list[tuple[DataProducer, bool]] = [
@@ -135,6 +137,9 @@ class Director:
         self.metrics.scheduler_e2e.observe(time.perf_counter() - t0)
         self.metrics.scheduler_attempts.labels(status="success").inc()
 
+        request.scheduling = result
+        if log.isEnabledFor(logging.DEBUG):
+            self._log_decision(request, result)
         for plugin in self.pipeline.pre_request:
             plugin.pre_request(request, result)
         targets = result.targets
@@ -162,6 +167,8 @@ class Director:
         self, request: InferenceRequest, response: ResponseInfo, headers: dict[str, str]
     ) -> dict[str, str] | None:
         extra: dict[str, str] | None = None
+        if self.decision_header and request.scheduling is not None:
+            extra = {DECISION_HEADER: decision_summary(request.scheduling)}
         for plugin in self.pipeline.response_header:
             out = plugin.response_headers(request, response, headers)
             if out:
@@ -210,10 +217,46 @@ class Director:
 
     @staticmethod
     def _scores(result: SchedulingResult) -> dict[str, float]:
+        """Every candidate's total in the primary profile (the --emit-endpoint-scores metadata)."""
         res: ProfileResult | None = result.profiles.get(result.primary_profile)
         if res is None:
             return {}
-        return {ep.hostport: s for ep, s in zip(res.targets, res.scores)}
+        return {ep.hostport: s for ep, s in zip(res.candidates, res.totals)}
+
+    @staticmethod
+    def _log_decision(request: InferenceRequest, result: SchedulingResult) -> None:
+        """Debug verbosity: why each profile chose what it chose, scorer by scorer."""
+        for name, res in result.profiles.items():
+            if res is None:
+                continue
+            breakdown = res.breakdown or {}
+            top = [
+                {"endpoint": ep.hostport, "total": round(total, 4),
+                 **{scorer: round(col[res.candidates.index(ep)], 4) for scorer, col in breakdown.items()}}
+                for ep, total in res.ranked(5)
+            ]  # fmt: skip
+            log.debug(
+                "scheduling decision",
+                extra={"request_id": request.request_id, "profile": name,
+                       "targets": [ep.hostport for ep in res.targets], "top": top},
+            )  # fmt: skip
+
+
+DECISION_HEADER = "x-epp-decision"
+
+
+def decision_summary(result: SchedulingResult, top: int = 3) -> str:
+    """`x-epp-decision` value: the chosen endpoint(s) per profile and the top totals, e.g.
+    `default: 10.0.0.2:8000; scores 10.0.0.2:8000=6.21 10.0.0.3:8000=5.87`."""
+    parts = []
+    for name, res in result.profiles.items():
+        if res is None:
+            parts.append(f"{name}: none")
+            continue
+        chosen = ",".join(ep.hostport for ep in res.targets)
+        ranked = " ".join(f"{ep.hostport}={total:.3f}" for ep, total in res.ranked(top))
+        parts.append(f"{name}: {chosen}; scores {ranked}")
+    return " | ".join(parts)
 
 
 def _prompt_tokens(request: InferenceRequest) -> int:

@@ -28,6 +28,8 @@ class Settings:
     # Behaviour switches.
     disable_endpoint_subset_filter: bool = False
     emit_endpoint_scores: bool = False
+    # Opt-in response header x-epp-decision: chosen endpoint and top scores.
+    decision_header: bool = False
     allow_experimental_plugins: bool = False
     # Shutdown: in-flight streams get this long after SIGTERM.
     drain_timeout: float = 30.0

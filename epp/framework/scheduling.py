@@ -11,7 +11,7 @@ import builtins
 import enum
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from llmepp.datalayer.endpoint import Endpoint
@@ -70,11 +70,22 @@ class Picker(Plugin):
 
 @dataclass(slots=True)
 class ProfileResult:
-    """A profile's outcome: targets in preference order (first = primary)."""
+    """A profile's outcome: targets in preference order (first = primary).
+
+    `candidates` / `totals` are every endpoint that reached the scorers and its weighted total
+    (references, not copies) for explainability; `breakdown` holds each scorer's column and is
+    filled only when debug logging is on.
+    """
 
     targets: list[Endpoint]
-    # Total weighted score of each target, same order (for debugging / emit-scores).
-    scores: list[float] = field(default_factory=list)
+    candidates: Sequence[Endpoint] = ()
+    totals: Sequence[float] = ()
+    breakdown: dict[str, Sequence[float]] | None = None
+
+    def ranked(self, limit: int | None = None) -> list[tuple[Endpoint, float]]:
+        """Candidates with their totals, best first."""
+        pairs = sorted(zip(self.candidates, self.totals), key=lambda p: p[1], reverse=True)
+        return pairs[:limit] if limit is not None else pairs
 
 
 @dataclass(slots=True)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llmepp.framework.scheduling import SchedulingResult
 
 
 class RequestKind(enum.Enum):
@@ -49,6 +52,8 @@ class InferenceRequest:
     upstream_headers: dict[str, str] = field(default_factory=dict)
     # time.monotonic() when the request headers arrived.
     received_at: float = 0.0
+    # The scheduling outcome, once scheduled (response-side plugins read it).
+    scheduling: SchedulingResult | None = None
 
     @property
     def body_size(self) -> int:

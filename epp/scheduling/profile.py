@@ -7,6 +7,7 @@ Filters that leave nothing raise Saturated (HTTP 429 rejected-saturated, as the 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -14,6 +15,8 @@ from llmepp.datalayer.endpoint import Endpoint
 from llmepp.errors import Saturated
 from llmepp.framework.scheduling import Filter, Picker, ProfileResult, Scorer
 from llmepp.request.types import InferenceRequest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -39,18 +42,18 @@ class SchedulerProfile:
             endpoints = f.filter(request, endpoints)
             if not endpoints:
                 raise Saturated(f"profile {self.name!r}: filter {f.name!r} removed every endpoint")
-        totals = self._score(request, endpoints)
+        columns = self._score(request, endpoints)
+        totals = self._combine(columns) if columns else [0.0] * len(endpoints)
         targets = self.picker.pick(endpoints, totals)
         if not targets:
             raise Saturated(f"profile {self.name!r}: picker {self.picker.name!r} chose no endpoint")
-        if len(targets) == 1:
-            scores = [totals[_index(endpoints, targets[0])]] if totals else []
-        else:
-            index = {id(ep): i for i, ep in enumerate(endpoints)}
-            scores = [totals[index[id(ep)]] for ep in targets] if totals else []
-        return ProfileResult(targets=targets, scores=scores)
+        breakdown = None
+        if log.isEnabledFor(logging.DEBUG):
+            breakdown = {ws.scorer.name: col for ws, col in zip(self.scorers, columns)}
+        return ProfileResult(targets=targets, candidates=endpoints, totals=totals, breakdown=breakdown)
 
-    def _score(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
+    def _score(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[Sequence[float]]:
+        """One column of clamped scores per scorer."""
         n = len(endpoints)
         columns: list[Sequence[float]] = []
         for ws in self.scorers:
@@ -61,7 +64,7 @@ class SchedulerProfile:
             if n and (min(scores) < 0.0 or max(scores) > 1.0):
                 scores = [0.0 if s < 0.0 else 1.0 if s > 1.0 else s for s in scores]
             columns.append(scores)
-        return self._combine(columns) if columns else [0.0] * n
+        return columns
 
 
 def weighted_sum(weights: list[float]) -> Callable[[list[Sequence[float]]], list[float]]:
@@ -87,10 +90,3 @@ def weighted_sum(weights: list[float]) -> Callable[[list[Sequence[float]]], list
         return totals
 
     return combine
-
-
-def _index(endpoints: Sequence[Endpoint], target: Endpoint) -> int:
-    for i, ep in enumerate(endpoints):
-        if ep is target:
-            return i
-    raise ValueError("picker returned an endpoint that was not a candidate")

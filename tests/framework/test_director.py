@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import msgspec
 import pytest
 from helpers import endpoint, request
@@ -102,3 +104,33 @@ async def test_fallback_list_is_comma_separated() -> None:
     parts = decision.destination.split(",")
     assert len(parts) == 3 and len(set(parts)) == 3
     assert parts[0] == decision.targets[0].hostport
+
+
+async def test_emit_scores_covers_every_candidate() -> None:
+    ds = Datastore()
+    for i, q in enumerate([0, 4, 8]):
+        ep = endpoint(i, queue=q)
+        ds.upsert(ep.spec)
+        ds.get(ep.name).metrics = ep.metrics  # type: ignore[union-attr]
+    metrics = EppMetrics()
+    c = build(load_config(DEFAULT_CONFIG), datastore=ds, metrics=metrics)
+    d = Director(ds, c.pipeline, metrics, emit_scores=True, decision_header=True)
+    req = request(b"p" * 100)
+    decision = await d.handle_request(req, None)
+    assert decision.scores is not None
+    assert set(decision.scores) == {ep.hostport for ep in ds.endpoints}
+    # queue 2·(1, .5, 0) + kv 2·1 + prefix 3·0 (cold)
+    assert sorted(decision.scores.values(), reverse=True) == pytest.approx([4.0, 3.0, 2.0])
+    header = d.response_headers(req, ResponseInfo(status=200), {})
+    assert header is not None
+    first = ds.endpoints[0].hostport
+    assert header["x-epp-decision"].startswith(f"default: {first}; scores {first}=4.000")
+
+
+async def test_debug_log_has_per_scorer_breakdown(caplog: pytest.LogCaptureFixture) -> None:
+    d, _ = director_for(2)
+    with caplog.at_level(logging.DEBUG, logger="llmepp"):
+        await d.handle_request(request(b"q" * 100), None)
+    record = next(r for r in caplog.records if r.getMessage() == "scheduling decision")
+    top = record.top  # type: ignore[attr-defined]
+    assert set(top[0]) == {"endpoint", "total", "queue-scorer", "kv-cache-utilization-scorer", "prefix-cache-scorer"}
