@@ -15,13 +15,14 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=strict
+	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=strict > $(VENV)/install.log 2>&1 \
+		|| (cat $(VENV)/install.log; exit 1)
 	@touch $(STAMP)
 
 # The strict editable install links each source file; relinking picks up files added since.
 install: $(STAMP)
-	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=strict 2>&1 \
-		| grep -v -i -E 'warning|^\s*$$|!!|\*{5}|strict editable|auxiliary|users|files|directory|paths|more information|setuptools' || true
+	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=strict \
+		> $(VENV)/relink.log 2>&1 || (cat $(VENV)/relink.log; exit 1)
 
 run: install
 	$(PY) -m llmepp.devstack
