@@ -34,7 +34,7 @@ from llmepp.framework.requestcontrol import (
 )
 from llmepp.framework.scheduling import ProfileResult, SchedulingResult
 from llmepp.observability.metrics import EppMetrics
-from llmepp.request.types import InferenceRequest, ResponseInfo
+from llmepp.request.types import InferenceRequest, ResponseInfo, TerminationCause
 from llmepp.scheduling.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,12 @@ class RoutingDecision:
     scores: dict[str, float] | None = None
     # Prompt tokens charged to the primary target's in-flight load until completion.
     inflight_tokens: int = 0
+
+
+class ModelRewrite(Protocol):
+    """Chooses `request.target_model` (Kubernetes mode: InferenceModelRewrite rules, k8s/modelrewrite.py)."""
+
+    def rewrite(self, request: InferenceRequest) -> None: ...
 
 
 class Admission(Protocol):
@@ -92,13 +98,19 @@ class Director:
         subset_filter: bool = True,
         emit_scores: bool = False,
         decision_header: bool = False,
+        rewriter: ModelRewrite | None = None,
     ) -> None:
         self.datastore = datastore
+        self.rewriter = rewriter
         self.pipeline = pipeline
         self.metrics = metrics
         self.subset_filter = subset_filter
         self.emit_scores = emit_scores
         self.decision_header = decision_header
+        # Label children resolved once: .labels() per request costs a dict lookup and a lock.
+        self._attempt_ok = metrics.scheduler_attempts.labels(status="success")
+        self._attempt_failed = metrics.scheduler_attempts.labels(status="failure")
+        self._scheduler_e2e = metrics.scheduler_e2e
         self._rng = random.Random()
         # Sync and async producers are told apart once, not per request.
         self._producers: list[tuple[DataProducer, bool]] = [
@@ -117,6 +129,10 @@ class Director:
         return endpoints
 
     async def handle_request(self, request: InferenceRequest, subset: Sequence[str] | None) -> RoutingDecision:
+        if self.rewriter is not None:
+            self.rewriter.rewrite(request)  # InferenceModelRewrite: sets target_model
+        # Re-encode before anything is charged, so a body that cannot be rewritten holds nothing.
+        body = self._rewritten_body(request)
         candidates = self.candidates(subset)
         if self.pipeline.admission is not None:
             await self.pipeline.admission.admit(request, candidates)
@@ -132,30 +148,36 @@ class Director:
         try:
             result = self.pipeline.scheduler.schedule(request, candidates)
         except RequestError:
-            self.metrics.scheduler_attempts.labels(status="failure").inc()
+            self._attempt_failed.inc()
             raise
-        self.metrics.scheduler_e2e.observe(time.perf_counter() - t0)
-        self.metrics.scheduler_attempts.labels(status="success").inc()
+        self._scheduler_e2e.observe(time.perf_counter() - t0)
+        self._attempt_ok.inc()
 
         request.scheduling = result
         if log.isEnabledFor(logging.DEBUG):
             self._log_decision(request, result)
-        for plugin in self.pipeline.pre_request:
-            plugin.pre_request(request, result)
         targets = result.targets
-        primary = targets[0]
         tokens = _prompt_tokens(request)
-        primary.inflight.requests += 1
-        primary.inflight.tokens += tokens
-        return RoutingDecision(
+        decision = RoutingDecision(
             targets=targets,
             destination=_join(targets),
-            body=self._rewritten_body(request),
+            body=body,
             headers=request.upstream_headers,
             result=result,
             scores=self._scores(result) if self.emit_scores else None,
             inflight_tokens=tokens,
         )
+        inflight = targets[0].inflight
+        inflight.requests += 1
+        inflight.tokens += tokens
+        try:
+            for plugin in self.pipeline.pre_request:
+                plugin.pre_request(request, result)
+        except BaseException:
+            # The request will not go upstream: release what it holds, exactly as a finished one.
+            self.response_complete(request, ResponseInfo(cause=TerminationCause.ERROR), decision)
+            raise
+        return decision
 
     def handle_bodyless(self, request: InferenceRequest, subset: Sequence[str] | None) -> RoutingDecision:
         """GET /v1/models and friends: any ready endpoint will do."""

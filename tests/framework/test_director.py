@@ -134,3 +134,31 @@ async def test_debug_log_has_per_scorer_breakdown(caplog: pytest.LogCaptureFixtu
     record = next(r for r in caplog.records if r.getMessage() == "scheduling decision")
     top = record.top  # type: ignore[attr-defined]
     assert set(top[0]) == {"endpoint", "total", "queue-scorer", "kv-cache-utilization-scorer", "prefix-cache-scorer"}
+
+
+async def test_failing_pre_request_plugin_releases_what_the_request_held() -> None:
+    from llmepp.framework.requestcontrol import PreRequest
+
+    class Boom(PreRequest):
+        type = "boom"
+
+        def pre_request(self, request, result):  # type: ignore[no-untyped-def]
+            raise RuntimeError("plugin bug")
+
+    d, ds = director_for(2)
+    d.pipeline.pre_request.append(Boom("boom"))
+    with pytest.raises(RuntimeError):
+        await d.handle_request(request(b"x" * 40), None)
+    assert all(ep.inflight.requests == 0 and ep.inflight.tokens == 0 for ep in ds.endpoints)
+
+
+async def test_unrewritable_body_is_400_and_charges_nothing() -> None:
+    from llmepp.errors import BadRequest
+
+    d, ds = director_for(2)
+    req = request(model="a")
+    req.target_model = "b"
+    req.payload = {"model": "a", "prompt": object()}  # not JSON-encodable
+    with pytest.raises(BadRequest):
+        await d.handle_request(req, None)
+    assert all(ep.inflight.requests == 0 for ep in ds.endpoints)
