@@ -1,0 +1,16 @@
+from llmepp.framework.plugin import Plugin
+from llmepp.plugins.filters.endpoint_attribute import EndpointAttributeFilter
+from llmepp.plugins.filters.label_selector import ByLabelFilter, ByLabelSelectorFilter, LabelSelectorFilter
+from llmepp.plugins.filters.prefix_cache_affinity import PrefixCacheAffinityFilter
+from llmepp.plugins.filters.session_affinity import SessionAffinityFilter
+from llmepp.plugins.filters.utilization import UtilizationFilter
+
+PLUGINS: list[type[Plugin]] = [
+    LabelSelectorFilter,
+    ByLabelSelectorFilter,
+    ByLabelFilter,
+    UtilizationFilter,
+    EndpointAttributeFilter,
+    PrefixCacheAffinityFilter,
+    SessionAffinityFilter,
+]

@@ -1,0 +1,99 @@
+"""Per-endpoint scalar attributes read by `endpoint-attribute-filter` and `endpoint-attribute-scorer`.
+
+The reference reads a `ScalarMetricValue` endpoint attribute (a custom metric of the core
+metrics extractor, or another plugin's attribute). This build has no custom metrics, so an
+attribute is one of:
+
+* **Built-in** (no `producer`): read from the endpoint itself.
+
+  | attribute (aliases)                                                   | value                           |
+  |-----------------------------------------------------------------------|---------------------------------|
+  | `waiting-queue` (`num_requests_waiting`, `vllm:num_requests_waiting`)  | scraped waiting queue length    |
+  | `running-requests` (`num_requests_running`, `vllm:num_requests_running`)| scraped running requests      |
+  | `kv-cache-utilization` (`kv_cache_usage_perc`, `vllm:kv_cache_usage_perc`)| scraped KV usage, 0..1        |
+  | `active-requests`                                                      | requests this EPP has in flight |
+  | `inflight-tokens`                                                      | prompt tokens this EPP has in flight |
+
+  The scraped ones are *missing* on an endpoint that was never scraped (`onMissing` /
+  the scorer's "missing → 0" apply); the in-flight ones are router-local and always present.
+
+* **Producer-supplied** (`producer: <plugin name>`): the named plugin declares the attribute
+  name in its `produces` and writes `request.data[scoped(attribute, producer)]` as a mapping
+  `Endpoint → float` for the current request; endpoints absent from it are missing.
+
+An unknown attribute without a `producer` is a configuration error (it could never be found).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+from llmepp.datalayer.endpoint import Endpoint
+from llmepp.framework.plugin import Plugin, PluginContext
+from llmepp.request.types import InferenceRequest
+
+# request, endpoints → one value per endpoint, None where the attribute is missing.
+AttributeReader = Callable[[InferenceRequest, Sequence[Endpoint]], list[float | None]]
+
+
+def _waiting(request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float | None]:
+    return [m.waiting_queue_size if (m := ep.metrics).update_time else None for ep in endpoints]
+
+
+def _running(request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float | None]:
+    return [m.running_requests_size if (m := ep.metrics).update_time else None for ep in endpoints]
+
+
+def _kv(request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float | None]:
+    return [m.kv_cache_usage_percent if (m := ep.metrics).update_time else None for ep in endpoints]
+
+
+def _active(request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float | None]:
+    return [ep.inflight.requests for ep in endpoints]
+
+
+def _inflight_tokens(request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float | None]:
+    return [ep.inflight.tokens for ep in endpoints]
+
+
+BUILTIN_ATTRIBUTES: dict[str, AttributeReader] = {
+    "waiting-queue": _waiting,
+    "num_requests_waiting": _waiting,
+    "vllm:num_requests_waiting": _waiting,
+    "running-requests": _running,
+    "num_requests_running": _running,
+    "vllm:num_requests_running": _running,
+    "kv-cache-utilization": _kv,
+    "kv_cache_usage_perc": _kv,
+    "vllm:kv_cache_usage_perc": _kv,
+    "active-requests": _active,
+    "inflight-tokens": _inflight_tokens,
+}
+
+
+def check_attribute(attribute: str, producer: str) -> None:
+    """Parameter-time check (no other plugins needed): raise ValueError naming the field."""
+    if not attribute:
+        raise ValueError("attribute is required")
+    if not producer and attribute not in BUILTIN_ATTRIBUTES:
+        known = ", ".join(k for k in BUILTIN_ATTRIBUTES if ":" not in k and "_" not in k)
+        raise ValueError(
+            f"unknown built-in attribute {attribute!r} (built-ins: {known}); "
+            "set `producer` to read a value another plugin produces"
+        )
+
+
+def attribute_reader(plugin: Plugin, ctx: PluginContext, attribute: str, producer: str, field: str) -> AttributeReader:
+    """Resolve at setup: the built-in reader, or the named producer's per-request mapping."""
+    if not producer:
+        return BUILTIN_ATTRIBUTES[attribute]
+    key = ctx.producer_key(plugin, attribute, producer, field)
+
+    def read(request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float | None]:
+        values: Mapping[Endpoint, float] | None = request.data.get(key)
+        if not values:
+            return [None] * len(endpoints)
+        get = values.get
+        return [get(ep) for ep in endpoints]
+
+    return read

@@ -1,0 +1,135 @@
+"""`no-hit-lru-scorer`: spread cold (no prefix hit anywhere) requests least-recently-used first."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from itertools import count
+
+from llmepp.datalayer.endpoint import Endpoint
+from llmepp.framework.datakeys import PREFIX_CACHE_MATCH_INFO, PrefixMatchInfo
+from llmepp.framework.plugin import Plugin, PluginContext, PluginParams
+from llmepp.framework.requestcontrol import PreRequest
+from llmepp.framework.scheduling import SchedulingResult, Scorer
+from llmepp.request.types import InferenceRequest
+
+log = logging.getLogger(__name__)
+
+PREFILL_PROFILE = "prefill"
+
+
+class NoHitLRUScorer(Scorer, PreRequest):
+    """For cold requests — no candidate has a prefix-cache hit — ranks endpoints by when they
+    last received a cold request; warm requests get a neutral 0.5 everywhere.
+
+        cold:  score(e) = max(0, 1 − rank(e) / (N − 1)),  N = candidates (1 candidate → 1.0)
+               never-used endpoints: rank = their order among the never-used candidates
+               used endpoints:       rank = #never-used candidates + position in the LRU
+                                     (0 = least recently used, over the whole LRU as the reference)
+        warm:  score(e) = 0.5
+
+    PreRequest (cold requests only) moves the primary profile's target, and the `prefill`
+    profile's target if any, to the most-recent end of the LRU (bounded by `lruSize`).
+
+    Why: a cold request creates new KV blocks wherever it lands; sending successive cold
+    requests to different endpoints spreads cache growth instead of evicting one endpoint's
+    warm prefixes, while the prefix scorer keeps deciding warm requests.
+
+    Parameters: `lruSize` (1024, > 0), `prefixMatchInfoProducerName` (which
+    PrefixCacheMatchInfo producer decides "cold"; default: the only one, approx producer
+    auto-created). When that is empty, `prefixPluginName` (a PrefixCacheMatchInfo producer or
+    a prefix-cache-scorer) or else the only plugin of type `prefixPluginType`
+    (prefix-cache-scorer) selects the producer, so the LRU agrees with the prefix scorer of
+    the profile (the reference accepts these two but no longer reads them).
+    """
+
+    type = "no-hit-lru-scorer"
+    consumes = frozenset({PREFIX_CACHE_MATCH_INFO})
+
+    class Params(PluginParams):
+        lru_size: int = 1024
+        prefix_match_info_producer_name: str = ""
+        prefix_plugin_type: str = "prefix-cache-scorer"
+        prefix_plugin_name: str = ""
+
+        def __post_init__(self) -> None:
+            if self.lru_size <= 0:
+                raise ValueError("lruSize must be > 0")
+
+    def __init__(self, name: str, params: Params) -> None:
+        super().__init__(name, params)
+        self.lru_size = params.lru_size
+        # Oldest first. Keyed by the Endpoint object (hashable by identity): a removed and
+        # re-added endpoint starts as never used.
+        self.lru: OrderedDict[Endpoint, None] = OrderedDict()
+        self.key = ""
+        self._cold_key = f"{self.name}/cold"
+
+    def setup(self, ctx: PluginContext) -> None:
+        self.key = ctx.producer_key(
+            self, PREFIX_CACHE_MATCH_INFO, self._producer_name(ctx), "prefixMatchInfoProducerName"
+        )
+
+    def _producer_name(self, ctx: PluginContext) -> str:
+        """prefixMatchInfoProducerName, else the producer behind prefixPluginName, else the one
+        behind the only plugin of type prefixPluginType, else "" (the only producer)."""
+        p = self.params
+        if p.prefix_match_info_producer_name:
+            return str(p.prefix_match_info_producer_name)
+        if p.prefix_plugin_name:
+            named = ctx.plugin(p.prefix_plugin_name, Plugin, referrer=self, field="prefixPluginName")
+        else:
+            of_type = [q for q in ctx.plugins_of(Plugin) if q.type == p.prefix_plugin_type]
+            if len(of_type) != 1:
+                return ""
+            named = of_type[0]
+        if PREFIX_CACHE_MATCH_INFO in named.produces:
+            return named.name
+        # A prefix scorer: follow it to the producer it reads.
+        producer = getattr(named.params, "prefix_match_info_producer_name", None)
+        if producer is None:
+            log.warning("plugin %s: prefix plugin %r reads no prefix match info; ignored", self.name, named.name)
+            return ""
+        return str(producer)
+
+    def score(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
+        n = len(endpoints)
+        info: PrefixMatchInfo | None = request.data.get(self.key)
+        cold = info is None or not info.hits or info.hits.keys().isdisjoint(endpoints)
+        # Read back in PreRequest: only cold requests move the LRU.
+        request.data[self._cold_key] = cold
+        if not cold:
+            return [0.5] * n
+        if n <= 1:
+            return [1.0] * n
+        pos = {ep: i for i, ep in enumerate(self.lru)} if self.lru else {}
+        inv = 1.0 / (n - 1)
+        if not pos:
+            return [1.0 - i * inv for i in range(n)]
+        get = pos.get
+        positions = [get(ep) for ep in endpoints]
+        never = positions.count(None)
+        if not never:
+            return [s if (s := 1.0 - p * inv) > 0.0 else 0.0 for p in positions]  # type: ignore[operator]
+        rank = count().__next__  # never-used endpoints rank first, in candidate order
+        return [
+            1.0 - rank() * inv if p is None else s if (s := 1.0 - (never + p) * inv) > 0.0 else 0.0 for p in positions
+        ]
+
+    def pre_request(self, request: InferenceRequest, result: SchedulingResult) -> None:
+        if not request.data.pop(self._cold_key, False):
+            return
+        for name in (result.primary_profile, PREFILL_PROFILE):
+            res = result.profiles.get(name)
+            if res is not None and res.targets:
+                self._touch(res.targets[0])
+
+    def _touch(self, ep: Endpoint) -> None:
+        lru = self.lru
+        if ep in lru:
+            lru.move_to_end(ep)
+            return
+        lru[ep] = None
+        if len(lru) > self.lru_size:
+            lru.popitem(last=False)

@@ -1,0 +1,228 @@
+"""weighted-random-picker, inflight-load-producer and session-id-producer."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+from helpers import endpoint, request
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmepp.datalayer.datastore import Datastore
+from llmepp.datalayer.endpoint import Endpoint
+from llmepp.framework.datakeys import (
+    IN_FLIGHT_LOAD,
+    PREFIX_CACHE_MATCH_INFO,
+    TOKENIZED_PROMPT,
+    PrefixMatchInfo,
+    TokenizedPrompt,
+    scoped,
+)
+from llmepp.framework.plugin import ConfigError, Plugin, PluginContext, registry
+from llmepp.framework.scheduling import ProfileResult, SchedulingResult
+from llmepp.request.types import ResponseInfo
+
+
+def make(type_: str, params: dict[str, Any] | None = None, *others: Plugin, datastore: Any = None) -> Any:
+    plugin = registry.build(type_, type_, params)
+    plugin.setup(PluginContext({p.name: p for p in (plugin, *others)}, datastore, None, None))
+    return plugin
+
+
+# -- weighted-random-picker ----------------------------------------------------------------------
+def test_weighted_random_follows_the_scores() -> None:
+    picker = make("weighted-random-picker")
+    eps = [endpoint(i) for i in range(3)]
+    seen = Counter(picker.pick(eps, [0.1, 0.3, 0.6])[0].name for _ in range(6000))
+    assert seen["pod-0"] == pytest.approx(600, rel=0.2)
+    assert seen["pod-1"] == pytest.approx(1800, rel=0.1)
+    assert seen["pod-2"] == pytest.approx(3600, rel=0.1)
+
+
+def test_weighted_random_zero_scores_and_all_zero_fallback() -> None:
+    picker = make("weighted-random-picker")
+    eps = [endpoint(i) for i in range(3)]
+    assert {picker.pick(eps, [0.0, 1.0, 0.0])[0].name for _ in range(200)} == {"pod-1"}
+    # Every score ≤ 0: uniform.
+    seen = Counter(picker.pick(eps, [0.0, 0.0, 0.0])[0].name for _ in range(600))
+    assert set(seen) == {"pod-0", "pod-1", "pod-2"}
+    assert picker.pick([], []) == []
+
+
+def test_weighted_random_several_targets_distinct_positive_first() -> None:
+    picker = make("weighted-random-picker", {"maxNumOfEndpoints": 3})
+    eps = [endpoint(i) for i in range(4)]
+    for _ in range(100):
+        picked = picker.pick(eps, [0.5, 0.0, 0.5, 0.2])
+        assert len({ep.name for ep in picked}) == 3
+        assert "pod-1" not in [ep.name for ep in picked]  # the zero score only if needed
+    assert len(picker.pick(eps[:2], [0.0, 0.0])) == 2
+    assert len(picker.pick(eps[:2], [0.3, 0.4])) == 2
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=20), st.integers(1, 5))
+def test_weighted_random_property(scores: list[float], k: int) -> None:
+    picker = make("weighted-random-picker", {"maxNumOfEndpoints": k})
+    eps = [endpoint(i) for i in range(len(scores))]
+    picked = picker.pick(eps, scores)
+    assert len(picked) == min(k, len(eps))
+    assert len(set(map(id, picked))) == len(picked)
+    if any(s > 0 for s in scores):
+        assert scores[eps.index(picked[0])] > 0
+
+
+# -- inflight-load-producer ---------------------------------------------------------------------
+def scheduled(ep: Endpoint, prefill: Endpoint | None = None) -> SchedulingResult:
+    profiles: dict[str, ProfileResult | None] = {"decode": ProfileResult([ep])}
+    if prefill is not None:
+        profiles["prefill"] = ProfileResult([prefill])
+    return SchedulingResult("decode", profiles)
+
+
+def tokenized(tokens: int, **kw: Any) -> Any:
+    req = request(**kw)
+    req.data[TOKENIZED_PROMPT] = TokenizedPrompt(b"\0" * (4 * tokens))
+    return req
+
+
+def test_inflight_counts_and_releases_once() -> None:
+    p = make("inflight-load-producer")
+    ep = endpoint(0)
+    req = tokenized(1000)
+    p.produce(req, [ep])
+    assert req.data[scoped(IN_FLIGHT_LOAD, p.name)] is p.loads
+    p.pre_request(req, scheduled(ep))
+    assert (p.loads[ep].requests, p.loads[ep].tokens) == (1, 1000)
+    p.response_headers(req, ResponseInfo(status=200), {})  # prefill done: prompt tokens released
+    assert (p.loads[ep].requests, p.loads[ep].tokens) == (1, 0)
+    p.response_complete(req, ResponseInfo(status=200), scheduled(ep))
+    assert (p.loads[ep].requests, p.loads[ep].tokens) == (0, 0)
+    # Repeated hooks change nothing (exactly-once release).
+    p.response_headers(req, ResponseInfo(status=200), {})
+    p.response_complete(req, ResponseInfo(status=200), scheduled(ep))
+    assert (p.loads[ep].requests, p.loads[ep].tokens) == (0, 0)
+
+
+def test_inflight_release_without_response_headers() -> None:
+    p = make("inflight-load-producer")
+    ep = endpoint(0)
+    reqs = [tokenized(100) for _ in range(3)]
+    for r in reqs:
+        p.pre_request(r, scheduled(ep))
+    assert (p.loads[ep].requests, p.loads[ep].tokens) == (3, 300)
+    p.response_complete(reqs[1], ResponseInfo(status=0), scheduled(ep))  # e.g. client disconnect
+    assert (p.loads[ep].requests, p.loads[ep].tokens) == (2, 200)
+
+
+def test_inflight_discounts_cached_prefix_and_tracks_prefill() -> None:
+    approx = registry.build("approx-prefix-cache-producer", "approx", None)
+    p = make("inflight-load-producer", None, approx)
+    decode, prefill = endpoint(0), endpoint(1)
+    req = tokenized(1000)
+    # 16 blocks of 64 = 1024 ≥ 1000 indexed; decode caches 10 blocks → (16−10)·64 = 384 uncached.
+    req.data[scoped(PREFIX_CACHE_MATCH_INFO, "approx")] = PrefixMatchInfo(64, 16, {decode: 10}, list(range(16)))
+    p.pre_request(req, scheduled(decode, prefill))
+    assert p.loads[decode].tokens == 384
+    assert p.loads[prefill].tokens == 1000  # cold: capped at the prompt size, not 16·64
+    p.response_headers(req, ResponseInfo(status=200), {})
+    assert (p.loads[prefill].requests, p.loads[prefill].tokens) == (0, 0)  # prefill worker done
+    assert (p.loads[decode].requests, p.loads[decode].tokens) == (1, 0)
+
+
+def test_inflight_prefix_cap_tail_is_charged() -> None:
+    approx = registry.build("approx-prefix-cache-producer", "approx", None)
+    p = make("inflight-load-producer", None, approx)
+    ep = endpoint(0)
+    req = tokenized(5000)  # only 4 blocks (256 tokens) indexed, all cached: the tail 4744 is not
+    req.data[scoped(PREFIX_CACHE_MATCH_INFO, "approx")] = PrefixMatchInfo(64, 4, {ep: 4}, [1, 2, 3, 4])
+    p.pre_request(req, scheduled(ep))
+    assert p.loads[ep].tokens == 4744
+
+
+def test_inflight_estimated_output_tokens() -> None:
+    p = make("inflight-load-producer", {"addEstimatedOutputTokens": True, "outputRatio": 0.5})
+    ep = endpoint(0)
+    req = tokenized(1000)
+    p.pre_request(req, scheduled(ep))
+    assert p.loads[ep].tokens == 1500
+    p.response_headers(req, ResponseInfo(status=200), {})
+    assert p.loads[ep].tokens == 500  # the output estimate stays until completion
+    p.response_complete(req, ResponseInfo(status=200), scheduled(ep))
+    assert p.loads[ep].tokens == 0
+    capped = make("inflight-load-producer", {"addEstimatedOutputTokens": True, "maxEstimatedOutputTokens": 100})
+    r = tokenized(1000)
+    capped.pre_request(r, scheduled(ep))
+    assert capped.loads[ep].tokens == 1100
+    client = tokenized(1000, max_tokens=20)
+    capped.pre_request(client, scheduled(endpoint(1)))
+    assert list(capped.loads.values())[-1].tokens == 1020  # client's max tokens is a cap too
+
+
+def test_inflight_counters_are_per_instance_and_dropped_on_removal() -> None:
+    ds = Datastore()
+    ds.upsert(endpoint(0).spec)
+    ep = ds.endpoints[0]
+    a = make("inflight-load-producer", datastore=ds)
+    b = registry.build("inflight-load-producer", "other", None)
+    b.setup(PluginContext({"other": b}, None, None, None))
+    req = tokenized(10)
+    a.pre_request(req, scheduled(ep))
+    assert ep in a.loads and ep not in b.loads  # type: ignore[attr-defined]
+    ds.delete(ep.name)
+    assert ep not in a.loads
+    a.response_complete(req, ResponseInfo(status=200), scheduled(ep))  # release after removal: harmless
+
+
+def test_inflight_falls_back_to_prompt_bytes_and_validates() -> None:
+    p = make("inflight-load-producer")
+    ep = endpoint(0)
+    p.pre_request(request(b"x" * 401), scheduled(ep))
+    assert p.loads[ep].tokens == 101
+    for params, message in [({"outputRatio": -1}, "outputRatio"), ({"maxEstimatedOutputTokens": -5}, "maxEstimated")]:
+        with pytest.raises(ConfigError, match=message) as err:
+            registry.build("inflight-load-producer", "i", params)
+        assert "plugin 'i' (type inflight-load-producer)" in str(err.value)
+
+
+# -- session-id-producer ------------------------------------------------------------------------
+def test_session_id_producer_header_cookie_default() -> None:
+    key = scoped("SessionID", "session-id-producer")
+    p = make("session-id-producer", {"headerName": "X-Conversation"})
+    req = request()
+    req.headers["x-conversation"] = "  c-1 "
+    p.produce(req, [])
+    assert req.data[key] == "c-1"
+    empty = request()
+    empty.headers["x-conversation"] = "  "
+    p.produce(empty, [])
+    assert key not in empty.data
+    c = make("session-id-producer", {"cookieName": "sid"})
+    req = request()
+    req.headers["cookie"] = 'theme=dark; sid="abc"; x=y'
+    c.produce(req, [])
+    assert req.data[key] == "abc"
+    d = make("session-id-producer")  # the auto-created default reads x-session-id
+    req = request()
+    req.headers["x-session-id"] = "s-9"
+    d.produce(req, [])
+    assert req.data[key] == "s-9"
+    with pytest.raises(ConfigError, match="exactly one of headerName or cookieName") as err:
+        registry.build("session-id-producer", "sp", {"headerName": "a", "cookieName": "b"})
+    assert "plugin 'sp' (type session-id-producer)" in str(err.value)
+
+
+def test_weighted_random_equal_scores_are_uniform() -> None:
+    picker = make("weighted-random-picker")
+    eps = [endpoint(i) for i in range(4)]
+    seen = Counter(picker.pick(eps, [0.5] * 4)[0].name for _ in range(4000))
+    assert all(seen[f"pod-{i}"] == pytest.approx(1000, rel=0.15) for i in range(4))
+
+
+def test_weighted_random_tiny_scores_never_pick_a_zero() -> None:
+    # random()·total can round up to total for subnormal totals; the draw must stay in range.
+    picker = make("weighted-random-picker")
+    eps = [endpoint(i) for i in range(3)]
+    assert {picker.pick(eps, [0.0, 5e-324, 0.0])[0].name for _ in range(500)} == {"pod-1"}
