@@ -1,0 +1,349 @@
+"""The `flowControl` / `saturationDetector` config blocks → the admission controller.
+
+    flowControl:                      # used with featureGates: [flowControl]; its
+      maxBytes: 0 / maxRequests: 0    #   saturationDetector is used either way
+      defaultRequestTTL: 60s          # 0s disables
+      noEndpointRequestTTL: <defaultRequestTTL>
+      defaultPriorityBand: {maxRequests: 5000, maxBytes: 1G, fairnessPolicyRef, orderingPolicyRef}
+      defaultNegativePriorityBand: {...}              # template for priority < 0
+      priorityBands: [{priority, maxRequests, maxBytes, fairnessPolicyRef, orderingPolicyRef}]
+      usageLimitPolicyPluginRef: static-usage-limit-policy
+      saturationDetector: {pluginRef: utilization-detector}
+      enableEviction: false
+    saturationDetector: {pluginRef: ...}                       # deprecated location, or inline:
+    saturationDetector: {queueDepthThreshold: 5, kvCacheUtilThreshold: 0.8, metricsStalenessThreshold: 200ms}
+
+`build_admission` returns the legacy controller (no gate) or the flow controller (gate on);
+referenced plugins that are not configured get the reference defaults, injected under their
+type name. Every error is a ConfigError naming the field, e.g.
+`flowControl.priorityBands[1].fairnessPolicyRef: no plugin named 'x'`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from prometheus_client import CollectorRegistry
+
+from llmepp.datalayer.datastore import Datastore
+from llmepp.flowcontrol.controller import (
+    DEFAULT_BAND_MAX_BYTES,
+    DEFAULT_BAND_MAX_REQUESTS,
+    DEFAULT_REQUEST_TTL,
+    BandConfig,
+    FlowControlConfig,
+    FlowController,
+)
+from llmepp.flowcontrol.hooks import AdmissionHooks
+from llmepp.flowcontrol.interfaces import (
+    AdmissionController,
+    FairnessPolicy,
+    OrderingPolicy,
+    SaturationDetector,
+    UsageLimitPolicy,
+)
+from llmepp.flowcontrol.legacy import LegacyAdmission
+from llmepp.flowcontrol.metrics import FlowControlMetrics
+from llmepp.flowcontrol.objectives import ObjectivesFileWatcher, ObjectiveStore
+from llmepp.flowcontrol.units import parse_bytes, parse_duration
+from llmepp.framework.plugin import ConfigError, Plugin, PluginRegistry, registry
+
+if TYPE_CHECKING:
+    from llmepp.config.schema import EndpointPickerConfig
+    from llmepp.director import Pipeline
+
+log = logging.getLogger(__name__)
+
+FEATURE_GATE = "flowControl"
+DEFAULT_ORDERING = "fcfs-ordering-policy"
+DEFAULT_FAIRNESS = "global-strict-fairness-policy"
+DEFAULT_USAGE_LIMIT = "static-usage-limit-policy"
+DEFAULT_DETECTOR = "utilization-detector"
+OBJECTIVES_POLL_INTERVAL = 1.0  # seconds between stat() calls on --objectives-file
+
+
+# -- YAML schema ---------------------------------------------------------------------------------
+class _Spec(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class BandTemplateSpec(_Spec):
+    max_requests: int = 0  # 0 = default (5000)
+    max_bytes: int | str = 0  # 0 = default (1G)
+    fairness_policy_ref: str = ""
+    ordering_policy_ref: str = ""
+
+
+class PriorityBandSpec(_Spec):
+    priority: int
+    max_requests: int = 0
+    max_bytes: int | str = 0
+    fairness_policy_ref: str = ""
+    ordering_policy_ref: str = ""
+
+
+class PluginRefSpec(_Spec):
+    plugin_ref: str
+
+
+class FlowControlSpec(_Spec):
+    max_bytes: int | str = 0  # global; 0 = unlimited
+    max_requests: int = 0
+    default_request_ttl: str | int | float | None = msgspec.field(default=None, name="defaultRequestTTL")
+    no_endpoint_request_ttl: str | int | float | None = msgspec.field(default=None, name="noEndpointRequestTTL")
+    default_priority_band: BandTemplateSpec | None = None
+    default_negative_priority_band: BandTemplateSpec | None = None
+    priority_bands: list[PriorityBandSpec] = []
+    usage_limit_policy_plugin_ref: str = ""
+    saturation_detector: PluginRefSpec | None = None
+    enable_eviction: bool = False
+
+
+def parse_flow_control(raw: Mapping[str, Any] | None) -> FlowControlSpec:
+    try:
+        return msgspec.convert(dict(raw or {}), FlowControlSpec, str_keys=True)
+    except msgspec.ValidationError as e:
+        raise ConfigError(_describe(e, "flowControl")) from None
+
+
+def _describe(err: msgspec.ValidationError, root: str) -> str:
+    """msgspec's "Expected `int`, got `str` - at `$.a[1].b`" → "root.a[1].b: Expected `int`, got `str`"."""
+    text = str(err)
+    message, sep, where = text.rpartition(" - at `")
+    if not sep:
+        return f"{root}: {text}"
+    path = where.rstrip("`").replace("$", root, 1)
+    return f"{path}: {message}"
+
+
+# -- plugin references -----------------------------------------------------------------------------
+class _Resolver:
+    """Looks up referenced plugins, injecting reference defaults under their type name."""
+
+    def __init__(self, plugins: dict[str, Plugin], plugin_registry: PluginRegistry) -> None:
+        self.plugins = plugins
+        self.registry = plugin_registry
+
+    # `kind` is an abstract extension point (mypy rejects abstract classes as type[T]): callers
+    # annotate what they receive.
+    def get(self, name: str, kind: Any, field: str, label: str) -> Any:
+        plugin = self.plugins.get(name)
+        if plugin is None:
+            raise ConfigError(f"{field}: no plugin named {name!r}")
+        if not isinstance(plugin, kind):
+            raise ConfigError(f"{field}: plugin {name!r} (type {plugin.type}) is not {label}")
+        return plugin
+
+    def default(self, type_name: str, kind: Any, field: str, label: str) -> Any:
+        if type_name not in self.plugins:
+            log.info("flow control: injected default plugin %s", type_name)
+            self.plugins[type_name] = self.registry.build(type_name, type_name, None)
+        return self.get(type_name, kind, field, label)
+
+    def ref(self, name: str, default: str, kind: Any, field: str, label: str) -> Any:
+        return self.get(name, kind, field, label) if name else self.default(default, kind, field, label)
+
+
+def resolve_detector(
+    spec: FlowControlSpec, deprecated: Mapping[str, Any] | None, resolver: _Resolver
+) -> SaturationDetector:
+    """flowControl.saturationDetector, else the deprecated top-level block (either shape), else the default."""
+    label = "a saturation detector"
+    if spec.saturation_detector is not None:
+        if deprecated:
+            log.warning("saturationDetector is deprecated and ignored: flowControl.saturationDetector is set")
+        return resolver.get(
+            spec.saturation_detector.plugin_ref, SaturationDetector, "flowControl.saturationDetector.pluginRef", label
+        )
+    if not deprecated:
+        return resolver.default(DEFAULT_DETECTOR, SaturationDetector, "saturationDetector", label)
+    log.warning("saturationDetector is deprecated; use flowControl.saturationDetector")
+    if "pluginRef" in deprecated:
+        extra = sorted(set(deprecated) - {"pluginRef"})
+        if extra:
+            raise ConfigError(f"saturationDetector: pluginRef cannot be combined with {', '.join(extra)}")
+        ref = deprecated["pluginRef"]
+        if not isinstance(ref, str):
+            raise ConfigError(f"saturationDetector.pluginRef: expected a plugin name, got {ref!r}")
+        return resolver.get(ref, SaturationDetector, "saturationDetector.pluginRef", label)
+    # Inline thresholds: they configure the utilization detector.
+    if DEFAULT_DETECTOR in resolver.plugins:
+        raise ConfigError(
+            f"saturationDetector: inline thresholds conflict with the configured plugin {DEFAULT_DETECTOR!r}; "
+            "use flowControl.saturationDetector.pluginRef instead"
+        )
+    try:
+        detector = resolver.registry.build(DEFAULT_DETECTOR, DEFAULT_DETECTOR, dict(deprecated))
+    except ConfigError as e:
+        raise ConfigError(f"saturationDetector (inline {DEFAULT_DETECTOR}): {e}") from None
+    resolver.plugins[DEFAULT_DETECTOR] = detector
+    assert isinstance(detector, SaturationDetector)
+    return detector
+
+
+def _band(
+    spec: BandTemplateSpec | PriorityBandSpec, field: str, resolver: _Resolver, fallback: BandConfig | None = None
+) -> BandConfig:
+    if spec.max_requests < 0:
+        raise ConfigError(f"{field}.maxRequests: must be >= 0, got {spec.max_requests}")
+    try:
+        max_bytes = parse_bytes(spec.max_bytes)
+    except ValueError as e:
+        raise ConfigError(f"{field}.maxBytes: {e}") from None
+    # Unset fields of a band fall back to the default band template, then to the reference defaults.
+    ordering: OrderingPolicy
+    fairness: FairnessPolicy
+    if spec.ordering_policy_ref or fallback is None:
+        ordering = resolver.ref(
+            spec.ordering_policy_ref, DEFAULT_ORDERING, OrderingPolicy, f"{field}.orderingPolicyRef",
+            "an ordering policy",
+        )  # fmt: skip
+    else:
+        ordering = fallback.ordering
+    if spec.fairness_policy_ref or fallback is None:
+        fairness = resolver.ref(
+            spec.fairness_policy_ref, DEFAULT_FAIRNESS, FairnessPolicy, f"{field}.fairnessPolicyRef",
+            "a fairness policy",
+        )  # fmt: skip
+    else:
+        fairness = fallback.fairness
+    return BandConfig(
+        ordering=ordering,
+        fairness=fairness,
+        max_requests=spec.max_requests or (fallback.max_requests if fallback else DEFAULT_BAND_MAX_REQUESTS),
+        max_bytes=max_bytes or (fallback.max_bytes if fallback else DEFAULT_BAND_MAX_BYTES),
+    )
+
+
+def resolve_flow_control(spec: FlowControlSpec, detector: SaturationDetector, resolver: _Resolver) -> FlowControlConfig:
+    """Validate the parsed block and build the controller's config (injecting default policies)."""
+    if spec.enable_eviction:
+        raise ConfigError("flowControl.enableEviction: in-flight eviction is not supported in this build; set false")
+    if spec.max_requests < 0:
+        raise ConfigError(f"flowControl.maxRequests: must be >= 0, got {spec.max_requests}")
+    try:
+        max_bytes = parse_bytes(spec.max_bytes)
+    except ValueError as e:
+        raise ConfigError(f"flowControl.maxBytes: {e}") from None
+    try:
+        default_ttl = (
+            DEFAULT_REQUEST_TTL if spec.default_request_ttl is None else parse_duration(spec.default_request_ttl)
+        )
+    except ValueError as e:
+        raise ConfigError(f"flowControl.defaultRequestTTL: {e}") from None
+    try:
+        no_endpoint_ttl = (
+            default_ttl if spec.no_endpoint_request_ttl is None else parse_duration(spec.no_endpoint_request_ttl)
+        )
+    except ValueError as e:
+        raise ConfigError(f"flowControl.noEndpointRequestTTL: {e}") from None
+
+    default_band = _band(spec.default_priority_band or BandTemplateSpec(), "flowControl.defaultPriorityBand", resolver)
+    negative = None
+    if spec.default_negative_priority_band is not None:
+        negative = _band(
+            spec.default_negative_priority_band, "flowControl.defaultNegativePriorityBand", resolver, default_band
+        )
+    bands: dict[int, BandConfig] = {}
+    for i, band in enumerate(spec.priority_bands):
+        field = f"flowControl.priorityBands[{i}]"
+        if band.priority in bands:
+            raise ConfigError(f"{field}.priority: duplicate priority {band.priority}")
+        template = negative if band.priority < 0 and negative is not None else default_band
+        bands[band.priority] = _band(band, field, resolver, template)
+    usage: UsageLimitPolicy = resolver.ref(
+        spec.usage_limit_policy_plugin_ref, DEFAULT_USAGE_LIMIT, UsageLimitPolicy,
+        "flowControl.usageLimitPolicyPluginRef", "a usage-limit policy",
+    )  # fmt: skip
+    return FlowControlConfig(
+        detector=detector,
+        usage_limit=usage,
+        default_band=default_band,
+        bands=bands,
+        default_negative_band=negative,
+        max_requests=spec.max_requests,
+        max_bytes=max_bytes,
+        default_ttl=default_ttl,
+        no_endpoint_ttl=no_endpoint_ttl,
+    )
+
+
+# -- the builder ---------------------------------------------------------------------------------
+def build_admission(
+    config: EndpointPickerConfig,
+    plugins: dict[str, Plugin],
+    feature_gates: Mapping[str, bool],
+    *,
+    pipeline: Pipeline | None = None,
+    datastore: Datastore | None = None,
+    metrics: Any = None,
+    settings: Any = None,
+    objectives: ObjectiveStore | None = None,
+    plugin_registry: PluginRegistry = registry,
+    clock: Callable[[], float] = time.monotonic,
+) -> AdmissionController:
+    """The admission controller for `Pipeline.admission`: legacy shedding, or flow control with the gate.
+
+    Side effects on the build: injected default plugins and an internal `flow-control` hooks
+    plugin are added to `plugins` (so the app's shutdown closes them); with flow control the
+    hooks plugin is appended to `pipeline.response_complete` (completions free capacity).
+    `settings.objectives_file`, when set, is loaded now (errors are ConfigErrors) and
+    watched for changes once the controller starts.
+    """
+    resolver = _Resolver(plugins, plugin_registry)
+    spec = parse_flow_control(config.flow_control)
+    detector = resolve_detector(spec, config.saturation_detector, resolver)
+    enabled = bool(feature_gates.get(FEATURE_GATE, False))
+    fc_config = resolve_flow_control(spec, detector, resolver) if enabled else None
+    if not enabled and config.flow_control and set(config.flow_control) - {"saturationDetector"}:
+        log.warning("flowControl block ignored (except saturationDetector): feature gate %s is off", FEATURE_GATE)
+
+    store = objectives if objectives is not None else ObjectiveStore()
+    pool_name = datastore.pool_name if datastore is not None else str(getattr(settings, "pool_name", "epp"))
+    watcher = None
+    path = getattr(settings, "objectives_file", None)
+    if path:
+        watcher = ObjectivesFileWatcher(path, store, pool_name=pool_name, interval=OBJECTIVES_POLL_INTERVAL)
+        watcher.load()
+
+    controller: AdmissionController
+    if fc_config is None:
+        controller = LegacyAdmission(detector, store, watcher=watcher, clock=clock)
+    else:
+        ds = datastore if datastore is not None else Datastore()
+        flow = FlowController(
+            fc_config,
+            pool=lambda: ds.endpoints,
+            objectives=store,
+            metrics=FlowControlMetrics.for_registry(_registry_of(metrics)),
+            pool_name=pool_name,
+            clock=clock,
+            watcher=watcher,
+        )
+        ds.on_change(flow.pool_changed)
+        controller = flow
+
+    hooks = AdmissionHooks(controller)
+    existing = plugins.get(hooks.name)
+    if existing is not None and not isinstance(existing, AdmissionHooks):
+        raise ConfigError(f"plugins: the name {hooks.name!r} is reserved for the flow controller")
+    plugins[hooks.name] = hooks
+    if fc_config is not None and pipeline is not None:
+        pipeline.response_complete.append(hooks)
+    log.info(
+        "admission: %s",
+        controller.mode,
+        extra={"detector": detector.name, "objectives_file": path or "", "objectives": len(store)},
+    )
+    return controller
+
+
+def _registry_of(metrics: Any) -> CollectorRegistry:
+    if isinstance(metrics, CollectorRegistry):
+        return metrics
+    found = getattr(metrics, "registry", None)
+    return found if isinstance(found, CollectorRegistry) else CollectorRegistry()

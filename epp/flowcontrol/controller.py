@@ -1,0 +1,524 @@
+"""The flow controller: priority bands → fair flows → ordered requests, gated by saturation.
+
+    admit(request)
+      identity      priority from the InferenceObjective, flow = (fairness id, priority)
+      capacity      band maxRequests / maxBytes, global maxRequests / maxBytes → 429
+      fast path     nothing queued and the band not gated → dispatched, no task switch
+      otherwise     enqueue, wake the dispatcher, await the item's future
+
+    dispatcher (one task, the only writer of dispatch decisions)
+      a cycle: saturation once → per-band ceilings → up to `credits` dispatches, each from
+      the highest non-empty band: its fairness policy picks a flow, the flow's head goes.
+      If that band is gated the cycle stops (head-of-line blocking: lower bands must not
+      overtake a blocked higher band).
+
+Dispatch is self-clocked, like the reference's: each enqueue, each completed request and
+each poll tick (1 ms while work waits) earns one dispatch credit; credits are dropped while
+gated. So a backlog drains as capacity frees up instead of flooding the pool the moment
+saturation dips below the ceiling (the detector only sees dispatched work one scrape or
+one in-flight count later). With an in-flight-based detector a cycle dispatches one
+request and yields, so the next cycle sees it counted; scraped detectors may batch up to
+`max_dispatch_per_cycle`. The dispatcher sleeps on a future when nothing waits.
+
+TTL: all queued requests share the TTL of the current regime (noEndpointRequestTTL while
+the pool is empty, else defaultRequestTTL), so expiry order is enqueue order: one FIFO and
+one timer for the oldest request, re-armed when the regime changes.
+
+Cancellation: a client that goes away cancels the awaiting task; the cancel handler frees
+the slot (counts and bytes) at once and leaves a tombstone the queues skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from llmepp.datalayer.endpoint import Endpoint
+from llmepp.flowcontrol.interfaces import (
+    AdmissionController,
+    FairnessPolicy,
+    OrderingPolicy,
+    SaturationDetector,
+    UsageLimitPolicy,
+)
+from llmepp.flowcontrol.metrics import FlowControlMetrics
+from llmepp.flowcontrol.objectives import ObjectivesFileWatcher, ObjectiveStore
+from llmepp.flowcontrol.queues import FlowQueue, PriorityBand
+from llmepp.flowcontrol.saturation import StagedSaturation
+from llmepp.flowcontrol.types import DEFAULT_FAIRNESS_ID, ItemState, Outcome, QueueItem, outcome_error
+from llmepp.request.types import InferenceRequest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BAND_MAX_REQUESTS = 5000
+DEFAULT_BAND_MAX_BYTES = 1_000_000_000
+DEFAULT_REQUEST_TTL = 60.0
+_INF = math.inf
+_QUEUED = ItemState.QUEUED
+_DONE = ItemState.DONE
+_DISPATCHED = Outcome.DISPATCHED
+
+
+@dataclass(frozen=True, slots=True)
+class BandConfig:
+    """Limits and policies of one band (explicit, or the template for unlisted priorities)."""
+
+    ordering: OrderingPolicy
+    fairness: FairnessPolicy
+    max_requests: int = DEFAULT_BAND_MAX_REQUESTS
+    max_bytes: int = DEFAULT_BAND_MAX_BYTES
+
+
+@dataclass(slots=True)
+class FlowControlConfig:
+    """The resolved `flowControl` block (plugins already built)."""
+
+    detector: SaturationDetector
+    usage_limit: UsageLimitPolicy
+    default_band: BandConfig
+    bands: dict[int, BandConfig] = field(default_factory=dict)
+    default_negative_band: BandConfig | None = None
+    max_requests: int = 0  # global; 0 = unlimited
+    max_bytes: int = 0
+    default_ttl: float = DEFAULT_REQUEST_TTL  # 0 = no TTL
+    no_endpoint_ttl: float = DEFAULT_REQUEST_TTL
+    # Runtime knobs (not in the YAML): dispatcher tick while work waits, per-cycle work
+    # bound, idle garbage collection of flows and template-provisioned bands.
+    poll_interval: float = 0.001
+    max_dispatch_per_cycle: int = 64
+    flow_gc_timeout: float = 300.0
+    band_gc_timeout: float = 600.0
+
+
+class FlowController(AdmissionController):
+    mode = "flow-control"
+
+    def __init__(
+        self,
+        config: FlowControlConfig,
+        *,
+        pool: Callable[[], Sequence[Endpoint]],
+        objectives: ObjectiveStore | None = None,
+        metrics: FlowControlMetrics | None = None,
+        pool_name: str = "epp",
+        clock: Callable[[], float] = time.monotonic,
+        watcher: ObjectivesFileWatcher | None = None,
+    ) -> None:
+        self.config = config
+        self.objectives = objectives if objectives is not None else ObjectiveStore()
+        self._pool = pool
+        self._clock = clock
+        self._watcher = watcher
+        self.pool_name = pool_name
+        if metrics is None:
+            from prometheus_client import CollectorRegistry
+
+            metrics = FlowControlMetrics.for_registry(CollectorRegistry())
+        self.metrics = metrics
+        self.detector = config.detector
+        self.detector_name = config.detector.name
+        self._usage_limit = config.usage_limit
+        self._saturation = StagedSaturation(config.detector)
+        self.max_requests = config.max_requests
+        self.max_bytes = config.max_bytes
+        self._default_ttl = config.default_ttl
+        self._no_endpoint_ttl = config.no_endpoint_ttl
+        self._ttl_enabled = config.default_ttl > 0 or config.no_endpoint_ttl > 0
+        self._poll = config.poll_interval
+        # In-flight-based saturation must be re-read after each dispatch is scheduled.
+        self._per_cycle = 1 if config.detector.counts_inflight else config.max_dispatch_per_cycle
+
+        self.bands: dict[int, PriorityBand] = {}
+        self._order: list[PriorityBand] = []  # highest priority first
+        self._priorities: list[int] = []
+        self._rank: dict[int, int] = {}
+        now = clock()
+        for priority, band in config.bands.items():
+            self._add_band(priority, band, dynamic=False, now=now)
+
+        self.queued = 0
+        self.queued_bytes = 0
+        self._seq = 0
+        self._credits = 0
+        self._closed = False
+        self._expiry: deque[QueueItem] = deque()
+        self._expiry_timer: asyncio.TimerHandle | None = None
+        self._gc_timer: asyncio.TimerHandle | None = None
+        self._tick_timer: asyncio.TimerHandle | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed_event: asyncio.Event | None = None  # set by shutdown() (ends a drain early)
+        metrics.add_source(self)
+
+    # -- gauges read at scrape time ------------------------------------------------------------
+    @property
+    def last_saturation(self) -> dict[str, float]:
+        return self._saturation.stages()
+
+    @property
+    def stale_endpoints(self) -> int:
+        return self.detector.stale_endpoints
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is not None or self._closed:
+            return
+        loop = self._loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name="flow-control-dispatcher")
+        self._gc_timer = loop.call_later(self.config.flow_gc_timeout, self.collect_garbage)
+        if self._watcher is not None:
+            self._watcher.start()
+
+    def pool_changed(self) -> None:
+        """Datastore membership changed: the TTL regime and saturation may have changed."""
+        if self.queued:
+            self._credits += 1
+            self._wake()
+            if self._ttl_enabled:
+                self._arm_expiry()
+
+    def request_completed(self) -> None:
+        # Completion frees in-flight capacity: worth one dispatch attempt.
+        if self.queued:
+            self._credits += 1
+            self._wake()
+
+    def shutdown(self) -> None:
+        """Reject everything waiting (503 rejected-shutting-down) and refuse new requests."""
+        if self._closed:
+            return
+        self._closed = True
+        now = self._clock()
+        for band in self._order:
+            for flow in list(band.flows.values()):
+                while (item := band.pop(flow)) is not None:
+                    self._settle(item, Outcome.EVICTED_OTHER, now)
+        self._expiry.clear()
+        for timer in (self._expiry_timer, self._gc_timer):
+            if timer is not None:
+                timer.cancel()
+        if self._closed_event is not None:
+            self._closed_event.set()
+        self._wake()
+
+    async def drain(self, grace: float) -> None:
+        """Serve normally for `grace` seconds (the app's drain window), then reject what still
+        waits with 503 rejected-shutting-down. Returns early if the controller is closed meanwhile.
+
+        Run it alongside the gRPC server's graceful stop, with a grace a little shorter than the
+        stop's, so queued requests get a 503 before their streams are cancelled."""
+        if not self._closed:
+            closed = self._closed_event = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await closed.wait()
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        self.shutdown()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._watcher is not None:
+            await self._watcher.aclose()
+
+    # -- admission -------------------------------------------------------------------------------
+    async def admit(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> None:
+        if request.objective:
+            request.priority = self.objectives.priority(request.objective)
+        if self._task is None:
+            self.start()
+        now = self._clock()
+        priority = request.priority
+        band = self.bands.get(priority)
+        if band is None:
+            band = self._provision(priority, now)
+        fid = request.fairness_id or DEFAULT_FAIRNESS_ID
+        flow = band.flows.get(fid)
+        if flow is None:
+            flow = self._new_flow(band, fid, now)
+        flow.last_used = now
+        if self._closed:
+            self._record(flow, Outcome.REJECTED_OTHER, 0.0)
+            raise outcome_error(Outcome.REJECTED_OTHER)
+
+        size = request.body_size
+        pool = self._pool()
+        if (
+            band.count >= band.max_requests
+            or band.bytes + size > band.max_bytes
+            or (self.max_requests and self.queued >= self.max_requests)
+            or (self.max_bytes and self.queued_bytes + size > self.max_bytes)
+        ):
+            outcome = Outcome.REJECTED_CAPACITY if pool else Outcome.REJECTED_NO_ENDPOINTS
+            self._record(flow, outcome, 0.0)
+            raise outcome_error(outcome)
+
+        # Fast path: nobody is waiting, so dispatching now is what a cycle would do.
+        if not self.queued:
+            saturation = self._saturation(pool, now)
+            if saturation < self._usage_limit.ceilings(saturation, self._priorities)[self._rank[priority]]:
+                self._record(flow, _DISPATCHED, 0.0)
+                return
+
+        item = self._enqueue(request, band, flow, pool, now)
+        try:
+            outcome = await item.future
+        except asyncio.CancelledError:
+            if item.state is _QUEUED:
+                self._settle_in_place(item, Outcome.EVICTED_CONTEXT_CANCELLED, self._clock())
+            raise
+        if outcome is not _DISPATCHED:
+            raise outcome_error(outcome)
+
+    def _enqueue(
+        self, request: InferenceRequest, band: PriorityBand, flow: FlowQueue, pool: Sequence[Endpoint], now: float
+    ) -> QueueItem:
+        loop = self._loop or asyncio.get_running_loop()
+        ttl = self._no_endpoint_ttl if not pool else self._default_ttl
+        self._seq += 1
+        item = QueueItem(request, flow, self._seq, now, now + ttl if ttl > 0 else _INF, loop.create_future())
+        band.push(item)
+        self.queued += 1
+        self.queued_bytes += item.size
+        if self._ttl_enabled:
+            expiry = self._expiry
+            expiry.append(item)
+            if len(expiry) > 2 * self.queued + 64:  # tombstones of dispatched / cancelled items
+                self._expiry = deque(i for i in expiry if i.state is _QUEUED)
+            if self._expiry_timer is None:
+                self._arm_expiry()
+        self._credits += 1
+        self._wake()
+        return item
+
+    # -- dispatcher ------------------------------------------------------------------------------
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _tick(self) -> None:
+        self._tick_timer = None
+        if self.queued:
+            if self._credits < 1:
+                self._credits = 1
+            self._wake()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while not self._closed:
+                if self.queued and self._credits > 0:
+                    try:
+                        self.dispatch_cycle()
+                    except Exception:
+                        log.exception("flow control dispatch cycle failed")
+                        self._credits = 0
+                    if self.queued and self._credits > 0:
+                        # Bounded work per cycle: let the dispatched requests' tasks run (and be
+                        # counted in flight) before the next cycle reads saturation.
+                        await asyncio.sleep(0)
+                        continue
+                # The ticker runs only while work waits; it is not re-armed per wake-up.
+                if self.queued and self._tick_timer is None:
+                    self._tick_timer = loop.call_later(self._poll, self._tick)
+                waiter = self._waiter = loop.create_future()
+                try:
+                    await waiter
+                finally:
+                    self._waiter = None
+        finally:
+            if self._tick_timer is not None:
+                self._tick_timer.cancel()
+                self._tick_timer = None
+
+    def dispatch_cycle(self) -> int:
+        """One cycle (the dispatcher task runs these; tests may call it directly). Returns dispatches."""
+        t0 = time.perf_counter()
+        now = self._clock()
+        saturation = self._saturation(self._pool(), now)
+        ceilings = self._usage_limit.ceilings(saturation, self._priorities)
+        budget = min(self._credits, self._per_cycle)
+        order = self._order
+        sent = 0
+        gated = False
+        while sent < budget and self.queued:
+            for i, band in enumerate(order):
+                if not band.count:
+                    continue
+                if saturation >= ceilings[i]:
+                    gated = True  # head-of-line: nothing below a blocked band may go
+                    break
+                flow = band.fairness.pick()
+                if flow is None:  # count says otherwise; never expected
+                    log.error("fairness policy found no flow in non-empty band %d", band.priority)
+                    gated = True
+                    break
+                item = band.pop(flow)
+                if item is None:
+                    continue
+                self.queued -= 1
+                self.queued_bytes -= item.size
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "dispatch %s from flow %s/%d: saturation %.3f, credits %d, queued %d",
+                        item.request.request_id if item.request else "?", flow.fairness_id, band.priority,
+                        saturation, self._credits - sent, self.queued,
+                    )  # fmt: skip
+                if self._dispatch(item, now):
+                    sent += 1
+                break
+            else:
+                break  # no band had anything to give (counts out of step: never expected)
+            if gated:
+                break
+        self._credits = 0 if gated or not self.queued else self._credits - sent
+        self.metrics.dispatch_cycle.observe(time.perf_counter() - t0)
+        return sent
+
+    def _dispatch(self, item: QueueItem, now: float) -> bool:
+        item.state = _DONE
+        item.request = None
+        future = item.future
+        if future.done():
+            # Its task was cancelled a moment ago and has not run its handler yet.
+            self._record(item.flow, Outcome.EVICTED_CONTEXT_CANCELLED, now - item.enqueued_at)
+            return False
+        future.set_result(_DISPATCHED)
+        self._record(item.flow, _DISPATCHED, now - item.enqueued_at)
+        return True
+
+    # -- expiry ----------------------------------------------------------------------------------
+    def _arm_expiry(self) -> None:
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        expiry = self._expiry
+        while expiry and expiry[0].state is not _QUEUED:
+            expiry.popleft()
+        if not expiry or self._closed:
+            return
+        ttl = self._no_endpoint_ttl if not self._pool() else self._default_ttl
+        if ttl <= 0:
+            return  # this regime has no TTL; re-armed when the pool changes
+        loop = self._loop or asyncio.get_running_loop()
+        delay = expiry[0].enqueued_at + ttl - self._clock()
+        self._expiry_timer = loop.call_later(max(0.0, delay), self._on_expiry_timer)
+
+    def _on_expiry_timer(self) -> None:
+        self._expiry_timer = None
+        self.expire_due()
+
+    def expire_due(self, now: float | None = None) -> int:
+        """Evict every request older than the current regime's TTL; returns how many."""
+        if now is None:
+            now = self._clock()
+        pool = self._pool()
+        ttl = self._no_endpoint_ttl if not pool else self._default_ttl
+        outcome = Outcome.EVICTED_NO_ENDPOINTS if not pool else Outcome.EVICTED_TTL
+        expiry = self._expiry
+        evicted = 0
+        if ttl > 0:
+            limit = now - ttl
+            while expiry:
+                item = expiry[0]
+                if item.state is not _QUEUED:
+                    expiry.popleft()
+                    continue
+                if item.enqueued_at > limit:
+                    break
+                expiry.popleft()
+                self._settle_in_place(item, outcome, now)
+                evicted += 1
+        self._arm_expiry()
+        return evicted
+
+    # -- settling --------------------------------------------------------------------------------
+    def _settle_in_place(self, item: QueueItem, outcome: Outcome, now: float) -> None:
+        """Finalise an item that leaves from the middle of its queue (cancel, expiry)."""
+        item.state = _DONE
+        item.flow.band.discard(item)
+        self.queued -= 1
+        self.queued_bytes -= item.size
+        self._settle(item, outcome, now)
+
+    def _settle(self, item: QueueItem, outcome: Outcome, now: float) -> None:
+        """Outcome metrics and the waiter's answer, for an item already out of the counts."""
+        if item.state is _QUEUED:  # popped by shutdown: counts still include it
+            item.state = _DONE
+            self.queued -= 1
+            self.queued_bytes -= item.size
+        item.request = None
+        self._record(item.flow, outcome, now - item.enqueued_at)
+        if not item.future.done():
+            item.future.set_result(outcome)
+
+    def _record(self, flow: FlowQueue, outcome: Outcome, waited: float) -> None:
+        flow.metrics.wait(outcome).observe(waited)
+        flow.band.metrics.outcome(outcome).inc()
+
+    # -- bands and flows -------------------------------------------------------------------------
+    def _add_band(self, priority: int, cfg: BandConfig, *, dynamic: bool, now: float) -> PriorityBand:
+        band = PriorityBand(
+            priority,
+            max_requests=cfg.max_requests,
+            max_bytes=cfg.max_bytes,
+            ordering=cfg.ordering,
+            fairness=cfg.fairness,
+            dynamic=dynamic,
+            now=now,
+        )
+        band.metrics = self.metrics.band_children(band, self.pool_name)
+        self.bands[priority] = band
+        self._reorder()
+        return band
+
+    def _reorder(self) -> None:
+        self._order = sorted(self.bands.values(), key=lambda b: -b.priority)
+        self._priorities = [b.priority for b in self._order]
+        self._rank = {p: i for i, p in enumerate(self._priorities)}
+
+    def _provision(self, priority: int, now: float) -> PriorityBand:
+        """A band for a priority not listed in priorityBands, from the matching template."""
+        template = self.config.default_band
+        if priority < 0 and self.config.default_negative_band is not None:
+            template = self.config.default_negative_band
+        log.info("provisioning priority band %d from the default template", priority)
+        return self._add_band(priority, template, dynamic=True, now=now)
+
+    def _new_flow(self, band: PriorityBand, fairness_id: str, now: float) -> FlowQueue:
+        flow = band.flow(fairness_id, now)
+        flow.metrics = self.metrics.flow_children(flow, self.pool_name)
+        return flow
+
+    def collect_garbage(self) -> None:
+        """Drop flows idle for flowGCTimeout and template bands idle for bandGCTimeout."""
+        now = self._clock()
+        cfg = self.config
+        removed = False
+        for band in list(self._order):
+            band.collect_idle_flows(now - cfg.flow_gc_timeout)
+            if band.flows or band.count:
+                band.idle_since = now
+            elif band.dynamic and band.idle_since <= now - cfg.band_gc_timeout:
+                del self.bands[band.priority]
+                removed = True
+        if removed:
+            self._reorder()
+        if not self._closed and self._loop is not None:
+            self._gc_timer = self._loop.call_later(cfg.flow_gc_timeout, self.collect_garbage)
+
+    # -- introspection (tests, /debug) -----------------------------------------------------------
+    def queue_lengths(self) -> dict[tuple[str, int], int]:
+        """(fairness id, priority) → waiting requests, for non-empty flows."""
+        return {(f.fairness_id, b.priority): f.count for b in self._order for f in b.flows.values() if f.count}

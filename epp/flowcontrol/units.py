@@ -1,0 +1,60 @@
+"""Durations and byte sizes as the reference's YAML spells them.
+
+Durations follow Go's `time.ParseDuration` ("60s", "200ms", "1m30s", "0"); a bare YAML
+number is seconds. Sizes follow Kubernetes quantities ("1G" = 10⁹, "1Gi" = 2³⁰, "500M",
+"64Ki"), with an optional trailing "B" ("1GB", "1GiB"), or a plain integer of bytes.
+Both raise ValueError with a message meant to follow a field path.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION_UNITS = {
+    "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0,
+}  # fmt: skip
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|Pi|Ei|k|K|M|G|T|P|E)?B?$")
+_SIZE_UNITS = {
+    "": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}  # fmt: skip
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Seconds from a Go duration string or a number of seconds; never negative."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like '60s' or '200ms', got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = value.strip()
+        if text in ("0", "0.0", ""):
+            return 0.0
+        seconds = 0.0
+        pos = 0
+        for m in _DURATION_PART.finditer(text):
+            if m.start() != pos:
+                break
+            seconds += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+            pos = m.end()
+        if pos != len(text) or pos == 0:
+            raise ValueError(f"invalid duration {value!r} (examples: 60s, 200ms, 1m30s)")
+    if seconds < 0 or not math.isfinite(seconds):
+        raise ValueError(f"duration must be a finite value >= 0, got {value!r}")
+    return seconds
+
+
+def parse_bytes(value: str | int) -> int:
+    """Bytes from a Kubernetes quantity ("1Gi", "500M"), "1GB"/"1GiB", or an integer."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a byte size like '1Gi' or '500M', got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"byte size must be >= 0, got {value}")
+        return value
+    m = _SIZE.match(value.strip())
+    if not m:
+        raise ValueError(f"invalid byte size {value!r} (examples: 1Gi, 500M, 1048576)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2) or ""])

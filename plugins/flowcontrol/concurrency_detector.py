@@ -1,0 +1,94 @@
+"""`concurrency-detector`: pool saturation from the router's own in-flight counts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from llmepp.datalayer.endpoint import Endpoint
+from llmepp.flowcontrol.interfaces import SaturationDetector
+from llmepp.framework.plugin import PluginParams
+from llmepp.framework.scheduling import Filter
+from llmepp.request.types import InferenceRequest
+
+
+class ConcurrencyDetectorParams(PluginParams):
+    concurrency_mode: Literal["requests", "tokens", "hybrid"] = "requests"
+    max_concurrency: int = 100
+    max_token_concurrency: int = 1_000_000
+    headroom: float = 0.0
+    # Accepted for config compatibility; this build reads the director's `endpoint.inflight`.
+    in_flight_load_producer_name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.max_concurrency <= 0:
+            raise ValueError(f"maxConcurrency must be > 0, got {self.max_concurrency}")
+        if self.max_token_concurrency <= 0:
+            raise ValueError(f"maxTokenConcurrency must be > 0, got {self.max_token_concurrency}")
+        if self.headroom < 0:
+            raise ValueError(f"headroom must be >= 0, got {self.headroom}")
+
+
+class ConcurrencyDetector(SaturationDetector, Filter):
+    """Saturation from requests / prompt tokens this EPP has in flight on each endpoint.
+
+    Uses `endpoint.inflight` (requests, tokens), kept by the director: it needs no scraping,
+    so it reacts within one request, and it never goes stale.
+
+        requests: saturation = Σ inflight.requests / (N · maxConcurrency)
+        tokens:   saturation = Σ inflight.tokens   / (N · maxTokenConcurrency)
+        hybrid:   saturation = mean over endpoints of
+                               max(requests/maxConcurrency, tokens/maxTokenConcurrency)
+        empty pool → 1.0
+
+    As a scheduling filter it keeps endpoints still under capacity·(1+headroom) (requests
+    < maxConcurrency·(1+headroom) and/or tokens < maxTokenConcurrency·(1+headroom) per mode),
+    failing open when none qualify.
+
+    Parameters: `concurrencyMode` (requests | tokens | hybrid, default requests),
+    `maxConcurrency` (100), `maxTokenConcurrency` (1000000), `headroom` (0, filter only),
+    `inFlightLoadProducerName` (accepted, unused: counts come from the director).
+    """
+
+    type = "concurrency-detector"
+    Params = ConcurrencyDetectorParams
+    # Reads in-flight counts: never cached, re-read after every dispatch.
+    counts_inflight = True
+
+    def __init__(self, name: str, params: ConcurrencyDetectorParams | None = None) -> None:
+        super().__init__(name, params)
+        p: ConcurrencyDetectorParams = self.params
+        self.mode = p.concurrency_mode
+        self.max_requests = p.max_concurrency
+        self.max_tokens = p.max_token_concurrency
+        self.headroom = p.headroom
+        self.stale_endpoints = 0
+
+    def saturation(self, endpoints: Sequence[Endpoint], now: float) -> float:
+        n = len(endpoints)
+        if n == 0:
+            return 1.0
+        if self.mode == "requests":
+            return sum(ep.inflight.requests for ep in endpoints) / (n * self.max_requests)
+        if self.mode == "tokens":
+            return sum(ep.inflight.tokens for ep in endpoints) / (n * self.max_tokens)
+        inv_r = 1.0 / self.max_requests
+        inv_t = 1.0 / self.max_tokens
+        total = 0.0
+        for ep in endpoints:
+            r = ep.inflight.requests * inv_r
+            t = ep.inflight.tokens * inv_t
+            total += r if r > t else t
+        return total / n
+
+    def filter(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]:
+        scale = 1.0 + self.headroom
+        cap_r = self.max_requests * scale
+        cap_t = self.max_tokens * scale
+        if self.mode == "requests":
+            kept = [ep for ep in endpoints if ep.inflight.requests < cap_r]
+        elif self.mode == "tokens":
+            kept = [ep for ep in endpoints if ep.inflight.tokens < cap_t]
+        else:
+            kept = [ep for ep in endpoints if ep.inflight.requests < cap_r and ep.inflight.tokens < cap_t]
+        return kept if kept else endpoints

@@ -1,0 +1,38 @@
+"""Ordering policies: which request inside a flow is dispatched first."""
+
+from __future__ import annotations
+
+from llmepp.flowcontrol.interfaces import OrderingPolicy
+from llmepp.flowcontrol.types import QueueItem
+
+
+class FcfsOrderingPolicy(OrderingPolicy):
+    """First come, first served (the default).
+
+    key(item) = enqueue time; ties (same clock tick) by arrival sequence.
+    Parameters: none.
+    """
+
+    type = "fcfs-ordering-policy"
+
+    def sort_key(self, item: QueueItem) -> float:
+        return item.enqueued_at
+
+
+class EdfOrderingPolicy(OrderingPolicy):
+    """Earliest deadline first: the request closest to expiring goes first.
+
+    key(item) = enqueue time + the effective TTL in force when it was enqueued; with no TTL
+    (defaultRequestTTL 0s) the deadline is +inf (far future), so such requests fall back to
+    FCFS among themselves (ties by arrival sequence) and go after every request that has a
+    deadline. Parameters: none.
+
+    With one TTL for everything this orders like FCFS; it differs when TTLs differ, e.g. a
+    request enqueued while the pool was empty (noEndpointRequestTTL) next to one enqueued
+    under defaultRequestTTL.
+    """
+
+    type = "edf-ordering-policy"
+
+    def sort_key(self, item: QueueItem) -> float:
+        return item.deadline

@@ -1,0 +1,259 @@
+"""flowControl / saturationDetector config → admission controller, through the real loader."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmepp.config.loader import build, load_config
+from llmepp.config.schema import DEFAULT_CONFIG
+from llmepp.datalayer.datastore import Datastore
+from llmepp.flowcontrol.controller import FlowController
+from llmepp.flowcontrol.hooks import AdmissionHooks
+from llmepp.flowcontrol.legacy import LegacyAdmission
+from llmepp.flowcontrol.units import parse_bytes, parse_duration
+from llmepp.framework.plugin import ConfigError
+from llmepp.plugins.flowcontrol.concurrency_detector import ConcurrencyDetector
+from llmepp.plugins.flowcontrol.fairness import GlobalStrictFairnessPolicy, RoundRobinFairnessPolicy
+from llmepp.plugins.flowcontrol.ordering import EdfOrderingPolicy, FcfsOrderingPolicy
+from llmepp.plugins.flowcontrol.usage_limit import StaticUsageLimitPolicy
+from llmepp.plugins.flowcontrol.utilization_detector import UtilizationDetector
+from llmepp.settings import Settings
+
+ISSUE_EXAMPLE = """
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+featureGates: ["flowControl"]
+saturationDetector:
+  queueDepthThreshold: 5
+  kvCacheUtilThreshold: 0.8
+  metricsStalenessThreshold: 200ms
+plugins:
+- type: fcfs-ordering-policy
+- type: round-robin-fairness-policy
+flowControl:
+  priorityBands:
+  - priority: 1
+    orderingPolicyRef: fcfs-ordering-policy
+    fairnessPolicyRef: round-robin-fairness-policy
+"""
+
+HEAD = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+"""
+
+
+def built(text: str, **kw: object):  # type: ignore[no-untyped-def]
+    return build(load_config(text), **kw)  # type: ignore[arg-type]
+
+
+def controller_of(text: str) -> FlowController:
+    admission = built(text).pipeline.admission
+    assert isinstance(admission, FlowController)
+    return admission
+
+
+def test_the_issue_example_loads_unchanged() -> None:
+    c = built(ISSUE_EXAMPLE)
+    fc = c.pipeline.admission
+    assert isinstance(fc, FlowController)
+    band = fc.config.bands[1]
+    assert isinstance(band.ordering, FcfsOrderingPolicy) and band.ordering is c.plugins["fcfs-ordering-policy"]
+    assert isinstance(band.fairness, RoundRobinFairnessPolicy)
+    assert (band.max_requests, band.max_bytes) == (5000, 1_000_000_000)
+    assert fc.bands[1].ordering is band.ordering
+    # Defaults injected for everything not configured.
+    assert isinstance(fc.config.default_band.fairness, GlobalStrictFairnessPolicy)
+    assert isinstance(fc.config.usage_limit, StaticUsageLimitPolicy) and fc.config.usage_limit.threshold == 1.0
+    assert (fc.config.default_ttl, fc.config.no_endpoint_ttl, fc.max_requests, fc.max_bytes) == (60.0, 60.0, 0, 0)
+    # The deprecated inline saturationDetector configures the utilization detector.
+    det = fc.detector
+    assert isinstance(det, UtilizationDetector) and c.plugins["utilization-detector"] is det
+    assert (det.queue_depth_threshold, det.kv_cache_util_threshold, det.staleness) == (5, 0.8, 0.2)
+    # The completion hook is wired: a finished request frees capacity for the dispatcher.
+    hooks = c.plugins["flow-control"]
+    assert isinstance(hooks, AdmissionHooks) and hooks in c.pipeline.response_complete
+
+
+def test_without_the_gate_admission_is_legacy_with_the_default_detector() -> None:
+    c = built(DEFAULT_CONFIG)
+    assert isinstance(c.pipeline.admission, LegacyAdmission)
+    assert isinstance(c.pipeline.admission.detector, UtilizationDetector)
+    assert not any(isinstance(p, AdmissionHooks) for p in c.pipeline.response_complete)
+
+
+def test_gate_can_be_switched_off_explicitly() -> None:
+    assert isinstance(built(ISSUE_EXAMPLE.replace('["flowControl"]', '["flowControl=false"]')).pipeline.admission,
+                      LegacyAdmission)  # fmt: skip
+
+
+def test_deprecated_saturation_detector_plugin_ref_shape() -> None:
+    text = (
+        HEAD
+        + """
+plugins:
+- type: concurrency-detector
+  name: conc
+  parameters: {maxConcurrency: 8}
+saturationDetector: {pluginRef: conc}
+"""
+    )
+    c = built(text)
+    assert isinstance(c.pipeline.admission, LegacyAdmission)
+    assert c.pipeline.admission.detector is c.plugins["conc"]
+    fc = controller_of(text.replace("plugins:", "featureGates: [flowControl]\nplugins:"))
+    assert isinstance(fc.detector, ConcurrencyDetector) and fc.detector.max_requests == 8
+
+
+def test_flow_control_saturation_detector_is_the_current_location() -> None:
+    fc = controller_of(
+        HEAD
+        + """
+featureGates: [flowControl]
+plugins:
+- type: concurrency-detector
+  parameters: {concurrencyMode: hybrid}
+flowControl:
+  saturationDetector: {pluginRef: concurrency-detector}
+"""
+    )
+    assert isinstance(fc.detector, ConcurrencyDetector) and fc.detector.mode == "hybrid"
+
+
+def test_full_flow_control_block() -> None:
+    fc = controller_of(
+        HEAD
+        + """
+featureGates: [flowControl]
+plugins:
+- type: edf-ordering-policy
+- type: round-robin-fairness-policy
+  name: rr
+- type: static-usage-limit-policy
+  name: limit
+  parameters: {threshold: 0.9}
+flowControl:
+  maxBytes: 2Gi
+  maxRequests: 10000
+  defaultRequestTTL: 30s
+  noEndpointRequestTTL: 1m30s
+  defaultPriorityBand: {maxRequests: 100, maxBytes: 500M, fairnessPolicyRef: rr}
+  defaultNegativePriorityBand: {maxRequests: 10}
+  priorityBands:
+  - {priority: 10, maxRequests: 50, orderingPolicyRef: edf-ordering-policy}
+  - {priority: -1, maxBytes: 1048576}
+  usageLimitPolicyPluginRef: limit
+  enableEviction: false
+"""
+    )
+    assert (fc.max_bytes, fc.max_requests) == (2 * 2**30, 10000)
+    assert (fc.config.default_ttl, fc.config.no_endpoint_ttl) == (30.0, 90.0)
+    assert (fc.config.default_band.max_requests, fc.config.default_band.max_bytes) == (100, 500_000_000)
+    hi, neg = fc.config.bands[10], fc.config.bands[-1]
+    assert isinstance(hi.ordering, EdfOrderingPolicy) and isinstance(hi.fairness, RoundRobinFairnessPolicy)
+    assert (hi.max_requests, hi.max_bytes) == (50, 500_000_000)  # unset fields follow the default band
+    assert (neg.max_requests, neg.max_bytes) == (10, 1_048_576)  # negative bands follow the negative template
+    assert fc.config.default_negative_band is not None and fc.config.default_negative_band.max_requests == 10
+    assert fc.config.usage_limit.threshold == 0.9  # type: ignore[attr-defined]
+
+
+def test_no_endpoint_ttl_follows_default_ttl_and_zero_disables() -> None:
+    fc = controller_of(HEAD + "featureGates: [flowControl]\nflowControl: {defaultRequestTTL: 0s}\n")
+    assert (fc.config.default_ttl, fc.config.no_endpoint_ttl) == (0.0, 0.0)
+
+
+FC = "flowControl:\n"
+CONFIG_ERRORS = [
+    (
+        FC + "  priorityBands:\n  - {priority: 1}\n  - {priority: 2, fairnessPolicyRef: x}\n",
+        "flowControl.priorityBands[1].fairnessPolicyRef: no plugin named 'x'",
+    ),
+    (
+        "plugins: [{type: queue-scorer}]\n"
+        + FC
+        + "  priorityBands: [{priority: 1, orderingPolicyRef: queue-scorer}]\n",
+        "flowControl.priorityBands[0].orderingPolicyRef: plugin 'queue-scorer' (type queue-scorer) is not an "
+        "ordering policy",
+    ),
+    (FC + "  priorityBands: [{priority: 1}, {priority: 1}]\n", "flowControl.priorityBands[1].priority: duplicate"),
+    (FC + "  priorityBands: [{maxRequests: 1}]\n", "flowControl.priorityBands[0]: Object missing required field"),
+    (FC + "  priorityBands: [{priority: high}]\n", "flowControl.priorityBands[0].priority: Expected `int`, got `str`"),
+    ("flowControl: {maxBytes: 1Qi}\n", "flowControl.maxBytes: invalid byte size '1Qi'"),
+    ("flowControl: {defaultPriorityBand: {maxBytes: x}}\n", "flowControl.defaultPriorityBand.maxBytes: invalid"),
+    ("flowControl: {defaultRequestTTL: soon}\n", "flowControl.defaultRequestTTL: invalid duration 'soon'"),
+    ("flowControl: {noEndpointRequestTTL: -5s}\n", "flowControl.noEndpointRequestTTL: invalid duration"),
+    ("flowControl: {maxRequests: -1}\n", "flowControl.maxRequests: must be >= 0"),
+    ("flowControl: {enableEviction: true}\n", "flowControl.enableEviction: in-flight eviction is not supported"),
+    ("flowControl: {usageLimitPolicyPluginRef: nah}\n", "flowControl.usageLimitPolicyPluginRef: no plugin named 'nah'"),
+    ("flowControl: {saturationDetector: {pluginRef: nah}}\n", "flowControl.saturationDetector.pluginRef: no plugin"),
+    ("flowControl: {maxRequestz: 5}\n", "flowControl: Object contains unknown field `maxRequestz`"),
+    ("saturationDetector: {pluginRef: nope}\n", "saturationDetector.pluginRef: no plugin named 'nope'"),
+    (
+        "saturationDetector: {queueDepthThreshold: 0}\n",
+        "saturationDetector (inline utilization-detector): plugin 'utilization-detector' (type utilization-detector): "
+        "parameters: queueDepthThreshold must be > 0",
+    ),
+    ("saturationDetector: {queueDepthTreshold: 5}\n", "unknown field `queueDepthTreshold`"),
+    ("saturationDetector: {pluginRef: a, headroom: 1}\n", "saturationDetector: pluginRef cannot be combined"),
+    (
+        "plugins: [{type: static-usage-limit-policy, parameters: {threshold: 1.5}}]\n",
+        "threshold must be in (0, 1], got 1.5",
+    ),
+]
+
+
+@pytest.mark.parametrize(("block", "expected"), CONFIG_ERRORS)
+def test_config_errors_name_the_field(block: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        built(HEAD + "featureGates: [flowControl]\n" + block)
+    assert expected in str(err.value)
+
+
+def test_objectives_file_setting_is_loaded_and_bad_files_fail_start_up(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "objectives.yaml"
+    path.write_text(
+        "apiVersion: llm-d.ai/v1alpha2\nkind: InferenceObjective\nmetadata: {name: premium}\n"
+        "spec: {priority: 10, poolRef: {name: epp}}\n"
+    )
+    c = built(DEFAULT_CONFIG, settings=Settings(objectives_file=str(path)))
+    assert c.pipeline.admission.objectives.priority("premium") == 10
+    path.write_text("apiVersion: llm-d.ai/v1alpha2\nkind: InferenceObjective\nmetadata: {}\n")
+    with pytest.raises(ConfigError, match=r"document 0: metadata.name"):
+        built(DEFAULT_CONFIG, settings=Settings(objectives_file=str(path)))
+    with pytest.raises(ConfigError, match="cannot read"):
+        built(DEFAULT_CONFIG, settings=Settings(objectives_file=str(tmp_path / "missing.yaml")))
+
+
+def test_flow_controller_follows_datastore_changes() -> None:
+    ds = Datastore(pool_name="my-pool")
+    fc = built(ISSUE_EXAMPLE, datastore=ds).pipeline.admission
+    assert isinstance(fc, FlowController) and fc.pool_name == "my-pool"
+    assert fc._pool() == ()
+    from helpers import endpoint
+
+    ds.upsert(endpoint(3).spec)
+    assert [ep.name for ep in fc._pool()] == ["pod-3"]
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("60s", 60.0), ("200ms", 0.2), ("1m30s", 90.0), ("1h", 3600.0), ("0", 0.0), ("0s", 0.0), ("1.5s", 1.5),
+     ("500us", 0.0005), (2, 2.0), (0.25, 0.25)],
+)  # fmt: skip
+def test_durations(text: str | float, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("1Gi", 2**30), ("1G", 10**9), ("500M", 500 * 10**6), ("64Ki", 65536), ("1k", 1000), ("1GB", 10**9),
+     ("1GiB", 2**30), ("1048576", 1048576), (123, 123), ("1.5Gi", int(1.5 * 2**30))],
+)  # fmt: skip
+def test_byte_sizes(text: str | int, size: int) -> None:
+    assert parse_bytes(text) == size
+
+
+@pytest.mark.parametrize("bad", ["", "1 parsec", "-5", "1iB", "G"])
+def test_bad_byte_sizes(bad: str) -> None:
+    with pytest.raises(ValueError):
+        parse_bytes(bad)

@@ -1,0 +1,83 @@
+"""Flow control inside the real director: queueing, the completion hook, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from helpers import endpoint, request
+
+from llmepp.config.loader import build, load_config
+from llmepp.datalayer.datastore import Datastore
+from llmepp.director import Director
+from llmepp.errors import RequestError
+from llmepp.flowcontrol.controller import FlowController
+from llmepp.observability.metrics import EppMetrics
+from llmepp.request.types import ResponseInfo
+
+from .kit import until
+
+CONFIG = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [flowControl]
+plugins:
+- type: queue-scorer
+- type: concurrency-detector
+  parameters: {maxConcurrency: 1}
+- type: round-robin-fairness-policy
+flowControl:
+  defaultPriorityBand: {fairnessPolicyRef: round-robin-fairness-policy}
+  saturationDetector: {pluginRef: concurrency-detector}
+"""
+
+
+def director() -> tuple[Director, FlowController]:
+    ds = Datastore()
+    ds.upsert(endpoint(0).spec)
+    metrics = EppMetrics()
+    c = build(load_config(CONFIG), datastore=ds, metrics=metrics)
+    fc = c.pipeline.admission
+    assert isinstance(fc, FlowController)
+    # Only completions (no poll ticks) may release queued work in these tests.
+    fc._poll = 10.0
+    return Director(ds, c.pipeline, metrics), fc
+
+
+async def test_completion_of_a_routed_request_dispatches_the_next() -> None:
+    d, fc = director()
+    first = request(fairness_id="a")
+    decision = await d.handle_request(first, None)  # idle pool: straight through
+    assert decision.targets[0].inflight.requests == 1
+    second = asyncio.create_task(d.handle_request(request(fairness_id="b"), None))
+    await until(lambda: fc.queued == 1)
+    await asyncio.sleep(0.01)
+    assert not second.done()  # the only slot is taken
+    d.response_complete(first, ResponseInfo(status=200), decision)  # director → hook → dispatcher
+    decision2 = await asyncio.wait_for(second, 1.0)
+    assert decision2.targets[0].inflight.requests == 1 and fc.queued == 0
+    await fc.aclose()
+
+
+async def test_client_disconnect_while_queued_frees_the_slot() -> None:
+    d, fc = director()
+    await d.handle_request(request(), None)
+    waiting = asyncio.create_task(d.handle_request(request(body=b"x" * 500), None))
+    await until(lambda: fc.queued == 1)
+    assert fc.queued_bytes == 500
+    waiting.cancel()  # what the ext_proc stream does when Envoy resets it
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert (fc.queued, fc.queued_bytes) == (0, 0)
+    await fc.aclose()
+
+
+async def test_shutdown_answers_queued_requests_with_503() -> None:
+    d, fc = director()
+    await d.handle_request(request(), None)
+    waiting = asyncio.create_task(d.handle_request(request(), None))
+    await until(lambda: fc.queued == 1)
+    await fc.aclose()
+    with pytest.raises(RequestError) as err:
+        await waiting
+    assert (err.value.status, err.value.reason) == (503, "rejected-shutting-down")
