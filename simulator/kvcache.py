@@ -1,0 +1,156 @@
+"""The simulated GPU KV cache: a fixed pool of blocks with vLLM-style automatic prefix caching.
+
+Mirrors vLLM v1's ``BlockPool`` semantics:
+
+* A block is *in use* while at least one running request references it (reference counted).
+* When its last user finishes, a block joins the free queue but keeps its hash: it stays *cached* and can
+  be reused by a later request with the same prefix until the allocator evicts it.
+* The free queue is LRU: allocation takes the least recently freed block first. Requests free their blocks
+  tail-first, so a sequence's last blocks are evicted before its first ones (prefixes survive longest).
+* Only full blocks are hashed/cached; each stored run emits ``BlockStored``, each eviction ``BlockRemoved``.
+* ``usage`` counts in-use blocks only (cached-but-free blocks are free), exactly like
+  ``vllm:kv_cache_usage_perc``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+from llmepp_sim.kvwire import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+
+EventSink = Callable[[list[KVEvent]], None]
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, block_size: int, sink: EventSink | None = None) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._sink = sink
+        self._ref = [0] * num_blocks
+        self._hash: list[int | None] = [None] * num_blocks
+        self._by_hash: dict[int, int] = {}
+        # Insertion order = eviction order (oldest first); holds exactly the blocks with ref 0.
+        self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+
+    # --- queries
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._by_hash)
+
+    def usage(self) -> float:
+        return 1.0 - len(self._free) / self.num_blocks
+
+    def is_cached(self, block_hash: int) -> bool:
+        return block_hash in self._by_hash
+
+    def cached_prefix(self, hashes: Sequence[int]) -> list[int]:
+        """Block ids of the longest run of resident blocks from the start of ``hashes``."""
+        blocks = []
+        for h in hashes:
+            block = self._by_hash.get(h)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def can_allocate(self, num_new: int, hit_blocks: Sequence[int]) -> bool:
+        # Reusing a cached-but-free block takes it out of the free queue, so it counts against capacity.
+        evictable_hits = sum(1 for b in hit_blocks if self._ref[b] == 0)
+        return num_new + evictable_hits <= len(self._free)
+
+    # --- mutations
+    def touch(self, blocks: Sequence[int]) -> None:
+        for b in blocks:
+            if self._ref[b] == 0:
+                del self._free[b]
+            self._ref[b] += 1
+
+    def allocate(self, count: int) -> list[int]:
+        if count > len(self._free):
+            raise RuntimeError(f"KV cache exhausted: need {count} blocks, {len(self._free)} free")
+        blocks: list[int] = []
+        evicted: list[int] = []
+        for _ in range(count):
+            b, _ = self._free.popitem(last=False)
+            h = self._hash[b]
+            if h is not None:
+                self._hash[b] = None
+                if self._by_hash.get(h) == b:
+                    del self._by_hash[h]
+                    evicted.append(h)
+            self._ref[b] = 1
+            blocks.append(b)
+        if evicted:
+            self._emit([BlockRemoved(evicted)])
+        return blocks
+
+    def free(self, blocks: Sequence[int]) -> None:
+        """Release one reference to each block; release tail-first so prefixes are evicted last."""
+        for b in reversed(blocks):
+            self._ref[b] -= 1
+            if self._ref[b] == 0:
+                self._free[b] = None
+
+    def store(
+        self,
+        blocks: Sequence[int],
+        hashes: Sequence[int],
+        parent_hash: int | None,
+        token_ids: Sequence[int],
+        lora_id: int | None = None,
+        lora_name: str | None = None,
+    ) -> None:
+        """Register freshly computed full blocks in the prefix cache and publish them.
+
+        ``token_ids`` are the tokens of exactly these blocks. A hash that is already cached (another
+        request computed the same prefix concurrently) keeps its first block, as in vLLM, and is left out
+        of the event; each contiguous run of new blocks becomes one ``BlockStored``.
+        """
+        bs = self.block_size
+        events: list[KVEvent] = []
+        run_start: int | None = None
+
+        def close_run(end: int) -> None:
+            if run_start is None:
+                return
+            parent = parent_hash if run_start == 0 else hashes[run_start - 1]
+            events.append(
+                BlockStored(
+                    block_hashes=list(hashes[run_start:end]),
+                    parent_block_hash=parent,
+                    token_ids=list(token_ids[run_start * bs : end * bs]),
+                    block_size=bs,
+                    lora_id=lora_id,
+                    lora_name=lora_name,
+                )
+            )
+
+        for i, (b, h) in enumerate(zip(blocks, hashes)):
+            if h in self._by_hash:
+                close_run(i)
+                run_start = None
+                continue
+            self._hash[b] = h
+            self._by_hash[h] = b
+            if run_start is None:
+                run_start = i
+        close_run(len(blocks))
+        self._emit(events)
+
+    def clear_cached(self) -> bool:
+        """Drop every cached-but-free block's hash (vLLM's reset_prefix_cache); refused while in use."""
+        if len(self._free) != self.num_blocks:
+            return False
+        self._by_hash.clear()
+        self._hash = [None] * self.num_blocks
+        self._emit([AllBlocksCleared()])
+        return True
+
+    def _emit(self, events: list[KVEvent]) -> None:
+        if events and self._sink is not None:
+            self._sink(events)

@@ -1,0 +1,229 @@
+"""OpenAI-compatible request parsing/validation and response rendering (vLLM's field set and framing).
+
+Deliberate simplifications, all answered with a vLLM-style 400 rather than silently ignored:
+``n`` must be 1, batched prompts (more than one prompt in a list) are refused. Sampling parameters
+(temperature, top_p, stop, ...) are accepted and ignored: output is the deterministic filler of
+``llmepp_sim.textgen``.
+
+``max_tokens`` (or chat's ``max_completion_tokens``) defaults to ``min(16, max_model_len - prompt_tokens)``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from llmepp_sim.errors import bad_request
+from llmepp_sim.tokenizer import render_chat
+
+DEFAULT_MAX_TOKENS = 16
+_json_encode = msgspec.json.Encoder().encode
+_json_decode = msgspec.json.Decoder().decode
+
+
+@dataclass
+class InferenceRequest:
+    chat: bool
+    model: str | None
+    prompt: str | list[int]  # text to tokenise (chat already rendered with the template) or token ids
+    max_tokens: int | None
+    stream: bool
+    include_usage: bool
+    kv_transfer_params: dict[str, Any] | None
+
+
+def decode_json_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = _json_decode(raw)
+    except msgspec.DecodeError as exc:
+        raise bad_request(f"Invalid JSON body: {exc}") from exc
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.")
+    return body
+
+
+def _optional(body: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    value = body.get(key)
+    if value is None:
+        return None
+    # bool is an int subclass; a JSON true is not a token count.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise bad_request(f"`{key}` must be {what}, got {value!r}.", param=key)
+    return value
+
+
+def _max_tokens(body: dict[str, Any], chat: bool) -> int | None:
+    value = _optional(body, "max_tokens", int, "an integer")
+    if chat:
+        completion = _optional(body, "max_completion_tokens", int, "an integer")
+        value = completion if completion is not None else value
+    if value is not None and value < 1:
+        key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+        raise bad_request(f"max_tokens must be at least 1, got {value}.", param=key)
+    return int(value) if value is not None else None
+
+
+def _prompt(prompt: Any, vocab_size: int) -> str | list[int]:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        if not prompt:
+            raise bad_request("The prompt cannot be empty.", param="prompt")
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if any(t < 0 or t >= vocab_size for t in prompt):
+            raise bad_request(f"Token id out of vocabulary range [0, {vocab_size}).", param="prompt")
+        return list(prompt)
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str | list) for p in prompt):
+        raise bad_request("Batched prompts are not supported by the simulator; send one prompt.", param="prompt")
+    raise bad_request("`prompt` must be a string, a list of token ids, or a list with one of those.", param="prompt")
+
+
+def _messages_text(messages: Any) -> str:
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("`messages` must be a non-empty list.", param="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise bad_request(f"messages[{i}] must be an object with a string `role`.", param="messages")
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise bad_request(f"messages[{i}].content must be a string or a list of parts.", param="messages")
+    return render_chat(messages)
+
+
+def parse_inference_request(body: dict[str, Any], chat: bool, vocab_size: int) -> InferenceRequest:
+    """Validate a completions/chat body; tokenisation is left to the caller (it may be slow)."""
+    model = _optional(body, "model", str, "a string")
+    stream = bool(_optional(body, "stream", bool, "a boolean") or False)
+    options = _optional(body, "stream_options", dict, "an object")
+    if options is not None and not stream:
+        raise bad_request("Stream options can only be defined when `stream=True`.", param="stream_options")
+    include_usage = bool(options and options.get("include_usage"))
+    n = _optional(body, "n", int, "an integer")
+    if n is not None and n != 1:
+        raise bad_request("The simulator only supports n=1.", param="n")
+    _optional(body, "ignore_eos", bool, "a boolean")  # accepted; output always runs to max_tokens
+    kv_params = _optional(body, "kv_transfer_params", dict, "an object")
+    max_tokens = _max_tokens(body, chat)
+    prompt: str | list[int]
+    if chat:
+        prompt = _messages_text(body.get("messages"))
+    else:
+        if "prompt" not in body:
+            raise bad_request("`prompt` is required.", param="prompt")
+        prompt = _prompt(body["prompt"], vocab_size)
+    return InferenceRequest(chat, model, prompt, max_tokens, stream, include_usage, kv_params)
+
+
+# ---------------------------------------------------------------------------- responses
+def new_request_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def full_response(
+    chat: bool,
+    request_id: str,
+    model: str,
+    text: str,
+    finish_reason: str,
+    usage_body: dict[str, Any],
+    kv_transfer_params: dict[str, Any] | None,
+) -> bytes:
+    if chat:
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "tool_calls": []},
+            "logprobs": None,
+            "finish_reason": finish_reason,
+            "stop_reason": None,
+        }
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason, "stop_reason": None}
+    body = {
+        "id": request_id,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage_body,
+        "kv_transfer_params": kv_transfer_params,
+    }
+    return bytes(_json_encode(body))
+
+
+class StreamRenderer:
+    """SSE framing of one streamed response, vLLM-style.
+
+    Chat streams open with a role chunk (``delta: {"role": "assistant", "content": ""}``); every token is
+    one chunk; the last token's chunk carries ``finish_reason``; with ``include_usage`` a final chunk with
+    ``choices: []`` and ``usage`` follows; the stream ends with ``data: [DONE]``. The JSON around the token
+    text is pre-rendered once per request, so a token costs one small string encode.
+    """
+
+    def __init__(self, chat: bool, request_id: str, model: str) -> None:
+        self.chat = chat
+        self._head = {
+            "id": request_id,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+        }
+        prefix = _json_encode(self._head)[:-1]  # drop the closing brace
+        if chat:
+            self._before = b"data: " + prefix + b',"choices":[{"index":0,"delta":{"content":'
+            self._after_open = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+        else:
+            self._before = b"data: " + prefix + b',"choices":[{"index":0,"text":'
+            self._after_open = b',"logprobs":null,"finish_reason":null,"stop_reason":null}]}\n\n'
+
+    def role_chunk(self) -> bytes:
+        chunk = {
+            **self._head,
+            "choices": [
+                {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            ],
+        }
+        return b"data: " + _json_encode(chunk) + b"\n\n"
+
+    def token_chunk(self, text: str) -> bytes:
+        return self._before + _json_encode(text) + self._after_open
+
+    def final_token_chunk(self, text: str, finish_reason: str, kv_transfer_params: dict[str, Any] | None) -> bytes:
+        if self.chat:
+            choice: dict[str, Any] = {
+                "index": 0,
+                "delta": {"content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+                "stop_reason": None,
+            }
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason, "stop_reason": None}
+        chunk: dict[str, Any] = {**self._head, "choices": [choice]}
+        if kv_transfer_params is not None:
+            chunk["kv_transfer_params"] = kv_transfer_params
+        return b"data: " + _json_encode(chunk) + b"\n\n"
+
+    def usage_chunk(self, usage_body: dict[str, Any]) -> bytes:
+        return b"data: " + _json_encode({**self._head, "choices": [], "usage": usage_body}) + b"\n\n"
+
+    @staticmethod
+    def done() -> bytes:
+        return b"data: [DONE]\n\n"
+
+
+def encode_json(value: Any) -> bytes:
+    return bytes(_json_encode(value))

@@ -1,0 +1,362 @@
+"""The HTTP face of one simulated pod: vLLM's OpenAI server routes on an aiohttp application.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``,
+``GET /metrics``, ``POST /tokenize``, ``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter``,
+``POST /reset_prefix_cache``, and the simulator's admin API: ``GET|POST /admin/config`` (runtime knobs, see
+``config.RUNTIME_FIELDS``) and ``POST /admin/kill`` (``{"duration": seconds}``; omitted/null = stay down
+until ``SimPod.revive()``).
+
+Every response carries ``x-inference-pod: <pod name>`` and ``x-inference-port: <port>``.
+
+P/D roles: a ``prefill`` pod refuses ``do_remote_prefill`` requests and a ``decode`` pod refuses
+``do_remote_decode`` requests (400); plain requests are served by every role, as a vLLM with a KV
+connector in producer/consumer mode still serves them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from llmepp_sim.config import pod_config_to_dict
+from llmepp_sim.engine import RequestKind, RequestTooLarge, SimRequest
+from llmepp_sim.errors import ApiError, bad_request, context_length_exceeded, model_not_found
+from llmepp_sim.faults import FORCE_ERROR_HEADER
+from llmepp_sim.lora import LoraAdapter
+from llmepp_sim.protocol import (
+    DEFAULT_MAX_TOKENS,
+    InferenceRequest,
+    StreamRenderer,
+    decode_json_body,
+    encode_json,
+    full_response,
+    new_request_id,
+    parse_inference_request,
+    usage,
+)
+from llmepp_sim.textgen import FillerStream
+
+if TYPE_CHECKING:
+    from llmepp_sim.pod import SimPod
+
+POD_KEY: web.AppKey[SimPod] = web.AppKey("pod")
+MAX_BODY_BYTES = 16 * 1024 * 1024
+HANG_POLL_SECONDS = 0.2
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=encode_json(body), status=status, content_type="application/json")
+
+
+def error_response(error: ApiError) -> web.Response:
+    return json_response(error.body(), status=error.status)
+
+
+def build_app(pod: SimPod) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_errors_middleware])
+    app[POD_KEY] = pod
+    app.on_response_prepare.append(_identity_headers)
+    app.router.add_post("/v1/completions", _completions)
+    app.router.add_post("/v1/chat/completions", _chat_completions)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_post("/tokenize", _tokenize)
+    app.router.add_post("/v1/load_lora_adapter", _load_lora)
+    app.router.add_post("/v1/unload_lora_adapter", _unload_lora)
+    app.router.add_post("/reset_prefix_cache", _reset_prefix_cache)
+    app.router.add_get("/admin/config", _get_config)
+    app.router.add_post("/admin/config", _post_config)
+    app.router.add_post("/admin/kill", _kill)
+    return app
+
+
+async def _identity_headers(request: web.Request, response: web.StreamResponse) -> None:
+    pod = request.app[POD_KEY]
+    response.headers["x-inference-pod"] = pod.name
+    response.headers["x-inference-port"] = str(pod.port)
+
+
+@web.middleware
+async def _errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except ApiError as error:
+        return error_response(error)
+
+
+def _require_ready(pod: SimPod) -> None:
+    if not pod.ready:
+        raise ApiError(503, "The server is starting up.", err_type="ServiceUnavailableError")
+
+
+# ---------------------------------------------------------------------------- inference
+async def _completions(request: web.Request) -> web.StreamResponse:
+    return await _inference(request, chat=False)
+
+
+async def _chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _inference(request, chat=True)
+
+
+def _resolve_model(pod: SimPod, name: str | None) -> tuple[str, LoraAdapter | None]:
+    if name is None or name in pod.config.base_model_names:
+        return name or pod.config.model_name, None
+    adapter = pod.lora.get(name)
+    if adapter is None:
+        raise model_not_found(name)
+    return name, adapter
+
+
+def _request_kind(pod: SimPod, params: dict[str, Any] | None) -> RequestKind:
+    if not params:
+        return RequestKind.NORMAL
+    if params.get("do_remote_decode"):
+        if pod.config.role == "decode":
+            raise bad_request("This is a decode pod: it cannot serve do_remote_decode (prefill) requests.",
+                              param="kv_transfer_params")  # fmt: skip
+        return RequestKind.PREFILL_ONLY
+    if params.get("do_remote_prefill"):
+        if pod.config.role == "prefill":
+            raise bad_request("This is a prefill pod: it cannot serve do_remote_prefill (decode) requests.",
+                              param="kv_transfer_params")  # fmt: skip
+        return RequestKind.REMOTE_PREFILL
+    return RequestKind.NORMAL
+
+
+def _checked_max_tokens(pod: SimPod, prompt: int, parsed: InferenceRequest) -> int:
+    limit = pod.config.max_model_len
+    if parsed.max_tokens is None:
+        if prompt >= limit:
+            raise context_length_exceeded(limit, prompt, None)
+        return min(DEFAULT_MAX_TOKENS, limit - prompt)
+    if prompt + parsed.max_tokens > limit:
+        raise context_length_exceeded(limit, prompt, parsed.max_tokens)
+    return parsed.max_tokens
+
+
+async def _inference(request: web.Request, chat: bool) -> web.StreamResponse:
+    pod = request.app[POD_KEY]
+    _require_ready(pod)
+    forced = pod.faults.forced(request.headers.get(FORCE_ERROR_HEADER))
+    if forced is not None:
+        raise forced
+    parsed = parse_inference_request(decode_json_body(await request.read()), chat, pod.tokenizer.vocab_size)
+    model, adapter = _resolve_model(pod, parsed.model)
+    injected = pod.faults.maybe_fail(pod.config, model)
+    if injected is not None:
+        raise injected
+    kind = _request_kind(pod, parsed.kv_transfer_params)
+    prompt_ids = await pod.tokenizer.encode_prompt(parsed.prompt)
+    max_tokens = 1 if kind is RequestKind.PREFILL_ONLY else _checked_max_tokens(pod, len(prompt_ids), parsed)
+    if kind is RequestKind.PREFILL_ONLY and len(prompt_ids) + 1 > pod.config.max_model_len:
+        raise context_length_exceeded(pod.config.max_model_len, len(prompt_ids), 1)
+    engine = pod.engine
+    sim_request = SimRequest(
+        request_id=request.headers.get("X-Request-Id") or new_request_id(chat),
+        prompt_ids=prompt_ids,
+        max_tokens=max_tokens,
+        filler=FillerStream(pod.fillers, pod.config.seed, prompt_ids),
+        kind=kind,
+        lora=adapter,
+    )
+    try:
+        engine.submit(sim_request)
+    except RequestTooLarge as exc:
+        raise bad_request(str(exc), param="max_tokens") from exc
+    try:
+        if parsed.stream:
+            return await _stream(request, pod, sim_request, model, parsed)
+        return await _complete(pod, sim_request, model, parsed)
+    finally:
+        engine.abort(sim_request)  # no-op when finished; frees the seat when the client went away
+
+
+def _kv_params_out(pod: SimPod, sim_request: SimRequest) -> dict[str, Any] | None:
+    if sim_request.kind is not RequestKind.PREFILL_ONLY:
+        return None
+    return {
+        "do_remote_prefill": True,
+        "do_remote_decode": False,
+        "remote_engine_id": pod.name,
+        "remote_block_ids": sim_request.remote_block_ids,
+        "remote_host": pod.host,
+        "remote_port": pod.port,
+        "tp_size": 1,
+    }
+
+
+def _usage(sim_request: SimRequest) -> dict[str, Any]:
+    return usage(len(sim_request.prompt_ids), len(sim_request.output_ids), sim_request.num_cached_tokens or 0)
+
+
+def _aborted() -> ApiError:
+    return ApiError(503, "The request was aborted: the engine is shutting down.", err_type="ServiceUnavailableError")
+
+
+async def _complete(pod: SimPod, sim_request: SimRequest, model: str, parsed: InferenceRequest) -> web.Response:
+    await sim_request.wait_finished()
+    if sim_request.finish_reason == "abort":
+        raise _aborted()
+    body = full_response(
+        parsed.chat,
+        sim_request.request_id,
+        model,
+        "".join(sim_request.output_text),
+        sim_request.finish_reason or "length",
+        _usage(sim_request),
+        _kv_params_out(pod, sim_request),
+    )
+    return web.Response(body=body, content_type="application/json")
+
+
+async def _stream(
+    request: web.Request, pod: SimPod, sim_request: SimRequest, model: str, parsed: InferenceRequest
+) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    renderer = StreamRenderer(parsed.chat, sim_request.request_id, model)
+    with contextlib.suppress(ConnectionError):
+        await response.prepare(request)
+        if parsed.chat:
+            await response.write(renderer.role_chunk())
+        sent = 0
+        while True:
+            await sim_request.wait(sent)
+            texts = sim_request.output_text
+            available = len(texts)
+            finished = sim_request.finished
+            if finished and sim_request.finish_reason == "abort":
+                return response  # the pod is going down; the connection is being dropped
+            last = available - 1 if finished else available
+            # Tokens that piled up while the handler was busy go out in one write.
+            parts = [renderer.token_chunk(texts[i]) for i in range(sent, last)]
+            if finished:
+                parts.append(
+                    renderer.final_token_chunk(
+                        texts[last], sim_request.finish_reason or "length", _kv_params_out(pod, sim_request)
+                    )
+                )
+                if parsed.include_usage:
+                    parts.append(renderer.usage_chunk(_usage(sim_request)))
+                parts.append(renderer.done())
+            if parts:
+                await response.write(b"".join(parts))
+            sent = available
+            if finished:
+                await response.write_eof()
+                return response
+    return response
+
+
+# ---------------------------------------------------------------------------- model server endpoints
+async def _models(request: web.Request) -> web.Response:
+    pod = request.app[POD_KEY]
+    cfg = pod.config
+    created = int(pod.started_wall)
+    data = [
+        {"id": name, "object": "model", "created": created, "owned_by": "vllm", "root": cfg.model,
+         "parent": None, "max_model_len": cfg.max_model_len}
+        for name in cfg.base_model_names
+    ]  # fmt: skip
+    data += [
+        {"id": a.name, "object": "model", "created": created, "owned_by": "vllm", "root": a.path,
+         "parent": cfg.model_name, "max_model_len": cfg.max_model_len}
+        for a in pod.lora.adapters()
+    ]  # fmt: skip
+    return json_response({"object": "list", "data": data})
+
+
+async def _health(request: web.Request) -> web.Response:
+    _require_ready(request.app[POD_KEY])
+    return web.Response(status=200)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    pod = request.app[POD_KEY]
+    # A hung endpoint never answers while the fault is on; polling (instead of awaiting forever) lets the
+    # handler end once the client gives up or the fault is switched off, so hung scrapes do not pile up.
+    while pod.config.metrics_hang and pod.alive:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise web.HTTPServiceUnavailable()
+        await asyncio.sleep(HANG_POLL_SECONDS)
+    if pod.config.metrics_delay > 0:
+        await asyncio.sleep(pod.config.metrics_delay)
+    return web.Response(body=pod.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _tokenize(request: web.Request) -> web.Response:
+    pod = request.app[POD_KEY]
+    body = decode_json_body(await request.read())
+    chat = "messages" in body
+    if not chat and "prompt" not in body:
+        raise bad_request("`prompt` or `messages` is required.", param="prompt")
+    parsed = parse_inference_request(
+        {k: v for k, v in body.items() if k in ("model", "prompt", "messages")}, chat, pod.tokenizer.vocab_size
+    )
+    _resolve_model(pod, parsed.model)
+    tokens = await pod.tokenizer.encode_prompt(parsed.prompt)
+    return json_response({"count": len(tokens), "max_model_len": pod.config.max_model_len, "tokens": tokens})
+
+
+async def _lora_body(request: web.Request) -> tuple[str, str]:
+    body = decode_json_body(await request.read())
+    name = body.get("lora_name")
+    if not isinstance(name, str) or not name:
+        raise bad_request("`lora_name` is required.", param="lora_name")
+    path = body.get("lora_path") or ""
+    return name, str(path)
+
+
+async def _load_lora(request: web.Request) -> web.Response:
+    pod = request.app[POD_KEY]
+    name, path = await _lora_body(request)
+    if pod.lora.get(name) is not None:
+        raise bad_request(f"The lora adapter '{name}' has already been loaded.", param="lora_name")
+    pod.lora.register(name, path)
+    return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+
+async def _unload_lora(request: web.Request) -> web.Response:
+    pod = request.app[POD_KEY]
+    name, _ = await _lora_body(request)
+    if not pod.lora.unregister(name):
+        raise ApiError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name")
+    return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+
+
+async def _reset_prefix_cache(request: web.Request) -> web.Response:
+    pod = request.app[POD_KEY]
+    if not pod.engine.reset_prefix_cache():
+        raise ApiError(409, "Cannot reset the prefix cache while requests are running.")
+    return web.Response(status=200)
+
+
+# ---------------------------------------------------------------------------- admin
+async def _get_config(request: web.Request) -> web.Response:
+    return json_response(request.app[POD_KEY].describe())
+
+
+async def _post_config(request: web.Request) -> web.Response:
+    pod = request.app[POD_KEY]
+    patch = decode_json_body(await request.read())
+    try:
+        pod.update_config(patch)
+    except ValueError as exc:
+        raise bad_request(str(exc)) from exc
+    return json_response(pod_config_to_dict(pod.config))
+
+
+async def _kill(request: web.Request) -> web.Response:
+    pod = request.app[POD_KEY]
+    body = decode_json_body(await request.read() or b"{}")
+    duration = body.get("duration")
+    if duration is not None and (not isinstance(duration, int | float) or duration < 0):
+        raise bad_request("`duration` must be a non-negative number of seconds or null.", param="duration")
+    pod.schedule_kill(None if duration is None else float(duration))
+    return json_response({"killed": pod.name, "duration": duration}, status=202)

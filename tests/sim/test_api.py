@@ -1,0 +1,237 @@
+"""The OpenAI-compatible surface: bodies, SSE framing, validation errors, headers, chunked uploads."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+from llmepp_sim.tokenizer import shared_tokenizer
+
+from .simkit import complete, pod, started, words
+
+
+def assert_vllm_error(body: dict[str, object], status: int, err_type: str) -> None:
+    error = body["error"]
+    assert isinstance(error, dict)
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == status
+    assert error["type"] == err_type
+    assert isinstance(error["message"], str) and error["message"]
+
+
+async def test_completion_body_usage_and_identity_headers(http: aiohttp.ClientSession) -> None:
+    cluster = await started([pod(name="alpha")])
+    try:
+        url, port = cluster.urls[0], cluster.pods[0].port
+        result = await complete(http, url, "The model serves requests", 5)
+        assert result.status == 200
+        assert result.headers["x-inference-pod"] == "alpha"
+        assert result.headers["x-inference-port"] == str(port)
+        body = result.body
+        assert body["object"] == "text_completion"
+        assert body["id"].startswith("cmpl-")
+        assert body["choices"][0]["finish_reason"] == "length"
+        prompt_tokens = len(shared_tokenizer().encode("The model serves requests"))
+        assert body["usage"] == {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": 5,
+            "total_tokens": prompt_tokens + 5,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        }
+        # The text is exactly the 5 generated tokens.
+        assert len(shared_tokenizer().encode(body["choices"][0]["text"])) == 5
+        # Identity headers ride on every response, errors and unknown routes included.
+        async with http.get(url + "/nope") as response:
+            assert response.status == 404
+            assert response.headers["x-inference-pod"] == "alpha"
+        async with http.get(url + "/health") as response:
+            assert response.status == 200
+            assert response.headers["x-inference-pod"] == "alpha"
+    finally:
+        await cluster.stop()
+
+
+async def test_max_tokens_variants_and_deterministic_text(http: aiohttp.ClientSession) -> None:
+    cluster = await started([pod(), pod(host="127.0.0.3", seed=0), pod(host="127.0.0.4", seed=7)])
+    try:
+        a, b, c = cluster.urls
+        default = await complete(http, a, "hello", None)
+        assert default.body["usage"]["completion_tokens"] == 16
+        eos = await complete(http, a, "hello", 9, ignore_eos=True)
+        assert eos.body["usage"]["completion_tokens"] == 9
+        chat = await complete(http, a, [{"role": "user", "content": "hi"}], None, chat=True, max_completion_tokens=3)
+        assert chat.body["usage"]["completion_tokens"] == 3
+        assert chat.body["object"] == "chat.completion"
+        assert chat.body["choices"][0]["message"]["role"] == "assistant"
+        # Same seed and prompt: same text on another pod; another seed: other text.
+        same = await complete(http, b, "hello", 9)
+        other = await complete(http, c, "hello", 9)
+        assert same.body["choices"][0]["text"] == eos.body["choices"][0]["text"]
+        assert other.body["choices"][0]["text"] != eos.body["choices"][0]["text"]
+    finally:
+        await cluster.stop()
+
+
+async def test_default_max_tokens_is_capped_by_remaining_context(http: aiohttp.ClientSession) -> None:
+    cluster = await started([pod(max_model_len=64)])
+    try:
+        prompt = [5] * 60
+        result = await complete(http, cluster.urls[0], prompt, None)
+        assert result.status == 200
+        assert result.body["usage"]["prompt_tokens"] == 60
+        assert result.body["usage"]["completion_tokens"] == 4
+    finally:
+        await cluster.stop()
+
+
+async def test_streaming_completion_sse_framing(http: aiohttp.ClientSession) -> None:
+    cluster = await started([pod()])
+    try:
+        result = await complete(http, cluster.urls[0], "stream me", 4, stream=True)
+        assert result.status == 200
+        assert result.headers["Content-Type"].startswith("text/event-stream")
+        lines = result.lines
+        events = [line for line in lines if line]
+        assert all(line.startswith("data: ") for line in events)
+        assert lines.count("") == len(events)  # every event is followed by a blank line
+        assert events[-1] == "data: [DONE]"
+        chunks = [json.loads(line[6:]) for line in events[:-1]]
+        token_chunks, usage_chunk = chunks[:-1], chunks[-1]
+        assert len(token_chunks) == 4
+        assert [c["choices"][0]["finish_reason"] for c in token_chunks] == [None, None, None, "length"]
+        assert all(c["object"] == "text_completion" for c in chunks)
+        assert len({c["id"] for c in chunks}) == 1
+        assert usage_chunk["choices"] == []
+        assert usage_chunk["usage"]["completion_tokens"] == 4
+        assert usage_chunk["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+        text = "".join(c["choices"][0]["text"] for c in token_chunks)
+        unary = await complete(http, cluster.urls[0], "stream me", 4)
+        assert text == unary.body["choices"][0]["text"]
+    finally:
+        await cluster.stop()
+
+
+async def test_streaming_chat_role_chunk_and_no_usage_without_include_usage(http: aiohttp.ClientSession) -> None:
+    cluster = await started([pod()])
+    try:
+        messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+        result = await complete(http, cluster.urls[0], messages, 3, stream=True, chat=True, stream_options=None)
+        events = [line for line in result.lines if line]
+        assert events[-1] == "data: [DONE]"
+        chunks = [json.loads(line[6:]) for line in events[:-1]]
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+        assert len(chunks) == 1 + 3  # role chunk + one per token, no usage chunk
+        assert all("usage" not in c for c in chunks)
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    finally:
+        await cluster.stop()
+
+
+async def test_chunked_request_body_is_accepted(http: aiohttp.ClientSession) -> None:
+    cluster = await started([pod()])
+    try:
+        payload = json.dumps({"model": "sim-model", "prompt": words(50), "max_tokens": 2}).encode()
+
+        async def body() -> AsyncIterator[bytes]:
+            for i in range(0, len(payload), 37):
+                yield payload[i : i + 37]
+
+        async with http.post(cluster.urls[0] + "/v1/completions", data=body()) as response:
+            assert response.request_info.headers.get("Transfer-Encoding") == "chunked"
+            assert response.status == 200
+            assert (await response.json())["usage"]["completion_tokens"] == 2
+    finally:
+        await cluster.stop()
+
+
+async def test_malformed_requests_get_vllm_style_400(http: aiohttp.ClientSession) -> None:
+    cluster = await started([pod(max_model_len=64)])
+    try:
+        url = cluster.urls[0] + "/v1/completions"
+        chat_url = cluster.urls[0] + "/v1/chat/completions"
+        cases = [
+            (url, b"{not json", None),
+            (url, b"[1, 2]", None),
+            (url, json.dumps({"model": "sim-model"}).encode(), "prompt"),
+            (url, json.dumps({"prompt": "x", "max_tokens": 0}).encode(), "max_tokens"),
+            (url, json.dumps({"prompt": "x", "max_tokens": "ten"}).encode(), "max_tokens"),
+            (url, json.dumps({"prompt": "x", "n": 2}).encode(), "n"),
+            (url, json.dumps({"prompt": "x", "stream_options": {"include_usage": True}}).encode(), "stream_options"),
+            (url, json.dumps({"prompt": ["a", "b"]}).encode(), "prompt"),
+            (url, json.dumps({"prompt": [1, 999999]}).encode(), "prompt"),
+            (chat_url, json.dumps({"messages": []}).encode(), "messages"),
+            (
+                chat_url,
+                json.dumps({"messages": [{"role": "user"}], "max_completion_tokens": 0}).encode(),
+                "max_completion_tokens",
+            ),
+            (chat_url, json.dumps({"messages": [{"content": "no role"}]}).encode(), "messages"),
+            (url, json.dumps({"prompt": [3] * 70}).encode(), "input_tokens"),  # longer than max_model_len
+            (url, json.dumps({"prompt": [3] * 50, "max_tokens": 20}).encode(), "input_tokens"),
+        ]
+        for target, raw, param in cases:
+            async with http.post(target, data=raw, headers={"Content-Type": "application/json"}) as response:
+                body = await response.json()
+                assert response.status == 400, (raw, body)
+                assert_vllm_error(body, 400, "BadRequestError")
+                assert body["error"]["param"] == param, (raw, body)
+        # Unknown model: 404 like vLLM.
+        async with http.post(url, json={"model": "gpt-nope", "prompt": "x"}) as response:
+            assert response.status == 404
+            body = await response.json()
+            assert_vllm_error(body, 404, "NotFoundError")
+            assert "gpt-nope" in body["error"]["message"]
+    finally:
+        await cluster.stop()
+
+
+async def test_models_tokenize_and_served_names(http: aiohttp.ClientSession) -> None:
+    cluster = await started([pod(model="org/base", served_model_name=["base", "alias"], max_model_len=512)])
+    try:
+        url = cluster.urls[0]
+        async with http.get(url + "/v1/models") as response:
+            models = await response.json()
+        assert models["object"] == "list"
+        assert [m["id"] for m in models["data"]] == ["base", "alias"]
+        assert all(m["max_model_len"] == 512 and m["root"] == "org/base" for m in models["data"])
+        result = await complete(http, url, "x", 1, model="alias")
+        assert result.status == 200 and result.body["model"] == "alias"
+        assert (await complete(http, url, "x", 1, model="org/base")).status == 404  # not a served name
+        messages = [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url"}]}]
+        async with http.post(url + "/tokenize", json={"messages": messages}) as response:
+            tokens = await response.json()
+        expected = shared_tokenizer().encode("<|user|>\nhi\n<|assistant|>\n")
+        assert tokens == {"count": len(expected), "max_model_len": 512, "tokens": expected}
+        async with http.post(url + "/tokenize", json={"prompt": "hello world"}) as response:
+            assert (await response.json())["tokens"] == shared_tokenizer().encode("hello world")
+    finally:
+        await cluster.stop()
+
+
+async def test_token_id_prompt_is_used_verbatim_and_cached(http: aiohttp.ClientSession) -> None:
+    cluster = await started([pod()])
+    try:
+        ids = list(range(100, 164))
+        first = await complete(http, cluster.urls[0], ids, 1)
+        second = await complete(http, cluster.urls[0], [ids], 1)  # a batch of one
+        assert first.body["usage"]["prompt_tokens"] == 64
+        assert second.cached_tokens == 48  # 3 of 4 full blocks: the last token is always recomputed
+    finally:
+        await cluster.stop()
+
+
+async def test_long_prompts_are_tokenized_off_the_loop_identically(http: aiohttp.ClientSession) -> None:
+    cluster = await started([pod(max_model_len=4096)])
+    try:
+        url = cluster.urls[0]
+        text = words(1500, salt="long ")
+        assert len(text) > 4096  # above the worker-thread threshold
+        async with http.post(url + "/tokenize", json={"prompt": text}) as response:
+            assert (await response.json())["tokens"] == shared_tokenizer().encode(text)
+        result = await complete(http, url, text, 2)
+        assert result.body["usage"]["prompt_tokens"] == len(shared_tokenizer().encode(text))
+    finally:
+        await cluster.stop()

@@ -1,0 +1,192 @@
+"""Engine behaviour seen through real HTTP: prefix caching, eviction, queueing, contention, load, preemption."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import aiohttp
+
+from .simkit import FAST, STEADY, complete, pod, sample, scrape, started, words
+
+# Slow prefill makes cache effects large compared with timer jitter (1 ms wall = 10 ms simulated).
+SLOW_PREFILL = {"prefill_overhead": 10.0, "prefill_time_per_token": 1.0, "inter_token_latency": 5.0}
+
+
+async def test_repeat_prompt_hits_prefix_cache_and_ttft_drops(http: aiohttp.ClientSession) -> None:
+    cluster = await started([pod(**SLOW_PREFILL)], time_scale=STEADY)
+    try:
+        url = cluster.urls[0]
+        prompt = words(400)
+        first = await complete(http, url, prompt, stream=True)
+        second = await complete(http, url, prompt, stream=True)
+        assert first.status == second.status == 200
+        assert first.cached_tokens == 0
+        prompt_tokens = second.body["usage"]["prompt_tokens"]
+        # All full blocks but the one holding the last token (vLLM always recomputes the last token).
+        assert second.cached_tokens == (prompt_tokens - 1) // 16 * 16
+        # ~410 ms vs ~26 ms simulated
+        assert second.ttft_wall < first.ttft_wall / 3
+    finally:
+        await cluster.stop()
+
+
+async def test_ttft_grows_with_uncached_and_shrinks_with_cached_tokens(http: aiohttp.ClientSession) -> None:
+    cluster = await started([pod(**SLOW_PREFILL, max_model_len=2048)], time_scale=STEADY)
+    try:
+        url = cluster.urls[0]
+        ttft = {}
+        for n in (100, 300, 600):
+            result = await complete(http, url, words(n, salt=f"size{n} "), stream=True)
+            assert result.cached_tokens == 0
+            ttft[n] = result.ttft_wall * STEADY  # simulated seconds
+        assert ttft[100] < ttft[300] < ttft[600]
+        # Model: 10 ms + n x 1 ms, so +300 ms from 300 to 600 tokens. The bounds leave room for a loaded
+        # machine's event-loop lag but demand the per-token slope.
+        assert 0.2 < ttft[600] - ttft[300] < 0.5
+        shared = words(600, salt="shared ")
+        await complete(http, url, shared, stream=True)
+        longer = await complete(http, url, shared + " batch queue", stream=True)
+        assert longer.cached_tokens >= 576
+        assert longer.ttft_wall * STEADY < ttft[600] / 4
+    finally:
+        await cluster.stop()
+
+
+async def test_eviction_under_pressure_drops_cached_prefix(http: aiohttp.ClientSession) -> None:
+    cluster = await started([pod(kv_cache_size=40, prefill_time_per_token=0.1)])
+    try:
+        url = cluster.urls[0]
+        victim = words(200, salt="victim ")
+        await complete(http, url, victim)
+        assert (await complete(http, url, victim)).cached_tokens > 0  # resident while there is room
+        for i in range(6):  # 6 x 13 blocks through a 40-block cache
+            await complete(http, url, words(200, salt=f"other{i} "))
+        assert (await complete(http, url, victim)).cached_tokens == 0
+    finally:
+        await cluster.stop()
+
+
+async def test_full_batch_queues_and_later_requests_pay_the_wait(http: aiohttp.ClientSession) -> None:
+    cluster = await started([pod(max_num_seqs=2, inter_token_latency=50.0)])
+    try:
+        url = cluster.urls[0]
+        tasks = [asyncio.create_task(complete(http, url, words(20, salt=f"q{i} "), 30, stream=True)) for i in range(6)]
+        await asyncio.sleep(0.03)  # 300 ms simulated: all have arrived, the first two run for ~1.5 s
+        families = await scrape(http, url)
+        assert sample(families, "vllm:num_requests_running") == 2
+        assert sample(families, "vllm:num_requests_waiting") == 4
+        results = await asyncio.gather(*tasks)
+        ttfts = sorted(r.ttft_wall * FAST for r in results)
+        one_request = results[0].total_wall * FAST  # ~ 34 ms prefill + 29 x 50 ms decode
+        assert ttfts[0] < ttfts[-1] / 3
+        # The last pair waits for two full batches ahead of it.
+        assert ttfts[-1] > 1.6 * one_request
+        families = await scrape(http, url)
+        assert sample(families, "vllm:num_requests_waiting") == 0
+        queue_sum = sample(families, "vllm:request_queue_time_seconds", "_sum")
+        assert queue_sum > 2 * one_request
+    finally:
+        await cluster.stop()
+
+
+async def test_concurrent_prefills_share_the_gpu(http: aiohttp.ClientSession) -> None:
+    cluster = await started([pod(**SLOW_PREFILL, max_model_len=2048)], time_scale=STEADY)
+    try:
+        url = cluster.urls[0]
+        solo = await complete(http, url, words(500, salt="solo "), stream=True)
+        pair = await asyncio.gather(*(complete(http, url, words(500, salt=f"pair{i} "), stream=True) for i in range(2)))
+        # ~510 ms alone; ~1010 ms when two prefills split the GPU.
+        assert min(r.ttft_wall for r in pair) > 1.5 * solo.ttft_wall
+    finally:
+        await cluster.stop()
+
+
+async def test_inter_token_latency_rises_with_batch_size(http: aiohttp.ClientSession) -> None:
+    config = pod(max_num_seqs=4, inter_token_latency=40.0, time_factor_under_load=3.0, prefill_overhead=1.0)
+    cluster = await started([config])
+    try:
+        url = cluster.urls[0]
+
+        def itl(result: object) -> float:
+            assert hasattr(result, "total_wall") and hasattr(result, "ttft_wall")
+            return (result.total_wall - result.ttft_wall) / 29 * FAST  # type: ignore[attr-defined]
+
+        alone = itl(await complete(http, url, words(10), 30, stream=True))
+        loaded = await asyncio.gather(
+            *(complete(http, url, words(10, salt=f"l{i} "), 30, stream=True) for i in range(4))
+        )
+        busy = sum(itl(r) for r in loaded) / len(loaded)
+        assert 0.035 < alone < 0.07  # 40 ms at one running request
+        assert 0.100 < busy < 0.18  # 3 x 40 ms at max_num_seqs
+        assert busy > 2 * alone
+        families = await scrape(http, url)
+        itl_count = sample(families, "vllm:inter_token_latency_seconds", "_count")
+        assert itl_count == 5 * 29
+    finally:
+        await cluster.stop()
+
+
+async def test_decode_blocks_are_allocated_and_preemption_recovers(http: aiohttp.ClientSession) -> None:
+    # 4 requests x (2 prompt blocks + 4 decode blocks) = 24 blocks > 16: decoding must preempt.
+    config = pod(kv_cache_size=16, max_num_seqs=4, inter_token_latency=2.0, max_model_len=256)
+    cluster = await started([config])
+    try:
+        url = cluster.urls[0]
+        results = await asyncio.gather(*(complete(http, url, words(30, salt=f"p{i} "), 64) for i in range(4)))
+        assert all(r.status == 200 for r in results)
+        assert all(r.body["usage"]["completion_tokens"] == 64 for r in results)
+        families = await scrape(http, url)
+        assert sample(families, "vllm:num_preemptions") > 0
+        assert sample(families, "vllm:generation_tokens") == 4 * 64
+        assert sample(families, "vllm:kv_cache_usage_perc") == 0.0  # finished blocks are free (cached)
+    finally:
+        await cluster.stop()
+
+
+async def test_kv_usage_gauge_is_live(http: aiohttp.ClientSession) -> None:
+    cluster = await started([pod(kv_cache_size=100, inter_token_latency=50.0)])
+    try:
+        url = cluster.urls[0]
+        task = asyncio.create_task(complete(http, url, words(160), 40))
+        await asyncio.sleep(0.05)
+        during = sample(await scrape(http, url), "vllm:kv_cache_usage_perc")
+        await task
+        after = sample(await scrape(http, url), "vllm:kv_cache_usage_perc")
+        assert 0.10 <= during <= 0.14  # ~11-13 of 100 blocks while running
+        assert after == 0.0
+    finally:
+        await cluster.stop()
+
+
+async def test_idle_pods_do_not_spin() -> None:
+    import resource
+
+    cluster = await started([pod(host=f"127.0.0.{i}") for i in range(2, 18)])
+    try:
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        await asyncio.sleep(1.0)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        assert cpu < 0.1  # 16 idle pods: no engine loop runs without work
+    finally:
+        await cluster.stop()
+
+
+async def test_client_disconnect_aborts_and_frees_the_seat(http: aiohttp.ClientSession) -> None:
+    cluster = await started([pod(max_num_seqs=1, inter_token_latency=100.0)])
+    try:
+        url = cluster.urls[0]
+        for stream in (False, True):
+            body = {"prompt": "x", "max_tokens": 500, "stream": stream}
+            with contextlib.suppress(asyncio.TimeoutError):
+                timeout = aiohttp.ClientTimeout(total=0.1)
+                async with http.post(url + "/v1/completions", json=body, timeout=timeout) as response:
+                    await response.read()
+            await asyncio.sleep(0.05)
+            families = await scrape(http, url)
+            assert sample(families, "vllm:num_requests_running") == 0
+        assert sample(families, "vllm:request_success", finished_reason="abort") == 2
+        assert (await complete(http, url, "x", 2)).status == 200  # the single seat is free again
+    finally:
+        await cluster.stop()

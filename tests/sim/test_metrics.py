@@ -1,0 +1,96 @@
+"""/metrics: vLLM's names, types and labels, parsed by prometheus_client's own text parser."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from .simkit import complete, pod, sample, scrape, started, words
+
+EXPECTED_TYPES = {
+    "vllm:num_requests_running": "gauge",
+    "vllm:num_requests_waiting": "gauge",
+    "vllm:kv_cache_usage_perc": "gauge",
+    "vllm:cache_config_info": "gauge",
+    "vllm:lora_requests_info": "gauge",
+    "vllm:prefix_cache_hits": "counter",
+    "vllm:prefix_cache_queries": "counter",
+    "vllm:request_success": "counter",
+    "vllm:prompt_tokens": "counter",
+    "vllm:generation_tokens": "counter",
+    "vllm:num_preemptions": "counter",
+    "vllm:time_to_first_token_seconds": "histogram",
+    "vllm:inter_token_latency_seconds": "histogram",
+    "vllm:e2e_request_latency_seconds": "histogram",
+    "vllm:request_queue_time_seconds": "histogram",
+    "vllm:request_prefill_time_seconds": "histogram",
+    "vllm:request_decode_time_seconds": "histogram",
+}
+
+
+async def test_metric_names_types_and_labels(http: aiohttp.ClientSession) -> None:
+    cluster = await started([pod(served_model_name=["llama"], kv_cache_size=333, block_size=32)])
+    try:
+        url = cluster.urls[0]
+        families = await scrape(http, url)
+        for name, kind in EXPECTED_TYPES.items():
+            assert families[name].type == kind, name
+            for s in families[name].samples:
+                assert s.labels["model_name"] == "llama", (name, s)
+        # Counter samples carry the _total suffix, as vLLM's prometheus_client output does.
+        assert {s.name for s in families["vllm:prompt_tokens"].samples} >= {"vllm:prompt_tokens_total"}
+        info = families["vllm:cache_config_info"].samples[0]
+        assert info.value == 1.0
+        assert info.labels["block_size"] == "32" and info.labels["num_gpu_blocks"] == "333"
+        lora = families["vllm:lora_requests_info"].samples[0]
+        assert set(lora.labels) == {"model_name", "running_lora_adapters", "waiting_lora_adapters", "max_lora"}
+        assert lora.value > 1.7e9  # a unix timestamp
+        reasons = {s.labels["finished_reason"] for s in families["vllm:request_success"].samples}
+        assert {"length", "stop", "abort"} <= reasons
+    finally:
+        await cluster.stop()
+
+
+async def test_counters_and_histograms_follow_traffic(http: aiohttp.ClientSession) -> None:
+    cluster = await started([pod()])
+    try:
+        url = cluster.urls[0]
+        prompt = words(100)
+        first = await complete(http, url, prompt, 8, model="sim-model")
+        second = await complete(http, url, prompt, 8)
+        families = await scrape(http, url)
+        prompt_tokens = first.body["usage"]["prompt_tokens"]
+        assert sample(families, "vllm:prompt_tokens") == 2 * prompt_tokens
+        assert sample(families, "vllm:generation_tokens") == 16
+        assert sample(families, "vllm:prefix_cache_queries") == 2 * prompt_tokens
+        assert sample(families, "vllm:prefix_cache_hits") == second.cached_tokens > 0
+        assert sample(families, "vllm:request_success", finished_reason="length") == 2
+        assert sample(families, "vllm:time_to_first_token_seconds", "_count") == 2
+        assert sample(families, "vllm:inter_token_latency_seconds", "_count") == 14
+        assert sample(families, "vllm:e2e_request_latency_seconds", "_count") == 2
+        # Latencies are in simulated seconds: ~30 ms + ~20 ms of prefill, even at 10x speed.
+        ttft_sum = sample(families, "vllm:time_to_first_token_seconds", "_sum")
+        assert 0.06 < ttft_sum < 1.0
+        buckets = [s for s in families["vllm:time_to_first_token_seconds"].samples if s.name.endswith("_bucket")]
+        assert buckets[-1].labels["le"] == "+Inf" and buckets[-1].value == 2
+    finally:
+        await cluster.stop()
+
+
+async def test_gauges_are_current_at_scrape_time(http: aiohttp.ClientSession) -> None:
+    cluster = await started([pod(max_num_seqs=3, inter_token_latency=50.0)])
+    try:
+        url = cluster.urls[0]
+        tasks = [asyncio.create_task(complete(http, url, words(10, salt=f"g{i} "), 40)) for i in range(5)]
+        await asyncio.sleep(0.03)
+        families = await scrape(http, url)
+        assert sample(families, "vllm:num_requests_running") == 3
+        assert sample(families, "vllm:num_requests_waiting") == 2
+        assert sample(families, "vllm:kv_cache_usage_perc") > 0
+        await asyncio.gather(*tasks)
+        families = await scrape(http, url)
+        assert sample(families, "vllm:num_requests_running") == 0
+        assert sample(families, "vllm:num_requests_waiting") == 0
+    finally:
+        await cluster.stop()
