@@ -1,0 +1,297 @@
+"""Polls every endpoint's /metrics page and keeps `endpoint.metrics` current.
+
+Scheduling: one ticker task for the whole pool. The base interval is split into
+`SUB_TICKS` slots and each endpoint is pinned to the least-loaded slot, so scrapes (and
+the parsing work their responses cause) are spread evenly over the interval instead of
+arriving as one burst that would delay ext_proc traffic on the same loop. Per scrape there
+is no Task, Future or timer: the ticker starts the request and the `ScrapeClient`
+callback parses the page. The ticker also enforces the per-scrape timeout; an endpoint
+whose scrape is still outstanding is skipped (never doubled up).
+
+Outcomes:
+- success: `endpoint.metrics` is replaced by a new `EndpointMetrics` (update_time =
+  time.monotonic()); nothing is logged.
+- fetch failure (connect, timeout, non-200, broken HTTP): `poll_errors{source_type}` += 1.
+- page failure (garbage, metric missing, unknown engine): `extract_errors` += 1; fields
+  that could be read are still applied.
+Either failure leaves update_time alone, so the metrics age; readers judge staleness with
+`endpoint.metrics_age(now)`. Logging per endpoint: WARNING with the reason on the first
+failure, DEBUG while it keeps failing, INFO when it recovers.
+
+Pool gauges (averages, ready count, per-endpoint queue) are refreshed on their own slower
+period (`gauge_interval`, --refresh-prometheus-metrics-interval), not per scrape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from typing import Protocol
+
+from llmepp.datalayer.datastore import Datastore
+from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
+from llmepp.datalayer.engines import EngineMapping, PageMemo
+from llmepp.datalayer.httpscrape import ScrapeClient, ScrapeError, ScrapeTarget
+from llmepp.datalayer.promtext import PromTextError
+from llmepp.observability.metrics import EppMetrics
+
+log = logging.getLogger(__name__)
+
+MIN_INTERVAL = 0.050  # the reference clamps --refresh-metrics-interval to >= 50 ms
+SUB_TICKS = 5
+
+
+class ScrapeSource(Protocol):
+    """What the collector needs from a data source plugin (MetricsDataSource)."""
+
+    @property
+    def type(self) -> str: ...
+
+    def target_for(self, spec: EndpointSpec) -> ScrapeTarget: ...
+
+    def ticks_per_poll(self, base_interval: float) -> int: ...
+
+
+class MappingProvider(Protocol):
+    """What the collector needs from an extractor plugin (CoreMetricsExtractor)."""
+
+    @property
+    def type(self) -> str: ...
+
+    def mapping_for(self, labels: Mapping[str, str]) -> EngineMapping: ...
+
+
+class _EndpointScrape:
+    """Per-endpoint state: its client, cached engine mapping and failure streak."""
+
+    __slots__ = (
+        "client",
+        "collector",
+        "countdown",
+        "endpoint",
+        "failures",
+        "mapping",
+        "mapping_error",
+        "memo",
+        "slot",
+        "spec",
+    )
+
+    def __init__(self, collector: MetricsCollector, endpoint: Endpoint, slot: int) -> None:
+        self.collector = collector
+        self.endpoint = endpoint
+        self.slot = slot
+        self.countdown = 0
+        self.failures = 0  # consecutive failed scrapes; 0 = healthy
+        self.spec = endpoint.spec
+        self.mapping: EngineMapping | None = None
+        self.mapping_error: PromTextError | None = None
+        self.memo: PageMemo | None = None  # where each metric sat on this server's last page
+        self.client = ScrapeClient(collector.source.target_for(self.spec), self.on_result, collector.timeout)
+        self.resolve_mapping()
+
+    def resolve_mapping(self) -> None:
+        try:
+            self.mapping, self.mapping_error = self.collector.extractor.mapping_for(self.spec.labels), None
+            self.memo = self.mapping.new_memo()
+        except PromTextError as e:
+            self.mapping, self.mapping_error = None, e
+
+    def on_result(self, body: bytes | None, err: ScrapeError | None) -> None:
+        """ScrapeClient callback: the hot path, once per scrape."""
+        ep = self.endpoint
+        if ep.removed:
+            return
+        c = self.collector
+        if err is not None:
+            c._poll_errors.inc()
+            self.failed("metrics scrape failed", err)
+            return
+        mapping = self.mapping
+        if mapping is None:
+            c._extract_errors.inc()
+            self.failed("metrics page unusable", self.mapping_error)
+            return
+        assert body is not None
+        metrics, perr = mapping.extract(body, ep.metrics, time.monotonic(), self.memo)
+        if metrics is not None:
+            ep.metrics = metrics
+        if perr is not None:
+            c._extract_errors.inc()
+            self.failed("metrics page unusable", perr)
+        elif self.failures:
+            log.info(
+                "metrics scrape recovered after %d failed attempts",
+                self.failures,
+                extra={"endpoint": ep.name, "address": self.client.target.url},
+            )
+            self.failures = 0
+
+    def failed(self, what: str, reason: Exception | None) -> None:
+        self.failures += 1
+        if self.failures == 1:
+            log.warning(
+                "%s: %s", what, reason, extra={"endpoint": self.endpoint.name, "address": self.client.target.url}
+            )
+        elif log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s (%d in a row): %s",
+                what,
+                self.failures,
+                reason,
+                extra={"endpoint": self.endpoint.name, "address": self.client.target.url},
+            )
+
+
+class MetricsCollector:
+    """A Datastore listener that scrapes every endpoint every `interval` seconds."""
+
+    def __init__(
+        self,
+        datastore: Datastore,
+        metrics: EppMetrics,
+        interval: float,
+        source: ScrapeSource,
+        extractor: MappingProvider,
+        timeout: float = 1.0,
+        *,
+        gauge_interval: float = 5.0,
+    ) -> None:
+        self.datastore = datastore
+        self.metrics = metrics
+        self.interval = max(interval, MIN_INTERVAL)
+        self.source = source
+        self.extractor = extractor
+        self.timeout = timeout
+        self.gauge_interval = gauge_interval
+        self.ticks_per_poll = source.ticks_per_poll(self.interval)
+        self._poll_errors = metrics.poll_errors.labels(source_type=source.type)
+        self._extract_errors = metrics.extract_errors.labels(source_type=source.type, extractor_type=extractor.type)
+        self._slots: list[dict[Endpoint, _EndpointScrape]] = [{} for _ in range(SUB_TICKS)]
+        self._by_endpoint: dict[Endpoint, _EndpointScrape] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._gauge_labels: set[str] = set()
+        self._started = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        """Begin scraping (current endpoints at once, later ones as discovery adds them)."""
+        if self._started:
+            return
+        self._started = True
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._tick_loop(), name="metrics-collector"),
+            loop.create_task(self._gauge_loop(), name="metrics-pool-gauges"),
+        ]
+        self.datastore.add_listener(self)
+
+    async def aclose(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        with contextlib.suppress(ValueError):
+            self.datastore.remove_listener(self)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        for state in self._by_endpoint.values():
+            state.client.close()
+        self._by_endpoint.clear()
+        for slot in self._slots:
+            slot.clear()
+
+    # -- DatastoreListener ---------------------------------------------------------------
+    def endpoint_added(self, endpoint: Endpoint) -> None:
+        if endpoint in self._by_endpoint:
+            return
+        slot = min(range(SUB_TICKS), key=lambda i: len(self._slots[i]))
+        state = _EndpointScrape(self, endpoint, slot)
+        self._slots[slot][endpoint] = state
+        self._by_endpoint[endpoint] = state
+        # First scrape right away: a new endpoint gets real metrics within one round trip.
+        state.countdown = self.ticks_per_poll
+        state.client.start()
+
+    def endpoint_removed(self, endpoint: Endpoint) -> None:
+        state = self._by_endpoint.pop(endpoint, None)
+        if state is None:
+            return
+        del self._slots[state.slot][endpoint]
+        state.client.close()
+
+    # -- ticking -------------------------------------------------------------------------
+    async def _tick_loop(self) -> None:
+        period = self.interval / SUB_TICKS
+        next_at = time.monotonic()
+        slot = 0
+        while True:
+            next_at += period
+            delay = next_at - time.monotonic()
+            if delay < -self.interval:
+                next_at = time.monotonic()  # fell far behind (loop stalled): don't burst to catch up
+                delay = 0.0
+            await asyncio.sleep(max(delay, 0.0))
+            try:
+                self._run_slot(self._slots[slot], time.monotonic())
+            except Exception:  # a bug must not stop all scraping
+                log.exception("metrics collector tick failed")
+            slot = slot + 1 if slot + 1 < SUB_TICKS else 0
+
+    def _run_slot(self, states: dict[Endpoint, _EndpointScrape], now: float) -> None:
+        for state in states.values():  # callbacks run later, never resize `states` here
+            client = state.client
+            if client.busy:
+                if now >= client.deadline:
+                    client.expire()  # reports ScrapeTimeout through on_result
+                continue
+            state.countdown -= 1
+            if state.countdown > 0:
+                continue
+            state.countdown = self.ticks_per_poll
+            if state.endpoint.spec is not state.spec:
+                self._respec(state)  # may replace state.client
+            state.client.start(now)
+
+    def _respec(self, state: _EndpointScrape) -> None:
+        """The endpoint's spec was replaced in place (labels or metrics port changed)."""
+        state.spec = state.endpoint.spec
+        state.resolve_mapping()
+        target = self.source.target_for(state.spec)
+        if target != state.client.target:
+            state.client.close()
+            state.client = ScrapeClient(target, state.on_result, self.timeout)
+
+    # -- pool gauges ---------------------------------------------------------------------
+    async def _gauge_loop(self) -> None:
+        while True:
+            try:
+                self.update_pool_gauges()
+            except Exception:
+                log.exception("pool gauge update failed")
+            await asyncio.sleep(self.gauge_interval)
+
+    def update_pool_gauges(self) -> None:
+        """Recompute the pool gauges from the current endpoint metrics."""
+        m, pool = self.metrics, self.datastore.pool_name
+        endpoints = self.datastore.endpoints
+        scraped = [ep.metrics for ep in endpoints if ep.metrics.update_time]
+        n = len(scraped)
+        m.pool_ready.labels(name=pool).set(len(endpoints))
+        m.pool_avg_kv.labels(name=pool).set(sum(x.kv_cache_usage_percent for x in scraped) / n if n else 0.0)
+        m.pool_avg_queue.labels(name=pool).set(sum(x.waiting_queue_size for x in scraped) / n if n else 0.0)
+        m.pool_avg_running.labels(name=pool).set(sum(x.running_requests_size for x in scraped) / n if n else 0.0)
+        current: set[str] = set()
+        for ep in endpoints:
+            current.add(ep.name)
+            m.pool_endpoint_queue.labels(name=pool, model_server_endpoint=ep.name).set(ep.metrics.waiting_queue_size)
+        for gone in self._gauge_labels - current:
+            with contextlib.suppress(KeyError):
+                m.pool_endpoint_queue.remove(pool, gone)
+        self._gauge_labels = current

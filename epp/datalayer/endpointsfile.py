@@ -1,0 +1,206 @@
+"""The endpoints file of file-based discovery: reading and validation.
+
+Format (YAML or JSON, at most 1 MiB):
+
+    endpoints:
+      - name: vllm-0            # required, unique per namespace
+        namespace: default      # optional
+        address: 10.0.0.1       # required, IPv4 literal
+        port: "8000"            # required, 1-65535 (integer or string)
+        labels: {llm-d.ai/engine-type: vllm}   # optional
+        metricsPort: 9000       # optional extension: scrape /metrics on another port
+
+Every problem is reported (not just the first), each naming the entry and field, e.g.
+`endpoints[2].port: must be 1-65535, got 70000`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+from llmepp.datalayer.endpoint import EndpointSpec
+from llmepp.framework.plugin import ConfigError
+
+__all__ = ["MAX_FILE_BYTES", "EndpointsFileError", "parse_endpoints", "read_endpoints_file"]
+
+MAX_FILE_BYTES = 1 << 20
+_ENTRY_FIELDS = ("name", "namespace", "address", "port", "labels", "metricsPort")
+_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class EndpointsFileError(ConfigError):
+    """The file cannot be used; `problems` lists every issue found."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        super().__init__(f"{source}: " + "; ".join(shown))
+        self.source = source
+        self.problems = problems
+
+
+def read_endpoints_file(path: str) -> list[EndpointSpec]:
+    """Read and validate `path`. Blocking: call it through asyncio.to_thread on the loop."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise EndpointsFileError(path, [f"cannot read: {e.strerror or e}"]) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise EndpointsFileError(path, [f"file is larger than the {MAX_FILE_BYTES} byte limit"])
+    return parse_endpoints(data, path, json_hint=path.endswith(".json"))
+
+
+def parse_endpoints(data: bytes, source: str = "<endpoints>", *, json_hint: bool = False) -> list[EndpointSpec]:
+    """Validate an endpoints document; raises EndpointsFileError listing every problem."""
+    if len(data) > MAX_FILE_BYTES:
+        raise EndpointsFileError(source, [f"file is larger than the {MAX_FILE_BYTES} byte limit"])
+    try:
+        if json_hint or data.lstrip()[:1] == b"{":
+            doc = json.loads(data)
+        else:
+            doc = yaml.load(data, Loader=_Loader)  # a SafeLoader (C version when available)
+    except (ValueError, yaml.YAMLError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise EndpointsFileError(source, [f"not valid {'JSON' if json_hint else 'YAML/JSON'}: {e}"]) from None
+    if doc is None:
+        raise EndpointsFileError(source, ["file is empty; expected `endpoints: [...]`"])
+    if not isinstance(doc, dict):
+        raise EndpointsFileError(source, [f"top level must be a mapping with `endpoints`, got {_kind(doc)}"])
+    problems: list[str] = [f"unknown top-level field {k!r}" for k in doc if k != "endpoints"]
+    entries = doc.get("endpoints")
+    if entries is None:
+        problems.append("endpoints: required (an empty pool is `endpoints: []`)")
+        raise EndpointsFileError(source, problems)
+    if not isinstance(entries, list):
+        raise EndpointsFileError(source, [*problems, f"endpoints: must be a list, got {_kind(entries)}"])
+    specs: list[EndpointSpec] = []
+    by_key: dict[tuple[str, str], int] = {}
+    by_hostport: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        spec = _entry(entry, f"endpoints[{i}]", problems)
+        if spec is None:
+            continue
+        key = (spec.namespace, spec.name)
+        if key in by_key:
+            problems.append(
+                f"endpoints[{i}].name: duplicate of endpoints[{by_key[key]}] ({spec.namespace}/{spec.name})"
+            )
+            continue
+        if spec.hostport in by_hostport:
+            problems.append(
+                f"endpoints[{i}]: address:port {spec.hostport} already used by endpoints[{by_hostport[spec.hostport]}]"
+            )
+            continue
+        by_key[key] = i
+        by_hostport[spec.hostport] = i
+        specs.append(spec)
+    if problems:
+        raise EndpointsFileError(source, problems)
+    return specs
+
+
+def _entry(entry: Any, where: str, problems: list[str]) -> EndpointSpec | None:
+    if not isinstance(entry, dict):
+        problems.append(f"{where}: must be a mapping with name, address and port, got {_kind(entry)}")
+        return None
+    before = len(problems)
+    problems.extend(
+        f"{where}: unknown field {k!r} (allowed: {', '.join(_ENTRY_FIELDS)})" for k in entry if k not in _ENTRY_FIELDS
+    )
+    name = _string(entry, "name", where, problems, required=True)
+    namespace = _string(entry, "namespace", where, problems, required=False) or "default"
+    address = _string(entry, "address", where, problems, required=True)
+    if address:
+        try:
+            ipaddress.IPv4Address(address)
+        except ValueError:
+            problems.append(f"{where}.address: must be an IPv4 address, got {address!r}")
+    port = _port(entry, "port", where, problems, required=True)
+    metrics_port = _port(entry, "metricsPort", where, problems, required=False)
+    labels = _labels(entry.get("labels"), where, problems)
+    if len(problems) > before or not name or not address or port is None:
+        return None
+    return EndpointSpec(
+        name=name, address=address, port=port, namespace=namespace, labels=labels, metrics_port=metrics_port
+    )
+
+
+def _string(entry: dict[str, Any], key: str, where: str, problems: list[str], *, required: bool) -> str:
+    value = entry.get(key)
+    if value is None or value == "":
+        if required:
+            problems.append(f"{where}.{key}: required")
+        return ""
+    if not isinstance(value, str):
+        problems.append(f"{where}.{key}: must be a string, got {_kind(value)} {value!r}")
+        return ""
+    if value != value.strip() or any(c in value for c in "\r\n\t"):
+        problems.append(f"{where}.{key}: must not contain whitespace at the ends or control characters")
+        return ""
+    return value
+
+
+def _port(entry: dict[str, Any], key: str, where: str, problems: list[str], *, required: bool) -> int | None:
+    value = entry.get(key)
+    if value is None or value == "":
+        if required:
+            problems.append(f"{where}.{key}: required")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        problems.append(f"{where}.{key}: must be an integer 1-65535, got {_kind(value)} {value!r}")
+        return None
+    if isinstance(value, str):
+        if not value.strip().isdecimal():
+            problems.append(f"{where}.{key}: must be an integer 1-65535, got {value!r}")
+            return None
+        value = int(value)
+    if not 1 <= value <= 65535:
+        problems.append(f"{where}.{key}: must be 1-65535, got {value}")
+        return None
+    return value
+
+
+def _labels(value: Any, where: str, problems: list[str]) -> Mapping[str, str]:
+    if value is None:
+        return MappingProxyType({})
+    if not isinstance(value, dict):
+        problems.append(f"{where}.labels: must be a mapping of names to strings, got {_kind(value)}")
+        return MappingProxyType({})
+    out: dict[str, str] = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not k:
+            problems.append(f"{where}.labels: label names must be non-empty strings, got {k!r}")
+        elif isinstance(v, bool):  # YAML turns `true` into a bool; labels are strings
+            out[k] = "true" if v else "false"
+        elif isinstance(v, (str, int, float)):
+            out[k] = str(v)
+        elif v is None:
+            out[k] = ""
+        else:
+            problems.append(f"{where}.labels.{k}: must be a string, got {_kind(v)}")
+    return MappingProxyType(out)
+
+
+def _kind(value: Any) -> str:
+    return {dict: "mapping", list: "list", str: "string", bool: "boolean", int: "integer", float: "number"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def stat_signature(path: str) -> tuple[int, int, int, int] | None:
+    """(device, inode, size, mtime_ns) of what `path` resolves to; None if it is missing.
+
+    Following symlinks makes a Kubernetes ConfigMap swap (`..data` retargeted) and an
+    atomic rename both show up as a new inode.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)

@@ -1,0 +1,271 @@
+"""MetricsCollector against real aiohttp servers on 127.0.0.x."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import pytest
+
+from llmepp.datalayer.collector import MetricsCollector
+from llmepp.datalayer.datastore import Datastore
+from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
+from llmepp.observability.metrics import EppMetrics
+from llmepp.plugins.datasources.core_metrics import CoreMetricsExtractor
+from llmepp.plugins.datasources.metrics_source import MetricsDataSource
+
+from .fakes import MetricsServer
+from .vllm_page import vllm_page
+
+
+@dataclass
+class Harness:
+    datastore: Datastore
+    metrics: EppMetrics
+    collector: MetricsCollector
+
+    def poll_errors(self) -> float:
+        v = self.metrics.registry.get_sample_value(
+            "llm_d_epp_datalayer_poll_errors_total", {"source_type": "metrics-data-source"}
+        )
+        return v or 0.0
+
+    def extract_errors(self) -> float:
+        v = self.metrics.registry.get_sample_value(
+            "llm_d_epp_datalayer_extract_errors_total",
+            {"source_type": "metrics-data-source", "extractor_type": "core-metrics-extractor"},
+        )
+        return v or 0.0
+
+    def add(self, name: str, server: MetricsServer, **labels: str) -> Endpoint:
+        self.datastore.upsert(EndpointSpec(name=name, address=server.host, port=server.port, labels=labels))
+        ep = self.datastore.get(name)
+        assert ep is not None
+        return ep
+
+
+HarnessFactory = Callable[..., Awaitable[Harness]]
+ServerFactory = Callable[..., Awaitable[MetricsServer]]
+
+
+@pytest.fixture
+async def harness_factory() -> AsyncIterator[HarnessFactory]:
+    made: list[Harness] = []
+
+    async def make(scrape_timeout: float = 0.3, **source_params: object) -> Harness:
+        metrics = EppMetrics()
+        datastore = Datastore(pool_name="pool")
+        params = MetricsDataSource.Params(**source_params)  # type: ignore[arg-type]
+        source = MetricsDataSource("metrics-data-source", params)
+        collector = MetricsCollector(datastore, metrics, 0.05, source, CoreMetricsExtractor(), scrape_timeout)
+        await collector.start()
+        h = Harness(datastore, metrics, collector)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        await h.collector.aclose()
+
+
+@pytest.fixture
+async def servers() -> AsyncIterator[ServerFactory]:
+    started: list[MetricsServer] = []
+
+    async def start(host: str, page: bytes | None = None) -> MetricsServer:
+        s = await MetricsServer(host, page).start()
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        await s.stop()
+
+
+async def wait_until(cond: Callable[[], bool], within: float = 2.0) -> None:
+    deadline = time.monotonic() + within
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+async def test_metrics_update_and_follow_the_server(harness_factory: HarnessFactory, servers: ServerFactory) -> None:
+    h = await harness_factory()
+    server = await servers("127.0.0.51", vllm_page(waiting=2, running=5, kv_usage=0.5))
+    t0 = time.monotonic()
+    ep = h.add("a", server)
+    await wait_until(lambda: ep.metrics.update_time > 0)
+    assert time.monotonic() - t0 < 0.5  # the first scrape starts at once (bound is loose for loaded CI)
+    first = ep.metrics
+    assert (first.waiting_queue_size, first.running_requests_size, first.kv_cache_usage_percent) == (2, 5, 0.5)
+    assert (first.cache_block_size, first.cache_num_blocks) == (16, 74272)
+    server.page = vllm_page(waiting=9, running=1, kv_usage=0.75)
+    await wait_until(lambda: ep.metrics.waiting_queue_size == 9)
+    assert ep.metrics is not first and ep.metrics.update_time > first.update_time
+    assert ep.metrics_age(time.monotonic()) < 0.2
+    # Steady state: about one scrape per 50 ms tick (10 in 0.5 s), never more.
+    n0 = server.requests
+    await asyncio.sleep(0.5)
+    assert 3 <= server.requests - n0 <= 12
+    assert h.poll_errors() == 0 and h.extract_errors() == 0
+
+
+async def test_hung_server_goes_stale_without_holding_up_others(
+    harness_factory: HarnessFactory, servers: ServerFactory
+) -> None:
+    h = await harness_factory(scrape_timeout=0.2)
+    hung_srv = await servers("127.0.0.52")
+    ok_srv = await servers("127.0.0.53")
+    hung, ok = h.add("hung", hung_srv), h.add("ok", ok_srv)
+    await wait_until(lambda: hung.metrics.update_time > 0 and ok.metrics.update_time > 0)
+    hung_srv.mode = "hang"
+    await asyncio.sleep(0.06)
+    frozen = hung.metrics.update_time
+    n0, t0 = hung_srv.requests, time.monotonic()
+    lags: list[float] = []
+    while time.monotonic() - t0 < 0.9:
+        s = time.monotonic()
+        await asyncio.sleep(0.01)
+        lags.append(time.monotonic() - s - 0.01)
+    now = time.monotonic()
+    assert hung.metrics.update_time == frozen  # stale: not refreshed by failures
+    assert hung.metrics_age(now) > 0.8
+    # The healthy endpoint kept being scraped (blocked behind the hung one it would be > 0.8 s
+    # old) and the loop never stalled (a blocking scrape would show >= 0.2 s of lag).
+    assert ok.metrics_age(now) < 0.45
+    assert max(lags) < 0.15
+    # One outstanding request at a time: a hung scrape is abandoned after 0.2 s, not doubled.
+    assert hung_srv.requests - n0 <= 0.9 / 0.2 + 2
+    assert h.poll_errors() >= 3
+
+
+async def test_unreachable_then_recovered_logs_once_each_way(
+    harness_factory: HarnessFactory, servers: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="llmepp.datalayer.collector")
+    h = await harness_factory()
+    server = await servers("127.0.0.54")
+    ep = h.add("flaky", server)
+    await wait_until(lambda: ep.metrics.update_time > 0)
+    await server.stop()
+    errors0 = h.poll_errors()
+    await wait_until(lambda: h.poll_errors() >= errors0 + 5)
+    stale_since = ep.metrics.update_time
+    await server.start()  # same address and port
+    await wait_until(lambda: ep.metrics.update_time > stale_since)
+    records = [r for r in caplog.records if getattr(r, "endpoint", None) == "flaky"]
+    warnings = [r for r in records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "connect to 127.0.0.54" in warnings[0].getMessage()
+    assert len([r for r in records if r.levelno == logging.DEBUG]) >= 4
+    recovered = [r for r in records if r.levelno == logging.INFO]
+    assert len(recovered) == 1 and "recovered after" in recovered[0].getMessage()
+
+
+async def test_garbage_page_and_bad_status_are_counted_apart(
+    harness_factory: HarnessFactory, servers: ServerFactory
+) -> None:
+    h = await harness_factory()
+    server = await servers("127.0.0.55")
+    ep = h.add("g", server)
+    await wait_until(lambda: ep.metrics.update_time > 0)
+    server.mode = "garbage"
+    await wait_until(lambda: h.extract_errors() >= 3)
+    frozen = ep.metrics.update_time
+    assert h.poll_errors() == 0
+    server.mode = "status"
+    await wait_until(lambda: h.poll_errors() >= 3)
+    assert ep.metrics.update_time == frozen
+    server.mode = "chunked"
+    await wait_until(lambda: ep.metrics.update_time > frozen, within=0.6)  # next page, not after 1 s
+
+
+async def test_removed_endpoint_is_no_longer_scraped(harness_factory: HarnessFactory, servers: ServerFactory) -> None:
+    h = await harness_factory()
+    server = await servers("127.0.0.56")
+    ep = h.add("gone", server)
+    await wait_until(lambda: server.requests >= 3)
+    h.datastore.delete("gone")
+    await asyncio.sleep(0.02)
+    n = server.requests
+    await asyncio.sleep(0.3)
+    assert server.requests == n
+    assert ep.removed
+
+
+async def test_source_interval_and_port_override(harness_factory: HarnessFactory, servers: ServerFactory) -> None:
+    server = await servers("127.0.0.57")
+    h = await harness_factory(interval="250ms", port=server.port)
+    assert h.collector.ticks_per_poll == 5
+    # The serving port is wrong on purpose: the source's port override is what gets scraped.
+    h.datastore.upsert(EndpointSpec(name="p", address=server.host, port=1))
+    await wait_until(lambda: server.requests >= 1)
+    n0 = server.requests
+    await asyncio.sleep(1.0)
+    assert 2 <= server.requests - n0 <= 6  # ~4 at 250 ms, not ~20 at the 50 ms base tick
+
+
+async def test_metrics_port_change_in_place_moves_the_scrape(
+    harness_factory: HarnessFactory, servers: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="llmepp.datalayer.collector")
+    h = await harness_factory()
+    serving = await servers("127.0.0.58", vllm_page(waiting=1))
+    sidecar = await servers("127.0.0.58", vllm_page(waiting=7))
+    ep = h.add("m", serving)
+    await wait_until(lambda: ep.metrics.waiting_queue_size == 1)
+    # Same address:port, so the datastore updates the spec in place (no remove/add).
+    h.datastore.upsert(EndpointSpec(name="m", address=serving.host, port=serving.port, metrics_port=sidecar.port))
+    assert h.datastore.get("m") is ep
+    await wait_until(lambda: ep.metrics.waiting_queue_size == 7)
+    n = serving.requests
+    await asyncio.sleep(0.2)
+    assert serving.requests == n
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_unknown_engine_is_an_extract_error(harness_factory: HarnessFactory, servers: ServerFactory) -> None:
+    h = await harness_factory()
+    server = await servers("127.0.0.59")
+    ep = h.add("x", server, **{"llm-d.ai/engine-type": "mystery"})
+    await wait_until(lambda: h.extract_errors() >= 2)
+    assert ep.metrics.update_time == 0.0
+    assert h.poll_errors() == 0
+
+
+async def test_pool_gauges(harness_factory: HarnessFactory, servers: ServerFactory) -> None:
+    h = await harness_factory()
+    s1 = await servers("127.0.0.60", vllm_page(waiting=2, running=4, kv_usage=0.25))
+    s2 = await servers("127.0.0.61", vllm_page(waiting=6, running=8, kv_usage=0.75))
+    e1, e2 = h.add("one", s1), h.add("two", s2)
+    await wait_until(lambda: e1.metrics.update_time > 0 and e2.metrics.update_time > 0)
+    h.collector.update_pool_gauges()
+    get = h.metrics.registry.get_sample_value
+    assert get("llm_d_epp_average_queue_size", {"name": "pool"}) == 4.0
+    assert get("llm_d_epp_average_running_requests", {"name": "pool"}) == 6.0
+    assert get("llm_d_epp_average_kv_cache_utilization", {"name": "pool"}) == 0.5
+    assert get("llm_d_epp_ready_endpoints", {"name": "pool"}) == 2.0
+    labels = {"name": "pool", "model_server_endpoint": "two"}
+    assert get("llm_d_epp_per_endpoint_queue_size", labels) == 6.0
+    h.datastore.delete("two")
+    h.collector.update_pool_gauges()
+    assert get("llm_d_epp_per_endpoint_queue_size", labels) is None
+    assert get("llm_d_epp_ready_endpoints", {"name": "pool"}) == 1.0
+    assert get("llm_d_epp_average_queue_size", {"name": "pool"}) == 2.0
+
+
+async def test_aclose_stops_scraping(harness_factory: HarnessFactory, servers: ServerFactory) -> None:
+    h = await harness_factory()
+    server = await servers("127.0.0.62")
+    h.add("c", server)
+    await wait_until(lambda: server.requests >= 2)
+    await h.collector.aclose()
+    n = server.requests
+    await asyncio.sleep(0.2)
+    assert server.requests == n
+    h.add("late", await servers("127.0.0.63"))  # no longer a listener: ignored
+    await asyncio.sleep(0.1)
