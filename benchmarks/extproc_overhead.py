@@ -1,0 +1,646 @@
+"""ext_proc protocol overhead of the EPP (results and method: benchmarks/EXTPROC.md).
+
+    .venv/bin/python -m benchmarks.extproc_overhead all            # a, b and c
+    .venv/bin/python -m benchmarks.extproc_overhead latency --n 2000
+    .venv/bin/python -m benchmarks.extproc_overhead throughput --seconds 8 --concurrency 64
+    .venv/bin/python -m benchmarks.extproc_overhead chunks --chunks 2000 --streams 16
+    .venv/bin/python -m benchmarks.extproc_overhead all --quick    # smoke run (seconds)
+
+(a) latency: sequential small POST /v1/completions, one keep-alive HTTP/1.1 connection per
+    target, targets interleaved in rounds: direct to the model server, Envoy without
+    ext_proc, Envoy + the no-op processor, Envoy + the EPP servicer with a fake director.
+    Added latency = target − "Envoy without ext_proc"; ratio = EPP added / no-op added
+    (also the median of per-round ratios: robust when the machine's load drifts).
+(b) throughput: one EPP process driven directly over gRPC by a load generator process
+    that speaks ext_proc like Envoy does for an HTTP/1.1 request (request headers, body
+    chunk, empty end-of-stream chunk, response headers, response chunk, empty EoS chunk):
+    requests/s, and requests per EPP CPU-second (= requests/s per core).
+(c) chunks: streams with many SSE response chunks: EPP CPU-µs per response chunk.
+
+Every server runs in its own process (uvloop); the CPU of the EPP / no-op process (all
+threads) is read from /proc. The machine is shared: treat single runs as noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_HOST = "127.0.0.2"
+REQUEST_BODY = b'{"model":"m","prompt":"hello world, a short prompt","max_tokens":8}'
+RESPONSE_JSON = json.dumps(
+    {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "model": "m",
+        "choices": [{"index": 0, "text": " hi there", "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 8, "completion_tokens": 8, "total_tokens": 16},
+    }
+).encode()
+SSE_CHUNK = (
+    b'data: {"id":"cmpl-1","object":"text_completion","model":"m","choices":[{"index":0,"text":" tok",'
+    b'"logprobs":null,"finish_reason":null}],"usage":null}\n\n'
+)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """user+sys CPU of a process, all threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine() -> str:
+    model = ""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        model = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "")
+    except OSError:
+        pass
+    return f"nproc={os.cpu_count()}, cpu={model or platform.processor()}, python={platform.python_version()}"
+
+
+# =====================================================================================
+# Child processes
+# =====================================================================================
+def _run_loop(main: Any, loop: str) -> None:
+    loop = os.environ.get("EPP_BENCH_LOOP", loop)  # experiments: asyncio vs uvloop
+    if loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
+
+
+async def _serve_epp(port: int, endpoint: str, timing: bool, transport: str) -> None:
+    from llmepp.observability.metrics import EppMetrics
+    from llmepp.server.extproc import ExtProcServicer, create_server
+    from llmepp.settings import Settings
+    from llmepp.testing.fakes import FakeDirector
+
+    director = FakeDirector([endpoint], record=False, honour_test_headers=False)
+    settings = Settings()
+    servicer = ExtProcServicer(director, EppMetrics(), settings, time_response_chunks=timing)
+    if transport == "h2":
+        from llmepp.server.h2 import create_h2_server
+
+        h2 = create_h2_server(servicer, settings, address=f"127.0.0.1:{port}")
+        await h2.start()
+        print("READY", flush=True)
+        await h2.wait_for_termination()
+        return
+    extra = json.loads(os.environ.get("EPP_BENCH_GRPC_OPTIONS", "[]"))
+    server, _ = create_server(servicer, settings, address=f"127.0.0.1:{port}", options=[tuple(o) for o in extra])
+    await server.start()
+    print("READY", flush=True)
+    await server.wait_for_termination()
+
+
+async def _serve_noop(port: int, endpoint: str, transport: str) -> None:
+    from benchmarks.noop_extproc import create_noop_h2_server, create_noop_server
+
+    if transport == "h2":
+        h2 = create_noop_h2_server(endpoint, f"127.0.0.1:{port}")
+        await h2.start()
+        print("READY", flush=True)
+        await h2.wait_for_termination()
+        return
+    extra = json.loads(os.environ.get("EPP_BENCH_GRPC_OPTIONS", "[]"))
+    server, _ = create_noop_server(endpoint, f"127.0.0.1:{port}", [tuple(o) for o in extra])
+    await server.start()
+    print("READY", flush=True)
+    await server.wait_for_termination()
+
+
+async def _serve_model(host: str, port: int) -> None:
+    from aiohttp import web
+
+    async def completions(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=RESPONSE_JSON, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    print("READY", flush=True)
+    await asyncio.Event().wait()
+
+
+class Child:
+    """A benchmark server in its own process (this module's `serve-*` subcommands)."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.extproc_overhead", *args],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if "READY" not in line:
+            self.stop()
+            raise RuntimeError(f"child {args} failed to start: {line!r}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# =====================================================================================
+# (a) latency through Envoy
+# =====================================================================================
+class HttpClient:
+    """Blocking keep-alive HTTP/1.1 client on a raw socket: ~10 µs of its own per request."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", path: str = "/v1/completions") -> None:
+        self.sock = socket.create_connection((host, port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+        self.request = (
+            f"POST {path} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(REQUEST_BODY)}\r\n\r\n"
+        ).encode() + REQUEST_BODY
+
+    def _fill(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed")
+        self.buf += data
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            self._fill()
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def _take(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self._fill()
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def call(self) -> tuple[int, bytes]:
+        self.sock.sendall(self.request)
+        status = int(self._line().split()[1])
+        length, chunked = -1, False
+        while True:
+            line = self._line()
+            if not line:
+                break
+            k, _, v = line.partition(b":")
+            k = k.strip().lower()
+            if k == b"content-length":
+                length = int(v)
+            elif k == b"transfer-encoding" and b"chunked" in v.lower():
+                chunked = True
+        if not chunked:
+            return status, self._take(max(length, 0))
+        body = b""
+        while True:
+            size = int(self._line().split(b";")[0], 16)
+            if size == 0:
+                self._line()
+                return status, body
+            body += self._take(size)
+            self._take(2)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _pct(values: Sequence[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(p / 100 * len(s)))]
+
+
+@dataclass
+class LatencyResult:
+    name: str
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+
+
+async def bench_latency(n: int, rounds: int, warmup: int, transports: Sequence[str]) -> dict[str, Any]:
+    from llmepp.testing.envoy import EnvoyProcess, render_envoy_config
+
+    model_port = free_port(MODEL_HOST)
+    endpoint = f"{MODEL_HOST}:{model_port}"
+    model = Child("serve-model", "--host", MODEL_HOST, "--port", str(model_port))
+    children = [model]
+    envoys: list[EnvoyProcess] = []
+    targets: dict[str, int] = {"direct": model_port}
+    try:
+        port, admin = free_port(), free_port()
+        env = EnvoyProcess(
+            render_envoy_config(
+                port, 0, admin, listen_address="127.0.0.1", ext_proc=False, upstream=(MODEL_HOST, model_port)
+            ),
+            admin,
+        )
+        await env.start()
+        envoys.append(env)
+        targets["envoy"] = port
+        for transport in transports:
+            for kind in ("noop", "epp"):
+                proc_port = free_port()
+                children.append(
+                    Child(f"serve-{kind}", "--port", str(proc_port), "--endpoint", endpoint, "--transport", transport)
+                )
+                port, admin = free_port(), free_port()
+                env = EnvoyProcess(render_envoy_config(port, proc_port, admin, listen_address="127.0.0.1"), admin)
+                await env.start()
+                envoys.append(env)
+                targets[f"envoy+{kind}" + ("-h2" if transport == "h2" else "")] = port
+        clients: dict[str, HttpClient] = {}
+        for name, port in targets.items():
+            host_client = HttpClient(port, MODEL_HOST if name == "direct" else "127.0.0.1")
+            clients[name] = host_client
+            for _ in range(warmup):
+                status, body = host_client.call()
+                assert status == 200 and body == RESPONSE_JSON, (name, status, body[:200])
+        samples: dict[str, list[float]] = {k: [] for k in targets}
+        # Per-round medians: the machine's load drifts, so ratios are taken round by round.
+        round_p50: dict[str, list[float]] = {k: [] for k in targets}
+        per_round = max(1, n // rounds)
+        perf = time.perf_counter
+        for _ in range(rounds):
+            for name, client in clients.items():
+                out: list[float] = []
+                for _ in range(per_round):
+                    t0 = perf()
+                    client.call()
+                    out.append(perf() - t0)
+                samples[name] += out
+                round_p50[name].append(statistics.median(out) * 1e3)
+        for c in clients.values():
+            c.close()
+    finally:
+        for env in envoys:
+            await env.stop()
+        for child in children:
+            child.stop()
+    results = {
+        k: LatencyResult(k, _pct(v, 50) * 1e3, _pct(v, 99) * 1e3, statistics.fmean(v) * 1e3) for k, v in samples.items()
+    }
+    base = results["envoy"]
+    added: dict[str, dict[str, float]] = {}
+    for name, r in results.items():
+        if name.startswith("envoy+"):
+            added[name] = {"p50_ms": r.p50_ms - base.p50_ms, "p99_ms": r.p99_ms - base.p99_ms}
+    ratios: dict[str, dict[str, float]] = {}
+    for suffix in ("", "-h2"):
+        noop, epp = added.get("envoy+noop" + suffix), added.get("envoy+epp" + suffix)
+        if noop and epp:
+            ratios[f"epp{suffix}/noop{suffix}"] = {
+                k: epp[k] / noop[k] if noop[k] > 0 else float("nan") for k in ("p50_ms", "p99_ms")
+            }
+    if "envoy+epp-h2" in added and "envoy+noop" in added:
+        noop = added["envoy+noop"]
+        ratios["epp-h2/noop"] = {k: added["envoy+epp-h2"][k] / noop[k] for k in ("p50_ms", "p99_ms")}
+    # The same p50 ratios computed per round, then the median over rounds (robust to drift).
+    base_r = round_p50["envoy"]
+    for num, den in (("epp", "noop"), ("epp-h2", "noop-h2"), ("epp-h2", "noop")):
+        a, b = round_p50.get("envoy+" + num), round_p50.get("envoy+" + den)
+        if a and b:
+            per = [(x - e) / (y - e) for x, y, e in zip(a, b, base_r) if y - e > 0]
+            if per and f"{num}/{den}" in ratios:
+                ratios[f"{num}/{den}"]["p50_per_round_median"] = statistics.median(per)
+    return {
+        "requests_per_target": per_round * rounds,
+        "targets": {k: vars(v) for k, v in results.items()},
+        "added_over_envoy": added,
+        "ratios": ratios,
+    }
+
+
+# =====================================================================================
+# (b) / (c) load generator speaking ext_proc (child process)
+# =====================================================================================
+async def _loadgen(port: int, mode: str, seconds: float, concurrency: int, chunks: int, streams: int) -> None:
+    import grpc
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+    def hmap(h: dict[str, str]) -> Any:
+        return base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in h.items()])
+
+    req_headers = pb.ProcessingRequest(
+        request_headers=pb.HttpHeaders(
+            headers=hmap(
+                {
+                    ":method": "POST",
+                    ":path": "/v1/completions",
+                    ":authority": "gw",
+                    ":scheme": "http",
+                    "content-type": "application/json",
+                    "x-forwarded-proto": "http",
+                    "x-request-id": "6b1c2f0e-3a6f-4a53-9b59-0a1a7f1f2f10",
+                    "user-agent": "bench",
+                    "accept": "*/*",
+                }
+            )
+        ),
+        protocol_config=pb.ProtocolConfiguration(request_body_mode=4, response_body_mode=4),
+    )
+    req_body = pb.ProcessingRequest(request_body=pb.HttpBody(body=REQUEST_BODY))
+    req_eos = pb.ProcessingRequest(request_body=pb.HttpBody(end_of_stream=True))
+    resp_headers = pb.ProcessingRequest(
+        response_headers=pb.HttpHeaders(
+            headers=hmap(
+                {
+                    ":status": "200",
+                    "content-type": "text/event-stream" if mode == "chunks" else "application/json",
+                    "date": "Thu, 01 Jan 2026 00:00:00 GMT",
+                    "server": "uvicorn",
+                    "x-envoy-upstream-service-time": "1",
+                }
+            )
+        )
+    )
+    resp_body = pb.ProcessingRequest(response_body=pb.HttpBody(body=RESPONSE_JSON))
+    resp_chunk = pb.ProcessingRequest(response_body=pb.HttpBody(body=SSE_CHUNK))
+    resp_eos = pb.ProcessingRequest(response_body=pb.HttpBody(end_of_stream=True))
+
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = pb_grpc.ExternalProcessorStub(channel)
+
+    async def one_request() -> None:
+        call = stub.Process()
+        await call.write(req_headers)
+        await call.write(req_body)
+        await call.write(req_eos)
+        await call.read()
+        await call.read()
+        await call.write(resp_headers)
+        await call.read()
+        await call.write(resp_body)
+        await call.read()
+        await call.write(resp_eos)
+        await call.read()
+        await call.done_writing()
+        await call.read()
+
+    async def one_stream(n_chunks: int) -> None:
+        call = stub.Process()
+        await call.write(req_headers)
+        await call.write(req_body)
+        await call.write(req_eos)
+        await call.read()
+        await call.read()
+        await call.write(resp_headers)
+        await call.read()
+
+        async def reader() -> None:
+            for _ in range(n_chunks + 1):
+                await call.read()
+
+        task = asyncio.create_task(reader())
+        for _ in range(n_chunks):
+            await call.write(resp_chunk)
+        await call.write(resp_eos)
+        await task
+        await call.done_writing()
+        await call.read()
+
+    # Warm up connections and code paths.
+    await asyncio.gather(*(one_request() for _ in range(50)))
+    print("WARM", flush=True)
+    sys.stdin.readline()  # the parent snapshots the server's CPU, then says go
+    done = 0
+    t0 = time.perf_counter()
+    if mode == "throughput":
+        stop_at = t0 + seconds
+
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < stop_at:
+                await one_request()
+                done += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    else:
+        await asyncio.gather(*(one_stream(chunks) for _ in range(streams)))
+        done = streams
+    elapsed = time.perf_counter() - t0
+    print(json.dumps({"done": done, "elapsed": elapsed}), flush=True)
+    await channel.close()
+
+
+def _drive(server: Child, args: list[str]) -> dict[str, Any]:
+    gen = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.extproc_overhead", "loadgen", *args],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert gen.stdout is not None and gen.stdin is not None
+    if "WARM" not in gen.stdout.readline():
+        gen.kill()
+        raise RuntimeError("load generator failed")
+    c0, g0 = server.cpu(), cpu_seconds(gen.pid)
+    gen.stdin.write("go\n")
+    gen.stdin.flush()
+    out = json.loads(gen.stdout.readline())
+    c1, g1 = server.cpu(), cpu_seconds(gen.pid)
+    gen.wait(10)
+    return {**out, "server_cpu": c1 - c0, "loadgen_cpu": g1 - g0}
+
+
+def _variants(transports: Sequence[str]) -> list[tuple[str, str, str]]:
+    return [(kind + ("-h2" if t == "h2" else ""), kind, t) for t in transports for kind in ("noop", "epp")]
+
+
+def bench_throughput(
+    seconds: float, concurrency: int, transports: Sequence[str], env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, kind, transport in _variants(transports):
+        port = free_port()
+        server = Child(
+            f"serve-{kind}", "--port", str(port), "--endpoint", "10.0.0.1:8000", "--transport", transport, env=env
+        )
+        try:
+            r = _drive(server, ["--port", str(port), "--mode", "throughput", "--seconds", str(seconds),
+                                "--concurrency", str(concurrency)])  # fmt: skip
+        finally:
+            server.stop()
+        out[name] = {
+            "requests": r["done"],
+            "requests_per_s": r["done"] / r["elapsed"],
+            "server_cpu_s": r["server_cpu"],
+            "server_cpu_util": r["server_cpu"] / r["elapsed"],
+            "requests_per_cpu_s": r["done"] / r["server_cpu"] if r["server_cpu"] else float("nan"),
+            "server_cpu_us_per_request": r["server_cpu"] / r["done"] * 1e6,
+            "loadgen_cpu_util": r["loadgen_cpu"] / r["elapsed"],
+        }
+    return out
+
+
+def bench_chunks(
+    chunks: int, streams: int, transports: Sequence[str], env: dict[str, str] | None = None, timing: bool = True
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, kind, transport in _variants(transports):
+        port = free_port()
+        extra = [] if timing or kind == "noop" else ["--no-timing"]
+        server = Child(
+            f"serve-{kind}", "--port", str(port), "--endpoint", "10.0.0.1:8000", "--transport", transport,
+            *extra, env=env,
+        )  # fmt: skip
+        try:
+            r = _drive(server, ["--port", str(port), "--mode", "chunks", "--chunks", str(chunks),
+                                "--streams", str(streams)])  # fmt: skip
+        finally:
+            server.stop()
+        total = chunks * streams
+        out[name] = {
+            "chunks": total,
+            "chunks_per_s": total / r["elapsed"],
+            "server_cpu_us_per_chunk": r["server_cpu"] / total * 1e6,
+            "server_cpu_util": r["server_cpu"] / r["elapsed"],
+        }
+    return out
+
+
+# =====================================================================================
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("all", "latency", "throughput", "chunks"):
+        p = sub.add_parser(name)
+        p.add_argument("--quick", action="store_true")
+        p.add_argument("--n", type=int, default=2000, help="latency: requests per target")
+        p.add_argument("--rounds", type=int, default=20)
+        p.add_argument("--seconds", type=float, default=8.0, help="throughput: duration")
+        p.add_argument("--concurrency", type=int, default=64)
+        p.add_argument("--chunks", type=int, default=2000, help="chunks: response chunks per stream")
+        p.add_argument("--streams", type=int, default=16)
+        p.add_argument("--grpc-experiments", default=None, help="GRPC_EXPERIMENTS for the servers")
+        p.add_argument("--no-timing", action="store_true", help="EPP without per-chunk timing")
+        p.add_argument("--json", action="store_true", help="print JSON only")
+        p.add_argument("--transports", default="grpc,h2", help="comma-separated: grpc, h2")
+    p = sub.add_parser("serve-epp")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--endpoint", required=True)
+    p.add_argument("--loop", default="uvloop")
+    p.add_argument("--no-timing", action="store_true")
+    p.add_argument("--transport", default="grpc")
+    p = sub.add_parser("serve-noop")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--endpoint", required=True)
+    p.add_argument("--loop", default="uvloop")
+    p.add_argument("--transport", default="grpc")
+    p = sub.add_parser("serve-model")
+    p.add_argument("--host", default=MODEL_HOST)
+    p.add_argument("--port", type=int, required=True)
+    p = sub.add_parser("loadgen")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--mode", choices=("throughput", "chunks"), required=True)
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--chunks", type=int, default=1000)
+    p.add_argument("--streams", type=int, default=16)
+    args = ap.parse_args(argv)
+
+    if args.cmd == "serve-epp":
+        _run_loop(_serve_epp(args.port, args.endpoint, not args.no_timing, args.transport), args.loop)
+        return
+    if args.cmd == "serve-noop":
+        _run_loop(_serve_noop(args.port, args.endpoint, args.transport), args.loop)
+        return
+    if args.cmd == "serve-model":
+        _run_loop(_serve_model(args.host, args.port), "uvloop")
+        return
+    if args.cmd == "loadgen":
+        _run_loop(_loadgen(args.port, args.mode, args.seconds, args.concurrency, args.chunks, args.streams), "uvloop")
+        return
+
+    if args.quick:
+        args.n, args.rounds, args.seconds, args.chunks, args.streams = 300, 3, 2.0, 300, 8
+    env = {"GRPC_EXPERIMENTS": args.grpc_experiments} if args.grpc_experiments is not None else None
+    transports = [t for t in args.transports.split(",") if t]
+    report: dict[str, Any] = {"machine": machine()}
+    if args.cmd in ("all", "latency"):
+        report["latency"] = asyncio.run(bench_latency(args.n, args.rounds, 200, transports))
+    if args.cmd in ("all", "throughput"):
+        report["throughput"] = bench_throughput(args.seconds, args.concurrency, transports, env)
+    if args.cmd in ("all", "chunks"):
+        report["chunks"] = bench_chunks(args.chunks, args.streams, transports, env, timing=not args.no_timing)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(_format(report))
+
+
+def _format(r: dict[str, Any]) -> str:
+    lines = [f"machine: {r['machine']}"]
+    if "latency" in r:
+        lat = r["latency"]
+        lines.append(f"\n(a) latency, {lat['requests_per_target']} sequential requests per target (ms)")
+        lines.append(f"  {'target':<14} {'p50':>8} {'p99':>8} {'mean':>8}")
+        for name, t in lat["targets"].items():
+            lines.append(f"  {name:<14} {t['p50_ms']:8.3f} {t['p99_ms']:8.3f} {t['mean_ms']:8.3f}")
+        for name, a in lat["added_over_envoy"].items():
+            lines.append(f"  added by {name:<14} p50 {a['p50_ms']:6.3f} ms  p99 {a['p99_ms']:6.3f} ms")
+        for name, q in lat["ratios"].items():
+            per = q.get("p50_per_round_median")
+            extra = f"  (median of per-round p50 ratios {per:.2f}x)" if per is not None else ""
+            lines.append(f"  ratio {name:<12} p50 {q['p50_ms']:.2f}x  p99 {q['p99_ms']:.2f}x{extra}")
+    if "throughput" in r:
+        lines.append("\n(b) ext_proc throughput, one server process driven over gRPC")
+        for name, t in r["throughput"].items():
+            lines.append(
+                f"  {name:<8} {t['requests_per_s']:8.0f} req/s at {t['server_cpu_util'] * 100:5.1f}% CPU -> "
+                f"{t['requests_per_cpu_s']:6.0f} req per CPU-second ({t['server_cpu_us_per_request']:.0f} µs/req); "
+                f"loadgen {t['loadgen_cpu_util'] * 100:.0f}% CPU"
+            )
+    if "chunks" in r:
+        lines.append("\n(c) response chunk pass-through")
+        for name, t in r["chunks"].items():
+            lines.append(
+                f"  {name:<8} {t['server_cpu_us_per_chunk']:6.1f} CPU-µs per chunk "
+                f"({t['chunks_per_s']:.0f} chunks/s at {t['server_cpu_util'] * 100:.0f}% CPU)"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

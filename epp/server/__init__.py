@@ -1,0 +1,1 @@
+"""Envoy-facing servers: the ext_proc servicer, its message builders and gRPC health."""

@@ -1,0 +1,596 @@
+"""ext_proc over a minimal asyncio HTTP/2 (h2c) gRPC server — an opt-in fast transport.
+
+Why: with grpc.aio every ext_proc message costs ~50-70 µs of CPU on this class of machine,
+almost all of it thread hand-offs between gRPC's event-engine threads, its completion-queue
+poller and the asyncio loop (see benchmarks/EXTPROC.md). Envoy sends ~6 messages per small
+request and one per response chunk, so that runtime, not the EPP's logic, sets the floor.
+This server speaks just enough HTTP/2 + gRPC framing for the single bidi method Envoy calls
+(`/envoy.service.ext_proc.v3.ExternalProcessor/Process`), all on the event loop thread:
+frames are parsed in `data_received`, answers are written in one `transport.write` per
+batch, and the per-stream protocol is the same `ExtProcStream` the grpc.aio servicer runs.
+
+What it implements: the connection preface and SETTINGS (peer INITIAL_WINDOW_SIZE and
+MAX_FRAME_SIZE honoured), PING, GOAWAY (both ways; graceful stop), RST_STREAM (= the
+client went away), WINDOW_UPDATE with flow control in both directions (queued sends,
+receive windows replenished as data is consumed), DATA padding, gRPC length-prefixed
+messages across frames, trailers-only and normal responses, transport back-pressure.
+
+What it deliberately does not: request header blocks are never decoded (HPACK state is
+only needed to read them, and every stream on this port is `Process`), so the port must
+serve ext_proc only (health stays on its own grpc.aio port); no TLS, no compression
+(a compressed message ends the stream with UNIMPLEMENTED), no server push.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from llmepp.server.stream import ExtProcStream, Pending, StreamContext
+from llmepp.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+# Frame types.
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
+# Flags.
+END_STREAM, ACK, END_HEADERS, PADDED = 0x1, 0x1, 0x4, 0x8
+# Settings ids.
+S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS, S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE = 1, 2, 3, 4, 5
+# Error codes.
+NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 3
+# gRPC status codes used here.
+GRPC_OK, GRPC_UNIMPLEMENTED, GRPC_INTERNAL, GRPC_RESOURCE_EXHAUSTED = 0, 12, 13, 8
+
+MAX_WINDOW = 2**31 - 1
+DEFAULT_WINDOW = 65_535
+DEFAULT_FRAME = 16_384
+# What we advertise: big receive windows (we consume every byte at once) and frames.
+OUR_STREAM_WINDOW = 16 * 1024 * 1024
+OUR_MAX_FRAME = 1024 * 1024
+OUR_MAX_STREAMS = 1_000_000
+
+_U32 = struct.Struct(">I")
+_U16_U32 = struct.Struct(">HI")
+_FromString = pb.ProcessingRequest.FromString
+
+
+def _frame_header(length: int, kind: int, flags: int, stream_id: int) -> bytes:
+    return _U32.pack(length << 8 | kind) + bytes((flags,)) + _U32.pack(stream_id)
+
+
+def _frame(kind: int, flags: int, stream_id: int, payload: bytes | bytearray = b"") -> bytes:
+    return _frame_header(len(payload), kind, flags, stream_id) + payload
+
+
+def _literal(name: bytes, value: bytes) -> bytes:
+    """HPACK literal header field without indexing, new name, no Huffman (names/values < 127)."""
+    return b"\x00" + bytes((len(name),)) + name + bytes((len(value),)) + value
+
+
+# Response header block: `:status: 200` (static index 8) + content-type literal (index 31).
+_RESPONSE_HEADERS = b"\x88" + b"\x0f\x10" + bytes((16,)) + b"application/grpc"
+
+
+def _trailers(status: int, message: str = "") -> bytes:
+    block = _literal(b"grpc-status", str(status).encode())
+    if message:
+        block += _literal(b"grpc-message", message.encode()[:120])
+    return block
+
+
+_TRAILERS_OK = _trailers(GRPC_OK)
+
+
+class _Stream:
+    __slots__ = (
+        "backlog",
+        "buf",
+        "ext",
+        "headers_sent",
+        "local_closed",
+        "pending",
+        "recv_unacked",
+        "remote_closed",
+        "send_window",
+        "sid",
+        "task",
+    )
+
+    def __init__(self, sid: int, ext: ExtProcStream, send_window: int) -> None:
+        self.sid = sid
+        self.ext = ext
+        self.buf = bytearray()  # a partial gRPC message
+        self.headers_sent = False
+        self.local_closed = False  # our END_STREAM went out (or is queued)
+        self.remote_closed = False  # the client half-closed
+        self.send_window = send_window
+        # Frames waiting for flow-control window: (is_data, bytes).
+        self.pending: collections.deque[tuple[bool, bytes]] = collections.deque()
+        self.recv_unacked = 0
+        self.task: asyncio.Task[None] | None = None  # routing in progress
+        self.backlog: collections.deque[pb.ProcessingRequest] = collections.deque()
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, server: H2ExtProcServer) -> None:
+        self.server = server
+        self.ctx = server.context
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()  # a partial frame
+        self.preface = False
+        self.streams: dict[int, _Stream] = {}
+        self.last_stream_id = 0
+        self.out: list[bytes] = []
+        self.conn_send_window = DEFAULT_WINDOW
+        self.peer_initial_window = DEFAULT_WINDOW
+        self.peer_max_frame = DEFAULT_FRAME
+        self.conn_recv_unacked = 0
+        self.blocked: set[int] = set()
+        self.goaway_sent = False
+        self.closed = False
+        self.max_message = server.max_message
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server.connections.add(self)
+        settings = (
+            _U16_U32.pack(S_MAX_CONCURRENT_STREAMS, OUR_MAX_STREAMS)
+            + _U16_U32.pack(S_INITIAL_WINDOW_SIZE, OUR_STREAM_WINDOW)
+            + _U16_U32.pack(S_MAX_FRAME_SIZE, OUR_MAX_FRAME)
+            + _U16_U32.pack(S_ENABLE_PUSH, 0)
+        )
+        conn_update = _frame(WINDOW_UPDATE, 0, 0, _U32.pack(MAX_WINDOW - DEFAULT_WINDOW))
+        transport.write(_frame(SETTINGS, 0, 0, settings) + conn_update)  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        for st in list(self.streams.values()):
+            self._abort(st)
+        self.server._connection_closed()
+
+    def pause_writing(self) -> None:
+        # Envoy is not reading: stop reading from it too, so nothing piles up here.
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        # Common case: the read holds whole frames and nothing is left over — parse `data`
+        # itself, no copy. A partial frame is kept in a bytearray (amortised appends).
+        pending = self.buf
+        if pending:
+            pending += data
+            buf: bytes | bytearray = pending
+        else:
+            buf = data
+        pos = 0
+        if not self.preface:
+            if len(buf) < 24:
+                self.buf = bytearray(buf)
+                return
+            if buf[:24] != PREFACE:
+                self._fatal(PROTOCOL_ERROR, "bad connection preface")
+                return
+            pos = 24
+            self.preface = True
+        end = len(buf)
+        unpack = _U32.unpack_from
+        try:
+            while end - pos >= 9:
+                (len_type,) = unpack(buf, pos)
+                length = len_type >> 8
+                if end - pos < 9 + length:
+                    break
+                kind = len_type & 0xFF
+                flags = buf[pos + 4]
+                sid = unpack(buf, pos + 5)[0] & 0x7FFFFFFF
+                payload = buf[pos + 9 : pos + 9 + length]  # bytes or bytearray: both parse
+                pos += 9 + length
+                if kind == DATA:
+                    self._on_data(sid, flags, payload, length)
+                elif kind == HEADERS:
+                    self._on_headers(sid, flags)
+                elif kind == WINDOW_UPDATE:
+                    self._on_window_update(sid, payload)
+                elif kind == SETTINGS:
+                    self._on_settings(flags, payload)
+                elif kind == PING:
+                    if not flags & ACK:
+                        self.out.append(_frame(PING, ACK, 0, payload))
+                elif kind == RST_STREAM:
+                    st = self.streams.get(sid)
+                    if st is not None:
+                        self._abort(st)
+                elif kind == GOAWAY:
+                    pass  # the client opens no new streams; the open ones finish normally
+                # PRIORITY, CONTINUATION (header blocks are not decoded), unknown: ignored.
+                if self.closed:
+                    return
+        except Exception:
+            log.exception("h2 ext_proc: connection error")
+            self._fatal(PROTOCOL_ERROR, "internal error")
+            return
+        if pending:
+            del pending[:pos]
+        elif pos < end:
+            self.buf = bytearray(buf[pos:])
+        self._flush()
+
+    # -- frames ------------------------------------------------------------------------------
+    def _on_headers(self, sid: int, flags: int) -> None:
+        st = self.streams.get(sid)
+        if st is None:
+            if sid <= self.last_stream_id or sid % 2 == 0:
+                return  # trailers of a stream we already ended, or bogus: ignore
+            self.last_stream_id = sid
+            if self.goaway_sent:
+                self.out.append(_frame(RST_STREAM, 0, sid, _U32.pack(NO_ERROR)))
+                return
+            st = _Stream(sid, self.server.new_stream(), self.peer_initial_window)
+            self.streams[sid] = st
+            self.ctx._streams_inflight.inc()
+        if flags & END_STREAM:
+            self._on_remote_close(st)
+
+    def _on_data(self, sid: int, flags: int, payload: bytes | bytearray, length: int) -> None:
+        # Flow control counts the whole frame, padding included.
+        self.conn_recv_unacked += length
+        if self.conn_recv_unacked >= MAX_WINDOW // 2:
+            self.out.append(_frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.conn_recv_unacked)))
+            self.conn_recv_unacked = 0
+        st = self.streams.get(sid)
+        if st is None:
+            return
+        if flags & PADDED:
+            pad = payload[0]
+            payload = payload[1 : len(payload) - pad]
+        st.recv_unacked += length
+        if st.recv_unacked >= OUR_STREAM_WINDOW // 2 and not st.remote_closed:
+            self.out.append(_frame(WINDOW_UPDATE, 0, sid, _U32.pack(st.recv_unacked)))
+            st.recv_unacked = 0
+        if payload:
+            partial = st.buf
+            if partial:
+                partial += payload  # a message spanning frames: amortised appends
+                data: bytes | bytearray = partial
+            else:
+                data = payload
+            start = 0
+            n = len(data)
+            while n - start >= 5:
+                size = _U32.unpack_from(data, start + 1)[0]
+                if size > self.max_message:
+                    self._end(st, GRPC_RESOURCE_EXHAUSTED, f"message larger than {self.max_message} bytes")
+                    return
+                if n - start < 5 + size:
+                    break
+                if data[start]:
+                    self._end(st, GRPC_UNIMPLEMENTED, "compressed messages are not supported")
+                    return
+                self._on_message(
+                    st, bytes(data[start + 5 : start + 5 + size]) if partial else data[start + 5 : start + 5 + size]
+                )
+                start += 5 + size
+                if st.local_closed:
+                    return
+            if partial:
+                del partial[:start]
+            elif start < n:
+                st.buf = bytearray(data[start:])
+        if flags & END_STREAM:
+            self._on_remote_close(st)
+
+    def _on_window_update(self, sid: int, payload: bytes | bytearray) -> None:
+        inc = _U32.unpack_from(payload)[0] & 0x7FFFFFFF
+        if sid == 0:
+            self.conn_send_window += inc
+            if self.blocked:
+                for blocked_sid in list(self.blocked):
+                    st = self.streams.get(blocked_sid)
+                    if st is not None:
+                        self._drain(st)
+                    else:
+                        self.blocked.discard(blocked_sid)
+            return
+        st = self.streams.get(sid)
+        if st is not None:
+            st.send_window += inc
+            if st.pending:
+                self._drain(st)
+
+    def _on_settings(self, flags: int, payload: bytes | bytearray) -> None:
+        if flags & ACK:
+            return
+        for off in range(0, len(payload) - 5, 6):
+            ident, value = _U16_U32.unpack_from(payload, off)
+            if ident == S_INITIAL_WINDOW_SIZE:
+                delta = value - self.peer_initial_window
+                self.peer_initial_window = value
+                for st in self.streams.values():
+                    st.send_window += delta
+            elif ident == S_MAX_FRAME_SIZE:
+                self.peer_max_frame = value
+        self.out.append(_frame(SETTINGS, ACK, 0))
+        for st in list(self.streams.values()):
+            if st.pending:
+                self._drain(st)
+
+    # -- messages --------------------------------------------------------------------------------
+    def _on_message(self, st: _Stream, raw: bytes | bytearray) -> None:
+        try:
+            msg = _FromString(raw)
+        except Exception:
+            self.ctx.protocol_error("undecodable_message")
+            self._end(st, GRPC_INTERNAL, "cannot decode ProcessingRequest")
+            return
+        if st.task is not None or st.backlog:
+            st.backlog.append(msg)  # keep order behind the routing step in progress
+            return
+        self._process(st, msg)
+
+    def _process(self, st: _Stream, msg: pb.ProcessingRequest) -> None:
+        ext = st.ext
+        try:
+            out: Any = ext.handle(msg.WhichOneof("request"), msg)
+        except Exception:
+            out = ext.fallback(msg)
+        if out.__class__ is Pending:
+            st.task = asyncio.get_running_loop().create_task(self._await_pending(st, out.coro, msg))
+            return
+        self._emit(st, out)
+
+    async def _await_pending(self, st: _Stream, coro: Any, msg: pb.ProcessingRequest) -> None:
+        try:
+            out = await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            out = st.ext.fallback(msg)
+        st.task = None
+        if self.closed or st.local_closed:
+            return
+        try:
+            self._emit(st, out)
+            while st.backlog and st.task is None and not st.local_closed:
+                self._process(st, st.backlog.popleft())
+            if st.remote_closed and st.task is None and not st.local_closed:
+                self._end(st, GRPC_OK)
+        except Exception:
+            # A transport bug must not strand the stream: fail it, keep the connection.
+            log.exception("h2 ext_proc: stream %d failed", st.sid)
+            self._end(st, GRPC_INTERNAL, "internal error")
+        self._flush()
+
+    def _emit(self, st: _Stream, out: Any) -> None:
+        if out is not None:
+            if out.__class__ is list:
+                for answer in out:
+                    self._send_message(st, answer)
+            else:
+                self._send_message(st, out)
+        if st.ext.closed:
+            self._end(st, GRPC_OK)
+
+    def _on_remote_close(self, st: _Stream) -> None:
+        st.remote_closed = True
+        if st.task is None and not st.backlog and not st.local_closed:
+            self._end(st, GRPC_OK)
+
+    # -- sending -----------------------------------------------------------------------------------
+    def _send_message(self, st: _Stream, answer: Any) -> None:
+        data = answer if answer.__class__ is bytes else answer.SerializeToString()
+        if not st.headers_sent:
+            st.headers_sent = True
+            self._queue(st, False, _frame(HEADERS, END_HEADERS, st.sid, _RESPONSE_HEADERS))
+        n = len(data) + 5
+        prefix = b"\x00" + _U32.pack(len(data))
+        if not st.pending and n <= st.send_window and n <= self.conn_send_window and n <= self.peer_max_frame:
+            st.send_window -= n
+            self.conn_send_window -= n
+            self.out.append(_frame_header(n, DATA, 0, st.sid) + prefix)
+            self.out.append(data)
+            return
+        self._queue(st, True, prefix + data)
+        self._drain(st)
+
+    def _queue(self, st: _Stream, is_data: bool, payload: bytes) -> None:
+        """Frames of one stream leave in order: behind queued data, or at once."""
+        if st.pending or is_data:
+            st.pending.append((is_data, payload))
+        else:
+            self.out.append(payload)
+
+    def _drain(self, st: _Stream) -> None:
+        """Send queued frames of `st` as far as the windows allow."""
+        out = self.out
+        pending = st.pending
+        while pending:
+            is_data, payload = pending[0]
+            if not is_data:
+                out.append(payload)
+                pending.popleft()
+                continue
+            room = min(st.send_window, self.conn_send_window, self.peer_max_frame)
+            if room <= 0:
+                self.blocked.add(st.sid)
+                return
+            if len(payload) <= room:
+                pending.popleft()
+                piece = payload
+            else:
+                piece = payload[:room]
+                pending[0] = (True, payload[room:])
+            st.send_window -= len(piece)
+            self.conn_send_window -= len(piece)
+            out.append(_frame_header(len(piece), DATA, 0, st.sid) + piece)
+        self.blocked.discard(st.sid)
+        if st.local_closed:
+            self._forget(st)
+
+    def _end(self, st: _Stream, status: int, message: str = "") -> None:
+        """End our side with grpc-status; release the stream's state."""
+        if st.local_closed:
+            return
+        st.local_closed = True
+        trailers = _TRAILERS_OK if status == GRPC_OK and not message else _trailers(status, message)
+        if st.headers_sent:
+            frame = _frame(HEADERS, END_HEADERS | END_STREAM, st.sid, trailers)
+        else:  # trailers-only response
+            frame = _frame(HEADERS, END_HEADERS | END_STREAM, st.sid, _RESPONSE_HEADERS + trailers)
+        if st.pending:
+            st.pending.append((False, frame))
+        else:
+            self.out.append(frame)
+        if not st.remote_closed:
+            # Tell the client to stop sending; everything it sends now is ignored.
+            if st.pending:
+                st.pending.append((False, _frame(RST_STREAM, 0, st.sid, _U32.pack(NO_ERROR))))
+            else:
+                self.out.append(_frame(RST_STREAM, 0, st.sid, _U32.pack(NO_ERROR)))
+        st.ext.cancelled = st.ext.cancelled or status != GRPC_OK
+        self._release(st)
+        if not st.pending:
+            self._forget(st)
+
+    def _release(self, st: _Stream) -> None:
+        if st.task is not None:
+            st.task.cancel()
+            st.task = None
+        st.backlog.clear()
+        st.ext.finish()
+
+    def _forget(self, st: _Stream) -> None:
+        """Drop a stream whose last frame is out (its state was released by `_end`)."""
+        if self.streams.pop(st.sid, None) is not None:
+            self.ctx._streams_inflight.dec()
+        self.blocked.discard(st.sid)
+        if self.goaway_sent and not self.streams:
+            self.server._connection_idle(self)
+
+    def _abort(self, st: _Stream) -> None:
+        """The client reset the stream (or the connection died): release, send nothing."""
+        st.ext.cancelled = True
+        st.pending.clear()
+        if not st.local_closed:
+            st.local_closed = True
+            self._release(st)
+        self._forget(st)
+
+    def _flush(self) -> None:
+        if self.out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(self.out))
+        self.out.clear()
+
+    def _fatal(self, code: int, reason: str) -> None:
+        self.closed = True
+        self.out.append(_frame(GOAWAY, 0, 0, _U32.pack(self.last_stream_id) + _U32.pack(code) + reason.encode()))
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def goaway(self) -> None:
+        if not self.goaway_sent and not self.closed:
+            self.goaway_sent = True
+            self.out.append(_frame(GOAWAY, 0, 0, _U32.pack(self.last_stream_id) + _U32.pack(NO_ERROR)))
+            self._flush()
+            if not self.streams:
+                self.server._connection_idle(self)
+
+
+class H2ExtProcServer:
+    """The ext_proc service on its own port, served by `_Connection`s on the running loop.
+
+    server = H2ExtProcServer(servicer, settings, host="0.0.0.0", port=9002)
+    await server.start()        # server.port is the bound port
+    ...
+    await server.stop(grace=30)  # GOAWAY, wait for open streams, then close
+    """
+
+    def __init__(
+        self,
+        context: StreamContext,
+        settings: Settings,
+        *,
+        host: str,
+        port: int,
+        stream_factory: Callable[[], ExtProcStream] | None = None,
+    ) -> None:
+        self.context = context
+        # One protocol object per stream (benchmarks swap in a no-op with the same interface).
+        self.new_stream: Callable[[], ExtProcStream] = stream_factory or (lambda: ExtProcStream(context))
+        self.host = host
+        self.requested_port = port
+        self.port = 0
+        self.max_message = settings.max_body_bytes + 1024 * 1024
+        self.connections: set[_Connection] = set()
+        self._server: asyncio.Server | None = None
+        self._stopped = asyncio.Event()
+        self._idle = asyncio.Event()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Connection(self), self.host, self.requested_port, reuse_address=True, reuse_port=False
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def _connection_idle(self, conn: _Connection) -> None:
+        if conn.transport is not None:
+            conn.transport.close()
+
+    def _connection_closed(self) -> None:
+        if not self.connections:
+            self._idle.set()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop listening, ask clients to go away, give open streams `grace` seconds."""
+        if self._server is not None:
+            self._server.close()
+        conns = list(self.connections)
+        for conn in conns:
+            conn.goaway()
+        if grace and self.connections:
+            self._idle.clear()
+            if self.connections:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._idle.wait(), grace)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.close()
+        # Let connection_lost callbacks run.
+        await asyncio.sleep(0)
+        if self._server is not None:
+            await self._server.wait_closed()
+        self._stopped.set()
+
+    async def wait_for_termination(self) -> None:
+        await self._stopped.wait()
+
+
+def create_h2_server(
+    context: StreamContext,
+    settings: Settings,
+    *,
+    address: str | None = None,
+    stream_factory: Callable[[], ExtProcStream] | None = None,
+) -> H2ExtProcServer:
+    """Like extproc.create_server, for the HTTP/2 transport (call `await server.start()`)."""
+    addr = address or f"{settings.bind_address}:{settings.grpc_port}"
+    host, _, port = addr.rpartition(":")
+    return H2ExtProcServer(
+        context, settings, host=host.strip("[]") or "0.0.0.0", port=int(port), stream_factory=stream_factory
+    )

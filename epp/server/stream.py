@@ -1,0 +1,675 @@
+"""The ext_proc stream state machine: one stream per HTTP request (reference §1.1).
+
+Reading order of one stream in FULL_DUPLEX_STREAMED mode (the deployment default):
+
+    request_headers            → remember headers; nothing sent yet (body-less: route now)
+    request_body ... EoS       → buffer (bounded by max_body_bytes → 413)
+                               → parse → director.handle_request
+                               → ONE request_headers answer (routing header_mutation,
+                                 clear_route_cache, dynamic_metadata envoy.lb)
+                               → the body as streamed_response chunks ≤ 62,000 bytes
+    request_trailers           → TrailersResponse (the body answers then end without EoS)
+    response_headers           → answered at once (status, event-stream detection, plugins)
+    response_body ...          → each chunk echoed at once as streamed_response (usage tail
+                                 kept, model name rewritten back when needed)
+    response_trailers / EoS    → director.response_complete, exactly once
+
+BUFFERED request mode (detected from `protocol_config` on the first message): the headers
+get an empty answer, and the routing mutation rides on the single body answer. STREAMED
+response chunks get plain BodyResponses (a plain BodyResponse in FULL_DUPLEX_STREAMED mode
+is a protocol error Envoy answers with 500, so it is never sent there). Request body modes
+that cannot hold the headers until the body is known (NONE, STREAMED) are routed on the
+headers alone, like a body-less request.
+
+Every failure is an ImmediateResponse or a best-effort answer, never a broken stream, and
+a routed request is released exactly once however the stream ends.
+
+The machine does no I/O: `ExtProcStream.handle(kind, msg)` returns the answers to write
+(synchronously for everything but routing, which comes back as a `Pending` coroutine to
+await), and the transport calls `finish()` when the stream ends for any reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import msgspec
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from llmepp.errors import DROPPED_REASON_HEADER, BadRequest, PayloadTooLarge, RequestError
+from llmepp.observability.metrics import EppMetrics
+from llmepp.request import parsers
+from llmepp.request.rewrite import ModelNameRewriter
+from llmepp.request.types import InferenceRequest, ResponseInfo, TerminationCause
+from llmepp.request.usage import UsageCollector
+from llmepp.server import envoy
+from llmepp.server.envoy import Answer
+from llmepp.settings import Settings
+
+if TYPE_CHECKING:
+    from llmepp.director import RoutingDecision
+
+log = logging.getLogger(__name__)
+
+# What a handler returns: nothing, one answer, or several in order.
+Answers = Answer | list[Answer] | None
+
+# Request control headers: consumed by the EPP, never forwarded upstream.
+CONTROL_HEADERS = (
+    parsers.H_OBJECTIVE,
+    parsers.H_OBJECTIVE_ALIAS,
+    parsers.H_FAIRNESS,
+    parsers.H_FAIRNESS_ALIAS,
+    parsers.H_MODEL_REWRITE,
+    parsers.H_MODEL_REWRITE_ALIAS,
+    DROPPED_REASON_HEADER,
+)
+EVENT_STREAM = "text/event-stream"
+# Distinct (model, target) label pairs kept before folding into "other" (reference cap).
+MAX_LABEL_PAIRS = 1000
+
+
+class Director(Protocol):
+    """What the stream needs from request control (llmepp.director.Director)."""
+
+    async def handle_request(self, request: InferenceRequest, subset: Sequence[str] | None) -> RoutingDecision: ...
+
+    def handle_bodyless(self, request: InferenceRequest, subset: Sequence[str] | None) -> Any: ...
+
+    def response_headers(
+        self, request: InferenceRequest, response: ResponseInfo, headers: dict[str, str]
+    ) -> dict[str, str] | None: ...
+
+    def response_complete(
+        self, request: InferenceRequest, response: ResponseInfo, decision: RoutingDecision
+    ) -> None: ...
+
+
+class InternalError(RequestError):
+    status = 500
+    code = "Internal"
+
+
+def error_body(err: RequestError) -> bytes:
+    return msgspec.json.encode({"error": {"code": err.status, "type": err.code, "message": err.message}})
+
+
+def error_response(err: RequestError) -> pb.ProcessingResponse:
+    headers: list[tuple[str, str | bytes]] = [("content-type", "application/json")]
+    if err.reason:
+        headers.append((DROPPED_REASON_HEADER, err.reason))
+    details = f"llm_epp_{err.code}" + (f"_{err.reason}" if err.reason else "")
+    return envoy.immediate_response(err.status, error_body(err), headers, details)
+
+
+class _Labeled:
+    """Metric children bound to one (model, target) pair: `.labels()` once, not per request."""
+
+    __slots__ = (
+        "cached_tokens",
+        "duration",
+        "input_tokens",
+        "labels",
+        "output_tokens",
+        "request_size",
+        "request_total",
+        "response_size",
+        "running",
+        "ttft_non_streaming",
+        "ttft_streaming",
+    )
+
+    def __init__(self, m: EppMetrics, model: str, target: str) -> None:
+        self.labels = (model, target)
+        self.request_total = m.request_total.labels(model, target)
+        self.duration = m.request_duration.labels(model, target)
+        self.ttft_streaming = m.request_ttft.labels(model, target, "true")
+        self.ttft_non_streaming = m.request_ttft.labels(model, target, "false")
+        self.request_size = m.request_size.labels(model, target)
+        self.response_size = m.response_size.labels(model, target)
+        self.input_tokens = m.input_tokens.labels(model, target)
+        self.output_tokens = m.output_tokens.labels(model, target)
+        self.cached_tokens = m.cached_tokens.labels(model, target)
+        self.running = m.request_running.labels(model, target)
+
+
+class StreamContext:
+    """What every stream of one server shares: the director, limits, metric children.
+
+    Transports (grpc.aio in extproc.py, HTTP/2 in h2.py) subclass it and run one
+    `ExtProcStream` per ext_proc stream.
+    """
+
+    def __init__(
+        self,
+        director: Director,
+        metrics: EppMetrics,
+        settings: Settings | None = None,
+        *,
+        time_response_chunks: bool = True,
+        destination_list: bool = False,
+    ) -> None:
+        settings = settings or Settings()
+        self.director = director
+        self.metrics = metrics
+        self.max_body_bytes = settings.max_body_bytes
+        self.chunk_bytes = settings.body_chunk_bytes
+        # One perf_counter pair per response chunk; off saves ~0.2 µs per chunk.
+        self.time_response_chunks = time_response_chunks
+        # Envoy's ORIGINAL_DST cluster parses exactly one ip:port (a list → 503 UH, header
+        # and metadata alike), so by default only the primary endpoint is sent. Enable for
+        # gateways that implement the comma-separated fallback list.
+        self.destination_list = destination_list
+        self._labeled: dict[tuple[str, str], _Labeled] = {}
+        self._streams_inflight = metrics.extproc_streams_inflight
+        self._request_processing = metrics.request_processing
+        self._response_processing = metrics.response_processing
+        self._protocol_errors = metrics.extproc_protocol_errors
+
+    def labeled(self, model: str, target: str) -> _Labeled:
+        key = (model, target)
+        lab = self._labeled.get(key)
+        if lab is None:
+            if len(self._labeled) >= MAX_LABEL_PAIRS:
+                key = ("other", "other")
+                lab = self._labeled.get(key)
+                if lab is not None:
+                    return lab
+            lab = self._labeled[key] = _Labeled(self.metrics, *key)
+        return lab
+
+    def destination(self, decision: RoutingDecision) -> str:
+        dest = decision.destination
+        if not self.destination_list and "," in dest:
+            return dest.split(",", 1)[0].strip()
+        return dest
+
+    def protocol_error(self, kind: str) -> None:
+        self._protocol_errors.labels(kind).inc()
+
+
+# -- per-stream state machine ------------------------------------------------------------------
+_START = 0  # waiting for request headers
+_BODY = 1  # buffering the request body
+_ROUTED = 2  # request side answered (routed); response side may follow
+_UNROUTED = 3  # request side abandoned (Envoy moved to a local reply before we routed)
+
+
+class Pending:
+    """A routing step that must be awaited; the transport awaits `coro` for the answers."""
+
+    __slots__ = ("coro",)
+
+    def __init__(self, coro: Coroutine[Any, Any, Answers]) -> None:
+        self.coro = coro
+
+
+class ExtProcStream:
+    """One ext_proc stream. `handle` is synchronous; only routing (the director) awaits,
+    returned as a `Pending`. The transport writes the answers in order."""
+
+    __slots__ = (
+        "body_size",
+        "cancelled",
+        "chunks",
+        "closed",
+        "completed",
+        "completing",
+        "decision",
+        "ended_at",
+        "headers",
+        "info",
+        "lab",
+        "phase",
+        "received_at",
+        "req_mode",
+        "request",
+        "request_answered",
+        "request_id",
+        "request_trailers",
+        "resp_mode",
+        "resp_started",
+        "response_time",
+        "rewriter",
+        "rid_generated",
+        "subset",
+        "svc",
+        "usage",
+    )
+
+    def __init__(self, svc: StreamContext) -> None:
+        self.svc = svc
+        self.phase = _START
+        self.req_mode = envoy.MODE_FULL_DUPLEX_STREAMED
+        self.resp_mode = envoy.MODE_FULL_DUPLEX_STREAMED
+        self.headers: dict[str, str] = {}
+        self.request_id = ""
+        self.rid_generated = False
+        self.received_at = 0.0
+        self.request_answered = False  # the request side got its routing answer
+        self.subset: list[str] | None = None
+        self.chunks: list[bytes] = []
+        self.body_size = 0
+        self.request: InferenceRequest | None = None
+        self.decision: RoutingDecision | None = None
+        self.info: ResponseInfo | None = None
+        self.usage: UsageCollector | None = None
+        self.rewriter: ModelNameRewriter | None = None
+        self.lab: _Labeled | None = None
+        self.request_trailers = False
+        self.resp_started = False
+        self.response_time = 0.0
+        self.completed = False
+        # The response ended naturally; accounting is queued to run after the answer is out.
+        self.completing: TerminationCause | None = None
+        self.ended_at = 0.0
+        self.closed = False  # end the gRPC stream after the current answers
+        self.cancelled = False
+
+    # -- dispatch --------------------------------------------------------------------------------
+    def handle(self, kind: str | None, msg: pb.ProcessingRequest) -> Answers | Pending:
+        if kind == "response_body":
+            return self.on_response_body(msg.response_body)
+        if kind == "request_body":
+            return self.on_request_body(msg)
+        if kind == "request_headers":
+            return self.on_request_headers(msg)
+        if kind == "response_headers":
+            return self.on_response_headers(msg.response_headers)
+        if kind == "request_trailers":
+            return self.on_request_trailers(msg)
+        if kind == "response_trailers":
+            return self.on_response_trailers()
+        self.svc.protocol_error("unknown_message")
+        return None
+
+    # -- request side ------------------------------------------------------------------------------
+    def on_request_headers(self, msg: pb.ProcessingRequest) -> Answers | Pending:
+        if self.phase != _START:
+            self.svc.protocol_error("duplicate_request_headers")
+            return None
+        if msg.HasField("protocol_config"):
+            pc = msg.protocol_config
+            self.req_mode = pc.request_body_mode
+            self.resp_mode = pc.response_body_mode
+        h = msg.request_headers
+        self.received_at = time.monotonic()
+        self.headers = envoy.headers_dict(h)
+        self.request_id, self.rid_generated = parsers.request_id(self.headers)
+        self.subset = envoy.subset_hint(msg)
+        mode = self.req_mode
+        if h.end_of_stream or mode == envoy.MODE_NONE or mode == envoy.MODE_STREAMED:
+            return Pending(self.route_bodyless())
+        self.phase = _BODY
+        if mode == envoy.MODE_FULL_DUPLEX_STREAMED:
+            return None  # the answer waits for the body
+        return envoy.REQUEST_HEADERS_CONTINUE  # BUFFERED: Envoy holds the body until this
+
+    def on_request_body(self, msg: pb.ProcessingRequest) -> Answers | Pending:
+        if self.phase == _BODY:
+            b = msg.request_body
+            chunk = b.body
+            if chunk:
+                self.body_size += len(chunk)
+                if self.body_size > self.svc.max_body_bytes:
+                    self.chunks = []
+                    return self.reject(PayloadTooLarge(f"request body exceeds {self.svc.max_body_bytes} bytes"), None)
+                self.chunks.append(chunk)
+            if b.end_of_stream or self.req_mode != envoy.MODE_FULL_DUPLEX_STREAMED:
+                # BUFFERED sends the whole body in one message (even without EoS).
+                return Pending(self.route(msg, end_of_stream=True))
+            return None
+        if self.phase == _ROUTED and self.req_mode == envoy.MODE_STREAMED:
+            return envoy.REQUEST_BODY_CONTINUE
+        if self.phase == _START:
+            self.svc.protocol_error("request_body_before_headers")
+            return self.reject(InternalError("ext_proc protocol error: request body before headers"), None)
+        self.svc.protocol_error("unexpected_request_body")
+        return None
+
+    def on_request_trailers(self, msg: pb.ProcessingRequest) -> Answers | Pending:
+        self.request_trailers = True
+        if self.phase == _BODY:
+            # HTTP/2 request trailers end the body: route now; the body answers end without
+            # EoS and the trailers answer closes the request side.
+            return Pending(self._route_before_trailers(msg))
+        if self.phase == _START:
+            self.svc.protocol_error("request_trailers_before_headers")
+        return envoy.REQUEST_TRAILERS_CONTINUE
+
+    async def _route_before_trailers(self, msg: pb.ProcessingRequest) -> Answers:
+        routed = await self.route(msg, end_of_stream=False)
+        if self.closed:
+            return routed
+        out = routed if isinstance(routed, list) else [routed] if routed is not None else []
+        out.append(envoy.REQUEST_TRAILERS_CONTINUE)
+        return out
+
+    async def route_bodyless(self) -> Answers:
+        t0 = time.perf_counter()
+        req = parsers.bodyless_request(self.headers, request_id=self.request_id, received_at=self.received_at)
+        self.request = req
+        self._count_request(req)
+        try:
+            decision = self.svc.director.handle_bodyless(req, self.subset)
+            if inspect.isawaitable(decision):
+                decision = await decision
+        except RequestError as e:
+            return self.reject(e, req)
+        except Exception:
+            log.exception("director failed on a body-less request", extra={"request_id": self.request_id})
+            return self.reject(InternalError("internal error while routing the request"), req)
+        self.svc._request_processing.observe(time.perf_counter() - t0)
+        self._routed(decision)
+        answer = self._routing_answer(decision, on_body=False, new_body=None)
+        self.request_answered = True
+        return answer
+
+    async def route(self, msg: pb.ProcessingRequest, *, end_of_stream: bool) -> Answers:
+        t0 = time.perf_counter()
+        subset = envoy.subset_hint(msg)
+        if subset is not None:
+            self.subset = subset
+        chunks = self.chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self.chunks = []
+        try:
+            req = parsers.parse_request(self.headers, body, request_id=self.request_id, received_at=self.received_at)
+        except BadRequest as e:
+            return self.reject(e, None)
+        self.request = req
+        self._count_request(req)
+        try:
+            decision = await self.svc.director.handle_request(req, self.subset)
+        except RequestError as e:
+            return self.reject(e, req)
+        except Exception:
+            log.exception("director failed", extra={"request_id": self.request_id})
+            return self.reject(InternalError("internal error while routing the request"), req)
+        self.svc._request_processing.observe(time.perf_counter() - t0)
+        self._routed(decision)
+        if self.req_mode == envoy.MODE_FULL_DUPLEX_STREAMED:
+            out_body = decision.body if decision.body is not None else body
+            answers: list[Answer] = [self._routing_answer(decision, on_body=False, new_body=None)]
+            if end_of_stream:
+                answers += envoy.streamed_request_chunks(out_body, self.svc.chunk_bytes)
+            elif out_body:
+                # Trailers follow: every chunk without EoS.
+                for start in range(0, len(out_body), self.svc.chunk_bytes):
+                    piece = out_body[start : start + self.svc.chunk_bytes]
+                    answers.append(envoy.streamed_request_body(piece, False))
+            self.request_answered = True
+            return answers
+        # BUFFERED: routing (and a rewritten body, with its length) on the body answer.
+        answer = self._routing_answer(decision, on_body=True, new_body=decision.body)
+        self.request_answered = True
+        return answer
+
+    def _routing_answer(self, decision: RoutingDecision, *, on_body: bool, new_body: bytes | None) -> bytes:
+        """header_mutation (destination, request id, plugin headers; control headers removed)
+        + clear_route_cache + envoy.lb dynamic metadata, on the headers or the body answer."""
+        destination = self.svc.destination(decision)
+        set_headers: list[tuple[str, str | bytes]] = [(envoy.DESTINATION_HEADER, destination)]
+        if self.rid_generated:
+            set_headers.append((envoy.REQUEST_ID_HEADER, self.request_id))
+        if decision.headers:
+            set_headers.extend(decision.headers.items())
+        if new_body is not None:
+            set_headers.append(("content-length", str(len(new_body))))
+        headers = self.headers
+        remove = [h for h in CONTROL_HEADERS if h in headers]
+        metadata = envoy.lb_metadata_bytes(destination, decision.scores)
+        return envoy.routing_answer(set_headers, remove, metadata, on_body=on_body, body=new_body)
+
+    def _count_request(self, req: InferenceRequest) -> None:
+        lab = self.svc.labeled(req.model, req.target_model)
+        self.lab = lab
+        lab.request_total.inc()
+        if req.body:
+            lab.request_size.observe(len(req.body))
+
+    def _routed(self, decision: RoutingDecision) -> None:
+        self.decision = decision
+        self.phase = _ROUTED
+        if self.lab is not None:
+            self.lab.running.inc()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "routed to %s",
+                decision.destination,
+                extra={"request_id": self.request_id},
+            )
+
+    def reject(self, err: RequestError, req: InferenceRequest | None) -> Answer:
+        """Answer with an ImmediateResponse and end the stream."""
+        self.closed = True
+        self.phase = _UNROUTED
+        svc = self.svc
+        model, target = (req.model, req.target_model) if req is not None else ("", "")
+        if req is None and self.lab is None:
+            # Never parsed (400/413): still a request.
+            svc.labeled(model, target).request_total.inc()
+        svc.metrics.request_error_total.labels(model, target, err.code).inc()
+        if err.status >= 500:
+            log.warning(
+                "request rejected: %s %s",
+                err.status,
+                err.message,
+                extra={"request_id": self.request_id},
+            )
+        elif log.isEnabledFor(logging.DEBUG):
+            # 4xx are the client's or the pool's state, not ours: no log line per request.
+            log.debug(
+                "request rejected: %s %s",
+                err.status,
+                err.message,
+                extra={"request_id": self.request_id},
+            )
+        return error_response(err)
+
+    # -- response side -----------------------------------------------------------------------------
+    def on_response_headers(self, h: pb.HttpHeaders) -> Answer:
+        t0 = time.perf_counter()
+        if self.resp_started:
+            self.svc.protocol_error("duplicate_response_headers")
+            return envoy.RESPONSE_HEADERS_CONTINUE
+        self.resp_started = True
+        if self.phase == _BODY or self.phase == _START:
+            # Envoy sent a local reply (timeout, ...) before the request was routed: the
+            # request side will never be answered; the response side still must be.
+            self.phase = _UNROUTED
+            self.chunks = []
+        headers = envoy.headers_dict(h)
+        info = ResponseInfo()
+        try:
+            info.status = int(headers.get(":status", "0"))
+        except ValueError:
+            info.status = 0
+        info.streaming = EVENT_STREAM in headers.get("content-type", "")
+        self.info = info
+        self.usage = UsageCollector(info.streaming)
+        set_headers: list[tuple[str, str | bytes]] = []
+        remove: list[str] = []
+        req = self.request
+        if req is not None and self.decision is not None:
+            extra = self.svc.director.response_headers(req, info, headers)
+            if extra:
+                set_headers.extend(extra.items())
+            if req.target_model and req.target_model != req.model:
+                self.rewriter = ModelNameRewriter(req.target_model, req.model)
+                if self.resp_mode != envoy.MODE_FULL_DUPLEX_STREAMED and "content-length" in headers:
+                    # Non-FDS modes keep content-length; the rewrite may change the length.
+                    remove.append("content-length")
+        if h.end_of_stream:
+            self._response_ended()
+        if self.svc.time_response_chunks:
+            self.response_time += time.perf_counter() - t0
+        if set_headers or remove:
+            return envoy.response_headers_response(set_headers, remove)
+        return envoy.RESPONSE_HEADERS_CONTINUE
+
+    def on_response_body(self, b: pb.HttpBody) -> Answer:
+        timed = self.svc.time_response_chunks
+        if timed:
+            t0 = time.perf_counter()
+        chunk = b.body
+        eos = b.end_of_stream
+        info = self.info
+        if info is None:
+            # Body before headers: answer it anyway so Envoy is never left waiting.
+            self.svc.protocol_error("response_body_before_headers")
+            info = self.info = ResponseInfo()
+            self.usage = UsageCollector(False)
+            self.resp_started = True
+        if chunk:
+            if not info.bytes:
+                info.first_byte_at = time.monotonic()
+            info.bytes += len(chunk)
+            self.usage.feed(chunk)  # type: ignore[union-attr]
+        rewriter = self.rewriter
+        mode = self.resp_mode
+        if mode == envoy.MODE_FULL_DUPLEX_STREAMED:
+            if rewriter is not None:
+                chunk = rewriter.feed(chunk, eos)
+            answer: Answer = envoy.streamed_response_body(chunk, eos)
+        elif rewriter is not None and (chunk or eos):
+            buffered = mode != envoy.MODE_STREAMED
+            answer = envoy.replaced_response_body(rewriter.feed(chunk, eos or buffered))
+        else:
+            answer = envoy.RESPONSE_BODY_CONTINUE
+        if timed:
+            self.response_time += time.perf_counter() - t0
+        if eos or (mode != envoy.MODE_FULL_DUPLEX_STREAMED and mode != envoy.MODE_STREAMED):
+            # BUFFERED / BUFFERED_PARTIAL deliver the whole body in one message.
+            self._response_ended()
+        return answer
+
+    def on_response_trailers(self) -> Answer:
+        if not self.resp_started:
+            self.svc.protocol_error("response_trailers_before_headers")
+        self._response_ended()
+        return envoy.RESPONSE_TRAILERS_CONTINUE
+
+    def _response_ended(self) -> None:
+        """Natural end: account right after the final answer is written, not before it.
+
+        Usage parsing, histograms and director.response_complete (plugins) then run off the
+        client's latency path. `finish()` runs a still-queued completion synchronously, so
+        it stays exactly once and keeps its cause.
+        """
+        if self.completed or self.completing is not None:
+            return
+        self.completing = TerminationCause.NATURAL
+        self.ended_at = time.monotonic()
+        try:
+            asyncio.get_running_loop().call_soon(self._complete_queued)
+        except RuntimeError:  # no running loop (direct use of the state machine)
+            self._complete_queued()
+
+    def _complete_queued(self) -> None:
+        if self.completing is not None:
+            self.complete(self.completing)
+
+    # -- failures ------------------------------------------------------------------------------------
+    def fallback(self, msg: pb.ProcessingRequest) -> Answer | None:
+        """An unexpected exception while handling `msg`: log it and answer safely."""
+        kind = msg.WhichOneof("request")
+        log.exception("ext_proc: error handling %s", kind, extra={"request_id": self.request_id})
+        self.svc.protocol_error("internal_error")
+        request_side = kind in ("request_headers", "request_body", "request_trailers")
+        if request_side and not self.request_answered and self.phase != _UNROUTED:
+            if self.decision is not None:
+                # Routed, but the answer could not be built: release, then fail closed.
+                self.complete(TerminationCause.ERROR)
+            return self.reject(InternalError("internal error while processing the request"), self.request)
+        if kind == "request_trailers":
+            return envoy.REQUEST_TRAILERS_CONTINUE
+        if kind == "response_headers":
+            self.resp_started = True
+            return envoy.RESPONSE_HEADERS_CONTINUE
+        if kind == "response_body":
+            b = msg.response_body
+            if b.end_of_stream:
+                self.complete(TerminationCause.ERROR)
+            if self.resp_mode == envoy.MODE_FULL_DUPLEX_STREAMED:
+                self.rewriter = None  # echo raw from now on
+                return envoy.streamed_response_body(b.body, b.end_of_stream)
+            return envoy.RESPONSE_BODY_CONTINUE
+        if kind == "response_trailers":
+            self.complete(TerminationCause.ERROR)
+            return envoy.RESPONSE_TRAILERS_CONTINUE
+        return None
+
+    # -- completion --------------------------------------------------------------------------------
+    def finish(self) -> None:
+        """The gRPC stream is over: release whatever was not released yet."""
+        if self.completed:
+            return
+        if self.completing is not None:
+            self.complete(self.completing)
+            return
+        if self.decision is not None or self.resp_started:
+            if self.resp_started and self.resp_mode == envoy.MODE_NONE and not self.cancelled:
+                self.complete(TerminationCause.NATURAL)
+            else:
+                self.complete(TerminationCause.CLIENT_DISCONNECT)
+
+    def complete(self, cause: TerminationCause) -> None:
+        if self.completed:
+            return
+        self.completed = True
+        self.completing = None
+        svc = self.svc
+        info = self.info
+        if info is None:
+            info = self.info = ResponseInfo()
+        info.cause = cause
+        now = self.ended_at or time.monotonic()
+        info.finished_at = now
+        usage = self.usage
+        if usage is not None and cause is TerminationCause.NATURAL:
+            try:
+                info.usage = usage.result()
+            except Exception:
+                log.exception("usage extraction failed", extra={"request_id": self.request_id})
+        lab = self.lab
+        req = self.request
+        if lab is not None and req is not None:
+            if self.decision is not None:
+                lab.running.dec()
+            lab.duration.observe(now - req.received_at)
+            if info.bytes:
+                lab.response_size.observe(info.bytes)
+                ttft = lab.ttft_streaming if info.streaming else lab.ttft_non_streaming
+                ttft.observe(info.first_byte_at - req.received_at)
+            u = info.usage
+            if u is not None:
+                lab.input_tokens.observe(u.prompt_tokens)
+                lab.output_tokens.observe(u.completion_tokens)
+                lab.cached_tokens.observe(u.cached_tokens)
+        if info.status >= 400:
+            model, target = lab.labels if lab is not None else ("", "")
+            code = "ModelServerError" if self.decision is not None else "ProxyError"
+            svc.metrics.request_error_total.labels(model, target, code).inc()
+        if self.resp_started and svc.time_response_chunks:
+            svc._response_processing.observe(self.response_time)
+        decision = self.decision
+        if decision is not None and req is not None:
+            try:
+                svc.director.response_complete(req, info, decision)
+            except Exception:
+                log.exception("director.response_complete failed", extra={"request_id": self.request_id})
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "request complete: status=%s cause=%s bytes=%s usage=%s",
+                info.status,
+                cause.value,
+                info.bytes,
+                info.usage,
+                extra={"request_id": self.request_id},
+            )

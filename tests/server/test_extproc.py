@@ -1,0 +1,692 @@
+"""The ext_proc stream state machine, driven over a real gRPC channel like Envoy drives it."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+
+import grpc
+import msgspec
+import pytest
+
+from llmepp.errors import ResourceExhausted
+from llmepp.request.types import RequestKind, TerminationCause
+from llmepp.settings import Settings
+from llmepp.testing.fakes import FakeDirector
+
+from .client import (
+    BUFFERED,
+    ENDPOINTS,
+    STREAMED,
+    TRANSPORT,
+    add_subset,
+    lb_metadata,
+    request_body,
+    request_headers,
+    request_trailers,
+    response_body,
+    response_headers,
+    response_trailers,
+    serve,
+    set_headers,
+    streamed,
+)
+
+
+@pytest.fixture(params=["grpc", "h2"], autouse=True)
+def transport(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every protocol test runs against both transports."""
+    token = TRANSPORT.set(request.param)
+    yield request.param
+    TRANSPORT.reset(token)
+
+
+BODY = json.dumps({"model": "m", "prompt": "hello world", "max_tokens": 5}).encode()
+CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+JSON_RESPONSE = json.dumps(
+    {
+        "id": "x",
+        "model": "m",
+        "choices": [{"text": "ok"}],
+        "usage": {
+            "prompt_tokens": 7,
+            "completion_tokens": 3,
+            "total_tokens": 10,
+            "prompt_tokens_details": {"cached_tokens": 4},
+        },
+    }
+).encode()
+
+
+async def wait_until(cond, within: float = 3.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + within
+    while not cond():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+def sse(*events: dict | str) -> list[bytes]:  # type: ignore[type-arg]
+    out = []
+    for e in events:
+        payload = e if isinstance(e, str) else json.dumps(e)
+        out.append(f"data: {payload}\n\n".encode())
+    return out
+
+
+# -- request side -----------------------------------------------------------------------------
+async def test_routes_request_with_header_and_metadata() -> None:
+    async with serve() as h:
+        s = h.open()
+        answers = await s.route(BODY)
+        hdr = answers[0]
+        assert hdr.WhichOneof("response") == "request_headers"
+        common = hdr.request_headers.response
+        sets = set_headers(common)
+        dest = sets["x-gateway-destination-endpoint"]
+        assert dest.decode() in ENDPOINTS
+        # raw_value only: Envoy 1.40 ignores `value`.
+        opts = {o.header.key: o for o in common.header_mutation.set_headers}
+        assert opts["x-gateway-destination-endpoint"].header.value == ""
+        assert not opts["x-gateway-destination-endpoint"].HasField("append")
+        assert common.clear_route_cache is True
+        assert lb_metadata(hdr) == {"x-gateway-destination-endpoint": dest.decode()}
+        # A request id was generated and forwarded.
+        rid = sets["x-request-id"].decode()
+        assert len(rid) == 36
+        assert h.director.requests[0].request_id == rid
+        body, eos = streamed(answers[1], "request_body")
+        assert body == BODY and eos
+        req = h.director.requests[0]
+        assert req.kind is RequestKind.COMPLETIONS and req.model == "m" and req.prompt == b"hello world"
+        assert req.max_tokens == 5
+
+
+async def test_nothing_is_answered_before_end_of_body() -> None:
+    async with serve() as h:
+        s = h.open()
+        await s.send(request_headers(), request_body(BODY[:10]), request_body(BODY[10:20]))
+        await s.send(request_body(BODY[20:]), request_body(b"", eos=True))
+        # Answers are ordered: the first one is the routing headers answer, so nothing
+        # was sent per chunk.
+        first = await s.recv()
+        assert first.WhichOneof("response") == "request_headers"
+        body, eos = streamed(await s.recv(), "request_body")
+        assert body == BODY and eos
+
+
+async def test_client_request_id_is_kept_and_control_headers_removed() -> None:
+    async with serve() as h:
+        s = h.open()
+        headers = {
+            "x-request-id": "client-rid",
+            "x-gateway-destination-endpoint": "127.0.0.9:1",
+            "x-llm-d-inference-objective": "premium",
+            "x-gateway-inference-fairness-id": "tenant-a",
+            "x-llm-d-request-dropped-reason": "spoofed",
+        }
+        answers = await s.route(BODY, headers)
+        common = answers[0].request_headers.response
+        sets = set_headers(common)
+        assert "x-request-id" not in sets
+        # The client's destination is overwritten (set, never appended).
+        assert sets["x-gateway-destination-endpoint"].decode() in ENDPOINTS
+        assert set(common.header_mutation.remove_headers) == {
+            "x-llm-d-inference-objective",
+            "x-gateway-inference-fairness-id",
+            "x-llm-d-request-dropped-reason",
+        }
+        req = h.director.requests[0]
+        assert req.request_id == "client-rid"
+        assert req.objective == "premium" and req.fairness_id == "tenant-a"
+
+
+async def test_decision_headers_are_forwarded() -> None:
+    director = FakeDirector(list(ENDPOINTS), extra_headers={"x-prefiller-host-port": "10.0.0.9:8000"})
+    async with serve(director) as h:
+        answers = await h.open().route(BODY)
+        assert set_headers(answers[0].request_headers.response)["x-prefiller-host-port"] == b"10.0.0.9:8000"
+
+
+async def test_two_megabyte_body_is_rechunked_byte_exact() -> None:
+    prompt = os.urandom(1_000_000).hex()  # 2 MB of text
+    body = json.dumps({"model": "m", "prompt": prompt}).encode()
+    async with serve() as h:
+        s = h.open()
+        await s.send(request_headers())
+        for i in range(0, len(body), 65536):
+            await s.send(request_body(body[i : i + 65536]))
+        await s.send(request_body(b"", eos=True))
+        assert (await s.recv()).WhichOneof("response") == "request_headers"
+        got = []
+        while True:
+            chunk, eos = streamed(await s.recv(), "request_body")
+            assert 0 < len(chunk) <= 62_000
+            got.append(chunk)
+            if eos:
+                break
+        assert len(got) == -(-len(body) // 62_000)
+        assert hashlib.sha256(b"".join(got)).digest() == hashlib.sha256(body).digest()
+        assert h.director.requests[0].prompt == prompt.encode()
+
+
+async def test_fallback_list_primary_only_by_default() -> None:
+    async with serve(FakeDirector(list(ENDPOINTS), fallbacks=2)) as h:
+        answers = await h.open().route(BODY)
+        dest = set_headers(answers[0].request_headers.response)["x-gateway-destination-endpoint"].decode()
+        assert "," not in dest
+        assert lb_metadata(answers[0])["x-gateway-destination-endpoint"] == dest
+
+
+async def test_fallback_list_when_enabled_and_scores() -> None:
+    scores = {"10.0.0.1:8000": 0.9, "10.0.0.2:8000": 0.5}
+    director = FakeDirector(list(ENDPOINTS), fallbacks=2, scores=scores)
+    async with serve(director, destination_list=True) as h:
+        answers = await h.open().route(BODY)
+        dest = set_headers(answers[0].request_headers.response)["x-gateway-destination-endpoint"].decode()
+        assert len(dest.split(",")) == 2
+        md = lb_metadata(answers[0])
+        assert md["x-gateway-destination-endpoint"] == dest
+        assert dict(md["x-gateway-destination-endpoint-scores"]) == scores
+
+
+async def test_subset_hint_is_passed_through() -> None:
+    async with serve() as h:
+        s = h.open()
+        await s.send(request_headers(subset=["10.0.0.2:8000"]))
+        end = request_body(BODY, eos=True)
+        await s.send(end)
+        first = await s.recv()
+        assert set_headers(first.request_headers.response)["x-gateway-destination-endpoint"] == b"10.0.0.2:8000"
+        assert list(h.director.subsets[0] or []) == ["10.0.0.2:8000"]
+        # The hint may also ride on the last body message.
+        s2 = h.open()
+        end2 = request_body(BODY, eos=True)
+        add_subset(end2, ["10.0.0.3:8000"])
+        await s2.send(request_headers(), end2)
+        first2 = await s2.recv()
+        assert set_headers(first2.request_headers.response)["x-gateway-destination-endpoint"] == b"10.0.0.3:8000"
+
+
+async def test_empty_subset_is_503_no_endpoints() -> None:
+    async with serve() as h:
+        s = h.open()
+        await s.send(request_headers(subset=[]), request_body(BODY, eos=True))
+        resp = (await s.recv()).immediate_response
+        assert resp.status.code == 503
+        hdrs = {o.header.key: o.header.raw_value for o in resp.headers.set_headers}
+        assert hdrs["x-llm-d-request-dropped-reason"] == b"rejected-no-endpoints"
+        await s.recv_eof()
+
+
+async def test_bodyless_request_is_answered_at_once() -> None:
+    async with serve() as h:
+        s = h.open()
+        await s.send(request_headers(path="/v1/models", method="GET", eos=True))
+        first = await s.recv()
+        dest = set_headers(first.request_headers.response)["x-gateway-destination-endpoint"].decode()
+        assert dest in ENDPOINTS
+        assert lb_metadata(first)["x-gateway-destination-endpoint"] == dest
+        assert h.director.requests[0].kind is RequestKind.BODYLESS
+        await s.send(response_headers(), response_body(b'{"data": []}', eos=True))
+        assert (await s.recv()).WhichOneof("response") == "response_headers"
+        assert streamed(await s.recv(), "response_body") == (b'{"data": []}', True)
+        await s.close()
+        await s.recv_eof()
+        assert len(h.director.completions) == 1
+
+
+# -- errors ------------------------------------------------------------------------------------
+def immediate(resp) -> tuple[int, dict[str, bytes], dict]:  # type: ignore[no-untyped-def,type-arg]
+    assert resp.WhichOneof("response") == "immediate_response", resp
+    ir = resp.immediate_response
+    hdrs = {o.header.key: o.header.raw_value for o in ir.headers.set_headers}
+    return ir.status.code, hdrs, json.loads(ir.body)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"model": "m", "prompt": ', "invalid JSON at byte"),
+        (b'{"model" "m"}', "invalid JSON at byte 9: expected ':'"),
+        (b'{"prompt": "x"}', 'missing required field "model"'),
+        (b'{"model": "m"}', 'missing required field "prompt"'),
+        (b'{"model": "m", "prompt": 5}', '"prompt" must be a string or list'),
+        (b"[1, 2]", "request body must be a JSON object"),
+    ],
+)
+async def test_bad_request_is_400(body: bytes, message: str) -> None:
+    async with serve() as h:
+        s = h.open()
+        await s.send(request_headers(), request_body(body, eos=True))
+        status, hdrs, doc = immediate(await s.recv())
+        assert status == 400
+        assert hdrs["content-type"] == b"application/json"
+        assert "x-llm-d-request-dropped-reason" not in hdrs
+        assert doc["error"]["code"] == 400 and doc["error"]["type"] == "BadRequest"
+        assert message in doc["error"]["message"]
+        await s.recv_eof()
+        assert await s.status() == grpc.StatusCode.OK
+        assert h.director.requests == []
+        assert (
+            h.sample(
+                "llm_d_epp_request_error_total", {"model_name": "", "target_model_name": "", "error_code": "BadRequest"}
+            )
+            == 1
+        )
+
+
+async def test_body_over_limit_is_413_without_waiting_for_the_end() -> None:
+    async with serve(settings=Settings(max_body_bytes=1000)) as h:
+        s = h.open()
+        await s.send(request_headers(), request_body(b"x" * 600), request_body(b"x" * 600))
+        status, _, doc = immediate(await s.recv())
+        assert status == 413 and doc["error"]["type"] == "PayloadTooLarge"
+        await s.recv_eof()
+
+
+@pytest.mark.parametrize(
+    ("header", "status", "reason"),
+    [
+        ("429:rejected-saturated", 429, "rejected-saturated"),
+        ("503:rejected-no-endpoints", 503, "rejected-no-endpoints"),
+    ],
+)
+async def test_director_errors_become_immediate_responses(header: str, status: int, reason: str) -> None:
+    async with serve() as h:
+        s = h.open()
+        await s.send(request_headers({"x-test-error": header}), request_body(BODY, eos=True))
+        got, hdrs, doc = immediate(await s.recv())
+        assert got == status
+        assert hdrs["x-llm-d-request-dropped-reason"] == reason.encode()
+        assert doc["error"]["code"] == status
+        await s.recv_eof()
+        assert h.director.completions == []
+        assert h.sample("llm_d_epp_request_running", {"model_name": "m", "target_model_name": "m"}) == 0
+
+
+async def test_director_exception_is_500_not_a_broken_stream(caplog: pytest.LogCaptureFixture) -> None:
+    async with serve(FakeDirector(list(ENDPOINTS), raise_exc=RuntimeError("boom"))) as h:
+        s = h.open()
+        await s.send(request_headers(), request_body(BODY, eos=True))
+        status, _, doc = immediate(await s.recv())
+        assert status == 500 and doc["error"]["type"] == "Internal"
+        await s.recv_eof()
+        assert await s.status() == grpc.StatusCode.OK
+        assert any("boom" in (r.exc_text or "") for r in caplog.records)
+
+
+async def test_request_error_from_attribute() -> None:
+    director = FakeDirector(list(ENDPOINTS), fail_with=ResourceExhausted("busy"))
+    async with serve(director) as h:
+        s = h.open()
+        await s.send(request_headers(), request_body(BODY, eos=True))
+        status, hdrs, doc = immediate(await s.recv())
+        assert status == 429 and doc["error"]["message"] == "busy"
+        assert "x-llm-d-request-dropped-reason" not in hdrs
+
+
+# -- response side -------------------------------------------------------------------------------
+async def test_json_response_passthrough_and_usage() -> None:
+    async with serve() as h:
+        s = h.open()
+        await s.route(BODY)
+        await s.send(response_headers(200, "application/json"))
+        assert (await s.recv()).WhichOneof("response") == "response_headers"
+        parts = [JSON_RESPONSE[:50], JSON_RESPONSE[50:]]
+        await s.send(response_body(parts[0]))
+        assert streamed(await s.recv(), "response_body") == (parts[0], False)
+        await s.send(response_body(parts[1]))
+        assert streamed(await s.recv(), "response_body") == (parts[1], False)
+        await s.send(response_body(b"", eos=True))
+        assert streamed(await s.recv(), "response_body") == (b"", True)
+        await s.close()
+        await s.recv_eof()
+        (c,) = h.director.completions
+        assert c.response.status == 200 and not c.response.streaming
+        assert c.response.cause is TerminationCause.NATURAL
+        u = c.response.usage
+        assert u is not None and (u.prompt_tokens, u.completion_tokens, u.cached_tokens, u.total_tokens) == (
+            7,
+            3,
+            4,
+            10,
+        )
+        assert c.response.bytes == len(JSON_RESPONSE)
+        labels = {"model_name": "m", "target_model_name": "m"}
+        assert h.sample("llm_d_epp_request_total", labels) == 1
+        assert h.sample("llm_d_epp_request_running", labels) == 0
+        assert h.sample("llm_d_epp_request_input_tokens_sum", labels) == 7
+        assert h.sample("llm_d_epp_request_output_tokens_sum", labels) == 3
+        assert h.sample("llm_d_epp_request_cached_tokens_sum", labels) == 4
+        assert h.sample("llm_d_epp_request_duration_seconds_count", labels) == 1
+        assert h.sample("llm_d_epp_response_size_bytes_sum", labels) == len(JSON_RESPONSE)
+        assert h.sample("llm_d_epp_request_ttft_seconds_count", {**labels, "streaming": "false"}) == 1
+        assert h.sample("llm_d_epp_request_processing_duration_seconds_count") == 1
+        assert h.sample("llm_d_epp_response_processing_duration_seconds_count") == 1
+        assert h.sample("llm_d_epp_extproc_streams_inflight") == 0
+
+
+async def test_sse_response_streams_and_usage_from_final_event() -> None:
+    usage = {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}
+    events = sse(
+        {"choices": [{"delta": {"content": "a"}}], "usage": None},
+        {"choices": [{"delta": {"content": "b"}}], "usage": None},
+        {"choices": [], "usage": usage},
+        "[DONE]",
+    )
+    async with serve() as h:
+        s = h.open()
+        await s.route(CHAT, path="/v1/chat/completions")
+        await s.send(response_headers(200, "text/event-stream; charset=utf-8"))
+        await s.recv()
+        for ev in events:
+            await s.send(response_body(ev))
+            assert streamed(await s.recv(), "response_body") == (ev, False)
+        await s.send(response_body(b"", eos=True))
+        assert streamed(await s.recv(), "response_body") == (b"", True)
+        (c,) = h.director.completions
+        assert c.response.streaming
+        assert c.response.usage is not None and c.response.usage.prompt_tokens == 12
+        assert c.response.first_byte_at > 0
+        labels = {"model_name": "m", "target_model_name": "m", "streaming": "true"}
+        assert h.sample("llm_d_epp_request_ttft_seconds_count", labels) == 1
+
+
+async def test_response_headers_from_director_are_set() -> None:
+    director = FakeDirector(list(ENDPOINTS), response_header_extra={"x-served-by": "epp"})
+    async with serve(director) as h:
+        s = h.open()
+        await s.route(BODY)
+        await s.send(response_headers(200))
+        r = await s.recv()
+        assert set_headers(r.response_headers.response) == {"x-served-by": b"epp"}
+        (_, info, headers) = h.director.response_headers_calls[0]
+        assert info.status == 200 and headers[":status"] == "200"
+
+
+async def test_model_rewrite_both_ways() -> None:
+    async with serve() as h:
+        s = h.open()
+        answers = await s.route(BODY, {"x-llm-d-model-name-rewrite": "big-model-v2"})
+        upstream = msgspec.json.decode(b"".join(streamed(a, "request_body")[0] for a in answers[1:]))
+        assert upstream == {**json.loads(BODY), "model": "big-model-v2"}
+        assert "x-llm-d-model-name-rewrite" in answers[0].request_headers.response.header_mutation.remove_headers
+        await s.send(response_headers(200, "text/event-stream"))
+        await s.recv()
+        # The pattern split across chunks is still rewritten; the spaced variant too.
+        chunks = [b'data: {"id":1,"model":"big-mo', b'del-v2","x":1}\n\n', b'data: {"model": "big-model-v2"}\n\n']
+        out = b""
+        for i, ch in enumerate(chunks):
+            await s.send(response_body(ch, eos=i == len(chunks) - 1))
+            out += streamed(await s.recv(), "response_body")[0]
+        assert out == b'data: {"id":1,"model":"m","x":1}\n\ndata: {"model": "m"}\n\n'
+        req = h.director.requests[0]
+        assert (req.model, req.target_model) == ("m", "big-model-v2")
+
+
+async def test_response_trailers_complete_once() -> None:
+    async with serve() as h:
+        s = h.open()
+        await s.route(BODY)
+        await s.send(response_headers(200), response_body(JSON_RESPONSE))
+        await s.recv()
+        await s.recv()
+        await s.send(response_trailers())
+        assert (await s.recv()).WhichOneof("response") == "response_trailers"
+        await s.close()
+        await s.recv_eof()
+        (c,) = h.director.completions
+        assert c.response.cause is TerminationCause.NATURAL
+        assert c.response.usage is not None and c.response.usage.total_tokens == 10
+
+
+async def test_local_reply_for_an_unrouted_request_is_answered() -> None:
+    async with serve() as h:
+        s = h.open()
+        await s.send(request_headers(), request_body(BODY[:10]))
+        # Envoy gives up (e.g. a timeout) and sends its own reply through the response path.
+        await s.send(response_headers(504, "text/plain"), response_body(b"upstream request timeout", eos=True))
+        assert (await s.recv()).WhichOneof("response") == "response_headers"
+        assert streamed(await s.recv(), "response_body") == (b"upstream request timeout", True)
+        await s.close()
+        await s.recv_eof()
+        assert h.director.requests == [] and h.director.completions == []
+        assert (
+            h.sample(
+                "llm_d_epp_request_error_total", {"model_name": "", "target_model_name": "", "error_code": "ProxyError"}
+            )
+            == 1
+        )
+
+
+async def test_local_reply_after_routing_completes_accounting() -> None:
+    async with serve() as h:
+        s = h.open()
+        await s.route(BODY)
+        await s.send(response_headers(503, "text/plain"), response_body(b"no healthy upstream", eos=True))
+        await s.recv()
+        await s.recv()
+        (c,) = h.director.completions
+        assert c.response.status == 503 and c.response.cause is TerminationCause.NATURAL
+        assert h.director.inflight == {}
+
+
+# -- cancellation ---------------------------------------------------------------------------------
+async def test_cancel_mid_body_holds_nothing() -> None:
+    async with serve() as h:
+        s = h.open()
+        await s.send(request_headers(), request_body(BODY[:10]))
+        await wait_until(lambda: h.sample("llm_d_epp_extproc_streams_inflight") == 1)
+        s.cancel()
+        await wait_until(lambda: h.sample("llm_d_epp_extproc_streams_inflight") == 0)
+        assert h.director.requests == [] and h.director.completions == []
+
+
+async def test_cancel_mid_response_releases_exactly_once() -> None:
+    async with serve() as h:
+        s = h.open()
+        await s.route(CHAT, path="/v1/chat/completions")
+        await s.send(response_headers(200, "text/event-stream"), response_body(b"data: {}\n\n"))
+        await s.recv()
+        await s.recv()
+        assert h.director.inflight
+        s.cancel()
+        await wait_until(lambda: len(h.director.completions) == 1)
+        await asyncio.sleep(0.1)
+        (c,) = h.director.completions
+        assert c.response.cause is TerminationCause.CLIENT_DISCONNECT
+        assert h.director.inflight == {}
+        assert h.sample("llm_d_epp_request_running", {"model_name": "m", "target_model_name": "m"}) == 0
+        assert h.sample("llm_d_epp_extproc_streams_inflight") == 0
+
+
+async def test_stream_closed_after_routing_without_response_releases() -> None:
+    async with serve() as h:
+        s = h.open()
+        await s.route(BODY)
+        await s.close()  # Envoy half-closes: the request ended before any response
+        await s.recv_eof()
+        (c,) = h.director.completions
+        assert c.response.cause is TerminationCause.CLIENT_DISCONNECT
+
+
+async def test_cancel_while_the_director_decides() -> None:
+    async with serve(FakeDirector(list(ENDPOINTS), delay=5.0)) as h:
+        s = h.open()
+        await s.send(request_headers(), request_body(BODY, eos=True))
+        await wait_until(lambda: h.sample("llm_d_epp_extproc_streams_inflight") == 1)
+        await asyncio.sleep(0.05)
+        s.cancel()
+        await wait_until(lambda: h.sample("llm_d_epp_extproc_streams_inflight") == 0, within=2.0)
+        assert h.director.completions == [] and h.director.inflight == {}
+
+
+# -- other body modes ------------------------------------------------------------------------------
+async def test_buffered_mode_routes_on_the_body_answer() -> None:
+    async with serve() as h:
+        s = h.open()
+        await s.send(request_headers(req_mode=BUFFERED, resp_mode=STREAMED))
+        first = await s.recv()
+        assert first.WhichOneof("response") == "request_headers"
+        assert not first.request_headers.HasField("response")
+        await s.send(request_body(BODY, eos=True))
+        r = await s.recv()
+        assert r.WhichOneof("response") == "request_body"
+        common = r.request_body.response
+        assert set_headers(common)["x-gateway-destination-endpoint"].decode() in ENDPOINTS
+        assert common.clear_route_cache and not common.HasField("body_mutation")
+        assert lb_metadata(r)["x-gateway-destination-endpoint"] in ENDPOINTS
+        await s.send(response_headers(200, "text/event-stream"))
+        await s.recv()
+        for ev in sse({"a": 1}, "[DONE]"):
+            await s.send(response_body(ev))
+            r = await s.recv()
+            assert r.WhichOneof("response") == "response_body"
+            assert not r.response_body.HasField("response")  # plain BodyResponse
+        await s.send(response_body(b"", eos=True))
+        await s.recv()
+        assert len(h.director.completions) == 1
+
+
+async def test_buffered_mode_model_rewrite_replaces_body_with_length() -> None:
+    async with serve() as h:
+        s = h.open()
+        await s.send(request_headers({"x-gateway-model-name-rewrite": "t"}, req_mode=BUFFERED, resp_mode=STREAMED))
+        await s.recv()
+        await s.send(request_body(BODY, eos=True))
+        common = (await s.recv()).request_body.response
+        new_body = common.body_mutation.body
+        assert json.loads(new_body)["model"] == "t"
+        assert set_headers(common)["content-length"] == str(len(new_body)).encode()
+        await s.send(response_headers(200, "application/json", **{"content-length": "20"}))
+        r = await s.recv()
+        assert "content-length" in r.response_headers.response.header_mutation.remove_headers
+        await s.send(response_body(b'{"model":"t"}', eos=True))
+        r = await s.recv()
+        assert r.response_body.response.body_mutation.body == b'{"model":"m"}'
+
+
+async def test_request_trailers_end_the_body() -> None:
+    async with serve() as h:
+        s = h.open()
+        await s.send(request_headers(), request_body(BODY[:20]), request_body(BODY[20:]), request_trailers())
+        assert (await s.recv()).WhichOneof("response") == "request_headers"
+        body, eos = streamed(await s.recv(), "request_body")
+        assert body == BODY and not eos  # the trailers end the stream, not the body
+        assert (await s.recv()).WhichOneof("response") == "request_trailers"
+
+
+async def test_request_trailers_after_routing_are_answered() -> None:
+    async with serve() as h:
+        s = h.open()
+        await s.route(BODY)
+        await s.send(request_trailers())
+        assert (await s.recv()).WhichOneof("response") == "request_trailers"
+
+
+# -- protocol errors -------------------------------------------------------------------------------
+async def test_body_before_headers_is_a_500_and_counted() -> None:
+    async with serve() as h:
+        s = h.open()
+        await s.send(request_body(BODY, eos=True))
+        status, _, _ = immediate(await s.recv())
+        assert status == 500
+        await s.recv_eof()
+        assert h.sample("llm_d_epp_extproc_protocol_errors_total", {"kind": "request_body_before_headers"}) == 1
+
+
+async def test_unexpected_messages_are_counted_and_the_stream_survives() -> None:
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    async with serve() as h:
+        s = h.open()
+        await s.send(pb.ProcessingRequest())  # no phase at all
+        await s.route(BODY)
+        await s.send(request_headers())  # duplicate
+        await s.send(request_body(b"late", eos=True))  # after the request was answered
+        # Response body before response headers: still echoed.
+        await s.send(response_body(b"abc"))
+        assert streamed(await s.recv(), "response_body") == (b"abc", False)
+        await s.send(response_headers(200))
+        assert (await s.recv()).WhichOneof("response") == "response_headers"
+        await s.send(response_body(b"", eos=True))
+        assert streamed(await s.recv(), "response_body") == (b"", True)
+        kinds = {
+            k: h.sample("llm_d_epp_extproc_protocol_errors_total", {"kind": k})
+            for k in (
+                "unknown_message",
+                "duplicate_request_headers",
+                "unexpected_request_body",
+                "response_body_before_headers",
+                "duplicate_response_headers",
+            )
+        }
+        assert kinds == {
+            "unknown_message": 1,
+            "duplicate_request_headers": 1,
+            "unexpected_request_body": 1,
+            "response_body_before_headers": 1,
+            "duplicate_response_headers": 1,
+        }
+        assert len(h.director.completions) == 1
+
+
+async def test_many_concurrent_streams() -> None:
+    async with serve() as h:
+
+        async def one(i: int) -> bytes:
+            s = h.open()
+            body = json.dumps({"model": "m", "prompt": f"p{i}"}).encode()
+            answers = await s.route(body)
+            await s.send(response_headers(200), response_body(JSON_RESPONSE, eos=True))
+            await s.recv()
+            out, _ = streamed(await s.recv(), "response_body")
+            await s.close()
+            await s.recv_eof()
+            assert streamed(answers[1], "request_body")[0] == body
+            return out
+
+        outs = await asyncio.gather(*(one(i) for i in range(60)))
+        assert all(o == JSON_RESPONSE for o in outs)
+        assert len(h.director.completions) == 60 and h.director.inflight == {}
+        assert h.sample("llm_d_epp_extproc_streams_inflight") == 0
+
+
+async def test_streamed_request_mode_routes_on_headers() -> None:
+    async with serve() as h:
+        s = h.open()
+        # STREAMED request bodies are forwarded as they arrive: the route is picked on the
+        # headers (load only), and every chunk gets a plain BodyResponse.
+        await s.send(request_headers(req_mode=STREAMED, resp_mode=STREAMED))
+        first = await s.recv()
+        assert set_headers(first.request_headers.response)["x-gateway-destination-endpoint"].decode() in ENDPOINTS
+        assert h.director.requests[0].kind is RequestKind.BODYLESS
+        await s.send(request_body(BODY[:10]), request_body(BODY[10:], eos=True))
+        for _ in range(2):
+            r = await s.recv()
+            assert r.WhichOneof("response") == "request_body" and not r.request_body.HasField("response")
+        await s.send(response_headers(200), response_body(JSON_RESPONSE, eos=True))
+        await s.recv()
+        r = await s.recv()
+        assert r.WhichOneof("response") == "response_body" and not r.request_body.HasField("response")
+        (c,) = h.director.completions
+        assert c.response.usage is not None and c.response.usage.total_tokens == 10
+
+
+async def test_buffered_response_mode_completes_on_the_single_body_message() -> None:
+    async with serve() as h:
+        s = h.open()
+        await s.send(request_headers(req_mode=BUFFERED, resp_mode=BUFFERED))
+        await s.recv()
+        await s.send(request_body(BODY, eos=True))
+        await s.recv()
+        await s.send(response_headers(200), response_body(JSON_RESPONSE, eos=True))
+        await s.recv()
+        r = await s.recv()
+        assert r.WhichOneof("response") == "response_body" and not r.response_body.HasField("response")
+        (c,) = h.director.completions
+        assert c.response.usage is not None and c.response.bytes == len(JSON_RESPONSE)

@@ -1,0 +1,264 @@
+"""Request parsing: paths, the three OpenAI shapes, passthrough, precise 400s, properties."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import struct
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmepp.errors import BadRequest
+from llmepp.request.parsers import classify, parse_request, request_path
+from llmepp.request.types import RequestKind
+
+
+def parse(body: Any, path: str = "/v1/completions", **headers: str) -> Any:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    h = {":path": path, **{k.replace("_", "-"): v for k, v in headers.items()}}
+    return parse_request(h, raw, request_id="rid")
+
+
+def bad(body: Any, path: str = "/v1/completions") -> str:
+    with pytest.raises(BadRequest) as e:
+        parse(body, path)
+    assert e.value.status == 400
+    return e.value.message
+
+
+# -- paths -----------------------------------------------------------------------------------------
+def test_path_header_precedence_and_query() -> None:
+    assert request_path({":path": "/v1/chat/completions?x=1", "x-original-path": "/v1/embeddings"}) == (
+        "/v1/chat/completions"
+    )
+    assert request_path({"x-original-path": "/a/v1/embeddings", "x-forwarded-path": "/b"}) == "/a/v1/embeddings"
+    assert request_path({"x-forwarded-path": "/b?q"}) == "/b"
+    assert request_path({}) == "/v1/completions"
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [
+        ("/v1/chat/completions", RequestKind.CHAT_COMPLETIONS),
+        ("/openai/v1/chat/completions/", RequestKind.CHAT_COMPLETIONS),
+        ("/v1/completions", RequestKind.COMPLETIONS),
+        ("completions", RequestKind.COMPLETIONS),
+        ("/v1/embeddings", RequestKind.EMBEDDINGS),
+        ("/v1/completions/render", RequestKind.PASSTHROUGH),
+        ("/v1/foocompletions", RequestKind.PASSTHROUGH),
+        ("/v1/responses", RequestKind.PASSTHROUGH),
+        ("/", RequestKind.PASSTHROUGH),
+    ],
+)
+def test_longest_suffix_on_segment_boundary(path: str, kind: RequestKind) -> None:
+    assert classify(path) is kind
+
+
+# -- completions -----------------------------------------------------------------------------------
+def test_completions_fields() -> None:
+    r = parse({"model": "m", "prompt": "héllo", "stream": True, "max_tokens": 9, "cache_salt": "s"})
+    assert r.kind is RequestKind.COMPLETIONS
+    assert (r.model, r.target_model, r.prompt, r.stream, r.max_tokens, r.cache_salt) == (
+        "m",
+        "m",
+        "héllo".encode(),
+        True,
+        9,
+        "s",
+    )
+    assert r.payload is None  # no rewrite → payload not kept
+    assert r.fairness_id == "default-flow" and r.objective == ""
+
+
+def test_completions_prompt_lists_and_token_ids() -> None:
+    assert parse({"model": "m", "prompt": ["ab", "cd"]}).prompt == b"abcd"
+    assert parse({"model": "m", "prompt": [1, 2, 70000]}).prompt == struct.pack("<3I", 1, 2, 70000)
+    assert parse({"model": "m", "prompt": [[1], [2, 3]]}).prompt == struct.pack("<3I", 1, 2, 3)
+    assert parse({"model": "m", "prompt": ""}).prompt == b""
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"model": "m"}, 'missing required field "prompt"'),
+        ({"model": "m", "prompt": None}, 'missing required field "prompt"'),
+        ({"model": "m", "prompt": 3}, '"prompt" must be a string or list'),
+        ({"model": "m", "prompt": []}, '"prompt" must not be an empty list'),
+        ({"model": "m", "prompt": ["a", 1]}, '"prompt" list must contain only strings'),
+        ({"model": "m", "prompt": [1, -1]}, '"prompt" token ids must be integers'),
+        ({"model": "m", "prompt": [True]}, '"prompt" must be a string, a list of strings or a list of token ids'),
+        ({"model": "m", "prompt": [[1], []]}, '"prompt" must be a list of non-empty token-id lists'),
+        ({"prompt": "x"}, 'missing required field "model"'),
+        ({"model": 1, "prompt": "x"}, '"model" must be a string'),
+        ({"model": "", "prompt": "x"}, '"model" must not be empty'),
+        ({"model": "m", "prompt": "x", "stream": "yes"}, '"stream" must be a boolean, got string'),
+        ({"model": "m", "prompt": "x", "max_tokens": 1.5}, '"max_tokens" must be an integer, got number'),
+        ({"model": "m", "prompt": "x", "max_tokens": -1}, '"max_tokens" must not be negative'),
+        (["m"], "request body must be a JSON object"),
+        (b"", "request body is empty"),
+        (b'{"model": "m",', "invalid JSON at byte 14: unexpected end of input"),
+        (b'{"model": "m"} x', "invalid JSON at byte 16: trailing characters"),
+        (b"\xff", "invalid JSON at byte 0: invalid character"),
+    ],
+)
+def test_completions_errors(body: Any, message: str) -> None:
+    assert bad(body).startswith(message)
+
+
+# -- chat ------------------------------------------------------------------------------------------
+def test_chat_prompt_tools_then_role_and_content() -> None:
+    body = (
+        b'{"model": "m", "tools": [{"type": "function", "function": {"name": "f"}}], "messages": ['
+        b'{"role": "system", "content": "be brief"},'
+        b'{"role": "user", "content": [{"type": "text", "text": "look "}, '
+        b'{"type": "image_url", "image_url": {"url": "http://x"}}, {"type": "text", "text": "here"}]},'
+        b'{"role": "assistant", "content": null, "tool_calls": []}],'
+        b'"max_tokens": 3, "max_completion_tokens": 7, "stream": false}'
+    )
+    r = parse(body, "/v1/chat/completions")
+    assert r.kind is RequestKind.CHAT_COMPLETIONS
+    tools = b'[{"type": "function", "function": {"name": "f"}}]'
+    assert r.prompt == tools + b"systembe briefuserlook hereassistant"
+    assert r.max_tokens == 7 and r.stream is False
+
+
+def test_chat_max_tokens_fallback_and_no_tools() -> None:
+    r = parse({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}, "/v1/chat/completions")
+    assert r.prompt == b"userhi" and r.max_tokens == 4
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"model": "m"}, 'missing required field "messages"'),
+        ({"model": "m", "messages": []}, '"messages" must contain at least one message'),
+        ({"model": "m", "messages": "hi"}, '"messages" must be an array, got string'),
+        ({"model": "m", "messages": ["hi"]}, '"messages[0]" must be an object, got string'),
+        (
+            {"model": "m", "messages": [{"role": "u", "content": 5}]},
+            '"messages[0].content" must be a string or array, got integer',
+        ),
+    ],
+)
+def test_chat_errors(body: Any, message: str) -> None:
+    assert bad(body, "/v1/chat/completions").startswith(message)
+
+
+# -- embeddings / passthrough ----------------------------------------------------------------------
+def test_embeddings() -> None:
+    r = parse({"model": "e", "input": ["a", "b"]}, "/v1/embeddings")
+    assert r.kind is RequestKind.EMBEDDINGS and r.prompt == b"ab" and r.model == "e"
+    assert bad({"model": "e"}, "/v1/embeddings") == 'missing required field "input"'
+
+
+def test_passthrough_keeps_the_body_raw() -> None:
+    r = parse(b"not json at all", "/v1/audio/transcriptions")
+    assert r.kind is RequestKind.PASSTHROUGH and r.body == b"not json at all" and r.prompt is None
+    assert parse(b"", "/x").body == b""
+
+
+# -- headers ---------------------------------------------------------------------------------------
+def test_control_headers_and_aliases() -> None:
+    r = parse(
+        {"model": "m", "prompt": "x"},
+        x_llm_d_inference_objective="gold",
+        x_gateway_inference_objective="ignored",
+        x_gateway_inference_fairness_id="tenant",
+        x_gateway_model_name_rewrite="t",
+    )
+    assert (r.objective, r.fairness_id, r.target_model) == ("gold", "tenant", "t")
+    assert r.payload == {"model": "m", "prompt": "x"}  # kept: the body must be rewritten
+    r2 = parse({"model": "m", "prompt": "x"}, x_llm_d_model_name_rewrite="m")
+    assert r2.payload is None
+
+
+# -- properties ------------------------------------------------------------------------------------
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+keys = st.sampled_from(["model", "prompt", "messages", "input", "stream", "max_tokens", "tools", "cache_salt"])
+bodies = st.one_of(
+    json_values,
+    st.dictionaries(keys, json_values, max_size=6),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=bodies, path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/embeddings"]))
+def test_any_json_value_parses_or_is_bad_request(body: Any, path: str) -> None:
+    raw = msgspec.json.encode(body)
+    with contextlib.suppress(BadRequest):
+        parse_request({":path": path}, raw, request_id="r")
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.binary(max_size=64))
+def test_any_bytes_parse_or_bad_request(raw: bytes) -> None:
+    with contextlib.suppress(BadRequest):
+        parse_request({":path": "/v1/chat/completions"}, raw, request_id="r")
+
+
+texts = st.text(max_size=30)
+messages = st.lists(
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["system", "user", "assistant"]),
+            "content": st.one_of(texts, st.lists(texts, max_size=3)),
+        }
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    model=st.text(min_size=1, max_size=20),
+    msgs=messages,
+    stream=st.booleans(),
+    max_tokens=st.none() | st.integers(0, 10_000),
+)
+def test_chat_round_trip(model: str, msgs: list[dict[str, Any]], stream: bool, max_tokens: int | None) -> None:
+    wire_msgs = [
+        {
+            "role": m["role"],
+            "content": m["content"]
+            if isinstance(m["content"], str)
+            else [{"type": "text", "text": t} for t in m["content"]],
+        }
+        for m in msgs
+    ]
+    body: dict[str, Any] = {"model": model, "messages": wire_msgs, "stream": stream}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    r = parse_request({":path": "/v1/chat/completions"}, msgspec.json.encode(body), request_id="r")
+    expected = "".join(
+        m["role"] + (m["content"] if isinstance(m["content"], str) else "".join(m["content"])) for m in msgs
+    )
+    assert (r.model, r.stream, r.max_tokens, r.prompt) == (model, stream, max_tokens, expected.encode())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    prompt=st.one_of(texts, st.lists(texts, min_size=1, max_size=4), st.lists(st.integers(0, 2**32 - 1), min_size=1)),
+    salt=st.text(max_size=5),
+)
+def test_completions_round_trip(prompt: Any, salt: str) -> None:
+    r = parse_request(
+        {":path": "/v1/completions"},
+        msgspec.json.encode({"model": "m", "prompt": prompt, "cache_salt": salt}),
+        request_id="r",
+    )
+    if isinstance(prompt, str):
+        expected = prompt.encode()
+    elif isinstance(prompt[0], str):
+        expected = "".join(prompt).encode()
+    else:
+        expected = struct.pack(f"<{len(prompt)}I", *prompt)
+    assert r.prompt == expected and r.cache_salt == salt

@@ -1,0 +1,191 @@
+"""Usage extraction from SSE tails and JSON bodies; chunking never changes the answer."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmepp.request import usage as usage_mod
+from llmepp.request.rewrite import ModelNameRewriter
+from llmepp.request.types import Usage
+from llmepp.request.usage import UsageCollector, usage_from_fragment, usage_from_json, usage_from_sse
+
+
+def collect(chunks: list[bytes], streaming: bool) -> Usage | None:
+    c = UsageCollector(streaming)
+    for ch in chunks:
+        c.feed(ch)
+    return c.result()
+
+
+def sse_stream(n_events: int, usage: dict | None, done: bool = True, crlf: bool = False) -> bytes:  # type: ignore[type-arg]
+    nl = "\r\n" if crlf else "\n"
+    parts = [f'data: {{"choices":[{{"delta":{{"content":"tok{i}"}}}}],"usage":null}}{nl}{nl}' for i in range(n_events)]
+    if usage is not None:
+        parts.append(f"data: {json.dumps({'choices': [], 'usage': usage})}{nl}{nl}")
+    if done:
+        parts.append(f"data: [DONE]{nl}{nl}")
+    return "".join(parts).encode()
+
+
+def test_json_usage_with_cached_tokens() -> None:
+    body = (
+        b'{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7,'
+        b'"prompt_tokens_details":{"cached_tokens":3}}}'
+    )
+    assert usage_from_json(body) == Usage(5, 2, 3, 7)
+
+
+def test_json_usage_responses_api_variant_and_total_recomputed() -> None:
+    body = b'{"usage":{"input_tokens":4,"output_tokens":6,"input_tokens_details":{"cached_tokens":1}}}'
+    assert usage_from_json(body) == Usage(4, 6, 1, 10)
+
+
+def test_json_without_usage_or_invalid() -> None:
+    assert usage_from_json(b'{"choices":[]}') is None
+    assert usage_from_json(b'{"usage": null}') is None
+    assert usage_from_json(b'{"usage": {"prompt_tokens": "x"}}') is None
+    assert usage_from_json(b"not json usage") is None
+
+
+def test_sse_final_event_before_done() -> None:
+    u = {"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15}
+    assert usage_from_sse(sse_stream(3, u)) == Usage(11, 4, 0, 15)
+    assert usage_from_sse(sse_stream(3, u, crlf=True)) == Usage(11, 4, 0, 15)
+    assert usage_from_sse(sse_stream(3, None)) is None
+
+
+def test_sse_continuous_usage_takes_the_last() -> None:
+    stream = (
+        b'data: {"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n'
+        b'data: {"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    assert usage_from_sse(stream) == Usage(3, 2, 0, 5)
+
+
+def test_sse_responses_api_completed_event() -> None:
+    stream = (
+        b"event: response.output_text.delta\n"
+        b'data: {"type":"response.output_text.delta","delta":"x"}\n\n'
+        b"event: response.completed\n"
+        b'data: {"type":"response.completed","response":{"id":"r",'
+        b'"usage":{"input_tokens":8,"output_tokens":2,"total_tokens":10}}}\n\n'
+    )
+    assert usage_from_sse(stream) == Usage(8, 2, 0, 10)
+
+
+def test_long_stream_keeps_only_a_tail() -> None:
+    u = {"prompt_tokens": 1, "completion_tokens": 20000, "total_tokens": 20001}
+    stream = sse_stream(20000, u)  # ~1.2 MB
+    c = UsageCollector(True)
+    for i in range(0, len(stream), 100):
+        c.feed(stream[i : i + 100])
+        assert len(c._buf) <= 2 * usage_mod.SSE_TAIL_BYTES
+    assert c.result() == Usage(1, 20000, 0, 20001)
+
+
+def test_large_json_body_falls_back_to_the_tail() -> None:
+    body = json.dumps(
+        {
+            "choices": [{"text": "x" * (usage_mod.JSON_BODY_LIMIT + 10)}],
+            "usage": {"prompt_tokens": 2, "completion_tokens": 9},
+        }
+    ).encode()
+    c = UsageCollector(False)
+    for i in range(0, len(body), 65536):
+        c.feed(body[i : i + 65536])
+    assert len(c._buf) <= 2 * usage_mod.SSE_TAIL_BYTES
+    assert c.result() == Usage(2, 9, 0, 11)
+
+
+def test_fragment_parser_handles_strings_with_braces() -> None:
+    frag = b'"text": "a}b", "usage": {"prompt_tokens": 1, "completion_tokens": 1, "x": "}{"}}'
+    assert usage_from_fragment(frag) == Usage(1, 1, 0, 2)
+    assert usage_from_fragment(b'"usage": {"prompt_tokens": 1') is None
+
+
+def test_sse_served_as_json_content_type() -> None:
+    stream = sse_stream(2, {"prompt_tokens": 1, "completion_tokens": 2})
+    assert collect([stream], streaming=False) == Usage(1, 2, 0, 3)
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({min(max(c, 0), len(data)) for c in cuts})
+    out, prev = [], 0
+    for p in [*points, len(data)]:
+        out.append(data[prev:p])
+        prev = p
+    return out
+
+
+usage_dicts = st.fixed_dictionaries(
+    {"prompt_tokens": st.integers(0, 10**6), "completion_tokens": st.integers(0, 10**6)},
+    optional={"prompt_tokens_details": st.fixed_dictionaries({"cached_tokens": st.integers(0, 1000)})},
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(0, 30), u=st.none() | usage_dicts, cuts=st.lists(st.integers(0, 5000), max_size=20))
+def test_sse_chunk_boundaries_do_not_matter(n: int, u: dict | None, cuts: list[int]) -> None:  # type: ignore[type-arg]
+    stream = sse_stream(n, u)
+    whole = collect([stream], streaming=True)
+    assert collect(_split(stream, cuts), streaming=True) == whole
+    if u is not None:
+        assert whole is not None and whole.prompt_tokens == u["prompt_tokens"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    pad=st.integers(0, 3 * usage_mod.SSE_TAIL_BYTES),
+    cuts=st.lists(st.integers(0, 4 * usage_mod.SSE_TAIL_BYTES), max_size=30),
+)
+def test_tail_bound_is_chunking_independent(pad: int, cuts: list[int]) -> None:
+    # A usage event that straddles the tail bound gives the same answer however it is cut.
+    stream = b"data: " + b"x" * pad + b"\n\n" + sse_stream(1, {"prompt_tokens": 1, "completion_tokens": 1}) + b"y" * pad
+    whole = collect([stream], streaming=True)
+    assert collect(_split(stream, cuts), streaming=True) == whole
+
+
+@settings(max_examples=200, deadline=None)
+@given(u=usage_dicts, text=st.text(max_size=200), cuts=st.lists(st.integers(0, 600), max_size=10))
+def test_json_chunk_boundaries_do_not_matter(u: dict, text: str, cuts: list[int]) -> None:  # type: ignore[type-arg]
+    body = json.dumps({"choices": [{"text": text}], "usage": u}).encode()
+    got = collect(_split(body, cuts), streaming=False)
+    assert got == collect([body], streaming=False)
+    assert got is not None and got.completion_tokens == u["completion_tokens"]
+
+
+# -- model-name rewrite ------------------------------------------------------------------------------
+def rewrite_all(chunks: list[bytes], target: str = "tgt", client: str = "cli") -> bytes:
+    rw = ModelNameRewriter(target, client)
+    return b"".join(rw.feed(ch, i == len(chunks) - 1) for i, ch in enumerate(chunks))
+
+
+def test_rewrite_patterns() -> None:
+    src = b'{"model":"tgt","x":{"model": "tgt"},"y":"model:tgt","z":"tgt2","w":{"model":"tgt2"}}'
+    assert rewrite_all([src]) == b'{"model":"cli","x":{"model": "cli"},"y":"model:tgt","z":"tgt2","w":{"model":"tgt2"}}'
+
+
+def test_rewrite_escapes_names() -> None:
+    rw = ModelNameRewriter('a"b', "c")
+    assert rw.feed(b'{"model":"a\\"b"}', True) == b'{"model":"c"}'
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    parts=st.lists(
+        st.sampled_from(
+            [b'"model":"tgt"', b'"model": "tgt"', b'"model":"tg"', b"data: ", b'"', b"x", b"\n\n", b'"model"']
+        ),
+        max_size=12,
+    ),
+    cuts=st.lists(st.integers(0, 200), max_size=10),
+)
+def test_rewrite_is_independent_of_chunking(parts: list[bytes], cuts: list[int]) -> None:
+    data = b"".join(parts)
+    expected = data.replace(b'"model":"tgt"', b'"model":"cli"').replace(b'"model": "tgt"', b'"model": "cli"')
+    chunks = _split(data, cuts)
+    assert rewrite_all(chunks) == expected
