@@ -10,15 +10,26 @@ from llmepp.framework.plugin import Plugin, PluginRegistry
 
 
 def builtin_plugins() -> list[type[Plugin]]:
-    from llmepp.plugins import datasources, discovery, pickers, producers, profile_handlers, scorers
+    from llmepp.plugins import (
+        datasources,
+        discovery,
+        filters,
+        flowcontrol,
+        pickers,
+        producers,
+        profile_handlers,
+        scorers,
+    )
 
     return [
+        *filters.PLUGINS,
         *scorers.PLUGINS,
         *pickers.PLUGINS,
         *profile_handlers.PLUGINS,
         *producers.PLUGINS,
         *discovery.PLUGINS,
         *datasources.PLUGINS,
+        *flowcontrol.PLUGINS,
     ]
 
 

@@ -28,7 +28,8 @@ from llmepp.config.schema import (
     SchedulingProfileSpec,
 )
 from llmepp.director import Pipeline
-from llmepp.framework.datakeys import PREFIX_CACHE_MATCH_INFO, TOKENIZED_PROMPT
+from llmepp.flowcontrol.config import build_admission
+from llmepp.framework.datakeys import IN_FLIGHT_LOAD, PREFIX_CACHE_MATCH_INFO, TOKENIZED_PROMPT
 from llmepp.framework.datalayer import EndpointDiscovery
 from llmepp.framework.plugin import ConfigError, Plugin, PluginContext, PluginRegistry, registry
 from llmepp.framework.requestcontrol import (
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 DEFAULT_PRODUCERS: dict[str, str] = {
     PREFIX_CACHE_MATCH_INFO: "approx-prefix-cache-producer",
     TOKENIZED_PROMPT: "token-producer",
+    IN_FLIGHT_LOAD: "inflight-load-producer",
+    "SessionID": "session-id-producer",
 }
 DEFAULT_PICKER = "max-score-picker"
 DEFAULT_HANDLER = "single-profile-handler"
@@ -155,6 +158,10 @@ def build(
         pipeline=pipeline,
         feature_gates=parse_feature_gates(config.feature_gates),
     )
+    pipeline.admission = build_admission(
+        config, plugins, components.feature_gates, pipeline=pipeline, datastore=datastore, metrics=metrics,
+        settings=settings, plugin_registry=plugin_registry,
+    )  # fmt: skip
     _build_data_layer(config, plugins, components, plugin_registry)
     return components
 

@@ -63,7 +63,7 @@ class ExtProcServicer(StreamContext):
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any) -> None:
         stream = ExtProcStream(self)
-        self._streams_inflight.inc()
+        self.stream_opened()
         try:
             read = context.read
             write = context.write
@@ -98,7 +98,7 @@ class ExtProcServicer(StreamContext):
                 log.debug("ext_proc stream ended by transport error", exc_info=True)
             stream.cancelled = True
         finally:
-            self._streams_inflight.dec()
+            self.stream_closed()
             stream.finish()
 
 

@@ -242,7 +242,7 @@ class _Connection(asyncio.Protocol):
                 return
             st = _Stream(sid, self.server.new_stream(), self.peer_initial_window)
             self.streams[sid] = st
-            self.ctx._streams_inflight.inc()
+            self.ctx.stream_opened()
         if flags & END_STREAM:
             self._on_remote_close(st)
 
@@ -476,7 +476,7 @@ class _Connection(asyncio.Protocol):
     def _forget(self, st: _Stream) -> None:
         """Drop a stream whose last frame is out (its state was released by `_end`)."""
         if self.streams.pop(st.sid, None) is not None:
-            self.ctx._streams_inflight.dec()
+            self.ctx.stream_closed()
         self.blocked.discard(st.sid)
         if self.goaway_sent and not self.streams:
             self.server._connection_idle(self)

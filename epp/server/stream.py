@@ -167,6 +167,8 @@ class StreamContext:
         self.destination_list = destination_list
         self._labeled: dict[tuple[str, str], _Labeled] = {}
         self._streams_inflight = metrics.extproc_streams_inflight
+        # Open ext_proc streams, for the drain (the gauge above is for Prometheus).
+        self.active_streams = 0
         self._request_processing = metrics.request_processing
         self._response_processing = metrics.response_processing
         self._protocol_errors = metrics.extproc_protocol_errors
@@ -191,6 +193,14 @@ class StreamContext:
 
     def protocol_error(self, kind: str) -> None:
         self._protocol_errors.labels(kind).inc()
+
+    def stream_opened(self) -> None:
+        self.active_streams += 1
+        self._streams_inflight.inc()
+
+    def stream_closed(self) -> None:
+        self.active_streams -= 1
+        self._streams_inflight.dec()
 
 
 # -- per-stream state machine ------------------------------------------------------------------
