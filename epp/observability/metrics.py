@@ -1,13 +1,16 @@
 """The EPP's own Prometheus metrics (reference names, `llm_d_epp_` prefix).
 
 One `EppMetrics` object per process, on its own CollectorRegistry so tests can build
-several apps in one interpreter. Hot paths hold direct references to label-less children
-(e.g. `metrics.scheduler_e2e.observe`) instead of calling `.labels()` per request.
+several apps in one interpreter. The families are the lock-free ones from `fast` (the
+request path records a dozen values per request); hot paths also hold label children
+instead of calling `.labels()` per request.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
+
+from llmepp.observability.fast import Counter, Gauge, Histogram
 
 PREFIX = "llm_d_epp_"
 
