@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
 
-.PHONY: venv install run test lint typecheck unit e2e bench bench-quick clean
+.PHONY: venv install run test lint typecheck unit e2e bench bench-quick clean k8s-binaries
 
 venv: $(STAMP)
 
@@ -40,7 +40,7 @@ unit: install
 e2e: install
 	$(VENV)/bin/pytest -q -m e2e
 
-test: lint typecheck
+test: lint typecheck k8s-binaries
 	$(VENV)/bin/pytest -q
 
 bench: install
@@ -51,3 +51,8 @@ bench-quick: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .run
+
+# kube-apiserver (built once from Debian's source package, ~3 min), etcd and kubectl for the
+# Kubernetes tests, cached in .cache/k8s/bin; a no-op when the cache is complete.
+k8s-binaries:
+	@bash tests/k8s/build-kube-apiserver.sh

@@ -21,14 +21,20 @@ from llmepp.config.schema import DEFAULT_CONFIG
 from llmepp.datalayer.collector import MetricsCollector
 from llmepp.datalayer.datastore import Datastore
 from llmepp.director import Director
+from llmepp.flowcontrol import AdmissionController
+from llmepp.flowcontrol.objectives import ObjectiveStore
 from llmepp.framework.plugin import ConfigError
+from llmepp.k8s.runtime import KubeOptions, KubeRuntime, kubernetes_target
 from llmepp.observability.metrics import EppMetrics
 from llmepp.server import health
 from llmepp.server.extproc import ExtProcServicer, create_server
+from llmepp.server.h2 import H2ExtProcServer, create_h2_server
 from llmepp.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# Drain ends early once no ext_proc stream has been open for this long.
+_QUIET_PERIOD = 1.0
 # Discovery gets this long to fail loudly at start-up (a bad endpoints file) before we serve.
 _DISCOVERY_STARTUP_GRACE = 0.5
 
@@ -52,11 +58,19 @@ class App:
         self.components: Components = build(
             load_config(config_text(settings)), datastore=self.datastore, settings=settings, metrics=self.metrics
         )
+        # Endpoint discovery: the config's plugin (file mode), else Kubernetes mode from the flags.
+        self.kube: KubeRuntime | None = None
         if self.components.discovery is None:
-            raise ConfigError(
-                "dataLayer.discovery: no endpoint discovery configured; add a file-discovery plugin "
-                "(see deploy/ and README)"
-            )
+            target = kubernetes_target(settings)
+            if target is None:
+                raise ConfigError(
+                    "dataLayer.discovery: no endpoint discovery configured; add a file-discovery plugin "
+                    "(see deploy/ and README), or run in Kubernetes mode with --pool-name or --endpoint-selector"
+                )
+            self.kube = KubeRuntime(
+                target, KubeOptions.from_settings(settings), self.datastore, self._objective_store(),
+                self.metrics.registry, pool_name=settings.pool_name,
+            )  # fmt: skip
         self.director = Director(
             self.datastore,
             self.components.pipeline,
@@ -64,13 +78,15 @@ class App:
             subset_filter=not settings.disable_endpoint_subset_filter,
             emit_scores=settings.emit_endpoint_scores,
             decision_header=settings.decision_header,
+            rewriter=self.kube.rewriter if self.kube is not None else None,
         )
         self.collector = self._build_collector()
         self.health = health.HealthService(self.ready)
         self.draining = False
         self.grpc_port = 0
         self.health_port = 0
-        self._grpc: grpc.aio.Server | None = None
+        self._extproc: grpc.aio.Server | H2ExtProcServer | None = None
+        self._servicer: ExtProcServicer | None = None
         self._health_server: grpc.aio.Server | None = None
         self._discovery_task: asyncio.Task[None] | None = None
         self._metrics_server: object | None = None
@@ -89,24 +105,39 @@ class App:
         log.warning("no metrics data source configured: endpoints are routed without scraped metrics")
         return None
 
+    def _objective_store(self) -> ObjectiveStore:
+        """The store admission resolves priorities from (Kubernetes mode feeds it InferenceObjectives)."""
+        store = getattr(self.components.pipeline.admission, "objectives", None)
+        return store if isinstance(store, ObjectiveStore) else ObjectiveStore()
+
     def ready(self) -> bool:
-        return self.datastore.synced and not self.draining
+        # Kubernetes mode adds: the InferencePool exists and, with leader election, we lead.
+        return self.datastore.synced and not self.draining and (self.kube is None or self.kube.ready())
 
     async def start(self) -> None:
         s = self.settings
         discovery = self.components.discovery
-        assert discovery is not None
-        self._discovery_task = asyncio.create_task(discovery.run(self.datastore), name="discovery")
-        done, _ = await asyncio.wait({self._discovery_task}, timeout=_DISCOVERY_STARTUP_GRACE)
-        if done:
-            self._discovery_task.result()  # raises the start-up error (e.g. a bad endpoints file)
-            raise ConfigError(f"discovery plugin {discovery.name!r} stopped right after start")
+        if self.kube is not None:
+            await self.kube.start()  # ConfigError on a bad kubeconfig; the API server may come later
+        else:
+            assert discovery is not None
+            self._discovery_task = asyncio.create_task(discovery.run(self.datastore), name="discovery")
+            done, _ = await asyncio.wait({self._discovery_task}, timeout=_DISCOVERY_STARTUP_GRACE)
+            if done:
+                self._discovery_task.result()  # raises the start-up error (e.g. a bad endpoints file)
+                raise ConfigError(f"discovery plugin {discovery.name!r} stopped right after start")
         if self.collector is not None:
             await self.collector.start()
 
-        # gRPC message limits follow the body limit (server_options).
-        self._grpc, self.grpc_port = create_server(ExtProcServicer(self.director, self.metrics, s), s)
-        await self._grpc.start()
+        self._servicer = ExtProcServicer(self.director, self.metrics, s, destination_list=s.destination_fallback_list)
+        if s.extproc_transport == "h2":
+            h2 = create_h2_server(self._servicer, s)
+            await h2.start()
+            self._extproc, self.grpc_port = h2, h2.port
+        else:  # grpc.aio; message limits follow the body limit (server_options)
+            server, self.grpc_port = create_server(self._servicer, s)
+            await server.start()
+            self._extproc = server
 
         self._health_server = grpc.aio.server()
         health.add_to_server(self.health, self._health_server)
@@ -121,17 +152,45 @@ class App:
                    "plugins": sorted(self.components.plugins)},
         )  # fmt: skip
 
+    async def _wait_for_quiet(self) -> None:
+        """Keep serving (new streams too: Envoy may not have noticed NOT_SERVING yet) until no
+        ext_proc stream has been open for `_QUIET_PERIOD`, or the drain timeout ends."""
+        if self._servicer is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_timeout
+        quiet_since = loop.time()
+        while loop.time() < deadline:
+            if self._servicer.active_streams:
+                quiet_since = loop.time()
+            elif loop.time() - quiet_since >= _QUIET_PERIOD:
+                return
+            await asyncio.sleep(0.05)
+
     async def shutdown(self) -> None:
         """Drain: report NOT_SERVING at once, let in-flight streams finish, then stop."""
         self.draining = True
         self.health.drain()
         log.info("draining", extra={"drain_timeout": self.settings.drain_timeout})
-        if self._grpc is not None:
-            await self._grpc.stop(grace=self.settings.drain_timeout)
+        if self.kube is not None:
+            await self.kube.release()  # hand the leader lease over now, not after the drain
+        admission = self.components.pipeline.admission
+        if isinstance(admission, AdmissionController):
+            # Queued requests are served during the drain window, then answered 503
+            # rejected-shutting-down rather than cut off when the gRPC grace ends.
+            queue_drain = asyncio.create_task(admission.drain(max(0.0, self.settings.drain_timeout - 1.0)))
+        await self._wait_for_quiet()
+        if self._extproc is not None:
+            await self._extproc.stop(grace=1.0)
+        if isinstance(admission, AdmissionController):
+            await admission.aclose()  # ends the drain window early once every stream is done
+            await queue_drain
         if self._health_server is not None:
             await self._health_server.stop(grace=None)
         if self.collector is not None:
             await self.collector.aclose()
+        if self.kube is not None:
+            await self.kube.aclose()
         if self._discovery_task is not None:
             self._discovery_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -1,6 +1,6 @@
 """Request control: what happens between a parsed request and a routing decision.
 
-    handle_request:  candidates (pool ∩ subset hint) → admission (flow control) → data producers → admitters
+    handle_request:  admission (flow control) → candidates (pool ∩ subset hint) → data producers → admitters
                      → scheduler (profiles: filter → score → pick) → pre-request plugins
                      → in-flight accounting → RoutingDecision
     response_headers / response_complete: response plugins and in-flight release.
@@ -72,7 +72,7 @@ class Admission(Protocol):
     RequestError (429 / 503) when it must not. Flow control waits here in its queues; a client
     that disconnects cancels the waiting task, which must free its place."""
 
-    async def admit(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> None: ...
+    async def admit(self, request: InferenceRequest, pool: Sequence[Endpoint]) -> None: ...
 
 
 @dataclass(slots=True)
@@ -133,9 +133,11 @@ class Director:
             self.rewriter.rewrite(request)  # InferenceModelRewrite: sets target_model
         # Re-encode before anything is charged, so a body that cannot be rewritten holds nothing.
         body = self._rewritten_body(request)
-        candidates = self.candidates(subset)
         if self.pipeline.admission is not None:
-            await self.pipeline.admission.admit(request, candidates)
+            # Before candidates (as the reference): flow control may hold the request while the
+            # pool is empty (scale from zero), and candidates are fresh after any queue wait.
+            await self.pipeline.admission.admit(request, self.datastore.endpoints)
+        candidates = self.candidates(subset)
         for producer, is_async in self._producers:
             if is_async:
                 await self._run_async_producer(producer, request, candidates)

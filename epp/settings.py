@@ -18,6 +18,21 @@ class Settings:
     # Pool identity (file-discovery mode uses the name only for labels).
     pool_name: str = "epp"
     pool_namespace: str = "default"
+    # Kubernetes mode (epp/k8s), used when the config has no dataLayer.discovery: watch the
+    # InferencePool named by --pool-name (pool_name_set: the flag was given, pool_name above
+    # has a default for file mode), or the pods matched by --endpoint-selector.
+    pool_name_set: bool = False
+    pool_group: str = "inference.networking.k8s.io"
+    endpoint_selector: str | None = None
+    endpoint_target_ports: tuple[int, ...] = ()
+    kubeconfig: str | None = None  # None: in-cluster, else $KUBECONFIG, else ~/.kube/config
+    # Leader election (active-passive readiness) on the Lease epp-<ns>-<pool>.llm-d.ai.
+    ha_enable_leader_election: bool = False
+    ha_lease_duration: float = 15.0  # seconds, client-go defaults
+    ha_renew_deadline: float = 10.0
+    ha_retry_period: float = 2.0
+    # InferenceObjectives (name → priority) YAML for non-Kubernetes mode; reloaded on change.
+    objectives_file: str | None = None
     # Data layer.
     refresh_metrics_interval: float = 0.050  # seconds; minimum 50 ms like the reference
     metrics_staleness_threshold: float = 2.0  # seconds
@@ -25,6 +40,12 @@ class Settings:
     # Request limits: the gRPC message limits follow max_body_bytes.
     max_body_bytes: int = 16 * 1024 * 1024
     body_chunk_bytes: int = 62_000  # reference BodyByteLimit, under Envoy's 64 KiB
+    # ext_proc transport: "h2" (our HTTP/2 gRPC server on the event loop: ~4x the throughput,
+    # ~4x cheaper per response chunk) or "grpc" (grpc.aio).
+    extproc_transport: str = "h2"
+    # Send the whole ordered fallback list in x-gateway-destination-endpoint (for gateways that
+    # implement it); Envoy's ORIGINAL_DST accepts exactly one ip:port, so the default is the primary.
+    destination_fallback_list: bool = False
     # Behaviour switches.
     disable_endpoint_subset_filter: bool = False
     emit_endpoint_scores: bool = False

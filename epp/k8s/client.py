@@ -1,0 +1,195 @@
+"""A thin asyncio client for the Kubernetes API: raw JSON in, raw JSON out.
+
+kubernetes_asyncio does the hard part we do not want to own — kubeconfig parsing (contexts,
+client certificates, exec / OIDC providers), in-cluster service-account tokens that rotate,
+TLS — and gives us an authenticated aiohttp session. We skip its generated models: every
+object we read is decoded by msgspec straight into the few fields we use (models.py), which
+is several times cheaper than building `V1Pod` objects for every pod event in a namespace,
+and one code path serves core kinds, CRDs and Leases alike.
+
+Config resolution (`--kubeconfig`): the flag's file if given; else the in-cluster service
+account when running in a pod (`KUBERNETES_SERVICE_HOST`); else `$KUBECONFIG`; else
+`~/.kube/config`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from llmepp.framework.plugin import ConfigError
+
+if TYPE_CHECKING:
+    from kubernetes_asyncio.client import ApiClient
+
+log = logging.getLogger(__name__)
+
+# Unary calls (list pages, lease updates) never legitimately take this long.
+REQUEST_TIMEOUT = 30.0
+_JSON = "application/json"
+
+
+class KubeError(Exception):
+    """A non-2xx answer from the API server (or a `type: ERROR` watch event)."""
+
+    def __init__(self, status: int, reason: str = "", message: str = "") -> None:
+        super().__init__(f"{status} {reason}: {message}" if message else f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+    @property
+    def gone(self) -> bool:
+        """410: the resourceVersion is older than the watch cache keeps; relist."""
+        return self.status == 410
+
+    @property
+    def not_found(self) -> bool:
+        return self.status == 404
+
+    @property
+    def conflict(self) -> bool:
+        return self.status == 409
+
+    @classmethod
+    def from_status(cls, status: int, body: bytes) -> KubeError:
+        """Build from an HTTP status and a (usually `kind: Status`) JSON body."""
+        reason, message = "", body[:300].decode(errors="replace")
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict):
+            reason = str(doc.get("reason", ""))
+            message = str(doc.get("message", message))
+            status = int(doc.get("code", status) or status)
+        return cls(status, reason, message)
+
+
+def kubeconfig_path(flag: str | None) -> str:
+    """--kubeconfig, else $KUBECONFIG (may list several files), else ~/.kube/config."""
+    if flag is not None:
+        if not os.path.exists(flag):
+            raise ConfigError(f"--kubeconfig: {flag}: no such file")
+        return flag
+    return os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterInfo:
+    """Where the config pointed us (for logs and errors)."""
+
+    host: str
+    source: str  # "in-cluster" or the kubeconfig path(s)
+
+
+class KubeClient:
+    """JSON requests and watch streams against one API server."""
+
+    def __init__(self, api: ApiClient, info: ClusterInfo) -> None:
+        self._api = api
+        self.info = info
+
+    @classmethod
+    async def connect(cls, kubeconfig: str | None = None) -> KubeClient:
+        """Load credentials (see module docstring). A missing or broken config is a ConfigError."""
+        # Imported here: the package loads every generated model (~1 s), which file mode never needs.
+        from kubernetes_asyncio import client as k8s_client
+        from kubernetes_asyncio import config as k8s_config
+        from kubernetes_asyncio.config.config_exception import ConfigException
+
+        configuration = k8s_client.Configuration()
+        try:
+            if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+                k8s_config.load_incluster_config(client_configuration=configuration)
+                source = "in-cluster"
+            else:
+                path = kubeconfig_path(kubeconfig)
+                await k8s_config.load_kube_config(
+                    config_file=path, client_configuration=configuration, persist_config=False
+                )
+                source = path
+        except ConfigException as e:
+            raise ConfigError(f"Kubernetes client configuration: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"Kubernetes client configuration: {e}") from None
+        api = k8s_client.ApiClient(configuration)
+        return cls(api, ClusterInfo(host=str(configuration.host), source=source))
+
+    async def aclose(self) -> None:
+        await self._api.close()
+
+    # -- requests ----------------------------------------------------------------------
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str | int] | None = None,
+        body: Any = None,
+        request_timeout: aiohttp.ClientTimeout | float = REQUEST_TIMEOUT,
+    ) -> aiohttp.ClientResponse:
+        """Send one request; the response is returned unread (2xx) or raised as KubeError."""
+        response: aiohttp.ClientResponse = await self._api.call_api(
+            path,
+            method,
+            query_params=[(k, str(v)) for k, v in (params or {}).items()],
+            header_params={"Accept": _JSON, "Content-Type": _JSON},
+            body=body,
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _request_timeout=request_timeout,
+        )
+        if not 200 <= response.status < 300:
+            try:
+                data = await response.read()
+            finally:
+                response.release()
+            raise KubeError.from_status(response.status, data)
+        return response
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str | int] | None = None,
+        body: Any = None,
+        request_timeout: float = REQUEST_TIMEOUT,
+    ) -> bytes:
+        """One unary call; the raw JSON body of the 2xx answer."""
+        response = await self._send(method, path, params=params, body=body, request_timeout=request_timeout)
+        try:
+            return await response.read()
+        finally:
+            response.release()
+
+    async def get(self, path: str, params: Mapping[str, str | int] | None = None) -> bytes:
+        return await self.request("GET", path, params=params)
+
+    async def stream_lines(
+        self, path: str, params: Mapping[str, str | int], *, read_timeout: float
+    ) -> AsyncIterator[bytes]:
+        """A watch: one JSON event per line until the server closes the stream.
+
+        `read_timeout` bounds the silence between lines, so a half-dead connection (a node
+        that vanished, a NAT that forgot us) ends the stream instead of hanging forever.
+        """
+        timeout = aiohttp.ClientTimeout(total=None, connect=REQUEST_TIMEOUT, sock_read=read_timeout)
+        response = await self._send("GET", path, params={**params, "watch": "true"}, request_timeout=timeout)
+        try:
+            while True:
+                line = await response.content.readline()
+                if not line:
+                    return
+                if line.strip():
+                    yield line
+        finally:
+            # close, not release: a stream we stop reading must not go back to the pool.
+            response.close()

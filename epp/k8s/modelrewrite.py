@@ -1,0 +1,167 @@
+"""InferenceModelRewrite: which model a request is sent upstream as (reference §10).
+
+    rule lookup   for the request's `model`: a rule with an exact `matches[].model.value`
+                  beats a catch-all rule (empty `matches`); between rules of the same kind
+                  the oldest resource (creationTimestamp, then name) wins; inside a resource
+                  the first rule in list order wins
+    target        weighted random over the rule's `targets` (weight/Σweights); targets
+                  without weights, or all weights 0, split uniformly
+
+`ModelRewriteStore` is fed by the informer handler `RewriteSync` (only rewrites whose
+`poolRef` names our pool) and rebuilds a model → rule index on every change, so the
+request path does one dict lookup. `ModelRewriter.rewrite(request)` is what the director
+calls: it sets `request.target_model` (and decodes the body so the director can re-encode
+it with the new `model`); the ext_proc layer rewrites the model name in the response back.
+A model already rewritten by the `x-gateway-model-name-rewrite` header is left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from prometheus_client import CollectorRegistry, Counter
+
+from llmepp.errors import BadRequest
+from llmepp.k8s.models import InferenceModelRewrite
+from llmepp.k8s.objectives import refers_to_pool
+from llmepp.observability.metrics import PREFIX
+from llmepp.request.types import InferenceRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    model: str
+    weight: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    source: str  # the InferenceModelRewrite's name (metric label)
+    models: frozenset[str]  # exact matches; empty = catch-all
+    targets: tuple[Target, ...]
+    weighted: bool  # False: uniform choice
+
+    def choose(self, rng: random.Random) -> str:
+        if len(self.targets) == 1:
+            return self.targets[0].model
+        if not self.weighted:
+            return rng.choice(self.targets).model
+        return rng.choices(self.targets, weights=[t.weight for t in self.targets])[0].model
+
+
+@dataclass(frozen=True, slots=True)
+class _Rewrite:
+    created: str
+    rules: tuple[Rule, ...]
+
+
+def rules_of(obj: InferenceModelRewrite) -> tuple[Rule, ...]:
+    name = obj.metadata.name
+    rules = []
+    for r in obj.spec.rules:
+        targets = tuple(Target(t.model_rewrite, max(t.weight or 0, 0)) for t in r.targets if t.model_rewrite)
+        if not targets:
+            continue  # a rule without targets rewrites nothing
+        models = frozenset(m.model.value for m in r.matches if m.model is not None and m.model.value)
+        rules.append(Rule(name, models, targets, weighted=any(t.weight for t in targets)))
+    return tuple(rules)
+
+
+class ModelRewriteStore:
+    """Rewrite objects by name → an index model → winning rule, plus the winning catch-all."""
+
+    def __init__(self) -> None:
+        self._rewrites: dict[str, _Rewrite] = {}
+        self._exact: dict[str, Rule] = {}
+        self._catch_all: Rule | None = None
+
+    def set(self, name: str, created: str, rules: tuple[Rule, ...]) -> None:
+        self._rewrites[name] = _Rewrite(created, rules)
+        self._rebuild()
+
+    def delete(self, name: str) -> None:
+        if self._rewrites.pop(name, None) is not None:
+            self._rebuild()
+
+    def rule_for(self, model: str) -> Rule | None:
+        rule = self._exact.get(model)
+        return rule if rule is not None else self._catch_all
+
+    def __len__(self) -> int:
+        return len(self._rewrites)
+
+    def _rebuild(self) -> None:
+        exact: dict[str, Rule] = {}
+        catch_all: Rule | None = None
+        # Oldest resource first, then rule order: the first rule seen for a model wins.
+        for _name, rewrite in sorted(self._rewrites.items(), key=lambda kv: (kv[1].created, kv[0])):
+            for rule in rewrite.rules:
+                if not rule.models:
+                    if catch_all is None:
+                        catch_all = rule
+                    continue
+                for model in rule.models:
+                    exact.setdefault(model, rule)
+        # Readers see the old or the new index, never a half-built one.
+        self._exact, self._catch_all = exact, catch_all
+
+
+class RewriteSync:
+    """Informer handler: the pool's InferenceModelRewrites → `store`."""
+
+    def __init__(self, store: ModelRewriteStore, pool_name: str, pool_group: str) -> None:
+        self.store = store
+        self.pool_name = pool_name
+        self.pool_group = pool_group
+
+    def upsert(self, obj: InferenceModelRewrite) -> None:
+        name = obj.metadata.name
+        if not refers_to_pool(obj.spec.pool_ref, self.pool_name, self.pool_group) or obj.metadata.deletion_timestamp:
+            self.store.delete(name)
+            return
+        rules = rules_of(obj)
+        log.info("model rewrite %s: %d rules", name, len(rules))
+        self.store.set(name, obj.metadata.creation_timestamp, rules)
+
+    def delete(self, obj: InferenceModelRewrite) -> None:
+        self.store.delete(obj.metadata.name)
+
+
+class ModelRewriter:
+    """Applies the store's rules to requests (called by the director before admission)."""
+
+    def __init__(
+        self, store: ModelRewriteStore, registry: CollectorRegistry | None, rng: random.Random | None = None
+    ) -> None:
+        self.store = store
+        self._rng = rng or random.Random()
+        self.decisions = Counter(
+            PREFIX + "model_rewrite_decisions_total",
+            "Model rewrite decisions (InferenceModelRewrite).",
+            ("model_rewrite_name", "model_name", "target_model"),
+            registry=registry,
+        )
+
+    def rewrite(self, request: InferenceRequest) -> None:
+        model = request.model
+        if not model or (request.target_model and request.target_model != model):
+            return  # nothing to match, or the rewrite header already decided
+        rule = self.store.rule_for(model)
+        if rule is None:
+            return
+        target = rule.choose(self._rng)
+        self.decisions.labels(rule.source, model, target).inc()
+        if target == model:
+            return
+        if request.payload is None:
+            try:
+                request.payload = msgspec.json.decode(request.body, type=dict[str, Any])
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                raise BadRequest(f"cannot rewrite model name: {e}") from None
+        request.target_model = target

@@ -1,0 +1,188 @@
+"""Kubernetes mode for one App: client, discovery, CRD informers, leader election.
+
+The mode is chosen in the app (`kubernetes_target`): a config with `dataLayer.discovery`
+runs that plugin (file mode); otherwise `--pool-name` (InferencePool mode) or
+`--endpoint-selector` (standalone selector mode) — exactly one — runs this.
+
+    start()     connects (kubeconfig / in-cluster), starts the pool + pod informers
+                (→ datastore), the InferenceObjective (→ ObjectiveStore) and
+                InferenceModelRewrite (→ ModelRewriter) informers in pool mode, and the
+                leader elector with --ha-enable-leader-election
+    ready()     pool mode: the InferencePool exists; HA: this replica leads. (The app adds
+                "datastore synced" and "not draining".)
+    release()   SIGTERM: stop electing and give the lease up at once
+    aclose()    stop everything, close the client
+
+A lost API server never stops the process: informers retry with backoff and keep the
+last known endpoints; the leader stops leading after its renew deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from llmepp.datalayer.datastore import DiscoveryNotifier
+from llmepp.flowcontrol.objectives import ObjectiveStore
+from llmepp.framework.plugin import ConfigError
+from llmepp.k8s.client import KubeClient
+from llmepp.k8s.discovery import DiscoveryTarget, KubernetesDiscovery
+from llmepp.k8s.informer import Informer, InformerOptions
+from llmepp.k8s.leader import LeaderElector, LeaseConfig, default_identity, lease_name
+from llmepp.k8s.modelrewrite import ModelRewriter, ModelRewriteStore, RewriteSync
+from llmepp.k8s.models import InferenceModelRewrite, InferenceObjective
+from llmepp.k8s.objectives import ObjectiveSync
+from llmepp.k8s.resources import INFERENCE_MODEL_REWRITES, INFERENCE_OBJECTIVES
+from llmepp.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def kubernetes_target(settings: Settings) -> DiscoveryTarget | None:
+    """The Kubernetes-mode target the flags ask for, or None (no --pool-name / --endpoint-selector)."""
+    pool = settings.pool_name if settings.pool_name_set else None
+    if pool is None and settings.endpoint_selector is None:
+        return None
+    if pool is not None and settings.objectives_file:
+        # Both would write the same store; each file reload would wipe the pool's objectives.
+        raise ConfigError(
+            "--objectives-file: with --pool-name, objectives come from InferenceObjective resources "
+            "(the file is for file-discovery and --endpoint-selector modes)"
+        )
+    return DiscoveryTarget(
+        namespace=settings.pool_namespace,
+        pool_name=pool,
+        pool_group=settings.pool_group,
+        selector=settings.endpoint_selector,
+        target_ports=tuple(settings.endpoint_target_ports),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class KubeOptions:
+    kubeconfig: str | None = None
+    leader_election: bool = False
+    lease_duration: float = 15.0
+    renew_deadline: float = 10.0
+    retry_period: float = 2.0
+    identity: str = field(default_factory=default_identity)
+    informer: InformerOptions = field(default_factory=InformerOptions)
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> KubeOptions:
+        return cls(
+            kubeconfig=s.kubeconfig,
+            leader_election=s.ha_enable_leader_election,
+            lease_duration=s.ha_lease_duration,
+            renew_deadline=s.ha_renew_deadline,
+            retry_period=s.ha_retry_period,
+        )
+
+
+class KubeRuntime:
+    def __init__(
+        self,
+        target: DiscoveryTarget,
+        options: KubeOptions,
+        notifier: DiscoveryNotifier,
+        objectives: ObjectiveStore,
+        registry: CollectorRegistry | None = None,
+        *,
+        pool_name: str = "epp",
+    ) -> None:
+        self.target = target
+        self.options = options
+        self.notifier = notifier
+        self.objectives = objectives
+        self.rewrites = ModelRewriteStore()
+        # Standalone selector mode has no CRDs, hence no rewrites.
+        self.rewriter = ModelRewriter(self.rewrites, registry) if target.pool_mode else None
+        self.lease: LeaseConfig | None = None
+        if options.leader_election:
+            try:
+                self.lease = LeaseConfig(
+                    name=lease_name(target.namespace, target.pool_name or pool_name),
+                    namespace=target.namespace,
+                    identity=options.identity,
+                    lease_duration=options.lease_duration,
+                    renew_deadline=options.renew_deadline,
+                    retry_period=options.retry_period,
+                )
+            except ValueError as e:
+                raise ConfigError(f"--ha-*: {e}") from None
+        self.client: KubeClient | None = None
+        self.discovery: KubernetesDiscovery | None = None
+        self.elector: LeaderElector | None = None
+        self.informers: list[Informer[Any]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._elector_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        t, o = self.target, self.options
+        client = self.client = await KubeClient.connect(o.kubeconfig)
+        log.info(
+            "kubernetes mode",
+            extra={"api_server": client.info.host, "config": client.info.source, "namespace": t.namespace,
+                   "pool": t.pool_name, "selector": t.selector, "leader_election": self.lease is not None},
+        )  # fmt: skip
+        self.discovery = KubernetesDiscovery(client, t, o.informer)
+        self._spawn(self.discovery.run(self.notifier), "k8s-discovery")
+        if t.pool_mode:
+            assert t.pool_name is not None and self.rewriter is not None
+            objectives: Informer[InferenceObjective] = Informer(
+                client, INFERENCE_OBJECTIVES, t.namespace, InferenceObjective,
+                ObjectiveSync(self.objectives, t.pool_name, t.pool_group), o.informer,
+            )  # fmt: skip
+            rewrites: Informer[InferenceModelRewrite] = Informer(
+                client, INFERENCE_MODEL_REWRITES, t.namespace, InferenceModelRewrite,
+                RewriteSync(self.rewrites, t.pool_name, t.pool_group), o.informer,
+            )  # fmt: skip
+            self.informers = [objectives, rewrites]
+            for informer in self.informers:
+                self._spawn(informer.run(), f"k8s-{informer.name}")
+        if self.lease is not None:
+            self.elector = LeaderElector(client, self.lease)
+            self._elector_task = self._spawn(self.elector.run(), "k8s-leader-election")
+
+    def ready(self) -> bool:
+        if self.target.pool_mode and (self.discovery is None or not self.discovery.has_pool):
+            return False
+        return self.elector is None or self.elector.is_leader
+
+    async def release(self) -> None:
+        """Stop competing for leadership and hand the lease over (drain)."""
+        task, self._elector_task = self._elector_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.elector is not None:
+            await self.elector.release()
+
+    async def aclose(self) -> None:
+        await self.release()
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.client is not None:
+            await self.client.aclose()
+            self.client = None
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
+        task.add_done_callback(_report_crash)
+        self._tasks.append(task)
+        return task
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("kubernetes task %s stopped", task.get_name(), exc_info=task.exception())

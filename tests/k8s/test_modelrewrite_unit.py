@@ -1,0 +1,113 @@
+"""InferenceModelRewrite precedence and target choice, without an API server."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from typing import Any
+
+import msgspec
+import pytest
+from prometheus_client import CollectorRegistry
+
+from llmepp.errors import BadRequest
+from llmepp.k8s.modelrewrite import ModelRewriter, ModelRewriteStore, RewriteSync, Rule, Target, rules_of
+from llmepp.k8s.models import InferenceModelRewrite
+from llmepp.request.types import InferenceRequest, RequestKind
+
+
+def rewrite(name: str, created: str, rules: list[dict[str, Any]], pool: str = "p") -> InferenceModelRewrite:
+    doc = {
+        "metadata": {"name": name, "creationTimestamp": created},
+        "spec": {"poolRef": {"name": pool}, "rules": rules},
+    }
+    return msgspec.convert(doc, InferenceModelRewrite)
+
+
+def exact(model: str, *targets: str) -> dict[str, Any]:
+    return {"matches": [{"model": {"value": model}}], "targets": [{"modelRewrite": t} for t in targets]}
+
+
+def catch_all(*targets: str) -> dict[str, Any]:
+    return {"targets": [{"modelRewrite": t} for t in targets]}
+
+
+def request(model: str, target: str | None = None) -> InferenceRequest:
+    body = json.dumps({"model": model, "prompt": "x"}).encode()
+    return InferenceRequest(
+        request_id="r", path="/v1/completions", headers={}, kind=RequestKind.COMPLETIONS, body=body,
+        model=model, target_model=target or model,
+    )  # fmt: skip
+
+
+def store_with(*objs: InferenceModelRewrite) -> ModelRewriteStore:
+    store = ModelRewriteStore()
+    sync = RewriteSync(store, "p", "inference.networking.k8s.io")
+    for obj in objs:
+        sync.upsert(obj)
+    return store
+
+
+def chosen(store: ModelRewriteStore, model: str) -> str | None:
+    rule = store.rule_for(model)
+    return None if rule is None else rule.targets[0].model
+
+
+def test_exact_beats_catch_all_then_oldest_resource_then_first_rule() -> None:
+    store = store_with(
+        rewrite("young", "2026-05-02T00:00:00Z", [exact("a", "young-a"), catch_all("young-any")]),
+        rewrite("old", "2026-05-01T00:00:00Z", [catch_all("old-any"), exact("a", "old-a"), exact("a", "old-a2")]),
+        rewrite("other-pool", "2020-01-01T00:00:00Z", [catch_all("never")], pool="q"),
+    )
+    assert chosen(store, "a") == "old-a"  # exact (not old's earlier catch-all); oldest; first rule
+    assert chosen(store, "b") == "old-any"  # the oldest catch-all
+    store.delete("old")
+    assert chosen(store, "a") == "young-a"
+    assert chosen(store, "b") == "young-any"
+
+
+def test_rewrite_moved_to_another_pool_is_dropped() -> None:
+    store = store_with(rewrite("r", "2026-05-01T00:00:00Z", [catch_all("x")]))
+    assert chosen(store, "m") == "x"
+    RewriteSync(store, "p", "inference.networking.k8s.io").upsert(
+        rewrite("r", "2026-05-01T00:00:00Z", [catch_all("x")], pool="q")
+    )
+    assert store.rule_for("m") is None
+
+
+def test_weights_split_and_all_zero_weights_are_uniform() -> None:
+    rng = random.Random(7)
+    weighted = Rule("r", frozenset(), (Target("a", 3), Target("b", 1)), weighted=True)
+    picks = Counter(weighted.choose(rng) for _ in range(4000))
+    assert 2850 <= picks["a"] <= 3150, picks
+    doc = {"targets": [{"modelRewrite": "a", "weight": 0}, {"modelRewrite": "b", "weight": 0}]}
+    (zero,) = rules_of(rewrite("z", "2026-01-01T00:00:00Z", [doc]))
+    assert not zero.weighted
+    picks = Counter(zero.choose(rng) for _ in range(4000))
+    assert 1850 <= picks["a"] <= 2150, picks
+
+
+def test_rewriter_sets_target_decodes_payload_and_counts() -> None:
+    registry = CollectorRegistry()
+    rewriter = ModelRewriter(store_with(rewrite("r", "2026-01-01T00:00:00Z", [exact("m", "m2")])), registry)
+    req = request("m")
+    rewriter.rewrite(req)
+    assert req.target_model == "m2" and req.payload == {"model": "m", "prompt": "x"}
+    sample = registry.get_sample_value(
+        "llm_d_epp_model_rewrite_decisions_total", {"model_rewrite_name": "r", "model_name": "m", "target_model": "m2"}
+    )
+    assert sample == 1.0
+
+    header_rewritten = request("m", target="from-header")
+    rewriter.rewrite(header_rewritten)
+    assert header_rewritten.target_model == "from-header"  # the header's decision stands
+
+    unmatched = request("other")
+    rewriter.rewrite(unmatched)
+    assert unmatched.target_model == "other" and unmatched.payload is None
+
+    broken = request("m")
+    broken.body = b'{"model": "m", '
+    with pytest.raises(BadRequest):
+        rewriter.rewrite(broken)
