@@ -28,6 +28,7 @@ from llmepp.framework.datakeys import TOKENIZED_PROMPT
 from llmepp.framework.requestcontrol import (
     Admitter,
     DataProducer,
+    FirstResponseChunkProcessor,
     PreRequest,
     ResponseCompleteProcessor,
     ResponseHeaderProcessor,
@@ -85,6 +86,7 @@ class Pipeline:
     admitters: list[Admitter] = field(default_factory=list)
     pre_request: list[PreRequest] = field(default_factory=list)
     response_header: list[ResponseHeaderProcessor] = field(default_factory=list)
+    first_response_chunk: list[FirstResponseChunkProcessor] = field(default_factory=list)
     response_complete: list[ResponseCompleteProcessor] = field(default_factory=list)
 
 
@@ -198,6 +200,14 @@ class Director:
             if out:
                 extra = {**(extra or {}), **out}
         return extra
+
+    def response_first_chunk(self, request: InferenceRequest, response: ResponseInfo) -> None:
+        """Once, at the first response body bytes of a scheduled request."""
+        for plugin in self.pipeline.first_response_chunk:
+            try:
+                plugin.first_response_chunk(request, response)
+            except Exception:
+                log.exception("first-response-chunk plugin %s failed", plugin.name)
 
     def response_complete(self, request: InferenceRequest, response: ResponseInfo, decision: RoutingDecision) -> None:
         """Exactly once per routed request, however the response ended: releases what it held."""

@@ -35,6 +35,7 @@ from llmepp.framework.plugin import ConfigError, Plugin, PluginContext, PluginRe
 from llmepp.framework.requestcontrol import (
     Admitter,
     DataProducer,
+    FirstResponseChunkProcessor,
     PreRequest,
     ResponseCompleteProcessor,
     ResponseHeaderProcessor,
@@ -150,6 +151,7 @@ def build(
         admitters=[p for p in values if isinstance(p, Admitter)],
         pre_request=[p for p in values if isinstance(p, PreRequest)],
         response_header=[p for p in values if isinstance(p, ResponseHeaderProcessor)],
+        first_response_chunk=[p for p in values if isinstance(p, FirstResponseChunkProcessor)],
         response_complete=[p for p in values if isinstance(p, ResponseCompleteProcessor)],
     )
     components = Components(

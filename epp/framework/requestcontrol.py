@@ -2,7 +2,8 @@
 
 Order per request: DataProducers (write request.data) → Admitters → scheduling →
 PreRequest (bookkeeping for the chosen targets) → ... response: ResponseHeaderProcessor on
-the response headers, ResponseCompleteProcessor once when the response ends, however it ends.
+the response headers, FirstResponseChunkProcessor at the first body bytes, ResponseCompleteProcessor
+once when the response ends, however it ends.
 """
 
 from __future__ import annotations
@@ -48,6 +49,14 @@ class ResponseHeaderProcessor(Plugin):
     def response_headers(
         self, request: InferenceRequest, response: ResponseInfo, headers: dict[str, str]
     ) -> dict[str, str] | None: ...
+
+
+class FirstResponseChunkProcessor(Plugin):
+    """Called once when the first response body bytes arrive (the model server has finished
+    prefill: the request's prompt no longer loads the server). Not called per chunk."""
+
+    @abstractmethod
+    def first_response_chunk(self, request: InferenceRequest, response: ResponseInfo) -> None: ...
 
 
 class ResponseCompleteProcessor(Plugin):

@@ -85,6 +85,8 @@ class Director(Protocol):
         self, request: InferenceRequest, response: ResponseInfo, headers: dict[str, str]
     ) -> dict[str, str] | None: ...
 
+    def response_first_chunk(self, request: InferenceRequest, response: ResponseInfo) -> None: ...
+
     def response_complete(
         self, request: InferenceRequest, response: ResponseInfo, decision: RoutingDecision
     ) -> None: ...
@@ -539,6 +541,8 @@ class ExtProcStream:
         if chunk:
             if not info.bytes:
                 info.first_byte_at = time.monotonic()
+                if self.decision is not None and self.request is not None:
+                    self.svc.director.response_first_chunk(self.request, info)
             info.bytes += len(chunk)
             self.usage.feed(chunk)  # type: ignore[union-attr]
         rewriter = self.rewriter

@@ -68,6 +68,7 @@ class FakeDirector:
     subsets: list[Sequence[str] | None] = field(default_factory=list)
     response_headers_calls: list[tuple[InferenceRequest, ResponseInfo, dict[str, str]]] = field(default_factory=list)
     completions: list[Completion] = field(default_factory=list)
+    first_chunks: list[InferenceRequest] = field(default_factory=list)
     record: bool = True
 
     def __post_init__(self) -> None:
@@ -140,6 +141,10 @@ class FakeDirector:
         if self.record:
             self.response_headers_calls.append((request, response, headers))
         return dict(self.response_header_extra) if self.response_header_extra else None
+
+    def response_first_chunk(self, request: InferenceRequest, response: ResponseInfo) -> None:
+        if self.record:
+            self.first_chunks.append(request)
 
     def response_complete(self, request: InferenceRequest, response: ResponseInfo, decision: RoutingDecision) -> None:
         if self.record:

@@ -18,9 +18,9 @@ from llmepp.framework.datakeys import (
 from llmepp.framework.plugin import Plugin, PluginContext, PluginParams
 from llmepp.framework.requestcontrol import (
     DataProducer,
+    FirstResponseChunkProcessor,
     PreRequest,
     ResponseCompleteProcessor,
-    ResponseHeaderProcessor,
 )
 from llmepp.framework.scheduling import SchedulingResult
 from llmepp.request.types import InferenceRequest, ResponseInfo
@@ -71,7 +71,7 @@ class _Charge:
     prefill: bool
 
 
-class InFlightLoadProducer(DataProducer, PreRequest, ResponseHeaderProcessor, ResponseCompleteProcessor):
+class InFlightLoadProducer(DataProducer, PreRequest, FirstResponseChunkProcessor, ResponseCompleteProcessor):
     """Tracks, per endpoint, the requests and tokens this producer instance has dispatched and
     not yet seen finish, and publishes them as InFlightLoad for `active-request-scorer`,
     `token-load-scorer`, `utilization-filter`, `prefix-cache-affinity-filter`.
@@ -87,13 +87,10 @@ class InFlightLoadProducer(DataProducer, PreRequest, ResponseHeaderProcessor, Re
         prompt when there is no match info. input = TokenizedPrompt count (else prompt bytes/4).
       * estimated output = min(round(input · outputRatio), client max tokens (if > 0),
         maxEstimatedOutputTokens (if set)), only with addEstimatedOutputTokens.
-      * Prompt tokens are released when prefill is done. The reference releases them at the
-        first streamed chunk; this framework has no per-chunk hook, so they are released at
-        the **response headers** (ResponseHeaderProcessor). Caveat: a streaming vLLM response
-        sends its headers when the request is accepted, i.e. before prefill finishes, so the
-        prompt charge is dropped earlier than in the reference for streaming traffic. The
-        `prefill` profile's charge is released entirely at that point (the prefill worker is
-        done). Everything else (requests, estimated output) is released exactly once at
+      * Prompt tokens are released when prefill is done: at the first response body bytes
+        (FirstResponseChunkProcessor), as the reference does at the first streamed chunk.
+        The `prefill` profile's charge is released entirely at that point (the prefill worker
+        is done). Everything else (requests, estimated output) is released exactly once at
         response completion, however the response ended.
       * Counters are per producer instance; a removed endpoint's counters are dropped.
 
@@ -178,13 +175,12 @@ class InFlightLoadProducer(DataProducer, PreRequest, ResponseHeaderProcessor, Re
         return est
 
     # -- response --------------------------------------------------------------------------
-    def response_headers(
-        self, request: InferenceRequest, response: ResponseInfo, headers: dict[str, str]
-    ) -> dict[str, str] | None:
+    def first_response_chunk(self, request: InferenceRequest, response: ResponseInfo) -> None:
+        # The first output bytes mean prefill is over: the prompt no longer loads the server
+        # (and a prefill-only target is done entirely).
         charges: list[_Charge] | None = request.data.get(self._charges_key)
         for c in charges or ():
             _release(c, prompt=True, rest=c.prefill)
-        return None
 
     def response_complete(self, request: InferenceRequest, response: ResponseInfo, result: SchedulingResult) -> None:
         charges: list[_Charge] | None = request.data.pop(self._charges_key, None)

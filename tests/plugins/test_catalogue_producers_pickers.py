@@ -96,17 +96,17 @@ def test_inflight_counts_and_releases_once() -> None:
     assert req.data[scoped(IN_FLIGHT_LOAD, p.name)] is p.loads
     p.pre_request(req, scheduled(ep))
     assert (p.loads[ep].requests, p.loads[ep].tokens) == (1, 1000)
-    p.response_headers(req, ResponseInfo(status=200), {})  # prefill done: prompt tokens released
+    p.first_response_chunk(req, ResponseInfo(status=200))  # prefill done: prompt tokens released
     assert (p.loads[ep].requests, p.loads[ep].tokens) == (1, 0)
     p.response_complete(req, ResponseInfo(status=200), scheduled(ep))
     assert (p.loads[ep].requests, p.loads[ep].tokens) == (0, 0)
     # Repeated hooks change nothing (exactly-once release).
-    p.response_headers(req, ResponseInfo(status=200), {})
+    p.first_response_chunk(req, ResponseInfo(status=200))
     p.response_complete(req, ResponseInfo(status=200), scheduled(ep))
     assert (p.loads[ep].requests, p.loads[ep].tokens) == (0, 0)
 
 
-def test_inflight_release_without_response_headers() -> None:
+def test_inflight_release_without_a_response_chunk() -> None:
     p = make("inflight-load-producer")
     ep = endpoint(0)
     reqs = [tokenized(100) for _ in range(3)]
@@ -127,7 +127,7 @@ def test_inflight_discounts_cached_prefix_and_tracks_prefill() -> None:
     p.pre_request(req, scheduled(decode, prefill))
     assert p.loads[decode].tokens == 384
     assert p.loads[prefill].tokens == 1000  # cold: capped at the prompt size, not 16·64
-    p.response_headers(req, ResponseInfo(status=200), {})
+    p.first_response_chunk(req, ResponseInfo(status=200))
     assert (p.loads[prefill].requests, p.loads[prefill].tokens) == (0, 0)  # prefill worker done
     assert (p.loads[decode].requests, p.loads[decode].tokens) == (1, 0)
 
@@ -148,7 +148,7 @@ def test_inflight_estimated_output_tokens() -> None:
     req = tokenized(1000)
     p.pre_request(req, scheduled(ep))
     assert p.loads[ep].tokens == 1500
-    p.response_headers(req, ResponseInfo(status=200), {})
+    p.first_response_chunk(req, ResponseInfo(status=200))
     assert p.loads[ep].tokens == 500  # the output estimate stays until completion
     p.response_complete(req, ResponseInfo(status=200), scheduled(ep))
     assert p.loads[ep].tokens == 0

@@ -392,6 +392,8 @@ async def test_sse_response_streams_and_usage_from_final_event() -> None:
         assert c.response.streaming
         assert c.response.usage is not None and c.response.usage.prompt_tokens == 12
         assert c.response.first_byte_at > 0
+        # The first-chunk hook fires once for the whole stream, not per chunk.
+        assert h.director.first_chunks == [c.request]
         labels = {"model_name": "m", "target_model_name": "m", "streaming": "true"}
         assert h.sample("llm_d_epp_request_ttft_seconds_count", labels) == 1
 
