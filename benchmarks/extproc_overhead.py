@@ -91,15 +91,35 @@ def _run_loop(main: Any, loop: str) -> None:
         asyncio.run(main)
 
 
-async def _serve_epp(port: int, endpoint: str, timing: bool, transport: str) -> None:
+def _director(kind: str, endpoint: str, metrics: Any) -> Any:
+    """`fake`: trivial round robin (the protocol floor); `default`: the real director with the
+    reference default profile (queue 2, kv-cache 2, prefix 3 + its producers), as `epp` runs it."""
+    if kind == "fake":
+        from llmepp.testing.fakes import FakeDirector
+
+        return FakeDirector([endpoint], record=False, honour_test_headers=False)
+    from llmepp.config.loader import build, load_config
+    from llmepp.config.schema import DEFAULT_CONFIG
+    from llmepp.datalayer.datastore import Datastore
+    from llmepp.datalayer.endpoint import EndpointSpec
+    from llmepp.director import Director
+
+    host, port = endpoint.rsplit(":", 1)
+    datastore = Datastore()
+    datastore.upsert(EndpointSpec(name="model", address=host, port=int(port)))
+    components = build(load_config(DEFAULT_CONFIG), datastore=datastore, metrics=metrics)
+    return Director(datastore, components.pipeline, metrics)
+
+
+async def _serve_epp(port: int, endpoint: str, timing: bool, transport: str, director_kind: str) -> None:
     from llmepp.observability.metrics import EppMetrics
     from llmepp.server.extproc import ExtProcServicer, create_server
     from llmepp.settings import Settings
-    from llmepp.testing.fakes import FakeDirector
 
-    director = FakeDirector([endpoint], record=False, honour_test_headers=False)
+    metrics = EppMetrics()
+    director = _director(director_kind, endpoint, metrics)
     settings = Settings()
-    servicer = ExtProcServicer(director, EppMetrics(), settings, time_response_chunks=timing)
+    servicer = ExtProcServicer(director, metrics, settings, time_response_chunks=timing)
     if transport == "h2":
         from llmepp.server.h2 import create_h2_server
 
@@ -280,7 +300,16 @@ async def bench_latency(n: int, rounds: int, warmup: int, transports: Sequence[s
             for kind in ("noop", "epp"):
                 proc_port = free_port()
                 children.append(
-                    Child(f"serve-{kind}", "--port", str(proc_port), "--endpoint", endpoint, "--transport", transport)
+                    Child(
+                        f"serve-{kind}",
+                        *_director_args(kind),
+                        "--port",
+                        str(proc_port),
+                        "--endpoint",
+                        endpoint,
+                        "--transport",
+                        transport,
+                    )
                 )
                 port, admin = free_port(), free_port()
                 env = EnvoyProcess(render_envoy_config(port, proc_port, admin, listen_address="127.0.0.1"), admin)
@@ -484,6 +513,14 @@ def _drive(server: Child, args: list[str]) -> dict[str, Any]:
     return {**out, "server_cpu": c1 - c0, "loadgen_cpu": g1 - g0}
 
 
+# Which director the EPP child runs (`--director`); the no-op server has none.
+DIRECTOR = "default"
+
+
+def _director_args(kind: str) -> list[str]:
+    return ["--director", DIRECTOR] if kind == "epp" else []
+
+
 def _variants(transports: Sequence[str]) -> list[tuple[str, str, str]]:
     return [(kind + ("-h2" if t == "h2" else ""), kind, t) for t in transports for kind in ("noop", "epp")]
 
@@ -495,7 +532,15 @@ def bench_throughput(
     for name, kind, transport in _variants(transports):
         port = free_port()
         server = Child(
-            f"serve-{kind}", "--port", str(port), "--endpoint", "10.0.0.1:8000", "--transport", transport, env=env
+            f"serve-{kind}",
+            *_director_args(kind),
+            "--port",
+            str(port),
+            "--endpoint",
+            "10.0.0.1:8000",
+            "--transport",
+            transport,
+            env=env,
         )
         try:
             r = _drive(server, ["--port", str(port), "--mode", "throughput", "--seconds", str(seconds),
@@ -522,8 +567,8 @@ def bench_chunks(
         port = free_port()
         extra = [] if timing or kind == "noop" else ["--no-timing"]
         server = Child(
-            f"serve-{kind}", "--port", str(port), "--endpoint", "10.0.0.1:8000", "--transport", transport,
-            *extra, env=env,
+            f"serve-{kind}", *_director_args(kind), "--port", str(port), "--endpoint", "10.0.0.1:8000",
+            "--transport", transport, *extra, env=env,
         )  # fmt: skip
         try:
             r = _drive(server, ["--port", str(port), "--mode", "chunks", "--chunks", str(chunks),
@@ -557,12 +602,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.add_argument("--no-timing", action="store_true", help="EPP without per-chunk timing")
         p.add_argument("--json", action="store_true", help="print JSON only")
         p.add_argument("--transports", default="grpc,h2", help="comma-separated: grpc, h2")
+        p.add_argument("--director", choices=("fake", "default"), default="default",
+                       help="EPP director: the real one with the default profile, or a trivial fake")  # fmt: skip
     p = sub.add_parser("serve-epp")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--endpoint", required=True)
     p.add_argument("--loop", default="uvloop")
     p.add_argument("--no-timing", action="store_true")
     p.add_argument("--transport", default="grpc")
+    p.add_argument("--director", choices=("fake", "default"), default="default")
     p = sub.add_parser("serve-noop")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--endpoint", required=True)
@@ -581,7 +629,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     if args.cmd == "serve-epp":
-        _run_loop(_serve_epp(args.port, args.endpoint, not args.no_timing, args.transport), args.loop)
+        _run_loop(_serve_epp(args.port, args.endpoint, not args.no_timing, args.transport, args.director), args.loop)
         return
     if args.cmd == "serve-noop":
         _run_loop(_serve_noop(args.port, args.endpoint, args.transport), args.loop)
@@ -593,6 +641,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         _run_loop(_loadgen(args.port, args.mode, args.seconds, args.concurrency, args.chunks, args.streams), "uvloop")
         return
 
+    global DIRECTOR
+    DIRECTOR = args.director
     if args.quick:
         args.n, args.rounds, args.seconds, args.chunks, args.streams = 300, 3, 2.0, 300, 8
     env = {"GRPC_EXPERIMENTS": args.grpc_experiments} if args.grpc_experiments is not None else None
