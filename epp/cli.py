@@ -5,35 +5,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from llmepp import units
 from llmepp.framework.plugin import ConfigError
 from llmepp.settings import Settings
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB|K|M|G)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
-               "g": 1024**3, "gib": 1024**3, "gb": 1000**3}  # fmt: skip
-
 
 def parse_duration(text: str) -> float:
-    """'50ms', '2s', '1.5m', '300' (seconds) → seconds."""
-    m = _DURATION.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (examples: 50ms, 2s, 1m)")
-    value, unit = float(m.group(1)), m.group(2) or "s"
-    return value * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
+    """'50ms', '2s', '1m30s', '300' (seconds) → seconds (Go duration syntax, like the reference)."""
+    try:
+        return units.parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_size(text: str) -> int:
-    """'16MiB', '10MB', '1048576' → bytes."""
-    m = _SIZE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 16MiB, 4MB, 1048576)")
-    return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
+    """'16Mi', '16MiB', '10M', '1048576' → bytes (Kubernetes quantities)."""
+    try:
+        return units.parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_ports(text: str) -> tuple[int, ...]:

@@ -49,8 +49,8 @@ from llmepp.flowcontrol.interfaces import (
 from llmepp.flowcontrol.legacy import LegacyAdmission
 from llmepp.flowcontrol.metrics import FlowControlMetrics
 from llmepp.flowcontrol.objectives import ObjectivesFileWatcher, ObjectiveStore
-from llmepp.flowcontrol.units import parse_bytes, parse_duration
 from llmepp.framework.plugin import ConfigError, Plugin, PluginRegistry, registry
+from llmepp.units import parse_bytes, parse_duration
 
 if TYPE_CHECKING:
     from llmepp.config.schema import EndpointPickerConfig

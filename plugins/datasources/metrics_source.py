@@ -15,24 +15,9 @@ import msgspec
 from llmepp.datalayer.endpoint import EndpointSpec
 from llmepp.datalayer.httpscrape import ScrapeTarget
 from llmepp.framework.plugin import ConfigError, Plugin, PluginParams
+from llmepp.units import parse_duration
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(text: str) -> float:
-    """Go-style duration ("50ms", "1s", "1m30s", "1.5s") in seconds; ValueError if malformed."""
-    s = text.strip()
-    pos, total = 0, 0.0
-    while pos < len(s):
-        m = _DURATION_PART.match(s, pos)
-        if m is None:
-            raise ValueError(f"invalid duration {text!r} (examples: 50ms, 1s, 1m30s)")
-        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-        pos = m.end()
-    if pos == 0:
-        raise ValueError(f"invalid duration {text!r} (examples: 50ms, 1s, 1m30s)")
-    return total
 
 
 class MetricsDataSource(Plugin):

@@ -7,10 +7,10 @@ from collections.abc import Callable, Sequence
 
 from llmepp.datalayer.endpoint import Endpoint
 from llmepp.flowcontrol.interfaces import SaturationDetector
-from llmepp.flowcontrol.units import parse_duration
 from llmepp.framework.plugin import PluginParams
 from llmepp.framework.scheduling import Filter
 from llmepp.request.types import InferenceRequest
+from llmepp.units import parse_duration
 
 
 class UtilizationDetectorParams(PluginParams):

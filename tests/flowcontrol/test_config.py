@@ -10,7 +10,6 @@ from llmepp.datalayer.datastore import Datastore
 from llmepp.flowcontrol.controller import FlowController
 from llmepp.flowcontrol.hooks import AdmissionHooks
 from llmepp.flowcontrol.legacy import LegacyAdmission
-from llmepp.flowcontrol.units import parse_bytes, parse_duration
 from llmepp.framework.plugin import ConfigError
 from llmepp.plugins.flowcontrol.concurrency_detector import ConcurrencyDetector
 from llmepp.plugins.flowcontrol.fairness import GlobalStrictFairnessPolicy, RoundRobinFairnessPolicy
@@ -18,6 +17,7 @@ from llmepp.plugins.flowcontrol.ordering import EdfOrderingPolicy, FcfsOrderingP
 from llmepp.plugins.flowcontrol.usage_limit import StaticUsageLimitPolicy
 from llmepp.plugins.flowcontrol.utilization_detector import UtilizationDetector
 from llmepp.settings import Settings
+from llmepp.units import parse_bytes, parse_duration
 
 ISSUE_EXAMPLE = """
 apiVersion: inference.networking.x-k8s.io/v1alpha1

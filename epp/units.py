@@ -1,4 +1,4 @@
-"""Durations and byte sizes as the reference's YAML spells them.
+"""Durations and byte sizes as the reference spells them (YAML config and CLI flags).
 
 Durations follow Go's `time.ParseDuration` ("60s", "200ms", "1m30s", "0"); a bare YAML
 number is seconds. Sizes follow Kubernetes quantities ("1G" = 10⁹, "1Gi" = 2³⁰, "500M",
@@ -30,7 +30,7 @@ def parse_duration(value: str | int | float) -> float:
         seconds = float(value)
     else:
         text = value.strip()
-        if text in ("0", "0.0", ""):
+        if text in ("0", "0.0"):
             return 0.0
         seconds = 0.0
         pos = 0
