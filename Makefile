@@ -12,11 +12,12 @@ STAMP := $(VENV)/.deps-installed
 venv: $(STAMP)
 
 # Dependencies are (re)installed only when pyproject.toml / setup.py change.
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py examples/epp-plugin-example/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=strict > $(VENV)/install.log 2>&1 \
 		|| (cat $(VENV)/install.log; exit 1)
+	$(PY) -m pip install -q --no-build-isolation -e examples/epp-plugin-example > /dev/null
 	@touch $(STAMP)
 
 # The strict editable install links each source file; relinking picks up files added since.

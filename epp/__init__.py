@@ -29,11 +29,13 @@ from llmepp.framework.plugin import ConfigError, Plugin, PluginContext, PluginPa
 from llmepp.framework.requestcontrol import (
     Admitter,
     DataProducer,
+    FirstResponseChunkProcessor,
     PreRequest,
     ResponseCompleteProcessor,
     ResponseHeaderProcessor,
 )
 from llmepp.framework.scheduling import (
+    Decider,
     Filter,
     Picker,
     PickerParams,
@@ -51,11 +53,13 @@ __all__ = [
     "Admitter",
     "ConfigError",
     "DataProducer",
+    "Decider",
     "Endpoint",
     "EndpointDiscovery",
     "EndpointMetrics",
     "EndpointSpec",
     "Filter",
+    "FirstResponseChunkProcessor",
     "InFlight",
     "InferenceRequest",
     "Picker",

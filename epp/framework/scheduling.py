@@ -119,3 +119,17 @@ class ProfileHandler(Plugin):
     def process_results(
         self, request: InferenceRequest, results: dict[str, ProfileResult | None]
     ) -> SchedulingResult: ...
+
+
+class Decider(Plugin):
+    """Decides whether a disaggregated stage (prefill or encode) runs for one request.
+
+    An ordinary plugin (its own entry in `plugins:`) that `disagg-profile-handler` names in
+    `deciders.prefill` / `deciders.encode`. Asked once per request, after the decode profile
+    picked its endpoint (decode-first); in prefill-first mode the encode decider is asked with
+    `None`. Runs on the event loop inside scheduling: keep it allocation-light.
+    """
+
+    @abstractmethod
+    def disaggregate(self, request: InferenceRequest, endpoint: Endpoint | None) -> bool:
+        """True to run the stage; `endpoint` is the decode pick (None when not chosen yet)."""

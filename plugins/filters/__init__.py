@@ -2,6 +2,7 @@ from llmepp.framework.plugin import Plugin
 from llmepp.plugins.filters.endpoint_attribute import EndpointAttributeFilter
 from llmepp.plugins.filters.label_selector import ByLabelFilter, ByLabelSelectorFilter, LabelSelectorFilter
 from llmepp.plugins.filters.prefix_cache_affinity import PrefixCacheAffinityFilter
+from llmepp.plugins.filters.roles import DecodeFilter, EncodeFilter, PrefillFilter
 from llmepp.plugins.filters.session_affinity import SessionAffinityFilter
 from llmepp.plugins.filters.utilization import UtilizationFilter
 
@@ -13,4 +14,7 @@ PLUGINS: list[type[Plugin]] = [
     EndpointAttributeFilter,
     PrefixCacheAffinityFilter,
     SessionAffinityFilter,
+    DecodeFilter,
+    PrefillFilter,
+    EncodeFilter,
 ]

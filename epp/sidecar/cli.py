@@ -1,0 +1,133 @@
+"""`epp-pd-sidecar`: run the decode-side P/D routing sidecar in front of one decode model server.
+
+    epp-pd-sidecar --port 8000 --vllm-port 8200                 # vLLM on 127.0.0.1:8200 (the reference layout)
+    epp-pd-sidecar --host 10.0.0.5 --port 8000 --decoder-url http://10.0.0.5:8200 --prefill-max-retries 3
+
+Durations accept plain seconds (`0.2`) or Go-style units (`200ms`, `5s`, `2m`). Prints
+`epp-pd-sidecar: listening <host:port> decoder=<url>` once it accepts connections; SIGTERM /
+SIGINT stop it (exit 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import re
+import signal
+import sys
+from collections.abc import Sequence
+
+from llmepp.sidecar.proxy import Sidecar, SidecarOptions
+
+READY_PREFIX = "epp-pd-sidecar: listening "
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*(|k|ki|kib|m|mi|mib|g|gi|gib)\s*$", re.IGNORECASE)
+
+
+def duration(text: str) -> float:
+    match = _DURATION.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 0.2, 200ms, 5s)")
+    return float(match[1]) * _UNITS[match[2]]
+
+
+def size(text: str) -> int:
+    match = _SIZE.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1048576, 64MiB)")
+    unit = match[2].lower()[:1]
+    return int(match[1]) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[unit]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = SidecarOptions()
+    p = argparse.ArgumentParser(
+        prog="epp-pd-sidecar",
+        description="Decode-side P/D routing sidecar: runs the remote prefill named by x-prefiller-host-port, "
+        "then streams the local decoder's answer.",
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--host", default=d.host, help="listen address (default %(default)s)")
+    p.add_argument("--port", type=int, default=d.port, help="listen port, the pod's serving port (default %(default)s)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--decoder-url", help=f"URL of the local decode server (default {d.decoder_url})")
+    target.add_argument(
+        "--vllm-port", "--model-server-port", dest="vllm_port", type=int, help="local decoder port on 127.0.0.1"
+    )
+    p.add_argument("--prefill-scheme", choices=("http", "https"), default=d.prefill_scheme)
+    p.add_argument("--prefill-max-retries", type=int, default=d.prefill_max_retries,
+                   help="retries of a prefill answered 502/503/504 or unreachable (default %(default)s)")  # fmt: skip
+    p.add_argument("--prefill-retry-backoff", type=duration, default=d.prefill_retry_backoff,
+                   help="wait before the first retry, doubled per retry (default %(default)ss)")  # fmt: skip
+    p.add_argument("--connect-timeout", type=duration, default=d.connect_timeout)
+    p.add_argument("--prefill-timeout", type=duration, default=d.prefill_timeout, help="one prefill attempt")
+    p.add_argument("--decode-idle-timeout", type=duration, default=d.decode_idle_timeout,
+                   help="longest silence from the decoder mid-response")  # fmt: skip
+    p.add_argument("--max-body-size", type=size, default=d.max_body_bytes)
+    p.add_argument("--allowed-prefill-networks", default="",
+                   help="comma-separated CIDRs x-prefiller-host-port may name (SSRF guard; default any)")  # fmt: skip
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def options_from_args(argv: Sequence[str] | None = None) -> tuple[SidecarOptions, str]:
+    """The options and the log level."""
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    decoder = a.decoder_url or (f"http://127.0.0.1:{a.vllm_port}" if a.vllm_port else SidecarOptions.decoder_url)
+    try:
+        options = SidecarOptions(
+            host=a.host,
+            port=a.port,
+            decoder_url=decoder,
+            prefill_scheme=a.prefill_scheme,
+            prefill_max_retries=a.prefill_max_retries,
+            prefill_retry_backoff=a.prefill_retry_backoff,
+            connect_timeout=a.connect_timeout,
+            prefill_timeout=a.prefill_timeout,
+            decode_idle_timeout=a.decode_idle_timeout,
+            max_body_bytes=a.max_body_size,
+            allowed_prefill_networks=[n.strip() for n in a.allowed_prefill_networks.split(",") if n.strip()],
+        )
+    except ValueError as e:
+        parser.error(str(e))
+    return options, a.log_level
+
+
+async def serve(options: SidecarOptions) -> None:
+    sidecar = Sidecar(options)
+    await sidecar.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    print(f"{READY_PREFIX}{options.host}:{sidecar.port} decoder={options.decoder_url}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await sidecar.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options, level = options_from_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # asyncio's own loop works, slower
+        pass
+    asyncio.run(serve(options))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""The decode-side P/D routing sidecar: a reverse proxy in front of one decode model server.
+
+    client/Envoy ──► sidecar :8000 ──(x-prefiller-host-port?)──► prefill pod   (1-token prefill)
+                                   └──────────────────────────────► local vLLM :8200 (decode, streamed)
+
+Without `x-prefiller-host-port` (or with an empty value, which the EPP sets to neutralise a
+client-sent one) every request is proxied to the local decoder unchanged and streamed back.
+
+With it, on `POST /v1/completions` and `POST /v1/chat/completions` (NIXL v2 protocol, the
+reference sidecar's default connector):
+
+1. the request goes to the prefill pod with `kv_transfer_params = {do_remote_decode: true,
+   do_remote_prefill: false, remote_*: null}`, `stream: false` (no `stream_options`),
+   `max_tokens: 1` (and `max_completion_tokens: 1` for chat or when present), `min_tokens`
+   dropped (vLLM rejects min_tokens > max_tokens). 502/503/504 and connection failures are
+   retried `prefill_max_retries` times with exponential backoff (a prefill is idempotent, and a
+   local prefill on the decode pod is the expensive alternative);
+2. a prefill error is returned to the client with its status and JSON body as-is (a non-JSON
+   body is wrapped in an OpenAI-style JSON error); an unreachable prefill pod is a 502 JSON error.
+   Either carries `x-pd-failed-stage: prefill`;
+3. the original request goes to the local decoder with the prefill response's
+   `kv_transfer_params` (do_remote_prefill + remote block ids/host/port) and its response -
+   status, headers (x-inference-pod ...), SSE bytes - is streamed back untouched. A prefill
+   response without kv_transfer_params is logged and the decoder prefills locally.
+
+The response path does one read and one write per chunk (`iter_any`), nothing per event.
+Request bodies are read whole (chunked uploads from Envoy included): the P/D path must parse
+the JSON anyway, and the pass-through path stays simple.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import msgspec
+from aiohttp import web
+from multidict import CIMultiDict
+
+log = logging.getLogger(__name__)
+
+PREFILL_HEADER = "x-prefiller-host-port"
+ENCODER_HEADER = "x-encoder-hosts-ports"
+FAILED_STAGE_HEADER = "x-pd-failed-stage"
+PD_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+TRANSIENT_STATUSES = frozenset({502, 503, 504})
+# RFC 7230 hop-by-hop headers plus those aiohttp recomputes (length, host); the P/D control
+# headers are consumed here and never reach a model server.
+_DROP_REQUEST = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
+     "transfer-encoding", "upgrade", "content-length", "host", "expect", PREFILL_HEADER, ENCODER_HEADER}
+)  # fmt: skip
+_DROP_RESPONSE = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
+     "transfer-encoding", "upgrade", "content-length"}
+)  # fmt: skip
+_JSON = "application/json"
+
+
+@dataclass
+class SidecarOptions:
+    host: str = "0.0.0.0"
+    port: int = 8000  # 0 = any free port (tests)
+    decoder_url: str = "http://127.0.0.1:8200"
+    prefill_scheme: str = "http"
+    prefill_max_retries: int = 2
+    prefill_retry_backoff: float = 0.2  # seconds before the first retry; doubles per retry
+    connect_timeout: float = 5.0
+    prefill_timeout: float = 300.0  # one prefill attempt, end to end
+    decode_idle_timeout: float = 600.0  # longest silence from the decoder while streaming
+    max_body_bytes: int = 64 * 1024 * 1024
+    # SSRF guard: networks x-prefiller-host-port may point into; empty = any address.
+    allowed_prefill_networks: list[str] = field(default_factory=list)
+    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.prefill_max_retries < 0:
+            raise ValueError("prefill-max-retries must be >= 0")
+        if self.prefill_retry_backoff < 0:
+            raise ValueError("prefill-retry-backoff must be >= 0")
+        for name in ("connect_timeout", "prefill_timeout", "decode_idle_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name.replace('_', '-')} must be > 0")
+        if self.prefill_scheme not in ("http", "https"):
+            raise ValueError("prefill-scheme must be http or https")
+        self.decoder_url = self.decoder_url.rstrip("/")
+        if not self.decoder_url.startswith(("http://", "https://")):
+            raise ValueError(f"decoder-url must be an http(s) URL, got {self.decoder_url!r}")
+        self.networks = [ipaddress.ip_network(n, strict=False) for n in self.allowed_prefill_networks]
+
+
+class ProxyError(Exception):
+    """An error answered by the sidecar itself, as an OpenAI-style JSON body."""
+
+    def __init__(self, status: int, message: str, *, stage: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.stage = stage
+
+    def response(self) -> web.Response:
+        return json_error(self.status, self.message, stage=self.stage)
+
+
+def json_error(status: int, message: str, *, stage: str | None = None) -> web.Response:
+    error = {"message": message, "type": _ERROR_TYPES.get(status, "Error"), "code": status}
+    body = msgspec.json.encode({"error": error})
+    headers = {FAILED_STAGE_HEADER: stage} if stage else None
+    return web.Response(status=status, body=body, content_type=_JSON, headers=headers)
+
+
+_ERROR_TYPES = {400: "BadRequest", 403: "Forbidden", 413: "PayloadTooLarge", 502: "BadGateway", 504: "GatewayTimeout"}
+
+
+def prefill_request(payload: Mapping[str, Any], chat: bool) -> dict[str, Any]:
+    """The 1-token, non-streaming prefill-only copy of a completion request (NIXL v2)."""
+    body = dict(payload)
+    body["kv_transfer_params"] = {
+        "do_remote_decode": True,
+        "do_remote_prefill": False,
+        "remote_engine_id": None,
+        "remote_block_ids": None,
+        "remote_host": None,
+        "remote_port": None,
+    }
+    body["stream"] = False
+    body.pop("stream_options", None)
+    body["max_tokens"] = 1
+    if chat or "max_completion_tokens" in body:
+        body["max_completion_tokens"] = 1
+    body.pop("min_tokens", None)
+    return body
+
+
+def forward_headers(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in headers:
+        if k.lower() not in _DROP_REQUEST:
+            out.add(k, v)
+    return out
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """`ip:port`, `[v6]:port` or `name:port` → (host, port); ValueError when malformed."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"{PREFILL_HEADER} must be host:port, got {value[:100]!r}")
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"{PREFILL_HEADER}: port out of range in {value[:100]!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, port
+
+
+class Sidecar:
+    """The proxy server. `await start()`, then `url`; `await stop()` releases everything."""
+
+    def __init__(self, options: SidecarOptions) -> None:
+        self.options = options
+        self.port = options.port
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        o = options
+        self._prefill_timeout = aiohttp.ClientTimeout(total=o.prefill_timeout, connect=o.connect_timeout)
+        self._decode_timeout = aiohttp.ClientTimeout(
+            total=None, connect=o.connect_timeout, sock_read=o.decode_idle_timeout
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.options.host}:{self.port}"
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.options.max_body_bytes)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    async def start(self) -> None:
+        # No pool limit: every in-flight request holds one upstream connection anyway, and a
+        # limit would queue decodes behind slow prefills. Raw bytes: no decompression in between.
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60)
+        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        # handler_cancellation: a client that goes away cancels its prefill wait / upstream reads.
+        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.options.host, self.options.port, backlog=1024)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- request handling ------------------------------------------------------------------
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        prefiller = request.headers.get(PREFILL_HEADER, "").strip()
+        try:
+            if prefiller and request.method == "POST" and request.path in PD_PATHS:
+                return await self._disaggregated(request, prefiller)
+            body = await request.read() if request.can_read_body else None
+            return await self._to_decoder(request, forward_headers(request.headers.items()), body)
+        except ProxyError as e:
+            return e.response()
+        except web.HTTPRequestEntityTooLarge:
+            return json_error(413, f"request body exceeds {self.options.max_body_bytes} bytes")
+
+    async def _disaggregated(self, request: web.Request, prefiller: str) -> web.StreamResponse:
+        self._check_prefiller(prefiller)
+        raw = await request.read()
+        try:
+            payload = msgspec.json.decode(raw)
+        except msgspec.DecodeError as e:
+            raise ProxyError(400, f"request body is not valid JSON: {e}") from None
+        if not isinstance(payload, dict):
+            raise ProxyError(400, "request body must be a JSON object")
+        headers = forward_headers(request.headers.items())
+        headers["Content-Type"] = _JSON
+        chat = request.path == "/v1/chat/completions"
+        pbody = msgspec.json.encode(prefill_request(payload, chat))
+        url = f"{self.options.prefill_scheme}://{prefiller}{request.path_qs}"
+        status, content_type, answer = await self._prefill(url, headers, pbody, prefiller)
+        if status >= 400:
+            return self._prefill_error(status, content_type, answer, prefiller)
+        try:
+            prefilled = msgspec.json.decode(answer)
+        except msgspec.DecodeError:
+            raise ProxyError(502, f"prefill pod {prefiller} answered invalid JSON", stage="prefill") from None
+        kv = prefilled.get("kv_transfer_params") if isinstance(prefilled, dict) else None
+        if isinstance(kv, dict):
+            payload["kv_transfer_params"] = kv
+        else:
+            # The decoder can still serve the request by prefilling itself; say so loudly.
+            log.warning("prefill pod %s returned no kv_transfer_params; the decoder prefills locally", prefiller)
+            payload.pop("kv_transfer_params", None)
+        return await self._to_decoder(request, headers, msgspec.json.encode(payload))
+
+    def _check_prefiller(self, prefiller: str) -> None:
+        try:
+            host, _port = parse_hostport(prefiller)
+        except ValueError as e:
+            raise ProxyError(400, str(e)) from None
+        networks = self.options.networks
+        if not networks:
+            return
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            raise ProxyError(403, f"prefill host {host[:100]!r} is not an allowed address") from None
+        if not any(addr in net for net in networks):
+            raise ProxyError(403, f"prefill host {host} is not in the allowed networks")
+
+    async def _prefill(
+        self, url: str, headers: CIMultiDict[str], body: bytes, prefiller: str
+    ) -> tuple[int, str, bytes]:
+        """POST the prefill, retrying transient failures; (status, content type, body)."""
+        assert self._session is not None
+        o = self.options
+        attempt = 0
+        while True:
+            try:
+                async with self._session.post(url, data=body, headers=headers, timeout=self._prefill_timeout) as up:
+                    answer = await up.read()
+                    status, content_type = up.status, up.headers.get("Content-Type", "")
+                if status not in TRANSIENT_STATUSES or attempt >= o.prefill_max_retries:
+                    return status, content_type, answer
+                reason = f"status {status}"
+            except (aiohttp.ClientError, TimeoutError) as e:
+                if attempt >= o.prefill_max_retries:
+                    kind = "timed out" if isinstance(e, TimeoutError) else f"unreachable ({e.__class__.__name__}: {e})"
+                    raise ProxyError(
+                        504 if isinstance(e, TimeoutError) else 502,
+                        f"prefill pod {prefiller} {kind} after {attempt + 1} attempt(s)",
+                        stage="prefill",
+                    ) from None
+                reason = e.__class__.__name__
+            delay = o.prefill_retry_backoff * (2**attempt)
+            attempt += 1
+            log.info("retrying prefill at %s (attempt %d, after %s) in %.2fs", prefiller, attempt + 1, reason, delay)
+            await asyncio.sleep(delay)
+
+    @staticmethod
+    def _prefill_error(status: int, content_type: str, answer: bytes, prefiller: str) -> web.Response:
+        """The prefill pod's error as-is when it is a JSON error, else wrapped in one."""
+        if content_type.startswith(_JSON):
+            try:
+                if isinstance(msgspec.json.decode(answer), dict):
+                    return web.Response(
+                        status=status, body=answer, content_type=_JSON, headers={FAILED_STAGE_HEADER: "prefill"}
+                    )
+            except msgspec.DecodeError:
+                pass
+        text = answer[:500].decode("utf-8", "replace")
+        return json_error(status, f"prefill pod {prefiller} returned {status}: {text}", stage="prefill")
+
+    async def _to_decoder(
+        self, request: web.Request, headers: CIMultiDict[str], body: bytes | None
+    ) -> web.StreamResponse:
+        """Send to the local decoder and stream its answer back byte for byte."""
+        assert self._session is not None
+        url = self.options.decoder_url + request.path_qs
+        try:
+            upstream = await self._session.request(
+                request.method, url, headers=headers, data=body, timeout=self._decode_timeout, allow_redirects=False
+            )
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise ProxyError(502, f"decoder at {self.options.decoder_url} unreachable: {e}", stage="decode") from None
+        async with upstream:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for k, v in upstream.headers.items():
+                if k.lower() not in _DROP_RESPONSE:
+                    response.headers.add(k, v)
+            if upstream.content_length is not None and "Transfer-Encoding" not in upstream.headers:
+                response.content_length = upstream.content_length
+            await response.prepare(request)
+            # After prepare the status is out: a decoder failure can only cut the stream, which
+            # the client sees as a truncated chunked body (aiohttp closes the connection).
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+            except (aiohttp.ClientError, TimeoutError) as e:
+                log.warning("decoder stream broke after the response started: %s; closing the connection", e)
+                if request.transport is not None:
+                    request.transport.abort()
+                raise
+            await response.write_eof()
+            return response

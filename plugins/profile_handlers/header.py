@@ -1,0 +1,74 @@
+"""`header-profile-handler`: the client names the one profile to run in a request header."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from llmepp.errors import BadRequest
+from llmepp.framework.plugin import ConfigError, PluginParams
+from llmepp.framework.scheduling import ProfileHandler, ProfileResult, SchedulingResult
+from llmepp.request.types import InferenceRequest
+from llmepp.scheduling.profile import SchedulerProfile
+
+
+class HeaderProfileHandler(ProfileHandler):
+    """Runs exactly the profile named by a request header; its result is primary.
+
+    Why: an orchestrator that drives P/D (or E/P/D) itself (the reference's coordinator) calls
+    the gateway once per phase and says which phase it wants, e.g. `EPP-Profile: prefill`.
+
+    Decision rule: profile = value of `headerName` (surrounding spaces stripped), else
+    `defaultProfile` when the header is missing or empty. A name that is not a configured
+    profile is answered **400 Bad Request** naming the known profiles; the reference lets it
+    surface as 429, which wrongly tells clients to back off and retry a request that can never
+    succeed. With `defaultProfile: ""` the header is required (missing → 400).
+
+    Parameters: `headerName` ("EPP-Profile", matched case-insensitively), `defaultProfile`
+    ("decode"; must name a configured profile, checked at start-up).
+    """
+
+    type = "header-profile-handler"
+
+    class Params(PluginParams):
+        header_name: str = "EPP-Profile"
+        default_profile: str = "decode"
+
+        def __post_init__(self) -> None:
+            if not self.header_name.strip():
+                raise ValueError("headerName must not be empty")
+
+    def __init__(self, name: str, params: Params) -> None:
+        super().__init__(name, params)
+        # The ext_proc layer lower-cases request header names.
+        self.header = params.header_name.strip().lower()
+        self.default = params.default_profile
+
+    def validate_profiles(self, profiles: Mapping[str, SchedulerProfile]) -> None:
+        if self.default and self.default not in profiles:
+            raise ConfigError(
+                f"defaultProfile: no scheduling profile named {self.default!r} (have: {', '.join(profiles)})"
+            )
+
+    def pick_profiles(
+        self,
+        request: InferenceRequest,
+        profiles: Mapping[str, SchedulerProfile],
+        results: Mapping[str, ProfileResult | None],
+    ) -> Sequence[SchedulerProfile]:
+        if results:
+            return ()
+        wanted = request.headers.get(self.header, "").strip() or self.default
+        profile = profiles.get(wanted)
+        if profile is None:
+            if not wanted:
+                raise BadRequest(f"header {self.params.header_name} is required")
+            raise BadRequest(
+                f"header {self.params.header_name}: unknown scheduling profile {wanted[:64]!r}; "
+                f"known: {', '.join(profiles)}"
+            )
+        return (profile,)
+
+    def process_results(self, request: InferenceRequest, results: dict[str, ProfileResult | None]) -> SchedulingResult:
+        # Exactly one profile ran; a failed run leaves it without targets (the scheduler's 429).
+        name = next(iter(results))
+        return SchedulingResult(primary_profile=name, profiles=results)

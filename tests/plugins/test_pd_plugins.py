@@ -1,0 +1,417 @@
+"""P/D disaggregation plugins: role filters, deciders, disagg- and header-profile-handlers,
+and the reference P/D config (example B) routed through the Director."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+from helpers import endpoint, request
+
+from llmepp.config.loader import build, load_config
+from llmepp.datalayer.datastore import Datastore
+from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
+from llmepp.director import Director
+from llmepp.errors import BadRequest, ResourceExhausted, ServiceUnavailable
+from llmepp.framework.datakeys import PREFIX_CACHE_MATCH_INFO, TOKENIZED_PROMPT, PrefixMatchInfo, TokenizedPrompt
+from llmepp.framework.plugin import ConfigError, Plugin, PluginContext, registry
+from llmepp.framework.scheduling import Decider
+from llmepp.observability.metrics import EppMetrics
+from llmepp.plugins.profile_handlers.disagg import PEER_ENDPOINT, DisaggProfileHandler
+from llmepp.request.types import InferenceRequest
+
+ROLE = "llm-d.ai/role"
+
+# Reference example B (deploy/config/pd-epp-config.yaml), unchanged.
+EXAMPLE_B = """
+plugins:
+- type: approx-prefix-cache-producer
+  parameters: {maxPrefixTokensToMatch: 16384, lruCapacityPerServer: 31250}
+- type: prefix-cache-scorer
+- type: queue-scorer
+- type: prefill-filter
+- type: decode-filter
+- type: max-score-picker
+- type: disagg-profile-handler
+  parameters: {deciders: {prefill: prefix-based-pd-decider}}
+- type: prefix-based-pd-decider
+  parameters: {nonCachedTokens: 16}
+schedulingProfiles:
+- name: prefill
+  plugins: [{pluginRef: prefill-filter}, {pluginRef: max-score-picker},
+            {pluginRef: prefix-cache-scorer, weight: 2}, {pluginRef: queue-scorer, weight: 1}]
+- name: decode
+  plugins: [{pluginRef: decode-filter}, {pluginRef: max-score-picker},
+            {pluginRef: prefix-cache-scorer, weight: 2}, {pluginRef: queue-scorer, weight: 1}]
+"""
+
+
+def make(type_: str, params: dict[str, Any] | None = None, *others: Plugin) -> Any:
+    plugin = registry.build(type_, type_, params)
+    plugin.setup(PluginContext({p.name: p for p in (plugin, *others)}, None, None, None))
+    return plugin
+
+
+def names(eps: Any) -> list[str]:
+    return [ep.name for ep in eps]
+
+
+def spec(name: str, i: int, role: str | None) -> EndpointSpec:
+    return EndpointSpec(name=name, address=f"10.1.0.{i}", port=8000, labels={ROLE: role} if role else {})
+
+
+def director(config: str, pods: list[tuple[str, str | None]]) -> tuple[Director, Datastore, EppMetrics]:
+    ds = Datastore()
+    for i, (name, role) in enumerate(pods):
+        ds.upsert(spec(name, i + 1, role))
+    metrics = EppMetrics()
+    c = build(load_config(config), datastore=ds, metrics=metrics)
+    return Director(ds, c.pipeline, metrics), ds, metrics
+
+
+def decisions(metrics: EppMetrics, kind: str, model: str = "m") -> float:
+    value = metrics.registry.get_sample_value(
+        "llm_d_epp_disagg_decision_total",
+        {"plugin_name": "disagg-profile-handler", "plugin_type": "disagg-profile-handler",
+         "model_name": model, "decision_type": kind},
+    )  # fmt: skip
+    return value or 0.0
+
+
+PD_PODS: list[tuple[str, str | None]] = [("p0", "prefill"), ("p1", "prefill"), ("d0", "decode"), ("d1", "decode")]
+
+
+# -- role filters -------------------------------------------------------------------------------
+ROLES = ["encode", "prefill", "decode", "encode-prefill", "encode-decode", "prefill-decode",
+         "encode-prefill-decode", "both", None]  # fmt: skip
+
+
+def role_pods() -> list[Endpoint]:
+    return [endpoint(i, labels={ROLE: r} if r else {}) for i, r in enumerate(ROLES)]
+
+
+@pytest.mark.parametrize(
+    ("type_", "kept"),
+    [
+        ("decode-filter", ["decode", "prefill-decode", "encode-prefill-decode", "both", None]),
+        ("prefill-filter", ["prefill", "encode-prefill", "prefill-decode", "encode-prefill-decode", "both"]),
+        ("encode-filter", ["encode", "encode-prefill", "encode-prefill-decode"]),
+    ],
+)
+def test_role_filters_follow_the_reference_sets(type_: str, kept: list[str | None]) -> None:
+    eps = role_pods()
+    out = make(type_).filter(request(), eps)
+    assert [ep.spec.labels.get(ROLE) for ep in out] == [r for r in ROLES if r in kept]
+
+
+def test_role_filters_take_no_parameters() -> None:
+    with pytest.raises(ConfigError, match="parameters"):
+        registry.build("decode-filter", "d", {"role": "x"})
+
+
+# -- prefix-based-pd-decider ---------------------------------------------------------------------
+def decider(**params: int) -> Any:
+    producer = registry.build("approx-prefix-cache-producer", "approx-prefix-cache-producer", None)
+    return make("prefix-based-pd-decider", dict(params), producer)
+
+
+def pd_request(tokens: int, hits: dict[Endpoint, int] | None, block: int = 64) -> InferenceRequest:
+    req = request(b"x" * (tokens * 4))
+    req.data[TOKENIZED_PROMPT] = TokenizedPrompt(b"x" * (tokens * 4))
+    if hits is not None:
+        info = PrefixMatchInfo(block_size=block, total_blocks=tokens // block, hits=hits, hashes=[])
+        req.data[f"{PREFIX_CACHE_MATCH_INFO}/approx-prefix-cache-producer"] = info
+    return req
+
+
+def test_prefix_decider_rule() -> None:
+    ep, other = endpoint(0), endpoint(1)
+    d = decider(nonCachedTokens=100)
+    assert d.disaggregate(pd_request(1000, {}), ep)  # nothing cached: 1000 ≥ 100
+    assert not d.disaggregate(pd_request(99, {}), ep)  # shorter than the threshold
+    # 14 of 15 blocks cached on the decode pod: 1000 − 896 = 104 ≥ 100 → yes; 15 blocks: 40 → no.
+    assert d.disaggregate(pd_request(1000, {ep: 14}), ep)
+    assert not d.disaggregate(pd_request(1000, {ep: 15}), ep)
+    # Only the chosen decode endpoint's hits count.
+    assert d.disaggregate(pd_request(1000, {other: 15}), ep)
+    # Boundary: exactly nonCachedTokens uncached → disaggregate (≥).
+    assert d.disaggregate(pd_request(1060, {ep: 15}), ep)
+    assert not d.disaggregate(pd_request(1059, {ep: 15}), ep)
+
+
+def test_prefix_decider_gates_and_disabled() -> None:
+    ep = endpoint(0)
+    assert not decider(nonCachedTokens=0).disaggregate(pd_request(100000, {}), ep)
+    gated = decider(nonCachedTokens=10, promptTokens=500)
+    assert not gated.disaggregate(pd_request(499, {}), ep)
+    assert gated.disaggregate(pd_request(500, {}), ep)
+    assert not gated.disaggregate(pd_request(500, {}), None)
+
+
+def test_prefix_decider_without_prefix_info_says_no_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR):
+        assert not decider(nonCachedTokens=10).disaggregate(pd_request(1000, None), endpoint(0))
+    assert "no prefix cache match info" in caplog.text
+
+
+def test_prefix_decider_estimates_from_prompt_bytes_without_tokens() -> None:
+    ep = endpoint(0)
+    req = request(b"y" * 400)  # 100 estimated tokens, no TokenizedPrompt
+    req.data[f"{PREFIX_CACHE_MATCH_INFO}/approx-prefix-cache-producer"] = PrefixMatchInfo(64, 1, {}, [])
+    assert decider(nonCachedTokens=100).disaggregate(req, ep)
+    assert not decider(nonCachedTokens=101).disaggregate(req, ep)
+
+
+@pytest.mark.parametrize("params", [{"nonCachedTokens": -1}, {"promptTokens": -5}, {"nonCachedTokenz": 3}])
+def test_prefix_decider_rejects_bad_parameters(params: dict[str, int]) -> None:
+    with pytest.raises(ConfigError):
+        registry.build("prefix-based-pd-decider", "d", params)
+
+
+def test_always_disagg_decider() -> None:
+    assert make("always-disagg-pd-decider").disaggregate(request(b""), None)
+
+
+# -- example B through the director ----------------------------------------------------------------
+async def test_example_b_loads_unchanged_and_disaggregates_a_long_prompt() -> None:
+    d, _, metrics = director(EXAMPLE_B, PD_PODS)
+    req = request(b"a" * 4000)  # 1000 estimated tokens, nothing cached
+    decision = await d.handle_request(req, None)
+    assert decision.targets[0].name in {"d0", "d1"}  # decode is primary: Envoy routes there
+    assert decision.result is not None
+    prefill = decision.result.profiles["prefill"]
+    assert prefill is not None and prefill.targets[0].name in {"p0", "p1"}
+    assert decision.headers["x-prefiller-host-port"] == prefill.targets[0].hostport
+    assert req.data[PEER_ENDPOINT] is decision.targets[0]
+    assert decisions(metrics, "prefill-decode") == 1 and decisions(metrics, "decode-only") == 0
+
+
+async def test_example_b_short_and_cached_prompts_stay_decode_only() -> None:
+    d, _, metrics = director(EXAMPLE_B, PD_PODS)
+    short = request(b"hi there")  # 2 tokens < nonCachedTokens 16
+    decision = await d.handle_request(short, None)
+    assert decision.targets[0].name in {"d0", "d1"}
+    assert "x-prefiller-host-port" not in decision.headers
+    assert decision.result is not None and set(decision.result.profiles) == {"decode"}
+    # 256 tokens = 4 full 64-token blocks: once routed, the decode pod caches all of it.
+    prompt = b"b" * 1024
+    first = await d.handle_request(request(prompt), None)
+    assert "x-prefiller-host-port" in first.headers
+    await asyncio.sleep(0)  # the prefix index records in a call_soon after the routing answer
+    again = await d.handle_request(request(prompt), None)
+    assert again.targets == first.targets  # prefix affinity keeps the decode pod
+    assert "x-prefiller-host-port" not in again.headers
+    assert decisions(metrics, "decode-only") == 2 and decisions(metrics, "prefill-decode") == 1
+
+
+async def test_client_sent_prefill_header_is_blanked_when_no_prefill_runs() -> None:
+    d, _, _ = director(EXAMPLE_B, PD_PODS)
+    req = request(b"short")
+    req.headers["x-prefiller-host-port"] = "203.0.113.9:1"
+    req.headers["x-encoder-hosts-ports"] = "203.0.113.9:2"
+    decision = await d.handle_request(req, None)
+    assert decision.headers["x-prefiller-host-port"] == ""
+    assert decision.headers["x-encoder-hosts-ports"] == ""
+    # A disaggregated request overwrites the client's value with the real pick.
+    long = request(b"c" * 4000)
+    long.headers["x-prefiller-host-port"] = "203.0.113.9:1"
+    decision = await d.handle_request(long, None)
+    assert decision.headers["x-prefiller-host-port"].startswith("10.1.0.")
+
+
+async def test_unlabeled_pool_routes_decode_only() -> None:
+    # decode-filter keeps unlabeled pods; prefill-filter drops them: the required prefill fails.
+    d, _, _ = director(EXAMPLE_B, [("u0", None), ("u1", None)])
+    decision = await d.handle_request(request(b"short"), None)
+    assert decision.targets[0].name in {"u0", "u1"}
+    with pytest.raises(ServiceUnavailable, match="prefill profile 'prefill' was required"):
+        await d.handle_request(request(b"z" * 4000), None)
+
+
+async def test_no_decode_endpoint_fails_without_running_prefill() -> None:
+    d, _, metrics = director(EXAMPLE_B, [("p0", "prefill")])
+    handler = d.pipeline.scheduler.handler
+    assert isinstance(handler, DisaggProfileHandler)
+    calls = count_decider(handler)
+    with pytest.raises(ResourceExhausted):
+        await d.handle_request(request(b"q" * 4000), None)
+    assert calls == [] and decisions(metrics, "decode-only") == 0
+
+
+def count_decider(handler: DisaggProfileHandler) -> list[str]:
+    """Wrap the handler's prefill decider; the returned list gets one entry per call."""
+    calls: list[str] = []
+    inner = handler.prefill_decider
+    assert inner is not None
+    decide = inner.disaggregate
+
+    class Counting(Decider):
+        type = "counting"
+
+        def disaggregate(self, request: InferenceRequest, endpoint: Endpoint | None) -> bool:
+            calls.append(endpoint.name if endpoint else "")
+            return decide(request, endpoint)
+
+    handler.prefill_decider = Counting("counting")
+    return calls
+
+
+async def test_deciders_are_asked_once_per_request_with_the_decode_pick() -> None:
+    d, _, _ = director(EXAMPLE_B, PD_PODS)
+    handler = d.pipeline.scheduler.handler
+    assert isinstance(handler, DisaggProfileHandler)
+    calls = count_decider(handler)
+    yes = await d.handle_request(request(b"e" * 4000), None)
+    no = await d.handle_request(request(b"tiny"), None)
+    assert calls == [yes.targets[0].name, no.targets[0].name]
+
+
+EPD = """
+plugins:
+- {type: decode-filter}
+- {type: prefill-filter}
+- {type: encode-filter}
+- {type: always-disagg-pd-decider, name: always}
+- type: disagg-profile-handler
+  parameters: {deciders: {prefill: always, encode: always}, profiles: {encode: enc}}
+schedulingProfiles:
+- {name: decode, plugins: [{pluginRef: decode-filter}]}
+- {name: prefill, plugins: [{pluginRef: prefill-filter}]}
+- name: enc
+  plugins: [{pluginRef: encode-filter}, {pluginRef: picker}]
+- {name: unused, plugins: [{pluginRef: decode-filter}]}
+"""
+
+
+async def test_encode_prefill_decode_stamps_both_headers(caplog: pytest.LogCaptureFixture) -> None:
+    config = EPD.replace("- {type: always-disagg", "- {type: max-score-picker, name: picker, parameters: "
+                         "{maxNumOfEndpoints: 2}}\n- {type: always-disagg")  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        d, _, metrics = director(config, [("e0", "encode"), ("e1", "encode"), ("p0", "prefill"), ("d0", "decode")])
+    assert "never run" in caplog.text and "unused" in caplog.text
+    decision = await d.handle_request(request(b"x"), None)
+    assert decision.targets[0].name == "d0"
+    assert decision.headers["x-prefiller-host-port"] == "10.1.0.3:8000"
+    assert sorted(decision.headers["x-encoder-hosts-ports"].split(",")) == ["10.1.0.1:8000", "10.1.0.2:8000"]
+    assert decisions(metrics, "encode-prefill-decode") == 1
+
+
+async def test_a_failed_encode_stage_is_dropped() -> None:
+    d, _, metrics = director(EPD.replace("{pluginRef: picker}", "{pluginRef: max-score-picker}"),
+                             [("p0", "prefill"), ("d0", "decode")])  # fmt: skip
+    decision = await d.handle_request(request(b"x"), None)
+    assert "x-encoder-hosts-ports" not in decision.headers
+    assert decision.headers["x-prefiller-host-port"] == "10.1.0.1:8000"
+    assert decisions(metrics, "prefill-decode") == 1
+
+
+PREFILL_FIRST = """
+plugins:
+- {type: decode-filter}
+- {type: prefill-filter}
+- type: disagg-profile-handler
+  parameters: {stageOrder: prefill-first}
+schedulingProfiles:
+- {name: decode, plugins: [{pluginRef: decode-filter}]}
+- {name: prefill, plugins: [{pluginRef: prefill-filter}]}
+"""
+
+
+async def test_prefill_first_always_prefills_then_decodes() -> None:
+    d, _, metrics = director(PREFILL_FIRST, [("p0", "prefill"), ("d0", "decode")])
+    req = request(b"x")
+    decision = await d.handle_request(req, None)
+    assert decision.targets[0].name == "d0"
+    assert decision.headers["x-prefiller-host-port"] == "10.1.0.1:8000"
+    assert req.data[PEER_ENDPOINT].name == "p0"  # published for the decode profile's plugins
+    assert decisions(metrics, "prefill-decode") == 1
+    d2, _, _ = director(PREFILL_FIRST, [("d0", "decode")])
+    with pytest.raises(ServiceUnavailable):
+        await d2.handle_request(request(b"x"), None)
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (("prefill-first}", "prefill-first, deciders: {prefill: x}}"), "not supported with stageOrder"),
+        (("prefill-first}", "sideways}"), "stageOrder must be"),
+        (("prefill-first}", "decode-first, profiles: {prefill: decode}}"), "must be distinct"),
+        (("{name: prefill,", "{name: prefill2,"), "profiles.prefill: no scheduling profile named 'prefill'"),
+        (("{name: decode,", "{name: dec,"), "profiles.decode: no scheduling profile named 'decode'"),
+        (("prefill-first}", "decode-first, deciders: {prefill: decode-filter}}"), "is not a Decider"),
+        (("prefill-first}", "decode-first, deciders: {encode: nope}}"), "deciders.encode: no plugin named 'nope'"),
+    ],
+)
+def test_disagg_config_errors(edit: tuple[str, str], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        build(load_config(PREFILL_FIRST.replace(*edit)))
+
+
+def test_stage_order_is_parsed_loosely_like_the_reference() -> None:
+    for text in ("decode_first", "DecodeFirst", "decode", ""):
+        assert registry.build("disagg-profile-handler", "h", {"stageOrder": text}).params.stage_order == "decode-first"
+    handler = registry.build("disagg-profile-handler", "h", {"stageOrder": "Prefill"})
+    assert isinstance(handler, DisaggProfileHandler) and handler.prefill_first
+
+
+def test_decision_metric_caps_model_labels() -> None:
+    handler = registry.build("disagg-profile-handler", "h", None)
+    assert isinstance(handler, DisaggProfileHandler)
+    metrics = EppMetrics()
+    handler.setup(PluginContext({"h": handler}, None, None, metrics))
+    import llmepp.plugins.profile_handlers.disagg as disagg
+
+    for i in range(disagg.MAX_MODEL_LABELS + 5):
+        handler._record(f"model-{i}", "decode-only")
+    labels = {"plugin_name": "h", "plugin_type": "disagg-profile-handler", "decision_type": "decode-only"}
+    assert metrics.registry.get_sample_value("llm_d_epp_disagg_decision_total", {**labels, "model_name": "other"}) == 5
+    assert (
+        metrics.registry.get_sample_value("llm_d_epp_disagg_decision_total", {**labels, "model_name": "model-0"}) == 1
+    )
+
+
+# -- header-profile-handler ------------------------------------------------------------------------
+HEADER = """
+plugins:
+- {type: decode-filter}
+- {type: prefill-filter}
+- {type: header-profile-handler}
+schedulingProfiles:
+- {name: decode, plugins: [{pluginRef: decode-filter}]}
+- {name: prefill, plugins: [{pluginRef: prefill-filter}]}
+"""
+
+
+async def test_header_profile_handler_runs_the_named_profile() -> None:
+    d, _, _ = director(HEADER, [("p0", "prefill"), ("d0", "decode")])
+    req = request(b"x")
+    req.headers["epp-profile"] = " prefill "
+    decision = await d.handle_request(req, None)
+    assert decision.targets[0].name == "p0"
+    assert decision.result is not None and list(decision.result.profiles) == ["prefill"]
+    assert (await d.handle_request(request(b"x"), None)).targets[0].name == "d0"  # default: decode
+    bad = request(b"x")
+    bad.headers["epp-profile"] = "encode"
+    with pytest.raises(BadRequest, match="unknown scheduling profile 'encode'; known: decode, prefill") as err:
+        await d.handle_request(bad, None)
+    assert err.value.status == 400
+
+
+async def test_header_profile_handler_custom_header_and_required_header() -> None:
+    params = "{headerName: X-Stage, defaultProfile: ''}"
+    config = HEADER.replace("{type: header-profile-handler}", f"{{type: header-profile-handler, parameters: {params}}}")
+    d, _, _ = director(config, [("p0", "prefill"), ("d0", "decode")])
+    with pytest.raises(BadRequest, match="header X-Stage is required"):
+        await d.handle_request(request(b"x"), None)
+    req = request(b"x")
+    req.headers["x-stage"] = "decode"
+    assert (await d.handle_request(req, None)).targets[0].name == "d0"
+
+
+def test_header_profile_handler_default_must_exist() -> None:
+    config = HEADER.replace("{type: header-profile-handler}",
+                            "{type: header-profile-handler, parameters: {defaultProfile: encode}}")  # fmt: skip
+    with pytest.raises(ConfigError, match="defaultProfile: no scheduling profile named 'encode'"):
+        build(load_config(config))
