@@ -20,6 +20,7 @@ import socket
 import sys
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -61,12 +62,14 @@ class StackOptions:
     startup_timeout: float = 30.0
 
 
-class EppProcess:
-    """The `epp` console program in a child process; ready when gRPC readiness is SERVING."""
+class ChildProcess(ABC):
+    """A program of ours in a child process (its own session), logging to a file; `start`
+    returns once `ready()` says so, or raises with the log's tail."""
 
-    def __init__(self, args: list[str], health_port: int, log_path: Path, startup_timeout: float = 30.0) -> None:
-        self.args = [sys.executable, "-m", "llmepp", *args]
-        self.health_port = health_port
+    name = "child"
+
+    def __init__(self, args: list[str], log_path: Path, startup_timeout: float = 30.0) -> None:
+        self.args = args
         self.log_path = log_path
         self.startup_timeout = startup_timeout
         self.proc: asyncio.subprocess.Process | None = None
@@ -74,6 +77,10 @@ class EppProcess:
     @property
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @abstractmethod
+    async def ready(self) -> bool:
+        """True once the program serves (how readiness shows differs per program)."""
 
     async def start(self) -> None:
         with self.log_path.open("ab") as out:
@@ -83,22 +90,12 @@ class EppProcess:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.returncode is not None:
-                raise RuntimeError(f"epp exited with {self.proc.returncode}:\n{self.log[-4000:]}")
-            if await self.health("readiness") == health_pb2.HealthCheckResponse.SERVING:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log[-4000:]}")
+            if await self.ready():
                 return
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.05)
         await self.stop()
-        raise TimeoutError(f"epp not ready after {self.startup_timeout}s:\n{self.log[-4000:]}")
-
-    async def health(self, service: str) -> int | None:
-        """The health status of `service`, or None when the server does not answer."""
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{self.health_port}") as channel:
-                stub = health_pb2_grpc.HealthStub(channel)
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
-                return int(reply.status)
-        except grpc.aio.AioRpcError:
-            return None
+        raise TimeoutError(f"{self.name} not ready after {self.startup_timeout}s:\n{self.log[-4000:]}")
 
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.returncode is None:
@@ -120,6 +117,29 @@ class EppProcess:
         if await self.exit_code(grace) is None:
             self.proc.kill()
             await self.proc.wait()
+
+
+class EppProcess(ChildProcess):
+    """The `epp` console program; ready when its gRPC readiness service is SERVING."""
+
+    name = "epp"
+
+    def __init__(self, args: list[str], health_port: int, log_path: Path, startup_timeout: float = 30.0) -> None:
+        super().__init__([sys.executable, "-m", "llmepp", *args], log_path, startup_timeout)
+        self.health_port = health_port
+
+    async def ready(self) -> bool:
+        return await self.health("readiness") == health_pb2.HealthCheckResponse.SERVING
+
+    async def health(self, service: str) -> int | None:
+        """The health status of `service`, or None when the server does not answer."""
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{self.health_port}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                return int(reply.status)
+        except grpc.aio.AioRpcError:
+            return None
 
 
 class Stack:
@@ -154,9 +174,7 @@ class Stack:
 
     async def start(self) -> None:
         o = self.options
-        sim_args = ["--hosts", ",".join(self.hosts), "--port", str(self.pod_port), *o.sim_args]
-        self.sim = SimProcess(sim_args, ready_timeout=o.startup_timeout)
-        await asyncio.to_thread(self.sim.start)
+        await self.start_pods()
         self.write_endpoints(self.pods)
         self.config_file.write_text(with_file_discovery(o.epp_config, self.endpoints_file))
         self.epp = EppProcess(self.epp_args(), self.health_port, self.workdir / "epp.log", o.startup_timeout)
@@ -172,6 +190,21 @@ class Stack:
         self.envoy = EnvoyProcess(config, self.envoy_admin_port, log_level=o.envoy_log_level)
         await self.envoy.start()
 
+    async def start_pods(self) -> None:
+        """The model servers: one `epp-sim` process with a pod per host."""
+        o = self.options
+        sim_args = ["--hosts", ",".join(self.hosts), "--port", str(self.pod_port), *o.sim_args]
+        self.sim = SimProcess(sim_args, ready_timeout=o.startup_timeout)
+        await asyncio.to_thread(self.sim.start)
+
+    async def stop_pods(self) -> None:
+        if self.sim is not None:
+            await asyncio.to_thread(self.sim.stop)
+
+    def endpoint_address(self, pod: PodInfo) -> str:
+        """The address the EPP routes to for `pod` (subclasses may put a proxy in front)."""
+        return pod.address
+
     def epp_args(self) -> list[str]:
         return [
             "--config-file", str(self.config_file),
@@ -186,7 +219,7 @@ class Stack:
         """Rewrite the endpoints file (the EPP reloads it live); atomic like a ConfigMap swap."""
         entries = []
         for pod in pods:
-            host, port = pod.address.rsplit(":", 1)
+            host, port = self.endpoint_address(pod).rsplit(":", 1)
             entries.append(
                 {"name": pod.name, "address": host, "port": int(port), "labels": {"llm-d.ai/role": pod.role}}
             )
@@ -206,8 +239,7 @@ class Stack:
             await self.envoy.stop()
         if self.epp is not None:
             await self.epp.stop()
-        if self.sim is not None:
-            await asyncio.to_thread(self.sim.stop)
+        await self.stop_pods()
         self._dir.cleanup()
 
     async def __aenter__(self) -> Stack:

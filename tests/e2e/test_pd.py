@@ -107,7 +107,7 @@ async def test_long_uncached_prompt_is_disaggregated_then_cached_repeat_is_not(
     assert len([t for t in tokens if t]) == 12
     assert chunks[-1]["usage"]["completion_tokens"] == 12  # type: ignore[index]
     # Envoy sent it to the decode pod's sidecar, the address the EPP knows for that pod.
-    assert await access_log_upstream(stack, "pd-long-1") == stack.endpoint_address[decoder]
+    assert await access_log_upstream(stack, "pd-long-1") == stack.routed_address[decoder]
 
     diff = (await Snapshot.take(stack, client)).minus(before)
     assert diff.decisions == {"prefill-decode": 1, "decode-only": 0}

@@ -21,31 +21,12 @@ from llmepp.framework.scheduling import Decider
 from llmepp.observability.metrics import EppMetrics
 from llmepp.plugins.profile_handlers.disagg import PEER_ENDPOINT, DisaggProfileHandler
 from llmepp.request.types import InferenceRequest
+from llmepp.testing.pdstack import PD_CONFIG
 
 ROLE = "llm-d.ai/role"
 
-# Reference example B (deploy/config/pd-epp-config.yaml), unchanged.
-EXAMPLE_B = """
-plugins:
-- type: approx-prefix-cache-producer
-  parameters: {maxPrefixTokensToMatch: 16384, lruCapacityPerServer: 31250}
-- type: prefix-cache-scorer
-- type: queue-scorer
-- type: prefill-filter
-- type: decode-filter
-- type: max-score-picker
-- type: disagg-profile-handler
-  parameters: {deciders: {prefill: prefix-based-pd-decider}}
-- type: prefix-based-pd-decider
-  parameters: {nonCachedTokens: 16}
-schedulingProfiles:
-- name: prefill
-  plugins: [{pluginRef: prefill-filter}, {pluginRef: max-score-picker},
-            {pluginRef: prefix-cache-scorer, weight: 2}, {pluginRef: queue-scorer, weight: 1}]
-- name: decode
-  plugins: [{pluginRef: decode-filter}, {pluginRef: max-score-picker},
-            {pluginRef: prefix-cache-scorer, weight: 2}, {pluginRef: queue-scorer, weight: 1}]
-"""
+# Reference example B, unchanged.
+EXAMPLE_B = PD_CONFIG
 
 
 def make(type_: str, params: dict[str, Any] | None = None, *others: Plugin) -> Any:
