@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Provides the binaries the Kubernetes tests run, cached under .cache/k8s/bin (git-ignored):
+# Provides the binaries the Kubernetes tests run, cached under ~/.cache/llm-epp/k8s/bin (shared by
+# every clone on the machine, so a fresh clone or CI run reuses them):
 #
 #   kube-apiserver  v1.20.2, BUILT from Debian's `kubernetes` source package with Debian's
 #                   Go 1.19 (no registry ships the binary; ~3 min once, then reused)
@@ -11,11 +12,13 @@
 # /usr/bin/kubectl may collide with a kubectl already on the machine. Build tools (Go,
 # rsync, reflect2) are installed with apt-get when missing (we run as root in CI).
 #
-# Usage: tests/k8s/build-kube-apiserver.sh [CACHE_DIR]   (default: <repo>/.cache/k8s)
+# Usage: tests/k8s/build-kube-apiserver.sh [CACHE_DIR]   (default: $K8S_CACHE_DIR, else
+#        ${XDG_CACHE_HOME:-$HOME/.cache}/llm-epp/k8s)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-CACHE=$(mkdir -p "${1:-${K8S_CACHE_DIR:-$ROOT/.cache/k8s}}" && cd "${1:-${K8S_CACHE_DIR:-$ROOT/.cache/k8s}}" && pwd)
+DEFAULT_CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/llm-epp/k8s"
+CACHE=$(mkdir -p "${1:-${K8S_CACHE_DIR:-$DEFAULT_CACHE}}" && cd "${1:-${K8S_CACHE_DIR:-$DEFAULT_CACHE}}" && pwd)
 BIN=$CACHE/bin
 K8S_VERSION=v1.20.2
 mkdir -p "$BIN"

@@ -1,6 +1,6 @@
 """A real control plane on loopback for the tests: etcd + kube-apiserver (no kubelet, no controllers).
 
-Binaries come from `.cache/k8s/bin` (tests/k8s/build-kube-apiserver.sh builds / unpacks them
+Binaries come from `~/.cache/llm-epp/k8s/bin` (tests/k8s/build-kube-apiserver.sh builds / unpacks them
 once). The API server authenticates static tokens and authorizes with RBAC:
 
     admin      system:masters (the tests' own client and kubectl)
@@ -27,7 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-CACHE = Path(os.environ.get("K8S_CACHE_DIR", REPO / ".cache" / "k8s"))
+CACHE = Path(
+    os.environ.get("K8S_CACHE_DIR")
+    or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llm-epp" / "k8s"
+)
 BIN = CACHE / "bin"
 BUILD_SCRIPT = Path(__file__).with_name("build-kube-apiserver.sh")
 CRDS = REPO / "deploy" / "crds"
