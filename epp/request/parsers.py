@@ -177,6 +177,7 @@ def parse_request(
         chat = _decode(_CHAT_DECODER, body)
         req.model = _model(chat.model)
         req.prompt = _chat_prompt(chat)
+        req.messages = _chat_messages(chat)
         req.stream = bool(chat.stream)
         req.max_tokens = _max_tokens(
             chat.max_completion_tokens if chat.max_completion_tokens is not None else chat.max_tokens
@@ -186,6 +187,7 @@ def parse_request(
         comp = _decode(_COMPLETIONS_DECODER, body)
         req.model = _model(comp.model)
         req.prompt = _text_or_tokens(comp.prompt, "prompt")
+        req.prompt_is_token_ids = _is_token_prompt(comp.prompt)
         req.stream = bool(comp.stream)
         req.max_tokens = _max_tokens(comp.max_tokens)
         req.cache_salt = comp.cache_salt or ""
@@ -193,6 +195,7 @@ def parse_request(
         emb = _decode(_EMBEDDINGS_DECODER, body)
         req.model = _model(emb.model)
         req.prompt = _text_or_tokens(emb.input, "input")
+        req.prompt_is_token_ids = _is_token_prompt(emb.input)
         req.cache_salt = emb.cache_salt or ""
     rewrite = _header(headers, H_MODEL_REWRITE, H_MODEL_REWRITE_ALIAS)
     req.target_model = rewrite or req.model
@@ -277,6 +280,28 @@ def _chat_prompt(chat: _ChatBody) -> bytes:
     if tools and tools != b"null":
         return tools + text
     return text
+
+
+def _chat_messages(chat: _ChatBody) -> list[tuple[str, str]]:
+    """(role, text) per message (validated by _chat_prompt): string content, or the text of the
+    `text` parts joined by "\n"; other parts and null content contribute nothing."""
+    assert not isinstance(chat.messages, msgspec.UnsetType)
+    out: list[tuple[str, str]] = []
+    for msg in chat.messages:
+        content = msg.content
+        if isinstance(content, str):
+            text = content
+        elif content:
+            text = "\n".join(p.text or "" for p in content if p.type == "text")
+        else:
+            text = ""
+        out.append((msg.role, text))
+    return out
+
+
+def _is_token_prompt(value: Any) -> bool:
+    """A validated prompt / input given as token ids (a list of ints or of int lists)."""
+    return isinstance(value, list) and bool(value) and not isinstance(value[0], str)
 
 
 def _text_or_tokens(value: Any, field: str) -> bytes:

@@ -37,6 +37,11 @@ class InferenceRequest:
     model: str = ""  # the model the client asked for
     target_model: str = ""  # after rewrite (header / InferenceModelRewrite)
     prompt: bytes | None = None
+    # Chat only: (role, text) per message, text as the simulator's / a chat template sees it (string
+    # content, or the `text` parts joined by "\n"); real tokenizers render a template from it.
+    messages: list[tuple[str, str]] | None = None
+    # Completions / embeddings: the prompt was given as token ids (`prompt` holds them as LE uint32).
+    prompt_is_token_ids: bool = False
     stream: bool = False
     max_tokens: int | None = None
     cache_salt: str = ""

@@ -60,6 +60,9 @@ class StackOptions:
     route_by: str = "header"
     envoy_log_level: str = "warning"
     startup_timeout: float = 30.0
+    # EPP processes behind Envoy's `epp` cluster (round robin per request), all with the same
+    # config; replica 0 is `stack.epp` (ports above), the others get free ports (`stack.replicas`).
+    epp_replicas: int = 1
 
 
 class ChildProcess(ABC):
@@ -159,6 +162,9 @@ class Stack:
         self.envoy: EnvoyProcess | None = None
         self.endpoints_file = self.workdir / "endpoints.yaml"
         self.config_file = self.workdir / "epp-config.yaml"
+        # Replicas 1.. : (grpc, health, metrics) ports and processes.
+        self.replica_ports = [(free_port(), free_port(), free_port()) for _ in range(1, max(1, o.epp_replicas))]
+        self.replicas: list[EppProcess] = []
 
     @property
     def url(self) -> str:
@@ -167,6 +173,11 @@ class Stack:
     @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
+    def metrics_urls(self) -> list[str]:
+        """Every EPP replica's /metrics, replica 0 first."""
+        return [self.metrics_url, *(f"http://127.0.0.1:{m}/metrics" for _, _, m in self.replica_ports)]
 
     @property
     def pods(self) -> list[PodInfo]:
@@ -179,6 +190,10 @@ class Stack:
         self.config_file.write_text(with_file_discovery(o.epp_config, self.endpoints_file))
         self.epp = EppProcess(self.epp_args(), self.health_port, self.workdir / "epp.log", o.startup_timeout)
         await self.epp.start()
+        for i, (_, health, _) in enumerate(self.replica_ports, start=1):
+            replica = EppProcess(self.epp_args(i), health, self.workdir / f"epp-{i}.log", o.startup_timeout)
+            self.replicas.append(replica)
+            await replica.start()
         config = render_envoy_config(
             self.envoy_port,
             self.epp_port,
@@ -187,6 +202,8 @@ class Stack:
             route_by=o.route_by,  # type: ignore[arg-type]
             listen_address="127.0.0.1",
         )
+        if self.replica_ports:
+            config = with_epp_endpoints(config, [self.epp_port, *(g for g, _, _ in self.replica_ports)])
         self.envoy = EnvoyProcess(config, self.envoy_admin_port, log_level=o.envoy_log_level)
         await self.envoy.start()
 
@@ -205,12 +222,15 @@ class Stack:
         """The address the EPP routes to for `pod` (subclasses may put a proxy in front)."""
         return pod.address
 
-    def epp_args(self) -> list[str]:
+    def epp_args(self, replica: int = 0) -> list[str]:
+        grpc_port, health, metrics = (
+            (self.epp_port, self.health_port, self.metrics_port) if replica == 0 else self.replica_ports[replica - 1]
+        )
         return [
             "--config-file", str(self.config_file),
-            "--grpc-port", str(self.epp_port),
-            "--grpc-health-port", str(self.health_port),
-            "--metrics-port", str(self.metrics_port),
+            "--grpc-port", str(grpc_port),
+            "--grpc-health-port", str(health),
+            "--metrics-port", str(metrics),
             "--bind-address", "127.0.0.1",
             *self.options.epp_args,
         ]  # fmt: skip
@@ -239,6 +259,8 @@ class Stack:
             await self.envoy.stop()
         if self.epp is not None:
             await self.epp.stop()
+        for replica in self.replicas:
+            await replica.stop()
         await self.stop_pods()
         self._dir.cleanup()
 
@@ -268,3 +290,16 @@ def with_file_discovery(config_text: str, endpoints_file: Path) -> str:
     )
     config.setdefault("dataLayer", {})["discovery"] = {"pluginRef": "stack-discovery"}
     return yaml.safe_dump(config, sort_keys=False)
+
+
+def with_epp_endpoints(envoy_config: str, ports: list[int]) -> str:
+    """The Envoy bootstrap with its `epp` cluster balancing over several local EPP ports."""
+    config = yaml.safe_load(envoy_config)
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] == "epp":
+            endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+            address = endpoints[0]["endpoint"]["address"]["socket_address"]["address"]
+            cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
+                {"endpoint": {"address": {"socket_address": {"address": address, "port_value": p}}}} for p in ports
+            ]
+    return yaml.safe_dump(config, sort_keys=False, width=1000)

@@ -1,7 +1,17 @@
 from llmepp.framework.plugin import Plugin
 from llmepp.plugins.producers.approx_prefix import ApproxPrefixCacheProducer
 from llmepp.plugins.producers.inflight_load import InFlightLoadProducer
+from llmepp.plugins.producers.precise_prefix import PrecisePrefixCacheProducer, PrecisePrefixCacheScorer
 from llmepp.plugins.producers.session_id import SessionIdProducer
+from llmepp.plugins.producers.shared_inflight import RedisInFlightLoadProducer
 from llmepp.plugins.producers.token import TokenProducer
 
-PLUGINS: list[type[Plugin]] = [TokenProducer, ApproxPrefixCacheProducer, InFlightLoadProducer, SessionIdProducer]
+PLUGINS: list[type[Plugin]] = [
+    TokenProducer,
+    ApproxPrefixCacheProducer,
+    InFlightLoadProducer,
+    SessionIdProducer,
+    PrecisePrefixCacheProducer,
+    PrecisePrefixCacheScorer,
+    RedisInFlightLoadProducer,
+]

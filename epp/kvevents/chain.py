@@ -1,0 +1,301 @@
+"""One event source's engine-hash → request-key mapping (llm-d's engine/request key split).
+
+Why: events name blocks by the engine's hash, requests by the EPP's key (keys.py). This module turns
+a source's `BlockStored` / `BlockRemoved` / `AllBlocksCleared` into changes of "which tiers does this
+pod hold request key k in", and nothing else; index.py / redis_index.py store those changes.
+
+Per engine block the source remembers an `EngineBlock`:
+
+* `keys` — the request keys whose last token lies in this engine block. Block sizes need not match:
+  engine 64 / ours 16 gives 4 keys per engine block (1:many); engine 16 / ours 64 gives one key every
+  4th engine block (many:1), the tokens in between wait in `pending`. A key is attributed to the
+  engine block that completes it, so evicting that block removes it (vLLM evicts a sequence
+  tail-first, so a key's earlier engine blocks go after it, never before, in practice).
+* `last_key`, `pending` — the chain position after the block, so a later `BlockStored` whose
+  `parent_block_hash` names this block continues the chain without the earlier tokens.
+* `tiers` — the mediums holding it (GPU, CPU offload, ...).
+
+A store whose parent is unknown (evicted, or stored before we subscribed and never replayed) cannot
+be keyed and is skipped (`orphans`). Request keys are reference counted per (key, tier) so two engine
+blocks that map to the same key (duplicate stores, engine-only extra keys) keep it until both go.
+
+Bound: at most `max_blocks` engine blocks per source (default = the index `size`); beyond that the
+oldest are forgotten (and their keys removed), so a lost `BlockRemoved` cannot leak forever.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmepp.kvevents.keys import root_key, tokens_to_bytes, xxh64
+from llmepp.kvevents.tiers import TierTable
+from llmepp.kvevents.wire import BlockRemoved, BlockStored, normalize_hash
+
+# Cache kinds whose blocks hold a full prefix; sliding-window / chunked-local / mamba groups do not.
+PREFIX_KINDS = frozenset({"full_attention", "mla_attention", "full", "mla"})
+
+
+class EngineBlock:
+    __slots__ = ("keys", "last_key", "pending", "tiers")
+
+    def __init__(self, tiers: int, keys: tuple[int, ...], last_key: int, pending: bytes) -> None:
+        self.tiers = tiers
+        self.keys = keys
+        self.last_key = last_key
+        self.pending = pending
+
+
+@dataclass(slots=True)
+class Delta:
+    """Index changes for one pod, in order: `masks[i]` is the new tier mask of `keys[i]` (0 = gone)."""
+
+    keys: list[int] = field(default_factory=list)
+    masks: list[int] = field(default_factory=list)
+    # Set by a clear: the pod held nothing at position `clear_at` of the lists. The entries before it
+    # include a removal of every key the pod held, so applying all entries in order is exact; a store
+    # that can drop a pod in O(1) (redis_index.py) may instead drop it and apply only `[clear_at:]`.
+    clear_at: int = -1
+    # Engine blocks created or changed / forgotten (a persistent store saves the chains with them).
+    engine_set: list[int] = field(default_factory=list)
+    engine_del: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@dataclass(slots=True)
+class ChainStats:
+    orphans: int = 0  # stores whose parent block is unknown
+    unknown_removals: int = 0  # removals of blocks never seen stored
+    unknown_medium: int = 0  # events for a tier no config names
+    skipped_kind: int = 0  # events for non-prefix cache groups (sliding window, ...)
+
+
+class SourceChains:
+    def __init__(self, block_tokens: int, seed: int, tiers: TierTable, max_blocks: int) -> None:
+        self.step = block_tokens * 4
+        self.seed = seed
+        self.tiers = tiers
+        self.max_blocks = max_blocks
+        self.engine: dict[int, EngineBlock] = {}
+        # Request key → tier mask this pod holds it in; extra references beyond the first per tier.
+        self.kmask: dict[int, int] = {}
+        self._extra: dict[tuple[int, int], int] = {}
+        self._roots: dict[tuple[str, str], int] = {}
+        self.stats = ChainStats()
+
+    def __len__(self) -> int:
+        return len(self.engine)
+
+    # -- events --------------------------------------------------------------------------------
+    def stored(self, ev: BlockStored, model: str, delta: Delta) -> int:
+        """Apply one BlockStored; returns the number of engine blocks it named."""
+        n = len(ev.block_hashes)
+        if ev.kv_cache_spec_kind is not None and ev.kv_cache_spec_kind not in PREFIX_KINDS:
+            self.stats.skipped_kind += 1
+            return n
+        tbit = self.tiers.bit(ev.medium)
+        if not tbit:
+            self.stats.unknown_medium += 1
+            return n
+        engine = self.engine
+        if ev.parent_block_hash is None:
+            key = self._root(ev.lora_name or model, _cache_salt(ev))
+            pending = b""
+        else:
+            parent = engine.get(normalize_hash(ev.parent_block_hash))
+            if parent is None:
+                self.stats.orphans += 1
+                return n
+            key, pending = parent.last_key, parent.pending
+        tokens = tokens_to_bytes(ev.token_ids)
+        span = (ev.block_size or (len(ev.token_ids) // n if n else 0)) * 4
+        step = self.step
+        kmask = self.kmask
+        out_keys, out_masks = delta.keys, delta.masks
+        engine_set = delta.engine_set
+        last = n - 1
+        for j, raw in enumerate(ev.block_hashes):
+            h = normalize_hash(raw)
+            known = engine.get(h)
+            if known is not None:
+                # Re-stored (vLLM >= 0.33 reports reused blocks) or stored on another tier.
+                if not known.tiers & tbit:
+                    known.tiers |= tbit
+                    delta.engine_set.append(h)
+                    for k in known.keys:
+                        self._incref(k, tbit, out_keys, out_masks)
+                key, pending = known.last_key, known.pending
+                continue
+            chunk = tokens[j * span : (j + 1) * span if j < last else len(tokens)]
+            if pending:
+                chunk = pending + chunk
+            full = len(chunk) - len(chunk) % step
+            if full == step and len(chunk) == step:
+                # The common case: engine block == our block.
+                key = xxh64(chunk, key)
+                keys: tuple[int, ...] = (key,)
+                pending = b""
+            else:
+                ks = []
+                for off in range(0, full, step):
+                    key = xxh64(chunk[off : off + step], key)
+                    ks.append(key)
+                keys = tuple(ks)
+                pending = chunk[full:]
+            engine[h] = EngineBlock(tbit, keys, key, pending)
+            engine_set.append(h)
+            for k in keys:
+                m = kmask.get(k, 0)
+                if m & tbit:
+                    ek = (k, tbit)
+                    self._extra[ek] = self._extra.get(ek, 0) + 1
+                else:
+                    kmask[k] = m | tbit
+                    out_keys.append(k)
+                    out_masks.append(m | tbit)
+        if len(engine) > self.max_blocks:
+            self._shed(delta)
+        return n
+
+    def removed(self, ev: BlockRemoved, delta: Delta) -> int:
+        tbit = self.tiers.bit(ev.medium)
+        if not tbit:
+            self.stats.unknown_medium += 1
+            return len(ev.block_hashes)
+        engine = self.engine
+        for raw in ev.block_hashes:
+            h = normalize_hash(raw)
+            block = engine.get(h)
+            if block is None or not block.tiers & tbit:
+                self.stats.unknown_removals += 1
+                continue
+            block.tiers &= ~tbit
+            if block.tiers:
+                delta.engine_set.append(h)
+            else:
+                del engine[h]
+                delta.engine_del.append(h)
+            for k in block.keys:
+                self._decref(k, tbit, delta.keys, delta.masks)
+        return len(ev.block_hashes)
+
+    def clear(self, delta: Delta) -> None:
+        """AllBlocksCleared or a publisher restart: the pod holds nothing any more."""
+        keys = list(self.kmask)
+        delta.keys.extend(keys)
+        delta.masks.extend([0] * len(keys))
+        delta.clear_at = len(delta.keys)
+        delta.engine_set.clear()
+        delta.engine_del.clear()
+        self.engine.clear()
+        self.kmask.clear()
+        self._extra.clear()
+
+    # -- persistence (redis_index.py keeps a copy so a restarted EPP resumes the chains) ------------
+    def restore(self, blocks: dict[int, EngineBlock]) -> None:
+        """Rebuild from saved engine blocks (their keys and tiers give every reference)."""
+        self.engine = dict(blocks)
+        self.kmask.clear()
+        self._extra.clear()
+        scratch_keys: list[int] = []
+        scratch_masks: list[int] = []
+        for block in self.engine.values():
+            tiers = block.tiers
+            while tiers:
+                tbit = tiers & -tiers
+                tiers ^= tbit
+                for k in block.keys:
+                    self._incref(k, tbit, scratch_keys, scratch_masks)
+
+    # -- internals -------------------------------------------------------------------------------
+    def _root(self, model: str, salt: str) -> int:
+        rk = (model, salt)
+        root = self._roots.get(rk)
+        if root is None:
+            if len(self._roots) > 1024:
+                self._roots.clear()
+            root = self._roots[rk] = root_key(model, salt, self.seed)
+        return root
+
+    def _incref(self, k: int, tbit: int, out_keys: list[int], out_masks: list[int]) -> None:
+        m = self.kmask.get(k, 0)
+        if m & tbit:
+            ek = (k, tbit)
+            self._extra[ek] = self._extra.get(ek, 0) + 1
+            return
+        self.kmask[k] = m | tbit
+        out_keys.append(k)
+        out_masks.append(m | tbit)
+
+    def _decref(self, k: int, tbit: int, out_keys: list[int], out_masks: list[int]) -> None:
+        extra = self._extra
+        if extra:
+            ek = (k, tbit)
+            c = extra.get(ek)
+            if c:
+                if c == 1:
+                    del extra[ek]
+                else:
+                    extra[ek] = c - 1
+                return
+        m = self.kmask.get(k, 0)
+        if not m & tbit:
+            return
+        m &= ~tbit
+        if m:
+            self.kmask[k] = m
+        else:
+            del self.kmask[k]
+        out_keys.append(k)
+        out_masks.append(m)
+
+    def _shed(self, delta: Delta) -> None:
+        """Over the bound: forget the oldest engine blocks (insertion order) down to 90% of it, so
+        the cost is amortised over many stores."""
+        engine = self.engine
+        drop = list(itertools.islice(engine, len(engine) - self.max_blocks * 9 // 10))
+        for h in drop:
+            block = engine.pop(h)
+            delta.engine_del.append(h)
+            tiers = block.tiers
+            while tiers:
+                tbit = tiers & -tiers
+                tiers ^= tbit
+                for k in block.keys:
+                    self._decref(k, tbit, delta.keys, delta.masks)
+
+
+def _cache_salt(ev: BlockStored) -> str:
+    """vLLM puts a request's cache_salt in the first block's extra keys (next to LoRA names and
+    multimodal identifiers); the last plain string there that is not the LoRA name is the salt."""
+    extra: Any = ev.extra_keys
+    if not extra or not isinstance(extra, list):
+        return ""
+    first = extra[0]
+    if not isinstance(first, list | tuple):
+        return ""
+    salt = ""
+    for item in first:
+        if isinstance(item, str) and item != ev.lora_name:
+            salt = item
+    return salt
+
+
+_BLOCK_HEAD = struct.Struct("<BQH")
+
+
+def pack_block(block: EngineBlock) -> bytes:
+    """An engine block as bytes (tiers, chain key, its request keys, pending tokens)."""
+    n = len(block.keys)
+    return _BLOCK_HEAD.pack(block.tiers, block.last_key, n) + struct.pack(f"<{n}Q", *block.keys) + block.pending
+
+
+def unpack_block(data: bytes) -> EngineBlock:
+    tiers, last_key, n = _BLOCK_HEAD.unpack_from(data)
+    start = _BLOCK_HEAD.size
+    keys = struct.unpack_from(f"<{n}Q", data, start)
+    return EngineBlock(tiers, tuple(keys), last_key, bytes(data[start + 8 * n :]))

@@ -1,0 +1,86 @@
+"""A source's decoded batches → index changes (chain.py) → an index store (memory or Redis).
+
+`SourceIngest` is the subscriber's sink for one pod. Per batch it runs the events through the pod's
+`SourceChains` into one `Delta` and hands that to the store with the batch's (timestamp, sequence),
+which a shared store uses to apply every batch exactly once across EPP replicas.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from llmepp.kvevents.chain import Delta, SourceChains
+from llmepp.kvevents.index import MemoryIndex
+from llmepp.kvevents.stats import KVEventStats
+from llmepp.kvevents.subscriber import ResumePoint
+from llmepp.kvevents.wire import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, Message, parse_topic
+
+
+class IndexStore(Protocol):
+    """What ingestion writes to (MemoryStore below, redis_index.RedisStore)."""
+
+    async def write(self, pod: str, chains: SourceChains, ts: float, seq: int, delta: Delta) -> None:
+        """Store one batch's changes; `chains` is the source's state after the batch."""
+        ...
+
+    async def resume(self, pod: str, chains: SourceChains) -> ResumePoint | None:
+        """Restore the pod's chains from the store; where its stream continues (None: from 0)."""
+        ...
+
+    async def forget(self, pod: str, chains: SourceChains) -> None:
+        """The endpoint left the pool."""
+        ...
+
+
+class MemoryStore:
+    """The in-process index: writes apply synchronously, nothing survives a restart."""
+
+    def __init__(self, index: MemoryIndex) -> None:
+        self.index = index
+
+    async def write(self, pod: str, chains: SourceChains, ts: float, seq: int, delta: Delta) -> None:
+        if delta.keys:
+            self.index.apply(pod, delta)
+
+    async def resume(self, pod: str, chains: SourceChains) -> ResumePoint | None:
+        return None
+
+    async def forget(self, pod: str, chains: SourceChains) -> None:
+        delta = Delta()
+        chains.clear(delta)
+        self.index.apply(pod, delta)
+        self.index.release(pod)
+
+
+class SourceIngest:
+    def __init__(self, pod: str, chains: SourceChains, store: IndexStore, stats: KVEventStats) -> None:
+        self.pod = pod
+        self.chains = chains
+        self.store = store
+        self.stats = stats
+        self._reset_pending = False
+        self._models: dict[bytes, str] = {}
+
+    async def on_batch(self, msg: Message, batch: EventBatch) -> None:
+        model = self._models.get(msg.topic)
+        if model is None:
+            model = self._models[msg.topic] = parse_topic(msg.topic)[1]
+        delta = Delta()
+        chains = self.chains
+        stats = self.stats
+        if self._reset_pending:
+            self._reset_pending = False
+            chains.clear(delta)
+        for ev in batch.events:
+            if isinstance(ev, BlockStored):
+                stats.block_stored += chains.stored(ev, model, delta)
+            elif isinstance(ev, BlockRemoved):
+                stats.block_removed += chains.removed(ev, delta)
+            elif isinstance(ev, AllBlocksCleared):
+                stats.all_cleared += 1
+                chains.clear(delta)
+        await self.store.write(self.pod, chains, batch.ts, msg.seq, delta)
+
+    def on_reset(self) -> None:
+        """The publisher restarted: what we know of it is void; the next batch starts from empty."""
+        self._reset_pending = True

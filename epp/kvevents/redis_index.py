@@ -1,0 +1,271 @@
+"""The precise prefix index in Redis, shared by EPP replicas and surviving EPP restarts.
+
+Selected by `indexerConfig.kvBlockIndexConfig.redisConfig.address` (llm-d's name), e.g.
+``redis://127.0.0.1:6379``.
+
+Layout (prefix `keyPrefix`, default ``epp:kv:``; one Redis, not Redis Cluster — the scripts touch
+keys they compute):
+
+    b:<key>      HASH  pod → gen·256 + tier mask      one per request key (keys.py), hex
+                       "s|"pod → expiry (ms, Redis clock)   speculative entries
+    gen          HASH  pod → generation               bumped when a pod's cache is cleared
+    src:<pod>    HASH  ts, seq                         last batch applied from the pod's publisher
+    eng:<pod>    HASH  engine hash → packed chain state (chain.EngineBlock), to resume after a restart
+
+Writes. Every replica subscribes to every pod (as with the in-memory index) and sends each decoded
+batch to one Lua script, guarded by the source position: a batch is applied only if its
+(timestamp, seq) is newer than `src:<pod>`, so each batch lands exactly once, in stream order,
+whichever replica delivers it first. A batch that is newer by timestamp but not by number means the
+publisher restarted: the script bumps the pod's generation (O(1): stale entries stop counting and
+are overwritten or expire with `ttl`). `AllBlocksCleared` does the same. A failed write raises, so
+the pool restarts the subscriber, which resumes from `src:<pod>` and replays what Redis is missing.
+
+Reads. A lookup is one script call: it walks the prompt's keys from block 0 inside Redis and returns
+per candidate pod the consecutive match and its tier-weighted sum. It runs on the request path with
+a deadline (`lookupTimeout`, default 50 ms); a slow or unreachable Redis means "no prefix data"
+for that request, never a stalled request.
+
+Consistency and staleness. Redis holds the batches applied so far by any replica: it lags a pod's
+real cache by the event flush interval (vLLM / the simulator: a few ms) plus one script call.
+Speculative entries written by one replica's routing decision are visible to every replica at once
+(that is what makes two replicas send a burst of one prompt to one pod). A replica that restarts
+finds the index, the chain state and the stream position in Redis and continues from there (with a
+replay socket it fetches the batches published while it was down; without one, batches no replica
+received are lost, as with a single EPP). Entries of a pod removed from the pool stay until `ttl`
+(they are never candidates). `ttl` (default 1h, refreshed by every store) bounds garbage; a prefix
+the engine keeps longer than `ttl` without re-reporting it (vLLM < 0.33 does not re-report reused
+blocks) drops out of the shared index early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from llmepp.kvevents.chain import Delta, EngineBlock, SourceChains, pack_block, unpack_block
+from llmepp.kvevents.subscriber import ResumePoint
+from llmepp.kvevents.tiers import TierTable
+
+log = logging.getLogger(__name__)
+
+_APPLY = """
+local ts = tonumber(ARGV[2]); local seq = tonumber(ARGV[3])
+local cur = redis.call('HMGET', KEYS[1], 'ts', 'seq')
+local cts = tonumber(cur[1]); local cseq = tonumber(cur[2])
+local clear = ARGV[6] == '1'
+if cts then
+  if ts < cts or (ts == cts and seq <= cseq) then return 0 end
+  if seq <= cseq then clear = true end
+end
+local pod = ARGV[1]
+local gen
+if clear then
+  gen = redis.call('HINCRBY', KEYS[2], pod, 1)
+  redis.call('UNLINK', KEYS[3])
+else
+  gen = tonumber(redis.call('HGET', KEYS[2], pod) or '0')
+end
+local ttl = tonumber(ARGV[4]); local bp = ARGV[5]
+local i = 8
+for _ = 1, tonumber(ARGV[7]) do
+  local k = bp .. ARGV[i]; local m = tonumber(ARGV[i + 1]); i = i + 2
+  if m > 0 then
+    redis.call('HSET', k, pod, gen * 256 + m)
+    if ttl > 0 then redis.call('PEXPIRE', k, ttl) end
+  else
+    redis.call('HDEL', k, pod)
+  end
+end
+local ns = tonumber(ARGV[i]); i = i + 1
+for _ = 1, ns do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]); i = i + 2 end
+local nd = tonumber(ARGV[i]); i = i + 1
+for _ = 1, nd do redis.call('HDEL', KEYS[3], ARGV[i]); i = i + 1 end
+redis.call('HSET', KEYS[1], 'ts', ARGV[2], 'seq', ARGV[3])
+return 1
+"""
+
+_LOOKUP = """
+local bp = ARGV[1]; local nc = tonumber(ARGV[2])
+local cand = {}
+for i = 1, nc do cand[ARGV[2 + i]] = true end
+local i = 3 + nc
+local nw = tonumber(ARGV[i]); local w = {}
+for j = 1, nw do w[j] = tonumber(ARGV[i + j]) end
+i = i + nw + 1
+local top = tonumber(ARGV[i]); i = i + 1
+local t = redis.call('TIME'); local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local gens = {}
+local g = redis.call('HGETALL', KEYS[1])
+for j = 1, #g, 2 do gens[g[j]] = tonumber(g[j + 1]) end
+local alive = nil; local len = {}; local score = {}; local n = 0
+for a = i, #ARGV do
+  local h = redis.call('HGETALL', bp .. ARGV[a])
+  local held = {}
+  for j = 1, #h, 2 do
+    local f = h[j]; local v = tonumber(h[j + 1])
+    if string.byte(f, 1) == 115 and string.byte(f, 2) == 124 then
+      local pod = string.sub(f, 3)
+      if v > now and cand[pod] then held[pod] = top end
+    elseif cand[f] then
+      local tm = v % 256
+      if (v - tm) / 256 == (gens[f] or 0) and tm > 0 then
+        local wt = w[tm] or 0
+        if (held[f] or -1) < wt then held[f] = wt end
+      end
+    end
+  end
+  if alive == nil then
+    alive = held
+    for p, wt in pairs(held) do score[p] = wt end
+    if next(alive) == nil then break end
+  else
+    local any = false
+    for p, _ in pairs(alive) do
+      local wt = held[p]
+      if wt then score[p] = score[p] + wt; any = true
+      else len[p] = n; alive[p] = nil end
+    end
+    if not any then break end
+  end
+  n = n + 1
+end
+if alive then for p, _ in pairs(alive) do len[p] = n end end
+local out = {}
+for p, l in pairs(len) do
+  if l > 0 then out[#out + 1] = p; out[#out + 1] = l; out[#out + 1] = tostring(score[p]) end
+end
+return out
+"""
+
+_SPECULATE = """
+local t = redis.call('TIME'); local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[3]); local until_ms = now + ttl
+for i = 4, #ARGV do
+  local k = ARGV[1] .. ARGV[i]
+  local fresh = redis.call('EXISTS', k) == 0
+  redis.call('HSET', k, ARGV[2], until_ms)
+  if fresh then redis.call('PEXPIRE', k, ttl + 1000) end
+end
+return #ARGV - 3
+"""
+
+
+def redis_url(address: str) -> str:
+    """llm-d accepts `redis://`, `valkey://` and bare `host:port`; redis-py wants a redis URL."""
+    if address.startswith(("valkey://", "valkeys://")):
+        address = "redis" + address[len("valkey") :]
+    if "://" not in address:
+        address = "redis://" + address
+    return address
+
+
+def connect(address: str, timeout: float = 2.0) -> aioredis.Redis:
+    return aioredis.Redis.from_url(redis_url(address), socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class RedisMatch:
+    lengths: dict[str, int]
+    weighted: dict[str, float]
+
+
+def _hex(k: int) -> str:
+    return f"{k:016x}"
+
+
+class RedisStore:
+    """Ingestion target (ingest.IndexStore) and lookup for the shared index."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        tiers: TierTable,
+        *,
+        prefix: str = "epp:kv:",
+        ttl: float = 3600.0,
+        write_timeout: float = 5.0,
+    ) -> None:
+        self.client = client
+        self.tiers = tiers
+        self.prefix = prefix
+        self.block_prefix = prefix + "b:"
+        self.gen_key = prefix + "gen"
+        self.ttl_ms = int(ttl * 1000)
+        self.write_timeout = write_timeout
+        self._apply = client.register_script(_APPLY)
+        self._lookup = client.register_script(_LOOKUP)
+        self._speculate = client.register_script(_SPECULATE)
+        # weight_of[mask] for masks 1..255 (Lua tables are 1-based: w[mask]).
+        weights = tiers.weight_of[1:]
+        self._weight_args: list[Any] = [len(weights), *(repr(w) for w in weights), repr(tiers.top)]
+
+    # -- ingest.IndexStore -----------------------------------------------------------------------
+    async def write(self, pod: str, chains: SourceChains, ts: float, seq: int, delta: Delta) -> None:
+        # Also called for batches without changes: the source position must advance for the
+        # exactly-once guard and for resuming.
+        start = max(delta.clear_at, 0)
+        args: list[Any] = [pod, repr(ts), seq, self.ttl_ms, self.block_prefix, "1" if delta.clear_at >= 0 else "0"]
+        keys, masks = delta.keys, delta.masks
+        args.append(len(keys) - start)
+        for i in range(start, len(keys)):
+            args.append(_hex(keys[i]))
+            args.append(masks[i])
+        # Engine blocks: their final state in this batch (the chains object is already past it).
+        engine = chains.engine
+        sets = [h for h in dict.fromkeys(delta.engine_set) if h in engine]
+        args.append(len(sets))
+        for h in sets:
+            args.append(_hex(h))
+            args.append(pack_block(engine[h]))
+        dels = [h for h in dict.fromkeys(delta.engine_del) if h not in engine]
+        args.append(len(dels))
+        args.extend(_hex(h) for h in dels)
+        src = self.prefix + "src:" + pod
+        eng = self.prefix + "eng:" + pod
+        await asyncio.wait_for(self._apply(keys=[src, self.gen_key, eng], args=args), self.write_timeout)
+
+    async def resume(self, pod: str, chains: SourceChains) -> ResumePoint | None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hgetall(self.prefix + "src:" + pod)
+        pipe.hgetall(self.prefix + "eng:" + pod)
+        # One transaction: the position and the chain state it belongs to.
+        replies: list[Any] = await asyncio.wait_for(pipe.execute(), self.write_timeout * 4)
+        src: dict[bytes, bytes] = replies[0]
+        eng: dict[bytes, bytes] = replies[1]
+        if not src:
+            return None
+        blocks: dict[int, EngineBlock] = {int(h, 16): unpack_block(bytes(v)) for h, v in eng.items()}
+        chains.restore(blocks)
+        log.info("resumed KV state from Redis", extra={"pod": pod, "seq": int(src[b"seq"]), "blocks": len(blocks)})
+        return ResumePoint(next_seq=int(src[b"seq"]) + 1, last_ts=float(src[b"ts"]))
+
+    async def forget(self, pod: str, chains: SourceChains) -> None:
+        # The shared entries stay: other replicas may still route to the pod; a pod gone for good
+        # is never a candidate and its entries expire with `ttl`.
+        chains.engine.clear()
+        chains.kmask.clear()
+
+    # -- reads ----------------------------------------------------------------------------------
+    async def lookup(self, keys: list[int], candidates: list[str]) -> RedisMatch:
+        if not keys or not candidates:
+            return RedisMatch({}, {})
+        args: list[Any] = [self.block_prefix, len(candidates), *candidates, *self._weight_args]
+        args.extend(_hex(k) for k in keys)
+        raw = await self._lookup(keys=[self.gen_key], args=args)
+        lengths: dict[str, int] = {}
+        weighted: dict[str, float] = {}
+        for i in range(0, len(raw), 3):
+            pod = raw[i].decode() if isinstance(raw[i], bytes) else str(raw[i])
+            lengths[pod] = int(raw[i + 1])
+            weighted[pod] = float(raw[i + 2])
+        return RedisMatch(lengths, weighted)
+
+    async def speculate(self, pod: str, keys: list[int], ttl: float) -> None:
+        if not keys or ttl <= 0:
+            return
+        await self._speculate(args=[self.block_prefix, "s|" + pod, math.ceil(ttl * 1000), *(_hex(k) for k in keys)])

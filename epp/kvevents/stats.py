@@ -1,0 +1,104 @@
+"""Counters of the KV-event pipeline, exported as Prometheus metrics at scrape time.
+
+The hot path only increments plain ints on one object; a custom collector reads them when
+/metrics is scraped (no per-event Prometheus call, no label lookups). Metric names follow the
+EPP's `llm_d_epp_` prefix with a `producer` label (several precise producers may coexist).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from llmepp.kvevents.chain import ChainStats
+
+
+@dataclass(slots=True)
+class KVEventStats:
+    messages: int = 0  # PUB messages received (frames read)
+    batches: int = 0  # batches applied (live + replayed)
+    block_stored: int = 0  # engine blocks named by BlockStored events
+    block_removed: int = 0
+    all_cleared: int = 0
+    malformed_frames: int = 0  # wrong frame count / sequence size
+    malformed_payloads: int = 0  # undecodable msgpack envelopes
+    skipped_events: int = 0  # unknown event types / unreadable events inside a batch
+    gaps: int = 0  # sequence gaps seen (live)
+    lost_batches: int = 0  # batches never recovered (no replay, replay failed or incomplete)
+    duplicates: int = 0  # batches seen twice (replay overlap)
+    resets: int = 0  # publisher restarts detected (sequence went back)
+    replays_ok: int = 0
+    replays_failed: int = 0  # timeout or error; the source cools down
+    replays_incomplete: int = 0  # the publisher no longer buffered the first batch asked for
+    replayed_batches: int = 0
+    restarts: int = 0  # subscribers restarted after an error (e.g. the shared index unreachable)
+
+
+_COUNTERS = [f.name for f in fields(KVEventStats)]
+_CHAIN_COUNTERS = [f.name for f in fields(ChainStats)]
+
+
+class KVEventsCollector(Collector):
+    """Exports one producer's counters; `gauges()` supplies index sizes and subscriber counts."""
+
+    def __init__(
+        self,
+        producer: str,
+        stats: KVEventStats,
+        chain_stats: Callable[[], ChainStats],
+        gauges: Callable[[], dict[str, float]],
+    ) -> None:
+        self.producer = producer
+        self.stats = stats
+        self.chain_stats = chain_stats
+        self.gauges = gauges
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        labels = ["producer"]
+        chain = self.chain_stats()
+        counters = [(n, getattr(self.stats, n)) for n in _COUNTERS] + [(n, getattr(chain, n)) for n in _CHAIN_COUNTERS]
+        for name, value in counters:
+            text = name.replace("_", " ")
+            c = CounterMetricFamily(f"llm_d_epp_kv_events_{name}", f"KV events: {text}.", labels=labels)
+            c.add_metric([self.producer], value)
+            yield c
+        for name, value in self.gauges().items():
+            text = name.replace("_", " ")
+            g = GaugeMetricFamily(f"llm_d_epp_kv_{name}", f"Precise prefix index: {text}.", labels=labels)
+            g.add_metric([self.producer], value)
+            yield g
+
+
+def register(registry: CollectorRegistry | None, collector: KVEventsCollector) -> None:
+    if registry is None:
+        return
+    try:
+        registry.register(collector)
+    except ValueError:  # a second producer instance: names collide; its counters stay internal
+        logging.getLogger(__name__).warning("precise prefix metrics of %s not exported (duplicate)", collector.producer)
+
+
+class LogLimiter:
+    """At most one log line per `interval` seconds per key; the next line says how many were held back."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def warning(self, key: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        last, held = self._last.get(key, (-1e18, 0))
+        if now - last < self.interval:
+            self._last[key] = (last, held + 1)
+            return
+        self._last[key] = (now, 0)
+        if held:
+            msg += " (%d similar messages suppressed)"
+            args = (*args, held)
+        self.logger.warning(msg, *args)

@@ -1,0 +1,262 @@
+"""One KV-event publisher: a SUB socket, sequence tracking, and replay of what was missed.
+
+The publisher numbers batches 0, 1, 2, ... (per process). The subscriber expects `seq == next`:
+
+* `seq > next` — a gap (the SUB queue overflowed, or we joined mid-stream: `next` starts at 0, or at
+  the position a shared index already holds). With a replay endpoint the missing batches are fetched
+  from the publisher's ROUTER over a DEALER socket — not REQ, which keeps only the first reply —
+  *before* the live message is applied, so a source's batches are always applied in order (parents
+  before children). Live messages wait meanwhile in the SUB socket's bounded queue. Without a
+  replay endpoint, or while cooling down after a failed replay, the gap is counted and skipped.
+* `seq < next` — either a duplicate (a live batch the replay already delivered: its timestamp is not
+  newer than the last applied one) or a publisher restart (sequence reset: a newer timestamp). A
+  restart rebuilds the source: its state is dropped (`sink.on_reset`) and replayed from 0.
+
+Replay protocol: send ``[b"", start(8B BE)]``; the ROUTER answers one message per buffered batch with
+seq >= start — ``[b"", topic, seq, payload]`` (vLLM >= 0.26) or ``[b"", seq, payload]`` — then the end
+marker (seq -1). A replay gives up after `replay_idle_timeout` of silence or `replay_timeout` in total;
+after a failure the source cools down for `replay_cooldown` (reference: 2 min timeout, 30 s cooldown,
+at most 8 replays at once across sources). A reply whose first batch is later than asked (the
+publisher's buffer no longer has it) is applied anyway and counted as incomplete.
+
+Never fatal: malformed frames and payloads are counted and logged (rate-limited). A dead or slow
+publisher costs nothing but an idle task: ZeroMQ reconnects in the background, and all of this runs
+in the source's own task, so routing never waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import zmq
+import zmq.asyncio
+
+from llmepp.kvevents.stats import KVEventStats, LogLimiter
+from llmepp.kvevents.wire import (
+    EventBatch,
+    MalformedMessage,
+    Message,
+    decode_batch,
+    parse_frames,
+    parse_replay_reply,
+    replay_request,
+)
+
+log = logging.getLogger(__name__)
+
+
+class BatchSink(Protocol):
+    """Where a source's decoded batches go, in sequence order (ingest.SourceIngest)."""
+
+    async def on_batch(self, msg: Message, batch: EventBatch) -> None: ...
+
+    def on_reset(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriberOptions:
+    topic_filter: bytes = b"kv@"
+    replay_timeout: float = 120.0
+    replay_idle_timeout: float = 2.0
+    replay_cooldown: float = 30.0
+    # ZeroMQ queue bound (messages): beyond it the socket drops, which shows up as a gap.
+    rcv_hwm: int = 10_000
+    reconnect_ivl_ms: int = 100
+    reconnect_ivl_max_ms: int = 5_000
+
+
+@dataclass(frozen=True, slots=True)
+class ResumePoint:
+    """Where a shared index already is for this source: the next seq and the last batch's timestamp."""
+
+    next_seq: int
+    last_ts: float
+
+
+class Subscriber:
+    def __init__(
+        self,
+        pod: str,
+        endpoint: str,
+        replay_endpoint: str,
+        sink: BatchSink,
+        *,
+        options: SubscriberOptions,
+        stats: KVEventStats,
+        replay_slots: asyncio.Semaphore,
+        context: zmq.asyncio.Context,
+        resume: ResumePoint | None = None,
+        limiter: LogLimiter | None = None,
+    ) -> None:
+        self.pod = pod
+        self.endpoint = endpoint
+        self.replay_endpoint = replay_endpoint
+        self.sink = sink
+        self.options = options
+        self.stats = stats
+        self._slots = replay_slots
+        self._ctx = context
+        self._log = limiter or LogLimiter(log)
+        self.next_seq = resume.next_seq if resume else 0
+        self.last_ts = resume.last_ts if resume else -math.inf
+        self._cooldown_until = 0.0
+        self._topic = b""
+
+    async def run(self) -> None:
+        """The source's task body: receive and apply until cancelled."""
+        o = self.options
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.RCVHWM, o.rcv_hwm)
+        sub.setsockopt(zmq.RECONNECT_IVL, o.reconnect_ivl_ms)
+        sub.setsockopt(zmq.RECONNECT_IVL_MAX, o.reconnect_ivl_max_ms)
+        sub.setsockopt(zmq.SUBSCRIBE, o.topic_filter)
+        sub.connect(self.endpoint)
+        try:
+            while True:
+                frames = await sub.recv_multipart()
+                self.stats.messages += 1
+                try:
+                    msg = parse_frames(frames)
+                except MalformedMessage as e:
+                    self.stats.malformed_frames += 1
+                    self._log.warning(f"frames:{self.pod}", "KV events from %s: malformed message: %s", self.pod, e)
+                    continue
+                self._topic = msg.topic
+                await self._live(msg)
+                # A done recv future does not yield; give requests their turn between batches.
+                await asyncio.sleep(0)
+        finally:
+            sub.close(linger=0)
+
+    # -- sequence handling -----------------------------------------------------------------------
+    async def _live(self, msg: Message) -> None:
+        seq = msg.seq
+        if seq < self.next_seq:
+            batch = self._decode(msg)
+            if batch is None:
+                return
+            if batch.ts <= self.last_ts:
+                self.stats.duplicates += 1
+                return
+            # Newer data with an older number: the publisher restarted. Rebuild this source.
+            self.stats.resets += 1
+            log.info(
+                "KV event publisher restarted; rebuilding its state",
+                extra={"pod": self.pod, "seq": seq, "expected": self.next_seq},
+            )
+            self.sink.on_reset()
+            self.next_seq, self.last_ts = 0, -math.inf
+            if seq > 0:
+                await self._recover(0, seq)
+            if seq >= self.next_seq:
+                await self._apply(msg, batch)
+            return
+        if seq > self.next_seq:
+            await self._recover(self.next_seq, seq)
+            if seq < self.next_seq:
+                return  # the replay already delivered it
+        batch = self._decode(msg)
+        if batch is None:
+            self.next_seq = seq + 1  # unreadable: its content is lost, the sequence moves on
+            return
+        await self._apply(msg, batch)
+
+    async def _apply(self, msg: Message, batch: EventBatch) -> None:
+        if batch.skipped:
+            self.stats.skipped_events += batch.skipped
+            self._log.warning(
+                f"skipped:{self.pod}", "KV events from %s: %d unreadable events skipped", self.pod, batch.skipped
+            )
+        await self.sink.on_batch(msg, batch)
+        self.stats.batches += 1
+        self.next_seq = msg.seq + 1
+        if batch.ts > self.last_ts:
+            self.last_ts = batch.ts
+
+    def _decode(self, msg: Message) -> EventBatch | None:
+        try:
+            return decode_batch(msg.payload)
+        except MalformedMessage as e:
+            self.stats.malformed_payloads += 1
+            self._log.warning(f"payload:{self.pod}", "KV events from %s: seq %d unreadable: %s", self.pod, msg.seq, e)
+            return None
+
+    async def _recover(self, start: int, until: int) -> None:
+        """Fetch batches [start, until) from the replay socket, or count them lost."""
+        self.stats.gaps += 1
+        now = asyncio.get_running_loop().time()
+        if not self.replay_endpoint or now < self._cooldown_until:
+            self.stats.lost_batches += until - start
+            reason = "no replay endpoint" if not self.replay_endpoint else "replay cooling down"
+            self._log.warning(
+                f"gap:{self.pod}", "KV events from %s: batches %d..%d missed (%s)", self.pod, start, until - 1, reason
+            )
+            return
+        if not await self._replay(start):
+            self._cooldown_until = asyncio.get_running_loop().time() + self.options.replay_cooldown
+        if self.next_seq < until:
+            self.stats.lost_batches += until - self.next_seq
+            self.next_seq = until
+
+    async def _replay(self, start: int) -> bool:
+        o = self.options
+        loop = asyncio.get_running_loop()
+        async with self._slots:
+            dealer = self._ctx.socket(zmq.DEALER)
+            dealer.setsockopt(zmq.LINGER, 0)
+            dealer.connect(self.replay_endpoint)
+            try:
+                await dealer.send_multipart(replay_request(start))
+                deadline = loop.time() + o.replay_timeout
+                first = True
+                while True:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0 or not await dealer.poll(min(o.replay_idle_timeout, remaining) * 1000):
+                        raise TimeoutError
+                    frames = await dealer.recv_multipart()
+                    try:
+                        item = parse_replay_reply(frames)
+                    except MalformedMessage as e:
+                        self.stats.malformed_frames += 1
+                        self._log.warning(f"replay:{self.pod}", "KV replay from %s: malformed reply: %s", self.pod, e)
+                        continue
+                    if item is None:
+                        break
+                    if first:
+                        first = False
+                        if item.seq > start:
+                            self.stats.replays_incomplete += 1
+                            log.warning(
+                                "KV replay incomplete: the publisher no longer buffers the start",
+                                extra={"pod": self.pod, "asked": start, "first": item.seq},
+                            )
+                    if item.seq < self.next_seq:
+                        continue
+                    if not item.topic:
+                        item = Message(self._topic, item.seq, item.payload)
+                    batch = self._decode(item)
+                    if batch is None:
+                        self.next_seq = item.seq + 1
+                        continue
+                    if item.seq > self.next_seq:
+                        self.stats.lost_batches += item.seq - self.next_seq
+                    await self._apply(item, batch)
+                    self.stats.replayed_batches += 1
+                    await asyncio.sleep(0)
+            except TimeoutError:
+                self.stats.replays_failed += 1
+                self._log.warning(f"replay:{self.pod}", "KV replay from %s timed out", self.pod)
+                return False
+            except zmq.ZMQError as e:
+                self.stats.replays_failed += 1
+                self._log.warning(f"replay:{self.pod}", "KV replay from %s failed: %s", self.pod, e)
+                return False
+            finally:
+                dealer.close(linger=0)
+        self.stats.replays_ok += 1
+        return True

@@ -1,0 +1,49 @@
+"""A local Hugging Face `tokenizer.json`, loaded offline, encoding to TokenizedPrompt bytes.
+
+The file is read from the configured path, never fetched from a hub. `encode` returns the ids as
+little-endian uint32 bytes (TokenizedPrompt's layout) without special tokens by default — as vLLM's
+completions endpoint adds them per the model's config, set `addSpecialTokens` to match the engine.
+
+Cost (measured on the simulator's 4096-entry BPE, 2-core AMD EPYC): ~0.6 µs per token for short
+prompts, 1.5–2 µs per token at 100k tokens. `encode_async` hands texts longer than
+`thread_threshold` characters to a small thread pool (the tokenizers library releases the GIL while
+encoding), so a long prompt does not stall every other request on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from llmepp.kvevents.keys import tokens_to_bytes
+
+# Two workers: a long prompt at a time per core; more would only queue behind the GIL-free work.
+_EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+
+
+class HFTokenizer:
+    def __init__(self, path: str | Path, *, add_special_tokens: bool = False, thread_threshold: int = 4096) -> None:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"tokenizer file {str(p)!r} does not exist")
+        try:
+            self._tokenizer = Tokenizer.from_file(str(p))
+        except Exception as e:  # the library raises a bare Exception on a bad file
+            raise ValueError(f"tokenizer file {str(p)!r} cannot be loaded: {e}") from None
+        self.path = p
+        self.add_special_tokens = add_special_tokens
+        self.thread_threshold = thread_threshold
+
+    def ids(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=self.add_special_tokens).ids)
+
+    def encode(self, text: str) -> bytes:
+        return tokens_to_bytes(self._tokenizer.encode(text, add_special_tokens=self.add_special_tokens).ids)
+
+    async def encode_async(self, text: str) -> bytes:
+        if len(text) < self.thread_threshold:
+            return self.encode(text)
+        return await asyncio.get_running_loop().run_in_executor(_EXECUTOR, self.encode, text)

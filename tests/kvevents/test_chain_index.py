@@ -1,0 +1,225 @@
+"""Request keys from events (parents, block-size ratios, tiers, removals) and the in-memory index."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmepp.kvevents.chain import Delta, SourceChains, pack_block, unpack_block
+from llmepp.kvevents.index import MemoryIndex
+from llmepp.kvevents.keys import block_keys, root_key, tokens_to_bytes
+from llmepp.kvevents.tiers import TierTable
+from llmepp.kvevents.wire import BlockRemoved, BlockStored
+
+MODEL = "m"
+TIERS = TierTable()
+
+
+def engine_events(tokens: list[int], engine_bs: int, per_event: int, medium: str = "GPU") -> list[BlockStored]:
+    """What an engine with `engine_bs`-token blocks reports for `tokens`, `per_event` blocks per event;
+    engine hashes are opaque values unrelated to ours (a different algorithm and seed)."""
+    n = len(tokens) // engine_bs
+    hashes: list[int | bytes] = [random.Random(i).getrandbits(64) ^ 0xABCDEF for i in range(n)]
+    events = []
+    for start in range(0, n, per_event):
+        end = min(n, start + per_event)
+        events.append(
+            BlockStored(
+                block_hashes=hashes[start:end],
+                parent_block_hash=hashes[start - 1] if start else None,
+                token_ids=tokens[start * engine_bs : end * engine_bs],
+                block_size=engine_bs,
+                medium=medium,
+            )
+        )
+    return events
+
+
+def feed(chains: SourceChains, index: MemoryIndex, pod: str, events: Sequence[BlockStored | BlockRemoved]) -> Delta:
+    delta = Delta()
+    for ev in events:
+        if isinstance(ev, BlockStored):
+            chains.stored(ev, MODEL, delta)
+        else:
+            chains.removed(ev, delta)
+    index.apply(pod, delta)
+    return delta
+
+
+def lookup(index: MemoryIndex, tokens: list[int], block: int, pods: list[str], model: str = MODEL) -> dict[str, int]:
+    cand = 0
+    for p in pods:
+        cand |= index.bit(p)
+    m = index.match(tokens_to_bytes(tokens), block, root_key(model), cand)
+    return {index.pod_of(b): n for b, n in m.lengths.items()}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ours=st.sampled_from([4, 16]),
+    ratio=st.sampled_from([(1, 1), (4, 1), (1, 4), (3, 2)]),
+    n_tokens=st.integers(0, 300),
+    per_event=st.integers(1, 5),
+)
+def test_event_keys_equal_prompt_keys_for_any_block_size_ratio(
+    ours: int, ratio: tuple[int, int], n_tokens: int, per_event: int
+) -> None:
+    """The engine's block size and hashes do not matter: keys from events == keys from the prompt."""
+    engine_bs = max(1, ours * ratio[0] // ratio[1])
+    tokens = [random.Random(n_tokens).randrange(50_000) for _ in range(n_tokens)]
+    chains = SourceChains(ours, 0, TIERS, max_blocks=10_000)
+    delta = Delta()
+    for ev in engine_events(tokens, engine_bs, per_event):
+        chains.stored(ev, MODEL, delta)
+    covered = (n_tokens // engine_bs) * engine_bs  # the engine only reports full blocks of its own
+    assert delta.keys == block_keys(tokens_to_bytes(tokens[:covered]), ours, root_key(MODEL))
+    assert set(delta.masks) <= {1}
+
+
+def test_longest_consecutive_prefix_per_pod_and_removal() -> None:
+    index = MemoryIndex(1000, 10, TIERS)
+    tokens = list(range(16 * 10))
+    a, b = SourceChains(16, 0, TIERS, 1000), SourceChains(16, 0, TIERS, 1000)
+    ev_a = engine_events(tokens, 16, 4)
+    feed(a, index, "a:1", ev_a)
+    feed(b, index, "b:1", engine_events(tokens[: 16 * 3], 16, 4))
+    assert lookup(index, tokens, 16, ["a:1", "b:1"]) == {"a:1": 10, "b:1": 3}
+    # A longer prompt with the same prefix matches the same blocks; a different model matches nothing.
+    assert lookup(index, [*tokens, *range(999, 1100)], 16, ["a:1"]) == {"a:1": 10}
+    assert lookup(index, tokens, 16, ["a:1"], model="other") == {}
+    # Evicting block 5 on a: a's consecutive match stops there (tail blocks no longer count).
+    h5 = ev_a[1].block_hashes[1]
+    feed(a, index, "a:1", [BlockRemoved([h5], "GPU")])
+    assert lookup(index, tokens, 16, ["a:1", "b:1"]) == {"a:1": 5, "b:1": 3}
+    # Candidates restrict the answer.
+    assert lookup(index, tokens, 16, ["b:1"]) == {"b:1": 3}
+
+
+def test_orphans_unknown_removals_and_kinds_are_counted() -> None:
+    chains = SourceChains(16, 0, TIERS, 1000)
+    delta = Delta()
+    chains.stored(BlockStored([1], parent_block_hash=99, token_ids=list(range(16)), block_size=16), MODEL, delta)
+    chains.removed(BlockRemoved([12345]), delta)
+    chains.stored(
+        BlockStored([2], token_ids=list(range(16)), block_size=16, kv_cache_spec_kind="sliding_window"), MODEL, delta
+    )
+    chains.stored(BlockStored([3], token_ids=list(range(16)), block_size=16, medium="NVME"), MODEL, delta)
+    assert delta.keys == []
+    s = chains.stats
+    assert (s.orphans, s.unknown_removals, s.skipped_kind, s.unknown_medium) == (1, 1, 1, 1)
+
+
+def test_tiers_weight_the_match_and_removal_is_per_tier() -> None:
+    index = MemoryIndex(1000, 10, TIERS)
+    chains = SourceChains(16, 0, TIERS, 1000)
+    tokens = list(range(16 * 5))
+    gpu = engine_events(tokens, 16, 5)
+    feed(chains, index, "p:1", gpu)
+    cand = index.bit("p:1")
+    m = index.match(tokens_to_bytes(tokens), 16, root_key(MODEL), cand)
+    assert m.weighted[cand] == pytest.approx(5.0)
+    # Offloaded to CPU, then dropped from GPU: still held, at the CPU weight.
+    cpu = [BlockStored(ev.block_hashes, ev.parent_block_hash, ev.token_ids, 16, medium="CPU") for ev in gpu]
+    feed(chains, index, "p:1", [*cpu, BlockRemoved(gpu[0].block_hashes[3:], "GPU")])
+    m = index.match(tokens_to_bytes(tokens), 16, root_key(MODEL), cand)
+    assert m.lengths[cand] == 5
+    assert m.weighted[cand] == pytest.approx(3 * 1.0 + 2 * 0.8)
+    feed(chains, index, "p:1", [BlockRemoved(gpu[0].block_hashes[3:], "CPU")])
+    assert index.match(tokens_to_bytes(tokens), 16, root_key(MODEL), cand).lengths[cand] == 3
+
+
+def test_duplicate_stores_are_reference_counted() -> None:
+    """vLLM >= 0.33 re-reports reused blocks; two engine blocks with equal tokens share a key."""
+    index = MemoryIndex(1000, 10, TIERS)
+    chains = SourceChains(16, 0, TIERS, 1000)
+    tokens = list(range(16))
+    feed(chains, index, "p:1", [BlockStored([1], None, tokens, 16), BlockStored([1], None, tokens, 16)])
+    feed(chains, index, "p:1", [BlockStored([2], None, tokens, 16)])  # other engine hash, same key
+    feed(chains, index, "p:1", [BlockRemoved([1])])
+    assert lookup(index, tokens, 16, ["p:1"]) == {"p:1": 1}
+    feed(chains, index, "p:1", [BlockRemoved([2])])
+    assert lookup(index, tokens, 16, ["p:1"]) == {}
+
+
+def test_clear_drops_everything_the_pod_held() -> None:
+    index = MemoryIndex(1000, 10, TIERS)
+    chains = SourceChains(16, 0, TIERS, 1000)
+    tokens = list(range(64))
+    feed(chains, index, "p:1", engine_events(tokens, 16, 2))
+    delta = Delta()
+    chains.clear(delta)
+    index.apply("p:1", delta)
+    assert delta.clear_at == 4 and len(index) == 0 and len(chains) == 0
+    assert lookup(index, tokens, 16, ["p:1"]) == {}
+
+
+def test_engine_map_is_bounded() -> None:
+    index = MemoryIndex(10_000, 10, TIERS)
+    chains = SourceChains(4, 0, TIERS, max_blocks=50)
+    feed(chains, index, "p:1", engine_events(list(range(4 * 200)), 4, 7))
+    assert len(chains) <= 50
+    assert len(index) == len(chains.kmask) <= 50
+
+
+def test_engine_block_pack_roundtrip() -> None:
+    chains = SourceChains(16, 0, TIERS, 1000)
+    chains.stored(BlockStored([7, 8], None, list(range(40)), 20), MODEL, Delta())  # 20-token engine blocks
+    for block in chains.engine.values():
+        back = unpack_block(pack_block(block))
+        assert (back.tiers, back.keys, back.last_key, back.pending) == (
+            block.tiers, block.keys, block.last_key, block.pending
+        )  # fmt: skip
+    restored = SourceChains(16, 0, TIERS, 1000)
+    restored.restore({h: unpack_block(pack_block(b)) for h, b in chains.engine.items()})
+    assert restored.kmask == chains.kmask
+
+
+def test_index_size_bound_evicts_least_recently_stored() -> None:
+    index = MemoryIndex(size=3, pod_cache_size=10, tiers=TIERS)
+    index.apply("p:1", Delta(keys=[1, 2, 3], masks=[1, 1, 1]))
+    index.apply("p:1", Delta(keys=[1], masks=[1]))  # refreshes key 1
+    index.apply("p:1", Delta(keys=[4], masks=[1]))
+    b = index.bit("p:1")
+    assert [index.holders(k) for k in (1, 2, 3, 4)] == [b, 0, b, b]
+
+
+def test_pod_cache_size_bounds_holders_per_key() -> None:
+    index = MemoryIndex(size=10, pod_cache_size=2, tiers=TIERS)
+    for pod in ("a:1", "b:1", "c:1"):
+        index.apply(pod, Delta(keys=[42], masks=[1]))
+    assert index.holders(42).bit_count() == 2
+    assert index.holders(42) & index.bit("c:1")
+
+
+def test_speculative_entries_expire_unless_confirmed() -> None:
+    now = [100.0]
+    index = MemoryIndex(1000, 10, TIERS, clock=lambda: now[0])
+    tokens = list(range(48))
+    keys = block_keys(tokens_to_bytes(tokens), 16, root_key(MODEL))
+    index.speculate("a:1", keys, ttl=2.0)
+    index.speculate("b:1", keys[:1], ttl=2.0)
+    assert lookup(index, tokens, 16, ["a:1", "b:1"]) == {"a:1": 3, "b:1": 1}
+    assert index.speculative_entries == 4
+    # Events confirm a's first two blocks before the TTL runs out.
+    index.apply("a:1", Delta(keys=keys[:2], masks=[1, 1]))
+    now[0] += 1.0
+    index.speculate("b:1", keys[:1], ttl=2.0)  # refreshed: lives until 103
+    now[0] += 1.5
+    assert lookup(index, tokens, 16, ["a:1", "b:1"]) == {"a:1": 2, "b:1": 1}
+    now[0] += 1.0
+    assert lookup(index, tokens, 16, ["a:1", "b:1"]) == {"a:1": 2}
+    assert index.speculative_entries == 0
+
+
+def test_release_frees_the_bit_and_entries() -> None:
+    index = MemoryIndex(1000, 10, TIERS)
+    index.apply("a:1", Delta(keys=[1, 2], masks=[1, 1]))
+    index.speculate("a:1", [3], 5.0)
+    bit = index.bit("a:1")
+    index.release("a:1")
+    assert len(index) == 0 and index.speculative_entries == 0 and index.bit_of("a:1") == 0
+    assert index.bit("b:1") == bit  # reused

@@ -1,0 +1,167 @@
+"""Precise prefix routing end to end: real Envoy, `epp` processes with the reference's precise-prefix
+config shape (example C, HF tokenizer), simulator pods publishing KV events over ZeroMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from llmepp.testing.redis import RedisServer
+from llmepp.testing.stack import Stack, StackOptions, free_port
+from llmepp_sim.tokenizer import TOKENIZER_PATH
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "sim-model"
+SIM = ["--latency-profile", "llama-8b-h100", "--time-scale", "20", "--max-num-seqs", "8", "--max-model-len", "8192"]
+EVENTS_SETTLE = 0.3  # s: the simulator flushes event batches within 5 ms; subscribers apply at once
+
+
+def config(zmq_port: int, replay_port: int, *, redis_url: str = "") -> str:
+    index = ""
+    load = ""
+    if redis_url:
+        index = f"""
+    indexerConfig:
+      kvBlockIndexConfig:
+        redisConfig: {{address: "{redis_url}"}}"""
+        load = f"""
+- type: redis-inflight-load-producer
+  parameters:
+    redisConfig: {{address: "{redis_url}"}}"""
+    replay = f", replaySocketPort: {replay_port}" if replay_port else ""
+    return f"""
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: token-producer
+  parameters:
+    modelName: {MODEL}
+    tokenizer: {{backend: hf, path: "{TOKENIZER_PATH}"}}
+- type: endpoint-notification-source
+- type: precise-prefix-cache-producer
+  parameters:
+    tokenProcessorConfig:
+      blockSizeTokens: 16{index}
+    kvEventsConfig:
+      topicFilter: "kv@"
+      concurrency: 32
+      discoverPods: true
+      podDiscoveryConfig: {{socketPort: {zmq_port}{replay}}}{load}
+- type: active-request-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+  parameters:
+    prefixMatchInfoProducerName: precise-prefix-cache-producer
+- type: no-hit-lru-scorer
+dataLayer:
+  sources:
+  - pluginRef: endpoint-notification-source
+    extractors:
+    - pluginRef: precise-prefix-cache-producer
+schedulingProfiles:
+- name: default
+  plugins:
+  - {{pluginRef: active-request-scorer, weight: 4}}
+  - {{pluginRef: kv-cache-utilization-scorer, weight: 2}}
+  - {{pluginRef: prefix-cache-scorer, weight: 2}}
+  - {{pluginRef: no-hit-lru-scorer, weight: 2}}
+"""
+
+
+def stack_options(first_host: int, *, replay: bool = True, redis_url: str = "", replicas: int = 1) -> StackOptions:
+    host = f"127.0.0.{first_host}"
+    zmq_port, replay_port = free_port(host), free_port(host) if replay else 0
+    sim = [*SIM, "--zmq-endpoint", f"tcp://{host}:{zmq_port}"]
+    if replay:
+        sim += ["--kv-events-replay-endpoint", f"tcp://{host}:{replay_port}"]
+    return StackOptions(
+        pods=4, first_host=first_host, sim_args=sim, epp_replicas=replicas,
+        epp_config=config(zmq_port, replay_port, redis_url=redis_url),
+    )  # fmt: skip
+
+
+def long_prompt(seed: int, words: int = 400) -> str:
+    rng = random.Random(seed)
+    vocab = ["market", "river", "engine", "cloud", "signal", "harbor", "orbit", "lantern", "meadow", "quartz"]
+    return " ".join(rng.choice(vocab) + str(rng.randrange(100)) for _ in range(words))
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        yield session
+
+
+async def complete(http: aiohttp.ClientSession, url: str, prompt: str) -> tuple[str, int]:
+    """(pod that served it, prompt tokens it found cached)."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 2}
+    async with http.post(f"{url}/v1/completions", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        data = await resp.json()
+        return resp.headers["x-inference-pod"], int(data["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+
+async def metric(http: aiohttp.ClientSession, url: str, name: str) -> float:
+    async with http.get(url) as resp:
+        text = await resp.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+# The prompts are placed on pods *directly* (bypassing Envoy and the EPP), on pods a cold request
+# would not pick first (no-hit-lru takes never-used pods in order: sim-0 first). Only the pods' KV
+# events can tell the EPP where they are — routing history (the approximate producer) cannot.
+
+
+async def test_repeated_prompt_lands_where_it_is_cached_and_a_reset_pod_loses_it(http: aiohttp.ClientSession) -> None:
+    async with Stack(stack_options(150)) as stack:
+        pods = stack.pods
+        prompt = long_prompt(1)
+        await complete(http, pods[2].url, prompt)
+        await asyncio.sleep(EVENTS_SETTLE)
+        for _ in range(3):
+            pod, cached = await complete(http, stack.url, prompt)
+            assert pod == pods[2].name and cached > 0
+        # Behind the EPP's back: the pod drops its cache (AllBlocksCleared) and another pod gets the
+        # first half of the prompt. A router still believing in the old pod would pick it (full match).
+        async with http.post(pods[2].url + "/reset_prefix_cache") as resp:
+            assert resp.status == 200
+        words = prompt.split()
+        await complete(http, pods[3].url, " ".join(words[: len(words) // 2]))
+        await asyncio.sleep(EVENTS_SETTLE)
+        pod, cached = await complete(http, stack.url, prompt)
+        assert pod == pods[3].name and cached > 0
+        assert await metric(http, stack.metrics_url, "llm_d_epp_kv_events_all_cleared_total") >= 1
+
+
+async def test_two_replicas_behind_one_envoy_agree(http: aiohttp.ClientSession) -> None:
+    async with Stack(stack_options(155, replicas=2)) as stack:
+        placed = {long_prompt(2): stack.pods[2], long_prompt(3): stack.pods[3]}
+        for prompt, home in placed.items():
+            await complete(http, home.url, prompt)
+        await asyncio.sleep(EVENTS_SETTLE)
+        # Envoy alternates the two EPPs per request; each has seen the pods' events.
+        for prompt, home in placed.items():
+            for _ in range(6):
+                pod, cached = await complete(http, stack.url, prompt)
+                assert pod == home.name and cached > 0
+        served = [await metric(http, url, "llm_d_epp_request_total") for url in stack.metrics_urls]
+        assert len(served) == 2 and all(n >= 4 for n in served), served
+
+
+async def test_redis_index_survives_an_epp_restart(http: aiohttp.ClientSession) -> None:
+    redis_server = RedisServer()
+    # No replay socket: a restarted EPP could not rebuild its index from the pods.
+    async with redis_server, Stack(stack_options(160, replay=False, redis_url=redis_server.url)) as stack:
+        placed = {long_prompt(seed): stack.pods[3 - i] for i, seed in enumerate((4, 5, 6))}
+        for prompt, home in placed.items():
+            await complete(http, home.url, prompt)
+        await asyncio.sleep(EVENTS_SETTLE)
+        await stack.restart_epp()
+        for prompt, home in placed.items():
+            pod, cached = await complete(http, stack.url, prompt)
+            assert pod == home.name and cached > 0

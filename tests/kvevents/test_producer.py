@@ -1,0 +1,258 @@
+"""The precise producer as configured: the reference's precise-prefix config (example C) loads and
+wires up; PrefixMatchInfo feeds prefix-cache-scorer and prefix-based-pd-decider; speculation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from llmepp.config.loader import Components, build, load_config
+from llmepp.datalayer.datastore import Datastore
+from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
+from llmepp.framework.datakeys import PREFIX_CACHE_MATCH_INFO, TOKENIZED_PROMPT, PrefixMatchInfo, scoped
+from llmepp.framework.plugin import ConfigError, PluginContext, registry
+from llmepp.framework.scheduling import ProfileResult, SchedulingResult
+from llmepp.kvevents.chain import Delta
+from llmepp.kvevents.keys import block_keys, root_key
+from llmepp.observability.metrics import EppMetrics
+from llmepp.plugins.datasources.endpoint_notification import EndpointNotificationSource
+from llmepp.plugins.producers.precise_prefix import PrecisePrefixCacheProducer, PrecisePrefixCacheScorer
+from llmepp.plugins.scorers.prefix_cache import PrefixCacheScorer
+from llmepp.request.parsers import parse_request
+from llmepp.request.types import InferenceRequest
+from llmepp_sim.tokenizer import TOKENIZER_PATH
+
+# The reference's test/perf/config/router-configs/precise-prefix.yaml shape (§2 example C).
+EXAMPLE_C = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: token-producer
+  parameters:
+    modelName: Qwen/Qwen3-8B
+    vllm:
+      url: http://localhost:8000
+- type: endpoint-notification-source
+- type: precise-prefix-cache-producer
+  parameters:
+    tokenProcessorConfig:
+      blockSizeTokens: 16
+    speculativeIndexing: true
+    kvEventsConfig:
+      topicFilter: "kv@"
+      concurrency: 32
+      discoverPods: true
+      podDiscoveryConfig:
+        socketPort: 5557
+- type: active-request-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+  parameters:
+    prefixMatchInfoProducerName: precise-prefix-cache-producer
+- type: no-hit-lru-scorer
+dataLayer:
+  sources:
+  - pluginRef: endpoint-notification-source
+    extractors:
+    - pluginRef: precise-prefix-cache-producer
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: active-request-scorer, weight: 4}
+  - {pluginRef: kv-cache-utilization-scorer, weight: 2}
+  - {pluginRef: prefix-cache-scorer, weight: 2}
+  - {pluginRef: no-hit-lru-scorer, weight: 2}
+"""
+
+HF_TOKENS = f"""
+- type: token-producer
+  parameters:
+    tokenizer: {{backend: hf, path: "{TOKENIZER_PATH}"}}
+"""
+
+
+def components(text: str) -> tuple[Components, Datastore]:
+    datastore = Datastore()
+    return build(load_config(text), datastore=datastore, metrics=EppMetrics()), datastore
+
+
+def pods(datastore: Datastore, n: int = 3) -> list[Endpoint]:
+    for i in range(n):
+        datastore.upsert(EndpointSpec(name=f"p{i}", address=f"127.0.0.{170 + i}", port=8000))
+    return list(datastore.endpoints)
+
+
+def chat(prompt: str) -> InferenceRequest:
+    body = {"model": "sim-model", "messages": [{"role": "user", "content": prompt}]}
+    return parse_request({":path": "/v1/chat/completions"}, json.dumps(body).encode(), request_id="r")
+
+
+async def run_producers(c: Components, req: InferenceRequest, eps: list[Endpoint]) -> None:
+    for p in c.pipeline.producers:
+        out = p.produce(req, eps)
+        if asyncio.iscoroutine(out):
+            await out
+
+
+def hold(producer: PrecisePrefixCacheProducer, pod: Endpoint, token_bytes: bytes, blocks: int) -> None:
+    """Pretend events said `pod` holds the first `blocks` blocks (pure index state)."""
+    keys = block_keys(token_bytes, producer.block_tokens, root_key("sim-model"))[:blocks]
+    producer.index.apply(pod.hostport, Delta(keys=keys, masks=[1] * len(keys)))
+
+
+async def test_example_c_loads_and_wires_the_notification_source() -> None:
+    c, datastore = components(EXAMPLE_C)
+    producer = c.plugins["precise-prefix-cache-producer"]
+    assert isinstance(producer, PrecisePrefixCacheProducer)
+    assert producer.speculative and producer.block_tokens == 16 and producer.pool_options.socket_port == 5557
+    assert [p.type for p in c.pipeline.producers][:2] == ["token-producer", "precise-prefix-cache-producer"]
+    scorer = c.plugins["prefix-cache-scorer"]
+    assert isinstance(scorer, PrefixCacheScorer)
+    assert scorer.data_key == scoped(PREFIX_CACHE_MATCH_INFO, "precise-prefix-cache-producer")
+    assert any(ds.source.type == "endpoint-notification-source" for ds in c.data_sources)
+    assert any(ds.source.type == "metrics-data-source" for ds in c.data_sources)  # defaults still injected
+    weights = [(w.scorer.type, w.weight) for w in c.pipeline.scheduler.profiles["default"].scorers]
+    assert weights == [("active-request-scorer", 4), ("kv-cache-utilization-scorer", 2),
+                       ("prefix-cache-scorer", 2), ("no-hit-lru-scorer", 2)]  # fmt: skip
+    # Endpoints reach the producer through the notification source: one subscriber each.
+    eps = pods(datastore)
+    assert len(producer.pool) == 3
+    datastore.delete("p1")
+    assert len(producer.pool) == 2
+    await asyncio.sleep(0)
+    for plugin in c.plugins.values():
+        await plugin.aclose()
+    del eps
+
+
+async def test_lookup_feeds_scorer_and_decider_and_speculation_spreads_to_the_routed_pod() -> None:
+    text = EXAMPLE_C.replace(
+        """- type: token-producer
+  parameters:
+    modelName: Qwen/Qwen3-8B
+    vllm:
+      url: http://localhost:8000
+""",
+        HF_TOKENS,
+    )
+    c, datastore = components(text)
+    eps = pods(datastore)
+    producer = c.plugins["precise-prefix-cache-producer"]
+    assert isinstance(producer, PrecisePrefixCacheProducer)
+    prompt = "tell me about the weather in the mountains and the valleys " * 8
+    req = chat(prompt)
+    await run_producers(c, req, eps)
+    tokens = req.data[TOKENIZED_PROMPT]
+    assert tokens.backend == "hf"
+    hold(producer, eps[1], tokens.token_bytes, 5)
+
+    req = chat(prompt)
+    await run_producers(c, req, eps)
+    info: PrefixMatchInfo = req.data[scoped(PREFIX_CACHE_MATCH_INFO, producer.name)]
+    assert info.block_size == 16 and info.total_blocks == tokens.count // 16
+    assert info.hits == {eps[1]: 5}
+    scores = c.plugins["prefix-cache-scorer"].score(req, eps)  # type: ignore[attr-defined]
+    assert scores[1] == pytest.approx(5 / info.total_blocks) and scores[0] == scores[2] == 0
+
+    # prefix-based-pd-decider reads the same data through the producer name.
+    decider = registry.build("prefix-based-pd-decider", "decider", {
+        "nonCachedTokens": 32, "prefixMatchInfoProducerName": producer.name})  # fmt: skip
+    decider.setup(PluginContext(c.plugins, datastore, None, None))
+    uncached = tokens.count - 5 * 16
+    assert decider.disaggregate(req, eps[1]) is (uncached >= 32)  # type: ignore[attr-defined]
+    assert decider.disaggregate(req, eps[0]) is True  # type: ignore[attr-defined]
+
+    # Routed to p2: speculative entries make the next identical request see p2 as well.
+    result = SchedulingResult("default", {"default": ProfileResult(targets=[eps[2]])})
+    producer.pre_request(req, result)
+    await asyncio.sleep(0)  # speculation runs right after the routing answer
+    again = chat(prompt)
+    await run_producers(c, again, eps)
+    hits = again.data[scoped(PREFIX_CACHE_MATCH_INFO, producer.name)].hits
+    assert hits == {eps[1]: 5, eps[2]: info.total_blocks}
+    for plugin in c.plugins.values():
+        await plugin.aclose()
+
+
+async def test_deprecated_precise_scorer_wrapper_scores_by_itself() -> None:
+    text = f"""
+plugins:
+{HF_TOKENS}
+- type: precise-prefix-cache-scorer
+  parameters: {{tokenProcessorConfig: {{blockSize: 16}}}}
+schedulingProfiles:
+- name: default
+  plugins: [{{pluginRef: precise-prefix-cache-scorer, weight: 3}}]
+"""
+    c, datastore = components(text)
+    eps = pods(datastore, 2)
+    wrapper = c.plugins["precise-prefix-cache-scorer"]
+    assert isinstance(wrapper, PrecisePrefixCacheScorer)
+    req = chat("a prompt long enough for a few blocks of tokens " * 6)
+    await run_producers(c, req, eps)
+    hold(wrapper, eps[0], req.data[TOKENIZED_PROMPT].token_bytes, 2)
+    req2 = chat("a prompt long enough for a few blocks of tokens " * 6)
+    await run_producers(c, req2, eps)
+    total = req2.data[TOKENIZED_PROMPT].count // 16
+    assert list(wrapper.score(req2, eps)) == [pytest.approx(2 / total), 0.0]
+    await wrapper.aclose()
+
+
+@pytest.mark.parametrize(
+    ("params", "error"),
+    [
+        ({"kvEventsConfig": {"zmqEndpoint": "tcp://*:5557"}}, "global-socket mode"),
+        ({"kvEventsConfig": {"engineType": "sglang"}}, "only vllm"),
+        ({"sessionManager": "s"}, "sessionManager"),
+        ({"tokenProcessorConfig": {"blockSizeTokens": 0}}, "blockSizeTokens"),
+        ({"kvEventsConfig": {"podDiscoveryConfig": {"socketPort": 70000}}}, "ports"),
+        ({"speculativeTTL": "soon"}, "invalid duration"),
+        ({"indexerConfig": {"kvBlockIndexConfig": {"inMemoryConfig": {"size": 0}}}}, "size"),
+        ({"kvEventsConfig": {"typo": 1}}, "typo"),
+    ],
+)
+def test_bad_configs_name_the_field(params: dict[str, Any], error: str) -> None:
+    with pytest.raises(ConfigError, match=error):
+        registry.build("precise-prefix-cache-producer", "p", params)
+
+
+def test_reference_indexer_fields_are_accepted() -> None:
+    p = registry.build("precise-prefix-cache-producer", "p", {
+        "indexerConfig": {
+            "kvBlockIndexConfig": {"inMemoryConfig": {"size": 1000, "podCacheSize": 4}, "enableMetrics": True},
+            "kvCacheBackendConfigs": [{"name": "gpu", "weight": 1.0}, {"name": "cpu", "weight": 0.5}],
+            "tokenizersPoolConfig": {"modelName": "x"},
+        },
+        "kvEventsConfig": {"podDiscoveryConfig": {"socketPort": 6000, "replaySocketPort": 6001,
+                                                  "podLabelSelector": "a=b"}},
+        "tokenProcessorConfig": {"hashSeed": "42", "hashAlgorithm": "cbor-fnv"},
+    })  # fmt: skip
+    assert isinstance(p, PrecisePrefixCacheProducer)
+    assert p.index.size == 1000 and p.index.pod_cache_size == 4
+    assert p.tiers.weight_of[2] == 0.5 and p.pool_options.replay_socket_port == 6001
+
+
+def test_notification_source_replays_known_endpoints_to_late_extractors() -> None:
+    datastore = Datastore()
+    source = EndpointNotificationSource("src")
+    source.setup(PluginContext({}, datastore, None, None))
+    datastore.upsert(EndpointSpec(name="a", address="127.0.0.171", port=1))
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.events: list[str] = []
+
+        def endpoint_added(self, endpoint: Endpoint) -> None:
+            self.events.append("+" + endpoint.name)
+
+        def endpoint_removed(self, endpoint: Endpoint) -> None:
+            self.events.append("-" + endpoint.name)
+
+    rec = Recorder()
+    source.attach(rec)
+    datastore.upsert(EndpointSpec(name="b", address="127.0.0.172", port=1))
+    datastore.delete("a")
+    assert rec.events == ["+a", "+b", "-a"]

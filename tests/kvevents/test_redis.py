@@ -1,0 +1,262 @@
+"""The shared Redis index (real redis-server): replicas apply each batch once, lookups agree with the
+in-memory index, restarts resume, publisher restarts invalidate, speculation is shared; and the
+Redis-shared in-flight load producer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from llmepp.datalayer.datastore import Datastore
+from llmepp.datalayer.endpoint import EndpointSpec
+from llmepp.framework.datakeys import IN_FLIGHT_LOAD, PREFIX_CACHE_MATCH_INFO, TOKENIZED_PROMPT, TokenizedPrompt, scoped
+from llmepp.framework.plugin import PluginContext, registry
+from llmepp.framework.scheduling import ProfileResult, SchedulingResult
+from llmepp.kvevents.chain import SourceChains
+from llmepp.kvevents.keys import block_keys, root_key, tokens_to_bytes
+from llmepp.kvevents.pool import PoolOptions, SubscriberPool
+from llmepp.kvevents.redis_index import RedisStore, connect
+from llmepp.kvevents.stats import KVEventStats
+from llmepp.plugins.producers.precise_prefix import RedisPrecisePrefixCacheProducer
+from llmepp.plugins.producers.shared_inflight import RedisInFlightLoadProducer
+from llmepp.request.types import InferenceRequest, RequestKind, ResponseInfo
+from llmepp.testing.redis import RedisServer
+
+from .publisher import CLEARED, TestPublisher, stored
+from .rig import TIERS, endpoint, until
+
+TOKENS = list(range(300, 300 + 4 * 16))
+
+
+def chain(first: int, last: int, tokens: list[int] = TOKENS, base: int = 7000) -> dict:
+    hashes = [base + i for i in range(first, last)]
+    return stored(hashes, base + first - 1 if first else None, tokens[4 * first : 4 * last])
+
+
+async def _eq(coro: object, value: int) -> bool:
+    return await coro == value  # type: ignore[misc]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    with RedisServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+async def client(server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    c = connect(server.url)
+    await c.flushall()
+    yield c
+    await c.aclose()
+
+
+class Replica:
+    """One EPP replica's ingestion: its own Redis client, store, chains and subscriber pool."""
+
+    def __init__(self, url: str, port: int, replay_port: int) -> None:
+        self.client = connect(url)
+        self.store = RedisStore(self.client, TIERS, ttl=60.0)
+        self.stats = KVEventStats()
+        self.pool = SubscriberPool(
+            PoolOptions(socket_port=port, replay_socket_port=replay_port),
+            self.store,
+            lambda: SourceChains(4, 0, TIERS, 100_000),
+            self.stats,
+        )
+
+    async def close(self) -> None:
+        await self.pool.aclose()
+        await self.client.aclose()
+
+    async def match(self, pod: str, tokens: list[int] = TOKENS) -> int:
+        keys = block_keys(tokens_to_bytes(tokens), 4, root_key("m"))
+        return (await self.store.lookup(keys, [pod])).lengths.get(pod, 0)
+
+
+async def eventually(check: object, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        if await check():  # type: ignore[operator]
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        await asyncio.sleep(0.02)
+
+
+async def test_two_replicas_apply_every_batch_once_and_agree(server: RedisServer, client: aioredis.Redis) -> None:
+    host = "127.0.0.175"
+    async with TestPublisher(host) as pub:
+        a, b = Replica(server.url, pub.port, pub.replay_port), Replica(server.url, pub.port, pub.replay_port)
+        ep = endpoint(host, 8000)
+        pod = ep.hostport
+        a.pool.endpoint_added(ep)
+        b.pool.endpoint_added(ep)
+        await asyncio.sleep(0.3)
+        for i in range(0, 8, 2):
+            await pub.publish([chain(i, i + 2)])
+        await pub.publish([{"type": "BlockRemoved", "block_hashes": [7007], "medium": "GPU"}])
+
+        async def settled() -> bool:
+            src = await client.hgetall(f"epp:kv:src:{pod}")
+            return bool(src) and int(src[b"seq"]) == 4
+
+        await eventually(settled)
+        assert await a.match(pod) == await b.match(pod) == 7
+        await until(lambda: a.stats.batches == 5 and b.stats.batches == 5)
+        # Each batch was delivered twice (once per replica) but stored once: one generation, one
+        # field per key, and the engine chain state saved once per block.
+        assert await client.hget("epp:kv:gen", pod) is None
+        assert await client.hlen(f"epp:kv:eng:{pod}") == 7
+        # A cleared cache invalidates the pod for both replicas in O(1) (generation bump).
+        await pub.publish([CLEARED])
+
+        async def cleared() -> bool:
+            return await a.match(pod) == 0 and await b.match(pod) == 0
+
+        await eventually(cleared)
+        assert await client.hget("epp:kv:gen", pod) == b"1"
+        await a.close()
+        await b.close()
+
+
+async def test_restarted_replica_resumes_chains_and_position(server: RedisServer, client: aioredis.Redis) -> None:
+    host = "127.0.0.176"
+    async with TestPublisher(host) as pub:
+        ep = endpoint(host, 8000)
+        a = Replica(server.url, pub.port, pub.replay_port)
+        a.pool.endpoint_added(ep)
+        await asyncio.sleep(0.3)
+        await pub.publish([chain(0, 3)])
+        await pub.publish([chain(3, 5)])
+        await eventually(lambda: _eq(a.match(ep.hostport), 5))
+        await a.close()
+        # While no replica runs, the engine stores more blocks (chained to the earlier ones).
+        await pub.publish([chain(5, 7)])
+        restarted = Replica(server.url, pub.port, pub.replay_port)
+        restarted.pool.endpoint_added(ep)
+        await asyncio.sleep(0.3)
+        await pub.publish([chain(7, 9)])
+        await eventually(lambda: _eq(restarted.match(ep.hostport), 9))
+        # It resumed at seq 2 (replaying only what Redis lacked) with the saved chain state: no orphans.
+        assert pub.replay_requests == [2]
+        assert restarted.pool.chains()[0].stats.orphans == 0
+        await restarted.close()
+
+
+async def test_publisher_restart_is_detected_by_the_shared_guard(server: RedisServer, client: aioredis.Redis) -> None:
+    host = "127.0.0.177"
+    other = list(range(5000, 5000 + 4 * 16))
+    async with TestPublisher(host) as pub:
+        ep = endpoint(host, 8000)
+        a = Replica(server.url, pub.port, pub.replay_port)
+        a.pool.endpoint_added(ep)
+        await asyncio.sleep(0.3)
+        for i in range(0, 6, 2):
+            await pub.publish([chain(i, i + 2)])
+        await eventually(lambda: _eq(a.match(ep.hostport), 6))
+        pub.restart()
+        await pub.publish([chain(0, 2, other, base=9000)])
+
+        async def swapped() -> bool:
+            return await a.match(ep.hostport) == 0 and await a.match(ep.hostport, other) == 2
+
+        await eventually(swapped)
+        assert await client.hget("epp:kv:gen", ep.hostport) == b"1"
+        await a.close()
+
+
+def _producer(url: str, **extra: object) -> RedisPrecisePrefixCacheProducer:
+    params = {
+        "indexerConfig": {"kvBlockIndexConfig": {"redisConfig": {"address": url, "lookupTimeout": "100ms"}}},
+        "tokenProcessorConfig": {"blockSizeTokens": 4},
+        "speculativeIndexing": True,
+        "speculativeTTL": "500ms",
+        "kvEventsConfig": {"discoverPods": False},
+        **extra,
+    }
+    p = registry.build("precise-prefix-cache-producer", "precise", params)
+    assert isinstance(p, RedisPrecisePrefixCacheProducer)
+    return p
+
+
+def _request() -> InferenceRequest:
+    req = InferenceRequest(
+        "r", "/v1/completions", {}, RequestKind.COMPLETIONS, model="m", target_model="m", prompt=b"x"
+    )
+    req.data[TOKENIZED_PROMPT] = TokenizedPrompt(tokens_to_bytes(TOKENS), "hf")
+    return req
+
+
+async def test_speculation_written_by_one_replica_is_seen_by_another(server: RedisServer, client: object) -> None:
+    a, b = _producer(server.url), _producer(server.url)
+    eps = [endpoint("127.0.0.178", 8000), endpoint("127.0.0.179", 8000)]
+    first = _request()
+    await a.produce(first, eps)
+    info = first.data[scoped(PREFIX_CACHE_MATCH_INFO, "precise")]
+    assert info.hits == {} and info.total_blocks == 16
+    a.pre_request(first, SchedulingResult("default", {"default": ProfileResult(targets=[eps[1]])}))
+    second = _request()
+    await eventually(lambda: _hits(b, second, eps, {eps[1]: 16}))
+    await asyncio.sleep(0.6)  # past speculativeTTL, with no event confirming it
+    assert await _hits(b, _request(), eps, {})
+    await a.aclose()
+    await b.aclose()
+
+
+async def _hits(p: RedisPrecisePrefixCacheProducer, req: InferenceRequest, eps: list, want: dict) -> bool:
+    await p.produce(req, eps)
+    return bool(req.data[scoped(PREFIX_CACHE_MATCH_INFO, "precise")].hits == want)
+
+
+async def test_unreachable_redis_means_no_prefix_data_not_a_stall() -> None:
+    p = _producer("redis://127.0.0.1:1")
+    req = _request()
+    t0 = time.monotonic()
+    await p.produce(req, [endpoint("127.0.0.178", 8000)])
+    assert time.monotonic() - t0 < 0.5
+    assert req.data[scoped(PREFIX_CACHE_MATCH_INFO, "precise")].hits == {}
+    await p.aclose()
+
+
+async def test_inflight_load_is_shared_between_replicas(server: RedisServer, client: object) -> None:
+    params = {"redisConfig": {"address": server.url}, "syncInterval": "50ms", "replicaTTL": "300ms"}
+    ds = Datastore()
+    ds.upsert(EndpointSpec(name="a", address="127.0.0.180", port=8000))
+    ds.upsert(EndpointSpec(name="b", address="127.0.0.180", port=8001))
+    ep_a, ep_b = ds.endpoints
+    replicas = []
+    for rid in ("r1", "r2"):
+        p = registry.build("redis-inflight-load-producer", "load", {**params, "replicaId": rid})
+        assert isinstance(p, RedisInFlightLoadProducer)
+        p.setup(PluginContext({"load": p}, ds, None, None))
+        replicas.append(p)
+    r1, r2 = replicas
+    req = InferenceRequest("q", "/v1/completions", {}, RequestKind.COMPLETIONS, model="m", prompt=b"x" * 400)
+    r1.produce(req, [ep_a, ep_b])
+    r1.pre_request(req, SchedulingResult("default", {"default": ProfileResult(targets=[ep_a])}))
+    view = r1.view
+    assert view.get(ep_a) is not None and view[ep_a].requests == 1  # local: at once
+
+    def seen_by_r2(requests: int) -> bool:
+        probe = InferenceRequest("p", "/", {}, kind=req.kind)
+        r2.produce(probe, [ep_a, ep_b])
+        loads = probe.data[scoped(IN_FLIGHT_LOAD, "load")]
+        got = loads.get(ep_a)
+        return (got.requests if got is not None else 0) == requests and loads.get(ep_b) is None
+
+    await until(lambda: seen_by_r2(1), within=3, what="r2 sees r1's request")
+    r1.response_complete(req, ResponseInfo(status=200), SchedulingResult("default", {}))
+    await until(lambda: seen_by_r2(0), within=3, what="release seen")
+    # r1 charges again, then dies without cleaning up: its heartbeat lapses after replicaTTL.
+    r1.pre_request(req, SchedulingResult("default", {"default": ProfileResult(targets=[ep_a])}))
+    await until(lambda: seen_by_r2(1), within=3)
+    assert r1._task is not None
+    r1._task.cancel()
+    await until(lambda: seen_by_r2(0), within=3, what="dead replica forgotten")
+    await r1.redis.aclose()
+    await r2.aclose()

@@ -1,0 +1,158 @@
+"""Subscriber over real ZeroMQ: gaps and replay (both reply shapes), joining mid-stream, publisher
+restarts, AllBlocksCleared, junk on the wire, a silent replay socket, and pool membership."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from .publisher import CLEARED, TestPublisher, stored
+from .rig import Rig, endpoint, memory_pool, until
+
+TOKENS = list(range(100, 100 + 4 * 12))  # 12 blocks of 4 tokens
+
+
+def chain(first: int, last: int, tokens: list[int] = TOKENS, base: int = 1000) -> dict:
+    """BlockStored for blocks [first, last) of `tokens` (engine hashes base+i, parent-linked)."""
+    hashes = [base + i for i in range(first, last)]
+    return stored(hashes, base + first - 1 if first else None, tokens[4 * first : 4 * last])
+
+
+@pytest.mark.parametrize(("reply_frames", "legacy"), [(3, False), (2, True)])
+async def test_gap_is_replayed_before_the_live_batch(reply_frames: int, legacy: bool) -> None:
+    host = "127.0.0.150"
+    pub = TestPublisher(host, reply_frames=reply_frames, legacy=legacy)
+    async with pub, Rig(host, pub.port, pub.replay_port) as rig:
+        await pub.publish([chain(0, 2)])
+        await pub.publish([chain(2, 4)], drop=True)  # lost on the wire
+        await pub.publish([chain(4, 6)])  # its parent is in the lost batch
+        await until(lambda: rig.matched(TOKENS) == 6, what="6 blocks")
+        assert rig.stats.gaps >= 1 and rig.stats.replays_ok >= 1
+        assert 1 in pub.replay_requests or 0 in pub.replay_requests
+        assert rig.stats.lost_batches == 0 and rig.chains.stats.orphans == 0
+        assert rig.sub.next_seq == 3
+
+
+async def test_joining_mid_stream_replays_from_zero() -> None:
+    host = "127.0.0.151"
+    async with TestPublisher(host) as pub:
+        for i in range(3):
+            await pub.publish([chain(2 * i, 2 * i + 2)])  # nobody listens yet
+        async with Rig(host, pub.port, pub.replay_port) as rig:
+            await pub.publish([chain(6, 8)])
+            await until(lambda: rig.matched(TOKENS) == 8, what="8 blocks")
+            assert pub.replay_requests[0] == 0
+            # The replay returns everything from 0, the live batch included; each is applied once.
+            assert rig.stats.batches == 4 and rig.stats.lost_batches == 0
+
+
+async def test_publisher_restart_rebuilds_the_source() -> None:
+    host = "127.0.0.152"
+    other = list(range(900, 900 + 4 * 12))
+    async with TestPublisher(host) as pub, Rig(host, pub.port, pub.replay_port) as rig:
+        await pub.publish([chain(0, 3)])
+        await pub.publish([chain(3, 5)])
+        await until(lambda: rig.matched(TOKENS) == 5, what="first incarnation")
+        pub.restart()  # seq back to 0: what the old engine held is gone
+        await pub.publish([chain(0, 2, other, base=5000)])
+        await until(lambda: rig.matched(other) == 2, what="second incarnation")
+        assert rig.matched(TOKENS) == 0
+        assert rig.stats.resets == 1 and len(rig.chains) == 2
+
+
+async def test_restart_seen_mid_stream_replays_the_new_incarnation() -> None:
+    host = "127.0.0.153"
+    other = list(range(900, 900 + 4 * 12))
+    async with TestPublisher(host) as pub, Rig(host, pub.port, pub.replay_port) as rig:
+        for i in range(3):
+            await pub.publish([chain(2 * i, 2 * i + 2)])
+        await until(lambda: rig.matched(TOKENS) == 6, what="old incarnation")
+        pub.restart()
+        await pub.publish([chain(0, 1, other, base=5000)], drop=True)
+        await pub.publish([chain(1, 3, other, base=5000)])  # seq 1: older number, newer data
+        await until(lambda: rig.matched(other) == 3, what="new incarnation incl. replayed seq 0")
+        assert rig.matched(TOKENS) == 0 and rig.stats.resets == 1
+        assert pub.replay_requests[-1] == 0
+
+
+async def test_all_blocks_cleared_drops_the_pod() -> None:
+    host = "127.0.0.154"
+    async with TestPublisher(host) as pub, Rig(host, pub.port, pub.replay_port) as rig:
+        await pub.publish([chain(0, 4)])
+        await until(lambda: rig.matched(TOKENS) == 4)
+        await pub.publish([CLEARED])
+        await until(lambda: rig.matched(TOKENS) == 0, what="cleared")
+        assert rig.stats.all_cleared == 1 and len(rig.index) == 0
+        await pub.publish([chain(0, 2)])
+        await until(lambda: rig.matched(TOKENS) == 2, what="new blocks after the clear")
+
+
+async def test_junk_is_counted_and_never_fatal() -> None:
+    host = "127.0.0.155"
+    async with TestPublisher(host) as pub, Rig(host, pub.port, pub.replay_port) as rig:
+        await pub.publish([chain(0, 1)])
+        await pub.send_raw([b"kv@pod@m", b"only two frames"])
+        await pub.send_raw([b"kv@pod@m", b"\x00\x01", b"short seq"])
+        await pub.send_raw([b"kv@pod@m", pub.seq.to_bytes(8, "big"), b"\xc1 not msgpack"])
+        pub.seq += 1
+        await pub.publish([chain(1, 3)])
+        await until(lambda: rig.matched(TOKENS) == 3, what="blocks after the junk")
+        assert rig.stats.malformed_frames == 2 and rig.stats.malformed_payloads == 1
+        assert rig.stats.lost_batches == 0
+
+
+async def test_silent_replay_socket_times_out_cools_down_and_keeps_going() -> None:
+    host = "127.0.0.156"
+    async with TestPublisher(host) as pub, Rig(host, pub.port, pub.replay_port, replay_idle_timeout=0.3) as rig:
+        pub.replay_silent = True
+        await pub.publish([chain(0, 2)])
+        await until(lambda: rig.matched(TOKENS) == 2)
+        await pub.publish([chain(2, 4)], drop=True)
+        started = time.monotonic()
+        await pub.publish([chain(4, 6)])  # gap → replay → silence
+        await until(lambda: rig.stats.replays_failed == 1, what="replay timeout")
+        assert time.monotonic() - started < 3.0
+        await pub.publish([chain(6, 7)], drop=True)
+        await pub.publish([chain(0, 3, base=1000)])  # re-stored chain from the root: indexable again
+        await until(lambda: rig.stats.gaps == 2, what="second gap")
+        assert len(pub.replay_requests) == 1  # cooling down: no second replay
+        assert rig.stats.lost_batches == 2
+        assert rig.chains.stats.orphans == 1  # the live batch whose parent was lost
+        assert rig.matched(TOKENS) == 3
+
+
+async def test_no_replay_endpoint_counts_the_gap() -> None:
+    host = "127.0.0.157"
+    async with TestPublisher(host) as pub, Rig(host, pub.port, None) as rig:
+        await pub.publish([chain(0, 2)])
+        await pub.publish([chain(2, 4)], drop=True)
+        await pub.publish([chain(4, 6)])
+        await until(lambda: rig.stats.gaps == 1)
+        await until(lambda: rig.sub.next_seq == 3)
+        assert rig.matched(TOKENS) == 2 and pub.replay_requests == []
+        assert rig.stats.lost_batches == 1
+
+
+async def test_pool_follows_endpoints_and_a_dead_publisher_costs_nothing() -> None:
+    host, dead = "127.0.0.158", "127.0.0.159"
+    async with TestPublisher(host) as pub:
+        pool, index = memory_pool(pub.port, pub.replay_port, block_tokens=4)
+        alive_ep, dead_ep = endpoint(host, 8000), endpoint(dead, 8000)
+        pool.endpoint_added(alive_ep)
+        pool.endpoint_added(dead_ep)  # nothing listens there
+        await asyncio.sleep(0.3)
+        await pub.publish([chain(0, 3)])
+        await until(lambda: len(index) == 3, what="3 keys indexed")
+        assert index.bit_of(alive_ep.hostport) != 0
+        # The event loop stays responsive: a 10 ms sleep is not delayed by the dead subscriber.
+        t0 = time.monotonic()
+        await asyncio.sleep(0.01)
+        assert time.monotonic() - t0 < 0.1
+        assert len(pool) == 2
+        pool.endpoint_removed(alive_ep)
+        await until(lambda: len(index) == 0 and index.bit_of(alive_ep.hostport) == 0, what="pod forgotten")
+        pool.endpoint_removed(dead_ep)
+        assert len(pool) == 0
+        await pool.aclose()

@@ -1,0 +1,154 @@
+"""token-producer's real backends reproduce the simulator's tokenization exactly (completions + chat)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import struct
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmepp.framework.datakeys import TOKENIZED_PROMPT, TokenizedPrompt
+from llmepp.framework.plugin import ConfigError, registry
+from llmepp.plugins.producers.token import HFTokenProducer, TokenProducer, VllmTokenProducer
+from llmepp.request.parsers import parse_request
+from llmepp.request.types import InferenceRequest
+from llmepp_sim.cluster import SimProcess
+from llmepp_sim.tokenizer import TOKENIZER_PATH, SimTokenizer
+
+SIM = SimTokenizer()
+HF_PARAMS = {"tokenizer": {"backend": "hf", "path": str(TOKENIZER_PATH)}}
+
+text = st.text(st.characters(codec="utf-8"), max_size=300)
+role = st.sampled_from(["system", "user", "assistant", "tool", "developer"])
+content = st.one_of(
+    st.none(),
+    text,
+    st.lists(st.one_of(st.fixed_dictionaries({"type": st.just("text"), "text": text}),
+                       st.fixed_dictionaries({"type": st.just("image_url"), "image_url": st.just({"url": "x"})})),
+             max_size=3),
+)  # fmt: skip
+
+
+def ids(tokens: TokenizedPrompt) -> list[int]:
+    return list(struct.unpack(f"<{tokens.count}I", tokens.token_bytes))
+
+
+def parsed(path: str, body: dict[str, Any]) -> InferenceRequest:
+    return parse_request({":path": path}, json.dumps(body).encode(), request_id="r")
+
+
+async def produce(plugin: TokenProducer, req: InferenceRequest) -> TokenizedPrompt:
+    out = plugin.produce(req, [])
+    if asyncio.iscoroutine(out):
+        await out
+    tokens: TokenizedPrompt = req.data[TOKENIZED_PROMPT]
+    return tokens
+
+
+def hf() -> TokenProducer:
+    plugin = registry.build("token-producer", "tok", HF_PARAMS)
+    assert isinstance(plugin, HFTokenProducer)
+    return plugin
+
+
+@settings(max_examples=60, deadline=None)
+@given(prompt=text)
+async def test_hf_completions_equal_simulator(prompt: str) -> None:
+    tokens = await produce(hf(), parsed("/v1/completions", {"model": "m", "prompt": prompt}))
+    assert tokens.backend == "hf"
+    assert ids(tokens) == SIM.encode(prompt)
+
+
+@settings(max_examples=60, deadline=None)
+@given(messages=st.lists(st.fixed_dictionaries({"role": role, "content": content}), min_size=1, max_size=4))
+async def test_hf_chat_equals_simulator_template(messages: list[dict[str, Any]]) -> None:
+    tokens = await produce(hf(), parsed("/v1/chat/completions", {"model": "m", "messages": messages}))
+    assert ids(tokens) == SIM.encode_chat(messages)
+
+
+async def test_long_prompts_are_tokenized_in_a_thread_with_the_same_result() -> None:
+    rng = random.Random(3)
+    prompt = "".join(rng.choice("abcdefghij klmnopqrstuvwxyz.,") for _ in range(200_000))  # ~40 ms to encode
+    plugin = hf()
+    loop = asyncio.get_running_loop()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.001)
+            ticks += 1
+
+    task = loop.create_task(ticker())
+    tokens = await produce(plugin, parsed("/v1/completions", {"model": "m", "prompt": prompt}))
+    task.cancel()
+    assert ids(tokens) == SIM.encode(prompt)
+    assert ticks > 0  # the loop kept running while the worker thread encoded
+
+
+async def test_token_id_prompts_pass_through() -> None:
+    tokens = await produce(hf(), parsed("/v1/completions", {"model": "m", "prompt": [5, 6, 4000000000]}))
+    assert ids(tokens) == [5, 6, 4000000000]
+
+
+def test_estimate_stays_the_default_and_synchronous() -> None:
+    plugin = registry.build("token-producer", "tok", {"modelName": "x"})
+    assert type(plugin) is TokenProducer
+    req = parsed("/v1/completions", {"model": "m", "prompt": "abcde"})
+    assert plugin.produce(req, []) is None
+    assert req.data[TOKENIZED_PROMPT].token_bytes == b"abcde\0\0\0"
+
+
+@pytest.mark.parametrize(
+    ("params", "error"),
+    [
+        ({"tokenizer": {"backend": "hf"}}, "tokenizer.path is required"),
+        ({"tokenizer": {"backend": "sentencepiece", "path": "x"}}, "tokenizer.backend must be one of"),
+        ({"tokenizer": {"backend": "hf", "path": "/nonexistent/tokenizer.json"}}, "does not exist"),
+        ({"tokenizer": {"backend": "hf", "path": str(TOKENIZER_PATH), "chatTemplate": "jinja"}}, "unknown chat"),
+        ({"tokenizer": {"backend": "hf", "path": str(TOKENIZER_PATH), "bogus": 1}}, "bogus"),
+    ],
+)
+def test_bad_tokenizer_configs_are_rejected(params: dict[str, Any], error: str) -> None:
+    with pytest.raises(ConfigError, match=error):
+        registry.build("token-producer", "tok", params)
+
+
+async def test_vllm_backend_asks_the_model_server() -> None:
+    """The reference's `vllm: {url}` parameter, against the simulator's vLLM /tokenize API."""
+    with SimProcess(["--hosts", "127.0.0.165", "--port", "0"]) as sim:
+        plugin = registry.build("token-producer", "tok", {"modelName": "sim-model", "vllm": {"url": sim.urls[0]}})
+        assert isinstance(plugin, VllmTokenProducer)
+        try:
+            messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+            chat = await produce(plugin, parsed("/v1/chat/completions", {"model": "sim-model", "messages": messages}))
+            assert ids(chat) == SIM.encode_chat(messages)
+            comp = await produce(plugin, parsed("/v1/completions", {"model": "sim-model", "prompt": "hello there"}))
+            assert ids(comp) == SIM.encode("hello there")
+        finally:
+            await plugin.aclose()
+        # A dead tokenizer server: no TokenizedPrompt, no exception.
+        dead = registry.build("token-producer", "tok", {"vllm": {"url": "http://127.0.0.165:1", "timeout": "200ms"}})
+        assert isinstance(dead, VllmTokenProducer)
+        req = parsed("/v1/completions", {"model": "m", "prompt": "x"})
+        out = dead.produce(req, [])
+        assert asyncio.iscoroutine(out)
+        await out
+        assert TOKENIZED_PROMPT not in req.data
+        await dead.aclose()
+
+
+def test_parser_keeps_messages_and_token_id_flag() -> None:
+    req = parsed("/v1/chat/completions", {"model": "m", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url"}, {"type": "text"}]},
+        {"role": "assistant", "content": None}]})  # fmt: skip
+    assert req.messages == [("user", "a\n"), ("assistant", "")]
+    assert not parsed("/v1/completions", {"model": "m", "prompt": "x"}).prompt_is_token_ids
+    assert parsed("/v1/completions", {"model": "m", "prompt": [[1], [2]]}).prompt_is_token_ids
+    assert msgspec.json.encode(req.messages) == b'[["user","a\\n"],["assistant",""]]'
