@@ -73,7 +73,7 @@ async def test_bookmarks_advance_the_resource_version_and_watches_renew(
         )
         written = int(other["metadata"]["resourceVersion"])
         assert written > listed
-        await eventually(lambda: inf.stats.bookmarks >= 1 and int(inf.resource_version) >= written, within=15)
+        await eventually(lambda: inf.stats.bookmarks >= 1 and int(inf.resource_version) >= written, within=45)
         assert inf.stats.events == 0 and rec.seen == []
         # The server ended the watch at its timeout; the informer watches again, without a relist.
         await eventually(lambda: inf.stats.watches >= 2, within=15)
