@@ -44,10 +44,18 @@ e2e: install
 test: lint typecheck k8s-binaries
 	$(VENV)/bin/pytest -q
 
-bench: install
+# The benchmarks need the `bench` extra (matplotlib, vllm-router, smg); installed once per pyproject change.
+BENCH_STAMP := $(VENV)/.bench-deps-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]' --config-settings editable_mode=strict > $(VENV)/bench-install.log 2>&1 \
+		|| (cat $(VENV)/bench-install.log; exit 1)
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP) install
 	$(PY) -m benchmarks.run_all
 
-bench-quick: install
+bench-quick: $(BENCH_STAMP) install
 	$(PY) -m benchmarks.run_all --quick
 
 clean:

@@ -93,11 +93,19 @@ class Run:
             self.datastore.upsert(EndpointSpec(name=f"vllm-{i}", address=f"127.0.0.{2 + i}", port=PORT))
 
     def counters(self) -> dict[str, float]:
-        poll = self.metrics.poll_errors.labels(source_type="metrics-data-source")._value.get()
-        extract = self.metrics.extract_errors.labels(
-            source_type="metrics-data-source", extractor_type="core-metrics-extractor"
-        )._value.get()
+        poll = _count(self.metrics.poll_errors.labels(source_type="metrics-data-source"))
+        extract = _count(
+            self.metrics.extract_errors.labels(
+                source_type="metrics-data-source", extractor_type="core-metrics-extractor"
+            )
+        )
         return {"poll": poll + self.errors["poll"], "extract": extract + self.errors["extract"]}
+
+
+def _count(child: Any) -> float:
+    """A counter child's value: lock-free `Tally` (`.value`) or a prometheus_client child."""
+    value = getattr(child, "value", None)
+    return float(value) if value is not None else float(child._value.get())
 
 
 async def drive_collector(run: Run) -> Callable[[], Coroutine[Any, Any, None]]:

@@ -37,12 +37,26 @@ def block_hash(parent: int, tokens: Sequence[int], extra: bytes = b"") -> int:
     return _u64(hashlib.sha256(payload).digest())
 
 
-def extend_chain(hashes: list[int], token_ids: Sequence[int], block_size: int, root: int, extra: bytes = b"") -> None:
-    """Append the hashes of every full block of ``token_ids`` not yet in ``hashes`` (in place)."""
-    full_blocks = len(token_ids) // block_size
+def extend_chain(
+    hashes: list[int],
+    token_ids: Sequence[int],
+    block_size: int,
+    root: int,
+    extra: bytes = b"",
+    first_block: int = 0,
+) -> None:
+    """Append the hashes of every full block of ``token_ids`` not yet in ``hashes`` (in place).
+
+    ``token_ids`` may start at block ``first_block`` of the sequence (a window, to avoid copying a long
+    prompt); ``hashes`` must already hold at least ``first_block`` hashes then.
+    """
+    if len(hashes) < first_block:
+        raise ValueError(f"a token window from block {first_block} needs the {first_block} hashes before it")
+    full_blocks = first_block + len(token_ids) // block_size
     parent = hashes[-1] if hashes else root
     for i in range(len(hashes), full_blocks):
-        parent = block_hash(parent, token_ids[i * block_size : (i + 1) * block_size], extra)
+        j = i - first_block
+        parent = block_hash(parent, token_ids[j * block_size : (j + 1) * block_size], extra)
         hashes.append(parent)
 
 

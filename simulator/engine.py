@@ -100,6 +100,15 @@ class SimRequest:
     def all_token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def token_range(self, start: int, stop: int) -> list[int]:
+        """``all_token_ids()[start:stop]`` without copying the whole sequence."""
+        n = len(self.prompt_ids)
+        if start >= n:
+            return self.output_ids[start - n : stop - n]
+        if stop <= n:
+            return self.prompt_ids[start:stop]
+        return self.prompt_ids[start:] + self.output_ids[: stop - n]
+
     def notify(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -399,7 +408,11 @@ class Engine:
         request.notify()
 
     def _ensure_blocks(self, request: SimRequest) -> None:
-        needed = math.ceil(request.num_tokens / self.config.block_size) - len(request.block_ids)
+        bs = self.config.block_size
+        num_tokens = len(request.prompt_ids) + len(request.output_ids)
+        if num_tokens <= len(request.block_ids) * bs and num_tokens // bs <= request.stored_blocks:
+            return  # per-token fast path: the last block has room and no block just filled up
+        needed = math.ceil(num_tokens / bs) - len(request.block_ids)
         while needed > 0:
             if self.pool.num_free == 0:
                 victim = self.running[-1]
@@ -414,20 +427,23 @@ class Engine:
     def _store_full_blocks(self, request: SimRequest) -> None:
         bs = self.config.block_size
         full = min(request.num_tokens // bs, len(request.block_ids))
-        if full <= request.stored_blocks:
+        start = request.stored_blocks
+        if full <= start:
             return
-        tokens = request.all_token_ids()
+        # Only the blocks to hash or store are copied (not the whole sequence, every block_size tokens).
+        first = min(start, len(request.block_hashes))
+        tokens = request.token_range(first * bs, full * bs)
         lora = request.lora
         blockhash.extend_chain(
-            request.block_hashes, tokens, bs, self._root_hash, blockhash.extra_key(lora.name if lora else None)
-        )
-        start = request.stored_blocks
+            request.block_hashes, tokens, bs, self._root_hash, blockhash.extra_key(lora.name if lora else None),
+            first_block=first,
+        )  # fmt: skip
         if self.config.enable_kvcache:
             self.pool.store(
                 request.block_ids[start:full],
                 request.block_hashes[start:full],
                 request.block_hashes[start - 1] if start else None,
-                tokens[start * bs : full * bs],
+                tokens[(start - first) * bs : (full - first) * bs],
                 lora_id=lora.lora_id if lora else None,
                 lora_name=lora.name if lora else None,
             )

@@ -1,0 +1,457 @@
+"""The discrete-event simulation: the real EPP pipeline routing to the real simulator engines, in virtual time.
+
+Everything runs on one ``VirtualTimeLoop`` (``benchmarks.des.vloop``):
+
+* **Pods** are ``llmepp_sim.engine.Engine`` instances, unchanged, each running its own asyncio step loop on
+  a ``VirtualClock``. Only the HTTP layer of ``SimPod`` is left out; what its request handler does before
+  ``engine.submit`` (context-length check, ``FillerStream``, ``SimRequest``) is repeated here.
+* **The EPP** is ``llmepp.config.loader.build`` + ``llmepp.director.Director`` with a real ``Datastore`` of
+  one ``Endpoint`` per pod. Each arrival is parsed by ``llmepp.request.parsers.parse_request`` from the
+  same JSON body the live client sends, routed with ``await director.handle_request``, and completed with
+  ``response_first_chunk`` / ``response_complete`` at the engine's first-token and finish events, as the
+  ext_proc stream does.
+* **Metrics refresh** plays the live collector: every ``refresh_interval`` of simulated time each
+  endpoint's ``EndpointMetrics`` is replaced by a snapshot of its engine (waiting, running, KV usage,
+  block size and count), the pool split into the collector's ``SUB_TICKS`` staggered slots.
+  ``refresh_interval = 0`` is an oracle: every endpoint is refreshed right before each routing decision.
+* **Clients** are open-loop: requests arrive at the schedule's times whatever the cluster does; a request
+  not finished ``request_timeout`` after arrival is cancelled (the engine aborts it, the EPP sees a client
+  disconnect), like inference-perf's ``request_timeout``.
+
+What is not modelled: network, Envoy and EPP processing time (routing takes zero simulated time unless
+``request_latency`` adds a fixed delay before it), scrape round trips, flow control's wall-clock timers, KV
+events (no ``precise-prefix`` routing).
+
+Speed-ups that do not change behaviour: a shared prompt's token list and prompt block hashes are computed
+once and handed to each ``SimRequest`` (the engine only hashes blocks it has no hash for yet), and RNGs of
+the EPP's plugins are seeded so a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from benchmarks.des.policies import policy_config
+from benchmarks.des.results import QueueSample, RequestRecord, stage_metrics
+from benchmarks.des.vloop import VirtualClock, VirtualTimeLoop, run
+from benchmarks.des.workload import MODEL, Arrival, Prompt, Schedule, request_body
+from llmepp.config.loader import build, load_config
+from llmepp.datalayer.collector import SUB_TICKS
+from llmepp.datalayer.datastore import Datastore
+from llmepp.datalayer.endpoint import Endpoint, EndpointMetrics, EndpointSpec
+from llmepp.director import Director
+from llmepp.errors import RequestError
+from llmepp.observability.metrics import EppMetrics
+from llmepp.request.parsers import parse_request
+from llmepp.request.types import InferenceRequest, ResponseInfo, TerminationCause, Usage
+from llmepp_sim import blockhash
+from llmepp_sim.config import PodConfig, pod_config_from_dict, pod_config_to_dict
+from llmepp_sim.engine import Engine, RequestTooLarge, SimRequest
+from llmepp_sim.lora import LoraManager
+from llmepp_sim.profiles import load_profile
+from llmepp_sim.textgen import FillerStream, FillerToken, filler_vocabulary
+from llmepp_sim.tokenizer import shared_tokenizer
+
+log = logging.getLogger(__name__)
+
+# Prompt tokens whose parse, token list and hashes are memoised: ~19 bytes per token (~400 MB when full).
+PROMPT_CACHE_TOKENS = 20_000_000
+EPOCH = 1000.0  # virtual time of the run's start (update_time 0.0 means "never scraped" to the EPP)
+HEADERS = {":path": "/v1/completions", ":method": "POST", "content-type": "application/json"}
+
+
+@dataclass
+class SimOptions:
+    pods: int = 8
+    policy: str = "default"  # a name from policies.NAMED or a config file path
+    epp_config: str | None = None  # EndpointPickerConfig YAML; overrides ``policy``
+    profile: str | None = "qwen3-32b-h100-tp2"  # simulator latency profile (name or path)
+    pod_overrides: dict[str, Any] = field(default_factory=dict)  # PodConfig fields on top of the profile
+    refresh_interval: float = 0.050  # s of simulated time; 0 = fresh metrics at every decision
+    request_timeout: float = 300.0  # s after arrival
+    # s from a request's arrival to its routing decision: the client -> gateway -> EPP -> pod path, which is
+    # otherwise not modelled (0 = routing and delivery are instantaneous). Counted in TTFT.
+    request_latency: float = 0.0
+    seed: int = 0
+    model: str = MODEL
+
+    def pod_config(self) -> PodConfig:
+        values: dict[str, Any] = pod_config_to_dict(PodConfig())
+        if self.profile:
+            values.update(load_profile(self.profile))
+        values.update({k.replace("-", "_"): v for k, v in self.pod_overrides.items()})
+        config = pod_config_from_dict(values)
+        config.validate()
+        return config
+
+    def config_text(self) -> str:
+        return self.epp_config if self.epp_config is not None else policy_config(self.policy)
+
+
+@dataclass
+class SimResult:
+    options: SimOptions
+    schedule: Schedule
+    records: list[RequestRecord]
+    samples: list[QueueSample]
+    wall_seconds: float
+    simulated_seconds: float
+    loop_iterations: int
+    pod_stats: list[dict[str, Any]]
+
+    def stages(self) -> list[dict[str, Any]]:
+        return stage_metrics(self.records, self.schedule, self.samples)
+
+    def speed(self) -> dict[str, float]:
+        wall = max(self.wall_seconds, 1e-9)
+        return {
+            "wall_s": self.wall_seconds,
+            "simulated_s": self.simulated_seconds,
+            "sim_s_per_wall_s": self.simulated_seconds / wall,
+            "requests": len(self.records),
+            "requests_per_wall_s": len(self.records) / wall,
+            "output_tokens": sum(r.output_tokens for r in self.records),
+            "output_tokens_per_wall_s": sum(r.output_tokens for r in self.records) / wall,
+            "loop_iterations": self.loop_iterations,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        o = self.options
+        return {
+            "mode": "des",
+            "pods": o.pods,
+            "policy": o.policy if o.epp_config is None else "custom",
+            "profile": o.profile,
+            "pod_config": {k: v for k, v in pod_config_to_dict(o.pod_config()).items() if k in _REPORTED_POD_FIELDS},
+            "refresh_interval_s": o.refresh_interval,
+            "request_latency_s": o.request_latency,
+            "request_timeout_s": o.request_timeout,
+            "seed": o.seed,
+            "workload": self.schedule.workload.describe(),
+            "stages": self.stages(),
+            "speed": self.speed(),
+            "pods_detail": self.pod_stats,
+        }
+
+
+_REPORTED_POD_FIELDS = {
+    "max_num_seqs", "max_model_len", "time_to_first_token", "prefill_overhead", "prefill_time_per_token",
+    "inter_token_latency", "time_factor_under_load", "kv_cache_size", "block_size", "enable_kvcache",
+}  # fmt: skip
+
+
+class _Pod:
+    __slots__ = ("config", "endpoint", "engine", "index")
+
+    def __init__(self, index: int, config: PodConfig, engine: Engine, endpoint: Endpoint) -> None:
+        self.index = index
+        self.config = config
+        self.engine = engine
+        self.endpoint = endpoint
+
+
+class Simulation:
+    """One run of a schedule through one policy on ``options.pods`` simulated pods."""
+
+    def __init__(self, loop: VirtualTimeLoop, schedule: Schedule, options: SimOptions) -> None:
+        self.loop = loop
+        self.schedule = schedule
+        self.options = options
+        self.t0 = loop.time()
+        base = options.pod_config()
+        clock = VirtualClock(loop)
+        tokenizer = shared_tokenizer()
+        self.fillers: tuple[FillerToken, ...] = filler_vocabulary(tokenizer)
+        self.datastore = Datastore()
+        self.pods: list[_Pod] = []
+        for i in range(options.pods):
+            config = dataclasses.replace(base, name=f"sim-{i}", host=_address(i), port=8000)
+            engine = Engine(config, clock, LoraManager(config.lora_modules), None)
+            self.datastore.upsert(
+                EndpointSpec(name=config.name, address=config.host, port=config.port, labels={"llm-d.ai/role": "both"})
+            )
+            endpoint = self.datastore.get(config.name)
+            assert endpoint is not None
+            self.pods.append(_Pod(i, config, engine, endpoint))
+        self._by_hostport = {p.endpoint.hostport: p for p in self.pods}
+        self.metrics = EppMetrics()
+        components = build(load_config(options.config_text()), datastore=self.datastore, metrics=self.metrics)
+        self.director = Director(self.datastore, components.pipeline, self.metrics)
+        _seed_rngs([*components.plugins.values(), self.director], options.seed)
+        self._slots: list[list[_Pod]] = [self.pods[s::SUB_TICKS] for s in range(SUB_TICKS)]
+        self._block_size = base.block_size
+        self._hash_seed = base.hash_seed
+        self._root_hash = blockhash.root_hash(base.hash_seed)
+        self._prompt_cache: dict[int, tuple[InferenceRequest, list[int], list[int]]] = {}
+        self._prompt_cache_tokens = 0
+        self._group_hashes: dict[int, list[int]] = {}
+        self.records: list[RequestRecord] = []
+        self.samples: list[QueueSample] = []
+
+    # ------------------------------------------------------------------ the run
+    async def run(self) -> None:
+        for pod in self.pods:
+            pod.engine.start()
+        self._refresh_all()
+        refresher = self.loop.create_task(self._refresher(), name="des-metrics-refresh")
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            for arrival in self.schedule.arrivals:
+                delay = self.t0 + arrival.time - self.loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                task = self.loop.create_task(self._serve(arrival))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            while tasks:
+                await asyncio.wait(list(tasks))
+            # Let the last stage's queue samples cover its whole window.
+            end = self.t0 + self.schedule.end
+            if self.loop.time() < end:
+                await asyncio.sleep(end - self.loop.time())
+        finally:
+            refresher.cancel()
+            for pod in self.pods:
+                await pod.engine.stop()
+
+    async def _serve(self, arrival: Arrival) -> None:
+        loop = self.loop
+        workload = self.schedule.workload
+        prompt = workload.prompt(arrival.index)
+        rec = RequestRecord(arrival.index, arrival.stage, loop.time() - self.t0)
+        self.records.append(rec)
+        arrived = loop.time()
+        if self.options.request_latency > 0:
+            await asyncio.sleep(self.options.request_latency)
+        try:
+            request, prompt_ids, hashes = self._prompt(prompt, arrival.index, loop.time())
+            if self.options.refresh_interval <= 0:
+                self._refresh_all()
+            decision = await self.director.handle_request(request, None)
+        except RequestError as e:
+            rec.error = f"epp-{e.status}"
+            return
+        pod = self._by_hostport[decision.targets[0].hostport]
+        rec.pod = pod.index
+        info = ResponseInfo(status=200, streaming=True)
+        sim_request: SimRequest | None = None
+        try:
+            max_tokens = workload.output_len
+            rec.prompt_tokens = len(prompt_ids)
+            if len(prompt_ids) + max_tokens > pod.config.max_model_len:
+                rec.error = "context-length"
+                info.status = 400
+                return
+            sim_request = SimRequest(
+                request_id=str(arrival.index),
+                prompt_ids=prompt_ids,
+                max_tokens=max_tokens,
+                filler=FillerStream(self.fillers, pod.config.seed, prompt_ids),
+            )
+            sim_request.block_hashes = list(hashes)
+            try:
+                pod.engine.submit(sim_request)
+            except RequestTooLarge:
+                rec.error = "too-large"
+                info.status = 400
+                sim_request = None
+                return
+            async with asyncio.timeout_at(arrived + self.options.request_timeout):
+                await sim_request.wait(0)
+                info.first_byte_at = loop.time()
+                self.director.response_first_chunk(request, info)
+                await sim_request.wait_finished()
+            if sim_request.finish_reason == "abort":
+                rec.error = "aborted"
+                info.cause = TerminationCause.ERROR
+                return
+            first = sim_request.first_token_time
+            last = sim_request.finish_time
+            assert first is not None and last is not None
+            n = len(sim_request.output_ids)
+            rec.ttft = first - arrived
+            rec.itl = (last - first) / (n - 1) if n > 1 else None
+            rec.output_tokens = n
+            rec.cached_tokens = sim_request.num_cached_tokens or 0
+            rec.finished = last - self.t0
+            info.usage = Usage(len(prompt_ids), n, rec.cached_tokens, len(prompt_ids) + n)
+        except TimeoutError:
+            rec.error = "timeout"
+            info.cause = TerminationCause.CLIENT_DISCONNECT
+        finally:
+            if sim_request is not None:
+                pod.engine.abort(sim_request)  # no-op once finished; frees the seat of a timed-out request
+            info.finished_at = loop.time()
+            self.director.response_complete(request, info, decision)
+
+    def _prompt(self, prompt: Prompt, index: int, arrived: float) -> tuple[InferenceRequest, list[int], list[int]]:
+        """The parsed request, the prompt's token list and its full-block hashes (for ``SimRequest``).
+
+        The request is ``parse_request`` of the JSON body the live client sends. Parsing is a pure function
+        of headers and body, and every request of a prompt has the same body (request id and arrival time
+        are not in it), so a repeated prompt reuses its first parse with fresh per-request state
+        (``fresh_copy``; ``tests/des`` checks it equals a real parse). Block hashes are what the engine would
+        compute itself (``blockhash.chain``): a group's shared prefix is hashed once, then each prompt's rest.
+        The memo is filled until it holds ``PROMPT_CACHE_TOKENS`` tokens and then stops growing (not an LRU:
+        workloads cycle through their prompts, where an LRU smaller than the cycle never hits).
+        """
+        if not prompt.shared:
+            ids = prompt.token_ids()
+            body = request_body(prompt, self.schedule.workload.output_len, self.options.model)
+            return parse_request(HEADERS, body, request_id=str(index), received_at=arrived), ids, []
+        entry = self._prompt_cache.get(prompt.key)
+        if entry is not None:
+            template, ids, hashes = entry
+            return fresh_copy(template, str(index), arrived), ids, hashes
+        ids = prompt.token_ids()
+        body = request_body(prompt, self.schedule.workload.output_len, self.options.model)
+        request = parse_request(HEADERS, body, request_id=str(index), received_at=arrived)
+        hashes = self._prefix_hashes(prompt)
+        blockhash.extend_chain(hashes, ids, self._block_size, self._root_hash)
+        if self._prompt_cache_tokens + len(ids) <= PROMPT_CACHE_TOKENS:
+            self._prompt_cache[prompt.key] = (request, ids, hashes)
+            self._prompt_cache_tokens += len(ids)
+        return request, ids, hashes
+
+    def _prefix_hashes(self, prompt: Prompt) -> list[int]:
+        """A copy of the hashes of the full blocks inside the prompt's shared prefix (memoised per group)."""
+        hashes = self._group_hashes.get(prompt.group)
+        if hashes is None:
+            bs = self._block_size
+            prefix = list(prompt.prefix[: len(prompt.prefix) // bs * bs])
+            hashes = self._group_hashes[prompt.group] = blockhash.chain(prefix, bs, self._hash_seed)
+        return list(hashes)
+
+    # ------------------------------------------------------------------ metrics refresh
+    def _refresh(self, pod: _Pod, now: float) -> None:
+        engine = pod.engine
+        config = pod.config
+        pod.endpoint.metrics = EndpointMetrics(
+            waiting_queue_size=len(engine.waiting),
+            running_requests_size=len(engine.running),
+            kv_cache_usage_percent=engine.pool.usage(),
+            max_active_models=config.max_loras,
+            cache_block_size=config.block_size,
+            cache_num_blocks=config.kv_cache_size,
+            update_time=now,
+        )
+
+    def _refresh_all(self) -> None:
+        now = self.loop.time()
+        for pod in self.pods:
+            self._refresh(pod, now)
+
+    def _sample(self) -> None:
+        n = len(self.pods)
+        self.samples.append(
+            QueueSample(
+                time=self.loop.time() - self.t0,
+                waiting=sum(len(p.engine.waiting) for p in self.pods) / n,
+                running=sum(len(p.engine.running) for p in self.pods) / n,
+                kv_usage=sum(p.engine.pool.usage() for p in self.pods) / n,
+            )
+        )
+
+    async def _refresher(self) -> None:
+        """The live collector's schedule: slot ``k`` of ``SUB_TICKS`` every ``interval / SUB_TICKS``."""
+        interval = self.options.refresh_interval
+        sample_every = interval if interval > 0 else 0.05
+        if interval <= 0:
+            while True:  # oracle mode: refreshed per decision; only sample the queues here
+                self._sample()
+                await asyncio.sleep(sample_every)
+        period = interval / SUB_TICKS
+        tick = 0
+        while True:
+            tick += 1
+            await asyncio.sleep(max(0.0, self.t0 + tick * period - self.loop.time()))
+            now = self.loop.time()
+            slot = tick % SUB_TICKS
+            for pod in self._slots[slot]:
+                self._refresh(pod, now)
+            if slot == 0:
+                self._sample()
+
+    def pod_stats(self) -> list[dict[str, Any]]:
+        out = []
+        for pod in self.pods:
+            s = pod.engine.stats
+            out.append(
+                {
+                    "pod": pod.config.name,
+                    "requests": sum(s.finished.values()),
+                    "prompt_tokens": s.prompt_tokens,
+                    "generation_tokens": s.generation_tokens,
+                    "prefix_cache_hit_rate": s.prefix_cache_hits / s.prefix_cache_queries
+                    if s.prefix_cache_queries
+                    else None,
+                    "preemptions": s.preemptions,
+                }
+            )
+        return out
+
+
+def fresh_copy(template: InferenceRequest, request_id: str, received_at: float) -> InferenceRequest:
+    """A parsed request with ``template``'s parsed fields and fresh per-request state.
+
+    Containers are copied (plugins may write to a request's dicts and lists), the scheduling outcome and
+    per-request plugin data start empty.
+    """
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(template):
+        value = getattr(template, f.name)
+        if isinstance(value, list | dict | set):
+            changes[f.name] = copy.copy(value)
+    changes.update(request_id=request_id, received_at=received_at, data={}, upstream_headers={}, scheduling=None)
+    return dataclasses.replace(template, **changes)
+
+
+def _address(i: int) -> str:
+    return f"10.{i // 62500 % 256}.{i // 250 % 250}.{i % 250 + 1}"
+
+
+def _seed_rngs(objects: Sequence[Any], seed: int) -> None:
+    """Seed every plugin's tie-breaking RNG (pickers, filters, the director) for reproducible runs."""
+    for i, obj in enumerate(objects):
+        rng = getattr(obj, "_rng", None)
+        if isinstance(rng, random.Random):
+            rng.seed(f"des:{seed}:{i}:{getattr(obj, 'name', type(obj).__name__)}")
+
+
+def simulate(schedule: Schedule, options: SimOptions) -> SimResult:
+    """Run ``schedule`` through the DES and return the records and speed figures."""
+
+    async def main(loop: VirtualTimeLoop) -> Simulation:
+        sim = Simulation(loop, schedule, options)
+        await sim.run()
+        return sim
+
+    wall0 = time.perf_counter()
+    holder: dict[str, Any] = {}
+
+    async def wrapped(loop: VirtualTimeLoop) -> None:
+        holder["sim"] = await main(loop)
+        holder["iterations"] = loop.iterations
+        holder["elapsed"] = loop.time() - EPOCH
+
+    run(wrapped, start=EPOCH)
+    wall = time.perf_counter() - wall0
+    sim: Simulation = holder["sim"]
+    return SimResult(
+        options=options,
+        schedule=schedule,
+        records=sorted(sim.records, key=lambda r: r.index),
+        samples=sim.samples,
+        wall_seconds=wall,
+        simulated_seconds=holder["elapsed"],
+        loop_iterations=holder["iterations"],
+        pod_stats=sim.pod_stats(),
+    )

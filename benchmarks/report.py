@@ -1,0 +1,664 @@
+"""Plots and `benchmarks/README.md` from the JSON results (`routing.json`, `overhead.json`).
+
+    .venv/bin/python -m benchmarks.report [--results benchmarks/results]
+
+The README is generated: `README.template.md` holds the hand-written text and `{{PLACEHOLDERS}}` that this
+module fills with tables computed from the JSON, so re-running the benchmarks regenerates every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+TEMPLATE = HERE / "README.template.md"
+README = HERE / "README.md"
+FRAGMENTS = ["SIM_FIDELITY.md", "SCRAPE_COST.md", "EXTPROC.md", "FLOWCONTROL.md", "PLUGINS.md", "PD.md",
+             "PRECISE.md"]  # fmt: skip
+EPP = "epp-default"
+RIVALS = ("vllm-router-cache-aware", "smg-cache-aware")
+BASELINE = "envoy-round-robin"
+TIMEOUT_S = 300.0  # the load generator's TTFT timeout (simulated s); render() reads it from routing.json
+ORDER = ["envoy-round-robin", "envoy-least-request", "epp-random", "epp-load", "epp-default", "epp-optimized-baseline",
+         "vllm-router-cache-aware", "vllm-router-power-of-two", "smg-cache-aware"]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _cmd(args: list[str]) -> str:
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=30, check=False).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def machine_info() -> dict[str, str]:
+    model = next((ln.split(":", 1)[1].strip() for ln in _cmd(["lscpu"]).splitlines()
+                  if ln.startswith("Model name")), "?")  # fmt: skip
+    mem = next((ln.split()[1] for ln in _cmd(["free", "-h"]).splitlines() if ln.startswith("Mem:")), "?")
+    envoy = "?"
+    try:
+        from llmepp.testing.envoy import envoy_binary
+
+        out = _cmd([envoy_binary(), "--version"])
+        m = re.search(r"/(\d+\.\d+\.\d+)/", out)
+        envoy = m.group(1) if m else out[-80:]
+    except (ImportError, FileNotFoundError):
+        pass
+    versions = {}
+    for dist in ("vllm-router", "smg", "aiohttp", "uvloop", "grpcio", "matplotlib"):
+        try:
+            from importlib.metadata import version
+
+            versions[dist] = version(dist)
+        except Exception:
+            versions[dist] = "not installed"
+    return {
+        "nproc": _cmd(["nproc"]) or str(os.cpu_count()),
+        "cpu": model,
+        "memory": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "envoy": envoy,
+        **versions,
+    }
+
+
+def _f(x: Any, spec: str = ".2f", none: str = "-") -> str:
+    if x is None:
+        return none
+    if isinstance(x, str):
+        return x
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return none
+    return format(x, spec)
+
+
+def _num(x: Any) -> float | None:
+    """A latency as a number for comparisons: "timeout" counts as the timeout."""
+    if x == "timeout":
+        return TIMEOUT_S
+    return None if x is None else float(x)
+
+
+def _ttft(x: Any) -> str:
+    return f"> {TIMEOUT_S:g} (timeouts)" if x == "timeout" else _f(x)
+
+
+def _stages(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    return [s for s in entry.get("stages", []) if not s["warmup"]]
+
+
+def _path_cpu(s: dict[str, Any]) -> float | None:
+    vals = [v for k, v in s["cpu_cores"].items() if k not in ("sim", "client") and v is not None]
+    return sum(vals) if vals else None
+
+
+def _ordered(contenders: dict[str, Any]) -> list[str]:
+    return sorted(contenders, key=lambda n: ORDER.index(n) if n in ORDER else 99)
+
+
+def _canon(workload: str, rate: float, pods: int) -> str:
+    return f"{rate * 8 / pods:g}" if workload == "shared-prefix" else "-"
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def plots(routing: dict[str, Any], overhead: dict[str, Any] | None, out: Path) -> list[tuple[str, str]]:
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed (pip install the bench extra): no plots", file=sys.stderr)
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made: list[tuple[str, str]] = []
+    workloads = routing.get("workloads", {})
+    specs = [
+        ("ttft_p90", "TTFT p90 (simulated s, log)", lambda s: _num(s["ttft_p90_s"]), True),
+        ("throughput", "output tokens/s (real tokens per simulated s)", lambda s: s["output_tokens_per_s"], False),
+        ("hit_rate", "prefix-cache hit rate (%)",
+         lambda s: None if s["prefix_hit_rate"] is None else s["prefix_hit_rate"] * 100, False),
+    ]  # fmt: skip
+    for key, ylabel, get, log in specs:
+        fig, axes = plt.subplots(1, max(1, len(workloads)), figsize=(6 * max(1, len(workloads)), 4.6), squeeze=False)
+        for ax, (wname, w) in zip(axes[0], workloads.items()):
+            for cname in _ordered(w["contenders"]):
+                entry = w["contenders"][cname]
+                if entry.get("status") != "ok":
+                    continue
+                st = _stages(entry)
+                xs = [s["rate"] for s in st]
+                ys = [get(s) for s in st]
+                style = "-o" if cname.startswith("epp") else ("--s" if cname.startswith("envoy") else ":^")
+                lw = 2.6 if cname == EPP else 1.3
+                ax.plot(xs, [math.nan if y is None else y for y in ys], style, label=cname, linewidth=lw,
+                        markersize=4)  # fmt: skip
+            if key == "ttft_p90":
+                ax.axhline(TIMEOUT_S, color="grey", linestyle=":", linewidth=1)
+                ax.text(ax.get_xlim()[0], TIMEOUT_S * 1.08, "TTFT timeout: points here are timeouts", fontsize=7)
+            if log:
+                ax.set_yscale("log")
+            ax.set_title(wname)
+            ax.set_xlabel(f"QPS offered to {routing['scale']['pods']} pods (simulated time)")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+        axes[0][-1].legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        name = f"routing_{key}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        made.append((name, ylabel))
+    if overhead and overhead["parts"].get("scheduling", {}).get("data"):
+        fig, ax = plt.subplots(figsize=(6.5, 4.4))
+        for part, label in (("scheduling", "default profile"), ("scheduling-optimized-baseline", "optimized-baseline")):
+            rows = overhead["parts"].get(part, {}).get("data", {}).get("rows", [])
+            if not rows:
+                continue
+            xs = [r["endpoints"] for r in rows]
+            ax.plot(xs, [r["p50_us"] for r in rows], "-o", label=f"{label} p50")
+            ax.plot(xs, [r["p99_us"] for r in rows], ":x", label=f"{label} p99")
+        ax.scatter([16, 256], [50, 200], marker="*", color="red", zorder=5, label="targets (default p50)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("endpoints")
+        ax.set_ylabel("µs per request (director request path, in-process)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "scheduling_us_vs_endpoints.png", dpi=110)
+        plt.close(fig)
+        made.append(("scheduling_us_vs_endpoints.png", "scheduling cost vs endpoints"))
+    return made
+
+
+# ------------------------------------------------------------------------------------------------ routing
+def routing_tables(routing: dict[str, Any]) -> str:
+    pods = routing["scale"]["pods"]
+    lines: list[str] = []
+    for wname, w in routing.get("workloads", {}).items():
+        lines.append(f"### {wname}\n")
+        lines.append(_describe_workload(w["workload"], routing) + "\n")
+        names = _ordered(w["contenders"])
+        skipped = [(n, w["contenders"][n]) for n in names if w["contenders"][n].get("status") != "ok"]
+        for n, e in skipped:
+            lines.append(f"- **{n}: {e.get('status')}** - {e.get('reason', '')[:600]}")
+        if skipped:
+            lines.append("")
+        ok = [n for n in names if w["contenders"][n].get("status") == "ok"]
+        if not ok:
+            continue
+        rates = [s["rate"] for s in _stages(w["contenders"][ok[0]])]
+        for title, get, fmt in (
+            ("TTFT p90 (simulated seconds)", lambda s: s["ttft_p90_s"], _ttft),
+            ("Output throughput (real tokens per simulated second)", lambda s: s["output_tokens_per_s"],
+             lambda x: _f(x, ".0f")),
+            ("Prefix-cache hit rate (pods' counters)", lambda s: s["prefix_hit_rate"],
+             lambda x: _f(None if x is None else x * 100, ".0f") + ("%" if x is not None else "")),
+            ("Success rate", lambda s: s["success_rate"],
+             lambda x: _f(None if x is None else x * 100, ".1f") + ("%" if x is not None else "")),
+        ):  # fmt: skip
+            lines.append(f"**{title}**\n")
+            head = "| QPS | " + ("canonical QPS | " if wname == "shared-prefix" else "") + " | ".join(ok) + " |"
+            lines.append(head)
+            lines.append("|---:|" + ("---:|" if wname == "shared-prefix" else "") + "---:|" * len(ok))
+            for i, r in enumerate(rates):
+                cells = []
+                for n in ok:
+                    st = _stages(w["contenders"][n])
+                    cells.append(fmt(get(st[i])) if i < len(st) else "-")
+                canon = f"{_canon(wname, r, pods)} | " if wname == "shared-prefix" else ""
+                lines.append(f"| {r:g} | {canon}" + " | ".join(cells) + " |")
+            lines.append("")
+        lines.append("<details><summary>All metrics per stage (click)</summary>\n")
+        lines.append(
+            "| contender | stage | ok/sent | TTFT p50 / p90 / p99 (s) | ITL p50 / p90 (ms) | TPOT p50 / p90 (ms) "
+            "| out tok/s | hit | pod waiting (mean) | pod running (mean) | path CPU (cores) | EPP CPU ms/req "
+            "| RSS MB (EPP or router) | errors |"
+        )
+        lines.append("|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+        for n in ok:
+            for s in w["contenders"][n]["stages"]:
+                hit = s["prefix_hit_rate"]
+                rss = s["rss_mb"].get("epp", s["rss_mb"].get("router", s["rss_mb"].get("envoy")))
+                errs = ", ".join(f"{k} {v}" for k, v in s["errors"].items()) or ""
+                lines.append(
+                    f"| {n} | {s['label']} | {s['ok']}/{s['sent']} | {_ttft(s['ttft_p50_s'])} / "
+                    f"{_ttft(s['ttft_p90_s'])} / {_ttft(s['ttft_p99_s'])} | {_f(s['itl_p50_ms'], '.1f')} / "
+                    f"{_f(s['itl_p90_ms'], '.1f')} | "
+                    f"{_f(s['tpot_p50_ms'], '.1f')} / {_f(s['tpot_p90_ms'], '.1f')} | "
+                    f"{_f(s['output_tokens_per_s'], '.0f')} | {_f(None if hit is None else hit * 100, '.0f')}% | "
+                    f"{s['pod_waiting_mean']:.1f} | {s['pod_running_mean']:.0f} | {_f(_path_cpu(s), '.2f')} | "
+                    f"{_f(s['cpu_ms_per_request'].get('epp'), '.2f')} | {_f(rss, '.0f')} | {errs} |"
+                )  # fmt: skip
+        lines.append("\n</details>\n")
+    return "\n".join(lines)
+
+
+def _describe_workload(d: dict[str, Any], routing: dict[str, Any]) -> str:
+    stages = ", ".join(f"{s['rate']:g}/s x {s['duration']:g} s" + (" (warm-up)" if s["warmup"] else "")
+                       for s in d["stages"])  # fmt: skip
+    extra = ""
+    if d["name"] == "shared-prefix":
+        extra = (f" {d['groups']} groups x {d['prompts_per_group']} prompts; real tokens system "
+                 f"{d['real_tokens']['system']}, question {d['real_tokens']['question']}, output "
+                 f"{d['real_tokens']['output']} (simulated "
+                 f"{d['sim_tokens']['system']} / {d['sim_tokens']['question']} / {d['sim_tokens']['output']}); "
+                 f"footprint {d['footprint_blocks']} blocks = {routing['footprint_share'] * 100:.1f}% of the "
+                 "cluster's KV.")  # fmt: skip
+    elif d["name"] == "multi-turn":
+        rt = d["real_tokens"]
+        extra = (f" {d['apps']} shared system prompts of {rt['system']} tokens, {d['turns']} turns per conversation, "
+                 f"user turns {rt['user'][0]}-{rt['user'][1]} tokens, answers {rt['answer']} tokens, think time "
+                 f"{d['think_mean_s']:g} s (exponential); rates are requests/s (conversations start at "
+                 "rate/turns).")  # fmt: skip
+    elif d["name"] == "no-sharing":
+        rt = d["real_tokens"]
+        extra = (f" unique prompts of {rt['input'][0]}-{rt['input'][1]} tokens, {rt['output'][0]}-{rt['output'][1]} "
+                 "output tokens (uniform).")  # fmt: skip
+    return f"Stages (simulated time): {stages}.{extra}"
+
+
+def _stage_map(w: dict[str, Any], name: str) -> dict[float, dict[str, Any]]:
+    e = w["contenders"].get(name)
+    if not e or e.get("status") != "ok":
+        return {}
+    return {s["rate"]: s for s in _stages(e)}
+
+
+def _saturated(s: dict[str, Any], light: dict[str, Any]) -> bool:
+    p90, p90_light = _num(s["ttft_p90_s"]), _num(light["ttft_p90_s"])
+    failed = (s["success_rate"] or 0) < 0.99
+    return failed or (p90 is not None and p90_light is not None and p90 > 10 * p90_light)
+
+
+def routing_targets(routing: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
+    rows: list[list[str]] = []
+    notes: list[str] = []
+    w = routing.get("workloads", {}).get("shared-prefix")
+    if w:
+        rr, epp = _stage_map(w, BASELINE), _stage_map(w, EPP)
+        rates = sorted(set(rr) & set(epp))
+        if rates:
+            light = rr[rates[0]]
+            sat = [r for r in rates if _saturated(rr[r], light)]
+            if sat:
+                r = max(sat)
+                a, b = rr[r], epp[r]
+                pa, pb = _num(a["ttft_p90_s"]), _num(b["ttft_p90_s"])
+                ratio = (pa / pb) if pa and pb else None
+                bound = "≥ " if a["ttft_p90_s"] == "timeout" else ""
+                tput = (b["output_tokens_per_s"] / a["output_tokens_per_s"]) if a["output_tokens_per_s"] else None
+                rows.append(["this issue", f"shared-prefix, highest stage where round_robin saturates ({r:g} QPS): "
+                             "EPP default TTFT p90 ≥ 10x lower than Envoy round_robin",
+                             f"{_ttft(b['ttft_p90_s'])} s vs {_ttft(a['ttft_p90_s'])} s = {bound}{_f(ratio, '.1f')}x",
+                             _met(ratio is not None and ratio >= 10)])  # fmt: skip
+                rows.append(["this issue", "same stage: output throughput ≥ 1.5x round_robin",
+                             f"{_f(b['output_tokens_per_s'], '.0f')} vs {_f(a['output_tokens_per_s'], '.0f')} tok/s = "
+                             f"{_f(tput, '.2f')}x", _met(tput is not None and tput >= 1.5)])  # fmt: skip
+            else:
+                rows.append(["this issue", "EPP vs round_robin at RR saturation", "round_robin never saturated", "n/a"])
+        for rival in RIVALS:
+            rv = _stage_map(w, rival)
+            if not rv:
+                status = w["contenders"].get(rival, {})
+                rows.append(["this issue", f"vs {rival}: lower TTFT p90 and higher throughput past light load",
+                             f"not run: {status.get('reason', status.get('status', 'not selected'))[:200]}",
+                             "not measured"])  # fmt: skip
+                continue
+            common = sorted(set(rv) & set(epp))[1:]  # every stage past the lightest
+            lost = []
+            for r in common:
+                t_e, t_r = _num(epp[r]["ttft_p90_s"]), _num(rv[r]["ttft_p90_s"])
+                x_e, x_r = epp[r]["output_tokens_per_s"], rv[r]["output_tokens_per_s"]
+                bad = []
+                if t_e is None or t_r is None or t_e >= t_r:
+                    bad.append(f"TTFT p90 {_ttft(epp[r]['ttft_p90_s'])} vs {_ttft(rv[r]['ttft_p90_s'])} s")
+                if x_e is None or x_r is None or x_e <= x_r:
+                    bad.append(f"throughput {_f(x_e, '.0f')} vs {_f(x_r, '.0f')}")
+                if bad:
+                    lost.append(f"{r:g} QPS: " + ", ".join(bad))
+            rows.append(["this issue", f"shared-prefix vs {rival}: lower TTFT p90 and higher throughput at every "
+                         f"stage past light load ({', '.join(f'{r:g}' for r in common)} QPS)",
+                         "won every stage" if not lost else "lost at " + "; ".join(lost),
+                         _met(not lost)])  # fmt: skip
+    w = routing.get("workloads", {}).get("no-sharing")
+    if w:
+        epp = _stage_map(w, EPP)
+        others = {n: _stage_map(w, n) for n in w["contenders"] if n != EPP}
+        misses = []
+        detail = []
+        for r in sorted(epp):
+            ts = [_num(m[r]["ttft_p90_s"]) for m in others.values() if r in m]
+            best_t = min((t for t in ts if t is not None), default=None)
+            best_x = max((m[r]["output_tokens_per_s"] or 0 for m in others.values() if r in m), default=None)
+            t, x = _num(epp[r]["ttft_p90_s"]), epp[r]["output_tokens_per_s"]
+            dt = (t / best_t - 1) if t and best_t else None
+            dx = (x / best_x - 1) if x and best_x else None
+            detail.append(f"{r:g} QPS: TTFT p90 {_f(None if dt is None else dt * 100, '+.0f')}%, "
+                          f"throughput {_f(None if dx is None else dx * 100, '+.1f')}%")  # fmt: skip
+            if dt is None or dt > 0.05 or dx is None or dx < -0.05:
+                misses.append(f"{r:g}")
+        rows.append(["this issue", "no-sharing: EPP default within 5% of the best other contender (TTFT p90 and "
+                     "throughput, every stage)", "; ".join(detail) + " (vs the best other contender at that stage)",
+                     _met(not misses) + ("" if not misses else f" (at {', '.join(misses)} QPS)")])  # fmt: skip
+    return rows, notes
+
+
+def _met(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
+def winners_table(routing: dict[str, Any]) -> str:
+    lines = [
+        "| workload | QPS | lowest TTFT p90 | epp-default TTFT p90 | highest throughput | epp-default throughput |",
+        "|---|---:|---|---:|---|---:|",
+    ]
+    for wname, w in routing.get("workloads", {}).items():
+        maps = {n: _stage_map(w, n) for n in w["contenders"]}
+        epp = maps.get(EPP, {})
+        for r in sorted(epp):
+            cands = {n: m[r] for n, m in maps.items() if r in m}
+            bt = min(cands, key=lambda n: _num(cands[n]["ttft_p90_s"]) or math.inf)
+            bx = max(cands, key=lambda n: cands[n]["output_tokens_per_s"] or 0)
+            lines.append(f"| {wname} | {r:g} | {bt} ({_ttft(cands[bt]['ttft_p90_s'])}) | "
+                         f"{_ttft(epp[r]['ttft_p90_s'])} | {bx} ({_f(cands[bx]['output_tokens_per_s'], '.0f')}) | "
+                         f"{_f(epp[r]['output_tokens_per_s'], '.0f')} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ overhead
+def _part(overhead: dict[str, Any] | None, name: str) -> dict[str, Any]:
+    if not overhead:
+        return {}
+    return overhead["parts"].get(name, {}) or {}
+
+
+def overhead_targets(overhead: dict[str, Any] | None) -> list[list[str]]:
+    rows: list[list[str]] = []
+    ext = _part(overhead, "extproc").get("data")
+    if ext:
+        lat = ext["latency"]["ratios"]
+        for key, label in (("epp-h2/noop-h2", "EPP (h2, the default transport) / no-op h2"),
+                           ("epp-h2/noop", "EPP (h2) / no-op grpc.aio"),
+                           ("epp/noop", "EPP (grpc.aio) / no-op grpc.aio")):  # fmt: skip
+            q = lat.get(key)
+            if q:
+                rows.append(["core", f"added latency ratio at p50, {label} (≤ 1.3x)",
+                             f"{q['p50_ms']:.2f}x (median of per-round ratios {q.get('p50_per_round_median', 0):.2f}x)",
+                             _met(q["p50_ms"] <= 1.3)])  # fmt: skip
+        for key, label in (("epp-h2", "h2"), ("epp", "grpc.aio")):
+            t = ext["throughput"].get(key)
+            if t:
+                rows.append(
+                    [
+                        "core",
+                        f"≥ 2,000 small requests/s per EPP core ({label})",
+                        f"{t['requests_per_cpu_s']:,.0f} req per CPU-second",
+                        _met(t["requests_per_cpu_s"] >= 2000),
+                    ]
+                )
+            c = ext["chunks"].get(key)
+            if c:
+                rows.append(
+                    [
+                        "core",
+                        f"≤ 25 µs of EPP CPU per streamed chunk ({label})",
+                        f"{c['server_cpu_us_per_chunk']:.1f} µs",
+                        _met(c["server_cpu_us_per_chunk"] <= 25),
+                    ]
+                )
+    sched = _part(overhead, "scheduling").get("data")
+    if sched:
+        by = {r["endpoints"]: r for r in sched["rows"]}
+        for n, limit in ((16, 50), (256, 200)):
+            if n in by:
+                rows.append(
+                    [
+                        "core",
+                        f"scheduling p50 at {n} endpoints ≤ {limit} µs (default profile)",
+                        f"{by[n]['p50_us']:.0f} µs (p99 {by[n]['p99_us']:.0f})",
+                        _met(by[n]["p50_us"] <= limit),
+                    ]
+                )
+        rows.append(["core", "approximate-prefix hashing of a 400 KB prompt ≤ 2 ms", f"{sched['hash_400kb_ms']:.2f} ms",
+                     _met(sched["hash_400kb_ms"] <= 2)])  # fmt: skip
+    scrape = _part(overhead, "scrape").get("data") or []
+    for entry in scrape:
+        if entry["endpoints"] == 100 and entry["data"]:
+            d = entry["data"][0]
+            rows.append(["core", "scraping 100 endpoints every 50 ms ≤ 25% of a core",
+                         f"{d['cpu_pct']:.1f}% ({d['scrapes_per_s']:.0f}/{d['target_scrapes_per_s']:.0f} scrapes/s)",
+                         _met(d["cpu_pct"] <= 25)])  # fmt: skip
+    opt = _part(overhead, "scheduling-optimized-baseline").get("data")
+    if opt:
+        by = {r["endpoints"]: r for r in opt["rows"]}
+        for n, limit in ((16, 100), (256, 400)):
+            if n in by:
+                rows.append(
+                    [
+                        "plugin catalogue",
+                        f"optimized-baseline scheduling p50 at {n} endpoints ≤ {limit} µs",
+                        f"{by[n]['p50_us']:.0f} µs",
+                        _met(by[n]["p50_us"] <= limit),
+                    ]
+                )
+    fc = _part(overhead, "flowcontrol").get("data")
+    if fc:
+        for key, label in (("fast_path", "fast path"), ("queued_path", "queued path")):
+            r = fc[key]
+            rows.append(["flow control", f"queue overhead ≤ 20 µs per request ({label})",
+                         f"p50 {r['p50_us']:.1f} µs, p99 {r['p99_us']:.1f} µs, CPU {r['cpu_us_per_request']:.1f} µs",
+                         _met(r["p50_us"] <= 20)])  # fmt: skip
+        tps = [t["dispatches_per_s"] for t in fc["throughput"]]
+        rows.append(
+            [
+                "flow control",
+                "≥ 20,000 dispatches/s in-process",
+                f"{min(tps):,.0f}-{max(tps):,.0f}/s wall over {len(tps)} scenarios",
+                _met(min(tps) >= 20000),
+            ]
+        )
+    rows += sim_fidelity_targets()
+    return rows
+
+
+def sim_fidelity_targets() -> list[list[str]]:
+    path = HERE / "SIM_FIDELITY.md"
+    if not path.exists():
+        return [["simulator", "fidelity vs public reference figures", "SIM_FIDELITY.md missing", "not measured"]]
+    rows = []
+    section = ""
+    for line in path.read_text().splitlines():
+        if line.startswith("### Against"):
+            section = line.strip("# ").strip()
+            m = re.search(r"time scale ([\d.]+)", section)
+            section = f"time scale {m.group(1)}" if m else section
+        elif section and line.startswith("| ") and not line.startswith("| quantity") and "---" not in line:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if len(cells) == 4:
+                ok = cells[3].strip("*").lower() == "yes"
+                rows.append(["simulator (SIM_FIDELITY.md)", f"{cells[0]} within {cells[2]} ({section})", cells[1],
+                             _met(ok)])  # fmt: skip
+        elif line.startswith("#"):
+            section = ""
+    return rows
+
+
+def overhead_tables(overhead: dict[str, Any] | None) -> str:
+    if not overhead:
+        return "_The overhead section was not run._\n"
+    out: list[str] = []
+    ext = _part(overhead, "extproc")
+    if ext.get("data"):
+        d = ext["data"]
+        out.append(f"#### Added latency, requests/s per core, per-chunk cost\n\nCommand: `{ext['command']}` "
+                   f"({ext['wall_s']:.0f} s). Method: [EXTPROC.md](EXTPROC.md).\n")  # fmt: skip
+        out.append("| target (sequential small requests) | p50 ms | p99 ms | added over Envoy p50 ms |")
+        out.append("|---|---:|---:|---:|")
+        added = d["latency"]["added_over_envoy"]
+        for name, t in d["latency"]["targets"].items():
+            out.append(f"| {name} | {t['p50_ms']:.3f} | {t['p99_ms']:.3f} | "
+                       f"{_f(added.get(name, {}).get('p50_ms'), '.3f')} |")  # fmt: skip
+        out.append("")
+        out.append("| server | req/s | CPU-µs per request | requests per CPU-second | CPU-µs per response chunk |")
+        out.append("|---|---:|---:|---:|---:|")
+        for name, t in d["throughput"].items():
+            c = d["chunks"].get(name, {})
+            out.append(
+                f"| {name} | {t['requests_per_s']:,.0f} | {t['server_cpu_us_per_request']:.0f} | "
+                f"{t['requests_per_cpu_s']:,.0f} | {_f(c.get('server_cpu_us_per_chunk'), '.1f')} |"
+            )
+        out.append("")
+    elif ext:
+        out.append(f"extproc_overhead failed: `{ext.get('error')}`\n")
+    for part, title in (("scheduling", "default profile"), ("scheduling-optimized-baseline", "optimized-baseline")):
+        p = _part(overhead, part)
+        if p.get("data"):
+            out.append(f"#### Scheduling cost vs endpoints, {title}\n\nCommand: `{p['command']}`\n")
+            out.append("| endpoints | p50 µs | p99 µs | mean µs |\n|---:|---:|---:|---:|")
+            out.extend(
+                f"| {r['endpoints']} | {r['p50_us']:.1f} | {r['p99_us']:.1f} | {r['mean_us']:.1f} |"
+                for r in p["data"]["rows"]
+            )
+            out.append(
+                f"\nApproximate-prefix hashing of a 400 KB prompt: {p['data']['hash_400kb_ms']:.3f} ms (best of 50).\n"
+            )
+    sc = _part(overhead, "scrape")
+    if sc.get("data"):
+        out.append(f"#### Scraping cost vs pod count (50 ms interval)\n\nCommand: `{sc['command']}`. "
+                   "Method: [SCRAPE_COST.md](SCRAPE_COST.md).\n")  # fmt: skip
+        out.append(
+            "| endpoints | CPU % of a core | scrapes/s (target) | CPU-µs per scrape | age p99 ms | loop lag p99 ms |"
+        )
+        out.append("|---:|---:|---:|---:|---:|---:|")
+        for e in sc["data"]:
+            if not e["data"]:
+                out.append(f"| {e['endpoints']} | failed: {str(e['error'])[:120]} | | | | |")
+                continue
+            d = e["data"][0]
+            out.append(f"| {e['endpoints']} | {d['cpu_pct']:.1f} | {d['scrapes_per_s']:.0f} "
+                       f"({d['target_scrapes_per_s']:.0f}) | {d['cpu_us_per_scrape']:.0f} | {d['age_p99_ms']:.0f} | "
+                       f"{d['loop_lag_p99_ms']:.1f} |")  # fmt: skip
+        out.append("")
+    fc = _part(overhead, "flowcontrol")
+    if fc.get("data"):
+        d = fc["data"]
+        out.append(f"#### Flow control\n\nCommand: `{fc['command']}`. Method: [FLOWCONTROL.md](FLOWCONTROL.md).\n")
+        out.append("| path | p50 µs | p90 µs | p99 µs | CPU µs/request |\n|---|---:|---:|---:|---:|")
+        for key in ("fast_path", "queued_path"):
+            r = d[key]
+            out.append(
+                f"| {key} | {r['p50_us']:.2f} | {r['p90_us']:.2f} | {r['p99_us']:.2f} | {r['cpu_us_per_request']:.2f} |"
+            )
+        out.append("\n| throughput scenario | dispatches/s wall | per CPU-second |\n|---|---:|---:|")
+        out.extend(f"| {t['path']} {t['fairness']} {t['clients']} clients / {t['flows']} flows | "
+                   f"{t['dispatches_per_s']:,.0f} | {t['dispatches_per_cpu_s']:,.0f} |"
+                   for t in d["throughput"])  # fmt: skip
+        out.append("")
+    fid = _part(overhead, "sim_fidelity")
+    if fid.get("data"):
+        text = re.sub(r"^(#+)", r"\1###", fid["data"], flags=re.M)
+        out.append(f"#### Simulator error at this benchmark's time scales\n\nCommand: `{fid['command']}`\n")
+        out.append("<details><summary>Output (click)</summary>\n\n" + text + "\n</details>\n")
+    failed = [f"`{n}`: {p.get('error')}" for n, p in overhead["parts"].items() if p.get("error")]
+    if failed:
+        out.append("Failed parts: " + "; ".join(failed) + "\n")
+    return "\n".join(out)
+
+
+def appendices() -> str:
+    out = []
+    for name in FRAGMENTS:
+        path = HERE / name
+        if not path.exists():
+            continue
+        text = path.read_text()
+        text = re.sub(r"^(#+) ", lambda m: "#" * min(6, len(m.group(1)) + 2) + " ", text, flags=re.M)
+        out.append(f"### Appendix: [{name}]({name})\n\n{text.strip()}\n")
+    return "\n".join(out)
+
+
+def _table(rows: Sequence[Sequence[str]], head: Sequence[str]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ README
+def render(results: Path, readme: Path = README, template: Path = TEMPLATE) -> str:
+    global TIMEOUT_S
+    routing = _load(results / "routing.json")
+    overhead = _load(results / "overhead.json")
+    if routing and routing.get("ttft_timeout_s"):
+        TIMEOUT_S = float(routing["ttft_timeout_s"])
+    run_meta = _load(results / "run.json") or {}
+    images = plots(routing, overhead, results) if routing else []
+    machine = run_meta.get("machine") or machine_info()
+    m = "\n".join(f"| {k} | {v} |" for k, v in machine.items())
+    load = run_meta.get("loadavg", {})
+    machine_md = (
+        "| | |\n|---|---|\n"
+        + m
+        + (f"\n| load average at start / end | {load.get('start', '?')} / {load.get('end', '?')} |" if load else "")
+    )
+    run_md = ""
+    if routing:
+        sc = routing["scale"]
+        run_md = (f"Run: {'`make bench-quick`' if routing['quick'] else '`make bench`'}, started {routing['started']}, "
+                  f"routing section {routing.get('wall_s', 0) / 60:.1f} min wall"
+                  + (f", whole run {run_meta['wall_s'] / 60:.1f} min" if run_meta.get("wall_s") else "")
+                  + f". Scale: {sc['pods']} pods, time scale {sc['time_scale']:g}, token unit {sc['token_unit']}, "
+                  f"KV {routing['kv_blocks_per_pod']} blocks of {sc['block_size']} simulated tokens per pod "
+                  f"(= {routing['kv_real_tokens_per_pod']:,} real tokens). Simulator flags: "
+                  f"`{' '.join(routing['sim_args'])}`.")  # fmt: skip
+    targets: list[list[str]] = []
+    if routing:
+        targets += routing_targets(routing)[0]
+    targets += overhead_targets(overhead)
+    values = {
+        "RUN": run_md,
+        "MACHINE": machine_md,
+        "TARGETS": _table(targets, ["issue", "target", "measured", "verdict"]) if targets else "_no results yet_",
+        "WINNERS": winners_table(routing) if routing else "_no routing results_",
+        "ROUTING": routing_tables(routing) if routing else "_The routing section was not run._",
+        "PLOTS": "\n\n".join(f"![{alt}](results/{name})" for name, alt in images),
+        "OVERHEAD": overhead_tables(overhead),
+        "APPENDICES": appendices(),
+    }
+    text = template.read_text()
+    for key, value in values.items():
+        text = text.replace("{{" + key + "}}", value)
+    readme.write_text(text)
+    return text
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+        return data
+    except (OSError, ValueError):
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--readme", type=Path, default=README)
+    a = p.parse_args(argv)
+    render(a.results, a.readme)
+    print(f"wrote {a.readme}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

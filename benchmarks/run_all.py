@@ -1,0 +1,76 @@
+"""Every benchmark in one run: overhead section, live routing comparison, plots, README.
+
+    make bench          # .venv/bin/python -m benchmarks.run_all          (full: ~1.5 h on 2 cores)
+    make bench-quick    # .venv/bin/python -m benchmarks.run_all --quick  (≤ 10 min: fewer stages/contenders)
+
+    .venv/bin/python -m benchmarks.run_all --only routing --workloads no-sharing --contenders epp-default,...
+    .venv/bin/python -m benchmarks.run_all --only report     # regenerate plots + README from the JSON
+
+Results: benchmarks/results/{routing.json, routing-requests.json.gz, overhead.json, scheduling-*.json,
+flowcontrol.json, run.json, *.png}; benchmarks/README.md is regenerated from README.template.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks import overhead, report, routing
+
+RESULTS = Path(__file__).parent / "results"
+QUICK_TIME_SCALE = 8.0
+FULL_TIME_SCALE = 4.0
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="≤ 10 minutes: fewer stages and contenders")
+    p.add_argument("--only", choices=("all", "overhead", "routing", "report"), default="all")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    routing.add_args(p)
+    a = p.parse_args(argv)
+    if a.time_scale is None:
+        a.time_scale = QUICK_TIME_SCALE if a.quick else FULL_TIME_SCALE
+    a.results.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    meta_path = a.results / "run.json"
+    meta: dict[str, Any] = {"machine": report.machine_info(), "loadavg": {"start": _load()}, "argv": sys.argv[1:],
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}  # fmt: skip
+    print(f"machine: {meta['machine']}", flush=True)
+    print(f"load average at start: {meta['loadavg']['start']}", flush=True)
+    if a.only in ("all", "overhead"):
+        print("== overhead section", flush=True)
+        overhead.run(a.quick, a.results)
+    if a.only in ("all", "routing"):
+        print("== routing section", flush=True)
+        names = a.contenders.split(",") if a.contenders else None
+        workloads = [w for w in a.workloads.split(",") if w]
+        import uvloop
+
+        uvloop.run(
+            routing.run(a.quick, routing.scale_from_args(a), workloads, names, a.seed, a.results / "routing.json")
+        )
+    if a.only != "report":
+        meta["loadavg"]["end"] = _load()
+        meta["wall_s"] = time.monotonic() - t0
+        meta_path.write_text(json.dumps(meta, indent=1))
+    print("== report", flush=True)
+    # A results directory elsewhere (trial runs) gets its own README next to it.
+    readme = report.README if a.results.resolve() == RESULTS.resolve() else a.results.parent / "README.md"
+    report.render(a.results, readme)
+    print(f"done in {(time.monotonic() - t0) / 60:.1f} min; README: {readme}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

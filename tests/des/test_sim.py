@@ -1,0 +1,119 @@
+"""The DES end to end: the real EPP pipeline routing to engines on virtual time."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from benchmarks.des.__main__ import main as cli_main
+from benchmarks.des.results import percentile, stage_metrics
+from benchmarks.des.sim import HEADERS, SimOptions, SimResult, fresh_copy, simulate
+from benchmarks.des.suite import scale_run, summarize
+from benchmarks.des.workload import NoSharing, SharedPrefix, Stage, ladder, request_body, schedule
+from llmepp.request.parsers import parse_request
+
+SMALL_KV = {"kv_cache_size": 1000, "max_num_seqs": 32}
+
+
+def _affinity_run(policy: str, seed: int = 0) -> SimResult:
+    # 24 x 1000-token system prompts ~ 1.5x one pod's KV cache: only an affine router keeps them resident.
+    workload = SharedPrefix(num_groups=24, prompts_per_group=4, system_prompt_len=1000, question_len=200,
+                            output_len=16, seed=seed)  # fmt: skip
+    sched = schedule(workload, ladder([8.0], 20.0), seed=seed)
+    options = SimOptions(pods=4, policy=policy, profile="llama-8b-h100", pod_overrides=SMALL_KV, seed=seed)
+    return simulate(sched, options)
+
+
+def test_same_seed_same_results_different_seed_different_results() -> None:
+    a, b, c = _affinity_run("default", 1), _affinity_run("default", 1), _affinity_run("default", 2)
+    assert len(a.records) > 100
+    assert a.records == b.records
+    assert a.stages() == b.stages()
+    assert a.records != c.records
+
+
+def test_prefix_affine_policy_beats_random_on_hit_rate() -> None:
+    random_hit = _affinity_run("random").stages()[0]["prefix_hit_rate"]
+    for policy in ("default", "optimized-baseline", "prefix-only"):
+        stage = _affinity_run(policy).stages()[0]
+        assert stage["completed"] == stage["requests"]
+        assert stage["prefix_hit_rate"] > random_hit + 0.15, (policy, stage["prefix_hit_rate"], random_hit)
+
+
+def test_stale_metrics_hurt_a_metrics_driven_policy() -> None:
+    """load-only routes on scraped queue/KV only: with a 1 s refresh it herds onto the pod that looked idle."""
+    workload = NoSharing(prompt_len=256, output_len=32)
+    sched = schedule(workload, [Stage(20.0, 20.0)])  # ~80% of the 8 pods' 4 seats each
+    p90 = {}
+    for interval in (0.0, 0.05, 1.0):
+        options = SimOptions(pods=8, policy="load-only", profile="llama-8b-h100",
+                             pod_overrides={"max_num_seqs": 4}, refresh_interval=interval)  # fmt: skip
+        stage = simulate(sched, options).stages()[0]
+        assert stage["completed"] == stage["requests"]
+        p90[interval] = stage["ttft_p90_s"]
+    assert p90[0.0] <= p90[0.05] * 1.05
+    assert p90[1.0] > 2 * p90[0.05], p90
+
+
+def test_ttft_of_an_idle_request_is_the_latency_formula_plus_request_latency() -> None:
+    workload = SharedPrefix(num_groups=1, prompts_per_group=1, system_prompt_len=600, question_len=40, output_len=5)
+    sched = schedule(workload, [Stage(0.5, 8.0)], seed=3)
+    base = SimOptions(pods=2, profile="llama-8b-h100", refresh_interval=0.05)
+    first = simulate(sched, base).records[0]
+    later = simulate(sched, dataclasses.replace(base, request_latency=0.02)).records[0]
+    assert first.ttft is not None and later.ttft is not None
+    assert first.ttft == pytest.approx((30 + 640 * 0.2) / 1e3)
+    assert first.itl == pytest.approx(0.012)
+    assert later.ttft == pytest.approx(first.ttft + 0.02)
+
+
+def test_a_copied_parse_equals_a_real_parse() -> None:
+    prompt = SharedPrefix(num_groups=2, prompts_per_group=2, system_prompt_len=50, question_len=10).prompt(1)
+    body = request_body(prompt, 7)
+    template = parse_request(HEADERS, body, request_id="1", received_at=1.0)
+    copied = fresh_copy(template, "2", 2.0)
+    assert copied == parse_request(HEADERS, body, request_id="2", received_at=2.0)
+    copied.data["x"] = 1
+    copied.headers["y"] = "z"
+    assert "x" not in template.data and "y" not in template.headers
+    assert template.prompt_is_token_ids if hasattr(template, "prompt_is_token_ids") else True
+    assert template.prompt is not None and len(template.prompt) == 4 * len(prompt)
+
+
+def test_schedule_is_poisson_at_the_stage_rates_and_cycles_prompts() -> None:
+    workload = SharedPrefix(num_groups=3, prompts_per_group=2, system_prompt_len=20, question_len=5)
+    sched = schedule(workload, [Stage(50.0, 20.0), Stage(200.0, 20.0)], seed=4)
+    per_stage = [sum(1 for a in sched.arrivals if a.stage == k) for k in (0, 1)]
+    assert 800 < per_stage[0] < 1200 and 3500 < per_stage[1] < 4500
+    times = [a.time for a in sched.arrivals]
+    assert times == sorted(times) and times[-1] < 40.0
+    keys = [workload.prompt(i).key for i in range(12)]
+    assert sorted(keys[:6]) == list(range(6)) and keys[6:] == keys[:6]
+    shared = workload.prompt(0)
+    assert all(workload.prompt(i).prefix is shared.prefix for i in range(6) if workload.prompt(i).group == shared.group)
+
+
+def test_stage_metrics_definitions() -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([], 90) is None
+    result = _affinity_run("default")
+    row = stage_metrics(result.records, result.schedule, result.samples)[0]
+    ok = [r for r in result.records if r.error is None]
+    assert row["prefix_hit_rate"] == pytest.approx(sum(r.cached_tokens for r in ok) / sum(r.prompt_tokens for r in ok))
+    assert row["itl_p50_s"] == pytest.approx(0.012, rel=0.2)
+    assert row["mean_waiting_queue"] is not None
+
+
+def test_cli_and_suite_entry_points(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--pods", "2", "--policy", "random,default", "--qps", "2,4", "--stage-duration", "3", "--groups", "3",
+            "--prompts-per-group", "2", "--system-len", "64", "--question-len", "16", "--output-len", "4",
+            "--profile", "llama-8b-h100", "--pod-config", "kv_cache_size=500", "--no-json"]  # fmt: skip
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "policy random" in out and "policy default" in out and "sim-s/wall-s" in out
+    runs = scale_run(2, [1.0], 3.0, policies=("random", "default"))
+    data = json.loads(json.dumps([summarize(r) for r in runs]))
+    assert [d["policy"] for d in data] == ["random", "default"]
+    assert data[0]["stages"][0]["requests"] == data[1]["stages"][0]["requests"] > 0
