@@ -28,6 +28,7 @@ import shutil
 import signal
 import sys
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,38 +36,12 @@ from typing import Any
 import aiohttp
 import yaml
 
-from llmepp.config.schema import DEFAULT_CONFIG
+from benchmarks.des.policies import policy_config
 from llmepp.testing.envoy import EnvoyProcess, render_envoy_config
 from llmepp.testing.stack import EppProcess, free_port, with_file_discovery
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 VENV_BIN = Path(sys.executable).parent
-
-RANDOM_CONFIG = """\
-apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: random-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: random-picker
-"""
-
-LOAD_CONFIG = """\
-apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: queue-scorer
-    weight: 2
-  - pluginRef: kv-cache-utilization-scorer
-    weight: 2
-"""
 
 
 def envoy_yaml(
@@ -106,7 +81,7 @@ def envoy_yaml(
 
 
 @dataclass
-class Contender:
+class Contender(ABC):
     name: str
     family: str  # envoy | epp | rust
     description: str
@@ -118,11 +93,13 @@ class Contender:
         """Why this contender cannot run here, or None."""
         return None
 
+    @abstractmethod
     async def start(self, pods: list[tuple[str, int]], workdir: Path) -> None:
-        raise NotImplementedError
+        """Start the router in front of `pods` ((host, port) pairs); set `url`."""
 
+    @abstractmethod
     async def stop(self) -> None:
-        raise NotImplementedError
+        """Stop the router and everything it started."""
 
 
 class EnvoyLB(Contender):
@@ -258,14 +235,13 @@ async def wait_ready(contender: Contender, model: str, within: float = 60.0) -> 
 
 
 def all_contenders() -> list[Contender]:
-    optimized = (CONFIG_DIR / "optimized-baseline.yaml").read_text()
     return [
         EnvoyLB("envoy-round-robin", "ROUND_ROBIN", "Envoy ROUND_ROBIN over all pods, no EPP"),
         EnvoyLB("envoy-least-request", "LEAST_REQUEST", "Envoy LEAST_REQUEST (P2C on active requests), no EPP"),
-        EppBehindEnvoy("epp-random", RANDOM_CONFIG, "EPP, random-picker"),
-        EppBehindEnvoy("epp-load", LOAD_CONFIG, "EPP, queue 2 + kv-cache-utilization 2"),
-        EppBehindEnvoy("epp-default", DEFAULT_CONFIG, "EPP, default profile (queue 2, kv-cache 2, prefix 3)"),
-        EppBehindEnvoy("epp-optimized-baseline", optimized,
+        EppBehindEnvoy("epp-random", policy_config("random"), "EPP, random-picker"),
+        EppBehindEnvoy("epp-load", policy_config("load-only"), "EPP, queue 2 + kv-cache-utilization 2"),
+        EppBehindEnvoy("epp-default", policy_config("default"), "EPP, default profile (queue 2, kv-cache 2, prefix 3)"),
+        EppBehindEnvoy("epp-optimized-baseline", policy_config("optimized-baseline"),
                        "EPP, optimized-baseline (queue 2, kv 2, prefix 3, no-hit-lru 2, approx-prefix producer)"),
         RustRouter("vllm-router-cache-aware", "vllm-router",
                    ["--host", "127.0.0.1", "--port", "{port}", "--worker-urls", "--policy", "cache_aware",
