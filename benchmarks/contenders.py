@@ -40,7 +40,6 @@ from benchmarks.des.policies import policy_config
 from llmepp.testing.envoy import EnvoyProcess, render_envoy_config
 from llmepp.testing.stack import EppProcess, free_port, with_file_discovery
 
-CONFIG_DIR = Path(__file__).parent / "configs"
 VENV_BIN = Path(sys.executable).parent
 
 
