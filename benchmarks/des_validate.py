@@ -34,7 +34,7 @@ from benchmarks.des.policies import policy_config
 from benchmarks.des.results import RequestRecord, format_table, stage_metrics
 from benchmarks.des.sim import SimOptions, SimResult, simulate
 from benchmarks.des.suite import PROFILE as SCALE_PROFILE
-from benchmarks.des.suite import SCALE_QPS_PER_POD, STALENESS_LOADS, scale_run, staleness_sweep, summarize
+from benchmarks.des.suite import SCALE_QPS_PER_POD, STALENESS_INTERVALS, scale_run, staleness_runs, summarize
 from benchmarks.des.workload import Arrival, Schedule, SharedPrefix, Stage, ladder, request_body, schedule
 from llmepp.testing.stack import Stack, StackOptions
 
@@ -327,8 +327,10 @@ def _speed_text(speed: dict[str, Any]) -> str:
     return (
         f"{speed['simulated_s']:.1f} simulated s in {speed['wall_s']:.1f} s wall = "
         f"**{speed['sim_s_per_wall_s']:.2f} sim-s/wall-s**, {speed['requests_per_wall_s']:.0f} requests/wall-s, "
-        f"{speed['output_tokens_per_wall_s']:.0f} output tokens/wall-s ({speed['requests']} requests)"
-    )
+        f"{speed['output_tokens_per_wall_s']:.0f} output tokens/wall-s ({speed['requests']} requests"
+        + (f"; EPP {speed['epp_us_per_request']:.0f} µs wall per routing decision)" if "epp_us_per_request" in speed
+           else ")")
+    )  # fmt: skip
 
 
 def scale_section(pods: str, runs: list[dict[str, Any]]) -> list[str]:
@@ -497,7 +499,7 @@ def render_validation(v: dict[str, Any]) -> list[str]:
 
 
 def run_scale(args: argparse.Namespace) -> dict[str, Any]:
-    """The policy comparison at scale and the staleness sweeps: ``run_suite``'s experiments, with progress."""
+    """The policy comparison at scale (``run_suite``'s experiment, with progress)."""
     sizes = (16, 64) if args.quick else (64, 256)
     per_pod = SCALE_QPS_PER_POD
     stage = 10.0 if args.quick else 15.0
@@ -507,15 +509,18 @@ def run_scale(args: argparse.Namespace) -> dict[str, Any]:
         out["runs"][str(n)] = runs = [summarize(r) for r in scale_run(n, per_pod, stage)]
         for r in runs:
             print(f"  {r['policy']}: {_speed_text(r['speed'])}", file=sys.stderr, flush=True)
-    stale_pods, stale_duration = (16, 20.0) if args.quick else (32, 30.0)
-    out["staleness_pods"] = stale_pods
-    out["staleness_stage_s"] = stale_duration
-    out["staleness"] = {}
-    for policy, load in STALENESS_LOADS:
-        print(f"staleness sweep: {policy} ...", file=sys.stderr, flush=True)
-        sweep = staleness_sweep(stale_pods, load, stale_duration, policy=policy, warmup_duration=stale_duration / 2)
-        out["staleness"][policy] = {"qps_per_pod": load, "runs": [summarize(r) for r in sweep]}
     return out
+
+
+def run_staleness(args: argparse.Namespace) -> dict[str, Any]:
+    pods, duration = (16, 20.0) if args.quick else (32, 30.0)
+    print("staleness sweeps ...", file=sys.stderr, flush=True)
+    return {
+        "meta": _meta(sys.argv[1:]),
+        "pods": pods,
+        "stage_s": duration,
+        "sweeps": staleness_runs(pods, duration, STALENESS_INTERVALS),
+    }
 
 
 def render_scale(sc: dict[str, Any]) -> list[str]:
@@ -534,28 +539,28 @@ def render_scale(sc: dict[str, Any]) -> list[str]:
     ]
     for pods, runs in sc["runs"].items():
         lines += scale_section(pods, runs)
-    lines += [
-        "### Metrics staleness",
+    return lines
+
+
+def render_staleness(st: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Metrics staleness (DES only)",
         "",
-        f"{sc['staleness_pods']} pods, the scale workload, a {sc['staleness_stage_s'] / 2:g} s warm-up then one "
-        f"{sc['staleness_stage_s']:g} s stage at a fixed rate (about 70-80% of what the policy sustains), the "
-        "metrics refresh interval varied (`fresh` = refreshed right before every decision). Compare BLIS's "
-        "reported 10 ms -> +14% TTFT p99, 100 ms -> +354% (peers.md section 7).",
+        *_meta_lines(st["meta"]),
+        f"{st['pods']} pods, the scale workload, one {st['stage_s']:g} s stage at a fixed rate (after a 20 s "
+        "warm-up at 2 QPS per pod for the affine policy, so it starts warm), the metrics refresh interval varied "
+        "(`fresh` = refreshed right before every decision). For comparison, BLIS reports 10 ms -> +14% TTFT p99 "
+        "and 100 ms -> +354% (peers.md section 7).",
         "",
     ]
-    for policy, sweep in sc["staleness"].items():
-        lines += [
-            f"`{policy}` at {sweep['qps_per_pod']:g} QPS per pod:",
-            "",
-            *staleness_section(sweep["runs"]),
-            "",
-        ]
+    for policy, sweep in st["sweeps"].items():
+        lines += [f"`{policy}` at {sweep['qps_per_pod']:g} QPS per pod:", "", *staleness_section(sweep["runs"]), ""]
     return lines
 
 
 # ---------------------------------------------------------------------------------------------- DES.md
 # "notes" is written by hand (findings, caveats) and always kept from the existing file.
-SECTIONS = ("header", "notes", "validation", "scale")
+SECTIONS = ("header", "notes", "validation", "scale", "staleness")
 
 
 def _split_sections(text: str) -> dict[str, str]:
@@ -584,6 +589,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-live", action="store_true", help="no validation (keeps DES.md's validation section)")
     ap.add_argument("--skip-scale", action="store_true", help="no scale demo (keeps DES.md's scale section)")
+    ap.add_argument("--skip-staleness", action="store_true", help="no staleness sweeps (keeps DES.md's section)")
     ap.add_argument("--time-scale", type=float, default=1.0, help="live simulator time scale")
     ap.add_argument("--qps", default="4,8,12", help="validation QPS ladder (4 pods)")
     ap.add_argument("--stage-duration", type=float, default=None, help="simulated s per validation stage")
@@ -606,6 +612,8 @@ def main() -> int:
             results["validation"] = run_validation(args)
         if not args.skip_scale:
             results["scale"] = run_scale(args)
+        if not args.skip_staleness:
+            results["staleness"] = run_staleness(args)
         RESULTS.mkdir(parents=True, exist_ok=True)
         json_path = RESULTS / f"validate-{time.strftime('%Y%m%d-%H%M%S')}.json"
         json_path.write_text(json.dumps(results, indent=1))
@@ -616,6 +624,8 @@ def main() -> int:
         produced["validation"] = render_validation(results["validation"]) + raw_line
     if "scale" in results:
         produced["scale"] = render_scale(results["scale"]) + raw_line
+    if "staleness" in results:
+        produced["staleness"] = render_staleness(results["staleness"]) + raw_line
     write_report(args.out, produced)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

@@ -207,9 +207,9 @@ def summarize_stage(
     kv = sum(sum(p["kv"] for p in s.pods) / max(1, len(s.pods)) for s in inside) / len(inside)
     dt = s1.t - s0.t
     cpu = {name: ((s1.cpu[name] - s0.cpu[name]) / dt if dt > 0 else math.nan) for name in s1.cpu}  # cores (wall)
-    cpu_ms_per_req = {
-        name: (c * dt * 1000 / window.sent if window.sent else math.nan) for name, c in cpu.items()
-    }  # CPU-ms per request sent in the window (independent of the time scale)
+    # CPU-ms per request of the stage (independent of the time scale; includes what the process does in the
+    # background meanwhile, e.g. the EPP's metric scraping, over the whole window including the drain).
+    cpu_ms_per_req = {name: (c * dt * 1000 / len(mine) if mine else math.nan) for name, c in cpu.items()}
     return {
         "stage": window.index,
         "label": window.spec.label,

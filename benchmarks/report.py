@@ -104,6 +104,12 @@ def _path_cpu(s: dict[str, Any]) -> float | None:
     return sum(vals) if vals else None
 
 
+def _cpu_ms(s: dict[str, Any], name: str) -> float | None:
+    """CPU-ms of process `name` per request of the stage (whole window, background work included)."""
+    c = s["cpu_cores"].get(name)
+    return c * s["wall_s"] * 1000 / s["sent"] if c is not None and s["sent"] else None
+
+
 def _ordered(contenders: dict[str, Any]) -> list[str]:
     return sorted(contenders, key=lambda n: ORDER.index(n) if n in ORDER else 99)
 
@@ -141,6 +147,8 @@ def plots(routing: dict[str, Any], overhead: dict[str, Any] | None, out: Path) -
                 xs = [s["rate"] for s in st]
                 ys = [get(s) for s in st]
                 style = "-o" if cname.startswith("epp") else ("--s" if cname.startswith("envoy") else ":^")
+                if cname.startswith("diag-"):
+                    style = "-.d"
                 lw = 2.6 if cname == EPP else 1.3
                 ax.plot(xs, [math.nan if y is None else y for y in ys], style, label=cname, linewidth=lw,
                         markersize=4)  # fmt: skip
@@ -187,7 +195,7 @@ def routing_tables(routing: dict[str, Any]) -> str:
     pods = routing["scale"]["pods"]
     lines: list[str] = []
     for wname, w in routing.get("workloads", {}).items():
-        lines.append(f"### {wname}\n")
+        lines.append(f"#### {wname}\n")
         lines.append(_describe_workload(w["workload"], routing) + "\n")
         names = _ordered(w["contenders"])
         skipped = [(n, w["contenders"][n]) for n in names if w["contenders"][n].get("status") != "ok"]
@@ -239,7 +247,7 @@ def routing_tables(routing: dict[str, Any]) -> str:
                     f"{_f(s['tpot_p50_ms'], '.1f')} / {_f(s['tpot_p90_ms'], '.1f')} | "
                     f"{_f(s['output_tokens_per_s'], '.0f')} | {_f(None if hit is None else hit * 100, '.0f')}% | "
                     f"{s['pod_waiting_mean']:.1f} | {s['pod_running_mean']:.0f} | {_f(_path_cpu(s), '.2f')} | "
-                    f"{_f(s['cpu_ms_per_request'].get('epp'), '.2f')} | {_f(rss, '.0f')} | {errs} |"
+                    f"{_f(_cpu_ms(s, 'epp'), '.2f')} | {_f(rss, '.0f')} | {errs} |"
                 )  # fmt: skip
         lines.append("\n</details>\n")
     return "\n".join(lines)
@@ -267,6 +275,11 @@ def _describe_workload(d: dict[str, Any], routing: dict[str, Any]) -> str:
         extra = (f" unique prompts of {rt['input'][0]}-{rt['input'][1]} tokens, {rt['output'][0]}-{rt['output'][1]} "
                  "output tokens (uniform).")  # fmt: skip
     return f"Stages (simulated time): {stages}.{extra}"
+
+
+def _contenders(w: dict[str, Any]) -> list[str]:
+    """The compared contenders (diagnostic EPP configurations excluded)."""
+    return [n for n in w["contenders"] if not n.startswith("diag-")]
 
 
 def _stage_map(w: dict[str, Any], name: str) -> dict[float, dict[str, Any]]:
@@ -335,7 +348,7 @@ def routing_targets(routing: dict[str, Any]) -> tuple[list[list[str]], list[str]
     w = routing.get("workloads", {}).get("no-sharing")
     if w:
         epp = _stage_map(w, EPP)
-        others = {n: _stage_map(w, n) for n in w["contenders"] if n != EPP}
+        others = {n: _stage_map(w, n) for n in _contenders(w) if n != EPP}
         misses = []
         detail = []
         for r in sorted(epp):
@@ -365,7 +378,7 @@ def winners_table(routing: dict[str, Any]) -> str:
         "|---|---:|---|---:|---|---:|",
     ]
     for wname, w in routing.get("workloads", {}).items():
-        maps = {n: _stage_map(w, n) for n in w["contenders"]}
+        maps = {n: _stage_map(w, n) for n in _contenders(w)}
         epp = maps.get(EPP, {})
         for r in sorted(epp):
             cands = {n: m[r] for n, m in maps.items() if r in m}
@@ -374,6 +387,58 @@ def winners_table(routing: dict[str, Any]) -> str:
             lines.append(f"| {wname} | {r:g} | {bt} ({_ttft(cands[bt]['ttft_p90_s'])}) | "
                          f"{_ttft(epp[r]['ttft_p90_s'])} | {bx} ({_f(cands[bx]['output_tokens_per_s'], '.0f')}) | "
                          f"{_f(epp[r]['output_tokens_per_s'], '.0f')} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def affinity_table(results: Path) -> str:
+    """shared-prefix: how each router placed the prefix groups (from routing-requests.json.gz)."""
+    import gzip
+
+    try:
+        with gzip.open(results / "routing-requests.json.gz", "rt") as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return "_routing-requests.json.gz not found_"
+    lines = ["| contender | per stage: groups on > 1 pod / groups moved to another pod since the previous stage |",
+             "|---|---|"]  # fmt: skip
+    for e in raw:
+        if e["workload"] != "shared-prefix":
+            continue
+        per: dict[str, dict[int, dict[str, int]]] = {}
+        for stage, key, pod, *_ in e["rows"]:
+            if pod:
+                per.setdefault(key, {}).setdefault(stage, {}).setdefault(pod, 0)
+                per[key][stage][pod] += 1
+        stages = sorted({s for g in per.values() for s in g})
+        cells = []
+        for st in stages[1:]:  # skip the warm-up
+            split = sum(1 for g in per.values() if len(g.get(st, {})) > 1)
+            moved = 0
+            for g in per.values():
+                prev = [s for s in stages if s < st and s in g]
+                if st in g and prev:
+                    home = max(g[prev[-1]], key=lambda p: g[prev[-1]][p])
+                    moved += max(g[st], key=lambda p: g[st][p]) != home
+            cells.append(f"{split}/{moved}")
+        lines.append(f"| {e['contender']} | " + " · ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cost_table(routing: dict[str, Any]) -> str:
+    """CPU and memory of the request path at each workload's highest stage."""
+    lines = ["| workload (stage) | contender | path CPU (cores, wall) | path CPU-ms per request | of which EPP | "
+             "simulator CPU (cores) | RSS MB (EPP / router) |", "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for wname, w in routing.get("workloads", {}).items():
+        for n in _ordered(w["contenders"]):
+            e = w["contenders"][n]
+            if e.get("status") != "ok" or not _stages(e):
+                continue
+            s = _stages(e)[-1]
+            path_ms = sum(_cpu_ms(s, k) or 0 for k in s["cpu_cores"] if k not in ("sim", "client"))
+            rss = s["rss_mb"].get("epp", s["rss_mb"].get("router"))
+            lines.append(f"| {wname} ({s['rate']:g}) | {n} | {_f(_path_cpu(s), '.2f')} | {path_ms:.2f} | "
+                         f"{_f(_cpu_ms(s, 'epp'), '.2f')} | {_f(s['cpu_cores'].get('sim'), '.2f')} | "
+                         f"{_f(rss, '.0f')} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -631,6 +696,8 @@ def render(results: Path, readme: Path = README, template: Path = TEMPLATE) -> s
         "MACHINE": machine_md,
         "TARGETS": _table(targets, ["issue", "target", "measured", "verdict"]) if targets else "_no results yet_",
         "WINNERS": winners_table(routing) if routing else "_no routing results_",
+        "AFFINITY": affinity_table(results) if routing else "",
+        "COST": cost_table(routing) if routing else "",
         "ROUTING": routing_tables(routing) if routing else "_The routing section was not run._",
         "PLOTS": "\n\n".join(f"![{alt}](results/{name})" for name, alt in images),
         "OVERHEAD": overhead_tables(overhead),

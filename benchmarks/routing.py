@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import signal
 import tempfile
 import time
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks.contenders import Contender, all_contenders, wait_ready
+from benchmarks.contenders import Contender, EppBehindEnvoy, all_contenders, wait_ready
 from benchmarks.loadgen import Outcome, RunConfig, StageWindow, run_ladder
 from benchmarks.metrics import Sampler, parse_pod_metrics, proc_rss_mb, summarize_stage
 from benchmarks.workloads import MODEL, WORKLOADS, Scale, build, kv_blocks_per_pod, sim_args
@@ -38,6 +39,12 @@ from llmepp_sim.cluster import SimProcess
 RESULTS = Path(__file__).parent / "results"
 FIRST_HOST = 200
 
+# Full runs add diagnostic EPP configurations (not shipped profiles) that test the README's explanation of
+# where the default profile loses; they never enter the verdicts.
+DIAGNOSTICS = {
+    "shared-prefix": [("diag-epp-default-unbounded-index",
+                       str(Path(__file__).parent / "configs" / "diagnostics" / "default-unbounded-index.yaml"))],
+}  # fmt: skip
 QUICK_CONTENDERS = {
     "shared-prefix": ["envoy-round-robin", "epp-default", "vllm-router-cache-aware", "smg-cache-aware"],
     "multi-turn": ["envoy-round-robin", "epp-default", "vllm-router-cache-aware", "smg-cache-aware"],
@@ -157,8 +164,11 @@ def stage_line(s: dict[str, Any]) -> str:
 
 async def run(
     quick: bool, scale: Scale, workloads: Sequence[str], contender_names: Sequence[str] | None, seed: int,
-    out: Path,
+    out: Path, extra_epp: Sequence[tuple[str, str]] = (),
 ) -> dict[str, Any]:  # fmt: skip
+    extras = [(n, path, Path(path).read_text()) for n, path in extra_epp]  # noqa: ASYNC240 (before the run)
+    if not quick and contender_names is None:
+        diag = {n: (p, Path(p).read_text()) for w in workloads for n, p in DIAGNOSTICS.get(w, [])}  # noqa: ASYNC240
     kv_blocks, sp = kv_blocks_per_pod(scale, seed)
     hosts = [f"127.0.0.{FIRST_HOST + i}" for i in range(scale.pods)]
     port = free_port(hosts[0])
@@ -193,6 +203,10 @@ async def run(
                 wl = build(wl_name, scale, quick, seed)
                 names = contender_names or (QUICK_CONTENDERS[wl_name] if quick else None)
                 contenders = [c for c in all_contenders() if names is None or c.name in names]
+                contenders += [EppBehindEnvoy(n, text, f"EPP, {path} (extra)") for n, path, text in extras]
+                if not quick and contender_names is None:
+                    contenders += [EppBehindEnvoy(n, diag[n][1], f"diagnostic: {Path(p).name} (not a shipped profile)")
+                                   for n, p in DIAGNOSTICS.get(wl_name, [])]  # fmt: skip
                 entry: dict[str, Any] = {"workload": wl.describe(), "contenders": {}}
                 report["workloads"][wl_name] = entry
                 print(f"workload {wl_name}: {len(contenders)} contenders", flush=True)
@@ -222,6 +236,25 @@ def _default(x: Any) -> Any:
     return str(x)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def stop_cleanly_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so the pods, routers and Envoy started by the run are stopped too."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def parse_extra(values: Sequence[str]) -> list[tuple[str, str]]:
+    out = []
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep:
+            raise SystemExit(f"--extra-epp {v!r}: expected NAME=CONFIG_FILE")
+        out.append((name, path))
+    return out
+
+
 def scale_from_args(a: argparse.Namespace) -> Scale:
     return Scale(token_unit=a.token_unit, time_scale=a.time_scale, pods=a.pods)
 
@@ -233,6 +266,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-unit", type=int, default=16)
     p.add_argument("--pods", type=int, default=4)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--extra-epp", action="append", default=[], metavar="NAME=CONFIG",
+                   help="also run the EPP with this EndpointPickerConfig file (diagnostics)")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -247,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     workloads = [w for w in a.workloads.split(",") if w]
     import uvloop
 
-    uvloop.run(run(a.quick, scale_from_args(a), workloads, names, a.seed, a.json))
+    stop_cleanly_on_sigterm()
+    uvloop.run(run(a.quick, scale_from_args(a), workloads, names, a.seed, a.json, parse_extra(a.extra_epp)))
 
 
 if __name__ == "__main__":

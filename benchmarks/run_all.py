@@ -42,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.time_scale is None:
         a.time_scale = QUICK_TIME_SCALE if a.quick else FULL_TIME_SCALE
     a.results.mkdir(parents=True, exist_ok=True)
+    routing.stop_cleanly_on_sigterm()
     t0 = time.monotonic()
     meta_path = a.results / "run.json"
     meta: dict[str, Any] = {"machine": report.machine_info(), "loadavg": {"start": _load()}, "argv": sys.argv[1:],
@@ -58,7 +59,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         import uvloop
 
         uvloop.run(
-            routing.run(a.quick, routing.scale_from_args(a), workloads, names, a.seed, a.results / "routing.json")
+            routing.run(
+                a.quick,
+                routing.scale_from_args(a),
+                workloads,
+                names,
+                a.seed,
+                a.results / "routing.json",
+                routing.parse_extra(a.extra_epp),
+            )
         )
     if a.only != "report":
         meta["loadavg"]["end"] = _load()

@@ -92,13 +92,13 @@ def speed_line(result: SimResult) -> str:
     return (
         f"  simulated {sp['simulated_s']:.1f} s in {sp['wall_s']:.1f} s wall: "
         f"{sp['sim_s_per_wall_s']:.2f} sim-s/wall-s, {sp['requests_per_wall_s']:.0f} requests/wall-s, "
-        f"{sp['output_tokens_per_wall_s']:.0f} output tokens/wall-s"
+        f"{sp['output_tokens_per_wall_s']:.0f} output tokens/wall-s, EPP {sp['epp_us_per_request']:.0f} µs/decision"
     )
 
 
 def comparison_table(results: list[SimResult]) -> str:
     """TTFT p90 / hit rate / output tok/s per stage, one column group per policy."""
-    names = [r.options.policy for r in results]
+    names = [Path(r.options.policy).stem if "/" in r.options.policy else r.options.policy for r in results]
     stages = [r.stages() for r in results]
     head = f"{'qps':>7} " + " ".join(f"{n[:26]:>26}" for n in names)
     sub = f"{'':>7} " + " ".join(f"{'ttft p90 ms':>11} {'hit':>5} {'tok/s':>8}" for _ in names)

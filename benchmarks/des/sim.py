@@ -106,6 +106,7 @@ class SimResult:
     simulated_seconds: float
     loop_iterations: int
     pod_stats: list[dict[str, Any]]
+    epp_wall_seconds: float = 0.0
 
     def stages(self) -> list[dict[str, Any]]:
         return stage_metrics(self.records, self.schedule, self.samples)
@@ -121,6 +122,7 @@ class SimResult:
             "output_tokens": sum(r.output_tokens for r in self.records),
             "output_tokens_per_wall_s": sum(r.output_tokens for r in self.records) / wall,
             "loop_iterations": self.loop_iterations,
+            "epp_us_per_request": self.epp_wall_seconds / max(1, len(self.records)) * 1e6,
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -195,6 +197,7 @@ class Simulation:
         self._group_hashes: dict[int, list[int]] = {}
         self.records: list[RequestRecord] = []
         self.samples: list[QueueSample] = []
+        self.epp_wall = 0.0  # wall seconds spent in director.handle_request (the EPP's own CPU cost)
 
     # ------------------------------------------------------------------ the run
     async def run(self) -> None:
@@ -235,7 +238,9 @@ class Simulation:
             request, prompt_ids, hashes = self._prompt(prompt, arrival.index, loop.time())
             if self.options.refresh_interval <= 0:
                 self._refresh_all()
+            t0 = time.perf_counter()
             decision = await self.director.handle_request(request, None)
+            self.epp_wall += time.perf_counter() - t0
         except RequestError as e:
             rec.error = f"epp-{e.status}"
             return
@@ -454,4 +459,5 @@ def simulate(schedule: Schedule, options: SimOptions) -> SimResult:
         simulated_seconds=holder["elapsed"],
         loop_iterations=holder["iterations"],
         pod_stats=sim.pod_stats(),
+        epp_wall_seconds=sim.epp_wall,
     )

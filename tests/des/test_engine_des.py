@@ -84,7 +84,7 @@ async def test_the_same_engine_on_the_wall_clock_agrees() -> None:
     for (l_ttft, l_itl, l_cached), (d_ttft, d_itl, d_cached) in zip(live, expected):
         assert l_cached == d_cached
         # Live timers only ever fire late (epoll rounds timeouts up to whole milliseconds).
-        assert d_ttft - 0.001 <= l_ttft <= d_ttft * 1.2 + 0.005
+        assert d_ttft - 0.001 <= l_ttft <= d_ttft * 1.2 + 0.015
         assert l_itl == pytest.approx(d_itl, rel=0.2)
 
 
