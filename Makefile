@@ -34,6 +34,7 @@ lint: install
 
 typecheck: install
 	$(VENV)/bin/mypy -p llmepp -p llmepp_sim
+	$(VENV)/bin/mypy benchmarks
 
 unit: install
 	$(VENV)/bin/pytest -q -m "not e2e"

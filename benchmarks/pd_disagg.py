@@ -43,6 +43,7 @@ import aiohttp
 
 from llmepp.config.schema import DEFAULT_CONFIG
 from llmepp.testing.pdstack import PD_CONFIG, PDStack, PDStackOptions, scrape, total
+from llmepp.testing.stack import Stack
 from llmepp_sim.textgen import filler_vocabulary
 from llmepp_sim.tokenizer import shared_tokenizer
 
@@ -132,7 +133,7 @@ async def run_stage(url: str, offsets: list[float], prompts: list[str]) -> list[
         return list(await asyncio.gather(*tasks))
 
 
-async def decisions(stack: PDStack) -> dict[str, float]:
+async def decisions(stack: Stack) -> dict[str, float]:
     async with aiohttp.ClientSession() as s:
         samples = await scrape(s, stack.metrics_url)
     kinds = ("decode-only", "prefill-decode")

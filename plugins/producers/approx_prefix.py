@@ -105,12 +105,18 @@ class ApproxPrefixCacheProducer(DataProducer, PreRequest):
             self._metrics.prefix_indexer_hit_ratio.observe(best / len(hashes))
             self._metrics.prefix_indexer_hit_bytes.observe(best * bt * 4)
 
-    def _capacity(self, endpoint: Endpoint, block_tokens: int) -> int:
-        """LRU size in our blocks. With autoTune: the endpoint's KV capacity converted from its
-        own block size to ours (the reference uses num_gpu_blocks unconverted, ~4x too large)."""
+    def _capacity(self, endpoint: Endpoint) -> int:
+        """LRU size in our blocks. With autoTune: the endpoint's num_gpu_blocks, unconverted, as the
+        reference does. With 16-token engine blocks and our 64-token ones that is 4x the KV capacity
+        in tokens, on purpose: the index is affinity memory, not a mirror of the cache. Its coarse
+        blocks (and each prompt's trailing partial block, and estimated tokens) overcount a prompt's
+        footprint, and forgetting a prefix the pod still holds re-homes it (a duplicate prefill and a
+        second copy elsewhere), while remembering one the pod evicted only re-prefills it at home.
+        Sizing the index exactly to the KV capacity split prefix groups over pods in the canonical
+        shared-prefix benchmark (benchmarks/README.md); the unconverted size kept every group home."""
         m = endpoint.metrics
-        if self.auto_tune and m.cache_num_blocks and m.cache_block_size:
-            return max(1, m.cache_num_blocks * m.cache_block_size // block_tokens)
+        if self.auto_tune and m.cache_num_blocks:
+            return m.cache_num_blocks
         return 0  # the index default: lruCapacityPerServer
 
     # -- PreRequest ------------------------------------------------------------------------
@@ -128,6 +134,6 @@ class ApproxPrefixCacheProducer(DataProducer, PreRequest):
 
     def _record(self, targets: list[Endpoint], info: PrefixMatchInfo) -> None:
         for ep in targets:
-            self.index.add(ep, info.hashes, self._capacity(ep, info.block_size))
+            self.index.add(ep, info.hashes, self._capacity(ep))
         if self._metrics is not None:
             self._metrics.prefix_indexer_size.set(len(self.index))

@@ -119,12 +119,12 @@ async def test_emit_scores_covers_every_candidate() -> None:
     decision = await d.handle_request(req, None)
     assert decision.scores is not None
     assert set(decision.scores) == {ep.hostport for ep in ds.endpoints}
-    # queue 2·(1, .5, 0) + kv 2·1 + prefix 3·0 (cold)
-    assert sorted(decision.scores.values(), reverse=True) == pytest.approx([4.0, 3.0, 2.0])
+    # queue 2·(1, .5, 0) + kv 2·1 + prefix 3·0 (cold) + no-hit-lru 2·(1, .5, 0) (never used: list order)
+    assert sorted(decision.scores.values(), reverse=True) == pytest.approx([6.0, 4.0, 2.0])
     header = d.response_headers(req, ResponseInfo(status=200), {})
     assert header is not None
     first = ds.endpoints[0].hostport
-    assert header["x-epp-decision"].startswith(f"default: {first}; scores {first}=4.000")
+    assert header["x-epp-decision"].startswith(f"default: {first}; scores {first}=6.000")
 
 
 async def test_debug_log_has_per_scorer_breakdown(caplog: pytest.LogCaptureFixture) -> None:
@@ -133,7 +133,9 @@ async def test_debug_log_has_per_scorer_breakdown(caplog: pytest.LogCaptureFixtu
         await d.handle_request(request(b"q" * 100), None)
     record = next(r for r in caplog.records if r.getMessage() == "scheduling decision")
     top = record.top  # type: ignore[attr-defined]
-    assert set(top[0]) == {"endpoint", "total", "queue-scorer", "kv-cache-utilization-scorer", "prefix-cache-scorer"}
+    assert set(top[0]) == {
+        "endpoint", "total", "queue-scorer", "kv-cache-utilization-scorer", "prefix-cache-scorer", "no-hit-lru-scorer"
+    }  # fmt: skip
 
 
 async def test_failing_pre_request_plugin_releases_what_the_request_held() -> None:

@@ -90,11 +90,12 @@ def test_index_drops_removed_endpoint() -> None:
     assert idx.match([1, 2]) == {b: 2}
 
 
-def test_producer_learns_from_routing_and_converts_capacity() -> None:
+def test_producer_learns_from_routing_and_sizes_the_lru_from_num_gpu_blocks() -> None:
     producer = ApproxPrefixCacheProducer("approx", ApproxPrefixCacheProducer.Params())
     key = scoped(PREFIX_CACHE_MATCH_INFO, "approx")
-    # Engine reports 16-token blocks and 64 of them = 1024 tokens = 16 of our 64-token blocks.
-    a, b = endpoint(0, block_size=16, num_blocks=64), endpoint(1, block_size=16, num_blocks=64)
+    # Engine reports 16 blocks of 16 tokens: the LRU holds 16 of our 64-token blocks (num_gpu_blocks
+    # unconverted, the reference's sizing: 4x the KV tokens, see ApproxPrefixCacheProducer._capacity).
+    a, b = endpoint(0, block_size=16, num_blocks=16), endpoint(1, block_size=16, num_blocks=16)
     prompt = b"abcd" * 64 * 10  # 10 blocks of 64 tokens
     req = request(prompt)
     req.data[TOKENIZED_PROMPT] = TokenizedPrompt(estimate_tokens(prompt))
