@@ -104,13 +104,14 @@ class EndpointAttributeScorer(Scorer):
             lo, hi = min(present), max(present)
             if hi == lo:
                 return [0.0 if v is None else 1.0 for v in values]
-            # Values lie within [lo, hi]: no clamping needed.
-            inv = 1.0 / (hi - lo)
+            # Values lie within [lo, hi]: no clamping needed. Divide rather than multiply by 1/span: a
+            # subnormal span has an infinite reciprocal.
+            span = hi - lo
             if self.lower:
-                return [0.0 if v is None else (hi - v) * inv for v in values]
-            return [0.0 if v is None else (v - lo) * inv for v in values]
+                return [0.0 if v is None else (hi - v) / span for v in values]
+            return [0.0 if v is None else (v - lo) / span for v in values]
         lo, hi = self.fixed.min, self.fixed.max
-        inv = 1.0 / (hi - lo)
+        span = hi - lo
         if self.lower:
-            return [0.0 if v is None else 1.0 if v <= lo else 0.0 if v >= hi else (hi - v) * inv for v in values]
-        return [0.0 if v is None else 0.0 if v <= lo else 1.0 if v >= hi else (v - lo) * inv for v in values]
+            return [0.0 if v is None else 1.0 if v <= lo else 0.0 if v >= hi else (hi - v) / span for v in values]
+        return [0.0 if v is None else 0.0 if v <= lo else 1.0 if v >= hi else (v - lo) / span for v in values]

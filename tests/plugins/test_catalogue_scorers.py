@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from helpers import endpoint, request
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from llmepp.datalayer.endpoint import Endpoint, EndpointMetrics, InFlight
@@ -399,6 +399,8 @@ def test_endpoint_attribute_scorer_validation(params: dict[str, Any], message: s
 
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.one_of(st.none(), st.floats(0, 1e6)), min_size=1, max_size=30), st.booleans())
+@example([0.0, 5e-324], False).via("a subnormal span overflowed 1 / span to inf")
+@example([0.0, 5e-324], True).via("a subnormal span overflowed 1 / span to inf")
 def test_endpoint_attribute_scorer_property(values: list[float | None], lower: bool) -> None:
     class P(Plugin):
         type = "attr-test"
