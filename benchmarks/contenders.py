@@ -15,6 +15,10 @@ reset in between by the runner):
 | `vllm-router-power-of-two` | `vllm-router --policy power_of_two` |
 | `smg-cache-aware` | `smg launch --policy cache_aware --backend vllm` (PyPI `smg`, Rust), defaults otherwise |
 
+The precise-vs-approximate comparison (`benchmarks.precise_routing`) adds `EppReplicasBehindEnvoy` (n EPP
+replicas behind one Envoy) and `WithEviction` (any contender while one pod's cache is evicted behind its back);
+they are not in `all_contenders()`.
+
 Every Envoy here runs with `--concurrency 1` and without the access log (the Rust routers run with their
 log level at warning), so no contender pays for per-request logging. The EPP runs exactly as `epp` does
 (default transport, 50 ms metrics refresh) behind the Envoy bootstrap of `llmepp.testing.envoy`.
@@ -38,7 +42,7 @@ import yaml
 
 from benchmarks.des.policies import policy_config
 from llmepp.testing.envoy import EnvoyProcess, render_envoy_config
-from llmepp.testing.stack import EppProcess, free_port, with_file_discovery
+from llmepp.testing.stack import EppProcess, free_port, with_epp_endpoints, with_file_discovery
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -99,6 +103,9 @@ class Contender(ABC):
     @abstractmethod
     async def stop(self) -> None:
         """Stop the router and everything it started."""
+
+    async def before_ladder(self) -> None:
+        """Called once the router is up and the caches are empty, right before the first stage."""
 
 
 class EnvoyLB(Contender):
@@ -239,7 +246,8 @@ def all_contenders() -> list[Contender]:
         EnvoyLB("envoy-least-request", "LEAST_REQUEST", "Envoy LEAST_REQUEST (P2C on active requests), no EPP"),
         EppBehindEnvoy("epp-random", policy_config("random"), "EPP, random-picker"),
         EppBehindEnvoy("epp-load", policy_config("load-only"), "EPP, queue 2 + kv-cache-utilization 2"),
-        EppBehindEnvoy("epp-default", policy_config("default"), "EPP, default profile (queue 2, kv-cache 2, prefix 3)"),
+        EppBehindEnvoy("epp-default", policy_config("default"),
+                       "EPP, default profile (queue 2, kv-cache 2, prefix 3, no-hit-lru 2)"),
         EppBehindEnvoy("epp-optimized-baseline", policy_config("optimized-baseline"),
                        "EPP, optimized-baseline (queue 2, kv 2, prefix 3, no-hit-lru 2, approx-prefix producer)"),
         RustRouter("vllm-router-cache-aware", "vllm-router",
@@ -259,3 +267,158 @@ def all_contenders() -> list[Contender]:
 
 
 CONTENDER_NAMES = [c.name for c in all_contenders()]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Contenders of the precise-vs-approximate comparison (`benchmarks.precise_routing`). They are not in
+# `all_contenders()`: the main routing run does not start the pods with KV events.
+class EppReplicasBehindEnvoy(EppBehindEnvoy):
+    """`replicas` EPP processes with the same config behind one Envoy whose ext_proc cluster balances
+    over them (round robin per request stream), as `Stack(epp_replicas=n)` and the earlier
+    `benchmarks.precise_prefix` did: each replica routes a share of the traffic with its own state.
+    With one replica it is `EppBehindEnvoy`. Before stopping, it keeps the EPPs' prefix-index series
+    (`epp_metrics`, summed over replicas): what the precise index ingested and what the producers predicted."""
+
+    KEPT = ("llm_d_epp_kv_", "llm_d_epp_prefix_indexer_hit_ratio_sum", "llm_d_epp_prefix_indexer_hit_ratio_count")
+    GAUGES = ("llm_d_epp_kv_index_", "llm_d_epp_kv_subscribers")
+
+    def __init__(self, name: str, config_text: str, description: str, replicas: int = 1) -> None:
+        super().__init__(name, config_text, description)
+        self.replicas = replicas
+        self.epps: list[EppProcess] = []
+        self.metrics_ports: list[int] = []
+        self.epp_metrics: dict[str, float] = {}
+        self._baseline: dict[str, float] = {}
+
+    async def start(self, pods: list[tuple[str, int]], workdir: Path) -> None:
+        endpoints = workdir / "endpoints.yaml"
+        entries = [
+            {"name": f"pod-{i}", "address": h, "port": p, "labels": {"llm-d.ai/role": "both"}}
+            for i, (h, p) in enumerate(pods)
+        ]
+        endpoints.write_text(yaml.safe_dump({"endpoints": entries}))
+        config = workdir / "epp-config.yaml"
+        config.write_text(with_file_discovery(self.config_text, endpoints))
+        grpc_ports = []
+        for i in range(self.replicas):
+            grpc_port, health, metrics = free_port(), free_port(), free_port()
+            args = [
+                "--config-file", str(config), "--grpc-port", str(grpc_port), "--grpc-health-port", str(health),
+                "--metrics-port", str(metrics), "--bind-address", "127.0.0.1",
+            ]  # fmt: skip
+            epp = EppProcess(args, health, workdir / f"epp-{i}.log")
+            self.epps.append(epp)
+            await epp.start()
+            grpc_ports.append(grpc_port)
+            self.metrics_ports.append(metrics)
+        self.epp = self.epps[0]
+        port, admin = free_port(), free_port()
+        text = envoy_yaml(port, admin, epp_port=grpc_ports[0])
+        self.envoy = EnvoyProcess(with_epp_endpoints(text, grpc_ports) if self.replicas > 1 else text, admin)
+        await self.envoy.start()
+        assert self.envoy.proc is not None
+        self.url = f"http://127.0.0.1:{port}"
+        self.pids = {("epp" if i == 0 else f"epp{i + 1}"): e.proc.pid for i, e in enumerate(self.epps) if e.proc}
+        self.pids["envoy"] = self.envoy.proc.pid
+
+    async def before_ladder(self) -> None:
+        """Counters from before the ladder are not the run's: the JSON keeps the ladder's deltas. A precise
+        EPP that joins pods publishing since earlier contenders replays their buffered history (a partial
+        window: orphans, unknown removals, lost batches) once the cache reset's events reach it; nothing else
+        flows before the first stage, so the baseline is taken once the counters have not moved for 2.5 s
+        (longer than a stalled replay's 2 s idle timeout), at most 20 s. EPPs without KV events skip the wait."""
+        self._baseline = await self._scrape()
+        if not any(k.startswith("llm_d_epp_kv_") for k in self._baseline):
+            return
+        deadline, still = time.monotonic() + 20.0, 0
+        while time.monotonic() < deadline and still < 5:
+            await asyncio.sleep(0.5)
+            now = await self._scrape()
+            still = still + 1 if now == self._baseline else 0
+            self._baseline = now
+
+    async def _scrape(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+            for port in self.metrics_ports:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+                        text = await r.text()
+                    for line in text.splitlines():
+                        if line.startswith(self.KEPT):
+                            name, _, value = line.rpartition(" ")
+                            with contextlib.suppress(ValueError):
+                                totals[name] = totals.get(name, 0.0) + float(value)
+        return totals
+
+    async def stop(self) -> None:
+        end = await self._scrape()
+        # Gauges (index size, subscribers) as they end; counters as ladder deltas.
+        self.epp_metrics = {
+            k: v if k.startswith(self.GAUGES) else v - self._baseline.get(k, 0.0) for k, v in end.items()
+        }
+        if self.envoy is not None:
+            await self.envoy.stop()
+        for epp in self.epps:
+            await epp.stop()
+        self.log_tail = "".join(e.log[-1500:] for e in self.epps)
+
+
+@dataclass(frozen=True)
+class EvictionSpec:
+    """Evict `fraction` of pod `pod`'s KV capacity from its prefix cache every `every_s` simulated seconds,
+    through the simulator's `POST /admin/evict`, i.e. behind the router's back (the pod publishes the
+    `BlockRemoved` events a real vLLM would; nothing goes through the router)."""
+
+    pod: int = 0
+    fraction: float = 0.2
+    every_s: float = 30.0
+    order: str = "lru"
+    seed: int = 1
+
+
+class WithEviction(Contender):
+    """Another contender, unchanged, while a background task evicts part of one pod's cache periodically."""
+
+    def __init__(self, inner: Contender, spec: EvictionSpec, time_scale: float, name: str, description: str) -> None:
+        super().__init__(name, inner.family, description)
+        self.inner = inner
+        self.spec = spec
+        self.time_scale = time_scale
+        self.evicted: list[int] = []  # blocks evicted per round
+        self._task: asyncio.Task[None] | None = None
+        self._pod_url = ""
+
+    def unavailable(self) -> str | None:
+        return self.inner.unavailable()
+
+    async def start(self, pods: list[tuple[str, int]], workdir: Path) -> None:
+        await self.inner.start(pods, workdir)
+        self.url, self.pids = self.inner.url, self.inner.pids
+        host, port = pods[self.spec.pod]
+        self._pod_url = f"http://{host}:{port}"
+
+    async def before_ladder(self) -> None:
+        await self.inner.before_ladder()
+        # From the first stage on (warm-up included), not while the runner probes and resets the caches.
+        self._task = asyncio.create_task(self._evict_loop(self._pod_url))
+
+    async def _evict_loop(self, pod_url: str) -> None:
+        s = self.spec
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+            while True:
+                await asyncio.sleep(s.every_s / self.time_scale)
+                body = {"fraction": s.fraction, "order": s.order, "seed": s.seed + len(self.evicted)}
+                try:
+                    async with http.post(pod_url + "/admin/evict", json=body) as r:
+                        self.evicted.append(int((await r.json())["evicted"]) if r.status == 200 else -1)
+                except (aiohttp.ClientError, TimeoutError, ValueError, KeyError):
+                    self.evicted.append(-1)  # counted as a failed round; the run goes on
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.inner.stop()
+        self.log_tail = self.inner.log_tail

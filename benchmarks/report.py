@@ -29,6 +29,7 @@ FRAGMENTS = ["SIM_FIDELITY.md", "SCRAPE_COST.md", "EXTPROC.md", "FLOWCONTROL.md"
 EPP = "epp-default"
 RIVALS = ("vllm-router-cache-aware", "smg-cache-aware")
 BASELINE = "envoy-round-robin"
+THROUGHPUT_TIE = 0.01  # relative throughput difference reported as a tie, not a win or a loss
 TIMEOUT_S = 300.0  # the load generator's TTFT timeout (simulated s); render() reads it from routing.json
 ORDER = ["envoy-round-robin", "envoy-least-request", "epp-random", "epp-load", "epp-default", "epp-optimized-baseline",
          "vllm-router-cache-aware", "vllm-router-power-of-two", "smg-cache-aware"]  # fmt: skip
@@ -312,38 +313,43 @@ def routing_targets(routing: dict[str, Any]) -> tuple[list[list[str]], list[str]
                 ratio = (pa / pb) if pa and pb else None
                 bound = "≥ " if a["ttft_p90_s"] == "timeout" else ""
                 tput = (b["output_tokens_per_s"] / a["output_tokens_per_s"]) if a["output_tokens_per_s"] else None
-                rows.append(["this issue", f"shared-prefix, highest stage where round_robin saturates ({r:g} QPS): "
+                rows.append(["routing (#6)", f"shared-prefix, highest stage where round_robin saturates ({r:g} QPS): "
                              "EPP default TTFT p90 ≥ 10x lower than Envoy round_robin",
                              f"{_ttft(b['ttft_p90_s'])} s vs {_ttft(a['ttft_p90_s'])} s = {bound}{_f(ratio, '.1f')}x",
                              _met(ratio is not None and ratio >= 10)])  # fmt: skip
-                rows.append(["this issue", "same stage: output throughput ≥ 1.5x round_robin",
+                rows.append(["routing (#6)", "same stage: output throughput ≥ 1.5x round_robin",
                              f"{_f(b['output_tokens_per_s'], '.0f')} vs {_f(a['output_tokens_per_s'], '.0f')} tok/s = "
                              f"{_f(tput, '.2f')}x", _met(tput is not None and tput >= 1.5)])  # fmt: skip
             else:
-                rows.append(["this issue", "EPP vs round_robin at RR saturation", "round_robin never saturated", "n/a"])
+                rows.append(["routing (#6)", "EPP vs round_robin at RR saturation", "round_robin never saturated", "n/a"])
         for rival in RIVALS:
             rv = _stage_map(w, rival)
             if not rv:
                 status = w["contenders"].get(rival, {})
-                rows.append(["this issue", f"vs {rival}: lower TTFT p90 and higher throughput past light load",
+                rows.append(["routing (#6)", f"vs {rival}: lower TTFT p90 and higher throughput past light load",
                              f"not run: {status.get('reason', status.get('status', 'not selected'))[:200]}",
                              "not measured"])  # fmt: skip
                 continue
             common = sorted(set(rv) & set(epp))[1:]  # every stage past the lightest
-            lost = []
+            lost, ties = [], []
             for r in common:
                 t_e, t_r = _num(epp[r]["ttft_p90_s"]), _num(rv[r]["ttft_p90_s"])
                 x_e, x_r = epp[r]["output_tokens_per_s"], rv[r]["output_tokens_per_s"]
                 bad = []
                 if t_e is None or t_r is None or t_e >= t_r:
                     bad.append(f"TTFT p90 {_ttft(epp[r]['ttft_p90_s'])} vs {_ttft(rv[r]['ttft_p90_s'])} s")
-                if x_e is None or x_r is None or x_e <= x_r:
+                if x_e is None or x_r is None or x_e < x_r * (1 - THROUGHPUT_TIE):
                     bad.append(f"throughput {_f(x_e, '.0f')} vs {_f(x_r, '.0f')}")
+                elif x_e <= x_r:
+                    ties.append(f"{r:g} QPS ({_f(x_e, '.0f')} vs {_f(x_r, '.0f')})")
                 if bad:
                     lost.append(f"{r:g} QPS: " + ", ".join(bad))
-            rows.append(["this issue", f"shared-prefix vs {rival}: lower TTFT p90 and higher throughput at every "
-                         f"stage past light load ({', '.join(f'{r:g}' for r in common)} QPS)",
-                         "won every stage" if not lost else "lost at " + "; ".join(lost),
+            tie_note = f"; throughput tied within {THROUGHPUT_TIE:.0%} at " + ", ".join(ties) if ties else ""
+            rows.append(["routing (#6)", f"shared-prefix vs {rival}: lower TTFT p90 and higher throughput at every "
+                         f"stage past light load ({', '.join(f'{r:g}' for r in common)} QPS; a throughput "
+                         f"difference under {THROUGHPUT_TIE:.0%} is a tie: below saturation every router delivers "
+                         "the offered load)",
+                         ("won every stage" if not lost else "lost at " + "; ".join(lost)) + tie_note,
                          _met(not lost)])  # fmt: skip
     w = routing.get("workloads", {}).get("no-sharing")
     if w:
@@ -362,7 +368,7 @@ def routing_targets(routing: dict[str, Any]) -> tuple[list[list[str]], list[str]
                           f"throughput {_f(None if dx is None else dx * 100, '+.1f')}%")  # fmt: skip
             if dt is None or dt > 0.05 or dx is None or dx < -0.05:
                 misses.append(f"{r:g}")
-        rows.append(["this issue", "no-sharing: EPP default within 5% of the best other contender (TTFT p90 and "
+        rows.append(["routing (#6)", "no-sharing: EPP default within 5% of the best other contender (TTFT p90 and "
                      "throughput, every stage)", "; ".join(detail) + " (vs the best other contender at that stage)",
                      _met(not misses) + ("" if not misses else f" (at {', '.join(misses)} QPS)")])  # fmt: skip
     return rows, notes
@@ -390,15 +396,15 @@ def winners_table(routing: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def affinity_table(results: Path) -> str:
-    """shared-prefix: how each router placed the prefix groups (from routing-requests.json.gz)."""
+def affinity_table(results: Path, name: str = "routing-requests.json.gz") -> str:
+    """shared-prefix: how each router placed the prefix groups (from routing-requests.json.gz or `name`)."""
     import gzip
 
     try:
-        with gzip.open(results / "routing-requests.json.gz", "rt") as f:
+        with gzip.open(results / name, "rt") as f:
             raw = json.load(f)
     except (OSError, ValueError):
-        return "_routing-requests.json.gz not found_"
+        return f"_{name} not found_"
     lines = ["| contender | per stage: groups on > 1 pod / groups moved to another pod since the previous stage |",
              "|---|---|"]  # fmt: skip
     for e in raw:
@@ -660,6 +666,318 @@ def _table(rows: Sequence[Sequence[str]], head: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------ flow control
+# under saturation (benchmarks/flowcontrol_tenants.py → results/flowcontrol_tenants.json)
+FC_TTFT_LIMIT = 2.0  # issue 5: the protected tenant / band keeps its TTFT p90 within 2x of unloaded
+FC_BASELINES = {"quiet": "quiet-alone", "high": "high-alone"}  # tenant → scenario holding its unloaded run
+
+
+def _fc_tenant(data: dict[str, Any], scenario: str, label: str) -> dict[str, Any] | None:
+    sc = data.get("scenarios", {}).get(scenario)
+    return next((t for t in sc["tenants"] if t["label"] == label), None) if sc else None
+
+
+def _fc_ratio(data: dict[str, Any], scenario: str, label: str) -> float | None:
+    """Loaded TTFT p90 / unloaded TTFT p90; inf when the loaded p90 falls on a failed request."""
+    base_key = FC_BASELINES.get(label)
+    loaded, base = _fc_tenant(data, scenario, label), _fc_tenant(data, base_key, label) if base_key else None
+    if loaded is None or base is None or not base["ttft_ms"]["p90"]:
+        return None
+    p90 = loaded["ttft_ms"]["p90"]
+    return math.inf if p90 is None else p90 / base["ttft_ms"]["p90"]
+
+
+def _fc_ms(x: Any) -> str:
+    return "429/failed" if x is None else f"{x:.0f}"
+
+
+def _fc_msu(x: Any) -> str:
+    return "a 429/failed request" if x is None else f"{x:.0f} ms"
+
+
+def _fc_x(x: float | None) -> str:
+    return "-" if x is None else ("∞" if math.isinf(x) else f"{x:.2f}x")
+
+
+def flowcontrol_tenant_targets(data: dict[str, Any] | None) -> list[list[str]]:
+    """Summary rows for the noisy-neighbour and priority targets, computed from the JSON."""
+    issue = "flow control (saturation)"
+    if not data:
+        return [[issue, "noisy neighbour / priority TTFT under saturation", "not run", "not measured"]]
+    rows: list[list[str]] = []
+    lim = FC_TTFT_LIMIT
+
+    def quiet_row(scenario: str, target: str, want_within: bool) -> None:
+        ratio, loaded = _fc_ratio(data, scenario, "quiet"), _fc_tenant(data, scenario, "quiet")
+        noisy, base = _fc_tenant(data, scenario, "noisy"), _fc_tenant(data, "quiet-alone", "quiet")
+        if ratio is None or loaded is None or noisy is None or base is None:
+            rows.append([issue, target, "scenario missing", "not measured"])
+            return
+        served = data["scenarios"][scenario]["served_per_s"]
+        measured = (f"quiet p90 {_fc_msu(loaded['ttft_ms']['p90'])} vs {_fc_msu(base['ttft_ms']['p90'])} "
+                    f"unloaded = {_fc_x(ratio)}; quiet success {loaded['success_rate']:.0%}; noisy offered "
+                    f"{noisy['rate']:g}/s, pool served {served:g}/s")  # fmt: skip
+        rows.append([issue, target, measured, _met(ratio <= lim if want_within else ratio > lim)])
+
+    quiet_row("round-robin", f"noisy neighbour at 10x, round-robin: quiet TTFT p90 ≤ {lim:g}x unloaded", True)
+    quiet_row("global-strict", f"the same with global-strict: quiet TTFT p90 > {lim:g}x unloaded (no isolation)",
+              False)  # fmt: skip
+    ratio, high = _fc_ratio(data, "priority", "high"), _fc_tenant(data, "priority", "high")
+    low, base = _fc_tenant(data, "priority", "low"), _fc_tenant(data, "high-alone", "high")
+    if ratio is None or high is None or low is None or base is None:
+        rows.append([issue, "priority under saturation", "scenario missing", "not measured"])
+        return rows
+    rows.append([issue, f"priority: high band TTFT p90 ≤ {lim:g}x unloaded under saturation",
+                 f"high p90 {_fc_msu(high['ttft_ms']['p90'])} vs {_fc_msu(base['ttft_ms']['p90'])} unloaded = "
+                 f"{_fc_x(ratio)}; high success {high['success_rate']:.0%}", _met(ratio <= lim)])  # fmt: skip
+    # The wait has to land somewhere when offered load exceeds capacity: on the low band. Its median TTFT
+    # (429s count as infinite) against the high band's unloaded p90.
+    low_p50 = low["ttft_ms"]["p50"]
+    low_ratio = math.inf if low_p50 is None else low_p50 / base["ttft_ms"]["p90"]
+    rows.append([issue, f"priority: the low band absorbs the wait (low TTFT p50 > {lim:g}x high unloaded p90)",
+                 f"low p50 {_fc_msu(low_p50)} = {_fc_x(low_ratio)}, success {low['success_rate']:.0%}, "
+                 f"mean EPP queue wait low {_fc_msu(low['epp_wait_ms_mean'])} vs high "
+                 f"{_fc_msu(high['epp_wait_ms_mean'])}", _met(low_ratio > lim)])  # fmt: skip
+    return rows
+
+
+def flowcontrol_tenants_table(data: dict[str, Any] | None) -> str:
+    """The per-tenant table of the flow-control saturation benchmark."""
+    if not data:
+        return "_The flow-control saturation benchmark was not run._\n"
+    s = data["setup"]
+    prompt = max((t["prompt_tokens"] for sc in data["scenarios"].values() for t in sc["tenants"]), default=0)
+    out = [
+        f"Command: `{data.get('command', '')}`, started {data['started']}, {data['wall_s']:.0f} s wall, load average "
+        f"{data['loadavg'].get('start', '?')} → {data['loadavg'].get('end', '?')} ({data.get('shared_machine', '')}). "
+        f"Setup: {s['pods']} simulated pods (`{s['profile']}` at time scale {s['time_scale']:g}), "
+        f"`concurrency-detector` maxConcurrency {s['max_concurrency']} per pod ({s['slots']} slots), "
+        f"{prompt} prompt tokens, {s['output_min']}-{s['output_max']} output tokens (uniform), defaultRequestTTL "
+        f"{s['ttl_s']:g} s, band maxRequests {s['band_max_requests']}, {s['duration']:g} s of arrivals per scenario. "
+        "TTFT in wall-clock ms "
+        f"as the client measured it through Envoy (simulated ms = wall x {s['time_scale']:g}); 429s count as "
+        'infinite TTFT in the percentiles. "of which EPP queue": mean time dispatched requests waited in the EPP '
+        '(its queue-duration histogram); "pods\' own TTFT": mean over the scenario of the TTFT the pods report '
+        "(arrival at the pod to first token), so mean TTFT − EPP queue − pods' TTFT is the host path (client, "
+        'Envoy, EPP); "max in one pod": running + waiting requests of one pod in any 0.25 s '
+        f"sample (≤ {s['max_concurrency']} when the gate holds and no pod queues).\n",
+        "| scenario | tenant / band | offered /s | sent | success | TTFT p50 | p90 | p99 | p90 / unloaded p90 | "
+        "429 TTL | 429 saturated | mean TTFT (ok) | of which EPP queue | pods' own TTFT | pool served /s | "
+        "max in one pod |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, sc in data["scenarios"].items():
+        for t in sc["tenants"]:
+            q = t["ttft_ms"]
+            o = t["outcomes"]
+            out.append(
+                f"| {key} | {t['label']} | {t['rate']:g} | {t['sent']} | {t['success_rate']:.0%} | "
+                f"{_fc_ms(q['p50'])} | {_fc_ms(q['p90'])} | {_fc_ms(q['p99'])} | "
+                f"{_fc_x(_fc_ratio(data, key, t['label']))} | "
+                f"{o.get('rejected-ttl-expired', 0)} | {o.get('rejected-saturated', 0)} | "
+                f"{_fc_ms(t['ttft_ok_mean_ms']) if t['ok'] else '-'} | "
+                f"{_fc_ms(t['epp_wait_ms_mean']) if t['epp_dispatched'] else '-'} | "
+                f"{_fc_ms(sc['pods'].get('pod_ttft_ms_mean')) if sc['pods'].get('pod_ttft_ms_mean') else '-'} | "
+                f"{sc['served_per_s']:g} | "
+                f"{sc['pods']['max_in_pod']} |"
+            )
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ precise
+# vs approximate prefix routing (benchmarks/precise_routing.py → results/routing_precise.json)
+PRECISE_ISSUE = "precise prefix (#8)"
+PRECISE_LIGHT_RATE = 1.5  # the canonical ladder's lightest stage at 4 pods (3 canonical QPS): "light load"
+
+
+def _precise_pairs(precise: dict[str, Any]) -> list[tuple[dict[str, Any], dict[float, Any], dict[float, Any]]]:
+    """(scenario, approx stages by rate, precise stages by rate) per scenario of the run."""
+    w = precise["workloads"]["shared-prefix"]
+    return [(s, _stage_map(w, s["contenders"].get("approx", "")), _stage_map(w, s["contenders"].get("precise", "")))
+            for s in precise.get("scenarios", [])]  # fmt: skip
+
+
+def _pct(x: Any) -> str:
+    return "-" if x is None else f"{x * 100:.1f}%"
+
+
+def precise_targets(precise: dict[str, Any] | None) -> list[list[str]]:
+    """Per scenario: precise beats approx on TTFT p90 (lower) and on hit rate (higher) at every stage past
+    light load. Two rows per scenario, computed from routing_precise.json."""
+    if not precise:
+        return [[PRECISE_ISSUE, "precise beats approx (TTFT p90, hit rate) past light load, 3 scenarios",
+                 "routing_precise.json missing (python -m benchmarks.precise_routing)", "not measured"]]  # fmt: skip
+    rows: list[list[str]] = []
+    for sc, approx, prec in _precise_pairs(precise):
+        rates = [r for r in sorted(set(approx) & set(prec)) if r > PRECISE_LIGHT_RATE]
+        pods = precise["scale"]["pods"]
+        listed = ", ".join(f"{r:g}" for r in rates) + " = canonical " + ", ".join(_canon("shared-prefix", r, pods)
+                                                                                for r in rates)  # fmt: skip
+        if not rates:
+            rows.append([PRECISE_ISSUE, f"{sc['title']}: precise vs approx", "no common stage past light load",
+                         "not measured"])  # fmt: skip
+            continue
+        cells, lost = [], []
+        for r in rates:
+            a, p = approx[r], prec[r]
+            ta, tp = _num(a["ttft_p90_s"]), _num(p["ttft_p90_s"])
+            won = ta is not None and tp is not None and tp < ta
+            cells.append(f"{r:g}: {_ttft(p['ttft_p90_s'])} vs {_ttft(a['ttft_p90_s'])}")
+            if not won:
+                lost.append(f"{r:g}")
+        rows.append([PRECISE_ISSUE, f"{sc['title']}: precise TTFT p90 lower than approx at every stage past light "
+                     f"load ({listed} QPS)", "precise vs approx, s: " + "; ".join(cells),
+                     _met(not lost) + ("" if not lost else f" (at {', '.join(lost)} QPS)")])  # fmt: skip
+        cells, lost = [], []
+        for r in rates:
+            ha, hp = approx[r]["prefix_hit_rate"], prec[r]["prefix_hit_rate"]
+            cells.append(f"{r:g}: {_pct(hp)} vs {_pct(ha)}")
+            if ha is None or hp is None or hp <= ha:
+                lost.append(f"{r:g}")
+        rows.append([PRECISE_ISSUE, f"{sc['title']}: precise prefix-cache hit rate higher than approx at every "
+                     f"stage past light load ({listed} QPS)", "precise vs approx: " + "; ".join(cells),
+                     _met(not lost) + ("" if not lost else f" (at {', '.join(lost)} QPS)")])  # fmt: skip
+    return rows
+
+
+def precise_plots(precise: dict[str, Any], out: Path) -> list[tuple[str, str]]:
+    """TTFT p90 and hit rate vs QPS: one line per producer x scenario (colour = scenario, dash = approx)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    colours = ["tab:blue", "tab:red", "tab:green", "tab:purple"]
+    specs = [
+        ("precise_ttft_p90.png", "TTFT p90 (simulated s, log)", lambda s: _num(s["ttft_p90_s"]), True),
+        ("precise_hit_rate.png", "prefix-cache hit rate (%)",
+         lambda s: None if s["prefix_hit_rate"] is None else s["prefix_hit_rate"] * 100, False),
+    ]  # fmt: skip
+    for name, ylabel, get, log in specs:
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        for i, (sc, approx, prec) in enumerate(_precise_pairs(precise)):
+            for producer, stages, style in (("precise", prec, "-o"), ("approx", approx, "--s")):
+                xs = sorted(stages)
+                ys = [get(stages[r]) for r in xs]
+                ax.plot(xs, [math.nan if y is None else y for y in ys], style, color=colours[i % len(colours)],
+                        label=f"{producer}, {sc['title']}", linewidth=2.2 if producer == "precise" else 1.3,
+                        markersize=4)  # fmt: skip
+        if log:
+            ax.set_yscale("log")
+            ax.axhline(TIMEOUT_S, color="grey", linestyle=":", linewidth=1)
+        ax.axvline(PRECISE_LIGHT_RATE, color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel(f"QPS offered to {precise['scale']['pods']} pods (simulated time); dotted: light load")
+        ax.set_ylabel(ylabel)
+        ax.set_title("shared-prefix: precise vs approximate prefix producer")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        made.append((name, ylabel))
+    return made
+
+
+def _precise_beliefs(w: dict[str, Any]) -> str:
+    """What each EPP believed (its mean best predicted prefix match) against what the pods then served (their
+    hit rate over the whole run, warm-up included, weighted by requests: every prompt has the same length), and
+    the precise index's event counters over the ladder."""
+    lines = ["What the EPPs believed vs what the pods served (whole run, warm-up included). *Predicted*: the "
+             "EPP's best prefix match per request (max over pods, speculative entries included; the approximate "
+             "producer counts 64-token blocks and the trailing partial one, so a cached system prompt alone reads "
+             "0.63 where precise reads 0.82), mean of `llm_d_epp_prefix_indexer_hit_ratio`. *Served*: the pods' "
+             "prefix-cache hit rate. KV events: what the precise index ingested during the run (`epp_metrics` in "
+             "the JSON; summed over replicas).\n",
+             "| contender | predicted | served | KV block events stored / removed | gaps / lost batches | orphan "
+             "stores / unknown removals |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name, e in w["contenders"].items():
+        if e.get("status") != "ok":
+            continue
+        m = {k.split("{")[0].removeprefix("llm_d_epp_"): v for k, v in e.get("epp_metrics", {}).items()}
+        stages = e["stages"]
+        sent = sum(st["sent"] for st in stages)
+        served = sum(st["sent"] * (st["prefix_hit_rate"] or 0) for st in stages) / sent if sent else None
+        n = m.get("prefix_indexer_hit_ratio_count")
+        predicted = m["prefix_indexer_hit_ratio_sum"] / n if n else None
+        kv = "kv_events_block_stored_total" in m
+
+        def g(key: str, m: dict[str, float] = m) -> str:
+            return f"{m.get(key, 0):,.0f}"
+
+        lines.append(
+            f"| {name} | {_f(predicted, '.2f')} | {_f(served, '.2f')} | "
+            + (f"{g('kv_events_block_stored_total')} / {g('kv_events_block_removed_total')} | "
+               f"{g('kv_events_gaps_total')} / {g('kv_events_lost_batches_total')} | "
+               f"{g('kv_events_orphans_total')} / {g('kv_events_unknown_removals_total')} |" if kv else "- | - | - |")
+        )  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def precise_section(precise: dict[str, Any] | None, results: Path, images: Sequence[tuple[str, str]]) -> str:
+    if not precise:
+        return "_Not run yet: `python -m benchmarks.precise_routing` writes results/routing_precise.json._\n"
+    sc = precise["scale"]
+    ev = precise["eviction"]
+    w = precise["workloads"]["shared-prefix"]
+    pods = sc["pods"]
+    load = precise.get("loadavg", {})
+    out = [
+        f"Run: `python -m benchmarks.precise_routing{' --quick' if precise['quick'] else ''}`, started "
+        f"{precise['started']}, {precise.get('wall_s', 0) / 60:.1f} min wall, load average "
+        f"{load.get('start', '?')} → {load.get('end', '?')} (2 cores, shared with other benchmark runs). Scale: "
+        f"{pods} pods, time scale {sc['time_scale']:g}, token unit {sc['token_unit']}, KV "
+        f"{precise['kv_blocks_per_pod']} blocks per pod; KV events on. Configs: "
+        + ", ".join(f"{p} `{path}`" for p, path in precise["configs"].items())
+        + f". Eviction: {ev['fraction']:.0%} of pod {ev['pod']}'s KV capacity every {ev['every_s']:g} simulated s "
+        f"(`{ev['order']}` order, free cached blocks only).\n",
+        _describe_workload(w["workload"], precise) + "\n",
+    ]
+    for s, approx, prec in _precise_pairs(precise):
+        out.append(f"#### {s['title']}\n")
+        notes: list[str] = []
+        for producer in ("approx", "precise"):
+            e = w["contenders"].get(s["contenders"].get(producer, ""), {})
+            if e.get("status") not in (None, "ok"):
+                notes.append(f"- **{producer}: {e.get('status')}** - {str(e.get('reason', ''))[:400]}")
+            if e.get("evictions"):
+                x = e["evictions"]
+                notes.append(f"- {producer}: {x['rounds']} eviction rounds, {x['blocks']} blocks evicted"
+                           + (f", {x['failed']} failed" if x["failed"] else ""))  # fmt: skip
+        out.extend([*notes, ""] if notes else [])
+        out.append(
+            "| QPS | canonical QPS | TTFT p50 approx / precise | TTFT p90 approx / precise | TTFT p99 approx / "
+            "precise | hit rate approx / precise | out tok/s approx / precise | success approx / precise |"
+        )
+        out.append("|---:|---:|---|---|---|---|---|---|")
+        for r in sorted(set(approx) | set(prec)):
+            a, p = approx.get(r), prec.get(r)
+
+            def pair(key: str, fmt: Any, a: Any = a, p: Any = p) -> str:
+                return f"{fmt(a[key]) if a else '-'} / {fmt(p[key]) if p else '-'}"
+
+            won_t = a and p and (_num(p["ttft_p90_s"]) or math.inf) < (_num(a["ttft_p90_s"]) or math.inf)
+            won_h = a and p and (p["prefix_hit_rate"] or 0) > (a["prefix_hit_rate"] or 0)
+            light = r <= PRECISE_LIGHT_RATE
+            out.append(
+                f"| {r:g} | {_canon('shared-prefix', r, pods)} | {pair('ttft_p50_s', _ttft)} | "
+                f"{pair('ttft_p90_s', _ttft)}{'' if light else (' ✔' if won_t else ' ✘')} | "
+                f"{pair('ttft_p99_s', _ttft)} | {pair('prefix_hit_rate', _pct)}"
+                f"{'' if light else (' ✔' if won_h else ' ✘')} | "
+                f"{pair('output_tokens_per_s', lambda x: _f(x, '.0f'))} | {pair('success_rate', _pct)} |"
+            )
+        out.append("")
+    out.append(_precise_beliefs(w))
+    out.append("How each run placed the 75 prefix groups, per stage after the warm-up (groups on > 1 pod / groups "
+               "whose main pod changed since the previous stage):\n")  # fmt: skip
+    out.append(affinity_table(results, "routing_precise-requests.json.gz"))
+    out.append("")
+    out.extend(f"![{alt}](results/{name})\n" for name, alt in images)
+    return "\n".join(out) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------ README
 def render(results: Path, readme: Path = README, template: Path = TEMPLATE) -> str:
     global TIMEOUT_S
@@ -691,6 +1009,10 @@ def render(results: Path, readme: Path = README, template: Path = TEMPLATE) -> s
     if routing:
         targets += routing_targets(routing)[0]
     targets += overhead_targets(overhead)
+    fc_tenants = _load(results / "flowcontrol_tenants.json")
+    targets += flowcontrol_tenant_targets(fc_tenants)
+    precise = _load(results / "routing_precise.json")
+    targets += precise_targets(precise)
     values = {
         "RUN": run_md,
         "MACHINE": machine_md,
@@ -701,6 +1023,8 @@ def render(results: Path, readme: Path = README, template: Path = TEMPLATE) -> s
         "ROUTING": routing_tables(routing) if routing else "_The routing section was not run._",
         "PLOTS": "\n\n".join(f"![{alt}](results/{name})" for name, alt in images),
         "OVERHEAD": overhead_tables(overhead),
+        "FLOWCONTROL_TENANTS": flowcontrol_tenants_table(fc_tenants),
+        "PRECISE": precise_section(precise, results, precise_plots(precise, results) if precise else []),
         "APPENDICES": appendices(),
     }
     text = template.read_text()

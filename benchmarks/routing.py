@@ -32,19 +32,13 @@ import aiohttp
 from benchmarks.contenders import Contender, EppBehindEnvoy, all_contenders, wait_ready
 from benchmarks.loadgen import Outcome, RunConfig, StageWindow, run_ladder
 from benchmarks.metrics import Sampler, parse_pod_metrics, proc_rss_mb, summarize_stage
-from benchmarks.workloads import MODEL, WORKLOADS, Scale, build, kv_blocks_per_pod, sim_args
+from benchmarks.workloads import MODEL, WORKLOADS, Scale, Workload, build, kv_blocks_per_pod, sim_args
 from llmepp.testing.stack import free_port
 from llmepp_sim.cluster import SimProcess
 
 RESULTS = Path(__file__).parent / "results"
 FIRST_HOST = 200
 
-# Full runs add diagnostic EPP configurations (not shipped profiles) that test the README's explanation of
-# where the default profile loses; they never enter the verdicts.
-DIAGNOSTICS = {
-    "shared-prefix": [("diag-epp-default-unbounded-index",
-                       str(Path(__file__).parent / "configs" / "diagnostics" / "default-unbounded-index.yaml"))],
-}  # fmt: skip
 QUICK_CONTENDERS = {
     "shared-prefix": ["envoy-round-robin", "epp-default", "vllm-router-cache-aware", "smg-cache-aware"],
     "multi-turn": ["envoy-round-robin", "epp-default", "vllm-router-cache-aware", "smg-cache-aware"],
@@ -91,8 +85,10 @@ def outcome_row(o: Outcome, time_scale: float) -> list[Any]:
 
 async def run_contender(
     c: Contender, workload_name: str, scale: Scale, quick: bool, pods: list[tuple[str, int]], workdir: Path,
-    seed: int, raw: list[dict[str, Any]], host_pids: dict[str, int],
+    seed: int, raw: list[dict[str, Any]], host_pids: dict[str, int], workload: Workload | None = None,
 ) -> dict[str, Any]:  # fmt: skip
+    """One contender through one workload's ladder. `workload` (default: `build(workload_name, ...)`) lets a
+    separate comparison (benchmarks.precise_routing) run its own ladder of the same workload."""
     urls = [f"http://{h}:{p}" for h, p in pods]
     reason = c.unavailable()
     if reason:
@@ -109,8 +105,9 @@ async def run_contender(
         msg = f"{type(exc).__name__}: {exc}"
         print(f"  {c.name}: FAILED TO START - {msg[:800]}", flush=True)
         return {"status": "failed", "reason": msg[:4000], "log_tail": c.log_tail}
-    workload = build(workload_name, scale, quick, seed)
+    workload = workload or build(workload_name, scale, quick, seed)
     await reset_caches(urls)
+    await c.before_ladder()
     sampler = Sampler(urls, {**c.pids, **host_pids})
     await sampler.start()
     t0 = time.monotonic()
@@ -167,8 +164,6 @@ async def run(
     out: Path, extra_epp: Sequence[tuple[str, str]] = (),
 ) -> dict[str, Any]:  # fmt: skip
     extras = [(n, path, Path(path).read_text()) for n, path in extra_epp]  # noqa: ASYNC240 (before the run)
-    if not quick and contender_names is None:
-        diag = {n: (p, Path(p).read_text()) for w in workloads for n, p in DIAGNOSTICS.get(w, [])}  # noqa: ASYNC240
     kv_blocks, sp = kv_blocks_per_pod(scale, seed)
     hosts = [f"127.0.0.{FIRST_HOST + i}" for i in range(scale.pods)]
     port = free_port(hosts[0])
@@ -204,9 +199,6 @@ async def run(
                 names = contender_names or (QUICK_CONTENDERS[wl_name] if quick else None)
                 contenders = [c for c in all_contenders() if names is None or c.name in names]
                 contenders += [EppBehindEnvoy(n, text, f"EPP, {path} (extra)") for n, path, text in extras]
-                if not quick and contender_names is None:
-                    contenders += [EppBehindEnvoy(n, diag[n][1], f"diagnostic: {Path(p).name} (not a shipped profile)")
-                                   for n, p in DIAGNOSTICS.get(wl_name, [])]  # fmt: skip
                 entry: dict[str, Any] = {"workload": wl.describe(), "contenders": {}}
                 report["workloads"][wl_name] = entry
                 print(f"workload {wl_name}: {len(contenders)} contenders", flush=True)

@@ -1,13 +1,16 @@
-"""Every benchmark in one run: overhead section, live routing comparison, plots, README.
+"""Every benchmark in one run: overhead section, flow control under saturation, live routing comparison, plots,
+README.
 
-    make bench          # .venv/bin/python -m benchmarks.run_all          (full: ~1.5 h on 2 cores)
+    make bench          # .venv/bin/python -m benchmarks.run_all          (full: ~1.5 h on 2 cores, + ~16 min precise)
     make bench-quick    # .venv/bin/python -m benchmarks.run_all --quick  (≤ 10 min: fewer stages/contenders)
 
     .venv/bin/python -m benchmarks.run_all --only routing --workloads no-sharing --contenders epp-default,...
     .venv/bin/python -m benchmarks.run_all --only report     # regenerate plots + README from the JSON
+    .venv/bin/python -m benchmarks.run_all --only precise [--quick]  # precise vs approx prefix routing alone
 
 Results: benchmarks/results/{routing.json, routing-requests.json.gz, overhead.json, scheduling-*.json,
-flowcontrol.json, run.json, *.png}; benchmarks/README.md is regenerated from README.template.md.
+flowcontrol.json, flowcontrol_tenants.json, routing_precise.json, run.json, *.png}; benchmarks/README.md is
+regenerated from README.template.md.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import overhead, report, routing
+from benchmarks import flowcontrol_tenants, overhead, precise_routing, report, routing
 
 RESULTS = Path(__file__).parent / "results"
 QUICK_TIME_SCALE = 8.0
@@ -35,7 +38,7 @@ def _load() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="≤ 10 minutes: fewer stages and contenders")
-    p.add_argument("--only", choices=("all", "overhead", "routing", "report"), default="all")
+    p.add_argument("--only", choices=("all", "overhead", "flowcontrol", "routing", "precise", "report"), default="all")
     p.add_argument("--results", type=Path, default=RESULTS)
     routing.add_args(p)
     a = p.parse_args(argv)
@@ -52,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.only in ("all", "overhead"):
         print("== overhead section", flush=True)
         overhead.run(a.quick, a.results)
+    if a.only in ("all", "flowcontrol"):
+        print("== flow control under saturation (noisy neighbour, priority)", flush=True)
+        flowcontrol_tenants.run_section(a.quick, a.results)
     if a.only in ("all", "routing"):
         print("== routing section", flush=True)
         names = a.contenders.split(",") if a.contenders else None
@@ -69,6 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 routing.parse_extra(a.extra_epp),
             )
         )
+    if a.only in ("all", "precise"):
+        # Its own pods (KV events on) and its own JSON; the ladder is the main run's shared-prefix one.
+        print("== precise vs approximate prefix routing (shared-prefix; 1 EPP, eviction, 2 replicas)", flush=True)
+        import uvloop
+
+        uvloop.run(precise_routing.run(a.quick, routing.scale_from_args(a), a.results / "routing_precise.json", a.seed))
     if a.only != "report":
         meta["loadavg"]["end"] = _load()
         meta["wall_s"] = time.monotonic() - t0

@@ -29,6 +29,7 @@ import contextlib
 import enum
 import logging
 import math
+import random
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -206,6 +207,11 @@ class Engine:
 
     def reset_prefix_cache(self) -> bool:
         return self.pool.clear_cached()
+
+    def evict_cached(self, fraction: float, order: str = "lru", seed: int | None = None) -> int:
+        """Evict `fraction` of the KV capacity from the prefix cache (cached-but-free blocks only)."""
+        count = int(self.pool.num_blocks * fraction)
+        return self.pool.evict(count, random.Random(seed) if order == "random" else None)
 
     def gauges(self) -> EngineGauges:
         return EngineGauges(

@@ -14,6 +14,7 @@ Mirrors vLLM v1's ``BlockPool`` semantics:
 
 from __future__ import annotations
 
+import random
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -150,6 +151,27 @@ class BlockPool:
         self._hash = [None] * self.num_blocks
         self._emit([AllBlocksCleared()])
         return True
+
+    def evict(self, count: int, rng: random.Random | None = None) -> int:
+        """Evict up to ``count`` cached-but-free blocks, as traffic the router never saw would; returns how many.
+
+        Least recently freed first (the allocator's order), or a uniform sample with ``rng``. In-use blocks
+        cannot be evicted (as in vLLM). Each evicted hash is published in one ``BlockRemoved``; the emptied
+        blocks move to the front of the free queue so the next allocations reuse them before evicting more.
+        """
+        cached = [b for b in self._free if self._hash[b] is not None]
+        chosen = rng.sample(cached, min(count, len(cached))) if rng is not None else cached[: max(0, count)]
+        evicted: list[int] = []
+        for b in chosen:
+            h = self._hash[b]
+            self._hash[b] = None
+            if h is not None and self._by_hash.get(h) == b:
+                del self._by_hash[h]
+                evicted.append(h)
+            self._free.move_to_end(b, last=False)
+        if evicted:
+            self._emit([BlockRemoved(evicted)])
+        return len(chosen)
 
     def _emit(self, events: list[KVEvent]) -> None:
         if events and self._sink is not None:

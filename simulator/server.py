@@ -3,8 +3,10 @@
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``,
 ``GET /metrics``, ``POST /tokenize``, ``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter``,
 ``POST /reset_prefix_cache``, and the simulator's admin API: ``GET|POST /admin/config`` (runtime knobs, see
-``config.RUNTIME_FIELDS``) and ``POST /admin/kill`` (``{"duration": seconds}``; omitted/null = stay down
-until ``SimPod.revive()``).
+``config.RUNTIME_FIELDS``), ``POST /admin/kill`` (``{"duration": seconds}``; omitted/null = stay down
+until ``SimPod.revive()``) and ``POST /admin/evict`` (``{"fraction": 0.2, "order": "lru"|"random", "seed": n}``:
+evict that share of the KV capacity from the prefix cache, publishing ``BlockRemoved``, as traffic the router
+never saw would; answers ``{"evicted": blocks}``).
 
 Every response carries ``x-inference-pod: <pod name>`` and ``x-inference-port: <port>``.
 
@@ -72,6 +74,7 @@ def build_app(pod: SimPod) -> web.Application:
     app.router.add_get("/admin/config", _get_config)
     app.router.add_post("/admin/config", _post_config)
     app.router.add_post("/admin/kill", _kill)
+    app.router.add_post("/admin/evict", _evict)
     return app
 
 
@@ -360,3 +363,17 @@ async def _kill(request: web.Request) -> web.Response:
         raise bad_request("`duration` must be a non-negative number of seconds or null.", param="duration")
     pod.schedule_kill(None if duration is None else float(duration))
     return json_response({"killed": pod.name, "duration": duration}, status=202)
+
+
+async def _evict(request: web.Request) -> web.Response:
+    pod = request.app[POD_KEY]
+    body = decode_json_body(await request.read() or b"{}")
+    fraction, order, seed = body.get("fraction"), body.get("order", "lru"), body.get("seed")
+    if not isinstance(fraction, int | float) or isinstance(fraction, bool) or not 0 <= fraction <= 1:
+        raise bad_request("`fraction` must be a number within [0, 1].", param="fraction")
+    if order not in ("lru", "random"):
+        raise bad_request("`order` must be `lru` or `random`.", param="order")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise bad_request("`seed` must be an integer or null.", param="seed")
+    evicted = pod.engine.evict_cached(float(fraction), order, seed)
+    return json_response({"evicted": evicted, "cached": pod.engine.pool.num_cached})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 import struct
 
 from hypothesis import given, settings
@@ -82,6 +83,44 @@ def test_clear_cached_refuses_while_in_use() -> None:
     pool.free(a)
     assert pool.clear_cached() is True
     assert events[-1] == AllBlocksCleared() and pool.num_cached == 0
+
+
+def test_evict_drops_free_cached_blocks_only_and_reuses_them_first() -> None:
+    events: list[KVEvent] = []
+    pool = BlockPool(8, 2, events.extend)
+    a = pool.allocate(3)
+    pool.store(a, [1, 2, 3], None, [0] * 6)
+    pool.free(a)  # tail first: LRU order is 3, 2, 1
+    busy = pool.allocate(1)  # a never-used block
+    b = pool.allocate(1)  # takes the next never-used block, nothing evicted yet
+    pool.store(b, [9], None, [0, 0])
+    assert pool.evict(2) == 2  # LRU: the two oldest free cached blocks
+    assert events[-1] == BlockRemoved([3, 2])
+    assert pool.cached_prefix([1, 2, 3]) == [a[0]] and pool.is_cached(9)  # in use: never evicted
+    assert pool.num_free == 6  # still free, just empty
+    c = pool.allocate(2)  # the emptied blocks come first: the remaining cached block survives
+    assert set(c) == {a[1], a[2]} and pool.is_cached(1)
+    pool.free(c + busy + b)
+    assert pool.evict(100) == 2 and pool.num_cached == 0  # more than cached: all of them
+    assert pool.evict(1) == 0 and isinstance(events[-1], BlockRemoved)
+
+
+def test_random_eviction_is_seeded_and_bounded() -> None:
+    def run(seed: int) -> list[int]:
+        events: list[KVEvent] = []
+        pool = BlockPool(20, 1, events.extend)
+        blocks = pool.allocate(20)
+        pool.store(blocks, list(range(100, 120)), None, list(range(20)))
+        pool.free(blocks)
+        assert pool.evict(4, random.Random(seed)) == 4
+        assert pool.num_cached == 16
+        removed = events[-1]
+        assert isinstance(removed, BlockRemoved)
+        return removed.block_hashes
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+    assert run(1) != [119, 118, 117, 116]  # not the LRU order
 
 
 def test_wire_round_trip_both_formats() -> None:

@@ -218,3 +218,29 @@ async def test_reset_prefix_cache_publishes_all_blocks_cleared(http: aiohttp.Cli
     finally:
         ctx.destroy(linger=0)
         await cluster.stop()
+
+
+async def test_admin_evict_publishes_block_removed_and_the_engine_agrees(http: aiohttp.ClientSession) -> None:
+    cluster = await started([kv_pod("127.0.0.7", kv_cache_size=40)])
+    ctx = zmq.asyncio.Context()
+    try:
+        sim_pod, url = cluster.pods[0], cluster.urls[0]
+        sub = await subscribe(ctx, sim_pod)
+        prompt = words(160, salt="evict ")
+        await complete(http, url, prompt, 1)
+        assert sim_pod.engine.pool.num_cached >= 10
+        for bad in ({}, {"fraction": 2}, {"fraction": 0.5, "order": "mru"}, {"fraction": 0.5, "seed": "x"}):
+            async with http.post(url + "/admin/evict", json=bad) as response:
+                assert response.status == 400, bad
+        async with http.post(url + "/admin/evict", json={"fraction": 1.0, "order": "random", "seed": 3}) as response:
+            assert response.status == 200
+            body = await response.json()
+        assert body["evicted"] >= 10 and body["cached"] == 0
+        messages = await receive(sub, lambda m: any(e["type"] == "BlockRemoved" for e in events_of(m)))
+        removed = [h for e in events_of(messages) if e["type"] == "BlockRemoved" for h in e["block_hashes"]]
+        assert len(removed) == body["evicted"]
+        assert (await complete(http, url, prompt, 1)).cached_tokens == 0
+        sub.close()
+    finally:
+        ctx.destroy(linger=0)
+        await cluster.stop()
