@@ -55,7 +55,7 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
     py = sys.executable
     out_dir.mkdir(parents=True, exist_ok=True)
     n = "500" if quick else "3000"
-    report: dict[str, Any] = {"quick": quick, "parts": {}}
+    report: dict[str, Any] = {"quick": quick, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "parts": {}}
 
     def part(name: str, cmd: list[str], timeout: float, parse: str, path: Path | None = None) -> None:
         stdout, wall, err = _run(cmd, timeout)

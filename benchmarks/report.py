@@ -321,7 +321,8 @@ def routing_targets(routing: dict[str, Any]) -> tuple[list[list[str]], list[str]
                              f"{_f(b['output_tokens_per_s'], '.0f')} vs {_f(a['output_tokens_per_s'], '.0f')} tok/s = "
                              f"{_f(tput, '.2f')}x", _met(tput is not None and tput >= 1.5)])  # fmt: skip
             else:
-                rows.append(["routing (#6)", "EPP vs round_robin at RR saturation", "round_robin never saturated", "n/a"])
+                rows.append(["routing (#6)", "EPP vs round_robin at RR saturation", "round_robin never saturated",
+                             "n/a"])  # fmt: skip
         for rival in RIVALS:
             rv = _stage_map(w, rival)
             if not rv:
@@ -570,6 +571,10 @@ def overhead_tables(overhead: dict[str, Any] | None) -> str:
     if not overhead:
         return "_The overhead section was not run._\n"
     out: list[str] = []
+    if overhead.get("started"):
+        out.append(f"Measured in the run started {overhead['started']}"
+                   + "".join(f"; {name}: {p['note']}" for name, p in overhead["parts"].items() if p.get("note"))
+                   + ".\n")  # fmt: skip
     ext = _part(overhead, "extproc")
     if ext.get("data"):
         d = ext["data"]
@@ -998,7 +1003,10 @@ def render(results: Path, readme: Path = README, template: Path = TEMPLATE) -> s
     run_md = ""
     if routing:
         sc = routing["scale"]
-        run_md = (f"Run: {'`make bench-quick`' if routing['quick'] else '`make bench`'}, started {routing['started']}, "
+        argv = " ".join(run_meta.get("argv", []))
+        command = f"`python -m benchmarks.run_all {argv}`" if argv else ("`make bench-quick`" if routing["quick"]
+                                                                          else "`make bench`")  # fmt: skip
+        run_md = (f"Run (routing section): {command}, started {routing['started']}, "
                   f"routing section {routing.get('wall_s', 0) / 60:.1f} min wall"
                   + (f", whole run {run_meta['wall_s'] / 60:.1f} min" if run_meta.get("wall_s") else "")
                   + f". Scale: {sc['pods']} pods, time scale {sc['time_scale']:g}, token unit {sc['token_unit']}, "
