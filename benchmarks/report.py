@@ -375,6 +375,48 @@ def routing_targets(routing: dict[str, Any]) -> tuple[list[list[str]], list[str]
     return rows, notes
 
 
+def repeat_runs(results: Path) -> list[dict[str, Any]]:
+    """Extra shared-prefix runs with another workload seed (`routing_seed<N>.json`, written by
+    `python -m benchmarks.routing --seed N --workloads shared-prefix --json ...`)."""
+    runs = []
+    for path in sorted(results.glob("routing_seed*.json")):
+        data = _load(path)
+        if data and "shared-prefix" in data.get("workloads", {}):
+            runs.append(data)
+    return runs
+
+
+def repeat_targets(runs: list[dict[str, Any]]) -> list[list[str]]:
+    """The rival rows of `routing_targets` for each repeat run, labelled with its seed."""
+    rows = []
+    for run in runs:
+        label = f"routing (#6), workload seed {run.get('seed', '?')}"
+        rows += [[label, *r[1:]] for r in routing_targets(run)[0] if r[1].startswith("shared-prefix vs")]
+    return rows
+
+
+def repeat_tables(runs: list[dict[str, Any]]) -> str:
+    if not runs:
+        return "_No repeat run._"
+    out = []
+    for run in runs:
+        w = run["workloads"]["shared-prefix"]
+        names = _ordered(_contenders(w))
+        maps = {n: _stage_map(w, n) for n in names}
+        rates = sorted({r for m in maps.values() for r in m})
+        out.append(f"Workload seed {run.get('seed', '?')}, started {run['started']} (`python -m benchmarks.routing "
+                   f"--seed {run.get('seed', '?')} --workloads shared-prefix --contenders {','.join(names)}`): "
+                   "TTFT p90 (s) / output tok/s per stage.\n")  # fmt: skip
+        out.append("| QPS | " + " | ".join(names) + " |")
+        out.append("|---:|" + "---:|" * len(names))
+        for r in rates:
+            cells = [f"{_ttft(maps[n][r]['ttft_p90_s'])} / {_f(maps[n][r]['output_tokens_per_s'], '.0f')}"
+                     if r in maps[n] else "-" for n in names]  # fmt: skip
+            out.append(f"| {r:g} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def _met(ok: bool) -> str:
     return "**met**" if ok else "**not met**"
 
@@ -1016,6 +1058,8 @@ def render(results: Path, readme: Path = README, template: Path = TEMPLATE) -> s
     targets: list[list[str]] = []
     if routing:
         targets += routing_targets(routing)[0]
+    repeats = repeat_runs(results)
+    targets += repeat_targets(repeats)
     targets += overhead_targets(overhead)
     fc_tenants = _load(results / "flowcontrol_tenants.json")
     targets += flowcontrol_tenant_targets(fc_tenants)
@@ -1026,6 +1070,7 @@ def render(results: Path, readme: Path = README, template: Path = TEMPLATE) -> s
         "MACHINE": machine_md,
         "TARGETS": _table(targets, ["issue", "target", "measured", "verdict"]) if targets else "_no results yet_",
         "WINNERS": winners_table(routing) if routing else "_no routing results_",
+        "REPEATS": repeat_tables(repeats),
         "AFFINITY": affinity_table(results) if routing else "",
         "COST": cost_table(routing) if routing else "",
         "ROUTING": routing_tables(routing) if routing else "_The routing section was not run._",

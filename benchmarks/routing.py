@@ -170,6 +170,7 @@ async def run(
     args = ["--hosts", ",".join(hosts), "--port", str(port), *sim_args(scale, kv_blocks)]
     report: dict[str, Any] = {
         "quick": quick,
+        "seed": seed,
         "scale": asdict(scale),
         "kv_blocks_per_pod": kv_blocks,
         "kv_real_tokens_per_pod": kv_blocks * scale.block_size * scale.token_unit,
