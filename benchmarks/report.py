@@ -401,7 +401,7 @@ def repeat_tables(runs: list[dict[str, Any]]) -> str:
     out = []
     for run in runs:
         w = run["workloads"]["shared-prefix"]
-        names = _ordered(_contenders(w))
+        names = [n for n in _ordered(w["contenders"]) if not n.startswith("diag-")]
         maps = {n: _stage_map(w, n) for n in names}
         rates = sorted({r for m in maps.values() for r in m})
         out.append(f"Workload seed {run.get('seed', '?')}, started {run['started']} (`python -m benchmarks.routing "
