@@ -41,7 +41,7 @@ FIRST_HOST = 200
 
 QUICK_CONTENDERS = {
     "shared-prefix": ["envoy-round-robin", "epp-default", "vllm-router-cache-aware", "smg-cache-aware"],
-    "multi-turn": ["envoy-round-robin", "epp-default", "vllm-router-cache-aware", "smg-cache-aware"],
+    "multi-turn": ["epp-default", "vllm-router-cache-aware", "smg-cache-aware"],
     "no-sharing": ["envoy-round-robin", "envoy-least-request", "epp-default", "vllm-router-cache-aware",
                    "smg-cache-aware"],
 }  # fmt: skip

@@ -80,7 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("== precise vs approximate prefix routing (shared-prefix; 1 EPP, eviction, 2 replicas)", flush=True)
         import uvloop
 
-        uvloop.run(precise_routing.run(a.quick, routing.scale_from_args(a), a.results / "routing_precise.json", a.seed))
+        scenarios = precise_routing.QUICK_SCENARIOS if a.quick else precise_routing.SCENARIOS
+        uvloop.run(precise_routing.run(a.quick, routing.scale_from_args(a), a.results / "routing_precise.json", a.seed,
+                                       scenarios))  # fmt: skip
     if a.only != "report":
         meta["loadavg"]["end"] = _load()
         meta["wall_s"] = time.monotonic() - t0
