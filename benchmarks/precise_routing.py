@@ -40,7 +40,6 @@ import asyncio
 import gzip
 import json
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Sequence
@@ -56,8 +55,7 @@ from benchmarks.contenders import (
     EvictionSpec,
     WithEviction,
 )
-from benchmarks.loadgen import RunConfig
-from benchmarks.routing import _write, run_contender, stage_line, stop_cleanly_on_sigterm
+from benchmarks.routing import _write, run_contender, run_header, stage_line, stop_cleanly_on_sigterm
 from benchmarks.workloads import Scale, SharedPrefix, build, kv_blocks_per_pod, shared_prefix_stages
 from benchmarks.workloads import sim_args as base_sim_args
 from llmepp.testing.stack import free_port
@@ -159,17 +157,7 @@ async def run(
             "--kv-events-replay-endpoint", f"tcp://{hosts[0]}:{replay_port}"]  # fmt: skip
     wl = workload(scale, quick, seed, rates)
     report: dict[str, Any] = {
-        "quick": quick,
-        "scale": asdict(scale),
-        "kv_blocks_per_pod": kv_blocks,
-        "kv_real_tokens_per_pod": kv_blocks * scale.block_size * scale.token_unit,
-        "footprint_blocks": sp.footprint_blocks(),
-        "footprint_share": sp.footprint_blocks() / (kv_blocks * scale.pods),
-        "sim_args": args,
-        "ttft_timeout_s": RunConfig.ttft_timeout_sim,
-        "total_timeout_s": RunConfig.total_timeout_sim,
-        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "python": platform.python_version(),
+        **run_header(quick, seed, scale, kv_blocks, sp, args),
         "loadavg": {"start": " ".join(f"{x:.2f}" for x in os.getloadavg())},
         "configs": {p: str(CONFIGS[p].relative_to(HERE.parent)) for p in producers},
         "eviction": asdict(eviction),

@@ -32,7 +32,7 @@ import aiohttp
 from benchmarks.contenders import Contender, EppBehindEnvoy, all_contenders, wait_ready
 from benchmarks.loadgen import Outcome, RunConfig, StageWindow, run_ladder
 from benchmarks.metrics import Sampler, parse_pod_metrics, proc_rss_mb, summarize_stage
-from benchmarks.workloads import MODEL, WORKLOADS, Scale, Workload, build, kv_blocks_per_pod, sim_args
+from benchmarks.workloads import MODEL, WORKLOADS, Scale, SharedPrefix, Workload, build, kv_blocks_per_pod, sim_args
 from llmepp.testing.stack import free_port
 from llmepp_sim.cluster import SimProcess
 
@@ -159,6 +159,26 @@ def stage_line(s: dict[str, Any]) -> str:
     )
 
 
+def run_header(
+    quick: bool, seed: int, scale: Scale, kv_blocks: int, sp: SharedPrefix, sim_argv: list[str]
+) -> dict[str, Any]:
+    """What a routing run's JSON records about its set-up (shared with benchmarks.precise_routing)."""
+    return {
+        "quick": quick,
+        "seed": seed,
+        "scale": asdict(scale),
+        "kv_blocks_per_pod": kv_blocks,
+        "kv_real_tokens_per_pod": kv_blocks * scale.block_size * scale.token_unit,
+        "footprint_blocks": sp.footprint_blocks(),
+        "footprint_share": sp.footprint_blocks() / (kv_blocks * scale.pods),
+        "sim_args": sim_argv,
+        "ttft_timeout_s": RunConfig.ttft_timeout_sim,
+        "total_timeout_s": RunConfig.total_timeout_sim,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "python": platform.python_version(),
+    }
+
+
 async def run(
     quick: bool, scale: Scale, workloads: Sequence[str], contender_names: Sequence[str] | None, seed: int,
     out: Path, extra_epp: Sequence[tuple[str, str]] = (),
@@ -168,21 +188,7 @@ async def run(
     hosts = [f"127.0.0.{FIRST_HOST + i}" for i in range(scale.pods)]
     port = free_port(hosts[0])
     args = ["--hosts", ",".join(hosts), "--port", str(port), *sim_args(scale, kv_blocks)]
-    report: dict[str, Any] = {
-        "quick": quick,
-        "seed": seed,
-        "scale": asdict(scale),
-        "kv_blocks_per_pod": kv_blocks,
-        "kv_real_tokens_per_pod": kv_blocks * scale.block_size * scale.token_unit,
-        "footprint_blocks": sp.footprint_blocks(),
-        "footprint_share": sp.footprint_blocks() / (kv_blocks * scale.pods),
-        "sim_args": args,
-        "ttft_timeout_s": RunConfig.ttft_timeout_sim,
-        "total_timeout_s": RunConfig.total_timeout_sim,
-        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "python": platform.python_version(),
-        "workloads": {},
-    }
+    report: dict[str, Any] = {**run_header(quick, seed, scale, kv_blocks, sp, args), "workloads": {}}
     print(f"routing: {scale.pods} pods, KV {kv_blocks} blocks/pod "
           f"(shared-prefix footprint {report['footprint_share'] * 100:.1f}% of the cluster), "
           f"time scale {scale.time_scale:g}, token unit {scale.token_unit}", flush=True)  # fmt: skip
