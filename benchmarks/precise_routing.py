@@ -55,11 +55,10 @@ from benchmarks.contenders import (
     EvictionSpec,
     WithEviction,
 )
-from benchmarks.routing import _write, run_contender, run_header, stage_line, stop_cleanly_on_sigterm
+from benchmarks.routing import _write, run_contender, run_header, stage_line, start_sim, stop_cleanly_on_sigterm
 from benchmarks.workloads import Scale, SharedPrefix, build, kv_blocks_per_pod, shared_prefix_stages
 from benchmarks.workloads import sim_args as base_sim_args
 from llmepp.testing.stack import free_port
-from llmepp_sim.cluster import SimProcess
 from llmepp_sim.tokenizer import TOKENIZER_PATH
 
 HERE = Path(__file__).parent
@@ -168,11 +167,8 @@ async def run(
     stages = ", ".join(s.label for s in wl.stages)
     print(f"precise routing: {scale.pods} pods, KV {kv_blocks} blocks/pod, time scale {scale.time_scale:g}, "
           f"stages {stages}; KV events on tcp://<pod>:{zmq_port}", flush=True)  # fmt: skip
-    sim = SimProcess(args, ready_timeout=60)
-    await asyncio.to_thread(sim.start)
+    sim, host_pids = await start_sim(args)
     pods = [(h, port) for h in hosts]
-    assert sim.process is not None
-    host_pids = {"sim": sim.process.pid, "client": os.getpid()}
     raw: list[dict[str, Any]] = []
     t_all = time.monotonic()
     try:

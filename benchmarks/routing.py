@@ -159,6 +159,14 @@ def stage_line(s: dict[str, Any]) -> str:
     )
 
 
+async def start_sim(args: list[str]) -> tuple[SimProcess, dict[str, int]]:
+    """Start the `epp-sim` process running every pod; returns it and the host pids the sampler follows."""
+    sim = SimProcess(args, ready_timeout=60)
+    await asyncio.to_thread(sim.start)
+    assert sim.process is not None
+    return sim, {"sim": sim.process.pid, "client": os.getpid()}
+
+
 def run_header(
     quick: bool, seed: int, scale: Scale, kv_blocks: int, sp: SharedPrefix, sim_argv: list[str]
 ) -> dict[str, Any]:
@@ -192,11 +200,8 @@ async def run(
     print(f"routing: {scale.pods} pods, KV {kv_blocks} blocks/pod "
           f"(shared-prefix footprint {report['footprint_share'] * 100:.1f}% of the cluster), "
           f"time scale {scale.time_scale:g}, token unit {scale.token_unit}", flush=True)  # fmt: skip
-    sim = SimProcess(args, ready_timeout=60)
-    await asyncio.to_thread(sim.start)
+    sim, host_pids = await start_sim(args)
     pods = [(h, port) for h in hosts]
-    assert sim.process is not None
-    host_pids = {"sim": sim.process.pid, "client": os.getpid()}
     raw: list[dict[str, Any]] = []
     t_all = time.monotonic()
     try:
