@@ -19,6 +19,8 @@ from typing import Any
 
 import msgspec
 
+from llmepp_sim.tokenizer import jinja_renderer
+
 ROLES = ("prefill", "decode", "both")
 FAILURE_TYPES = (
     "rate_limit",
@@ -88,6 +90,8 @@ class PodConfig:
     kv_events_replay_endpoint: str = ""  # "" = no replay socket
     kv_events_replay_queue_size: int = 1024
     data_parallel_rank: int = 0
+    # --- chat: a Jinja template file (.jinja or tokenizer_config.json); "" = the built-in role-tags template
+    chat_template: str = ""
     # --- LoRA
     lora_modules: list[LoraModule] = field(default_factory=list)
     max_loras: int = 1
@@ -123,6 +127,11 @@ class PodConfig:
         if unknown:
             problems.append(f"unknown failure types {unknown}; known: {list(FAILURE_TYPES)}")
         problems += [f"{name} must be >= 0" for name in LATENCY_FIELDS if getattr(self, name) < 0]
+        if self.chat_template:
+            try:
+                jinja_renderer(self.chat_template)
+            except ValueError as e:
+                problems.append(str(e))
         if problems:
             raise ValueError("; ".join(problems))
 

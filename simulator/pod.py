@@ -26,7 +26,7 @@ from llmepp_sim.lora import LoraManager
 from llmepp_sim.metrics import CacheInfo, PodMetrics
 from llmepp_sim.server import build_app
 from llmepp_sim.textgen import FillerToken, filler_vocabulary
-from llmepp_sim.tokenizer import SimTokenizer, shared_tokenizer
+from llmepp_sim.tokenizer import ChatRenderer, SimTokenizer, jinja_renderer, render_body, shared_tokenizer
 
 KILL_RESPONSE_GRACE = 0.05  # s: lets the /admin/kill reply reach the client before the socket drops
 
@@ -57,6 +57,7 @@ class SimPod:
         self.clock = clock or SimClock()
         self.tokenizer = tokenizer or shared_tokenizer()
         self.fillers = fillers or filler_vocabulary(self.tokenizer)
+        self.render_chat: ChatRenderer = jinja_renderer(config.chat_template) if config.chat_template else render_body
         self.faults = FaultInjector(config.seed)
         self.name = config.name or "sim"
         self.host = config.host

@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from llmepp_sim.errors import bad_request
-from llmepp_sim.tokenizer import render_chat
+from llmepp_sim.tokenizer import ChatRenderer, render_body
 
 DEFAULT_MAX_TOKENS = 16
 _json_encode = msgspec.json.Encoder().encode
@@ -83,7 +83,8 @@ def _prompt(prompt: Any, vocab_size: int) -> str | list[int]:
     raise bad_request("`prompt` must be a string, a list of token ids, or a list with one of those.", param="prompt")
 
 
-def _messages_text(messages: Any) -> str:
+def _messages_text(body: dict[str, Any], render: ChatRenderer) -> str:
+    messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("`messages` must be a non-empty list.", param="messages")
     for i, message in enumerate(messages):
@@ -92,10 +93,15 @@ def _messages_text(messages: Any) -> str:
         content = message.get("content")
         if content is not None and not isinstance(content, str | list):
             raise bad_request(f"messages[{i}].content must be a string or a list of parts.", param="messages")
-    return render_chat(messages)
+    try:
+        return render(body)
+    except ValueError as e:
+        raise bad_request(str(e), param="messages") from None
 
 
-def parse_inference_request(body: dict[str, Any], chat: bool, vocab_size: int) -> InferenceRequest:
+def parse_inference_request(
+    body: dict[str, Any], chat: bool, vocab_size: int, render: ChatRenderer = render_body
+) -> InferenceRequest:
     """Validate a completions/chat body; tokenisation is left to the caller (it may be slow)."""
     model = _optional(body, "model", str, "a string")
     stream = bool(_optional(body, "stream", bool, "a boolean") or False)
@@ -111,7 +117,7 @@ def parse_inference_request(body: dict[str, Any], chat: bool, vocab_size: int) -
     max_tokens = _max_tokens(body, chat)
     prompt: str | list[int]
     if chat:
-        prompt = _messages_text(body.get("messages"))
+        prompt = _messages_text(body, render)
     else:
         if "prompt" not in body:
             raise bad_request("`prompt` is required.", param="prompt")

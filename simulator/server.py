@@ -149,7 +149,9 @@ async def _inference(request: web.Request, chat: bool) -> web.StreamResponse:
     forced = pod.faults.forced(request.headers.get(FORCE_ERROR_HEADER))
     if forced is not None:
         raise forced
-    parsed = parse_inference_request(decode_json_body(await request.read()), chat, pod.tokenizer.vocab_size)
+    parsed = parse_inference_request(
+        decode_json_body(await request.read()), chat, pod.tokenizer.vocab_size, pod.render_chat
+    )
     model, adapter = _resolve_model(pod, parsed.model)
     injected = pod.faults.maybe_fail(pod.config, model)
     if injected is not None:
@@ -299,8 +301,9 @@ async def _tokenize(request: web.Request) -> web.Response:
     chat = "messages" in body
     if not chat and "prompt" not in body:
         raise bad_request("`prompt` or `messages` is required.", param="prompt")
+    fields = ("model", "prompt", "messages", "tools", "chat_template_kwargs", "add_generation_prompt")
     parsed = parse_inference_request(
-        {k: v for k, v in body.items() if k in ("model", "prompt", "messages")}, chat, pod.tokenizer.vocab_size
+        {k: v for k, v in body.items() if k in fields}, chat, pod.tokenizer.vocab_size, pod.render_chat
     )
     _resolve_model(pod, parsed.model)
     tokens = await pod.tokenizer.encode_prompt(parsed.prompt)

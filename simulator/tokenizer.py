@@ -22,16 +22,26 @@ the empty string. Example: ``[{"role":"user","content":"Hi"}]`` renders to
 Because every message is rendered independently and appended, a conversation's rendering is a prefix of
 the rendering of any continuation of that conversation (minus the final generation prompt), which is what
 makes multi-turn prefix caching work.
+
+A pod configured with ``chat_template`` (a ``.jinja`` file or a ``tokenizer_config.json`` with a
+``chat_template`` string) renders chat requests with that Jinja template instead, as vLLM does for a
+template over string content: sandboxed Jinja with ``trim_blocks`` and ``lstrip_blocks``, ``tojson``
+without HTML escaping, ``raise_exception``; context = ``bos_token`` / ``eos_token`` of the config (the
+``tokenizer_config.json`` next to a ``.jinja`` file), the request's ``chat_template_kwargs``, ``messages``
+(content as text, as above), ``tools`` as sent, ``add_generation_prompt`` (default true).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -67,6 +77,56 @@ def render_chat(messages: Sequence[dict[str, Any]]) -> str:
     """Apply the fixed chat template (see module docstring)."""
     rendered = [f"<|{m.get('role', '')}|>\n{message_text(m.get('content'))}\n" for m in messages]
     return "".join(rendered) + GENERATION_PROMPT
+
+
+def render_body(body: dict[str, Any]) -> str:
+    """The fixed template over a chat body's ``messages``."""
+    return render_chat(body["messages"])
+
+
+ChatRenderer = Callable[[dict[str, Any]], str]
+
+
+def jinja_renderer(path: str) -> ChatRenderer:
+    """A model's Jinja chat template from ``path`` (see the module docstring). Raises ValueError."""
+    p = Path(path)
+    try:
+        config_path = p if p.suffix == ".json" else p.parent / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        source = config.get("chat_template") if p.suffix == ".json" else p.read_text()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"chat_template {path!r}: {e}") from None
+    if not isinstance(source, str):
+        raise ValueError(f"chat_template {path!r}: no chat_template string")
+    special = {}
+    for key in ("bos_token", "eos_token"):
+        value = config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            special[key] = value
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = _raise
+    try:
+        template = env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"chat_template {path!r}, line {e.lineno}: {e.message}") from None
+
+    def render(body: dict[str, Any]) -> str:
+        messages = [{**m, "content": message_text(m.get("content"))} for m in body["messages"]]
+        context = {**special, **(body.get("chat_template_kwargs") or {})}
+        context.update(messages=messages, tools=body.get("tools"),
+                       add_generation_prompt=body.get("add_generation_prompt", True))  # fmt: skip
+        try:
+            return template.render(context)
+        except jinja2.TemplateError as e:
+            raise ValueError(f"chat template: {e}") from None
+
+    return render
+
+
+def _raise(message: str) -> None:
+    raise jinja2.TemplateError(message)
 
 
 class SimTokenizer:

@@ -1,25 +1,65 @@
-"""Chat templates: a conversation (role, text per message) → the text the model server tokenizes.
+"""Chat templates: a chat request → the prompt text the model server tokenizes.
 
 Precise prefix routing needs the EPP's token ids to equal the engine's, so the template must be the
-engine's. This build ships templates as named Python renderers (no Jinja engine is a dependency):
+engine's. `load_chat_template(spec, tokenizer_path)` gives one of:
 
-* `role-tags` (alias `llmepp-sim`): the simulator's template (llmepp_sim.tokenizer), per message
-  ``<|{role}|>\\n{text}\\n``, then the generation prompt ``<|assistant|>\\n``.
-* `plain`: the texts joined by "\\n", no roles and no generation prompt (for engines serving raw text).
+* **the model's Jinja template** (`spec` `auto`, or a path): `chat_template.jinja` next to `tokenizer.json`,
+  else the `chat_template` of the `tokenizer_config.json` there; or the file `spec` names (a `.json`
+  tokenizer config or a Jinja source). Rendered as vLLM's `/v1/chat/completions` renders it (through
+  transformers): a sandboxed Jinja environment with `trim_blocks`, `lstrip_blocks`, `loopcontrols`,
+  `{% generation %}`, transformers' `tojson` (no HTML escaping), `raise_exception`, `strftime_now`; the
+  context is the config's special tokens (`bos_token`, `eos_token`, ...), `messages`, `tools`, `documents`,
+  `add_generation_prompt` (request, default true), then the request's `chat_template_kwargs` (e.g.
+  Qwen3's `enable_thinking`); `continue_final_message` cuts after the final message as transformers does.
+  Messages as vLLM passes them: text parts joined by "\\n" into a string, or kept as `[{type: text, text}]`
+  when the template loops over `message.content` (vLLM's "openai" content format, detected from the
+  template's syntax tree); assistant `tool_calls` with JSON-string arguments parsed to objects; `name`,
+  `tool_call_id`, `reasoning` / `reasoning_content` passed through. A config whose `chat_template` is a
+  list of named templates uses `tool_use` for requests with tools (when present), else `default`.
+* **built-in renderers**: `role-tags` (alias `llmepp-sim`), the simulator's template, per message
+  ``<|{role}|>\\n{text}\\n`` then the generation prompt ``<|assistant|>\\n``; `plain`, the texts joined by
+  "\\n" (engines serving raw text). `auto` falls back to `role-tags`, with a warning, when the tokenizer's
+  folder holds no template.
 
-A Jinja `chat_template` string from a model's tokenizer_config.json is not supported: tools, the
-system-prompt rules and special tokens of real templates are out of reach without a Jinja engine.
-Chat requests of such models tokenize with a mismatching template and simply do not match cached
-prefixes (routing then falls back to the load scorers); completions are unaffected.
+A template that fails on a request (its `raise_exception`, a malformed body) raises ValueError: the
+token producer then skips the request (it routes without prefix data), as vLLM would reject it.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import jinja2
+import jinja2.ext
+import msgspec
+from jinja2 import nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from llmepp.request.types import InferenceRequest
+
+log = logging.getLogger(__name__)
 
 Messages = Sequence[tuple[str, str]]
+AUTO = "auto"
+JINJA_FILE = "chat_template.jinja"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# Context names a request's chat_template_kwargs may not override (they come from their own fields).
+_RESERVED = frozenset({"messages", "tools", "documents", "add_generation_prompt", "continue_final_message"})
 
 
+class ChatTemplate(Protocol):
+    name: str
+
+    def render(self, request: InferenceRequest) -> str: ...
+
+
+# -- built-in renderers ----------------------------------------------------------------------
 def role_tags(messages: Messages) -> str:
     return "".join(f"<|{role}|>\n{text}\n" for role, text in messages) + "<|assistant|>\n"
 
@@ -35,8 +75,290 @@ BUILTIN: dict[str, Callable[[Messages], str]] = {
 }
 
 
-def template(name: str) -> Callable[[Messages], str]:
+class BuiltinTemplate:
+    """A built-in renderer over the parsed (role, text) messages."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._fn = BUILTIN[name]
+
+    def render(self, request: InferenceRequest) -> str:
+        return self._fn(request.messages or ())
+
+
+# -- Jinja ------------------------------------------------------------------------------------
+class _ChatInputs(msgspec.Struct):
+    """The fields of a chat request a template sees (everything else in the body is skipped)."""
+
+    messages: list[dict[str, Any]] = []
+    tools: list[dict[str, Any]] | None = None
+    documents: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+
+_INPUTS = msgspec.json.Decoder(_ChatInputs)
+_TEMPLATE_FIELDS = ("messages", "tools", "documents", "chat_template_kwargs", "add_generation_prompt",
+                    "continue_final_message")  # fmt: skip
+
+
+def template_fields(body: bytes) -> dict[str, Any]:
+    """The chat body's fields that decide its rendering, verbatim (for a model server's /tokenize)."""
     try:
-        return BUILTIN[name]
-    except KeyError:
-        raise ValueError(f"unknown chat template {name!r}; built-in: {', '.join(sorted(BUILTIN))}") from None
+        data = msgspec.json.decode(body)
+    except msgspec.DecodeError as e:
+        raise ValueError(f"chat request cannot be decoded: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError("chat request body is not a JSON object")
+    return {k: data[k] for k in _TEMPLATE_FIELDS if k in data}
+
+
+class _Generation(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask marker): renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body, lineno=lineno)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:  # fmt: skip
+    # transformers' filter: plain json.dumps (Jinja's own escapes <, >, & and ' for HTML).
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+def _loops_over_content(ast: nodes.Template) -> bool:
+    """vLLM's content-format detection: does the template iterate over a message's `content`
+    (directly, or through a variable assigned from it)? Then it expects a list of parts."""
+
+    def is_content(node: nodes.Node) -> bool:
+        while isinstance(node, nodes.Filter) and node.node is not None:
+            node = node.node
+        if isinstance(node, nodes.Getattr):
+            return node.attr == "content"
+        if isinstance(node, nodes.Getitem):
+            return isinstance(node.arg, nodes.Const) and node.arg.value == "content"
+        return False
+
+    aliases = {
+        a.target.name for a in ast.find_all(nodes.Assign) if isinstance(a.target, nodes.Name) and is_content(a.node)
+    }
+    for loop in ast.find_all(nodes.For):
+        it = loop.iter
+        if is_content(it) or (isinstance(it, nodes.Name) and it.name in aliases):
+            return True
+    return False
+
+
+def _text_parts(content: Any) -> list[str]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [content]
+    if not isinstance(content, list):
+        raise ValueError("message content must be a string, a list of parts or null")
+    return [p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text" and "text" in p]
+
+
+def _tool_call(call: Any) -> Any:
+    """vLLM parses a tool call's JSON-string `arguments` into an object before rendering."""
+    if isinstance(call, dict) and isinstance(call.get("function"), dict):
+        fn = call["function"]
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            try:
+                parsed = json.loads(args)
+            except ValueError:
+                return call
+            return {**call, "function": {**fn, "arguments": parsed}}
+    return call
+
+
+def _tool(tool: dict[str, Any]) -> dict[str, Any]:
+    """A tool as vLLM hands it to the template (its request model dumped: absent fields are null)."""
+    fn = tool.get("function")
+    if not isinstance(fn, dict):
+        return tool
+    return {
+        "type": tool.get("type", "function"),
+        "function": {"name": fn.get("name"), "description": fn.get("description"), "parameters": fn.get("parameters")},
+    }
+
+
+class JinjaTemplate:
+    """A model's Jinja chat template, compiled once (see the module docstring for the semantics)."""
+
+    def __init__(self, source: str | dict[str, str], *, special_tokens: dict[str, str], origin: str) -> None:
+        env = _environment()
+        sources = {"default": source} if isinstance(source, str) else dict(source)
+        if "default" not in sources:
+            raise ValueError(f"{origin}: the chat_template list has no template named 'default'")
+        self.name = origin
+        self._templates: dict[str, jinja2.Template] = {}
+        self._lists: dict[str, bool] = {}
+        for name, text in sources.items():
+            try:
+                ast = env.parse(text)
+                self._templates[name] = env.from_string(text)
+            except jinja2.TemplateSyntaxError as e:
+                raise ValueError(f"{origin}: chat template {name!r}, line {e.lineno}: {e.message}") from None
+            self._lists[name] = _loops_over_content(ast)
+        self._special = special_tokens
+
+    def content_as_parts(self, name: str = "default") -> bool:
+        return self._lists[name]
+
+    def render(self, request: InferenceRequest) -> str:
+        try:
+            inputs = _INPUTS.decode(request.body)
+        except msgspec.DecodeError as e:  # ValidationError included
+            raise ValueError(f"chat request cannot be rendered: {e}") from None
+        name = "tool_use" if inputs.tools and "tool_use" in self._templates else "default"
+        messages = [self._message(m, self._lists[name]) for m in inputs.messages]
+        if inputs.add_generation_prompt and inputs.continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
+        kwargs = inputs.chat_template_kwargs or {}
+        context: dict[str, Any] = {**self._special, **{k: v for k, v in kwargs.items() if k not in _RESERVED}}
+        context.update(
+            messages=messages,
+            tools=[_tool(t) for t in inputs.tools] if inputs.tools else None,
+            documents=inputs.documents,
+            add_generation_prompt=inputs.add_generation_prompt,
+        )
+        try:
+            text = self._templates[name].render(context)
+        except jinja2.TemplateError as e:
+            raise ValueError(f"chat template: {e}") from None
+        except (TypeError, ValueError, KeyError, AttributeError) as e:  # a template's own Python errors
+            raise ValueError(f"chat template failed on this request: {e!r}") from None
+        if inputs.continue_final_message and messages:
+            text = _continue_final(text, messages[-1])
+        return text
+
+    @staticmethod
+    def _message(m: dict[str, Any], as_parts: bool) -> dict[str, Any]:
+        texts = _text_parts(m.get("content"))
+        out: dict[str, Any] = {"role": m.get("role", "")}
+        out["content"] = [{"type": "text", "text": t} for t in texts] if as_parts else "\n".join(texts)
+        calls = m.get("tool_calls")
+        if out["role"] == "assistant" and isinstance(calls, list) and calls:
+            out["tool_calls"] = [_tool_call(c) for c in calls]
+        for key in ("name", "tool_call_id", "reasoning", "reasoning_content"):
+            if key in m:
+                out[key] = m[key]
+        return out
+
+
+def _continue_final(text: str, final: dict[str, Any]) -> str:
+    """transformers' continue_final_message: cut the rendering right after the final message."""
+    content = final["content"]
+    if isinstance(content, list):
+        if not content:
+            raise ValueError("continue_final_message: the final message has no text to continue")
+        content = content[-1]["text"]
+    if content.strip() not in text:
+        raise ValueError("continue_final_message: the final message does not appear in the rendered prompt")
+    end = text.rindex(content.strip())
+    if text[end : end + len(content.lstrip())] == content:
+        return text[: end + len(content.lstrip())]
+    return text[: end + len(content.strip())]
+
+
+# -- loading ----------------------------------------------------------------------------------
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return str(value["content"])  # an AddedToken record
+    return None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot be read as JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def _special_tokens(config: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for key in SPECIAL_TOKENS:
+        text = _token_text(config.get(key))
+        if text is not None:
+            out[key] = text
+    return out
+
+
+def _config_template(config: dict[str, Any], path: Path) -> str | dict[str, str] | None:
+    raw = config.get("chat_template")
+    if raw is None or isinstance(raw, str):
+        return raw
+    if isinstance(raw, list) and all(isinstance(t, dict) and "name" in t and "template" in t for t in raw):
+        return {str(t["name"]): str(t["template"]) for t in raw}
+    raise ValueError(f"{path}: chat_template must be a string or a list of {{name, template}}")
+
+
+def load_chat_template(spec: str, tokenizer_path: str) -> ChatTemplate:
+    """The template `spec` names: a built-in, `auto` (the model's, found next to the tokenizer), or a file."""
+    if spec in BUILTIN:
+        return BuiltinTemplate(spec)
+    folder = Path(tokenizer_path).parent
+    config_path = folder / TOKENIZER_CONFIG
+    config = _read_config(config_path) if config_path.is_file() else {}
+    if spec == AUTO:
+        jinja_path = folder / JINJA_FILE
+        if jinja_path.is_file():
+            return JinjaTemplate(_read_text(jinja_path), special_tokens=_special_tokens(config), origin=str(jinja_path))
+        source = _config_template(config, config_path)
+        if source is not None:
+            return JinjaTemplate(source, special_tokens=_special_tokens(config), origin=str(config_path))
+        log.warning(
+            "no chat template next to %s (%s or a chat_template in %s): chat requests are rendered with the "
+            "built-in role-tags template; set tokenizer.chatTemplate to the model's template",
+            tokenizer_path, JINJA_FILE, TOKENIZER_CONFIG,
+        )  # fmt: skip
+        return BuiltinTemplate("role-tags")
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(
+            f"{spec!r} is neither a built-in template ({', '.join(sorted(BUILTIN))}), {AUTO!r}, nor a file"
+        )
+    if path.suffix == ".json":
+        config = _read_config(path)
+        source = _config_template(config, path)
+        if source is None:
+            raise ValueError(f"{path}: has no chat_template")
+        return JinjaTemplate(source, special_tokens=_special_tokens(config), origin=str(path))
+    return JinjaTemplate(_read_text(path), special_tokens=_special_tokens(config), origin=str(path))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot be read: {e}") from None

@@ -40,10 +40,12 @@ class HFTokenizer:
     def ids(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=self.add_special_tokens).ids)
 
-    def encode(self, text: str) -> bytes:
-        return tokens_to_bytes(self._tokenizer.encode(text, add_special_tokens=self.add_special_tokens).ids)
+    def encode(self, text: str, special: bool | None = None) -> bytes:
+        """`special` overrides `add_special_tokens` (chat prompts: False, their template has them)."""
+        add = self.add_special_tokens if special is None else special
+        return tokens_to_bytes(self._tokenizer.encode(text, add_special_tokens=add).ids)
 
-    async def encode_async(self, text: str) -> bytes:
+    async def encode_async(self, text: str, special: bool | None = None) -> bytes:
         if len(text) < self.thread_threshold:
-            return self.encode(text)
-        return await asyncio.get_running_loop().run_in_executor(_EXECUTOR, self.encode, text)
+            return self.encode(text, special)
+        return await asyncio.get_running_loop().run_in_executor(_EXECUTOR, self.encode, text, special)

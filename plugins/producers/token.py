@@ -19,7 +19,7 @@ from llmepp.framework.requestcontrol import DataProducer
 from llmepp.kvevents.keys import tokens_to_bytes
 from llmepp.kvevents.stats import LogLimiter
 from llmepp.request.types import InferenceRequest
-from llmepp.tokenization.chat import template
+from llmepp.tokenization.chat import AUTO, load_chat_template, template_fields
 from llmepp.tokenization.hf import HFTokenizer
 from llmepp.units import parse_duration
 
@@ -37,7 +37,7 @@ def estimate_tokens(prompt: bytes) -> bytes:
 class TokenizerConfig(PluginParams):
     backend: str = "estimate"
     path: str = ""
-    chat_template: str = "role-tags"
+    chat_template: str = AUTO
     add_special_tokens: bool = False
     thread_threshold_chars: int = 4096
 
@@ -57,20 +57,26 @@ class TokenProducer(DataProducer):
       content of each message) into uint32 pseudo-tokens, 4 bytes per token. Count = ceil(bytes / 4).
       Good for approximate prefix routing; never equal to an engine's tokens.
     * `hf` — `tokenizer: {backend: hf, path: /models/x/tokenizer.json}`: the model's real tokenizer
-      from a local file (never downloaded). Completions: the prompt text encoded as is. Chat: the
-      messages rendered with `chatTemplate` (built-in names, see llmepp.tokenization.chat; default
-      `role-tags`, the simulator's template), then encoded. Needed by `precise-prefix-cache-producer`.
+      from a local file (never downloaded). Completions: the prompt text encoded as is (with special
+      tokens when `addSpecialTokens`, as vLLM's completions endpoint adds them). Chat: the request
+      rendered with `chatTemplate`, then encoded without special tokens (the template writes them, as
+      in vLLM): `auto` (default) = the model's Jinja template from `chat_template.jinja` or
+      `tokenizer_config.json` next to the tokenizer (else the built-in `role-tags`, logged); a path to
+      either file; or a built-in name (`role-tags`, the simulator's; `plain`). Semantics in
+      llmepp.tokenization.chat. Needed by `precise-prefix-cache-producer`.
       Prompts of more than `threadThresholdChars` (4096) characters are encoded in a worker thread.
     * `vllm` — `vllm: {url: http://render:8000}` (the reference's parameter): the model server
-      tokenizes; POST `{url}{path}` (default `/tokenize`, vLLM's tokenize API) with the prompt or the
-      chat messages, per request, bounded by `timeout` (and the director's 400 ms producer budget).
+      tokenizes; POST `{url}{path}` (default `/tokenize`, vLLM's tokenize API) with the prompt, or the
+      chat request's messages, tools, documents, chat_template_kwargs, add_generation_prompt and
+      continue_final_message as sent (the server applies its own template), per request, bounded
+      by `timeout` (and the director's 400 ms producer budget).
       Used when `vllm` is set and `tokenizer` is not.
 
     Token-id prompts pass through unchanged with every backend. On a tokenizer failure the request
     gets no TokenizedPrompt (prefix producers then skip it) and the failure is logged, rate-limited.
 
     Parameters: `modelName` (sent to the vllm backend; informational otherwise), `tokenizer`
-    {`backend` estimate|hf, `path`, `chatTemplate` role-tags, `addSpecialTokens` false,
+    {`backend` estimate|hf, `path`, `chatTemplate` auto, `addSpecialTokens` false,
     `threadThresholdChars` 4096}, `vllm` {`url`, `path` /tokenize, `timeout` 5s}.
     """
 
@@ -121,14 +127,11 @@ class HFTokenProducer(TokenProducer):
         self.tokenizer = HFTokenizer(
             cfg.path, add_special_tokens=cfg.add_special_tokens, thread_threshold=cfg.thread_threshold_chars
         )
-        self.render = template(cfg.chat_template)
+        try:
+            self.template = load_chat_template(cfg.chat_template, cfg.path)
+        except ValueError as e:
+            raise ValueError(f"tokenizer.chatTemplate: {e}") from None
         self._log = LogLimiter(log)
-
-    def text(self, request: InferenceRequest) -> str:
-        if request.messages is not None:
-            return self.render(request.messages)
-        assert request.prompt is not None
-        return request.prompt.decode("utf-8", "replace")
 
     async def produce(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None:
         if request.prompt is None:
@@ -137,7 +140,10 @@ class HFTokenProducer(TokenProducer):
             request.data[TOKENIZED_PROMPT] = TokenizedPrompt(request.prompt, self.backend)
             return
         try:
-            token_bytes = await self.tokenizer.encode_async(self.text(request))
+            if request.messages is not None:
+                token_bytes = await self.tokenizer.encode_async(self.template.render(request), special=False)
+            else:
+                token_bytes = await self.tokenizer.encode_async(request.prompt.decode("utf-8", "replace"))
         except Exception as e:
             self._log.warning("hf", "%s: tokenization failed: %s", self.name, e)
             return
@@ -165,7 +171,12 @@ class VllmTokenProducer(TokenProducer):
             return
         body: dict[str, Any] = {"model": self.model or request.target_model or request.model}
         if request.messages is not None:
-            body["messages"] = [{"role": role, "content": text} for role, text in request.messages]
+            # The server renders its own chat template: send what decides the rendering, verbatim.
+            try:
+                body.update(template_fields(request.body))
+            except ValueError as e:
+                self._log.warning("body", "%s: %s", self.name, e)
+                return
         else:
             body["prompt"] = request.prompt.decode("utf-8", "replace")
         if self._session is None:

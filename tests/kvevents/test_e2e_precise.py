@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -21,7 +22,7 @@ SIM = ["--latency-profile", "llama-8b-h100", "--time-scale", "20", "--max-num-se
 EVENTS_SETTLE = 0.3  # s: the simulator flushes event batches within 5 ms; subscribers apply at once
 
 
-def config(zmq_port: int, replay_port: int, *, redis_url: str = "") -> str:
+def config(zmq_port: int, replay_port: int, *, redis_url: str = "", chat_template: str = "auto") -> str:
     index = ""
     load = ""
     if redis_url:
@@ -41,7 +42,7 @@ plugins:
 - type: token-producer
   parameters:
     modelName: {MODEL}
-    tokenizer: {{backend: hf, path: "{TOKENIZER_PATH}"}}
+    tokenizer: {{backend: hf, path: "{TOKENIZER_PATH}", chatTemplate: "{chat_template}"}}
 - type: endpoint-notification-source
 - type: precise-prefix-cache-producer
   parameters:
@@ -73,15 +74,19 @@ schedulingProfiles:
 """
 
 
-def stack_options(first_host: int, *, replay: bool = True, redis_url: str = "", replicas: int = 1) -> StackOptions:
+def stack_options(
+    first_host: int, *, replay: bool = True, redis_url: str = "", replicas: int = 1, chat_template: str = ""
+) -> StackOptions:
     host = f"127.0.0.{first_host}"
     zmq_port, replay_port = free_port(host), free_port(host) if replay else 0
     sim = [*SIM, "--zmq-endpoint", f"tcp://{host}:{zmq_port}"]
+    if chat_template:
+        sim += ["--chat-template", chat_template]
     if replay:
         sim += ["--kv-events-replay-endpoint", f"tcp://{host}:{replay_port}"]
     return StackOptions(
         pods=4, first_host=first_host, sim_args=sim, epp_replicas=replicas,
-        epp_config=config(zmq_port, replay_port, redis_url=redis_url),
+        epp_config=config(zmq_port, replay_port, redis_url=redis_url, chat_template=chat_template or "auto"),
     )  # fmt: skip
 
 
@@ -101,6 +106,14 @@ async def complete(http: aiohttp.ClientSession, url: str, prompt: str) -> tuple[
     """(pod that served it, prompt tokens it found cached)."""
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 2}
     async with http.post(f"{url}/v1/completions", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        data = await resp.json()
+        return resp.headers["x-inference-pod"], int(data["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+
+async def chat(http: aiohttp.ClientSession, url: str, messages: list[dict[str, str]]) -> tuple[str, int]:
+    body = {"model": MODEL, "messages": messages, "max_tokens": 2}
+    async with http.post(f"{url}/v1/chat/completions", json=body) as resp:
         assert resp.status == 200, await resp.text()
         data = await resp.json()
         return resp.headers["x-inference-pod"], int(data["usage"]["prompt_tokens_details"]["cached_tokens"])
@@ -165,3 +178,19 @@ async def test_redis_index_survives_an_epp_restart(http: aiohttp.ClientSession) 
         for prompt, home in placed.items():
             pod, cached = await complete(http, stack.url, prompt)
             assert pod == home.name and cached > 0
+
+
+async def test_chat_rendered_with_the_models_jinja_template_lands_where_it_is_cached(
+    http: aiohttp.ClientSession,
+) -> None:
+    """Pods and EPP render chats with the model's own Jinja template (ChatML with a default system
+    prompt): the EPP's token ids equal the pod's, so a conversation's next turn finds its cached history."""
+    template = str(Path(__file__).parent.parent / "tokenization" / "templates" / "chatml" / "tokenizer_config.json")
+    async with Stack(stack_options(166, chat_template=template)) as stack:
+        home = stack.pods[2]
+        history = [{"role": "user", "content": long_prompt(7)}]
+        await chat(http, home.url, history)
+        await asyncio.sleep(EVENTS_SETTLE)
+        history += [{"role": "assistant", "content": "noted"}, {"role": "user", "content": "and now?"}]
+        pod, cached = await chat(http, stack.url, history)
+        assert pod == home.name and cached > 0

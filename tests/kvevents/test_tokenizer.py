@@ -111,7 +111,10 @@ def test_estimate_stays_the_default_and_synchronous() -> None:
         ({"tokenizer": {"backend": "hf"}}, "tokenizer.path is required"),
         ({"tokenizer": {"backend": "sentencepiece", "path": "x"}}, "tokenizer.backend must be one of"),
         ({"tokenizer": {"backend": "hf", "path": "/nonexistent/tokenizer.json"}}, "does not exist"),
-        ({"tokenizer": {"backend": "hf", "path": str(TOKENIZER_PATH), "chatTemplate": "jinja"}}, "unknown chat"),
+        (
+            {"tokenizer": {"backend": "hf", "path": str(TOKENIZER_PATH), "chatTemplate": "jinja"}},
+            "tokenizer.chatTemplate: .jinja. is neither a built-in",
+        ),
         ({"tokenizer": {"backend": "hf", "path": str(TOKENIZER_PATH), "bogus": 1}}, "bogus"),
     ],
 )

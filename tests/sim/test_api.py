@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
+import pytest
 
+from llmepp_sim.config import PodConfig
 from llmepp_sim.tokenizer import shared_tokenizer
 
 from .simkit import complete, pod, started, words
@@ -235,3 +238,33 @@ async def test_long_prompts_are_tokenized_off_the_loop_identically(http: aiohttp
         assert result.body["usage"]["prompt_tokens"] == len(shared_tokenizer().encode(text))
     finally:
         await cluster.stop()
+
+
+CHATML = Path(__file__).parent.parent / "tokenization" / "templates" / "chatml" / "tokenizer_config.json"
+
+
+async def test_a_pod_with_a_jinja_chat_template_renders_chats_with_it(http: aiohttp.ClientSession) -> None:
+    cluster = await started([pod(chat_template=str(CHATML))])
+    try:
+        url = cluster.urls[0]
+        body = {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"enable_thinking": False}}
+        async with http.post(url + "/tokenize", json=body) as response:
+            tokens = (await response.json())["tokens"]
+        expected = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+                    "<|im_start|>assistant\n<think>\n\n</think>\n\n")  # fmt: skip
+        assert tokens == shared_tokenizer().encode(expected)
+        # The template's raise_exception is the client's error (400), as in vLLM.
+        bad = [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]
+        async with http.post(url + "/v1/chat/completions", json={"messages": bad, "max_tokens": 1}) as response:
+            assert response.status == 400
+            assert "system message must come first" in (await response.json())["error"]["message"]
+    finally:
+        await cluster.stop()
+
+
+def test_an_unreadable_chat_template_is_a_config_error(tmp_path: Path) -> None:
+    broken = tmp_path / "t.jinja"
+    broken.write_text("{% if %}")
+    for path, error in ((tmp_path / "missing.jinja", "missing.jinja"), (broken, "line 1")):
+        with pytest.raises(ValueError, match=error):
+            PodConfig(chat_template=str(path)).validate()

@@ -1,0 +1,198 @@
+"""Jinja chat templates (the model's own, as vLLM renders them) and the built-in ones."""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer
+from tokenizers.processors import TemplateProcessing
+
+from llmepp.framework.datakeys import TOKENIZED_PROMPT, TokenizedPrompt
+from llmepp.framework.plugin import ConfigError, registry
+from llmepp.request.parsers import parse_request
+from llmepp.request.types import InferenceRequest
+from llmepp.tokenization.chat import BuiltinTemplate, JinjaTemplate, load_chat_template
+from llmepp_sim.tokenizer import TOKENIZER_PATH, SimTokenizer, jinja_renderer
+
+TEMPLATES = Path(__file__).parent / "templates"
+CHATML = TEMPLATES / "chatml" / "tokenizer_config.json"
+LLAMA = TEMPLATES / "llama" / "chat_template.jinja"
+SIM = SimTokenizer()
+
+
+def chat(body: dict[str, Any]) -> InferenceRequest:
+    return parse_request({":path": "/v1/chat/completions"}, json.dumps({"model": "m", **body}).encode(), request_id="r")
+
+
+def render(template: Any, **body: Any) -> str:
+    return str(template.render(chat(body)))
+
+
+def jinja(source: str, **special: str) -> JinjaTemplate:
+    return JinjaTemplate(source, special_tokens=special, origin="test")
+
+
+USER = {"role": "user", "content": "Hi <b>there</b>"}
+
+
+def test_chatml_from_tokenizer_config() -> None:
+    t = load_chat_template(str(CHATML), str(TOKENIZER_PATH))
+    assert render(t, messages=[USER]) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nHi <b>there</b><|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert render(t, messages=[USER], add_generation_prompt=False).endswith("there</b><|im_end|>\n")
+    # chat_template_kwargs reach the template (Qwen3's switch); reserved names cannot be overridden.
+    assert render(t, messages=[USER], chat_template_kwargs={"enable_thinking": False, "messages": []}).endswith(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
+
+
+def test_tools_and_tool_calls_are_rendered_as_vllm_hands_them_over() -> None:
+    t = load_chat_template(str(CHATML), str(TOKENIZER_PATH))
+    call = {"id": "c1", "type": "function", "function": {"name": "get", "arguments": '{"city": "Zürich"}'}}
+    text = render(
+        t,
+        messages=[USER, {"role": "assistant", "content": None, "tool_calls": [call]},
+                  {"role": "tool", "tool_call_id": "c1", "content": "12C"}],
+        tools=[{"type": "function", "function": {"name": "get"}}],
+    )  # fmt: skip
+    # The tool as the model dump of vLLM's request type (absent fields null); tojson without HTML escaping.
+    assert '<tools>\n{"type": "function", "function": {"name": "get", "description": null, "parameters": null}}' in text
+    # Arguments parsed from their JSON string, non-ASCII kept.
+    assert '<tool_call>\n{"name": "get", "arguments": {"city": "Zürich"}}\n</tool_call><|im_end|>' in text
+    assert "<tool_response>\n12C\n</tool_response>" in text
+
+
+def test_auto_prefers_chat_template_jinja_and_reads_added_token_records() -> None:
+    t = load_chat_template("auto", str(LLAMA.parent / "tokenizer.json"))
+    assert isinstance(t, JinjaTemplate) and t.name == str(LLAMA)
+    text = render(
+        t,
+        messages=[{"role": "system", "content": " Be brief. "}, {"role": "user", "content": [
+            {"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}},
+            {"type": "text", "text": "b"}]}],
+        chat_template_kwargs={"date_string": "21 Nov 2026"},
+    )  # fmt: skip
+    assert text == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nToday Date: 21 Nov 2026\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\na\nb<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+
+
+def test_auto_without_a_template_falls_back_to_role_tags_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        t = load_chat_template("auto", str(TOKENIZER_PATH))
+    assert isinstance(t, BuiltinTemplate) and t.name == "role-tags"
+    assert "no chat template next to" in caplog.text
+    assert render(t, messages=[USER]) == "<|user|>\nHi <b>there</b>\n<|assistant|>\n"
+
+
+def test_a_template_looping_over_content_gets_parts() -> None:
+    t = jinja("{% for m in messages %}[{% for p in m.content %}{{ p.type }}:{{ p.text }};{% endfor %}]{% endfor %}")
+    assert t.content_as_parts()
+    assert render(t, messages=[{"role": "user", "content": "x"}, {"role": "user", "content": None}]) == "[text:x;][]"
+    aliased = jinja(
+        "{% for m in messages %}{% set c = m['content'] %}{% for p in c %}{{ p.text }}{% endfor %}{% endfor %}"
+    )
+    assert aliased.content_as_parts()
+    assert not jinja("{% for m in messages %}{{ m.content }}{% endfor %}").content_as_parts()
+
+
+def test_continue_final_message_cuts_after_it() -> None:
+    t = load_chat_template(str(CHATML), str(TOKENIZER_PATH))
+    msgs = [USER, {"role": "assistant", "content": "The answer is"}]
+    text = render(t, messages=msgs, add_generation_prompt=False, continue_final_message=True)
+    assert text.endswith("<|im_start|>assistant\nThe answer is")
+    with pytest.raises(ValueError, match="cannot both be true"):
+        render(t, messages=msgs, continue_final_message=True)
+
+
+def test_named_templates_pick_tool_use_for_requests_with_tools() -> None:
+    t = JinjaTemplate({"default": "D{{ messages | length }}", "tool_use": "T{{ tools | length }}"}, special_tokens={},
+                      origin="test")  # fmt: skip
+    assert render(t, messages=[USER]) == "D1"
+    assert render(t, messages=[USER], tools=[{"type": "function", "function": {"name": "f"}}]) == "T1"
+    with pytest.raises(ValueError, match="no template named 'default'"):
+        JinjaTemplate({"tool_use": "x"}, special_tokens={}, origin="test")
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}, "system message must"),
+        ({"messages": [{"role": "user", "content": 5}]}, "content must be a string"),
+    ],
+)
+def test_a_failing_request_raises_value_error(body: dict[str, Any], error: str) -> None:
+    t = load_chat_template(str(CHATML), str(TOKENIZER_PATH))
+    req = chat({"messages": [USER]})
+    req.body = json.dumps({"model": "m", **body}).encode()  # past the parser's own checks
+    with pytest.raises(ValueError, match=error):
+        t.render(req)
+
+
+def test_bad_template_sources_are_start_up_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "t.jinja"
+    bad.write_text("{% for m in messages %}")
+    with pytest.raises(ValueError, match=r"t.jinja: chat template 'default', line 1"):
+        load_chat_template(str(bad), str(TOKENIZER_PATH))
+    empty = tmp_path / "tokenizer_config.json"
+    empty.write_text("{}")
+    with pytest.raises(ValueError, match="has no chat_template"):
+        load_chat_template(str(empty), str(TOKENIZER_PATH))
+    with pytest.raises(ConfigError, match=r"tokenizer.chatTemplate: .*/nope.jinja. is neither a built-in"):
+        params = {"backend": "hf", "path": str(TOKENIZER_PATH), "chatTemplate": str(tmp_path / "nope.jinja")}
+        registry.build("token-producer", "t", {"tokenizer": params})
+
+
+async def test_hf_producer_adds_special_tokens_to_completions_only(tmp_path: Path) -> None:
+    """As vLLM: a completion gets the tokenizer's BOS (addSpecialTokens), a chat does not (its template
+    writes the special tokens itself)."""
+    tok = Tokenizer.from_file(str(TOKENIZER_PATH))
+    bos = "<|endoftext|>"
+    tok.post_processor = TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    params = {"backend": "hf", "path": str(path), "chatTemplate": str(CHATML), "addSpecialTokens": True}
+    plugin = registry.build("token-producer", "t", {"tokenizer": params})
+
+    async def token_ids(req: InferenceRequest) -> list[int]:
+        await plugin.produce(req, [])
+        tokens: TokenizedPrompt = req.data[TOKENIZED_PROMPT]
+        return list(struct.unpack(f"<{tokens.count}I", tokens.token_bytes))
+
+    req = chat({"messages": [USER]})
+    expected = load_chat_template(str(CHATML), str(TOKENIZER_PATH)).render(req)
+    assert await token_ids(req) == SIM.encode(expected)
+    completion = parse_request({":path": "/v1/completions"}, b'{"model": "m", "prompt": "hello"}', request_id="r")
+    assert await token_ids(completion) == [tok.token_to_id(bos), *SIM.encode("hello")]
+
+
+text = st.text(st.characters(codec="utf-8", exclude_characters="\r"), max_size=80)
+message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant", "tool"]),
+     "content": st.one_of(text, st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": text}), max_size=2))}
+)  # fmt: skip
+
+
+@settings(max_examples=80, deadline=None)
+@given(system=st.none() | text, messages=st.lists(message, min_size=1, max_size=4), think=st.none() | st.booleans())
+def test_the_epp_and_the_simulator_render_the_same_prompt(
+    system: str | None, messages: list[dict[str, Any]], think: bool | None
+) -> None:
+    """Two independent renderers of the same model template (the EPP's, the simulator's stand-in for vLLM)
+    must agree, or precise routing of chat requests would never find a cached block."""
+    msgs = ([{"role": "system", "content": system}] if system is not None else []) + messages
+    body: dict[str, Any] = {"messages": msgs}
+    if think is not None:
+        body["chat_template_kwargs"] = {"enable_thinking": think}
+    epp = render(load_chat_template(str(CHATML), str(TOKENIZER_PATH)), **body)
+    assert epp == jinja_renderer(str(CHATML))(body)
