@@ -63,9 +63,13 @@ from llmepp_sim.tokenizer import TOKENIZER_PATH
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
-CONFIGS = {
-    "approx": HERE / "configs" / "precise-prefix-approx.yaml",
-    "precise": HERE / "configs" / "precise-prefix.yaml",
+# Per scheduling profile, the two configs (identical but for the prefix-match producer).
+PROFILES = {
+    "default": {"approx": HERE / "configs" / "approx-default.yaml", "precise": HERE / "configs" / "precise-default.yaml"},
+    "reference": {
+        "approx": HERE / "configs" / "precise-prefix-approx.yaml",
+        "precise": HERE / "configs" / "precise-prefix.yaml",
+    },
 }
 # Not the main run's 127.0.0.200+: the two runs may share the machine, and distinct addresses keep their pods,
 # logs and ZeroMQ sockets apart.
@@ -98,9 +102,9 @@ SCENARIOS = (
 QUICK_SCENARIOS = tuple(s for s in SCENARIOS if s.key == "2-replicas")
 
 
-def epp_config(producer: str, zmq_port: int, replay_port: int) -> str:
-    """The producer's config file with this run's values: the simulator's tokenizer and the pods' ports."""
-    config: dict[str, Any] = yaml.safe_load(CONFIGS[producer].read_text())
+def epp_config(path: Path, zmq_port: int, replay_port: int) -> str:
+    """A config file with this run's values: the simulator's tokenizer and the pods' ports."""
+    config: dict[str, Any] = yaml.safe_load(path.read_text())
     for plugin in config["plugins"]:
         params = plugin.get("parameters") or {}
         tokenizer = params.get("tokenizer")
@@ -112,9 +116,11 @@ def epp_config(producer: str, zmq_port: int, replay_port: int) -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
-def contender(scenario: Scenario, producer: str, config: str, eviction: EvictionSpec, time_scale: float) -> Contender:
+def contender(
+    scenario: Scenario, producer: str, path: Path, config: str, eviction: EvictionSpec, time_scale: float
+) -> Contender:
     name = scenario.contender_name(producer)
-    what = f"EPP, {CONFIGS[producer].name} ({producer} prefix producer)"
+    what = f"EPP, {path.name} ({producer} prefix producer)"
     if scenario.replicas > 1:
         return EppReplicasBehindEnvoy(name, config, f"{scenario.replicas} x {what}", scenario.replicas)
     inner = EppReplicasBehindEnvoy(name, config, what)
@@ -144,8 +150,10 @@ async def run(
     producers: Sequence[str] = PRODUCERS,
     eviction: EvictionSpec | None = None,
     rates: Sequence[float] = (),
+    profile: str = "default",
 ) -> dict[str, Any]:
     eviction = eviction or EvictionSpec(seed=seed)
+    configs = PROFILES[profile]
     kv_blocks, sp = kv_blocks_per_pod(scale, seed)
     hosts = [f"127.0.0.{FIRST_HOST + i}" for i in range(scale.pods)]
     port, zmq_port, replay_port = free_port(hosts[0]), free_port(hosts[0]), free_port(hosts[0])
@@ -158,7 +166,8 @@ async def run(
     report: dict[str, Any] = {
         **run_header(quick, seed, scale, kv_blocks, sp, args),
         "loadavg": {"start": " ".join(f"{x:.2f}" for x in os.getloadavg())},
-        "configs": {p: str(CONFIGS[p].relative_to(HERE.parent)) for p in producers},
+        "profile": profile,
+        "configs": {p: str(configs[p].relative_to(HERE.parent)) for p in producers},
         "eviction": asdict(eviction),
         "scenarios": [{**asdict(s), "contenders": {p: s.contender_name(p) for p in producers}} for s in scenarios],
         "workloads": {WORKLOAD: {"workload": wl.describe(), "contenders": {}}},
@@ -175,7 +184,8 @@ async def run(
         with tempfile.TemporaryDirectory(prefix="bench-precise-") as tmp:
             for scenario in scenarios:
                 for producer in producers:
-                    c = contender(scenario, producer, epp_config(producer, zmq_port, replay_port), eviction,
+                    path = configs[producer]
+                    c = contender(scenario, producer, path, epp_config(path, zmq_port, replay_port), eviction,
                                   scale.time_scale)  # fmt: skip
                     print(f"  {c.name} ({c.description}) - {time.monotonic() - t_all:.0f}s into the run", flush=True)
                     entry = await run_contender(c, WORKLOAD, scale, quick, pods, Path(tmp), seed, raw, host_pids, wl)
@@ -226,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--evict-every", type=float, default=EvictionSpec.every_s, help="simulated seconds")
     p.add_argument("--evict-fraction", type=float, default=EvictionSpec.fraction)
     p.add_argument("--rates", default="", help="canonical QPS after the warm-up, e.g. 10,20 (diagnostics)")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="default",
+                   help="scheduling profile of both contenders: the EPP's default or the reference's precise-prefix")
     a = p.parse_args(argv)
     ts = a.time_scale or (QUICK_TIME_SCALE if a.quick else FULL_TIME_SCALE)
     keys = a.scenarios.split(",")
@@ -237,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     stop_cleanly_on_sigterm()
     scale = Scale(token_unit=a.token_unit, time_scale=ts, pods=a.pods)
     rates = [float(r) for r in a.rates.split(",") if r]
-    uvloop.run(run(a.quick, scale, a.json, a.seed, scenarios, producers, eviction, rates))
+    uvloop.run(run(a.quick, scale, a.json, a.seed, scenarios, producers, eviction, rates, a.profile))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from benchmarks import precise_routing as pr
@@ -16,6 +17,7 @@ from benchmarks import report
 from benchmarks.contenders import CONTENDER_NAMES, EppReplicasBehindEnvoy, EvictionSpec, WithEviction
 from benchmarks.workloads import Scale, SharedPrefix, build
 from llmepp.config.loader import build as build_components
+from llmepp.config.schema import DEFAULT_CONFIG
 from llmepp.config.loader import load_config
 from llmepp.plugins.producers.approx_prefix import ApproxPrefixCacheProducer
 from llmepp.plugins.producers.precise_prefix import PrecisePrefixCacheProducer
@@ -35,8 +37,9 @@ def _without_producer(text: str) -> dict[str, Any]:
     return config
 
 
-def test_configs_load_and_differ_only_in_the_prefix_producer() -> None:
-    texts = {p: pr.epp_config(p, 41000, 41001) for p in pr.PRODUCERS}
+@pytest.mark.parametrize("profile", sorted(pr.PROFILES))
+def test_configs_load_and_differ_only_in_the_prefix_producer(profile: str) -> None:
+    texts = {p: pr.epp_config(pr.PROFILES[profile][p], 41000, 41001) for p in pr.PRODUCERS}
     plugins = {p: build_components(load_config(t)).plugins for p, t in texts.items()}
     assert any(isinstance(x, PrecisePrefixCacheProducer) for x in plugins["precise"].values())
     assert not any(isinstance(x, PrecisePrefixCacheProducer) for x in plugins["approx"].values())
@@ -44,8 +47,15 @@ def test_configs_load_and_differ_only_in_the_prefix_producer() -> None:
     assert _without_producer(texts["approx"]) == _without_producer(texts["precise"])
 
 
+def test_the_default_profile_is_the_built_in_one() -> None:
+    """precise-default.yaml's scorers and weights are exactly the EPP's built-in default profile."""
+    ours = yaml.safe_load(pr.PROFILES["default"]["precise"].read_text())["schedulingProfiles"]
+    built_in = yaml.safe_load(DEFAULT_CONFIG)["schedulingProfiles"]
+    assert ours == built_in
+
+
 def test_run_specific_values_are_rewritten() -> None:
-    config = yaml.safe_load(pr.epp_config("precise", 41000, 41001))
+    config = yaml.safe_load(pr.epp_config(pr.PROFILES["default"]["precise"], 41000, 41001))
     by_type = {p["type"]: p.get("parameters") or {} for p in config["plugins"]}
     disc = by_type["precise-prefix-cache-producer"]["kvEventsConfig"]["podDiscoveryConfig"]
     assert disc == {"socketPort": 41000, "replaySocketPort": 41001}
@@ -56,9 +66,9 @@ def test_run_specific_values_are_rewritten() -> None:
 def test_each_scenario_gets_its_contender_and_none_joins_the_main_run() -> None:
     spec = EvictionSpec()
     made = {
-        (s.key, p): pr.contender(s, p, pr.epp_config(p, 41000, 41001), spec, 4.0)
+        (s.key, p): pr.contender(s, p, path, pr.epp_config(path, 41000, 41001), spec, 4.0)
         for s in pr.SCENARIOS
-        for p in pr.PRODUCERS
+        for p, path in pr.PROFILES["default"].items()
     }
     one, evict, two = (made[(k, "precise")] for k in ("1-epp", "evict", "2-replicas"))
     assert isinstance(one, EppReplicasBehindEnvoy) and one.replicas == 1
