@@ -65,7 +65,10 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 # Per scheduling profile, the two configs (identical but for the prefix-match producer).
 PROFILES = {
-    "default": {"approx": HERE / "configs" / "approx-default.yaml", "precise": HERE / "configs" / "precise-default.yaml"},
+    "default": {
+        "approx": HERE / "configs" / "approx-default.yaml",
+        "precise": HERE / "configs" / "precise-default.yaml",
+    },
     "reference": {
         "approx": HERE / "configs" / "precise-prefix-approx.yaml",
         "precise": HERE / "configs" / "precise-prefix.yaml",
@@ -236,8 +239,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--evict-every", type=float, default=EvictionSpec.every_s, help="simulated seconds")
     p.add_argument("--evict-fraction", type=float, default=EvictionSpec.fraction)
     p.add_argument("--rates", default="", help="canonical QPS after the warm-up, e.g. 10,20 (diagnostics)")
-    p.add_argument("--profile", choices=sorted(PROFILES), default="default",
-                   help="scheduling profile of both contenders: the EPP's default or the reference's precise-prefix")
+    p.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        default="default",
+        help="scheduling profile of both contenders: the EPP's default or the reference's precise-prefix",
+    )
     a = p.parse_args(argv)
     ts = a.time_scale or (QUICK_TIME_SCALE if a.quick else FULL_TIME_SCALE)
     keys = a.scenarios.split(",")

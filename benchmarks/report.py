@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -29,6 +30,8 @@ FRAGMENTS = ["SIM_FIDELITY.md", "SCRAPE_COST.md", "EXTPROC.md", "FLOWCONTROL.md"
 EPP = "epp-default"
 RIVALS = ("vllm-router-cache-aware", "smg-cache-aware")
 BASELINE = "envoy-round-robin"
+# Across seeds: medians of TTFT p90 closer than this are a tie (single runs at one stage vary by more).
+TTFT_TIE = 0.05
 THROUGHPUT_TIE = 0.01  # relative throughput difference reported as a tie, not a win or a loss
 TIMEOUT_S = 300.0  # the load generator's TTFT timeout (simulated s); render() reads it from routing.json
 ORDER = ["envoy-round-robin", "envoy-least-request", "epp-random", "epp-load", "epp-default", "epp-optimized-baseline",
@@ -393,6 +396,53 @@ def repeat_targets(runs: list[dict[str, Any]]) -> list[list[str]]:
         label = f"routing (#6), workload seed {run.get('seed', '?')}"
         rows += [[label, *r[1:]] for r in routing_targets(run)[0] if r[1].startswith("shared-prefix vs")]
     return rows
+
+
+def seed_summary(runs: list[dict[str, Any]]) -> tuple[str, list[list[str]]]:
+    """Shared-prefix across workload seeds (the main run and every repeat): per stage, the EPP default's and
+    each rival's median TTFT p90 (min-max) and in how many seeds the EPP's was lower; a target row per rival
+    on the medians."""
+    maps = []
+    for run in runs:
+        w = run.get("workloads", {}).get("shared-prefix")
+        if w:
+            maps.append({n: _stage_map(w, n) for n in (EPP, *RIVALS)})
+    if len(maps) < 2:
+        return "_Fewer than two workload seeds._", []
+
+    def cell(values: list[float]) -> str:
+        return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+    rates = sorted(set.intersection(*(set(m[EPP]) for m in maps)))[1:]  # past the lightest stage
+    head = ["QPS", f"{EPP} TTFT p90, median (min-max)"]
+    for rival in RIVALS:
+        head += [rival, f"seeds where {EPP} is lower"]
+    rows = []
+    lost: dict[str, list[str]] = {rival: [] for rival in RIVALS}
+    for r in rates:
+        e = [_num(m[EPP][r]["ttft_p90_s"]) for m in maps]
+        row = [f"{r:g}", cell([x for x in e if x is not None])]
+        for rival in RIVALS:
+            pairs = [(x, _num(m[rival][r]["ttft_p90_s"])) for x, m in zip(e, maps) if r in m[rival]]
+            got = [(a, b) for a, b in pairs if a is not None and b is not None]
+            if not got:
+                row += ["-", "-"]
+                continue
+            wins = sum(1 for a, b in got if a < b)
+            row += [cell([b for _, b in got]), f"{wins} of {len(got)}"]
+            med_e, med_r = statistics.median(a for a, _ in got), statistics.median(b for _, b in got)
+            if med_e >= med_r * (1 - TTFT_TIE):
+                lost[rival].append(f"{r:g} ({'tied' if med_e <= med_r * (1 + TTFT_TIE) else 'higher'}: "
+                                   f"{med_e:.2f} vs {med_r:.2f} s)")  # fmt: skip
+        rows.append(row)
+    label = f"routing (#6), {len(maps)} workload seeds"
+    listed = ", ".join(f"{r:g}" for r in rates)
+    verdicts = [[label, f"shared-prefix vs {rival}: median TTFT p90 over the seeds lower at every stage past light "
+                 f"load ({listed} QPS; medians within {TTFT_TIE:.0%} are a tie)",
+                 "lower at every stage" if not lost[rival] else f"not lower at {', '.join(lost[rival])} QPS",
+                 _met(not lost[rival])] for rival in RIVALS]  # fmt: skip
+    seeds = ", ".join(str(run.get("seed", "?")) for run in runs)
+    return f"Workload seeds {seeds} (TTFT p90 in simulated s):\n\n" + _table(rows, head), verdicts
 
 
 def repeat_tables(runs: list[dict[str, Any]]) -> str:
@@ -848,10 +898,14 @@ def _pct(x: Any) -> str:
     return "-" if x is None else f"{x * 100:.1f}%"
 
 
-def precise_targets(precise: dict[str, Any] | None) -> list[list[str]]:
+def precise_targets(precise: dict[str, Any] | None, profile: str = "") -> list[list[str]]:
     """Per scenario: precise beats approx on TTFT p90 (lower) and on hit rate (higher) at every stage past
-    light load. Two rows per scenario, computed from routing_precise.json."""
+    light load. Two rows per scenario, computed from routing_precise.json (`profile`: a label for another
+    profile's run)."""
+    issue = PRECISE_ISSUE + (f", {profile}" if profile else "")
     if not precise:
+        if profile:
+            return []
         return [[PRECISE_ISSUE, "precise beats approx (TTFT p90, hit rate) past light load, 3 scenarios",
                  "routing_precise.json missing (python -m benchmarks.precise_routing)", "not measured"]]  # fmt: skip
     rows: list[list[str]] = []
@@ -861,7 +915,7 @@ def precise_targets(precise: dict[str, Any] | None) -> list[list[str]]:
         listed = ", ".join(f"{r:g}" for r in rates) + " = canonical " + ", ".join(_canon("shared-prefix", r, pods)
                                                                                 for r in rates)  # fmt: skip
         if not rates:
-            rows.append([PRECISE_ISSUE, f"{sc['title']}: precise vs approx", "no common stage past light load",
+            rows.append([issue, f"{sc['title']}: precise vs approx", "no common stage past light load",
                          "not measured"])  # fmt: skip
             continue
         cells, lost = [], []
@@ -872,7 +926,7 @@ def precise_targets(precise: dict[str, Any] | None) -> list[list[str]]:
             cells.append(f"{r:g}: {_ttft(p['ttft_p90_s'])} vs {_ttft(a['ttft_p90_s'])}")
             if not won:
                 lost.append(f"{r:g}")
-        rows.append([PRECISE_ISSUE, f"{sc['title']}: precise TTFT p90 lower than approx at every stage past light "
+        rows.append([issue, f"{sc['title']}: precise TTFT p90 lower than approx at every stage past light "
                      f"load ({listed} QPS)", "precise vs approx, s: " + "; ".join(cells),
                      _met(not lost) + ("" if not lost else f" (at {', '.join(lost)} QPS)")])  # fmt: skip
         cells, lost = [], []
@@ -881,13 +935,13 @@ def precise_targets(precise: dict[str, Any] | None) -> list[list[str]]:
             cells.append(f"{r:g}: {_pct(hp)} vs {_pct(ha)}")
             if ha is None or hp is None or hp <= ha:
                 lost.append(f"{r:g}")
-        rows.append([PRECISE_ISSUE, f"{sc['title']}: precise prefix-cache hit rate higher than approx at every "
+        rows.append([issue, f"{sc['title']}: precise prefix-cache hit rate higher than approx at every "
                      f"stage past light load ({listed} QPS)", "precise vs approx: " + "; ".join(cells),
                      _met(not lost) + ("" if not lost else f" (at {', '.join(lost)} QPS)")])  # fmt: skip
     return rows
 
 
-def precise_plots(precise: dict[str, Any], out: Path) -> list[tuple[str, str]]:
+def precise_plots(precise: dict[str, Any], out: Path, prefix: str = "precise") -> list[tuple[str, str]]:
     """TTFT p90 and hit rate vs QPS: one line per producer x scenario (colour = scenario, dash = approx)."""
     try:
         import matplotlib
@@ -899,8 +953,8 @@ def precise_plots(precise: dict[str, Any], out: Path) -> list[tuple[str, str]]:
     made = []
     colours = ["tab:blue", "tab:red", "tab:green", "tab:purple"]
     specs = [
-        ("precise_ttft_p90.png", "TTFT p90 (simulated s, log)", lambda s: _num(s["ttft_p90_s"]), True),
-        ("precise_hit_rate.png", "prefix-cache hit rate (%)",
+        (f"{prefix}_ttft_p90.png", "TTFT p90 (simulated s, log)", lambda s: _num(s["ttft_p90_s"]), True),
+        (f"{prefix}_hit_rate.png", "prefix-cache hit rate (%)",
          lambda s: None if s["prefix_hit_rate"] is None else s["prefix_hit_rate"] * 100, False),
     ]  # fmt: skip
     for name, ylabel, get, log in specs:
@@ -918,7 +972,7 @@ def precise_plots(precise: dict[str, Any], out: Path) -> list[tuple[str, str]]:
         ax.axvline(PRECISE_LIGHT_RATE, color="grey", linestyle=":", linewidth=1)
         ax.set_xlabel(f"QPS offered to {precise['scale']['pods']} pods (simulated time); dotted: light load")
         ax.set_ylabel(ylabel)
-        ax.set_title("shared-prefix: precise vs approximate prefix producer")
+        ax.set_title(f"shared-prefix: precise vs approximate prefix producer ({precise.get('profile', '?')} profile)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
         fig.tight_layout()
@@ -963,7 +1017,12 @@ def _precise_beliefs(w: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def precise_section(precise: dict[str, Any] | None, results: Path, images: Sequence[tuple[str, str]]) -> str:
+def precise_section(
+    precise: dict[str, Any] | None,
+    results: Path,
+    images: Sequence[tuple[str, str]],
+    requests: str = "routing_precise-requests.json.gz",
+) -> str:
     if not precise:
         return "_Not run yet: `python -m benchmarks.precise_routing` writes results/routing_precise.json._\n"
     sc = precise["scale"]
@@ -972,7 +1031,8 @@ def precise_section(precise: dict[str, Any] | None, results: Path, images: Seque
     pods = sc["pods"]
     load = precise.get("loadavg", {})
     out = [
-        f"Run: `python -m benchmarks.precise_routing{' --quick' if precise['quick'] else ''}`, started "
+        f"Run: `python -m benchmarks.precise_routing{' --quick' if precise['quick'] else ''} --profile "
+        f"{precise.get('profile', '?')}`, started "
         f"{precise['started']}, {precise.get('wall_s', 0) / 60:.1f} min wall, load average "
         f"{load.get('start', '?')} → {load.get('end', '?')} (2 cores, shared with other benchmark runs). Scale: "
         f"{pods} pods, time scale {sc['time_scale']:g}, token unit {sc['token_unit']}, KV "
@@ -1019,7 +1079,7 @@ def precise_section(precise: dict[str, Any] | None, results: Path, images: Seque
     out.append(_precise_beliefs(w))
     out.append("How each run placed the 75 prefix groups, per stage after the warm-up (groups on > 1 pod / groups "
                "whose main pod changed since the previous stage):\n")  # fmt: skip
-    out.append(affinity_table(results, "routing_precise-requests.json.gz"))
+    out.append(affinity_table(results, requests))
     out.append("")
     out.extend(f"![{alt}](results/{name})\n" for name, alt in images)
     return "\n".join(out) + "\n"
@@ -1060,17 +1120,22 @@ def render(results: Path, readme: Path = README, template: Path = TEMPLATE) -> s
         targets += routing_targets(routing)[0]
     repeats = repeat_runs(results)
     targets += repeat_targets(repeats)
+    seeds_md, seed_rows = seed_summary(([routing] if routing else []) + repeats)
+    targets += seed_rows
     targets += overhead_targets(overhead)
     fc_tenants = _load(results / "flowcontrol_tenants.json")
     targets += flowcontrol_tenant_targets(fc_tenants)
     precise = _load(results / "routing_precise.json")
     targets += precise_targets(precise)
+    reference = _load(results / "routing_precise_reference.json")
+    targets += precise_targets(reference, "reference profile")
     values = {
         "RUN": run_md,
         "MACHINE": machine_md,
         "TARGETS": _table(targets, ["issue", "target", "measured", "verdict"]) if targets else "_no results yet_",
         "WINNERS": winners_table(routing) if routing else "_no routing results_",
         "REPEATS": repeat_tables(repeats),
+        "SEEDS": seeds_md,
         "AFFINITY": affinity_table(results) if routing else "",
         "COST": cost_table(routing) if routing else "",
         "ROUTING": routing_tables(routing) if routing else "_The routing section was not run._",
@@ -1078,6 +1143,12 @@ def render(results: Path, readme: Path = README, template: Path = TEMPLATE) -> s
         "OVERHEAD": overhead_tables(overhead),
         "FLOWCONTROL_TENANTS": flowcontrol_tenants_table(fc_tenants),
         "PRECISE": precise_section(precise, results, precise_plots(precise, results) if precise else []),
+        "PRECISE_REFERENCE": precise_section(
+            reference,
+            results,
+            precise_plots(reference, results, "precise_reference") if reference else [],
+            "routing_precise_reference-requests.json.gz",
+        ),
         "APPENDICES": appendices(),
     }
     text = template.read_text()

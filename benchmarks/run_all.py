@@ -1,7 +1,7 @@
 """Every benchmark in one run: overhead section, flow control under saturation, live routing comparison, plots,
 README.
 
-    make bench          # .venv/bin/python -m benchmarks.run_all          (full: ~1.5 h on 2 cores, + ~16 min precise)
+    make bench          # .venv/bin/python -m benchmarks.run_all          (full: ~2 h on 2 cores)
     make bench-quick    # .venv/bin/python -m benchmarks.run_all --quick  (≤ 10 min: fewer stages/contenders)
 
     .venv/bin/python -m benchmarks.run_all --only routing --workloads no-sharing --contenders epp-default,...
@@ -9,8 +9,8 @@ README.
     .venv/bin/python -m benchmarks.run_all --only precise [--quick]  # precise vs approx prefix routing alone
 
 Results: benchmarks/results/{routing.json, routing-requests.json.gz, overhead.json, scheduling-*.json,
-flowcontrol.json, flowcontrol_tenants.json, routing_precise.json, run.json, *.png}; benchmarks/README.md is
-regenerated from README.template.md.
+flowcontrol.json, flowcontrol_tenants.json, routing_precise.json, routing_precise_reference.json, run.json,
+*.png}; benchmarks/README.md is regenerated from README.template.md.
 """
 
 from __future__ import annotations
@@ -81,8 +81,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         import uvloop
 
         scenarios = precise_routing.QUICK_SCENARIOS if a.quick else precise_routing.SCENARIOS
-        uvloop.run(precise_routing.run(a.quick, routing.scale_from_args(a), a.results / "routing_precise.json", a.seed,
-                                       scenarios))  # fmt: skip
+        scale = routing.scale_from_args(a)
+        uvloop.run(precise_routing.run(a.quick, scale, a.results / "routing_precise.json", a.seed, scenarios))
+        if not a.quick:
+            # The same comparison with the reference's precise-prefix profile (another ~16 min).
+            print("== precise vs approximate, the reference's precise-prefix profile", flush=True)
+            out = a.results / "routing_precise_reference.json"
+            uvloop.run(precise_routing.run(False, scale, out, a.seed, scenarios, profile="reference"))
     if a.only != "report":
         meta["loadavg"]["end"] = _load()
         meta["wall_s"] = time.monotonic() - t0

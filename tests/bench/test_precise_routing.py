@@ -17,8 +17,8 @@ from benchmarks import report
 from benchmarks.contenders import CONTENDER_NAMES, EppReplicasBehindEnvoy, EvictionSpec, WithEviction
 from benchmarks.workloads import Scale, SharedPrefix, build
 from llmepp.config.loader import build as build_components
-from llmepp.config.schema import DEFAULT_CONFIG
 from llmepp.config.loader import load_config
+from llmepp.config.schema import DEFAULT_CONFIG
 from llmepp.plugins.producers.approx_prefix import ApproxPrefixCacheProducer
 from llmepp.plugins.producers.precise_prefix import PrecisePrefixCacheProducer
 from llmepp_sim.tokenizer import TOKENIZER_PATH
@@ -124,3 +124,8 @@ def test_verdicts_skip_light_load_and_need_both_metrics(tmp_path: Path) -> None:
     assert "2.00 / 1.00 ✔" in text and "70.0% / 70.0% ✘" in text
     assert "| epp-precise | - | 0.70 | - | - | - |" in text  # no EPP counters: served rate only
     assert report.precise_targets(None)[0][3] == "not measured"
+    # Another profile's run gets its own rows, and none when it was not run.
+    assert all(
+        r[0] == "precise prefix (#8), reference profile" for r in report.precise_targets(won, "reference profile")
+    )
+    assert report.precise_targets(None, "reference profile") == []

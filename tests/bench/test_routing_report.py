@@ -1,0 +1,34 @@
+"""benchmarks.report on the main routing comparison's repeat runs (workload seeds): medians, win counts, ties."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks import report
+
+
+def _stage(rate: float, p90: float) -> dict[str, Any]:
+    return {"warmup": False, "rate": rate, "label": f"{rate:g}", "ttft_p90_s": p90, "prefix_hit_rate": 0.8,
+            "output_tokens_per_s": 100.0}  # fmt: skip
+
+
+def _routing(seed: int, p90s: dict[str, list[float]]) -> dict[str, Any]:
+    rates = [1.5, 5.0, 7.5]
+    contenders = {name: {"status": "ok", "stages": [_stage(r, t) for r, t in zip(rates, ts)]}
+                  for name, ts in p90s.items()}  # fmt: skip
+    return {"seed": seed, "workloads": {"shared-prefix": {"contenders": contenders}}}
+
+
+def test_seed_summary_uses_medians_and_calls_near_ties() -> None:
+    vllm, smg = report.RIVALS
+    runs = [
+        _routing(1, {report.EPP: [0.4, 1.0, 1.0], vllm: [0.4, 2.0, 1.02], smg: [0.4, 0.5, 3.0]}),
+        _routing(2, {report.EPP: [0.4, 1.0, 1.0], vllm: [0.4, 2.0, 0.99], smg: [0.4, 3.0, 3.0]}),
+        _routing(3, {report.EPP: [0.4, 9.0, 1.0], vllm: [0.4, 0.5, 1.01], smg: [0.4, 3.0, 3.0]}),
+    ]
+    table, rows = report.seed_summary(runs)
+    assert "| 5 | 1.00 (1.00-9.00) | 2.00 (0.50-2.00) | 2 of 3 | 3.00 (0.50-3.00) | 1 of 3 |" in table
+    assert "| 1.5 |" not in table  # the lightest stage is not compared
+    assert rows[0][2] == "not lower at 7.5 (tied: 1.00 vs 1.01 s) QPS" and rows[0][3] == "**not met**"
+    assert rows[1][2] == "lower at every stage" and rows[1][3] == "**met**"
+    assert report.seed_summary(runs[:1]) == ("_Fewer than two workload seeds._", [])
