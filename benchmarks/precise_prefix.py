@@ -348,7 +348,7 @@ def precise_config(zmq_port: int, replay_port: int) -> str:
 plugins:
 - type: token-producer
   parameters:
-    tokenizer: {{backend: hf, path: "{TOKENIZER_PATH}"}}
+    tokenizer: {{backend: hf, path: "{TOKENIZER_PATH}", chatTemplate: role-tags}}
 - type: endpoint-notification-source
 - type: precise-prefix-cache-producer
   parameters:

@@ -22,7 +22,7 @@ SIM = ["--latency-profile", "llama-8b-h100", "--time-scale", "20", "--max-num-se
 EVENTS_SETTLE = 0.3  # s: the simulator flushes event batches within 5 ms; subscribers apply at once
 
 
-def config(zmq_port: int, replay_port: int, *, redis_url: str = "", chat_template: str = "auto") -> str:
+def config(zmq_port: int, replay_port: int, *, redis_url: str = "", chat_template: str = "role-tags") -> str:
     index = ""
     load = ""
     if redis_url:
@@ -86,7 +86,7 @@ def stack_options(
         sim += ["--kv-events-replay-endpoint", f"tcp://{host}:{replay_port}"]
     return StackOptions(
         pods=4, first_host=first_host, sim_args=sim, epp_replicas=replicas,
-        epp_config=config(zmq_port, replay_port, redis_url=redis_url, chat_template=chat_template or "auto"),
+        epp_config=config(zmq_port, replay_port, redis_url=redis_url, chat_template=chat_template or "role-tags"),
     )  # fmt: skip
 
 

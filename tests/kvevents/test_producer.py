@@ -70,7 +70,7 @@ schedulingProfiles:
 HF_TOKENS = f"""
 - type: token-producer
   parameters:
-    tokenizer: {{backend: hf, path: "{TOKENIZER_PATH}"}}
+    tokenizer: {{backend: hf, path: "{TOKENIZER_PATH}", chatTemplate: role-tags}}
 """
 
 
