@@ -395,7 +395,6 @@ class ExtProcStream:
         except BadRequest as e:
             return self.reject(e, None)
         self.request = req
-        self._count_request(req)
         try:
             decision = await self.svc.director.handle_request(req, self.subset)
         except RequestError as e:
@@ -404,6 +403,8 @@ class ExtProcStream:
             log.exception("director failed", extra={"request_id": self.request_id})
             return self.reject(InternalError("internal error while routing the request"), req)
         self.svc._request_processing.observe(time.perf_counter() - t0)
+        # Counted after the director: its InferenceModelRewrite sets the target model the labels carry.
+        self._count_request(req)
         self._routed(decision)
         if self.req_mode == envoy.MODE_FULL_DUPLEX_STREAMED:
             out_body = decision.body if decision.body is not None else body
@@ -463,9 +464,11 @@ class ExtProcStream:
         self.phase = _UNROUTED
         svc = self.svc
         model, target = (req.model, req.target_model) if req is not None else ("", "")
-        if req is None and self.lab is None:
-            # Never parsed (400/413): still a request.
-            svc.labeled(model, target).request_total.inc()
+        if self.lab is None:
+            if req is not None:
+                self._count_request(req)
+            else:  # never parsed (400/413): still a request
+                svc.labeled(model, target).request_total.inc()
         svc.metrics.request_error_total.labels(model, target, err.code).inc()
         if err.status >= 500:
             log.warning(
@@ -624,6 +627,8 @@ class ExtProcStream:
         """The gRPC stream is over: release whatever was not released yet."""
         if self.completed:
             return
+        if self.lab is None and self.request is not None and self.decision is None:
+            self._count_request(self.request)  # abandoned while being routed (e.g. queued by flow control)
         if self.completing is not None:
             self.complete(self.completing)
             return

@@ -63,6 +63,8 @@ class FakeDirector:
     scores: dict[str, float] | None = None
     response_header_extra: dict[str, str] | None = None
     honour_test_headers: bool = True
+    # Stands in for an InferenceModelRewrite rule: the director sets this target model.
+    rewrite_to: str = ""
     # Records.
     requests: list[InferenceRequest] = field(default_factory=list)
     subsets: list[Sequence[str] | None] = field(default_factory=list)
@@ -89,6 +91,8 @@ class FakeDirector:
         return [pool[(start + i) % len(pool)] for i in range(n)]
 
     def _decide(self, request: InferenceRequest, subset: Sequence[str] | None) -> RoutingDecision:
+        if self.rewrite_to:
+            request.target_model = self.rewrite_to
         if self.record:
             self.requests.append(request)
             self.subsets.append(subset)

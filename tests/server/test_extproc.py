@@ -370,6 +370,32 @@ async def test_json_response_passthrough_and_usage() -> None:
         assert h.sample("llm_d_epp_extproc_streams_inflight") == 0
 
 
+async def test_request_metrics_carry_the_target_model_the_director_chose() -> None:
+    """An InferenceModelRewrite applied by the director (after parsing) labels every request metric."""
+    async with serve(FakeDirector(list(ENDPOINTS), rewrite_to="m-v2")) as h:
+        s = h.open()
+        await s.route(BODY)
+        await s.send(response_headers(200, "application/json"))
+        await s.recv()
+        await s.send(response_body(JSON_RESPONSE, eos=True))
+        await s.recv()
+        await s.close()
+        await s.recv_eof()
+        rewritten = {"model_name": "m", "target_model_name": "m-v2"}
+        assert h.sample("llm_d_epp_request_total", rewritten) == 1
+        assert h.sample("llm_d_epp_request_duration_seconds_count", rewritten) == 1
+        assert h.sample("llm_d_epp_request_running", rewritten) == 0
+        assert h.sample("llm_d_epp_request_total", {"model_name": "m", "target_model_name": "m"}) == 0
+    rejected = FakeDirector(list(ENDPOINTS), rewrite_to="m-v2", fail_with=ResourceExhausted("busy"))
+    async with serve(rejected) as h:
+        s = h.open()
+        await s.send(request_headers(), request_body(BODY, eos=True))
+        assert immediate(await s.recv())[0] == 429
+        labels = {"model_name": "m", "target_model_name": "m-v2"}
+        assert h.sample("llm_d_epp_request_total", labels) == 1
+        assert h.sample("llm_d_epp_request_error_total", {**labels, "error_code": "ResourceExhausted"}) == 1
+
+
 async def test_sse_response_streams_and_usage_from_final_event() -> None:
     usage = {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}
     events = sse(
