@@ -92,11 +92,23 @@ class ProfileResult:
 class SchedulingResult:
     primary_profile: str
     profiles: dict[str, ProfileResult | None]
+    # The profile whose pick runs this request's prefill remotely (P/D), named by the profile handler.
+    prefill_profile: str = ""
 
     @property
     def targets(self) -> list[Endpoint]:
         res = self.profiles.get(self.primary_profile)
         return res.targets if res is not None else []
+
+    def kv_targets(self) -> list[Endpoint]:
+        """The endpoints that will hold this prompt's KV cache: the primary pick, and the prefill
+        profile's pick when a remote prefill runs."""
+        out = []
+        for name in (self.primary_profile, self.prefill_profile):
+            res = self.profiles.get(name) if name else None
+            if res is not None and res.targets:
+                out.append(res.targets[0])
+        return out
 
 
 class ProfileHandler(Plugin):

@@ -28,7 +28,7 @@ class ApproxPrefixCacheProducer(DataProducer, PreRequest):
     """Writes PrefixCacheMatchInfo: per endpoint, the consecutive prompt blocks it likely caches.
 
     Assumes an endpoint caches every block of every prompt routed to it (speculative, updated
-    in PreRequest for the primary target and any `prefill` profile target), bounded per
+    in PreRequest for the primary target and the prefill profile's target of a remote prefill), bounded per
     endpoint by an LRU of `lruCapacityPerServer` blocks (with `autoTune`: the endpoint's
     `vllm:cache_config_info` num_gpu_blocks).
 
@@ -124,8 +124,7 @@ class ApproxPrefixCacheProducer(DataProducer, PreRequest):
         info: PrefixMatchInfo | None = request.data.get(self.key)
         if info is None:
             return
-        targets = [res.targets[0] for name, res in result.profiles.items() if res is not None and res.targets
-                   and (name == result.primary_profile or name == "prefill")]  # fmt: skip
+        targets = result.kv_targets()
         # Index after the routing answer has gone out: it is bookkeeping, not on the critical path.
         try:
             asyncio.get_running_loop().call_soon(self._record, targets, info)

@@ -27,7 +27,6 @@ from llmepp.request.types import InferenceRequest, ResponseInfo
 
 log = logging.getLogger(__name__)
 
-PREFILL_PROFILE = "prefill"
 APPROX_PREFIX_PRODUCER = "approx-prefix-cache-producer"
 
 # The value consumers read under the producer's data key: a live mapping Endpoint → InFlight
@@ -89,8 +88,8 @@ class InFlightLoadProducer(DataProducer, PreRequest, FirstResponseChunkProcessor
         maxEstimatedOutputTokens (if set)), only with addEstimatedOutputTokens.
       * Prompt tokens are released when prefill is done: at the first response body bytes
         (FirstResponseChunkProcessor), as the reference does at the first streamed chunk.
-        The `prefill` profile's charge is released entirely at that point (the prefill worker
-        is done). Everything else (requests, estimated output) is released exactly once at
+        The prefill profile's charge (a remote prefill) is released entirely at that point (the
+        prefill worker is done). Everything else (requests, estimated output) is released exactly once at
         response completion, however the response ended.
       * Counters are per producer instance; a removed endpoint's counters are dropped.
 
@@ -162,7 +161,7 @@ class InFlightLoadProducer(DataProducer, PreRequest, FirstResponseChunkProcessor
                 load = self.loads[ep] = InFlight()
             load.requests += 1
             load.tokens += prompt + output
-            charges.append(_Charge(load, prompt, output, 1, name == PREFILL_PROFILE))
+            charges.append(_Charge(load, prompt, output, 1, name == result.prefill_profile))
         if charges:
             request.data[self._charges_key] = charges
 

@@ -38,8 +38,6 @@ from llmepp.units import parse_duration
 
 log = logging.getLogger(__name__)
 
-PREFILL_PROFILE = "prefill"
-
 
 # -- parameters (llm-d's names: kvcache.Config, kvblock.*, kvevents.Config) --------------------------
 class TokenProcessorConfig(PluginParams):
@@ -133,8 +131,9 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest):
     estimate backend the keys never equal the events' (a warning is logged once).
 
     Speculative indexing (`speculativeIndexing`, off): after routing, the request's keys are assumed
-    held by the chosen endpoint (and a `prefill` profile's) for `speculativeTTL` (2s), so a burst of
-    one new prompt sticks to one pod before its events arrive; entries lapse unless events confirm.
+    held by the chosen endpoint (and by the prefill profile's pick of a remote prefill) for
+    `speculativeTTL` (2s), so a burst of one new prompt sticks to one pod before its events arrive;
+    entries lapse unless events confirm.
 
     Parameters (reference names, defaults): `tokenProcessorConfig` {`blockSizeTokens` 16 (`blockSize`
     accepted), `hashSeed` "", `hashAlgorithm` (accepted; keys are always this build's xxh64)},
@@ -335,8 +334,7 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest):
         info: PrefixMatchInfo | None = request.data.get(self.key)
         if ctx is None or info is None or not info.total_blocks:
             return
-        targets = [self._pod(res.targets[0]) for name, res in result.profiles.items() if res is not None
-                   and res.targets and (name == result.primary_profile or name == PREFILL_PROFILE)]  # fmt: skip
+        targets = [self._pod(ep) for ep in result.kv_targets()]
         if not targets:
             return
         # After the routing answer is on its way: hashing the whole prompt is bookkeeping.

@@ -199,7 +199,7 @@ class DisaggProfileHandler(ProfileHandler, PreRequest):
         decode = results.get(self.decode)
         if decode is None or not decode.targets:
             # The scheduler turns a primary without targets into a 429 "no endpoint chosen".
-            return SchedulingResult(primary_profile=self.decode, profiles=results)
+            return SchedulingResult(primary_profile=self.decode, profiles=results, prefill_profile=self.prefill)
         kept: dict[str, ProfileResult | None] = {n: r for n, r in results.items() if r is not None and r.targets}
         encode_used = self.encode in kept
         prefill_used = self.prefill in kept
@@ -208,7 +208,7 @@ class DisaggProfileHandler(ProfileHandler, PreRequest):
         else:
             decision = PREFILL_DECODE if prefill_used else DECODE_ONLY
         self._record(request.target_model or request.model, decision)
-        return SchedulingResult(primary_profile=self.decode, profiles=kept)
+        return SchedulingResult(primary_profile=self.decode, profiles=kept, prefill_profile=self.prefill)
 
     # -- PreRequest ------------------------------------------------------------------------
     def pre_request(self, request: InferenceRequest, result: SchedulingResult) -> None:

@@ -16,8 +16,6 @@ from llmepp.request.types import InferenceRequest
 
 log = logging.getLogger(__name__)
 
-PREFILL_PROFILE = "prefill"
-
 
 class NoHitLRUScorer(Scorer, PreRequest):
     """For cold requests — no candidate has a prefix-cache hit — ranks endpoints by when they
@@ -29,8 +27,8 @@ class NoHitLRUScorer(Scorer, PreRequest):
                                      (0 = least recently used, over the whole LRU as the reference)
         warm:  score(e) = 0.5
 
-    PreRequest (cold requests only) moves the primary profile's target, and the `prefill`
-    profile's target if any, to the most-recent end of the LRU (bounded by `lruSize`).
+    PreRequest (cold requests only) moves the primary profile's target, and the prefill
+    profile's target if a remote prefill runs, to the most-recent end of the LRU (bounded by `lruSize`).
 
     Why: a cold request creates new KV blocks wherever it lands; sending successive cold
     requests to different endpoints spreads cache growth instead of evicting one endpoint's
@@ -120,10 +118,8 @@ class NoHitLRUScorer(Scorer, PreRequest):
     def pre_request(self, request: InferenceRequest, result: SchedulingResult) -> None:
         if not request.data.pop(self._cold_key, False):
             return
-        for name in (result.primary_profile, PREFILL_PROFILE):
-            res = result.profiles.get(name)
-            if res is not None and res.targets:
-                self._touch(res.targets[0])
+        for ep in result.kv_targets():
+            self._touch(ep)
 
     def _touch(self, ep: Endpoint) -> None:
         lru = self.lru

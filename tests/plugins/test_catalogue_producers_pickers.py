@@ -76,10 +76,11 @@ def test_weighted_random_property(scores: list[float], k: int) -> None:
 
 # -- inflight-load-producer ---------------------------------------------------------------------
 def scheduled(ep: Endpoint, prefill: Endpoint | None = None) -> SchedulingResult:
+    """A P/D result as the disagg handler returns it; its prefill profile has a configured name."""
     profiles: dict[str, ProfileResult | None] = {"decode": ProfileResult([ep])}
     if prefill is not None:
-        profiles["prefill"] = ProfileResult([prefill])
-    return SchedulingResult("decode", profiles)
+        profiles["p-stage"] = ProfileResult([prefill])
+    return SchedulingResult("decode", profiles, prefill_profile="p-stage")
 
 
 def tokenized(tokens: int, **kw: Any) -> Any:

@@ -223,7 +223,10 @@ def test_no_hit_lru_edges_and_bounded_size() -> None:
     req = cold(eps)
     s.score(req, eps)
     s.pre_request(
-        req, SchedulingResult("decode", {"decode": ProfileResult([eps[1]]), "prefill": ProfileResult([eps[0]])})
+        req,
+        SchedulingResult(
+            "decode", {"decode": ProfileResult([eps[1]]), "p-stage": ProfileResult([eps[0]])}, prefill_profile="p-stage"
+        ),
     )
     assert list(s.lru) == [eps[1], eps[0]]  # decode target then the prefill target moved to the front
     with pytest.raises(ConfigError, match="lruSize"):

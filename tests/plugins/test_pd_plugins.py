@@ -313,6 +313,20 @@ async def test_prefill_first_always_prefills_then_decodes() -> None:
         await d2.handle_request(request(b"x"), None)
 
 
+async def test_a_renamed_prefill_profile_is_named_in_the_result() -> None:
+    """Plugins that index or charge the prefill pod (prefix producers, no-hit-lru, in-flight load)
+    find it through the result, whatever the profile is called."""
+    config = PREFILL_FIRST.replace(
+        "{stageOrder: prefill-first}", "{stageOrder: prefill-first, profiles: {prefill: pf}}"
+    )
+    d, _, _ = director(config.replace("{name: prefill,", "{name: pf,"), [("p0", "prefill"), ("d0", "decode")])
+    req = request(b"x")
+    await d.handle_request(req, None)
+    result = req.scheduling
+    assert result is not None and result.prefill_profile == "pf"
+    assert [ep.name for ep in result.kv_targets()] == ["d0", "p0"]
+
+
 @pytest.mark.parametrize(
     ("edit", "expected"),
     [
