@@ -73,6 +73,11 @@ PROFILES = {
         "approx": HERE / "configs" / "precise-prefix-approx.yaml",
         "precise": HERE / "configs" / "precise-prefix.yaml",
     },
+    # Diagnostic (results/diagnostics/README.md): precise with the routing history beside it.
+    "history": {
+        "approx": HERE / "configs" / "approx-default.yaml",
+        "precise": HERE / "configs" / "diagnostics" / "precise-history.yaml",
+    },
 }
 # Not the main run's 127.0.0.200+: the two runs may share the machine, and distinct addresses keep their pods,
 # logs and ZeroMQ sockets apart.

@@ -37,7 +37,7 @@ def _without_producer(text: str) -> dict[str, Any]:
     return config
 
 
-@pytest.mark.parametrize("profile", sorted(pr.PROFILES))
+@pytest.mark.parametrize("profile", ["default", "reference"])
 def test_configs_load_and_differ_only_in_the_prefix_producer(profile: str) -> None:
     texts = {p: pr.epp_config(pr.PROFILES[profile][p], 41000, 41001) for p in pr.PRODUCERS}
     plugins = {p: build_components(load_config(t)).plugins for p, t in texts.items()}
@@ -45,6 +45,11 @@ def test_configs_load_and_differ_only_in_the_prefix_producer(profile: str) -> No
     assert not any(isinstance(x, PrecisePrefixCacheProducer) for x in plugins["approx"].values())
     assert any(isinstance(x, ApproxPrefixCacheProducer) for x in plugins["approx"].values())
     assert _without_producer(texts["approx"]) == _without_producer(texts["precise"])
+
+
+def test_the_history_diagnostic_runs_both_producers() -> None:
+    plugins = build_components(load_config(pr.epp_config(pr.PROFILES["history"]["precise"], 41000, 41001))).plugins
+    assert {"precise-prefix-cache-producer", "approx-prefix-cache-producer", "history-prefix"} <= set(plugins)
 
 
 def test_the_default_profile_is_the_built_in_one() -> None:
