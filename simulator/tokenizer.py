@@ -93,6 +93,8 @@ def jinja_renderer(path: str) -> ChatRenderer:
     try:
         config_path = p if p.suffix == ".json" else p.parent / "tokenizer_config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_path} is not a JSON object")
         source = config.get("chat_template") if p.suffix == ".json" else p.read_text()
     except (OSError, ValueError) as e:
         raise ValueError(f"chat_template {path!r}: {e}") from None

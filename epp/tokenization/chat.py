@@ -99,8 +99,7 @@ class _ChatInputs(msgspec.Struct):
 
 
 _INPUTS = msgspec.json.Decoder(_ChatInputs)
-_TEMPLATE_FIELDS = ("messages", "tools", "documents", "chat_template_kwargs", "add_generation_prompt",
-                    "continue_final_message")  # fmt: skip
+_TEMPLATE_FIELDS = _ChatInputs.__struct_fields__
 
 
 def template_fields(body: bytes) -> dict[str, Any]:
@@ -221,7 +220,7 @@ class JinjaTemplate:
         for name, text in sources.items():
             try:
                 ast = env.parse(text)
-                self._templates[name] = env.from_string(text)
+                self._templates[name] = env.from_string(ast)
             except jinja2.TemplateSyntaxError as e:
                 raise ValueError(f"{origin}: chat template {name!r}, line {e.lineno}: {e.message}") from None
             self._lists[name] = _loops_over_content(ast)
