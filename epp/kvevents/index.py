@@ -6,7 +6,8 @@ Layout, chosen for the lookup loop (one dict probe and a few int operations per 
   (`_holders[key]`), so "which candidates still match" is `alive &= mask`;
 * tiers: a (key, pod) pair not held on the best tier is listed in `_low[key][bit] = weight`; the
   lookup only looks there when the dict is non-empty (GPU-only pools never pay for tiers);
-* speculative entries: `_spec[key]` mask, expiring after their TTL (FIFO queue, constant TTL);
+* speculative entries: `_spec[key]` mask, each (key, pod) with a deadline (a FIFO queue per TTL value:
+  few distinct TTLs, so expiry stays a pop from the front);
 * bounds (llm-d's in-memory index): at most `size` keys, least recently stored evicted first
   (an OrderedDict); at most `podCacheSize` pods per key — a key that would exceed it drops its
   lowest-numbered other holder (not an LRU per key: holders are a bit mask without order).
@@ -59,7 +60,7 @@ class MemoryIndex:
         self._low: dict[int, dict[int, float]] = {}
         self._spec: dict[int, int] = {}
         self._spec_until: dict[tuple[int, int], float] = {}
-        self._spec_queue: deque[tuple[float, int, int]] = deque()
+        self._spec_queues: dict[float, deque[tuple[float, int, int]]] = {}
         self._bits: dict[str, int] = {}
         self._free_bits: list[int] = []
         self._next_bit = 0
@@ -156,34 +157,41 @@ class MemoryIndex:
                 counts[b] = counts.get(b, 1) - 1
 
     def speculate(self, pod: str, keys: list[int], ttl: float) -> None:
-        """Assume `pod` will hold `keys` for `ttl` seconds (the routed request's prompt)."""
+        """Assume `pod` holds `keys` for the next `ttl` seconds (the routed request's prompt); a later
+        call for the same key and pod replaces the deadline, shorter or longer."""
         if not keys or ttl <= 0:
             return
         b = self.bit(pod)
         until = self.clock() + ttl
-        spec, spec_until, queue = self._spec, self._spec_until, self._spec_queue
+        spec, spec_until = self._spec, self._spec_until
+        # One FIFO per TTL value: deadlines within a queue never decrease, so expiry pops from the front.
+        queue = self._spec_queues.get(ttl)
+        if queue is None:
+            queue = self._spec_queues[ttl] = deque()
         for k in keys:
             spec[k] = spec.get(k, 0) | b
             spec_until[(k, b)] = until
             queue.append((until, k, b))
 
     def expire(self) -> None:
-        """Drop speculative entries past their TTL (called before every lookup)."""
-        queue = self._spec_queue
-        if not queue:
+        """Drop speculative entries past their deadline (called before every lookup)."""
+        if not self._spec_until:
+            for queue in self._spec_queues.values():
+                queue.clear()  # only superseded deadlines left
             return
         now = self.clock()
         spec, spec_until = self._spec, self._spec_until
-        while queue and queue[0][0] <= now:
-            until, k, b = queue.popleft()
-            if spec_until.get((k, b)) != until:
-                continue  # refreshed since
-            del spec_until[(k, b)]
-            m = spec.get(k, 0) & ~b
-            if m:
-                spec[k] = m
-            else:
-                spec.pop(k, None)
+        for queue in self._spec_queues.values():
+            while queue and queue[0][0] <= now:
+                until, k, b = queue.popleft()
+                if spec_until.get((k, b)) != until:
+                    continue  # given another deadline since
+                del spec_until[(k, b)]
+                m = spec.get(k, 0) & ~b
+                if m:
+                    spec[k] = m
+                else:
+                    spec.pop(k, None)
 
     # -- reads -----------------------------------------------------------------------------------
     def match(self, token_bytes: bytes, block_tokens: int, root: int, candidates: int, max_blocks: int = 0) -> Match:

@@ -20,7 +20,12 @@ from llmepp.framework.datakeys import (
     scoped,
 )
 from llmepp.framework.plugin import ConfigError, PluginContext, PluginParams
-from llmepp.framework.requestcontrol import DataProducer, PreRequest
+from llmepp.framework.requestcontrol import (
+    DataProducer,
+    FirstResponseChunkProcessor,
+    PreRequest,
+    ResponseCompleteProcessor,
+)
 from llmepp.framework.scheduling import SchedulingResult, Scorer, ScorerCategory
 from llmepp.kvevents.chain import ChainStats, SourceChains
 from llmepp.kvevents.index import MemoryIndex
@@ -33,7 +38,7 @@ from llmepp.kvevents.tiers import DEFAULT_TIERS, TierTable
 from llmepp.observability.metrics import EppMetrics
 from llmepp.plugins.datasources.endpoint_notification import EndpointNotificationSource
 from llmepp.plugins.scorers.prefix_cache import PrefixCacheScorer
-from llmepp.request.types import InferenceRequest
+from llmepp.request.types import InferenceRequest, ResponseInfo
 from llmepp.units import parse_duration
 
 log = logging.getLogger(__name__)
@@ -105,7 +110,7 @@ class KVEventsConfig(PluginParams):
     max_concurrent_replays: int = 8
 
 
-class PrecisePrefixCacheProducer(DataProducer, PreRequest):
+class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkProcessor, ResponseCompleteProcessor):
     """Writes PrefixCacheMatchInfo from the pods' own KV-cache reports (vLLM KV events).
 
     What: every discovered endpoint's KV-event publisher (``tcp://<address>:<socketPort>``) is
@@ -131,9 +136,13 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest):
     estimate backend the keys never equal the events' (a warning is logged once).
 
     Speculative indexing (`speculativeIndexing`, off): after routing, the request's keys are assumed
-    held by the chosen endpoint (and by the prefill profile's pick of a remote prefill) for
-    `speculativeTTL` (2s), so a burst of one new prompt sticks to one pod before its events arrive;
-    entries lapse unless events confirm.
+    held by the chosen endpoint (and by the prefill profile's pick of a remote prefill) until the
+    request's first response bytes (the prefill is done and the pod is storing the blocks; at most
+    `speculativeMaxHold`, 5m), then for `speculativeTTL` (2s) more for the pod's events to confirm
+    them; unconfirmed entries lapse. So a burst of one new prompt sticks to one pod before its events
+    arrive, however long the prefill takes. (The reference counts `speculativeTTL` from routing: under
+    load a prefill outlasts it, and the prompt's next request finds no pod holding it and is placed
+    as if new; measured in benchmarks/README.md.)
 
     Parameters (reference names, defaults): `tokenProcessorConfig` {`blockSizeTokens` 16 (`blockSize`
     accepted), `hashSeed` "", `hashAlgorithm` (accepted; keys are always this build's xxh64)},
@@ -144,7 +153,7 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest):
     "kv@", `discoverPods` true, `podDiscoveryConfig` {`socketPort` 5557, `replaySocketPort` 0 = no
     replay}, `replayTimeout` 2m, `replayIdleTimeout` 2s, `replayCooldown` 30s,
     `maxConcurrentReplays` 8, `concurrency` (accepted: every source already has its own task),
-    `engineType` vllm}, `speculativeIndexing` false, `speculativeTTL` 2s.
+    `engineType` vllm}, `speculativeIndexing` false, `speculativeTTL` 2s, `speculativeMaxHold` 5m.
     Not supported (ConfigError): `kvEventsConfig.zmqEndpoint` (global-socket mode), `engineType`
     sglang, `sessionManager`.
 
@@ -163,6 +172,7 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest):
         kv_events_config: KVEventsConfig | None = None
         speculative_indexing: bool = False
         speculative_ttl: str = msgspec.field(default="2s", name="speculativeTTL")
+        speculative_max_hold: str = "5m"
         session_manager: str = ""
 
     # Set per class below: the Redis-backed variant, whose produce() awaits a lookup.
@@ -201,11 +211,13 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest):
         self.seed = seed_of(tp.hash_seed)
         self.speculative = p.speculative_indexing
         self.speculative_ttl = parse_duration(p.speculative_ttl)
+        self.speculative_max_hold = parse_duration(p.speculative_max_hold)
         self.size = mem.size
         self.pod_cache_size = mem.pod_cache_size
         self.discover = ev.discover_pods
         self.key = scoped(PREFIX_CACHE_MATCH_INFO, self.name)
         self._ctx_key = f"{self.name}/prompt"
+        self._held_key = f"{self.name}/held"
         self.stats = KVEventStats()
         self.pool_options = PoolOptions(
             socket_port=disc.socket_port,
@@ -337,21 +349,35 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest):
         targets = [self._pod(ep) for ep in result.kv_targets()]
         if not targets:
             return
+        request.data[self._held_key] = (targets, ctx, info)
         # After the routing answer is on its way: hashing the whole prompt is bookkeeping.
         try:
-            asyncio.get_running_loop().call_soon(self._speculate, targets, ctx, info)
+            asyncio.get_running_loop().call_soon(self._speculate, targets, ctx, info, self.speculative_max_hold)
         except RuntimeError:
-            self._speculate(targets, ctx, info)
+            self._speculate(targets, ctx, info, self.speculative_max_hold)
+
+    # -- response: the prefill is over, the events have `speculativeTTL` to confirm -----------------
+    def first_response_chunk(self, request: InferenceRequest, response: ResponseInfo) -> None:
+        self._release(request)
+
+    def response_complete(self, request: InferenceRequest, response: ResponseInfo, result: SchedulingResult) -> None:
+        self._release(request)  # no first bytes (an error, a disconnect): release all the same
+
+    def _release(self, request: InferenceRequest) -> None:
+        held: tuple[list[str], tuple[bytes, int], PrefixMatchInfo] | None = request.data.pop(self._held_key, None)
+        if held is not None:
+            targets, ctx, info = held
+            self._speculate(targets, ctx, info, self.speculative_ttl)
 
     def _all_keys(self, ctx: tuple[bytes, int], info: PrefixMatchInfo) -> list[int]:
         if len(info.hashes) < info.total_blocks:
             info.hashes = block_keys(ctx[0], self.block_tokens, ctx[1])
         return info.hashes
 
-    def _speculate(self, targets: list[str], ctx: tuple[bytes, int], info: PrefixMatchInfo) -> None:
+    def _speculate(self, targets: list[str], ctx: tuple[bytes, int], info: PrefixMatchInfo, ttl: float) -> None:
         keys = self._all_keys(ctx, info)
         for pod in targets:
-            self.index.speculate(pod, keys, self.speculative_ttl)
+            self.index.speculate(pod, keys, ttl)
 
     # -- metrics -------------------------------------------------------------------------------
     def _chain_stats(self) -> ChainStats:
@@ -418,20 +444,20 @@ class RedisPrecisePrefixCacheProducer(PrecisePrefixCacheProducer):
                     hits[ep] = int(w + 0.5)
         self._publish(request, tokens, root, len(keys), hits, keys)
 
-    def _speculate(self, targets: list[str], ctx: tuple[bytes, int], info: PrefixMatchInfo) -> None:
+    def _speculate(self, targets: list[str], ctx: tuple[bytes, int], info: PrefixMatchInfo, ttl: float) -> None:
         keys = self._all_keys(ctx, info)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # no event loop (in-process tooling): nothing to write with
         for pod in targets:
-            task = loop.create_task(self._speculate_remote(pod, keys))
+            task = loop.create_task(self._speculate_remote(pod, keys, ttl))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _speculate_remote(self, pod: str, keys: list[int]) -> None:
+    async def _speculate_remote(self, pod: str, keys: list[int], ttl: float) -> None:
         try:
-            await asyncio.wait_for(self.redis_store.speculate(pod, keys, self.speculative_ttl), 1.0)
+            await asyncio.wait_for(self.redis_store.speculate(pod, keys, ttl), 1.0)
         except Exception as e:
             self._log.warning("speculate", "%s: speculative write to Redis failed: %r", self.name, e)
 

@@ -22,7 +22,7 @@ from llmepp.plugins.datasources.endpoint_notification import EndpointNotificatio
 from llmepp.plugins.producers.precise_prefix import PrecisePrefixCacheProducer, PrecisePrefixCacheScorer
 from llmepp.plugins.scorers.prefix_cache import PrefixCacheScorer
 from llmepp.request.parsers import parse_request
-from llmepp.request.types import InferenceRequest
+from llmepp.request.types import InferenceRequest, ResponseInfo
 from llmepp_sim.tokenizer import TOKENIZER_PATH
 
 # The reference's test/perf/config/router-configs/precise-prefix.yaml shape (§2 example C).
@@ -72,6 +72,15 @@ HF_TOKENS = f"""
   parameters:
     tokenizer: {{backend: hf, path: "{TOKENIZER_PATH}", chatTemplate: role-tags}}
 """
+VLLM_TOKENS = """- type: token-producer
+  parameters:
+    modelName: Qwen/Qwen3-8B
+    vllm:
+      url: http://localhost:8000
+"""
+assert VLLM_TOKENS in EXAMPLE_C
+# Example C with a local tokenizer instead of the render sidecar (no model server needed).
+EXAMPLE_C_HF = EXAMPLE_C.replace(VLLM_TOKENS, HF_TOKENS)
 
 
 def components(text: str) -> tuple[Components, Datastore]:
@@ -129,16 +138,7 @@ async def test_example_c_loads_and_wires_the_notification_source() -> None:
 
 
 async def test_lookup_feeds_scorer_and_decider_and_speculation_spreads_to_the_routed_pod() -> None:
-    text = EXAMPLE_C.replace(
-        """- type: token-producer
-  parameters:
-    modelName: Qwen/Qwen3-8B
-    vllm:
-      url: http://localhost:8000
-""",
-        HF_TOKENS,
-    )
-    c, datastore = components(text)
+    c, datastore = components(EXAMPLE_C_HF)
     eps = pods(datastore)
     producer = c.plugins["precise-prefix-cache-producer"]
     assert isinstance(producer, PrecisePrefixCacheProducer)
@@ -173,6 +173,46 @@ async def test_lookup_feeds_scorer_and_decider_and_speculation_spreads_to_the_ro
     await run_producers(c, again, eps)
     hits = again.data[scoped(PREFIX_CACHE_MATCH_INFO, producer.name)].hits
     assert hits == {eps[1]: 5, eps[2]: info.total_blocks}
+    for plugin in c.plugins.values():
+        await plugin.aclose()
+
+
+async def test_speculation_is_held_until_the_first_token_then_lapses_unless_confirmed() -> None:
+    """Speculative entries cover the whole prefill (however long), then `speculativeTTL` for the
+    pod's events to confirm them; a request that ends without output releases them too."""
+    now = [0.0]
+    c, datastore = components(
+        EXAMPLE_C_HF.replace("speculativeIndexing: true", "speculativeIndexing: true\n    speculativeTTL: 2s")
+    )
+    eps = pods(datastore)
+    producer = c.plugins["precise-prefix-cache-producer"]
+    assert isinstance(producer, PrecisePrefixCacheProducer)
+    producer.index.clock = lambda: now[0]
+    key = scoped(PREFIX_CACHE_MATCH_INFO, producer.name)
+
+    async def hits(prompt: str) -> dict[Endpoint, int]:
+        req = chat(prompt)
+        await run_producers(c, req, eps)
+        return dict(req.data[key].hits)
+
+    for prompt, end in (("a prompt that ends well " * 8, "first"), ("a prompt that fails " * 8, "complete")):
+        req = chat(prompt)
+        await run_producers(c, req, eps)
+        result = SchedulingResult("default", {"default": ProfileResult(targets=[eps[2]])})
+        producer.pre_request(req, result)
+        await asyncio.sleep(0)
+        now[0] += 60.0  # a minute of prefill: still held
+        assert set(await hits(prompt)) == {eps[2]}
+        if end == "first":
+            producer.first_response_chunk(req, ResponseInfo(status=200))
+        else:
+            producer.response_complete(req, ResponseInfo(status=503), result)
+        now[0] += 1.0
+        assert set(await hits(prompt)) == {eps[2]}  # within speculativeTTL of the release
+        now[0] += 1.5
+        assert await hits(prompt) == {}  # no event confirmed it
+    producer.response_complete(req, ResponseInfo(status=200), result)  # a second release changes nothing
+    assert producer.index.speculative_entries == 0
     for plugin in c.plugins.values():
         await plugin.aclose()
 

@@ -202,7 +202,10 @@ async def test_speculation_written_by_one_replica_is_seen_by_another(server: Red
     a.pre_request(first, SchedulingResult("default", {"default": ProfileResult(targets=[eps[1]])}))
     second = _request()
     await eventually(lambda: _hits(b, second, eps, {eps[1]: 16}))
-    await asyncio.sleep(0.6)  # past speculativeTTL, with no event confirming it
+    await asyncio.sleep(0.6)  # past speculativeTTL, but the request is still in prefill: held
+    assert await _hits(b, _request(), eps, {eps[1]: 16})
+    a.first_response_chunk(first, ResponseInfo(status=200))  # prefill done: the events have speculativeTTL
+    await asyncio.sleep(0.6)  # no event confirmed it
     assert await _hits(b, _request(), eps, {})
     await a.aclose()
     await b.aclose()
