@@ -83,6 +83,19 @@ def envoy_yaml(
     return yaml.safe_dump(config, sort_keys=False, width=1000)
 
 
+def _write_epp_config(config_text: str, pods: list[tuple[str, int]], workdir: Path) -> Path:
+    """The EPP's config file for these pods (file discovery of an endpoints file written beside it)."""
+    endpoints = workdir / "endpoints.yaml"
+    entries = [
+        {"name": f"pod-{i}", "address": h, "port": p, "labels": {"llm-d.ai/role": "both"}}
+        for i, (h, p) in enumerate(pods)
+    ]
+    endpoints.write_text(yaml.safe_dump({"endpoints": entries}))
+    config = workdir / "epp-config.yaml"
+    config.write_text(with_file_discovery(config_text, endpoints))
+    return config
+
+
 @dataclass
 class Contender(ABC):
     name: str
@@ -137,14 +150,7 @@ class EppBehindEnvoy(Contender):
         self.envoy: EnvoyProcess | None = None
 
     async def start(self, pods: list[tuple[str, int]], workdir: Path) -> None:
-        endpoints = workdir / "endpoints.yaml"
-        entries = [
-            {"name": f"pod-{i}", "address": h, "port": p, "labels": {"llm-d.ai/role": "both"}}
-            for i, (h, p) in enumerate(pods)
-        ]
-        endpoints.write_text(yaml.safe_dump({"endpoints": entries}))
-        config = workdir / "epp-config.yaml"
-        config.write_text(with_file_discovery(self.config_text, endpoints))
+        config = _write_epp_config(self.config_text, pods, workdir)
         grpc_port, health, metrics = free_port(), free_port(), free_port()
         args = [
             "--config-file", str(config), "--grpc-port", str(grpc_port), "--grpc-health-port", str(health),
@@ -291,14 +297,7 @@ class EppReplicasBehindEnvoy(EppBehindEnvoy):
         self._baseline: dict[str, float] = {}
 
     async def start(self, pods: list[tuple[str, int]], workdir: Path) -> None:
-        endpoints = workdir / "endpoints.yaml"
-        entries = [
-            {"name": f"pod-{i}", "address": h, "port": p, "labels": {"llm-d.ai/role": "both"}}
-            for i, (h, p) in enumerate(pods)
-        ]
-        endpoints.write_text(yaml.safe_dump({"endpoints": entries}))
-        config = workdir / "epp-config.yaml"
-        config.write_text(with_file_discovery(self.config_text, endpoints))
+        config = _write_epp_config(self.config_text, pods, workdir)
         grpc_ports = []
         for i in range(self.replicas):
             grpc_port, health, metrics = free_port(), free_port(), free_port()
