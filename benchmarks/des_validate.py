@@ -80,10 +80,18 @@ HOW_IT_WORKS = [
     "- **Clients** are open-loop Poisson stages (inference-perf's `shared_prefix` generator: shuffled prompt "
     'list, cycled), token-id prompts (`"prompt": [ids]`) so the EPP and the pods see exactly the live '
     "prompts; 300 s request timeout.",
+    "- **KV events** (configs with a `precise-prefix-cache-producer`): each engine's block pool reports "
+    "stored / removed blocks to a feed that batches them like the live publisher (16 events, or what is "
+    "pending `kv_event_delay` after the first change), encodes them in vLLM's wire format and hands the "
+    "decoded batch to every EPP replica's `SourceIngest`, the sink its ZeroMQ subscriber feeds live; the "
+    "index reads the loop's clock, so speculative entries lapse in simulated time. Scenario options: "
+    "`replicas` (independent EPPs from one config, arrivals alternating between them) and `eviction` (part "
+    "of one pod's prefix cache evicted periodically behind the EPP's back, as `POST /admin/evict`). "
+    "`python -m benchmarks.des.precise` runs the live precise benchmark's set-up this way.",
     "",
     "Not modelled: network, Envoy, HTTP and EPP CPU time (a constant `request_latency` can stand in for "
-    "them; the validation measures it), scrape round trips, KV events (so no precise-prefix routing), flow "
-    "control (its timers read the wall clock).",
+    "them; the validation measures it), scrape round trips, ZeroMQ loss and replay, flow control (its "
+    "timers read the wall clock).",
     "",
     "Metric definitions (both modes): TTFT from arrival to first token; ITL = per-request mean "
     "(last - first token) / (tokens - 1), percentiles over requests; hit rate = cached / prompt tokens from "

@@ -18,9 +18,20 @@ Everything runs on one ``VirtualTimeLoop`` (``benchmarks.des.vloop``):
   not finished ``request_timeout`` after arrival is cancelled (the engine aborts it, the EPP sees a client
   disconnect), like inference-perf's ``request_timeout``.
 
+* **KV events** (when the config has a ``precise-prefix-cache-producer``): each engine's block pool reports
+  its stored / removed blocks to a sink that batches them like the live publisher, encodes them in vLLM's
+  wire format and, ``kv_event_delay`` later, hands the batch to every replica's producer through the same
+  ``SourceIngest`` its ZeroMQ subscriber feeds (discovery is switched off; the index reads the loop's clock,
+  so speculative entries lapse in simulated time).
+* **Scenarios** of the live precise benchmark: ``eviction`` (part of one pod's prefix cache evicted
+  periodically behind the EPP's back, ``Engine.evict_cached`` as ``POST /admin/evict`` does) and
+  ``replicas`` (independent EPPs built from the same config, arrivals alternating between them as Envoy's
+  round robin over the ext_proc cluster does; each replica sees only its own requests, and every replica
+  consumes all KV events).
+
 What is not modelled: network, Envoy and EPP processing time (routing takes zero simulated time unless
-``request_latency`` adds a fixed delay before it), scrape round trips, flow control's wall-clock timers, KV
-events (no ``precise-prefix`` routing).
+``request_latency`` adds a fixed delay before it), scrape round trips, flow control's wall-clock timers,
+ZeroMQ loss and replay.
 
 Speed-ups that do not change behaviour: a shared prompt's token list and prompt block hashes are computed
 once and handed to each ``SimRequest`` (the engine only hashes blocks it has no hash for yet), and RNGs of
@@ -37,7 +48,10 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from benchmarks.des.policies import policy_config
 from benchmarks.des.results import QueueSample, RequestRecord, stage_metrics
@@ -49,12 +63,16 @@ from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import Endpoint, EndpointMetrics, EndpointSpec
 from llmepp.director import Director
 from llmepp.errors import RequestError
+from llmepp.kvevents.ingest import SourceIngest
+from llmepp.kvevents.wire import Message, decode_batch
 from llmepp.observability.metrics import EppMetrics
+from llmepp.plugins.producers.precise_prefix import PrecisePrefixCacheProducer
 from llmepp.request.parsers import parse_request
 from llmepp.request.types import InferenceRequest, ResponseInfo, TerminationCause, Usage
 from llmepp_sim import blockhash
 from llmepp_sim.config import PodConfig, pod_config_from_dict, pod_config_to_dict
 from llmepp_sim.engine import Engine, RequestTooLarge, SimRequest
+from llmepp_sim.kvwire import KVEvent, encode_batch
 from llmepp_sim.lora import LoraManager
 from llmepp_sim.profiles import load_profile
 from llmepp_sim.textgen import FillerStream, FillerToken, filler_vocabulary
@@ -64,8 +82,21 @@ log = logging.getLogger(__name__)
 
 # Prompt tokens whose parse, token list and hashes are memoised: ~19 bytes per token (~400 MB when full).
 PROMPT_CACHE_TOKENS = 20_000_000
+REPO = Path(__file__).resolve().parents[2]
 EPOCH = 1000.0  # virtual time of the run's start (update_time 0.0 means "never scraped" to the EPP)
 HEADERS = {":path": "/v1/completions", ":method": "POST", "content-type": "application/json"}
+
+
+@dataclass(frozen=True)
+class Eviction:
+    """Evict ``fraction`` of pod ``pod``'s KV capacity from its prefix cache every ``every`` simulated seconds,
+    behind the EPP's back (the live benchmark's ``POST /admin/evict``; round ``k`` uses seed ``seed + k``)."""
+
+    pod: int = 0
+    fraction: float = 0.2
+    every: float = 30.0
+    order: str = "lru"
+    seed: int = 1
 
 
 @dataclass
@@ -82,6 +113,11 @@ class SimOptions:
     request_latency: float = 0.0
     seed: int = 0
     model: str = MODEL
+    replicas: int = 1  # EPP replicas; arrivals alternate between them
+    # s of simulated time from a pod's block change to the EPP applying it: the live publisher's flush
+    # interval (5 ms wall) at time scale 4, plus delivery.
+    kv_event_delay: float = 0.025
+    eviction: Eviction | None = None
 
     def pod_config(self) -> PodConfig:
         values: dict[str, Any] = pod_config_to_dict(PodConfig())
@@ -107,6 +143,8 @@ class SimResult:
     loop_iterations: int
     pod_stats: list[dict[str, Any]]
     epp_wall_seconds: float = 0.0
+    kv_events: list[dict[str, int]] = field(default_factory=list)  # per replica's precise producer
+    evictions: list[int] = field(default_factory=list)  # blocks evicted per round
 
     def stages(self) -> list[dict[str, Any]]:
         return stage_metrics(self.records, self.schedule, self.samples)
@@ -137,10 +175,15 @@ class SimResult:
             "request_latency_s": o.request_latency,
             "request_timeout_s": o.request_timeout,
             "seed": o.seed,
+            "replicas": o.replicas,
+            "kv_event_delay_s": o.kv_event_delay,
+            "eviction": None if o.eviction is None else dataclasses.asdict(o.eviction),
             "workload": self.schedule.workload.describe(),
             "stages": self.stages(),
             "speed": self.speed(),
             "pods_detail": self.pod_stats,
+            "kv_events": self.kv_events,
+            "evictions": self.evictions,
         }
 
 
@@ -174,20 +217,38 @@ class Simulation:
         self.fillers: tuple[FillerToken, ...] = filler_vocabulary(tokenizer)
         self.datastore = Datastore()
         self.pods: list[_Pod] = []
+        self.feeds: list[_EventFeed] = []
+        config_text, kv_events = _des_config(options.config_text())
         for i in range(options.pods):
             config = dataclasses.replace(base, name=f"sim-{i}", host=_address(i), port=8000)
-            engine = Engine(config, clock, LoraManager(config.lora_modules), None)
+            feed = _EventFeed(loop, f"kv@{config.name}@{options.model}".encode(), base.event_batch_size,
+                              options.kv_event_delay)  # fmt: skip
+            engine = Engine(config, clock, LoraManager(config.lora_modules), feed if kv_events else None)
             self.datastore.upsert(
                 EndpointSpec(name=config.name, address=config.host, port=config.port, labels={"llm-d.ai/role": "both"})
             )
             endpoint = self.datastore.get(config.name)
             assert endpoint is not None
             self.pods.append(_Pod(i, config, engine, endpoint))
+            self.feeds.append(feed)
         self._by_hostport = {p.endpoint.hostport: p for p in self.pods}
-        self.metrics = EppMetrics()
-        components = build(load_config(options.config_text()), datastore=self.datastore, metrics=self.metrics)
-        self.director = Director(self.datastore, components.pipeline, self.metrics)
-        _seed_rngs([*components.plugins.values(), self.director], options.seed)
+        if kv_events:  # discovery is off on purpose here: the DES delivers the events (no "none consumed" warning)
+            logging.getLogger(PrecisePrefixCacheProducer.__module__).setLevel(logging.ERROR)
+        self.directors: list[Director] = []
+        self.producers: list[PrecisePrefixCacheProducer] = []
+        for r in range(max(1, options.replicas)):
+            metrics = EppMetrics()
+            components = build(load_config(config_text), datastore=self.datastore, metrics=metrics)
+            director = Director(self.datastore, components.pipeline, metrics)
+            _seed_rngs([*components.plugins.values(), director], options.seed * 1000 + r)
+            for plugin in components.plugins.values():
+                if isinstance(plugin, PrecisePrefixCacheProducer):
+                    self.producers.append(plugin)
+                    plugin.index.clock = loop.time  # speculative entries lapse in simulated time
+                    for pod, feed in zip(self.pods, self.feeds):
+                        feed.ingests.append(plugin.in_process_source(pod.endpoint))
+            self.directors.append(director)
+        self.evicted: list[int] = []  # blocks per eviction round
         self._slots: list[list[_Pod]] = [self.pods[s::SUB_TICKS] for s in range(SUB_TICKS)]
         self._block_size = base.block_size
         self._hash_seed = base.hash_seed
@@ -204,7 +265,9 @@ class Simulation:
         for pod in self.pods:
             pod.engine.start()
         self._refresh_all()
-        refresher = self.loop.create_task(self._refresher(), name="des-metrics-refresh")
+        background = [self.loop.create_task(self._refresher(), name="des-metrics-refresh")]
+        if self.options.eviction is not None:
+            background.append(self.loop.create_task(self._evictor(self.options.eviction), name="des-evict"))
         tasks: set[asyncio.Task[None]] = set()
         try:
             for arrival in self.schedule.arrivals:
@@ -221,7 +284,8 @@ class Simulation:
             if self.loop.time() < end:
                 await asyncio.sleep(end - self.loop.time())
         finally:
-            refresher.cancel()
+            for task in background:
+                task.cancel()
             for pod in self.pods:
                 await pod.engine.stop()
 
@@ -238,8 +302,9 @@ class Simulation:
             request, prompt_ids, hashes = self._prompt(prompt, arrival.index, loop.time())
             if self.options.refresh_interval <= 0:
                 self._refresh_all()
+            director = self.directors[arrival.index % len(self.directors)]
             t0 = time.perf_counter()
-            decision = await self.director.handle_request(request, None)
+            decision = await director.handle_request(request, None)
             self.epp_wall += time.perf_counter() - t0
         except RequestError as e:
             rec.error = f"epp-{e.status}"
@@ -272,7 +337,7 @@ class Simulation:
             async with asyncio.timeout_at(arrived + self.options.request_timeout):
                 await sim_request.wait(0)
                 info.first_byte_at = loop.time()
-                self.director.response_first_chunk(request, info)
+                director.response_first_chunk(request, info)
                 await sim_request.wait_finished()
             if sim_request.finish_reason == "abort":
                 rec.error = "aborted"
@@ -295,7 +360,7 @@ class Simulation:
             if sim_request is not None:
                 pod.engine.abort(sim_request)  # no-op once finished; frees the seat of a timed-out request
             info.finished_at = loop.time()
-            self.director.response_complete(request, info, decision)
+            director.response_complete(request, info, decision)
 
     def _prompt(self, prompt: Prompt, index: int, arrived: float) -> tuple[InferenceRequest, list[int], list[int]]:
         """The parsed request, the prompt's token list and its full-block hashes (for ``SimRequest``).
@@ -334,6 +399,12 @@ class Simulation:
             prefix = list(prompt.prefix[: len(prompt.prefix) // bs * bs])
             hashes = self._group_hashes[prompt.group] = blockhash.chain(prefix, bs, self._hash_seed)
         return list(hashes)
+
+    async def _evictor(self, spec: Eviction) -> None:
+        engine = self.pods[spec.pod].engine
+        while True:
+            await asyncio.sleep(spec.every)
+            self.evicted.append(engine.evict_cached(spec.fraction, spec.order, spec.seed + len(self.evicted)))
 
     # ------------------------------------------------------------------ metrics refresh
     def _refresh(self, pod: _Pod, now: float) -> None:
@@ -419,6 +490,59 @@ def fresh_copy(template: InferenceRequest, request_id: str, received_at: float) 
     return dataclasses.replace(template, **changes)
 
 
+class _EventFeed:
+    """One pod's KV-event publisher in simulated time: what the pool reports is batched (at most
+    ``batch_size`` events), encoded in vLLM's wire format, decoded by the EPP's decoder and handed to every
+    replica's ``SourceIngest`` ``delay`` after the first pending change (the live publisher's flush)."""
+
+    def __init__(self, loop: VirtualTimeLoop, topic: bytes, batch_size: int, delay: float) -> None:
+        self.loop = loop
+        self.topic = topic
+        self.batch_size = batch_size
+        self.delay = delay
+        self.ingests: list[SourceIngest] = []
+        self._pending: list[KVEvent] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._seq = 0
+
+    def __call__(self, events: Sequence[KVEvent]) -> None:
+        self._pending.extend(events)
+        if self._timer is None:
+            self._timer = self.loop.call_later(self.delay, self._flush)
+
+    def _flush(self) -> None:
+        self._timer = None
+        pending, self._pending = self._pending, []
+        for i in range(0, len(pending), self.batch_size):
+            payload = encode_batch(self.loop.time(), pending[i : i + self.batch_size], 0, False)
+            msg, batch = Message(self.topic, self._seq, payload), decode_batch(payload)
+            self._seq += 1
+            for ingest in self.ingests:  # tasks run in creation order: each source's batches stay in sequence
+                self.loop.create_task(ingest.on_batch(msg, batch))
+
+
+def _des_config(text: str) -> tuple[str, bool]:
+    """The config as the DES runs it, and whether it consumes KV events: precise producers take their events
+    from the DES, not from ZeroMQ subscriptions to the pods (``discoverPods`` off), and a relative tokenizer
+    path is the repo's."""
+    doc = yaml.safe_load(text)
+    if not isinstance(doc, dict) or not isinstance(doc.get("plugins"), list):
+        return text, False
+    kv_events = False
+    for plugin in doc["plugins"]:
+        params = plugin.get("parameters") or {}
+        if plugin.get("type") in ("precise-prefix-cache-producer", "precise-prefix-cache-scorer"):
+            params.setdefault("kvEventsConfig", {})["discoverPods"] = False
+            kv_events = True
+        tokenizer = params.get("tokenizer")
+        if plugin.get("type") == "token-producer" and isinstance(tokenizer, dict) and tokenizer.get("path"):
+            path = Path(tokenizer["path"])
+            if not path.is_absolute():
+                tokenizer["path"] = str(REPO / path)
+        plugin["parameters"] = params
+    return yaml.safe_dump(doc, sort_keys=False), kv_events
+
+
 def _address(i: int) -> str:
     return f"10.{i // 62500 % 256}.{i // 250 % 250}.{i % 250 + 1}"
 
@@ -460,4 +584,9 @@ def simulate(schedule: Schedule, options: SimOptions) -> SimResult:
         loop_iterations=holder["iterations"],
         pod_stats=sim.pod_stats(),
         epp_wall_seconds=sim.epp_wall,
+        kv_events=[
+            {"stored": p.stats.block_stored, "removed": p.stats.block_removed, "index_keys": len(p.index)}
+            for p in sim.producers
+        ],
+        evictions=sim.evicted,
     )

@@ -29,7 +29,7 @@ from llmepp.framework.requestcontrol import (
 from llmepp.framework.scheduling import SchedulingResult, Scorer, ScorerCategory
 from llmepp.kvevents.chain import ChainStats, SourceChains
 from llmepp.kvevents.index import MemoryIndex
-from llmepp.kvevents.ingest import IndexStore, MemoryStore
+from llmepp.kvevents.ingest import IndexStore, MemoryStore, SourceIngest
 from llmepp.kvevents.keys import block_keys, root_key, seed_of
 from llmepp.kvevents.pool import PoolOptions, SubscriberPool
 from llmepp.kvevents.stats import KVEventsCollector, KVEventStats, LogLimiter, register
@@ -274,6 +274,11 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkPro
     def endpoint_removed(self, endpoint: Endpoint) -> None:
         self._pods.pop(endpoint, None)
         self.pool.endpoint_removed(endpoint)
+
+    def in_process_source(self, endpoint: Endpoint) -> SourceIngest:
+        """A sink for one endpoint's event batches delivered in-process rather than by a ZeroMQ subscriber
+        (the simulated-time benchmark feeds its engines' events through it)."""
+        return SourceIngest(self._pod(endpoint), self._new_chains(), self.store, self.stats)
 
     # -- DataProducer ----------------------------------------------------------------------------
     def _prompt(self, request: InferenceRequest) -> TokenizedPrompt | None:
