@@ -120,10 +120,12 @@ async def _serve_epp(port: int, endpoint: str, timing: bool, transport: str, dir
     director = _director(director_kind, endpoint, metrics)
     settings = Settings()
     servicer = ExtProcServicer(director, metrics, settings, time_response_chunks=timing)
-    if transport == "h2":
+    if transport in ("h2", "h2-tls"):
         from llmepp.server.h2 import create_h2_server
+        from llmepp.server.tls import ServingCert
 
-        h2 = create_h2_server(servicer, settings, address=f"127.0.0.1:{port}")
+        ssl = ServingCert.from_settings(settings).ssl_context() if transport == "h2-tls" else None
+        h2 = create_h2_server(servicer, settings, address=f"127.0.0.1:{port}", ssl=ssl)
         await h2.start()
         print("READY", flush=True)
         await h2.wait_for_termination()
@@ -297,7 +299,8 @@ async def bench_latency(n: int, rounds: int, warmup: int, transports: Sequence[s
         envoys.append(env)
         targets["envoy"] = port
         for transport in transports:
-            for kind in ("noop", "epp"):
+            # h2-tls: the shipped default (--secure-serving, self-signed), EPP only: its cost over h2c.
+            for kind in ("epp",) if transport == "h2-tls" else ("noop", "epp"):
                 proc_port = free_port()
                 children.append(
                     Child(
@@ -312,10 +315,12 @@ async def bench_latency(n: int, rounds: int, warmup: int, transports: Sequence[s
                     )
                 )
                 port, admin = free_port(), free_port()
-                env = EnvoyProcess(render_envoy_config(port, proc_port, admin, listen_address="127.0.0.1"), admin)
+                tls = transport == "h2-tls"
+                config = render_envoy_config(port, proc_port, admin, listen_address="127.0.0.1", epp_tls=tls)
+                env = EnvoyProcess(config, admin)
                 await env.start()
                 envoys.append(env)
-                targets[f"envoy+{kind}" + ("-h2" if transport == "h2" else "")] = port
+                targets[f"envoy+{kind}" + {"h2": "-h2", "h2-tls": "-h2-tls"}.get(transport, "")] = port
         clients: dict[str, HttpClient] = {}
         for name, port in targets.items():
             host_client = HttpClient(port, MODEL_HOST if name == "direct" else "127.0.0.1")
@@ -359,6 +364,9 @@ async def bench_latency(n: int, rounds: int, warmup: int, transports: Sequence[s
             ratios[f"epp{suffix}/noop{suffix}"] = {
                 k: epp[k] / noop[k] if noop[k] > 0 else float("nan") for k in ("p50_ms", "p99_ms")
             }
+    if "envoy+epp-h2-tls" in added and "envoy+epp-h2" in added:
+        h2c = added["envoy+epp-h2"]
+        ratios["epp-h2-tls/epp-h2"] = {k: added["envoy+epp-h2-tls"][k] / h2c[k] for k in ("p50_ms", "p99_ms")}
     if "envoy+epp-h2" in added and "envoy+noop" in added:
         noop = added["envoy+noop"]
         ratios["epp-h2/noop"] = {k: added["envoy+epp-h2"][k] / noop[k] for k in ("p50_ms", "p99_ms")}
@@ -522,7 +530,9 @@ def _director_args(kind: str) -> list[str]:
 
 
 def _variants(transports: Sequence[str]) -> list[tuple[str, str, str]]:
-    return [(kind + ("-h2" if t == "h2" else ""), kind, t) for t in transports for kind in ("noop", "epp")]
+    """Throughput / chunk servers; the load generator speaks plaintext gRPC, so h2-tls is latency-only."""
+    plain = [t for t in transports if t != "h2-tls"]
+    return [(kind + ("-h2" if t == "h2" else ""), kind, t) for t in plain for kind in ("noop", "epp")]
 
 
 def bench_throughput(
@@ -601,7 +611,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.add_argument("--grpc-experiments", default=None, help="GRPC_EXPERIMENTS for the servers")
         p.add_argument("--no-timing", action="store_true", help="EPP without per-chunk timing")
         p.add_argument("--json", action="store_true", help="print JSON only")
-        p.add_argument("--transports", default="grpc,h2", help="comma-separated: grpc, h2")
+        p.add_argument("--transports", default="grpc,h2,h2-tls",
+                       help="comma-separated: grpc, h2, h2-tls (latency only: the EPP over TLS)")  # fmt: skip
         p.add_argument("--director", choices=("fake", "default"), default="default",
                        help="EPP director: the real one with the default profile, or a trivial fake")  # fmt: skip
     p = sub.add_parser("serve-epp")

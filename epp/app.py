@@ -29,6 +29,7 @@ from llmepp.observability.metrics import EppMetrics
 from llmepp.server import health
 from llmepp.server.extproc import ExtProcServicer, create_server
 from llmepp.server.h2 import H2ExtProcServer, create_h2_server
+from llmepp.server.tls import ServingCert
 from llmepp.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,9 @@ class App:
         self._health_server: grpc.aio.Server | None = None
         self._discovery_task: asyncio.Task[None] | None = None
         self._metrics_server: object | None = None
+        # TLS on the ext_proc port: made (or read from --cert-path) here so a bad certificate is a start-up error.
+        self.serving_cert = ServingCert.from_settings(settings) if settings.secure_serving else None
+        self._cert_task: asyncio.Task[None] | None = None
 
     def _build_collector(self) -> MetricsCollector | None:
         for ds in self.components.data_sources:
@@ -130,14 +134,18 @@ class App:
             await self.collector.start()
 
         self._servicer = ExtProcServicer(self.director, self.metrics, s, destination_list=s.destination_fallback_list)
+        cert = self.serving_cert
         if s.extproc_transport == "h2":
-            h2 = create_h2_server(self._servicer, s)
+            h2 = create_h2_server(self._servicer, s, ssl=cert.ssl_context() if cert else None)
             await h2.start()
             self._extproc, self.grpc_port = h2, h2.port
         else:  # grpc.aio; message limits follow the body limit (server_options)
-            server, self.grpc_port = create_server(self._servicer, s)
+            credentials = cert.grpc_credentials() if cert else None
+            server, self.grpc_port = create_server(self._servicer, s, credentials=credentials)
             await server.start()
             self._extproc = server
+        if cert is not None and cert.reload:
+            self._cert_task = asyncio.create_task(cert.watch(), name="cert-reload")
 
         self._health_server = grpc.aio.server()
         health.add_to_server(self.health, self._health_server)
@@ -149,7 +157,7 @@ class App:
         log.info(
             "epp serving",
             extra={"grpc_port": self.grpc_port, "health_port": self.health_port, "metrics_port": s.metrics_port,
-                   "plugins": sorted(self.components.plugins)},
+                   "tls": _tls_label(self.serving_cert), "plugins": sorted(self.components.plugins)},
         )  # fmt: skip
 
     async def _wait_for_quiet(self) -> None:
@@ -191,10 +199,13 @@ class App:
             await self.collector.aclose()
         if self.kube is not None:
             await self.kube.aclose()
-        if self._discovery_task is not None:
-            self._discovery_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._discovery_task
+        for task in (self._discovery_task, self._cert_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self.serving_cert is not None:
+            self.serving_cert.close()
         for plugin in self.components.plugins.values():
             try:
                 await plugin.aclose()
@@ -203,6 +214,12 @@ class App:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()  # type: ignore[attr-defined]
         log.info("stopped")
+
+
+def _tls_label(cert: ServingCert | None) -> str:
+    if cert is None:
+        return "off"
+    return "self-signed" if cert.self_signed else f"{cert.cert_file}" + (" (reloaded on change)" if cert.reload else "")
 
 
 async def run(settings: Settings) -> None:

@@ -41,6 +41,19 @@ def parse_ports(text: str) -> tuple[int, ...]:
     return ports
 
 
+def parse_bool(text: str) -> bool:
+    """Go's flag syntax: true/false, 1/0, t/f (any case)."""
+    value = {"true": True, "t": True, "1": True, "false": False, "f": False, "0": False}.get(text.strip().lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"invalid boolean {text!r} (true or false)")
+    return value
+
+
+def parse_list(text: str) -> tuple[str, ...]:
+    """'a,b' → ('a', 'b')."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = Settings()
     p = argparse.ArgumentParser(prog="epp", description="Endpoint Picker: Envoy ext_proc server for LLM pools.")
@@ -80,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time in-flight requests get after SIGTERM")  # fmt: skip
     p.add_argument("--extproc-transport", choices=("h2", "grpc"), default=d.extproc_transport,
                    help="h2: our HTTP/2 gRPC server on the event loop (fast); grpc: grpc.aio")  # fmt: skip
+    p.add_argument("--secure-serving", type=parse_bool, nargs="?", const=True, default=d.secure_serving,
+                   metavar="BOOL", help="TLS on the ext_proc port (default true; =false: plaintext)")  # fmt: skip
+    p.add_argument("--cert-path", default=d.cert_path,
+                   help="directory with tls.crt and tls.key (default: a self-signed certificate)")  # fmt: skip
+    p.add_argument("--enable-cert-reload", action="store_true", help="re-read --cert-path's files when they change")
+    p.add_argument("--tls-min-version", default=d.tls_min_version, choices=("VersionTLS12", "VersionTLS13"))
+    p.add_argument("--tls-cipher-suites", type=parse_list, default=d.tls_cipher_suites,
+                   help="comma-separated TLS 1.2 cipher suites, Go's names (default: OpenSSL's)")  # fmt: skip
     p.add_argument("--destination-fallback-list", action="store_true",
                    help="send every picked endpoint (comma-separated) for gateways with fallback support")  # fmt: skip
     p.add_argument("--disable-endpoint-subset-filter", action="store_true")
@@ -120,6 +141,11 @@ def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
         max_body_bytes=a.max_body_size,
         drain_timeout=a.drain_timeout,
         extproc_transport=a.extproc_transport,
+        secure_serving=a.secure_serving,
+        cert_path=a.cert_path,
+        enable_cert_reload=a.enable_cert_reload,
+        tls_min_version=a.tls_min_version,
+        tls_cipher_suites=a.tls_cipher_suites,
         destination_fallback_list=a.destination_fallback_list,
         disable_endpoint_subset_filter=a.disable_endpoint_subset_filter,
         emit_endpoint_scores=a.emit_endpoint_scores,

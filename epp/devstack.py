@@ -42,7 +42,7 @@ async def main(options: StackOptions, pods: int) -> None:
         url = stack.url.replace("127.0.0.1", "localhost")
         print(
             f"""
-ready: Envoy {url}  ->  EPP 127.0.0.1:9002  ->  pods {", ".join(p.address for p in stack.pods)}
+ready: Envoy {url}  ->  EPP 127.0.0.1:9002 (ext_proc over TLS)  ->  pods {", ".join(p.address for p in stack.pods)}
 
   curl -s {url}/v1/completions -H 'content-type: application/json' \\
        -d '{{"model": "sim-model", "prompt": "Tell me about endpoint pickers", "max_tokens": 20}}' -i

@@ -43,6 +43,12 @@ class Settings:
     # ext_proc transport: "h2" (our HTTP/2 gRPC server on the event loop: ~4x the throughput,
     # ~4x cheaper per response chunk) or "grpc" (grpc.aio).
     extproc_transport: str = "h2"
+    # TLS on the ext_proc port (reference defaults: on, self-signed unless cert_path holds tls.crt/tls.key).
+    secure_serving: bool = True
+    cert_path: str | None = None
+    enable_cert_reload: bool = False
+    tls_min_version: str = "VersionTLS12"
+    tls_cipher_suites: tuple[str, ...] = ()
     # Send the whole ordered fallback list in x-gateway-destination-endpoint (for gateways that
     # implement it); Envoy's ORIGINAL_DST accepts exactly one ip:port, so the default is the primary.
     destination_fallback_list: bool = False

@@ -140,12 +140,16 @@ def create_server(
     *,
     address: str | None = None,
     options: Sequence[tuple[str, Any]] = (),
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server with the ext_proc service bound (not started) and its bound port.
 
-    `options` are appended to `server_options(settings)` (later entries win).
+    `options` are appended to `server_options(settings)` (later entries win); `credentials` make it
+    a TLS port (tls.ServingCert.grpc_credentials), else plaintext.
     """
     server = grpc.aio.server(options=[*server_options(settings), *options])
     add_to_server(servicer, server)
-    port = server.add_insecure_port(address or f"{settings.bind_address}:{settings.grpc_port}")
-    return server, port
+    address = address or f"{settings.bind_address}:{settings.grpc_port}"
+    if credentials is not None:
+        return server, server.add_secure_port(address, credentials)
+    return server, server.add_insecure_port(address)

@@ -13,11 +13,12 @@ What it implements: the connection preface and SETTINGS (peer INITIAL_WINDOW_SIZ
 MAX_FRAME_SIZE honoured), PING, GOAWAY (both ways; graceful stop), RST_STREAM (= the
 client went away), WINDOW_UPDATE with flow control in both directions (queued sends,
 receive windows replenished as data is consumed), DATA padding, gRPC length-prefixed
-messages across frames, trailers-only and normal responses, transport back-pressure.
+messages across frames, trailers-only and normal responses, transport back-pressure; TLS
+with ALPN h2 through the event loop's own (an `ssl.SSLContext` from tls.py), or h2c.
 
 What it deliberately does not: request header blocks are never decoded (HPACK state is
 only needed to read them, and every stream on this port is `Process`), so the port must
-serve ext_proc only (health stays on its own grpc.aio port); no TLS, no compression
+serve ext_proc only (health stays on its own grpc.aio port); no compression
 (a compressed message ends the stream with UNIMPLEMENTED), no server push.
 """
 
@@ -29,6 +30,7 @@ import contextlib
 import logging
 import struct
 from collections.abc import Callable
+from ssl import SSLContext
 from typing import Any
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -528,8 +530,10 @@ class H2ExtProcServer:
         host: str,
         port: int,
         stream_factory: Callable[[], ExtProcStream] | None = None,
+        ssl: SSLContext | None = None,
     ) -> None:
         self.context = context
+        self.ssl = ssl
         # One protocol object per stream (benchmarks swap in a no-op with the same interface).
         self.new_stream: Callable[[], ExtProcStream] = stream_factory or (lambda: ExtProcStream(context))
         self.host = host
@@ -544,7 +548,12 @@ class H2ExtProcServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Connection(self), self.host, self.requested_port, reuse_address=True, reuse_port=False
+            lambda: _Connection(self),
+            self.host,
+            self.requested_port,
+            reuse_address=True,
+            reuse_port=False,
+            ssl=self.ssl,
         )
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -587,10 +596,12 @@ def create_h2_server(
     *,
     address: str | None = None,
     stream_factory: Callable[[], ExtProcStream] | None = None,
+    ssl: SSLContext | None = None,
 ) -> H2ExtProcServer:
-    """Like extproc.create_server, for the HTTP/2 transport (call `await server.start()`)."""
+    """Like extproc.create_server, for the HTTP/2 transport (call `await server.start()`); `ssl`
+    (tls.ServingCert.ssl_context) makes it a TLS port with ALPN h2, else plaintext (h2c)."""
     addr = address or f"{settings.bind_address}:{settings.grpc_port}"
     host, _, port = addr.rpartition(":")
     return H2ExtProcServer(
-        context, settings, host=host.strip("[]") or "0.0.0.0", port=int(port), stream_factory=stream_factory
+        context, settings, host=host.strip("[]") or "0.0.0.0", port=int(port), stream_factory=stream_factory, ssl=ssl
     )

@@ -56,7 +56,7 @@ ACCESS_LOG_FORMAT = (
 _HEADER = """\
 # Standalone Envoy in front of the EPP (ext_proc, Endpoint Picker Protocol).
 #
-#   listener 0.0.0.0:8081 (HTTP/1.1 and h2c) -> ext_proc (EPP at 127.0.0.1:9002)
+#   listener 0.0.0.0:8081 (HTTP/1.1 and h2c) -> ext_proc (EPP at 127.0.0.1:9002, TLS)
 #   -> ORIGINAL_DST cluster keyed on x-gateway-destination-endpoint -> the picked pod
 #   admin: 127.0.0.1:9901
 #
@@ -73,6 +73,9 @@ _HEADER = """\
 #   gateways that implement the fallback).
 # - To route on the metadata instead of the header, replace original_dst_lb_config by
 #   {metadata_key: {key: envoy.lb, path: [{key: x-gateway-destination-endpoint}]}}.
+# - The EPP serves TLS by default (--secure-serving, self-signed unless --cert-path), so the
+#   epp cluster has a TLS transport socket without certificate verification, as gateways
+#   configure it for the reference EPP; drop it for an EPP run with --secure-serving=false.
 """
 
 
@@ -100,6 +103,18 @@ def _static_cluster(name: str, address: str, port: int, *, http2: bool) -> dict[
             }
         }
     return cluster
+
+
+def _upstream_tls() -> dict[str, Any]:
+    """TLS to the EPP as gateways speak it to the reference's: encrypted, ALPN h2, certificate not verified
+    (the EPP's default one is self-signed)."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": {"alpn_protocols": ["h2"]},
+        },
+    }
 
 
 def _breakers() -> dict[str, Any]:
@@ -153,11 +168,14 @@ def render_envoy_config(
     epp_address: str = "127.0.0.1",
     ext_proc: bool = True,
     upstream: tuple[str, int] | None = None,
+    epp_tls: bool = True,
 ) -> str:
     """The Envoy bootstrap as YAML.
 
     `ext_proc=False, upstream=(ip, port)` gives the no-EPP baseline (benchmarks): the
     filter is left out and the route goes to a static cluster instead of ORIGINAL_DST.
+    `epp_tls` (default, as the EPP's `--secure-serving`): the ext_proc cluster speaks TLS;
+    False: h2c, for an EPP run with `--secure-serving=false` or an in-process server.
     """
     if route_by == "header":
         odst: dict[str, Any] = {"use_http_header": True, "http_header_name": DESTINATION_HEADER}
@@ -229,7 +247,10 @@ def render_envoy_config(
     else:
         clusters.append(_static_cluster("upstream", upstream[0], upstream[1], http2=False))
     if ext_proc:
-        clusters.append(_static_cluster("epp", epp_address, epp_port, http2=True))
+        epp = _static_cluster("epp", epp_address, epp_port, http2=True)
+        if epp_tls:
+            epp["transport_socket"] = _upstream_tls()
+        clusters.append(epp)
     config = {
         "admin": {"address": _socket("127.0.0.1", admin_port)},
         "static_resources": {

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -201,6 +202,7 @@ class Stack:
             body_mode=o.body_mode,  # type: ignore[arg-type]
             route_by=o.route_by,  # type: ignore[arg-type]
             listen_address="127.0.0.1",
+            epp_tls=serves_tls(o.epp_args),
         )
         if self.replica_ports:
             config = with_epp_endpoints(config, [self.epp_port, *(g for g, _, _ in self.replica_ports)])
@@ -290,6 +292,18 @@ def with_file_discovery(config_text: str, endpoints_file: Path) -> str:
     )
     config.setdefault("dataLayer", {})["discovery"] = {"pluginRef": "stack-discovery"}
     return yaml.safe_dump(config, sort_keys=False)
+
+
+def serves_tls(epp_args: Sequence[str]) -> bool:
+    """Whether an `epp` started with these flags serves TLS on ext_proc (--secure-serving, default true)."""
+    value = True
+    for i, arg in enumerate(epp_args):
+        if arg == "--secure-serving":
+            nxt = epp_args[i + 1] if i + 1 < len(epp_args) else ""
+            value = nxt.lower() not in ("false", "f", "0")
+        elif arg.startswith("--secure-serving="):
+            value = arg.partition("=")[2].lower() not in ("false", "f", "0")
+    return value
 
 
 def with_epp_endpoints(envoy_config: str, ports: list[int]) -> str:

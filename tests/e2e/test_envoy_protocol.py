@@ -79,7 +79,8 @@ async def stack(request: pytest.FixtureRequest) -> AsyncIterator[Stack]:
     envoys = []
     for kw in ({}, {"route_by": "metadata"}, {"body_mode": "BUFFERED"}):
         port, admin = free_port(), free_port()
-        env = EnvoyProcess(render_envoy_config(port, epp_port, admin, listen_address="127.0.0.1", **kw), admin)  # type: ignore[arg-type]
+        config = render_envoy_config(port, epp_port, admin, listen_address="127.0.0.1", epp_tls=False, **kw)  # type: ignore[arg-type]
+        env = EnvoyProcess(config, admin)
         await env.start()
         envoys.append((env, port))
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
@@ -446,7 +447,7 @@ async def test_epp_restart_fails_closed_then_recovers(transport: str) -> None:
     server = await restart()
     port, admin = free_port(), free_port()
     try:
-        config = render_envoy_config(port, epp_port, admin, listen_address="127.0.0.1")
+        config = render_envoy_config(port, epp_port, admin, listen_address="127.0.0.1", epp_tls=False)
         async with EnvoyProcess(config, admin) as env, aiohttp.ClientSession() as s:
             url = f"http://127.0.0.1:{port}/v1/completions"
             async with s.post(url, json=completion()) as r:

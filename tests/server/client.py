@@ -19,6 +19,7 @@ from google.protobuf import struct_pb2
 from llmepp.observability.metrics import EppMetrics
 from llmepp.server.extproc import ExtProcServicer, create_server
 from llmepp.server.h2 import create_h2_server
+from llmepp.server.tls import ServingCert
 from llmepp.settings import Settings
 from llmepp.testing.fakes import FakeDirector
 
@@ -165,24 +166,31 @@ TRANSPORT: contextvars.ContextVar[str] = contextvars.ContextVar("transport", def
 
 @contextlib.asynccontextmanager
 async def serve(
-    director: FakeDirector | None = None, settings: Settings | None = None, **servicer_kw: Any
+    director: FakeDirector | None = None,
+    settings: Settings | None = None,
+    tls: ServingCert | None = None,
+    **servicer_kw: Any,
 ) -> AsyncIterator[Harness]:
+    """The servicer on the TRANSPORT in use; with `tls`, a TLS port and a client trusting its certificate."""
     settings = settings or Settings()
     director = director or FakeDirector(list(ENDPOINTS))
     metrics = EppMetrics()
     servicer = ExtProcServicer(director, metrics, settings, **servicer_kw)
     server: Any
     if TRANSPORT.get() == "h2":
-        server = create_h2_server(servicer, settings, address="127.0.0.1:0")
+        server = create_h2_server(servicer, settings, address="127.0.0.1:0", ssl=tls.ssl_context() if tls else None)
         await server.start()
         port = server.port
     else:
-        server, port = create_server(servicer, settings, address="127.0.0.1:0")
+        credentials = tls.grpc_credentials() if tls else None
+        server, port = create_server(servicer, settings, address="127.0.0.1:0", credentials=credentials)
         await server.start()
-    channel = grpc.aio.insecure_channel(
-        f"127.0.0.1:{port}",
-        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
-    )
+    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    if tls is None:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options)
+    else:  # the self-signed certificate names localhost
+        creds = grpc.ssl_channel_credentials(root_certificates=tls.cert_pem)
+        channel = grpc.aio.secure_channel(f"localhost:{port}", creds, options=options)
     try:
         yield Harness(servicer, director, metrics, pb_grpc.ExternalProcessorStub(channel), port)
     finally:
