@@ -941,6 +941,56 @@ def precise_targets(precise: dict[str, Any] | None, profile: str = "") -> list[l
     return rows
 
 
+def _median_at(maps: list[dict[float, Any]], rate: float, metric: str) -> float | None:
+    values = [v for m in maps if (v := _num(m[rate][metric])) is not None]
+    return statistics.median(values) if values else None
+
+
+def precise_seed_summary(runs: list[dict[str, Any]], profile: str) -> tuple[str, list[list[str]]]:
+    """The precise comparison over workload seeds (the profile's main run + `<name>_seed<N>.json` repeats): per
+    scenario and stage past light load, approx's and precise's median TTFT p90 and hit rate; two target rows
+    per scenario on the medians (TTFT medians within TTFT_TIE are a tie, hit rates must be higher)."""
+    if len(runs) < 2:
+        return "_Fewer than two workload seeds._", []
+    per_run = [{s["key"]: (s, a, p) for s, a, p in _precise_pairs(run)} for run in runs]
+    keys = [k for k in per_run[0] if all(k in m for m in per_run)]
+    issue = f"{PRECISE_ISSUE}, {profile}, {len(runs)} workload seeds"
+    rows, verdicts = [], []
+    for key in keys:
+        title = per_run[0][key][0]["title"]
+        rates = sorted(set.intersection(*(set(m[key][1]) & set(m[key][2]) for m in per_run)))
+        rates = [r for r in rates if r > PRECISE_LIGHT_RATE]
+        lost_t, lost_h = [], []
+        approx_maps, precise_maps = [m[key][1] for m in per_run], [m[key][2] for m in per_run]
+        for r in rates:
+            ta, tp = _median_at(approx_maps, r, "ttft_p90_s"), _median_at(precise_maps, r, "ttft_p90_s")
+            ha, hp = _median_at(approx_maps, r, "prefix_hit_rate"), _median_at(precise_maps, r, "prefix_hit_rate")
+            t_wins = sum(
+                1
+                for a, p in zip(approx_maps, precise_maps)
+                if (_num(p[r]["ttft_p90_s"]) or math.inf) < (_num(a[r]["ttft_p90_s"]) or math.inf)
+            )
+            rows.append([title, f"{r:g}", f"{_f(ta)} / {_f(tp)}", f"{t_wins} of {len(per_run)}",
+                         f"{_pct(ha)} / {_pct(hp)}"])  # fmt: skip
+            if ta is None or tp is None or tp >= ta * (1 - TTFT_TIE):
+                lost_t.append(f"{r:g} ({_f(tp)} vs {_f(ta)} s)")
+            if ha is None or hp is None or hp <= ha:
+                lost_h.append(f"{r:g} ({_pct(hp)} vs {_pct(ha)})")
+        listed = ", ".join(f"{r:g}" for r in rates)
+        verdicts.append([issue, f"{title}: median precise TTFT p90 lower than approx at every stage past light load "
+                         f"({listed} QPS; within {TTFT_TIE:.0%} is a tie)",
+                         "lower at every stage" if not lost_t else f"not lower at {', '.join(lost_t)} QPS",
+                         _met(not lost_t)])  # fmt: skip
+        verdicts.append([issue, f"{title}: median precise hit rate higher than approx at every stage past light "
+                         f"load ({listed} QPS)",
+                         "higher at every stage" if not lost_h else f"not higher at {', '.join(lost_h)} QPS",
+                         _met(not lost_h)])  # fmt: skip
+    seeds = ", ".join(str(run.get("seed", "?")) for run in runs)
+    head = ["scenario", "QPS", "TTFT p90 approx / precise, median (s)", "seeds where precise is lower",
+            "hit rate approx / precise, median"]  # fmt: skip
+    return f"Workload seeds {seeds}, profile {profile}:\n\n" + _table(rows, head), verdicts
+
+
 def precise_plots(precise: dict[str, Any], out: Path, prefix: str = "precise") -> list[tuple[str, str]]:
     """TTFT p90 and hit rate vs QPS: one line per producer x scenario (colour = scenario, dash = approx)."""
     try:
@@ -1129,6 +1179,12 @@ def render(results: Path, readme: Path = README, template: Path = TEMPLATE) -> s
     targets += precise_targets(precise)
     reference = _load(results / "routing_precise_reference.json")
     targets += precise_targets(reference, "reference profile")
+    reference_seeds = [reference] if reference else []
+    reference_seeds += [
+        r for path in sorted(results.glob("routing_precise_reference_seed*.json")) if (r := _load(path))
+    ]
+    reference_seeds_md, reference_seed_rows = precise_seed_summary(reference_seeds, "reference profile")
+    targets += reference_seed_rows
     values = {
         "RUN": run_md,
         "MACHINE": machine_md,
@@ -1149,6 +1205,7 @@ def render(results: Path, readme: Path = README, template: Path = TEMPLATE) -> s
             precise_plots(reference, results, "precise_reference") if reference else [],
             "routing_precise_reference-requests.json.gz",
         ),
+        "PRECISE_REFERENCE_SEEDS": reference_seeds_md,
         "APPENDICES": appendices(),
     }
     text = template.read_text()
