@@ -10,7 +10,7 @@ README.
 
 Results: benchmarks/results/{routing.json, routing-requests.json.gz, overhead.json, scheduling-*.json,
 flowcontrol.json, flowcontrol_tenants.json, routing_precise.json, routing_precise_reference.json, run.json,
-*.png}; benchmarks/README.md is regenerated from README.template.md.
+des/precise-{default,reference}.json, *.png}; benchmarks/README.md is regenerated from README.template.md.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import flowcontrol_tenants, overhead, precise_routing, report, routing
+from benchmarks.des import precise as des_precise
 
 RESULTS = Path(__file__).parent / "results"
 QUICK_TIME_SCALE = 8.0
@@ -88,6 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("== precise vs approximate, the reference's precise-prefix profile", flush=True)
             out = a.results / "routing_precise_reference.json"
             uvloop.run(precise_routing.run(False, scale, out, a.seed, scenarios, profile="reference"))
+            # And both profiles over eight workload seeds in simulated time (DES.md; ~3 min, deterministic).
+            print("== precise vs approximate in simulated time, eight seeds per profile", flush=True)
+            for profile in ("default", "reference"):
+                des_precise.main(["--seeds", "1-8", "--profile", profile,
+                                  "--json", str(a.results / "des" / f"precise-{profile}.json")])  # fmt: skip
     if a.only != "report":
         meta["loadavg"]["end"] = _load()
         meta["wall_s"] = time.monotonic() - t0
