@@ -41,12 +41,13 @@ the EPP's plugins are seeded so a run is reproducible.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import dataclasses
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,15 +233,14 @@ class Simulation:
             self.pods.append(_Pod(i, config, engine, endpoint))
             self.feeds.append(feed)
         self._by_hostport = {p.endpoint.hostport: p for p in self.pods}
-        if kv_events:  # discovery is off on purpose here: the DES delivers the events (no "none consumed" warning)
-            logging.getLogger(PrecisePrefixCacheProducer.__module__).setLevel(logging.ERROR)
         self.directors: list[Director] = []
         self.producers: list[PrecisePrefixCacheProducer] = []
         for r in range(max(1, options.replicas)):
             metrics = EppMetrics()
-            components = build(load_config(config_text), datastore=self.datastore, metrics=metrics)
+            with _quiet(PrecisePrefixCacheProducer.__module__):  # its "discoverPods is false" warning: on purpose
+                components = build(load_config(config_text), datastore=self.datastore, metrics=metrics)
             director = Director(self.datastore, components.pipeline, metrics)
-            _seed_rngs([*components.plugins.values(), director], options.seed * 1000 + r)
+            _seed_rngs([*components.plugins.values(), director], options.seed, replica=r)
             for plugin in components.plugins.values():
                 if isinstance(plugin, PrecisePrefixCacheProducer):
                     self.producers.append(plugin)
@@ -547,12 +547,26 @@ def _address(i: int) -> str:
     return f"10.{i // 62500 % 256}.{i // 250 % 250}.{i % 250 + 1}"
 
 
-def _seed_rngs(objects: Sequence[Any], seed: int) -> None:
-    """Seed every plugin's tie-breaking RNG (pickers, filters, the director) for reproducible runs."""
+def _seed_rngs(objects: Sequence[Any], seed: int, replica: int = 0) -> None:
+    """Seed every plugin's tie-breaking RNG (pickers, filters, the director) for reproducible runs; each EPP
+    replica draws its own sequence (replica 0 the one a single EPP always drew)."""
+    prefix = f"des:{seed}" if replica == 0 else f"des:{seed}:replica{replica}"
     for i, obj in enumerate(objects):
         rng = getattr(obj, "_rng", None)
         if isinstance(rng, random.Random):
-            rng.seed(f"des:{seed}:{i}:{getattr(obj, 'name', type(obj).__name__)}")
+            rng.seed(f"{prefix}:{i}:{getattr(obj, 'name', type(obj).__name__)}")
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Errors only from one logger while the block runs (its level restored after)."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def simulate(schedule: Schedule, options: SimOptions) -> SimResult:
