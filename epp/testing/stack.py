@@ -30,6 +30,7 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llmepp.cli import build_parser
 from llmepp.config.schema import DEFAULT_CONFIG
 from llmepp.testing.envoy import EnvoyProcess, render_envoy_config
 from llmepp_sim.cluster import PodInfo, SimProcess
@@ -296,14 +297,8 @@ def with_file_discovery(config_text: str, endpoints_file: Path) -> str:
 
 def serves_tls(epp_args: Sequence[str]) -> bool:
     """Whether an `epp` started with these flags serves TLS on ext_proc (--secure-serving, default true)."""
-    value = True
-    for i, arg in enumerate(epp_args):
-        if arg == "--secure-serving":
-            nxt = epp_args[i + 1] if i + 1 < len(epp_args) else ""
-            value = nxt.lower() not in ("false", "f", "0")
-        elif arg.startswith("--secure-serving="):
-            value = arg.partition("=")[2].lower() not in ("false", "f", "0")
-    return value
+    known, _ = build_parser().parse_known_args(list(epp_args))
+    return bool(known.secure_serving)
 
 
 def with_epp_endpoints(envoy_config: str, ports: list[int]) -> str:
