@@ -21,7 +21,7 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +180,7 @@ def plugin_costs(n: int) -> list[tuple[str, float]]:
 
     def inflight_cycle() -> None:
         ifl.pre_request(req, result)
-        ifl.response_headers(req, info, {})
+        ifl.first_response_chunk(req, info)
         ifl.response_complete(req, info, result)
 
     rows.append(("inflight-load-producer (produce)", per_call_us(lambda: ifl.produce(req, eps))))
@@ -188,6 +188,34 @@ def plugin_costs(n: int) -> list[tuple[str, float]]:
     sid: Any = fx.build("session-id-producer", None)
     req.headers["x-session-id"] = "session-42"
     rows.append(("session-id-producer (produce)", per_call_us(lambda: sid.produce(req, eps))))
+    return rows
+
+
+INDEX_CAPACITY = 31250  # the approximate producer's lruCapacityPerServer default (64-token blocks)
+
+
+def approx_index_memory(endpoints: Sequence[int] = (4, 64)) -> list[tuple[int, float, float]]:
+    """The approximate prefix index filled to capacity (`INDEX_CAPACITY` distinct blocks per endpoint):
+    (endpoints, bytes per (endpoint, block) entry, MB per endpoint), from tracemalloc."""
+    import gc
+    import tracemalloc
+
+    from llmepp.plugins.producers.prefix_index import PrefixIndex
+
+    rows = []
+    for n in endpoints:
+        eps = pool(n, random.Random(n))
+        rng = random.Random(n)
+        blocks = [[rng.getrandbits(64) for _ in range(INDEX_CAPACITY)] for _ in eps]
+        gc.collect()
+        tracemalloc.start()
+        index = PrefixIndex(INDEX_CAPACITY)
+        for ep, hashes in zip(eps, blocks):
+            index.add(ep, hashes)
+        used, _ = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        rows.append((n, used / (n * INDEX_CAPACITY), used / n / 1e6))
+        del index, blocks
     return rows
 
 
@@ -232,7 +260,7 @@ gives its parameters, defaults and formula.
 
 
 def markdown(counts: list[int], costs: dict[int, list[tuple[str, float]]], base: dict[int, dict[str, float]],
-             command: str) -> str:  # fmt: skip
+             command: str, memory: list[tuple[int, float, float]]) -> str:  # fmt: skip
     lines = [
         "# Plugin catalogue costs",
         "",
@@ -266,7 +294,21 @@ def markdown(counts: list[int], costs: dict[int, list[tuple[str, float]]], base:
     names = [name for name, _ in costs[counts[0]]]
     for i, name in enumerate(names):
         lines.append(f"| {name} | " + " | ".join(f"{costs[n][i][1]:.2f}" for n in counts) + " |")
-    lines.append("")
+    lines += [
+        "",
+        "## Approximate prefix index memory",
+        "",
+        f"`approx-prefix-cache-producer`'s index filled to its default capacity ({INDEX_CAPACITY:,} blocks of 64",
+        "tokens per endpoint, distinct blocks; tracemalloc). Blocks held by several endpoints share one entry",
+        "in the hash map, so this is the upper bound. Budget the EPP's memory from it: with `autoTune` the",
+        "capacity is the engine's `num_gpu_blocks` instead. (Until 2026-11-21 the index kept a set of endpoints",
+        "per block: 349 bytes per entry, 10.9 MB per endpoint; holders are now a bitmask.)",
+        "",
+        "| endpoints | bytes per (endpoint, block) | MB per endpoint |",
+        "|---:|---:|---:|",
+        *(f"| {n} | {per_entry:.0f} | {per_endpoint:.1f} |" for n, per_entry, per_endpoint in memory),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -285,9 +327,13 @@ async def main() -> None:
         base[n] = await measure("optimized-baseline", n, PROMPT_BYTES, args.n)
         r = base[n]
         print(f"optimized-baseline endpoints={n:4d}  p50={r['p50_us']:7.1f} µs  p99={r['p99_us']:7.1f} µs")
+    memory = approx_index_memory()
+    for n, per_entry, per_endpoint in memory:
+        print(f"approx prefix index, {n:3d} endpoints full: {per_entry:.0f} B/entry, {per_endpoint:.1f} MB/endpoint")
     if args.markdown:
         command = ".venv/bin/python -m benchmarks.plugin_costs " + " ".join(sys.argv[1:])
-        Path(args.markdown).write_text(markdown(counts, costs, base, command.strip()))  # noqa: ASYNC240 (after measuring)
+        text = markdown(counts, costs, base, command.strip(), memory)
+        Path(args.markdown).write_text(text)  # noqa: ASYNC240 (after measuring)
 
 
 if __name__ == "__main__":

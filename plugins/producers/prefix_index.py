@@ -44,12 +44,21 @@ def block_hashes(token_bytes: bytes, block_tokens: int, seed: int, max_blocks: i
 
 
 class PrefixIndex:
-    """hash → endpoints, with a per-endpoint LRU of `capacity(endpoint)` blocks."""
+    """hash → endpoints, with a per-endpoint LRU of `capacity(endpoint)` blocks.
+
+    Holders are a bitmask over endpoint slots rather than a set per hash: an empty Python set alone
+    is ~200 bytes, which made a (endpoint, block) entry cost 349 bytes, 10.9 MB per endpoint at the
+    reference's 31,250-block capacity; now 133-160 bytes (benchmarks/PLUGINS.md). Slots of removed
+    endpoints are reused.
+    """
 
     def __init__(self, default_capacity: int) -> None:
         self.default_capacity = default_capacity
-        self._holders: dict[int, set[Endpoint]] = {}
+        self._holders: dict[int, int] = {}  # block hash → bitmask of endpoint slots
         self._lru: dict[Endpoint, OrderedDict[int, None]] = {}
+        self._slot: dict[Endpoint, int] = {}  # endpoint → its bit
+        self._endpoints: dict[int, Endpoint] = {}  # bit → endpoint
+        self._free: list[int] = []
 
     def __len__(self) -> int:
         return len(self._holders)
@@ -57,26 +66,26 @@ class PrefixIndex:
     def match(self, hashes: list[int]) -> dict[Endpoint, int]:
         """Consecutive matched blocks from the start, per endpoint that matched at least one."""
         holders = self._holders
-        first = holders.get(hashes[0]) if hashes else None
-        if not first:
+        alive = holders.get(hashes[0], 0) if hashes else 0
+        if not alive:
             return {}
-        alive = set(first)
         hits: dict[Endpoint, int] = {}
-        i = 1
+        endpoints = self._endpoints
+        get = holders.get
         for i in range(1, len(hashes)):
-            held = holders.get(hashes[i])
-            if not held:
-                break
-            if not alive <= held:
-                for ep in alive - held:
-                    hits[ep] = i
-                alive &= held
+            held = get(hashes[i], 0)
+            if held == alive:  # the usual case: the same holders block after block
+                continue
+            lost = alive & ~held
+            if lost:
+                for bit in _bits(lost):
+                    hits[endpoints[bit]] = i
+                alive ^= lost
                 if not alive:
                     return hits
-        else:
-            i = len(hashes)
-        for ep in alive:
-            hits[ep] = i
+        n = len(hashes)
+        for bit in _bits(alive):
+            hits[endpoints[bit]] = n
         return hits
 
     def add(self, endpoint: Endpoint, hashes: list[int], capacity: int = 0) -> None:
@@ -86,35 +95,56 @@ class PrefixIndex:
         lru = self._lru.get(endpoint)
         if lru is None:
             lru = self._lru[endpoint] = OrderedDict()
+        bit = self._bit(endpoint)
         holders = self._holders
         for h in hashes:
             if h in lru:
                 lru.move_to_end(h)
                 continue
             lru[h] = None
-            held = holders.get(h)
-            if held is None:
-                holders[h] = {endpoint}
-            else:
-                held.add(endpoint)
+            holders[h] = holders.get(h, 0) | bit
         limit = capacity or self.default_capacity
         while len(lru) > limit:
             old, _ = lru.popitem(last=False)
-            self._drop(old, endpoint)
+            self._drop(old, bit)
 
     def remove_endpoint(self, endpoint: Endpoint) -> None:
         lru = self._lru.pop(endpoint, None)
-        if lru:
-            for h in lru:
-                self._drop(h, endpoint)
+        bit = self._slot.pop(endpoint, 0)
+        if not bit:
+            return
+        for h in lru or ():
+            self._drop(h, bit)
+        del self._endpoints[bit]
+        self._free.append(bit)
 
     def blocks_of(self, endpoint: Endpoint) -> int:
         lru = self._lru.get(endpoint)
         return len(lru) if lru else 0
 
-    def _drop(self, h: int, endpoint: Endpoint) -> None:
+    def _bit(self, endpoint: Endpoint) -> int:
+        bit = self._slot.get(endpoint)
+        if bit is None:
+            bit = self._free.pop() if self._free else 1 << len(self._slot)
+            self._slot[endpoint] = bit
+            self._endpoints[bit] = endpoint
+        return bit
+
+    def _drop(self, h: int, bit: int) -> None:
         held = self._holders.get(h)
         if held is not None:
-            held.discard(endpoint)
-            if not held:
+            held &= ~bit
+            if held:
+                self._holders[h] = held
+            else:
                 del self._holders[h]
+
+
+def _bits(mask: int) -> list[int]:
+    """The single-bit masks set in `mask`."""
+    out = []
+    while mask:
+        low = mask & -mask
+        out.append(low)
+        mask ^= low
+    return out

@@ -114,3 +114,44 @@ def test_producer_learns_from_routing_and_sizes_the_lru_from_num_gpu_blocks() ->
     producer.produce(req3, [a, b])
     producer.pre_request(req3, SchedulingResult("default", {"default": ProfileResult([a])}))
     assert producer.index.blocks_of(a) == 16
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("add"), st.integers(0, 5), st.lists(st.integers(0, 12), max_size=6)),
+            st.tuples(st.just("remove"), st.integers(0, 5), st.just([])),
+            st.tuples(st.just("match"), st.just(0), st.lists(st.integers(0, 12), min_size=1, max_size=6)),
+        ),
+        max_size=60,
+    )
+)
+def test_index_agrees_with_a_set_per_endpoint_model(ops: list[tuple[str, int, list[int]]]) -> None:
+    """The bitmask index against the obvious model: each endpoint an LRU list of at most 4 hashes;
+    endpoints that are removed and come back are new objects, as the datastore makes them."""
+    idx = PrefixIndex(4)
+    eps = {i: endpoint(i) for i in range(6)}
+    model: dict[int, list[int]] = {}
+    for op, e, hashes in ops:
+        if op == "add":
+            idx.add(eps[e], hashes)
+            held = model.setdefault(e, [])
+            for h in hashes:
+                if h in held:
+                    held.remove(h)
+                held.append(h)
+            del held[:-4]
+        elif op == "remove":
+            idx.remove_endpoint(eps[e])
+            model.pop(e, None)
+            eps[e] = endpoint(e)
+        else:
+            expected = {}
+            for k, held in model.items():
+                n = 0
+                while n < len(hashes) and hashes[n] in held:
+                    n += 1
+                if n:
+                    expected[eps[k]] = n
+            assert idx.match(hashes) == expected
+            assert len(idx) == len({h for held in model.values() for h in held})
