@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.des.sim import Eviction, SimOptions, simulate
-from benchmarks.des.workload import SharedPrefix, Stage, schedule
+from benchmarks.des.workload import Schedule, SharedPrefix, Stage, schedule
 from benchmarks.precise_routing import PRODUCERS, PROFILES, SCENARIOS, Scenario
 from benchmarks.workloads import (
     FULL_RATES,
@@ -44,7 +44,7 @@ REQUEST_LATENCY_WALL = 0.004  # s, Envoy + ext_proc + HTTP per request, measured
 REQUEST_TIMEOUT = 420.0  # simulated s, the live client's total timeout
 
 
-def live_schedule(scale: Scale, seed: int, rates: Sequence[float]) -> tuple[Any, int]:
+def live_schedule(scale: Scale, seed: int, rates: Sequence[float]) -> tuple[Schedule, int]:
     """The live shared-prefix workload in DES form (token-id prompts of the same lengths) and its pods' KV."""
     kv_blocks, live = kv_blocks_per_pod(scale, seed)
     workload = SharedPrefix(
