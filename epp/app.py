@@ -93,6 +93,8 @@ class App:
         self._metrics_server: object | None = None
         # TLS on the ext_proc port: made (or read from --cert-path) here so a bad certificate is a start-up error.
         self.serving_cert = ServingCert.from_settings(settings) if settings.secure_serving else None
+        if not settings.secure_serving and (settings.cert_path or settings.enable_cert_reload):
+            log.warning("--cert-path / --enable-cert-reload ignored: --secure-serving=false serves plaintext")
         self._cert_task: asyncio.Task[None] | None = None
 
     def _build_collector(self) -> MetricsCollector | None:

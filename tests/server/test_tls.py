@@ -153,3 +153,30 @@ async def test_rotated_certificate_is_served_to_new_connections(transport: str, 
     finally:
         watcher.cancel()
         TRANSPORT.reset(token)
+
+
+FILE_CONFIG = """\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: file-discovery
+  parameters: {path: /nonexistent/endpoints.yaml}
+- type: queue-scorer
+dataLayer:
+  discovery: {pluginRef: file-discovery}
+"""
+
+
+def test_the_app_makes_its_certificate_at_construction_and_says_when_cert_flags_are_ignored(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    from llmepp.app import App
+
+    with pytest.raises(ConfigError, match="--cert-path: cannot read"):
+        App(Settings(config_text=FILE_CONFIG, cert_path=str(tmp_path)))  # empty directory: a start-up error
+    plain = App(Settings(config_text=FILE_CONFIG, secure_serving=False, cert_path=str(tmp_path)))
+    assert plain.serving_cert is None
+    assert "--cert-path / --enable-cert-reload ignored" in caplog.text
+    served = App(Settings(config_text=FILE_CONFIG))
+    assert served.serving_cert is not None and served.serving_cert.self_signed
+    served.serving_cert.close()
