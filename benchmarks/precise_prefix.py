@@ -149,6 +149,34 @@ def bench_ingest(n_batches: int) -> list[str]:
     return lines
 
 
+def bench_index_memory(n_batches: int) -> list[str]:
+    """Memory of what ingestion keeps, per block held by one pod: the index (key → holders, tiers) and the
+    pod's chain state (engine hash → our key, parents), from tracemalloc over a fresh store-only stream."""
+    import gc
+    import tracemalloc
+
+    payloads, _ = event_stream(n_batches, False, "stores")
+    gc.collect()
+    tracemalloc.start()
+    index = MemoryIndex(100_000_000, 10, TIERS)
+    index_only = tracemalloc.take_snapshot()
+    chains = SourceChains(16, 0, TIERS, 100_000_000)
+    ingest = SourceIngest("10.0.0.1:8000", chains, MemoryStore(index), KVEventStats())
+    asyncio.run(_ingest_all(ingest, payloads))
+    gc.collect()
+    used, _ = tracemalloc.get_traced_memory()
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    by_file: dict[str, int] = {}
+    for stat in after.compare_to(index_only, "filename"):
+        name = stat.traceback[0].filename.rsplit("/", 1)[-1]
+        by_file[name] = by_file.get(name, 0) + stat.size_diff
+    keys = len(index)
+    parts = ", ".join(f"{name} {size / keys:.0f}" for name, size in sorted(by_file.items(), key=lambda x: -x[1])[:3])
+    return [f"index memory: {keys:,} blocks held by one pod: {used / keys:.0f} bytes per block in all "
+            f"({used / 1e6:.1f} MB; by file: {parts} bytes per block)"]  # fmt: skip
+
+
 # -- through ZeroMQ ------------------------------------------------------------------------------
 def _publisher(port: int, payloads: list[bytes], credit_port: int) -> None:
     """Child process: publish as fast as the subscriber's credits allow (no HWM drops)."""
@@ -518,7 +546,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     out: list[str] = []
     if a.what in ("all", "micro"):
-        for fn in (lambda: bench_ingest(a.batches), lambda: bench_zmq_ingest(a.batches),
+        for fn in (lambda: bench_ingest(a.batches), lambda: bench_index_memory(a.batches),
+                   lambda: bench_zmq_ingest(a.batches),
                    lambda: bench_lookup(a.prompt_tokens, a.runs), lambda: bench_tokenize(a.runs),
                    lambda: bench_redis(a.batches // 4, a.prompt_tokens, a.runs)):  # fmt: skip
             lines = fn()
