@@ -7,6 +7,18 @@ import time
 from llmepp.datalayer.endpoint import Endpoint, EndpointMetrics, EndpointSpec
 from llmepp.request.types import InferenceRequest, RequestKind
 
+# A config that builds an App in file-discovery mode without touching any file until start-up.
+FILE_CONFIG = """\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: file-discovery
+  parameters: {path: /nonexistent/endpoints.yaml}
+- type: queue-scorer
+dataLayer:
+  discovery: {pluginRef: file-discovery}
+"""
+
 
 def endpoint(
     i: int,

@@ -5,23 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import FILE_CONFIG
 
 from llmepp.app import App
 from llmepp.cli import settings_from_args
 from llmepp.framework.plugin import ConfigError
 from llmepp.k8s.leader import LeaseConfig, lease_name
 from llmepp.settings import Settings
-
-FILE_CONFIG = """\
-apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: file-discovery
-  parameters: {path: /nonexistent/endpoints.yaml}
-- type: queue-scorer
-dataLayer:
-  discovery: {pluginRef: file-discovery}
-"""
 
 
 def test_cli_flags_reach_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from helpers import FILE_CONFIG
 
 from llmepp.cli import settings_from_args
 from llmepp.framework.plugin import ConfigError
@@ -153,18 +154,6 @@ async def test_rotated_certificate_is_served_to_new_connections(transport: str, 
     finally:
         watcher.cancel()
         TRANSPORT.reset(token)
-
-
-FILE_CONFIG = """\
-apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: file-discovery
-  parameters: {path: /nonexistent/endpoints.yaml}
-- type: queue-scorer
-dataLayer:
-  discovery: {pluginRef: file-discovery}
-"""
 
 
 def test_the_app_makes_its_certificate_at_construction_and_says_when_cert_flags_are_ignored(
