@@ -28,6 +28,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from llmepp.bitslots import BitSlots
 from llmepp.kvevents.chain import Delta
 from llmepp.kvevents.keys import xxh64
 from llmepp.kvevents.tiers import TierTable
@@ -61,9 +62,7 @@ class MemoryIndex:
         self._spec: dict[int, int] = {}
         self._spec_until: dict[tuple[int, int], float] = {}
         self._spec_queues: dict[float, deque[tuple[float, int, int]]] = {}
-        self._bits: dict[str, int] = {}
-        self._free_bits: list[int] = []
-        self._next_bit = 0
+        self._pods: BitSlots[str] = BitSlots()
         self._count: dict[int, int] = {}  # bit → keys held (to skip a scan on release)
 
     def __len__(self) -> int:
@@ -75,27 +74,18 @@ class MemoryIndex:
 
     # -- pods ------------------------------------------------------------------------------------
     def bit(self, pod: str) -> int:
-        b = self._bits.get(pod)
-        if b is None:
-            pos = self._free_bits.pop() if self._free_bits else self._next_bit
-            if pos == self._next_bit:
-                self._next_bit += 1
-            b = self._bits[pod] = 1 << pos
-        return b
+        return self._pods.bit(pod)
 
     def bit_of(self, pod: str) -> int:
-        return self._bits.get(pod, 0)
+        return self._pods.get(pod)
 
     def pod_of(self, bit: int) -> str:
-        for pod, b in self._bits.items():
-            if b == bit:
-                return pod
-        raise KeyError(bit)
+        return self._pods.key_of(bit)
 
     def release(self, pod: str) -> None:
         """Forget a pod entirely (endpoint removed): its entries go, its bit is reused later."""
-        b = self._bits.pop(pod, None)
-        if b is None:
+        b = self._pods.get(pod)
+        if not b:
             return
         if self._count.pop(b, 0):
             for k in [k for k, m in self._holders.items() if m & b]:
@@ -107,7 +97,7 @@ class MemoryIndex:
                 self._spec[k] = m
             else:
                 del self._spec[k]
-        self._free_bits.append(b.bit_length() - 1)
+        self._pods.release(pod)
 
     # -- writes ----------------------------------------------------------------------------------
     def apply(self, pod: str, delta: Delta) -> None:

@@ -17,6 +17,7 @@ from collections import OrderedDict
 
 import xxhash
 
+from llmepp.bitslots import BitSlots, bits
 from llmepp.datalayer.endpoint import Endpoint
 
 _xxh64 = xxhash.xxh64_intdigest
@@ -46,19 +47,16 @@ def block_hashes(token_bytes: bytes, block_tokens: int, seed: int, max_blocks: i
 class PrefixIndex:
     """hash → endpoints, with a per-endpoint LRU of `capacity(endpoint)` blocks.
 
-    Holders are a bitmask over endpoint slots rather than a set per hash: an empty Python set alone
+    Holders are a bitmask over endpoint slots (llmepp.bitslots) rather than a set per hash: an empty Python set alone
     is ~200 bytes, which made a (endpoint, block) entry cost 349 bytes, 10.9 MB per endpoint at the
-    reference's 31,250-block capacity; now 133-160 bytes (benchmarks/PLUGINS.md). Slots of removed
-    endpoints are reused.
+    reference's 31,250-block capacity; now 133-160 bytes (benchmarks/PLUGINS.md).
     """
 
     def __init__(self, default_capacity: int) -> None:
         self.default_capacity = default_capacity
         self._holders: dict[int, int] = {}  # block hash → bitmask of endpoint slots
         self._lru: dict[Endpoint, OrderedDict[int, None]] = {}
-        self._slot: dict[Endpoint, int] = {}  # endpoint → its bit
-        self._endpoints: dict[int, Endpoint] = {}  # bit → endpoint
-        self._free: list[int] = []
+        self._slots: BitSlots[Endpoint] = BitSlots()
 
     def __len__(self) -> int:
         return len(self._holders)
@@ -70,7 +68,7 @@ class PrefixIndex:
         if not alive:
             return {}
         hits: dict[Endpoint, int] = {}
-        endpoints = self._endpoints
+        endpoint_of = self._slots.key_of
         get = holders.get
         for i in range(1, len(hashes)):
             held = get(hashes[i], 0)
@@ -78,14 +76,14 @@ class PrefixIndex:
                 continue
             lost = alive & ~held
             if lost:
-                for bit in _bits(lost):
-                    hits[endpoints[bit]] = i
+                for bit in bits(lost):
+                    hits[endpoint_of(bit)] = i
                 alive ^= lost
                 if not alive:
                     return hits
         n = len(hashes)
-        for bit in _bits(alive):
-            hits[endpoints[bit]] = n
+        for bit in bits(alive):
+            hits[endpoint_of(bit)] = n
         return hits
 
     def add(self, endpoint: Endpoint, hashes: list[int], capacity: int = 0) -> None:
@@ -95,7 +93,7 @@ class PrefixIndex:
         lru = self._lru.get(endpoint)
         if lru is None:
             lru = self._lru[endpoint] = OrderedDict()
-        bit = self._bit(endpoint)
+        bit = self._slots.bit(endpoint)
         holders = self._holders
         for h in hashes:
             if h in lru:
@@ -110,25 +108,16 @@ class PrefixIndex:
 
     def remove_endpoint(self, endpoint: Endpoint) -> None:
         lru = self._lru.pop(endpoint, None)
-        bit = self._slot.pop(endpoint, 0)
+        bit = self._slots.get(endpoint)
         if not bit:
             return
         for h in lru or ():
             self._drop(h, bit)
-        del self._endpoints[bit]
-        self._free.append(bit)
+        self._slots.release(endpoint)
 
     def blocks_of(self, endpoint: Endpoint) -> int:
         lru = self._lru.get(endpoint)
         return len(lru) if lru else 0
-
-    def _bit(self, endpoint: Endpoint) -> int:
-        bit = self._slot.get(endpoint)
-        if bit is None:
-            bit = self._free.pop() if self._free else 1 << len(self._slot)
-            self._slot[endpoint] = bit
-            self._endpoints[bit] = endpoint
-        return bit
 
     def _drop(self, h: int, bit: int) -> None:
         held = self._holders.get(h)
@@ -138,13 +127,3 @@ class PrefixIndex:
                 self._holders[h] = held
             else:
                 del self._holders[h]
-
-
-def _bits(mask: int) -> list[int]:
-    """The single-bit masks set in `mask`."""
-    out = []
-    while mask:
-        low = mask & -mask
-        out.append(low)
-        mask ^= low
-    return out
