@@ -44,3 +44,6 @@ class PrefixMatchInfo:
     hits: dict[Endpoint, int]
     # The block hashes of this prompt, kept so PreRequest can index them without rehashing.
     hashes: list[int]
+    # No endpoint holds the prompt's first block: the candidate that last held it, when the producer
+    # knows (the precise producer, from the pods' removal events); None otherwise.
+    last_holder: Endpoint | None = None

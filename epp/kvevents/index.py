@@ -8,6 +8,10 @@ Layout, chosen for the lookup loop (one dict probe and a few int operations per 
   lookup only looks there when the dict is non-empty (GPU-only pools never pay for tiers);
 * speculative entries: `_spec[key]` mask, each (key, pod) with a deadline (a FIFO queue per TTL value:
   few distinct TTLs, so expiry stays a pop from the front);
+* last holders: when a pod's event removes a key, `_last[key]` remembers that pod's bit (the most
+  recent remover wins; at most `size` keys, oldest dropped). A prompt no candidate holds from block 0
+  reports the candidate that last held its first block (`Match.last`), so a prefix evicted at its
+  home can go back there instead of displacing another pod's cache (no-hit-lru-scorer);
 * bounds (llm-d's in-memory index): at most `size` keys, least recently stored evicted first
   (an OrderedDict); at most `podCacheSize` pods per key — a key that would exceed it drops its
   lowest-numbered other holder (not an LRU per key: holders are a bit mask without order).
@@ -41,6 +45,7 @@ class Match:
     total_blocks: int
     lengths: dict[int, int]
     weighted: dict[int, float]
+    last: int = 0  # no candidate holds block 0: the candidate bit that last held it (0: none)
 
 
 class MemoryIndex:
@@ -64,6 +69,7 @@ class MemoryIndex:
         self._spec_queues: dict[float, deque[tuple[float, int, int]]] = {}
         self._pods: BitSlots[str] = BitSlots()
         self._count: dict[int, int] = {}  # bit → keys held (to skip a scan on release)
+        self._last: OrderedDict[int, int] = OrderedDict()  # removed key → bit of the pod that held it
 
     def __len__(self) -> int:
         return len(self._holders)
@@ -90,6 +96,8 @@ class MemoryIndex:
         if self._count.pop(b, 0):
             for k in [k for k, m in self._holders.items() if m & b]:
                 self._unset(k, b)
+        for k in [k for k, lb in self._last.items() if lb == b]:
+            del self._last[k]
         for k in [k for k, m in self._spec.items() if m & b]:
             self._spec_until.pop((k, b), None)
             m = self._spec[k] & ~b
@@ -108,6 +116,7 @@ class MemoryIndex:
         holders = self._holders
         low = self._low
         counts = self._count
+        last = self._last
         for k, m in zip(delta.keys, delta.masks):
             cur = holders.get(k)
             if m:
@@ -145,6 +154,11 @@ class MemoryIndex:
             elif cur is not None and cur & b:
                 self._unset(k, b)
                 counts[b] = counts.get(b, 1) - 1
+                if k in last:
+                    last.move_to_end(k)
+                elif len(last) >= self.size:
+                    last.popitem(last=False)
+                last[k] = b
 
     def speculate(self, pod: str, keys: list[int], ttl: float) -> None:
         """Assume `pod` holds `keys` for the next `ttl` seconds (the routed request's prompt); a later
@@ -247,6 +261,8 @@ class MemoryIndex:
                 bit = alive & -alive
                 alive ^= bit
                 lengths[bit] = n
+            if not lengths:
+                return Match(total, lengths, weighted, self._last.get(key, 0) & candidates)
             for bit, length in lengths.items():
                 weighted[bit] = length * top - penalty.get(bit, 0.0)
             return Match(total, lengths, weighted)
@@ -254,6 +270,8 @@ class MemoryIndex:
             bit = alive & -alive
             alive ^= bit
             lengths[bit] = n
+        if not lengths:  # no candidate holds block 0, whose key is `key`
+            return Match(total, lengths, weighted, self._last.get(key, 0) & candidates)
         top = self.tiers.top
         for bit, length in lengths.items():
             weighted[bit] = length * top
@@ -262,6 +280,10 @@ class MemoryIndex:
     def holders(self, key: int) -> int:
         """A key's holders mask (real entries only); for tests and debugging."""
         return self._holders.get(key, 0)
+
+    def last_holder(self, key: int) -> int:
+        """The bit of the pod whose event last removed `key` (0: none remembered)."""
+        return self._last.get(key, 0)
 
     # -- internals -------------------------------------------------------------------------------
     def _unset(self, k: int, b: int) -> None:

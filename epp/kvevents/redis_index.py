@@ -8,6 +8,7 @@ keys they compute):
 
     b:<key>      HASH  pod → gen·256 + tier mask      one per request key (keys.py), hex
                        "s|"pod → expiry (ms, Redis clock)   speculative entries
+                       "l|" → pod                    the pod whose event last removed the key
     gen          HASH  pod → generation               bumped when a pod's cache is cleared
     src:<pod>    HASH  ts, seq                         last batch applied from the pod's publisher
     eng:<pod>    HASH  engine hash → packed chain state (chain.EngineBlock), to resume after a restart
@@ -77,8 +78,8 @@ for _ = 1, tonumber(ARGV[7]) do
   if m > 0 then
     redis.call('HSET', k, pod, gen * 256 + m)
     if ttl > 0 then redis.call('PEXPIRE', k, ttl) end
-  else
-    redis.call('HDEL', k, pod)
+  elseif redis.call('HDEL', k, pod) == 1 then
+    redis.call('HSET', k, 'l|', pod)
   end
 end
 local ns = tonumber(ARGV[i]); i = i + 1
@@ -102,13 +103,15 @@ local t = redis.call('TIME'); local now = tonumber(t[1]) * 1000 + math.floor(ton
 local gens = {}
 local g = redis.call('HGETALL', KEYS[1])
 for j = 1, #g, 2 do gens[g[j]] = tonumber(g[j + 1]) end
-local alive = nil; local len = {}; local score = {}; local n = 0
+local alive = nil; local len = {}; local score = {}; local n = 0; local last = nil
 for a = i, #ARGV do
   local h = redis.call('HGETALL', bp .. ARGV[a])
   local held = {}
   for j = 1, #h, 2 do
     local f = h[j]; local v = tonumber(h[j + 1])
-    if string.byte(f, 1) == 115 and string.byte(f, 2) == 124 then
+    if f == 'l|' then
+      if cand[h[j + 1]] then last = h[j + 1] end
+    elseif string.byte(f, 1) == 115 and string.byte(f, 2) == 124 then
       local pod = string.sub(f, 3)
       if v > now and cand[pod] then held[pod] = top end
     elseif cand[f] then
@@ -139,6 +142,7 @@ local out = {}
 for p, l in pairs(len) do
   if l > 0 then out[#out + 1] = p; out[#out + 1] = l; out[#out + 1] = tostring(score[p]) end
 end
+if #out == 0 and last then out = {last, 0, '0'} end
 return out
 """
 
@@ -172,6 +176,7 @@ def connect(address: str, timeout: float = 2.0) -> aioredis.Redis:
 class RedisMatch:
     lengths: dict[str, int]
     weighted: dict[str, float]
+    last: str | None = None  # no candidate holds block 0: the candidate that last held it
 
 
 def _hex(k: int) -> str:
@@ -261,6 +266,8 @@ class RedisStore:
         weighted: dict[str, float] = {}
         for i in range(0, len(raw), 3):
             pod = raw[i].decode() if isinstance(raw[i], bytes) else str(raw[i])
+            if not int(raw[i + 1]):  # the script's one (pod, 0, 0) triple: the last holder of block 0
+                return RedisMatch({}, {}, pod)
             lengths[pod] = int(raw[i + 1])
             weighted[pod] = float(raw[i + 2])
         return RedisMatch(lengths, weighted)

@@ -125,6 +125,11 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkPro
         m(e)   = consecutive keys from block 0 that endpoint e holds
         hits(e)= round(Σ_{i < m(e)} w(tier of key i on e)),  w: gpu 1.0, cpu 0.8 (kvCacheBackendConfigs)
         PrefixMatchInfo(block_size = blockSizeTokens, total_blocks = full prompt blocks, hits)
+        last_holder = the candidate whose event last removed block 0's key, when no candidate holds it
+
+    `last_holder` lets `no-hit-lru-scorer` send a prefix evicted at its home back there: the pod
+    freed room for it, while placing it elsewhere would push out another pod's warm prefixes (with
+    a working set at the edge of the pool's KV, a cascade). Both index backends keep it.
 
     `PrefixMatchInfo.hashes` (our keys) stays empty with the in-memory index: the lookup hashes
     lazily, only up to the first miss; PreRequest fills it when speculating.
@@ -319,12 +324,15 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkPro
             cand |= b
         m = index.match(tokens.token_bytes, self.block_tokens, root, cand)
         hits: dict[Endpoint, int] = {}
+        last: Endpoint | None = None
         if m.weighted:
             for ep, b in zip(endpoints, bits):
                 w = m.weighted.get(b)
                 if w:
                     hits[ep] = int(w + 0.5)
-        self._publish(request, tokens, root, m.total_blocks, hits, [])
+        elif m.last:
+            last = endpoints[bits.index(m.last)]
+        self._publish(request, tokens, root, m.total_blocks, hits, [], last)
 
     def _publish(
         self,
@@ -334,8 +342,9 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkPro
         total: int,
         hits: dict[Endpoint, int],
         keys: list[int],
+        last: Endpoint | None = None,
     ) -> None:
-        request.data[self.key] = PrefixMatchInfo(self.block_tokens, total, hits, keys)
+        request.data[self.key] = PrefixMatchInfo(self.block_tokens, total, hits, keys, last)
         if self.speculative:
             request.data[self._ctx_key] = (tokens.token_bytes, root)
         if self._metrics is not None and total:
@@ -438,6 +447,7 @@ class RedisPrecisePrefixCacheProducer(PrecisePrefixCacheProducer):
         keys = block_keys(tokens.token_bytes, self.block_tokens, root)
         pods = {self._pod(ep): ep for ep in endpoints}
         hits: dict[Endpoint, int] = {}
+        last: Endpoint | None = None
         try:
             m = await asyncio.wait_for(self.redis_store.lookup(keys, list(pods)), self.lookup_timeout)
         except Exception as e:  # Redis slow or down: route without prefix data, never stall
@@ -447,7 +457,9 @@ class RedisPrecisePrefixCacheProducer(PrecisePrefixCacheProducer):
                 ep = pods.get(pod)
                 if ep is not None and w:
                     hits[ep] = int(w + 0.5)
-        self._publish(request, tokens, root, len(keys), hits, keys)
+            if not hits and m.last:
+                last = pods.get(m.last)
+        self._publish(request, tokens, root, len(keys), hits, keys, last)
 
     def _speculate(self, targets: list[str], ctx: tuple[bytes, int], info: PrefixMatchInfo, ttl: float) -> None:
         keys = self._all_keys(ctx, info)

@@ -25,6 +25,9 @@ class NoHitLRUScorer(Scorer, PreRequest):
                never-used endpoints: rank = their order among the never-used candidates
                used endpoints:       rank = #never-used candidates + position in the LRU
                                      (0 = least recently used, over the whole LRU as the reference)
+        cold, and the producer names the candidate that last held the prompt's first block
+        (`PrefixMatchInfo.last_holder`, the precise producer) and `preferLastHolder`:
+               score(last holder) = 1,  score(other e) = 0.5 · the cold score above
         warm:  score(e) = 0.5
 
     PreRequest (cold requests only) moves the primary profile's target, and the prefill
@@ -32,9 +35,13 @@ class NoHitLRUScorer(Scorer, PreRequest):
 
     Why: a cold request creates new KV blocks wherever it lands; sending successive cold
     requests to different endpoints spreads cache growth instead of evicting one endpoint's
-    warm prefixes, while the prefix scorer keeps deciding warm requests.
+    warm prefixes, while the prefix scorer keeps deciding warm requests. A prefix the pods report
+    evicted goes back to the endpoint that held it (this build; the reference spreads it like a new
+    one): that endpoint made room for it, while another would push out its own warm prefixes to
+    take it — with the pool's working set near its KV capacity, a cascade of misses (measured in
+    benchmarks/README.md, precise prefix). The load scorers still move it off a busy home.
 
-    Parameters: `lruSize` (1024, > 0), `prefixMatchInfoProducerName` (which
+    Parameters: `lruSize` (1024, > 0), `preferLastHolder` (true), `prefixMatchInfoProducerName` (which
     PrefixCacheMatchInfo producer decides "cold"; default: the only one, approx producer
     auto-created). When that is empty, `prefixPluginName` (a PrefixCacheMatchInfo producer or
     a prefix-cache-scorer) or else the only plugin of type `prefixPluginType`
@@ -47,6 +54,7 @@ class NoHitLRUScorer(Scorer, PreRequest):
 
     class Params(PluginParams):
         lru_size: int = 1024
+        prefer_last_holder: bool = True
         prefix_match_info_producer_name: str = ""
         prefix_plugin_type: str = "prefix-cache-scorer"
         prefix_plugin_name: str = ""
@@ -58,6 +66,7 @@ class NoHitLRUScorer(Scorer, PreRequest):
     def __init__(self, name: str, params: Params) -> None:
         super().__init__(name, params)
         self.lru_size = params.lru_size
+        self.prefer_last_holder = params.prefer_last_holder
         # Oldest first. Keyed by the Endpoint object (hashable by identity): a removed and
         # re-added endpoint starts as never used.
         self.lru: OrderedDict[Endpoint, None] = OrderedDict()
@@ -101,6 +110,13 @@ class NoHitLRUScorer(Scorer, PreRequest):
             return [0.5] * n
         if n <= 1:
             return [1.0] * n
+        home = info.last_holder if info is not None and self.prefer_last_holder else None
+        if home is not None and home in endpoints:
+            return [1.0 if ep is home else 0.5 * s for ep, s in zip(endpoints, self._cold_scores(endpoints))]
+        return self._cold_scores(endpoints)
+
+    def _cold_scores(self, endpoints: Sequence[Endpoint]) -> list[float]:
+        n = len(endpoints)
         pos = {ep: i for i, ep in enumerate(self.lru)} if self.lru else {}
         inv = 1.0 / (n - 1)
         if not pos:
