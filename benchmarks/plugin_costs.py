@@ -247,7 +247,7 @@ gives its parameters, defaults and formula.
 | `load-aware-scorer` | scorer | 0.5·(1 − q/128), 0.5 when idle |
 | `active-request-scorer` | scorer | (max − n)/max · maxBusyScore, 1 when idle (in-flight requests) |
 | `token-load-scorer` | scorer | 1 − min(1, in-flight tokens / 4194304) |
-| `no-hit-lru-scorer` | scorer + pre-request | cold requests: least recently used first; warm: 0.5 |
+| `no-hit-lru-scorer` | scorer + pre-request | cold: the prompt's last holder (precise), else LRU first; warm: 0.5 |
 | `lora-affinity-scorer` | scorer | adapter active 1 / room 0.8 / queued 0.6 / full 0 |
 | `session-affinity-scorer` | scorer + pre-request + response header | 1 for the session endpoint |
 | `header-label-affinity-scorer` | scorer | 1 when label[labelKey] = header[headerName] |

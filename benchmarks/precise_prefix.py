@@ -50,7 +50,7 @@ from llmepp.datalayer.endpoint import EndpointSpec
 from llmepp.framework.datakeys import TOKENIZED_PROMPT, TokenizedPrompt
 from llmepp.framework.plugin import PluginContext, registry
 from llmepp.kvevents.chain import Delta, SourceChains
-from llmepp.kvevents.index import MemoryIndex
+from llmepp.kvevents.index import LAST_HOLDER_SLACK, MemoryIndex
 from llmepp.kvevents.ingest import MemoryStore, SourceIngest
 from llmepp.kvevents.keys import block_keys, root_key, tokens_to_bytes
 from llmepp.kvevents.stats import KVEventStats
@@ -174,7 +174,31 @@ def bench_index_memory(n_batches: int) -> list[str]:
     keys = len(index)
     parts = ", ".join(f"{name} {size / keys:.0f}" for name, size in sorted(by_file.items(), key=lambda x: -x[1])[:3])
     return [f"index memory: {keys:,} blocks held by one pod: {used / keys:.0f} bytes per block in all "
-            f"({used / 1e6:.1f} MB; by file: {parts} bytes per block)"]  # fmt: skip
+            f"({used / 1e6:.1f} MB; by file: {parts} bytes per block)", _last_holder_memory()]  # fmt: skip
+
+
+def _last_holder_memory() -> str:
+    """What removals leave behind: the last holder of each removed key (bounded by keys held + a slack)."""
+    import gc
+    import random
+    import tracemalloc
+
+    rng = random.Random(7)
+    n = LAST_HOLDER_SLACK
+    keys = [rng.getrandbits(64) for _ in range(n)]
+    index = MemoryIndex(100_000_000, 10, TIERS)
+    index.apply("10.0.0.1:8000", Delta(keys=keys, masks=[1] * n))
+    gc.collect()
+    tracemalloc.start()
+    # Fresh key objects, as a decoded batch brings (the ones the last holders keep alive); the holders
+    # dict does not shrink, so what is traced is the last holders' map and its keys.
+    removal = Delta(keys=[int(str(k)) for k in keys], masks=[0] * n)
+    index.apply("10.0.0.1:8000", removal)
+    del removal
+    gc.collect()
+    used, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return f"last holders: {n:,} removed keys remembered: {used / n:.0f} bytes each ({used / 1e6:.1f} MB)"
 
 
 # -- through ZeroMQ ------------------------------------------------------------------------------

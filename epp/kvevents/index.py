@@ -9,7 +9,8 @@ Layout, chosen for the lookup loop (one dict probe and a few int operations per 
 * speculative entries: `_spec[key]` mask, each (key, pod) with a deadline (a FIFO queue per TTL value:
   few distinct TTLs, so expiry stays a pop from the front);
 * last holders: when a pod's event removes a key, `_last[key]` remembers that pod's bit (the most
-  recent remover wins; at most `size` keys, oldest dropped). A prompt no candidate holds from block 0
+  recent remover wins; oldest dropped beyond the keys held + `LAST_HOLDER_SLACK`, and `size`: evicted
+  keys accumulate forever otherwise). A prompt no candidate holds from block 0
   reports the candidate that last held its first block (`Match.last`), so a prefix evicted at its
   home can go back there instead of displacing another pod's cache (no-hit-lru-scorer);
 * bounds (llm-d's in-memory index): at most `size` keys, least recently stored evicted first
@@ -46,6 +47,9 @@ class Match:
     lengths: dict[int, int]
     weighted: dict[int, float]
     last: int = 0  # no candidate holds block 0: the candidate bit that last held it (0: none)
+
+
+LAST_HOLDER_SLACK = 65_536  # last holders kept beyond the number of keys held (~6 MB)
 
 
 class MemoryIndex:
@@ -156,8 +160,10 @@ class MemoryIndex:
                 counts[b] = counts.get(b, 1) - 1
                 if k in last:
                     last.move_to_end(k)
-                elif len(last) >= self.size:
-                    last.popitem(last=False)
+                else:
+                    limit = min(self.size, len(holders) + LAST_HOLDER_SLACK)
+                    while len(last) >= limit:
+                        last.popitem(last=False)
                 last[k] = b
 
     def speculate(self, pod: str, keys: list[int], ttl: float) -> None:

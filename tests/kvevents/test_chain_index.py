@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmepp.kvevents.chain import Delta, SourceChains, pack_block, unpack_block
-from llmepp.kvevents.index import MemoryIndex
+from llmepp.kvevents.index import LAST_HOLDER_SLACK, MemoryIndex
 from llmepp.kvevents.keys import block_keys, root_key, tokens_to_bytes
 from llmepp.kvevents.tiers import TierTable
 from llmepp.kvevents.wire import BlockRemoved, BlockStored
@@ -223,3 +223,58 @@ def test_release_frees_the_bit_and_entries() -> None:
     index.release("a:1")
     assert len(index) == 0 and index.speculative_entries == 0 and index.bit_of("a:1") == 0
     assert index.bit("b:1") == bit  # reused
+
+
+def last_holder(index: MemoryIndex, tokens: list[int], pods: list[str]) -> str | None:
+    cand = 0
+    for p in pods:
+        cand |= index.bit(p)
+    m = index.match(tokens_to_bytes(tokens), 16, root_key(MODEL), cand)
+    return index.pod_of(m.last) if m.last else None
+
+
+def test_a_prefix_evicted_everywhere_reports_the_pod_that_last_held_it() -> None:
+    index = MemoryIndex(1000, 10, TIERS)
+    tokens = list(range(16 * 4))
+    a, b = SourceChains(16, 0, TIERS, 1000), SourceChains(16, 0, TIERS, 1000)
+    ev_a, ev_b = engine_events(tokens, 16, 4), engine_events(tokens, 16, 4)
+    feed(a, index, "a:1", ev_a)
+    pods = ["a:1", "b:1", "c:1"]
+    assert last_holder(index, tokens, pods) is None  # held: a hit, not a last holder
+    # a evicts the tail only: still a (shorter) hit.
+    feed(a, index, "a:1", [BlockRemoved(ev_a[0].block_hashes[2:], "GPU")])
+    assert lookup(index, tokens, 16, pods) == {"a:1": 2} and last_holder(index, tokens, pods) is None
+    # a evicts block 0: nobody holds the prompt; a held it last.
+    feed(a, index, "a:1", [BlockRemoved(ev_a[0].block_hashes[:2], "GPU")])
+    assert lookup(index, tokens, 16, pods) == {} and last_holder(index, tokens, pods) == "a:1"
+    assert last_holder(index, tokens, ["b:1", "c:1"]) is None  # only candidates are reported
+    # b stores and evicts it after a: the most recent remover wins.
+    feed(b, index, "b:1", ev_b)
+    assert last_holder(index, tokens, pods) is None
+    feed(b, index, "b:1", [BlockRemoved(ev_b[0].block_hashes, "GPU")])
+    assert last_holder(index, tokens, pods) == "b:1"
+    # A speculative entry is a hit like a real one.
+    index.speculate("c:1", [next(iter(block_keys(tokens_to_bytes(tokens), 16, root_key(MODEL))))], 5.0)
+    assert lookup(index, tokens, 16, pods) == {"c:1": 1} and last_holder(index, tokens, pods) is None
+    # A pod that leaves the pool is forgotten as a last holder (its bit is handed out again).
+    index.release("b:1")
+    assert last_holder(index, tokens, ["a:1", "d:1"]) is None
+
+
+def test_last_holders_are_bounded_by_the_index_size() -> None:
+    index = MemoryIndex(size=2, pod_cache_size=10, tiers=TIERS)
+    index.apply("a:1", Delta(keys=[1, 2], masks=[1, 1]))
+    index.apply("a:1", Delta(keys=[1, 2], masks=[0, 0]))
+    index.apply("a:1", Delta(keys=[3, 3], masks=[1, 0]))
+    bit = index.bit_of("a:1")
+    assert [index.last_holder(k) for k in (1, 2, 3)] == [0, bit, bit]  # key 1, the oldest, dropped
+    # Removing a key the pod does not hold records nothing.
+    index.apply("b:1", Delta(keys=[9], masks=[0]))
+    assert index.last_holder(9) == 0
+
+    # A large index keeps as many last holders as it holds keys, plus a slack.
+    index = MemoryIndex(size=10**8, pod_cache_size=10, tiers=TIERS)
+    n = LAST_HOLDER_SLACK + 10
+    index.apply("a:1", Delta(keys=list(range(n)), masks=[1] * n))
+    index.apply("a:1", Delta(keys=list(range(n)), masks=[0] * n))
+    assert index.last_holder(9) == 0 and index.last_holder(10) == index.last_holder(n - 1) != 0

@@ -151,6 +151,25 @@ async def test_repeated_prompt_lands_where_it_is_cached_and_a_reset_pod_loses_it
         assert await metric(http, stack.metrics_url, "llm_d_epp_kv_events_all_cleared_total") >= 1
 
 
+async def test_a_prompt_evicted_behind_the_epps_back_goes_back_to_its_pod(http: aiohttp.ClientSession) -> None:
+    async with Stack(stack_options(185)) as stack:
+        home = stack.pods[2]
+        prompt = long_prompt(8)
+        await complete(http, home.url, prompt)
+        await asyncio.sleep(EVENTS_SETTLE)
+        async with http.post(home.url + "/admin/evict", json={"fraction": 1.0}) as resp:
+            assert resp.status == 200 and (await resp.json())["evicted"] > 0
+        await asyncio.sleep(EVENTS_SETTLE)
+        # No pod holds the prompt now (nothing is cached: the removal events arrived). A new prompt
+        # would go to the never-used sim-0 first; this one returns to the pod that made room for it.
+        pod, cached = await complete(http, stack.url, prompt)
+        assert (pod, cached) == (home.name, 0)
+        pod, cached = await complete(http, stack.url, prompt)
+        assert pod == home.name and cached > 0
+        pod, _ = await complete(http, stack.url, long_prompt(9))
+        assert pod == stack.pods[0].name
+
+
 async def test_two_replicas_behind_one_envoy_agree(http: aiohttp.ClientSession) -> None:
     async with Stack(stack_options(155, replicas=2)) as stack:
         placed = {long_prompt(2): stack.pods[2], long_prompt(3): stack.pods[3]}

@@ -177,6 +177,28 @@ async def test_lookup_feeds_scorer_and_decider_and_speculation_spreads_to_the_ro
         await plugin.aclose()
 
 
+async def test_a_prefix_evicted_at_its_pod_is_scored_back_there() -> None:
+    c, datastore = components(EXAMPLE_C_HF)
+    eps = pods(datastore)
+    producer = c.plugins["precise-prefix-cache-producer"]
+    assert isinstance(producer, PrecisePrefixCacheProducer)
+    prompt = "a system prompt that many questions share, long enough for a few blocks " * 6
+    req = chat(prompt)
+    await run_producers(c, req, eps)
+    token_bytes = req.data[TOKENIZED_PROMPT].token_bytes
+    hold(producer, eps[2], token_bytes, 4)
+    keys = block_keys(token_bytes, producer.block_tokens, root_key("sim-model"))[:4]
+    producer.index.apply(eps[2].hostport, Delta(keys=keys, masks=[0] * 4))  # the pod's removal events
+    req = chat(prompt)
+    await run_producers(c, req, eps)
+    info: PrefixMatchInfo = req.data[scoped(PREFIX_CACHE_MATCH_INFO, producer.name)]
+    assert info.hits == {} and info.last_holder is eps[2]
+    scores = c.plugins["no-hit-lru-scorer"].score(req, eps)  # type: ignore[attr-defined]
+    assert max(scores) == scores[2] == 1.0 and scores.count(1.0) == 1
+    for plugin in c.plugins.values():
+        await plugin.aclose()
+
+
 async def test_speculation_is_held_until_the_first_token_then_lapses_unless_confirmed() -> None:
     """Speculative entries cover the whole prefill (however long), then `speculativeTTL` for the
     pod's events to confirm them; a request that ends without output releases them too."""

@@ -148,6 +148,29 @@ async def test_restarted_replica_resumes_chains_and_position(server: RedisServer
         await restarted.close()
 
 
+async def test_the_last_holder_of_an_evicted_prefix_is_shared(server: RedisServer, client: aioredis.Redis) -> None:
+    host = "127.0.0.174"
+    async with TestPublisher(host) as pub:
+        ep = endpoint(host, 8000)
+        pod, other = ep.hostport, "127.0.0.173:8000"
+        a = Replica(server.url, pub.port, pub.replay_port)
+        a.pool.endpoint_added(ep)
+        await asyncio.sleep(0.3)
+        await pub.publish([chain(0, 4)])
+        await eventually(lambda: _eq(a.match(pod), 4))
+        keys = block_keys(tokens_to_bytes(TOKENS), 4, root_key("m"))
+        assert (await a.store.lookup(keys, [pod, other])).last is None  # held: a hit
+        await pub.publish([{"type": "BlockRemoved", "block_hashes": [7000, 7001, 7002, 7003], "medium": "GPU"}])
+        await eventually(lambda: _eq(a.match(pod), 0))
+        # Another replica (its own client) sees which pod held the prompt last; only candidates count.
+        b = RedisStore(connect(server.url), TIERS)
+        found = await b.lookup(keys, [other, pod])
+        assert found.last == pod and found.lengths == {}
+        assert (await b.lookup(keys, [other])).last is None
+        await b.client.aclose()
+        await a.close()
+
+
 async def test_publisher_restart_is_detected_by_the_shared_guard(server: RedisServer, client: aioredis.Redis) -> None:
     host = "127.0.0.177"
     other = list(range(5000, 5000 + 4 * 16))

@@ -210,6 +210,29 @@ def test_no_hit_lru_warm_requests_are_neutral_and_do_not_move_lru() -> None:
     assert s.score(request(prompt=None), eps) == pytest.approx([1.0, 0.5, 0.0])
 
 
+def test_no_hit_lru_sends_an_evicted_prefix_back_to_its_last_holder() -> None:
+    s = lru_scorer()
+    eps = [endpoint(i) for i in range(4)]
+    req = cold(eps)
+    req.data[PREFIX_KEY].last_holder = eps[2]
+    # The last holder first; the others keep their LRU order at half weight.
+    assert s.score(req, eps) == pytest.approx([0.5, 1 / 3, 1.0, 0.0])
+    s.pre_request(req, result_for(eps[2]))
+    assert list(s.lru) == [eps[2]]  # still a cold placement: it moves the LRU
+    # A last holder that is not a candidate (filtered out, gone) changes nothing.
+    req = cold(eps[:2])
+    req.data[PREFIX_KEY].last_holder = eps[2]
+    assert s.score(req, eps[:2]) == pytest.approx([1.0, 0.0])
+    # A warm request ignores it; preferLastHolder: false restores the reference's spreading.
+    warm = cold(eps, {eps[1]: 2})
+    warm.data[PREFIX_KEY].last_holder = eps[2]
+    assert s.score(warm, eps) == [0.5] * 4
+    off = lru_scorer(preferLastHolder=False)
+    req = cold(eps)
+    req.data[PREFIX_KEY].last_holder = eps[2]
+    assert off.score(req, eps) == pytest.approx([1.0, 2 / 3, 1 / 3, 0.0])
+
+
 def test_no_hit_lru_edges_and_bounded_size() -> None:
     s = lru_scorer(lruSize=2)
     eps = [endpoint(i) for i in range(3)]
