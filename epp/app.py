@@ -14,7 +14,6 @@ import signal
 from pathlib import Path
 
 import grpc
-from prometheus_client import start_http_server
 
 from llmepp.config.loader import Components, build, load_config
 from llmepp.config.schema import DEFAULT_CONFIG
@@ -24,8 +23,10 @@ from llmepp.director import Director
 from llmepp.flowcontrol import AdmissionController
 from llmepp.flowcontrol.objectives import ObjectiveStore
 from llmepp.framework.plugin import ConfigError
+from llmepp.k8s.client import KubeClient
 from llmepp.k8s.runtime import KubeOptions, KubeRuntime, kubernetes_target
 from llmepp.observability.metrics import EppMetrics
+from llmepp.observability.metrics_server import MetricsAuth, MetricsServer, metrics_ssl_context
 from llmepp.server import health
 from llmepp.server.extproc import ExtProcServicer, create_server
 from llmepp.server.h2 import H2ExtProcServer, create_h2_server
@@ -90,7 +91,15 @@ class App:
         self._servicer: ExtProcServicer | None = None
         self._health_server: grpc.aio.Server | None = None
         self._discovery_task: asyncio.Task[None] | None = None
-        self._metrics_server: object | None = None
+        # /metrics: auth on by default where there is a Kubernetes API to ask (the reference always has one).
+        auth = settings.metrics_endpoint_auth if settings.metrics_endpoint_auth is not None else self.kube is not None
+        self.metrics_auth = MetricsAuth(self._auth_client) if auth else None
+        self._auth_kube: KubeClient | None = None  # file mode with --metrics-endpoint-auth=true: our own client
+        self._metrics_server = MetricsServer(
+            self.metrics.registry,
+            auth=self.metrics_auth,
+            ssl_context=metrics_ssl_context(settings.metrics_cert_dir, settings.metrics_client_ca_file),
+        )
         # TLS on the ext_proc port: made (or read from --cert-path) here so a bad certificate is a start-up error.
         self.serving_cert = ServingCert.from_settings(settings) if settings.secure_serving else None
         if not settings.secure_serving and (settings.cert_path or settings.enable_cert_reload):
@@ -123,6 +132,11 @@ class App:
     async def start(self) -> None:
         s = self.settings
         discovery = self.components.discovery
+        if s.metrics_port and self.metrics_auth is not None and self.kube is None:
+            try:
+                self._auth_kube = await KubeClient.connect(s.kubeconfig)
+            except ConfigError as e:
+                raise ConfigError(f"--metrics-endpoint-auth: needs the Kubernetes API: {e}") from None
         if self.kube is not None:
             await self.kube.start()  # ConfigError on a bad kubeconfig; the API server may come later
         else:
@@ -155,12 +169,22 @@ class App:
         await self._health_server.start()
 
         if s.metrics_port:
-            self._metrics_server, _ = start_http_server(s.metrics_port, s.bind_address, registry=self.metrics.registry)
+            await self._metrics_server.start(s.bind_address, s.metrics_port)
         log.info(
             "epp serving",
-            extra={"grpc_port": self.grpc_port, "health_port": self.health_port, "metrics_port": s.metrics_port,
-                   "tls": _tls_label(self.serving_cert), "plugins": sorted(self.components.plugins)},
-        )  # fmt: skip
+            extra={
+                "grpc_port": self.grpc_port,
+                "health_port": self.health_port,
+                "metrics_port": s.metrics_port,
+                "metrics_auth": self.metrics_auth is not None,
+                "metrics_https": self._metrics_server.ssl_context is not None,
+                "tls": _tls_label(self.serving_cert),
+                "plugins": sorted(self.components.plugins),
+            },
+        )
+
+    def _auth_client(self) -> KubeClient | None:
+        return self.kube.client if self.kube is not None else self._auth_kube
 
     async def _wait_for_quiet(self) -> None:
         """Keep serving (new streams too: Envoy may not have noticed NOT_SERVING yet) until no
@@ -213,8 +237,9 @@ class App:
                 await plugin.aclose()
             except Exception:
                 log.exception("plugin %s failed to close", plugin.name)
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()  # type: ignore[attr-defined]
+        await self._metrics_server.aclose()
+        if self._auth_kube is not None:
+            await self._auth_kube.aclose()
         log.info("stopped")
 
 

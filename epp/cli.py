@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-min-version", default=d.tls_min_version, choices=("VersionTLS12", "VersionTLS13"))
     p.add_argument("--tls-cipher-suites", type=parse_list, default=d.tls_cipher_suites,
                    help="comma-separated TLS 1.2 cipher suites, Go's names (default: OpenSSL's)")  # fmt: skip
+    p.add_argument("--metrics-endpoint-auth", type=parse_bool, nargs="?", const=True, default=None, metavar="BOOL",
+                   help="/metrics needs a Kubernetes bearer token allowed to get /metrics "
+                        "(default: true in Kubernetes mode, false with file discovery)")  # fmt: skip
+    p.add_argument("--metrics-cert-dir", default=None, help="directory with tls.crt and tls.key: /metrics over HTTPS")
+    p.add_argument("--metrics-client-ca-file", default=None,
+                   help="CA bundle; /metrics then requires client certificates signed by it (mTLS)")  # fmt: skip
     p.add_argument("--destination-fallback-list", action="store_true",
                    help="send every picked endpoint (comma-separated) for gateways with fallback support")  # fmt: skip
     p.add_argument("--disable-endpoint-subset-filter", action="store_true")
@@ -146,6 +152,9 @@ def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
         enable_cert_reload=a.enable_cert_reload,
         tls_min_version=a.tls_min_version,
         tls_cipher_suites=a.tls_cipher_suites,
+        metrics_endpoint_auth=a.metrics_endpoint_auth,
+        metrics_cert_dir=a.metrics_cert_dir,
+        metrics_client_ca_file=a.metrics_client_ca_file,
         destination_fallback_list=a.destination_fallback_list,
         disable_endpoint_subset_filter=a.disable_endpoint_subset_filter,
         emit_endpoint_scores=a.emit_endpoint_scores,

@@ -49,6 +49,11 @@ class Settings:
     enable_cert_reload: bool = False
     tls_min_version: str = "VersionTLS12"
     tls_cipher_suites: tuple[str, ...] = ()
+    # /metrics (llmepp.observability.metrics_server): bearer-token authn/authz against the Kubernetes API
+    # (reference default: on). None = on in Kubernetes mode, off in file-discovery mode (no API to ask).
+    metrics_endpoint_auth: bool | None = None
+    metrics_cert_dir: str | None = None  # tls.crt + tls.key: HTTPS
+    metrics_client_ca_file: str | None = None  # client certificates required (mTLS)
     # Send the whole ordered fallback list in x-gateway-destination-endpoint (for gateways that
     # implement it); Envoy's ORIGINAL_DST accepts exactly one ip:port, so the default is the primary.
     destination_fallback_list: bool = False

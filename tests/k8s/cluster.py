@@ -6,6 +6,7 @@ once). The API server authenticates static tokens and authorizes with RBAC:
     admin      system:masters (the tests' own client and kubectl)
     epp        the ServiceAccount `llm-epp` of namespace RBAC_NAMESPACE, with no rights until
                the RBAC manifests of deploy/kubernetes grant them (the RBAC test proves they suffice)
+    prometheus / nobody   plain users scraping /metrics (a test binds llm-epp-metrics-reader to the first)
 
 Two settings differ from a production server, both for the 410 test: pods are served
 without the watch cache (`--watch-cache-sizes=pods#0`, watches go to etcd) and etcd is
@@ -37,6 +38,8 @@ CRDS = REPO / "deploy" / "crds"
 
 ADMIN_TOKEN = "admin-token"
 EPP_TOKEN = "epp-token"
+PROMETHEUS_TOKEN = "prometheus-token"  # user `prometheus`, no rights until a test binds some
+NOBODY_TOKEN = "nobody-token"  # user `nobody`, never any rights
 RBAC_NAMESPACE = "epp-rbac"
 EPP_SERVICE_ACCOUNT = "llm-epp"
 START_TIMEOUT = 90.0  # seconds; ~4 s on an idle machine, much more on a loaded 2-core one
@@ -83,6 +86,8 @@ class Cluster:
         (w / "tokens.csv").write_text(
             f"{ADMIN_TOKEN},admin,admin,system:masters\n"
             f'{EPP_TOKEN},{sa_user},epp,"system:serviceaccounts,system:serviceaccounts:{RBAC_NAMESPACE}"\n'
+            f"{PROMETHEUS_TOKEN},prometheus,prometheus\n"
+            f"{NOBODY_TOKEN},nobody,nobody\n"
         )
         etcd = [
             str(BIN / "etcd"), "--name", "t", "--data-dir", str(w / "etcd"),

@@ -8,13 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 
 from llmepp.config.loader import build, load_config
 from llmepp.datalayer.datastore import Datastore
 
-from .cluster import EPP_SERVICE_ACCOUNT, RBAC_NAMESPACE, REPO, Cluster
+from .cluster import EPP_SERVICE_ACCOUNT, NOBODY_TOKEN, PROMETHEUS_TOKEN, RBAC_NAMESPACE, REPO, Cluster, free_port
 from .harness import endpoints, kube_settings, running_app
 from .kubeapi import TestKube, eventually
 
@@ -171,7 +172,8 @@ async def test_rbac_is_enough_for_a_running_epp_and_no_more(manifest_cluster: Cl
     assert not lease["spec"].get("holderIdentity")  # released on shutdown
 
     user = f"--as=system:serviceaccount:{ns}:{EPP_SERVICE_ACCOUNT}"
-    allowed = [("watch", "pods"), ("list", "inferencepools.inference.networking.k8s.io"), ("create", "leases")]
+    allowed = [("watch", "pods"), ("list", "inferencepools.inference.networking.k8s.io"), ("create", "leases"),
+               ("create", "tokenreviews.authentication.k8s.io")]  # fmt: skip
     denied = [
         ("list", "secrets"), ("create", "pods"), ("patch", "pods"), ("delete", "leases"),
         ("update", "leases/some-other-lease"), ("update", "inferencepools.inference.networking.k8s.io"),
@@ -186,3 +188,41 @@ async def test_rbac_is_enough_for_a_running_epp_and_no_more(manifest_cluster: Cl
         )
     other = "default"
     assert c.kubectl("auth", "can-i", "list", "pods", "-n", other, user, check=False).stdout.strip() == "no"
+
+
+METRICS_READER_BINDING = """
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: prometheus-reads-llm-epp-metrics}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: llm-epp-metrics-reader}
+subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: prometheus}]
+"""
+
+
+async def scrape(url: str, token: str | None = None) -> tuple[int, str]:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as resp:
+        return resp.status, await resp.text()
+
+
+async def test_metrics_need_a_token_the_rbac_lets_read_them(manifest_cluster: Cluster) -> None:
+    """--metrics-endpoint-auth (default in Kubernetes mode): the EPP's ServiceAccount, with rbac.yaml only,
+    reviews each scraper's token with the API server; llm-epp-metrics-reader is what a scraper needs."""
+    c, ns = manifest_cluster, RBAC_NAMESPACE
+    c.kubectl("apply", "-f", "-", stdin=rbac_for(ns))
+    c.kubectl("apply", "-f", "-", stdin=METRICS_READER_BINDING)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    async with running_app(kube_settings(c.epp_kubeconfig, ns, metrics_port=port)) as app:
+        assert app.metrics_auth is not None
+        status, body = await scrape(url)
+        assert status == 401 and "bearer token is required" in body
+        assert (await scrape(url, "not-a-token"))[0] == 401
+        status, body = await scrape(url, NOBODY_TOKEN)
+        assert status == 403 and "'nobody' may not get /metrics" in body
+        status, body = await scrape(url, PROMETHEUS_TOKEN)
+        assert status == 200 and "llm_d_epp_request_total" in body
+    # --metrics-endpoint-auth=false: open, as in file-discovery mode.
+    async with running_app(kube_settings(c.epp_kubeconfig, ns, metrics_port=port, metrics_endpoint_auth=False)):
+        status, body = await scrape(url)
+        assert status == 200 and "llm_d_epp_request_total" in body

@@ -1,0 +1,175 @@
+"""The Prometheus `/metrics` endpoint, with the reference's Kubernetes authentication and authorization.
+
+With `--metrics-endpoint-auth` (the reference's default, in Kubernetes mode) a scrape must carry a
+bearer token the API server accepts (TokenReview) for a user allowed to `get` the non-resource URL
+`/metrics` (SubjectAccessReview), as controller-runtime's `WithAuthenticationAndAuthorization` filter
+does: Prometheus scrapes with its ServiceAccount token and a ClusterRole like
+
+    rules: [{nonResourceURLs: [/metrics], verbs: [get]}]
+
+and the EPP's own ServiceAccount may create tokenreviews and subjectaccessreviews
+(deploy/kubernetes/rbac.yaml). Answers: 401 without a valid token, 403 when the user may not read the
+metrics, 503 when the API server cannot be asked; each JSON with a message. Decisions are cached per
+token (allowed 60 s, denied 10 s, as the reference's 1 min / 30 s order of magnitude) so a scrape costs
+two API calls at most once a minute.
+
+HTTPS with `--metrics-cert-dir` (tls.crt, tls.key), client certificates required with
+`--metrics-client-ca-file` (mTLS); plain HTTP otherwise. The page is rendered in a worker thread (gzip
+when the scraper accepts it), never on the event loop that routes requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import json
+import logging
+import ssl
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from llmepp.framework.plugin import ConfigError
+from llmepp.k8s.client import KubeClient, KubeError
+
+log = logging.getLogger(__name__)
+
+ALLOW_TTL = 60.0  # s
+DENY_TTL = 10.0  # s
+_CACHE_SIZE = 1024  # distinct tokens remembered
+_API_TIMEOUT = 5.0  # s per review call
+_TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
+_ACCESS_REVIEWS = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
+
+
+def metrics_ssl_context(cert_dir: str | None, client_ca_file: str | None) -> ssl.SSLContext | None:
+    """HTTPS for /metrics from --metrics-cert-dir, mTLS with --metrics-client-ca-file; errors name the flag."""
+    if not cert_dir:
+        if client_ca_file:
+            raise ConfigError("--metrics-client-ca-file: needs --metrics-cert-dir (client certificates need HTTPS)")
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(f"{cert_dir}/tls.crt", f"{cert_dir}/tls.key")
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"--metrics-cert-dir: cannot load {cert_dir}/tls.crt and tls.key: {e}") from None
+    if client_ca_file:
+        try:
+            ctx.load_verify_locations(client_ca_file)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"--metrics-client-ca-file: cannot load {client_ca_file}: {e}") from None
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+class MetricsAuth:
+    """Bearer-token check against the Kubernetes API, cached per token."""
+
+    def __init__(self, client: Callable[[], KubeClient | None], clock: Callable[[], float] = time.monotonic) -> None:
+        self._client = client  # the client may connect after the server starts (Kubernetes mode)
+        self._clock = clock
+        self._cache: OrderedDict[bytes, tuple[float, int, str]] = OrderedDict()
+
+    async def check(self, authorization: str | None, path: str) -> tuple[int, str]:
+        """(HTTP status, message): 200 lets the scrape through."""
+        scheme, _, token = (authorization or "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return 401, "a bearer token is required (Authorization: Bearer <ServiceAccount token>)"
+        key = hashlib.sha256(f"{path}\0{token}".encode()).digest()
+        now = self._clock()
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1], hit[2]
+        client = self._client()
+        if client is None:
+            return 503, "cannot verify the token: the Kubernetes API client is not connected yet"
+        try:
+            status, message = await asyncio.wait_for(self._review(client, token, path), _API_TIMEOUT)
+        except (KubeError, OSError, TimeoutError, ValueError) as e:
+            log.warning("metrics auth: the API server could not review a token: %r", e)
+            return 503, "cannot verify the token: the Kubernetes API did not answer"
+        self._cache[key] = (now + (ALLOW_TTL if status == 200 else DENY_TTL), status, message)
+        self._cache.move_to_end(key)
+        while len(self._cache) > _CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return status, message
+
+    async def _review(self, client: KubeClient, token: str, path: str) -> tuple[int, str]:
+        review = json.loads(await client.request("POST", _TOKEN_REVIEWS, body={
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": token}}))  # fmt: skip
+        status = review.get("status") or {}
+        if not status.get("authenticated"):
+            return 401, "the token was not accepted by the Kubernetes API"
+        user = status.get("user") or {}
+        spec: dict[str, Any] = {
+            "user": user.get("username", ""),
+            "groups": user.get("groups") or [],
+            "nonResourceAttributes": {"path": path, "verb": "get"},
+        }
+        if user.get("uid"):
+            spec["uid"] = user["uid"]
+        if user.get("extra"):
+            spec["extra"] = user["extra"]
+        access = json.loads(await client.request("POST", _ACCESS_REVIEWS, body={
+            "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": spec}))  # fmt: skip
+        if not (access.get("status") or {}).get("allowed"):
+            return 403, f"user {spec['user']!r} may not get {path}"
+        return 200, ""
+
+
+class MetricsServer:
+    """`GET /metrics` on an aiohttp server; `auth` None serves everyone (the reference with auth off)."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        auth: MetricsAuth | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.registry = registry
+        self.auth = auth
+        self.ssl_context = ssl_context
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, ssl_context=self.ssl_context, reuse_address=True)
+        await site.start()
+        self.port = port
+
+    async def aclose(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        if self.auth is not None:
+            status, message = await self.auth.check(request.headers.get("Authorization"), request.path)
+            if status != 200:
+                return web.json_response({"error": message}, status=status)
+        # Content negotiation as prometheus_client's own server: OpenMetrics when asked for, else text 0.0.4.
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        gz = "gzip" in request.headers.get("Accept-Encoding", "")
+        body = await asyncio.get_running_loop().run_in_executor(None, _render, encoder, self.registry, gz)
+        headers = {"Content-Type": content_type}
+        if gz:
+            headers["Content-Encoding"] = "gzip"
+        return web.Response(body=body, headers=headers)
+
+
+def _render(encoder: Callable[[CollectorRegistry], bytes], registry: CollectorRegistry, gz: bool) -> bytes:
+    page = encoder(registry)
+    return gzip.compress(page, 1) if gz else page

@@ -1,0 +1,183 @@
+"""/metrics: the bearer-token check (TokenReview + SubjectAccessReview, cached), the server (gzip, HTTPS,
+client certificates), the flags and their start-up errors. The check against a real API server and the
+deploy/ RBAC: tests/k8s/test_manifests.py."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import ssl
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from helpers import FILE_CONFIG
+from prometheus_client import CollectorRegistry, Counter
+
+from llmepp.app import App
+from llmepp.cli import settings_from_args
+from llmepp.framework.plugin import ConfigError
+from llmepp.k8s.client import KubeError
+from llmepp.observability.metrics_server import ALLOW_TTL, DENY_TTL, MetricsAuth, MetricsServer, metrics_ssl_context
+from llmepp.server.tls import CERT_FILE, KEY_FILE, self_signed_pem
+from llmepp.settings import Settings
+from llmepp.testing.stack import free_port
+
+
+class FakeApi:
+    """Answers TokenReview / SubjectAccessReview like an API server would (pure logic, no sockets)."""
+
+    def __init__(self, users: dict[str, str], readers: set[str]) -> None:
+        self.users = users  # token → username
+        self.readers = readers  # usernames allowed to get /metrics
+        self.calls: list[str] = []
+        self.fail = False
+
+    async def request(self, method: str, path: str, *, body: Any = None, **_: Any) -> bytes:
+        self.calls.append(path.rsplit("/", 1)[-1])
+        if self.fail:
+            raise KubeError(500, "InternalError")
+        spec = body["spec"]
+        if path.endswith("tokenreviews"):
+            user = self.users.get(spec["token"])
+            status = {"authenticated": True, "user": {"username": user, "groups": ["g"]}} if user else {}
+        else:
+            assert spec["nonResourceAttributes"] == {"path": "/metrics", "verb": "get"} and spec["groups"] == ["g"]
+            status = {"allowed": spec["user"] in self.readers}
+        return json.dumps({"status": status}).encode()
+
+
+def auth(api: FakeApi | None, now: list[float]) -> MetricsAuth:
+    return MetricsAuth(lambda: api, clock=lambda: now[0])  # type: ignore[arg-type, return-value]
+
+
+async def test_token_review_then_access_review_cached_per_token() -> None:
+    api, now = FakeApi({"t-prom": "prometheus", "t-bob": "bob"}, {"prometheus"}), [0.0]
+    a = auth(api, now)
+    assert (await a.check(None, "/metrics"))[0] == 401
+    assert (await a.check("Basic dXNlcjpwdw==", "/metrics"))[0] == 401
+    assert (await a.check("Bearer ", "/metrics"))[0] == 401
+    assert api.calls == []  # no token, no API call
+    assert await a.check("Bearer t-prom", "/metrics") == (200, "")
+    assert api.calls == ["tokenreviews", "subjectaccessreviews"]
+    status, message = await a.check("Bearer t-bob", "/metrics")
+    assert status == 403 and "'bob' may not get /metrics" in message
+    status, message = await a.check("Bearer stolen", "/metrics")
+    assert status == 401 and "not accepted" in message
+    calls = len(api.calls)
+    for token, expected in (("t-prom", 200), ("t-bob", 403), ("stolen", 401)):
+        assert (await a.check(f"bearer {token}", "/metrics"))[0] == expected
+    assert len(api.calls) == calls  # all three cached
+    # Denials are re-checked sooner than grants: RBAC changes take effect within DENY_TTL.
+    api.readers.add("bob")
+    now[0] = DENY_TTL + 1
+    assert (await a.check("Bearer t-bob", "/metrics"))[0] == 200
+    assert len(api.calls) == calls + 2
+    now[0] = ALLOW_TTL + 1
+    api.readers.clear()
+    assert (await a.check("Bearer t-prom", "/metrics"))[0] == 403
+
+
+async def test_an_unreachable_api_is_503_and_not_cached() -> None:
+    api, now = FakeApi({"t": "prometheus"}, {"prometheus"}), [0.0]
+    a = auth(api, now)
+    api.fail = True
+    status, message = await a.check("Bearer t", "/metrics")
+    assert status == 503 and "did not answer" in message
+    api.fail = False
+    assert (await a.check("Bearer t", "/metrics"))[0] == 200
+    status, message = await auth(None, now).check("Bearer t", "/metrics")
+    assert status == 503 and "not connected" in message
+
+
+async def _get(url: str, headers: dict[str, str] | None = None, ssl_ctx: Any = None) -> tuple[int, dict, bytes]:
+    headers = {"Accept-Encoding": "identity", **(headers or {})}  # aiohttp asks for gzip by default
+    async with aiohttp.ClientSession(auto_decompress=False) as http, http.get(url, headers=headers, ssl=ssl_ctx) as r:
+        return r.status, dict(r.headers), await r.read()
+
+
+OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+
+
+def _registry() -> CollectorRegistry:
+    registry = CollectorRegistry()
+    Counter("llm_d_epp_test", "a test counter", registry=registry).inc(3)
+    return registry
+
+
+async def test_server_renders_gzips_and_refuses_without_a_token() -> None:
+    api = FakeApi({"t": "prometheus"}, {"prometheus"})
+    server = MetricsServer(_registry(), auth=MetricsAuth(lambda: api))  # type: ignore[arg-type, return-value]
+    port = free_port()
+    await server.start("127.0.0.1", port)
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        status, headers, body = await _get(url)
+        assert status == 401 and headers["Content-Type"].startswith("application/json")
+        assert "bearer token" in json.loads(body)["error"]
+        status, headers, body = await _get(url, {"Authorization": "Bearer t"})
+        assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        assert b"llm_d_epp_test_total 3.0" in body
+        status, headers, body = await _get(url, {"Authorization": "Bearer t", "Accept-Encoding": "gzip"})
+        assert headers["Content-Encoding"] == "gzip" and b"llm_d_epp_test_total 3.0" in gzip.decompress(body)
+        status, headers, body = await _get(url, {"Authorization": "Bearer t", "Accept": OPENMETRICS})
+        assert headers["Content-Type"].startswith("application/openmetrics-text") and body.endswith(b"# EOF\n")
+    finally:
+        await server.aclose()
+
+
+def _pair(directory: Path) -> Path:
+    cert, key = self_signed_pem(("localhost",))
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CERT_FILE).write_bytes(cert)
+    (directory / KEY_FILE).write_bytes(key)
+    return directory
+
+
+async def test_https_and_client_certificates(tmp_path: Path) -> None:
+    server_dir, client_dir = _pair(tmp_path / "server"), _pair(tmp_path / "client")
+    ctx = metrics_ssl_context(str(server_dir), str(client_dir / CERT_FILE))
+    server = MetricsServer(_registry(), ssl_context=ctx)
+    port = free_port()
+    await server.start("127.0.0.1", port)
+    url = f"https://127.0.0.1:{port}/metrics"
+    client = ssl.create_default_context(cafile=str(server_dir / CERT_FILE))
+    client.check_hostname = False
+    try:
+        with pytest.raises(aiohttp.ClientError):  # no client certificate: the handshake fails
+            await _get(url, ssl_ctx=client)
+        client.load_cert_chain(client_dir / CERT_FILE, client_dir / KEY_FILE)
+        status, _, body = await _get(url, ssl_ctx=client)
+        assert status == 200 and b"llm_d_epp_test_total" in body
+    finally:
+        await server.aclose()
+
+
+def test_metrics_tls_flags_fail_at_start_up_naming_the_flag(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--metrics-client-ca-file: needs --metrics-cert-dir"):
+        metrics_ssl_context(None, "/ca.pem")
+    with pytest.raises(ConfigError, match="--metrics-cert-dir: cannot load"):
+        metrics_ssl_context(str(tmp_path), None)
+    with pytest.raises(ConfigError, match="--metrics-client-ca-file: cannot load"):
+        metrics_ssl_context(str(_pair(tmp_path / "s")), str(tmp_path / "missing.pem"))
+
+
+def test_auth_flag_parses_go_bools_and_defaults_by_mode() -> None:
+    assert settings_from_args([]).metrics_endpoint_auth is None
+    assert settings_from_args(["--metrics-endpoint-auth=false"]).metrics_endpoint_auth is False
+    assert settings_from_args(["--metrics-endpoint-auth"]).metrics_endpoint_auth is True
+    # File-discovery mode has no API server to ask: open unless asked for.
+    assert App(Settings(config_text=FILE_CONFIG)).metrics_auth is None
+    assert App(Settings(config_text=FILE_CONFIG, metrics_endpoint_auth=True)).metrics_auth is not None
+
+
+async def test_auth_asked_for_without_a_kubeconfig_is_a_start_up_error(tmp_path: Path) -> None:
+    settings = Settings(
+        config_text=FILE_CONFIG, metrics_endpoint_auth=True, kubeconfig=str(tmp_path / "none"), grpc_port=0,
+        grpc_health_port=0, metrics_port=free_port(), bind_address="127.0.0.1", secure_serving=False,
+    )  # fmt: skip
+    app = App(settings)
+    with pytest.raises(ConfigError, match="--metrics-endpoint-auth: needs the Kubernetes API"):
+        await app.start()
+    await app.shutdown()
