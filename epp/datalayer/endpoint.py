@@ -45,6 +45,8 @@ class EndpointMetrics:
     cache_num_blocks: int = 0
     # time.monotonic() of the scrape that produced this object; 0.0 = never scraped.
     update_time: float = 0.0
+    # The engine config's customMetrics: attributeKey → value (read by endpoint-attribute-*). Never mutated.
+    attributes: Mapping[str, float] = field(default_factory=dict)
 
 
 NO_METRICS = EndpointMetrics()

@@ -38,6 +38,16 @@ class ExtractionFailed(PromTextError):
 
 
 @dataclass(frozen=True, slots=True)
+class CustomMetricSpec:
+    """A scalar metric stored as endpoint attribute `attribute_key`; a missing required one is an
+    extraction error, a missing optional one is left out of that scrape's attributes."""
+
+    attribute_key: str
+    metric_spec: str
+    optional: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class EngineSpecs:
     """Spec strings (`name` or `name{label=value}`) for one engine; empty = not read."""
 
@@ -53,6 +63,7 @@ class EngineSpecs:
     # ... or plain gauges holding them (SGLang, TensorRT-LLM).
     cache_block_size: str = ""
     cache_num_blocks: str = ""
+    custom: tuple[CustomMetricSpec, ...] = ()
 
 
 # Reference `extractor/metrics/factories.go`. SGLang's cache geometry comes from the
@@ -151,14 +162,23 @@ class PageMemo:
 class EngineMapping:
     """Compiled selectors for one engine. Immutable; shared by every endpoint of that engine."""
 
-    __slots__ = ("block_label", "blocks_label", "name", "selectors", "specs")
+    __slots__ = ("block_label", "blocks_label", "custom", "name", "optional", "selectors", "specs")
 
     def __init__(self, specs: EngineSpecs) -> None:
         """Raises InvalidSpec naming the engine and field."""
         self.specs = specs
         self.name = specs.name
-        # Indexed by the _QUEUED.._NUM_BLOCKS constants; None = not configured.
-        self.selectors: tuple[Selector | None, ...] = tuple(_compile(specs, f) for f in _FIELDS)
+        # Indexed by the _QUEUED.._NUM_BLOCKS constants (None = not configured), then one per custom metric.
+        custom: list[Selector] = []
+        for i, c in enumerate(specs.custom):
+            try:
+                custom.append(Selector.parse(c.metric_spec))
+            except InvalidSpec as e:
+                raise InvalidSpec(f"engine {specs.name!r}: customMetrics[{i}].metricSpec: {e}") from None
+        self.selectors: tuple[Selector | None, ...] = (*(_compile(specs, f) for f in _FIELDS), *custom)
+        self.custom = tuple((len(_FIELDS) + i, c) for i, c in enumerate(specs.custom))
+        # Families a page may lack without it being an error: looked for again only now and then.
+        self.optional = frozenset((_LORA, *(i for i, c in self.custom if c.optional)))
         self.block_label = specs.cache_block_size_label or "block_size"
         self.blocks_label = specs.cache_num_blocks_label or "num_gpu_blocks"
 
@@ -179,7 +199,7 @@ class EngineMapping:
         if start < 0:
             # Only an optional family (LoRA info) is skipped for a while: a missing required
             # one is an error, and a garbage page must not delay recognising the next good one.
-            memo.offsets[i] = -ABSENT_RECHECK if i == _LORA else -1
+            memo.offsets[i] = -ABSENT_RECHECK if i in self.optional else -1
             return []
         memo.offsets[i] = start
         end = group_end(page, start)
@@ -263,11 +283,26 @@ class EngineMapping:
                 updated = True
             except PromTextError as e:
                 problems = [*(problems or ()), f"cache block count: {e}"]
+        attributes = previous.attributes
+        if self.custom:
+            attributes = dict(attributes)
+            for i, c in self.custom:
+                found = self._find(i, page, memo)
+                if not found and c.optional:
+                    attributes.pop(c.attribute_key, None)  # not reported on this scrape
+                    continue
+                try:
+                    attributes[c.attribute_key] = finite_value(sels[i], found)  # type: ignore[arg-type]
+                    updated = True
+                except PromTextError as e:
+                    problems = [*(problems or ()), f"custom metric {c.attribute_key}: {e}"]
         error = ExtractionFailed(problems) if problems else None
         if not updated:
             return None, error
         return (
-            EndpointMetrics(waiting, running, kv, active, waiting_models, max_active, block_size, num_blocks, now),
+            EndpointMetrics(
+                waiting, running, kv, active, waiting_models, max_active, block_size, num_blocks, now, attributes
+            ),
             error,
         )
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import msgspec
 
 from llmepp.datalayer.endpoint import Endpoint, EndpointMetrics
-from llmepp.datalayer.engines import BUILTIN_ENGINES, EngineMapping, EngineSpecs, ExtractionFailed
+from llmepp.datalayer.engines import BUILTIN_ENGINES, CustomMetricSpec, EngineMapping, EngineSpecs, ExtractionFailed
 from llmepp.datalayer.promtext import InvalidSpec, PromTextError
 from llmepp.framework.plugin import ConfigError, Plugin, PluginParams
 
@@ -22,6 +22,16 @@ LEGACY_ENGINE_LABEL = "inference.networking.k8s.io/engine-type"
 
 class UnknownEngine(PromTextError):
     """An endpoint names an engine no config describes (counted as an extraction error)."""
+
+
+class CustomMetric(PluginParams):
+    """A scalar metric (`metricSpec`, `name` or `name{label=value}`) stored as the endpoint attribute
+    `attributeKey`, which `endpoint-attribute-filter` / `-scorer` read. Missing from a page: an
+    extraction error, unless `optional` (then the attribute is absent for that scrape)."""
+
+    attribute_key: str = ""
+    metric_spec: str = ""
+    optional: bool = False
 
 
 class EngineConfig(PluginParams):
@@ -37,6 +47,7 @@ class EngineConfig(PluginParams):
     cache_num_blocks_label_name: str = ""
     cache_block_size_spec: str = ""
     cache_num_blocks_spec: str = ""
+    custom_metrics: list[CustomMetric] = msgspec.field(default_factory=list)
 
     def to_specs(self) -> EngineSpecs:
         return EngineSpecs(
@@ -50,6 +61,7 @@ class EngineConfig(PluginParams):
             cache_num_blocks_label=self.cache_num_blocks_label_name or "num_gpu_blocks",
             cache_block_size=self.cache_block_size_spec,
             cache_num_blocks=self.cache_num_blocks_spec,
+            custom=tuple(CustomMetricSpec(c.attribute_key, c.metric_spec, c.optional) for c in self.custom_metrics),
         )
 
 
@@ -58,7 +70,8 @@ class CoreMetricsExtractor(Plugin):
     LoRA adapters, cache geometry) using the endpoint's engine mapping.
 
     Built-in engines: vllm, sglang, trtllm-serve, triton-tensorrt-llm, triton. An
-    `engineConfigs` entry with a built-in name replaces that engine entirely.
+    `engineConfigs` entry with a built-in name replaces that engine entirely. An entry's
+    `customMetrics` ([{attributeKey, metricSpec, optional}]) become endpoint attributes.
     """
 
     type = "core-metrics-extractor"
@@ -81,6 +94,13 @@ class CoreMetricsExtractor(Plugin):
             if cfg.name in seen:
                 raise ConfigError(f"{where}.name: engine {cfg.name!r} configured twice")
             seen.add(cfg.name)
+            keys: set[str] = set()
+            for j, c in enumerate(cfg.custom_metrics):
+                if not c.attribute_key or not c.metric_spec:
+                    raise ConfigError(f"{where}.customMetrics[{j}]: attributeKey and metricSpec are required")
+                if c.attribute_key in keys:
+                    raise ConfigError(f"{where}.customMetrics[{j}].attributeKey: {c.attribute_key!r} used twice")
+                keys.add(c.attribute_key)
             specs[cfg.name] = cfg.to_specs()
         self.mappings: dict[str, EngineMapping] = {}
         for engine, spec in specs.items():
@@ -109,6 +129,10 @@ class CoreMetricsExtractor(Plugin):
         if mapping is None:
             raise UnknownEngine(f"no metrics mapping for engine {engine!r} (label {self.engine_label_key})")
         return mapping
+
+    def attribute_keys(self) -> frozenset[str]:
+        """Every custom metric's attribute key, over all engines."""
+        return frozenset(c.attribute_key for m in self.mappings.values() for c in m.specs.custom)
 
     def extract(
         self, endpoint: Endpoint, page: bytes, now: float

@@ -1,8 +1,7 @@
 """Per-endpoint scalar attributes read by `endpoint-attribute-filter` and `endpoint-attribute-scorer`.
 
 The reference reads a `ScalarMetricValue` endpoint attribute (a custom metric of the core
-metrics extractor, or another plugin's attribute). This build has no custom metrics, so an
-attribute is one of:
+metrics extractor, or another plugin's attribute). An attribute is one of:
 
 * **Built-in** (no `producer`): read from the endpoint itself.
 
@@ -17,11 +16,15 @@ attribute is one of:
   The scraped ones are *missing* on an endpoint that was never scraped (`onMissing` /
   the scorer's "missing → 0" apply); the in-flight ones are router-local and always present.
 
+* **A custom metric** (no `producer`): the `attributeKey` of a `core-metrics-extractor`
+  `engineConfigs[].customMetrics` entry, read from the endpoint's last scrape; missing on an
+  endpoint whose engine does not report it (or that was never scraped).
+
 * **Producer-supplied** (`producer: <plugin name>`): the named plugin declares the attribute
   name in its `produces` and writes `request.data[scoped(attribute, producer)]` as a mapping
   `Endpoint → float` for the current request; endpoints absent from it are missing.
 
-An unknown attribute without a `producer` is a configuration error (it could never be found).
+An attribute that is none of these is a configuration error (it could never be found).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 from llmepp.datalayer.endpoint import Endpoint
-from llmepp.framework.plugin import Plugin, PluginContext
+from llmepp.framework.plugin import ConfigError, Plugin, PluginContext
 from llmepp.request.types import InferenceRequest
 
 # request, endpoints → one value per endpoint, None where the attribute is missing.
@@ -75,18 +78,31 @@ def check_attribute(attribute: str, producer: str) -> None:
     """Parameter-time check (no other plugins needed): raise ValueError naming the field."""
     if not attribute:
         raise ValueError("attribute is required")
-    if not producer and attribute not in BUILTIN_ATTRIBUTES:
-        known = ", ".join(k for k in BUILTIN_ATTRIBUTES if ":" not in k and "_" not in k)
-        raise ValueError(
-            f"unknown built-in attribute {attribute!r} (built-ins: {known}); "
-            "set `producer` to read a value another plugin produces"
-        )
+
+
+def _custom_metric(attribute: str) -> AttributeReader:
+    def read(request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float | None]:
+        return [ep.metrics.attributes.get(attribute) for ep in endpoints]
+
+    return read
 
 
 def attribute_reader(plugin: Plugin, ctx: PluginContext, attribute: str, producer: str, field: str) -> AttributeReader:
-    """Resolve at setup: the built-in reader, or the named producer's per-request mapping."""
+    """Resolve at setup: the built-in reader, a custom metric, or the named producer's per-request mapping."""
     if not producer:
-        return BUILTIN_ATTRIBUTES[attribute]
+        builtin = BUILTIN_ATTRIBUTES.get(attribute)
+        if builtin is not None:
+            return builtin
+        from llmepp.plugins.datasources.core_metrics import CoreMetricsExtractor
+
+        if any(attribute in x.attribute_keys() for x in ctx.plugins_of(CoreMetricsExtractor)):
+            return _custom_metric(attribute)
+        known = ", ".join(k for k in BUILTIN_ATTRIBUTES if ":" not in k and "_" not in k)
+        raise ConfigError(
+            f"plugin {plugin.name!r} (type {plugin.type}): attribute {attribute!r} is not a built-in ({known}) "
+            "nor a core-metrics-extractor customMetrics attributeKey; set `producer` to read a value another "
+            "plugin produces"
+        )
     key = ctx.producer_key(plugin, attribute, producer, field)
 
     def read(request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float | None]:

@@ -120,8 +120,8 @@ class EndpointAttributeFilter(Filter):
         self.fallback = params.fallback_on_empty
         assert params.algorithm is not None  # checked in Params
         self.algorithm: AlgorithmParams = params.algorithm
-        # Built-ins need no other plugin; a producer's attribute is resolved in setup.
-        self.read: AttributeReader | None = None if params.producer else BUILTIN_ATTRIBUTES[params.attribute]
+        # Built-ins need no other plugin; custom metrics and a producer's attribute are resolved in setup.
+        self.read: AttributeReader | None = None if params.producer else BUILTIN_ATTRIBUTES.get(params.attribute)
         set_consumes(self, {params.attribute} if params.producer else ())
 
     def setup(self, ctx: PluginContext) -> None:

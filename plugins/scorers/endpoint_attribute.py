@@ -87,7 +87,7 @@ class EndpointAttributeScorer(Scorer):
         assert algorithm is not None  # checked in Params
         self.lower = algorithm.type == LOWER_IS_BETTER
         self.fixed = algorithm.normalization.fixed_range
-        self.read: AttributeReader | None = None if params.producer else BUILTIN_ATTRIBUTES[params.attribute_key]
+        self.read: AttributeReader | None = None if params.producer else BUILTIN_ATTRIBUTES.get(params.attribute_key)
         set_consumes(self, {params.attribute_key} if params.producer else ())
 
     def setup(self, ctx: PluginContext) -> None:

@@ -203,6 +203,31 @@ def test_engine_configs_add_and_replace() -> None:
     assert ext.mapping_for({"engine": "sglang"}).name == "sglang"
 
 
+def test_custom_metrics_become_endpoint_attributes() -> None:
+    """The reference's engineConfigs[].customMetrics: a missing required one is an extraction error (the
+    last value stays, as for every other metric); a missing optional one is absent from that scrape."""
+    ext = build({"engineConfigs": [{
+        "name": "vllm", "queuedRequestsSpec": "vllm:num_requests_waiting",
+        "customMetrics": [
+            {"attributeKey": "custom.gold_queue", "metricSpec": "custom_queue_depth{tier=gold}"},
+            {"attributeKey": "custom.spec_rate", "metricSpec": "spec_decode_rate", "optional": True},
+        ]}]})  # fmt: skip
+    assert ext.attribute_keys() == {"custom.gold_queue", "custom.spec_rate"}
+    mapping = ext.mapping_for({})
+    memo = mapping.new_memo()
+    page = b'vllm:num_requests_waiting 1\ncustom_queue_depth{tier="gold"} 7\ncustom_queue_depth{tier="free"} 70\n'
+    m, err = mapping.extract(page + b"spec_decode_rate 0.75\n", NO_METRICS, 1.0, memo)
+    assert err is None and m is not None and m.attributes == {"custom.gold_queue": 7.0, "custom.spec_rate": 0.75}
+    m2, err = mapping.extract(page.replace(b"} 7", b"} 9"), m, 2.0, memo)
+    assert err is None and m2 is not None and m2.attributes == {"custom.gold_queue": 9.0}
+    assert m.attributes == {"custom.gold_queue": 7.0, "custom.spec_rate": 0.75}  # the old scrape is unchanged
+    m3, err = mapping.extract(b"vllm:num_requests_waiting 3\n", m2, 3.0, memo)
+    assert err is not None and "custom metric custom.gold_queue" in str(err)
+    assert m3 is not None and m3.waiting_queue_size == 3 and m3.attributes == {"custom.gold_queue": 9.0}
+    _, err = mapping.extract(b'custom_queue_depth{tier="gold"} NaN\nvllm:num_requests_waiting 3\n', m3, 4.0, memo)
+    assert err is not None and "custom metric custom.gold_queue" in str(err)
+
+
 @pytest.mark.parametrize(
     ("params", "message"),
     [
@@ -211,6 +236,18 @@ def test_engine_configs_add_and_replace() -> None:
         ({"engineConfigs": [{"name": "a"}, {"name": "a"}]}, r"engineConfigs\[1\].name: engine 'a' configured twice"),
         ({"engineConfigs": [{"name": "a", "kvUsageSpec": "x{y!=z}"}]}, "engine 'a': kv_usage: .*only `=`"),
         ({"engineConfigs": [{"name": "a", "bogus": 1}]}, "bogus"),
+        (
+            {"engineConfigs": [{"name": "a", "customMetrics": [{"attributeKey": "k"}]}]},
+            r"engineConfigs\[0\].customMetrics\[0\]: attributeKey and metricSpec are required",
+        ),
+        (
+            {"engineConfigs": [{"name": "a", "customMetrics": [{"attributeKey": "k", "metricSpec": "m"}] * 2}]},
+            r"customMetrics\[1\].attributeKey: 'k' used twice",
+        ),
+        (
+            {"engineConfigs": [{"name": "a", "customMetrics": [{"attributeKey": "k", "metricSpec": "m{x!=1}"}]}]},
+            r"engine 'a': customMetrics\[0\].metricSpec: .*only `=`",
+        ),
         ({"unknownField": 1}, "unknownField"),
     ],
 )

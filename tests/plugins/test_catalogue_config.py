@@ -170,6 +170,11 @@ LA = "plugin 'load-aware-scorer' (type load-aware-scorer): parameters: "
             "{attributeKey: gpu, producer: dcgm, algorithm: {type: linear_lower_is_better}}}",
             "consumes gpu but no configured plugin produces it",
         ),
+        (
+            "{type: endpoint-attribute-filter, parameters: "
+            "{attribute: gpu, algorithm: {type: range, range: {min: 0, max: 1}}}}",
+            "attribute 'gpu' is not a built-in (waiting-queue, running-requests",
+        ),
     ],
 )
 def test_config_errors_name_plugin_and_field(plugin: str, expected: str) -> None:
@@ -275,3 +280,49 @@ plugins:
         build(load_config(base % ""))
     assert "(type session-affinity-filter): encodedEndpointHeaderConfig.header" in str(err.value)
     build(load_config(base % ", encodedEndpointHeaderConfig: {header: x-session-token-prefill}"))
+
+
+CUSTOM_METRIC = (
+    HEADER
+    + """
+plugins:
+- type: metrics-data-source
+- type: core-metrics-extractor
+  parameters:
+    engineConfigs:
+    - name: vllm
+      queuedRequestsSpec: vllm:num_requests_waiting
+      customMetrics:
+      - {attributeKey: custom.gold_queue, metricSpec: 'custom_queue_depth{tier=gold}'}
+- type: endpoint-attribute-scorer
+  parameters:
+    attributeKey: custom.gold_queue
+    algorithm: {type: linear_lower_is_better}
+dataLayer:
+  sources:
+  - pluginRef: metrics-data-source
+    extractors: [{pluginRef: core-metrics-extractor}]
+schedulingProfiles:
+- name: default
+  plugins: [{pluginRef: endpoint-attribute-scorer}]
+"""
+)
+
+
+async def test_a_custom_metric_drives_the_attribute_scorer() -> None:
+    d, ds, c = director(CUSTOM_METRIC, n=3)
+    extractor = c.plugins["core-metrics-extractor"]
+    for i, ep in enumerate(ds.endpoints):  # pod-1 reports the shortest gold queue; pod-2 never reports it
+        page = b"vllm:num_requests_waiting 0\n" + (
+            f'custom_queue_depth{{tier="gold"}} {5 - 4 * i}\n'.encode() if i < 2 else b""
+        )
+        metrics, _ = extractor.extract(ep, page, 1.0)  # type: ignore[attr-defined]
+        assert metrics is not None
+        ep.metrics = metrics
+    assert [ep.metrics.attributes for ep in ds.endpoints] == [
+        {"custom.gold_queue": 5.0},
+        {"custom.gold_queue": 1.0},
+        {},
+    ]
+    decision = await d.handle_request(request(b"hello"), None)
+    assert decision.targets[0].name == "pod-1"

@@ -227,7 +227,6 @@ def test_attribute_filter_producer_supplied_values() -> None:
             {"algorithm": {"type": "threshold", "threshold": {"operator": "LessThan", "value": 1}}},
             "attribute is required",
         ),
-        ({"attribute": "gpu", "algorithm": {"type": "range", "range": {"min": 0, "max": 1}}}, "unknown built-in"),
         ({"attribute": "waiting-queue"}, "algorithm is required"),
         ({"attribute": "waiting-queue", "algorithm": {"type": "sort"}}, "algorithm.type must be one of"),
         ({"attribute": "waiting-queue", "algorithm": {"type": "threshold"}}, "algorithm.threshold is required"),
