@@ -88,6 +88,16 @@ def components(text: str) -> tuple[Components, Datastore]:
     return build(load_config(text), datastore=datastore, metrics=EppMetrics()), datastore
 
 
+def example_c(
+    text: str = EXAMPLE_C_HF,
+) -> tuple[Components, Datastore, list[Endpoint], PrecisePrefixCacheProducer]:
+    """Example C built over three endpoints: the components, the datastore, the endpoints, the precise producer."""
+    c, datastore = components(text)
+    producer = c.plugins["precise-prefix-cache-producer"]
+    assert isinstance(producer, PrecisePrefixCacheProducer)
+    return c, datastore, pods(datastore), producer
+
+
 def pods(datastore: Datastore, n: int = 3) -> list[Endpoint]:
     for i in range(n):
         datastore.upsert(EndpointSpec(name=f"p{i}", address=f"127.0.0.{170 + i}", port=8000))
@@ -138,10 +148,7 @@ async def test_example_c_loads_and_wires_the_notification_source() -> None:
 
 
 async def test_lookup_feeds_scorer_and_decider_and_speculation_spreads_to_the_routed_pod() -> None:
-    c, datastore = components(EXAMPLE_C_HF)
-    eps = pods(datastore)
-    producer = c.plugins["precise-prefix-cache-producer"]
-    assert isinstance(producer, PrecisePrefixCacheProducer)
+    c, datastore, eps, producer = example_c()
     prompt = "tell me about the weather in the mountains and the valleys " * 8
     req = chat(prompt)
     await run_producers(c, req, eps)
@@ -178,10 +185,7 @@ async def test_lookup_feeds_scorer_and_decider_and_speculation_spreads_to_the_ro
 
 
 async def test_a_prefix_evicted_at_its_pod_is_scored_back_there() -> None:
-    c, datastore = components(EXAMPLE_C_HF)
-    eps = pods(datastore)
-    producer = c.plugins["precise-prefix-cache-producer"]
-    assert isinstance(producer, PrecisePrefixCacheProducer)
+    c, _, eps, producer = example_c()
     prompt = "a system prompt that many questions share, long enough for a few blocks " * 6
     req = chat(prompt)
     await run_producers(c, req, eps)
@@ -203,12 +207,9 @@ async def test_speculation_is_held_until_the_first_token_then_lapses_unless_conf
     """Speculative entries cover the whole prefill (however long), then `speculativeTTL` for the
     pod's events to confirm them; a request that ends without output releases them too."""
     now = [0.0]
-    c, datastore = components(
+    c, _, eps, producer = example_c(
         EXAMPLE_C_HF.replace("speculativeIndexing: true", "speculativeIndexing: true\n    speculativeTTL: 2s")
     )
-    eps = pods(datastore)
-    producer = c.plugins["precise-prefix-cache-producer"]
-    assert isinstance(producer, PrecisePrefixCacheProducer)
     producer.index.clock = lambda: now[0]
     key = scoped(PREFIX_CACHE_MATCH_INFO, producer.name)
 
