@@ -112,6 +112,7 @@ def _director(kind: str, endpoint: str, metrics: Any) -> Any:
 
 
 async def _serve_epp(port: int, endpoint: str, timing: bool, transport: str, director_kind: str) -> None:
+    from llmepp.app import tune_gc
     from llmepp.observability.metrics import EppMetrics
     from llmepp.server.extproc import ExtProcServicer, create_server
     from llmepp.settings import Settings
@@ -120,6 +121,7 @@ async def _serve_epp(port: int, endpoint: str, timing: bool, transport: str, dir
     director = _director(director_kind, endpoint, metrics)
     settings = Settings()
     servicer = ExtProcServicer(director, metrics, settings, time_response_chunks=timing)
+    tune_gc()  # as `epp` does once it serves
     if transport in ("h2", "h2-tls"):
         from llmepp.server.h2 import create_h2_server
         from llmepp.server.tls import ServingCert
@@ -139,6 +141,9 @@ async def _serve_epp(port: int, endpoint: str, timing: bool, transport: str, dir
 
 async def _serve_noop(port: int, endpoint: str, transport: str) -> None:
     from benchmarks.noop_extproc import create_noop_h2_server, create_noop_server
+    from llmepp.app import tune_gc
+
+    tune_gc()  # the same runtime settings as the EPP: the comparison is of the processing
 
     if transport == "h2":
         h2 = create_noop_h2_server(endpoint, f"127.0.0.1:{port}")
