@@ -112,7 +112,7 @@ def _director(kind: str, endpoint: str, metrics: Any) -> Any:
 
 
 async def _serve_epp(port: int, endpoint: str, timing: bool, transport: str, director_kind: str) -> None:
-    from llmepp.app import tune_gc
+    from llmepp.gctuning import tune_gc
     from llmepp.observability.metrics import EppMetrics
     from llmepp.server.extproc import ExtProcServicer, create_server
     from llmepp.settings import Settings
@@ -141,7 +141,7 @@ async def _serve_epp(port: int, endpoint: str, timing: bool, transport: str, dir
 
 async def _serve_noop(port: int, endpoint: str, transport: str) -> None:
     from benchmarks.noop_extproc import create_noop_h2_server, create_noop_server
-    from llmepp.app import tune_gc
+    from llmepp.gctuning import tune_gc
 
     tune_gc()  # the same runtime settings as the EPP: the comparison is of the processing
 

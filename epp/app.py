@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 from pathlib import Path
@@ -24,6 +23,7 @@ from llmepp.director import Director
 from llmepp.flowcontrol import AdmissionController
 from llmepp.flowcontrol.objectives import ObjectiveStore
 from llmepp.framework.plugin import ConfigError
+from llmepp.gctuning import tune_gc
 from llmepp.k8s.client import KubeClient
 from llmepp.k8s.runtime import KubeOptions, KubeRuntime, kubernetes_target
 from llmepp.observability.metrics import EppMetrics
@@ -38,11 +38,6 @@ log = logging.getLogger(__name__)
 
 # Drain ends early once no ext_proc stream has been open for this long.
 _QUIET_PERIOD = 1.0
-# CPython's cyclic GC with its default thresholds (700, 10, 10) took ~40% of the request path's CPU: a
-# request allocates about a thousand short-lived containers, so young collections ran every request and
-# middle ones every few. Almost everything dies by reference counting; the cycle collector only has to
-# find the rare cycle (asyncio tracebacks), so it can run 30x less often (benchmarks/EXTPROC.md).
-GC_THRESHOLDS = (20_000, 50, 100)
 # Discovery gets this long to fail loudly at start-up (a bad endpoints file) before we serve.
 _DISCOVERY_STARTUP_GRACE = 0.5
 
@@ -253,14 +248,6 @@ def _tls_label(cert: ServingCert | None) -> str:
     if cert is None:
         return "off"
     return "self-signed" if cert.self_signed else f"{cert.cert_file}" + (" (reloaded on change)" if cert.reload else "")
-
-
-def tune_gc() -> None:
-    """For a serving process, once everything long-lived is built: move it out of the collector's way
-    (`gc.freeze`) and collect young cycles less often. Not for test processes (frozen objects stay)."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 async def run(settings: Settings) -> None:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from llmepp.app import GC_THRESHOLDS
+from llmepp.gctuning import GC_THRESHOLDS
 
 CHILD = """
 import gc
-from llmepp.app import tune_gc
+from llmepp.gctuning import tune_gc
 before = gc.get_freeze_count()
 tune_gc()
 print(gc.get_threshold(), before, gc.get_freeze_count() > 10_000)

@@ -19,6 +19,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from llmepp.gctuning import tune_gc
 from llmepp.sidecar.proxy import Sidecar, SidecarOptions
 
 READY_PREFIX = "epp-pd-sidecar: listening "
@@ -101,6 +102,7 @@ def options_from_args(argv: Sequence[str] | None = None) -> tuple[SidecarOptions
 async def serve(options: SidecarOptions) -> None:
     sidecar = Sidecar(options)
     await sidecar.start()
+    tune_gc()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
