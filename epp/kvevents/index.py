@@ -9,10 +9,10 @@ Layout, chosen for the lookup loop (one dict probe and a few int operations per 
 * speculative entries: `_spec[key]` mask, each (key, pod) with a deadline (a FIFO queue per TTL value:
   few distinct TTLs, so expiry stays a pop from the front);
 * last holders: when a pod's event removes a key, `_last[key]` remembers that pod's bit (the most
-  recent remover wins; oldest dropped beyond the keys held + `LAST_HOLDER_SLACK`, and `size`: evicted
-  keys accumulate forever otherwise). A prompt no candidate holds from block 0
-  reports the candidate that last held its first block (`Match.last`), so a prefix evicted at its
-  home can go back there instead of displacing another pod's cache (no-hit-lru-scorer);
+  recent remover wins; the oldest are dropped beyond the keys held + `LAST_HOLDER_SLACK`, and `size`:
+  evicted keys would accumulate otherwise). A prompt no candidate holds from block 0 reports the
+  candidate that last held its first block (`Match.last`), so a prefix evicted at its home can go back
+  there instead of displacing another pod's cache (no-hit-lru-scorer);
 * bounds (llm-d's in-memory index): at most `size` keys, least recently stored evicted first
   (an OrderedDict); at most `podCacheSize` pods per key — a key that would exceed it drops its
   lowest-numbered other holder (not an LRU per key: holders are a bit mask without order).
@@ -49,7 +49,7 @@ class Match:
     last: int = 0  # no candidate holds block 0: the candidate bit that last held it (0: none)
 
 
-LAST_HOLDER_SLACK = 65_536  # last holders kept beyond the number of keys held (~6 MB)
+LAST_HOLDER_SLACK = 65_536  # last holders kept beyond the number of keys held (~8 MB, PRECISE.md)
 
 
 class MemoryIndex:
