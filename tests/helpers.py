@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from llmepp.datalayer.endpoint import Endpoint, EndpointMetrics, EndpointSpec
 from llmepp.request.types import InferenceRequest, RequestKind
+from llmepp.server.tls import CERT_FILE, KEY_FILE, self_signed_pem
 
 # A config that builds an App in file-discovery mode without touching any file until start-up.
 FILE_CONFIG = """\
@@ -56,3 +58,12 @@ def request(prompt: bytes | None = b"hello", model: str = "m", **kw: object) -> 
         prompt=prompt,
         **kw,  # type: ignore[arg-type]
     )
+
+
+def write_cert_pair(directory: Path, host: str = "localhost") -> bytes:
+    """A fresh self-signed tls.crt + tls.key in `directory` (created if needed); returns the certificate PEM."""
+    cert, key = self_signed_pem((host,))
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CERT_FILE).write_bytes(cert)
+    (directory / KEY_FILE).write_bytes(key)
+    return cert

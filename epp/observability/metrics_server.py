@@ -37,6 +37,7 @@ from prometheus_client.exposition import choose_encoder
 
 from llmepp.framework.plugin import ConfigError
 from llmepp.k8s.client import KubeClient, KubeError
+from llmepp.server.tls import CERT_FILE, KEY_FILE
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,9 @@ def metrics_ssl_context(cert_dir: str | None, client_ca_file: str | None) -> ssl
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        ctx.load_cert_chain(f"{cert_dir}/tls.crt", f"{cert_dir}/tls.key")
+        ctx.load_cert_chain(f"{cert_dir}/{CERT_FILE}", f"{cert_dir}/{KEY_FILE}")
     except (OSError, ssl.SSLError) as e:
-        raise ConfigError(f"--metrics-cert-dir: cannot load {cert_dir}/tls.crt and tls.key: {e}") from None
+        raise ConfigError(f"--metrics-cert-dir: cannot load {cert_dir}/{CERT_FILE} and {KEY_FILE}: {e}") from None
     if client_ca_file:
         try:
             ctx.load_verify_locations(client_ca_file)

@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from llmepp.datalayer.endpoint import Endpoint
 from llmepp.framework.plugin import ConfigError, Plugin, PluginContext
+from llmepp.plugins.datasources.core_metrics import CoreMetricsExtractor
 from llmepp.request.types import InferenceRequest
 
 # request, endpoints → one value per endpoint, None where the attribute is missing.
@@ -93,8 +94,6 @@ def attribute_reader(plugin: Plugin, ctx: PluginContext, attribute: str, produce
         builtin = BUILTIN_ATTRIBUTES.get(attribute)
         if builtin is not None:
             return builtin
-        from llmepp.plugins.datasources.core_metrics import CoreMetricsExtractor
-
         if any(attribute in x.attribute_keys() for x in ctx.plugins_of(CoreMetricsExtractor)):
             return _custom_metric(attribute)
         known = ", ".join(k for k in BUILTIN_ATTRIBUTES if ":" not in k and "_" not in k)

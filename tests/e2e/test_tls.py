@@ -8,8 +8,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from helpers import write_cert_pair
 
-from llmepp.server.tls import CERT_FILE, KEY_FILE, self_signed_pem
 from llmepp.testing.stack import Stack, StackOptions
 
 pytestmark = [pytest.mark.e2e]
@@ -38,9 +38,7 @@ def _serving_line(stack: Stack) -> dict[str, object]:
 async def test_requests_route_through_envoy_over_each_tls_setting(
     epp_args: list[str], tls: str, tmp_path: Path
 ) -> None:
-    cert, key = self_signed_pem(("localhost",))
-    (tmp_path / CERT_FILE).write_bytes(cert)
-    (tmp_path / KEY_FILE).write_bytes(key)
+    write_cert_pair(tmp_path)
     args = [a.replace("{certs}", str(tmp_path)) for a in epp_args]
     async with (
         Stack(StackOptions(pods=2, first_host=140, sim_args=SIM, epp_args=args)) as stack,

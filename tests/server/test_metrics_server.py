@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from helpers import FILE_CONFIG
+from helpers import FILE_CONFIG, write_cert_pair
 from prometheus_client import CollectorRegistry, Counter
 
 from llmepp.app import App
@@ -20,7 +20,7 @@ from llmepp.cli import settings_from_args
 from llmepp.framework.plugin import ConfigError
 from llmepp.k8s.client import KubeError
 from llmepp.observability.metrics_server import ALLOW_TTL, DENY_TTL, MetricsAuth, MetricsServer, metrics_ssl_context
-from llmepp.server.tls import CERT_FILE, KEY_FILE, self_signed_pem
+from llmepp.server.tls import CERT_FILE, KEY_FILE
 from llmepp.settings import Settings
 from llmepp.testing.stack import free_port
 
@@ -127,16 +127,10 @@ async def test_server_renders_gzips_and_refuses_without_a_token() -> None:
         await server.aclose()
 
 
-def _pair(directory: Path) -> Path:
-    cert, key = self_signed_pem(("localhost",))
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / CERT_FILE).write_bytes(cert)
-    (directory / KEY_FILE).write_bytes(key)
-    return directory
-
-
 async def test_https_and_client_certificates(tmp_path: Path) -> None:
-    server_dir, client_dir = _pair(tmp_path / "server"), _pair(tmp_path / "client")
+    server_dir, client_dir = tmp_path / "server", tmp_path / "client"
+    write_cert_pair(server_dir)
+    write_cert_pair(client_dir)
     ctx = metrics_ssl_context(str(server_dir), str(client_dir / CERT_FILE))
     server = MetricsServer(_registry(), ssl_context=ctx)
     port = free_port()
@@ -160,7 +154,8 @@ def test_metrics_tls_flags_fail_at_start_up_naming_the_flag(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match="--metrics-cert-dir: cannot load"):
         metrics_ssl_context(str(tmp_path), None)
     with pytest.raises(ConfigError, match="--metrics-client-ca-file: cannot load"):
-        metrics_ssl_context(str(_pair(tmp_path / "s")), str(tmp_path / "missing.pem"))
+        write_cert_pair(tmp_path / "s")
+        metrics_ssl_context(str(tmp_path / "s"), str(tmp_path / "missing.pem"))
 
 
 def test_auth_flag_parses_go_bools_and_defaults_by_mode() -> None:

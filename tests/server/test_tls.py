@@ -8,23 +8,16 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from helpers import FILE_CONFIG
+from helpers import FILE_CONFIG, write_cert_pair
 
 from llmepp.cli import settings_from_args
 from llmepp.framework.plugin import ConfigError
-from llmepp.server.tls import CERT_FILE, KEY_FILE, ServingCert, self_signed_pem
+from llmepp.server.tls import KEY_FILE, ServingCert, self_signed_pem
 from llmepp.settings import Settings
 from llmepp.testing.stack import serves_tls
 from tests.server.client import TRANSPORT, serve, set_headers
 
 BODY = b'{"model": "m", "prompt": "hello", "max_tokens": 5}'
-
-
-def _write_pair(directory: Path, host: str = "localhost") -> bytes:
-    cert, key = self_signed_pem((host,))
-    (directory / CERT_FILE).write_bytes(cert)
-    (directory / KEY_FILE).write_bytes(key)
-    return cert
 
 
 async def _served_certificate(port: int) -> bytes:
@@ -61,7 +54,7 @@ def test_self_signed_certificate_is_made_and_removed_on_close() -> None:
 
 
 def test_cert_path_pair_is_served(tmp_path: Path) -> None:
-    pem = _write_pair(tmp_path)
+    pem = write_cert_pair(tmp_path)
     cert = ServingCert.from_settings(Settings(cert_path=str(tmp_path)))
     assert not cert.self_signed and cert.cert_pem == pem
 
@@ -82,7 +75,7 @@ def test_bad_tls_settings_are_start_up_errors_naming_the_flag(settings: Settings
 
 
 def test_a_key_that_does_not_match_the_certificate_is_refused(tmp_path: Path) -> None:
-    _write_pair(tmp_path)
+    write_cert_pair(tmp_path)
     _, other_key = self_signed_pem(("localhost",))
     (tmp_path / KEY_FILE).write_bytes(other_key)
     with pytest.raises(ConfigError, match="not a usable certificate and private key"):
@@ -132,7 +125,7 @@ async def test_ext_proc_over_tls_routes_a_request(transport: str) -> None:
 
 @pytest.mark.parametrize("transport", ["h2", "grpc"])
 async def test_rotated_certificate_is_served_to_new_connections(transport: str, tmp_path: Path) -> None:
-    first = _write_pair(tmp_path)
+    first = write_cert_pair(tmp_path)
     token = TRANSPORT.set(transport)
     cert = ServingCert.from_settings(Settings(cert_path=str(tmp_path), enable_cert_reload=True,
                                               extproc_transport=transport))  # fmt: skip
@@ -141,7 +134,7 @@ async def test_rotated_certificate_is_served_to_new_connections(transport: str, 
         async with serve(tls=cert) as h:
             assert await _served_certificate(h.port) == _der(first)
             await asyncio.sleep(0.05)  # a later mtime
-            second = _write_pair(tmp_path)
+            second = write_cert_pair(tmp_path)
             for _ in range(100):
                 if cert.generation:
                     break
