@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmepp.kvevents.chain import Delta, SourceChains, pack_block, unpack_block
-from llmepp.kvevents.index import LAST_HOLDER_SLACK, MemoryIndex
+from llmepp.kvevents.index import LAST_HOLDER_SLACK, Match, MemoryIndex
 from llmepp.kvevents.keys import block_keys, root_key, tokens_to_bytes
 from llmepp.kvevents.tiers import TierTable
 from llmepp.kvevents.wire import BlockRemoved, BlockStored
@@ -50,12 +50,15 @@ def feed(chains: SourceChains, index: MemoryIndex, pod: str, events: Sequence[Bl
     return delta
 
 
-def lookup(index: MemoryIndex, tokens: list[int], block: int, pods: list[str], model: str = MODEL) -> dict[str, int]:
+def match(index: MemoryIndex, tokens: list[int], block: int, pods: list[str], model: str = MODEL) -> Match:
     cand = 0
     for p in pods:
         cand |= index.bit(p)
-    m = index.match(tokens_to_bytes(tokens), block, root_key(model), cand)
-    return {index.pod_of(b): n for b, n in m.lengths.items()}
+    return index.match(tokens_to_bytes(tokens), block, root_key(model), cand)
+
+
+def lookup(index: MemoryIndex, tokens: list[int], block: int, pods: list[str], model: str = MODEL) -> dict[str, int]:
+    return {index.pod_of(b): n for b, n in match(index, tokens, block, pods, model).lengths.items()}
 
 
 @settings(max_examples=60, deadline=None)
@@ -226,11 +229,8 @@ def test_release_frees_the_bit_and_entries() -> None:
 
 
 def last_holder(index: MemoryIndex, tokens: list[int], pods: list[str]) -> str | None:
-    cand = 0
-    for p in pods:
-        cand |= index.bit(p)
-    m = index.match(tokens_to_bytes(tokens), 16, root_key(MODEL), cand)
-    return index.pod_of(m.last) if m.last else None
+    last = match(index, tokens, 16, pods).last
+    return index.pod_of(last) if last else None
 
 
 def test_a_prefix_evicted_everywhere_reports_the_pod_that_last_held_it() -> None:
