@@ -42,7 +42,8 @@ import yaml
 
 from benchmarks.des.policies import policy_config
 from llmepp.testing.envoy import EnvoyProcess, render_envoy_config
-from llmepp.testing.stack import EppProcess, free_port, with_epp_endpoints, with_file_discovery
+from llmepp.testing.ports import free_port
+from llmepp.testing.stack import EppProcess, with_epp_endpoints, with_file_discovery
 
 VENV_BIN = Path(sys.executable).parent
 

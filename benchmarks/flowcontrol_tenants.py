@@ -56,7 +56,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from benchmarks import report
 from benchmarks.contenders import envoy_yaml
 from llmepp.testing.envoy import EnvoyProcess
-from llmepp.testing.stack import EppProcess, free_port, with_file_discovery
+from llmepp.testing.ports import free_port
+from llmepp.testing.stack import EppProcess, with_file_discovery
 from llmepp_sim.cluster import SimProcess
 
 RESULTS = Path(__file__).parent / "results"

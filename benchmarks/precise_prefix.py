@@ -58,7 +58,8 @@ from llmepp.kvevents.subscriber import Subscriber, SubscriberOptions
 from llmepp.kvevents.tiers import TierTable
 from llmepp.kvevents.wire import decode_batch, parse_frames
 from llmepp.request.types import InferenceRequest, RequestKind
-from llmepp.testing.stack import Stack, StackOptions, free_port
+from llmepp.testing.ports import free_port
+from llmepp.testing.stack import Stack, StackOptions
 from llmepp_sim.tokenizer import TOKENIZER_PATH, SimTokenizer
 
 TIERS = TierTable()

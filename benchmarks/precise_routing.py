@@ -58,7 +58,7 @@ from benchmarks.contenders import (
 from benchmarks.routing import _write, run_contender, run_header, stage_line, start_sim, stop_cleanly_on_sigterm
 from benchmarks.workloads import Scale, SharedPrefix, build, kv_blocks_per_pod, shared_prefix_stages
 from benchmarks.workloads import sim_args as base_sim_args
-from llmepp.testing.stack import free_port
+from llmepp.testing.ports import free_port
 from llmepp_sim.tokenizer import TOKENIZER_PATH
 
 HERE = Path(__file__).parent

@@ -33,7 +33,7 @@ from benchmarks.contenders import Contender, EppBehindEnvoy, all_contenders, wai
 from benchmarks.loadgen import Outcome, RunConfig, StageWindow, run_ladder
 from benchmarks.metrics import Sampler, parse_pod_metrics, proc_rss_mb, summarize_stage
 from benchmarks.workloads import MODEL, WORKLOADS, Scale, SharedPrefix, Workload, build, kv_blocks_per_pod, sim_args
-from llmepp.testing.stack import free_port
+from llmepp.testing.ports import free_port
 from llmepp_sim.cluster import SimProcess
 
 RESULTS = Path(__file__).parent / "results"

@@ -29,7 +29,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmepp.sidecar.cli import READY_PREFIX
-from llmepp.testing.stack import ChildProcess, Stack, StackOptions, free_port
+from llmepp.testing.ports import free_port
+from llmepp.testing.stack import ChildProcess, Stack, StackOptions
 from llmepp_sim.cluster import PodInfo, SimProcess
 
 ROLE_LABEL = "llm-d.ai/role"

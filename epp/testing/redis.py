@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from llmepp.testing.ports import free_port
+
 BINARY = "redis-server"
 
 
@@ -37,15 +39,9 @@ def ensure_installed() -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class RedisServer:
     def __init__(self, port: int = 0) -> None:
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self._dir = tempfile.TemporaryDirectory(prefix="epp-redis-")
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -33,13 +32,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmepp.cli import build_parser
 from llmepp.config.schema import DEFAULT_CONFIG
 from llmepp.testing.envoy import EnvoyProcess, render_envoy_config
+from llmepp.testing.ports import free_port
 from llmepp_sim.cluster import PodInfo, SimProcess
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -11,34 +11,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import socket
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
 USAGE = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13, "prompt_tokens_details": {"cached_tokens": 2}}
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def free_shared_port(hosts: list[str]) -> int:
-    """A port free on every host (pods listen on the same port at different IPs)."""
-    for _ in range(50):
-        port = free_port(hosts[0])
-        ok = True
-        for h in hosts[1:]:
-            with socket.socket() as s:
-                try:
-                    s.bind((h, port))
-                except OSError:
-                    ok = False
-        if ok:
-            return port
-    raise RuntimeError("no shared free port")
 
 
 @dataclass

@@ -28,9 +28,10 @@ from llmepp.server.h2 import create_h2_server
 from llmepp.settings import Settings
 from llmepp.testing.envoy import EnvoyProcess, deploy_config_text, envoy_binary, render_envoy_config
 from llmepp.testing.fakes import FakeDirector
+from llmepp.testing.ports import free_port, free_shared_port
 
 from . import h2c
-from .modelserver import USAGE, ModelServer, free_port, free_shared_port
+from .modelserver import USAGE, ModelServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 

@@ -24,10 +24,11 @@ import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
+from llmepp.testing.ports import free_port
 from llmepp.testing.stack import Stack, StackOptions
 from llmepp_sim.cluster import PodInfo
 
-from .modelserver import ModelServer, free_port
+from .modelserver import ModelServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 

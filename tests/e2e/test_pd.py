@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 
 from llmepp.testing.pdstack import PD_CONFIG, PDStack, PDStackOptions, scrape, total
-from llmepp.testing.stack import free_port
+from llmepp.testing.ports import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from llmepp.testing.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(
@@ -43,12 +44,6 @@ NOBODY_TOKEN = "nobody-token"  # user `nobody`, never any rights
 RBAC_NAMESPACE = "epp-rbac"
 EPP_SERVICE_ACCOUNT = "llm-epp"
 START_TIMEOUT = 90.0  # seconds; ~4 s on an idle machine, much more on a loaded 2-core one
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def ensure_binaries() -> None:

@@ -21,7 +21,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .cluster import REPO, free_port
+from llmepp.testing.ports import free_port
+
+from .cluster import REPO
 
 SOURCES = ("pyproject.toml", "setup.py", "README.md", "epp", "plugins", "simulator")  # the Containerfile's COPYs
 

@@ -14,8 +14,9 @@ import yaml
 
 from llmepp.config.loader import build, load_config
 from llmepp.datalayer.datastore import Datastore
+from llmepp.testing.ports import free_port
 
-from .cluster import EPP_SERVICE_ACCOUNT, NOBODY_TOKEN, PROMETHEUS_TOKEN, RBAC_NAMESPACE, REPO, Cluster, free_port
+from .cluster import EPP_SERVICE_ACCOUNT, NOBODY_TOKEN, PROMETHEUS_TOKEN, RBAC_NAMESPACE, REPO, Cluster
 from .harness import endpoints, kube_settings, running_app
 from .kubeapi import TestKube, eventually
 

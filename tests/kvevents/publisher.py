@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from typing import Any
 
@@ -16,13 +15,9 @@ import msgpack
 import zmq
 import zmq.asyncio
 
+from llmepp.testing.ports import free_port
+
 END = (-1).to_bytes(8, "big", signed=True)
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def stored(hashes: list[int], parent: int | None, tokens: list[int], block_size: int = 4, **extra: Any) -> dict:

@@ -11,8 +11,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from llmepp.testing.ports import free_port
 from llmepp.testing.redis import RedisServer
-from llmepp.testing.stack import Stack, StackOptions, free_port
+from llmepp.testing.stack import Stack, StackOptions
 from llmepp_sim.tokenizer import TOKENIZER_PATH
 
 pytestmark = pytest.mark.e2e

@@ -12,10 +12,10 @@ import pytest
 
 from llmepp.kvevents.index import MemoryIndex
 from llmepp.kvevents.pool import SubscriberPool
+from llmepp.testing.ports import free_port
 from llmepp_sim.cluster import SimProcess
 from llmepp_sim.tokenizer import SimTokenizer
 
-from .publisher import free_port
 from .rig import endpoint, memory_pool, pool_match, until
 
 WORDS = [

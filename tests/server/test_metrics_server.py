@@ -22,7 +22,7 @@ from llmepp.k8s.client import KubeError
 from llmepp.observability.metrics_server import ALLOW_TTL, DENY_TTL, MetricsAuth, MetricsServer, metrics_ssl_context
 from llmepp.server.tls import CERT_FILE, KEY_FILE
 from llmepp.settings import Settings
-from llmepp.testing.stack import free_port
+from llmepp.testing.ports import free_port
 
 
 class FakeApi:

@@ -17,7 +17,7 @@ import pytest_asyncio
 import yaml
 
 from llmepp.testing.pdstack import SidecarProcess, scrape, total
-from llmepp.testing.stack import free_port
+from llmepp.testing.ports import free_port
 from llmepp_sim.cluster import PodInfo, SimProcess
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
