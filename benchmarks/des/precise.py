@@ -5,7 +5,8 @@
 
 Same set-up as the live run: the scaled canonical shared-prefix workload (``benchmarks.workloads``: 4 pods,
 75 groups, token unit 16, KV sized so the ideal prefix footprint is 73% of the cluster's), its warm-up
-cycle and QPS ladder (canonical rates, halved for 4 pods), the profile's two configs, and the three
+cycle and QPS ladder (canonical rates, halved for 4 pods; each stage starts when the previous one's requests
+have finished, as the live ladder's do), the profile's two configs, and the three
 scenarios (one EPP; 20% of pod 0's cache evicted every 30 simulated s; two replicas splitting the traffic).
 The pods are the simulator's engines and the EPP its real pipeline (``benchmarks.des.sim``), with the
 pods' KV events fed to precise producers in simulated time. A seed draws both the prompts and the arrivals,
@@ -80,6 +81,7 @@ def options(scale: Scale, kv_blocks: int, config: Path, scenario: Scenario, seed
         seed=seed,
         replicas=scenario.replicas,
         eviction=Eviction(seed=seed) if scenario.evict else None,
+        drain_between_stages=True,
     )
 
 

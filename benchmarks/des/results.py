@@ -61,9 +61,13 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 
 def stage_metrics(
-    records: Sequence[RequestRecord], schedule: Schedule, samples: Sequence[QueueSample] | None = None
+    records: Sequence[RequestRecord],
+    schedule: Schedule,
+    samples: Sequence[QueueSample] | None = None,
+    starts: Sequence[float] | None = None,
 ) -> list[dict[str, Any]]:
-    starts = schedule.stage_starts
+    """Per-stage metrics; `starts` = when each stage actually began (drained ladders), default as planned."""
+    starts = starts or schedule.stage_starts
     rows: list[dict[str, Any]] = []
     for k, stage in enumerate(schedule.stages):
         recs = [r for r in records if r.stage == k]

@@ -16,7 +16,9 @@ Everything runs on one ``VirtualTimeLoop`` (``benchmarks.des.vloop``):
   ``refresh_interval = 0`` is an oracle: every endpoint is refreshed right before each routing decision.
 * **Clients** are open-loop: requests arrive at the schedule's times whatever the cluster does; a request
   not finished ``request_timeout`` after arrival is cancelled (the engine aborts it, the EPP sees a client
-  disconnect), like inference-perf's ``request_timeout``.
+  disconnect), like inference-perf's ``request_timeout``. With ``drain_between_stages`` each stage starts
+  when every request of the one before has finished, as the live routing benchmarks' ladder does
+  (inference-perf's stages); the arrival times then count from each stage's actual start.
 
 * **KV events** (when the config has a ``precise-prefix-cache-producer``): each engine's block pool reports
   its stored / removed blocks to a sink that batches them like the live publisher, encodes them in vLLM's
@@ -119,6 +121,9 @@ class SimOptions:
     # interval (5 ms wall) at time scale 4, plus delivery.
     kv_event_delay: float = 0.025
     eviction: Eviction | None = None
+    # Each stage waits for the previous one's requests to finish (the live ladder, `benchmarks.loadgen`):
+    # the pods idle between stages, and anything on a wall-clock cadence (evictions) keeps running there.
+    drain_between_stages: bool = False
 
     def pod_config(self) -> PodConfig:
         values: dict[str, Any] = pod_config_to_dict(PodConfig())
@@ -146,9 +151,10 @@ class SimResult:
     epp_wall_seconds: float = 0.0
     kv_events: list[dict[str, int]] = field(default_factory=list)  # per replica's precise producer
     evictions: list[int] = field(default_factory=list)  # blocks evicted per round
+    stage_starts: list[float] = field(default_factory=list)  # s since the run's start, as the stages began
 
     def stages(self) -> list[dict[str, Any]]:
-        return stage_metrics(self.records, self.schedule, self.samples)
+        return stage_metrics(self.records, self.schedule, self.samples, self.stage_starts or None)
 
     def speed(self) -> dict[str, float]:
         wall = max(self.wall_seconds, 1e-9)
@@ -179,6 +185,7 @@ class SimResult:
             "replicas": o.replicas,
             "kv_event_delay_s": o.kv_event_delay,
             "eviction": None if o.eviction is None else dataclasses.asdict(o.eviction),
+            "drain_between_stages": o.drain_between_stages,
             "workload": self.schedule.workload.describe(),
             "stages": self.stages(),
             "speed": self.speed(),
@@ -249,6 +256,7 @@ class Simulation:
                         feed.ingests.append(plugin.in_process_source(pod.endpoint))
             self.directors.append(director)
         self.evicted: list[int] = []  # blocks per eviction round
+        self.stage_starts: list[float] = []  # s since t0
         self._slots: list[list[_Pod]] = [self.pods[s::SUB_TICKS] for s in range(SUB_TICKS)]
         self._block_size = base.block_size
         self._hash_seed = base.hash_seed
@@ -269,18 +277,28 @@ class Simulation:
         if self.options.eviction is not None:
             background.append(self.loop.create_task(self._evictor(self.options.eviction), name="des-evict"))
         tasks: set[asyncio.Task[None]] = set()
+        by_stage: list[list[Arrival]] = [[] for _ in self.schedule.stages]
+        for arrival in self.schedule.arrivals:
+            by_stage[arrival.stage].append(arrival)
+        shift = 0.0  # how much later than planned the current stage starts (the drains so far)
         try:
-            for arrival in self.schedule.arrivals:
-                delay = self.t0 + arrival.time - self.loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                task = self.loop.create_task(self._serve(arrival))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+            for planned, arrivals in zip(self.schedule.stage_starts, by_stage, strict=True):
+                if self.options.drain_between_stages:
+                    while tasks:
+                        await asyncio.wait(list(tasks))
+                    shift = max(shift, self.loop.time() - self.t0 - planned)
+                self.stage_starts.append(planned + shift)
+                for arrival in arrivals:
+                    delay = self.t0 + arrival.time + shift - self.loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    task = self.loop.create_task(self._serve(arrival))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
             while tasks:
                 await asyncio.wait(list(tasks))
             # Let the last stage's queue samples cover its whole window.
-            end = self.t0 + self.schedule.end
+            end = self.t0 + self.schedule.end + shift
             if self.loop.time() < end:
                 await asyncio.sleep(end - self.loop.time())
         finally:
@@ -603,4 +621,5 @@ def simulate(schedule: Schedule, options: SimOptions) -> SimResult:
             for p in sim.producers
         ],
         evictions=sim.evicted,
+        stage_starts=sim.stage_starts,
     )

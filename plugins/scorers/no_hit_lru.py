@@ -8,10 +8,11 @@ from collections.abc import Sequence
 from itertools import count
 
 from llmepp.datalayer.endpoint import Endpoint
-from llmepp.framework.datakeys import PREFIX_CACHE_MATCH_INFO, PrefixMatchInfo
+from llmepp.framework.datakeys import IN_FLIGHT_LOAD, PREFIX_CACHE_MATCH_INFO, PrefixMatchInfo
 from llmepp.framework.plugin import Plugin, PluginContext, PluginParams
 from llmepp.framework.requestcontrol import PreRequest
 from llmepp.framework.scheduling import SchedulingResult, Scorer
+from llmepp.plugins.producers.inflight_load import token_counts
 from llmepp.request.types import InferenceRequest
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,11 @@ class NoHitLRUScorer(Scorer, PreRequest):
                used endpoints:       rank = #never-used candidates + position in the LRU
                                      (0 = least recently used, over the whole LRU as the reference)
         cold, and the producer names the candidate that last held the prompt's first block
-        (`PrefixMatchInfo.last_holder`, the precise producer) and `preferLastHolder`:
+        (`PrefixMatchInfo.last_holder`, the precise producer) and `preferLastHolder`, and the last
+        holder keeps up: backlog(last holder) − min over candidates backlog(e) ≤ lastHolderBacklogLimit · P
                score(last holder) = 1,  score(other e) = 0.5 · the cold score above
+               backlog(e) = uncached prompt tokens this EPP has in flight to e without a first token yet
+               (InFlightLoad tokens), P = the prompt's tokens (its indexed blocks · block size)
         warm:  score(e) = 0.5
 
     PreRequest (cold requests only) moves the primary profile's target, and the prefill
@@ -39,9 +43,15 @@ class NoHitLRUScorer(Scorer, PreRequest):
     evicted goes back to the endpoint that held it (this build; the reference spreads it like a new
     one): that endpoint made room for it, while another would push out its own warm prefixes to
     take it — with the pool's working set near its KV capacity, a cascade of misses (measured in
-    benchmarks/README.md, precise prefix). The load scorers still move it off a busy home.
+    benchmarks/README.md, precise prefix). Unless the home is already recomputing: after an eviction many
+    of its prefixes come back at once, and queueing them all behind one pod's prefill costs more than the
+    misses spreading them causes (benchmarks/DES.md, eviction). The backlog gate uses the router's own
+    in-flight counters, which see a prefill queue the moment it forms; scraped queues show it only once
+    the pod's KV is full.
 
-    Parameters: `lruSize` (1024, > 0), `preferLastHolder` (true), `prefixMatchInfoProducerName` (which
+    Parameters: `lruSize` (1024, > 0), `preferLastHolder` (true), `lastHolderBacklogLimit` (2.0 prompts;
+    < 0 = no limit), `inFlightLoadProducerName` (the inflight-load-producer to read, default the only one,
+    auto-created), `prefixMatchInfoProducerName` (which
     PrefixCacheMatchInfo producer decides "cold"; default: the only one, approx producer
     auto-created). When that is empty, `prefixPluginName` (a PrefixCacheMatchInfo producer or
     a prefix-cache-scorer) or else the only plugin of type `prefixPluginType`
@@ -50,11 +60,13 @@ class NoHitLRUScorer(Scorer, PreRequest):
     """
 
     type = "no-hit-lru-scorer"
-    consumes = frozenset({PREFIX_CACHE_MATCH_INFO})
+    consumes = frozenset({PREFIX_CACHE_MATCH_INFO, IN_FLIGHT_LOAD})
 
     class Params(PluginParams):
         lru_size: int = 1024
         prefer_last_holder: bool = True
+        last_holder_backlog_limit: float = 2.0
+        in_flight_load_producer_name: str = ""
         prefix_match_info_producer_name: str = ""
         prefix_plugin_type: str = "prefix-cache-scorer"
         prefix_plugin_name: str = ""
@@ -67,6 +79,8 @@ class NoHitLRUScorer(Scorer, PreRequest):
         super().__init__(name, params)
         self.lru_size = params.lru_size
         self.prefer_last_holder = params.prefer_last_holder
+        self.backlog_limit = params.last_holder_backlog_limit
+        self.inflight_key = ""
         # Oldest first. Keyed by the Endpoint object (hashable by identity): a removed and
         # re-added endpoint starts as never used.
         self.lru: OrderedDict[Endpoint, None] = OrderedDict()
@@ -76,6 +90,9 @@ class NoHitLRUScorer(Scorer, PreRequest):
     def setup(self, ctx: PluginContext) -> None:
         self.key = ctx.producer_key(
             self, PREFIX_CACHE_MATCH_INFO, self._producer_name(ctx), "prefixMatchInfoProducerName"
+        )
+        self.inflight_key = ctx.producer_key(
+            self, IN_FLIGHT_LOAD, self.params.in_flight_load_producer_name, "inFlightLoadProducerName"
         )
 
     def _producer_name(self, ctx: PluginContext) -> str:
@@ -110,10 +127,23 @@ class NoHitLRUScorer(Scorer, PreRequest):
             return [0.5] * n
         if n <= 1:
             return [1.0] * n
-        home = info.last_holder if info is not None and self.prefer_last_holder else None
-        if home is not None and home in endpoints:
+        if info is None:
+            return self._cold_scores(endpoints)
+        home = info.last_holder if self.prefer_last_holder else None
+        if home is not None and home in endpoints and self._home_keeps_up(request, info, home, endpoints):
             return [1.0 if ep is home else 0.5 * s for ep, s in zip(endpoints, self._cold_scores(endpoints))]
         return self._cold_scores(endpoints)
+
+    def _home_keeps_up(
+        self, request: InferenceRequest, info: PrefixMatchInfo, home: Endpoint, endpoints: Sequence[Endpoint]
+    ) -> bool:
+        """Whether the last holder's prefill backlog (uncached prompt tokens this EPP has sent it that have
+        not produced a first token) is within `lastHolderBacklogLimit` prompts of the least-loaded candidate's."""
+        if self.backlog_limit < 0:
+            return True
+        backlog = token_counts(request, self.inflight_key, endpoints)
+        home_backlog = backlog[endpoints.index(home)]
+        return home_backlog - min(backlog) <= self.backlog_limit * info.total_blocks * info.block_size
 
     def _cold_scores(self, endpoints: Sequence[Endpoint]) -> list[float]:
         n = len(endpoints)

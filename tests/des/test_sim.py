@@ -117,3 +117,22 @@ def test_cli_and_suite_entry_points(capsys: pytest.CaptureFixture[str]) -> None:
     data = json.loads(json.dumps([summarize(r) for r in runs]))
     assert [d["policy"] for d in data] == ["random", "default"]
     assert data[0]["stages"][0]["requests"] == data[1]["stages"][0]["requests"] > 0
+
+
+def test_a_drained_ladder_starts_each_stage_after_the_previous_one_finished() -> None:
+    # Long outputs: stage 0's requests run well past its 4 s, so a drained stage 1 must start later.
+    workload = NoSharing(prompt_len=128, output_len=400)
+    sched = schedule(workload, [Stage(4.0, 4.0), Stage(4.0, 4.0)], seed=2)
+    base = SimOptions(pods=2, profile="llama-8b-h100", refresh_interval=0.05)
+    open_loop, drained = simulate(sched, base), simulate(sched, dataclasses.replace(base, drain_between_stages=True))
+    assert open_loop.stage_starts == [0.0, 4.0]
+    stage0_done = max(r.finished for r in drained.records if r.stage == 0 and r.finished is not None)
+    assert stage0_done > 4.0
+    assert drained.stage_starts == [0.0, pytest.approx(stage0_done)]
+    first_of_1 = min(r.arrival for r in drained.records if r.stage == 1)
+    planned_offset = min(a.time for a in sched.arrivals if a.stage == 1) - 4.0
+    assert first_of_1 == pytest.approx(stage0_done + planned_offset)
+    # Stage windows (throughput spans, queue samples) count from the actual start.
+    assert drained.stages()[1]["requests"] == open_loop.stages()[1]["requests"]
+    span = drained.stages()[1]["output_tokens_per_s"]
+    assert span is not None and span > 0

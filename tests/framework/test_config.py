@@ -27,8 +27,13 @@ def test_default_config_is_the_optimized_baseline_profile() -> None:
     ]
     assert isinstance(profile.picker, MaxScorePicker)
     assert isinstance(c.pipeline.scheduler.handler, SingleProfileHandler)
-    # The prefix scorer's producers are auto-created, in dependency order.
-    assert [p.type for p in c.pipeline.producers] == ["token-producer", "approx-prefix-cache-producer"]
+    # The producers the scorers read are auto-created, in dependency order (no-hit-lru reads in-flight load
+    # for its last-holder backlog gate).
+    assert [p.type for p in c.pipeline.producers] == [
+        "token-producer",
+        "approx-prefix-cache-producer",
+        "inflight-load-producer",
+    ]
 
 
 OPTIMIZED_BASELINE_PREFIX = """

@@ -172,8 +172,13 @@ def test_token_load_property(tokens: list[int]) -> None:
 
 # -- no-hit-lru-scorer ---------------------------------------------------------------------------
 def lru_scorer(**params: Any) -> Any:
+    return lru_with_inflight(**params)[0]
+
+
+def lru_with_inflight(**params: Any) -> tuple[Any, Any]:
     producer = registry.build("approx-prefix-cache-producer", "approx", None)
-    return make("no-hit-lru-scorer", params or None, producer)
+    inflight = registry.build("inflight-load-producer", "ifl", None)
+    return make("no-hit-lru-scorer", params or None, producer, inflight), inflight
 
 
 def cold(eps: list[Endpoint], hits: dict[Endpoint, int] | None = None) -> Any:
@@ -233,6 +238,33 @@ def test_no_hit_lru_sends_an_evicted_prefix_back_to_its_last_holder() -> None:
     assert off.score(req, eps) == pytest.approx([1.0, 2 / 3, 1 / 3, 0.0])
 
 
+def test_no_hit_lru_spreads_an_evicted_prefix_when_its_last_holder_has_a_prefill_backlog() -> None:
+    s, inflight = lru_with_inflight()  # lastHolderBacklogLimit 2 prompts; the prompt is 4 blocks x 64 = 256 tokens
+    eps = [endpoint(i) for i in range(4)]
+
+    def score(home_backlog: int, least: int) -> list[float]:
+        inflight.loads.clear()
+        inflight.loads[eps[2]] = InFlight(requests=3, tokens=home_backlog)
+        for ep in (eps[0], eps[1], eps[3]):
+            inflight.loads[ep] = InFlight(requests=1, tokens=least)
+        req = cold(eps)
+        req.data[PREFIX_KEY].last_holder = eps[2]
+        inflight.produce(req, eps)
+        return s.score(req, eps)
+
+    home = pytest.approx([0.5, 1 / 3, 1.0, 0.0])
+    spread = pytest.approx([1.0, 2 / 3, 1 / 3, 0.0])
+    assert score(512, 0) == home  # exactly two prompts more than the least-loaded candidate: still home
+    assert score(513, 0) == spread  # one token over: the plain cold LRU order
+    assert score(1000, 600) == home  # the difference counts, not the level
+    unlimited, inflight = lru_with_inflight(lastHolderBacklogLimit=-1)
+    inflight.loads[eps[2]] = InFlight(requests=9, tokens=10**6)
+    req = cold(eps)
+    req.data[PREFIX_KEY].last_holder = eps[2]
+    inflight.produce(req, eps)
+    assert unlimited.score(req, eps) == home
+
+
 def test_no_hit_lru_edges_and_bounded_size() -> None:
     s = lru_scorer(lruSize=2)
     eps = [endpoint(i) for i in range(3)]
@@ -260,9 +292,10 @@ def test_no_hit_lru_prefix_plugin_name_selects_the_producer() -> None:
     a = registry.build("approx-prefix-cache-producer", "a", None)
     b = registry.build("approx-prefix-cache-producer", "b", None)
     scorer = registry.build("prefix-cache-scorer", "pfx", {"prefixMatchInfoProducerName": "b"})
-    s = make("no-hit-lru-scorer", {"prefixPluginName": "pfx"}, a, b, scorer)
+    inflight = registry.build("inflight-load-producer", "ifl", None)
+    s = make("no-hit-lru-scorer", {"prefixPluginName": "pfx"}, a, b, scorer, inflight)
     assert s.key == scoped(PREFIX_CACHE_MATCH_INFO, "b")
-    s = make("no-hit-lru-scorer", {"prefixPluginName": "a"}, a, b, scorer)
+    s = make("no-hit-lru-scorer", {"prefixPluginName": "a"}, a, b, scorer, inflight)
     assert s.key == scoped(PREFIX_CACHE_MATCH_INFO, "a")
 
 
@@ -480,7 +513,8 @@ def test_no_hit_lru_follows_the_prefix_scorer_by_type() -> None:
     a = registry.build("approx-prefix-cache-producer", "a", None)
     b = registry.build("approx-prefix-cache-producer", "b", None)
     scorer = registry.build("prefix-cache-scorer", "pfx", {"prefixMatchInfoProducerName": "b"})
-    s = make("no-hit-lru-scorer", None, a, b, scorer)  # default prefixPluginType: prefix-cache-scorer
+    inflight = registry.build("inflight-load-producer", "ifl", None)
+    s = make("no-hit-lru-scorer", None, a, b, scorer, inflight)  # default prefixPluginType: prefix-cache-scorer
     assert s.key == scoped(PREFIX_CACHE_MATCH_INFO, "b")
-    s = make("no-hit-lru-scorer", {"prefixMatchInfoProducerName": "a"}, a, b, scorer)
+    s = make("no-hit-lru-scorer", {"prefixMatchInfoProducerName": "a"}, a, b, scorer, inflight)
     assert s.key == scoped(PREFIX_CACHE_MATCH_INFO, "a")
