@@ -23,7 +23,14 @@ SIM = ["--latency-profile", "llama-8b-h100", "--time-scale", "20", "--max-num-se
 EVENTS_SETTLE = 0.3  # s: the simulator flushes event batches within 5 ms; subscribers apply at once
 
 
-def config(zmq_port: int, replay_port: int, *, redis_url: str = "", chat_template: str = "role-tags") -> str:
+LOAD_SCORERS = """
+  - {pluginRef: active-request-scorer, weight: 4}
+  - {pluginRef: kv-cache-utilization-scorer, weight: 2}"""
+
+
+def config(
+    zmq_port: int, replay_port: int, *, redis_url: str = "", chat_template: str = "role-tags", load_scorers: bool = True
+) -> str:
     index = ""
     load = ""
     if redis_url:
@@ -67,27 +74,33 @@ dataLayer:
     - pluginRef: precise-prefix-cache-producer
 schedulingProfiles:
 - name: default
-  plugins:
-  - {{pluginRef: active-request-scorer, weight: 4}}
-  - {{pluginRef: kv-cache-utilization-scorer, weight: 2}}
+  plugins:{LOAD_SCORERS if load_scorers else ""}
   - {{pluginRef: prefix-cache-scorer, weight: 2}}
   - {{pluginRef: no-hit-lru-scorer, weight: 2}}
 """
 
 
 def stack_options(
-    first_host: int, *, replay: bool = True, redis_url: str = "", replicas: int = 1, chat_template: str = ""
+    first_host: int,
+    *,
+    replay: bool = True,
+    redis_url: str = "",
+    replicas: int = 1,
+    chat_template: str = "",
+    sim_args: list[str] = SIM,
+    load_scorers: bool = True,
 ) -> StackOptions:
     host = f"127.0.0.{first_host}"
     zmq_port, replay_port = free_port(host), free_port(host) if replay else 0
-    sim = [*SIM, "--zmq-endpoint", f"tcp://{host}:{zmq_port}"]
+    sim = [*sim_args, "--zmq-endpoint", f"tcp://{host}:{zmq_port}"]
     if chat_template:
         sim += ["--chat-template", chat_template]
     if replay:
         sim += ["--kv-events-replay-endpoint", f"tcp://{host}:{replay_port}"]
     return StackOptions(
         pods=4, first_host=first_host, sim_args=sim, epp_replicas=replicas,
-        epp_config=config(zmq_port, replay_port, redis_url=redis_url, chat_template=chat_template or "role-tags"),
+        epp_config=config(zmq_port, replay_port, redis_url=redis_url, chat_template=chat_template or "role-tags",
+                          load_scorers=load_scorers),
     )  # fmt: skip
 
 
@@ -169,6 +182,40 @@ async def test_a_prompt_evicted_behind_the_epps_back_goes_back_to_its_pod(http: 
         assert pod == home.name and cached > 0
         pod, _ = await complete(http, stack.url, long_prompt(9))
         assert pod == stack.pods[0].name
+
+
+async def test_an_evicted_prompt_skips_its_pod_while_that_pod_is_recomputing(http: aiohttp.ClientSession) -> None:
+    # Prefix and no-hit-lru scorers only (no load scorer would move the prompt), real time and a slow prefill
+    # (1 ms per token), so requests routed to the home pod queue there in prefill for seconds.
+    slow = [*SIM[:2], "--time-scale", "1", "--prefill-time-per-token", "1", *SIM[4:]]
+    async with Stack(stack_options(190, sim_args=slow, load_scorers=False)) as stack:
+        home, pods = stack.pods[2], stack.pods
+
+        async def evicted_on(pod_url: str, prompt: str) -> None:
+            await complete(http, pod_url, prompt)
+            await asyncio.sleep(EVENTS_SETTLE)
+            async with http.post(pod_url + "/admin/evict", json={"fraction": 1.0}) as resp:
+                assert resp.status == 200 and (await resp.json())["evicted"] > 0
+            await asyncio.sleep(EVENTS_SETTLE)
+
+        prompt = long_prompt(20, words=150)
+        await evicted_on(home.url, prompt)
+        # A prefill backlog on the home pod, through the EPP: long prompts whose first blocks only the home
+        # pod holds, so the prefix scorer sends them there; each has ~3x the evicted prompt's tokens to compute.
+        stems = [long_prompt(30 + i, words=40) for i in range(2)]
+        for stem in stems:
+            await complete(http, home.url, stem)
+        await asyncio.sleep(EVENTS_SETTLE)
+        backlog = [asyncio.create_task(complete(http, stack.url, f"{stem} {long_prompt(40 + i, words=500)}"))
+                   for i, stem in enumerate(stems)]  # fmt: skip
+        await asyncio.sleep(0.3)
+        # The evicted prompt now goes where a new one would (the never-used sim-0), not behind the backlog.
+        assert await complete(http, stack.url, prompt) == (pods[0].name, 0)
+        assert {pod for pod, _ in await asyncio.gather(*backlog)} == {home.name}
+        # With the backlog gone, an evicted prompt goes home again.
+        other = long_prompt(21, words=150)
+        await evicted_on(home.url, other)
+        assert await complete(http, stack.url, other) == (home.name, 0)
 
 
 async def test_two_replicas_behind_one_envoy_agree(http: aiohttp.ClientSession) -> None:
