@@ -78,8 +78,9 @@ HOW_IT_WORKS = [
     "`refresh_interval` of simulated time, the pool split into the live collector's 5 staggered slots; "
     "`0` = fresh at every decision.",
     "- **Clients** are open-loop Poisson stages (inference-perf's `shared_prefix` generator: shuffled prompt "
-    'list, cycled), token-id prompts (`"prompt": [ids]`) so the EPP and the pods see exactly the live '
-    "prompts; 300 s request timeout.",
+    "list, cycled; with `drain_between_stages`, as the live routing ladder and `benchmarks.des.precise`, each "
+    "stage starts when the previous one's requests have finished), token-id prompts "
+    '(`"prompt": [ids]`) so the EPP and the pods see exactly the live prompts; 300 s request timeout.',
     "- **KV events** (configs with a `precise-prefix-cache-producer`): each engine's block pool reports "
     "stored / removed blocks to a feed that batches them like the live publisher (16 events, or what is "
     "pending `kv_event_delay` after the first change), encodes them in vLLM's wire format and hands the "

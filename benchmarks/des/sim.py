@@ -280,13 +280,13 @@ class Simulation:
         by_stage: list[list[Arrival]] = [[] for _ in self.schedule.stages]
         for arrival in self.schedule.arrivals:
             by_stage[arrival.stage].append(arrival)
-        shift = 0.0  # how much later than planned the current stage starts (the drains so far)
+        shift = 0.0  # how much later than planned the current stage starts
         try:
             for planned, arrivals in zip(self.schedule.stage_starts, by_stage, strict=True):
                 if self.options.drain_between_stages:
                     while tasks:
                         await asyncio.wait(list(tasks))
-                    shift = max(shift, self.loop.time() - self.t0 - planned)
+                    shift = self.loop.time() - self.t0 - planned  # starts when the last one ends, as live
                 self.stage_starts.append(planned + shift)
                 for arrival in arrivals:
                     delay = self.t0 + arrival.time + shift - self.loop.time()
