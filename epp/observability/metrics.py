@@ -8,7 +8,12 @@ instead of calling `.labels()` per request.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from typing import Any
+
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from llmepp.observability.fast import Counter, Gauge, Histogram
 
@@ -127,9 +132,41 @@ class EppMetrics:
             buckets=_SIZE_BUCKETS,
             registry=r,
         )
+        # In-flight load (read from the producers' live counters at scrape time: nothing per request).
+        self.inflight = InFlightCollector()
+        r.register(self.inflight)
         # Protocol.
         self.extproc_streams_inflight = Gauge(p + "extproc_streams_inflight", "Open ext_proc streams.", registry=r)
         self.extproc_protocol_errors = Counter(
             p + "extproc_protocol_errors_total", "Unexpected ext_proc messages (answered, not fatal).", ("kind",),
             registry=r,
         )  # fmt: skip
+
+
+class InFlightCollector(Collector):
+    """`inflight_requests` / `inflight_tokens` per endpoint for every `inflight-load-producer`
+    (labels endpoint_name, namespace, producer_name; the reference also splits by fairness_id and
+    priority, which these counters do not track). Endpoints with nothing in flight are omitted."""
+
+    def __init__(self) -> None:
+        # producer name -> its live Endpoint -> InFlight mapping
+        self._producers: dict[str, Mapping[Any, Any]] = {}
+
+    def add(self, producer: str, loads: Mapping[Any, Any]) -> None:
+        self._producers[producer] = loads
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["endpoint_name", "namespace", "producer_name"]
+        requests = GaugeMetricFamily(PREFIX + "inflight_requests", "Requests this EPP has in flight.", labels=labels)
+        tokens = GaugeMetricFamily(
+            PREFIX + "inflight_tokens",
+            "Uncached prompt tokens (until the first response bytes) plus estimated output tokens in flight.",
+            labels=labels,
+        )
+        for producer, loads in self._producers.items():
+            for endpoint, load in list(loads.items()):  # a copy: the event loop may change it meanwhile
+                values = [endpoint.name, endpoint.namespace, producer]
+                requests.add_metric(values, load.requests)
+                tokens.add_metric(values, load.tokens)
+        yield requests
+        yield tokens

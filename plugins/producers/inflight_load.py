@@ -98,6 +98,8 @@ class InFlightLoadProducer(DataProducer, PreRequest, FirstResponseChunkProcessor
     the one PrefixCacheMatchInfo producer if any — it is optional: no discount without one),
     `syncCrossReplicaState` (accepted; this build has no cross-replica sync).
     Data: writes `InFlightLoad` (a live Endpoint → InFlight mapping); consumes TokenizedPrompt.
+    Metrics: `llm_d_epp_inflight_requests` / `llm_d_epp_inflight_tokens` {endpoint_name, namespace,
+    producer_name}, read from the counters at scrape time.
     """
 
     type = "inflight-load-producer"
@@ -130,6 +132,8 @@ class InFlightLoadProducer(DataProducer, PreRequest, FirstResponseChunkProcessor
 
     def setup(self, ctx: PluginContext) -> None:
         self._prefix_key = _optional_prefix_key(self, ctx, self.params.prefix_match_info_producer_name)
+        if ctx.metrics is not None:
+            ctx.metrics.inflight.add(self.name, self.loads)
         if ctx.datastore is not None:
             ctx.datastore.add_listener(self)
 

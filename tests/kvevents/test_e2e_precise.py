@@ -208,7 +208,11 @@ async def test_an_evicted_prompt_skips_its_pod_while_that_pod_is_recomputing(htt
         await asyncio.sleep(EVENTS_SETTLE)
         backlog = [asyncio.create_task(complete(http, stack.url, f"{stem} {long_prompt(40 + i, words=500)}"))
                    for i, stem in enumerate(stems)]  # fmt: skip
-        await asyncio.sleep(0.3)
+        routed = f'llm_d_epp_inflight_requests{{endpoint_name="{home.name}"'
+        for _ in range(200):  # until the EPP has routed both (their prompt tokens count until their first token)
+            if await metric(http, stack.metrics_url, routed) == len(backlog):
+                break
+            await asyncio.sleep(0.02)
         # The evicted prompt now goes where a new one would (the never-used sim-0), not behind the backlog.
         assert await complete(http, stack.url, prompt) == (pods[0].name, 0)
         assert {pod for pod, _ in await asyncio.gather(*backlog)} == {home.name}

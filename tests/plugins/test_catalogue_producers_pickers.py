@@ -9,6 +9,8 @@ import pytest
 from helpers import endpoint, request
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import Endpoint
@@ -22,6 +24,7 @@ from llmepp.framework.datakeys import (
 )
 from llmepp.framework.plugin import ConfigError, Plugin, PluginContext, registry
 from llmepp.framework.scheduling import ProfileResult, SchedulingResult
+from llmepp.observability.metrics import EppMetrics
 from llmepp.request.types import ResponseInfo
 
 
@@ -227,3 +230,32 @@ def test_weighted_random_tiny_scores_never_pick_a_zero() -> None:
     picker = make("weighted-random-picker")
     eps = [endpoint(i) for i in range(3)]
     assert {picker.pick(eps, [0.0, 5e-324, 0.0])[0].name for _ in range(500)} == {"pod-1"}
+
+
+def test_inflight_counters_are_exported_per_endpoint_and_producer() -> None:
+    metrics = EppMetrics()
+    p = registry.build("inflight-load-producer", "ifl", None)
+    p.setup(PluginContext({"ifl": p}, None, None, metrics))
+    a, b = endpoint(0), endpoint(1)
+    req = tokenized(700)
+    p.pre_request(req, scheduled(a))
+    p.pre_request(tokenized(300), scheduled(a))
+    p.pre_request(tokenized(50), scheduled(b))
+    p.first_response_chunk(req, ResponseInfo(status=200))
+
+    def samples() -> dict[tuple[str, str], float]:
+        fams = text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        return {
+            (s.name, s.labels["endpoint_name"]): s.value
+            for f in fams
+            if f.name in ("llm_d_epp_inflight_requests", "llm_d_epp_inflight_tokens")
+            for s in f.samples
+            if s.labels["producer_name"] == "ifl" and s.labels["namespace"] == a.namespace
+        }
+
+    assert samples() == {
+        ("llm_d_epp_inflight_requests", a.name): 2, ("llm_d_epp_inflight_tokens", a.name): 300,
+        ("llm_d_epp_inflight_requests", b.name): 1, ("llm_d_epp_inflight_tokens", b.name): 50,
+    }  # fmt: skip
+    p.endpoint_removed(b)
+    assert ("llm_d_epp_inflight_requests", b.name) not in samples()
