@@ -187,7 +187,8 @@ async def test_a_prompt_evicted_behind_the_epps_back_goes_back_to_its_pod(http: 
 async def test_an_evicted_prompt_skips_its_pod_while_that_pod_is_recomputing(http: aiohttp.ClientSession) -> None:
     # Prefix and no-hit-lru scorers only (no load scorer would move the prompt), real time and a slow prefill
     # (1 ms per token), so requests routed to the home pod queue there in prefill for seconds.
-    slow = [*SIM[:2], "--time-scale", "1", "--prefill-time-per-token", "1", *SIM[4:]]
+    slow = ["--latency-profile", "llama-8b-h100", "--time-scale", "1", "--prefill-time-per-token", "1",
+            "--max-num-seqs", "8", "--max-model-len", "8192"]  # fmt: skip
     async with Stack(stack_options(190, sim_args=slow, load_scorers=False)) as stack:
         home, pods = stack.pods[2], stack.pods
 
