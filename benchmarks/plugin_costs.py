@@ -247,7 +247,7 @@ gives its parameters, defaults and formula.
 | `load-aware-scorer` | scorer | 0.5·(1 − q/128), 0.5 when idle |
 | `active-request-scorer` | scorer | (max − n)/max · maxBusyScore, 1 when idle (in-flight requests) |
 | `token-load-scorer` | scorer | 1 − min(1, in-flight tokens / 4194304) |
-| `no-hit-lru-scorer` | scorer + pre-request | cold: the prompt's last holder (precise), else LRU first; warm: 0.5 |
+| `no-hit-lru-scorer` | scorer + pre-request | cold: last holder (precise) unless backlogged, else LRU first; warm 0.5 |
 | `lora-affinity-scorer` | scorer | adapter active 1 / room 0.8 / queued 0.6 / full 0 |
 | `session-affinity-scorer` | scorer + pre-request + response header | 1 for the session endpoint |
 | `header-label-affinity-scorer` | scorer | 1 when label[labelKey] = header[headerName] |
@@ -270,8 +270,8 @@ def markdown(counts: list[int], costs: dict[int, list[tuple[str, float]]], base:
         CATALOGUE,
         "## Optimized-baseline profile, scheduled in-process",
         "",
-        "queue ×2, kv-cache ×2, prefix-cache ×3, no-hit-lru ×2 + approx-prefix producer (8 KB prompts from 64",
-        "prompt families, warm index). Director request path: producers → scheduler → pre-request.",
+        "queue ×2, kv-cache ×2, prefix-cache ×3, no-hit-lru ×2 + approx-prefix and inflight-load producers (8 KB",
+        "prompts from 64 prompt families, warm index). Director request path: producers → scheduler → pre-request.",
         "On a shared machine (see the load average above) p99 and the mean measure preemption by other",
         "jobs more than the code; p50 and the per-plugin best-of-21 figures are the meaningful ones here.",
         "",
