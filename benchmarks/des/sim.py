@@ -154,7 +154,7 @@ class SimResult:
     stage_starts: list[float] = field(default_factory=list)  # s since the run's start, as the stages began
 
     def stages(self) -> list[dict[str, Any]]:
-        return stage_metrics(self.records, self.schedule, self.samples, self.stage_starts or None)
+        return stage_metrics(self.records, self.schedule, self.samples, self.stage_starts)
 
     def speed(self) -> dict[str, float]:
         wall = max(self.wall_seconds, 1e-9)

@@ -9,13 +9,16 @@ instead of calling `.labels()` per request.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from llmepp.observability.fast import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from llmepp.datalayer.endpoint import Endpoint, InFlight
 
 PREFIX = "llm_d_epp_"
 
@@ -150,9 +153,9 @@ class InFlightCollector(Collector):
 
     def __init__(self) -> None:
         # producer name -> its live Endpoint -> InFlight mapping
-        self._producers: dict[str, Mapping[Any, Any]] = {}
+        self._producers: dict[str, Mapping[Endpoint, InFlight]] = {}
 
-    def add(self, producer: str, loads: Mapping[Any, Any]) -> None:
+    def add(self, producer: str, loads: Mapping[Endpoint, InFlight]) -> None:
         self._producers[producer] = loads
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
