@@ -351,13 +351,19 @@ class _Connection(asyncio.Protocol):
         except Exception:
             out = ext.fallback(msg)
         if out.__class__ is Pending:
-            st.task = asyncio.get_running_loop().create_task(self._await_pending(st, out.coro, msg))
-            return
+            # Eagerly: routing that does not wait answers within this batch, no task.
+            try:
+                done, out = out.step()
+            except Exception:
+                done, out = True, ext.fallback(msg)
+            if not done:
+                st.task = asyncio.get_running_loop().create_task(self._await_pending(st, out, msg))
+                return
         self._emit(st, out)
 
-    async def _await_pending(self, st: _Stream, coro: Any, msg: pb.ProcessingRequest) -> None:
+    async def _await_pending(self, st: _Stream, step: Any, msg: pb.ProcessingRequest) -> None:
         try:
-            out = await coro
+            out = await step
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -35,7 +35,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Generator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
@@ -213,12 +213,61 @@ _UNROUTED = 3  # request side abandoned (Envoy moved to a local reply before we 
 
 
 class Pending:
-    """A routing step that must be awaited; the transport awaits `coro` for the answers."""
+    """A routing step that must be awaited; the transport awaits `coro` for the answers, or
+    runs it eagerly with `step()`."""
 
     __slots__ = ("coro",)
 
     def __init__(self, coro: Coroutine[Any, Any, Answers]) -> None:
         self.coro = coro
+
+    def step(self) -> tuple[bool, Any]:
+        """Run the routing step until it first waits.
+
+        Returns (True, answers) when it finished without waiting, the common case (no flow-control
+        queueing, no async producer): the caller writes them in the same batch, with no task and no
+        extra loop turn. Otherwise (False, awaitable): awaiting it (in a task) continues the step
+        exactly where it stopped. Exceptions of the step propagate, as an await would raise them."""
+        coro = self.coro
+        try:
+            waiting_on = coro.send(None)
+        except StopIteration as done:
+            return True, done.value
+        return False, _Resumed(coro, waiting_on)
+
+
+class _Resumed:
+    """Awaitable continuing a coroutine that already yielded `waiting_on` on its first step.
+
+    The awaiting task receives that yield (a future to wait on, or None for a bare yield) as if
+    it had started the coroutine itself; every later send and throw (a cancellation) is passed
+    through. This is what Python 3.12's eager tasks do inside the Task; on 3.11 it is done here."""
+
+    __slots__ = ("coro", "waiting_on")
+
+    def __init__(self, coro: Coroutine[Any, Any, Answers], waiting_on: Any) -> None:
+        self.coro = coro
+        self.waiting_on = waiting_on
+
+    def __await__(self) -> Generator[Any, Any, Answers]:
+        coro = self.coro
+        yielded = self.waiting_on
+        while True:
+            try:
+                sent = yield yielded
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # a cancellation (or another throw) goes to the coroutine
+                try:
+                    yielded = coro.throw(exc)
+                except StopIteration as done:
+                    return done.value
+            else:
+                try:
+                    yielded = coro.send(sent)
+                except StopIteration as done:
+                    return done.value
 
 
 class ExtProcStream:

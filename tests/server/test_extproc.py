@@ -608,6 +608,23 @@ async def test_request_trailers_end_the_body() -> None:
         assert (await s.recv()).WhichOneof("response") == "request_trailers"
 
 
+async def test_messages_sent_while_routing_waits_are_answered_after_it_in_order() -> None:
+    # The director waits (as flow control or an async producer would): the routing step is
+    # continued in a task, and the trailers that arrive meanwhile are answered after its answers.
+    async with serve() as h:
+        s = h.open()
+        await s.send(request_headers({"x-test-delay-ms": "100"}), request_body(BODY, eos=True), request_trailers())
+        first = await s.recv()
+        assert set_headers(first.request_headers.response)["x-gateway-destination-endpoint"].decode() in ENDPOINTS
+        assert streamed(await s.recv(), "request_body") == (BODY, True)
+        assert (await s.recv()).WhichOneof("response") == "request_trailers"
+        await s.send(response_headers(200, "application/json"), response_body(JSON_RESPONSE, eos=True))
+        assert (await s.recv()).WhichOneof("response") == "response_headers"
+        assert streamed(await s.recv(), "response_body") == (JSON_RESPONSE, True)
+        await wait_until(lambda: len(h.director.completions) == 1)
+        assert h.director.inflight == {}
+
+
 async def test_request_trailers_after_routing_are_answered() -> None:
     async with serve() as h:
         s = h.open()
