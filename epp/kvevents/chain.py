@@ -55,8 +55,9 @@ class Delta:
     keys: list[int] = field(default_factory=list)
     masks: list[int] = field(default_factory=list)
     # Set by a clear: the pod held nothing at position `clear_at` of the lists. The entries before it
-    # include a removal of every key the pod held, so applying all entries in order is exact; a store
-    # that can drop a pod in O(1) (redis_index.py) may instead drop it and apply only `[clear_at:]`.
+    # include a removal of every key the pod held, so applying all entries in order is exact (and
+    # records the pod as each key's last holder); a store that can drop a pod in O(1) (redis_index.py
+    # bumps a generation) does that as well, so nothing stale outlives a removal it missed.
     clear_at: int = -1
     # Engine blocks created or changed / forgotten (a persistent store saves the chains with them).
     engine_set: list[int] = field(default_factory=list)

@@ -18,11 +18,16 @@ batch to one Lua script, guarded by the source position: a batch is applied only
 (timestamp, seq) is newer than `src:<pod>`, so each batch lands exactly once, in stream order,
 whichever replica delivers it first. A batch that is newer by timestamp but not by number means the
 publisher restarted: the script bumps the pod's generation (O(1): stale entries stop counting and
-are overwritten or expire with `ttl`). `AllBlocksCleared` does the same. A failed write raises, so
-the pool restarts the subscriber, which resumes from `src:<pod>` and replays what Redis is missing.
+are overwritten or expire with `ttl`). `AllBlocksCleared` does the same, and its removals are
+applied as well, so the pod becomes the last holder of each key it held (as in the in-memory index).
+A failed write raises, so the pool restarts the subscriber, which resumes from `src:<pod>` and
+replays what Redis is missing.
 
 Reads. A lookup is one script call: it walks the prompt's keys from block 0 inside Redis and returns
-per candidate pod the consecutive match and its tier-weighted sum. It runs on the request path with
+per candidate pod the consecutive match and its tier-weighted sum. The keys travel as one string
+(sliced only as far as the walk goes), and each block reads just the fields of the candidates still
+matching (HMGET), so a cold prompt costs one read and a long match one small read per block
+(100k tokens, full match: ~17 ms, benchmarks/PRECISE.md). It runs on the request path with
 a deadline (`lookupTimeout`, default 50 ms); a slow or unreachable Redis means "no prefix data"
 for that request, never a stalled request.
 
@@ -43,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,52 +98,52 @@ return 1
 
 _LOOKUP = """
 local bp = ARGV[1]; local nc = tonumber(ARGV[2])
-local cand = {}
-for i = 1, nc do cand[ARGV[2 + i]] = true end
+local cand = {}; local alive = {}
+for j = 1, nc do local p = ARGV[2 + j]; cand[p] = true; alive[j] = p end
 local i = 3 + nc
 local nw = tonumber(ARGV[i]); local w = {}
 for j = 1, nw do w[j] = tonumber(ARGV[i + j]) end
 i = i + nw + 1
-local top = tonumber(ARGV[i]); i = i + 1
+local top = tonumber(ARGV[i]); local keys = ARGV[i + 1]
 local t = redis.call('TIME'); local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local gens = {}
 local g = redis.call('HGETALL', KEYS[1])
 for j = 1, #g, 2 do gens[g[j]] = tonumber(g[j + 1]) end
-local alive = nil; local len = {}; local score = {}; local n = 0; local last = nil
-for a = i, #ARGV do
-  local h = redis.call('HGETALL', bp .. ARGV[a])
-  local held = {}
-  for j = 1, #h, 2 do
-    local f = h[j]; local v = tonumber(h[j + 1])
-    if f == 'l|' then
-      if cand[h[j + 1]] then last = h[j + 1] end
-    elseif string.byte(f, 1) == 115 and string.byte(f, 2) == 124 then
-      local pod = string.sub(f, 3)
-      if v > now and cand[pod] then held[pod] = top end
-    elseif cand[f] then
-      local tm = v % 256
-      if (v - tm) / 256 == (gens[f] or 0) and tm > 0 then
-        local wt = w[tm] or 0
-        if (held[f] or -1) < wt then held[f] = wt end
-      end
+local function fields_of(pods)
+  local f = {}
+  for j, p in ipairs(pods) do f[2 * j - 1] = p; f[2 * j] = 's|' .. p end
+  return f
+end
+local fields = fields_of(alive)
+fields[#fields + 1] = 'l|'
+local len = {}; local score = {}; local last = nil
+local n = 0; local nblocks = #keys / 16
+while n < nblocks and #alive > 0 do
+  local v = redis.call('HMGET', bp .. string.sub(keys, n * 16 + 1, n * 16 + 16), unpack(fields))
+  if n == 0 and v[#fields] and cand[v[#fields]] then last = v[#fields] end
+  local still = nil  -- built only when a candidate drops out
+  for j, p in ipairs(alive) do
+    local wt = nil
+    local spec = v[2 * j]
+    if spec and tonumber(spec) > now then
+      wt = top
+    elseif v[2 * j - 1] then
+      local m = tonumber(v[2 * j - 1]); local tm = m % 256
+      if tm > 0 and (m - tm) / 256 == (gens[p] or 0) then wt = w[tm] or 0 end
+    end
+    if wt then
+      score[p] = (score[p] or 0) + wt
+      if still then still[#still + 1] = p end
+    else
+      len[p] = n
+      if not still then still = {}; for q = 1, j - 1 do still[q] = alive[q] end end
     end
   end
-  if alive == nil then
-    alive = held
-    for p, wt in pairs(held) do score[p] = wt end
-    if next(alive) == nil then break end
-  else
-    local any = false
-    for p, _ in pairs(alive) do
-      local wt = held[p]
-      if wt then score[p] = score[p] + wt; any = true
-      else len[p] = n; alive[p] = nil end
-    end
-    if not any then break end
-  end
+  if still then alive = still end
+  if still or n == 0 then fields = fields_of(alive) end
   n = n + 1
 end
-if alive then for p, _ in pairs(alive) do len[p] = n end end
+for _, p in ipairs(alive) do len[p] = n end
 local out = {}
 for p, l in pairs(len) do
   if l > 0 then out[#out + 1] = p; out[#out + 1] = l; out[#out + 1] = tostring(score[p]) end
@@ -149,13 +155,14 @@ return out
 _SPECULATE = """
 local t = redis.call('TIME'); local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[3]); local until_ms = now + ttl
-for i = 4, #ARGV do
-  local k = ARGV[1] .. ARGV[i]
+local keys = ARGV[4]
+for n = 0, #keys / 16 - 1 do
+  local k = ARGV[1] .. string.sub(keys, n * 16 + 1, n * 16 + 16)
   local fresh = redis.call('EXISTS', k) == 0
   redis.call('HSET', k, ARGV[2], until_ms)
   if fresh then redis.call('PEXPIRE', k, ttl + 1000) end
 end
-return #ARGV - 3
+return #keys / 16
 """
 
 
@@ -181,6 +188,11 @@ class RedisMatch:
 
 def _hex(k: int) -> str:
     return f"{k:016x}"
+
+
+def _hex_run(keys: list[int]) -> str:
+    """`_hex` of every key, concatenated (C-speed: pack big-endian, then bytes.hex)."""
+    return struct.pack(f">{len(keys)}Q", *keys).hex()
 
 
 class RedisStore:
@@ -213,11 +225,13 @@ class RedisStore:
     async def write(self, pod: str, chains: SourceChains, ts: float, seq: int, delta: Delta) -> None:
         # Also called for batches without changes: the source position must advance for the
         # exactly-once guard and for resuming.
-        start = max(delta.clear_at, 0)
+        # A clear bumps the pod's generation (its old entries stop counting at once), and its
+        # removals still go through, so each key records the pod as its last holder, as the
+        # in-memory index does.
         args: list[Any] = [pod, repr(ts), seq, self.ttl_ms, self.block_prefix, "1" if delta.clear_at >= 0 else "0"]
         keys, masks = delta.keys, delta.masks
-        args.append(len(keys) - start)
-        for i in range(start, len(keys)):
+        args.append(len(keys))
+        for i in range(len(keys)):
             args.append(_hex(keys[i]))
             args.append(masks[i])
         # Engine blocks: their final state in this batch (the chains object is already past it).
@@ -259,8 +273,9 @@ class RedisStore:
     async def lookup(self, keys: list[int], candidates: list[str]) -> RedisMatch:
         if not keys or not candidates:
             return RedisMatch({}, {})
-        args: list[Any] = [self.block_prefix, len(candidates), *candidates, *self._weight_args]
-        args.extend(_hex(k) for k in keys)
+        # The keys as one string of 16-hex-digit keys: one argument for Redis to parse, sliced
+        # in the script only as far as the walk goes (a cold prompt reads one).
+        args = [self.block_prefix, len(candidates), *candidates, *self._weight_args, _hex_run(keys)]
         raw = await self._lookup(keys=[self.gen_key], args=args)
         lengths: dict[str, int] = {}
         weighted: dict[str, float] = {}
@@ -275,4 +290,4 @@ class RedisStore:
     async def speculate(self, pod: str, keys: list[int], ttl: float) -> None:
         if not keys or ttl <= 0:
             return
-        await self._speculate(args=[self.block_prefix, "s|" + pod, math.ceil(ttl * 1000), *(_hex(k) for k in keys)])
+        await self._speculate(args=[self.block_prefix, "s|" + pod, math.ceil(ttl * 1000), _hex_run(keys)])

@@ -5,6 +5,7 @@ Redis-shared in-flight load producer."""
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -16,7 +17,8 @@ from llmepp.datalayer.endpoint import EndpointSpec
 from llmepp.framework.datakeys import IN_FLIGHT_LOAD, PREFIX_CACHE_MATCH_INFO, TOKENIZED_PROMPT, TokenizedPrompt, scoped
 from llmepp.framework.plugin import PluginContext, registry
 from llmepp.framework.scheduling import ProfileResult, SchedulingResult
-from llmepp.kvevents.chain import SourceChains
+from llmepp.kvevents.chain import Delta, SourceChains
+from llmepp.kvevents.index import MemoryIndex
 from llmepp.kvevents.keys import block_keys, root_key, tokens_to_bytes
 from llmepp.kvevents.pool import PoolOptions, SubscriberPool
 from llmepp.kvevents.redis_index import RedisStore, connect
@@ -286,3 +288,54 @@ async def test_inflight_load_is_shared_between_replicas(server: RedisServer, cli
     await until(lambda: seen_by_r2(0), within=3, what="dead replica forgotten")
     await r1.redis.aclose()
     await r2.aclose()
+
+
+async def test_lookups_agree_with_the_in_memory_index(server: RedisServer, client: aioredis.Redis) -> None:
+    """Differential: random stores (both tiers), removals, clears and speculation applied to both
+    indexes; every lookup (random prompts sharing prefixes, random candidate sets) must agree."""
+    rng = random.Random(11)
+    pods = [f"10.0.2.{i}:8000" for i in range(5)]
+    fresh = "10.0.2.99:8000"  # only ever speculated on
+    root = root_key("m")
+    trunk = [rng.randrange(50_000) for _ in range(4 * 40)]
+    prompts = [trunk[: 4 * rng.randrange(1, 41)] + [rng.randrange(50_000) for _ in range(4 * 10)] for _ in range(6)]
+    prompt_keys = [block_keys(tokens_to_bytes(p), 4, root) for p in prompts]
+    for round_ in range(12):
+        await client.flushall()
+        store = RedisStore(client, TIERS)
+        memory = MemoryIndex(1_000_000, 64, TIERS)
+        held: dict[str, dict[int, int]] = {pod: {} for pod in pods}
+        for seq in range(8):
+            for pod in pods:
+                delta = Delta()
+                if rng.random() < 0.1 and held[pod]:  # the pod's cache was cleared
+                    delta.keys += list(held[pod])
+                    delta.masks += [0] * len(held[pod])
+                    delta.clear_at = len(delta.keys)
+                    held[pod].clear()
+                keys = rng.choice(prompt_keys)
+                start = rng.randrange(len(keys))
+                for k in keys[start : start + rng.randrange(1, 20)]:
+                    mask = rng.choice((1, 1, 1, 2, 3))
+                    delta.keys.append(k)
+                    delta.masks.append(mask)
+                    held[pod][k] = mask
+                for k in rng.sample(list(held[pod]), min(len(held[pod]), rng.randrange(3))):
+                    delta.keys.append(k)  # removals, leaving holes and last holders behind
+                    delta.masks.append(0)
+                    del held[pod][k]
+                memory.apply(pod, delta)
+                await store.write(pod, SourceChains(4, 0, TIERS, 10), 1.0, seq, delta)
+        spec_keys = rng.choice(prompt_keys)[: rng.randrange(1, 30)]
+        memory.speculate(fresh, spec_keys, 60.0)
+        await store.speculate(fresh, spec_keys, 60.0)
+        for prompt, keys in zip(prompts, prompt_keys):
+            candidates = rng.sample([*pods, fresh], rng.randrange(1, len(pods) + 2))
+            mask = 0
+            for pod in candidates:
+                mask |= memory.bit(pod)
+            want = memory.match(tokens_to_bytes(prompt), 4, root, mask)
+            got = await store.lookup(keys, candidates)
+            assert got.lengths == {memory.pod_of(b): n for b, n in want.lengths.items()}, round_
+            assert got.weighted == pytest.approx({memory.pod_of(b): w for b, w in want.weighted.items()}), round_
+            assert got.last == (memory.pod_of(want.last) if want.last else None), round_
