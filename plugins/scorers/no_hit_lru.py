@@ -130,20 +130,21 @@ class NoHitLRUScorer(Scorer, PreRequest):
         if info is None:
             return self._cold_scores(endpoints)
         home = info.last_holder if self.prefer_last_holder else None
-        if home is not None and home in endpoints and self._home_keeps_up(request, info, home, endpoints):
-            return [1.0 if ep is home else 0.5 * s for ep, s in zip(endpoints, self._cold_scores(endpoints))]
+        at = _position(endpoints, home)
+        if at >= 0 and self._home_keeps_up(request, info, at, endpoints):
+            return [1.0 if i == at else 0.5 * s for i, s in enumerate(self._cold_scores(endpoints))]
         return self._cold_scores(endpoints)
 
     def _home_keeps_up(
-        self, request: InferenceRequest, info: PrefixMatchInfo, home: Endpoint, endpoints: Sequence[Endpoint]
+        self, request: InferenceRequest, info: PrefixMatchInfo, at: int, endpoints: Sequence[Endpoint]
     ) -> bool:
-        """Whether the last holder's prefill backlog (uncached prompt tokens this EPP has sent it that have
-        not produced a first token) is within `lastHolderBacklogLimit` prompts of the least-loaded candidate's."""
+        """Whether the last holder's (`endpoints[at]`) prefill backlog (uncached prompt tokens this EPP has
+        sent it that have not produced a first token) is within `lastHolderBacklogLimit` prompts of the
+        least-loaded candidate's."""
         if self.backlog_limit < 0:
             return True
         backlog = token_counts(request, self.inflight_key, endpoints)
-        home_backlog = backlog[endpoints.index(home)]
-        return home_backlog - min(backlog) <= self.backlog_limit * info.total_blocks * info.block_size
+        return backlog[at] - min(backlog) <= self.backlog_limit * info.total_blocks * info.block_size
 
     def _cold_scores(self, endpoints: Sequence[Endpoint]) -> list[float]:
         n = len(endpoints)
@@ -175,3 +176,12 @@ class NoHitLRUScorer(Scorer, PreRequest):
         lru[ep] = None
         if len(lru) > self.lru_size:
             lru.popitem(last=False)
+
+
+def _position(endpoints: Sequence[Endpoint], ep: Endpoint | None) -> int:
+    """Index of `ep` among the candidates (by identity), -1 if absent: one scan."""
+    if ep is not None:
+        for i, candidate in enumerate(endpoints):
+            if candidate is ep:
+                return i
+    return -1
