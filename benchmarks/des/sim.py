@@ -617,7 +617,12 @@ def simulate(schedule: Schedule, options: SimOptions) -> SimResult:
         pod_stats=sim.pod_stats(),
         epp_wall_seconds=sim.epp_wall,
         kv_events=[
-            {"stored": p.stats.block_stored, "removed": p.stats.block_removed, "index_keys": len(p.index)}
+            {
+                "stored": p.stats.block_stored,
+                "removed": p.stats.block_removed,
+                "orphans": sum(c.stats.orphans for c in p.pool.chains()),
+                "index_keys": len(p.index),
+            }
             for p in sim.producers
         ],
         evictions=sim.evicted,

@@ -15,8 +15,14 @@ Per engine block the source remembers an `EngineBlock`:
   `parent_block_hash` names this block continues the chain without the earlier tokens.
 * `tiers` — the mediums holding it (GPU, CPU offload, ...).
 
-A store whose parent is unknown (evicted, or stored before we subscribed and never replayed) cannot
-be keyed and is skipped (`orphans`). Request keys are reference counted per (key, tier) so two engine
+A store whose parent was removed recently still continues the chain: a removed block's chain position
+is kept in a small FIFO (`GHOSTS` per source). vLLM (and the simulator) do name removed parents: a
+request holds its own copy of a block whose cached twin (same hash) was evicted, and later stores the
+blocks after it (its generated tokens, a chat's next turn) with that hash as parent; the engine's own
+lookups reach them again once the parent is cached again. An engine hash always stands for the same
+tokens, so the kept position stays right until the source is cleared. A store whose parent is
+unknown (removed long ago, or stored before we subscribed and never replayed) cannot be keyed and is
+skipped (`orphans`). Request keys are reference counted per (key, tier) so two engine
 blocks that map to the same key (duplicate stores, engine-only extra keys) keep it until both go.
 
 Bound: at most `max_blocks` engine blocks per source (default = the index `size`); beyond that the
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import struct
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +41,8 @@ from llmepp.kvevents.keys import root_key, tokens_to_bytes, xxh64
 from llmepp.kvevents.tiers import TierTable
 from llmepp.kvevents.wire import BlockRemoved, BlockStored, normalize_hash
 
+# Removed engine blocks whose chain position is kept per source (~100 bytes each).
+GHOSTS = 1024
 # Cache kinds whose blocks hold a full prefix; sliding-window / chunked-local / mamba groups do not.
 PREFIX_KINDS = frozenset({"full_attention", "mla_attention", "full", "mla"})
 
@@ -86,6 +95,8 @@ class SourceChains:
         self.kmask: dict[int, int] = {}
         self._extra: dict[tuple[int, int], int] = {}
         self._roots: dict[tuple[str, str], int] = {}
+        # Removed engine hash → (last_key, pending), oldest first.
+        self._ghosts: OrderedDict[int, tuple[int, bytes]] = OrderedDict()
         self.stats = ChainStats()
 
     def __len__(self) -> int:
@@ -107,11 +118,16 @@ class SourceChains:
             key = self._root(ev.lora_name or model, _cache_salt(ev))
             pending = b""
         else:
-            parent = engine.get(normalize_hash(ev.parent_block_hash))
-            if parent is None:
-                self.stats.orphans += 1
-                return n
-            key, pending = parent.last_key, parent.pending
+            ph = normalize_hash(ev.parent_block_hash)
+            parent = engine.get(ph)
+            if parent is not None:
+                key, pending = parent.last_key, parent.pending
+            else:
+                ghost = self._ghosts.get(ph)
+                if ghost is None:
+                    self.stats.orphans += 1
+                    return n
+                key, pending = ghost
         tokens = tokens_to_bytes(ev.token_ids)
         span = (ev.block_size or (len(ev.token_ids) // n if n else 0)) * 4
         step = self.step
@@ -180,6 +196,10 @@ class SourceChains:
             else:
                 del engine[h]
                 delta.engine_del.append(h)
+                ghosts = self._ghosts
+                ghosts[h] = (block.last_key, block.pending)
+                if len(ghosts) > GHOSTS:
+                    ghosts.popitem(last=False)
             for k in block.keys:
                 self._decref(k, tbit, delta.keys, delta.masks)
         return len(ev.block_hashes)
@@ -195,6 +215,7 @@ class SourceChains:
         self.engine.clear()
         self.kmask.clear()
         self._extra.clear()
+        self._ghosts.clear()  # a restarted engine may hash differently
 
     # -- persistence (redis_index.py keeps a copy so a restarted EPP resumes the chains) ------------
     def restore(self, blocks: dict[int, EngineBlock]) -> None:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmepp.kvevents.chain import Delta, SourceChains, pack_block, unpack_block
+from llmepp.kvevents.chain import GHOSTS, Delta, SourceChains, pack_block, unpack_block
 from llmepp.kvevents.index import LAST_HOLDER_SLACK, Match, MemoryIndex
 from llmepp.kvevents.keys import block_keys, root_key, tokens_to_bytes
 from llmepp.kvevents.tiers import TierTable
@@ -114,6 +114,37 @@ def test_orphans_unknown_removals_and_kinds_are_counted() -> None:
     assert delta.keys == []
     s = chains.stats
     assert (s.orphans, s.unknown_removals, s.skipped_kind, s.unknown_medium) == (1, 1, 1, 1)
+
+
+def test_a_store_after_a_removed_parent_continues_the_chain() -> None:
+    """A request's own copy of a block whose cached twin was evicted: the engine names the removed
+    hash as the parent of what the request stores next; those blocks are keyed, not orphans."""
+    tokens = list(range(16 * 3))
+    chains = SourceChains(16, 0, TIERS, 1000)
+    delta = Delta()
+    chains.stored(BlockStored([1, 2], token_ids=tokens[:32], block_size=16), MODEL, delta)
+    chains.removed(BlockRemoved([2]), delta)
+    chains.stored(BlockStored([3], parent_block_hash=2, token_ids=tokens[32:], block_size=16), MODEL, delta)
+    want = block_keys(tokens_to_bytes(tokens), 16, root_key(MODEL))
+    assert delta.keys == [want[0], want[1], want[1], want[2]] and delta.masks == [1, 1, 0, 1]
+    assert chains.stats.orphans == 0
+    # A clear forgets removed blocks too (a restarted engine may hash differently).
+    chains.removed(BlockRemoved([3]), delta)
+    chains.clear(delta)
+    chains.stored(BlockStored([4], parent_block_hash=3, token_ids=tokens[32:], block_size=16), MODEL, delta)
+    assert chains.stats.orphans == 1
+
+
+def test_removed_parents_are_remembered_within_a_bound() -> None:
+    chains = SourceChains(16, 0, TIERS, 100_000)
+    delta = Delta()
+    n = GHOSTS + 10
+    for h in range(1, n + 1):
+        chains.stored(BlockStored([h], token_ids=[h] * 16, block_size=16), MODEL, delta)
+    chains.removed(BlockRemoved(list(range(1, n + 1))), delta)
+    for parent in (1, 10, 11, n):  # the oldest 10 removals are forgotten
+        chains.stored(BlockStored([10**9 + parent], parent_block_hash=parent, token_ids=[0] * 16), MODEL, delta)
+    assert chains.stats.orphans == 2
 
 
 def test_tiers_weight_the_match_and_removal_is_per_tier() -> None:
