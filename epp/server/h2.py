@@ -7,7 +7,8 @@ request and one per response chunk, so that runtime, not the EPP's logic, sets t
 This server speaks just enough HTTP/2 + gRPC framing for the single bidi method Envoy calls
 (`/envoy.service.ext_proc.v3.ExternalProcessor/Process`), all on the event loop thread:
 frames are parsed in `data_received`, answers are written in one `transport.write` per
-batch, and the per-stream protocol is the same `ExtProcStream` the grpc.aio servicer runs.
+batch (routing runs eagerly within the batch; it becomes a task only when it has to wait),
+and the per-stream protocol is the same `ExtProcStream` the grpc.aio servicer runs.
 
 What it implements: the connection preface and SETTINGS (peer INITIAL_WINDOW_SIZE and
 MAX_FRAME_SIZE honoured), PING, GOAWAY (both ways; graceful stop), RST_STREAM (= the
