@@ -24,6 +24,9 @@ class EndpointSpec:
     labels: Mapping[str, str] = field(default_factory=dict)
     # Where /metrics is scraped; defaults to address:port.
     metrics_port: int | None = None
+    # Data-parallel rank: the position of `port` in the pool's targetPorts. A vLLM data-parallel
+    # deployment publishes each rank's KV events on its own port, kvEventsPort + rank.
+    rank: int = 0
 
     @property
     def hostport(self) -> str:

@@ -9,6 +9,7 @@ Format (YAML or JSON, at most 1 MiB):
         port: "8000"            # required, 1-65535 (integer or string)
         labels: {llm-d.ai/engine-type: vllm}   # optional
         metricsPort: 9000       # optional extension: scrape /metrics on another port
+        rank: 1                 # optional: data-parallel rank (KV events on socketPort + rank), 0-255
 
 Every problem is reported (not just the first), each naming the entry and field, e.g.
 `endpoints[2].port: must be 1-65535, got 70000`.
@@ -31,7 +32,8 @@ from llmepp.framework.plugin import ConfigError
 __all__ = ["MAX_FILE_BYTES", "EndpointsFileError", "parse_endpoints", "read_endpoints_file"]
 
 MAX_FILE_BYTES = 1 << 20
-_ENTRY_FIELDS = ("name", "namespace", "address", "port", "labels", "metricsPort")
+_ENTRY_FIELDS = ("name", "namespace", "address", "port", "labels", "metricsPort", "rank")
+MAX_RANK = 255
 _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
@@ -124,10 +126,19 @@ def _entry(entry: Any, where: str, problems: list[str]) -> EndpointSpec | None:
     port = _port(entry, "port", where, problems, required=True)
     metrics_port = _port(entry, "metricsPort", where, problems, required=False)
     labels = _labels(entry.get("labels"), where, problems)
+    rank = entry.get("rank", 0)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= MAX_RANK:
+        problems.append(f"{where}.rank: must be an integer 0-{MAX_RANK}, got {_kind(rank)} {rank!r}")
     if len(problems) > before or not name or not address or port is None:
         return None
     return EndpointSpec(
-        name=name, address=address, port=port, namespace=namespace, labels=labels, metrics_port=metrics_port
+        name=name,
+        address=address,
+        port=port,
+        namespace=namespace,
+        labels=labels,
+        metrics_port=metrics_port,
+        rank=rank,
     )
 
 

@@ -72,7 +72,7 @@ def endpoint_specs(pod: Pod, pool: PoolSpec) -> dict[str, EndpointSpec]:
         if port in live:
             name = f"{meta.name}-rank-{idx}"
             specs[name] = EndpointSpec(
-                name=name, address=pod.status.pod_ip, port=port, namespace=meta.namespace, labels=labels
+                name=name, address=pod.status.pod_ip, port=port, namespace=meta.namespace, labels=labels, rank=idx
             )
     return specs
 

@@ -2,7 +2,8 @@
 
 `endpoint_added` starts a task for the endpoint: it restores the source from the store (a shared
 index may already hold its chains), then runs a `Subscriber` against
-``tcp://<address>:<socketPort>`` (replay: ``tcp://<address>:<replaySocketPort>``). A task that fails
+``tcp://<address>:<socketPort + rank>`` (replay: ``tcp://<address>:<replaySocketPort + rank>``; `rank`
+is the endpoint's data-parallel rank, its target port's position, 0 for most pods). A task that fails
 unexpectedly is logged and restarted after a second; `endpoint_removed` cancels it and tells the
 store the pod is gone. Endpoints are identified by `ip:port` (the index's pod id, as in llm-d).
 
@@ -149,10 +150,12 @@ class SubscriberPool:
                     await self.store.forget(pod, src.chains)
                     src.chains = self.new_chains()
                 resume = await self.store.resume(pod, src.chains)
+                # Data-parallel ranks publish on consecutive ports (vLLM: port + rank).
+                rank = endpoint.spec.rank
                 sub = Subscriber(
                     pod,
-                    tcp(endpoint.address, o.socket_port),
-                    tcp(endpoint.address, o.replay_socket_port) if o.replay_socket_port else "",
+                    tcp(endpoint.address, o.socket_port + rank),
+                    tcp(endpoint.address, o.replay_socket_port + rank) if o.replay_socket_port else "",
                     SourceIngest(pod, src.chains, self.store, self.stats),
                     options=o.subscriber,
                     stats=self.stats,

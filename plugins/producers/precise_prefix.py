@@ -113,9 +113,10 @@ class KVEventsConfig(PluginParams):
 class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkProcessor, ResponseCompleteProcessor):
     """Writes PrefixCacheMatchInfo from the pods' own KV-cache reports (vLLM KV events).
 
-    What: every discovered endpoint's KV-event publisher (``tcp://<address>:<socketPort>``) is
-    subscribed to; stored / removed / cleared blocks keep an index of which pod holds which prompt
-    block (llmepp.kvevents). Per request the prompt's block keys are looked up: per endpoint, the
+    What: every discovered endpoint's KV-event publisher (``tcp://<address>:<socketPort + rank>``,
+    rank = the endpoint's data-parallel rank, 0 unless a pod serves several) is subscribed to;
+    stored / removed / cleared blocks keep an index of which pod holds which prompt block
+    (llmepp.kvevents). Per request the prompt's block keys are looked up: per endpoint, the
     longest run of consecutive blocks from the start it holds, weighted by tier.
     Why: the approximate producer guesses from its own routing history; this one knows — including
     evictions, cache resets and traffic other routers (or other EPP replicas) sent.

@@ -32,6 +32,7 @@ endpoints:
     address: 10.0.0.2
     port: 8001
     metricsPort: 9000
+    rank: 1
 """
 
 
@@ -43,7 +44,8 @@ def test_parse_yaml() -> None:
         port=8000,
         labels={"llm-d.ai/engine-type": "vllm", "gpu": "1", "spot": "true"},
     )
-    assert (b.namespace, b.port, b.metrics_port, dict(b.labels)) == ("team-a", 8001, 9000, {})
+    assert (b.namespace, b.port, b.metrics_port, dict(b.labels), b.rank) == ("team-a", 8001, 9000, {}, 1)
+    assert a.rank == 0
 
 
 def test_parse_json_and_empty_pool() -> None:
@@ -74,6 +76,9 @@ def test_parse_json_and_empty_pool() -> None:
         ({"name": "a", "address": "10.0.0.1", "port": 1, "labels": {"k": {"x": 1}}}, "endpoints[0].labels.k: must be"),
         ({"name": "a", "address": "10.0.0.1", "port": 1, "metricsPort": 99999}, "endpoints[0].metricsPort: must be"),
         ({"name": " a", "address": "10.0.0.1", "port": 1}, "endpoints[0].name: must not contain whitespace"),
+        ({"name": "a", "address": "10.0.0.1", "port": 1, "rank": -1}, "endpoints[0].rank: must be an integer 0-255"),
+        ({"name": "a", "address": "10.0.0.1", "port": 1, "rank": "1"}, "endpoints[0].rank: must be an integer 0-255"),
+        ({"name": "a", "address": "10.0.0.1", "port": 1, "rank": True}, "endpoints[0].rank: must be an integer 0-255"),
     ],
 )
 def test_entry_validation_messages(entry: dict[str, object], problem: str) -> None:

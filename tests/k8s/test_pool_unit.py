@@ -34,6 +34,8 @@ def test_one_endpoint_per_target_port_with_rank_names_and_labels() -> None:
     assert state(ds) == {"a-rank-0": "10.0.0.1:8000", "a-rank-1": "10.0.0.1:8001", "a-rank-2": "10.0.0.1:8002"}
     ep = ds.get("a-rank-2", NS)
     assert ep is not None and dict(ep.labels) == {"app": "v", "zone": "z1"}
+    # The data-parallel rank (KV events on socketPort + rank) is the target port's position.
+    assert [ds.get(f"a-rank-{i}", NS).spec.rank for i in range(3)] == [0, 1, 2]  # type: ignore[union-attr]
 
 
 def test_not_ready_terminating_ip_less_or_unselected_pods_contribute_nothing() -> None:
@@ -55,6 +57,7 @@ def test_active_ports_annotation_keeps_rank_positions() -> None:
     r.set_pool(PoolSpec((8000, 8001, 8002), {"app": "v"}))
     r.pod_changed(p)
     assert state(ds) == {"a-rank-2": "10.0.0.1:8002"}
+    assert ds.get("a-rank-2", NS).spec.rank == 2  # type: ignore[union-attr]
 
 
 def test_pool_before_pods_pods_before_pool_and_pool_deletion() -> None:

@@ -45,10 +45,19 @@ def as_legacy(ev: dict) -> list[Any]:
 class TestPublisher:
     __test__ = False  # not a pytest class
 
-    def __init__(self, host: str, *, reply_frames: int = 3, legacy: bool = False, topic: str = "kv@pod@m") -> None:
+    def __init__(
+        self,
+        host: str,
+        *,
+        reply_frames: int = 3,
+        legacy: bool = False,
+        topic: str = "kv@pod@m",
+        port: int = 0,
+        replay_port: int = 0,
+    ) -> None:
         self.host = host
-        self.port = free_port(host)
-        self.replay_port = free_port(host)
+        self.port = port or free_port(host)
+        self.replay_port = replay_port or free_port(host)
         self.reply_frames = reply_frames
         self.legacy = legacy
         self.topic = topic.encode()

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 
 from llmepp.testing.ports import free_port
 from llmepp.testing.redis import RedisServer
 from llmepp.testing.stack import Stack, StackOptions
+from llmepp_sim.cluster import PodInfo, SimProcess
 from llmepp_sim.tokenizer import TOKENIZER_PATH
 
 pytestmark = pytest.mark.e2e
@@ -266,3 +268,68 @@ async def test_chat_rendered_with_the_models_jinja_template_lands_where_it_is_ca
         history += [{"role": "assistant", "content": "noted"}, {"role": "user", "content": "and now?"}]
         pod, cached = await chat(http, stack.url, history)
         assert pod == home.name and cached > 0
+
+
+class DataParallelStack(Stack):
+    """One pod serving two data-parallel ranks: one address, HTTP ports p and p + 1, KV events on
+    z and z + 1 (replay r and r + 1), as vLLM offsets each rank's sockets; the endpoints file names
+    each rank's endpoint with its `rank`, as the Kubernetes pool does from the target ports."""
+
+    def __init__(self, host: str, zmq_port: int, replay_port: int, options: StackOptions) -> None:
+        super().__init__(options)
+        self.host, self.zmq_port, self.replay_port = host, zmq_port, replay_port
+
+    async def start_pods(self) -> None:
+        base = self.pod_port
+        pods = [
+            {
+                "name": f"dp-rank-{rank}",
+                "host": self.host,
+                "port": base + rank,
+                "zmq-endpoint": f"tcp://{self.host}:{self.zmq_port + rank}",
+                "kv-events-replay-endpoint": f"tcp://{self.host}:{self.replay_port + rank}",
+            }
+            for rank in (0, 1)
+        ]
+        sim_yaml = self.workdir / "sim.yaml"
+        sim_yaml.write_text(yaml.safe_dump({"pods": pods}))
+        self.sim = SimProcess(["--config", str(sim_yaml), *SIM], ready_timeout=self.options.startup_timeout)
+        await asyncio.to_thread(self.sim.start)
+
+    def write_endpoints(self, pods: list[PodInfo]) -> None:
+        entries = []
+        for pod in pods:
+            host, port = pod.address.rsplit(":", 1)
+            entries.append({"name": pod.name, "address": host, "port": int(port), "rank": int(port) - self.pod_port})
+        self.endpoints_file.write_text(yaml.safe_dump({"endpoints": entries}))
+
+
+def _consecutive_ports(host: str) -> int:
+    for _ in range(50):
+        p = free_port(host)
+        if free_port(host) == p + 1:
+            return p
+    raise AssertionError("no two consecutive free ports")
+
+
+async def test_each_data_parallel_rank_is_routed_on_its_own_events(http: aiohttp.ClientSession) -> None:
+    host = "127.0.0.196"
+    zmq_port, replay_port, pod_port = (_consecutive_ports(host) for _ in range(3))
+    options = StackOptions(
+        pods=1, first_host=196, pod_port=pod_port, epp_config=config(zmq_port, replay_port, load_scorers=False)
+    )
+    async with DataParallelStack(host, zmq_port, replay_port, options) as stack:
+        rank0, rank1 = stack.pods
+        assert (rank0.name, rank1.name) == ("dp-rank-0", "dp-rank-1")
+        # Placed behind the EPP's back on rank 1, then on rank 0: only each rank's own events say where.
+        # (A cold prompt would go to rank 0 first; with both ranks read from rank 0's socket, rank 1's
+        # prompt would look cold and rank 0's would look cached on both.)
+        on1, on0 = long_prompt(21), long_prompt(22)
+        await complete(http, rank1.url, on1)
+        await complete(http, rank0.url, on0)
+        await asyncio.sleep(EVENTS_SETTLE)
+        for _ in range(2):
+            pod, cached = await complete(http, stack.url, on1)
+            assert pod == rank1.name and cached > 0
+            pod, cached = await complete(http, stack.url, on0)
+            assert pod == rank0.name and cached > 0

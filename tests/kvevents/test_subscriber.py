@@ -8,6 +8,10 @@ import time
 
 import pytest
 
+from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
+from llmepp.kvevents.keys import block_keys, root_key, tokens_to_bytes
+from llmepp.testing.ports import free_port
+
 from .publisher import CLEARED, TestPublisher, stored
 from .rig import Rig, endpoint, memory_pool, until
 
@@ -157,4 +161,41 @@ async def test_pool_follows_endpoints_and_a_dead_publisher_costs_nothing() -> No
         await until(lambda: len(index) == 0 and index.bit_of(alive_ep.hostport) == 0, what="pod forgotten")
         pool.endpoint_removed(dead_ep)
         assert len(pool) == 0
+        await pool.aclose()
+
+
+def _consecutive_ports(host: str) -> int:
+    """A port p with p and p + 1 both free (two data-parallel ranks' sockets)."""
+    for _ in range(50):
+        p = free_port(host)
+        if free_port(host) == p + 1:
+            return p
+    raise AssertionError("no two consecutive free ports")
+
+
+async def test_a_data_parallel_rank_is_read_from_its_own_ports() -> None:
+    """vLLM publishes rank r's events on socketPort + r and replays them on replaySocketPort + r; an
+    endpoint of rank r (its target port's position) is subscribed there, and what that rank stores is
+    attributed to that endpoint alone."""
+    host = "127.0.0.166"
+    base, replay = _consecutive_ports(host), _consecutive_ports(host)
+    async with (
+        TestPublisher(host, port=base, replay_port=replay) as rank0,
+        TestPublisher(host, port=base + 1, replay_port=replay + 1) as rank1,
+    ):
+        await rank1.publish([chain(0, 2)])  # before anyone subscribed: only a replay can bring it
+        pool, index = memory_pool(base, replay, block_tokens=4)
+        ep0 = Endpoint(EndpointSpec(name="pod-rank-0", address=host, port=8000))
+        ep1 = Endpoint(EndpointSpec(name="pod-rank-1", address=host, port=8001, rank=1))
+        pool.endpoint_added(ep0)
+        pool.endpoint_added(ep1)
+        await asyncio.sleep(0.3)
+        await rank1.publish([chain(2, 3)])  # joining mid-stream: replay from 0 on rank 1's replay port
+        await until(lambda: len(index) == 3, what="rank 1's blocks indexed")
+        assert rank1.replay_requests == [0] and rank0.replay_requests == []
+        keys = block_keys(tokens_to_bytes(TOKENS[:12]), 4, root_key("m"))
+        assert all(index.holders(k) == index.bit_of(ep1.hostport) for k in keys)
+        await rank0.publish([chain(0, 1)])
+        both = index.bit_of(ep0.hostport) | index.bit_of(ep1.hostport)
+        await until(lambda: index.holders(keys[0]) == both, what="rank 0's block attributed to rank 0")
         await pool.aclose()
