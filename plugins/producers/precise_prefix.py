@@ -164,8 +164,8 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkPro
     sglang, `sessionManager`.
 
     Endpoints are followed through an `endpoint-notification-source` if the config has one (the
-    reference's wiring), else straight from the datastore. Subscribers key pods by `ip:port`; one
-    publisher per pod address is assumed (data-parallel ranks on port+rank are not followed).
+    reference's wiring), else straight from the datastore. Subscribers key pods by `ip:port`; a
+    pod's data-parallel rank r (its r-th target port) is read on `socketPort` + r, as vLLM offsets it.
     """
 
     type = "precise-prefix-cache-producer"
