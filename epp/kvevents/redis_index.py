@@ -166,6 +166,10 @@ return #keys / 16
 """
 
 
+# Candidates per lookup script call (Redis's Lua unpacks at most ~8,000 values; two fields each).
+LOOKUP_CHUNK = 2048
+
+
 def redis_url(address: str) -> str:
     """llm-d accepts `redis://`, `valkey://` and bare `host:port`; redis-py wants a redis URL."""
     if address.startswith(("valkey://", "valkeys://")):
@@ -275,8 +279,25 @@ class RedisStore:
             return RedisMatch({}, {})
         # The keys as one string of 16-hex-digit keys: one argument for Redis to parse, sliced
         # in the script only as far as the walk goes (a cold prompt reads one).
-        args = [self.block_prefix, len(candidates), *candidates, *self._weight_args, _hex_run(keys)]
-        raw = await self._lookup(keys=[self.gen_key], args=args)
+        run = _hex_run(keys)
+        if len(candidates) <= LOOKUP_CHUNK:
+            return self._match(await self._lookup_raw(run, candidates))
+        # Redis's Lua passes at most ~8,000 values to one call (HMGET of 2 fields per candidate):
+        # larger pools are looked up in chunks, pipelined; each pod's answer is its own.
+        chunks = [candidates[i : i + LOOKUP_CHUNK] for i in range(0, len(candidates), LOOKUP_CHUNK)]
+        parts = [self._match(raw) for raw in await asyncio.gather(*(self._lookup_raw(run, c) for c in chunks))]
+        lengths = {pod: n for m in parts for pod, n in m.lengths.items()}
+        weighted = {pod: w for m in parts for pod, w in m.weighted.items()}
+        last = None if lengths else next((m.last for m in parts if m.last), None)
+        return RedisMatch(lengths, weighted, last)
+
+    async def _lookup_raw(self, run: str, candidates: list[str]) -> list[Any]:
+        args = [self.block_prefix, len(candidates), *candidates, *self._weight_args, run]
+        raw: list[Any] = await self._lookup(keys=[self.gen_key], args=args)
+        return raw
+
+    @staticmethod
+    def _match(raw: list[Any]) -> RedisMatch:
         lengths: dict[str, int] = {}
         weighted: dict[str, float] = {}
         for i in range(0, len(raw), 3):

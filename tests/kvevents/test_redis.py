@@ -339,3 +339,22 @@ async def test_lookups_agree_with_the_in_memory_index(server: RedisServer, clien
             assert got.lengths == {memory.pod_of(b): n for b, n in want.lengths.items()}, round_
             assert got.weighted == pytest.approx({memory.pod_of(b): w for b, w in want.weighted.items()}), round_
             assert got.last == (memory.pod_of(want.last) if want.last else None), round_
+
+
+async def test_pools_larger_than_one_script_call_are_looked_up_in_chunks(
+    server: RedisServer, client: aioredis.Redis
+) -> None:
+    """Redis's Lua takes at most ~8,000 values per call; a pool of 5,000 candidates is looked up in
+    chunks and answers as one (a hit in the last chunk; the last holder from whichever chunk has it)."""
+    store = RedisStore(client, TIERS)
+    keys = block_keys(tokens_to_bytes(TOKENS), 4, root_key("m"))
+    pods = [f"10.9.{i // 250}.{i % 250}:8000" for i in range(5_000)]
+    holder, gone = pods[-1], pods[3_000]
+    await store.write(holder, SourceChains(4, 0, TIERS, 10), 1.0, 0, Delta(keys=keys, masks=[1] * len(keys)))
+    found = await store.lookup(keys, pods)
+    assert found.lengths == {holder: len(keys)} and found.last is None
+    other = [k ^ 1 for k in keys]
+    await store.write(gone, SourceChains(4, 0, TIERS, 10), 1.0, 0, Delta(keys=other, masks=[1] * len(other)))
+    await store.write(gone, SourceChains(4, 0, TIERS, 10), 1.0, 1, Delta(keys=other, masks=[0] * len(other)))
+    found = await store.lookup(other, pods)
+    assert found.lengths == {} and found.last == gone
