@@ -142,6 +142,15 @@ class SubscriberPool:
         previous = self._stopping.get(pod)
         if previous is not None:
             await asyncio.shield(previous)
+        # Data-parallel ranks publish on consecutive ports (vLLM: port + rank).
+        rank = endpoint.spec.rank
+        port, replay_port = o.socket_port + rank, o.replay_socket_port + rank if o.replay_socket_port else 0
+        if max(port, replay_port) > 65_535:
+            log.error(
+                "KV events of %s (data-parallel rank %d) would be on port %d, beyond 65535: not subscribed",
+                pod, rank, max(port, replay_port),
+            )  # fmt: skip
+            return
         failed = False
         while True:
             try:
@@ -150,12 +159,10 @@ class SubscriberPool:
                     await self.store.forget(pod, src.chains)
                     src.chains = self.new_chains()
                 resume = await self.store.resume(pod, src.chains)
-                # Data-parallel ranks publish on consecutive ports (vLLM: port + rank).
-                rank = endpoint.spec.rank
                 sub = Subscriber(
                     pod,
-                    tcp(endpoint.address, o.socket_port + rank),
-                    tcp(endpoint.address, o.replay_socket_port + rank) if o.replay_socket_port else "",
+                    tcp(endpoint.address, port),
+                    tcp(endpoint.address, replay_port) if replay_port else "",
                     SourceIngest(pod, src.chains, self.store, self.stats),
                     options=o.subscriber,
                     stats=self.stats,

@@ -199,3 +199,12 @@ async def test_a_data_parallel_rank_is_read_from_its_own_ports() -> None:
         both = index.bit_of(ep0.hostport) | index.bit_of(ep1.hostport)
         await until(lambda: index.holders(keys[0]) == both, what="rank 0's block attributed to rank 0")
         await pool.aclose()
+
+
+async def test_a_rank_whose_port_would_exceed_65535_is_not_subscribed(caplog: pytest.LogCaptureFixture) -> None:
+    pool, _ = memory_pool(65_500)
+    pool.endpoint_added(Endpoint(EndpointSpec(name="r", address="127.0.0.167", port=8000, rank=100)))
+    await asyncio.sleep(0.3)
+    assert pool.stats.restarts == 0 and pool.subscriber("127.0.0.167:8000") is None
+    assert "beyond 65535: not subscribed" in caplog.text
+    await pool.aclose()
