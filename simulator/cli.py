@@ -76,6 +76,7 @@ FLAG_HELP = {
     "event_flush_interval": "ms (wall clock) a partial KV-event batch may wait",
     "use_vllm_legacy_event_format": "tagged-array KV events (vLLM <= 0.23) instead of maps",
     "kv_events_topic": "topic template; placeholders {pod} {host} {port} {model}",
+    "kv_events_connect": "connect the PUB socket to --zmq-endpoint (a central subscriber binds it) instead of binding",
     "kv_events_replay_endpoint": "ZMQ ROUTER endpoint for KV-event replay ('' = off)",
     "kv_events_replay_queue_size": "batches kept for replay",
     "data_parallel_rank": "data_parallel_rank reported in KV-event batches",
@@ -163,7 +164,10 @@ def build_sim_config(file_values: dict[str, Any], cli_values: dict[str, Any]) ->
         values["name"] = str(values.get("name") or "sim-{index}").format(index=index, host=host)
         for key in ("zmq_endpoint", "kv_events_replay_endpoint"):
             if values.get(key):
-                values[key] = _per_pod(str(values[key]), host, index, retarget=multi and key not in entry)
+                # A connecting PUB targets the subscriber's one address: never re-targeted per pod.
+                connects = key == "zmq_endpoint" and bool(values.get("kv_events_connect"))
+                retarget = multi and key not in entry and not connects
+                values[key] = _per_pod(str(values[key]), host, index, retarget=retarget)
         if "labels" in values:
             values["labels"] = _labels(values["labels"])
         if "failure_types" in values and isinstance(values["failure_types"], list):

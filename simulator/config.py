@@ -83,6 +83,9 @@ class PodConfig:
     block_size: int = 16
     hash_seed: str = ""
     zmq_endpoint: str = ""  # "" = no KV events; "tcp://127.0.0.2:*" binds any free port
+    # Connect the PUB socket to zmq_endpoint (a central subscriber that binds, e.g. an EPP's
+    # kvEventsConfig.zmqEndpoint) instead of binding it.
+    kv_events_connect: bool = False
     event_batch_size: int = 16
     event_flush_interval: float = 5.0  # ms wall clock: a partial batch waits at most this long
     use_vllm_legacy_event_format: bool = False  # tagged arrays (vLLM <= 0.23) instead of maps

@@ -13,8 +13,10 @@ answered with ``[identity, b"", topic, seq, payload]`` for every buffered batch 
 (vLLM >= 0.26 framing), then the end marker ``[identity, b"", b"", (-1).to_bytes(8, "big", signed=True),
 b""]``. The last ``--kv-events-replay-queue-size`` batches are buffered.
 
-Both sockets always *bind* (the simulator is the stable side; subscribers connect). A ``*`` port binds any
-free port; ``endpoint`` / ``replay_endpoint`` report what was actually bound.
+Both sockets *bind* (the simulator is the stable side; subscribers connect). A ``*`` port binds any
+free port; ``endpoint`` / ``replay_endpoint`` report what was actually bound. With ``--kv-events-connect``
+the PUB socket instead connects to ``--zmq-endpoint``, a subscriber every pod publishes to (vLLM connects
+to any endpoint without a wildcard host).
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ class KVEventPublisher:
         data_parallel_rank: int = 0,
         replay_endpoint: str = "",
         replay_queue_size: int = 1024,
+        connect: bool = False,
     ) -> None:
+        self._connect = connect
         self.topic = topic.encode()
         self._requested_endpoint = endpoint
         self._requested_replay = replay_endpoint
@@ -84,7 +88,10 @@ class KVEventPublisher:
         self._pub = zmq.Socket(ctx, zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, 100_000)
-        await _bind(self._pub, self._requested_endpoint)
+        if self._connect:
+            self._pub.connect(self._requested_endpoint)
+        else:
+            await _bind(self._pub, self._requested_endpoint)
         self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
         if self._requested_replay:
             self._router = ctx.socket(zmq.ROUTER)

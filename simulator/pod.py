@@ -170,6 +170,7 @@ class SimPod:
                 data_parallel_rank=cfg.data_parallel_rank,
                 replay_endpoint=self._replay_endpoint,
                 replay_queue_size=cfg.kv_events_replay_queue_size,
+                connect=cfg.kv_events_connect,
             )
         self.publisher = publisher
         self.engine = Engine(cfg, self.clock, self.lora, publisher.publish if publisher else None)

@@ -7,6 +7,14 @@ is the endpoint's data-parallel rank, its target port's position, 0 for most pod
 unexpectedly is logged and restarted after a second; `endpoint_removed` cancels it and tells the
 store the pod is gone. Endpoints are identified by `ip:port` (the index's pod id, as in llm-d).
 
+Global-socket mode (`bind_endpoint`, the reference's `kvEventsConfig.zmqEndpoint`): the pods connect
+their PUB sockets to one SUB socket the pool binds (vLLM connects to an endpoint without a wildcard
+host), and each message goes to the source its topic names, ``kv@<pod>@<model>`` with `<pod>` the
+endpoint's ip:port, name or IP (several endpoints on one IP, data-parallel ranks, are told apart by the
+batch's rank). Each source still runs in its own task, fed through a bounded queue, with the same
+sequence tracking and replay (from ``tcp://<address>:<replaySocketPort + rank>`` if configured); a
+message for a pod the pool does not know is counted (`unknown_sources`) and skipped.
+
 Endpoints added before an event loop runs (unit tests building the config synchronously) are
 started by the first `ensure_started()` call from the loop.
 """
@@ -26,6 +34,7 @@ from llmepp.kvevents.chain import SourceChains
 from llmepp.kvevents.ingest import IndexStore, SourceIngest
 from llmepp.kvevents.stats import KVEventStats, LogLimiter
 from llmepp.kvevents.subscriber import Subscriber, SubscriberOptions
+from llmepp.kvevents.wire import MalformedMessage, Message, decode_batch, parse_frames
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +47,11 @@ class PoolOptions:
     replay_socket_port: int = 0  # 0 = no replay
     max_concurrent_replays: int = 8
     subscriber: SubscriberOptions = field(default_factory=SubscriberOptions)
+    # Global-socket mode: bind this endpoint; every pod connects to it (module docstring).
+    bind_endpoint: str = ""
+
+
+SOURCE_QUEUE = 10_000  # messages a source may have waiting in global-socket mode (then: a gap)
 
 
 def tcp(address: str, port: int) -> str:
@@ -46,12 +60,13 @@ def tcp(address: str, port: int) -> str:
 
 
 class _Source:
-    __slots__ = ("chains", "subscriber", "task")
+    __slots__ = ("chains", "queue", "subscriber", "task")
 
-    def __init__(self, chains: SourceChains) -> None:
+    def __init__(self, chains: SourceChains, queue: asyncio.Queue[Message] | None) -> None:
         self.chains = chains
         self.task: asyncio.Task[None] | None = None
         self.subscriber: Subscriber | None = None
+        self.queue = queue  # global-socket mode: what the bound socket received for this source
 
 
 class SubscriberPool:
@@ -74,6 +89,9 @@ class SubscriberPool:
         self._closed = False
         # Removals still tearing down; a re-added endpoint waits for its old state to be gone.
         self._stopping: dict[str, asyncio.Task[None]] = {}
+        # Global-socket mode: the bound socket's task, and topic pod id -> pod(s), rebuilt on change.
+        self._receiver: asyncio.Task[None] | None = None
+        self._ids: dict[str, list[str]] | None = None
 
     def __len__(self) -> int:
         return len(self._sources)
@@ -91,13 +109,16 @@ class SubscriberPool:
         if pod in self._sources or self._closed:
             return
         self._endpoints[pod] = endpoint
-        self._sources[pod] = _Source(self.new_chains())
+        queue: asyncio.Queue[Message] | None = asyncio.Queue(SOURCE_QUEUE) if self.options.bind_endpoint else None
+        self._sources[pod] = _Source(self.new_chains(), queue)
+        self._ids = None
         self._start(pod)
 
     def endpoint_removed(self, endpoint: Endpoint) -> None:
         pod = endpoint.hostport
         src = self._sources.pop(pod, None)
         self._endpoints.pop(pod, None)
+        self._ids = None
         if src is None:
             return
         try:
@@ -114,6 +135,11 @@ class SubscriberPool:
 
     async def aclose(self) -> None:
         self._closed = True
+        if self._receiver is not None:
+            self._receiver.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._receiver
+            self._receiver = None
         sources, self._sources = self._sources, {}
         for src in sources.values():
             if src.task is not None:
@@ -131,6 +157,8 @@ class SubscriberPool:
             return
         src = self._sources[pod]
         src.task = loop.create_task(self._run(pod, src), name=f"kv-events-{pod}")
+        if self.options.bind_endpoint and self._receiver is None:
+            self._receiver = loop.create_task(self._receive(), name="kv-events-bound-socket")
 
     async def _run(self, pod: str, src: _Source) -> None:
         o = self.options
@@ -161,7 +189,7 @@ class SubscriberPool:
                 resume = await self.store.resume(pod, src.chains)
                 sub = Subscriber(
                     pod,
-                    tcp(endpoint.address, port),
+                    o.bind_endpoint or tcp(endpoint.address, port),
                     tcp(endpoint.address, replay_port) if replay_port else "",
                     SourceIngest(pod, src.chains, self.store, self.stats),
                     options=o.subscriber,
@@ -173,7 +201,11 @@ class SubscriberPool:
                 )
                 src.subscriber = sub
                 log.info("subscribed to KV events", extra={"pod": pod, "endpoint": sub.endpoint})
-                await sub.run()
+                if src.queue is None:
+                    await sub.run()
+                else:
+                    while True:
+                        await sub.handle(await src.queue.get())
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -181,6 +213,76 @@ class SubscriberPool:
                 self._limiter.warning(f"restart:{pod}", "KV event subscriber for %s failed (%r); restarting", pod, e)
                 failed = True
                 await asyncio.sleep(RESTART_DELAY)
+
+    # -- global-socket mode --------------------------------------------------------------------------
+    async def _receive(self) -> None:
+        """Bind the pool's SUB socket and hand each message to the source its topic names."""
+        o = self.options
+        if self._ctx is None:
+            self._ctx = zmq.asyncio.Context.instance()
+        while True:
+            sock = self._ctx.socket(zmq.SUB)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVHWM, o.subscriber.rcv_hwm)
+            sock.setsockopt(zmq.SUBSCRIBE, o.subscriber.topic_filter)
+            try:
+                sock.bind(o.bind_endpoint)
+                log.info("KV events: listening for publishers", extra={"endpoint": o.bind_endpoint})
+                while True:
+                    self._dispatch(await sock.recv_multipart())
+                    await asyncio.sleep(0)  # a ready recv does not yield; let requests run
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.stats.restarts += 1
+                self._limiter.warning("bind", "KV events: socket %s failed (%r); retrying", o.bind_endpoint, e)
+                await asyncio.sleep(RESTART_DELAY)
+            finally:
+                sock.close(linger=0)
+
+    def _dispatch(self, frames: list[bytes]) -> None:
+        self.stats.messages += 1
+        try:
+            msg = parse_frames(frames)
+        except MalformedMessage as e:
+            self.stats.malformed_frames += 1
+            self._limiter.warning("frames:bound", "KV events: malformed message: %s", e)
+            return
+        pod = self._source_of(msg)
+        src = self._sources.get(pod) if pod else None
+        if src is None or src.queue is None:
+            self.stats.unknown_sources += 1
+            self._limiter.warning(
+                f"unknown:{msg.topic!r}", "KV events for topic %r: no such endpoint in the pool; skipped", msg.topic
+            )
+            return
+        try:
+            src.queue.put_nowait(msg)
+        except asyncio.QueueFull:
+            self.stats.queue_drops += 1  # the source sees the gap and replays it (or counts it lost)
+
+    def _source_of(self, msg: Message) -> str | None:
+        """The pod (ip:port) a topic ``kv@<id>@<model>`` names: <id> is its ip:port, name or IP."""
+        parts = msg.topic.split(b"@", 2)
+        if len(parts) < 2:
+            return None
+        ids = self._ids
+        if ids is None:
+            ids = self._ids = {}
+            for pod, ep in self._endpoints.items():
+                for key in dict.fromkeys((pod, ep.name, ep.address)):
+                    ids.setdefault(key, []).append(pod)
+        pods = ids.get(parts[1].decode("utf-8", "replace"))
+        if not pods:
+            return None
+        if len(pods) == 1:
+            return pods[0]
+        # One IP, several data-parallel ranks: the batch says which.
+        try:
+            rank = decode_batch(msg.payload).data_parallel_rank or 0
+        except MalformedMessage:
+            return pods[0]  # the source counts it as unreadable
+        return next((p for p in pods if self._endpoints[p].spec.rank == rank), None)
 
     async def _stop(self, pod: str, src: _Source) -> None:
         if src.task is not None:

@@ -37,6 +37,8 @@ class KVEventStats:
     replays_incomplete: int = 0  # the publisher no longer buffered the first batch asked for
     replayed_batches: int = 0
     restarts: int = 0  # subscribers restarted after an error (e.g. the shared index unreachable)
+    unknown_sources: int = 0  # global-socket mode: messages whose topic names no endpoint of the pool
+    queue_drops: int = 0  # global-socket mode: messages dropped because their source's queue was full
 
 
 _COUNTERS = [f.name for f in fields(KVEventStats)]

@@ -126,12 +126,17 @@ class Subscriber:
                     self.stats.malformed_frames += 1
                     self._log.warning(f"frames:{self.pod}", "KV events from %s: malformed message: %s", self.pod, e)
                     continue
-                self._topic = msg.topic
-                await self._live(msg)
+                await self.handle(msg)
                 # A done recv future does not yield; give requests their turn between batches.
                 await asyncio.sleep(0)
         finally:
             sub.close(linger=0)
+
+    async def handle(self, msg: Message) -> None:
+        """One live message of this source, however it was received (its own socket, or the pool's
+        bound socket in global-socket mode)."""
+        self._topic = msg.topic
+        await self._live(msg)
 
     # -- sequence handling -----------------------------------------------------------------------
     async def _live(self, msg: Message) -> None:

@@ -160,8 +160,10 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkPro
     replay}, `replayTimeout` 2m, `replayIdleTimeout` 2s, `replayCooldown` 30s,
     `maxConcurrentReplays` 8, `concurrency` (accepted: every source already has its own task),
     `engineType` vllm}, `speculativeIndexing` false, `speculativeTTL` 2s, `speculativeMaxHold` 5m.
-    Not supported (ConfigError): `kvEventsConfig.zmqEndpoint` (global-socket mode), `engineType`
-    sglang, `sessionManager`.
+    `kvEventsConfig.zmqEndpoint` (e.g. "tcp://*:5557") selects global-socket mode: the EPP binds it and
+    the pods' vLLM connects to it (`"endpoint": "tcp://<epp-service>:5557"`, topic
+    `kv@<pod IP>@<model>`); the pool's endpoints are then followed whatever `discoverPods` says, to
+    match topics to them (llmepp.kvevents.pool). Not supported (ConfigError): `engineType` sglang, `sessionManager`.
 
     Endpoints are followed through an `endpoint-notification-source` if the config has one (the
     reference's wiring), else straight from the datastore. Subscribers key pods by `ip:port`; a
@@ -201,8 +203,11 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkPro
         mem = kb.in_memory_config or InMemoryConfig()
         if p.session_manager:
             raise ConfigError("sessionManager: session-manager lookup is not supported by this build")
-        if ev.zmq_endpoint:
-            raise ConfigError("kvEventsConfig.zmqEndpoint: global-socket mode is not supported; use discoverPods")
+        if ev.zmq_endpoint and not _zmq_bindable(ev.zmq_endpoint):
+            raise ConfigError(
+                f"kvEventsConfig.zmqEndpoint: a tcp://<host>:<port> or ipc://<path> endpoint to bind, "
+                f"got {ev.zmq_endpoint!r}"
+            )
         if ev.engine_type not in ("", "vllm"):
             raise ConfigError(f"kvEventsConfig.engineType: only vllm is supported, got {ev.engine_type!r}")
         self.block_tokens = tp.block_size_tokens if tp.block_size is None else tp.block_size
@@ -220,7 +225,8 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkPro
         self.speculative_max_hold = parse_duration(p.speculative_max_hold)
         self.size = mem.size
         self.pod_cache_size = mem.pod_cache_size
-        self.discover = ev.discover_pods
+        # Global-socket mode follows the pool's endpoints too: topics are matched against them.
+        self.discover = ev.discover_pods or bool(ev.zmq_endpoint)
         self.key = scoped(PREFIX_CACHE_MATCH_INFO, self.name)
         self._ctx_key = f"{self.name}/prompt"
         self._held_key = f"{self.name}/held"
@@ -229,6 +235,7 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkPro
             socket_port=disc.socket_port,
             replay_socket_port=disc.replay_socket_port,
             max_concurrent_replays=ev.max_concurrent_replays,
+            bind_endpoint=ev.zmq_endpoint,
             subscriber=SubscriberOptions(
                 topic_filter=ev.topic_filter.encode(),
                 replay_timeout=parse_duration(ev.replay_timeout),
@@ -507,3 +514,13 @@ class _RedisPrecisePrefixCacheScorer(RedisPrecisePrefixCacheProducer, PrecisePre
 
 
 PrecisePrefixCacheScorer._redis_variant = _RedisPrecisePrefixCacheScorer
+
+
+def _zmq_bindable(endpoint: str) -> bool:
+    """tcp://<host or *>:<port> or ipc://<path>."""
+    if endpoint.startswith("ipc://"):
+        return len(endpoint) > len("ipc://")
+    if not endpoint.startswith("tcp://"):
+        return False
+    host, sep, port = endpoint[len("tcp://") :].rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)

@@ -54,8 +54,12 @@ class TestPublisher:
         topic: str = "kv@pod@m",
         port: int = 0,
         replay_port: int = 0,
+        connect: str = "",
+        rank: int = 0,
     ) -> None:
         self.host = host
+        self.rank = rank  # the batches' data_parallel_rank
+        self.connect = connect  # connect the PUB socket here (global-socket mode) instead of binding
         self.port = port or free_port(host)
         self.replay_port = replay_port or free_port(host)
         self.reply_frames = reply_frames
@@ -73,7 +77,10 @@ class TestPublisher:
     async def __aenter__(self) -> TestPublisher:
         for sock in (self._pub, self._router):
             sock.setsockopt(zmq.LINGER, 0)
-        self._pub.bind(f"tcp://{self.host}:{self.port}")
+        if self.connect:
+            self._pub.connect(self.connect)
+        else:
+            self._pub.bind(f"tcp://{self.host}:{self.port}")
         self._router.bind(f"tcp://{self.host}:{self.replay_port}")
         self._task = asyncio.get_running_loop().create_task(self._serve())
         return self
@@ -89,7 +96,7 @@ class TestPublisher:
 
     def payload(self, events: list[dict]) -> bytes:
         wire = [as_legacy(e) for e in events] if self.legacy else events
-        return bytes(msgpack.packb([time.time(), wire, 0], use_bin_type=True))
+        return bytes(msgpack.packb([time.time(), wire, self.rank], use_bin_type=True))
 
     async def publish(self, events: list[dict], *, drop: bool = False) -> int:
         """Send one batch (or only buffer it for replay when `drop`); returns its seq."""

@@ -72,10 +72,12 @@ def endpoint(address: str, port: int, name: str = "") -> Endpoint:
     return Endpoint(EndpointSpec(name=name or address, address=address, port=port))
 
 
-def memory_pool(socket_port: int, replay_port: int = 0, block_tokens: int = 16) -> tuple[SubscriberPool, MemoryIndex]:
+def memory_pool(
+    socket_port: int, replay_port: int = 0, block_tokens: int = 16, bind: str = ""
+) -> tuple[SubscriberPool, MemoryIndex]:
     index = MemoryIndex(1_000_000, 10, TIERS)
     pool = SubscriberPool(
-        PoolOptions(socket_port=socket_port, replay_socket_port=replay_port),
+        PoolOptions(socket_port=socket_port, replay_socket_port=replay_port, bind_endpoint=bind),
         MemoryStore(index),
         lambda: SourceChains(block_tokens, 0, TIERS, 1_000_000),
         KVEventStats(),

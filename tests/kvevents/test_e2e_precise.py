@@ -333,3 +333,26 @@ async def test_each_data_parallel_rank_is_routed_on_its_own_events(http: aiohttp
             assert pod == rank1.name and cached > 0
             pod, cached = await complete(http, stack.url, on0)
             assert pod == rank0.name and cached > 0
+
+
+async def test_global_socket_mode_pods_publish_to_the_epps_bound_socket(http: aiohttp.ClientSession) -> None:
+    """The older llm-d wiring: `kvEventsConfig.zmqEndpoint`, the EPP binds and every pod's publisher
+    connects to it (vLLM `"endpoint": "tcp://<epp>:5557"`, topic `kv@<pod IP>@<model>`)."""
+    bound = f"tcp://127.0.0.1:{free_port('127.0.0.1')}"
+    sim = [*SIM, "--zmq-endpoint", bound, "--kv-events-connect", "--kv-events-topic", "kv@{host}@{model}"]
+    # The older config shape: a bound endpoint, no pod discovery.
+    global_config = (
+        config(0, 0, load_scorers=False)
+        .replace("podDiscoveryConfig: {socketPort: 0}", f'zmqEndpoint: "{bound}"')
+        .replace("discoverPods: true", "discoverPods: false")
+    )
+    assert bound in global_config and "discoverPods: false" in global_config
+    async with Stack(StackOptions(pods=4, first_host=200, sim_args=sim, epp_config=global_config)) as stack:
+        pods = stack.pods
+        prompt = long_prompt(31)
+        await complete(http, pods[3].url, prompt)  # placed behind the EPP's back
+        await asyncio.sleep(EVENTS_SETTLE)
+        for _ in range(2):
+            pod, cached = await complete(http, stack.url, prompt)
+            assert pod == pods[3].name and cached > 0
+        assert await metric(http, stack.metrics_url, "llm_d_epp_kv_events_unknown_sources_total") == 0

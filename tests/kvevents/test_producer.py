@@ -267,7 +267,8 @@ schedulingProfiles:
 @pytest.mark.parametrize(
     ("params", "error"),
     [
-        ({"kvEventsConfig": {"zmqEndpoint": "tcp://*:5557"}}, "global-socket mode"),
+        ({"kvEventsConfig": {"zmqEndpoint": "tcp://*"}}, "zmqEndpoint: a tcp://<host>:<port>"),
+        ({"kvEventsConfig": {"zmqEndpoint": "udp://*:5557"}}, "zmqEndpoint"),
         ({"kvEventsConfig": {"engineType": "sglang"}}, "only vllm"),
         ({"sessionManager": "s"}, "sessionManager"),
         ({"tokenProcessorConfig": {"blockSizeTokens": 0}}, "blockSizeTokens"),

@@ -10,7 +10,7 @@ import pytest
 
 from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
 from llmepp.kvevents.keys import block_keys, root_key, tokens_to_bytes
-from llmepp.testing.ports import free_port
+from llmepp.testing.ports import free_port, free_shared_port
 
 from .publisher import CLEARED, TestPublisher, stored
 from .rig import Rig, endpoint, memory_pool, until
@@ -207,4 +207,54 @@ async def test_a_rank_whose_port_would_exceed_65535_is_not_subscribed(caplog: py
     await asyncio.sleep(0.3)
     assert pool.stats.restarts == 0 and pool.subscriber("127.0.0.167:8000") is None
     assert "beyond 65535: not subscribed" in caplog.text
+    await pool.aclose()
+
+
+async def test_global_socket_mode_sorts_messages_by_topic_and_replays_per_pod() -> None:
+    """kvEventsConfig.zmqEndpoint: the EPP binds one SUB socket and the pods connect to it; each
+    message belongs to the pod its topic names (ip:port, name or IP; ranks by the batch's rank);
+    gaps are replayed from that pod's own replay socket; unknown pods are counted and skipped."""
+    a, b = "127.0.0.168", "127.0.0.169"
+    bind_port, replay = free_port("127.0.0.1"), free_shared_port([a, b])
+    bound = f"tcp://127.0.0.1:{bind_port}"
+    pool, index = memory_pool(5557, replay, block_tokens=4, bind=bound)
+    ep_a, ep_b = endpoint(a, 8000, name="pod-a"), endpoint(b, 8000, name="pod-b")
+    pool.endpoint_added(ep_a)
+    pool.endpoint_added(ep_b)
+    async with (
+        TestPublisher(a, connect=bound, replay_port=replay, topic=f"kv@{a}@m") as pub_a,
+        TestPublisher(b, connect=bound, replay_port=replay, topic="kv@pod-b@m") as pub_b,
+        TestPublisher("127.0.0.170", connect=bound, topic="kv@10.9.9.9@m") as stranger,
+    ):
+        await asyncio.sleep(0.3)  # the connects complete
+        await pub_a.publish([chain(0, 3)])
+        await pub_b.publish([chain(0, 1)])
+        await stranger.publish([chain(0, 2)])
+        await until(lambda: pool.stats.batches == 2 and pool.stats.unknown_sources == 1, what="both pods' batches")
+        keys = block_keys(tokens_to_bytes(TOKENS[:12]), 4, root_key("m"))
+        bits_a, bits_b = index.bit_of(ep_a.hostport), index.bit_of(ep_b.hostport)
+        assert [index.holders(k) for k in keys] == [bits_a | bits_b, bits_a, bits_a]
+        # A batch lost on the way: the next one reveals the gap, pod b's replay socket fills it.
+        await pub_b.publish([chain(1, 2)], drop=True)
+        await pub_b.publish([chain(2, 3)])
+        await until(lambda: all(index.holders(k) == bits_a | bits_b for k in keys), what="pod b replayed")
+        assert pub_b.replay_requests == [1] and pub_a.replay_requests == []
+        assert pool.stats.lost_batches == 0
+    await pool.aclose()
+
+
+async def test_global_socket_mode_tells_ranks_on_one_ip_apart_by_the_batch_rank() -> None:
+    host = "127.0.0.171"
+    bound = f"tcp://127.0.0.1:{free_port('127.0.0.1')}"
+    pool, index = memory_pool(5557, block_tokens=4, bind=bound)
+    ep0 = Endpoint(EndpointSpec(name="p-rank-0", address=host, port=8000))
+    ep1 = Endpoint(EndpointSpec(name="p-rank-1", address=host, port=8001, rank=1))
+    pool.endpoint_added(ep0)
+    pool.endpoint_added(ep1)
+    async with TestPublisher(host, connect=bound, topic=f"kv@{host}@m", rank=1) as rank1:
+        await asyncio.sleep(0.3)
+        await rank1.publish([chain(0, 2)])
+        await until(lambda: pool.stats.batches == 1, what="rank 1's batch")
+        keys = block_keys(tokens_to_bytes(TOKENS[:8]), 4, root_key("m"))
+        assert [index.holders(k) for k in keys] == [index.bit_of(ep1.hostport)] * 2
     await pool.aclose()

@@ -39,6 +39,14 @@ def test_flags_map_to_pod_config_fields() -> None:
     assert single.name == "sim-0" and single.host == "127.0.0.1"
 
 
+def test_connecting_publishers_all_target_the_one_subscriber() -> None:
+    config = build_sim_config(
+        {}, {"pods": 3, "port": 8000, "zmq_endpoint": "tcp://127.0.0.1:5557", "kv_events_connect": True}
+    )
+    assert [p.zmq_endpoint for p in config.pods] == ["tcp://127.0.0.1:5557"] * 3
+    assert all(p.kv_events_connect for p in config.pods)
+
+
 def test_many_pods_get_loopback_hosts_and_retargeted_zmq_endpoints() -> None:
     config = build_sim_config({}, {"pods": 3, "port": 8000, "zmq_endpoint": "tcp://127.0.0.1:5557"})
     assert [p.host for p in config.pods] == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
