@@ -36,3 +36,21 @@ def test_a_shared_port_is_free_on_every_host(monkeypatch: pytest.MonkeyPatch) ->
     for h in hosts:
         with socket.socket() as s:
             s.bind((h, port))
+
+
+def test_a_port_pair_is_two_free_consecutive_ports_and_neither_is_handed_out_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    host = "127.0.0.63"
+    busy = ports.free_port(host)  # within the allocator's range, so only its neighbour check can skip busy - 1
+    with socket.socket() as taken:
+        taken.bind((host, busy))
+        taken.listen()
+        # busy - 1 is free but its neighbour is not; then two free ones in a row.
+        after = [p for p in range(21_000, 21_100) if p not in (busy - 1, busy)]
+        monkeypatch.setattr(ports, "_next", iter([busy - 1, busy, *after]))
+        first = ports.free_port_pair(host)
+        assert first == after[0] and first + 1 == after[1] and ports.free_port(host) == after[2]
+    for p in (first, first + 1):
+        with socket.socket() as s:
+            s.bind((host, p))

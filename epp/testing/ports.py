@@ -60,3 +60,16 @@ def free_shared_port(hosts: list[str]) -> int:
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on at `host`, outside the ephemeral range and not handed out before by this process."""
     return free_shared_port([host])
+
+
+def free_port_pair(host: str = "127.0.0.1") -> int:
+    """A port p with p and p + 1 both free at `host` (and neither handed out before): a data-parallel
+    pod's two ranks, whose sockets sit on consecutive ports."""
+    stop = _range().stop
+    with _lock:
+        for _ in range(_SCAN_LIMIT):
+            port = next(_next)
+            if port + 1 < stop and _bindable(host, port) and _bindable(host, port + 1):
+                next(_next)  # p + 1: the candidates run in order, so it is the next one
+                return port
+    raise RuntimeError(f"no two consecutive free ports at {host} after {_SCAN_LIMIT} tries")

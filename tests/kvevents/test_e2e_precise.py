@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 import yaml
 
-from llmepp.testing.ports import free_port
+from llmepp.testing.ports import free_port, free_port_pair
 from llmepp.testing.redis import RedisServer
 from llmepp.testing.stack import Stack, StackOptions
 from llmepp_sim.cluster import PodInfo, SimProcess
@@ -304,17 +304,9 @@ class DataParallelStack(Stack):
         self.endpoints_file.write_text(yaml.safe_dump({"endpoints": entries}))
 
 
-def _consecutive_ports(host: str) -> int:
-    for _ in range(50):
-        p = free_port(host)
-        if free_port(host) == p + 1:
-            return p
-    raise AssertionError("no two consecutive free ports")
-
-
 async def test_each_data_parallel_rank_is_routed_on_its_own_events(http: aiohttp.ClientSession) -> None:
     host = "127.0.0.196"
-    zmq_port, replay_port, pod_port = (_consecutive_ports(host) for _ in range(3))
+    zmq_port, replay_port, pod_port = (free_port_pair(host) for _ in range(3))
     options = StackOptions(
         pods=1, first_host=196, pod_port=pod_port, epp_config=config(zmq_port, replay_port, load_scorers=False)
     )

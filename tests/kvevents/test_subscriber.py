@@ -10,7 +10,7 @@ import pytest
 
 from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
 from llmepp.kvevents.keys import block_keys, root_key, tokens_to_bytes
-from llmepp.testing.ports import free_port, free_shared_port
+from llmepp.testing.ports import free_port, free_port_pair, free_shared_port
 
 from .publisher import CLEARED, TestPublisher, stored
 from .rig import Rig, endpoint, memory_pool, until
@@ -164,21 +164,12 @@ async def test_pool_follows_endpoints_and_a_dead_publisher_costs_nothing() -> No
         await pool.aclose()
 
 
-def _consecutive_ports(host: str) -> int:
-    """A port p with p and p + 1 both free (two data-parallel ranks' sockets)."""
-    for _ in range(50):
-        p = free_port(host)
-        if free_port(host) == p + 1:
-            return p
-    raise AssertionError("no two consecutive free ports")
-
-
 async def test_a_data_parallel_rank_is_read_from_its_own_ports() -> None:
     """vLLM publishes rank r's events on socketPort + r and replays them on replaySocketPort + r; an
     endpoint of rank r (its target port's position) is subscribed there, and what that rank stores is
     attributed to that endpoint alone."""
     host = "127.0.0.166"
-    base, replay = _consecutive_ports(host), _consecutive_ports(host)
+    base, replay = free_port_pair(host), free_port_pair(host)
     async with (
         TestPublisher(host, port=base, replay_port=replay) as rank0,
         TestPublisher(host, port=base + 1, replay_port=replay + 1) as rank1,
