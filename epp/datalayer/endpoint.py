@@ -25,7 +25,7 @@ class EndpointSpec:
     # Where /metrics is scraped; defaults to address:port.
     metrics_port: int | None = None
     # Data-parallel rank: the position of `port` in the pool's targetPorts. A vLLM data-parallel
-    # deployment publishes each rank's KV events on its own port, kvEventsPort + rank.
+    # deployment publishes each rank's KV events on its own port: the producer's socketPort + rank.
     rank: int = 0
 
     @property

@@ -41,7 +41,7 @@ from llmepp.kvevents.keys import root_key, tokens_to_bytes, xxh64
 from llmepp.kvevents.tiers import TierTable
 from llmepp.kvevents.wire import BlockRemoved, BlockStored, normalize_hash
 
-# Removed engine blocks whose chain position is kept per source (~100 bytes each).
+# Removed engine blocks whose chain position is kept per source (~160 bytes each, PRECISE.md).
 GHOSTS = 1024
 # Cache kinds whose blocks hold a full prefix; sliding-window / chunked-local / mamba groups do not.
 PREFIX_KINDS = frozenset({"full_attention", "mla_attention", "full", "mla"})
