@@ -18,7 +18,7 @@ Per engine block the source remembers an `EngineBlock`:
 A store whose parent was removed recently still continues the chain: a removed block's chain position
 is kept in a small FIFO (`GHOSTS` per source). vLLM (and the simulator) do name removed parents: a
 request holds its own copy of a block whose cached twin (same hash) was evicted, and later stores the
-blocks after it (its generated tokens, a chat's next turn) with that hash as parent; the engine's own
+blocks after it (its generated tokens) with that hash as parent; the engine's own
 lookups reach them again once the parent is cached again. An engine hash always stands for the same
 tokens, so the kept position stays right until the source is cleared. A store whose parent is
 unknown (removed long ago, or stored before we subscribed and never replayed) cannot be keyed and is
