@@ -130,9 +130,13 @@ class NoHitLRUScorer(Scorer, PreRequest):
         if info is None:
             return self._cold_scores(endpoints)
         home = info.last_holder if self.prefer_last_holder else None
-        at = _position(endpoints, home)
-        if at >= 0 and self._home_keeps_up(request, info, at, endpoints):
-            return [1.0 if i == at else 0.5 * s for i, s in enumerate(self._cold_scores(endpoints))]
+        if home is not None:
+            try:
+                at = endpoints.index(home)  # by identity (Endpoint has no __eq__): one scan
+            except ValueError:
+                return self._cold_scores(endpoints)
+            if self._home_keeps_up(request, info, at, endpoints):
+                return [1.0 if i == at else 0.5 * s for i, s in enumerate(self._cold_scores(endpoints))]
         return self._cold_scores(endpoints)
 
     def _home_keeps_up(
@@ -176,12 +180,3 @@ class NoHitLRUScorer(Scorer, PreRequest):
         lru[ep] = None
         if len(lru) > self.lru_size:
             lru.popitem(last=False)
-
-
-def _position(endpoints: Sequence[Endpoint], ep: Endpoint | None) -> int:
-    """Index of `ep` among the candidates (by identity), -1 if absent: one scan."""
-    if ep is not None:
-        for i, candidate in enumerate(endpoints):
-            if candidate is ep:
-                return i
-    return -1
