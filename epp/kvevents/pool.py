@@ -33,7 +33,7 @@ from llmepp.datalayer.endpoint import Endpoint
 from llmepp.kvevents.chain import SourceChains
 from llmepp.kvevents.ingest import IndexStore, SourceIngest
 from llmepp.kvevents.stats import KVEventStats, LogLimiter
-from llmepp.kvevents.subscriber import Subscriber, SubscriberOptions
+from llmepp.kvevents.subscriber import Subscriber, SubscriberOptions, sub_socket
 from llmepp.kvevents.wire import MalformedMessage, Message, decode_batch, parse_frames
 
 log = logging.getLogger(__name__)
@@ -221,10 +221,7 @@ class SubscriberPool:
         if self._ctx is None:
             self._ctx = zmq.asyncio.Context.instance()
         while True:
-            sock = self._ctx.socket(zmq.SUB)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.RCVHWM, o.subscriber.rcv_hwm)
-            sock.setsockopt(zmq.SUBSCRIBE, o.subscriber.topic_filter)
+            sock = sub_socket(self._ctx, o.subscriber)
             try:
                 sock.bind(o.bind_endpoint)
                 log.info("KV events: listening for publishers", extra={"endpoint": o.bind_endpoint})

@@ -69,6 +69,17 @@ class SubscriberOptions:
     reconnect_ivl_max_ms: int = 5_000
 
 
+def sub_socket(context: zmq.asyncio.Context, options: SubscriberOptions) -> zmq.asyncio.Socket:
+    """A SUB socket with the queue bound, reconnect pacing and topic filter of `options`."""
+    sock = context.socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, options.rcv_hwm)
+    sock.setsockopt(zmq.RECONNECT_IVL, options.reconnect_ivl_ms)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, options.reconnect_ivl_max_ms)
+    sock.setsockopt(zmq.SUBSCRIBE, options.topic_filter)
+    return sock
+
+
 @dataclass(frozen=True, slots=True)
 class ResumePoint:
     """Where a shared index already is for this source: the next seq and the last batch's timestamp."""
@@ -108,13 +119,7 @@ class Subscriber:
 
     async def run(self) -> None:
         """The source's task body: receive and apply until cancelled."""
-        o = self.options
-        sub = self._ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.RCVHWM, o.rcv_hwm)
-        sub.setsockopt(zmq.RECONNECT_IVL, o.reconnect_ivl_ms)
-        sub.setsockopt(zmq.RECONNECT_IVL_MAX, o.reconnect_ivl_max_ms)
-        sub.setsockopt(zmq.SUBSCRIBE, o.topic_filter)
+        sub = sub_socket(self._ctx, self.options)
         sub.connect(self.endpoint)
         try:
             while True:
