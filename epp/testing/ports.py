@@ -47,29 +47,30 @@ def _bindable(host: str, port: int) -> bool:
     return True
 
 
-def free_shared_port(hosts: list[str]) -> int:
-    """A port nothing listens on at any of `hosts` (pods share one port across their 127.0.0.x addresses)."""
+def _scan(hosts: list[str], span: int) -> int:
+    """The first candidate p with p .. p + span - 1 free at every host; all of them are used up."""
+    stop = _range().stop
     with _lock:
         for _ in range(_SCAN_LIMIT):
             port = next(_next)
-            if all(_bindable(h, port) for h in hosts):
+            if port + span <= stop and all(_bindable(h, p) for p in range(port, port + span) for h in hosts):
+                for _ in range(span - 1):
+                    next(_next)  # p + 1 ...: the candidates run in order, so they are the next ones
                 return port
-    raise RuntimeError(f"no free port for {hosts} after {_SCAN_LIMIT} tries")
+    raise RuntimeError(f"no {span} consecutive free port(s) for {hosts} after {_SCAN_LIMIT} tries")
+
+
+def free_shared_port(hosts: list[str]) -> int:
+    """A port nothing listens on at any of `hosts` (pods share one port across their 127.0.0.x addresses)."""
+    return _scan(hosts, 1)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on at `host`, outside the ephemeral range and not handed out before by this process."""
-    return free_shared_port([host])
+    return _scan([host], 1)
 
 
 def free_port_pair(host: str = "127.0.0.1") -> int:
     """A port p with p and p + 1 both free at `host` (and neither handed out before): a data-parallel
     pod's two ranks, whose sockets sit on consecutive ports."""
-    stop = _range().stop
-    with _lock:
-        for _ in range(_SCAN_LIMIT):
-            port = next(_next)
-            if port + 1 < stop and _bindable(host, port) and _bindable(host, port + 1):
-                next(_next)  # p + 1: the candidates run in order, so it is the next one
-                return port
-    raise RuntimeError(f"no two consecutive free ports at {host} after {_SCAN_LIMIT} tries")
+    return _scan([host], 2)
