@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -202,16 +201,3 @@ def _kind(value: Any) -> str:
     return {dict: "mapping", list: "list", str: "string", bool: "boolean", int: "integer", float: "number"}.get(
         type(value), type(value).__name__
     )
-
-
-def stat_signature(path: str) -> tuple[int, int, int, int] | None:
-    """(device, inode, size, mtime_ns) of what `path` resolves to; None if it is missing.
-
-    Following symlinks makes a Kubernetes ConfigMap swap (`..data` retargeted) and an
-    atomic rename both show up as a new inode.
-    """
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from llmepp.filewatch import Signature, stat_signature
 from llmepp.framework.plugin import ConfigError
 
 log = logging.getLogger(__name__)
@@ -180,26 +180,19 @@ class ObjectivesFileWatcher:
         self.store = store
         self.pool_name = pool_name
         self.interval = interval
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: Signature | None = None
         self._task: asyncio.Task[None] | None = None
-
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def load(self) -> None:
         """Initial load: raises ConfigError."""
-        stamp = self._stat()
+        stamp = stat_signature(self.path)
         self.store.replace(load_objectives(self.path, self.pool_name))
         self._stamp = stamp
         log.info("loaded %d inference objectives from %s", len(self.store), self.path)
 
     def check(self) -> bool:
         """Reload if the file changed since the last look; True when the store was replaced."""
-        stamp = self._stat()
+        stamp = stat_signature(self.path)
         if stamp == self._stamp:
             return False
         self._stamp = stamp

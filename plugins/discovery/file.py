@@ -5,15 +5,12 @@ with that message). `notifier.mark_synced()` follows the first successful load.
 
 `watchFile: true`: the path is stat()ed every `poll_interval` (250 ms). A change of
 (device, inode, size, mtime) - an in-place write, an atomic rename, or a Kubernetes
-ConfigMap symlink swap, since stat follows symlinks - triggers a reload once the
-signature has held still for one poll (so a file caught mid-write is not read). A reload
+ConfigMap symlink swap - triggers a reload once it has held still for one poll
+(`llmepp.filewatch`: polling, no inotify, and why). A reload
 deletes removed entries, then upserts new and changed ones. A bad or missing file on
 reload is logged (once per distinct file state), counted in
 `datalayer_poll_errors_total{source_type="file-discovery"}` and ignored: the previous
 endpoint set stays in place.
-
-Polling instead of inotify: no dependency, works on every filesystem (including
-overlay/NFS mounts where inotify misses changes), and costs one stat per poll.
 """
 
 from __future__ import annotations
@@ -24,7 +21,8 @@ from typing import Any
 
 from llmepp.datalayer.datastore import DiscoveryNotifier
 from llmepp.datalayer.endpoint import EndpointSpec
-from llmepp.datalayer.endpointsfile import EndpointsFileError, read_endpoints_file, stat_signature
+from llmepp.datalayer.endpointsfile import EndpointsFileError, read_endpoints_file
+from llmepp.filewatch import SettledChanges, Signature, stat_signature
 from llmepp.framework.datalayer import EndpointDiscovery
 from llmepp.framework.plugin import ConfigError, PluginContext, PluginParams
 
@@ -71,20 +69,13 @@ class FileDiscovery(EndpointDiscovery):
             await asyncio.Event().wait()  # discovery lives as long as the process
         await self._watch(notifier, signature)
 
-    async def _watch(self, notifier: DiscoveryNotifier, loaded: tuple[int, int, int, int] | None) -> None:
-        pending = loaded  # signature seen on the previous poll
-        reported: tuple[int, int, int, int] | None = loaded  # last state we loaded or complained about
+    async def _watch(self, notifier: DiscoveryNotifier, loaded: Signature | None) -> None:
+        changes = SettledChanges(self.path, loaded)
         while True:
             await asyncio.sleep(self.poll_interval)
-            sig = stat_signature(self.path)
-            if sig == reported:
-                pending = sig
+            if not changes.settled():
                 continue
-            if sig != pending:  # still changing (or just changed): wait until it holds still
-                pending = sig
-                continue
-            reported = sig
-            if sig is None:
+            if changes.missing:
                 self._reload_failed(f"{self.path}: file is missing")
                 continue
             try:
@@ -92,8 +83,8 @@ class FileDiscovery(EndpointDiscovery):
             except EndpointsFileError as e:
                 self._reload_failed(str(e))
                 continue
-            if stat_signature(self.path) != sig:
-                reported = None  # changed while we read it: read again once it settles
+            if changes.moved():
+                changes.retry()  # changed while we read it: read again once it settles
                 continue
             self._apply(notifier, specs)
             self.reloads += 1

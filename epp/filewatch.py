@@ -1,0 +1,60 @@
+"""Polled files: change detection shared by the endpoints file and the config file.
+
+Polling instead of inotify: no dependency, works on every filesystem (including overlay/NFS
+mounts where inotify misses changes), and costs one stat per poll. `os.stat` follows
+symlinks, so a Kubernetes ConfigMap swap (`..data` retargeted) and an atomic rename both
+show up as a new inode.
+"""
+
+from __future__ import annotations
+
+import os
+
+Signature = tuple[int, int, int, int]
+
+
+def stat_signature(path: str) -> Signature | None:
+    """(device, inode, size, mtime_ns) of what `path` resolves to; None if it is missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class SettledChanges:
+    """Reports a file's changes once each has held still for one poll, so a file caught
+    mid-write is not read.
+
+        changes = SettledChanges(path, stat_signature(path))   # taken before the first read
+        every poll:  if changes.settled(): read it; if changes.moved(): changes.retry()
+    """
+
+    __slots__ = ("_pending", "path", "reported")
+
+    def __init__(self, path: str, loaded: Signature | None) -> None:
+        self.path = path
+        # Last state read (or complained about), and the state seen on the previous poll.
+        self.reported = self._pending = loaded
+
+    def settled(self) -> bool:
+        """True once per change: the file differs from the last reported state and has not
+        changed since the previous poll. A missing file is a change too (`missing`)."""
+        sig = stat_signature(self.path)
+        if sig == self.reported or sig != self._pending:
+            self._pending = sig
+            return False
+        self.reported = sig
+        return True
+
+    @property
+    def missing(self) -> bool:
+        return self.reported is None
+
+    def moved(self) -> bool:
+        """The file changed again after `settled()` said it held still (while it was being read)."""
+        return stat_signature(self.path) != self.reported
+
+    def retry(self) -> None:
+        """Read the file again once it settles (after `moved()`)."""
+        self.reported = None
