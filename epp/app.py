@@ -3,6 +3,7 @@
 Settings ─► config.loader.build ─► Components (plugins, pipeline, discovery, sources)
 Datastore ◄─ discovery plugin          MetricsCollector ─► endpoint.metrics
 gRPC :9002 ext_proc ─► Director        gRPC :9003 health    HTTP :9090 /metrics
+--watch-config-file: config.watch ─► App.reload_config ─► Director.use_pipeline
 """
 
 from __future__ import annotations
@@ -11,18 +12,22 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import grpc
 
-from llmepp.config.loader import Components, build, load_config
-from llmepp.config.schema import DEFAULT_CONFIG
+from llmepp.config.loader import Components, build, load_config, rebuild_scheduling
+from llmepp.config.schema import DEFAULT_CONFIG, EndpointPickerConfig
+from llmepp.config.watch import ConfigWatcher
 from llmepp.datalayer.collector import MetricsCollector
 from llmepp.datalayer.datastore import Datastore
 from llmepp.director import Director
+from llmepp.filewatch import stat_signature
 from llmepp.flowcontrol import AdmissionController
 from llmepp.flowcontrol.objectives import ObjectiveStore
-from llmepp.framework.plugin import ConfigError
+from llmepp.framework.plugin import ConfigError, Plugin
 from llmepp.gctuning import tune_gc
 from llmepp.k8s.client import KubeClient
 from llmepp.k8s.runtime import KubeOptions, KubeRuntime, kubernetes_target
@@ -58,9 +63,23 @@ class App:
         self.settings = settings
         self.metrics = EppMetrics()
         self.datastore = Datastore(settings.pool_name, settings.pool_namespace)
+        if settings.watch_config_file and settings.config_file is None:
+            raise ConfigError("--watch-config-file needs --config-file")
+        # Taken before the read, so an edit racing the start-up is seen as a change.
+        config_signature = stat_signature(settings.config_file) if settings.config_file else None
+        text = config_text(settings)
         self.components: Components = build(
-            load_config(config_text(settings)), datastore=self.datastore, settings=settings, metrics=self.metrics
+            load_config(text), datastore=self.datastore, settings=settings, metrics=self.metrics
         )
+        self.metrics.config_last_reload_successful.set(1)
+        self.metrics.config_last_reload_success_timestamp.set(time.time())
+        self.config_watcher: ConfigWatcher | None = None
+        if settings.watch_config_file:
+            assert settings.config_file is not None
+            self.config_watcher = ConfigWatcher(
+                settings.config_file, config_signature, text, self.reload_config, self.metrics
+            )
+        self._closing: set[asyncio.Task[None]] = set()  # retired plugins' aclose()
         # Endpoint discovery: the config's plugin (file mode), else Kubernetes mode from the flags.
         self.kube: KubeRuntime | None = None
         if self.components.discovery is None:
@@ -121,6 +140,24 @@ class App:
         log.warning("no metrics data source configured: endpoints are routed without scraped metrics")
         return None
 
+    def reload_config(self, config: EndpointPickerConfig) -> None:
+        """Route new requests with `config`'s scheduling (ConfigError: refused, nothing changed)."""
+        running = self.components
+        new = rebuild_scheduling(
+            running, config, datastore=self.datastore, settings=self.settings, metrics=self.metrics
+        )
+        self.components = new
+        self.director.use_pipeline(new.pipeline)
+        retired = [p for name, p in running.plugins.items() if new.plugins.get(name) is not p]
+        if retired:
+            task = asyncio.get_running_loop().create_task(_close_plugins(retired), name="retired-plugins")
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        log.info(
+            "scheduling reconfigured",
+            extra={"profiles": sorted(new.pipeline.scheduler.profiles), "plugins": sorted(new.plugins)},
+        )
+
     def _objective_store(self) -> ObjectiveStore:
         """The store admission resolves priorities from (Kubernetes mode feeds it InferenceObjectives)."""
         store = getattr(self.components.pipeline.admission, "objectives", None)
@@ -163,6 +200,8 @@ class App:
             self._extproc = server
         if cert is not None and cert.reload:
             self._cert_task = asyncio.create_task(cert.watch(), name="cert-reload")
+        if self.config_watcher is not None:
+            self.config_watcher.start()
 
         self._health_server = grpc.aio.server()
         health.add_to_server(self.health, self._health_server)
@@ -181,6 +220,7 @@ class App:
                 "metrics_https": self._metrics_server.ssl_context is not None,
                 "tls": _tls_label(self.serving_cert),
                 "plugins": sorted(self.components.plugins),
+                "config_watch": self.settings.config_file if self.config_watcher is not None else "",
             },
         )
 
@@ -222,6 +262,8 @@ class App:
             await queue_drain
         if self._health_server is not None:
             await self._health_server.stop(grace=None)
+        if self.config_watcher is not None:
+            await self.config_watcher.aclose()
         if self.collector is not None:
             await self.collector.aclose()
         if self.kube is not None:
@@ -233,15 +275,20 @@ class App:
                     await task
         if self.serving_cert is not None:
             self.serving_cert.close()
-        for plugin in self.components.plugins.values():
-            try:
-                await plugin.aclose()
-            except Exception:
-                log.exception("plugin %s failed to close", plugin.name)
+        await asyncio.gather(*self._closing, return_exceptions=True)
+        await _close_plugins(self.components.plugins.values())
         await self._metrics_server.aclose()
         if self._auth_kube is not None:
             await self._auth_kube.aclose()
         log.info("stopped")
+
+
+async def _close_plugins(plugins: Iterable[Plugin]) -> None:
+    for plugin in plugins:
+        try:
+            await plugin.aclose()
+        except Exception:
+            log.exception("plugin %s failed to close", plugin.name)
 
 
 def _tls_label(cert: ServingCert | None) -> str:

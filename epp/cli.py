@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     cfg = p.add_mutually_exclusive_group()
     cfg.add_argument("--config-file", help="EndpointPickerConfig YAML file")
     cfg.add_argument("--config-text", help="EndpointPickerConfig YAML as a string")
+    p.add_argument("--watch-config-file", action="store_true",
+                   help="apply --config-file's scorers, filters, pickers and profiles when it changes")  # fmt: skip
     p.add_argument("--pool-name", default=None,
                    help=f"InferencePool to watch (Kubernetes mode); a label in file mode ({d.pool_name})")  # fmt: skip
     p.add_argument("--pool-namespace", default=os.environ.get("NAMESPACE") or d.pool_namespace,
@@ -129,6 +131,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
         bind_address=a.bind_address,
         config_file=a.config_file,
         config_text=a.config_text,
+        watch_config_file=a.watch_config_file,
         pool_name=a.pool_name or Settings().pool_name,
         pool_namespace=a.pool_namespace,
         pool_name_set=a.pool_name is not None,

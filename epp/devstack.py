@@ -32,6 +32,7 @@ def parse_options() -> tuple[StackOptions, int]:
         epp_port=9002,
         health_port=9003,
         metrics_port=9090,
+        epp_args=["--watch-config-file"],
     )
     return options, args.pods
 
@@ -49,6 +50,7 @@ ready: Envoy {url}  ->  EPP 127.0.0.1:9002 (ext_proc over TLS)  ->  pods {", ".j
 
   streaming:  add "stream": true      EPP metrics: curl -s localhost:9090/metrics | grep llm_d_epp
   the x-inference-pod response header names the pod that answered; EPP log: {stack.workdir}/epp.log
+  EPP config: {stack.config_file} (edits of its scorers, weights and profiles apply within ~2 s)
 
 Ctrl-C stops everything.""",
             flush=True,

@@ -104,7 +104,6 @@ class Director:
     ) -> None:
         self.datastore = datastore
         self.rewriter = rewriter
-        self.pipeline = pipeline
         self.metrics = metrics
         self.subset_filter = subset_filter
         self.emit_scores = emit_scores
@@ -114,10 +113,15 @@ class Director:
         self._attempt_failed = metrics.scheduler_attempts.labels(status="failure")
         self._scheduler_e2e = metrics.scheduler_e2e
         self._rng = random.Random()
+        self._producers: list[tuple[DataProducer, bool]] = []
+        self.use_pipeline(pipeline)
+
+    def use_pipeline(self, pipeline: Pipeline) -> None:
+        """Route new requests with `pipeline` (a config reload); requests already past admission finish
+        with the one they started with."""
+        self.pipeline = pipeline
         # Sync and async producers are told apart once, not per request.
-        self._producers: list[tuple[DataProducer, bool]] = [
-            (p, inspect.iscoroutinefunction(p.produce)) for p in pipeline.producers
-        ]
+        self._producers = [(p, inspect.iscoroutinefunction(p.produce)) for p in pipeline.producers]
 
     # -- request path ------------------------------------------------------------------
     def candidates(self, subset: Sequence[str] | None) -> Sequence[Endpoint]:
@@ -139,18 +143,19 @@ class Director:
             # Before candidates (as the reference): flow control may hold the request while the
             # pool is empty (scale from zero), and candidates are fresh after any queue wait.
             await self.pipeline.admission.admit(request, self.datastore.endpoints)
+        pipeline = self.pipeline  # one pipeline per request from here on, whatever a reload swaps in
         candidates = self.candidates(subset)
         for producer, is_async in self._producers:
             if is_async:
                 await self._run_async_producer(producer, request, candidates)
             else:
                 producer.produce(request, candidates)
-        for admitter in self.pipeline.admitters:
+        for admitter in pipeline.admitters:
             admitter.admit(request, candidates)
 
         t0 = time.perf_counter()
         try:
-            result = self.pipeline.scheduler.schedule(request, candidates)
+            result = pipeline.scheduler.schedule(request, candidates)
         except RequestError:
             self._attempt_failed.inc()
             raise
@@ -175,7 +180,7 @@ class Director:
         inflight.requests += 1
         inflight.tokens += tokens
         try:
-            for plugin in self.pipeline.pre_request:
+            for plugin in pipeline.pre_request:
                 plugin.pre_request(request, result)
         except BaseException:
             # The request will not go upstream: release what it holds, exactly as a finished one.

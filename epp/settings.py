@@ -15,6 +15,8 @@ class Settings:
     # Configuration: at most one of the two.
     config_file: str | None = None
     config_text: str | None = None
+    # Re-read config_file when it changes and apply its scheduling part (llmepp.config.watch).
+    watch_config_file: bool = False
     # Pool identity (file-discovery mode uses the name only for labels).
     pool_name: str = "epp"
     pool_namespace: str = "default"

@@ -2,16 +2,25 @@
 
     load_config(text)  → EndpointPickerConfig        (YAML + schema errors)
     build(config, ...) → Components                  (plugins, defaults, profiles, wiring)
+    rebuild_scheduling(running, config, ...) → Components   (a reload while serving, below)
 
 Defaults follow the reference loader: producers a plugin consumes are auto-created, a
 profile without a picker gets `max-score-picker`, one profile without a handler gets
 `single-profile-handler`, scorers default to weight 1, and a config with no profiles gets a
 `default` profile holding every filter, scorer and picker. Every error is a ConfigError
 whose message names the plugin / profile and field.
+
+A reload (`--watch-config-file`) swaps the scheduler only. Filters, scorers, pickers and
+profile handlers that keep no request state are rebuilt from the new config; every other
+plugin (producers, pre-request and response plugins, admitters, discovery, data sources)
+is taken over with its state (prefix index, in-flight counts, subscriptions), so it must be
+unchanged, as must every section besides `plugins` and `schedulingProfiles`. Anything else
+is refused with a ConfigError naming it, and the running config stays in force.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,6 +34,7 @@ from llmepp.config.schema import (
     DEPRECATED_API_VERSIONS,
     KIND,
     EndpointPickerConfig,
+    PluginSpec,
     SchedulingProfileSpec,
 )
 from llmepp.director import Pipeline
@@ -74,6 +84,9 @@ class Components:
     feature_gates: dict[str, bool]
     discovery: EndpointDiscovery | None = None
     data_sources: list[DataSource] = field(default_factory=list)
+    # The spec of every plugin built from the config or auto-created for it (name filled in): what a
+    # reload compares. Plugins flow control and the data layer add for themselves are not in it.
+    specs: dict[str, PluginSpec] = field(default_factory=dict)
 
 
 def load_config(text: str) -> EndpointPickerConfig:
@@ -119,34 +132,14 @@ def build(
     metrics: Any = None,
     plugin_registry: PluginRegistry = registry,
 ) -> Components:
-    plugins = _build_plugins(config, plugin_registry)
-    _add_default_producers(plugins, plugin_registry)
-    specs = config.scheduling_profiles or [_default_profile_spec(plugins)]
-    if not any(isinstance(p, Picker) for p in plugins.values()) or any(
-        not _profile_has(spec, plugins, Picker) for spec in specs
-    ):
-        plugins.setdefault(DEFAULT_PICKER, plugin_registry.build(DEFAULT_PICKER, DEFAULT_PICKER, None))
-    profiles = {spec.name: _build_profile(spec, plugins) for spec in specs}
-    if len(profiles) != len(specs):
-        raise ConfigError("schedulingProfiles: profile names must be unique")
-    handler = _profile_handler(plugins, profiles, plugin_registry)
-
-    ctx = PluginContext(plugins, datastore=datastore, settings=settings, metrics=metrics)
-    for plugin in plugins.values():
-        try:
-            plugin.setup(ctx)
-        except ConfigError:
-            raise
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"plugin {plugin.name!r} (type {plugin.type}): {e}") from None
-    try:
-        handler.validate_profiles(profiles)
-    except ConfigError as e:
-        raise ConfigError(f"plugin {handler.name!r} (type {handler.type}): {e}") from None
+    chosen = _Plugins(plugin_registry)
+    scheduler = _build_scheduling(config, chosen)
+    plugins = chosen.plugins
+    _setup(chosen.fresh, plugins, scheduler, datastore=datastore, settings=settings, metrics=metrics)
 
     values = list(plugins.values())
     pipeline = Pipeline(
-        scheduler=Scheduler(handler, profiles),
+        scheduler=scheduler,
         producers=_ordered_producers([p for p in values if isinstance(p, DataProducer)]),
         admitters=[p for p in values if isinstance(p, Admitter)],
         pre_request=[p for p in values if isinstance(p, PreRequest)],
@@ -159,6 +152,7 @@ def build(
         plugins=plugins,
         pipeline=pipeline,
         feature_gates=parse_feature_gates(config.feature_gates),
+        specs=dict(chosen.specs),
     )
     pipeline.admission = build_admission(
         config, plugins, components.feature_gates, pipeline=pipeline, datastore=datastore, metrics=metrics,
@@ -168,21 +162,162 @@ def build(
     return components
 
 
+# Config sections a reload must leave as they are (attribute, YAML key).
+_RESTART_SECTIONS = (
+    ("api_version", "apiVersion"),
+    ("kind", "kind"),
+    ("feature_gates", "featureGates"),
+    ("request_handler", "requestHandler"),
+    ("data_layer", "dataLayer"),
+    ("flow_control", "flowControl"),
+    ("saturation_detector", "saturationDetector"),
+    ("parser", "parser"),
+)
+_RESTART = "only filters, scorers, pickers and profile handlers reload while serving; restart the EPP to apply this"
+
+
+def rebuild_scheduling(
+    running: Components,
+    config: EndpointPickerConfig,
+    *,
+    datastore: Any = None,
+    settings: Any = None,
+    metrics: Any = None,
+    plugin_registry: PluginRegistry = registry,
+) -> Components:
+    """`running` with `config`'s scheduler: the stateless scheduling plugins rebuilt, every other plugin
+    the running instance (its spec must be unchanged). Returns new Components sharing everything else
+    with `running` (whose pipeline stays as it was until the caller swaps); raises ConfigError."""
+    for attr, key in _RESTART_SECTIONS:
+        if getattr(config, attr) != getattr(running.config, attr):
+            raise ConfigError(f"{key}: changed; {_RESTART}")
+    # What flow control and the data layer added for themselves; their sections are unchanged.
+    own = {name: p for name, p in running.plugins.items() if name not in running.specs}
+    chosen = _Plugins(plugin_registry, running=running, reserved=own)
+    scheduler = _build_scheduling(config, chosen)
+    for name in running.specs:
+        if name not in chosen.specs:
+            chosen.check_swappable(name, type(running.plugins[name]), "removed")
+    plugins = {**own, **chosen.plugins}
+    _setup(chosen.fresh, plugins, scheduler, datastore=datastore, settings=settings, metrics=metrics)
+    return dataclasses.replace(
+        running,
+        config=config,
+        plugins=plugins,
+        pipeline=dataclasses.replace(running.pipeline, scheduler=scheduler),
+        specs=dict(chosen.specs),
+    )
+
+
 # -- steps ---------------------------------------------------------------------------------
-def _build_plugins(config: EndpointPickerConfig, plugin_registry: PluginRegistry) -> dict[str, Plugin]:
-    plugins: dict[str, Plugin] = {}
-    for i, spec in enumerate(config.plugins):
+# Scheduling-only plugins: no request state between hooks, nothing fed to other plugins. A reload may
+# add, change or drop them; it rebuilds all of them (they are cheap and hold nothing worth keeping).
+_SCHEDULING = (Filter, Scorer, Picker, ProfileHandler)
+_KEEPS_STATE = (
+    DataProducer,
+    Admitter,
+    PreRequest,
+    ResponseHeaderProcessor,
+    FirstResponseChunkProcessor,
+    ResponseCompleteProcessor,
+)
+
+
+def _swappable(cls: type) -> bool:
+    return issubclass(cls, _SCHEDULING) and not issubclass(cls, _KEEPS_STATE)
+
+
+class _Plugins:
+    """The config's plugins by name: built now, or, on a reload, the running instance taken over."""
+
+    def __init__(
+        self, plugin_registry: PluginRegistry, *, running: Components | None = None, reserved: Iterable[str] = ()
+    ) -> None:
+        self.registry = plugin_registry
+        self.running = running
+        self.reserved = set(reserved)
+        self.plugins: dict[str, Plugin] = {}
+        self.specs: dict[str, PluginSpec] = {}
+        self.fresh: list[Plugin] = []  # built now: to set up
+
+    def add(self, spec: PluginSpec, where: str) -> Plugin:
         name = spec.name or spec.type
         if not spec.type:
-            raise ConfigError(f"plugins[{i}]: type is required")
-        if name in plugins:
-            raise ConfigError(f"plugins[{i}]: duplicate plugin name {name!r}")
-        plugins[name] = plugin_registry.build(spec.type, name, spec.parameters)
-    return plugins
+            raise ConfigError(f"{where}: type is required")
+        if name in self.plugins or name in self.reserved:
+            raise ConfigError(f"{where}: duplicate plugin name {name!r}")
+        spec = msgspec.structs.replace(spec, name=name)
+        running = self.running
+        if running is not None:
+            old = running.plugins.get(name) if name in running.specs else None
+            if old is not None and not _swappable(type(old)):
+                if running.specs[name] != spec:
+                    raise ConfigError(f"plugin {name!r} (type {old.type}): changed; {_RESTART}")
+                self.plugins[name] = old
+                self.specs[name] = spec
+                return old
+            cls = self.registry.get(spec.type)
+            if cls is not None:  # an unknown type fails just below, with the known types listed
+                self.check_swappable(name, cls, "changed" if old is not None else "added")
+        plugin = self.registry.build(spec.type, name, spec.parameters)
+        self.plugins[name] = plugin
+        self.specs[name] = spec
+        self.fresh.append(plugin)
+        return plugin
+
+    def add_default(self, type_name: str) -> Plugin:
+        return self.add(PluginSpec(type=type_name, name=type_name), f"auto-created plugin {type_name!r}")
+
+    def check_swappable(self, name: str, cls: type, what: str) -> None:
+        if not _swappable(cls):
+            raise ConfigError(f"plugin {name!r} (type {getattr(cls, 'type', '?')}): {what}; {_RESTART}")
 
 
-def _add_default_producers(plugins: dict[str, Plugin], plugin_registry: PluginRegistry) -> None:
+def _build_scheduling(config: EndpointPickerConfig, chosen: _Plugins) -> Scheduler:
+    for i, spec in enumerate(config.plugins):
+        chosen.add(spec, f"plugins[{i}]")
+    plugins = chosen.plugins
+    _add_default_producers(chosen)
+    specs = config.scheduling_profiles or [_default_profile_spec(plugins)]
+    if DEFAULT_PICKER not in plugins and (
+        not any(isinstance(p, Picker) for p in plugins.values())
+        or any(not _profile_has(spec, plugins, Picker) for spec in specs)
+    ):
+        chosen.add_default(DEFAULT_PICKER)
+    profiles = {spec.name: _build_profile(spec, plugins) for spec in specs}
+    if len(profiles) != len(specs):
+        raise ConfigError("schedulingProfiles: profile names must be unique")
+    return Scheduler(_profile_handler(chosen, profiles), profiles)
+
+
+def _setup(
+    fresh: list[Plugin],
+    plugins: dict[str, Plugin],
+    scheduler: Scheduler,
+    *,
+    datastore: Any,
+    settings: Any,
+    metrics: Any,
+) -> None:
+    """`setup()` of the plugins built now (taken-over ones are set up already), then the profile check."""
+    ctx = PluginContext(plugins, datastore=datastore, settings=settings, metrics=metrics)
+    for plugin in fresh:
+        try:
+            plugin.setup(ctx)
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"plugin {plugin.name!r} (type {plugin.type}): {e}") from None
+    handler = scheduler.handler
+    try:
+        handler.validate_profiles(scheduler.profiles)
+    except ConfigError as e:
+        raise ConfigError(f"plugin {handler.name!r} (type {handler.type}): {e}") from None
+
+
+def _add_default_producers(chosen: _Plugins) -> None:
     """Create the default producer of every consumed data key nobody produces (to a fixed point)."""
+    plugins = chosen.plugins
     changed = True
     while changed:
         changed = False
@@ -198,8 +333,7 @@ def _add_default_producers(plugins: dict[str, Plugin], plugin_registry: PluginRe
                 if default in plugins:
                     raise ConfigError(f"plugin {default!r} exists but does not produce {key}")
                 log.info("auto-created producer %s for %s (needed by %s)", default, key, plugin.name)
-                plugins[default] = plugin_registry.build(default, default, None)
-                produced |= plugins[default].produces
+                produced |= chosen.add_default(default).produces
                 changed = True
 
 
@@ -249,10 +383,8 @@ def _build_profile(spec: SchedulingProfileSpec, plugins: dict[str, Plugin]) -> S
     return SchedulerProfile(name=spec.name, picker=picker, filters=filters, scorers=scorers)
 
 
-def _profile_handler(
-    plugins: dict[str, Plugin], profiles: dict[str, SchedulerProfile], plugin_registry: PluginRegistry
-) -> ProfileHandler:
-    handlers = [p for p in plugins.values() if isinstance(p, ProfileHandler)]
+def _profile_handler(chosen: _Plugins, profiles: dict[str, SchedulerProfile]) -> ProfileHandler:
+    handlers = [p for p in chosen.plugins.values() if isinstance(p, ProfileHandler)]
     if len(handlers) > 1:
         raise ConfigError(f"plugins: at most one profile handler, found {', '.join(h.name for h in handlers)}")
     if handlers:
@@ -261,9 +393,8 @@ def _profile_handler(
         raise ConfigError(
             f"schedulingProfiles: {len(profiles)} profiles need a profile handler plugin (e.g. disagg-profile-handler)"
         )
-    handler = plugin_registry.build(DEFAULT_HANDLER, DEFAULT_HANDLER, None)
+    handler = chosen.add_default(DEFAULT_HANDLER)
     assert isinstance(handler, ProfileHandler)
-    plugins[DEFAULT_HANDLER] = handler
     return handler
 
 

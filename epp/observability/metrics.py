@@ -138,6 +138,16 @@ class EppMetrics:
         # In-flight load (read from the producers' live counters at scrape time: nothing per request).
         self.inflight = InFlightCollector()
         r.register(self.inflight)
+        # Config reloads (--watch-config-file, llmepp.config.watch), named as Prometheus names its own.
+        self.config_reloads = Counter(
+            p + "config_reloads_total", "Changed config files, by result (applied, rejected).", ("result",), registry=r
+        )
+        self.config_last_reload_successful = Gauge(
+            p + "config_last_reload_successful", "1 if the last changed config file was applied, else 0.", registry=r
+        )
+        self.config_last_reload_success_timestamp = Gauge(
+            p + "config_last_reload_success_timestamp_seconds", "When the running config was loaded.", registry=r
+        )
         # Protocol.
         self.extproc_streams_inflight = Gauge(p + "extproc_streams_inflight", "Open ext_proc streams.", registry=r)
         self.extproc_protocol_errors = Counter(

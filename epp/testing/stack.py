@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+import aiohttp
 import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from llmepp.cli import build_parser
 from llmepp.config.schema import DEFAULT_CONFIG
@@ -232,14 +234,16 @@ class Stack:
             *self.options.epp_args,
         ]  # fmt: skip
 
+    def endpoint_labels(self, pod: PodInfo) -> dict[str, str]:
+        """The labels `pod` has in the endpoints file (subclasses may add their own)."""
+        return {"llm-d.ai/role": pod.role}
+
     def write_endpoints(self, pods: list[PodInfo]) -> None:
         """Rewrite the endpoints file (the EPP reloads it live); atomic like a ConfigMap swap."""
         entries = []
         for pod in pods:
             host, port = self.endpoint_address(pod).rsplit(":", 1)
-            entries.append(
-                {"name": pod.name, "address": host, "port": int(port), "labels": {"llm-d.ai/role": pod.role}}
-            )
+            entries.append({"name": pod.name, "address": host, "port": int(port), "labels": self.endpoint_labels(pod)})
         tmp = self.endpoints_file.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump({"endpoints": entries}))
         os.replace(tmp, self.endpoints_file)
@@ -273,6 +277,18 @@ class Stack:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+
+
+async def epp_metric(session: aiohttp.ClientSession, url: str, name: str, **labels: str) -> float:
+    """The sum of the samples `name` whose labels include `labels`, from an EPP's /metrics at `url`."""
+    async with session.get(url) as resp:
+        text = await resp.text()
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
 
 
 def with_file_discovery(config_text: str, endpoints_file: Path) -> str:

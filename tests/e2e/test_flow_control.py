@@ -22,10 +22,9 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
-from prometheus_client.parser import text_string_to_metric_families
 
 from llmepp.testing.ports import free_port
-from llmepp.testing.stack import Stack, StackOptions
+from llmepp.testing.stack import Stack, StackOptions, epp_metric
 from llmepp_sim.cluster import PodInfo
 
 from .modelserver import ModelServer
@@ -156,19 +155,8 @@ async def until_finished(run: Run, n: int) -> None:
     raise AssertionError(f"only {run.finished} finished")
 
 
-async def epp_metric(client: aiohttp.ClientSession, stack: Stack, name: str, **labels: str) -> float:
-    async with client.get(stack.metrics_url) as resp:
-        text = await resp.text()
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
-
-
 async def dispatched(client: aiohttp.ClientSession, stack: Stack) -> float:
-    return await epp_metric(client, stack, "llm_d_epp_flow_control_requests_total", outcome="Dispatched")
+    return await epp_metric(client, stack.metrics_url, "llm_d_epp_flow_control_requests_total", outcome="Dispatched")
 
 
 async def until_dispatched(client: aiohttp.ClientSession, stack: Stack, n: float) -> None:
@@ -181,7 +169,7 @@ async def until_dispatched(client: aiohttp.ClientSession, stack: Stack, n: float
 
 async def until_queued(client: aiohttp.ClientSession, stack: Stack, n: int, **labels: str) -> None:
     for _ in range(200):
-        if await epp_metric(client, stack, "llm_d_epp_flow_control_queue_size", **labels) == n:
+        if await epp_metric(client, stack.metrics_url, "llm_d_epp_flow_control_queue_size", **labels) == n:
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"queue never reached {n} ({labels})")
@@ -242,7 +230,8 @@ async def test_ttl_expiry_is_429_with_the_reason_header(stack: Stack, client: ai
     assert TTL_S - 0.1 <= elapsed < TTL_S + 1.0
     assert run.finished == ["late"]  # it expired while the pool was still full
     await run.close()
-    assert await epp_metric(client, stack, "llm_d_epp_flow_control_requests_total", outcome="EvictedTTL") >= 1
+    evicted = await epp_metric(client, stack.metrics_url, "llm_d_epp_flow_control_requests_total", outcome="EvictedTTL")
+    assert evicted >= 1
 
 
 async def test_control_headers_do_not_reach_the_model_server(stack: Stack, client: aiohttp.ClientSession) -> None:

@@ -1,0 +1,143 @@
+"""Reloading the config while serving (`loader.rebuild_scheduling`): the scheduler is rebuilt, every
+stateful plugin is the running instance, and anything that would need a restart is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmepp.config.loader import Components, build, load_config, rebuild_scheduling
+from llmepp.framework.plugin import ConfigError
+from llmepp.plugins.pickers.random_picker import RandomPicker
+
+BASE = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: approx-prefix-cache-producer
+  parameters: {blockSizeTokens: 64}
+- type: prefix-cache-scorer
+- type: no-hit-lru-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: queue-scorer, weight: 2}
+  - {pluginRef: kv-cache-utilization-scorer, weight: 2}
+  - {pluginRef: prefix-cache-scorer, weight: 3}
+  - {pluginRef: no-hit-lru-scorer, weight: 2}
+"""
+
+
+def running(text: str = BASE) -> Components:
+    return build(load_config(text))
+
+
+def reload(components: Components, text: str) -> Components:
+    return rebuild_scheduling(components, load_config(text))
+
+
+def weights(c: Components) -> list[tuple[str, float]]:
+    return [(w.scorer.name, w.weight) for w in c.pipeline.scheduler.profiles["default"].scorers]
+
+
+def test_new_weights_apply_and_every_stateful_plugin_is_the_running_instance() -> None:
+    old = running()
+    new = reload(
+        old, BASE.replace("{pluginRef: prefix-cache-scorer, weight: 3}", "{pluginRef: prefix-cache-scorer, weight: 5}")
+    )
+    assert weights(new)[2] == ("prefix-cache-scorer", 5.0)
+    assert weights(old)[2] == ("prefix-cache-scorer", 3.0)  # the running pipeline is untouched until swapped
+    assert new.pipeline is not old.pipeline
+    # Producers (the prefix index, in-flight counts) and pre-request / response plugins carry over as they are.
+    for name in ("approx-prefix-cache-producer", "token-producer", "inflight-load-producer", "no-hit-lru-scorer"):
+        assert new.plugins[name] is old.plugins[name], name
+    assert new.pipeline.producers == old.pipeline.producers
+    assert new.pipeline.pre_request == old.pipeline.pre_request
+    assert new.pipeline.response_complete == old.pipeline.response_complete
+    # Stateless scheduling plugins are rebuilt, wired to the same producers.
+    assert new.plugins["prefix-cache-scorer"] is not old.plugins["prefix-cache-scorer"]
+    assert new.plugins["prefix-cache-scorer"].data_key == old.plugins["prefix-cache-scorer"].data_key  # type: ignore[attr-defined]
+
+
+def test_scorers_and_pickers_can_be_added_and_removed() -> None:
+    text = BASE.replace("- type: queue-scorer\n", "- type: random-picker\n").replace(
+        "  - {pluginRef: queue-scorer, weight: 2}\n", "  - {pluginRef: random-picker}\n"
+    )
+    new = reload(running(), text)
+    assert "queue-scorer" not in new.plugins
+    assert [name for name, _ in weights(new)] == [
+        "kv-cache-utilization-scorer",
+        "prefix-cache-scorer",
+        "no-hit-lru-scorer",
+    ]
+    assert isinstance(new.pipeline.scheduler.profiles["default"].picker, RandomPicker)
+
+
+def test_a_reload_can_follow_a_reload() -> None:
+    first = running()
+    second = reload(first, BASE.replace("weight: 3}", "weight: 4}"))
+    third = reload(second, BASE)
+    assert weights(third) == weights(first)
+    assert third.plugins["approx-prefix-cache-producer"] is first.plugins["approx-prefix-cache-producer"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        # A producer's parameters: its index is built for them.
+        (lambda t: t.replace("blockSizeTokens: 64", "blockSizeTokens: 128"), "plugin 'approx-prefix-cache-producer'"),
+        # A pre-request plugin (no-hit-lru keeps which pods got cold requests) removed or added.
+        (
+            lambda t: t.replace("- type: no-hit-lru-scorer\n", "").replace(
+                "  - {pluginRef: no-hit-lru-scorer, weight: 2}\n", ""
+            ),
+            "plugin 'no-hit-lru-scorer' (type no-hit-lru-scorer): removed",
+        ),
+        (
+            lambda t: t.replace("- type: queue-scorer\n", "- type: queue-scorer\n- type: session-affinity-scorer\n"),
+            "plugin 'session-affinity-scorer'",
+        ),
+        (lambda t: t.replace("apiVersion", "featureGates: [flowControl]\napiVersion"), "featureGates: changed"),
+        (lambda t: t + "flowControl: {maxBytes: 1000}\n", "flowControl: changed"),
+        (lambda t: t + "dataLayer: {injectDefaults: false}\n", "dataLayer: changed"),
+    ],
+)
+def test_changes_that_need_a_restart_are_refused_naming_what(change, message) -> None:  # type: ignore[no-untyped-def]
+    old = running()
+    with pytest.raises(ConfigError, match="restart the EPP") as err:
+        reload(old, change(BASE))
+    assert message in str(err.value)
+
+
+def test_a_new_consumer_whose_producer_would_be_created_is_refused() -> None:
+    without_lru = BASE.replace("- type: no-hit-lru-scorer\n", "").replace(
+        "  - {pluginRef: no-hit-lru-scorer, weight: 2}\n", ""
+    )
+    old = running(without_lru)
+    assert "inflight-load-producer" not in old.plugins
+    # active-request-scorer reads in-flight counts: their producer would be auto-created, new state.
+    text = without_lru.replace("- type: queue-scorer\n", "- type: queue-scorer\n- type: active-request-scorer\n")
+    with pytest.raises(ConfigError, match=r"plugin 'inflight-load-producer' .*added; .*restart the EPP"):
+        reload(old, text)
+
+
+def test_config_errors_in_the_new_file_name_the_field_as_at_start_up() -> None:
+    old = running()
+    with pytest.raises(ConfigError, match=r"schedulingProfiles\['default'\]: pluginRef 'nope'"):
+        reload(old, BASE.replace("{pluginRef: queue-scorer, weight: 2}", "{pluginRef: nope}"))
+    with pytest.raises(ConfigError, match="unknown plugin type"):
+        reload(old, BASE.replace("- type: queue-scorer\n", "- type: no-such-scorer\n"))
+    with pytest.raises(ConfigError, match="weight must be >= 0"):
+        reload(old, BASE.replace("weight: 3}", "weight: -1}"))
+
+
+def test_plugins_flow_control_added_for_itself_are_kept_and_their_names_reserved() -> None:
+    gated = BASE.replace("apiVersion", "featureGates: [flowControl]\napiVersion")
+    old = running(gated)
+    hooks = old.plugins["flow-control"]
+    new = reload(old, gated.replace("weight: 3}", "weight: 4}"))
+    assert new.plugins["flow-control"] is hooks
+    assert new.pipeline.admission is old.pipeline.admission
+    with pytest.raises(ConfigError, match="duplicate plugin name 'flow-control'"):
+        reload(old, gated.replace("- type: queue-scorer\n", "- type: queue-scorer\n  name: flow-control\n"))

@@ -1,0 +1,120 @@
+"""`--watch-config-file`'s watcher: a changed, settled file is applied once; a bad one is counted and
+logged, and the running config stays."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from llmepp.app import App
+from llmepp.cli import settings_from_args
+from llmepp.config.schema import DEFAULT_CONFIG, EndpointPickerConfig
+from llmepp.config.watch import ConfigWatcher
+from llmepp.filewatch import stat_signature
+from llmepp.framework.plugin import ConfigError
+from llmepp.observability.metrics import EppMetrics
+from llmepp.settings import Settings
+
+OTHER = DEFAULT_CONFIG.replace("weight: 3", "weight: 4")
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, *, refuse: bool = False) -> None:
+        self.path = tmp_path / "config.yaml"
+        self.path.write_text(DEFAULT_CONFIG)
+        self.applied: list[EndpointPickerConfig] = []
+        self.refuse = refuse
+        self.metrics = EppMetrics()
+        self.watcher = ConfigWatcher(
+            str(self.path), stat_signature(str(self.path)), DEFAULT_CONFIG, self.apply, self.metrics
+        )
+        self._mtime = 10**18
+
+    def apply(self, config: EndpointPickerConfig) -> None:
+        if self.refuse:
+            raise ConfigError("plugin 'x' (type y): changed; restart the EPP to apply this")
+        self.applied.append(config)
+
+    def write(self, text: str) -> None:
+        """A new version of the file (atomic, as a ConfigMap swap; distinct mtime however fast the test)."""
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(text)
+        self._mtime += 1
+        os.utime(tmp, ns=(self._mtime, self._mtime))
+        os.replace(tmp, self.path)
+
+    def polls(self, n: int = 2) -> list[bool]:
+        return [self.watcher.check() for _ in range(n)]
+
+    def value(self, name: str, **labels: str) -> float:
+        v = self.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if v is None else v
+
+
+def test_a_changed_file_is_applied_once_it_has_held_still_for_a_poll(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    assert h.polls(3) == [False, False, False]  # unchanged
+    h.write(OTHER)
+    assert h.polls(3) == [False, True, False]  # seen, settled and applied, then quiet
+    assert len(h.applied) == 1
+    weights = [ref.weight for ref in h.applied[0].scheduling_profiles[0].plugins]
+    assert 4.0 in weights
+    assert h.value("llm_d_epp_config_reloads_total", result="applied") == 1
+    assert h.value("llm_d_epp_config_last_reload_successful") == 1
+
+
+def test_a_file_still_being_written_is_read_only_when_it_stops_changing(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.write("apiVersion: llm-d.ai/v1alpha1\n")  # the first half of a write
+    assert not h.watcher.check()
+    h.write(OTHER)  # the rest, before the next poll
+    assert h.polls(2) == [False, True]
+    assert len(h.applied) == 1 and h.value("llm_d_epp_config_reloads_total", result="rejected") == 0
+
+
+def test_only_a_change_of_content_counts(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.write(DEFAULT_CONFIG)  # touched: same text
+    assert h.polls(3) == [False, False, False]
+    assert h.applied == [] and h.value("llm_d_epp_config_reloads_total", result="applied") == 0
+
+
+def test_a_bad_file_is_counted_logged_and_ignored_until_a_good_one_comes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = Harness(tmp_path)
+    with caplog.at_level(logging.ERROR, logger="llmepp.config.watch"):
+        h.write("plugins: [unclosed\n")
+        assert h.polls() == [False, False]
+    assert "not applied, the running config stays: config is not valid YAML" in caplog.text
+    assert h.value("llm_d_epp_config_reloads_total", result="rejected") == 1
+    assert h.value("llm_d_epp_config_last_reload_successful") == 0
+    assert h.polls(2) == [False, False]  # reported once, not every poll
+    assert h.value("llm_d_epp_config_reloads_total", result="rejected") == 1
+    h.write(OTHER)
+    assert h.polls() == [False, True]
+    assert h.value("llm_d_epp_config_last_reload_successful") == 1
+
+
+def test_a_missing_file_and_a_refused_change_keep_the_running_config(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = Harness(tmp_path, refuse=True)
+    with caplog.at_level(logging.ERROR, logger="llmepp.config.watch"):
+        h.path.unlink()
+        assert h.polls() == [False, False]
+        assert "the file is missing" in caplog.text
+        h.write(OTHER)
+        assert h.polls() == [False, False]
+    assert "restart the EPP to apply this" in caplog.text
+    assert h.value("llm_d_epp_config_reloads_total", result="rejected") == 2
+    assert h.applied == []
+
+
+def test_watching_without_a_config_file_is_a_start_up_error() -> None:
+    with pytest.raises(ConfigError, match="--watch-config-file needs --config-file"):
+        App(Settings(watch_config_file=True, config_text=DEFAULT_CONFIG))
+    assert settings_from_args(["--config-file", "x.yaml", "--watch-config-file"]).watch_config_file
