@@ -122,7 +122,7 @@ def create_noop_h2_server(endpoint: str, address: str) -> H2ExtProcServer:
     route = _route_answer(endpoint)
     settings = Settings()
     context = StreamContext(_NoDirector(), EppMetrics(), settings)  # type: ignore[arg-type]
-    return create_h2_server(context, settings, address=address, stream_factory=lambda: NoopStream(route))  # type: ignore[arg-type,return-value]
+    return create_h2_server(context, settings, address=address, stream_factory=lambda push: NoopStream(route))  # type: ignore[arg-type,return-value]
 
 
 class _NoDirector:

@@ -8,6 +8,7 @@ REASON_SATURATED = "rejected-saturated"
 REASON_TTL_EXPIRED = "rejected-ttl-expired"
 REASON_CANCELLED = "rejected-context-cancelled"
 REASON_SHUTTING_DOWN = "rejected-shutting-down"
+REASON_EVICTED = "evicted"
 DROPPED_REASON_HEADER = "x-llm-d-request-dropped-reason"
 
 
@@ -57,3 +58,10 @@ class NoEndpoints(ServiceUnavailable):
 class Saturated(ResourceExhausted):
     def __init__(self, message: str = "all endpoints were filtered out") -> None:
         super().__init__(message, reason=REASON_SATURATED)
+
+
+class Evicted(ResourceExhausted):
+    """Flow control revoked a dispatched request to make room for a higher-priority one."""
+
+    def __init__(self, message: str = "request evicted by flow control") -> None:
+        super().__init__(message, reason=REASON_EVICTED)

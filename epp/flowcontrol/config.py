@@ -9,7 +9,7 @@
       priorityBands: [{priority, maxRequests, maxBytes, fairnessPolicyRef, orderingPolicyRef}]
       usageLimitPolicyPluginRef: static-usage-limit-policy
       saturationDetector: {pluginRef: utilization-detector}
-      enableEviction: false
+      enableEviction: false           # true: revoke dispatched sheddable requests (flowcontrol.eviction)
     saturationDetector: {pluginRef: ...}                       # deprecated location, or inline:
     saturationDetector: {queueDepthThreshold: 5, kvCacheUtilThreshold: 0.8, metricsStalenessThreshold: 200ms}
 
@@ -38,6 +38,7 @@ from llmepp.flowcontrol.controller import (
     FlowControlConfig,
     FlowController,
 )
+from llmepp.flowcontrol.eviction import INFLIGHT_GRACE, SCRAPED_GRACE_EXTRA
 from llmepp.flowcontrol.hooks import AdmissionHooks
 from llmepp.flowcontrol.interfaces import (
     AdmissionController,
@@ -221,8 +222,6 @@ def _band(
 
 def resolve_flow_control(spec: FlowControlSpec, detector: SaturationDetector, resolver: _Resolver) -> FlowControlConfig:
     """Validate the parsed block and build the controller's config (injecting default policies)."""
-    if spec.enable_eviction:
-        raise ConfigError("flowControl.enableEviction: in-flight eviction is not supported in this build; set false")
     if spec.max_requests < 0:
         raise ConfigError(f"flowControl.maxRequests: must be >= 0, got {spec.max_requests}")
     try:
@@ -301,6 +300,8 @@ def build_admission(
     fc_config = resolve_flow_control(spec, detector, resolver) if enabled else None
     if not enabled and config.flow_control and set(config.flow_control) - {"saturationDetector"}:
         log.warning("flowControl block ignored (except saturationDetector): feature gate %s is off", FEATURE_GATE)
+    if fc_config is not None and spec.enable_eviction:
+        fc_config.eviction_grace = eviction_grace(detector, settings)
 
     store = objectives if objectives is not None else ObjectiveStore()
     pool_name = datastore.pool_name if datastore is not None else str(getattr(settings, "pool_name", "epp"))
@@ -340,6 +341,20 @@ def build_admission(
         extra={"detector": detector.name, "objectives_file": path or "", "objectives": len(store)},
     )
     return controller
+
+
+def eviction_grace(detector: SaturationDetector, settings: Any) -> float:
+    """Seconds between in-flight eviction decisions (flowcontrol.eviction), as the reference derives
+    them; a ConfigError if this EPP's transport cannot answer a request on its own."""
+    if getattr(settings, "extproc_transport", "h2") != "h2":
+        raise ConfigError(
+            "flowControl.enableEviction: needs the h2 ext_proc transport (--extproc-transport h2, the default)"
+        )
+    if detector.counts_inflight:
+        return INFLIGHT_GRACE
+    refresh = float(getattr(settings, "refresh_metrics_interval", 0.05))
+    staleness = float(getattr(settings, "metrics_staleness_threshold", 2.0))
+    return refresh + staleness + SCRAPED_GRACE_EXTRA
 
 
 def _registry_of(metrics: Any) -> CollectorRegistry:

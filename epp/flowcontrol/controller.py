@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from llmepp.datalayer.endpoint import Endpoint
+from llmepp.flowcontrol.eviction import Evictor
 from llmepp.flowcontrol.interfaces import (
     AdmissionController,
     FairnessPolicy,
@@ -88,6 +89,8 @@ class FlowControlConfig:
     max_bytes: int = 0
     default_ttl: float = DEFAULT_REQUEST_TTL  # 0 = no TTL
     no_endpoint_ttl: float = DEFAULT_REQUEST_TTL
+    # In-flight eviction (flowcontrol.eviction): seconds between revocation decisions; None = off.
+    eviction_grace: float | None = None
     # Runtime knobs (not in the YAML): dispatcher tick while work waits, per-cycle work
     # bound, idle garbage collection of flows and template-provisioned bands.
     poll_interval: float = 0.001
@@ -155,6 +158,9 @@ class FlowController(AdmissionController):
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed_event: asyncio.Event | None = None  # set by shutdown() (ends a drain early)
+        self.evictor: Evictor | None = None
+        if config.eviction_grace is not None:
+            self.evictor = Evictor(config.eviction_grace, lambda p: metrics.revocation_counter(str(p), pool_name))
         metrics.add_source(self)
 
     # -- gauges read at scrape time ------------------------------------------------------------
@@ -184,7 +190,9 @@ class FlowController(AdmissionController):
             if self._ttl_enabled:
                 self._arm_expiry()
 
-    def request_completed(self) -> None:
+    def request_completed(self, request: InferenceRequest) -> None:
+        if self.evictor is not None:
+            self.evictor.completed(request)
         # Completion frees in-flight capacity: worth one dispatch attempt.
         if self.queued:
             self._credits += 1
@@ -268,6 +276,8 @@ class FlowController(AdmissionController):
             saturation = self._saturation(pool, now)
             if saturation < self._usage_limit.ceilings(saturation, self._priorities)[self._rank[priority]]:
                 self._record(flow, _DISPATCHED, 0.0)
+                if self.evictor is not None:
+                    self.evictor.dispatched(request)
                 return
 
         item = self._enqueue(request, band, flow, pool, now)
@@ -279,6 +289,8 @@ class FlowController(AdmissionController):
             raise
         if outcome is not _DISPATCHED:
             raise outcome_error(outcome)
+        if self.evictor is not None:
+            self.evictor.dispatched(request)
 
     def _enqueue(
         self, request: InferenceRequest, band: PriorityBand, flow: FlowQueue, pool: Sequence[Endpoint], now: float
@@ -352,12 +364,14 @@ class FlowController(AdmissionController):
         order = self._order
         sent = 0
         gated = False
+        blocked: PriorityBand | None = None
         while sent < budget and self.queued:
             for i, band in enumerate(order):
                 if not band.count:
                     continue
                 if saturation >= ceilings[i]:
                     gated = True  # head-of-line: nothing below a blocked band may go
+                    blocked = band
                     break
                 flow = band.fairness.pick()
                 if flow is None:  # count says otherwise; never expected
@@ -383,6 +397,8 @@ class FlowController(AdmissionController):
             if gated:
                 break
         self._credits = 0 if gated or not self.queued else self._credits - sent
+        if blocked is not None and self.evictor is not None:
+            self.evictor.reclaim(blocked.priority, blocked.count, now)
         self.metrics.dispatch_cycle.observe(time.perf_counter() - t0)
         return sent
 

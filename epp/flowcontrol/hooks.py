@@ -27,7 +27,7 @@ class AdmissionHooks(ResponseCompleteProcessor):
         self.controller = controller
 
     def response_complete(self, request: InferenceRequest, response: ResponseInfo, result: SchedulingResult) -> None:
-        self.controller.request_completed()
+        self.controller.request_completed(request)
 
     async def aclose(self) -> None:
         await self.controller.aclose()

@@ -96,7 +96,7 @@ class AdmissionController(ABC):
     def start(self) -> None:
         """Start background work (dispatcher, objectives reload). Idempotent; admit() also starts it."""
 
-    def request_completed(self) -> None:
+    def request_completed(self, request: InferenceRequest) -> None:
         """A routed request finished: in-flight capacity was freed."""
 
     async def drain(self, grace: float) -> None:

@@ -90,6 +90,8 @@ class FlowControlMetrics:
         # (fairness_id, priority, outcome, inference_pool) → Buckets
         self.waits: dict[tuple[str, str, str, str], Buckets] = {}
         self.dispatch_cycle = Buckets(CYCLE_BUCKETS)
+        # (victim priority, inference_pool) → in-flight revocations (flowcontrol.eviction)
+        self.revocations: dict[tuple[str, str], Tally] = {}
         self._sources: weakref.WeakSet[Any] = weakref.WeakSet()
         self._fairness_labels: set[str] = set()
         registry.register(_Collector(self))
@@ -116,6 +118,12 @@ class FlowControlMetrics:
             found = self.outcomes[key] = Tally()
         return found
 
+    def revocation_counter(self, priority: str, pool: str) -> Tally:
+        found = self.revocations.get((priority, pool))
+        if found is None:
+            found = self.revocations[(priority, pool)] = Tally()
+        return found
+
     def wait_histogram(self, fairness_id: str, priority: str, outcome: str, pool: str) -> Buckets:
         key = (fairness_id, priority, outcome, pool)
         found = self.waits.get(key)
@@ -140,14 +148,16 @@ class _Collector(Collector):
     def collect(self) -> Iterator[Any]:
         families = self._families()
         m = self.metrics
-        total, wait, cycle = families[:3]
+        total, wait, cycle, revoked = families[:4]
         for (outcome, priority, pool), tally in list(m.outcomes.items()):
             total.add_metric([outcome, priority, pool], tally.value)
+        for (priority, pool), tally in list(m.revocations.items()):
+            revoked.add_metric([priority, pool], tally.value)
         for labels, hist in list(m.waits.items()):
             wait.add_metric(list(labels), hist.cumulative(), hist.sum)
         cycle.add_metric([], m.dispatch_cycle.cumulative(), m.dispatch_cycle.sum)
         for src in m.sources():
-            self._fill_gauges(families[3:], src)
+            self._fill_gauges(families[4:], src)
         return iter(families)
 
     @staticmethod
@@ -167,6 +177,11 @@ class _Collector(Collector):
                 labels=["fairness_id", "priority", "outcome", "inference_pool"],
             ),
             HistogramMetricFamily(p + "flow_control_dispatch_cycle_duration_seconds", "One dispatcher cycle."),
+            CounterMetricFamily(
+                p + "flow_control_revocations_total",
+                "Dispatched requests evicted to free capacity for a blocked band, by their priority.",
+                labels=["priority", "inference_pool"],
+            ),
             GaugeMetricFamily(p + "flow_control_queue_size", "Requests waiting, per flow.", labels=flow),
             GaugeMetricFamily(p + "flow_control_queue_bytes", "Body bytes waiting, per flow.", labels=flow),
             GaugeMetricFamily(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +60,9 @@ class InferenceRequest:
     received_at: float = 0.0
     # The scheduling outcome, once scheduled (response-side plugins read it).
     scheduling: SchedulingResult | None = None
+    # Set by the ext_proc stream once the request is routed, if its transport can answer on its own:
+    # ends the request with 429 now (flow control's in-flight eviction); False if it had ended.
+    evict: Callable[[], bool] | None = None
 
     @property
     def body_size(self) -> int:

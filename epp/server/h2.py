@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import struct
 from collections.abc import Callable
@@ -40,6 +41,9 @@ from llmepp.server.stream import ExtProcStream, Pending, StreamContext
 from llmepp.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# A new stream's protocol object, given the stream's push (answers sent outside a message handler).
+StreamFactory = Callable[[Callable[[Any], None]], ExtProcStream]
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # Frame types.
@@ -243,7 +247,7 @@ class _Connection(asyncio.Protocol):
             if self.goaway_sent:
                 self.out.append(_frame(RST_STREAM, 0, sid, _U32.pack(NO_ERROR)))
                 return
-            st = _Stream(sid, self.server.new_stream(), self.peer_initial_window)
+            st = _Stream(sid, self.server.new_stream(functools.partial(self._push, sid)), self.peer_initial_window)
             self.streams[sid] = st
             self.ctx.stream_opened()
         if flags & END_STREAM:
@@ -394,6 +398,14 @@ class _Connection(asyncio.Protocol):
         if st.ext.closed:
             self._end(st, GRPC_OK)
 
+    def _push(self, sid: int, out: Any) -> None:
+        """Answers a stream sends on its own, outside any message of Envoy's (in-flight eviction)."""
+        st = self.streams.get(sid)
+        if st is None or st.local_closed or st.task is not None or self.closed:
+            return
+        self._emit(st, out)
+        self._flush()
+
     def _on_remote_close(self, st: _Stream) -> None:
         st.remote_closed = True
         if st.task is None and not st.backlog and not st.local_closed:
@@ -536,13 +548,13 @@ class H2ExtProcServer:
         *,
         host: str,
         port: int,
-        stream_factory: Callable[[], ExtProcStream] | None = None,
+        stream_factory: StreamFactory | None = None,
         ssl: SSLContext | None = None,
     ) -> None:
         self.context = context
         self.ssl = ssl
         # One protocol object per stream (benchmarks swap in a no-op with the same interface).
-        self.new_stream: Callable[[], ExtProcStream] = stream_factory or (lambda: ExtProcStream(context))
+        self.new_stream: StreamFactory = stream_factory or (lambda push: ExtProcStream(context, push))
         self.host = host
         self.requested_port = port
         self.port = 0
@@ -602,7 +614,7 @@ def create_h2_server(
     settings: Settings,
     *,
     address: str | None = None,
-    stream_factory: Callable[[], ExtProcStream] | None = None,
+    stream_factory: StreamFactory | None = None,
     ssl: SSLContext | None = None,
 ) -> H2ExtProcServer:
     """Like extproc.create_server, for the HTTP/2 transport (call `await server.start()`); `ssl`

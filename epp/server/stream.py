@@ -35,13 +35,13 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Coroutine, Generator, Sequence
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from llmepp.errors import DROPPED_REASON_HEADER, BadRequest, PayloadTooLarge, RequestError
+from llmepp.errors import DROPPED_REASON_HEADER, BadRequest, Evicted, PayloadTooLarge, RequestError
 from llmepp.observability.metrics import EppMetrics
 from llmepp.request import parsers
 from llmepp.request.rewrite import ModelNameRewriter
@@ -287,6 +287,7 @@ class ExtProcStream:
         "info",
         "lab",
         "phase",
+        "push",
         "received_at",
         "req_mode",
         "request",
@@ -303,8 +304,10 @@ class ExtProcStream:
         "usage",
     )
 
-    def __init__(self, svc: StreamContext) -> None:
+    def __init__(self, svc: StreamContext, push: Callable[[Answers], None] | None = None) -> None:
         self.svc = svc
+        # The transport's way to send answers outside a message handler (in-flight eviction).
+        self.push = push
         self.phase = _START
         self.req_mode = envoy.MODE_FULL_DUPLEX_STREAMED
         self.resp_mode = envoy.MODE_FULL_DUPLEX_STREAMED
@@ -498,6 +501,8 @@ class ExtProcStream:
     def _routed(self, decision: RoutingDecision) -> None:
         self.decision = decision
         self.phase = _ROUTED
+        if self.push is not None and self.request is not None:
+            self.request.evict = self.evict
         if self.lab is not None:
             self.lab.running.inc()
         if log.isEnabledFor(logging.DEBUG):
@@ -640,6 +645,22 @@ class ExtProcStream:
     def _complete_queued(self) -> None:
         if self.completing is not None:
             self.complete(self.completing)
+
+    def evict(self) -> bool:
+        """Flow control revoked this routed request: release it now and answer 429 (Envoy replies to
+        the client, or resets the stream if the response has started, and resets the upstream request
+        either way). False if the request has ended already."""
+        push = self.push
+        if push is None or self.closed or self.completed or self.completing is not None or self.decision is None:
+            return False
+        err = Evicted()
+        lab = self.lab
+        model, target = lab.labels if lab is not None else ("", "")
+        self.svc.metrics.request_error_total.labels(model, target, err.code).inc()
+        self.closed = True
+        self.complete(TerminationCause.EVICTED)
+        push(error_response(err))
+        return True
 
     # -- failures ------------------------------------------------------------------------------------
     def fallback(self, msg: pb.ProcessingRequest) -> Answer | None:

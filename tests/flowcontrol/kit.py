@@ -120,7 +120,7 @@ class Server:
         if self.auto_complete:
             await asyncio.sleep(0)
             ep.inflight.requests -= 1
-            self.ctl.request_completed()
+            self.ctl.request_completed(r)
 
     def submit(self, r: InferenceRequest) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(self.serve(r))
@@ -134,7 +134,7 @@ class Server:
 
     def complete_one(self) -> None:
         self.pool()[0].inflight.requests -= 1
-        self.ctl.request_completed()
+        self.ctl.request_completed(req("completed"))
 
 
 async def until(cond: Callable[[], bool], within: float = 2.0) -> None:

@@ -183,7 +183,6 @@ CONFIG_ERRORS = [
     ("flowControl: {defaultRequestTTL: soon}\n", "flowControl.defaultRequestTTL: invalid duration 'soon'"),
     ("flowControl: {noEndpointRequestTTL: -5s}\n", "flowControl.noEndpointRequestTTL: invalid duration"),
     ("flowControl: {maxRequests: -1}\n", "flowControl.maxRequests: must be >= 0"),
-    ("flowControl: {enableEviction: true}\n", "flowControl.enableEviction: in-flight eviction is not supported"),
     ("flowControl: {usageLimitPolicyPluginRef: nah}\n", "flowControl.usageLimitPolicyPluginRef: no plugin named 'nah'"),
     ("flowControl: {saturationDetector: {pluginRef: nah}}\n", "flowControl.saturationDetector.pluginRef: no plugin"),
     ("flowControl: {maxRequestz: 5}\n", "flowControl: Object contains unknown field `maxRequestz`"),
@@ -207,6 +206,24 @@ def test_config_errors_name_the_field(block: str, expected: str) -> None:
     with pytest.raises(ConfigError) as err:
         built(HEAD + "featureGates: [flowControl]\n" + block)
     assert expected in str(err.value)
+
+
+def test_eviction_waits_for_freed_capacity_to_show_and_needs_the_h2_transport() -> None:
+    gated = HEAD + "featureGates: [flowControl]\n"
+    off = built(gated).pipeline.admission
+    assert isinstance(off, FlowController) and off.evictor is None
+    settings = Settings(refresh_metrics_interval=0.1, metrics_staleness_threshold=1.5)
+    scraped = built(gated + "flowControl: {enableEviction: true}\n", settings=settings).pipeline.admission
+    assert isinstance(scraped, FlowController) and scraped.evictor is not None
+    assert scraped.evictor.grace == pytest.approx(0.1 + 1.5 + 0.25)  # one refresh + staleness + 250 ms
+    inflight = built(
+        gated + "plugins: [{type: concurrency-detector}]\n"
+        "flowControl: {enableEviction: true, saturationDetector: {pluginRef: concurrency-detector}}\n"
+    ).pipeline.admission
+    assert isinstance(inflight, FlowController) and inflight.evictor is not None
+    assert inflight.evictor.grace == pytest.approx(0.010)
+    with pytest.raises(ConfigError, match=r"flowControl\.enableEviction: needs the h2 ext_proc transport"):
+        built(gated + "flowControl: {enableEviction: true}\n", settings=Settings(extproc_transport="grpc"))
 
 
 def test_objectives_file_setting_is_loaded_and_bad_files_fail_start_up(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -119,8 +119,8 @@ async def test_one_free_slot_takes_one_request_even_with_spare_credits() -> None
         srv.submit(req(f"r{i}"))
     await spin()
     pool()[1].inflight.requests = 0
-    ctl.request_completed()
-    ctl.request_completed()
+    ctl.request_completed(req("a"))
+    ctl.request_completed(req("b"))
     await spin(50)
     assert srv.order == ["r0"] and ctl.queued == 2
     await srv.close()

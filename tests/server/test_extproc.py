@@ -532,6 +532,31 @@ async def test_cancel_mid_response_releases_exactly_once() -> None:
         assert h.sample("llm_d_epp_extproc_streams_inflight") == 0
 
 
+async def test_in_flight_eviction_answers_429_mid_response_and_releases_once(transport: str) -> None:
+    async with serve() as h:
+        s = h.open()
+        await s.route(CHAT, path="/v1/chat/completions")
+        await s.send(response_headers(200, "text/event-stream"), response_body(b"data: {}\n\n"))
+        await s.recv()
+        await s.recv()
+        (req,) = h.director.requests
+        if transport == "grpc":
+            assert req.evict is None  # grpc.aio cannot answer outside a message: eviction is h2-only
+            return
+        assert req.evict is not None and req.evict()
+        status, headers, body = immediate(await s.recv())
+        assert status == 429 and headers["x-llm-d-request-dropped-reason"] == b"evicted"
+        assert body["error"]["message"] == "request evicted by flow control"
+        assert await s.status() == grpc.StatusCode.OK
+        (c,) = h.director.completions
+        assert c.response.cause is TerminationCause.EVICTED
+        assert not req.evict()  # once
+        assert h.director.inflight == {}
+        labels = {"model_name": "m", "target_model_name": "m", "error_code": "ResourceExhausted"}
+        assert h.sample("llm_d_epp_request_error_total", labels) == 1
+        assert h.sample("llm_d_epp_request_running", {"model_name": "m", "target_model_name": "m"}) == 0
+
+
 async def test_stream_closed_after_routing_without_response_releases() -> None:
     async with serve() as h:
         s = h.open()

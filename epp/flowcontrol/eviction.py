@@ -1,0 +1,91 @@
+"""In-flight eviction (`flowControl.enableEviction: true`, reference `pkg/epp/flowcontrol/eviction`).
+
+When saturation holds a band back, requests already dispatched from sheddable bands are revoked
+so the capacity they hold comes back for the blocked, more important work:
+
+    victims  = dispatched, unfinished, priority < 0 and below the blocked band's priority
+               (the reference's `sheddable-eviction-filter`), and still answerable
+    order    = lowest priority first, then the most recently dispatched first: the least work
+               lost (`priority-then-time-eviction-order-policy`)
+    per decision: one revocation per request waiting in the blocked band, at most 2; the next
+               decision waits `grace`, so saturation is read
+               again only once the freed capacity can show (a scraped detector: one metrics
+               refresh + the staleness threshold + 250 ms; an in-flight one: 10 ms)
+
+A revoked request is answered 429 `request evicted by flow control` (reason `evicted`) by its
+ext_proc stream, which makes Envoy reset the upstream request (the model server stops working on
+it) and reply to the client, or reset the client's stream if the response had started.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+
+from llmepp.observability.fast import Tally
+from llmepp.request.types import InferenceRequest
+
+log = logging.getLogger(__name__)
+
+MAX_PER_DECISION = 2
+SCRAPED_GRACE_EXTRA = 0.25  # seconds on top of refresh + staleness for scraped detectors
+INFLIGHT_GRACE = 0.010  # seconds: in-flight counts drop the moment a request is released
+
+
+class Evictor:
+    """The dispatched sheddable requests, and the revocation decision over them."""
+
+    def __init__(self, grace: float, revoked: Callable[[int], Tally]) -> None:
+        self.grace = grace
+        self._revoked = revoked  # victim priority -> its revocation counter
+        self._seq = itertools.count()
+        # id(request) -> (request, dispatch order); insertion order is dispatch order.
+        self._inflight: dict[int, tuple[InferenceRequest, int]] = {}
+        self._next_decision = -1.0
+
+    def __len__(self) -> int:
+        return len(self._inflight)
+
+    def dispatched(self, request: InferenceRequest) -> None:
+        if request.priority < 0:
+            self._inflight[id(request)] = (request, next(self._seq))
+
+    def completed(self, request: InferenceRequest) -> None:
+        self._inflight.pop(id(request), None)
+
+    def reclaim(self, blocked_priority: int, waiting: int, now: float) -> int:
+        """Revoke up to min(`waiting`, MAX_PER_DECISION) victims for a band of `blocked_priority` held
+        back by saturation with `waiting` requests queued; at most one decision per `grace`. Returns
+        how many were revoked."""
+        if now < self._next_decision or not self._inflight:
+            return 0
+        ceiling = min(0, blocked_priority)
+        candidates = [
+            (req.priority, -seq, req)
+            for req, seq in self._inflight.values()
+            if req.priority < ceiling and req.evict is not None
+        ]
+        if not candidates:
+            return 0
+        candidates.sort(key=lambda c: (c[0], c[1]))
+        wanted = min(waiting, MAX_PER_DECISION)
+        revoked = 0
+        for priority, _, req in candidates:
+            if revoked == wanted:
+                break
+            evict = req.evict
+            assert evict is not None
+            self._inflight.pop(id(req), None)
+            if evict():
+                revoked += 1
+                self._revoked(priority).inc()
+                log.info(
+                    "evicted an in-flight request of priority %d for blocked priority %d",
+                    priority,
+                    blocked_priority,
+                    extra={"request_id": req.request_id},
+                )
+        if revoked:
+            self._next_decision = now + self.grace
+        return revoked

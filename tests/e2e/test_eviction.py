@@ -1,0 +1,126 @@
+"""In-flight eviction end to end (`flowControl.enableEviction`): a real Envoy, the `epp` program and a
+simulated pod. Two sheddable (priority -1) streams fill the pod's two slots; an interactive request
+arrives and is held back by saturation; the EPP revokes the newest sheddable stream, whose client
+sees its stream cut, the pod stops generating for it, and the interactive request runs at once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from llmepp.testing.stack import Stack, StackOptions, epp_metric
+
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
+
+MODEL = "sim-model"
+SIM = ["--latency-profile", "llama-8b-h100", "--time-scale", "2"]
+LONG = 4000  # output tokens: ~24 s of streaming, far longer than the test
+
+CONFIG = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [flowControl]
+plugins:
+- type: concurrency-detector
+  parameters: {maxConcurrency: 2}
+- type: queue-scorer
+schedulingProfiles:
+- name: default
+  plugins: [{pluginRef: concurrency-detector}, {pluginRef: queue-scorer}]
+flowControl:
+  saturationDetector: {pluginRef: concurrency-detector}
+  enableEviction: true
+"""
+
+OBJECTIVES = """\
+apiVersion: llm-d.ai/v1alpha2
+kind: InferenceObjective
+metadata: {name: batch}
+spec: {priority: -1, poolRef: {name: epp}}
+"""
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    objectives = tmp_path_factory.mktemp("evict") / "objectives.yaml"
+    objectives.write_text(OBJECTIVES)
+    options = StackOptions(
+        pods=1, first_host=175, sim_args=SIM, epp_config=CONFIG, epp_args=["--objectives-file", str(objectives)]
+    )
+    async with Stack(options) as st:
+        yield st
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        yield session
+
+
+class Batch:
+    """A sheddable streaming completion; `started` once its first token arrived."""
+
+    def __init__(self, http: aiohttp.ClientSession, stack: Stack, name: str) -> None:
+        self.started = asyncio.Event()
+        self.received = b""
+        self.error: BaseException | None = None
+        self.task = asyncio.get_running_loop().create_task(self._run(http, stack, name))
+
+    async def _run(self, http: aiohttp.ClientSession, stack: Stack, name: str) -> None:
+        body = {"model": MODEL, "prompt": f"batch job {name}", "max_tokens": LONG, "stream": True}
+        headers = {"x-gateway-inference-objective": "batch"}
+        try:
+            async with http.post(f"{stack.url}/v1/completions", json=body, headers=headers) as resp:
+                assert resp.status == 200
+                async for chunk in resp.content.iter_any():
+                    self.received += chunk
+                    self.started.set()
+        except (aiohttp.ClientError, ConnectionError) as e:
+            self.error = e
+
+    @property
+    def finished(self) -> bool:
+        return b"[DONE]" in self.received
+
+
+async def running_on_pod(http: aiohttp.ClientSession, stack: Stack) -> float:
+    async with http.get(stack.pods[0].url + "/metrics") as resp:
+        text = await resp.text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("vllm:num_requests_running"))
+    return float(line.rsplit(" ", 1)[1])
+
+
+async def test_a_blocked_request_evicts_the_newest_sheddable_stream(stack: Stack, http: aiohttp.ClientSession) -> None:
+    first = Batch(http, stack, "first")
+    await asyncio.wait_for(first.started.wait(), 20)
+    second = Batch(http, stack, "second")
+    await asyncio.wait_for(second.started.wait(), 20)
+
+    t0 = time.monotonic()
+    body = {"model": MODEL, "prompt": "an interactive question", "max_tokens": 10}
+    async with http.post(f"{stack.url}/v1/completions", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        await resp.read()
+    waited = time.monotonic() - t0
+    assert waited < 10, waited  # without eviction it would wait ~24 s for a slot (or its 60 s TTL)
+
+    # The newest sheddable stream was cut mid-response (Envoy resets it: the 429 cannot be sent once
+    # the response has started); the older one streams on.
+    await asyncio.wait_for(second.task, 20)
+    assert not second.finished and second.received
+    assert not first.task.done()
+    revoked = await epp_metric(http, stack.metrics_url, "llm_d_epp_flow_control_revocations_total", priority="-1")
+    assert revoked == 1
+    # The pod stopped generating for it: only the first stream runs there now.
+    for _ in range(100):
+        if await running_on_pod(http, stack) == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert await running_on_pod(http, stack) == 1
+    first.task.cancel()
+    await asyncio.gather(first.task, return_exceptions=True)

@@ -1,0 +1,102 @@
+"""In-flight eviction: which dispatched requests are revoked, how many, how often, and the controller
+revoking sheddable work so a blocked higher band gets the capacity."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from llmepp.flowcontrol.eviction import MAX_PER_DECISION, Evictor
+from llmepp.observability.fast import Tally
+from llmepp.request.types import InferenceRequest
+
+from .kit import Server, concurrency_pool, controller, req, spin, until
+
+
+class Victims:
+    """Requests with an `evict` that records the revocation (as the ext_proc stream's would)."""
+
+    def __init__(self) -> None:
+        self.evicted: list[str] = []
+        self.counts: dict[int, Tally] = {}
+        self.evictor = Evictor(grace=1.0, revoked=lambda p: self.counts.setdefault(p, Tally()))
+
+    def dispatch(self, rid: str, priority: int, *, answerable: bool = True) -> InferenceRequest:
+        r = req(rid, priority=priority)
+        if answerable:
+            r.evict = self._evict(rid)
+        self.evictor.dispatched(r)
+        return r
+
+    def _evict(self, rid: str) -> Callable[[], bool]:
+        def evict() -> bool:
+            self.evicted.append(rid)
+            return True
+
+        return evict
+
+
+def test_lowest_priority_then_newest_first_at_most_two_per_decision_one_decision_per_grace() -> None:
+    v = Victims()
+    for rid, priority in [("a", -1), ("b", -5), ("c", -5), ("d", -1), ("e", 0), ("f", 3)]:
+        v.dispatch(rid, priority)
+    assert len(v.evictor) == 4  # priority >= 0 is never a victim, not even tracked
+    assert v.evictor.reclaim(0, 5, now=100.0) == MAX_PER_DECISION == 2
+    assert v.evicted == ["c", "b"]
+    assert v.evictor.reclaim(0, 5, now=100.5) == 0  # within the grace: saturation may not show it yet
+    assert v.evictor.reclaim(0, 5, now=101.0) == 2
+    assert v.evicted == ["c", "b", "d", "a"]
+    assert v.counts[-5].value == 2 and v.counts[-1].value == 2
+    assert v.evictor.reclaim(0, 5, now=200.0) == 0 and len(v.evictor) == 0
+
+
+def test_no_more_than_the_blocked_band_waits_for() -> None:
+    v = Victims()
+    for rid in ("a", "b", "c"):
+        v.dispatch(rid, -1)
+    assert v.evictor.reclaim(0, 1, now=0.0) == 1 and v.evicted == ["c"]
+
+
+def test_only_bands_below_the_blocked_one_and_only_answerable_unfinished_requests() -> None:
+    v = Victims()
+    v.dispatch("low", -5)
+    v.dispatch("mid", -2)
+    v.dispatch("mute", -9, answerable=False)  # its transport cannot answer on its own (grpc.aio)
+    done = v.dispatch("done", -9)
+    v.evictor.completed(done)
+    assert v.evictor.reclaim(-2, 5, now=0.0) == 1  # a blocked sheddable band may take from lower ones only
+    assert v.evicted == ["low"]
+    assert v.evictor.reclaim(-5, 5, now=10.0) == 0
+    gone = v.dispatch("gone", -3)
+    gone.evict = lambda: False  # ended between dispatch and now
+    assert v.evictor.reclaim(0, 5, now=20.0) == 1
+    assert v.evicted == ["low", "mid"] and -3 not in v.counts
+
+
+async def test_a_blocked_band_gets_the_capacity_sheddable_work_held() -> None:
+    pool, det = concurrency_pool(n=1, max_concurrency=2)
+    ctl = controller(pool, det, eviction_grace=0.01)
+    srv = Server(ctl, pool)
+    evicted: list[str] = []
+
+    def answerable(r: InferenceRequest) -> InferenceRequest:
+        def evict() -> bool:  # what the stream does: release now (in-flight counts, completion)
+            evicted.append(r.request_id)
+            srv.complete_one()
+            ctl.request_completed(r)
+            return True
+
+        r.evict = evict
+        return r
+
+    for rid in ("batch-1", "batch-2"):
+        srv.submit(answerable(req(rid, priority=-1)))
+    await until(lambda: srv.order == ["batch-1", "batch-2"])
+    srv.submit(req("interactive", priority=0))
+    await until(lambda: "interactive" in srv.order)
+    assert evicted == ["batch-2"]  # the newest one; one slot was all the blocked request needed
+    assert ctl.metrics.revocations[("-1", "epp")].value == 1
+    # A sheddable newcomer does not evict its own band.
+    srv.submit(answerable(req("batch-3", priority=-1)))
+    await spin(200)
+    assert evicted == ["batch-2"] and "batch-3" not in srv.order
+    await srv.close()
