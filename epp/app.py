@@ -187,7 +187,13 @@ class App:
         if self.collector is not None:
             await self.collector.start()
 
-        self._servicer = ExtProcServicer(self.director, self.metrics, s, destination_list=s.destination_fallback_list)
+        self._servicer = ExtProcServicer(
+            self.director,
+            self.metrics,
+            s,
+            destination_list=s.destination_fallback_list,
+            request_parsers=self.components.parsers,
+        )
         cert = self.serving_cert
         if s.extproc_transport == "h2":
             h2 = create_h2_server(self._servicer, s, ssl=cert.ssl_context() if cert else None)

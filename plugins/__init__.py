@@ -15,6 +15,7 @@ def builtin_plugins() -> list[type[Plugin]]:
         discovery,
         filters,
         flowcontrol,
+        parsers,
         pickers,
         producers,
         profile_handlers,
@@ -30,6 +31,7 @@ def builtin_plugins() -> list[type[Plugin]]:
         *discovery.PLUGINS,
         *datasources.PLUGINS,
         *flowcontrol.PLUGINS,
+        *parsers.PLUGINS,
     ]
 
 

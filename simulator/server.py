@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from llmepp_sim import anthropic
 from llmepp_sim.config import pod_config_to_dict
 from llmepp_sim.engine import RequestKind, RequestTooLarge, SimRequest
 from llmepp_sim.errors import ApiError, bad_request, context_length_exceeded, model_not_found
@@ -64,6 +65,7 @@ def build_app(pod: SimPod) -> web.Application:
     app.on_response_prepare.append(_identity_headers)
     app.router.add_post("/v1/completions", _completions)
     app.router.add_post("/v1/chat/completions", _chat_completions)
+    app.router.add_post("/v1/messages", _messages)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
@@ -107,6 +109,10 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     return await _inference(request, chat=True)
 
 
+async def _messages(request: web.Request) -> web.StreamResponse:
+    return await _inference(request, chat=True, messages_api=True)
+
+
 def _resolve_model(pod: SimPod, name: str | None) -> tuple[str, LoraAdapter | None]:
     if name is None or name in pod.config.base_model_names:
         return name or pod.config.model_name, None
@@ -143,15 +149,16 @@ def _checked_max_tokens(pod: SimPod, prompt: int, parsed: InferenceRequest) -> i
     return parsed.max_tokens
 
 
-async def _inference(request: web.Request, chat: bool) -> web.StreamResponse:
+async def _inference(request: web.Request, chat: bool, messages_api: bool = False) -> web.StreamResponse:
     pod = request.app[POD_KEY]
     _require_ready(pod)
     forced = pod.faults.forced(request.headers.get(FORCE_ERROR_HEADER))
     if forced is not None:
         raise forced
-    parsed = parse_inference_request(
-        decode_json_body(await request.read()), chat, pod.tokenizer.vocab_size, pod.render_chat
-    )
+    body = decode_json_body(await request.read())
+    if messages_api:
+        body = anthropic.to_chat_body(body)
+    parsed = parse_inference_request(body, chat, pod.tokenizer.vocab_size, pod.render_chat)
     model, adapter = _resolve_model(pod, parsed.model)
     injected = pod.faults.maybe_fail(pod.config, model)
     if injected is not None:
@@ -175,6 +182,10 @@ async def _inference(request: web.Request, chat: bool) -> web.StreamResponse:
     except RequestTooLarge as exc:
         raise bad_request(str(exc), param="max_tokens") from exc
     try:
+        if messages_api:
+            if parsed.stream:
+                return await _stream_messages(request, sim_request, model)
+            return await _complete_messages(sim_request, model)
         if parsed.stream:
             return await _stream(request, pod, sim_request, model, parsed)
         return await _complete(pod, sim_request, model, parsed)
@@ -251,6 +262,46 @@ async def _stream(
                 parts.append(renderer.done())
             if parts:
                 await response.write(b"".join(parts))
+            sent = available
+            if finished:
+                await response.write_eof()
+                return response
+    return response
+
+
+async def _complete_messages(sim_request: SimRequest, model: str) -> web.Response:
+    await sim_request.wait_finished()
+    if sim_request.finish_reason == "abort":
+        raise _aborted()
+    u = _anthropic_usage(sim_request)
+    body = anthropic.full_response(
+        anthropic.new_message_id(), model, "".join(sim_request.output_text), sim_request.finish_reason or "length", u
+    )
+    return web.Response(body=body, content_type="application/json")
+
+
+def _anthropic_usage(sim_request: SimRequest) -> dict[str, int]:
+    return anthropic.usage(len(sim_request.prompt_ids), len(sim_request.output_ids), sim_request.num_cached_tokens or 0)
+
+
+async def _stream_messages(request: web.Request, sim_request: SimRequest, model: str) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    events = anthropic.MessagesStream(anthropic.new_message_id(), model)
+    with contextlib.suppress(ConnectionError):
+        await response.prepare(request)
+        sent = 0
+        while True:
+            await sim_request.wait(sent)
+            texts = sim_request.output_text
+            available = len(texts)
+            finished = sim_request.finished
+            if finished and sim_request.finish_reason == "abort":
+                return response
+            parts = [events.start({**_anthropic_usage(sim_request), "output_tokens": 0})] if sent == 0 else []
+            parts += [events.token(texts[i]) for i in range(sent, available)]
+            if finished:
+                parts.append(events.end(sim_request.finish_reason or "length", len(sim_request.output_ids)))
+            await response.write(b"".join(parts))
             sent = available
             if finished:
                 await response.write_eof()

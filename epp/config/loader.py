@@ -46,11 +46,13 @@ from llmepp.framework.requestcontrol import (
     Admitter,
     DataProducer,
     FirstResponseChunkProcessor,
+    Parser,
     PreRequest,
     ResponseCompleteProcessor,
     ResponseHeaderProcessor,
 )
 from llmepp.framework.scheduling import Filter, Picker, ProfileHandler, Scorer
+from llmepp.request.parsers import RequestParsers, default_parsers
 from llmepp.scheduling.profile import SchedulerProfile, WeightedScorer
 from llmepp.scheduling.scheduler import Scheduler
 
@@ -87,6 +89,8 @@ class Components:
     # The spec of every plugin built from the config or auto-created for it (name filled in): what a
     # reload compares. Plugins flow control and the data layer add for themselves are not in it.
     specs: dict[str, PluginSpec] = field(default_factory=dict)
+    # requestHandler.parsers: which parser reads a request, by path.
+    parsers: RequestParsers = field(default_factory=default_parsers)
 
 
 def load_config(text: str) -> EndpointPickerConfig:
@@ -159,6 +163,7 @@ def build(
         settings=settings, plugin_registry=plugin_registry,
     )  # fmt: skip
     _build_data_layer(config, plugins, components, plugin_registry)
+    components.parsers = _request_parsers(config, plugins)
     return components
 
 
@@ -409,6 +414,30 @@ def _ordered_producers(producers: list[DataProducer]) -> list[DataProducer]:
         ordered += ready
         pending = [p for p in pending if p not in ready]
     return ordered
+
+
+def _request_parsers(config: EndpointPickerConfig, plugins: dict[str, Plugin]) -> RequestParsers:
+    """requestHandler.parsers (after the deprecated top-level `parser`); the default list when empty."""
+    refs: list[tuple[str, str]] = []  # (field, plugin name)
+    if config.parser is not None:
+        log.warning("parser is deprecated; use requestHandler.parsers")
+        refs.append(("parser.pluginRef", config.parser.plugin_ref))
+    if config.request_handler is not None:
+        refs += [
+            (f"requestHandler.parsers[{i}].pluginRef", r.plugin_ref)
+            for i, r in enumerate(config.request_handler.parsers)
+        ]
+    if not refs:
+        return default_parsers()
+    parsers: list[Parser] = []
+    for where, name in refs:
+        plugin = plugins.get(name)
+        if plugin is None:
+            raise ConfigError(f"{where}: no plugin named {name!r}")
+        if not isinstance(plugin, Parser):
+            raise ConfigError(f"{where}: plugin {name!r} (type {plugin.type}) is not a parser")
+        parsers.append(plugin)
+    return RequestParsers(parsers)
 
 
 def _build_data_layer(

@@ -1,20 +1,38 @@
 """Request-control extension points around scheduling (reference `requestcontrol`).
 
-Order per request: DataProducers (write request.data) → Admitters → scheduling →
-PreRequest (bookkeeping for the chosen targets) → ... response: ResponseHeaderProcessor on
-the response headers, FirstResponseChunkProcessor at the first body bytes, ResponseCompleteProcessor
-once when the response ends, however it ends.
+Order per request: the Parser claiming the path reads the body → DataProducers (write
+request.data) → Admitters → scheduling → PreRequest (bookkeeping for the chosen targets) → ...
+response: ResponseHeaderProcessor on the response headers, FirstResponseChunkProcessor at the
+first body bytes, ResponseCompleteProcessor once when the response ends, however it ends.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Awaitable, Sequence
+from typing import ClassVar
 
 from llmepp.datalayer.endpoint import Endpoint
 from llmepp.framework.plugin import Plugin
 from llmepp.framework.scheduling import SchedulingResult
 from llmepp.request.types import InferenceRequest, ResponseInfo
+
+
+class Parser(Plugin):
+    """A `requestHandler.parsers` entry: claims request paths and reads their bodies.
+
+    The longest claimed path suffix (on a segment boundary) picks the parser; a parser that
+    claims nothing is the fallback for unclaimed paths (llmepp.request.parsers.RequestParsers).
+    """
+
+    # Path suffixes, e.g. "chat/completions"; empty: the fallback.
+    claims: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def parse(self, request: InferenceRequest, suffix: str) -> None:
+        """Fill `request` (kind, model, prompt, messages, stream, max_tokens, ...) from
+        `request.body`, read as the `suffix` it was claimed for ("" for the fallback).
+        A body the API does not accept raises BadRequest with a precise message."""
 
 
 class DataProducer(Plugin):

@@ -1,9 +1,13 @@
 """Request parsing: HTTP path + headers + body bytes → `InferenceRequest` (reference §1.2).
 
 Path resolution: `:path`, else `x-original-path`, else `x-forwarded-path`, else
-`/v1/completions`; the query string is dropped; the longest claimed suffix wins, matched
-on a path-segment boundary (`/v1/chat/completions` is chat, `/x/foocompletions` is not).
-Unclaimed paths are PASSTHROUGH: the body is kept raw and never interpreted.
+`/v1/completions`; the query string is dropped. `RequestParsers` picks the parser plugin
+(`requestHandler.parsers`, by default openai-parser, anthropic-parser, passthrough-parser)
+claiming the longest suffix, matched on a path-segment boundary (`/v1/chat/completions` is
+chat, `/x/foocompletions` is not). Unclaimed paths go to the fallback parser (the first that
+claims nothing: passthrough keeps the body raw and never interprets it), or are a 400 when
+the configured list has no fallback. This module reads the OpenAI bodies; `anthropic.py` the
+Anthropic Messages API.
 
 The canonical prompt (`InferenceRequest.prompt`, UTF-8 bytes) mirrors the reference's
 estimate tokenizer input:
@@ -18,6 +22,12 @@ estimate tokenizer input:
   message its role followed by its text (string content, or the `text` of each text
   content part; non-text parts such as `image_url` contribute nothing).
 - embeddings: the input, with the same rules as a completions prompt.
+- responses (OpenAI Responses API): `instructions` as a system message, then the `input`
+  (a string is one user message; a list gives each item's role and text), like chat.
+- messages (Anthropic Messages API, `/v1/messages`; vLLM serves it too): the `tools` JSON,
+  `system` as a system message, then each message's role and text (string content, or its
+  `text` blocks and the text inside `tool_result` blocks; images and tool calls add nothing).
+  `messages/count_tokens` generates nothing and is read as raw (routed by load).
 
 Decoding uses typed msgspec Structs: only the fields the router needs are materialised
 (a 2 MB body decodes in well under a millisecond). The full payload is decoded as a dict
@@ -29,13 +39,16 @@ from __future__ import annotations
 import re
 import struct
 import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from llmepp.errors import BadRequest
 from llmepp.request.types import InferenceRequest, RequestKind
+
+if TYPE_CHECKING:
+    from llmepp.framework.requestcontrol import Parser
 
 # Header names (lower case, as Envoy sends them).
 H_PATH = ":path"
@@ -52,12 +65,17 @@ H_MODEL_REWRITE_ALIAS = "x-gateway-model-name-rewrite"
 DEFAULT_PATH = "/v1/completions"
 DEFAULT_FAIRNESS_ID = "default-flow"
 
-# Claimed path suffixes, longest first so the first match is the longest.
-_CLAIMS: tuple[tuple[str, RequestKind], ...] = (
-    ("chat/completions", RequestKind.CHAT_COMPLETIONS),
-    ("completions", RequestKind.COMPLETIONS),
-    ("embeddings", RequestKind.EMBEDDINGS),
-)
+# The OpenAI API paths openai-parser claims, and what each is.
+OPENAI_CLAIMS: dict[str, RequestKind] = {
+    "chat/completions": RequestKind.CHAT_COMPLETIONS,
+    "completions": RequestKind.COMPLETIONS,
+    "embeddings": RequestKind.EMBEDDINGS,
+    "responses": RequestKind.RESPONSES,
+}
+ANTHROPIC_CLAIMS = ("messages", "messages/count_tokens")
+# requestHandler.parsers when the config lists none (the reference's list, less the vLLM-native
+# generate API: inference/v1/generate goes to the fallback, unread).
+DEFAULT_PARSERS = ("openai-parser", "anthropic-parser", "passthrough-parser")
 
 _UINT32_MAX = 0xFFFFFFFF
 
@@ -98,9 +116,46 @@ class _EmbeddingsBody(msgspec.Struct):
     cache_salt: str | None = None
 
 
+class _InputItem(msgspec.Struct):
+    role: str = "user"
+    content: str | list[_ContentPart] | None = None
+
+
+class _ResponsesBody(msgspec.Struct):
+    model: Any = None
+    input: str | list[_InputItem] | msgspec.UnsetType = msgspec.UNSET
+    instructions: str | None = None
+    tools: msgspec.Raw = msgspec.Raw(b"")
+    stream: bool | None = None
+    max_output_tokens: int | None = None
+    cache_salt: str | None = None
+
+
+class _Block(msgspec.Struct):
+    type: str = ""
+    text: str | None = None
+    content: Any = None  # tool_result: a string or a list of blocks
+
+
+class _AnthropicMessage(msgspec.Struct):
+    role: str = ""
+    content: str | list[_Block] | None = None
+
+
+class _MessagesBody(msgspec.Struct):
+    model: Any = None
+    messages: list[_AnthropicMessage] | msgspec.UnsetType = msgspec.UNSET
+    system: str | list[_Block] | None = None
+    tools: msgspec.Raw = msgspec.Raw(b"")
+    stream: bool | None = None
+    max_tokens: int | None = None
+
+
 _COMPLETIONS_DECODER = msgspec.json.Decoder(_CompletionsBody)
+_MESSAGES_DECODER = msgspec.json.Decoder(_MessagesBody)
 _CHAT_DECODER = msgspec.json.Decoder(_ChatBody)
 _EMBEDDINGS_DECODER = msgspec.json.Decoder(_EmbeddingsBody)
+_RESPONSES_DECODER = msgspec.json.Decoder(_ResponsesBody)
 _ANY_DECODER = msgspec.json.Decoder()
 
 _DECODE_ERROR_RE = re.compile(r"^JSON is malformed: (.*) \(byte (\d+)\)$")
@@ -117,15 +172,13 @@ def request_path(headers: Mapping[str, str]) -> str:
     return path
 
 
-def classify(path: str) -> RequestKind:
-    """Longest claimed suffix on a segment boundary; anything else is PASSTHROUGH."""
+def claimed_suffix(path: str, suffix: str) -> bool:
+    """`path` ends with `suffix` on a path-segment boundary (a trailing slash is ignored)."""
     p = path.rstrip("/")
-    for suffix, kind in _CLAIMS:
-        if p.endswith(suffix):
-            start = len(p) - len(suffix)
-            if start == 0 or p[start - 1] == "/":
-                return kind
-    return RequestKind.PASSTHROUGH
+    if not p.endswith(suffix):
+        return False
+    start = len(p) - len(suffix)
+    return start == 0 or p[start - 1] == "/"
 
 
 # -- headers ---------------------------------------------------------------------------
@@ -155,24 +208,94 @@ def bodyless_request(headers: Mapping[str, str], *, request_id: str, received_at
 
 
 # -- body ------------------------------------------------------------------------------
+class RequestParsers:
+    """Path → parser plugin (reference handlers/parsers.go): the longest claimed suffix wins; an
+    unclaimed path goes to the fallback, the first parser that claims nothing (parsers listed after
+    it are ignored, as are repeated types), or is a 400 when there is none."""
+
+    def __init__(self, parsers: Sequence[Parser]) -> None:
+        claims: dict[str, Parser] = {}
+        self.fallback: Parser | None = None
+        seen: set[str] = set()
+        for parser in parsers:
+            if parser.type in seen:
+                continue
+            seen.add(parser.type)
+            if not parser.claims:
+                self.fallback = parser
+                break
+            for suffix in parser.claims:
+                claims.setdefault(suffix, parser)
+        # Longest first, so the first match is the longest.
+        self._claims = sorted(claims.items(), key=lambda item: -len(item[0]))
+        self.parsers = [p for p in {id(p): p for p in [*claims.values(), self.fallback] if p}.values()]
+        # A pool serves a handful of paths: remember each one's match (bounded against path scans).
+        self._matched: dict[str, tuple[Parser | None, str]] = {}
+
+    def match(self, path: str) -> tuple[Parser | None, str]:
+        found = self._matched.get(path)
+        if found is None:
+            found = next(((p, sfx) for sfx, p in self._claims if claimed_suffix(path, sfx)), (self.fallback, ""))
+            if len(self._matched) >= _MATCH_CACHE:
+                self._matched.clear()
+            self._matched[path] = found
+        return found
+
+    def parse(
+        self, headers: Mapping[str, str], body: bytes, *, request_id: str, received_at: float = 0.0
+    ) -> InferenceRequest:
+        """Parse one buffered request. Raises only `BadRequest` (with a precise message)."""
+        path = request_path(headers)
+        parser, suffix = self.match(path)
+        if parser is None:
+            raise BadRequest(f"no request parser claims the path {path!r}")
+        req = InferenceRequest(
+            request_id=request_id,
+            path=path,
+            headers=dict(headers),
+            kind=RequestKind.PASSTHROUGH,
+            body=body,
+            objective=_header(headers, H_OBJECTIVE, H_OBJECTIVE_ALIAS),
+            fairness_id=_header(headers, H_FAIRNESS, H_FAIRNESS_ALIAS) or DEFAULT_FAIRNESS_ID,
+            received_at=received_at,
+        )
+        parser.parse(req, suffix)
+        if req.model:
+            rewrite = _header(headers, H_MODEL_REWRITE, H_MODEL_REWRITE_ALIAS)
+            req.target_model = rewrite or req.model
+            if req.target_model != req.model:
+                # Only a rewrite needs the whole payload; decoding it twice is rarer than keeping it.
+                req.payload = _decode(_ANY_DECODER, body)
+        return req
+
+
+_MATCH_CACHE = 1024
+_default: RequestParsers | None = None
+
+
+def default_parsers() -> RequestParsers:
+    """The table for a config without `requestHandler.parsers` (built-in plugins, built once)."""
+    global _default
+    if _default is None:
+        from llmepp.framework.plugin import registry
+        from llmepp.framework.requestcontrol import Parser
+
+        built = [registry.build(t, t, None) for t in DEFAULT_PARSERS]
+        _default = RequestParsers([p for p in built if isinstance(p, Parser)])
+    return _default
+
+
 def parse_request(
     headers: Mapping[str, str], body: bytes, *, request_id: str, received_at: float = 0.0
 ) -> InferenceRequest:
-    """Parse one buffered request. Raises only `BadRequest` (with a precise message)."""
-    path = request_path(headers)
-    kind = classify(path)
-    req = InferenceRequest(
-        request_id=request_id,
-        path=path,
-        headers=dict(headers),
-        kind=kind,
-        body=body,
-        objective=_header(headers, H_OBJECTIVE, H_OBJECTIVE_ALIAS),
-        fairness_id=_header(headers, H_FAIRNESS, H_FAIRNESS_ALIAS) or DEFAULT_FAIRNESS_ID,
-        received_at=received_at,
-    )
-    if kind is RequestKind.PASSTHROUGH:
-        return req
+    """`default_parsers().parse(...)`: what the EPP does with the default requestHandler."""
+    return default_parsers().parse(headers, body, request_id=request_id, received_at=received_at)
+
+
+def parse_openai(req: InferenceRequest, suffix: str) -> None:
+    """openai-parser: one of OPENAI_CLAIMS' bodies."""
+    body = req.body
+    req.kind = kind = OPENAI_CLAIMS[suffix]
     if kind is RequestKind.CHAT_COMPLETIONS:
         chat = _decode(_CHAT_DECODER, body)
         req.model = _model(chat.model)
@@ -191,18 +314,83 @@ def parse_request(
         req.stream = bool(comp.stream)
         req.max_tokens = _max_tokens(comp.max_tokens)
         req.cache_salt = comp.cache_salt or ""
-    else:
+    elif kind is RequestKind.EMBEDDINGS:
         emb = _decode(_EMBEDDINGS_DECODER, body)
         req.model = _model(emb.model)
         req.prompt = _text_or_tokens(emb.input, "input")
         req.prompt_is_token_ids = _is_token_prompt(emb.input)
         req.cache_salt = emb.cache_salt or ""
-    rewrite = _header(headers, H_MODEL_REWRITE, H_MODEL_REWRITE_ALIAS)
-    req.target_model = rewrite or req.model
-    if req.target_model != req.model:
-        # Only a rewrite needs the whole payload; decoding it twice is rarer than keeping it.
-        req.payload = _decode(_ANY_DECODER, body)
-    return req
+    else:
+        resp = _decode(_RESPONSES_DECODER, body)
+        req.model = _model(resp.model)
+        req.messages = _responses_messages(resp)
+        req.prompt = conversation_prompt(req.messages, bytes(resp.tools))
+        req.stream = bool(resp.stream)
+        req.max_tokens = _max_tokens(resp.max_output_tokens)
+        req.cache_salt = resp.cache_salt or ""
+
+
+def parse_anthropic(req: InferenceRequest, suffix: str) -> None:
+    """anthropic-parser: a Messages API body (`count_tokens` stays raw)."""
+    if suffix != "messages":
+        return
+    body = _decode(_MESSAGES_DECODER, req.body)
+    req.kind = RequestKind.MESSAGES
+    req.model = _model(body.model)
+    if body.messages is msgspec.UNSET:
+        raise BadRequest('missing required field "messages"')
+    if not body.messages:
+        raise BadRequest('"messages" must contain at least one message')
+    system = _block_text(body.system)
+    messages = [("system", system)] if system else []
+    messages += [(m.role, _block_text(m.content)) for m in body.messages]
+    req.messages = messages
+    req.prompt = conversation_prompt(messages, bytes(body.tools))
+    req.stream = bool(body.stream)
+    req.max_tokens = _max_tokens(body.max_tokens)
+
+
+def _block_text(content: str | list[_Block] | None) -> str:
+    if isinstance(content, str):
+        return content
+    parts: list[str] = []
+    for block in content or ():
+        if block.type == "text" and block.text is not None:
+            parts.append(block.text)
+        elif block.type == "tool_result":
+            inner = block.content
+            if isinstance(inner, str):
+                parts.append(inner)
+            elif isinstance(inner, list):
+                parts += [b["text"] for b in inner if isinstance(b, dict) and isinstance(b.get("text"), str)]
+    return "\n".join(parts)
+
+
+def conversation_prompt(messages: Sequence[tuple[str, str]], tools: bytes = b"") -> bytes:
+    """The canonical prompt of a conversation: the tools JSON as sent, then role + text per message."""
+    text = "".join(role + content for role, content in messages).encode()
+    if tools and tools != b"null":
+        return tools + text
+    return text
+
+
+def _responses_messages(resp: _ResponsesBody) -> list[tuple[str, str]]:
+    items = resp.input
+    if items is msgspec.UNSET:
+        raise BadRequest('missing required field "input"')
+    out: list[tuple[str, str]] = [("system", resp.instructions)] if resp.instructions else []
+    if isinstance(items, str):
+        out.append(("user", items))
+        return out
+    if not items:
+        raise BadRequest('"input" must not be an empty list')
+    for item in items:
+        content = item.content
+        if isinstance(content, str):
+            out.append((item.role, content))
+        else:
+            out.append((item.role, "\n".join(p.text for p in content or () if p.text is not None)))
+    return out
 
 
 def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:

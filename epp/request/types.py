@@ -15,6 +15,8 @@ class RequestKind(enum.Enum):
     COMPLETIONS = "completions"
     CHAT_COMPLETIONS = "chat_completions"
     EMBEDDINGS = "embeddings"
+    RESPONSES = "responses"  # OpenAI Responses API
+    MESSAGES = "messages"  # Anthropic Messages API
     # Unknown path: routed by load only, the body is not interpreted.
     PASSTHROUGH = "passthrough"
     # No body (GET /v1/models etc.): routed to a random ready endpoint.

@@ -11,8 +11,11 @@ Two shapes:
   object in them is decoded (servers put usage after the choices).
 
 Field variants: `prompt_tokens`/`input_tokens`, `completion_tokens`/`output_tokens`,
-`prompt_tokens_details.cached_tokens`/`input_tokens_details.cached_tokens`, `total_tokens`
-(recomputed as prompt + completion when absent).
+`prompt_tokens_details.cached_tokens`/`input_tokens_details.cached_tokens`/
+`cache_read_input_tokens` (Anthropic), `total_tokens` (recomputed as prompt + completion when
+absent). An Anthropic Messages stream splits its usage: `message_start` carries the input
+tokens (in `message.usage`), the last `message_delta` the output tokens; the first
+`HEAD_BYTES` of a stream are kept too, and the two are merged (as the reference does).
 
 The result depends only on the bytes, never on how they were split into chunks: the
 collector may keep more than the bound between chunks, but always evaluates exactly the
@@ -26,6 +29,7 @@ import msgspec
 from llmepp.request.types import Usage
 
 SSE_TAIL_BYTES = 64 * 1024
+HEAD_BYTES = 8 * 1024  # a stream's first events: where message_start is
 JSON_BODY_LIMIT = 4 * 1024 * 1024
 
 
@@ -41,6 +45,7 @@ class _UsageBody(msgspec.Struct):
     output_tokens: int | None = None
     prompt_tokens_details: _Details | None = None
     input_tokens_details: _Details | None = None
+    cache_read_input_tokens: int | None = None
 
 
 class _Inner(msgspec.Struct):
@@ -51,6 +56,8 @@ class _Envelope(msgspec.Struct):
     usage: _UsageBody | None = None
     # Responses API: {"type": "response.completed", "response": {..., "usage": {...}}}
     response: _Inner | None = None
+    # Anthropic: {"type": "message_start", "message": {..., "usage": {...}}}
+    message: _Inner | None = None
 
 
 _ENVELOPE = msgspec.json.Decoder(_Envelope)
@@ -63,7 +70,7 @@ def _to_usage(u: _UsageBody) -> Usage | None:
     prompt = u.prompt_tokens if u.prompt_tokens is not None else u.input_tokens
     completion = u.completion_tokens if u.completion_tokens is not None else u.output_tokens
     details = u.prompt_tokens_details or u.input_tokens_details
-    cached = details.cached_tokens if details is not None else None
+    cached = details.cached_tokens if details is not None else u.cache_read_input_tokens
     if prompt is None and completion is None and u.total_tokens is None:
         return None
     p = prompt or 0
@@ -78,8 +85,9 @@ def _from_envelope(doc: bytes) -> Usage | None:
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
     u = env.usage
-    if u is None and env.response is not None:
-        u = env.response.usage
+    if u is None:
+        inner = env.response or env.message
+        u = inner.usage if inner is not None else None
     return _to_usage(u) if u is not None else None
 
 
@@ -106,6 +114,28 @@ def usage_from_sse(tail: bytes) -> Usage | None:
         if usage is not None:
             return usage
     return None
+
+
+def usage_from_sse_head(head: bytes) -> Usage | None:
+    """Usage from the first SSE `data:` event that carries one (Anthropic's message_start)."""
+    for line in head.split(b"\n"):
+        if line.startswith(b"data:") and _USAGE_KEY in line:
+            usage = _from_envelope(line[5:].strip())
+            if usage is not None:
+                return usage
+    return None
+
+
+def _merged(start: Usage | None, end: Usage | None) -> Usage | None:
+    """A stream's usage from its first and last usage events: input from the start unless the end
+    has it, output from the end."""
+    if start is None or end is None or end.prompt_tokens:
+        return end or start
+    prompt, completion = start.prompt_tokens, end.completion_tokens or start.completion_tokens
+    cached = end.cached_tokens or start.cached_tokens
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached, total_tokens=prompt + completion
+    )
 
 
 def usage_from_fragment(tail: bytes) -> Usage | None:
@@ -160,19 +190,26 @@ def _object_after_colon(buf: bytes, i: int) -> bytes | None:
 class UsageCollector:
     """Feeds on response chunks; `result()` once at the end.
 
-    Per-chunk cost is one bytearray append (and an occasional trim); parsing happens once.
+    Per-chunk cost is one bytearray append (and an occasional trim; a stream's first chunks are
+    also copied into the head); parsing happens once.
     """
 
-    __slots__ = ("_buf", "_overflow", "streaming")
+    __slots__ = ("_buf", "_head", "_head_open", "_overflow", "streaming")
 
     def __init__(self, streaming: bool) -> None:
         self.streaming = streaming
         self._buf = bytearray()
+        self._head = bytearray()
+        self._head_open = streaming  # still keeping a stream's first HEAD_BYTES
         self._overflow = False  # non-streaming body grew past JSON_BODY_LIMIT
 
     def feed(self, chunk: bytes) -> None:
         buf = self._buf
         buf += chunk
+        if self._head_open:
+            head = self._head
+            head += chunk[: HEAD_BYTES - len(head)]
+            self._head_open = len(head) < HEAD_BYTES
         if self.streaming or self._overflow:
             if len(buf) > 2 * SSE_TAIL_BYTES:
                 del buf[:-SSE_TAIL_BYTES]
@@ -182,7 +219,10 @@ class UsageCollector:
 
     def result(self) -> Usage | None:
         if self.streaming:
-            return usage_from_sse(bytes(self._buf[-SSE_TAIL_BYTES:]))
+            end = usage_from_sse(bytes(self._buf[-SSE_TAIL_BYTES:]))
+            if end is not None and end.prompt_tokens:
+                return end
+            return _merged(usage_from_sse_head(bytes(self._head)), end)
         if self._overflow:
             return usage_from_fragment(bytes(self._buf[-SSE_TAIL_BYTES:]))
         body = bytes(self._buf)

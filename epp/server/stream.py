@@ -155,9 +155,11 @@ class StreamContext:
         *,
         time_response_chunks: bool = True,
         destination_list: bool = False,
+        request_parsers: parsers.RequestParsers | None = None,
     ) -> None:
         settings = settings or Settings()
         self.director = director
+        self.parsers = request_parsers or parsers.default_parsers()
         self.metrics = metrics
         self.max_body_bytes = settings.max_body_bytes
         self.chunk_bytes = settings.body_chunk_bytes
@@ -443,7 +445,7 @@ class ExtProcStream:
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self.chunks = []
         try:
-            req = parsers.parse_request(self.headers, body, request_id=self.request_id, received_at=self.received_at)
+            req = self.svc.parsers.parse(self.headers, body, request_id=self.request_id, received_at=self.received_at)
         except BadRequest as e:
             return self.reject(e, None)
         self.request = req

@@ -161,3 +161,52 @@ def test_feature_gates() -> None:
     assert gates["flowControl"] is True
     assert gates["haPopulateNonLeaderDatastore"] is False
     assert parse_feature_gates([])["flowControl"] is False
+
+
+PARSERS = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: openai-parser
+- {type: passthrough-parser, name: raw}
+requestHandler:
+  parsers: [{pluginRef: openai-parser}, {pluginRef: raw}]
+"""
+
+
+def test_request_handler_parsers_are_the_configured_list() -> None:
+    from llmepp.errors import BadRequest
+    from llmepp.request.parsers import default_parsers
+
+    assert built(DEFAULT_CONFIG).parsers is default_parsers()
+    parsers = built(PARSERS).parsers
+    assert [p.name for p in parsers.parsers] == ["openai-parser", "raw"]
+    found, _ = parsers.match("/v1/messages")  # no anthropic-parser listed: the fallback reads it raw
+    assert found is not None and found.name == "raw"
+    only_openai = built(PARSERS.replace(", {pluginRef: raw}", "")).parsers
+    with pytest.raises(BadRequest, match="no request parser claims the path '/v1/messages'"):
+        only_openai.parse({":path": "/v1/messages"}, b"{}", request_id="r")
+    deprecated = built(
+        PARSERS.replace(
+            "requestHandler:\n  parsers: [{pluginRef: openai-parser}, {pluginRef: raw}]", "parser: {pluginRef: raw}"
+        )
+    )
+    assert [p.name for p in deprecated.parsers.parsers] == ["raw"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("{pluginRef: raw}", "requestHandler.parsers[1].pluginRef: no plugin named 'nope'"),
+        (
+            "{pluginRef: openai-parser}",
+            "requestHandler.parsers[0].pluginRef: plugin 'queue-scorer' (type queue-scorer) is not a parser",
+        ),
+    ],
+)
+def test_request_handler_errors_name_the_field(change: str, message: str) -> None:
+    replacement = "{pluginRef: nope}" if "nope" in message else "{pluginRef: queue-scorer}"
+    with pytest.raises(ConfigError) as err:
+        built(PARSERS.replace(change, replacement))
+    assert message in str(err.value)

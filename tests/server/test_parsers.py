@@ -1,4 +1,5 @@
-"""Request parsing: paths, the three OpenAI shapes, passthrough, precise 400s, properties."""
+"""Request parsing: paths and parser tables, the OpenAI and Anthropic shapes, passthrough, precise 400s,
+properties."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmepp.errors import BadRequest
-from llmepp.request.parsers import classify, parse_request, request_path
+from llmepp.framework.plugin import registry
+from llmepp.request.parsers import RequestParsers, default_parsers, parse_request, request_path
 from llmepp.request.types import RequestKind
 
 
@@ -41,21 +43,43 @@ def test_path_header_precedence_and_query() -> None:
 
 
 @pytest.mark.parametrize(
-    ("path", "kind"),
+    ("path", "parser", "suffix"),
     [
-        ("/v1/chat/completions", RequestKind.CHAT_COMPLETIONS),
-        ("/openai/v1/chat/completions/", RequestKind.CHAT_COMPLETIONS),
-        ("/v1/completions", RequestKind.COMPLETIONS),
-        ("completions", RequestKind.COMPLETIONS),
-        ("/v1/embeddings", RequestKind.EMBEDDINGS),
-        ("/v1/completions/render", RequestKind.PASSTHROUGH),
-        ("/v1/foocompletions", RequestKind.PASSTHROUGH),
-        ("/v1/responses", RequestKind.PASSTHROUGH),
-        ("/", RequestKind.PASSTHROUGH),
+        ("/v1/chat/completions", "openai-parser", "chat/completions"),
+        ("/openai/v1/chat/completions/", "openai-parser", "chat/completions"),
+        ("/v1/completions", "openai-parser", "completions"),
+        ("completions", "openai-parser", "completions"),
+        ("/v1/embeddings", "openai-parser", "embeddings"),
+        ("/v1/responses", "openai-parser", "responses"),
+        ("/v1/messages", "anthropic-parser", "messages"),
+        ("/v1/messages/count_tokens", "anthropic-parser", "messages/count_tokens"),
+        ("/v1/completions/render", "passthrough-parser", ""),
+        ("/v1/foocompletions", "passthrough-parser", ""),
+        ("/inference/v1/generate", "passthrough-parser", ""),
+        ("/", "passthrough-parser", ""),
     ],
 )
-def test_longest_suffix_on_segment_boundary(path: str, kind: RequestKind) -> None:
-    assert classify(path) is kind
+def test_longest_suffix_on_segment_boundary(path: str, parser: str, suffix: str) -> None:
+    found, claimed = default_parsers().match(path)
+    assert found is not None and (found.type, claimed) == (parser, suffix)
+
+
+def built(*types: str) -> RequestParsers:
+    return RequestParsers([registry.build(t, t, None) for t in types])  # type: ignore[misc]
+
+
+def test_a_configured_list_without_fallback_answers_unclaimed_paths_400() -> None:
+    table = built("openai-parser")
+    assert table.parse({":path": "/v1/completions"}, b'{"model": "m", "prompt": "x"}', request_id="r").prompt == b"x"
+    with pytest.raises(BadRequest, match="no request parser claims the path '/v1/messages'"):
+        table.parse({":path": "/v1/messages"}, b"{}", request_id="r")
+
+
+def test_the_first_fallback_ends_the_list_and_repeated_types_are_skipped() -> None:
+    table = built("openai-parser", "openai-parser", "passthrough-parser", "anthropic-parser")
+    assert [p.type for p in table.parsers] == ["openai-parser", "passthrough-parser"]
+    found, _ = table.match("/v1/messages")
+    assert found is not None and found.type == "passthrough-parser"
 
 
 # -- completions -----------------------------------------------------------------------------------
@@ -161,6 +185,70 @@ def test_passthrough_keeps_the_body_raw() -> None:
     assert parse(b"", "/x").body == b""
 
 
+# -- responses (OpenAI) ----------------------------------------------------------------------------
+def test_responses_instructions_then_input() -> None:
+    r = parse({"model": "m", "input": "hi", "instructions": "be brief", "max_output_tokens": 7}, "/v1/responses")
+    assert r.kind is RequestKind.RESPONSES and r.messages == [("system", "be brief"), ("user", "hi")]
+    assert (r.prompt, r.max_tokens, r.stream) == (b"systembe briefuserhi", 7, False)
+    items = [{"role": "user", "content": [{"type": "input_text", "text": "a"}, {"type": "input_image"}]},
+             {"role": "assistant", "content": "b"}]  # fmt: skip
+    r = parse({"model": "m", "input": items, "stream": True}, "/v1/responses")
+    assert r.messages == [("user", "a"), ("assistant", "b")] and r.stream
+    assert bad({"model": "m"}, "/v1/responses") == 'missing required field "input"'
+    assert bad({"model": "m", "input": []}, "/v1/responses") == '"input" must not be an empty list'
+
+
+# -- messages (Anthropic) --------------------------------------------------------------------------
+def test_anthropic_messages_system_blocks_tools_and_tool_results() -> None:
+    body = {
+        "model": "claude-like",
+        "system": [{"type": "text", "text": "You are terse."}],
+        "tools": [{"name": "ls", "input_schema": {"type": "object"}}],
+        "messages": [
+            {"role": "user", "content": "list files"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "ls", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "a.txt"},
+                                         {"type": "image", "source": {}}, {"type": "text", "text": "and?"}]},
+            {"role": "user", "content": [{"type": "tool_result", "content": [{"type": "text", "text": "b.txt"}]}]},
+        ],
+        "max_tokens": 64,
+        "stream": True,
+    }  # fmt: skip
+    r = parse(body, "/v1/messages")
+    assert r.kind is RequestKind.MESSAGES and (r.model, r.max_tokens, r.stream) == ("claude-like", 64, True)
+    assert r.messages == [
+        ("system", "You are terse."),
+        ("user", "list files"),
+        ("assistant", ""),
+        ("user", "a.txt\nand?"),
+        ("user", "b.txt"),
+    ]
+    tools = json.dumps(body["tools"]).encode()
+    assert r.prompt == tools + b"systemYou are terse.userlist filesassistantusera.txt\nand?userb.txt"
+    # The same conversation one turn longer shares the prompt's beginning: prefix affinity works.
+    longer = {**body, "messages": [*body["messages"], {"role": "assistant", "content": "done"}]}
+    assert parse(longer, "/v1/messages").prompt.startswith(r.prompt)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"model": "m", "max_tokens": 5}, 'missing required field "messages"'),
+        ({"model": "m", "messages": []}, '"messages" must contain at least one message'),
+        ({"messages": [{"role": "user", "content": "x"}]}, 'missing required field "model"'),
+        ({"model": "m", "messages": [{"role": "user", "content": 5}]}, '"messages[0].content" must be'),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, "must not be negative"),
+    ],
+)
+def test_anthropic_errors(body: Any, message: str) -> None:
+    assert message in bad(body, "/v1/messages")
+
+
+def test_anthropic_count_tokens_stays_raw() -> None:
+    r = parse({"model": "m", "messages": [{"role": "user", "content": "x"}]}, "/v1/messages/count_tokens")
+    assert r.kind is RequestKind.PASSTHROUGH and r.prompt is None
+
+
 # -- headers ---------------------------------------------------------------------------------------
 def test_control_headers_and_aliases() -> None:
     r = parse(
@@ -182,7 +270,9 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=20,
 )
-keys = st.sampled_from(["model", "prompt", "messages", "input", "stream", "max_tokens", "tools", "cache_salt"])
+keys = st.sampled_from(
+    ["model", "prompt", "messages", "input", "stream", "max_tokens", "tools", "cache_salt", "system", "instructions"]
+)
 bodies = st.one_of(
     json_values,
     st.dictionaries(keys, json_values, max_size=6),
@@ -190,7 +280,12 @@ bodies = st.one_of(
 
 
 @settings(max_examples=300, deadline=None)
-@given(body=bodies, path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/embeddings"]))
+@given(
+    body=bodies,
+    path=st.sampled_from(
+        ["/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/messages"]
+    ),
+)
 def test_any_json_value_parses_or_is_bad_request(body: Any, path: str) -> None:
     raw = msgspec.json.encode(body)
     with contextlib.suppress(BadRequest):
@@ -262,3 +357,12 @@ def test_completions_round_trip(prompt: Any, salt: str) -> None:
     else:
         expected = struct.pack(f"<{len(prompt)}I", *prompt)
     assert r.prompt == expected and r.cache_salt == salt
+
+
+def test_path_matches_are_remembered_within_a_bound() -> None:
+    table = built("openai-parser", "passthrough-parser")
+    for i in range(3000):  # e.g. a client scanning paths
+        found, suffix = table.match(f"/v{i}/completions" if i % 2 else f"/scan/{i}")
+        assert found is not None and found.type == ("openai-parser" if i % 2 else "passthrough-parser")
+        assert suffix == ("completions" if i % 2 else "")
+    assert len(table._matched) <= 1024

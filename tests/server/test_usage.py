@@ -87,6 +87,41 @@ def test_long_stream_keeps_only_a_tail() -> None:
     assert c.result() == Usage(1, 20000, 0, 20001)
 
 
+def anthropic_stream(n_deltas: int, start: dict, end: dict) -> bytes:  # type: ignore[type-arg]
+    """An Anthropic Messages stream: usage split over message_start and the last message_delta."""
+    events = [("message_start", {"type": "message_start", "message": {"id": "m", "usage": start}})]
+    events += [
+        ("content_block_delta", {"type": "content_block_delta", "delta": {"type": "text_delta", "text": f"t{i}"}})
+        for i in range(n_deltas)
+    ]
+    events += [("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": end})]
+    events += [("message_stop", {"type": "message_stop"})]
+    return "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events).encode()
+
+
+def test_anthropic_json_usage_with_cache_reads() -> None:
+    body = {
+        "type": "message",
+        "content": [],
+        "usage": {"input_tokens": 30, "output_tokens": 5, "cache_read_input_tokens": 16},
+    }
+    assert usage_from_json(json.dumps(body).encode()) == Usage(30, 5, 16, 35)
+
+
+def test_anthropic_stream_merges_message_start_and_the_last_delta() -> None:
+    start = {"input_tokens": 40, "output_tokens": 1, "cache_read_input_tokens": 32}
+    short = anthropic_stream(3, start, {"output_tokens": 9})
+    assert collect([short], streaming=True) == Usage(40, 9, 32, 49)
+    # Long enough that message_start is far outside the kept tail: the head has it.
+    long = anthropic_stream(30000, start, {"output_tokens": 30000})
+    assert len(long) > 4 * usage_mod.SSE_TAIL_BYTES
+    chunks = [long[i : i + 150] for i in range(0, len(long), 150)]
+    assert collect(chunks, streaming=True) == Usage(40, 30000, 32, 30040)
+    # A final delta that reports the input itself (newer API versions) wins.
+    both = anthropic_stream(3, start, {"input_tokens": 41, "output_tokens": 9})
+    assert collect([both], streaming=True) == Usage(41, 9, 0, 50)
+
+
 def test_large_json_body_falls_back_to_the_tail() -> None:
     body = json.dumps(
         {
@@ -135,6 +170,13 @@ def test_sse_chunk_boundaries_do_not_matter(n: int, u: dict | None, cuts: list[i
     assert collect(_split(stream, cuts), streaming=True) == whole
     if u is not None:
         assert whole is not None and whole.prompt_tokens == u["prompt_tokens"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(0, 3000), cuts=st.lists(st.integers(0, 300_000), max_size=30))
+def test_anthropic_head_and_tail_are_chunking_independent(n: int, cuts: list[int]) -> None:
+    stream = anthropic_stream(n, {"input_tokens": 7}, {"output_tokens": n})
+    assert collect(_split(stream, cuts), streaming=True) == collect([stream], streaming=True) == Usage(7, n, 0, 7 + n)
 
 
 @settings(max_examples=30, deadline=None)

@@ -1,0 +1,39 @@
+"""The built-in request parsers (the body formats are read in llmepp.request.parsers).
+
+- `openai-parser`: chat/completions, completions, embeddings, responses (model, prompt or
+  messages or input, stream, max tokens, cache_salt);
+- `anthropic-parser`: messages, messages/count_tokens (model, system + messages, tools, stream,
+  max_tokens; count_tokens stays raw);
+- `passthrough-parser`: claims nothing, so it is the fallback (the body stays raw: routed by load).
+
+Parameters: none.
+"""
+
+from __future__ import annotations
+
+from llmepp.framework.requestcontrol import Parser
+from llmepp.request import parsers
+from llmepp.request.types import InferenceRequest
+
+
+class OpenAIParser(Parser):
+    type = "openai-parser"
+    claims = tuple(parsers.OPENAI_CLAIMS)
+
+    def parse(self, request: InferenceRequest, suffix: str) -> None:
+        parsers.parse_openai(request, suffix)
+
+
+class AnthropicParser(Parser):
+    type = "anthropic-parser"
+    claims = parsers.ANTHROPIC_CLAIMS
+
+    def parse(self, request: InferenceRequest, suffix: str) -> None:
+        parsers.parse_anthropic(request, suffix)
+
+
+class PassthroughParser(Parser):
+    type = "passthrough-parser"
+
+    def parse(self, request: InferenceRequest, suffix: str) -> None:
+        pass  # the body stays raw: no prompt, so prompt-based scorers skip it
