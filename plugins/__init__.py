@@ -11,6 +11,7 @@ from llmepp.framework.plugin import Plugin, PluginRegistry
 
 def builtin_plugins() -> list[type[Plugin]]:
     from llmepp.plugins import (
+        admitters,
         datasources,
         discovery,
         filters,
@@ -32,6 +33,7 @@ def builtin_plugins() -> list[type[Plugin]]:
         *datasources.PLUGINS,
         *flowcontrol.PLUGINS,
         *parsers.PLUGINS,
+        *admitters.PLUGINS,
     ]
 
 

@@ -73,6 +73,10 @@ OPENAI_CLAIMS: dict[str, RequestKind] = {
     "responses": RequestKind.RESPONSES,
 }
 ANTHROPIC_CLAIMS = ("messages", "messages/count_tokens")
+# Content parts / blocks that make a request multimodal (OpenAI chat and Responses, Anthropic).
+MULTIMODAL_PARTS = frozenset(
+    {"image_url", "video_url", "input_audio", "audio_url", "input_image", "input_file", "image", "document"}
+)
 # requestHandler.parsers when the config lists none (the reference's list, less the vLLM-native
 # generate API: inference/v1/generate goes to the fallback, unread).
 DEFAULT_PARSERS = ("openai-parser", "anthropic-parser", "passthrough-parser")
@@ -301,6 +305,10 @@ def parse_openai(req: InferenceRequest, suffix: str) -> None:
         req.model = _model(chat.model)
         req.prompt = _chat_prompt(chat)
         req.messages = _chat_messages(chat)
+        req.multimodal = any(
+            not isinstance(m.content, str) and any(p.type in MULTIMODAL_PARTS for p in m.content or ())
+            for m in chat.messages or ()
+        )
         req.stream = bool(chat.stream)
         req.max_tokens = _max_tokens(
             chat.max_completion_tokens if chat.max_completion_tokens is not None else chat.max_tokens
@@ -324,6 +332,10 @@ def parse_openai(req: InferenceRequest, suffix: str) -> None:
         resp = _decode(_RESPONSES_DECODER, body)
         req.model = _model(resp.model)
         req.messages = _responses_messages(resp)
+        req.multimodal = not isinstance(resp.input, str) and any(
+            not isinstance(i.content, str) and any(p.type in MULTIMODAL_PARTS for p in i.content or ())
+            for i in resp.input or ()
+        )
         req.prompt = conversation_prompt(req.messages, bytes(resp.tools))
         req.stream = bool(resp.stream)
         req.max_tokens = _max_tokens(resp.max_output_tokens)
@@ -345,6 +357,10 @@ def parse_anthropic(req: InferenceRequest, suffix: str) -> None:
     messages = [("system", system)] if system else []
     messages += [(m.role, _block_text(m.content)) for m in body.messages]
     req.messages = messages
+    req.multimodal = any(
+        not isinstance(m.content, str) and any(b.type in MULTIMODAL_PARTS for b in m.content or ())
+        for m in body.messages
+    )
     req.prompt = conversation_prompt(messages, bytes(body.tools))
     req.stream = bool(body.stream)
     req.max_tokens = _max_tokens(body.max_tokens)

@@ -45,6 +45,8 @@ class InferenceRequest:
     messages: list[tuple[str, str]] | None = None
     # Completions / embeddings: the prompt was given as token ids (`prompt` holds them as LE uint32).
     prompt_is_token_ids: bool = False
+    # The conversation carries images, video or audio (an encoder runs before prefill).
+    multimodal: bool = False
     stream: bool = False
     max_tokens: int | None = None
     cache_salt: str = ""

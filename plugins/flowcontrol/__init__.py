@@ -1,13 +1,14 @@
 from llmepp.framework.plugin import Plugin
 from llmepp.plugins.flowcontrol.concurrency_detector import ConcurrencyDetector
 from llmepp.plugins.flowcontrol.fairness import GlobalStrictFairnessPolicy, RoundRobinFairnessPolicy
-from llmepp.plugins.flowcontrol.ordering import EdfOrderingPolicy, FcfsOrderingPolicy
+from llmepp.plugins.flowcontrol.ordering import EdfOrderingPolicy, FcfsOrderingPolicy, SloDeadlineOrderingPolicy
 from llmepp.plugins.flowcontrol.usage_limit import StaticUsageLimitPolicy
 from llmepp.plugins.flowcontrol.utilization_detector import UtilizationDetector
 
 PLUGINS: list[type[Plugin]] = [
     FcfsOrderingPolicy,
     EdfOrderingPolicy,
+    SloDeadlineOrderingPolicy,
     GlobalStrictFairnessPolicy,
     RoundRobinFairnessPolicy,
     StaticUsageLimitPolicy,

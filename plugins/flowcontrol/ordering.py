@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 from llmepp.flowcontrol.interfaces import OrderingPolicy
 from llmepp.flowcontrol.types import QueueItem
+
+SLO_TTFT_HEADER = "x-llm-d-slo-ttft-ms"
 
 
 class FcfsOrderingPolicy(OrderingPolicy):
@@ -36,3 +40,28 @@ class EdfOrderingPolicy(OrderingPolicy):
 
     def sort_key(self, item: QueueItem) -> float:
         return item.deadline
+
+
+class SloDeadlineOrderingPolicy(OrderingPolicy):
+    """The request whose TTFT objective runs out first goes first.
+
+    key(item) = the request's arrival (its headers, monotonic) + `x-llm-d-slo-ttft-ms` / 1000;
+    without the header, or with one that is not a positive number, the deadline is +inf: such
+    requests go after every request with an objective, FCFS among themselves. Parameters: none.
+    """
+
+    type = "slo-deadline-ordering-policy"
+
+    def sort_key(self, item: QueueItem) -> float:
+        request = item.request
+        raw = request.headers.get(SLO_TTFT_HEADER) if request is not None else None
+        if not raw:
+            return math.inf
+        try:
+            ms = float(raw)
+        except ValueError:
+            return math.inf
+        if not 0 < ms < math.inf:
+            return math.inf
+        assert request is not None
+        return request.received_at + ms / 1000.0

@@ -1,5 +1,6 @@
 from llmepp.framework.plugin import Plugin
 from llmepp.plugins.profile_handlers.always_disagg_decider import AlwaysDisaggPDDecider
+from llmepp.plugins.profile_handlers.always_disagg_multimodal_decider import AlwaysDisaggMultimodalDecider
 from llmepp.plugins.profile_handlers.disagg import DisaggProfileHandler
 from llmepp.plugins.profile_handlers.header import HeaderProfileHandler
 from llmepp.plugins.profile_handlers.prefix_based_decider import PrefixBasedPDDecider
@@ -11,4 +12,5 @@ PLUGINS: list[type[Plugin]] = [
     HeaderProfileHandler,
     PrefixBasedPDDecider,
     AlwaysDisaggPDDecider,
+    AlwaysDisaggMultimodalDecider,
 ]

@@ -396,6 +396,30 @@ async def test_edf_dispatches_the_earliest_deadline_first() -> None:
     assert await _regime_order("fcfs-ordering-policy") == ["a", "b"]
 
 
+async def test_slo_deadline_orders_by_arrival_plus_the_ttft_objective() -> None:
+    pool, det = concurrency_pool(1, max_concurrency=1)
+    ctl = controller(pool, det, ordering="slo-deadline-ordering-policy", poll_interval=10.0)
+    srv = Server(ctl, pool, auto_complete=True)
+    ep = pool()[0]
+    ep.inflight.requests = 1
+    t0 = 1000.0
+    # (name, arrival, header): deadlines 1002.0, 1000.5 + 0.5 = 1001.0, none, 1001.5, bad
+    for name, arrival, slo in [("slow", 0.0, "2000"), ("tight", 0.5, "500"), ("none", 0.1, None),
+                               ("mid", 1.0, "500"), ("junk", 0.2, "-3")]:  # fmt: skip
+        r = req(name)
+        r.received_at = t0 + arrival
+        if slo is not None:
+            r.headers["x-llm-d-slo-ttft-ms"] = slo
+        srv.submit(r)
+        await spin()
+    ep.inflight.requests = 0
+    ctl.pool_changed()
+    await until(lambda: len(srv.order) == 5)
+    await srv.close()
+    # Objectives by deadline; requests without a usable one after them, in arrival order.
+    assert srv.order == ["tight", "mid", "slow", "none", "junk"]
+
+
 # -- cancellation and shutdown -------------------------------------------------------------------
 async def test_cancelled_client_frees_its_slot_at_once() -> None:
     registry = CollectorRegistry()
