@@ -238,6 +238,8 @@ async def main_async(quick: bool) -> dict[str, Any]:
         for clients, flows in ((256, 100), (2000, 1000))
     ]
     runs.append(("global-strict-fairness-policy", 256, 100, False))
+    # Least attained service scores every active flow of the band per dispatch: O(flows).
+    runs += [("program-aware-fairness", clients, flows, True) for clients, flows in ((256, 100), (2000, 1000))]
     for fairness, clients, flows, queued in runs:
         r: dict[str, Any] = dict(await throughput(secs, clients, flows, fairness, queued=queued))
         r.update(fairness=fairness, path="queued" if queued else "fast")

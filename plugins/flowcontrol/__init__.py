@@ -2,6 +2,7 @@ from llmepp.framework.plugin import Plugin
 from llmepp.plugins.flowcontrol.concurrency_detector import ConcurrencyDetector
 from llmepp.plugins.flowcontrol.fairness import GlobalStrictFairnessPolicy, RoundRobinFairnessPolicy
 from llmepp.plugins.flowcontrol.ordering import EdfOrderingPolicy, FcfsOrderingPolicy, SloDeadlineOrderingPolicy
+from llmepp.plugins.flowcontrol.program_fairness import ProgramAwareFairness
 from llmepp.plugins.flowcontrol.usage_limit import StaticUsageLimitPolicy
 from llmepp.plugins.flowcontrol.utilization_detector import UtilizationDetector
 
@@ -11,6 +12,7 @@ PLUGINS: list[type[Plugin]] = [
     SloDeadlineOrderingPolicy,
     GlobalStrictFairnessPolicy,
     RoundRobinFairnessPolicy,
+    ProgramAwareFairness,
     StaticUsageLimitPolicy,
     UtilizationDetector,
     ConcurrencyDetector,

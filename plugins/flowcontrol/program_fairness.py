@@ -1,0 +1,210 @@
+"""`program-aware-fairness`: least attained service (LAS) between the programs (tenants) of a band."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from llmepp.flowcontrol.interfaces import FairnessPolicy, FairnessState
+from llmepp.flowcontrol.queues import FlowQueue, PriorityBand
+from llmepp.framework.plugin import PluginContext, PluginParams
+from llmepp.framework.requestcontrol import ResponseCompleteProcessor
+from llmepp.framework.scheduling import SchedulingResult
+from llmepp.observability.metrics import PREFIX
+from llmepp.request.types import InferenceRequest, ResponseInfo
+
+
+class _Service:
+    """A program's attained service, scaled to the policy's epoch: service(now) = scaled · decay(now)."""
+
+    __slots__ = ("at", "scaled")
+
+    def __init__(self, at: float) -> None:
+        self.scaled = 0.0
+        self.at = at  # last service added (for forgetting idle programs)
+
+
+class ProgramAwareFairness(FairnessPolicy, ResponseCompleteProcessor):
+    """Serves next the program (fairness id) that has received the least service lately, with a
+    nudge for the one that has waited longest:
+
+        service(p) = Σ over p's finished requests of (prompt + 2 · completion tokens),
+                     decayed by 2^(−Δt / lasHalfLifeSeconds)
+        score(f)   = lasWeightService · (1 − norm(service)) + lasWeightHeadWait · norm(head wait)
+        pick       = the non-empty flow of the band with the highest score (ties: the older head)
+
+    `norm` is min-max over the band's non-empty flows (0 when all are equal). Usage comes from the
+    model server's response (prompt tokens estimated from the prompt when it has none). Programs
+    idle for `evictionTtlSeconds` are forgotten (checked every `evictionSweepSeconds`). Exported:
+    `llm_d_epp_flow_control_program_attained_service{fairness_id}` and Jain's fairness index over
+    the programs' service, `llm_d_epp_flow_control_program_fairness_index`.
+
+    Parameters: `strategy` ("las", the only one), `lasWeightService` (0.8), `lasWeightHeadWait`
+    (0.2), `lasHalfLifeSeconds` (60), `evictionTtlSeconds` (3600), `evictionSweepSeconds` (300).
+    """
+
+    type = "program-aware-fairness"
+
+    class Params(PluginParams):
+        strategy: str = "las"
+        las_weight_service: float = 0.8
+        las_weight_head_wait: float = 0.2
+        las_half_life_seconds: float = 60.0
+        eviction_ttl_seconds: float = 3600.0
+        eviction_sweep_seconds: float = 300.0
+
+        def __post_init__(self) -> None:
+            if self.strategy != "las":
+                raise ValueError(f"strategy: {self.strategy!r} is not supported; the strategy is 'las'")
+            if self.las_half_life_seconds <= 0 or self.eviction_ttl_seconds <= 0 or self.eviction_sweep_seconds <= 0:
+                raise ValueError("lasHalfLifeSeconds, evictionTtlSeconds and evictionSweepSeconds must be > 0")
+            if self.las_weight_service < 0 or self.las_weight_head_wait < 0:
+                raise ValueError("lasWeightService and lasWeightHeadWait must be >= 0")
+
+    def __init__(self, name: str, params: Params) -> None:
+        super().__init__(name, params)
+        self.clock: Callable[[], float] = time.monotonic
+        self._decay = math.log(2) / params.las_half_life_seconds
+        # Every program decays by the same factor, so services are kept as of one epoch and only the
+        # epoch's factor moves: a pick compares them with no exp() per program (rebased at each sweep).
+        self._programs: dict[str, _Service] = {}
+        self._epoch: float | None = None  # set by the first service recorded
+        self._next_sweep = 0.0
+
+    def setup(self, ctx: PluginContext) -> None:
+        registry = getattr(ctx.metrics, "registry", None)
+        if registry is not None:
+            registry.register(_Collector(self))
+
+    # -- service -----------------------------------------------------------------------------------
+    def service(self, fairness_id: str, now: float) -> float:
+        s = self._programs.get(fairness_id)
+        if s is None or self._epoch is None:
+            return 0.0
+        return s.scaled * math.exp(-self._decay * (now - self._epoch))
+
+    def attained(self, fairness_id: str, amount: float, now: float) -> None:
+        if self._epoch is None:
+            self._epoch, self._next_sweep = now, now + self.params.eviction_sweep_seconds
+        elif now >= self._next_sweep:
+            self._sweep(now)
+        s = self._programs.get(fairness_id)
+        if s is None:
+            s = self._programs[fairness_id] = _Service(now)
+        s.scaled += amount * math.exp(self._decay * (now - self._epoch))
+        s.at = now
+
+    def _sweep(self, now: float) -> None:
+        """Forget idle programs; move the epoch to now (keeps the scaled values in range)."""
+        p = self.params
+        assert self._epoch is not None
+        self._next_sweep = now + p.eviction_sweep_seconds
+        idle = now - p.eviction_ttl_seconds
+        factor = math.exp(-self._decay * (now - self._epoch))
+        for fid, s in list(self._programs.items()):
+            if s.at < idle:
+                del self._programs[fid]
+            else:
+                s.scaled *= factor
+        self._epoch = now
+
+    def programs(self, now: float) -> dict[str, float]:
+        return {fid: self.service(fid, now) for fid in self._programs}
+
+    def response_complete(self, request: InferenceRequest, response: ResponseInfo, result: SchedulingResult) -> None:
+        usage = response.usage
+        amount: float
+        if usage is not None:
+            amount = usage.prompt_tokens + 2 * usage.completion_tokens
+        else:
+            amount = len(request.prompt or b"") / 4  # ~4 bytes per token: the estimate tokenizer's rate
+        self.attained(request.fairness_id, amount, self.clock())
+
+    # -- fairness ----------------------------------------------------------------------------------
+    def new_state(self, band: PriorityBand) -> FairnessState:
+        return _LasState(self, band)
+
+
+class _LasState(FairnessState):
+    """The band's non-empty flows; a pick scores each once, with arithmetic only.
+
+    Normalised service and head wait do not depend on `now`: services share one decay factor and
+    waits one clock, so they are compared as epoch-scaled services and head enqueue times.
+    O(active flows) per pick.
+    """
+
+    __slots__ = ("active", "band", "policy")
+
+    def __init__(self, policy: ProgramAwareFairness, band: PriorityBand) -> None:
+        self.policy = policy
+        self.band = band
+        self.active: dict[str, FlowQueue] = {}
+
+    def flow_activated(self, flow: FlowQueue) -> None:
+        self.active[flow.fairness_id] = flow
+
+    def flow_removed(self, flow: FlowQueue) -> None:
+        self.active.pop(flow.fairness_id, None)
+
+    def pick(self) -> FlowQueue | None:
+        active = self.active
+        programs = self.policy._programs
+        flows: list[FlowQueue] = []
+        services: list[float] = []
+        heads: list[float] = []
+        emptied: list[str] = []
+        for fid, flow in active.items():
+            head = flow.peek() if flow.count else None
+            if head is None:
+                emptied.append(fid)  # emptied by dispatch, cancellation or expiry since activated
+                continue
+            record = programs.get(fid)
+            flows.append(flow)
+            services.append(record.scaled if record is not None else 0.0)
+            heads.append(head.enqueued_at)
+        for fid in emptied:
+            del active[fid]
+        if len(flows) <= 1:
+            return flows[0] if flows else None
+        p = self.policy.params
+        s_lo, s_hi = min(services), max(services)
+        e_lo, e_hi = min(heads), max(heads)
+        # score = w_s·(1 − (s − s_lo)/Δs) + w_w·(e_hi − e)/Δe; maximise −a·s − b·e (ties: older head).
+        a = p.las_weight_service / (s_hi - s_lo) if s_hi > s_lo else 0.0
+        b = p.las_weight_head_wait / (e_hi - e_lo) if e_hi > e_lo else 0.0
+        best_i, best = 0, math.inf
+        for i, (service, enqueued) in enumerate(zip(services, heads)):
+            cost = a * service + b * enqueued
+            if cost < best or (cost == best and enqueued < heads[best_i]):
+                best_i, best = i, cost
+        return flows[best_i]
+
+
+class _Collector(Collector):
+    def __init__(self, policy: ProgramAwareFairness) -> None:
+        self.policy = policy
+
+    def collect(self) -> Iterator[Any]:
+        programs = self.policy.programs(self.policy.clock())
+        service = GaugeMetricFamily(
+            PREFIX + "flow_control_program_attained_service",
+            "Decayed attained service (prompt + 2 x completion tokens) per program.",
+            labels=["fairness_id"],
+        )
+        for fid, value in sorted(programs.items()):
+            service.add_metric([fid], value)
+        values = list(programs.values())
+        squares = sum(v * v for v in values)
+        jain = (sum(values) ** 2 / (len(values) * squares)) if squares > 0 else 1.0
+        index = GaugeMetricFamily(
+            PREFIX + "flow_control_program_fairness_index",
+            "Jain's fairness index over the programs' attained service (1 = equal).",
+        )
+        index.add_metric([], jain)
+        yield service
+        yield index
