@@ -8,7 +8,13 @@ show up as a new inode.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
+from abc import ABC, abstractmethod
+
+log = logging.getLogger(__name__)
 
 Signature = tuple[int, int, int, int]
 
@@ -58,3 +64,37 @@ class SettledChanges:
     def retry(self) -> None:
         """Read the file again once it settles (after `moved()`)."""
         self.reported = None
+
+
+class FilePoller(ABC):
+    """Calls `check()` every `interval` seconds on the event loop from `start()` to `aclose()`;
+    a check that raises is logged and the polling goes on."""
+
+    name = "file-poller"  # the task's name, for logs and debugging
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    @abstractmethod
+    def check(self) -> bool:
+        """Look at the file once; True when it was (re)loaded."""
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=self.name)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                self.check()
+            except Exception:  # a bug here must not end the polling (nor the EPP)
+                log.exception("%s failed", self.name)
+
+    async def aclose(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -240,14 +241,8 @@ async def _stream(
         await response.prepare(request)
         if parsed.chat:
             await response.write(renderer.role_chunk())
-        sent = 0
-        while True:
-            await sim_request.wait(sent)
+        async for sent, available, finished in _output_growth(sim_request):
             texts = sim_request.output_text
-            available = len(texts)
-            finished = sim_request.finished
-            if finished and sim_request.finish_reason == "abort":
-                return response  # the pod is going down; the connection is being dropped
             last = available - 1 if finished else available
             # Tokens that piled up while the handler was busy go out in one write.
             parts = [renderer.token_chunk(texts[i]) for i in range(sent, last)]
@@ -262,11 +257,26 @@ async def _stream(
                 parts.append(renderer.done())
             if parts:
                 await response.write(b"".join(parts))
-            sent = available
             if finished:
                 await response.write_eof()
-                return response
     return response
+
+
+async def _output_growth(sim_request: SimRequest) -> AsyncIterator[tuple[int, int, bool]]:
+    """(first token not sent yet, tokens available, finished) each time the output grows. Ends after
+    the last tokens, or at once when the engine aborts the request (the pod is going down: the
+    connection is being dropped)."""
+    sent = 0
+    while True:
+        await sim_request.wait(sent)
+        available = len(sim_request.output_text)
+        finished = sim_request.finished
+        if finished and sim_request.finish_reason == "abort":
+            return
+        yield sent, available, finished
+        if finished:
+            return
+        sent = available
 
 
 async def _complete_messages(sim_request: SimRequest, model: str) -> web.Response:
@@ -289,23 +299,15 @@ async def _stream_messages(request: web.Request, sim_request: SimRequest, model:
     events = anthropic.MessagesStream(anthropic.new_message_id(), model)
     with contextlib.suppress(ConnectionError):
         await response.prepare(request)
-        sent = 0
-        while True:
-            await sim_request.wait(sent)
+        async for sent, available, finished in _output_growth(sim_request):
             texts = sim_request.output_text
-            available = len(texts)
-            finished = sim_request.finished
-            if finished and sim_request.finish_reason == "abort":
-                return response
             parts = [events.start({**_anthropic_usage(sim_request), "output_tokens": 0})] if sent == 0 else []
             parts += [events.token(texts[i]) for i in range(sent, available)]
             if finished:
                 parts.append(events.end(sim_request.finish_reason or "length", len(sim_request.output_ids)))
             await response.write(b"".join(parts))
-            sent = available
             if finished:
                 await response.write_eof()
-                return response
     return response
 
 

@@ -14,8 +14,6 @@ until one applies), `llm_d_epp_config_last_reload_success_timestamp_seconds`.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -23,7 +21,7 @@ from pathlib import Path
 
 from llmepp.config.loader import load_config
 from llmepp.config.schema import EndpointPickerConfig
-from llmepp.filewatch import SettledChanges, Signature
+from llmepp.filewatch import FilePoller, SettledChanges, Signature
 from llmepp.framework.plugin import ConfigError
 from llmepp.observability.metrics import EppMetrics
 
@@ -32,7 +30,9 @@ log = logging.getLogger(__name__)
 POLL_INTERVAL = 1.0  # seconds; a ConfigMap edit takes the kubelet ~a minute to land anyway
 
 
-class ConfigWatcher:
+class ConfigWatcher(FilePoller):
+    name = "config-watcher"
+
     def __init__(
         self,
         path: str,
@@ -44,8 +44,8 @@ class ConfigWatcher:
         interval: float = POLL_INTERVAL,
     ) -> None:
         """`loaded`: the file's signature taken before `text` (what is running) was read from it."""
+        super().__init__(interval)
         self.path = path
-        self.interval = interval
         self._changes = SettledChanges(path, loaded)
         self._text = text
         self._apply = apply
@@ -53,7 +53,6 @@ class ConfigWatcher:
         self._rejected = metrics.config_reloads.labels(result="rejected")
         self._successful = metrics.config_last_reload_successful
         self._success_time = metrics.config_last_reload_success_timestamp
-        self._task: asyncio.Task[None] | None = None
 
     def check(self) -> bool:
         """Apply the file if it changed since the last look; True when a new config was applied."""
@@ -93,22 +92,3 @@ class ConfigWatcher:
         self._rejected.inc()
         self._successful.set(0)
         log.error("config file %s not applied, the running config stays: %s", self.path, reason)
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="config-watcher")
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                self.check()
-            except Exception:  # a bug here must not end the watch (nor the EPP)
-                log.exception("config watcher failed")
-
-    async def aclose(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task

@@ -19,8 +19,6 @@ File format: one object per YAML document (`---`), or one document with an `item
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import threading
 from collections.abc import Mapping
@@ -29,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from llmepp.filewatch import Signature, stat_signature
+from llmepp.filewatch import FilePoller, Signature, stat_signature
 from llmepp.framework.plugin import ConfigError
 
 log = logging.getLogger(__name__)
@@ -168,20 +166,21 @@ def load_objectives(path: str, pool_name: str = "") -> dict[str, int]:
         raise ConfigError(str(e)) from None
 
 
-class ObjectivesFileWatcher:
+class ObjectivesFileWatcher(FilePoller):
     """Polls the file's stat; on change reloads it into the store.
 
     A file that fails to load at start-up is a ConfigError (`load()`); later, a bad edit is
     logged and the last good objectives stay in force, so a typo cannot drop priorities.
     """
 
+    name = "objectives-watcher"
+
     def __init__(self, path: str, store: ObjectiveStore, *, pool_name: str = "", interval: float = 1.0) -> None:
+        super().__init__(interval)
         self.path = path
         self.store = store
         self.pool_name = pool_name
-        self.interval = interval
         self._stamp: Signature | None = None
-        self._task: asyncio.Task[None] | None = None
 
     def load(self) -> None:
         """Initial load: raises ConfigError."""
@@ -207,22 +206,3 @@ class ObjectivesFileWatcher:
         self.store.replace(priorities)
         log.info("reloaded %d inference objectives from %s", len(priorities), self.path)
         return True
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="objectives-watcher")
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                self.check()
-            except Exception:
-                log.exception("objectives file watcher failed")
-
-    async def aclose(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
