@@ -28,6 +28,9 @@ estimate tokenizer input:
   `system` as a system message, then each message's role and text (string content, or its
   `text` blocks and the text inside `tool_result` blocks; images and tool calls add nothing).
   `messages/count_tokens` generates nothing and is read as raw (routed by load).
+- generate (SGLang's native `/generate`): `text` (a string or a batch of strings, with the
+  completions rules) or `input_ids` (token ids, or a batch of them), `sampling_params.max_new_tokens`,
+  `stream`, `extra_key` as the cache salt; `model` when the client sends one.
 
 Decoding uses typed msgspec Structs: only the fields the router needs are materialised
 (a 2 MB body decodes in well under a millisecond). The full payload is decoded as a dict
@@ -73,6 +76,7 @@ OPENAI_CLAIMS: dict[str, RequestKind] = {
     "responses": RequestKind.RESPONSES,
 }
 ANTHROPIC_CLAIMS = ("messages", "messages/count_tokens")
+SGLANG_CLAIMS = ("generate",)
 # Content parts / blocks that make a request multimodal (OpenAI chat and Responses, Anthropic).
 MULTIMODAL_PARTS = frozenset(
     {"image_url", "video_url", "input_audio", "audio_url", "input_image", "input_file", "image", "document"}
@@ -135,6 +139,19 @@ class _ResponsesBody(msgspec.Struct):
     cache_salt: str | None = None
 
 
+class _SamplingParams(msgspec.Struct):
+    max_new_tokens: int | None = None
+
+
+class _GenerateBody(msgspec.Struct):
+    model: str | None = None
+    text: Any = msgspec.UNSET
+    input_ids: Any = msgspec.UNSET
+    sampling_params: _SamplingParams | list[_SamplingParams] | None = None
+    stream: bool | None = None
+    extra_key: str | None = None
+
+
 class _Block(msgspec.Struct):
     type: str = ""
     text: str | None = None
@@ -157,6 +174,7 @@ class _MessagesBody(msgspec.Struct):
 
 _COMPLETIONS_DECODER = msgspec.json.Decoder(_CompletionsBody)
 _MESSAGES_DECODER = msgspec.json.Decoder(_MessagesBody)
+_GENERATE_DECODER = msgspec.json.Decoder(_GenerateBody)
 _CHAT_DECODER = msgspec.json.Decoder(_ChatBody)
 _EMBEDDINGS_DECODER = msgspec.json.Decoder(_EmbeddingsBody)
 _RESPONSES_DECODER = msgspec.json.Decoder(_ResponsesBody)
@@ -380,6 +398,31 @@ def _block_text(content: str | list[_Block] | None) -> str:
             elif isinstance(inner, list):
                 parts += [b["text"] for b in inner if isinstance(b, dict) and isinstance(b.get("text"), str)]
     return "\n".join(parts)
+
+
+def parse_sglang(req: InferenceRequest, suffix: str) -> None:
+    """sglanghttp-parser: SGLang's native generate body (no `model` is normal: one model per server)."""
+    body = _decode(_GENERATE_DECODER, req.body)
+    has_text, has_ids = body.text is not msgspec.UNSET, body.input_ids is not msgspec.UNSET
+    if has_text == has_ids:
+        raise BadRequest('exactly one of "text" and "input_ids" is required')
+    req.kind = RequestKind.GENERATE
+    req.model = body.model or ""
+    if has_text:
+        if _is_token_prompt(body.text):
+            raise BadRequest('"text" must be a string or a list of strings')
+        req.prompt = _text_or_tokens(body.text, "text")
+    else:
+        ids = body.input_ids
+        if not isinstance(ids, list) or not ids or isinstance(ids[0], str):
+            raise BadRequest('"input_ids" must be a list of token ids or a list of such lists')
+        req.prompt = _text_or_tokens(ids, "input_ids")
+        req.prompt_is_token_ids = True
+    params = body.sampling_params
+    first = params[0] if isinstance(params, list) and params else params
+    req.max_tokens = _max_tokens(first.max_new_tokens) if isinstance(first, _SamplingParams) else None
+    req.stream = bool(body.stream)
+    req.cache_salt = body.extra_key or ""
 
 
 def conversation_prompt(messages: Sequence[tuple[str, str]], tools: bytes = b"") -> bytes:

@@ -17,6 +17,7 @@ class RequestKind(enum.Enum):
     EMBEDDINGS = "embeddings"
     RESPONSES = "responses"  # OpenAI Responses API
     MESSAGES = "messages"  # Anthropic Messages API
+    GENERATE = "generate"  # SGLang native generate
     # Unknown path: routed by load only, the body is not interpreted.
     PASSTHROUGH = "passthrough"
     # No body (GET /v1/models etc.): routed to a random ready endpoint.

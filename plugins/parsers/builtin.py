@@ -4,6 +4,8 @@
   messages or input, stream, max tokens, cache_salt);
 - `anthropic-parser`: messages, messages/count_tokens (model, system + messages, tools, stream,
   max_tokens; count_tokens stays raw);
+- `sglanghttp-parser`: generate, SGLang's native API (text or input_ids, sampling_params.max_new_tokens,
+  stream, extra_key as cache salt); not in the default list, as in the reference;
 - `passthrough-parser`: claims nothing, so it is the fallback (the body stays raw: routed by load).
 
 Parameters: none.
@@ -30,6 +32,14 @@ class AnthropicParser(Parser):
 
     def parse(self, request: InferenceRequest, suffix: str) -> None:
         parsers.parse_anthropic(request, suffix)
+
+
+class SglangParser(Parser):
+    type = "sglanghttp-parser"
+    claims = parsers.SGLANG_CLAIMS
+
+    def parse(self, request: InferenceRequest, suffix: str) -> None:
+        parsers.parse_sglang(request, suffix)
 
 
 class PassthroughParser(Parser):

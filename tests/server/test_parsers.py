@@ -366,3 +366,49 @@ def test_path_matches_are_remembered_within_a_bound() -> None:
         assert found is not None and found.type == ("openai-parser" if i % 2 else "passthrough-parser")
         assert suffix == ("completions" if i % 2 else "")
     assert len(table._matched) <= 1024
+
+
+# -- generate (SGLang) -----------------------------------------------------------------------------
+def sglang(body: Any) -> Any:
+    return built("sglanghttp-parser").parse({":path": "/generate"}, json.dumps(body).encode(), request_id="r")
+
+
+def test_sglang_generate_text_ids_batches_and_salt() -> None:
+    r = sglang({"text": "hello", "sampling_params": {"max_new_tokens": 7}, "stream": True, "extra_key": "t1"})
+    assert r.kind is RequestKind.GENERATE and (r.prompt, r.max_tokens, r.stream, r.cache_salt) == (
+        b"hello",
+        7,
+        True,
+        "t1",
+    )
+    assert r.model == "" and r.target_model == ""  # one model per SGLang server: none in the body
+    ids = sglang({"input_ids": [[1, 2], [3]], "sampling_params": [{"max_new_tokens": 2}, {"max_new_tokens": 9}]})
+    assert ids.prompt == struct.pack("<3I", 1, 2, 3) and ids.prompt_is_token_ids and ids.max_tokens == 2
+    assert sglang({"text": ["a", "b"], "model": "m"}).prompt == b"ab"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"sampling_params": {}}, 'exactly one of "text" and "input_ids" is required'),
+        ({"text": "a", "input_ids": [1]}, 'exactly one of "text" and "input_ids" is required'),
+        ({"text": [1, 2]}, '"text" must be a string or a list of strings'),
+        ({"input_ids": "abc"}, '"input_ids" must be a list of token ids'),
+        ({"input_ids": [-1]}, "a list of token ids"),
+        ({"text": "a", "sampling_params": {"max_new_tokens": -2}}, "must not be negative"),
+    ],
+)
+def test_sglang_errors(body: Any, message: str) -> None:
+    with pytest.raises(BadRequest) as e:
+        sglang(body)
+    assert message in e.value.message
+
+
+sglang_keys = st.sampled_from(["text", "input_ids", "sampling_params", "stream", "extra_key", "model"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.one_of(json_values, st.dictionaries(sglang_keys, json_values, max_size=5)))
+def test_any_generate_body_parses_or_is_bad_request(body: Any) -> None:
+    with contextlib.suppress(BadRequest):
+        built("sglanghttp-parser").parse({":path": "/generate"}, msgspec.json.encode(body), request_id="r")
