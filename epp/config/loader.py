@@ -39,7 +39,12 @@ from llmepp.config.schema import (
 )
 from llmepp.director import Pipeline
 from llmepp.flowcontrol.config import build_admission
-from llmepp.framework.datakeys import IN_FLIGHT_LOAD, PREFIX_CACHE_MATCH_INFO, TOKENIZED_PROMPT
+from llmepp.framework.datakeys import (
+    ENCODER_CACHE_MATCH_INFO,
+    IN_FLIGHT_LOAD,
+    PREFIX_CACHE_MATCH_INFO,
+    TOKENIZED_PROMPT,
+)
 from llmepp.framework.datalayer import EndpointDiscovery
 from llmepp.framework.plugin import ConfigError, Plugin, PluginContext, PluginRegistry, registry
 from llmepp.framework.requestcontrol import (
@@ -64,6 +69,7 @@ DEFAULT_PRODUCERS: dict[str, str] = {
     TOKENIZED_PROMPT: "token-producer",
     IN_FLIGHT_LOAD: "inflight-load-producer",
     "SessionID": "session-id-producer",
+    ENCODER_CACHE_MATCH_INFO: "mm-embeddings-cache-producer",
 }
 DEFAULT_PICKER = "max-score-picker"
 DEFAULT_HANDLER = "single-profile-handler"

@@ -13,6 +13,7 @@ from llmepp.datalayer.endpoint import Endpoint
 TOKENIZED_PROMPT = "TokenizedPrompt"
 PREFIX_CACHE_MATCH_INFO = "PrefixCacheMatchInfo"
 IN_FLIGHT_LOAD = "InFlightLoad"
+ENCODER_CACHE_MATCH_INFO = "EncoderCacheMatchInfo"
 
 
 def scoped(key: str, producer_name: str) -> str:
@@ -47,3 +48,12 @@ class PrefixMatchInfo:
     # No endpoint holds the prompt's first block: the candidate that last held it, when the producer
     # knows (the precise producer, from the pods' removal events); None otherwise.
     last_holder: Endpoint | None = None
+
+
+@dataclass(slots=True)
+class EncoderCacheMatchInfo:
+    """Per-endpoint encoder-cache hits: `matched[endpoint]` of the request's `total` media items
+    are believed embedded (cached) there."""
+
+    total: int
+    matched: dict[Endpoint, int]

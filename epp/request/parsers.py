@@ -46,6 +46,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import xxhash
 
 from llmepp.errors import BadRequest
 from llmepp.request.types import InferenceRequest, RequestKind
@@ -86,6 +87,7 @@ MULTIMODAL_PARTS = frozenset(
 DEFAULT_PARSERS = ("openai-parser", "anthropic-parser", "passthrough-parser")
 
 _UINT32_MAX = 0xFFFFFFFF
+_xxh64 = xxhash.xxh64_intdigest
 
 
 # -- typed bodies: only what routing needs; unknown fields are skipped by msgspec ----------
@@ -100,6 +102,14 @@ class _CompletionsBody(msgspec.Struct):
 class _ContentPart(msgspec.Struct):
     type: str = ""
     text: str | None = None
+    # Media references (decoded only when present): chat image_url / video_url / audio_url /
+    # input_audio, Responses input_image (image_url or file_id) / input_file.
+    image_url: Any = None
+    video_url: Any = None
+    audio_url: Any = None
+    input_audio: Any = None
+    file_id: Any = None
+    file_data: Any = None
 
 
 class _Message(msgspec.Struct):
@@ -156,6 +166,7 @@ class _Block(msgspec.Struct):
     type: str = ""
     text: str | None = None
     content: Any = None  # tool_result: a string or a list of blocks
+    source: Any = None  # image / document: {"type": "base64" | "url" | "file", ...}
 
 
 class _AnthropicMessage(msgspec.Struct):
@@ -323,10 +334,7 @@ def parse_openai(req: InferenceRequest, suffix: str) -> None:
         req.model = _model(chat.model)
         req.prompt = _chat_prompt(chat)
         req.messages = _chat_messages(chat)
-        req.multimodal = any(
-            not isinstance(m.content, str) and any(p.type in MULTIMODAL_PARTS for p in m.content or ())
-            for m in chat.messages or ()
-        )
+        req.mm_items = _media_items(chat.messages)
         req.stream = bool(chat.stream)
         req.max_tokens = _max_tokens(
             chat.max_completion_tokens if chat.max_completion_tokens is not None else chat.max_tokens
@@ -350,10 +358,8 @@ def parse_openai(req: InferenceRequest, suffix: str) -> None:
         resp = _decode(_RESPONSES_DECODER, body)
         req.model = _model(resp.model)
         req.messages = _responses_messages(resp)
-        req.multimodal = not isinstance(resp.input, str) and any(
-            not isinstance(i.content, str) and any(p.type in MULTIMODAL_PARTS for p in i.content or ())
-            for i in resp.input or ()
-        )
+        if not isinstance(resp.input, str | msgspec.UnsetType):
+            req.mm_items = _media_items(resp.input)
         req.prompt = conversation_prompt(req.messages, bytes(resp.tools))
         req.stream = bool(resp.stream)
         req.max_tokens = _max_tokens(resp.max_output_tokens)
@@ -375,10 +381,7 @@ def parse_anthropic(req: InferenceRequest, suffix: str) -> None:
     messages = [("system", system)] if system else []
     messages += [(m.role, _block_text(m.content)) for m in body.messages]
     req.messages = messages
-    req.multimodal = any(
-        not isinstance(m.content, str) and any(b.type in MULTIMODAL_PARTS for b in m.content or ())
-        for m in body.messages
-    )
+    req.mm_items = _media_items(body.messages)
     req.prompt = conversation_prompt(messages, bytes(body.tools))
     req.stream = bool(body.stream)
     req.max_tokens = _max_tokens(body.max_tokens)
@@ -423,6 +426,25 @@ def parse_sglang(req: InferenceRequest, suffix: str) -> None:
     req.max_tokens = _max_tokens(first.max_new_tokens) if isinstance(first, _SamplingParams) else None
     req.stream = bool(body.stream)
     req.cache_salt = body.extra_key or ""
+
+
+def _media_items(messages: Any) -> tuple[int, ...]:
+    """A hash per media part of the messages (each with a `content` of parts / blocks), in order."""
+    items: list[int] = []
+    for message in messages:
+        content = message.content
+        if isinstance(content, str) or not content:
+            continue
+        items.extend(_xxh64(_media_ref(part)) for part in content if part.type in MULTIMODAL_PARTS)
+    return tuple(items)
+
+
+def _media_ref(part: Any) -> bytes:
+    """How the client identified the item (URL, data, file id) as canonical JSON bytes."""
+    if isinstance(part, _Block):
+        return msgspec.json.encode(part.source)
+    ref = part.image_url or part.video_url or part.audio_url or part.input_audio or part.file_id or part.file_data
+    return msgspec.json.encode(ref)
 
 
 def conversation_prompt(messages: Sequence[tuple[str, str]], tools: bytes = b"") -> bytes:

@@ -46,8 +46,9 @@ class InferenceRequest:
     messages: list[tuple[str, str]] | None = None
     # Completions / embeddings: the prompt was given as token ids (`prompt` holds them as LE uint32).
     prompt_is_token_ids: bool = False
-    # The conversation carries images, video or audio (an encoder runs before prefill).
-    multimodal: bool = False
+    # The conversation's images, video, audio and documents, each identified by a hash of how it was
+    # sent (its URL, data or file id): what an encoder would embed (mm-embeddings-cache-producer).
+    mm_items: tuple[int, ...] = ()
     stream: bool = False
     max_tokens: int | None = None
     cache_salt: str = ""
@@ -68,6 +69,11 @@ class InferenceRequest:
     # Set by the ext_proc stream once the request is routed, if its transport can answer on its own:
     # ends the request with 429 now (flow control's in-flight eviction); False if it had ended.
     evict: Callable[[], bool] | None = None
+
+    @property
+    def multimodal(self) -> bool:
+        """The request carries media: an encoder runs before prefill (E/P/D)."""
+        return bool(self.mm_items)
 
     @property
     def body_size(self) -> int:

@@ -1,6 +1,7 @@
 from llmepp.framework.plugin import Plugin
 from llmepp.plugins.producers.approx_prefix import ApproxPrefixCacheProducer
 from llmepp.plugins.producers.inflight_load import InFlightLoadProducer
+from llmepp.plugins.producers.mm_embeddings import MMEmbeddingsCacheProducer, MMEmbeddingsCacheScorer
 from llmepp.plugins.producers.precise_prefix import PrecisePrefixCacheProducer, PrecisePrefixCacheScorer
 from llmepp.plugins.producers.session_id import SessionIdProducer
 from llmepp.plugins.producers.shared_inflight import RedisInFlightLoadProducer
@@ -14,4 +15,6 @@ PLUGINS: list[type[Plugin]] = [
     PrecisePrefixCacheProducer,
     PrecisePrefixCacheScorer,
     RedisInFlightLoadProducer,
+    MMEmbeddingsCacheProducer,
+    MMEmbeddingsCacheScorer,
 ]

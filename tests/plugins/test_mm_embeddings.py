@@ -1,0 +1,122 @@
+"""Encoder-cache affinity: media items from the parsers, the per-endpoint LRU, the scorer, and
+requests repeating an image routed where it was encoded."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import pytest
+from helpers import endpoint, request
+
+from llmepp.config.loader import build, load_config
+from llmepp.datalayer.datastore import Datastore
+from llmepp.datalayer.endpoint import EndpointSpec
+from llmepp.director import Director
+from llmepp.framework.datakeys import ENCODER_CACHE_MATCH_INFO, scoped
+from llmepp.framework.plugin import ConfigError, registry
+from llmepp.framework.scheduling import ProfileResult, SchedulingResult
+from llmepp.observability.metrics import EppMetrics
+from llmepp.request.parsers import parse_request
+
+
+def chat(*urls: str, text: str = "what is in it?") -> bytes:
+    parts: list[dict[str, Any]] = [{"type": "text", "text": text}]
+    parts += [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    return json.dumps({"model": "m", "messages": [{"role": "user", "content": parts}]}).encode()
+
+
+def items(path: str, body: bytes) -> tuple[int, ...]:
+    return parse_request({":path": path}, body, request_id="r").mm_items
+
+
+def test_media_items_identify_what_was_sent_and_ignore_text() -> None:
+    a, b = (
+        items("/v1/chat/completions", chat("http://x/cat.png")),
+        items("/v1/chat/completions", chat("http://x/dog.png")),
+    )
+    assert len(a) == len(b) == 1 and a != b
+    assert items("/v1/chat/completions", chat("http://x/cat.png", text="other words")) == a
+    assert len(items("/v1/chat/completions", chat("http://x/cat.png", "data:image/png;base64,AAAA"))) == 2
+    anthropic = {
+        "model": "m",
+        "max_tokens": 4,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "source": {"type": "url", "url": "http://x/cat.png"}},
+                    {"type": "text", "text": "?"},
+                ],
+            }
+        ],
+    }
+    responses = {"model": "m", "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]}
+    assert len(items("/v1/messages", json.dumps(anthropic).encode())) == 1
+    assert len(items("/v1/responses", json.dumps(responses).encode())) == 1
+    assert items("/v1/completions", b'{"model": "m", "prompt": "x"}') == ()
+
+
+def producer(**params: Any) -> Any:
+    return registry.build("mm-embeddings-cache-producer", "mm", params)
+
+
+def result(primary: Any, encode: Any = None) -> SchedulingResult:
+    profiles = {"decode": ProfileResult(targets=[primary], candidates=[primary], totals=[1.0])}
+    if encode is not None:
+        profiles["encode"] = ProfileResult(targets=[encode], candidates=[encode], totals=[1.0])
+    return SchedulingResult(primary_profile="decode", profiles=profiles)
+
+
+def test_the_lru_counts_matches_records_on_the_encoder_and_is_bounded() -> None:
+    p = producer(cacheSizeInMBPerServer=6)  # 3 items of 2 MB
+    pods = [endpoint(0), endpoint(1), endpoint(2)]
+    req = request(mm_items=(1, 2))
+    p.pre_request(req, result(pods[0], encode=pods[2]))  # E/P/D: the encoder pod holds the embeddings
+    p.produce(req, pods)
+    info = req.data[scoped(ENCODER_CACHE_MATCH_INFO, "mm")]
+    assert (info.total, info.matched) == (2, {pods[2]: 2})
+    p.pre_request(request(mm_items=(3, 4)), result(pods[2]))  # no encode profile: the primary pick
+    again = request(mm_items=(1, 2, 3, 4))
+    p.produce(again, pods)
+    assert again.data[scoped(ENCODER_CACHE_MATCH_INFO, "mm")].matched == {pods[2]: 3}  # item 1 was evicted
+    p.endpoint_removed(pods[2])
+    gone = request(mm_items=(3,))
+    p.produce(gone, pods)
+    assert gone.data[scoped(ENCODER_CACHE_MATCH_INFO, "mm")].matched == {}
+    with pytest.raises(ConfigError, match="cacheSizeInMBPerServer must be >= 2"):
+        producer(cacheSizeInMBPerServer=1)
+
+
+CONFIG = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: mm-embeddings-cache-scorer
+- type: queue-scorer
+schedulingProfiles:
+- name: default
+  plugins: [{pluginRef: mm-embeddings-cache-scorer, weight: 2}, {pluginRef: queue-scorer, weight: 1}]
+"""
+
+
+async def test_requests_repeating_an_image_go_where_it_was_encoded() -> None:
+    datastore = Datastore()
+    for i in range(4):
+        datastore.upsert(EndpointSpec(name=f"p{i}", address=f"10.0.0.{i + 1}", port=8000))
+    metrics = EppMetrics()
+    components = build(load_config(CONFIG), datastore=datastore, metrics=metrics)
+    assert "mm-embeddings-cache-producer" in components.plugins  # auto-created for the scorer
+    director = Director(datastore, components.pipeline, metrics)
+    homes: dict[str, Counter[str]] = {}
+    for round_ in range(3):
+        for image in ("cat", "dog", "fox", "owl", "eel"):
+            req = parse_request({":path": "/v1/chat/completions"}, chat(f"http://x/{image}.png", text=f"q{round_}"),
+                                request_id=f"{image}{round_}")  # fmt: skip
+            decision = await director.handle_request(req, None)
+            homes.setdefault(image, Counter())[decision.targets[0].name] += 1
+    # Each image's later requests followed its first: one pod per image.
+    assert all(len(pods) == 1 for pods in homes.values()), homes
+    text_only = parse_request({":path": "/v1/completions"}, b'{"model": "m", "prompt": "x"}', request_id="t")
+    await director.handle_request(text_only, None)  # no media: the scorer is neutral, nothing recorded
