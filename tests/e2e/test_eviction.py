@@ -1,11 +1,13 @@
 """In-flight eviction end to end (`flowControl.enableEviction`): a real Envoy, the `epp` program and a
 simulated pod. Two sheddable (priority -1) streams fill the pod's two slots; an interactive request
 arrives and is held back by saturation; the EPP revokes the newest sheddable stream, whose client
-sees its stream cut, the pod stops generating for it, and the interactive request runs at once."""
+sees its stream cut, the pod stops generating for it, and the interactive request runs at once. A
+victim whose response has not started (not streamed) gets Envoy's reply of the EPP's 429 instead."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 
@@ -65,18 +67,21 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 class Batch:
     """A sheddable streaming completion; `started` once its first token arrived."""
 
-    def __init__(self, http: aiohttp.ClientSession, stack: Stack, name: str) -> None:
+    def __init__(self, http: aiohttp.ClientSession, stack: Stack, name: str, stream: bool = True) -> None:
         self.started = asyncio.Event()
+        self.status = 0
+        self.headers: dict[str, str] = {}
         self.received = b""
         self.error: BaseException | None = None
-        self.task = asyncio.get_running_loop().create_task(self._run(http, stack, name))
+        prompt = f"batch job {name}"
+        self.task = asyncio.get_running_loop().create_task(self._run(http, stack, prompt, stream))
 
-    async def _run(self, http: aiohttp.ClientSession, stack: Stack, name: str) -> None:
-        body = {"model": MODEL, "prompt": f"batch job {name}", "max_tokens": LONG, "stream": True}
+    async def _run(self, http: aiohttp.ClientSession, stack: Stack, prompt: str, stream: bool) -> None:
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": LONG, "stream": stream}
         headers = {"x-gateway-inference-objective": "batch"}
         try:
             async with http.post(f"{stack.url}/v1/completions", json=body, headers=headers) as resp:
-                assert resp.status == 200
+                self.status, self.headers = resp.status, dict(resp.headers)
                 async for chunk in resp.content.iter_any():
                     self.received += chunk
                     self.started.set()
@@ -112,7 +117,7 @@ async def test_a_blocked_request_evicts_the_newest_sheddable_stream(stack: Stack
     # The newest sheddable stream was cut mid-response (Envoy resets it: the 429 cannot be sent once
     # the response has started); the older one streams on.
     await asyncio.wait_for(second.task, 20)
-    assert not second.finished and second.received
+    assert second.status == 200 and not second.finished and second.received
     assert not first.task.done()
     revoked = await epp_metric(http, stack.metrics_url, "llm_d_epp_flow_control_revocations_total", priority="-1")
     assert revoked == 1
@@ -122,5 +127,25 @@ async def test_a_blocked_request_evicts_the_newest_sheddable_stream(stack: Stack
             break
         await asyncio.sleep(0.05)
     assert await running_on_pod(http, stack) == 1
+    first.task.cancel()
+    await asyncio.gather(first.task, return_exceptions=True)
+
+
+async def test_a_request_evicted_before_its_response_starts_gets_429(stack: Stack, http: aiohttp.ClientSession) -> None:
+    first = Batch(http, stack, "streaming")
+    await asyncio.wait_for(first.started.wait(), 20)
+    # Not streamed (a stream's 200 goes out at once), so no response has started when it is evicted.
+    waiting = Batch(http, stack, "waiting", stream=False)
+    for _ in range(200):
+        if await running_on_pod(http, stack) == 2:
+            break
+        await asyncio.sleep(0.01)
+    body = {"model": MODEL, "prompt": "another interactive question", "max_tokens": 5}
+    async with http.post(f"{stack.url}/v1/completions", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+    await asyncio.wait_for(waiting.task, 20)
+    assert waiting.status == 429, (waiting.status, waiting.received[:300])
+    assert waiting.headers.get("x-llm-d-request-dropped-reason") == "evicted"
+    assert json.loads(waiting.received)["error"]["message"] == "request evicted by flow control"
     first.task.cancel()
     await asyncio.gather(first.task, return_exceptions=True)
