@@ -35,6 +35,7 @@ from llmepp.framework.requestcontrol import (
 )
 from llmepp.framework.scheduling import ProfileResult, SchedulingResult
 from llmepp.observability.metrics import EppMetrics
+from llmepp.observability.plugin_timing import PluginTimers
 from llmepp.request.types import InferenceRequest, ResponseInfo, TerminationCause
 from llmepp.scheduling.scheduler import Scheduler
 
@@ -113,6 +114,7 @@ class Director:
         self._attempt_failed = metrics.scheduler_attempts.labels(status="failure")
         self._scheduler_e2e = metrics.scheduler_e2e
         self._rng = random.Random()
+        self._timers = PluginTimers(metrics.plugin_duration)
         self._producers: list[tuple[DataProducer, bool]] = []
         self.use_pipeline(pipeline)
 
@@ -145,17 +147,27 @@ class Director:
             await self.pipeline.admission.admit(request, self.datastore.endpoints)
         pipeline = self.pipeline  # one pipeline per request from here on, whatever a reload swaps in
         candidates = self.candidates(subset)
+        timers = self._timers if self._timers.request_sampled() else None  # one request in 16
+        start = 0.0
         for producer, is_async in self._producers:
+            if timers is not None:
+                start = time.perf_counter()
             if is_async:
                 await self._run_async_producer(producer, request, candidates)
             else:
                 producer.produce(request, candidates)
+            if timers is not None:
+                timers.observe("DataProducer", producer, time.perf_counter() - start)
         for admitter in pipeline.admitters:
+            if timers is not None:
+                start = time.perf_counter()
             admitter.admit(request, candidates)
+            if timers is not None:
+                timers.observe("Admitter", admitter, time.perf_counter() - start)
 
         t0 = time.perf_counter()
         try:
-            result = pipeline.scheduler.schedule(request, candidates)
+            result = pipeline.scheduler.schedule(request, candidates, timers)
         except RequestError:
             self._attempt_failed.inc()
             raise
@@ -181,7 +193,11 @@ class Director:
         inflight.tokens += tokens
         try:
             for plugin in pipeline.pre_request:
+                if timers is not None:
+                    start = time.perf_counter()
                 plugin.pre_request(request, result)
+                if timers is not None:
+                    timers.observe("PreRequest", plugin, time.perf_counter() - start)
         except BaseException:
             # The request will not go upstream: release what it holds, exactly as a finished one.
             self.response_complete(request, ResponseInfo(cause=TerminationCause.ERROR), decision)
@@ -200,19 +216,31 @@ class Director:
         extra: dict[str, str] | None = None
         if self.decision_header and request.scheduling is not None:
             extra = {DECISION_HEADER: decision_summary(request.scheduling)}
+        timers = self._timers if self.pipeline.response_header and self._timers.response_sampled() else None
+        start = 0.0
         for plugin in self.pipeline.response_header:
+            if timers is not None:
+                start = time.perf_counter()
             out = plugin.response_headers(request, response, headers)
+            if timers is not None:
+                timers.observe("ResponseHeaderProcessor", plugin, time.perf_counter() - start)
             if out:
                 extra = {**(extra or {}), **out}
         return extra
 
     def response_first_chunk(self, request: InferenceRequest, response: ResponseInfo) -> None:
         """Once, at the first response body bytes of a scheduled request."""
+        timers = self._timers if self._timers.response_sampled() else None
+        start = 0.0
         for plugin in self.pipeline.first_response_chunk:
+            if timers is not None:
+                start = time.perf_counter()
             try:
                 plugin.first_response_chunk(request, response)
             except Exception:
                 log.exception("first-response-chunk plugin %s failed", plugin.name)
+            if timers is not None:
+                timers.observe("FirstResponseChunkProcessor", plugin, time.perf_counter() - start)
 
     def response_complete(self, request: InferenceRequest, response: ResponseInfo, decision: RoutingDecision) -> None:
         """Exactly once per routed request, however the response ended: releases what it held."""
@@ -222,11 +250,17 @@ class Director:
         inflight = decision.targets[0].inflight
         inflight.requests -= 1
         inflight.tokens -= decision.inflight_tokens
+        timers = self._timers if self._timers.response_sampled() else None
+        start = 0.0
         for plugin in self.pipeline.response_complete:
+            if timers is not None:
+                start = time.perf_counter()
             try:
                 plugin.response_complete(request, response, result)
             except Exception:
                 log.exception("response-complete plugin %s failed", plugin.name)
+            if timers is not None:
+                timers.observe("ResponseCompleteProcessor", plugin, time.perf_counter() - start)
 
     # -- helpers -----------------------------------------------------------------------
     async def _run_async_producer(

@@ -8,12 +8,14 @@ Filters that leave nothing raise Saturated (HTTP 429 rejected-saturated, as the 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from llmepp.datalayer.endpoint import Endpoint
 from llmepp.errors import Saturated
 from llmepp.framework.scheduling import Filter, Picker, ProfileResult, Scorer
+from llmepp.observability.plugin_timing import PluginTimers
 from llmepp.request.types import InferenceRequest
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,11 @@ class SchedulerProfile:
     def __post_init__(self) -> None:
         self._combine = weighted_sum([ws.weight for ws in self.scorers])
 
-    def run(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> ProfileResult:
+    def run(
+        self, request: InferenceRequest, candidates: Sequence[Endpoint], timers: PluginTimers | None = None
+    ) -> ProfileResult:
+        if timers is not None:
+            return self._run_timed(request, candidates, timers)
         endpoints = candidates
         for f in self.filters:
             endpoints = f.filter(request, endpoints)
@@ -44,7 +50,34 @@ class SchedulerProfile:
                 raise Saturated(f"profile {self.name!r}: filter {f.name!r} removed every endpoint")
         columns = self._score(request, endpoints)
         totals = self._combine(columns) if columns else [0.0] * len(endpoints)
+        return self._result(endpoints, columns, totals, self.picker.pick(endpoints, totals))
+
+    def _run_timed(
+        self, request: InferenceRequest, candidates: Sequence[Endpoint], timers: PluginTimers
+    ) -> ProfileResult:
+        """`run`, every filter, scorer and picker timed (llmepp.observability.plugin_timing)."""
+        clock = time.perf_counter
+        endpoints = candidates
+        for f in self.filters:
+            start = clock()
+            endpoints = f.filter(request, endpoints)
+            timers.observe("Filter", f, clock() - start)
+            if not endpoints:
+                raise Saturated(f"profile {self.name!r}: filter {f.name!r} removed every endpoint")
+        columns = self._score(request, endpoints, timers)
+        totals = self._combine(columns) if columns else [0.0] * len(endpoints)
+        start = clock()
         targets = self.picker.pick(endpoints, totals)
+        timers.observe("Picker", self.picker, clock() - start)
+        return self._result(endpoints, columns, totals, targets)
+
+    def _result(
+        self,
+        endpoints: Sequence[Endpoint],
+        columns: list[Sequence[float]],
+        totals: list[float],
+        targets: list[Endpoint],
+    ) -> ProfileResult:
         if not targets:
             raise Saturated(f"profile {self.name!r}: picker {self.picker.name!r} chose no endpoint")
         breakdown = None
@@ -52,12 +85,19 @@ class SchedulerProfile:
             breakdown = {ws.scorer.name: col for ws, col in zip(self.scorers, columns)}
         return ProfileResult(targets=targets, candidates=endpoints, totals=totals, breakdown=breakdown)
 
-    def _score(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[Sequence[float]]:
+    def _score(
+        self, request: InferenceRequest, endpoints: Sequence[Endpoint], timers: PluginTimers | None = None
+    ) -> list[Sequence[float]]:
         """One column of clamped scores per scorer."""
         n = len(endpoints)
         columns: list[Sequence[float]] = []
         for ws in self.scorers:
-            scores = ws.scorer.score(request, endpoints)
+            if timers is not None:
+                start = time.perf_counter()
+                scores = ws.scorer.score(request, endpoints)
+                timers.observe("Scorer", ws.scorer, time.perf_counter() - start)
+            else:
+                scores = ws.scorer.score(request, endpoints)
             if len(scores) != n:
                 raise RuntimeError(f"scorer {ws.scorer.name!r} returned {len(scores)} scores for {n} endpoints")
             # Clamping per element is costly; check the range once (two C-level passes) instead.

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from llmepp.datalayer.endpoint import Endpoint
 from llmepp.errors import RequestError, ResourceExhausted
 from llmepp.framework.scheduling import ProfileHandler, ProfileResult, SchedulingResult
+from llmepp.observability.plugin_timing import PluginTimers
 from llmepp.request.types import InferenceRequest
 from llmepp.scheduling.profile import SchedulerProfile
 
@@ -19,7 +20,10 @@ class Scheduler:
         self.handler = handler
         self.profiles = profiles
 
-    def schedule(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> SchedulingResult:
+    def schedule(
+        self, request: InferenceRequest, candidates: Sequence[Endpoint], timers: PluginTimers | None = None
+    ) -> SchedulingResult:
+        """`timers`: time each filter, scorer and picker (a sampled request)."""
         results: dict[str, ProfileResult | None] = {}
         for _ in range(_MAX_ROUNDS):
             to_run = self.handler.pick_profiles(request, self.profiles, results)
@@ -27,7 +31,7 @@ class Scheduler:
                 break
             for profile in to_run:
                 try:
-                    results[profile.name] = profile.run(request, candidates)
+                    results[profile.name] = profile.run(request, candidates, timers)
                 except RequestError:
                     if len(self.profiles) == 1:
                         raise

@@ -15,6 +15,7 @@ from llmepp.director import Director
 from llmepp.errors import NoEndpoints, Saturated
 from llmepp.framework.scheduling import Filter
 from llmepp.observability.metrics import EppMetrics
+from llmepp.observability.plugin_timing import TIMED_EVERY
 from llmepp.request.types import ResponseInfo, TerminationCause
 from llmepp.scheduling.profile import SchedulerProfile
 
@@ -164,3 +165,43 @@ async def test_unrewritable_body_is_400_and_charges_nothing() -> None:
     with pytest.raises(BadRequest):
         await d.handle_request(req, None)
     assert all(ep.inflight.requests == 0 for ep in ds.endpoints)
+
+
+async def test_plugin_durations_are_recorded_for_one_request_in_sixteen() -> None:
+    ds = Datastore()
+    for i in range(3):
+        ds.upsert(endpoint(i).spec)
+    metrics = EppMetrics()
+    c = build(load_config(DEFAULT_CONFIG), datastore=ds, metrics=metrics)
+    d = Director(ds, c.pipeline, metrics)
+
+    def count(point: str, plugin_type: str) -> float:
+        labels = {"extension_point": point, "plugin_type": plugin_type, "plugin_name": plugin_type}
+        return metrics.registry.get_sample_value("llm_d_epp_plugin_duration_seconds_count", labels) or 0.0
+
+    for i in range(2 * TIMED_EVERY):
+        req = request(b"x" * 400)
+        decision = await d.handle_request(req, None)
+        d.response_complete(req, ResponseInfo(status=200), decision)
+        if i == TIMED_EVERY - 2:
+            assert count("Scorer", "queue-scorer") == 0  # not sampled yet
+    expected = {
+        ("DataProducer", "token-producer"),
+        ("DataProducer", "approx-prefix-cache-producer"),
+        ("DataProducer", "inflight-load-producer"),
+        ("Scorer", "queue-scorer"),
+        ("Scorer", "kv-cache-utilization-scorer"),
+        ("Scorer", "prefix-cache-scorer"),
+        ("Scorer", "no-hit-lru-scorer"),
+        ("Picker", "max-score-picker"),
+        ("PreRequest", "approx-prefix-cache-producer"),
+        ("PreRequest", "no-hit-lru-scorer"),
+        ("ResponseCompleteProcessor", "inflight-load-producer"),
+    }
+    for point, plugin_type in expected:
+        assert count(point, plugin_type) == 2, (point, plugin_type)
+    total = metrics.registry.get_sample_value(
+        "llm_d_epp_plugin_duration_seconds_sum",
+        {"extension_point": "Scorer", "plugin_type": "queue-scorer", "plugin_name": "queue-scorer"},
+    )
+    assert total is not None and 0 < total < 0.1
