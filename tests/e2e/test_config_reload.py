@@ -1,6 +1,7 @@
 """`--watch-config-file` end to end: a real `epp` behind Envoy picks up a changed profile without a
-restart, keeps its prefix index across the change, and keeps routing with the last good config when
-the file turns bad or asks for a change that needs a restart."""
+restart, keeps its prefix index across the change, keeps routing with the last good config when
+the file turns bad or asks for a change that needs a restart, and answers every request while it
+reloads under load."""
 
 from __future__ import annotations
 
@@ -133,3 +134,31 @@ async def test_a_bad_or_restart_only_change_is_refused_and_routing_goes_on(
     assert "config is not valid YAML" in log
     assert "plugin 'approx-prefix-cache-producer' (type approx-prefix-cache-producer): changed" in log
     assert "restart the EPP to apply this" in log
+
+
+async def test_reloads_under_load_lose_no_request(stack: SlotStack, http: aiohttp.ClientSession) -> None:
+    applied = await reloads(http, stack, "applied")
+
+    async def one(i: int) -> int:
+        body = {"model": MODEL, "prompt": f"under load {i}", "max_tokens": 2}
+        async with http.post(f"{stack.url}/v1/completions", json=body) as resp:
+            await resp.read()
+            return resp.status
+
+    done = asyncio.Event()
+
+    async def load() -> list[int]:
+        statuses: list[int] = []
+        while not done.is_set():  # batches of 20 concurrent requests for as long as the reloads go on
+            statuses += await asyncio.gather(*(one(len(statuses) + i) for i in range(20)))
+        return statuses
+
+    traffic = asyncio.get_running_loop().create_task(load())
+    for n, host in enumerate([FIRST_HOST, FIRST_HOST + 1, FIRST_HOST, FIRST_HOST + 1], start=1):
+        stack.rewrite_config(config(host))
+        await until_reloads(http, stack, "applied", applied + n)
+    done.set()
+    statuses = await traffic
+    assert len(statuses) >= 100 and set(statuses) == {200}, (len(statuses), set(statuses))
+    # The last config pins the second pod: new requests go there.
+    assert await served_by(http, stack, 2, tag="after") == Counter({stack.pods[1].name: 2})
