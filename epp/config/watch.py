@@ -71,6 +71,7 @@ class ConfigWatcher(FilePoller):
             changes.retry()  # changed while we read it: read again once it settles
             return False
         if text == self._text:
+            self._successful.set(1)  # back to what runs (e.g. a bad edit reverted): nothing is wrong now
             return False
         try:
             self._apply(load_config(text))

@@ -94,6 +94,9 @@ def test_a_bad_file_is_counted_logged_and_ignored_until_a_good_one_comes(
     assert h.value("llm_d_epp_config_last_reload_successful") == 0
     assert h.polls(2) == [False, False]  # reported once, not every poll
     assert h.value("llm_d_epp_config_reloads_total", result="rejected") == 1
+    h.write(DEFAULT_CONFIG)  # the bad edit reverted: the file is what runs again
+    assert h.polls() == [False, False] and h.value("llm_d_epp_config_last_reload_successful") == 1
+    assert h.applied == []
     h.write(OTHER)
     assert h.polls() == [False, True]
     assert h.value("llm_d_epp_config_last_reload_successful") == 1
