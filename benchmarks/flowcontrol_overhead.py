@@ -153,12 +153,20 @@ async def throughput(seconds: float, clients: int, flows: int, fairness: str, qu
     done = 0
     stop = False
 
+    # A policy that learns from completions (program-aware-fairness) is told each request's service,
+    # tenants differing by up to 10x, so its ordering by service keeps changing as in real use.
+    learn = getattr(ctl.config.default_band.fairness, "attained", None)
+
     async def client(k: int) -> None:
         nonlocal done
-        r = make_request(k, f"tenant-{k % flows}")
+        tenant = f"tenant-{k % flows}"
+        r = make_request(k, tenant)
+        tokens = 100 * (1 + k % 10)
         while not stop:
             await ctl.admit(r, pool)
             done += 1
+            if learn is not None:
+                learn(tenant, tokens, time.monotonic())
             await asyncio.sleep(0)  # the request goes on to schedule / proxy: yield like real work
 
     tasks = [asyncio.get_running_loop().create_task(client(k)) for k in range(clients)]

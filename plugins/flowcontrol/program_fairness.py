@@ -36,7 +36,8 @@ class ProgramAwareFairness(FairnessPolicy, ResponseCompleteProcessor):
         service(p) = Σ over p's finished requests of (prompt + 2 · completion tokens),
                      decayed by 2^(−Δt / lasHalfLifeSeconds)
         score(f)   = lasWeightService · (1 − norm(service)) + lasWeightHeadWait · norm(head wait)
-        pick       = the non-empty flow of the band with the highest score (ties: the older head)
+        pick       = the non-empty flow of the band with the highest score (ties: the older head, then
+                     the lower fairness id)
 
     `norm` is min-max over the band's non-empty flows (0 when all are equal). Usage comes from the
     model server's response (prompt tokens estimated from the prompt when it has none). Programs
@@ -180,7 +181,13 @@ class _LasState(FairnessState):
         best_i, best = 0, math.inf
         for i, (service, enqueued) in enumerate(zip(services, heads)):
             cost = a * service + b * enqueued
-            if cost < best or (cost == best and enqueued < heads[best_i]):
+            if cost < best or (
+                cost == best
+                and (
+                    enqueued < heads[best_i]
+                    or (enqueued == heads[best_i] and flows[i].fairness_id < flows[best_i].fairness_id)
+                )
+            ):
                 best_i, best = i, cost
         return flows[best_i]
 

@@ -4,14 +4,17 @@ programs, its metrics, and the controller serving the least-served program first
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 from helpers import request
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from llmepp.config.loader import build, load_config
 from llmepp.flowcontrol.controller import FlowController
-from llmepp.flowcontrol.types import QueueItem
+from llmepp.flowcontrol.types import ItemState, QueueItem
 from llmepp.framework.plugin import ConfigError
 from llmepp.observability.metrics import EppMetrics
 from llmepp.plugins.flowcontrol.program_fairness import ProgramAwareFairness
@@ -125,3 +128,123 @@ flowControl:
     assert service == pytest.approx(300, rel=1e-3)
     # Jain: (300 + 100)^2 / (2 * (300^2 + 100^2)) = 0.8
     assert r.get_sample_value("llm_d_epp_flow_control_program_fairness_index") == pytest.approx(0.8, rel=1e-3)
+
+
+def test_the_winner_can_be_neither_the_least_served_nor_the_oldest_head() -> None:
+    # a (service 0, head at 100), b (1000, 0), c (10, 10): normalised costs 0.2, 0.8, 0.028.
+    pool, det = concurrency_pool(1)
+    ctl = controller(pool, det, fairness="program-aware-fairness")
+    p = ctl.config.default_band.fairness
+    assert isinstance(p, ProgramAwareFairness)
+    clock = Clock()
+    p.clock = clock
+    p.attained("b", 1000, clock.now)
+    p.attained("c", 10, clock.now)
+    band = ctl._provision(0, 0.0)
+    for seq, (fid, at) in enumerate([("a", 100.0), ("b", 0.0), ("c", 10.0)]):
+        flow = ctl._new_flow(band, fid, at)
+        band.push(QueueItem(req(fid, fairness=fid), flow, seq, at, math.inf, None))  # type: ignore[arg-type]
+    pick = band.fairness.pick()
+    assert pick is not None and pick.fairness_id == "c" == brute_force_pick(band, p)
+
+
+def brute_force_pick(band: Any, policy: ProgramAwareFairness) -> str | None:
+    """The documented formula over every non-empty flow of the band (the pick must equal it)."""
+    rows = []
+    for fid, flow in band.flows.items():
+        head = flow.peek() if flow.count else None
+        if head is not None:
+            record = policy._programs.get(fid)
+            rows.append((fid, record.scaled if record is not None else 0.0, head.enqueued_at))
+    if not rows:
+        return None
+    if len(rows) == 1:
+        return rows[0][0]
+    p = policy.params
+    s_lo, s_hi = min(r[1] for r in rows), max(r[1] for r in rows)
+    e_lo, e_hi = min(r[2] for r in rows), max(r[2] for r in rows)
+    a = p.las_weight_service / (s_hi - s_lo) if s_hi > s_lo else 0.0
+    b = p.las_weight_head_wait / (e_hi - e_lo) if e_hi > e_lo else 0.0
+    return min(rows, key=lambda r: (a * r[1] + b * r[2], r[2], r[0]))[0]
+
+
+enqueue = st.tuples(st.just("enqueue"), st.integers(0, 11))
+serve = st.tuples(st.just("serve"), st.integers(0, 11), st.sampled_from([0, 1, 3, 10, 30, 100, 300, 1000]))
+ops = st.lists(
+    st.one_of(
+        enqueue,
+        enqueue,
+        enqueue,
+        serve,
+        serve,
+        st.tuples(st.just("pick"), st.just(0)),
+        st.tuples(st.just("cancel"), st.integers(0, 50)),
+        st.tuples(st.just("sweep"), st.just(0)),
+    ),
+    max_size=200,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=ops)
+def test_the_pick_is_the_formula_whatever_happens_in_between(ops: list[tuple[Any, ...]]) -> None:
+    pool, det = concurrency_pool(1)
+    ctl = controller(pool, det, fairness="program-aware-fairness")
+    p = ctl.config.default_band.fairness
+    assert isinstance(p, ProgramAwareFairness)
+    clock = Clock()
+    p.clock = clock
+    band = ctl._provision(0, 0.0)
+    queued: list[QueueItem] = []
+    seq = 0
+    for op in ops:
+        clock.now += 0.5
+        kind = op[0]
+        if kind == "enqueue":
+            fid = f"t{op[1]}"
+            flow = band.flows.get(fid) or ctl._new_flow(band, fid, clock.now)
+            seq += 1
+            item = QueueItem(req(f"r{seq}", fairness=fid), flow, seq, clock.now, math.inf, None)  # type: ignore[arg-type]
+            band.push(item)
+            queued.append(item)
+        elif kind == "serve":
+            p.attained(f"t{op[1]}", op[2], clock.now)
+        elif kind == "cancel" and queued:
+            item = queued.pop(op[1] % len(queued))
+            if item.state is ItemState.QUEUED:
+                item.state = ItemState.DONE
+                band.discard(item)
+        elif kind == "sweep":
+            clock.now += 400  # past evictionSweepSeconds: rebase (and forget programs idle 3,600 s)
+            p.attained("t0", 0, clock.now)
+        else:
+            expected = brute_force_pick(band, p)
+            flow = band.fairness.pick()
+            assert (flow.fairness_id if flow is not None else None) == expected
+            if flow is not None:
+                item = band.pop(flow)
+                assert item is not None
+                item.state = ItemState.DONE
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    flows=st.lists(
+        st.tuples(st.integers(0, 5000), st.integers(0, 1000)), min_size=1, max_size=40
+    )  # (service, head enqueue time)
+)
+def test_the_pick_is_the_formula_for_any_services_and_heads(flows: list[tuple[int, int]]) -> None:
+    pool, det = concurrency_pool(1)
+    ctl = controller(pool, det, fairness="program-aware-fairness")
+    p = ctl.config.default_band.fairness
+    assert isinstance(p, ProgramAwareFairness)
+    clock = Clock()
+    p.clock = clock
+    band = ctl._provision(0, 0.0)
+    for seq, (service, head) in enumerate(flows):
+        fid = f"t{seq}"
+        p.attained(fid, service, clock.now)
+        flow = ctl._new_flow(band, fid, float(head))
+        band.push(QueueItem(req(fid, fairness=fid), flow, seq, float(head), math.inf, None))  # type: ignore[arg-type]
+    pick = band.fairness.pick()
+    assert pick is not None and pick.fairness_id == brute_force_pick(band, p)
