@@ -46,6 +46,8 @@ class StackOptions:
     # EndpointPickerConfig without discovery; the stack adds a file-discovery plugin.
     epp_config: str = DEFAULT_CONFIG
     epp_args: list[str] = field(default_factory=list)
+    # InferenceObjective YAML documents: written to a file the EPP reads (--objectives-file).
+    objectives: str = ""
     # First pod address is 127.0.0.<first_host>; distinct stacks should use distinct ranges.
     first_host: int = 2
     pod_port: int = 0  # 0 = a free port
@@ -160,6 +162,7 @@ class Stack:
         self.envoy: EnvoyProcess | None = None
         self.endpoints_file = self.workdir / "endpoints.yaml"
         self.config_file = self.workdir / "epp-config.yaml"
+        self.objectives_file = self.workdir / "objectives.yaml"
         # Replicas 1.. : (grpc, health, metrics) ports and processes.
         self.replica_ports = [(free_port(), free_port(), free_port()) for _ in range(1, max(1, o.epp_replicas))]
         self.replicas: list[EppProcess] = []
@@ -186,6 +189,8 @@ class Stack:
         await self.start_pods()
         self.write_endpoints(self.pods)
         self.config_file.write_text(with_file_discovery(o.epp_config, self.endpoints_file))
+        if o.objectives:
+            self.objectives_file.write_text(o.objectives)
         self.epp = EppProcess(self.epp_args(), self.health_port, self.workdir / "epp.log", o.startup_timeout)
         await self.epp.start()
         for i, (_, health, _) in enumerate(self.replica_ports, start=1):
@@ -231,6 +236,7 @@ class Stack:
             "--grpc-health-port", str(health),
             "--metrics-port", str(metrics),
             "--bind-address", "127.0.0.1",
+            *(["--objectives-file", str(self.objectives_file)] if self.options.objectives else []),
             *self.options.epp_args,
         ]  # fmt: skip
 

@@ -73,12 +73,8 @@ spec: {priority: -1, poolRef: {name: epp}}
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    objectives = tmp_path_factory.mktemp("fc") / "objectives.yaml"
-    objectives.write_text(OBJECTIVES)
-    options = StackOptions(
-        pods=2, first_host=80, sim_args=SIM, epp_config=CONFIG, epp_args=["--objectives-file", str(objectives)]
-    )
+async def stack() -> AsyncIterator[Stack]:
+    options = StackOptions(pods=2, first_host=80, sim_args=SIM, epp_config=CONFIG, objectives=OBJECTIVES)
     async with Stack(options) as st:
         yield st
 

@@ -20,15 +20,7 @@ from llmepp.observability.metrics import EppMetrics
 from llmepp.plugins.flowcontrol.program_fairness import ProgramAwareFairness
 from llmepp.request.types import ResponseInfo, Usage
 
-from .kit import Server, concurrency_pool, controller, plugin, req, spin, until
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from .kit import Clock, Server, concurrency_pool, controller, plugin, req, spin, until
 
 
 def policy(**params: float) -> tuple[ProgramAwareFairness, Clock]:
@@ -86,16 +78,29 @@ async def test_the_least_served_program_goes_first_whatever_the_arrival_order() 
     assert srv.order == ["new-1", "light-1", "heavy-1", "heavy-2"]
 
 
-def test_equal_service_falls_back_to_the_longest_wait() -> None:
+def las_band() -> tuple[Any, ProgramAwareFairness, Clock, Any]:
+    """A controller whose default band uses program-aware-fairness on a hand-driven clock, and that band."""
     pool, det = concurrency_pool(1)
     ctl = controller(pool, det, fairness="program-aware-fairness")
-    band = ctl._provision(0, 0.0)
+    p = ctl.config.default_band.fairness
+    assert isinstance(p, ProgramAwareFairness)
+    clock = Clock()
+    p.clock = clock
+    return ctl, p, clock, ctl._provision(0, 0.0)
+
+
+def enqueue(ctl: Any, band: Any, fid: str, at: float, seq: int) -> QueueItem:
+    """One request of program `fid` queued at `at` (its flow made on first use)."""
+    flow = band.flows.get(fid) or ctl._new_flow(band, fid, at)
+    item = QueueItem(req(f"{fid}-{seq}", fairness=fid), flow, seq, at, math.inf, None)  # type: ignore[arg-type]
+    band.push(item)
+    return item
+
+
+def test_equal_service_falls_back_to_the_longest_wait() -> None:
+    ctl, _, _, band = las_band()
     for seq, (tenant, at) in enumerate([("b", 5.0), ("a", 1.0), ("c", 3.0)]):
-        item = req(f"{tenant}-1", fairness=tenant)
-        flow = ctl._new_flow(band, tenant, at)
-        qi = QueueItem(item, flow, seq, at, math.inf, None)  # type: ignore[arg-type]
-        qi.sort_key = at
-        band.push(qi)
+        enqueue(ctl, band, tenant, at, seq)
     pick = band.fairness.pick()
     assert pick is not None and pick.fairness_id == "a"
 
@@ -132,18 +137,11 @@ flowControl:
 
 def test_the_winner_can_be_neither_the_least_served_nor_the_oldest_head() -> None:
     # a (service 0, head at 100), b (1000, 0), c (10, 10): normalised costs 0.2, 0.8, 0.028.
-    pool, det = concurrency_pool(1)
-    ctl = controller(pool, det, fairness="program-aware-fairness")
-    p = ctl.config.default_band.fairness
-    assert isinstance(p, ProgramAwareFairness)
-    clock = Clock()
-    p.clock = clock
+    ctl, p, clock, band = las_band()
     p.attained("b", 1000, clock.now)
     p.attained("c", 10, clock.now)
-    band = ctl._provision(0, 0.0)
     for seq, (fid, at) in enumerate([("a", 100.0), ("b", 0.0), ("c", 10.0)]):
-        flow = ctl._new_flow(band, fid, at)
-        band.push(QueueItem(req(fid, fairness=fid), flow, seq, at, math.inf, None))  # type: ignore[arg-type]
+        enqueue(ctl, band, fid, at, seq)
     pick = band.fairness.pick()
     assert pick is not None and pick.fairness_id == "c" == brute_force_pick(band, p)
 
@@ -168,15 +166,15 @@ def brute_force_pick(band: Any, policy: ProgramAwareFairness) -> str | None:
     return min(rows, key=lambda r: (a * r[1] + b * r[2], r[2], r[0]))[0]
 
 
-enqueue = st.tuples(st.just("enqueue"), st.integers(0, 11))
-serve = st.tuples(st.just("serve"), st.integers(0, 11), st.sampled_from([0, 1, 3, 10, 30, 100, 300, 1000]))
+enqueue_op = st.tuples(st.just("enqueue"), st.integers(0, 11))
+serve_op = st.tuples(st.just("serve"), st.integers(0, 11), st.sampled_from([0, 1, 3, 10, 30, 100, 300, 1000]))
 ops = st.lists(
     st.one_of(
-        enqueue,
-        enqueue,
-        enqueue,
-        serve,
-        serve,
+        enqueue_op,
+        enqueue_op,
+        enqueue_op,
+        serve_op,
+        serve_op,
         st.tuples(st.just("pick"), st.just(0)),
         st.tuples(st.just("cancel"), st.integers(0, 50)),
         st.tuples(st.just("sweep"), st.just(0)),
@@ -188,25 +186,15 @@ ops = st.lists(
 @settings(max_examples=300, deadline=None)
 @given(ops=ops)
 def test_the_pick_is_the_formula_whatever_happens_in_between(ops: list[tuple[Any, ...]]) -> None:
-    pool, det = concurrency_pool(1)
-    ctl = controller(pool, det, fairness="program-aware-fairness")
-    p = ctl.config.default_band.fairness
-    assert isinstance(p, ProgramAwareFairness)
-    clock = Clock()
-    p.clock = clock
-    band = ctl._provision(0, 0.0)
+    ctl, p, clock, band = las_band()
     queued: list[QueueItem] = []
     seq = 0
     for op in ops:
         clock.now += 0.5
         kind = op[0]
         if kind == "enqueue":
-            fid = f"t{op[1]}"
-            flow = band.flows.get(fid) or ctl._new_flow(band, fid, clock.now)
             seq += 1
-            item = QueueItem(req(f"r{seq}", fairness=fid), flow, seq, clock.now, math.inf, None)  # type: ignore[arg-type]
-            band.push(item)
-            queued.append(item)
+            queued.append(enqueue(ctl, band, f"t{op[1]}", clock.now, seq))
         elif kind == "serve":
             p.attained(f"t{op[1]}", op[2], clock.now)
         elif kind == "cancel" and queued:
@@ -234,17 +222,9 @@ def test_the_pick_is_the_formula_whatever_happens_in_between(ops: list[tuple[Any
     )  # (service, head enqueue time)
 )
 def test_the_pick_is_the_formula_for_any_services_and_heads(flows: list[tuple[int, int]]) -> None:
-    pool, det = concurrency_pool(1)
-    ctl = controller(pool, det, fairness="program-aware-fairness")
-    p = ctl.config.default_band.fairness
-    assert isinstance(p, ProgramAwareFairness)
-    clock = Clock()
-    p.clock = clock
-    band = ctl._provision(0, 0.0)
+    ctl, p, clock, band = las_band()
     for seq, (service, head) in enumerate(flows):
-        fid = f"t{seq}"
-        p.attained(fid, service, clock.now)
-        flow = ctl._new_flow(band, fid, float(head))
-        band.push(QueueItem(req(fid, fairness=fid), flow, seq, float(head), math.inf, None))  # type: ignore[arg-type]
+        p.attained(f"t{seq}", service, clock.now)
+        enqueue(ctl, band, f"t{seq}", float(head), seq)
     pick = band.fairness.pick()
     assert pick is not None and pick.fairness_id == brute_force_pick(band, p)
