@@ -3,7 +3,11 @@ from llmepp.plugins.flowcontrol.concurrency_detector import ConcurrencyDetector
 from llmepp.plugins.flowcontrol.fairness import GlobalStrictFairnessPolicy, RoundRobinFairnessPolicy
 from llmepp.plugins.flowcontrol.ordering import EdfOrderingPolicy, FcfsOrderingPolicy, SloDeadlineOrderingPolicy
 from llmepp.plugins.flowcontrol.program_fairness import ProgramAwareFairness
-from llmepp.plugins.flowcontrol.usage_limit import StaticUsageLimitPolicy
+from llmepp.plugins.flowcontrol.usage_limit import (
+    PriorityHoldbackPolicy,
+    SoftReflectiveCeilingPolicy,
+    StaticUsageLimitPolicy,
+)
 from llmepp.plugins.flowcontrol.utilization_detector import UtilizationDetector
 
 PLUGINS: list[type[Plugin]] = [
@@ -14,6 +18,8 @@ PLUGINS: list[type[Plugin]] = [
     RoundRobinFairnessPolicy,
     ProgramAwareFairness,
     StaticUsageLimitPolicy,
+    PriorityHoldbackPolicy,
+    SoftReflectiveCeilingPolicy,
     UtilizationDetector,
     ConcurrencyDetector,
 ]
