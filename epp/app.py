@@ -23,6 +23,7 @@ from llmepp.config.schema import DEFAULT_CONFIG, EndpointPickerConfig
 from llmepp.config.watch import ConfigWatcher
 from llmepp.datalayer.collector import MetricsCollector
 from llmepp.datalayer.datastore import Datastore
+from llmepp.datalayer.models import ModelsPoller
 from llmepp.director import Director
 from llmepp.filewatch import stat_signature
 from llmepp.flowcontrol import AdmissionController
@@ -103,6 +104,7 @@ class App:
             rewriter=self.kube.rewriter if self.kube is not None else None,
         )
         self.collector = self._build_collector()
+        self.models_poller = self._build_models_poller()
         self.health = health.HealthService(self.ready)
         self.draining = False
         self.grpc_port = 0
@@ -138,6 +140,12 @@ class App:
                     gauge_interval=self.settings.refresh_prometheus_metrics_interval,
                 )
         log.warning("no metrics data source configured: endpoints are routed without scraped metrics")
+        return None
+
+    def _build_models_poller(self) -> ModelsPoller | None:
+        for ds in self.components.data_sources:
+            if ds.source.type == "models-data-source" and ds.extractors:
+                return ModelsPoller(self.datastore, self.metrics, ds.source, ds.extractors[0])  # type: ignore[arg-type]
         return None
 
     def reload_config(self, config: EndpointPickerConfig) -> None:
@@ -186,6 +194,8 @@ class App:
                 raise ConfigError(f"discovery plugin {discovery.name!r} stopped right after start")
         if self.collector is not None:
             await self.collector.start()
+        if self.models_poller is not None:
+            await self.models_poller.start()
 
         self._servicer = ExtProcServicer(
             self.director,
@@ -272,6 +282,8 @@ class App:
             await self.config_watcher.aclose()
         if self.collector is not None:
             await self.collector.aclose()
+        if self.models_poller is not None:
+            await self.models_poller.aclose()
         if self.kube is not None:
             await self.kube.aclose()
         for task in (self._discovery_task, self._cert_task):

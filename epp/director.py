@@ -1,8 +1,8 @@
 """Request control: what happens between a parsed request and a routing decision.
 
-    handle_request:  admission (flow control) → candidates (pool ∩ subset hint) → data producers → admitters
-                     → scheduler (profiles: filter → score → pick) → pre-request plugins
-                     → in-flight accounting → RoutingDecision
+    handle_request:  responders (may answer it here) → admission (flow control) → candidates (pool ∩ subset
+                     hint) → screeners → data producers → admitters → scheduler (profiles: filter → score
+                     → pick) → pre-request plugins → in-flight accounting → RoutingDecision
     response_headers / response_complete: response plugins and in-flight release.
 
 The ext_proc stream (server/extproc.py) owns the protocol; this module owns the policy.
@@ -28,10 +28,13 @@ from llmepp.framework.datakeys import TOKENIZED_PROMPT
 from llmepp.framework.requestcontrol import (
     Admitter,
     DataProducer,
+    DirectResponse,
     FirstResponseChunkProcessor,
     PreRequest,
+    Responder,
     ResponseCompleteProcessor,
     ResponseHeaderProcessor,
+    Screener,
 )
 from llmepp.framework.scheduling import ProfileResult, SchedulingResult
 from llmepp.observability.metrics import EppMetrics
@@ -83,6 +86,8 @@ class Pipeline:
 
     scheduler: Scheduler
     admission: Admission | None = None
+    responders: list[Responder] = field(default_factory=list)
+    screeners: list[Screener] = field(default_factory=list)
     producers: list[DataProducer] = field(default_factory=list)
     admitters: list[Admitter] = field(default_factory=list)
     pre_request: list[PreRequest] = field(default_factory=list)
@@ -136,7 +141,13 @@ class Director:
             raise NoEndpoints()
         return endpoints
 
-    async def handle_request(self, request: InferenceRequest, subset: Sequence[str] | None) -> RoutingDecision:
+    async def handle_request(
+        self, request: InferenceRequest, subset: Sequence[str] | None
+    ) -> RoutingDecision | DirectResponse:
+        for responder in self.pipeline.responders:
+            answer = responder.respond(request)
+            if answer is not None:
+                return answer
         if self.rewriter is not None:
             self.rewriter.rewrite(request)  # InferenceModelRewrite: sets target_model
         # Re-encode before anything is charged, so a body that cannot be rewritten holds nothing.
@@ -147,6 +158,10 @@ class Director:
             await self.pipeline.admission.admit(request, self.datastore.endpoints)
         pipeline = self.pipeline  # one pipeline per request from here on, whatever a reload swaps in
         candidates = self.candidates(subset)
+        for screener in pipeline.screeners:
+            candidates = screener.screen(request, candidates)
+            if not candidates:
+                raise NoEndpoints(f"no endpoint passed screener {screener.name!r}")
         timers = self._timers if self._timers.request_sampled() else None  # one request in 16
         start = 0.0
         for producer, is_async in self._producers:
@@ -204,8 +219,14 @@ class Director:
             raise
         return decision
 
-    def handle_bodyless(self, request: InferenceRequest, subset: Sequence[str] | None) -> RoutingDecision:
-        """GET /v1/models and friends: any ready endpoint will do."""
+    def handle_bodyless(
+        self, request: InferenceRequest, subset: Sequence[str] | None
+    ) -> RoutingDecision | DirectResponse:
+        """GET /v1/models and friends: a responder's answer, else any ready endpoint will do."""
+        for responder in self.pipeline.responders:
+            answer = responder.respond(request)
+            if answer is not None:
+                return answer
         endpoint = self._rng.choice(self.candidates(subset))
         return RoutingDecision(targets=[endpoint], destination=endpoint.hostport)
 

@@ -20,6 +20,7 @@ def builtin_plugins() -> list[type[Plugin]]:
         pickers,
         producers,
         profile_handlers,
+        responders,
         scorers,
     )
 
@@ -34,6 +35,7 @@ def builtin_plugins() -> list[type[Plugin]]:
         *flowcontrol.PLUGINS,
         *parsers.PLUGINS,
         *admitters.PLUGINS,
+        *responders.PLUGINS,
     ]
 
 

@@ -53,8 +53,10 @@ from llmepp.framework.requestcontrol import (
     FirstResponseChunkProcessor,
     Parser,
     PreRequest,
+    Responder,
     ResponseCompleteProcessor,
     ResponseHeaderProcessor,
+    Screener,
 )
 from llmepp.framework.scheduling import Filter, Picker, ProfileHandler, Scorer
 from llmepp.request.parsers import RequestParsers, default_parsers
@@ -150,6 +152,8 @@ def build(
     values = list(plugins.values())
     pipeline = Pipeline(
         scheduler=scheduler,
+        responders=[p for p in values if isinstance(p, Responder)],
+        screeners=[p for p in values if isinstance(p, Screener)],
         producers=_ordered_producers([p for p in values if isinstance(p, DataProducer)]),
         admitters=[p for p in values if isinstance(p, Admitter)],
         pre_request=[p for p in values if isinstance(p, PreRequest)],
@@ -225,6 +229,8 @@ def rebuild_scheduling(
 # add, change or drop them; it rebuilds all of them (they are cheap and hold nothing worth keeping).
 _SCHEDULING = (Filter, Scorer, Picker, ProfileHandler)
 _KEEPS_STATE = (
+    Responder,
+    Screener,
     DataProducer,
     Admitter,
     PreRequest,
@@ -422,6 +428,33 @@ def _ordered_producers(producers: list[DataProducer]) -> list[DataProducer]:
     return ordered
 
 
+def _add_required_sources(plugins: dict[str, Plugin], components: Components, plugin_registry: PluginRegistry) -> None:
+    """Data sources plugins read (`Plugin.data_sources`) that `dataLayer.sources` does not wire: the
+    configured plugin of that type if there is one, else one made with defaults; likewise its extractor."""
+    wired = {ds.source.type for ds in components.data_sources}
+    for plugin in list(plugins.values()):
+        for source_type, extractor_type in plugin.data_sources:
+            if source_type in wired:
+                continue
+            wired.add(source_type)
+            source = _plugin_of_type(source_type, plugins, plugin_registry)
+            extractor = _plugin_of_type(extractor_type, plugins, plugin_registry)
+            log.info("data layer: %s feeds %s for plugin %r", source.name, extractor.name, plugin.name)
+            components.data_sources.append(DataSource(source, [extractor]))
+
+
+def _plugin_of_type(type_name: str, plugins: dict[str, Plugin], plugin_registry: PluginRegistry) -> Plugin:
+    """The configured plugin of `type_name`, else a new one with defaults named after its type."""
+    for plugin in plugins.values():
+        if plugin.type == type_name:
+            return plugin
+    taken = plugins.get(type_name)
+    if taken is not None:
+        raise ConfigError(f"plugin {type_name!r} (type {taken.type}): the name is needed for an auto-created one")
+    plugins[type_name] = plugin = plugin_registry.build(type_name, type_name, None)
+    return plugin
+
+
 def _request_parsers(config: EndpointPickerConfig, plugins: dict[str, Plugin]) -> RequestParsers:
     """requestHandler.parsers (after the deprecated top-level `parser`); the default list when empty."""
     refs: list[tuple[str, str]] = []  # (field, plugin name)
@@ -474,6 +507,7 @@ def _build_data_layer(
                 )
             extractors.append(extractor)
         components.data_sources.append(DataSource(source, extractors))
+    _add_required_sources(plugins, components, plugin_registry)
     inject = layer.inject_defaults if layer is not None else True
     has_metrics_source = any(ds.source.type == "metrics-data-source" for ds in components.data_sources)
     if inject and not has_metrics_source and plugin_registry.get("metrics-data-source") is not None:

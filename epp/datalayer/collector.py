@@ -36,6 +36,7 @@ from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
 from llmepp.datalayer.engines import EngineMapping, PageMemo
 from llmepp.datalayer.httpscrape import ScrapeClient, ScrapeError, ScrapeTarget
 from llmepp.datalayer.promtext import PromTextError
+from llmepp.datalayer.streak import FailureStreak
 from llmepp.observability.metrics import EppMetrics
 
 log = logging.getLogger(__name__)
@@ -72,12 +73,12 @@ class _EndpointScrape:
         "collector",
         "countdown",
         "endpoint",
-        "failures",
         "mapping",
         "mapping_error",
         "memo",
         "slot",
         "spec",
+        "streak",
     )
 
     def __init__(self, collector: MetricsCollector, endpoint: Endpoint, slot: int) -> None:
@@ -85,7 +86,7 @@ class _EndpointScrape:
         self.endpoint = endpoint
         self.slot = slot
         self.countdown = 0
-        self.failures = 0  # consecutive failed scrapes; 0 = healthy
+        self.streak = FailureStreak(log, endpoint.name)
         self.spec = endpoint.spec
         self.mapping: EngineMapping | None = None
         self.mapping_error: PromTextError | None = None
@@ -122,28 +123,11 @@ class _EndpointScrape:
         if perr is not None:
             c._extract_errors.inc()
             self.failed("metrics page unusable", perr)
-        elif self.failures:
-            log.info(
-                "metrics scrape recovered after %d failed attempts",
-                self.failures,
-                extra={"endpoint": ep.name, "address": self.client.target.url},
-            )
-            self.failures = 0
+        else:
+            self.streak.succeeded("metrics scrape", self.client.target)
 
     def failed(self, what: str, reason: Exception | None) -> None:
-        self.failures += 1
-        if self.failures == 1:
-            log.warning(
-                "%s: %s", what, reason, extra={"endpoint": self.endpoint.name, "address": self.client.target.url}
-            )
-        elif log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "%s (%d in a row): %s",
-                what,
-                self.failures,
-                reason,
-                extra={"endpoint": self.endpoint.name, "address": self.client.target.url},
-            )
+        self.streak.failed(what, reason, self.client.target)
 
 
 class MetricsCollector:

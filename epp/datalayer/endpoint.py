@@ -3,8 +3,8 @@
 An `Endpoint` is one model-server rank (pod IP + port). Discovery creates it from an
 `EndpointSpec`; the metrics collector replaces `endpoint.metrics` with a fresh immutable
 `EndpointMetrics` after every scrape (one attribute store, so readers never see a torn
-update); the director keeps router-local in-flight counters in `endpoint.inflight`.
-Plugins only read these objects.
+update), and the models poller `endpoint.models` likewise; the director keeps router-local
+in-flight counters in `endpoint.inflight`. Plugins only read these objects.
 """
 
 from __future__ import annotations
@@ -55,6 +55,18 @@ class EndpointMetrics:
 NO_METRICS = EndpointMetrics()
 
 
+@dataclass(frozen=True, slots=True)
+class ModelData:
+    """One entry of a model server's `GET /v1/models` list (models-data-source)."""
+
+    id: str
+    object: str = "model"
+    created: int = 0
+    owned_by: str = ""
+    # The base model of a LoRA adapter; None for a base model.
+    parent: str | None = None
+
+
 @dataclass(slots=True)
 class InFlight:
     """Router-local load: requests and prompt tokens this EPP has sent and not seen finish."""
@@ -70,6 +82,8 @@ class Endpoint:
     spec: EndpointSpec
     metrics: EndpointMetrics = NO_METRICS
     inflight: InFlight = field(default_factory=InFlight)
+    # The models it serves, from its /v1/models (models-data-source); None until first fetched.
+    models: tuple[ModelData, ...] | None = None
     # Set when discovery removes the endpoint; long-lived plugin state uses it to drop entries.
     removed: bool = False
 

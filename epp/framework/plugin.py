@@ -58,6 +58,9 @@ class Plugin(ABC):
     # Data keys this plugin writes into `request.data` / reads from it (producer wiring).
     produces: ClassVar[frozenset[str]] = frozenset()
     consumes: ClassVar[frozenset[str]] = frozenset()
+    # Data-layer (source type, extractor type) pairs this plugin reads from endpoints: the loader adds
+    # them when the config wires none of that source type (reference `datalayer.Registrant`).
+    data_sources: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def __init__(self, name: str, params: Any = None) -> None:
         self.name = name or self.type

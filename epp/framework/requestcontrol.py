@@ -1,6 +1,7 @@
 """Request-control extension points around scheduling (reference `requestcontrol`).
 
-Order per request: the Parser claiming the path reads the body → DataProducers (write
+Order per request: the Parser claiming the path reads the body → Responders (may answer the
+request themselves) → admission → Screeners (narrow the candidates) → DataProducers (write
 request.data) → Admitters → scheduling → PreRequest (bookkeeping for the chosen targets) → ...
 response: ResponseHeaderProcessor on the response headers, FirstResponseChunkProcessor at the
 first body bytes, ResponseCompleteProcessor once when the response ends, however it ends.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 from llmepp.datalayer.endpoint import Endpoint
@@ -33,6 +35,33 @@ class Parser(Plugin):
         """Fill `request` (kind, model, prompt, messages, stream, max_tokens, ...) from
         `request.body`, read as the `suffix` it was claimed for ("" for the fallback).
         A body the API does not accept raises BadRequest with a precise message."""
+
+
+@dataclass(frozen=True, slots=True)
+class DirectResponse:
+    """An answer the EPP gives the client itself; the request never reaches a model server."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+
+
+class Responder(Plugin):
+    """May answer a request in the EPP (e.g. a pool-wide `GET /v1/models`) before admission.
+
+    Returns the answer, or None to let the request be routed as usual. Called for every request,
+    body-less ones included, so declining must be cheap."""
+
+    @abstractmethod
+    def respond(self, request: InferenceRequest) -> DirectResponse | None: ...
+
+
+class Screener(Plugin):
+    """Narrows a request's candidate endpoints before producers and scheduling see them
+    (e.g. to the pods that serve the requested model). An empty result answers 503."""
+
+    @abstractmethod
+    def screen(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> Sequence[Endpoint]: ...
 
 
 class DataProducer(Plugin):

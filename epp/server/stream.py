@@ -42,6 +42,7 @@ import msgspec
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from llmepp.errors import DROPPED_REASON_HEADER, BadRequest, Evicted, PayloadTooLarge, RequestError
+from llmepp.framework.requestcontrol import DirectResponse
 from llmepp.observability.metrics import EppMetrics
 from llmepp.request import parsers
 from llmepp.request.rewrite import ModelNameRewriter
@@ -77,7 +78,9 @@ MAX_LABEL_PAIRS = 1000
 class Director(Protocol):
     """What the stream needs from request control (llmepp.director.Director)."""
 
-    async def handle_request(self, request: InferenceRequest, subset: Sequence[str] | None) -> RoutingDecision: ...
+    async def handle_request(
+        self, request: InferenceRequest, subset: Sequence[str] | None
+    ) -> RoutingDecision | DirectResponse: ...
 
     def handle_bodyless(self, request: InferenceRequest, subset: Sequence[str] | None) -> Any: ...
 
@@ -431,6 +434,8 @@ class ExtProcStream:
             log.exception("director failed on a body-less request", extra={"request_id": self.request_id})
             return self.reject(InternalError("internal error while routing the request"), req)
         self.svc._request_processing.observe(time.perf_counter() - t0)
+        if isinstance(decision, DirectResponse):
+            return self.answer_directly(decision)
         self._routed(decision)
         answer = self._routing_answer(decision, on_body=False, new_body=None)
         self.request_answered = True
@@ -459,6 +464,8 @@ class ExtProcStream:
         self.svc._request_processing.observe(time.perf_counter() - t0)
         # Counted after the director: its InferenceModelRewrite sets the target model the labels carry.
         self._count_request(req)
+        if isinstance(decision, DirectResponse):
+            return self.answer_directly(decision)
         self._routed(decision)
         if self.req_mode == envoy.MODE_FULL_DUPLEX_STREAMED:
             out_body = decision.body if decision.body is not None else body
@@ -513,6 +520,14 @@ class ExtProcStream:
                 decision.destination,
                 extra={"request_id": self.request_id},
             )
+
+    def answer_directly(self, response: DirectResponse) -> Answer:
+        """A responder answered in the EPP: an ImmediateResponse, and the stream ends (nothing upstream)."""
+        self.closed = True
+        self.phase = _UNROUTED
+        self.request_answered = True
+        headers = [("content-type", response.content_type)]
+        return envoy.immediate_response(response.status, response.body, headers, "llm_epp_responder")
 
     def reject(self, err: RequestError, req: InferenceRequest | None) -> Answer:
         """Answer with an ImmediateResponse and end the stream."""

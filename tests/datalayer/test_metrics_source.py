@@ -9,7 +9,8 @@ import pytest
 from llmepp.datalayer.endpoint import EndpointSpec
 from llmepp.framework.plugin import ConfigError, PluginRegistry
 from llmepp.plugins.datasources import PLUGINS
-from llmepp.plugins.datasources.metrics_source import MetricsDataSource, parse_duration
+from llmepp.plugins.datasources.metrics_source import MetricsDataSource
+from llmepp.units import parse_duration
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,188 @@
+"""Model lists: the /v1/models decoder (property-based too) and ModelsPoller against real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from aiohttp import web
+from hypothesis import given
+from hypothesis import strategies as st
+
+from llmepp.datalayer.datastore import Datastore
+from llmepp.datalayer.endpoint import EndpointSpec, ModelData
+from llmepp.datalayer.models import ModelsPageError, ModelsPoller, parse_models_page
+from llmepp.observability.metrics import EppMetrics
+from llmepp.plugins.datasources.models_source import ModelsDataExtractor, ModelsDataSource
+
+from .fakes import bound_socket
+
+VLLM_PAGE = {
+    "object": "list",
+    "data": [
+        {"id": "llama", "object": "model", "created": 1700000000, "owned_by": "vllm", "root": "/models/llama",
+         "parent": None, "max_model_len": 8192, "permission": [{"id": "p", "allow_view": True}]},
+        {"id": "legal", "object": "model", "created": 1700000001, "owned_by": "vllm", "root": "/adapters/legal",
+         "parent": "llama", "max_model_len": 8192},
+    ],
+}  # fmt: skip
+
+
+def test_a_vllm_page_decodes_with_adapters_and_their_parents() -> None:
+    assert parse_models_page(json.dumps(VLLM_PAGE).encode()) == (
+        ModelData("llama", "model", 1700000000, "vllm", None),
+        ModelData("legal", "model", 1700000001, "vllm", "llama"),
+    )
+
+
+def test_minimal_entries_take_defaults() -> None:
+    assert parse_models_page(b'{"data": [{"id": "m"}]}') == (ModelData("m"),)
+    assert parse_models_page(b'{"object": "list", "data": []}') == ()
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"<html>gateway</html>", "not a model list: JSON is malformed"),
+        (b'{"object": "list"}', "missing required field `data`"),
+        (b'{"data": {"id": "m"}}', "Expected `array`, got `object` - at `$.data`"),
+        (b'{"data": [{"object": "model"}]}', "missing required field `id` - at `$.data[0]`"),
+        (b'{"data": [{"id": 7}]}', "Expected `str`, got `int` - at `$.data[0].id`"),
+        (b'{"data": [{"id": "a"}, {"id": ""}]}', "empty id at `$.data[1].id`"),
+    ],
+)
+def test_pages_that_are_not_model_lists_are_errors_that_say_why(body: bytes, message: str) -> None:
+    with pytest.raises(ModelsPageError) as e:
+        parse_models_page(body)
+    assert message in str(e.value)
+
+
+_entry = st.builds(
+    ModelData,
+    id=st.text(min_size=1, max_size=20),
+    object=st.sampled_from(["model"]),
+    created=st.integers(min_value=0, max_value=2**40),
+    owned_by=st.text(max_size=10),
+    parent=st.one_of(st.none(), st.text(min_size=1, max_size=20)),
+)
+
+
+@given(st.lists(_entry, max_size=8))
+def test_any_encoded_model_list_decodes_to_itself(models: list[ModelData]) -> None:
+    data = [dataclasses.asdict(m) for m in models]
+    page = {"object": "list", "data": data}
+    assert parse_models_page(json.dumps(page).encode()) == tuple(models)
+
+
+@given(st.binary(max_size=64))
+def test_arbitrary_bytes_never_crash_the_decoder(body: bytes) -> None:
+    try:
+        result = parse_models_page(body)
+    except ModelsPageError:
+        return
+    assert all(isinstance(m, ModelData) and m.id for m in result)
+
+
+# -- the poller against real HTTP servers ----------------------------------------------------------
+class ModelsServer:
+    """A model server's /v1/models whose answer the test switches: a page, a status, or garbage."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.port = 0
+        self.body = json.dumps(VLLM_PAGE).encode()
+        self.status = 200
+        self.requests = 0
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> ModelsServer:
+        app = web.Application()
+        app.router.add_get("/v1/models", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await self._runner.setup()
+        sock = bound_socket(self.host)
+        self.port = sock.getsockname()[1]
+        await web.SockSite(self._runner, sock).start()
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        return web.Response(status=self.status, body=self.body, content_type="application/json")
+
+
+@pytest.fixture
+async def model_servers() -> AsyncIterator[Callable[[str], asyncio.Future[ModelsServer]]]:
+    started: list[ModelsServer] = []
+
+    async def start(host: str) -> ModelsServer:
+        s = await ModelsServer(host).start()
+        started.append(s)
+        return s
+
+    yield start  # type: ignore[misc]
+    for s in started:
+        await s.stop()
+
+
+async def until(cond: Callable[[], bool], within: float = 3.0) -> None:
+    deadline = time.monotonic() + within
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+def _errors(metrics: EppMetrics) -> tuple[float, float]:
+    poll = metrics.registry.get_sample_value(
+        "llm_d_epp_datalayer_poll_errors_total", {"source_type": "models-data-source"}
+    )
+    extract = metrics.registry.get_sample_value(
+        "llm_d_epp_datalayer_extract_errors_total",
+        {"source_type": "models-data-source", "extractor_type": "models-data-extractor"},
+    )
+    return poll or 0.0, extract or 0.0
+
+
+async def test_poller_keeps_each_endpoints_models_and_counts_failures(model_servers) -> None:  # type: ignore[no-untyped-def]
+    a, b = await model_servers("127.0.0.70"), await model_servers("127.0.0.71")
+    metrics, datastore = EppMetrics(), Datastore(pool_name="pool")
+    source = ModelsDataSource("models-data-source", ModelsDataSource.Params(interval="50ms"))
+    poller = ModelsPoller(datastore, metrics, source, ModelsDataExtractor("models-data-extractor"), timeout=0.3)
+    await poller.start()
+    try:
+        datastore.upsert(EndpointSpec(name="a", address=a.host, port=a.port))
+        datastore.upsert(EndpointSpec(name="b", address=b.host, port=b.port))
+        ep_a, ep_b = datastore.get("a"), datastore.get("b")
+        assert ep_a is not None and ep_b is not None
+        await until(lambda: ep_a.models is not None and ep_b.models is not None)
+        assert [m.id for m in ep_a.models or ()] == ["llama", "legal"]
+
+        # b unloads its adapter: the next poll shows it.
+        b.body = json.dumps({"object": "list", "data": [VLLM_PAGE["data"][0]]}).encode()  # type: ignore[index]
+        await until(lambda: [m.id for m in ep_b.models or ()] == ["llama"])
+
+        # A page that is not a model list: counted, the last good list stays.
+        a.body = b"<html>oops</html>"
+        await until(lambda: _errors(metrics)[1] >= 1)
+        assert [m.id for m in ep_a.models or ()] == ["llama", "legal"]
+        # A failing fetch: counted likewise.
+        a.status, a.body = 500, b"{}"
+        await until(lambda: _errors(metrics)[0] >= 1)
+        assert [m.id for m in ep_a.models or ()] == ["llama", "legal"]
+
+        # A removed endpoint is no longer polled.
+        datastore.delete("b")
+        await asyncio.sleep(0.1)
+        seen = b.requests
+        await asyncio.sleep(0.2)
+        assert b.requests == seen
+    finally:
+        await poller.aclose()
