@@ -1,6 +1,7 @@
 """The HTTP face of one simulated pod: vLLM's OpenAI server routes on an aiohttp application.
 
-Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``,
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/messages`` (Anthropic),
+``POST /inference/v1/generate`` (vLLM's tokens in / tokens out), ``GET /v1/models``, ``GET /health``,
 ``GET /metrics``, ``POST /tokenize``, ``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter``,
 ``POST /reset_prefix_cache``, and the simulator's admin API: ``GET|POST /admin/config`` (runtime knobs, see
 ``config.RUNTIME_FIELDS``), ``POST /admin/kill`` (``{"duration": seconds}``; omitted/null = stay down
@@ -20,12 +21,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from llmepp_sim import anthropic
+from llmepp_sim import anthropic, generate
 from llmepp_sim.config import pod_config_to_dict
 from llmepp_sim.engine import RequestKind, RequestTooLarge, SimRequest
 from llmepp_sim.errors import ApiError, bad_request, context_length_exceeded, model_not_found
@@ -47,6 +48,8 @@ from llmepp_sim.textgen import FillerStream
 if TYPE_CHECKING:
     from llmepp_sim.pod import SimPod
 
+# Which API a request body and its answer speak (they share the engine and the prompt handling).
+Api = Literal["openai", "anthropic", "vllm-generate"]
 POD_KEY: web.AppKey[SimPod] = web.AppKey("pod")
 MAX_BODY_BYTES = 16 * 1024 * 1024
 HANG_POLL_SECONDS = 0.2
@@ -67,6 +70,7 @@ def build_app(pod: SimPod) -> web.Application:
     app.router.add_post("/v1/completions", _completions)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/messages", _messages)
+    app.router.add_post("/inference/v1/generate", _generate)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
@@ -111,7 +115,11 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _messages(request: web.Request) -> web.StreamResponse:
-    return await _inference(request, chat=True, messages_api=True)
+    return await _inference(request, chat=True, api="anthropic")
+
+
+async def _generate(request: web.Request) -> web.StreamResponse:
+    return await _inference(request, chat=False, api="vllm-generate")
 
 
 def _resolve_model(pod: SimPod, name: str | None) -> tuple[str, LoraAdapter | None]:
@@ -150,15 +158,17 @@ def _checked_max_tokens(pod: SimPod, prompt: int, parsed: InferenceRequest) -> i
     return parsed.max_tokens
 
 
-async def _inference(request: web.Request, chat: bool, messages_api: bool = False) -> web.StreamResponse:
+async def _inference(request: web.Request, chat: bool, api: Api = "openai") -> web.StreamResponse:
     pod = request.app[POD_KEY]
     _require_ready(pod)
     forced = pod.faults.forced(request.headers.get(FORCE_ERROR_HEADER))
     if forced is not None:
         raise forced
     body = decode_json_body(await request.read())
-    if messages_api:
+    if api == "anthropic":
         body = anthropic.to_chat_body(body)
+    elif api == "vllm-generate":
+        body = generate.to_completions_body(body)
     parsed = parse_inference_request(body, chat, pod.tokenizer.vocab_size, pod.render_chat)
     model, adapter = _resolve_model(pod, parsed.model)
     injected = pod.faults.maybe_fail(pod.config, model)
@@ -183,10 +193,14 @@ async def _inference(request: web.Request, chat: bool, messages_api: bool = Fals
     except RequestTooLarge as exc:
         raise bad_request(str(exc), param="max_tokens") from exc
     try:
-        if messages_api:
+        if api == "anthropic":
             if parsed.stream:
                 return await _stream_messages(request, sim_request, model)
             return await _complete_messages(sim_request, model)
+        if api == "vllm-generate":
+            if parsed.stream:
+                return await _stream_generate(request, sim_request, parsed)
+            return await _complete_generate(sim_request)
         if parsed.stream:
             return await _stream(request, pod, sim_request, model, parsed)
         return await _complete(pod, sim_request, model, parsed)
@@ -305,6 +319,36 @@ async def _stream_messages(request: web.Request, sim_request: SimRequest, model:
             parts += [events.token(texts[i]) for i in range(sent, available)]
             if finished:
                 parts.append(events.end(sim_request.finish_reason or "length", len(sim_request.output_ids)))
+            await response.write(b"".join(parts))
+            if finished:
+                await response.write_eof()
+    return response
+
+
+async def _complete_generate(sim_request: SimRequest) -> web.Response:
+    await sim_request.wait_finished()
+    if sim_request.finish_reason == "abort":
+        raise _aborted()
+    body = generate.full_response(
+        sim_request.request_id, sim_request.output_ids, sim_request.finish_reason or "length", _usage(sim_request)
+    )
+    return web.Response(body=body, content_type="application/json")
+
+
+async def _stream_generate(
+    request: web.Request, sim_request: SimRequest, parsed: InferenceRequest
+) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    rid = sim_request.request_id
+    with contextlib.suppress(ConnectionError):
+        await response.prepare(request)
+        async for sent, available, finished in _output_growth(sim_request):
+            ids = sim_request.output_ids[sent:available]
+            parts = [generate.stream_event(rid, ids, sim_request.finish_reason or "length" if finished else None)]
+            if finished:
+                if parsed.include_usage:
+                    parts.append(generate.usage_event(rid, _usage(sim_request)))
+                parts.append(generate.DONE)
             await response.write(b"".join(parts))
             if finished:
                 await response.write_eof()

@@ -78,13 +78,13 @@ OPENAI_CLAIMS: dict[str, RequestKind] = {
 }
 ANTHROPIC_CLAIMS = ("messages", "messages/count_tokens")
 SGLANG_CLAIMS = ("generate",)
+VLLM_CLAIMS = ("inference/v1/generate",)
 # Content parts / blocks that make a request multimodal (OpenAI chat and Responses, Anthropic).
 MULTIMODAL_PARTS = frozenset(
     {"image_url", "video_url", "input_audio", "audio_url", "input_image", "input_file", "image", "document"}
 )
-# requestHandler.parsers when the config lists none (the reference's list, less the vLLM-native
-# generate API: inference/v1/generate goes to the fallback, unread).
-DEFAULT_PARSERS = ("openai-parser", "anthropic-parser", "passthrough-parser")
+# requestHandler.parsers when the config lists none (the reference's list).
+DEFAULT_PARSERS = ("openai-parser", "anthropic-parser", "vllmhttp-parser", "passthrough-parser")
 
 _UINT32_MAX = 0xFFFFFFFF
 _xxh64 = xxhash.xxh64_intdigest
@@ -162,6 +162,23 @@ class _GenerateBody(msgspec.Struct):
     extra_key: str | None = None
 
 
+class _VllmSamplingParams(msgspec.Struct):
+    max_tokens: int | None = None
+
+
+class _VllmFeatures(msgspec.Struct):
+    mm_hashes: dict[str, list[str]] = {}
+
+
+class _VllmGenerateBody(msgspec.Struct):
+    token_ids: Any = msgspec.UNSET
+    sampling_params: _VllmSamplingParams | None = None
+    model: str | None = None
+    stream: bool | None = None
+    cache_salt: str | None = None
+    features: _VllmFeatures | None = None
+
+
 class _Block(msgspec.Struct):
     type: str = ""
     text: str | None = None
@@ -186,6 +203,7 @@ class _MessagesBody(msgspec.Struct):
 _COMPLETIONS_DECODER = msgspec.json.Decoder(_CompletionsBody)
 _MESSAGES_DECODER = msgspec.json.Decoder(_MessagesBody)
 _GENERATE_DECODER = msgspec.json.Decoder(_GenerateBody)
+_VLLM_GENERATE_DECODER = msgspec.json.Decoder(_VllmGenerateBody)
 _CHAT_DECODER = msgspec.json.Decoder(_ChatBody)
 _EMBEDDINGS_DECODER = msgspec.json.Decoder(_EmbeddingsBody)
 _RESPONSES_DECODER = msgspec.json.Decoder(_ResponsesBody)
@@ -426,6 +444,27 @@ def parse_sglang(req: InferenceRequest, suffix: str) -> None:
     req.max_tokens = _max_tokens(first.max_new_tokens) if isinstance(first, _SamplingParams) else None
     req.stream = bool(body.stream)
     req.cache_salt = body.extra_key or ""
+
+
+def parse_vllm_generate(req: InferenceRequest, suffix: str) -> None:
+    """vllmhttp-parser: vLLM's tokens-in / tokens-out `inference/v1/generate` (a rendered prompt:
+    `token_ids`, multimodal items as `features.mm_hashes` per modality)."""
+    body = _decode(_VLLM_GENERATE_DECODER, req.body)
+    ids = body.token_ids
+    if ids is msgspec.UNSET:
+        raise BadRequest('missing required field "token_ids"')
+    if not isinstance(ids, list) or not ids:
+        raise BadRequest('"token_ids" must be a non-empty list of token ids')
+    req.kind = RequestKind.GENERATE
+    req.model = body.model or ""
+    req.prompt = _pack_tokens(ids, "token_ids")
+    req.prompt_is_token_ids = True
+    req.max_tokens = _max_tokens(body.sampling_params.max_tokens) if body.sampling_params is not None else None
+    req.stream = bool(body.stream)
+    req.cache_salt = body.cache_salt or ""
+    if body.features is not None:
+        hashes = body.features.mm_hashes
+        req.mm_items = tuple(_xxh64(h.encode()) for modality in sorted(hashes) for h in hashes[modality])
 
 
 def _media_items(messages: Any) -> tuple[int, ...]:

@@ -1,6 +1,6 @@
 """`requestHandler.parsers`: which API a request path speaks, and how its body is read."""
 
 from llmepp.framework.plugin import Plugin
-from llmepp.plugins.parsers.builtin import AnthropicParser, OpenAIParser, PassthroughParser, SglangParser
+from llmepp.plugins.parsers.builtin import AnthropicParser, OpenAIParser, PassthroughParser, SglangParser, VllmParser
 
-PLUGINS: list[type[Plugin]] = [OpenAIParser, AnthropicParser, SglangParser, PassthroughParser]
+PLUGINS: list[type[Plugin]] = [OpenAIParser, AnthropicParser, VllmParser, SglangParser, PassthroughParser]

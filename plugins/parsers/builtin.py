@@ -4,6 +4,8 @@
   messages or input, stream, max tokens, cache_salt);
 - `anthropic-parser`: messages, messages/count_tokens (model, system + messages, tools, stream,
   max_tokens; count_tokens stays raw);
+- `vllmhttp-parser`: inference/v1/generate, vLLM's tokens-in / tokens-out API (token_ids,
+  sampling_params.max_tokens, stream, cache_salt, features.mm_hashes as media items);
 - `sglanghttp-parser`: generate, SGLang's native API (text or input_ids, sampling_params.max_new_tokens,
   stream, extra_key as cache salt); not in the default list, as in the reference;
 - `passthrough-parser`: claims nothing, so it is the fallback (the body stays raw: routed by load).
@@ -40,6 +42,14 @@ class SglangParser(Parser):
 
     def parse(self, request: InferenceRequest, suffix: str) -> None:
         parsers.parse_sglang(request, suffix)
+
+
+class VllmParser(Parser):
+    type = "vllmhttp-parser"
+    claims = parsers.VLLM_CLAIMS
+
+    def parse(self, request: InferenceRequest, suffix: str) -> None:
+        parsers.parse_vllm_generate(request, suffix)
 
 
 class PassthroughParser(Parser):

@@ -55,7 +55,8 @@ def test_path_header_precedence_and_query() -> None:
         ("/v1/messages/count_tokens", "anthropic-parser", "messages/count_tokens"),
         ("/v1/completions/render", "passthrough-parser", ""),
         ("/v1/foocompletions", "passthrough-parser", ""),
-        ("/inference/v1/generate", "passthrough-parser", ""),
+        ("/inference/v1/generate", "vllmhttp-parser", "inference/v1/generate"),
+        ("/generate", "passthrough-parser", ""),  # SGLang's, when sglanghttp-parser is listed
         ("/", "passthrough-parser", ""),
     ],
 )
@@ -412,3 +413,67 @@ sglang_keys = st.sampled_from(["text", "input_ids", "sampling_params", "stream",
 def test_any_generate_body_parses_or_is_bad_request(body: Any) -> None:
     with contextlib.suppress(BadRequest):
         built("sglanghttp-parser").parse({":path": "/generate"}, msgspec.json.encode(body), request_id="r")
+
+
+# -- inference/v1/generate (vLLM) --------------------------------------------------------------------
+def vllm_generate(body: Any) -> Any:
+    return default_parsers().parse({":path": "/inference/v1/generate"}, json.dumps(body).encode(), request_id="r")
+
+
+def test_vllm_generate_token_ids_sampling_salt_and_media() -> None:
+    r = vllm_generate(
+        {
+            "model": "llama",
+            "token_ids": [5, 6, 7],
+            "sampling_params": {"max_tokens": 9, "temperature": 0},
+            "stream": True,
+            "cache_salt": "tenant-1",
+            "features": {"mm_hashes": {"image": ["h1", "h2"], "audio": ["a1"]}, "mm_placeholders": {}},
+            "kv_transfer_params": None,
+        }
+    )
+    assert r.kind is RequestKind.GENERATE and r.prompt_is_token_ids
+    assert (r.model, r.prompt, r.max_tokens, r.stream, r.cache_salt) == (
+        "llama",
+        struct.pack("<3I", 5, 6, 7),
+        9,
+        True,
+        "tenant-1",
+    )
+    assert len(r.mm_items) == 3 and r.multimodal  # audio's hash first (modalities sorted), then the images
+    same = vllm_generate({"token_ids": [1], "features": {"mm_hashes": {"image": ["h1", "h2"]}}})
+    assert same.mm_items == r.mm_items[1:] and same.model == "" and same.max_tokens is None
+
+
+def test_both_generate_apis_side_by_side_pick_by_longest_suffix() -> None:
+    table = built("vllmhttp-parser", "sglanghttp-parser", "passthrough-parser")
+    assert table.parse({":path": "/generate"}, b'{"text": "hi"}', request_id="r").prompt == b"hi"
+    vllm = table.parse({":path": "/inference/v1/generate"}, b'{"token_ids": [3]}', request_id="r")
+    assert vllm.prompt == struct.pack("<I", 3)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"sampling_params": {"max_tokens": 1}}, 'missing required field "token_ids"'),
+        ({"token_ids": []}, '"token_ids" must be a non-empty list of token ids'),
+        ({"token_ids": "hello"}, '"token_ids" must be a non-empty list of token ids'),
+        ({"token_ids": [1, "a"]}, '"token_ids" token ids must be integers'),
+        ({"token_ids": [1], "sampling_params": {"max_tokens": -1}}, "must not be negative"),
+        ({"token_ids": [1], "features": {"mm_hashes": {"image": [1]}}}, 'mm_hashes[...][0]" must be a string'),
+    ],
+)
+def test_vllm_generate_errors(body: Any, message: str) -> None:
+    with pytest.raises(BadRequest) as e:
+        vllm_generate(body)
+    assert message in e.value.message
+
+
+vllm_keys = st.sampled_from(["token_ids", "sampling_params", "stream", "cache_salt", "model", "features"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.one_of(json_values, st.dictionaries(vllm_keys, json_values, max_size=5)))
+def test_any_vllm_generate_body_parses_or_is_bad_request(body: Any) -> None:
+    with contextlib.suppress(BadRequest):
+        vllm_generate(body)
