@@ -20,6 +20,7 @@ def builtin_plugins() -> list[type[Plugin]]:
         pickers,
         producers,
         profile_handlers,
+        reporters,
         responders,
         scorers,
     )
@@ -36,6 +37,7 @@ def builtin_plugins() -> list[type[Plugin]]:
         *parsers.PLUGINS,
         *admitters.PLUGINS,
         *responders.PLUGINS,
+        *reporters.PLUGINS,
     ]
 
 

@@ -127,7 +127,6 @@ class PluginRegistry:
 
     def __init__(self) -> None:
         self._types: dict[str, type[Plugin]] = {}
-        self._aliases: dict[str, str] = {}
         self._loaded_entry_points = False
 
     def register(self, cls: type[P], *aliases: str) -> type[P]:

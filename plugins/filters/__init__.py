@@ -1,5 +1,6 @@
 from llmepp.framework.plugin import Plugin
 from llmepp.plugins.filters.endpoint_attribute import EndpointAttributeFilter
+from llmepp.plugins.filters.header_testing import HeaderBasedTestingFilter
 from llmepp.plugins.filters.label_selector import ByLabelFilter, ByLabelSelectorFilter, LabelSelectorFilter
 from llmepp.plugins.filters.prefix_cache_affinity import PrefixCacheAffinityFilter
 from llmepp.plugins.filters.roles import DecodeFilter, EncodeFilter, PrefillFilter
@@ -17,4 +18,5 @@ PLUGINS: list[type[Plugin]] = [
     DecodeFilter,
     PrefillFilter,
     EncodeFilter,
+    HeaderBasedTestingFilter,
 ]

@@ -506,3 +506,15 @@ def test_prefix_affinity_boundary_at_point_seven() -> None:
     f, _ = affinity({"affinityThreshold": 0.7})
     eps = [endpoint(i) for i in range(3)]
     assert names(f.filter(with_hits(eps, {0: 7, 1: 6}), eps)) == ["pod-0"]  # 7/10 ≥ 0.7 exactly
+
+
+# -- header-based-testing-filter ------------------------------------------------------------------
+def test_header_selection_keeps_the_named_endpoints_in_header_order() -> None:
+    f = make("header-based-testing-filter")
+    eps = [endpoint(i) for i in range(4)]  # addresses 10.0.0.1 .. 10.0.0.4, port 8000
+    req = request()
+    assert names(f.filter(req, eps)) == names(eps)  # no header: everyone
+    req.headers["test-epp-endpoint-selection"] = "10.0.0.3, 10.0.0.1:8000,10.0.0.3"
+    assert names(f.filter(req, eps)) == ["pod-2", "pod-0"]
+    req.headers["test-epp-endpoint-selection"] = "10.0.0.1:9999,10.9.9.9"
+    assert list(f.filter(req, eps)) == []  # nothing named is a candidate

@@ -1,0 +1,57 @@
+"""The conformance suite's test plugins end to end (real Envoy, the `epp` program, three simulated pods):
+`header-based-testing-filter` sends a request to the pod its header names, whatever the scorers
+prefer, and `destination-endpoint-served-verifier` tells the client which endpoint served it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from llmepp.config.schema import DEFAULT_CONFIG
+from llmepp.testing.stack import Stack, StackOptions
+
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
+
+CONFIG = DEFAULT_CONFIG.replace(
+    "plugins:\n", "plugins:\n- type: header-based-testing-filter\n- type: destination-endpoint-served-verifier\n", 1
+).replace("  plugins:\n", "  plugins:\n  - pluginRef: header-based-testing-filter\n", 1)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack() -> AsyncIterator[Stack]:
+    async with Stack(StackOptions(pods=3, first_host=115, epp_config=CONFIG)) as st:
+        yield st
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session
+
+
+async def served(http: aiohttp.ClientSession, stack: Stack, headers: dict[str, str]) -> tuple[int, str, str]:
+    body = {"model": "sim-model", "prompt": "the same prompt every time " * 30, "max_tokens": 2}
+    async with http.post(f"{stack.url}/v1/completions", json=body, headers=headers) as resp:
+        await resp.read()
+        header = resp.headers.get("x-conformance-test-served-endpoint", "")
+        return resp.status, resp.headers.get("x-inference-port", ""), header
+
+
+async def test_a_request_goes_to_the_pod_its_header_names(stack: Stack, http: aiohttp.ClientSession) -> None:
+    # Unforced, the repeated prompt sticks to one pod (prefix affinity); each forced pod serves it anyway.
+    _, _, home = await served(http, stack, {})
+    for pod in stack.pods:
+        host, port = pod.address.rsplit(":", 1)
+        for _ in range(3):
+            status, served_port, header = await served(http, stack, {"test-epp-endpoint-selection": host})
+            assert status == 200
+            assert header == pod.address and served_port == port, (pod.address, header, served_port)
+    assert home in {p.address for p in stack.pods}
+
+
+async def test_a_header_naming_no_pod_is_refused_not_routed(stack: Stack, http: aiohttp.ClientSession) -> None:
+    status, _, header = await served(http, stack, {"test-epp-endpoint-selection": "10.255.255.1"})
+    assert status == 429 and header == ""  # every endpoint filtered out, as for any filter
