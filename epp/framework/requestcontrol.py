@@ -29,6 +29,9 @@ class Parser(Plugin):
 
     # Path suffixes, e.g. "chat/completions"; empty: the fallback.
     claims: ClassVar[tuple[str, ...]] = ()
+    # False: `parse` never reads the body, so its requests are routed on their headers and the body
+    # streams through the EPP unbuffered (FULL_DUPLEX_STREAMED).
+    reads_body: ClassVar[bool] = True
 
     @abstractmethod
     def parse(self, request: InferenceRequest, suffix: str) -> None:

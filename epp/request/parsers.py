@@ -292,6 +292,12 @@ class RequestParsers:
             self._matched[path] = found
         return found
 
+    def reads_body(self, path: str) -> bool:
+        """Whether the parser of `path` reads the body (an unclaimed path without fallback: True, so
+        the 400 comes once the body is in, like any parse error)."""
+        parser, _ = self.match(path)
+        return parser is None or parser.reads_body
+
     def parse(
         self, headers: Mapping[str, str], body: bytes, *, request_id: str, received_at: float = 0.0
     ) -> InferenceRequest:

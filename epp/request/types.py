@@ -69,6 +69,8 @@ class InferenceRequest:
     # Set by the ext_proc stream once the request is routed, if its transport can answer on its own:
     # ends the request with 429 now (flow control's in-flight eviction); False if it had ended.
     evict: Callable[[], bool] | None = None
+    # A body streamed through the EPP unread (its parser reads none): its declared Content-Length, 0 if none.
+    unread_body_size: int = 0
 
     @property
     def multimodal(self) -> bool:
@@ -77,7 +79,7 @@ class InferenceRequest:
 
     @property
     def body_size(self) -> int:
-        return len(self.body)
+        return len(self.body) or self.unread_body_size
 
 
 @dataclass(slots=True)

@@ -2,7 +2,8 @@
 
 Reading order of one stream in FULL_DUPLEX_STREAMED mode (the deployment default):
 
-    request_headers            → remember headers; nothing sent yet (body-less: route now)
+    request_headers            → remember headers; nothing sent yet (body-less: route now; a path
+                                 whose parser reads no body: route now, then echo each body chunk)
     request_body ... EoS       → buffer (bounded by max_body_bytes → 413)
                                → parse → director.handle_request
                                → ONE request_headers answer (routing header_mutation,
@@ -93,6 +94,13 @@ class Director(Protocol):
     def response_complete(
         self, request: InferenceRequest, response: ResponseInfo, decision: RoutingDecision
     ) -> None: ...
+
+
+def _content_length(headers: dict[str, str]) -> int:
+    try:
+        return max(0, int(headers.get("content-length", "0")))
+    except ValueError:
+        return 0
 
 
 class InternalError(RequestError):
@@ -281,6 +289,7 @@ class ExtProcStream:
 
     __slots__ = (
         "body_size",
+        "body_streamed",
         "cancelled",
         "chunks",
         "closed",
@@ -324,6 +333,7 @@ class ExtProcStream:
         self.subset: list[str] | None = None
         self.chunks: list[bytes] = []
         self.body_size = 0
+        self.body_streamed = False  # routed on the headers; body chunks are echoed as they come
         self.request: InferenceRequest | None = None
         self.decision: RoutingDecision | None = None
         self.info: ResponseInfo | None = None
@@ -376,10 +386,16 @@ class ExtProcStream:
             return Pending(self.route_bodyless())
         self.phase = _BODY
         if mode == envoy.MODE_FULL_DUPLEX_STREAMED:
+            if not self.svc.parsers.reads_body(parsers.request_path(self.headers)):
+                self.body_streamed = True
+                return Pending(self.route(msg, end_of_stream=False))
             return None  # the answer waits for the body
         return envoy.REQUEST_HEADERS_CONTINUE  # BUFFERED: Envoy holds the body until this
 
     def on_request_body(self, msg: pb.ProcessingRequest) -> Answers | Pending:
+        if self.body_streamed:
+            # Refused while routing (the stream is ending): the rest of the body goes nowhere.
+            return self._stream_request_body(msg.request_body) if self.phase == _ROUTED else None
         if self.phase == _BODY:
             b = msg.request_body
             chunk = b.body
@@ -401,9 +417,17 @@ class ExtProcStream:
         self.svc.protocol_error("unexpected_request_body")
         return None
 
+    def _stream_request_body(self, b: pb.HttpBody) -> Answer:
+        """A body routed without reading it: each chunk goes upstream as it comes."""
+        chunk = b.body
+        self.body_size += len(chunk)
+        if b.end_of_stream and self.lab is not None and self.body_size:
+            self.lab.request_size.observe(self.body_size)
+        return envoy.streamed_request_body(chunk, b.end_of_stream)
+
     def on_request_trailers(self, msg: pb.ProcessingRequest) -> Answers | Pending:
         self.request_trailers = True
-        if self.phase == _BODY:
+        if self.phase == _BODY and not self.body_streamed:
             # HTTP/2 request trailers end the body: route now; the body answers end without
             # EoS and the trailers answer closes the request side.
             return Pending(self._route_before_trailers(msg))
@@ -453,6 +477,8 @@ class ExtProcStream:
             req = self.svc.parsers.parse(self.headers, body, request_id=self.request_id, received_at=self.received_at)
         except BadRequest as e:
             return self.reject(e, None)
+        if self.body_streamed:
+            req.unread_body_size = _content_length(self.headers)
         self.request = req
         try:
             decision = await self.svc.director.handle_request(req, self.subset)
@@ -467,6 +493,9 @@ class ExtProcStream:
         if isinstance(decision, DirectResponse):
             return self.answer_directly(decision)
         self._routed(decision)
+        if self.body_streamed:
+            self.request_answered = True
+            return self._routing_answer(decision, on_body=False, new_body=None)  # the body follows, echoed
         if self.req_mode == envoy.MODE_FULL_DUPLEX_STREAMED:
             out_body = decision.body if decision.body is not None else body
             answers: list[Answer] = [self._routing_answer(decision, on_body=False, new_body=None)]

@@ -8,7 +8,8 @@
   sampling_params.max_tokens, stream, cache_salt, features.mm_hashes as media items);
 - `sglanghttp-parser`: generate, SGLang's native API (text or input_ids, sampling_params.max_new_tokens,
   stream, extra_key as cache salt); not in the default list, as in the reference;
-- `passthrough-parser`: claims nothing, so it is the fallback (the body stays raw: routed by load).
+- `passthrough-parser`: claims nothing, so it is the fallback; it never reads the body, so its requests
+  are routed on their headers and the body streams through unbuffered (routed by load).
 
 Parameters: none.
 """
@@ -54,6 +55,7 @@ class VllmParser(Parser):
 
 class PassthroughParser(Parser):
     type = "passthrough-parser"
+    reads_body = False
 
     def parse(self, request: InferenceRequest, suffix: str) -> None:
         pass  # the body stays raw: no prompt, so prompt-based scorers skip it

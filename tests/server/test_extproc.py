@@ -760,3 +760,54 @@ async def test_buffered_response_mode_completes_on_the_single_body_message() -> 
         assert r.WhichOneof("response") == "response_body" and not r.response_body.HasField("response")
         (c,) = h.director.completions
         assert c.response.usage is not None and c.response.bytes == len(JSON_RESPONSE)
+
+
+# -- a path whose parser reads no body: routed on the headers, the body echoed -----------------------
+async def test_an_unread_body_is_routed_on_the_headers_and_streamed_through() -> None:
+    async with serve() as h:
+        s = h.open()
+        await s.send(request_headers({"content-length": "30"}, path="/v1/completions/render"))
+        first = await s.recv()  # before any body chunk: nothing is buffered
+        assert set_headers(first.request_headers.response)["x-gateway-destination-endpoint"].decode() in ENDPOINTS
+        req = h.director.requests[0]
+        assert req.kind is RequestKind.PASSTHROUGH and req.body == b"" and req.body_size == 30
+        for chunk, eos in ((b"a" * 10, False), (b"b" * 20, False), (b"", True)):
+            await s.send(request_body(chunk, eos=eos))
+            assert streamed(await s.recv(), "request_body") == (chunk, eos)
+        await s.send(response_headers(200), response_body(JSON_RESPONSE, eos=True))
+        assert (await s.recv()).WhichOneof("response") == "response_headers"
+        assert streamed(await s.recv(), "response_body") == (JSON_RESPONSE, True)
+        await wait_until(lambda: len(h.director.completions) == 1)
+        assert h.director.inflight == {}
+        size = h.sample("llm_d_epp_request_size_bytes_sum", {"model_name": "", "target_model_name": ""})
+        assert size == 30
+
+
+async def test_an_unread_body_is_not_bounded_by_the_buffer_limit() -> None:
+    async with serve(settings=Settings(max_body_bytes=16)) as h:
+        s = h.open()
+        await s.send(request_headers(path="/custom/endpoint"))
+        await s.recv()
+        chunk = b"x" * 1000
+        await s.send(request_body(chunk), request_body(chunk, eos=True))
+        assert streamed(await s.recv(), "request_body") == (chunk, False)
+        assert streamed(await s.recv(), "request_body") == (chunk, True)
+
+
+async def test_a_refused_unread_request_answers_once_and_drops_its_body() -> None:
+    async with serve(FakeDirector(list(ENDPOINTS), fail_with=ResourceExhausted("busy"))) as h:
+        s = h.open()
+        await s.send(request_headers(path="/v1/anything"), request_body(b"x" * 100, eos=True))
+        first = await s.recv()
+        assert first.immediate_response.status.code == 429
+        await s.recv_eof()
+
+
+async def test_body_chunks_that_arrive_while_unread_routing_waits_follow_its_answer() -> None:
+    async with serve() as h:
+        s = h.open()
+        headers = {"x-test-delay-ms": "100"}
+        await s.send(request_headers(headers, path="/passthrough"), request_body(b"one"), request_body(b"two", eos=True))
+        assert (await s.recv()).WhichOneof("response") == "request_headers"
+        assert streamed(await s.recv(), "request_body") == (b"one", False)
+        assert streamed(await s.recv(), "request_body") == (b"two", True)
