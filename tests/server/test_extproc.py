@@ -807,7 +807,8 @@ async def test_body_chunks_that_arrive_while_unread_routing_waits_follow_its_ans
     async with serve() as h:
         s = h.open()
         headers = {"x-test-delay-ms": "100"}
-        await s.send(request_headers(headers, path="/passthrough"), request_body(b"one"), request_body(b"two", eos=True))
+        body = (request_body(b"one"), request_body(b"two", eos=True))
+        await s.send(request_headers(headers, path="/passthrough"), *body)
         assert (await s.recv()).WhichOneof("response") == "request_headers"
         assert streamed(await s.recv(), "request_body") == (b"one", False)
         assert streamed(await s.recv(), "request_body") == (b"two", True)
