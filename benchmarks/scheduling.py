@@ -21,7 +21,7 @@ from llmepp.config.loader import build, load_config
 from llmepp.config.schema import DEFAULT_CONFIG
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import EndpointMetrics, EndpointSpec
-from llmepp.director import Director
+from llmepp.director import Director, RoutingDecision
 from llmepp.observability.metrics import EppMetrics
 from llmepp.plugins.producers.prefix_index import block_hashes, prefix_seed
 from llmepp.plugins.producers.token import estimate_tokens
@@ -72,6 +72,7 @@ async def measure(config: str, endpoints: int, prompt_bytes: int, n: int, seed: 
         t0 = time.perf_counter()
         decision = await director.handle_request(req, None)
         dt = time.perf_counter() - t0
+        assert isinstance(decision, RoutingDecision)  # no responder is configured
         if i >= 200:  # warm-up fills the prefix index
             samples.append(dt)
         await asyncio.sleep(0)  # let deferred bookkeeping (index updates) run, as in the server

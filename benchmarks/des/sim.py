@@ -64,7 +64,7 @@ from llmepp.config.loader import build, load_config
 from llmepp.datalayer.collector import SUB_TICKS
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import Endpoint, EndpointMetrics, EndpointSpec
-from llmepp.director import Director
+from llmepp.director import Director, RoutingDecision
 from llmepp.errors import RequestError
 from llmepp.kvevents.ingest import SourceIngest
 from llmepp.kvevents.wire import Message, decode_batch
@@ -324,6 +324,7 @@ class Simulation:
             t0 = time.perf_counter()
             decision = await director.handle_request(request, None)
             self.epp_wall += time.perf_counter() - t0
+            assert isinstance(decision, RoutingDecision)  # no responder is configured
         except RequestError as e:
             rec.error = f"epp-{e.status}"
             return
