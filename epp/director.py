@@ -17,7 +17,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -34,6 +34,7 @@ from llmepp.framework.requestcontrol import (
     Responder,
     ResponseCompleteProcessor,
     ResponseHeaderProcessor,
+    ResponseMetadataProcessor,
     Screener,
 )
 from llmepp.framework.scheduling import ProfileResult, SchedulingResult
@@ -93,6 +94,7 @@ class Pipeline:
     pre_request: list[PreRequest] = field(default_factory=list)
     response_header: list[ResponseHeaderProcessor] = field(default_factory=list)
     first_response_chunk: list[FirstResponseChunkProcessor] = field(default_factory=list)
+    response_metadata: list[ResponseMetadataProcessor] = field(default_factory=list)
     response_complete: list[ResponseCompleteProcessor] = field(default_factory=list)
 
 
@@ -262,6 +264,25 @@ class Director:
                 log.exception("first-response-chunk plugin %s failed", plugin.name)
             if timers is not None:
                 timers.observe("FirstResponseChunkProcessor", plugin, time.perf_counter() - start)
+
+    @property
+    def reports_metadata(self) -> bool:
+        """Whether the stream must read a response's usage before answering its last message."""
+        return bool(self.pipeline.response_metadata)
+
+    def response_metadata(self, request: InferenceRequest, response: ResponseInfo) -> dict[str, dict[str, Any]]:
+        """The dynamic metadata for the answer to a routed response's last message: every
+        ResponseMetadataProcessor's, merged per namespace (empty: none)."""
+        merged: dict[str, dict[str, Any]] = {}
+        for plugin in self.pipeline.response_metadata:
+            try:
+                out = plugin.response_metadata(request, response)
+            except Exception:
+                log.exception("response-metadata plugin %s failed", plugin.name)
+                continue
+            for namespace, fields in (out or {}).items():
+                merged.setdefault(namespace, {}).update(fields)
+        return merged
 
     def response_complete(self, request: InferenceRequest, response: ResponseInfo, decision: RoutingDecision) -> None:
         """Exactly once per routed request, however the response ended: releases what it held."""

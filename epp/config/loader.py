@@ -56,6 +56,7 @@ from llmepp.framework.requestcontrol import (
     Responder,
     ResponseCompleteProcessor,
     ResponseHeaderProcessor,
+    ResponseMetadataProcessor,
     Screener,
 )
 from llmepp.framework.scheduling import Filter, Picker, ProfileHandler, Scorer
@@ -159,6 +160,7 @@ def build(
         pre_request=[p for p in values if isinstance(p, PreRequest)],
         response_header=[p for p in values if isinstance(p, ResponseHeaderProcessor)],
         first_response_chunk=[p for p in values if isinstance(p, FirstResponseChunkProcessor)],
+        response_metadata=[p for p in values if isinstance(p, ResponseMetadataProcessor)],
         response_complete=[p for p in values if isinstance(p, ResponseCompleteProcessor)],
     )
     components = Components(
@@ -236,6 +238,7 @@ _KEEPS_STATE = (
     PreRequest,
     ResponseHeaderProcessor,
     FirstResponseChunkProcessor,
+    ResponseMetadataProcessor,
     ResponseCompleteProcessor,
 )
 

@@ -4,15 +4,16 @@ Order per request: the Parser claiming the path reads the body → Responders (m
 request themselves) → admission → Screeners (narrow the candidates) → DataProducers (write
 request.data) → Admitters → scheduling → PreRequest (bookkeeping for the chosen targets) → ...
 response: ResponseHeaderProcessor on the response headers, FirstResponseChunkProcessor at the
-first body bytes, ResponseCompleteProcessor once when the response ends, however it ends.
+first body bytes, ResponseMetadataProcessor on its last message (before that is answered),
+ResponseCompleteProcessor once when the response ends, however it ends.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from llmepp.datalayer.endpoint import Endpoint
 from llmepp.framework.plugin import Plugin
@@ -107,6 +108,18 @@ class FirstResponseChunkProcessor(Plugin):
 
     @abstractmethod
     def first_response_chunk(self, request: InferenceRequest, response: ResponseInfo) -> None: ...
+
+
+class ResponseMetadataProcessor(Plugin):
+    """Reports on a response as Envoy dynamic metadata (e.g. its token cost, for rate limiting or
+    billing): called once, when the response's last message arrives, with its usage read; the
+    returned {namespace: {key: value}} rides on the answer to that message. Only while one is
+    configured does the EPP read usage before answering instead of after."""
+
+    @abstractmethod
+    def response_metadata(
+        self, request: InferenceRequest, response: ResponseInfo
+    ) -> Mapping[str, Mapping[str, Any]] | None: ...
 
 
 class ResponseCompleteProcessor(Plugin):

@@ -262,6 +262,14 @@ def response_headers_response(
     )
 
 
+def with_dynamic_metadata(answer: Answer, metadata: Mapping[str, Mapping[str, Any]]) -> bytes:
+    """`answer` with `dynamic_metadata` (ProcessingResponse field 8) set to {namespace: {key: value}}:
+    a serialized message followed by another field is the message with both."""
+    md = struct_pb2.Struct()
+    md.update(metadata)
+    return serialize_response(answer) + _ld(b"\x42", md.SerializeToString())
+
+
 def replaced_response_body(body: bytes) -> pb.ProcessingResponse:
     """STREAMED / BUFFERED response modes: replace this chunk's bytes."""
     return pb.ProcessingResponse(

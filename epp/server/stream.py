@@ -91,6 +91,11 @@ class Director(Protocol):
 
     def response_first_chunk(self, request: InferenceRequest, response: ResponseInfo) -> None: ...
 
+    @property
+    def reports_metadata(self) -> bool: ...
+
+    def response_metadata(self, request: InferenceRequest, response: ResponseInfo) -> dict[str, dict[str, Any]]: ...
+
     def response_complete(
         self, request: InferenceRequest, response: ResponseInfo, decision: RoutingDecision
     ) -> None: ...
@@ -659,18 +664,37 @@ class ExtProcStream:
             answer = envoy.replaced_response_body(rewriter.feed(chunk, eos or buffered))
         else:
             answer = envoy.RESPONSE_BODY_CONTINUE
-        if timed:
-            self.response_time += time.perf_counter() - t0
         if eos or (mode != envoy.MODE_FULL_DUPLEX_STREAMED and mode != envoy.MODE_STREAMED):
             # BUFFERED / BUFFERED_PARTIAL deliver the whole body in one message.
+            answer = self._with_metadata(answer)
             self._response_ended()
+        if timed:
+            self.response_time += time.perf_counter() - t0
         return answer
 
     def on_response_trailers(self) -> Answer:
         if not self.resp_started:
             self.svc.protocol_error("response_trailers_before_headers")
+        answer = self._with_metadata(envoy.RESPONSE_TRAILERS_CONTINUE)
         self._response_ended()
-        return envoy.RESPONSE_TRAILERS_CONTINUE
+        return answer
+
+    def _with_metadata(self, answer: Answer) -> Answer:
+        """The answer to a response's last message, with the ResponseMetadataProcessors' dynamic metadata
+        (their usage is read now, not after the answer, only while one is configured)."""
+        director = self.svc.director
+        req, info = self.request, self.info
+        if self.decision is None or req is None or info is None or self.completed or self.completing is not None:
+            return answer
+        if not director.reports_metadata:
+            return answer
+        if self.usage is not None and info.usage is None:
+            try:
+                info.usage = self.usage.result()
+            except Exception:
+                log.exception("usage extraction failed", extra={"request_id": self.request_id})
+        metadata = director.response_metadata(req, info)
+        return envoy.with_dynamic_metadata(answer, metadata) if metadata else answer
 
     def _response_ended(self) -> None:
         """Natural end: account right after the final answer is written, not before it.
@@ -767,7 +791,7 @@ class ExtProcStream:
         now = self.ended_at or time.monotonic()
         info.finished_at = now
         usage = self.usage
-        if usage is not None and cause is TerminationCause.NATURAL:
+        if usage is not None and cause is TerminationCause.NATURAL and info.usage is None:
             try:
                 info.usage = usage.result()
             except Exception:

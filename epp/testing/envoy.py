@@ -50,6 +50,7 @@ ACCESS_LOG_FORMAT = (
     "flags=%RESPONSE_FLAGS% details=%RESPONSE_CODE_DETAILS% rx=%BYTES_RECEIVED% tx=%BYTES_SENT% "
     "dur=%DURATION%ms upstream=%UPSTREAM_HOST% dest=%REQ(X-GATEWAY-DESTINATION-ENDPOINT)% "
     "lb_md=%DYNAMIC_METADATA(envoy.lb:x-gateway-destination-endpoint)% "
+    "cost=%DYNAMIC_METADATA(envoy.lb:x-gateway-inference-request-cost)% "
     "rid=%REQ(X-REQUEST-ID)%\n"
 )
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -72,6 +73,8 @@ class FakeDirector:
     completions: list[Completion] = field(default_factory=list)
     first_chunks: list[InferenceRequest] = field(default_factory=list)
     record: bool = True
+    # Stands in for ResponseMetadataProcessors: response → {namespace: {key: value}}.
+    metadata: Callable[[ResponseInfo], dict[str, dict[str, Any]]] | None = None
 
     def __post_init__(self) -> None:
         self._endpoints = [_endpoint(hp) for hp in self.endpoints]
@@ -149,6 +152,14 @@ class FakeDirector:
     def response_first_chunk(self, request: InferenceRequest, response: ResponseInfo) -> None:
         if self.record:
             self.first_chunks.append(request)
+
+    @property
+    def reports_metadata(self) -> bool:
+        return self.metadata is not None
+
+    def response_metadata(self, request: InferenceRequest, response: ResponseInfo) -> dict[str, dict[str, Any]]:
+        """`metadata(response)`: what a ResponseMetadataProcessor would report."""
+        return self.metadata(response) if self.metadata is not None else {}
 
     def response_complete(self, request: InferenceRequest, response: ResponseInfo, decision: RoutingDecision) -> None:
         if self.record:

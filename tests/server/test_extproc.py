@@ -794,10 +794,10 @@ async def test_an_unread_body_is_not_bounded_by_the_buffer_limit() -> None:
         assert streamed(await s.recv(), "request_body") == (chunk, True)
 
 
-async def test_a_refused_unread_request_answers_once_and_drops_its_body() -> None:
+async def test_a_refused_unread_request_is_answered_at_the_headers() -> None:
     async with serve(FakeDirector(list(ENDPOINTS), fail_with=ResourceExhausted("busy"))) as h:
         s = h.open()
-        await s.send(request_headers(path="/v1/anything"), request_body(b"x" * 100, eos=True))
+        await s.send(request_headers(path="/v1/anything"))  # the body never has to arrive
         first = await s.recv()
         assert first.immediate_response.status.code == 429
         await s.recv_eof()
@@ -812,3 +812,46 @@ async def test_body_chunks_that_arrive_while_unread_routing_waits_follow_its_ans
         assert (await s.recv()).WhichOneof("response") == "request_headers"
         assert streamed(await s.recv(), "request_body") == (b"one", False)
         assert streamed(await s.recv(), "request_body") == (b"two", True)
+
+
+# -- response metadata (ResponseMetadataProcessor) ----------------------------------------------------
+def cost_of(response) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    return {"envoy.lb": {"x-cost": response.usage.total_tokens if response.usage else -1}}
+
+
+async def test_the_last_response_answer_carries_the_reported_metadata() -> None:
+    async with serve(FakeDirector(list(ENDPOINTS), metadata=cost_of)) as h:
+        s = h.open()
+        await s.route(BODY)
+        half = len(JSON_RESPONSE) // 2
+        await s.send(response_headers(200), response_body(JSON_RESPONSE[:half]))
+        await s.recv()
+        first = await s.recv()
+        assert not first.HasField("dynamic_metadata")  # only the last message's answer
+        await s.send(response_body(JSON_RESPONSE[half:], eos=True))
+        last = await s.recv()
+        assert streamed(last, "response_body") == (JSON_RESPONSE[half:], True)
+        assert dict(last.dynamic_metadata["envoy.lb"]) == {"x-cost": 10.0}  # usage read before answering
+        await wait_until(lambda: len(h.director.completions) == 1)
+        assert h.director.completions[0].response.usage.total_tokens == 10  # type: ignore[union-attr]
+
+
+async def test_a_response_ended_by_trailers_reports_on_the_trailers_answer() -> None:
+    async with serve(FakeDirector(list(ENDPOINTS), metadata=cost_of)) as h:
+        s = h.open()
+        await s.route(BODY)
+        await s.send(response_headers(200), response_body(JSON_RESPONSE), response_trailers())
+        await s.recv()
+        assert not (await s.recv()).HasField("dynamic_metadata")
+        trailers = await s.recv()
+        assert trailers.WhichOneof("response") == "response_trailers"
+        assert dict(trailers.dynamic_metadata["envoy.lb"]) == {"x-cost": 10.0}
+
+
+async def test_without_metadata_reporters_the_last_answer_is_plain() -> None:
+    async with serve() as h:
+        s = h.open()
+        await s.route(BODY)
+        await s.send(response_headers(200), response_body(JSON_RESPONSE, eos=True))
+        await s.recv()
+        assert not (await s.recv()).HasField("dynamic_metadata")
