@@ -3,6 +3,7 @@ from llmepp.plugins.profile_handlers.always_disagg_decider import AlwaysDisaggPD
 from llmepp.plugins.profile_handlers.always_disagg_multimodal_decider import AlwaysDisaggMultimodalDecider
 from llmepp.plugins.profile_handlers.disagg import DisaggProfileHandler
 from llmepp.plugins.profile_handlers.header import HeaderProfileHandler
+from llmepp.plugins.profile_handlers.legacy_pd import DisaggHeadersHandler, PdProfileHandler, PrefillHeaderHandler
 from llmepp.plugins.profile_handlers.prefix_based_decider import PrefixBasedPDDecider
 from llmepp.plugins.profile_handlers.single import SingleProfileHandler
 
@@ -13,4 +14,7 @@ PLUGINS: list[type[Plugin]] = [
     PrefixBasedPDDecider,
     AlwaysDisaggPDDecider,
     AlwaysDisaggMultimodalDecider,
+    PdProfileHandler,
+    DisaggHeadersHandler,
+    PrefillHeaderHandler,
 ]

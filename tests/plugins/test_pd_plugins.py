@@ -410,3 +410,95 @@ def test_header_profile_handler_default_must_exist() -> None:
                             "{type: header-profile-handler, parameters: {defaultProfile: encode}}")  # fmt: skip
     with pytest.raises(ConfigError, match="defaultProfile: no scheduling profile named 'encode'"):
         build(load_config(config))
+
+
+# -- deprecated pd-profile-handler and header handlers (configs from before llm-d v0.7) ------------------
+LEGACY_PD = """
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: pd-profile-handler{params}
+- type: prefill-header-handler
+- type: prefill-filter
+- type: decode-filter
+- type: queue-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: prefill
+  plugins:
+  - pluginRef: prefill-filter
+  - pluginRef: queue-scorer
+  - pluginRef: max-score-picker
+- name: decode
+  plugins:
+  - pluginRef: decode-filter
+  - pluginRef: queue-scorer
+  - pluginRef: max-score-picker
+"""
+
+
+def legacy_decisions(metrics: EppMetrics, kind: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "llm_d_epp_disagg_decision_total",
+        {"plugin_name": "pd-profile-handler", "plugin_type": "pd-profile-handler", "model_name": "m",
+         "decision_type": kind},
+    )  # fmt: skip
+    return value or 0.0
+
+
+async def test_a_legacy_pd_config_without_parameters_disaggregates_every_request() -> None:
+    d, _, metrics = director(LEGACY_PD.format(params=""), PD_PODS)
+    decision = await d.handle_request(request(b"hi"), None)  # threshold 0: even a short prompt
+    assert decision.targets[0].name in {"d0", "d1"}
+    assert decision.result is not None
+    prefill = decision.result.profiles["prefill"]
+    assert prefill is not None and decision.headers["x-prefiller-host-port"] == prefill.targets[0].hostport
+    assert legacy_decisions(metrics, "prefill-decode") == 1
+
+
+async def test_a_legacy_threshold_disaggregates_only_long_uncached_prompts() -> None:
+    params = "\n  parameters: {threshold: 500, hashBlockSize: 64, prefixPluginName: prefix-cache-scorer}"
+    d, _, metrics = director(LEGACY_PD.format(params=params), PD_PODS)
+    short = await d.handle_request(request(b"s" * 400), None)  # 100 tokens < 500
+    assert "x-prefiller-host-port" not in short.headers
+    long = await d.handle_request(request(b"l" * 4000), None)  # 1000 uncached tokens
+    assert long.headers["x-prefiller-host-port"].startswith("10.1.0.")
+    assert legacy_decisions(metrics, "decode-only") == 1 and legacy_decisions(metrics, "prefill-decode") == 1
+
+
+async def test_a_legacy_decider_plugin_name_and_renamed_profiles() -> None:
+    config = (
+        LEGACY_PD.format(params="\n  parameters: {deciderPluginName: never, decodeProfile: d, prefillProfile: p}")
+        .replace("- type: prefill-header-handler", "- type: prefix-based-pd-decider\n  name: never")
+        .replace("- name: prefill\n", "- name: p\n")
+        .replace("- name: decode\n", "- name: d\n")
+    )
+    d, _, _ = director(config, PD_PODS)
+    decision = await d.handle_request(request(b"x" * 4000), None)  # nonCachedTokens 0: never disaggregate
+    assert decision.targets[0].name in {"d0", "d1"} and "x-prefiller-host-port" not in decision.headers
+
+
+async def test_a_legacy_config_with_only_a_decode_profile_is_decode_only() -> None:
+    config = LEGACY_PD.format(params="").split("- name: prefill")[0] + (
+        "- name: decode\n  plugins:\n  - pluginRef: decode-filter\n  - pluginRef: max-score-picker\n"
+    )
+    d, _, _ = director(config, PD_PODS)
+    decision = await d.handle_request(request(b"x" * 4000), None)
+    assert decision.targets[0].name in {"d0", "d1"} and "x-prefiller-host-port" not in decision.headers
+
+
+def test_the_legacy_data_parallel_port_rewrite_is_refused_with_the_alternative() -> None:
+    with pytest.raises(ConfigError, match=r"primaryPort .* is not supported: list every rank.s port"):
+        build(load_config(LEGACY_PD.format(params="\n  parameters: {primaryPort: 8000}")))
+
+
+def test_disagg_headers_handler_stamps_both_headers() -> None:
+    from llmepp.framework.scheduling import ProfileResult, SchedulingResult
+
+    handler = make("disagg-headers-handler", {"prefillProfile": "p", "encodeProfile": "e"})
+    req = request()
+    result = SchedulingResult(
+        "d", {"d": ProfileResult([endpoint(0)]), "p": ProfileResult([endpoint(1)]), "e": ProfileResult([endpoint(2)])}
+    )
+    handler.pre_request(req, result)
+    assert req.upstream_headers == {"x-prefiller-host-port": "10.0.0.2:8000", "x-encoder-hosts-ports": "10.0.0.3:8000"}

@@ -1,0 +1,125 @@
+"""Deprecated P/D plugins of llm-d before v0.7, kept so existing configs load unchanged:
+`pd-profile-handler` (now `disagg-profile-handler` + a decider), and `prefill-header-handler` /
+`disagg-headers-handler` (the header stamping `disagg-profile-handler` does itself)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from llmepp.framework.datakeys import PREFIX_CACHE_MATCH_INFO, TOKENIZED_PROMPT
+from llmepp.framework.plugin import PluginContext, PluginParams
+from llmepp.framework.requestcontrol import PreRequest
+from llmepp.framework.scheduling import SchedulingResult
+from llmepp.plugins.profile_handlers.always_disagg_decider import AlwaysDisaggPDDecider
+from llmepp.plugins.profile_handlers.disagg import (
+    ENCODER_HEADER,
+    PREFILL_HEADER,
+    DisaggDeciders,
+    DisaggProfileHandler,
+    DisaggProfiles,
+)
+from llmepp.plugins.profile_handlers.prefix_based_decider import PrefixBasedPDDecider
+from llmepp.request.types import InferenceRequest
+from llmepp.scheduling.profile import SchedulerProfile
+
+log = logging.getLogger(__name__)
+
+
+class PdProfileHandler(DisaggProfileHandler):
+    """Deprecated `pd-profile-handler`: `disagg-profile-handler` (decode first) configured from the
+    legacy parameters.
+
+        decodeProfile, prefillProfile (decode, prefill)  → profiles.decode, profiles.prefill
+        deciderPluginName                                 → deciders.prefill (a configured decider)
+        without one, `threshold` T of the earlier versions: the prefill stage runs when at least T
+        prompt tokens are not cached on the decode pick (a prefix-based-pd-decider with
+        nonCachedTokens T); T = 0 (the default): every request
+        prefixPluginType, prefixPluginName, prefixScorerRef, hashBlockSize: accepted, not needed
+        (the decider reads the prefix producer's match info itself)
+
+    As in those versions, a config with no prefill profile is decode-only. `primaryPort` (the
+    data-parallel port rewrite) is refused: list every rank's port in the pool instead, each rank
+    is an endpoint. The decision metric is `disagg_decision`, as for `disagg-profile-handler`.
+    """
+
+    type = "pd-profile-handler"
+    consumes = frozenset({TOKENIZED_PROMPT, PREFIX_CACHE_MATCH_INFO})
+
+    class Params(PluginParams):
+        decode_profile: str = "decode"
+        prefill_profile: str = "prefill"
+        decider_plugin_name: str = ""
+        threshold: int = 0
+        hash_block_size: int = 0
+        prefix_plugin_type: str = ""
+        prefix_plugin_name: str = ""
+        prefix_scorer_ref: str = ""
+        primary_port: int = 0
+
+        def __post_init__(self) -> None:
+            if self.threshold < 0:
+                raise ValueError(f"threshold must be >= 0, got {self.threshold}")
+            if self.primary_port:
+                raise ValueError(
+                    "primaryPort (the data-parallel port rewrite) is not supported: list every rank's port "
+                    "in the pool (InferencePool targetPorts), each rank is an endpoint"
+                )
+
+    def __init__(self, name: str, params: Params) -> None:
+        profiles = DisaggProfiles(decode=params.decode_profile, prefill=params.prefill_profile)
+        if profiles.encode in (profiles.decode, profiles.prefill):
+            profiles.encode = f"{name}-unused-encode"
+        converted = DisaggProfileHandler.Params(
+            profiles=profiles, deciders=DisaggDeciders(prefill=params.decider_plugin_name)
+        )
+        super().__init__(name, converted)
+        self.legacy = params
+
+    def setup(self, ctx: PluginContext) -> None:
+        super().setup(ctx)
+        if self.prefill_decider is not None:
+            return
+        threshold = self.legacy.threshold
+        if threshold:
+            decider = PrefixBasedPDDecider(
+                f"{self.name}/threshold", PrefixBasedPDDecider.Params(non_cached_tokens=threshold)
+            )
+            decider.setup(ctx)
+            self.prefill_decider = decider
+        else:
+            self.prefill_decider = AlwaysDisaggPDDecider(f"{self.name}/threshold")
+
+    def validate_profiles(self, profiles: Mapping[str, SchedulerProfile]) -> None:
+        if not self.legacy.decider_plugin_name and self.prefill not in profiles:
+            log.info("%s: no %r profile: decode-only", self.name, self.prefill)
+            self.prefill_decider = None
+        super().validate_profiles(profiles)
+
+
+class DisaggHeadersHandler(PreRequest):
+    """Deprecated `disagg-headers-handler`: stamps `x-prefiller-host-port` (the `prefillProfile` pick) and
+    `x-encoder-hosts-ports` (the `encodeProfile` picks) for the decode pod's sidecar. The P/D profile
+    handlers stamp them already; listing this plugin changes nothing but keeps old configs loading.
+    Parameters: `prefillProfile` (prefill), `encodeProfile` (encode)."""
+
+    type = "disagg-headers-handler"
+
+    class Params(PluginParams):
+        prefill_profile: str = "prefill"
+        encode_profile: str = "encode"
+
+    def pre_request(self, request: InferenceRequest, result: SchedulingResult) -> None:
+        headers = request.upstream_headers
+        prefill = result.profiles.get(self.params.prefill_profile)
+        if prefill is not None and prefill.targets:
+            headers[PREFILL_HEADER] = prefill.targets[0].hostport
+        encode = result.profiles.get(self.params.encode_profile)
+        if encode is not None and encode.targets:
+            headers[ENCODER_HEADER] = ",".join(ep.hostport for ep in encode.targets)
+
+
+class PrefillHeaderHandler(DisaggHeadersHandler):
+    """Deprecated `prefill-header-handler`: `disagg-headers-handler` under its older name."""
+
+    type = "prefill-header-handler"
