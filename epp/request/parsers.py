@@ -245,13 +245,16 @@ def _header(headers: Mapping[str, str], name: str, alias: str) -> str:
     return headers.get(name) or headers.get(alias) or ""
 
 
-def bodyless_request(headers: Mapping[str, str], *, request_id: str, received_at: float = 0.0) -> InferenceRequest:
-    """A request without a body (GET /v1/models, ...): routed by load only."""
+def headers_request(
+    headers: Mapping[str, str], *, request_id: str, received_at: float = 0.0, kind: RequestKind = RequestKind.BODYLESS
+) -> InferenceRequest:
+    """A request known by its headers only: without a body (BODYLESS: GET /v1/models, ...), or with one the
+    EPP does not read (PASSTHROUGH). Routed by load, session and the like: there is no prompt."""
     return InferenceRequest(
         request_id=request_id,
         path=request_path(headers),
         headers=dict(headers),
-        kind=RequestKind.BODYLESS,
+        kind=kind,
         objective=_header(headers, H_OBJECTIVE, H_OBJECTIVE_ALIAS),
         fairness_id=_header(headers, H_FAIRNESS, H_FAIRNESS_ALIAS) or DEFAULT_FAIRNESS_ID,
         received_at=received_at,

@@ -20,7 +20,7 @@ get an empty answer, and the routing mutation rides on the single body answer. S
 response chunks get plain BodyResponses (a plain BodyResponse in FULL_DUPLEX_STREAMED mode
 is a protocol error Envoy answers with 500, so it is never sent there). Request body modes
 that cannot hold the headers until the body is known (NONE, STREAMED) are routed on the
-headers alone, like a body-less request.
+headers alone, through the whole pipeline (flow control, profiles) with no prompt to read.
 
 Every failure is an ImmediateResponse or a best-effort answer, never a broken stream, and
 a routed request is released exactly once however the stream ends.
@@ -47,7 +47,7 @@ from llmepp.framework.requestcontrol import DirectResponse
 from llmepp.observability.metrics import EppMetrics
 from llmepp.request import parsers
 from llmepp.request.rewrite import ModelNameRewriter
-from llmepp.request.types import InferenceRequest, ResponseInfo, TerminationCause
+from llmepp.request.types import InferenceRequest, RequestKind, ResponseInfo, TerminationCause
 from llmepp.request.usage import UsageCollector
 from llmepp.server import envoy
 from llmepp.server.envoy import Answer
@@ -295,6 +295,7 @@ class ExtProcStream:
     __slots__ = (
         "body_size",
         "body_streamed",
+        "body_unread",
         "cancelled",
         "chunks",
         "closed",
@@ -338,7 +339,8 @@ class ExtProcStream:
         self.subset: list[str] | None = None
         self.chunks: list[bytes] = []
         self.body_size = 0
-        self.body_streamed = False  # routed on the headers; body chunks are echoed as they come
+        self.body_unread = False  # routed on the headers (STREAMED / NONE modes, or no parser reads it)
+        self.body_streamed = False  # FULL_DUPLEX_STREAMED and unread: body chunks are echoed as they come
         self.request: InferenceRequest | None = None
         self.decision: RoutingDecision | None = None
         self.info: ResponseInfo | None = None
@@ -387,12 +389,16 @@ class ExtProcStream:
         self.request_id, self.rid_generated = parsers.request_id(self.headers)
         self.subset = envoy.subset_hint(msg)
         mode = self.req_mode
-        if h.end_of_stream or mode == envoy.MODE_NONE or mode == envoy.MODE_STREAMED:
+        if h.end_of_stream:
             return Pending(self.route_bodyless())
         self.phase = _BODY
+        if mode == envoy.MODE_NONE or mode == envoy.MODE_STREAMED:
+            # The body goes upstream without waiting for us (or never comes): route on the headers.
+            self.body_unread = True
+            return Pending(self.route(msg, end_of_stream=False))
         if mode == envoy.MODE_FULL_DUPLEX_STREAMED:
             if not self.svc.parsers.reads_body(parsers.request_path(self.headers)):
-                self.body_streamed = True
+                self.body_unread = self.body_streamed = True
                 return Pending(self.route(msg, end_of_stream=False))
             return None  # the answer waits for the body
         return envoy.REQUEST_HEADERS_CONTINUE  # BUFFERED: Envoy holds the body until this
@@ -450,7 +456,7 @@ class ExtProcStream:
 
     async def route_bodyless(self) -> Answers:
         t0 = time.perf_counter()
-        req = parsers.bodyless_request(self.headers, request_id=self.request_id, received_at=self.received_at)
+        req = parsers.headers_request(self.headers, request_id=self.request_id, received_at=self.received_at)
         self.request = req
         self._count_request(req)
         try:
@@ -478,12 +484,18 @@ class ExtProcStream:
         chunks = self.chunks
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self.chunks = []
-        try:
-            req = self.svc.parsers.parse(self.headers, body, request_id=self.request_id, received_at=self.received_at)
-        except BadRequest as e:
-            return self.reject(e, None)
-        if self.body_streamed:
+        if self.body_unread:
+            req = parsers.headers_request(
+                self.headers, request_id=self.request_id, received_at=self.received_at, kind=RequestKind.PASSTHROUGH
+            )
             req.unread_body_size = _content_length(self.headers)
+        else:
+            try:
+                req = self.svc.parsers.parse(
+                    self.headers, body, request_id=self.request_id, received_at=self.received_at
+                )
+            except BadRequest as e:
+                return self.reject(e, None)
         self.request = req
         try:
             decision = await self.svc.director.handle_request(req, self.subset)
@@ -498,9 +510,9 @@ class ExtProcStream:
         if isinstance(decision, DirectResponse):
             return self.answer_directly(decision)
         self._routed(decision)
-        if self.body_streamed:
+        if self.body_unread:
             self.request_answered = True
-            return self._routing_answer(decision, on_body=False, new_body=None)  # the body follows, echoed
+            return self._routing_answer(decision, on_body=False, new_body=None)  # the body follows on its own
         if self.req_mode == envoy.MODE_FULL_DUPLEX_STREAMED:
             out_body = decision.body if decision.body is not None else body
             answers: list[Answer] = [self._routing_answer(decision, on_body=False, new_body=None)]

@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 import yaml
 
-BodyMode = Literal["FULL_DUPLEX_STREAMED", "BUFFERED"]
+BodyMode = Literal["FULL_DUPLEX_STREAMED", "BUFFERED", "STREAMED"]
 RouteBy = Literal["header", "metadata"]
 
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
@@ -138,6 +138,16 @@ def _ext_proc_filter(body_mode: BodyMode) -> dict[str, Any]:
         mode = {
             "request_header_mode": "SEND",
             "request_body_mode": "BUFFERED",
+            "request_trailer_mode": "SKIP",
+            "response_header_mode": "SEND",
+            "response_body_mode": "STREAMED",
+            "response_trailer_mode": "SKIP",
+        }
+    elif body_mode == "STREAMED":
+        # Bodies pass as they come, each chunk acknowledged: the EPP routes on the request headers.
+        mode = {
+            "request_header_mode": "SEND",
+            "request_body_mode": "STREAMED",
             "request_trailer_mode": "SKIP",
             "response_header_mode": "SEND",
             "response_body_mode": "STREAMED",

@@ -1,6 +1,7 @@
 """The conformance suite's test plugins end to end (real Envoy, the `epp` program, three simulated pods):
 `header-based-testing-filter` sends a request to the pod its header names, whatever the scorers
-prefer, and `destination-endpoint-served-verifier` tells the client which endpoint served it."""
+prefer, and `destination-endpoint-served-verifier` tells the client which endpoint served it; with
+Envoy's FULL_DUPLEX_STREAMED and with its STREAMED request body mode (routed on the headers)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ CONFIG = DEFAULT_CONFIG.replace(
 ).replace("  plugins:\n", "  plugins:\n  - pluginRef: header-based-testing-filter\n", 1)
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack() -> AsyncIterator[Stack]:
-    async with Stack(StackOptions(pods=3, first_host=115, epp_config=CONFIG)) as st:
+# STREAMED request bodies go upstream as they arrive, so the EPP routes on the headers: through the
+# whole pipeline all the same (filters, scorers, response plugins).
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["FULL_DUPLEX_STREAMED", "STREAMED"])
+async def stack(request: pytest.FixtureRequest) -> AsyncIterator[Stack]:
+    async with Stack(StackOptions(pods=3, first_host=115, epp_config=CONFIG, body_mode=request.param)) as st:
         yield st
 
 

@@ -730,11 +730,12 @@ async def test_streamed_request_mode_routes_on_headers() -> None:
     async with serve() as h:
         s = h.open()
         # STREAMED request bodies are forwarded as they arrive: the route is picked on the
-        # headers (load only), and every chunk gets a plain BodyResponse.
-        await s.send(request_headers(req_mode=STREAMED, resp_mode=STREAMED))
+        # headers by the whole pipeline (no prompt to read), and every chunk gets a plain BodyResponse.
+        await s.send(request_headers({"content-length": str(len(BODY))}, req_mode=STREAMED, resp_mode=STREAMED))
         first = await s.recv()
         assert set_headers(first.request_headers.response)["x-gateway-destination-endpoint"].decode() in ENDPOINTS
-        assert h.director.requests[0].kind is RequestKind.BODYLESS
+        req = h.director.requests[0]
+        assert req.kind is RequestKind.PASSTHROUGH and req.body_size == len(BODY)
         await s.send(request_body(BODY[:10]), request_body(BODY[10:], eos=True))
         for _ in range(2):
             r = await s.recv()
