@@ -1,8 +1,9 @@
 """Request control: what happens between a parsed request and a routing decision.
 
-    handle_request:  responders (may answer it here) → admission (flow control) → candidates (pool ∩ subset
-                     hint) → screeners → data producers → admitters → scheduler (profiles: filter → score
-                     → pick) → pre-request plugins → in-flight accounting → RoutingDecision
+    handle_request:  header processors → responders (may answer it here) → admission (flow control)
+                     → candidates (pool ∩ subset hint) → screeners → data producers → admitters
+                     → scheduler (profiles: filter → score → pick) → pre-request plugins
+                     → in-flight accounting → RoutingDecision
     response_headers / response_complete: response plugins and in-flight release.
 
 The ext_proc stream (server/extproc.py) owns the protocol; this module owns the policy.
@@ -31,6 +32,7 @@ from llmepp.framework.requestcontrol import (
     DirectResponse,
     FirstResponseChunkProcessor,
     PreRequest,
+    RequestHeaderProcessor,
     Responder,
     ResponseCompleteProcessor,
     ResponseHeaderProcessor,
@@ -87,6 +89,7 @@ class Pipeline:
 
     scheduler: Scheduler
     admission: Admission | None = None
+    header_processors: list[RequestHeaderProcessor] = field(default_factory=list)
     responders: list[Responder] = field(default_factory=list)
     screeners: list[Screener] = field(default_factory=list)
     producers: list[DataProducer] = field(default_factory=list)
@@ -146,6 +149,8 @@ class Director:
     async def handle_request(
         self, request: InferenceRequest, subset: Sequence[str] | None
     ) -> RoutingDecision | DirectResponse:
+        for processor in self.pipeline.header_processors:
+            processor.process_headers(request)
         for responder in self.pipeline.responders:
             answer = responder.respond(request)
             if answer is not None:

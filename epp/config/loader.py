@@ -53,6 +53,7 @@ from llmepp.framework.requestcontrol import (
     FirstResponseChunkProcessor,
     Parser,
     PreRequest,
+    RequestHeaderProcessor,
     Responder,
     ResponseCompleteProcessor,
     ResponseHeaderProcessor,
@@ -153,6 +154,7 @@ def build(
     values = list(plugins.values())
     pipeline = Pipeline(
         scheduler=scheduler,
+        header_processors=[p for p in values if isinstance(p, RequestHeaderProcessor)],
         responders=[p for p in values if isinstance(p, Responder)],
         screeners=[p for p in values if isinstance(p, Screener)],
         producers=_ordered_producers([p for p in values if isinstance(p, DataProducer)]),
@@ -231,6 +233,7 @@ def rebuild_scheduling(
 # add, change or drop them; it rebuilds all of them (they are cheap and hold nothing worth keeping).
 _SCHEDULING = (Filter, Scorer, Picker, ProfileHandler)
 _KEEPS_STATE = (
+    RequestHeaderProcessor,
     Responder,
     Screener,
     DataProducer,

@@ -1,7 +1,7 @@
 """Request-control extension points around scheduling (reference `requestcontrol`).
 
-Order per request: the Parser claiming the path reads the body → Responders (may answer the
-request themselves) → admission → Screeners (narrow the candidates) → DataProducers (write
+Order per request: the Parser claiming the path reads the body → RequestHeaderProcessors →
+Responders (may answer the request themselves) → admission → Screeners (narrow the candidates) → DataProducers (write
 request.data) → Admitters → scheduling → PreRequest (bookkeeping for the chosen targets) → ...
 response: ResponseHeaderProcessor on the response headers, FirstResponseChunkProcessor at the
 first body bytes, ResponseMetadataProcessor on its last message (before that is answered),
@@ -48,6 +48,14 @@ class DirectResponse:
     status: int
     body: bytes
     content_type: str = "application/json"
+
+
+class RequestHeaderProcessor(Plugin):
+    """Reads a request's headers before anything else (admission included) and may set request
+    attributes from them, e.g. the flow-control fairness id of an agent's session."""
+
+    @abstractmethod
+    def process_headers(self, request: InferenceRequest) -> None: ...
 
 
 class Responder(Plugin):

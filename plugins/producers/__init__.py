@@ -1,4 +1,5 @@
 from llmepp.framework.plugin import Plugin
+from llmepp.plugins.producers.agent_identity import AgentIdentity
 from llmepp.plugins.producers.approx_prefix import ApproxPrefixCacheProducer
 from llmepp.plugins.producers.inflight_load import InFlightLoadProducer
 from llmepp.plugins.producers.mm_embeddings import MMEmbeddingsCacheProducer, MMEmbeddingsCacheScorer
@@ -17,4 +18,5 @@ PLUGINS: list[type[Plugin]] = [
     RedisInFlightLoadProducer,
     MMEmbeddingsCacheProducer,
     MMEmbeddingsCacheScorer,
+    AgentIdentity,
 ]

@@ -48,6 +48,7 @@ plugins:
   parameters: {{maxConcurrency: 1}}
 - type: queue-scorer
 - type: round-robin-fairness-policy
+- type: agent-identity
 schedulingProfiles:
 - name: default
   plugins: [{{pluginRef: concurrency-detector}}, {{pluginRef: queue-scorer}}]
@@ -214,6 +215,22 @@ async def test_round_robin_serves_a_quiet_tenant_between_noisy_ones(
     # Sorted flow ids alternate: the quiet tenant waits one noisy request per turn, not six.
     assert order[:4] == ["noisy-0", "quiet-0", "noisy-1", "quiet-1"]
     assert order[4:] == [f"noisy-{i}" for i in range(2, 6)]
+
+
+async def test_agent_sessions_are_fairness_flows(stack: Stack, client: aiohttp.ClientSession) -> None:
+    # agent-identity: without a fairness header, an agent's session id (here Claude Code's) is the flow.
+    run = Run(stack, client)
+    unpin = await pin_both_pods(run)
+    for i in range(4):
+        run.send(f"busy-agent-{i}", SHORT, {"x-claude-code-session-id": "agent-a"})
+        await until_queued(client, stack, i + 1, fairness_id="agent-a")
+    run.send("other-agent", SHORT, {"session_id": "agent-b"})
+    await until_queued(client, stack, 1, fairness_id="agent-b")
+    unpin.cancel()
+    await until_finished(run, 5)
+    await run.close()
+    order = await run.order(run.finished)
+    assert order[:2] == ["busy-agent-0", "other-agent"]  # not behind all four of agent-a's
 
 
 async def test_ttl_expiry_is_429_with_the_reason_header(stack: Stack, client: aiohttp.ClientSession) -> None:

@@ -25,7 +25,7 @@ from llmepp.framework.datakeys import (
 from llmepp.framework.plugin import ConfigError, Plugin, PluginContext, registry
 from llmepp.framework.scheduling import ProfileResult, SchedulingResult
 from llmepp.observability.metrics import EppMetrics
-from llmepp.request.types import ResponseInfo
+from llmepp.request.types import InferenceRequest, ResponseInfo
 
 
 def make(type_: str, params: dict[str, Any] | None = None, *others: Plugin, datastore: Any = None) -> Any:
@@ -259,3 +259,37 @@ def test_inflight_counters_are_exported_per_endpoint_and_producer() -> None:
     }  # fmt: skip
     p.endpoint_removed(b)
     assert ("llm_d_epp_inflight_requests", b.name) not in samples()
+
+
+# -- agent-identity -------------------------------------------------------------------------------------
+def agent_request(headers: dict[str, str]) -> InferenceRequest:
+    req = request()
+    req.headers.update(headers)
+    return req
+
+
+def test_an_agent_session_becomes_the_fairness_id() -> None:
+    plugin = registry.build("agent-identity", "agent-identity", None)
+    req = agent_request({"session-id": "later", "x-claude-code-session-id": " claude-1 "})
+    plugin.process_headers(req)
+    assert req.fairness_id == "claude-1" and req.data["agent-identity"] == "claude-1"  # listed order wins
+    plain = agent_request({})
+    plugin.process_headers(plain)
+    assert plain.fairness_id == "default-flow" and "agent-identity" not in plain.data
+
+
+def test_an_explicit_fairness_header_wins_and_extra_headers_come_first() -> None:
+    plugin = registry.build("agent-identity", "agent-identity", {"additionalSessionHeaders": ["X-Conversation"]})
+    req = agent_request({"x-conversation": "conv-9", "session_id": "s"})
+    plugin.process_headers(req)
+    assert req.fairness_id == "conv-9"
+    tenant = agent_request({"x-llm-d-inference-fairness-id": "tenant-a", "session_id": "s"})
+    tenant.fairness_id = "tenant-a"  # as the parser sets it from the header
+    plugin.process_headers(tenant)
+    assert tenant.fairness_id == "tenant-a" and tenant.data["agent-identity"] == "s"
+
+
+def test_a_huge_session_value_is_cut() -> None:
+    req = agent_request({"session_id": "x" * 10_000})
+    registry.build("agent-identity", "agent-identity", None).process_headers(req)
+    assert len(req.fairness_id) == 256
