@@ -75,6 +75,11 @@ OPENAI_CLAIMS: dict[str, RequestKind] = {
     "completions": RequestKind.COMPLETIONS,
     "embeddings": RequestKind.EMBEDDINGS,
     "responses": RequestKind.RESPONSES,
+    "conversations": RequestKind.CONVERSATIONS,
+    # vLLM's render endpoints take the body of the API they render.
+    "chat/completions/render": RequestKind.CHAT_COMPLETIONS,
+    "completions/render": RequestKind.COMPLETIONS,
+    "images/generations": RequestKind.IMAGES,
 }
 ANTHROPIC_CLAIMS = ("messages", "messages/count_tokens")
 SGLANG_CLAIMS = ("generate",)
@@ -153,6 +158,15 @@ class _SamplingParams(msgspec.Struct):
     max_new_tokens: int | None = None
 
 
+class _ConversationsBody(msgspec.Struct):
+    items: list[_InputItem] | msgspec.UnsetType = msgspec.UNSET
+
+
+class _ImagesBody(msgspec.Struct):
+    model: str | None = None
+    prompt: str | msgspec.UnsetType = msgspec.UNSET
+
+
 class _GenerateBody(msgspec.Struct):
     model: str | None = None
     text: Any = msgspec.UNSET
@@ -207,6 +221,8 @@ _VLLM_GENERATE_DECODER = msgspec.json.Decoder(_VllmGenerateBody)
 _CHAT_DECODER = msgspec.json.Decoder(_ChatBody)
 _EMBEDDINGS_DECODER = msgspec.json.Decoder(_EmbeddingsBody)
 _RESPONSES_DECODER = msgspec.json.Decoder(_ResponsesBody)
+_CONVERSATIONS_DECODER = msgspec.json.Decoder(_ConversationsBody)
+_IMAGES_DECODER = msgspec.json.Decoder(_ImagesBody)
 _ANY_DECODER = msgspec.json.Decoder()
 
 _DECODE_ERROR_RE = re.compile(r"^JSON is malformed: (.*) \(byte (\d+)\)$")
@@ -381,6 +397,19 @@ def parse_openai(req: InferenceRequest, suffix: str) -> None:
         req.prompt = _text_or_tokens(emb.input, "input")
         req.prompt_is_token_ids = _is_token_prompt(emb.input)
         req.cache_salt = emb.cache_salt or ""
+    elif kind is RequestKind.CONVERSATIONS:
+        # No model: a conversation is stored state; its items are the start of every later turn.
+        conv = _decode(_CONVERSATIONS_DECODER, body)
+        if conv.items is msgspec.UNSET:
+            raise BadRequest('missing required field "items"')
+        req.messages = _responses_messages(_ResponsesBody(input=conv.items)) if conv.items else []
+        req.prompt = conversation_prompt(req.messages)
+    elif kind is RequestKind.IMAGES:
+        images = _decode(_IMAGES_DECODER, body)
+        if images.prompt is msgspec.UNSET:
+            raise BadRequest('missing required field "prompt"')
+        req.model = images.model or ""
+        req.prompt = images.prompt.encode()
     else:
         resp = _decode(_RESPONSES_DECODER, body)
         req.model = _model(resp.model)

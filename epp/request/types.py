@@ -16,6 +16,8 @@ class RequestKind(enum.Enum):
     CHAT_COMPLETIONS = "chat_completions"
     EMBEDDINGS = "embeddings"
     RESPONSES = "responses"  # OpenAI Responses API
+    CONVERSATIONS = "conversations"  # OpenAI Conversations API (items seed a conversation)
+    IMAGES = "images"  # OpenAI image generation (a text prompt)
     MESSAGES = "messages"  # Anthropic Messages API
     GENERATE = "generate"  # SGLang native generate
     # Unknown path: routed by load only, the body is not interpreted.

@@ -53,7 +53,11 @@ def test_path_header_precedence_and_query() -> None:
         ("/v1/responses", "openai-parser", "responses"),
         ("/v1/messages", "anthropic-parser", "messages"),
         ("/v1/messages/count_tokens", "anthropic-parser", "messages/count_tokens"),
-        ("/v1/completions/render", "passthrough-parser", ""),
+        ("/v1/completions/render", "openai-parser", "completions/render"),
+        ("/v1/chat/completions/render", "openai-parser", "chat/completions/render"),
+        ("/v1/conversations", "openai-parser", "conversations"),
+        ("/v1/images/generations", "openai-parser", "images/generations"),
+        ("/v1/conversations/c1/items", "passthrough-parser", ""),
         ("/v1/foocompletions", "passthrough-parser", ""),
         ("/inference/v1/generate", "vllmhttp-parser", "inference/v1/generate"),
         ("/generate", "passthrough-parser", ""),  # SGLang's, when sglanghttp-parser is listed
@@ -477,3 +481,40 @@ vllm_keys = st.sampled_from(["token_ids", "sampling_params", "stream", "cache_sa
 def test_any_vllm_generate_body_parses_or_is_bad_request(body: Any) -> None:
     with contextlib.suppress(BadRequest):
         vllm_generate(body)
+
+
+# -- the rest of openai-parser's claims (the reference's list) ---------------------------------------
+def openai(path: str, body: Any) -> Any:
+    return default_parsers().parse({":path": path}, json.dumps(body).encode(), request_id="r")
+
+
+def test_render_paths_read_the_body_of_the_api_they_render() -> None:
+    chat = openai("/v1/chat/completions/render", {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert chat.kind is RequestKind.CHAT_COMPLETIONS and chat.messages == [("user", "hi")]
+    comp = openai("/v1/completions/render", {"model": "m", "prompt": "abc"})
+    assert comp.kind is RequestKind.COMPLETIONS and comp.prompt == b"abc"
+
+
+def test_conversations_read_their_items_and_images_their_prompt() -> None:
+    items = [{"type": "message", "role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]
+    conv = openai("/v1/conversations", {"items": items, "metadata": {"topic": "x"}})
+    assert conv.kind is RequestKind.CONVERSATIONS and conv.model == ""
+    assert conv.messages == [("user", "hello"), ("assistant", "hi")] and conv.prompt == b"userhelloassistanthi"
+    assert openai("/v1/conversations", {"items": []}).prompt == b""
+    img = openai("/v1/images/generations", {"model": "sd", "prompt": "a red fox", "n": 1})
+    assert img.kind is RequestKind.IMAGES and (img.model, img.prompt) == ("sd", b"a red fox")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        ("/v1/conversations", {"metadata": {}}, 'missing required field "items"'),
+        ("/v1/conversations", {"items": "hello"}, "items"),
+        ("/v1/images/generations", {"model": "sd"}, 'missing required field "prompt"'),
+        ("/v1/images/generations", {"prompt": 3}, "prompt"),
+    ],
+)
+def test_conversations_and_images_errors(path: str, body: Any, message: str) -> None:
+    with pytest.raises(BadRequest) as e:
+        openai(path, body)
+    assert message in e.value.message
