@@ -9,7 +9,8 @@
       priorityBands: [{priority, maxRequests, maxBytes, fairnessPolicyRef, orderingPolicyRef}]
       usageLimitPolicyPluginRef: static-usage-limit-policy
       saturationDetector: {pluginRef: utilization-detector}
-      enableEviction: false           # true: revoke dispatched sheddable requests (flowcontrol.eviction)
+      enableEviction: false           # true: revoke dispatched sheddable requests (flowcontrol.eviction);
+                                      #   an eviction filter / ordering policy in `plugins` replaces the default
     saturationDetector: {pluginRef: ...}                       # deprecated location, or inline:
     saturationDetector: {queueDepthThreshold: 5, kvCacheUtilThreshold: 0.8, metricsStalenessThreshold: 200ms}
 
@@ -42,6 +43,8 @@ from llmepp.flowcontrol.eviction import INFLIGHT_GRACE, SCRAPED_GRACE_EXTRA
 from llmepp.flowcontrol.hooks import AdmissionHooks
 from llmepp.flowcontrol.interfaces import (
     AdmissionController,
+    EvictionFilterPolicy,
+    EvictionOrderingPolicy,
     FairnessPolicy,
     OrderingPolicy,
     SaturationDetector,
@@ -64,6 +67,8 @@ DEFAULT_ORDERING = "fcfs-ordering-policy"
 DEFAULT_FAIRNESS = "global-strict-fairness-policy"
 DEFAULT_USAGE_LIMIT = "static-usage-limit-policy"
 DEFAULT_DETECTOR = "utilization-detector"
+DEFAULT_EVICTION_FILTER = "sheddable-eviction-filter"
+DEFAULT_EVICTION_ORDERING = "priority-then-time-eviction-order-policy"
 OBJECTIVES_POLL_INTERVAL = 1.0  # seconds between stat() calls on --objectives-file
 
 
@@ -302,6 +307,12 @@ def build_admission(
         log.warning("flowControl block ignored (except saturationDetector): feature gate %s is off", FEATURE_GATE)
     if fc_config is not None and spec.enable_eviction:
         fc_config.eviction_grace = eviction_grace(detector, settings)
+        fc_config.eviction_filter = _configured_or_default(
+            resolver, EvictionFilterPolicy, DEFAULT_EVICTION_FILTER, "an eviction filter policy"
+        )
+        fc_config.eviction_ordering = _configured_or_default(
+            resolver, EvictionOrderingPolicy, DEFAULT_EVICTION_ORDERING, "an eviction ordering policy"
+        )
 
     store = objectives if objectives is not None else ObjectiveStore()
     pool_name = datastore.pool_name if datastore is not None else str(getattr(settings, "pool_name", "epp"))
@@ -341,6 +352,18 @@ def build_admission(
         extra={"detector": detector.name, "objectives_file": path or "", "objectives": len(store)},
     )
     return controller
+
+
+def _configured_or_default(resolver: _Resolver, kind: Any, default: str, label: str) -> Any:
+    """The one configured plugin of `kind` (the config declares it in `plugins`; there is no reference
+    field naming it), else the reference default, injected."""
+    found = [p for p in resolver.plugins.values() if isinstance(p, kind)]
+    if len(found) > 1:
+        names = ", ".join(repr(p.name) for p in found)
+        raise ConfigError(f"flowControl.enableEviction: the config has more than one {kind.__name__} ({names})")
+    if found:
+        return found[0]
+    return resolver.default(default, kind, "flowControl.enableEviction", label)
 
 
 def eviction_grace(detector: SaturationDetector, settings: Any) -> float:

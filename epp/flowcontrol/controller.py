@@ -43,6 +43,8 @@ from llmepp.datalayer.endpoint import Endpoint
 from llmepp.flowcontrol.eviction import Evictor
 from llmepp.flowcontrol.interfaces import (
     AdmissionController,
+    EvictionFilterPolicy,
+    EvictionOrderingPolicy,
     FairnessPolicy,
     OrderingPolicy,
     SaturationDetector,
@@ -91,6 +93,8 @@ class FlowControlConfig:
     no_endpoint_ttl: float = DEFAULT_REQUEST_TTL
     # In-flight eviction (flowcontrol.eviction): seconds between revocation decisions; None = off.
     eviction_grace: float | None = None
+    eviction_filter: EvictionFilterPolicy | None = None
+    eviction_ordering: EvictionOrderingPolicy | None = None
     # Runtime knobs (not in the YAML): dispatcher tick while work waits, per-cycle work
     # bound, idle garbage collection of flows and template-provisioned bands.
     poll_interval: float = 0.001
@@ -160,7 +164,13 @@ class FlowController(AdmissionController):
         self._closed_event: asyncio.Event | None = None  # set by shutdown() (ends a drain early)
         self.evictor: Evictor | None = None
         if config.eviction_grace is not None:
-            self.evictor = Evictor(config.eviction_grace, lambda p: metrics.revocation_counter(str(p), pool_name))
+            assert config.eviction_filter is not None and config.eviction_ordering is not None
+            self.evictor = Evictor(
+                config.eviction_grace,
+                lambda p: metrics.revocation_counter(str(p), pool_name),
+                config.eviction_filter,
+                config.eviction_ordering,
+            )
         metrics.add_source(self)
 
     # -- gauges read at scrape time ------------------------------------------------------------

@@ -3,10 +3,11 @@
 When saturation holds a band back, requests already dispatched from sheddable bands are revoked
 so the capacity they hold comes back for the blocked, more important work:
 
-    victims  = dispatched, unfinished, priority < 0 and below the blocked band's priority
-               (the reference's `sheddable-eviction-filter`), and still answerable
-    order    = lowest priority first, then the most recently dispatched first: the least work
-               lost (`priority-then-time-eviction-order-policy`)
+    victims  = dispatched, unfinished, accepted by the EvictionFilterPolicy (default
+               `sheddable-eviction-filter`: priority < 0), below the blocked band's priority,
+               and still answerable
+    order    = the EvictionOrderingPolicy's (default `priority-then-time-eviction-order-policy`:
+               lowest priority first, then the most recently dispatched first: the least work lost)
     per decision: one revocation per request waiting in the blocked band, at most 2; the next
                decision waits `grace`, so saturation is read
                again only once the freed capacity can show (a scraped detector: one metrics
@@ -22,7 +23,9 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable
+from typing import Any
 
+from llmepp.flowcontrol.interfaces import EvictionFilterPolicy, EvictionOrderingPolicy
 from llmepp.observability.fast import Tally
 from llmepp.request.types import InferenceRequest
 
@@ -36,20 +39,29 @@ INFLIGHT_GRACE = 0.010  # seconds: in-flight counts drop the moment a request is
 class Evictor:
     """The dispatched sheddable requests, and the revocation decision over them."""
 
-    def __init__(self, grace: float, revoked: Callable[[int], Tally]) -> None:
+    def __init__(
+        self,
+        grace: float,
+        revoked: Callable[[int], Tally],
+        accept: EvictionFilterPolicy,
+        ordering: EvictionOrderingPolicy,
+    ) -> None:
         self.grace = grace
         self._revoked = revoked  # victim priority -> its revocation counter
+        self._accept = accept
+        self._ordering = ordering
         self._seq = itertools.count()
-        # id(request) -> (request, dispatch order); insertion order is dispatch order.
-        self._inflight: dict[int, tuple[InferenceRequest, int]] = {}
+        # id(request) -> (request, eviction key, dispatch order)
+        self._inflight: dict[int, tuple[InferenceRequest, Any, int]] = {}
         self._next_decision = -1.0
 
     def __len__(self) -> int:
         return len(self._inflight)
 
     def dispatched(self, request: InferenceRequest) -> None:
-        if request.priority < 0:
-            self._inflight[id(request)] = (request, next(self._seq))
+        if self._accept.accept(request):
+            seq = next(self._seq)
+            self._inflight[id(request)] = (request, self._ordering.eviction_key(request, seq), seq)
 
     def completed(self, request: InferenceRequest) -> None:
         self._inflight.pop(id(request), None)
@@ -60,18 +72,17 @@ class Evictor:
         how many were revoked."""
         if now < self._next_decision or not self._inflight:
             return 0
-        ceiling = min(0, blocked_priority)
         candidates = [
-            (req.priority, -seq, req)
-            for req, seq in self._inflight.values()
-            if req.priority < ceiling and req.evict is not None
+            (key, seq, req)
+            for req, key, seq in self._inflight.values()
+            if req.priority < blocked_priority and req.evict is not None
         ]
         if not candidates:
             return 0
         candidates.sort(key=lambda c: (c[0], c[1]))
         wanted = min(waiting, MAX_PER_DECISION)
         revoked = 0
-        for priority, _, req in candidates:
+        for _, _, req in candidates:
             if revoked == wanted:
                 break
             evict = req.evict
@@ -79,6 +90,7 @@ class Evictor:
             self._inflight.pop(id(req), None)
             if evict():
                 revoked += 1
+                priority = req.priority
                 self._revoked(priority).inc()
                 log.info(
                     "evicted an in-flight request of priority %d for blocked priority %d",

@@ -4,6 +4,8 @@
     FairnessPolicy      which flow inside a band goes next          (global-strict, round-robin)
     UsageLimitPolicy    saturation ceiling per band                 (static)
     SaturationDetector  how loaded the pool is, 0 = idle, ≥ 1 = full (utilization, concurrency)
+    EvictionFilterPolicy    which dispatched requests may be revoked    (sheddable)
+    EvictionOrderingPolicy  which of them goes first                    (priority, then newest)
 
 Everything here runs on the event loop inside the dispatcher or the admit fast path:
 keep it allocation-light. `AdmissionController` is what `build_admission` returns.
@@ -64,6 +66,22 @@ class UsageLimitPolicy(Plugin):
     @abstractmethod
     def ceilings(self, saturation: float, priorities: Sequence[int]) -> Sequence[float]:
         """One ceiling per priority in `priorities` (highest priority first)."""
+
+
+class EvictionFilterPolicy(Plugin):
+    """In-flight eviction (flowControl.enableEviction): whether a dispatched request may ever be
+    revoked for a blocked higher band. Asked once, when it is dispatched."""
+
+    @abstractmethod
+    def accept(self, request: InferenceRequest) -> bool: ...
+
+
+class EvictionOrderingPolicy(Plugin):
+    """In-flight eviction: revocable requests are revoked lowest `eviction_key` first. Computed once,
+    at dispatch; `sequence` grows with dispatch order."""
+
+    @abstractmethod
+    def eviction_key(self, request: InferenceRequest, sequence: int) -> tuple[float, ...]: ...
 
 
 class SaturationDetector(Plugin):

@@ -1,5 +1,6 @@
 from llmepp.framework.plugin import Plugin
 from llmepp.plugins.flowcontrol.concurrency_detector import ConcurrencyDetector
+from llmepp.plugins.flowcontrol.eviction_policies import PriorityThenTimeEvictionOrder, SheddableEvictionFilter
 from llmepp.plugins.flowcontrol.fairness import GlobalStrictFairnessPolicy, RoundRobinFairnessPolicy
 from llmepp.plugins.flowcontrol.ordering import EdfOrderingPolicy, FcfsOrderingPolicy, SloDeadlineOrderingPolicy
 from llmepp.plugins.flowcontrol.program_fairness import ProgramAwareFairness
@@ -22,4 +23,6 @@ PLUGINS: list[type[Plugin]] = [
     SoftReflectiveCeilingPolicy,
     UtilizationDetector,
     ConcurrencyDetector,
+    SheddableEvictionFilter,
+    PriorityThenTimeEvictionOrder,
 ]

@@ -12,6 +12,7 @@ from llmepp.flowcontrol.hooks import AdmissionHooks
 from llmepp.flowcontrol.legacy import LegacyAdmission
 from llmepp.framework.plugin import ConfigError
 from llmepp.plugins.flowcontrol.concurrency_detector import ConcurrencyDetector
+from llmepp.plugins.flowcontrol.eviction_policies import PriorityThenTimeEvictionOrder, SheddableEvictionFilter
 from llmepp.plugins.flowcontrol.fairness import GlobalStrictFairnessPolicy, RoundRobinFairnessPolicy
 from llmepp.plugins.flowcontrol.ordering import EdfOrderingPolicy, FcfsOrderingPolicy
 from llmepp.plugins.flowcontrol.usage_limit import StaticUsageLimitPolicy
@@ -224,6 +225,21 @@ def test_eviction_waits_for_freed_capacity_to_show_and_needs_the_h2_transport() 
     assert inflight.evictor.grace == pytest.approx(0.010)
     with pytest.raises(ConfigError, match=r"flowControl\.enableEviction: needs the h2 ext_proc transport"):
         built(gated + "flowControl: {enableEviction: true}\n", settings=Settings(extproc_transport="grpc"))
+
+
+def test_eviction_policies_are_the_defaults_or_the_configured_ones() -> None:
+    gated = HEAD + "featureGates: [flowControl]\n"
+    default = controller_of(gated + "flowControl: {enableEviction: true}\n").config
+    assert isinstance(default.eviction_filter, SheddableEvictionFilter)
+    assert isinstance(default.eviction_ordering, PriorityThenTimeEvictionOrder)
+    named = controller_of(
+        gated + "plugins: [{type: priority-then-time-eviction-order-policy, name: mine}]\n"
+        "flowControl: {enableEviction: true}\n"
+    ).config
+    assert named.eviction_ordering is not None and named.eviction_ordering.name == "mine"
+    with pytest.raises(ConfigError, match=r"more than one EvictionFilterPolicy \('a', 'b'\)"):
+        two = "plugins: [{type: sheddable-eviction-filter, name: a}, {type: sheddable-eviction-filter, name: b}]\n"
+        built(gated + two + "flowControl: {enableEviction: true}\n")
 
 
 def test_objectives_file_setting_is_loaded_and_bad_files_fail_start_up(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -6,19 +6,27 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from llmepp.flowcontrol.eviction import MAX_PER_DECISION, Evictor
+from llmepp.flowcontrol.interfaces import EvictionFilterPolicy, EvictionOrderingPolicy
 from llmepp.observability.fast import Tally
 from llmepp.request.types import InferenceRequest
 
-from .kit import Server, concurrency_pool, controller, req, spin, until
+from .kit import Server, concurrency_pool, controller, plugin, req, spin, until
+
+ORDER = "priority-then-time-eviction-order-policy"
 
 
 class Victims:
     """Requests with an `evict` that records the revocation (as the ext_proc stream's would)."""
 
-    def __init__(self) -> None:
+    def __init__(self, accept: EvictionFilterPolicy | None = None, order: EvictionOrderingPolicy | None = None) -> None:
         self.evicted: list[str] = []
         self.counts: dict[int, Tally] = {}
-        self.evictor = Evictor(grace=1.0, revoked=lambda p: self.counts.setdefault(p, Tally()))
+        self.evictor = Evictor(
+            1.0,
+            lambda p: self.counts.setdefault(p, Tally()),
+            accept or plugin("sheddable-eviction-filter"),
+            order or plugin(ORDER),
+        )
 
     def dispatch(self, rid: str, priority: int, *, answerable: bool = True) -> InferenceRequest:
         r = req(rid, priority=priority)
@@ -74,7 +82,8 @@ def test_only_bands_below_the_blocked_one_and_only_answerable_unfinished_request
 
 async def test_a_blocked_band_gets_the_capacity_sheddable_work_held() -> None:
     pool, det = concurrency_pool(n=1, max_concurrency=2)
-    ctl = controller(pool, det, eviction_grace=0.01)
+    policies = {"eviction_filter": plugin("sheddable-eviction-filter"), "eviction_ordering": plugin(ORDER)}
+    ctl = controller(pool, det, eviction_grace=0.01, **policies)
     srv = Server(ctl, pool)
     evicted: list[str] = []
 
@@ -100,3 +109,33 @@ async def test_a_blocked_band_gets_the_capacity_sheddable_work_held() -> None:
     await spin(200)
     assert evicted == ["batch-2"] and "batch-3" not in srv.order
     await srv.close()
+
+
+# -- the policies are plugins ------------------------------------------------------------------------
+class OldestFirst(EvictionOrderingPolicy):
+    """A custom ordering a plugin author might write: the longest-running victim first."""
+
+    type = "test-oldest-first"
+
+    def eviction_key(self, request: InferenceRequest, sequence: int) -> tuple[float, ...]:
+        return (sequence,)
+
+
+class EveryPriority(EvictionFilterPolicy):
+    type = "test-every-priority"
+
+    def accept(self, request: InferenceRequest) -> bool:
+        return True
+
+
+def test_custom_policies_decide_the_victims() -> None:
+    v = Victims(order=OldestFirst("oldest"))
+    for rid in ("a", "b", "c"):
+        v.dispatch(rid, -1)
+    assert v.evictor.reclaim(0, 1, now=0.0) == 1 and v.evicted == ["a"]
+    # A filter admitting non-sheddable work: still only below the blocked band.
+    v = Victims(accept=EveryPriority("every"))
+    v.dispatch("p5", 5)
+    v.dispatch("p0", 0)
+    assert v.evictor.reclaim(10, 2, now=0.0) == 2 and v.evicted == ["p0", "p5"]
+    assert v.evictor.reclaim(0, 2, now=5.0) == 0
