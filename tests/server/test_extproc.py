@@ -767,7 +767,7 @@ async def test_buffered_response_mode_completes_on_the_single_body_message() -> 
 async def test_an_unread_body_is_routed_on_the_headers_and_streamed_through() -> None:
     async with serve() as h:
         s = h.open()
-        await s.send(request_headers({"content-length": "30"}, path="/v1/completions/render"))
+        await s.send(request_headers({"content-length": "30"}, path="/tokenize"))
         first = await s.recv()  # before any body chunk: nothing is buffered
         assert set_headers(first.request_headers.response)["x-gateway-destination-endpoint"].decode() in ENDPOINTS
         req = h.director.requests[0]
