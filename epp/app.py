@@ -203,6 +203,7 @@ class App:
             s,
             destination_list=s.destination_fallback_list,
             request_parsers=self.components.parsers,
+            out_of_band=getattr(self.components.pipeline.admission, "evictor", None) is not None,
         )
         cert = self.serving_cert
         if s.extproc_transport == "h2":

@@ -367,12 +367,7 @@ def _configured_or_default(resolver: _Resolver, kind: Any, default: str, label: 
 
 
 def eviction_grace(detector: SaturationDetector, settings: Any) -> float:
-    """Seconds between in-flight eviction decisions (flowcontrol.eviction), as the reference derives
-    them; a ConfigError if this EPP's transport cannot answer a request on its own."""
-    if getattr(settings, "extproc_transport", "h2") != "h2":
-        raise ConfigError(
-            "flowControl.enableEviction: needs the h2 ext_proc transport (--extproc-transport h2, the default)"
-        )
+    """Seconds between in-flight eviction decisions (flowcontrol.eviction), as the reference derives them."""
     if detector.counts_inflight:
         return INFLIGHT_GRACE
     refresh = float(getattr(settings, "refresh_metrics_interval", 0.05))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -29,6 +29,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from llmepp.server import envoy
 from llmepp.server.stream import (
     CONTROL_HEADERS,
+    Answers,
     Director,
     ExtProcStream,
     InternalError,
@@ -62,11 +63,15 @@ class ExtProcServicer(StreamContext):
     """
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any) -> None:
-        stream = ExtProcStream(self)
+        # grpc.aio allows one write at a time: answers pushed outside a message handler (in-flight
+        # eviction's 429) take turns with the loop's through a lock; only then is there one.
+        lock = asyncio.Lock() if self.out_of_band else None
+        pushes: list[asyncio.Task[None]] = []
+        stream = ExtProcStream(self, _pusher(context, lock, pushes) if lock is not None else None)
         self.stream_opened()
         try:
             read = context.read
-            write = context.write
+            write = context.write if lock is None else _locked(context.write, lock)
             eof = grpc.aio.EOF
             while True:
                 msg = await read()
@@ -89,6 +94,8 @@ class ExtProcServicer(StreamContext):
                         await write(out)
                 if stream.closed:
                     break
+            for task in pushes:  # a pushed answer goes out before the stream ends
+                await task
         except asyncio.CancelledError:
             stream.cancelled = True
             raise
@@ -100,6 +107,33 @@ class ExtProcServicer(StreamContext):
         finally:
             self.stream_closed()
             stream.finish()
+
+
+def _locked(write: Callable[[Any], Awaitable[None]], lock: asyncio.Lock) -> Callable[[Any], Awaitable[None]]:
+    async def locked_write(answer: Any) -> None:
+        async with lock:
+            await write(answer)
+
+    return locked_write
+
+
+def _pusher(context: Any, lock: asyncio.Lock, pushes: list[asyncio.Task[None]]) -> Callable[[Answers], None]:
+    """The stream's `push`: writes `answers` from a task of its own, in turn with the handler loop."""
+
+    async def write_all(answers: Answers) -> None:
+        async with lock:
+            try:
+                for answer in answers if isinstance(answers, list) else [answers]:
+                    await context.write(answer)
+            except Exception:  # Envoy reset the stream meanwhile: nothing left to answer
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("pushed ext_proc answer not written", exc_info=True)
+
+    def push(answers: Answers) -> None:
+        if answers is not None:
+            pushes.append(asyncio.get_running_loop().create_task(write_all(answers)))
+
+    return push
 
 
 def add_to_server(servicer: ExtProcServicer, server: grpc.aio.Server) -> None:

@@ -43,7 +43,7 @@ from llmepp.settings import Settings
 log = logging.getLogger(__name__)
 
 # A new stream's protocol object, given the stream's push (answers sent outside a message handler).
-StreamFactory = Callable[[Callable[[Any], None]], ExtProcStream]
+StreamFactory = Callable[[Callable[[Any], None] | None], ExtProcStream]
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # Frame types.
@@ -247,7 +247,8 @@ class _Connection(asyncio.Protocol):
             if self.goaway_sent:
                 self.out.append(_frame(RST_STREAM, 0, sid, _U32.pack(NO_ERROR)))
                 return
-            st = _Stream(sid, self.server.new_stream(functools.partial(self._push, sid)), self.peer_initial_window)
+            push = functools.partial(self._push, sid) if self.ctx.out_of_band else None
+            st = _Stream(sid, self.server.new_stream(push), self.peer_initial_window)
             self.streams[sid] = st
             self.ctx.stream_opened()
         if flags & END_STREAM:

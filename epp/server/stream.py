@@ -172,6 +172,7 @@ class StreamContext:
         time_response_chunks: bool = True,
         destination_list: bool = False,
         request_parsers: parsers.RequestParsers | None = None,
+        out_of_band: bool = False,
     ) -> None:
         settings = settings or Settings()
         self.director = director
@@ -185,6 +186,9 @@ class StreamContext:
         # and metadata alike), so by default only the primary endpoint is sent. Enable for
         # gateways that implement the comma-separated fallback list.
         self.destination_list = destination_list
+        # Streams may be answered outside a message handler (flow control's in-flight eviction): the
+        # transport gives each stream a `push` only then.
+        self.out_of_band = out_of_band
         self._labeled: dict[tuple[str, str], _Labeled] = {}
         self._streams_inflight = metrics.extproc_streams_inflight
         # Open ext_proc streams, for the drain (the gauge above is for Prometheus).

@@ -2,7 +2,8 @@
 simulated pod. Two sheddable (priority -1) streams fill the pod's two slots; an interactive request
 arrives and is held back by saturation; the EPP revokes the newest sheddable stream, whose client
 sees its stream cut, the pod stops generating for it, and the interactive request runs at once. A
-victim whose response has not started (not streamed) gets Envoy's reply of the EPP's 429 instead."""
+victim whose response has not started (not streamed) gets Envoy's reply of the EPP's 429 instead.
+Both ext_proc transports (h2, grpc.aio)."""
 
 from __future__ import annotations
 
@@ -47,9 +48,12 @@ spec: {priority: -1, poolRef: {name: epp}}
 """
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack() -> AsyncIterator[Stack]:
-    options = StackOptions(pods=1, first_host=175, sim_args=SIM, epp_config=CONFIG, objectives=OBJECTIVES)
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["h2", "grpc"])
+async def stack(request: pytest.FixtureRequest) -> AsyncIterator[Stack]:
+    options = StackOptions(
+        pods=1, first_host=175, sim_args=SIM, epp_config=CONFIG, objectives=OBJECTIVES,
+        epp_args=["--extproc-transport", request.param],
+    )  # fmt: skip
     async with Stack(options) as st:
         yield st
 

@@ -209,7 +209,7 @@ def test_config_errors_name_the_field(block: str, expected: str) -> None:
     assert expected in str(err.value)
 
 
-def test_eviction_waits_for_freed_capacity_to_show_and_needs_the_h2_transport() -> None:
+def test_eviction_waits_for_freed_capacity_to_show_on_either_transport() -> None:
     gated = HEAD + "featureGates: [flowControl]\n"
     off = built(gated).pipeline.admission
     assert isinstance(off, FlowController) and off.evictor is None
@@ -223,8 +223,8 @@ def test_eviction_waits_for_freed_capacity_to_show_and_needs_the_h2_transport() 
     ).pipeline.admission
     assert isinstance(inflight, FlowController) and inflight.evictor is not None
     assert inflight.evictor.grace == pytest.approx(0.010)
-    with pytest.raises(ConfigError, match=r"flowControl\.enableEviction: needs the h2 ext_proc transport"):
-        built(gated + "flowControl: {enableEviction: true}\n", settings=Settings(extproc_transport="grpc"))
+    grpc_aio = built(gated + "flowControl: {enableEviction: true}\n", settings=Settings(extproc_transport="grpc"))
+    assert isinstance(grpc_aio.pipeline.admission, FlowController) and grpc_aio.pipeline.admission.evictor is not None
 
 
 def test_eviction_policies_are_the_defaults_or_the_configured_ones() -> None:

@@ -532,21 +532,19 @@ async def test_cancel_mid_response_releases_exactly_once() -> None:
         assert h.sample("llm_d_epp_extproc_streams_inflight") == 0
 
 
-async def test_in_flight_eviction_answers_429_mid_response_and_releases_once(transport: str) -> None:
-    async with serve() as h:
+async def test_in_flight_eviction_answers_429_mid_response_and_releases_once() -> None:
+    async with serve(out_of_band=True) as h:
         s = h.open()
         await s.route(CHAT, path="/v1/chat/completions")
         await s.send(response_headers(200, "text/event-stream"), response_body(b"data: {}\n\n"))
         await s.recv()
         await s.recv()
         (req,) = h.director.requests
-        if transport == "grpc":
-            assert req.evict is None  # grpc.aio cannot answer outside a message: eviction is h2-only
-            return
         assert req.evict is not None and req.evict()
         status, headers, body = immediate(await s.recv())
         assert status == 429 and headers["x-llm-d-request-dropped-reason"] == b"evicted"
         assert body["error"]["message"] == "request evicted by flow control"
+        await s.close()  # Envoy ends its side after an immediate response
         assert await s.status() == grpc.StatusCode.OK
         (c,) = h.director.completions
         assert c.response.cause is TerminationCause.EVICTED
@@ -555,6 +553,34 @@ async def test_in_flight_eviction_answers_429_mid_response_and_releases_once(tra
         labels = {"model_name": "m", "target_model_name": "m", "error_code": "ResourceExhausted"}
         assert h.sample("llm_d_epp_request_error_total", labels) == 1
         assert h.sample("llm_d_epp_request_running", {"model_name": "m", "target_model_name": "m"}) == 0
+
+
+async def test_an_eviction_push_waits_for_an_answer_being_written() -> None:
+    # Revoked while the response streams: the 429 follows the chunk answers already due, never inside one.
+    async with serve(out_of_band=True) as h:
+        s = h.open()
+        await s.route(CHAT, path="/v1/chat/completions")
+        await s.send(response_headers(200, "text/event-stream"))
+        await s.recv()
+        (req,) = h.director.requests
+        await s.send(*(response_body(b"data: {}\n\n") for _ in range(20)))
+        assert req.evict is not None and req.evict()
+        kinds = []
+        while True:
+            answer = await s.recv()
+            kinds.append(answer.WhichOneof("response"))
+            if kinds[-1] == "immediate_response":
+                break
+        assert set(kinds[:-1]) <= {"response_body"}
+        await s.close()
+        assert await s.status() == grpc.StatusCode.OK
+
+
+async def test_without_eviction_no_request_can_be_revoked() -> None:
+    async with serve() as h:
+        s = h.open()
+        await s.route(BODY)
+        assert h.director.requests[0].evict is None  # no push per stream, no bound method per request
 
 
 async def test_stream_closed_after_routing_without_response_releases() -> None:
