@@ -615,11 +615,7 @@ class ExtProcStream:
             self.svc.protocol_error("duplicate_response_headers")
             return envoy.RESPONSE_HEADERS_CONTINUE
         self.resp_started = True
-        if self.phase == _BODY or self.phase == _START:
-            # Envoy sent a local reply (timeout, ...) before the request was routed: the
-            # request side will never be answered; the response side still must be.
-            self.phase = _UNROUTED
-            self.chunks = []
+        self._request_side_over()
         headers = envoy.headers_dict(h)
         info = ResponseInfo()
         try:
@@ -662,6 +658,7 @@ class ExtProcStream:
             info = self.info = ResponseInfo()
             self.usage = UsageCollector(False)
             self.resp_started = True
+            self._request_side_over()
         if chunk:
             if not info.bytes:
                 info.first_byte_at = time.monotonic()
@@ -691,9 +688,17 @@ class ExtProcStream:
     def on_response_trailers(self) -> Answer:
         if not self.resp_started:
             self.svc.protocol_error("response_trailers_before_headers")
+            self._request_side_over()
         answer = self._with_metadata(envoy.RESPONSE_TRAILERS_CONTINUE)
         self._response_ended()
         return answer
+
+    def _request_side_over(self) -> None:
+        """The response side started before the request was routed (Envoy's local reply: a timeout,
+        ...): the request side will never be answered, and nothing may be routed from now on."""
+        if self.phase == _BODY or self.phase == _START:
+            self.phase = _UNROUTED
+            self.chunks = []
 
     def _with_metadata(self, answer: Answer) -> Answer:
         """The answer to a response's last message, with the ResponseMetadataProcessors' dynamic metadata

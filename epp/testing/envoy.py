@@ -123,38 +123,29 @@ def _breakers() -> dict[str, Any]:
     return {"thresholds": [{"max_connections": n, "max_pending_requests": n, "max_requests": n, "max_retries": n}]}
 
 
+# body mode → (request body, request trailers, response body, response trailers) modes; headers are sent.
+_PROCESSING_MODES: dict[str, tuple[str, str, str, str]] = {
+    # Trailer modes SEND are mandatory with FDS.
+    "FULL_DUPLEX_STREAMED": ("FULL_DUPLEX_STREAMED", "SEND", "FULL_DUPLEX_STREAMED", "SEND"),
+    # Request body in one message (≤ the 1 MiB connection buffer), response streamed.
+    "BUFFERED": ("BUFFERED", "SKIP", "STREAMED", "SKIP"),
+    # Bodies pass as they come, each chunk acknowledged: the EPP routes on the request headers.
+    "STREAMED": ("STREAMED", "SKIP", "STREAMED", "SKIP"),
+}
+
+
 def _ext_proc_filter(body_mode: BodyMode) -> dict[str, Any]:
-    if body_mode == "FULL_DUPLEX_STREAMED":
-        mode = {
-            "request_header_mode": "SEND",
-            "request_body_mode": "FULL_DUPLEX_STREAMED",
-            "request_trailer_mode": "SEND",
-            "response_header_mode": "SEND",
-            "response_body_mode": "FULL_DUPLEX_STREAMED",
-            "response_trailer_mode": "SEND",
-        }
-    elif body_mode == "BUFFERED":
-        # Request body in one message (≤ the 1 MiB connection buffer), response streamed.
-        mode = {
-            "request_header_mode": "SEND",
-            "request_body_mode": "BUFFERED",
-            "request_trailer_mode": "SKIP",
-            "response_header_mode": "SEND",
-            "response_body_mode": "STREAMED",
-            "response_trailer_mode": "SKIP",
-        }
-    elif body_mode == "STREAMED":
-        # Bodies pass as they come, each chunk acknowledged: the EPP routes on the request headers.
-        mode = {
-            "request_header_mode": "SEND",
-            "request_body_mode": "STREAMED",
-            "request_trailer_mode": "SKIP",
-            "response_header_mode": "SEND",
-            "response_body_mode": "STREAMED",
-            "response_trailer_mode": "SKIP",
-        }
-    else:
+    if body_mode not in _PROCESSING_MODES:
         raise ValueError(f"unsupported body_mode {body_mode!r}")
+    request_body, request_trailers, response_body, response_trailers = _PROCESSING_MODES[body_mode]
+    mode = {
+        "request_header_mode": "SEND",
+        "request_body_mode": request_body,
+        "request_trailer_mode": request_trailers,
+        "response_header_mode": "SEND",
+        "response_body_mode": response_body,
+        "response_trailer_mode": response_trailers,
+    }
     return {
         "name": "envoy.filters.http.ext_proc",
         "typed_config": {

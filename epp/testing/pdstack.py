@@ -36,7 +36,10 @@ from llmepp_sim.cluster import PodInfo, SimProcess
 ROLE_LABEL = "llm-d.ai/role"
 
 # Reference example B, shipped as deploy/config/pd-epp-config.yaml.
-PD_CONFIG = (Path(__file__).resolve().parents[2] / "deploy" / "config" / "pd-epp-config.yaml").read_text()
+_CONFIGS = Path(__file__).resolve().parents[2] / "deploy" / "config"
+PD_CONFIG = (_CONFIGS / "pd-epp-config.yaml").read_text()
+# The same split in the deprecated plugins of llm-d before v0.7 (pd-profile-handler).
+LEGACY_PD_CONFIG = (_CONFIGS / "pd-legacy-epp-config.yaml").read_text()
 
 
 class SidecarProcess(ChildProcess):

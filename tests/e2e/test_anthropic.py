@@ -30,12 +30,6 @@ async def stack() -> AsyncIterator[Stack]:
         yield st
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        yield session
-
-
 async def turn(http: aiohttp.ClientSession, stack: Stack, history: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     body = {"model": MODEL, "system": SYSTEM, "messages": history, "max_tokens": 8}
     async with http.post(f"{stack.url}/v1/messages", json=body) as resp:

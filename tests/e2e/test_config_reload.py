@@ -65,12 +65,6 @@ async def stack() -> AsyncIterator[SlotStack]:
         yield st
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
-
-
 async def served_by(http: aiohttp.ClientSession, stack: Stack, n: int = 4, tag: str = "") -> Counter[str]:
     pods: Counter[str] = Counter()
     for i in range(n):

@@ -29,12 +29,6 @@ async def stack(request: pytest.FixtureRequest) -> AsyncIterator[Stack]:
         yield st
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
-
-
 async def served(http: aiohttp.ClientSession, stack: Stack, headers: dict[str, str]) -> tuple[int, str, str]:
     body = {"model": "sim-model", "prompt": "the same prompt every time " * 30, "max_tokens": 2}
     async with http.post(f"{stack.url}/v1/completions", json=body, headers=headers) as resp:

@@ -30,12 +30,6 @@ async def stack() -> AsyncIterator[Stack]:
         yield st
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
-
-
 async def listed(http: aiohttp.ClientSession, stack: Stack) -> tuple[int, list[str], str]:
     async with http.get(f"{stack.url}/v1/models") as resp:
         body = await resp.json(content_type=None)

@@ -12,39 +12,17 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from llmepp.testing.pdstack import PDStack, PDStackOptions, scrape, total
+from llmepp.testing.pdstack import LEGACY_PD_CONFIG, PDStack, PDStackOptions, scrape, total
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
 MODEL = "sim-model"
 SIM = ["--latency-profile", "llama-8b-h100", "--time-scale", "4", "--prefill-time-per-token", "2.0"]
-LEGACY_CONFIG = """\
-apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: pd-profile-handler
-- type: prefill-header-handler
-- type: prefill-filter
-- type: decode-filter
-- type: queue-scorer
-- type: max-score-picker
-schedulingProfiles:
-- name: prefill
-  plugins:
-  - pluginRef: prefill-filter
-  - pluginRef: queue-scorer
-  - pluginRef: max-score-picker
-- name: decode
-  plugins:
-  - pluginRef: decode-filter
-  - pluginRef: queue-scorer
-  - pluginRef: max-score-picker
-"""
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack() -> AsyncIterator[PDStack]:
-    options = PDStackOptions(prefill=1, decode=1, sim_args=SIM, first_host=107, epp_config=LEGACY_CONFIG)
+    options = PDStackOptions(prefill=1, decode=1, sim_args=SIM, first_host=107, epp_config=LEGACY_PD_CONFIG)
     async with PDStack(options) as st:
         yield st
 

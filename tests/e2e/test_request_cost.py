@@ -37,12 +37,6 @@ async def stack() -> AsyncIterator[Stack]:
         yield st
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
-
-
 async def logged_cost(stack: Stack, request_id: str) -> str:
     assert stack.envoy is not None
     for _ in range(100):  # Envoy flushes its access log every 200 ms

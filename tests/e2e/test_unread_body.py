@@ -43,12 +43,6 @@ async def stack() -> AsyncIterator[Stack]:
         yield st
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        yield session
-
-
 async def prompt_tokens(http: aiohttp.ClientSession, url: str, body: dict[str, object]) -> tuple[int, str]:
     async with http.post(f"{url}/v1/completions", json=body) as resp:
         assert resp.status == 200, await resp.text()

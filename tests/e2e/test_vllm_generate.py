@@ -27,12 +27,6 @@ async def stack() -> AsyncIterator[Stack]:
         yield st
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        yield session
-
-
 async def test_a_growing_token_prompt_stays_where_its_prefix_is_cached(
     stack: Stack, http: aiohttp.ClientSession
 ) -> None:

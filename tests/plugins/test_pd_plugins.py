@@ -21,7 +21,7 @@ from llmepp.framework.scheduling import Decider
 from llmepp.observability.metrics import EppMetrics
 from llmepp.plugins.profile_handlers.disagg import PEER_ENDPOINT, DisaggProfileHandler
 from llmepp.request.types import InferenceRequest
-from llmepp.testing.pdstack import PD_CONFIG
+from llmepp.testing.pdstack import LEGACY_PD_CONFIG, PD_CONFIG
 
 ROLE = "llm-d.ai/role"
 
@@ -413,28 +413,13 @@ def test_header_profile_handler_default_must_exist() -> None:
 
 
 # -- deprecated pd-profile-handler and header handlers (configs from before llm-d v0.7) ------------------
-LEGACY_PD = """
-apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: pd-profile-handler{params}
-- type: prefill-header-handler
-- type: prefill-filter
-- type: decode-filter
-- type: queue-scorer
-- type: max-score-picker
-schedulingProfiles:
-- name: prefill
-  plugins:
-  - pluginRef: prefill-filter
-  - pluginRef: queue-scorer
-  - pluginRef: max-score-picker
-- name: decode
-  plugins:
-  - pluginRef: decode-filter
-  - pluginRef: queue-scorer
-  - pluginRef: max-score-picker
-"""
+def legacy_pd(params: str = "") -> str:
+    """deploy/config/pd-legacy-epp-config.yaml with `params` as pd-profile-handler's parameters."""
+    if not params:
+        return LEGACY_PD_CONFIG
+    return LEGACY_PD_CONFIG.replace(
+        "- type: pd-profile-handler\n", f"- type: pd-profile-handler\n  parameters: {params}\n"
+    )
 
 
 def legacy_decisions(metrics: EppMetrics, kind: str) -> float:
@@ -447,7 +432,7 @@ def legacy_decisions(metrics: EppMetrics, kind: str) -> float:
 
 
 async def test_a_legacy_pd_config_without_parameters_disaggregates_every_request() -> None:
-    d, _, metrics = director(LEGACY_PD.format(params=""), PD_PODS)
+    d, _, metrics = director(legacy_pd(), PD_PODS)
     decision = await d.handle_request(request(b"hi"), None)  # threshold 0: even a short prompt
     assert decision.targets[0].name in {"d0", "d1"}
     assert decision.result is not None
@@ -457,8 +442,8 @@ async def test_a_legacy_pd_config_without_parameters_disaggregates_every_request
 
 
 async def test_a_legacy_threshold_disaggregates_only_long_uncached_prompts() -> None:
-    params = "\n  parameters: {threshold: 500, hashBlockSize: 64, prefixPluginName: prefix-cache-scorer}"
-    d, _, metrics = director(LEGACY_PD.format(params=params), PD_PODS)
+    params = "{threshold: 500, hashBlockSize: 64, prefixPluginName: prefix-cache-scorer}"
+    d, _, metrics = director(legacy_pd(params), PD_PODS)
     short = await d.handle_request(request(b"s" * 400), None)  # 100 tokens < 500
     assert "x-prefiller-host-port" not in short.headers
     long = await d.handle_request(request(b"l" * 4000), None)  # 1000 uncached tokens
@@ -468,7 +453,7 @@ async def test_a_legacy_threshold_disaggregates_only_long_uncached_prompts() -> 
 
 async def test_a_legacy_decider_plugin_name_and_renamed_profiles() -> None:
     config = (
-        LEGACY_PD.format(params="\n  parameters: {deciderPluginName: never, decodeProfile: d, prefillProfile: p}")
+        legacy_pd("{deciderPluginName: never, decodeProfile: d, prefillProfile: p}")
         .replace("- type: prefill-header-handler", "- type: prefix-based-pd-decider\n  name: never")
         .replace("- name: prefill\n", "- name: p\n")
         .replace("- name: decode\n", "- name: d\n")
@@ -479,7 +464,7 @@ async def test_a_legacy_decider_plugin_name_and_renamed_profiles() -> None:
 
 
 async def test_a_legacy_config_with_only_a_decode_profile_is_decode_only() -> None:
-    config = LEGACY_PD.format(params="").split("- name: prefill")[0] + (
+    config = legacy_pd().split("- name: prefill")[0] + (
         "- name: decode\n  plugins:\n  - pluginRef: decode-filter\n  - pluginRef: max-score-picker\n"
     )
     d, _, _ = director(config, PD_PODS)
@@ -489,7 +474,7 @@ async def test_a_legacy_config_with_only_a_decode_profile_is_decode_only() -> No
 
 def test_the_legacy_data_parallel_port_rewrite_is_refused_with_the_alternative() -> None:
     with pytest.raises(ConfigError, match=r"primaryPort .* is not supported: list every rank.s port"):
-        build(load_config(LEGACY_PD.format(params="\n  parameters: {primaryPort: 8000}")))
+        build(load_config(legacy_pd("{primaryPort: 8000}")))
 
 
 def test_disagg_headers_handler_stamps_both_headers() -> None:

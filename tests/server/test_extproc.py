@@ -695,6 +695,20 @@ async def test_body_before_headers_is_a_500_and_counted() -> None:
         assert h.sample("llm_d_epp_extproc_protocol_errors_total", {"kind": "request_body_before_headers"}) == 1
 
 
+async def test_a_response_before_any_request_headers_means_nothing_is_routed_later() -> None:
+    # Found by the stream property test: a response body first, then request headers, routed a request
+    # the already-completed stream never released.
+    async with serve() as h:
+        s = h.open()
+        await s.send(response_body(b"", eos=True))
+        assert streamed(await s.recv(), "response_body") == (b"", True)
+        await s.send(request_headers(req_mode=STREAMED))  # too late: the request side is over
+        await s.send(response_trailers())
+        assert (await s.recv()).WhichOneof("response") == "response_trailers"
+        assert h.director.requests == [] and h.director.inflight == {}
+        assert h.sample("llm_d_epp_extproc_protocol_errors_total", {"kind": "duplicate_request_headers"}) == 1
+
+
 async def test_unexpected_messages_are_counted_and_the_stream_survives() -> None:
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 

@@ -94,20 +94,18 @@ def response_headers(draw: st.DrawFn) -> pb.ProcessingRequest:
     return pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=headers, end_of_stream=draw(st.booleans())))
 
 
+def _body(field: str, chunks: st.SearchStrategy[bytes]) -> st.SearchStrategy[pb.ProcessingRequest]:
+    return st.builds(
+        lambda b, e: pb.ProcessingRequest(**{field: pb.HttpBody(body=b, end_of_stream=e)}), chunks, st.booleans()
+    )
+
+
 messages = st.one_of(
     request_headers(),
-    st.builds(
-        lambda b, e: pb.ProcessingRequest(request_body=pb.HttpBody(body=b, end_of_stream=e)),
-        bodies,
-        st.booleans(),
-    ),
+    _body("request_body", bodies),
     st.just(pb.ProcessingRequest(request_trailers=pb.HttpTrailers())),
     response_headers(),
-    st.builds(
-        lambda b, e: pb.ProcessingRequest(response_body=pb.HttpBody(body=b, end_of_stream=e)),
-        response_chunks,
-        st.booleans(),
-    ),
+    _body("response_body", response_chunks),
     st.just(pb.ProcessingRequest(response_trailers=pb.HttpTrailers())),
     st.just(pb.ProcessingRequest()),  # no message at all: a newer Envoy's, or garbage
 )
