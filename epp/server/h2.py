@@ -53,11 +53,12 @@ END_STREAM, ACK, END_HEADERS, PADDED = 0x1, 0x1, 0x4, 0x8
 # Settings ids.
 S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS, S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE = 1, 2, 3, 4, 5
 # Error codes.
-NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 3
+NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR = 0, 1, 3, 6
 # gRPC status codes used here.
 GRPC_OK, GRPC_UNIMPLEMENTED, GRPC_INTERNAL, GRPC_RESOURCE_EXHAUSTED = 0, 12, 13, 8
 
 MAX_WINDOW = 2**31 - 1
+MIN_MAX_FRAME, MAX_MAX_FRAME = 2**14, 2**24 - 1  # SETTINGS_MAX_FRAME_SIZE bounds (RFC 9113 §6.5.2)
 DEFAULT_WINDOW = 65_535
 DEFAULT_FRAME = 16_384
 # What we advertise: big receive windows (we consume every byte at once) and frames.
@@ -208,22 +209,46 @@ class _Connection(asyncio.Protocol):
                 payload = buf[pos + 9 : pos + 9 + length]  # bytes or bytearray: both parse
                 pos += 9 + length
                 if kind == DATA:
+                    if sid == 0 or (flags & PADDED and (length == 0 or payload[0] >= length)):
+                        self._malformed(PROTOCOL_ERROR, "DATA on stream 0 or with padding past its end")
+                        return
                     self._on_data(sid, flags, payload, length)
                 elif kind == HEADERS:
+                    if sid == 0:
+                        self._malformed(PROTOCOL_ERROR, "HEADERS on stream 0")
+                        return
                     self._on_headers(sid, flags)
                 elif kind == WINDOW_UPDATE:
+                    if length != 4:
+                        self._malformed(FRAME_SIZE_ERROR, "WINDOW_UPDATE of length other than 4")
+                        return
                     self._on_window_update(sid, payload)
                 elif kind == SETTINGS:
+                    if sid != 0 or length % 6 or (flags & ACK and length):
+                        self._malformed(FRAME_SIZE_ERROR if sid == 0 else PROTOCOL_ERROR, "malformed SETTINGS")
+                        return
                     self._on_settings(flags, payload)
                 elif kind == PING:
+                    if sid != 0 or length != 8:
+                        self._malformed(FRAME_SIZE_ERROR if sid == 0 else PROTOCOL_ERROR, "malformed PING")
+                        return
                     if not flags & ACK:
                         self.out.append(_frame(PING, ACK, 0, payload))
                 elif kind == RST_STREAM:
+                    if sid == 0 or length != 4:
+                        self._malformed(FRAME_SIZE_ERROR if sid else PROTOCOL_ERROR, "malformed RST_STREAM")
+                        return
                     st = self.streams.get(sid)
                     if st is not None:
                         self._abort(st)
                 elif kind == GOAWAY:
-                    pass  # the client opens no new streams; the open ones finish normally
+                    if sid != 0 or length < 8:
+                        self._malformed(FRAME_SIZE_ERROR if sid == 0 else PROTOCOL_ERROR, "malformed GOAWAY")
+                        return
+                    # The client opens no new streams; the open ones finish normally.
+                elif kind == PUSH_PROMISE:
+                    self._malformed(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
+                    return
                 # PRIORITY, CONTINUATION (header blocks are not decoded), unknown: ignored.
                 if self.closed:
                     return
@@ -304,6 +329,9 @@ class _Connection(asyncio.Protocol):
 
     def _on_window_update(self, sid: int, payload: bytes | bytearray) -> None:
         inc = _U32.unpack_from(payload)[0] & 0x7FFFFFFF
+        if inc == 0:
+            self._malformed(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+            return
         if sid == 0:
             self.conn_send_window += inc
             if self.blocked:
@@ -325,6 +353,12 @@ class _Connection(asyncio.Protocol):
             return
         for off in range(0, len(payload) - 5, 6):
             ident, value = _U16_U32.unpack_from(payload, off)
+            if (ident == S_INITIAL_WINDOW_SIZE and value > MAX_WINDOW) or (
+                ident == S_MAX_FRAME_SIZE and not MIN_MAX_FRAME <= value <= MAX_MAX_FRAME
+            ):
+                self._malformed(FLOW_CONTROL_ERROR if ident == S_INITIAL_WINDOW_SIZE else PROTOCOL_ERROR,
+                                f"SETTINGS {ident} = {value} is out of range")  # fmt: skip
+                return
             if ident == S_INITIAL_WINDOW_SIZE:
                 delta = value - self.peer_initial_window
                 self.peer_initial_window = value
@@ -516,6 +550,13 @@ class _Connection(asyncio.Protocol):
         if self.out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(b"".join(self.out))
         self.out.clear()
+
+    def _malformed(self, code: int, reason: str) -> None:
+        """A frame RFC 9113 §6 makes a connection error: counted, GOAWAY with the reason, closed."""
+        self.ctx.protocol_error("h2_malformed_frame")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("h2 ext_proc: %s: closing the connection", reason)
+        self._fatal(code, reason)
 
     def _fatal(self, code: int, reason: str) -> None:
         self.closed = True

@@ -281,3 +281,35 @@ async def test_graceful_stop_lets_open_streams_finish() -> None:
     await asyncio.wait_for(stopping, 5)
     assert director.completions[0].response.cause is TerminationCause.NATURAL
     c.close()
+
+
+@pytest.mark.parametrize(
+    ("bad", "code"),
+    [
+        (frame(WINDOW_UPDATE, 0, 0, b""), 6),  # length other than 4: FRAME_SIZE_ERROR
+        (frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", 0)), 1),  # increment 0: PROTOCOL_ERROR
+        (frame(SETTINGS, 0, 0, struct.pack(">HI", 5, 0)), 1),  # MAX_FRAME_SIZE below 16384
+        (frame(SETTINGS, 0, 0, struct.pack(">HI", 4, 2**31)), 3),  # window past 2^31-1: FLOW_CONTROL_ERROR
+        (frame(PING, 0, 0, b"short"), 6),
+        (frame(RST_STREAM, 0, 0, b"\x00\x00\x00\x00"), 1),  # on stream 0
+        (frame(DATA, 0x08, 1, b"\x05ab"), 1),  # padding past the end
+    ],
+)
+async def test_malformed_frames_are_connection_errors_that_are_counted(
+    h2: tuple[H2ExtProcServer, FakeDirector, EppMetrics], bad: bytes, code: int
+) -> None:
+    server, director, metrics = h2
+    c = await RawClient.connect(server.port)
+    c.send(open_stream(1, request_headers(), request_body(BODY, eos=True)) + bad)
+    _, _, _, payload = await c.until(GOAWAY)
+    assert struct.unpack(">I", payload[4:8])[0] == code
+    for _ in range(100):  # the routed request is released with the connection
+        if not director.inflight:
+            break
+        await asyncio.sleep(0.01)
+    assert director.inflight == {}
+    assert (
+        metrics.registry.get_sample_value("llm_d_epp_extproc_protocol_errors_total", {"kind": "h2_malformed_frame"})
+        == 1
+    )
+    c.close()
