@@ -1,0 +1,123 @@
+"""Configuration input against anything (property-based): real configs with random parts replaced,
+removed or added, and arbitrary endpoints files, either load or fail with a ConfigError that says
+where; never with another exception (a start-up traceback instead of a message)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmepp.config.loader import build, load_config
+from llmepp.config.schema import DEFAULT_CONFIG
+from llmepp.datalayer.endpointsfile import EndpointsFileError, parse_endpoints
+from llmepp.framework.plugin import ConfigError
+from llmepp.testing.pdstack import LEGACY_PD_CONFIG, PD_CONFIG
+
+FLOW_CONTROL = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [flowControl]
+plugins:
+- type: concurrency-detector
+  parameters: {maxConcurrency: 4}
+- type: round-robin-fairness-policy
+- type: priority-holdback-policy
+  parameters: {minCeiling: 0.5}
+- type: queue-scorer
+- type: request-attribute-reporter
+  parameters:
+    attributes:
+    - key: {name: cost}
+      expression: usage.prompt_tokens + usage.completion_tokens
+schedulingProfiles:
+- name: default
+  plugins: [{pluginRef: concurrency-detector}, {pluginRef: queue-scorer, weight: 2}]
+flowControl:
+  defaultRequestTTL: 30s
+  usageLimitPolicyPluginRef: priority-holdback-policy
+  defaultPriorityBand: {fairnessPolicyRef: round-robin-fairness-policy, maxRequests: 100}
+  priorityBands: [{priority: 10, maxBytes: 1Mi}]
+  saturationDetector: {pluginRef: concurrency-detector}
+  enableEviction: true
+"""
+SEEDS = [yaml.safe_load(text) for text in (DEFAULT_CONFIG, PD_CONFIG, LEGACY_PD_CONFIG, FLOW_CONTROL)]
+
+values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 70000) | st.floats(allow_nan=False, width=32)
+    | st.sampled_from(["", "x", "queue-scorer", "prefill", "10s", "-1", "1Gi", "usage.prompt_tokens +"]),
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.sampled_from(["type", "name", "x", "pluginRef"]), inner, max_size=3),
+    max_leaves=6,
+)  # fmt: skip
+
+
+def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [prefix]
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+@st.composite
+def mutated_configs(draw: st.DrawFn) -> str:
+    config = copy.deepcopy(draw(st.sampled_from(SEEDS)))
+    for _ in range(draw(st.integers(1, 3))):
+        paths = _paths(config)
+        path = draw(st.sampled_from(paths[1:] or paths))
+        parent = config
+        for key in path[:-1]:
+            parent = parent[key]
+        action = draw(st.sampled_from(["replace", "delete", "add"]))
+        if not path:
+            continue
+        last = path[-1]
+        if action == "replace":
+            parent[last] = draw(values)
+        elif action == "delete" and isinstance(parent, dict):
+            del parent[last]
+        elif action == "delete" and isinstance(parent, list):
+            parent.pop(last)
+        elif isinstance(parent, dict):
+            parent[draw(st.sampled_from(["unknownField", "weight", "parameters", "plugins"]))] = draw(values)
+    return yaml.safe_dump(config)
+
+
+@settings(max_examples=400, deadline=None)
+@given(mutated_configs())
+def test_any_config_loads_or_fails_with_a_config_error(text: str) -> None:
+    try:
+        build(load_config(text))
+    except ConfigError as e:
+        assert str(e).strip()
+
+
+endpoint_entries = st.dictionaries(
+    st.sampled_from(["name", "namespace", "address", "port", "metricsPort", "rank", "labels", "extra"]),
+    values | st.sampled_from(["10.0.0.1", 8000, "vllm-0", {"llm-d.ai/role": "decode"}]),
+    max_size=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.builds(lambda entries: yaml.safe_dump({"endpoints": entries}), st.lists(endpoint_entries, max_size=4)),
+        st.builds(yaml.safe_dump, values),
+        st.text(max_size=64),
+    )
+)
+def test_any_endpoints_file_parses_or_fails_naming_the_entry(text: str) -> None:
+    try:
+        specs = parse_endpoints(text.encode())
+    except EndpointsFileError as e:
+        assert str(e).strip()
+        return
+    assert all(s.address and 0 < s.port < 65536 for s in specs)
