@@ -1,6 +1,6 @@
 """Configuration input against anything (property-based): real configs with random parts replaced,
-removed or added, and arbitrary endpoints files, either load or fail with a ConfigError that says
-where; never with another exception (a start-up traceback instead of a message)."""
+removed or added, arbitrary endpoints files and objectives files either load or fail with an error
+that says where; never with another exception (a start-up traceback instead of a message)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from llmepp.config.loader import build, load_config
 from llmepp.config.schema import DEFAULT_CONFIG
 from llmepp.datalayer.endpointsfile import EndpointsFileError, parse_endpoints
+from llmepp.flowcontrol.objectives import parse_objectives
 from llmepp.framework.plugin import ConfigError
 from llmepp.testing.pdstack import LEGACY_PD_CONFIG, PD_CONFIG
 
@@ -121,3 +122,29 @@ def test_any_endpoints_file_parses_or_fails_naming_the_entry(text: str) -> None:
         assert str(e).strip()
         return
     assert all(s.address and 0 < s.port < 65536 for s in specs)
+
+
+objective_docs = st.fixed_dictionaries(
+    {},
+    optional={
+        "apiVersion": st.sampled_from(["llm-d.ai/v1alpha2", "v1"]) | values,
+        "kind": st.sampled_from(["InferenceObjective", "InferenceObjectiveList"]) | values,
+        "metadata": st.fixed_dictionaries({}, optional={"name": st.sampled_from(["premium", ""]) | values}) | values,
+        "spec": st.fixed_dictionaries(
+            {}, optional={"priority": st.integers(-(2**40), 2**40) | values, "poolRef": values}
+        )
+        | values,
+        "items": st.lists(values, max_size=2) | values,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(objective_docs, max_size=3).map(yaml.safe_dump_all) | st.text(max_size=64))
+def test_any_objectives_file_parses_or_fails_naming_the_document(text: str) -> None:
+    try:
+        objectives = parse_objectives(text)
+    except ValueError as e:
+        assert str(e).startswith("objectives")
+        return
+    assert all(o.name and -(2**31) <= o.priority < 2**31 for o in objectives)
