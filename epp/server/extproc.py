@@ -86,9 +86,13 @@ class ExtProcServicer(StreamContext):
                     raise
                 except Exception:
                     out = stream.fallback(msg)
+                if pushes:  # answered out of band (an eviction's 429): the stream is over, nothing follows it
+                    break
                 if out is not None:
                     if out.__class__ is list:
                         for answer in out:
+                            if pushes:
+                                break
                             await write(answer)
                     else:
                         await write(out)
