@@ -32,6 +32,7 @@ from llmepp.framework.plugin import ConfigError, Plugin
 from llmepp.gctuning import tune_gc
 from llmepp.k8s.client import KubeClient
 from llmepp.k8s.runtime import KubeOptions, KubeRuntime, kubernetes_target
+from llmepp.observability import tracing
 from llmepp.observability.metrics import EppMetrics
 from llmepp.observability.metrics_server import MetricsAuth, MetricsServer, metrics_ssl_context
 from llmepp.server import health
@@ -94,6 +95,7 @@ class App:
                 target, KubeOptions.from_settings(settings), self.datastore, self._objective_store(),
                 self.metrics.registry, pool_name=settings.pool_name,
             )  # fmt: skip
+        self.tracing = tracing.configure(settings.tracing)
         self.director = Director(
             self.datastore,
             self.components.pipeline,
@@ -102,6 +104,7 @@ class App:
             emit_scores=settings.emit_endpoint_scores,
             decision_header=settings.decision_header,
             rewriter=self.kube.rewriter if self.kube is not None else None,
+            tracing=self.tracing,
         )
         self.collector = self._build_collector()
         self.models_poller = self._build_models_poller()
@@ -285,6 +288,8 @@ class App:
             await self.collector.aclose()
         if self.models_poller is not None:
             await self.models_poller.aclose()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # flushes the batched spans
         if self.kube is not None:
             await self.kube.aclose()
         for task in (self._discovery_task, self._cert_task):

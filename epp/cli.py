@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decision-header", action="store_true",
                    help="add x-epp-decision (chosen endpoint and top scores) to responses")  # fmt: skip
     p.add_argument("--allow-experimental-plugins", action="store_true")
+    p.add_argument("--tracing", type=parse_bool, nargs="?", const=True, default=d.tracing, metavar="BOOL",
+                   help="OpenTelemetry spans per request, exported as OTEL_TRACES_EXPORTER says")  # fmt: skip
     p.add_argument("-v", "--v", dest="verbosity", type=int, default=d.verbosity, help="log verbosity 0-5")
     p.add_argument("--log-format", choices=("json", "text"), default="json")
     return p
@@ -163,6 +165,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
         emit_endpoint_scores=a.emit_endpoint_scores,
         decision_header=a.decision_header,
         allow_experimental_plugins=a.allow_experimental_plugins,
+        tracing=a.tracing,
         verbosity=a.verbosity,
         log_json=a.log_format == "json",
     )

@@ -18,7 +18,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
@@ -44,6 +44,9 @@ from llmepp.observability.metrics import EppMetrics
 from llmepp.observability.plugin_timing import PluginTimers
 from llmepp.request.types import InferenceRequest, ResponseInfo, TerminationCause
 from llmepp.scheduling.scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from llmepp.observability.tracing import RequestTracing
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +115,10 @@ class Director:
         emit_scores: bool = False,
         decision_header: bool = False,
         rewriter: ModelRewrite | None = None,
+        tracing: RequestTracing | None = None,
     ) -> None:
         self.datastore = datastore
+        self.tracing = tracing
         self.rewriter = rewriter
         self.metrics = metrics
         self.subset_filter = subset_filter
@@ -149,6 +154,24 @@ class Director:
     async def handle_request(
         self, request: InferenceRequest, subset: Sequence[str] | None
     ) -> RoutingDecision | DirectResponse:
+        tracing = self.tracing
+        if tracing is None:
+            return await self._handle_request(request, subset)
+        tracing.start(request)
+        try:
+            decision = await self._handle_request(request, subset)
+        except BaseException as e:
+            tracing.fail(request, e)
+            raise
+        if isinstance(decision, DirectResponse):
+            tracing.end(request, ResponseInfo(status=decision.status))
+        else:
+            tracing.routed(request, decision.destination)
+        return decision
+
+    async def _handle_request(
+        self, request: InferenceRequest, subset: Sequence[str] | None
+    ) -> RoutingDecision | DirectResponse:
         for processor in self.pipeline.header_processors:
             processor.process_headers(request)
         for responder in self.pipeline.responders:
@@ -162,7 +185,11 @@ class Director:
         if self.pipeline.admission is not None:
             # Before candidates (as the reference): flow control may hold the request while the
             # pool is empty (scale from zero), and candidates are fresh after any queue wait.
+            admitted_at = time.monotonic()
             await self.pipeline.admission.admit(request, self.datastore.endpoints)
+            if self.tracing is not None:
+                attributes = {"llm_d.epp.priority": request.priority, "llm_d.epp.fairness_id": request.fairness_id}
+                self.tracing.stage(request, "llm_d.epp.admission", admitted_at, attributes)
         pipeline = self.pipeline  # one pipeline per request from here on, whatever a reload swaps in
         candidates = self.candidates(subset)
         for screener in pipeline.screeners:
@@ -188,6 +215,7 @@ class Director:
                 timers.observe("Admitter", admitter, time.perf_counter() - start)
 
         t0 = time.perf_counter()
+        scheduled_at = time.monotonic() if self.tracing is not None else 0.0
         try:
             result = pipeline.scheduler.schedule(request, candidates, timers)
         except RequestError:
@@ -195,6 +223,9 @@ class Director:
             raise
         self._scheduler_e2e.observe(time.perf_counter() - t0)
         self._attempt_ok.inc()
+        if self.tracing is not None:
+            attributes = {"llm_d.epp.primary_profile": result.primary_profile, "llm_d.epp.candidates": len(candidates)}
+            self.tracing.stage(request, "llm_d.epp.scheduling", scheduled_at, attributes)
 
         request.scheduling = result
         if log.isEnabledFor(logging.DEBUG):
@@ -230,12 +261,24 @@ class Director:
         self, request: InferenceRequest, subset: Sequence[str] | None
     ) -> RoutingDecision | DirectResponse:
         """GET /v1/models and friends: a responder's answer, else any ready endpoint will do."""
-        for responder in self.pipeline.responders:
-            answer = responder.respond(request)
-            if answer is not None:
-                return answer
-        endpoint = self._rng.choice(self.candidates(subset))
-        return RoutingDecision(targets=[endpoint], destination=endpoint.hostport)
+        tracing = self.tracing
+        if tracing is not None:
+            tracing.start(request)
+        try:
+            for responder in self.pipeline.responders:
+                answer = responder.respond(request)
+                if answer is not None:
+                    if tracing is not None:
+                        tracing.end(request, ResponseInfo(status=answer.status))
+                    return answer
+            endpoint = self._rng.choice(self.candidates(subset))
+        except BaseException as e:
+            if tracing is not None:
+                tracing.fail(request, e)
+            raise
+        if tracing is not None:
+            tracing.routed(request, endpoint.hostport)
+        return RoutingDecision(targets=[endpoint], destination=endpoint.hostport, headers=request.upstream_headers)
 
     # -- response path -----------------------------------------------------------------
     def response_headers(
@@ -291,6 +334,8 @@ class Director:
 
     def response_complete(self, request: InferenceRequest, response: ResponseInfo, decision: RoutingDecision) -> None:
         """Exactly once per routed request, however the response ended: releases what it held."""
+        if request.span is not None and self.tracing is not None:
+            self.tracing.end(request, response)
         result = decision.result
         if result is None:
             return

@@ -65,6 +65,8 @@ class Settings:
     # Opt-in response header x-epp-decision: chosen endpoint and top scores.
     decision_header: bool = False
     allow_experimental_plugins: bool = False
+    # OpenTelemetry spans per request; exported only where OTEL_TRACES_EXPORTER says (observability.tracing).
+    tracing: bool = True
     # Shutdown: in-flight streams get this long after SIGTERM.
     drain_timeout: float = 30.0
     # Logging: 0 quiet ... 5 trace (reference: DEFAULT=2, VERBOSE=3, DEBUG=4, TRACE=5).

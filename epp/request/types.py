@@ -73,6 +73,8 @@ class InferenceRequest:
     evict: Callable[[], bool] | None = None
     # A body streamed through the EPP unread (its parser reads none): its declared Content-Length, 0 if none.
     unread_body_size: int = 0
+    # The request's OpenTelemetry span while it is traced (llmepp.observability.tracing).
+    span: Any = None
 
     @property
     def multimodal(self) -> bool:

@@ -51,7 +51,7 @@ ACCESS_LOG_FORMAT = (
     "dur=%DURATION%ms upstream=%UPSTREAM_HOST% dest=%REQ(X-GATEWAY-DESTINATION-ENDPOINT)% "
     "lb_md=%DYNAMIC_METADATA(envoy.lb:x-gateway-destination-endpoint)% "
     "cost=%DYNAMIC_METADATA(envoy.lb:x-gateway-inference-request-cost)% "
-    "rid=%REQ(X-REQUEST-ID)%\n"
+    "rid=%REQ(X-REQUEST-ID)% tp=%REQ(TRACEPARENT)%\n"
 )
 
 _HEADER = """\

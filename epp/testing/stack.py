@@ -46,6 +46,8 @@ class StackOptions:
     # EndpointPickerConfig without discovery; the stack adds a file-discovery plugin.
     epp_config: str = DEFAULT_CONFIG
     epp_args: list[str] = field(default_factory=list)
+    # Environment variables for the EPP process (e.g. OTEL_* for tracing).
+    epp_env: dict[str, str] = field(default_factory=dict)
     # InferenceObjective YAML documents: written to a file the EPP reads (--objectives-file).
     objectives: str = ""
     # First pod address is 127.0.0.<first_host>; distinct stacks should use distinct ranges.
@@ -71,10 +73,13 @@ class ChildProcess(ABC):
 
     name = "child"
 
-    def __init__(self, args: list[str], log_path: Path, startup_timeout: float = 30.0) -> None:
+    def __init__(
+        self, args: list[str], log_path: Path, startup_timeout: float = 30.0, env: dict[str, str] | None = None
+    ) -> None:
         self.args = args
         self.log_path = log_path
         self.startup_timeout = startup_timeout
+        self.env = env  # added to this process's environment
         self.proc: asyncio.subprocess.Process | None = None
 
     @property
@@ -87,8 +92,9 @@ class ChildProcess(ABC):
 
     async def start(self) -> None:
         with self.log_path.open("ab") as out:
+            env = {**os.environ, **self.env} if self.env else None
             self.proc = await asyncio.create_subprocess_exec(
-                *self.args, stdout=out, stderr=asyncio.subprocess.STDOUT, start_new_session=True
+                *self.args, stdout=out, stderr=asyncio.subprocess.STDOUT, start_new_session=True, env=env
             )
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
@@ -127,8 +133,15 @@ class EppProcess(ChildProcess):
 
     name = "epp"
 
-    def __init__(self, args: list[str], health_port: int, log_path: Path, startup_timeout: float = 30.0) -> None:
-        super().__init__([sys.executable, "-m", "llmepp", *args], log_path, startup_timeout)
+    def __init__(
+        self,
+        args: list[str],
+        health_port: int,
+        log_path: Path,
+        startup_timeout: float = 30.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__([sys.executable, "-m", "llmepp", *args], log_path, startup_timeout, env)
         self.health_port = health_port
 
     async def ready(self) -> bool:
@@ -191,10 +204,10 @@ class Stack:
         self.config_file.write_text(with_file_discovery(o.epp_config, self.endpoints_file))
         if o.objectives:
             self.objectives_file.write_text(o.objectives)
-        self.epp = EppProcess(self.epp_args(), self.health_port, self.workdir / "epp.log", o.startup_timeout)
+        self.epp = EppProcess(self.epp_args(), self.health_port, self.workdir / "epp.log", o.startup_timeout, o.epp_env)
         await self.epp.start()
         for i, (_, health, _) in enumerate(self.replica_ports, start=1):
-            replica = EppProcess(self.epp_args(i), health, self.workdir / f"epp-{i}.log", o.startup_timeout)
+            replica = EppProcess(self.epp_args(i), health, self.workdir / f"epp-{i}.log", o.startup_timeout, o.epp_env)
             self.replicas.append(replica)
             await replica.start()
         config = render_envoy_config(
@@ -258,7 +271,8 @@ class Stack:
         assert self.epp is not None
         await self.epp.stop()
         await asyncio.sleep(down_for)
-        self.epp = EppProcess(self.epp_args(), self.health_port, self.workdir / "epp.log", self.options.startup_timeout)
+        o = self.options
+        self.epp = EppProcess(self.epp_args(), self.health_port, self.workdir / "epp.log", o.startup_timeout, o.epp_env)
         await self.epp.start()
 
     async def stop(self) -> None:

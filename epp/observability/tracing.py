@@ -1,0 +1,157 @@
+"""OpenTelemetry tracing of requests (the reference's `--tracing`).
+
+One server span `gateway.request` per request, parented on the client's W3C `traceparent`, from its
+arrival to the end of its response, with child spans for the flow-control wait
+(`llm_d.epp.admission`) and for scheduling (`llm_d.epp.scheduling`); the model server gets the
+request's own `traceparent`, so its spans join the same trace. Attributes: `gen_ai.request.id`,
+`gen_ai.request.model`, `llm_d.epp.target_model`, `llm_d.epp.destination`,
+`http.response.status_code`, `gen_ai.usage.input_tokens` / `output_tokens`,
+`llm_d.epp.cached_tokens`, `error.type` for refused requests.
+
+Configured the standard way, by environment:
+    OTEL_TRACES_EXPORTER       otlp (gRPC, OTEL_EXPORTER_OTLP_* apply) | console | none (default: none,
+                               so nothing is traced; the reference prints to the console)
+    OTEL_TRACES_SAMPLER(_ARG)  default parentbased_traceidratio 0.1, as the reference
+    OTEL_SERVICE_NAME          default llm-d-epp
+Spans are exported from a background thread (BatchSpanProcessor); an unsampled request costs a
+non-recording span and the traceparent it passes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, set_span_in_context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from llmepp.errors import RequestError
+from llmepp.request.types import InferenceRequest, ResponseInfo
+
+log = logging.getLogger(__name__)
+
+_w3c = TraceContextTextMapPropagator()  # W3C trace context only: the reference propagates no baggage
+SERVICE_NAME = "llm-d-epp"
+DEFAULT_SAMPLE_RATIO = 0.1
+
+
+def _exporter(name: str) -> SpanExporter | None:
+    if name == "otlp":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    if name == "console":
+        return ConsoleSpanExporter()
+    return None
+
+
+def configure(enabled: bool, env: Mapping[str, str] = os.environ) -> RequestTracing | None:
+    """The request tracer the environment asks for; None when tracing is off or exports nowhere."""
+    if not enabled:
+        return None
+    name = env.get("OTEL_TRACES_EXPORTER", "none").strip().lower()
+    exporter = _exporter(name)
+    if exporter is None:
+        if name != "none":
+            log.warning("OTEL_TRACES_EXPORTER=%s is not supported (otlp, console, none): tracing is off", name)
+        return None
+    # The SDK reads OTEL_TRACES_SAMPLER itself; without it, the reference's default.
+    sampler = None if env.get("OTEL_TRACES_SAMPLER") else ParentBased(TraceIdRatioBased(DEFAULT_SAMPLE_RATIO))
+    resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME", SERVICE_NAME)})
+    provider = TracerProvider(resource=resource, sampler=sampler)
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    log.info("tracing: exporting spans with %s", name)
+    return RequestTracing(provider.get_tracer("llmepp"), provider)
+
+
+def _epoch_ns(monotonic: float) -> int:
+    """A time.monotonic() instant on the wall clock OpenTelemetry wants."""
+    return time.time_ns() - int((time.monotonic() - monotonic) * 1e9)
+
+
+class RequestTracing:
+    """Spans of requests. `start` opens a request's span; `stage` records a child span over a measured
+    interval; `end` closes it at the response's end, `fail` when the EPP refused the request."""
+
+    def __init__(self, tracer: Tracer, provider: TracerProvider | None = None) -> None:
+        self.tracer = tracer
+        self.provider = provider
+
+    def start(self, request: InferenceRequest) -> None:
+        parent = _w3c.extract(request.headers) if "traceparent" in request.headers else None
+        start = _epoch_ns(request.received_at) if request.received_at else None
+        span = self.tracer.start_span("gateway.request", context=parent, kind=SpanKind.SERVER, start_time=start)
+        request.span = span
+        if span.is_recording():
+            span.set_attribute("gen_ai.request.id", request.request_id)
+            if request.model:
+                span.set_attribute("gen_ai.request.model", request.model)
+        # The model server continues this trace (the sampling decision travels in the flags); written
+        # directly: the propagator's inject costs more than the rest of an unsampled request's tracing.
+        sc = span.get_span_context()
+        headers = request.upstream_headers
+        headers["traceparent"] = f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
+        if sc.trace_state:
+            headers["tracestate"] = sc.trace_state.to_header()
+
+    def stage(self, request: InferenceRequest, name: str, started: float, attributes: Mapping[str, Any]) -> None:
+        """A child span `name` from `started` (time.monotonic()) to now."""
+        span: Span | None = request.span
+        if span is None or not span.is_recording():
+            return
+        context: Context = set_span_in_context(span)
+        child = self.tracer.start_span(name, context=context, start_time=_epoch_ns(started))
+        for key, value in attributes.items():
+            child.set_attribute(key, value)
+        child.end()
+
+    def routed(self, request: InferenceRequest, destination: str) -> None:
+        span: Span | None = request.span
+        if span is not None and span.is_recording():
+            if request.target_model:
+                span.set_attribute("llm_d.epp.target_model", request.target_model)
+            span.set_attribute("llm_d.epp.destination", destination)
+
+    def end(self, request: InferenceRequest, response: ResponseInfo) -> None:
+        span: Span | None = request.span
+        if span is None:
+            return
+        request.span = None
+        if span.is_recording():
+            if response.status:
+                span.set_attribute("http.response.status_code", response.status)
+            span.set_attribute("llm_d.epp.termination", response.cause.value)
+            usage = response.usage
+            if usage is not None:
+                span.set_attribute("gen_ai.usage.input_tokens", usage.prompt_tokens)
+                span.set_attribute("gen_ai.usage.output_tokens", usage.completion_tokens)
+                span.set_attribute("llm_d.epp.cached_tokens", usage.cached_tokens)
+            if response.status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+        span.end()
+
+    def fail(self, request: InferenceRequest, error: BaseException) -> None:
+        span: Span | None = request.span
+        if span is None:
+            return
+        request.span = None
+        if span.is_recording():
+            if isinstance(error, RequestError):
+                span.set_attribute("http.response.status_code", error.status)
+                span.set_attribute("error.type", error.reason or error.code)
+            else:
+                span.set_attribute("error.type", type(error).__name__)
+            span.set_status(Status(StatusCode.ERROR, str(error)))
+        span.end()
+
+    def shutdown(self) -> None:
+        if self.provider is not None:
+            self.provider.shutdown()  # flushes what is batched

@@ -1,0 +1,118 @@
+"""Request tracing: the spans the director records, the trace context the model server gets, and the
+environment that turns it on."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from helpers import endpoint, request
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from llmepp.config.loader import build, load_config
+from llmepp.config.schema import DEFAULT_CONFIG
+from llmepp.datalayer.datastore import Datastore
+from llmepp.director import Director, RoutingDecision
+from llmepp.errors import ServiceUnavailable
+from llmepp.observability.metrics import EppMetrics
+from llmepp.observability.tracing import RequestTracing, configure
+from llmepp.request.types import InferenceRequest, RequestKind, ResponseInfo, Usage
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN = "00f067aa0ba902b7"
+FLOW_CONTROL = (
+    DEFAULT_CONFIG.replace(
+        "kind: EndpointPickerConfig\n", "kind: EndpointPickerConfig\nfeatureGates: [flowControl]\n"
+    ).replace("plugins:\n", "plugins:\n- type: concurrency-detector\n", 1)
+    + "flowControl: {saturationDetector: {pluginRef: concurrency-detector}}\n"
+)
+
+
+def traced(config: str = DEFAULT_CONFIG, pods: int = 3) -> tuple[Director, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()  # always on: the default sampler without OTEL_TRACES_SAMPLER
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    ds = Datastore()
+    for i in range(pods):
+        ds.upsert(endpoint(i).spec)
+    metrics = EppMetrics()
+    c = build(load_config(config), datastore=ds, metrics=metrics)
+    return Director(ds, c.pipeline, metrics, tracing=RequestTracing(provider.get_tracer("test"))), exporter
+
+
+def with_traceparent(req: InferenceRequest, sampled: bool = True) -> InferenceRequest:
+    req.headers["traceparent"] = f"00-{TRACE_ID}-{CLIENT_SPAN}-{'01' if sampled else '00'}"
+    return req
+
+
+async def test_a_request_is_a_server_span_in_the_clients_trace_and_the_model_server_continues_it() -> None:
+    d, exporter = traced(FLOW_CONTROL)
+    req = with_traceparent(request(b"a traced prompt"))
+    decision = await d.handle_request(req, None)
+    assert isinstance(decision, RoutingDecision)
+    # The model server gets a traceparent in the same trace, its parent being the EPP's span.
+    traceparent = decision.headers["traceparent"]
+    _, trace_id, parent, flags = traceparent.split("-")
+    assert trace_id == TRACE_ID and flags == "01"
+    d.response_complete(req, ResponseInfo(status=200, usage=Usage(7, 3, 4, 10)), decision)
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert set(spans) == {"gateway.request", "llm_d.epp.admission", "llm_d.epp.scheduling"}
+    root = spans["gateway.request"]
+    assert format(root.context.trace_id, "032x") == TRACE_ID and format(root.context.span_id, "016x") == parent
+    assert root.parent is not None and format(root.parent.span_id, "016x") == CLIENT_SPAN
+    assert root.attributes is not None
+    assert root.attributes["gen_ai.request.model"] == "m"
+    assert root.attributes["llm_d.epp.destination"] == decision.destination
+    assert root.attributes["http.response.status_code"] == 200
+    assert (root.attributes["gen_ai.usage.input_tokens"], root.attributes["gen_ai.usage.output_tokens"]) == (7, 3)
+    for child in ("llm_d.epp.admission", "llm_d.epp.scheduling"):
+        assert spans[child].parent is not None and spans[child].parent.span_id == root.context.span_id
+    assert spans["llm_d.epp.scheduling"].attributes == {"llm_d.epp.primary_profile": "default",
+                                                       "llm_d.epp.candidates": 3}  # fmt: skip
+
+
+async def test_an_unsampled_trace_records_nothing_but_passes_the_decision_on() -> None:
+    d, exporter = traced()
+    req = with_traceparent(request(), sampled=False)
+    decision = await d.handle_request(req, None)
+    assert isinstance(decision, RoutingDecision)
+    assert decision.headers["traceparent"].startswith(f"00-{TRACE_ID}-") and decision.headers["traceparent"].endswith(
+        "-00"
+    )
+    d.response_complete(req, ResponseInfo(status=200), decision)
+    assert exporter.get_finished_spans() == ()
+
+
+async def test_a_refused_request_ends_its_span_with_the_error() -> None:
+    d, exporter = traced(pods=0)
+    with pytest.raises(ServiceUnavailable):
+        await d.handle_request(request(), None)
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert set(spans) == {"llm_d.epp.admission", "gateway.request"}  # admitted, then no endpoint to schedule on
+    span = spans["gateway.request"]
+    assert span.attributes is not None and span.attributes["http.response.status_code"] == 503
+    assert span.attributes["error.type"] == "rejected-no-endpoints"
+
+
+async def test_a_body_less_request_is_traced_until_its_response_ends() -> None:
+    d, exporter = traced()
+    req = InferenceRequest(request_id="r", path="/v1/models", headers={}, kind=RequestKind.BODYLESS)
+    decision = d.handle_bodyless(req, None)
+    assert isinstance(decision, RoutingDecision) and "traceparent" in decision.headers
+    assert exporter.get_finished_spans() == ()
+    d.response_complete(req, ResponseInfo(status=200), decision)
+    assert [s.name for s in exporter.get_finished_spans()] == ["gateway.request"]
+
+
+def test_the_environment_decides_whether_and_where_spans_go(caplog: pytest.LogCaptureFixture) -> None:
+    assert configure(True, {}) is None  # no exporter named: nothing to trace for
+    assert configure(True, {"OTEL_TRACES_EXPORTER": "none"}) is None
+    assert configure(False, {"OTEL_TRACES_EXPORTER": "console"}) is None  # --tracing=false
+    console = configure(True, {"OTEL_TRACES_EXPORTER": "console"})
+    assert isinstance(console, RequestTracing)
+    console.shutdown()
+    with caplog.at_level(logging.WARNING):
+        assert configure(True, {"OTEL_TRACES_EXPORTER": "zipkin"}) is None
+    assert "OTEL_TRACES_EXPORTER=zipkin is not supported" in caplog.text
