@@ -11,12 +11,18 @@ STAMP := $(VENV)/.deps-installed
 
 venv: $(STAMP)
 
+# xds-protos ships an older copy of opentelemetry-proto's modules; whichever pip installs last wins.
+# The OTLP trace exporter needs opentelemetry-proto's own, so it is laid down again after everything.
+OTLP_PROTO_FIX = $(PY) -m pip install -q --force-reinstall --no-deps \
+	"opentelemetry-proto==$$($(PY) -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
+
 # Dependencies are (re)installed only when pyproject.toml / setup.py change.
 $(STAMP): pyproject.toml setup.py examples/epp-plugin-example/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=strict > $(VENV)/install.log 2>&1 \
 		|| (cat $(VENV)/install.log; exit 1)
+	$(OTLP_PROTO_FIX)
 	$(PY) -m pip install -q --no-build-isolation -e examples/epp-plugin-example > /dev/null
 	@touch $(STAMP)
 

@@ -34,6 +34,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, set_
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from llmepp.errors import RequestError
+from llmepp.framework.plugin import ConfigError
 from llmepp.request.types import InferenceRequest, ResponseInfo
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,15 @@ DEFAULT_SAMPLE_RATIO = 0.1
 
 def _exporter(name: str) -> SpanExporter | None:
     if name == "otlp":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        except ImportError as e:
+            # xds-protos ships an older copy of opentelemetry-proto's modules; installed after it, it wins.
+            raise ConfigError(
+                f"OTEL_TRACES_EXPORTER=otlp: the OTLP exporter cannot load ({e}); xds-protos' older "
+                "opentelemetry-proto modules shadow the package's: pip install --force-reinstall --no-deps "
+                "opentelemetry-proto"
+            ) from None
         return OTLPSpanExporter()
     if name == "console":
         return ConsoleSpanExporter()

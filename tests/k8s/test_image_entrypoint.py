@@ -11,6 +11,8 @@ client has to be among the package's dependencies).
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
 import shutil
 import signal
 import subprocess
@@ -60,6 +62,9 @@ def test_image_entrypoint_from_a_clean_venv(tmp_path: Path) -> None:
     # Stage 2: a clean interpreter with the wheel and its dependencies from the package index.
     run(sys.executable, "-m", "venv", venv)
     run(venv / "bin" / "pip", "install", "-q", "--disable-pip-version-check", "--prefer-binary", wheel)
+    # As the Containerfile: opentelemetry-proto's modules over xds-protos' older copy of them.
+    run(venv / "bin" / "pip", "install", "-q", "--disable-pip-version-check", "--force-reinstall", "--no-deps",
+        "--prefer-binary", "opentelemetry-proto==" + importlib.metadata.version("opentelemetry-proto"))  # fmt: skip
     epp = venv / "bin" / "epp"
 
     help_text = run(epp, "--help").stdout
@@ -77,7 +82,15 @@ def test_image_entrypoint_from_a_clean_venv(tmp_path: Path) -> None:
     health = free_port()
     args = ["--config-file", config, "--grpc-port", free_port(), "--grpc-health-port", health, "--metrics-port",
             free_port(), "--bind-address", "127.0.0.1", "--drain-timeout", "1s"]  # fmt: skip
-    proc = subprocess.Popen([str(epp), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # With an OTLP trace exporter named, so the image's tracing dependencies must load.
+    env = {
+        **os.environ,
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+    }
+    proc = subprocess.Popen(
+        [str(epp), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     try:
         deadline = time.monotonic() + 60
         while readiness(health) != health_pb2.HealthCheckResponse.SERVING:
