@@ -117,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decision-header", action="store_true",
                    help="add x-epp-decision (chosen endpoint and top scores) to responses")  # fmt: skip
     p.add_argument("--allow-experimental-plugins", action="store_true")
+    p.add_argument("--grpc-max-recv-msg-size", type=parse_size, default=None,
+                   help="largest ext_proc message accepted (default: --max-body-size + 1 MiB)")  # fmt: skip
+    p.add_argument("--grpc-max-send-msg-size", type=parse_size, default=None,
+                   help="largest ext_proc message sent (grpc.aio; default: --max-body-size + 1 MiB)")  # fmt: skip
+    p.add_argument("--enable-grpc-stream-metrics", type=parse_bool, nargs="?", const=True, default=False,
+                   metavar="BOOL", help="extproc_stream_duration_seconds and extproc_streams_total{code}")  # fmt: skip
+    # The reference's; accepted so its command lines run unchanged (what they switch does not apply here).
+    p.add_argument("--enable-pprof", type=parse_bool, nargs="?", const=True, default=True, metavar="BOOL",
+                   help="accepted for compatibility: Go's pprof has no counterpart in this EPP")  # fmt: skip
+    p.add_argument("--health-checking", type=parse_bool, nargs="?", const=True, default=False, metavar="BOOL",
+                   help="accepted for compatibility: the gRPC health services are always served")  # fmt: skip
     p.add_argument("--tracing", type=parse_bool, nargs="?", const=True, default=d.tracing, metavar="BOOL",
                    help="OpenTelemetry spans per request, exported as OTEL_TRACES_EXPORTER says")  # fmt: skip
     p.add_argument("-v", "--v", dest="verbosity", type=int, default=d.verbosity, help="log verbosity 0-5")
@@ -166,6 +177,9 @@ def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
         decision_header=a.decision_header,
         allow_experimental_plugins=a.allow_experimental_plugins,
         tracing=a.tracing,
+        grpc_max_recv_msg_size=a.grpc_max_recv_msg_size,
+        grpc_max_send_msg_size=a.grpc_max_send_msg_size,
+        grpc_stream_metrics=a.enable_grpc_stream_metrics,
         verbosity=a.verbosity,
         log_json=a.log_format == "json",
     )

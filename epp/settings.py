@@ -67,6 +67,11 @@ class Settings:
     allow_experimental_plugins: bool = False
     # OpenTelemetry spans per request; exported only where OTEL_TRACES_EXPORTER says (observability.tracing).
     tracing: bool = True
+    # ext_proc message size limits; None = follow max_body_bytes (a BUFFERED body is one message).
+    grpc_max_recv_msg_size: int | None = None
+    grpc_max_send_msg_size: int | None = None
+    # extproc_stream_duration_seconds and extproc_streams_total{code} (the in-flight gauge is always on).
+    grpc_stream_metrics: bool = False
     # Shutdown: in-flight streams get this long after SIGTERM.
     drain_timeout: float = 30.0
     # Logging: 0 quiet ... 5 trace (reference: DEFAULT=2, VERBOSE=3, DEBUG=4, TRACE=5).

@@ -150,10 +150,25 @@ class EppMetrics:
         )
         # Protocol.
         self.extproc_streams_inflight = Gauge(p + "extproc_streams_inflight", "Open ext_proc streams.", registry=r)
+        self._stream_metrics: tuple[Histogram, Counter] | None = None
         self.extproc_protocol_errors = Counter(
             p + "extproc_protocol_errors_total", "Unexpected ext_proc messages (answered, not fatal).", ("kind",),
             registry=r,
         )  # fmt: skip
+
+    def stream_metrics(self) -> tuple[Histogram, Counter]:
+        """`extproc_stream_duration_seconds` and `extproc_streams_total{code}` (--enable-grpc-stream-metrics),
+        registered on first use."""
+        if self._stream_metrics is None:
+            duration = Histogram(
+                PREFIX + "extproc_stream_duration_seconds", "ext_proc stream lifetime, request headers to end.",
+                buckets=_REQUEST_BUCKETS, registry=self.registry,
+            )  # fmt: skip
+            total = Counter(
+                PREFIX + "extproc_streams_total", "Ended ext_proc streams.", ("code",), registry=self.registry
+            )
+            self._stream_metrics = (duration, total)
+        return self._stream_metrics
 
 
 class InFlightCollector(Collector):

@@ -109,7 +109,7 @@ class ExtProcServicer(StreamContext):
                 log.debug("ext_proc stream ended by transport error", exc_info=True)
             stream.cancelled = True
         finally:
-            self.stream_closed()
+            self.stream_closed(stream)
             stream.finish()
 
 
@@ -157,13 +157,14 @@ def add_to_server(servicer: ExtProcServicer, server: grpc.aio.Server) -> None:
 def server_options(settings: Settings) -> list[tuple[str, Any]]:
     """grpc.aio server options for the ext_proc port.
 
-    Message limits follow max_body_bytes: a BUFFERED body (or a rewritten one) travels in
-    one message. SO_REUSEPORT is off so a second process cannot silently share the port.
+    Message limits follow max_body_bytes (a BUFFERED body, or a rewritten one, travels in one
+    message) unless --grpc-max-recv-msg-size / --grpc-max-send-msg-size set them. SO_REUSEPORT is
+    off so a second process cannot silently share the port.
     """
     limit = settings.max_body_bytes + 1024 * 1024
     return [
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", settings.grpc_max_recv_msg_size or limit),
+        ("grpc.max_send_message_length", settings.grpc_max_send_msg_size or limit),
         ("grpc.so_reuseport", 0),
         # Envoy keeps one HTTP/2 connection and multiplexes every request on it.
         ("grpc.max_concurrent_streams", 100_000),

@@ -532,7 +532,7 @@ class _Connection(asyncio.Protocol):
     def _forget(self, st: _Stream) -> None:
         """Drop a stream whose last frame is out (its state was released by `_end`)."""
         if self.streams.pop(st.sid, None) is not None:
-            self.ctx.stream_closed()
+            self.ctx.stream_closed(st.ext)
         self.blocked.discard(st.sid)
         if self.goaway_sent and not self.streams:
             self.server._connection_idle(self)
@@ -600,7 +600,7 @@ class H2ExtProcServer:
         self.host = host
         self.requested_port = port
         self.port = 0
-        self.max_message = settings.max_body_bytes + 1024 * 1024
+        self.max_message = settings.grpc_max_recv_msg_size or settings.max_body_bytes + 1024 * 1024
         self.connections: set[_Connection] = set()
         self._server: asyncio.Server | None = None
         self._stopped = asyncio.Event()

@@ -191,6 +191,8 @@ class StreamContext:
         self.out_of_band = out_of_band
         self._labeled: dict[tuple[str, str], _Labeled] = {}
         self._streams_inflight = metrics.extproc_streams_inflight
+        # --enable-grpc-stream-metrics: (duration histogram, totals by gRPC code), else no work per stream.
+        self._stream_metrics = metrics.stream_metrics() if settings.grpc_stream_metrics else None
         # Open ext_proc streams, for the drain (the gauge above is for Prometheus).
         self.active_streams = 0
         self._request_processing = metrics.request_processing
@@ -222,9 +224,15 @@ class StreamContext:
         self.active_streams += 1
         self._streams_inflight.inc()
 
-    def stream_closed(self) -> None:
+    def stream_closed(self, stream: Any) -> None:
         self.active_streams -= 1
         self._streams_inflight.dec()
+        if self._stream_metrics is not None:
+            started = getattr(stream, "received_at", 0.0)
+            if started:
+                self._stream_metrics[0].observe(time.monotonic() - started)
+            code = "CANCELLED" if getattr(stream, "cancelled", False) else "OK"
+            self._stream_metrics[1].labels(code=code).inc()
 
 
 # -- per-stream state machine ------------------------------------------------------------------

@@ -116,3 +116,16 @@ def test_the_environment_decides_whether_and_where_spans_go(caplog: pytest.LogCa
     with caplog.at_level(logging.WARNING):
         assert configure(True, {"OTEL_TRACES_EXPORTER": "zipkin"}) is None
     assert "OTEL_TRACES_EXPORTER=zipkin is not supported" in caplog.text
+
+
+def test_the_reference_flags_around_tracing_and_grpc_are_accepted() -> None:
+    from llmepp.cli import settings_from_args
+
+    s = settings_from_args(
+        ["--tracing=false", "--enable-pprof=false", "--health-checking", "--enable-grpc-stream-metrics",
+         "--grpc-max-recv-msg-size", "10MiB", "--grpc-max-send-msg-size", "20MiB"]
+    )  # fmt: skip
+    assert not s.tracing and s.grpc_stream_metrics
+    assert (s.grpc_max_recv_msg_size, s.grpc_max_send_msg_size) == (10 << 20, 20 << 20)
+    defaults = settings_from_args([])
+    assert defaults.tracing and not defaults.grpc_stream_metrics and defaults.grpc_max_recv_msg_size is None

@@ -896,3 +896,24 @@ async def test_without_metadata_reporters_the_last_answer_is_plain() -> None:
         await s.send(response_headers(200), response_body(JSON_RESPONSE, eos=True))
         await s.recv()
         assert not (await s.recv()).HasField("dynamic_metadata")
+
+
+async def test_stream_metrics_when_enabled_and_the_message_limit_flag() -> None:
+    async with serve(settings=Settings(grpc_stream_metrics=True)) as h:
+        s = h.open()
+        await s.route(BODY)
+        await s.send(response_headers(200), response_body(JSON_RESPONSE, eos=True))
+        await s.recv()
+        await s.recv()
+        await s.close()
+        await s.status()
+        await wait_until(lambda: h.sample("llm_d_epp_extproc_streams_total", {"code": "OK"}) == 1)
+        assert h.sample("llm_d_epp_extproc_stream_duration_seconds_count") == 1
+    async with serve() as h:  # off by default: not even registered
+        assert h.metrics.registry.get_sample_value("llm_d_epp_extproc_stream_duration_seconds_count") is None
+    async with serve(settings=Settings(grpc_max_recv_msg_size=64)) as h:
+        s = h.open()
+        await s.send(request_headers(), request_body(b"x" * 200, eos=True))
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await s.recv()
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
