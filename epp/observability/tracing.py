@@ -6,7 +6,8 @@ arrival to the end of its response, with child spans for the flow-control wait
 request's own `traceparent`, so its spans join the same trace. Attributes: `gen_ai.request.id`,
 `gen_ai.request.model`, `llm_d.epp.target_model`, `llm_d.epp.destination`,
 `http.response.status_code`, `gen_ai.usage.input_tokens` / `output_tokens`,
-`llm_d.epp.cached_tokens`, `error.type` for refused requests.
+`llm_d.epp.cached_tokens`, `llm_d.epp.termination` (natural, client-disconnect, error, evicted), and
+`error.type` for refused requests.
 
 Configured the standard way, by environment:
     OTEL_TRACES_EXPORTER       otlp (gRPC, OTEL_EXPORTER_OTLP_* apply) | console | none (default: none,
@@ -80,6 +81,13 @@ def configure(enabled: bool, env: Mapping[str, str] = os.environ) -> RequestTrac
     return RequestTracing(provider.get_tracer("llmepp"), provider)
 
 
+def _take(request: InferenceRequest) -> Span | None:
+    """The request's span, which is then no longer the request's: a span ends once."""
+    span: Span | None = request.span
+    request.span = None
+    return span
+
+
 def _epoch_ns(monotonic: float) -> int:
     """A time.monotonic() instant on the wall clock OpenTelemetry wants."""
     return time.time_ns() - int((time.monotonic() - monotonic) * 1e9)
@@ -129,10 +137,9 @@ class RequestTracing:
             span.set_attribute("llm_d.epp.destination", destination)
 
     def end(self, request: InferenceRequest, response: ResponseInfo) -> None:
-        span: Span | None = request.span
+        span = _take(request)
         if span is None:
             return
-        request.span = None
         if span.is_recording():
             if response.status:
                 span.set_attribute("http.response.status_code", response.status)
@@ -147,10 +154,9 @@ class RequestTracing:
         span.end()
 
     def fail(self, request: InferenceRequest, error: BaseException) -> None:
-        span: Span | None = request.span
+        span = _take(request)
         if span is None:
             return
-        request.span = None
         if span.is_recording():
             if isinstance(error, RequestError):
                 span.set_attribute("http.response.status_code", error.status)

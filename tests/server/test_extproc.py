@@ -913,7 +913,7 @@ async def test_stream_metrics_when_enabled_and_the_message_limit_flag() -> None:
         assert h.metrics.registry.get_sample_value("llm_d_epp_extproc_stream_duration_seconds_count") is None
     async with serve(settings=Settings(grpc_max_recv_msg_size=64)) as h:
         s = h.open()
-        await s.send(request_headers(), request_body(b"x" * 200, eos=True))
+        await s.send(request_headers())  # already more than 64 bytes: the stream ends there
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await s.recv()
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
