@@ -6,6 +6,11 @@
 Durations accept plain seconds (`0.2`) or Go-style units (`200ms`, `5s`, `2m`). Prints
 `epp-pd-sidecar: listening <host:port> decoder=<url>` once it accepts connections; SIGTERM /
 SIGINT stop it (exit 0).
+
+The reference sidecar's flags are accepted so its Deployment args start this one: `--kv-connector nixlv2`,
+`--enable-tls prefiller,decoder` (https upstreams), `--tls-insecure-skip-verify`, `--enable-ssrf-protection`
+(with `--allowed-prefill-networks`); what this sidecar does not do (other connectors, encoders, chunked
+decode, data-parallel rewriting, prefiller sampling, metrics) is refused at start with the reason.
 """
 
 from __future__ import annotations
@@ -72,20 +77,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-prefill-networks", default="",
                    help="comma-separated CIDRs x-prefiller-host-port may name (SSRF guard; default any)")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    # The reference sidecar's flags (cmd/pd-sidecar), so its Deployment args start this one: honoured where
+    # this sidecar does what they ask, refused with the reason where it does not.
+    ref = p.add_argument_group("reference flags")
+    ref.add_argument("--kv-connector", default="nixlv2", help="nixlv2 (vLLM's NixlConnector), the only one here")
+    ref.add_argument("--ec-connector", default="", help="encoder connectors: none here (encoders are not run)")
+    ref.add_argument("--enable-tls", default="", help="comma-separated: prefiller, decoder (https upstreams)")
+    ref.add_argument("--tls-insecure-skip-verify", type=_bool, nargs="?", const=True, default=False, metavar="BOOL")
+    ref.add_argument("--enable-ssrf-protection", type=_bool, nargs="?", const=True, default=False, metavar="BOOL",
+                     help="needs --allowed-prefill-networks here (the reference reads the InferencePool)")  # fmt: skip
+    ref.add_argument("--enable-prefiller-sampling", type=_bool, nargs="?", const=True, default=False, metavar="BOOL")
+    ref.add_argument("--data-parallel-size", type=int, default=1)
+    ref.add_argument("--decode-chunk-size", type=int, default=0)
+    ref.add_argument("--metrics-port", type=int, default=0)
+    ref.add_argument("--mooncake-bootstrap-port", type=int, default=8998, help="with --kv-connector mooncake")
+    ref.add_argument("--p2p-connector-port", type=int, default=7777, help="with --kv-connector offloading")
     return p
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value in ("true", "1")
+
+
+def _unsupported(a: argparse.Namespace) -> list[str]:
+    """What the reference flags ask that this sidecar does not do."""
+    problems = []
+    if a.kv_connector != "nixlv2":
+        problems.append(f"--kv-connector {a.kv_connector}: only nixlv2 (vLLM's NixlConnector) is implemented")
+    if a.ec_connector:
+        problems.append("--ec-connector: this sidecar runs no encoders")
+    unknown = {t.strip() for t in a.enable_tls.split(",") if t.strip()} - {"prefiller", "decoder"}
+    if unknown:
+        problems.append(f"--enable-tls {','.join(sorted(unknown))}: only prefiller and decoder")
+    if a.enable_ssrf_protection and not a.allowed_prefill_networks:
+        problems.append("--enable-ssrf-protection: name the prefill pods' networks with --allowed-prefill-networks")
+    if a.enable_prefiller_sampling:
+        problems.append("--enable-prefiller-sampling is not implemented")
+    if a.data_parallel_size != 1:
+        problems.append("--data-parallel-size: list each rank's port in the pool instead (each rank is an endpoint)")
+    if a.decode_chunk_size:
+        problems.append("--decode-chunk-size: chunked decode is not implemented")
+    if a.metrics_port:
+        problems.append("--metrics-port: this sidecar serves no metrics")
+    return problems
 
 
 def options_from_args(argv: Sequence[str] | None = None) -> tuple[SidecarOptions, str]:
     """The options and the log level."""
     parser = build_parser()
     a = parser.parse_args(argv)
-    decoder = a.decoder_url or (f"http://127.0.0.1:{a.vllm_port}" if a.vllm_port else SidecarOptions.decoder_url)
+    problems = _unsupported(a)
+    if problems:
+        parser.error("; ".join(problems))
+    tls = {t.strip() for t in a.enable_tls.split(",") if t.strip()}
+    scheme = "https" if "decoder" in tls else "http"
+    decoder = a.decoder_url or (f"{scheme}://127.0.0.1:{a.vllm_port}" if a.vllm_port else SidecarOptions.decoder_url)
     try:
         options = SidecarOptions(
             host=a.host,
             port=a.port,
             decoder_url=decoder,
-            prefill_scheme=a.prefill_scheme,
+            prefill_scheme="https" if "prefiller" in tls else a.prefill_scheme,
             prefill_max_retries=a.prefill_max_retries,
             prefill_retry_backoff=a.prefill_retry_backoff,
             connect_timeout=a.connect_timeout,
@@ -93,6 +148,7 @@ def options_from_args(argv: Sequence[str] | None = None) -> tuple[SidecarOptions
             decode_idle_timeout=a.decode_idle_timeout,
             max_body_bytes=a.max_body_size,
             allowed_prefill_networks=[n.strip() for n in a.allowed_prefill_networks.split(",") if n.strip()],
+            tls_verify=not a.tls_insecure_skip_verify,
         )
     except ValueError as e:
         parser.error(str(e))

@@ -76,6 +76,8 @@ class SidecarOptions:
     max_body_bytes: int = 64 * 1024 * 1024
     # SSRF guard: networks x-prefiller-host-port may point into; empty = any address.
     allowed_prefill_networks: list[str] = field(default_factory=list)
+    # https upstreams: verify their certificates (--tls-insecure-skip-verify turns it off).
+    tls_verify: bool = True
     networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -184,7 +186,7 @@ class Sidecar:
     async def start(self) -> None:
         # No pool limit: every in-flight request holds one upstream connection anyway, and a
         # limit would queue decodes behind slow prefills. Raw bytes: no decompression in between.
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, ssl=self.options.tls_verify)
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         # handler_cancellation: a client that goes away cancels its prefill wait / upstream reads.
         self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)

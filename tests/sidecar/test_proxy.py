@@ -354,3 +354,28 @@ def test_cli_options() -> None:
     for bad in (["--prefill-max-retries", "-1"], ["--decoder-url", "ftp://x"], ["--prefill-retry-backoff", "1y"]):
         with pytest.raises(SystemExit):
             options_from_args(bad)
+
+
+def test_the_reference_sidecar_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    # What a reference Deployment passes: accepted, and honoured.
+    options, _ = options_from_args(
+        ["--port=8000", "--vllm-port=8200", "--kv-connector=nixlv2", "--enable-tls=prefiller,decoder",
+         "--tls-insecure-skip-verify", "--enable-ssrf-protection=true", "--allowed-prefill-networks=10.0.0.0/8",
+         "--data-parallel-size=1", "--decode-chunk-size=0", "--metrics-port=0"]
+    )  # fmt: skip
+    assert options.prefill_scheme == "https" and options.decoder_url == "https://127.0.0.1:8200"
+    assert not options.tls_verify and len(options.networks) == 1
+    assert options_from_args([])[0].tls_verify
+    # What this sidecar does not do is refused with the reason, not ignored.
+    for bad, reason in (
+        (["--kv-connector", "mooncake"], "only nixlv2"),
+        (["--ec-connector", "ec-nixl"], "runs no encoders"),
+        (["--enable-tls", "encoder"], "only prefiller and decoder"),
+        (["--enable-ssrf-protection"], "--allowed-prefill-networks"),
+        (["--decode-chunk-size", "256"], "chunked decode is not implemented"),
+        (["--data-parallel-size", "4"], "each rank is an endpoint"),
+        (["--metrics-port", "9090"], "serves no metrics"),
+    ):
+        with pytest.raises(SystemExit):
+            options_from_args(bad)
+        assert reason in capsys.readouterr().err
