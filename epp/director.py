@@ -185,7 +185,7 @@ class Director:
         if self.pipeline.admission is not None:
             # Before candidates (as the reference): flow control may hold the request while the
             # pool is empty (scale from zero), and candidates are fresh after any queue wait.
-            admitted_at = time.monotonic()
+            admitted_at = time.monotonic() if self.tracing is not None else 0.0
             await self.pipeline.admission.admit(request, self.datastore.endpoints)
             if self.tracing is not None:
                 attributes = {"llm_d.epp.priority": request.priority, "llm_d.epp.fairness_id": request.fairness_id}
