@@ -40,6 +40,11 @@ class PayloadTooLarge(RequestError):
     code = "PayloadTooLarge"
 
 
+class NotFound(RequestError):
+    status = 404
+    code = "NotFoundError"
+
+
 class ServiceUnavailable(RequestError):
     status = 503
     code = "ServiceUnavailable"

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import unquote
 
 import msgspec
 
 from llmepp.datalayer.endpoint import Endpoint
-from llmepp.errors import ServiceUnavailable
+from llmepp.errors import NotFound, ServiceUnavailable
 from llmepp.framework.plugin import ConfigError, PluginContext
 from llmepp.framework.requestcontrol import DirectResponse, Responder, Screener
 from llmepp.request.types import InferenceRequest
@@ -38,6 +39,7 @@ class ModelsResponder(Responder, Screener):
         200 {"object": "list", "data": [{id, object, created, owned_by}]}, the union of every pod's
         list, one entry per id (the pod first by namespace/name gives it), sorted by id. While no
         pod's list has been fetched: 503, so a client retries instead of caching an empty list.
+        `GET /v1/models/{id}`: that entry, or 404 when no pod lists it.
     screen: the candidates for a request of model m (after rewrite):
         m is an adapter (listed with a parent) on some pods → those pods only
         m is a base model listed by some pods             → those, plus pods not fetched yet
@@ -60,8 +62,22 @@ class ModelsResponder(Responder, Screener):
 
     # -- Responder -------------------------------------------------------------------------------
     def respond(self, request: InferenceRequest) -> DirectResponse | None:
-        if request.headers.get(":method") != "GET" or request.path.rstrip("/") != MODELS_PATH:
+        if request.headers.get(":method") != "GET":
             return None
+        path = request.path.rstrip("/")
+        if path == MODELS_PATH:
+            union = self._union()
+            return DirectResponse(200, _encode(_ModelList([union[k] for k in sorted(union)])))
+        if path.startswith(MODELS_PATH + "/"):
+            model_id = unquote(path[len(MODELS_PATH) + 1 :])  # ids may contain '/' (org/model)
+            model = self._union().get(model_id)
+            if model is None:
+                raise NotFound(f"The model `{model_id}` does not exist.")
+            return DirectResponse(200, _encode(model))
+        return None
+
+    def _union(self) -> dict[str, _Model]:
+        """Every pod's models by id; the pod first by namespace/name gives a duplicated id's entry."""
         fetched = sorted(
             (ep for ep in self._endpoints.endpoints if ep.models is not None), key=lambda e: (e.namespace, e.name)
         )
@@ -72,8 +88,7 @@ class ModelsResponder(Responder, Screener):
             for m in ep.models:
                 if m.id not in union:
                     union[m.id] = _Model(m.id, m.object, m.created, m.owned_by)
-        body = _encode(_ModelList([union[k] for k in sorted(union)]))
-        return DirectResponse(200, body)
+        return union
 
     # -- Screener --------------------------------------------------------------------------------
     def screen(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> Sequence[Endpoint]:

@@ -60,6 +60,10 @@ async def test_the_pool_model_list_and_adapter_routing(stack: Stack, http: aioht
         return (await listed(http, stack))[1] == [ADAPTER, "sim-model"]
 
     await eventually(adapter_listed)
+    async with http.get(f"{stack.url}/v1/models/{ADAPTER}") as resp:
+        assert resp.status == 200 and (await resp.json())["id"] == ADAPTER
+    async with http.get(f"{stack.url}/v1/models/no-such-model") as resp:
+        assert resp.status == 404 and "does not exist" in (await resp.json())["error"]["message"]
 
     pods = []
     for i in range(12):

@@ -11,7 +11,7 @@ from llmepp.config.loader import build, load_config
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import Endpoint, EndpointSpec, ModelData
 from llmepp.director import Director, RoutingDecision
-from llmepp.errors import ServiceUnavailable
+from llmepp.errors import NotFound, ServiceUnavailable
 from llmepp.framework.requestcontrol import DirectResponse
 from llmepp.observability.metrics import EppMetrics
 from llmepp.plugins.datasources.models_source import ModelsDataExtractor, ModelsDataSource
@@ -76,10 +76,29 @@ def test_a_trailing_slash_matches(path: str) -> None:
     assert responder(ds).respond(get(path)) is not None
 
 
-@pytest.mark.parametrize(("path", "method"), [("/v1/models", "POST"), ("/v1/models/llama", "GET"), ("/health", "GET")])
+@pytest.mark.parametrize(("path", "method"), [("/v1/models", "POST"), ("/v1/modelsx", "GET"), ("/health", "GET")])
 def test_other_requests_are_left_to_routing(path: str, method: str) -> None:
     ds, _ = pool((BASE,))
     assert responder(ds).respond(get(path, method)) is None
+
+
+def test_one_model_by_id_or_404() -> None:
+    org = ModelData("meta/llama-3", created=5, owned_by="vllm")
+    ds, _ = pool((BASE, LEGAL), (org,))
+    r = responder(ds)
+    answer = r.respond(get("/v1/models/legal"))
+    assert answer is not None and json.loads(answer.body) == {
+        "id": "legal",
+        "object": "model",
+        "created": 20,
+        "owned_by": "vllm",
+    }
+    slashed = r.respond(get("/v1/models/meta/llama-3"))  # ids with a slash, as served-model-names have
+    assert slashed is not None and json.loads(slashed.body)["id"] == "meta/llama-3"
+    encoded = r.respond(get("/v1/models/meta%2Fllama-3"))
+    assert encoded is not None and json.loads(encoded.body)["id"] == "meta/llama-3"
+    with pytest.raises(NotFound, match=r"The model `qwen` does not exist\."):
+        r.respond(get("/v1/models/qwen"))
 
 
 def test_before_any_list_is_fetched_the_answer_is_503_not_an_empty_list() -> None:
