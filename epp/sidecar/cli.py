@@ -23,7 +23,9 @@ import re
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
+from llmepp.cli import parse_bool
 from llmepp.gctuning import tune_gc
 from llmepp.sidecar.proxy import Sidecar, SidecarOptions
 
@@ -83,23 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--kv-connector", default="nixlv2", help="nixlv2 (vLLM's NixlConnector), the only one here")
     ref.add_argument("--ec-connector", default="", help="encoder connectors: none here (encoders are not run)")
     ref.add_argument("--enable-tls", default="", help="comma-separated: prefiller, decoder (https upstreams)")
-    ref.add_argument("--tls-insecure-skip-verify", type=_bool, nargs="?", const=True, default=False, metavar="BOOL")
-    ref.add_argument("--enable-ssrf-protection", type=_bool, nargs="?", const=True, default=False, metavar="BOOL",
+    go_bool: dict[str, Any] = {"type": parse_bool, "nargs": "?", "const": True, "default": False, "metavar": "BOOL"}
+    ref.add_argument("--tls-insecure-skip-verify", **go_bool)
+    ref.add_argument("--enable-ssrf-protection", **go_bool,
                      help="needs --allowed-prefill-networks here (the reference reads the InferencePool)")  # fmt: skip
-    ref.add_argument("--enable-prefiller-sampling", type=_bool, nargs="?", const=True, default=False, metavar="BOOL")
+    ref.add_argument("--enable-prefiller-sampling", **go_bool)
     ref.add_argument("--data-parallel-size", type=int, default=1)
     ref.add_argument("--decode-chunk-size", type=int, default=0)
     ref.add_argument("--metrics-port", type=int, default=0)
     ref.add_argument("--mooncake-bootstrap-port", type=int, default=8998, help="with --kv-connector mooncake")
     ref.add_argument("--p2p-connector-port", type=int, default=7777, help="with --kv-connector offloading")
     return p
-
-
-def _bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value not in ("true", "false", "1", "0"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return value in ("true", "1")
 
 
 def _unsupported(a: argparse.Namespace) -> list[str]:

@@ -366,6 +366,12 @@ def test_the_reference_sidecar_flags(capsys: pytest.CaptureFixture[str]) -> None
     assert options.prefill_scheme == "https" and options.decoder_url == "https://127.0.0.1:8200"
     assert not options.tls_verify and len(options.networks) == 1
     assert options_from_args([])[0].tls_verify
+    # Booleans take Go's flag syntax, like the reference binary.
+    assert not options_from_args(["--tls-insecure-skip-verify=t"])[0].tls_verify
+    assert options_from_args(["--tls-insecure-skip-verify=F"])[0].tls_verify
+    with pytest.raises(SystemExit):
+        options_from_args(["--tls-insecure-skip-verify=maybe"])
+    assert "invalid boolean 'maybe'" in capsys.readouterr().err
     # What this sidecar does not do is refused with the reason, not ignored.
     for bad, reason in (
         (["--kv-connector", "mooncake"], "only nixlv2"),
