@@ -12,9 +12,9 @@ Flags are llm-d-inference-sim's names where they overlap; every ``PodConfig`` fi
 (``max_num_seqs`` -> ``--max-num-seqs``). Latency flags are milliseconds of simulated time.
 
 Several pods: ``--pods N`` binds pod i to 127.0.0.(2+i), ``--hosts`` lists the addresses; all share
-``--port``. A global ``--zmq-endpoint`` / ``--kv-events-replay-endpoint`` is re-targeted to each pod's host
-(same port), unless it contains ``{host}`` / ``{index}`` placeholders, which are filled in; ``--name`` may
-use them too (default ``sim-{index}``).
+``--port`` (and ``--grpc-port``). A global ``--zmq-endpoint`` / ``--kv-events-replay-endpoint`` is
+re-targeted to each pod's host (same port), unless it contains ``{host}`` / ``{index}`` placeholders,
+which are filled in; ``--name`` may use them too (default ``sim-{index}``).
 
 YAML (``--config``): the same keys with dashes or underscores at top level, plus ``time-scale``,
 ``latency-profile``, ``hosts`` and ``pods`` (a count, or a list of per-pod mappings that override the
@@ -22,8 +22,9 @@ globals: ``{host: 127.0.0.2, role: prefill, labels: {llm-d.ai/role: prefill}, kv
 Precedence: defaults < latency profile < YAML globals < CLI flags < per-pod YAML entries.
 
 Output: one ``epp-sim: pod <name> http=<host:port> role=... kv-events=... replay=... topic=...`` line per
-pod, then ``epp-sim: ready <host:port>,<host:port>,...`` once every pod listens. SIGTERM/SIGINT stop
-the pods and exit 0.
+pod (ending `` grpc=<host:port>`` for a pod with a gRPC face, ``--grpc-port``), then ``epp-sim: ready
+<host:port>,<host:port>,...`` (the HTTP addresses) once every pod listens. SIGTERM/SIGINT stop the pods
+and exit 0.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ FLAG_HELP = {
     "name": "pod name (x-inference-pod header, KV-event topic); placeholders {index} {host}",
     "host": "bind address of a single pod",
     "port": "HTTP port (0 = any free port)",
+    "grpc_port": "gRPC port: vLLM's VllmEngine and Vertex AI's PredictionService over h2c (0 = any free port; "
+    "unset = no gRPC face)",
     "model": "base model name",
     "served_model_name": "names the base model answers to (first one names metrics)",
     "role": "P/D role: prefill, decode or both",
@@ -113,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         elif kind in (int, float, str):
             parser.add_argument(flag, type=kind, help=help_text)
+        elif kind == int | None:
+            parser.add_argument(flag, type=int, help=help_text)
         else:  # lists and the labels mapping
             parser.add_argument(flag, nargs="+", help=help_text)
     return parser

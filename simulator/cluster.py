@@ -104,6 +104,7 @@ class SimCluster:
             f"{POD_LINE_PREFIX}{p.name} http={p.address} role={p.config.role} "
             f"kv-events={p.kv_events_endpoint or '-'} replay={p.kv_events_replay_endpoint or '-'} "
             f"topic={p.kv_events_topic if p.kv_events_endpoint else '-'}"
+            + (f" grpc={p.grpc_address}" if p.grpc_address else "")
             for p in self.pods
         ]
 
@@ -200,6 +201,7 @@ class PodInfo:
     kv_events_endpoint: str
     kv_events_replay_endpoint: str
     kv_events_topic: str
+    grpc_address: str = ""  # host:port of the pod's gRPC face; "" = none
 
     @property
     def url(self) -> str:
@@ -208,7 +210,7 @@ class PodInfo:
 
 _POD_LINE = re.compile(
     r"^epp-sim: pod (?P<name>\S+) http=(?P<address>\S+) role=(?P<role>\S+) kv-events=(?P<kv>\S+) "
-    r"replay=(?P<replay>\S+) topic=(?P<topic>\S+)$"
+    r"replay=(?P<replay>\S+) topic=(?P<topic>\S+)(?: grpc=(?P<grpc>\S+))?$"
 )
 
 
@@ -218,7 +220,13 @@ def parse_pod_line(line: str) -> PodInfo | None:
         return None
     dash = lambda value: "" if value == "-" else value  # noqa: E731
     return PodInfo(
-        match["name"], match["address"], match["role"], dash(match["kv"]), dash(match["replay"]), dash(match["topic"])
+        match["name"],
+        match["address"],
+        match["role"],
+        dash(match["kv"]),
+        dash(match["replay"]),
+        dash(match["topic"]),
+        match["grpc"] or "",
     )
 
 

@@ -60,6 +60,9 @@ class PodConfig:
     name: str = ""  # "" = "sim-<index in cluster>"; also the x-inference-pod header and KV-event topic id
     host: str = "127.0.0.1"
     port: int = 8000  # 0 = any free port (tests)
+    # gRPC face (vLLM's VllmEngine + Vertex AI's PredictionService over h2c) on `host`: None = none,
+    # 0 = any free port, resolved at the first start (see grpc_server.py)
+    grpc_port: int | None = None
     model: str = "sim-model"
     served_model_name: list[str] = field(default_factory=list)  # aliases; first one names metrics
     role: str = "both"  # prefill | decode | both (see server.py for what it enforces)
@@ -120,6 +123,12 @@ class PodConfig:
             problems.append(f"role must be one of {ROLES}, got {self.role!r}")
         positive = ("max_num_seqs", "max_model_len", "kv_cache_size", "block_size", "event_batch_size")
         problems += [f"{name} must be >= 1" for name in positive if getattr(self, name) < 1]
+        for name in ("port", "grpc_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                problems.append(f"{name} must be within 0..65535")
+        if self.grpc_port and self.grpc_port == self.port:
+            problems.append(f"grpc_port and port must differ, both are {self.port}")
         if self.max_loras < 1:
             problems.append("max_loras must be >= 1")
         if self.time_factor_under_load < 1.0:

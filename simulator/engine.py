@@ -31,6 +31,7 @@ import logging
 import math
 import random
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from llmepp_sim import blockhash
@@ -204,6 +205,15 @@ class Engine:
             request.block_ids = []
         self._finish(request, "abort", self.clock.now(), release=False)
         self._kick()
+
+    def abort_ids(self, request_ids: Collection[str]) -> int:
+        """Abort every waiting or running request whose id is in ``request_ids`` (vLLM's out-of-band abort);
+        the number aborted. Unknown or finished ids are ignored."""
+        wanted = set(request_ids)
+        matches = [r for r in (*self.running, *self.waiting) if r.request_id in wanted]
+        for request in matches:
+            self.abort(request)
+        return len(matches)
 
     def reset_prefix_cache(self) -> bool:
         return self.pool.clear_cached()

@@ -1,6 +1,7 @@
-"""One simulated pod: HTTP listener + engine + KV-event publisher, with a kill/revive lifecycle.
+"""One simulated pod: HTTP listener (+ optional gRPC listener) + engine + KV-event publisher, with a
+kill/revive lifecycle.
 
-``kill()`` models a crashed vLLM: the listening socket closes, every open connection (in-flight and
+``kill()`` models a crashed vLLM: the listening sockets close (HTTP and gRPC), every open connection (in-flight and
 keep-alive) is dropped, running requests are aborted, the KV-event sockets close and all engine state
 (KV cache, counters) is lost. ``revive()`` brings up a fresh engine on the same address and ports (KV
 event ``seq`` restarts at 0, ``--startup-duration`` applies again), like a restarted container.
@@ -13,7 +14,7 @@ import contextlib
 import socket
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -27,6 +28,9 @@ from llmepp_sim.metrics import CacheInfo, PodMetrics
 from llmepp_sim.server import build_app
 from llmepp_sim.textgen import FillerToken, filler_vocabulary
 from llmepp_sim.tokenizer import ChatRenderer, SimTokenizer, jinja_renderer, render_body, shared_tokenizer
+
+if TYPE_CHECKING:
+    from llmepp_sim.grpc_server import GrpcFace
 
 KILL_RESPONSE_GRACE = 0.05  # s: lets the /admin/kill reply reach the client before the socket drops
 
@@ -62,6 +66,9 @@ class SimPod:
         self.name = config.name or "sim"
         self.host = config.host
         self.port = config.port
+        # None = no gRPC face; 0 until the first start resolves it (a revived pod keeps the resolved port).
+        self.grpc_port: int | None = config.grpc_port
+        self._grpc: GrpcFace | None = None
         self.alive = False
         self.started_wall = time.time()
         self._up_since = time.monotonic()
@@ -84,6 +91,13 @@ class SimPod:
         return f"http://{self.address}"
 
     @property
+    def grpc_address(self) -> str:
+        """``host:port`` of the gRPC face ("" when the pod has none)."""
+        if self.grpc_port is None:
+            return ""
+        return f"[{self.host}]:{self.grpc_port}" if ":" in self.host else f"{self.host}:{self.grpc_port}"
+
+    @property
     def kv_events_endpoint(self) -> str:
         return self.publisher.endpoint if self.publisher else ""
 
@@ -100,6 +114,11 @@ class SimPod:
     @property
     def ready(self) -> bool:
         return self.alive and time.monotonic() - self._up_since >= self.config.startup_duration
+
+    @property
+    def uptime(self) -> float:
+        """Wall-clock seconds since the pod (last) came up."""
+        return time.monotonic() - self._up_since if self.alive else 0.0
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -194,10 +213,27 @@ class SimPod:
             self.publisher.topic = self.kv_events_topic.encode()  # the port is known only now
         self._site = web.SockSite(self._runner, sock)
         await self._site.start()
+        if self.grpc_port is not None:
+            await self._start_grpc(self.grpc_port)
         self.engine.start()
         self.alive = True
         self.started_wall = time.time()
         self._up_since = time.monotonic()
+
+    async def _start_grpc(self, port: int) -> None:
+        from llmepp_sim.grpc_server import GrpcFace  # grpc is imported only by pods that have the face
+
+        face = GrpcFace(self)
+        try:
+            self.grpc_port = await face.start(self.host, port)
+        except BaseException:
+            assert self._site is not None
+            await self._site.stop()
+            self._site = None
+            if self.publisher is not None:
+                await self.publisher.close()
+            raise
+        self._grpc = face
 
     async def _go_down(self) -> None:
         self.alive = False
@@ -209,6 +245,9 @@ class SimPod:
             transport = connection.transport
             if transport is not None:
                 transport.abort()
+        if self._grpc is not None:
+            await self._grpc.stop()  # cancels the calls in flight: their engine requests are aborted
+            self._grpc = None
         await self.engine.stop()
         if self.publisher is not None:
             await self.publisher.close()
@@ -222,6 +261,7 @@ class SimPod:
         return {
             "name": self.name,
             "address": self.address,
+            "grpc_address": self.grpc_address,
             "alive": self.alive,
             "ready": self.ready,
             "time_scale": self.clock.time_scale,

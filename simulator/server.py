@@ -11,6 +11,9 @@ never saw would; answers ``{"evicted": blocks}``).
 
 Every response carries ``x-inference-pod: <pod name>`` and ``x-inference-port: <port>``.
 
+``submit`` (validation, tokenisation, engine submission) and the OpenAI renderers (``complete_body``,
+``stream_events``) are shared with the gRPC face (``grpc_server.py``), so both faces answer alike.
+
 P/D roles: a ``prefill`` pod refuses ``do_remote_prefill`` requests and a ``decode`` pod refuses
 ``do_remote_decode`` requests (400); plain requests are served by every role, as a vLLM with a KV
 connector in producer/consumer mode still serves them.
@@ -20,7 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from aiohttp import web
@@ -28,7 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from llmepp_sim import anthropic, generate
 from llmepp_sim.config import pod_config_to_dict
-from llmepp_sim.engine import RequestKind, RequestTooLarge, SimRequest
+from llmepp_sim.engine import Engine, RequestKind, RequestTooLarge, SimRequest
 from llmepp_sim.errors import ApiError, bad_request, context_length_exceeded, model_not_found
 from llmepp_sim.faults import FORCE_ERROR_HEADER
 from llmepp_sim.lora import LoraAdapter
@@ -100,7 +104,7 @@ async def _errors_middleware(request: web.Request, handler: Any) -> web.StreamRe
         return error_response(error)
 
 
-def _require_ready(pod: SimPod) -> None:
+def require_ready(pod: SimPod) -> None:
     if not pod.ready:
         raise ApiError(503, "The server is starting up.", err_type="ServiceUnavailableError")
 
@@ -158,13 +162,34 @@ def _checked_max_tokens(pod: SimPod, prompt: int, parsed: InferenceRequest) -> i
     return parsed.max_tokens
 
 
-async def _inference(request: web.Request, chat: bool, api: Api = "openai") -> web.StreamResponse:
-    pod = request.app[POD_KEY]
-    _require_ready(pod)
-    forced = pod.faults.forced(request.headers.get(FORCE_ERROR_HEADER))
+@dataclass
+class Submission:
+    """An inference request the engine has accepted: what the answer renderers need. Whoever submitted
+    it calls ``abort()`` once done with it (a no-op when finished; frees the seat when the client left)."""
+
+    pod: SimPod
+    engine: Engine
+    parsed: InferenceRequest
+    model: str
+    sim_request: SimRequest
+
+    def abort(self) -> None:
+        self.engine.abort(self.sim_request)
+
+
+def check_admission(pod: SimPod, force_error: str | None) -> None:
+    """What is refused before the body is read: a pod that is not ready, a forced error status."""
+    require_ready(pod)
+    forced = pod.faults.forced(force_error)
     if forced is not None:
         raise forced
-    body = decode_json_body(await request.read())
+
+
+async def submit(
+    pod: SimPod, body: dict[str, Any], chat: bool, api: Api = "openai", request_id: str | None = None
+) -> Submission:
+    """Validate a decoded request body of ``api``, tokenise its prompt and hand it to the pod's engine (the
+    code path every face shares: HTTP routes and the gRPC face). Raises ``ApiError``."""
     if api == "anthropic":
         body = anthropic.to_chat_body(body)
     elif api == "vllm-generate":
@@ -181,7 +206,7 @@ async def _inference(request: web.Request, chat: bool, api: Api = "openai") -> w
         raise context_length_exceeded(pod.config.max_model_len, len(prompt_ids), 1)
     engine = pod.engine
     sim_request = SimRequest(
-        request_id=request.headers.get("X-Request-Id") or new_request_id(chat),
+        request_id=request_id or new_request_id(chat),
         prompt_ids=prompt_ids,
         max_tokens=max_tokens,
         filler=FillerStream(pod.fillers, pod.config.seed, prompt_ids),
@@ -192,6 +217,15 @@ async def _inference(request: web.Request, chat: bool, api: Api = "openai") -> w
         engine.submit(sim_request)
     except RequestTooLarge as exc:
         raise bad_request(str(exc), param="max_tokens") from exc
+    return Submission(pod, engine, parsed, model, sim_request)
+
+
+async def _inference(request: web.Request, chat: bool, api: Api = "openai") -> web.StreamResponse:
+    pod = request.app[POD_KEY]
+    check_admission(pod, request.headers.get(FORCE_ERROR_HEADER))
+    body = decode_json_body(await request.read())
+    sub = await submit(pod, body, chat, api, request.headers.get("X-Request-Id"))
+    sim_request, parsed, model = sub.sim_request, sub.parsed, sub.model
     try:
         if api == "anthropic":
             if parsed.stream:
@@ -202,10 +236,10 @@ async def _inference(request: web.Request, chat: bool, api: Api = "openai") -> w
                 return await _stream_generate(request, sim_request, parsed)
             return await _complete_generate(sim_request)
         if parsed.stream:
-            return await _stream(request, pod, sim_request, model, parsed)
-        return await _complete(pod, sim_request, model, parsed)
+            return await _stream(request, sub)
+        return web.Response(body=await complete_body(sub), content_type="application/json")
     finally:
-        engine.abort(sim_request)  # no-op when finished; frees the seat when the client went away
+        sub.abort()  # no-op when finished; frees the seat when the client went away
 
 
 def _kv_params_out(pod: SimPod, sim_request: SimRequest) -> dict[str, Any] | None:
@@ -226,57 +260,66 @@ def _usage(sim_request: SimRequest) -> dict[str, Any]:
     return usage(len(sim_request.prompt_ids), len(sim_request.output_ids), sim_request.num_cached_tokens or 0)
 
 
-def _aborted() -> ApiError:
+def aborted_error() -> ApiError:
+    """The answer to a request the engine aborted (the pod is going down)."""
     return ApiError(503, "The request was aborted: the engine is shutting down.", err_type="ServiceUnavailableError")
 
 
-async def _complete(pod: SimPod, sim_request: SimRequest, model: str, parsed: InferenceRequest) -> web.Response:
+async def complete_body(sub: Submission) -> bytes:
+    """The OpenAI (completions or chat) JSON answer, once the request has finished."""
+    sim_request = sub.sim_request
     await sim_request.wait_finished()
     if sim_request.finish_reason == "abort":
-        raise _aborted()
-    body = full_response(
-        parsed.chat,
+        raise aborted_error()
+    return full_response(
+        sub.parsed.chat,
         sim_request.request_id,
-        model,
+        sub.model,
         "".join(sim_request.output_text),
         sim_request.finish_reason or "length",
         _usage(sim_request),
-        _kv_params_out(pod, sim_request),
+        _kv_params_out(sub.pod, sim_request),
     )
-    return web.Response(body=body, content_type="application/json")
 
 
-async def _stream(
-    request: web.Request, pod: SimPod, sim_request: SimRequest, model: str, parsed: InferenceRequest
-) -> web.StreamResponse:
+async def stream_events(sub: Submission) -> AsyncGenerator[tuple[list[bytes], bool], None]:
+    """The OpenAI SSE answer: (events ready now, finished) each time the output grows; every event is one
+    complete ``data: ...\n\n``. Ends without ``finished`` when the engine aborts the request."""
+    sim_request, parsed, pod = sub.sim_request, sub.parsed, sub.pod
+    renderer = StreamRenderer(parsed.chat, sim_request.request_id, sub.model)
+    if parsed.chat:
+        yield [renderer.role_chunk()], False
+    async for sent, available, finished in output_growth(sim_request):
+        texts = sim_request.output_text
+        last = available - 1 if finished else available
+        # Tokens that piled up while the consumer was busy go out together.
+        parts = [renderer.token_chunk(texts[i]) for i in range(sent, last)]
+        if finished:
+            parts.append(
+                renderer.final_token_chunk(
+                    texts[last], sim_request.finish_reason or "length", _kv_params_out(pod, sim_request)
+                )
+            )
+            if parsed.include_usage:
+                parts.append(renderer.usage_chunk(_usage(sim_request)))
+            parts.append(renderer.done())
+        yield parts, finished
+
+
+async def _stream(request: web.Request, sub: Submission) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    renderer = StreamRenderer(parsed.chat, sim_request.request_id, model)
     with contextlib.suppress(ConnectionError):
         await response.prepare(request)
-        if parsed.chat:
-            await response.write(renderer.role_chunk())
-        async for sent, available, finished in _output_growth(sim_request):
-            texts = sim_request.output_text
-            last = available - 1 if finished else available
-            # Tokens that piled up while the handler was busy go out in one write.
-            parts = [renderer.token_chunk(texts[i]) for i in range(sent, last)]
-            if finished:
-                parts.append(
-                    renderer.final_token_chunk(
-                        texts[last], sim_request.finish_reason or "length", _kv_params_out(pod, sim_request)
-                    )
-                )
-                if parsed.include_usage:
-                    parts.append(renderer.usage_chunk(_usage(sim_request)))
-                parts.append(renderer.done())
-            if parts:
-                await response.write(b"".join(parts))
-            if finished:
-                await response.write_eof()
+        async with contextlib.aclosing(stream_events(sub)) as events:
+            async for parts, finished in events:
+                if parts:
+                    await response.write(b"".join(parts))
+                if finished:
+                    await response.write_eof()
     return response
 
 
-async def _output_growth(sim_request: SimRequest) -> AsyncIterator[tuple[int, int, bool]]:
+async def output_growth(sim_request: SimRequest) -> AsyncIterator[tuple[int, int, bool]]:
     """(first token not sent yet, tokens available, finished) each time the output grows. Ends after
     the last tokens, or at once when the engine aborts the request (the pod is going down: the
     connection is being dropped)."""
@@ -296,7 +339,7 @@ async def _output_growth(sim_request: SimRequest) -> AsyncIterator[tuple[int, in
 async def _complete_messages(sim_request: SimRequest, model: str) -> web.Response:
     await sim_request.wait_finished()
     if sim_request.finish_reason == "abort":
-        raise _aborted()
+        raise aborted_error()
     u = _anthropic_usage(sim_request)
     body = anthropic.full_response(
         anthropic.new_message_id(), model, "".join(sim_request.output_text), sim_request.finish_reason or "length", u
@@ -313,7 +356,7 @@ async def _stream_messages(request: web.Request, sim_request: SimRequest, model:
     events = anthropic.MessagesStream(anthropic.new_message_id(), model)
     with contextlib.suppress(ConnectionError):
         await response.prepare(request)
-        async for sent, available, finished in _output_growth(sim_request):
+        async for sent, available, finished in output_growth(sim_request):
             texts = sim_request.output_text
             parts = [events.start({**_anthropic_usage(sim_request), "output_tokens": 0})] if sent == 0 else []
             parts += [events.token(texts[i]) for i in range(sent, available)]
@@ -328,7 +371,7 @@ async def _stream_messages(request: web.Request, sim_request: SimRequest, model:
 async def _complete_generate(sim_request: SimRequest) -> web.Response:
     await sim_request.wait_finished()
     if sim_request.finish_reason == "abort":
-        raise _aborted()
+        raise aborted_error()
     body = generate.full_response(
         sim_request.request_id, sim_request.output_ids, sim_request.finish_reason or "length", _usage(sim_request)
     )
@@ -342,7 +385,7 @@ async def _stream_generate(
     rid = sim_request.request_id
     with contextlib.suppress(ConnectionError):
         await response.prepare(request)
-        async for sent, available, finished in _output_growth(sim_request):
+        async for sent, available, finished in output_growth(sim_request):
             ids = sim_request.output_ids[sent:available]
             parts = [generate.stream_event(rid, ids, sim_request.finish_reason or "length" if finished else None)]
             if finished:
@@ -374,7 +417,7 @@ async def _models(request: web.Request) -> web.Response:
 
 
 async def _health(request: web.Request) -> web.Response:
-    _require_ready(request.app[POD_KEY])
+    require_ready(request.app[POD_KEY])
     return web.Response(status=200)
 
 

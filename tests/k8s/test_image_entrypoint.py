@@ -27,7 +27,15 @@ from llmepp.testing.ports import free_port
 
 from .cluster import REPO
 
-SOURCES = ("pyproject.toml", "setup.py", "README.md", "epp", "plugins", "simulator")  # the Containerfile's COPYs
+SOURCES = (
+    "pyproject.toml",
+    "setup.py",
+    "README.md",
+    "protos",
+    "epp",
+    "plugins",
+    "simulator",
+)  # the Containerfile's COPYs
 
 
 def run(*cmd: str | Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -53,7 +61,9 @@ def test_image_entrypoint_from_a_clean_venv(tmp_path: Path) -> None:
     for name in SOURCES:
         item = REPO / name
         if item.is_dir():
-            shutil.copytree(item, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            # Generated protobuf modules are left behind, as in a clean clone: the build must write them.
+            ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*_pb2*")
+            shutil.copytree(item, src / name, ignore=ignore)
         else:
             shutil.copy2(item, src / name)
     # Stage 1: the project wheel (the venv's setuptools; no build isolation, no network needed).
@@ -66,6 +76,12 @@ def test_image_entrypoint_from_a_clean_venv(tmp_path: Path) -> None:
     run(venv / "bin" / "pip", "install", "-q", "--disable-pip-version-check", "--force-reinstall", "--no-deps",
         "--prefer-binary", "opentelemetry-proto==" + importlib.metadata.version("opentelemetry-proto"))  # fmt: skip
     epp = venv / "bin" / "epp"
+    # The wheel carries the modules compiled from protos/ (vllmgrpc-parser, vertexai-parser).
+    run(
+        venv / "bin" / "python",
+        "-c",
+        "import llmepp.protocols.vllm_engine_pb2, llmepp.protocols.vertexai_prediction_pb2",
+    )
 
     help_text = run(epp, "--help").stdout
     for flag in ("--pool-name", "--endpoint-selector", "--kubeconfig", "--ha-enable-leader-election"):
