@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import platform
 import random
 import subprocess
@@ -25,6 +26,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from google.api import httpbody_pb2
+
 from benchmarks.scheduling import measure
 from llmepp.datalayer.endpoint import Endpoint, EndpointMetrics, EndpointSpec, InFlight
 from llmepp.framework.datakeys import PREFIX_CACHE_MATCH_INFO, TOKENIZED_PROMPT, PrefixMatchInfo, scoped
@@ -32,6 +35,10 @@ from llmepp.framework.plugin import Plugin, PluginContext, registry
 from llmepp.framework.scheduling import Filter, Picker, ProfileResult, SchedulingResult, Scorer
 from llmepp.plugins.filters.session import encode_token
 from llmepp.plugins.producers.token import estimate_tokens
+from llmepp.protocols import vertexai_prediction_pb2 as vx
+from llmepp.protocols import vllm_engine_pb2 as vl
+from llmepp.request import grpcwire
+from llmepp.request.parsers import RequestParsers
 from llmepp.request.types import InferenceRequest, RequestKind, ResponseInfo
 
 PROMPT_BYTES = 8192
@@ -194,6 +201,49 @@ def plugin_costs(n: int) -> list[tuple[str, float]]:
 INDEX_CAPACITY = 31250  # the approximate producer's lruCapacityPerServer default (64-token blocks)
 
 
+def _grpc_body(message: Any) -> bytes:
+    return grpcwire.frame(message.SerializeToString())
+
+
+def parser_costs() -> list[tuple[str, float]]:
+    """µs to parse one request (headers + whole body → InferenceRequest) per parser, on typical bodies:
+    an 8 KB chat conversation, 2,048 token ids, and a 100k-token vLLM gRPC prompt."""
+    table = RequestParsers([
+        registry.build(t, t, None)  # type: ignore[misc]
+        for t in ("openai-parser", "anthropic-parser", "vllmhttp-parser", "sglanghttp-parser", "vllmgrpc-parser",
+                  "vertexai-parser", "passthrough-parser")
+    ])  # fmt: skip
+    words = ("the quick brown fox jumps over a lazy dog " * 200)[:PROMPT_BYTES]
+    chat = {
+        "model": "m",
+        "max_tokens": 64,
+        "stream": True,
+        "messages": [{"role": "system", "content": words[:2048]}, {"role": "user", "content": words[2048:]}],
+    }
+    ids = list(range(1000, 3048))
+    grpc_h = {"content-type": "application/grpc"}
+    http = httpbody_pb2.HttpBody(content_type="application/json", data=json.dumps(chat).encode())
+    cases: list[tuple[str, str, dict[str, str], bytes]] = [
+        ("openai-parser, chat 8 KB", "/v1/chat/completions", {}, json.dumps(chat).encode()),
+        ("anthropic-parser, messages 8 KB", "/v1/messages", {}, json.dumps(chat).encode()),
+        ("vllmhttp-parser, 2,048 token ids", "/inference/v1/generate", {},
+         json.dumps({"model": "m", "token_ids": ids, "sampling_params": {"max_tokens": 64}}).encode()),
+        ("sglanghttp-parser, 2,048 input ids", "/generate", {},
+         json.dumps({"input_ids": ids, "sampling_params": {"max_new_tokens": 64}}).encode()),
+        ("vllmgrpc-parser, Generate 2,048 token ids", "/vllm.grpc.engine.VllmEngine/Generate", grpc_h,
+         _grpc_body(vl.GenerateRequest(tokenized=vl.TokenizedInput(input_ids=ids), stream=True))),
+        ("vllmgrpc-parser, Generate 100k token ids", "/vllm.grpc.engine.VllmEngine/Generate", grpc_h,
+         _grpc_body(vl.GenerateRequest(tokenized=vl.TokenizedInput(input_ids=range(100_000))))),
+        ("vertexai-parser, ChatCompletions 8 KB", "/google.cloud.aiplatform.v1.PredictionService/ChatCompletions",
+         grpc_h, _grpc_body(vx.ChatCompletionsRequest(endpoint="projects/p/e", http_body=http))),
+    ]  # fmt: skip
+    out = []
+    for name, path, headers, body in cases:
+        h = {":path": path, "content-type": "application/json", **headers}
+        out.append((name, per_call_us(lambda h=h, body=body: table.parse(h, body, request_id="r"))))  # type: ignore[misc]
+    return out
+
+
 def approx_index_memory(endpoints: Sequence[int] = (4, 64)) -> list[tuple[int, float, float]]:
     """The approximate prefix index filled to capacity (`INDEX_CAPACITY` distinct blocks per endpoint):
     (endpoints, bytes per (endpoint, block) entry, MB per endpoint), from tracemalloc."""
@@ -259,8 +309,14 @@ gives its parameters, defaults and formula.
 """
 
 
-def markdown(counts: list[int], costs: dict[int, list[tuple[str, float]]], base: dict[int, dict[str, float]],
-             command: str, memory: list[tuple[int, float, float]]) -> str:  # fmt: skip
+def markdown(
+    counts: list[int],
+    costs: dict[int, list[tuple[str, float]]],
+    base: dict[int, dict[str, float]],
+    command: str,
+    memory: list[tuple[int, float, float]],
+    parsers: list[tuple[str, float]],
+) -> str:
     lines = [
         "# Plugin catalogue costs",
         "",
@@ -296,6 +352,16 @@ def markdown(counts: list[int], costs: dict[int, list[tuple[str, float]]], base:
         lines.append(f"| {name} | " + " | ".join(f"{costs[n][i][1]:.2f}" for n in counts) + " |")
     lines += [
         "",
+        "## Request parsers (µs per request, best of 21 runs)",
+        "",
+        "Headers + the whole body → the parsed request the pipeline reads (`RequestParsers.parse`).",
+        "",
+        "| parser, body | µs |",
+        "|---|---:|",
+        *(f"| {name} | {us:.1f} |" for name, us in parsers),
+    ]
+    lines += [
+        "",
         "## Approximate prefix index memory",
         "",
         f"`approx-prefix-cache-producer`'s index filled to its default capacity ({INDEX_CAPACITY:,} blocks of 64",
@@ -327,12 +393,15 @@ async def main() -> None:
         base[n] = await measure("optimized-baseline", n, PROMPT_BYTES, args.n)
         r = base[n]
         print(f"optimized-baseline endpoints={n:4d}  p50={r['p50_us']:7.1f} µs  p99={r['p99_us']:7.1f} µs")
+    parsers = parser_costs()
+    for name, us in parsers:
+        print(f"{name:52s}{us:10.1f}")
     memory = approx_index_memory()
     for n, per_entry, per_endpoint in memory:
         print(f"approx prefix index, {n:3d} endpoints full: {per_entry:.0f} B/entry, {per_endpoint:.1f} MB/endpoint")
     if args.markdown:
         command = ".venv/bin/python -m benchmarks.plugin_costs " + " ".join(sys.argv[1:])
-        text = markdown(counts, costs, base, command.strip(), memory)
+        text = markdown(counts, costs, base, command.strip(), memory, parsers)
         Path(args.markdown).write_text(text)  # noqa: ASYNC240 (after measuring)
 
 

@@ -376,9 +376,10 @@ class Director:
         payload = dict(request.payload)
         payload["model"] = request.target_model
         try:
-            return msgspec.json.encode(payload)
+            body = msgspec.json.encode(payload)
         except (TypeError, msgspec.EncodeError) as e:
             raise BadRequest(f"cannot rewrite model name: {e}") from None
+        return request.wrap_body(body) if request.wrap_body is not None else body
 
     @staticmethod
     def _scores(result: SchedulingResult) -> dict[str, float]:

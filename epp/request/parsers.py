@@ -240,12 +240,17 @@ def request_path(headers: Mapping[str, str]) -> str:
 
 
 def claimed_suffix(path: str, suffix: str) -> bool:
-    """`path` ends with `suffix` on a path-segment boundary (a trailing slash is ignored)."""
+    """`path` ends with `suffix` on a path-segment boundary (a trailing slash is ignored). A gRPC
+    method path, `/package.Service/Method`, also has a boundary after each dot of its service name,
+    so `PredictionService/ChatCompletions` claims the method of any package (v1, v1beta1)."""
     p = path.rstrip("/")
     if not p.endswith(suffix):
         return False
     start = len(p) - len(suffix)
-    return start == 0 or p[start - 1] == "/"
+    if start == 0:
+        return True
+    before = p[start - 1]
+    return before == "/" or (before == "." and p.count("/") == 2 and p.rfind("/", 0, start) == 0)
 
 
 # -- headers ---------------------------------------------------------------------------
@@ -341,7 +346,8 @@ class RequestParsers:
             req.target_model = rewrite or req.model
             if req.target_model != req.model:
                 # Only a rewrite needs the whole payload; decoding it twice is rarer than keeping it.
-                req.payload = _decode(_ANY_DECODER, body)
+                # (req.body: a parser of a wrapped API, e.g. vertexai-parser, leaves the JSON there.)
+                req.payload = _decode(_ANY_DECODER, req.body)
         return req
 
 

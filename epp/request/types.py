@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from llmepp.framework.scheduling import SchedulingResult
@@ -24,6 +24,15 @@ class RequestKind(enum.Enum):
     PASSTHROUGH = "passthrough"
     # No body (GET /v1/models etc.): routed to a random ready endpoint.
     BODYLESS = "bodyless"
+
+
+class UsageReader(Protocol):
+    """Reads a response's token usage from its body chunks (llmepp.request.usage.UsageCollector for the
+    JSON / SSE APIs; gRPC APIs bring their own)."""
+
+    def feed(self, chunk: bytes) -> None: ...
+
+    def result(self) -> Usage | None: ...
 
 
 @dataclass(slots=True)
@@ -60,6 +69,12 @@ class InferenceRequest:
     fairness_id: str = "default-flow"
     # Parsed JSON body, kept only when something must rewrite it (model name).
     payload: dict[str, Any] | None = None
+    # Set by parsers of APIs that wrap their JSON (gRPC): the re-encoded JSON of a model rewrite →
+    # the body to send upstream. None: the JSON is the body.
+    wrap_body: Callable[[bytes], bytes] | None = None
+    # Set by parsers of non-JSON responses (gRPC): the reader of the response's usage, given the
+    # response headers. None: the JSON / SSE reader.
+    usage_reader: Callable[[Mapping[str, str]], UsageReader] | None = None
     # Per-request data written by producers and read by scorers, keyed by data key.
     data: dict[str, Any] = field(default_factory=dict)
     # Request headers to add / overwrite upstream (e.g. x-prefiller-host-port).

@@ -278,16 +278,19 @@ def replaced_response_body(body: bytes) -> pb.ProcessingResponse:
 
 
 def immediate_response(
-    status: int, body: bytes, headers: Iterable[tuple[str, str | bytes]] = (), details: str = ""
+    status: int,
+    body: bytes,
+    headers: Iterable[tuple[str, str | bytes]] = (),
+    details: str = "",
+    *,
+    grpc_status: int | None = None,
 ) -> pb.ProcessingResponse:
-    return pb.ProcessingResponse(
-        immediate_response=pb.ImmediateResponse(
-            status=http_status_pb2.HttpStatus(code=status),
-            headers=header_mutation(headers),
-            body=body,
-            details=details,
-        )
+    answer = pb.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=status), headers=header_mutation(headers), body=body, details=details
     )
+    if grpc_status is not None:
+        answer.grpc_status.status = grpc_status
+    return pb.ProcessingResponse(immediate_response=answer)
 
 
 # -- reading -----------------------------------------------------------------------------------

@@ -45,9 +45,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from llmepp.errors import DROPPED_REASON_HEADER, BadRequest, Evicted, PayloadTooLarge, RequestError
 from llmepp.framework.requestcontrol import DirectResponse
 from llmepp.observability.metrics import EppMetrics
-from llmepp.request import parsers
+from llmepp.request import grpcwire, parsers
 from llmepp.request.rewrite import ModelNameRewriter
-from llmepp.request.types import InferenceRequest, RequestKind, ResponseInfo, TerminationCause
+from llmepp.request.types import InferenceRequest, RequestKind, ResponseInfo, TerminationCause, UsageReader
 from llmepp.request.usage import UsageCollector
 from llmepp.server import envoy
 from llmepp.server.envoy import Answer
@@ -117,11 +117,17 @@ def error_body(err: RequestError) -> bytes:
     return msgspec.json.encode({"error": {"code": err.status, "type": err.code, "message": err.message}})
 
 
-def error_response(err: RequestError) -> pb.ProcessingResponse:
-    headers: list[tuple[str, str | bytes]] = [("content-type", "application/json")]
+def error_response(err: RequestError, *, grpc: bool = False) -> pb.ProcessingResponse:
+    """The ImmediateResponse of an error: a JSON body, or for a gRPC client a gRPC status with the
+    message (Envoy sends it as a trailers-only answer, grpc-message carrying the body)."""
+    details = f"llm_epp_{err.code}" + (f"_{err.reason}" if err.reason else "")
+    headers: list[tuple[str, str | bytes]] = []
     if err.reason:
         headers.append((DROPPED_REASON_HEADER, err.reason))
-    details = f"llm_epp_{err.code}" + (f"_{err.reason}" if err.reason else "")
+    if grpc:
+        code = grpcwire.grpc_status(err.status)
+        return envoy.immediate_response(err.status, err.message.encode(), headers, details, grpc_status=code)
+    headers.insert(0, ("content-type", "application/json"))
     return envoy.immediate_response(err.status, error_body(err), headers, details)
 
 
@@ -356,7 +362,7 @@ class ExtProcStream:
         self.request: InferenceRequest | None = None
         self.decision: RoutingDecision | None = None
         self.info: ResponseInfo | None = None
-        self.usage: UsageCollector | None = None
+        self.usage: UsageReader | None = None
         self.rewriter: ModelNameRewriter | None = None
         self.lab: _Labeled | None = None
         self.request_trailers = False
@@ -614,7 +620,7 @@ class ExtProcStream:
                 err.message,
                 extra={"request_id": self.request_id},
             )
-        return error_response(err)
+        return error_response(err, grpc=grpcwire.is_grpc(self.headers))
 
     # -- response side -----------------------------------------------------------------------------
     def on_response_headers(self, h: pb.HttpHeaders) -> Answer:
@@ -630,17 +636,22 @@ class ExtProcStream:
             info.status = int(headers.get(":status", "0"))
         except ValueError:
             info.status = 0
-        info.streaming = EVENT_STREAM in headers.get("content-type", "")
+        req = self.request
+        if req is not None and req.usage_reader is not None:
+            # A gRPC API: its parser reads the response messages.
+            info.streaming = req.stream
+            self.usage = req.usage_reader(headers)
+        else:
+            info.streaming = EVENT_STREAM in headers.get("content-type", "")
+            self.usage = UsageCollector(info.streaming)
         self.info = info
-        self.usage = UsageCollector(info.streaming)
         set_headers: list[tuple[str, str | bytes]] = []
         remove: list[str] = []
-        req = self.request
         if req is not None and self.decision is not None:
             extra = self.svc.director.response_headers(req, info, headers)
             if extra:
                 set_headers.extend(extra.items())
-            if req.target_model and req.target_model != req.model:
+            if req.target_model and req.target_model != req.model and req.usage_reader is None:
                 self.rewriter = ModelNameRewriter(req.target_model, req.model)
                 if self.resp_mode != envoy.MODE_FULL_DUPLEX_STREAMED and "content-length" in headers:
                     # Non-FDS modes keep content-length; the rewrite may change the length.
@@ -758,7 +769,7 @@ class ExtProcStream:
         self.svc.metrics.request_error_total.labels(model, target, err.code).inc()
         self.closed = True
         self.complete(TerminationCause.EVICTED)
-        push(error_response(err))
+        push(error_response(err, grpc=grpcwire.is_grpc(self.headers)))
         return True
 
     # -- failures ------------------------------------------------------------------------------------

@@ -97,13 +97,17 @@ def _static_cluster(name: str, address: str, port: int, *, http2: bool) -> dict[
         },
     }
     if http2:
-        cluster["typed_extension_protocol_options"] = {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        }
+        cluster["typed_extension_protocol_options"] = _http2_upstream()
     return cluster
+
+
+def _http2_upstream() -> dict[str, Any]:
+    return {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
 
 
 def _upstream_tls() -> dict[str, Any]:
@@ -171,6 +175,7 @@ def render_envoy_config(
     ext_proc: bool = True,
     upstream: tuple[str, int] | None = None,
     epp_tls: bool = True,
+    pods_http2: bool = False,
 ) -> str:
     """The Envoy bootstrap as YAML.
 
@@ -178,6 +183,8 @@ def render_envoy_config(
     filter is left out and the route goes to a static cluster instead of ORIGINAL_DST.
     `epp_tls` (default, as the EPP's `--secure-serving`): the ext_proc cluster speaks TLS;
     False: h2c, for an EPP run with `--secure-serving=false` or an in-process server.
+    `pods_http2`: Envoy speaks h2c to the pods, as a gateway must for a pool of gRPC model servers
+    (appProtocol h2c: vLLM's gRPC server, vllmgrpc-parser / vertexai-parser); HTTP/1.1 otherwise.
     """
     if route_by == "header":
         odst: dict[str, Any] = {"use_http_header": True, "http_header_name": DESTINATION_HEADER}
@@ -244,6 +251,7 @@ def render_envoy_config(
                 "connect_timeout": "2s",
                 "original_dst_lb_config": odst,
                 "circuit_breakers": _breakers(),
+                **({"typed_extension_protocol_options": _http2_upstream()} if pods_http2 else {}),
             }
         )
     else:

@@ -65,6 +65,9 @@ class StackOptions:
     # EPP processes behind Envoy's `epp` cluster (round robin per request), all with the same
     # config; replica 0 is `stack.epp` (ports above), the others get free ports (`stack.replicas`).
     epp_replicas: int = 1
+    # A pool of gRPC model servers: the pods serve vLLM's gRPC API (and Vertex AI's) on a second port,
+    # the endpoints are those ports (metrics still scraped over HTTP), Envoy speaks h2c to them.
+    grpc_pods: bool = False
 
 
 class ChildProcess(ABC):
@@ -170,6 +173,7 @@ class Stack:
         self.envoy_admin_port = o.envoy_admin_port or free_port()
         self.hosts = [f"127.0.0.{o.first_host + i}" for i in range(o.pods)]
         self.pod_port = o.pod_port or free_port(self.hosts[0])
+        self.pod_grpc_port = free_port(self.hosts[0]) if o.grpc_pods else 0
         self.sim: SimProcess | None = None
         self.epp: EppProcess | None = None
         self.envoy: EnvoyProcess | None = None
@@ -218,6 +222,7 @@ class Stack:
             route_by=o.route_by,  # type: ignore[arg-type]
             listen_address="127.0.0.1",
             epp_tls=serves_tls(o.epp_args),
+            pods_http2=o.grpc_pods,
         )
         if self.replica_ports:
             config = with_epp_endpoints(config, [self.epp_port, *(g for g, _, _ in self.replica_ports)])
@@ -228,6 +233,8 @@ class Stack:
         """The model servers: one `epp-sim` process with a pod per host."""
         o = self.options
         sim_args = ["--hosts", ",".join(self.hosts), "--port", str(self.pod_port), *o.sim_args]
+        if o.grpc_pods:
+            sim_args += ["--grpc-port", str(self.pod_grpc_port)]
         self.sim = SimProcess(sim_args, ready_timeout=o.startup_timeout)
         await asyncio.to_thread(self.sim.start)
 
@@ -237,7 +244,7 @@ class Stack:
 
     def endpoint_address(self, pod: PodInfo) -> str:
         """The address the EPP routes to for `pod` (subclasses may put a proxy in front)."""
-        return pod.address
+        return pod.grpc_address if self.options.grpc_pods else pod.address
 
     def epp_args(self, replica: int = 0) -> list[str]:
         grpc_port, health, metrics = (
@@ -262,7 +269,10 @@ class Stack:
         entries = []
         for pod in pods:
             host, port = self.endpoint_address(pod).rsplit(":", 1)
-            entries.append({"name": pod.name, "address": host, "port": int(port), "labels": self.endpoint_labels(pod)})
+            entry = {"name": pod.name, "address": host, "port": int(port), "labels": self.endpoint_labels(pod)}
+            if self.options.grpc_pods:
+                entry["metricsPort"] = int(pod.address.rsplit(":", 1)[1])  # /metrics stays on the HTTP face
+            entries.append(entry)
         tmp = self.endpoints_file.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump({"endpoints": entries}))
         os.replace(tmp, self.endpoints_file)

@@ -8,6 +8,11 @@
   sampling_params.max_tokens, stream, cache_salt, features.mm_hashes as media items);
 - `sglanghttp-parser`: generate, SGLang's native API (text or input_ids, sampling_params.max_new_tokens,
   stream, extra_key as cache salt); not in the default list, as in the reference;
+- `vllmgrpc-parser`: vllm.grpc.engine.VllmEngine/Generate and /Embed, vLLM's gRPC API over h2c
+  (tokenized.input_ids or text, sampling_params.max_tokens, stream; usage from the last response message);
+  not in the default list, as in the reference;
+- `vertexai-parser`: PredictionService/ChatCompletions, /RawPredict, /StreamRawPredict, Vertex AI's gRPC
+  API over h2c: the OpenAI JSON in the request's HttpBody, read by the OpenAI rules; not in the default list;
 - `passthrough-parser`: claims nothing, so it is the fallback; it never reads the body, so its requests
   are routed on their headers and the body streams through unbuffered (routed by load).
 
@@ -17,7 +22,7 @@ Parameters: none.
 from __future__ import annotations
 
 from llmepp.framework.requestcontrol import Parser
-from llmepp.request import parsers
+from llmepp.request import parsers, vertexai, vllmgrpc
 from llmepp.request.types import InferenceRequest
 
 
@@ -59,3 +64,24 @@ class PassthroughParser(Parser):
 
     def parse(self, request: InferenceRequest, suffix: str) -> None:
         pass  # the body stays raw: no prompt, so prompt-based scorers skip it
+
+
+class VllmGrpcParser(Parser):
+    """vLLM's gRPC API (h2c): Generate (tokenized ids or text) and Embed. No model field."""
+
+    type = "vllmgrpc-parser"
+    claims = vllmgrpc.CLAIMS
+
+    def parse(self, request: InferenceRequest, suffix: str) -> None:
+        vllmgrpc.parse(request, suffix)
+
+
+class VertexAIParser(Parser):
+    """Vertex AI PredictionService (h2c): ChatCompletions, RawPredict, StreamRawPredict, whose HttpBody
+    JSON the OpenAI rules read; a raw body of another shape is routed on load."""
+
+    type = "vertexai-parser"
+    claims = vertexai.CLAIMS
+
+    def parse(self, request: InferenceRequest, suffix: str) -> None:
+        vertexai.parse(request, suffix)
