@@ -234,7 +234,8 @@ class Director:
         tokens = _prompt_tokens(request)
         decision = RoutingDecision(
             targets=targets,
-            destination=_join(targets),
+            # A profile handler may route the targets through another port of their pod (data parallel).
+            destination=",".join(result.destinations()) if result.destination_port else _join(targets),
             body=body,
             headers=request.upstream_headers,
             result=result,

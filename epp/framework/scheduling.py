@@ -94,11 +94,22 @@ class SchedulingResult:
     profiles: dict[str, ProfileResult | None]
     # The profile whose pick runs this request's prefill remotely (P/D), named by the profile handler.
     prefill_profile: str = ""
+    # Port Envoy sends the primary targets to instead of their own (0: their own), set by a profile
+    # handler when a pod's server on one port fronts its other endpoints (data-parallel ranks behind
+    # rank 0). Only the address changes: the targets stay the endpoints whose load and cache count it.
+    destination_port: int = 0
 
     @property
     def targets(self) -> list[Endpoint]:
         res = self.profiles.get(self.primary_profile)
         return res.targets if res is not None else []
+
+    def destinations(self) -> list[str]:
+        """`ip:port` Envoy sends each primary target to: its own, or its IP at `destination_port`."""
+        port = self.destination_port
+        if port:
+            return [f"{ep.address}:{port}" for ep in self.targets]
+        return [ep.hostport for ep in self.targets]
 
     def kv_targets(self) -> list[Endpoint]:
         """The endpoints that will hold this prompt's KV cache: the primary pick, and the prefill

@@ -3,6 +3,7 @@ from llmepp.plugins.producers.agent_identity import AgentIdentity
 from llmepp.plugins.producers.approx_prefix import ApproxPrefixCacheProducer
 from llmepp.plugins.producers.inflight_load import InFlightLoadProducer
 from llmepp.plugins.producers.mm_embeddings import MMEmbeddingsCacheProducer, MMEmbeddingsCacheScorer
+from llmepp.plugins.producers.p2p_source import P2PSourceProducer
 from llmepp.plugins.producers.precise_prefix import PrecisePrefixCacheProducer, PrecisePrefixCacheScorer
 from llmepp.plugins.producers.session_id import SessionIdProducer
 from llmepp.plugins.producers.shared_inflight import RedisInFlightLoadProducer
@@ -19,4 +20,5 @@ PLUGINS: list[type[Plugin]] = [
     MMEmbeddingsCacheProducer,
     MMEmbeddingsCacheScorer,
     AgentIdentity,
+    P2PSourceProducer,
 ]

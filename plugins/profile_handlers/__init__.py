@@ -1,6 +1,7 @@
 from llmepp.framework.plugin import Plugin
 from llmepp.plugins.profile_handlers.always_disagg_decider import AlwaysDisaggPDDecider
 from llmepp.plugins.profile_handlers.always_disagg_multimodal_decider import AlwaysDisaggMultimodalDecider
+from llmepp.plugins.profile_handlers.data_parallel import DataParallelProfileHandler
 from llmepp.plugins.profile_handlers.disagg import DisaggProfileHandler
 from llmepp.plugins.profile_handlers.header import HeaderProfileHandler
 from llmepp.plugins.profile_handlers.legacy_pd import DisaggHeadersHandler, PdProfileHandler, PrefillHeaderHandler
@@ -17,4 +18,5 @@ PLUGINS: list[type[Plugin]] = [
     PdProfileHandler,
     DisaggHeadersHandler,
     PrefillHeaderHandler,
+    DataParallelProfileHandler,
 ]
