@@ -23,6 +23,7 @@ from llmepp.config.schema import DEFAULT_CONFIG, EndpointPickerConfig
 from llmepp.config.watch import ConfigWatcher
 from llmepp.datalayer.collector import MetricsCollector
 from llmepp.datalayer.datastore import Datastore
+from llmepp.datalayer.dcgm import DcgmPoller
 from llmepp.datalayer.models import ModelsPoller
 from llmepp.director import Director
 from llmepp.filewatch import stat_signature
@@ -108,6 +109,7 @@ class App:
         )
         self.collector = self._build_collector()
         self.models_poller = self._build_models_poller()
+        self.dcgm_pollers = self._build_dcgm_pollers()
         self.health = health.HealthService(self.ready)
         self.draining = False
         self.grpc_port = 0
@@ -150,6 +152,17 @@ class App:
             if ds.source.type == "models-data-source" and ds.extractors:
                 return ModelsPoller(self.datastore, self.metrics, ds.source, ds.extractors[0])  # type: ignore[arg-type]
         return None
+
+    def _build_dcgm_pollers(self) -> list[DcgmPoller]:
+        """One per dcgm-data-source; ConfigError for a useNodeAddress source without node addresses
+        (file discovery) or a source wired to anything but dcgm-extractors."""
+        kube = self.kube is not None  # only Kubernetes discovery records node addresses
+        pollers = []
+        for ds in self.components.data_sources:
+            if ds.source.type == "dcgm-data-source":
+                src, extractors = ds.source, ds.extractors
+                pollers.append(DcgmPoller(self.datastore, self.metrics, src, extractors, node_addresses=kube))  # type: ignore[arg-type]
+        return pollers
 
     def reload_config(self, config: EndpointPickerConfig) -> None:
         """Route new requests with `config`'s scheduling (ConfigError: refused, nothing changed)."""
@@ -199,6 +212,8 @@ class App:
             await self.collector.start()
         if self.models_poller is not None:
             await self.models_poller.start()
+        for poller in self.dcgm_pollers:
+            await poller.start()
 
         self._servicer = ExtProcServicer(
             self.director,
@@ -288,6 +303,8 @@ class App:
             await self.collector.aclose()
         if self.models_poller is not None:
             await self.models_poller.aclose()
+        for poller in self.dcgm_pollers:
+            await poller.aclose()
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)  # flushes the batched spans
         if self.kube is not None:

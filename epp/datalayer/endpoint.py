@@ -4,7 +4,9 @@ An `Endpoint` is one model-server rank (pod IP + port). Discovery creates it fro
 `EndpointSpec`; the metrics collector replaces `endpoint.metrics` with a fresh immutable
 `EndpointMetrics` after every scrape (one attribute store, so readers never see a torn
 update), and the models poller `endpoint.models` likewise; the director keeps router-local
-in-flight counters in `endpoint.inflight`. Plugins only read these objects.
+in-flight counters in `endpoint.inflight`. Data-layer extractors other than the metrics scrape
+(DCGM GPU utilisation, topology) keep their values in `endpoint.attributes`, which no scrape
+touches. Scheduling plugins only read these objects.
 """
 
 from __future__ import annotations
@@ -27,10 +29,23 @@ class EndpointSpec:
     # Data-parallel rank: the position of `port` in the pool's targetPorts. A vLLM data-parallel
     # deployment publishes each rank's KV events on its own port: the producer's socketPort + rank.
     rank: int = 0
+    # Kubernetes discovery only (empty from an endpoints file): the pod's name (its rank endpoints
+    # are `<pod>-rank-<i>`), its `spec.hostname`, and the address of its node (`status.hostIP`).
+    # The DCGM source matches the exporter's `pod` label and can scrape a per-node exporter; the
+    # topology extractor falls back to the hostname when the hostname label is missing.
+    pod_name: str = ""
+    hostname: str = ""
+    node_address: str = ""
 
     @property
     def hostport(self) -> str:
         return f"{self.address}:{self.port}"
+
+    @property
+    def pod(self) -> str:
+        """The pod this endpoint belongs to: `pod_name`, else (file discovery) the endpoint's name,
+        as the reference's file discovery names it."""
+        return self.pod_name or self.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +101,11 @@ class Endpoint:
     models: tuple[ModelData, ...] | None = None
     # Set when discovery removes the endpoint; long-lived plugin state uses it to drop entries.
     removed: bool = False
+    # Values data-layer extractors other than the metrics scrape attach, keyed
+    # `scoped(attribute, extractor name)`: the DCGM extractor's GPUUtilization, the topology
+    # extractor's Topology. Kept apart from `metrics` so a vLLM scrape, which replaces `metrics`,
+    # can never erase them; they go with the Endpoint when discovery removes or replaces it.
+    attributes: dict[str, object] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

@@ -216,6 +216,38 @@ class Selector:
         """All sample lines of this metric whose labels match, in page order."""
         return self.series_at(page, self.locate(page))
 
+    def series_skipping_malformed(self, page: bytes) -> tuple[list[Series], int]:
+        """Like `series`, but a malformed sample line (bad labels, value or timestamp, non-UTF-8 label
+        text) is skipped and counted instead of failing the lookup: (matching series, lines skipped).
+
+        For families with one series per device (a DCGM exporter's per-GPU gauges), where one bad
+        line should not hide the other devices. Not on the scrape hot path (`series_at` is)."""
+        start = self.locate(page)
+        if start < 0:
+            return [], 0
+        end = group_end(page, start)
+        out: list[Series] = []
+        skipped = 0
+        items, needle, n = self._items, self._needle, len(self._head)
+        pos = start
+        while True:
+            nl = page.find(b"\n", pos, end)
+            line_end = nl if nl >= 0 else end
+            if line_end == pos + n or page[pos + n] in _NAME_END:
+                try:
+                    s = _parse_line(page, pos + n, line_end)
+                    labels = s.labels  # parsed here, so a bad label text is skipped, not raised later
+                    if all(labels.get(k) == v for k, v in items):
+                        out.append(s)
+                except MalformedSeries:
+                    skipped += 1
+            if nl < 0:
+                return out, skipped
+            pos = page.find(needle, nl, end)
+            if pos < 0:
+                return out, skipped
+            pos += 1
+
     def latest(self, page: bytes) -> Series:
         """The matching series with the newest timestamp (first one on ties / none)."""
         return latest_of(self, self.series(page))

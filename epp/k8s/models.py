@@ -68,14 +68,23 @@ class PodCondition(_Model, frozen=True):
     status: str = ""
 
 
+class PodSpec(_Model, frozen=True):
+    # Set by the pod's author (a StatefulSet sets it to the pod name); the topology extractor's
+    # fallback when the hostname label is missing.
+    hostname: str = ""
+
+
 class PodStatus(_Model, frozen=True):
     phase: str = ""
     pod_ip: str = msgspec.field(default="", name="podIP")
+    # The node's address: where a DaemonSet exporter (DCGM) of that node listens.
+    host_ip: str = msgspec.field(default="", name="hostIP")
     conditions: list[PodCondition] = []
 
 
 class Pod(_Model, frozen=True):
     metadata: ObjectMeta = ObjectMeta()
+    spec: PodSpec = PodSpec()
     status: PodStatus = PodStatus()
 
     @property

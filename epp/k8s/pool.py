@@ -6,7 +6,8 @@ contributes one endpoint per pool target port, named `<pod>-rank-<idx>` where id
 port's position in `targetPorts` (data-parallel ranks). The pod annotation
 `llm-d.ai/active-ports` (legacy `inference.networking.k8s.io/active-ports`), a
 comma-separated port list, restricts which of the target ports are live; the indices keep
-their positions. Labels are copied to every endpoint, so plugins can filter on them.
+their positions. Labels are copied to every endpoint, so plugins can filter on them, and so are
+the pod's name, `spec.hostname` and node address (`status.hostIP`).
 
 `PoolReconciler` holds the latest pod objects and the pool spec and keeps the datastore
 equal to "every endpoint every selected pod should contribute": a pod event re-evaluates
@@ -72,8 +73,9 @@ def endpoint_specs(pod: Pod, pool: PoolSpec) -> dict[str, EndpointSpec]:
         if port in live:
             name = f"{meta.name}-rank-{idx}"
             specs[name] = EndpointSpec(
-                name=name, address=pod.status.pod_ip, port=port, namespace=meta.namespace, labels=labels, rank=idx
-            )
+                name=name, address=pod.status.pod_ip, port=port, namespace=meta.namespace, labels=labels, rank=idx,
+                pod_name=meta.name, hostname=pod.spec.hostname, node_address=pod.status.host_ip,
+            )  # fmt: skip
     return specs
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from llmepp.framework.plugin import Plugin
 from llmepp.plugins.datasources.core_metrics import CoreMetricsExtractor
+from llmepp.plugins.datasources.dcgm import DcgmDataSource, DcgmExtractor
 from llmepp.plugins.datasources.endpoint_notification import EndpointNotificationSource
 from llmepp.plugins.datasources.metrics_source import MetricsDataSource
 from llmepp.plugins.datasources.models_source import ModelsDataExtractor, ModelsDataSource
+from llmepp.plugins.datasources.topology import TopologyExtractor
 
 PLUGINS: list[type[Plugin]] = [
     MetricsDataSource,
@@ -14,13 +16,19 @@ PLUGINS: list[type[Plugin]] = [
     EndpointNotificationSource,
     ModelsDataSource,
     ModelsDataExtractor,
+    DcgmDataSource,
+    DcgmExtractor,
+    TopologyExtractor,
 ]
 
 __all__ = [
     "PLUGINS",
     "CoreMetricsExtractor",
+    "DcgmDataSource",
+    "DcgmExtractor",
     "EndpointNotificationSource",
     "MetricsDataSource",
     "ModelsDataExtractor",
     "ModelsDataSource",
+    "TopologyExtractor",
 ]

@@ -5,6 +5,7 @@ from llmepp.plugins.filters.label_selector import ByLabelFilter, ByLabelSelector
 from llmepp.plugins.filters.prefix_cache_affinity import PrefixCacheAffinityFilter
 from llmepp.plugins.filters.roles import DecodeFilter, EncodeFilter, PrefillFilter
 from llmepp.plugins.filters.session_affinity import SessionAffinityFilter
+from llmepp.plugins.filters.topology_affinity import TopologyAffinityFilter
 from llmepp.plugins.filters.utilization import UtilizationFilter
 
 PLUGINS: list[type[Plugin]] = [
@@ -19,4 +20,5 @@ PLUGINS: list[type[Plugin]] = [
     PrefillFilter,
     EncodeFilter,
     HeaderBasedTestingFilter,
+    TopologyAffinityFilter,
 ]

@@ -20,6 +20,12 @@ metrics extractor, or another plugin's attribute). An attribute is one of:
   `engineConfigs[].customMetrics` entry, read from the endpoint's last scrape; missing on an
   endpoint whose engine does not report it (or that was never scraped).
 
+* **A data-layer extractor's** (with or without `producer: <extractor name>`): a scalar a
+  data-layer extractor attaches to endpoints (`AttributeExtractor.endpoint_attributes`, e.g.
+  `GPUUtilization` from `dcgm-extractor`), read from `endpoint.attributes`, where no metrics
+  scrape can erase it; missing on an endpoint it has not reached yet. Without `producer`, the one
+  configured extractor that attaches it (several: name one).
+
 * **Producer-supplied** (`producer: <plugin name>`): the named plugin declares the attribute
   name in its `produces` and writes `request.data[scoped(attribute, producer)]` as a mapping
   `Endpoint → float` for the current request; endpoints absent from it are missing.
@@ -32,6 +38,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 from llmepp.datalayer.endpoint import Endpoint
+from llmepp.framework.datalayer import AttributeExtractor
 from llmepp.framework.plugin import ConfigError, Plugin, PluginContext
 from llmepp.plugins.datasources.core_metrics import CoreMetricsExtractor
 from llmepp.request.types import InferenceRequest
@@ -88,20 +95,48 @@ def _custom_metric(attribute: str) -> AttributeReader:
     return read
 
 
+def _extractor_attribute(key: str) -> AttributeReader:
+    def read(request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float | None]:
+        out: list[float | None] = []
+        for ep in endpoints:
+            v = ep.attributes.get(key)
+            out.append(v if isinstance(v, float) else None)
+        return out
+
+    return read
+
+
 def attribute_reader(plugin: Plugin, ctx: PluginContext, attribute: str, producer: str, field: str) -> AttributeReader:
-    """Resolve at setup: the built-in reader, a custom metric, or the named producer's per-request mapping."""
+    """Resolve at setup: the built-in reader, a custom metric, a data-layer extractor's endpoint
+    attribute, or the named producer's per-request mapping."""
+    label = f"plugin {plugin.name!r} (type {plugin.type})"
     if not producer:
         builtin = BUILTIN_ATTRIBUTES.get(attribute)
         if builtin is not None:
             return builtin
         if any(attribute in x.attribute_keys() for x in ctx.plugins_of(CoreMetricsExtractor)):
             return _custom_metric(attribute)
+        extractors = [x for x in ctx.plugins_of(AttributeExtractor) if attribute in x.endpoint_attributes]
+        if len(extractors) == 1:
+            return _extractor_attribute(extractors[0].attribute_key(attribute))
+        if extractors:
+            names = ", ".join(x.name for x in extractors)
+            raise ConfigError(f"{label}: attribute {attribute!r} is attached by {names}; name one with `producer`")
         known = ", ".join(k for k in BUILTIN_ATTRIBUTES if ":" not in k and "_" not in k)
         raise ConfigError(
-            f"plugin {plugin.name!r} (type {plugin.type}): attribute {attribute!r} is not a built-in ({known}) "
-            "nor a core-metrics-extractor customMetrics attributeKey; set `producer` to read a value another "
-            "plugin produces"
+            f"{label}: attribute {attribute!r} is not a built-in ({known}), a core-metrics-extractor "
+            "customMetrics attributeKey nor attached by a configured data-layer extractor (e.g. GPUUtilization "
+            "by dcgm-extractor); set `producer` to read a value another plugin produces"
         )
+    named = ctx.plugin(producer, Plugin, referrer=plugin, field=field)
+    if isinstance(named, AttributeExtractor):
+        if attribute not in named.endpoint_attributes:
+            attached = ", ".join(sorted(named.endpoint_attributes)) or "none"
+            raise ConfigError(
+                f"{label}: {field}: plugin {producer!r} (type {named.type}) does not attach {attribute!r} "
+                f"(it attaches: {attached})"
+            )
+        return _extractor_attribute(named.attribute_key(attribute))
     key = ctx.producer_key(plugin, attribute, producer, field)
 
     def read(request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float | None]:

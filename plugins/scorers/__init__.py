@@ -12,6 +12,7 @@ from llmepp.plugins.scorers.queue import QueueScorer
 from llmepp.plugins.scorers.running_requests import RunningRequestsSizeScorer
 from llmepp.plugins.scorers.session_affinity import SessionAffinityScorer
 from llmepp.plugins.scorers.token_load import TokenLoadScorer
+from llmepp.plugins.scorers.topology_affinity import TopologyAffinityScorer
 
 PLUGINS: list[type[Plugin]] = [
     QueueScorer,
@@ -27,4 +28,5 @@ PLUGINS: list[type[Plugin]] = [
     HeaderLabelAffinityScorer,
     ContextLengthAware,
     EndpointAttributeScorer,
+    TopologyAffinityScorer,
 ]
