@@ -1,5 +1,5 @@
 """gRPC model servers end to end: a real Envoy speaking h2c to two simulated pods' gRPC faces, the `epp`
-program with `vllmgrpc-parser` and `vertexai-parser`, and real grpcio clients.
+program with deploy/config/grpc-epp-config.yaml (`vllmgrpc-parser`, `vertexai-parser`), real grpcio clients.
 
 vLLM's `Generate` with token ids that grow turn by turn stays on the pod holding its prefix (the EPP
 hashed the ids it read from the gRPC message), streamed and unary; the EPP's token metrics come from the
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import grpc
@@ -29,34 +30,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
 MODEL = "sim-model"
 SIM = ["--latency-profile", "llama-8b-h100", "--time-scale", "4", "--kv-cache-size", "4096"]
-CONFIG = """\
-apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: vllmgrpc-parser
-- type: vertexai-parser
-- type: passthrough-parser
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-- type: prefix-cache-scorer
-- type: no-hit-lru-scorer
-requestHandler:
-  parsers:
-  - pluginRef: vllmgrpc-parser
-  - pluginRef: vertexai-parser
-  - pluginRef: passthrough-parser
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: queue-scorer
-    weight: 2
-  - pluginRef: kv-cache-utilization-scorer
-    weight: 2
-  - pluginRef: prefix-cache-scorer
-    weight: 3
-  - pluginRef: no-hit-lru-scorer
-    weight: 2
-"""
+CONFIG = (Path(__file__).parents[2] / "deploy" / "config" / "grpc-epp-config.yaml").read_text()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
