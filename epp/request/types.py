@@ -127,3 +127,6 @@ class ResponseInfo:
     finished_at: float = 0.0
     bytes: int = 0
     cause: TerminationCause = TerminationCause.NATURAL
+    # gRPC APIs: the answer's grpc-status (from its trailers, or the headers of a trailers-only
+    # answer); None for HTTP APIs or when none came. Non-zero is a model-server error.
+    grpc_status: int | None = None

@@ -296,8 +296,13 @@ def immediate_response(
 # -- reading -----------------------------------------------------------------------------------
 def headers_dict(headers: pb.HttpHeaders) -> dict[str, str]:
     """Header map → {name: value}. Envoy sends lower-case names and values in raw_value."""
+    return header_map_dict(headers.headers)
+
+
+def header_map_dict(header_map: base_pb2.HeaderMap) -> dict[str, str]:
+    """A HeaderMap (headers, or trailers) → {name: value}."""
     out: dict[str, str] = {}
-    for h in headers.headers.headers:
+    for h in header_map.headers:
         raw = h.raw_value  # one attribute read per field: upb access is not free
         out[h.key] = raw.decode("utf-8", "replace") if raw else h.value
     return out

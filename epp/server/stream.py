@@ -113,6 +113,13 @@ class InternalError(RequestError):
     code = "Internal"
 
 
+def _grpc_status(headers: dict[str, str], default: int | None) -> int | None:
+    try:
+        return int(headers["grpc-status"])
+    except (KeyError, ValueError):
+        return default
+
+
 def error_body(err: RequestError) -> bytes:
     return msgspec.json.encode({"error": {"code": err.status, "type": err.code, "message": err.message}})
 
@@ -388,7 +395,7 @@ class ExtProcStream:
         if kind == "request_trailers":
             return self.on_request_trailers(msg)
         if kind == "response_trailers":
-            return self.on_response_trailers()
+            return self.on_response_trailers(msg.response_trailers)
         self.svc.protocol_error("unknown_message")
         return None
 
@@ -657,6 +664,8 @@ class ExtProcStream:
                     # Non-FDS modes keep content-length; the rewrite may change the length.
                     remove.append("content-length")
         if h.end_of_stream:
+            if req is not None and req.usage_reader is not None:  # a trailers-only gRPC answer
+                info.grpc_status = _grpc_status(headers, None)
             self._response_ended()
         if self.svc.time_response_chunks:
             self.response_time += time.perf_counter() - t0
@@ -704,10 +713,13 @@ class ExtProcStream:
             self.response_time += time.perf_counter() - t0
         return answer
 
-    def on_response_trailers(self) -> Answer:
+    def on_response_trailers(self, t: pb.HttpTrailers) -> Answer:
         if not self.resp_started:
             self.svc.protocol_error("response_trailers_before_headers")
             self._request_side_over()
+        req, info = self.request, self.info
+        if info is not None and req is not None and req.usage_reader is not None:  # a gRPC API's answer
+            info.grpc_status = _grpc_status(envoy.header_map_dict(t.trailers), info.grpc_status)
         answer = self._with_metadata(envoy.RESPONSE_TRAILERS_CONTINUE)
         self._response_ended()
         return answer
@@ -851,7 +863,7 @@ class ExtProcStream:
                 lab.input_tokens.observe(u.prompt_tokens)
                 lab.output_tokens.observe(u.completion_tokens)
                 lab.cached_tokens.observe(u.cached_tokens)
-        if info.status >= 400:
+        if info.status >= 400 or info.grpc_status:
             model, target = lab.labels if lab is not None else ("", "")
             code = "ModelServerError" if self.decision is not None else "ProxyError"
             svc.metrics.request_error_total.labels(model, target, code).inc()

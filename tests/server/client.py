@@ -81,8 +81,8 @@ def response_body(data: bytes, eos: bool = False) -> pb.ProcessingRequest:
     return pb.ProcessingRequest(response_body=pb.HttpBody(body=data, end_of_stream=eos))
 
 
-def response_trailers() -> pb.ProcessingRequest:
-    return pb.ProcessingRequest(response_trailers=pb.HttpTrailers(trailers=header_map({"grpc-status": "0"})))
+def response_trailers(grpc_status: str = "0") -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(response_trailers=pb.HttpTrailers(trailers=header_map({"grpc-status": grpc_status})))
 
 
 def set_headers(common: pb.CommonResponse) -> dict[str, bytes]:

@@ -299,3 +299,26 @@ async def test_a_grpc_request_is_routed_and_its_usage_counted(transport: str) ->
         u = c.response.usage
         assert u is not None and (u.prompt_tokens, u.completion_tokens, u.cached_tokens) == (3, 5, 2)
         assert h.sample("llm_d_epp_request_input_tokens_sum", {"model_name": "", "target_model_name": ""}) == 3
+
+
+@pytest.mark.parametrize(("trailers_only", "status"), [(False, "14"), (True, "3"), (False, "0")])
+async def test_a_grpc_error_from_the_pod_is_a_model_server_error(
+    transport: str, trailers_only: bool, status: str
+) -> None:
+    async with serve(request_parsers=table()) as h:
+        s = h.open()
+        await s.route(generate(text="hi"), GRPC, path=GENERATE)
+        if trailers_only:
+            await s.send(response_headers(200, "application/grpc", eos=True, **{"grpc-status": status}))
+            await s.recv()
+        else:
+            await s.send(response_headers(200, "application/grpc"))
+            await s.recv()
+            await s.send(response_trailers(status))
+            await s.recv()
+        await s.close()
+        await s.recv_eof()
+        (c,) = h.director.completions
+        assert c.response.grpc_status == int(status)
+        labels = {"model_name": "", "target_model_name": "", "error_code": "ModelServerError"}
+        assert h.sample("llm_d_epp_request_error_total", labels) == (0 if status == "0" else 1)
