@@ -23,6 +23,7 @@ def builtin_plugins() -> list[type[Plugin]]:
         reporters,
         responders,
         scorers,
+        screeners,
     )
 
     return [
@@ -38,6 +39,7 @@ def builtin_plugins() -> list[type[Plugin]]:
         *admitters.PLUGINS,
         *responders.PLUGINS,
         *reporters.PLUGINS,
+        *screeners.PLUGINS,
     ]
 
 
