@@ -24,7 +24,13 @@ Register it in your package's pyproject.toml:
 
 from llmepp.datalayer.endpoint import Endpoint, EndpointMetrics, EndpointSpec, InFlight
 from llmepp.framework.datakeys import PREFIX_CACHE_MATCH_INFO, TOKENIZED_PROMPT, PrefixMatchInfo, TokenizedPrompt
-from llmepp.framework.datalayer import EndpointDiscovery
+from llmepp.framework.datalayer import (
+    EndpointDiscovery,
+    GroupVersionKind,
+    NotificationEvent,
+    NotificationEventType,
+    NotificationExtractor,
+)
 from llmepp.framework.plugin import ConfigError, Plugin, PluginContext, PluginParams, PluginRegistry, registry
 from llmepp.framework.requestcontrol import (
     Admitter,
@@ -67,8 +73,12 @@ __all__ = [
     "EndpointSpec",
     "Filter",
     "FirstResponseChunkProcessor",
+    "GroupVersionKind",
     "InFlight",
     "InferenceRequest",
+    "NotificationEvent",
+    "NotificationEventType",
+    "NotificationExtractor",
     "Parser",
     "Picker",
     "PickerParams",

@@ -29,6 +29,7 @@ from llmepp.director import Director
 from llmepp.filewatch import stat_signature
 from llmepp.flowcontrol import AdmissionController
 from llmepp.flowcontrol.objectives import ObjectiveStore
+from llmepp.framework.datalayer import NotificationExtractor, NotificationSource
 from llmepp.framework.plugin import ConfigError, Plugin
 from llmepp.gctuning import tune_gc
 from llmepp.k8s.client import KubeClient
@@ -96,6 +97,7 @@ class App:
                 target, KubeOptions.from_settings(settings), self.datastore, self._objective_store(),
                 self.metrics.registry, pool_name=settings.pool_name,
             )  # fmt: skip
+        self.notification_sources = self._wire_notification_sources()
         self.tracing = tracing.configure(settings.tracing)
         self.director = Director(
             self.datastore,
@@ -164,6 +166,31 @@ class App:
                 pollers.append(DcgmPoller(self.datastore, self.metrics, src, extractors, node_addresses=kube))  # type: ignore[arg-type]
         return pollers
 
+    def _wire_notification_sources(self) -> list[NotificationSource]:
+        """Sources watching Kubernetes objects (Kubernetes mode only), each given the notification
+        extractors `dataLayer.sources` wires to it."""
+        sources = [p for p in self.components.plugins.values() if isinstance(p, NotificationSource)]
+        discovery = self.components.discovery
+        if sources and discovery is not None:
+            raise ConfigError(
+                f"plugin {sources[0].name!r} (type {sources[0].type}): watches the Kubernetes API, so it runs in "
+                f"Kubernetes mode only (--pool-name or --endpoint-selector), not with dataLayer.discovery "
+                f"{discovery.name!r} (type {discovery.type})"
+            )
+        for i, ds in enumerate(self.components.data_sources):
+            if isinstance(ds.source, NotificationSource):
+                for extractor in ds.extractors:
+                    if not isinstance(extractor, NotificationExtractor):
+                        raise ConfigError(
+                            f"dataLayer.sources[{i}]: plugin {extractor.name!r} (type {extractor.type}) is not a "
+                            f"notification extractor; source {ds.source.name!r} (type {ds.source.type}) cannot feed it"
+                        )
+                    ds.source.attach(extractor)
+        for source in sources:
+            if not source.extractors:
+                log.warning("%s: no extractor is wired to it in dataLayer.sources: its events go nowhere", source.name)
+        return sources
+
     def reload_config(self, config: EndpointPickerConfig) -> None:
         """Route new requests with `config`'s scheduling (ConfigError: refused, nothing changed)."""
         running = self.components
@@ -189,7 +216,12 @@ class App:
 
     def ready(self) -> bool:
         # Kubernetes mode adds: the InferencePool exists and, with leader election, we lead.
-        return self.datastore.synced and not self.draining and (self.kube is None or self.kube.ready())
+        return (
+            self.datastore.synced
+            and not self.draining
+            and (self.kube is None or self.kube.ready())
+            and all(source.ready() for source in self.notification_sources)
+        )
 
     async def start(self) -> None:
         s = self.settings
@@ -201,6 +233,9 @@ class App:
                 raise ConfigError(f"--metrics-endpoint-auth: needs the Kubernetes API: {e}") from None
         if self.kube is not None:
             await self.kube.start()  # ConfigError on a bad kubeconfig; the API server may come later
+            assert self.kube.client is not None
+            for source in self.notification_sources:  # ConfigError when its kind does not exist
+                await source.start(self.kube.client, self.kube.target.namespace, self.kube.options.informer)
         else:
             assert discovery is not None
             self._discovery_task = asyncio.create_task(discovery.run(self.datastore), name="discovery")
@@ -307,6 +342,8 @@ class App:
             await poller.aclose()
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)  # flushes the batched spans
+        for source in self.notification_sources:
+            await source.aclose()  # before the client they watch through closes
         if self.kube is not None:
             await self.kube.aclose()
         for task in (self._discovery_task, self._cert_task):

@@ -361,7 +361,7 @@ class Director:
     ) -> None:
         produce: Callable[..., Awaitable[None]] = producer.produce  # type: ignore[assignment]
         try:
-            await asyncio.wait_for(produce(request, candidates), PRODUCER_TIMEOUT)
+            await asyncio.wait_for(produce(request, candidates), producer.produce_timeout or PRODUCER_TIMEOUT)
         except TimeoutError:
             log.warning("data producer %s timed out", producer.name, extra={"request_id": request.request_id})
         except RequestError:

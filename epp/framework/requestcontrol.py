@@ -80,8 +80,11 @@ class DataProducer(Plugin):
     """Computes per-request data (`request.data[key]`) that scorers consume.
 
     May be `async def produce` when it must wait (e.g. a remote tokenizer); the director
-    awaits it with a timeout. Declare written keys in `produces`, read keys in `consumes`.
+    awaits it with a timeout (`produce_timeout` seconds; 0: the default 400 ms) and cancels it then.
+    Declare written keys in `produces`, read keys in `consumes`.
     """
+
+    produce_timeout: float = 0.0
 
     @abstractmethod
     def produce(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Awaitable[None] | None: ...

@@ -6,6 +6,7 @@ from llmepp.framework.plugin import Plugin
 from llmepp.plugins.datasources.core_metrics import CoreMetricsExtractor
 from llmepp.plugins.datasources.dcgm import DcgmDataSource, DcgmExtractor
 from llmepp.plugins.datasources.endpoint_notification import EndpointNotificationSource
+from llmepp.plugins.datasources.k8s_notification import K8sNotificationSource
 from llmepp.plugins.datasources.metrics_source import MetricsDataSource
 from llmepp.plugins.datasources.models_source import ModelsDataExtractor, ModelsDataSource
 from llmepp.plugins.datasources.topology import TopologyExtractor
@@ -19,6 +20,7 @@ PLUGINS: list[type[Plugin]] = [
     DcgmDataSource,
     DcgmExtractor,
     TopologyExtractor,
+    K8sNotificationSource,
 ]
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "DcgmDataSource",
     "DcgmExtractor",
     "EndpointNotificationSource",
+    "K8sNotificationSource",
     "MetricsDataSource",
     "ModelsDataExtractor",
     "ModelsDataSource",

@@ -1,6 +1,7 @@
 from llmepp.framework.plugin import Plugin
 from llmepp.plugins.producers.agent_identity import AgentIdentity
 from llmepp.plugins.producers.approx_prefix import ApproxPrefixCacheProducer
+from llmepp.plugins.producers.burst_prefix import BurstPrefixCacheProducer
 from llmepp.plugins.producers.inflight_load import InFlightLoadProducer
 from llmepp.plugins.producers.mm_embeddings import MMEmbeddingsCacheProducer, MMEmbeddingsCacheScorer
 from llmepp.plugins.producers.p2p_source import P2PSourceProducer
@@ -21,4 +22,5 @@ PLUGINS: list[type[Plugin]] = [
     MMEmbeddingsCacheScorer,
     AgentIdentity,
     P2PSourceProducer,
+    BurstPrefixCacheProducer,
 ]
