@@ -42,6 +42,7 @@ from llmepp.flowcontrol.config import build_admission
 from llmepp.framework.datakeys import (
     ENCODER_CACHE_MATCH_INFO,
     IN_FLIGHT_LOAD,
+    LATENCY_PREDICTION_INFO,
     PREFIX_CACHE_MATCH_INFO,
     TOKENIZED_PROMPT,
 )
@@ -69,6 +70,7 @@ log = logging.getLogger(__name__)
 
 # Data key → the producer type auto-created when a consumer needs it and none is configured.
 DEFAULT_PRODUCERS: dict[str, str] = {
+    LATENCY_PREDICTION_INFO: "predicted-latency-producer",
     PREFIX_CACHE_MATCH_INFO: "approx-prefix-cache-producer",
     TOKENIZED_PROMPT: "token-producer",
     IN_FLIGHT_LOAD: "inflight-load-producer",
@@ -383,6 +385,10 @@ def _build_profile(spec: SchedulingProfileSpec, plugins: dict[str, Plugin]) -> S
         used = False
         if isinstance(plugin, Filter):
             filters.append(plugin)
+            used = True
+        if not used and isinstance(plugin, DataProducer):
+            # The reference's presets list their producer in the profile (the latency predictor's Helm
+            # preset): it runs with the other producers, before any profile; the entry changes nothing.
             used = True
         if isinstance(plugin, Scorer):
             weight = 1.0 if ref.weight is None else ref.weight

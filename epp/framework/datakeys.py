@@ -14,6 +14,7 @@ TOKENIZED_PROMPT = "TokenizedPrompt"
 PREFIX_CACHE_MATCH_INFO = "PrefixCacheMatchInfo"
 IN_FLIGHT_LOAD = "InFlightLoad"
 ENCODER_CACHE_MATCH_INFO = "EncoderCacheMatchInfo"
+LATENCY_PREDICTION_INFO = "LatencyPredictionInfo"
 
 
 def scoped(key: str, producer_name: str) -> str:
@@ -57,3 +58,26 @@ class EncoderCacheMatchInfo:
 
     total: int
     matched: dict[Endpoint, int]
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyPredictionInfo:
+    """One endpoint's predicted latency for this request (`predicted-latency-producer`).
+
+    `ttft_ms` / `tpot_ms` are the predictor's p90 TTFT / TPOT; headroom = SLO − predicted (ms; negative
+    when the prediction misses the SLO, and for an absent SLO, which counts as 0); `ttft_valid` /
+    `tpot_valid` are headroom > 0; `dispatched_requests` counts the requests this EPP has sent the
+    endpoint and not seen finish (the scorer's and admitter's "idle").
+    """
+
+    ttft_ms: float
+    tpot_ms: float
+    ttft_headroom: float
+    tpot_headroom: float
+    ttft_valid: bool
+    tpot_valid: bool
+    dispatched_requests: int = 0
+
+    @property
+    def valid(self) -> bool:
+        return self.ttft_valid and self.tpot_valid

@@ -5,6 +5,7 @@ from llmepp.plugins.filters.label_selector import ByLabelFilter, ByLabelSelector
 from llmepp.plugins.filters.prefix_cache_affinity import PrefixCacheAffinityFilter
 from llmepp.plugins.filters.roles import DecodeFilter, EncodeFilter, PrefillFilter
 from llmepp.plugins.filters.session_affinity import SessionAffinityFilter
+from llmepp.plugins.filters.slo_headroom_tier import SLOHeadroomTierFilter
 from llmepp.plugins.filters.topology_affinity import TopologyAffinityFilter
 from llmepp.plugins.filters.utilization import UtilizationFilter
 
@@ -21,4 +22,5 @@ PLUGINS: list[type[Plugin]] = [
     EncodeFilter,
     HeaderBasedTestingFilter,
     TopologyAffinityFilter,
+    SLOHeadroomTierFilter,
 ]

@@ -12,7 +12,13 @@ from typing import Any
 import msgspec
 
 from llmepp.datalayer.endpoint import Endpoint
-from llmepp.framework.datakeys import IN_FLIGHT_LOAD, PREFIX_CACHE_MATCH_INFO, PrefixMatchInfo
+from llmepp.framework.datakeys import (
+    IN_FLIGHT_LOAD,
+    LATENCY_PREDICTION_INFO,
+    PREFIX_CACHE_MATCH_INFO,
+    LatencyPredictionInfo,
+    PrefixMatchInfo,
+)
 from llmepp.framework.plugin import ConfigError, PluginContext, PluginParams
 from llmepp.framework.scheduling import Filter
 from llmepp.plugins.filters.common import set_consumes
@@ -36,10 +42,12 @@ class PrefixCacheAffinityFilter(Filter):
 
         score(e)  = matchedBlocks(e) / totalBlocks        (PrefixCacheMatchInfo, as prefix-cache-scorer with w = 0)
         sticky    = {e : score(e) ≥ affinityThreshold}
-        TTFT(e)   = inFlightTokens(e) / peakPrefillThroughput · 1000   [ms]
+        TTFT(e)   = inFlightTokens(e) / peakPrefillThroughput · 1000   [ms]   (ttftSource prefillThroughput)
+                    predicted TTFT of e (LatencyPredictionInfo)            (ttftSource latencyPredictor)
         keep      = all    if |candidates| ≤ 1, threshold ≤ 0, sticky = ∅,
                            with probability explorationProbability, or when
-                           min TTFT(sticky) − min TTFT(non-sticky) > maxTTFTPenaltyMs (> 0)
+                           min TTFT(sticky) − min TTFT(non-sticky) > maxTTFTPenaltyMs (> 0),
+                           or (latencyPredictor) when either side has no prediction (missing signal)
                     sticky otherwise
 
     Why: a weighted prefix scorer trades cache hits against hot-spotting; as a pre-filter the
@@ -47,18 +55,18 @@ class PrefixCacheAffinityFilter(Filter):
     so loaded that a cold prefill elsewhere would be faster ("sticky until saturated").
 
     In-flight tokens come from the inflight-load-producer (uncached prompt tokens; auto-created
-    when the load gate is on), else the director's counters. Prefix data comes from the
+    when the load gate is on), else the director's counters. Predicted TTFT comes from the
+    predicted-latency-producer (auto-created for `latencyPredictor`); when the predictor is down the
+    gate has no signal and keeps every endpoint, as the reference. Prefix data comes from the
     PrefixCacheMatchInfo producer (`prefixMatchInfoProducerName`, default: the only one,
     approx-prefix-cache-producer auto-created). No match data → no sticky endpoint → keep all.
 
     Parameters: `affinityThreshold` 0.80 ∈ [0,1], `explorationProbability` 0 ∈ [0,1],
     `maxTTFTPenaltyMs` 18000 (0 = always stick), `ttftSource` `prefillThroughput` (alias
-    `inflight`; `latencyPredictor` is rejected: this build has no latency predictor),
-    `peakPrefillThroughput` 15928 tok/s, `prefillCalibrationFile` /
+    `inflight`) or `latencyPredictor`, `peakPrefillThroughput` 15928 tok/s, `prefillCalibrationFile` /
     `prefillCalibrationFingerprint` / `prefillCalibrationRequired` (a fingerprint-matched
     calibration record replaces the default when `peakPrefillThroughput` is not given),
-    `prefixMatchInfoProducerName`, `inFlightLoadProducerName`,
-    `latencyPredictionInfoProducerName` (accepted, unused).
+    `prefixMatchInfoProducerName`, `inFlightLoadProducerName`, `latencyPredictionInfoProducerName`.
     """
 
     type = "prefix-cache-affinity-filter"
@@ -83,13 +91,10 @@ class PrefixCacheAffinityFilter(Filter):
                 raise ValueError("explorationProbability must be within [0, 1]")
             if self.max_ttft_penalty_ms < 0:
                 raise ValueError("maxTTFTPenaltyMs must be >= 0")
-            if self.ttft_source == LATENCY_PREDICTOR:
+            if self.ttft_source not in (PREFILL_THROUGHPUT, INFLIGHT_ALIAS, LATENCY_PREDICTOR):
                 raise ValueError(
-                    "ttftSource: latencyPredictor is not supported by this build (there is no latency "
-                    "predictor); use prefillThroughput (TTFT estimated from in-flight tokens)"
+                    f"ttftSource must be {PREFILL_THROUGHPUT!r} or {LATENCY_PREDICTOR!r}, got {self.ttft_source!r}"
                 )
-            if self.ttft_source not in (PREFILL_THROUGHPUT, INFLIGHT_ALIAS):
-                raise ValueError(f"ttftSource must be {PREFILL_THROUGHPUT!r}, got {self.ttft_source!r}")
             if self.peak_prefill_throughput is not None and self.peak_prefill_throughput <= 0:
                 raise ValueError("peakPrefillThroughput must be > 0")
 
@@ -101,9 +106,12 @@ class PrefixCacheAffinityFilter(Filter):
         self.peak = self._peak_throughput(params)
         self.ms_per_token = 1000.0 / self.peak
         self.gate = self.max_penalty_ms > 0
-        set_consumes(self, {PREFIX_CACHE_MATCH_INFO, IN_FLIGHT_LOAD} if self.gate else {PREFIX_CACHE_MATCH_INFO})
+        self.predicted = params.ttft_source == LATENCY_PREDICTOR
+        load_key = LATENCY_PREDICTION_INFO if self.predicted else IN_FLIGHT_LOAD
+        set_consumes(self, {PREFIX_CACHE_MATCH_INFO, load_key} if self.gate else {PREFIX_CACHE_MATCH_INFO})
         self.prefix_key = ""
         self.inflight_key = ""
+        self.latency_key = ""
         self._rng = random.Random()
 
     def _peak_throughput(self, p: Params) -> float:
@@ -130,7 +138,14 @@ class PrefixCacheAffinityFilter(Filter):
         self.prefix_key = ctx.producer_key(
             self, PREFIX_CACHE_MATCH_INFO, p.prefix_match_info_producer_name, "prefixMatchInfoProducerName"
         )
-        if self.gate:
+        if self.gate and self.predicted:
+            self.latency_key = ctx.producer_key(
+                self,
+                LATENCY_PREDICTION_INFO,
+                p.latency_prediction_info_producer_name,
+                "latencyPredictionInfoProducerName",
+            )
+        elif self.gate:
             self.inflight_key = ctx.producer_key(
                 self, IN_FLIGHT_LOAD, p.in_flight_load_producer_name, "inFlightLoadProducerName"
             )
@@ -151,7 +166,23 @@ class PrefixCacheAffinityFilter(Filter):
         if not n_sticky:
             return endpoints
         sticky = [ep for ep, f in zip(endpoints, flags) if f]
-        if self.gate and n_sticky < len(endpoints):
+        if self.gate and n_sticky < len(endpoints) and self.predicted:
+            infos: dict[Endpoint, LatencyPredictionInfo] | None = request.data.get(self.latency_key)
+            if not infos:
+                return endpoints  # the predictor had nothing to say: no signal, keep all (reference)
+            inf = math.inf
+            best_sticky = best_other = inf
+            for ep, f in zip(endpoints, flags):
+                predicted = infos.get(ep)
+                if predicted is None:
+                    continue
+                if f:
+                    best_sticky = min(best_sticky, predicted.ttft_ms)
+                else:
+                    best_other = min(best_other, predicted.ttft_ms)
+            if best_sticky == inf or best_other == inf or best_sticky - best_other > self.max_penalty_ms:
+                return endpoints
+        elif self.gate and n_sticky < len(endpoints):
             tokens = token_counts(request, self.inflight_key, endpoints)
             best_sticky = min(t for t, f in zip(tokens, flags) if f)
             best_other = min(t for t, f in zip(tokens, flags) if not f)

@@ -6,6 +6,7 @@ from llmepp.plugins.producers.inflight_load import InFlightLoadProducer
 from llmepp.plugins.producers.mm_embeddings import MMEmbeddingsCacheProducer, MMEmbeddingsCacheScorer
 from llmepp.plugins.producers.p2p_source import P2PSourceProducer
 from llmepp.plugins.producers.precise_prefix import PrecisePrefixCacheProducer, PrecisePrefixCacheScorer
+from llmepp.plugins.producers.predicted_latency import PredictedLatencyProducer
 from llmepp.plugins.producers.session_id import SessionIdProducer
 from llmepp.plugins.producers.shared_inflight import RedisInFlightLoadProducer
 from llmepp.plugins.producers.token import TokenProducer
@@ -23,4 +24,5 @@ PLUGINS: list[type[Plugin]] = [
     AgentIdentity,
     P2PSourceProducer,
     BurstPrefixCacheProducer,
+    PredictedLatencyProducer,
 ]

@@ -4,6 +4,7 @@ from llmepp.plugins.scorers.context_length import ContextLengthAware
 from llmepp.plugins.scorers.endpoint_attribute import EndpointAttributeScorer
 from llmepp.plugins.scorers.header_label_affinity import HeaderLabelAffinityScorer
 from llmepp.plugins.scorers.kv_cache_utilization import KVCacheUtilizationScorer
+from llmepp.plugins.scorers.latency import LatencyScorer
 from llmepp.plugins.scorers.load_aware import LoadAwareScorer
 from llmepp.plugins.scorers.lora_affinity import LoraAffinityScorer
 from llmepp.plugins.scorers.no_hit_lru import NoHitLRUScorer
@@ -29,4 +30,5 @@ PLUGINS: list[type[Plugin]] = [
     ContextLengthAware,
     EndpointAttributeScorer,
     TopologyAffinityScorer,
+    LatencyScorer,
 ]

@@ -162,8 +162,8 @@ LA = "plugin 'load-aware-scorer' (type load-aware-scorer): parameters: "
             "type active-request-scorer): inFlightLoadProducerName: no plugin named 'nope'",
         ),
         (
-            "{type: prefix-cache-affinity-filter, parameters: {ttftSource: latencyPredictor}}",
-            "latencyPredictor is not supported",
+            "{type: prefix-cache-affinity-filter, parameters: {ttftSource: oracle}}",
+            "ttftSource must be 'prefillThroughput' or 'latencyPredictor', got 'oracle'",
         ),
         (
             "{type: endpoint-attribute-scorer, parameters: "

@@ -311,9 +311,9 @@ def test_prefix_affinity_gate_off_and_exploration() -> None:
     assert names(explore.filter(with_hits(eps, {0: 10}), eps)) == names(eps)
 
 
-def test_prefix_affinity_rejects_latency_predictor_and_bad_values() -> None:
-    with pytest.raises(ConfigError, match="latencyPredictor is not supported") as err:
-        registry.build("prefix-cache-affinity-filter", "pcaf", {"ttftSource": "latencyPredictor"})
+def test_prefix_affinity_rejects_bad_values() -> None:
+    with pytest.raises(ConfigError, match="ttftSource must be 'prefillThroughput' or 'latencyPredictor'") as err:
+        registry.build("prefix-cache-affinity-filter", "pcaf", {"ttftSource": "oracle"})
     assert "plugin 'pcaf' (type prefix-cache-affinity-filter)" in str(err.value)
     for params, message in [
         ({"affinityThreshold": 1.5}, "affinityThreshold"),
@@ -324,8 +324,8 @@ def test_prefix_affinity_rejects_latency_predictor_and_bad_values() -> None:
     ]:
         with pytest.raises(ConfigError, match=message):
             registry.build("prefix-cache-affinity-filter", "pcaf", params)
-    # Both spellings of the in-flight source are accepted.
-    for source in ("prefillThroughput", "inflight"):
+    # Both spellings of the in-flight source are accepted, and the latency predictor (test_latency_plugins.py).
+    for source in ("prefillThroughput", "inflight", "latencyPredictor"):
         registry.build("prefix-cache-affinity-filter", "pcaf", {"ttftSource": source})
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from llmepp.latencypredictor.cli import main
+
+sys.exit(main())

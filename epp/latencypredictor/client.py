@@ -1,0 +1,220 @@
+"""The EPP's client of the latency predictor: bulk predictions on the request path, training samples
+batched in the background (the reference's `latencypredictorclient`, environment variables included).
+
+    PREDICTION_SERVER_URL        comma-separated prediction servers, used round robin (http://localhost:8001)
+    TRAINING_SERVER_URL          the training server (http://localhost:8000)
+    LATENCY_FLUSH_INTERVAL_SEC   seconds between training uploads (1)
+    LATENCY_MAX_SAMPLE_SIZE      most samples per upload; a fuller buffer is sampled down at random (1000)
+    LATENCY_HTTP_TIMEOUT_SEC     timeout of a training upload (10)
+
+A prediction call is bounded by its own timeout (the producer's `predictionTimeout`): a predictor that
+is slow, down or answering nonsense raises PredictorUnavailable and never anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import aiohttp
+import msgspec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREDICTION_URL = "http://localhost:8001"
+DEFAULT_TRAINING_URL = "http://localhost:8000"
+
+
+class PredictorUnavailable(Exception):
+    """No usable prediction: `reason` is "timeout", "error" (connection, status) or "invalid" (body)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class _Prediction(msgspec.Struct):
+    ttft_ms: float
+    tpot_ms: float
+
+
+class _BulkAnswer(msgspec.Struct):
+    predictions: list[_Prediction]
+
+
+def urls_from_env(env: Mapping[str, str] | None = None) -> tuple[list[str], str]:
+    """(prediction URLs, training URL) from PREDICTION_SERVER_URL / TRAINING_SERVER_URL, else the defaults."""
+    env = os.environ if env is None else env
+    predict = [u.strip().rstrip("/") for u in env.get("PREDICTION_SERVER_URL", "").split(",") if u.strip()]
+    train = env.get("TRAINING_SERVER_URL", "").strip().rstrip("/")
+    return predict or [DEFAULT_PREDICTION_URL], train or DEFAULT_TRAINING_URL
+
+
+def _env_number(env: Mapping[str, str], name: str, default: float) -> float:
+    try:
+        value = float(env.get(name, "") or default)
+    except ValueError:
+        log.warning("%s=%r is not a number; using %s", name, env.get(name), default)
+        return default
+    return value if value > 0 else default
+
+
+class RateLimitedLog:
+    """One WARNING per `interval` seconds for a recurring failure, with how many happened since."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 30.0) -> None:
+        self.log = logger
+        self.interval = interval
+        self._last = -float("inf")
+        self._suppressed = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self._suppressed += 1
+            return
+        more = f" ({self._suppressed} more since the last report)" if self._suppressed else ""
+        self.log.warning(message + more, *args)
+        self._last = now
+        self._suppressed = 0
+
+
+class PredictorClient:
+    def __init__(
+        self,
+        prediction_urls: Sequence[str],
+        training_url: str,
+        *,
+        timeout: float = 0.3,
+        training_timeout: float | None = None,
+        flush_interval: float | None = None,
+        max_sample_size: int | None = None,
+        env: Mapping[str, str] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        env = os.environ if env is None else env
+        if not prediction_urls:
+            raise ValueError("no prediction server URL")
+        self.prediction_urls = [u.rstrip("/") for u in prediction_urls]
+        self.training_url = training_url.rstrip("/")
+        self.timeout = timeout
+        self.training_timeout = training_timeout or _env_number(env, "LATENCY_HTTP_TIMEOUT_SEC", 10.0)
+        self.flush_interval = flush_interval or _env_number(env, "LATENCY_FLUSH_INTERVAL_SEC", 1.0)
+        self.max_sample_size = max_sample_size or int(_env_number(env, "LATENCY_MAX_SAMPLE_SIZE", 1000))
+        self._rng = rng or random.Random()
+        self._next = 0
+        self._session: aiohttp.ClientSession | None = None
+        self._buffer: list[dict[str, Any]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._closed = False
+        self.sent = 0  # training samples accepted by the training server
+        self.dropped = 0  # training samples lost (buffer sampled down, upload failed)
+        self._upload_log = RateLimitedLog(log)
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # No session-wide timeout: each call bounds itself.
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        return self._session
+
+    # -- predictions -------------------------------------------------------------------------------
+    async def predict_bulk(self, rows: Sequence[Mapping[str, Any]]) -> list[tuple[float, float]]:
+        """(TTFT ms, TPOT ms) per row from POST /predict/bulk/strict, within `timeout` seconds."""
+        if not rows:
+            return []
+        url = self.prediction_urls[self._next % len(self.prediction_urls)]
+        self._next += 1
+        body = msgspec.json.encode({"requests": list(rows)})
+        try:
+            async with asyncio.timeout(self.timeout):
+                async with self._client().post(
+                    f"{url}/predict/bulk/strict", data=body, headers={"content-type": "application/json"}
+                ) as resp:
+                    payload = await resp.read()
+                    if resp.status != 200:
+                        raise PredictorUnavailable("error", f"{url} answered {resp.status}: {payload[:200]!r}")
+        except TimeoutError:
+            raise PredictorUnavailable("timeout", f"{url} did not answer within {self.timeout * 1000:.0f} ms") from None
+        except (aiohttp.ClientError, OSError) as e:
+            raise PredictorUnavailable("error", f"{url}: {e or type(e).__name__}") from None
+        try:
+            answer = msgspec.json.decode(payload, type=_BulkAnswer)
+        except msgspec.MsgspecError as e:
+            raise PredictorUnavailable("invalid", f"{url}: {e}") from None
+        if len(answer.predictions) != len(rows):
+            raise PredictorUnavailable("invalid", f"{url}: {len(answer.predictions)} predictions for {len(rows)} rows")
+        out = []
+        for p in answer.predictions:
+            if not (p.ttft_ms >= 0.0 and p.tpot_ms >= 0.0) or p.ttft_ms == float("inf") or p.tpot_ms == float("inf"):
+                raise PredictorUnavailable("invalid", f"{url}: prediction out of range ({p.ttft_ms}, {p.tpot_ms})")
+            out.append((p.ttft_ms, p.tpot_ms))
+        return out
+
+    # -- training ----------------------------------------------------------------------------------
+    def add_training(self, entries: Iterable[dict[str, Any]]) -> None:
+        """Queue samples for the next upload (never blocks; the uploader starts on first use)."""
+        if self._closed:
+            return
+        self._buffer.extend(entries)
+        cap = self.max_sample_size * 10
+        if len(self._buffer) > cap:  # the training server is down or slow: keep a bounded random subset
+            self.dropped += len(self._buffer) - cap
+            self._buffer = self._rng.sample(self._buffer, cap)
+        if self._flusher is None or self._flusher.done():
+            with contextlib.suppress(RuntimeError):  # no running loop (a unit test calling hooks directly)
+                self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    async def _flush_loop(self) -> None:
+        while self._buffer:
+            await asyncio.sleep(self.flush_interval)
+            await self.flush()
+
+    async def flush(self) -> int:
+        """Upload the buffered samples (at most `max_sample_size`, drawn at random); the number accepted."""
+        batch, self._buffer = self._buffer, []
+        if not batch:
+            return 0
+        if len(batch) > self.max_sample_size:
+            self.dropped += len(batch) - self.max_sample_size
+            batch = self._rng.sample(batch, self.max_sample_size)
+        url = f"{self.training_url}/add_training_data_bulk"
+        try:
+            async with asyncio.timeout(self.training_timeout):
+                async with self._client().post(
+                    url, data=msgspec.json.encode({"entries": batch}), headers={"content-type": "application/json"}
+                ) as resp:
+                    detail = await resp.read()
+                    if resp.status >= 300:
+                        raise PredictorUnavailable("error", f"answered {resp.status}: {detail[:300]!r}")
+        except (TimeoutError, aiohttp.ClientError, OSError, PredictorUnavailable) as e:
+            self.dropped += len(batch)
+            self._upload_log.warning("training samples not uploaded to %s (%d dropped): %s", url, len(batch), e)
+            return 0
+        self.sent += len(batch)
+        return len(batch)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+        if self._buffer:  # a last upload, briefly: shutdown must not wait on a hung training server
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await self.flush()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -1,0 +1,374 @@
+"""The predictor's model: one online Bayesian linear regression per target (TTFT, TPOT), predicting p90.
+
+Per target, with x the feature row scaled by fixed constants (so a weight's prior means the same
+thing whatever the traffic) and w₀ the prior weights:
+
+    w      = (XᵀX + λ·I)⁻¹ (Xᵀy + λ·w₀)              posterior mean, Gaussian prior N(w₀, σ²/λ)
+    r_q    = q-quantile of the residuals y − w·x      (q = LATENCY_QUANTILE_ALPHA, 0.9; 0 for "mean")
+    pred   = max(0, w·x + r_q)                        milliseconds
+
+Before any sample the prediction is the prior's (`w = w₀`, `r_q = 0`): a hand-set physical guess that
+latency grows with uncached prompt tokens, queued and running requests and KV pressure, so routing
+on predictions is sane from the first request; with n samples the data outweighs the prior about n/λ
+to 1. XᵀX and Xᵀy are kept as running sums over the stored window (d ≤ 9, so a refit is O(d³) however
+many samples there are; recomputed exactly every `EXACT_EVERY` fits against rounding drift), the
+residual quantile is taken over at most `QUANTILE_SAMPLE` stored samples.
+
+The window is stratified as the reference's: samples land in buckets keyed by queue depth
+{0, 1-2, 3-5, 6-10, 11+}, KV utilisation (5% steps) and, for TTFT, prefix-cache score (quartiles);
+each bucket keeps at most `max_per_bucket` samples, a new one replacing a random old one when full,
+so a rare regime (deep queue, cold cache) is not crowded out by the common one.
+
+Features (the raw fields of schema.PredictionRequest, scale in brackets):
+  TTFT: 1, kv_cache_percentage, input_token_length [1000], num_request_waiting, num_request_running [10],
+        prefix_cache_score, effective_input_tokens = (1 − prefix_cache_score)·input_token_length [1000],
+        prefill_tokens_in_flight [10000], is_queued = [num_request_waiting > 0]
+  TPOT: 1, kv_cache_percentage, input_token_length [1000], num_request_waiting, num_request_running [10],
+        num_tokens_generated [1000], prefill_tokens_in_flight [10000], decode_tokens_in_flight [10000], is_queued
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+EXACT_EVERY = 20  # fits between exact recomputations of the running sums
+QUANTILE_SAMPLE = 2000
+
+
+class Row(Protocol):
+    """What a feature row offers (schema.PredictionRequest / TrainingEntry)."""
+
+    kv_cache_percentage: float
+    input_token_length: int
+    num_request_waiting: int
+    num_request_running: int
+    num_tokens_generated: int
+    prefix_cache_score: float
+    prefill_tokens_in_flight: int
+    decode_tokens_in_flight: int
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    name: str
+    features: tuple[str, ...]
+    prior: tuple[float, ...]  # ms per scaled unit, in `features` order
+    featurize: Callable[[Row], list[float]]
+    bucket: Callable[[Row], tuple[int, int, int]]
+
+
+def _queue_bucket(waiting: int) -> int:
+    return 0 if waiting <= 0 else 1 if waiting <= 2 else 2 if waiting <= 5 else 3 if waiting <= 10 else 4
+
+
+def _kv_bucket(kv: float) -> int:
+    return min(19, max(0, int(kv * 20)))
+
+
+def _ttft_x(r: Row) -> list[float]:
+    tokens = r.input_token_length
+    return [
+        1.0, r.kv_cache_percentage, tokens / 1000, float(r.num_request_waiting), r.num_request_running / 10,
+        r.prefix_cache_score, (1.0 - r.prefix_cache_score) * tokens / 1000, r.prefill_tokens_in_flight / 10000,
+        1.0 if r.num_request_waiting > 0 else 0.0,
+    ]  # fmt: skip
+
+
+def _tpot_x(r: Row) -> list[float]:
+    return [
+        1.0, r.kv_cache_percentage, r.input_token_length / 1000, float(r.num_request_waiting),
+        r.num_request_running / 10, r.num_tokens_generated / 1000, r.prefill_tokens_in_flight / 10000,
+        r.decode_tokens_in_flight / 10000, 1.0 if r.num_request_waiting > 0 else 0.0,
+    ]  # fmt: skip
+
+
+TTFT = TargetSpec(
+    name="ttft",
+    features=(
+        "intercept",
+        "kv_cache_percentage",
+        "input_token_length/1000",
+        "num_request_waiting",
+        "num_request_running/10",
+        "prefix_cache_score",
+        "effective_input_tokens/1000",
+        "prefill_tokens_in_flight/10000",
+        "is_queued",
+    ),
+    # 40 ms fixed, 0.1 ms per uncached prompt token (+0.02 per token), 150 ms per queued request, ...
+    prior=(40.0, 50.0, 20.0, 150.0, 20.0, 0.0, 80.0, 500.0, 100.0),
+    featurize=_ttft_x,
+    bucket=lambda r: (
+        _queue_bucket(r.num_request_waiting),
+        _kv_bucket(r.kv_cache_percentage),
+        min(3, max(0, int(r.prefix_cache_score * 4))),
+    ),
+)
+TPOT = TargetSpec(
+    name="tpot",
+    features=(
+        "intercept",
+        "kv_cache_percentage",
+        "input_token_length/1000",
+        "num_request_waiting",
+        "num_request_running/10",
+        "num_tokens_generated/1000",
+        "prefill_tokens_in_flight/10000",
+        "decode_tokens_in_flight/10000",
+        "is_queued",
+    ),
+    # 15 ms per token at rest, +10 ms per 10 running requests, +20 ms at a full KV cache, ...
+    prior=(15.0, 20.0, 1.0, 2.0, 10.0, 1.0, 5.0, 5.0, 5.0),
+    featurize=_tpot_x,
+    bucket=lambda r: (_queue_bucket(r.num_request_waiting), _kv_bucket(r.kv_cache_percentage), 0),
+)
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """A fitted (or prior) model: what predictions use, swapped atomically on refit."""
+
+    weights: tuple[float, ...]
+    residual_quantile: float = 0.0
+    samples: int = 0
+    source: str = "prior"  # "prior", "trained" or "synced"
+    trained_at: float = field(default_factory=time.time)
+
+    def predict(self, x: Sequence[float]) -> float:
+        value = math.fsum(w * v for w, v in zip(self.weights, x)) + self.residual_quantile
+        return value if value > 0.0 else 0.0
+
+
+class TargetModel:
+    """One target's sample window, running sums and current coefficients."""
+
+    def __init__(
+        self,
+        spec: TargetSpec,
+        *,
+        max_per_bucket: int = 500,
+        quantile: float = 0.9,
+        objective: str = "quantile",
+        prior_strength: float = 1.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        if max_per_bucket < 1:
+            raise ValueError("max_per_bucket must be >= 1")
+        if not 0.0 < quantile < 1.0:
+            raise ValueError("quantile must be in (0, 1)")
+        if objective not in ("quantile", "mean"):
+            raise ValueError("objective must be 'quantile' or 'mean'")
+        if not prior_strength > 0.0:
+            raise ValueError("prior strength must be > 0")
+        self.spec = spec
+        self.d = len(spec.features)
+        self.max_per_bucket = max_per_bucket
+        self.quantile = quantile
+        self.objective = objective
+        self.prior_strength = prior_strength
+        self._rng = rng or random.Random()
+        self.coefficients = Coefficients(spec.prior)
+        self.received = 0  # samples ever accepted
+        self.since_fit = 0  # accepted since the last fit
+        self.fits = 0
+        self._buckets: dict[tuple[int, int, int], list[tuple[list[float], float]]] = {}
+        self._n = 0
+        self._xtx = [[0.0] * self.d for _ in range(self.d)]
+        self._xty = [0.0] * self.d
+
+    @property
+    def stored(self) -> int:
+        return self._n
+
+    def add(self, row: Row, y: float) -> None:
+        x = self.spec.featurize(row)
+        bucket = self._buckets.setdefault(self.spec.bucket(row), [])
+        if len(bucket) < self.max_per_bucket:
+            bucket.append((x, y))
+            self._n += 1
+        else:
+            i = self._rng.randrange(len(bucket))
+            self._accumulate(*bucket[i], sign=-1.0)
+            bucket[i] = (x, y)
+        self._accumulate(x, y, sign=1.0)
+        self.received += 1
+        self.since_fit += 1
+
+    def _accumulate(self, x: list[float], y: float, sign: float) -> None:
+        xtx, xty = self._xtx, self._xty
+        for i, xi in enumerate(x):
+            if xi == 0.0:
+                continue
+            s = sign * xi
+            row = xtx[i]
+            for j, xj in enumerate(x):
+                row[j] += s * xj
+            xty[i] += s * y
+
+    def samples(self) -> Iterable[tuple[list[float], float]]:
+        for bucket in self._buckets.values():
+            yield from bucket
+
+    def fit(self) -> Coefficients:
+        """Refit from the stored window (the prior alone when it is empty) and swap it in."""
+        self.fits += 1
+        if self.fits % EXACT_EVERY == 0:
+            self._recompute()
+        lam, w0, d = self.prior_strength, self.spec.prior, self.d
+        a = [[self._xtx[i][j] + (lam if i == j else 0.0) for j in range(d)] for i in range(d)]
+        c = [self._xty[i] + lam * w0[i] for i in range(d)]
+        weights = tuple(solve_spd(a, c))
+        rq = 0.0
+        if self._n and self.objective == "quantile":
+            pool = list(self.samples())
+            if len(pool) > QUANTILE_SAMPLE:
+                pool = self._rng.sample(pool, QUANTILE_SAMPLE)
+            residuals = sorted(y - math.fsum(w * v for w, v in zip(weights, x)) for x, y in pool)
+            rq = quantile_of_sorted(residuals, self.quantile)
+        self.coefficients = Coefficients(weights, rq, self._n, "trained" if self._n else "prior")
+        self.since_fit = 0
+        return self.coefficients
+
+    def _recompute(self) -> None:
+        self._xtx = [[0.0] * self.d for _ in range(self.d)]
+        self._xty = [0.0] * self.d
+        for x, y in self.samples():
+            self._accumulate(x, y, sign=1.0)
+
+    def predict(self, row: Row) -> float:
+        return self.coefficients.predict(self.spec.featurize(row))
+
+    def clear(self) -> None:
+        self._buckets.clear()
+        self._n = 0
+        self._xtx = [[0.0] * self.d for _ in range(self.d)]
+        self._xty = [0.0] * self.d
+        self.since_fit = 0
+        self.coefficients = Coefficients(self.spec.prior)
+
+    def to_json(self) -> dict[str, Any]:
+        c = self.coefficients
+        return {
+            "name": self.spec.name,
+            "features": list(self.spec.features),
+            "weights": list(c.weights),
+            "residual_quantile": c.residual_quantile,
+            "quantile": self.quantile,
+            "objective_type": self.objective,
+            "samples": c.samples,
+            "source": c.source,
+            "trained_at": iso(c.trained_at),
+        }
+
+    def load_json(self, doc: dict[str, Any]) -> None:
+        """Coefficients fitted elsewhere (a prediction-only server syncing from a training server)."""
+        if doc.get("features") != list(self.spec.features):
+            raise ValueError(f"{self.spec.name}: model features {doc.get('features')} are not this build's")
+        weights = tuple(float(w) for w in doc["weights"])
+        if len(weights) != self.d or not all(math.isfinite(w) for w in weights):
+            raise ValueError(f"{self.spec.name}: bad weights")
+        rq = float(doc.get("residual_quantile", 0.0))
+        if not math.isfinite(rq):
+            raise ValueError(f"{self.spec.name}: bad residual_quantile")
+        self.coefficients = Coefficients(weights, rq, int(doc.get("samples", 0)), "synced")
+
+
+class LatencyModel:
+    """Both targets. A training entry with `actual_ttft_ms > 0` is a TTFT sample, with
+    `actual_tpot_ms > 0` a TPOT sample (the EPP sends them as separate entries; one may be both)."""
+
+    def __init__(
+        self,
+        *,
+        max_per_bucket: int = 500,
+        quantile: float = 0.9,
+        objective: str = "quantile",
+        prior_strength: float = 1.0,
+        seed: int | None = None,
+    ) -> None:
+        rng = random.Random(seed)
+        kw: dict[str, Any] = dict(
+            max_per_bucket=max_per_bucket, quantile=quantile, objective=objective, prior_strength=prior_strength
+        )
+        self.ttft = TargetModel(TTFT, rng=rng, **kw)
+        self.tpot = TargetModel(TPOT, rng=rng, **kw)
+        self.quantile = quantile
+        self.objective = objective
+
+    @property
+    def targets(self) -> tuple[TargetModel, TargetModel]:
+        return (self.ttft, self.tpot)
+
+    def target(self, name: str) -> TargetModel | None:
+        return {"ttft": self.ttft, "tpot": self.tpot}.get(name)
+
+    def add(self, entries: Iterable[Any]) -> int:
+        n = 0
+        for e in entries:
+            if e.actual_ttft_ms > 0:
+                self.ttft.add(e, e.actual_ttft_ms)
+            if e.actual_tpot_ms > 0:
+                self.tpot.add(e, e.actual_tpot_ms)
+            n += 1
+        return n
+
+    def predict(self, rows: Sequence[Row]) -> list[tuple[float, float]]:
+        ttft = self.ttft.coefficients  # one snapshot per call: a refit mid-batch cannot mix models
+        tpot = self.tpot.coefficients
+        fx, gx = self.ttft.spec.featurize, self.tpot.spec.featurize
+        return [(ttft.predict(fx(r)), tpot.predict(gx(r))) for r in rows]
+
+    def retrain(self, min_samples: int) -> list[str]:
+        """Refit every target with new samples and at least `min_samples` stored; the names refitted."""
+        done = []
+        for t in self.targets:
+            if t.since_fit and t.stored >= min_samples:
+                t.fit()
+                done.append(t.spec.name)
+        return done
+
+    def clear(self) -> None:
+        for t in self.targets:
+            t.clear()
+
+
+def solve_spd(a: list[list[float]], b: list[float]) -> list[float]:
+    """x with a·x = b for a symmetric positive-definite `a` (Cholesky; `a` and `b` are not modified)."""
+    n = len(b)
+    low = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i + 1):
+            s = a[i][j] - math.fsum(low[i][k] * low[j][k] for k in range(j))
+            if i == j:
+                if s <= 0.0:
+                    raise ValueError("matrix is not positive definite")
+                low[i][i] = math.sqrt(s)
+            else:
+                low[i][j] = s / low[j][j]
+    y = [0.0] * n
+    for i in range(n):
+        y[i] = (b[i] - math.fsum(low[i][k] * y[k] for k in range(i))) / low[i][i]
+    x = [0.0] * n
+    for i in reversed(range(n)):
+        x[i] = (y[i] - math.fsum(low[k][i] * x[k] for k in range(i + 1, n))) / low[i][i]
+    return x
+
+
+def quantile_of_sorted(values: Sequence[float], q: float) -> float:
+    """The q-quantile of sorted values, linear between order statistics (numpy's default)."""
+    if not values:
+        return 0.0
+    pos = q * (len(values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")

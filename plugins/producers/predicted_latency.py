@@ -1,0 +1,487 @@
+"""`predicted-latency-producer`: per-endpoint TTFT / TPOT predictions from the latency predictor service,
+and the observed latencies it is trained on."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from prometheus_client import CollectorRegistry
+
+from llmepp.datalayer.endpoint import NO_METRICS, Endpoint, EndpointMetrics
+from llmepp.director import PRODUCER_TIMEOUT
+from llmepp.framework.datakeys import (
+    LATENCY_PREDICTION_INFO,
+    PREFIX_CACHE_MATCH_INFO,
+    TOKENIZED_PROMPT,
+    LatencyPredictionInfo,
+    PrefixMatchInfo,
+    TokenizedPrompt,
+    scoped,
+)
+from llmepp.framework.plugin import PluginContext, PluginParams
+from llmepp.framework.requestcontrol import (
+    DataProducer,
+    FirstResponseChunkProcessor,
+    PreRequest,
+    ResponseCompleteProcessor,
+)
+from llmepp.framework.scheduling import SchedulingResult
+from llmepp.latencypredictor.client import PredictorClient, PredictorUnavailable, RateLimitedLog, urls_from_env
+from llmepp.observability.fast import Counter, Histogram
+from llmepp.observability.metrics import PREFIX
+from llmepp.request.types import InferenceRequest, ResponseInfo, TerminationCause
+from llmepp.units import parse_duration
+
+log = logging.getLogger(__name__)
+
+# Per-request SLO headers (milliseconds), current name first, then the deprecated alias (reference §1.3).
+TTFT_SLO_HEADERS = ("x-llm-d-slo-ttft-ms", "x-slo-ttft-ms")
+TPOT_SLO_HEADERS = ("x-llm-d-slo-tpot-ms", "x-slo-tpot-ms")
+PREFILL_ROLE = "prefill"
+BACKOFF_MIN, BACKOFF_MAX = 0.5, 5.0  # seconds without prediction calls after a failure (doubling)
+SWEEP_EVERY = 10.0  # seconds between sweeps of dispatch records older than contextTTL
+
+
+def slo_ms(headers: Mapping[str, str], names: Sequence[str]) -> float:
+    """The first present header of `names` as milliseconds; 0 (no SLO) when absent, not a number,
+    negative or infinite, as the reference reads it."""
+    for name in names:
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            value = float(raw)
+        except ValueError:
+            log.debug("%s: %r is not a number; no SLO", name, raw)
+            return 0.0
+        return value if math.isfinite(value) and value > 0 else 0.0
+    return 0.0
+
+
+def request_slos(request: InferenceRequest) -> tuple[float, float]:
+    """(TTFT SLO, TPOT SLO) in ms from the request's headers; 0 = none."""
+    return slo_ms(request.headers, TTFT_SLO_HEADERS), slo_ms(request.headers, TPOT_SLO_HEADERS)
+
+
+def decode_sample_positions(tokens: int, mean: float, cap: int, rng: random.Random) -> list[int]:
+    """Output-token positions whose inter-token latency becomes a TPOT training sample: token 2 (the first
+    gap) always, then a Poisson process with mean gap `mean` tokens, at most `cap` (0 = no cap)."""
+    out: list[int] = []
+    k = 2
+    while k <= tokens and (cap <= 0 or len(out) < cap):
+        out.append(k)
+        k += max(1, round(rng.expovariate(1.0 / mean)))
+    return out
+
+
+class LatencyMetrics:
+    """The reference's latency-prediction series (`llm_d_epp_` prefix), one set per metrics registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ("model_name", "target_model_name")
+        latency = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.5, 3, 5, 10, 30, 60)
+        per_token = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0)
+        duration = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+        self.predicted_ttft = Histogram(
+            PREFIX + "request_predicted_ttft_seconds", "Predicted TTFT of the chosen endpoint.", labels,
+            buckets=latency, registry=registry,
+        )  # fmt: skip
+        self.ttft_prediction_duration = Histogram(
+            PREFIX + "request_ttft_prediction_duration_seconds", "Time to get the TTFT predictions of a request.",
+            labels, buckets=duration, registry=registry,
+        )  # fmt: skip
+        self.predicted_tpot = Histogram(
+            PREFIX + "request_predicted_tpot_seconds", "Predicted TPOT of the chosen endpoint.", labels,
+            buckets=per_token, registry=registry,
+        )  # fmt: skip
+        self.tpot_prediction_duration = Histogram(
+            PREFIX + "request_tpot_prediction_duration_seconds", "Time to get the TPOT predictions of a request.",
+            labels, buckets=duration, registry=registry,
+        )  # fmt: skip
+        self.slo_violations = Counter(
+            PREFIX + "request_slo_violation_total", "Requests whose observed TTFT / TPOT exceeded their SLO header.",
+            (*labels, "type"), registry=registry,
+        )  # fmt: skip
+        self.unavailable = Counter(
+            PREFIX + "latency_prediction_unavailable_total",
+            "Requests routed without predictions: the predictor timed out, failed, answered nonsense, or was "
+            "skipped while backing off after a failure.",
+            ("plugin_name", "reason"), registry=registry,
+        )  # fmt: skip
+
+    @classmethod
+    def of(cls, registry: CollectorRegistry) -> LatencyMetrics:
+        found: LatencyMetrics | None = getattr(registry, "_llmepp_latency", None)
+        if found is None:
+            found = cls(registry)
+            registry._llmepp_latency = found  # type: ignore[attr-defined]
+        return found
+
+
+@dataclass(slots=True)
+class _Context:
+    """One request's latency bookkeeping, from Produce to response completion."""
+
+    ttft_slo: float
+    tpot_slo: float
+    input_tokens: int
+    prefix_scores: dict[Endpoint, float]
+    predictions: dict[Endpoint, LatencyPredictionInfo] | None = None
+    target: Endpoint | None = None
+    prefill_endpoint: Endpoint | None = None  # charged the prompt's prefill tokens until the first token
+    dispatched_at: float = 0.0
+    dispatch_metrics: EndpointMetrics = NO_METRICS
+    first_token_metrics: EndpointMetrics | None = None
+    prefill_tokens_at_dispatch: int = 0
+    ttft_reported: bool = False
+    labels: tuple[str, str] = ("", "")
+
+
+class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProcessor, ResponseCompleteProcessor):
+    """Asks the latency predictor (`epp-latency-predictor`, or the llm-d sidecars) for every candidate's
+    p90 TTFT and TPOT in one bulk call and publishes them as LatencyPredictionInfo, then trains it on
+    what the chosen endpoint actually did.
+
+    Produce — one POST /predict/bulk/strict, a row per candidate e: its scraped KV utilisation, waiting and
+    running requests, the prompt's tokens (TokenizedPrompt, else bytes/4), e's prefix-cache score
+    (matched / total blocks, PrefixCacheMatchInfo), prefill tokens this EPP has in flight to e,
+    num_tokens_generated = 1, pod_type = e's `endpointRoleLabel` label. Then, with the SLOs of the request
+    headers `x-llm-d-slo-ttft-ms` / `x-llm-d-slo-tpot-ms` (aliases `x-slo-*`; absent = 0):
+
+        ttftHeadroom = ttftSLO − TTFT                    ttftValid = TTFT < ttftSLO
+        buffered     = tpotSLO · sloBufferFactor, lowered to minTPOTSLO(e) · sloBufferFactor when e runs
+                       requests of this EPP with a (positive) TPOT SLO
+        tpotHeadroom = buffered − TPOT                   tpotValid = TPOT < buffered
+        (streamingMode false, or e's role is prefill: TPOT is not trained → tpotHeadroom 0, tpotValid)
+
+    plus dispatched = e's requests from this producer not yet finished. The call is bounded by
+    `predictionTimeout` (below the director's 400 ms producer budget): a slow, failing or dead predictor
+    leaves no LatencyPredictionInfo — the consumers then route as without predictions (latency-scorer's
+    composite fallback, the tier filter and admitter pass everything) — and is counted
+    (`llm_d_epp_latency_prediction_unavailable_total{reason}`), logged once per 30 s, and not called again for
+    0.5 s, doubling to 5 s while it keeps failing (requests meanwhile are routed at once, reason `skipped`).
+
+    Training (in the background, batched every LATENCY_FLUSH_INTERVAL_SEC to POST /add_training_data_bulk),
+    only for responses that ended naturally with a status < 400; features are the chosen endpoint's at
+    dispatch (PreRequest):
+      * TTFT sample: streamingMode true — first response byte − dispatch, sent at the first byte;
+        false — the whole response (end-to-end latency, as the reference), sent at completion.
+      * TPOT samples (streamingMode true, ≥ 2 output tokens from the response's usage): the mean
+        inter-token latency (last byte − first byte) / (completion tokens − 1), once per sampled token
+        position (token 2, then a Poisson process of mean `samplingMean` tokens, at most
+        `maxDecodeTokenSamplesForPrediction` when > 0) with num_tokens_generated = that position and the
+        endpoint's features at the first byte. Streamed answers need `stream_options.include_usage`.
+
+    Metrics (labels model_name, target_model_name): `llm_d_epp_request_predicted_ttft_seconds`,
+    `_request_predicted_tpot_seconds` (the chosen endpoint's predictions), `_request_ttft_prediction_duration_seconds`,
+    `_request_tpot_prediction_duration_seconds` (the bulk call), `_request_slo_violation_total{type=ttft|tpot}`.
+
+    Parameters: `samplingMean` (1000, > 0), `maxDecodeTokenSamplesForPrediction` (0, ≥ 0), `sloBufferFactor`
+    (1.0, > 0), `contextTTL` (5m: dispatch records older than this are dropped, as a lost response would
+    leave them), `streamingMode` (false), `endpointRoleLabel` (""), `predictInProduce` (true; false =
+    training only), `prefixMatchInfoProducerName`; this build's: `predictionServerURL` (comma-separated;
+    default env PREDICTION_SERVER_URL, else http://localhost:8001), `trainingServerURL` (env
+    TRAINING_SERVER_URL, else http://localhost:8000), `predictionTimeout` (300ms).
+    """
+
+    type = "predicted-latency-producer"
+    produces = frozenset({LATENCY_PREDICTION_INFO})
+    consumes = frozenset({PREFIX_CACHE_MATCH_INFO, TOKENIZED_PROMPT})
+
+    class Params(PluginParams):
+        sampling_mean: float = 1000.0
+        max_decode_token_samples_for_prediction: int = 0
+        slo_buffer_factor: float = 1.0
+        context_ttl: str | float = msgspec.field(default="5m", name="contextTTL")
+        streaming_mode: bool = False
+        endpoint_role_label: str = ""
+        predict_in_produce: bool = True
+        prefix_match_info_producer_name: str = ""
+        prediction_server_url: str = msgspec.field(default="", name="predictionServerURL")
+        training_server_url: str = msgspec.field(default="", name="trainingServerURL")
+        prediction_timeout: str | float = "300ms"
+
+        def __post_init__(self) -> None:
+            if not self.sampling_mean > 0:
+                raise ValueError(f"samplingMean must be > 0, got {self.sampling_mean}")
+            if self.max_decode_token_samples_for_prediction < 0:
+                raise ValueError("maxDecodeTokenSamplesForPrediction must be >= 0")
+            if not self.slo_buffer_factor > 0:
+                raise ValueError(f"sloBufferFactor must be > 0, got {self.slo_buffer_factor}")
+            try:
+                ttl = parse_duration(self.context_ttl)
+            except ValueError as e:
+                raise ValueError(f"contextTTL: {e}") from None
+            if ttl <= 0:
+                raise ValueError("contextTTL must be > 0")
+            try:
+                timeout = parse_duration(self.prediction_timeout)
+            except ValueError as e:
+                raise ValueError(f"predictionTimeout: {e}") from None
+            if not 0 < timeout < PRODUCER_TIMEOUT:
+                raise ValueError(
+                    f"predictionTimeout must be > 0 and below the director's {PRODUCER_TIMEOUT * 1000:.0f}ms "
+                    f"producer budget, got {self.prediction_timeout!r}"
+                )
+            for field_name, urls in (
+                ("predictionServerURL", self.prediction_server_url),
+                ("trainingServerURL", self.training_server_url),
+            ):
+                for url in filter(None, (u.strip() for u in urls.split(","))):
+                    if not url.startswith(("http://", "https://")):
+                        raise ValueError(f"{field_name}: {url!r} is not an http(s) URL")
+
+    def __init__(self, name: str, params: Params) -> None:
+        super().__init__(name, params)
+        p = params
+        env_predict, env_train = urls_from_env()
+        predict = [u.strip() for u in p.prediction_server_url.split(",") if u.strip()] or env_predict
+        self.client = PredictorClient(
+            predict, p.training_server_url.strip() or env_train, timeout=parse_duration(p.prediction_timeout)
+        )
+        self.key = scoped(LATENCY_PREDICTION_INFO, self.name)
+        self.streaming = p.streaming_mode
+        self.buffer = p.slo_buffer_factor
+        self.role_label = p.endpoint_role_label
+        self.context_ttl = parse_duration(p.context_ttl)
+        self._ctx_key = f"{self.name}/context"
+        self._prefix_key = ""
+        self._metrics: LatencyMetrics | None = None
+        self._rng = random.Random()
+        # Requests this producer dispatched and has not seen finish, per endpoint: id(context) → (TPOT SLO, when).
+        self._dispatched: dict[Endpoint, dict[int, tuple[float, float]]] = {}
+        self._prefill_tokens: dict[Endpoint, int] = {}
+        self._next_sweep = 0.0
+        self._skip_until = 0.0
+        self._backoff = 0.0
+        self._unavailable_log = RateLimitedLog(log)
+
+    def setup(self, ctx: PluginContext) -> None:
+        self._prefix_key = ctx.producer_key(
+            self, PREFIX_CACHE_MATCH_INFO, self.params.prefix_match_info_producer_name, "prefixMatchInfoProducerName"
+        )
+        registry = getattr(ctx.metrics, "registry", None)
+        if registry is not None:
+            self._metrics = LatencyMetrics.of(registry)
+        if ctx.datastore is not None:
+            ctx.datastore.add_listener(self)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    # -- DatastoreListener -----------------------------------------------------------------------------
+    def endpoint_added(self, endpoint: Endpoint) -> None:
+        pass
+
+    def endpoint_removed(self, endpoint: Endpoint) -> None:
+        self._dispatched.pop(endpoint, None)
+        self._prefill_tokens.pop(endpoint, None)
+
+    # -- DataProducer ----------------------------------------------------------------------------------
+    async def produce(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None:
+        ttft_slo, tpot_slo = request_slos(request)
+        info: PrefixMatchInfo | None = request.data.get(self._prefix_key)
+        scores: dict[Endpoint, float] = {}
+        if info is not None and info.total_blocks > 0:
+            total = info.total_blocks
+            scores = {ep: min(1.0, m / total) for ep, m in info.hits.items()}
+        ctx = _Context(ttft_slo, tpot_slo, _input_tokens(request), scores,
+                       labels=(request.model, request.target_model or request.model))  # fmt: skip
+        request.data[self._ctx_key] = ctx
+        if not self.params.predict_in_produce or not endpoints:
+            return
+        if time.monotonic() < self._skip_until:
+            self._count_unavailable("skipped")
+            return
+        rows = [self._row(ep, ctx.input_tokens, scores.get(ep, 0.0), 1, ep.metrics) for ep in endpoints]
+        t0 = time.perf_counter()
+        try:
+            predicted = await self.client.predict_bulk(rows)
+        except PredictorUnavailable as e:
+            self._predictor_failed(e)
+            return
+        elapsed = time.perf_counter() - t0
+        self._backoff = 0.0
+        m = self._metrics
+        if m is not None:
+            m.ttft_prediction_duration.labels(*ctx.labels).observe(elapsed)
+            m.tpot_prediction_duration.labels(*ctx.labels).observe(elapsed)
+        infos = {ep: self._info(ep, ttft, tpot, ctx) for ep, (ttft, tpot) in zip(endpoints, predicted)}
+        ctx.predictions = infos
+        request.data[self.key] = infos
+
+    def _row(self, ep: Endpoint, tokens: int, prefix: float, generated: int, m: EndpointMetrics) -> dict[str, Any]:
+        kv = m.kv_cache_usage_percent
+        return {
+            "kv_cache_percentage": min(1.0, kv) if kv > 0.0 else 0.0,  # also maps NaN to 0
+            "input_token_length": tokens,
+            "num_request_waiting": max(0, m.waiting_queue_size),
+            "num_request_running": max(0, m.running_requests_size),
+            "num_tokens_generated": generated,
+            "prefix_cache_score": prefix,
+            "pod_type": ep.labels.get(self.role_label, "") if self.role_label else "",
+            "prefill_tokens_in_flight": self._prefill_tokens.get(ep, 0),
+            "decode_tokens_in_flight": 0,
+        }
+
+    def _info(self, ep: Endpoint, ttft: float, tpot: float, ctx: _Context) -> LatencyPredictionInfo:
+        ttft_headroom = ctx.ttft_slo - ttft
+        tpot_ok, tpot_headroom = True, 0.0
+        running = self._dispatched.get(ep)
+        if self.streaming and not (self.role_label and ep.labels.get(self.role_label) == PREFILL_ROLE):
+            buffered = ctx.tpot_slo * self.buffer
+            if running:
+                slos = [slo for slo, _ in running.values() if slo > 0]
+                if slos:
+                    buffered = min(buffered, min(slos) * self.buffer)
+            tpot_ok, tpot_headroom = tpot < buffered, buffered - tpot
+        return LatencyPredictionInfo(
+            ttft_ms=ttft, tpot_ms=tpot, ttft_headroom=ttft_headroom, tpot_headroom=tpot_headroom,
+            ttft_valid=ttft < ctx.ttft_slo, tpot_valid=tpot_ok, dispatched_requests=len(running) if running else 0,
+        )  # fmt: skip
+
+    def _predictor_failed(self, e: PredictorUnavailable) -> None:
+        self._count_unavailable(e.reason)
+        self._backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, self._backoff * 2))
+        self._skip_until = time.monotonic() + self._backoff
+        self._unavailable_log.warning(
+            "%s: latency predictor unavailable, routing without predictions (next try in %.1fs): %s",
+            self.name, self._backoff, e,
+        )  # fmt: skip
+
+    def _count_unavailable(self, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.unavailable.labels(self.name, reason).inc()
+
+    # -- PreRequest ------------------------------------------------------------------------------------
+    def pre_request(self, request: InferenceRequest, result: SchedulingResult) -> None:
+        ctx: _Context | None = request.data.get(self._ctx_key)
+        targets = result.targets
+        if ctx is None or not targets:
+            return
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        ep = targets[0]
+        ctx.target = ep
+        ctx.dispatched_at = now
+        ctx.dispatch_metrics = ep.metrics
+        prefill = result.profiles.get(result.prefill_profile) if result.prefill_profile else None
+        charged = prefill.targets[0] if prefill is not None and prefill.targets else ep
+        self._prefill_tokens[charged] = self._prefill_tokens.get(charged, 0) + ctx.input_tokens
+        ctx.prefill_endpoint = charged
+        ctx.prefill_tokens_at_dispatch = self._prefill_tokens[charged]
+        self._dispatched.setdefault(ep, {})[id(ctx)] = (ctx.tpot_slo, now)
+
+    def _sweep(self, now: float) -> None:
+        self._next_sweep = now + SWEEP_EVERY
+        oldest = now - self.context_ttl
+        for ep, running in list(self._dispatched.items()):
+            for key in [k for k, (_, at) in running.items() if at < oldest]:
+                del running[key]
+            if not running:
+                del self._dispatched[ep]
+
+    # -- response ----------------------------------------------------------------------------------
+    def first_response_chunk(self, request: InferenceRequest, response: ResponseInfo) -> None:
+        ctx: _Context | None = request.data.get(self._ctx_key)
+        if ctx is None or ctx.target is None:
+            return
+        ctx.first_token_metrics = ctx.target.metrics
+        self._release_prefill(ctx)
+        if self.streaming and 0 < response.status < 400 and response.first_byte_at > ctx.dispatched_at:
+            ctx.ttft_reported = True
+            ttft_ms = (response.first_byte_at - ctx.dispatched_at) * 1000
+            self.client.add_training([self._entry(ctx, ctx.dispatch_metrics, 0, ttft_ms, 0.0)])
+
+    def response_complete(self, request: InferenceRequest, response: ResponseInfo, result: SchedulingResult) -> None:
+        ctx: _Context | None = request.data.pop(self._ctx_key, None)
+        if ctx is None or ctx.target is None:
+            return
+        self._release_prefill(ctx)
+        running = self._dispatched.get(ctx.target)
+        if running is not None:
+            running.pop(id(ctx), None)
+            if not running:
+                del self._dispatched[ctx.target]
+        if response.cause is not TerminationCause.NATURAL or not 0 < response.status < 400 or not response.bytes:
+            return
+        entries = []
+        if self.streaming:
+            ttft_ms = (response.first_byte_at - ctx.dispatched_at) * 1000
+            if not ctx.ttft_reported:
+                entries.append(self._entry(ctx, ctx.dispatch_metrics, 0, ttft_ms, 0.0))
+            tokens = response.usage.completion_tokens if response.usage is not None else 0
+            tpot_ms = 0.0
+            if tokens > 1 and response.finished_at > response.first_byte_at:
+                tpot_ms = (response.finished_at - response.first_byte_at) * 1000 / (tokens - 1)
+                features = ctx.first_token_metrics or ctx.dispatch_metrics
+                p = self.params
+                positions = decode_sample_positions(
+                    tokens, p.sampling_mean, p.max_decode_token_samples_for_prediction, self._rng
+                )
+                entries.extend(self._entry(ctx, features, k, 0.0, tpot_ms) for k in positions)
+        else:  # the reference's default: TTFT is the end-to-end latency, TPOT is not trained
+            ttft_ms = (response.finished_at - ctx.dispatched_at) * 1000
+            tpot_ms = 0.0
+            entries.append(self._entry(ctx, ctx.dispatch_metrics, 0, ttft_ms, 0.0))
+        if entries:
+            self.client.add_training(entries)
+        self._observe(ctx, ttft_ms, tpot_ms)
+
+    def _observe(self, ctx: _Context, ttft_ms: float, tpot_ms: float) -> None:
+        m = self._metrics
+        if m is None or ctx.target is None:
+            return
+        predicted = ctx.predictions.get(ctx.target) if ctx.predictions else None
+        if predicted is not None:
+            m.predicted_ttft.labels(*ctx.labels).observe(predicted.ttft_ms / 1000)
+            if self.streaming:
+                m.predicted_tpot.labels(*ctx.labels).observe(predicted.tpot_ms / 1000)
+        if ctx.ttft_slo > 0 and ttft_ms > ctx.ttft_slo:
+            m.slo_violations.labels(*ctx.labels, "ttft").inc()
+        if ctx.tpot_slo > 0 and tpot_ms > ctx.tpot_slo:
+            m.slo_violations.labels(*ctx.labels, "tpot").inc()
+
+    def _release_prefill(self, ctx: _Context) -> None:
+        ep = ctx.prefill_endpoint
+        if ep is None:
+            return
+        ctx.prefill_endpoint = None
+        left = self._prefill_tokens.get(ep, 0) - ctx.input_tokens
+        if left > 0:
+            self._prefill_tokens[ep] = left
+        else:
+            self._prefill_tokens.pop(ep, None)
+
+    def _entry(
+        self, ctx: _Context, m: EndpointMetrics, generated: int, ttft_ms: float, tpot_ms: float
+    ) -> dict[str, Any]:
+        assert ctx.target is not None
+        row = self._row(ctx.target, ctx.input_tokens, ctx.prefix_scores.get(ctx.target, 0.0), generated, m)
+        row["prefill_tokens_in_flight"] = ctx.prefill_tokens_at_dispatch
+        row["actual_ttft_ms"] = max(0.0, ttft_ms)
+        row["actual_tpot_ms"] = max(0.0, tpot_ms)
+        row["timestamp"] = time.time()
+        return row
+
+    # -- introspection (tests, debugging) --------------------------------------------------------------
+    def dispatched(self, endpoint: Endpoint) -> int:
+        return len(self._dispatched.get(endpoint, ()))
+
+    def prefill_tokens(self, endpoint: Endpoint) -> int:
+        return self._prefill_tokens.get(endpoint, 0)
+
+
+def _input_tokens(request: InferenceRequest) -> int:
+    tokens: TokenizedPrompt | None = request.data.get(TOKENIZED_PROMPT)
+    if tokens is not None:
+        return tokens.count
+    return (len(request.prompt) + 3) // 4 if request.prompt else 0

@@ -1,0 +1,495 @@
+"""Latency-predictor routing: predicted-latency-producer (headroom formulas, SLO headers, bounded calls to
+a real predictor on loopback, training samples from responses), latency-scorer (headroom groups, buckets,
+composite fallback), slo-headroom-tier-filter, latency-slo-admitter, prefix-cache-affinity-filter's
+`ttftSource: latencyPredictor`, the preset config through the director."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import yaml
+from aiohttp import web
+from helpers import endpoint, request
+from prometheus_client import generate_latest
+
+from llmepp.config.loader import DEFAULT_PRODUCERS, build, load_config
+from llmepp.datalayer.datastore import Datastore
+from llmepp.datalayer.endpoint import Endpoint, EndpointMetrics
+from llmepp.director import Director
+from llmepp.errors import REASON_SATURATED, Saturated
+from llmepp.framework.datakeys import (
+    LATENCY_PREDICTION_INFO,
+    PREFIX_CACHE_MATCH_INFO,
+    LatencyPredictionInfo,
+    PrefixMatchInfo,
+    scoped,
+)
+from llmepp.framework.plugin import ConfigError, Plugin, PluginContext, registry
+from llmepp.framework.scheduling import ProfileResult, SchedulingResult
+from llmepp.latencypredictor.schema import TrainingEntry
+from llmepp.latencypredictor.server import PredictorService, Settings
+from llmepp.observability.metrics import EppMetrics
+from llmepp.plugins.producers.predicted_latency import decode_sample_positions, request_slos
+from llmepp.request.types import InferenceRequest, ResponseInfo, TerminationCause, Usage
+from llmepp.testing.ports import free_port
+
+PRESET = Path(__file__).parents[2] / "deploy" / "config" / "predicted-latency-file-discovery.yaml"
+KEY = scoped(LATENCY_PREDICTION_INFO, "plp")
+PREFIX_KEY = scoped(PREFIX_CACHE_MATCH_INFO, "approx")
+
+
+def make(type_: str, params: dict[str, Any] | None = None, *others: Plugin, metrics: Any = None) -> Any:
+    plugin = registry.build(type_, "plp" if type_ == "predicted-latency-producer" else type_, params)
+    producers = others or (registry.build("approx-prefix-cache-producer", "approx", None),)
+    if type_ != "predicted-latency-producer" and not any(p.type == "predicted-latency-producer" for p in others):
+        producers = (*producers, registry.build("predicted-latency-producer", "plp", None))
+    ctx = PluginContext({p.name: p for p in (plugin, *producers)}, None, None, metrics)
+    plugin.setup(ctx)
+    return plugin
+
+
+def info(ttft_h: float, tpot_h: float = 0.0, dispatched: int = 1, ttft: float = 100.0) -> LatencyPredictionInfo:
+    return LatencyPredictionInfo(
+        ttft_ms=ttft, tpot_ms=10.0, ttft_headroom=ttft_h, tpot_headroom=tpot_h,
+        ttft_valid=ttft_h > 0, tpot_valid=tpot_h >= 0, dispatched_requests=dispatched,
+    )  # fmt: skip
+
+
+def with_infos(eps: list[Endpoint], infos: dict[int, LatencyPredictionInfo], **kw: Any) -> InferenceRequest:
+    req = request(**kw)
+    req.data[KEY] = {eps[i]: v for i, v in infos.items()}
+    return req
+
+
+def result(ep: Endpoint) -> SchedulingResult:
+    return SchedulingResult("default", {"default": ProfileResult([ep])})
+
+
+# -- latency-scorer -------------------------------------------------------------------------------
+def test_scorer_bin_packs_positive_headroom_and_ignores_the_negative() -> None:
+    s = make("latency-scorer")
+    eps = [endpoint(i) for i in range(4)]
+    # TTFT headroom 100 / 300 / 500 ms (TPOT equal): least → the one closest to its SLO wins.
+    req = with_infos(eps, {0: info(100), 1: info(300), 2: info(500), 3: info(-50)})
+    scores = s.score(req, eps)
+    assert scores == [1.0, 0.51, 0.01, 0.0]  # ⌊(1 − c)·100⌋ + 1 over 100, c = nTTFT (TPOT range 0)
+    most = make("latency-scorer", {"headroomSelectionStrategy": "most"})
+    assert most.score(req, eps) == [0.01, 0.51, 1.0, 0.0]
+
+
+def test_scorer_blends_ttft_and_tpot_with_the_weights() -> None:
+    s = make("latency-scorer")
+    eps = [endpoint(i) for i in range(3)]
+    req = with_infos(eps, {0: info(100, 10), 1: info(300, 0), 2: info(200, 5)})
+    # nTTFT = 0, 1, 0.5; nTPOT = 1, 0, 0.5; c = 0.8·nTTFT + 0.2·nTPOT = 0.2, 0.8, 0.5.
+    # (⌊(1 − c)·100⌋ + 1)/100; 1 − 0.8 is 0.1999… in binary, so the middle one is 0.20 (as the reference's).
+    assert s.score(req, eps) == pytest.approx([0.81, 0.20, 0.51])
+    even = make("latency-scorer", {"ttftWeight": 1, "tpotWeight": 1})
+    assert even.score(req, eps) == pytest.approx([0.51, 0.51, 0.51])
+
+
+def test_scorer_all_negative_prefers_idle_then_the_least_severe_deficit() -> None:
+    s = make("latency-scorer")
+    eps = [endpoint(i) for i in range(4)]
+    idle = with_infos(eps, {0: info(-10, dispatched=3), 1: info(-500, dispatched=0), 2: info(-40, dispatched=0),
+                            3: info(-1, dispatched=2)})  # fmt: skip
+    # Only the idle ones are scored, with `least` on |headroom|: the smaller deficit wins.
+    assert s.score(idle, eps) == [0.0, 0.01, 1.0, 0.0]
+    busy = with_infos(eps, {0: info(-10, -5), 1: info(20, -3), 2: info(-5, 1), 3: info(30, -9)})
+    # No idle endpoint: the TPOT-only-negative bucket {1, 3} (TTFT met) is the best; least |TTFT| there.
+    assert s.score(busy, eps) == [0.0, 1.0, 0.0, 0.01]
+    most = make("latency-scorer", {"headroomSelectionStrategy": "most"})
+    assert most.score(busy, eps) == [0.0, 1.0, 0.0, 0.01]  # negative headroom is always `least`
+    ttft_only = with_infos(eps, {0: info(-10, -5), 1: info(-20, 3), 2: info(-5, 1), 3: info(-30, -9)})
+    assert s.score(ttft_only, eps) == [0.0, 0.01, 1.0, 0.0]
+
+
+def test_scorer_without_predictions_uses_the_composite() -> None:
+    s = make("latency-scorer")
+    eps = [endpoint(0, queue=0, kv=0.2), endpoint(1, queue=4, kv=0.5), endpoint(2, queue=2, kv=0.0)]
+    req = request()
+    req.data[PREFIX_KEY] = PrefixMatchInfo(block_size=64, total_blocks=4, hits={eps[1]: 4}, hashes=[1, 2, 3, 4])
+    # (1 − kv + (maxQ − q)/maxQ + prefix) / 3, rounded to 1/100.
+    assert s.score(req, eps) == [round(100 * (0.8 + 1.0 + 0) / 3) / 100, round(100 * (0.5 + 0 + 1) / 3) / 100,
+                                 round(100 * (1.0 + 0.5 + 0) / 3) / 100]  # fmt: skip
+    req.data[KEY] = {}  # the producer ran but the predictor answered nothing
+    assert s.score(req, eps)[0] == 0.6
+    kv_only = make("latency-scorer", {"compositeQueueWeight": 0, "compositePrefixWeight": 0})
+    assert kv_only.score(request(), eps) == [0.8, 0.5, 1.0]
+
+
+def test_scorer_parameters_are_validated() -> None:
+    for params, message in [({"ttftWeight": -1}, "ttftWeight must be >= 0"),
+                            ({"compositeKVWeight": -0.5}, "compositeKVWeight must be >= 0"),
+                            ({"headroomSelectionStrategy": "best"}, "headroomSelectionStrategy must be")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=message) as err:
+            registry.build("latency-scorer", "ls", params)
+        assert "plugin 'ls' (type latency-scorer)" in str(err.value)
+
+
+# -- slo-headroom-tier-filter ---------------------------------------------------------------------
+def test_tier_filter_keeps_the_positive_tier_and_explores_the_negative() -> None:
+    f = make("slo-headroom-tier-filter")
+    eps = [endpoint(i) for i in range(4)]
+    req = with_infos(eps, {0: info(10, 1), 1: info(-10, 1), 2: info(10, -1)})  # 3 has no prediction
+    f._rng = random.Random(5)
+    kept = [tuple(ep.name for ep in f.filter(req, eps)) for _ in range(2000)]
+    negative = kept.count(("pod-1", "pod-2", "pod-3"))
+    assert kept.count(("pod-0",)) + negative == 2000 and 5 <= negative <= 40  # ε = 1%
+    always = make("slo-headroom-tier-filter", {"epsilonExploreNeg": 1.0})
+    assert [ep.name for ep in always.filter(req, eps)] == ["pod-1", "pod-2", "pod-3"]
+    # One tier only (no SLO headers: every headroom negative), or no predictions: nothing removed.
+    assert f.filter(with_infos(eps, {0: info(-1), 1: info(-2)}), eps) == [eps[0], eps[1], eps[2], eps[3]]
+    assert f.filter(request(), eps) == eps
+    assert f.filter(with_infos(eps, {0: info(5)}), eps[:1]) == eps[:1]
+    with pytest.raises(ConfigError, match="epsilonExploreNeg must be in"):
+        registry.build("slo-headroom-tier-filter", "t", {"epsilonExploreNeg": 2})
+
+
+# -- latency-slo-admitter -------------------------------------------------------------------------
+def test_admitter_sheds_sheddable_requests_no_endpoint_can_serve_in_time() -> None:
+    a = make("latency-slo-admitter")
+    eps = [endpoint(0, kv=0.5, running=3), endpoint(1, kv=0.6, running=2)]
+    slo = {"x-llm-d-slo-ttft-ms": "200"}
+    hopeless = {0: info(-5, dispatched=2), 1: info(-50, dispatched=1)}
+
+    def admit(infos: dict[int, LatencyPredictionInfo], priority: int = -1, headers: Any = None,
+              candidates: list[Endpoint] = eps) -> None:  # fmt: skip
+        req = with_infos(eps, infos, priority=priority)
+        req.headers.update(slo if headers is None else headers)
+        a.admit(req, candidates)
+
+    with pytest.raises(Saturated) as err:
+        admit(hopeless)
+    assert (err.value.status, err.value.reason) == (429, REASON_SATURATED)
+    admit(hopeless, priority=0)  # not sheddable
+    admit(hopeless, headers={})  # no SLO
+    admit({})  # no predictions: fail open
+    admit({**hopeless, 1: info(30, dispatched=4)})  # one endpoint meets the SLO
+    admit({**hopeless, 1: info(-50, dispatched=0)})  # one endpoint is idle
+    admit(hopeless, candidates=[eps[0], endpoint(2, kv=0.01, running=9)])  # a cold endpoint
+    with pytest.raises(Saturated):
+        admit(hopeless, headers={"x-slo-tpot-ms": "20"})  # the deprecated alias is an SLO too
+
+
+# -- prefix-cache-affinity-filter, ttftSource: latencyPredictor -----------------------------------
+def test_affinity_gate_reads_predicted_ttft() -> None:
+    f = make("prefix-cache-affinity-filter", {"ttftSource": "latencyPredictor", "maxTTFTPenaltyMs": 1000},
+             registry.build("approx-prefix-cache-producer", "approx", None),
+             registry.build("predicted-latency-producer", "plp", None))  # fmt: skip
+    assert f.consumes == {PREFIX_CACHE_MATCH_INFO, LATENCY_PREDICTION_INFO}
+    eps = [endpoint(i) for i in range(3)]
+
+    def req(ttfts: dict[int, float]) -> InferenceRequest:
+        r = with_infos(eps, {i: info(0, ttft=t) for i, t in ttfts.items()})
+        r.data[PREFIX_KEY] = PrefixMatchInfo(block_size=64, total_blocks=10, hits={eps[0]: 10}, hashes=list(range(10)))
+        return r
+
+    assert f.filter(req({0: 1500, 1: 800, 2: 900}), eps) == [eps[0]]  # 700 ms worse: still sticky
+    assert f.filter(req({0: 2500, 1: 800, 2: 900}), eps) == eps  # 1700 ms worse: stickiness broken
+    assert f.filter(req({}), eps) == eps  # no predictions: no signal, keep all
+    assert f.filter(req({1: 100, 2: 100}), eps) == eps  # the sticky side has no prediction
+    inflight = make("prefix-cache-affinity-filter", {"ttftSource": "inflight"},
+                    registry.build("approx-prefix-cache-producer", "approx", None),
+                    registry.build("inflight-load-producer", "ifl", None))  # fmt: skip
+    assert LATENCY_PREDICTION_INFO not in inflight.consumes
+
+
+# -- predicted-latency-producer -------------------------------------------------------------------
+def test_slo_headers_and_sampling_positions() -> None:
+    r = request()
+    r.headers.update({"x-llm-d-slo-ttft-ms": "250", "x-slo-tpot-ms": "30"})
+    assert request_slos(r) == (250.0, 30.0)
+    for bad in ("fast", "-5", "inf", "nan"):
+        r.headers["x-llm-d-slo-ttft-ms"] = bad
+        assert request_slos(r)[0] == 0.0
+    rng = random.Random(1)
+    assert decode_sample_positions(1, 1000, 0, rng) == []
+    assert decode_sample_positions(500, 1000, 0, rng)[0] == 2
+    many = decode_sample_positions(100000, 1000, 0, rng)
+    assert 70 < len(many) < 130  # a Poisson process of mean gap 1000 tokens
+    assert len(decode_sample_positions(100000, 1000, 5, rng)) == 5
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"samplingMean": 0}, "samplingMean must be > 0"),
+        ({"sloBufferFactor": -1}, "sloBufferFactor must be > 0"),
+        ({"maxDecodeTokenSamplesForPrediction": -1}, "maxDecodeTokenSamplesForPrediction must be >= 0"),
+        ({"contextTTL": "soon"}, "contextTTL: invalid duration"),
+        ({"predictionTimeout": "2s"}, "predictionTimeout must be > 0 and below"),
+        ({"predictionServerURL": "localhost:8001"}, "predictionServerURL: 'localhost:8001' is not an http"),
+        ({"streamingMode": "yes"}, "Expected `bool`, got `str` - at `parameters.streamingMode`"),
+        ({"samplingMeen": 3}, "unknown field `samplingMeen`"),
+    ],
+)
+def test_producer_parameter_errors_name_the_field(params: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match="plugin 'p' \\(type predicted-latency-producer\\)") as err:
+        registry.build("predicted-latency-producer", "p", params)
+    assert message in str(err.value)
+
+
+@pytest_asyncio.fixture
+async def predictor() -> AsyncIterator[PredictorService]:
+    svc = PredictorService(Settings(training_port=0, prediction_port=0, retraining_interval=0.05, min_samples=5))
+    await svc.start()
+    yield svc
+    await svc.stop()
+
+
+def producer(svc: PredictorService | str, **params: Any) -> Any:
+    url = svc if isinstance(svc, str) else svc.urls["prediction"]
+    train = svc if isinstance(svc, str) else svc.urls["training"]
+    return make("predicted-latency-producer",
+                {"predictionServerURL": url, "trainingServerURL": train, **params}, metrics=EppMetrics())  # fmt: skip
+
+
+def train_tpot_on_running(svc: PredictorService) -> None:
+    """TPOT = 10 + 2·running ms, TTFT = 50 + 100·waiting ms."""
+    base = {"kv_cache_percentage": 0.1, "input_token_length": 5, "num_tokens_generated": 0, "prefix_cache_score": 0.0}
+    entries = [
+        TrainingEntry(**base, num_request_running=running, num_request_waiting=waiting,
+                      actual_ttft_ms=50.0 + 100 * waiting, actual_tpot_ms=10.0 + 2 * running)
+        for running in range(0, 30, 3)
+        for waiting in range(3)
+    ]  # fmt: skip
+    svc.model.add(entries)
+    svc.retrain()
+
+
+async def test_producer_publishes_predictions_with_headroom(predictor: PredictorService) -> None:
+    train_tpot_on_running(predictor)
+    p = producer(predictor, streamingMode=True, sloBufferFactor=0.5)
+    eps = [endpoint(0, running=0), endpoint(1, running=20, queue=2)]
+    req = request(b"x" * 20)
+    req.headers.update({"x-llm-d-slo-ttft-ms": "150", "x-llm-d-slo-tpot-ms": "60"})
+    await p.produce(req, eps)
+    infos: dict[Endpoint, LatencyPredictionInfo] = req.data[KEY]
+    idle, busy = infos[eps[0]], infos[eps[1]]
+    # Trained at KV 10%, asked at 0% (the prior's KV weight shifts it a little).
+    assert 40 < idle.ttft_ms < 60 and 235 < busy.ttft_ms < 260
+    assert 9 < idle.tpot_ms < 12 and 48 < busy.tpot_ms < 53
+    assert idle.ttft_headroom == pytest.approx(150 - idle.ttft_ms) and idle.ttft_valid and not busy.ttft_valid
+    # TPOT headroom against the buffered SLO: 60 · 0.5 = 30 ms.
+    assert idle.tpot_headroom == pytest.approx(30 - idle.tpot_ms) and idle.tpot_valid and not busy.tpot_valid
+    # A request with a tighter TPOT SLO dispatched to endpoint 0 lowers its TPOT budget for the others.
+    tight = request(b"x" * 20)
+    tight.headers["x-llm-d-slo-tpot-ms"] = "24"
+    await p.produce(tight, eps)
+    p.pre_request(tight, result(eps[0]))
+    assert p.dispatched(eps[0]) == 1 and p.prefill_tokens(eps[0]) == 5
+    again = request(b"x" * 20)
+    again.headers.update({"x-llm-d-slo-ttft-ms": "150", "x-llm-d-slo-tpot-ms": "60"})
+    await p.produce(again, eps)
+    info0 = again.data[KEY][eps[0]]
+    assert info0.tpot_headroom == pytest.approx(12 - info0.tpot_ms) and info0.dispatched_requests == 1
+    p.response_complete(tight, ResponseInfo(status=200, cause=TerminationCause.CLIENT_DISCONNECT), result(eps[0]))
+    assert p.dispatched(eps[0]) == 0 and p.prefill_tokens(eps[0]) == 0
+    await p.aclose()
+
+
+async def test_producer_neutralises_tpot_when_not_streaming_and_for_prefill_pods(predictor: PredictorService) -> None:
+    eps = [endpoint(0), endpoint(1, labels={"llm-d.ai/role": "prefill"})]
+    req = request()
+    req.headers["x-llm-d-slo-tpot-ms"] = "1"  # unreachable, yet not counted against anyone
+    plain = producer(predictor)
+    await plain.produce(req, eps)
+    assert all(i.tpot_headroom == 0 and i.tpot_valid for i in req.data[KEY].values())
+    role = producer(predictor, streamingMode=True, endpointRoleLabel="llm-d.ai/role")
+    await role.produce(req, eps)
+    decode, prefill = req.data[KEY][eps[0]], req.data[KEY][eps[1]]
+    assert not decode.tpot_valid and decode.tpot_headroom < 0
+    assert prefill.tpot_valid and prefill.tpot_headroom == 0
+    # Without an SLO every headroom is −predicted: nothing is valid, the lowest prediction is closest to 0.
+    bare = request()
+    await plain.produce(bare, eps)
+    assert all(i.ttft_headroom == -i.ttft_ms and not i.ttft_valid for i in bare.data[KEY].values())
+    await plain.aclose()
+    await role.aclose()
+
+
+async def slow_predictor(delay: float) -> tuple[web.AppRunner, str]:
+    async def handler(request: web.Request) -> web.Response:
+        await asyncio.sleep(delay)
+        return web.json_response({"detail": "late"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host, port = runner.addresses[0][:2]
+    return runner, f"http://{host}:{port}"
+
+
+async def test_a_slow_or_dead_predictor_never_stalls_routing(caplog: pytest.LogCaptureFixture) -> None:
+    runner, url = await slow_predictor(5.0)
+    try:
+        p = producer(url, predictionTimeout="100ms")
+        eps = [endpoint(0), endpoint(1)]
+        t0 = time.monotonic()
+        first = request()
+        await p.produce(first, eps)
+        assert time.monotonic() - t0 < 0.3 and KEY not in first.data  # bounded, then no prediction
+        t1 = time.monotonic()
+        for _ in range(20):  # backing off: routed at once, not one timeout each
+            r = request()
+            await p.produce(r, eps)
+            assert KEY not in r.data
+        assert time.monotonic() - t1 < 0.1
+        counts = {k: c.value for k, c in p._metrics.unavailable._children.items()}
+        assert counts[("plp", "timeout")] == 1 and counts[("plp", "skipped")] == 20
+        warnings = [r for r in caplog.records if "latency predictor unavailable" in r.getMessage()]
+        assert len(warnings) == 1  # logged once per interval, not per request
+        await p.aclose()
+    finally:
+        await runner.cleanup()
+    dead = producer(f"http://127.0.0.1:{free_port()}")
+    r = request()
+    t0 = time.monotonic()
+    await dead.produce(r, [endpoint(0)])
+    assert time.monotonic() - t0 < 0.3 and KEY not in r.data
+    await dead.aclose()
+
+
+async def test_the_producer_trains_on_what_the_response_showed(predictor: PredictorService) -> None:
+    p = producer(predictor, streamingMode=True)
+    p.client.flush_interval = 0.02
+    eps = [endpoint(0, running=4, queue=1, kv=0.3), endpoint(1)]
+    req = request(b"y" * 400)
+    req.headers["x-llm-d-slo-ttft-ms"] = "10"
+    await p.produce(req, eps)
+    p.pre_request(req, result(eps[0]))
+    assert p.prefill_tokens(eps[0]) == 100
+    now = time.monotonic()
+    info = ResponseInfo(status=200, streaming=True, first_byte_at=now + 0.05, bytes=10)
+    p.first_response_chunk(req, info)
+    assert p.prefill_tokens(eps[0]) == 0  # prefill is over
+    info.finished_at = now + 0.05 + 0.2
+    info.usage = Usage(prompt_tokens=100, completion_tokens=21, total_tokens=121)
+    p.response_complete(req, info, result(eps[0]))
+    for _ in range(100):
+        if predictor.model.tpot.received and predictor.model.ttft.received:
+            break
+        await asyncio.sleep(0.02)
+    ttft_x, ttft_y = next(iter(predictor.model.ttft.samples()))
+    assert ttft_y == pytest.approx(50, abs=15)  # first byte − dispatch, ms
+    assert (
+        ttft_x[3] == 1 and ttft_x[4] == pytest.approx(0.4) and ttft_x[2] == pytest.approx(0.1)
+    )  # waiting, running/10, tokens/1000
+    (_, tpot_y), = list(predictor.model.tpot.samples())  # fmt: skip
+    assert tpot_y == pytest.approx(10, abs=0.5)  # 200 ms over 20 gaps
+    m = p._metrics
+    assert m.slo_violations.labels("m", "m", "ttft").value == 1  # 50 ms against a 10 ms SLO
+    assert (
+        sum(m.predicted_ttft.labels("m", "m").counts) == 1
+        and sum(m.ttft_prediction_duration.labels("m", "m").counts) == 1
+    )
+    # An error response, a disconnect, a response with no bytes: no samples.
+    before = predictor.model.ttft.received
+    for status, cause in [(500, TerminationCause.NATURAL), (200, TerminationCause.CLIENT_DISCONNECT)]:
+        r = request()
+        await p.produce(r, eps)
+        p.pre_request(r, result(eps[1]))
+        p.response_complete(r, ResponseInfo(status=status, cause=cause, first_byte_at=time.monotonic(), bytes=5,
+                                             finished_at=time.monotonic()), result(eps[1]))  # fmt: skip
+    await asyncio.sleep(0.1)
+    assert predictor.model.ttft.received == before and p.dispatched(eps[1]) == 0
+    await p.aclose()
+
+
+async def test_non_streaming_mode_trains_end_to_end_latency(predictor: PredictorService) -> None:
+    p = producer(predictor)
+    p.client.flush_interval = 0.02
+    ep = endpoint(0)
+    req = request()
+    await p.produce(req, [ep])
+    p.pre_request(req, result(ep))
+    now = time.monotonic()
+    info = ResponseInfo(status=200, first_byte_at=now + 0.01, finished_at=now + 0.3, bytes=10,
+                        usage=Usage(completion_tokens=50))  # fmt: skip
+    p.first_response_chunk(req, info)
+    p.response_complete(req, info, result(ep))
+    for _ in range(100):
+        if predictor.model.ttft.received:
+            break
+        await asyncio.sleep(0.02)
+    (_, y), = list(predictor.model.ttft.samples())  # fmt: skip
+    assert y == pytest.approx(300, abs=20) and predictor.model.tpot.received == 0
+    await p.aclose()
+
+
+def test_producer_metrics_are_registered_once_per_registry() -> None:
+    metrics = EppMetrics()
+    a = make("predicted-latency-producer", None, registry.build("approx-prefix-cache-producer", "approx", None),
+             metrics=metrics)  # fmt: skip
+    b = make("predicted-latency-producer", None, registry.build("approx-prefix-cache-producer", "approx", None),
+             metrics=metrics)  # fmt: skip
+    assert a._metrics is b._metrics
+    a._metrics.slo_violations.labels("m", "t", "ttft").inc()
+    text = generate_latest(metrics.registry).decode()
+    for name in (
+        "llm_d_epp_request_predicted_ttft_seconds",
+        "llm_d_epp_request_ttft_prediction_duration_seconds",
+        "llm_d_epp_request_predicted_tpot_seconds",
+        "llm_d_epp_request_tpot_prediction_duration_seconds",
+        'llm_d_epp_request_slo_violation_total{model_name="m",target_model_name="t",type="ttft"} 1.0',
+    ):
+        assert name in text
+    assert text.count("# TYPE llm_d_epp_request_predicted_ttft_seconds histogram") == 1
+
+
+# -- the preset through the loader and the director -----------------------------------------------
+def test_the_preset_loads_and_consumers_get_the_producer_by_default() -> None:
+    assert DEFAULT_PRODUCERS[LATENCY_PREDICTION_INFO] == "predicted-latency-producer"
+    c = build(load_config(PRESET.read_text()))
+    profile = c.pipeline.scheduler.profiles["default"]
+    assert [f.name for f in profile.filters] == ["strict-affinity-filter", "slo-headroom-tier-filter",
+                                                 "loose-affinity-filter"]  # fmt: skip
+    assert [s.scorer.type for s in profile.scorers] == ["latency-scorer"]
+    assert profile.picker.type == "weighted-random-picker"
+    assert [p.type for p in c.pipeline.producers][-1] == "predicted-latency-producer"
+    assert [a.type for a in c.pipeline.admitters] == ["latency-slo-admitter"]
+    bare = build(load_config("apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n"
+                             "- type: latency-scorer\n- type: latency-slo-admitter\n"))  # fmt: skip
+    assert {"predicted-latency-producer", "approx-prefix-cache-producer", "token-producer"} <= set(bare.plugins)
+
+
+async def test_through_the_director_a_tight_slo_avoids_the_endpoint_predicted_slow(
+    predictor: PredictorService,
+) -> None:
+    train_tpot_on_running(predictor)
+    config = yaml.safe_load(PRESET.read_text())
+    config["plugins"] = [p for p in config["plugins"] if p["type"] != "file-discovery"]
+    del config["dataLayer"]
+    for p in config["plugins"]:
+        if p["type"] == "predicted-latency-producer":
+            p["parameters"].update(predictionServerURL=predictor.urls["prediction"],
+                                   trainingServerURL=predictor.urls["training"])  # fmt: skip
+    ds = Datastore()
+    for i in range(3):
+        ds.upsert(endpoint(i).spec)
+    for i, ep in enumerate(ds.endpoints):
+        ep.metrics = EndpointMetrics(running_requests_size=25 if i == 1 else 1, kv_cache_usage_percent=0.05,
+                                     update_time=time.monotonic())  # fmt: skip
+    metrics = EppMetrics()
+    c = build(load_config(yaml.safe_dump(config)), datastore=ds, metrics=metrics)
+    d = Director(ds, c.pipeline, metrics)
+    chosen = []
+    for i in range(30):
+        req = request(f"prompt {i}".encode())
+        req.headers.update({"x-llm-d-slo-ttft-ms": "1000", "x-llm-d-slo-tpot-ms": "30"})  # pod-1: ~60 ms TPOT
+        decision = await d.handle_request(req, None)
+        chosen.append(decision.targets[0].name)
+        d.response_complete(req, ResponseInfo(status=200), decision)
+    assert chosen.count("pod-1") <= 2, chosen  # ε = 1% exploration of the negative tier
+    for component in c.plugins.values():
+        await component.aclose()

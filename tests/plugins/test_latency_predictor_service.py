@@ -1,0 +1,339 @@
+"""The latency predictor service (`epp-latency-predictor`): its model learns what it is shown, its HTTP API
+answers like the llm-d sidecars' (bad input 400 / 422 with the field, never a crash), a prediction-only
+server syncs from a training server, and the EPP's client bounds every call."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+from llmepp.latencypredictor import cli
+from llmepp.latencypredictor.client import PredictorClient, PredictorUnavailable, urls_from_env
+from llmepp.latencypredictor.model import TPOT, TTFT, LatencyModel, TargetModel, quantile_of_sorted, solve_spd
+from llmepp.latencypredictor.schema import PredictionRequest, TrainingEntry
+from llmepp.latencypredictor.server import PredictorService, Settings
+from llmepp.testing.ports import free_port
+
+
+def row(**over: Any) -> dict[str, Any]:
+    base = {"kv_cache_percentage": 0.1, "input_token_length": 500, "num_request_waiting": 0,
+            "num_request_running": 2, "num_tokens_generated": 1, "prefix_cache_score": 0.0}  # fmt: skip
+    return {**base, **over}
+
+
+def entry(ttft: float = 0.0, tpot: float = 0.0, **over: Any) -> TrainingEntry:
+    return TrainingEntry(**row(num_tokens_generated=0, **over), actual_ttft_ms=ttft, actual_tpot_ms=tpot)
+
+
+def linear_samples(n: int, seed: int = 1) -> list[TrainingEntry]:
+    """TTFT = 20 + 0.05·input + 100·waiting, TPOT = 10 + 2·running, each with a little noise."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        inp, waiting, running = rng.randint(10, 2000), rng.randint(0, 3), rng.randint(0, 30)
+        kv = rng.random() * 0.6
+        features = {"input_token_length": inp, "num_request_waiting": waiting, "num_request_running": running,
+                    "kv_cache_percentage": kv}  # fmt: skip
+        out.append(entry(ttft=20 + 0.05 * inp + 100 * waiting + rng.gauss(0, 5), **features))
+        out.append(entry(tpot=10 + 2 * running + rng.gauss(0, 1), **features))
+    return out
+
+
+# -- model ----------------------------------------------------------------------------------------
+def test_solve_and_quantile_helpers() -> None:
+    a = [[4.0, 2.0, 0.0], [2.0, 5.0, 1.0], [0.0, 1.0, 3.0]]
+    x = solve_spd(a, [2.0, 3.0, 4.0])
+    for i in range(3):
+        assert sum(a[i][j] * x[j] for j in range(3)) == pytest.approx([2.0, 3.0, 4.0][i])
+    with pytest.raises(ValueError, match="positive definite"):
+        solve_spd([[0.0]], [1.0])
+    assert quantile_of_sorted([0.0, 10.0], 0.9) == pytest.approx(9.0)
+    assert quantile_of_sorted(list(range(101)), 0.9) == pytest.approx(90.0)
+    assert quantile_of_sorted([], 0.9) == 0.0
+
+
+def test_before_any_sample_the_prior_predicts_load_as_latency() -> None:
+    model = LatencyModel()
+    rows = [
+        PredictionRequest(**row()),
+        PredictionRequest(**row(num_request_waiting=3)),
+        PredictionRequest(**row(num_request_running=40)),
+        PredictionRequest(**row(input_token_length=8000)),
+    ]
+    (idle_ttft, idle_tpot), (queued_ttft, _), (_, busy_tpot), (long_ttft, _) = model.predict(rows)
+    assert 0 < idle_ttft < queued_ttft and idle_ttft < long_ttft
+    assert 0 < idle_tpot < busy_tpot
+    assert model.ttft.coefficients.source == "prior"
+
+
+def test_the_model_learns_a_linear_relation_and_its_p90() -> None:
+    model = LatencyModel(seed=3)
+    model.add(linear_samples(400))
+    assert model.retrain(min_samples=10) == ["ttft", "tpot"]
+    assert model.retrain(min_samples=10) == []  # nothing new: no refit
+    for inp, waiting in [(100, 0), (1500, 0), (800, 2)]:
+        features = PredictionRequest(**row(input_token_length=inp, num_request_waiting=waiting))
+        ((ttft, _),) = model.predict([features])
+        mean = 20 + 0.05 * inp + 100 * waiting
+        # p90 = mean + 1.28σ (σ = 5), learnt within a few ms.
+        assert mean + 2 < ttft < mean + 11, (inp, waiting, ttft)
+    for running in (0, 10, 30):
+        ((_, tpot),) = model.predict([PredictionRequest(**row(num_request_running=running))])
+        assert 10 + 2 * running < tpot < 10 + 2 * running + 3, (running, tpot)
+    c = model.ttft.coefficients
+    assert c.source == "trained" and c.samples == 400 and 3 < c.residual_quantile < 10
+    # The mean objective predicts the mean: no residual quantile.
+    mean_model = LatencyModel(objective="mean", seed=3)
+    mean_model.add(linear_samples(400))
+    mean_model.retrain(10)
+    assert mean_model.ttft.coefficients.residual_quantile == 0.0
+
+
+def test_a_few_samples_move_the_prior_only_as_far_as_they_show() -> None:
+    model = LatencyModel(seed=1)
+    model.add([entry(ttft=500.0, num_request_waiting=0) for _ in range(3)])
+    model.retrain(min_samples=1)
+    (ttft, _), = model.predict([PredictionRequest(**row())])  # fmt: skip
+    (queued, _), = model.predict([PredictionRequest(**row(num_request_waiting=4))])  # fmt: skip
+    assert 300 < ttft < 520  # pulled most of the way from the prior's ~100 ms towards the samples
+    assert queued > ttft  # the queue's prior weight survives: the samples never showed a queue
+
+
+def test_the_window_is_stratified_and_bounded_and_flush_forgets() -> None:
+    t = TargetModel(TTFT, max_per_bucket=5, rng=random.Random(0))
+    for i in range(50):
+        t.add(entry(ttft=100.0 + i), 100.0 + i)  # one bucket (waiting 0, kv 0.1, prefix 0)
+    for _ in range(3):
+        t.add(entry(ttft=900.0, num_request_waiting=12), 900.0)  # a rare deep-queue regime, kept
+    assert t.stored == 8 and t.received == 53
+    t.fit()
+    exact = TargetModel(TTFT, max_per_bucket=5)
+    for x, y in t.samples():
+        exact._accumulate(x, y, sign=1.0)
+    flat = [v for r in t._xtx for v in r]
+    assert flat == pytest.approx([v for r in exact._xtx for v in r]) and t._xty == pytest.approx(exact._xty)
+    t.clear()
+    assert t.stored == 0 and t.coefficients.source == "prior"
+    with pytest.raises(ValueError):
+        TargetModel(TPOT, quantile=1.5)
+
+
+# -- HTTP API -------------------------------------------------------------------------------------
+@pytest_asyncio.fixture
+async def service() -> AsyncIterator[PredictorService]:
+    svc = PredictorService(Settings(training_port=0, prediction_port=0, retraining_interval=0.05, min_samples=10))
+    await svc.start()
+    yield svc
+    await svc.stop()
+
+
+async def post(url: str, body: bytes | dict[str, Any]) -> tuple[int, Any]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with aiohttp.ClientSession() as s, s.post(url, data=data) as r:
+        return r.status, await r.json()
+
+
+async def get(url: str) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        return r.status, await r.json()
+
+
+async def test_bulk_strict_answers_in_the_reference_shape(service: PredictorService) -> None:
+    status, body = await post(service.urls["prediction"] + "/predict/bulk/strict", {"requests": [row(), row()]})
+    assert status == 200
+    assert body["total_requests"] == body["successful_predictions"] == 2 and body["failed_predictions"] == 0
+    p = body["predictions"][0]
+    assert set(p) == {"ttft_ms", "tpot_ms", "predicted_at", "model_type", "objective_type", "quantile",
+                      "last_model_load"}  # fmt: skip
+    assert p["ttft_ms"] > 0 and p["tpot_ms"] > 0 and p["quantile"] == 0.9 and p["objective_type"] == "quantile"
+    status, single = await post(service.urls["prediction"] + "/predict", row())
+    assert status == 200 and single["ttft_ms"] == p["ttft_ms"]
+    for path in ("/healthz", "/readyz"):
+        assert (await get(service.urls["prediction"] + path))[0] == 200
+    assert (await get(service.urls["training"] + "/readyz"))[1] == {"status": "ready"}
+    status, st = await get(service.urls["prediction"] + "/status")
+    assert status == 200 and st["is_ready"] and st["models_exist"] == {"ttft": False, "tpot": False}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "detail"),
+    [
+        (b"not json", 400, "not valid JSON"),
+        (b"", 400, "not valid JSON"),
+        (b"[1, 2]", 422, "Expected `object`"),
+        (b'{"requests": []}', 422, "length >= 1 - at `$.requests`"),
+        (json.dumps({"requests": [row(kv_cache_percentage=1.5)]}).encode(), 422,
+         "<= 1.0 - at `$.requests[0].kv_cache_percentage`"),
+        (json.dumps({"requests": [row(input_token_length=-1)]}).encode(), 422,
+         ">= 0 - at `$.requests[0].input_token_length`"),
+        (json.dumps({"requests": [row(num_request_waiting="many")]}).encode(), 422,
+         "`$.requests[0].num_request_waiting`"),
+        (json.dumps({"requests": [{"kv_cache_percentage": 0.1}]}).encode(), 422, "missing required field"),
+        (json.dumps({"requests": [row(prefix_cache_score="nan")]}).encode(), 422, "prefix_cache_score"),
+    ],
+)  # fmt: skip
+async def test_bad_prediction_input_is_a_4xx_with_the_field(
+    service: PredictorService, body: bytes, status: int, detail: str
+) -> None:
+    got, answer = await post(service.urls["prediction"] + "/predict/bulk/strict", body)
+    assert got == status and detail in answer["detail"], answer
+
+
+async def test_lenient_numbers_and_per_row_errors_of_bulk(service: PredictorService) -> None:
+    status, body = await post(service.urls["prediction"] + "/predict/bulk/strict",
+                              {"requests": [row(input_token_length=500.0, num_request_running="2")]})  # fmt: skip
+    assert status == 200  # 500.0 and "2" read as integers, as pydantic would
+    status, body = await post(service.urls["prediction"] + "/predict/bulk",
+                              {"requests": [row(), row(kv_cache_percentage=-0.5), row()]})  # fmt: skip
+    assert status == 200 and body["successful_predictions"] == 2 and body["failed_predictions"] == 1
+    assert body["predictions"][1] is None and body["predictions"][0]["ttft_ms"] > 0
+    assert body["errors"][0]["index"] == 1 and "kv_cache_percentage" in body["errors"][0]["error"]
+
+
+async def test_training_samples_are_accepted_and_retrain_the_model(service: PredictorService) -> None:
+    t = service.urls["training"]
+    entries = [json.loads(json.dumps({f: getattr(e, f) for f in e.__struct_fields__})) for e in linear_samples(60)]
+    status, body = await post(t + "/add_training_data_bulk", {"entries": entries})
+    assert status == 202 and body == {"message": "Accepted 120 training samples."}
+    for _ in range(100):
+        if service.model.ttft.coefficients.source == "trained":
+            break
+        await asyncio.sleep(0.02)
+    status, info = await get(t + "/model/ttft/info")
+    assert status == 200 and info["source"] == "trained" and info["samples"] == 60 and info["last_modified"]
+    status, doc = await get(t + "/model/tpot/download")
+    assert doc["features"][4] == "num_request_running/10" and 15 < doc["weights"][4] < 25  # 2 ms per request
+    assert (await get(t + "/data/status"))[1]["ttft"]["received"] == 60
+    async with aiohttp.ClientSession() as s, s.get(t + "/metrics") as r:
+        text = await r.text()
+    assert 'latency_predictor_training_samples_received_total{target="ttft"} 60' in text
+    bad = {"entries": [{**entries[0], "actual_ttft_ms": -3}]}
+    got, answer = await post(t + "/add_training_data_bulk", bad)
+    assert got == 422 and "actual_ttft_ms" in answer["detail"]
+    got, answer = await post(t + "/add_training_data_bulk", {"entries": [{**entries[0], "actual_ttft_ms": "inf"}]})
+    assert got == 422
+    assert (await get(t + "/model/nope/info"))[0] == 404
+    assert (await get(t + "/no/such/path"))[1] == {"detail": "Not Found"}
+    assert (await post(t + "/flush", b""))[0] == 200
+    assert service.model.ttft.stored == 0 and service.model.ttft.coefficients.source == "prior"
+
+
+async def test_a_prediction_only_server_syncs_the_trained_model() -> None:
+    async with PredictorService(Settings(mode="training", training_port=0, retraining_interval=0.05)) as trainer:
+        settings = Settings(mode="prediction", prediction_port=0, training_server_url=trainer.urls["training"],
+                            model_sync_interval=0.05)  # fmt: skip
+        async with PredictorService(settings) as predictor:
+            assert set(predictor.urls) == {"prediction"} and set(trainer.urls) == {"training"}
+            trainer.model.add(linear_samples(100))
+            for _ in range(200):
+                if predictor.model.tpot.coefficients.source == "synced":
+                    break
+                await asyncio.sleep(0.02)
+            assert predictor.model.tpot.coefficients.weights == trainer.model.tpot.coefficients.weights
+            status, _ = await post(predictor.urls["prediction"] + "/add_training_data_bulk", {"entries": []})
+            assert status == 404  # a prediction server does not take samples
+            status, body = await post(predictor.urls["prediction"] + "/reload", b"")
+            assert status == 200 and body["is_ready"]
+
+
+def test_settings_from_env_and_cli_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    s = Settings.from_env({"LATENCY_RETRAINING_INTERVAL_SEC": "2", "LATENCY_QUANTILE_ALPHA": "0.95"}, min_samples=5)
+    assert (s.retraining_interval, s.quantile, s.min_samples) == (2.0, 0.95, 5)
+    with pytest.raises(ValueError, match="LATENCY_MIN_SAMPLES_FOR_RETRAIN"):
+        Settings.from_env({"LATENCY_MIN_SAMPLES_FOR_RETRAIN": "lots"})
+    assert cli.main(["--quantile", "1.5"]) == 2
+    assert "quantile must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_the_console_program_serves_and_stops() -> None:
+    tport, pport = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmepp.latencypredictor", "--training-port", str(tport), "--prediction-port",
+         str(pport)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("epp-latency-predictor: ready") and f":{pport}" in line, line
+        proc.terminate()
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+
+
+# -- the EPP's client -----------------------------------------------------------------------------
+async def slow_server(delay: float, status: int = 200, body: bytes = b"{}") -> tuple[web.AppRunner, str]:
+    async def handler(request: web.Request) -> web.Response:
+        await asyncio.sleep(delay)
+        return web.Response(body=body, status=status, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    return runner, f"http://{host}:{port}"
+
+
+async def test_the_client_bounds_every_failure(service: PredictorService) -> None:
+    slow, slow_url = await slow_server(2.0)
+    wrong, wrong_url = await slow_server(0.0, body=b'{"predictions": [{"ttft_ms": 1, "tpot_ms": 1}]}')
+    broken, broken_url = await slow_server(0.0, status=503, body=b'{"detail": "Models not ready"}')
+    try:
+        for url, reason in [(slow_url, "timeout"), (wrong_url, "invalid"), (broken_url, "error"),
+                            (f"http://127.0.0.1:{free_port()}", "error")]:  # fmt: skip
+            client = PredictorClient([url], url, timeout=0.1)
+            t0 = time.monotonic()
+            with pytest.raises(PredictorUnavailable) as err:
+                await client.predict_bulk([row(), row()])
+            assert err.value.reason == reason and time.monotonic() - t0 < 0.5
+            await client.aclose()
+        # Round robin over several prediction servers: a dead one fails its turns only.
+        client = PredictorClient([service.urls["prediction"], broken_url], service.urls["training"], timeout=0.5)
+        assert len(await client.predict_bulk([row()])) == 1
+        with pytest.raises(PredictorUnavailable):
+            await client.predict_bulk([row()])
+        assert len(await client.predict_bulk([row()])) == 1
+        await client.aclose()
+    finally:
+        for r in (slow, wrong, broken):
+            await r.cleanup()
+
+
+async def test_the_client_uploads_samples_in_batches_and_drops_them_when_the_trainer_is_down(
+    service: PredictorService,
+) -> None:
+    client = PredictorClient([service.urls["prediction"]], service.urls["training"], flush_interval=0.02,
+                             max_sample_size=50, env={})  # fmt: skip
+    client.add_training([{**row(num_tokens_generated=0), "actual_ttft_ms": 40.0, "actual_tpot_ms": 0.0}] * 120)
+    for _ in range(100):
+        if not client.pending:
+            break
+        await asyncio.sleep(0.02)
+    assert client.sent == 50 and client.dropped == 70  # one upload, sampled down to LATENCY_MAX_SAMPLE_SIZE
+    assert service.model.ttft.received == 50
+    await client.aclose()
+    dead = PredictorClient(["http://127.0.0.1:1"], f"http://127.0.0.1:{free_port()}", flush_interval=0.01, env={})
+    dead.add_training([{**row(num_tokens_generated=0), "actual_ttft_ms": 40.0, "actual_tpot_ms": 0.0}] * 3)
+    await asyncio.sleep(0.2)
+    assert dead.sent == 0 and dead.dropped == 3 and dead.pending == 0
+    await dead.aclose()
+
+
+def test_urls_from_env() -> None:
+    assert urls_from_env({}) == (["http://localhost:8001"], "http://localhost:8000")
+    env = {"PREDICTION_SERVER_URL": "http://a:1/, http://b:2", "TRAINING_SERVER_URL": "http://t:3/"}
+    assert urls_from_env(env) == (["http://a:1", "http://b:2"], "http://t:3")
