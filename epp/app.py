@@ -25,6 +25,7 @@ from llmepp.datalayer.collector import MetricsCollector
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.dcgm import DcgmPoller
 from llmepp.datalayer.models import ModelsPoller
+from llmepp.datalayer.multicluster import METRICS_SOURCE_TYPES
 from llmepp.director import Director
 from llmepp.filewatch import stat_signature
 from llmepp.flowcontrol import AdmissionController
@@ -137,7 +138,7 @@ class App:
 
     def _build_collector(self) -> MetricsCollector | None:
         for ds in self.components.data_sources:
-            if ds.source.type == "metrics-data-source" and ds.extractors:
+            if ds.source.type in METRICS_SOURCE_TYPES and ds.extractors:  # pods' pages, or clusters' EPPs'
                 return MetricsCollector(
                     self.datastore,
                     self.metrics,

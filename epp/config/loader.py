@@ -37,6 +37,7 @@ from llmepp.config.schema import (
     PluginSpec,
     SchedulingProfileSpec,
 )
+from llmepp.datalayer.multicluster import METRICS_SOURCE_TYPES, check_wiring, is_hub
 from llmepp.director import Pipeline
 from llmepp.flowcontrol.config import build_admission
 from llmepp.framework.datakeys import (
@@ -70,12 +71,12 @@ log = logging.getLogger(__name__)
 
 # Data key → the producer type auto-created when a consumer needs it and none is configured.
 DEFAULT_PRODUCERS: dict[str, str] = {
-    LATENCY_PREDICTION_INFO: "predicted-latency-producer",
     PREFIX_CACHE_MATCH_INFO: "approx-prefix-cache-producer",
     TOKENIZED_PROMPT: "token-producer",
     IN_FLIGHT_LOAD: "inflight-load-producer",
     "SessionID": "session-id-producer",
     ENCODER_CACHE_MATCH_INFO: "mm-embeddings-cache-producer",
+    LATENCY_PREDICTION_INFO: "predicted-latency-producer",
 }
 DEFAULT_PICKER = "max-score-picker"
 DEFAULT_HANDLER = "single-profile-handler"
@@ -221,6 +222,7 @@ def rebuild_scheduling(
             chosen.check_swappable(name, type(running.plugins[name]), "removed")
     plugins = {**own, **chosen.plugins}
     _setup(chosen.fresh, plugins, scheduler, datastore=datastore, settings=settings, metrics=metrics)
+    check_wiring(running.discovery, [(ds.source, ds.extractors) for ds in running.data_sources], plugins)
     return dataclasses.replace(
         running,
         config=config,
@@ -386,10 +388,6 @@ def _build_profile(spec: SchedulingProfileSpec, plugins: dict[str, Plugin]) -> S
         if isinstance(plugin, Filter):
             filters.append(plugin)
             used = True
-        if not used and isinstance(plugin, DataProducer):
-            # The reference's presets list their producer in the profile (the latency predictor's Helm
-            # preset): it runs with the other producers, before any profile; the entry changes nothing.
-            used = True
         if isinstance(plugin, Scorer):
             weight = 1.0 if ref.weight is None else ref.weight
             if weight < 0:
@@ -400,6 +398,10 @@ def _build_profile(spec: SchedulingProfileSpec, plugins: dict[str, Plugin]) -> S
             if picker is not None:
                 raise ConfigError(f"{where}: more than one picker ({picker.name!r}, {plugin.name!r})")
             picker = plugin
+            used = True
+        if not used and isinstance(plugin, DataProducer):
+            # The reference's presets list their producer in the profile (the latency predictor's Helm
+            # preset): it runs with the other producers, before any profile; the entry changes nothing.
             used = True
         if not used:
             raise ConfigError(
@@ -499,12 +501,18 @@ def _build_data_layer(
 ) -> None:
     layer = config.data_layer
     if layer is not None and layer.discovery is not None:
-        ref = layer.discovery.plugin_ref
+        spec = layer.discovery
+        where = (
+            "dataLayer.discovery.endpoints.pluginRef" if spec.endpoints is not None else "dataLayer.discovery.pluginRef"
+        )
+        if spec.endpoints is not None and spec.plugin_ref:
+            raise ConfigError("dataLayer.discovery: give pluginRef or endpoints.pluginRef, not both")
+        ref = spec.endpoints.plugin_ref if spec.endpoints is not None else spec.plugin_ref
         plugin = plugins.get(ref)
         if plugin is None:
-            raise ConfigError(f"dataLayer.discovery.pluginRef: no plugin named {ref!r}")
+            raise ConfigError(f"{where}: no plugin named {ref!r}")
         if not isinstance(plugin, EndpointDiscovery):
-            raise ConfigError(f"dataLayer.discovery.pluginRef: plugin {ref!r} (type {plugin.type}) is not a discovery")
+            raise ConfigError(f"{where}: plugin {ref!r} (type {plugin.type}) is not a discovery")
         components.discovery = plugin
     for i, src in enumerate(layer.sources if layer is not None else []):
         source = plugins.get(src.plugin_ref)
@@ -521,8 +529,10 @@ def _build_data_layer(
         components.data_sources.append(DataSource(source, extractors))
     _add_required_sources(plugins, components, plugin_registry)
     inject = layer.inject_defaults if layer is not None else True
-    has_metrics_source = any(ds.source.type == "metrics-data-source" for ds in components.data_sources)
-    if inject and not has_metrics_source and plugin_registry.get("metrics-data-source") is not None:
+    has_metrics_source = any(ds.source.type in METRICS_SOURCE_TYPES for ds in components.data_sources)
+    # A hub's endpoints are clusters: there are no model-server pages to scrape.
+    hub = is_hub(components.discovery)
+    if inject and not has_metrics_source and not hub and plugin_registry.get("metrics-data-source") is not None:
         source = plugins.setdefault(
             "metrics-data-source", plugin_registry.build("metrics-data-source", "metrics-data-source", None)
         )
@@ -531,3 +541,4 @@ def _build_data_layer(
             plugin_registry.build("core-metrics-extractor", "core-metrics-extractor", None),
         )
         components.data_sources.append(DataSource(source, [extractor]))
+    check_wiring(components.discovery, [(ds.source, ds.extractors) for ds in components.data_sources], plugins)

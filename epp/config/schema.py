@@ -10,7 +10,8 @@ from typing import Any
 
 import msgspec
 
-API_VERSIONS = ("llm-d.ai/v1alpha1", "inference.networking.x-k8s.io/v1alpha1")
+# llm-d.ai/v1: the newer reference's configs (e.g. its multicluster example) carry it.
+API_VERSIONS = ("llm-d.ai/v1alpha1", "llm-d.ai/v1", "inference.networking.x-k8s.io/v1alpha1")
 DEPRECATED_API_VERSIONS = ("inference.networking.x-k8s.io/v1alpha1",)
 KIND = "EndpointPickerConfig"
 
@@ -48,10 +49,17 @@ class DataSourceSpec(_Schema):
     extractors: list[PluginRef] = []
 
 
+class DiscoverySpec(_Schema):
+    """`discovery: {pluginRef: x}`, or the newer reference's `discovery: {endpoints: {pluginRef: x}}`."""
+
+    plugin_ref: str = ""
+    endpoints: PluginRef | None = None
+
+
 class DataLayerSpec(_Schema):
     inject_defaults: bool = True
     sources: list[DataSourceSpec] = []
-    discovery: PluginRef | None = None
+    discovery: DiscoverySpec | None = None
     peer_discovery: PluginRef | None = None
     cross_replica_syncer_plugin_ref: str = ""
     cross_replica_sync_interval: str = ""

@@ -15,8 +15,11 @@ Outcomes:
 - page failure (garbage, metric missing, unknown engine): `extract_errors` += 1; fields
   that could be read are still applied.
 Either failure leaves update_time alone, so the metrics age; readers judge staleness with
-`endpoint.metrics_age(now)`. Logging per endpoint: WARNING with the reason on the first
-failure, DEBUG while it keeps failing, INFO when it recovers.
+`endpoint.metrics_age(now)`. A source with `forget_on_failure` (multicluster-metrics-data-source:
+a cluster's load must not outlive its scrape) has a failed fetch reset `endpoint.metrics` to
+NO_METRICS instead (what its extractor could not read is already absent). Logging per endpoint:
+WARNING with the reason on the first failure, DEBUG while it keeps failing (again WARNING every
+`failure_log_interval` seconds when the source sets one), INFO when it recovers.
 
 Pool gauges (averages, ready count, per-endpoint queue) are refreshed on their own slower
 period (`gauge_interval`, --refresh-prometheus-metrics-interval), not per scrape.
@@ -32,7 +35,7 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from llmepp.datalayer.datastore import Datastore
-from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
+from llmepp.datalayer.endpoint import NO_METRICS, Endpoint, EndpointSpec
 from llmepp.datalayer.engines import EngineMapping, PageMemo
 from llmepp.datalayer.httpscrape import ScrapeClient, ScrapeError, ScrapeTarget
 from llmepp.datalayer.promtext import PromTextError
@@ -86,7 +89,7 @@ class _EndpointScrape:
         self.endpoint = endpoint
         self.slot = slot
         self.countdown = 0
-        self.streak = FailureStreak(log, endpoint.name)
+        self.streak = FailureStreak(log, endpoint.name, collector.failure_log_interval)
         self.spec = endpoint.spec
         self.mapping: EngineMapping | None = None
         self.mapping_error: PromTextError | None = None
@@ -109,6 +112,8 @@ class _EndpointScrape:
         c = self.collector
         if err is not None:
             c._poll_errors.inc()
+            if c.forget_on_failure:
+                ep.metrics = NO_METRICS
             self.failed("metrics scrape failed", err)
             return
         mapping = self.mapping
@@ -152,6 +157,8 @@ class MetricsCollector:
         self.timeout = timeout
         self.gauge_interval = gauge_interval
         self.ticks_per_poll = source.ticks_per_poll(self.interval)
+        self.forget_on_failure = bool(getattr(source, "forget_on_failure", False))
+        self.failure_log_interval = float(getattr(source, "failure_log_interval", 0.0))
         self._poll_errors = metrics.poll_errors.labels(source_type=source.type)
         self._extract_errors = metrics.extract_errors.labels(source_type=source.type, extractor_type=extractor.type)
         self._slots: list[dict[Endpoint, _EndpointScrape]] = [{} for _ in range(SUB_TICKS)]

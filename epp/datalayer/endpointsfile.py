@@ -13,13 +13,16 @@ Format (YAML or JSON, at most 1 MiB):
 
 Every problem is reported (not just the first), each naming the entry and field, e.g.
 `endpoints[2].port: must be 1-65535, got 70000`.
+
+Other discoveries reading this format (multicluster-file-discovery: clusters, whose address may be a
+hostname) pass their own `address_check` and an `entry_check` for the labels they interpret.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -28,12 +31,26 @@ import yaml
 from llmepp.datalayer.endpoint import EndpointSpec
 from llmepp.framework.plugin import ConfigError
 
-__all__ = ["MAX_FILE_BYTES", "EndpointsFileError", "parse_endpoints", "read_endpoints_file"]
+__all__ = ["MAX_FILE_BYTES", "EndpointsFileError", "ipv4_address", "parse_endpoints", "read_endpoints_file"]
 
 MAX_FILE_BYTES = 1 << 20
 _ENTRY_FIELDS = ("name", "namespace", "address", "port", "labels", "metricsPort", "rank")
 MAX_RANK = 255
 _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+# What is wrong with an entry's `address` (None: nothing), and with a whole entry: each problem as
+# `<field>: <what>` relative to the entry (e.g. "labels.metricsPort: must be 1-65535").
+AddressCheck = Callable[[str], str | None]
+EntryCheck = Callable[[EndpointSpec], list[str]]
+
+
+def ipv4_address(address: str) -> str | None:
+    """The pod rule: an IPv4 literal (the reference's file discovery)."""
+    try:
+        ipaddress.IPv4Address(address)
+    except ValueError:
+        return f"must be an IPv4 address, got {address!r}"
+    return None
 
 
 class EndpointsFileError(ConfigError):
@@ -46,7 +63,9 @@ class EndpointsFileError(ConfigError):
         self.problems = problems
 
 
-def read_endpoints_file(path: str) -> list[EndpointSpec]:
+def read_endpoints_file(
+    path: str, *, address_check: AddressCheck = ipv4_address, entry_check: EntryCheck | None = None
+) -> list[EndpointSpec]:
     """Read and validate `path`. Blocking: call it through asyncio.to_thread on the loop."""
     try:
         with open(path, "rb") as f:
@@ -55,10 +74,19 @@ def read_endpoints_file(path: str) -> list[EndpointSpec]:
         raise EndpointsFileError(path, [f"cannot read: {e.strerror or e}"]) from None
     if len(data) > MAX_FILE_BYTES:
         raise EndpointsFileError(path, [f"file is larger than the {MAX_FILE_BYTES} byte limit"])
-    return parse_endpoints(data, path, json_hint=path.endswith(".json"))
+    return parse_endpoints(
+        data, path, json_hint=path.endswith(".json"), address_check=address_check, entry_check=entry_check
+    )
 
 
-def parse_endpoints(data: bytes, source: str = "<endpoints>", *, json_hint: bool = False) -> list[EndpointSpec]:
+def parse_endpoints(
+    data: bytes,
+    source: str = "<endpoints>",
+    *,
+    json_hint: bool = False,
+    address_check: AddressCheck = ipv4_address,
+    entry_check: EntryCheck | None = None,
+) -> list[EndpointSpec]:
     """Validate an endpoints document; raises EndpointsFileError listing every problem."""
     if len(data) > MAX_FILE_BYTES:
         raise EndpointsFileError(source, [f"file is larger than the {MAX_FILE_BYTES} byte limit"])
@@ -84,7 +112,7 @@ def parse_endpoints(data: bytes, source: str = "<endpoints>", *, json_hint: bool
     by_key: dict[tuple[str, str], int] = {}
     by_hostport: dict[str, int] = {}
     for i, entry in enumerate(entries):
-        spec = _entry(entry, f"endpoints[{i}]", problems)
+        spec = _entry(entry, f"endpoints[{i}]", problems, address_check, entry_check)
         if spec is None:
             continue
         key = (spec.namespace, spec.name)
@@ -106,7 +134,9 @@ def parse_endpoints(data: bytes, source: str = "<endpoints>", *, json_hint: bool
     return specs
 
 
-def _entry(entry: Any, where: str, problems: list[str]) -> EndpointSpec | None:
+def _entry(
+    entry: Any, where: str, problems: list[str], address_check: AddressCheck, entry_check: EntryCheck | None
+) -> EndpointSpec | None:
     if not isinstance(entry, dict):
         problems.append(f"{where}: must be a mapping with name, address and port, got {_kind(entry)}")
         return None
@@ -117,11 +147,8 @@ def _entry(entry: Any, where: str, problems: list[str]) -> EndpointSpec | None:
     name = _string(entry, "name", where, problems, required=True)
     namespace = _string(entry, "namespace", where, problems, required=False) or "default"
     address = _string(entry, "address", where, problems, required=True)
-    if address:
-        try:
-            ipaddress.IPv4Address(address)
-        except ValueError:
-            problems.append(f"{where}.address: must be an IPv4 address, got {address!r}")
+    if address and (problem := address_check(address)) is not None:
+        problems.append(f"{where}.address: {problem}")
     port = _port(entry, "port", where, problems, required=True)
     metrics_port = _port(entry, "metricsPort", where, problems, required=False)
     labels = _labels(entry.get("labels"), where, problems)
@@ -130,7 +157,7 @@ def _entry(entry: Any, where: str, problems: list[str]) -> EndpointSpec | None:
         problems.append(f"{where}.rank: must be an integer 0-{MAX_RANK}, got {_kind(rank)} {rank!r}")
     if len(problems) > before or not name or not address or port is None:
         return None
-    return EndpointSpec(
+    spec = EndpointSpec(
         name=name,
         address=address,
         port=port,
@@ -139,6 +166,10 @@ def _entry(entry: Any, where: str, problems: list[str]) -> EndpointSpec | None:
         metrics_port=metrics_port,
         rank=rank,
     )
+    if entry_check is not None and (more := entry_check(spec)):
+        problems.extend(f"{where}.{p}" for p in more)
+        return None
+    return spec
 
 
 def _string(entry: dict[str, Any], key: str, where: str, problems: list[str], *, required: bool) -> str:

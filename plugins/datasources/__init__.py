@@ -9,6 +9,7 @@ from llmepp.plugins.datasources.endpoint_notification import EndpointNotificatio
 from llmepp.plugins.datasources.k8s_notification import K8sNotificationSource
 from llmepp.plugins.datasources.metrics_source import MetricsDataSource
 from llmepp.plugins.datasources.models_source import ModelsDataExtractor, ModelsDataSource
+from llmepp.plugins.datasources.multicluster import MulticlusterMetricsDataSource, MulticlusterMetricsExtractor
 from llmepp.plugins.datasources.topology import TopologyExtractor
 
 PLUGINS: list[type[Plugin]] = [
@@ -21,6 +22,8 @@ PLUGINS: list[type[Plugin]] = [
     DcgmExtractor,
     TopologyExtractor,
     K8sNotificationSource,
+    MulticlusterMetricsDataSource,
+    MulticlusterMetricsExtractor,
 ]
 
 __all__ = [
@@ -33,5 +36,7 @@ __all__ = [
     "MetricsDataSource",
     "ModelsDataExtractor",
     "ModelsDataSource",
+    "MulticlusterMetricsDataSource",
+    "MulticlusterMetricsExtractor",
     "TopologyExtractor",
 ]

@@ -6,6 +6,8 @@ The plugin holds configuration only (scheme, path, port override, TLS, interval)
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from llmepp.plugins.datasources.http_source import HttpDataSource, HttpSourceParams
 
 
@@ -18,6 +20,10 @@ class MetricsDataSource(HttpDataSource):
     """
 
     type = "metrics-data-source"
+    # A failed fetch resets the endpoint's metrics (instead of letting them age), and a lasting failure
+    # is logged again every this many seconds (0: once per streak); see llmepp.datalayer.collector.
+    forget_on_failure: ClassVar[bool] = False
+    failure_log_interval: ClassVar[float] = 0.0
 
     class Params(HttpSourceParams):
         path: str = "/metrics"

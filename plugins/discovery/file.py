@@ -59,7 +59,7 @@ class FileDiscovery(EndpointDiscovery):
     async def run(self, notifier: DiscoveryNotifier) -> None:
         signature = stat_signature(self.path)
         try:
-            specs = await asyncio.to_thread(read_endpoints_file, self.path)
+            specs = await asyncio.to_thread(self.read)
         except EndpointsFileError as e:
             raise ConfigError(f"plugin {self.name!r} (type {self.type}): {e}") from None
         self._apply(notifier, specs)
@@ -79,7 +79,7 @@ class FileDiscovery(EndpointDiscovery):
                 self._reload_failed(f"{self.path}: file is missing")
                 continue
             try:
-                specs = await asyncio.to_thread(read_endpoints_file, self.path)
+                specs = await asyncio.to_thread(self.read)
             except EndpointsFileError as e:
                 self._reload_failed(str(e))
                 continue
@@ -89,6 +89,10 @@ class FileDiscovery(EndpointDiscovery):
             self._apply(notifier, specs)
             self.reloads += 1
             log.info("endpoints reloaded from file", extra={"path": self.path, "endpoints": len(specs)})
+
+    def read(self) -> list[EndpointSpec]:
+        """Read and validate the file (blocking: runs in a thread); raises EndpointsFileError."""
+        return read_endpoints_file(self.path)
 
     def _reload_failed(self, message: str) -> None:
         self.reload_errors += 1

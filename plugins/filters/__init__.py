@@ -2,6 +2,7 @@ from llmepp.framework.plugin import Plugin
 from llmepp.plugins.filters.endpoint_attribute import EndpointAttributeFilter
 from llmepp.plugins.filters.header_testing import HeaderBasedTestingFilter
 from llmepp.plugins.filters.label_selector import ByLabelFilter, ByLabelSelectorFilter, LabelSelectorFilter
+from llmepp.plugins.filters.multicluster import MulticlusterSessionAffinityFilter
 from llmepp.plugins.filters.prefix_cache_affinity import PrefixCacheAffinityFilter
 from llmepp.plugins.filters.roles import DecodeFilter, EncodeFilter, PrefillFilter
 from llmepp.plugins.filters.session_affinity import SessionAffinityFilter
@@ -22,5 +23,6 @@ PLUGINS: list[type[Plugin]] = [
     EncodeFilter,
     HeaderBasedTestingFilter,
     TopologyAffinityFilter,
+    MulticlusterSessionAffinityFilter,
     SLOHeadroomTierFilter,
 ]

@@ -4,6 +4,7 @@ from llmepp.plugins.producers.approx_prefix import ApproxPrefixCacheProducer
 from llmepp.plugins.producers.burst_prefix import BurstPrefixCacheProducer
 from llmepp.plugins.producers.inflight_load import InFlightLoadProducer
 from llmepp.plugins.producers.mm_embeddings import MMEmbeddingsCacheProducer, MMEmbeddingsCacheScorer
+from llmepp.plugins.producers.multicluster import MulticlusterApproxPrefixCacheProducer
 from llmepp.plugins.producers.p2p_source import P2PSourceProducer
 from llmepp.plugins.producers.precise_prefix import PrecisePrefixCacheProducer, PrecisePrefixCacheScorer
 from llmepp.plugins.producers.predicted_latency import PredictedLatencyProducer
@@ -24,5 +25,6 @@ PLUGINS: list[type[Plugin]] = [
     AgentIdentity,
     P2PSourceProducer,
     BurstPrefixCacheProducer,
+    MulticlusterApproxPrefixCacheProducer,
     PredictedLatencyProducer,
 ]

@@ -7,6 +7,11 @@ from llmepp.plugins.scorers.kv_cache_utilization import KVCacheUtilizationScorer
 from llmepp.plugins.scorers.latency import LatencyScorer
 from llmepp.plugins.scorers.load_aware import LoadAwareScorer
 from llmepp.plugins.scorers.lora_affinity import LoraAffinityScorer
+from llmepp.plugins.scorers.multicluster import (
+    MulticlusterKVCacheUtilizationScorer,
+    MulticlusterPrefixCacheScorer,
+    MulticlusterQueueScorer,
+)
 from llmepp.plugins.scorers.no_hit_lru import NoHitLRUScorer
 from llmepp.plugins.scorers.prefix_cache import PrefixCacheScorer
 from llmepp.plugins.scorers.queue import QueueScorer
@@ -30,5 +35,8 @@ PLUGINS: list[type[Plugin]] = [
     ContextLengthAware,
     EndpointAttributeScorer,
     TopologyAffinityScorer,
+    MulticlusterQueueScorer,
+    MulticlusterKVCacheUtilizationScorer,
+    MulticlusterPrefixCacheScorer,
     LatencyScorer,
 ]

@@ -13,9 +13,15 @@ class KVCacheUtilizationScorer(Scorer):
     """score(e) = 1 − kv_cache_usage(e)   (`vllm:kv_cache_usage_perc`, a 0..1 fraction).
 
     Parameters: none.
+
+    Where the usage comes from is `utilizations` (multicluster-kv-cache-utilization-scorer: a
+    cluster's pool average); an endpoint whose usage is unknown (None) scores 0.
     """
 
     type = "kv-cache-utilization-scorer"
 
+    def utilizations(self, endpoints: Sequence[Endpoint]) -> Sequence[float | None]:
+        return [ep.metrics.kv_cache_usage_percent for ep in endpoints]
+
     def score(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
-        return [1.0 - ep.metrics.kv_cache_usage_percent for ep in endpoints]
+        return [0.0 if u is None else 1.0 - u for u in self.utilizations(endpoints)]

@@ -14,14 +14,35 @@ class QueueScorer(Scorer):
 
     score(e) = (maxQ − q(e)) / (maxQ − minQ) over the candidates; 1.0 for all when equal.
     Parameters: none.
+
+    Where q comes from is `queue_sizes` (multicluster-queue-scorer: a cluster's pool average); an
+    endpoint whose queue is unknown (None) scores 0 and is left out of minQ / maxQ.
     """
 
     type = "queue-scorer"
 
+    def queue_sizes(self, endpoints: Sequence[Endpoint]) -> Sequence[float | None]:
+        return [ep.metrics.waiting_queue_size for ep in endpoints]
+
     def score(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
-        queues = [ep.metrics.waiting_queue_size for ep in endpoints]
-        lo, hi = min(queues, default=0), max(queues, default=0)
+        return shortest_first(self.queue_sizes(endpoints))
+
+
+def shortest_first(queues: Sequence[float | None]) -> list[float]:
+    """(maxQ − q) / (maxQ − minQ) over the known queues, 1.0 for each when they are all equal, 0.0 for
+    an unknown one (None)."""
+    if None in queues:
+        known = [q for q in queues if q is not None]
+        if not known:
+            return [0.0] * len(queues)
+        lo, hi = min(known), max(known)
         if hi == lo:
-            return [1.0] * len(queues)
-        inv_span = 1.0 / (hi - lo)
-        return [(hi - q) * inv_span for q in queues]
+            return [0.0 if q is None else 1.0 for q in queues]
+        inv = 1.0 / (hi - lo)
+        return [0.0 if q is None else (hi - q) * inv for q in queues]
+    values: Sequence[float] = queues  # type: ignore[assignment]  # no None, checked above
+    lo, hi = min(values, default=0), max(values, default=0)
+    if hi == lo:
+        return [1.0] * len(values)
+    inv_span = 1.0 / (hi - lo)
+    return [(hi - q) * inv_span for q in values]

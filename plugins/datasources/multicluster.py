@@ -1,0 +1,147 @@
+"""`multicluster-metrics-data-source` and `multicluster-metrics-extractor`: each cluster's load, as its
+own EPP publishes it.
+
+A hub EPP (endpoints = clusters, from `multicluster-file-discovery`) scrapes every cluster's EPP
+/metrics page with the pod scraper (`MetricsCollector`, one keep-alive connection per cluster) and
+reads the pool averages that EPP publishes (llmepp.datalayer.multicluster):
+
+    pool KV-cache utilization(c) = llm_d_epp_average_kv_cache_utilization on c's EPP page   (0..1)
+    pool queue size(c)           = llm_d_epp_average_queue_size on c's EPP page
+
+which `multicluster-kv-cache-utilization-scorer` and `multicluster-queue-scorer` score. Both gauges are
+the peer EPP's mean over its pods, refreshed every `--refresh-prometheus-metrics-interval` there (5 s
+by default: run the cluster EPPs with e.g. `--refresh-prometheus-metrics-interval 1s` for a hub that
+follows load faster). Their metrics endpoint must answer the hub: in Kubernetes mode an EPP checks the
+scraper's bearer token (`--metrics-endpoint-auth`), and this source sends none (nor does the
+reference's), so turn that off on the cluster EPPs and, to protect the page, serve it over mTLS
+(`--metrics-cert-dir` + `--metrics-client-ca-file` there, `caCertPath` + `clientCertPath` /
+`clientKeyPath` here).
+
+    plugins:
+    - type: multicluster-file-discovery
+      parameters: {path: /etc/epp/clusters.yaml, watchFile: true}
+    - type: multicluster-metrics-data-source
+      parameters: {scheme: http, interval: 1s}
+    - type: multicluster-metrics-extractor
+    - type: multicluster-queue-scorer
+    - type: multicluster-kv-cache-utilization-scorer
+    dataLayer:
+      discovery: {pluginRef: multicluster-file-discovery}
+      sources:
+      - pluginRef: multicluster-metrics-data-source
+        extractors: [{pluginRef: multicluster-metrics-extractor}]
+
+A cluster whose scrape fails is counted (`llm_d_epp_datalayer_poll_errors_total{source_type=
+"multicluster-metrics-data-source"}` for an unreachable peer, a timeout or a non-200 status;
+`llm_d_epp_datalayer_extract_errors_total{..., extractor_type="multicluster-metrics-extractor"}` for a
+page that is malformed or lacks a gauge), logged (WARNING on the first failure, again every 30 s while
+it lasts, INFO on recovery) and from that scrape on has no value for what could not be read: unknown,
+which the scorers rank below every cluster whose load is known — never as an idle cluster, which
+would draw all the traffic to the one cluster nobody can see.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+from llmepp.datalayer.endpoint import NO_METRICS, EndpointMetrics, EndpointSpec
+from llmepp.datalayer.engines import CustomMetricSpec, EngineMapping, EngineSpecs, ExtractionFailed, PageMemo
+from llmepp.datalayer.httpscrape import ScrapeTarget
+from llmepp.datalayer.multicluster import (
+    DEFAULT_KV_METRIC,
+    DEFAULT_QUEUE_METRIC,
+    EXTRACTOR_TYPE,
+    METRICS_ADDRESS_LABEL,
+    METRICS_PORT_LABEL,
+    POOL_KV_CACHE_UTILIZATION,
+    POOL_QUEUE_SIZE,
+    SOURCE_TYPE,
+)
+from llmepp.datalayer.promtext import InvalidSpec, Selector
+from llmepp.framework.plugin import ConfigError, Plugin, PluginParams
+from llmepp.plugins.datasources.metrics_source import MetricsDataSource
+
+# A peer that keeps failing is logged again this often (the first failure and the recovery always are).
+FAILURE_LOG_INTERVAL = 30.0
+
+
+class MulticlusterMetricsDataSource(MetricsDataSource):
+    """Scrapes every cluster's EPP metrics page: `scheme://host:port/path`.
+
+    host = the entry's `metricsAddress` label, else its gateway address; port = the `port` parameter,
+    else the entry's `metricsPort` (label or field), else its gateway port.
+
+    Parameters (reference defaults): `scheme` https, `path` /metrics, `insecureSkipVerify` false — unlike
+    the pod source, the peer's certificate is verified (the scrape crosses a trust boundary): give
+    `caCertPath` for a private CA, or `insecureSkipVerify: true` to opt out — `caCertPath`,
+    `clientCertPath` / `clientKeyPath` (mTLS), `port`, `interval` (default: every
+    `--refresh-metrics-interval` tick; rounded to whole ticks). A page is read up to 16 MiB (the
+    scraper's cap for every source). A failed scrape leaves the cluster's load unknown (see the module
+    docstring).
+    """
+
+    type = SOURCE_TYPE
+    forget_on_failure: ClassVar[bool] = True
+    failure_log_interval: ClassVar[float] = FAILURE_LOG_INTERVAL
+
+    class Params(MetricsDataSource.Params):
+        scheme: str = "https"
+        insecure_skip_verify: bool = False
+
+    def target_for(self, spec: EndpointSpec) -> ScrapeTarget:
+        labels = spec.labels
+        host = labels.get(METRICS_ADDRESS_LABEL) or spec.address
+        label_port = labels.get(METRICS_PORT_LABEL, "")
+        port = self.port or (int(label_port) if label_port.isdecimal() else 0) or spec.metrics_port or spec.port
+        return ScrapeTarget(host, port, self.path, self.ssl_context)
+
+
+class PoolAverages(EngineMapping):
+    """The two pool gauges as endpoint attributes. Nothing carries over from the previous scrape: a
+    gauge the page lacks is absent (unknown), and a page with neither resets the endpoint to
+    NO_METRICS; the problem is still reported (an extraction error)."""
+
+    __slots__ = ()
+
+    def extract(
+        self, page: bytes, previous: EndpointMetrics, now: float, memo: PageMemo | None = None
+    ) -> tuple[EndpointMetrics, ExtractionFailed | None]:
+        metrics, err = super().extract(page, NO_METRICS, now, memo)
+        return (NO_METRICS if metrics is None else metrics), err
+
+
+class MulticlusterMetricsExtractor(Plugin):
+    """Reads a cluster EPP's pool averages into the attributes the multicluster scorers read.
+
+    Parameters: `kvCacheUtilizationMetric` (llm_d_epp_average_kv_cache_utilization), `queueSizeMetric`
+    (llm_d_epp_average_queue_size): metric specs, `name` or `name{label=value}`; empty = the default.
+    Wire it under a `multicluster-metrics-data-source` in `dataLayer.sources`.
+    """
+
+    type = EXTRACTOR_TYPE
+
+    class Params(PluginParams):
+        kv_cache_utilization_metric: str = DEFAULT_KV_METRIC
+        queue_size_metric: str = DEFAULT_QUEUE_METRIC
+
+    def __init__(self, name: str = "", params: Params | None = None) -> None:
+        p = params if params is not None else self.Params()
+        super().__init__(name, p)
+        kv = p.kv_cache_utilization_metric.strip() or DEFAULT_KV_METRIC
+        queue = p.queue_size_metric.strip() or DEFAULT_QUEUE_METRIC
+        for field, spec in (("kvCacheUtilizationMetric", kv), ("queueSizeMetric", queue)):
+            try:
+                Selector.parse(spec)
+            except InvalidSpec as e:
+                raise ConfigError(f"parameters.{field}: {e}") from None
+        self.mapping = PoolAverages(
+            EngineSpecs(
+                name="epp-pool-averages",
+                custom=(CustomMetricSpec(POOL_KV_CACHE_UTILIZATION, kv), CustomMetricSpec(POOL_QUEUE_SIZE, queue)),
+            )
+        )
+
+    def mapping_for(self, labels: Mapping[str, str]) -> EngineMapping:
+        """The same mapping for every cluster (the collector's MappingProvider)."""
+        return self.mapping

@@ -1,0 +1,337 @@
+"""Multicluster data layer: the cluster list (multicluster-file-discovery) and each cluster's load as its
+EPP publishes it, scraped by the real collector from real servers serving a real EPP metrics page:
+read, then unknown (never idle) when the peer lacks a gauge, serves garbage, fails or is unreachable;
+counted and logged once per streak and interval."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+
+from llmepp.config.loader import build, load_config
+from llmepp.datalayer.collector import MetricsCollector
+from llmepp.datalayer.datastore import Datastore
+from llmepp.datalayer.endpoint import NO_METRICS, Endpoint, EndpointSpec
+from llmepp.datalayer.endpointsfile import EndpointsFileError, parse_endpoints
+from llmepp.datalayer.multicluster import POOL_KV_CACHE_UTILIZATION, POOL_QUEUE_SIZE
+from llmepp.framework.plugin import ConfigError
+from llmepp.observability.metrics import EppMetrics
+from llmepp.plugins.datasources import multicluster as mc_source
+from llmepp.plugins.datasources.multicluster import MulticlusterMetricsDataSource, MulticlusterMetricsExtractor
+from llmepp.plugins.discovery.multicluster import MulticlusterFileDiscovery, cluster_labels, gateway_address
+
+from .fakes import TEST_CERT, TEST_KEY, MetricsServer
+
+CLUSTERS = """
+endpoints:
+- name: cluster-a
+  address: 10.20.0.5
+  port: 80
+  labels: {metricsAddress: 10.20.0.9, metricsPort: 9090, region: eu}
+- name: cluster-b
+  address: gw.cluster-b.example.com
+  port: "443"
+  labels: {metricsAddress: epp.cluster-b.example.com}
+- name: cluster-c
+  address: 10.30.0.5
+  port: 8081
+  metricsPort: 9091
+"""
+
+
+def parse_clusters(text: str) -> list[EndpointSpec]:
+    return parse_endpoints(text.encode(), address_check=gateway_address, entry_check=cluster_labels)
+
+
+def epp_page(*, kv: float | None, queue: float | None, pool: str = "pool") -> bytes:
+    """A cluster EPP's /metrics page, rendered by its own registry (every family, HELP/TYPE lines)."""
+    m = EppMetrics()
+    if kv is not None:
+        m.pool_avg_kv.labels(name=pool).set(kv)
+    if queue is not None:
+        m.pool_avg_queue.labels(name=pool).set(queue)
+    m.pool_ready.labels(name=pool).set(2)
+    return generate_latest(m.registry)
+
+
+# -- the cluster list ------------------------------------------------------------------------------
+
+
+def test_cluster_entries_take_hostnames_and_metrics_labels() -> None:
+    a, b, c = parse_clusters(CLUSTERS)
+    assert (a.hostport, a.labels["metricsAddress"], a.labels["metricsPort"]) == ("10.20.0.5:80", "10.20.0.9", "9090")
+    assert b.hostport == "gw.cluster-b.example.com:443"
+    assert c.metrics_port == 9091
+    source = MulticlusterMetricsDataSource("s")
+    # The peer EPP's metrics: the labels, else the entry's metricsPort, else the gateway itself.
+    assert source.target_for(a).url == "https://10.20.0.9:9090/metrics"
+    assert source.target_for(b).url == "https://epp.cluster-b.example.com:443/metrics"
+    assert source.target_for(c).url == "https://10.30.0.5:9091/metrics"
+    override = MulticlusterMetricsDataSource("s", MulticlusterMetricsDataSource.Params(scheme="http", port=9100))
+    assert override.target_for(a).url == "http://10.20.0.9:9100/metrics"
+    # The pod discovery still wants IPv4 pod addresses.
+    with pytest.raises(EndpointsFileError, match=r"endpoints\[1\].address: must be an IPv4 address"):
+        parse_endpoints(CLUSTERS.encode())
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ("{name: x, address: '::1', port: 80}", "endpoints[0].address: IPv6 addresses are not supported"),
+        (
+            "{name: x, address: 'gw_1.example', port: 80}",
+            "must be an IPv4 address or a DNS hostname, got 'gw_1.example'",
+        ),
+        ("{name: x, address: 10.0.0.300, port: 80}", "must be an IPv4 address or a DNS hostname, got '10.0.0.300'"),
+        ("{name: x, address: -gw.example, port: 80}", "must be an IPv4 address or a DNS hostname"),
+        (
+            "{name: x, address: gw.example, port: 80, labels: {metricsAddress: 'not a host'}}",
+            "endpoints[0].labels.metricsAddress: must be an IP address or a DNS hostname, got 'not a host'",
+        ),
+        (
+            "{name: x, address: gw.example, port: 80, labels: {metricsPort: 70000}}",
+            "endpoints[0].labels.metricsPort: must be a port 1-65535, got '70000'",
+        ),
+        (
+            "{name: x, address: gw.example, port: 80, metricsPort: 9090, labels: {metricsPort: 9091}}",
+            "endpoints[0].labels.metricsPort: 9091 disagrees with the entry's metricsPort 9090",
+        ),
+    ],
+)
+def test_bad_cluster_entries_name_entry_and_field(entry: str, problem: str) -> None:
+    with pytest.raises(EndpointsFileError) as err:
+        parse_clusters(f"endpoints:\n- {entry}\n")
+    assert problem in str(err.value)
+
+
+async def test_discovery_loads_clusters_and_warns_once_about_hostnames(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "clusters.yaml"
+    path.write_text(CLUSTERS)
+    caplog.set_level(logging.WARNING, logger="llmepp.plugins.discovery.multicluster")
+    discovery = MulticlusterFileDiscovery("d", MulticlusterFileDiscovery.Params(path=str(path), watch_file=True))
+    discovery.poll_interval = 0.02
+    ds = Datastore()
+    task = asyncio.create_task(discovery.run(ds))
+    try:
+        for _ in range(200):
+            if ds.synced:
+                break
+            await asyncio.sleep(0.01)
+        assert sorted(ep.name for ep in ds.endpoints) == ["cluster-a", "cluster-b", "cluster-c"]
+        path.write_text(CLUSTERS.replace("region: eu", "region: us"))  # a reload re-reads the hostname
+        for _ in range(300):
+            if discovery.reloads:
+                break
+            await asyncio.sleep(0.01)
+        assert discovery.reloads == 1
+        ep = ds.get("cluster-a")
+        assert ep is not None and ep.labels["region"] == "us"
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "gw.cluster-b.example.com is a hostname" in warnings[0]
+
+
+async def test_a_bad_cluster_file_stops_start_up(tmp_path: Path) -> None:
+    path = tmp_path / "clusters.yaml"
+    path.write_text("endpoints:\n- {name: x, address: '2001:db8::1', port: 80}\n")
+    discovery = MulticlusterFileDiscovery("d", MulticlusterFileDiscovery.Params(path=str(path)))
+    with pytest.raises(ConfigError, match=r"plugin 'd' \(type multicluster-file-discovery\): .*IPv6"):
+        await discovery.run(Datastore())
+
+
+def test_source_defaults_verify_the_peer(tmp_path: Path) -> None:
+    strict = MulticlusterMetricsDataSource("s")
+    assert strict.scheme == "https" and strict.path == "/metrics" and strict.ticks_per_poll(0.05) == 1
+    assert strict.ssl_context is not None and strict.ssl_context.verify_mode == ssl.CERT_REQUIRED
+    opted_out = MulticlusterMetricsDataSource("s", MulticlusterMetricsDataSource.Params(insecure_skip_verify=True))
+    assert opted_out.ssl_context is not None and opted_out.ssl_context.verify_mode == ssl.CERT_NONE
+    custom = MulticlusterMetricsExtractor(
+        "x", MulticlusterMetricsExtractor.Params(kv_cache_utilization_metric="", queue_size_metric='q{name="p"}')
+    )
+    assert [s.spec for s in custom.mapping.selectors if s is not None] == [
+        "llm_d_epp_average_kv_cache_utilization",
+        'q{name="p"}',
+    ]
+
+
+# -- scraping the peers ------------------------------------------------------------------------------
+
+
+@dataclass
+class Hub:
+    datastore: Datastore
+    metrics: EppMetrics
+    collector: MetricsCollector
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    def poll_errors(self) -> float:
+        return self.sample("llm_d_epp_datalayer_poll_errors_total", source_type="multicluster-metrics-data-source")
+
+    def extract_errors(self) -> float:
+        return self.sample(
+            "llm_d_epp_datalayer_extract_errors_total",
+            source_type="multicluster-metrics-data-source",
+            extractor_type="multicluster-metrics-extractor",
+        )
+
+    def add(self, name: str, server: MetricsServer) -> Endpoint:
+        """A cluster whose gateway is elsewhere (nothing listens there) and whose EPP is `server`."""
+        labels = {"metricsAddress": server.host, "metricsPort": str(server.port)}
+        self.datastore.upsert(EndpointSpec(name=name, address="127.0.0.90", port=9, labels=labels))
+        ep = self.datastore.get(name)
+        assert ep is not None
+        return ep
+
+
+@pytest.fixture
+async def hubs() -> AsyncIterator[Callable[..., object]]:
+    made: list[Hub] = []
+
+    async def make(source_params: str = "{scheme: http}") -> Hub:
+        """The collector exactly as the app builds it from a hub config."""
+        text = f"""
+plugins:
+- {{type: multicluster-file-discovery, parameters: {{path: /x}}}}
+- {{type: multicluster-metrics-data-source, parameters: {source_params}}}
+- {{type: multicluster-metrics-extractor}}
+dataLayer:
+  discovery: {{pluginRef: multicluster-file-discovery}}
+  sources:
+  - pluginRef: multicluster-metrics-data-source
+    extractors: [{{pluginRef: multicluster-metrics-extractor}}]
+"""
+        ds, metrics = Datastore("hub"), EppMetrics()
+        [wired] = build(load_config(text), datastore=ds, metrics=metrics).data_sources
+        collector = MetricsCollector(ds, metrics, 0.05, wired.source, wired.extractors[0], 0.3)  # type: ignore[arg-type]
+        await collector.start()
+        hub = Hub(ds, metrics, collector)
+        made.append(hub)
+        return hub
+
+    yield make
+    for hub in made:
+        await hub.collector.aclose()
+
+
+@pytest.fixture
+async def peers() -> AsyncIterator[Callable[..., object]]:
+    started: list[MetricsServer] = []
+
+    async def start(host: str, page: bytes, ssl_context: ssl.SSLContext | None = None) -> MetricsServer:
+        server = await MetricsServer(host, page, ssl_context).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        await server.stop()
+
+
+async def wait_until(cond: Callable[[], bool], within: float = 3.0) -> None:
+    deadline = time.monotonic() + within
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+def load(ep: Endpoint) -> tuple[float | None, float | None]:
+    a = ep.metrics.attributes
+    return a.get(POOL_QUEUE_SIZE), a.get(POOL_KV_CACHE_UTILIZATION)
+
+
+async def test_pool_averages_follow_the_peer_and_go_unknown_when_it_cannot_be_read(
+    hubs: Callable[..., object], peers: Callable[..., object], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="llmepp.datalayer.collector")
+    hub: Hub = await hubs()  # type: ignore[misc]
+    peer: MetricsServer = await peers("127.0.0.81", epp_page(kv=0.25, queue=3.5))  # type: ignore[misc]
+    ep = hub.add("cluster-a", peer)
+    await wait_until(lambda: load(ep) == (3.5, 0.25))
+    peer.page = epp_page(kv=0.75, queue=0.5)
+    await wait_until(lambda: load(ep) == (0.5, 0.75))
+    assert hub.poll_errors() == 0 and hub.extract_errors() == 0
+    # The peer stops publishing the queue gauge: that one is unknown, the KV value still follows.
+    peer.page = epp_page(kv=0.5, queue=None)
+    await wait_until(lambda: load(ep) == (None, 0.5))
+    assert hub.extract_errors() >= 1
+    # Neither gauge (e.g. a model server's page by mistake), then garbage: unknown, nothing kept.
+    peer.page = (
+        b"# HELP vllm:num_requests_waiting x\n# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting 4\n"
+    )
+    await wait_until(lambda: ep.metrics is NO_METRICS)
+    peer.page = epp_page(kv=0.1, queue=1.0)
+    await wait_until(lambda: load(ep) == (1.0, 0.1))
+    peer.mode = "garbage"
+    await wait_until(lambda: ep.metrics is NO_METRICS)
+    # An error status, then unreachable: unknown at once (not last known values aging), counted.
+    peer.mode = "ok"
+    await wait_until(lambda: load(ep) == (1.0, 0.1))
+    peer.mode = "status"
+    await wait_until(lambda: ep.metrics is NO_METRICS)
+    peer.mode = "ok"
+    await wait_until(lambda: load(ep) == (1.0, 0.1))
+    errors = hub.poll_errors()
+    await peer.stop()
+    await wait_until(lambda: ep.metrics is NO_METRICS and hub.poll_errors() >= errors + 3)
+    await peer.start()  # same address and port: back to known values
+    await wait_until(lambda: load(ep) == (1.0, 0.1))
+    records = [r for r in caplog.records if getattr(r, "endpoint", None) == "cluster-a"]
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    recoveries = [r.getMessage() for r in records if r.levelno == logging.INFO]
+    # One warning per failure streak (4 above: a gauge missing then both, garbage, 503, unreachable),
+    # each with its reason, the rest at DEBUG; one recovery line each.
+    assert len(warnings) == 4, warnings
+    assert "custom metric llm-d.ai/multicluster-queue-size: llm_d_epp_average_queue_size: not found" in warnings[0]
+    assert "llm_d_epp_average_kv_cache_utilization: not found" in warnings[1]
+    assert "HTTP status 503" in warnings[2] and "connect to 127.0.0.81" in warnings[3]
+    assert len(recoveries) == 4 and all("recovered after" in m for m in recoveries)
+
+
+async def test_a_lasting_failure_is_logged_again_once_per_interval(
+    hubs: Callable[..., object], peers: Callable[..., object], caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setattr(mc_source.MulticlusterMetricsDataSource, "failure_log_interval", 0.3)
+    caplog.set_level(logging.WARNING, logger="llmepp.datalayer.collector")
+    hub: Hub = await hubs()  # type: ignore[misc]
+    peer: MetricsServer = await peers("127.0.0.82", epp_page(kv=0.2, queue=1.0))  # type: ignore[misc]
+    ep = hub.add("cluster-b", peer)
+    await wait_until(lambda: load(ep) == (1.0, 0.2))
+    peer.mode = "status"
+    await asyncio.sleep(1.0)  # ~20 failed scrapes
+    peer.mode = "ok"
+    warnings = [r.getMessage() for r in caplog.records if getattr(r, "endpoint", None) == "cluster-b"]
+    assert hub.poll_errors() >= 10
+    assert 3 <= len(warnings) <= 5, warnings  # the first, then one per 0.3 s: not one per scrape
+    assert " in a row): HTTP status 503" in warnings[1]
+
+
+async def test_peer_certificates_are_verified_by_default(
+    hubs: Callable[..., object], peers: Callable[..., object], tmp_path: Path
+) -> None:
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    (tmp_path / "c.pem").write_text(TEST_CERT)
+    (tmp_path / "k.pem").write_text(TEST_KEY)
+    server_tls.load_cert_chain(str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
+    peer: MetricsServer = await peers("127.0.0.44", epp_page(kv=0.3, queue=2.0), server_tls)  # type: ignore[misc]
+    strict: Hub = await hubs("{}")  # type: ignore[misc]
+    trusted: Hub = await hubs(f"{{caCertPath: {tmp_path / 'c.pem'}}}")  # type: ignore[misc]
+    a, b = strict.add("untrusted", peer), trusted.add("trusted", peer)
+    await wait_until(lambda: load(b) == (2.0, 0.3) and strict.poll_errors() >= 3)
+    assert a.metrics is NO_METRICS  # a self-signed peer is refused: its load stays unknown
