@@ -55,6 +55,8 @@ class Plugin(ABC):
     type: ClassVar[str] = ""
     # `builtins.type`: inside this class body, `type` is the type-string attribute above.
     Params: ClassVar[builtins.type[PluginParams]] = NoParams
+    # Deprecated type strings that build this plugin too (a warning names `type` instead).
+    aliases: ClassVar[tuple[str, ...]] = ()
     # Data keys this plugin writes into `request.data` / reads from it (producer wiring).
     produces: ClassVar[frozenset[str]] = frozenset()
     consumes: ClassVar[frozenset[str]] = frozenset()
@@ -133,7 +135,7 @@ class PluginRegistry:
         """Register a plugin class under `cls.type` (usable as a class decorator)."""
         if not cls.type:
             raise ValueError(f"{cls.__name__} has no type string")
-        for key in (cls.type, *aliases):
+        for key in (cls.type, *cls.aliases, *aliases):
             existing = self._types.get(key)
             if existing is not None and existing is not cls:
                 raise ValueError(f"plugin type {key!r} already registered by {existing.__qualname__}")
@@ -179,6 +181,8 @@ class PluginRegistry:
             params = msgspec.convert(raw_params or {}, cls.Params, str_keys=True)
         except msgspec.ValidationError as e:
             raise ConfigError(f"{label}: parameters: {_describe(e)}") from None
+        if type_name != cls.type:
+            log.warning("%s: type %s is deprecated; use %s", label, type_name, cls.type)
         try:
             return cls(name, params)
         except ConfigError as e:

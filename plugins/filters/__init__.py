@@ -1,7 +1,7 @@
 from llmepp.framework.plugin import Plugin
 from llmepp.plugins.filters.endpoint_attribute import EndpointAttributeFilter
 from llmepp.plugins.filters.header_testing import HeaderBasedTestingFilter
-from llmepp.plugins.filters.label_selector import ByLabelFilter, ByLabelSelectorFilter, LabelSelectorFilter
+from llmepp.plugins.filters.label_selector import ByLabelFilter, LabelSelectorFilter
 from llmepp.plugins.filters.multicluster import MulticlusterSessionAffinityFilter
 from llmepp.plugins.filters.prefix_cache_affinity import PrefixCacheAffinityFilter
 from llmepp.plugins.filters.roles import DecodeFilter, EncodeFilter, PrefillFilter
@@ -12,7 +12,6 @@ from llmepp.plugins.filters.utilization import UtilizationFilter
 
 PLUGINS: list[type[Plugin]] = [
     LabelSelectorFilter,
-    ByLabelSelectorFilter,
     ByLabelFilter,
     UtilizationFilter,
     EndpointAttributeFilter,

@@ -72,6 +72,7 @@ class LabelSelectorFilter(Filter):
     """
 
     type = "label-selector-filter"
+    aliases = ("by-label-selector",)  # deprecated in the reference (removed in v0.11)
 
     class Params(PluginParams):
         match_labels: dict[str, str] = {}
@@ -88,17 +89,6 @@ class LabelSelectorFilter(Filter):
                 break
             kept = keep(kept)
         return kept
-
-
-class ByLabelSelectorFilter(LabelSelectorFilter):
-    """Deprecated alias of `label-selector-filter` (same parameters and behaviour); the
-    reference removes it in v0.11."""
-
-    type = "by-label-selector"
-
-    def __init__(self, name: str, params: LabelSelectorFilter.Params) -> None:
-        super().__init__(name, params)
-        log.warning("plugin %s: type %s is deprecated; use label-selector-filter", self.name, self.type)
 
 
 class ByLabelFilter(Filter):

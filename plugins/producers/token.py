@@ -81,6 +81,7 @@ class TokenProducer(DataProducer):
     """
 
     type = "token-producer"
+    aliases = ("tokenizer",)  # the reference's deprecated name
     produces = frozenset({TOKENIZED_PROMPT})
 
     class Params(PluginParams):

@@ -57,6 +57,13 @@ def hf() -> TokenProducer:
     return plugin
 
 
+def test_the_deprecated_tokenizer_type_builds_the_token_producer(caplog: pytest.LogCaptureFixture) -> None:
+    plugin = registry.build("tokenizer", "tok", HF_PARAMS)
+    assert isinstance(plugin, HFTokenProducer) and plugin.type == "token-producer"
+    assert "type tokenizer is deprecated; use token-producer" in caplog.text
+    assert "tokenizer" in registry.types()
+
+
 @settings(max_examples=60, deadline=None)
 @given(prompt=text)
 async def test_hf_completions_equal_simulator(prompt: str) -> None:

@@ -98,7 +98,9 @@ def director(text: str, n: int = 4, labels: dict[str, str] | None = None) -> tup
 async def test_every_catalogue_plugin_loads_and_schedules() -> None:
     d, _ds, c = director(CATALOGUE, labels={"app": "vllm", "tenant": "a"})
     types = {p.type for p in c.plugins.values()}
-    for t in ("label-selector-filter", "by-label-selector", "by-label", "utilization-filter",
+    # The deprecated alias builds a label-selector-filter (named after the alias, as no name is given).
+    assert c.plugins["by-label-selector"].type == "label-selector-filter"
+    for t in ("label-selector-filter", "by-label", "utilization-filter",
               "endpoint-attribute-filter", "prefix-cache-affinity-filter", "session-affinity-filter",
               "running-requests-size-scorer", "load-aware-scorer", "active-request-scorer", "token-load-scorer",
               "no-hit-lru-scorer", "lora-affinity-scorer", "session-affinity-scorer", "header-label-affinity-scorer",

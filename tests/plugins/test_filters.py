@@ -86,7 +86,7 @@ def test_label_selector_validation(params: dict[str, Any], message: str) -> None
 def test_deprecated_aliases() -> None:
     eps = labelled()
     alias = make("by-label-selector", {"matchLabels": {"hw": "H100"}})
-    assert alias.type == "by-label-selector"
+    assert alias.type == "label-selector-filter"  # built by the deprecated name
     assert names(alias.filter(request(), eps)) == ["pod-0", "pod-1"]
     by_label = make("by-label", {"label": "role", "validValues": ["decode"]})
     assert names(by_label.filter(request(), eps)) == ["pod-0", "pod-2"]
