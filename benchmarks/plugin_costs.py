@@ -30,11 +30,20 @@ from google.api import httpbody_pb2
 
 from benchmarks.scheduling import measure
 from llmepp.datalayer.endpoint import Endpoint, EndpointMetrics, EndpointSpec, InFlight
-from llmepp.framework.datakeys import PREFIX_CACHE_MATCH_INFO, TOKENIZED_PROMPT, PrefixMatchInfo, scoped
+from llmepp.framework.datakeys import (
+    LATENCY_PREDICTION_INFO,
+    PREFIX_CACHE_MATCH_INFO,
+    TOKENIZED_PROMPT,
+    LatencyPredictionInfo,
+    PrefixMatchInfo,
+    scoped,
+)
 from llmepp.framework.plugin import Plugin, PluginContext, registry
 from llmepp.framework.scheduling import Filter, Picker, ProfileResult, SchedulingResult, Scorer
+from llmepp.plugins.datasources.topology import TopologyExtractor
 from llmepp.plugins.filters.session import encode_token
 from llmepp.plugins.producers.token import estimate_tokens
+from llmepp.plugins.profile_handlers.disagg import PEER_ENDPOINT
 from llmepp.protocols import vertexai_prediction_pb2 as vx
 from llmepp.protocols import vllm_engine_pb2 as vl
 from llmepp.request import grpcwire
@@ -70,9 +79,29 @@ PLUGINS: list[tuple[str, dict[str, Any] | None]] = [
     ("header-label-affinity-scorer", {"headerName": "x-tenant", "labelKey": "tenant"}),
     ("endpoint-attribute-scorer", {"attributeKey": "running-requests",
                                    "algorithm": {"type": "linear_lower_is_better"}}),
+    ("topology-affinity-filter", {"minAffinity": "zone"}),
+    ("topology-affinity-scorer", None),
+    ("slo-headroom-tier-filter", None),
+    ("latency-scorer", None),
     ("max-score-picker", None),
     ("weighted-random-picker", None),
 ]  # fmt: skip
+
+
+class _LatencyData(Plugin):
+    """Stands in for predicted-latency-producer (which needs a predictor service): the benchmark writes
+    its LatencyPredictionInfo into the request, the latency plugins read it."""
+
+    type = "bench-latency-data"
+    produces = frozenset({LATENCY_PREDICTION_INFO})
+
+
+def _prediction(rng: random.Random) -> LatencyPredictionInfo:
+    ttft, tpot = rng.uniform(50, 2000), rng.uniform(10, 80)
+    return LatencyPredictionInfo(
+        ttft_ms=ttft, tpot_ms=tpot, ttft_headroom=1000 - ttft, tpot_headroom=50 - tpot,
+        ttft_valid=ttft < 1000, tpot_valid=tpot < 50, dispatched_requests=rng.randint(0, 8),
+    )  # fmt: skip
 
 
 def pool(n: int, rng: random.Random) -> list[Endpoint]:
@@ -80,7 +109,8 @@ def pool(n: int, rng: random.Random) -> list[Endpoint]:
     for i in range(n):
         lo = rng.choice([0, 2048, 8192])
         labels = {"app": "vllm", "role": rng.choice(["decode", "prefill", "both"]), "tenant": f"t{i % 4}",
-                  CTX_LABEL: f"{lo}-{lo * 4 + 2048}"}  # fmt: skip
+                  CTX_LABEL: f"{lo}-{lo * 4 + 2048}", "kubernetes.io/hostname": f"node-{i // 8}",
+                  "topology.kubernetes.io/zone": f"zone-{i % 3}"}  # fmt: skip
         ep = Endpoint(EndpointSpec(name=f"pod-{i}", address=f"10.1.{i // 250}.{i % 250 + 1}", port=8000, labels=labels))
         ep.metrics = EndpointMetrics(
             waiting_queue_size=rng.randint(0, 8),
@@ -123,11 +153,21 @@ class Fixture:
         )
         self.request.data[scoped(PREFIX_CACHE_MATCH_INFO, self.approx.name)] = self.info
         self.inflight.produce(self.request, self.eps)  # type: ignore[attr-defined]
+        # Topology (the P/D prefill profile's plugins): every endpoint's host / zone, the decode pick as peer.
+        self.topology = TopologyExtractor("topology-extractor")
+        for ep in self.eps:
+            ep.attributes[self.topology.key] = self.topology.topology_of(ep.spec)
+        self.request.data[PEER_ENDPOINT] = self.eps[0]
+        # Latency predictions as predicted-latency-producer publishes them (mixed headroom).
+        self.latency = _LatencyData("bench-latency-data")
+        self.request.data[scoped(LATENCY_PREDICTION_INFO, self.latency.name)] = {
+            ep: _prediction(rng) for ep in self.eps
+        }
         self.request.headers["x-session-token"] = encode_token(self.eps[n // 2])
 
     def build(self, type_: str, params: dict[str, Any] | None) -> Plugin:
         plugin = registry.build(type_, type_, params)
-        others = (self.approx, self.inflight, self.tokens)
+        others = (self.approx, self.inflight, self.tokens, self.topology, self.latency)
         plugin.setup(PluginContext({p.name: p for p in (plugin, *others)}, None, None, None))
         return plugin
 
@@ -306,6 +346,9 @@ gives its parameters, defaults and formula.
 | `weighted-random-picker` | picker | P(e) ∝ score (A-Res for several targets) |
 | `inflight-load-producer` | producer + pre-request + response | in-flight requests, uncached prompt tokens |
 | `session-id-producer` | producer | session id from a header or a cookie |
+| `topology-affinity-filter`, `-scorer` | filter, scorer | closeness to the decode pick: host / rack / zone / region |
+| `slo-headroom-tier-filter` | filter | keep endpoints predicted to meet the request's SLOs (ε exploration) |
+| `latency-scorer` | scorer | predicted headroom, bin-packing toward the SLO; KV + queue + prefix without predictions |
 """
 
 

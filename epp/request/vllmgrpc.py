@@ -13,8 +13,6 @@ response's last message: a `GenerateStreamChunk` or `GenerateComplete` carries t
 
 from __future__ import annotations
 
-import array
-import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 
@@ -22,7 +20,7 @@ from google.protobuf.message import DecodeError
 
 from llmepp.errors import BadRequest
 from llmepp.protocols import vllm_engine_pb2 as pb
-from llmepp.request import grpcwire
+from llmepp.request import grpcwire, parsers
 from llmepp.request.types import InferenceRequest, RequestKind, Usage
 
 SERVICE = "vllm.grpc.engine.VllmEngine"
@@ -41,14 +39,9 @@ def _message(req: InferenceRequest, method: str) -> bytes:
 
 
 def _token_ids(ids: Iterable[int], method: str) -> bytes:
-    """Token ids packed as little-endian uint32 (the token-id prompt layout). array() is the cheapest
-    way out of a protobuf repeated field: 100k ids in ~2.7 ms, against ~3.4 ms for list() alone."""
-    packed = array.array("I", ids)
-    if not packed:
+    if not ids:
         raise BadRequest(f"{method}: tokenized.input_ids must not be empty")
-    if sys.byteorder == "big":
-        packed.byteswap()
-    return packed.tobytes()
+    return parsers.pack_token_ids(ids, "tokenized.input_ids", uint32=True)
 
 
 def parse(req: InferenceRequest, suffix: str) -> None:

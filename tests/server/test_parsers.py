@@ -399,7 +399,7 @@ def test_sglang_generate_text_ids_batches_and_salt() -> None:
         ({"text": "a", "input_ids": [1]}, 'exactly one of "text" and "input_ids" is required'),
         ({"text": [1, 2]}, '"text" must be a string or a list of strings'),
         ({"input_ids": "abc"}, '"input_ids" must be a list of token ids'),
-        ({"input_ids": [-1]}, "a list of token ids"),
+        ({"input_ids": [-1]}, "token ids must be integers in [0, 4294967295]"),
         ({"text": "a", "sampling_params": {"max_new_tokens": -2}}, "must not be negative"),
     ],
 )
