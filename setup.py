@@ -15,9 +15,15 @@ GENERATED = ROOT / "epp" / "protocols"
 
 
 def compile_protos() -> None:
-    import google.api
-    import grpc_tools
-    from grpc_tools import protoc
+    try:
+        import google.api
+        import grpc_tools
+        from grpc_tools import protoc
+    except ImportError as e:  # a build without isolation, in an environment lacking the build requirements
+        raise SystemExit(
+            f"building llm-epp compiles protos/ and needs grpcio-tools and googleapis-common-protos ({e}); "
+            "install them or build with isolation (pip's default)"
+        ) from None
 
     sources = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "llmepp" / "protocols").glob("*.proto"))
     includes = [
