@@ -2,15 +2,24 @@
 
     epp-pd-sidecar --port 8000 --vllm-port 8200                 # vLLM on 127.0.0.1:8200 (the reference layout)
     epp-pd-sidecar --host 10.0.0.5 --port 8000 --decoder-url http://10.0.0.5:8200 --prefill-max-retries 3
+    POD_IP=10.0.0.5 epp-pd-sidecar --port 8000 --vllm-port 8200 --data-parallel-size 4
+        # ports 8000-8003 front vLLM ranks 8200-8203; 8000 also forwards by x-data-parallel-host-port
 
 Durations accept plain seconds (`0.2`) or Go-style units (`200ms`, `5s`, `2m`). Prints
-`epp-pd-sidecar: listening <host:port> decoder=<url>` once it accepts connections; SIGTERM /
-SIGINT stop it (exit 0).
+`epp-pd-sidecar: listening <host:port> decoder=<url>` once it accepts connections (one line per
+data-parallel rank, ending ` rank=<r>`, rank 0 first); SIGTERM / SIGINT stop it (exit 0).
+
+`--data-parallel-size N` (the reference flag, default 1): the sidecar listens on `--port` .. `--port`+N-1
+and rank r's port fronts the model server's port + r (`--vllm-port`, or `--decoder-url`'s port). On the
+primary port, `x-data-parallel-host-port: <pod ip>:<port + r>` (set by the EPP's
+`data-parallel-profile-handler`) sends the request - after the remote prefill, its decode - to rank r;
+a value naming another address or port is a 400. The pod's IP is `--pod-ip`, default `$POD_IP` (as
+the reference reads it), else `--host` when that is not a wildcard.
 
 The reference sidecar's flags are accepted so its Deployment args start this one: `--kv-connector nixlv2`,
 `--enable-tls prefiller,decoder` (https upstreams), `--tls-insecure-skip-verify`, `--enable-ssrf-protection`
-(with `--allowed-prefill-networks`); what this sidecar does not do (other connectors, encoders, chunked
-decode, data-parallel rewriting, prefiller sampling, metrics) is refused at start with the reason.
+(with `--allowed-prefill-networks`), `--data-parallel-size`; what this sidecar does not do (other
+connectors, encoders, chunked decode, prefiller sampling, metrics) is refused at start with the reason.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import signal
 import sys
@@ -78,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-size", type=size, default=d.max_body_bytes)
     p.add_argument("--allowed-prefill-networks", default="",
                    help="comma-separated CIDRs x-prefiller-host-port may name (SSRF guard; default any)")  # fmt: skip
+    p.add_argument("--pod-ip", default=os.environ.get("POD_IP", ""),
+                   help="this pod's IP as the EPP names it in x-data-parallel-host-port (default $POD_IP, "
+                   "else --host); only with --data-parallel-size > 1")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     # The reference sidecar's flags (cmd/pd-sidecar), so its Deployment args start this one: honoured where
     # this sidecar does what they ask, refused with the reason where it does not.
@@ -90,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--enable-ssrf-protection", **go_bool,
                      help="needs --allowed-prefill-networks here (the reference reads the InferencePool)")  # fmt: skip
     ref.add_argument("--enable-prefiller-sampling", **go_bool)
-    ref.add_argument("--data-parallel-size", type=int, default=1)
+    ref.add_argument("--data-parallel-size", type=int, default=d.data_parallel_size,
+                     help="model server data-parallel ranks: rank r on --port + r, fronting its port + r")  # fmt: skip
     ref.add_argument("--decode-chunk-size", type=int, default=0)
     ref.add_argument("--metrics-port", type=int, default=0)
     ref.add_argument("--mooncake-bootstrap-port", type=int, default=8998, help="with --kv-connector mooncake")
@@ -112,8 +126,6 @@ def _unsupported(a: argparse.Namespace) -> list[str]:
         problems.append("--enable-ssrf-protection: name the prefill pods' networks with --allowed-prefill-networks")
     if a.enable_prefiller_sampling:
         problems.append("--enable-prefiller-sampling is not implemented")
-    if a.data_parallel_size != 1:
-        problems.append("--data-parallel-size: list each rank's port in the pool instead (each rank is an endpoint)")
     if a.decode_chunk_size:
         problems.append("--decode-chunk-size: chunked decode is not implemented")
     if a.metrics_port:
@@ -145,6 +157,8 @@ def options_from_args(argv: Sequence[str] | None = None) -> tuple[SidecarOptions
             max_body_bytes=a.max_body_size,
             allowed_prefill_networks=[n.strip() for n in a.allowed_prefill_networks.split(",") if n.strip()],
             tls_verify=not a.tls_insecure_skip_verify,
+            data_parallel_size=a.data_parallel_size,
+            pod_ip=a.pod_ip,
         )
     except ValueError as e:
         parser.error(str(e))
@@ -160,7 +174,11 @@ async def serve(options: SidecarOptions) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    print(f"{READY_PREFIX}{options.host}:{sidecar.port} decoder={options.decoder_url}", flush=True)
+    if len(sidecar.ports) == 1:
+        print(f"{READY_PREFIX}{options.host}:{sidecar.port} decoder={options.decoder_url}", flush=True)
+    else:
+        for rank, (port, decoder) in enumerate(zip(sidecar.ports, sidecar.decoders)):
+            print(f"{READY_PREFIX}{options.host}:{port} decoder={decoder} rank={rank}", flush=True)
     try:
         await stop.wait()
     finally:

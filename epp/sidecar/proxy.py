@@ -23,6 +23,18 @@ reference sidecar's default connector):
    status, headers (x-inference-pod ...), SSE bytes - is streamed back untouched. A prefill
    response without kv_transfer_params is logged and the decoder prefills locally.
 
+Data parallelism (`data_parallel_size` N > 1, the reference's `--data-parallel-size`): a vLLM
+pod with N data-parallel ranks serves rank r on its own port. The sidecar listens on N ports,
+`port + r`, and rank r's server fronts rank r's model server at the decoder URL's port + r
+(reference `pkg/sidecar/proxy/data_parallel.go`). The rank-0 (primary) server also honours
+`x-data-parallel-host-port: <pod ip>:<port + r>`, which the EPP's `data-parallel-profile-handler`
+sets when it routes a request picked for rank r to the pod's primary port: the request (and, on the
+P/D path, its decode step after the remote prefill) goes to rank r's model server. The value must
+name this pod's own address (`pod_ip`) and one of its N rank ports; anything else is a 400 JSON
+error and nothing is proxied (the header never picks an arbitrary host). The other ranks' servers
+ignore the header and serve their own rank, like the reference's rank clones. The header is a
+routing instruction for the sidecar and never reaches a model server. With N = 1 it is ignored.
+
 The response path does one read and one write per chunk (`iter_any`), nothing per event.
 Request bodies are read whole (chunked uploads from Envoy included): the P/D path must parse
 the JSON anyway, and the pass-through path stays simple.
@@ -35,17 +47,21 @@ import ipaddress
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import aiohttp
 import msgspec
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 log = logging.getLogger(__name__)
 
 PREFILL_HEADER = "x-prefiller-host-port"
 ENCODER_HEADER = "x-encoder-hosts-ports"
+# The data-parallel rank (ip:port) the EPP picked (reference pkg/common/routing: DataParallelEndpointHeader).
+DATA_PARALLEL_HEADER = "x-data-parallel-host-port"
 FAILED_STAGE_HEADER = "x-pd-failed-stage"
 PD_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 TRANSIENT_STATUSES = frozenset({502, 503, 504})
@@ -53,7 +69,8 @@ TRANSIENT_STATUSES = frozenset({502, 503, 504})
 # headers are consumed here and never reach a model server.
 _DROP_REQUEST = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
-     "transfer-encoding", "upgrade", "content-length", "host", "expect", PREFILL_HEADER, ENCODER_HEADER}
+     "transfer-encoding", "upgrade", "content-length", "host", "expect", PREFILL_HEADER, ENCODER_HEADER,
+     DATA_PARALLEL_HEADER}
 )  # fmt: skip
 _DROP_RESPONSE = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
@@ -78,6 +95,12 @@ class SidecarOptions:
     allowed_prefill_networks: list[str] = field(default_factory=list)
     # https upstreams: verify their certificates (--tls-insecure-skip-verify turns it off).
     tls_verify: bool = True
+    # Data-parallel ranks of the local model server: rank r is served on port + r and fronts the
+    # decoder URL's port + r. 1 = no data parallelism (one port, one decoder).
+    data_parallel_size: int = 1
+    # This pod's address as the EPP names it in x-data-parallel-host-port (the reference reads
+    # POD_IP); "" = `host` when that is a concrete address. Needed only when data_parallel_size > 1.
+    pod_ip: str = ""
     networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -94,6 +117,51 @@ class SidecarOptions:
         if not self.decoder_url.startswith(("http://", "https://")):
             raise ValueError(f"decoder-url must be an http(s) URL, got {self.decoder_url!r}")
         self.networks = [ipaddress.ip_network(n, strict=False) for n in self.allowed_prefill_networks]
+        self._check_data_parallel()
+
+    def _check_data_parallel(self) -> None:
+        n = self.data_parallel_size
+        if n < 1:
+            raise ValueError(f"data-parallel-size must be a positive integer, got {n}")
+        if n == 1:
+            return
+        if self.port == 0:
+            raise ValueError("data-parallel-size > 1 needs a fixed port: the ranks listen on port .. port + size - 1")
+        _check_port_range("port", self.port, n)
+        decoder_port = URL(self.decoder_url).explicit_port
+        if decoder_port is None:
+            raise ValueError(f"data-parallel-size > 1 needs a port in decoder-url (rank r is its port + r), "
+                             f"got {self.decoder_url!r}")  # fmt: skip
+        _check_port_range("decoder port", decoder_port, n)
+        self.pod_ip = self.pod_ip.strip().removeprefix("[").removesuffix("]")
+        if not self.pod_ip:
+            if self.host in ("", "0.0.0.0", "::"):
+                raise ValueError(
+                    "data-parallel-size > 1 needs this pod's IP, the address the EPP names in "
+                    f"{DATA_PARALLEL_HEADER}: set POD_IP (or --pod-ip), or listen on that address (--host)"
+                )
+            self.pod_ip = self.host
+
+    @property
+    def rank_ports(self) -> list[int]:
+        """The listening port of each data-parallel rank (one entry without data parallelism)."""
+        return [self.port + r for r in range(self.data_parallel_size)] if self.port else [self.port]
+
+    @property
+    def decoder_urls(self) -> list[str]:
+        """The model server behind each data-parallel rank: the decoder URL's port + rank."""
+        if self.data_parallel_size == 1:
+            return [self.decoder_url]
+        base = URL(self.decoder_url)
+        assert base.explicit_port is not None  # checked above
+        return [str(base.with_port(base.explicit_port + r)).rstrip("/") for r in range(self.data_parallel_size)]
+
+
+def _check_port_range(name: str, first: int, size: int) -> None:
+    if not 1 <= first <= 65535:
+        raise ValueError(f"{name} {first} is out of range 1..65535")
+    if first + size - 1 > 65535:
+        raise ValueError(f"{name} range {first}..{first + size - 1} (one per data-parallel rank) exceeds 65535")
 
 
 class ProxyError(Exception):
@@ -117,6 +185,26 @@ def json_error(status: int, message: str, *, stage: str | None = None) -> web.Re
 
 
 _ERROR_TYPES = {400: "BadRequest", 403: "Forbidden", 413: "PayloadTooLarge", 502: "BadGateway", 504: "GatewayTimeout"}
+
+
+def _same_host(a: str, b: str) -> bool:
+    """Two host names or IP literals denote the same address (IPv6 spellings normalised)."""
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return a.lower() == b.lower()
+
+
+def data_parallel_rank(value: str, pod_ip: str, ports: list[int]) -> int:
+    """The rank `x-data-parallel-host-port: value` names: `pod_ip` and one of the rank `ports`;
+    ValueError (with the client-facing reason) for anything else."""
+    host, port = parse_hostport(value, DATA_PARALLEL_HEADER)
+    if not _same_host(host, pod_ip) or port not in ports:
+        first, last = ports[0], ports[-1]
+        raise ValueError(
+            f"{DATA_PARALLEL_HEADER} {value[:100]!r} names no data-parallel rank of this pod ({pod_ip}:{first}..{last})"
+        )
+    return ports.index(port)
 
 
 def prefill_request(payload: Mapping[str, Any], chat: bool) -> dict[str, Any]:
@@ -147,27 +235,33 @@ def forward_headers(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
     return out
 
 
-def parse_hostport(value: str) -> tuple[str, int]:
+def parse_hostport(value: str, header: str = PREFILL_HEADER) -> tuple[str, int]:
     """`ip:port`, `[v6]:port` or `name:port` → (host, port); ValueError when malformed."""
     host, sep, port_text = value.rpartition(":")
     if not sep or not host or not port_text.isdigit():
-        raise ValueError(f"{PREFILL_HEADER} must be host:port, got {value[:100]!r}")
+        raise ValueError(f"{header} must be host:port, got {value[:100]!r}")
     port = int(port_text)
     if not 0 < port < 65536:
-        raise ValueError(f"{PREFILL_HEADER}: port out of range in {value[:100]!r}")
+        raise ValueError(f"{header}: port out of range in {value[:100]!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, port
 
 
 class Sidecar:
-    """The proxy server. `await start()`, then `url`; `await stop()` releases everything."""
+    """The proxy server. `await start()`, then `url`; `await stop()` releases everything.
+
+    With data parallelism it serves one port per rank (`ports`, rank 0 = `port`), all sharing one
+    upstream connection pool."""
 
     def __init__(self, options: SidecarOptions) -> None:
         self.options = options
         self.port = options.port
+        self.ports = options.rank_ports
+        self.decoders = options.decoder_urls
         self._session: aiohttp.ClientSession | None = None
-        self._runner: web.AppRunner | None = None
+        self._runners: list[web.AppRunner] = []
+        self._dp_warned = False
         o = options
         self._prefill_timeout = aiohttp.ClientTimeout(total=o.prefill_timeout, connect=o.connect_timeout)
         self._decode_timeout = aiohttp.ClientTimeout(
@@ -178,9 +272,10 @@ class Sidecar:
     def url(self) -> str:
         return f"http://{self.options.host}:{self.port}"
 
-    def app(self) -> web.Application:
+    def app(self, rank: int = 0) -> web.Application:
+        """The server of one data-parallel rank (the only one without data parallelism)."""
         app = web.Application(client_max_size=self.options.max_body_bytes)
-        app.router.add_route("*", "/{tail:.*}", self.handle)
+        app.router.add_route("*", "/{tail:.*}", partial(self.handle, rank=rank))
         return app
 
     async def start(self) -> None:
@@ -188,35 +283,67 @@ class Sidecar:
         # limit would queue decodes behind slow prefills. Raw bytes: no decompression in between.
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, ssl=self.options.tls_verify)
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-        # handler_cancellation: a client that goes away cancels its prefill wait / upstream reads.
-        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.options.host, self.options.port, backlog=1024)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
+        try:
+            for rank, port in enumerate(self.ports):
+                # handler_cancellation: a client that goes away cancels its prefill wait / upstream reads.
+                runner = web.AppRunner(self.app(rank), handler_cancellation=True, access_log=None)
+                self._runners.append(runner)
+                await runner.setup()
+                await web.TCPSite(runner, self.options.host, port, backlog=1024).start()
+        except BaseException:
+            await self.stop()
+            raise
+        self.port = int(self._runners[0].addresses[0][1])
+        self.ports[0] = self.port
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners = []
         if self._session is not None:
             await self._session.close()
             self._session = None
 
     # -- request handling ------------------------------------------------------------------
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request, rank: int = 0) -> web.StreamResponse:
+        """A request on rank `rank`'s port."""
         prefiller = request.headers.get(PREFILL_HEADER, "").strip()
         try:
+            if rank == 0 and len(self.ports) > 1:
+                rank = self._picked_rank(request)
             if prefiller and request.method == "POST" and request.path in PD_PATHS:
-                return await self._disaggregated(request, prefiller)
+                return await self._disaggregated(request, prefiller, rank)
             body = await request.read() if request.can_read_body else None
-            return await self._to_decoder(request, forward_headers(request.headers.items()), body)
+            return await self._to_decoder(request, forward_headers(request.headers.items()), body, rank)
         except ProxyError as e:
             return e.response()
         except web.HTTPRequestEntityTooLarge:
             return json_error(413, f"request body exceeds {self.options.max_body_bytes} bytes")
 
-    async def _disaggregated(self, request: web.Request, prefiller: str) -> web.StreamResponse:
+    def _picked_rank(self, request: web.Request) -> int:
+        """The rank `x-data-parallel-host-port` names on the primary port (0 without it)."""
+        values = {v.strip() for v in request.headers.getall(DATA_PARALLEL_HEADER, ())} - {""}
+        if not values:
+            return 0
+        if len(values) > 1:
+            raise ProxyError(400, f"{DATA_PARALLEL_HEADER} must name one rank, got {len(values)} values")
+        value = values.pop()
+        try:
+            rank = data_parallel_rank(value, self.options.pod_ip, self.ports)
+        except ValueError as e:
+            log.info("refused %s: %s", request.path, e)
+            raise ProxyError(400, str(e)) from None
+        if not self._dp_warned:
+            self._dp_warned = True
+            log.info(
+                "routing by %s (deprecated in the reference: a gateway that routes to every rank port, "
+                "e.g. Istio >= 1.28.1, reaches the rank ports directly)",
+                DATA_PARALLEL_HEADER,
+            )
+        log.debug("data-parallel routing of %s to rank %d (%s)", request.path, rank, value)
+        return rank
+
+    async def _disaggregated(self, request: web.Request, prefiller: str, rank: int = 0) -> web.StreamResponse:
         self._check_prefiller(prefiller)
         raw = await request.read()
         try:
@@ -244,7 +371,7 @@ class Sidecar:
             # The decoder can still serve the request by prefilling itself; say so loudly.
             log.warning("prefill pod %s returned no kv_transfer_params; the decoder prefills locally", prefiller)
             payload.pop("kv_transfer_params", None)
-        return await self._to_decoder(request, headers, msgspec.json.encode(payload))
+        return await self._to_decoder(request, headers, msgspec.json.encode(payload), rank)
 
     def _check_prefiller(self, prefiller: str) -> None:
         try:
@@ -305,17 +432,22 @@ class Sidecar:
         return json_error(status, f"prefill pod {prefiller} returned {status}: {text}", stage="prefill")
 
     async def _to_decoder(
-        self, request: web.Request, headers: CIMultiDict[str], body: bytes | None
+        self, request: web.Request, headers: CIMultiDict[str], body: bytes | None, rank: int = 0
     ) -> web.StreamResponse:
-        """Send to the local decoder and stream its answer back byte for byte."""
+        """Send to the local decoder (rank `rank`'s) and stream its answer back byte for byte."""
         assert self._session is not None
-        url = self.options.decoder_url + request.path_qs
+        decoder = self.decoders[rank]
         try:
             upstream = await self._session.request(
-                request.method, url, headers=headers, data=body, timeout=self._decode_timeout, allow_redirects=False
+                request.method,
+                decoder + request.path_qs,
+                headers=headers,
+                data=body,
+                timeout=self._decode_timeout,
+                allow_redirects=False,
             )
         except (aiohttp.ClientError, TimeoutError) as e:
-            raise ProxyError(502, f"decoder at {self.options.decoder_url} unreachable: {e}", stage="decode") from None
+            raise ProxyError(502, f"decoder at {decoder} unreachable: {e}", stage="decode") from None
         async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for k, v in upstream.headers.items():

@@ -12,6 +12,10 @@ As in a Kubernetes P/D pool, the decode endpoint the EPP knows is the sidecar (t
 port); the decode model server behind it listens on another port of the same address. Prefill
 (and `both`) pods are listed directly. Every endpoint carries `llm-d.ai/role: <role>`.
 
+`decode_ranks=N` (> 1) makes every decode pod a data-parallel one: N simulated pods
+`decode-<i>-rank-<r>` on the pod's address and consecutive ports (its vLLM ranks), one sidecar with
+`--data-parallel-size N` in front (rank r on its port + r), and one endpoint per rank port.
+
     async with PDStack(PDStackOptions(prefill=2, decode=2, sim_args=[...])) as st:
         st.url                  # Envoy
         st.pod_url("decode-0")  # the sim pod itself (its /metrics), bypassing the sidecar
@@ -29,7 +33,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmepp.sidecar.cli import READY_PREFIX
-from llmepp.testing.ports import free_port
+from llmepp.testing.ports import free_port_run
 from llmepp.testing.stack import ChildProcess, Stack, StackOptions
 from llmepp_sim.cluster import PodInfo, SimProcess
 
@@ -63,6 +67,8 @@ class PDStackOptions(StackOptions):
     # Decode pods behind a sidecar (False: listed directly, P/D headers are then ignored).
     sidecars: bool = True
     sidecar_args: list[str] = field(default_factory=list)
+    # Data-parallel ranks of every decode pod (> 1: one sidecar with --data-parallel-size in front).
+    decode_ranks: int = 1
     epp_config: str = PD_CONFIG
     # Pods get 127.0.0.<first_host>, <first_host + 1>, ... (prefill, then decode, then both).
     first_host: int = 120
@@ -96,23 +102,34 @@ class PDStack(Stack):
         entries = []
         for host, role in zip(self.hosts, self.roles):
             index = counters[role] = counters.get(role, -1) + 1
-            entries.append({"name": f"{role}-{index}", "host": host, "port": 0, "role": role,
-                            "labels": {ROLE_LABEL: role}})  # fmt: skip
+            entry = {"name": f"{role}-{index}", "host": host, "port": 0, "role": role, "labels": {ROLE_LABEL: role}}
+            if role == "decode" and o.decode_ranks > 1:  # a data-parallel pod: its ranks on consecutive ports
+                first = free_port_run(host, o.decode_ranks)
+                entries += [{**entry, "name": f"{role}-{index}-rank-{r}", "port": first + r, "data_parallel_rank": r}
+                            for r in range(o.decode_ranks)]  # fmt: skip
+            else:
+                entries.append(entry)
         sim_config = self.workdir / "sim.yaml"
         sim_config.write_text(yaml.safe_dump({"pods": entries}))
         self.sim = SimProcess(["--config", str(sim_config), *o.sim_args], ready_timeout=o.startup_timeout)
         await asyncio.to_thread(self.sim.start)
         if not o.sidecars:
             return
+        by_host: dict[str, list[PodInfo]] = {}  # a decode pod's ranks share its address
         for pod in self.pods_with_role("decode"):
-            host = pod.address.rsplit(":", 1)[0]
-            port = free_port(host)
-            self.sidecars[pod.name] = SidecarProcess(
-                ["--host", host, "--port", str(port), "--decoder-url", pod.url, "--log-level", "warning",
+            by_host.setdefault(pod.address.rsplit(":", 1)[0], []).append(pod)
+        for host, ranks in by_host.items():
+            ranks.sort(key=lambda p: int(p.address.rsplit(":", 1)[1]))
+            name = ranks[0].name.rsplit("-rank-", 1)[0]
+            port = free_port_run(host, len(ranks))
+            dp = ["--data-parallel-size", str(len(ranks)), "--pod-ip", host] if len(ranks) > 1 else []
+            self.sidecars[name] = SidecarProcess(
+                ["--host", host, "--port", str(port), "--decoder-url", ranks[0].url, *dp, "--log-level", "warning",
                  *o.sidecar_args],
-                self.workdir / f"sidecar-{pod.name}.log",
+                self.workdir / f"sidecar-{name}.log",
             )  # fmt: skip
-            self.routed_address[pod.name] = f"{host}:{port}"
+            for rank, pod in enumerate(ranks):
+                self.routed_address[pod.name] = f"{host}:{port + rank}"
         await asyncio.gather(*(sidecar.start() for sidecar in self.sidecars.values()))
 
     async def stop_pods(self) -> None:

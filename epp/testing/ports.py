@@ -74,3 +74,9 @@ def free_port_pair(host: str = "127.0.0.1") -> int:
     """A port p with p and p + 1 both free at `host` (and neither handed out before): a data-parallel
     pod's two ranks, whose sockets sit on consecutive ports."""
     return _scan([host], 2)
+
+
+def free_port_run(host: str, count: int) -> int:
+    """A port p with p .. p + count - 1 all free at `host` (and none handed out before): the ports of a
+    data-parallel pod's `count` ranks, which sit on consecutive ports."""
+    return _scan([host], count)

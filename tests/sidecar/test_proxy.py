@@ -379,7 +379,6 @@ def test_the_reference_sidecar_flags(capsys: pytest.CaptureFixture[str]) -> None
         (["--enable-tls", "encoder"], "only prefiller and decoder"),
         (["--enable-ssrf-protection"], "--allowed-prefill-networks"),
         (["--decode-chunk-size", "256"], "chunked decode is not implemented"),
-        (["--data-parallel-size", "4"], "each rank is an endpoint"),
         (["--metrics-port", "9090"], "serves no metrics"),
     ):
         with pytest.raises(SystemExit):
