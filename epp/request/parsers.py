@@ -66,6 +66,14 @@ H_FAIRNESS = "x-llm-d-inference-fairness-id"
 H_FAIRNESS_ALIAS = "x-gateway-inference-fairness-id"
 H_MODEL_REWRITE = "x-llm-d-model-name-rewrite"
 H_MODEL_REWRITE_ALIAS = "x-gateway-model-name-rewrite"
+# What the EPP tells the decode pod's sidecar (reference pkg/common/routing/common.go). Only the EPP
+# may set them: a client's copies are removed from every request, or a client could steer prefills
+# and KV pulls to hosts of its choosing.
+H_PREFILLER = "x-prefiller-host-port"
+H_ENCODERS = "x-encoder-hosts-ports"
+H_KV_CACHE_SOURCE = "x-kv-cache-source-host-port"
+H_DATA_PARALLEL = "x-data-parallel-host-port"
+SIDECAR_HEADERS = (H_PREFILLER, H_ENCODERS, H_KV_CACHE_SOURCE, H_DATA_PARALLEL)
 
 DEFAULT_PATH = "/v1/completions"
 DEFAULT_FAIRNESS_ID = "default-flow"

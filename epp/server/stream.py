@@ -70,6 +70,7 @@ CONTROL_HEADERS = (
     parsers.H_MODEL_REWRITE,
     parsers.H_MODEL_REWRITE_ALIAS,
     DROPPED_REASON_HEADER,
+    *parsers.SIDECAR_HEADERS,
 )
 EVENT_STREAM = "text/event-stream"
 # Distinct (model, target) label pairs kept before folding into "other" (reference cap).
@@ -567,7 +568,8 @@ class ExtProcStream:
         if new_body is not None:
             set_headers.append(("content-length", str(len(new_body))))
         headers = self.headers
-        remove = [h for h in CONTROL_HEADERS if h in headers]
+        sets = decision.headers
+        remove = [h for h in CONTROL_HEADERS if h in headers and h not in sets]
         metadata = envoy.lb_metadata_bytes(destination, decision.scores)
         return envoy.routing_answer(set_headers, remove, metadata, on_body=on_body, body=new_body)
 

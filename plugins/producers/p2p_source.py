@@ -11,11 +11,12 @@ from llmepp.framework.datakeys import PREFIX_CACHE_MATCH_INFO, PrefixMatchInfo, 
 from llmepp.framework.plugin import PluginContext, PluginParams
 from llmepp.framework.requestcontrol import DataProducer, PreRequest
 from llmepp.framework.scheduling import SchedulingResult
+from llmepp.request import parsers
 from llmepp.request.types import InferenceRequest
 
 # Header the decode-side sidecar reads to pull KV blocks over the P2P connector instead of
 # recomputing them (reference pkg/common/routing/common.go).
-KV_CACHE_SOURCE_HEADER = "x-kv-cache-source-host-port"
+KV_CACHE_SOURCE_HEADER = parsers.H_KV_CACHE_SOURCE
 # request.data key (scoped by plugin name) of the source sampled in produce, read in pre_request.
 P2P_SOURCE = "P2PSource"
 

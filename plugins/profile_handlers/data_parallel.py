@@ -6,11 +6,12 @@ from __future__ import annotations
 from llmepp.framework.plugin import PluginParams
 from llmepp.framework.scheduling import ProfileResult, SchedulingResult
 from llmepp.plugins.profile_handlers.single import SingleProfileHandler
+from llmepp.request import parsers
 from llmepp.request.types import InferenceRequest
 
 # Header the pod's rank-0 server (the reference's sidecar with --data-parallel-size) reads to
 # forward the request to the picked rank (reference pkg/common/routing/common.go).
-DATA_PARALLEL_HEADER = "x-data-parallel-host-port"
+DATA_PARALLEL_HEADER = parsers.H_DATA_PARALLEL
 
 
 class DataParallelProfileHandler(SingleProfileHandler):

@@ -13,14 +13,15 @@ from llmepp.framework.plugin import ConfigError, PluginContext, PluginParams
 from llmepp.framework.requestcontrol import PreRequest
 from llmepp.framework.scheduling import Decider, ProfileHandler, ProfileResult, SchedulingResult
 from llmepp.observability.metrics import PREFIX
+from llmepp.request import parsers
 from llmepp.request.types import InferenceRequest
 from llmepp.scheduling.profile import SchedulerProfile
 
 log = logging.getLogger(__name__)
 
 # Headers the decode-side sidecar reads (reference pkg/common/routing/common.go).
-PREFILL_HEADER = "x-prefiller-host-port"
-ENCODER_HEADER = "x-encoder-hosts-ports"
+PREFILL_HEADER = parsers.H_PREFILLER
+ENCODER_HEADER = parsers.H_ENCODERS
 # request.data key: the endpoint picked by the earlier stage (the decode pick before prefill
 # runs in decode-first, the prefill pick before decode in prefill-first), for topology plugins.
 PEER_ENDPOINT = "peer-endpoint"

@@ -144,6 +144,25 @@ async def test_client_request_id_is_kept_and_control_headers_removed() -> None:
         assert req.objective == "premium" and req.fairness_id == "tenant-a"
 
 
+async def test_a_clients_sidecar_routing_headers_are_removed_unless_the_epp_sets_them() -> None:
+    """x-prefiller-host-port & co. steer the decode pod's sidecar: only the EPP may send them."""
+    director = FakeDirector(list(ENDPOINTS), extra_headers={"x-prefiller-host-port": "10.0.0.9:8000"})
+    async with serve(director) as h:
+        spoofed = {
+            "x-prefiller-host-port": "203.0.113.7:80",
+            "x-encoder-hosts-ports": "203.0.113.7:80",
+            "x-kv-cache-source-host-port": "203.0.113.7:80",
+            "x-data-parallel-host-port": "203.0.113.7:80",
+        }
+        common = (await h.open().route(BODY, spoofed))[0].request_headers.response
+        assert set_headers(common)["x-prefiller-host-port"] == b"10.0.0.9:8000"  # the EPP's, set over the client's
+        assert set(common.header_mutation.remove_headers) == {
+            "x-encoder-hosts-ports",
+            "x-kv-cache-source-host-port",
+            "x-data-parallel-host-port",
+        }
+
+
 async def test_decision_headers_are_forwarded() -> None:
     director = FakeDirector(list(ENDPOINTS), extra_headers={"x-prefiller-host-port": "10.0.0.9:8000"})
     async with serve(director) as h:
