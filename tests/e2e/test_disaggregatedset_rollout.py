@@ -81,6 +81,42 @@ schedulingProfiles:
   - pluginRef: decode-filter
   - pluginRef: picker
 """
+# The newer reference's e2e rollout config (its ConfigMap's disaggregation.yaml), `sum` gating.
+NEWER_CONFIG = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: disaggregatedset-rollout-screener
+  name: rollout-screener
+  parameters:
+    scope:
+      labelSelector: "disaggregatedset.x-k8s.io/name=revision-rollout"
+    revisionGating:
+      revisionHeaderName: x-llm-d-disagg-revision
+      revisionLabelKey: disaggregatedset.x-k8s.io/revision
+      roleLabelKey: disaggregatedset.x-k8s.io/role
+      mode: sum
+      requiredRoles: [prefill, decode]
+- type: prefill-filter
+- type: decode-filter
+- type: weighted-random-picker
+  name: picker
+- type: always-disagg-pd-decider
+- type: disagg-profile-handler
+  parameters:
+    deciders:
+      prefill: always-disagg-pd-decider
+schedulingProfiles:
+- name: prefill
+  plugins:
+  - pluginRef: prefill-filter
+  - pluginRef: picker
+- name: decode
+  plugins:
+  - pluginRef: decode-filter
+  - pluginRef: picker
+"""
+NEWER_HEADER = "x-llm-d-disagg-revision"
 DECISION = re.compile(r"(?:^|\| )([\w-]+): ([0-9.]+:[0-9]+);")
 
 
@@ -101,6 +137,15 @@ async def stack() -> AsyncIterator[RolloutStack]:
         yield st
 
 
+async def use_config(stack: RolloutStack, config: str) -> None:
+    """Run the EPP on `config`, restarting it only when it runs another one (each test states the
+    config it needs, so none has to restore the original afterwards)."""
+    text = with_file_discovery(config, stack.endpoints_file)
+    if stack.config_file.read_text() != text:
+        stack.config_file.write_text(text)
+        await stack.restart_epp()
+
+
 class Routed:
     """One answered request: the revisions of the pods the EPP paired, and what the pods say."""
 
@@ -111,6 +156,7 @@ class Routed:
         self.prefill_pod = by_address[picks["prefill"]]
         self.served_by = h["x-inference-pod"]  # the decode model server that answered (via its sidecar)
         self.stamped = h.get("x-disagg-revision")
+        self.stamped_newer = h.get(NEWER_HEADER)
 
     @property
     def decode(self) -> str:
@@ -148,6 +194,7 @@ async def prefills(stack: RolloutStack, http: aiohttp.ClientSession) -> dict[str
 async def test_no_request_mixes_revisions_and_the_share_follows_the_pod_weights(
     stack: RolloutStack, http: aiohttp.ClientSession
 ) -> None:
+    await use_config(stack, CONFIG.replace("__MODE__", "sum"))
     epp = await scrape(http, stack.metrics_url)
     gauge = "llm_d_epp_disaggregatedset_revision_gating_share"
     assert total(epp, gauge, revision="A", mode="sum", plugin_name="rollout-screener") == pytest.approx(5 / 7)
@@ -179,6 +226,7 @@ async def test_no_request_mixes_revisions_and_the_share_follows_the_pod_weights(
 async def test_strict_revision_header_pins_and_unknown_revision_fails_closed(
     stack: RolloutStack, http: aiohttp.ClientSession
 ) -> None:
+    await use_config(stack, CONFIG.replace("__MODE__", "sum"))
     for r in await send(stack, http, 24, {"x-disagg-revision": "B"}):
         assert (r.prefill_pod, r.decode_pod, r.stamped) == ("prefill-4", "decode-1", "B")
     for r in await send(stack, http, 24, {"x-disagg-revision": "A"}):
@@ -196,15 +244,37 @@ async def test_control_without_gating_revisions_mix_and_the_share_leaves_the_win
     stack: RolloutStack, http: aiohttp.ClientSession
 ) -> None:
     """The same pool and requests with `mode: disabled`: what the first test would see if gating did
-    nothing (the EPP is restarted on the changed config, then on the original again)."""
-    original = stack.config_file.read_text()
-    stack.config_file.write_text(with_file_discovery(CONFIG.replace("__MODE__", "disabled"), stack.endpoints_file))
-    await stack.restart_epp()
-    try:
-        routed = await send(stack, http, 300)
-    finally:
-        stack.config_file.write_text(original)
-        await stack.restart_epp()
+    nothing (the EPP is restarted on the changed config)."""
+    await use_config(stack, CONFIG.replace("__MODE__", "disabled"))
+    routed = await send(stack, http, 300)
     assert sum(r.prefill != r.decode for r in routed) > 90  # ≈ 1/2 · 4/5 + 1/2 · 1/5 = 1/2 mixed
     share_b = sum(r.decode == "B" for r in routed) / len(routed)
     assert abs(share_b - SHARE_B) > TOLERANCE, share_b
+
+
+async def test_newer_config_shape_on_the_same_pool(stack: RolloutStack, http: aiohttp.ClientSession) -> None:
+    """The newer reference's config: one revision per request, its own header stamped and obeyed, its
+    own no-match counter, and requests sharing `x-llm-d-revision-decision-id` on one revision."""
+    await use_config(stack, NEWER_CONFIG)
+    epp = await scrape(http, stack.metrics_url)
+    gauge = "llm_d_epp_disaggregatedset_revision_gating_share"
+    assert total(epp, gauge, revision="B", mode="sum") == pytest.approx(2 / 7)
+    routed = await send(stack, http, 64)
+    pinned = await send(stack, http, 16, {NEWER_HEADER: "B"})
+    ignored = await send(stack, http, 8, {"x-disagg-revision": "C"})  # the older shape's header: not read
+    # 24 requests all on one revision without coordination: (5/7)^24 + (2/7)^24 ≈ 3e-4.
+    decided = await send(stack, http, 24, {"x-llm-d-revision-decision-id": "one-logical-request"})
+    counter = "llm_d_epp_disaggregatedset_strict_revision_no_match_total"
+    before = total(await scrape(http, stack.metrics_url), counter, plugin_name="rollout-screener")
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+    async with http.post(f"{stack.url}/v1/completions", json=body, headers={NEWER_HEADER: "C"}) as resp:
+        assert resp.status == 503, await resp.text()
+    after = total(await scrape(http, stack.metrics_url), counter, plugin_name="rollout-screener")
+    for r in routed + ignored + decided:
+        assert r.prefill == r.decode == r.stamped_newer and r.served_by == r.decode_pod
+        assert r.stamped is None
+    assert {r.decode for r in routed} == {"A", "B"}
+    for r in pinned:
+        assert (r.prefill_pod, r.decode_pod, r.stamped_newer) == ("prefill-4", "decode-1", "B")
+    assert len({r.decode for r in decided}) == 1
+    assert after == before + 1
