@@ -19,10 +19,13 @@ Either failure leaves update_time alone, so the metrics age; readers judge stale
 a cluster's load must not outlive its scrape) has a failed fetch reset `endpoint.metrics` to
 NO_METRICS instead (what its extractor could not read is already absent). Logging per endpoint:
 WARNING with the reason on the first failure, DEBUG while it keeps failing (again WARNING every
-`failure_log_interval` seconds when the source sets one), INFO when it recovers.
+`failure_log_interval` seconds when the source sets one), INFO when it recovers. A source with
+`clusters_as_endpoints` (a hub's) also has every replacement of a cluster's metrics checked for an
+availability change (llmepp.datalayer.multicluster.AvailabilityLog).
 
 Pool gauges (averages, ready count, per-endpoint queue) are refreshed on their own slower
-period (`gauge_interval`, --refresh-prometheus-metrics-interval), not per scrape.
+period (`gauge_interval`, --refresh-prometheus-metrics-interval), not per scrape: over the pods'
+metrics, or on a hub over its clusters' published gauges (multicluster.pool_averages).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import NO_METRICS, Endpoint, EndpointSpec
 from llmepp.datalayer.engines import EngineMapping, PageMemo
 from llmepp.datalayer.httpscrape import ScrapeClient, ScrapeError, ScrapeTarget
+from llmepp.datalayer.multicluster import AvailabilityLog, pool_averages
 from llmepp.datalayer.promtext import PromTextError
 from llmepp.datalayer.streak import FailureStreak
 from llmepp.observability.metrics import EppMetrics
@@ -113,7 +117,9 @@ class _EndpointScrape:
         if err is not None:
             c._poll_errors.inc()
             if c.forget_on_failure:
-                ep.metrics = NO_METRICS
+                previous, ep.metrics = ep.metrics, NO_METRICS
+                if c.availability is not None:
+                    c.availability.metrics_replaced(ep, previous)
             self.failed("metrics scrape failed", err)
             return
         mapping = self.mapping
@@ -122,9 +128,12 @@ class _EndpointScrape:
             self.failed("metrics page unusable", self.mapping_error)
             return
         assert body is not None
-        metrics, perr = mapping.extract(body, ep.metrics, time.monotonic(), self.memo)
+        previous = ep.metrics
+        metrics, perr = mapping.extract(body, previous, time.monotonic(), self.memo)
         if metrics is not None:
             ep.metrics = metrics
+            if c.availability is not None:
+                c.availability.metrics_replaced(ep, previous)
         if perr is not None:
             c._extract_errors.inc()
             self.failed("metrics page unusable", perr)
@@ -159,6 +168,9 @@ class MetricsCollector:
         self.ticks_per_poll = source.ticks_per_poll(self.interval)
         self.forget_on_failure = bool(getattr(source, "forget_on_failure", False))
         self.failure_log_interval = float(getattr(source, "failure_log_interval", 0.0))
+        # A hub: the endpoints are clusters, whose EPPs publish pool gauges.
+        self.clusters = bool(getattr(source, "clusters_as_endpoints", False))
+        self.availability = AvailabilityLog(metrics.cluster_unavailable) if self.clusters else None
         self._poll_errors = metrics.poll_errors.labels(source_type=source.type)
         self._extract_errors = metrics.extract_errors.labels(source_type=source.type, extractor_type=extractor.type)
         self._slots: list[dict[Endpoint, _EndpointScrape]] = [{} for _ in range(SUB_TICKS)]
@@ -272,12 +284,19 @@ class MetricsCollector:
         """Recompute the pool gauges from the current endpoint metrics."""
         m, pool = self.metrics, self.datastore.pool_name
         endpoints = self.datastore.endpoints
-        scraped = [ep.metrics for ep in endpoints if ep.metrics.update_time]
-        n = len(scraped)
-        m.pool_ready.labels(name=pool).set(len(endpoints))
-        m.pool_avg_kv.labels(name=pool).set(sum(x.kv_cache_usage_percent for x in scraped) / n if n else 0.0)
-        m.pool_avg_queue.labels(name=pool).set(sum(x.waiting_queue_size for x in scraped) / n if n else 0.0)
-        m.pool_avg_running.labels(name=pool).set(sum(x.running_requests_size for x in scraped) / n if n else 0.0)
+        if self.clusters:  # a hub: its clusters' gauges, weighted by their ready endpoints
+            ready, kv, queue, running = pool_averages(endpoints)
+        else:
+            scraped = [ep.metrics for ep in endpoints if ep.metrics.update_time]
+            n = len(scraped)
+            ready = len(endpoints)
+            kv = sum(x.kv_cache_usage_percent for x in scraped) / n if n else 0.0
+            queue = sum(x.waiting_queue_size for x in scraped) / n if n else 0.0
+            running = sum(x.running_requests_size for x in scraped) / n if n else 0.0
+        m.pool_ready.labels(name=pool).set(ready)
+        m.pool_avg_kv.labels(name=pool).set(kv)
+        m.pool_avg_queue.labels(name=pool).set(queue)
+        m.pool_avg_running.labels(name=pool).set(running)
         current: set[str] = set()
         for ep in endpoints:
             current.add(ep.name)

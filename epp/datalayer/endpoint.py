@@ -52,8 +52,9 @@ class EndpointSpec:
 class EndpointMetrics:
     """One scrape of a model server's /metrics (vLLM names, see datalayer.metrics)."""
 
-    waiting_queue_size: int = 0
-    running_requests_size: int = 0
+    # A pod's counts; on a hub, a cluster's pool averages per pod (llmepp.datalayer.multicluster).
+    waiting_queue_size: float = 0
+    running_requests_size: float = 0
     kv_cache_usage_percent: float = 0.0  # fraction 0..1, as vLLM reports it
     # LoRA adapters: running / waiting adapter names and the server's max_lora.
     active_models: frozenset[str] = frozenset()

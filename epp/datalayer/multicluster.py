@@ -10,27 +10,47 @@ one cluster's gateway address; that cluster's EPP then picks the pod:
                  └─► cluster gateway (x-gateway-destination-endpoint) ─► cluster EPP ─► pod
 
 What a cluster endpoint carries (reference: llm-d-router `extractor/metrics/multicluster.go`,
-`attribute/metrics` keys): its peer EPP's published pool averages, `llm_d_epp_average_kv_cache_utilization`
-and `llm_d_epp_average_queue_size`, stored as the endpoint attributes `POOL_KV_CACHE_UTILIZATION`
-and `POOL_QUEUE_SIZE` (in `endpoint.metrics.attributes`, replaced as a whole on every scrape). A
-cluster whose page cannot be read (unreachable, bad status, malformed, a gauge missing) has no
-value for what could not be read: unknown, which the multicluster scorers rank below every known
-cluster, never as idle. The hub's own per-pod fields (queue, KV, running) stay empty for clusters.
+`attribute/metrics` keys): its peer EPP's published pool gauges, `llm_d_epp_average_kv_cache_utilization`
+and `llm_d_epp_average_queue_size` (as the reference), plus `llm_d_epp_ready_endpoints` and, when
+published, `llm_d_epp_average_running_requests`, stored as the endpoint attributes
+`POOL_KV_CACHE_UTILIZATION`, `POOL_QUEUE_SIZE`, `POOL_READY_ENDPOINTS`, `POOL_RUNNING_REQUESTS` (in
+`endpoint.metrics.attributes`, replaced as a whole on every scrape). A cluster whose page cannot be
+read (unreachable, bad status, malformed, a gauge missing) has no value for what could not be read:
+unknown, which the multicluster scorers rank below every known cluster, never as idle.
+
+Availability: a cluster whose EPP reports 0 ready endpoints is unavailable (`is_unavailable`): the
+extractor, a screener, drops it from every request's candidates (unless no cluster is available:
+then all stay, as if none was screened), and the change is counted and logged (`AvailabilityLog`).
+An unknown ready count is not 0: such a cluster stays a candidate.
+
+The per-endpoint fields generic plugins read (queue, running, KV, `update_time`: the saturation
+detectors, the per-endpoint gauge) hold a cluster's pool averages while it is available and both
+averages are known; otherwise they are empty with `update_time` 0 — no load to act on, which the
+utilization detector counts as saturated (a cluster that cannot take work adds no headroom).
+`pool_averages` is what a hub publishes as its own pool gauges (the clusters' averages, weighted
+by their ready endpoints), so a hub can be a cluster of another hub.
 
 This module holds what the framework needs to know about the mode (type strings, attribute keys,
-the discovery labels) and `check_wiring`, the start-up check that a config does not mix the modes.
+the discovery labels), `check_wiring`, the start-up check that a config does not mix the modes, and
+the availability and pool-average rules above.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
-from llmepp.datalayer.endpoint import Endpoint
+from llmepp.datalayer.endpoint import Endpoint, EndpointMetrics
 from llmepp.framework.plugin import ConfigError, Plugin
+from llmepp.observability.fast import Counter
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_KV_METRIC",
     "DEFAULT_QUEUE_METRIC",
+    "DEFAULT_READY_METRIC",
+    "DEFAULT_RUNNING_METRIC",
     "DISCOVERY_TYPE",
     "EXTRACTOR_TYPE",
     "METRICS_ADDRESS_LABEL",
@@ -38,9 +58,16 @@ __all__ = [
     "METRICS_SOURCE_TYPES",
     "POOL_KV_CACHE_UTILIZATION",
     "POOL_QUEUE_SIZE",
+    "POOL_READY_ENDPOINTS",
+    "POOL_RUNNING_REQUESTS",
     "SOURCE_TYPE",
+    "AvailabilityLog",
+    "available",
     "check_wiring",
+    "cluster_metrics",
     "is_hub",
+    "is_unavailable",
+    "pool_averages",
     "pool_value",
 ]
 
@@ -73,8 +100,13 @@ _POD_ONLY = {
 # Endpoint attribute keys (the reference's `llm-d.ai/multicluster-*` attributes).
 POOL_KV_CACHE_UTILIZATION = "llm-d.ai/multicluster-kv-cache-utilization"
 POOL_QUEUE_SIZE = "llm-d.ai/multicluster-queue-size"
+# Not in the reference's extractor (ours): availability and the running average, for a hub's own gauges.
+POOL_READY_ENDPOINTS = "llm-d.ai/multicluster-ready-endpoints"
+POOL_RUNNING_REQUESTS = "llm-d.ai/multicluster-running-requests"
 DEFAULT_KV_METRIC = "llm_d_epp_average_kv_cache_utilization"
 DEFAULT_QUEUE_METRIC = "llm_d_epp_average_queue_size"
+DEFAULT_READY_METRIC = "llm_d_epp_ready_endpoints"
+DEFAULT_RUNNING_METRIC = "llm_d_epp_average_running_requests"
 
 # Labels of a cluster entry naming where its peer EPP serves /metrics, when not at the gateway.
 METRICS_ADDRESS_LABEL = "metricsAddress"
@@ -84,6 +116,122 @@ METRICS_PORT_LABEL = "metricsPort"
 def pool_value(endpoint: Endpoint, key: str) -> float | None:
     """A cluster endpoint's pool average `key` from its last scrape; None when unknown."""
     return endpoint.metrics.attributes.get(key)
+
+
+def is_unavailable(endpoint: Endpoint) -> bool:
+    """Whether a cluster's EPP reported, on its last scrape, that it has no ready endpoints (an unknown
+    count is not 0)."""
+    return endpoint.metrics.attributes.get(POOL_READY_ENDPOINTS) == 0
+
+
+def available(candidates: Sequence[Endpoint]) -> Sequence[Endpoint]:
+    """The candidates without the unavailable clusters; all of them (the same sequence) when none or
+    every one is unavailable (then the clusters' EPPs answer as an empty pool does, e.g. hold the
+    request while they scale from zero, rather than the hub refusing it)."""
+    for i, ep in enumerate(candidates):
+        if is_unavailable(ep):
+            kept = [*candidates[:i], *(c for c in candidates[i + 1 :] if not is_unavailable(c))]
+            return kept if kept else candidates
+    return candidates
+
+
+def cluster_metrics(attributes: Mapping[str, float], now: float) -> EndpointMetrics:
+    """A cluster's EndpointMetrics from the attributes read off its EPP's page at `now`: the pool
+    averages also in the per-endpoint fields while the cluster is available and both averages are
+    known; otherwise those fields are empty and `update_time` is 0 (no load to act on)."""
+    queue = attributes.get(POOL_QUEUE_SIZE)
+    kv = attributes.get(POOL_KV_CACHE_UTILIZATION)
+    if queue is None or kv is None or attributes.get(POOL_READY_ENDPOINTS) == 0:
+        return EndpointMetrics(attributes=attributes)
+    running = attributes.get(POOL_RUNNING_REQUESTS, 0.0)
+    return EndpointMetrics(
+        waiting_queue_size=queue,
+        running_requests_size=running,
+        kv_cache_usage_percent=kv,
+        update_time=now,
+        attributes=attributes,
+    )
+
+
+def pool_averages(clusters: Sequence[Endpoint]) -> tuple[float, float, float, float]:
+    """A hub's own pool gauges from its clusters' last scrapes: (ready endpoints, average KV-cache
+    utilization, average queue size, average running requests).
+
+    ready = the sum of the clusters' known ready counts (the pods behind the hub). Each average is
+    over the clusters whose value is known and that are not unavailable, weighted by their ready
+    counts when every one of them has one (the mean over all the pods behind the hub, which is what
+    one EPP in front of all those pods would publish, so hubs chain: a hub above weighs this one by
+    its pods too), else the plain mean over those clusters; 0 when there is none (as an empty pool).
+    """
+    ready = 0.0
+    for ep in clusters:
+        count = ep.metrics.attributes.get(POOL_READY_ENDPOINTS)
+        if count is not None:
+            ready += count
+    kv, queue, running = (
+        _weighted_mean(clusters, key) for key in (POOL_KV_CACHE_UTILIZATION, POOL_QUEUE_SIZE, POOL_RUNNING_REQUESTS)
+    )
+    return ready, kv, queue, running
+
+
+def _weighted_mean(clusters: Sequence[Endpoint], key: str) -> float:
+    values: list[float] = []
+    weights: list[float] = []
+    every_count_known = True
+    for ep in clusters:
+        attributes = ep.metrics.attributes
+        value = attributes.get(key)
+        count = attributes.get(POOL_READY_ENDPOINTS)
+        if value is None or count == 0:
+            continue
+        values.append(value)
+        if count is None:
+            every_count_known = False
+        else:
+            weights.append(count)
+    if not values:
+        return 0.0
+    total = sum(weights)
+    if every_count_known and total > 0:
+        return sum(v * w for v, w in zip(values, weights, strict=True)) / total
+    return sum(values) / len(values)
+
+
+class AvailabilityLog:
+    """Counts (`counter`, labelled `cluster`) and logs a cluster's availability once per change:
+    WARNING when its EPP starts reporting 0 ready endpoints, INFO when it stops (a count again, or the
+    page no longer readable: a candidate again either way). Fed every replacement of a cluster's
+    metrics; keeps no state of its own (it compares the old and the new metrics)."""
+
+    __slots__ = ("counter",)
+
+    def __init__(self, counter: Counter) -> None:
+        self.counter = counter
+
+    def metrics_replaced(self, endpoint: Endpoint, previous: EndpointMetrics) -> None:
+        was = previous.attributes.get(POOL_READY_ENDPOINTS) == 0
+        now = is_unavailable(endpoint)
+        if was == now:
+            return
+        name = endpoint.name
+        if now:
+            self.counter.labels(cluster=name).inc()
+            log.warning(
+                "cluster %s: its EPP reports no ready endpoints; it gets no requests until it has some "
+                "(unless no cluster has any)",
+                name,
+                extra={"endpoint": name},
+            )
+            return
+        count = endpoint.metrics.attributes.get(POOL_READY_ENDPOINTS)
+        if count is None:
+            log.info(
+                "cluster %s: its ready endpoints are unknown now (not on its EPP's last page); a candidate again",
+                name,
+                extra={"endpoint": name},
+            )
+        else:
+            log.info("cluster %s: %g ready endpoints again; back in rotation", name, count, extra={"endpoint": name})
 
 
 def is_hub(discovery: Plugin | None) -> bool:

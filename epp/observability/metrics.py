@@ -103,6 +103,13 @@ class EppMetrics:
         self.pool_avg_queue = Gauge(p + "average_queue_size", "Mean waiting queue.", pool, registry=r)
         self.pool_avg_running = Gauge(p + "average_running_requests", "Mean running requests.", pool, registry=r)
         self.pool_ready = Gauge(p + "ready_endpoints", "Endpoints in the pool.", pool, registry=r)
+        # A hub (multicluster): its clusters going unavailable (their EPPs report no ready endpoints).
+        self.cluster_unavailable = Counter(
+            p + "multicluster_cluster_unavailable_total",
+            "Times a cluster became unavailable to this hub: its EPP reported no ready endpoints.",
+            ("cluster",),
+            registry=r,
+        )
         self.pool_endpoint_queue = Gauge(
             p + "per_endpoint_queue_size",
             "Waiting queue per endpoint.",

@@ -7,11 +7,19 @@ reads the pool averages that EPP publishes (llmepp.datalayer.multicluster):
 
     pool KV-cache utilization(c) = llm_d_epp_average_kv_cache_utilization on c's EPP page   (0..1)
     pool queue size(c)           = llm_d_epp_average_queue_size on c's EPP page
+    ready endpoints(c)           = llm_d_epp_ready_endpoints on c's EPP page
+    pool running requests(c)     = llm_d_epp_average_running_requests on c's EPP page (optional)
 
-which `multicluster-kv-cache-utilization-scorer` and `multicluster-queue-scorer` score. Both gauges are
-the peer EPP's mean over its pods, refreshed every `--refresh-prometheus-metrics-interval` there (5 s
+which `multicluster-kv-cache-utilization-scorer` and `multicluster-queue-scorer` score. The gauges are
+the peer EPP's, over its pods, refreshed every `--refresh-prometheus-metrics-interval` there (5 s
 by default: run the cluster EPPs with e.g. `--refresh-prometheus-metrics-interval 1s` for a hub that
-follows load faster). Their metrics endpoint must answer the hub: in Kubernetes mode an EPP checks the
+follows load faster). A cluster whose EPP reports 0 ready endpoints is unavailable: the extractor, a
+screener as well, takes it out of every request's candidates (all clusters stay when none is
+available), and the change is counted (`llm_d_epp_multicluster_cluster_unavailable_total{cluster}`)
+and logged once (WARNING; INFO when it ends). The hub publishes its own pool gauges from these
+(llmepp.datalayer.multicluster.pool_averages), so a hub can itself be a cluster of another hub.
+
+The cluster EPPs' metrics endpoint must answer the hub: in Kubernetes mode an EPP checks the
 scraper's bearer token (`--metrics-endpoint-auth`), and this source sends none (nor does the
 reference's), so turn that off on the cluster EPPs and, to protect the page, serve it over mTLS
 (`--metrics-cert-dir` + `--metrics-client-ca-file` there, `caCertPath` + `clientCertPath` /
@@ -42,25 +50,33 @@ would draw all the traffic to the one cluster nobody can see.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
-from llmepp.datalayer.endpoint import NO_METRICS, EndpointMetrics, EndpointSpec
+from llmepp.datalayer.endpoint import NO_METRICS, Endpoint, EndpointMetrics, EndpointSpec
 from llmepp.datalayer.engines import CustomMetricSpec, EngineMapping, EngineSpecs, ExtractionFailed, PageMemo
 from llmepp.datalayer.httpscrape import ScrapeTarget
 from llmepp.datalayer.multicluster import (
     DEFAULT_KV_METRIC,
     DEFAULT_QUEUE_METRIC,
+    DEFAULT_READY_METRIC,
+    DEFAULT_RUNNING_METRIC,
     EXTRACTOR_TYPE,
     METRICS_ADDRESS_LABEL,
     METRICS_PORT_LABEL,
     POOL_KV_CACHE_UTILIZATION,
     POOL_QUEUE_SIZE,
+    POOL_READY_ENDPOINTS,
+    POOL_RUNNING_REQUESTS,
     SOURCE_TYPE,
+    available,
+    cluster_metrics,
 )
 from llmepp.datalayer.promtext import InvalidSpec, Selector
-from llmepp.framework.plugin import ConfigError, Plugin, PluginParams
+from llmepp.framework.plugin import ConfigError, PluginParams
+from llmepp.framework.requestcontrol import Screener
 from llmepp.plugins.datasources.metrics_source import MetricsDataSource
+from llmepp.request.types import InferenceRequest
 
 # A peer that keeps failing is logged again this often (the first failure and the recovery always are).
 FAILURE_LOG_INTERVAL = 30.0
@@ -83,6 +99,7 @@ class MulticlusterMetricsDataSource(MetricsDataSource):
 
     type = SOURCE_TYPE
     forget_on_failure: ClassVar[bool] = True
+    clusters_as_endpoints: ClassVar[bool] = True
     failure_log_interval: ClassVar[float] = FAILURE_LOG_INTERVAL
 
     class Params(MetricsDataSource.Params):
@@ -98,9 +115,11 @@ class MulticlusterMetricsDataSource(MetricsDataSource):
 
 
 class PoolAverages(EngineMapping):
-    """The two pool gauges as endpoint attributes. Nothing carries over from the previous scrape: a
-    gauge the page lacks is absent (unknown), and a page with neither resets the endpoint to
-    NO_METRICS; the problem is still reported (an extraction error)."""
+    """The pool gauges as endpoint attributes (and, while the cluster is available and both averages
+    are known, as its per-endpoint fields: multicluster.cluster_metrics). Nothing carries over from the
+    previous scrape: a gauge the page lacks is absent (unknown), and a page with none resets the
+    endpoint to NO_METRICS; the problem is still reported (an extraction error; not for the optional
+    running-requests gauge)."""
 
     __slots__ = ()
 
@@ -108,15 +127,18 @@ class PoolAverages(EngineMapping):
         self, page: bytes, previous: EndpointMetrics, now: float, memo: PageMemo | None = None
     ) -> tuple[EndpointMetrics, ExtractionFailed | None]:
         metrics, err = super().extract(page, NO_METRICS, now, memo)
-        return (NO_METRICS if metrics is None else metrics), err
+        return (NO_METRICS if metrics is None else cluster_metrics(metrics.attributes, now)), err
 
 
-class MulticlusterMetricsExtractor(Plugin):
-    """Reads a cluster EPP's pool averages into the attributes the multicluster scorers read.
+class MulticlusterMetricsExtractor(Screener):
+    """Reads a cluster EPP's pool gauges into the attributes the multicluster scorers read, and screens
+    out the clusters whose EPP reports no ready endpoints (see the module docstring).
 
     Parameters: `kvCacheUtilizationMetric` (llm_d_epp_average_kv_cache_utilization), `queueSizeMetric`
-    (llm_d_epp_average_queue_size): metric specs, `name` or `name{label=value}`; empty = the default.
-    Wire it under a `multicluster-metrics-data-source` in `dataLayer.sources`.
+    (llm_d_epp_average_queue_size), `readyEndpointsMetric` (llm_d_epp_ready_endpoints),
+    `runningRequestsMetric` (llm_d_epp_average_running_requests; optional on the page): metric specs,
+    `name` or `name{label=value}`; empty = the default. Wire it under a `multicluster-metrics-data-source`
+    in `dataLayer.sources`.
     """
 
     type = EXTRACTOR_TYPE
@@ -124,13 +146,22 @@ class MulticlusterMetricsExtractor(Plugin):
     class Params(PluginParams):
         kv_cache_utilization_metric: str = DEFAULT_KV_METRIC
         queue_size_metric: str = DEFAULT_QUEUE_METRIC
+        ready_endpoints_metric: str = DEFAULT_READY_METRIC
+        running_requests_metric: str = DEFAULT_RUNNING_METRIC
 
     def __init__(self, name: str = "", params: Params | None = None) -> None:
         p = params if params is not None else self.Params()
         super().__init__(name, p)
         kv = p.kv_cache_utilization_metric.strip() or DEFAULT_KV_METRIC
         queue = p.queue_size_metric.strip() or DEFAULT_QUEUE_METRIC
-        for field, spec in (("kvCacheUtilizationMetric", kv), ("queueSizeMetric", queue)):
+        ready = p.ready_endpoints_metric.strip() or DEFAULT_READY_METRIC
+        running = p.running_requests_metric.strip() or DEFAULT_RUNNING_METRIC
+        for field, spec in (
+            ("kvCacheUtilizationMetric", kv),
+            ("queueSizeMetric", queue),
+            ("readyEndpointsMetric", ready),
+            ("runningRequestsMetric", running),
+        ):
             try:
                 Selector.parse(spec)
             except InvalidSpec as e:
@@ -138,10 +169,20 @@ class MulticlusterMetricsExtractor(Plugin):
         self.mapping = PoolAverages(
             EngineSpecs(
                 name="epp-pool-averages",
-                custom=(CustomMetricSpec(POOL_KV_CACHE_UTILIZATION, kv), CustomMetricSpec(POOL_QUEUE_SIZE, queue)),
+                custom=(
+                    CustomMetricSpec(POOL_KV_CACHE_UTILIZATION, kv),
+                    CustomMetricSpec(POOL_QUEUE_SIZE, queue),
+                    CustomMetricSpec(POOL_READY_ENDPOINTS, ready),
+                    CustomMetricSpec(POOL_RUNNING_REQUESTS, running, optional=True),
+                ),
             )
         )
 
     def mapping_for(self, labels: Mapping[str, str]) -> EngineMapping:
         """The same mapping for every cluster (the collector's MappingProvider)."""
         return self.mapping
+
+    def screen(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> Sequence[Endpoint]:
+        """The candidates without the clusters whose EPP reports no ready endpoints (all of them when
+        every one does)."""
+        return available(candidates)

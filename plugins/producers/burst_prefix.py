@@ -175,7 +175,7 @@ def assign(
             return float(chunk)
         return float(max(0, u.tokens - _leading_held(u.hashes, held[ep]) * block_size))
 
-    def rank(ep: Endpoint) -> tuple[int, int]:
+    def rank(ep: Endpoint) -> tuple[float, int]:
         metrics = ep.metrics
         return metrics.waiting_queue_size + metrics.running_requests_size, (endpoints[ep] - offset) % n
 

@@ -1,7 +1,9 @@
 """Multicluster data layer: the cluster list (multicluster-file-discovery) and each cluster's load as its
 EPP publishes it, scraped by the real collector from real servers serving a real EPP metrics page:
 read, then unknown (never idle) when the peer lacks a gauge, serves garbage, fails or is unreachable;
-counted and logged once per streak and interval."""
+counted and logged once per streak and interval. A cluster reporting no ready endpoints is unavailable
+(counted and logged once per change); a hub publishes its clusters' averages, weighted by their ready
+endpoints, as its own pool gauges (so hubs chain), and its saturation detector sees its clusters' load."""
 
 from __future__ import annotations
 
@@ -21,12 +23,21 @@ from llmepp.datalayer.collector import MetricsCollector
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import NO_METRICS, Endpoint, EndpointSpec
 from llmepp.datalayer.endpointsfile import EndpointsFileError, parse_endpoints
-from llmepp.datalayer.multicluster import POOL_KV_CACHE_UTILIZATION, POOL_QUEUE_SIZE
+from llmepp.datalayer.multicluster import (
+    POOL_KV_CACHE_UTILIZATION,
+    POOL_QUEUE_SIZE,
+    POOL_READY_ENDPOINTS,
+    POOL_RUNNING_REQUESTS,
+    cluster_metrics,
+    is_unavailable,
+    pool_averages,
+)
 from llmepp.framework.plugin import ConfigError
 from llmepp.observability.metrics import EppMetrics
 from llmepp.plugins.datasources import multicluster as mc_source
 from llmepp.plugins.datasources.multicluster import MulticlusterMetricsDataSource, MulticlusterMetricsExtractor
 from llmepp.plugins.discovery.multicluster import MulticlusterFileDiscovery, cluster_labels, gateway_address
+from llmepp.plugins.flowcontrol.utilization_detector import UtilizationDetector, UtilizationDetectorParams
 
 from .fakes import TEST_CERT, TEST_KEY, MetricsServer
 
@@ -51,14 +62,19 @@ def parse_clusters(text: str) -> list[EndpointSpec]:
     return parse_endpoints(text.encode(), address_check=gateway_address, entry_check=cluster_labels)
 
 
-def epp_page(*, kv: float | None, queue: float | None, pool: str = "pool") -> bytes:
+def epp_page(
+    *, kv: float | None, queue: float | None, ready: float | None = 2, running: float | None = None, pool: str = "pool"
+) -> bytes:
     """A cluster EPP's /metrics page, rendered by its own registry (every family, HELP/TYPE lines)."""
     m = EppMetrics()
     if kv is not None:
         m.pool_avg_kv.labels(name=pool).set(kv)
     if queue is not None:
         m.pool_avg_queue.labels(name=pool).set(queue)
-    m.pool_ready.labels(name=pool).set(2)
+    if ready is not None:
+        m.pool_ready.labels(name=pool).set(ready)
+    if running is not None:
+        m.pool_avg_running.labels(name=pool).set(running)
     return generate_latest(m.registry)
 
 
@@ -159,12 +175,19 @@ def test_source_defaults_verify_the_peer(tmp_path: Path) -> None:
     opted_out = MulticlusterMetricsDataSource("s", MulticlusterMetricsDataSource.Params(insecure_skip_verify=True))
     assert opted_out.ssl_context is not None and opted_out.ssl_context.verify_mode == ssl.CERT_NONE
     custom = MulticlusterMetricsExtractor(
-        "x", MulticlusterMetricsExtractor.Params(kv_cache_utilization_metric="", queue_size_metric='q{name="p"}')
+        "x",
+        MulticlusterMetricsExtractor.Params(
+            kv_cache_utilization_metric="", queue_size_metric='q{name="p"}', ready_endpoints_metric="r"
+        ),
     )
     assert [s.spec for s in custom.mapping.selectors if s is not None] == [
         "llm_d_epp_average_kv_cache_utilization",
         'q{name="p"}',
+        "r",
+        "llm_d_epp_average_running_requests",
     ]
+    with pytest.raises(ConfigError, match=r"parameters.readyEndpointsMetric: "):
+        MulticlusterMetricsExtractor("x", MulticlusterMetricsExtractor.Params(ready_endpoints_metric="a{"))
 
 
 # -- scraping the peers ------------------------------------------------------------------------------
@@ -178,6 +201,16 @@ class Hub:
 
     def sample(self, name: str, **labels: str) -> float:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    def unavailable(self, cluster: str) -> float:
+        return self.sample("llm_d_epp_multicluster_cluster_unavailable_total", cluster=cluster)
+
+    def gauges(self) -> tuple[float, float, float, float]:
+        """The hub's own pool gauges, refreshed now: (ready, average KV, average queue, average running)."""
+        self.collector.update_pool_gauges()
+        names = ("ready_endpoints", "average_kv_cache_utilization", "average_queue_size", "average_running_requests")
+        r, kv, q, run = (self.metrics.registry.get_sample_value(f"llm_d_epp_{n}", {"name": "hub"}) for n in names)
+        return r or 0.0, kv or 0.0, q or 0.0, run or 0.0
 
     def poll_errors(self) -> float:
         return self.sample("llm_d_epp_datalayer_poll_errors_total", source_type="multicluster-metrics-data-source")
@@ -335,3 +368,104 @@ async def test_peer_certificates_are_verified_by_default(
     a, b = strict.add("untrusted", peer), trusted.add("trusted", peer)
     await wait_until(lambda: load(b) == (2.0, 0.3) and strict.poll_errors() >= 3)
     assert a.metrics is NO_METRICS  # a self-signed peer is refused: its load stays unknown
+
+
+# -- availability and the hub's own gauges -----------------------------------------------------------
+
+
+async def test_an_empty_cluster_is_unavailable_counted_and_logged_once_per_change(
+    hubs: Callable[..., object], peers: Callable[..., object], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="llmepp.datalayer.multicluster")
+    hub: Hub = await hubs()  # type: ignore[misc]
+    peer: MetricsServer = await peers("127.0.0.83", epp_page(kv=0.4, queue=2.5, ready=3, running=1.5))  # type: ignore[misc]
+    ep = hub.add("cluster-e", peer)
+    await wait_until(lambda: ep.metrics.attributes.get(POOL_READY_ENDPOINTS) == 3)
+    # Available: the pool averages are the cluster's per-endpoint fields too (what generic plugins read).
+    m = ep.metrics
+    assert (m.waiting_queue_size, m.kv_cache_usage_percent, m.running_requests_size) == (2.5, 0.4, 1.5)
+    assert m.update_time > 0 and not is_unavailable(ep)
+    # Its pods are gone: its EPP still publishes averages of 0, which must not read as idle.
+    peer.page = epp_page(kv=0.0, queue=0.0, ready=0)
+    await wait_until(lambda: is_unavailable(ep))
+    scrapes = peer.requests
+    await wait_until(lambda: peer.requests >= scrapes + 5)  # still empty: nothing more counted or logged
+    assert ep.metrics.update_time == 0.0 and ep.metrics.waiting_queue_size == 0  # no load to act on
+    assert hub.unavailable("cluster-e") == 1
+    peer.page = epp_page(kv=0.1, queue=0.0, ready=1)
+    await wait_until(lambda: not is_unavailable(ep) and ep.metrics.update_time > 0)
+    peer.page = epp_page(kv=0.0, queue=0.0, ready=0)
+    await wait_until(lambda: is_unavailable(ep))
+    assert hub.unavailable("cluster-e") == 2
+    peer.mode = "status"  # unreadable: the count is unknown, which is not 0: a candidate again
+    await wait_until(lambda: ep.metrics is NO_METRICS)
+    assert not is_unavailable(ep) and hub.unavailable("cluster-e") == 2
+    # A page without the ready gauge: an extraction error, the loads still used, not unavailable.
+    peer.mode = "ok"
+    peer.page = epp_page(kv=0.3, queue=1.0, ready=None)
+    errors = hub.extract_errors()
+    await wait_until(lambda: load(ep) == (1.0, 0.3) and hub.extract_errors() > errors)
+    assert not is_unavailable(ep) and ep.metrics.waiting_queue_size == 1.0
+    logged = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "llmepp.datalayer.multicluster"]
+    assert logged == [
+        (logging.WARNING, logged[0][1]),
+        (logging.INFO, "cluster cluster-e: 1 ready endpoints again; back in rotation"),
+        (logging.WARNING, logged[0][1]),
+        (logging.INFO, logged[3][1]),
+    ], logged
+    assert "reports no ready endpoints" in logged[0][1] and "unknown" in logged[3][1]
+
+
+def scraped_cluster(name: str, **attributes: float) -> Endpoint:
+    ep = Endpoint(EndpointSpec(name=name, address="10.9.9.9", port=80))
+    keys = {"queue": POOL_QUEUE_SIZE, "kv": POOL_KV_CACHE_UTILIZATION, "ready": POOL_READY_ENDPOINTS}
+    ep.metrics = cluster_metrics({keys.get(k, POOL_RUNNING_REQUESTS): v for k, v in attributes.items()}, 1.0)
+    return ep
+
+
+def test_pool_averages_weigh_clusters_by_ready_endpoints_and_skip_empty_and_unknown_ones() -> None:
+    big = scraped_cluster("big", queue=4.0, kv=0.6, ready=3, running=2.0)
+    small = scraped_cluster("small", queue=0.0, kv=0.2, ready=1, running=0.0)
+    empty = scraped_cluster("empty", queue=0.0, kv=0.0, ready=0, running=0.0)
+    unseen = Endpoint(EndpointSpec(name="unseen", address="10.9.9.8", port=80))  # never read
+    assert pool_averages([big, small, empty, unseen]) == pytest.approx((4, 0.5, 3.0, 1.5))
+    # A cluster without a ready count: no weights then (a plain mean over the clusters with a value);
+    # it publishes no running average, so that one is still weighted over the other two.
+    legacy = scraped_cluster("legacy", queue=1.0, kv=0.4)
+    assert pool_averages([big, small, legacy]) == pytest.approx((4, 0.4, 5 / 3, 1.5))
+    # Nothing known, or every cluster empty: 0, as an empty pod pool reads.
+    assert pool_averages([empty, unseen]) == (0, 0.0, 0.0, 0.0)
+    assert pool_averages([]) == (0, 0.0, 0.0, 0.0)
+
+
+async def test_a_hub_publishes_its_clusters_averages_and_chains_and_its_detector_sees_their_load(
+    hubs: Callable[..., object], peers: Callable[..., object]
+) -> None:
+    hub: Hub = await hubs()  # type: ignore[misc]
+    big: MetricsServer = await peers("127.0.0.84", epp_page(kv=0.6, queue=4.0, ready=3, running=2.0))  # type: ignore[misc]
+    small: MetricsServer = await peers("127.0.0.85", epp_page(kv=0.2, queue=0.0, ready=1, running=0.0))  # type: ignore[misc]
+    empty: MetricsServer = await peers("127.0.0.86", epp_page(kv=0.0, queue=0.0, ready=0, running=0.0))  # type: ignore[misc]
+    clusters = [hub.add("big", big), hub.add("small", small), hub.add("empty", empty)]
+    await wait_until(lambda: all(POOL_READY_ENDPOINTS in ep.metrics.attributes for ep in clusters))
+    # Per pod behind the hub: (3·4 + 1·0) / 4 queued, (3·0.6 + 1·0.2) / 4 KV; the empty cluster adds nothing.
+    assert hub.gauges() == pytest.approx((4, 0.5, 3.0, 1.5))
+    # A hub above reads this hub's page as it reads a cluster's: 4 pods, the same averages.
+    top: Hub = await hubs()  # type: ignore[misc]
+    lower: MetricsServer = await peers("127.0.0.87", generate_latest(hub.metrics.registry))  # type: ignore[misc]
+    other: MetricsServer = await peers("127.0.0.88", epp_page(kv=0.0, queue=0.0, ready=4, running=0.0))  # type: ignore[misc]
+    a, b = top.add("hub-a", lower), top.add("cluster-b", other)
+    await wait_until(
+        lambda: POOL_READY_ENDPOINTS in a.metrics.attributes and POOL_READY_ENDPOINTS in b.metrics.attributes
+    )
+    assert a.metrics.attributes == pytest.approx(
+        {POOL_READY_ENDPOINTS: 4, POOL_KV_CACHE_UTILIZATION: 0.5, POOL_QUEUE_SIZE: 3.0, POOL_RUNNING_REQUESTS: 1.5}
+    )
+    assert top.gauges() == pytest.approx((8, 0.25, 1.5, 0.75))
+    # The saturation detector (per endpoint: max(queue / 5, KV / 0.8)) sees each cluster's load; the
+    # empty cluster, with no capacity to give, counts as saturated.
+    detector = UtilizationDetector("d", UtilizationDetectorParams(metrics_staleness_threshold="10s"))
+    assert detector.saturation(clusters, time.monotonic()) == pytest.approx((0.8 + 0.25 + 1.0) / 3)
+    empty.page = epp_page(kv=0.0, queue=0.0, ready=2, running=0.0)  # its pods are back, idle
+    await wait_until(lambda: not is_unavailable(clusters[2]))
+    assert detector.saturation(clusters, time.monotonic()) == pytest.approx((0.8 + 0.25 + 0.0) / 3)
+    assert hub.gauges() == pytest.approx((6, (1.8 + 0.2) / 6, 2.0, 1.0))

@@ -1,14 +1,16 @@
 """Multicluster mode end to end on loopback: two "clusters", each a real Envoy + the `epp` program + two
 simulated pods, and a hub (a real Envoy + the `epp` program with the multicluster plugins) in front of
 them, routing each request to one cluster's Envoy. Requests reach both clusters; a prompt's prefix
-follows it to the same cluster (and there to the same pod); when one cluster is loaded (its pods'
-queues grow, visible in its EPP's llm_d_epp_average_queue_size), new requests go to the other."""
+follows it to the same cluster (and there to the same pod); a cluster whose pods are all gone (its EPP
+reports no ready endpoints, and averages of 0) gets nothing; when one cluster is loaded (its pods'
+queues grow, visible in its EPP's llm_d_epp_average_queue_size), new requests go to the other, and the
+hub publishes the mean over its clusters' pods as its own llm_d_epp_average_queue_size."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import pytest
@@ -22,8 +24,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 MODEL = "sim-model"
 # Two seats per pod, so a burst of long requests queues; 12 ms per output token.
 SIM = ["--latency-profile", "llama-8b-h100", "--max-num-seqs", "2"]
-# The clusters' EPPs refresh their pool averages every 100 ms (5 s by default) so the hub follows fast.
+# The clusters' EPPs refresh their pool averages every 100 ms (5 s by default) so the hub follows fast;
+# the hub its own, from its clusters', as often.
 CLUSTER_EPP_ARGS = ["--refresh-prometheus-metrics-interval", "100ms"]
+HUB_EPP_ARGS = CLUSTER_EPP_ARGS
+UNAVAILABLE = "llm_d_epp_multicluster_cluster_unavailable_total"
 
 HUB_CONFIG = """\
 apiVersion: llm-d.ai/v1alpha1
@@ -74,7 +79,7 @@ async def deployment() -> AsyncIterator[Deployment]:
     b = Stack(StackOptions(pods=2, first_host=246, sim_args=SIM, epp_args=CLUSTER_EPP_ARGS))
     try:
         await asyncio.gather(a.start(), b.start())
-        async with HubStack([a, b], HUB_CONFIG) as hub:
+        async with HubStack([a, b], HUB_CONFIG, HUB_EPP_ARGS) as hub:
             yield Deployment(a, b, hub)
     finally:
         await asyncio.gather(a.stop(), b.stop())
@@ -120,8 +125,46 @@ async def test_a_prompt_prefix_follows_it_to_the_same_cluster(
         assert len(set(placed)) == 1, placed
 
 
+async def wait_for_metric(
+    http: aiohttp.ClientSession, url: str, name: str, cond: Callable[[float], bool], what: str, **labels: str
+) -> None:
+    for _ in range(100):
+        if cond(await epp_metric(http, url, name, **labels)):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(what)
+
+
+async def test_a_cluster_whose_pods_are_all_gone_gets_no_hub_traffic(
+    deployment: Deployment, http: aiohttp.ClientSession
+) -> None:
+    b, hub = deployment.b, deployment.hub
+    ready = "llm_d_epp_ready_endpoints"
+    await wait_for_metric(http, hub.metrics_url, ready, lambda v: v == 4, "the hub never counted 2 + 2 pods")
+    went = await epp_metric(http, hub.metrics_url, UNAVAILABLE, cluster=hub.cluster_name(1))
+    # B's pods leave its pool (as Kubernetes takes pods that are going away out of it) and stop. B's EPP
+    # now reports 0 ready endpoints and averages of 0: the idlest-looking cluster.
+    b.write_endpoints([])
+    await wait_for_metric(
+        http, hub.metrics_url, UNAVAILABLE, lambda v: v == went + 1, "the hub never saw B empty",
+        cluster=hub.cluster_name(1),
+    )  # fmt: skip
+    await b.stop_pods()
+    assert await epp_metric(http, b.metrics_url, "llm_d_epp_average_queue_size") == 0
+    sent_to = [deployment.cluster_of((await complete(http, hub.url, fresh_prompt()))[0]) for _ in range(8)]
+    assert sent_to == ["a"] * 8, sent_to
+    await wait_for_metric(http, hub.metrics_url, ready, lambda v: v == 2, "the hub still counts B's pods")
+    # The pods come back: B is counted again (and only once gone above).
+    await b.start_pods()
+    b.write_endpoints(b.pods)
+    await wait_for_metric(http, hub.metrics_url, ready, lambda v: v == 4, "the hub never counted B's pods again")
+    seen = {deployment.cluster_of((await complete(http, hub.url, fresh_prompt()))[0]) for _ in range(12)}
+    assert seen == {"a", "b"}, seen
+    assert await epp_metric(http, hub.metrics_url, UNAVAILABLE, cluster=hub.cluster_name(1)) == went + 1
+
+
 async def test_new_requests_avoid_the_loaded_cluster(deployment: Deployment, http: aiohttp.ClientSession) -> None:
-    a, hub = deployment.a, deployment.hub
+    a, b, hub = deployment.a, deployment.b, deployment.hub
     # Load cluster A directly (not through the hub): 12 long requests on 4 seats, so 8 wait.
     burst = [asyncio.create_task(complete(http, a.url, fresh_prompt(), max_tokens=400)) for _ in range(12)]
     try:
@@ -135,6 +178,16 @@ async def test_new_requests_avoid_the_loaded_cluster(deployment: Deployment, htt
         sent_to = [deployment.cluster_of((await complete(http, hub.url, fresh_prompt()))[0]) for _ in range(6)]
         assert sent_to == ["b"] * 6, sent_to
         assert await epp_metric(http, a.metrics_url, "llm_d_epp_average_queue_size") >= 1  # still loaded
+        # The hub publishes its own average: the mean over its clusters' pods (2 + 2: A's and B's halves).
+        for _ in range(60):
+            queue = "llm_d_epp_average_queue_size"
+            qa, qb = await epp_metric(http, a.metrics_url, queue), await epp_metric(http, b.metrics_url, queue)
+            q_hub = await epp_metric(http, hub.metrics_url, queue)
+            if qa >= 1 and q_hub == pytest.approx((qa + qb) / 2):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"the hub's average queue {q_hub} is not its clusters' mean ({qa} + {qb}) / 2")
     finally:
         for task in burst:
             task.cancel()

@@ -1,12 +1,14 @@
 """Multicluster mode through the config loader and the director: the reference's example config loads,
 the cluster scorers rank clusters on their EPPs' pool averages (unknown below known, never idle),
-prefix affinity and session tokens work per cluster, and configs mixing the modes fail at start-up
-naming the field."""
+prefix affinity and session tokens work per cluster, a cluster with no ready endpoints gets nothing
+(unless no cluster has any), and configs mixing the modes fail at start-up naming the field."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+from pathlib import Path
 
 import pytest
 from helpers import request
@@ -14,7 +16,7 @@ from helpers import request
 from llmepp.config.loader import Components, build, load_config, rebuild_scheduling
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import NO_METRICS, Endpoint, EndpointMetrics, EndpointSpec
-from llmepp.datalayer.multicluster import POOL_KV_CACHE_UTILIZATION, POOL_QUEUE_SIZE
+from llmepp.datalayer.multicluster import POOL_KV_CACHE_UTILIZATION, POOL_QUEUE_SIZE, POOL_READY_ENDPOINTS
 from llmepp.director import Director
 from llmepp.framework.plugin import ConfigError
 from llmepp.observability.metrics import EppMetrics
@@ -100,9 +102,10 @@ def cluster(i: int, *, queue: float | None = 0.0, kv: float | None = 0.0) -> End
     return ep
 
 
-def set_load(ep: Endpoint, *, queue: float | None, kv: float | None) -> None:
+def set_load(ep: Endpoint, *, queue: float | None, kv: float | None, ready: float | None = None) -> None:
     """What multicluster-metrics-extractor leaves on a cluster after a scrape (None: not on the page)."""
-    attrs = {k: v for k, v in ((POOL_QUEUE_SIZE, queue), (POOL_KV_CACHE_UTILIZATION, kv)) if v is not None}
+    pairs = ((POOL_QUEUE_SIZE, queue), (POOL_KV_CACHE_UTILIZATION, kv), (POOL_READY_ENDPOINTS, ready))
+    attrs = {k: v for k, v in pairs if v is not None}
     ep.metrics = EndpointMetrics(update_time=time.monotonic(), attributes=attrs) if attrs else NO_METRICS
 
 
@@ -247,6 +250,32 @@ async def test_a_prompt_prefix_and_a_session_stay_with_their_cluster() -> None:
     assert target is other
 
 
+async def test_a_cluster_with_no_ready_endpoints_gets_nothing_unless_none_has_any() -> None:
+    d, ds, c = hub(3)
+    assert c.plugins["multicluster-metrics-extractor"] in c.pipeline.screeners
+    a, b, e = ds.endpoints
+    prompt = b"a long shared system prompt " * 60
+    first, token = await route(d, prompt)
+    # The cluster holding the prefix and named by the session token loses its pods: its EPP's averages
+    # read idle (0), the best load of all, and the prefix and the session point there — it gets nothing.
+    set_load(first, queue=0.0, kv=0.0, ready=0)
+    for other in (ep for ep in (a, b, e) if ep is not first):
+        set_load(other, queue=5.0, kv=0.8, ready=2)
+    for turn in range(4):
+        target, _ = await route(d, prompt + f"turn {turn}".encode(), {"x-session-token": token})
+        assert target is not first
+    # An unknown count (its page could not be read, or lacks the gauge) is not 0: still a candidate.
+    set_load(first, queue=0.0, kv=0.0, ready=None)
+    target, _ = await route(d, prompt + b" again", {"x-session-token": token})
+    assert target is first
+    # No cluster has a ready endpoint: the hub routes as before (the cluster EPPs answer as an empty
+    # pool does, e.g. hold the request while scaling from zero) rather than refusing everything itself.
+    for ep in (a, b, e):
+        set_load(ep, queue=0.0, kv=0.0, ready=0)
+    target, _ = await route(d, b"an unrelated prompt " * 60)
+    assert target in (a, b, e)
+
+
 # -- modes that must not mix ---------------------------------------------------------------------
 
 HEADER = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n"
@@ -357,3 +386,16 @@ def test_a_reload_cannot_bring_pod_scorers_into_a_hub() -> None:
     # A weight change is fine.
     new = rebuild_scheduling(running, load_config(HUB.replace("weight: 3", "weight: 4")), datastore=ds)
     assert new.plugins["multicluster-metrics-data-source"] is running.plugins["multicluster-metrics-data-source"]
+
+
+def test_the_readme_hub_example_loads(tmp_path: Path) -> None:
+    """README.md's multicluster example (as a user copies it) builds, with the detector it configures."""
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    section = text[text.index("## Multicluster (clusters as endpoints)") :]
+    example = re.search(r"```yaml\n(plugins:.*?)```", section, re.S)
+    assert example is not None
+    clusters = tmp_path / "clusters.yaml"
+    clusters.write_text("endpoints:\n- {name: eu-1, address: 10.20.0.5, port: 80}\n")
+    components = build(load_config(example.group(1).replace("/etc/epp/clusters.yaml", str(clusters))))
+    assert components.plugins["utilization-detector"].type == "utilization-detector"
+    assert "multicluster-metrics-extractor" in components.plugins
