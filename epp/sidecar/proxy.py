@@ -238,7 +238,7 @@ def forward_headers(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
 def parse_hostport(value: str, header: str = PREFILL_HEADER) -> tuple[str, int]:
     """`ip:port`, `[v6]:port` or `name:port` → (host, port); ValueError when malformed."""
     host, sep, port_text = value.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
+    if not sep or not host or not (port_text.isascii() and port_text.isdigit()):  # not "８０００" or "²"
         raise ValueError(f"{header} must be host:port, got {value[:100]!r}")
     port = int(port_text)
     if not 0 < port < 65536:

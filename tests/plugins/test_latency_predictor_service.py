@@ -17,6 +17,9 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmepp.latencypredictor import cli
 from llmepp.latencypredictor.client import PredictorClient, PredictorUnavailable, urls_from_env
@@ -337,3 +340,33 @@ def test_urls_from_env() -> None:
     assert urls_from_env({}) == (["http://localhost:8001"], "http://localhost:8000")
     env = {"PREDICTION_SERVER_URL": "http://a:1/, http://b:2", "TRAINING_SERVER_URL": "http://t:3/"}
     assert urls_from_env(env) == (["http://a:1", "http://b:2"], "http://t:3")
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
+# Bodies shaped like the API's, with any field replaced by anything: the validator's whole surface.
+_fields = st.sampled_from([*row(), "actual_ttft_ms", "actual_tpot_ms", "pod_type", "prefill_tokens_in_flight"])
+_row_like = st.dictionaries(_fields, _json, max_size=8)
+_bodies = st.one_of(
+    _json,
+    st.builds(lambda rows: {"requests": rows}, st.lists(_row_like, max_size=3)),
+    st.builds(lambda rows: {"entries": rows}, st.lists(_row_like, max_size=3)),
+    _row_like,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(path=st.sampled_from(["/predict", "/predict/bulk", "/predict/bulk/strict", "/add_training_data_bulk"]),
+       body=_bodies)  # fmt: skip
+async def test_any_json_body_gets_a_json_answer_never_a_server_error(path: str, body: Any) -> None:
+    svc = PredictorService(Settings(training_port=0, prediction_port=0))
+    app = svc.app(training=True, prediction=True)
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.post(path, data=json.dumps(body, allow_nan=True).encode())
+        assert resp.status in (200, 202, 400, 422), (resp.status, await resp.text())
+        doc = await resp.json()
+        if resp.status >= 400:
+            assert isinstance(doc, dict) and doc.get("detail"), doc

@@ -14,6 +14,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmepp.sidecar.cli import options_from_args
 from llmepp.sidecar.proxy import DATA_PARALLEL_HEADER, PREFILL_HEADER, Sidecar, SidecarOptions, data_parallel_rank
@@ -270,3 +272,17 @@ def test_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
         with pytest.raises(SystemExit):
             options_from_args(bad)
         assert reason in capsys.readouterr().err, bad
+
+
+@settings(max_examples=500, deadline=None)
+@given(value=st.text(max_size=40) | st.builds(lambda h, p: f"{h}:{p}", st.sampled_from(["10.0.0.5", "[::1]", "x"]),
+                                               st.text(max_size=6) | st.integers(0, 70000).map(str)))  # fmt: skip
+def test_any_header_value_names_a_rank_exactly_or_is_refused(value: str) -> None:
+    ports = [8000, 8001]
+    try:
+        rank = data_parallel_rank(value, "10.0.0.5", ports)
+    except ValueError as e:
+        assert "x-data-parallel-host-port" in str(e)
+    else:  # accepted only when it names this pod's IP and a rank port, in ASCII digits
+        host, port = value.rsplit(":", 1)
+        assert host == "10.0.0.5" and port.isascii() and ports[rank] == int(port)
