@@ -56,7 +56,7 @@ def active_ports(pod: Pod, target_ports: tuple[int, ...]) -> set[int]:
     listed = set()
     for part in value.split(","):
         part = part.strip()
-        if part.isdigit():
+        if part.isascii() and part.isdigit():  # int("²") would raise
             listed.add(int(part))
     return listed & set(target_ports)
 

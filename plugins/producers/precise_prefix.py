@@ -523,4 +523,4 @@ def _zmq_bindable(endpoint: str) -> bool:
     if not endpoint.startswith("tcp://"):
         return False
     host, sep, port = endpoint[len("tcp://") :].rpartition(":")
-    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+    return bool(sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536)

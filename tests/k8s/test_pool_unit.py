@@ -48,7 +48,7 @@ def test_not_ready_terminating_ip_less_or_unselected_pods_contribute_nothing() -
 
 
 def test_active_ports_annotation_keeps_rank_positions() -> None:
-    p = pod("a", annotations={"llm-d.ai/active-ports": " 8002,junk, 7000"})
+    p = pod("a", annotations={"llm-d.ai/active-ports": " 8002,junk, 7000,²,８００１"})  # non-ASCII digits: junk
     assert active_ports(p, (8000, 8001, 8002)) == {8002}
     legacy = pod("a", annotations={"inference.networking.k8s.io/active-ports": "8000"})
     assert active_ports(legacy, (8000, 8001)) == {8000}
