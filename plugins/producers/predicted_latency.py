@@ -144,6 +144,11 @@ class _Context:
     labels: tuple[str, str] = ("", "")
 
 
+def _count(value: float) -> int:
+    """A non-negative whole count (NaN, infinities and negatives read as 0)."""
+    return round(value) if math.isfinite(value) and value > 0 else 0
+
+
 class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProcessor, ResponseCompleteProcessor):
     """Asks the latency predictor (`epp-latency-predictor`, or the llm-d sidecars) for every candidate's
     p90 TTFT and TPOT in one bulk call and publishes them as LatencyPredictionInfo, then trains it on
@@ -322,8 +327,10 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         return {
             "kv_cache_percentage": min(1.0, kv) if kv > 0.0 else 0.0,  # also maps NaN to 0
             "input_token_length": tokens,
-            "num_request_waiting": max(0, m.waiting_queue_size),
-            "num_request_running": max(0, m.running_requests_size),
+            # Integers, as the reference sidecars' schema types them (pydantic refuses 2.5 for an int);
+            # scraped counts are whole, a multicluster hub's averages are not.
+            "num_request_waiting": _count(m.waiting_queue_size),
+            "num_request_running": _count(m.running_requests_size),
             "num_tokens_generated": generated,
             "prefix_cache_score": prefix,
             "pod_type": ep.labels.get(self.role_label, "") if self.role_label else "",

@@ -493,3 +493,10 @@ async def test_through_the_director_a_tight_slo_avoids_the_endpoint_predicted_sl
     assert chosen.count("pod-1") <= 2, chosen  # ε = 1% exploration of the negative tier
     for component in c.plugins.values():
         await component.aclose()
+
+
+def test_counts_sent_to_the_predictor_are_whole_numbers() -> None:
+    """The reference sidecars type them int (pydantic refuses 2.5); a hub's cluster averages are not whole."""
+    from llmepp.plugins.producers.predicted_latency import _count
+
+    assert [_count(v) for v in (2.5, 2.6, 0.4, -1.0, float("nan"), float("inf"), 7.0)] == [2, 3, 0, 0, 0, 0, 7]
