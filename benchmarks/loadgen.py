@@ -59,10 +59,9 @@ async def execute(
     events = 0
     lead = 1 if chat else 0  # the chat role chunk carries no token
     timeout = aiohttp.ClientTimeout(total=total_timeout, sock_read=ttft_timeout)
+    headers = {"Content-Type": "application/json", **dict(call.headers)}
     try:
-        async with session.post(
-            base_url + call.path, data=call.body, headers={"Content-Type": "application/json"}, timeout=timeout
-        ) as resp:
+        async with session.post(base_url + call.path, data=call.body, headers=headers, timeout=timeout) as resp:
             out.status = resp.status
             out.pod = resp.headers.get("x-inference-pod", "")
             if resp.status != 200:
@@ -91,16 +90,24 @@ async def execute(
         out.error = "ttft-timeout" if out.first == 0.0 else "timeout"
     except (aiohttp.ClientError, ConnectionError) as exc:
         out.error = type(exc).__name__
-    # The last event is [DONE]: it was counted as a token above; take it back.
-    if out.reads and out.error is None:
-        stamp, n = out.reads.pop()
-        if n > 1:
-            out.reads.append((stamp, n - 1))
+    # The last event is [DONE], after the usage event when the call asked for usage: they were counted as
+    # tokens above; take them back.
+    if out.error is None:
+        drop_trailing_events(out.reads, 2 if call.usage else 1)
     out.tokens = sum(n for _, n in out.reads)
     if out.error is None and out.tokens < call.max_tokens:
         out.error = "short"
     text = _assistant_text(b"".join(raw)) if want_text and out.error is None else ""
     return _finish(out), text
+
+
+def drop_trailing_events(reads: list[tuple[float, int]], k: int) -> None:
+    """Remove the last `k` events from (stamp, events) reads, dropping reads left empty."""
+    while k > 0 and reads:
+        stamp, n = reads.pop()
+        if n > k:
+            reads.append((stamp, n - k))
+        k -= n
 
 
 def _finish(out: Outcome) -> Outcome:

@@ -165,6 +165,18 @@ def _censored(x: float) -> float | str | None:
     return None if math.isnan(x) else x
 
 
+def request_ttft_s(o: Outcome, time_scale: float) -> float:
+    """Simulated seconds from send to the first token; inf for a failed request."""
+    return (o.first - o.sent) * time_scale if o.ok else math.inf
+
+
+def request_tpot_ms(o: Outcome, time_scale: float, token_unit: int) -> float | None:
+    """Simulated ms per real output token after the first (None without two tokens)."""
+    if o.tokens > 1 and o.reads:
+        return (o.reads[-1][0] - o.first) / (o.tokens - 1) * time_scale / token_unit * 1000.0
+    return None
+
+
 def summarize_stage(
     window: StageWindow,
     outcomes: Sequence[Outcome],
@@ -179,7 +191,7 @@ def summarize_stage(
     for o in mine:
         if not o.ok:
             errors[o.error or "none"] = errors.get(o.error or "none", 0) + 1
-    ttft = [(o.first - o.sent) * time_scale if o.ok else math.inf for o in mine]
+    ttft = [request_ttft_s(o, time_scale) for o in mine]
     gaps: list[float] = []
     tpot: list[float] = []
     per_token = time_scale / token_unit * 1000.0  # wall s -> simulated ms per real token
@@ -190,8 +202,9 @@ def summarize_stage(
                 gaps.append((stamp - prev) * per_token)
             gaps.extend([0.0] * (n - 1))
             prev = stamp
-        if o.tokens > 1 and o.reads:
-            tpot.append((o.reads[-1][0] - o.first) / (o.tokens - 1) * per_token)
+        t = request_tpot_ms(o, time_scale, token_unit)
+        if t is not None:
+            tpot.append(t)
     # Output throughput as inference-perf reports it per stage: the stage's output tokens over the stage's
     # time (first arrival to last completion, drain included).
     tokens_out = sum(o.tokens for o in mine)

@@ -86,9 +86,11 @@ def outcome_row(o: Outcome, time_scale: float) -> list[Any]:
 async def run_contender(
     c: Contender, workload_name: str, scale: Scale, quick: bool, pods: list[tuple[str, int]], workdir: Path,
     seed: int, raw: list[dict[str, Any]], host_pids: dict[str, int], workload: Workload | None = None,
+    outcomes_sink: list[Outcome] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """One contender through one workload's ladder. `workload` (default: `build(workload_name, ...)`) lets a
-    separate comparison (benchmarks.precise_routing) run its own ladder of the same workload."""
+    separate comparison (benchmarks.precise_routing) run its own ladder of the same workload; `outcomes_sink`
+    receives every request's outcome (benchmarks.predicted_latency's per-class metrics)."""
     urls = [f"http://{h}:{p}" for h, p in pods]
     reason = c.unavailable()
     if reason:
@@ -124,6 +126,8 @@ async def run_contender(
         peak = {name: proc_rss_mb(pid)[1] for name, pid in c.pids.items()}
         await c.stop()
     stages = [summarize_stage(w, outcomes, sampler, scale.time_scale, scale.token_unit, peak) for w in windows]
+    if outcomes_sink is not None:
+        outcomes_sink.extend(outcomes)
     raw.append({"workload": workload_name, "contender": c.name,
                 "columns": ["stage", "key", "pod", "ttft_s", "tokens", "e2e_s", "error"],
                 "rows": [outcome_row(o, scale.time_scale) for o in outcomes]})  # fmt: skip

@@ -13,6 +13,10 @@ runner divides them by the time scale):
   previous answer ended. Chat completions API.
 * ``no-sharing`` - unique prompts of varied length and output (nothing to reuse: shows whether an
   affinity-seeking router regresses when affinity cannot help). Completions API.
+* ``slo-mix`` - unique prompts from two request classes that state per-request latency SLOs in the
+  ``x-llm-d-slo-ttft-ms`` / ``x-llm-d-slo-tpot-ms`` headers: interactive (short prompts and answers, tight
+  SLOs) and batch (long prompts and answers, loose SLOs); streamed with ``stream_options.include_usage``.
+  Not part of the routing benchmark's default set; used by ``benchmarks.predicted_latency``.
 
 Scaling to a 2-core machine (`Scale`): the simulator runs the canonical pod shape (the shipped
 ``qwen3-32b-h100-tp2`` profile: 0.25 ms/prompt token, 35 ms prefill overhead, 20 ms ITL rising 2.5x at 256
@@ -89,6 +93,8 @@ class Call:
     max_tokens: int  # simulated tokens
     prompt_tokens: int  # simulated tokens (approximate for chat)
     key: str = ""  # group / conversation id, for the JSON
+    headers: tuple[tuple[str, str], ...] = ()  # sent besides Content-Type
+    usage: bool = False  # the stream ends with a usage event (stream_options.include_usage), which is no token
 
 
 def _words() -> list[str]:
@@ -100,10 +106,12 @@ def _text(rng: random.Random, words: Sequence[str], tokens: int) -> str:
     return "".join(rng.choice(words) for _ in range(tokens))
 
 
-def _completion(prompt: str, max_tokens: int) -> bytes:
-    return json.dumps(
-        {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
-    ).encode()
+def _completion(prompt: str, max_tokens: int, usage: bool = False, model: str = MODEL) -> bytes:
+    body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+                            "ignore_eos": True}  # fmt: skip
+    if usage:
+        body["stream_options"] = {"include_usage": True}
+    return json.dumps(body).encode()
 
 
 def _chat(messages: list[dict[str, str]], max_tokens: int) -> bytes:
@@ -211,6 +219,83 @@ class NoSharing(Workload):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "real_tokens": {"input": self.input_tokens, "output": self.output_tokens}}
+
+
+@dataclass(frozen=True)
+class RequestClass:
+    """One class of an SLO mix: its share of the arrivals, lengths in real tokens (uniform in the ranges) and
+    SLOs in *simulated* milliseconds (TTFT) and simulated milliseconds per real output token (TPOT); 0 = no
+    header."""
+
+    name: str
+    share: float
+    input_tokens: tuple[int, int]
+    output_tokens: tuple[int, int]
+    ttft_slo_ms: float
+    tpot_slo_ms: float
+
+    @property
+    def model(self) -> str:
+        """The model name the class's requests ask for: an alias of the simulator's model (`SloMix.served_models`),
+        so the EPP's per-model series (predicted vs observed TTFT) come out per class."""
+        return f"{MODEL}-{self.name}"
+
+    def headers(self, scale: Scale) -> tuple[tuple[str, str], ...]:
+        """The SLO headers as the EPP must read them. The EPP (and the latency predictor it trains) sees the
+        wall clock and simulated tokens: a TTFT of t simulated ms is t / S wall ms; a TPOT of p simulated ms per
+        real token is p * k / S wall ms per simulated token (S = time scale, k = token unit)."""
+        out = []
+        if self.ttft_slo_ms > 0:
+            out.append(("x-llm-d-slo-ttft-ms", f"{self.ttft_slo_ms / scale.time_scale:.6g}"))
+        if self.tpot_slo_ms > 0:
+            out.append(("x-llm-d-slo-tpot-ms", f"{self.tpot_slo_ms * scale.token_unit / scale.time_scale:.6g}"))
+        return tuple(out)
+
+
+# Interactive: idle TTFT is 35 ms + 0.25 ms per prompt token (85-235 ms here) plus the host's overhead, so a
+# 300 ms TTFT SLO is met on a pod that is not prefilling a long prompt at the same time (prefills share the GPU)
+# and missed on one that is. TPOT in this simulator is 20 ms x (1 + 1.5 (running - 1) / 255): 25 ms is met
+# below ~65 running requests per pod. Batch: 4,000-8,000-token prompts (1-2 s of prefill alone).
+SLO_CLASSES = (
+    RequestClass("interactive", 0.7, (200, 800), (40, 160), ttft_slo_ms=300.0, tpot_slo_ms=25.0),
+    RequestClass("batch", 0.3, (4000, 8000), (300, 700), ttft_slo_ms=4000.0, tpot_slo_ms=50.0),
+)
+
+
+@dataclass
+class SloMix(Workload):
+    """Unique prompts; each request's class drawn by share, its SLOs sent as headers (`RequestClass.headers`);
+    streamed with usage, so the EPP's predicted-latency-producer can train TPOT. Key: "<class>/<index>". The
+    simulator must serve `served_models()`."""
+
+    classes: tuple[RequestClass, ...] = SLO_CLASSES
+    scale: Scale = field(default_factory=Scale)
+
+    def __post_init__(self) -> None:
+        self._words = _words()
+        total = sum(c.share for c in self.classes)
+        self._cumulative = [sum(c.share for c in self.classes[: i + 1]) / total for i in range(len(self.classes))]
+
+    def request_class(self, i: int) -> RequestClass:
+        u = random.Random(self.seed * 3_000_017 + i).random()
+        return next((c for c, edge in zip(self.classes, self._cumulative) if u < edge), self.classes[-1])
+
+    def call(self, i: int) -> Call:
+        cls = self.request_class(i)
+        rng = random.Random(self.seed * 5_000_011 + i)
+        s = self.scale
+        n = s.tokens(rng.uniform(*cls.input_tokens))
+        out = s.tokens(rng.uniform(*cls.output_tokens))
+        body = _completion(_text(rng, self._words, n), out, usage=True, model=cls.model)
+        return Call("/v1/completions", body, out, n, f"{cls.name}/{i}", cls.headers(s), usage=True)
+
+    def served_models(self) -> list[str]:
+        """epp-sim's --served-model-name: the base name (readiness checks, metrics) and one alias per class."""
+        return [MODEL, *(c.model for c in self.classes)]
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "classes": [asdict(c) for c in self.classes],
+                "headers": {c.name: dict(c.headers(self.scale)) for c in self.classes}}  # fmt: skip
 
 
 @dataclass
@@ -325,6 +410,15 @@ def build(name: str, scale: Scale, quick: bool, seed: int = 1) -> Workload:
         ladder = [(2, 40), (4, 40), (6, 40), (7.5, 40)] if not quick else [(3, 30), (6.5, 30)]
         stages = [StageSpec(r * f, d) for r, d in ladder]
         return NoSharing(name, stages, seed=seed, scale=scale)
+    if name == "slo-mix":
+        # Mean prompt ~2,150 real tokens: the 4 pods' prefill (4,000 tokens/s each) is busy 81% of the time at 6
+        # req/s, where both profiles miss the interactive SLO about half the time. The first stage is a warm-up
+        # for the latency predictor (both contenders run it; not reported).
+        warm, ladder = (5, 60), [(2, 150), (3.5, 100), (5, 80), (6, 70)]
+        if quick:
+            warm, ladder = (5, 40), [(3, 60), (6, 50)]
+        stages = [StageSpec(warm[0] * f, warm[1], warmup=True)] + [StageSpec(r * f, d) for r, d in ladder]
+        return SloMix(name, stages, seed=seed, scale=scale)
     raise ValueError(f"unknown workload {name!r}")
 
 

@@ -140,6 +140,9 @@ class _Context:
     dispatch_metrics: EndpointMetrics = NO_METRICS
     first_token_metrics: EndpointMetrics | None = None
     prefill_tokens_at_dispatch: int = 0
+    # Each candidate's prefill tokens in flight when the predictions were asked for (the rows' feature); the
+    # chosen endpoint's is its training samples' feature, so training and prediction rows agree.
+    prefill_snapshot: dict[Endpoint, int] | None = None
     ttft_reported: bool = False
     labels: tuple[str, str] = ("", "")
 
@@ -175,7 +178,8 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
 
     Training (in the background, batched every LATENCY_FLUSH_INTERVAL_SEC to POST /add_training_data_bulk),
     only for responses that ended naturally with a status < 400; features are the chosen endpoint's at
-    dispatch (PreRequest):
+    dispatch (PreRequest), except prefill_tokens_in_flight, which is the value its prediction row had (the
+    other requests' tokens, not this one's: training and prediction rows mean the same thing):
       * TTFT sample: streamingMode true — first response byte − dispatch, sent at the first byte;
         false — the whole response (end-to-end latency, as the reference), sent at completion.
       * TPOT samples (streamingMode true, ≥ 2 output tokens from the response's usage): the mean
@@ -305,6 +309,7 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         if time.monotonic() < self._skip_until:
             self._count_unavailable("skipped")
             return
+        ctx.prefill_snapshot = {ep: self._prefill_tokens.get(ep, 0) for ep in endpoints}
         rows = [self._row(ep, ctx.input_tokens, scores.get(ep, 0.0), 1, ep.metrics) for ep in endpoints]
         t0 = time.perf_counter()
         try:
@@ -382,9 +387,13 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         ctx.dispatch_metrics = ep.metrics
         prefill = result.profiles.get(result.prefill_profile) if result.prefill_profile else None
         charged = prefill.targets[0] if prefill is not None and prefill.targets else ep
-        self._prefill_tokens[charged] = self._prefill_tokens.get(charged, 0) + ctx.input_tokens
+        before = self._prefill_tokens.get(charged, 0)
+        # The training feature is what the prediction saw: the other requests' prefill tokens (as the reference's
+        # in-flight snapshot from Produce), never this request's own, which only input_token_length carries.
+        snapshot = ctx.prefill_snapshot or {}
+        ctx.prefill_tokens_at_dispatch = snapshot.get(charged, before)
+        self._prefill_tokens[charged] = before + ctx.input_tokens
         ctx.prefill_endpoint = charged
-        ctx.prefill_tokens_at_dispatch = self._prefill_tokens[charged]
         self._dispatched.setdefault(ep, {})[id(ctx)] = (ctx.tpot_slo, now)
 
     def _sweep(self, now: float) -> None:

@@ -406,6 +406,36 @@ async def test_the_producer_trains_on_what_the_response_showed(predictor: Predic
     await p.aclose()
 
 
+async def test_training_rows_carry_the_prefill_tokens_the_prediction_saw(predictor: PredictorService) -> None:
+    """prefill_tokens_in_flight in a TTFT sample is the value of the request's own prediction row: the other
+    requests' tokens when it was predicted, not its own as well (input_token_length carries those), and not
+    what was dispatched between its prediction and its dispatch. Otherwise the model learns the feature with
+    the request's own tokens in it and every prediction, made without them, comes out low."""
+    p = producer(predictor, streamingMode=True)
+    p.client.flush_interval = 0.02
+    eps = [endpoint(0), endpoint(1)]
+    first = request(b"a" * 400)  # 100 tokens, still prefilling throughout
+    await p.produce(first, eps)
+    p.pre_request(first, result(eps[0]))
+    second = request(b"b" * 800)  # 200 tokens: predicted with 100 in flight on endpoint 0
+    await p.produce(second, eps)
+    third = request(b"c" * 200)  # 50 tokens, dispatched between the second's prediction and its dispatch
+    await p.produce(third, eps)
+    p.pre_request(third, result(eps[0]))
+    p.pre_request(second, result(eps[0]))
+    assert p.prefill_tokens(eps[0]) == 350
+    now = time.monotonic()
+    for req in (first, second):
+        p.first_response_chunk(req, ResponseInfo(status=200, streaming=True, first_byte_at=now + 0.05, bytes=10))
+    for _ in range(100):
+        if predictor.model.ttft.received >= 2:
+            break
+        await asyncio.sleep(0.02)
+    in_flight = sorted(round(x[7] * 10000) for x, _ in predictor.model.ttft.samples())  # prefill_tokens/10000
+    assert in_flight == [0, 100]
+    await p.aclose()
+
+
 async def test_non_streaming_mode_trains_end_to_end_latency(predictor: PredictorService) -> None:
     p = producer(predictor)
     p.client.flush_interval = 0.02
