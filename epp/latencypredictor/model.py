@@ -4,15 +4,28 @@ Per target, with x the feature row scaled by fixed constants (so a weight's prio
 thing whatever the traffic) and w₀ the prior weights:
 
     w      = (XᵀX + λ·I)⁻¹ (Xᵀy + λ·w₀)              posterior mean, Gaussian prior N(w₀, σ²/λ)
+    b(x)   = min(B, ⌊log₂ max(n, 1)⌋)                 size bucket of the prompt, n = input_token_length:
+                                                      [0, 2), [2, 4), … [2^B, ∞) tokens; B = 20
     r_q    = q-quantile of the residuals y − w·x      (q = LATENCY_QUANTILE_ALPHA, 0.9; 0 for "mean")
-    pred   = max(0, w·x + r_q)                        milliseconds
+    r_q(b) = q-quantile of the residuals of the samples in size bucket b, when there are
+             ≥ `MIN_BUCKET_RESIDUALS` of them (100: ≥ 10 residuals above a p90); r_q (global) otherwise
+    pred   = max(0, w·x + r_q(b(x)))                  milliseconds
+
+The residual quantile is conditional on the request's size because latency noise is not: a 45 ms
+interactive TTFT is off by a few ms, a 2 s batch prefill by hundreds, and one global quantile (set by
+the large errors) added to every prediction makes small predictions mostly that constant. Within a
+bucket (prompts within a factor 2 in length) the residuals are treated as exchangeable, so the p90
+prediction covers ~90% of the samples of that size, not only ~90% of all samples pooled. The bucket is
+the request's, not the pod's (unlike a bucket of w·x, which a pod's load moves): every pod scored for
+one request gets the same r_q(b), so the pods' ranking is still that of w·x, with no inversion at a
+bucket edge. The residuals are in-sample (those of the fit itself), as the global one always was.
 
 Before any sample the prediction is the prior's (`w = w₀`, `r_q = 0`): a hand-set physical guess that
 latency grows with uncached prompt tokens, queued and running requests and KV pressure, so routing
 on predictions is sane from the first request; with n samples the data outweighs the prior about n/λ
 to 1. XᵀX and Xᵀy are kept as running sums over the stored window (d ≤ 9, so a refit is O(d³) however
 many samples there are; recomputed exactly every `EXACT_EVERY` fits against rounding drift), the
-residual quantile is taken over at most `QUANTILE_SAMPLE` stored samples.
+residual quantiles are taken over at most `QUANTILE_SAMPLE` stored samples.
 
 The window is stratified as the reference's: samples land in buckets keyed by queue depth
 {0, 1-2, 3-5, 6-10, 11+}, KV utilisation (5% steps) and, for TTFT, prefix-cache score (quartiles);
@@ -32,13 +45,23 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 EXACT_EVERY = 20  # fits between exact recomputations of the running sums
 QUANTILE_SAMPLE = 2000
+MIN_BUCKET_RESIDUALS = 100  # fewer residuals at a size: that size uses the global quantile
+MAX_SIZE_BUCKET = 20  # the last bucket is [2^20, ∞) prompt tokens
+SIZE_FEATURE = "input_token_length/1000"  # where a feature row holds the prompt's size (both targets)
+
+
+def size_bucket(tokens: float) -> int:
+    """b: the log₂ bucket of a prompt length in tokens (0 and 1 token are bucket 0)."""
+    if not tokens >= 2.0:  # also NaN
+        return 0
+    return min(MAX_SIZE_BUCKET, int(math.log2(tokens)))
 
 
 class Row(Protocol):
@@ -135,13 +158,20 @@ class Coefficients:
     """A fitted (or prior) model: what predictions use, swapped atomically on refit."""
 
     weights: tuple[float, ...]
-    residual_quantile: float = 0.0
+    residual_quantile: float = 0.0  # global r_q, the fallback
     samples: int = 0
     source: str = "prior"  # "prior", "trained" or "synced"
     trained_at: float = field(default_factory=time.time)
+    bucket_quantiles: Mapping[int, float] = field(default_factory=dict)  # b → r_q(b), well-populated buckets
 
-    def predict(self, x: Sequence[float]) -> float:
-        value = math.fsum(w * v for w, v in zip(self.weights, x)) + self.residual_quantile
+    def residual_for(self, tokens: float | None) -> float:
+        """r_q(b): the residual quantile added for a prompt of `tokens` (None: the global one)."""
+        if tokens is None or not self.bucket_quantiles:
+            return self.residual_quantile
+        return self.bucket_quantiles.get(size_bucket(tokens), self.residual_quantile)
+
+    def predict(self, x: Sequence[float], tokens: float | None = None) -> float:
+        value = math.fsum(w * v for w, v in zip(self.weights, x)) + self.residual_for(tokens)
         return value if value > 0.0 else 0.0
 
 
@@ -168,6 +198,7 @@ class TargetModel:
             raise ValueError("prior strength must be > 0")
         self.spec = spec
         self.d = len(spec.features)
+        self._size = spec.features.index(SIZE_FEATURE)
         self.max_per_bucket = max_per_bucket
         self.quantile = quantile
         self.objective = objective
@@ -225,13 +256,25 @@ class TargetModel:
         c = [self._xty[i] + lam * w0[i] for i in range(d)]
         weights = tuple(solve_spd(a, c))
         rq = 0.0
+        by_bucket: dict[int, float] = {}
         if self._n and self.objective == "quantile":
             pool = list(self.samples())
             if len(pool) > QUANTILE_SAMPLE:
                 pool = self._rng.sample(pool, QUANTILE_SAMPLE)
-            residuals = sorted(y - math.fsum(w * v for w, v in zip(weights, x)) for x, y in pool)
-            rq = quantile_of_sorted(residuals, self.quantile)
-        self.coefficients = Coefficients(weights, rq, self._n, "trained" if self._n else "prior")
+            by_size: dict[int, list[float]] = {}
+            residuals = []
+            for x, y in pool:
+                r = y - math.fsum(w * v for w, v in zip(weights, x))
+                residuals.append(r)
+                by_size.setdefault(size_bucket(round(x[self._size] * 1000)), []).append(r)
+            rq = quantile_of_sorted(sorted(residuals), self.quantile)
+            by_bucket = {
+                b: quantile_of_sorted(sorted(rs), self.quantile)
+                for b, rs in sorted(by_size.items())
+                if len(rs) >= MIN_BUCKET_RESIDUALS
+            }
+        source = "trained" if self._n else "prior"
+        self.coefficients = Coefficients(weights, rq, self._n, source, bucket_quantiles=by_bucket)
         self.since_fit = 0
         return self.coefficients
 
@@ -242,7 +285,7 @@ class TargetModel:
             self._accumulate(x, y, sign=1.0)
 
     def predict(self, row: Row) -> float:
-        return self.coefficients.predict(self.spec.featurize(row))
+        return self.coefficients.predict(self.spec.featurize(row), row.input_token_length)
 
     def clear(self) -> None:
         self._buckets.clear()
@@ -259,6 +302,16 @@ class TargetModel:
             "features": list(self.spec.features),
             "weights": list(c.weights),
             "residual_quantile": c.residual_quantile,
+            # r_q(b) for the buckets with enough residuals: prompts of [from_tokens, to_tokens) add it instead
+            "residual_quantiles_by_size": [
+                {
+                    "bucket": b,
+                    "from_tokens": 0 if b == 0 else 2**b,
+                    "to_tokens": None if b == MAX_SIZE_BUCKET else 2 ** (b + 1),
+                    "residual_quantile": v,
+                }
+                for b, v in sorted(c.bucket_quantiles.items())
+            ],
             "quantile": self.quantile,
             "objective_type": self.objective,
             "samples": c.samples,
@@ -276,7 +329,19 @@ class TargetModel:
         rq = float(doc.get("residual_quantile", 0.0))
         if not math.isfinite(rq):
             raise ValueError(f"{self.spec.name}: bad residual_quantile")
-        self.coefficients = Coefficients(weights, rq, int(doc.get("samples", 0)), "synced")
+        by_bucket: dict[int, float] = {}
+        items = doc.get("residual_quantiles_by_size") or []  # absent from older servers: global only
+        if not isinstance(items, list):
+            raise ValueError(f"{self.spec.name}: bad residual_quantiles_by_size")
+        for item in items:
+            try:
+                b, v = int(item["bucket"]), float(item["residual_quantile"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{self.spec.name}: bad residual_quantiles_by_size: {e}") from None
+            if not (0 <= b <= MAX_SIZE_BUCKET and math.isfinite(v)):
+                raise ValueError(f"{self.spec.name}: bad residual_quantiles_by_size")
+            by_bucket[b] = v
+        self.coefficients = Coefficients(weights, rq, int(doc.get("samples", 0)), "synced", bucket_quantiles=by_bucket)
 
 
 class LatencyModel:
@@ -322,7 +387,7 @@ class LatencyModel:
         ttft = self.ttft.coefficients  # one snapshot per call: a refit mid-batch cannot mix models
         tpot = self.tpot.coefficients
         fx, gx = self.ttft.spec.featurize, self.tpot.spec.featurize
-        return [(ttft.predict(fx(r)), tpot.predict(gx(r))) for r in rows]
+        return [(ttft.predict(fx(r), r.input_token_length), tpot.predict(gx(r), r.input_token_length)) for r in rows]
 
     def retrain(self, min_samples: int) -> list[str]:
         """Refit every target with new samples and at least `min_samples` stored; the names refitted."""

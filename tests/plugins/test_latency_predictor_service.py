@@ -23,7 +23,15 @@ from hypothesis import strategies as st
 
 from llmepp.latencypredictor import cli
 from llmepp.latencypredictor.client import PredictorClient, PredictorUnavailable, urls_from_env
-from llmepp.latencypredictor.model import TPOT, TTFT, LatencyModel, TargetModel, quantile_of_sorted, solve_spd
+from llmepp.latencypredictor.model import (
+    TPOT,
+    TTFT,
+    LatencyModel,
+    TargetModel,
+    quantile_of_sorted,
+    size_bucket,
+    solve_spd,
+)
 from llmepp.latencypredictor.schema import PredictionRequest, TrainingEntry
 from llmepp.latencypredictor.server import PredictorService, Settings
 from llmepp.testing.ports import free_port
@@ -101,6 +109,75 @@ def test_the_model_learns_a_linear_relation_and_its_p90() -> None:
     mean_model.add(linear_samples(400))
     mean_model.retrain(10)
     assert mean_model.ttft.coefficients.residual_quantile == 0.0
+
+
+def two_scale_samples(n: int, seed: int) -> list[tuple[str, TrainingEntry]]:
+    """Interactive prompts (100-300 tokens, TTFT ≈ 40 ms, σ = 3 ms) mixed 1:1 with batch prompts
+    (4000-8000 tokens, TTFT ≈ 600 ms, σ = 80 ms): one linear mean, noise of very different scales."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        kind = "interactive" if i % 2 else "batch"
+        inp = rng.randint(100, 300) if kind == "interactive" else rng.randint(4000, 8000)
+        noise = rng.gauss(0, 3) if kind == "interactive" else rng.gauss(0, 80)
+        kv = rng.random() * 0.5
+        out.append((kind, entry(ttft=20 + 0.1 * inp + noise, input_token_length=inp, kv_cache_percentage=kv)))
+    return out
+
+
+def test_the_p90_covers_ninety_percent_of_each_scale_not_only_of_the_pool() -> None:
+    model = LatencyModel(seed=5)
+    model.add(e for _, e in two_scale_samples(4000, seed=11))
+    model.retrain(min_samples=10)
+    c = model.ttft.coefficients
+    assert len(c.bucket_quantiles) >= 2  # the interactive and the batch scales each have their own
+    held_out = two_scale_samples(6000, seed=12)
+    features = [e for _, e in held_out]  # a TrainingEntry is a PredictionRequest
+    new = [ttft for ttft, _ in model.predict(features)]
+    x = [model.ttft.spec.featurize(f) for f in features]
+    old = [sum(w * v for w, v in zip(c.weights, xi)) + c.residual_quantile for xi in x]  # one global r_q
+    for kind in ("interactive", "batch"):
+        idx = [i for i, (k, _) in enumerate(held_out) if k == kind]
+        covered = sum(held_out[i][1].actual_ttft_ms <= new[i] for i in idx) / len(idx)
+        covered_old = sum(held_out[i][1].actual_ttft_ms <= old[i] for i in idx) / len(idx)
+        assert abs(covered - 0.9) < 0.04, (kind, covered)  # 0.905 and 0.911 at these seeds
+        assert abs(covered_old - 0.9) > 0.04, (kind, covered_old)  # the global residual: 1.0 and 0.797
+    # The interactive p90 is ~40 + 1.28·3 ms, not 40 ms plus the batch prompts' error (~65 ms); for one
+    # request every pod gets the same residual, so a busier pod is still predicted slower.
+    ((interactive, _),) = model.predict([PredictionRequest(**row(input_token_length=200))])
+    assert 40 < interactive < 50
+    ((busier, _),) = model.predict([PredictionRequest(**row(input_token_length=200, num_request_running=3))])
+    assert busier - interactive == pytest.approx(c.weights[4] * 0.1)  # the same r_q(b): only w·x moves
+    # The per-scale quantiles survive a prediction-only server's sync; an older server's doc has none.
+    synced = TargetModel(TTFT)
+    synced.load_json(model.ttft.to_json())
+    assert synced.coefficients.bucket_quantiles == pytest.approx(c.bucket_quantiles)
+    assert synced.predict(features[0]) == pytest.approx(new[0])
+    doc = {k: v for k, v in model.ttft.to_json().items() if k != "residual_quantiles_by_size"}
+    synced.load_json(doc)
+    assert synced.coefficients.bucket_quantiles == {}
+    assert synced.predict(features[1]) == pytest.approx(old[1])
+    with pytest.raises(ValueError):
+        synced.load_json({**doc, "residual_quantiles_by_size": [{"bucket": "x"}]})
+
+
+def test_a_sparse_size_falls_back_to_the_global_residual() -> None:
+    tokens = (-5.0, 0.0, 1.0, 2.0, 200.0, 256.0, 1e12, float("nan"))
+    assert [size_bucket(v) for v in tokens] == [0, 0, 0, 1, 7, 8, 20, 0]
+    model = LatencyModel(seed=2)
+    # Plenty of interactive prompts, a handful of batch ones: their size has too few residuals of its own.
+    model.add(e for k, e in two_scale_samples(600, seed=3) if k == "interactive" or e.input_token_length < 4400)
+    model.retrain(min_samples=10)
+    c = model.ttft.coefficients
+    assert size_bucket(200) in c.bucket_quantiles and size_bucket(6000) not in c.bucket_quantiles
+    for tokens in (200, 6000):
+        features = PredictionRequest(**row(input_token_length=tokens))
+        ((p90, _),) = model.predict([features])
+        point = sum(w * v for w, v in zip(c.weights, model.ttft.spec.featurize(features)))
+        assert p90 == pytest.approx(point + c.residual_for(tokens))
+        assert model.ttft.predict(features) == pytest.approx(p90)
+    assert c.residual_for(6000) == c.residual_quantile != c.residual_for(200)
+    assert c.residual_for(None) == c.residual_quantile
 
 
 def test_a_few_samples_move_the_prior_only_as_far_as_they_show() -> None:
