@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from abc import ABC, abstractmethod
 from typing import Protocol
 
 from llmepp.datalayer.datastore import Datastore
@@ -103,7 +104,7 @@ class _EndpointPage:
         self.streak.succeeded(f"{p.what} fetch", client.target)
 
 
-class PagePoller:
+class PagePoller(ABC):
     """A Datastore listener that fetches every endpoint's page every `source.poll_interval` seconds.
 
     Subclasses implement `store`: turn the body into what the endpoint keeps, raising PageError for
@@ -132,9 +133,9 @@ class PagePoller:
         self._states: dict[Endpoint, _EndpointPage] = {}
         self._task: asyncio.Task[None] | None = None
 
+    @abstractmethod
     def store(self, endpoint: Endpoint, body: bytes) -> PageError | None:
         """Apply one fetched page to `endpoint`; see the class docstring."""
-        raise NotImplementedError
 
     def target_for(self, spec: EndpointSpec) -> ScrapeTarget | None:
         """Where to fetch an endpoint's page; None when it has no such place (it is skipped)."""
