@@ -43,7 +43,7 @@ import yaml
 from benchmarks.des.policies import policy_config
 from llmepp.testing.envoy import EnvoyProcess, render_envoy_config
 from llmepp.testing.ports import free_port
-from llmepp.testing.stack import EppProcess, with_epp_endpoints, with_file_discovery
+from llmepp.testing.stack import EppProcess, loopback_epp_args, with_epp_endpoints, with_file_discovery
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -153,10 +153,7 @@ class EppBehindEnvoy(Contender):
     async def start(self, pods: list[tuple[str, int]], workdir: Path) -> None:
         config = _write_epp_config(self.config_text, pods, workdir)
         grpc_port, health, metrics = free_port(), free_port(), free_port()
-        args = [
-            "--config-file", str(config), "--grpc-port", str(grpc_port), "--grpc-health-port", str(health),
-            "--metrics-port", str(metrics), "--bind-address", "127.0.0.1", *self.extra_args,
-        ]  # fmt: skip
+        args = loopback_epp_args(config, grpc_port, health, metrics, *self.extra_args)
         self.epp = EppProcess(args, health, workdir / "epp.log")
         await self.epp.start()
         port, admin = free_port(), free_port()
@@ -302,10 +299,7 @@ class EppReplicasBehindEnvoy(EppBehindEnvoy):
         grpc_ports = []
         for i in range(self.replicas):
             grpc_port, health, metrics = free_port(), free_port(), free_port()
-            args = [
-                "--config-file", str(config), "--grpc-port", str(grpc_port), "--grpc-health-port", str(health),
-                "--metrics-port", str(metrics), "--bind-address", "127.0.0.1",
-            ]  # fmt: skip
+            args = loopback_epp_args(config, grpc_port, health, metrics)
             epp = EppProcess(args, health, workdir / f"epp-{i}.log")
             self.epps.append(epp)
             await epp.start()

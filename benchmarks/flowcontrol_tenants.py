@@ -57,7 +57,7 @@ from benchmarks import report
 from benchmarks.contenders import envoy_yaml
 from llmepp.testing.envoy import EnvoyProcess
 from llmepp.testing.ports import free_port
-from llmepp.testing.stack import EppProcess, with_file_discovery
+from llmepp.testing.stack import EppProcess, loopback_epp_args, with_file_discovery
 from llmepp_sim.cluster import SimProcess
 
 RESULTS = Path(__file__).parent / "results"
@@ -396,10 +396,7 @@ class EppBehindEnvoy:
         config = self.workdir / "epp-config.yaml"
         config.write_text(with_file_discovery(self.config_text, endpoints))
         grpc_port, health, metrics = free_port(), free_port(), free_port()
-        args = [
-            "--config-file", str(config), "--grpc-port", str(grpc_port), "--grpc-health-port", str(health),
-            "--metrics-port", str(metrics), "--bind-address", "127.0.0.1", "--objectives-file", str(self.objectives),
-        ]  # fmt: skip
+        args = loopback_epp_args(config, grpc_port, health, metrics, "--objectives-file", str(self.objectives))
         self.epp = EppProcess(args, health, self.workdir / "epp.log")
         await self.epp.start()
         port, admin = free_port(), free_port()

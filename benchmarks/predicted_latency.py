@@ -48,7 +48,7 @@ from benchmarks.workloads import RequestClass, Scale, SloMix, build, kv_blocks_p
 from llmepp.testing.envoy import EnvoyProcess
 from llmepp.testing.ports import free_port
 from llmepp.testing.predictor import PredictorProcess
-from llmepp.testing.stack import EppProcess
+from llmepp.testing.stack import EppProcess, loopback_epp_args
 
 PRESET = Path(__file__).parents[1] / "deploy" / "config" / "predicted-latency-file-discovery.yaml"
 FIRST_HOST = 210
@@ -81,10 +81,7 @@ class EppWithPredictor(EppBehindEnvoy):
         await self.predictor.start()
         config = _write_epp_config(self.config_text, pods, workdir)
         grpc_port, health, metrics = free_port(), free_port(), free_port()
-        args = [
-            "--config-file", str(config), "--grpc-port", str(grpc_port), "--grpc-health-port", str(health),
-            "--metrics-port", str(metrics), "--bind-address", "127.0.0.1",
-        ]  # fmt: skip
+        args = loopback_epp_args(config, grpc_port, health, metrics)
         self.epp = EppProcess(args, health, workdir / "epp.log", env=self.predictor.epp_env)
         await self.epp.start()
         port, admin = free_port(), free_port()

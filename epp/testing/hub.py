@@ -14,7 +14,6 @@ address is the cluster's Envoy and whose `metricsAddress` / `metricsPort` labels
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +24,7 @@ import yaml
 from llmepp.datalayer.multicluster import DISCOVERY_TYPE, METRICS_ADDRESS_LABEL, METRICS_PORT_LABEL
 from llmepp.testing.envoy import EnvoyProcess, render_envoy_config
 from llmepp.testing.ports import free_port
-from llmepp.testing.stack import EppProcess, Stack, serves_tls
+from llmepp.testing.stack import EppProcess, Stack, loopback_epp_args, serves_tls, write_yaml_atomically
 
 
 class HubStack:
@@ -74,21 +73,12 @@ class HubStack:
             }
             for i, c in enumerate(clusters)
         ]
-        tmp = self.clusters_file.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump({"endpoints": entries}))
-        os.replace(tmp, self.clusters_file)
+        write_yaml_atomically(self.clusters_file, {"endpoints": entries})
 
     async def start(self) -> None:
         self.write_clusters(self.clusters)
         self.config_file.write_text(with_cluster_file(self.epp_config, self.clusters_file))
-        args = [
-            "--config-file", str(self.config_file),
-            "--grpc-port", str(self.epp_port),
-            "--grpc-health-port", str(self.health_port),
-            "--metrics-port", str(self.metrics_port),
-            "--bind-address", "127.0.0.1",
-            *self.epp_args,
-        ]  # fmt: skip
+        args = loopback_epp_args(self.config_file, self.epp_port, self.health_port, self.metrics_port, *self.epp_args)
         self.epp = EppProcess(args, self.health_port, self.workdir / "hub-epp.log", self.startup_timeout)
         await self.epp.start()
         config = render_envoy_config(

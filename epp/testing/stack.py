@@ -250,15 +250,8 @@ class Stack:
         grpc_port, health, metrics = (
             (self.epp_port, self.health_port, self.metrics_port) if replica == 0 else self.replica_ports[replica - 1]
         )
-        return [
-            "--config-file", str(self.config_file),
-            "--grpc-port", str(grpc_port),
-            "--grpc-health-port", str(health),
-            "--metrics-port", str(metrics),
-            "--bind-address", "127.0.0.1",
-            *(["--objectives-file", str(self.objectives_file)] if self.options.objectives else []),
-            *self.options.epp_args,
-        ]  # fmt: skip
+        objectives = ["--objectives-file", str(self.objectives_file)] if self.options.objectives else []
+        return loopback_epp_args(self.config_file, grpc_port, health, metrics, *objectives, *self.options.epp_args)
 
     def endpoint_labels(self, pod: PodInfo) -> dict[str, str]:
         """The labels `pod` has in the endpoints file (subclasses may add their own)."""
@@ -273,9 +266,7 @@ class Stack:
             if self.options.grpc_pods:
                 entry["metricsPort"] = int(pod.address.rsplit(":", 1)[1])  # /metrics stays on the HTTP face
             entries.append(entry)
-        tmp = self.endpoints_file.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump({"endpoints": entries}))
-        os.replace(tmp, self.endpoints_file)
+        write_yaml_atomically(self.endpoints_file, {"endpoints": entries})
 
     async def restart_epp(self, down_for: float = 0.0) -> None:
         assert self.epp is not None
@@ -319,6 +310,26 @@ async def epp_metric(session: aiohttp.ClientSession, url: str, name: str, **labe
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
+
+
+def loopback_epp_args(config_file: Path, grpc_port: int, health_port: int, metrics_port: int, *extra: str) -> list[str]:
+    """The `epp` command line of a test or benchmark EPP: this config, these ports, on 127.0.0.1."""
+    return [
+        "--config-file", str(config_file),
+        "--grpc-port", str(grpc_port),
+        "--grpc-health-port", str(health_port),
+        "--metrics-port", str(metrics_port),
+        "--bind-address", "127.0.0.1",
+        *extra,
+    ]  # fmt: skip
+
+
+def write_yaml_atomically(path: Path, document: object) -> None:
+    """Replace `path` with `document` as YAML in one rename, as a ConfigMap swap does (a watcher never
+    reads half a file)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(document))
+    os.replace(tmp, path)
 
 
 def with_file_discovery(config_text: str, endpoints_file: Path) -> str:
