@@ -85,7 +85,7 @@ def options(scale: Scale, kv_blocks: int, config: Path, scenario: Scenario, seed
     )
 
 
-def _seeds(text: str) -> list[int]:
+def seed_list(text: str) -> list[int]:
     out: list[int] = []
     for part in text.split(","):
         lo, _, hi = part.partition("-")
@@ -99,7 +99,7 @@ def _row(stage: dict[str, Any]) -> tuple[float | None, float | None]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.des.precise", description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=_seeds, default=[1, 2, 3, 4], help="e.g. 1-4 or 1,3")
+    p.add_argument("--seeds", type=seed_list, default=[1, 2, 3, 4], help="e.g. 1-4 or 1,3")
     p.add_argument("--scenarios", default=",".join(s.key for s in SCENARIOS))
     p.add_argument("--profile", choices=sorted(PROFILES), default="default")
     p.add_argument("--rates", default=",".join(str(r) for r in FULL_RATES), help="canonical QPS")
