@@ -4,6 +4,7 @@
                      → candidates (pool ∩ subset hint) → screeners → data producers → admitters
                      → scheduler (profiles: filter → score → pick) → pre-request plugins
                      → in-flight accounting → RoutingDecision
+    handle_bodyless: responders (may answer it here) → candidates → screeners → a random one of them
     response_headers / response_complete: response plugins and in-flight release.
 
 The ext_proc stream (server/extproc.py) owns the protocol; this module owns the policy.
@@ -191,11 +192,7 @@ class Director:
                 attributes = {"llm_d.epp.priority": request.priority, "llm_d.epp.fairness_id": request.fairness_id}
                 self.tracing.stage(request, "llm_d.epp.admission", admitted_at, attributes)
         pipeline = self.pipeline  # one pipeline per request from here on, whatever a reload swaps in
-        candidates = self.candidates(subset)
-        for screener in pipeline.screeners:
-            candidates = screener.screen(request, candidates)
-            if not candidates:
-                raise NoEndpoints(f"no endpoint passed screener {screener.name!r}")
+        candidates = self._screened(pipeline, request, subset)
         timers = self._timers if self._timers.request_sampled() else None  # one request in 16
         start = 0.0
         for producer, is_async in self._producers:
@@ -261,18 +258,20 @@ class Director:
     def handle_bodyless(
         self, request: InferenceRequest, subset: Sequence[str] | None
     ) -> RoutingDecision | DirectResponse:
-        """GET /v1/models and friends: a responder's answer, else any ready endpoint will do."""
+        """GET /v1/models and friends: a responder's answer, else any candidate the screeners keep (e.g.
+        not a cluster whose EPP reports no ready endpoints) will do; NoEndpoints when they keep none."""
         tracing = self.tracing
         if tracing is not None:
             tracing.start(request)
         try:
-            for responder in self.pipeline.responders:
+            pipeline = self.pipeline
+            for responder in pipeline.responders:
                 answer = responder.respond(request)
                 if answer is not None:
                     if tracing is not None:
                         tracing.end(request, ResponseInfo(status=answer.status))
                     return answer
-            endpoint = self._rng.choice(self.candidates(subset))
+            endpoint = self._rng.choice(self._screened(pipeline, request, subset))
         except BaseException as e:
             if tracing is not None:
                 tracing.fail(request, e)
@@ -356,6 +355,18 @@ class Director:
                 timers.observe("ResponseCompleteProcessor", plugin, time.perf_counter() - start)
 
     # -- helpers -----------------------------------------------------------------------
+    def _screened(
+        self, pipeline: Pipeline, request: InferenceRequest, subset: Sequence[str] | None
+    ) -> Sequence[Endpoint]:
+        """The candidates every screener keeps (in order); NoEndpoints naming the one that kept none.
+        Screeners see body-less requests too (no payload, no model): they must not need a body."""
+        candidates = self.candidates(subset)
+        for screener in pipeline.screeners:
+            candidates = screener.screen(request, candidates)
+            if not candidates:
+                raise NoEndpoints(f"no endpoint passed screener {screener.name!r}")
+        return candidates
+
     async def _run_async_producer(
         self, producer: DataProducer, request: InferenceRequest, candidates: Sequence[Endpoint]
     ) -> None:

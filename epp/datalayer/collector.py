@@ -26,6 +26,16 @@ availability change (llmepp.datalayer.multicluster.AvailabilityLog).
 Pool gauges (averages, ready count, per-endpoint queue) are refreshed on their own slower
 period (`gauge_interval`, --refresh-prometheus-metrics-interval), not per scrape: over the pods'
 metrics, or on a hub over its clusters' published gauges (multicluster.pool_averages).
+
+Ready (`llm_d_epp_ready_endpoints`, what a hub reads to screen out an empty cluster): the pool's
+endpoints less those whose server has stopped answering its /metrics page: every fetch (connect,
+timeout, non-200, broken HTTP) failing, at least twice in a row, since a scrape that began at least
+`down_after` seconds ago (max(1 s, 3 × the source's poll interval)). So one lost scrape, however long
+its timeout, never drops the count, and neither does a restart shorter than `down_after`. A page that
+arrives but cannot be used (garbage, a metric missing, an unknown engine) is an answer: the endpoint
+stays ready. An endpoint not scraped yet is ready. Discovery decides what is in the pool (Kubernetes:
+Ready pods; file discovery: the listed pods); this only takes out the ones that are listed but dead
+(a stopped pod still in the file, a Ready pod whose model server died).
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from llmepp.datalayer.datastore import Datastore
@@ -50,6 +60,10 @@ log = logging.getLogger(__name__)
 
 MIN_INTERVAL = 0.050  # the reference clamps --refresh-metrics-interval to >= 50 ms
 SUB_TICKS = 5
+# An endpoint whose fetches keep failing leaves the ready count after this long (at least), and after
+# this many polls (the source's interval) if that is longer; and only after two failed fetches in a row.
+MIN_DOWN_AFTER = 1.0
+DOWN_AFTER_POLLS = 3
 
 
 class ScrapeSource(Protocol):
@@ -73,12 +87,15 @@ class MappingProvider(Protocol):
 
 
 class _EndpointScrape:
-    """Per-endpoint state: its client, cached engine mapping and failure streak."""
+    """Per-endpoint state: its client, cached engine mapping, failure streak and, for the ready count,
+    its consecutive failed fetches (`down_count`) and when the first of them began (`down_since`)."""
 
     __slots__ = (
         "client",
         "collector",
         "countdown",
+        "down_count",
+        "down_since",
         "endpoint",
         "mapping",
         "mapping_error",
@@ -93,6 +110,8 @@ class _EndpointScrape:
         self.endpoint = endpoint
         self.slot = slot
         self.countdown = 0
+        self.down_count = 0  # consecutive fetches that got no page (0: the last one got one)
+        self.down_since = 0.0  # time.monotonic() when the first of them began
         self.streak = FailureStreak(log, endpoint.name, collector.failure_log_interval)
         self.spec = endpoint.spec
         self.mapping: EngineMapping | None = None
@@ -116,12 +135,17 @@ class _EndpointScrape:
         c = self.collector
         if err is not None:
             c._poll_errors.inc()
+            if not self.down_count:  # failing since this scrape began
+                client = self.client
+                self.down_since = client.deadline - client.timeout
+            self.down_count += 1
             if c.forget_on_failure:
                 previous, ep.metrics = ep.metrics, NO_METRICS
                 if c.availability is not None:
                     c.availability.metrics_replaced(ep, previous)
             self.failed("metrics scrape failed", err)
             return
+        self.down_count = 0  # a page came back: the server is up, whatever the page holds
         mapping = self.mapping
         if mapping is None:
             c._extract_errors.inc()
@@ -166,6 +190,8 @@ class MetricsCollector:
         self.timeout = timeout
         self.gauge_interval = gauge_interval
         self.ticks_per_poll = source.ticks_per_poll(self.interval)
+        # How long an endpoint's fetches must have been failing before it leaves the ready count.
+        self.down_after = max(MIN_DOWN_AFTER, DOWN_AFTER_POLLS * self.interval * self.ticks_per_poll)
         self.forget_on_failure = bool(getattr(source, "forget_on_failure", False))
         self.failure_log_interval = float(getattr(source, "failure_log_interval", 0.0))
         # A hub: the endpoints are clusters, whose EPPs publish pool gauges.
@@ -270,6 +296,7 @@ class MetricsCollector:
         if target != state.client.target:
             state.client.close()
             state.client = ScrapeClient(target, state.on_result, self.timeout)
+            state.down_count = 0  # the old target's failures say nothing about the new one
 
     # -- pool gauges ---------------------------------------------------------------------
     async def _gauge_loop(self) -> None:
@@ -289,7 +316,7 @@ class MetricsCollector:
         else:
             scraped = [ep.metrics for ep in endpoints if ep.metrics.update_time]
             n = len(scraped)
-            ready = len(endpoints)
+            ready = self.ready_count(endpoints, time.monotonic())
             kv = sum(x.kv_cache_usage_percent for x in scraped) / n if n else 0.0
             queue = sum(x.waiting_queue_size for x in scraped) / n if n else 0.0
             running = sum(x.running_requests_size for x in scraped) / n if n else 0.0
@@ -305,3 +332,16 @@ class MetricsCollector:
             with contextlib.suppress(KeyError):
                 m.pool_endpoint_queue.remove(pool, gone)
         self._gauge_labels = current
+
+    def ready_count(self, endpoints: Sequence[Endpoint], now: float) -> int:
+        """How many of `endpoints` are ready at `now`: all but those whose fetches have all failed, at
+        least twice in a row, since a scrape that began `down_after` seconds ago or earlier (see the
+        module docstring)."""
+        ready = len(endpoints)
+        cutoff = now - self.down_after
+        states = self._by_endpoint
+        for ep in endpoints:
+            state = states.get(ep)
+            if state is not None and state.down_count >= 2 and state.down_since <= cutoff:
+                ready -= 1
+        return ready

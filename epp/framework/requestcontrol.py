@@ -70,7 +70,10 @@ class Responder(Plugin):
 
 class Screener(Plugin):
     """Narrows a request's candidate endpoints before producers and scheduling see them
-    (e.g. to the pods that serve the requested model). An empty result answers 503."""
+    (e.g. to the pods that serve the requested model). An empty result answers 503.
+
+    Called for body-less requests too (GET /v1/models and the like: no payload, no model, headers
+    only), before the director picks one of the candidates kept: such a request must not fail."""
 
     @abstractmethod
     def screen(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> Sequence[Endpoint]: ...

@@ -102,7 +102,12 @@ class EppMetrics:
         self.pool_avg_kv = Gauge(p + "average_kv_cache_utilization", "Mean KV-cache utilisation.", pool, registry=r)
         self.pool_avg_queue = Gauge(p + "average_queue_size", "Mean waiting queue.", pool, registry=r)
         self.pool_avg_running = Gauge(p + "average_running_requests", "Mean running requests.", pool, registry=r)
-        self.pool_ready = Gauge(p + "ready_endpoints", "Endpoints in the pool.", pool, registry=r)
+        self.pool_ready = Gauge(
+            p + "ready_endpoints",
+            "Endpoints in the pool, less those whose metrics page has failed every scrape for a grace period "
+            "(a hub: the sum of its clusters' ready endpoints).",
+            pool, registry=r,
+        )  # fmt: skip
         # A hub (multicluster): its clusters going unavailable (their EPPs report no ready endpoints).
         self.cluster_unavailable = Counter(
             p + "multicluster_cluster_unavailable_total",

@@ -269,3 +269,79 @@ async def test_aclose_stops_scraping(harness_factory: HarnessFactory, servers: S
     assert server.requests == n
     h.add("late", await servers("127.0.0.63"))  # no longer a listener: ignored
     await asyncio.sleep(0.1)
+
+
+def ready_gauge(h: Harness) -> float | None:
+    h.collector.update_pool_gauges()
+    return h.metrics.registry.get_sample_value("llm_d_epp_ready_endpoints", {"name": "pool"})
+
+
+async def test_ready_count_drops_an_endpoint_that_stops_answering_and_takes_it_back(
+    harness_factory: HarnessFactory, servers: ServerFactory
+) -> None:
+    h = await harness_factory()  # 50 ms polls, 0.3 s timeout
+    assert h.collector.down_after == 1.0  # max(1 s, 3 polls)
+    up_srv, down_srv = await servers("127.0.0.64"), await servers("127.0.0.65")
+    up, down = h.add("up", up_srv), h.add("down", down_srv)
+    await wait_until(lambda: up.metrics.update_time > 0 and down.metrics.update_time > 0)
+    assert ready_gauge(h) == 2.0
+    await down_srv.stop()  # a stopped pod still listed: its scrapes are refused from now on
+    stopped = time.monotonic()
+    errors0 = h.poll_errors()
+    # Within the grace period it still counts, however many scrapes fail meanwhile.
+    while time.monotonic() - stopped < 0.8:
+        assert ready_gauge(h) == 2.0
+        await asyncio.sleep(0.02)
+    assert h.poll_errors() >= errors0 + 5
+    await wait_until(lambda: ready_gauge(h) == 1.0, within=1.5)
+    assert time.monotonic() - stopped >= 0.9
+    assert h.datastore.get("down") is down  # still in the pool: only the ready count changed
+    await down_srv.start()  # same address and port: answers again
+    await wait_until(lambda: ready_gauge(h) == 2.0, within=1.0)
+
+
+async def test_one_lost_scrape_or_a_short_outage_does_not_drop_the_ready_count(
+    harness_factory: HarnessFactory, servers: ServerFactory
+) -> None:
+    # A timeout longer than the grace period: one hung scrape alone is "failing" for longer than it.
+    h = await harness_factory(scrape_timeout=1.3)
+    assert h.collector.down_after == 1.0
+    s1, s2 = await servers("127.0.0.66"), await servers("127.0.0.67")
+    e1, e2 = h.add("one", s1), h.add("two", s2)
+    await wait_until(lambda: e1.metrics.update_time > 0 and e2.metrics.update_time > 0)
+    assert ready_gauge(h) == 2.0
+
+    # One scrape hangs until its timeout (the server is switched back at once: only that one hangs).
+    s2.mode = "hang"
+    n0, errors0, hung_at = s2.requests, h.poll_errors(), time.monotonic()
+    await wait_until(lambda: s2.requests > n0)
+    s2.mode = "ok"
+    samples: list[float | None] = []
+    while h.poll_errors() == errors0:
+        samples.append(ready_gauge(h))
+        await asyncio.sleep(0.02)
+        assert time.monotonic() - hung_at < 3.0, "the hung scrape never timed out"
+    failed_at = time.monotonic()
+    assert failed_at - hung_at >= 1.2  # the lost scrape lasted longer than the grace period
+    while e2.metrics.update_time < failed_at:  # until the next scrape answers
+        samples.append(ready_gauge(h))
+        await asyncio.sleep(0.01)
+        assert time.monotonic() - failed_at < 1.0, "no scrape after the lost one"
+    assert h.poll_errors() == errors0 + 1
+    assert samples and set(samples) == {2.0}
+
+    # A restart shorter than the grace period: several refused scrapes, never out of the count.
+    await s2.stop()
+    stopped = time.monotonic()
+    errors1 = h.poll_errors()
+    while time.monotonic() - stopped < 0.4:
+        samples.append(ready_gauge(h))
+        await asyncio.sleep(0.02)
+    assert h.poll_errors() >= errors1 + 3
+    await s2.start()
+    restarted = time.monotonic()
+    while e2.metrics.update_time < restarted:  # until it answers again
+        samples.append(ready_gauge(h))
+        await asyncio.sleep(0.02)
+        assert time.monotonic() - restarted < 1.0, "no scrape after the restart"
+    assert set(samples) == {2.0}

@@ -2,7 +2,9 @@
 simulated pods, and a hub (a real Envoy + the `epp` program with the multicluster plugins) in front of
 them, routing each request to one cluster's Envoy. Requests reach both clusters; a prompt's prefix
 follows it to the same cluster (and there to the same pod); a cluster whose pods are all gone (its EPP
-reports no ready endpoints, and averages of 0) gets nothing; when one cluster is loaded (its pods'
+reports no ready endpoints, and averages of 0), or all stopped but still listed (its EPP stops counting
+pods whose /metrics no longer answers), gets nothing, body-less requests (GET /v1/models) included;
+when one cluster is loaded (its pods'
 queues grow, visible in its EPP's llm_d_epp_average_queue_size), new requests go to the other, and the
 hub publishes the mean over its clusters' pods as its own llm_d_epp_average_queue_size."""
 
@@ -125,6 +127,14 @@ async def test_a_prompt_prefix_follows_it_to_the_same_cluster(
         assert len(set(placed)) == 1, placed
 
 
+async def models_from(deployment: Deployment, http: aiohttp.ClientSession) -> str:
+    """GET /v1/models through the hub (a body-less request); the cluster whose pod answered."""
+    async with http.get(f"{deployment.hub.url}/v1/models") as resp:
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["data"][0]["id"] == MODEL
+        return deployment.cluster_of(resp.headers["x-inference-port"])
+
+
 async def wait_for_metric(
     http: aiohttp.ClientSession, url: str, name: str, cond: Callable[[float], bool], what: str, **labels: str
 ) -> None:
@@ -153,6 +163,8 @@ async def test_a_cluster_whose_pods_are_all_gone_gets_no_hub_traffic(
     assert await epp_metric(http, b.metrics_url, "llm_d_epp_average_queue_size") == 0
     sent_to = [deployment.cluster_of((await complete(http, hub.url, fresh_prompt()))[0]) for _ in range(8)]
     assert sent_to == ["a"] * 8, sent_to
+    # Body-less requests too (B's EPP, with an empty pool, would answer them 503).
+    assert [await models_from(deployment, http) for _ in range(8)] == ["a"] * 8
     await wait_for_metric(http, hub.metrics_url, ready, lambda v: v == 2, "the hub still counts B's pods")
     # The pods come back: B is counted again (and only once gone above).
     await b.start_pods()
@@ -161,6 +173,31 @@ async def test_a_cluster_whose_pods_are_all_gone_gets_no_hub_traffic(
     seen = {deployment.cluster_of((await complete(http, hub.url, fresh_prompt()))[0]) for _ in range(12)}
     assert seen == {"a", "b"}, seen
     assert await epp_metric(http, hub.metrics_url, UNAVAILABLE, cluster=hub.cluster_name(1)) == went + 1
+
+
+async def test_a_cluster_whose_pods_stopped_but_are_still_listed_gets_no_hub_traffic(
+    deployment: Deployment, http: aiohttp.ClientSession
+) -> None:
+    b, hub = deployment.b, deployment.hub
+    ready = "llm_d_epp_ready_endpoints"
+    await wait_for_metric(http, hub.metrics_url, ready, lambda v: v == 4, "the hub never counted 2 + 2 pods")
+    went = await epp_metric(http, hub.metrics_url, UNAVAILABLE, cluster=hub.cluster_name(1))
+    # B's model servers die but its endpoints file still lists them (file discovery; in Kubernetes, pods
+    # still Ready): B's EPP stops counting them once their /metrics has failed for its grace period (1 s).
+    await b.stop_pods()
+    await wait_for_metric(http, b.metrics_url, ready, lambda v: v == 0, "B's EPP still counts its dead pods")
+    await wait_for_metric(
+        http, hub.metrics_url, UNAVAILABLE, lambda v: v == went + 1, "the hub never saw B unavailable",
+        cluster=hub.cluster_name(1),
+    )  # fmt: skip
+    sent_to = [deployment.cluster_of((await complete(http, hub.url, fresh_prompt()))[0]) for _ in range(8)]
+    assert sent_to == ["a"] * 8, sent_to
+    assert [await models_from(deployment, http) for _ in range(8)] == ["a"] * 8
+    # The model servers come back (the file never changed): B is ready and in rotation again.
+    await b.start_pods()
+    await wait_for_metric(http, hub.metrics_url, ready, lambda v: v == 4, "the hub never counted B's pods again")
+    seen = {deployment.cluster_of((await complete(http, hub.url, fresh_prompt()))[0]) for _ in range(12)}
+    assert seen == {"a", "b"}, seen
 
 
 async def test_new_requests_avoid_the_loaded_cluster(deployment: Deployment, http: aiohttp.ClientSession) -> None:

@@ -13,9 +13,11 @@ from llmepp.config.schema import DEFAULT_CONFIG
 from llmepp.datalayer.datastore import Datastore
 from llmepp.director import Director
 from llmepp.errors import NoEndpoints, Saturated
+from llmepp.framework.requestcontrol import Screener
 from llmepp.framework.scheduling import Filter
 from llmepp.observability.metrics import EppMetrics
 from llmepp.observability.plugin_timing import TIMED_EVERY
+from llmepp.request.parsers import headers_request
 from llmepp.request.types import ResponseInfo, TerminationCause
 from llmepp.scheduling.profile import SchedulerProfile
 
@@ -80,6 +82,43 @@ async def test_bodyless_goes_to_a_random_ready_endpoint() -> None:
     d, ds = director_for(3)
     seen = {d.handle_bodyless(request(None), None).destination for _ in range(60)}
     assert seen == {ep.hostport for ep in ds.endpoints}
+
+
+class DropNamed(Screener):
+    """Drops the endpoints named in `names` (all of them: none kept)."""
+
+    type = "drop-named"
+
+    def __init__(self, names: set[str]) -> None:
+        super().__init__("drop-named")
+        self.names = names
+        self.seen: list[object] = []
+
+    def screen(self, request, candidates):  # type: ignore[no-untyped-def]
+        self.seen.append(request)
+        return [ep for ep in candidates if ep.name not in self.names]
+
+
+async def test_bodyless_runs_the_screeners() -> None:
+    d, ds = director_for(3)
+    dropped = ds.endpoints[1]
+    screener = DropNamed({dropped.name})
+    d.pipeline.screeners.append(screener)
+    get = headers_request({":method": "GET", ":path": "/v1/models"}, request_id="b-1")
+    # 60 picks of the 2 kept: P(never the dropped one | screeners ignored) = (2/3)^60 ≈ 3e-11.
+    seen = {d.handle_bodyless(get, None).destination for _ in range(60)}
+    assert seen == {ep.hostport for ep in ds.endpoints if ep is not dropped}
+    assert screener.seen and all(r is get for r in screener.seen)
+    # The subset hint narrows first, then the screeners; none left is the same 503 as a routed request.
+    assert d.handle_bodyless(get, [ds.endpoints[0].hostport]).targets == [ds.endpoints[0]]
+    with pytest.raises(NoEndpoints, match="no endpoint passed screener 'drop-named'") as err:
+        d.handle_bodyless(get, [dropped.hostport])
+    assert err.value.status == 503
+    screener.names = {ep.name for ep in ds.endpoints}
+    with pytest.raises(NoEndpoints, match="no endpoint passed screener 'drop-named'"):
+        d.handle_bodyless(get, None)
+    with pytest.raises(NoEndpoints, match="no endpoint passed screener 'drop-named'"):
+        await d.handle_request(request(), None)
 
 
 async def test_model_rewrite_reencodes_body_only_when_needed() -> None:

@@ -27,6 +27,7 @@ from llmepp.plugins.screeners.disaggregatedset_rollout import (
     parse_label_selector,
     revision_shares,
 )
+from llmepp.request.parsers import headers_request
 from llmepp.request.types import ResponseInfo
 
 REV = "disaggregatedset.x-k8s.io/revision"
@@ -233,6 +234,20 @@ async def test_strict_revision_header_pins_the_request_and_unknown_or_uncovered_
     # An empty header value is no selection.
     decode, prefill, _ = await rig.route({"x-disagg-revision": ""})
     assert decode == prefill
+
+
+async def test_bodyless_requests_are_screened_too() -> None:
+    """GET /v1/models and the like (headers only) keep to a covered revision and honour a strict pin."""
+    rig = Rig(pd_config("sum"), pods({**ROLLOUT, "C": {"prefill": 1}}))
+
+    def bodyless(headers: dict[str, str]) -> str:
+        get = headers_request({":method": "GET", ":path": "/v1/models", **headers}, request_id="b-1")
+        return rig.director.handle_bodyless(get, None).targets[0].labels[REV]
+
+    assert {bodyless({}) for _ in range(200)} == {"A", "B"}  # never C (incomplete)
+    assert {bodyless({"x-disagg-revision": "B"}) for _ in range(30)} == {"B"}
+    with pytest.raises(ServiceUnavailable, match="rollout-screener"):
+        bodyless({"x-disagg-revision": "Z"})
 
 
 async def test_disabled_gating_keeps_strict_selection_and_stamping() -> None:

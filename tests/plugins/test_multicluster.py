@@ -26,6 +26,7 @@ from llmepp.plugins.filters.session import encode_token
 from llmepp.plugins.scorers.kv_cache_utilization import KVCacheUtilizationScorer
 from llmepp.plugins.scorers.multicluster import MulticlusterKVCacheUtilizationScorer, MulticlusterQueueScorer
 from llmepp.plugins.scorers.queue import QueueScorer
+from llmepp.request.parsers import headers_request
 from llmepp.request.types import ResponseInfo
 
 # The reference's wiring example (llm-d-router pkg/epp/framework/plugins/README.md, "Multi-cluster
@@ -274,6 +275,22 @@ async def test_a_cluster_with_no_ready_endpoints_gets_nothing_unless_none_has_an
         set_load(ep, queue=0.0, kv=0.0, ready=0)
     target, _ = await route(d, b"an unrelated prompt " * 60)
     assert target in (a, b, e)
+
+
+def test_bodyless_requests_skip_a_cluster_with_no_ready_endpoints() -> None:
+    d, ds, _ = hub(3)
+    empty, *others = ds.endpoints
+    set_load(empty, queue=0.0, kv=0.0, ready=0)
+    for ep in others:
+        set_load(ep, queue=5.0, kv=0.8, ready=2)
+    get = headers_request({":method": "GET", ":path": "/v1/models"}, request_id="b-1")
+    # 60 picks of the 2 available: P(never the empty one | not screened) = (2/3)^60 ≈ 3e-11.
+    seen = {d.handle_bodyless(get, None).targets[0] for _ in range(60)}
+    assert seen == set(others)
+    # No cluster has a ready endpoint: all stay candidates, as for a routed request.
+    for ep in others:
+        set_load(ep, queue=0.0, kv=0.0, ready=0)
+    assert {d.handle_bodyless(get, None).targets[0] for _ in range(60)} == set(ds.endpoints)
 
 
 # -- modes that must not mix ---------------------------------------------------------------------
