@@ -35,7 +35,8 @@ its timeout, never drops the count, and neither does a restart shorter than `dow
 arrives but cannot be used (garbage, a metric missing, an unknown engine) is an answer: the endpoint
 stays ready. An endpoint not scraped yet is ready. Discovery decides what is in the pool (Kubernetes:
 Ready pods; file discovery: the listed pods); this only takes out the ones that are listed but dead
-(a stopped pod still in the file, a Ready pod whose model server died).
+(a stopped pod still in the file, a Ready pod whose model server died). The pool averages are over the
+ready endpoints: a dead pod's last load is not the pool's.
 """
 
 from __future__ import annotations
@@ -314,9 +315,10 @@ class MetricsCollector:
         if self.clusters:  # a hub: its clusters' gauges, weighted by their ready endpoints
             ready, kv, queue, running = pool_averages(endpoints)
         else:
-            scraped = [ep.metrics for ep in endpoints if ep.metrics.update_time]
+            live = self.ready_endpoints(endpoints, time.monotonic())
+            scraped = [ep.metrics for ep in live if ep.metrics.update_time]
             n = len(scraped)
-            ready = self.ready_count(endpoints, time.monotonic())
+            ready = len(live)
             kv = sum(x.kv_cache_usage_percent for x in scraped) / n if n else 0.0
             queue = sum(x.waiting_queue_size for x in scraped) / n if n else 0.0
             running = sum(x.running_requests_size for x in scraped) / n if n else 0.0
@@ -333,15 +335,17 @@ class MetricsCollector:
                 m.pool_endpoint_queue.remove(pool, gone)
         self._gauge_labels = current
 
-    def ready_count(self, endpoints: Sequence[Endpoint], now: float) -> int:
-        """How many of `endpoints` are ready at `now`: all but those whose fetches have all failed, at
-        least twice in a row, since a scrape that began `down_after` seconds ago or earlier (see the
-        module docstring)."""
-        ready = len(endpoints)
+    def ready_endpoints(self, endpoints: Sequence[Endpoint], now: float) -> Sequence[Endpoint]:
+        """The ready ones of `endpoints` at `now`: all but those whose fetches have all failed, at least
+        twice in a row, since a scrape that began `down_after` seconds ago or earlier (see the module
+        docstring). The pool averages are taken over these too: a dead pod's last load is not the pool's."""
         cutoff = now - self.down_after
         states = self._by_endpoint
-        for ep in endpoints:
-            state = states.get(ep)
-            if state is not None and state.down_count >= 2 and state.down_since <= cutoff:
-                ready -= 1
-        return ready
+        down = [
+            ep
+            for ep in endpoints
+            if (state := states.get(ep)) is not None and state.down_count >= 2 and state.down_since <= cutoff
+        ]
+        if not down:
+            return endpoints
+        return [ep for ep in endpoints if ep not in down]

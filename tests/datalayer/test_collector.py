@@ -281,10 +281,15 @@ async def test_ready_count_drops_an_endpoint_that_stops_answering_and_takes_it_b
 ) -> None:
     h = await harness_factory()  # 50 ms polls, 0.3 s timeout
     assert h.collector.down_after == 1.0  # max(1 s, 3 polls)
-    up_srv, down_srv = await servers("127.0.0.64"), await servers("127.0.0.65")
+    up_srv, down_srv = (
+        await servers("127.0.0.64", vllm_page(waiting=2)),
+        await servers("127.0.0.65", vllm_page(waiting=8)),
+    )
     up, down = h.add("up", up_srv), h.add("down", down_srv)
     await wait_until(lambda: up.metrics.update_time > 0 and down.metrics.update_time > 0)
     assert ready_gauge(h) == 2.0
+    queue = {"name": "pool"}
+    assert h.metrics.registry.get_sample_value("llm_d_epp_average_queue_size", queue) == 5.0
     await down_srv.stop()  # a stopped pod still listed: its scrapes are refused from now on
     stopped = time.monotonic()
     errors0 = h.poll_errors()
@@ -296,6 +301,8 @@ async def test_ready_count_drops_an_endpoint_that_stops_answering_and_takes_it_b
     await wait_until(lambda: ready_gauge(h) == 1.0, within=1.5)
     assert time.monotonic() - stopped >= 0.9
     assert h.datastore.get("down") is down  # still in the pool: only the ready count changed
+    # Its last (frozen) load is not the pool's any more either.
+    assert h.metrics.registry.get_sample_value("llm_d_epp_average_queue_size", queue) == 2.0
     await down_srv.start()  # same address and port: answers again
     await wait_until(lambda: ready_gauge(h) == 2.0, within=1.0)
 
