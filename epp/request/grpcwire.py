@@ -49,15 +49,23 @@ def frame(message: bytes) -> bytes:
     return b"\x00" + len(message).to_bytes(4, "big") + message
 
 
-def _decompress(data: bytes, encoding: str) -> bytes:
+def _decompress(data: bytes, encoding: str, max_bytes: int) -> bytes:
+    """A compressed message, refused once it grows past `max_bytes` (a few KB may inflate to GBs)."""
+    if encoding == "gzip":
+        inflater = zlib.decompressobj(wbits=31)
+    elif encoding == "deflate":
+        inflater = zlib.decompressobj()
+    else:
+        raise BadRequest(f"gRPC message compressed with unsupported grpc-encoding {encoding or '(none)'!r}")
     try:
-        if encoding == "gzip":
-            return zlib.decompress(data, wbits=31)
-        if encoding == "deflate":
-            return zlib.decompress(data)
+        out = inflater.decompress(data, max_bytes + 1)
     except zlib.error as e:
         raise BadRequest(f"gRPC message compressed with {encoding} does not decompress: {e}") from None
-    raise BadRequest(f"gRPC message compressed with unsupported grpc-encoding {encoding or '(none)'!r}")
+    if len(out) > max_bytes:
+        raise BadRequest(f"gRPC message decompresses to more than {max_bytes} bytes")
+    if not inflater.eof:
+        raise BadRequest(f"gRPC message compressed with {encoding} does not decompress: incomplete or truncated stream")
+    return out
 
 
 def messages(body: bytes, encoding: str = "identity") -> list[bytes]:
@@ -77,7 +85,7 @@ def messages(body: bytes, encoding: str = "identity") -> list[bytes]:
         if end - start < size:
             raise BadRequest(f"gRPC message truncated: {end - start} of {size} bytes")
         data = body[start : start + size]
-        out.append(_decompress(data, encoding) if flag else data)
+        out.append(_decompress(data, encoding, MAX_MESSAGE_BYTES) if flag else data)
         pos = start + size
     return out
 
@@ -94,8 +102,9 @@ class MessageReader:
     """Reassembles messages from response chunks split anywhere.
 
     `feed` returns the messages completed by the chunk. A message that cannot be read (bad flag,
-    over `max_bytes`, an encoding it cannot undo) stops the reader: it reports no more, and
-    `broken` says why, so usage accounting skips that response instead of failing it.
+    over `max_bytes` before or after decompression, an encoding it cannot undo) stops the reader:
+    it reports no more, and `broken` says why, so usage accounting skips that response instead of
+    failing it.
     """
 
     __slots__ = ("_buf", "broken", "encoding", "max_bytes")
@@ -125,7 +134,7 @@ class MessageReader:
             del buf[: _PREFIX + size]
             if flag:
                 try:
-                    data = _decompress(data, self.encoding)
+                    data = _decompress(data, self.encoding, self.max_bytes)
                 except BadRequest as e:
                     self.broken = e.message
                     buf.clear()

@@ -111,4 +111,4 @@ class _HttpBodyUsage:
             self._inner.feed(body.data)
 
     def result(self) -> Usage | None:
-        return self._inner.result()
+        return None if self._reader.broken else self._inner.result()

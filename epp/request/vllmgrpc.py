@@ -104,7 +104,7 @@ class _LastMessage(ABC):
             self._last = done[-1]
 
     def result(self) -> Usage | None:
-        if not self._last:
+        if not self._last or self._reader.broken:
             return None
         try:
             return self._usage(self._last)

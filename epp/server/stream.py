@@ -115,10 +115,13 @@ class InternalError(RequestError):
 
 
 def _grpc_status(headers: dict[str, str], default: int | None) -> int | None:
-    try:
-        return int(headers["grpc-status"])
-    except (KeyError, ValueError):
+    value = headers.get("grpc-status")
+    if value is None:
         return default
+    try:
+        return int(value)
+    except ValueError:  # gRPC clients fail such a call (grpc-go: INTERNAL, grpc-java: UNKNOWN)
+        return grpcwire.GRPC_UNKNOWN
 
 
 def error_body(err: RequestError) -> bytes:
@@ -666,7 +669,7 @@ class ExtProcStream:
                     # Non-FDS modes keep content-length; the rewrite may change the length.
                     remove.append("content-length")
         if h.end_of_stream:
-            if req is not None and req.usage_reader is not None:  # a trailers-only gRPC answer
+            if grpcwire.is_grpc(self.headers):  # a trailers-only gRPC answer
                 info.grpc_status = _grpc_status(headers, None)
             self._response_ended()
         if self.svc.time_response_chunks:
@@ -719,8 +722,8 @@ class ExtProcStream:
         if not self.resp_started:
             self.svc.protocol_error("response_trailers_before_headers")
             self._request_side_over()
-        req, info = self.request, self.info
-        if info is not None and req is not None and req.usage_reader is not None:  # a gRPC API's answer
+        info = self.info
+        if info is not None and grpcwire.is_grpc(self.headers):  # any gRPC answer, its usage read or not
             info.grpc_status = _grpc_status(envoy.header_map_dict(t.trailers), info.grpc_status)
         answer = self._with_metadata(envoy.RESPONSE_TRAILERS_CONTINUE)
         self._response_ended()

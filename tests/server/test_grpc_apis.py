@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import struct
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -68,13 +69,13 @@ def test_frames_survive_any_split(payloads: list[bytes], cuts: list[int]) -> Non
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=64))
-def test_any_bytes_are_messages_or_a_bad_request(body: bytes) -> None:
+@given(st.binary(max_size=64), st.sampled_from(["identity", "gzip", "deflate"]))
+def test_any_bytes_are_messages_or_a_bad_request(body: bytes, encoding: str) -> None:
     try:
-        grpcwire.messages(body)
+        grpcwire.messages(body, encoding)
     except BadRequest as e:
         assert e.status == 400 and "gRPC" in e.message
-    grpcwire.MessageReader().feed(body)  # never raises
+    grpcwire.MessageReader(encoding).feed(body)  # never raises
 
 
 def test_compressed_messages() -> None:
@@ -88,6 +89,51 @@ def test_compressed_messages() -> None:
         grpcwire.messages(b"\x01\x00\x00\x00\x03abc", "gzip")
     reader = grpcwire.MessageReader("snappy")
     assert reader.feed(body) == [] and "snappy" in reader.broken
+
+
+def gzip_frame(payload: bytes) -> bytes:
+    gz = gzip.compress(payload)
+    return b"\x01" + len(gz).to_bytes(4, "big") + gz
+
+
+def test_a_compressed_message_may_not_expand_past_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A gzip bomb: ~1 KB on the wire, 1 MB once decompressed (1,000x; 16 MiB would be 16 GiB).
+    monkeypatch.setattr(grpcwire, "MAX_MESSAGE_BYTES", 4096)
+    assert grpcwire.messages(gzip_frame(b"\0" * 4096), "gzip") == [b"\0" * 4096]
+    bomb = gzip_frame(b"\0" * (1 << 20))
+    assert len(bomb) < 2048
+    with pytest.raises(BadRequest, match="gRPC message decompresses to more than 4096 bytes") as e:
+        grpcwire.unary_message(bomb, "gzip", "Generate")
+    assert e.value.status == 400
+    deflated = zlib.compress(b"\0" * (1 << 20))
+    with pytest.raises(BadRequest, match="decompresses to more than 4096 bytes"):
+        grpcwire.messages(b"\x01" + len(deflated).to_bytes(4, "big") + deflated, "deflate")
+    reader = grpcwire.MessageReader("gzip", max_bytes=4096)
+    assert reader.feed(gzip_frame(b"ok") + bomb + gzip_frame(b"after")) == [b"ok"]
+    assert "decompresses to more than 4096 bytes" in reader.broken
+    assert reader.feed(gzip_frame(b"more")) == []
+
+
+# Random bytes hardly compress: repeated ones expand past limits they were under on the wire.
+_PAYLOADS = st.binary(max_size=600) | st.builds(bytes.__mul__, st.binary(min_size=1, max_size=4), st.integers(0, 300))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_PAYLOADS, st.integers(0, 600), st.sampled_from(["gzip", "deflate"]))
+def test_a_compressed_message_is_read_whole_or_refused_by_its_decompressed_size(
+    payload: bytes, limit: int, encoding: str
+) -> None:
+    packed = gzip.compress(payload) if encoding == "gzip" else zlib.compress(payload)
+    framed = b"\x01" + len(packed).to_bytes(4, "big") + packed
+    reader = grpcwire.MessageReader(encoding, max_bytes=limit)
+    got = [m for i in range(0, len(framed), 7) for m in reader.feed(framed[i : i + 7])]
+    if len(payload) <= limit and len(packed) <= limit:
+        assert got == [payload] and not reader.broken
+    else:
+        assert got == [] and reader.broken
+    truncated = b"\x01" + (len(packed) - 1).to_bytes(4, "big") + packed[:-1]
+    with pytest.raises(BadRequest, match="does not decompress"):
+        grpcwire.messages(truncated, encoding)
 
 
 @pytest.mark.parametrize(
@@ -195,6 +241,16 @@ def test_embed_usage_and_garbage() -> None:
     assert req.usage_reader({}).result() is None
 
 
+def test_usage_is_skipped_once_a_response_message_is_unreadable() -> None:
+    req = parse(GENERATE, generate(text="x", stream=True))
+    first = vl.GenerateResponse(chunk=vl.GenerateStreamChunk(token_ids=[1], prompt_tokens=12, completion_tokens=1))
+    reader = req.usage_reader({"content-type": "application/grpc"})
+    reader.feed(grpcwire.frame(first.SerializeToString()))
+    assert reader.result() is not None
+    reader.feed(b"\x07\x00\x00\x00\x01x")  # an unreadable message: the running totals before it are not the answer's
+    assert reader.result() is None
+
+
 # -- vertexai-parser -------------------------------------------------------------------------------------------
 def test_vertex_chat_completions_reads_the_openai_json() -> None:
     doc = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 7}
@@ -233,6 +289,16 @@ def test_vertex_model_rewrite_rewraps_the_message() -> None:
     out = vx.ChatCompletionsRequest.FromString(grpcwire.messages(req.wrap_body(b'{"model":"m-v2"}'))[0])
     assert out.endpoint == "projects/p/e" and out.http_body.data == b'{"model":"m-v2"}'
     assert out.http_body.content_type == "application/json"
+
+
+def test_vertex_usage_is_skipped_once_a_response_message_is_unreadable() -> None:
+    req = parse(CHAT, vertex({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}))
+    event = b'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":1,"total_tokens":10}}\n\n'
+    reader = req.usage_reader({})
+    reader.feed(grpcwire.frame(httpbody_pb2.HttpBody(data=event).SerializeToString()))
+    assert reader.result() is not None
+    reader.feed(grpcwire.frame(b"\xff\xff"))
+    assert reader.result() is None
 
 
 def test_vertex_usage_from_streamed_http_bodies() -> None:
@@ -322,3 +388,51 @@ async def test_a_grpc_error_from_the_pod_is_a_model_server_error(
         assert c.response.grpc_status == int(status)
         labels = {"model_name": "", "target_model_name": "", "error_code": "ModelServerError"}
         assert h.sample("llm_d_epp_request_error_total", labels) == (0 if status == "0" else 1)
+
+
+@pytest.mark.parametrize(("trailers_only", "status"), [(False, "abc"), (True, ""), (False, "14x")])
+async def test_an_unreadable_grpc_status_is_a_model_server_error(
+    transport: str, trailers_only: bool, status: str
+) -> None:
+    # gRPC clients fail a call whose grpc-status is no number (grpc-go: INTERNAL, grpc-java: UNKNOWN).
+    async with serve(request_parsers=table()) as h:
+        s = h.open()
+        await s.route(generate(text="hi"), GRPC, path=GENERATE)
+        if trailers_only:
+            await s.send(response_headers(200, "application/grpc", eos=True, **{"grpc-status": status}))
+        else:
+            await s.send(response_headers(200, "application/grpc"))
+            await s.recv()
+            await s.send(response_trailers(status))
+        await s.recv()
+        await s.close()
+        await s.recv_eof()
+        (c,) = h.director.completions
+        assert c.response.grpc_status == grpcwire.GRPC_UNKNOWN
+        labels = {"model_name": "", "target_model_name": "", "error_code": "ModelServerError"}
+        assert h.sample("llm_d_epp_request_error_total", labels) == 1
+
+
+@pytest.mark.parametrize("trailers_only", [False, True])
+async def test_a_grpc_error_answering_a_custom_prediction_is_a_model_server_error(
+    transport: str, trailers_only: bool
+) -> None:
+    # A RawPredict body of no OpenAI shape is routed on load, with no usage reader: its answer is still gRPC.
+    async with serve(request_parsers=table()) as h:
+        s = h.open()
+        await s.route(vertex({"instances": [1, 2]}), GRPC, path=RAW)
+        (req,) = h.director.requests
+        assert req.kind is RequestKind.PASSTHROUGH
+        if trailers_only:
+            await s.send(response_headers(200, "application/grpc", eos=True, **{"grpc-status": "14"}))
+        else:
+            await s.send(response_headers(200, "application/grpc"))
+            await s.recv()
+            await s.send(response_trailers("14"))
+        await s.recv()
+        await s.close()
+        await s.recv_eof()
+        (c,) = h.director.completions
+        assert c.response.grpc_status == 14
+        labels = {"model_name": "", "target_model_name": "", "error_code": "ModelServerError"}
+        assert h.sample("llm_d_epp_request_error_total", labels) == 1
