@@ -35,6 +35,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from yarl import URL
+
 from llmepp.cli import parse_bool
 from llmepp.gctuning import tune_gc
 from llmepp.sidecar.proxy import Sidecar, SidecarOptions
@@ -80,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-max-retries", type=int, default=d.prefill_max_retries,
                    help="retries of a prefill answered 502/503/504 or unreachable (default %(default)s)")  # fmt: skip
     p.add_argument("--prefill-retry-backoff", type=duration, default=d.prefill_retry_backoff,
-                   help="wait before the first retry, doubled per retry (default %(default)ss)")  # fmt: skip
+                   help="wait before the first retry, doubled per retry up to 10s (default %(default)ss)")  # fmt: skip
     p.add_argument("--connect-timeout", type=duration, default=d.connect_timeout)
     p.add_argument("--prefill-timeout", type=duration, default=d.prefill_timeout, help="one prefill attempt")
     p.add_argument("--decode-idle-timeout", type=duration, default=d.decode_idle_timeout,
@@ -142,7 +144,8 @@ def options_from_args(argv: Sequence[str] | None = None) -> tuple[SidecarOptions
         parser.error("; ".join(problems))
     tls = {t.strip() for t in a.enable_tls.split(",") if t.strip()}
     scheme = "https" if "decoder" in tls else "http"
-    decoder = a.decoder_url or (f"{scheme}://127.0.0.1:{a.vllm_port}" if a.vllm_port else SidecarOptions.decoder_url)
+    vllm_port = URL(SidecarOptions.decoder_url).port if a.vllm_port is None else a.vllm_port
+    decoder = a.decoder_url or f"{scheme}://127.0.0.1:{vllm_port}"
     try:
         options = SidecarOptions(
             host=a.host,

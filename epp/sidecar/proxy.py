@@ -13,8 +13,9 @@ reference sidecar's default connector):
    do_remote_prefill: false, remote_*: null}`, `stream: false` (no `stream_options`),
    `max_tokens: 1` (and `max_completion_tokens: 1` for chat or when present), `min_tokens`
    dropped (vLLM rejects min_tokens > max_tokens). 502/503/504 and connection failures are
-   retried `prefill_max_retries` times with exponential backoff (a prefill is idempotent, and a
-   local prefill on the decode pod is the expensive alternative);
+   retried `prefill_max_retries` times with exponential backoff, each wait at most
+   MAX_RETRY_BACKOFF (a prefill is idempotent, and a local prefill on the decode pod is the
+   expensive alternative). Redirects are not followed; an answer is at most max_body_bytes;
 2. a prefill error is returned to the client with its status and JSON body as-is (a non-JSON
    body is wrapped in an OpenAI-style JSON error); an unreachable prefill pod is a 502 JSON error.
    Either carries `x-pd-failed-stage: prefill`;
@@ -45,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -77,6 +79,12 @@ _DROP_RESPONSE = frozenset(
      "transfer-encoding", "upgrade", "content-length"}
 )  # fmt: skip
 _JSON = "application/json"
+# Content codings aiohttp's server decodes (http_parser.py): the body read is no longer encoded.
+_DECODED_ENCODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
+# A DNS name (RFC 1123 labels), the only hosts besides IP literals a host:port header may name.
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+# The longest wait between prefill attempts when doubling (a larger configured base is used as is).
+MAX_RETRY_BACKOFF = 10.0
 
 
 @dataclass
@@ -116,6 +124,14 @@ class SidecarOptions:
         self.decoder_url = self.decoder_url.rstrip("/")
         if not self.decoder_url.startswith(("http://", "https://")):
             raise ValueError(f"decoder-url must be an http(s) URL, got {self.decoder_url!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port {self.port} is out of range 1..65535 (0 = any free port)")
+        try:
+            decoder_port = URL(self.decoder_url).port
+        except ValueError as e:
+            raise ValueError(f"decoder-url {self.decoder_url!r}: {e}") from None
+        if decoder_port is not None and not 1 <= decoder_port <= 65535:
+            raise ValueError(f"decoder port {decoder_port} is out of range 1..65535")
         self.networks = [ipaddress.ip_network(n, strict=False) for n in self.allowed_prefill_networks]
         self._check_data_parallel()
 
@@ -162,6 +178,12 @@ def _check_port_range(name: str, first: int, size: int) -> None:
         raise ValueError(f"{name} {first} is out of range 1..65535")
     if first + size - 1 > 65535:
         raise ValueError(f"{name} range {first}..{first + size - 1} (one per data-parallel rank) exceeds 65535")
+
+
+def retry_delay(base: float, attempt: int) -> float:
+    """The wait after failed attempt `attempt` (0 = the first): `base` doubled per retry, at most
+    MAX_RETRY_BACKOFF (a larger `base` is used as is), so many retries never wait for ever."""
+    return max(base, min(base * 2 ** min(attempt, 64), MAX_RETRY_BACKOFF))
 
 
 class ProxyError(Exception):
@@ -228,24 +250,50 @@ def prefill_request(payload: Mapping[str, Any], chat: bool) -> dict[str, Any]:
 
 
 def forward_headers(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+    """A request's headers for an upstream: without hop-by-hop ones (also those its `Connection`
+    names), nor a Content-Encoding aiohttp decoded when reading the body (the body sent is plain)."""
+    items = list(headers)
+    drop = _DROP_REQUEST | connection_tokens(items)
+    if any(k.lower() == "content-encoding" and v.lower() in _DECODED_ENCODINGS for k, v in items):
+        drop |= {"content-encoding"}
     out: CIMultiDict[str] = CIMultiDict()
-    for k, v in headers:
-        if k.lower() not in _DROP_REQUEST:
+    for k, v in items:
+        if k.lower() not in drop:
             out.add(k, v)
     return out
 
 
+def connection_tokens(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
+    """The header names `Connection` lists: hop-by-hop too (RFC 9110 7.6.1)."""
+    tokens = (t.strip().lower() for k, v in headers if k.lower() == "connection" for t in v.split(","))
+    return frozenset(tokens) - {""}
+
+
 def parse_hostport(value: str, header: str = PREFILL_HEADER) -> tuple[str, int]:
-    """`ip:port`, `[v6]:port` or `name:port` → (host, port); ValueError when malformed."""
+    """`ip:port`, `[v6]:port`, `v6:port` (the last colon separates the port) or `name:port` →
+    (host, port); ValueError when malformed: the host must be one IP literal or DNS name, never
+    something that would change the URL built from it (a path, userinfo, several hosts)."""
     host, sep, port_text = value.rpartition(":")
     if not sep or not host or not (port_text.isascii() and port_text.isdigit()):  # not "８０００" or "²"
         raise ValueError(f"{header} must be host:port, got {value[:100]!r}")
     port = int(port_text)
     if not 0 < port < 65536:
         raise ValueError(f"{header}: port out of range in {value[:100]!r}")
-    if host.startswith("[") and host.endswith("]"):
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
         host = host[1:-1]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if "%" in host or (ip is None and (bracketed or not _HOSTNAME.fullmatch(host))):
+        raise ValueError(f"{header}: {host[:100]!r} is not an IP address or host name in {value[:100]!r}")
     return host, port
+
+
+def authority(host: str, port: int) -> str:
+    """`host:port` for a URL, IPv6 literals bracketed."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Sidecar:
@@ -319,6 +367,10 @@ class Sidecar:
             return e.response()
         except web.HTTPRequestEntityTooLarge:
             return json_error(413, f"request body exceeds {self.options.max_body_bytes} bytes")
+        except web.RequestPayloadError as e:  # e.g. a body that is not the Content-Encoding it claims
+            response = json_error(400, f"request body is unreadable: {' '.join(str(e).split())}")
+            response.force_close()  # the rest of the request cannot be read: this connection is done
+            return response
 
     def _picked_rank(self, request: web.Request) -> int:
         """The rank `x-data-parallel-host-port` names on the primary port (0 without it)."""
@@ -344,11 +396,11 @@ class Sidecar:
         return rank
 
     async def _disaggregated(self, request: web.Request, prefiller: str, rank: int = 0) -> web.StreamResponse:
-        self._check_prefiller(prefiller)
+        target = self._check_prefiller(prefiller)
         raw = await request.read()
         try:
             payload = msgspec.json.decode(raw)
-        except msgspec.DecodeError as e:
+        except (msgspec.DecodeError, RecursionError) as e:  # RecursionError: nested too deep
             raise ProxyError(400, f"request body is not valid JSON: {e}") from None
         if not isinstance(payload, dict):
             raise ProxyError(400, "request body must be a JSON object")
@@ -356,13 +408,15 @@ class Sidecar:
         headers["Content-Type"] = _JSON
         chat = request.path == "/v1/chat/completions"
         pbody = msgspec.json.encode(prefill_request(payload, chat))
-        url = f"{self.options.prefill_scheme}://{prefiller}{request.path_qs}"
+        url = f"{self.options.prefill_scheme}://{target}{request.path_qs}"
         status, content_type, answer = await self._prefill(url, headers, pbody, prefiller)
         if status >= 400:
             return self._prefill_error(status, content_type, answer, prefiller)
+        if not 200 <= status < 300:  # e.g. a redirect, never followed: only the named pod prefills
+            raise ProxyError(502, f"prefill pod {prefiller} answered {status}, not a prefill result", stage="prefill")
         try:
             prefilled = msgspec.json.decode(answer)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             raise ProxyError(502, f"prefill pod {prefiller} answered invalid JSON", stage="prefill") from None
         kv = prefilled.get("kv_transfer_params") if isinstance(prefilled, dict) else None
         if isinstance(kv, dict):
@@ -373,20 +427,22 @@ class Sidecar:
             payload.pop("kv_transfer_params", None)
         return await self._to_decoder(request, headers, msgspec.json.encode(payload), rank)
 
-    def _check_prefiller(self, prefiller: str) -> None:
+    def _check_prefiller(self, prefiller: str) -> str:
+        """The prefill pod's URL authority (host:port) once the header value passed the checks."""
         try:
-            host, _port = parse_hostport(prefiller)
+            host, port = parse_hostport(prefiller)
         except ValueError as e:
             raise ProxyError(400, str(e)) from None
         networks = self.options.networks
         if not networks:
-            return
+            return authority(host, port)
         try:
             addr = ipaddress.ip_address(host)
         except ValueError:
             raise ProxyError(403, f"prefill host {host[:100]!r} is not an allowed address") from None
         if not any(addr in net for net in networks):
             raise ProxyError(403, f"prefill host {host} is not in the allowed networks")
+        return authority(host, port)
 
     async def _prefill(
         self, url: str, headers: CIMultiDict[str], body: bytes, prefiller: str
@@ -397,8 +453,17 @@ class Sidecar:
         attempt = 0
         while True:
             try:
-                async with self._session.post(url, data=body, headers=headers, timeout=self._prefill_timeout) as up:
-                    answer = await up.read()
+                # No redirects (they would reach hosts the header and the SSRF guard never named);
+                # decompressed (the client's Accept-Encoding is forwarded); at most max_body_bytes.
+                async with self._session.post(
+                    url,
+                    data=body,
+                    headers=headers,
+                    timeout=self._prefill_timeout,
+                    allow_redirects=False,
+                    auto_decompress=True,
+                ) as up:
+                    answer = await self._read_prefill(up, prefiller)
                     status, content_type = up.status, up.headers.get("Content-Type", "")
                 if status not in TRANSIENT_STATUSES or attempt >= o.prefill_max_retries:
                     return status, content_type, answer
@@ -412,10 +477,20 @@ class Sidecar:
                         stage="prefill",
                     ) from None
                 reason = e.__class__.__name__
-            delay = o.prefill_retry_backoff * (2**attempt)
+            delay = retry_delay(o.prefill_retry_backoff, attempt)
             attempt += 1
             log.info("retrying prefill at %s (attempt %d, after %s) in %.2fs", prefiller, attempt + 1, reason, delay)
             await asyncio.sleep(delay)
+
+    async def _read_prefill(self, up: aiohttp.ClientResponse, prefiller: str) -> bytes:
+        """The prefill answer, refused (502) past max_body_bytes rather than buffered whole."""
+        limit = self.options.max_body_bytes
+        answer = bytearray()
+        async for chunk in up.content.iter_any():
+            answer += chunk
+            if len(answer) > limit:
+                raise ProxyError(502, f"prefill pod {prefiller} answered more than {limit} bytes", stage="prefill")
+        return bytes(answer)
 
     @staticmethod
     def _prefill_error(status: int, content_type: str, answer: bytes, prefiller: str) -> web.Response:
@@ -450,8 +525,9 @@ class Sidecar:
             raise ProxyError(502, f"decoder at {decoder} unreachable: {e}", stage="decode") from None
         async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            drop = _DROP_RESPONSE | connection_tokens(upstream.headers.items())
             for k, v in upstream.headers.items():
-                if k.lower() not in _DROP_RESPONSE:
+                if k.lower() not in drop:
                     response.headers.add(k, v)
             if upstream.content_length is not None and "Transfer-Encoding" not in upstream.headers:
                 response.content_length = upstream.content_length
@@ -465,6 +541,6 @@ class Sidecar:
                 log.warning("decoder stream broke after the response started: %s; closing the connection", e)
                 if request.transport is not None:
                     request.transport.abort()
-                raise
+                return response  # logged above; nothing more to tell the client
             await response.write_eof()
             return response

@@ -1,0 +1,282 @@
+"""The P/D sidecar on hostile or broken input, against real local upstreams: header values that
+must name exactly one host:port, redirects, compressed or deeply nested bodies, oversized or
+compressed prefill answers, a decoder dying mid-stream, Connection-listed headers, retry backoff
+and the listen / decoder port ranges. Bad input is a precise JSON error, never a 500 page, a hang
+or a request sent somewhere the header did not name."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import logging
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from llmepp.sidecar import proxy
+from llmepp.sidecar.cli import options_from_args
+from llmepp.sidecar.proxy import SidecarOptions, parse_hostport
+
+from .test_proxy import KV, Fake, http, prefill_ok, started, stopped
+
+__all__ = ["http"]  # the fixture, re-exported for pytest
+
+BODY = {"model": "m", "prompt": "a", "max_tokens": 3}
+
+
+async def test_the_prefiller_header_names_exactly_one_host_and_port(http: aiohttp.ClientSession) -> None:
+    p, d, sidecar = await started(prefill_max_retries=2, prefill_retry_backoff=0.01)
+    elsewhere = await Fake(prefill_ok).start()  # what a smuggled path / port must never reach
+    try:
+        port = p.port
+        bad = [
+            f"127.0.0.1/x:{port}",  # was: a POST to 127.0.0.1:80/x:<port>/v1/completions
+            f"127.0.0.1?:{port}",
+            f"127.0.0.1#:{port}",
+            f"u@127.0.0.1:{port}",
+            f"127.0.0.1:{elsewhere.port}@127.0.0.1:{port}",
+            f"127.0.0.1 :{port}",  # was: retried, then a 502 "unreachable"
+            f"a b:{port}",
+            f"127.0.0.1:{port},127.0.0.2:{port}",  # several values
+            f"http://127.0.0.1:{port}",
+            f"[127.0.0.1:{port}",
+            f"[nope]:{port}",
+            f"[fe80::1%eth0]:{port}",
+            f"-x:{port}",
+        ]
+        for value in bad:
+            async with http.post(f"{sidecar.url}/v1/completions", json=BODY,
+                                 headers={"x-prefiller-host-port": value}) as resp:  # fmt: skip
+                assert resp.status == 400, value
+                assert resp.content_type == "application/json"
+                assert "x-prefiller-host-port" in (await resp.json())["error"]["message"], value
+        assert p.seen == [] and elsewhere.seen == [] and d.seen == []
+    finally:
+        await stopped(sidecar, p, d, elsewhere)
+
+
+async def test_an_ipv6_prefill_pod_with_or_without_brackets(http: aiohttp.ClientSession) -> None:
+    seen: list[dict[str, Any]] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append(await request.json())
+        return web.json_response({"kv_transfer_params": KV})
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "::1", 0).start()
+    port = int(runner.addresses[0][1])
+    p, d, sidecar = await started(allowed_prefill_networks=["::1/128"], prefill_max_retries=0)
+    try:
+        # Bracketed (net.JoinHostPort) and bare (the last colon separates the port) spellings.
+        for value in (f"[::1]:{port}", f"::1:{port}", f"[0:0::1]:{port}"):
+            async with http.post(f"{sidecar.url}/v1/completions", json=BODY,
+                                 headers={"x-prefiller-host-port": value}) as resp:  # fmt: skip
+                assert resp.status == 200, (value, await resp.text())
+        assert len(seen) == 3 and [s.json["kv_transfer_params"] for s in d.seen] == [KV] * 3
+    finally:
+        await stopped(sidecar, p, d)
+        await runner.cleanup()
+
+
+def test_parse_hostport() -> None:
+    assert parse_hostport("10.0.0.1:8000") == ("10.0.0.1", 8000)
+    assert parse_hostport("[fd00::1]:8000") == ("fd00::1", 8000)
+    assert parse_hostport("fd00::1:8000") == ("fd00::1", 8000)
+    assert parse_hostport("prefill-0.prefill.ns.svc:8000") == ("prefill-0.prefill.ns.svc", 8000)
+    for bad in ("10.0.0.1/x:80", "a b:80", "u@h:80", "h,h:80", "[h]:80", "[fe80::1%eth0]:80", "::1", "h:+80", "h:0"):
+        with pytest.raises(ValueError, match="x-prefiller-host-port"):
+            parse_hostport(bad)
+
+
+async def test_a_prefill_redirect_is_not_followed(http: aiohttp.ClientSession) -> None:
+    elsewhere = await Fake(prefill_ok).start()  # e.g. an address outside the allowed networks
+
+    async def redirect(request: web.Request, body: dict[str, Any] | None) -> web.StreamResponse:
+        return web.Response(status=307, headers={"Location": f"http://{elsewhere.hostport}/leak"})
+
+    p, d, sidecar = await started(prefill=redirect, allowed_prefill_networks=["127.0.0.0/8"])
+    try:
+        async with http.post(f"{sidecar.url}/v1/completions", json=BODY,
+                             headers={"x-prefiller-host-port": p.hostport}) as resp:  # fmt: skip
+            assert resp.status == 502 and resp.headers["x-pd-failed-stage"] == "prefill"
+            assert "answered 307" in (await resp.json())["error"]["message"]
+        assert len(p.seen) == 1 and elsewhere.seen == [] and d.seen == []
+    finally:
+        await stopped(sidecar, p, d, elsewhere)
+
+
+async def test_a_compressed_request_body_reaches_the_upstreams_decompressed(http: aiohttp.ClientSession) -> None:
+    p, d, sidecar = await started()
+    try:
+        raw = gzip.compress(b'{"model": "m", "prompt": "a", "max_tokens": 3}')
+        headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        for extra in ({"x-prefiller-host-port": p.hostport}, {}):
+            async with http.post(f"{sidecar.url}/v1/completions", data=raw, headers={**headers, **extra}) as resp:
+                assert resp.status == 200, await resp.text()
+        for seen in (*p.seen, *d.seen):  # aiohttp decompressed it: the header must not claim gzip any more
+            assert "content-encoding" not in seen.headers and seen.json["prompt"] == "a"
+        assert len(p.seen) == 1 and len(d.seen) == 2
+        for extra in ({"x-prefiller-host-port": p.hostport}, {}):
+            async with http.post(f"{sidecar.url}/v1/completions", data=b"not gzip", headers={**headers, **extra}) as r:
+                assert r.status == 400 and r.content_type == "application/json"
+                assert "request body" in (await r.json())["error"]["message"]
+        assert len(p.seen) == 1 and len(d.seen) == 2
+    finally:
+        await stopped(sidecar, p, d)
+
+
+async def test_deeply_nested_json_is_a_json_error(http: aiohttp.ClientSession) -> None:
+    deep = b"[" * 50_000 + b"]" * 50_000
+
+    async def nested(request: web.Request, body: dict[str, Any] | None) -> web.StreamResponse:
+        return web.Response(body=b'{"kv_transfer_params": ' + deep + b"}", content_type="application/json")
+
+    p, d, sidecar = await started()
+    p2 = await Fake(nested).start()
+    try:
+        async with http.post(f"{sidecar.url}/v1/completions", data=deep,
+                             headers={"x-prefiller-host-port": p.hostport}) as resp:  # fmt: skip
+            assert resp.status == 400 and "not valid JSON" in (await resp.json())["error"]["message"]
+        async with http.post(f"{sidecar.url}/v1/completions", json=BODY,
+                             headers={"x-prefiller-host-port": p2.hostport}) as resp:  # fmt: skip
+            assert resp.status == 502 and resp.headers["x-pd-failed-stage"] == "prefill"
+            assert "invalid JSON" in (await resp.json())["error"]["message"]
+        assert p.seen == [] and d.seen == []
+    finally:
+        await stopped(sidecar, p, d, p2)
+
+
+async def test_an_oversized_prefill_answer_is_refused_not_buffered(http: aiohttp.ClientSession) -> None:
+    sent = []
+
+    async def endless(request: web.Request, body: dict[str, Any] | None) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        for _ in range(1000):
+            await resp.write(b" " * 65536)
+            sent.append(1)
+        await resp.write_eof()
+        return resp
+
+    p, d, sidecar = await started(prefill=endless, max_body_bytes=1 << 20)
+    try:
+        async with http.post(f"{sidecar.url}/v1/completions", json=BODY,
+                             headers={"x-prefiller-host-port": p.hostport}) as resp:  # fmt: skip
+            assert resp.status == 502 and resp.headers["x-pd-failed-stage"] == "prefill"
+            assert "more than 1048576 bytes" in (await resp.json())["error"]["message"]
+        await asyncio.sleep(0.1)
+        assert len(sent) < 1000 and d.seen == []  # the prefill answer was cut off, not read to the end
+    finally:
+        await stopped(sidecar, p, d)
+
+
+async def test_a_compressed_prefill_answer_is_decompressed(http: aiohttp.ClientSession) -> None:
+    async def gzipped(request: web.Request, body: dict[str, Any] | None) -> web.StreamResponse:
+        assert "gzip" in request.headers.get("Accept-Encoding", "")  # the client's, forwarded
+        blob = gzip.compress(b'{"kv_transfer_params": {"remote_block_ids": [7]}}')
+        return web.Response(body=blob, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+
+    p, d, sidecar = await started(prefill=gzipped)
+    try:
+        headers = {"x-prefiller-host-port": p.hostport, "Accept-Encoding": "gzip"}
+        async with http.post(f"{sidecar.url}/v1/completions", json=BODY, headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+        assert d.seen[0].json["kv_transfer_params"] == {"remote_block_ids": [7]}
+    finally:
+        await stopped(sidecar, p, d)
+
+
+async def test_a_decoder_dying_mid_stream_cuts_the_client_stream_cleanly(
+    http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def dying(request: web.Request, body: dict[str, Any] | None) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: 0\n\n")
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.abort()
+        return resp
+
+    p, d, sidecar = await started(decode=dying)
+    try:
+        with caplog.at_level(logging.WARNING):
+            with pytest.raises(aiohttp.ClientPayloadError):  # the client is told: a truncated body
+                async with http.post(f"{sidecar.url}/v1/completions", json={**BODY, "stream": True},
+                                     headers={"x-prefiller-host-port": p.hostport}) as resp:  # fmt: skip
+                    assert resp.status == 200
+                    await resp.read()
+            await asyncio.sleep(0.1)
+        assert "decoder stream broke" in caplog.text
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text  # nothing escaped
+        assert sidecar._session is not None and not sidecar._session.connector._acquired  # type: ignore[union-attr]
+    finally:
+        await stopped(sidecar, p, d)
+
+
+async def test_connection_listed_headers_are_hop_by_hop(http: aiohttp.ClientSession) -> None:
+    async def decode(request: web.Request, body: dict[str, Any] | None) -> web.StreamResponse:
+        return web.json_response({}, headers={"Connection": "x-down-hop", "x-down-hop": "1", "x-down": "1"})
+
+    p, d, sidecar = await started(decode=decode)
+    try:
+        headers = {"Connection": "keep-alive, X-Up-Hop", "x-up-hop": "1", "x-up": "1"}
+        for extra in ({"x-prefiller-host-port": p.hostport}, {}):
+            async with http.post(f"{sidecar.url}/v1/completions", json=BODY, headers={**headers, **extra}) as resp:
+                assert resp.status == 200
+                assert "x-down-hop" not in resp.headers and resp.headers["x-down"] == "1"
+        for seen in (*p.seen, *d.seen):
+            assert "x-up-hop" not in seen.headers and seen.headers["x-up"] == "1"
+        assert len(p.seen) == 1 and len(d.seen) == 2
+    finally:
+        await stopped(sidecar, p, d)
+
+
+async def test_retry_backoff_is_capped(http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    delays: list[float] = []
+
+    async def no_sleep(delay: float) -> None:
+        delays.append(delay)
+
+    async def busy(request: web.Request, body: dict[str, Any] | None) -> web.StreamResponse:
+        return web.json_response({"error": "busy"}, status=503)
+
+    monkeypatch.setattr(proxy.asyncio, "sleep", no_sleep)
+    # 1030 retries: 0.2 s * 2**1024 was an OverflowError (a 500), long after waits of centuries.
+    p, d, sidecar = await started(prefill=busy, prefill_max_retries=1030, prefill_retry_backoff=0.2)
+    try:
+        async with http.post(f"{sidecar.url}/v1/completions", json=BODY,
+                             headers={"x-prefiller-host-port": p.hostport}) as resp:  # fmt: skip
+            assert resp.status == 503 and resp.headers["x-pd-failed-stage"] == "prefill"
+        assert len(p.seen) == 1031 and len(delays) == 1030
+        assert delays[:3] == [0.2, 0.4, 0.8] and max(delays) == proxy.MAX_RETRY_BACKOFF
+    finally:
+        await stopped(sidecar, p, d)
+    # A base above the cap is honoured as given, never shortened.
+    assert proxy.retry_delay(60.0, 5) == 60.0
+
+
+def test_ports_out_of_range_are_refused_at_start(capsys: pytest.CaptureFixture[str]) -> None:
+    for bad, reason in (
+        (["--port", "70000"], "port 70000 is out of range"),  # was: listening on 70000 % 65536
+        (["--port", "-5"], "port -5 is out of range"),  # was: a traceback
+        (["--vllm-port", "0"], "decoder port 0 is out of range"),  # was: silently 8200
+        (["--vllm-port", "70000"], "decoder-url 'http://127.0.0.1:70000': Port out of range"),  # was: all 502s
+        (["--decoder-url", "http://127.0.0.1:99999"], "decoder-url 'http://127.0.0.1:99999': Port out of range"),
+    ):
+        with pytest.raises(SystemExit):
+            options_from_args(bad)
+        assert reason in capsys.readouterr().err, bad
+    assert SidecarOptions(port=0).port == 0  # any free port (tests)
+    assert options_from_args(["--port", "65535", "--vllm-port", "1"])[0].decoder_url == "http://127.0.0.1:1"
+
+
+def test_decoder_tls_without_an_explicit_vllm_port() -> None:
+    # was: the default decoder (port 8200) stayed plain http under --enable-tls decoder
+    assert options_from_args(["--enable-tls", "decoder"])[0].decoder_url == "https://127.0.0.1:8200"
+    assert options_from_args([])[0].decoder_url == "http://127.0.0.1:8200"
