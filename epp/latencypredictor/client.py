@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import time
@@ -63,7 +64,10 @@ def _env_number(env: Mapping[str, str], name: str, default: float) -> float:
     except ValueError:
         log.warning("%s=%r is not a number; using %s", name, env.get(name), default)
         return default
-    return value if value > 0 else default
+    if not 0 < value < math.inf:
+        log.warning("%s=%r is not a finite number > 0; using %s", name, env.get(name), default)
+        return default
+    return value
 
 
 class RateLimitedLog:
@@ -107,7 +111,7 @@ class PredictorClient:
         self.timeout = timeout
         self.training_timeout = training_timeout or _env_number(env, "LATENCY_HTTP_TIMEOUT_SEC", 10.0)
         self.flush_interval = flush_interval or _env_number(env, "LATENCY_FLUSH_INTERVAL_SEC", 1.0)
-        self.max_sample_size = max_sample_size or int(_env_number(env, "LATENCY_MAX_SAMPLE_SIZE", 1000))
+        self.max_sample_size = max_sample_size or max(1, int(_env_number(env, "LATENCY_MAX_SAMPLE_SIZE", 1000)))
         self._rng = rng or random.Random()
         self._next = 0
         self._session: aiohttp.ClientSession | None = None
@@ -146,7 +150,7 @@ class PredictorClient:
             raise PredictorUnavailable("error", f"{url}: {e or type(e).__name__}") from None
         try:
             answer = msgspec.json.decode(payload, type=_BulkAnswer)
-        except msgspec.MsgspecError as e:
+        except (msgspec.MsgspecError, RecursionError) as e:  # RecursionError: nested past msgspec's limit
             raise PredictorUnavailable("invalid", f"{url}: {e}") from None
         if len(answer.predictions) != len(rows):
             raise PredictorUnavailable("invalid", f"{url}: {len(answer.predictions)} predictions for {len(rows)} rows")

@@ -25,7 +25,8 @@ latency grows with uncached prompt tokens, queued and running requests and KV pr
 on predictions is sane from the first request; with n samples the data outweighs the prior about n/λ
 to 1. XᵀX and Xᵀy are kept as running sums over the stored window (d ≤ 9, so a refit is O(d³) however
 many samples there are; recomputed exactly every `EXACT_EVERY` fits against rounding drift), the
-residual quantiles are taken over at most `QUANTILE_SAMPLE` stored samples.
+residual quantiles are taken over at most `QUANTILE_SAMPLE` stored samples. A sample with a scaled feature
+beyond `MAX_FEATURE` (10⁵) is skipped and counted, not stored: it would make XᵀX numerically singular.
 
 The window is stratified as the reference's: samples land in buckets keyed by queue depth
 {0, 1-2, 3-5, 6-10, 11+}, KV utilisation (5% steps) and, for TTFT, prefix-cache score (quartiles);
@@ -55,6 +56,9 @@ QUANTILE_SAMPLE = 2000
 MIN_BUCKET_RESIDUALS = 100  # fewer residuals at a size: that size uses the global quantile
 MAX_SIZE_BUCKET = 20  # the last bucket is [2^20, ∞) prompt tokens
 SIZE_FEATURE = "input_token_length/1000"  # where a feature row holds the prompt's size (both targets)
+# A training sample with a scaled feature beyond this (a prompt of over 10⁸ tokens, 10⁵ queued requests, ...) is
+# skipped and counted: squared in XᵀX it would swamp the prior's λ in rounding and make every refit fail.
+MAX_FEATURE = 1e5
 
 
 def size_bucket(tokens: float) -> int:
@@ -194,8 +198,8 @@ class TargetModel:
             raise ValueError("quantile must be in (0, 1)")
         if objective not in ("quantile", "mean"):
             raise ValueError("objective must be 'quantile' or 'mean'")
-        if not prior_strength > 0.0:
-            raise ValueError("prior strength must be > 0")
+        if not 0.0 < prior_strength < math.inf:
+            raise ValueError("prior strength must be a finite number > 0")
         self.spec = spec
         self.d = len(spec.features)
         self._size = spec.features.index(SIZE_FEATURE)
@@ -206,6 +210,7 @@ class TargetModel:
         self._rng = rng or random.Random()
         self.coefficients = Coefficients(spec.prior)
         self.received = 0  # samples ever accepted
+        self.skipped = 0  # samples refused: a feature beyond MAX_FEATURE
         self.since_fit = 0  # accepted since the last fit
         self.fits = 0
         self._buckets: dict[tuple[int, int, int], list[tuple[list[float], float]]] = {}
@@ -219,6 +224,9 @@ class TargetModel:
 
     def add(self, row: Row, y: float) -> None:
         x = self.spec.featurize(row)
+        if max(map(abs, x)) > MAX_FEATURE:
+            self.skipped += 1
+            return
         bucket = self._buckets.setdefault(self.spec.bucket(row), [])
         if len(bucket) < self.max_per_bucket:
             bucket.append((x, y))

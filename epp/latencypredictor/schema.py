@@ -51,4 +51,7 @@ class BulkTrainingRequest(msgspec.Struct):
 def decode(body: bytes, kind: type[msgspec.Struct]) -> msgspec.Struct:
     """`kind` from a JSON body; raises msgspec.DecodeError (not JSON) or msgspec.ValidationError
     (a field's type or bound, with its path)."""
-    return msgspec.json.decode(body, type=kind, strict=False)
+    try:
+        return msgspec.json.decode(body, type=kind, strict=False)
+    except (UnicodeDecodeError, RecursionError) as e:  # a string that is not UTF-8; nesting past msgspec's limit
+        raise msgspec.DecodeError(str(e)) from None

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -38,7 +39,7 @@ import msgspec
 from aiohttp import web
 
 from llmepp.latencypredictor import schema
-from llmepp.latencypredictor.model import LatencyModel, TargetModel, iso
+from llmepp.latencypredictor.model import MAX_FEATURE, LatencyModel, TargetModel, iso
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +68,18 @@ class Settings:
     def __post_init__(self) -> None:
         if self.mode not in ("both", "training", "prediction"):
             raise ValueError(f"mode must be both, training or prediction, got {self.mode!r}")
-        if not self.retraining_interval > 0 or not self.model_sync_interval > 0:
-            raise ValueError("intervals must be > 0")
+        if not 0 <= self.training_port <= 65535 or not 0 <= self.prediction_port <= 65535:
+            raise ValueError(f"ports must be in 0..65535, got {self.training_port} and {self.prediction_port}")
+        if not 0 < self.retraining_interval < math.inf or not 0 < self.model_sync_interval < math.inf:
+            raise ValueError("intervals must be finite numbers > 0")
         if self.min_samples < 1 or self.max_per_bucket < 1:
             raise ValueError("min samples and max samples per bucket must be >= 1")
         if not 0.0 < self.quantile < 1.0:
             raise ValueError(f"quantile must be in (0, 1), got {self.quantile}")
         if self.objective not in ("quantile", "mean"):
             raise ValueError(f"objective must be quantile or mean, got {self.objective!r}")
-        if not self.prior_strength > 0.0:
-            raise ValueError(f"prior strength must be > 0, got {self.prior_strength}")
+        if not 0.0 < self.prior_strength < math.inf:
+            raise ValueError(f"prior strength must be a finite number > 0, got {self.prior_strength}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -251,8 +254,15 @@ class PredictorService:
     async def add_training_data_bulk(self, request: web.Request) -> web.Response:
         batch = await _decode(request, schema.BulkTrainingRequest)
         assert isinstance(batch, schema.BulkTrainingRequest)
+        before = sum(t.skipped for t in self.model.targets)
         n = self.model.add(batch.entries)
-        return _json({"message": f"Accepted {n} training samples."}, status=202)
+        message = f"Accepted {n} training samples."
+        skipped = sum(t.skipped for t in self.model.targets) - before
+        if skipped:
+            message += f" Skipped {skipped} TTFT/TPOT samples with a feature beyond the model's range."
+            log.warning("skipped %d training samples with a feature beyond the model's range (scaled > %g)",
+                        skipped, MAX_FEATURE)  # fmt: skip
+        return _json({"message": message}, status=202)
 
     def _target(self, request: web.Request) -> TargetModel:
         t = self.model.target(request.match_info["name"])
@@ -274,7 +284,7 @@ class PredictorService:
 
     async def data_status(self, request: web.Request) -> web.Response:
         return _json({t.spec.name: {"received": t.received, "stored": t.stored, "since_fit": t.since_fit,
-                                    "fits": t.fits} for t in self.model.targets})  # fmt: skip
+                                    "fits": t.fits, "skipped": t.skipped} for t in self.model.targets})  # fmt: skip
 
     async def flush(self, request: web.Request) -> web.Response:
         self.model.clear()
@@ -286,6 +296,7 @@ class PredictorService:
             name, c = t.spec.name, t.coefficients
             lines.append(f'latency_predictor_training_samples_received_total{{target="{name}"}} {t.received}')
             lines.append(f'latency_predictor_training_samples_stored{{target="{name}"}} {t.stored}')
+            lines.append(f'latency_predictor_training_samples_skipped_total{{target="{name}"}} {t.skipped}')
             lines.append(f'latency_predictor_model_fits_total{{target="{name}"}} {t.fits}')
             lines.append(f'latency_predictor_residual_quantile_ms{{target="{name}"}} {c.residual_quantile}')
             for feature, w in zip(t.spec.features, c.weights):

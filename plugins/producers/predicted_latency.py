@@ -180,7 +180,8 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
     only for responses that ended naturally with a status < 400; features are the chosen endpoint's at
     dispatch (PreRequest), except prefill_tokens_in_flight, which is the value its prediction row had (the
     other requests' tokens, not this one's: training and prediction rows mean the same thing):
-      * TTFT sample: streamingMode true — first response byte − dispatch, sent at the first byte;
+      * TTFT sample: streamingMode true — first response byte − dispatch, sent at the first byte, for streamed
+        responses only (as the reference: a `"stream": false` answer trains nothing in this mode);
         false — the whole response (end-to-end latency, as the reference), sent at completion.
       * TPOT samples (streamingMode true, ≥ 2 output tokens from the response's usage): the mean
         inter-token latency (last byte − first byte) / (completion tokens − 1), once per sampled token
@@ -412,7 +413,12 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
             return
         ctx.first_token_metrics = ctx.target.metrics
         self._release_prefill(ctx)
-        if self.streaming and 0 < response.status < 400 and response.first_byte_at > ctx.dispatched_at:
+        if (
+            self.streaming
+            and response.streaming
+            and 0 < response.status < 400
+            and response.first_byte_at > ctx.dispatched_at
+        ):
             ctx.ttft_reported = True
             ttft_ms = (response.first_byte_at - ctx.dispatched_at) * 1000
             self.client.add_training([self._entry(ctx, ctx.dispatch_metrics, 0, ttft_ms, 0.0)])
@@ -432,11 +438,12 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         entries = []
         if self.streaming:
             ttft_ms = (response.first_byte_at - ctx.dispatched_at) * 1000
-            if not ctx.ttft_reported:
+            # An answer not streamed comes whole: its first byte is no first token, its bytes no token gaps.
+            if not ctx.ttft_reported and response.streaming:
                 entries.append(self._entry(ctx, ctx.dispatch_metrics, 0, ttft_ms, 0.0))
             tokens = response.usage.completion_tokens if response.usage is not None else 0
             tpot_ms = 0.0
-            if tokens > 1 and response.finished_at > response.first_byte_at:
+            if response.streaming and tokens > 1 and response.finished_at > response.first_byte_at:
                 tpot_ms = (response.finished_at - response.first_byte_at) * 1000 / (tokens - 1)
                 features = ctx.first_token_metrics or ctx.dispatch_metrics
                 p = self.params

@@ -436,6 +436,68 @@ async def test_training_rows_carry_the_prefill_tokens_the_prediction_saw(predict
     await p.aclose()
 
 
+async def test_streaming_mode_does_not_train_on_a_response_that_was_not_streamed(predictor: PredictorService) -> None:
+    """A `"stream": false` answer's first byte comes when the whole answer does: taken as a TTFT sample it was the
+    end-to-end latency, and (last byte − first byte) / (tokens − 1) a TPOT sample of ~0 ms."""
+    p = producer(predictor, streamingMode=True)
+    sent: list[dict[str, Any]] = []
+    p.client.add_training = sent.extend
+    ep = endpoint(0)
+    req = request(b"z" * 400)
+    req.headers.update({"x-llm-d-slo-ttft-ms": "100", "x-llm-d-slo-tpot-ms": "20"})
+    await p.produce(req, [ep])
+    p.pre_request(req, result(ep))
+    now = time.monotonic()
+    info = ResponseInfo(status=200, streaming=False, first_byte_at=now + 2.0, bytes=900,
+                        usage=Usage(prompt_tokens=100, completion_tokens=200, total_tokens=300))  # fmt: skip
+    p.first_response_chunk(req, info)
+    info.finished_at = now + 2.0001
+    p.response_complete(req, info, result(ep))
+    assert sent == [] and p.dispatched(ep) == 0 and p.prefill_tokens(ep) == 0
+    assert p._metrics.slo_violations.labels("m", "m", "ttft").value == 1  # the client did wait 2 s for a token
+    # The same answer streamed trains both targets.
+    streamed = request(b"z" * 400)
+    await p.produce(streamed, [ep])
+    p.pre_request(streamed, result(ep))
+    now = time.monotonic()
+    info = ResponseInfo(status=200, streaming=True, first_byte_at=now + 0.05, bytes=900,
+                        usage=Usage(prompt_tokens=100, completion_tokens=200, total_tokens=300))  # fmt: skip
+    p.first_response_chunk(streamed, info)
+    info.finished_at = now + 2.0
+    p.response_complete(streamed, info, result(ep))
+    ttft, *tpot = sent  # one TTFT sample at the first byte, then TPOT samples at sampled positions
+    assert ttft["actual_ttft_ms"] > 0 and tpot and all(e["actual_tpot_ms"] > 5 for e in tpot)
+    await p.aclose()
+
+
+async def test_a_predictor_answer_the_decoder_cannot_read_is_counted_and_backed_off() -> None:
+    deep = b'{"predictions": [{"ttft_ms": 1, "tpot_ms": 1}], "x": ' + b"[" * 2000 + b"]" * 2000 + b"}"
+    calls = 0
+
+    async def handler(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        return web.Response(body=deep, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host, port = runner.addresses[0][:2]
+    p = producer(f"http://{host}:{port}")
+    try:
+        for _ in range(3):
+            r = request()
+            await p.produce(r, [endpoint(0), endpoint(1)])  # was: RecursionError out of produce, every request
+            assert KEY not in r.data
+        counts = {k: c.value for k, c in p._metrics.unavailable._children.items()}
+        assert calls == 1 and counts == {("plp", "invalid"): 1, ("plp", "skipped"): 2}
+    finally:
+        await p.aclose()
+        await runner.cleanup()
+
+
 async def test_non_streaming_mode_trains_end_to_end_latency(predictor: PredictorService) -> None:
     p = producer(predictor)
     p.client.flush_interval = 0.02

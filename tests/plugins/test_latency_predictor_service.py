@@ -270,6 +270,36 @@ async def test_bad_prediction_input_is_a_4xx_with_the_field(
     assert got == status and detail in answer["detail"], answer
 
 
+_ROW = b'"kv_cache_percentage": 0.1, "input_token_length": 5, "num_request_waiting": 0, "num_request_running": 0'
+_DEEP = b"[" * 2000 + b"]" * 2000
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        # JSON nested deeper than the decoder's limit, where a field is skipped or kept as is.
+        ("/predict/bulk", b'{"requests": [' + _DEEP + b"]}"),
+        ("/predict", b'{"x": ' + _DEEP + b"}"),
+        ("/predict/bulk/strict", b'{"x": ' + _DEEP + b', "requests": []}'),
+        ("/add_training_data_bulk", b'{"x": ' + _DEEP + b', "entries": []}'),
+        # Bytes that are not UTF-8 inside a JSON string.
+        ("/predict/bulk", b'{"requests": ["\xff"]}'),
+        ("/predict", b"{" + _ROW + b', "num_tokens_generated": 0, "pod_type": "\xff"}'),
+        ("/predict/bulk/strict", b'{"requests": [{' + _ROW + b', "num_tokens_generated": 0, '
+                                 b'"pod_type": "\xed\xa0\x80"}]}'),
+        ("/add_training_data_bulk", b'{"entries": [{' + _ROW + b', "num_tokens_generated": 0, "actual_ttft_ms": 1, '
+                                    b'"actual_tpot_ms": 0, "timestamp": "\xff"}]}'),
+    ],
+)  # fmt: skip
+async def test_a_body_the_decoder_cannot_read_is_a_400_not_a_server_error(
+    service: PredictorService, path: str, body: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = service.urls["training" if path.startswith("/add") else "prediction"] + path
+    got, answer = await post(url, body)
+    assert got == 400 and "not valid JSON" in answer["detail"], answer
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]  # no traceback logged either
+
+
 async def test_lenient_numbers_and_per_row_errors_of_bulk(service: PredictorService) -> None:
     status, body = await post(service.urls["prediction"] + "/predict/bulk/strict",
                               {"requests": [row(input_token_length=500.0, num_request_running="2")]})  # fmt: skip
@@ -309,6 +339,32 @@ async def test_training_samples_are_accepted_and_retrain_the_model(service: Pred
     assert service.model.ttft.stored == 0 and service.model.ttft.coefficients.source == "prior"
 
 
+async def test_a_sample_beyond_the_models_range_is_skipped_and_counted_not_left_to_break_every_refit(
+    service: PredictorService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The schema takes counts up to 2⁴⁰; one such sample in XᵀX (~10¹⁸ against a prior of 1) made every later
+    refit fail ("matrix is not positive definite"), TTFT and TPOT alike, until it left the window."""
+    t = service.urls["training"]
+    huge = {**row(num_tokens_generated=0), "input_token_length": 2**40, "actual_ttft_ms": 50.0, "actual_tpot_ms": 10.0}
+    status, body = await post(t + "/add_training_data_bulk", {"entries": [huge]})
+    assert status == 202 and "Skipped 2" in body["message"], body
+    assert "beyond the model's range" in caplog.text
+    status, counts = await get(t + "/data/status")
+    assert counts["ttft"]["skipped"] == 1 and counts["tpot"]["skipped"] == 1 and counts["ttft"]["stored"] == 0
+    async with aiohttp.ClientSession() as s, s.get(t + "/metrics") as r:
+        assert 'latency_predictor_training_samples_skipped_total{target="ttft"} 1' in await r.text()
+    service.model.add(linear_samples(60))
+    assert service.retrain() == ["ttft", "tpot"]
+    asked = PredictionRequest(**row(input_token_length=1000, num_request_running=10))
+    ((ttft, tpot),) = service.model.predict([asked])
+    assert ttft == pytest.approx(70, abs=15) and tpot == pytest.approx(30, abs=5)
+    # At the edge of the range a sample is kept, and the model still fits.
+    edge = TrainingEntry(**row(input_token_length=10**8, num_request_waiting=10**5, num_tokens_generated=10**8,
+                               prefill_tokens_in_flight=10**9), actual_ttft_ms=1e8, actual_tpot_ms=1e8)  # fmt: skip
+    service.model.add([edge] * 20)
+    assert service.model.ttft.skipped == 1 and service.retrain() == ["ttft", "tpot"]
+
+
 async def test_a_prediction_only_server_syncs_the_trained_model() -> None:
     async with PredictorService(Settings(mode="training", training_port=0, retraining_interval=0.05)) as trainer:
         settings = Settings(mode="prediction", prediction_port=0, training_server_url=trainer.urls["training"],
@@ -334,6 +390,29 @@ def test_settings_from_env_and_cli_errors(capsys: pytest.CaptureFixture[str]) ->
         Settings.from_env({"LATENCY_MIN_SAMPLES_FOR_RETRAIN": "lots"})
     assert cli.main(["--quantile", "1.5"]) == 2
     assert "quantile must be in (0, 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"training_port": 70000}, "ports must be in 0..65535"),
+        ({"prediction_port": -1}, "ports must be in 0..65535"),
+        # An infinite prior made every weight NaN and every prediction 0 ms after the first refit.
+        ({"prior_strength": float("inf")}, "prior strength must be a finite number > 0"),
+        ({"retraining_interval": float("inf")}, "intervals must be finite numbers > 0"),
+        ({"model_sync_interval": float("nan")}, "intervals must be finite numbers > 0"),
+    ],
+)
+def test_out_of_range_settings_are_a_configuration_error(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace(".", "\\.")):
+        Settings.from_env({}, **overrides)
+
+
+def test_the_console_program_reports_a_bad_port_as_a_configuration_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--training-port", "70000"]) == 2  # was an OverflowError traceback from bind()
+    assert "configuration error: ports must be in 0..65535" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="prior strength"):
+        LatencyModel(prior_strength=float("inf"))
 
 
 def test_the_console_program_serves_and_stops() -> None:
@@ -411,6 +490,37 @@ async def test_the_client_uploads_samples_in_batches_and_drops_them_when_the_tra
     await asyncio.sleep(0.2)
     assert dead.sent == 0 and dead.dropped == 3 and dead.pending == 0
     await dead.aclose()
+
+
+async def test_an_answer_nested_too_deep_to_decode_is_invalid_not_an_escaping_error() -> None:
+    deep = b'{"predictions": [{"ttft_ms": 1, "tpot_ms": 1}], "x": ' + b"[" * 2000 + b"]" * 2000 + b"}"
+    runner, url = await slow_server(0.0, body=deep)
+    client = PredictorClient([url], url, timeout=0.5)
+    try:
+        with pytest.raises(PredictorUnavailable) as err:
+            await client.predict_bulk([row()])
+        assert err.value.reason == "invalid"
+    finally:
+        await client.aclose()
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("env", "attr", "expected"),
+    [
+        ({"LATENCY_MAX_SAMPLE_SIZE": "inf"}, "max_sample_size", 1000),  # was an OverflowError building the plugin
+        ({"LATENCY_MAX_SAMPLE_SIZE": "1e400"}, "max_sample_size", 1000),
+        ({"LATENCY_MAX_SAMPLE_SIZE": "0.5"}, "max_sample_size", 1),  # was 0: every sample dropped
+        ({"LATENCY_FLUSH_INTERVAL_SEC": "inf"}, "flush_interval", 1.0),  # was: never uploaded
+        ({"LATENCY_HTTP_TIMEOUT_SEC": "inf"}, "training_timeout", 10.0),
+        ({"LATENCY_HTTP_TIMEOUT_SEC": "nan"}, "training_timeout", 10.0),
+    ],
+)
+def test_client_settings_from_env_fall_back_on_non_finite_values(
+    env: dict[str, str], attr: str, expected: float
+) -> None:
+    client = PredictorClient(["http://p"], "http://t", env=env)
+    assert getattr(client, attr) == expected
 
 
 def test_urls_from_env() -> None:
