@@ -23,9 +23,12 @@ bucket edge. The residuals are in-sample (those of the fit itself), as the globa
 Before any sample the prediction is the prior's (`w = w₀`, `r_q = 0`): a hand-set physical guess that
 latency grows with uncached prompt tokens, queued and running requests and KV pressure, so routing
 on predictions is sane from the first request; with n samples the data outweighs the prior about n/λ
-to 1. XᵀX and Xᵀy are kept as running sums over the stored window (d ≤ 9, so a refit is O(d³) however
-many samples there are; recomputed exactly every `EXACT_EVERY` fits against rounding drift), the
-residual quantiles are taken over at most `QUANTILE_SAMPLE` stored samples. A sample with a scaled feature
+to 1. XᵀX and Xᵀy are kept as running sums per bucket of the window (below); a refit adds up the buckets'
+sums (d ≤ 9, so it is O(buckets · d² + d³) however many samples there are) and first recomputes the sums
+of buckets exactly, against rounding drift, a few at a time (at most `RECOMPUTE_BUDGET` samples per refit,
+round robin): the predictor shares its event loop with the prediction server, and recomputing a full
+window at once (~200k samples) stalled predictions for ~0.9 s. The residual quantiles are taken over at
+most `QUANTILE_SAMPLE` stored samples. A sample with a scaled feature
 beyond `MAX_FEATURE` (10⁵) is skipped and counted, not stored: it would make XᵀX numerically singular.
 
 The window is stratified as the reference's: samples land in buckets keyed by queue depth
@@ -49,9 +52,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import add
 from typing import Any, Protocol
 
-EXACT_EVERY = 20  # fits between exact recomputations of the running sums
+RECOMPUTE_BUDGET = 4000  # samples whose bucket sums a refit recomputes exactly (whole buckets, at least one)
 QUANTILE_SAMPLE = 2000
 MIN_BUCKET_RESIDUALS = 100  # fewer residuals at a size: that size uses the global quantile
 MAX_SIZE_BUCKET = 20  # the last bucket is [2^20, ∞) prompt tokens
@@ -179,6 +183,35 @@ class Coefficients:
         return value if value > 0.0 else 0.0
 
 
+class _Bucket:
+    """One stratum of the window: its samples and their running sums XᵀX, Xᵀy."""
+
+    __slots__ = ("samples", "xtx", "xty")
+
+    def __init__(self, d: int) -> None:
+        self.samples: list[tuple[list[float], float]] = []
+        self.xtx = [[0.0] * d for _ in range(d)]
+        self.xty = [0.0] * d
+
+    def accumulate(self, x: list[float], y: float, sign: float) -> None:
+        xtx, xty = self.xtx, self.xty
+        for i, xi in enumerate(x):
+            if xi == 0.0:
+                continue
+            s = sign * xi
+            row = xtx[i]
+            for j, xj in enumerate(x):
+                row[j] += s * xj
+            xty[i] += s * y
+
+    def recompute(self) -> None:
+        d = len(self.xty)
+        self.xtx = [[0.0] * d for _ in range(d)]
+        self.xty = [0.0] * d
+        for x, y in self.samples:
+            self.accumulate(x, y, sign=1.0)
+
+
 class TargetModel:
     """One target's sample window, running sums and current coefficients."""
 
@@ -213,10 +246,11 @@ class TargetModel:
         self.skipped = 0  # samples refused: a feature beyond MAX_FEATURE
         self.since_fit = 0  # accepted since the last fit
         self.fits = 0
-        self._buckets: dict[tuple[int, int, int], list[tuple[list[float], float]]] = {}
+        self._buckets: dict[tuple[int, int, int], _Bucket] = {}
         self._n = 0
-        self._xtx = [[0.0] * self.d for _ in range(self.d)]
+        self._xtx = [[0.0] * self.d for _ in range(self.d)]  # the window's sums as of the last fit
         self._xty = [0.0] * self.d
+        self._next_exact = 0  # where the round robin of exact recomputations goes on
 
     @property
     def stored(self) -> int:
@@ -227,38 +261,31 @@ class TargetModel:
         if max(map(abs, x)) > MAX_FEATURE:
             self.skipped += 1
             return
-        bucket = self._buckets.setdefault(self.spec.bucket(row), [])
-        if len(bucket) < self.max_per_bucket:
-            bucket.append((x, y))
+        key = self.spec.bucket(row)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = _Bucket(self.d)
+        stored = bucket.samples
+        if len(stored) < self.max_per_bucket:
+            stored.append((x, y))
             self._n += 1
         else:
-            i = self._rng.randrange(len(bucket))
-            self._accumulate(*bucket[i], sign=-1.0)
-            bucket[i] = (x, y)
-        self._accumulate(x, y, sign=1.0)
+            i = self._rng.randrange(len(stored))
+            bucket.accumulate(*stored[i], sign=-1.0)
+            stored[i] = (x, y)
+        bucket.accumulate(x, y, sign=1.0)
         self.received += 1
         self.since_fit += 1
 
-    def _accumulate(self, x: list[float], y: float, sign: float) -> None:
-        xtx, xty = self._xtx, self._xty
-        for i, xi in enumerate(x):
-            if xi == 0.0:
-                continue
-            s = sign * xi
-            row = xtx[i]
-            for j, xj in enumerate(x):
-                row[j] += s * xj
-            xty[i] += s * y
-
     def samples(self) -> Iterable[tuple[list[float], float]]:
         for bucket in self._buckets.values():
-            yield from bucket
+            yield from bucket.samples
 
     def fit(self) -> Coefficients:
         """Refit from the stored window (the prior alone when it is empty) and swap it in."""
         self.fits += 1
-        if self.fits % EXACT_EVERY == 0:
-            self._recompute()
+        self._recompute_some()
+        self._sum_buckets()
         lam, w0, d = self.prior_strength, self.spec.prior, self.d
         a = [[self._xtx[i][j] + (lam if i == j else 0.0) for j in range(d)] for i in range(d)]
         c = [self._xty[i] + lam * w0[i] for i in range(d)]
@@ -286,11 +313,31 @@ class TargetModel:
         self.since_fit = 0
         return self.coefficients
 
-    def _recompute(self) -> None:
-        self._xtx = [[0.0] * self.d for _ in range(self.d)]
-        self._xty = [0.0] * self.d
-        for x, y in self.samples():
-            self._accumulate(x, y, sign=1.0)
+    def _recompute_some(self) -> None:
+        """Recompute exactly the sums of the next buckets of the round robin, up to RECOMPUTE_BUDGET samples."""
+        buckets = list(self._buckets.values())
+        if not buckets:
+            return
+        budget = RECOMPUTE_BUDGET
+        for _ in range(len(buckets)):
+            bucket = buckets[self._next_exact % len(buckets)]
+            if budget < len(bucket.samples) and budget < RECOMPUTE_BUDGET:
+                break
+            bucket.recompute()
+            budget -= len(bucket.samples)
+            self._next_exact = (self._next_exact + 1) % len(buckets)
+            if budget <= 0:
+                break
+
+    def _sum_buckets(self) -> None:
+        d = self.d
+        xtx = [[0.0] * d for _ in range(d)]
+        xty = [0.0] * d
+        for bucket in self._buckets.values():
+            for i, row in enumerate(bucket.xtx):
+                xtx[i] = list(map(add, xtx[i], row))
+            xty = list(map(add, xty, bucket.xty))
+        self._xtx, self._xty = xtx, xty
 
     def predict(self, row: Row) -> float:
         return self.coefficients.predict(self.spec.featurize(row), row.input_token_length)
@@ -300,6 +347,7 @@ class TargetModel:
         self._n = 0
         self._xtx = [[0.0] * self.d for _ in range(self.d)]
         self._xty = [0.0] * self.d
+        self._next_exact = 0
         self.since_fit = 0
         self.coefficients = Coefficients(self.spec.prior)
 

@@ -24,10 +24,12 @@ from hypothesis import strategies as st
 from llmepp.latencypredictor import cli
 from llmepp.latencypredictor.client import PredictorClient, PredictorUnavailable, urls_from_env
 from llmepp.latencypredictor.model import (
+    RECOMPUTE_BUDGET,
     TPOT,
     TTFT,
     LatencyModel,
     TargetModel,
+    _Bucket,
     quantile_of_sorted,
     size_bucket,
     solve_spd,
@@ -198,15 +200,54 @@ def test_the_window_is_stratified_and_bounded_and_flush_forgets() -> None:
         t.add(entry(ttft=900.0, num_request_waiting=12), 900.0)  # a rare deep-queue regime, kept
     assert t.stored == 8 and t.received == 53
     t.fit()
-    exact = TargetModel(TTFT, max_per_bucket=5)
+    exact = _Bucket(len(TTFT.features))
     for x, y in t.samples():
-        exact._accumulate(x, y, sign=1.0)
+        exact.accumulate(x, y, sign=1.0)
     flat = [v for r in t._xtx for v in r]
-    assert flat == pytest.approx([v for r in exact._xtx for v in r]) and t._xty == pytest.approx(exact._xty)
+    assert flat == pytest.approx([v for r in exact.xtx for v in r]) and t._xty == pytest.approx(exact.xty)
     t.clear()
     assert t.stored == 0 and t.coefficients.source == "prior"
     with pytest.raises(ValueError):
         TargetModel(TPOT, quantile=1.5)
+
+
+def test_refits_recompute_a_bounded_share_of_the_window_and_keep_its_sums_exact(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A refit recomputes the sums of a few buckets (at most RECOMPUTE_BUDGET samples, or one bucket), not the
+    whole window: a full window took ~0.9 s at once, a stall of the prediction server sharing the loop. Over
+    enough refits every bucket is recomputed, and with samples replaced all along the sums stay exact."""
+    rng = random.Random(3)
+    t = TargetModel(TTFT, max_per_bucket=400, rng=rng)
+
+    def sample() -> TrainingEntry:
+        return entry(
+            ttft=rng.random() * 3000, kv_cache_percentage=rng.random(), num_request_waiting=rng.randrange(0, 15),
+            prefix_cache_score=rng.random(), input_token_length=rng.randrange(1, 9000),
+        )  # fmt: skip
+
+    for _ in range(30_000):
+        e = sample()
+        t.add(e, e.actual_ttft_ms)
+    assert t.stored > 4 * RECOMPUTE_BUDGET  # the whole window is far more than one refit may recompute
+    recomputed: list[int] = []
+    real = _Bucket.recompute
+    monkeypatch.setattr(_Bucket, "recompute", lambda b: (recomputed.append(len(b.samples)), real(b))[1])
+    fits = 0
+    while sum(recomputed) < t.stored + 1 or fits < 3:  # a whole round of the round robin, and more
+        before = len(recomputed)
+        for _ in range(50):
+            e = sample()
+            t.add(e, e.actual_ttft_ms)
+        t.fit()
+        fits += 1
+        done = recomputed[before:]
+        assert done and (sum(done) <= RECOMPUTE_BUDGET or len(done) == 1), done
+    exact = _Bucket(len(TTFT.features))
+    for x, y in t.samples():
+        exact.accumulate(x, y, sign=1.0)
+    assert [v for r in t._xtx for v in r] == pytest.approx([v for r in exact.xtx for v in r], rel=1e-9)
+    assert t._xty == pytest.approx(exact.xty, rel=1e-9)
 
 
 # -- HTTP API -------------------------------------------------------------------------------------
