@@ -46,6 +46,7 @@ Features (the raw fields of schema.PredictionRequest, scale in brackets):
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -54,6 +55,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from operator import add
 from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
 
 RECOMPUTE_BUDGET = 4000  # samples whose bucket sums a refit recomputes exactly (whole buckets, at least one)
 QUANTILE_SAMPLE = 2000
@@ -446,11 +449,16 @@ class LatencyModel:
         return [(ttft.predict(fx(r), r.input_token_length), tpot.predict(gx(r), r.input_token_length)) for r in rows]
 
     def retrain(self, min_samples: int) -> list[str]:
-        """Refit every target with new samples and at least `min_samples` stored; the names refitted."""
+        """Refit every target with new samples and at least `min_samples` stored; the names refitted. A target
+        whose fit fails keeps its previous model (logged) and does not hold up the others."""
         done = []
         for t in self.targets:
             if t.since_fit and t.stored >= min_samples:
-                t.fit()
+                try:
+                    t.fit()
+                except ValueError as e:  # solve_spd: not positive definite
+                    log.warning("%s model refit failed (%s); the previous model keeps predicting", t.spec.name, e)
+                    continue
                 done.append(t.spec.name)
         return done
 

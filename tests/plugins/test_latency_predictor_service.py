@@ -598,3 +598,19 @@ async def test_any_json_body_gets_a_json_answer_never_a_server_error(path: str, 
         doc = await resp.json()
         if resp.status >= 400:
             assert isinstance(doc, dict) and doc.get("detail"), doc
+
+
+def test_a_target_whose_fit_fails_keeps_its_model_and_does_not_hold_up_the_other(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = LatencyModel(seed=1)
+    model.add(linear_samples(200))
+
+    def singular() -> None:
+        raise ValueError("matrix is not positive definite")
+
+    monkeypatch.setattr(model.ttft, "fit", singular)
+    before = model.ttft.coefficients
+    assert model.retrain(min_samples=10) == [model.tpot.spec.name]
+    assert model.tpot.coefficients.source == "trained"
+    assert model.ttft.coefficients is before  # the previous model keeps predicting
