@@ -51,10 +51,15 @@ class _BulkAnswer(msgspec.Struct):
 
 
 def urls_from_env(env: Mapping[str, str] | None = None) -> tuple[list[str], str]:
-    """(prediction URLs, training URL) from PREDICTION_SERVER_URL / TRAINING_SERVER_URL, else the defaults."""
+    """(prediction URLs, training URL) from PREDICTION_SERVER_URL / TRAINING_SERVER_URL, else the defaults;
+    ValueError naming the variable when one is not an http(s) URL."""
     env = os.environ if env is None else env
     predict = [u.strip().rstrip("/") for u in env.get("PREDICTION_SERVER_URL", "").split(",") if u.strip()]
     train = env.get("TRAINING_SERVER_URL", "").strip().rstrip("/")
+    for name, urls in (("PREDICTION_SERVER_URL", predict), ("TRAINING_SERVER_URL", [train] if train else [])):
+        for url in urls:  # at start-up, not as an error count per request
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"environment variable {name}: {url[:200]!r} is not an http(s) URL")
     return predict or [DEFAULT_PREDICTION_URL], train or DEFAULT_TRAINING_URL
 
 

@@ -568,6 +568,17 @@ def test_urls_from_env() -> None:
     assert urls_from_env({}) == (["http://localhost:8001"], "http://localhost:8000")
     env = {"PREDICTION_SERVER_URL": "http://a:1/, http://b:2", "TRAINING_SERVER_URL": "http://t:3/"}
     assert urls_from_env(env) == (["http://a:1", "http://b:2"], "http://t:3")
+    for name in ("PREDICTION_SERVER_URL", "TRAINING_SERVER_URL"):  # a start-up error, not errors per request
+        with pytest.raises(ValueError, match=name):
+            urls_from_env({name: "localhost:8001"})
+
+
+def test_a_bad_predictor_url_in_the_environment_fails_the_config_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmepp.framework.plugin import ConfigError, registry
+
+    monkeypatch.setenv("PREDICTION_SERVER_URL", "predictor:8001")
+    with pytest.raises(ConfigError, match="PREDICTION_SERVER_URL"):
+        registry.build("predicted-latency-producer", "p", {})
 
 
 _json = st.recursive(
