@@ -24,6 +24,7 @@ from llmepp.config.watch import ConfigWatcher
 from llmepp.datalayer.collector import MetricsCollector
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.dcgm import DcgmPoller
+from llmepp.datalayer.endpoint import join_hostport
 from llmepp.datalayer.models import ModelsPoller
 from llmepp.datalayer.multicluster import METRICS_SOURCE_TYPES
 from llmepp.director import Director
@@ -276,7 +277,7 @@ class App:
 
         self._health_server = grpc.aio.server()
         health.add_to_server(self.health, self._health_server)
-        self.health_port = self._health_server.add_insecure_port(f"{s.bind_address}:{s.grpc_health_port}")
+        self.health_port = self._health_server.add_insecure_port(join_hostport(s.bind_address, s.grpc_health_port))
         await self._health_server.start()
 
         if s.metrics_port:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgspec
 
 from llmepp.datalayer.datastore import Datastore
-from llmepp.datalayer.endpoint import Endpoint
+from llmepp.datalayer.endpoint import Endpoint, split_hostport
 from llmepp.errors import BadRequest, NoEndpoints, RequestError
 from llmepp.framework.datakeys import TOKENIZED_PROMPT
 from llmepp.framework.requestcontrol import (
@@ -143,10 +143,11 @@ class Director:
 
     # -- request path ------------------------------------------------------------------
     def candidates(self, subset: Sequence[str] | None) -> Sequence[Endpoint]:
-        """The pool, narrowed by Envoy's subset hint (matched on IP only, like the reference)."""
+        """The pool, narrowed by Envoy's subset hint (matched on IP only, like the reference; an IPv6
+        entry is `[ip]:port`)."""
         endpoints = self.datastore.endpoints
         if subset is not None and self.subset_filter:
-            ips = {hp.rsplit(":", 1)[0] for hp in subset}
+            ips = {split_hostport(hp)[0] for hp in subset}
             endpoints = tuple(ep for ep in endpoints if ep.address in ips)
         if not endpoints:
             raise NoEndpoints()

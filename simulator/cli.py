@@ -145,7 +145,7 @@ def _per_pod(template: str, host: str, index: int, retarget: bool) -> str:
     if retarget and "://" in template:
         scheme, rest = template.split("://", 1)
         _, _, port = rest.rpartition(":")
-        return f"{scheme}://{host}:{port}"
+        return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
     return template
 
 

@@ -37,6 +37,12 @@ REBIND_ATTEMPTS = 40
 REBIND_PAUSE = 0.05  # s
 
 
+def _ipv6(endpoint: str) -> bool:
+    """An endpoint on an IPv6 address (`tcp://[::1]:5557`): ZeroMQ binds or connects it only with zmq.IPV6."""
+    rest = endpoint[len("tcp://") :] if endpoint.startswith("tcp://") else ""
+    return rest.startswith("[") or rest.count(":") > 1
+
+
 async def _bind(sock: zmq.Socket, endpoint: str) -> None:
     # A revived pod rebinds the port its previous sockets just released; libzmq frees it asynchronously.
     for attempt in range(REBIND_ATTEMPTS):
@@ -88,6 +94,8 @@ class KVEventPublisher:
         self._pub = zmq.Socket(ctx, zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, 100_000)
+        if _ipv6(self._requested_endpoint):
+            self._pub.setsockopt(zmq.IPV6, 1)
         if self._connect:
             self._pub.connect(self._requested_endpoint)
         else:
@@ -96,6 +104,8 @@ class KVEventPublisher:
         if self._requested_replay:
             self._router = ctx.socket(zmq.ROUTER)
             self._router.setsockopt(zmq.LINGER, 0)
+            if _ipv6(self._requested_replay):
+                self._router.setsockopt(zmq.IPV6, 1)
             await _bind(self._router, self._requested_replay)
             self.replay_endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
             self._replay_task = asyncio.get_running_loop().create_task(self._serve_replay(), name="kv-replay")

@@ -15,6 +15,27 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
+def join_hostport(host: str, port: int | str) -> str:
+    """`host:port` with an IPv6 literal bracketed (`[fd00::1]:8000`), as Go's net.JoinHostPort: the form
+    Envoy's ORIGINAL_DST cluster parses from `x-gateway-destination-endpoint`, and URLs and ZeroMQ
+    `tcp://` endpoints take. `host` is a bare address or name (never already bracketed)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def split_hostport(value: str) -> tuple[str, str]:
+    """(host, port) of `[v6]:port`, `v4:port` or `name:port`, the host without brackets; the port is ""
+    when `value` has none (`10.0.0.1`, `[fd00::1]`). An unbracketed IPv6 `fd00::1:8000` (what this EPP
+    wrote before it bracketed) splits at its last colon. Never raises: a malformed bracket gives
+    (value, ""), a host that matches no address."""
+    if value.startswith("["):
+        end = value.find("]")
+        if end > 0 and (end + 1 == len(value) or value[end + 1] == ":"):
+            return value[1:end], value[end + 2 :]
+        return value, ""
+    host, sep, port = value.rpartition(":")
+    return (host, port) if sep else (value, "")
+
+
 @dataclass(frozen=True, slots=True)
 class EndpointSpec:
     """What discovery knows about an endpoint (file entry or pod + target port)."""
@@ -36,10 +57,12 @@ class EndpointSpec:
     pod_name: str = ""
     hostname: str = ""
     node_address: str = ""
+    # `address:port` as Envoy and the P/D sidecars read it (IPv6 bracketed: join_hostport); read on every
+    # request, so computed once.
+    hostport: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def hostport(self) -> str:
-        return f"{self.address}:{self.port}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hostport", join_hostport(self.address, self.port))
 
     @property
     def pod(self) -> str:

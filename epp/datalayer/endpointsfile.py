@@ -5,7 +5,7 @@ Format (YAML or JSON, at most 1 MiB):
     endpoints:
       - name: vllm-0            # required, unique per namespace
         namespace: default      # optional
-        address: 10.0.0.1       # required, IPv4 literal
+        address: 10.0.0.1       # required, IPv4 or IPv6 literal (fd00::1, no brackets)
         port: "8000"            # required, 1-65535 (integer or string)
         labels: {llm-d.ai/engine-type: vllm}   # optional
         metricsPort: 9000       # optional extension: scrape /metrics on another port
@@ -20,6 +20,7 @@ hostname) pass their own `address_check` and an `entry_check` for the labels the
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 from collections.abc import Callable, Mapping
@@ -31,7 +32,14 @@ import yaml
 from llmepp.datalayer.endpoint import EndpointSpec
 from llmepp.framework.plugin import ConfigError
 
-__all__ = ["MAX_FILE_BYTES", "EndpointsFileError", "ipv4_address", "parse_endpoints", "read_endpoints_file"]
+__all__ = [
+    "MAX_FILE_BYTES",
+    "EndpointsFileError",
+    "ip_address",
+    "ipv4_address",
+    "parse_endpoints",
+    "read_endpoints_file",
+]
 
 MAX_FILE_BYTES = 1 << 20
 _ENTRY_FIELDS = ("name", "namespace", "address", "port", "labels", "metricsPort", "rank")
@@ -45,11 +53,25 @@ EntryCheck = Callable[[EndpointSpec], list[str]]
 
 
 def ipv4_address(address: str) -> str | None:
-    """The pod rule: an IPv4 literal (the reference's file discovery)."""
+    """An IPv4 literal (the reference's file discovery)."""
     try:
         ipaddress.IPv4Address(address)
     except ValueError:
         return f"must be an IPv4 address, got {address!r}"
+    return None
+
+
+def ip_address(address: str) -> str | None:
+    """The pod rule: an IPv4 or IPv6 literal, IPv6 without brackets or zone (`fd00::1`; the EPP writes
+    `[fd00::1]:8000` itself). The entry keeps the address in canonical form (`FD00:0::1` -> `fd00::1`),
+    as Kubernetes reports pod IPs and gateways write subset hints."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        hint = " without brackets" if address.startswith("[") else ""
+        return f"must be an IPv4 or IPv6 address{hint}, got {address!r}"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
+        return f"must be an IP address without a zone, got {address!r}"
     return None
 
 
@@ -64,7 +86,7 @@ class EndpointsFileError(ConfigError):
 
 
 def read_endpoints_file(
-    path: str, *, address_check: AddressCheck = ipv4_address, entry_check: EntryCheck | None = None
+    path: str, *, address_check: AddressCheck = ip_address, entry_check: EntryCheck | None = None
 ) -> list[EndpointSpec]:
     """Read and validate `path`. Blocking: call it through asyncio.to_thread on the loop."""
     try:
@@ -84,7 +106,7 @@ def parse_endpoints(
     source: str = "<endpoints>",
     *,
     json_hint: bool = False,
-    address_check: AddressCheck = ipv4_address,
+    address_check: AddressCheck = ip_address,
     entry_check: EntryCheck | None = None,
 ) -> list[EndpointSpec]:
     """Validate an endpoints document; raises EndpointsFileError listing every problem."""
@@ -157,6 +179,9 @@ def _entry(
         problems.append(f"{where}.rank: must be an integer 0-{MAX_RANK}, got {_kind(rank)} {rank!r}")
     if len(problems) > before or not name or not address or port is None:
         return None
+    if ":" in address:  # an IPv6 literal: one spelling, so addresses and address:port compare
+        with contextlib.suppress(ValueError):
+            address = str(ipaddress.IPv6Address(address))
     spec = EndpointSpec(
         name=name,
         address=address,

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
+from llmepp.datalayer.endpoint import join_hostport
+
 __all__ = [
     "BadStatus",
     "ConnectFailed",
@@ -76,9 +78,8 @@ class ScrapeTarget:
     request: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        host = f"[{self.host}]" if ":" in self.host else self.host
         req = (
-            f"GET {self.path} HTTP/1.1\r\nHost: {host}:{self.port}\r\nUser-Agent: llm-epp\r\n"
+            f"GET {self.path} HTTP/1.1\r\nHost: {join_hostport(self.host, self.port)}\r\nUser-Agent: llm-epp\r\n"
             "Accept: text/plain;version=0.0.4;q=1,*/*;q=0.1\r\n\r\n"
         )
         object.__setattr__(self, "request", req.encode("latin-1"))
@@ -86,8 +87,7 @@ class ScrapeTarget:
     @property
     def url(self) -> str:
         scheme = "https" if self.ssl is not None else "http"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{scheme}://{host}:{self.port}{self.path}"
+        return f"{scheme}://{join_hostport(self.host, self.port)}{self.path}"
 
 
 ResultCallback = Callable[[bytes | None, ScrapeError | None], None]
@@ -455,7 +455,7 @@ class ScrapeClient:
         except Exception as e:  # OSError, ssl.SSLError, gaierror...: never let a scrape crash
             self._connecting = None
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
-            self._report(None, ConnectFailed(f"connect to {t.host}:{t.port} failed: {reason}"))
+            self._report(None, ConnectFailed(f"connect to {join_hostport(t.host, t.port)} failed: {reason}"))
             return
         self._connecting = None
         if self.closed or not self.busy:

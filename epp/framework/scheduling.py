@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from llmepp.datalayer.endpoint import Endpoint
+from llmepp.datalayer.endpoint import Endpoint, join_hostport
 from llmepp.framework.plugin import Plugin, PluginParams
 from llmepp.request.types import InferenceRequest
 
@@ -108,7 +108,7 @@ class SchedulingResult:
         """`ip:port` Envoy sends each primary target to: its own, or its IP at `destination_port`."""
         port = self.destination_port
         if port:
-            return [f"{ep.address}:{port}" for ep in self.targets]
+            return [join_hostport(ep.address, port) for ep in self.targets]
         return [ep.hostport for ep in self.targets]
 
     def kv_targets(self) -> list[Endpoint]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import zmq.asyncio
 
-from llmepp.datalayer.endpoint import Endpoint
+from llmepp.datalayer.endpoint import Endpoint, join_hostport
 from llmepp.kvevents.chain import SourceChains
 from llmepp.kvevents.ingest import IndexStore, SourceIngest
 from llmepp.kvevents.stats import KVEventStats, LogLimiter
@@ -55,8 +55,8 @@ SOURCE_QUEUE = 10_000  # messages a source may have waiting in global-socket mod
 
 
 def tcp(address: str, port: int) -> str:
-    host = f"[{address}]" if ":" in address else address
-    return f"tcp://{host}:{port}"
+    """The ZeroMQ endpoint of `address` at `port` (`tcp://[fd00::1]:5557` for IPv6)."""
+    return f"tcp://{join_hostport(address, port)}"
 
 
 class _Source:
@@ -221,7 +221,7 @@ class SubscriberPool:
         if self._ctx is None:
             self._ctx = zmq.asyncio.Context.instance()
         while True:
-            sock = sub_socket(self._ctx, o.subscriber)
+            sock = sub_socket(self._ctx, o.subscriber, o.bind_endpoint)
             try:
                 sock.bind(o.bind_endpoint)
                 log.info("KV events: listening for publishers", extra={"endpoint": o.bind_endpoint})

@@ -35,6 +35,7 @@ from typing import Protocol
 import zmq
 import zmq.asyncio
 
+from llmepp.datalayer.endpoint import split_hostport
 from llmepp.kvevents.stats import KVEventStats, LogLimiter
 from llmepp.kvevents.wire import (
     EventBatch,
@@ -69,9 +70,23 @@ class SubscriberOptions:
     reconnect_ivl_max_ms: int = 5_000
 
 
-def sub_socket(context: zmq.asyncio.Context, options: SubscriberOptions) -> zmq.asyncio.Socket:
-    """A SUB socket with the queue bound, reconnect pacing and topic filter of `options`."""
+def ipv6_endpoint(endpoint: str) -> bool:
+    """Whether a socket for `endpoint` needs `zmq.IPV6`: without it ZeroMQ cannot bind an IPv6 address
+    (`tcp://[fd00::1]:5557`: "No such device") and never connects to one (silently). A wildcard bind
+    (`tcp://*:5557`) gets it too: it then listens on IPv6 and IPv4, so the pods of an IPv6-only cluster
+    reach it (ZeroMQ falls back to IPv4 where IPv6 is unavailable)."""
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = split_hostport(endpoint[len("tcp://") :])[0]
+    return host == "*" or ":" in host
+
+
+def sub_socket(context: zmq.asyncio.Context, options: SubscriberOptions, endpoint: str = "") -> zmq.asyncio.Socket:
+    """A SUB socket with the queue bound, reconnect pacing and topic filter of `options`, ready to bind or
+    connect `endpoint` (IPv6: ipv6_endpoint)."""
     sock = context.socket(zmq.SUB)
+    if ipv6_endpoint(endpoint):
+        sock.setsockopt(zmq.IPV6, 1)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, options.rcv_hwm)
     sock.setsockopt(zmq.RECONNECT_IVL, options.reconnect_ivl_ms)
@@ -119,7 +134,7 @@ class Subscriber:
 
     async def run(self) -> None:
         """The source's task body: receive and apply until cancelled."""
-        sub = sub_socket(self._ctx, self.options)
+        sub = sub_socket(self._ctx, self.options, self.endpoint)
         sub.connect(self.endpoint)
         try:
             while True:
@@ -219,6 +234,8 @@ class Subscriber:
         async with self._slots:
             dealer = self._ctx.socket(zmq.DEALER)
             dealer.setsockopt(zmq.LINGER, 0)
+            if ipv6_endpoint(self.replay_endpoint):
+                dealer.setsockopt(zmq.IPV6, 1)
             dealer.connect(self.replay_endpoint)
             try:
                 await dealer.send_multipart(replay_request(start))

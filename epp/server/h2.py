@@ -37,6 +37,7 @@ from typing import Any
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from llmepp.datalayer.endpoint import join_hostport, split_hostport
 from llmepp.server.stream import ExtProcStream, Pending, StreamContext
 from llmepp.settings import Settings
 
@@ -661,8 +662,8 @@ def create_h2_server(
 ) -> H2ExtProcServer:
     """Like extproc.create_server, for the HTTP/2 transport (call `await server.start()`); `ssl`
     (tls.ServingCert.ssl_context) makes it a TLS port with ALPN h2, else plaintext (h2c)."""
-    addr = address or f"{settings.bind_address}:{settings.grpc_port}"
-    host, _, port = addr.rpartition(":")
+    addr = address or join_hostport(settings.bind_address, settings.grpc_port)
+    host, port = split_hostport(addr)
     return H2ExtProcServer(
-        context, settings, host=host.strip("[]") or "0.0.0.0", port=int(port), stream_factory=stream_factory, ssl=ssl
+        context, settings, host=host or "0.0.0.0", port=int(port), stream_factory=stream_factory, ssl=ssl
     )

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
+from llmepp.datalayer.endpoint import Endpoint, EndpointSpec, split_hostport
 from llmepp.director import RoutingDecision
 from llmepp.errors import (
     BadRequest,
@@ -39,7 +39,7 @@ class Completion:
 
 
 def _endpoint(hostport: str) -> Endpoint:
-    address, _, port = hostport.rpartition(":")
+    address, port = split_hostport(hostport)
     return Endpoint(EndpointSpec(name=hostport, address=address, port=int(port)))
 
 
@@ -85,7 +85,7 @@ class FakeDirector:
     def _pick(self, subset: Sequence[str] | None) -> list[Endpoint]:
         pool = self._endpoints
         if subset is not None:
-            ips = {s.rsplit(":", 1)[0] for s in subset}
+            ips = {split_hostport(s)[0] for s in subset}
             pool = [ep for ep in pool if ep.address in ips]
         if not pool:
             raise ServiceUnavailable("no ready endpoints in the pool", reason="rejected-no-endpoints")

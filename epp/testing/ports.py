@@ -39,7 +39,7 @@ _SCAN_LIMIT = 2_000
 
 
 def _bindable(host: str, port: int) -> bool:
-    with socket.socket() as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         try:
             s.bind((host, port))
         except OSError:

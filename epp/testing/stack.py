@@ -33,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llmepp.cli import build_parser
 from llmepp.config.schema import DEFAULT_CONFIG
+from llmepp.datalayer.endpoint import join_hostport, split_hostport
 from llmepp.testing.envoy import EnvoyProcess, render_envoy_config
 from llmepp.testing.ports import free_port
 from llmepp_sim.cluster import PodInfo, SimProcess
@@ -68,6 +69,9 @@ class StackOptions:
     # A pool of gRPC model servers: the pods serve vLLM's gRPC API (and Vertex AI's) on a second port,
     # the endpoints are those ports (metrics still scraped over HTTP), Envoy speaks h2c to them.
     grpc_pods: bool = False
+    # An IPv6 deployment: the pods all on ::1, each on a port of its own (`pod_port` stays 0; `first_host`
+    # is unused), in the endpoints file by IPv6 address; Envoy and the EPP listen on ::1 too.
+    ipv6: bool = False
 
 
 class ChildProcess(ABC):
@@ -143,9 +147,11 @@ class EppProcess(ChildProcess):
         log_path: Path,
         startup_timeout: float = 30.0,
         env: dict[str, str] | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
         super().__init__([sys.executable, "-m", "llmepp", *args], log_path, startup_timeout, env)
         self.health_port = health_port
+        self.host = host  # where the health server listens (the EPP's --bind-address)
 
     async def ready(self) -> bool:
         return await self.health("readiness") == health_pb2.HealthCheckResponse.SERVING
@@ -153,7 +159,7 @@ class EppProcess(ChildProcess):
     async def health(self, service: str) -> int | None:
         """The health status of `service`, or None when the server does not answer."""
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{self.health_port}") as channel:
+            async with grpc.aio.insecure_channel(join_hostport(self.host, self.health_port)) as channel:
                 stub = health_pb2_grpc.HealthStub(channel)
                 reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
                 return int(reply.status)
@@ -166,14 +172,24 @@ class Stack:
         self.options = o = options or StackOptions()
         self._dir = tempfile.TemporaryDirectory(prefix="epp-stack-")
         self.workdir = Path(self._dir.name)
-        self.epp_port = o.epp_port or free_port()
-        self.health_port = o.health_port or free_port()
-        self.metrics_port = o.metrics_port or free_port()
-        self.envoy_port = o.envoy_port or free_port()
+        # Where Envoy, the EPP and (IPv6) the pods listen.
+        self.loopback = "::1" if o.ipv6 else "127.0.0.1"
+        self.epp_port = o.epp_port or free_port(self.loopback)
+        self.health_port = o.health_port or free_port(self.loopback)
+        self.metrics_port = o.metrics_port or free_port(self.loopback)
+        self.envoy_port = o.envoy_port or free_port(self.loopback)
         self.envoy_admin_port = o.envoy_admin_port or free_port()
-        self.hosts = [f"127.0.0.{o.first_host + i}" for i in range(o.pods)]
-        self.pod_port = o.pod_port or free_port(self.hosts[0])
-        self.pod_grpc_port = free_port(self.hosts[0]) if o.grpc_pods else 0
+        if o.ipv6:
+            if o.pod_port and o.pods > 1:
+                raise ValueError("ipv6: the pods share ::1, so each binds its own port (pod_port must be 0)")
+            # Port 0: every pod binds a free port of its own (the pod lines say which).
+            self.hosts = ["::1"] * o.pods
+            self.pod_port = o.pod_port
+            self.pod_grpc_port = 0
+        else:
+            self.hosts = [f"127.0.0.{o.first_host + i}" for i in range(o.pods)]
+            self.pod_port = o.pod_port or free_port(self.hosts[0])
+            self.pod_grpc_port = free_port(self.hosts[0]) if o.grpc_pods else 0
         self.sim: SimProcess | None = None
         self.epp: EppProcess | None = None
         self.envoy: EnvoyProcess | None = None
@@ -181,21 +197,23 @@ class Stack:
         self.config_file = self.workdir / "epp-config.yaml"
         self.objectives_file = self.workdir / "objectives.yaml"
         # Replicas 1.. : (grpc, health, metrics) ports and processes.
-        self.replica_ports = [(free_port(), free_port(), free_port()) for _ in range(1, max(1, o.epp_replicas))]
+        lo = self.loopback
+        self.replica_ports = [(free_port(lo), free_port(lo), free_port(lo)) for _ in range(1, max(1, o.epp_replicas))]
         self.replicas: list[EppProcess] = []
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.envoy_port}"
+        return f"http://{join_hostport(self.loopback, self.envoy_port)}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+        return f"http://{join_hostport(self.loopback, self.metrics_port)}/metrics"
 
     @property
     def metrics_urls(self) -> list[str]:
         """Every EPP replica's /metrics, replica 0 first."""
-        return [self.metrics_url, *(f"http://127.0.0.1:{m}/metrics" for _, _, m in self.replica_ports)]
+        others = (f"http://{join_hostport(self.loopback, m)}/metrics" for _, _, m in self.replica_ports)
+        return [self.metrics_url, *others]
 
     @property
     def pods(self) -> list[PodInfo]:
@@ -208,10 +226,10 @@ class Stack:
         self.config_file.write_text(with_file_discovery(o.epp_config, self.endpoints_file))
         if o.objectives:
             self.objectives_file.write_text(o.objectives)
-        self.epp = EppProcess(self.epp_args(), self.health_port, self.workdir / "epp.log", o.startup_timeout, o.epp_env)
+        self.epp = self._epp_process()
         await self.epp.start()
         for i, (_, health, _) in enumerate(self.replica_ports, start=1):
-            replica = EppProcess(self.epp_args(i), health, self.workdir / f"epp-{i}.log", o.startup_timeout, o.epp_env)
+            replica = self._epp_process(i, health)
             self.replicas.append(replica)
             await replica.start()
         config = render_envoy_config(
@@ -220,7 +238,8 @@ class Stack:
             self.envoy_admin_port,
             body_mode=o.body_mode,  # type: ignore[arg-type]
             route_by=o.route_by,  # type: ignore[arg-type]
-            listen_address="127.0.0.1",
+            listen_address=self.loopback,
+            epp_address=self.loopback,
             epp_tls=serves_tls(o.epp_args),
             pods_http2=o.grpc_pods,
         )
@@ -251,7 +270,22 @@ class Stack:
             (self.epp_port, self.health_port, self.metrics_port) if replica == 0 else self.replica_ports[replica - 1]
         )
         objectives = ["--objectives-file", str(self.objectives_file)] if self.options.objectives else []
-        return loopback_epp_args(self.config_file, grpc_port, health, metrics, *objectives, *self.options.epp_args)
+        return loopback_epp_args(
+            self.config_file,
+            grpc_port,
+            health,
+            metrics,
+            *objectives,
+            *self.options.epp_args,
+            bind_address=self.loopback,
+        )
+
+    def _epp_process(self, replica: int = 0, health: int = 0) -> EppProcess:
+        o = self.options
+        log = self.workdir / (f"epp-{replica}.log" if replica else "epp.log")
+        return EppProcess(
+            self.epp_args(replica), health or self.health_port, log, o.startup_timeout, o.epp_env, host=self.loopback
+        )
 
     def endpoint_labels(self, pod: PodInfo) -> dict[str, str]:
         """The labels `pod` has in the endpoints file (subclasses may add their own)."""
@@ -261,10 +295,10 @@ class Stack:
         """Rewrite the endpoints file (the EPP reloads it live); atomic like a ConfigMap swap."""
         entries = []
         for pod in pods:
-            host, port = self.endpoint_address(pod).rsplit(":", 1)
+            host, port = split_hostport(self.endpoint_address(pod))
             entry = {"name": pod.name, "address": host, "port": int(port), "labels": self.endpoint_labels(pod)}
             if self.options.grpc_pods:
-                entry["metricsPort"] = int(pod.address.rsplit(":", 1)[1])  # /metrics stays on the HTTP face
+                entry["metricsPort"] = int(split_hostport(pod.address)[1])  # /metrics stays on the HTTP face
             entries.append(entry)
         write_yaml_atomically(self.endpoints_file, {"endpoints": entries})
 
@@ -272,8 +306,7 @@ class Stack:
         assert self.epp is not None
         await self.epp.stop()
         await asyncio.sleep(down_for)
-        o = self.options
-        self.epp = EppProcess(self.epp_args(), self.health_port, self.workdir / "epp.log", o.startup_timeout, o.epp_env)
+        self.epp = self._epp_process()
         await self.epp.start()
 
     async def stop(self) -> None:
@@ -312,14 +345,17 @@ async def epp_metric(session: aiohttp.ClientSession, url: str, name: str, **labe
     return total
 
 
-def loopback_epp_args(config_file: Path, grpc_port: int, health_port: int, metrics_port: int, *extra: str) -> list[str]:
-    """The `epp` command line of a test or benchmark EPP: this config, these ports, on 127.0.0.1."""
+def loopback_epp_args(
+    config_file: Path, grpc_port: int, health_port: int, metrics_port: int, *extra: str, bind_address: str = "127.0.0.1"
+) -> list[str]:
+    """The `epp` command line of a test or benchmark EPP: this config, these ports, on 127.0.0.1 (or
+    `bind_address`)."""
     return [
         "--config-file", str(config_file),
         "--grpc-port", str(grpc_port),
         "--grpc-health-port", str(health_port),
         "--metrics-port", str(metrics_port),
-        "--bind-address", "127.0.0.1",
+        "--bind-address", bind_address,
         *extra,
     ]  # fmt: skip
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from llmepp.datalayer.endpoint import Endpoint
+from llmepp.datalayer.endpoint import Endpoint, split_hostport
 from llmepp.framework.datakeys import (
     PREFIX_CACHE_MATCH_INFO,
     TOKENIZED_PROMPT,
@@ -517,10 +517,10 @@ PrecisePrefixCacheScorer._redis_variant = _RedisPrecisePrefixCacheScorer
 
 
 def _zmq_bindable(endpoint: str) -> bool:
-    """tcp://<host or *>:<port> or ipc://<path>."""
+    """tcp://<host or *>:<port> (an IPv6 host bracketed: tcp://[::]:5557) or ipc://<path>."""
     if endpoint.startswith("ipc://"):
         return len(endpoint) > len("ipc://")
     if not endpoint.startswith("tcp://"):
         return False
-    host, sep, port = endpoint[len("tcp://") :].rpartition(":")
-    return bool(sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536)
+    host, port = split_hostport(endpoint[len("tcp://") :])
+    return bool(host and port.isascii() and port.isdigit() and 0 < int(port) < 65536)

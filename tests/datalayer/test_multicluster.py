@@ -93,8 +93,8 @@ def test_cluster_entries_take_hostnames_and_metrics_labels() -> None:
     assert source.target_for(c).url == "https://10.30.0.5:9091/metrics"
     override = MulticlusterMetricsDataSource("s", MulticlusterMetricsDataSource.Params(scheme="http", port=9100))
     assert override.target_for(a).url == "http://10.20.0.9:9100/metrics"
-    # The pod discovery still wants IPv4 pod addresses.
-    with pytest.raises(EndpointsFileError, match=r"endpoints\[1\].address: must be an IPv4 address"):
+    # The pod discovery still wants IP literals as pod addresses.
+    with pytest.raises(EndpointsFileError, match=r"endpoints\[1\].address: must be an IPv4 or IPv6 address"):
         parse_endpoints(CLUSTERS.encode())
 
 

@@ -11,6 +11,7 @@ from helpers import endpoint, request
 from llmepp.config.loader import build, load_config
 from llmepp.config.schema import DEFAULT_CONFIG
 from llmepp.datalayer.datastore import Datastore
+from llmepp.datalayer.endpoint import EndpointSpec
 from llmepp.director import Director
 from llmepp.errors import NoEndpoints, Saturated
 from llmepp.framework.requestcontrol import Screener
@@ -48,6 +49,24 @@ async def test_subset_hint_matches_on_ip_only() -> None:
     for _ in range(20):
         decision = await d.handle_request(request(), [f"{wanted.address}:9999"])
         assert decision.targets == [wanted]
+
+
+async def test_subset_hint_with_bracketed_ipv6_entries() -> None:
+    """A gateway writes an IPv6 hint entry as `[ip]:port` (net.JoinHostPort); it matches the endpoint whose
+    address is that IP, and the pick goes out bracketed too."""
+    ds = Datastore()
+    for i, address in enumerate(("fd00::1", "fd00::2", "10.0.0.3")):
+        ds.upsert(EndpointSpec(name=f"pod-{i}", address=address, port=8000))
+    metrics = EppMetrics()
+    d = Director(ds, build(load_config(DEFAULT_CONFIG), datastore=ds, metrics=metrics).pipeline, metrics)
+    wanted = next(ep for ep in ds.endpoints if ep.address == "fd00::2")
+    for _ in range(20):
+        decision = await d.handle_request(request(), ["[fd00::2]:9999", "[fd00::9]:8000"])
+        assert decision.targets == [wanted]
+        assert decision.destination == "[fd00::2]:8000"
+    assert {ep.address for ep in d.candidates(["[fd00::1]:8000", "10.0.0.3:8000"])} == {"fd00::1", "10.0.0.3"}
+    with pytest.raises(NoEndpoints):
+        d.candidates(["[fd00::9]:8000"])
 
 
 async def test_empty_pool_and_empty_subset_are_503() -> None:

@@ -38,6 +38,16 @@ def test_one_endpoint_per_target_port_with_rank_names_and_labels() -> None:
     assert [ds.get(f"a-rank-{i}", NS).spec.rank for i in range(3)] == [0, 1, 2]  # type: ignore[union-attr]
 
 
+def test_an_ipv6_pod_ip_gives_bracketed_endpoints() -> None:
+    """An IPv6-only cluster: status.podIP is an IPv6 literal; the endpoints go out as `[ip]:port`."""
+    ds = Datastore()
+    r = PoolReconciler(ds, NS)
+    r.set_pool(PoolSpec((8000, 8001), {"app": "v"}))
+    r.pod_changed(pod("a", ip="fd00:10:244::5"))
+    assert state(ds) == {"a-rank-0": "[fd00:10:244::5]:8000", "a-rank-1": "[fd00:10:244::5]:8001"}
+    assert ds.get("a-rank-1", NS).address == "fd00:10:244::5"  # type: ignore[union-attr]
+
+
 def test_not_ready_terminating_ip_less_or_unselected_pods_contribute_nothing() -> None:
     ds = Datastore()
     r = PoolReconciler(ds, NS)

@@ -15,6 +15,8 @@ import msgpack
 import zmq
 import zmq.asyncio
 
+from llmepp.datalayer.endpoint import join_hostport
+from llmepp.kvevents.subscriber import ipv6_endpoint
 from llmepp.testing.ports import free_port
 
 END = (-1).to_bytes(8, "big", signed=True)
@@ -77,11 +79,13 @@ class TestPublisher:
     async def __aenter__(self) -> TestPublisher:
         for sock in (self._pub, self._router):
             sock.setsockopt(zmq.LINGER, 0)
+            if ":" in self.host or ipv6_endpoint(self.connect):  # an IPv6 host ("::1") needs zmq.IPV6
+                sock.setsockopt(zmq.IPV6, 1)
         if self.connect:
             self._pub.connect(self.connect)
         else:
-            self._pub.bind(f"tcp://{self.host}:{self.port}")
-        self._router.bind(f"tcp://{self.host}:{self.replay_port}")
+            self._pub.bind(f"tcp://{join_hostport(self.host, self.port)}")
+        self._router.bind(f"tcp://{join_hostport(self.host, self.replay_port)}")
         self._task = asyncio.get_running_loop().create_task(self._serve())
         return self
 

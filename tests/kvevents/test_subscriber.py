@@ -249,3 +249,38 @@ async def test_global_socket_mode_tells_ranks_on_one_ip_apart_by_the_batch_rank(
         keys = block_keys(tokens_to_bytes(TOKENS[:8]), 4, root_key("m"))
         assert [index.holders(k) for k in keys] == [index.bit_of(ep1.hostport)] * 2
     await pool.aclose()
+
+
+async def test_ipv6_pods_are_subscribed_and_replayed_over_ipv6() -> None:
+    """An IPv6 pod's publisher is `tcp://[::1]:<port>`: the SUB and the replay DEALER need zmq.IPV6 (without
+    it the connect silently never completes). Its events are indexed under the bracketed `[::1]:8000`."""
+    host = "::1"
+    async with TestPublisher(host) as pub:
+        await pub.publish([chain(0, 2)])  # before anyone subscribed: only a replay brings it
+        pool, index = memory_pool(pub.port, pub.replay_port, block_tokens=4)
+        ep = endpoint(host, 8000)
+        assert ep.hostport == "[::1]:8000"
+        pool.endpoint_added(ep)
+        await asyncio.sleep(0.3)
+        await pub.publish([chain(2, 3)])
+        await until(lambda: len(index) == 3, what="the replayed and the live blocks indexed")
+        assert pub.replay_requests == [0]
+        subscriber = pool.subscriber("[::1]:8000")
+        assert subscriber is not None and subscriber.endpoint == f"tcp://[::1]:{pub.port}"
+        await pool.aclose()
+
+
+async def test_global_socket_mode_binds_an_ipv6_endpoint() -> None:
+    """kvEventsConfig.zmqEndpoint `tcp://[::1]:<port>`: bound with zmq.IPV6; an IPv6 pod connects to it and
+    its topic names it by IP."""
+    bound = f"tcp://[::1]:{free_port('::1')}"
+    pool, index = memory_pool(5557, block_tokens=4, bind=bound)
+    ep = endpoint("::1", 8000, name="pod-v6")
+    pool.endpoint_added(ep)
+    async with TestPublisher("::1", connect=bound, topic="kv@::1@m") as pub:
+        await asyncio.sleep(0.3)  # the connect completes
+        await pub.publish([chain(0, 2)])
+        await until(lambda: pool.stats.batches == 1, what="the IPv6 pod's batch")
+        keys = block_keys(tokens_to_bytes(TOKENS[:8]), 4, root_key("m"))
+        assert [index.holders(k) for k in keys] == [index.bit_of("[::1]:8000")] * 2
+    await pool.aclose()

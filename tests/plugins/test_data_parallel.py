@@ -66,6 +66,19 @@ async def test_reference_config_routes_to_the_primary_port_and_names_the_rank() 
     assert decision.result is not None and decision.result.destinations() == ["10.2.0.2:8000"]
 
 
+async def test_ipv6_pods_get_bracketed_destination_and_rank_header() -> None:
+    """An IPv6 pod: Envoy's ORIGINAL_DST and the sidecar parse `[ip]:port` (net.JoinHostPort)."""
+    ds = Datastore()
+    for rank in (0, 1):
+        ds.upsert(EndpointSpec(name=f"pod-v6-rank-{rank}", address="fd00::2", port=8000 + rank, rank=rank))
+    metrics = EppMetrics()
+    d = Director(ds, build(load_config(DATA_PARALLEL), datastore=ds, metrics=metrics).pipeline, metrics)
+    decision = await d.handle_request(forced("[fd00::2]:8001"), None)
+    assert decision.destination == "[fd00::2]:8000"
+    assert decision.headers[DATA_PARALLEL_HEADER] == "[fd00::2]:8001"
+    assert decision.targets == [ds.by_hostport["[fd00::2]:8001"]]
+
+
 async def test_rank_zero_is_named_too_and_every_pick_gets_the_header() -> None:
     d, _ = director()
     decision = await d.handle_request(forced("10.2.0.1:8000"), None)

@@ -58,6 +58,13 @@ def test_many_pods_get_loopback_hosts_and_retargeted_zmq_endpoints() -> None:
         build_sim_config({}, {"pods": 3, "hosts": ["127.0.0.2"]})
 
 
+def test_ipv6_hosts_get_bracketed_zmq_endpoints() -> None:
+    endpoints = {"zmq_endpoint": "tcp://[::1]:*", "kv_events_replay_endpoint": "tcp://127.0.0.1:5558"}
+    config = build_sim_config({}, {"hosts": ["::1", "fd00::2"], "port": 0, **endpoints})
+    assert [p.zmq_endpoint for p in config.pods] == ["tcp://[::1]:*", "tcp://[fd00::2]:*"]
+    assert [p.kv_events_replay_endpoint for p in config.pods] == ["tcp://[::1]:5558", "tcp://[fd00::2]:5558"]
+
+
 def test_yaml_profile_flags_and_per_pod_precedence(tmp_path: Path) -> None:
     path = tmp_path / "sim.yaml"
     path.write_text(

@@ -20,10 +20,11 @@ RECV_TIMEOUT = 2.0
 
 
 def kv_pod(host: str, **overrides: Any) -> Any:
+    bracketed = f"[{host}]" if ":" in host else host
     return pod(
         host=host,
-        zmq_endpoint=f"tcp://{host}:*",
-        kv_events_replay_endpoint=f"tcp://{host}:*",
+        zmq_endpoint=f"tcp://{bracketed}:*",
+        kv_events_replay_endpoint=f"tcp://{bracketed}:*",
         event_flush_interval=1.0,
         **overrides,
     )
@@ -240,6 +241,38 @@ async def test_admin_evict_publishes_block_removed_and_the_engine_agrees(http: a
         removed = [h for e in events_of(messages) if e["type"] == "BlockRemoved" for h in e["block_hashes"]]
         assert len(removed) == body["evicted"]
         assert (await complete(http, url, prompt, 1)).cached_tokens == 0
+        sub.close()
+    finally:
+        ctx.destroy(linger=0)
+        await cluster.stop()
+
+
+async def test_an_ipv6_pod_publishes_and_replays_on_ipv6(http: aiohttp.ClientSession) -> None:
+    """A pod on ::1 binds its PUB and ROUTER sockets on tcp://[::1]:<port> (zmq.IPV6)."""
+    cluster = await started([kv_pod("::1", event_batch_size=1)])
+    ctx = zmq.asyncio.Context()
+    try:
+        sim_pod, url = cluster.pods[0], cluster.urls[0]
+        assert url.startswith("http://[::1]:")
+        assert sim_pod.kv_events_endpoint.startswith("tcp://[::1]:")
+        assert sim_pod.kv_events_replay_endpoint.startswith("tcp://[::1]:")
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.IPV6, 1)
+        sub.setsockopt(zmq.SUBSCRIBE, b"kv@")
+        sub.connect(sim_pod.kv_events_endpoint)
+        await asyncio.sleep(0.2)
+        await complete(http, url, words(20, salt="v6 "), 1)
+        (_, seq, _), *_ = await receive(sub, lambda m: len(m) >= 1)
+        assert seq == 0
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.IPV6, 1)
+        dealer.connect(sim_pod.kv_events_replay_endpoint)
+        await dealer.send_multipart([b"", (0).to_bytes(8, "big")])
+        frames = await asyncio.wait_for(dealer.recv_multipart(), RECV_TIMEOUT)
+        assert int.from_bytes(frames[2], "big") == 0
+        dealer.close()
         sub.close()
     finally:
         ctx.destroy(linger=0)
