@@ -13,9 +13,11 @@ and the per-stream protocol is the same `ExtProcStream` the grpc.aio servicer ru
 What it implements: the connection preface and SETTINGS (peer INITIAL_WINDOW_SIZE and
 MAX_FRAME_SIZE honoured), PING, GOAWAY (both ways; graceful stop), RST_STREAM (= the
 client went away), WINDOW_UPDATE with flow control in both directions (queued sends,
-receive windows replenished as data is consumed), DATA padding, gRPC length-prefixed
-messages across frames, trailers-only and normal responses, transport back-pressure; TLS
-with ALPN h2 through the event loop's own (an `ssl.SSLContext` from tls.py), or h2c.
+receive windows replenished as data is consumed: not while a stream's routing is pending),
+RFC 9113's stream states and frame rules (a breach is GOAWAY or RST_STREAM with its code),
+DATA padding, gRPC length-prefixed messages across frames, trailers-only and normal
+responses, transport back-pressure; TLS with ALPN h2 through the event loop's own (an
+`ssl.SSLContext` from tls.py), or h2c.
 
 What it deliberately does not: request header blocks are never decoded (HPACK state is
 only needed to read them, and every stream on this port is `Process`), so the port must
@@ -50,11 +52,12 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # Frame types.
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
 # Flags.
-END_STREAM, ACK, END_HEADERS, PADDED = 0x1, 0x1, 0x4, 0x8
+END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
 # Settings ids.
 S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS, S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE = 1, 2, 3, 4, 5
 # Error codes.
-NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR = 0, 1, 3, 6
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 2, 3
+STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM = 5, 6, 7
 # gRPC status codes used here.
 GRPC_OK, GRPC_UNIMPLEMENTED, GRPC_INTERNAL, GRPC_RESOURCE_EXHAUSTED = 0, 12, 13, 8
 
@@ -97,6 +100,17 @@ def _trailers(status: int, message: str = "") -> bytes:
 
 
 _TRAILERS_OK = _trailers(GRPC_OK)
+
+
+def _headers_fields_error(flags: int, payload: bytes | bytearray, length: int) -> int:
+    """0, or the connection error of a HEADERS frame whose Pad Length, priority or padding do not fit
+    in it (RFC 9113 §4.2, §6.2)."""
+    fixed = (1 if flags & PADDED else 0) + (5 if flags & PRIORITY_FLAG else 0)
+    if length < fixed:
+        return FRAME_SIZE_ERROR
+    if flags & PADDED and payload[0] > length - fixed:
+        return PROTOCOL_ERROR
+    return 0
 
 
 class _Stream:
@@ -144,6 +158,7 @@ class _Connection(asyncio.Protocol):
         self.peer_max_frame = DEFAULT_FRAME
         self.conn_recv_unacked = 0
         self.blocked: set[int] = set()
+        self.continuation = 0  # the stream whose header block continues in CONTINUATION frames
         self.goaway_sent = False
         self.closed = False
         self.max_message = server.max_message
@@ -198,10 +213,14 @@ class _Connection(asyncio.Protocol):
             self.preface = True
         end = len(buf)
         unpack = _U32.unpack_from
+        continuation = self.continuation
         try:
             while end - pos >= 9:
                 (len_type,) = unpack(buf, pos)
                 length = len_type >> 8
+                if length > OUR_MAX_FRAME:
+                    self._malformed(FRAME_SIZE_ERROR, "frame larger than SETTINGS_MAX_FRAME_SIZE")
+                    return
                 if end - pos < 9 + length:
                     break
                 kind = len_type & 0xFF
@@ -209,15 +228,30 @@ class _Connection(asyncio.Protocol):
                 sid = unpack(buf, pos + 5)[0] & 0x7FFFFFFF
                 payload = buf[pos + 9 : pos + 9 + length]  # bytes or bytearray: both parse
                 pos += 9 + length
+                if continuation:
+                    # A header block is a contiguous run of frames (RFC 9113 §6.10): nothing else in between.
+                    if kind != CONTINUATION or sid != continuation:
+                        self._malformed(PROTOCOL_ERROR, "frame inside a header block")
+                        return
+                    if flags & END_HEADERS:
+                        continuation = 0
+                    continue
                 if kind == DATA:
                     if sid == 0 or (flags & PADDED and (length == 0 or payload[0] >= length)):
                         self._malformed(PROTOCOL_ERROR, "DATA on stream 0 or with padding past its end")
                         return
                     self._on_data(sid, flags, payload, length)
                 elif kind == HEADERS:
-                    if sid == 0:
-                        self._malformed(PROTOCOL_ERROR, "HEADERS on stream 0")
+                    if not sid & 1:
+                        self._malformed(PROTOCOL_ERROR, "HEADERS on stream 0 or a server stream id")
                         return
+                    if flags & (PADDED | PRIORITY_FLAG):
+                        code = _headers_fields_error(flags, payload, length)
+                        if code:
+                            self._malformed(code, "HEADERS padding or priority past its end")
+                            return
+                    if not flags & END_HEADERS:
+                        continuation = sid
                     self._on_headers(sid, flags)
                 elif kind == WINDOW_UPDATE:
                     if length != 4:
@@ -242,6 +276,9 @@ class _Connection(asyncio.Protocol):
                     st = self.streams.get(sid)
                     if st is not None:
                         self._abort(st)
+                    elif self._idle_stream(sid):
+                        self._malformed(PROTOCOL_ERROR, "RST_STREAM on an idle stream")
+                        return
                 elif kind == GOAWAY:
                     if sid != 0 or length < 8:
                         self._malformed(FRAME_SIZE_ERROR if sid == 0 else PROTOCOL_ERROR, "malformed GOAWAY")
@@ -250,13 +287,20 @@ class _Connection(asyncio.Protocol):
                 elif kind == PUSH_PROMISE:
                     self._malformed(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
                     return
-                # PRIORITY, CONTINUATION (header blocks are not decoded), unknown: ignored.
+                elif kind == CONTINUATION:
+                    self._malformed(PROTOCOL_ERROR, "CONTINUATION without a header block")
+                    return
+                elif kind == PRIORITY and (sid == 0 or length != 5):
+                    self._malformed(FRAME_SIZE_ERROR if sid else PROTOCOL_ERROR, "malformed PRIORITY")
+                    return
+                # Other PRIORITY (no scheduling here), unknown: ignored.
                 if self.closed:
                     return
         except Exception:
             log.exception("h2 ext_proc: connection error")
-            self._fatal(PROTOCOL_ERROR, "internal error")
+            self._fatal(INTERNAL_ERROR, "internal error")
             return
+        self.continuation = continuation
         if pending:
             del pending[:pos]
         elif pos < end:
@@ -267,16 +311,25 @@ class _Connection(asyncio.Protocol):
     def _on_headers(self, sid: int, flags: int) -> None:
         st = self.streams.get(sid)
         if st is None:
-            if sid <= self.last_stream_id or sid % 2 == 0:
-                return  # trailers of a stream we already ended, or bogus: ignore
+            if sid <= self.last_stream_id:
+                return  # trailers of a stream we already ended: ignore
             self.last_stream_id = sid
-            if self.goaway_sent:
-                self.out.append(_frame(RST_STREAM, 0, sid, _U32.pack(NO_ERROR)))
+            if self.goaway_sent or len(self.streams) >= OUR_MAX_STREAMS:
+                # Not processed: the client may retry it elsewhere (RFC 9113 §8.7).
+                self.out.append(_frame(RST_STREAM, 0, sid, _U32.pack(REFUSED_STREAM)))
                 return
             push = functools.partial(self._push, sid) if self.ctx.out_of_band else None
             st = _Stream(sid, self.server.new_stream(push), self.peer_initial_window)
             self.streams[sid] = st
             self.ctx.stream_opened()
+        elif st.local_closed:
+            return  # we ended it (RST_STREAM queued or sent): what the client still sends is ignored
+        elif st.remote_closed:
+            self._reset(st, STREAM_CLOSED)  # a frame after the client's END_STREAM (RFC 9113 §5.1)
+            return
+        elif not flags & END_STREAM:
+            self._reset(st, PROTOCOL_ERROR)  # a second header block that is not trailers (RFC 9113 §8.1)
+            return
         if flags & END_STREAM:
             self._on_remote_close(st)
 
@@ -287,15 +340,25 @@ class _Connection(asyncio.Protocol):
             self.out.append(_frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.conn_recv_unacked)))
             self.conn_recv_unacked = 0
         st = self.streams.get(sid)
-        if st is None:
-            return
+        if st is None or st.local_closed or st.remote_closed:
+            if st is None:
+                if self._idle_stream(sid):
+                    self._malformed(PROTOCOL_ERROR, "DATA on an idle stream")
+            elif not st.local_closed:
+                self._reset(st, STREAM_CLOSED)  # DATA after the client's END_STREAM (RFC 9113 §5.1)
+            return  # else a stream we ended: ignored
         if flags & PADDED:
             pad = payload[0]
             payload = payload[1 : len(payload) - pad]
         st.recv_unacked += length
-        if st.recv_unacked >= OUR_STREAM_WINDOW // 2 and not st.remote_closed:
-            self.out.append(_frame(WINDOW_UPDATE, 0, sid, _U32.pack(st.recv_unacked)))
-            st.recv_unacked = 0
+        if st.recv_unacked >= OUR_STREAM_WINDOW // 2:
+            if st.recv_unacked > OUR_STREAM_WINDOW:
+                self._reset(st, FLOW_CONTROL_ERROR)  # past the window we advertised (RFC 9113 §6.9.1)
+                return
+            if st.task is None and not st.backlog:
+                # While routing is pending, messages wait in the backlog: so does the client's window.
+                self.out.append(_frame(WINDOW_UPDATE, 0, sid, _U32.pack(st.recv_unacked)))
+                st.recv_unacked = 0
         if payload:
             partial = st.buf
             if partial:
@@ -335,6 +398,9 @@ class _Connection(asyncio.Protocol):
             return
         if sid == 0:
             self.conn_send_window += inc
+            if self.conn_send_window > MAX_WINDOW:
+                self._malformed(FLOW_CONTROL_ERROR, "connection window past 2^31-1")
+                return
             if self.blocked:
                 for blocked_sid in list(self.blocked):
                     st = self.streams.get(blocked_sid)
@@ -346,16 +412,22 @@ class _Connection(asyncio.Protocol):
         st = self.streams.get(sid)
         if st is not None:
             st.send_window += inc
-            if st.pending:
+            if st.send_window > MAX_WINDOW:
+                self._reset(st, FLOW_CONTROL_ERROR)
+            elif st.pending:
                 self._drain(st)
+        elif self._idle_stream(sid):
+            self._malformed(PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")
 
     def _on_settings(self, flags: int, payload: bytes | bytearray) -> None:
         if flags & ACK:
             return
         for off in range(0, len(payload) - 5, 6):
             ident, value = _U16_U32.unpack_from(payload, off)
-            if (ident == S_INITIAL_WINDOW_SIZE and value > MAX_WINDOW) or (
-                ident == S_MAX_FRAME_SIZE and not MIN_MAX_FRAME <= value <= MAX_MAX_FRAME
+            if (
+                (ident == S_INITIAL_WINDOW_SIZE and value > MAX_WINDOW)
+                or (ident == S_MAX_FRAME_SIZE and not MIN_MAX_FRAME <= value <= MAX_MAX_FRAME)
+                or (ident == S_ENABLE_PUSH and value > 1)
             ):
                 self._malformed(FLOW_CONTROL_ERROR if ident == S_INITIAL_WINDOW_SIZE else PROTOCOL_ERROR,
                                 f"SETTINGS {ident} = {value} is out of range")  # fmt: skip
@@ -365,6 +437,9 @@ class _Connection(asyncio.Protocol):
                 self.peer_initial_window = value
                 for st in self.streams.values():
                     st.send_window += delta
+                    if st.send_window > MAX_WINDOW:
+                        self._malformed(FLOW_CONTROL_ERROR, "a stream window past 2^31-1")
+                        return
             elif ident == S_MAX_FRAME_SIZE:
                 self.peer_max_frame = value
         self.out.append(_frame(SETTINGS, ACK, 0))
@@ -416,8 +491,12 @@ class _Connection(asyncio.Protocol):
             self._emit(st, out)
             while st.backlog and st.task is None and not st.local_closed:
                 self._process(st, st.backlog.popleft())
-            if st.remote_closed and st.task is None and not st.local_closed:
-                self._end(st, GRPC_OK)
+            if st.task is None and not st.local_closed:
+                if st.remote_closed:
+                    self._end(st, GRPC_OK)
+                elif st.recv_unacked >= OUR_STREAM_WINDOW // 2:  # the window withheld while routing
+                    self.out.append(_frame(WINDOW_UPDATE, 0, st.sid, _U32.pack(st.recv_unacked)))
+                    st.recv_unacked = 0
         except Exception:
             # A transport bug must not strand the stream: fail it, keep the connection.
             log.exception("h2 ext_proc: stream %d failed", st.sid)
@@ -537,6 +616,15 @@ class _Connection(asyncio.Protocol):
         self.blocked.discard(st.sid)
         if self.goaway_sent and not self.streams:
             self.server._connection_idle(self)
+
+    def _reset(self, st: _Stream, code: int) -> None:
+        """A stream error (RFC 9113 §5.4.2): RST_STREAM with `code`, the stream released."""
+        self.out.append(_frame(RST_STREAM, 0, st.sid, _U32.pack(code)))
+        self._abort(st)
+
+    def _idle_stream(self, sid: int) -> bool:
+        """No HEADERS opened `sid` (RFC 9113 §5.1: only HEADERS and PRIORITY may name an idle stream)."""
+        return sid > self.last_stream_id or not sid & 1
 
     def _abort(self, st: _Stream) -> None:
         """The client reset the stream (or the connection died): release, send nothing."""
