@@ -41,6 +41,17 @@ def parse_ports(text: str) -> tuple[int, ...]:
     return ports
 
 
+def parse_port(text: str) -> int:
+    """A TCP port, 0-65535 (0: any free port, or off where the flag says so)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r} (0-65535)") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {port} (0-65535)")
+    return port
+
+
 def parse_bool(text: str) -> bool:
     """Go's flag syntax: true/false, 1/0, t/f (any case)."""
     value = {"true": True, "t": True, "1": True, "false": False, "f": False, "0": False}.get(text.strip().lower())
@@ -57,9 +68,9 @@ def parse_list(text: str) -> tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     d = Settings()
     p = argparse.ArgumentParser(prog="epp", description="Endpoint Picker: Envoy ext_proc server for LLM pools.")
-    p.add_argument("--grpc-port", type=int, default=d.grpc_port, help="ext_proc gRPC port")
-    p.add_argument("--grpc-health-port", type=int, default=d.grpc_health_port, help="gRPC health port")
-    p.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Prometheus /metrics port (0 = off)")
+    p.add_argument("--grpc-port", type=parse_port, default=d.grpc_port, help="ext_proc gRPC port")
+    p.add_argument("--grpc-health-port", type=parse_port, default=d.grpc_health_port, help="gRPC health port")
+    p.add_argument("--metrics-port", type=parse_port, default=d.metrics_port, help="Prometheus /metrics port (0 = off)")
     p.add_argument("--bind-address", default=d.bind_address, help="address the servers listen on")
     cfg = p.add_mutually_exclusive_group()
     cfg.add_argument("--config-file", help="EndpointPickerConfig YAML file")
@@ -135,8 +146,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# grpc.aio's message-size options are C ints.
+GRPC_AIO_MAX_MESSAGE = 2**31 - 1
+
+
+def _check_flags(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Flags that contradict each other: a usage error (exit code 2) instead of a failure at bind."""
+    ports = [
+        ("--grpc-port", a.grpc_port),
+        ("--grpc-health-port", a.grpc_health_port),
+        ("--metrics-port", a.metrics_port),
+    ]
+    for i, (flag, port) in enumerate(ports):
+        for other, other_port in ports[i + 1 :]:
+            if port and port == other_port:
+                p.error(f"{flag} and {other}: both {port}; each server needs its own port")
+    if a.extproc_transport == "grpc":
+        limit = a.max_body_size + 1024 * 1024
+        for flag, size in (("--grpc-max-recv-msg-size", a.grpc_max_recv_msg_size),
+                           ("--grpc-max-send-msg-size", a.grpc_max_send_msg_size)):  # fmt: skip
+            if size is not None and size > GRPC_AIO_MAX_MESSAGE:
+                p.error(f"{flag}: {size} bytes is above grpc.aio's limit of {GRPC_AIO_MAX_MESSAGE} "
+                        "(--extproc-transport grpc)")  # fmt: skip
+            if size is None and limit > GRPC_AIO_MAX_MESSAGE:
+                p.error(f"--max-body-size: the ext_proc message limits follow it (+ 1 MiB): {limit} bytes is above "
+                        f"grpc.aio's limit of {GRPC_AIO_MAX_MESSAGE} (--extproc-transport grpc); lower it or set "
+                        f"{flag}")  # fmt: skip
+
+
 def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
-    a = build_parser().parse_args(argv)
+    p = build_parser()
+    a = p.parse_args(argv)
+    _check_flags(p, a)
     return Settings(
         grpc_port=a.grpc_port,
         grpc_health_port=a.grpc_health_port,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,10 +112,13 @@ def load_config(text: str) -> EndpointPickerConfig:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"config is not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError("config is not valid YAML: nested too deeply") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config must be a mapping, got {type(raw).__name__}")
+    _check_plain_data(raw)
     try:
         config = msgspec.convert(raw, EndpointPickerConfig, str_keys=True)
     except msgspec.ValidationError as e:
@@ -126,6 +130,32 @@ def load_config(text: str) -> EndpointPickerConfig:
     if config.kind != KIND:
         raise ConfigError(f"kind: expected {KIND!r}, got {config.kind!r}")
     return config
+
+
+def _check_plain_data(raw: dict[str, Any]) -> None:
+    """What the reference's YAML -> JSON step refuses: .nan / .inf (JSON has no such numbers; a NaN passes
+    every range check) and an alias inside the node it names (a cycle). Errors name the path."""
+    stack: list[tuple[Any, str, bool]] = [(raw, "", False)]  # (node, path, leaving)
+    open_: set[int] = set()  # containers on the current path
+    done: set[int] = set()  # containers checked (aliases share nodes: each is walked once)
+    while stack:
+        node, path, leaving = stack.pop()
+        if leaving:
+            open_.discard(id(node))
+            done.add(id(node))
+            continue
+        if isinstance(node, float) and not math.isfinite(node):
+            raise ConfigError(f"{path}: {node}: numbers must be finite")
+        if not isinstance(node, (dict, list)) or id(node) in done:
+            continue
+        if id(node) in open_:
+            raise ConfigError(f"{path}: a YAML alias refers to a node that contains it (a cycle)")
+        open_.add(id(node))
+        stack.append((node, path, True))
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in reversed(list(items)):
+            where = f"{path}[{key}]" if isinstance(node, list) else f"{path}.{key}" if path else str(key)
+            stack.append((value, where, False))
 
 
 def parse_feature_gates(gates: Iterable[str]) -> dict[str, bool]:
@@ -409,7 +439,11 @@ def _build_profile(spec: SchedulingProfileSpec, plugins: dict[str, Plugin]) -> S
             )
     if picker is None:
         default = plugins[DEFAULT_PICKER]
-        assert isinstance(default, Picker)
+        if not isinstance(default, Picker):
+            raise ConfigError(
+                f"plugin {DEFAULT_PICKER!r} (type {default.type}): is not a picker; profile {spec.name!r} has no "
+                "picker and the name is needed for the default one"
+            )
         picker = default
     return SchedulerProfile(name=spec.name, picker=picker, filters=filters, scorers=scorers)
 
@@ -524,6 +558,13 @@ def _build_data_layer(
             if extractor is None:
                 raise ConfigError(
                     f"dataLayer.sources[{i}].extractors[{j}].pluginRef: no plugin named {ext.plugin_ref!r}"
+                )
+            if source.type in METRICS_SOURCE_TYPES and not callable(getattr(extractor, "mapping_for", None)):
+                # The metrics collector reads pages through the extractor's engine mapping.
+                raise ConfigError(
+                    f"dataLayer.sources[{i}].extractors[{j}].pluginRef: plugin {extractor.name!r} (type "
+                    f"{extractor.type}) is not a metrics extractor; source {source.name!r} (type {source.type}) "
+                    "cannot feed it"
                 )
             extractors.append(extractor)
         components.data_sources.append(DataSource(source, extractors))

@@ -210,3 +210,88 @@ def test_request_handler_errors_name_the_field(change: str, message: str) -> Non
     with pytest.raises(ConfigError) as err:
         built(PARSERS.replace(change, replacement))
     assert message in str(err.value)
+
+
+METRICS_SOURCE = """
+plugins:
+- type: queue-scorer
+- type: metrics-data-source
+- type: core-metrics-extractor
+dataLayer:
+  sources:
+  - pluginRef: metrics-data-source
+    extractors: [{pluginRef: core-metrics-extractor}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # The default picker's name taken by a plugin that is no picker (was an AssertionError).
+        (
+            "plugins:\n- {type: queue-scorer, name: max-score-picker}\n",
+            "plugin 'max-score-picker' (type queue-scorer): is not a picker; profile 'default' has no picker and "
+            "the name is needed for the default one",
+        ),
+        # YAML's .nan / .inf: the reference's YAML -> JSON step refuses them; a NaN weight or threshold slips past
+        # every range check (was accepted).
+        (
+            "plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: d\n  plugins: [{pluginRef: queue-scorer, "
+            "weight: .nan}]\n",
+            "schedulingProfiles[0].plugins[0].weight: nan: numbers must be finite",
+        ),
+        (
+            "plugins:\n- type: concurrency-detector\n  parameters: {headroom: .inf}\n",
+            "plugins[0].parameters.headroom: inf: numbers must be finite",
+        ),
+        (
+            "plugins:\n- type: inflight-load-producer\n  parameters: {outputRatio: -.inf}\n",
+            "plugins[0].parameters.outputRatio: -inf: numbers must be finite",
+        ),
+        # A YAML alias inside the node it names: a cycle (the reference's YAML parser refuses it; here it
+        # loaded, and a reload comparing the parameters died of RecursionError).
+        (
+            "plugins:\n- type: precise-prefix-cache-producer\n  parameters:\n    indexerConfig: {prefixStoreConfig: "
+            "&p {x: *p}}\n",
+            "plugins[0].parameters.indexerConfig.prefixStoreConfig.x: a YAML alias refers to a node that contains it",
+        ),
+        # Nesting deeper than the YAML parser recurses (was a RecursionError).
+        ("plugins: " + "[" * 5000 + "]" * 5000 + "\n", "config is not valid YAML: nested too deeply"),
+        # An extractor the metrics collector cannot use (was an AttributeError once an endpoint appeared).
+        (
+            METRICS_SOURCE.replace("extractors: [{pluginRef: core-metrics-extractor}]", "extractors: [{pluginRef: "
+            "queue-scorer}]"),
+            "dataLayer.sources[0].extractors[0].pluginRef: plugin 'queue-scorer' (type queue-scorer) is not a metrics "
+            "extractor; source 'metrics-data-source' (type metrics-data-source) cannot feed it",
+        ),
+    ],
+)  # fmt: skip
+def test_more_config_errors_name_the_field(text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        built(text)
+    assert expected in str(err.value)
+
+
+def test_the_default_picker_name_may_be_a_picker_or_unused() -> None:
+    # A picker named max-score-picker is the default picker; a non-picker by that name is fine while every
+    # profile names its own picker.
+    c = built("plugins:\n- {type: random-picker, name: max-score-picker}\n- type: queue-scorer\n")
+    assert c.pipeline.scheduler.profiles["default"].picker is c.plugins["max-score-picker"]
+    c = built(
+        "plugins:\n- {type: queue-scorer, name: max-score-picker}\n- type: random-picker\nschedulingProfiles:\n"
+        "- name: d\n  plugins: [{pluginRef: max-score-picker}, {pluginRef: random-picker}]\n"
+    )
+    assert c.pipeline.scheduler.profiles["d"].picker is c.plugins["random-picker"]
+    assert built(METRICS_SOURCE).data_sources[0].extractors[0].type == "core-metrics-extractor"
+
+
+def test_shared_yaml_aliases_still_load() -> None:
+    # One node under two names is no cycle: both profiles get the same list of plugin references.
+    c = built(
+        "plugins:\n- type: queue-scorer\n- type: prefill-filter\n- type: decode-filter\n"
+        "- type: disagg-profile-handler\n"
+        "schedulingProfiles:\n- name: prefill\n  plugins: &refs [{pluginRef: queue-scorer, weight: 2.5}]\n"
+        "- name: decode\n  plugins: *refs\n"
+    )
+    assert [w.weight for w in c.pipeline.scheduler.profiles["decode"].scorers] == [2.5]
+    assert [w.weight for w in c.pipeline.scheduler.profiles["prefill"].scorers] == [2.5]

@@ -5,13 +5,21 @@ that says where; never with another exception (a start-up traceback instead of a
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmepp.config.loader import build, load_config
+from llmepp.config.loader import (
+    DEFAULT_HANDLER,
+    DEFAULT_PICKER,
+    DEFAULT_PRODUCERS,
+    build,
+    load_config,
+    rebuild_scheduling,
+)
 from llmepp.config.schema import DEFAULT_CONFIG
 from llmepp.datalayer.endpointsfile import EndpointsFileError, parse_endpoints
 from llmepp.flowcontrol.objectives import parse_objectives
@@ -45,11 +53,34 @@ flowControl:
   saturationDetector: {pluginRef: concurrency-detector}
   enableEviction: true
 """
-SEEDS = [yaml.safe_load(text) for text in (DEFAULT_CONFIG, PD_CONFIG, LEGACY_PD_CONFIG, FLOW_CONTROL)]
+ROOT = Path(__file__).parents[2]
+
+
+def _shipped() -> list[str]:
+    """Every EndpointPickerConfig the repository ships (deploy/, benchmarks/), its tokenizer path made absolute."""
+    texts = []
+    for path in sorted([*ROOT.glob("deploy/config/*.yaml"), *ROOT.glob("benchmarks/configs/**/*.yaml")]):
+        text = path.read_text()
+        if "kind: EndpointPickerConfig" in text:
+            texts.append(text.replace("path: simulator/tokenizer.json", f"path: {ROOT / 'simulator/tokenizer.json'}"))
+    return texts
+
+
+SHIPPED = _shipped()
+# Names the loader gives the plugins it creates itself.
+LOADER_NAMES = [
+    DEFAULT_PICKER,
+    DEFAULT_HANDLER,
+    *DEFAULT_PRODUCERS.values(),
+    "metrics-data-source",
+    "core-metrics-extractor",
+]
+SEEDS = [yaml.safe_load(text) for text in (DEFAULT_CONFIG, PD_CONFIG, LEGACY_PD_CONFIG, FLOW_CONTROL, *SHIPPED)]
 
 values = st.recursive(
-    st.none() | st.booleans() | st.integers(-5, 70000) | st.floats(allow_nan=False, width=32)
-    | st.sampled_from(["", "x", "queue-scorer", "prefill", "10s", "-1", "1Gi", "usage.prompt_tokens +"]),
+    st.none() | st.booleans() | st.integers(-5, 70000) | st.sampled_from([2**70, -(2**63)]) | st.floats(width=32)
+    | st.sampled_from(["", "x", "queue-scorer", "prefill", "10s", "-1", "1Gi", "usage.prompt_tokens +", "-1s", "ü🙂"])
+    | st.sampled_from(LOADER_NAMES),
     lambda inner: st.lists(inner, max_size=3)
     | st.dictionaries(st.sampled_from(["type", "name", "x", "pluginRef"]), inner, max_size=3),
     max_leaves=6,
@@ -76,18 +107,26 @@ def mutated_configs(draw: st.DrawFn) -> str:
         parent = config
         for key in path[:-1]:
             parent = parent[key]
-        action = draw(st.sampled_from(["replace", "delete", "add"]))
+        action = draw(st.sampled_from(["replace", "delete", "add", "duplicate"]))
         if not path:
             continue
         last = path[-1]
-        if action == "replace":
+        if action == "duplicate" and isinstance(parent, list):  # a second plugin / profile / ref of one name
+            parent.append(copy.deepcopy(parent[last]))
+        elif action == "replace" or action == "duplicate":
             parent[last] = draw(values)
         elif action == "delete" and isinstance(parent, dict):
             del parent[last]
         elif action == "delete" and isinstance(parent, list):
             parent.pop(last)
         elif isinstance(parent, dict):
-            parent[draw(st.sampled_from(["unknownField", "weight", "parameters", "plugins"]))] = draw(values)
+            parent[draw(st.sampled_from(["unknownField", "weight", "parameters", "plugins", "name"]))] = draw(values)
+    plugins = config.get("plugins") if isinstance(config, dict) else None
+    if isinstance(plugins, list) and plugins and draw(st.booleans()):
+        # A plugin renamed to a name the loader would give a plugin it creates itself.
+        plugin = draw(st.sampled_from(plugins))
+        if isinstance(plugin, dict):
+            plugin["name"] = draw(st.sampled_from(LOADER_NAMES))
     return yaml.safe_dump(config)
 
 
@@ -96,6 +135,23 @@ def mutated_configs(draw: st.DrawFn) -> str:
 def test_any_config_loads_or_fails_with_a_config_error(text: str) -> None:
     try:
         build(load_config(text))
+    except ConfigError as e:
+        assert str(e).strip()
+
+
+def test_every_shipped_config_loads() -> None:
+    assert len(SHIPPED) >= 10
+    for text in SHIPPED:
+        build(load_config(text))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([DEFAULT_CONFIG, PD_CONFIG, FLOW_CONTROL, *SHIPPED]), mutated_configs())
+def test_any_new_file_reloads_or_is_refused_with_a_config_error(running: str, text: str) -> None:
+    # What --watch-config-file does with the file's new text (a refusal keeps the running config).
+    components = build(load_config(running))
+    try:
+        rebuild_scheduling(components, load_config(text))
     except ConfigError as e:
         assert str(e).strip()
 

@@ -141,3 +141,21 @@ def test_plugins_flow_control_added_for_itself_are_kept_and_their_names_reserved
     assert new.pipeline.admission is old.pipeline.admission
     with pytest.raises(ConfigError, match="duplicate plugin name 'flow-control'"):
         reload(old, gated.replace("- type: queue-scorer\n", "- type: queue-scorer\n  name: flow-control\n"))
+
+
+def test_a_new_file_the_loader_used_to_crash_on_is_a_config_error() -> None:
+    old = running()
+    # The default picker's name on a scorer, the profile without a picker (was an AssertionError).
+    with pytest.raises(ConfigError, match=r"plugin 'max-score-picker' \(type queue-scorer\): is not a picker"):
+        reload(old, BASE.replace("- type: queue-scorer\n", "- {type: queue-scorer, name: max-score-picker}\n").replace(
+            "{pluginRef: queue-scorer, weight: 2}", "{pluginRef: max-score-picker, weight: 2}"
+        ))  # fmt: skip
+    # A YAML alias cycle in a stateful plugin's free-form parameters (the spec comparison was a RecursionError).
+    precise = (
+        "plugins:\n- type: precise-prefix-cache-producer\n  parameters:\n    indexerConfig: {prefixStoreConfig: "
+        "{x: 1}}\n- type: prefix-cache-scorer\n  parameters: {prefixMatchInfoProducerName: "
+        "precise-prefix-cache-producer}\n"
+    )
+    old = running(precise)
+    with pytest.raises(ConfigError, match="a YAML alias refers to a node that contains it"):
+        reload(old, precise.replace("{x: 1}", "&p {x: *p}"))

@@ -11,6 +11,7 @@ import pytest
 
 from llmepp.app import App
 from llmepp.cli import settings_from_args
+from llmepp.config.loader import build, load_config, rebuild_scheduling
 from llmepp.config.schema import DEFAULT_CONFIG, EndpointPickerConfig
 from llmepp.config.watch import ConfigWatcher
 from llmepp.filewatch import stat_signature
@@ -121,3 +122,31 @@ def test_watching_without_a_config_file_is_a_start_up_error() -> None:
     with pytest.raises(ConfigError, match="--watch-config-file needs --config-file"):
         App(Settings(watch_config_file=True, config_text=DEFAULT_CONFIG))
     assert settings_from_args(["--config-file", "x.yaml", "--watch-config-file"]).watch_config_file
+
+
+def test_a_new_file_the_loader_refuses_keeps_the_running_scheduler_and_names_the_field(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = Harness(tmp_path)
+    first = build(load_config(DEFAULT_CONFIG))
+    running = [first]
+    h.watcher = ConfigWatcher(
+        str(h.path), stat_signature(str(h.path)), DEFAULT_CONFIG,
+        lambda config: running.append(rebuild_scheduling(running[-1], config)), h.metrics,
+    )  # fmt: skip
+    bad = {
+        # The default picker's name on a scorer (was logged as an internal error: AssertionError).
+        DEFAULT_CONFIG.replace("- type: queue-scorer\n", "- {type: queue-scorer, name: max-score-picker}\n").replace(
+            "pluginRef: queue-scorer", "pluginRef: max-score-picker"
+        ): "plugin 'max-score-picker' (type queue-scorer): is not a picker",
+        DEFAULT_CONFIG.replace("weight: 3", "weight: .nan"): "schedulingProfiles[0].plugins[2].weight: nan",
+    }  # fmt: skip
+    with caplog.at_level(logging.ERROR, logger="llmepp.config.watch"):
+        for text, message in bad.items():
+            h.write(text)
+            assert h.polls() == [False, False]
+            assert f"not applied, the running config stays: {message}" in caplog.text
+    assert "internal error" not in caplog.text
+    assert running == [first] and h.value("llm_d_epp_config_reloads_total", result="rejected") == 2
+    h.write(OTHER)
+    assert h.polls() == [False, True] and len(running) == 2

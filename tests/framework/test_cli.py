@@ -1,0 +1,68 @@
+"""`epp` flags: a bad value or a contradictory pair is a usage error (exit code 2) naming the flag,
+never a traceback once the servers start."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmepp.cli import settings_from_args
+
+
+def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        settings_from_args(argv)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # Out of range: 70000 was accepted and bound port 4464 (70000 mod 65536); -5 died in getaddrinfo.
+        (["--grpc-port", "70000"], "argument --grpc-port: invalid port 70000 (0-65535)"),
+        (["--grpc-port=-5"], "argument --grpc-port: invalid port -5 (0-65535)"),
+        (["--grpc-health-port", "99999"], "argument --grpc-health-port: invalid port 99999 (0-65535)"),
+        (["--metrics-port", "65536"], "argument --metrics-port: invalid port 65536 (0-65535)"),
+        (["--grpc-port", "x"], "argument --grpc-port: invalid port 'x' (0-65535)"),
+        # Two servers on one port: the second bind failed with a traceback.
+        (["--grpc-port", "9003"], "--grpc-port and --grpc-health-port: both 9003"),
+        (["--metrics-port", "9002"], "--grpc-port and --metrics-port: both 9002"),
+        (["--grpc-health-port", "7000", "--metrics-port", "7000"], "--grpc-health-port and --metrics-port: both 7000"),
+        # grpc.aio takes a C int: above 2 GiB - 1 the server died with OverflowError building its options.
+        (
+            ["--extproc-transport", "grpc", "--grpc-max-recv-msg-size", "4Gi"],
+            "--grpc-max-recv-msg-size: 4294967296 bytes is above grpc.aio's limit of 2147483647 (--extproc-transport "
+            "grpc)",
+        ),
+        (
+            ["--extproc-transport", "grpc", "--grpc-max-send-msg-size", "2Gi"],
+            "--grpc-max-send-msg-size: 2147483648 bytes is above grpc.aio's limit",
+        ),
+        (
+            ["--extproc-transport", "grpc", "--max-body-size", "2Gi"],
+            "--max-body-size: the ext_proc message limits follow it (+ 1 MiB): 2148532224 bytes is above grpc.aio's "
+            "limit of 2147483647 (--extproc-transport grpc); lower it or set --grpc-max-recv-msg-size",
+        ),
+    ],
+)
+def test_bad_flags_are_usage_errors_naming_the_flag(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert message in usage_error(argv, capsys)
+
+
+def test_good_edge_values_are_kept() -> None:
+    s = settings_from_args(["--grpc-port", "0", "--grpc-health-port", "0", "--metrics-port", "0"])
+    assert (s.grpc_port, s.grpc_health_port, s.metrics_port) == (0, 0, 0)  # 0: any free port / metrics off
+    s = settings_from_args(["--grpc-port", "65535", "--grpc-health-port", "1"])
+    assert (s.grpc_port, s.grpc_health_port, s.metrics_port) == (65535, 1, 9090)
+    # The h2 transport has no C-int limit; with grpc, explicit limits within it override a large body size.
+    assert settings_from_args(["--max-body-size", "4Gi"]).max_body_bytes == 4 * 2**30
+    s = settings_from_args(
+        ["--extproc-transport", "grpc", "--max-body-size", "4Gi", "--grpc-max-recv-msg-size", "1Gi",
+         "--grpc-max-send-msg-size", "2147483647"]
+    )  # fmt: skip
+    assert (s.grpc_max_recv_msg_size, s.grpc_max_send_msg_size) == (2**30, 2**31 - 1)
+    assert (
+        settings_from_args(["--extproc-transport", "grpc", "--max-body-size", "2046Mi"]).max_body_bytes == 2046 * 2**20
+    )
