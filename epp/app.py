@@ -13,7 +13,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import grpc
@@ -61,6 +61,10 @@ def config_text(settings: Settings) -> str:
             return Path(settings.config_file).read_text()
         except OSError as e:
             raise ConfigError(f"--config-file: cannot read {settings.config_file}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"--config-file: {settings.config_file} is not UTF-8 text: {e.reason} at byte {e.start}"
+            ) from None
     return DEFAULT_CONFIG
 
 
@@ -261,13 +265,16 @@ class App:
             out_of_band=getattr(self.components.pipeline.admission, "evictor", None) is not None,
         )
         cert = self.serving_cert
+        extproc_address = join_hostport(s.bind_address, s.grpc_port)
         if s.extproc_transport == "h2":
             h2 = create_h2_server(self._servicer, s, ssl=cert.ssl_context() if cert else None)
-            await h2.start()
+            with _listening("--grpc-port", extproc_address):
+                await h2.start()
             self._extproc, self.grpc_port = h2, h2.port
         else:  # grpc.aio; message limits follow the body limit (server_options)
             credentials = cert.grpc_credentials() if cert else None
-            server, self.grpc_port = create_server(self._servicer, s, credentials=credentials)
+            with _listening("--grpc-port", extproc_address):
+                server, self.grpc_port = create_server(self._servicer, s, credentials=credentials)
             await server.start()
             self._extproc = server
         if cert is not None and cert.reload:
@@ -277,11 +284,14 @@ class App:
 
         self._health_server = grpc.aio.server()
         health.add_to_server(self.health, self._health_server)
-        self.health_port = self._health_server.add_insecure_port(join_hostport(s.bind_address, s.grpc_health_port))
+        health_address = join_hostport(s.bind_address, s.grpc_health_port)
+        with _listening("--grpc-health-port", health_address):
+            self.health_port = self._health_server.add_insecure_port(health_address)
         await self._health_server.start()
 
         if s.metrics_port:
-            await self._metrics_server.start(s.bind_address, s.metrics_port)
+            with _listening("--metrics-port", join_hostport(s.bind_address, s.metrics_port)):
+                await self._metrics_server.start(s.bind_address, s.metrics_port)
         log.info(
             "epp serving",
             extra={
@@ -369,6 +379,17 @@ async def _close_plugins(plugins: Iterable[Plugin]) -> None:
             await plugin.aclose()
         except Exception:
             log.exception("plugin %s failed to close", plugin.name)
+
+
+@contextlib.contextmanager
+def _listening(flag: str, address: str) -> Iterator[None]:
+    """A server that cannot listen (port taken, address not local or unresolvable) is a start-up error
+    naming the flag, not a traceback. grpc.aio says RuntimeError("Failed to bind ..."), asyncio OSError."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split(";")[0]
+        raise ConfigError(f"{flag} / --bind-address: cannot listen on {address}: {reason}") from None
 
 
 def _tls_label(cert: ServingCert | None) -> str:

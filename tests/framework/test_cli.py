@@ -3,9 +3,17 @@ never a traceback once the servers start."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from llmepp.cli import settings_from_args
+from llmepp.config.schema import DEFAULT_CONFIG
+from llmepp.testing.ports import free_port
+from llmepp.testing.stack import loopback_epp_args, with_file_discovery
 
 
 def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -66,3 +74,42 @@ def test_good_edge_values_are_kept() -> None:
     assert (
         settings_from_args(["--extproc-transport", "grpc", "--max-body-size", "2046Mi"]).max_body_bytes == 2046 * 2**20
     )
+
+
+def _run_epp(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    endpoints = tmp_path / "endpoints.yaml"
+    endpoints.write_text("endpoints: []\n")
+    config = tmp_path / "config.yaml"
+    if not config.exists():
+        config.write_text(with_file_discovery(DEFAULT_CONFIG, endpoints))
+    argv = loopback_epp_args(config, free_port(), free_port(), free_port(), *args)
+    return subprocess.run([sys.executable, "-m", "llmepp", *argv], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("flag", "transport"),  # the transport only changes how the ext_proc port binds
+    [("--grpc-port", "h2"), ("--grpc-port", "grpc"), ("--grpc-health-port", "h2"), ("--metrics-port", "h2")],
+)
+def test_a_port_in_use_is_a_start_up_error_naming_the_flag(tmp_path: Path, flag: str, transport: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = _run_epp(tmp_path, flag, str(port), "--extproc-transport", transport)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"{flag} / --bind-address: cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_bind_address_that_is_not_local_is_a_start_up_error(tmp_path: Path) -> None:
+    done = _run_epp(tmp_path, "--bind-address", "192.0.2.1")  # TEST-NET-1: never this machine's
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--bind-address: cannot listen on 192.0.2.1:" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_config_file_that_is_not_utf8_is_a_start_up_error(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_bytes(b"plugins:\n- type: queue-scorer\n  name: \xff\xfe\n")
+    done = _run_epp(tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--config-file:" in done.stderr and "is not UTF-8 text" in done.stderr
+    assert "Traceback" not in done.stderr
