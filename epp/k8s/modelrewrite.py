@@ -162,6 +162,6 @@ class ModelRewriter:
         if request.payload is None:
             try:
                 request.payload = msgspec.json.decode(request.body, type=dict[str, Any])
-            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
                 raise BadRequest(f"cannot rewrite model name: {e}") from None
         request.target_model = target

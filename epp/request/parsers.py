@@ -349,7 +349,16 @@ class RequestParsers:
             fairness_id=_header(headers, H_FAIRNESS, H_FAIRNESS_ALIAS) or DEFAULT_FAIRNESS_ID,
             received_at=received_at,
         )
-        parser.parse(req, suffix)
+        try:
+            parser.parse(req, suffix)
+        except MalformedJSON:
+            # Envoy hands over the body as the client sent it: a compressed one is not JSON.
+            encoding = headers.get("content-encoding")
+            if encoding and encoding.lower() != "identity":
+                raise BadRequest(
+                    f"request body has content-encoding {encoding!r}: the router reads JSON bodies uncompressed"
+                ) from None
+            raise
         if req.model:
             rewrite = _header(headers, H_MODEL_REWRITE, H_MODEL_REWRITE_ALIAS)
             req.target_model = rewrite or req.model
@@ -394,9 +403,10 @@ def parse_openai(req: InferenceRequest, suffix: str) -> None:
         req.messages = _chat_messages(chat)
         req.mm_items = _media_items(chat.messages)
         req.stream = bool(chat.stream)
-        req.max_tokens = _max_tokens(
-            chat.max_completion_tokens if chat.max_completion_tokens is not None else chat.max_tokens
-        )
+        if chat.max_completion_tokens is not None:
+            req.max_tokens = _max_tokens(chat.max_completion_tokens, "max_completion_tokens")
+        else:
+            req.max_tokens = _max_tokens(chat.max_tokens)
         req.cache_salt = chat.cache_salt or ""
     elif kind is RequestKind.COMPLETIONS:
         comp = _decode(_COMPLETIONS_DECODER, body)
@@ -433,7 +443,7 @@ def parse_openai(req: InferenceRequest, suffix: str) -> None:
             req.mm_items = _media_items(resp.input)
         req.prompt = conversation_prompt(req.messages, bytes(resp.tools))
         req.stream = bool(resp.stream)
-        req.max_tokens = _max_tokens(resp.max_output_tokens)
+        req.max_tokens = _max_tokens(resp.max_output_tokens, "max_output_tokens")
         req.cache_salt = resp.cache_salt or ""
 
 
@@ -494,7 +504,8 @@ def parse_sglang(req: InferenceRequest, suffix: str) -> None:
         req.prompt_is_token_ids = True
     params = body.sampling_params
     first = params[0] if isinstance(params, list) and params else params
-    req.max_tokens = _max_tokens(first.max_new_tokens) if isinstance(first, _SamplingParams) else None
+    field = "sampling_params[0].max_new_tokens" if isinstance(params, list) else "sampling_params.max_new_tokens"
+    req.max_tokens = _max_tokens(first.max_new_tokens, field) if isinstance(first, _SamplingParams) else None
     req.stream = bool(body.stream)
     req.cache_salt = body.extra_key or ""
 
@@ -512,7 +523,8 @@ def parse_vllm_generate(req: InferenceRequest, suffix: str) -> None:
     req.model = body.model or ""
     req.prompt = pack_token_ids(ids, "token_ids")
     req.prompt_is_token_ids = True
-    req.max_tokens = _max_tokens(body.sampling_params.max_tokens) if body.sampling_params is not None else None
+    params = body.sampling_params
+    req.max_tokens = _max_tokens(params.max_tokens, "sampling_params.max_tokens") if params is not None else None
     req.stream = bool(body.stream)
     req.cache_salt = body.cache_salt or ""
     if body.features is not None:
@@ -566,6 +578,10 @@ def _responses_messages(resp: _ResponsesBody) -> list[tuple[str, str]]:
     return out
 
 
+class MalformedJSON(BadRequest):
+    """The body is not JSON (as opposed to JSON of the wrong shape)."""
+
+
 def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
     if not body:
         raise BadRequest("request body is empty; expected a JSON object")
@@ -574,7 +590,9 @@ def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
     except msgspec.ValidationError as e:
         raise BadRequest(_validation_message(str(e))) from None
     except msgspec.DecodeError as e:
-        raise BadRequest(_decode_message(str(e), len(body))) from None
+        raise MalformedJSON(_decode_message(str(e), len(body))) from None
+    except RecursionError:  # msgspec stops at Python's recursion limit (less the caller's depth)
+        raise BadRequest("request body nests JSON too deeply") from None
 
 
 def _decode_message(msg: str, size: int) -> str:
@@ -616,9 +634,9 @@ def _model(value: Any) -> str:
     return value
 
 
-def _max_tokens(value: int | None) -> int | None:
+def _max_tokens(value: int | None, field: str = "max_tokens") -> int | None:
     if value is not None and value < 0:
-        raise BadRequest('"max_tokens" must not be negative')
+        raise BadRequest(f'"{field}" must not be negative')
     return value
 
 

@@ -5,7 +5,8 @@ Two shapes:
 - streaming (`text/event-stream`): usage comes in the last `data: {...}` event carrying a
   non-null `usage` (OpenAI `stream_options.include_usage`, vLLM continuous usage stats, or a
   Responses-API `response.completed` event with `response.usage`), before `data: [DONE]`.
-  Only the last `SSE_TAIL_BYTES` of the stream are kept.
+  Only the last `SSE_TAIL_BYTES` of the stream are kept; an event longer than that (a
+  `response.completed` repeats the whole output) gives the last `"usage"` object of its kept part.
 - non-streaming JSON: the body is kept up to `JSON_BODY_LIMIT` and decoded once at the end.
   A larger body is not kept whole: its last `SSE_TAIL_BYTES` are, and the last `"usage"`
   object in them is decoded (servers put usage after the choices).
@@ -82,7 +83,7 @@ def _to_usage(u: _UsageBody) -> Usage | None:
 def _from_envelope(doc: bytes) -> Usage | None:
     try:
         env = _ENVELOPE.decode(doc)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None
     u = env.usage
     if u is None:
@@ -99,13 +100,19 @@ def usage_from_json(body: bytes) -> Usage | None:
 
 
 def usage_from_sse(tail: bytes) -> Usage | None:
-    """Usage from the last SSE `data:` event that carries one (the tail may start mid-event)."""
+    """Usage from the last SSE `data:` event that carries one (the tail may start mid-event: then the last
+    `"usage"` object of that partial first line, as a Responses-API `response.completed` event repeating a
+    long output outgrows the tail)."""
     end = len(tail)
     while end > 0:
         start = tail.rfind(b"\n", 0, end) + 1
         line = tail[start:end]
         end = start - 1
-        if not line.startswith(b"data:") or _USAGE_KEY not in line:
+        if _USAGE_KEY not in line:
+            continue
+        if not line.startswith(b"data:"):
+            if start == 0:
+                return usage_from_fragment(line)
             continue
         payload = line[5:].strip()
         if payload == _DONE:
@@ -149,7 +156,7 @@ def usage_from_fragment(tail: bytes) -> Usage | None:
         if obj is not None:
             try:
                 return _to_usage(_USAGE.decode(obj))
-            except (msgspec.DecodeError, msgspec.ValidationError):
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
                 pass
 
 

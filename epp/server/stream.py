@@ -654,7 +654,7 @@ class ExtProcStream:
             info.streaming = req.stream
             self.usage = req.usage_reader(headers)
         else:
-            info.streaming = EVENT_STREAM in headers.get("content-type", "")
+            info.streaming = EVENT_STREAM in headers.get("content-type", "").lower()  # media types ignore case
             self.usage = UsageCollector(info.streaming)
         self.info = info
         set_headers: list[tuple[str, str | bytes]] = []

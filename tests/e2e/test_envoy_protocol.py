@@ -7,6 +7,7 @@ by the module; the restart test brings its own.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import json
 import os
@@ -349,6 +350,17 @@ async def test_invalid_json_is_400(stack: Stack) -> None:
         assert r.headers["content-type"] == "application/json"
         doc = await r.json()
         assert doc["error"]["type"] == "BadRequest" and "invalid JSON" in doc["error"]["message"]
+
+
+async def test_a_gzip_request_body_reaches_the_epp_compressed_and_is_a_precise_400(stack: Stack) -> None:
+    body = gzip.compress(json.dumps(completion()).encode())
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+    async with stack.session.post(stack.url(stack.fds_port), data=body, headers=headers) as r:
+        assert r.status == 400
+        doc = await r.json()
+        assert doc["error"]["message"] == (
+            "request body has content-encoding 'gzip': the router reads JSON bodies uncompressed"
+        )
 
 
 async def test_too_large_is_413(stack: Stack) -> None:

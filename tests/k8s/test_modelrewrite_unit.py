@@ -111,3 +111,13 @@ def test_rewriter_sets_target_decodes_payload_and_counts() -> None:
     broken.body = b'{"model": "m", '
     with pytest.raises(BadRequest):
         rewriter.rewrite(broken)
+
+
+def test_a_body_too_deeply_nested_to_decode_for_the_rewrite_is_a_400() -> None:
+    # The parser read the body at its own stack depth; decoding it again deeper in the director's stack can
+    # hit msgspec's recursion limit: a 400, not a RecursionError (a 500 and a traceback).
+    rewriter = ModelRewriter(store_with(rewrite("r", "2026-01-01T00:00:00Z", [exact("m", "m2")])), CollectorRegistry())
+    deep = request("m")
+    deep.body = b'{"model": "m", "prompt": "x", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    with pytest.raises(BadRequest, match="cannot rewrite model name"):
+        rewriter.rewrite(deep)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import json
 import os
@@ -275,6 +276,7 @@ def immediate(resp) -> tuple[int, dict[str, bytes], dict]:  # type: ignore[no-un
         (b'{"model": "m"}', 'missing required field "prompt"'),
         (b'{"model": "m", "prompt": 5}', '"prompt" must be a string or list'),
         (b"[1, 2]", "request body must be a JSON object"),
+        (b'{"model": "m", "prompt": "x", "n": ' + b"[" * 3000 + b"]" * 3000 + b"}", "nests JSON too deeply"),
     ],
 )
 async def test_bad_request_is_400(body: bytes, message: str) -> None:
@@ -439,6 +441,36 @@ async def test_sse_response_streams_and_usage_from_final_event() -> None:
         assert c.response.first_byte_at > 0
         # The first-chunk hook fires once for the whole stream, not per chunk.
         assert h.director.first_chunks == [c.request]
+        labels = {"model_name": "m", "target_model_name": "m", "streaming": "true"}
+        assert h.sample("llm_d_epp_request_ttft_seconds_count", labels) == 1
+
+
+async def test_a_compressed_request_body_is_a_400_naming_the_encoding() -> None:
+    """Envoy hands the body over as the client sent it: gzip is no JSON, and the answer says why."""
+    async with serve() as h:
+        s = h.open()
+        await s.send(request_headers({"content-encoding": "gzip"}), request_body(gzip.compress(BODY), eos=True))
+        status, _, doc = immediate(await s.recv())
+        assert status == 400 and doc["error"]["message"] == (
+            "request body has content-encoding 'gzip': the router reads JSON bodies uncompressed"
+        )
+        assert h.director.requests == []
+
+
+@pytest.mark.parametrize("content_type", ["Text/Event-Stream", "TEXT/EVENT-STREAM; charset=UTF-8"])
+async def test_the_event_stream_media_type_is_case_insensitive(content_type: str) -> None:
+    async with serve() as h:
+        s = h.open()
+        await s.route(CHAT, path="/v1/chat/completions")
+        await s.send(response_headers(200, content_type))
+        await s.recv()
+        await s.send(response_body(b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n'))
+        await s.recv()
+        await s.send(response_body(b"", eos=True))
+        await s.recv()
+        await wait_until(lambda: len(h.director.completions) == 1)
+        (c,) = h.director.completions
+        assert c.response.streaming
         labels = {"model_name": "m", "target_model_name": "m", "streaming": "true"}
         assert h.sample("llm_d_epp_request_ttft_seconds_count", labels) == 1
 

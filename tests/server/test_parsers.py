@@ -4,6 +4,7 @@ properties."""
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import struct
 from typing import Any
@@ -518,3 +519,87 @@ def test_conversations_and_images_errors(path: str, body: Any, message: str) -> 
     with pytest.raises(BadRequest) as e:
         openai(path, body)
     assert message in e.value.message
+
+
+# -- odd but valid JSON, compressed bodies ------------------------------------------------------------
+def _at_stack_depth(depth: int, fn: Any) -> Any:
+    return fn() if depth == 0 else _at_stack_depth(depth - 1, fn)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", {"model": "m", "prompt": "x", "extra": "NEST"}),
+        ("/v1/completions", {"model": "m", "prompt": "NEST"}),
+        ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": "NEST"}),
+        ("/v1/chat/completions", {"model": "m", "messages": [{"role": "u", "content": [{"image_url": "NEST"}]}]}),
+        ("/v1/messages", {"model": "m", "messages": [{"role": "user", "content": "x"}], "metadata": "NEST"}),
+        ("/inference/v1/generate", {"token_ids": "NEST"}),
+    ],
+)
+@pytest.mark.parametrize("stack", [0, 400])
+def test_deeply_nested_json_is_a_400_not_a_recursion_error(path: str, body: Any, stack: int) -> None:
+    # msgspec gives up nesting at Python's recursion limit (less the caller's stack depth) with a RecursionError,
+    # which escaped the parser (a 500 "internal error" and a traceback per request).
+    raw = json.dumps(body).encode().replace(b'"NEST"', b"[" * 5000 + b"]" * 5000)
+    with pytest.raises(BadRequest) as e:
+        _at_stack_depth(stack, lambda: parse_request({":path": path}, raw, request_id="r"))
+    assert e.value.message == "request body nests JSON too deeply"
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "GZIP"])
+def test_a_compressed_body_is_a_400_naming_its_content_encoding(encoding: str) -> None:
+    raw = gzip.compress(json.dumps({"model": "m", "prompt": "x"}).encode())
+    with pytest.raises(BadRequest) as e:
+        parse_request({":path": "/v1/completions", "content-encoding": encoding}, raw, request_id="r")
+    assert e.value.message == (
+        f"request body has content-encoding {encoding!r}: the router reads JSON bodies uncompressed"
+    )
+    # Identity is no encoding; a body the parser does not read may be anything; valid JSON parses whatever the header.
+    ok = json.dumps({"model": "m", "prompt": "x"}).encode()
+    assert (
+        parse_request({":path": "/v1/completions", "content-encoding": "identity"}, ok, request_id="r").prompt == b"x"
+    )
+    assert parse_request({":path": "/v1/completions", "content-encoding": "gzip"}, ok, request_id="r").prompt == b"x"
+    assert parse_request({":path": "/v1/audio", "content-encoding": "gzip"}, raw, request_id="r").body == raw
+    for identity in ("identity", ""):
+        with pytest.raises(BadRequest, match=r"^invalid JSON at byte 1\b"):
+            parse_request({":path": "/v1/completions", "content-encoding": identity}, b"{", request_id="r")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/v1/completions", {"model": "m", "prompt": "x", "max_tokens": -1}, "max_tokens"),
+        ("/v1/chat/completions", {"model": "m", "messages": [{"content": "x"}], "max_tokens": -1}, "max_tokens"),
+        (
+            "/v1/chat/completions",
+            {"model": "m", "messages": [{"content": "x"}], "max_completion_tokens": -1},
+            "max_completion_tokens",
+        ),
+        ("/v1/responses", {"model": "m", "input": "x", "max_output_tokens": -1}, "max_output_tokens"),
+        ("/v1/messages", {"model": "m", "messages": [{"content": "x"}], "max_tokens": -1}, "max_tokens"),
+        (
+            "/inference/v1/generate",
+            {"token_ids": [1], "sampling_params": {"max_tokens": -1}},
+            "sampling_params.max_tokens",
+        ),
+        ("/generate", {"text": "x", "sampling_params": {"max_new_tokens": -1}}, "sampling_params.max_new_tokens"),
+        ("/generate", {"text": "x", "sampling_params": [{"max_new_tokens": -1}]}, "sampling_params[0].max_new_tokens"),
+    ],
+)
+def test_a_negative_max_tokens_is_a_400_naming_the_field_sent(path: str, body: Any, field: str) -> None:
+    table = built("openai-parser", "anthropic-parser", "vllmhttp-parser", "sglanghttp-parser")
+    with pytest.raises(BadRequest) as e:
+        table.parse({":path": path}, json.dumps(body).encode(), request_id="r")
+    assert e.value.message == f'"{field}" must not be negative'
+
+
+def test_duplicate_keys_the_last_wins_as_in_vllm() -> None:
+    # vLLM reads bodies with json.loads (the last duplicate wins): the router must route the model vLLM serves.
+    raw = b'{"model": "a", "prompt": "x", "model": "b", "prompt": "y", "max_tokens": 1, "max_tokens": 2}'
+    assert json.loads(raw)["model"] == "b"
+    r = parse_request({":path": "/v1/completions"}, raw, request_id="r")
+    assert (r.model, r.prompt, r.max_tokens) == ("b", b"y", 2)
+    rewritten = parse_request({":path": "/v1/completions", "x-llm-d-model-name-rewrite": "t"}, raw, request_id="r")
+    assert rewritten.payload == {"model": "b", "prompt": "y", "max_tokens": 2}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -231,3 +232,129 @@ def test_rewrite_is_independent_of_chunking(parts: list[bytes], cuts: list[int])
     expected = data.replace(b'"model":"tgt"', b'"model":"cli"').replace(b'"model": "tgt"', b'"model": "cli"')
     chunks = _split(data, cuts)
     assert rewrite_all(chunks) == expected
+
+
+# -- usage events longer than the kept tail, odd bodies ---------------------------------------------------
+def responses_stream(output_chars: int, usage: dict | None) -> bytes:  # type: ignore[type-arg]
+    """A Responses-API stream: its response.completed event carries the whole output, then the usage."""
+    resp = {"id": "r", "model": "m", "status": "in_progress", "output": [], "usage": None}
+    events = [("response.created", {"type": "response.created", "response": resp})]
+    events += [("response.output_text.delta", {"type": "response.output_text.delta", "delta": "w"})] * 20
+    output = [{"type": "message", "content": [{"type": "output_text", "text": "w" * output_chars}]}]
+    done = {**resp, "status": "completed", "output": output, "usage": usage}
+    events += [("response.completed", {"type": "response.completed", "sequence_number": 9, "response": done})]
+    return "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events).encode()
+
+
+def test_a_usage_event_longer_than_the_kept_tail_still_gives_the_usage() -> None:
+    # response.completed repeats the whole output: past ~16k tokens of text it outgrows SSE_TAIL_BYTES, and the
+    # usage after the output was lost (the tail starts inside the event, so no line of it starts with "data:").
+    u = {"input_tokens": 8, "output_tokens": 30000, "total_tokens": 30008, "input_tokens_details": {"cached_tokens": 2}}
+    stream = responses_stream(3 * usage_mod.SSE_TAIL_BYTES, u)
+    assert collect([stream], streaming=True) == Usage(8, 30000, 2, 30008)
+    chunks = [stream[i : i + 4096] for i in range(0, len(stream), 4096)]
+    assert collect(chunks, streaming=True) == Usage(8, 30000, 2, 30008)
+    assert collect(chunks, streaming=False) == Usage(8, 30000, 2, 30008)  # served without the event-stream type
+    assert collect([responses_stream(3 * usage_mod.SSE_TAIL_BYTES, None)], streaming=True) is None
+
+
+def test_a_later_complete_usage_event_wins_over_a_partial_first_line() -> None:
+    older = b'"x": "' + b"y" * 100 + b'", "usage": {"prompt_tokens": 1, "completion_tokens": 1}}\n\n'
+    newer = b'data: {"usage": {"prompt_tokens": 5, "completion_tokens": 7}}\n\ndata: [DONE]\n\n'
+    assert usage_from_sse(older + newer) == Usage(5, 7, 0, 12)
+    assert usage_from_sse(older) == Usage(1, 1, 0, 2)
+    # A text that merely mentions usage is escaped JSON: no "usage" key in it.
+    assert usage_from_sse(b'"text": "see \\"usage\\": {\\"prompt_tokens\\": 3}"}\n\n') is None
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    chars=st.integers(0, 3 * usage_mod.SSE_TAIL_BYTES),
+    cuts=st.lists(st.integers(0, 4 * usage_mod.SSE_TAIL_BYTES), max_size=20),
+)
+def test_long_usage_events_are_chunking_independent(chars: int, cuts: list[int]) -> None:
+    u = {"input_tokens": 3, "output_tokens": chars}
+    stream = responses_stream(chars, u)
+    assert (
+        collect(_split(stream, cuts), streaming=True)
+        == collect([stream], streaming=True)
+        == Usage(3, chars, 0, 3 + chars)
+    )
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_deeply_nested_responses_give_no_usage_and_raise_nothing(streaming: bool) -> None:
+    nest = b"[" * 5000 + b"]" * 5000
+    body = b'{"x": ' + nest + b', "usage": {"prompt_tokens": 1, "completion_tokens": 2}}'
+    collect([b"data: " + body + b"\n\n" if streaming else body], streaming=streaming)  # no RecursionError
+    assert usage_from_json(body) is None
+    assert usage_from_fragment(b'"usage": {"a": ' + nest + b"}") is None
+
+
+# -- model-name rewrite: whole JSON / SSE documents -------------------------------------------------------
+def _renamed(doc: object, target: str, client: str) -> object:
+    """What the client must see: every "model" key whose value is the target name → the client name."""
+    if isinstance(doc, dict):
+        return {k: client if k == "model" and v == target else _renamed(v, target, client) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [_renamed(v, target, client) for v in doc]
+    return doc
+
+
+special_names = ["tgt", "org/model-7b", 'q"uote', "back\\slash", "é 模型", " spaced ", "model"]
+model_names = st.sampled_from(special_names) | st.text(min_size=1, max_size=8)
+json_keys = st.sampled_from(["model", "content", "id", "text", "usage"]) | st.text(max_size=5)
+json_docs = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=12) | model_names,
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(json_keys, kids, max_size=3),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    target=model_names,
+    client=model_names,
+    events=st.lists(json_docs, min_size=1, max_size=4),
+    spaced=st.booleans(),
+    crlf=st.booleans(),
+    sse=st.booleans(),
+    data=st.data(),
+)
+def test_rewrite_of_json_and_sse_documents_split_anywhere(
+    target: str, client: str, events: list[object], spaced: bool, crlf: bool, sse: bool, data: st.DataObject
+) -> None:
+    """Every `"model"` key naming the target is renamed, nothing else (a model name inside a text is escaped
+    JSON, never a key), and however the body is cut into chunks the output is the same bytes."""
+    if target == client:
+        return
+    docs = [{"model": target, "content": f'"model":"{target}" {target}', "x": e} for e in events]
+
+    def enc(d: object) -> bytes:
+        separators = (", ", ": ") if spaced else (",", ":")
+        return json.dumps(d, ensure_ascii=False, separators=separators).encode()
+
+    nl = b"\r\n" if crlf else b"\n"
+    if sse:
+        body = b"".join(b"data: " + enc(d) + nl + nl for d in docs) + b"data: [DONE]" + nl + nl
+    else:
+        body = enc(docs[0])
+    whole = rewrite_all([body], target, client)
+    cuts = data.draw(st.lists(st.integers(0, len(body)), max_size=8))
+    assert rewrite_all(_split(body, cuts), target, client) == whole
+    if sse:
+        lines = [ln for ln in whole.split(nl) if ln.startswith(b"data: {")]
+        got = [json.loads(ln[6:]) for ln in lines]
+    else:
+        got = [json.loads(whole)]
+    assert got == [_renamed(d, target, client) for d in (docs if sse else docs[:1])]
+
+
+def test_rewrite_at_every_split_point() -> None:
+    body = b'data: {"id":"x","model":"tgt","choices":[{"delta":{"content":"\\"model\\":\\"tgt\\""}}]}\r\n\r\n'
+    body += b'data: {"model": "tgt", "usage": {"prompt_tokens": 1}}\r\n\r\ndata: [DONE]\r\n\r\n'
+    expected = body.replace(b'"model":"tgt"', b'"model":"cli"').replace(b'"model": "tgt"', b'"model": "cli"')
+    assert expected.count(b"cli") == 2
+    for i in range(len(body) + 1):
+        for j in range(i, len(body) + 1, 7):
+            assert rewrite_all([body[:i], body[i:j], body[j:]]) == expected
