@@ -25,6 +25,13 @@ unknown (removed long ago, or stored before we subscribed and never replayed) ca
 skipped (`orphans`). Request keys are reference counted per (key, tier) so two engine
 blocks that map to the same key (duplicate stores, engine-only extra keys) keep it until both go.
 
+Hybrid models (HMA): every KV-cache group caches a request's blocks under the same engine hash. Only
+full-attention groups hold a prefix; stores of other kinds (sliding window, mamba, ...) are skipped,
+and so are removals from those groups (`BlockRemoved` names the group, not its kind: the group's kind
+is learned from its stores), or a sliding window moving on would remove the prefix the full-attention
+group still holds. A store whose token count is not blocks × block_size, or of a LoRA adapter whose
+name is not sent (vLLM before `lora_name`), cannot be keyed (`unkeyable`).
+
 Bound: at most `max_blocks` engine blocks per source (default = the index `size`); beyond that the
 oldest are forgotten (and their keys removed), so a lost `BlockRemoved` cannot leak forever.
 """
@@ -45,6 +52,8 @@ from llmepp.kvevents.wire import BlockRemoved, BlockStored, normalize_hash
 GHOSTS = 1024
 # Cache kinds whose blocks hold a full prefix; sliding-window / chunked-local / mamba groups do not.
 PREFIX_KINDS = frozenset({"full_attention", "mla_attention", "full", "mla"})
+# Groups of other kinds remembered per source (vLLM has a handful of KV-cache groups).
+MAX_GROUPS = 64
 
 
 class EngineBlock:
@@ -82,6 +91,7 @@ class ChainStats:
     unknown_removals: int = 0  # removals of blocks never seen stored
     unknown_medium: int = 0  # events for a tier no config names
     skipped_kind: int = 0  # events for non-prefix cache groups (sliding window, ...)
+    unkeyable: int = 0  # stores whose tokens cannot be attributed to their blocks, adapters without a name
 
 
 class SourceChains:
@@ -97,6 +107,8 @@ class SourceChains:
         self._roots: dict[tuple[str, str], int] = {}
         # Removed engine hash → (last_key, pending), oldest first.
         self._ghosts: OrderedDict[int, tuple[int, bytes]] = OrderedDict()
+        # group_idx of KV-cache groups whose stores name a non-prefix kind: their removals are skipped.
+        self._other_groups: set[int] = set()
         self.stats = ChainStats()
 
     def __len__(self) -> int:
@@ -108,6 +120,13 @@ class SourceChains:
         n = len(ev.block_hashes)
         if ev.kv_cache_spec_kind is not None and ev.kv_cache_spec_kind not in PREFIX_KINDS:
             self.stats.skipped_kind += 1
+            if ev.group_idx is not None and len(self._other_groups) < MAX_GROUPS:
+                self._other_groups.add(ev.group_idx)
+            return n
+        if ev.kv_cache_spec_kind is not None and ev.group_idx is not None:
+            self._other_groups.discard(ev.group_idx)  # a prefix group after all (a restarted engine)
+        if (ev.block_size and len(ev.token_ids) != n * ev.block_size) or (ev.lora_id is not None and not ev.lora_name):
+            self.stats.unkeyable += 1
             return n
         tbit = self.tiers.bit(ev.medium)
         if not tbit:
@@ -179,6 +198,9 @@ class SourceChains:
         return n
 
     def removed(self, ev: BlockRemoved, delta: Delta) -> int:
+        if ev.group_idx is not None and ev.group_idx in self._other_groups:
+            self.stats.skipped_kind += 1
+            return len(ev.block_hashes)
         tbit = self.tiers.bit(ev.medium)
         if not tbit:
             self.stats.unknown_medium += 1

@@ -137,8 +137,8 @@ class MemoryIndex:
                         nm &= ~victim
                         counts[victim] = counts.get(victim, 1) - 1
                         lk = low.get(k)
-                        if lk is not None:
-                            lk.pop(victim, None)
+                        if lk is not None and lk.pop(victim, None) is not None and not lk:
+                            del low[k]
                     holders[k] = nm
                     holders.move_to_end(k)
                     counts[b] = counts.get(b, 0) + 1
@@ -192,10 +192,14 @@ class MemoryIndex:
         now = self.clock()
         spec, spec_until = self._spec, self._spec_until
         for queue in self._spec_queues.values():
-            while queue and queue[0][0] <= now:
-                until, k, b = queue.popleft()
+            while queue:
+                until, k, b = queue[0]
                 if spec_until.get((k, b)) != until:
-                    continue  # given another deadline since
+                    queue.popleft()  # given another deadline since (e.g. held, then shortened to the TTL)
+                    continue
+                if until > now:
+                    break
+                queue.popleft()
                 del spec_until[(k, b)]
                 m = spec.get(k, 0) & ~b
                 if m:

@@ -64,6 +64,8 @@ class SourceIngest:
     async def on_batch(self, msg: Message, batch: EventBatch) -> None:
         model = self._models.get(msg.topic)
         if model is None:
+            if len(self._models) >= 64:  # one topic per publisher; more are junk, keep a bounded few
+                self._models.clear()
             model = self._models[msg.topic] = parse_topic(msg.topic)[1]
         delta = Delta()
         chains = self.chains

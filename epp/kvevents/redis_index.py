@@ -3,8 +3,9 @@
 Selected by `indexerConfig.kvBlockIndexConfig.redisConfig.address` (llm-d's name), e.g.
 ``redis://127.0.0.1:6379``.
 
-Layout (prefix `keyPrefix`, default ``epp:kv:``; one Redis, not Redis Cluster — the scripts touch
-keys they compute):
+Layout (prefix `keyPrefix`, default ``epp:kv:``, which the producer follows with
+``<blockSizeTokens>.<seed>.<tiers>:`` so that differently keyed configurations never share a stream
+position or chain state; one Redis, not Redis Cluster — the scripts touch keys they compute):
 
     b:<key>      HASH  pod → gen·256 + tier mask      one per request key (keys.py), hex
                        "s|"pod → expiry (ms, Redis clock)   speculative entries

@@ -43,6 +43,7 @@ class KVEventStats:
 
 _COUNTERS = [f.name for f in fields(KVEventStats)]
 _CHAIN_COUNTERS = [f.name for f in fields(ChainStats)]
+_MAX_KEYS = 1024  # LogLimiter keys
 
 
 class KVEventsCollector(Collector):
@@ -95,6 +96,10 @@ class LogLimiter:
 
     def warning(self, key: str, msg: str, *args: object) -> None:
         now = time.monotonic()
+        if len(self._last) >= _MAX_KEYS and key not in self._last:
+            # Keys name pods that come and go, and topics an unknown publisher chooses: keep a bounded
+            # few (forgetting them only lets a next line through).
+            self._last.clear()
         last, held = self._last.get(key, (-1e18, 0))
         if now - last < self.interval:
             self._last[key] = (last, held + 1)

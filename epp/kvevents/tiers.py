@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 DEFAULT_TIERS: tuple[tuple[str, float], ...] = (("gpu", 1.0), ("cpu", 0.8))
 MAX_TIERS = 8
+_MEMO = 64
 
 
 class TierTable:
@@ -40,7 +41,8 @@ class TierTable:
         found = self._by_medium.get(medium)
         if found is None:
             found = self._bits.get(str(medium).lower(), 0)
-            self._by_medium[medium] = found
+            if len(self._by_medium) < _MEMO:  # a publisher chooses the strings: memoise a bounded few
+                self._by_medium[medium] = found
         return found
 
     def name_of(self, bit: int) -> str:

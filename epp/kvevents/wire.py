@@ -27,8 +27,9 @@ that fails the typed decoder is re-decoded event by event to skip what cannot be
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -41,12 +42,18 @@ class MalformedMessage(ValueError):
     """A frame set or payload that cannot be read; the caller counts it and moves on."""
 
 
+# Values no engine sends make the event unreadable (skipped and counted) rather than fail later: token
+# ids are keyed as LE uint32 (keys.tokens_to_bytes raises beyond that), block sizes are counts.
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF_FFFF)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
 # -- events (map encoding, vLLM >= 0.24) -------------------------------------------------------
 class BlockStored(msgspec.Struct, tag="BlockStored", tag_field="type"):
     block_hashes: list[int | bytes]
     parent_block_hash: int | bytes | None = None
-    token_ids: list[int] = []
-    block_size: int = 0
+    token_ids: list[TokenId] = []
+    block_size: Count = 0
     lora_id: int | None = None
     medium: str | None = None
     lora_name: str | None = None
@@ -126,12 +133,17 @@ def decode_batch(payload: bytes) -> EventBatch:
             b = decoder.decode(payload)
         except (msgspec.ValidationError, msgspec.DecodeError):
             continue
+        if not math.isfinite(b.ts):
+            break  # the tolerant path reports it
         return EventBatch(b.ts, list(b.events), b.data_parallel_rank)
     # Tolerant path: read the envelope, then each event on its own.
     try:
         raw = _RAW_BATCH.decode(payload)
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         raise MalformedMessage(f"event batch: {e}") from None
+    if not math.isfinite(raw.ts):
+        # (ts, seq) orders batches: an infinite ts would make every later batch look like a duplicate.
+        raise MalformedMessage(f"event batch: timestamp {raw.ts}")
     events: list[KVEvent] = []
     skipped = 0
     for item in raw.events:

@@ -153,8 +153,9 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkPro
     Parameters (reference names, defaults): `tokenProcessorConfig` {`blockSizeTokens` 16 (`blockSize`
     accepted), `hashSeed` "", `hashAlgorithm` (accepted; keys are always this build's xxh64)},
     `indexerConfig` {`kvBlockIndexConfig` {`inMemoryConfig` {`size` 1e8 keys, `podCacheSize` 10},
-    `redisConfig` {`address`, `keyPrefix` epp:kv:, `ttl` 1h, `lookupTimeout` 50ms} (shared index,
-    llmepp.kvevents.redis_index), `enableMetrics` (metrics are always exported)},
+    `redisConfig` {`address`, `keyPrefix` epp:kv: (followed by `<blockSizeTokens>.<seed>.<tiers>:`),
+    `ttl` 1h, `lookupTimeout` 50ms} (shared index, llmepp.kvevents.redis_index), `enableMetrics`
+    (metrics are always exported)},
     `kvCacheBackendConfigs` [{name, weight}] (gpu 1.0, cpu 0.8)}, `kvEventsConfig` {`topicFilter`
     "kv@", `discoverPods` true, `podDiscoveryConfig` {`socketPort` 5557, `replaySocketPort` 0 = no
     replay}, `replayTimeout` 2m, `replayIdleTimeout` 2s, `replayCooldown` 30s,
@@ -410,6 +411,7 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkPro
             total.unknown_removals += s.unknown_removals
             total.unknown_medium += s.unknown_medium
             total.skipped_kind += s.skipped_kind
+            total.unkeyable += s.unkeyable
         return total
 
     def _gauges(self) -> dict[str, float]:
@@ -436,7 +438,11 @@ class RedisPrecisePrefixCacheProducer(PrecisePrefixCacheProducer):
         assert cfg is not None
         self.lookup_timeout = parse_duration(cfg.lookup_timeout)
         self.redis = connect(cfg.address)
-        self.redis_store = RedisStore(self.redis, self.tiers, prefix=cfg.key_prefix, ttl=parse_duration(cfg.ttl))
+        # What is stored (request keys, tier bits, chain state, stream position) depends on the block
+        # size, the seed and the tiers: configurations that differ keep apart, replicas of one share.
+        scope = f"{self.block_tokens}.{self.seed:x}.{'+'.join(self.tiers.names)}:"
+        prefix = cfg.key_prefix + scope
+        self.redis_store = RedisStore(self.redis, self.tiers, prefix=prefix, ttl=parse_duration(cfg.ttl))
         self._tasks: set[asyncio.Task[None]] = set()
         return self.redis_store
 

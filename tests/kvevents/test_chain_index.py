@@ -309,3 +309,96 @@ def test_last_holders_are_bounded_by_the_index_size() -> None:
     index.apply("a:1", Delta(keys=list(range(n)), masks=[1] * n))
     index.apply("a:1", Delta(keys=list(range(n)), masks=[0] * n))
     assert index.last_holder(9) == 0 and index.last_holder(10) == index.last_holder(n - 1) != 0
+
+
+def test_removals_from_a_sliding_window_group_leave_the_full_attention_blocks() -> None:
+    """Hybrid models (HMA): every KV-cache group caches the request's blocks under the same engine hash
+    and evicts them on its own; BlockRemoved names the group but not its kind. A sliding-window group
+    drops blocks outside its window all the time, while the full-attention group still holds the prefix."""
+    index = MemoryIndex(1000, 10, TIERS)
+    chains = SourceChains(16, 0, TIERS, 1000)
+    tokens = list(range(16 * 4))
+    full = engine_events(tokens, 16, 4)
+    swa = [
+        BlockStored(ev.block_hashes, ev.parent_block_hash, ev.token_ids, 16, medium="GPU", group_idx=1,
+                    kv_cache_spec_kind="sliding_window", kv_cache_spec_sliding_window=32)
+        for ev in full
+    ]  # fmt: skip
+    full = [
+        BlockStored(ev.block_hashes, ev.parent_block_hash, ev.token_ids, 16, medium="GPU", group_idx=0,
+                    kv_cache_spec_kind="full_attention")
+        for ev in full
+    ]  # fmt: skip
+    feed(chains, index, "p:1", [*full, *swa])
+    assert lookup(index, tokens, 16, ["p:1"]) == {"p:1": 4}
+    # The window moved on: group 1 evicts blocks 0 and 1; group 0 still holds all four.
+    feed(chains, index, "p:1", [BlockRemoved(full[0].block_hashes[:2], "GPU", group_idx=1)])
+    assert lookup(index, tokens, 16, ["p:1"]) == {"p:1": 4}
+    assert chains.stats.skipped_kind == 2
+    # The full-attention group's own removal still counts.
+    feed(chains, index, "p:1", [BlockRemoved(full[0].block_hashes[2:3], "GPU", group_idx=0)])
+    assert lookup(index, tokens, 16, ["p:1"]) == {"p:1": 2}
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        BlockStored([1], None, list(range(32)), 16),  # 2 blocks of tokens for one engine block
+        BlockStored([1, 2], None, list(range(16)), 16),  # 1 block of tokens for two engine blocks
+        BlockStored([1, 2], None, list(range(40)), 16),
+        BlockStored([1], None, list(range(16)), 16, lora_id=3),  # an adapter's block, its name unknown
+    ],
+)
+def test_stores_that_cannot_be_keyed_are_skipped_and_counted(event: BlockStored) -> None:
+    """Keys come from the tokens of each engine block; a store whose token count is not blocks ×
+    block_size cannot say which tokens are whose (keying it anyway claims blocks the engine does not
+    hold, or chains later stores from the wrong position). An adapter's blocks keyed under the base
+    model would be hits for base-model prompts the engine cannot serve from them (vLLM before lora_name
+    sent only lora_id)."""
+    index = MemoryIndex(1000, 10, TIERS)
+    chains = SourceChains(16, 0, TIERS, 1000)
+    delta = feed(chains, index, "p:1", [event])
+    assert delta.keys == [] and len(chains) == 0 and chains.stats.unkeyable == 1
+    assert lookup(index, list(range(32)), 16, ["p:1"]) == {}
+    # The same block with its adapter's name is keyed under the adapter.
+    named = BlockStored([1], None, list(range(16)), 16, lora_id=3, lora_name="ad")
+    feed(chains, index, "p:1", [named])
+    assert lookup(index, list(range(16)), 16, ["p:1"], model="ad") == {"p:1": 1}
+
+
+def test_a_holder_displaced_by_pod_cache_size_leaves_no_tier_entry_behind() -> None:
+    """A key over `podCacheSize` drops a holder; its lower-tier weight went with it, but an empty
+    per-key tier dict stayed: kept for good once the key was gone (a leak per such key), and, the
+    tier dict being non-empty, every lookup took the slow path."""
+    index = MemoryIndex(size=10, pod_cache_size=1, tiers=TIERS)
+    index.apply("a:1", Delta(keys=[42], masks=[2]))  # a holds key 42 on CPU only
+    index.apply("b:1", Delta(keys=[42], masks=[1]))  # b takes the only slot
+    index.apply("b:1", Delta(keys=[42], masks=[0]))
+    assert len(index) == 0
+    assert index._low == {}
+
+
+def test_superseded_speculative_deadlines_do_not_pile_up() -> None:
+    """The producer speculates each routed prompt twice: held for `speculativeMaxHold` (5 min) at
+    routing, then shortened to `speculativeTTL` at the first response bytes. The long deadlines stayed
+    queued until they passed, one per prompt block per request for 5 minutes, whatever expired."""
+    now = [0.0]
+    index = MemoryIndex(1000, 10, TIERS, clock=lambda: now[0])
+    for r in range(50):
+        keys = list(range(r * 100, r * 100 + 100))
+        index.speculate("a:1", keys, 300.0)
+        now[0] += 0.5
+        index.speculate("a:1", keys, 2.0)
+        index.expire()
+    now[0] += 3.0
+    index.expire()
+    assert index.speculative_entries == 0
+    assert sum(len(q) for q in index._spec_queues.values()) == 0
+
+
+def test_mediums_no_tier_names_are_not_memoised_without_bound() -> None:
+    tiers = TierTable()
+    for i in range(10_000):
+        assert tiers.bit(f"DISK-{i}") == 0
+    assert tiers.bit("GPU") == 1 and tiers.bit("cpu") == 2 and tiers.bit(None) == 1
+    assert len(tiers._by_medium) <= 64

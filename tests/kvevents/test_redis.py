@@ -358,3 +358,27 @@ async def test_pools_larger_than_one_script_call_are_looked_up_in_chunks(
     await store.write(gone, SourceChains(4, 0, TIERS, 10), 1.0, 1, Delta(keys=other, masks=[0] * len(other)))
     found = await store.lookup(other, pods)
     assert found.lengths == {} and found.last == gone
+
+
+async def test_producers_keyed_differently_keep_apart_in_one_redis(server: RedisServer, client: aioredis.Redis) -> None:
+    """Two configurations over the same pods and Redis (a rollout changing blockSizeTokens, or two
+    producers in one config): the stream guard `src:<pod>` and the chain state `eng:<pod>` were shared,
+    so each batch landed in whichever index wrote it first and the other never saw it (and a restarted
+    replica resumed chains computed for another block size)."""
+    host = "127.0.0.181"
+    async with TestPublisher(host) as pub:
+        ep = endpoint(host, 8000)
+        producers = []
+        for block in (4, 8):
+            events = {"discoverPods": True,
+                      "podDiscoveryConfig": {"socketPort": pub.port, "replaySocketPort": pub.replay_port}}  # fmt: skip
+            p = _producer(server.url, kvEventsConfig=events, tokenProcessorConfig={"blockSizeTokens": block})
+            p.endpoint_added(ep)
+            producers.append(p)
+        await asyncio.sleep(0.3)
+        await pub.publish([chain(0, 4)])  # 16 tokens: 4 blocks of 4, 2 blocks of 8
+        small, large = producers
+        await eventually(lambda: _hits(small, _request(), [ep], {ep: 4}))
+        await eventually(lambda: _hits(large, _request(), [ep], {ep: 2}))
+        for p in producers:
+            await p.aclose()

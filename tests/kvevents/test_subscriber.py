@@ -4,16 +4,22 @@ restarts, AllBlocksCleared, junk on the wire, a silent replay socket, and pool m
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import pytest
 
 from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
+from llmepp.kvevents.chain import SourceChains
+from llmepp.kvevents.index import MemoryIndex
+from llmepp.kvevents.ingest import MemoryStore, SourceIngest
 from llmepp.kvevents.keys import block_keys, root_key, tokens_to_bytes
+from llmepp.kvevents.stats import KVEventStats, LogLimiter
+from llmepp.kvevents.wire import EventBatch, Message
 from llmepp.testing.ports import free_port, free_port_pair, free_shared_port
 
 from .publisher import CLEARED, TestPublisher, stored
-from .rig import Rig, endpoint, memory_pool, until
+from .rig import TIERS, Rig, endpoint, memory_pool, until
 
 TOKENS = list(range(100, 100 + 4 * 12))  # 12 blocks of 4 tokens
 
@@ -284,3 +290,37 @@ async def test_global_socket_mode_binds_an_ipv6_endpoint() -> None:
         keys = block_keys(tokens_to_bytes(TOKENS[:8]), 4, root_key("m"))
         assert [index.holders(k) for k in keys] == [index.bit_of("[::1]:8000")] * 2
     await pool.aclose()
+
+
+async def test_an_event_no_engine_sends_is_skipped_not_fatal_to_the_source() -> None:
+    """A token id beyond uint32 used to raise while keying: the pool restarted the source (forgetting
+    all it held) and, with a replay socket, replayed the same batch from 0 and failed again, forever."""
+    host = "127.0.0.168"
+    async with TestPublisher(host) as pub:
+        pool, index = memory_pool(pub.port, pub.replay_port, block_tokens=4)
+        pool.endpoint_added(endpoint(host, 8000))
+        await asyncio.sleep(0.3)
+        await pub.publish([chain(0, 3)])
+        await until(lambda: len(index) == 3, what="3 keys indexed")
+        await pub.publish([stored([5555], None, [2**32] * 4), chain(3, 4)])
+        await pub.publish([chain(4, 5)])
+        await until(lambda: len(index) == 5, what="the batches around the bad event applied")
+        assert pool.stats.restarts == 0 and pool.stats.skipped_events == 1
+        await pool.aclose()
+
+
+def test_rate_limited_logging_keeps_a_bounded_number_of_keys() -> None:
+    """Keys name pods (which come and go) and, in global-socket mode, the topics of unknown publishers
+    (anything that can connect chooses them): each was kept for good."""
+    limiter = LogLimiter(logging.getLogger("test"), interval=10.0)
+    for i in range(10_000):
+        limiter.warning(f"unknown:{i}", "topic %d", i)
+    assert len(limiter._last) <= 1024
+
+
+async def test_a_source_remembers_a_bounded_number_of_topics() -> None:
+    index = MemoryIndex(1000, 10, TIERS)
+    ingest = SourceIngest("p:1", SourceChains(4, 0, TIERS, 1000), MemoryStore(index), KVEventStats())
+    for i in range(5_000):
+        await ingest.on_batch(Message(f"kv@p@model-{i}".encode(), i, b""), EventBatch(1.0 + i, [], 0))
+    assert len(ingest._models) <= 1024

@@ -201,3 +201,33 @@ def test_replay_replies_both_shapes_and_end_marker() -> None:
     assert parse_replay_reply([end, b""]) is None
     with pytest.raises(MalformedMessage):
         parse_replay_reply([b"", b"a", b"b", b"c", b"d"])
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"token_ids": [-1] * 4},  # not a token id: LE uint32 cannot hold it (OverflowError downstream)
+        {"token_ids": [2**32] * 4},
+        {"token_ids": [2**63] * 4},
+        {"block_size": -4},
+    ],
+)
+@pytest.mark.parametrize("legacy", [False, True])
+def test_field_values_no_engine_sends_make_the_event_unreadable(bad: dict[str, Any], legacy: bool) -> None:
+    """Values of the right msgpack type but outside what an engine can send are skipped and counted
+    with the event, like a wrong type: keying them would raise (a token id beyond uint32) and take the
+    whole source down, again on every replay of the batch."""
+    good = {"type": "BlockStored", "block_hashes": [1], "parent_block_hash": None, "token_ids": [1, 2, 3, 4],
+            "block_size": 4, "lora_id": None, "medium": "GPU", "lora_name": None}  # fmt: skip
+    events = [good, {**good, **bad}, good]
+    wire = [to_array({**dict.fromkeys(STORED_ORDER), **e}, 7) for e in events] if legacy else events
+    batch = decode_batch(msgpack.packb([1.0, wire, 0], use_bin_type=True))
+    assert batch.skipped == 1 and len(batch.events) == 2
+
+
+@pytest.mark.parametrize("ts", [float("inf"), float("-inf"), float("nan")])
+def test_a_non_finite_timestamp_is_malformed(ts: float) -> None:
+    """The (timestamp, seq) order is what tells duplicates from restarts; an infinite timestamp would
+    make every later batch look old (the shared index's guard would refuse them for good)."""
+    with pytest.raises(MalformedMessage):
+        decode_batch(msgpack.packb([ts, [], 0]))
