@@ -86,6 +86,9 @@ class Admission(Protocol):
 
     async def admit(self, request: InferenceRequest, pool: Sequence[Endpoint]) -> None: ...
 
+    def request_completed(self, request: InferenceRequest) -> None:
+        """An admitted request is over (routed and finished, or never routed): its capacity is free."""
+
 
 @dataclass(slots=True)
 class Pipeline:
@@ -184,62 +187,73 @@ class Director:
             self.rewriter.rewrite(request)  # InferenceModelRewrite: sets target_model
         # Re-encode before anything is charged, so a body that cannot be rewritten holds nothing.
         body = self._rewritten_body(request)
-        if self.pipeline.admission is not None:
+        admission = self.pipeline.admission
+        if admission is not None:
             # Before candidates (as the reference): flow control may hold the request while the
             # pool is empty (scale from zero), and candidates are fresh after any queue wait.
             admitted_at = time.monotonic() if self.tracing is not None else 0.0
-            await self.pipeline.admission.admit(request, self.datastore.endpoints)
+            await admission.admit(request, self.datastore.endpoints)
             if self.tracing is not None:
                 attributes = {"llm_d.epp.priority": request.priority, "llm_d.epp.fairness_id": request.fairness_id}
                 self.tracing.stage(request, "llm_d.epp.admission", admitted_at, attributes)
         pipeline = self.pipeline  # one pipeline per request from here on, whatever a reload swaps in
-        candidates = self._screened(pipeline, request, subset)
-        timers = self._timers if self._timers.request_sampled() else None  # one request in 16
-        start = 0.0
-        for producer, is_async in self._producers:
-            if timers is not None:
-                start = time.perf_counter()
-            if is_async:
-                await self._run_async_producer(producer, request, candidates)
-            else:
-                producer.produce(request, candidates)
-            if timers is not None:
-                timers.observe("DataProducer", producer, time.perf_counter() - start)
-        for admitter in pipeline.admitters:
-            if timers is not None:
-                start = time.perf_counter()
-            admitter.admit(request, candidates)
-            if timers is not None:
-                timers.observe("Admitter", admitter, time.perf_counter() - start)
-
-        t0 = time.perf_counter()
-        scheduled_at = time.monotonic() if self.tracing is not None else 0.0
         try:
-            result = pipeline.scheduler.schedule(request, candidates, timers)
-        except RequestError:
-            self._attempt_failed.inc()
-            raise
-        self._scheduler_e2e.observe(time.perf_counter() - t0)
-        self._attempt_ok.inc()
-        if self.tracing is not None:
-            attributes = {"llm_d.epp.primary_profile": result.primary_profile, "llm_d.epp.candidates": len(candidates)}
-            self.tracing.stage(request, "llm_d.epp.scheduling", scheduled_at, attributes)
+            candidates = self._screened(pipeline, request, subset)
+            timers = self._timers if self._timers.request_sampled() else None  # one request in 16
+            start = 0.0
+            for producer, is_async in self._producers:
+                if timers is not None:
+                    start = time.perf_counter()
+                if is_async:
+                    await self._run_async_producer(producer, request, candidates)
+                else:
+                    producer.produce(request, candidates)
+                if timers is not None:
+                    timers.observe("DataProducer", producer, time.perf_counter() - start)
+            for admitter in pipeline.admitters:
+                if timers is not None:
+                    start = time.perf_counter()
+                admitter.admit(request, candidates)
+                if timers is not None:
+                    timers.observe("Admitter", admitter, time.perf_counter() - start)
 
-        request.scheduling = result
-        if log.isEnabledFor(logging.DEBUG):
-            self._log_decision(request, result)
-        targets = result.targets
-        tokens = _prompt_tokens(request)
-        decision = RoutingDecision(
-            targets=targets,
-            # A profile handler may route the targets through another port of their pod (data parallel).
-            destination=",".join(result.destinations()) if result.destination_port else _join(targets),
-            body=body,
-            headers=request.upstream_headers,
-            result=result,
-            scores=self._scores(result) if self.emit_scores else None,
-            inflight_tokens=tokens,
-        )
+            t0 = time.perf_counter()
+            scheduled_at = time.monotonic() if self.tracing is not None else 0.0
+            try:
+                result = pipeline.scheduler.schedule(request, candidates, timers)
+            except RequestError:
+                self._attempt_failed.inc()
+                raise
+            self._scheduler_e2e.observe(time.perf_counter() - t0)
+            self._attempt_ok.inc()
+            if self.tracing is not None:
+                attributes = {
+                    "llm_d.epp.primary_profile": result.primary_profile,
+                    "llm_d.epp.candidates": len(candidates),
+                }
+                self.tracing.stage(request, "llm_d.epp.scheduling", scheduled_at, attributes)
+
+            request.scheduling = result
+            if log.isEnabledFor(logging.DEBUG):
+                self._log_decision(request, result)
+            targets = result.targets
+            tokens = _prompt_tokens(request)
+            decision = RoutingDecision(
+                targets=targets,
+                # A profile handler may route the targets through another port of their pod (data parallel).
+                destination=",".join(result.destinations()) if result.destination_port else _join(targets),
+                body=body,
+                headers=request.upstream_headers,
+                result=result,
+                scores=self._scores(result) if self.emit_scores else None,
+                inflight_tokens=tokens,
+            )
+        except BaseException:
+            if admission is not None:
+                # Admitted, never routed: no response will complete it. Release it now (in-flight
+                # eviction stops tracking it; the flow controller may dispatch in its place).
+                admission.request_completed(request)
+            raise
         inflight = targets[0].inflight
         inflight.requests += 1
         inflight.tokens += tokens

@@ -245,7 +245,11 @@ def rebuild_scheduling(
             raise ConfigError(f"{key}: changed; {_RESTART}")
     # What flow control and the data layer added for themselves; their sections are unchanged.
     own = {name: p for name, p in running.plugins.items() if name not in running.specs}
-    chosen = _Plugins(plugin_registry, running=running, reserved=own)
+    # A saturation detector is a filter too, but admission holds the instance it was built with: it keeps
+    # its running instance (one detector for both), so changing it needs a restart.
+    detector = getattr(running.pipeline.admission, "detector", None)
+    pinned = {name for name, p in running.plugins.items() if p is detector}
+    chosen = _Plugins(plugin_registry, running=running, reserved=own, pinned=pinned)
     scheduler = _build_scheduling(config, chosen)
     for name in running.specs:
         if name not in chosen.specs:
@@ -288,11 +292,17 @@ class _Plugins:
     """The config's plugins by name: built now, or, on a reload, the running instance taken over."""
 
     def __init__(
-        self, plugin_registry: PluginRegistry, *, running: Components | None = None, reserved: Iterable[str] = ()
+        self,
+        plugin_registry: PluginRegistry,
+        *,
+        running: Components | None = None,
+        reserved: Iterable[str] = (),
+        pinned: Iterable[str] = (),
     ) -> None:
         self.registry = plugin_registry
         self.running = running
         self.reserved = set(reserved)
+        self.pinned = set(pinned)  # running plugins kept (or a restart asked for) even if swappable
         self.plugins: dict[str, Plugin] = {}
         self.specs: dict[str, PluginSpec] = {}
         self.fresh: list[Plugin] = []  # built now: to set up
@@ -307,7 +317,7 @@ class _Plugins:
         running = self.running
         if running is not None:
             old = running.plugins.get(name) if name in running.specs else None
-            if old is not None and not _swappable(type(old)):
+            if old is not None and (not _swappable(type(old)) or name in self.pinned):
                 if running.specs[name] != spec:
                     raise ConfigError(f"plugin {name!r} (type {old.type}): changed; {_RESTART}")
                 self.plugins[name] = old
@@ -326,7 +336,7 @@ class _Plugins:
         return self.add(PluginSpec(type=type_name, name=type_name), f"auto-created plugin {type_name!r}")
 
     def check_swappable(self, name: str, cls: type, what: str) -> None:
-        if not _swappable(cls):
+        if not _swappable(cls) or name in self.pinned:
             raise ConfigError(f"plugin {name!r} (type {getattr(cls, 'type', '?')}): {what}; {_RESTART}")
 
 

@@ -24,8 +24,9 @@ TTL: all queued requests share the TTL of the current regime (noEndpointRequestT
 the pool is empty, else defaultRequestTTL), so expiry order is enqueue order: one FIFO and
 one timer for the oldest request, re-armed when the regime changes.
 
-Cancellation: a client that goes away cancels the awaiting task; the cancel handler frees
-the slot (counts and bytes) at once and leaves a tombstone the queues skip.
+Cancellation: a client that goes away cancels the awaiting task (or its transport drops the
+waiting coroutine, which closes it); the handler frees the slot (counts and bytes) at once and
+leaves a tombstone the queues skip.
 """
 
 from __future__ import annotations
@@ -293,7 +294,7 @@ class FlowController(AdmissionController):
         item = self._enqueue(request, band, flow, pool, now)
         try:
             outcome = await item.future
-        except asyncio.CancelledError:
+        except BaseException:  # cancelled, or closed (GeneratorExit): dropped without being resumed
             if item.state is _QUEUED:
                 self._settle_in_place(item, Outcome.EVICTED_CONTEXT_CANCELLED, self._clock())
             raise

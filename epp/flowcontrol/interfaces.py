@@ -85,7 +85,7 @@ class EvictionOrderingPolicy(Plugin):
 
 
 class SaturationDetector(Plugin):
-    """Pool saturation in [0, ∞): below 1 there is room, at or above 1 the pool is full."""
+    """Pool saturation in [0, ∞): below 1 there is room, at or above 1 the pool is full (NaN is read as full)."""
 
     # Endpoints counted stale by the last `saturation` call (flow_control_stale_endpoints).
     stale_endpoints: int = 0

@@ -46,7 +46,8 @@ class LegacyAdmission(AdmissionController):
         if request.objective:
             request.priority = self.objectives.priority(request.objective)
         # Only sheddable requests pay for the saturation computation.
-        if request.priority < 0 and self.detector.saturation(candidates, self._clock()) >= 1.0:
+        # `not <` rather than `>=`: a NaN reading counts as saturated, as in the flow controller.
+        if request.priority < 0 and not self.detector.saturation(candidates, self._clock()) < 1.0:
             raise ResourceExhausted(
                 "pool is saturated: sheddable request (priority < 0) dropped", reason=REASON_SATURATED
             )

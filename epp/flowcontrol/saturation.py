@@ -3,7 +3,8 @@
 Endpoints are split by their `llm-d.ai/role` label: prefill-only roles form the prefill
 stage, encode-only endpoints are left out, everything else (including unlabelled pods)
 is the decode stage. effective = max over the non-empty stages, so a P/D pool is full when
-either side is. An empty pool reads the detector's empty-pool value (1.0: gated).
+either side is. An empty pool reads the detector's empty-pool value (1.0: gated); a NaN reading
+counts as 1.0 too (it compares false both ways, so it would gate nothing), a negative one as 0.
 
 The split is cached per `datastore.endpoints` tuple (replaced only on membership change);
 the value is reused for the detector's `max_cache_age` unless membership changed.
@@ -20,6 +21,11 @@ from llmepp.flowcontrol.interfaces import SaturationDetector
 ROLE_LABEL = "llm-d.ai/role"
 PREFILL_ROLES = frozenset({"prefill", "encode-prefill"})
 ENCODE_ROLES = frozenset({"encode"})
+
+
+def _sane(value: float) -> float:
+    """A reading outside [0, ∞]: NaN (the detector could not tell) counts as full, a negative one as idle."""
+    return 1.0 if value != value else 0.0
 
 
 class StagedSaturation:
@@ -64,12 +70,21 @@ class StagedSaturation:
         detector = self.detector
         if not self._prefill:
             self.prefill = None
-            value = self.decode = self.effective = detector.saturation(self._decode, now)
+            value = detector.saturation(self._decode, now)
+            if not value >= 0.0:  # NaN or negative: rare
+                value = _sane(value)
+            self.decode = self.effective = value
             return value
-        prefill = self.prefill = detector.saturation(self._prefill, now)
+        prefill = detector.saturation(self._prefill, now)
+        if not prefill >= 0.0:
+            prefill = _sane(prefill)
+        self.prefill = prefill
         if self._decode:
             stale = detector.stale_endpoints
-            decode = self.decode = detector.saturation(self._decode, now)
+            decode = detector.saturation(self._decode, now)
+            if not decode >= 0.0:
+                decode = _sane(decode)
+            self.decode = decode
             detector.stale_endpoints += stale
             value = max(prefill, decode)
         else:

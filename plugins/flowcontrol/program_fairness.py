@@ -11,12 +11,16 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from llmepp.flowcontrol.interfaces import FairnessPolicy, FairnessState
+from llmepp.flowcontrol.metrics import MAX_FAIRNESS_LABELS, OVERFLOW_LABEL
 from llmepp.flowcontrol.queues import FlowQueue, PriorityBand
 from llmepp.framework.plugin import PluginContext, PluginParams
 from llmepp.framework.requestcontrol import ResponseCompleteProcessor
 from llmepp.framework.scheduling import SchedulingResult
 from llmepp.observability.metrics import PREFIX
 from llmepp.request.types import InferenceRequest, ResponseInfo
+
+# Rebase the epoch before the scale factor e^(decay·Δt) passes e^200 (floats overflow past e^709).
+_MAX_EXPONENT = 200.0
 
 
 class _Service:
@@ -42,7 +46,8 @@ class ProgramAwareFairness(FairnessPolicy, ResponseCompleteProcessor):
     `norm` is min-max over the band's non-empty flows (0 when all are equal). Usage comes from the
     model server's response (prompt tokens estimated from the prompt when it has none). Programs
     idle for `evictionTtlSeconds` are forgotten (checked every `evictionSweepSeconds`). Exported:
-    `llm_d_epp_flow_control_program_attained_service{fairness_id}` and Jain's fairness index over
+    `llm_d_epp_flow_control_program_attained_service{fairness_id}` (ids beyond the first 1,000 summed
+    under "other", as the queue metrics) and Jain's fairness index over
     the programs' service, `llm_d_epp_flow_control_program_fairness_index`.
 
     Parameters: `strategy` ("las", the only one), `lasWeightService` (0.8), `lasWeightHeadWait`
@@ -92,8 +97,8 @@ class ProgramAwareFairness(FairnessPolicy, ResponseCompleteProcessor):
     def attained(self, fairness_id: str, amount: float, now: float) -> None:
         if self._epoch is None:
             self._epoch, self._next_sweep = now, now + self.params.eviction_sweep_seconds
-        elif now >= self._next_sweep:
-            self._sweep(now)
+        elif now >= self._next_sweep or (now - self._epoch) * self._decay > _MAX_EXPONENT:
+            self._sweep(now)  # also early when a short half-life would overflow the epoch scale
         s = self._programs.get(fairness_id)
         if s is None:
             s = self._programs[fairness_id] = _Service(now)
@@ -195,6 +200,8 @@ class _LasState(FairnessState):
 class _Collector(Collector):
     def __init__(self, policy: ProgramAwareFairness) -> None:
         self.policy = policy
+        # Fairness ids exported under their own name; later ones fold into "other" (as the queue metrics).
+        self._labels: set[str] = set()
 
     def collect(self) -> Iterator[Any]:
         programs = self.policy.programs(self.policy.clock())
@@ -203,7 +210,16 @@ class _Collector(Collector):
             "Decayed attained service (prompt + 2 x completion tokens) per program.",
             labels=["fairness_id"],
         )
+        labels = self._labels
+        per_label: dict[str, float] = {}
         for fid, value in sorted(programs.items()):
+            if fid not in labels:
+                if len(labels) >= MAX_FAIRNESS_LABELS:
+                    fid = OVERFLOW_LABEL
+                else:
+                    labels.add(fid)
+            per_label[fid] = per_label.get(fid, 0.0) + value
+        for fid, value in per_label.items():
             service.add_metric([fid], value)
         values = list(programs.values())
         squares = sum(v * v for v in values)

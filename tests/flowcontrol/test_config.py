@@ -290,3 +290,39 @@ def test_byte_sizes(text: str | int, size: int) -> None:
 def test_bad_byte_sizes(bad: str) -> None:
     with pytest.raises(ValueError):
         parse_bytes(bad)
+
+
+RELOADED_DETECTOR = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [flowControl]
+plugins:
+- type: queue-scorer
+- type: concurrency-detector
+  parameters: {maxConcurrency: %d}
+flowControl:
+  saturationDetector: {pluginRef: concurrency-detector}
+"""
+
+
+def test_a_reload_keeps_the_flow_control_detector_and_refuses_to_change_it() -> None:
+    """The detector is a filter too, but flow control holds the instance it was built with: a reload
+    that changed it was applied to scheduling only (flow control kept gating at maxConcurrency 1)."""
+    from llmepp.config.loader import rebuild_scheduling
+
+    ds = Datastore()
+    old = build(load_config(RELOADED_DETECTOR % 1), datastore=ds)
+    fc = old.pipeline.admission
+    assert isinstance(fc, FlowController) and fc.detector is old.plugins["concurrency-detector"]
+    with pytest.raises(ConfigError, match=r"plugin 'concurrency-detector' .*changed; .*restart"):
+        rebuild_scheduling(old, load_config(RELOADED_DETECTOR % 100), datastore=ds)
+    removed = RELOADED_DETECTOR.replace("- type: concurrency-detector\n  parameters: {maxConcurrency: %d}\n", "")
+    with pytest.raises(ConfigError):  # flowControl still names it: refused one way or another
+        rebuild_scheduling(old, load_config(removed), datastore=ds)
+    # Any other change reloads, and the detector stays the one instance flow control gates with.
+    more = (RELOADED_DETECTOR % 1).replace(
+        "- type: queue-scorer\n", "- type: queue-scorer\n- type: kv-cache-utilization-scorer\n"
+    )
+    new = rebuild_scheduling(old, load_config(more), datastore=ds)
+    assert new.plugins["concurrency-detector"] is fc.detector
+    assert "kv-cache-utilization-scorer" in new.plugins

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,10 +12,11 @@ import pytest
 from helpers import endpoint
 from prometheus_client import CollectorRegistry
 
-from llmepp.datalayer.endpoint import EndpointMetrics
+from llmepp.datalayer.endpoint import Endpoint, EndpointMetrics
 from llmepp.errors import RequestError
 from llmepp.flowcontrol.controller import BandConfig, FlowController
-from llmepp.flowcontrol.interfaces import UsageLimitPolicy
+from llmepp.flowcontrol.interfaces import SaturationDetector, UsageLimitPolicy
+from llmepp.server.stream import Pending
 
 from .kit import Clock, Pool, Server, concurrency_pool, controller, plugin, req, spin, until
 
@@ -199,6 +202,51 @@ async def test_never_scraped_and_empty_pool_gate() -> None:
     ctl.pool_changed()
     await until(lambda: srv.order == ["a"])
     await srv.close()
+
+
+class _FixedDetector(SaturationDetector):
+    """Test detector: reports `value`, whatever the pool (a third-party plugin's bad reading)."""
+
+    type = "test-fixed-detector"
+    counts_inflight = True
+
+    def __init__(self, value: float) -> None:
+        super().__init__("fixed")
+        self.value = value
+
+    def saturation(self, endpoints: Sequence[Endpoint], now: float) -> float:
+        return self.value
+
+
+@pytest.mark.parametrize("usage_limit", ["static-usage-limit-policy", "soft-reflective-ceiling-policy"])
+async def test_a_nan_saturation_reading_counts_as_saturated(usage_limit: str, caplog: pytest.LogCaptureFixture) -> None:
+    # NaN compares false both ways: the fast path read it as gated, the dispatcher as open, and the
+    # soft-reflective policy raised on it every cycle (1 ms), so the queue never moved.
+    det = _FixedDetector(math.nan)
+    pool = Pool([endpoint(0)])
+    ctl = controller(pool, det, objectives={"vip": 5}, usage_limit=plugin(usage_limit), poll_interval=0.001)
+    srv = Server(ctl, pool)
+    srv.submit(req("vip", objective="vip"))
+    srv.submit(req("low"))
+    await asyncio.sleep(0.02)  # many poll ticks
+    assert srv.order == [] and ctl.queued == 2
+    assert ctl.last_saturation["effective"] == 1.0
+    assert not [r for r in caplog.records if "dispatch cycle failed" in r.getMessage()]
+    det.value = 0.0
+    await until(lambda: len(srv.order) == 2)
+    assert srv.order == ["vip", "low"]
+    await srv.close()
+
+
+async def test_a_negative_saturation_reading_counts_as_idle() -> None:
+    # -inf made the soft-reflective policy compute int(-inf / inf): ValueError on every admission.
+    det = _FixedDetector(-math.inf)
+    pool = Pool([endpoint(0)])
+    ctl = controller(pool, det, objectives={"vip": 5}, usage_limit=plugin("soft-reflective-ceiling-policy"))
+    await ctl.admit(req("vip", objective="vip"), pool())
+    await ctl.admit(req("low"), pool())  # two bands now: the policy's formula runs
+    assert ctl.queued == 0 and ctl.last_saturation["effective"] == 0.0
+    await ctl.aclose()
 
 
 async def test_backlog_drains_by_poll_ticks_when_nothing_else_happens() -> None:
@@ -462,6 +510,45 @@ async def test_cancelled_request_is_never_dispatched() -> None:
     srv.complete_one()
     await until(lambda: srv.order == ["b"])
     await srv.close()
+
+
+async def test_a_routing_step_dropped_before_it_resumed_frees_its_slot() -> None:
+    # The h2 transport runs routing eagerly and hands the rest to a task; Envoy resetting the stream
+    # in the same batch cancels that task before it ever runs, so the admit coroutine waiting on its
+    # queue item is never resumed: it is closed (GeneratorExit), not cancelled.
+    registry = CollectorRegistry()
+    pool, det = concurrency_pool(1, max_concurrency=1)
+    ctl = controller(pool, det, band_max_requests=1, registry_=registry, poll_interval=10.0)
+    pool()[0].inflight.requests = 1
+
+    async def route() -> None:
+        await ctl.admit(req("a", body=b"x" * 10), pool())
+
+    done, step = Pending(route()).step()
+    assert not done and (ctl.queued, ctl.queued_bytes) == (1, 10)
+
+    async def await_pending(step: Any) -> None:
+        await step
+
+    task = asyncio.get_running_loop().create_task(await_pending(step))
+    del step
+    task.cancel()  # before its first step
+    await spin()
+    assert task.cancelled()
+    del task  # as the transport drops it (its exception's traceback holds the step)
+    gc.collect()
+    assert (ctl.queued, ctl.queued_bytes) == (0, 0)  # freed when dropped, not when it would be dispatched
+    assert (ctl.bands[0].count, ctl.bands[0].flows["default-flow"].count) == (0, 0)
+    pool()[0].inflight.requests = 0
+    ctl.request_completed(req("done"))
+    await spin()
+
+    def total(outcome: str) -> float | None:
+        labels = {"outcome": outcome, "priority": "0", "inference_pool": "epp"}
+        return registry.get_sample_value("llm_d_epp_flow_control_requests_total", labels)
+
+    assert total("EvictedContextCancelled") == 1.0 and total("Dispatched") is None  # never dispatched
+    await ctl.aclose()
 
 
 async def test_shutdown_rejects_queued_and_new_requests_with_503() -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Sequence
 
 import pytest
 from helpers import endpoint, request
 
-from llmepp.datalayer.endpoint import EndpointMetrics
+from llmepp.datalayer.endpoint import Endpoint, EndpointMetrics
+from llmepp.flowcontrol.interfaces import SaturationDetector
+from llmepp.flowcontrol.saturation import ROLE_LABEL, StagedSaturation
 from llmepp.framework.plugin import ConfigError
 
 from .kit import plugin
@@ -120,3 +124,16 @@ schedulingProfiles:
     assert isinstance(profile.filters[0], UtilizationDetector) and profile.filters[0].headroom == 0.5
     # ... and the same instance is the legacy admission's detector (no explicit ref needed).
     assert c.pipeline.admission.detector is profile.filters[0]  # type: ignore[union-attr]
+
+
+def test_a_nan_stage_reading_counts_as_full_in_a_pd_pool() -> None:
+    class PerStage(SaturationDetector):
+        type = "test-per-stage"
+
+        def saturation(self, endpoints: Sequence[Endpoint], now: float) -> float:
+            return math.nan if endpoints[0].labels.get(ROLE_LABEL) == "prefill" else 0.2
+
+    staged = StagedSaturation(PerStage("d"))
+    pool = (endpoint(0, labels={ROLE_LABEL: "prefill"}), endpoint(1, labels={ROLE_LABEL: "decode"}))
+    assert staged(pool, time.monotonic()) == 1.0
+    assert staged.stages() == {"effective": 1.0, "prefill": 1.0, "decode": 0.2}

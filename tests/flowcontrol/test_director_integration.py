@@ -81,3 +81,41 @@ async def test_shutdown_answers_queued_requests_with_503() -> None:
     with pytest.raises(RequestError) as err:
         await waiting
     assert (err.value.status, err.value.reason) == (503, "rejected-shutting-down")
+
+
+EVICTION_CONFIG = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [flowControl]
+plugins:
+- type: queue-scorer
+- type: concurrency-detector
+  parameters: {maxConcurrency: 4}
+flowControl:
+  saturationDetector: {pluginRef: concurrency-detector}
+  enableEviction: true
+"""
+
+
+async def test_an_admitted_request_that_is_never_routed_is_released() -> None:
+    # Admission dispatched it (in-flight eviction now tracks it as revocable), then routing failed:
+    # no endpoint matches the subset hint. Nothing will ever complete it, so the director must.
+    ds = Datastore()
+    ds.upsert(endpoint(0).spec)
+    metrics = EppMetrics()
+    c = build(load_config(EVICTION_CONFIG), datastore=ds, metrics=metrics)
+    fc = c.pipeline.admission
+    assert isinstance(fc, FlowController) and fc.evictor is not None
+    fc.objectives.replace({"batch": -1})
+    d = Director(ds, c.pipeline, metrics)
+    for _ in range(3):
+        with pytest.raises(RequestError) as err:
+            await d.handle_request(request(objective="batch"), ["10.9.9.9:8000"])
+        assert err.value.status == 503
+    assert len(fc.evictor) == 0  # not kept (with its body) forever
+    routed = request(objective="batch")
+    decision = await d.handle_request(routed, None)
+    assert len(fc.evictor) == 1
+    d.response_complete(routed, ResponseInfo(status=200), decision)
+    assert len(fc.evictor) == 0
+    await fc.aclose()

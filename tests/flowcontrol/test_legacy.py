@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import pytest
 from helpers import endpoint, request
 
 from llmepp.config.loader import build, load_config
 from llmepp.config.schema import DEFAULT_CONFIG
 from llmepp.datalayer.datastore import Datastore
+from llmepp.datalayer.endpoint import Endpoint
 from llmepp.director import Director
 from llmepp.errors import RequestError
+from llmepp.flowcontrol.interfaces import SaturationDetector
 from llmepp.flowcontrol.legacy import LegacyAdmission
 from llmepp.flowcontrol.objectives import ObjectiveStore
 from llmepp.observability.metrics import EppMetrics
@@ -44,6 +49,21 @@ async def test_stale_metrics_shed_sheddable_requests() -> None:
     adm = legacy()
     with pytest.raises(RequestError):
         await adm.admit(request(objective="batch"), [endpoint(0, scraped=False)])
+
+
+async def test_a_nan_saturation_reading_sheds_sheddable_requests() -> None:
+    # A detector that cannot tell (NaN) is read as saturated, as the flow controller reads it.
+    class Unknown(SaturationDetector):
+        type = "test-nan-detector"
+
+        def saturation(self, endpoints: Sequence[Endpoint], now: float) -> float:
+            return math.nan
+
+    adm = LegacyAdmission(Unknown("nan"), ObjectiveStore({"batch": -1}))
+    with pytest.raises(RequestError) as err:
+        await adm.admit(request(objective="batch"), [endpoint(0)])
+    assert err.value.status == 429
+    await adm.admit(request(), [endpoint(0)])  # priority 0 is never shed
 
 
 async def test_director_without_gate_uses_legacy_admission_end_to_end(tmp_path) -> None:  # type: ignore[no-untyped-def]

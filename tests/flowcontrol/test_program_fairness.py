@@ -14,8 +14,9 @@ from prometheus_client import CollectorRegistry
 
 from llmepp.config.loader import build, load_config
 from llmepp.flowcontrol.controller import FlowController
+from llmepp.flowcontrol.metrics import MAX_FAIRNESS_LABELS, OVERFLOW_LABEL
 from llmepp.flowcontrol.types import ItemState, QueueItem
-from llmepp.framework.plugin import ConfigError
+from llmepp.framework.plugin import ConfigError, PluginContext
 from llmepp.observability.metrics import EppMetrics
 from llmepp.plugins.flowcontrol.program_fairness import ProgramAwareFairness
 from llmepp.request.types import ResponseInfo, Usage
@@ -47,6 +48,21 @@ def test_idle_programs_are_forgotten() -> None:
     clock.now += 101
     p.attained("new", 5, clock.now)
     assert set(p.programs(clock.now)) == {"new"}
+
+
+def test_a_short_half_life_never_overflows_between_sweeps() -> None:
+    # Services are kept scaled to an epoch moved at each sweep (300 s): with a half-life under
+    # 300/1024 s the scale factor 2^(Δt/halfLife) overflowed before the next sweep (inf, then
+    # OverflowError on every completion, then NaN services once the sweep multiplied inf by 0).
+    p, clock = policy(lasHalfLifeSeconds=0.25)
+    p.attained("a", 100, clock.now)
+    for step in range(1, 30):
+        clock.now += 10
+        p.attained("b", 100, clock.now)
+        services = p.programs(clock.now)
+        assert all(math.isfinite(v) for v in services.values()), (step, services)
+    assert p.service("b", clock.now) == pytest.approx(100)
+    assert p.service("a", clock.now) == pytest.approx(0.0)
 
 
 def test_bad_parameters_name_the_field() -> None:
@@ -133,6 +149,24 @@ flowControl:
     assert service == pytest.approx(300, rel=1e-3)
     # Jain: (300 + 100)^2 / (2 * (300^2 + 100^2)) = 0.8
     assert r.get_sample_value("llm_d_epp_flow_control_program_fairness_index") == pytest.approx(0.8, rel=1e-3)
+
+
+def test_attained_service_series_are_capped_like_the_queue_metrics() -> None:
+    # Programs are remembered for evictionTtlSeconds (an hour): a client sending a fresh fairness id per
+    # request made one series each. Beyond MAX_FAIRNESS_LABELS they fold into "other", as the queues' do.
+    p, clock = policy()
+    registry = CollectorRegistry()
+    p.setup(PluginContext({}, datastore=None, settings=None, metrics=EppMetrics(registry)))
+    extra = 50
+    for i in range(MAX_FAIRNESS_LABELS + extra):
+        p.attained(f"tenant-{i}", 1, clock.now)
+    families = {m.name: m for m in registry.collect()}
+    samples = families["llm_d_epp_flow_control_program_attained_service"].samples
+    assert len(samples) == MAX_FAIRNESS_LABELS + 1
+    by_label = {s.labels["fairness_id"]: s.value for s in samples}
+    assert by_label["tenant-0"] == pytest.approx(1) and by_label[OVERFLOW_LABEL] == pytest.approx(extra)
+    # The fairness index still spans every program (all equal here).
+    assert registry.get_sample_value("llm_d_epp_flow_control_program_fairness_index") == pytest.approx(1.0)
 
 
 def test_the_winner_can_be_neither_the_least_served_nor_the_oldest_head() -> None:
