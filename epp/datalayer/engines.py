@@ -3,9 +3,9 @@
 `EngineSpecs` is the configuration (spec strings, reference names); `EngineMapping`
 compiles it once into `Selector`s and turns a scraped page into a new `EndpointMetrics`.
 Semantics follow the reference extractor: every configured field is looked up; a field
-that is missing or malformed keeps its previous value and is reported; the result carries
-a fresh `update_time` if at least one field was read. LoRA info is optional (servers
-without LoRA don't expose it).
+that is missing or malformed (not finite; negative; a count past int64) keeps its previous
+value and is reported; the result carries a fresh `update_time` if at least one field was
+read. LoRA info is optional (servers without LoRA don't expose it).
 """
 
 from __future__ import annotations
@@ -130,14 +130,33 @@ def _compile(specs: EngineSpecs, field: str) -> Selector | None:
         raise InvalidSpec(f"engine {specs.name!r}: {field}: {e}") from None
 
 
+# Counts (queue, running, cache geometry, max_lora) are int64 in the reference. A negative one, one past
+# int64 or a negative KV usage is a broken exporter, as NaN is: an extraction error, the field keeps its
+# previous value. (Downstream, a negative block count became a negative prefix-index LRU capacity, a
+# negative queue a load-aware score past its 0.5 cap and a 1 / (1 + q) division by zero.)
+_COUNT_END = 2.0**63  # floats below it truncate to at most 2**63 - 1
+_MAX_COUNT = 2**63 - 1
+
+
+def _count(sel: Selector, found: list[Series]) -> int:
+    """The latest value as a count: finite, in [0, 2**63) (a fraction is truncated, as the reference)."""
+    v = finite_value(sel, found)
+    if not 0.0 <= v < _COUNT_END:
+        raise MalformedSeries(f"{sel.spec}: value {v} is not a count")
+    return int(v)
+
+
 def _label_int(labels: Mapping[str, str], key: str, default: int) -> int:
     raw = labels.get(key, "")
     if not raw:
         return default
     try:
-        return int(raw)
+        n = int(raw)
     except ValueError:
         raise MalformedSeries(f"label {key}={raw[:40]!r} is not an integer") from None
+    if not 0 <= n <= _MAX_COUNT:
+        raise MalformedSeries(f"label {key}={raw[:40]!r} is not a count")
+    return n
 
 
 def _adapters(csv: str) -> frozenset[str]:
@@ -236,19 +255,22 @@ class EngineMapping:
         # only paid for on broken pages.
         if (sel := sels[_QUEUED]) is not None:
             try:
-                waiting = int(finite_value(sel, self._find(_QUEUED, page, memo)))
+                waiting = _count(sel, self._find(_QUEUED, page, memo))
                 updated = True
             except PromTextError as e:
                 problems = [f"queued requests: {e}"]
         if (sel := sels[_RUNNING]) is not None:
             try:
-                running = int(finite_value(sel, self._find(_RUNNING, page, memo)))
+                running = _count(sel, self._find(_RUNNING, page, memo))
                 updated = True
             except PromTextError as e:
                 problems = [*(problems or ()), f"running requests: {e}"]
         if (sel := sels[_KV]) is not None:
             try:
-                kv = finite_value(sel, self._find(_KV, page, memo))
+                usage = finite_value(sel, self._find(_KV, page, memo))
+                if usage < 0.0:
+                    raise MalformedSeries(f"{sel.spec}: value {usage} is not a utilisation")
+                kv = usage
                 updated = True
             except PromTextError as e:
                 problems = [*(problems or ()), f"kv usage: {e}"]
@@ -273,13 +295,13 @@ class EngineMapping:
                 problems = [*(problems or ()), f"cache info: {e}"]
         if (sel := sels[_BLOCK_SIZE]) is not None:
             try:
-                block_size = int(finite_value(sel, self._find(_BLOCK_SIZE, page, memo)))
+                block_size = _count(sel, self._find(_BLOCK_SIZE, page, memo))
                 updated = True
             except PromTextError as e:
                 problems = [*(problems or ()), f"cache block size: {e}"]
         if (sel := sels[_NUM_BLOCKS]) is not None:
             try:
-                num_blocks = int(finite_value(sel, self._find(_NUM_BLOCKS, page, memo)))
+                num_blocks = _count(sel, self._find(_NUM_BLOCKS, page, memo))
                 updated = True
             except PromTextError as e:
                 problems = [*(problems or ()), f"cache block count: {e}"]

@@ -160,7 +160,7 @@ class _Wire(asyncio.Protocol):
             if self._remaining <= 0:
                 self._finish_length()
             return
-        if mode == 0:
+        while mode == 0:  # a head; after an interim 1xx one, the next (a loop: a server may send thousands)
             data = self._buf + data if self._buf else data
             end = data.find(b"\r\n\r\n")
             if end < 0:
@@ -181,9 +181,7 @@ class _Wire(asyncio.Protocol):
                 if self._remaining <= 0:
                     self._finish_length()
                 return
-            if mode == 0:  # interim 1xx response: parse the next head
-                if data:
-                    self.data_received(data)
+            if mode == 0 and not data:  # interim 1xx response: its successor has not arrived yet
                 return
         if mode == 2:
             self._chunk_raw += data
@@ -330,10 +328,17 @@ class _Wire(asyncio.Protocol):
         if not keep_alive and self.transport is not None:
             self.transport.close()
         if gz:
+            # MAX_BODY holds for the page itself: a few KB of gzip can inflate to gigabytes.
+            inflate = zlib.decompressobj(31)
             try:
-                body = zlib.decompress(body, 31)
+                body = inflate.decompress(body, MAX_BODY + 1)
+                problem = "" if inflate.eof else "corrupt gzip body"  # truncated
             except zlib.error:
-                self.client._wire_done(self, None, ProtocolViolation("corrupt gzip body"), keep_alive)
+                problem = "corrupt gzip body"
+            if len(body) > MAX_BODY:
+                problem = f"gzip body larger than {MAX_BODY} bytes decompressed"
+            if problem:
+                self.client._wire_done(self, None, ProtocolViolation(problem), keep_alive)
                 return
         if status != 200:
             self.client._wire_done(self, None, BadStatus(status), keep_alive)

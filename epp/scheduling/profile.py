@@ -1,6 +1,6 @@
 """A scheduling profile: filters narrow the candidates, weighted scorers rate them, a picker chooses.
 
-    total(e) = Σ_i weight_i · clamp(score_i(e), 0, 1)
+    total(e) = Σ_i weight_i · clamp(score_i(e), 0, 1)      (a NaN score counts as 0)
 
 Filters that leave nothing raise Saturated (HTTP 429 rejected-saturated, as the reference).
 """
@@ -49,7 +49,7 @@ class SchedulerProfile:
             if not endpoints:
                 raise Saturated(f"profile {self.name!r}: filter {f.name!r} removed every endpoint")
         columns = self._score(request, endpoints)
-        totals = self._combine(columns) if columns else [0.0] * len(endpoints)
+        totals = self._totals(columns, len(endpoints))
         return self._result(endpoints, columns, totals, self.picker.pick(endpoints, totals))
 
     def _run_timed(
@@ -65,7 +65,7 @@ class SchedulerProfile:
             if not endpoints:
                 raise Saturated(f"profile {self.name!r}: filter {f.name!r} removed every endpoint")
         columns = self._score(request, endpoints, timers)
-        totals = self._combine(columns) if columns else [0.0] * len(endpoints)
+        totals = self._totals(columns, len(endpoints))
         start = clock()
         targets = self.picker.pick(endpoints, totals)
         timers.observe("Picker", self.picker, clock() - start)
@@ -102,9 +102,28 @@ class SchedulerProfile:
                 raise RuntimeError(f"scorer {ws.scorer.name!r} returned {len(scores)} scores for {n} endpoints")
             # Clamping per element is costly; check the range once (two C-level passes) instead.
             if n and (min(scores) < 0.0 or max(scores) > 1.0):
-                scores = [0.0 if s < 0.0 else 1.0 if s > 1.0 else s for s in scores]
+                scores = _clamped(scores)
             columns.append(scores)
         return columns
+
+    def _totals(self, columns: list[Sequence[float]], n: int) -> list[float]:
+        """Σ weight·score per endpoint. A NaN score escapes the range check (NaN compares false; first in
+        a column it even hides the column's other out-of-range values from min / max) and would reach the
+        picker (max-score-picker always took a NaN in first place, and raised on an all-NaN column): it
+        makes its total NaN whatever the weight, so one C-level pass over the totals finds it, and then
+        every column is clamped, NaN to 0."""
+        if not columns:
+            return [0.0] * n
+        totals = self._combine(columns)
+        if (t := sum(totals)) != t:
+            columns[:] = [_clamped(c) for c in columns]
+            totals = self._combine(columns)
+        return totals
+
+
+def _clamped(scores: Sequence[float]) -> list[float]:
+    """Each score clamped to [0, 1]; NaN to 0."""
+    return [s if 0.0 <= s <= 1.0 else 1.0 if s > 1.0 else 0.0 for s in scores]
 
 
 def weighted_sum(weights: list[float]) -> Callable[[list[Sequence[float]]], list[float]]:

@@ -176,5 +176,7 @@ class LatencyScorer(Scorer):
             rel_queue = (max_q - m.waiting_queue_size) / max_q if max_q > 0 else 1.0
             prefix = hits.get(ep, 0) / total if hits else 0.0
             composite = wkv * (1.0 - m.kv_cache_usage_percent) + wq * rel_queue + wp * prefix
+            if not 0.0 <= composite <= 1.0:  # a KV usage past [0, 1] (1e308: round() overflows) or NaN
+                composite = 1.0 if composite > 1.0 else 0.0
             out.append(round(W_MAX * composite) / W_MAX)
         return out

@@ -92,6 +92,84 @@ def test_bad_values_are_errors_not_crashes() -> None:
     assert m is not None and m.running_requests_size == 12
 
 
+PREVIOUS = EndpointMetrics(
+    waiting_queue_size=7, running_requests_size=8, kv_cache_usage_percent=0.5, max_active_models=2,
+    cache_block_size=16, cache_num_blocks=1000, update_time=1.0,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("page", "field", "problem"),
+    [
+        (vllm_page(waiting=-1), "waiting_queue_size", "queued requests: vllm:num_requests_waiting: value -1.0 is not"),
+        (vllm_page(running=-3), "running_requests_size", "running requests: vllm:num_requests_running: value -3.0"),
+        (vllm_page(kv_usage=-0.5), "kv_cache_usage_percent", "kv usage: vllm:kv_cache_usage_perc: value -0.5 is not"),
+        (vllm_page(waiting=10**19), "waiting_queue_size", "queued requests: vllm:num_requests_waiting: value 1e+19"),
+        (vllm_page(num_gpu_blocks=-1), "cache_num_blocks", "cache info: label num_gpu_blocks='-1' is not"),
+        (vllm_page(block_size=-16), "cache_block_size", "cache info: label block_size='-16' is not"),
+        (vllm_page(max_lora=-1, running_adapters="a"), "max_active_models", "lora info: label max_lora='-1' is not"),
+        (vllm_page(block_size=10**310), "cache_block_size", "cache info: label block_size='1000"),
+    ],
+)
+def test_negative_and_oversized_counts_are_errors_and_keep_the_previous_value(
+    page: bytes, field: str, problem: str
+) -> None:
+    # A negative count or utilisation (or one past int64, the reference's type) is a broken exporter: it
+    # must not reach the scorers and producers (a negative num_gpu_blocks made the approx prefix index's
+    # LRU capacity negative, a KeyError on every request; a negative queue pushed load-aware-scorer past its
+    # 0.5 cap and p2p-source-producer into 1 / (1 + q) = 1 / 0).
+    m, err = mapping("vllm").extract(page, PREVIOUS, 2.0)
+    assert err is not None and len(err.problems) == 1, err
+    assert err.problems[0].startswith(problem), err.problems
+    assert m is not None and m.update_time == 2.0  # the other fields were read
+    assert getattr(m, field) == getattr(PREVIOUS, field)
+
+
+@pytest.mark.parametrize(
+    ("engine", "page", "field"),
+    [
+        ("sglang", b"sglang:num_queue_reqs 2\nsglang:page_size 1e308\n", "cache_block_size"),
+        ("sglang", b"sglang:num_queue_reqs 2\nsglang:num_pages -1\n", "cache_num_blocks"),
+        ("trtllm-serve", b"trtllm_num_requests_waiting 1\ntrtllm_kv_cache_tokens_per_block -64\n", "cache_block_size"),
+    ],
+)
+def test_gauge_cache_geometry_must_be_a_count(engine: str, page: bytes, field: str) -> None:
+    m, err = mapping(engine).extract(page, PREVIOUS, 2.0)
+    assert err is not None and any("is not a count" in p for p in err.problems), err
+    assert m is not None and getattr(m, field) == getattr(PREVIOUS, field)
+
+
+VALUE_SPELLINGS = [b"NaN", b"Nan", b"+Inf", b"-Inf", b"+inf", b"-1", b"-0", b"0", b"3", b"1e308", b"-1e308", b"1e309",
+                   b"1.5E2", b"0.25", b"4.9e-324", b"-5e-324", b"9223372036854775807", b"9.3e18"]  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.one_of(st.sampled_from(VALUE_SPELLINGS), st.floats().map(lambda v: repr(v).encode())), min_size=6, max_size=6
+    ),
+    st.lists(st.one_of(st.integers(), st.sampled_from(["-1", "1e3", " 7", "", "x"])).map(str), min_size=3, max_size=3),
+)
+def test_extracted_metrics_are_always_finite_counts_and_fractions(values: list[bytes], labels: list[str]) -> None:
+    """Whatever numbers a page spells, EndpointMetrics only ever holds finite, non-negative values
+    (counts within int64); anything else is an extraction error and the previous value stays."""
+    q, r, kv, lora, size, blocks = values
+    block_size, num_blocks, max_lora = (x.encode() for x in labels)
+    vllm = (
+        b"vllm:num_requests_waiting " + q + b"\nvllm:num_requests_running " + r + b"\nvllm:kv_cache_usage_perc " + kv
+        + b'\nvllm:cache_config_info{block_size="' + block_size + b'",num_gpu_blocks="' + num_blocks + b'"} 1\n'
+        + b'vllm:lora_requests_info{max_lora="' + max_lora + b'",running_lora_adapters="a"} ' + lora + b"\n"
+    )  # fmt: skip
+    sglang = b"sglang:num_queue_reqs " + q + b"\nsglang:page_size " + size + b"\nsglang:num_pages " + blocks + b"\n"
+    for engine, page in (("vllm", vllm), ("sglang", sglang)):
+        m, _err = mapping(engine).extract(page, PREVIOUS, 2.0)
+        m = PREVIOUS if m is None else m  # nothing read: the endpoint keeps its metrics
+        for count in (m.waiting_queue_size, m.running_requests_size, m.max_active_models, m.cache_block_size,
+                      m.cache_num_blocks):  # fmt: skip
+            assert isinstance(count, int) and 0 <= count <= 2**63 - 1, m
+        assert 0.0 <= m.kv_cache_usage_percent < float("inf"), m
+
+
 SGLANG = b"""# HELP sglang:num_queue_reqs The number of requests in the waiting queue.
 # TYPE sglang:num_queue_reqs gauge
 sglang:num_queue_reqs{model_name="Qwen/Qwen3-0.6B",tp_rank="0"} 2.0

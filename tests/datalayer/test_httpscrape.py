@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmepp.datalayer.httpscrape import (
+    MAX_BODY,
     BadStatus,
     ConnectFailed,
     ConnectionClosed,
@@ -357,3 +358,70 @@ def test_wire_frames_any_split(resp: tuple[bytes, bytes], cuts: list[int]) -> No
             wire.data_received(raw[pos : pos + n])
             pos += n
     assert fake.results == [(body, None, True), (body, None, True)]
+
+
+def _frame(raw: bytes, split: int) -> list[tuple[bytes | None, ScrapeError | None, bool]]:
+    """`raw` fed to one connection in `split`-byte pieces: what the client is told."""
+    fake = _FakeClient()
+    wire = _Wire(fake)  # type: ignore[arg-type]
+    wire.connection_made(_FakeTransport())  # type: ignore[arg-type]
+    wire.waiting = True
+    for i in range(0, len(raw), split):
+        wire.data_received(raw[i : i + split])
+    return fake.results
+
+
+def test_gzip_body_is_held_to_the_size_limit_once_decompressed() -> None:
+    # 16 KiB on the wire that inflate past MAX_BODY: the limit applies to the page, not to its
+    # compressed form (a gzip bomb was decompressed whole: 1 GiB of memory from a 1 MiB response).
+    bomb = gzip.compress(b"0" * (MAX_BODY + 1), 9)
+    assert len(bomb) < 64 * 1024
+    [(body, err, _)] = _frame(ok_response(bomb, "Content-Encoding: gzip\r\n"), 1 << 16)
+    assert body is None and isinstance(err, ProtocolViolation) and "larger than" in str(err)
+    at_limit = b"a 1\n" * (MAX_BODY // 4)
+    [(body, err, keep)] = _frame(ok_response(gzip.compress(at_limit, 1), "Content-Encoding: gzip\r\n"), 1 << 16)
+    assert (body, err, keep) == (at_limit, None, True)
+    truncated = gzip.compress(PAGE)[:-12]
+    [(body, err, _)] = _frame(ok_response(truncated, "Content-Encoding: gzip\r\n"), 1 << 16)
+    assert body is None and isinstance(err, ProtocolViolation) and "corrupt gzip" in str(err)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_chunked_split_at_every_byte(gz: bool) -> None:
+    body = PAGE[:3000]
+    wire_body = gzip.compress(body) if gz else body
+    parts = [wire_body[:1], wire_body[1:700], wire_body[700:]]
+    raw = (
+        b"HTTP/1.1 200 OK\r\n" + (b"Content-Encoding: gzip\r\n" if gz else b"") + b"Transfer-Encoding: chunked\r\n\r\n"
+        + b"".join(f"{len(p):x};x=y\r\n".encode() + p + b"\r\n" for p in parts) + b"0\r\nX-T: 1\r\n\r\n"
+    )  # fmt: skip
+    assert _frame(raw, 1) == [(body, None, True)]
+
+
+@pytest.mark.parametrize(
+    ("head", "body", "message"),
+    [
+        (f"Content-Length: {MAX_BODY + 1}\r\n", b"", "bad content-length"),
+        (
+            "Transfer-Encoding: chunked\r\n",
+            f"{MAX_BODY:x}\r\n".encode() + b"a" * MAX_BODY + b"\r\n1\r\n",
+            "larger than",
+        ),
+        ("", b"a" * (MAX_BODY + 1), "larger than"),  # HTTP/1.0-style: until the connection closes
+    ],
+)
+def test_a_page_over_the_size_limit_is_refused_in_every_framing(head: str, body: bytes, message: str) -> None:
+    raw = f"HTTP/1.1 200 OK\r\n{head}\r\n".encode() + body
+    [(page, err, keep)] = _frame(raw, 1 << 20)
+    assert page is None and isinstance(err, ProtocolViolation) and message in str(err)
+    assert not keep
+
+
+def test_any_number_of_interim_responses() -> None:
+    # Each interim 1xx head was parsed by a recursive data_received call: 50 KB of them in one read
+    # raised RecursionError out of the protocol callback (asyncio logs a fatal error, drops the connection).
+    raw = b"HTTP/1.1 100 Continue\r\n\r\n" * 2000 + ok_response(b"a 1\n")
+    assert _frame(raw, 1 << 18) == [(b"a 1\n", None, True)]
+    assert _frame(b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n" * 3 + ok_response(b"a 1\n"), 1) == [
+        (b"a 1\n", None, True)
+    ]

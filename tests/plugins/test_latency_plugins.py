@@ -125,6 +125,18 @@ def test_scorer_without_predictions_uses_the_composite() -> None:
     assert kv_only.score(request(), eps) == [0.8, 0.5, 1.0]
 
 
+@pytest.mark.parametrize("kv", [1e308, 6e306, float("nan"), float("inf"), -1e308])
+def test_composite_stays_a_score_whatever_the_kv_usage(kv: float) -> None:
+    # `vllm:kv_cache_usage_perc 1e308` is finite, so it reaches EndpointMetrics; 100·(1 − kv)/3 then
+    # overflowed round() (OverflowError: every request failed while the predictor was down).
+    s = make("latency-scorer")
+    eps = [endpoint(0, queue=1, kv=kv), endpoint(1, queue=0, kv=0.5)]
+    scores = s.score(request(), eps)
+    assert scores[1] == round(100 * (0.5 + 1.0) / 3) / 100
+    assert 0.0 <= scores[0] <= 1.0
+    assert scores[0] == (0.0 if not kv < 0 else 1.0)
+
+
 def test_scorer_parameters_are_validated() -> None:
     for params, message in [({"ttftWeight": -1}, "ttftWeight must be >= 0"),
                             ({"compositeKVWeight": -0.5}, "compositeKVWeight must be >= 0"),

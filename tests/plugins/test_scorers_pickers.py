@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 
 import pytest
 from helpers import endpoint, request
 
+from llmepp.datalayer.endpoint import Endpoint
 from llmepp.framework.datakeys import PREFIX_CACHE_MATCH_INFO, PrefixMatchInfo, scoped
 from llmepp.framework.plugin import PluginContext
-from llmepp.framework.scheduling import PickerParams
+from llmepp.framework.scheduling import PickerParams, Scorer
 from llmepp.plugins.pickers.max_score import MaxScorePicker
 from llmepp.plugins.pickers.random_picker import RandomPicker
+from llmepp.plugins.pickers.weighted_random import WeightedRandomPicker
 from llmepp.plugins.producers.approx_prefix import ApproxPrefixCacheProducer
 from llmepp.plugins.scorers.kv_cache_utilization import KVCacheUtilizationScorer
 from llmepp.plugins.scorers.prefix_cache import PrefixCacheScorer
 from llmepp.plugins.scorers.queue import QueueScorer
+from llmepp.request.types import InferenceRequest
+from llmepp.scheduling.profile import SchedulerProfile, WeightedScorer
 
 
 def test_queue_scorer_min_max() -> None:
@@ -95,3 +100,47 @@ def test_random_picker_ignores_scores() -> None:
     assert set(seen) == {"pod-0", "pod-1", "pod-2"}
     many = RandomPicker("r", PickerParams(max_num_of_endpoints=5)).pick(eps, [0.0] * 3)
     assert sorted(e.name for e in many) == ["pod-0", "pod-1", "pod-2"]
+
+
+# -- the profile's clamp: what a scorer hands the picker -------------------------------------------
+class _Column(Scorer):
+    """A scorer answering a fixed column (stands for any scorer fed a NaN: an attribute a producer
+    published as NaN, a min-max over values whose span overflows, a plugin bug)."""
+
+    type = "column-test-scorer"
+
+    def __init__(self, column: list[float]) -> None:
+        super().__init__("column")
+        self.column = column
+
+    def score(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
+        return list(self.column)
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize(
+    ("column", "winners"),
+    [
+        ([NAN, 0.5, 0.9], {2}),  # NaN first: max-score-picker always took it (nothing compares above NaN)
+        ([0.5, NAN, 0.9], {2}),
+        ([NAN, NAN, NAN], {0, 1, 2}),  # every score NaN: IndexError (no score equals max(), which is NaN)
+        ([NAN, 2.0, -1.0], {1}),
+        ([0.2, NAN, 0.1], {0}),
+    ],
+)
+def test_profile_clamps_nan_scores_to_zero(column: list[float], winners: set[int]) -> None:
+    eps = [endpoint(i) for i in range(3)]
+    for picker in (MaxScorePicker("max"), WeightedRandomPicker("wr")):
+        # A weight 0 does not make a NaN harmless (0 · NaN is NaN): still clamped.
+        profile = SchedulerProfile(
+            "p", picker, scorers=[WeightedScorer(_Column(column), 1.0), WeightedScorer(QueueScorer("q"), 0.0)]
+        )
+        picked: Counter[int] = Counter()
+        for _ in range(300):
+            result = profile.run(request(), eps)
+            assert all(0.0 <= t <= 1.0 for t in result.totals), result.totals
+            picked[eps.index(result.targets[0])] += 1
+        expected = winners if isinstance(picker, MaxScorePicker) else {i for i, s in enumerate(column) if s > 0.0}
+        assert set(picked) == (expected or {0, 1, 2}), (picker.type, column, picked)
