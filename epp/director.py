@@ -207,7 +207,14 @@ class Director:
                 if is_async:
                     await self._run_async_producer(producer, request, candidates)
                 else:
-                    producer.produce(request, candidates)
+                    try:
+                        producer.produce(request, candidates)
+                    except RequestError:
+                        raise
+                    except Exception:  # as the reference: a producer failure does not fail the request
+                        log.exception(
+                            "data producer %s failed", producer.name, extra={"request_id": request.request_id}
+                        )
                 if timers is not None:
                     timers.observe("DataProducer", producer, time.perf_counter() - start)
             for admitter in pipeline.admitters:
@@ -404,8 +411,8 @@ class Director:
         payload["model"] = request.target_model
         try:
             body = msgspec.json.encode(payload)
-        except (TypeError, msgspec.EncodeError) as e:
-            raise BadRequest(f"cannot rewrite model name: {e}") from None
+        except (TypeError, msgspec.EncodeError, RecursionError) as e:
+            raise BadRequest(f"cannot rewrite model name: {e or 'nested too deeply'}") from None
         return request.wrap_body(body) if request.wrap_body is not None else body
 
     @staticmethod

@@ -263,3 +263,23 @@ async def test_plugin_durations_are_recorded_for_one_request_in_sixteen() -> Non
         {"extension_point": "Scorer", "plugin_type": "queue-scorer", "plugin_name": "queue-scorer"},
     )
     assert total is not None and 0 < total < 0.1
+
+
+async def test_a_failing_data_producer_does_not_fail_the_request(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As the reference: a producer's failure is logged, the request is still routed (an async producer's
+    already was; a synchronous one's escaped as a 500)."""
+    d, _ds = director_for(3)
+    sync = [p for p, is_async in d._producers if not is_async]
+    assert sync
+    for producer in sync:
+
+        def broken(*_: object) -> None:
+            raise ZeroDivisionError("1 / (1 + q)")
+
+        monkeypatch.setattr(producer, "produce", broken)
+    with caplog.at_level(logging.ERROR, logger="llmepp.director"):
+        decision = await d.handle_request(request(b"x" * 400), None)
+    assert decision.targets
+    assert f"data producer {sync[0].name} failed" in caplog.text
