@@ -28,9 +28,11 @@ class UtilizationDetectorParams(PluginParams):
         if self.headroom < 0:
             raise ValueError(f"headroom must be >= 0, got {self.headroom}")
         try:
-            parse_duration(self.metrics_staleness_threshold)
+            staleness = parse_duration(self.metrics_staleness_threshold)
         except ValueError as e:
             raise ValueError(f"metricsStalenessThreshold: {e}") from None
+        if not staleness > 0:  # 0: every endpoint stale, the pool saturated for ever
+            raise ValueError(f"metricsStalenessThreshold must be > 0, got {self.metrics_staleness_threshold!r}")
 
 
 class UtilizationDetector(SaturationDetector, Filter):

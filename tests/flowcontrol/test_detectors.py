@@ -94,6 +94,7 @@ def test_concurrency_filter_with_headroom() -> None:
     [
         ("utilization-detector", {"kvCacheUtilThreshold": 1.5}, "kvCacheUtilThreshold must be in (0, 1]"),
         ("utilization-detector", {"metricsStalenessThreshold": "soon"}, "metricsStalenessThreshold: invalid duration"),
+        ("utilization-detector", {"metricsStalenessThreshold": "0s"}, "metricsStalenessThreshold must be > 0"),
         ("utilization-detector", {"headroom": -1}, "headroom must be >= 0"),
         ("concurrency-detector", {"concurrencyMode": "bytes"}, "concurrencyMode"),
         ("concurrency-detector", {"maxConcurrency": 0}, "maxConcurrency must be > 0"),
