@@ -162,7 +162,11 @@ class InFlightLoadProducer(DataProducer, PreRequest, FirstResponseChunkProcessor
             prompt = _uncached(ep, input_tokens, info)
             load = self.loads.get(ep)
             if load is None:
-                load = self.loads[ep] = InFlight()
+                load = InFlight()
+                # Removed while this request was scheduled (candidates predate the async producers):
+                # its removal was notified already, so an entry made now would never be dropped.
+                if not ep.removed:
+                    self.loads[ep] = load
             load.requests += 1
             load.tokens += prompt + output
             charges.append(_Charge(load, prompt, output, 1, name == result.prefill_profile))

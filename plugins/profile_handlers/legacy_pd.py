@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from llmepp.framework.datakeys import PREFIX_CACHE_MATCH_INFO, TOKENIZED_PROMPT
 from llmepp.framework.plugin import PluginContext, PluginParams
 from llmepp.framework.requestcontrol import PreRequest
-from llmepp.framework.scheduling import SchedulingResult
+from llmepp.framework.scheduling import ProfileResult, SchedulingResult
 from llmepp.plugins.profile_handlers.always_disagg_decider import AlwaysDisaggPDDecider
 from llmepp.plugins.profile_handlers.disagg import (
     ENCODER_HEADER,
@@ -35,10 +35,13 @@ class PdProfileHandler(DisaggProfileHandler):
         without one, `threshold` T of the earlier versions: the prefill stage runs when at least T
         prompt tokens are not cached on the decode pick (a prefix-based-pd-decider with
         nonCachedTokens T); T = 0 (the default): every request
+        prefixMatchInfoProducerName                       → that threshold decider's PrefixCacheMatchInfo
+        producer (default: the only one)
         prefixPluginType, prefixPluginName, prefixScorerRef, hashBlockSize: accepted, not needed
         (the decider reads the prefix producer's match info itself)
 
-    As in those versions, a config with no prefill profile is decode-only. `primaryPort` (the
+    As in those versions, a config with no prefill profile is decode-only, and so is a request whose
+    prefill profile found no endpoint (`disagg-profile-handler` fails it with 503). `primaryPort` (the
     data-parallel port rewrite) is refused: list every rank's port in the pool instead, each rank
     is an endpoint. The decision metric is `disagg_decision`, as for `disagg-profile-handler`.
     """
@@ -55,6 +58,7 @@ class PdProfileHandler(DisaggProfileHandler):
         prefix_plugin_type: str = ""
         prefix_plugin_name: str = ""
         prefix_scorer_ref: str = ""
+        prefix_match_info_producer_name: str = ""
         primary_port: int = 0
 
         def __post_init__(self) -> None:
@@ -83,7 +87,11 @@ class PdProfileHandler(DisaggProfileHandler):
         threshold = self.legacy.threshold
         if threshold:
             decider = PrefixBasedPDDecider(
-                f"{self.name}/threshold", PrefixBasedPDDecider.Params(non_cached_tokens=threshold)
+                f"{self.name}/threshold",
+                PrefixBasedPDDecider.Params(
+                    non_cached_tokens=threshold,
+                    prefix_match_info_producer_name=self.legacy.prefix_match_info_producer_name,
+                ),
             )
             decider.setup(ctx)
             self.prefill_decider = decider
@@ -95,6 +103,13 @@ class PdProfileHandler(DisaggProfileHandler):
             log.info("%s: no %r profile: decode-only", self.name, self.prefill)
             self.prefill_decider = None
         super().validate_profiles(profiles)
+
+    def process_results(self, request: InferenceRequest, results: dict[str, ProfileResult | None]) -> SchedulingResult:
+        prefill = results.get(self.prefill)
+        if self.prefill in results and (prefill is None or not prefill.targets):
+            # The reference's pd-profile-handler keeps only a prefill result that exists: decode-only.
+            results = {name: res for name, res in results.items() if name != self.prefill}
+        return super().process_results(request, results)
 
 
 class DisaggHeadersHandler(PreRequest):

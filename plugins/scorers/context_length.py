@@ -15,10 +15,13 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LABEL = "llm-d.ai/context-length-range"
 MAX_FALLBACK = 0.3  # in-range scores are strictly above, out-of-range strictly below
+# Largest bound accepted, as the reference's strconv.Atoi (int64): a larger one is malformed (beyond
+# float range the formula would raise OverflowError on every request).
+MAX_BOUND = 2**63 - 1
 
 
 def parse_range(value: str) -> tuple[int, int] | None:
-    """`"min-max"` (non-negative integers, min ≤ max) → (min, max); None when malformed."""
+    """`"min-max"` (integers, 0 ≤ min ≤ max ≤ 2^63 − 1) → (min, max); None when malformed."""
     lo, sep, hi = value.partition("-")
     if not sep:
         return None
@@ -26,7 +29,7 @@ def parse_range(value: str) -> tuple[int, int] | None:
         a, b = int(lo.strip()), int(hi.strip())
     except ValueError:
         return None
-    return (a, b) if 0 <= a <= b else None
+    return (a, b) if 0 <= a <= b <= MAX_BOUND else None
 
 
 def range_score(length: int, lo: int, hi: int) -> float:

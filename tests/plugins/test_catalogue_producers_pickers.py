@@ -180,6 +180,33 @@ def test_inflight_counters_are_per_instance_and_dropped_on_removal() -> None:
     a.response_complete(req, ResponseInfo(status=200), scheduled(ep))  # release after removal: harmless
 
 
+def test_inflight_a_target_removed_while_its_request_was_scheduled_is_not_tracked_again() -> None:
+    """Candidates are chosen before the async producers are awaited, so discovery can remove the
+    picked endpoint before PreRequest runs. Charging it must not re-create its entry: nothing would
+    ever drop it again (the removal was already notified), and once the pod comes back under the
+    same name both entries were exported with the same labels."""
+    metrics = EppMetrics()
+    ds = Datastore()
+    ds.upsert(endpoint(0).spec)
+    old = ds.endpoints[0]
+    p = registry.build("inflight-load-producer", "ifl", None)
+    p.setup(PluginContext({"ifl": p}, ds, None, metrics))
+    req = tokenized(10)
+    p.produce(req, [old])
+    ds.delete(old.name)  # during the await of an async producer
+    p.pre_request(req, scheduled(old))
+    assert old not in p.loads
+    p.first_response_chunk(req, ResponseInfo(status=200))
+    p.response_complete(req, ResponseInfo(status=200), scheduled(old))  # released without error
+    assert old not in p.loads
+    ds.upsert(endpoint(0).spec)  # back under the same name
+    new = ds.endpoints[0]
+    p.pre_request(tokenized(5), scheduled(new))
+    fams = text_string_to_metric_families(generate_latest(metrics.registry).decode())
+    names = [s.labels["endpoint_name"] for f in fams if f.name == "llm_d_epp_inflight_requests" for s in f.samples]
+    assert names == [new.name]
+
+
 def test_inflight_falls_back_to_prompt_bytes_and_validates() -> None:
     p = make("inflight-load-producer")
     ep = endpoint(0)

@@ -408,6 +408,32 @@ def test_context_length_property(length: int, lo: int, width: int) -> None:
     assert (score > 0.3) == (lo <= length <= hi)
 
 
+INT64_MAX = 2**63 - 1
+
+
+def test_context_length_bounds_beyond_int64_are_malformed_not_a_crash() -> None:
+    # A bound too large for a float made range_score raise OverflowError on every request (the
+    # label parse is cached); the reference's strconv.Atoi rejects anything beyond int64.
+    label = "llm-d.ai/context-length-range"
+    huge = "0-" + "9" * 400
+    assert parse_range(huge) is None and parse_range(f"0-{INT64_MAX + 1}") is None
+    assert parse_range(f"0-{INT64_MAX}") == (0, INT64_MAX)
+    eps = [endpoint(0, labels={label: huge}), endpoint(1, labels={label: "0-4096"})]
+    assert make("context-length-aware").score(prompt_of(10), eps)[0] == 0.0
+    f = make("context-length-aware", {"enableFiltering": True})
+    assert [ep.name for ep in f.filter(prompt_of(10), eps)] == ["pod-1"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, INT64_MAX), st.integers(0, INT64_MAX), st.integers(0, INT64_MAX))
+def test_context_length_property_over_the_label_range(length: int, a: int, b: int) -> None:
+    lo, hi = min(a, b), max(a, b)
+    assert parse_range(f"{lo}-{hi}") == (lo, hi)
+    score = range_score(length, lo, hi)
+    assert 0.0 < score <= 1.0
+    assert (score > 0.3) == (lo <= length <= hi)  # what the filter relies on
+
+
 # -- endpoint-attribute-scorer -------------------------------------------------------------------
 def test_endpoint_attribute_scorer_adaptive_and_fixed() -> None:
     lower = make(

@@ -472,6 +472,36 @@ async def test_a_legacy_config_with_only_a_decode_profile_is_decode_only() -> No
     assert decision.targets[0].name in {"d0", "d1"} and "x-prefiller-host-port" not in decision.headers
 
 
+async def test_a_legacy_config_whose_prefill_pods_are_all_gone_serves_decode_only() -> None:
+    # The reference's pd-profile-handler (every version) keeps only a prefill result that exists:
+    # a prefill profile that found no endpoint leaves the request decode-only, it does not fail it.
+    d, _, metrics = director(legacy_pd(), [("d0", "decode"), ("d1", "decode")])
+    req = request(b"x" * 4000)
+    req.headers["x-prefiller-host-port"] = "203.0.113.9:1"
+    decision = await d.handle_request(req, None)
+    assert decision.targets[0].name in {"d0", "d1"}
+    assert decision.result is not None and set(decision.result.profiles) == {"decode"}
+    assert decision.headers["x-prefiller-host-port"] == ""
+    assert legacy_decisions(metrics, "decode-only") == 1 and legacy_decisions(metrics, "prefill-decode") == 0
+    # Without a decode endpoint it still fails.
+    d, _, _ = director(legacy_pd(), [("p0", "prefill")])
+    with pytest.raises(ResourceExhausted):
+        await d.handle_request(request(b"x" * 4000), None)
+
+
+async def test_a_legacy_prefix_match_info_producer_name_is_accepted_and_used() -> None:
+    # The reference's pd-profile-handler parameter; the threshold decider reads that producer.
+    config = legacy_pd("{threshold: 500, prefixMatchInfoProducerName: approx}").replace(
+        "plugins:\n", "plugins:\n- type: approx-prefix-cache-producer\n  name: approx\n", 1
+    )
+    d, _, _ = director(config, PD_PODS)
+    handler = d.pipeline.scheduler.handler
+    assert isinstance(handler, DisaggProfileHandler) and handler.prefill_decider is not None
+    assert handler.prefill_decider.data_key == f"{PREFIX_CACHE_MATCH_INFO}/approx"  # type: ignore[attr-defined]
+    long = await d.handle_request(request(b"l" * 4000), None)
+    assert long.headers["x-prefiller-host-port"].startswith("10.1.0.")
+
+
 def test_the_legacy_data_parallel_port_rewrite_is_refused_with_the_alternative() -> None:
     with pytest.raises(ConfigError, match=r"primaryPort .* is not supported: list every rank.s port"):
         build(load_config(legacy_pd("{primaryPort: 8000}")))
