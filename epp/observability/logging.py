@@ -13,16 +13,30 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"me
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        try:
+            msg = record.getMessage()
+        except Exception:  # arguments that do not fit the format: log what was given, not a traceback
+            msg = f"{_text(record.msg)} {_text(record.args)}"
         out = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": msg,
         }
         out.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")})
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+        try:
+            return json.dumps(out, default=str, allow_nan=False)
+        except Exception:  # NaN / infinity (not JSON), keys that are not strings, an unprintable value
+            return json.dumps({k: _text(v) for k, v in out.items()})
+
+
+def _text(value: object) -> str:
+    try:
+        return value if isinstance(value, str) else repr(value)
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
 
 
 def level_for_verbosity(verbosity: int) -> int:

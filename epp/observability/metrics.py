@@ -26,9 +26,16 @@ PREFIX = "llm_d_epp_"
 _FAST_BUCKETS = (
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 )  # fmt: skip
-_REQUEST_BUCKETS = (0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.5, 2, 3, 5, 10, 30, 60, 120, 300, 600)
-_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
-_SIZE_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
+# Queue wait included (flow control holds a request up to its TTL, 60 s by default): up to a minute.
+_PROCESSING_BUCKETS = (*_FAST_BUCKETS, 2.5, 5.0, 10.0, 30.0, 60.0)
+# The top buckets reach the reference's (an hour; 1M tokens; 1 GiB): beyond them all is +Inf.
+_REQUEST_BUCKETS = (
+    0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.5, 2, 3, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600,
+)  # fmt: skip
+_TOKEN_BUCKETS = (
+    1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576,
+)  # fmt: skip
+_SIZE_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864, 268435456, 1 << 30)
 
 _REQ_LABELS = ("model_name", "target_model_name")
 
@@ -91,7 +98,7 @@ class EppMetrics:
         self.request_processing = Histogram(
             p + "request_processing_duration_seconds",
             "EPP time from end of request body to routing decision (includes queue wait).",
-            buckets=_FAST_BUCKETS, registry=r,
+            buckets=_PROCESSING_BUCKETS, registry=r,
         )  # fmt: skip
         self.response_processing = Histogram(
             p + "response_processing_duration_seconds", "EPP time spent on a response (all chunks).",
@@ -203,7 +210,7 @@ class InFlightCollector(Collector):
             "Uncached prompt tokens (until the first response bytes) plus estimated output tokens in flight.",
             labels=labels,
         )
-        for producer, loads in self._producers.items():
+        for producer, loads in list(self._producers.items()):  # a config reload may add one meanwhile
             for endpoint, load in list(loads.items()):  # a copy: the event loop may change it meanwhile
                 values = [endpoint.name, endpoint.namespace, producer]
                 requests.add_metric(values, load.requests)

@@ -25,19 +25,21 @@ import gzip
 import hashlib
 import json
 import logging
+import os
 import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from llmepp.framework.plugin import ConfigError
 from llmepp.k8s.client import KubeClient, KubeError
-from llmepp.server.tls import CERT_FILE, KEY_FILE
+from llmepp.server.tls import CERT_FILE, KEY_FILE, RELOAD_INTERVAL
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +47,58 @@ ALLOW_TTL = 60.0  # s
 DENY_TTL = 10.0  # s
 _CACHE_SIZE = 1024  # distinct tokens remembered
 _API_TIMEOUT = 5.0  # s per review call
+CERT_CHECK_INTERVAL = RELOAD_INTERVAL  # s between looks at the --metrics-cert-dir files' mtimes
 _TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
 _ACCESS_REVIEWS = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
 
 
 def metrics_ssl_context(cert_dir: str | None, client_ca_file: str | None) -> ssl.SSLContext | None:
-    """HTTPS for /metrics from --metrics-cert-dir, mTLS with --metrics-client-ca-file; errors name the flag."""
+    """HTTPS for /metrics from --metrics-cert-dir, mTLS with --metrics-client-ca-file; errors name the flag.
+    The files are re-read when they change (a renewed Secret), as the reference's certwatcher does."""
     if not cert_dir:
         if client_ca_file:
             raise ConfigError("--metrics-client-ca-file: needs --metrics-cert-dir (client certificates need HTTPS)")
         return None
+    return _CertReloader(cert_dir, client_ca_file).listening
+
+
+class _CertReloader:
+    """New handshakes on the listening context are switched (SNI callback) to a context built from the
+    current files: checked at most every CERT_CHECK_INTERVAL, rebuilt whole when they changed, the last
+    good one kept while they do not load (mid-rotation)."""
+
+    def __init__(self, cert_dir: str, client_ca_file: str | None) -> None:
+        self.args = (cert_dir, client_ca_file)
+        self.files = [f"{cert_dir}/{CERT_FILE}", f"{cert_dir}/{KEY_FILE}", *filter(None, [client_ca_file])]
+        self._stamp = self._stat()
+        self.listening = self.current = _context(cert_dir, client_ca_file)
+        self.listening.sni_callback = self._hello
+        self._checked = time.monotonic()
+
+    def _stat(self) -> tuple[float, ...] | None:
+        try:
+            return tuple(os.stat(f).st_mtime for f in self.files)
+        except OSError:
+            return None  # mid-rotation (a Secret's symlinks swap): look again next time
+
+    def _hello(self, conn: Any, server_name: str | None, ctx: ssl.SSLContext) -> None:
+        now = time.monotonic()
+        if now - self._checked >= CERT_CHECK_INTERVAL:
+            self._checked = now
+            stamp = self._stat()
+            if stamp is not None and stamp != self._stamp:
+                try:
+                    self.current = _context(*self.args)
+                except ConfigError as e:
+                    log.warning("metrics certificate not reloaded; keeping the previous one: %s", e)
+                else:
+                    self._stamp = stamp
+                    log.info("metrics certificate reloaded", extra={"cert_dir": self.args[0]})
+        if self.current is not ctx:
+            conn.context = self.current
+
+
+def _context(cert_dir: str, client_ca_file: str | None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -94,7 +138,9 @@ class MetricsAuth:
             return 503, "cannot verify the token: the Kubernetes API client is not connected yet"
         try:
             status, message = await asyncio.wait_for(self._review(client, token, path), _API_TIMEOUT)
-        except (KubeError, OSError, TimeoutError, ValueError) as e:
+        # ClientError: a dropped connection (API server restart); AttributeError / TypeError: an answer
+        # that is not the review object it should be. Either way: not verified, 503, nothing cached.
+        except (KubeError, aiohttp.ClientError, OSError, TimeoutError, ValueError, AttributeError, TypeError) as e:
             log.warning("metrics auth: the API server could not review a token: %r", e)
             return 503, "cannot verify the token: the Kubernetes API did not answer"
         self._cache[key] = (now + (ALLOW_TTL if status == 200 else DENY_TTL), status, message)

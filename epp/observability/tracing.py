@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -43,6 +44,9 @@ log = logging.getLogger(__name__)
 _w3c = TraceContextTextMapPropagator()  # W3C trace context only: the reference propagates no baggage
 SERVICE_NAME = "llm-d-epp"
 DEFAULT_SAMPLE_RATIO = 0.1
+# How long the exit waits for batched spans to go out. The SDK's own bound is 30 s, which an exporter whose
+# collector is down spends retrying: after the drain, that would outlast Kubernetes' grace period.
+SHUTDOWN_TIMEOUT = 5.0
 
 
 def _exporter(name: str) -> SpanExporter | None:
@@ -167,5 +171,8 @@ class RequestTracing:
         span.end()
 
     def shutdown(self) -> None:
+        """Flush what is batched, for at most SHUTDOWN_TIMEOUT; spans not out by then are dropped."""
         if self.provider is not None:
-            self.provider.shutdown()  # flushes what is batched
+            flush = threading.Thread(target=self.provider.shutdown, name="otel-shutdown", daemon=True)
+            flush.start()
+            flush.join(SHUTDOWN_TIMEOUT)

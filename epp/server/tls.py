@@ -71,7 +71,7 @@ class ServingCert:
     generation: int = 0  # bumped on every reload
     _pem: tuple[bytes, bytes] = (b"", b"")
     _stamp: tuple[float, float] = (0.0, 0.0)
-    _contexts: list[ssl.SSLContext] = field(default_factory=list)
+    _current: ssl.SSLContext | None = None  # built from the last reloaded pair; new handshakes switch to it
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _tmpdir: str | None = None
 
@@ -104,30 +104,30 @@ class ServingCert:
         return cert
 
     # -- loading ---------------------------------------------------------------------------------
-    def _read(self) -> tuple[bytes, bytes, tuple[float, float]]:
+    def _read(self) -> tuple[bytes, bytes, tuple[float, float], ssl.SSLContext]:
+        """The pair, its mtimes, and a server context holding it: a pair OpenSSL accepts (matching key, PEM)."""
         try:
             stamp = (self.cert_file.stat().st_mtime, self.key_file.stat().st_mtime)
             cert_pem, key_pem = self.cert_file.read_bytes(), self.key_file.read_bytes()
-        except OSError as e:
-            raise ConfigError(f"--cert-path: cannot read {e.filename}: {e.strerror}") from e
-        try:  # a pair OpenSSL accepts (matching key, PEM), checked before it is served
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.cert_file, self.key_file)
+            ctx = self._new_context()
+            unchanged = (self.cert_file.read_bytes(), self.key_file.read_bytes()) == (cert_pem, key_pem)
         except ssl.SSLError as e:
             raise ConfigError(f"--cert-path: {self.cert_file} / {self.key_file} are not a usable certificate and "
                               f"private key: {e.reason or e}") from None  # fmt: skip
-        return cert_pem, key_pem, stamp
+        except OSError as e:
+            raise ConfigError(f"--cert-path: cannot read {e.filename}: {e.strerror}") from e
+        if not unchanged:  # a writer at work: what was checked may not be what was read; the next check retries
+            raise ConfigError(f"--cert-path: {self.cert_file} / {self.key_file} changed while being read")
+        return cert_pem, key_pem, stamp, ctx
 
     def _load(self, initial: bool = False) -> None:
-        cert_pem, key_pem, stamp = self._read()
-        try:
-            for ctx in self._contexts:
-                ctx.load_cert_chain(self.cert_file, self.key_file)  # new handshakes use it
-        except ssl.SSLError as e:  # the files changed again since _read: the next check retries
-            raise ConfigError(f"--cert-path: reloading {self.cert_file}: {e.reason or e}") from None
+        # A new context, switched to whole: a context whose load_cert_chain fails midway loses its key.
+        cert_pem, key_pem, stamp, ctx = self._read()
         with self._lock:
             self._pem, self._stamp = (cert_pem, key_pem), stamp
             if not initial:
                 self.generation += 1
+                self._current = ctx
 
     @property
     def cert_pem(self) -> bytes:
@@ -162,14 +162,23 @@ class ServingCert:
     # -- per transport ---------------------------------------------------------------------------
     def ssl_context(self) -> ssl.SSLContext:
         """For the h2 transport: server side, ALPN h2 (what Envoy's gRPC client offers)."""
+        ctx = self._new_context()
+        ctx.sni_callback = self._switch  # called on every ClientHello, with or without SNI
+        return ctx
+
+    def _new_context(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = self.min_version
         if self.openssl_ciphers:
             ctx.set_ciphers(self.openssl_ciphers)
         ctx.set_alpn_protocols(["h2"])
         ctx.load_cert_chain(self.cert_file, self.key_file)
-        self._contexts.append(ctx)
         return ctx
+
+    def _switch(self, conn: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, ctx: ssl.SSLContext) -> None:
+        current = self._current
+        if current is not None and current is not ctx:
+            conn.context = current
 
     def grpc_credentials(self) -> grpc.ServerCredentials:
         """For the grpc.aio transport; with reload, each handshake picks up the newest pair."""

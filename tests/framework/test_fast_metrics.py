@@ -45,3 +45,43 @@ def test_wrong_label_count_is_an_error() -> None:
     c = Counter("y_total", "Y.", ("a", "b"), registry=CollectorRegistry())
     with pytest.raises(ValueError, match="expected labels"):
         c.labels("only-one")
+
+
+def test_histograms_reach_as_far_as_the_values_they_record() -> None:
+    """The top finite bucket is at least the reference's (llm-d-router pkg/epp/metrics) and what the EPP allows:
+    above it, every value lands in +Inf and histogram_quantile answers with the top bound."""
+    from llmepp.flowcontrol.controller import DEFAULT_REQUEST_TTL
+    from llmepp.observability.metrics import EppMetrics
+
+    m = EppMetrics()
+    # Includes the flow-control queue wait, up to the default request TTL (the reference's top: 10 s).
+    assert m.request_processing.bounds[-1] >= DEFAULT_REQUEST_TTL
+    assert m.request_duration.bounds[-1] >= 3600 and m.request_ttft.bounds[-1] >= 120
+    for tokens in (m.input_tokens, m.cached_tokens):  # 1M-token context windows
+        assert tokens.bounds[-1] >= 1 << 20
+    assert m.request_size.bounds[-1] >= 1 << 30
+    for h in (m.request_processing, m.request_duration, m.input_tokens, m.request_size):
+        assert list(h.bounds) == sorted(set(h.bounds))
+
+
+def test_a_producer_registered_during_a_scrape_does_not_fail_it() -> None:
+    """/metrics renders in a worker thread; a config reload may register an inflight-load-producer meanwhile."""
+    from collections.abc import Iterator, Mapping
+
+    from llmepp.observability.metrics import EppMetrics
+
+    m = EppMetrics()
+
+    class ReloadMidScrape(Mapping[object, object]):
+        def __getitem__(self, key: object) -> object:
+            raise KeyError(key)
+
+        def __len__(self) -> int:
+            return 0
+
+        def __iter__(self) -> Iterator[object]:
+            m.inflight.add("reloaded", {})  # the event loop, between two of the scrape's steps
+            return iter(())
+
+    m.inflight.add("first", ReloadMidScrape())  # type: ignore[arg-type]
+    assert "llm_d_epp_inflight_requests" in generate_latest(m.registry).decode()

@@ -4,11 +4,14 @@ environment that turns it on."""
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections.abc import Sequence
 
 import pytest
 from helpers import endpoint, request
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from llmepp.config.loader import build, load_config
@@ -16,6 +19,7 @@ from llmepp.config.schema import DEFAULT_CONFIG
 from llmepp.datalayer.datastore import Datastore
 from llmepp.director import Director, RoutingDecision
 from llmepp.errors import ServiceUnavailable
+from llmepp.observability import tracing
 from llmepp.observability.metrics import EppMetrics
 from llmepp.observability.tracing import RequestTracing, configure
 from llmepp.request.types import InferenceRequest, RequestKind, ResponseInfo, Usage
@@ -116,6 +120,33 @@ def test_the_environment_decides_whether_and_where_spans_go(caplog: pytest.LogCa
     with caplog.at_level(logging.WARNING):
         assert configure(True, {"OTEL_TRACES_EXPORTER": "zipkin"}) is None
     assert "OTEL_TRACES_EXPORTER=zipkin is not supported" in caplog.text
+
+
+class StuckExporter(SpanExporter):
+    """An OTLP collector that does not answer: the SDK's exporter retries for up to 30 s."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.release.wait(10)
+        return SpanExportResult.FAILURE
+
+
+def test_shutdown_gives_up_on_an_exporter_that_cannot_export(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exit (after the drain) must not wait out the exporter's retries past Kubernetes' grace period."""
+    monkeypatch.setattr(tracing, "SHUTDOWN_TIMEOUT", 0.3, raising=False)
+    exporter = StuckExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    t = RequestTracing(provider.get_tracer("test"), provider)
+    t.tracer.start_span("gateway.request").end()
+    started = time.monotonic()
+    try:
+        t.shutdown()
+        assert time.monotonic() - started < 2.0
+    finally:
+        exporter.release.set()
 
 
 def test_the_reference_flags_around_tracing_and_grpc_are_accepted() -> None:

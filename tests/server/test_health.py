@@ -90,3 +90,36 @@ async def test_watch_follows_changes(health: tuple[HealthService, Ready, health_
     third = await asyncio.wait_for(call.read(), 5)
     assert third.status == NOT_SERVING
     call.cancel()
+
+
+# -- SIGTERM: the drain, and a second signal ------------------------------------------------------
+async def test_a_second_signal_during_the_drain_exits_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the reference (controller-runtime's signal handler): the first SIGTERM drains, a second one exits 1."""
+    import os
+    import signal
+
+    from llmepp import app as app_module
+
+    exit_codes: list[int] = []
+    exited = asyncio.Event()
+
+    def fake_exit(code: int) -> None:
+        exit_codes.append(code)
+        exited.set()
+
+    class DrainingApp:
+        def __init__(self, settings: object) -> None:
+            pass
+
+        async def start(self) -> None:
+            asyncio.get_running_loop().call_later(0.05, os.kill, os.getpid(), signal.SIGTERM)
+
+        async def shutdown(self) -> None:  # a drain that would take its full --drain-timeout
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.wait_for(exited.wait(), 2)
+
+    monkeypatch.setattr(app_module, "App", DrainingApp)
+    monkeypatch.setattr(app_module, "tune_gc", lambda: None)
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    await app_module.run(None)  # type: ignore[arg-type]
+    assert exit_codes == [1]

@@ -4,6 +4,7 @@ deploy/ RBAC: tests/k8s/test_manifests.py."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import ssl
@@ -12,6 +13,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from helpers import FILE_CONFIG, write_cert_pair
 from prometheus_client import CollectorRegistry, Counter
 
@@ -19,6 +22,7 @@ from llmepp.app import App
 from llmepp.cli import settings_from_args
 from llmepp.framework.plugin import ConfigError
 from llmepp.k8s.client import KubeError
+from llmepp.observability import metrics_server
 from llmepp.observability.metrics_server import ALLOW_TTL, DENY_TTL, MetricsAuth, MetricsServer, metrics_ssl_context
 from llmepp.server.tls import CERT_FILE, KEY_FILE
 from llmepp.settings import Settings
@@ -91,6 +95,35 @@ async def test_an_unreachable_api_is_503_and_not_cached() -> None:
     assert status == 503 and "not connected" in message
 
 
+class BrokenApi:
+    """An API server that drops the connection, or answers 2xx with something that is not a review."""
+
+    def __init__(self, error: BaseException | None = None, body: bytes = b"") -> None:
+        self.error, self.body = error, body
+
+    async def request(self, method: str, path: str, **_: Any) -> bytes:
+        if self.error is not None:
+            raise self.error
+        return self.body
+
+
+@pytest.mark.parametrize(
+    "api",
+    [
+        BrokenApi(aiohttp.ServerDisconnectedError()),  # the API server restarted mid-call
+        BrokenApi(aiohttp.ClientPayloadError("truncated")),
+        BrokenApi(body=b"null"),
+        BrokenApi(body=b'{"status": "yes"}'),
+        BrokenApi(body=b'{"status": {"authenticated": true, "user": "bob"}}'),
+    ],
+)
+async def test_an_api_failure_of_any_kind_is_503_not_an_exception(api: BrokenApi) -> None:
+    a = MetricsAuth(lambda: api)  # type: ignore[arg-type, return-value]
+    status, message = await a.check("Bearer t", "/metrics")
+    assert status == 503 and "did not answer" in message
+    assert not a._cache  # not a decision: the next scrape asks again
+
+
 async def _get(url: str, headers: dict[str, str] | None = None, ssl_ctx: Any = None) -> tuple[int, dict, bytes]:
     headers = {"Accept-Encoding": "identity", **(headers or {})}  # aiohttp asks for gzip by default
     async with aiohttp.ClientSession(auto_decompress=False) as http, http.get(url, headers=headers, ssl=ssl_ctx) as r:
@@ -143,6 +176,43 @@ async def test_https_and_client_certificates(tmp_path: Path) -> None:
             await _get(url, ssl_ctx=client)
         client.load_cert_chain(client_dir / CERT_FILE, client_dir / KEY_FILE)
         status, _, body = await _get(url, ssl_ctx=client)
+        assert status == 200 and b"llm_d_epp_test_total" in body
+    finally:
+        await server.aclose()
+
+
+async def _served_certificate(port: int) -> bytes:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+    try:
+        return bytes(writer.get_extra_info("ssl_object").getpeercert(binary_form=True))
+    finally:
+        writer.close()
+
+
+def _der(pem: bytes) -> bytes:
+    return x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
+
+
+async def test_a_rotated_metrics_certificate_is_served_to_new_connections(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the reference's metrics server (controller-runtime's certwatcher): cert-manager renews the Secret,
+    new scrapes get the new certificate; a broken rotation keeps the last good one."""
+    monkeypatch.setattr(metrics_server, "CERT_CHECK_INTERVAL", 0.0, raising=False)
+    first = write_cert_pair(tmp_path)
+    server = MetricsServer(_registry(), ssl_context=metrics_ssl_context(str(tmp_path), None))
+    port = free_port()
+    await server.start("127.0.0.1", port)
+    try:
+        assert await _served_certificate(port) == _der(first)
+        await asyncio.sleep(0.02)  # a later mtime
+        second = write_cert_pair(tmp_path)
+        assert await _served_certificate(port) == _der(second)
+        (tmp_path / KEY_FILE).write_text("half-written")
+        assert await _served_certificate(port) == _der(second)
+        status, _, body = await _get(f"https://127.0.0.1:{port}/metrics", ssl_ctx=False)
         assert status == 200 and b"llm_d_epp_test_total" in body
     finally:
         await server.aclose()

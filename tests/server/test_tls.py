@@ -149,6 +149,36 @@ async def test_rotated_certificate_is_served_to_new_connections(transport: str, 
         TRANSPORT.reset(token)
 
 
+async def test_files_that_change_again_while_being_loaded_never_leave_a_context_without_its_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A non-atomic writer: the new pair passes the check, then the key is rewritten (half-written) before the
+    pair is installed. OpenSSL drops the key of a context whose load fails midway: new handshakes must still
+    get a whole pair (the last good one or the new one), never a context that cannot handshake."""
+    first = write_cert_pair(tmp_path)
+    cert = ServingCert.from_settings(Settings(cert_path=str(tmp_path), enable_cert_reload=True))
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0, ssl=cert.ssl_context())
+    port = server.sockets[0].getsockname()[1]
+    read = cert._read
+
+    def read_then_the_writer_strikes() -> tuple[object, ...]:
+        checked = read()
+        (tmp_path / KEY_FILE).write_text("-----BEGIN PRIVATE KEY-----\nhalf-writ")
+        return checked
+
+    monkeypatch.setattr(cert, "_read", read_then_the_writer_strikes)
+    watcher = asyncio.create_task(cert.watch(interval=0.02))
+    try:
+        await asyncio.sleep(0.05)  # a later mtime
+        second = write_cert_pair(tmp_path)
+        await asyncio.sleep(0.2)
+        assert await _served_certificate(port) in (_der(first), _der(second))
+    finally:
+        watcher.cancel()
+        server.close()
+        cert.close()
+
+
 def test_the_app_makes_its_certificate_at_construction_and_says_when_cert_flags_are_ignored(
     caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:

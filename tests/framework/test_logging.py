@@ -1,0 +1,53 @@
+"""JSON logs: every record is one line of strict JSON, whatever was logged."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import pytest
+
+from llmepp.observability.logging import JsonFormatter
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"not JSON: {name}")  # NaN / Infinity: what strict parsers (Go, jq, Loki) refuse
+
+
+def record(msg: str, args: tuple[Any, ...] = (), **extra: Any) -> logging.LogRecord:
+    rec = logging.LogRecord("llmepp.test", logging.INFO, __file__, 1, msg, args, None)
+    rec.__dict__.update(extra)
+    return rec
+
+
+def line(rec: logging.LogRecord) -> dict[str, Any]:
+    text = JsonFormatter().format(rec)
+    assert "\n" not in text
+    parsed: dict[str, Any] = json.loads(text, parse_constant=_reject_constant)
+    return parsed
+
+
+def test_user_input_with_newlines_quotes_and_unicode_stays_on_one_line() -> None:
+    out = line(record("model %s", ('a"b\nc\u2028é',), request_id="r\n1"))
+    assert out["msg"] == 'model a"b\nc\u2028é' and out["request_id"] == "r\n1"
+
+
+class Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize(("msg", "args"), [("bad %d", ("x",)), ("bad %s", (Unprintable(),)), ("%s %s", ("one",))])
+def test_a_message_that_cannot_be_formatted_is_still_logged(msg: str, args: tuple[Any, ...]) -> None:
+    out = line(record(msg, args))
+    assert msg in out["msg"] and out["level"] == "info"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"score": float("nan")}, {"limit": float("inf")}, {"by": {("a", 1): 2}}, {"obj": Unprintable()}],
+)
+def test_extra_fields_json_cannot_hold_still_give_a_strict_json_line(extra: dict[str, Any]) -> None:
+    out = line(record("scored", **extra))
+    assert out["msg"] == "scored" and set(extra) <= set(out)
