@@ -616,6 +616,8 @@ class ExtProcStream:
                 self._count_request(req)
             else:  # never parsed (400/413): still a request
                 svc.labeled(model, target).request_total.inc()
+        if self.lab is not None:  # the capped pair ("other" past MAX_LABEL_PAIRS): models are client input
+            model, target = self.lab.labels
         svc.metrics.request_error_total.labels(model, target, err.code).inc()
         if err.status >= 500:
             log.warning(

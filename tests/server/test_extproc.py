@@ -968,3 +968,27 @@ async def test_stream_metrics_when_enabled_and_the_message_limit_flag() -> None:
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await s.recv()
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_error_series_are_capped_like_the_request_series(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Model names are client input: refused requests with ever new models must not grow request_error_total
+    past the cap request_total has (it grew one series per model)."""
+    from llmepp.server import stream
+
+    monkeypatch.setattr(stream, "MAX_LABEL_PAIRS", 3)
+    async with serve(FakeDirector(list(ENDPOINTS), fail_with=ResourceExhausted("busy"))) as h:
+        for i in range(12):
+            s = h.open()
+            body = json.dumps({"model": f"m{i}", "prompt": "hi"}).encode()
+            await s.send(request_headers(), request_body(body, eos=True))
+            assert immediate(await s.recv())[0] == 429
+        errors = [
+            sample.labels
+            for metric in h.metrics.registry.collect()
+            if metric.name == "llm_d_epp_request_error"
+            for sample in metric.samples
+            if sample.name == "llm_d_epp_request_error_total"
+        ]
+        assert len(errors) == 4, errors  # 3 models + "other"
+        other = {"model_name": "other", "target_model_name": "other", "error_code": "ResourceExhausted"}
+        assert h.sample("llm_d_epp_request_error_total", other) == 9
