@@ -133,6 +133,9 @@ class RewriteSync:
         self.store.delete(obj.metadata.name)
 
 
+MAX_DECISION_SERIES = 1000
+
+
 class ModelRewriter:
     """Applies the store's rules to requests (called by the director before admission)."""
 
@@ -147,6 +150,7 @@ class ModelRewriter:
             ("model_rewrite_name", "model_name", "target_model"),
             registry=registry,
         )
+        self._series: set[tuple[str, str, str]] = set()
 
     def rewrite(self, request: InferenceRequest) -> None:
         model = request.model
@@ -156,7 +160,7 @@ class ModelRewriter:
         if rule is None:
             return
         target = rule.choose(self._rng)
-        self.decisions.labels(rule.source, model, target).inc()
+        self._count(rule.source, model, target)
         if target == model:
             return
         if request.payload is None:
@@ -165,3 +169,13 @@ class ModelRewriter:
             except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
                 raise BadRequest(f"cannot rewrite model name: {e}") from None
         request.target_model = target
+
+    def _count(self, source: str, model: str, target: str) -> None:
+        """One decision; past MAX_DECISION_SERIES label sets the model is "other": a catch-all rule sees every
+        model name clients send (client input), and each would be a series for ever."""
+        key = (source, model, target)
+        if key not in self._series:
+            if len(self._series) >= MAX_DECISION_SERIES:
+                key = (source, "other", target)
+            self._series.add(key)
+        self.decisions.labels(*key).inc()

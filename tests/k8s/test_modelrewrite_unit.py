@@ -121,3 +121,19 @@ def test_a_body_too_deeply_nested_to_decode_for_the_rewrite_is_a_400() -> None:
     deep.body = b'{"model": "m", "prompt": "x", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"
     with pytest.raises(BadRequest, match="cannot rewrite model name"):
         rewriter.rewrite(deep)
+
+
+def test_a_catch_all_rule_does_not_grow_a_series_per_client_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmepp.k8s import modelrewrite
+
+    monkeypatch.setattr(modelrewrite, "MAX_DECISION_SERIES", 3)
+    registry = CollectorRegistry()
+    rewriter = ModelRewriter(store_with(rewrite("r", "2026-01-01T00:00:00Z", [catch_all("base")])), registry)
+    for i in range(10):
+        req = request(f"client-model-{i}")
+        rewriter.rewrite(req)
+        assert req.target_model == "base"  # the decision itself is unchanged
+    series = [s.labels for m in registry.collect() for s in m.samples if s.name.endswith("decisions_total")]
+    assert len(series) == 4, series  # 3 models + "other"
+    other = {"model_rewrite_name": "r", "model_name": "other", "target_model": "base"}
+    assert registry.get_sample_value("llm_d_epp_model_rewrite_decisions_total", other) == 7
