@@ -265,6 +265,9 @@ class App:
             request_parsers=self.components.parsers,
             out_of_band=getattr(self.components.pipeline.admission, "evictor", None) is not None,
         )
+        admission = self.components.pipeline.admission
+        if isinstance(admission, AdmissionController):
+            admission.start()  # the dispatcher, flow GC and objectives-file watcher: now, not at the first request
         cert = self.serving_cert
         extproc_address = join_hostport(s.bind_address, s.grpc_port)
         if s.extproc_transport == "h2":

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
-from helpers import endpoint, request
+from helpers import FILE_CONFIG, endpoint, request
 
 from llmepp.config.loader import build, load_config
 from llmepp.datalayer.datastore import Datastore
@@ -119,3 +120,23 @@ async def test_an_admitted_request_that_is_never_routed_is_released() -> None:
     d.response_complete(routed, ResponseInfo(status=200), decision)
     assert len(fc.evictor) == 0
     await fc.aclose()
+
+
+async def test_the_app_starts_flow_control_with_the_servers_not_at_the_first_request(tmp_path: Path) -> None:
+    """The objectives-file watcher and flow GC run from start-up (they started at the first admitted request)."""
+    from llmepp.app import App
+    from llmepp.settings import Settings
+
+    endpoints = tmp_path / "endpoints.yaml"
+    endpoints.write_text("endpoints: []\n")
+    config = FILE_CONFIG.replace("/nonexistent/endpoints.yaml", str(endpoints)) + "featureGates: [flowControl]\n"
+    settings = Settings(config_text=config, grpc_port=0, grpc_health_port=0, metrics_port=0,
+                        bind_address="127.0.0.1", secure_serving=False)  # fmt: skip
+    app = App(settings)
+    try:
+        await app.start()
+        admission = app.components.pipeline.admission
+        assert isinstance(admission, FlowController)
+        assert admission._task is not None and not admission._task.done()
+    finally:
+        await app.shutdown()
