@@ -56,6 +56,7 @@ from llmepp.flowcontrol.objectives import ObjectivesFileWatcher, ObjectiveStore
 from llmepp.flowcontrol.queues import FlowQueue, PriorityBand
 from llmepp.flowcontrol.saturation import StagedSaturation
 from llmepp.flowcontrol.types import DEFAULT_FAIRNESS_ID, ItemState, Outcome, QueueItem, outcome_error
+from llmepp.observability.logging import RateLimitedLog
 from llmepp.request.types import InferenceRequest
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ class FlowController(AdmissionController):
         self.detector_name = config.detector.name
         self._usage_limit = config.usage_limit
         self._saturation = StagedSaturation(config.detector)
+        self._cycle_log = RateLimitedLog(log, 10.0)  # a failing cycle repeats every tick (1 ms)
         self.max_requests = config.max_requests
         self.max_bytes = config.max_bytes
         self._default_ttl = config.default_ttl
@@ -345,7 +347,7 @@ class FlowController(AdmissionController):
                     try:
                         self.dispatch_cycle()
                     except Exception:
-                        log.exception("flow control dispatch cycle failed")
+                        self._cycle_log.error("flow control dispatch cycle failed", exc_info=True)
                         self._credits = 0
                     if self.queued and self._credits > 0:
                         # Bounded work per cycle: let the dispatched requests' tasks run (and be

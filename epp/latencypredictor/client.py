@@ -19,12 +19,13 @@ import logging
 import math
 import os
 import random
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
 import msgspec
+
+from llmepp.observability.logging import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -73,26 +74,6 @@ def _env_number(env: Mapping[str, str], name: str, default: float) -> float:
         log.warning("%s=%r is not a finite number > 0; using %s", name, env.get(name), default)
         return default
     return value
-
-
-class RateLimitedLog:
-    """One WARNING per `interval` seconds for a recurring failure, with how many happened since."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 30.0) -> None:
-        self.log = logger
-        self.interval = interval
-        self._last = -float("inf")
-        self._suppressed = 0
-
-    def warning(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last < self.interval:
-            self._suppressed += 1
-            return
-        more = f" ({self._suppressed} more since the last report)" if self._suppressed else ""
-        self.log.warning(message + more, *args)
-        self._last = now
-        self._suppressed = 0
 
 
 class PredictorClient:

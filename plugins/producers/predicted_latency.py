@@ -33,8 +33,9 @@ from llmepp.framework.requestcontrol import (
     ResponseCompleteProcessor,
 )
 from llmepp.framework.scheduling import SchedulingResult
-from llmepp.latencypredictor.client import PredictorClient, PredictorUnavailable, RateLimitedLog, urls_from_env
+from llmepp.latencypredictor.client import PredictorClient, PredictorUnavailable, urls_from_env
 from llmepp.observability.fast import Counter, Histogram
+from llmepp.observability.logging import RateLimitedLog
 from llmepp.observability.metrics import PREFIX
 from llmepp.request.types import InferenceRequest, ResponseInfo, TerminationCause
 from llmepp.units import parse_duration

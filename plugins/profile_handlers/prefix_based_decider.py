@@ -8,6 +8,7 @@ from llmepp.datalayer.endpoint import Endpoint
 from llmepp.framework.datakeys import PREFIX_CACHE_MATCH_INFO, TOKENIZED_PROMPT, PrefixMatchInfo, TokenizedPrompt
 from llmepp.framework.plugin import PluginContext, PluginParams
 from llmepp.framework.scheduling import Decider
+from llmepp.observability.logging import RateLimitedLog
 from llmepp.request.types import InferenceRequest
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class PrefixBasedPDDecider(Decider):
     def __init__(self, name: str, params: Params) -> None:
         super().__init__(name, params)
         self.non_cached_tokens = params.non_cached_tokens
+        self._missing_log = RateLimitedLog(log)
         self.prompt_tokens = params.prompt_tokens
         self.data_key = ""
         if self.non_cached_tokens == 0:
@@ -69,18 +71,15 @@ class PrefixBasedPDDecider(Decider):
         if threshold == 0:
             return False
         if endpoint is None:
-            log.error("%s: no decode endpoint to compare against", self.name, extra={"request_id": request.request_id})
+            self._missing_log.error("%s: no decode endpoint to compare against", self.name)
             return False
         n = prompt_token_count(request)
         if (self.prompt_tokens and n < self.prompt_tokens) or n < threshold:
             return False
         info: PrefixMatchInfo | None = request.data.get(self.data_key)
         if info is None:
-            log.error(
-                "%s: no prefix cache match info for the request; not disaggregating",
-                self.name,
-                extra={"request_id": request.request_id},
-            )
+            # Every request, while e.g. a tokenizer backend fails: rate-limited.
+            self._missing_log.error("%s: no prefix cache match info for the request; not disaggregating", self.name)
             return False
         hit = info.hits.get(endpoint, 0) * info.block_size
         return n - hit >= threshold
