@@ -14,10 +14,12 @@ account when running in a pod (`KUBERNETES_SERVICE_HOST`); else `$KUBECONFIG`; e
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -68,7 +70,9 @@ class KubeError(Exception):
         if isinstance(doc, dict):
             reason = str(doc.get("reason", ""))
             message = str(doc.get("message", message))
-            status = int(doc.get("code", status) or status)
+            code = doc.get("code")
+            if type(code) is int and 100 <= code <= 599:  # a proxy's JSON may carry anything here
+                status = code
         return cls(status, reason, message)
 
 
@@ -79,6 +83,69 @@ def kubeconfig_path(flag: str | None) -> str:
             raise ConfigError(f"--kubeconfig: {flag}: no such file")
         return flag
     return os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+
+
+# client-go re-reads a kubeconfig user's `tokenFile` every minute and runs its `exec` plugin again once
+# the credential expires; kubernetes_asyncio does either once, at load. These hooks run before each request.
+TOKEN_FILE_PERIOD = 60.0
+EXEC_MIN_INTERVAL = 10.0  # at most one plugin run per this many seconds (a failing or very short-lived one)
+
+
+def _strip_token(configuration: Any) -> None:
+    """A token file ends with a newline more often than not (client-go trims it); in a header it is an error."""
+    token = configuration.api_key.get("BearerToken")
+    if token:
+        configuration.api_key["BearerToken"] = token.strip()
+
+
+def _kubeconfig_refresher(loader: Any) -> Callable[..., Awaitable[None] | None] | None:
+    """The `refresh_api_key_hook` the kubeconfig's user needs, if any (private parts of kubernetes_asyncio's loader)."""
+    from kubernetes_asyncio.config.kube_config import _is_expired
+
+    user = loader._user
+    if not user or loader.provider:  # gcp / oidc auth providers: kubernetes_asyncio's own business
+        return None
+    if "exec" in user:
+        lock = asyncio.Lock()
+        next_run = 0.0
+
+        async def renew_exec(configuration: Any, *_: Any) -> None:
+            nonlocal next_run
+            expiry = getattr(loader, "exec_plugin_expiry", None)
+            if expiry is None or not _is_expired(expiry):
+                return
+            async with lock:  # concurrent requests wait for the one run
+                if not _is_expired(loader.exec_plugin_expiry) or time.monotonic() < next_run:
+                    return  # renewed while we waited
+                next_run = time.monotonic() + EXEC_MIN_INTERVAL
+                try:
+                    await loader.load_from_exec_plugin()
+                except Exception as e:  # the old credential stays; requests fail with 401 and are retried
+                    log.warning("kubeconfig exec plugin failed, keeping the expired credential: %s", e)
+                    return
+                configuration.api_key["BearerToken"] = loader.token
+                _strip_token(configuration)
+                log.info("kubeconfig exec credential renewed")
+
+        return renew_exec
+    if "tokenFile" in user and not user.safe_get("token"):
+        next_read = time.monotonic() + TOKEN_FILE_PERIOD
+
+        def reread_token_file(configuration: Any, *_: Any) -> None:
+            nonlocal next_read
+            if time.monotonic() < next_read:
+                return
+            next_read = time.monotonic() + TOKEN_FILE_PERIOD
+            try:
+                loader._load_user_token()
+            except OSError as e:
+                log.warning("kubeconfig tokenFile unreadable, keeping the last token: %s", e)
+                return
+            configuration.api_key["BearerToken"] = loader.token
+            _strip_token(configuration)
+
+        return reread_token_file
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,9 +178,11 @@ class KubeClient:
                 source = "in-cluster"
             else:
                 path = kubeconfig_path(kubeconfig)
-                await k8s_config.load_kube_config(
+                loader = await k8s_config.load_kube_config(
                     config_file=path, client_configuration=configuration, persist_config=False
                 )
+                configuration.refresh_api_key_hook = _kubeconfig_refresher(loader)
+                _strip_token(configuration)
                 source = path
         except ConfigException as e:
             raise ConfigError(f"Kubernetes client configuration: {e}") from None

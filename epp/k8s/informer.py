@@ -156,6 +156,9 @@ class Informer(Generic[T]):
         version = ""
         while True:
             page = msgspec.json.decode(await self.client.get(self._path, params), type=RawList)
+            if not page.metadata.resource_version:
+                # Every list has one; without it this is not a list (a proxy's `{}`), not "everything is gone".
+                raise msgspec.ValidationError("list answer without metadata.resourceVersion")
             for raw in page.items:
                 obj = self._decode(raw)
                 if obj is not None:

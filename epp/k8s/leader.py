@@ -112,7 +112,13 @@ class LeaderElector:
             last_renewal = self._clock()
             while True:
                 await asyncio.sleep(c.retry_period)
-                if await self._try_acquire_or_renew():
+                # As client-go: the renewal is bounded by the deadline, so a hung call cannot keep us leading.
+                remaining = c.renew_deadline - (self._clock() - last_renewal)
+                try:
+                    renewed = await asyncio.wait_for(self._try_acquire_or_renew(), max(remaining, 0.0))
+                except TimeoutError:
+                    renewed = False
+                if renewed:
                     last_renewal = self._clock()
                 elif self._clock() - last_renewal >= c.renew_deadline:
                     log.error("leader election lost: lease %s not renewed for %.1fs", c.name, c.renew_deadline)
@@ -138,7 +144,7 @@ class LeaderElector:
             }
             await self.client.request("PUT", self._path, body=doc, request_timeout=self._call_timeout)
             log.info("leader lease released", extra={"lease": self.config.name})
-        except (KubeError, aiohttp.ClientError, TimeoutError, OSError) as e:
+        except (KubeError, aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:
             log.warning("could not release leader lease %s: %s", self.config.name, e)
 
     @property
@@ -163,7 +169,7 @@ class LeaderElector:
             if not e.conflict:  # 409: someone else wrote first; expected, not worth a log line
                 log.warning("leader election: %s", e)
             return False
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:  # ValueError: not a Lease (JSON)
             log.warning("leader election: %s: %s", type(e).__name__, e)
             return False
 
