@@ -181,7 +181,10 @@ class KubeClient:
                 loader = await k8s_config.load_kube_config(
                     config_file=path, client_configuration=configuration, persist_config=False
                 )
-                configuration.refresh_api_key_hook = _kubeconfig_refresher(loader)
+                try:
+                    configuration.refresh_api_key_hook = _kubeconfig_refresher(loader)
+                except (ImportError, AttributeError) as e:  # private parts of the library moved: load as before
+                    log.warning("kubeconfig credentials will not be refreshed (kubernetes_asyncio changed): %s", e)
                 _strip_token(configuration)
                 source = path
         except ConfigException as e:
