@@ -12,17 +12,22 @@ client has to be among the package's dependencies).
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import grpc
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llmepp.settings import Settings
 from llmepp.testing.ports import free_port
 
 from .cluster import REPO
@@ -128,3 +133,28 @@ def test_image_entrypoint_from_a_clean_venv(tmp_path: Path) -> None:
     )  # fmt: skip
     assert k8s.returncode == 2, k8s.stderr[-3000:]
     assert "configuration error" in k8s.stderr and "--kubeconfig" in k8s.stderr
+
+
+def test_containerfile_matches_the_cli_and_the_manifests() -> None:
+    """Static: the entrypoint is the `epp` console script, EXPOSE lists the servers' default ports, the image
+    user is the one deploy/kubernetes runs as, and the build lines name the file (docker only finds a
+    `Dockerfile` by itself, and this repository has none)."""
+    text = (REPO / "Containerfile").read_text()
+    assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["epp"] == "llmepp.cli:main"
+    (entrypoint,) = re.findall(r"^ENTRYPOINT (.+)$", text, re.M)
+    assert json.loads(entrypoint) == ["/opt/epp/bin/epp"] and "python3 -m venv /opt/epp" in text
+    (expose,) = re.findall(r"^EXPOSE (.+)$", text, re.M)
+    defaults = Settings()
+    assert sorted(map(int, expose.split())) == sorted(
+        [defaults.grpc_port, defaults.grpc_health_port, defaults.metrics_port]
+    )
+    (user,) = re.findall(r"^USER (\d+):(\d+)$", text, re.M)
+    for path in sorted((REPO / "deploy" / "kubernetes").rglob("deployment.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            pod = doc["spec"]["template"]["spec"]["securityContext"]
+            assert (str(pod["runAsUser"]), str(pod["runAsGroup"])) == user, path
+    assert not (REPO / "Dockerfile").exists()
+    readme = (REPO / "README.md").read_text()
+    for line in [*text.splitlines(), *readme.splitlines()]:
+        for build in re.findall(r"(?:docker build|buildah bud) -[^`()]*", line):
+            assert "-f Containerfile" in build, line

@@ -4,6 +4,8 @@ the repository's own (EndpointPickerConfig loads, standalone Envoy config = depl
 
 from __future__ import annotations
 
+import re
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,8 +14,13 @@ import aiohttp
 import pytest
 import yaml
 
+from llmepp.cli import build_parser, settings_from_args
 from llmepp.config.loader import build, load_config
 from llmepp.datalayer.datastore import Datastore
+from llmepp.k8s.leader import lease_name
+from llmepp.k8s.resources import INFERENCE_MODEL_REWRITES, INFERENCE_OBJECTIVES, LEASES, PODS, inference_pools
+from llmepp.k8s.runtime import kubernetes_target
+from llmepp.settings import Settings
 from llmepp.testing.ports import free_port
 
 from .cluster import EPP_SERVICE_ACCOUNT, NOBODY_TOKEN, PROMETHEUS_TOKEN, RBAC_NAMESPACE, REPO, Cluster
@@ -227,3 +234,145 @@ async def test_metrics_need_a_token_the_rbac_lets_read_them(manifest_cluster: Cl
     async with running_app(kube_settings(c.epp_kubeconfig, ns, metrics_port=port, metrics_endpoint_auth=False)):
         status, body = await scrape(url)
         assert status == 200 and "llm_d_epp_request_total" in body
+
+
+# -- static checks: the manifests against the CLI, the code's API calls and the README --------------------
+
+
+def epp_deployments() -> list[tuple[Path, dict[str, Any]]]:
+    return [(p, d) for p, d in all_docs() if d["kind"] == "Deployment"]
+
+
+def epp_settings(deployment: dict[str, Any]) -> Settings:
+    """The epp container's args as the CLI parses them ($(VAR) expanded from the container's env)."""
+    epp = next(c for c in containers(deployment) if c["name"] == "epp")
+    env = {}
+    for e in epp.get("env", []):
+        field = e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        env[e["name"]] = e["value"] if "value" in e else {"metadata.namespace": NAMESPACE}.get(field, "x")
+    args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in epp["args"]]
+    options = build_parser()._option_string_actions
+    for arg in args:
+        if arg.startswith("-"):  # exact spellings: argparse would also take an unambiguous prefix
+            assert arg.split("=", 1)[0] in options, f"{arg}: no such epp flag"
+    try:
+        return settings_from_args(args)
+    except SystemExit:
+        pytest.fail(f"epp rejects the args of {deployment['metadata']['name']}: {args}")
+
+
+@pytest.mark.parametrize("path", [p for p, _ in epp_deployments()], ids=lambda p: str(p.relative_to(REPO)))
+def test_epp_args_parse_and_match_ports_probes_and_mounts(path: Path) -> None:
+    (deployment,) = [d for d in docs(path) if d["kind"] == "Deployment"]
+    s = epp_settings(deployment)
+    epp = next(c for c in containers(deployment) if c["name"] == "epp")
+    ports = {p["name"]: p["containerPort"] for p in epp["ports"]}
+    assert ports == {"grpc": s.grpc_port, "grpc-health": s.grpc_health_port, "metrics": s.metrics_port}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert epp[probe]["grpc"]["port"] == s.grpc_health_port
+    # --config-file lies in a mounted ConfigMap that has the key, and that key holds a config that loads.
+    assert s.config_file is not None
+    mount = next(m for m in epp["volumeMounts"] if s.config_file.startswith(m["mountPath"].rstrip("/") + "/"))
+    pod = deployment["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    (cm,) = [d for d in docs(path.parent / "configmap.yaml") if d["metadata"]["name"] == volume["configMap"]["name"]]
+    text = cm["data"][s.config_file.removeprefix(mount["mountPath"].rstrip("/") + "/")]
+    build(load_config(text), datastore=Datastore())
+    # The self-signed serving certificate is written to the temp dir: it must be writable.
+    assert s.cert_path is not None or any(m["mountPath"] == "/tmp" for m in epp["volumeMounts"])
+
+
+def rules_for(service_account: str, namespace: str) -> list[dict[str, Any]]:
+    """The rules of every Role / ClusterRole bound to the ServiceAccount (system:auth-delegator: Kubernetes' own)."""
+    roles = {(d["kind"], d["metadata"]["name"]): d["rules"] for _, d in all_docs() if d["kind"].endswith("Role")}
+    roles["ClusterRole", "system:auth-delegator"] = [
+        {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+        {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]},
+    ]
+    out: list[dict[str, Any]] = []
+    for _, d in all_docs():
+        if d["kind"] in ("RoleBinding", "ClusterRoleBinding") and any(
+            s["kind"] == "ServiceAccount" and s["name"] == service_account and s["namespace"] == namespace
+            for s in d["subjects"]
+        ):
+            out += roles[d["roleRef"]["kind"], d["roleRef"]["name"]]
+    return out
+
+
+def allows(rules: list[dict[str, Any]], verb: str, group: str, resource: str, name: str | None = None) -> bool:
+    return any(
+        group in r.get("apiGroups", []) and resource in r.get("resources", []) and verb in r["verbs"]
+        and (not r.get("resourceNames") or (name is not None and name in r["resourceNames"]))
+        for r in rules
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("path", [p for p, _ in epp_deployments()], ids=lambda p: str(p.relative_to(REPO)))
+def test_rbac_grants_every_call_the_code_makes(path: Path) -> None:
+    """Static twin of the API-server test above, from the code's own resource table and the Deployment's
+    flags: informers list + watch, leader election creates, gets and updates its lease, --metrics-endpoint-auth
+    creates TokenReviews and SubjectAccessReviews. A missing verb is an EPP that never turns ready."""
+    (deployment,) = [d for d in docs(path) if d["kind"] == "Deployment"]
+    s = epp_settings(deployment)
+    target = kubernetes_target(s)
+    assert target is not None, "the Deployment runs the EPP in Kubernetes mode"
+    ns = deployment["metadata"]["namespace"]
+    assert target.namespace == ns
+    rules = rules_for(deployment["spec"]["template"]["spec"]["serviceAccountName"], ns)
+    watched = [PODS]
+    if target.pool_mode:
+        watched += [inference_pools(s.pool_group), INFERENCE_OBJECTIVES, INFERENCE_MODEL_REWRITES]
+    for resource in watched:
+        for verb in ("list", "watch"):
+            assert allows(rules, verb, resource.group, resource.plural), (verb, resource)
+    if s.ha_enable_leader_election:
+        lease = lease_name(target.namespace, target.pool_name or s.pool_name)
+        assert allows(rules, "create", LEASES.group, LEASES.plural)
+        for verb in ("get", "update"):
+            assert allows(rules, verb, LEASES.group, LEASES.plural, lease), (verb, lease)
+    if s.metrics_endpoint_auth is not False:  # default: on in Kubernetes mode
+        assert allows(rules, "create", "authentication.k8s.io", "tokenreviews")
+        assert allows(rules, "create", "authorization.k8s.io", "subjectaccessreviews")
+
+
+def readme_block_after(marker: str) -> list[str]:
+    text = (REPO / "README.md").read_text()
+    block = re.search(re.escape(marker) + r".*?```sh\n(.*?)```", text, re.S)
+    assert block, f"README: no sh block after {marker!r}"
+    return block.group(1).splitlines()
+
+
+def test_readme_deploy_commands_create_namespaces_and_crds_before_their_objects() -> None:
+    """README, Kubernetes: each command sequence works on a fresh cluster (Gateway API aside). `kubectl apply
+    -f <dir>` applies the files in name order (not recursively), a namespaced object needs its Namespace
+    applied before it, and an object of one of deploy/crds' kinds needs that CRD applied and established."""
+    crd_kinds = {(d["spec"]["group"], d["spec"]["names"]["kind"]): p for p in CRDS for d in docs(p)}
+    lines = readme_block_after("Deploying (`deploy/`):")
+    main = [line for line in lines if line.startswith("kubectl ")]
+    alternatives = [line.split(": ", 1)[1] for line in lines if line.startswith("# or") and "kubectl " in line]
+    assert main and alternatives
+    for sequence in (main, *[[a] for a in alternatives]):
+        namespaces: set[str] = set()
+        applied: set[Path] = set()
+        established: set[Path] = set()
+        for line in sequence:
+            words = shlex.split(line, comments=True)
+            files = [REPO / words[i + 1] for i, w in enumerate(words) if w == "-f"]
+            paths = [f for p in files for f in (sorted(p.glob("*.yaml")) if p.is_dir() else [p])]
+            assert paths, line
+            if words[:2] == ["kubectl", "wait"]:
+                assert "--for=condition=established" in words, line
+                established |= applied & set(paths)
+                continue
+            assert words[:2] == ["kubectl", "apply"], line
+            for path in paths:
+                for d in docs(path):
+                    kind = (d["apiVersion"].rpartition("/")[0], d["kind"])
+                    if ns := d["metadata"].get("namespace"):
+                        assert ns in namespaces, f"{line}: {path.name}: {d['kind']} before its Namespace {ns}"
+                    if kind in crd_kinds:
+                        assert crd_kinds[kind] in established, f"{line}: {d['kind']} before its CRD is established"
+                    if d["kind"] == "Namespace":
+                        namespaces.add(d["metadata"]["name"])
+                    elif d["kind"] == "CustomResourceDefinition":
+                        applied.add(path)
