@@ -13,9 +13,13 @@ engine's. `load_chat_template(spec, tokenizer_path)` gives one of:
   Qwen3's `enable_thinking`); `continue_final_message` cuts after the final message as transformers does.
   Messages as vLLM passes them: text parts joined by "\\n" into a string, or kept as `[{type: text, text}]`
   when the template loops over `message.content` (vLLM's "openai" content format, detected from the
-  template's syntax tree); assistant `tool_calls` with JSON-string arguments parsed to objects; `name`,
-  `tool_call_id`, `reasoning` / `reasoning_content` passed through. A config whose `chat_template` is a
-  list of named templates uses `tool_use` for requests with tools (when present), else `default`.
+  template's syntax tree; a tool message's content is joined all the same); assistant `tool_calls` with
+  arguments as objects (a JSON string parsed; empty, null, invalid or non-object arguments as {});
+  `name`, `tool_call_id` passed through; an assistant's `reasoning` as both `reasoning` and
+  `reasoning_content` (a client's `reasoning_content` is not read, as in vLLM). `tools` as sent, so
+  an empty list stays a list. A config whose `chat_template` is a list of named templates uses
+  `tool_use` for requests with a tools list (when present), else `default`. Responses, Conversations
+  and Anthropic Messages requests (no chat body) are rendered from their parsed role + text messages.
 * **built-in renderers**: `role-tags` (alias `llmepp-sim`), the simulator's template, per message
   ``<|{role}|>\\n{text}\\n`` then the generation prompt ``<|assistant|>\\n``; `plain`, the texts joined by
   "\\n" (engines serving raw text). `auto` falls back to `role-tags`, with a warning, when the tokenizer's
@@ -40,7 +44,7 @@ import msgspec
 from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from llmepp.request.types import InferenceRequest
+from llmepp.request.types import InferenceRequest, RequestKind
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,11 @@ BUILTIN: dict[str, Callable[[Messages], str]] = {
     "llmepp-sim": role_tags,
     "plain": plain,
 }
+
+
+def chat_messages(messages: Messages) -> list[dict[str, Any]]:
+    """Parsed (role, text) messages as chat messages (string content)."""
+    return [{"role": role, "content": text} for role, text in messages]
 
 
 class BuiltinTemplate:
@@ -182,16 +191,17 @@ def _text_parts(content: Any) -> list[str]:
 
 
 def _tool_call(call: Any) -> Any:
-    """vLLM parses a tool call's JSON-string `arguments` into an object before rendering."""
+    """vLLM hands a tool call's `arguments` to the template as an object: a JSON string parsed; empty,
+    null, invalid JSON or anything but a JSON object as {}."""
     if isinstance(call, dict) and isinstance(call.get("function"), dict):
         fn = call["function"]
         args = fn.get("arguments")
-        if isinstance(args, str):
+        if isinstance(args, str) and args:
             try:
-                parsed = json.loads(args)
+                args = json.loads(args)
             except ValueError:
-                return call
-            return {**call, "function": {**fn, "arguments": parsed}}
+                args = None
+        return {**call, "function": {**fn, "arguments": args if isinstance(args, dict) else {}}}
     return call
 
 
@@ -230,11 +240,16 @@ class JinjaTemplate:
         return self._lists[name]
 
     def render(self, request: InferenceRequest) -> str:
-        try:
-            inputs = _INPUTS.decode(request.body)
-        except msgspec.DecodeError as e:  # ValidationError included
-            raise ValueError(f"chat request cannot be rendered: {e}") from None
-        name = "tool_use" if inputs.tools and "tool_use" in self._templates else "default"
+        if request.kind is not RequestKind.CHAT_COMPLETIONS:
+            # Responses, Conversations, Anthropic Messages: their body is no chat body; their messages.
+            inputs = _ChatInputs(messages=chat_messages(request.messages or ()))
+        else:
+            try:
+                inputs = _INPUTS.decode(request.body)
+            except msgspec.DecodeError as e:  # ValidationError included
+                raise ValueError(f"chat request cannot be rendered: {e}") from None
+        # As transformers picks: any tools list, even an empty one (vLLM passes [] as sent).
+        name = "tool_use" if inputs.tools is not None and "tool_use" in self._templates else "default"
         messages = [self._message(m, self._lists[name]) for m in inputs.messages]
         if inputs.add_generation_prompt and inputs.continue_final_message:
             raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
@@ -242,7 +257,7 @@ class JinjaTemplate:
         context: dict[str, Any] = {**self._special, **{k: v for k, v in kwargs.items() if k not in _RESERVED}}
         context.update(
             messages=messages,
-            tools=[_tool(t) for t in inputs.tools] if inputs.tools else None,
+            tools=[_tool(t) for t in inputs.tools] if inputs.tools is not None else None,
             documents=inputs.documents,
             add_generation_prompt=inputs.add_generation_prompt,
         )
@@ -259,14 +274,21 @@ class JinjaTemplate:
     @staticmethod
     def _message(m: dict[str, Any], as_parts: bool) -> dict[str, Any]:
         texts = _text_parts(m.get("content"))
-        out: dict[str, Any] = {"role": m.get("role", "")}
-        out["content"] = [{"type": "text", "text": t} for t in texts] if as_parts else "\n".join(texts)
+        role = m.get("role", "")
+        out: dict[str, Any] = {"role": role}
+        # vLLM joins a tool result's text parts whatever the content format.
+        parts = as_parts and role != "tool"
+        out["content"] = [{"type": "text", "text": t} for t in texts] if parts else "\n".join(texts)
         calls = m.get("tool_calls")
-        if out["role"] == "assistant" and isinstance(calls, list) and calls:
+        if role == "assistant" and isinstance(calls, list) and calls:
             out["tool_calls"] = [_tool_call(c) for c in calls]
-        for key in ("name", "tool_call_id", "reasoning", "reasoning_content"):
+        for key in ("name", "tool_call_id"):
             if key in m:
                 out[key] = m[key]
+        # vLLM reads an assistant's `reasoning` (not `reasoning_content`) and passes it under both names.
+        reasoning = m.get("reasoning")
+        if role == "assistant" and reasoning is not None:
+            out["reasoning"] = out["reasoning_content"] = reasoning
         return out
 
 

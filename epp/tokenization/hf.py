@@ -6,8 +6,11 @@ completions endpoint adds them per the model's config, set `addSpecialTokens` to
 
 Cost (measured on the simulator's 4096-entry BPE, 2-core AMD EPYC): ~0.6 µs per token for short
 prompts, 1.5–2 µs per token at 100k tokens. `encode_async` hands texts longer than
-`thread_threshold` characters to a small thread pool (the tokenizers library releases the GIL while
-encoding), so a long prompt does not stall every other request on the event loop.
+`thread_threshold` characters to a small thread pool, which encodes them with the batch API: it
+releases the GIL while encoding (`Tokenizer.encode` holds it for the whole call, so in a thread it
+would stall the event loop just the same), so a long prompt does not stall every other request.
+
+Like transformers (hence vLLM), encoding never truncates or pads, whatever `tokenizer.json` configures.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ class HFTokenizer:
             self._tokenizer = Tokenizer.from_file(str(p))
         except Exception as e:  # the library raises a bare Exception on a bad file
             raise ValueError(f"tokenizer file {str(p)!r} cannot be loaded: {e}") from None
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
+        # encode_batch_fast: ids only (no offsets); tokenizers >= 0.20.
+        self._encode_batch = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
         self.path = p
         self.add_special_tokens = add_special_tokens
         self.thread_threshold = thread_threshold
@@ -48,4 +55,9 @@ class HFTokenizer:
     async def encode_async(self, text: str, special: bool | None = None) -> bytes:
         if len(text) < self.thread_threshold:
             return self.encode(text, special)
-        return await asyncio.get_running_loop().run_in_executor(_EXECUTOR, self.encode, text, special)
+        add = self.add_special_tokens if special is None else special
+        return await asyncio.get_running_loop().run_in_executor(_EXECUTOR, self._encode_released, text, add)
+
+    def _encode_released(self, text: str, add: bool) -> bytes:
+        """`encode` for a worker thread: the batch API encodes without the GIL."""
+        return tokens_to_bytes(self._encode_batch([text], add_special_tokens=add)[0].ids)

@@ -18,8 +18,8 @@ from llmepp.framework.plugin import PluginParams
 from llmepp.framework.requestcontrol import DataProducer
 from llmepp.kvevents.keys import tokens_to_bytes
 from llmepp.kvevents.stats import LogLimiter
-from llmepp.request.types import InferenceRequest
-from llmepp.tokenization.chat import AUTO, load_chat_template, template_fields
+from llmepp.request.types import InferenceRequest, RequestKind
+from llmepp.tokenization.chat import AUTO, chat_messages, load_chat_template, template_fields
 from llmepp.tokenization.hf import HFTokenizer
 from llmepp.units import parse_duration
 
@@ -68,7 +68,8 @@ class TokenProducer(DataProducer):
     * `vllm` — `vllm: {url: http://render:8000}` (the reference's parameter): the model server
       tokenizes; POST `{url}{path}` (default `/tokenize`, vLLM's tokenize API) with the prompt, or the
       chat request's messages, tools, documents, chat_template_kwargs, add_generation_prompt and
-      continue_final_message as sent (the server applies its own template), per request, bounded
+      continue_final_message as sent (the server applies its own template; a Responses, Conversations
+      or Anthropic Messages request: its parsed role + text messages), per request, bounded
       by `timeout` (and the director's 400 ms producer budget).
       Used when `vllm` is set and `tokenizer` is not.
 
@@ -171,7 +172,10 @@ class VllmTokenProducer(TokenProducer):
             request.data[TOKENIZED_PROMPT] = TokenizedPrompt(request.prompt, self.backend)
             return
         body: dict[str, Any] = {"model": self.model or request.target_model or request.model}
-        if request.messages is not None:
+        if request.kind is not RequestKind.CHAT_COMPLETIONS and request.messages is not None:
+            # Responses, Conversations, Anthropic Messages: no chat body to forward; their messages.
+            body["messages"] = chat_messages(request.messages)
+        elif request.messages is not None:
             # The server renders its own chat template: send what decides the rendering, verbatim.
             try:
                 body.update(template_fields(request.body))
@@ -188,11 +192,11 @@ class VllmTokenProducer(TokenProducer):
                     self._log.warning("status", "%s: %s answered %d", self.name, self.url, resp.status)
                     return
                 reply = await resp.json()
-            ids = reply["tokens"]
-        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as e:
+            token_bytes = tokens_to_bytes(reply["tokens"])  # not a uint32 list: TypeError / OverflowError
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, OverflowError) as e:
             self._log.warning("error", "%s: tokenizing via %s failed: %r", self.name, self.url, e)
             return
-        request.data[TOKENIZED_PROMPT] = TokenizedPrompt(tokens_to_bytes(ids), self.backend)
+        request.data[TOKENIZED_PROMPT] = TokenizedPrompt(token_bytes, self.backend)
 
     async def aclose(self) -> None:
         if self._session is not None:
