@@ -41,6 +41,7 @@ from llmepp.framework.requestcontrol import (
     Screener,
 )
 from llmepp.framework.scheduling import ProfileResult, SchedulingResult
+from llmepp.observability.logging import RateLimitedLog
 from llmepp.observability.metrics import EppMetrics
 from llmepp.observability.plugin_timing import PluginTimers
 from llmepp.request.types import InferenceRequest, ResponseInfo, TerminationCause
@@ -135,6 +136,7 @@ class Director:
         self._rng = random.Random()
         self._timers = PluginTimers(metrics.plugin_duration)
         self._producers: list[tuple[DataProducer, bool]] = []
+        self._timeout_logs: dict[str, RateLimitedLog] = {}
         self.use_pipeline(pipeline)
 
     def use_pipeline(self, pipeline: Pipeline) -> None:
@@ -396,7 +398,11 @@ class Director:
         try:
             await asyncio.wait_for(produce(request, candidates), producer.produce_timeout or PRODUCER_TIMEOUT)
         except TimeoutError:
-            log.warning("data producer %s timed out", producer.name, extra={"request_id": request.request_id})
+            # Every request while e.g. a tokenizer sidecar is slow: one line per producer per 30 s.
+            limited = self._timeout_logs.get(producer.name)
+            if limited is None:
+                limited = self._timeout_logs[producer.name] = RateLimitedLog(log)
+            limited.warning("data producer %s timed out", producer.name)
         except RequestError:
             raise
         except Exception:

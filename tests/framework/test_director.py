@@ -283,3 +283,23 @@ async def test_a_failing_data_producer_does_not_fail_the_request(
         decision = await d.handle_request(request(b"x" * 400), None)
     assert decision.targets
     assert f"data producer {sync[0].name} failed" in caplog.text
+
+
+async def test_a_slow_async_producer_is_skipped_and_logged_once_not_per_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import asyncio
+    import types
+
+    d, _ds = director_for(2)
+
+    async def slow(*_: object) -> None:
+        await asyncio.sleep(10)
+
+    producer = types.SimpleNamespace(name="slow-tokenizer", produce_timeout=0.01, produce=slow)
+    d._producers = [(producer, True)]  # type: ignore[list-item]
+    with caplog.at_level(logging.WARNING, logger="llmepp.director"):
+        for _ in range(5):  # every request still routes, on what the other producers gave
+            assert (await d.handle_request(request(b"x" * 400), None)).targets
+    lines = [r for r in caplog.records if "data producer slow-tokenizer timed out" in r.getMessage()]
+    assert len(lines) == 1
