@@ -21,11 +21,11 @@ the same file format (at most 1 MiB, every problem reported with the entry and f
 errors, live reload and the previous set kept when a reload fails. What differs (reference: llm-d-router
 `discovery/file` multicluster variant and its README):
 
-- `address` may be an IPv4 address or an RFC-1123 hostname (a cluster is reached through its gateway's
-  name). A hostname is logged once as a warning: the standalone Envoy of deploy/envoy.yaml (an
-  ORIGINAL_DST cluster) needs an IP in `x-gateway-destination-endpoint` and answers 503 otherwise; a
-  gateway that resolves names (e.g. Envoy's dynamic forward proxy) can use it. IPv6 literals are
-  refused (the EPP writes its pick as `address:port`, which is ambiguous for them).
+- `address` may be an IPv4 or IPv6 address (no brackets; the pick goes out as `[fd00::1]:80`) or an
+  RFC-1123 hostname (a cluster is reached through its gateway's name). A hostname is logged once as a
+  warning: the standalone Envoy of deploy/envoy.yaml (an ORIGINAL_DST cluster) needs an IP in
+  `x-gateway-destination-endpoint` and answers 503 otherwise; a gateway that resolves names (e.g.
+  Envoy's dynamic forward proxy) can use it.
 - the labels `metricsAddress` (an IP or hostname) and `metricsPort` (1-65535) say where the cluster's
   EPP serves its metrics when that is not the gateway (it rarely is: the gateway forwards inference
   traffic, the EPP serves /metrics on its own port). As in the reference, `metricsPort` defaults to
@@ -69,9 +69,9 @@ def gateway_address(address: str) -> str | None:
     """What is wrong with a cluster's gateway address, or None."""
     ip = _ip(address)
     if ip is None:
-        return None if is_hostname(address) else f"must be an IPv4 address or a DNS hostname, got {address!r}"
-    if ip.version == 6:
-        return f"IPv6 addresses are not supported (the pick is written as address:port), got {address!r}"
+        return None if is_hostname(address) else f"must be an IP address or a DNS hostname, got {address!r}"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
+        return f"must be an IP address without a zone, got {address!r}"
     return None
 
 

@@ -93,6 +93,12 @@ def test_cluster_entries_take_hostnames_and_metrics_labels() -> None:
     assert source.target_for(c).url == "https://10.30.0.5:9091/metrics"
     override = MulticlusterMetricsDataSource("s", MulticlusterMetricsDataSource.Params(scheme="http", port=9100))
     assert override.target_for(a).url == "http://10.20.0.9:9100/metrics"
+    # An IPv6 gateway (and EPP) goes out bracketed, as a pod's pick does.
+    (v6,) = parse_clusters(
+        "endpoints:\n- {name: v6, address: 'FD00::5', port: 80, labels: {metricsAddress: 'fd00::9'}}\n"
+    )
+    assert v6.hostport == "[fd00::5]:80"
+    assert source.target_for(v6).url == "https://[fd00::9]:80/metrics"
     # The pod discovery still wants IP literals as pod addresses.
     with pytest.raises(EndpointsFileError, match=r"endpoints\[1\].address: must be an IPv4 or IPv6 address"):
         parse_endpoints(CLUSTERS.encode())
@@ -101,13 +107,13 @@ def test_cluster_entries_take_hostnames_and_metrics_labels() -> None:
 @pytest.mark.parametrize(
     ("entry", "problem"),
     [
-        ("{name: x, address: '::1', port: 80}", "endpoints[0].address: IPv6 addresses are not supported"),
+        ("{name: x, address: 'fe80::1%eth0', port: 80}", "endpoints[0].address: must be an IP address without a zone"),
         (
             "{name: x, address: 'gw_1.example', port: 80}",
-            "must be an IPv4 address or a DNS hostname, got 'gw_1.example'",
+            "must be an IP address or a DNS hostname, got 'gw_1.example'",
         ),
-        ("{name: x, address: 10.0.0.300, port: 80}", "must be an IPv4 address or a DNS hostname, got '10.0.0.300'"),
-        ("{name: x, address: -gw.example, port: 80}", "must be an IPv4 address or a DNS hostname"),
+        ("{name: x, address: 10.0.0.300, port: 80}", "must be an IP address or a DNS hostname, got '10.0.0.300'"),
+        ("{name: x, address: -gw.example, port: 80}", "must be an IP address or a DNS hostname"),
         (
             "{name: x, address: gw.example, port: 80, labels: {metricsAddress: 'not a host'}}",
             "endpoints[0].labels.metricsAddress: must be an IP address or a DNS hostname, got 'not a host'",
@@ -162,9 +168,9 @@ async def test_discovery_loads_clusters_and_warns_once_about_hostnames(
 
 async def test_a_bad_cluster_file_stops_start_up(tmp_path: Path) -> None:
     path = tmp_path / "clusters.yaml"
-    path.write_text("endpoints:\n- {name: x, address: '2001:db8::1', port: 80}\n")
+    path.write_text("endpoints:\n- {name: x, address: 'gw_1.example', port: 80}\n")
     discovery = MulticlusterFileDiscovery("d", MulticlusterFileDiscovery.Params(path=str(path)))
-    with pytest.raises(ConfigError, match=r"plugin 'd' \(type multicluster-file-discovery\): .*IPv6"):
+    with pytest.raises(ConfigError, match=r"plugin 'd' \(type multicluster-file-discovery\): .*DNS hostname"):
         await discovery.run(Datastore())
 
 
