@@ -58,6 +58,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from llmepp.datalayer.endpoint import join_hostport
+
 log = logging.getLogger(__name__)
 
 PREFILL_HEADER = "x-prefiller-host-port"
@@ -291,11 +293,6 @@ def parse_hostport(value: str, header: str = PREFILL_HEADER) -> tuple[str, int]:
     return host, port
 
 
-def authority(host: str, port: int) -> str:
-    """`host:port` for a URL, IPv6 literals bracketed."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class Sidecar:
     """The proxy server. `await start()`, then `url`; `await stop()` releases everything.
 
@@ -435,14 +432,14 @@ class Sidecar:
             raise ProxyError(400, str(e)) from None
         networks = self.options.networks
         if not networks:
-            return authority(host, port)
+            return join_hostport(host, port)
         try:
             addr = ipaddress.ip_address(host)
         except ValueError:
             raise ProxyError(403, f"prefill host {host[:100]!r} is not an allowed address") from None
         if not any(addr in net for net in networks):
             raise ProxyError(403, f"prefill host {host} is not in the allowed networks")
-        return authority(host, port)
+        return join_hostport(host, port)
 
     async def _prefill(
         self, url: str, headers: CIMultiDict[str], body: bytes, prefiller: str
