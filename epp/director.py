@@ -41,7 +41,7 @@ from llmepp.framework.requestcontrol import (
     Screener,
 )
 from llmepp.framework.scheduling import ProfileResult, SchedulingResult
-from llmepp.observability.logging import RateLimitedLog
+from llmepp.observability.logging import LogLimiter
 from llmepp.observability.metrics import EppMetrics
 from llmepp.observability.plugin_timing import PluginTimers
 from llmepp.request.types import InferenceRequest, ResponseInfo, TerminationCause
@@ -136,7 +136,7 @@ class Director:
         self._rng = random.Random()
         self._timers = PluginTimers(metrics.plugin_duration)
         self._producers: list[tuple[DataProducer, bool]] = []
-        self._timeout_logs: dict[str, RateLimitedLog] = {}
+        self._timeout_log = LogLimiter(log, interval=30.0)
         self.use_pipeline(pipeline)
 
     def use_pipeline(self, pipeline: Pipeline) -> None:
@@ -399,10 +399,7 @@ class Director:
             await asyncio.wait_for(produce(request, candidates), producer.produce_timeout or PRODUCER_TIMEOUT)
         except TimeoutError:
             # Every request while e.g. a tokenizer sidecar is slow: one line per producer per 30 s.
-            limited = self._timeout_logs.get(producer.name)
-            if limited is None:
-                limited = self._timeout_logs[producer.name] = RateLimitedLog(log)
-            limited.warning("data producer %s timed out", producer.name)
+            self._timeout_log.warning(producer.name, "data producer %s timed out", producer.name)
         except RequestError:
             raise
         except Exception:

@@ -32,9 +32,10 @@ import zmq.asyncio
 from llmepp.datalayer.endpoint import Endpoint, join_hostport
 from llmepp.kvevents.chain import SourceChains
 from llmepp.kvevents.ingest import IndexStore, SourceIngest
-from llmepp.kvevents.stats import KVEventStats, LogLimiter
+from llmepp.kvevents.stats import KVEventStats
 from llmepp.kvevents.subscriber import Subscriber, SubscriberOptions, sub_socket
 from llmepp.kvevents.wire import MalformedMessage, Message, decode_batch, parse_frames
+from llmepp.observability.logging import LogLimiter
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ EPP's `llm_d_epp_` prefix with a `producer` label (several precise producers may
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
@@ -43,7 +42,6 @@ class KVEventStats:
 
 _COUNTERS = [f.name for f in fields(KVEventStats)]
 _CHAIN_COUNTERS = [f.name for f in fields(ChainStats)]
-_MAX_KEYS = 1024  # LogLimiter keys
 
 
 class KVEventsCollector(Collector):
@@ -84,28 +82,3 @@ def register(registry: CollectorRegistry | None, collector: KVEventsCollector) -
         registry.register(collector)
     except ValueError:  # a second producer instance: names collide; its counters stay internal
         logging.getLogger(__name__).warning("precise prefix metrics of %s not exported (duplicate)", collector.producer)
-
-
-class LogLimiter:
-    """At most one log line per `interval` seconds per key; the next line says how many were held back."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
-        self.logger = logger
-        self.interval = interval
-        self._last: dict[str, tuple[float, int]] = {}
-
-    def warning(self, key: str, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if len(self._last) >= _MAX_KEYS and key not in self._last:
-            # Keys name pods that come and go, and topics an unknown publisher chooses: keep a bounded
-            # few (forgetting them only lets a next line through).
-            self._last.clear()
-        last, held = self._last.get(key, (-1e18, 0))
-        if now - last < self.interval:
-            self._last[key] = (last, held + 1)
-            return
-        self._last[key] = (now, 0)
-        if held:
-            msg += " (%d similar messages suppressed)"
-            args = (*args, held)
-        self.logger.warning(msg, *args)

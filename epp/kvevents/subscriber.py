@@ -36,7 +36,7 @@ import zmq
 import zmq.asyncio
 
 from llmepp.datalayer.endpoint import split_hostport
-from llmepp.kvevents.stats import KVEventStats, LogLimiter
+from llmepp.kvevents.stats import KVEventStats
 from llmepp.kvevents.wire import (
     EventBatch,
     MalformedMessage,
@@ -46,6 +46,7 @@ from llmepp.kvevents.wire import (
     parse_replay_reply,
     replay_request,
 )
+from llmepp.observability.logging import LogLimiter
 
 log = logging.getLogger(__name__)
 

@@ -59,6 +59,34 @@ class RateLimitedLog:
         self._suppressed = 0
 
 
+_MAX_LIMITER_KEYS = 1024  # LogLimiter keys
+
+
+class LogLimiter:
+    """At most one log line per `interval` seconds per key; the next line says how many were held back."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def warning(self, key: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if len(self._last) >= _MAX_LIMITER_KEYS and key not in self._last:
+            # Keys name pods that come and go, and topics an unknown publisher chooses: keep a bounded
+            # few (forgetting them only lets a next line through).
+            self._last.clear()
+        last, held = self._last.get(key, (-1e18, 0))
+        if now - last < self.interval:
+            self._last[key] = (last, held + 1)
+            return
+        self._last[key] = (now, 0)
+        if held:
+            msg += " (%d similar messages suppressed)"
+            args = (*args, held)
+        self.logger.warning(msg, *args)
+
+
 def _text(value: object) -> str:
     try:
         return value if isinstance(value, str) else repr(value)

@@ -32,9 +32,10 @@ from llmepp.kvevents.index import MemoryIndex
 from llmepp.kvevents.ingest import IndexStore, MemoryStore, SourceIngest
 from llmepp.kvevents.keys import block_keys, root_key, seed_of
 from llmepp.kvevents.pool import PoolOptions, SubscriberPool
-from llmepp.kvevents.stats import KVEventsCollector, KVEventStats, LogLimiter, register
+from llmepp.kvevents.stats import KVEventsCollector, KVEventStats, register
 from llmepp.kvevents.subscriber import SubscriberOptions
 from llmepp.kvevents.tiers import DEFAULT_TIERS, TierTable
+from llmepp.observability.logging import LogLimiter
 from llmepp.observability.metrics import EppMetrics
 from llmepp.plugins.datasources.endpoint_notification import EndpointNotificationSource
 from llmepp.plugins.scorers.prefix_cache import PrefixCacheScorer

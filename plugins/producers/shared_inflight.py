@@ -36,7 +36,7 @@ import msgspec
 
 from llmepp.datalayer.endpoint import Endpoint, InFlight
 from llmepp.framework.plugin import PluginContext, PluginParams
-from llmepp.kvevents.stats import LogLimiter
+from llmepp.observability.logging import LogLimiter
 from llmepp.plugins.producers.inflight_load import InFlightLoadProducer
 from llmepp.request.types import InferenceRequest
 from llmepp.units import parse_duration

@@ -17,7 +17,7 @@ from llmepp.framework.datakeys import TOKENIZED_PROMPT, TokenizedPrompt
 from llmepp.framework.plugin import PluginParams
 from llmepp.framework.requestcontrol import DataProducer
 from llmepp.kvevents.keys import tokens_to_bytes
-from llmepp.kvevents.stats import LogLimiter
+from llmepp.observability.logging import LogLimiter
 from llmepp.request.types import InferenceRequest, RequestKind
 from llmepp.tokenization.chat import AUTO, chat_messages, load_chat_template, template_fields
 from llmepp.tokenization.hf import HFTokenizer

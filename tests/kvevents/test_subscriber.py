@@ -14,8 +14,9 @@ from llmepp.kvevents.chain import SourceChains
 from llmepp.kvevents.index import MemoryIndex
 from llmepp.kvevents.ingest import MemoryStore, SourceIngest
 from llmepp.kvevents.keys import block_keys, root_key, tokens_to_bytes
-from llmepp.kvevents.stats import KVEventStats, LogLimiter
+from llmepp.kvevents.stats import KVEventStats
 from llmepp.kvevents.wire import EventBatch, Message
+from llmepp.observability.logging import LogLimiter
 from llmepp.testing.ports import free_port, free_port_pair, free_shared_port
 
 from .publisher import CLEARED, TestPublisher, stored
