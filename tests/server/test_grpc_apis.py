@@ -367,6 +367,19 @@ async def test_a_grpc_request_is_routed_and_its_usage_counted(transport: str) ->
         assert h.sample("llm_d_epp_request_input_tokens_sum", {"model_name": "", "target_model_name": ""}) == 3
 
 
+async def _answer_with_status(s: Any, status: str, trailers_only: bool) -> None:
+    """The pod answers a gRPC call with `status`: in a trailers-only answer, or in trailers after headers."""
+    if trailers_only:
+        await s.send(response_headers(200, "application/grpc", eos=True, **{"grpc-status": status}))
+    else:
+        await s.send(response_headers(200, "application/grpc"))
+        await s.recv()
+        await s.send(response_trailers(status))
+    await s.recv()
+    await s.close()
+    await s.recv_eof()
+
+
 @pytest.mark.parametrize(("trailers_only", "status"), [(False, "14"), (True, "3"), (False, "0")])
 async def test_a_grpc_error_from_the_pod_is_a_model_server_error(
     transport: str, trailers_only: bool, status: str
@@ -374,16 +387,7 @@ async def test_a_grpc_error_from_the_pod_is_a_model_server_error(
     async with serve(request_parsers=table()) as h:
         s = h.open()
         await s.route(generate(text="hi"), GRPC, path=GENERATE)
-        if trailers_only:
-            await s.send(response_headers(200, "application/grpc", eos=True, **{"grpc-status": status}))
-            await s.recv()
-        else:
-            await s.send(response_headers(200, "application/grpc"))
-            await s.recv()
-            await s.send(response_trailers(status))
-            await s.recv()
-        await s.close()
-        await s.recv_eof()
+        await _answer_with_status(s, status, trailers_only)
         (c,) = h.director.completions
         assert c.response.grpc_status == int(status)
         labels = {"model_name": "", "target_model_name": "", "error_code": "ModelServerError"}
@@ -398,15 +402,7 @@ async def test_an_unreadable_grpc_status_is_a_model_server_error(
     async with serve(request_parsers=table()) as h:
         s = h.open()
         await s.route(generate(text="hi"), GRPC, path=GENERATE)
-        if trailers_only:
-            await s.send(response_headers(200, "application/grpc", eos=True, **{"grpc-status": status}))
-        else:
-            await s.send(response_headers(200, "application/grpc"))
-            await s.recv()
-            await s.send(response_trailers(status))
-        await s.recv()
-        await s.close()
-        await s.recv_eof()
+        await _answer_with_status(s, status, trailers_only)
         (c,) = h.director.completions
         assert c.response.grpc_status == grpcwire.GRPC_UNKNOWN
         labels = {"model_name": "", "target_model_name": "", "error_code": "ModelServerError"}
@@ -423,15 +419,7 @@ async def test_a_grpc_error_answering_a_custom_prediction_is_a_model_server_erro
         await s.route(vertex({"instances": [1, 2]}), GRPC, path=RAW)
         (req,) = h.director.requests
         assert req.kind is RequestKind.PASSTHROUGH
-        if trailers_only:
-            await s.send(response_headers(200, "application/grpc", eos=True, **{"grpc-status": "14"}))
-        else:
-            await s.send(response_headers(200, "application/grpc"))
-            await s.recv()
-            await s.send(response_trailers("14"))
-        await s.recv()
-        await s.close()
-        await s.recv_eof()
+        await _answer_with_status(s, "14", trailers_only)
         (c,) = h.director.completions
         assert c.response.grpc_status == 14
         labels = {"model_name": "", "target_model_name": "", "error_code": "ModelServerError"}
