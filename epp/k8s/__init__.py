@@ -1,10 +1,12 @@
 """Kubernetes mode: the pool's endpoints, objectives, model rewrites and leadership from the API server.
 
-client.py       kubeconfig / in-cluster config → KubeClient (raw JSON over kubernetes_asyncio's session)
+client.py       kubeconfig / in-cluster config → KubeClient (raw JSON over kubernetes_asyncio's session;
+                rotating credentials and CA file re-read)
 resources.py    where each kind lives in the API (paths)
 models.py       the few fields we read of each kind, as msgspec Structs
 backoff.py      exponential backoff with jitter
-informer.py     generic list-then-watch with resourceVersion, bookmarks, relist on 410
+selector.py     label-selector syntax (labels.Parse): --endpoint-selector checked at start-up
+informer.py     generic list-then-watch with resourceVersion, bookmarks, relist on 410; its metrics
 pool.py         InferencePool / standalone selector + pods → datastore endpoints
 discovery.py    the informers of pool and pods wired to pool.py; marks the datastore synced
 objectives.py   InferenceObjective → flow control's ObjectiveStore

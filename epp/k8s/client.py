@@ -10,6 +10,12 @@ and one code path serves core kinds, CRDs and Leases alike.
 Config resolution (`--kubeconfig`): the flag's file if given; else the in-cluster service
 account when running in a pod (`KUBERNETES_SERVICE_HOST`); else `$KUBECONFIG`; else
 `~/.kube/config`.
+
+Credentials that rotate are read again, as client-go does: a kubeconfig's `tokenFile` and `exec`
+credentials (hooks before each request), and the API server's certificate authority when it is a
+file — the service account's ca.crt, a kubeconfig's `certificate-authority` (RotatingCA): checked
+every CA_FILE_PERIOD and at once after a failed verification; new connections use what it says
+now, open ones (a watch) are left alone.
 """
 
 from __future__ import annotations
@@ -18,10 +24,11 @@ import asyncio
 import json
 import logging
 import os
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
 
@@ -148,6 +155,97 @@ def _kubeconfig_refresher(loader: Any) -> Callable[..., Awaitable[None] | None] 
     return None
 
 
+# client-go re-reads a CA file on a timer too (kubernetes/kubernetes#119483, fixed in 2025); kubernetes_asyncio
+# builds its SSL context once.
+CA_FILE_PERIOD = 60.0
+
+
+class RotatingCA:
+    """The SSL context for the API server, rebuilt when the CA file's content changes.
+
+    The context is made as kubernetes_asyncio makes its own (client certificate, strict-verification
+    switch included), but from the file as it is now. A file that cannot be read or holds no certificate
+    (caught half-written) keeps the last good context, with a warning, and is tried again next time."""
+
+    def __init__(self, configuration: Any, path: str) -> None:
+        self._configuration = configuration
+        self.path = path
+        self._content = self._read()
+        self.context = self._build()
+        self._next_check = time.monotonic() + CA_FILE_PERIOD
+
+    def current(self) -> ssl.SSLContext:
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + CA_FILE_PERIOD
+            self._reload()
+        return self.context
+
+    def check_soon(self) -> None:
+        """A certificate did not verify: the CA may have rotated, look at the file before the next request."""
+        self._next_check = 0.0
+
+    def _read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            return f.read()
+
+    def _build(self) -> ssl.SSLContext:
+        c = self._configuration
+        context = ssl.create_default_context(cafile=self.path)
+        if c.cert_file:
+            context.load_cert_chain(c.cert_file, keyfile=c.key_file)
+        if getattr(c, "disable_strict_ssl_verification", False):
+            context.verify_flags &= ~ssl.VERIFY_X509_STRICT
+        return context
+
+    def _reload(self) -> None:
+        try:
+            content = self._read()
+            if content == self._content:
+                return
+            context = self._build()
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            log.warning("kubernetes API CA file %s unusable, keeping the previous CA: %s", self.path, e)
+            return
+        self._content, self.context = content, context
+        log.info("kubernetes API CA file %s changed: new connections verify against it", self.path)
+
+
+class _SessionWithCurrentCA:
+    """Stands in for kubernetes_asyncio's aiohttp session (`rest_client.pool_manager`): every request
+    carries the current SSL context. aiohttp pools connections per context, so a new one makes new
+    connections (verified against the new CA) while the open ones keep going."""
+
+    def __init__(self, session: aiohttp.ClientSession, ca: RotatingCA) -> None:
+        self._session = session
+        self._ca = ca
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        return self._session.request(*args, ssl=self._ca.current(), **kwargs)
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+
+def _rotating_ca(api: ApiClient, configuration: Any) -> RotatingCA | None:
+    """Make `api` follow its CA file, if it verifies the server against one."""
+    path = configuration.ssl_ca_cert
+    if not path or not configuration.verify_ssl or not str(configuration.host).startswith("https"):
+        return None
+    try:
+        rest = api.rest_client
+        session = rest.pool_manager
+    except AttributeError as e:  # kubernetes_asyncio changed
+        log.warning("kubernetes API CA file %s will not be re-read (kubernetes_asyncio changed): %s", path, e)
+        return None
+    ca = RotatingCA(configuration, path)
+    rest.pool_manager = cast(aiohttp.ClientSession, _SessionWithCurrentCA(session, ca))  # what it calls: request, close
+    return ca
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterInfo:
     """Where the config pointed us (for logs and errors)."""
@@ -159,9 +257,10 @@ class ClusterInfo:
 class KubeClient:
     """JSON requests and watch streams against one API server."""
 
-    def __init__(self, api: ApiClient, info: ClusterInfo) -> None:
+    def __init__(self, api: ApiClient, info: ClusterInfo, ca: RotatingCA | None = None) -> None:
         self._api = api
         self.info = info
+        self._ca = ca
 
     @classmethod
     async def connect(cls, kubeconfig: str | None = None) -> KubeClient:
@@ -191,8 +290,24 @@ class KubeClient:
             raise ConfigError(f"Kubernetes client configuration: {e}") from None
         except OSError as e:
             raise ConfigError(f"Kubernetes client configuration: {e}") from None
-        api = k8s_client.ApiClient(configuration)
-        return cls(api, ClusterInfo(host=str(configuration.host), source=source))
+        try:
+            api = k8s_client.ApiClient(configuration)  # reads the CA and client certificate files
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            files = ", ".join(
+                f"{what} {path}"
+                for what, path in (("certificate authority", configuration.ssl_ca_cert),
+                                   ("client certificate", configuration.cert_file))
+                if path
+            )  # fmt: skip
+            raise ConfigError(f"Kubernetes client configuration ({source}): {files or 'TLS'}: {e}") from None
+        try:
+            ca = _rotating_ca(api, configuration)
+        except (OSError, ValueError) as e:  # the file changed since ApiClient read it: as above
+            await api.close()
+            raise ConfigError(
+                f"Kubernetes client configuration ({source}): certificate authority {configuration.ssl_ca_cert}: {e}"
+            ) from None
+        return cls(api, ClusterInfo(host=str(configuration.host), source=source), ca)
 
     async def aclose(self) -> None:
         await self._api.close()
@@ -208,16 +323,21 @@ class KubeClient:
         request_timeout: aiohttp.ClientTimeout | float = REQUEST_TIMEOUT,
     ) -> aiohttp.ClientResponse:
         """Send one request; the response is returned unread (2xx) or raised as KubeError."""
-        response: aiohttp.ClientResponse = await self._api.call_api(
-            path,
-            method,
-            query_params=[(k, str(v)) for k, v in (params or {}).items()],
-            header_params={"Accept": _JSON, "Content-Type": _JSON},
-            body=body,
-            auth_settings=["BearerToken"],
-            _preload_content=False,
-            _request_timeout=request_timeout,
-        )
+        try:
+            response: aiohttp.ClientResponse = await self._api.call_api(
+                path,
+                method,
+                query_params=[(k, str(v)) for k, v in (params or {}).items()],
+                header_params={"Accept": _JSON, "Content-Type": _JSON},
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _request_timeout=request_timeout,
+            )
+        except aiohttp.ClientConnectorCertificateError:
+            if self._ca is not None:
+                self._ca.check_soon()
+            raise
         if not 200 <= response.status < 300:
             try:
                 data = await response.read()
@@ -246,16 +366,24 @@ class KubeClient:
         return await self.request("GET", path, params=params)
 
     async def stream_lines(
-        self, path: str, params: Mapping[str, str | int], *, read_timeout: float
+        self,
+        path: str,
+        params: Mapping[str, str | int],
+        *,
+        read_timeout: float,
+        opened: Callable[[], None] | None = None,
     ) -> AsyncIterator[bytes]:
         """A watch: one JSON event per line until the server closes the stream.
 
         `read_timeout` bounds the silence between lines, so a half-dead connection (a node
         that vanished, a NAT that forgot us) ends the stream instead of hanging forever.
+        `opened` is called once the server has accepted the watch (a 2xx answer).
         """
         timeout = aiohttp.ClientTimeout(total=None, connect=REQUEST_TIMEOUT, sock_read=read_timeout)
         response = await self._send("GET", path, params={**params, "watch": "true"}, request_timeout=timeout)
         try:
+            if opened is not None:
+                opened()
             while True:
                 line = await response.content.readline()
                 if not line:

@@ -25,6 +25,7 @@ from llmepp.k8s.informer import Informer, InformerOptions
 from llmepp.k8s.models import InferencePool, Pod
 from llmepp.k8s.pool import MAX_TARGET_PORTS, PoolReconciler, PoolSpec
 from llmepp.k8s.resources import PODS, inference_pools
+from llmepp.k8s.selector import SelectorError, parse_selector
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,16 @@ class DiscoveryTarget:
         if (self.pool_name is None) == (self.selector is None):
             raise ConfigError("Kubernetes mode needs exactly one of --pool-name and --endpoint-selector")
         if self.selector is not None:
+            # The API server would answer every list with 400 (never ready): refuse it here, saying why.
+            try:
+                requirements = parse_selector(self.selector)
+            except SelectorError as e:
+                raise ConfigError(f"--endpoint-selector {self.selector!r}: {e}") from None
+            if not requirements:
+                raise ConfigError(
+                    f"--endpoint-selector {self.selector!r}: no requirements; it would select every pod of "
+                    f"namespace {self.namespace} (example: app=vllm)"
+                )
             if not 1 <= len(self.target_ports) <= MAX_TARGET_PORTS:
                 raise ConfigError(
                     f"--endpoint-target-ports: {MAX_TARGET_PORTS} ports at most and at least one with "

@@ -13,6 +13,11 @@
 The handler sees each change once, in order, on the event loop; its exceptions are logged
 and do not stop the informer. Watches end server-side after `watch_timeout`·(1..2)
 seconds (client-go's spread), so a silently dead connection is noticed within that time.
+
+A streak of failures is logged when it starts and then once per FAILURE_LOG_INTERVAL while it
+lasts (ERROR for answers retrying cannot fix: 400, 401, 403, 404..., with what to check), and
+its end once. `InformerStats` counts; `InformerMetrics` exports every tracked informer's counts
+on /metrics (`llm_d_epp_kubernetes_informer_*`).
 """
 
 from __future__ import annotations
@@ -21,11 +26,15 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from typing import Any, Generic, Protocol, TypeVar
 
 import aiohttp
 import msgspec
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from llmepp.k8s.backoff import Backoff
 from llmepp.k8s.client import KubeClient, KubeError
@@ -33,6 +42,9 @@ from llmepp.k8s.models import Metadata, ObjectMeta, RawList, Status, WatchEvent
 from llmepp.k8s.resources import Resource
 
 log = logging.getLogger(__name__)
+
+# A failure streak is logged when it starts, then at most once per this many seconds while it lasts.
+FAILURE_LOG_INTERVAL = 60.0
 
 
 class KubeObject(Protocol):
@@ -58,16 +70,19 @@ class InformerOptions:
     watch_timeout: float = 300.0  # seconds; each watch lasts 1-2x this (server-side timeoutSeconds)
     backoff_initial: float = 0.2
     backoff_max: float = 30.0
+    # Where informers built with these options report their counts (None: nowhere but `stats`).
+    metrics: InformerMetrics | None = field(default=None, compare=False)
 
 
 @dataclass(slots=True)
 class InformerStats:
-    lists: int = 0
+    lists: int = 0  # complete lists: the initial one and every relist
     gone: int = 0  # 410 answers that forced a relist
     watches: int = 0
     events: int = 0
     bookmarks: int = 0
-    errors: int = 0
+    errors: int = 0  # failed list / watch attempts
+    consecutive_errors: int = 0  # failed attempts since the last success
 
 
 class Informer(Generic[T]):
@@ -79,6 +94,8 @@ class Informer(Generic[T]):
         kind: type[T],
         handler: Handler[T],
         options: InformerOptions | None = None,
+        *,
+        owner: str = "epp",
     ) -> None:
         self.client = client
         self.resource = resource
@@ -96,6 +113,12 @@ class Informer(Generic[T]):
         self.stats = InformerStats()
         self._backoff = Backoff(self.options.backoff_initial, self.options.backoff_max)
         self._rng = random.Random()
+        self._streak_started = 0.0  # when the current failure streak began (monotonic)
+        self._next_failure_log = 0.0  # failures are logged at warning level from then on
+        self._streak_logged = False  # a failure of the current streak was (so its end will be)
+        self.owner = owner  # who watches (metrics label): "epp", or a notification source's name
+        if self.options.metrics is not None:
+            self.options.metrics.track(self)
 
     # -- the cache (read-only for callers) ---------------------------------------------
     def get(self, name: str) -> T | None:
@@ -129,22 +152,67 @@ class Informer(Generic[T]):
                 await self._failed(e)
 
     async def _failed(self, error: Exception) -> None:
-        self.stats.errors += 1
+        s = self.stats
+        s.errors += 1
+        s.consecutive_errors += 1
         delay = self._backoff.next_delay()
-        # The first failure of a streak is worth a warning; repeats only at debug level.
-        level = (
-            logging.WARNING if self._backoff.failures in (1, 10) or self._backoff.failures % 50 == 0 else logging.DEBUG
-        )
-        log.log(
-            level,
-            "kubernetes %s failed (%s: %s); retrying in %.1fs",
-            self.name,
-            type(error).__name__,
-            error,
-            delay,
-            extra={"informer": self.name, "failures": self._backoff.failures},
-        )
+        now = time.monotonic()
+        if s.consecutive_errors == 1:
+            self._streak_started = now
+        operation = "watch" if self.resource_version else "list"
+        if now >= self._next_failure_log:
+            # The start of a streak, then once per interval: regular enough that a look at the recent log of
+            # an EPP that never gets ready says why, without one line per attempt. (A connection that fails
+            # and recovers over and over is logged once per interval too.)
+            self._next_failure_log = now + FAILURE_LOG_INTERVAL
+            self._streak_logged = True
+            fatal = isinstance(error, KubeError) and 400 <= error.status < 500 and error.status not in (408, 429)
+            streak = (
+                f"; still failing after {s.consecutive_errors} attempts in {now - self._streak_started:.0f}s"
+                if s.consecutive_errors > 1
+                else ""
+            )
+            log.log(
+                logging.ERROR if fatal else logging.WARNING,
+                "kubernetes %s %s failed (%s: %s)%s%s; retrying in %.1fs",
+                self.name, operation, type(error).__name__, error, self._hint(error), streak, delay,
+                extra={"informer": self.name, "failures": s.consecutive_errors},
+            )  # fmt: skip
+        else:
+            log.debug("kubernetes %s %s failed (%s: %s); retrying in %.1fs", self.name, operation,
+                      type(error).__name__, error, delay)  # fmt: skip
         await asyncio.sleep(delay)
+
+    def _hint(self, error: Exception) -> str:
+        """What to check, for the answers that retrying will not change."""
+        if not isinstance(error, KubeError):
+            return ""
+        what = f"{self.resource.plural} ({self.resource.api_version})"
+        if error.status == 400:
+            selectors = [f"{name} {value!r}" for name, value in (("labelSelector", self.options.label_selector),
+                         ("fieldSelector", self.options.field_selector)) if value]  # fmt: skip
+            return f" — the API server refuses the request itself ({', '.join(selectors) or 'no selectors'})"
+        if error.status == 401:
+            return " — the API server does not accept the EPP's credentials"
+        if error.status == 403:
+            return (
+                f" — RBAC: the EPP's service account may not list and watch {what} in namespace "
+                f"{self.namespace} (deploy/kubernetes/rbac.yaml grants what the EPP needs)"
+            )
+        if error.status == 404:
+            return f" — the API server does not serve {what}: is its CRD installed?"
+        return ""
+
+    def _recovered(self) -> None:
+        s = self.stats
+        log.log(
+            logging.INFO if self._streak_logged else logging.DEBUG,
+            "kubernetes %s recovered after %d failed attempts in %.0fs",
+            self.name, s.consecutive_errors, time.monotonic() - self._streak_started,
+            extra={"informer": self.name},
+        )  # fmt: skip
+        s.consecutive_errors = 0
+        self._streak_logged = False
 
     async def _list(self) -> None:
         params: dict[str, str | int] = {"limit": self.options.page_size}
@@ -168,6 +236,8 @@ class Informer(Generic[T]):
                 break
             params["continue"] = page.metadata.continue_
         self.stats.lists += 1
+        if self.stats.consecutive_errors:
+            self._recovered()
         self._replace(fresh)
         self.resource_version = version
         if not self.synced.is_set():
@@ -199,9 +269,16 @@ class Informer(Generic[T]):
             params["fieldSelector"] = o.field_selector
         self.stats.watches += 1
         # Silence longer than the server-side timeout (+ margin) means the connection is dead.
-        async for line in self.client.stream_lines(self._path, params, read_timeout=timeout + 30):
+        lines = self.client.stream_lines(self._path, params, read_timeout=timeout + 30, opened=self._watch_opened)
+        async for line in lines:
             self._backoff.reset()
             self._on_event(self._events.decode(line))
+
+    def _watch_opened(self) -> None:
+        """The API server accepted the watch: a failure streak is over (an idle watch may send nothing for
+        minutes; a 1.20 server sends its first bookmark only just before the watch times out)."""
+        if self.stats.consecutive_errors:
+            self._recovered()
 
     def _on_event(self, event: WatchEvent) -> None:
         kind = event.type
@@ -245,3 +322,62 @@ class Informer(Generic[T]):
             self.handler.delete(obj)
         except Exception:
             log.exception("kubernetes %s: handler failed on delete of %s", self.name, obj.metadata.name)
+
+
+# -- metrics -------------------------------------------------------------------------------------------
+_COUNTERS = {
+    "lists": ("lists_total", "Complete lists of the informer's objects: the initial one and every relist."),
+    "gone": ("watch_expired_total", "410 Gone answers (the resourceVersion left the watch cache), each followed "
+             "by a relist."),
+    "watches": ("watches_total", "Watch requests sent (a watch ends after 5-10 minutes and is renewed)."),
+    "events": ("events_total", "Changes received on the watch (ADDED, MODIFIED, DELETED)."),
+    "bookmarks": ("bookmarks_total", "Bookmarks received on the watch."),
+    "errors": ("errors_total", "Failed list or watch attempts (each retried with backoff)."),
+}  # fmt: skip
+assert set(_COUNTERS) | {"consecutive_errors"} == {f.name for f in fields(InformerStats)}
+_LABELS = ["namespace", "owner", "resource"]
+_PREFIX = "llm_d_epp_kubernetes_informer_"
+
+
+class InformerMetrics(Collector):
+    """Every tracked informer's counts, read at scrape time (nothing on the watch path but the ints of
+    `InformerStats`). Labels: namespace ("" for a cluster-wide watch), owner ("epp", or the notification
+    source watching), resource (`plural[.group]`, as kubectl names it)."""
+
+    def __init__(self) -> None:
+        self._informers: weakref.WeakSet[Informer[Any]] = weakref.WeakSet()
+
+    def track(self, informer: Informer[Any]) -> None:
+        self._informers.add(informer)
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        rows: dict[tuple[str, str, str], list[float]] = {}
+        for inf in list(self._informers):
+            r = inf.resource
+            resource = f"{r.plural}.{r.group}" if r.group else r.plural
+            namespace = inf.namespace if f"/namespaces/{inf.namespace}/" in inf._path else ""
+            s = inf.stats
+            values = [getattr(s, name) for name in _COUNTERS]
+            values += [len(inf), 1.0 if inf.synced.is_set() else 0.0, s.consecutive_errors]
+            key = (namespace, inf.owner, resource)
+            row = rows.get(key)
+            # Two informers of one owner on one resource (not done today) make one series: counts and
+            # objects added up, synced only if both are, the longer failure streak.
+            rows[key] = values if row is None else [*(a + b for a, b in zip(row[:-2], values[:-2], strict=True)),
+                                                    min(row[-2], values[-2]), max(row[-1], values[-1])]  # fmt: skip
+        families: list[CounterMetricFamily | GaugeMetricFamily] = [
+            CounterMetricFamily(_PREFIX + name, text, labels=_LABELS) for name, text in _COUNTERS.values()
+        ]
+        families += [
+            GaugeMetricFamily(_PREFIX + "objects", "Objects in the informer's cache.", labels=_LABELS),
+            GaugeMetricFamily(_PREFIX + "synced", "1 once the informer's initial list is in.", labels=_LABELS),
+            GaugeMetricFamily(
+                _PREFIX + "consecutive_errors",
+                "Failed list or watch attempts since the last success (0: healthy).",
+                labels=_LABELS,
+            ),
+        ]
+        for labels, values in rows.items():
+            for family, value in zip(families, values, strict=True):
+                family.add_metric(list(labels), value)
+        yield from families

@@ -189,7 +189,7 @@ class NotificationWatch:
             self.resource = await self._resolve_with_retry()
         self.error = ""
         informer = self.informer = ObjectInformer(
-            self.client, self.resource, self.namespace, RawObject, self, self.options
+            self.client, self.resource, self.namespace, RawObject, self, self.options, owner=self.source
         )
         task = asyncio.create_task(informer.run(), name=f"informer-{self.source}")
         try:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -32,7 +32,7 @@ from llmepp.flowcontrol.objectives import ObjectiveStore
 from llmepp.framework.plugin import ConfigError
 from llmepp.k8s.client import KubeClient
 from llmepp.k8s.discovery import DiscoveryTarget, KubernetesDiscovery
-from llmepp.k8s.informer import Informer, InformerOptions
+from llmepp.k8s.informer import Informer, InformerMetrics, InformerOptions
 from llmepp.k8s.leader import LeaderElector, LeaseConfig, default_identity, lease_name
 from llmepp.k8s.modelrewrite import ModelRewriter, ModelRewriteStore, RewriteSync
 from llmepp.k8s.models import InferenceModelRewrite, InferenceObjective
@@ -46,7 +46,9 @@ log = logging.getLogger(__name__)
 def kubernetes_target(settings: Settings) -> DiscoveryTarget | None:
     """The Kubernetes-mode target the flags ask for, or None (no --pool-name / --endpoint-selector)."""
     pool = settings.pool_name if settings.pool_name_set else None
-    if pool is None and settings.endpoint_selector is None:
+    # An empty --endpoint-selector is the flag unset, as in the reference (`--endpoint-selector=` from a template).
+    selector = settings.endpoint_selector or None
+    if pool is None and selector is None:
         return None
     if pool is not None and settings.objectives_file:
         # Both would write the same store; each file reload would wipe the pool's objectives.
@@ -58,7 +60,7 @@ def kubernetes_target(settings: Settings) -> DiscoveryTarget | None:
         namespace=settings.pool_namespace,
         pool_name=pool,
         pool_group=settings.pool_group,
-        selector=settings.endpoint_selector,
+        selector=selector,
         target_ports=tuple(settings.endpoint_target_ports),
     )
 
@@ -121,8 +123,14 @@ class KubeRuntime:
         self.informers: list[Informer[Any]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._elector_task: asyncio.Task[None] | None = None
+        # llm_d_epp_kubernetes_informer_* for every informer built with `options.informer` once started
+        # (ours, and the notification sources' the app starts with them).
+        self.informer_metrics = InformerMetrics()
+        if registry is not None:
+            registry.register(self.informer_metrics)
 
     async def start(self) -> None:
+        self.options = replace(self.options, informer=replace(self.options.informer, metrics=self.informer_metrics))
         t, o = self.target, self.options
         client = self.client = await KubeClient.connect(o.kubeconfig)
         log.info(

@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 
+from llmepp.k8s import informer as informer_module
 from llmepp.k8s.client import KubeClient
 from llmepp.k8s.informer import Informer, InformerOptions
 from llmepp.k8s.models import Pod
@@ -155,3 +158,47 @@ async def test_a_list_answer_that_is_no_list_does_not_empty_the_cache(tmp_path: 
         assert not task.done(), f"informer died: {task.exception()!r}"
         assert ("delete", "a") not in rec.seen and len(informer) == 2
         assert informer.resource_version == "43" and informer.stats.errors == 1
+
+
+async def test_a_watch_the_server_accepts_ends_a_failure_streak_before_any_event(tmp_path: Path) -> None:
+    """A 1.20 API server sends nothing on an idle watch until just before it times out (5-10 min): the
+    streak (and llm_d_epp_kubernetes_informer_consecutive_errors) ends when the watch is accepted."""
+    watches = 0
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        nonlocal watches
+        if not request.query.get("watch"):
+            return pod_list(50, "a")
+        watches += 1
+        if watches <= 2:
+            return web.json_response({"kind": "Status", "code": 503, "message": "not now"}, status=503)
+        return await quiet_watch(request)
+
+    async with fake_api(handler, tmp_path) as client, running(client) as (informer, _, task):
+        await eventually(lambda: watches >= 3 or task.done(), within=5)
+        await eventually(lambda: informer.stats.consecutive_errors == 0, within=2)
+        assert informer.stats.errors == 2 and informer.stats.events == 0 and not task.done()
+
+
+async def test_a_watch_that_fails_after_every_open_is_logged_once_per_interval(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each watch is accepted, then the stream breaks (a proxy's garbage): every attempt is a streak of
+    one. Before, each was a warning (the backoff, reset by the line read, never passed its first step)."""
+    monkeypatch.setattr(informer_module, "FAILURE_LOG_INTERVAL", 0.5)
+    watches = 0
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        nonlocal watches
+        if not request.query.get("watch"):
+            return pod_list(60, "a")
+        watches += 1
+        return web.Response(body=b"<html>proxy error</html>\n")
+
+    with caplog.at_level(logging.DEBUG, logger="llmepp.k8s.informer"):
+        async with fake_api(handler, tmp_path) as client, running(client) as (_, _, task):
+            await asyncio.sleep(1.2)
+            assert not task.done() and watches >= 8
+    loud = [r for r in caplog.records if r.levelno >= logging.INFO and "synced" not in r.getMessage()]
+    assert 2 <= len([r for r in loud if r.levelno == logging.WARNING]) <= 3, [r.getMessage() for r in loud]
+    assert len(loud) <= 6, [r.getMessage() for r in loud]
