@@ -6,8 +6,8 @@ Path resolution: `:path`, else `x-original-path`, else `x-forwarded-path`, else
 claiming the longest suffix, matched on a path-segment boundary (`/v1/chat/completions` is
 chat, `/x/foocompletions` is not). Unclaimed paths go to the fallback parser (the first that
 claims nothing: passthrough keeps the body raw and never interprets it), or are a 400 when
-the configured list has no fallback. This module reads the OpenAI bodies; `anthropic.py` the
-Anthropic Messages API.
+the configured list has no fallback. This module reads the JSON bodies (OpenAI, Anthropic Messages,
+vLLM and SGLang generate); `vllmgrpc.py` and `vertexai.py` the gRPC APIs.
 
 The canonical prompt (`InferenceRequest.prompt`, UTF-8 bytes) mirrors the reference's
 estimate tokenizer input:
@@ -25,16 +25,25 @@ estimate tokenizer input:
 - responses (OpenAI Responses API): `instructions` as a system message, then the `input`
   (a string is one user message; a list gives each item's role and text), like chat.
 - messages (Anthropic Messages API, `/v1/messages`; vLLM serves it too): the `tools` JSON,
-  `system` as a system message, then each message's role and text (string content, or its
+  the system prompt as vLLM's Anthropic endpoint builds it (`_anthropic_messages`: without
+  Claude Code's per-request `x-anthropic-billing-header` blocks, which would give every request of
+  a session a different prefix), then each message's role and text (string content, or its
   `text` blocks and the text inside `tool_result` blocks; images and tool calls add nothing).
   `messages/count_tokens` generates nothing and is read as raw (routed by load).
 - generate (SGLang's native `/generate`): `text` (a string or a batch of strings, with the
   completions rules) or `input_ids` (token ids, or a batch of them), `sampling_params.max_new_tokens`,
-  `stream`, `extra_key` as the cache salt; `model` when the client sends one.
+  `stream`, `extra_key` as the cache salt (of a batch: the first prompt's); `model` when the client
+  sends one (a string; SGLang itself ignores the field).
 
 Decoding uses typed msgspec Structs: only the fields the router needs are materialised
 (a 2 MB body decodes in well under a millisecond). The full payload is decoded as a dict
 only when the model name must be rewritten upstream.
+
+Scalars are read as the model server reads them: vLLM's request models are pydantic models in
+lax mode, so `"stream": "true"` streams and `"max_tokens": 10.0` or `"10"` is 10; what pydantic
+refuses is a 400 naming the field (`lax_bool`, `lax_int`; token-id lists likewise). The stream flag,
+the max-token fields and token ids are decoded as raw values and converted here; the usual values
+(true, 10, a list of ints) cost one type check.
 """
 
 from __future__ import annotations
@@ -101,6 +110,9 @@ MULTIMODAL_PARTS = frozenset(
 DEFAULT_PARSERS = ("openai-parser", "anthropic-parser", "vllmhttp-parser", "passthrough-parser")
 
 _INT_ONLY = frozenset({int})
+# Claude Code's attribution block: its text varies per request (cch=<hash>). vLLM's Anthropic endpoint
+# drops system text blocks starting with it (so does this parser: the prompt is what vLLM prefills).
+BILLING_HEADER = "x-anthropic-billing-header"
 _xxh64 = xxhash.xxh64_intdigest
 
 
@@ -108,8 +120,9 @@ _xxh64 = xxhash.xxh64_intdigest
 class _CompletionsBody(msgspec.Struct):
     model: Any = None
     prompt: Any = msgspec.UNSET
-    stream: bool | None = None
-    max_tokens: int | None = None
+    # Lax scalars (read by _flag / _max_tokens as vLLM's pydantic models read them): Any.
+    stream: Any = None
+    max_tokens: Any = None
     cache_salt: str | None = None
 
 
@@ -136,9 +149,9 @@ class _ChatBody(msgspec.Struct):
     messages: list[_Message] | msgspec.UnsetType = msgspec.UNSET
     # Raw keeps the client's bytes: the prompt includes the tools JSON verbatim.
     tools: msgspec.Raw = msgspec.Raw(b"")
-    stream: bool | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    stream: Any = None
+    max_tokens: Any = None
+    max_completion_tokens: Any = None
     cache_salt: str | None = None
 
 
@@ -158,8 +171,8 @@ class _ResponsesBody(msgspec.Struct):
     input: str | list[_InputItem] | msgspec.UnsetType = msgspec.UNSET
     instructions: str | None = None
     tools: msgspec.Raw = msgspec.Raw(b"")
-    stream: bool | None = None
-    max_output_tokens: int | None = None
+    stream: Any = None
+    max_output_tokens: Any = None
     cache_salt: str | None = None
 
 
@@ -177,16 +190,16 @@ class _ImagesBody(msgspec.Struct):
 
 
 class _GenerateBody(msgspec.Struct):
-    model: str | None = None
+    model: Any = None  # no GenerateReqInput field: SGLang ignores it; the router reads a string one
     text: Any = msgspec.UNSET
     input_ids: Any = msgspec.UNSET
     sampling_params: _SamplingParams | list[_SamplingParams] | None = None
-    stream: bool | None = None
-    extra_key: str | None = None
+    stream: Any = None  # GenerateReqInput.stream: pydantic-validated (FastAPI), so lax
+    extra_key: str | list[str] | None = None  # a batch may salt each prompt
 
 
 class _VllmSamplingParams(msgspec.Struct):
-    max_tokens: int | None = None
+    max_tokens: Any = None
 
 
 class _VllmFeatures(msgspec.Struct):
@@ -197,7 +210,7 @@ class _VllmGenerateBody(msgspec.Struct):
     token_ids: Any = msgspec.UNSET
     sampling_params: _VllmSamplingParams | None = None
     model: str | None = None
-    stream: bool | None = None
+    stream: Any = None
     cache_salt: str | None = None
     features: _VllmFeatures | None = None
 
@@ -219,8 +232,8 @@ class _MessagesBody(msgspec.Struct):
     messages: list[_AnthropicMessage] | msgspec.UnsetType = msgspec.UNSET
     system: str | list[_Block] | None = None
     tools: msgspec.Raw = msgspec.Raw(b"")
-    stream: bool | None = None
-    max_tokens: int | None = None
+    stream: Any = None
+    max_tokens: Any = None
 
 
 _COMPLETIONS_DECODER = msgspec.json.Decoder(_CompletionsBody)
@@ -402,7 +415,7 @@ def parse_openai(req: InferenceRequest, suffix: str) -> None:
         req.prompt = _chat_prompt(chat)
         req.messages = _chat_messages(chat)
         req.mm_items = _media_items(chat.messages)
-        req.stream = bool(chat.stream)
+        req.stream = _flag(chat.stream)
         if chat.max_completion_tokens is not None:
             req.max_tokens = _max_tokens(chat.max_completion_tokens, "max_completion_tokens")
         else:
@@ -411,16 +424,14 @@ def parse_openai(req: InferenceRequest, suffix: str) -> None:
     elif kind is RequestKind.COMPLETIONS:
         comp = _decode(_COMPLETIONS_DECODER, body)
         req.model = _model(comp.model)
-        req.prompt = _text_or_tokens(comp.prompt, "prompt")
-        req.prompt_is_token_ids = _is_token_prompt(comp.prompt)
-        req.stream = bool(comp.stream)
+        req.prompt, req.prompt_is_token_ids = _text_or_tokens(comp.prompt, "prompt", lax=True)
+        req.stream = _flag(comp.stream)
         req.max_tokens = _max_tokens(comp.max_tokens)
         req.cache_salt = comp.cache_salt or ""
     elif kind is RequestKind.EMBEDDINGS:
         emb = _decode(_EMBEDDINGS_DECODER, body)
         req.model = _model(emb.model)
-        req.prompt = _text_or_tokens(emb.input, "input")
-        req.prompt_is_token_ids = _is_token_prompt(emb.input)
+        req.prompt, req.prompt_is_token_ids = _text_or_tokens(emb.input, "input", lax=True)
         req.cache_salt = emb.cache_salt or ""
     elif kind is RequestKind.CONVERSATIONS:
         # No model: a conversation is stored state; its items are the start of every later turn.
@@ -442,7 +453,7 @@ def parse_openai(req: InferenceRequest, suffix: str) -> None:
         if not isinstance(resp.input, str | msgspec.UnsetType):
             req.mm_items = _media_items(resp.input)
         req.prompt = conversation_prompt(req.messages, bytes(resp.tools))
-        req.stream = bool(resp.stream)
+        req.stream = _flag(resp.stream)
         req.max_tokens = _max_tokens(resp.max_output_tokens, "max_output_tokens")
         req.cache_salt = resp.cache_salt or ""
 
@@ -458,14 +469,64 @@ def parse_anthropic(req: InferenceRequest, suffix: str) -> None:
         raise BadRequest('missing required field "messages"')
     if not body.messages:
         raise BadRequest('"messages" must contain at least one message')
-    system = _block_text(body.system)
-    messages = [("system", system)] if system else []
-    messages += [(m.role, _block_text(m.content)) for m in body.messages]
-    req.messages = messages
+    req.messages = messages = _anthropic_messages(body)
     req.mm_items = _media_items(body.messages)
     req.prompt = conversation_prompt(messages, bytes(body.tools))
-    req.stream = bool(body.stream)
+    req.stream = _flag(body.stream)
     req.max_tokens = _max_tokens(body.max_tokens)
+
+
+def _anthropic_messages(body: _MessagesBody) -> list[tuple[str, str]]:
+    """(role, text) per message as vLLM's Anthropic endpoint converts them (inline_system.py, "preserve"
+    placement): the system prompt is the top-level `system` (a string as sent; of a block list, the text
+    blocks without Claude Code's billing header, joined without separator), then the text of the system
+    messages leading `messages` ("\n\n" between them); a later system message stays in place (held past
+    an assistant's tool_use until its tool results), without billing-header blocks, dropped when empty.
+    (vLLM folds such later system text into a neighbouring user turn instead when the request has no
+    system prompt, or when a probe of its chat template finds system turns unsafe there: either way only
+    the end of the conversation changes, so prefix matching is unaffected.) User and assistant messages:
+    their text (and tool-result text) blocks joined by "\n"."""
+    system = body.system
+    top = system if isinstance(system, str) else _system_blocks_text(system) if system else ""
+    msgs = body.messages
+    assert not isinstance(msgs, msgspec.UnsetType)
+    lead = 0
+    while lead < len(msgs) and msgs[lead].role == "system":
+        lead += 1
+    texts = [top, *(_system_message_text(m.content) for m in msgs[:lead])]
+    system_text = "\n\n".join(t for t in texts if t)
+    out: list[tuple[str, str]] = [("system", system_text)] if system_text else []
+    held: list[tuple[str, str]] = []
+    awaiting_results = False
+    for m in msgs[lead:]:
+        role = m.role
+        if role == "system":
+            text = _system_message_text(m.content)
+            if text:
+                (held if awaiting_results else out).append((role, text))
+            continue
+        if held and role == "assistant":
+            out += held
+            held.clear()
+        out.append((role, _block_text(m.content)))
+        if held and role == "user":
+            out += held
+            held.clear()
+        content = m.content
+        awaiting_results = (
+            role == "assistant" and isinstance(content, list) and any(b.type == "tool_use" for b in content)
+        )
+    return out + held
+
+
+def _system_blocks_text(blocks: list[_Block]) -> str:
+    return "".join(b.text for b in blocks if b.type == "text" and b.text and not b.text.startswith(BILLING_HEADER))
+
+
+def _system_message_text(content: str | list[_Block] | None) -> str:
+    if isinstance(content, str):
+        return "" if content.startswith(BILLING_HEADER) else content
+    return _system_blocks_text(content) if content else ""
 
 
 def _block_text(content: str | list[_Block] | None) -> str:
@@ -491,23 +552,24 @@ def parse_sglang(req: InferenceRequest, suffix: str) -> None:
     if has_text == has_ids:
         raise BadRequest('exactly one of "text" and "input_ids" is required')
     req.kind = RequestKind.GENERATE
-    req.model = body.model or ""
+    req.model = body.model if isinstance(body.model, str) else ""
     if has_text:
         if _is_token_prompt(body.text):
             raise BadRequest('"text" must be a string or a list of strings')
-        req.prompt = _text_or_tokens(body.text, "text")
+        req.prompt = _text_or_tokens(body.text, "text")[0]
     else:
         ids = body.input_ids
         if not isinstance(ids, list) or not ids or isinstance(ids[0], str):
             raise BadRequest('"input_ids" must be a list of token ids or a list of such lists')
-        req.prompt = _text_or_tokens(ids, "input_ids")
+        req.prompt = _text_or_tokens(ids, "input_ids")[0]
         req.prompt_is_token_ids = True
     params = body.sampling_params
     first = params[0] if isinstance(params, list) and params else params
     field = "sampling_params[0].max_new_tokens" if isinstance(params, list) else "sampling_params.max_new_tokens"
     req.max_tokens = _max_tokens(first.max_new_tokens, field) if isinstance(first, _SamplingParams) else None
-    req.stream = bool(body.stream)
-    req.cache_salt = body.extra_key or ""
+    req.stream = _flag(body.stream)
+    salt = body.extra_key
+    req.cache_salt = (salt[0] if salt else "") if isinstance(salt, list) else salt or ""
 
 
 def parse_vllm_generate(req: InferenceRequest, suffix: str) -> None:
@@ -521,11 +583,11 @@ def parse_vllm_generate(req: InferenceRequest, suffix: str) -> None:
         raise BadRequest('"token_ids" must be a non-empty list of token ids')
     req.kind = RequestKind.GENERATE
     req.model = body.model or ""
-    req.prompt = pack_token_ids(ids, "token_ids")
+    req.prompt = pack_token_ids(ids, "token_ids", lax=True)
     req.prompt_is_token_ids = True
     params = body.sampling_params
     req.max_tokens = _max_tokens(params.max_tokens, "sampling_params.max_tokens") if params is not None else None
-    req.stream = bool(body.stream)
+    req.stream = _flag(body.stream)
     req.cache_salt = body.cache_salt or ""
     if body.features is not None:
         hashes = body.features.mm_hashes
@@ -634,10 +696,87 @@ def _model(value: Any) -> str:
     return value
 
 
-def _max_tokens(value: int | None, field: str = "max_tokens") -> int | None:
-    if value is not None and value < 0:
+def _max_tokens(value: Any, field: str = "max_tokens") -> int | None:
+    """A vLLM `int | None` token count, read as pydantic's lax mode reads it (10.0, "10" → 10)."""
+    if value is None:
+        return None
+    count = value if type(value) is int else lax_int(value)
+    if count is None:
+        raise BadRequest(f'"{field}" must be an integer, got {_json_type(value)}')
+    if count < 0:
         raise BadRequest(f'"{field}" must not be negative')
-    return value
+    return count
+
+
+def _flag(value: Any, field: str = "stream") -> bool:
+    """A vLLM `bool | None` flag (null: false), read as pydantic's lax mode reads it ("true", 1 → true)."""
+    if value is True or value is False:
+        return value
+    if value is None:
+        return False
+    flag = lax_bool(value)
+    if flag is None:
+        raise BadRequest(f'"{field}" must be a boolean, got {_json_type(value)}')
+    return flag
+
+
+# -- lax scalars ---------------------------------------------------------------------------------
+# vLLM's request models are pydantic models validated in lax mode (FastAPI, from json.loads'
+# objects), so vLLM serves `"stream": "true"` and `"max_tokens": 10.0`. These read a JSON value as
+# pydantic-core's lax `int` and `bool` do (checked against pydantic in the tests); None: refused.
+# Whitespace pydantic trims around an integer string: Rust's char::is_whitespace (Unicode White_Space;
+# str.strip() would also strip \x1c-\x1f).
+_LAX_WHITESPACE = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
+    "\u2028\u2029\u202f\u205f\u3000"
+)
+# Sign, ASCII digits with single underscores between them, an optional all-zero fraction.
+_LAX_INT = re.compile(r"[+-]?[0-9](?:_?[0-9])*(?:\.0+)?")
+_LAX_INT_DIGITS = 4300  # significant digits at most (Python's int-string limit; pydantic's too)
+_LAX_I64 = 2.0**63  # a float must lie strictly within (-2⁶³, 2⁶³)
+_LAX_BOOLS = {"true": True, "t": True, "y": True, "yes": True, "on": True, "1": True,
+              "false": False, "f": False, "n": False, "no": False, "off": False, "0": False}  # fmt: skip
+_JSON_TYPES = {type(None): "null", bool: "boolean", int: "integer", float: "number", str: "string",
+               list: "array", dict: "object"}  # fmt: skip
+
+
+def lax_int(value: Any) -> int | None:
+    """pydantic's lax `int`: an integer; a boolean (1 / 0); a float without fraction, within int64; a
+    string of an integer (surrounding whitespace, `_` between digits and a `.0…` fraction allowed)."""
+    kind = type(value)
+    if kind is int:
+        return value
+    if kind is bool:
+        return int(value)
+    if kind is float:
+        return int(value) if value.is_integer() and -_LAX_I64 < value < _LAX_I64 else None
+    if kind is not str:
+        return None
+    text = value.strip(_LAX_WHITESPACE)
+    if not _LAX_INT.fullmatch(text):
+        return None
+    digits = text.partition(".")[0].lstrip("+-").replace("_", "").lstrip("0")
+    if len(digits) > _LAX_INT_DIGITS:
+        return None
+    count = int(digits) if digits else 0
+    return -count if text[0] == "-" else count
+
+
+def lax_bool(value: Any) -> bool | None:
+    """pydantic's lax `bool`: a boolean; 0 / 1 (integer or float); "0" / "1" and, in any ASCII case,
+    "true" / "false", "t" / "f", "yes" / "no", "y" / "n", "on" / "off" (no surrounding whitespace)."""
+    kind = type(value)
+    if kind is bool:
+        return bool(value)
+    if kind is int or kind is float:
+        return True if value == 1 else False if value == 0 else None
+    if kind is str and value.isascii():
+        return _LAX_BOOLS.get(value.lower())
+    return None
+
+
+def _json_type(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
 def _chat_prompt(chat: _ChatBody) -> bytes:
@@ -683,40 +822,50 @@ def _is_token_prompt(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and not isinstance(value[0], str)
 
 
-def _text_or_tokens(value: Any, field: str) -> bytes:
-    """A completions prompt / embeddings input: str, list[str], list[int] or list[list[int]]."""
+def _text_or_tokens(value: Any, field: str, *, lax: bool = False) -> tuple[bytes, bool]:
+    """A completions prompt / embeddings input: str, list[str], list[int] or list[list[int]] → (prompt,
+    given as token ids?). `lax`: token ids as vLLM's pydantic union reads them (smart mode: a list of
+    strings is text; any other list whose items all read as integers, e.g. [1.0, "2"], is token ids)."""
     if value is msgspec.UNSET or value is None:
         raise BadRequest(f'missing required field "{field}"')
     if isinstance(value, str):
-        return value.encode()
+        return value.encode(), False
     if not isinstance(value, list):
         raise BadRequest(f'"{field}" must be a string or list')
     if not value:
         raise BadRequest(f'"{field}" must not be an empty list')
     first = value[0]
-    if isinstance(first, str):
-        if not all(isinstance(v, str) for v in value):
-            raise BadRequest(f'"{field}" list must contain only strings')
-        return "".join(value).encode()
-    if type(first) is int:  # not bool: JSON true is no token id
-        return pack_token_ids(value, field)
+    if isinstance(first, str) and all(isinstance(v, str) for v in value):
+        return "".join(value).encode(), False
+    if type(first) is int:  # the usual token-id prompt (bool is no int here: JSON true)
+        return pack_token_ids(value, field, lax=lax), True
     if isinstance(first, list):
         out = bytearray()
         for item in value:
             if not isinstance(item, list) or not item:
                 raise BadRequest(f'"{field}" must be a list of non-empty token-id lists')
-            out += pack_token_ids(item, field)
-        return bytes(out)
+            out += pack_token_ids(item, field, lax=lax)
+        return bytes(out), True
+    if lax:
+        ids = [lax_int(v) for v in value]
+        if None not in ids:
+            return pack_token_ids(ids, field), True
+    if isinstance(first, str):
+        raise BadRequest(f'"{field}" list must contain only strings')
     raise BadRequest(f'"{field}" must be a string, a list of strings or a list of token ids')
 
 
-def pack_token_ids(ids: Iterable[Any], field: str, *, uint32: bool = False) -> bytes:
+def pack_token_ids(ids: Iterable[Any], field: str, *, uint32: bool = False, lax: bool = False) -> bytes:
     """Token ids as little-endian uint32 (the token-id prompt layout); anything but integers in
     [0, 2³²−1] is a BadRequest. C loops only: 2,048 ids in ~30 µs (a Python check per id: ~80 µs).
-    `uint32`: the ids are typed so already (a protobuf repeated uint32): no type check, no copy."""
-    # bool is an int subclass: JSON true/false are not token ids.
+    `uint32`: the ids are typed so already (a protobuf repeated uint32): no type check, no copy.
+    `lax`: a list with other items (1.0, "2", true) is read as pydantic's lax list[int] reads it."""
+    # bool is an int subclass: JSON true/false are no token ids, unless read laxly (as 1 / 0).
     if not uint32 and set(map(type, ids)) - _INT_ONLY:
-        raise BadRequest(f'"{field}" token ids must be integers in [0, 4294967295]')
+        coerced = [lax_int(v) for v in ids] if lax else [None]
+        if None in coerced:
+            raise BadRequest(f'"{field}" token ids must be integers in [0, 4294967295]')
+        ids = coerced
     try:
         packed = array.array("I", ids)  # "I" is 4 bytes on every platform CPython supports here
     except OverflowError:

@@ -18,12 +18,23 @@ absent). An Anthropic Messages stream splits its usage: `message_start` carries 
 tokens (in `message.usage`), the last `message_delta` the output tokens; the first
 `HEAD_BYTES` of a stream are kept too, and the two are merged (as the reference does).
 
+SGLang's native `/generate` has no `usage`: each output carries a `meta_info` with `prompt_tokens`,
+`completion_tokens` and `cached_tokens` (read when no `usage` is found). A batch answer (a list of
+prompts, or n > 1) is a JSON list, one object per output: their counts are summed. A stream's chunks
+carry each output's running totals (SGLang repeats the text so far in every chunk): per output (its
+`meta_info.id`), the last chunk in the kept tail counts, and the outputs are summed; an output that
+finished more than `SSE_TAIL_BYTES` before the end of the stream is not counted.
+
 The result depends only on the bytes, never on how they were split into chunks: the
 collector may keep more than the bound between chunks, but always evaluates exactly the
 last N bytes.
 """
 
 from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import msgspec
 
@@ -53,17 +64,33 @@ class _Inner(msgspec.Struct):
     usage: _UsageBody | None = None
 
 
+class _MetaInfo(msgspec.Struct):
+    """SGLang /generate: {"text": ..., "output_ids": [...], "meta_info": {"id": ..., "prompt_tokens": ...}}"""
+
+    id: Any = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+
+
 class _Envelope(msgspec.Struct):
     usage: _UsageBody | None = None
     # Responses API: {"type": "response.completed", "response": {..., "usage": {...}}}
     response: _Inner | None = None
     # Anthropic: {"type": "message_start", "message": {..., "usage": {...}}}
     message: _Inner | None = None
+    # SGLang /generate
+    meta_info: _MetaInfo | None = None
 
 
 _ENVELOPE = msgspec.json.Decoder(_Envelope)
+_ENVELOPES = msgspec.json.Decoder(list[_Envelope])  # an SGLang batch answer
 _USAGE = msgspec.json.Decoder(_UsageBody)
+_META = msgspec.json.Decoder(_MetaInfo)
 _USAGE_KEY = b'"usage"'
+_META_KEY = b'"meta_info"'
+_ARRAY = re.compile(rb"[ \t\r\n]*\[")
+_ID_WINDOW = 16  # bytes from the end of `"meta_info"` to the start of its id's value, at most
 _DONE = b"[DONE]"
 
 
@@ -80,35 +107,73 @@ def _to_usage(u: _UsageBody) -> Usage | None:
     return Usage(prompt_tokens=p, completion_tokens=c, cached_tokens=cached or 0, total_tokens=total)
 
 
+def _meta_usage(m: _MetaInfo) -> Usage | None:
+    if m.prompt_tokens is None and m.completion_tokens is None:
+        return None
+    p = m.prompt_tokens or 0
+    c = m.completion_tokens or 0
+    return Usage(prompt_tokens=p, completion_tokens=c, cached_tokens=m.cached_tokens or 0, total_tokens=p + c)
+
+
+def _envelope_usage(env: _Envelope) -> Usage | None:
+    u = env.usage
+    if u is None:
+        inner = env.response or env.message
+        u = inner.usage if inner is not None else None
+    if u is not None:
+        return _to_usage(u)
+    return _meta_usage(env.meta_info) if env.meta_info is not None else None
+
+
 def _from_envelope(doc: bytes) -> Usage | None:
     try:
         env = _ENVELOPE.decode(doc)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None
-    u = env.usage
-    if u is None:
-        inner = env.response or env.message
-        u = inner.usage if inner is not None else None
-    return _to_usage(u) if u is not None else None
+    return _envelope_usage(env)
+
+
+def _summed(usages: Iterable[Usage | None]) -> Usage | None:
+    found = [u for u in usages if u is not None]
+    if not found:
+        return None
+    p = sum(u.prompt_tokens for u in found)
+    c = sum(u.completion_tokens for u in found)
+    cached = sum(u.cached_tokens for u in found)
+    return Usage(prompt_tokens=p, completion_tokens=c, cached_tokens=cached, total_tokens=p + c)
 
 
 def usage_from_json(body: bytes) -> Usage | None:
-    """Usage of a complete non-streaming JSON response body, or None."""
-    if _USAGE_KEY not in body:
+    """Usage of a complete non-streaming JSON response body (an SGLang batch: a list), or None."""
+    if _USAGE_KEY not in body and _META_KEY not in body:
         return None
-    return _from_envelope(body)
+    if _ARRAY.match(body) is None:
+        return _from_envelope(body)
+    try:
+        envs = _ENVELOPES.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return None
+    return _summed(_envelope_usage(env) for env in envs)
 
 
 def usage_from_sse(tail: bytes) -> Usage | None:
     """Usage from the last SSE `data:` event that carries one (the tail may start mid-event: then the last
     `"usage"` object of that partial first line, as a Responses-API `response.completed` event repeating a
-    long output outgrows the tail)."""
+    long output outgrows the tail). An SGLang stream (its last event has a `meta_info`, no `usage`): the
+    outputs' last running totals, summed."""
     end = len(tail)
+    last_event = True
     while end > 0:
         start = tail.rfind(b"\n", 0, end) + 1
         line = tail[start:end]
         end = start - 1
+        if last_event and line.startswith(b"data:") and line[5:].strip() != _DONE:
+            last_event = False
+            if _USAGE_KEY not in line and _META_KEY in line:
+                return _meta_from_sse(tail)
         if _USAGE_KEY not in line:
+            if start == 0 and last_event and _META_KEY in line:  # only a part of SGLang's last chunk is kept
+                return _meta_from_sse(tail)
             continue
         if not line.startswith(b"data:"):
             if start == 0:
@@ -120,6 +185,55 @@ def usage_from_sse(tail: bytes) -> Usage | None:
         usage = _from_envelope(payload)
         if usage is not None:
             return usage
+    return None
+
+
+def _meta_from_sse(tail: bytes) -> Usage | None:
+    """An SGLang stream's usage: the last `meta_info` of each output (by id) in the tail, summed."""
+    last: dict[Any, Usage | None] = {}
+    # `:"<id>"` of each output counted: an earlier chunk of it is skipped undecoded (SGLang writes the id
+    # first in meta_info, so it is within a few bytes of the key).
+    counted: list[bytes] = []
+    end = len(tail)
+    while end > 0:
+        start = tail.rfind(b"\n", 0, end) + 1
+        line = tail[start:end]
+        end = start - 1
+        key = line.rfind(_META_KEY)
+        if key < 0:
+            continue
+        lo = key + len(_META_KEY)
+        if any(line.find(tok, lo, lo + _ID_WINDOW + len(tok)) >= 0 for tok in counted):
+            continue
+        if line.startswith(b"data:"):
+            meta = _meta_of(line[5:].strip())
+        elif start == 0:  # the tail starts inside a (long) chunk: its meta_info closes it
+            meta = _last_meta_object(line)
+        else:
+            continue
+        if meta is None or not isinstance(meta.id, str | int | float | None) or meta.id in last:
+            continue
+        last[meta.id] = _meta_usage(meta)
+        if meta.id is not None:
+            encoded = msgspec.json.encode(meta.id)
+            counted += (b":" + encoded, b": " + encoded)
+    return _summed(last.values())
+
+
+def _meta_of(payload: bytes) -> _MetaInfo | None:
+    try:
+        return _ENVELOPE.decode(payload).meta_info
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return None
+
+
+def _last_meta_object(fragment: bytes) -> _MetaInfo | None:
+    """The last `"meta_info": {...}` object in a fragment of a JSON document."""
+    for obj in _objects_after(fragment, _META_KEY):
+        try:
+            return _META.decode(obj)
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+            pass
     return None
 
 
@@ -146,18 +260,27 @@ def _merged(start: Usage | None, end: Usage | None) -> Usage | None:
 
 
 def usage_from_fragment(tail: bytes) -> Usage | None:
-    """Usage from the last `"usage": {...}` object in a fragment of a JSON document."""
-    pos = len(tail)
+    """Usage from the last `"usage": {...}` object in a fragment of a JSON document, else from its last
+    SGLang `"meta_info": {...}` object."""
+    for obj in _objects_after(tail, _USAGE_KEY):
+        try:
+            return _to_usage(_USAGE.decode(obj))
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+            pass
+    meta = _last_meta_object(tail) if _META_KEY in tail else None
+    return _meta_usage(meta) if meta is not None else None
+
+
+def _objects_after(buf: bytes, key: bytes) -> Iterator[bytes]:
+    """The `{...}` objects following `key:` in `buf`, last first."""
+    pos = len(buf)
     while True:
-        pos = tail.rfind(_USAGE_KEY, 0, pos)
+        pos = buf.rfind(key, 0, pos)
         if pos < 0:
-            return None
-        obj = _object_after_colon(tail, pos + len(_USAGE_KEY))
+            return
+        obj = _object_after_colon(buf, pos + len(key))
         if obj is not None:
-            try:
-                return _to_usage(_USAGE.decode(obj))
-            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-                pass
+            yield obj
 
 
 def _object_after_colon(buf: bytes, i: int) -> bytes | None:

@@ -72,3 +72,30 @@ async def test_streamed_usage_reaches_the_token_metrics(stack: Stack, http: aioh
     after_in = await epp_metric(http, stack.metrics_url, "llm_d_epp_request_input_tokens_sum", **labels)
     after_out = await epp_metric(http, stack.metrics_url, "llm_d_epp_request_output_tokens_sum", **labels)
     assert (after_in - before_in, after_out - before_out) == (prompt_tokens, 6)
+
+
+async def test_claude_code_turns_stay_together_though_their_billing_header_varies(
+    stack: Stack, http: aiohttp.ClientSession
+) -> None:
+    """Claude Code's first system block carries a per-request hash (x-anthropic-billing-header: ...;
+    cch=...): the EPP, like vLLM, leaves it out of the prompt, so the turns of one session share their
+    prefix and stay on one pod (before, every turn's prompt differed from its ~40th byte on)."""
+    history: list[dict[str, Any]] = [{"role": "user", "content": "claude code question"}]
+    pods = []
+    for i in range(5):
+        header = f"x-anthropic-billing-header: cc_version=2.1.117.48f; cc_entrypoint=cli; cch={i:05x};"
+        system = [
+            {"type": "text", "text": header},
+            {"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude."},
+            {"type": "text", "text": " " + SYSTEM},
+        ]
+        body = {"model": MODEL, "system": system, "messages": history, "max_tokens": 8}
+        async with http.post(f"{stack.url}/v1/messages", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            answer = await resp.json()
+            pods.append(resp.headers["x-inference-pod"])
+        history += [
+            {"role": "assistant", "content": answer["content"]},
+            {"role": "user", "content": f"follow-up {i}"},
+        ]
+    assert len(set(pods)) == 1, pods
