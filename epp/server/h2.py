@@ -11,10 +11,12 @@ batch (routing runs eagerly within the batch; it becomes a task only when it has
 and the per-stream protocol is the same `ExtProcStream` the grpc.aio servicer runs.
 
 What it implements: the connection preface and SETTINGS (peer INITIAL_WINDOW_SIZE and
-MAX_FRAME_SIZE honoured), PING, GOAWAY (both ways; graceful stop), RST_STREAM (= the
-client went away), WINDOW_UPDATE with flow control in both directions (queued sends,
-receive windows replenished as data is consumed: not while a stream's routing is pending),
-RFC 9113's stream states and frame rules (a breach is GOAWAY or RST_STREAM with its code),
+MAX_FRAME_SIZE honoured; the handshake bounded by HANDSHAKE_TIMEOUT), PING (answered; sent
+as keepalive on a silent connection, which is dropped if the peer stays silent), GOAWAY (both
+ways; graceful stop), RST_STREAM (= the client went away), WINDOW_UPDATE with flow control
+in both directions (queued sends, receive windows replenished as data is consumed: not while
+a stream's routing is pending), RFC 9113's stream states and frame rules, closed streams
+included (a breach is GOAWAY or RST_STREAM with its code),
 DATA padding, gRPC length-prefixed messages across frames, trailers-only and normal
 responses, transport back-pressure; TLS with ALPN h2 through the event loop's own (an
 `ssl.SSLContext` from tls.py), or h2c.
@@ -56,7 +58,7 @@ END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
 # Settings ids.
 S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS, S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE = 1, 2, 3, 4, 5
 # Error codes.
-NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 2, 3
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR, SETTINGS_TIMEOUT = 0, 1, 2, 3, 4
 STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM = 5, 6, 7
 # gRPC status codes used here.
 GRPC_OK, GRPC_UNIMPLEMENTED, GRPC_INTERNAL, GRPC_RESOURCE_EXHAUSTED = 0, 12, 13, 8
@@ -69,6 +71,22 @@ DEFAULT_FRAME = 16_384
 OUR_STREAM_WINDOW = 16 * 1024 * 1024
 OUR_MAX_FRAME = 1024 * 1024
 OUR_MAX_STREAMS = 1_000_000
+# Connection timers (seconds; one timer per connection, never per frame). The handshake — the client's
+# preface and SETTINGS, and its ACK of ours (RFC 9113 §3.4, §6.5.3) — must be over within
+# HANDSHAKE_TIMEOUT, else GOAWAY(SETTINGS_TIMEOUT). After that a connection on which nothing has
+# arrived for KEEPALIVE_TIME gets a PING; if still nothing arrives within KEEPALIVE_TIMEOUT the peer is
+# gone (no FIN: a dead node, a partition) and the connection is dropped, releasing its streams. A live
+# idle connection is never closed: Envoy pools it and closes it itself (its cluster idle_timeout), and
+# the PINGs also keep NAT / load-balancer state along the path from expiring. grpc.aio does the same
+# with a 2 h keepalive time; Envoy's own http2 connection_keepalive PINGs are answered (and count as
+# traffic, so then we send none).
+HANDSHAKE_TIMEOUT = 10.0
+KEEPALIVE_TIME = 60.0
+KEEPALIVE_TIMEOUT = 20.0
+# Ids of streams we reset, on which the client may still have frames in flight (ignored, RFC 9113
+# §5.1), are remembered until a PING sent after the resets is acknowledged: one PING per this many.
+RESET_IDS_SWEEP = 1024
+_KEEPALIVE_PING = b"epp-live"
 
 _U32 = struct.Struct(">I")
 _U16_U32 = struct.Struct(">HI")
@@ -162,6 +180,17 @@ class _Connection(asyncio.Protocol):
         self.goaway_sent = False
         self.closed = False
         self.max_message = server.max_message
+        self.settings_acked = False  # the client acknowledged our SETTINGS: the handshake is over
+        self.heard = False  # bytes arrived since the timer last looked
+        self.pinged = False  # a keepalive PING is out, unanswered
+        self.paused = False  # the peer is not reading what we write (so we do not read either)
+        self.timer: asyncio.TimerHandle | None = None
+        # Streams we reset (RST_STREAM sent): what the client sent before it saw that is ignored. The ids
+        # in `swept` were reset before the PING `sweep_ping` went out, and are forgotten on its ACK.
+        self.reset_ids: set[int] = set()
+        self.swept: set[int] | None = None
+        self.sweep_ping = b""
+        self.sweeps = 0
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -175,9 +204,13 @@ class _Connection(asyncio.Protocol):
         )
         conn_update = _frame(WINDOW_UPDATE, 0, 0, _U32.pack(MAX_WINDOW - DEFAULT_WINDOW))
         transport.write(_frame(SETTINGS, 0, 0, settings) + conn_update)  # type: ignore[attr-defined]
+        self.timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._on_timer)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self.server.connections.discard(self)
         for st in list(self.streams.values()):
             self._abort(st)
@@ -185,16 +218,45 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # Envoy is not reading: stop reading from it too, so nothing piles up here.
+        self.paused = True
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.paused = False
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
+
+    def _on_timer(self) -> None:
+        """The handshake deadline, then the keepalive (see KEEPALIVE_TIME)."""
+        self.timer = None
+        if self.closed or self.transport is None or self.transport.is_closing():
+            return
+        if not self.settings_acked:
+            self.ctx.protocol_error("h2_handshake_timeout")
+            reason = "SETTINGS not acknowledged" if self.preface else "no connection preface"
+            self._fatal(SETTINGS_TIMEOUT, f"{reason} within {HANDSHAKE_TIMEOUT:g} s", abort=True)
+            return
+        loop = asyncio.get_running_loop()
+        if self.heard or self.paused:
+            # Traffic (or a peer we wait on: with our data unacknowledged, TCP itself notices a dead one).
+            self.heard = self.pinged = False
+            self.timer = loop.call_later(KEEPALIVE_TIME, self._on_timer)
+        elif not self.pinged:
+            self.pinged = True
+            self.out.append(_frame(PING, 0, 0, _KEEPALIVE_PING))
+            self._flush()
+            self.timer = loop.call_later(KEEPALIVE_TIMEOUT, self._on_timer)
+        else:
+            self.ctx.protocol_error("h2_keepalive_timeout")
+            log.info("h2 ext_proc: no answer to a keepalive PING in %g s: dropping the connection (%d streams)",
+                     KEEPALIVE_TIMEOUT, len(self.streams))  # fmt: skip
+            self._fatal(NO_ERROR, f"keepalive PING not answered within {KEEPALIVE_TIMEOUT:g} s", abort=True)
 
     def data_received(self, data: bytes) -> None:
         # Common case: the read holds whole frames and nothing is left over — parse `data`
         # itself, no copy. A partial frame is kept in a bytearray (amortised appends).
+        self.heard = True
         pending = self.buf
         if pending:
             pending += data
@@ -203,11 +265,17 @@ class _Connection(asyncio.Protocol):
             buf = data
         pos = 0
         if not self.preface:
-            if len(buf) < 24:
-                self.buf = bytearray(buf)
-                return
-            if buf[:24] != PREFACE:
+            # The preface, then a SETTINGS frame (RFC 9113 §3.4): anything else is an invalid preface.
+            n = len(buf)
+            if buf[: min(n, 24)] != PREFACE[:n]:
                 self._fatal(PROTOCOL_ERROR, "bad connection preface")
+                return
+            if n < 28:
+                if not pending:
+                    self.buf = bytearray(buf)
+                return
+            if buf[27] != SETTINGS:
+                self._fatal(PROTOCOL_ERROR, "the connection preface is not followed by SETTINGS")
                 return
             pos = 24
             self.preface = True
@@ -269,6 +337,8 @@ class _Connection(asyncio.Protocol):
                         return
                     if not flags & ACK:
                         self.out.append(_frame(PING, ACK, 0, payload))
+                    elif payload == self.sweep_ping:
+                        self.swept = None  # the client has seen those RST_STREAMs: nothing more in flight
                 elif kind == RST_STREAM:
                     if sid == 0 or length != 4:
                         self._malformed(FRAME_SIZE_ERROR if sid else PROTOCOL_ERROR, "malformed RST_STREAM")
@@ -312,11 +382,17 @@ class _Connection(asyncio.Protocol):
         st = self.streams.get(sid)
         if st is None:
             if sid <= self.last_stream_id:
-                return  # trailers of a stream we already ended: ignore
+                # A closed stream. Trailers the client sent before it saw our RST_STREAM: ignored. Else it
+                # reuses an id (RFC 9113 §5.1.1: a new stream's id exceeds all earlier ones), or sends
+                # after its own END_STREAM or RST_STREAM: nothing would ever answer it.
+                if not self._was_reset(sid):
+                    self._malformed(PROTOCOL_ERROR, "HEADERS on a closed stream")
+                return
             self.last_stream_id = sid
             if self.goaway_sent or len(self.streams) >= OUR_MAX_STREAMS:
                 # Not processed: the client may retry it elsewhere (RFC 9113 §8.7).
                 self.out.append(_frame(RST_STREAM, 0, sid, _U32.pack(REFUSED_STREAM)))
+                self._note_reset(sid)
                 return
             push = functools.partial(self._push, sid) if self.ctx.out_of_band else None
             st = _Stream(sid, self.server.new_stream(push), self.peer_initial_window)
@@ -344,6 +420,11 @@ class _Connection(asyncio.Protocol):
             if st is None:
                 if self._idle_stream(sid):
                     self._malformed(PROTOCOL_ERROR, "DATA on an idle stream")
+                elif not self._was_reset(sid):
+                    # Closed by both END_STREAMs or the client's RST_STREAM (RFC 9113 §6.1); once: what
+                    # follows before the client sees our RST_STREAM is ignored like any reset stream's.
+                    self.out.append(_frame(RST_STREAM, 0, sid, _U32.pack(STREAM_CLOSED)))
+                    self._note_reset(sid)
             elif not st.local_closed:
                 self._reset(st, STREAM_CLOSED)  # DATA after the client's END_STREAM (RFC 9113 §5.1)
             return  # else a stream we ended: ignored
@@ -421,6 +502,7 @@ class _Connection(asyncio.Protocol):
 
     def _on_settings(self, flags: int, payload: bytes | bytearray) -> None:
         if flags & ACK:
+            self.settings_acked = True  # (we send SETTINGS once)
             return
         for off in range(0, len(payload) - 5, 6):
             ident, value = _U16_U32.unpack_from(payload, off)
@@ -597,6 +679,7 @@ class _Connection(asyncio.Protocol):
                 st.pending.append((False, _frame(RST_STREAM, 0, st.sid, _U32.pack(NO_ERROR))))
             else:
                 self.out.append(_frame(RST_STREAM, 0, st.sid, _U32.pack(NO_ERROR)))
+            self._note_reset(st.sid)
         st.ext.cancelled = st.ext.cancelled or status != GRPC_OK
         self._release(st)
         if not st.pending:
@@ -620,7 +703,26 @@ class _Connection(asyncio.Protocol):
     def _reset(self, st: _Stream, code: int) -> None:
         """A stream error (RFC 9113 §5.4.2): RST_STREAM with `code`, the stream released."""
         self.out.append(_frame(RST_STREAM, 0, st.sid, _U32.pack(code)))
+        self._note_reset(st.sid)
         self._abort(st)
+
+    def _note_reset(self, sid: int) -> None:
+        """We sent (or queued) RST_STREAM on `sid`: the client may have sent frames on it before it sees
+        that, which RFC 9113 §5.1 says to ignore. Remembered until a PING sent after the reset comes
+        back (the signal §5.1 suggests; no timer): one PING per RESET_IDS_SWEEP resets."""
+        ids = self.reset_ids
+        ids.add(sid)
+        if len(ids) >= RESET_IDS_SWEEP and (self.swept is None or len(ids) >= 16 * RESET_IDS_SWEEP):
+            # (The second case: a peer that does not answer PINGs. The oldest ids go unconfirmed: a late
+            # frame on one of them is then a stream error, or a connection error for HEADERS.)
+            self.swept = ids
+            self.reset_ids = set()
+            self.sweeps += 1
+            self.sweep_ping = b"epp-" + _U32.pack(self.sweeps)
+            self.out.append(_frame(PING, 0, 0, self.sweep_ping))
+
+    def _was_reset(self, sid: int) -> bool:
+        return sid in self.reset_ids or (self.swept is not None and sid in self.swept)
 
     def _idle_stream(self, sid: int) -> bool:
         """No HEADERS opened `sid` (RFC 9113 §5.1: only HEADERS and PRIORITY may name an idle stream)."""
@@ -647,12 +749,17 @@ class _Connection(asyncio.Protocol):
             log.debug("h2 ext_proc: %s: closing the connection", reason)
         self._fatal(code, reason)
 
-    def _fatal(self, code: int, reason: str) -> None:
+    def _fatal(self, code: int, reason: str, abort: bool = False) -> None:
+        """GOAWAY, then close; with `abort`, at once, without waiting for the peer to read what is buffered
+        (a peer that does not answer may not read either)."""
         self.closed = True
         self.out.append(_frame(GOAWAY, 0, 0, _U32.pack(self.last_stream_id) + _U32.pack(code) + reason.encode()))
         self._flush()
         if self.transport is not None:
-            self.transport.close()
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
 
     def goaway(self) -> None:
         if not self.goaway_sent and not self.closed:
@@ -704,6 +811,8 @@ class H2ExtProcServer:
             reuse_address=True,
             reuse_port=False,
             ssl=self.ssl,
+            # The TLS handshake is bounded like ours (asyncio's default is 60 s).
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.ssl is not None else None,
         )
         self.port = self._server.sockets[0].getsockname()[1]
 

@@ -50,12 +50,17 @@ class RawClient:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
         self.data: dict[int, bytearray] = {}
+        self.seen: list[tuple[int, int, int, bytes]] = []  # every frame read, in order
 
     @classmethod
-    async def connect(cls, port: int, window: int = 65_535) -> RawClient:
+    async def connect(cls, port: int, window: int = 65_535, ack: bool = True) -> RawClient:
+        """Preface and SETTINGS; with `ack`, the server's SETTINGS read and acknowledged, as a client must."""
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         c = cls(reader, writer)
         c.send(PREFACE + frame(SETTINGS, 0, 0, struct.pack(">HI", 4, window)))
+        if ack:
+            await c.until(SETTINGS)
+            c.send(frame(SETTINGS, 0x1, 0, b""))
         return c
 
     def send(self, data: bytes) -> None:
@@ -68,6 +73,7 @@ class RawClient:
         sid = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
         if head[3] == DATA:
             self.data.setdefault(sid, bytearray()).extend(payload)
+        self.seen.append((head[3], head[4], sid, payload))
         return head[3], head[4], sid, payload
 
     async def until(self, kind: int, sid: int | None = None) -> tuple[int, int, int, bytes]:

@@ -70,6 +70,9 @@ class Transport(asyncio.Transport):
             self.closing = True
             asyncio.get_running_loop().call_soon(self.conn.connection_lost, None)
 
+    def abort(self) -> None:
+        self.close()
+
     def pause_reading(self) -> None:
         pass
 
@@ -518,7 +521,7 @@ def no_errors(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFix
 @given(sent=st.lists(any_frame, max_size=16), data=st.data())
 def test_any_input_split_anywhere(no_errors: pytest.LogCaptureFixture, sent: list[bytes], data: st.DataObject) -> None:
     sent = with_openings(sent)
-    wire = PREFACE + b"".join(sent)
+    wire = PREFACE + frame(SETTINGS, 0, 0, b"") + b"".join(sent)  # the preface ends with SETTINGS (§3.4)
     cuts = sorted(data.draw(st.sets(st.integers(1, len(wire) - 1), max_size=6)))
     chunks = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True)]
     no_errors.clear()
