@@ -2,7 +2,9 @@
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/messages`` (Anthropic),
 ``POST /inference/v1/generate`` (vLLM's tokens in / tokens out), ``GET /v1/models``, ``GET /health``,
-``GET /metrics``, ``POST /tokenize``, ``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter``,
+``GET /metrics``, ``POST /tokenize``, ``POST /v1/chat/completions/render`` and ``POST /v1/completions/render``
+(vLLM's render API: the request's prompt ids, as served, in vLLM's GenerateRequest shape, which
+``/inference/v1/generate`` takes), ``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter``,
 ``POST /reset_prefix_cache``, and the simulator's admin API: ``GET|POST /admin/config`` (runtime knobs, see
 ``config.RUNTIME_FIELDS``), ``POST /admin/kill`` (``{"duration": seconds}``; omitted/null = stay down
 until ``SimPod.revive()``) and ``POST /admin/evict`` (``{"fraction": 0.2, "order": "lru"|"random", "seed": n}``:
@@ -79,6 +81,8 @@ def build_app(pod: SimPod) -> web.Application:
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
     app.router.add_post("/tokenize", _tokenize)
+    app.router.add_post("/v1/chat/completions/render", _render_chat)
+    app.router.add_post("/v1/completions/render", _render_completion)
     app.router.add_post("/v1/load_lora_adapter", _load_lora)
     app.router.add_post("/v1/unload_lora_adapter", _unload_lora)
     app.router.add_post("/reset_prefix_cache", _reset_prefix_cache)
@@ -448,6 +452,37 @@ async def _tokenize(request: web.Request) -> web.Response:
     _resolve_model(pod, parsed.model)
     tokens = await pod.tokenizer.encode_prompt(parsed.prompt)
     return json_response({"count": len(tokens), "max_model_len": pod.config.max_model_len, "tokens": tokens})
+
+
+async def _render(request: web.Request, chat: bool) -> dict[str, Any]:
+    """vLLM's render: the body validated as the inference route validates it (model served, prompt plus
+    max_tokens within max_model_len), then its prompt ids as a GenerateRequest for /inference/v1/generate."""
+    pod = request.app[POD_KEY]
+    body = decode_json_body(await request.read())
+    parsed = parse_inference_request(body, chat, pod.tokenizer.vocab_size, pod.render_chat)
+    model, _ = _resolve_model(pod, parsed.model)
+    prompt_ids = await pod.tokenizer.encode_prompt(parsed.prompt)
+    max_tokens = _checked_max_tokens(pod, len(prompt_ids), parsed)
+    return {
+        "request_id": new_request_id(chat),
+        "token_ids": prompt_ids,
+        "features": None,
+        "sampling_params": {"max_tokens": max_tokens},
+        "model": model,
+        "stream": parsed.stream,
+        "stream_options": body.get("stream_options"),
+        "cache_salt": body.get("cache_salt"),
+        "priority": 0,
+        "kv_transfer_params": parsed.kv_transfer_params,
+    }
+
+
+async def _render_chat(request: web.Request) -> web.Response:
+    return json_response(await _render(request, chat=True))
+
+
+async def _render_completion(request: web.Request) -> web.Response:
+    return json_response([await _render(request, chat=False)])  # one per prompt (the simulator takes one)
 
 
 async def _lora_body(request: web.Request) -> tuple[str, str]:

@@ -9,6 +9,8 @@ prompts, 1.5–2 µs per token at 100k tokens. `encode_async` hands texts longer
 `thread_threshold` characters to a small thread pool, which encodes them with the batch API: it
 releases the GIL while encoding (`Tokenizer.encode` holds it for the whole call, so in a thread it
 would stall the event loop just the same), so a long prompt does not stall every other request.
+`in_worker` runs other tokenization work on the same pool (the token producer renders a long chat's
+template there, then encodes it with `encode_released`: one thread hop for both).
 
 Like transformers (hence vLLM), encoding never truncates or pads, whatever `tokenizer.json` configures.
 """
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from tokenizers import Tokenizer
 
@@ -25,6 +29,12 @@ from llmepp.kvevents.keys import tokens_to_bytes
 
 # Two workers: a long prompt at a time per core; more would only queue behind the GIL-free work.
 _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+T = TypeVar("T")
+
+
+async def in_worker(fn: Callable[..., T], *args: object) -> T:
+    """`fn(*args)` on the tokenization threads."""
+    return await asyncio.get_running_loop().run_in_executor(_EXECUTOR, fn, *args)
 
 
 class HFTokenizer:
@@ -55,9 +65,9 @@ class HFTokenizer:
     async def encode_async(self, text: str, special: bool | None = None) -> bytes:
         if len(text) < self.thread_threshold:
             return self.encode(text, special)
-        add = self.add_special_tokens if special is None else special
-        return await asyncio.get_running_loop().run_in_executor(_EXECUTOR, self._encode_released, text, add)
+        return await in_worker(self.encode_released, text, special)
 
-    def _encode_released(self, text: str, add: bool) -> bytes:
+    def encode_released(self, text: str, special: bool | None = None) -> bytes:
         """`encode` for a worker thread: the batch API encodes without the GIL."""
+        add = self.add_special_tokens if special is None else special
         return tokens_to_bytes(self._encode_batch([text], add_special_tokens=add)[0].ids)

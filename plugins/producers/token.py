@@ -5,12 +5,14 @@ One tokenization per request: it is stored unscoped under TOKENIZED_PROMPT.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
+import msgspec
 
 from llmepp.datalayer.endpoint import Endpoint
 from llmepp.framework.datakeys import TOKENIZED_PROMPT, TokenizedPrompt
@@ -19,13 +21,18 @@ from llmepp.framework.requestcontrol import DataProducer
 from llmepp.kvevents.keys import tokens_to_bytes
 from llmepp.observability.logging import LogLimiter
 from llmepp.request.types import InferenceRequest, RequestKind
-from llmepp.tokenization.chat import AUTO, chat_messages, load_chat_template, template_fields
-from llmepp.tokenization.hf import HFTokenizer
+from llmepp.tokenization.chat import AUTO, chat_messages, load_chat_template, loop_handoff, template_fields
+from llmepp.tokenization.hf import HFTokenizer, in_worker
 from llmepp.units import parse_duration
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("estimate", "hf")
+# vLLM's render API (`vllm launch render`, or `vllm serve --enable-scale-out`): the body of a chat /
+# completions request in, vLLM's GenerateRequest out (`token_ids`; completions: a list, one per prompt).
+CHAT_RENDER = "/v1/chat/completions/render"
+COMPLETIONS_RENDER = "/v1/completions/render"
+_JSON = {"Content-Type": "application/json"}
 
 
 def estimate_tokens(prompt: bytes) -> bytes:
@@ -44,8 +51,9 @@ class TokenizerConfig(PluginParams):
 
 class VllmConfig(PluginParams):
     url: str = "http://localhost:8000"
-    path: str = "/tokenize"
+    path: str = ""  # "": vLLM's render API (the reference's); a path (/tokenize): vLLM's tokenize API there
     timeout: str = "5s"
+    mm_timeout: str = "30s"
 
 
 class TokenProducer(DataProducer):
@@ -64,13 +72,22 @@ class TokenProducer(DataProducer):
       `tokenizer_config.json` next to the tokenizer (else the built-in `role-tags`, logged); a path to
       either file; or a built-in name (`role-tags`, the simulator's; `plain`). Semantics in
       llmepp.tokenization.chat. Needed by `precise-prefix-cache-producer`.
-      Prompts of more than `threadThresholdChars` (4096) characters are encoded in a worker thread.
-    * `vllm` — `vllm: {url: http://render:8000}` (the reference's parameter): the model server
-      tokenizes; POST `{url}{path}` (default `/tokenize`, vLLM's tokenize API) with the prompt, or the
-      chat request's messages, tools, documents, chat_template_kwargs, add_generation_prompt and
-      continue_final_message as sent (the server applies its own template; a Responses, Conversations
-      or Anthropic Messages request: its parsed role + text messages), per request, bounded
-      by `timeout` (and the director's 400 ms producer budget).
+      Prompts of more than `threadThresholdChars` (4096) characters are encoded in a worker thread;
+      a chat whose body has that many bytes is rendered there too (then encoded, in the same job).
+    * `vllm` — `vllm: {url: http://render:8000}` (the reference's parameters): vLLM renders, as the
+      reference's backend asks it: a chat request's body as sent (the model set to `modelName`, else the
+      request's) to `{url}/v1/chat/completions/render`, a completions request's to
+      `{url}/v1/completions/render` (vLLM's render API: `vllm launch render <model>`, or `vllm serve`
+      with `--enable-scale-out`); it prepares the prompt exactly as its inference endpoint would, every
+      field included (`add_special_tokens`, `truncate_prompt_tokens`, `reasoning_effort`, `tool_choice`,
+      a request's `chat_template`, media), and answers the `token_ids` (a completions batch: each
+      prompt's, in order). A Responses, Conversations or Anthropic Messages request: its parsed role +
+      text messages to the chat route; other prompts (embeddings...) as a completions `prompt`.
+      `path` (this EPP's, e.g. `/tokenize`): vLLM's tokenize API at that path instead, for servers
+      without the render routes; it gets the prompt, or the chat's messages, tools, documents,
+      chat_template_kwargs, add_generation_prompt and continue_final_message (the fields vLLM's
+      `/tokenize` reads). One call per request, bounded by `timeout`, or `mmTimeout` for a request
+      with media (and by the director's 400 ms producer budget).
       Used when `vllm` is set and `tokenizer` is not.
 
     Token-id prompts pass through unchanged with every backend. On a tokenizer failure the request
@@ -78,7 +95,8 @@ class TokenProducer(DataProducer):
 
     Parameters: `modelName` (sent to the vllm backend; informational otherwise), `tokenizer`
     {`backend` estimate|hf, `path`, `chatTemplate` auto, `addSpecialTokens` false,
-    `threadThresholdChars` 4096}, `vllm` {`url`, `path` /tokenize, `timeout` 5s}.
+    `threadThresholdChars` 4096}, `vllm` {`url` http://localhost:8000, `timeout` 5s, `mmTimeout` 30s,
+    `path` (unset: the render API)}.
     """
 
     type = "token-producer"
@@ -100,7 +118,11 @@ class TokenProducer(DataProducer):
                 if t.thread_threshold_chars < 0:
                     raise ValueError("tokenizer.threadThresholdChars must be >= 0")
             if self.vllm is not None:
-                parse_duration(self.vllm.timeout)
+                for key, value in (("timeout", self.vllm.timeout), ("mmTimeout", self.vllm.mm_timeout)):
+                    try:
+                        parse_duration(value)
+                    except ValueError as e:
+                        raise ValueError(f"vllm.{key}: {e}") from None
 
     def __new__(cls, name: str = "", params: Any = None) -> TokenProducer:
         # The backend decides the class: `estimate` stays synchronous (no task per request).
@@ -142,14 +164,29 @@ class HFTokenProducer(TokenProducer):
             request.data[TOKENIZED_PROMPT] = TokenizedPrompt(request.prompt, self.backend)
             return
         try:
-            if request.messages is not None:
-                token_bytes = await self.tokenizer.encode_async(self.template.render(request), special=False)
-            else:
+            if request.messages is None:
                 token_bytes = await self.tokenizer.encode_async(request.prompt.decode("utf-8", "replace"))
+            elif len(request.body) >= self.tokenizer.thread_threshold:
+                # A long conversation: rendered in the worker that encodes it (one hop). Inline, a Jinja
+                # render stalls the loop for all of it: ~3 µs per message with a ChatML template, ~9 µs
+                # with a Qwen3-style one (6 / 18 ms for 2,000 messages; llmepp.tokenization.chat). A body of
+                # threadThresholdChars (4096) bytes is ~40 short messages, ~0.1-0.4 ms to render, and
+                # renders to a prompt about that long, whose encode went to a worker anyway: no extra hop.
+                pause = loop_handoff(asyncio.get_running_loop())
+                token_bytes = await in_worker(self._render_and_encode, request, pause)
+            else:
+                # Short (< ~0.4 ms): a worker would hold the GIL as long (less than a RENDER_SLICE, so
+                # unpaced), plus a thread hop (~50 µs, more than a one-message render's ~10 µs).
+                token_bytes = await self.tokenizer.encode_async(self.template.render(request), special=False)
         except Exception as e:
             self._log.warning("hf", "%s: tokenization failed: %s", self.name, e)
             return
         request.data[TOKENIZED_PROMPT] = TokenizedPrompt(token_bytes, self.backend)
+
+    def _render_and_encode(self, request: InferenceRequest, pause: Callable[[], None]) -> bytes:
+        """In a worker thread: the chat's prompt (rendered paced: `pause` lets the event loop run every
+        RENDER_SLICE), encoded without the GIL."""
+        return self.tokenizer.encode_released(self.template.render(request, pause=pause), special=False)
 
 
 class VllmTokenProducer(TokenProducer):
@@ -159,8 +196,10 @@ class VllmTokenProducer(TokenProducer):
         super().__init__(name, params)
         cfg = params.vllm
         assert cfg is not None
-        self.url = cfg.url.rstrip("/") + cfg.path
+        self.base_url = cfg.url.rstrip("/")
+        self.tokenize_path = cfg.path  # "": the render API
         self.timeout = aiohttp.ClientTimeout(total=parse_duration(cfg.timeout))
+        self.mm_timeout = aiohttp.ClientTimeout(total=parse_duration(cfg.mm_timeout))
         self.model = params.model_name
         self._session: aiohttp.ClientSession | None = None
         self._log = LogLimiter(log)
@@ -171,34 +210,83 @@ class VllmTokenProducer(TokenProducer):
         if request.prompt_is_token_ids:
             request.data[TOKENIZED_PROMPT] = TokenizedPrompt(request.prompt, self.backend)
             return
-        body: dict[str, Any] = {"model": self.model or request.target_model or request.model}
+        model = self.model or request.target_model or request.model
+        try:
+            if self.tokenize_path:
+                path, body = self.tokenize_path, self._tokenize_body(request, model)
+            else:
+                path, body = self._render_request(request, model)
+        except ValueError as e:
+            self._log.warning("body", "%s: %s", self.name, e)
+            return
+        url = self.base_url + path
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self.timeout)
+        timeout = self.mm_timeout if request.multimodal else self.timeout
+        try:
+            async with self._session.post(url, data=msgspec.json.encode(body), headers=_JSON, timeout=timeout) as resp:
+                if resp.status != 200:
+                    detail = (await resp.content.read(512)).decode("utf-8", "replace")
+                    self._log.warning("status", "%s: %s answered %d: %s", self.name, url, resp.status, detail)
+                    return
+                reply = await resp.json(content_type=None)
+            # Not a list of uint32: TypeError / OverflowError.
+            token_bytes = tokens_to_bytes(reply["tokens"] if self.tokenize_path else _rendered_ids(reply))
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, OverflowError) as e:
+            verb = "tokenizing" if self.tokenize_path else "rendering"
+            self._log.warning("error", "%s: %s via %s failed: %r", self.name, verb, url, e)
+            return
+        request.data[TOKENIZED_PROMPT] = TokenizedPrompt(token_bytes, self.backend)
+
+    @staticmethod
+    def _render_request(request: InferenceRequest, model: str) -> tuple[str, dict[str, Any]]:
+        """The render route and body: a chat / completions body as sent (vLLM prepares the prompt from
+        all of it, as its inference endpoint does), with the model to render for."""
+        if request.kind in (RequestKind.CHAT_COMPLETIONS, RequestKind.COMPLETIONS):
+            try:
+                body = msgspec.json.decode(request.body)
+            except msgspec.DecodeError as e:
+                raise ValueError(f"request body cannot be decoded: {e}") from None
+            if not isinstance(body, dict):
+                raise ValueError("request body is not a JSON object")
+            body["model"] = model
+            return (CHAT_RENDER if request.kind is RequestKind.CHAT_COMPLETIONS else COMPLETIONS_RENDER), body
+        if request.messages is not None:
+            # Responses, Conversations, Anthropic Messages: no chat body to forward; their messages.
+            return CHAT_RENDER, {"model": model, "messages": chat_messages(request.messages)}
+        assert request.prompt is not None
+        return COMPLETIONS_RENDER, {"model": model, "prompt": request.prompt.decode("utf-8", "replace")}
+
+    @staticmethod
+    def _tokenize_body(request: InferenceRequest, model: str) -> dict[str, Any]:
+        """vLLM's tokenize API body: the prompt, or the fields of a chat it reads."""
+        body: dict[str, Any] = {"model": model}
         if request.kind is not RequestKind.CHAT_COMPLETIONS and request.messages is not None:
             # Responses, Conversations, Anthropic Messages: no chat body to forward; their messages.
             body["messages"] = chat_messages(request.messages)
         elif request.messages is not None:
             # The server renders its own chat template: send what decides the rendering, verbatim.
-            try:
-                body.update(template_fields(request.body))
-            except ValueError as e:
-                self._log.warning("body", "%s: %s", self.name, e)
-                return
+            body.update(template_fields(request.body))
         else:
+            assert request.prompt is not None
             body["prompt"] = request.prompt.decode("utf-8", "replace")
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self.timeout)
-        try:
-            async with self._session.post(self.url, json=body) as resp:
-                if resp.status != 200:
-                    self._log.warning("status", "%s: %s answered %d", self.name, self.url, resp.status)
-                    return
-                reply = await resp.json()
-            token_bytes = tokens_to_bytes(reply["tokens"])  # not a uint32 list: TypeError / OverflowError
-        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, OverflowError) as e:
-            self._log.warning("error", "%s: tokenizing via %s failed: %r", self.name, self.url, e)
-            return
-        request.data[TOKENIZED_PROMPT] = TokenizedPrompt(token_bytes, self.backend)
+        return body
 
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _rendered_ids(reply: Any) -> list[int]:
+    """The token ids of a render answer: a GenerateRequest, or a list of them (one per prompt)."""
+    items = reply if isinstance(reply, list) else [reply]
+    if not items:
+        raise ValueError("the render answer holds no prompt")
+    ids: list[int] = []
+    for item in items:
+        part = item["token_ids"] if isinstance(item, dict) else None
+        if not isinstance(part, list):
+            raise TypeError(f"token_ids is not a list: {part!r:.80}")
+        ids += part
+    return ids

@@ -131,7 +131,7 @@ def test_bad_tokenizer_configs_are_rejected(params: dict[str, Any], error: str) 
 
 
 async def test_vllm_backend_asks_the_model_server() -> None:
-    """The reference's `vllm: {url}` parameter, against the simulator's vLLM /tokenize API."""
+    """The reference's `vllm: {url}` parameter, against the simulator's vLLM render API (its default)."""
     with SimProcess(["--hosts", "127.0.0.165", "--port", "0"]) as sim:
         plugin = registry.build("token-producer", "tok", {"modelName": "sim-model", "vllm": {"url": sim.urls[0]}})
         assert isinstance(plugin, VllmTokenProducer)

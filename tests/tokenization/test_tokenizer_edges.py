@@ -97,7 +97,7 @@ async def test_truncation_and_padding_in_tokenizer_json_are_ignored(tmp_path: Pa
     assert short is not None and ids(short) == SIM.encode("hi")
 
 
-# -- the vllm backend ----------------------------------------------------------------------------------
+# -- the vllm backend's tokenize API (`vllm.path: /tokenize`; the render API: test_vllm_render.py) ------
 class FakeTokenizeServer:
     """A /tokenize server answering what `reply` says, recording the bodies it got."""
 
@@ -150,7 +150,7 @@ async def test_a_garbage_tokenize_reply_is_a_logged_miss_not_an_exception(
     logged a traceback per request instead of the producer's rate-limited warning)."""
     async with FakeTokenizeServer() as server:
         server.reply = reply
-        plugin = registry.build("token-producer", "tok", {"vllm": {"url": server.url}})
+        plugin = registry.build("token-producer", "tok", {"vllm": {"url": server.url, "path": "/tokenize"}})
         req = parsed("/v1/completions", {"model": "m", "prompt": "hello"})
         try:
             assert await produce(plugin, req) is None
@@ -164,7 +164,8 @@ async def test_the_vllm_backend_sends_non_chat_apis_as_chat_messages() -> None:
     OpenAI `messages` field: the body's fields alone made /tokenize a request without messages (a 400)
     or, for Anthropic, messages without the `system` prompt."""
     async with FakeTokenizeServer() as server:
-        plugin = registry.build("token-producer", "tok", {"modelName": "m", "vllm": {"url": server.url}})
+        params = {"modelName": "m", "vllm": {"url": server.url, "path": "/tokenize"}}
+        plugin = registry.build("token-producer", "tok", params)
         try:
             requests = [
                 parsed("/v1/responses", {"model": "m", "instructions": "be brief", "input": "hello there"}),
