@@ -58,6 +58,30 @@ def test_sse_final_event_before_done() -> None:
     assert usage_from_sse(sse_stream(3, None)) is None
 
 
+def test_a_stream_of_null_usages_is_given_up_on_after_a_bounded_number_of_decodes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # OpenAI-style chunks each carry "usage": null and no event reports it: decoding every event of the
+    # tail cost ~1 ms per response.
+    decoded = 0
+    real = usage_mod._from_envelope
+
+    def counting(doc: bytes) -> Usage | None:
+        nonlocal decoded
+        decoded += 1
+        return real(doc)
+
+    monkeypatch.setattr(usage_mod, "_from_envelope", counting)
+    assert collect([sse_stream(500, None)], streaming=True) is None
+    assert decoded <= 2 * usage_mod._USAGE_MISSES  # the tail, then the head (Anthropic's message_start)
+
+
+def test_a_usage_event_a_few_null_usage_events_before_the_end_is_found() -> None:
+    u = {"prompt_tokens": 9, "completion_tokens": 3}
+    stream = sse_stream(50, u, done=False) + sse_stream(usage_mod._USAGE_MISSES - 1, None)
+    assert usage_from_sse(stream) == Usage(9, 3, 0, 12)
+
+
 def test_sse_continuous_usage_takes_the_last() -> None:
     stream = (
         b'data: {"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n'
