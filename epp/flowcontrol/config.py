@@ -2,8 +2,12 @@
 
     flowControl:                      # used with featureGates: [flowControl]; its
       maxBytes: 0 / maxRequests: 0    #   saturationDetector is used either way
+      maxFlows: 1024                  # flows (fairness id x priority) held at once; a new fairness id
+                                      #   beyond it replaces the idlest empty flow, or shares its band's
+                                      #   overflow flow while every flow has requests waiting
       defaultRequestTTL: 60s          # 0s disables
-      noEndpointRequestTTL: <defaultRequestTTL>
+      noEndpointRequestTTL: <defaultRequestTTL>   # while the pool is empty; each change between
+                                      #   empty and not starts a fresh budget for waiting requests
       defaultPriorityBand: {maxRequests: 5000, maxBytes: 1G, fairnessPolicyRef, orderingPolicyRef}
       defaultNegativePriorityBand: {...}              # template for priority < 0
       priorityBands: [{priority, maxRequests, maxBytes, fairnessPolicyRef, orderingPolicyRef}]
@@ -34,6 +38,7 @@ from llmepp.datalayer.datastore import Datastore
 from llmepp.flowcontrol.controller import (
     DEFAULT_BAND_MAX_BYTES,
     DEFAULT_BAND_MAX_REQUESTS,
+    DEFAULT_MAX_FLOWS,
     DEFAULT_REQUEST_TTL,
     BandConfig,
     FlowControlConfig,
@@ -99,6 +104,7 @@ class PluginRefSpec(_Spec):
 class FlowControlSpec(_Spec):
     max_bytes: int | str = 0  # global; 0 = unlimited
     max_requests: int = 0
+    max_flows: int | None = None  # None = DEFAULT_MAX_FLOWS
     default_request_ttl: str | int | float | None = msgspec.field(default=None, name="defaultRequestTTL")
     no_endpoint_request_ttl: str | int | float | None = msgspec.field(default=None, name="noEndpointRequestTTL")
     default_priority_band: BandTemplateSpec | None = None
@@ -233,6 +239,9 @@ def resolve_flow_control(spec: FlowControlSpec, detector: SaturationDetector, re
         max_bytes = parse_bytes(spec.max_bytes)
     except ValueError as e:
         raise ConfigError(f"flowControl.maxBytes: {e}") from None
+    max_flows = DEFAULT_MAX_FLOWS if spec.max_flows is None else spec.max_flows
+    if max_flows < 1:
+        raise ConfigError(f"flowControl.maxFlows: must be >= 1, got {max_flows}")
     try:
         default_ttl = (
             DEFAULT_REQUEST_TTL if spec.default_request_ttl is None else parse_duration(spec.default_request_ttl)
@@ -271,6 +280,7 @@ def resolve_flow_control(spec: FlowControlSpec, detector: SaturationDetector, re
         default_negative_band=negative,
         max_requests=spec.max_requests,
         max_bytes=max_bytes,
+        max_flows=max_flows,
         default_ttl=default_ttl,
         no_endpoint_ttl=no_endpoint_ttl,
     )

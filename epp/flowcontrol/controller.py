@@ -21,8 +21,28 @@ request and yields, so the next cycle sees it counted; scraped detectors may bat
 `max_dispatch_per_cycle`. The dispatcher sleeps on a future when nothing waits.
 
 TTL: all queued requests share the TTL of the current regime (noEndpointRequestTTL while
-the pool is empty, else defaultRequestTTL), so expiry order is enqueue order: one FIFO and
-one timer for the oldest request, re-armed when the regime changes.
+the pool is empty, else defaultRequestTTL). As in the reference (controller/config.go), a
+change of regime starts a fresh budget for every request waiting: a request expires once
+TTL has passed since the later of its enqueue and the last regime change. So with
+noEndpointRequestTTL > defaultRequestTTL (a scale-from-zero waiting room), a request that
+waited longer than defaultRequestTTL for the first pod is not shed (429) the moment that pod
+appears: it has defaultRequestTTL from then on; the same holds the other way. A pool that keeps
+flapping between empty and not keeps renewing the budget; the client's own timeout still
+applies. Expiry order is still enqueue order: one FIFO and one timer for the oldest request,
+re-armed when the regime changes.
+
+Flow limit: a flow is made per (fairness id, priority), and the fairness id is a client-chosen
+header. At most `maxFlows` flows are held (flowControl.maxFlows, default DEFAULT_MAX_FLOWS);
+flows idle for flowGCTimeout are dropped anyway. A request with a new fairness id at the limit
+  - takes the place of the idlest empty flow (unused longest; a flow is "used" when a request
+    is admitted into it and when it empties): nothing is lost, an empty flow holds no request
+    and fairness state lives in the policies (flow_control_flows_evicted_total);
+  - if every flow has requests waiting, is queued in its band's shared overflow flow (fairness
+    id OVERFLOW_FAIRNESS_ID, outside the limit): served like any flow, never refused for it
+    (flow_control_overflow_requests_total, a rate-limited warning).
+Bookkeeping: a heap of empty flows by last use, with lazy entries (re-filed when found used
+since, dropped when found busy, re-listed when the flow empties): amortised O(log flows) per
+new flow, nothing on the fast path.
 
 Cancellation: a client that goes away cancels the awaiting task (or its transport drops the
 waiting coroutine, which closes it); the handler frees the slot (counts and bytes) at once and
@@ -33,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import math
 import time
@@ -55,7 +76,15 @@ from llmepp.flowcontrol.metrics import FlowControlMetrics
 from llmepp.flowcontrol.objectives import ObjectivesFileWatcher, ObjectiveStore
 from llmepp.flowcontrol.queues import FlowQueue, PriorityBand
 from llmepp.flowcontrol.saturation import StagedSaturation
-from llmepp.flowcontrol.types import DEFAULT_FAIRNESS_ID, ItemState, Outcome, QueueItem, outcome_error
+from llmepp.flowcontrol.types import (
+    DEFAULT_FAIRNESS_ID,
+    FLOW_ID_KEY,
+    OVERFLOW_FAIRNESS_ID,
+    ItemState,
+    Outcome,
+    QueueItem,
+    outcome_error,
+)
 from llmepp.observability.logging import RateLimitedLog
 from llmepp.request.types import InferenceRequest
 
@@ -64,6 +93,10 @@ log = logging.getLogger(__name__)
 DEFAULT_BAND_MAX_REQUESTS = 5000
 DEFAULT_BAND_MAX_BYTES = 1_000_000_000
 DEFAULT_REQUEST_TTL = 60.0
+# flowControl.maxFlows default: far above real tenant counts (the reference caps fairness_id metric
+# labels at 1,000), small enough that flows cost little memory (~0.7 KB each), a scrape stays quick
+# and program-aware fairness (O(waiting flows) per pick) keeps its pace.
+DEFAULT_MAX_FLOWS = 1024
 _INF = math.inf
 _QUEUED = ItemState.QUEUED
 _DONE = ItemState.DONE
@@ -91,6 +124,7 @@ class FlowControlConfig:
     default_negative_band: BandConfig | None = None
     max_requests: int = 0  # global; 0 = unlimited
     max_bytes: int = 0
+    max_flows: int = DEFAULT_MAX_FLOWS  # flows held at once (the bands' overflow flows aside)
     default_ttl: float = DEFAULT_REQUEST_TTL  # 0 = no TTL
     no_endpoint_ttl: float = DEFAULT_REQUEST_TTL
     # In-flight eviction (flowcontrol.eviction): seconds between revocation decisions; None = off.
@@ -141,6 +175,18 @@ class FlowController(AdmissionController):
         self._no_endpoint_ttl = config.no_endpoint_ttl
         self._ttl_enabled = config.default_ttl > 0 or config.no_endpoint_ttl > 0
         self._poll = config.poll_interval
+        # TTL regime: whether the pool was empty at the last look, and since when (a change of
+        # regime starts a fresh budget for every waiting request; -inf: no change seen yet).
+        self._empty_pool: bool | None = None
+        self._regime_since = -_INF
+        # Flow limit (see the module docstring).
+        self.max_flows = max(1, config.max_flows)
+        self.flow_count = 0  # flows held, the bands' overflow flows aside
+        self._busy_flows = 0  # of those, flows with requests waiting
+        self._idle: list[tuple[float, int, FlowQueue]] = []  # (last use, tie-break, flow) heap
+        self._idle_seq = 0
+        self._evict_log = RateLimitedLog(log, 300.0)
+        self._overflow_log = RateLimitedLog(log, 30.0)
         # In-flight-based saturation must be re-read after each dispatch is scheduled.
         self._per_cycle = 1 if config.detector.counts_inflight else config.max_dispatch_per_cycle
 
@@ -197,6 +243,8 @@ class FlowController(AdmissionController):
 
     def pool_changed(self) -> None:
         """Datastore membership changed: the TTL regime and saturation may have changed."""
+        if self._ttl_enabled:
+            self._note_regime(self._pool(), self._clock())
         if self.queued:
             self._credits += 1
             self._wake()
@@ -219,8 +267,10 @@ class FlowController(AdmissionController):
         now = self._clock()
         for band in self._order:
             for flow in list(band.flows.values()):
-                while (item := band.pop(flow)) is not None:
-                    self._settle(item, Outcome.EVICTED_OTHER, now)
+                if flow.count:
+                    while (item := band.pop(flow)) is not None:
+                        self._settle(item, Outcome.EVICTED_OTHER, now)
+                    self._emptied(flow, now)
         self._expiry.clear()
         for timer in (self._expiry_timer, self._gc_timer):
             if timer is not None:
@@ -266,7 +316,7 @@ class FlowController(AdmissionController):
         fid = request.fairness_id or DEFAULT_FAIRNESS_ID
         flow = band.flows.get(fid)
         if flow is None:
-            flow = self._new_flow(band, fid, now)
+            flow = self._new_flow(band, fid, now, request)
         flow.last_used = now
         if self._closed:
             self._record(flow, Outcome.REJECTED_OTHER, 0.0)
@@ -313,6 +363,8 @@ class FlowController(AdmissionController):
         self._seq += 1
         item = QueueItem(request, flow, self._seq, now, now + ttl if ttl > 0 else _INF, loop.create_future())
         band.push(item)
+        if flow.count == 1 and not flow.overflow:
+            self._busy_flows += 1
         self.queued += 1
         self.queued_bytes += item.size
         if self._ttl_enabled:
@@ -394,6 +446,12 @@ class FlowController(AdmissionController):
                 item = band.pop(flow)
                 if item is None:
                     continue
+                if not flow.count:  # self._emptied(flow, now), inlined
+                    flow.last_used = now
+                    if not flow.overflow:
+                        self._busy_flows -= 1
+                        if not flow.idle_entry:
+                            self._list_idle(flow, now)
                 self.queued -= 1
                 self.queued_bytes -= item.size
                 if log.isEnabledFor(logging.DEBUG):
@@ -437,11 +495,12 @@ class FlowController(AdmissionController):
             expiry.popleft()
         if not expiry or self._closed:
             return
-        ttl = self._no_endpoint_ttl if not self._pool() else self._default_ttl
+        now = self._clock()
+        ttl = self._no_endpoint_ttl if self._note_regime(self._pool(), now) else self._default_ttl
         if ttl <= 0:
             return  # this regime has no TTL; re-armed when the pool changes
         loop = self._loop or asyncio.get_running_loop()
-        delay = expiry[0].enqueued_at + ttl - self._clock()
+        delay = max(expiry[0].enqueued_at, self._regime_since) + ttl - now
         self._expiry_timer = loop.call_later(max(0.0, delay), self._on_expiry_timer)
 
     def _on_expiry_timer(self) -> None:
@@ -449,16 +508,17 @@ class FlowController(AdmissionController):
         self.expire_due()
 
     def expire_due(self, now: float | None = None) -> int:
-        """Evict every request older than the current regime's TTL; returns how many."""
+        """Evict every request that has waited the current regime's TTL since the later of its enqueue
+        and the last regime change; returns how many."""
         if now is None:
             now = self._clock()
-        pool = self._pool()
-        ttl = self._no_endpoint_ttl if not pool else self._default_ttl
-        outcome = Outcome.EVICTED_NO_ENDPOINTS if not pool else Outcome.EVICTED_TTL
+        empty = self._note_regime(self._pool(), now)
+        ttl = self._no_endpoint_ttl if empty else self._default_ttl
+        outcome = Outcome.EVICTED_NO_ENDPOINTS if empty else Outcome.EVICTED_TTL
         expiry = self._expiry
         evicted = 0
-        if ttl > 0:
-            limit = now - ttl
+        limit = now - ttl
+        if ttl > 0 and self._regime_since <= limit:  # else the regime's fresh budget has not run out
             while expiry:
                 item = expiry[0]
                 if item.state is not _QUEUED:
@@ -472,11 +532,24 @@ class FlowController(AdmissionController):
         self._arm_expiry()
         return evicted
 
+    def _note_regime(self, pool: Sequence[Endpoint], now: float) -> bool:
+        """Whether the pool is empty (the TTL regime); a change of regime since the last look starts a
+        fresh budget (`_regime_since`) for every waiting request."""
+        empty = not pool
+        if empty is not self._empty_pool:
+            if self._empty_pool is not None:
+                self._regime_since = now
+            self._empty_pool = empty
+        return empty
+
     # -- settling --------------------------------------------------------------------------------
     def _settle_in_place(self, item: QueueItem, outcome: Outcome, now: float) -> None:
         """Finalise an item that leaves from the middle of its queue (cancel, expiry)."""
         item.state = _DONE
-        item.flow.band.discard(item)
+        flow = item.flow
+        flow.band.discard(item)
+        if not flow.count:
+            self._emptied(flow, now)
         self.queued -= 1
         self.queued_bytes -= item.size
         self._settle(item, outcome, now)
@@ -525,10 +598,81 @@ class FlowController(AdmissionController):
         log.info("provisioning priority band %d from the default template", priority)
         return self._add_band(priority, template, dynamic=True, now=now)
 
-    def _new_flow(self, band: PriorityBand, fairness_id: str, now: float) -> FlowQueue:
+    def _new_flow(
+        self, band: PriorityBand, fairness_id: str, now: float, request: InferenceRequest | None = None
+    ) -> FlowQueue:
+        """The flow for a fairness id the band has none for: a new one, within the flow limit."""
+        if fairness_id == OVERFLOW_FAIRNESS_ID:
+            return self._overflow_flow(band, now)
+        if self.flow_count >= self.max_flows and not self._evict_idlest():
+            # Every flow has requests waiting: share the band's overflow flow rather than refuse.
+            self.metrics.overflow_counter(str(band.priority), self.pool_name).inc()
+            self._overflow_log.warning(
+                "flow control: all %d flows (flowControl.maxFlows) have requests waiting; requests with a new "
+                "fairness id are queued in their band's shared overflow flow %r",
+                self.max_flows, OVERFLOW_FAIRNESS_ID,
+            )  # fmt: skip
+            if request is not None:
+                request.data[FLOW_ID_KEY] = OVERFLOW_FAIRNESS_ID
+            return self._overflow_flow(band, now)
         flow = band.flow(fairness_id, now)
         flow.metrics = self.metrics.flow_children(flow, self.pool_name)
+        self.flow_count += 1
+        self._list_idle(flow, now)
         return flow
+
+    def _overflow_flow(self, band: PriorityBand, now: float) -> FlowQueue:
+        flow = band.flows.get(OVERFLOW_FAIRNESS_ID)
+        if flow is None:
+            flow = band.flow(OVERFLOW_FAIRNESS_ID, now)
+            flow.overflow = True
+            flow.metrics = self.metrics.flow_children(flow, self.pool_name)
+        return flow
+
+    def _list_idle(self, flow: FlowQueue, since: float) -> None:
+        self._idle_seq += 1
+        heapq.heappush(self._idle, (since, self._idle_seq, flow))
+        flow.idle_entry = True
+
+    def _emptied(self, flow: FlowQueue, now: float) -> None:
+        """`flow`'s last waiting request left: it is idle from now, an eviction candidate again."""
+        flow.last_used = now
+        if flow.overflow:
+            return
+        self._busy_flows -= 1
+        if not flow.idle_entry:
+            self._list_idle(flow, now)
+
+    def _evict_idlest(self) -> bool:
+        """Drop the empty flow unused longest, to make room for a new one; False if every flow is busy."""
+        if self.flow_count <= self._busy_flows:
+            return False
+        idle = self._idle
+        while idle:
+            since, _, flow = idle[0]
+            band = flow.band
+            if band.flows.get(flow.fairness_id) is not flow:  # garbage-collected meanwhile
+                heapq.heappop(idle)
+            elif flow.count:  # busy: listed again when it empties
+                heapq.heappop(idle)
+                flow.idle_entry = False
+            elif flow.last_used > since:  # used since it was listed: re-file at its last use
+                self._idle_seq += 1
+                heapq.heapreplace(idle, (flow.last_used, self._idle_seq, flow))
+            else:
+                heapq.heappop(idle)
+                flow.idle_entry = False
+                band.remove(flow)
+                self.flow_count -= 1
+                self.metrics.flow_eviction_counter(str(band.priority), self.pool_name).inc()
+                self._evict_log.warning(
+                    "flow control: %d flows (flowControl.maxFlows) reached; new fairness ids take the place of "
+                    "the idlest empty flows",
+                    self.max_flows,
+                )
+                return True
+        log.error("flow control: %d flows, %d busy, but no empty flow listed", self.flow_count, self._busy_flows)
+        return False
 
     def collect_garbage(self) -> None:
         """Drop flows idle for flowGCTimeout and template bands idle for bandGCTimeout."""
@@ -536,7 +680,9 @@ class FlowController(AdmissionController):
         cfg = self.config
         removed = False
         for band in list(self._order):
-            band.collect_idle_flows(now - cfg.flow_gc_timeout)
+            for flow in band.collect_idle_flows(now - cfg.flow_gc_timeout):
+                if not flow.overflow:
+                    self.flow_count -= 1
             if band.flows or band.count:
                 band.idle_since = now
             elif band.dynamic and band.idle_since <= now - cfg.band_gc_timeout:
@@ -544,6 +690,9 @@ class FlowController(AdmissionController):
                 removed = True
         if removed:
             self._reorder()
+        if len(self._idle) > 2 * self.flow_count + 64:  # entries of flows collected above
+            self._idle = [e for e in self._idle if e[2].band.flows.get(e[2].fairness_id) is e[2]]
+            heapq.heapify(self._idle)
         if not self._closed and self._loop is not None:
             self._gc_timer = self._loop.call_later(cfg.flow_gc_timeout, self.collect_garbage)
 

@@ -92,6 +92,10 @@ class FlowControlMetrics:
         self.dispatch_cycle = Buckets(CYCLE_BUCKETS)
         # (victim priority, inference_pool) → in-flight revocations (flowcontrol.eviction)
         self.revocations: dict[tuple[str, str], Tally] = {}
+        # (priority, inference_pool) → flow limit (flowControl.maxFlows): empty flows dropped early to
+        # make room, and requests queued in the band's overflow flow
+        self.flow_evictions: dict[tuple[str, str], Tally] = {}
+        self.overflows: dict[tuple[str, str], Tally] = {}
         self._sources: weakref.WeakSet[Any] = weakref.WeakSet()
         self._fairness_labels: set[str] = set()
         registry.register(_Collector(self))
@@ -124,6 +128,18 @@ class FlowControlMetrics:
             found = self.revocations[(priority, pool)] = Tally()
         return found
 
+    def flow_eviction_counter(self, priority: str, pool: str) -> Tally:
+        found = self.flow_evictions.get((priority, pool))
+        if found is None:
+            found = self.flow_evictions[(priority, pool)] = Tally()
+        return found
+
+    def overflow_counter(self, priority: str, pool: str) -> Tally:
+        found = self.overflows.get((priority, pool))
+        if found is None:
+            found = self.overflows[(priority, pool)] = Tally()
+        return found
+
     def wait_histogram(self, fairness_id: str, priority: str, outcome: str, pool: str) -> Buckets:
         key = (fairness_id, priority, outcome, pool)
         found = self.waits.get(key)
@@ -138,6 +154,9 @@ class FlowControlMetrics:
         return BandChildren(self, str(band.priority), pool)
 
 
+_COUNTERS = 6  # counter and histogram families first (_families), then the gauges
+
+
 class _Collector(Collector):
     def __init__(self, metrics: FlowControlMetrics) -> None:
         self.metrics = metrics
@@ -148,16 +167,17 @@ class _Collector(Collector):
     def collect(self) -> Iterator[Any]:
         families = self._families()
         m = self.metrics
-        total, wait, cycle, revoked = families[:4]
+        total, wait, cycle, revoked, flows_evicted, overflowed = families[:_COUNTERS]
         for (outcome, priority, pool), tally in list(m.outcomes.items()):
             total.add_metric([outcome, priority, pool], tally.value)
-        for (priority, pool), tally in list(m.revocations.items()):
-            revoked.add_metric([priority, pool], tally.value)
+        for family, tallies in ((revoked, m.revocations), (flows_evicted, m.flow_evictions), (overflowed, m.overflows)):
+            for (priority, pool), tally in list(tallies.items()):
+                family.add_metric([priority, pool], tally.value)
         for labels, hist in list(m.waits.items()):
             wait.add_metric(list(labels), hist.cumulative(), hist.sum)
         cycle.add_metric([], m.dispatch_cycle.cumulative(), m.dispatch_cycle.sum)
         for src in m.sources():
-            self._fill_gauges(families[4:], src)
+            self._fill_gauges(families[_COUNTERS:], src)
         return iter(families)
 
     @staticmethod
@@ -181,6 +201,18 @@ class _Collector(Collector):
                 p + "flow_control_revocations_total",
                 "Dispatched requests evicted to free capacity for a blocked band, by their priority.",
                 labels=["priority", "inference_pool"],
+            ),
+            CounterMetricFamily(
+                p + "flow_control_flows_evicted_total",
+                "Empty flows dropped before their idle timeout to make room for a new fairness id: "
+                "flowControl.maxFlows was reached (idlest first).",
+                labels=band,
+            ),
+            CounterMetricFamily(
+                p + "flow_control_overflow_requests_total",
+                "Requests with a new fairness id queued in their band's shared overflow flow: flowControl.maxFlows "
+                "flows all had requests waiting.",
+                labels=band,
             ),
             GaugeMetricFamily(p + "flow_control_queue_size", "Requests waiting, per flow.", labels=flow),
             GaugeMetricFamily(p + "flow_control_queue_bytes", "Body bytes waiting, per flow.", labels=flow),
@@ -210,12 +242,19 @@ class _Collector(Collector):
                 "Endpoints whose metrics are too old (counted as saturated).",
                 labels=["detector"],
             ),
+            GaugeMetricFamily(
+                p + "flow_control_flows",
+                "Flows held (fairness id x priority), the bands' overflow flows included; at most "
+                "flowControl.maxFlows plus one overflow flow per band.",
+                labels=["inference_pool"],
+            ),
         ]
 
     def _fill_gauges(self, families: list[Any], src: Any) -> None:
-        size, qbytes, cap_r, cap_b, glob_r, glob_b, sat, stale = families
+        size, qbytes, cap_r, cap_b, glob_r, glob_b, sat, stale, flows = families
         pool = src.pool_name
         label = self.metrics.fairness_label
+        flows.add_metric([pool], sum(len(band.flows) for band in list(src.bands.values())))
         for band in list(src.bands.values()):
             priority = str(band.priority)
             per_label: dict[str, list[int]] = {}

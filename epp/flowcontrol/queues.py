@@ -27,7 +27,19 @@ _COMPACT_SLACK = 32
 class FlowQueue:
     """The waiting requests of one flow, best first by the band's ordering policy."""
 
-    __slots__ = ("active", "band", "bytes", "count", "fairness_id", "heap", "last_used", "metrics", "priority")
+    __slots__ = (
+        "active",
+        "band",
+        "bytes",
+        "count",
+        "fairness_id",
+        "heap",
+        "idle_entry",
+        "last_used",
+        "metrics",
+        "overflow",
+        "priority",
+    )
 
     def __init__(self, band: PriorityBand, fairness_id: str, now: float) -> None:
         self.band = band
@@ -38,9 +50,14 @@ class FlowQueue:
         self.bytes = 0
         # Listed in the fairness policy's active set (round-robin removes lazily).
         self.active = False
+        # Last admission into it, or when it last emptied: idle time is measured from here.
         self.last_used = now
         # Cached metric children for this flow (set by FlowControlMetrics.flow_children).
         self.metrics: Any = None
+        # The band's shared overflow flow (not one of the controller's maxFlows flows).
+        self.overflow = False
+        # Listed in the controller's heap of eviction candidates (flow limit).
+        self.idle_entry = False
 
     def push(self, item: QueueItem) -> None:
         heapq.heappush(self.heap, (item.sort_key, item.seq, item))
@@ -149,13 +166,17 @@ class PriorityBand:
     def has_room(self, size: int) -> bool:
         return self.count < self.max_requests and self.bytes + size <= self.max_bytes
 
-    def collect_idle_flows(self, older_than: float) -> int:
-        """Drop empty flows unused since `older_than`; returns how many were dropped."""
+    def collect_idle_flows(self, older_than: float) -> list[FlowQueue]:
+        """Drop empty flows unused since `older_than`; returns them."""
         idle = [f for f in self.flows.values() if f.count == 0 and f.last_used <= older_than]
         for flow in idle:
-            del self.flows[flow.fairness_id]
-            self.fairness.flow_removed(flow)
-        return len(idle)
+            self.remove(flow)
+        return idle
+
+    def remove(self, flow: FlowQueue) -> None:
+        """Forget an empty flow (idle garbage collection, or room for a new one at the flow limit)."""
+        del self.flows[flow.fairness_id]
+        self.fairness.flow_removed(flow)
 
     def __repr__(self) -> str:
         return f"PriorityBand({self.priority}, flows={len(self.flows)}, count={self.count})"

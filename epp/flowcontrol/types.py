@@ -26,6 +26,12 @@ if TYPE_CHECKING:
     from llmepp.request.types import InferenceRequest
 
 DEFAULT_FAIRNESS_ID = "default-flow"
+# The flow of a band that takes requests with a new fairness id once flowControl.maxFlows flows all
+# have requests waiting (controller: "Flow limit"). A request naming it joins it.
+OVERFLOW_FAIRNESS_ID = "overflow-flow"
+# request.data key, set only on a request queued in the overflow flow: the fairness id of the flow it
+# was served from (program-aware fairness charges that flow's program).
+FLOW_ID_KEY = "flow-control/flow-id"
 
 
 class Outcome(enum.Enum):

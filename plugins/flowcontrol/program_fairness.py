@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -13,6 +14,7 @@ from prometheus_client.registry import Collector
 from llmepp.flowcontrol.interfaces import FairnessPolicy, FairnessState
 from llmepp.flowcontrol.metrics import MAX_FAIRNESS_LABELS, OVERFLOW_LABEL
 from llmepp.flowcontrol.queues import FlowQueue, PriorityBand
+from llmepp.flowcontrol.types import FLOW_ID_KEY
 from llmepp.framework.plugin import PluginContext, PluginParams
 from llmepp.framework.requestcontrol import ResponseCompleteProcessor
 from llmepp.framework.scheduling import SchedulingResult
@@ -44,14 +46,18 @@ class ProgramAwareFairness(FairnessPolicy, ResponseCompleteProcessor):
                      the lower fairness id)
 
     `norm` is min-max over the band's non-empty flows (0 when all are equal). Usage comes from the
-    model server's response (prompt tokens estimated from the prompt when it has none). Programs
-    idle for `evictionTtlSeconds` are forgotten (checked every `evictionSweepSeconds`). Exported:
+    model server's response (prompt tokens estimated from the prompt when it has none); a request the
+    flow controller queued in a band's overflow flow (flowControl.maxFlows) is charged to that flow's
+    program. Programs idle for `evictionTtlSeconds` are forgotten (checked every
+    `evictionSweepSeconds`), and beyond `maxPrograms` (the fairness id is client-chosen) the least
+    served tenth are (an unknown program counts as service 0, so that changes the picks least). Exported:
     `llm_d_epp_flow_control_program_attained_service{fairness_id}` (ids beyond the first 1,000 summed
     under "other", as the queue metrics) and Jain's fairness index over
     the programs' service, `llm_d_epp_flow_control_program_fairness_index`.
 
     Parameters: `strategy` ("las", the only one), `lasWeightService` (0.8), `lasWeightHeadWait`
-    (0.2), `lasHalfLifeSeconds` (60), `evictionTtlSeconds` (3600), `evictionSweepSeconds` (300).
+    (0.2), `lasHalfLifeSeconds` (60), `evictionTtlSeconds` (3600), `evictionSweepSeconds` (300),
+    `maxPrograms` (10,000; not in the reference).
     """
 
     type = "program-aware-fairness"
@@ -63,6 +69,7 @@ class ProgramAwareFairness(FairnessPolicy, ResponseCompleteProcessor):
         las_half_life_seconds: float = 60.0
         eviction_ttl_seconds: float = 3600.0
         eviction_sweep_seconds: float = 300.0
+        max_programs: int = 10_000
 
         def __post_init__(self) -> None:
             if self.strategy != "las":
@@ -71,6 +78,8 @@ class ProgramAwareFairness(FairnessPolicy, ResponseCompleteProcessor):
                 raise ValueError("lasHalfLifeSeconds, evictionTtlSeconds and evictionSweepSeconds must be > 0")
             if self.las_weight_service < 0 or self.las_weight_head_wait < 0:
                 raise ValueError("lasWeightService and lasWeightHeadWait must be >= 0")
+            if self.max_programs < 1:
+                raise ValueError(f"maxPrograms must be >= 1, got {self.max_programs}")
 
     def __init__(self, name: str, params: Params) -> None:
         super().__init__(name, params)
@@ -101,6 +110,8 @@ class ProgramAwareFairness(FairnessPolicy, ResponseCompleteProcessor):
             self._sweep(now)  # also early when a short half-life would overflow the epoch scale
         s = self._programs.get(fairness_id)
         if s is None:
+            if len(self._programs) >= self.params.max_programs:
+                self._forget_least_served()
             s = self._programs[fairness_id] = _Service(now)
         s.scaled += amount * math.exp(self._decay * (now - self._epoch))
         s.at = now
@@ -119,6 +130,14 @@ class ProgramAwareFairness(FairnessPolicy, ResponseCompleteProcessor):
                 s.scaled *= factor
         self._epoch = now
 
+    def _forget_least_served(self) -> None:
+        """Make room for a program: drop the least-served tenth (amortised O(log programs) per new one)."""
+        programs = self._programs
+        limit = self.params.max_programs
+        keep = limit - max(1, limit // 10)
+        for fid, _ in heapq.nsmallest(len(programs) - keep, programs.items(), key=lambda kv: kv[1].scaled):
+            del programs[fid]
+
     def programs(self, now: float) -> dict[str, float]:
         return {fid: self.service(fid, now) for fid in self._programs}
 
@@ -129,7 +148,8 @@ class ProgramAwareFairness(FairnessPolicy, ResponseCompleteProcessor):
             amount = usage.prompt_tokens + 2 * usage.completion_tokens
         else:
             amount = len(request.prompt or b"") / 4  # ~4 bytes per token: the estimate tokenizer's rate
-        self.attained(request.fairness_id, amount, self.clock())
+        # Queued in an overflow flow: that flow is the program the picks see.
+        self.attained(request.data.get(FLOW_ID_KEY) or request.fairness_id, amount, self.clock())
 
     # -- fairness ----------------------------------------------------------------------------------
     def new_state(self, band: PriorityBand) -> FairnessState:

@@ -383,12 +383,74 @@ async def test_ttl_while_the_pool_is_empty_is_503_and_the_regime_is_reevaluated(
     await spin()
     clock.advance(3.0)
     assert ctl.expire_due() == 0
-    pool.set([])  # scaled to zero while a waits: the 2 s no-endpoint TTL now applies
+    pool.set([])  # scaled to zero while a waits: the 2 s no-endpoint TTL now applies, from now
     ctl.pool_changed()
+    await spin()
+    assert ctl.expire_due() == 0 and not a.done()
+    clock.advance(1.9)
+    assert ctl.expire_due() == 0
+    clock.advance(0.2)
     assert ctl.expire_due() == 1
     await spin()
     err = a.exception()
     assert isinstance(err, RequestError) and (err.status, err.reason) == (503, "rejected-no-endpoints")
+    await srv.close()
+
+
+async def test_a_pod_appearing_starts_a_fresh_default_ttl_budget() -> None:
+    """noEndpointRequestTTL > defaultRequestTTL (a scale-from-zero waiting room): a request that waited
+    longer than defaultRequestTTL for the first pod is not shed the moment it appears (reference
+    controller/config.go: "each change of regime starts a fresh budget")."""
+    clock = Clock()
+    pool, det = concurrency_pool(1, max_concurrency=1)
+    ep = pool()[0]
+    ctl = controller(pool, det, clock=clock, default_ttl=5.0, no_endpoint_ttl=60.0, poll_interval=10.0)
+    srv = Server(ctl, pool)
+    pool.set([])
+    a = srv.submit(req("a"))
+    await spin()
+    clock.advance(30.0)
+    assert ctl.expire_due() == 0
+    ep.inflight.requests = 1  # the first pod is up, and busy: a still waits
+    pool.set([ep])
+    ctl.pool_changed()
+    await spin()  # the expiry timer, re-armed for the new regime, must not fire now
+    assert not a.done() and ctl.expire_due() == 0
+    timer = ctl._expiry_timer
+    assert timer is not None
+    assert timer.when() - asyncio.get_running_loop().time() == pytest.approx(5.0, abs=0.5)
+    clock.advance(4.9)
+    assert ctl.expire_due() == 0
+    clock.advance(0.2)
+    assert ctl.expire_due() == 1
+    await spin()
+    err = a.exception()
+    assert isinstance(err, RequestError) and (err.status, err.reason) == (429, "rejected-ttl-expired")
+    await srv.close()
+
+
+async def test_a_request_enqueued_after_the_regime_change_keeps_its_own_budget() -> None:
+    clock = Clock()
+    pool, det = concurrency_pool(1, max_concurrency=1)
+    ep = pool()[0]
+    ctl = controller(pool, det, clock=clock, default_ttl=5.0, no_endpoint_ttl=60.0, poll_interval=10.0)
+    srv = Server(ctl, pool)
+    pool.set([])
+    a = srv.submit(req("a"))
+    await spin()
+    clock.advance(30.0)
+    ep.inflight.requests = 1
+    pool.set([ep])
+    ctl.pool_changed()
+    clock.advance(2.0)
+    b = srv.submit(req("b"))  # 2 s into the new regime
+    await spin()
+    clock.advance(3.5)  # a: 5.5 s into the regime; b: 3.5 s old
+    assert ctl.expire_due() == 1
+    await spin()
+    assert a.done() and not b.done()
+    clock.advance(1.6)
+    assert ctl.expire_due() == 1
     await srv.close()
 
 

@@ -65,11 +65,29 @@ def test_a_short_half_life_never_overflows_between_sweeps() -> None:
     assert p.service("a", clock.now) == pytest.approx(0.0)
 
 
+def test_programs_are_bounded_forgetting_the_least_served_first() -> None:
+    # The fairness id is client-chosen: a fresh id per request made one record each, kept for
+    # evictionTtlSeconds (an hour). Past maxPrograms the least-served records go (an unknown program
+    # counts as service 0, so forgetting the smallest services changes the picks least).
+    p, clock = policy(maxPrograms=100, lasHalfLifeSeconds=1e9)
+    p.attained("heavy", 10_000, clock.now)
+    for i in range(5000):
+        clock.now += 0.01
+        p.attained(f"fresh-{i}", 1 + i % 7, clock.now)
+        assert len(p._programs) <= 100
+    services = p.programs(clock.now)
+    assert services["heavy"] == pytest.approx(10_000, rel=0.01)
+    assert "fresh-4999" in services  # the newest record survives its own insertion
+    assert plugin("program-aware-fairness").params.max_programs == 10_000
+
+
 def test_bad_parameters_name_the_field() -> None:
     with pytest.raises(ConfigError, match="strategy: 'wfq' is not supported"):
         plugin("program-aware-fairness", strategy="wfq")
     with pytest.raises(ConfigError, match="lasHalfLifeSeconds"):
         plugin("program-aware-fairness", lasHalfLifeSeconds=0)
+    with pytest.raises(ConfigError, match="maxPrograms must be >= 1"):
+        plugin("program-aware-fairness", maxPrograms=0)
 
 
 async def test_the_least_served_program_goes_first_whatever_the_arrival_order() -> None:

@@ -2,7 +2,10 @@
 
 Every admitted request ends exactly once (dispatched, rejected or evicted), the queue counts and
 bytes at controller, band and flow level equal what actually waits, nothing is dispatched after
-its client went away, and nothing is left waiting after shutdown.
+its client went away, and nothing is left waiting after shutdown. The flows stay within maxFlows
+(plus one overflow flow per band) and no flow with requests waiting is ever dropped. A request
+expires exactly when its regime's TTL has passed since the later of its enqueue and the last
+change between an empty pool and not (never early, never left overdue).
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from llmepp.errors import RequestError
 from llmepp.flowcontrol.controller import FlowController
+from llmepp.flowcontrol.types import OVERFLOW_FAIRNESS_ID, ItemState
 
 from .kit import Clock, Pool, controller, plugin, req
 
-FAIRNESS = ["a", "b", "c", ""]
+FAIRNESS = ["a", "b", "c", "d", "e", "", OVERFLOW_FAIRNESS_ID]
+# (defaultRequestTTL, noEndpointRequestTTL): either regime the shorter one
+TTLS = [(5.0, 2.0), (2.0, 5.0)]
 OBJECTIVES = {"hi": 5, "bg": -1}
 
 
@@ -39,6 +45,10 @@ class FlowControlMachine(RuleBasedStateMachine):
         self.running: list[str] = []  # dispatched and not completed (hold a slot)
         self.served: list[str] = []  # every request that got through admission
         self.seq = 0
+        self.enqueued_at: dict[str, float] = {}
+        self.regime_since = float("-inf")  # the last change between an empty pool and not
+        self.seen_waiting: set[str] = set()
+        self.settled: set[str] = set()
 
     @initialize(
         fairness=st.sampled_from(
@@ -46,8 +56,17 @@ class FlowControlMachine(RuleBasedStateMachine):
         ),
         ordering=st.sampled_from(["fcfs-ordering-policy", "edf-ordering-policy", "slo-deadline-ordering-policy"]),
         holdback=st.booleans(),
+        max_flows=st.integers(1, 5),
+        ttls=st.sampled_from(TTLS),
+        preloaded=st.integers(0, 2),
     )
-    def build(self, fairness: str, ordering: str, holdback: bool) -> None:
+    def build(
+        self, fairness: str, ordering: str, holdback: bool, max_flows: int, ttls: tuple[float, float], preloaded: int
+    ) -> None:
+        self.default_ttl, self.no_endpoint_ttl = ttls
+        for i in range(preloaded):  # requests already running (2 saturate the pool): later ones queue
+            self.ep.inflight.requests += 1
+            self.running.append(f"pre{i}")
         usage = plugin("priority-holdback-policy", minCeiling=0.5) if holdback else None
         self.ctl = controller(
             self.pool,
@@ -57,8 +76,9 @@ class FlowControlMachine(RuleBasedStateMachine):
             usage_limit=usage,
             objectives=OBJECTIVES,
             clock=self.clock,
-            default_ttl=5.0,
-            no_endpoint_ttl=2.0,
+            default_ttl=self.default_ttl,
+            no_endpoint_ttl=self.no_endpoint_ttl,
+            max_flows=max_flows,
             poll_interval=10.0,  # ticks only by the `tick` rule
             band_max_requests=4,
             max_bytes=120,
@@ -103,6 +123,7 @@ class FlowControlMachine(RuleBasedStateMachine):
         rid = f"r{self.seq}"
         r = req(rid, fairness=fairness, objective=objective, body=b"x" * size)
         self.sizes[rid] = size
+        self.enqueued_at[rid] = self.clock.now
         self.tasks[rid] = self.loop.create_task(self.serve(rid, r))
         self.spin()
 
@@ -148,15 +169,22 @@ class FlowControlMachine(RuleBasedStateMachine):
 
     @rule(empty=st.booleans())
     def pool_membership(self, empty: bool) -> None:
+        if empty != (not self.pool()):
+            self.regime_since = self.clock.now
         self.pool.set([] if empty else [self.ep])
         self.ctl.pool_changed()
         self.spin()
 
-    @rule(seconds=st.sampled_from([0.0, 0.5, 1.5, 3.0, 6.0]))
+    @rule(seconds=st.sampled_from([0.0, 0.5, 1.5, 2.5, 3.0, 6.0]))
     def time_passes(self, seconds: float) -> None:
         self.clock.advance(seconds)
         self.ctl.expire_due()
         self.spin()
+
+    def budget(self, rid: str) -> tuple[float, float]:
+        """When `rid`'s TTL budget started, and the TTL of the regime in force."""
+        ttl = self.no_endpoint_ttl if not self.pool() else self.default_ttl
+        return max(self.enqueued_at[rid], self.regime_since), ttl
 
     @rule()
     def tick(self) -> None:
@@ -189,6 +217,50 @@ class FlowControlMachine(RuleBasedStateMachine):
             assert band.bytes == sum(f.bytes for f in band.flows.values())
             assert 0 <= band.count <= band.max_requests
         assert 0 <= ctl.queued_bytes <= 120
+
+    @invariant()
+    def flows_are_bounded_and_none_with_requests_is_dropped(self) -> None:
+        ctl = self.ctl
+        counted = [f for b in ctl.bands.values() for f in b.flows.values() if not f.overflow]
+        assert ctl.flow_count == len(counted) <= ctl.max_flows
+        assert ctl._busy_flows == sum(1 for f in counted if f.count)
+        for band in ctl.bands.values():
+            for fid, flow in band.flows.items():
+                assert flow.fairness_id == fid and flow.band is band
+                assert flow.overflow == (fid == OVERFLOW_FAIRNESS_ID)
+                assert flow.idle_entry or flow.count or flow.overflow, f"empty flow {flow} not evictable"
+
+    @invariant()
+    def every_waiting_request_is_in_a_flow_of_its_band(self) -> None:
+        for item in self.ctl._expiry:
+            if item.state is ItemState.QUEUED:
+                flow = item.flow
+                assert flow.band.flows.get(flow.fairness_id) is flow, f"{flow} dropped with requests waiting"
+                assert self.ctl.bands.get(flow.priority) is flow.band
+
+    @invariant()
+    def requests_expire_on_time(self) -> None:
+        """Expiry happens at the current clock (time moves only in time_passes, which expires what is
+        due): a request that expired since the last check had used up its budget, and no request
+        still waiting has."""
+        for rid in self.seen_waiting - self.settled:
+            task = self.tasks[rid]
+            if not task.done():
+                continue
+            self.settled.add(rid)
+            if task.cancelled() or task.exception() is None:
+                continue
+            err = task.exception()
+            if isinstance(err, RequestError) and err.reason in ("rejected-ttl-expired", "rejected-no-endpoints"):
+                start, ttl = self.budget(rid)
+                assert start + ttl <= self.clock.now, f"{rid} expired early ({start} + {ttl} > {self.clock.now})"
+        waiting = self.waiting()
+        self.seen_waiting.update(waiting)
+        for rid in waiting:
+            if rid in self.cancelled or self.ctl._closed:
+                continue
+            start, ttl = self.budget(rid)
+            assert start + ttl > self.clock.now, f"{rid} overdue ({start} + {ttl} <= {self.clock.now})"
 
     @invariant()
     def every_finished_request_has_exactly_one_outcome(self) -> None:
