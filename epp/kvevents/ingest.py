@@ -2,7 +2,8 @@
 
 `SourceIngest` is the subscriber's sink for one pod. Per batch it runs the events through the pod's
 `SourceChains` into one `Delta` and hands that to the store with the batch's (timestamp, sequence),
-which a shared store uses to apply every batch exactly once across EPP replicas.
+which a shared store uses to apply every batch exactly once across EPP replicas (and, after a
+publisher restart, the last batch seen from the previous process: `replaces`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,18 @@ from llmepp.kvevents.wire import AllBlocksCleared, BlockRemoved, BlockStored, Ev
 class IndexStore(Protocol):
     """What ingestion writes to (MemoryStore below, redis_index.RedisStore)."""
 
-    async def write(self, pod: str, chains: SourceChains, ts: float, seq: int, delta: Delta) -> None:
-        """Store one batch's changes; `chains` is the source's state after the batch."""
+    async def write(
+        self,
+        pod: str,
+        chains: SourceChains,
+        ts: float,
+        seq: int,
+        delta: Delta,
+        replaces: tuple[int, float] | None = None,
+    ) -> None:
+        """Store one batch's changes; `chains` is the source's state after the batch. `replaces`: the
+        batch is the first after a publisher restart, which replaced the stream whose last batch
+        applied was (seq, timestamp)."""
         ...
 
     async def resume(self, pod: str, chains: SourceChains) -> ResumePoint | None:
@@ -38,7 +49,15 @@ class MemoryStore:
     def __init__(self, index: MemoryIndex) -> None:
         self.index = index
 
-    async def write(self, pod: str, chains: SourceChains, ts: float, seq: int, delta: Delta) -> None:
+    async def write(
+        self,
+        pod: str,
+        chains: SourceChains,
+        ts: float,
+        seq: int,
+        delta: Delta,
+        replaces: tuple[int, float] | None = None,
+    ) -> None:
         if delta.keys:
             self.index.apply(pod, delta)
 
@@ -59,6 +78,7 @@ class SourceIngest:
         self.store = store
         self.stats = stats
         self._reset_pending = False
+        self._replaced: tuple[int, float] | None = None
         self._models: dict[bytes, str] = {}
 
     async def on_batch(self, msg: Message, batch: EventBatch) -> None:
@@ -70,8 +90,10 @@ class SourceIngest:
         delta = Delta()
         chains = self.chains
         stats = self.stats
+        replaces = None
         if self._reset_pending:
             self._reset_pending = False
+            replaces, self._replaced = self._replaced, None
             chains.clear(delta)
         for ev in batch.events:
             if isinstance(ev, BlockStored):
@@ -81,8 +103,9 @@ class SourceIngest:
             elif isinstance(ev, AllBlocksCleared):
                 stats.all_cleared += 1
                 chains.clear(delta)
-        await self.store.write(self.pod, chains, batch.ts, msg.seq, delta)
+        await self.store.write(self.pod, chains, batch.ts, msg.seq, delta, replaces)
 
-    def on_reset(self) -> None:
+    def on_reset(self, replaced: tuple[int, float] | None = None) -> None:
         """The publisher restarted: what we know of it is void; the next batch starts from empty."""
         self._reset_pending = True
+        self._replaced = replaced

@@ -11,18 +11,23 @@ position or chain state; one Redis, not Redis Cluster — the scripts touch keys
                        "s|"pod → expiry (ms, Redis clock)   speculative entries
                        "l|" → pod                    the pod whose event last removed the key
     gen          HASH  pod → generation               bumped when a pod's cache is cleared
-    src:<pod>    HASH  ts, seq                         last batch applied from the pod's publisher
+    src:<pod>    HASH  seq, lts, ts                    last batch applied from the pod's publisher: its
+                                                       number and timestamp, and the newest timestamp
     eng:<pod>    HASH  engine hash → packed chain state (chain.EngineBlock), to resume after a restart
 
 Writes. Every replica subscribes to every pod (as with the in-memory index) and sends each decoded
-batch to one Lua script, guarded by the source position: a batch is applied only if its
-(timestamp, seq) is newer than `src:<pod>`, so each batch lands exactly once, in stream order,
-whichever replica delivers it first. A batch that is newer by timestamp but not by number means the
-publisher restarted: the script bumps the pod's generation (O(1): stale entries stop counting and
-are overwritten or expire with `ttl`). `AllBlocksCleared` does the same, and its removals are
-applied as well, so the pod becomes the last holder of each key it held (as in the in-memory index).
-A failed write raises, so the pool restarts the subscriber, which resumes from `src:<pod>` and
-replays what Redis is missing.
+batch to one Lua script, guarded by the source position: a batch is applied only if its sequence
+number is past `src:<pod>`'s, so each batch lands exactly once, in stream order, whichever replica
+delivers it first. Timestamps do not order batches (a publisher clock stepping back changes nothing);
+they only tell, for a number not past ours, a late copy (not newer than any applied: refused) from a
+restarted publisher (newer data under an older number). A restart is also taken from a subscriber
+that found the publisher's batch under our last number to be another one (subscriber.py) and says
+which batch it saw replaced: if `src:<pod>` still holds exactly that (seq, lts), whatever the clocks
+say. A restart bumps the pod's generation (O(1): stale entries stop counting and are overwritten or
+expire with `ttl`). `AllBlocksCleared` does the same, and its removals are applied as well, so the
+pod becomes the last holder of each key it held (as in the in-memory index). A failed write raises,
+so the pool restarts the subscriber, which resumes from `src:<pod>` and replays what Redis is missing
+(first checking that the publisher still has the batch `src:<pod>` ends with).
 
 Reads. A lookup is one script call: it walks the prompt's keys from block 0 inside Redis and returns
 per candidate pod the consecutive match and its tier-weighted sum. The keys travel as one string
@@ -63,12 +68,19 @@ log = logging.getLogger(__name__)
 
 _APPLY = """
 local ts = tonumber(ARGV[2]); local seq = tonumber(ARGV[3])
-local cur = redis.call('HMGET', KEYS[1], 'ts', 'seq')
+local cur = redis.call('HMGET', KEYS[1], 'ts', 'seq', 'lts')
 local cts = tonumber(cur[1]); local cseq = tonumber(cur[2])
 local clear = ARGV[6] == '1'
-if cts then
-  if ts < cts or (ts == cts and seq <= cseq) then return 0 end
-  if seq <= cseq then clear = true end
+local high = ARGV[2]
+if cseq then
+  local replaced = ARGV[7] ~= '' and tonumber(ARGV[7]) == cseq and ARGV[8] == (cur[3] or cur[1])
+  if replaced or (seq <= cseq and ts > cts) then
+    clear = true  -- a restarted publisher: its own clock from here on
+  elseif seq <= cseq then
+    return 0  -- applied already (another replica delivered it first)
+  elseif ts < cts then
+    high = cur[1]  -- the publisher's clock stepped back: numbers order batches, the newest time stays
+  end
 end
 local pod = ARGV[1]
 local gen
@@ -79,8 +91,8 @@ else
   gen = tonumber(redis.call('HGET', KEYS[2], pod) or '0')
 end
 local ttl = tonumber(ARGV[4]); local bp = ARGV[5]
-local i = 8
-for _ = 1, tonumber(ARGV[7]) do
+local i = 10
+for _ = 1, tonumber(ARGV[9]) do
   local k = bp .. ARGV[i]; local m = tonumber(ARGV[i + 1]); i = i + 2
   if m > 0 then
     redis.call('HSET', k, pod, gen * 256 + m)
@@ -93,7 +105,7 @@ local ns = tonumber(ARGV[i]); i = i + 1
 for _ = 1, ns do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]); i = i + 2 end
 local nd = tonumber(ARGV[i]); i = i + 1
 for _ = 1, nd do redis.call('HDEL', KEYS[3], ARGV[i]); i = i + 1 end
-redis.call('HSET', KEYS[1], 'ts', ARGV[2], 'seq', ARGV[3])
+redis.call('HSET', KEYS[1], 'ts', high, 'seq', ARGV[3], 'lts', ARGV[2])
 return 1
 """
 
@@ -227,13 +239,25 @@ class RedisStore:
         self._weight_args: list[Any] = [len(weights), *(repr(w) for w in weights), repr(tiers.top)]
 
     # -- ingest.IndexStore -----------------------------------------------------------------------
-    async def write(self, pod: str, chains: SourceChains, ts: float, seq: int, delta: Delta) -> None:
+    async def write(
+        self,
+        pod: str,
+        chains: SourceChains,
+        ts: float,
+        seq: int,
+        delta: Delta,
+        replaces: tuple[int, float] | None = None,
+    ) -> None:
         # Also called for batches without changes: the source position must advance for the
         # exactly-once guard and for resuming.
         # A clear bumps the pod's generation (its old entries stop counting at once), and its
         # removals still go through, so each key records the pod as its last holder, as the
         # in-memory index does.
         args: list[Any] = [pod, repr(ts), seq, self.ttl_ms, self.block_prefix, "1" if delta.clear_at >= 0 else "0"]
+        if replaces is None:
+            args += ["", ""]
+        else:
+            args += [replaces[0], repr(replaces[1])]
         keys, masks = delta.keys, delta.masks
         args.append(len(keys))
         for i in range(len(keys)):
@@ -266,7 +290,9 @@ class RedisStore:
         blocks: dict[int, EngineBlock] = {int(h, 16): unpack_block(bytes(v)) for h, v in eng.items()}
         chains.restore(blocks)
         log.info("resumed KV state from Redis", extra={"pod": pod, "seq": int(src[b"seq"]), "blocks": len(blocks)})
-        return ResumePoint(next_seq=int(src[b"seq"]) + 1, last_ts=float(src[b"ts"]))
+        # `lts` is missing in positions written before it existed, when `ts` was always the last batch's.
+        last = float(src[b"ts"])
+        return ResumePoint(next_seq=int(src[b"seq"]) + 1, last_ts=last, anchor_ts=float(src.get(b"lts", src[b"ts"])))
 
     async def forget(self, pod: str, chains: SourceChains) -> None:
         # The shared entries stay: other replicas may still route to the pod; a pod gone for good

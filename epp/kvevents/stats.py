@@ -38,6 +38,10 @@ class KVEventStats:
     restarts: int = 0  # subscribers restarted after an error (e.g. the shared index unreachable)
     unknown_sources: int = 0  # global-socket mode: messages whose topic names no endpoint of the pool
     queue_drops: int = 0  # global-socket mode: messages dropped because their source's queue was full
+    # Redis index only: requests routed without prefix data, and speculative writes lost.
+    lookup_errors: int = 0  # the lookup failed (Redis unreachable, connection lost, script error)
+    lookup_timeouts: int = 0  # the lookup outlasted lookupTimeout
+    speculation_errors: int = 0  # a speculative write failed or timed out
 
 
 _COUNTERS = [f.name for f in fields(KVEventStats)]

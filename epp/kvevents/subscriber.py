@@ -1,6 +1,9 @@
 """One KV-event publisher: a SUB socket, sequence tracking, and replay of what was missed.
 
-The publisher numbers batches 0, 1, 2, ... (per process). The subscriber expects `seq == next`:
+The publisher numbers batches 0, 1, 2, ... per process (vLLM's ZmqEventPublisher: `count()` from 0,
+no incarnation id on the wire); the subscriber expects `seq == next`. Sequence numbers order a
+source's batches; timestamps only tell a duplicate from a restart (below), so a publisher clock that
+steps back changes nothing.
 
 * `seq > next` — a gap (the SUB queue overflowed, or we joined mid-stream: `next` starts at 0, or at
   the position a shared index already holds). With a replay endpoint the missing batches are fetched
@@ -11,6 +14,18 @@ The publisher numbers batches 0, 1, 2, ... (per process). The subscriber expects
 * `seq < next` — either a duplicate (a live batch the replay already delivered: its timestamp is not
   newer than the last applied one) or a publisher restart (sequence reset: a newer timestamp). A
   restart rebuilds the source: its state is dropped (`sink.on_reset`) and replayed from 0.
+
+A restarted publisher whose numbers have already reached ours (it published while we were
+disconnected, or while the EPP was down and a shared index kept our position) looks like a gap, or
+like no gap at all. So a replay starts one batch early, at the last batch applied (the *anchor*, seq
+`next - 1`, whose timestamp we keep): the same process sends that batch again with the same
+timestamp; a restarted one sends another batch under that number (a restart: rebuilt from 0). A
+replay is also made without a gap, once, when continuity is in doubt: after the SUB socket lost its
+connection (a restart always drops it; ZeroMQ's monitor reports it) and when resuming from a shared
+index. Then an older number with an older timestamp is a restart too if the publisher holds nothing
+at or after the anchor (the same process always buffers its latest batch). Undecidable, and handled
+as before: the anchor no longer buffered (more than the publisher's `buffer_steps` batches since),
+no replay endpoint, or a replay cooling down.
 
 Replay protocol: send ``[b"", start(8B BE)]``; the ROUTER answers one message per buffered batch with
 seq >= start — ``[b"", topic, seq, payload]`` (vLLM >= 0.26) or ``[b"", seq, payload]`` — then the end
@@ -34,6 +49,7 @@ from typing import Protocol
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from llmepp.datalayer.endpoint import split_hostport
 from llmepp.kvevents.stats import KVEventStats
@@ -56,7 +72,10 @@ class BatchSink(Protocol):
 
     async def on_batch(self, msg: Message, batch: EventBatch) -> None: ...
 
-    def on_reset(self) -> None: ...
+    def on_reset(self, replaced: tuple[int, float] | None = None) -> None:
+        """The publisher restarted; `replaced`: the (seq, timestamp) of the last batch applied from the
+        previous process, if known (a shared index takes the restart only if it is still there)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,10 +117,16 @@ def sub_socket(context: zmq.asyncio.Context, options: SubscriberOptions, endpoin
 
 @dataclass(frozen=True, slots=True)
 class ResumePoint:
-    """Where a shared index already is for this source: the next seq and the last batch's timestamp."""
+    """Where a shared index already is for this source: the next seq, the newest timestamp applied
+    (duplicates are not newer), and the timestamp of batch `next_seq - 1` (the replay anchor)."""
 
     next_seq: int
     last_ts: float
+    anchor_ts: float | None = None
+
+
+# What a replay found (Subscriber._replay).
+_OK, _FAILED, _RESTARTED, _EMPTY = range(4)
 
 
 class Subscriber:
@@ -130,12 +155,18 @@ class Subscriber:
         self._log = limiter or LogLimiter(log)
         self.next_seq = resume.next_seq if resume else 0
         self.last_ts = resume.last_ts if resume else -math.inf
+        # The timestamp of batch next_seq - 1 (None: unknown), and whether the stream we hold may
+        # belong to an earlier process (module docstring).
+        self._anchor_ts = resume.anchor_ts if resume else None
+        self._suspect = resume is not None and resume.next_seq > 0
         self._cooldown_until = 0.0
         self._topic = b""
 
     async def run(self) -> None:
         """The source's task body: receive and apply until cancelled."""
         sub = sub_socket(self._ctx, self.options, self.endpoint)
+        monitor = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        watch = asyncio.get_running_loop().create_task(self._watch(monitor), name=f"kv-monitor-{self.pod}")
         sub.connect(self.endpoint)
         try:
             while True:
@@ -151,7 +182,20 @@ class Subscriber:
                 # A done recv future does not yield; give requests their turn between batches.
                 await asyncio.sleep(0)
         finally:
+            watch.cancel()
+            sub.disable_monitor()
+            monitor.close(linger=0)
             sub.close(linger=0)
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        """A lost connection may hide a publisher restart: check the next batch against the anchor."""
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    self._suspect = True
+        except zmq.ZMQError:  # the monitor closed under us (the subscriber is stopping)
+            return
 
     async def handle(self, msg: Message) -> None:
         """One live message of this source, however it was received (its own socket, or the pool's
@@ -166,29 +210,22 @@ class Subscriber:
             batch = self._decode(msg)
             if batch is None:
                 return
-            if batch.ts <= self.last_ts:
+            if batch.ts <= self.last_ts and not (self._suspect and await self._behind()):
                 self.stats.duplicates += 1
                 return
-            # Newer data with an older number: the publisher restarted. Rebuild this source.
-            self.stats.resets += 1
-            log.info(
-                "KV event publisher restarted; rebuilding its state",
-                extra={"pod": self.pod, "seq": seq, "expected": self.next_seq},
-            )
-            self.sink.on_reset()
-            self.next_seq, self.last_ts = 0, -math.inf
-            if seq > 0:
-                await self._recover(0, seq)
-            if seq >= self.next_seq:
-                await self._apply(msg, batch)
+            # Newer data with an older number, or nothing at our last number: the publisher restarted.
+            await self._rebuild(msg, batch)
             return
-        if seq > self.next_seq:
-            await self._recover(self.next_seq, seq)
+        if seq > self.next_seq or self._suspect:
+            if await self._recover(self.next_seq, seq):
+                await self._rebuild(msg, None)
+                return
             if seq < self.next_seq:
                 return  # the replay already delivered it
         batch = self._decode(msg)
         if batch is None:
             self.next_seq = seq + 1  # unreadable: its content is lost, the sequence moves on
+            self._anchor_ts = None
             return
         await self._apply(msg, batch)
 
@@ -201,6 +238,7 @@ class Subscriber:
         await self.sink.on_batch(msg, batch)
         self.stats.batches += 1
         self.next_seq = msg.seq + 1
+        self._anchor_ts = batch.ts
         if batch.ts > self.last_ts:
             self.last_ts = batch.ts
 
@@ -212,26 +250,74 @@ class Subscriber:
             self._log.warning(f"payload:{self.pod}", "KV events from %s: seq %d unreadable: %s", self.pod, msg.seq, e)
             return None
 
-    async def _recover(self, start: int, until: int) -> None:
-        """Fetch batches [start, until) from the replay socket, or count them lost."""
-        self.stats.gaps += 1
-        now = asyncio.get_running_loop().time()
-        if not self.replay_endpoint or now < self._cooldown_until:
-            self.stats.lost_batches += until - start
-            reason = "no replay endpoint" if not self.replay_endpoint else "replay cooling down"
-            self._log.warning(
-                f"gap:{self.pod}", "KV events from %s: batches %d..%d missed (%s)", self.pod, start, until - 1, reason
-            )
+    async def _rebuild(self, msg: Message, batch: EventBatch | None) -> None:
+        """The publisher restarted: drop the source's state and read the new process from 0."""
+        self.stats.resets += 1
+        log.info(
+            "KV event publisher restarted; rebuilding its state",
+            extra={"pod": self.pod, "seq": msg.seq, "expected": self.next_seq},
+        )
+        anchor = self._anchor_ts
+        self.sink.on_reset((self.next_seq - 1, anchor) if self.next_seq > 0 and anchor is not None else None)
+        self.next_seq, self.last_ts, self._anchor_ts, self._suspect = 0, -math.inf, None, False
+        seq = msg.seq
+        if seq > 0:
+            await self._recover(0, seq)  # no anchor: cannot find another restart
+        if seq < self.next_seq:
             return
-        if not await self._replay(start):
+        if batch is None:
+            batch = self._decode(msg)
+            if batch is None:
+                self.next_seq = seq + 1
+                return
+        await self._apply(msg, batch)
+
+    def _can_replay(self) -> bool:
+        return bool(self.replay_endpoint) and asyncio.get_running_loop().time() >= self._cooldown_until
+
+    async def _behind(self) -> bool:
+        """In doubt (after a lost connection), a batch older than ours by number and by clock: whether the
+        publisher lost our anchor, i.e. restarted with its clock behind. Otherwise a duplicate."""
+        self._suspect = False
+        if not self._can_replay() or self.next_seq == 0 or self._anchor_ts is None:
+            return False
+        outcome = await self._replay(self.next_seq)
+        if outcome == _FAILED:
+            self._cooldown_until = asyncio.get_running_loop().time() + self.options.replay_cooldown
+        return outcome in (_RESTARTED, _EMPTY)
+
+    async def _recover(self, start: int, until: int) -> bool:
+        """Fetch batches [start, until) from the replay socket, or count them lost; True if the replay
+        showed the publisher restarted (nothing applied then). `until == start`: only the check."""
+        self._suspect = False
+        gap = until > start
+        if gap:
+            self.stats.gaps += 1
+        if not self._can_replay():
+            if gap:
+                self.stats.lost_batches += until - start
+                why = "no replay endpoint" if not self.replay_endpoint else "replay cooling down"
+                msg = "KV events from %s: batches %d..%d missed (%s)"
+                self._log.warning(f"gap:{self.pod}", msg, self.pod, start, until - 1, why)
+            return False
+        outcome = await self._replay(start)
+        if outcome == _RESTARTED:
+            return True
+        if outcome == _FAILED:
             self._cooldown_until = asyncio.get_running_loop().time() + self.options.replay_cooldown
         if self.next_seq < until:
             self.stats.lost_batches += until - self.next_seq
             self.next_seq = until
+            self._anchor_ts = None
+        return False
 
-    async def _replay(self, start: int) -> bool:
+    async def _replay(self, start: int) -> int:
+        """Apply the buffered batches from `start` on. Asks from the anchor (`start - 1`) when its
+        timestamp is known: the publisher's batch under that number must be the one we applied."""
         o = self.options
         loop = asyncio.get_running_loop()
+        anchor = start - 1 if start > 0 and self._anchor_ts is not None else -1
+        outcome = _OK
         async with self._slots:
             dealer = self._ctx.socket(zmq.DEALER)
             dealer.setsockopt(zmq.LINGER, 0)
@@ -239,7 +325,7 @@ class Subscriber:
                 dealer.setsockopt(zmq.IPV6, 1)
             dealer.connect(self.replay_endpoint)
             try:
-                await dealer.send_multipart(replay_request(start))
+                await dealer.send_multipart(replay_request(anchor if anchor >= 0 else start))
                 deadline = loop.time() + o.replay_timeout
                 first = True
                 while True:
@@ -254,9 +340,21 @@ class Subscriber:
                         self._log.warning(f"replay:{self.pod}", "KV replay from %s: malformed reply: %s", self.pod, e)
                         continue
                     if item is None:
+                        if first and anchor >= 0:
+                            outcome = _EMPTY  # nothing at or after our last number
                         break
                     if first:
                         first = False
+                        if item.seq == anchor:
+                            seen = self._decode(item)
+                            if seen is not None and seen.ts != self._anchor_ts:
+                                log.info(
+                                    "KV replay: the publisher's batch under our last number is another one",
+                                    extra={"pod": self.pod, "seq": anchor, "ts": seen.ts, "ours": self._anchor_ts},
+                                )
+                                outcome = _RESTARTED
+                                break
+                            continue  # the batch we applied last: same process, in sequence
                         if item.seq > start:
                             self.stats.replays_incomplete += 1
                             log.warning(
@@ -270,6 +368,7 @@ class Subscriber:
                     batch = self._decode(item)
                     if batch is None:
                         self.next_seq = item.seq + 1
+                        self._anchor_ts = None
                         continue
                     if item.seq > self.next_seq:
                         self.stats.lost_batches += item.seq - self.next_seq
@@ -279,12 +378,12 @@ class Subscriber:
             except TimeoutError:
                 self.stats.replays_failed += 1
                 self._log.warning(f"replay:{self.pod}", "KV replay from %s timed out", self.pod)
-                return False
+                return _FAILED
             except zmq.ZMQError as e:
                 self.stats.replays_failed += 1
                 self._log.warning(f"replay:{self.pod}", "KV replay from %s failed: %s", self.pod, e)
-                return False
+                return _FAILED
             finally:
                 dealer.close(linger=0)
         self.stats.replays_ok += 1
-        return True
+        return outcome

@@ -73,7 +73,9 @@ class KVBlockIndexConfig(PluginParams):
     cost_aware_memory_config: dict[str, Any] | None = None
     redis_config: RedisConfig | None = None
     enable_metrics: bool = False
-    metrics_logging_interval: str = ""
+    # A Go time.Duration in the reference: integer nanoseconds in JSON/YAML (a duration string accepted too).
+    # Not used: the index's counters are on /metrics.
+    metrics_logging_interval: int | str = ""
 
 
 class KVCacheBackendConfig(PluginParams):
@@ -466,6 +468,10 @@ class RedisPrecisePrefixCacheProducer(PrecisePrefixCacheProducer):
         try:
             m = await asyncio.wait_for(self.redis_store.lookup(keys, list(pods)), self.lookup_timeout)
         except Exception as e:  # Redis slow or down: route without prefix data, never stall
+            if isinstance(e, TimeoutError):  # past lookupTimeout (redis-py's own timeouts are errors)
+                self.stats.lookup_timeouts += 1
+            else:
+                self.stats.lookup_errors += 1
             self._log.warning("lookup", "%s: Redis lookup failed (%r); no prefix data for this request", self.name, e)
         else:
             for pod, w in m.weighted.items():
@@ -491,6 +497,7 @@ class RedisPrecisePrefixCacheProducer(PrecisePrefixCacheProducer):
         try:
             await asyncio.wait_for(self.redis_store.speculate(pod, keys, ttl), 1.0)
         except Exception as e:
+            self.stats.speculation_errors += 1
             self._log.warning("speculate", "%s: speculative write to Redis failed: %r", self.name, e)
 
 

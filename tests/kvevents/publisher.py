@@ -44,6 +44,19 @@ def as_legacy(ev: dict) -> list[Any]:
     return [kind]
 
 
+async def _bind(sock: zmq.asyncio.Socket, endpoint: str) -> None:
+    """Bind, retrying briefly: a socket just closed on the same port releases it asynchronously."""
+    for _ in range(200):
+        try:
+            sock.bind(endpoint)
+            return
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EADDRINUSE:
+                raise
+            await asyncio.sleep(0.01)
+    sock.bind(endpoint)
+
+
 class TestPublisher:
     __test__ = False  # not a pytest class
 
@@ -71,6 +84,7 @@ class TestPublisher:
         self.buffer: list[tuple[int, bytes]] = []
         self.replay_requests: list[int] = []
         self.replay_silent = False
+        self.clock_offset = 0.0  # added to the batches' timestamps: a clock stepped back or forward
         self._ctx = zmq.asyncio.Context()
         self._pub = self._ctx.socket(zmq.PUB)
         self._router = self._ctx.socket(zmq.ROUTER)
@@ -84,12 +98,14 @@ class TestPublisher:
         if self.connect:
             self._pub.connect(self.connect)
         else:
-            self._pub.bind(f"tcp://{join_hostport(self.host, self.port)}")
-        self._router.bind(f"tcp://{join_hostport(self.host, self.replay_port)}")
+            await _bind(self._pub, f"tcp://{join_hostport(self.host, self.port)}")
+        await _bind(self._router, f"tcp://{join_hostport(self.host, self.replay_port)}")
         self._task = asyncio.get_running_loop().create_task(self._serve())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._ctx.closed:  # already closed (restarted())
+            return
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -100,7 +116,7 @@ class TestPublisher:
 
     def payload(self, events: list[dict]) -> bytes:
         wire = [as_legacy(e) for e in events] if self.legacy else events
-        return bytes(msgpack.packb([time.time(), wire, self.rank], use_bin_type=True))
+        return bytes(msgpack.packb([time.time() + self.clock_offset, wire, self.rank], use_bin_type=True))
 
     async def publish(self, events: list[dict], *, drop: bool = False) -> int:
         """Send one batch (or only buffer it for replay when `drop`); returns its seq."""
@@ -121,6 +137,24 @@ class TestPublisher:
         self.seq = 0
         self.buffer.clear()
 
+    async def drop_connections(self) -> None:
+        """The same engine loses its subscribers' connections (a network blip): the PUB socket is
+        replaced on the same port; sequence and replay buffer carry on."""
+        self._pub.close(0)
+        self._pub = self._ctx.socket(zmq.PUB)
+        self._pub.setsockopt(zmq.LINGER, 0)
+        if ":" in self.host:
+            self._pub.setsockopt(zmq.IPV6, 1)
+        await _bind(self._pub, f"tcp://{join_hostport(self.host, self.port)}")
+
+    async def restarted(self) -> TestPublisher:
+        """The engine's process restarted: this one closes, a new one binds the same ports (seq from 0,
+        an empty replay buffer; subscribers see their connections drop and come back)."""
+        await self.__aexit__(None, None, None)
+        new = TestPublisher(self.host, reply_frames=self.reply_frames, legacy=self.legacy, topic=self.topic.decode(),
+                            port=self.port, replay_port=self.replay_port, rank=self.rank)  # fmt: skip
+        return await new.__aenter__()
+
     async def _serve(self) -> None:
         while True:
             frames = await self._router.recv_multipart()
@@ -135,3 +169,22 @@ class TestPublisher:
                     await self._router.send_multipart([identity, b"", *body])
             end = [b"", END, b""] if self.reply_frames == 3 else [END, b""]
             await self._router.send_multipart([identity, b"", *end])
+
+
+class Engine:
+    """A publisher that can restart (a new process on the same ports), closed whatever happens:
+    ``async with Engine(host) as engine: ... engine.pub ... await engine.restart()``."""
+
+    def __init__(self, host: str) -> None:
+        self.pub = TestPublisher(host)
+
+    async def __aenter__(self) -> Engine:
+        await self.pub.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.pub.__aexit__()
+
+    async def restart(self) -> TestPublisher:
+        self.pub = await self.pub.restarted()
+        return self.pub

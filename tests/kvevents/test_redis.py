@@ -23,12 +23,13 @@ from llmepp.kvevents.keys import block_keys, root_key, tokens_to_bytes
 from llmepp.kvevents.pool import PoolOptions, SubscriberPool
 from llmepp.kvevents.redis_index import RedisStore, connect
 from llmepp.kvevents.stats import KVEventStats
+from llmepp.observability.metrics import EppMetrics
 from llmepp.plugins.producers.precise_prefix import RedisPrecisePrefixCacheProducer
 from llmepp.plugins.producers.shared_inflight import RedisInFlightLoadProducer
 from llmepp.request.types import InferenceRequest, RequestKind, ResponseInfo
 from llmepp.testing.redis import RedisServer
 
-from .publisher import CLEARED, TestPublisher, stored
+from .publisher import CLEARED, Engine, TestPublisher, stored
 from .rig import TIERS, endpoint, until
 
 TOKENS = list(range(300, 300 + 4 * 16))
@@ -144,8 +145,9 @@ async def test_restarted_replica_resumes_chains_and_position(server: RedisServer
         await asyncio.sleep(0.3)
         await pub.publish([chain(7, 9)])
         await eventually(lambda: _eq(restarted.match(ep.hostport), 9))
-        # It resumed at seq 2 (replaying only what Redis lacked) with the saved chain state: no orphans.
-        assert pub.replay_requests == [2]
+        # It resumed at seq 2 (replaying only what Redis lacked, asked from Redis's last batch, seq 1, to
+        # check it is still the publisher's) with the saved chain state: no orphans.
+        assert pub.replay_requests == [1] and restarted.stats.resets == 0
         assert restarted.pool.chains()[0].stats.orphans == 0
         await restarted.close()
 
@@ -382,3 +384,159 @@ async def test_producers_keyed_differently_keep_apart_in_one_redis(server: Redis
         await eventually(lambda: _hits(large, _request(), [ep], {ep: 2}))
         for p in producers:
             await p.aclose()
+
+
+async def test_the_guard_orders_a_sources_batches_by_sequence_not_by_clock(
+    server: RedisServer, client: aioredis.Redis
+) -> None:
+    """Sequence numbers order a publisher's batches; its clock stepping back (NTP) refused every batch
+    until the clock caught up again. Timestamps only tell a late copy from a restart."""
+    store = RedisStore(client, TIERS)
+    keys = block_keys(tokens_to_bytes(TOKENS), 4, root_key("m"))
+    pod = "10.0.3.1:8000"
+    chains = SourceChains(4, 0, TIERS, 10)
+
+    async def put(seq: int, ts: float, first: int, last: int, mask: int = 1) -> None:
+        part = keys[first:last]
+        await store.write(pod, chains, ts, seq, Delta(keys=part, masks=[mask] * len(part)))
+
+    async def held() -> int:
+        return (await store.lookup(keys, [pod])).lengths.get(pod, 0)
+
+    await put(0, 10_000.0, 0, 2)
+    await put(1, 10_001.0, 2, 4)
+    await put(2, 6_402.0, 4, 6)  # the clock stepped back an hour
+    await put(3, 6_403.0, 6, 8)
+    assert await held() == 8
+    # Late copies (another replica delivering them again) are refused, and none passes for a restart,
+    # not even one newer than the last batch's timestamp.
+    await put(1, 10_001.0, 2, 4, mask=0)
+    await put(3, 6_403.0, 6, 8, mask=0)
+    assert await held() == 8 and await client.hget("epp:kv:gen", pod) is None
+    resume = await store.resume(pod, SourceChains(4, 0, TIERS, 10))
+    assert resume is not None and resume.next_seq == 4
+    assert resume.last_ts == 10_001.0 and resume.anchor_ts == 6_403.0
+    # A restart still shows as an older number with newer data.
+    await put(0, 20_000.0, 0, 1)
+    assert await held() == 1 and await client.hget("epp:kv:gen", pod) == b"1"
+
+
+async def test_a_publisher_whose_clock_steps_back_loses_no_batches(server: RedisServer, client: aioredis.Redis) -> None:
+    host = "127.0.0.206"
+    async with TestPublisher(host) as pub:
+        ep = endpoint(host, 8000)
+        a = Replica(server.url, pub.port, pub.replay_port)
+        a.pool.endpoint_added(ep)
+        await asyncio.sleep(0.3)
+        await pub.publish([chain(0, 2)])
+        await pub.publish([chain(2, 4)])
+        await eventually(lambda: _eq(a.match(ep.hostport), 4))
+        pub.clock_offset = -3600.0
+        await pub.publish([chain(4, 6)])
+        await pub.publish([chain(6, 8)])
+        await eventually(lambda: _eq(a.match(ep.hostport), 8))
+        assert a.stats.resets == 0 and a.stats.batches == 4
+        await a.close()
+
+
+OTHER = list(range(5000, 5000 + 4 * 16))
+
+
+async def test_a_replica_resuming_after_the_publisher_restarted_rebuilds_the_pod(
+    server: RedisServer, client: aioredis.Redis
+) -> None:
+    """No replica was running while the engine restarted and published as many batches as Redis holds:
+    the stream seems to continue where Redis stands. The resumed subscriber checks the anchor (the
+    last batch Redis applied, with its timestamp) before trusting it."""
+    host = "127.0.0.207"
+    ep = endpoint(host, 8000)
+    pod = ep.hostport
+    async with Engine(host) as engine:
+        a = Replica(server.url, engine.pub.port, engine.pub.replay_port)
+        a.pool.endpoint_added(ep)
+        await asyncio.sleep(0.3)
+        for i in range(3):
+            await engine.pub.publish([chain(2 * i, 2 * i + 2)])
+        await eventually(lambda: _eq(a.match(pod), 6))
+        await a.close()
+        pub = await engine.restart()
+        for i in range(3):
+            await pub.publish([chain(i, i + 1, OTHER, base=9000)], drop=True)
+        b = Replica(server.url, pub.port, pub.replay_port)
+        b.pool.endpoint_added(ep)
+        await asyncio.sleep(0.3)
+        await pub.publish([chain(3, 5, OTHER, base=9000)])  # seq 3: where Redis says the stream goes on
+
+        async def rebuilt() -> bool:
+            return await b.match(pod) == 0 and await b.match(pod, OTHER) == 5
+
+        await eventually(rebuilt)
+        assert b.stats.resets == 1 and await client.hget("epp:kv:gen", pod) == b"1"
+        assert b.pool.chains()[0].stats.orphans == 0
+        await b.close()
+
+
+async def test_a_restart_with_the_clock_stepped_back_replaces_the_shared_state(
+    server: RedisServer, client: aioredis.Redis
+) -> None:
+    """The new process's batches are older by the clock than what Redis holds: by timestamp they are
+    late copies. The subscriber that found the anchor gone says which batch it saw replaced, and Redis,
+    still at that batch, takes the restart."""
+    host = "127.0.0.209"
+    ep = endpoint(host, 8000)
+    pod = ep.hostport
+    async with Engine(host) as engine:
+        a = Replica(server.url, engine.pub.port, engine.pub.replay_port)
+        a.pool.endpoint_added(ep)
+        await asyncio.sleep(0.3)
+        for i in range(3):
+            await engine.pub.publish([chain(2 * i, 2 * i + 2)])
+        await eventually(lambda: _eq(a.match(pod), 6))
+        pub = await engine.restart()
+        pub.clock_offset = -3600.0
+        for i in range(4):
+            await pub.publish([chain(i, i + 1, OTHER, base=9000)], drop=True)
+        await asyncio.sleep(0.3)
+        await pub.publish([chain(4, 6, OTHER, base=9000)])
+
+        async def rebuilt() -> bool:
+            return await a.match(pod) == 0 and await a.match(pod, OTHER) == 6
+
+        await eventually(rebuilt)
+        assert a.stats.resets == 1 and await client.hget("epp:kv:gen", pod) == b"1"
+        await a.close()
+
+
+async def test_redis_lookup_failures_are_counted_and_exported() -> None:
+    """A lookup past `lookupTimeout` (Redis paused) and one against a stopped Redis each mean no prefix
+    data for that request; both are counted (llm_d_epp_kv_events_lookup_{timeouts,errors}_total), as is a
+    speculative write that fails."""
+    with RedisServer() as srv:
+        p = _producer(srv.url)
+        metrics = EppMetrics()
+        p.setup(PluginContext({}, None, None, metrics))
+        eps = [endpoint("127.0.0.208", 8000)]
+        await p.produce(_request(), eps)
+        assert (p.stats.lookup_errors, p.stats.lookup_timeouts) == (0, 0)
+        admin = connect(srv.url)
+        await admin.execute_command("CLIENT", "PAUSE", 500, "ALL")
+        req = _request()
+        await p.produce(req, eps)
+        assert req.data[scoped(PREFIX_CACHE_MATCH_INFO, "precise")].hits == {}
+        assert (p.stats.lookup_errors, p.stats.lookup_timeouts) == (0, 1)
+        await admin.aclose()
+        await asyncio.sleep(0.6)
+        srv.stop()
+        req = _request()
+        await p.produce(req, eps)
+        assert req.data[scoped(PREFIX_CACHE_MATCH_INFO, "precise")].hits == {}
+        assert (p.stats.lookup_errors, p.stats.lookup_timeouts) == (1, 1)
+
+        def sample(name: str) -> float | None:
+            return metrics.registry.get_sample_value(f"llm_d_epp_kv_events_{name}_total", {"producer": "precise"})
+
+        assert sample("lookup_errors") == 1 and sample("lookup_timeouts") == 1
+        p.pre_request(req, SchedulingResult("default", {"default": ProfileResult(targets=eps)}))
+        await until(lambda: p.stats.speculation_errors == 1, what="the failed speculative write counted")
+        assert sample("speculation_errors") == 1
+        await p.aclose()
