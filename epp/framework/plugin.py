@@ -22,6 +22,7 @@ point is either a Plugin subclass or a callable taking the `PluginRegistry`.
 from __future__ import annotations
 
 import builtins
+import functools
 import logging
 from abc import ABC
 from collections.abc import Mapping
@@ -29,6 +30,7 @@ from importlib.metadata import entry_points
 from typing import Any, ClassVar, TypeVar
 
 import msgspec
+import msgspec.inspect
 
 from llmepp.framework.datakeys import scoped
 
@@ -43,6 +45,14 @@ class PluginParams(msgspec.Struct, rename="camel", forbid_unknown_fields=True, k
 
 class NoParams(PluginParams):
     pass
+
+
+def reference_default(plugin_type: str, field: str, value: Any, default: Any, rule: str) -> Any:
+    """`default`, with a warning naming the field: for a parameter value the reference does not reject but
+    replaces with its default (so a config it loads loads here too). Call from `Params.__post_init__`."""
+    log.warning("%s: parameter %s is %r (%s); using the default %r, as the reference does", plugin_type, field, value,
+                rule, default)  # fmt: skip
+    return default
 
 
 class ConfigError(Exception):
@@ -63,6 +73,10 @@ class Plugin(ABC):
     # Data-layer (source type, extractor type) pairs this plugin reads from endpoints: the loader adds
     # them when the config wires none of that source type (reference `datalayer.Registrant`).
     data_sources: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # A plugin without parameters: the reference's factory for it ignores its `parameters` block (the
+    # decoder argument unused), so one is accepted and ignored with a warning; True where the reference
+    # rejects a non-empty block (soft-reflective-ceiling-policy).
+    rejects_parameters: ClassVar[bool] = False
 
     def __init__(self, name: str, params: Any = None) -> None:
         self.name = name or self.type
@@ -177,8 +191,12 @@ class PluginRegistry:
         label = f"plugin {name!r} (type {type_name})"
         if cls is None:
             raise ConfigError(f"{label}: unknown plugin type; known types: {', '.join(self.types())}")
+        if raw_params and not cls.rejects_parameters and not msgspec.structs.fields(cls.Params):
+            log.warning("%s: takes no parameters; ignoring %s, as the reference does", label, sorted(raw_params))
+            raw_params = None
         try:
-            params = msgspec.convert(raw_params or {}, cls.Params, str_keys=True)
+            params = msgspec.convert(_fold_keys(raw_params or {}, _type_info(cls.Params), label), cls.Params,
+                                     str_keys=True)  # fmt: skip
         except msgspec.ValidationError as e:
             raise ConfigError(f"{label}: parameters: {_describe(e)}") from None
         if type_name != cls.type:
@@ -189,6 +207,50 @@ class PluginRegistry:
             raise ConfigError(f"{label}: {e}") from None
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{label}: parameters: {e}") from None
+
+
+@functools.cache
+def _type_info(params: builtins.type[PluginParams]) -> msgspec.inspect.Type:
+    return msgspec.inspect.type_info(params)
+
+
+def _fold_keys(value: Any, info: msgspec.inspect.Type, label: str, path: str = "parameters") -> Any:
+    """`value` with each struct key that matches a field only ignoring case renamed to the field: the
+    reference decodes `parameters` with Go's encoding/json, which matches names case-insensitively (an
+    exact match first), so `MaxNumOfEndpoints` is `maxNumOfEndpoints` there. Keys of mappings stay as
+    they are; keys matching no field are left for the strict conversion to reject."""
+    mi = msgspec.inspect
+    if isinstance(info, mi.Metadata):
+        return _fold_keys(value, info.type, label, path)
+    if isinstance(info, mi.UnionType):
+        wanted: tuple[type, ...] = (
+            (mi.StructType, mi.DictType) if isinstance(value, dict)
+            else (mi.ListType, mi.SetType, mi.FrozenSetType, mi.VarTupleType) if isinstance(value, list)
+            else ()
+        )  # fmt: skip
+        member = next((t for t in info.types if isinstance(t, wanted)), None) if wanted else None
+        return value if member is None else _fold_keys(value, member, label, path)
+    if isinstance(info, mi.StructType) and isinstance(value, dict):
+        exact = {f.encode_name: f for f in info.fields}
+        folded: dict[str, msgspec.inspect.Field] = {}
+        for f in info.fields:
+            folded.setdefault(f.encode_name.casefold(), f)
+        out: dict[Any, Any] = {}
+        for key, item in value.items():
+            field = exact.get(key) if isinstance(key, str) else None
+            if field is None and isinstance(key, str) and (field := folded.get(key.casefold())) is not None:
+                log.warning("%s: %s.%s read as %s (the reference matches parameter names ignoring case)",
+                            label, path, key, field.encode_name)  # fmt: skip
+            if field is None:
+                out[key] = item
+                continue
+            out[field.encode_name] = _fold_keys(item, field.type, label, f"{path}.{field.encode_name}")
+        return out
+    if isinstance(info, (mi.ListType, mi.SetType, mi.FrozenSetType, mi.VarTupleType)) and isinstance(value, list):
+        return [_fold_keys(item, info.item_type, label, f"{path}[{i}]") for i, item in enumerate(value)]
+    if isinstance(info, mi.DictType) and isinstance(value, dict):
+        return {k: _fold_keys(v, info.value_type, label, f"{path}.{k}") for k, v in value.items()}
+    return value
 
 
 def _describe(err: msgspec.ValidationError) -> str:
@@ -205,5 +267,6 @@ __all__ = [
     "PluginContext",
     "PluginParams",
     "PluginRegistry",
+    "reference_default",
     "registry",
 ]

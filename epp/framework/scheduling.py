@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from llmepp.datalayer.endpoint import Endpoint, join_hostport
-from llmepp.framework.plugin import Plugin, PluginParams
+from llmepp.framework.plugin import Plugin, PluginParams, reference_default
 from llmepp.request.types import InferenceRequest
 
 if TYPE_CHECKING:
@@ -48,11 +48,9 @@ class Scorer(Plugin):
 
 class PickerParams(PluginParams):
     # How many endpoints to return; more than one gives Envoy an ordered fallback list.
+    # (< 1: the default, as the reference's pickers do: "on invalid configuration value, fallback to
+    # default value"; see Picker.)
     max_num_of_endpoints: int = 1
-
-    def __post_init__(self) -> None:
-        if self.max_num_of_endpoints < 1:
-            raise ValueError("maxNumOfEndpoints must be >= 1")
 
 
 class Picker(Plugin):
@@ -62,7 +60,8 @@ class Picker(Plugin):
 
     def __init__(self, name: str, params: PickerParams | None = None) -> None:
         super().__init__(name, params)
-        self.max_num_of_endpoints: int = self.params.max_num_of_endpoints
+        n = self.params.max_num_of_endpoints
+        self.max_num_of_endpoints: int = n if n >= 1 else reference_default(self.type, "maxNumOfEndpoints", n, 1, "< 1")
 
     @abstractmethod
     def pick(self, endpoints: Sequence[Endpoint], scores: Sequence[float]) -> list[Endpoint]: ...

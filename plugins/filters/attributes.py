@@ -30,6 +30,9 @@ metrics extractor, or another plugin's attribute). An attribute is one of:
   name in its `produces` and writes `request.data[scoped(attribute, producer)]` as a mapping
   `Endpoint → float` for the current request; endpoints absent from it are missing.
 
+The reference's scoped data-key form `<attribute>/<plugin name>` (e.g. `GPUUtilization/dcgm-extractor`),
+when it is none of the above, reads as `attribute` with `producer: <plugin name>`.
+
 An attribute that is none of these is a configuration error (it could never be found).
 """
 
@@ -122,6 +125,18 @@ def attribute_reader(plugin: Plugin, ctx: PluginContext, attribute: str, produce
         if extractors:
             names = ", ".join(x.name for x in extractors)
             raise ConfigError(f"{label}: attribute {attribute!r} is attached by {names}; name one with `producer`")
+        # The reference's data-layer key form, `<attribute>/<producer name>` (its sample
+        # deploy/config/sim-epp-gpu-config.yaml: `GPUUtilization/dcgm-extractor`): as `producer`.
+        # The reference scopes some keys by the producer's type (dcgm-extractor's GPUUtilization key whatever
+        # the instance's name): a scope naming the type of exactly one configured plugin names that plugin.
+        base, _, scope = attribute.rpartition("/")
+        if base and scope:
+            everyone = ctx.plugins_of(Plugin)
+            of_type = [p for p in everyone if p.type == scope]
+            if any(p.name == scope for p in everyone):
+                return attribute_reader(plugin, ctx, base, scope, field)
+            if len(of_type) == 1:
+                return attribute_reader(plugin, ctx, base, of_type[0].name, field)
         known = ", ".join(k for k in BUILTIN_ATTRIBUTES if ":" not in k and "_" not in k)
         raise ConfigError(
             f"{label}: attribute {attribute!r} is not a built-in ({known}), a core-metrics-extractor "

@@ -134,6 +134,7 @@ class SoftReflectiveCeilingPolicy(UsageLimitPolicy):
     """
 
     type = "soft-reflective-ceiling-policy"
+    rejects_parameters = True  # its reference README: "Any non-empty parameters block is rejected"
 
     def __init__(self, name: str, params: PluginParams | None = None) -> None:
         super().__init__(name, params)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 
 from llmepp.datalayer.endpoint import Endpoint
@@ -13,12 +14,14 @@ from llmepp.framework.datakeys import (
     TokenizedPrompt,
     scoped,
 )
-from llmepp.framework.plugin import PluginContext, PluginParams
+from llmepp.framework.plugin import PluginContext, PluginParams, reference_default
 from llmepp.framework.requestcontrol import DataProducer, PreRequest
 from llmepp.framework.scheduling import SchedulingResult
 from llmepp.observability.metrics import EppMetrics
 from llmepp.plugins.producers.prefix_index import PrefixIndex, block_hashes, prefix_seed
 from llmepp.request.types import InferenceRequest
+
+log = logging.getLogger(__name__)
 
 # Each (endpoint, block) costs one LRU entry, so blocks are never smaller than this (#1158).
 MIN_BLOCK_TOKENS = 64
@@ -34,7 +37,9 @@ class ApproxPrefixCacheProducer(DataProducer, PreRequest):
 
     Parameters (reference defaults): `autoTune` true, `blockSizeTokens` 16 (floor 64; with
     autoTune the endpoint's reported block size, floor 64), `maxPrefixTokensToMatch` 131072,
-    `maxPrefixBlocksToMatch` 2048 (used when the token cap is 0), `lruCapacityPerServer` 31250.
+    `maxPrefixBlocksToMatch` 2048 (used when the token cap is 0), `lruCapacityPerServer` 31250 (≤ 0: the
+    default), `blockSize` (deprecated: blockSizeTokens when that is left at 16). As the reference,
+    `blockSizeTokens` ≤ 0 is an error only with autoTune off (with it, the endpoint's size or the floor).
     """
 
     type = "approx-prefix-cache-producer"
@@ -44,15 +49,27 @@ class ApproxPrefixCacheProducer(DataProducer, PreRequest):
     class Params(PluginParams):
         auto_tune: bool = True
         block_size_tokens: int = 16
+        # Deprecated in the reference (a legacy size), still accepted: mapped onto blockSizeTokens when
+        # that is left at its default.
+        block_size: int = 0
         max_prefix_tokens_to_match: int = 131072
         max_prefix_blocks_to_match: int = 2048
         lru_capacity_per_server: int = 31250
 
         def __post_init__(self) -> None:
-            if self.block_size_tokens <= 0:
-                raise ValueError("blockSizeTokens must be > 0")
+            # The reference's factory checks (approximateprefix/plugin.go); its names in the messages.
+            if self.block_size > 0:
+                log.warning("approx-prefix-cache-producer: blockSize is deprecated; use blockSizeTokens")
+                if self.block_size_tokens == 16:
+                    self.block_size_tokens = self.block_size
+                self.block_size = 0
+            if self.block_size_tokens <= 0 and not self.auto_tune:
+                raise ValueError("blockSizeTokens must be > 0 when autoTune is false")
             if self.lru_capacity_per_server <= 0:
-                raise ValueError("lruCapacityPerServer must be > 0")
+                self.lru_capacity_per_server = reference_default(
+                    "approx-prefix-cache-producer", "lruCapacityPerServer", self.lru_capacity_per_server, 31250,
+                    "not > 0",
+                )  # fmt: skip
             if self.max_prefix_tokens_to_match < 0 or self.max_prefix_blocks_to_match < 0:
                 raise ValueError("maxPrefixTokensToMatch / maxPrefixBlocksToMatch must be >= 0")
 

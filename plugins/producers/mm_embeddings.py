@@ -14,7 +14,7 @@ import msgspec
 
 from llmepp.datalayer.endpoint import Endpoint
 from llmepp.framework.datakeys import ENCODER_CACHE_MATCH_INFO, EncoderCacheMatchInfo, scoped
-from llmepp.framework.plugin import PluginContext, PluginParams
+from llmepp.framework.plugin import PluginContext, PluginParams, reference_default
 from llmepp.framework.requestcontrol import DataProducer, PreRequest
 from llmepp.framework.scheduling import SchedulingResult, Scorer, ScorerCategory
 from llmepp.request.types import InferenceRequest
@@ -30,8 +30,9 @@ class MMEmbeddingsCacheProducer(DataProducer, PreRequest):
 
     PreRequest records the items on the endpoint that encodes them: the pick of the profile named
     `encodeProfile` when it ran (E/P/D), else the primary pick. Capacity per endpoint =
-    cacheSizeInMBPerServer / 2 entries (4096 MB: 2,048 items), least recently used evicted; removed
-    endpoints are forgotten. Parameters: `cacheSizeInMBPerServer` (4096), `encodeProfile` ("encode").
+    cacheSizeInMBPerServer / 2 entries, at least 1 (4096 MB: 2,048 items; ≤ 0 means 4096, as in the
+    reference), least recently used evicted; removed endpoints are forgotten. Parameters:
+    `cacheSizeInMBPerServer` (4096), `encodeProfile` ("encode").
     """
 
     type = "mm-embeddings-cache-producer"
@@ -42,12 +43,16 @@ class MMEmbeddingsCacheProducer(DataProducer, PreRequest):
         encode_profile: str = "encode"
 
         def __post_init__(self) -> None:
-            if self.cache_size_in_mb_per_server < MB_PER_ITEM:
-                raise ValueError(f"cacheSizeInMBPerServer must be >= {MB_PER_ITEM}")
+            if self.cache_size_in_mb_per_server <= 0:
+                self.cache_size_in_mb_per_server = reference_default(
+                    "mm-embeddings-cache-producer", "cacheSizeInMBPerServer", self.cache_size_in_mb_per_server,
+                    4096, "not > 0",
+                )  # fmt: skip
 
     def __init__(self, name: str, params: Params) -> None:
         super().__init__(name, params)
-        self.capacity = params.cache_size_in_mb_per_server // MB_PER_ITEM
+        # At least one entry (the reference's lruCapacityFromCacheSizeMB: a 1 MiB budget holds one).
+        self.capacity = max(1, params.cache_size_in_mb_per_server // MB_PER_ITEM)
         self.key = scoped(ENCODER_CACHE_MATCH_INFO, self.name)
         self.lrus: dict[Endpoint, OrderedDict[int, None]] = {}
 

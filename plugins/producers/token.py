@@ -56,6 +56,88 @@ class VllmConfig(PluginParams):
     mm_timeout: str = "30s"
 
 
+# The reference's `estimate` block (multimodal placeholder-token estimation: images, video). Accepted and
+# validated as the reference does; this build's estimate backend packs only the text of a prompt (media
+# parts add nothing), so the tuning does not change its tokens (a warning says so).
+class Resolution(PluginParams):
+    width: int = 0
+    height: int = 0
+
+
+class StaticImageEstimate(PluginParams):
+    static_token: int = 0
+
+
+class FactorEstimate(PluginParams):
+    factor: int = 0
+
+
+class ImageEstimate(PluginParams):
+    mode: str = ""
+    default_resolution: Resolution | None = None
+    static: StaticImageEstimate | None = None
+    dynamic: FactorEstimate | None = None
+
+
+class StaticFrameEstimate(PluginParams):
+    num_tokens_per_frame: int = 0
+
+
+class TokensPerFrameEstimate(PluginParams):
+    mode: str = ""
+    static: StaticFrameEstimate | None = None
+    dynamic: FactorEstimate | None = None
+
+
+class SampledFrames(PluginParams):
+    sample_fps: float = msgspec.field(default=0.0, name="sampleFPS")
+    temporal_patch_size: int = 0
+
+
+class StridedFrames(PluginParams):
+    default_source_fps: float = msgspec.field(default=0.0, name="defaultSourceFPS")
+    frame_stride: int = 0
+
+
+class FramesEstimate(PluginParams):
+    mode: str = ""
+    min_frames: int = 0
+    max_frames: int = 0
+    sampled: SampledFrames | None = None
+    strided: StridedFrames | None = None
+
+
+class VideoEstimate(PluginParams):
+    default_resolution: Resolution | None = None
+    default_duration: float = 0.0
+    tokens_per_frame: TokensPerFrameEstimate | None = None
+    frames: FramesEstimate | None = None
+    max_video_tokens: int = 0
+
+
+class EstimateConfig(PluginParams):
+    image: ImageEstimate | None = None
+    video: VideoEstimate | None = None
+
+    def check(self) -> None:
+        """The reference factory's checks (errors name the field)."""
+        for field, mode, allowed in (
+            ("estimate.image.mode", self.image.mode if self.image else "", ("dynamic", "static")),
+            (
+                "estimate.video.tokensPerFrame.mode",
+                self.video.tokens_per_frame.mode if self.video and self.video.tokens_per_frame else "",
+                ("dynamic", "static"),
+            ),
+            (
+                "estimate.video.frames.mode",
+                self.video.frames.mode if self.video and self.video.frames else "",
+                ("sampled", "strided"),
+            ),
+        ):
+            if mode and mode not in allowed:
+                raise ValueError(f"{field} must be {allowed[0]!r} or {allowed[1]!r}, got {mode!r}")
+
+
 class TokenProducer(DataProducer):
     """Writes TokenizedPrompt (LE uint32 token ids) for requests that carry a prompt.
 
@@ -88,15 +170,19 @@ class TokenProducer(DataProducer):
       chat_template_kwargs, add_generation_prompt and continue_final_message (the fields vLLM's
       `/tokenize` reads). One call per request, bounded by `timeout`, or `mmTimeout` for a request
       with media (and by the director's 400 ms producer budget).
-      Used when `vllm` is set and `tokenizer` is not.
+      Used when `vllm` or `modelName` is set (the reference's selection: `modelName` alone means the
+      render endpoint at the default URL) and `tokenizer` is not.
 
     Token-id prompts pass through unchanged with every backend. On a tokenizer failure the request
     gets no TokenizedPrompt (prefix producers then skip it) and the failure is logged, rate-limited.
 
-    Parameters: `modelName` (sent to the vllm backend; informational otherwise), `tokenizer`
-    {`backend` estimate|hf, `path`, `chatTemplate` auto, `addSpecialTokens` false,
-    `threadThresholdChars` 4096}, `vllm` {`url` http://localhost:8000, `timeout` 5s, `mmTimeout` 30s,
-    `path` (unset: the render API)}.
+    Parameters: `modelName` (selects the vllm backend and is sent to it; informational with
+    `tokenizer`), `tokenizer` {`backend` estimate|hf, `path`, `chatTemplate` auto, `addSpecialTokens`
+    false, `threadThresholdChars` 4096}, `vllm` {`url` http://localhost:8000, `timeout` 5s, `mmTimeout`
+    30s, `path` (unset: the render API)}, `estimate` (the reference's multimodal placeholder tuning
+    {`image`, `video`}: selects the estimate backend; validated, no effect on text-only estimation),
+    `udsTokenizerConfig` (the reference's deprecated UDS sidecar backend: not supported, an error when
+    enabled). As the reference: at most one of `estimate`, `vllm`/`modelName`, `udsTokenizerConfig`.
     """
 
     type = "token-producer"
@@ -107,8 +193,28 @@ class TokenProducer(DataProducer):
         model_name: str = ""
         tokenizer: TokenizerConfig | None = None
         vllm: VllmConfig | None = None
+        estimate: EstimateConfig | None = None
+        uds_tokenizer_config: dict[str, Any] | None = msgspec.field(default=None, name="udsTokenizerConfig")
 
         def __post_init__(self) -> None:
+            # The reference's backend selection (tokenizer.go PluginFactory).
+            estimate = self.estimate is not None
+            uds = bool(self.uds_tokenizer_config and self.uds_tokenizer_config.get("socketFile"))
+            vllm = self.vllm is not None or bool(self.model_name)
+            if (estimate and (uds or vllm)) or (uds and vllm):
+                raise ValueError("only one of 'estimate', 'vllm', or 'udsTokenizerConfig' may be set")
+            if uds:
+                raise ValueError(
+                    "udsTokenizerConfig: the reference's deprecated UDS tokenizer sidecar is not supported; "
+                    "use `vllm: {url: ...}` (a vLLM render endpoint, `vllm launch render <model>`)"
+                )
+            if self.estimate is not None:
+                self.estimate.check()
+                if self.estimate.image is not None or self.estimate.video is not None:
+                    log.warning(
+                        "token-producer: estimate.image / estimate.video tune multimodal placeholder tokens; "
+                        "this EPP's estimate backend packs the prompt text only, so they have no effect"
+                    )
             t = self.tokenizer
             if t is not None:
                 if t.backend not in BACKENDS:
@@ -130,7 +236,7 @@ class TokenProducer(DataProducer):
         if cls is TokenProducer and params is not None:
             if params.tokenizer is not None and params.tokenizer.backend == "hf":
                 target = HFTokenProducer
-            elif params.tokenizer is None and params.vllm is not None:
+            elif params.tokenizer is None and (params.vllm is not None or params.model_name):
                 target = VllmTokenProducer
         return super().__new__(target)
 
@@ -194,8 +300,7 @@ class VllmTokenProducer(TokenProducer):
 
     def __init__(self, name: str, params: TokenProducer.Params) -> None:
         super().__init__(name, params)
-        cfg = params.vllm
-        assert cfg is not None
+        cfg = params.vllm or VllmConfig()  # `modelName` alone: the render endpoint at the default URL
         self.base_url = cfg.url.rstrip("/")
         self.tokenize_path = cfg.path  # "": the render API
         self.timeout = aiohttp.ClientTimeout(total=parse_duration(cfg.timeout))

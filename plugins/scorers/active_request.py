@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from llmepp.datalayer.endpoint import Endpoint
 from llmepp.framework.datakeys import IN_FLIGHT_LOAD
-from llmepp.framework.plugin import PluginContext, PluginParams
+from llmepp.framework.plugin import PluginContext, PluginParams, reference_default
 from llmepp.framework.scheduling import Scorer
 from llmepp.plugins.producers.inflight_load import request_counts
 from llmepp.request.types import InferenceRequest
@@ -28,7 +28,7 @@ class ActiveRequestScorer(Scorer):
     Why: reacts to the very next request (scraped queues lag by an interval); with
     `maxBusyScore` < 1 it opens a gap so any idle endpoint beats every busy one.
 
-    Parameters: `idleThreshold` (0, ≥ 0), `maxBusyScore` (1.0, within [0, 1]),
+    Parameters: `idleThreshold` (0; negative means 0), `maxBusyScore` (1.0; outside [0, 1] means 1.0),
     `inFlightLoadProducerName`, `requestTimeout` (deprecated, accepted and ignored: the
     producer tracks each request's lifetime).
     """
@@ -44,9 +44,13 @@ class ActiveRequestScorer(Scorer):
 
         def __post_init__(self) -> None:
             if self.idle_threshold < 0:
-                raise ValueError("idleThreshold must be >= 0")
+                self.idle_threshold = reference_default(
+                    "active-request-scorer", "idleThreshold", self.idle_threshold, 0, "negative"
+                )
             if not 0.0 <= self.max_busy_score <= 1.0:
-                raise ValueError("maxBusyScore must be within [0, 1]")
+                self.max_busy_score = reference_default(
+                    "active-request-scorer", "maxBusyScore", self.max_busy_score, 1.0, "not within [0, 1]"
+                )
 
     def __init__(self, name: str, params: Params) -> None:
         super().__init__(name, params)

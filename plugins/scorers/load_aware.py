@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from llmepp.datalayer.endpoint import Endpoint
-from llmepp.framework.plugin import PluginParams
+from llmepp.framework.plugin import PluginParams, reference_default
 from llmepp.framework.scheduling import Scorer
 from llmepp.request.types import InferenceRequest
 
@@ -21,7 +21,7 @@ class LoadAwareScorer(Scorer):
     running capacity, which vLLM metrics don't expose). Unlike queue-scorer the score does not
     depend on the other candidates, so two lightly loaded endpoints stay close.
 
-    Parameters: `threshold` (128, > 0). Never-scraped endpoints read q = 0.
+    Parameters: `threshold` (128; a value ≤ 0 means 128, as in the reference). Never-scraped endpoints read q = 0.
     """
 
     type = "load-aware-scorer"
@@ -31,7 +31,7 @@ class LoadAwareScorer(Scorer):
 
         def __post_init__(self) -> None:
             if self.threshold <= 0:
-                raise ValueError("threshold must be > 0")
+                self.threshold = reference_default("load-aware-scorer", "threshold", self.threshold, 128, "not > 0")
 
     def __init__(self, name: str, params: Params) -> None:
         super().__init__(name, params)

@@ -9,7 +9,7 @@ from itertools import count
 
 from llmepp.datalayer.endpoint import Endpoint
 from llmepp.framework.datakeys import IN_FLIGHT_LOAD, PREFIX_CACHE_MATCH_INFO, PrefixMatchInfo
-from llmepp.framework.plugin import Plugin, PluginContext, PluginParams
+from llmepp.framework.plugin import Plugin, PluginContext, PluginParams, reference_default
 from llmepp.framework.requestcontrol import PreRequest
 from llmepp.framework.scheduling import SchedulingResult, Scorer
 from llmepp.plugins.producers.inflight_load import token_counts
@@ -73,7 +73,7 @@ class NoHitLRUScorer(Scorer, PreRequest):
 
         def __post_init__(self) -> None:
             if self.lru_size <= 0:
-                raise ValueError("lruSize must be > 0")
+                self.lru_size = reference_default("no-hit-lru-scorer", "lruSize", self.lru_size, 1024, "not > 0")
 
     def __init__(self, name: str, params: Params) -> None:
         super().__init__(name, params)

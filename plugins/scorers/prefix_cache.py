@@ -35,8 +35,9 @@ class PrefixCacheScorer(Scorer):
         def __post_init__(self) -> None:
             if not 0.0 <= self.match_length_weight <= 1.0:
                 raise ValueError("matchLengthWeight must be within [0, 1]")
-            if self.match_length_scale_tokens <= 0:
-                raise ValueError("matchLengthScaleTokens must be > 0")
+            if self.match_length_scale_tokens <= 0 and self.match_length_weight > 0.0:
+                # As the reference: the scale is checked only when match length counts (w > 0).
+                raise ValueError("matchLengthScaleTokens must be > 0 when matchLengthWeight is > 0")
 
     def __init__(self, name: str, params: Params) -> None:
         super().__init__(name, params)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from llmepp.datalayer.endpoint import Endpoint
 from llmepp.framework.datakeys import IN_FLIGHT_LOAD
-from llmepp.framework.plugin import PluginContext, PluginParams
+from llmepp.framework.plugin import PluginContext, PluginParams, reference_default
 from llmepp.framework.scheduling import Scorer
 from llmepp.plugins.producers.inflight_load import token_counts
 from llmepp.request.types import InferenceRequest
@@ -22,7 +22,7 @@ class TokenLoadScorer(Scorer):
     Why: prefill cost grows with the tokens still to compute, not with the request count; a
     few long prompts can saturate an endpoint that request counts call idle.
 
-    Parameters: `queueThresholdTokens` (4194304 = 128 requests × 32K tokens, > 0),
+    Parameters: `queueThresholdTokens` (4194304 = 128 requests × 32K tokens; ≤ 0 means the default),
     `inFlightLoadProducerName`.
     """
 
@@ -35,7 +35,9 @@ class TokenLoadScorer(Scorer):
 
         def __post_init__(self) -> None:
             if self.queue_threshold_tokens <= 0:
-                raise ValueError("queueThresholdTokens must be > 0")
+                self.queue_threshold_tokens = reference_default(
+                    "token-load-scorer", "queueThresholdTokens", self.queue_threshold_tokens, 4194304, "not > 0"
+                )
 
     def __init__(self, name: str, params: Params) -> None:
         super().__init__(name, params)

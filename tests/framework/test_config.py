@@ -100,13 +100,13 @@ def test_named_instances_of_one_type() -> None:
             "plugins:\n- type: approx-prefix-cache-producer\n  parameters: {lruCapacity: 5}\n",
             "unknown field `lruCapacity`",
         ),
-        (
-            "plugins:\n- type: approx-prefix-cache-producer\n  parameters: {lruCapacityPerServer: 0}\n",
-            "(type approx-prefix-cache-producer): parameters: lruCapacityPerServer must be > 0",
+        (  # lruCapacityPerServer 0 / maxNumOfEndpoints 0 mean the default there, as in the reference
+            "plugins:\n- type: approx-prefix-cache-producer\n  parameters: {blockSizeTokens: 0, autoTune: false}\n",
+            "(type approx-prefix-cache-producer): parameters: blockSizeTokens must be > 0 when autoTune is false",
         ),
         (
-            "plugins:\n- type: max-score-picker\n  parameters: {maxNumOfEndpoints: 0}\n",
-            "maxNumOfEndpoints must be >= 1",
+            "plugins:\n- type: max-score-picker\n  parameters: {maxNumOfEndpoints: two}\n",
+            "Expected `int`, got `str` - at `parameters.maxNumOfEndpoints`",
         ),
         (
             "plugins:\n- type: queue-scorer\n- type: queue-scorer\n",

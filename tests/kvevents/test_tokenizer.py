@@ -105,7 +105,8 @@ async def test_token_id_prompts_pass_through() -> None:
 
 
 def test_estimate_stays_the_default_and_synchronous() -> None:
-    plugin = registry.build("token-producer", "tok", {"modelName": "x"})
+    # No backend configured (`modelName` alone would select vllm, as in the reference).
+    plugin = registry.build("token-producer", "tok", None)
     assert type(plugin) is TokenProducer
     req = parsed("/v1/completions", {"model": "m", "prompt": "abcde"})
     assert plugin.produce(req, []) is None

@@ -142,14 +142,15 @@ LA = "plugin 'load-aware-scorer' (type load-aware-scorer): parameters: "
 @pytest.mark.parametrize(
     ("plugin", "expected"),
     [
-        ("{type: load-aware-scorer, parameters: {threshold: -3}}", LA + "threshold must be > 0"),
+        # (threshold -3 means the default 128 there, as in the reference: test_reference_configs.py)
+        ("{type: load-aware-scorer, parameters: {threshold: 1.5}}", LA + "Expected `int`, got `float`"),
         (
             "{type: utilization-filter, parameters: {conditions: [{metric: gpu, maxValue: 1}]}}",
             "type utilization-filter): parameters: conditions: metric 'gpu'",
         ),
         (
-            "{name: w, type: weighted-random-picker, parameters: {maxNumOfEndpoints: 0}}",
-            "plugin 'w' (type weighted-random-picker): parameters: maxNumOfEndpoints must be >= 1",
+            "{name: w, type: weighted-random-picker, parameters: {maxNumOfEndpoints: [2]}}",
+            "plugin 'w' (type weighted-random-picker): parameters: Expected `int`, got `array`",
         ),
         (
             "{type: no-hit-lru-scorer, parameters: {lruSize: x}}",

@@ -7,7 +7,6 @@ import json
 from collections import Counter
 from typing import Any
 
-import pytest
 from helpers import endpoint, request
 
 from llmepp.config.loader import build, load_config
@@ -15,7 +14,7 @@ from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import EndpointSpec
 from llmepp.director import Director
 from llmepp.framework.datakeys import ENCODER_CACHE_MATCH_INFO, scoped
-from llmepp.framework.plugin import ConfigError, registry
+from llmepp.framework.plugin import registry
 from llmepp.framework.scheduling import ProfileResult, SchedulingResult
 from llmepp.observability.metrics import EppMetrics
 from llmepp.request.parsers import parse_request
@@ -85,8 +84,9 @@ def test_the_lru_counts_matches_records_on_the_encoder_and_is_bounded() -> None:
     gone = request(mm_items=(3,))
     p.produce(gone, pods)
     assert gone.data[scoped(ENCODER_CACHE_MATCH_INFO, "mm")].matched == {}
-    with pytest.raises(ConfigError, match="cacheSizeInMBPerServer must be >= 2"):
-        producer(cacheSizeInMBPerServer=1)
+    # As the reference: 1 MiB still holds one entry; <= 0 means the default (4096 MiB: 2048 entries).
+    assert producer(cacheSizeInMBPerServer=1).capacity == 1
+    assert producer(cacheSizeInMBPerServer=0).capacity == 2048
 
 
 CONFIG = """

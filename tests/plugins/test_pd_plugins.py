@@ -87,9 +87,11 @@ def test_role_filters_follow_the_reference_sets(type_: str, kept: list[str | Non
     assert [ep.spec.labels.get(ROLE) for ep in out] == [r for r in ROLES if r in kept]
 
 
-def test_role_filters_take_no_parameters() -> None:
-    with pytest.raises(ConfigError, match="parameters"):
-        registry.build("decode-filter", "d", {"role": "x"})
+def test_role_filters_take_no_parameters(caplog: pytest.LogCaptureFixture) -> None:
+    # As the reference (DecodeRoleFactory ignores its decoder): a parameters block is ignored, with a warning.
+    with caplog.at_level("WARNING"):
+        assert registry.build("decode-filter", "d", {"role": "x"}).type == "decode-filter"
+    assert "takes no parameters; ignoring ['role']" in caplog.text
 
 
 # -- prefix-based-pd-decider ---------------------------------------------------------------------
