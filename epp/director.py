@@ -129,9 +129,6 @@ class Director:
         self.subset_filter = subset_filter
         self.emit_scores = emit_scores
         self.decision_header = decision_header
-        # Label children resolved once: .labels() per request costs a dict lookup and a lock.
-        self._attempt_ok = metrics.scheduler_attempts.labels(status="success")
-        self._attempt_failed = metrics.scheduler_attempts.labels(status="failure")
         self._scheduler_e2e = metrics.scheduler_e2e
         self._rng = random.Random()
         self._timers = PluginTimers(metrics.plugin_duration)
@@ -231,10 +228,11 @@ class Director:
             try:
                 result = pipeline.scheduler.schedule(request, candidates, timers)
             except RequestError:
-                self._attempt_failed.inc()
+                self.metrics.scheduler_attempt("failure", request.target_model, None).inc()
                 raise
             self._scheduler_e2e.observe(time.perf_counter() - t0)
-            self._attempt_ok.inc()
+            picked = result.targets
+            self.metrics.scheduler_attempt("success", request.target_model, picked[0] if picked else None).inc()
             if self.tracing is not None:
                 attributes = {
                     "llm_d.epp.primary_profile": result.primary_profile,
@@ -245,7 +243,7 @@ class Director:
             request.scheduling = result
             if log.isEnabledFor(logging.DEBUG):
                 self._log_decision(request, result)
-            targets = result.targets
+            targets = picked
             tokens = _prompt_tokens(request)
             decision = RoutingDecision(
                 targets=targets,

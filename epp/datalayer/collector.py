@@ -52,11 +52,19 @@ from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import NO_METRICS, Endpoint, EndpointSpec
 from llmepp.datalayer.engines import EngineMapping, PageMemo
 from llmepp.datalayer.httpscrape import ScrapeClient, ScrapeError, ScrapeTarget
-from llmepp.datalayer.multicluster import AvailabilityLog, pool_averages
+from llmepp.datalayer.multicluster import (
+    POOL_KV_CACHE_UTILIZATION,
+    POOL_QUEUE_SIZE,
+    POOL_RUNNING_REQUESTS,
+    AvailabilityLog,
+    pool_averages,
+)
 from llmepp.datalayer.promtext import PromTextError
 from llmepp.datalayer.streak import FailureStreak
-from llmepp.observability.metrics import EppMetrics
+from llmepp.observability.metrics import EppMetrics, sample_std_dev
 
+# A hub's spreads: over its clusters' published averages.
+_HUB_KEYS = (POOL_KV_CACHE_UTILIZATION, POOL_QUEUE_SIZE, POOL_RUNNING_REQUESTS)
 log = logging.getLogger(__name__)
 
 MIN_INTERVAL = 0.050  # the reference clamps --refresh-metrics-interval to >= 50 ms
@@ -314,6 +322,8 @@ class MetricsCollector:
         endpoints = self.datastore.endpoints
         if self.clusters:  # a hub: its clusters' gauges, weighted by their ready endpoints
             ready, kv, queue, running = pool_averages(endpoints)
+            known = [ep.metrics.attributes for ep in endpoints]
+            spreads = [[v for a in known if (v := a.get(key)) is not None] for key in _HUB_KEYS]
         else:
             live = self.ready_endpoints(endpoints, time.monotonic())
             scraped = [ep.metrics for ep in live if ep.metrics.update_time]
@@ -322,10 +332,17 @@ class MetricsCollector:
             kv = sum(x.kv_cache_usage_percent for x in scraped) / n if n else 0.0
             queue = sum(x.waiting_queue_size for x in scraped) / n if n else 0.0
             running = sum(x.running_requests_size for x in scraped) / n if n else 0.0
+            spreads = [
+                [x.kv_cache_usage_percent for x in scraped],
+                [float(x.waiting_queue_size) for x in scraped],
+                [float(x.running_requests_size) for x in scraped],
+            ]
         m.pool_ready.labels(name=pool).set(ready)
         m.pool_avg_kv.labels(name=pool).set(kv)
         m.pool_avg_queue.labels(name=pool).set(queue)
         m.pool_avg_running.labels(name=pool).set(running)
+        for gauge, values in zip((m.pool_std_kv, m.pool_std_queue, m.pool_std_running), spreads, strict=True):
+            gauge.labels(name=pool).set(sample_std_dev(values))
         current: set[str] = set()
         for ep in endpoints:
             current.add(ep.name)

@@ -72,7 +72,7 @@ from llmepp.flowcontrol.interfaces import (
     SaturationDetector,
     UsageLimitPolicy,
 )
-from llmepp.flowcontrol.metrics import FlowControlMetrics
+from llmepp.flowcontrol.metrics import ENQUEUED, REVOCATION_CONFIRMED, FlowControlMetrics
 from llmepp.flowcontrol.objectives import ObjectivesFileWatcher, ObjectiveStore
 from llmepp.flowcontrol.queues import FlowQueue, PriorityBand
 from llmepp.flowcontrol.saturation import StagedSaturation
@@ -219,6 +219,7 @@ class FlowController(AdmissionController):
                 lambda p: metrics.revocation_counter(str(p), pool_name),
                 config.eviction_filter,
                 config.eviction_ordering,
+                confirmed=metrics.revocation_outcome_counter(REVOCATION_CONFIRMED, pool_name),
             )
         metrics.add_source(self)
 
@@ -304,6 +305,7 @@ class FlowController(AdmissionController):
 
     # -- admission -------------------------------------------------------------------------------
     async def admit(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> None:
+        t0 = time.perf_counter()
         if request.objective:
             request.priority = self.objectives.priority(request.objective)
         if self._task is None:
@@ -319,7 +321,8 @@ class FlowController(AdmissionController):
             flow = self._new_flow(band, fid, now, request)
         flow.last_used = now
         if self._closed:
-            self._record(flow, Outcome.REJECTED_OTHER, 0.0)
+            self._record(flow, Outcome.REJECTED_OTHER, 0.0, request)
+            flow.metrics.enqueue(Outcome.REJECTED_OTHER.value).observe(time.perf_counter() - t0)
             raise outcome_error(Outcome.REJECTED_OTHER)
 
         size = request.body_size
@@ -331,19 +334,22 @@ class FlowController(AdmissionController):
             or (self.max_bytes and self.queued_bytes + size > self.max_bytes)
         ):
             outcome = Outcome.REJECTED_CAPACITY if pool else Outcome.REJECTED_NO_ENDPOINTS
-            self._record(flow, outcome, 0.0)
+            self._record(flow, outcome, 0.0, request)
+            flow.metrics.enqueue(outcome.value).observe(time.perf_counter() - t0)
             raise outcome_error(outcome)
 
         # Fast path: nobody is waiting, so dispatching now is what a cycle would do.
         if not self.queued:
             saturation = self._saturation(pool, now)
             if saturation < self._usage_limit.ceilings(saturation, self._priorities)[self._rank[priority]]:
-                self._record(flow, _DISPATCHED, 0.0)
+                self._record(flow, _DISPATCHED, 0.0, request)
+                flow.metrics.enqueue(ENQUEUED).observe(time.perf_counter() - t0)
                 if self.evictor is not None:
                     self.evictor.dispatched(request)
                 return
 
         item = self._enqueue(request, band, flow, pool, now)
+        flow.metrics.enqueue(ENQUEUED).observe(time.perf_counter() - t0)
         try:
             outcome = await item.future
         except BaseException:  # cancelled, or closed (GeneratorExit): dropped without being resumed
@@ -475,14 +481,14 @@ class FlowController(AdmissionController):
 
     def _dispatch(self, item: QueueItem, now: float) -> bool:
         item.state = _DONE
-        item.request = None
+        request, item.request = item.request, None
         future = item.future
         if future.done():
             # Its task was cancelled a moment ago and has not run its handler yet.
-            self._record(item.flow, Outcome.EVICTED_CONTEXT_CANCELLED, now - item.enqueued_at)
+            self._record(item.flow, Outcome.EVICTED_CONTEXT_CANCELLED, now - item.enqueued_at, request)
             return False
         future.set_result(_DISPATCHED)
-        self._record(item.flow, _DISPATCHED, now - item.enqueued_at)
+        self._record(item.flow, _DISPATCHED, now - item.enqueued_at, request)
         return True
 
     # -- expiry ----------------------------------------------------------------------------------
@@ -560,13 +566,16 @@ class FlowController(AdmissionController):
             item.state = _DONE
             self.queued -= 1
             self.queued_bytes -= item.size
-        item.request = None
-        self._record(item.flow, outcome, now - item.enqueued_at)
+        request, item.request = item.request, None
+        self._record(item.flow, outcome, now - item.enqueued_at, request)
         if not item.future.done():
             item.future.set_result(outcome)
 
-    def _record(self, flow: FlowQueue, outcome: Outcome, waited: float) -> None:
-        flow.metrics.wait(outcome).observe(waited)
+    def _record(self, flow: FlowQueue, outcome: Outcome, waited: float, request: InferenceRequest | None) -> None:
+        if request is not None:
+            flow.metrics.wait(outcome, request.model, request.target_model).observe(waited)
+        else:
+            flow.metrics.wait(outcome).observe(waited)
         flow.band.metrics.outcome(outcome).inc()
 
     # -- bands and flows -------------------------------------------------------------------------

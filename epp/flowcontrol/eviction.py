@@ -45,9 +45,14 @@ class Evictor:
         revoked: Callable[[int], Tally],
         accept: EvictionFilterPolicy,
         ordering: EvictionOrderingPolicy,
+        confirmed: Tally | None = None,
     ) -> None:
         self.grace = grace
-        self._revoked = revoked  # victim priority -> its revocation counter
+        # The blocked band's priority -> the revocations issued for it (the reference's
+        # flow_control_revocations_issued_total{priority}); and the confirmed ones (the victim's stream was
+        # answered and released, at once: flow_control_revocations_total{outcome="confirmed"}).
+        self._revoked = revoked
+        self._confirmed = confirmed
         self._accept = accept
         self._ordering = ordering
         self._seq = itertools.count()
@@ -91,7 +96,9 @@ class Evictor:
             if evict():
                 revoked += 1
                 priority = req.priority
-                self._revoked(priority).inc()
+                self._revoked(blocked_priority).inc()
+                if self._confirmed is not None:
+                    self._confirmed.inc()
                 log.info(
                     "evicted an in-flight request of priority %d for blocked priority %d",
                     priority,

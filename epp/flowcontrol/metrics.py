@@ -22,9 +22,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from llmepp.flowcontrol.types import Outcome
+from llmepp.flowcontrol.types import ItemState, Outcome
 from llmepp.observability.fast import Buckets, Tally
-from llmepp.observability.metrics import PREFIX
+from llmepp.observability.metrics import FAST_BUCKETS, MAX_MODEL_LABELS, PREFIX
 
 if TYPE_CHECKING:
     from llmepp.flowcontrol.queues import FlowQueue, PriorityBand
@@ -32,27 +32,48 @@ if TYPE_CHECKING:
 MAX_FAIRNESS_LABELS = 1000
 OVERFLOW_LABEL = "other"
 
+# The reference's buckets (up to 60 s), and 120 / 300 s for longer TTLs.
 WAIT_BUCKETS = (
     0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 )  # fmt: skip
-CYCLE_BUCKETS = (0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.1)
+# The reference's (100 µs .. 100 ms) with finer ones below: a cycle or an enqueue takes microseconds here.
+CYCLE_BUCKETS = tuple(sorted({0.000005, *FAST_BUCKETS}))
+ENQUEUE_BUCKETS = CYCLE_BUCKETS
+# flow_control_request_enqueue_duration_seconds{outcome} of a request admitted to its queue (the reference's
+# label for an item not finalised when its enqueue ends); a refused one has its outcome.
+ENQUEUED = "NotYetFinalized"
+# flow_control_revocations_total{outcome}: our revocation answers the stream at once (confirmed when issued).
+REVOCATION_CONFIRMED = "confirmed"
 
 
 class FlowChildren:
-    """A flow's queue-duration histograms, one per outcome, bound on first use."""
+    """A flow's queue-duration histograms, one per (outcome, model, target model), and its enqueue-duration
+    ones, one per outcome, bound on first use."""
 
-    __slots__ = ("_hist", "_key", "_metrics")
+    __slots__ = ("_enqueue", "_hist", "_key", "_metrics")
 
     def __init__(self, metrics: FlowControlMetrics, fairness_id: str, priority: str, pool: str) -> None:
         self._metrics = metrics
         self._key = (fairness_id, priority, pool)
-        self._hist: dict[Outcome, Buckets] = {}
+        self._hist: dict[tuple[Outcome, str, str], Buckets] = {}
+        self._enqueue: dict[str, Buckets] = {}
 
-    def wait(self, outcome: Outcome) -> Buckets:
-        found = self._hist.get(outcome)
+    def wait(self, outcome: Outcome, model: str = "", target: str = "") -> Buckets:
+        key = (outcome, model, target)
+        found = self._hist.get(key)
         if found is None:
             fid, priority, pool = self._key
-            found = self._hist[outcome] = self._metrics.wait_histogram(fid, priority, outcome.value, pool)
+            m = self._metrics
+            found = m.wait_histogram(fid, priority, outcome.value, pool, m.model_label(model), m.model_label(target))
+            if len(self._hist) < MAX_MODEL_LABELS:  # models are client input
+                self._hist[key] = found
+        return found
+
+    def enqueue(self, outcome: str) -> Buckets:
+        found = self._enqueue.get(outcome)
+        if found is None:
+            fid, priority, _ = self._key
+            found = self._enqueue[outcome] = self._metrics.enqueue_histogram(fid, priority, outcome)
         return found
 
 
@@ -87,17 +108,22 @@ class FlowControlMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         # (outcome, priority, inference_pool) → Tally
         self.outcomes: dict[tuple[str, str, str], Tally] = {}
-        # (fairness_id, priority, outcome, inference_pool) → Buckets
-        self.waits: dict[tuple[str, str, str, str], Buckets] = {}
+        # (fairness_id, priority, outcome, inference_pool, model_name, target_model_name) → Buckets
+        self.waits: dict[tuple[str, str, str, str, str, str], Buckets] = {}
+        # (fairness_id, priority, outcome) → Buckets
+        self.enqueues: dict[tuple[str, str, str], Buckets] = {}
         self.dispatch_cycle = Buckets(CYCLE_BUCKETS)
-        # (victim priority, inference_pool) → in-flight revocations (flowcontrol.eviction)
+        # (priority of the blocked band they were issued for, inference_pool) → in-flight revocations
+        # (flowcontrol.eviction); and (outcome, inference_pool) → their outcomes
         self.revocations: dict[tuple[str, str], Tally] = {}
+        self.revocation_outcomes: dict[tuple[str, str], Tally] = {}
         # (priority, inference_pool) → flow limit (flowControl.maxFlows): empty flows dropped early to
         # make room, and requests queued in the band's overflow flow
         self.flow_evictions: dict[tuple[str, str], Tally] = {}
         self.overflows: dict[tuple[str, str], Tally] = {}
         self._sources: weakref.WeakSet[Any] = weakref.WeakSet()
         self._fairness_labels: set[str] = set()
+        self._model_labels: set[str] = set()
         registry.register(_Collector(self))
 
     def add_source(self, source: Any) -> None:
@@ -115,6 +141,16 @@ class FlowControlMetrics:
         labels.add(fairness_id)
         return fairness_id
 
+    def model_label(self, model: str) -> str:
+        """Model names as label values: MAX_MODEL_LABELS of them, later ones "other" (as the reference)."""
+        labels = self._model_labels
+        if model in labels:
+            return model
+        if len(labels) >= MAX_MODEL_LABELS:
+            return OVERFLOW_LABEL
+        labels.add(model)
+        return model
+
     def outcome_counter(self, outcome: str, priority: str, pool: str) -> Tally:
         key = (outcome, priority, pool)
         found = self.outcomes.get(key)
@@ -126,6 +162,12 @@ class FlowControlMetrics:
         found = self.revocations.get((priority, pool))
         if found is None:
             found = self.revocations[(priority, pool)] = Tally()
+        return found
+
+    def revocation_outcome_counter(self, outcome: str, pool: str) -> Tally:
+        found = self.revocation_outcomes.get((outcome, pool))
+        if found is None:
+            found = self.revocation_outcomes[(outcome, pool)] = Tally()
         return found
 
     def flow_eviction_counter(self, priority: str, pool: str) -> Tally:
@@ -140,11 +182,20 @@ class FlowControlMetrics:
             found = self.overflows[(priority, pool)] = Tally()
         return found
 
-    def wait_histogram(self, fairness_id: str, priority: str, outcome: str, pool: str) -> Buckets:
-        key = (fairness_id, priority, outcome, pool)
+    def wait_histogram(
+        self, fairness_id: str, priority: str, outcome: str, pool: str, model: str = "", target: str = ""
+    ) -> Buckets:
+        key = (fairness_id, priority, outcome, pool, model, target)
         found = self.waits.get(key)
         if found is None:
             found = self.waits[key] = Buckets(WAIT_BUCKETS)
+        return found
+
+    def enqueue_histogram(self, fairness_id: str, priority: str, outcome: str) -> Buckets:
+        key = (fairness_id, priority, outcome)
+        found = self.enqueues.get(key)
+        if found is None:
+            found = self.enqueues[key] = Buckets(ENQUEUE_BUCKETS)
         return found
 
     def flow_children(self, flow: FlowQueue, pool: str) -> FlowChildren:
@@ -154,12 +205,14 @@ class FlowControlMetrics:
         return BandChildren(self, str(band.priority), pool)
 
 
-_COUNTERS = 6  # counter and histogram families first (_families), then the gauges
+_COUNTERS = 8  # counter and histogram families first (_families), then the gauges
 
 
 class _Collector(Collector):
     def __init__(self, metrics: FlowControlMetrics) -> None:
         self.metrics = metrics
+        # pool → (fairness id, priority) → (model, target model) pairs seen waiting in a live flow
+        self._seen_models: dict[str, dict[tuple[str, str], set[tuple[str, str]]]] = {}
 
     def describe(self) -> Iterable[Any]:
         return self._families()
@@ -167,14 +220,19 @@ class _Collector(Collector):
     def collect(self) -> Iterator[Any]:
         families = self._families()
         m = self.metrics
-        total, wait, cycle, revoked, flows_evicted, overflowed = families[:_COUNTERS]
+        total, wait, cycle, enqueue, issued, revoked, flows_evicted, overflowed = families[:_COUNTERS]
         for (outcome, priority, pool), tally in list(m.outcomes.items()):
             total.add_metric([outcome, priority, pool], tally.value)
-        for family, tallies in ((revoked, m.revocations), (flows_evicted, m.flow_evictions), (overflowed, m.overflows)):
-            for (priority, pool), tally in list(tallies.items()):
-                family.add_metric([priority, pool], tally.value)
+        for family, tallies in (
+            (issued, m.revocations), (revoked, m.revocation_outcomes), (flows_evicted, m.flow_evictions),
+            (overflowed, m.overflows),
+        ):  # fmt: skip
+            for key, tally in list(tallies.items()):
+                family.add_metric(list(key), tally.value)
         for labels, hist in list(m.waits.items()):
             wait.add_metric(list(labels), hist.cumulative(), hist.sum)
+        for enqueue_labels, hist in list(m.enqueues.items()):
+            enqueue.add_metric(list(enqueue_labels), hist.cumulative(), hist.sum)
         cycle.add_metric([], m.dispatch_cycle.cumulative(), m.dispatch_cycle.sum)
         for src in m.sources():
             self._fill_gauges(families[_COUNTERS:], src)
@@ -183,7 +241,7 @@ class _Collector(Collector):
     @staticmethod
     def _families() -> list[Any]:
         p = PREFIX
-        flow = ["fairness_id", "priority", "inference_pool"]
+        flow = ["fairness_id", "priority", "inference_pool", "model_name", "target_model_name"]
         band = ["priority", "inference_pool"]
         return [
             CounterMetricFamily(
@@ -194,13 +252,25 @@ class _Collector(Collector):
             HistogramMetricFamily(
                 p + "flow_control_request_queue_duration_seconds",
                 "Time a request spent in flow control, by outcome.",
-                labels=["fairness_id", "priority", "outcome", "inference_pool"],
+                labels=["fairness_id", "priority", "outcome", "inference_pool", "model_name", "target_model_name"],
             ),
             HistogramMetricFamily(p + "flow_control_dispatch_cycle_duration_seconds", "One dispatcher cycle."),
+            HistogramMetricFamily(
+                p + "flow_control_request_enqueue_duration_seconds",
+                "Time to admit a request to its queue (capacity checks, insertion; the immediate dispatch of an "
+                "idle pool's request included), by the outcome it had then (NotYetFinalized: admitted).",
+                labels=["fairness_id", "priority", "outcome"],
+            ),
+            CounterMetricFamily(
+                p + "flow_control_revocations_issued_total",
+                "Dispatched requests evicted to free capacity, by the priority of the blocked band they were "
+                "evicted for.",
+                labels=band,
+            ),
             CounterMetricFamily(
                 p + "flow_control_revocations_total",
-                "Dispatched requests evicted to free capacity for a blocked band, by their priority.",
-                labels=["priority", "inference_pool"],
+                "In-flight evictions by outcome (confirmed: the stream was answered 429 and released).",
+                labels=["outcome", "inference_pool"],
             ),
             CounterMetricFamily(
                 p + "flow_control_flows_evicted_total",
@@ -224,12 +294,12 @@ class _Collector(Collector):
             ),
             GaugeMetricFamily(
                 p + "flow_control_global_capacity_utilization_requests",
-                "Queued requests / global maxRequests (0 when unlimited).",
+                "Queued requests / global maxRequests (no series when unlimited).",
                 labels=["inference_pool"],
             ),
             GaugeMetricFamily(
                 p + "flow_control_global_capacity_utilization_bytes",
-                "Queued bytes / global maxBytes (0 when unlimited).",
+                "Queued bytes / global maxBytes (no series when unlimited).",
                 labels=["inference_pool"],
             ),
             GaugeMetricFamily(
@@ -255,20 +325,40 @@ class _Collector(Collector):
         pool = src.pool_name
         label = self.metrics.fairness_label
         flows.add_metric([pool], sum(len(band.flows) for band in list(src.bands.values())))
+        model = self.metrics.model_label
+        # Per (fairness id, model, target model), from the waiting items (O(queued) per scrape). A flow's
+        # models seen waiting keep a series (at 0) while the flow lives, as the reference's gauges do.
+        seen = self._seen_models.get(pool, {})
+        fresh: dict[tuple[str, str], set[tuple[str, str]]] = {}
         for band in list(src.bands.values()):
             priority = str(band.priority)
-            per_label: dict[str, list[int]] = {}
+            per_label: dict[tuple[str, str, str], list[int]] = {}
             for flow in list(band.flows.values()):
-                acc = per_label.setdefault(label(flow.fairness_id), [0, 0])
-                acc[0] += flow.count
-                acc[1] += flow.bytes
-            for fid, (count, nbytes) in per_label.items():
-                size.add_metric([fid, priority, pool], count)
-                qbytes.add_metric([fid, priority, pool], nbytes)
+                fid = label(flow.fairness_id)
+                models = fresh.get((fid, priority))
+                if models is None:
+                    models = fresh[(fid, priority)] = set(seen.get((fid, priority), ()))
+                for _, _, item in list(flow.heap) if flow.count else ():
+                    request = item.request
+                    if item.state is not ItemState.QUEUED or request is None:
+                        continue
+                    pair = (model(request.model), model(request.target_model))
+                    models.add(pair)
+                    acc = per_label.setdefault((fid, *pair), [0, 0])
+                    acc[0] += 1
+                    acc[1] += item.size
+                for pair in models:
+                    per_label.setdefault((fid, *pair), [0, 0])
+            for (fid, model_name, target), (count, nbytes) in per_label.items():
+                size.add_metric([fid, priority, pool, model_name, target], count)
+                qbytes.add_metric([fid, priority, pool, model_name, target], nbytes)
             cap_r.add_metric([priority, pool], band.count / band.max_requests if band.max_requests else 0.0)
             cap_b.add_metric([priority, pool], band.bytes / band.max_bytes if band.max_bytes else 0.0)
-        glob_r.add_metric([pool], src.queued / src.max_requests if src.max_requests else 0.0)
-        glob_b.add_metric([pool], src.queued_bytes / src.max_bytes if src.max_bytes else 0.0)
+        self._seen_models[pool] = fresh
+        if src.max_requests:  # as the reference: a global limit is optional, its series absent when unset
+            glob_r.add_metric([pool], src.queued / src.max_requests)
+        if src.max_bytes:
+            glob_b.add_metric([pool], src.queued_bytes / src.max_bytes)
         for stage, value in src.last_saturation.items():
             sat.add_metric([pool, stage], value)
         stale.add_metric([src.detector_name], src.stale_endpoints)

@@ -44,7 +44,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from llmepp.errors import DROPPED_REASON_HEADER, BadRequest, Evicted, PayloadTooLarge, RequestError
 from llmepp.framework.requestcontrol import DirectResponse
-from llmepp.observability.metrics import EppMetrics
+from llmepp.observability.metrics import MAX_FAIRNESS_LABELS, OVERFLOW_LABEL, EppMetrics
 from llmepp.request import grpcwire, parsers
 from llmepp.request.rewrite import ModelNameRewriter
 from llmepp.request.types import InferenceRequest, RequestKind, ResponseInfo, TerminationCause, UsageReader
@@ -143,34 +143,41 @@ def error_response(err: RequestError, *, grpc: bool = False) -> pb.ProcessingRes
 
 
 class _Labeled:
-    """Metric children bound to one (model, target) pair: `.labels()` once, not per request."""
+    """Metric children bound to one (model, target, fairness id, priority): `.labels()` once, not per
+    request."""
 
     __slots__ = (
         "cached_tokens",
         "duration",
         "input_tokens",
+        "itl",
         "labels",
+        "ntpot",
         "output_tokens",
         "request_size",
         "request_total",
         "response_size",
         "running",
+        "streaming_tpot",
         "ttft_non_streaming",
         "ttft_streaming",
     )
 
-    def __init__(self, m: EppMetrics, model: str, target: str) -> None:
-        self.labels = (model, target)
-        self.request_total = m.request_total.labels(model, target)
-        self.duration = m.request_duration.labels(model, target)
-        self.ttft_streaming = m.request_ttft.labels(model, target, "true")
-        self.ttft_non_streaming = m.request_ttft.labels(model, target, "false")
-        self.request_size = m.request_size.labels(model, target)
-        self.response_size = m.response_size.labels(model, target)
-        self.input_tokens = m.input_tokens.labels(model, target)
-        self.output_tokens = m.output_tokens.labels(model, target)
-        self.cached_tokens = m.cached_tokens.labels(model, target)
-        self.running = m.request_running.labels(model, target)
+    def __init__(self, m: EppMetrics, model: str, target: str, fairness_id: str, priority: str) -> None:
+        labels = self.labels = (model, target, fairness_id, priority)
+        self.request_total = m.request_total.labels(*labels)
+        self.duration = m.request_duration.labels(*labels)
+        self.ttft_streaming = m.request_ttft.labels(*labels, "true")
+        self.ttft_non_streaming = m.request_ttft.labels(*labels, "false")
+        self.ntpot = m.request_ntpot.labels(*labels)
+        self.streaming_tpot = m.request_streaming_tpot.labels(*labels)
+        self.itl = m.request_streaming_itl.labels(*labels)
+        self.request_size = m.request_size.labels(*labels)
+        self.response_size = m.response_size.labels(*labels)
+        self.input_tokens = m.input_tokens.labels(*labels)
+        self.output_tokens = m.output_tokens.labels(*labels)
+        self.cached_tokens = m.cached_tokens.labels(*labels)
+        self.running = m.request_running.labels(*labels)
 
 
 class StreamContext:
@@ -206,7 +213,9 @@ class StreamContext:
         # Streams may be answered outside a message handler (flow control's in-flight eviction): the
         # transport gives each stream a `push` only then.
         self.out_of_band = out_of_band
-        self._labeled: dict[tuple[str, str], _Labeled] = {}
+        self._labeled: dict[tuple[str, str, str, int], _Labeled] = {}
+        self._pairs: set[tuple[str, str]] = set()  # (model, target) pairs with series of their own
+        self._fairness: set[str] = set()  # fairness ids with series of their own
         self._streams_inflight = metrics.extproc_streams_inflight
         # --enable-grpc-stream-metrics: (duration histogram, totals by gRPC code), else no work per stream.
         self._stream_metrics = metrics.stream_metrics() if settings.grpc_stream_metrics else None
@@ -216,16 +225,34 @@ class StreamContext:
         self._response_processing = metrics.response_processing
         self._protocol_errors = metrics.extproc_protocol_errors
 
-    def labeled(self, model: str, target: str) -> _Labeled:
-        key = (model, target)
+    def labeled(
+        self, model: str, target: str, fairness_id: str = parsers.DEFAULT_FAIRNESS_ID, priority: int = 0
+    ) -> _Labeled:
+        key = (model, target, fairness_id, priority)
         lab = self._labeled.get(key)
         if lab is None:
-            if len(self._labeled) >= MAX_LABEL_PAIRS:
-                key = ("other", "other")
-                lab = self._labeled.get(key)
-                if lab is not None:
-                    return lab
-            lab = self._labeled[key] = _Labeled(self.metrics, *key)
+            lab = self._bounded(key)
+        return lab
+
+    def _bounded(self, key: tuple[str, str, str, int]) -> _Labeled:
+        """Client input bounds the label values as in the reference: MAX_LABEL_PAIRS (model, target)
+        pairs and MAX_FAIRNESS_LABELS fairness ids, later ones reported as "other"."""
+        model, target, fairness_id, priority = key
+        pair = (model, target)
+        if pair not in self._pairs:
+            if len(self._pairs) >= MAX_LABEL_PAIRS:
+                model = target = OVERFLOW_LABEL
+            else:
+                self._pairs.add(pair)
+        if fairness_id not in self._fairness:
+            if len(self._fairness) >= MAX_FAIRNESS_LABELS:
+                fairness_id = OVERFLOW_LABEL
+            else:
+                self._fairness.add(fairness_id)
+        bounded = (model, target, fairness_id, priority)
+        lab = self._labeled.get(bounded)
+        if lab is None:
+            lab = self._labeled[bounded] = _Labeled(self.metrics, model, target, fairness_id, str(priority))
         return lab
 
     def destination(self, decision: RoutingDecision) -> str:
@@ -248,7 +275,7 @@ class StreamContext:
             started = getattr(stream, "received_at", 0.0)
             if started:
                 self._stream_metrics[0].observe(time.monotonic() - started)
-            code = "CANCELLED" if getattr(stream, "cancelled", False) else "OK"
+            code = "Canceled" if getattr(stream, "cancelled", False) else "OK"  # Go's codes.Code names
             self._stream_metrics[1].labels(code=code).inc()
 
 
@@ -335,6 +362,7 @@ class ExtProcStream:
         "headers",
         "info",
         "lab",
+        "last_chunk_at",
         "phase",
         "push",
         "received_at",
@@ -376,6 +404,7 @@ class ExtProcStream:
         self.usage: UsageReader | None = None
         self.rewriter: ModelNameRewriter | None = None
         self.lab: _Labeled | None = None
+        self.last_chunk_at = 0.0  # a streamed answer's last body chunk (inter-token latency)
         self.request_trailers = False
         self.resp_started = False
         self.response_time = 0.0
@@ -484,10 +513,8 @@ class ExtProcStream:
         return out
 
     async def route_bodyless(self) -> Answers:
-        t0 = time.perf_counter()
         req = parsers.headers_request(self.headers, request_id=self.request_id, received_at=self.received_at)
         self.request = req
-        self._count_request(req)
         try:
             decision = self.svc.director.handle_bodyless(req, self.subset)
             if inspect.isawaitable(decision):
@@ -497,7 +524,8 @@ class ExtProcStream:
         except Exception:
             log.exception("director failed on a body-less request", extra={"request_id": self.request_id})
             return self.reject(InternalError("internal error while routing the request"), req)
-        self.svc._request_processing.observe(time.perf_counter() - t0)
+        self.svc._request_processing.observe(time.monotonic() - self.received_at)
+        self._count_request(req)
         if isinstance(decision, DirectResponse):
             return self.answer_directly(decision)
         self._routed(decision)
@@ -506,7 +534,6 @@ class ExtProcStream:
         return answer
 
     async def route(self, msg: pb.ProcessingRequest, *, end_of_stream: bool) -> Answers:
-        t0 = time.perf_counter()
         subset = envoy.subset_hint(msg)
         if subset is not None:
             self.subset = subset
@@ -533,7 +560,8 @@ class ExtProcStream:
         except Exception:
             log.exception("director failed", extra={"request_id": self.request_id})
             return self.reject(InternalError("internal error while routing the request"), req)
-        self.svc._request_processing.observe(time.perf_counter() - t0)
+        # From the request headers, as the reference: the body's arrival and the queue wait included.
+        self.svc._request_processing.observe(time.monotonic() - self.received_at)
         # Counted after the director: its InferenceModelRewrite sets the target model the labels carry.
         self._count_request(req)
         if isinstance(decision, DirectResponse):
@@ -577,7 +605,8 @@ class ExtProcStream:
         return envoy.routing_answer(set_headers, remove, metadata, on_body=on_body, body=new_body)
 
     def _count_request(self, req: InferenceRequest) -> None:
-        lab = self.svc.labeled(req.model, req.target_model)
+        """A routed request (as the reference's request_total: refused ones only count as errors)."""
+        lab = self.svc.labeled(req.model, req.target_model, req.fairness_id, req.priority)
         self.lab = lab
         lab.request_total.inc()
         if req.body:
@@ -610,15 +639,15 @@ class ExtProcStream:
         self.closed = True
         self.phase = _UNROUTED
         svc = self.svc
-        model, target = (req.model, req.target_model) if req is not None else ("", "")
-        if self.lab is None:
+        if self.decision is None and self.received_at:  # refused while routing: request processing ends
+            svc._request_processing.observe(time.monotonic() - self.received_at)
+        lab = self.lab
+        if lab is None:  # the capped labels ("other" past the caps): models and fairness ids are client input
             if req is not None:
-                self._count_request(req)
-            else:  # never parsed (400/413): still a request
-                svc.labeled(model, target).request_total.inc()
-        if self.lab is not None:  # the capped pair ("other" past MAX_LABEL_PAIRS): models are client input
-            model, target = self.lab.labels
-        svc.metrics.request_error_total.labels(model, target, err.code).inc()
+                lab = svc.labeled(req.model, req.target_model, req.fairness_id, req.priority)
+            else:  # never parsed (400/413)
+                lab = svc.labeled("", "")
+        svc.metrics.request_error_total.labels(*lab.labels, err.code).inc()
         if err.status >= 500:
             log.warning(
                 "request rejected: %s %s",
@@ -696,9 +725,13 @@ class ExtProcStream:
             self._request_side_over()
         if chunk:
             if not info.bytes:
-                info.first_byte_at = time.monotonic()
+                info.first_byte_at = self.last_chunk_at = time.monotonic()
                 if self.decision is not None and self.request is not None:
                     self.svc.director.response_first_chunk(self.request, info)
+            elif info.streaming and self.lab is not None:  # the gaps between a streamed answer's chunks
+                now = time.monotonic()
+                self.lab.itl.observe(now - self.last_chunk_at)
+                self.last_chunk_at = now
             info.bytes += len(chunk)
             self.usage.feed(chunk)  # type: ignore[union-attr]
         rewriter = self.rewriter
@@ -783,9 +816,8 @@ class ExtProcStream:
         if push is None or self.closed or self.completed or self.completing is not None or self.decision is None:
             return False
         err = Evicted()
-        lab = self.lab
-        model, target = lab.labels if lab is not None else ("", "")
-        self.svc.metrics.request_error_total.labels(model, target, err.code).inc()
+        lab = self.lab or self.svc.labeled("", "")
+        self.svc.metrics.request_error_total.labels(*lab.labels, err.code).inc()
         self.closed = True
         self.complete(TerminationCause.EVICTED)
         push(error_response(err, grpc=grpcwire.is_grpc(self.headers)))
@@ -826,8 +858,6 @@ class ExtProcStream:
         """The gRPC stream is over: release whatever was not released yet."""
         if self.completed:
             return
-        if self.lab is None and self.request is not None and self.decision is None:
-            self._count_request(self.request)  # abandoned while being routed (e.g. queued by flow control)
         if self.completing is not None:
             self.complete(self.completing)
             return
@@ -860,20 +890,26 @@ class ExtProcStream:
         if lab is not None and req is not None:
             if self.decision is not None:
                 lab.running.dec()
-            lab.duration.observe(now - req.received_at)
+            elapsed = now - req.received_at
+            lab.duration.observe(elapsed)
             if info.bytes:
                 lab.response_size.observe(info.bytes)
                 ttft = lab.ttft_streaming if info.streaming else lab.ttft_non_streaming
                 ttft.observe(info.first_byte_at - req.received_at)
             u = info.usage
-            if u is not None:
-                lab.input_tokens.observe(u.prompt_tokens)
-                lab.output_tokens.observe(u.completion_tokens)
+            if u is not None:  # as the reference: token counts only when there are some
+                if u.prompt_tokens > 0:
+                    lab.input_tokens.observe(u.prompt_tokens)
+                out = u.completion_tokens
+                if out > 0:
+                    lab.output_tokens.observe(out)
+                    lab.ntpot.observe(elapsed / out)
+                    if out > 1 and info.streaming and info.bytes:
+                        lab.streaming_tpot.observe((now - info.first_byte_at) / (out - 1))
                 lab.cached_tokens.observe(u.cached_tokens)
         if info.status >= 400 or info.grpc_status:
-            model, target = lab.labels if lab is not None else ("", "")
             code = "ModelServerError" if self.decision is not None else "ProxyError"
-            svc.metrics.request_error_total.labels(model, target, code).inc()
+            svc.metrics.request_error_total.labels(*(lab or svc.labeled("", "")).labels, code).inc()
         if self.resp_started and svc.time_response_chunks:
             svc._response_processing.observe(self.response_time)
         decision = self.decision

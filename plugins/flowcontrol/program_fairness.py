@@ -12,15 +12,16 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from llmepp.flowcontrol.interfaces import FairnessPolicy, FairnessState
-from llmepp.flowcontrol.metrics import MAX_FAIRNESS_LABELS, OVERFLOW_LABEL
+from llmepp.flowcontrol.metrics import MAX_FAIRNESS_LABELS, OVERFLOW_LABEL, FlowControlMetrics
 from llmepp.flowcontrol.queues import FlowQueue, PriorityBand
-from llmepp.flowcontrol.types import FLOW_ID_KEY
+from llmepp.flowcontrol.types import FLOW_ID_KEY, Outcome
 from llmepp.framework.plugin import PluginContext, PluginParams
 from llmepp.framework.requestcontrol import ResponseCompleteProcessor
 from llmepp.framework.scheduling import SchedulingResult
 from llmepp.observability.metrics import PREFIX
 from llmepp.request.types import InferenceRequest, ResponseInfo
 
+DISPATCHED = Outcome.DISPATCHED.value
 # Rebase the epoch before the scale factor e^(decay·Δt) passes e^200 (floats overflow past e^709).
 _MAX_EXPONENT = 200.0
 
@@ -50,10 +51,12 @@ class ProgramAwareFairness(FairnessPolicy, ResponseCompleteProcessor):
     flow controller queued in a band's overflow flow (flowControl.maxFlows) is charged to that flow's
     program. Programs idle for `evictionTtlSeconds` are forgotten (checked every
     `evictionSweepSeconds`), and beyond `maxPrograms` (the fairness id is client-chosen) the least
-    served tenth are (an unknown program counts as service 0, so that changes the picks least). Exported:
-    `llm_d_epp_flow_control_program_attained_service{fairness_id}` (ids beyond the first 1,000 summed
-    under "other", as the queue metrics) and Jain's fairness index over
-    the programs' service, `llm_d_epp_flow_control_program_fairness_index`.
+    served tenth are (an unknown program counts as service 0, so that changes the picks least). Exported
+    under the reference's names: `llm_d_epp_program_aware_attained_service_tokens{program_id}` (ids beyond
+    the first 1,000 summed under "other", as the queue metrics), the mean flow-control queue wait of each
+    program's dispatched requests in this policy's bands, `llm_d_epp_program_aware_avg_wait_time_milliseconds
+    {program_id}` (read from the queue-duration histograms at scrape time), and Jain's fairness index over
+    those means, `llm_d_epp_program_aware_jains_fairness_index` (1 = equal waits).
 
     Parameters: `strategy` ("las", the only one), `lasWeightService` (0.8), `lasWeightHeadWait`
     (0.2), `lasHalfLifeSeconds` (60), `evictionTtlSeconds` (3600), `evictionSweepSeconds` (300),
@@ -90,11 +93,12 @@ class ProgramAwareFairness(FairnessPolicy, ResponseCompleteProcessor):
         self._programs: dict[str, _Service] = {}
         self._epoch: float | None = None  # set by the first service recorded
         self._next_sweep = 0.0
+        self.priorities: set[str] = set()  # of the bands this policy orders (their waits are its programs')
 
     def setup(self, ctx: PluginContext) -> None:
         registry = getattr(ctx.metrics, "registry", None)
         if registry is not None:
-            registry.register(_Collector(self))
+            registry.register(_Collector(self, FlowControlMetrics.for_registry(registry)))
 
     # -- service -----------------------------------------------------------------------------------
     def service(self, fairness_id: str, now: float) -> float:
@@ -153,6 +157,7 @@ class ProgramAwareFairness(FairnessPolicy, ResponseCompleteProcessor):
 
     # -- fairness ----------------------------------------------------------------------------------
     def new_state(self, band: PriorityBand) -> FairnessState:
+        self.priorities.add(str(band.priority))
         return _LasState(self, band)
 
 
@@ -218,17 +223,18 @@ class _LasState(FairnessState):
 
 
 class _Collector(Collector):
-    def __init__(self, policy: ProgramAwareFairness) -> None:
+    def __init__(self, policy: ProgramAwareFairness, flow_metrics: FlowControlMetrics) -> None:
         self.policy = policy
+        self.flow_metrics = flow_metrics
         # Fairness ids exported under their own name; later ones fold into "other" (as the queue metrics).
         self._labels: set[str] = set()
 
     def collect(self) -> Iterator[Any]:
         programs = self.policy.programs(self.policy.clock())
         service = GaugeMetricFamily(
-            PREFIX + "flow_control_program_attained_service",
+            PREFIX + "program_aware_attained_service_tokens",
             "Decayed attained service (prompt + 2 x completion tokens) per program.",
-            labels=["fairness_id"],
+            labels=["program_id"],
         )
         labels = self._labels
         per_label: dict[str, float] = {}
@@ -241,13 +247,31 @@ class _Collector(Collector):
             per_label[fid] = per_label.get(fid, 0.0) + value
         for fid, value in per_label.items():
             service.add_metric([fid], value)
-        values = list(programs.values())
-        squares = sum(v * v for v in values)
-        jain = (sum(values) ** 2 / (len(values) * squares)) if squares > 0 else 1.0
+        # Each program's mean queue wait: its dispatched requests' queue-duration histograms in the bands
+        # this policy orders (their fairness ids are capped the same way).
+        waits: dict[str, list[float]] = {}
+        priorities = self.policy.priorities
+        for (fid, priority, outcome, *_), hist in list(self.flow_metrics.waits.items()):
+            if outcome == DISPATCHED and priority in priorities:
+                acc = waits.setdefault(fid, [0.0, 0])
+                acc[0] += hist.sum
+                acc[1] += sum(hist.counts)
+        wait = GaugeMetricFamily(
+            PREFIX + "program_aware_avg_wait_time_milliseconds",
+            "Mean flow-control queue wait of each program's dispatched requests, in milliseconds.",
+            labels=["program_id"],
+        )
+        means = [1000.0 * total / count for total, count in waits.values() if count]
+        for fid, (total, count) in sorted(waits.items()):
+            if count:
+                wait.add_metric([fid], 1000.0 * total / count)
+        squares = sum(v * v for v in means)
+        jain = (sum(means) ** 2 / (len(means) * squares)) if squares > 0 else 1.0
         index = GaugeMetricFamily(
-            PREFIX + "flow_control_program_fairness_index",
-            "Jain's fairness index over the programs' attained service (1 = equal).",
+            PREFIX + "program_aware_jains_fairness_index",
+            "Jain's fairness index over the programs' mean queue waits (1 = equal waits).",
         )
         index.add_metric([], jain)
         yield service
+        yield wait
         yield index

@@ -34,9 +34,9 @@ from llmepp.framework.requestcontrol import (
 )
 from llmepp.framework.scheduling import SchedulingResult
 from llmepp.latencypredictor.client import PredictorClient, PredictorUnavailable, urls_from_env
-from llmepp.observability.fast import Counter, Histogram
+from llmepp.observability.fast import Counter, Gauge, Histogram
 from llmepp.observability.logging import RateLimitedLog
-from llmepp.observability.metrics import PREFIX
+from llmepp.observability.metrics import GENERAL_LATENCY_BUCKETS, PREFIX
 from llmepp.request.types import InferenceRequest, ResponseInfo, TerminationCause
 from llmepp.units import parse_duration
 
@@ -82,14 +82,23 @@ def decode_sample_positions(tokens: int, mean: float, cap: int, rng: random.Rand
     return out
 
 
+# The reference's buckets (its predicted-latency producer's metrics).
+TPOT_BUCKETS = (
+    0.0005, 0.00205, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.125, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1, 1.5,
+    2, 3, 4.5, 6, 12, 18, 24, 30, 36, 48, 60, 90, 120, 180, 270, 360,
+)  # fmt: skip
+PREDICTION_DURATION_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
 class LatencyMetrics:
-    """The reference's latency-prediction series (`llm_d_epp_` prefix), one set per metrics registry."""
+    """The reference's latency-prediction series (`llm_d_epp_` prefix, labels plugin_name, plugin_type,
+    model_name, target_model_name), one set per metrics registry."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        labels = ("model_name", "target_model_name")
-        latency = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.5, 3, 5, 10, 30, 60)
-        per_token = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0)
-        duration = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+        labels = ("plugin_name", "plugin_type", "model_name", "target_model_name")
+        latency = GENERAL_LATENCY_BUCKETS
+        per_token = TPOT_BUCKETS
+        duration = PREDICTION_DURATION_BUCKETS
         self.predicted_ttft = Histogram(
             PREFIX + "request_predicted_ttft_seconds", "Predicted TTFT of the chosen endpoint.", labels,
             buckets=latency, registry=registry,
@@ -108,6 +117,12 @@ class LatencyMetrics:
         )  # fmt: skip
         self.slo_violations = Counter(
             PREFIX + "request_slo_violation_total", "Requests whose observed TTFT / TPOT exceeded their SLO header.",
+            (*labels, "type"), registry=registry,
+        )  # fmt: skip
+        # The last value of each, by type: ttft, predicted_ttft, ttft_prediction_duration, ttft_slo_violation
+        # (1 / 0), and the tpot ones (seconds; a violation is 1, its absence 0).
+        self.last = Gauge(
+            PREFIX + "inference_request_metric", "Last observed value of a request's latency metric, by type.",
             (*labels, "type"), registry=registry,
         )  # fmt: skip
         self.unavailable = Counter(
@@ -145,7 +160,7 @@ class _Context:
     # chosen endpoint's is its training samples' feature, so training and prediction rows agree.
     prefill_snapshot: dict[Endpoint, int] | None = None
     ttft_reported: bool = False
-    labels: tuple[str, str] = ("", "")
+    labels: tuple[str, str, str, str] = ("", "", "", "")
 
 
 def _count(value: float) -> int:
@@ -190,9 +205,11 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         `maxDecodeTokenSamplesForPrediction` when > 0) with num_tokens_generated = that position and the
         endpoint's features at the first byte. Streamed answers need `stream_options.include_usage`.
 
-    Metrics (labels model_name, target_model_name): `llm_d_epp_request_predicted_ttft_seconds`,
-    `_request_predicted_tpot_seconds` (the chosen endpoint's predictions), `_request_ttft_prediction_duration_seconds`,
-    `_request_tpot_prediction_duration_seconds` (the bulk call), `_request_slo_violation_total{type=ttft|tpot}`.
+    Metrics (labels plugin_name, plugin_type, model_name, target_model_name, as the reference):
+    `llm_d_epp_request_predicted_ttft_seconds`, `_request_predicted_tpot_seconds` (the chosen endpoint's
+    predictions), `_request_ttft_prediction_duration_seconds`, `_request_tpot_prediction_duration_seconds` (the
+    bulk call), `_request_slo_violation_total{type=ttft|tpot}`, and the last value of each (and of the observed
+    TTFT / TPOT, and 1 / 0 for an SLO violation) in `llm_d_epp_inference_request_metric{type}`.
 
     Parameters: `samplingMean` (1000, > 0), `maxDecodeTokenSamplesForPrediction` (0, ≥ 0), `sloBufferFactor`
     (1.0, > 0), `contextTTL` (5m: dispatch records older than this are dropped, as a lost response would
@@ -304,7 +321,7 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
             total = info.total_blocks
             scores = {ep: min(1.0, m / total) for ep, m in info.hits.items()}
         ctx = _Context(ttft_slo, tpot_slo, _input_tokens(request), scores,
-                       labels=(request.model, request.target_model or request.model))  # fmt: skip
+                       labels=(self.name, self.type, request.model, request.target_model or request.model))  # fmt: skip
         request.data[self._ctx_key] = ctx
         if not self.params.predict_in_produce or not endpoints:
             return
@@ -325,6 +342,8 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         if m is not None:
             m.ttft_prediction_duration.labels(*ctx.labels).observe(elapsed)
             m.tpot_prediction_duration.labels(*ctx.labels).observe(elapsed)
+            m.last.labels(*ctx.labels, "ttft_prediction_duration").set(elapsed)
+            m.last.labels(*ctx.labels, "tpot_prediction_duration").set(elapsed)
         infos = {ep: self._info(ep, ttft, tpot, ctx) for ep, (ttft, tpot) in zip(endpoints, predicted)}
         ctx.predictions = infos
         request.data[self.key] = infos
@@ -465,14 +484,26 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         if m is None or ctx.target is None:
             return
         predicted = ctx.predictions.get(ctx.target) if ctx.predictions else None
+        last = m.last
         if predicted is not None:
             m.predicted_ttft.labels(*ctx.labels).observe(predicted.ttft_ms / 1000)
+            last.labels(*ctx.labels, "predicted_ttft").set(predicted.ttft_ms / 1000)
             if self.streaming:
                 m.predicted_tpot.labels(*ctx.labels).observe(predicted.tpot_ms / 1000)
-        if ctx.ttft_slo > 0 and ttft_ms > ctx.ttft_slo:
-            m.slo_violations.labels(*ctx.labels, "ttft").inc()
-        if ctx.tpot_slo > 0 and tpot_ms > ctx.tpot_slo:
-            m.slo_violations.labels(*ctx.labels, "tpot").inc()
+                last.labels(*ctx.labels, "predicted_tpot").set(predicted.tpot_ms / 1000)
+        last.labels(*ctx.labels, "ttft").set(ttft_ms / 1000)
+        if tpot_ms > 0:
+            last.labels(*ctx.labels, "tpot").set(tpot_ms / 1000)
+        if ctx.ttft_slo > 0:
+            violated = ttft_ms > ctx.ttft_slo
+            if violated:
+                m.slo_violations.labels(*ctx.labels, "ttft").inc()
+            last.labels(*ctx.labels, "ttft_slo_violation").set(1.0 if violated else 0.0)
+        if ctx.tpot_slo > 0:
+            violated = tpot_ms > ctx.tpot_slo
+            if violated:
+                m.slo_violations.labels(*ctx.labels, "tpot").inc()
+            last.labels(*ctx.labels, "tpot_slo_violation").set(1.0 if violated else 0.0)
 
     def _release_prefill(self, ctx: _Context) -> None:
         ep = ctx.prefill_endpoint

@@ -5,12 +5,17 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry
 
 from llmepp.framework.datakeys import PREFIX_CACHE_MATCH_INFO, TOKENIZED_PROMPT
 from llmepp.framework.plugin import PluginContext, PluginParams
 from llmepp.framework.requestcontrol import PreRequest
 from llmepp.framework.scheduling import ProfileResult, SchedulingResult
+from llmepp.observability.fast import Counter, Tally
+from llmepp.observability.metrics import PREFIX
 from llmepp.plugins.profile_handlers.always_disagg_decider import AlwaysDisaggPDDecider
 from llmepp.plugins.profile_handlers.disagg import (
     ENCODER_HEADER,
@@ -24,6 +29,20 @@ from llmepp.request.types import InferenceRequest
 from llmepp.scheduling.profile import SchedulerProfile
 
 log = logging.getLogger(__name__)
+
+# `llm_d_epp_pd_decision_total{model_name, decision_type}`, the deprecated handler's own counter in the
+# reference (besides disagg_decision_total): one per registry, shared by the instances.
+_PD_DECISIONS: weakref.WeakKeyDictionary[CollectorRegistry, Counter] = weakref.WeakKeyDictionary()
+
+
+def _pd_decisions(registry: CollectorRegistry) -> Counter:
+    found = _PD_DECISIONS.get(registry)
+    if found is None:
+        found = _PD_DECISIONS[registry] = Counter(
+            PREFIX + "pd_decision_total", "P/D decisions of the deprecated pd-profile-handler.",
+            ("model_name", "decision_type"), registry=registry,
+        )  # fmt: skip
+    return found
 
 
 class PdProfileHandler(DisaggProfileHandler):
@@ -43,7 +62,9 @@ class PdProfileHandler(DisaggProfileHandler):
     As in those versions, a config with no prefill profile is decode-only, and so is a request whose
     prefill profile found no endpoint (`disagg-profile-handler` fails it with 503). `primaryPort` (the
     data-parallel port rewrite) is refused: list every rank's port in the pool instead, each rank
-    is an endpoint. The decision metric is `disagg_decision`, as for `disagg-profile-handler`.
+    is an endpoint. Decisions are counted in `llm_d_epp_disagg_decision_total`, as for
+    `disagg-profile-handler`, and in the reference's deprecated `llm_d_epp_pd_decision_total{model_name,
+    decision_type}` (decode-only | prefill-decode).
     """
 
     type = "pd-profile-handler"
@@ -79,9 +100,13 @@ class PdProfileHandler(DisaggProfileHandler):
         )
         super().__init__(name, converted)
         self.legacy = params
+        self._pd_decisions: Counter | None = None
+        self._pd_children: dict[tuple[str, str], Tally] = {}
 
     def setup(self, ctx: PluginContext) -> None:
         super().setup(ctx)
+        if ctx.metrics is not None:
+            self._pd_decisions = _pd_decisions(ctx.metrics.registry)
         if self.prefill_decider is not None:
             return
         threshold = self.legacy.threshold
@@ -103,6 +128,16 @@ class PdProfileHandler(DisaggProfileHandler):
             log.info("%s: no %r profile: decode-only", self.name, self.prefill)
             self.prefill_decider = None
         super().validate_profiles(profiles)
+
+    def _record(self, model: str, decision: str) -> None:
+        super()._record(model, decision)
+        if self._pd_decisions is None:
+            return
+        key = (model if model in self._models else "other", decision)  # the model cap of disagg_decision
+        child = self._pd_children.get(key)
+        if child is None:
+            child = self._pd_children[key] = self._pd_decisions.labels(key[0] or "unknown", decision)
+        child.inc()
 
     def process_results(self, request: InferenceRequest, results: dict[str, ProfileResult | None]) -> SchedulingResult:
         prefill = results.get(self.prefill)

@@ -119,7 +119,10 @@ async def test_a_blocked_request_evicts_the_newest_sheddable_stream(stack: Stack
     await asyncio.wait_for(second.task, 20)
     assert second.status == 200 and not second.finished and second.received
     assert not first.task.done()
-    revoked = await epp_metric(http, stack.metrics_url, "llm_d_epp_flow_control_revocations_total", priority="-1")
+    # Issued for the blocked band (the interactive request's, priority 0), and confirmed, as the reference counts.
+    issued = "llm_d_epp_flow_control_revocations_issued_total"
+    assert await epp_metric(http, stack.metrics_url, issued, priority="0") == 1
+    revoked = await epp_metric(http, stack.metrics_url, "llm_d_epp_flow_control_revocations_total", outcome="confirmed")
     assert revoked == 1
     # The pod stopped generating for it: only the first stream runs there now.
     for _ in range(100):

@@ -164,6 +164,12 @@ async def test_epp_metrics_are_exported(stack: Stack, client: aiohttp.ClientSess
         "llm_d_epp_request_processing_duration_seconds_bucket",
         "llm_d_epp_ready_endpoints",
         "llm_d_epp_average_kv_cache_utilization",
+        # The reference's series this EPP had missed (tests/server/test_metrics_reference_names.py has them all).
+        "llm_d_epp_std_dev_queue_size",
+        "llm_d_epp_info{",
+        "llm_d_epp_request_ntpot_seconds_bucket",
+        'llm_d_epp_request_total{fairness_id="default-flow",model_name=',
+        'llm_d_epp_scheduler_attempts_total{endpoint_name="',
     ):
         assert name in text, name
 

@@ -53,7 +53,7 @@ def test_lowest_priority_then_newest_first_at_most_two_per_decision_one_decision
     assert v.evictor.reclaim(0, 5, now=100.5) == 0  # within the grace: saturation may not show it yet
     assert v.evictor.reclaim(0, 5, now=101.0) == 2
     assert v.evicted == ["c", "b", "d", "a"]
-    assert v.counts[-5].value == 2 and v.counts[-1].value == 2
+    assert v.counts[0].value == 4  # counted for the blocked band (the reference's revocations_issued_total)
     assert v.evictor.reclaim(0, 5, now=200.0) == 0 and len(v.evictor) == 0
 
 
@@ -77,7 +77,7 @@ def test_only_bands_below_the_blocked_one_and_only_answerable_unfinished_request
     gone = v.dispatch("gone", -3)
     gone.evict = lambda: False  # ended between dispatch and now
     assert v.evictor.reclaim(0, 5, now=20.0) == 1
-    assert v.evicted == ["low", "mid"] and -3 not in v.counts
+    assert v.evicted == ["low", "mid"] and v.counts[0].value == 1 and v.counts[-2].value == 1  # "gone": none
 
 
 async def test_a_blocked_band_gets_the_capacity_sheddable_work_held() -> None:
@@ -103,7 +103,9 @@ async def test_a_blocked_band_gets_the_capacity_sheddable_work_held() -> None:
     srv.submit(req("interactive", priority=0))
     await until(lambda: "interactive" in srv.order)
     assert evicted == ["batch-2"]  # the newest one; one slot was all the blocked request needed
-    assert ctl.metrics.revocations[("-1", "epp")].value == 1
+    # The reference's flow_control_revocations_issued_total{priority} is the blocked band's.
+    assert ctl.metrics.revocations[("0", "epp")].value == 1
+    assert ctl.metrics.revocation_outcomes[("confirmed", "epp")].value == 1
     # A sheddable newcomer does not evict its own band.
     srv.submit(answerable(req("batch-3", priority=-1)))
     await spin(200)

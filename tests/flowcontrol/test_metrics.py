@@ -24,9 +24,11 @@ async def test_queue_gauges_outcome_counters_and_wait_histogram() -> None:
     def value(name: str, **labels: str) -> float | None:
         return registry.get_sample_value("llm_d_epp_" + name, {"inference_pool": "epp", **labels})
 
-    assert value("flow_control_queue_size", fairness_id="t1", priority="0") == 2
-    assert value("flow_control_queue_bytes", fairness_id="t1", priority="0") == 15
-    assert value("flow_control_queue_size", fairness_id="t2", priority="2") == 1
+    # Queued requests are counted per model too (the reference's labels).
+    m = {"model_name": "m", "target_model_name": "m"}
+    assert value("flow_control_queue_size", fairness_id="t1", priority="0", **m) == 2
+    assert value("flow_control_queue_bytes", fairness_id="t1", priority="0", **m) == 15
+    assert value("flow_control_queue_size", fairness_id="t2", priority="2", **m) == 1
     assert value("flow_control_capacity_utilization_requests", priority="0") == 2 / 5000
     assert value("flow_control_pool_saturation", stage="effective") == 1.0
     assert value("flow_control_requests_total", outcome="Dispatched", priority="0") == 1
@@ -34,10 +36,16 @@ async def test_queue_gauges_outcome_counters_and_wait_histogram() -> None:
     await spin()
     assert value("flow_control_requests_total", outcome="Dispatched", priority="2") == 1  # vip went first
     assert (
-        value("flow_control_request_queue_duration_seconds_count", fairness_id="t2", priority="2", outcome="Dispatched")
+        value(
+            "flow_control_request_queue_duration_seconds_count",
+            fairness_id="t2",
+            priority="2",
+            outcome="Dispatched",
+            **m,
+        )
         == 1
     )
-    assert value("flow_control_queue_size", fairness_id="t2", priority="2") == 0
+    assert value("flow_control_queue_size", fairness_id="t2", priority="2", **m) == 0  # the flow lives: 0
     await srv.close()
     assert value("flow_control_requests_total", outcome="EvictedOther", priority="0") == 2
     text = generate_latest(registry).decode()

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from llmepp.config.loader import build, load_config
-from llmepp.flowcontrol.controller import FlowController
+from llmepp.flowcontrol.controller import BandConfig, FlowController
 from llmepp.flowcontrol.metrics import MAX_FAIRNESS_LABELS, OVERFLOW_LABEL
 from llmepp.flowcontrol.types import ItemState, QueueItem
 from llmepp.framework.plugin import ConfigError, PluginContext
@@ -163,10 +163,34 @@ flowControl:
                 None,  # type: ignore[arg-type]
             )
     r = metrics.registry
-    service = r.get_sample_value("llm_d_epp_flow_control_program_attained_service", {"fairness_id": "a"})
+    # The reference's names (its program-aware plugin's collectors).
+    service = r.get_sample_value("llm_d_epp_program_aware_attained_service_tokens", {"program_id": "a"})
     assert service == pytest.approx(300, rel=1e-3)
-    # Jain: (300 + 100)^2 / (2 * (300^2 + 100^2)) = 0.8
-    assert r.get_sample_value("llm_d_epp_flow_control_program_fairness_index") == pytest.approx(0.8, rel=1e-3)
+    # No request has waited in a queue yet: equal (no) waits.
+    assert r.get_sample_value("llm_d_epp_program_aware_jains_fairness_index") == pytest.approx(1.0)
+
+
+def test_average_waits_and_their_fairness_index_are_the_programs_queue_waits() -> None:
+    """As the reference: program_aware_avg_wait_time_milliseconds{program_id} is the mean flow-control
+    queue wait of a program's dispatched requests, and the Jain index is over those means."""
+    p, _ = policy()
+    registry = CollectorRegistry()
+    p.setup(PluginContext({}, datastore=None, settings=None, metrics=EppMetrics(registry)))
+    pool, det = concurrency_pool(1)
+    ctl = controller(
+        pool, det, registry_=registry, bands={0: BandConfig(ordering=plugin("fcfs-ordering-policy"), fairness=p)}
+    )
+    for fid, waits in [("a", [0.1, 0.3]), ("b", [0.6])]:
+        for waited in waits:
+            ctl.metrics.wait_histogram(fid, "0", "Dispatched", "epp", "m", "m").observe(waited)
+    ctl.metrics.wait_histogram("a", "0", "EvictedTTL", "epp", "m", "m").observe(60.0)  # not dispatched
+    ctl.metrics.wait_histogram("c", "7", "Dispatched", "epp", "m", "m").observe(9.0)  # another policy's band
+    value = registry.get_sample_value
+    assert value("llm_d_epp_program_aware_avg_wait_time_milliseconds", {"program_id": "a"}) == pytest.approx(200)
+    assert value("llm_d_epp_program_aware_avg_wait_time_milliseconds", {"program_id": "b"}) == pytest.approx(600)
+    assert value("llm_d_epp_program_aware_avg_wait_time_milliseconds", {"program_id": "c"}) is None
+    # Jain: (200 + 600)^2 / (2 * (200^2 + 600^2)) = 0.8
+    assert value("llm_d_epp_program_aware_jains_fairness_index") == pytest.approx(0.8)
 
 
 def test_attained_service_series_are_capped_like_the_queue_metrics() -> None:
@@ -179,12 +203,10 @@ def test_attained_service_series_are_capped_like_the_queue_metrics() -> None:
     for i in range(MAX_FAIRNESS_LABELS + extra):
         p.attained(f"tenant-{i}", 1, clock.now)
     families = {m.name: m for m in registry.collect()}
-    samples = families["llm_d_epp_flow_control_program_attained_service"].samples
+    samples = families["llm_d_epp_program_aware_attained_service_tokens"].samples
     assert len(samples) == MAX_FAIRNESS_LABELS + 1
-    by_label = {s.labels["fairness_id"]: s.value for s in samples}
+    by_label = {s.labels["program_id"]: s.value for s in samples}
     assert by_label["tenant-0"] == pytest.approx(1) and by_label[OVERFLOW_LABEL] == pytest.approx(extra)
-    # The fairness index still spans every program (all equal here).
-    assert registry.get_sample_value("llm_d_epp_flow_control_program_fairness_index") == pytest.approx(1.0)
 
 
 def test_the_winner_can_be_neither_the_least_served_nor_the_oldest_head() -> None:

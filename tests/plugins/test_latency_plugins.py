@@ -400,10 +400,12 @@ async def test_the_producer_trains_on_what_the_response_showed(predictor: Predic
     (_, tpot_y), = list(predictor.model.tpot.samples())  # fmt: skip
     assert tpot_y == pytest.approx(10, abs=0.5)  # 200 ms over 20 gaps
     m = p._metrics
-    assert m.slo_violations.labels("m", "m", "ttft").value == 1  # 50 ms against a 10 ms SLO
     assert (
-        sum(m.predicted_ttft.labels("m", "m").counts) == 1
-        and sum(m.ttft_prediction_duration.labels("m", "m").counts) == 1
+        m.slo_violations.labels("plp", "predicted-latency-producer", "m", "m", "ttft").value == 1
+    )  # 50 ms against a 10 ms SLO
+    assert (
+        sum(m.predicted_ttft.labels("plp", "predicted-latency-producer", "m", "m").counts) == 1
+        and sum(m.ttft_prediction_duration.labels("plp", "predicted-latency-producer", "m", "m").counts) == 1
     )
     # An error response, a disconnect, a response with no bytes: no samples.
     before = predictor.model.ttft.received
@@ -466,7 +468,9 @@ async def test_streaming_mode_does_not_train_on_a_response_that_was_not_streamed
     info.finished_at = now + 2.0001
     p.response_complete(req, info, result(ep))
     assert sent == [] and p.dispatched(ep) == 0 and p.prefill_tokens(ep) == 0
-    assert p._metrics.slo_violations.labels("m", "m", "ttft").value == 1  # the client did wait 2 s for a token
+    assert (
+        p._metrics.slo_violations.labels("plp", "predicted-latency-producer", "m", "m", "ttft").value == 1
+    )  # the client did wait 2 s for a token
     # The same answer streamed trains both targets.
     streamed = request(b"z" * 400)
     await p.produce(streamed, [ep])
@@ -538,14 +542,23 @@ def test_producer_metrics_are_registered_once_per_registry() -> None:
     b = make("predicted-latency-producer", None, registry.build("approx-prefix-cache-producer", "approx", None),
              metrics=metrics)  # fmt: skip
     assert a._metrics is b._metrics
-    a._metrics.slo_violations.labels("m", "t", "ttft").inc()
+    plugin = ("p", "predicted-latency-producer", "m", "t")
+    a._metrics.slo_violations.labels(*plugin, "ttft").inc()
+    a._metrics.last.labels(*plugin, "ttft").set(0.25)
+    a._metrics.predicted_tpot.labels(*plugin).observe(0.02)
     text = generate_latest(metrics.registry).decode()
+    # The reference's names and labels (plugin_name, plugin_type, model_name, target_model_name).
+    labels = 'model_name="m",plugin_name="p",plugin_type="predicted-latency-producer",target_model_name="t"'
     for name in (
         "llm_d_epp_request_predicted_ttft_seconds",
         "llm_d_epp_request_ttft_prediction_duration_seconds",
         "llm_d_epp_request_predicted_tpot_seconds",
         "llm_d_epp_request_tpot_prediction_duration_seconds",
-        'llm_d_epp_request_slo_violation_total{model_name="m",target_model_name="t",type="ttft"} 1.0',
+        f'llm_d_epp_request_slo_violation_total{{{labels},type="ttft"}} 1.0',
+        f'llm_d_epp_inference_request_metric{{{labels},type="ttft"}} 0.25',
+        f'llm_d_epp_request_predicted_tpot_seconds_bucket{{le="0.00205",{labels}}} 0.0',  # its buckets
+        f'llm_d_epp_request_predicted_tpot_seconds_bucket{{le="360.0",{labels}}} 1.0',
+        "# TYPE llm_d_epp_inference_request_metric gauge",
     ):
         assert name in text
     assert text.count("# TYPE llm_d_epp_request_predicted_ttft_seconds histogram") == 1

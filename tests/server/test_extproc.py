@@ -62,6 +62,11 @@ JSON_RESPONSE = json.dumps(
 ).encode()
 
 
+# The request series' fairness id and priority of a request without either (the reference's defaults).
+FP = {"fairness_id": "default-flow", "priority": "0"}
+UNPARSED = {**FP, "model_name": "", "target_model_name": ""}
+
+
 async def wait_until(cond, within: float = 3.0) -> None:  # type: ignore[no-untyped-def]
     deadline = asyncio.get_running_loop().time() + within
     while not cond():
@@ -292,12 +297,7 @@ async def test_bad_request_is_400(body: bytes, message: str) -> None:
         await s.recv_eof()
         assert await s.status() == grpc.StatusCode.OK
         assert h.director.requests == []
-        assert (
-            h.sample(
-                "llm_d_epp_request_error_total", {"model_name": "", "target_model_name": "", "error_code": "BadRequest"}
-            )
-            == 1
-        )
+        assert h.sample("llm_d_epp_request_error_total", {**UNPARSED, "error_code": "BadRequest"}) == 1
 
 
 async def test_body_over_limit_is_413_without_waiting_for_the_end() -> None:
@@ -326,7 +326,7 @@ async def test_director_errors_become_immediate_responses(header: str, status: i
         assert doc["error"]["code"] == status
         await s.recv_eof()
         assert h.director.completions == []
-        assert h.sample("llm_d_epp_request_running", {"model_name": "m", "target_model_name": "m"}) == 0
+        assert h.sample("llm_d_epp_request_running", {**FP, "model_name": "m", "target_model_name": "m"}) == 0
 
 
 async def test_director_exception_is_500_not_a_broken_stream(caplog: pytest.LogCaptureFixture) -> None:
@@ -377,7 +377,7 @@ async def test_json_response_passthrough_and_usage() -> None:
             10,
         )
         assert c.response.bytes == len(JSON_RESPONSE)
-        labels = {"model_name": "m", "target_model_name": "m"}
+        labels = {**FP, "model_name": "m", "target_model_name": "m"}
         assert h.sample("llm_d_epp_request_total", labels) == 1
         assert h.sample("llm_d_epp_request_running", labels) == 0
         assert h.sample("llm_d_epp_request_input_tokens_sum", labels) == 7
@@ -402,18 +402,18 @@ async def test_request_metrics_carry_the_target_model_the_director_chose() -> No
         await s.recv()
         await s.close()
         await s.recv_eof()
-        rewritten = {"model_name": "m", "target_model_name": "m-v2"}
+        rewritten = {**FP, "model_name": "m", "target_model_name": "m-v2"}
         assert h.sample("llm_d_epp_request_total", rewritten) == 1
         assert h.sample("llm_d_epp_request_duration_seconds_count", rewritten) == 1
         assert h.sample("llm_d_epp_request_running", rewritten) == 0
-        assert h.sample("llm_d_epp_request_total", {"model_name": "m", "target_model_name": "m"}) == 0
+        assert h.sample("llm_d_epp_request_total", {**FP, "model_name": "m", "target_model_name": "m"}) == 0
     rejected = FakeDirector(list(ENDPOINTS), rewrite_to="m-v2", fail_with=ResourceExhausted("busy"))
     async with serve(rejected) as h:
         s = h.open()
         await s.send(request_headers(), request_body(BODY, eos=True))
         assert immediate(await s.recv())[0] == 429
-        labels = {"model_name": "m", "target_model_name": "m-v2"}
-        assert h.sample("llm_d_epp_request_total", labels) == 1
+        labels = {**FP, "model_name": "m", "target_model_name": "m-v2"}
+        assert h.sample("llm_d_epp_request_total", labels) == 0  # refused: an error only, as the reference
         assert h.sample("llm_d_epp_request_error_total", {**labels, "error_code": "ResourceExhausted"}) == 1
 
 
@@ -441,7 +441,7 @@ async def test_sse_response_streams_and_usage_from_final_event() -> None:
         assert c.response.first_byte_at > 0
         # The first-chunk hook fires once for the whole stream, not per chunk.
         assert h.director.first_chunks == [c.request]
-        labels = {"model_name": "m", "target_model_name": "m", "streaming": "true"}
+        labels = {**FP, "model_name": "m", "target_model_name": "m", "streaming": "true"}
         assert h.sample("llm_d_epp_request_ttft_seconds_count", labels) == 1
 
 
@@ -471,7 +471,7 @@ async def test_the_event_stream_media_type_is_case_insensitive(content_type: str
         await wait_until(lambda: len(h.director.completions) == 1)
         (c,) = h.director.completions
         assert c.response.streaming
-        labels = {"model_name": "m", "target_model_name": "m", "streaming": "true"}
+        labels = {**FP, "model_name": "m", "target_model_name": "m", "streaming": "true"}
         assert h.sample("llm_d_epp_request_ttft_seconds_count", labels) == 1
 
 
@@ -534,12 +534,7 @@ async def test_local_reply_for_an_unrouted_request_is_answered() -> None:
         await s.close()
         await s.recv_eof()
         assert h.director.requests == [] and h.director.completions == []
-        assert (
-            h.sample(
-                "llm_d_epp_request_error_total", {"model_name": "", "target_model_name": "", "error_code": "ProxyError"}
-            )
-            == 1
-        )
+        assert h.sample("llm_d_epp_request_error_total", {**UNPARSED, "error_code": "ProxyError"}) == 1
 
 
 async def test_local_reply_after_routing_completes_accounting() -> None:
@@ -579,7 +574,7 @@ async def test_cancel_mid_response_releases_exactly_once() -> None:
         (c,) = h.director.completions
         assert c.response.cause is TerminationCause.CLIENT_DISCONNECT
         assert h.director.inflight == {}
-        assert h.sample("llm_d_epp_request_running", {"model_name": "m", "target_model_name": "m"}) == 0
+        assert h.sample("llm_d_epp_request_running", {**FP, "model_name": "m", "target_model_name": "m"}) == 0
         assert h.sample("llm_d_epp_extproc_streams_inflight") == 0
 
 
@@ -601,9 +596,9 @@ async def test_in_flight_eviction_answers_429_mid_response_and_releases_once() -
         assert c.response.cause is TerminationCause.EVICTED
         assert not req.evict()  # once
         assert h.director.inflight == {}
-        labels = {"model_name": "m", "target_model_name": "m", "error_code": "ResourceExhausted"}
+        labels = {**FP, "model_name": "m", "target_model_name": "m", "error_code": "ResourceExhausted"}
         assert h.sample("llm_d_epp_request_error_total", labels) == 1
-        assert h.sample("llm_d_epp_request_running", {"model_name": "m", "target_model_name": "m"}) == 0
+        assert h.sample("llm_d_epp_request_running", {**FP, "model_name": "m", "target_model_name": "m"}) == 0
 
 
 async def test_an_eviction_push_waits_for_an_answer_being_written() -> None:
@@ -871,7 +866,7 @@ async def test_an_unread_body_is_routed_on_the_headers_and_streamed_through() ->
         assert streamed(await s.recv(), "response_body") == (JSON_RESPONSE, True)
         await wait_until(lambda: len(h.director.completions) == 1)
         assert h.director.inflight == {}
-        size = h.sample("llm_d_epp_request_size_bytes_sum", {"model_name": "", "target_model_name": ""})
+        size = h.sample("llm_d_epp_request_size_bytes_sum", UNPARSED)
         assert size == 30
 
 
@@ -990,5 +985,5 @@ async def test_error_series_are_capped_like_the_request_series(monkeypatch: pyte
             if sample.name == "llm_d_epp_request_error_total"
         ]
         assert len(errors) == 4, errors  # 3 models + "other"
-        other = {"model_name": "other", "target_model_name": "other", "error_code": "ResourceExhausted"}
+        other = {**FP, "model_name": "other", "target_model_name": "other", "error_code": "ResourceExhausted"}
         assert h.sample("llm_d_epp_request_error_total", other) == 9

@@ -33,6 +33,10 @@ CHAT = "/google.cloud.aiplatform.v1.PredictionService/ChatCompletions"
 RAW = "/google.cloud.aiplatform.v1.PredictionService/RawPredict"
 
 
+# The request series' labels of a request without model, fairness id or priority (the reference's defaults).
+UNPARSED = {"model_name": "", "target_model_name": "", "fairness_id": "default-flow", "priority": "0"}
+
+
 def table() -> RequestParsers:
     types = ("vllmgrpc-parser", "vertexai-parser", "openai-parser", "passthrough-parser")
     return RequestParsers([registry.build(t, t, None) for t in types])  # type: ignore[misc]
@@ -364,7 +368,7 @@ async def test_a_grpc_request_is_routed_and_its_usage_counted(transport: str) ->
         assert c.response.streaming
         u = c.response.usage
         assert u is not None and (u.prompt_tokens, u.completion_tokens, u.cached_tokens) == (3, 5, 2)
-        assert h.sample("llm_d_epp_request_input_tokens_sum", {"model_name": "", "target_model_name": ""}) == 3
+        assert h.sample("llm_d_epp_request_input_tokens_sum", UNPARSED) == 3
 
 
 async def _answer_with_status(s: Any, status: str, trailers_only: bool) -> None:
@@ -390,7 +394,7 @@ async def test_a_grpc_error_from_the_pod_is_a_model_server_error(
         await _answer_with_status(s, status, trailers_only)
         (c,) = h.director.completions
         assert c.response.grpc_status == int(status)
-        labels = {"model_name": "", "target_model_name": "", "error_code": "ModelServerError"}
+        labels = {**UNPARSED, "error_code": "ModelServerError"}
         assert h.sample("llm_d_epp_request_error_total", labels) == (0 if status == "0" else 1)
 
 
@@ -405,7 +409,7 @@ async def test_an_unreadable_grpc_status_is_a_model_server_error(
         await _answer_with_status(s, status, trailers_only)
         (c,) = h.director.completions
         assert c.response.grpc_status == grpcwire.GRPC_UNKNOWN
-        labels = {"model_name": "", "target_model_name": "", "error_code": "ModelServerError"}
+        labels = {**UNPARSED, "error_code": "ModelServerError"}
         assert h.sample("llm_d_epp_request_error_total", labels) == 1
 
 
@@ -422,5 +426,5 @@ async def test_a_grpc_error_answering_a_custom_prediction_is_a_model_server_erro
         await _answer_with_status(s, "14", trailers_only)
         (c,) = h.director.completions
         assert c.response.grpc_status == 14
-        labels = {"model_name": "", "target_model_name": "", "error_code": "ModelServerError"}
+        labels = {**UNPARSED, "error_code": "ModelServerError"}
         assert h.sample("llm_d_epp_request_error_total", labels) == 1
