@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 
 from llmepp.flowcontrol.types import ItemState, Outcome
 from llmepp.observability.fast import Buckets, Tally
-from llmepp.observability.metrics import FAST_BUCKETS, MAX_MODEL_LABELS, PREFIX
+from llmepp.observability.metrics import FAST_BUCKETS, MAX_MODEL_LABELS, PREFIX, per_registry
 
 if TYPE_CHECKING:
     from llmepp.flowcontrol.queues import FlowQueue, PriorityBand
@@ -96,14 +96,9 @@ class BandChildren:
 
 
 class FlowControlMetrics:
-    _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, FlowControlMetrics] = weakref.WeakKeyDictionary()
-
     @classmethod
     def for_registry(cls, registry: CollectorRegistry) -> FlowControlMetrics:
-        found = cls._by_registry.get(registry)
-        if found is None:
-            found = cls._by_registry[registry] = cls(registry)
-        return found
+        return per_registry(registry, "flow_control", cls)
 
     def __init__(self, registry: CollectorRegistry) -> None:
         # (outcome, priority, inference_pool) → Tally

@@ -11,8 +11,9 @@ from __future__ import annotations
 import importlib.metadata
 import math
 import os
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
@@ -24,6 +25,20 @@ if TYPE_CHECKING:
     from llmepp.datalayer.endpoint import Endpoint, InFlight
 
 PREFIX = "llm_d_epp_"
+
+_T = TypeVar("_T")
+_PER_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def per_registry(registry: CollectorRegistry, key: str, make: Callable[[CollectorRegistry], _T]) -> _T:
+    """The series a plugin or subsystem registers, made once per registry and shared after that: a config
+    reload builds new plugin instances against the same registry, where registering a name twice fails."""
+    found = _PER_REGISTRY.setdefault(registry, {})
+    value = found.get(key)
+    if value is None:
+        value = found[key] = make(registry)
+    return value
+
 
 # Buckets: the reference's (pkg/common/observability/metrics, pkg/epp/metrics), so dashboards and alerts
 # written against its `le` boundaries work unchanged. Where EPP overhead lives below the reference's

@@ -36,7 +36,7 @@ from llmepp.framework.scheduling import SchedulingResult
 from llmepp.latencypredictor.client import PredictorClient, PredictorUnavailable, urls_from_env
 from llmepp.observability.fast import Counter, Gauge, Histogram
 from llmepp.observability.logging import RateLimitedLog
-from llmepp.observability.metrics import GENERAL_LATENCY_BUCKETS, PREFIX
+from llmepp.observability.metrics import GENERAL_LATENCY_BUCKETS, PREFIX, per_registry
 from llmepp.request.types import InferenceRequest, ResponseInfo, TerminationCause
 from llmepp.units import parse_duration
 
@@ -134,11 +134,7 @@ class LatencyMetrics:
 
     @classmethod
     def of(cls, registry: CollectorRegistry) -> LatencyMetrics:
-        found: LatencyMetrics | None = getattr(registry, "_llmepp_latency", None)
-        if found is None:
-            found = cls(registry)
-            registry._llmepp_latency = found  # type: ignore[attr-defined]
-        return found
+        return per_registry(registry, "latency_prediction", cls)
 
 
 @dataclass(slots=True)

@@ -12,7 +12,7 @@ from llmepp.errors import REASON_NO_ENDPOINTS, ServiceUnavailable
 from llmepp.framework.plugin import ConfigError, PluginContext, PluginParams
 from llmepp.framework.requestcontrol import PreRequest
 from llmepp.framework.scheduling import Decider, ProfileHandler, ProfileResult, SchedulingResult
-from llmepp.observability.metrics import PREFIX
+from llmepp.observability.metrics import PREFIX, per_registry
 from llmepp.request import parsers
 from llmepp.request.types import InferenceRequest
 from llmepp.scheduling.profile import SchedulerProfile
@@ -49,6 +49,15 @@ class DisaggProfiles(PluginParams):
 class DisaggDeciders(PluginParams):
     prefill: str = ""
     encode: str = ""
+
+
+def _decisions_counter(registry: CollectorRegistry) -> Counter:
+    return Counter(
+        PREFIX + "disagg_decision",
+        "Disaggregation routing decisions.",
+        ("plugin_name", "plugin_type", "model_name", "decision_type"),
+        registry=registry,
+    )
 
 
 class DisaggProfileHandler(ProfileHandler, PreRequest):
@@ -129,12 +138,7 @@ class DisaggProfileHandler(ProfileHandler, PreRequest):
         if d.encode:
             self.encode_decider = ctx.plugin(d.encode, Decider, referrer=self, field="deciders.encode")  # type: ignore[type-abstract]
         registry = ctx.metrics.registry if ctx.metrics is not None else CollectorRegistry()
-        self._decisions = Counter(
-            PREFIX + "disagg_decision",
-            "Disaggregation routing decisions.",
-            ("plugin_name", "plugin_type", "model_name", "decision_type"),
-            registry=registry,
-        )
+        self._decisions = per_registry(registry, "disagg_decision", _decisions_counter)
 
     def validate_profiles(self, profiles: Mapping[str, SchedulerProfile]) -> None:
         needed = {"profiles.decode": self.decode}

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry
@@ -15,7 +14,7 @@ from llmepp.framework.plugin import PluginContext, PluginParams
 from llmepp.framework.requestcontrol import PreRequest
 from llmepp.framework.scheduling import ProfileResult, SchedulingResult
 from llmepp.observability.fast import Counter, Tally
-from llmepp.observability.metrics import PREFIX
+from llmepp.observability.metrics import PREFIX, per_registry
 from llmepp.plugins.profile_handlers.always_disagg_decider import AlwaysDisaggPDDecider
 from llmepp.plugins.profile_handlers.disagg import (
     ENCODER_HEADER,
@@ -30,19 +29,14 @@ from llmepp.scheduling.profile import SchedulerProfile
 
 log = logging.getLogger(__name__)
 
+
 # `llm_d_epp_pd_decision_total{model_name, decision_type}`, the deprecated handler's own counter in the
-# reference (besides disagg_decision_total): one per registry, shared by the instances.
-_PD_DECISIONS: weakref.WeakKeyDictionary[CollectorRegistry, Counter] = weakref.WeakKeyDictionary()
-
-
+# reference (besides disagg_decision_total): one per registry (per_registry), shared by the instances.
 def _pd_decisions(registry: CollectorRegistry) -> Counter:
-    found = _PD_DECISIONS.get(registry)
-    if found is None:
-        found = _PD_DECISIONS[registry] = Counter(
-            PREFIX + "pd_decision_total", "P/D decisions of the deprecated pd-profile-handler.",
-            ("model_name", "decision_type"), registry=registry,
-        )  # fmt: skip
-    return found
+    return Counter(
+        PREFIX + "pd_decision_total", "P/D decisions of the deprecated pd-profile-handler.",
+        ("model_name", "decision_type"), registry=registry,
+    )  # fmt: skip
 
 
 class PdProfileHandler(DisaggProfileHandler):
@@ -106,7 +100,7 @@ class PdProfileHandler(DisaggProfileHandler):
     def setup(self, ctx: PluginContext) -> None:
         super().setup(ctx)
         if ctx.metrics is not None:
-            self._pd_decisions = _pd_decisions(ctx.metrics.registry)
+            self._pd_decisions = per_registry(ctx.metrics.registry, "pd_decision", _pd_decisions)
         if self.prefill_decider is not None:
             return
         threshold = self.legacy.threshold

@@ -10,7 +10,6 @@ import logging
 import random
 import re
 import time
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -21,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from llmepp.datalayer.endpoint import Endpoint
 from llmepp.framework.plugin import ConfigError, PluginContext, PluginParams
 from llmepp.framework.requestcontrol import ResponseHeaderProcessor, Screener
-from llmepp.observability.metrics import PREFIX
+from llmepp.observability.metrics import PREFIX, per_registry
 from llmepp.request.types import InferenceRequest, ResponseInfo
 
 log = logging.getLogger(__name__)
@@ -325,32 +324,23 @@ def revision_shares(counts: Mapping[str, Mapping[str, int]], required: Sequence[
 
 
 # -- metrics ------------------------------------------------------------------------------------
-# One collector of each per registry, shared by every instance (their plugin_name label tells them
-# apart), made when the first instance that exports it is set up.
-_COLLECTORS: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, Counter | Gauge]] = weakref.WeakKeyDictionary()
-
-
+# One collector of each per registry (per_registry), shared by every instance (their plugin_name label
+# tells them apart), made when the first instance that exports it is set up.
 def _counter(registry: CollectorRegistry, name: str, documentation: str, labels: tuple[str, ...]) -> Counter:
-    found = _COLLECTORS.setdefault(registry, {})
-    counter = found.get(name)
-    if counter is None:
-        counter = found[name] = Counter(name, documentation, labels, registry=registry)
-    assert isinstance(counter, Counter)
-    return counter
+    return per_registry(registry, name, lambda r: Counter(name, documentation, labels, registry=r))
 
 
 def _share_gauge(registry: CollectorRegistry) -> Gauge:
-    found = _COLLECTORS.setdefault(registry, {})
-    gauge = found.get(SHARE_METRIC)
-    if gauge is None:
-        gauge = found[SHARE_METRIC] = Gauge(
+    return per_registry(
+        registry,
+        SHARE_METRIC,
+        lambda r: Gauge(
             SHARE_METRIC,
             "Current weighted revision gating share from 0 to 1; incomplete revisions have share 0.",
             ("plugin_type", "plugin_name", "mode", "revision"),
-            registry=registry,
-        )
-    assert isinstance(gauge, Gauge)
-    return gauge
+            registry=r,
+        ),
+    )
 
 
 # -- revision decisions (newer shape) -----------------------------------------------------------

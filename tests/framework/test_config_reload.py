@@ -159,3 +159,21 @@ def test_a_new_file_the_loader_used_to_crash_on_is_a_config_error() -> None:
     old = running(precise)
     with pytest.raises(ConfigError, match="a YAML alias refers to a node that contains it"):
         reload(old, precise.replace("{x: 1}", "&p {x: *p}"))
+
+
+@pytest.mark.parametrize("path", ["deploy/config/pd-epp-config.yaml", "deploy/config/pd-legacy-epp-config.yaml"])
+def test_a_pd_config_reloads_against_the_same_metrics_registry(path: str) -> None:
+    # The profile handlers' decision counters are registered once per registry: a reload (and an EPP
+    # whose registry already has them) failed with "Duplicated timeseries".
+    from pathlib import Path
+
+    from llmepp.datalayer.datastore import Datastore
+    from llmepp.observability.metrics import EppMetrics
+
+    text = (Path(__file__).parents[2] / path).read_text()
+    metrics, datastore = EppMetrics(), Datastore()
+    old = build(load_config(text), datastore=datastore, metrics=metrics)
+    new = rebuild_scheduling(old, load_config(text), datastore=datastore, metrics=metrics)
+    assert new.pipeline.scheduler.profiles.keys() == old.pipeline.scheduler.profiles.keys()
+    # A second pipeline on the registry (the other P/D config's handler shares the disagg counter).
+    build(load_config(text), datastore=Datastore(), metrics=metrics)
