@@ -22,11 +22,12 @@ from typing import Any
 import pytest
 from helpers import endpoint, request
 
-from llmepp.config.loader import build, load_config
+from llmepp.config.loader import build, load_config, rebuild_scheduling
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import Endpoint
 from llmepp.framework.datakeys import ENCODER_CACHE_MATCH_INFO, EncoderCacheMatchInfo, scoped
 from llmepp.framework.plugin import ConfigError, PluginContext, registry
+from llmepp.observability.metrics import EppMetrics
 from llmepp.plugins.producers.token import TokenProducer, VllmTokenProducer
 
 CONFIGS = Path(__file__).parent / "reference_configs"
@@ -43,6 +44,16 @@ def test_the_reference_config_set_is_there() -> None:
 def test_a_reference_config_loads_unchanged(path: Path) -> None:
     components = build(load_config(path.read_text()), datastore=Datastore())
     assert components.pipeline.scheduler.profiles
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.name)
+def test_a_reference_config_reloads_against_the_same_metrics_registry(path: Path) -> None:
+    # A config reload rebuilds the scheduling plugins on the running EPP's registry: a plugin that registers
+    # its series on every build fails there ("Duplicated timeseries", as the P/D handlers did).
+    metrics, datastore = EppMetrics(), Datastore()
+    running = build(load_config(path.read_text()), datastore=datastore, metrics=metrics)
+    reloaded = rebuild_scheduling(running, load_config(path.read_text()), datastore=datastore, metrics=metrics)
+    assert reloaded.pipeline.scheduler.profiles.keys() == running.pipeline.scheduler.profiles.keys()
 
 
 # -- unknown parameters -----------------------------------------------------------------------------
