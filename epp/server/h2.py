@@ -33,6 +33,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import inspect
 import logging
 import struct
 from collections.abc import Callable
@@ -686,9 +687,16 @@ class _Connection(asyncio.Protocol):
             self._forget(st)
 
     def _release(self, st: _Stream) -> None:
-        if st.task is not None:
-            st.task.cancel()
+        task = st.task
+        if task is not None:
             st.task = None
+            if inspect.getcoroutinestate(task.get_coro()) == inspect.CORO_CREATED:  # type: ignore[arg-type]
+                # Created in this same read: cancelled now, it would never run, and the routing step it
+                # continues would only be dropped (an async producer's task orphaned, its timeout gone).
+                # Cancelled once it has taken the step over, the step gets the CancelledError.
+                asyncio.get_running_loop().call_soon(task.cancel)
+            else:
+                task.cancel()
         st.backlog.clear()
         st.ext.finish()
 

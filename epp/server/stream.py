@@ -359,6 +359,7 @@ class ExtProcStream:
         "completing",
         "decision",
         "ended_at",
+        "finished",
         "headers",
         "info",
         "lab",
@@ -414,6 +415,7 @@ class ExtProcStream:
         self.ended_at = 0.0
         self.closed = False  # end the gRPC stream after the current answers
         self.cancelled = False
+        self.finished = False  # the transport called finish(): the stream is over
 
     # -- dispatch --------------------------------------------------------------------------------
     def handle(self, kind: str | None, msg: pb.ProcessingRequest) -> Answers | Pending:
@@ -619,6 +621,11 @@ class ExtProcStream:
             self.request.evict = self.evict
         if self.lab is not None:
             self.lab.running.inc()
+        if self.finished:
+            # Routing outlived the stream (a cancellation swallowed on the way, e.g. by 3.11's wait_for
+            # when a producer finishes as the stream is reset): nobody will answer or finish it again.
+            self.complete(TerminationCause.CLIENT_DISCONNECT)
+            return
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "routed to %s",
@@ -856,6 +863,7 @@ class ExtProcStream:
     # -- completion --------------------------------------------------------------------------------
     def finish(self) -> None:
         """The gRPC stream is over: release whatever was not released yet."""
+        self.finished = True
         if self.completed:
             return
         if self.completing is not None:
