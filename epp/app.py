@@ -74,6 +74,7 @@ class App:
         self.settings = settings
         self.metrics = EppMetrics()
         self.datastore = Datastore(settings.pool_name, settings.pool_namespace)
+        self.datastore.add_listener(self.metrics)  # drops a removed endpoint's series
         if settings.watch_config_file and settings.config_file is None:
             raise ConfigError("--watch-config-file needs --config-file")
         # Taken before the read, so an edit racing the start-up is seen as a change.

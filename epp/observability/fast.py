@@ -101,6 +101,9 @@ class _Family(Generic[C]):
             child = self._children[key] = self._new()
         return child
 
+    def remove(self, *values: Any) -> None:
+        self._children.pop(tuple(str(v) for v in values), None)
+
     def _items(self) -> Iterator[tuple[list[str], C]]:
         if self._default is not None:
             yield [], self._default
@@ -142,9 +145,6 @@ class Gauge(_Family[Level]):
     def dec(self, amount: float = 1.0) -> None:
         assert self._default is not None, f"{self.name} has labels"
         self._default.dec(amount)
-
-    def remove(self, *values: Any) -> None:
-        self._children.pop(tuple(str(v) for v in values), None)
 
     def collect(self) -> Metric:
         family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)

@@ -304,6 +304,10 @@ class EppMetrics:
         key = (status, target_model, endpoint)
         child = self._attempts.get(key)
         if child is None:
+            if endpoint is not None and endpoint.removed:
+                # Removed while this request was scheduled: its series went with it (endpoint_removed);
+                # one made now would never be dropped.
+                return Tally()
             target = self.bound_model(target_model)
             if endpoint is None:
                 child = self.scheduler_attempts.labels(status, target, "", "", "")
@@ -314,6 +318,21 @@ class EppMetrics:
             if len(self._attempts) < _MAX_CACHED_ATTEMPTS:  # target models are client input
                 self._attempts[key] = child
         return child
+
+    # -- DatastoreListener (App registers it) ------------------------------------------------------
+    def endpoint_added(self, endpoint: Endpoint) -> None:
+        pass
+
+    def endpoint_removed(self, endpoint: Endpoint) -> None:
+        """Drop the removed endpoint's `scheduler_attempts_total` series and cached children: pods churn
+        (every rollout brings new names), so kept they would grow without bound, and the cache would hold
+        dead endpoints until full (after which no attempt is cached)."""
+        for key in [k for k in self._attempts if k[2] is endpoint]:
+            del self._attempts[key]
+        labels = (endpoint.name, endpoint.namespace, str(endpoint.port))
+        family = self.scheduler_attempts
+        for values in [v for v in family._children if v[2:] == labels]:
+            family.remove(*values)
 
     def stream_metrics(self) -> tuple[Histogram, Counter]:
         """`extproc_stream_duration_seconds` and `extproc_streams_total{code}` (--enable-grpc-stream-metrics),

@@ -82,7 +82,8 @@ class NoHitLRUScorer(Scorer, PreRequest):
         self.backlog_limit = params.last_holder_backlog_limit
         self.inflight_key = ""
         # Oldest first. Keyed by the Endpoint object (hashable by identity): a removed and
-        # re-added endpoint starts as never used.
+        # re-added endpoint starts as never used. A removed endpoint leaves it (DatastoreListener):
+        # left in, dead pods would fill the LRU and push every live one's rank past N − 1 (score 0).
         self.lru: OrderedDict[Endpoint, None] = OrderedDict()
         self.key = ""
         self._cold_key = f"{self.name}/cold"
@@ -94,6 +95,15 @@ class NoHitLRUScorer(Scorer, PreRequest):
         self.inflight_key = ctx.producer_key(
             self, IN_FLIGHT_LOAD, self.params.in_flight_load_producer_name, "inFlightLoadProducerName"
         )
+        if ctx.datastore is not None:
+            ctx.datastore.add_listener(self)
+
+    # -- DatastoreListener ---------------------------------------------------------------
+    def endpoint_added(self, endpoint: Endpoint) -> None:
+        pass
+
+    def endpoint_removed(self, endpoint: Endpoint) -> None:
+        self.lru.pop(endpoint, None)
 
     def _producer_name(self, ctx: PluginContext) -> str:
         """prefixMatchInfoProducerName, else the producer behind prefixPluginName, else the one
@@ -173,6 +183,8 @@ class NoHitLRUScorer(Scorer, PreRequest):
             self._touch(ep)
 
     def _touch(self, ep: Endpoint) -> None:
+        if ep.removed:  # removed while this request was scheduled: its removal was notified already
+            return
         lru = self.lru
         if ep in lru:
             lru.move_to_end(ep)
