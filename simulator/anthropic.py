@@ -15,14 +15,14 @@ import uuid
 from typing import Any
 
 from llmepp_sim.errors import bad_request
-from llmepp_sim.protocol import encode_json
+from llmepp_sim.protocol import encode_json, lax_int
 
 STOP_REASONS = {"length": "max_tokens", "stop": "end_turn"}
 
 
 def to_chat_body(body: dict[str, Any]) -> dict[str, Any]:
     """The equivalent chat-completions body (validated as one by the caller)."""
-    if not isinstance(body.get("max_tokens"), int) or isinstance(body.get("max_tokens"), bool):
+    if body.get("max_tokens") is None or lax_int(body["max_tokens"]) is None:  # pydantic lax, as vLLM
         raise bad_request("`max_tokens` is required and must be an integer.", param="max_tokens")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:

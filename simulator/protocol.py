@@ -50,10 +50,43 @@ def _optional(body: dict[str, Any], key: str, kind: type | tuple[type, ...], wha
     value = body.get(key)
     if value is None:
         return None
-    # bool is an int subclass; a JSON true is not a token count.
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+    # vLLM validates with pydantic in lax mode: "true" / 1 is a boolean, 10.0 / "10" an integer.
+    if kind is bool:
+        flag = _LAX_BOOLS.get(value.lower()) if isinstance(value, str) else value if isinstance(value, bool) else None
+        if flag is None and isinstance(value, int | float) and value in (0, 1):
+            flag = bool(value)
+        if flag is None:
+            raise bad_request(f"`{key}` must be {what}, got {value!r}.", param=key)
+        return flag
+    if kind is int:
+        count = lax_int(value)
+        if count is None:
+            raise bad_request(f"`{key}` must be {what}, got {value!r}.", param=key)
+        return count
+    if not isinstance(value, kind):
         raise bad_request(f"`{key}` must be {what}, got {value!r}.", param=key)
     return value
+
+
+_LAX_BOOLS = {"true": True, "t": True, "y": True, "yes": True, "on": True, "1": True,
+              "false": False, "f": False, "n": False, "no": False, "off": False, "0": False}  # fmt: skip
+
+
+def lax_int(value: Any) -> int | None:
+    """pydantic's lax int, the common cases: an int, a bool, an integral float, a string of an integer."""
+    if isinstance(value, bool | int):
+        return int(value)
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.endswith(".0"):
+            text = text[:-2]
+        try:
+            return int(text)
+        except ValueError:
+            return None
+    return None
 
 
 def _max_tokens(body: dict[str, Any], chat: bool) -> int | None:

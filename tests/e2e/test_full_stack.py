@@ -82,6 +82,22 @@ async def test_streaming_chat_is_intact(stack: Stack, client: aiohttp.ClientSess
     assert chunks[-1]["usage"]["completion_tokens"] == 6
 
 
+async def test_lax_scalars_pass_as_vllm_reads_them(stack: Stack, client: aiohttp.ClientSession) -> None:
+    # vLLM's pydantic (lax) models serve "stream": "true" and "max_tokens": "5"; the EPP must not refuse them
+    # and must account the answer as the stream it is.
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": "5", "stream": "true"}
+    async with client.post(f"{stack.url}/v1/chat/completions", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        text = (await resp.read()).decode()
+    assert text.rstrip().endswith("data: [DONE]")
+    async with client.post(
+        f"{stack.url}/v1/completions", json={"model": MODEL, "prompt": "x", "stream": "maybe"}
+    ) as resp:
+        assert resp.status == 400
+        assert '"stream" must be a boolean' in (await resp.json())["error"]["message"]
+
+
 async def test_get_models_goes_to_a_ready_pod(stack: Stack, client: aiohttp.ClientSession) -> None:
     seen = set()
     for _ in range(12):

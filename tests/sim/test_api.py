@@ -77,6 +77,27 @@ async def test_max_tokens_variants_and_deterministic_text(http: aiohttp.ClientSe
         await cluster.stop()
 
 
+async def test_scalars_are_read_as_vllms_pydantic_models_read_them(http: aiohttp.ClientSession) -> None:
+    # vLLM validates in lax mode: "stream": "true" streams, "max_tokens": 3.0 / "3" is 3; "maybe" is a 400.
+    cluster = await started([pod()])
+    try:
+        url = cluster.urls[0] + "/v1/completions"
+        for max_tokens in (3.0, "3", " 3 "):
+            async with http.post(url, json={"prompt": "hi", "max_tokens": max_tokens}) as response:
+                assert response.status == 200, await response.text()
+                assert (await response.json())["usage"]["completion_tokens"] == 3
+        async with http.post(url, json={"prompt": "hi", "max_tokens": 2, "stream": "true"}) as response:
+            assert response.status == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            assert (await response.text()).rstrip().endswith("data: [DONE]")
+        for bad in ({"stream": "maybe"}, {"max_tokens": 2.5}):
+            async with http.post(url, json={"prompt": "hi", **bad}) as response:
+                assert response.status == 400
+                assert (await response.json())["error"]["param"] == next(iter(bad))
+    finally:
+        await cluster.stop()
+
+
 async def test_default_max_tokens_is_capped_by_remaining_context(http: aiohttp.ClientSession) -> None:
     cluster = await started([pod(max_model_len=64)])
     try:
