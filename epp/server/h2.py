@@ -1,4 +1,4 @@
-"""ext_proc over a minimal asyncio HTTP/2 (h2c) gRPC server — an opt-in fast transport.
+"""ext_proc over a minimal asyncio HTTP/2 gRPC server (TLS or h2c) — the default, fast transport.
 
 Why: with grpc.aio every ext_proc message costs ~50-70 µs of CPU on this class of machine,
 almost all of it thread hand-offs between gRPC's event-engine threads, its completion-queue
