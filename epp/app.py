@@ -48,7 +48,7 @@ from llmepp.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Drain ends early once no ext_proc stream has been open for this long.
+# Drain ends early once the gateway has let go of this EPP (h2: no connection, no stream) for this long.
 _QUIET_PERIOD = 1.0
 # Discovery gets this long to fail loudly at start-up (a bad endpoints file) before we serve.
 _DISCOVERY_STARTUP_GRACE = 0.5
@@ -315,15 +315,24 @@ class App:
         return self.kube.client if self.kube is not None else self._auth_kube
 
     async def _wait_for_quiet(self) -> None:
-        """Keep serving (new streams too: Envoy may not have noticed NOT_SERVING yet) until no
-        ext_proc stream has been open for `_QUIET_PERIOD`, or the drain timeout ends."""
+        """Keep serving (new connections and streams too) until the gateway has let go of this EPP for
+        `_QUIET_PERIOD`, or the drain timeout ends (the reference serves the whole timeout).
+
+        A gateway may route here well after SIGTERM: an EDS-fed one until it learns of the endpoint's
+        removal, a ClusterIP-fed Envoy on its pooled connection for as long as it lives. A quiet moment
+        without streams says nothing about that (at low traffic the EPP used to exit 1 s after SIGTERM and
+        the next request got a 500). With the h2 transport the peers' connections are known: the drain
+        ends early only once every one has been closed by its peer (an EDS-fed Envoy drains its pool to a
+        removed endpoint) and no stream is open; else at the drain timeout. grpc.aio does not show its
+        connections: there the drain ends once no stream has been open for `_QUIET_PERIOD`."""
         if self._servicer is None:
             return
+        connections = self._extproc.connections if isinstance(self._extproc, H2ExtProcServer) else ()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.drain_timeout
         quiet_since = loop.time()
         while loop.time() < deadline:
-            if self._servicer.active_streams:
+            if self._servicer.active_streams or connections:
                 quiet_since = loop.time()
             elif loop.time() - quiet_since >= _QUIET_PERIOD:
                 return

@@ -349,13 +349,15 @@ def loopback_epp_args(
     config_file: Path, grpc_port: int, health_port: int, metrics_port: int, *extra: str, bind_address: str = "127.0.0.1"
 ) -> list[str]:
     """The `epp` command line of a test or benchmark EPP: this config, these ports, on 127.0.0.1 (or
-    `bind_address`)."""
+    `bind_address`), a 4 s drain (an EPP whose Envoy stays up serves its whole drain timeout, 30 s by
+    default; `extra` may set another)."""
     return [
         "--config-file", str(config_file),
         "--grpc-port", str(grpc_port),
         "--grpc-health-port", str(health_port),
         "--metrics-port", str(metrics_port),
         "--bind-address", bind_address,
+        "--drain-timeout", "4s",
         *extra,
     ]  # fmt: skip
 

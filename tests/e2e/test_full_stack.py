@@ -217,3 +217,17 @@ async def test_sigterm_drains_in_flight_streams(stack: Stack, client: aiohttp.Cl
     assert await stack.epp.exit_code(within=15) == 0
     await stack.restart_epp()
     assert (await complete(client, stack, "after drain")).status == 200
+
+
+async def test_sigterm_at_low_traffic_still_serves_a_gateway_routing_here(
+    stack: Stack, client: aiohttp.ClientSession
+) -> None:
+    """Envoy's `epp` cluster still lists this EPP after SIGTERM (static here; an EDS-fed gateway until it
+    learns of the removal): a request a few seconds later must be served within --drain-timeout."""
+    assert stack.epp is not None
+    assert (await complete(client, stack, "before the signal")).status == 200
+    stack.epp.signal(signal.SIGTERM)
+    await asyncio.sleep(2.5)
+    assert (await complete(client, stack, "still routed here")).status == 200
+    await stack.restart_epp()
+    assert (await complete(client, stack, "after the restart")).status == 200
