@@ -280,7 +280,7 @@ class BurstPrefixCacheProducer(DataProducer):
             self._seal(batch)
         try:
             assigned = await entry.future
-        except asyncio.CancelledError:
+        except BaseException:  # cancelled, or the coroutine closed (GeneratorExit) by a transport dropping it
             self._withdraw(batch, entry)
             raise
         total = len(hashes)

@@ -217,6 +217,17 @@ async def test_cancelling_the_only_waiting_request_drops_its_batch_and_timer() -
     assert p._batch is None and batch.sealed and batch.timer.cancelled()
 
 
+async def test_a_request_whose_coroutine_is_closed_leaves_its_batch() -> None:
+    # A transport may drop a waiting routing step without cancelling it (the coroutine closed: GeneratorExit).
+    p = producer({"windowDurationMs": 10000})
+    coro = p.produce(tokenized(prompt("a")), [endpoint(0)])
+    coro.send(None)  # runs up to the wait on its batch
+    batch = p._batch
+    assert batch is not None and len(batch.entries) == 1
+    coro.close()
+    assert p._batch is None and batch.sealed and batch.timer is not None and batch.timer.cancelled()
+
+
 async def test_a_timeout_releases_the_request() -> None:
     p = producer({"windowDurationMs": 10000})
     with pytest.raises(TimeoutError):
