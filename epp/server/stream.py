@@ -723,11 +723,14 @@ class ExtProcStream:
         chunk = b.body
         eos = b.end_of_stream
         info = self.info
-        if info is None:
-            # Body before headers: answer it anyway so Envoy is never left waiting.
+        usage = self.usage
+        if info is None or usage is None:
+            # Body before headers (the stream may even have completed already, which leaves an info without
+            # headers): answer it anyway so Envoy is never left waiting.
             self.svc.protocol_error("response_body_before_headers")
-            info = self.info = ResponseInfo()
-            self.usage = UsageCollector(False)
+            if info is None:
+                info = self.info = ResponseInfo()
+            usage = self.usage = UsageCollector(False)
             self.resp_started = True
             self._request_side_over()
         if chunk:
@@ -740,7 +743,7 @@ class ExtProcStream:
                 self.lab.itl.observe(now - self.last_chunk_at)
                 self.last_chunk_at = now
             info.bytes += len(chunk)
-            self.usage.feed(chunk)  # type: ignore[union-attr]
+            usage.feed(chunk)
         rewriter = self.rewriter
         mode = self.resp_mode
         if mode == envoy.MODE_FULL_DUPLEX_STREAMED:

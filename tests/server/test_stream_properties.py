@@ -146,3 +146,16 @@ def test_any_message_sequence_is_answered_and_every_routed_request_released_once
     assert director.inflight == {}
     for rid, n in director.routed.items():
         assert director.completed[rid] == n, (rid, n, director.completed[rid])
+
+
+def test_a_response_body_after_the_stream_completed_without_headers_is_answered() -> None:
+    # complete() (a reset, an eviction) leaves a ResponseInfo without response headers; a body arriving after
+    # that raised AttributeError on the missing usage collector (found by the h2 any-input property test).
+    from llmepp.request.types import TerminationCause
+
+    ctx = StreamContext(CountingDirector(["10.0.0.1:8000"]), EppMetrics(), Settings())
+    stream = ExtProcStream(ctx)
+    stream.complete(TerminationCause.CLIENT_DISCONNECT)
+    msg = pb.ProcessingRequest(response_body=pb.HttpBody(body=b"late", end_of_stream=True))
+    out = stream.handle("response_body", msg)
+    assert isinstance(out, bytes | pb.ProcessingResponse)
