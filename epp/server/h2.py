@@ -13,7 +13,7 @@ and the per-stream protocol is the same `ExtProcStream` the grpc.aio servicer ru
 What it implements: the connection preface and SETTINGS (peer INITIAL_WINDOW_SIZE and
 MAX_FRAME_SIZE honoured; the handshake bounded by HANDSHAKE_TIMEOUT), PING (answered; sent
 as keepalive on a silent connection, which is dropped if the peer stays silent), GOAWAY (both
-ways; graceful stop), RST_STREAM (= the client went away), WINDOW_UPDATE with flow control
+ways; graceful stop in two steps, RFC 9113 §6.8), RST_STREAM (= the client went away), WINDOW_UPDATE with flow control
 in both directions (queued sends, receive windows replenished as data is consumed: not while
 a stream's routing is pending), RFC 9113's stream states and frame rules, closed streams
 included (a breach is GOAWAY or RST_STREAM with its code),
@@ -88,6 +88,12 @@ KEEPALIVE_TIMEOUT = 20.0
 # §5.1), are remembered until a PING sent after the resets is acknowledged: one PING per this many.
 RESET_IDS_SWEEP = 1024
 _KEEPALIVE_PING = b"epp-live"
+# A graceful stop (RFC 9113 §6.8) is two GOAWAYs: the first (last-stream-id 2^31-1) with a PING; the
+# PING's ACK says every stream the peer opened before it saw that GOAWAY has arrived (those are served),
+# and the second GOAWAY names the real last stream id. A peer that does not ACK within this gets the
+# second GOAWAY anyway.
+GOAWAY_PING_TIMEOUT = 1.0
+_GOAWAY_PING = b"eppgoawy"  # (not "epp-" + 4 bytes, the form of the reset-sweep PINGs)
 
 _U32 = struct.Struct(">I")
 _U16_U32 = struct.Struct(">HI")
@@ -178,7 +184,8 @@ class _Connection(asyncio.Protocol):
         self.conn_recv_unacked = 0
         self.blocked: set[int] = set()
         self.continuation = 0  # the stream whose header block continues in CONTINUATION frames
-        self.goaway_sent = False
+        self.goaway_sent = False  # the final GOAWAY: new streams are refused
+        self.goaway_timer: asyncio.TimerHandle | None = None  # the first GOAWAY is out, its PING unanswered
         self.closed = False
         self.max_message = server.max_message
         self.settings_acked = False  # the client acknowledged our SETTINGS: the handshake is over
@@ -212,6 +219,9 @@ class _Connection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.goaway_timer is not None:
+            self.goaway_timer.cancel()
+            self.goaway_timer = None
         self.server.connections.discard(self)
         for st in list(self.streams.values()):
             self._abort(st)
@@ -340,6 +350,8 @@ class _Connection(asyncio.Protocol):
                         self.out.append(_frame(PING, ACK, 0, payload))
                     elif payload == self.sweep_ping:
                         self.swept = None  # the client has seen those RST_STREAMs: nothing more in flight
+                    elif payload == _GOAWAY_PING and self.goaway_timer is not None:
+                        self.final_goaway()  # every stream opened before our first GOAWAY has arrived
                 elif kind == RST_STREAM:
                     if sid == 0 or length != 4:
                         self._malformed(FRAME_SIZE_ERROR if sid else PROTOCOL_ERROR, "malformed RST_STREAM")
@@ -770,12 +782,37 @@ class _Connection(asyncio.Protocol):
                 self.transport.close()
 
     def goaway(self) -> None:
-        if not self.goaway_sent and not self.closed:
-            self.goaway_sent = True
-            self.out.append(_frame(GOAWAY, 0, 0, _U32.pack(self.last_stream_id) + _U32.pack(NO_ERROR)))
-            self._flush()
-            if not self.streams:
-                self.server._connection_idle(self)
+        """The first step of a graceful stop (RFC 9113 §6.8): GOAWAY with last-stream-id 2^31-1 and a
+        PING. Streams keep being accepted until the PING's ACK (or GOAWAY_PING_TIMEOUT), then
+        `final_goaway`."""
+        if self.goaway_sent or self.closed or self.goaway_timer is not None:
+            return
+        self.out.append(_frame(GOAWAY, 0, 0, _U32.pack(MAX_WINDOW) + _U32.pack(NO_ERROR)))
+        self.out.append(_frame(PING, 0, 0, _GOAWAY_PING))
+        self._flush()
+        self.goaway_timer = asyncio.get_running_loop().call_later(GOAWAY_PING_TIMEOUT, self.final_goaway)
+
+    def final_goaway(self) -> None:
+        """GOAWAY with the real last stream id: streams up to it are served, later ones refused; once
+        none is open, the connection is closed."""
+        if self.goaway_timer is not None:
+            self.goaway_timer.cancel()
+            self.goaway_timer = None
+        if self.goaway_sent or self.closed:
+            return
+        self.goaway_sent = True
+        self.out.append(_frame(GOAWAY, 0, 0, _U32.pack(self.last_stream_id) + _U32.pack(NO_ERROR)))
+        self._flush()
+        if not self.streams:
+            self.server._connection_idle(self)
+
+    def abort(self) -> None:
+        """The end of a stop's grace: the final GOAWAY (if not out yet), then drop the connection at once,
+        whatever is still buffered (a peer that does not read would keep a closing one open)."""
+        self.final_goaway()
+        if self.transport is not None:
+            self.closed = True
+            self.transport.abort()
 
 
 class H2ExtProcServer:
@@ -784,7 +821,7 @@ class H2ExtProcServer:
     server = H2ExtProcServer(servicer, settings, host="0.0.0.0", port=9002)
     await server.start()        # server.port is the bound port
     ...
-    await server.stop(grace=30)  # GOAWAY, wait for open streams, then close
+    await server.stop(grace=30)  # GOAWAY (two steps), wait for open streams, then abort what is left
     """
 
     def __init__(
@@ -826,6 +863,7 @@ class H2ExtProcServer:
 
     def _connection_idle(self, conn: _Connection) -> None:
         if conn.transport is not None:
+            conn._flush()  # the last stream's trailers may still be queued (called mid-read)
             conn.transport.close()
 
     def _connection_closed(self) -> None:
@@ -833,20 +871,19 @@ class H2ExtProcServer:
             self._idle.set()
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop listening, ask clients to go away, give open streams `grace` seconds."""
+        """Stop listening, ask clients to go away (RFC 9113 §6.8's two GOAWAYs), give open streams `grace`
+        seconds in all; then abort the connections still open. Without a grace: the final GOAWAY, abort."""
         if self._server is not None:
             self._server.close()
-        conns = list(self.connections)
-        for conn in conns:
-            conn.goaway()
         if grace and self.connections:
             self._idle.clear()
+            for conn in list(self.connections):
+                conn.goaway()
             if self.connections:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._idle.wait(), grace)
         for conn in list(self.connections):
-            if conn.transport is not None:
-                conn.transport.close()
+            conn.abort()
         # Let connection_lost callbacks run.
         await asyncio.sleep(0)
         if self._server is not None:

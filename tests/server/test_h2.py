@@ -278,8 +278,13 @@ async def test_graceful_stop_lets_open_streams_finish() -> None:
         await c.frame()
     stopping = asyncio.create_task(server.stop(grace=5))
     _kind, _, _, payload = await c.until(GOAWAY)
+    assert struct.unpack(">II", payload[:8]) == (2**31 - 1, 0)  # RFC 9113 §6.8: first, "stop opening"
+    _, flags, _, opaque = await c.until(PING)
+    assert not flags & 1
+    c.send(frame(PING, 1, 0, opaque))
+    _kind, _, _, payload = await c.until(GOAWAY)  # then the real last stream id
     assert struct.unpack(">II", payload[:8]) == (1, 0)
-    # A new stream after GOAWAY is refused; the open one still completes.
+    # A new stream after the final GOAWAY is refused; the open one still completes.
     c.send(open_stream(3, request_headers()))
     _, _, _sid, _ = await c.until(RST_STREAM, 3)
     c.send(frame(DATA, 0, 1, grpc_msg(response_headers(200)) + grpc_msg(response_body(b"{}", eos=True))))

@@ -344,3 +344,167 @@ async def test_reset_stream_ids_are_forgotten_once_a_ping_confirms_the_client_sa
     _, _, _, code = await c.until(RST_STREAM, 1)
     assert struct.unpack(">I", code)[0] == STREAM_CLOSED
     c.close()
+
+
+# -- 5: a graceful stop is two GOAWAYs (RFC 9113 §6.8); what is left after the grace is aborted ---------------
+MAX_ID = 2**31 - 1
+
+
+def last_id(payload: bytes) -> int:
+    return int(struct.unpack(">I", payload[:4])[0])
+
+
+async def first_goaway(c: RawClient) -> bytes:
+    """The first GOAWAY of a graceful stop (last-stream-id 2^31-1), then its PING: the PING's opaque data."""
+    _, _, _, payload = await c.until(GOAWAY)
+    assert last_id(payload) == MAX_ID and struct.unpack(">I", payload[4:8])[0] == NO_ERROR
+    _, flags, _, opaque = await c.until(PING)
+    assert not flags & 1
+    return opaque
+
+
+async def finish(c: RawClient, sid: int) -> None:
+    """The rest of an exchange on `sid`, up to our trailers."""
+    c.send(frame(DATA, 0, sid, grpc_msg(response_headers(200)) + grpc_msg(response_body(b"{}", eos=True))))
+    c.send(frame(DATA, END_STREAM, sid, b""))
+    while True:
+        kind, flags, got, _ = await c.frame()
+        assert kind != RST_STREAM or got != sid
+        if kind == HEADERS and got == sid and flags & END_STREAM:
+            return
+
+
+async def test_a_stream_opened_before_the_client_saw_our_goaway_is_served(
+    server: tuple[H2ExtProcServer, FakeDirector, EppMetrics],
+) -> None:
+    """A stream the client opens after our first GOAWAY left, but before it acknowledges the PING that came
+    with it (it crossed the GOAWAY in flight), is served, not refused (RFC 9113 §6.8)."""
+    srv, director, _ = server
+    c = await RawClient.connect(srv.port, window=10_000_000)
+    c.send(open_stream(1, request_headers(), request_body(BODY, eos=True)))
+    while len(c.messages(1)) < 2:
+        await c.frame()
+    stopping = asyncio.create_task(srv.stop(grace=5))
+    opaque = await first_goaway(c)
+    c.send(open_stream(3, request_headers(), request_body(BODY, eos=True)))
+    while len(c.messages(3)) < 2:
+        await c.frame()
+    assert [f for f in c.seen if f[0] == RST_STREAM] == []
+    c.send(frame(PING, 1, 0, opaque))
+    _, _, _, payload = await c.until(GOAWAY)
+    assert last_id(payload) == 3
+    await finish(c, 1)
+    await finish(c, 3)
+    await asyncio.wait_for(stopping, 5)
+    assert [d.response.cause for d in director.completions] == [TerminationCause.NATURAL] * 2
+    c.close()
+
+
+async def test_after_the_final_goaway_a_new_stream_is_refused(
+    server: tuple[H2ExtProcServer, FakeDirector, EppMetrics],
+) -> None:
+    srv, director, _ = server
+    c = await RawClient.connect(srv.port, window=10_000_000)
+    c.send(open_stream(1, request_headers(), request_body(BODY, eos=True)))
+    while len(c.messages(1)) < 2:
+        await c.frame()
+    stopping = asyncio.create_task(srv.stop(grace=5))
+    c.send(frame(PING, 1, 0, await first_goaway(c)))
+    _, _, _, payload = await c.until(GOAWAY)
+    assert last_id(payload) == 1
+    c.send(open_stream(3, request_headers(), request_body(BODY, eos=True)))
+    _, _, _, code = await c.until(RST_STREAM, 3)
+    assert struct.unpack(">I", code)[0] == 7  # REFUSED_STREAM: the client may retry it elsewhere
+    assert len(c.messages(3)) == 0
+    await finish(c, 1)  # the open one still completes
+    await asyncio.wait_for(stopping, 5)
+    assert len(director.completions) == 1
+    c.close()
+
+
+async def test_a_peer_that_never_acks_the_ping_gets_the_final_goaway_after_the_bound(
+    server: tuple[H2ExtProcServer, FakeDirector, EppMetrics], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(h2, "GOAWAY_PING_TIMEOUT", 0.3, raising=False)
+    srv, _, _ = server
+    c = await RawClient.connect(srv.port, window=10_000_000)
+    c.send(open_stream(1, request_headers(), request_body(BODY, eos=True)))
+    while len(c.messages(1)) < 2:
+        await c.frame()
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.create_task(srv.stop(grace=5))
+    await first_goaway(c)
+    started = loop.time()
+    _, _, _, payload = await c.until(GOAWAY)  # no ACK sent
+    assert loop.time() - started >= 0.2
+    assert last_id(payload) == 1
+    c.send(open_stream(3, request_headers()))
+    await c.until(RST_STREAM, 3)
+    await finish(c, 1)
+    await asyncio.wait_for(stopping, 5)
+    assert await until_closed(c.reader, 2) == []  # and the idle connection is closed
+    c.close()
+
+
+async def test_an_idle_connection_is_closed_once_the_ping_is_acked(
+    server: tuple[H2ExtProcServer, FakeDirector, EppMetrics],
+) -> None:
+    srv, _, _ = server
+    c = await RawClient.connect(srv.port)
+    stopping = asyncio.create_task(srv.stop(grace=5))
+    c.send(frame(PING, 1, 0, await first_goaway(c)))
+    out = await until_closed(c.reader, 2)
+    assert [last_id(p) for kind, _, _, p in out if kind == GOAWAY] == [0]
+    await asyncio.wait_for(stopping, 1)
+    c.close()
+
+
+async def test_a_peer_that_stops_reading_is_aborted_after_the_grace(
+    server: tuple[H2ExtProcServer, FakeDirector, EppMetrics],
+) -> None:
+    """Our writes pile up (the peer reads nothing): a close would wait for them to be flushed, for ever.
+    At the end of the grace the connection is aborted, its streams released."""
+    srv, director, _ = server
+    c = await RawClient.connect(srv.port, window=MAX_ID)
+    c.send(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", MAX_ID - 65_535)))
+    c.send(open_stream(1, request_headers(), request_body(BODY, eos=True), response_headers(200)))
+    while len(c.messages(1)) < 3:
+        await c.frame()
+    chunk = grpc_msg(response_body(b"x" * 1_000_000))
+    (conn,) = srv.connections
+    assert conn.transport is not None
+    for _ in range(200):  # echoed back (streamed), never read
+        c.send(frame(DATA, 0, 1, chunk))
+        await asyncio.sleep(0.01)
+        if conn.transport.get_write_buffer_size() > 100_000:
+            break
+    assert conn.transport.get_write_buffer_size() > 100_000  # (then it stops reading: see pause_writing)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.wait_for(srv.stop(grace=0.5), 5)
+    assert 0.4 <= loop.time() - started < 3
+    await asyncio.sleep(0.05)
+    assert not srv.connections
+    await released(director)
+    assert director.completions[0].response.cause is TerminationCause.CLIENT_DISCONNECT
+    c.close()
+
+
+async def test_the_grace_bounds_the_whole_stop_even_before_the_ping_bound(
+    server: tuple[H2ExtProcServer, FakeDirector, EppMetrics],
+) -> None:
+    """A grace shorter than GOAWAY_PING_TIMEOUT, a peer that never ACKs: the stop ends with the grace, the
+    final GOAWAY (real last stream id) sent just before the connection is dropped."""
+    srv, director, _ = server
+    c = await RawClient.connect(srv.port, window=10_000_000)
+    c.send(open_stream(1, request_headers(), request_body(BODY, eos=True)))
+    while len(c.messages(1)) < 2:
+        await c.frame()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.wait_for(srv.stop(grace=0.3), 2)
+    assert loop.time() - started < h2.GOAWAY_PING_TIMEOUT
+    out = c.seen[2:] + await until_closed(c.reader, 2)
+    assert [last_id(p) for kind, _, _, p in out if kind == GOAWAY] == [MAX_ID, 1]
+    await released(director)
+    c.close()

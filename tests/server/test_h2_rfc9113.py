@@ -347,11 +347,22 @@ async def test_streams_past_the_advertised_limit_are_refused(monkeypatch: pytest
 
 
 async def test_streams_after_goaway_are_refused() -> None:
+    """RFC 9113 §6.8: GOAWAY(2^31-1) and a PING; streams the client opens before it ACKs are served; then
+    GOAWAY with the last stream id, after which new streams are refused."""
     peer = connected()
     peer.send(open_stream(1, request_headers()))
     peer.conn.goaway()
+    out = peer.frames()
+    goaways = [struct.unpack(">I", p[:4])[0] for kind, _, _, p in out if kind == GOAWAY]
+    pings = [p for kind, flags, _, p in out if kind == PING and not flags & 1]
+    assert goaways == [2**31 - 1] and len(pings) == 1
     peer.send(open_stream(3, request_headers()))
-    assert resets(peer.frames()) == {3: REFUSED_STREAM}
+    assert resets(peer.frames()) == {} and sorted(peer.conn.streams) == [1, 3]
+    peer.send(frame(PING, 1, 0, pings[0]))
+    out = peer.frames()
+    assert [struct.unpack(">I", p[:4])[0] for kind, _, _, p in out if kind == GOAWAY] == [3]
+    peer.send(open_stream(5, request_headers()))
+    assert resets(peer.frames()) == {5: REFUSED_STREAM}
 
 
 # -- flow control of what we receive -------------------------------------------------------------------------
