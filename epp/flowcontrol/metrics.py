@@ -24,13 +24,17 @@ from prometheus_client.registry import Collector
 
 from llmepp.flowcontrol.types import ItemState, Outcome
 from llmepp.observability.fast import Buckets, Tally
-from llmepp.observability.metrics import FAST_BUCKETS, MAX_MODEL_LABELS, PREFIX, per_registry
+from llmepp.observability.metrics import (
+    FAST_BUCKETS,
+    MAX_FAIRNESS_LABELS,
+    MAX_MODEL_LABELS,
+    PREFIX,
+    BoundedLabels,
+    per_registry,
+)
 
 if TYPE_CHECKING:
     from llmepp.flowcontrol.queues import FlowQueue, PriorityBand
-
-MAX_FAIRNESS_LABELS = 1000
-OVERFLOW_LABEL = "other"
 
 # The reference's buckets (up to 60 s), and 120 / 300 s for longer TTLs.
 WAIT_BUCKETS = (
@@ -117,8 +121,10 @@ class FlowControlMetrics:
         self.flow_evictions: dict[tuple[str, str], Tally] = {}
         self.overflows: dict[tuple[str, str], Tally] = {}
         self._sources: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._fairness_labels: set[str] = set()
-        self._model_labels: set[str] = set()
+        # Fairness ids and model names as label values (client input): MAX_FAIRNESS_LABELS /
+        # MAX_MODEL_LABELS of them, later ones "other" (as the reference).
+        self.fairness_label = BoundedLabels(MAX_FAIRNESS_LABELS)
+        self.model_label = BoundedLabels(MAX_MODEL_LABELS)
         registry.register(_Collector(self))
 
     def add_source(self, source: Any) -> None:
@@ -126,25 +132,6 @@ class FlowControlMetrics:
 
     def sources(self) -> list[Any]:
         return list(self._sources)
-
-    def fairness_label(self, fairness_id: str) -> str:
-        labels = self._fairness_labels
-        if fairness_id in labels:
-            return fairness_id
-        if len(labels) >= MAX_FAIRNESS_LABELS:
-            return OVERFLOW_LABEL
-        labels.add(fairness_id)
-        return fairness_id
-
-    def model_label(self, model: str) -> str:
-        """Model names as label values: MAX_MODEL_LABELS of them, later ones "other" (as the reference)."""
-        labels = self._model_labels
-        if model in labels:
-            return model
-        if len(labels) >= MAX_MODEL_LABELS:
-            return OVERFLOW_LABEL
-        labels.add(model)
-        return model
 
     def outcome_counter(self, outcome: str, priority: str, pool: str) -> Tally:
         key = (outcome, priority, pool)

@@ -12,7 +12,7 @@ import importlib.metadata
 import math
 import os
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import CollectorRegistry
@@ -93,6 +93,32 @@ RESPONSE_PROCESSING_BUCKETS = with_fine(
 MAX_MODEL_LABELS = 1000
 MAX_FAIRNESS_LABELS = 1000
 OVERFLOW_LABEL = "other"
+
+
+class BoundedLabels:
+    """Label values from client input: the first `limit` distinct values keep series of their own, later
+    ones are reported as OVERFLOW_LABEL (`labels(value)`); `admits(value)` for values that are not one
+    label (a (model, target) pair)."""
+
+    __slots__ = ("_seen", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: set[Hashable] = set()
+
+    def admits(self, value: Hashable) -> bool:
+        """Whether `value` has, or now gets, series of its own."""
+        seen = self._seen
+        if value in seen:
+            return True
+        if len(seen) >= self.limit:
+            return False
+        seen.add(value)
+        return True
+
+    def __call__(self, value: str) -> str:
+        return value if self.admits(value) else OVERFLOW_LABEL
+
 
 _REQ_LABELS = ("model_name", "target_model_name", "fairness_id", "priority")
 _MAX_CACHED_ATTEMPTS = 10_000
@@ -193,7 +219,8 @@ class EppMetrics:
             ("status", "target_model_name", "endpoint_name", "namespace", "port"), registry=r,
         )  # fmt: skip
         self._attempts: dict[tuple[str, str, Endpoint | None], Tally] = {}  # per (status, target, endpoint)
-        self._models: set[str] = set()
+        # A model name as a label value (scheduler attempts): the first MAX_MODEL_LABELS as they are.
+        self.bound_model = BoundedLabels(MAX_MODEL_LABELS)
         self.request_processing = Histogram(
             p + "request_processing_duration_seconds",
             "EPP time from the request headers to the routing decision (includes the body's arrival and queue "
@@ -287,16 +314,6 @@ class EppMetrics:
             p + "extproc_protocol_errors_total", "Unexpected ext_proc messages (answered, not fatal).", ("kind",),
             registry=r,
         )  # fmt: skip
-
-    def bound_model(self, name: str) -> str:
-        """A model name as a label value: the first MAX_MODEL_LABELS names as they are, later ones "other"."""
-        models = self._models
-        if name in models:
-            return name
-        if len(models) >= MAX_MODEL_LABELS:
-            return OVERFLOW_LABEL
-        models.add(name)
-        return name
 
     def scheduler_attempt(self, status: str, target_model: str, endpoint: Endpoint | None) -> Tally:
         """`scheduler_attempts_total` child of one attempt: its status, target model and the primary

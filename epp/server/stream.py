@@ -44,7 +44,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from llmepp.errors import DROPPED_REASON_HEADER, BadRequest, Evicted, PayloadTooLarge, RequestError
 from llmepp.framework.requestcontrol import DirectResponse
-from llmepp.observability.metrics import MAX_FAIRNESS_LABELS, OVERFLOW_LABEL, EppMetrics
+from llmepp.observability.metrics import MAX_FAIRNESS_LABELS, OVERFLOW_LABEL, BoundedLabels, EppMetrics
 from llmepp.request import grpcwire, parsers
 from llmepp.request.rewrite import ModelNameRewriter
 from llmepp.request.types import InferenceRequest, RequestKind, ResponseInfo, TerminationCause, UsageReader
@@ -214,8 +214,8 @@ class StreamContext:
         # transport gives each stream a `push` only then.
         self.out_of_band = out_of_band
         self._labeled: dict[tuple[str, str, str, int], _Labeled] = {}
-        self._pairs: set[tuple[str, str]] = set()  # (model, target) pairs with series of their own
-        self._fairness: set[str] = set()  # fairness ids with series of their own
+        self._pairs = BoundedLabels(MAX_LABEL_PAIRS)  # (model, target) pairs with series of their own
+        self._fairness = BoundedLabels(MAX_FAIRNESS_LABELS)  # fairness ids with series of their own
         self._streams_inflight = metrics.extproc_streams_inflight
         # --enable-grpc-stream-metrics: (duration histogram, totals by gRPC code), else no work per stream.
         self._stream_metrics = metrics.stream_metrics() if settings.grpc_stream_metrics else None
@@ -238,17 +238,9 @@ class StreamContext:
         """Client input bounds the label values as in the reference: MAX_LABEL_PAIRS (model, target)
         pairs and MAX_FAIRNESS_LABELS fairness ids, later ones reported as "other"."""
         model, target, fairness_id, priority = key
-        pair = (model, target)
-        if pair not in self._pairs:
-            if len(self._pairs) >= MAX_LABEL_PAIRS:
-                model = target = OVERFLOW_LABEL
-            else:
-                self._pairs.add(pair)
-        if fairness_id not in self._fairness:
-            if len(self._fairness) >= MAX_FAIRNESS_LABELS:
-                fairness_id = OVERFLOW_LABEL
-            else:
-                self._fairness.add(fairness_id)
+        if not self._pairs.admits((model, target)):
+            model = target = OVERFLOW_LABEL
+        fairness_id = self._fairness(fairness_id)
         bounded = (model, target, fairness_id, priority)
         lab = self._labeled.get(bounded)
         if lab is None:

@@ -12,13 +12,13 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from llmepp.flowcontrol.interfaces import FairnessPolicy, FairnessState
-from llmepp.flowcontrol.metrics import MAX_FAIRNESS_LABELS, OVERFLOW_LABEL, FlowControlMetrics
+from llmepp.flowcontrol.metrics import FlowControlMetrics
 from llmepp.flowcontrol.queues import FlowQueue, PriorityBand
 from llmepp.flowcontrol.types import FLOW_ID_KEY, Outcome
 from llmepp.framework.plugin import PluginContext, PluginParams
 from llmepp.framework.requestcontrol import ResponseCompleteProcessor
 from llmepp.framework.scheduling import SchedulingResult
-from llmepp.observability.metrics import PREFIX
+from llmepp.observability.metrics import MAX_FAIRNESS_LABELS, PREFIX, BoundedLabels
 from llmepp.request.types import InferenceRequest, ResponseInfo
 
 DISPATCHED = Outcome.DISPATCHED.value
@@ -227,7 +227,7 @@ class _Collector(Collector):
         self.policy = policy
         self.flow_metrics = flow_metrics
         # Fairness ids exported under their own name; later ones fold into "other" (as the queue metrics).
-        self._labels: set[str] = set()
+        self._labels = BoundedLabels(MAX_FAIRNESS_LABELS)
 
     def collect(self) -> Iterator[Any]:
         programs = self.policy.programs(self.policy.clock())
@@ -236,14 +236,10 @@ class _Collector(Collector):
             "Decayed attained service (prompt + 2 x completion tokens) per program.",
             labels=["program_id"],
         )
-        labels = self._labels
+        label = self._labels
         per_label: dict[str, float] = {}
         for fid, value in sorted(programs.items()):
-            if fid not in labels:
-                if len(labels) >= MAX_FAIRNESS_LABELS:
-                    fid = OVERFLOW_LABEL
-                else:
-                    labels.add(fid)
+            fid = label(fid)
             per_label[fid] = per_label.get(fid, 0.0) + value
         for fid, value in per_label.items():
             service.add_metric([fid], value)

@@ -12,7 +12,7 @@ from llmepp.errors import REASON_NO_ENDPOINTS, ServiceUnavailable
 from llmepp.framework.plugin import ConfigError, PluginContext, PluginParams
 from llmepp.framework.requestcontrol import PreRequest
 from llmepp.framework.scheduling import Decider, ProfileHandler, ProfileResult, SchedulingResult
-from llmepp.observability.metrics import PREFIX, per_registry
+from llmepp.observability.metrics import MAX_MODEL_LABELS, PREFIX, BoundedLabels, per_registry
 from llmepp.request import parsers
 from llmepp.request.types import InferenceRequest
 from llmepp.scheduling.profile import SchedulerProfile
@@ -36,8 +36,6 @@ DECODE_ONLY = "decode-only"
 PREFILL_DECODE = "prefill-decode"
 ENCODE_DECODE = "encode-decode"
 ENCODE_PREFILL_DECODE = "encode-prefill-decode"
-# Distinct model_name label values kept before folding into "other" (the reference's cap).
-MAX_MODEL_LABELS = 1000
 
 
 class DisaggProfiles(PluginParams):
@@ -128,7 +126,7 @@ class DisaggProfileHandler(ProfileHandler, PreRequest):
         self._decisions: Counter | None = None
         # (model, decision) → counter child: .labels() costs a lock and a dict build per call.
         self._children: dict[tuple[str, str], Counter] = {}
-        self._models: set[str] = set()
+        self._models = BoundedLabels(MAX_MODEL_LABELS)  # model_name label values (the reference's cap)
 
     def setup(self, ctx: PluginContext) -> None:
         d = self.params.deciders
@@ -232,12 +230,7 @@ class DisaggProfileHandler(ProfileHandler, PreRequest):
 
     # -- metrics ---------------------------------------------------------------------------
     def _record(self, model: str, decision: str) -> None:
-        models = self._models
-        if model not in models:
-            if len(models) >= MAX_MODEL_LABELS:
-                model = "other"
-            else:
-                models.add(model)
+        model = self._models(model)
         child = self._children.get((model, decision))
         if child is None:
             if self._decisions is None:  # setup() not run (direct construction in tests)

@@ -127,7 +127,7 @@ class PdProfileHandler(DisaggProfileHandler):
         super()._record(model, decision)
         if self._pd_decisions is None:
             return
-        key = (model if model in self._models else "other", decision)  # the model cap of disagg_decision
+        key = (self._models(model), decision)  # the model cap of disagg_decision (admitted just above)
         child = self._pd_children.get(key)
         if child is None:
             child = self._pd_children[key] = self._pd_decisions.labels(key[0] or "unknown", decision)

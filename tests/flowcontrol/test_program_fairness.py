@@ -14,10 +14,9 @@ from prometheus_client import CollectorRegistry
 
 from llmepp.config.loader import build, load_config
 from llmepp.flowcontrol.controller import BandConfig, FlowController
-from llmepp.flowcontrol.metrics import MAX_FAIRNESS_LABELS, OVERFLOW_LABEL
 from llmepp.flowcontrol.types import ItemState, QueueItem
 from llmepp.framework.plugin import ConfigError, PluginContext
-from llmepp.observability.metrics import EppMetrics
+from llmepp.observability.metrics import MAX_FAIRNESS_LABELS, OVERFLOW_LABEL, EppMetrics
 from llmepp.plugins.flowcontrol.program_fairness import ProgramAwareFairness
 from llmepp.request.types import ResponseInfo, Usage
 
