@@ -100,11 +100,15 @@ _U16_U32 = struct.Struct(">HI")
 _FromString = pb.ProcessingRequest.FromString
 
 
+# A frame's payload or a message: a view of a read, or a copy.
+_Bytes = bytes | bytearray | memoryview
+
+
 def _frame_header(length: int, kind: int, flags: int, stream_id: int) -> bytes:
     return _U32.pack(length << 8 | kind) + bytes((flags,)) + _U32.pack(stream_id)
 
 
-def _frame(kind: int, flags: int, stream_id: int, payload: bytes | bytearray = b"") -> bytes:
+def _frame(kind: int, flags: int, stream_id: int, payload: _Bytes = b"") -> bytes:
     return _frame_header(len(payload), kind, flags, stream_id) + payload
 
 
@@ -127,7 +131,7 @@ def _trailers(status: int, message: str = "") -> bytes:
 _TRAILERS_OK = _trailers(GRPC_OK)
 
 
-def _headers_fields_error(flags: int, payload: bytes | bytearray, length: int) -> int:
+def _headers_fields_error(flags: int, payload: _Bytes, length: int) -> int:
     """0, or the connection error of a HEADERS frame whose Pad Length, priority or padding do not fit
     in it (RFC 9113 §4.2, §6.2)."""
     fixed = (1 if flags & PADDED else 0) + (5 if flags & PRIORITY_FLAG else 0)
@@ -141,10 +145,12 @@ def _headers_fields_error(flags: int, payload: bytes | bytearray, length: int) -
 class _Stream:
     __slots__ = (
         "backlog",
-        "buf",
         "ext",
+        "have",
         "headers_sent",
         "local_closed",
+        "need",
+        "parts",
         "pending",
         "recv_unacked",
         "remote_closed",
@@ -156,13 +162,16 @@ class _Stream:
     def __init__(self, sid: int, ext: ExtProcStream, send_window: int) -> None:
         self.sid = sid
         self.ext = ext
-        self.buf = bytearray()  # a partial gRPC message
+        # A gRPC message spanning frames: its pieces, their length, and the whole message's (0: not known yet).
+        self.parts: list[_Bytes] = []
+        self.have = 0
+        self.need = 0
         self.headers_sent = False
         self.local_closed = False  # our END_STREAM went out (or is queued)
         self.remote_closed = False  # the client half-closed
         self.send_window = send_window
         # Frames waiting for flow-control window: (is_data, bytes).
-        self.pending: collections.deque[tuple[bool, bytes]] = collections.deque()
+        self.pending: collections.deque[tuple[bool, bytes | memoryview]] = collections.deque()
         self.recv_unacked = 0
         self.task: asyncio.Task[None] | None = None  # routing in progress
         self.backlog: collections.deque[pb.ProcessingRequest] = collections.deque()
@@ -177,7 +186,7 @@ class _Connection(asyncio.Protocol):
         self.preface = False
         self.streams: dict[int, _Stream] = {}
         self.last_stream_id = 0
-        self.out: list[bytes] = []
+        self.out: list[bytes | memoryview] = []  # frames for the next write (views: no copy before the join)
         self.conn_send_window = DEFAULT_WINDOW
         self.peer_initial_window = DEFAULT_WINDOW
         self.peer_max_frame = DEFAULT_FRAME
@@ -291,6 +300,8 @@ class _Connection(asyncio.Protocol):
             pos = 24
             self.preface = True
         end = len(buf)
+        # Frame payloads: views of an immutable read (no copy), copies of the pending buffer (it is resized below).
+        frames: _Bytes = buf if pending else memoryview(buf)
         unpack = _U32.unpack_from
         continuation = self.continuation
         try:
@@ -305,7 +316,7 @@ class _Connection(asyncio.Protocol):
                 kind = len_type & 0xFF
                 flags = buf[pos + 4]
                 sid = unpack(buf, pos + 5)[0] & 0x7FFFFFFF
-                payload = buf[pos + 9 : pos + 9 + length]  # bytes or bytearray: both parse
+                payload = frames[pos + 9 : pos + 9 + length]
                 pos += 9 + length
                 if continuation:
                     # A header block is a contiguous run of frames (RFC 9113 §6.10): nothing else in between.
@@ -422,7 +433,7 @@ class _Connection(asyncio.Protocol):
         if flags & END_STREAM:
             self._on_remote_close(st)
 
-    def _on_data(self, sid: int, flags: int, payload: bytes | bytearray, length: int) -> None:
+    def _on_data(self, sid: int, flags: int, payload: _Bytes, length: int) -> None:
         # Flow control counts the whole frame, padding included.
         self.conn_recv_unacked += length
         if self.conn_recv_unacked >= MAX_WINDOW // 2:
@@ -454,38 +465,48 @@ class _Connection(asyncio.Protocol):
                 self.out.append(_frame(WINDOW_UPDATE, 0, sid, _U32.pack(st.recv_unacked)))
                 st.recv_unacked = 0
         if payload:
-            partial = st.buf
-            if partial:
-                partial += payload  # a message spanning frames: amortised appends
-                data: bytes | bytearray = partial
-            else:
-                data = payload
-            start = 0
-            n = len(data)
-            while n - start >= 5:
-                size = _U32.unpack_from(data, start + 1)[0]
-                if size > self.max_message:
-                    self._end(st, GRPC_RESOURCE_EXHAUSTED, f"message larger than {self.max_message} bytes")
-                    return
-                if n - start < 5 + size:
-                    break
-                if data[start]:
-                    self._end(st, GRPC_UNIMPLEMENTED, "compressed messages are not supported")
-                    return
-                self._on_message(
-                    st, bytes(data[start + 5 : start + 5 + size]) if partial else data[start + 5 : start + 5 + size]
-                )
-                start += 5 + size
-                if st.local_closed:
-                    return
-            if partial:
-                del partial[:start]
-            elif start < n:
-                st.buf = bytearray(data[start:])
+            self._on_stream_bytes(st, payload)
+            if st.local_closed:
+                return
         if flags & END_STREAM:
             self._on_remote_close(st)
 
-    def _on_window_update(self, sid: int, payload: bytes | bytearray) -> None:
+    def _on_stream_bytes(self, st: _Stream, payload: _Bytes) -> None:
+        """The gRPC messages in a stream's DATA. A message spanning frames (a long body's chunks) is kept as its
+        pieces and copied once, when whole: appending each piece to a buffer and slicing the message out of it
+        copied a long prompt three more times."""
+        parts = st.parts
+        if parts:
+            parts.append(payload)
+            st.have += len(payload)
+            if st.have < st.need:
+                return
+            data: _Bytes = b"".join(parts)
+            parts.clear()
+        else:
+            data = payload
+        start = 0
+        n = len(data)
+        while n - start >= 5:
+            size = _U32.unpack_from(data, start + 1)[0]
+            if size > self.max_message:
+                self._end(st, GRPC_RESOURCE_EXHAUSTED, f"message larger than {self.max_message} bytes")
+                return
+            if n - start < 5 + size:
+                break
+            if data[start]:
+                self._end(st, GRPC_UNIMPLEMENTED, "compressed messages are not supported")
+                return
+            self._on_message(st, data[start + 5 : start + 5 + size])
+            start += 5 + size
+            if st.local_closed:
+                return
+        if start < n:
+            parts.append(data[start:])
+            st.have = n - start
+            st.need = 5 + _U32.unpack_from(data, start + 1)[0] if n - start >= 5 else 0
+
+    def _on_window_update(self, sid: int, payload: _Bytes) -> None:
         inc = _U32.unpack_from(payload)[0] & 0x7FFFFFFF
         if inc == 0:
             self._malformed(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
@@ -513,7 +534,7 @@ class _Connection(asyncio.Protocol):
         elif self._idle_stream(sid):
             self._malformed(PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")
 
-    def _on_settings(self, flags: int, payload: bytes | bytearray) -> None:
+    def _on_settings(self, flags: int, payload: _Bytes) -> None:
         if flags & ACK:
             self.settings_acked = True  # (we send SETTINGS once)
             return
@@ -543,7 +564,7 @@ class _Connection(asyncio.Protocol):
                 self._drain(st)
 
     # -- messages --------------------------------------------------------------------------------
-    def _on_message(self, st: _Stream, raw: bytes | bytearray) -> None:
+    def _on_message(self, st: _Stream, raw: _Bytes) -> None:
         try:
             msg = _FromString(raw)
         except Exception:
@@ -629,11 +650,25 @@ class _Connection(asyncio.Protocol):
             self._queue(st, False, _frame(HEADERS, END_HEADERS, st.sid, _RESPONSE_HEADERS))
         n = len(data) + 5
         prefix = b"\x00" + _U32.pack(len(data))
-        if not st.pending and n <= st.send_window and n <= self.conn_send_window and n <= self.peer_max_frame:
+        if not st.pending and n <= st.send_window and n <= self.conn_send_window:
             st.send_window -= n
             self.conn_send_window -= n
-            self.out.append(_frame_header(n, DATA, 0, st.sid) + prefix)
-            self.out.append(data)
+            out = self.out
+            max_frame = self.peer_max_frame
+            if n <= max_frame:
+                out.append(_frame_header(n, DATA, 0, st.sid) + prefix)
+                out.append(data)
+                return
+            # A long body's answers span frames: the frames are views of `data`, copied once by the flush's join
+            # (copying each piece, and the rest after it, cost a long prompt milliseconds).
+            view = memoryview(data)
+            first = max_frame - 5
+            out.append(_frame_header(max_frame, DATA, 0, st.sid) + prefix)
+            out.append(view[:first])
+            for start in range(first, len(data), max_frame):
+                piece = view[start : start + max_frame]
+                out.append(_frame_header(len(piece), DATA, 0, st.sid))
+                out.append(piece)
             return
         self._queue(st, True, prefix + data)
         self._drain(st)
@@ -663,11 +698,13 @@ class _Connection(asyncio.Protocol):
                 pending.popleft()
                 piece = payload
             else:
-                piece = payload[:room]
-                pending[0] = (True, payload[room:])
+                view = payload if payload.__class__ is memoryview else memoryview(payload)
+                piece = view[:room]
+                pending[0] = (True, view[room:])
             st.send_window -= len(piece)
             self.conn_send_window -= len(piece)
-            out.append(_frame_header(len(piece), DATA, 0, st.sid) + piece)
+            out.append(_frame_header(len(piece), DATA, 0, st.sid))
+            out.append(piece)
         self.blocked.discard(st.sid)
         if st.local_closed:
             self._forget(st)

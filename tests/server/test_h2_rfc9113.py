@@ -5,6 +5,7 @@ peer sends, nothing the server writes breaks the protocol and every stream is re
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import struct
 from collections.abc import Iterator
@@ -541,3 +542,55 @@ def test_any_input_split_anywhere(no_errors: pytest.LogCaptureFixture, sent: lis
     assert len(peer.finished) == len(set(peer.finished)) == len(peer.opened)  # each stream released once
     assert peer.director.inflight == {}
     assert not [r for r in no_errors.records if r.levelno >= logging.ERROR], no_errors.text
+
+
+# -- long bodies -------------------------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.integers(0, 200_000),
+    pieces=st.integers(1, 4),
+    frame_size=st.sampled_from([1, 7, 5_000, 16_384, 70_000]),
+    max_frame=st.sampled_from([16_384, 16_385, 65_536, 1 << 20]),
+    window=st.sampled_from([100, 65_535, 1 << 24]),
+    credit_first=st.booleans(),
+    cuts=st.lists(st.integers(1, 10**6), max_size=5),
+)
+def test_long_bodies_cross_frames_both_ways_intact(
+    size: int, pieces: int, frame_size: int, max_frame: int, window: int, credit_first: bool, cuts: list[int]
+) -> None:
+    """A long prompt arrives as messages cut across DATA frames and TCP reads anywhere, and goes back as answers
+    wider than the client's MAX_FRAME_SIZE: every byte comes back, in order, in frames the client allows."""
+    body = json.dumps({"model": "m", "prompt": "p" * size}).encode()
+    step = -(-len(body) // pieces)
+    chunks = [body[i : i + step] for i in range(0, len(body), step)]
+    grpc = grpc_msg(request_headers()) + b"".join(
+        grpc_msg(request_body(c, eos=i == len(chunks) - 1)) for i, c in enumerate(chunks)
+    )
+    # Window credit before the body (answers leave at once) or after it (answers wait for it, then leave).
+    credit = window_update(0, 1 << 30) + window_update(1, 1 << 30)
+    wire = (
+        PREFACE
+        + frame(SETTINGS, 0, 0, struct.pack(">HIHI", 4, window, 5, max_frame))
+        + frame(HEADERS, END_HEADERS, 1, b"\x83\x86")
+        + (credit if credit_first else b"")
+        + b"".join(frame(DATA, 0, 1, grpc[i : i + frame_size]) for i in range(0, len(grpc), frame_size))
+        + (b"" if credit_first else credit)
+    )
+    at = sorted({c % len(wire) for c in cuts} - {0})
+    sent = [wire[a:b] for a, b in zip([0, *at], [*at, len(wire)], strict=True)]
+
+    async def run() -> list[tuple[int, int, int, bytes]]:
+        peer = Peer()
+        got: list[tuple[int, int, int, bytes]] = []
+        for part in sent:
+            peer.send(part)
+            got += peer.frames()
+        await peer.settle()
+        return got + peer.frames()
+
+    got = asyncio.run(run())
+    assert all(len(payload) <= max_frame for kind, _, _, payload in got if kind == DATA)
+    answers = messages(got, 1)
+    echoed = b"".join(a.request_body.response.body_mutation.streamed_response.body for a in answers[1:])
+    assert echoed == body
+    assert answers[-1].request_body.response.body_mutation.streamed_response.end_of_stream
