@@ -77,6 +77,12 @@ class ExtProcServicer(StreamContext):
             while True:
                 msg = await read()
                 if msg is eof:
+                    if self.counts_stream_codes:
+                        # A client's cancel reaches a handler waiting here as this same EOF (the failed read
+                        # is swallowed); grpc.aio injects its CancelledError only from the call's close
+                        # event, which comes before one more read completes: a cancelled stream raises here,
+                        # a half-closed one reads EOF again at once. A core round trip, so only when counted.
+                        await read()
                     break
                 try:
                     kind = msg.WhichOneof("request")
@@ -110,8 +116,10 @@ class ExtProcServicer(StreamContext):
                 log.debug("ext_proc stream ended by transport error", exc_info=True)
             stream.cancelled = True
         finally:
-            self.stream_closed(stream)
-            stream.finish()
+            try:
+                stream.finish()
+            finally:
+                self.stream_closed(stream)  # after finish(): the code depends on how the request ended
 
 
 def _locked(write: Callable[[Any], Awaitable[None]], lock: asyncio.Lock) -> Callable[[Any], Awaitable[None]]:

@@ -219,6 +219,7 @@ class StreamContext:
         self._streams_inflight = metrics.extproc_streams_inflight
         # --enable-grpc-stream-metrics: (duration histogram, totals by gRPC code), else no work per stream.
         self._stream_metrics = metrics.stream_metrics() if settings.grpc_stream_metrics else None
+        self.counts_stream_codes = self._stream_metrics is not None
         # Open ext_proc streams, for the drain (the gauge above is for Prometheus).
         self.active_streams = 0
         self._request_processing = metrics.request_processing
@@ -267,8 +268,18 @@ class StreamContext:
             started = getattr(stream, "received_at", 0.0)
             if started:
                 self._stream_metrics[0].observe(time.monotonic() - started)
-            code = "Canceled" if getattr(stream, "cancelled", False) else "OK"  # Go's codes.Code names
-            self._stream_metrics[1].labels(code=code).inc()
+            self._stream_metrics[1].labels(code=_stream_code(stream)).inc()
+
+
+def _stream_code(stream: Any) -> str:
+    """A stream's code in `extproc_streams_total` (Go's codes.Code names): `Canceled` when the peer reset it
+    before its request was answered to the end. Envoy resets the ext_proc stream after every request, a
+    finished one included: those are `OK`."""
+    if not getattr(stream, "cancelled", False):
+        return "OK"
+    info = getattr(stream, "info", None)
+    finished = getattr(stream, "completed", False) and info is not None and info.cause is TerminationCause.NATURAL
+    return "OK" if finished else "Canceled"
 
 
 # -- per-stream state machine ------------------------------------------------------------------

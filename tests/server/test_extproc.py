@@ -650,6 +650,58 @@ async def test_cancel_while_the_director_decides() -> None:
         assert h.director.completions == [] and h.director.inflight == {}
 
 
+@pytest.mark.parametrize("phase", ["mid_body", "mid_response", "while_deciding"])
+async def test_a_stream_the_client_cancels_is_counted_canceled(phase: str) -> None:
+    # grpc.aio hands a handler waiting in read() a client's cancel as EOF, like a half-close; both
+    # transports must count it `Canceled` all the same, and release what it holds once.
+    director = FakeDirector(list(ENDPOINTS), delay=5.0 if phase == "while_deciding" else 0.0)
+    async with serve(director, settings=Settings(grpc_stream_metrics=True)) as h:
+        s = h.open()
+        if phase == "mid_body":
+            await s.send(request_headers(), request_body(BODY[:10]))
+        elif phase == "mid_response":
+            await s.route(CHAT, path="/v1/chat/completions")
+            await s.send(response_headers(200, "text/event-stream"), response_body(b"data: {}\n\n"))
+            await s.recv()
+            await s.recv()
+        else:
+            await s.send(request_headers(), request_body(BODY, eos=True))
+        await wait_until(lambda: h.sample("llm_d_epp_extproc_streams_inflight") == 1)
+        await asyncio.sleep(0.05)  # the handler waits: in read(), or on the director
+        s.cancel()
+        await wait_until(lambda: h.sample("llm_d_epp_extproc_streams_inflight") == 0)
+        await asyncio.sleep(0.05)
+        assert h.sample("llm_d_epp_extproc_streams_total", {"code": "Canceled"}) == 1
+        assert h.sample("llm_d_epp_extproc_streams_total", {"code": "OK"}) == 0
+        assert h.sample("llm_d_epp_extproc_stream_duration_seconds_count") == 1
+        assert h.director.inflight == {}
+        if phase == "mid_response":  # released exactly once, as a disconnect
+            (c,) = h.director.completions
+            assert c.response.cause is TerminationCause.CLIENT_DISCONNECT
+        else:
+            assert h.director.completions == []
+
+
+async def test_streams_that_end_without_a_cancel_are_counted_ok() -> None:
+    async with serve(settings=Settings(grpc_stream_metrics=True)) as h:
+        s = h.open()  # answered to the end, then half-closed by the client (as Envoy ends a stream)
+        await s.route(BODY)
+        await s.send(response_headers(200), response_body(JSON_RESPONSE, eos=True))
+        await s.recv()
+        await s.recv()
+        await s.close()
+        assert await s.status() == grpc.StatusCode.OK
+        s = h.open()  # half-closed after routing, before any response
+        await s.route(BODY)
+        await s.close()
+        await s.recv_eof()
+        assert await s.status() == grpc.StatusCode.OK
+        await wait_until(lambda: h.sample("llm_d_epp_extproc_streams_total", {"code": "OK"}) == 2)
+        await asyncio.sleep(0.05)
+        assert h.sample("llm_d_epp_extproc_streams_total", {"code": "Canceled"}) == 0
+        assert len(h.director.completions) == 2 and h.director.inflight == {}
+
+
 # -- other body modes ------------------------------------------------------------------------------
 async def test_buffered_mode_routes_on_the_body_answer() -> None:
     async with serve() as h:
@@ -987,3 +1039,22 @@ async def test_error_series_are_capped_like_the_request_series(monkeypatch: pyte
         assert len(errors) == 4, errors  # 3 models + "other"
         other = {**FP, "model_name": "other", "target_model_name": "other", "error_code": "ResourceExhausted"}
         assert h.sample("llm_d_epp_request_error_total", other) == 9
+
+
+async def test_a_stream_reset_after_its_request_finished_is_counted_ok() -> None:
+    # Envoy (1.40) ends every ext_proc stream with a reset, a request answered to its end included: that is a
+    # finished request, not a cancelled one.
+    async with serve(settings=Settings(grpc_stream_metrics=True)) as h:
+        s = h.open()
+        await s.route(BODY)
+        await s.send(response_headers(200), response_body(JSON_RESPONSE, eos=True))
+        await s.recv()
+        await s.recv()
+        await asyncio.sleep(0.05)  # the completion runs after the last answer
+        s.cancel()
+        await wait_until(lambda: h.sample("llm_d_epp_extproc_streams_inflight") == 0)
+        await asyncio.sleep(0.05)
+        assert h.sample("llm_d_epp_extproc_streams_total", {"code": "OK"}) == 1
+        assert h.sample("llm_d_epp_extproc_streams_total", {"code": "Canceled"}) == 0
+        (c,) = h.director.completions
+        assert c.response.cause is TerminationCause.NATURAL
