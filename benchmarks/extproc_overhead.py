@@ -4,6 +4,7 @@
     .venv/bin/python -m benchmarks.extproc_overhead latency --n 2000
     .venv/bin/python -m benchmarks.extproc_overhead throughput --seconds 8 --concurrency 64
     .venv/bin/python -m benchmarks.extproc_overhead chunks --chunks 2000 --streams 16
+    .venv/bin/python -m benchmarks.extproc_overhead long --sizes-kb 16,128,512,2048
     .venv/bin/python -m benchmarks.extproc_overhead all --quick    # smoke run (seconds)
 
 (a) latency: sequential small POST /v1/completions, one keep-alive HTTP/1.1 connection per
@@ -16,6 +17,9 @@
     chunk, empty end-of-stream chunk, response headers, response chunk, empty EoS chunk):
     requests/s, and requests per EPP CPU-second (= requests/s per core).
 (c) chunks: streams with many SSE response chunks: EPP CPU-µs per response chunk.
+(d) long: (a) with long prompts (a completions request of 16 KB - 2 MB of prose): what the
+    EPP adds for long contexts over a no-op processor that streams the same body through
+    (the EPP buffers it, parses it, hashes its prefix blocks and sends it back in chunks).
 
 Every server runs in its own process (uvloop); the CPU of the EPP / no-op process (all
 threads) is read from /proc. The machine is shared: treat single runs as noisy.
@@ -41,6 +45,20 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 MODEL_HOST = "127.0.0.2"
 REQUEST_BODY = b'{"model":"m","prompt":"hello world, a short prompt","max_tokens":8}'
+_PROSE = (
+    "the model reads a long document about inference serving routing caches pods gateways and "
+    "answers questions about what it read while the router keeps each prefix on one pod"
+)
+
+
+def long_request_body(kb: int) -> bytes:
+    """A completions request whose prompt is `kb` KiB of prose (deterministic)."""
+    n = kb * 1024
+    vocab = _PROSE.split()
+    words = (vocab[(i * 7 + i // 13) % len(vocab)] for i in range(n // 3))
+    return json.dumps({"model": "m", "prompt": " ".join(words)[:n], "max_tokens": 8}).encode()
+
+
 RESPONSE_JSON = json.dumps(
     {
         "id": "cmpl-1",
@@ -165,7 +183,7 @@ async def _serve_model(host: str, port: int) -> None:
         await request.read()
         return web.Response(body=RESPONSE_JSON, content_type="application/json")
 
-    app = web.Application()
+    app = web.Application(client_max_size=64 << 20)  # long-prompt runs send up to megabytes
     app.router.add_post("/v1/completions", completions)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -214,14 +232,16 @@ class Child:
 class HttpClient:
     """Blocking keep-alive HTTP/1.1 client on a raw socket: ~10 µs of its own per request."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", path: str = "/v1/completions") -> None:
+    def __init__(
+        self, port: int, host: str = "127.0.0.1", path: str = "/v1/completions", body: bytes = REQUEST_BODY
+    ) -> None:
         self.sock = socket.create_connection((host, port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
         self.request = (
             f"POST {path} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(REQUEST_BODY)}\r\n\r\n"
-        ).encode() + REQUEST_BODY
+            f"content-length: {len(body)}\r\n\r\n"
+        ).encode() + body
 
     def _fill(self) -> None:
         data = self.sock.recv(65536)
@@ -283,7 +303,9 @@ class LatencyResult:
     mean_ms: float
 
 
-async def bench_latency(n: int, rounds: int, warmup: int, transports: Sequence[str]) -> dict[str, Any]:
+async def bench_latency(
+    n: int, rounds: int, warmup: int, transports: Sequence[str], body: bytes = REQUEST_BODY
+) -> dict[str, Any]:
     from llmepp.testing.envoy import EnvoyProcess, render_envoy_config
 
     model_port = free_port(MODEL_HOST)
@@ -328,11 +350,11 @@ async def bench_latency(n: int, rounds: int, warmup: int, transports: Sequence[s
                 targets[f"envoy+{kind}" + {"h2": "-h2", "h2-tls": "-h2-tls"}.get(transport, "")] = port
         clients: dict[str, HttpClient] = {}
         for name, port in targets.items():
-            host_client = HttpClient(port, MODEL_HOST if name == "direct" else "127.0.0.1")
+            host_client = HttpClient(port, MODEL_HOST if name == "direct" else "127.0.0.1", body=body)
             clients[name] = host_client
             for _ in range(warmup):
-                status, body = host_client.call()
-                assert status == 200 and body == RESPONSE_JSON, (name, status, body[:200])
+                status, answer = host_client.call()
+                assert status == 200 and answer == RESPONSE_JSON, (name, status, answer[:200])
         samples: dict[str, list[float]] = {k: [] for k in targets}
         # Per-round medians: the machine's load drifts, so ratios are taken round by round.
         round_p50: dict[str, list[float]] = {k: [] for k in targets}
@@ -389,6 +411,22 @@ async def bench_latency(n: int, rounds: int, warmup: int, transports: Sequence[s
         "added_over_envoy": added,
         "ratios": ratios,
     }
+
+
+async def bench_long(sizes_kb: Sequence[int], n: int, rounds: int, transports: Sequence[str]) -> list[dict[str, Any]]:
+    """(a) once per prompt size, fresh processes each time; h2-tls is left out (its cost is per message)."""
+    rows = []
+    for kb in sizes_kb:
+        body = long_request_body(kb)
+        lat = await bench_latency(n, rounds, max(5, n // 10), [t for t in transports if t != "h2-tls"], body=body)
+        added = lat["added_over_envoy"]
+        extra = {}
+        for suffix in ("", "-h2"):
+            epp, noop = added.get("envoy+epp" + suffix), added.get("envoy+noop" + suffix)
+            if epp and noop:
+                extra["epp" + suffix] = epp["p50_ms"] - noop["p50_ms"]
+        rows.append({"kb": kb, "body_bytes": len(body), "latency": lat, "epp_minus_noop_p50_ms": extra})
+    return rows
 
 
 # =====================================================================================
@@ -604,7 +642,7 @@ def bench_chunks(
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("all", "latency", "throughput", "chunks"):
+    for name in ("all", "latency", "throughput", "chunks", "long"):
         p = sub.add_parser(name)
         p.add_argument("--quick", action="store_true")
         p.add_argument("--n", type=int, default=2000, help="latency: requests per target")
@@ -613,6 +651,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.add_argument("--concurrency", type=int, default=64)
         p.add_argument("--chunks", type=int, default=2000, help="chunks: response chunks per stream")
         p.add_argument("--streams", type=int, default=16)
+        p.add_argument("--sizes-kb", default="16,128,512,2048", help="long: prompt sizes in KiB")
+        p.add_argument("--long-n", type=int, default=200, help="long: requests per target and size")
         p.add_argument("--grpc-experiments", default=None, help="GRPC_EXPERIMENTS for the servers")
         p.add_argument("--no-timing", action="store_true", help="EPP without per-chunk timing")
         p.add_argument("--json", action="store_true", help="print JSON only")
@@ -661,6 +701,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     DIRECTOR = args.director
     if args.quick:
         args.n, args.rounds, args.seconds, args.chunks, args.streams = 300, 3, 2.0, 300, 8
+        args.sizes_kb, args.long_n = "128", 40
     env = {"GRPC_EXPERIMENTS": args.grpc_experiments} if args.grpc_experiments is not None else None
     transports = [t for t in args.transports.split(",") if t]
     report: dict[str, Any] = {"machine": machine()}
@@ -670,6 +711,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         report["throughput"] = bench_throughput(args.seconds, args.concurrency, transports, env)
     if args.cmd in ("all", "chunks"):
         report["chunks"] = bench_chunks(args.chunks, args.streams, transports, env, timing=not args.no_timing)
+    if args.cmd in ("all", "long"):
+        sizes = [int(x) for x in args.sizes_kb.split(",") if x]
+        report["long"] = asyncio.run(bench_long(sizes, args.long_n, min(args.rounds, 10), transports))
     if args.json:
         print(json.dumps(report, indent=2))
         return
@@ -705,6 +749,13 @@ def _format(r: dict[str, Any]) -> str:
                 f"  {name:<8} {t['server_cpu_us_per_chunk']:6.1f} CPU-µs per chunk "
                 f"({t['chunks_per_s']:.0f} chunks/s at {t['server_cpu_util'] * 100:.0f}% CPU)"
             )
+    if "long" in r:
+        lines.append("\n(d) long prompts: added latency over Envoy alone, p50 ms (EPP minus no-op)")
+        for row in r["long"]:
+            added = row["latency"]["added_over_envoy"]
+            cells = "  ".join(f"{name.removeprefix('envoy+')} {a['p50_ms']:.3f}" for name, a in added.items())
+            diff = "  ".join(f"{k} {v:+.3f}" for k, v in row["epp_minus_noop_p50_ms"].items())
+            lines.append(f"  {row['kb']:>5} KiB: {cells}  ({diff})")
     return "\n".join(lines)
 
 
