@@ -152,11 +152,13 @@ class PredictorClient:
         """Queue samples for the next upload (never blocks; the uploader starts on first use)."""
         if self._closed:
             return
-        self._buffer.extend(entries)
-        cap = self.max_sample_size * 10
-        if len(self._buffer) > cap:  # the training server is down or slow: keep a bounded random subset
-            self.dropped += len(self._buffer) - cap
-            self._buffer = self._rng.sample(self._buffer, cap)
+        buffer, cap = self._buffer, self.max_sample_size * 10
+        for entry in entries:
+            if len(buffer) < cap:
+                buffer.append(entry)
+            else:  # the training server is down or slow: a new sample replaces a random one (O(1), not a resample)
+                buffer[self._rng.randrange(cap)] = entry
+                self.dropped += 1
         if self._flusher is None or self._flusher.done():
             with contextlib.suppress(RuntimeError):  # no running loop (a unit test calling hooks directly)
                 self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())

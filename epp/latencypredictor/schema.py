@@ -12,7 +12,8 @@ from typing import Annotated
 import msgspec
 
 Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
-Count = Annotated[int, msgspec.Meta(ge=0, le=2**40)]
+MAX_COUNT = 2**40
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
 # Milliseconds; the upper bound (about 28 hours) also keeps infinity out.
 Millis = Annotated[float, msgspec.Meta(ge=0.0, le=1e8)]
 

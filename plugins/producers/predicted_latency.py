@@ -34,9 +34,17 @@ from llmepp.framework.requestcontrol import (
 )
 from llmepp.framework.scheduling import SchedulingResult
 from llmepp.latencypredictor.client import PredictorClient, PredictorUnavailable, urls_from_env
+from llmepp.latencypredictor.schema import MAX_COUNT
 from llmepp.observability.fast import Counter, Gauge, Histogram
 from llmepp.observability.logging import RateLimitedLog
-from llmepp.observability.metrics import GENERAL_LATENCY_BUCKETS, PREFIX, per_registry
+from llmepp.observability.metrics import (
+    GENERAL_LATENCY_BUCKETS,
+    MAX_MODEL_LABELS,
+    OVERFLOW_LABEL,
+    PREFIX,
+    BoundedLabels,
+    per_registry,
+)
 from llmepp.request.types import InferenceRequest, ResponseInfo, TerminationCause
 from llmepp.units import parse_duration
 
@@ -48,11 +56,14 @@ TPOT_SLO_HEADERS = ("x-llm-d-slo-tpot-ms", "x-slo-tpot-ms")
 PREFILL_ROLE = "prefill"
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 5.0  # seconds without prediction calls after a failure (doubling)
 SWEEP_EVERY = 10.0  # seconds between sweeps of dispatch records older than contextTTL
+# An SLO header above this (about 11.6 days) counts as this: far beyond any latency, and small enough that
+# the headroom arithmetic (· sloBufferFactor, SLO − prediction, their ranges) stays finite.
+MAX_SLO_MS = 1e9
 
 
 def slo_ms(headers: Mapping[str, str], names: Sequence[str]) -> float:
     """The first present header of `names` as milliseconds; 0 (no SLO) when absent, not a number,
-    negative or infinite, as the reference reads it."""
+    negative or infinite, as the reference reads it; at most MAX_SLO_MS."""
     for name in names:
         raw = headers.get(name)
         if raw is None:
@@ -62,7 +73,7 @@ def slo_ms(headers: Mapping[str, str], names: Sequence[str]) -> float:
         except ValueError:
             log.debug("%s: %r is not a number; no SLO", name, raw)
             return 0.0
-        return value if math.isfinite(value) and value > 0 else 0.0
+        return min(value, MAX_SLO_MS) if math.isfinite(value) and value > 0 else 0.0
     return 0.0
 
 
@@ -92,7 +103,7 @@ PREDICTION_DURATION_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 
 
 class LatencyMetrics:
     """The reference's latency-prediction series (`llm_d_epp_` prefix, labels plugin_name, plugin_type,
-    model_name, target_model_name), one set per metrics registry."""
+    model_name, target_model_name; at most MAX_MODEL_LABELS (model, target) pairs), one set per metrics registry."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ("plugin_name", "plugin_type", "model_name", "target_model_name")
@@ -131,6 +142,9 @@ class LatencyMetrics:
             "skipped while backing off after a failure.",
             ("plugin_name", "reason"), registry=registry,
         )  # fmt: skip
+        # model_name / target_model_name are client input: the first MAX_MODEL_LABELS (model, target) pairs get
+        # series of their own, later ones share OVERFLOW_LABEL (as the EPP's other per-model series).
+        self.pairs = BoundedLabels(MAX_MODEL_LABELS)
 
     @classmethod
     def of(cls, registry: CollectorRegistry) -> LatencyMetrics:
@@ -159,9 +173,52 @@ class _Context:
     labels: tuple[str, str, str, str] = ("", "", "", "")
 
 
+class _Running:
+    """The requests this producer dispatched to one endpoint and has not seen finish, key → (TPOT SLO, when), and
+    how many hold each positive TPOT SLO: the least is known without a pass over every request in flight."""
+
+    __slots__ = ("_least", "_slos", "requests")
+
+    def __init__(self) -> None:
+        self.requests: dict[int, tuple[float, float]] = {}
+        self._slos: dict[float, int] = {}
+        self._least: float | None = math.inf  # None: to find again (its last request finished)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def add(self, key: int, tpot_slo: float, at: float) -> None:
+        self.pop(key)  # dispatched again: counted once
+        self.requests[key] = (tpot_slo, at)
+        if tpot_slo > 0:
+            self._slos[tpot_slo] = self._slos.get(tpot_slo, 0) + 1
+            if self._least is not None and tpot_slo < self._least:
+                self._least = tpot_slo
+
+    def pop(self, key: int) -> None:
+        entry = self.requests.pop(key, None)
+        if entry is None or not entry[0] > 0:
+            return
+        slo = entry[0]
+        left = self._slos[slo] - 1
+        if left:
+            self._slos[slo] = left
+        else:
+            del self._slos[slo]
+            if slo == self._least:
+                self._least = None
+
+    def least_tpot_slo(self) -> float:
+        """The least positive TPOT SLO among the requests; inf when none has one."""
+        if self._least is None:
+            self._least = min(self._slos, default=math.inf)
+        return self._least
+
+
 def _count(value: float) -> int:
-    """A non-negative whole count (NaN, infinities and negatives read as 0)."""
-    return round(value) if math.isfinite(value) and value > 0 else 0
+    """A non-negative whole count (NaN, infinities and negatives read as 0), at most the predictor's MAX_COUNT:
+    one endpoint's absurd scrape must not make the bulk call, every endpoint's prediction, a 422."""
+    return min(MAX_COUNT, round(value)) if math.isfinite(value) and value > 0 else 0
 
 
 class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProcessor, ResponseCompleteProcessor):
@@ -237,8 +294,8 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
                 raise ValueError(f"samplingMean must be > 0, got {self.sampling_mean}")
             if self.max_decode_token_samples_for_prediction < 0:
                 raise ValueError("maxDecodeTokenSamplesForPrediction must be >= 0")
-            if not self.slo_buffer_factor > 0:
-                raise ValueError(f"sloBufferFactor must be > 0, got {self.slo_buffer_factor}")
+            if not 0 < self.slo_buffer_factor < math.inf:
+                raise ValueError(f"sloBufferFactor must be > 0 and finite, got {self.slo_buffer_factor}")
             try:
                 ttl = parse_duration(self.context_ttl)
             except ValueError as e:
@@ -280,7 +337,7 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         self._metrics: LatencyMetrics | None = None
         self._rng = random.Random()
         # Requests this producer dispatched and has not seen finish, per endpoint: id(context) → (TPOT SLO, when).
-        self._dispatched: dict[Endpoint, dict[int, tuple[float, float]]] = {}
+        self._dispatched: dict[Endpoint, _Running] = {}
         self._prefill_tokens: dict[Endpoint, int] = {}
         self._next_sweep = 0.0
         self._skip_until = 0.0
@@ -316,8 +373,10 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         if info is not None and info.total_blocks > 0:
             total = info.total_blocks
             scores = {ep: min(1.0, m / total) for ep, m in info.hits.items()}
-        ctx = _Context(ttft_slo, tpot_slo, _input_tokens(request), scores,
-                       labels=(self.name, self.type, request.model, request.target_model or request.model))  # fmt: skip
+        model, target = request.model, request.target_model or request.model
+        if self._metrics is not None and not self._metrics.pairs.admits((model, target)):
+            model = target = OVERFLOW_LABEL
+        ctx = _Context(ttft_slo, tpot_slo, _input_tokens(request), scores, labels=(self.name, self.type, model, target))
         request.data[self._ctx_key] = ctx
         if not self.params.predict_in_produce or not endpoints:
             return
@@ -367,9 +426,9 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         if self.streaming and not (self.role_label and ep.labels.get(self.role_label) == PREFILL_ROLE):
             buffered = ctx.tpot_slo * self.buffer
             if running:
-                slos = [slo for slo, _ in running.values() if slo > 0]
-                if slos:
-                    buffered = min(buffered, min(slos) * self.buffer)
+                least = running.least_tpot_slo()
+                if least < math.inf:
+                    buffered = min(buffered, least * self.buffer)
             tpot_ok, tpot_headroom = tpot < buffered, buffered - tpot
         return LatencyPredictionInfo(
             ttft_ms=ttft, tpot_ms=tpot, ttft_headroom=ttft_headroom, tpot_headroom=tpot_headroom,
@@ -411,14 +470,17 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         ctx.prefill_tokens_at_dispatch = snapshot.get(charged, before)
         self._prefill_tokens[charged] = before + ctx.input_tokens
         ctx.prefill_endpoint = charged
-        self._dispatched.setdefault(ep, {})[id(ctx)] = (ctx.tpot_slo, now)
+        running = self._dispatched.get(ep)
+        if running is None:
+            running = self._dispatched[ep] = _Running()
+        running.add(id(ctx), ctx.tpot_slo, now)
 
     def _sweep(self, now: float) -> None:
         self._next_sweep = now + SWEEP_EVERY
         oldest = now - self.context_ttl
         for ep, running in list(self._dispatched.items()):
-            for key in [k for k, (_, at) in running.items() if at < oldest]:
-                del running[key]
+            for key in [k for k, (_, at) in running.requests.items() if at < oldest]:
+                running.pop(key)
             if not running:
                 del self._dispatched[ep]
 
@@ -446,7 +508,7 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         self._release_prefill(ctx)
         running = self._dispatched.get(ctx.target)
         if running is not None:
-            running.pop(id(ctx), None)
+            running.pop(id(ctx))
             if not running:
                 del self._dispatched[ctx.target]
         if response.cause is not TerminationCause.NATURAL or not 0 < response.status < 400 or not response.bytes:

@@ -617,3 +617,121 @@ def test_counts_sent_to_the_predictor_are_whole_numbers() -> None:
     from llmepp.plugins.producers.predicted_latency import _count
 
     assert [_count(v) for v in (2.5, 2.6, 0.4, -1.0, float("nan"), float("inf"), 7.0)] == [2, 3, 0, 0, 0, 0, 7]
+
+
+async def test_a_huge_slo_header_never_breaks_the_scorer(predictor: PredictorService) -> None:
+    """`x-llm-d-slo-tpot-ms: 1e308` is finite, but ·sloBufferFactor 2 overflowed to an infinite TPOT headroom;
+    next to an endpoint whose budget a running request lowered, nTPOT was inf/inf = NaN and the scorer raised
+    (ValueError: cannot convert float NaN to integer), failing the request."""
+    p = producer(predictor, streamingMode=True, sloBufferFactor=2.0)
+    scorer = make("latency-scorer", None, p, registry.build("approx-prefix-cache-producer", "approx", None))
+    eps = [endpoint(0), endpoint(1)]
+    tight = request(b"x" * 20)
+    tight.headers["x-llm-d-slo-tpot-ms"] = "100"
+    await p.produce(tight, eps)
+    p.pre_request(tight, result(eps[0]))
+    for huge in ("1e308", "1.7976931348623157e308", "1e30"):
+        req = request(b"x" * 20)
+        req.headers.update({"x-llm-d-slo-ttft-ms": huge, "x-llm-d-slo-tpot-ms": huge})
+        await p.produce(req, eps)
+        infos: dict[Endpoint, LatencyPredictionInfo] = req.data[KEY]
+        assert all(i.ttft_headroom < float("inf") and i.tpot_headroom < float("inf") for i in infos.values())
+        scores = scorer.score(req, eps)
+        assert all(0.0 <= s <= 1.0 for s in scores), scores
+        assert scores[1] < scores[0]  # least: endpoint 0's budget (200 ms) is the closest to its prediction
+    await p.aclose()
+
+
+def test_slo_buffer_factor_must_be_finite() -> None:
+    # inf · an absent TPOT SLO (0) is NaN: every request without the header got a NaN headroom.
+    with pytest.raises(ConfigError, match="sloBufferFactor must be > 0 and finite"):
+        registry.build("predicted-latency-producer", "p", {"sloBufferFactor": float("inf")})
+
+
+def test_latency_metric_labels_from_client_model_names_are_bounded() -> None:
+    """model_name / target_model_name come from the request body: as every other series of this EPP, the first
+    MAX_MODEL_LABELS (model, target) pairs get series of their own, the rest share "other" (each new name was a
+    new set of histograms, held forever)."""
+    from llmepp.observability.metrics import MAX_MODEL_LABELS, OVERFLOW_LABEL
+
+    metrics = EppMetrics()
+    p = make("predicted-latency-producer", {"predictInProduce": False, "streamingMode": False},
+             registry.build("approx-prefix-cache-producer", "approx", None), metrics=metrics)  # fmt: skip
+    ep = endpoint(0)
+    loop = asyncio.new_event_loop()
+    try:
+        for i in range(MAX_MODEL_LABELS + 50):
+            req = request(model=f"model-{i}")
+            req.headers["x-llm-d-slo-ttft-ms"] = "1000"
+            loop.run_until_complete(p.produce(req, [ep]))
+            p.pre_request(req, result(ep))
+            p.response_complete(req, ResponseInfo(status=200, bytes=10), result(ep))
+    finally:
+        loop.close()
+    models = {key[2] for key in p._metrics.last._children}
+    assert len(models) == MAX_MODEL_LABELS + 1 and OVERFLOW_LABEL in models
+    assert {key[2] for key in p._metrics.slo_violations._children} <= models
+
+
+async def test_one_endpoint_reporting_an_absurd_count_does_not_cost_every_endpoint_its_prediction(
+    predictor: PredictorService,
+) -> None:
+    """A scraped count is accepted up to 2⁶³, the predictor's schema up to 2⁴⁰: one endpoint's 2⁴¹ waiting
+    requests made the whole bulk call a 422, so no endpoint had a prediction (and the producer backed off)."""
+    p = producer(predictor)
+    eps = [endpoint(0, queue=2**41, running=2**50), endpoint(1)]
+    req = request(b"x" * 20)
+    await p.produce(req, eps)
+    infos: dict[Endpoint, LatencyPredictionInfo] = req.data.get(KEY, {})
+    assert set(infos) == set(eps)
+    assert infos[eps[0]].ttft_ms > infos[eps[1]].ttft_ms
+    await p.aclose()
+
+
+def test_the_tpot_budget_of_a_busy_endpoint_costs_no_pass_over_its_running_requests() -> None:
+    """Each prediction lowers the TPOT budget to the least TPOT SLO running on the endpoint: that was a pass over
+    every request in flight there, per endpoint and per request (1 ms a request at 30k in flight), quadratic in
+    load. The least SLO must still be right as requests come and go."""
+    from llmepp.plugins.producers.predicted_latency import _Context
+
+    p = make("predicted-latency-producer", {"streamingMode": True, "predictInProduce": False},
+             registry.build("approx-prefix-cache-producer", "approx", None))  # fmt: skip
+    quiet, busy = endpoint(0), endpoint(1)
+    loop = asyncio.new_event_loop()
+
+    def dispatch(ep: Endpoint, tpot_slo: str | None) -> InferenceRequest:
+        req = request()
+        if tpot_slo is not None:
+            req.headers["x-llm-d-slo-tpot-ms"] = tpot_slo
+        loop.run_until_complete(p.produce(req, [ep]))
+        p.pre_request(req, result(ep))
+        return req
+
+    def budget(ep: Endpoint) -> float:
+        return p._info(ep, 0.0, 0.0, _Context(0.0, 1000.0, 1, {})).tpot_headroom
+
+    try:
+        dispatch(quiet, "80")
+        held = [dispatch(busy, slo) for slo in ("50", "40", "40", None, "60")]
+        assert budget(busy) == 40.0 and budget(quiet) == 80.0
+        p.response_complete(held[1], ResponseInfo(status=500), result(busy))
+        assert budget(busy) == 40.0  # the other 40 ms request still runs
+        p.response_complete(held[2], ResponseInfo(status=500), result(busy))
+        assert budget(busy) == 50.0
+        held.append(dispatch(busy, "45"))
+        assert budget(busy) == 45.0
+        held += [dispatch(busy, "45") for _ in range(20)]  # held: a request in flight is alive
+    finally:
+        loop.close()
+
+    class NoScan(dict[int, tuple[float, float]]):
+        """The running requests, which the budget must not walk."""
+
+        def __iter__(self) -> Any:
+            raise AssertionError("a pass over the running requests")
+
+        values = items = keys = __iter__
+
+    running = p._dispatched[busy]
+    running.requests = NoScan(running.requests)
+    assert budget(busy) == 45.0 and p.dispatched(busy) == 24

@@ -625,3 +625,21 @@ def test_a_target_whose_fit_fails_keeps_its_model_and_does_not_hold_up_the_other
     assert model.retrain(min_samples=10) == [model.tpot.spec.name]
     assert model.tpot.coefficients.source == "trained"
     assert model.ttft.coefficients is before  # the previous model keeps predicting
+
+
+def test_a_full_training_buffer_costs_a_response_no_pass_over_the_buffer() -> None:
+    """While the trainer hangs (an upload waits up to LATENCY_HTTP_TIMEOUT_SEC) the buffer fills to its cap; each
+    response's samples then re-sampled the whole buffer (1.4 ms a response at the default cap of 10000, on the
+    event loop). It stays bounded and keeps taking new samples."""
+    client = PredictorClient(["http://127.0.0.1:1"], "http://127.0.0.1:1", max_sample_size=2000, env={},
+                             rng=random.Random(3))  # fmt: skip
+    sample = {**row(num_tokens_generated=0), "actual_ttft_ms": 40.0, "actual_tpot_ms": 0.0}
+    for _ in range(20000):  # to the cap (20000), no sample dropped yet
+        client.add_training([{**sample, "actual_ttft_ms": 40.0}])
+    assert client.pending == 20000 and client.dropped == 0
+    buffer = client._buffer
+    client._rng.sample = None  # type: ignore[assignment,method-assign]  # a resample of the whole buffer fails
+    for _ in range(2000):
+        client.add_training([{**sample, "actual_ttft_ms": 41.0}])
+    assert client._buffer is buffer and client.pending == 20000 and client.dropped == 2000
+    assert sum(1 for e in client._buffer if e["actual_ttft_ms"] == 41.0) > 1500  # the newest samples are in
