@@ -669,6 +669,26 @@ def sim_fidelity_targets() -> list[list[str]]:
     return rows
 
 
+def long_prompt_table(rows: list[dict[str, Any]]) -> str:
+    """(d) of extproc_overhead: added latency over Envoy alone per prompt size, EPP vs the no-op processor."""
+    names = list(rows[0]["latency"]["added_over_envoy"])
+    out = [
+        "Long prompts (completions requests of 16 KiB-2 MiB of prose, sequential): added latency over Envoy alone, "
+        "p50 ms; the EPP buffers the body, parses it, hashes its prefix blocks and streams it back.\n",
+        "| prompt | "
+        + " | ".join(n.removeprefix("envoy+") for n in names)
+        + " | EPP − no-op, grpc.aio | EPP − no-op, h2 |",
+        "|---:|" + "---:|" * (len(names) + 2),
+    ]
+    for row in rows:
+        added = row["latency"]["added_over_envoy"]
+        diff = row["epp_minus_noop_p50_ms"]
+        cells = " | ".join(f"{added[n]['p50_ms']:.3f}" for n in names)
+        grpc, h2 = _f(diff.get("epp"), "+.3f"), _f(diff.get("epp-h2"), "+.3f")
+        out.append(f"| {row['kb']:,} KiB | {cells} | {grpc} | {h2} |")
+    return "\n".join(out) + "\n"
+
+
 def overhead_tables(overhead: dict[str, Any] | None) -> str:
     if not overhead:
         return "_The overhead section was not run._\n"
@@ -698,6 +718,8 @@ def overhead_tables(overhead: dict[str, Any] | None) -> str:
                 f"{t['requests_per_cpu_s']:,.0f} | {_f(c.get('server_cpu_us_per_chunk'), '.1f')} |"
             )
         out.append("")
+        if d.get("long"):
+            out.append(long_prompt_table(d["long"]))
     elif ext:
         out.append(f"extproc_overhead failed: `{ext.get('error')}`\n")
     for part, title in (("scheduling", "default profile"), ("scheduling-optimized-baseline", "optimized-baseline")):

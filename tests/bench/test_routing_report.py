@@ -32,3 +32,15 @@ def test_seed_summary_uses_medians_and_calls_near_ties() -> None:
     assert rows[0][2] == "not lower at 7.5 (tied: 1.00 vs 1.01 s) QPS" and rows[0][3] == "**not met**"
     assert rows[1][2] == "lower at every stage" and rows[1][3] == "**met**"
     assert report.seed_summary(runs[:1]) == ("_Fewer than two workload seeds._", [])
+
+
+def test_long_prompt_table_shows_each_size_and_the_epp_minus_noop_difference() -> None:
+    def row(kb: int, noop: float, epp: float) -> dict[str, Any]:
+        added = {"envoy+noop-h2": {"p50_ms": noop, "p99_ms": noop}, "envoy+epp-h2": {"p50_ms": epp, "p99_ms": epp}}
+        return {"kb": kb, "body_bytes": kb * 1024, "latency": {"added_over_envoy": added},
+                "epp_minus_noop_p50_ms": {"epp-h2": epp - noop}}  # fmt: skip
+
+    table = report.long_prompt_table([row(16, 0.25, 0.35), row(2048, 3.0, 4.5)])
+    assert "| prompt | noop-h2 | epp-h2 | EPP − no-op, grpc.aio | EPP − no-op, h2 |" in table
+    assert "| 16 KiB | 0.250 | 0.350 | - | +0.100 |" in table
+    assert "| 2,048 KiB | 3.000 | 4.500 | - | +1.500 |" in table
