@@ -5,6 +5,7 @@
 
 Without `x-prefiller-host-port` (or with an empty value, which the EPP sets to neutralise a
 client-sent one) every request is proxied to the local decoder unchanged and streamed back.
+Several header lines with different values are a 400 JSON error: which one the EPP set is unknown.
 
 With it, on `POST /v1/completions` and `POST /v1/chat/completions` (NIXL v2 protocol, the
 reference sidecar's default connector):
@@ -15,7 +16,8 @@ reference sidecar's default connector):
    dropped (vLLM rejects min_tokens > max_tokens). 502/503/504 and connection failures are
    retried `prefill_max_retries` times with exponential backoff, each wait at most
    MAX_RETRY_BACKOFF (a prefill is idempotent, and a local prefill on the decode pod is the
-   expensive alternative). Redirects are not followed; an answer is at most max_body_bytes;
+   expensive alternative); an attempt that outlives `prefill_timeout` is a 504 at once.
+   Redirects are not followed; an answer is at most max_body_bytes;
 2. a prefill error is returned to the client with its status and JSON body as-is (a non-JSON
    body is wrapped in an OpenAI-style JSON error); an unreachable prefill pod is a 502 JSON error.
    Either carries `x-pd-failed-stage: prefill`;
@@ -121,6 +123,8 @@ class SidecarOptions:
         for name in ("connect_timeout", "prefill_timeout", "decode_idle_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.replace('_', '-')} must be > 0")
+        if self.max_body_bytes <= 0:  # aiohttp would read 0 as "no limit"
+            raise ValueError("max-body-size must be > 0")
         if self.prefill_scheme not in ("http", "https"):
             raise ValueError("prefill-scheme must be http or https")
         self.decoder_url = self.decoder_url.rstrip("/")
@@ -342,9 +346,10 @@ class Sidecar:
         self.ports[0] = self.port
 
     async def stop(self) -> None:
-        for runner in self._runners:
-            await runner.cleanup()
-        self._runners = []
+        # Together: every rank port stops accepting at once and the in-flight requests of all
+        # ranks drain in one shutdown timeout, not rank after rank.
+        runners, self._runners = self._runners, []
+        await asyncio.gather(*(runner.cleanup() for runner in runners))
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -352,12 +357,13 @@ class Sidecar:
     # -- request handling ------------------------------------------------------------------
     async def handle(self, request: web.Request, rank: int = 0) -> web.StreamResponse:
         """A request on rank `rank`'s port."""
-        prefiller = request.headers.get(PREFILL_HEADER, "").strip()
         try:
             if rank == 0 and len(self.ports) > 1:
                 rank = self._picked_rank(request)
-            if prefiller and request.method == "POST" and request.path in PD_PATHS:
-                return await self._disaggregated(request, prefiller, rank)
+            if request.method == "POST" and request.path in PD_PATHS:
+                prefiller = self._prefiller(request)
+                if prefiller:
+                    return await self._disaggregated(request, prefiller, rank)
             body = await request.read() if request.can_read_body else None
             return await self._to_decoder(request, forward_headers(request.headers.items()), body, rank)
         except ProxyError as e:
@@ -368,6 +374,16 @@ class Sidecar:
             response = json_error(400, f"request body is unreadable: {' '.join(str(e).split())}")
             response.force_close()  # the rest of the request cannot be read: this connection is done
             return response
+
+    @staticmethod
+    def _prefiller(request: web.Request) -> str:
+        """The x-prefiller-host-port value ("" = none). Several different lines are a 400: they
+        mean "a, b" (RFC 9110 5.3), and taking the first would let a client's value sent ahead
+        of the one a gateway appended pick the prefill pod."""
+        values = {v.strip() for v in request.headers.getall(PREFILL_HEADER, ())}
+        if len(values) > 1:
+            raise ProxyError(400, f"{PREFILL_HEADER} must name one prefill pod, got {len(values)} values")
+        return values.pop() if values else ""
 
     def _picked_rank(self, request: web.Request) -> int:
         """The rank `x-data-parallel-host-port` names on the primary port (0 without it)."""
@@ -466,7 +482,10 @@ class Sidecar:
                     return status, content_type, answer
                 reason = f"status {status}"
             except (aiohttp.ClientError, TimeoutError) as e:
-                if attempt >= o.prefill_max_retries:
+                # A connect timeout is a connection failure; a prefill that outlived prefill_timeout
+                # is not retried: that would wait the whole timeout again on a stuck or overloaded pod.
+                gave_up = isinstance(e, TimeoutError) and not isinstance(e, aiohttp.ConnectionTimeoutError)
+                if gave_up or attempt >= o.prefill_max_retries:
                     kind = "timed out" if isinstance(e, TimeoutError) else f"unreachable ({e.__class__.__name__}: {e})"
                     raise ProxyError(
                         504 if isinstance(e, TimeoutError) else 502,

@@ -6,6 +6,7 @@ proxied) and never reaches a model server. Also the flag's validation."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -226,6 +227,52 @@ async def test_a_busy_rank_port_fails_the_start_and_releases_the_others() -> Non
         await (await Rank("again", port).start()).stop()  # rank 0's port was released
     finally:
         await blocker.stop()
+
+
+async def test_stop_closes_every_rank_port_then_drains_them_together(http: aiohttp.ClientSession) -> None:
+    vllm = free_port_run(HOST, 2)
+    arrived: list[str] = []
+    both_arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def decode(request: web.Request) -> web.Response:
+        if request.path.startswith("/slow"):
+            arrived.append(request.path)
+            if len(arrived) == 2:
+                both_arrived.set()
+            await release.wait()
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", decode)
+    runners = [web.AppRunner(app, access_log=None) for _ in range(2)]
+    for rank, runner in enumerate(runners):
+        await runner.setup()
+        await web.TCPSite(runner, HOST, vllm + rank).start()
+    port = free_port_run(HOST, 2)
+    sidecar = Sidecar(SidecarOptions(host=HOST, port=port, decoder_url=f"http://{HOST}:{vllm}", data_parallel_size=2))
+    await sidecar.start()
+    stopping = None
+    try:
+        inflight = [asyncio.ensure_future(http.get(f"http://{HOST}:{port + r}/slow")) for r in range(2)]
+        await asyncio.wait_for(both_arrived.wait(), 5)
+        stopping = asyncio.ensure_future(sidecar.stop())
+        await asyncio.sleep(0.1)
+        # Was: the ranks were stopped one after the other, so rank 1 kept accepting new requests
+        # while rank 0 drained (and a pod took up to N x the drain timeout to stop).
+        async with aiohttp.ClientSession() as fresh:
+            for r in range(2):
+                with pytest.raises(aiohttp.ClientConnectorError):
+                    await fresh.get(f"http://{HOST}:{port + r}/new")
+        release.set()
+        for done in await asyncio.gather(*inflight):  # the requests in flight are answered
+            assert done.status == 200
+            done.release()
+        await asyncio.wait_for(stopping, 5)
+    finally:
+        release.set()
+        await (stopping or sidecar.stop())
+        for runner in runners:
+            await runner.cleanup()
 
 
 def test_data_parallel_rank() -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from llmepp.sidecar import proxy
 from llmepp.sidecar.cli import options_from_args
@@ -280,3 +281,62 @@ def test_decoder_tls_without_an_explicit_vllm_port() -> None:
     # was: the default decoder (port 8200) stayed plain http under --enable-tls decoder
     assert options_from_args(["--enable-tls", "decoder"])[0].decoder_url == "https://127.0.0.1:8200"
     assert options_from_args([])[0].decoder_url == "http://127.0.0.1:8200"
+
+
+async def test_a_prefiller_that_never_answers_is_one_timeout_not_one_per_retry(http: aiohttp.ClientSession) -> None:
+    connections: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)  # accepts the connection and the request, never answers
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    hung = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    p, d, sidecar = await started(prefill_timeout=0.3, prefill_max_retries=2, prefill_retry_backoff=0.01)
+    try:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        async with http.post(f"{sidecar.url}/v1/completions", json=BODY,
+                             headers={"x-prefiller-host-port": hung}) as resp:  # fmt: skip
+            assert resp.status == 504 and resp.headers["x-pd-failed-stage"] == "prefill"
+            assert "timed out" in (await resp.json())["error"]["message"]
+        # was: the whole timeout again per retry (3 x --prefill-timeout, 15 minutes with the defaults),
+        # each retry queueing the same prefill once more on a pod that is stuck or overloaded
+        assert loop.time() - start < 0.55
+        assert len(connections) == 1 and d.seen == []
+    finally:
+        await stopped(sidecar, p, d)
+        server.close()
+        await server.wait_closed()
+
+
+async def test_several_prefiller_header_lines_are_refused_not_first_wins(http: aiohttp.ClientSession) -> None:
+    # Two lines mean "a, b" (RFC 9110 5.3), refused above as one value. Was: the first line was used,
+    # so a client's value sent ahead of the one a gateway appended chose the prefill pod.
+    p, d, sidecar = await started()
+    elsewhere = await Fake(prefill_ok).start()
+    try:
+        for values in ((elsewhere.hostport, p.hostport), (elsewhere.hostport, ""), ("", elsewhere.hostport)):
+            headers = CIMultiDict(("x-prefiller-host-port", v) for v in values)
+            async with http.post(f"{sidecar.url}/v1/completions", json=BODY, headers=headers) as resp:
+                assert resp.status == 400, values
+                assert "x-prefiller-host-port" in (await resp.json())["error"]["message"]
+        assert p.seen == [] and elsewhere.seen == [] and d.seen == []
+        headers = CIMultiDict([("x-prefiller-host-port", p.hostport), ("x-prefiller-host-port", p.hostport)])
+        async with http.post(f"{sidecar.url}/v1/completions", json=BODY, headers=headers) as resp:
+            assert resp.status == 200  # the same value twice is still one prefill pod
+        assert len(p.seen) == 1 and len(d.seen) == 1
+    finally:
+        await stopped(sidecar, p, d, elsewhere)
+
+
+def test_a_zero_max_body_size_is_refused_at_start(capsys: pytest.CaptureFixture[str]) -> None:
+    # was: accepted; aiohttp reads 0 as "no limit" (request bodies of any size were buffered whole)
+    # while every prefill answer was "more than 0 bytes", so every P/D request was a 502
+    with pytest.raises(SystemExit):
+        options_from_args(["--max-body-size", "0"])
+    assert "max-body-size must be > 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="max-body-size"):
+        SidecarOptions(max_body_bytes=-1)
+    assert options_from_args(["--max-body-size", "1KiB"])[0].max_body_bytes == 1024
