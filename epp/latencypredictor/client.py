@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from llmepp.httpclient import upstream_connector
 from llmepp.observability.logging import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,9 @@ class PredictorClient:
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             # No session-wide timeout: each call bounds itself.
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+            self._session = aiohttp.ClientSession(
+                connector=upstream_connector(), timeout=aiohttp.ClientTimeout(total=None)
+            )
         return self._session
 
     # -- predictions -------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from llmepp.datalayer.endpoint import join_hostport
+from llmepp.httpclient import upstream_connector
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,6 @@ _DECODED_ENCODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 # The longest wait between prefill attempts when doubling (a larger configured base is used as is).
 MAX_RETRY_BACKOFF = 10.0
-# Idle pooled connections are dropped before vLLM's server closes them (uvicorn's keep-alive, 5 s by default, as
-# vLLM): a request sent on a connection the server is closing fails, and a decode is not retried.
-UPSTREAM_KEEPALIVE = 4.0
 
 
 @dataclass
@@ -333,9 +331,7 @@ class Sidecar:
     async def start(self) -> None:
         # No pool limit: every in-flight request holds one upstream connection anyway, and a
         # limit would queue decodes behind slow prefills. Raw bytes: no decompression in between.
-        connector = aiohttp.TCPConnector(
-            limit=0, ttl_dns_cache=60, ssl=self.options.tls_verify, keepalive_timeout=UPSTREAM_KEEPALIVE
-        )
+        connector = upstream_connector(limit=0, ttl_dns_cache=60, ssl=self.options.tls_verify)
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         try:
             for rank, port in enumerate(self.ports):

@@ -18,6 +18,7 @@ from llmepp.datalayer.endpoint import Endpoint
 from llmepp.framework.datakeys import TOKENIZED_PROMPT, TokenizedPrompt
 from llmepp.framework.plugin import PluginParams
 from llmepp.framework.requestcontrol import DataProducer
+from llmepp.httpclient import upstream_connector
 from llmepp.kvevents.keys import tokens_to_bytes
 from llmepp.observability.logging import LogLimiter
 from llmepp.request.types import InferenceRequest, RequestKind
@@ -326,7 +327,7 @@ class VllmTokenProducer(TokenProducer):
             return
         url = self.base_url + path
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self.timeout)
+            self._session = aiohttp.ClientSession(connector=upstream_connector(), timeout=self.timeout)
         timeout = self.mm_timeout if request.multimodal else self.timeout
         try:
             async with self._session.post(url, data=msgspec.json.encode(body), headers=_JSON, timeout=timeout) as resp:

@@ -340,3 +340,29 @@ def test_a_zero_max_body_size_is_refused_at_start(capsys: pytest.CaptureFixture[
     with pytest.raises(ValueError, match="max-body-size"):
         SidecarOptions(max_body_bytes=-1)
     assert options_from_args(["--max-body-size", "1KiB"])[0].max_body_bytes == 1024
+
+
+async def test_an_idle_decoder_connection_is_dropped_before_uvicorn_would_close_it(
+    http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # vLLM's uvicorn closes a keep-alive connection idle for 5 s; one the sidecar reuses as it closes fails the
+    # decode. The pool must expire idle connections first (its keep-alive scaled down here: 0.1 s).
+    from llmepp import httpclient
+
+    monkeypatch.setattr(httpclient, "KEEPALIVE_SECONDS", 0.1)
+    peers: list[Any] = []
+
+    async def decode(request: web.Request, body: dict[str, Any] | None) -> web.StreamResponse:
+        peers.append(request.transport.get_extra_info("peername") if request.transport else None)
+        return web.json_response({"choices": [{"text": "y"}]})
+
+    p, d, sidecar = await started(decode=decode)
+    try:
+        for pause in (0.0, 0.0, 0.4):
+            await asyncio.sleep(pause)
+            async with http.post(f"{sidecar.url}/v1/completions", json={"model": "m", "prompt": "x"}) as resp:
+                assert resp.status == 200
+        assert peers[0] == peers[1]  # reused while fresh
+        assert peers[2] != peers[1]  # a new connection after the idle pause
+    finally:
+        await stopped(sidecar, p, d)
