@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect-timeout", type=duration, default=d.connect_timeout)
     p.add_argument("--prefill-timeout", type=duration, default=d.prefill_timeout, help="one prefill attempt")
     p.add_argument("--decode-idle-timeout", type=duration, default=d.decode_idle_timeout,
-                   help="longest silence from the decoder mid-response")  # fmt: skip
+                   help="longest silence of a decoder answer once started (the wait for it: unbounded)")  # fmt: skip
     p.add_argument("--max-body-size", type=size, default=d.max_body_bytes)
     p.add_argument("--allowed-prefill-networks", default="",
                    help="comma-separated CIDRs x-prefiller-host-port may name (SSRF guard; default any)")  # fmt: skip

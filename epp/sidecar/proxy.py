@@ -38,7 +38,9 @@ error and nothing is proxied (the header never picks an arbitrary host). The oth
 ignore the header and serve their own rank, like the reference's rank clones. The header is a
 routing instruction for the sidecar and never reaches a model server. With N = 1 it is ignored.
 
-The response path does one read and one write per chunk (`iter_any`), nothing per event.
+The response path does one read and one write per chunk (`iter_any`), nothing per event; a streamed
+answer silent for `decode_idle_timeout` is cut, the wait for an answer is not bounded (a non-streamed
+generation is silent until it ends).
 Request bodies are read whole (chunked uploads from Envoy included): the P/D path must parse
 the JSON anyway, and the pass-through path stays simple.
 """
@@ -102,7 +104,7 @@ class SidecarOptions:
     prefill_retry_backoff: float = 0.2  # seconds before the first retry; doubles per retry
     connect_timeout: float = 5.0
     prefill_timeout: float = 300.0  # one prefill attempt, end to end
-    decode_idle_timeout: float = 600.0  # longest silence from the decoder while streaming
+    decode_idle_timeout: float = 600.0  # longest silence from the decoder once its answer has started
     max_body_bytes: int = 64 * 1024 * 1024
     # SSRF guard: networks x-prefiller-host-port may point into; empty = any address.
     allowed_prefill_networks: list[str] = field(default_factory=list)
@@ -298,6 +300,30 @@ def parse_hostport(value: str, header: str = PREFILL_HEADER) -> tuple[str, int]:
     return host, port
 
 
+class _IdleWatch:
+    """Fails the reads of a decoder's answer once it has sent nothing for `idle` seconds (a hung decoder
+    mid-stream). One timer per answer; per chunk the relay only stores the time of the last one."""
+
+    __slots__ = ("_handle", "_idle", "_payload", "last", "loop")
+
+    def __init__(self, payload: aiohttp.StreamReader, idle: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._payload = payload
+        self._idle = idle
+        self.last = self.loop.time()
+        self._handle = self.loop.call_later(idle, self._check)
+
+    def _check(self) -> None:
+        quiet = self.loop.time() - self.last
+        if quiet < self._idle:
+            self._handle = self.loop.call_later(self._idle - quiet, self._check)
+        else:
+            self._payload.set_exception(TimeoutError(f"the decoder sent nothing for {self._idle:g} s"))
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
 class Sidecar:
     """The proxy server. `await start()`, then `url`; `await stop()` releases everything.
 
@@ -314,9 +340,9 @@ class Sidecar:
         self._dp_warned = False
         o = options
         self._prefill_timeout = aiohttp.ClientTimeout(total=o.prefill_timeout, connect=o.connect_timeout)
-        self._decode_timeout = aiohttp.ClientTimeout(
-            total=None, connect=o.connect_timeout, sock_read=o.decode_idle_timeout
-        )
+        # No read timeout: a non-streamed answer is silent until its generation ends, however long that takes.
+        # The silences of a streamed answer are bounded by _IdleWatch.
+        self._decode_timeout = aiohttp.ClientTimeout(total=None, connect=o.connect_timeout)
 
     @property
     def url(self) -> str:
@@ -551,13 +577,18 @@ class Sidecar:
             await response.prepare(request)
             # After prepare the status is out: a decoder failure can only cut the stream, which
             # the client sees as a truncated chunked body (aiohttp closes the connection).
+            watch = _IdleWatch(upstream.content, self.options.decode_idle_timeout)
+            clock = watch.loop.time
             try:
                 async for chunk in upstream.content.iter_any():
+                    watch.last = clock()
                     await response.write(chunk)
             except (aiohttp.ClientError, TimeoutError) as e:
                 log.warning("decoder stream broke after the response started: %s; closing the connection", e)
                 if request.transport is not None:
                     request.transport.abort()
                 return response  # logged above; nothing more to tell the client
+            finally:
+                watch.cancel()
             await response.write_eof()
             return response

@@ -366,3 +366,40 @@ async def test_an_idle_decoder_connection_is_dropped_before_uvicorn_would_close_
         assert peers[2] != peers[1]  # a new connection after the idle pause
     finally:
         await stopped(sidecar, p, d)
+
+
+async def test_a_non_streamed_answer_longer_than_the_idle_timeout_is_not_cut(http: aiohttp.ClientSession) -> None:
+    # A non-streamed generation is silent until it ends (a long reasoning answer runs for many minutes): the
+    # decode idle timeout bounds the silences of a streamed answer, not the wait for the answer.
+    async def slow(request: web.Request, body: dict[str, Any] | None) -> web.StreamResponse:
+        await asyncio.sleep(0.5)
+        return web.json_response({"choices": [{"text": "done"}]})
+
+    p, d, sidecar = await started(decode=slow, decode_idle_timeout=0.2)
+    try:
+        async with http.post(f"{sidecar.url}/v1/completions", json={"model": "m", "prompt": "x"}) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["choices"][0]["text"] == "done"
+    finally:
+        await stopped(sidecar, p, d)
+
+
+async def test_a_streamed_answer_silent_past_the_idle_timeout_is_cut(http: aiohttp.ClientSession) -> None:
+    async def stalls(request: web.Request, body: dict[str, Any] | None) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: {}\n\n")
+        await asyncio.sleep(1.2)  # a hung decoder
+        return response
+
+    p, d, sidecar = await started(decode=stalls, decode_idle_timeout=0.2)
+    try:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        async with http.post(f"{sidecar.url}/v1/completions", json={"model": "m", "prompt": "x", "stream": True}) as r:
+            assert r.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):  # cut, not ended as if complete
+                await r.read()
+        assert loop.time() - t0 < 1
+    finally:
+        await stopped(sidecar, p, d)
