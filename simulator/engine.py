@@ -6,6 +6,14 @@ One asyncio task per pod plays vLLM's scheduler loop, on simulated time (``llmep
   the KV pool can hold its whole sequence (the longest cached prefix is reused; the rest is allocated,
   evicting LRU cached-free blocks). A request that does not fit stops admission (head-of-line, as vLLM);
   a request whose LoRA adapter cannot get a slot is skipped and keeps its place.
+* **Arrival**: a request arrives when its HTTP/gRPC request does (``submit(arrival=...)``), before the
+  simulator's own host work (body parsing, tokenisation, the engine loop's wake-up), which takes wall time
+  and so, at time scale S, S times as much simulated time. The prefill is scheduled from the arrival, as a
+  real engine's would be: on first admission, the simulated time since the arrival is credited against
+  ``time_to_first_token + prefill_overhead`` (the overhead stands for that work), but never from before the
+  engine last lacked or freed capacity (a finish, abort or preemption, or a pass that left requests
+  waiting), so a request is never admitted earlier than it could have been. Host time beyond the overhead
+  makes the request late; it is never credited against GPU work.
 * **Prefill**: ``time_to_first_token + prefill_overhead`` (+ LoRA load wait) is a fixed delay, then
   ``uncached_tokens x prefill_time_per_token`` of GPU work. Requests prefilling at the same time share
   the GPU's prefill throughput equally (processor sharing): two concurrent prefills each progress at half
@@ -81,8 +89,8 @@ class SimRequest:
     fixed_left: float = 0.0
     work_left: float = 0.0
     transferred: bool = False  # remote-prefill KV already pulled (not again after a preemption)
-    arrival_time: float = 0.0
-    admitted_time: float | None = None
+    arrival_time: float = 0.0  # simulated; when the request reached the server (set by Engine.submit)
+    admitted_time: float | None = None  # when its prefill was scheduled from (first admission)
     first_token_time: float | None = None
     last_token_time: float | None = None
     finish_time: float | None = None
@@ -157,6 +165,8 @@ class Engine:
         self._root_hash = blockhash.root_hash(config.hash_seed)
         self._next_decode_at: float | None = None
         self._last_advance = clock.now()
+        # Simulated time before which no admission may be backdated: capacity last changed or was lacking.
+        self._admission_floor = clock.now()
         self._wake_future: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -187,9 +197,12 @@ class Engine:
                 f"but the KV cache holds {self.pool.num_blocks} blocks of {self.config.block_size} tokens"
             )
 
-    def submit(self, request: SimRequest) -> None:
+    def submit(self, request: SimRequest, arrival: float | None = None) -> None:
+        """Queue ``request``. ``arrival`` (simulated, ``clock.now()`` when the request reached the server,
+        before its host work) defaults to now; the prefill is scheduled from it (see the module docstring)."""
         self.check_fits(len(request.prompt_ids), request.max_tokens)
-        request.arrival_time = self.clock.now()
+        now = self.clock.now()
+        request.arrival_time = now if arrival is None else min(arrival, now)
         request.phase = Phase.WAITING
         self.waiting.append(request)
         self._kick()
@@ -344,6 +357,9 @@ class Engine:
             if request.lora:
                 running_loras.add(request.lora.name)
             self._start_prefill(request, now, running_loras)
+        if self.waiting:
+            # Requests were refused at `now`: a request reaching the engine later was not admissible before.
+            self._admission_floor = max(self._admission_floor, now)
 
     def _allocate(self, request: SimRequest) -> bool:
         bs = self.config.block_size
@@ -369,8 +385,8 @@ class Engine:
 
     def _start_prefill(self, request: SimRequest, now: float, running_loras: set[str]) -> None:
         cfg = self.config
-        if request.admitted_time is None:
-            request.admitted_time = now
+        first_admission = request.admitted_time is None
+        credit = 0.0
         uncached = request.num_tokens - request.stored_blocks * cfg.block_size
         if request.kind is RequestKind.REMOTE_PREFILL and not request.transferred:
             # The KV is pulled from the prefill pod (only the blocks not already cached here).
@@ -378,8 +394,15 @@ class Engine:
             request.work_left = 0.0
             request.transferred = True
         else:
-            request.fixed_left = (cfg.time_to_first_token + cfg.prefill_overhead) * MS
+            overhead = (cfg.time_to_first_token + cfg.prefill_overhead) * MS
+            if first_admission:
+                # Host time since the arrival (parsing, tokenising, waking this loop) ran inside the overhead.
+                since = now - max(request.arrival_time, self._admission_floor)
+                credit = min(overhead, max(0.0, since))
+            request.fixed_left = overhead - credit
             request.work_left = uncached * cfg.prefill_time_per_token * MS
+        if first_admission:
+            request.admitted_time = now - credit
         if request.lora:
             request.fixed_left += self.lora.acquire(
                 request.lora.name, running_loras, cfg.max_loras, now, cfg.lora_load_latency * MS
@@ -466,6 +489,7 @@ class Engine:
         request.stored_blocks = full
 
     def _preempt(self, request: SimRequest) -> None:
+        self._admission_floor = max(self._admission_floor, self._last_advance)  # blocks freed (in a pass)
         self.running.remove(request)
         self.pool.free(request.block_ids)
         request.block_ids = []
@@ -476,6 +500,7 @@ class Engine:
         self._kick()
 
     def _finish(self, request: SimRequest, reason: str, now: float, release: bool) -> None:
+        self._admission_floor = max(self._admission_floor, now)  # a seat (and maybe blocks) freed
         if release:
             if request.kind is RequestKind.PREFILL_ONLY:
                 request.remote_block_ids = list(request.block_ids)

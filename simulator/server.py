@@ -190,10 +190,20 @@ def check_admission(pod: SimPod, force_error: str | None) -> None:
 
 
 async def submit(
-    pod: SimPod, body: dict[str, Any], chat: bool, api: Api = "openai", request_id: str | None = None
+    pod: SimPod,
+    body: dict[str, Any],
+    chat: bool,
+    api: Api = "openai",
+    request_id: str | None = None,
+    arrival: float | None = None,
 ) -> Submission:
     """Validate a decoded request body of ``api``, tokenise its prompt and hand it to the pod's engine (the
-    code path every face shares: HTTP routes and the gRPC face). Raises ``ApiError``."""
+    code path every face shares: HTTP routes and the gRPC face). Raises ``ApiError``.
+
+    ``arrival`` is the simulated time the request reached the pod (default: now, before validation and
+    tokenisation); the engine schedules the prefill from it, so this host work is not added to the TTFT."""
+    if arrival is None:
+        arrival = pod.clock.now()
     if api == "anthropic":
         body = anthropic.to_chat_body(body)
     elif api == "vllm-generate":
@@ -218,7 +228,7 @@ async def submit(
         lora=adapter,
     )
     try:
-        engine.submit(sim_request)
+        engine.submit(sim_request, arrival)
     except RequestTooLarge as exc:
         raise bad_request(str(exc), param="max_tokens") from exc
     return Submission(pod, engine, parsed, model, sim_request)
@@ -226,9 +236,10 @@ async def submit(
 
 async def _inference(request: web.Request, chat: bool, api: Api = "openai") -> web.StreamResponse:
     pod = request.app[POD_KEY]
+    arrival = pod.clock.now()  # before the body is read and parsed: that host work is part of the overhead
     check_admission(pod, request.headers.get(FORCE_ERROR_HEADER))
     body = decode_json_body(await request.read())
-    sub = await submit(pod, body, chat, api, request.headers.get("X-Request-Id"))
+    sub = await submit(pod, body, chat, api, request.headers.get("X-Request-Id"), arrival)
     sim_request, parsed, model = sub.sim_request, sub.parsed, sub.model
     try:
         if api == "anthropic":
