@@ -70,7 +70,7 @@ class LogLimiter:
         self.interval = interval
         self._last: dict[str, tuple[float, int]] = {}
 
-    def warning(self, key: str, msg: str, *args: object) -> None:
+    def warning(self, key: str, msg: str, *args: object, extra: dict[str, object] | None = None) -> None:
         now = time.monotonic()
         if len(self._last) >= _MAX_LIMITER_KEYS and key not in self._last:
             # Keys name pods that come and go, and topics an unknown publisher chooses: keep a bounded
@@ -84,7 +84,7 @@ class LogLimiter:
         if held:
             msg += " (%d similar messages suppressed)"
             args = (*args, held)
-        self.logger.warning(msg, *args)
+        self.logger.warning(msg, *args, extra=extra)
 
 
 def _text(value: object) -> str:

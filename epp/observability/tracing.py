@@ -12,8 +12,10 @@ request's own `traceparent`, so its spans join the same trace. Attributes: `gen_
 Configured the standard way, by environment:
     OTEL_TRACES_EXPORTER       otlp (gRPC, OTEL_EXPORTER_OTLP_* apply) | console | none (default: none,
                                so nothing is traced; the reference prints to the console)
-    OTEL_TRACES_SAMPLER(_ARG)  default parentbased_traceidratio 0.1, as the reference
+    OTEL_TRACES_SAMPLER(_ARG)  default parentbased_traceidratio 0.1, as the reference (which takes
+                               OTEL_TRACES_SAMPLER_ARG alone as that default's ratio)
     OTEL_SERVICE_NAME          default llm-d-epp
+    OTEL_SDK_DISABLED          true: nothing is traced (as the spec says)
 Spans are exported from a background thread (BatchSpanProcessor); an unsampled request costs a
 non-recording span and the traceparent it passes on.
 """
@@ -47,6 +49,14 @@ DEFAULT_SAMPLE_RATIO = 0.1
 # How long the exit waits for batched spans to go out. The SDK's own bound is 30 s, which an exporter whose
 # collector is down spends retrying: after the drain, that would outlast Kubernetes' grace period.
 SHUTDOWN_TIMEOUT = 5.0
+# Attribute values from client input (model names, request and fairness ids) are cut to this many characters:
+# a span waits in the export queue (up to 2048 of them) and goes to the collector.
+MAX_ATTRIBUTE_LENGTH = 256
+
+# The W3C propagator warns, quoting it, about each tracestate it cannot parse and each traceparent too long:
+# client input, a line per request. It ignores them, as the spec says; so does the log.
+for _name in ("opentelemetry.trace.span", "opentelemetry.trace.propagation.tracecontext"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 
 def _exporter(name: str) -> SpanExporter | None:
@@ -68,7 +78,7 @@ def _exporter(name: str) -> SpanExporter | None:
 
 def configure(enabled: bool, env: Mapping[str, str] = os.environ) -> RequestTracing | None:
     """The request tracer the environment asks for; None when tracing is off or exports nowhere."""
-    if not enabled:
+    if not enabled or env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":  # the spec's off switch
         return None
     name = env.get("OTEL_TRACES_EXPORTER", "none").strip().lower()
     exporter = _exporter(name)
@@ -77,12 +87,31 @@ def configure(enabled: bool, env: Mapping[str, str] = os.environ) -> RequestTrac
             log.warning("OTEL_TRACES_EXPORTER=%s is not supported (otlp, console, none): tracing is off", name)
         return None
     # The SDK reads OTEL_TRACES_SAMPLER itself; without it, the reference's default.
-    sampler = None if env.get("OTEL_TRACES_SAMPLER") else ParentBased(TraceIdRatioBased(DEFAULT_SAMPLE_RATIO))
+    sampler = None if env.get("OTEL_TRACES_SAMPLER") else ParentBased(TraceIdRatioBased(_default_ratio(env)))
     resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME", SERVICE_NAME)})
     provider = TracerProvider(resource=resource, sampler=sampler)
     provider.add_span_processor(BatchSpanProcessor(exporter))
     log.info("tracing: exporting spans with %s", name)
     return RequestTracing(provider.get_tracer("llmepp"), provider)
+
+
+def _default_ratio(env: Mapping[str, str]) -> float:
+    """The default sampler's ratio: OTEL_TRACES_SAMPLER_ARG as the reference reads it, else 0.1."""
+    arg = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    if not arg:
+        return DEFAULT_SAMPLE_RATIO
+    try:
+        ratio = float(arg)
+    except ValueError:
+        ratio = -1.0
+    if not 0.0 <= ratio <= 1.0:  # NaN included
+        log.warning("OTEL_TRACES_SAMPLER_ARG=%s is not a ratio in [0, 1]: sampling %s", arg, DEFAULT_SAMPLE_RATIO)
+        return DEFAULT_SAMPLE_RATIO
+    return ratio
+
+
+def _bounded(value: str) -> str:
+    return value[:MAX_ATTRIBUTE_LENGTH]  # the same string when it is short enough
 
 
 def _take(request: InferenceRequest) -> Span | None:
@@ -111,12 +140,14 @@ class RequestTracing:
         span = self.tracer.start_span("gateway.request", context=parent, kind=SpanKind.SERVER, start_time=start)
         request.span = span
         if span.is_recording():
-            span.set_attribute("gen_ai.request.id", request.request_id)
+            span.set_attribute("gen_ai.request.id", _bounded(request.request_id))
             if request.model:
-                span.set_attribute("gen_ai.request.model", request.model)
+                span.set_attribute("gen_ai.request.model", _bounded(request.model))
         # The model server continues this trace (the sampling decision travels in the flags); written
         # directly: the propagator's inject costs more than the rest of an unsampled request's tracing.
         sc = span.get_span_context()
+        if not sc.is_valid:  # a no-op tracer's span: the client's traceparent, if any, goes on as it came
+            return
         headers = request.upstream_headers
         headers["traceparent"] = f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
         if sc.trace_state:
@@ -130,14 +161,14 @@ class RequestTracing:
         context: Context = set_span_in_context(span)
         child = self.tracer.start_span(name, context=context, start_time=_epoch_ns(started))
         for key, value in attributes.items():
-            child.set_attribute(key, value)
+            child.set_attribute(key, _bounded(value) if isinstance(value, str) else value)
         child.end()
 
     def routed(self, request: InferenceRequest, destination: str) -> None:
         span: Span | None = request.span
         if span is not None and span.is_recording():
             if request.target_model:
-                span.set_attribute("llm_d.epp.target_model", request.target_model)
+                span.set_attribute("llm_d.epp.target_model", _bounded(request.target_model))
             span.set_attribute("llm_d.epp.destination", destination)
 
     def end(self, request: InferenceRequest, response: ResponseInfo) -> None:
@@ -167,7 +198,7 @@ class RequestTracing:
                 span.set_attribute("error.type", error.reason or error.code)
             else:
                 span.set_attribute("error.type", type(error).__name__)
-            span.set_status(Status(StatusCode.ERROR, str(error)))
+            span.set_status(Status(StatusCode.ERROR, _bounded(str(error))))
         span.end()
 
     def shutdown(self) -> None:

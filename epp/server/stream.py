@@ -44,6 +44,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from llmepp.errors import DROPPED_REASON_HEADER, BadRequest, Evicted, PayloadTooLarge, RequestError
 from llmepp.framework.requestcontrol import DirectResponse
+from llmepp.observability.logging import LogLimiter
 from llmepp.observability.metrics import MAX_FAIRNESS_LABELS, OVERFLOW_LABEL, BoundedLabels, EppMetrics
 from llmepp.request import grpcwire, parsers
 from llmepp.request.rewrite import ModelNameRewriter
@@ -225,6 +226,8 @@ class StreamContext:
         self._request_processing = metrics.request_processing
         self._response_processing = metrics.response_processing
         self._protocol_errors = metrics.extproc_protocol_errors
+        # An outage (no endpoints, shutting down) refuses every request: a line per kind of refusal per 10 s.
+        self._reject_log = LogLimiter(log, interval=10.0)
 
     def labeled(
         self, model: str, target: str, fairness_id: str = parsers.DEFAULT_FAIRNESS_ID, priority: int = 0
@@ -659,11 +662,9 @@ class ExtProcStream:
                 lab = svc.labeled("", "")
         svc.metrics.request_error_total.labels(*lab.labels, err.code).inc()
         if err.status >= 500:
-            log.warning(
-                "request rejected: %s %s",
-                err.status,
-                err.message,
-                extra={"request_id": self.request_id},
+            key = f"{err.status} {err.reason or err.code}"
+            svc._reject_log.warning(
+                key, "request rejected: %s %s", err.status, err.message, extra={"request_id": self.request_id}
             )
         elif log.isEnabledFor(logging.DEBUG):
             # 4xx are the client's or the pool's state, not ours: no log line per request.

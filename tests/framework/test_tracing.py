@@ -160,3 +160,84 @@ def test_the_reference_flags_around_tracing_and_grpc_are_accepted() -> None:
     assert (s.grpc_max_recv_msg_size, s.grpc_max_send_msg_size) == (10 << 20, 20 << 20)
     defaults = settings_from_args([])
     assert defaults.tracing and not defaults.grpc_stream_metrics and defaults.grpc_max_recv_msg_size is None
+
+
+def test_the_sampling_ratio_alone_sets_the_default_samplers_ratio(caplog: pytest.LogCaptureFixture) -> None:
+    """As the reference: OTEL_TRACES_SAMPLER_ARG without OTEL_TRACES_SAMPLER is the ratio of the default
+    parentbased_traceidratio (e.g. 1.0 to trace every request); an unusable one leaves the default 0.1."""
+
+    def ratio(env: dict[str, str]) -> str:
+        t = configure(True, {"OTEL_TRACES_EXPORTER": "console", **env})
+        assert t is not None and t.provider is not None
+        try:
+            return t.provider.sampler.get_description()
+        finally:
+            t.shutdown()
+
+    assert ratio({}).startswith("ParentBased{root:TraceIdRatioBased{0.1}")
+    assert ratio({"OTEL_TRACES_SAMPLER_ARG": "1.0"}).startswith("ParentBased{root:TraceIdRatioBased{1.0}")
+    assert ratio({"OTEL_TRACES_SAMPLER_ARG": "0.25"}).startswith("ParentBased{root:TraceIdRatioBased{0.25}")
+    with caplog.at_level(logging.WARNING):
+        for bad in ("ten percent", "5", "-1", "nan"):
+            assert ratio({"OTEL_TRACES_SAMPLER_ARG": bad}).startswith("ParentBased{root:TraceIdRatioBased{0.1}")
+    assert "OTEL_TRACES_SAMPLER_ARG=ten percent" in caplog.text
+
+
+async def test_client_supplied_strings_are_bounded_in_spans() -> None:
+    """A 1 MB model name (or request id, or fairness id) must not ride in every span: spans wait in the
+    export queue (2048 of them) and go to the collector."""
+    d, exporter = traced(FLOW_CONTROL)
+    huge = "m" * (1 << 20)
+    req = request(model=huge)
+    req.request_id = "r" * (1 << 20)
+    req.fairness_id = "f" * (1 << 20)
+    decision = await d.handle_request(req, None)
+    assert isinstance(decision, RoutingDecision)
+    d.response_complete(req, ResponseInfo(status=200), decision)
+    spans = exporter.get_finished_spans()
+    assert {s.name for s in spans} == {"gateway.request", "llm_d.epp.admission", "llm_d.epp.scheduling"}
+    for span in spans:
+        for key, value in (span.attributes or {}).items():
+            assert not isinstance(value, str) or len(value) <= 1024, key
+    root = next(s for s in spans if s.name == "gateway.request")
+    assert root.attributes is not None and str(root.attributes["gen_ai.request.model"]).startswith("mmm")
+
+
+async def test_malformed_trace_headers_from_clients_log_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    """The W3C propagator warns about every tracestate it cannot parse (quoting it) and every traceparent too
+    long: client input, one line per request. The spec says to ignore them, and so does the EPP."""
+    d, exporter = traced()
+    bad = [
+        {"traceparent": f"00-{TRACE_ID}-{CLIENT_SPAN}-01", "tracestate": "@@@not valid," + "x" * 200},
+        {"traceparent": f"00-{TRACE_ID}-{CLIENT_SPAN}-01", "tracestate": ",".join(f"k{i}=v" for i in range(40))},
+        {"traceparent": f"00-{TRACE_ID}-{CLIENT_SPAN}-01", "tracestate": "a=1,a=2"},
+        {"traceparent": "00-" + "a" * 600},
+        {"traceparent": "garbage", "tracestate": "a=1"},
+    ]
+    with caplog.at_level(logging.INFO):
+        for headers in bad:
+            req = request()
+            req.headers.update(headers)
+            decision = await d.handle_request(req, None)
+            assert isinstance(decision, RoutingDecision)
+            d.response_complete(req, ResponseInfo(status=200), decision)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    spans = [s for s in exporter.get_finished_spans() if s.name == "gateway.request"]
+    assert len(spans) == len(bad)
+    # A valid traceparent still parents the span, whatever its tracestate.
+    assert sum(1 for s in spans if s.parent is not None and format(s.parent.span_id, "016x") == CLIENT_SPAN) == 3
+
+
+def test_otel_sdk_disabled_turns_tracing_off_and_no_invalid_traceparent_goes_upstream() -> None:
+    """OTEL_SDK_DISABLED=true (the spec's switch) makes the SDK's tracers no-ops: the EPP then traces
+    nothing, and above all does not send the model server the all-zero traceparent of a no-op span,
+    which would replace the client's."""
+    from opentelemetry.trace import NoOpTracer
+
+    assert configure(True, {"OTEL_TRACES_EXPORTER": "console", "OTEL_SDK_DISABLED": "true"}) is None
+    assert configure(True, {"OTEL_TRACES_EXPORTER": "console", "OTEL_SDK_DISABLED": " TRUE "}) is None
+    t = RequestTracing(NoOpTracer())
+    req = request()
+    t.start(req)
+    assert "traceparent" not in req.upstream_headers
+    t.end(req, ResponseInfo(status=200))

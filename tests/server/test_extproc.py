@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 
@@ -245,6 +246,22 @@ async def test_empty_subset_is_503_no_endpoints() -> None:
         hdrs = {o.header.key: o.header.raw_value for o in resp.headers.set_headers}
         assert hdrs["x-llm-d-request-dropped-reason"] == b"rejected-no-endpoints"
         await s.recv_eof()
+
+
+async def test_an_outage_refusing_every_request_logs_a_line_not_one_per_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No endpoints (the pool scaled to zero, every pod restarting): each request is a 503, counted in
+    request_error_total; the log says so once per kind of refusal per interval, not at the request rate."""
+    with caplog.at_level(logging.WARNING, logger="llmepp.server.stream"):
+        async with serve() as h:
+            for _ in range(20):
+                s = h.open()
+                await s.send(request_headers(subset=[]), request_body(BODY, eos=True))
+                assert (await s.recv()).immediate_response.status.code == 503
+                await s.recv_eof()
+    rejected = [r.getMessage() for r in caplog.records if "request rejected" in r.getMessage()]
+    assert rejected == ["request rejected: 503 no ready endpoints in the pool"]
 
 
 async def test_bodyless_request_is_answered_at_once() -> None:
