@@ -57,13 +57,14 @@ from llmepp.datalayer.multicluster import (
     POOL_QUEUE_SIZE,
     POOL_RUNNING_REQUESTS,
     AvailabilityLog,
+    is_unavailable,
     pool_averages,
 )
 from llmepp.datalayer.promtext import PromTextError
 from llmepp.datalayer.streak import FailureStreak
 from llmepp.observability.metrics import EppMetrics, sample_std_dev
 
-# A hub's spreads: over its clusters' published averages.
+# A hub's spreads: over its available clusters' published averages.
 _HUB_KEYS = (POOL_KV_CACHE_UTILIZATION, POOL_QUEUE_SIZE, POOL_RUNNING_REQUESTS)
 log = logging.getLogger(__name__)
 
@@ -322,7 +323,8 @@ class MetricsCollector:
         endpoints = self.datastore.endpoints
         if self.clusters:  # a hub: its clusters' gauges, weighted by their ready endpoints
             ready, kv, queue, running = pool_averages(endpoints)
-            known = [ep.metrics.attributes for ep in endpoints]
+            # As the averages: an empty cluster's published 0s are no load (pool_averages skips them too).
+            known = [ep.metrics.attributes for ep in endpoints if not is_unavailable(ep)]
             spreads = [[v for a in known if (v := a.get(key)) is not None] for key in _HUB_KEYS]
         else:
             live = self.ready_endpoints(endpoints, time.monotonic())

@@ -50,7 +50,11 @@ class ProbabilisticAdmitter(Admitter):
         return sum(loads) / len(loads) if loads else 0.0
 
     def reject_probability(self, endpoints: Sequence[Endpoint]) -> float:
-        return min(self.saturation(endpoints) ** self.params.power * self.params.k, 1.0)
+        p = self.params
+        try:
+            return min(self.saturation(endpoints) ** p.power * p.k, 1.0)
+        except OverflowError:  # sat^power past the float range: +Inf, as the reference's math.Pow
+            return 1.0 if p.k > 0 else 0.0
 
     def admit(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None:
         if request.priority >= 0:

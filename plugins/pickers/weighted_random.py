@@ -21,8 +21,8 @@ class WeightedRandomPicker(Picker):
         targets = the `maxNumOfEndpoints` (1) endpoints with the largest keys, largest first
 
     so the first target is endpoint e with probability score(e) / Σ score. Endpoints scoring
-    ≤ 0 get key 0 (they come last, only if more targets are asked for than there are positive
-    scores). When every score is ≤ 0 it picks uniformly at random (as random-picker).
+    ≤ 0 get key 0 (they come last, in random order, only if more targets are asked for than there
+    are positive scores). When every score is ≤ 0 it picks uniformly at random (as random-picker).
 
     Why: max-score-picker sends every similar request to the same top endpoint (hot-spotting);
     sampling by score spreads them in proportion to how good each endpoint is — the picker the
@@ -56,7 +56,10 @@ class WeightedRandomPicker(Picker):
             if i == n:  # random()·total rounded up to total (tiny totals): the last positive score
                 i = bisect_left(cumulative, total)
             return [endpoints[i]]
-        rnd, log, inf = self._rng.random, _LOG, -math.inf
-        keys = [log(rnd() or 1e-10) / s if s > 0.0 else inf for s in scores]
-        order = sorted(range(n), key=keys.__getitem__, reverse=True)
-        return [endpoints[i] for i in order[:k]]
+        rnd, log = self._rng.random, _LOG
+        keys = {i: log(rnd() or 1e-10) / s for i, s in enumerate(scores) if s > 0.0}
+        order = sorted(keys, key=keys.__getitem__, reverse=True)[:k]
+        if len(order) < k:  # then the scores ≤ 0 (all key 0), in random order: not candidate order
+            rest = [i for i, s in enumerate(scores) if not s > 0.0]
+            order += self._rng.sample(rest, min(k - len(order), len(rest)))
+        return [endpoints[i] for i in order]

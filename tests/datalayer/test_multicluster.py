@@ -475,3 +475,41 @@ async def test_a_hub_publishes_its_clusters_averages_and_chains_and_its_detector
     await wait_until(lambda: not is_unavailable(clusters[2]))
     assert detector.saturation(clusters, time.monotonic()) == pytest.approx((0.8 + 0.25 + 0.0) / 3)
     assert hub.gauges() == pytest.approx((6, (1.8 + 0.2) / 6, 2.0, 1.0))
+
+
+def test_a_hubs_spreads_leave_out_empty_clusters_as_its_averages_do() -> None:
+    # An empty cluster's EPP publishes 0 averages (its pool has no pod): like its ready count of 0 they say
+    # nothing about load, so the hub's std-dev gauges must skip it as its average gauges do.
+    text = """
+plugins:
+- {type: multicluster-file-discovery, parameters: {path: /x}}
+- {type: multicluster-metrics-data-source, parameters: {scheme: http}}
+- {type: multicluster-metrics-extractor}
+dataLayer:
+  discovery: {pluginRef: multicluster-file-discovery}
+  sources:
+  - pluginRef: multicluster-metrics-data-source
+    extractors: [{pluginRef: multicluster-metrics-extractor}]
+"""
+    ds, metrics = Datastore("hub"), EppMetrics()
+    [wired] = build(load_config(text), datastore=ds, metrics=metrics).data_sources
+    collector = MetricsCollector(ds, metrics, 0.05, wired.source, wired.extractors[0])  # type: ignore[arg-type]
+    loads = {
+        "big": dict(queue=4.0, kv=0.6, ready=3, running=2.0),
+        "small": dict(queue=0.0, kv=0.2, ready=1, running=0.0),
+        "empty": dict(queue=0.0, kv=0.0, ready=0, running=0.0),
+    }
+    for name, attributes in loads.items():
+        ds.upsert(EndpointSpec(name=name, address="10.9.9.9", port=80 + len(name)))
+        ep = ds.get(name)
+        assert ep is not None
+        ep.metrics = scraped_cluster(name, **attributes).metrics
+    collector.update_pool_gauges()
+
+    def gauge(name: str) -> float | None:
+        return metrics.registry.get_sample_value(f"llm_d_epp_{name}", {"name": "hub"})
+
+    assert gauge("average_kv_cache_utilization") == pytest.approx(0.5)
+    assert gauge("std_dev_kv_cache_utilization") == pytest.approx(0.28)  # of 0.6 and 0.2, not of 0.6, 0.2, 0
+    assert gauge("std_dev_queue_size") == pytest.approx(2.83)
+    assert gauge("std_dev_running_requests") == pytest.approx(1.41)

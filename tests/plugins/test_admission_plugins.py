@@ -36,6 +36,16 @@ def test_saturation_and_probability_follow_the_formula() -> None:
     assert admitter(k=1, power=1).reject_probability([endpoint(0, queue=1)]) == pytest.approx(0.2)
 
 
+def test_a_steep_curve_on_a_deep_queue_sheds_instead_of_overflowing() -> None:
+    # sat 12 with power 300: sat^power is past the float range (the reference's math.Pow gives +Inf,
+    # so P = 1); it must shed the request, not fail it with a 500.
+    deep = [endpoint(0, queue=60)]
+    assert admitter(power=300).reject_probability(deep) == 1.0
+    assert admitter(power=300, k=0).reject_probability(deep) == 0.0  # k = 0: never sheds
+    with pytest.raises(Saturated):
+        admitter(power=300).admit(request(priority=-1), deep)
+
+
 def test_only_sheddable_requests_are_shed_at_the_formula_rate() -> None:
     a = admitter()
     pods = [endpoint(0, queue=1)]  # sat 0.2: P = 0.096

@@ -65,6 +65,19 @@ def test_weighted_random_several_targets_distinct_positive_first() -> None:
     assert len(picker.pick(eps[:2], [0.3, 0.4])) == 2
 
 
+def test_weighted_random_fallbacks_among_zero_scores_are_random_not_candidate_order() -> None:
+    # One positive score, two targets: the fallback is one of the zero-scored endpoints, drawn at random
+    # (as every score ≤ 0 is); in candidate order every request (and every replica) would fall back to
+    # the same pod.
+    picker = make("weighted-random-picker", {"maxNumOfEndpoints": 2})
+    eps = [endpoint(i) for i in range(4)]
+    picks = [picker.pick(eps, [0.0, 0.0, 0.7, 0.0]) for _ in range(300)]
+    assert {p[0].name for p in picks} == {"pod-2"}
+    fallbacks = Counter(p[1].name for p in picks)
+    assert set(fallbacks) == {"pod-0", "pod-1", "pod-3"}
+    assert min(fallbacks.values()) > 50
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=20), st.integers(1, 5))
 def test_weighted_random_property(scores: list[float], k: int) -> None:
