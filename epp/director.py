@@ -200,11 +200,13 @@ class Director:
             candidates = self._screened(pipeline, request, subset)
             timers = self._timers if self._timers.request_sampled() else None  # one request in 16
             start = 0.0
+            waited = False
             for producer, is_async in self._producers:
                 if timers is not None:
                     start = time.perf_counter()
                 if is_async:
                     await self._run_async_producer(producer, request, candidates)
+                    waited = True
                 else:
                     try:
                         producer.produce(request, candidates)
@@ -216,6 +218,8 @@ class Director:
                         )
                 if timers is not None:
                     timers.observe("DataProducer", producer, time.perf_counter() - start)
+            if waited:
+                candidates = _still_in_pool(candidates)
             for admitter in pipeline.admitters:
                 if timers is not None:
                     start = time.perf_counter()
@@ -472,3 +476,14 @@ def _join(targets: Sequence[Endpoint]) -> str:
     if len(targets) == 1:
         return targets[0].hostport
     return ",".join(ep.hostport for ep in targets)
+
+
+def _still_in_pool(candidates: Sequence[Endpoint]) -> Sequence[Endpoint]:
+    """The candidates not removed while the async producers waited (a pod deleted meanwhile); NoEndpoints when
+    none is left."""
+    if not any(ep.removed for ep in candidates):
+        return candidates
+    live = tuple(ep for ep in candidates if not ep.removed)
+    if not live:
+        raise NoEndpoints()
+    return live

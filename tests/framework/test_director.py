@@ -303,3 +303,39 @@ async def test_a_slow_async_producer_is_skipped_and_logged_once_not_per_request(
             assert (await d.handle_request(request(b"x" * 400), None)).targets
     lines = [r for r in caplog.records if "data producer slow-tokenizer timed out" in r.getMessage()]
     assert len(lines) == 1
+
+
+async def test_an_endpoint_removed_while_an_async_producer_waits_is_not_picked() -> None:
+    """Candidates are taken before the async producers run (a tokenizer sidecar: up to its timeout); a pod
+    deleted meanwhile must not be routed to."""
+    import asyncio
+
+    d, ds = director_for(2)
+    gone, kept = ds.endpoints
+
+    class Producer:  # an async producer that changes the pool while it runs
+        name = type = "tokenizer"
+        produce_timeout = 1.0
+
+        def __init__(self, produce: object) -> None:
+            self.produce = produce
+
+    def producing(step: object) -> None:
+        d._producers = [(Producer(step), True)]  # type: ignore[list-item]
+
+    async def delete_one(*_: object) -> None:
+        ds.delete(gone.spec.name)
+        await asyncio.sleep(0)
+
+    producing(delete_one)
+    for _ in range(20):
+        ds.upsert(gone.spec)
+        assert (await d.handle_request(request(b"x" * 400), None)).targets == [kept]
+
+    async def delete_all(*_: object) -> None:
+        for ep in ds.endpoints:
+            ds.delete(ep.spec.name)
+
+    producing(delete_all)
+    with pytest.raises(NoEndpoints):
+        await d.handle_request(request(b"x" * 400), None)
