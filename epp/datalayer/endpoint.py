@@ -104,6 +104,8 @@ class ModelData:
     owned_by: str = ""
     # The base model of a LoRA adapter; None for a base model.
     parent: str | None = None
+    root: str | None = None  # vLLM: the model's path or hub name
+    max_model_len: int | None = None  # vLLM: the context length it serves
 
 
 @dataclass(slots=True)

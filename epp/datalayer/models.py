@@ -11,7 +11,7 @@ candidates restricted to the pods serving the requested model or adapter).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -26,12 +26,15 @@ class ModelsPageError(PageError):
 
 
 class _Entry(msgspec.Struct):
-    # vLLM adds root, max_model_len, permission: ignored.
+    # vLLM also sends permission: ignored. root and max_model_len are kept when well-formed; another server's
+    # odd values there must not cost the pod its whole list.
     id: str
     object: str = "model"
     created: int = 0
     owned_by: str = ""
     parent: str | None = None
+    root: Any = None
+    max_model_len: Any = None
 
 
 class _Page(msgspec.Struct):
@@ -52,7 +55,12 @@ def parse_models_page(body: bytes) -> tuple[ModelData, ...]:
     for i, entry in enumerate(page.data):
         if not entry.id:
             raise ModelsPageError(f"not a model list: empty id at `$.data[{i}].id`")
-        models.append(ModelData(entry.id, entry.object, entry.created, entry.owned_by, entry.parent or None))
+        root = entry.root if isinstance(entry.root, str) and entry.root else None
+        length = entry.max_model_len
+        length = length if type(length) is int and length > 0 else None
+        models.append(
+            ModelData(entry.id, entry.object, entry.created, entry.owned_by, entry.parent or None, root, length)
+        )
     return tuple(models)
 
 

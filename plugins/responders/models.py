@@ -18,10 +18,15 @@ MODELS_PATH = "/v1/models"
 
 
 class _Model(msgspec.Struct, omit_defaults=True):
+    # id, object, created and owned_by are always written (OpenAI's Model; typed clients require them); vLLM's
+    # root, parent and max_model_len when the pod gave them.
     id: str
-    object: str  # always written: OpenAI clients read it
-    created: int = 0
-    owned_by: str = ""
+    object: str
+    created: int
+    owned_by: str
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
 
 
 class _ModelList(msgspec.Struct):
@@ -36,9 +41,10 @@ class ModelsResponder(Responder, Screener):
     """A model server knows only its own models; the EPP knows every pod's (models-data-source).
 
     respond: `GET /v1/models` (a trailing slash and the query are ignored) is answered by the EPP:
-        200 {"object": "list", "data": [{id, object, created, owned_by}]}, the union of every pod's
-        list, one entry per id (the pod first by namespace/name gives it), sorted by id. While no
-        pod's list has been fetched: 503, so a client retries instead of caching an empty list.
+        200 {"object": "list", "data": [{id, object, created, owned_by, root?, parent?, max_model_len?}]}, the
+        union of every pod's list, one entry per id (the pod first by namespace/name gives it), sorted
+        by id. While no pod's list has been fetched: 503, so a client retries instead of caching an
+        empty list.
         `GET /v1/models/{id}`: that entry, or 404 when no pod lists it.
     screen: the candidates for a request of model m (after rewrite):
         m is an adapter (listed with a parent) on some pods → those pods only
@@ -87,7 +93,7 @@ class ModelsResponder(Responder, Screener):
         for ep in fetched:
             for m in ep.models:
                 if m.id not in union:
-                    union[m.id] = _Model(m.id, m.object, m.created, m.owned_by)
+                    union[m.id] = _Model(m.id, m.object, m.created, m.owned_by, m.root, m.parent, m.max_model_len)
         return union
 
     # -- Screener --------------------------------------------------------------------------------

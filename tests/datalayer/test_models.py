@@ -34,9 +34,23 @@ VLLM_PAGE = {
 
 def test_a_vllm_page_decodes_with_adapters_and_their_parents() -> None:
     assert parse_models_page(json.dumps(VLLM_PAGE).encode()) == (
-        ModelData("llama", "model", 1700000000, "vllm", None),
-        ModelData("legal", "model", 1700000001, "vllm", "llama"),
+        ModelData("llama", "model", 1700000000, "vllm", None, "/models/llama", 8192),
+        ModelData("legal", "model", 1700000001, "vllm", "llama", "/adapters/legal", 8192),
     )
+
+
+@pytest.mark.parametrize(("extra", "root", "length"), [
+    ({"root": 7, "max_model_len": "8192"}, None, None),
+    ({"root": "", "max_model_len": -1}, None, None),
+    ({"max_model_len": True}, None, None),
+    ({"max_model_len": 4096.0}, None, None),
+    ({"root": "r", "max_model_len": 4096}, "r", 4096),
+])  # fmt: skip
+def test_odd_root_or_context_length_values_are_dropped_not_the_list(
+    extra: dict[str, object], root: str | None, length: int | None
+) -> None:
+    (model,) = parse_models_page(json.dumps({"data": [{"id": "m", **extra}]}).encode())
+    assert (model.id, model.root, model.max_model_len) == ("m", root, length)
 
 
 def test_minimal_entries_take_defaults() -> None:

@@ -26,8 +26,8 @@ plugins:
 - type: queue-scorer
 """
 
-BASE = ModelData("llama", created=10, owned_by="vllm")
-LEGAL = ModelData("legal", created=20, owned_by="vllm", parent="llama")
+BASE = ModelData("llama", created=10, owned_by="vllm", root="/models/llama", max_model_len=8192)
+LEGAL = ModelData("legal", created=20, owned_by="vllm", parent="llama", root="/adapters/legal", max_model_len=8192)
 
 
 def pool(*models: tuple[ModelData, ...] | None) -> tuple[Datastore, list[Endpoint]]:
@@ -63,9 +63,24 @@ def test_the_pool_list_is_the_union_of_every_pods_models_sorted_by_id() -> None:
     assert json.loads(answer.body) == {
         "object": "list",
         "data": [
-            {"id": "code", "object": "model"},
-            {"id": "legal", "object": "model", "created": 20, "owned_by": "vllm"},
-            {"id": "llama", "object": "model", "created": 10, "owned_by": "vllm"},  # pod-0's entry
+            {"id": "code", "object": "model", "created": 0, "owned_by": "", "parent": "llama"},  # OpenAI's 4 always
+            {
+                "id": "legal",
+                "object": "model",
+                "created": 20,
+                "owned_by": "vllm",
+                "root": "/adapters/legal",
+                "parent": "llama",
+                "max_model_len": 8192,
+            },
+            {
+                "id": "llama",
+                "object": "model",
+                "created": 10,
+                "owned_by": "vllm",
+                "root": "/models/llama",
+                "max_model_len": 8192,
+            },  # pod-0's entry
         ],
     }
 
@@ -92,6 +107,9 @@ def test_one_model_by_id_or_404() -> None:
         "object": "model",
         "created": 20,
         "owned_by": "vllm",
+        "root": "/adapters/legal",
+        "parent": "llama",
+        "max_model_len": 8192,
     }
     slashed = r.respond(get("/v1/models/meta/llama-3"))  # ids with a slash, as served-model-names have
     assert slashed is not None and json.loads(slashed.body)["id"] == "meta/llama-3"
