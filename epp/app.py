@@ -16,6 +16,7 @@ import signal
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -37,7 +38,6 @@ from llmepp.framework.plugin import ConfigError, Plugin
 from llmepp.gctuning import tune_gc
 from llmepp.k8s.client import KubeClient
 from llmepp.k8s.runtime import KubeOptions, KubeRuntime, kubernetes_target
-from llmepp.observability import tracing
 from llmepp.observability.metrics import EppMetrics
 from llmepp.observability.metrics_server import MetricsAuth, MetricsServer, metrics_ssl_context
 from llmepp.server import health
@@ -45,6 +45,9 @@ from llmepp.server.extproc import ExtProcServicer, create_server
 from llmepp.server.h2 import H2ExtProcServer, create_h2_server
 from llmepp.server.tls import ServingCert
 from llmepp.settings import Settings
+
+if TYPE_CHECKING:
+    from llmepp.observability.tracing import RequestTracing
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +109,7 @@ class App:
                 self.metrics.registry, pool_name=settings.pool_name,
             )  # fmt: skip
         self.notification_sources = self._wire_notification_sources()
-        self.tracing = tracing.configure(settings.tracing)
+        self.tracing = request_tracing(settings.tracing)
         self.director = Director(
             self.datastore,
             self.components.pipeline,
@@ -429,3 +432,17 @@ async def run(settings: Settings) -> None:
         loop.add_signal_handler(sig, on_signal)
     await stop.wait()
     await app.shutdown()
+
+
+def request_tracing(enabled: bool) -> RequestTracing | None:
+    """The request tracer, or None. The OpenTelemetry SDK is imported only when tracing is on: it checks some
+    OTEL_* variables as it loads (e.g. OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT=-1 raises), and a bad one is a
+    configuration error naming it, not a traceback, nor one for an EPP started with --tracing=false."""
+    if not enabled:
+        return None
+    try:
+        from llmepp.observability import tracing
+
+        return tracing.configure(True)
+    except ValueError as e:
+        raise ConfigError(f"tracing (the OTEL_* environment): {e}") from None

@@ -241,3 +241,25 @@ def test_otel_sdk_disabled_turns_tracing_off_and_no_invalid_traceparent_goes_ups
     t.start(req)
     assert "traceparent" not in req.upstream_headers
     t.end(req, ResponseInfo(status=200))
+
+
+def test_a_bad_otel_variable_checked_as_the_sdk_loads_is_a_configuration_error_and_harmless_without_tracing() -> None:
+    # A fresh interpreter: the SDK reads OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT once, as it is imported.
+    import subprocess
+    import sys
+
+    probe = (
+        "from llmepp.app import request_tracing\n"
+        "from llmepp.framework.plugin import ConfigError\n"
+        "assert request_tracing(False) is None\n"
+        "import sys\n"
+        "assert not any(m.startswith('opentelemetry.sdk') for m in sys.modules)\n"
+        "try:\n"
+        "    request_tracing(True)\n"
+        "except ConfigError as e:\n"
+        "    print('ConfigError:', e)\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "-1", "OTEL_TRACES_EXPORTER": "console"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("ConfigError:") and "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT" in out.stdout
