@@ -13,8 +13,9 @@ Choices, each checked against Envoy 1.40 (see docs in deploy/envoy.yaml):
   (route_by="header") or on the `envoy.lb` metadata (route_by="metadata"). The route is
   matched before ext_proc runs; with a catch-all route that is harmless, and the EPP sets
   clear_route_cache anyway.
-- `message_timeout` is not enforced in FDS mode: a hung EPP is bounded only by the HCM
-  `stream_idle_timeout` (120 s here).
+- `message_timeout` is not enforced in FDS mode: a hung EPP is bounded only by the idle
+  timeouts (an hour here, as a non-streamed generation sends nothing until it is done).
+- route `timeout` 86400 s: it caps the whole response, a streaming one included.
 - circuit breakers raised to 40,000 on both clusters (every request is also a stream on
   the `epp` cluster; Envoy's default allows only 1,024 at once).
 """
@@ -41,8 +42,11 @@ BodyMode = Literal["FULL_DUPLEX_STREAMED", "BUFFERED", "STREAMED"]
 RouteBy = Literal["header", "metadata"]
 
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
-ROUTE_TIMEOUT = "300s"
-IDLE_TIMEOUT = "120s"
+# Route timeout: a cap on the WHOLE response, SSE streams included (Envoy cuts them mid-stream, flag UT),
+# as long as the reference's standalone proxy's. Idle timeout (route and HCM): no byte either way for that
+# long ends the stream (504, flag SI), so it must outlast a non-streamed generation and a wait in flow control.
+ROUTE_TIMEOUT = "86400s"
+IDLE_TIMEOUT = "3600s"
 CIRCUIT_BREAKER_LIMIT = 40000
 
 ACCESS_LOG_FORMAT = (
@@ -67,8 +71,15 @@ _HEADER = """\
 # the two identical, so change both together. Notes (checked against Envoy 1.40):
 # - FULL_DUPLEX_STREAMED needs request/response trailer modes SEND or Envoy refuses it.
 # - Without metadata_options.receiving_namespaces Envoy drops the EPP's envoy.lb metadata.
-# - message_timeout is not enforced in FULL_DUPLEX_STREAMED; stream_idle_timeout bounds a
-#   hung EPP instead.
+# - message_timeout is not enforced in FULL_DUPLEX_STREAMED; the idle timeouts bound a hung
+#   EPP instead. They are an hour: a non-streamed generation, or a wait in the EPP's flow
+#   control, sends no byte until it ends, and an idle timeout answers it 504 (flag SI).
+# - The route timeout caps the whole response, SSE streams included (cut mid-stream, flag
+#   UT): 86400 s, as the reference's standalone proxy, not Envoy's 15 s default.
+# - failure_mode_allow: false, as the InferencePool's FailClose: an unreachable EPP is a 500
+#   (details ext_proc_error_gRPC_error_14). There is no FailOpen here: Envoy 1.40 ignores true
+#   in FULL_DUPLEX_STREAMED (still 500), and failing open would leave ORIGINAL_DST without a
+#   pick (503 UH, or the ip:port a CLIENT put in x-gateway-destination-endpoint).
 # - ORIGINAL_DST takes ONE ip:port. A comma-separated fallback list from the EPP is not
 #   parsed (503 UH), so the EPP in this setup answers one endpoint (the list is for
 #   gateways that implement the fallback).

@@ -27,9 +27,10 @@ from llmepp.request.types import TerminationCause
 from llmepp.server.extproc import ExtProcServicer, create_server
 from llmepp.server.h2 import create_h2_server
 from llmepp.settings import Settings
-from llmepp.testing.envoy import EnvoyProcess, deploy_config_text, envoy_binary, render_envoy_config
+from llmepp.testing.envoy import BodyMode, EnvoyProcess, deploy_config_text, envoy_binary, render_envoy_config
 from llmepp.testing.fakes import FakeDirector
 from llmepp.testing.ports import free_port, free_shared_port
+from llmepp.units import parse_duration
 
 from . import h2c
 from .modelserver import USAGE, ModelServer
@@ -136,6 +137,20 @@ async def test_deploy_config_matches_the_renderer_and_validates() -> None:
         out, _ = await proc.communicate()
         path.unlink()
         assert proc.returncode == 0, out.decode()[-2000:]
+
+
+async def test_deploy_timeouts_let_long_generations_finish() -> None:
+    """Envoy's route `timeout` caps the whole response, an SSE stream that keeps sending included (cut
+    mid-stream, flag UT), and the idle timeouts end any stream that sends no byte for that long: a
+    non-streamed generation, or a request waiting in the EPP's flow control (504, flag SI). Checked with
+    the real Envoy at 1/100 scale (2 s / 1 s). So neither may be shorter than a long generation: the total
+    as the reference's standalone proxy (86400 s), the idle timeouts an hour."""
+    cfg = yaml.safe_load(deploy_config_text())
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    (route,) = [r["route"] for vh in hcm["route_config"]["virtual_hosts"] for r in vh["routes"]]
+    assert parse_duration(route["timeout"]) >= 86400, route
+    assert parse_duration(route["idle_timeout"]) >= 3600, route
+    assert parse_duration(hcm["stream_idle_timeout"]) >= 3600, hcm["stream_idle_timeout"]
 
 
 # -- routing -----------------------------------------------------------------------------------------
@@ -480,4 +495,29 @@ async def test_epp_restart_fails_closed_then_recovers(transport: str) -> None:
             assert status == 200, env.log[-3000:]
     finally:
         await server.stop(None)
+        await pod.stop()
+
+
+async def test_failure_mode_allow_cannot_fail_open_in_full_duplex() -> None:
+    """What the docs say about an InferencePool's FailOpen: Envoy 1.40 ignores `failure_mode_allow: true`
+    in FULL_DUPLEX_STREAMED (an unreachable EPP is still a 500), and where it does fail open (BUFFERED) the
+    ORIGINAL_DST cluster has no pick to go by: 503, or the pod the CLIENT named in the header."""
+    pod = ModelServer("127.0.0.2", free_port("127.0.0.2"))
+    await pod.start()
+    try:
+        cases: list[tuple[BodyMode, int, int]] = [("FULL_DUPLEX_STREAMED", 500, 500), ("BUFFERED", 503, 200)]
+        for mode, without_header, with_header in cases:
+            port, admin = free_port(), free_port()
+            config = render_envoy_config(
+                port, free_port(), admin, body_mode=mode, listen_address="127.0.0.1", epp_tls=False
+            ).replace("failure_mode_allow: false", "failure_mode_allow: true")
+            assert "failure_mode_allow: true" in config
+            async with EnvoyProcess(config, admin), aiohttp.ClientSession() as s:
+                url = f"http://127.0.0.1:{port}/v1/completions"
+                async with s.post(url, json=completion()) as r:
+                    assert r.status == without_header, mode
+                steer = {"x-gateway-destination-endpoint": pod.hostport}
+                async with s.post(url, json=completion(), headers=steer) as r:
+                    assert r.status == with_header, mode
+    finally:
         await pod.stop()

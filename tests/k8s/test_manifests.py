@@ -21,7 +21,9 @@ from llmepp.k8s.leader import lease_name
 from llmepp.k8s.resources import INFERENCE_MODEL_REWRITES, INFERENCE_OBJECTIVES, LEASES, PODS, inference_pools
 from llmepp.k8s.runtime import kubernetes_target
 from llmepp.settings import Settings
+from llmepp.testing.envoy import ROUTE_TIMEOUT
 from llmepp.testing.ports import free_port
+from llmepp.units import parse_duration
 
 from .cluster import EPP_SERVICE_ACCOUNT, NOBODY_TOKEN, PROMETHEUS_TOKEN, RBAC_NAMESPACE, REPO, Cluster
 from .harness import endpoints, kube_settings, running_app
@@ -117,7 +119,15 @@ def test_epp_deployment_probes_ports_and_hardening(path: Path) -> None:
         assert sc["capabilities"]["drop"] == ["ALL"]
         assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
     drain = next(a for a in epp["args"] if a.startswith("--drain-timeout="))
-    assert pod["terminationGracePeriodSeconds"] > int(drain.split("=")[1].rstrip("s"))
+    drain_seconds = int(drain.split("=")[1].rstrip("s"))
+    assert pod["terminationGracePeriodSeconds"] > drain_seconds
+    # Envoy exits on SIGTERM at once, cutting every stream it carries (no drain of its own): a sidecar Envoy
+    # must get its SIGTERM only after the EPP's drain, by a preStop hook holding it back that long.
+    for envoy in (c for c in containers(deployment) if c["name"] == "envoy"):
+        hook = envoy.get("lifecycle", {}).get("preStop", {})
+        command = hook.get("exec", {}).get("command", [])
+        assert command[:1] == ["sleep"] and int(command[1]) >= drain_seconds, hook
+        assert pod["terminationGracePeriodSeconds"] > int(command[1])
 
 
 def test_configmaps_hold_a_valid_config_and_the_repository_envoy_config() -> None:
@@ -143,6 +153,10 @@ def test_examples_reference_each_other() -> None:
     assert route["spec"]["rules"][0]["backendRefs"][0] == {
         "group": "inference.networking.k8s.io", "kind": "InferencePool", "name": pool_name,
     }  # fmt: skip
+    # Gateways map timeouts.request to a cap on the whole response: an SSE generation running longer is cut
+    # mid-stream. As long as the standalone Envoy's route timeout (0s: none).
+    request_timeout = parse_duration(route["spec"]["rules"][0]["timeouts"]["request"])
+    assert request_timeout == 0 or request_timeout >= parse_duration(ROUTE_TIMEOUT), request_timeout
     main = next(d for d in by_kind["Deployment"] if d["metadata"]["name"] == "llm-epp")
     args = containers(main)[0]["args"]
     assert f"--pool-name={pool_name}" in args
