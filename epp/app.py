@@ -32,6 +32,7 @@ from llmepp.datalayer.multicluster import METRICS_SOURCE_TYPES
 from llmepp.director import Director
 from llmepp.filewatch import stat_signature
 from llmepp.flowcontrol import AdmissionController
+from llmepp.flowcontrol.config import warn_if_scrapes_outlast_staleness
 from llmepp.flowcontrol.objectives import ObjectiveStore
 from llmepp.framework.datalayer import NotificationExtractor, NotificationSource
 from llmepp.framework.plugin import ConfigError, Plugin
@@ -121,6 +122,9 @@ class App:
             tracing=self.tracing,
         )
         self.collector = self._build_collector()
+        if self.collector is not None:
+            period = self.collector.interval * self.collector.ticks_per_poll
+            warn_if_scrapes_outlast_staleness(self.components.plugins.values(), period)
         self.models_poller = self._build_models_poller()
         self.dcgm_pollers = self._build_dcgm_pollers()
         self.health = health.HealthService(self.ready)

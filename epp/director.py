@@ -146,13 +146,17 @@ class Director:
     # -- request path ------------------------------------------------------------------
     def candidates(self, subset: Sequence[str] | None) -> Sequence[Endpoint]:
         """The pool, narrowed by Envoy's subset hint (matched on IP only, like the reference; an IPv6
-        entry is `[ip]:port`)."""
+        entry is `[ip]:port`); NoEndpoints when that leaves none."""
+        endpoints = self._located(subset)
+        if not endpoints:
+            raise NoEndpoints()
+        return endpoints
+
+    def _located(self, subset: Sequence[str] | None) -> Sequence[Endpoint]:
         endpoints = self.datastore.endpoints
         if subset is not None and self.subset_filter:
             ips = {split_hostport(hp)[0] for hp in subset}
             endpoints = tuple(ep for ep in endpoints if ep.address in ips)
-        if not endpoints:
-            raise NoEndpoints()
         return endpoints
 
     async def handle_request(
@@ -191,7 +195,9 @@ class Director:
             # Before candidates (as the reference): flow control may hold the request while the
             # pool is empty (scale from zero), and candidates are fresh after any queue wait.
             admitted_at = time.monotonic() if self.tracing is not None else 0.0
-            await admission.admit(request, self.datastore.endpoints)
+            # The request's candidates as the reference locates them (subset hint applied, possibly
+            # none): legacy admission sheds on their saturation; flow control reads its own pool.
+            await admission.admit(request, self._located(subset))
             if self.tracing is not None:
                 attributes = {"llm_d.epp.priority": request.priority, "llm_d.epp.fairness_id": request.fairness_id}
                 self.tracing.stage(request, "llm_d.epp.admission", admitted_at, attributes)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -383,6 +383,26 @@ def eviction_grace(detector: SaturationDetector, settings: Any) -> float:
     refresh = float(getattr(settings, "refresh_metrics_interval", 0.05))
     staleness = float(getattr(settings, "metrics_staleness_threshold", 2.0))
     return refresh + staleness + SCRAPED_GRACE_EXTRA
+
+
+def warn_if_scrapes_outlast_staleness(plugins: Iterable[object], scrape_period: float) -> None:
+    """A start-up warning (llm-d-router#2514) for each saturation detector with a staleness threshold
+    (utilization-detector: metricsStalenessThreshold) not above `scrape_period`, the seconds between two
+    scrapes of a pod: such a detector reads every pod stale, i.e. saturated, for most of each period, so
+    flow control stalls (head-of-line) and legacy admission sheds, though nothing is overloaded."""
+    for plugin in plugins:
+        staleness = getattr(plugin, "staleness", None)
+        if isinstance(plugin, SaturationDetector) and isinstance(staleness, float) and scrape_period >= staleness:
+            log.warning(
+                "plugin %r (type %s): metricsStalenessThreshold %s is not above the metrics scrape period %s "
+                "(--refresh-metrics-interval, or the metrics source's interval): pods read stale, i.e. "
+                "saturated, between scrapes and dispatch stalls; set metricsStalenessThreshold above it",
+                plugin.name, plugin.type, _duration(staleness), _duration(scrape_period),
+            )  # fmt: skip
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:g}s" if seconds >= 1 else f"{seconds * 1000:g}ms"
 
 
 def _registry_of(metrics: Any) -> CollectorRegistry:

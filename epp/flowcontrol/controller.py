@@ -137,6 +137,9 @@ class FlowControlConfig:
     max_dispatch_per_cycle: int = 64
     flow_gc_timeout: float = 300.0
     band_gc_timeout: float = 600.0
+    # Saturation re-read this often while nothing is queued (dispatch cycles read it otherwise), so the
+    # pool-saturation and stale-endpoint gauges follow the pods between requests.
+    saturation_refresh: float = 1.0
 
 
 class FlowController(AdmissionController):
@@ -207,6 +210,7 @@ class FlowController(AdmissionController):
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._gc_timer: asyncio.TimerHandle | None = None
         self._tick_timer: asyncio.TimerHandle | None = None
+        self._refresh_timer: asyncio.TimerHandle | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -239,8 +243,20 @@ class FlowController(AdmissionController):
         loop = self._loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._run(), name="flow-control-dispatcher")
         self._gc_timer = loop.call_later(self.config.flow_gc_timeout, self.collect_garbage)
+        self._refresh_timer = loop.call_later(self.config.saturation_refresh, self._refresh_saturation)
         if self._watcher is not None:
             self._watcher.start()
+
+    def _refresh_saturation(self) -> None:
+        """Re-read saturation while nothing is queued (the reference reads it every dispatch tick, queue or
+        not): flow_control_pool_saturation / _stale_endpoints would otherwise keep the last request's values."""
+        if not self.queued:
+            try:
+                self._saturation(self._pool(), self._clock())
+            except Exception:
+                self._cycle_log.error("flow control saturation refresh failed", exc_info=True)
+        assert self._loop is not None
+        self._refresh_timer = self._loop.call_later(self.config.saturation_refresh, self._refresh_saturation)
 
     def pool_changed(self) -> None:
         """Datastore membership changed: the TTL regime and saturation may have changed."""
@@ -273,7 +289,7 @@ class FlowController(AdmissionController):
                         self._settle(item, Outcome.EVICTED_OTHER, now)
                     self._emptied(flow, now)
         self._expiry.clear()
-        for timer in (self._expiry_timer, self._gc_timer):
+        for timer in (self._expiry_timer, self._gc_timer, self._refresh_timer):
             if timer is not None:
                 timer.cancel()
         if self._closed_event is not None:

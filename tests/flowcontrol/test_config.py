@@ -326,3 +326,46 @@ def test_a_reload_keeps_the_flow_control_detector_and_refuses_to_change_it() -> 
     new = rebuild_scheduling(old, load_config(more), datastore=ds)
     assert new.plugins["concurrency-detector"] is fc.detector
     assert "kv-cache-utilization-scorer" in new.plugins
+
+
+# A metrics source polling every 1 s (its interval, rounded to whole --refresh-metrics-interval ticks).
+SLOW_SOURCE = """\
+- type: metrics-data-source
+  parameters: {interval: 1s}
+- type: core-metrics-extractor
+dataLayer:
+  discovery: {pluginRef: file-discovery}
+  sources:
+  - pluginRef: metrics-data-source
+    extractors: [{pluginRef: core-metrics-extractor}]
+"""
+LONG_STALENESS = "- type: utilization-detector\n  parameters: {metricsStalenessThreshold: 3s}\n"
+
+
+@pytest.mark.parametrize(
+    ("extra", "settings", "warned"),
+    [
+        ("", {"refresh_metrics_interval": 1.0}, True),  # every pod stale 80 % of the time
+        ("", {}, False),  # 50 ms scrapes, 200 ms threshold
+        (SLOW_SOURCE, {}, True),
+        (LONG_STALENESS, {"refresh_metrics_interval": 1.0}, False),
+    ],
+)
+def test_a_scrape_period_beyond_the_staleness_threshold_is_a_startup_warning(
+    extra: str, settings: dict[str, float], warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # llm-d-router#2514: with scrapes rarer than metricsStalenessThreshold, the utilization detector reads
+    # every pod stale (saturated) most of the time and dispatch stalls for seconds, with nothing said.
+    from helpers import FILE_CONFIG
+
+    from llmepp.app import App
+
+    config = FILE_CONFIG.replace("dataLayer:\n  discovery: {pluginRef: file-discovery}\n", "") + extra
+    if "dataLayer" not in config:
+        config += "dataLayer:\n  discovery: {pluginRef: file-discovery}\n"
+    with caplog.at_level("WARNING"):
+        App(Settings(config_text=config, **settings))
+    hits = [r.getMessage() for r in caplog.records if "metricsStalenessThreshold" in r.getMessage()]
+    assert bool(hits) is warned, hits
+    if warned:
+        assert "utilization-detector" in hits[0] and "1s" in hits[0] and "200ms" in hits[0]

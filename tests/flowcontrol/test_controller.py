@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -674,3 +675,23 @@ async def test_flows_and_template_bands_are_garbage_collected_when_idle() -> Non
     ctl.collect_garbage()
     assert 3 not in ctl.bands
     await ctl.aclose()
+
+
+async def test_saturation_and_stale_gauges_stay_current_while_nothing_is_queued() -> None:
+    # The reference reads saturation every dispatch tick, queue or not, so flow_control_pool_saturation and
+    # flow_control_stale_endpoints (how operators tell a scrape outage from overload) follow the pods. Read
+    # only by requests, they froze at the last request's values: a scrape outage during a lull showed no
+    # stale pod, and after one the pool stayed "saturated, all stale" until the next request.
+    ep = endpoint(0)
+    pool = Pool([ep])
+    det = plugin("utilization-detector")  # staleness threshold 200 ms
+    ctl = controller(pool, det, saturation_refresh=0.005)
+    try:
+        await ctl.admit(req("a"), pool())  # fast path
+        assert ctl.stale_endpoints == 0 and ctl.last_saturation["effective"] == 0.0
+        ep.metrics = EndpointMetrics(update_time=time.monotonic() - 1.0)  # /metrics stopped answering
+        await until(lambda: ctl.stale_endpoints == 1 and ctl.last_saturation["effective"] == 1.0)
+        ep.metrics = EndpointMetrics(waiting_queue_size=1, update_time=time.monotonic() + 60.0)  # answers again
+        await until(lambda: ctl.stale_endpoints == 0 and ctl.last_saturation["effective"] == pytest.approx(0.2))
+    finally:
+        await ctl.aclose()

@@ -86,3 +86,28 @@ async def test_director_without_gate_uses_legacy_admission_end_to_end(tmp_path) 
         await d.handle_request(request(objective="batch"), None)
     assert err.value.status == 429
     await c.pipeline.admission.aclose()
+
+
+async def test_legacy_admission_reads_the_saturation_of_the_subset_hint_not_the_whole_pool() -> None:
+    # The reference sheds on Saturation(candidates located with the request's subset hint): a sheddable
+    # request pinned to a full pod is shed though the rest of the pool is idle, and one pinned to an
+    # idle pod is admitted though the rest of the pool is overloaded.
+    ds = Datastore()
+    metrics = EppMetrics()
+    c = build(load_config(DEFAULT_CONFIG), datastore=ds, metrics=metrics)
+    adm = c.pipeline.admission
+    assert isinstance(adm, LegacyAdmission)
+    adm.objectives = ObjectiveStore({"batch": -1})
+    d = Director(ds, c.pipeline, metrics)
+    full, idle, overloaded = endpoint(0, queue=5), endpoint(1), endpoint(2, queue=50)
+    for ep in (full, idle, overloaded):
+        ds.upsert(ep.spec)
+        ds.get(ep.name).metrics = ep.metrics  # type: ignore[union-attr]
+    # Pool mean (1 + 0 + 10) / 3 ≥ 1; the idle pod alone reads 0: admitted.
+    decision = await d.handle_request(request(objective="batch"), [idle.hostport])
+    assert decision.targets[0].name == "pod-1"
+    ds.delete(overloaded.name)  # pool mean (1 + 0) / 2 < 1; the full pod alone reads 1: shed.
+    with pytest.raises(RequestError) as err:
+        await d.handle_request(request(objective="batch"), [full.hostport])
+    assert err.value.status == 429
+    await adm.aclose()
