@@ -251,9 +251,17 @@ def rebuild_scheduling(
     pinned = {name for name, p in running.plugins.items() if p is detector}
     chosen = _Plugins(plugin_registry, running=running, reserved=own, pinned=pinned)
     scheduler = _build_scheduling(config, chosen)
+    configured = {spec.name or spec.type for spec in running.config.plugins}
     for name in running.specs:
         if name not in chosen.specs:
-            chosen.check_swappable(name, type(running.plugins[name]), "removed")
+            old = running.plugins[name]
+            if name not in configured and not _swappable(type(old)):
+                # Auto-created for a consumer the new file drops: it runs on (the pipeline's producers are the
+                # running ones) with its state, and serves the consumer again if a later file brings it back.
+                chosen.plugins[name] = old
+                chosen.specs[name] = running.specs[name]
+                continue
+            chosen.check_swappable(name, type(old), "removed")
     plugins = {**own, **chosen.plugins}
     _setup(chosen.fresh, plugins, scheduler, datastore=datastore, settings=settings, metrics=metrics)
     check_wiring(running.discovery, [(ds.source, ds.extractors) for ds in running.data_sources], plugins)

@@ -3,9 +3,10 @@
 The file is polled (`llmepp.filewatch`: a change counts once it has held still for one poll,
 so an editor's half-written file is not read; a ConfigMap symlink swap is a change). A
 changed file is parsed and handed to `apply` (the app: `loader.rebuild_scheduling`, then the
-director routes new requests with the new scheduler). A file that cannot be read, parsed or
-applied is logged with the reason and counted, and the running config stays in force: a typo
-never takes routing down. Only a change of content counts (a `touch` reloads nothing).
+director routes new requests with the new scheduler). A file that is empty (truncated, not yet
+rewritten), cannot be read, parsed or applied is logged with the reason and counted, and the
+running config stays in force: a typo never takes routing down. Only a change of content counts
+(a `touch` reloads nothing).
 
 Metrics, named as Prometheus names its own: `llm_d_epp_config_reloads_total{result=
 "applied"|"rejected"}`, `llm_d_epp_config_last_reload_successful` (0 after a rejected file,
@@ -72,6 +73,11 @@ class ConfigWatcher(FilePoller):
             return False
         if text == self._text:
             self._successful.set(1)  # back to what runs (e.g. a bad edit reverted): nothing is wrong now
+            return False
+        if not text.strip():
+            # Truncated and not written yet (or emptied by mistake): it would parse as a config with nothing
+            # in it, i.e. random routing. Wait for content.
+            self._reject("the file is empty")
             return False
         try:
             self._apply(load_config(text))

@@ -20,7 +20,9 @@ class PluginTimers:
     def __init__(self, histogram: Histogram, every: int = TIMED_EVERY) -> None:
         self._histogram = histogram
         self.every = every
-        self._children: dict[tuple[str, Plugin], Buckets] = {}
+        # By label values, not by plugin instance: a config reload rebuilds the scheduling plugins, and
+        # keying by instance kept every retired one alive (and an entry for it) for the EPP's lifetime.
+        self._children: dict[tuple[str, str, str], Buckets] = {}
         self._requests = 0
         self._responses = 0
 
@@ -35,8 +37,8 @@ class PluginTimers:
         return self._responses % self.every == 0
 
     def observe(self, extension_point: str, plugin: Plugin, seconds: float) -> None:
-        key = (extension_point, plugin)
+        key = (extension_point, plugin.type, plugin.name)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = self._histogram.labels(extension_point, plugin.type, plugin.name)
+            child = self._children[key] = self._histogram.labels(*key)
         child.observe(seconds)

@@ -177,3 +177,24 @@ def test_a_pd_config_reloads_against_the_same_metrics_registry(path: str) -> Non
     assert new.pipeline.scheduler.profiles.keys() == old.pipeline.scheduler.profiles.keys()
     # A second pipeline on the registry (the other P/D config's handler shares the disagg counter).
     build(load_config(text), datastore=Datastore(), metrics=metrics)
+
+
+def test_dropping_a_scorer_keeps_the_producer_created_for_it() -> None:
+    # active-request-scorer's in-flight counts come from an auto-created producer (not in the file): dropping
+    # the scorer was refused as "plugin 'inflight-load-producer' ... removed; restart the EPP".
+    with_active = BASE.replace("- type: no-hit-lru-scorer\n", "- type: active-request-scorer\n").replace(
+        "{pluginRef: no-hit-lru-scorer, weight: 2}", "{pluginRef: active-request-scorer, weight: 2}"
+    )
+    without = with_active.replace("- type: active-request-scorer\n", "").replace(
+        "  - {pluginRef: active-request-scorer, weight: 2}\n", ""
+    )
+    old = running(with_active)
+    producer = old.plugins["inflight-load-producer"]
+    new = reload(old, without)
+    assert "active-request-scorer" not in new.plugins
+    assert new.plugins["inflight-load-producer"] is producer  # its counts go on (requests in flight release them)
+    assert new.pipeline.producers == old.pipeline.producers
+    # And the scorer comes back, reading the same producer.
+    again = reload(new, with_active)
+    assert again.plugins["inflight-load-producer"] is producer
+    assert again.plugins["active-request-scorer"].key == old.plugins["active-request-scorer"].key  # type: ignore[attr-defined]

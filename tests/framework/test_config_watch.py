@@ -3,6 +3,7 @@ logged, and the running config stays."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
@@ -118,6 +119,22 @@ def test_a_missing_file_and_a_refused_change_keep_the_running_config(
     assert h.applied == []
 
 
+def test_a_truncated_file_is_not_applied_and_the_rewritten_one_is(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Truncated in place, then written: an empty file parses as a config with nothing in it (one default
+    # profile, a max-score picker: random routing). Caught between the two writes it was applied.
+    h = Harness(tmp_path)
+    with caplog.at_level(logging.ERROR, logger="llmepp.config.watch"):
+        h.path.write_text("")
+        assert h.polls() == [False, False]
+        assert "not applied, the running config stays: the file is empty" in caplog.text
+    assert h.applied == [] and h.value("llm_d_epp_config_last_reload_successful") == 0
+    h.path.write_text(OTHER)
+    assert h.polls() == [False, True] and len(h.applied) == 1
+    assert h.value("llm_d_epp_config_last_reload_successful") == 1
+
+
 def test_watching_without_a_config_file_is_a_start_up_error() -> None:
     with pytest.raises(ConfigError, match="--watch-config-file needs --config-file"):
         App(Settings(watch_config_file=True, config_text=DEFAULT_CONFIG))
@@ -150,3 +167,44 @@ def test_a_new_file_the_loader_refuses_keeps_the_running_scheduler_and_names_the
     assert running == [first] and h.value("llm_d_epp_config_reloads_total", result="rejected") == 2
     h.write(OTHER)
     assert h.polls() == [False, True] and len(running) == 2
+
+
+async def test_many_reloads_under_traffic_keep_nothing_of_the_retired_schedulers(tmp_path: Path) -> None:
+    # The director's plugin timers (one request in 16) kept every scheduling plugin they ever timed:
+    # each reload leaked the rebuilt filters, scorers and picker, and a dict entry per plugin.
+    import gc
+    import weakref
+
+    from llmepp.datalayer.endpoint import EndpointSpec
+    from llmepp.director import RoutingDecision
+    from llmepp.framework.plugin import Plugin
+    from llmepp.request.types import ResponseInfo
+    from tests.helpers import FILE_CONFIG, request
+
+    path = tmp_path / "config.yaml"
+    path.write_text(FILE_CONFIG)
+    app = App(Settings(config_file=str(path), watch_config_file=True))
+    for i in range(3):
+        app.datastore.upsert(EndpointSpec(name=f"pod-{i}", address=f"10.0.0.{i + 1}", port=8000, labels={}))
+
+    async def traffic() -> None:
+        for _ in range(32):  # two sampled requests
+            r = request(b"hello")
+            decision = await app.director.handle_request(r, None)
+            assert isinstance(decision, RoutingDecision)
+            app.director.response_complete(r, ResponseInfo(status=200), decision)
+
+    def live_plugins() -> int:
+        gc.collect()
+        return sum(isinstance(o, Plugin) for o in gc.get_objects())
+
+    await traffic()
+    before = live_plugins()
+    first = weakref.ref(app.components.plugins["queue-scorer"])
+    for _ in range(200):
+        app.reload_config(load_config(FILE_CONFIG))
+        await traffic()
+    await asyncio.gather(*app._closing)
+    assert live_plugins() == before
+    assert first() is None
+    assert len(app.director._timers._children) <= 2 * len(app.components.plugins)
