@@ -89,9 +89,9 @@ class DisaggProfileHandler(ProfileHandler, PreRequest):
     with decision_type ∈ decode-only | prefill-decode | encode-decode | encode-prefill-decode,
     once per successfully scheduled request.
 
-    Parameters: `stageOrder` (decode-first), `profiles.{decode,prefill,encode}` (defaults: the same
-    names), `deciders.{prefill,encode}` (plugin names, default none). The profiles a configured
-    stage needs must exist (checked at start-up).
+    Parameters: `stageOrder` (decode-first), `profiles.{decode,prefill,encode}` (defaults, also for
+    an empty value: the same names), `deciders.{prefill,encode}` (plugin names, default none). The
+    profiles a configured stage needs must exist (checked at start-up).
     """
 
     type = "disagg-profile-handler"
@@ -110,8 +110,8 @@ class DisaggProfileHandler(ProfileHandler, PreRequest):
             if order == PREFILL_FIRST and self.deciders.prefill:
                 raise ValueError(f"deciders.prefill is not supported with stageOrder {PREFILL_FIRST!r}")
             p = self.profiles
-            if not (p.decode and p.prefill and p.encode):
-                raise ValueError("profiles.decode / prefill / encode must not be empty")
+            # As the reference: an empty name is unset, i.e. the default.
+            p.decode, p.prefill, p.encode = p.decode or "decode", p.prefill or "prefill", p.encode or "encode"
             if len({p.decode, p.prefill, p.encode}) != 3:
                 raise ValueError("profiles.decode, profiles.prefill and profiles.encode must be distinct")
 

@@ -17,14 +17,16 @@ class HeaderProfileHandler(ProfileHandler):
     Why: an orchestrator that drives P/D (or E/P/D) itself (the reference's coordinator) calls
     the gateway once per phase and says which phase it wants, e.g. `EPP-Profile: prefill`.
 
-    Decision rule: profile = value of `headerName` (surrounding spaces stripped), else
-    `defaultProfile` when the header is missing or empty. A name that is not a configured
+    Decision rule: with exactly one configured profile, that profile (whatever the header says,
+    as the reference). Otherwise profile = value of `headerName` (surrounding spaces stripped),
+    else `defaultProfile` when the header is missing or empty. A name that is not a configured
     profile is answered **400 Bad Request** naming the known profiles; the reference lets it
     surface as 429, which wrongly tells clients to back off and retry a request that can never
     succeed. With `defaultProfile: ""` the header is required (missing → 400).
 
-    Parameters: `headerName` ("EPP-Profile", matched case-insensitively), `defaultProfile`
-    ("decode"; must name a configured profile, checked at start-up).
+    Parameters: `headerName` ("EPP-Profile", also when blank; matched case-insensitively),
+    `defaultProfile` ("decode"; must name a configured profile when there are several, checked at
+    start-up).
     """
 
     type = "header-profile-handler"
@@ -34,8 +36,8 @@ class HeaderProfileHandler(ProfileHandler):
         default_profile: str = "decode"
 
         def __post_init__(self) -> None:
-            if not self.header_name.strip():
-                raise ValueError("headerName must not be empty")
+            if not self.header_name.strip():  # as the reference: blank is the default
+                self.header_name = "EPP-Profile"
 
     def __init__(self, name: str, params: Params) -> None:
         super().__init__(name, params)
@@ -44,7 +46,8 @@ class HeaderProfileHandler(ProfileHandler):
         self.default = params.default_profile
 
     def validate_profiles(self, profiles: Mapping[str, SchedulerProfile]) -> None:
-        if self.default and self.default not in profiles:
+        # One profile always runs (below): defaultProfile is not used then.
+        if len(profiles) > 1 and self.default and self.default not in profiles:
             raise ConfigError(
                 f"defaultProfile: no scheduling profile named {self.default!r} (have: {', '.join(profiles)})"
             )
@@ -57,6 +60,8 @@ class HeaderProfileHandler(ProfileHandler):
     ) -> Sequence[SchedulerProfile]:
         if results:
             return ()
+        if len(profiles) == 1:  # nothing to choose, as the reference: the header is not read
+            return tuple(profiles.values())
         wanted = request.headers.get(self.header, "").strip() or self.default
         profile = profiles.get(wanted)
         if profile is None:

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from llmepp.framework.datakeys import PREFIX_CACHE_MATCH_INFO, TOKENIZED_PROMPT
 from llmepp.framework.plugin import PluginContext, PluginParams
 from llmepp.framework.requestcontrol import PreRequest
-from llmepp.framework.scheduling import ProfileResult, SchedulingResult
+from llmepp.framework.scheduling import Decider, ProfileResult, SchedulingResult
 from llmepp.observability.fast import Counter, Tally
 from llmepp.observability.metrics import PREFIX, per_registry
 from llmepp.plugins.profile_handlers.always_disagg_decider import AlwaysDisaggPDDecider
@@ -45,9 +45,10 @@ class PdProfileHandler(DisaggProfileHandler):
 
         decodeProfile, prefillProfile (decode, prefill)  → profiles.decode, profiles.prefill
         deciderPluginName                                 → deciders.prefill (a configured decider)
-        without one, `threshold` T of the earlier versions: the prefill stage runs when at least T
-        prompt tokens are not cached on the decode pick (a prefix-based-pd-decider with
-        nonCachedTokens T); T = 0 (the default): every request
+        without one: the decider plugin named `prefix-based-pd-decider` if the config has one (the
+        parameter's default in the reference), else the `threshold` T of the earlier versions: the
+        prefill stage runs when at least T prompt tokens are not cached on the decode pick (a
+        prefix-based-pd-decider with nonCachedTokens T); T = 0 (the default): every request
         prefixMatchInfoProducerName                       → that threshold decider's PrefixCacheMatchInfo
         producer (default: the only one)
         prefixPluginType, prefixPluginName, prefixScorerRef, hashBlockSize: accepted, not needed
@@ -102,6 +103,11 @@ class PdProfileHandler(DisaggProfileHandler):
         if ctx.metrics is not None:
             self._pd_decisions = per_registry(ctx.metrics.registry, "pd_decision", _pd_decisions)
         if self.prefill_decider is not None:
+            return
+        # deciderPluginName's default in the reference versions that have it (those ignore `threshold`).
+        named = [p for p in ctx.plugins_of(Decider) if p.name == PrefixBasedPDDecider.type]  # type: ignore[type-abstract]
+        if named:
+            self.prefill_decider = named[0]
             return
         threshold = self.legacy.threshold
         if threshold:

@@ -356,6 +356,14 @@ def test_stage_order_is_parsed_loosely_like_the_reference() -> None:
     assert isinstance(handler, DisaggProfileHandler) and handler.prefill_first
 
 
+def test_empty_profile_names_mean_the_defaults_like_the_reference() -> None:
+    # The reference's DisaggProfileHandlerConfigParser: "Apply profile name defaults for any fields
+    # still unset" (a Helm value rendered empty, say).
+    handler = registry.build("disagg-profile-handler", "h", {"profiles": {"decode": "", "prefill": "", "encode": ""}})
+    assert isinstance(handler, DisaggProfileHandler)
+    assert (handler.decode, handler.prefill, handler.encode) == ("decode", "prefill", "encode")
+
+
 def test_decision_metric_caps_model_labels() -> None:
     handler = registry.build("disagg-profile-handler", "h", None)
     assert isinstance(handler, DisaggProfileHandler)
@@ -408,6 +416,29 @@ async def test_header_profile_handler_custom_header_and_required_header() -> Non
     req = request(b"x")
     req.headers["x-stage"] = "decode"
     assert (await d.handle_request(req, None)).targets[0].name == "d0"
+
+
+async def test_header_profile_handler_with_one_profile_always_runs_it() -> None:
+    # Reference headerprofile/README.md: "With exactly one profile configured, that profile always
+    # runs, regardless of the header (or its absence)"; defaultProfile is ignored then.
+    config = """
+plugins:
+- {type: decode-filter}
+- {type: header-profile-handler}
+schedulingProfiles:
+- {name: stage, plugins: [{pluginRef: decode-filter}]}
+"""
+    d, _, _ = director(config, [("d0", "decode")])
+    assert (await d.handle_request(request(b"x"), None)).targets[0].name == "d0"
+    req = request(b"x")
+    req.headers["epp-profile"] = "prefill"
+    assert (await d.handle_request(req, None)).targets[0].name == "d0"
+
+
+def test_header_profile_handler_empty_header_name_means_the_default() -> None:
+    # Reference NewHeaderProfileHandler: a blank headerName is "EPP-Profile".
+    handler = registry.build("header-profile-handler", "h", {"headerName": "  "})
+    assert handler.header == "epp-profile"  # type: ignore[attr-defined]
 
 
 def test_header_profile_handler_default_must_exist() -> None:
@@ -466,6 +497,21 @@ async def test_a_legacy_decider_plugin_name_and_renamed_profiles() -> None:
     d, _, _ = director(config, PD_PODS)
     decision = await d.handle_request(request(b"x" * 4000), None)  # nonCachedTokens 0: never disaggregate
     assert decision.targets[0].name in {"d0", "d1"} and "x-prefiller-host-port" not in decision.headers
+
+
+async def test_a_legacy_config_uses_the_decider_named_prefix_based_pd_decider_by_default() -> None:
+    # pd-profile-handler's deciderPluginName defaults to "prefix-based-pd-decider" in every reference
+    # version that has the parameter: such a plugin in the config decides (the old threshold does not).
+    config = legacy_pd().replace(
+        "- type: prefill-header-handler\n",
+        "- type: prefill-header-handler\n- type: prefix-based-pd-decider\n  parameters: {nonCachedTokens: 500}\n",
+    )
+    d, _, metrics = director(config, PD_PODS)
+    short = await d.handle_request(request(b"s" * 400), None)  # 100 tokens < 500
+    assert "x-prefiller-host-port" not in short.headers
+    long = await d.handle_request(request(b"l" * 4000), None)  # 1000 uncached tokens
+    assert long.headers["x-prefiller-host-port"].startswith("10.1.0.")
+    assert legacy_decisions(metrics, "decode-only") == 1 and legacy_decisions(metrics, "prefill-decode") == 1
 
 
 async def test_a_legacy_config_with_only_a_decode_profile_is_decode_only() -> None:
