@@ -89,9 +89,9 @@ class EndpointAttributeFilter(Filter):
       * `percentile` {percentile P, higherIsBetter=true}: cutoff = the nearest-rank value at
         position ceil(P/100·N) (1-based, at least 1) of the ascending values; keep value ≥
         cutoff (≤ when higherIsBetter is false).
-    Endpoints missing the attribute are kept with `onMissing: Pass` (default) or dropped with
-    `Fail`; they take no part in topK / percentile ranking. With `fallbackOnEmpty` (false)
-    and nothing kept, every candidate is kept.
+    Endpoints missing the attribute are kept with `onMissing: Pass` (default, also when empty) or
+    dropped with `Fail`; they take no part in topK / percentile ranking. With `fallbackOnEmpty`
+    (false) and nothing kept, every candidate is kept.
 
     Parameters: `attribute` (required; see `plugins/filters/attributes.py` for the built-in
     names and the producer contract), `producer` (plugin publishing the attribute; empty:
@@ -109,6 +109,8 @@ class EndpointAttributeFilter(Filter):
 
         def __post_init__(self) -> None:
             check_attribute(self.attribute, self.producer)
+            if not self.on_missing:  # the reference reads an empty value as its default
+                self.on_missing = "Pass"
             if self.on_missing not in ("Pass", "Fail"):
                 raise ValueError("onMissing must be Pass or Fail")
             if self.algorithm is None:

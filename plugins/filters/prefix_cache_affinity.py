@@ -63,9 +63,10 @@ class PrefixCacheAffinityFilter(Filter):
 
     Parameters: `affinityThreshold` 0.80 ∈ [0,1], `explorationProbability` 0 ∈ [0,1],
     `maxTTFTPenaltyMs` 18000 (0 = always stick), `ttftSource` `prefillThroughput` (alias
-    `inflight`) or `latencyPredictor`, `peakPrefillThroughput` 15928 tok/s, `prefillCalibrationFile` /
-    `prefillCalibrationFingerprint` / `prefillCalibrationRequired` (a fingerprint-matched
-    calibration record replaces the default when `peakPrefillThroughput` is not given),
+    `inflight`) or `latencyPredictor`, `peakPrefillThroughput` 15928 tok/s (≥ 0; > 0 when the gate
+    estimates from it), `prefillCalibrationFile` / `prefillCalibrationFingerprint` /
+    `prefillCalibrationRequired` (a fingerprint-matched calibration record replaces the default when
+    `peakPrefillThroughput` is not given),
     `prefixMatchInfoProducerName`, `inFlightLoadProducerName`, `latencyPredictionInfoProducerName`.
     """
 
@@ -95,8 +96,12 @@ class PrefixCacheAffinityFilter(Filter):
                 raise ValueError(
                     f"ttftSource must be {PREFILL_THROUGHPUT!r} or {LATENCY_PREDICTOR!r}, got {self.ttft_source!r}"
                 )
-            if self.peak_prefill_throughput is not None and self.peak_prefill_throughput <= 0:
-                raise ValueError("peakPrefillThroughput must be > 0")
+            peak = self.peak_prefill_throughput
+            if peak is not None and peak < 0:
+                raise ValueError("peakPrefillThroughput must be >= 0")
+            # As the reference: 0 is an error only where the TTFT gate estimates from it.
+            if peak == 0 and self.max_ttft_penalty_ms > 0 and self.ttft_source != LATENCY_PREDICTOR:
+                raise ValueError("peakPrefillThroughput must be > 0 when ttftSource is prefillThroughput")
 
     def __init__(self, name: str, params: Params) -> None:
         super().__init__(name, params)
@@ -104,7 +109,7 @@ class PrefixCacheAffinityFilter(Filter):
         self.explore = params.exploration_probability
         self.max_penalty_ms = params.max_ttft_penalty_ms
         self.peak = self._peak_throughput(params)
-        self.ms_per_token = 1000.0 / self.peak
+        self.ms_per_token = 1000.0 / self.peak if self.peak else 0.0  # 0: the gate does not read it
         self.gate = self.max_penalty_ms > 0
         self.predicted = params.ttft_source == LATENCY_PREDICTOR
         load_key = LATENCY_PREDICTION_INFO if self.predicted else IN_FLIGHT_LOAD

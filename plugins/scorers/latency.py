@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import msgspec
@@ -49,7 +50,8 @@ class LatencyScorer(Scorer):
         score = round(100·(wKV·(1 − kv) + wQ·(maxQ − q)/maxQ + wP·prefix)) / 100   (wQ term 1 when maxQ = 0)
 
     with weights `compositeKVWeight`, `compositeQueueWeight`, `compositePrefixWeight` (1, 1, 1) normalised to
-    sum 1 (KV alone when all are 0) and prefix = matched / total blocks (PrefixCacheMatchInfo).
+    sum 1 (KV alone when all are 0) and prefix = matched / total blocks (PrefixCacheMatchInfo); a half
+    rounds up (the reference's Go math.Round; Python's round() would round it to even).
 
     Parameters: `ttftWeight` (0.8), `tpotWeight` (0.2), `headroomSelectionStrategy` (least | most),
     `compositeKVWeight`, `compositeQueueWeight`, `compositePrefixWeight` (1 each, ≥ 0),
@@ -178,5 +180,11 @@ class LatencyScorer(Scorer):
             composite = wkv * (1.0 - m.kv_cache_usage_percent) + wq * rel_queue + wp * prefix
             if not 0.0 <= composite <= 1.0:  # a KV usage past [0, 1] (1e308: round() overflows) or NaN
                 composite = 1.0 if composite > 1.0 else 0.0
-            out.append(round(W_MAX * composite) / W_MAX)
+            out.append(_round_half_up(W_MAX * composite) / W_MAX)
         return out
+
+
+def _round_half_up(x: float) -> int:
+    """Go's math.Round for x ≥ 0 (half away from zero; Python's round() rounds half to even)."""
+    r = math.floor(x)
+    return r + 1 if x - r >= 0.5 else r

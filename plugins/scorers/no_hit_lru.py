@@ -130,7 +130,10 @@ class NoHitLRUScorer(Scorer, PreRequest):
     def score(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
         n = len(endpoints)
         info: PrefixMatchInfo | None = request.data.get(self.key)
-        cold = info is None or not info.hits or info.hits.keys().isdisjoint(endpoints)
+        # Warm: some candidate matched at least one block (an endpoint listed with 0 blocks is no hit). The hits
+        # are few, the candidates up to the pool: the set is of the hits, the candidates are scanned in C.
+        matched = {ep for ep, blocks in info.hits.items() if blocks > 0} if info is not None else None
+        cold = not matched or matched.isdisjoint(endpoints)
         # Read back in PreRequest: only cold requests move the LRU.
         request.data[self._cold_key] = cold
         if not cold:

@@ -217,6 +217,18 @@ def test_no_hit_lru_warm_requests_are_neutral_and_do_not_move_lru() -> None:
     assert s.score(request(prompt=None), eps) == pytest.approx([1.0, 0.5, 0.0])
 
 
+def test_no_hit_lru_zero_block_hits_are_cold() -> None:
+    # Warm means some candidate matched at least one block (the reference: MatchBlocks() > 0). A producer
+    # may list an endpoint with 0 blocks (the precise producer rounds a tier-weighted match below half a
+    # block to 0): still cold, so the LRU spreads it and PreRequest records the placement.
+    s = lru_scorer()
+    eps = [endpoint(i) for i in range(3)]
+    req = cold(eps, {eps[1]: 0})
+    assert s.score(req, eps) == pytest.approx([1.0, 0.5, 0.0])
+    s.pre_request(req, result_for(eps[0]))
+    assert list(s.lru) == [eps[0]]
+
+
 def test_no_hit_lru_sends_an_evicted_prefix_back_to_its_last_holder() -> None:
     s = lru_scorer()
     eps = [endpoint(i) for i in range(4)]

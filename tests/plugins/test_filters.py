@@ -183,6 +183,13 @@ def test_attribute_filter_on_missing_and_fallback() -> None:
     assert attr_filter(algo).filter(request(), []) == []
 
 
+def test_attribute_filter_empty_on_missing_means_pass() -> None:
+    # The reference reads `onMissing: ""` as its default, Pass (only other values are rejected).
+    eps = [endpoint(0, queue=9), endpoint(1, scraped=False)]
+    algo = {"type": "threshold", "threshold": {"operator": "LessThan", "value": 5}}
+    assert names(attr_filter(algo, onMissing="").filter(request(), eps)) == ["pod-1"]
+
+
 def test_attribute_filter_range_topk_percentile() -> None:
     eps = [endpoint(i, queue=q) for i, q in enumerate([4, 1, 7, 3, 1])]
     assert names(attr_filter({"type": "range", "range": {"min": 2, "max": 5}}).filter(request(), eps)) == [
@@ -327,6 +334,19 @@ def test_prefix_affinity_rejects_bad_values() -> None:
     # Both spellings of the in-flight source are accepted, and the latency predictor (test_latency_plugins.py).
     for source in ("prefillThroughput", "inflight", "latencyPredictor"):
         registry.build("prefix-cache-affinity-filter", "pcaf", {"ttftSource": source})
+
+
+def test_prefix_affinity_zero_peak_throughput_is_only_an_error_when_the_gate_reads_it() -> None:
+    # As the reference: peakPrefillThroughput must be > 0 only when the TTFT gate estimates from it (ttftSource
+    # prefillThroughput with maxTTFTPenaltyMs > 0); a negative value is always an error.
+    for params in ({"peakPrefillThroughput": 0, "maxTTFTPenaltyMs": 0},
+                   {"peakPrefillThroughput": 0, "ttftSource": "latencyPredictor"}):  # fmt: skip
+        registry.build("prefix-cache-affinity-filter", "pcaf", params)
+    f, _ = affinity({"peakPrefillThroughput": 0, "maxTTFTPenaltyMs": 0})
+    eps = [endpoint(i) for i in range(3)]
+    assert names(f.filter(with_hits(eps, {0: 10}), eps)) == ["pod-0"]
+    with pytest.raises(ConfigError, match="peakPrefillThroughput must be >= 0"):
+        registry.build("prefix-cache-affinity-filter", "pcaf", {"peakPrefillThroughput": -1, "maxTTFTPenaltyMs": 0})
 
 
 def calibration(tmp_path: Path, **over: Any) -> str:

@@ -125,6 +125,14 @@ def test_scorer_without_predictions_uses_the_composite() -> None:
     assert kv_only.score(request(), eps) == [0.8, 0.5, 1.0]
 
 
+def test_composite_rounds_half_up_as_the_reference() -> None:
+    # The reference rounds with Go's math.Round (half away from zero); Python's round() rounds half to
+    # even. KV usage 0.875 (7 of 8 blocks) gives exactly 12.5 hundredths: 0.13 there, not 0.12.
+    kv_only = make("latency-scorer", {"compositeQueueWeight": 0, "compositePrefixWeight": 0})
+    eps = [endpoint(0, kv=0.875), endpoint(1, kv=0.125), endpoint(2, kv=0.845)]
+    assert kv_only.score(request(), eps) == [0.13, 0.88, 0.16]
+
+
 @pytest.mark.parametrize("kv", [1e308, 6e306, float("nan"), float("inf"), -1e308])
 def test_composite_stays_a_score_whatever_the_kv_usage(kv: float) -> None:
     # `vllm:kv_cache_usage_perc 1e308` is finite, so it reaches EndpointMetrics; 100·(1 − kv)/3 then
