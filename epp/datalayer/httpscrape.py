@@ -294,6 +294,9 @@ class _Wire(asyncio.Protocol):
                         pos += 2
                     else:
                         end = raw.find(b"\r\n\r\n", pos)
+                        if end < 0 and len(raw) - pos > MAX_HEAD:  # held to the limit of a head
+                            self._fail(ProtocolViolation("chunked trailers too large"))
+                            return
                         if end < 0 or len(raw) - pos < 2:
                             pos = line_start  # trailers incomplete: re-read the last-chunk line later
                             break
@@ -328,15 +331,7 @@ class _Wire(asyncio.Protocol):
         if not keep_alive and self.transport is not None:
             self.transport.close()
         if gz:
-            # MAX_BODY holds for the page itself: a few KB of gzip can inflate to gigabytes.
-            inflate = zlib.decompressobj(31)
-            try:
-                body = inflate.decompress(body, MAX_BODY + 1)
-                problem = "" if inflate.eof else "corrupt gzip body"  # truncated
-            except zlib.error:
-                problem = "corrupt gzip body"
-            if len(body) > MAX_BODY:
-                problem = f"gzip body larger than {MAX_BODY} bytes decompressed"
+            body, problem = _gunzip(body)
             if problem:
                 self.client._wire_done(self, None, ProtocolViolation(problem), keep_alive)
                 return
@@ -351,6 +346,30 @@ class _Wire(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
         self.client._wire_done(self, None, err, False)
+
+
+def _gunzip(data: bytes) -> tuple[bytes, str]:
+    """Inflate a gzip body, every member of it (RFC 1952 allows several back to back), and what is
+    wrong with it ("" if nothing). MAX_BODY holds for the page itself: a few KB of gzip can inflate
+    to gigabytes."""
+    parts: list[bytes] = []
+    size = 0
+    try:
+        while True:
+            inflate = zlib.decompressobj(31)
+            part = inflate.decompress(data, MAX_BODY + 1 - size)
+            parts.append(part)
+            size += len(part)
+            if size > MAX_BODY:
+                return b"", f"gzip body larger than {MAX_BODY} bytes decompressed"
+            if not inflate.eof:
+                return b"", "corrupt gzip body"  # truncated
+            data = inflate.unused_data
+            if not data:
+                break
+    except zlib.error:
+        return b"", "corrupt gzip body"  # e.g. bytes after a member that start no member
+    return parts[0] if len(parts) == 1 else b"".join(parts), ""
 
 
 def _header(lower_head: bytes, name: bytes) -> bytes | None:

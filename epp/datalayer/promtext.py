@@ -76,7 +76,10 @@ class Series:
             except UnicodeDecodeError:
                 raise MalformedSeries("label value is not UTF-8") from None
             pairs = _LABEL_PAIRS.findall(text)
-            self._labels = {k: (_STR_ESCAPE.sub(_unescape_str, v) if "\\" in v else v) for k, v in pairs}
+            labels = {k: (_STR_ESCAPE.sub(_unescape_str, v) if "\\" in v else v) for k, v in pairs}
+            if len(labels) != len(pairs):  # which one would be meant? The reference's parser refuses it too
+                raise MalformedSeries(f"duplicate label name in {text[:80]!r}")
+            self._labels = labels
         return self._labels
 
     def __repr__(self) -> str:

@@ -17,7 +17,7 @@ from llmepp.observability.metrics import EppMetrics
 from llmepp.plugins.datasources.core_metrics import CoreMetricsExtractor
 from llmepp.plugins.datasources.metrics_source import MetricsDataSource
 
-from .fakes import MetricsServer
+from .fakes import MetricsServer, RawServer
 from .vllm_page import vllm_page
 
 
@@ -352,3 +352,32 @@ async def test_one_lost_scrape_or_a_short_outage_does_not_drop_the_ready_count(
         await asyncio.sleep(0.02)
         assert time.monotonic() - restarted < 1.0, "no scrape after the restart"
     assert set(samples) == {2.0}
+
+
+async def test_a_flapping_endpoint_is_not_logged_on_every_scrape(
+    harness_factory: HarnessFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every other scrape fails the same way (an overloaded server answering 503 now and then):
+    # each one-scrape streak logged a WARNING and each next page an INFO "recovered", ~20 lines a
+    # second for one pod. A streak failing as one warned about shortly before is logged at DEBUG.
+    caplog.set_level(logging.DEBUG, logger="llmepp.datalayer.collector")
+    page = vllm_page()
+
+    def respond(conn: int, req: int) -> tuple[list[bytes], bool]:
+        if req % 2:
+            return [b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"], False
+        return [f"HTTP/1.1 200 OK\r\nContent-Length: {len(page)}\r\n\r\n".encode() + page], False
+
+    server = await RawServer("127.0.0.68", respond).start()
+    try:
+        h = await harness_factory()
+        h.datastore.upsert(EndpointSpec(name="flap", address=server.host, port=server.port))
+        await wait_until(lambda: h.poll_errors() >= 8)
+    finally:
+        await server.stop()
+    records = [r for r in caplog.records if getattr(r, "endpoint", None) == "flap"]
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    infos = [r.getMessage() for r in records if r.levelno == logging.INFO]
+    assert len(warnings) == 1 and "HTTP status 503" in warnings[0], warnings
+    assert len(infos) <= 1, infos
+    assert len([r for r in records if r.levelno == logging.DEBUG]) >= 6  # still there at DEBUG

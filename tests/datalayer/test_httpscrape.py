@@ -425,3 +425,42 @@ def test_any_number_of_interim_responses() -> None:
     assert _frame(b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n" * 3 + ok_response(b"a 1\n"), 1) == [
         (b"a 1\n", None, True)
     ]
+
+
+async def test_endless_chunked_trailers_are_refused_not_buffered() -> None:
+    # After the last chunk ("0\r\n") a server kept sending trailer bytes with no blank line: every
+    # read was appended to the chunk buffer (20 MB held, past MAX_BODY, rescanned on each read) until
+    # the scrape timed out. Trailers are held to the head limit, as a response head is.
+    trailer = b"X-Filler: " + b"y" * (20 * 1024 * 1024)
+    resp = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\na 1\n\r\n0\r\n" + trailer
+    server = await RawServer(HOST, lambda c, r: ([resp], False)).start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(ProtocolViolation, match="trailer"):
+            await client(server.port, timeout=5.0).fetch()
+        assert time.monotonic() - started < 2.0
+    finally:
+        await server.stop()
+    raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\na 1\n\r\n0\r\n" + b"y" * (MAX_BODY + 1)
+    (page, err, keep), *_ = _frame(raw, 1 << 16)  # (the fake transport keeps feeding after the close)
+    assert page is None and isinstance(err, ProtocolViolation) and "trailer" in str(err) and not keep
+
+
+async def test_a_gzip_body_of_several_members_is_read_whole() -> None:
+    # A gzip body may be several members back to back (RFC 1952; a compressor flushing per write
+    # emits one per flush; Go's reader reads them all). Only the first member was inflated: the page
+    # was silently cut short and the families after the cut read as missing (their old values kept).
+    cut = PAGE.index(b"vllm:num_requests_waiting")
+    multi = gzip.compress(PAGE[:cut]) + gzip.compress(PAGE[cut:]) + gzip.compress(b"")
+    server = await RawServer(HOST, lambda c, r: ([ok_response(multi, "Content-Encoding: gzip\r\n")], False)).start()
+    try:
+        assert await client(server.port).fetch() == PAGE
+    finally:
+        await server.stop()
+    # Bytes after a member that are no gzip member are a corrupt body, not ignored.
+    [(body, err, _)] = _frame(ok_response(gzip.compress(PAGE) + b"garbage!", "Content-Encoding: gzip\r\n"), 1 << 16)
+    assert body is None and isinstance(err, ProtocolViolation) and "corrupt gzip" in str(err)
+    # The size limit holds over all the members together.
+    half = b"0" * (MAX_BODY // 2 + 1)
+    [(body, err, _)] = _frame(ok_response(gzip.compress(half) * 2, "Content-Encoding: gzip\r\n"), 1 << 16)
+    assert body is None and isinstance(err, ProtocolViolation) and "larger than" in str(err)

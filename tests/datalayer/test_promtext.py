@@ -329,3 +329,26 @@ def test_random_bytes_raise_only_promtext_errors(data: bytes, name: str) -> None
             sel.value(page)
         except PromTextError:
             pass
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.dictionaries(label_names, label_values, min_size=1, max_size=3),
+    st.data(),
+)
+def test_a_label_name_given_twice_is_malformed_not_resolved(labels: dict[str, str], data: st.DataObject) -> None:
+    # `m{request_type="waiting",request_type="scheduled"} 5` read as {request_type: scheduled}: the
+    # last duplicate won, so a `{request_type=scheduled}` selector took the value of an invalid series
+    # the reference's parser rejects. It is a malformed line: an error, or a counted skip.
+    name = data.draw(st.sampled_from(sorted(labels)))
+    other = data.draw(label_values)
+    pairs = [*(f'{k}="{escape(v)}"' for k, v in labels.items()), f'{name}="{escape(other)}"']
+    pairs = data.draw(st.permutations(pairs))
+    page = f'# TYPE m gauge\nm{{{",".join(pairs)}}} 5\nm{{ok="1"}} 7\n'.encode()
+    with pytest.raises(MalformedSeries, match="duplicate"):
+        Selector("m", {name: other}).latest(page)
+    with pytest.raises(MalformedSeries, match="duplicate"):
+        for s in Selector("m").series(page):
+            _ = s.labels
+    assert [(dict(s.labels), s.value) for s in Selector("m").series_skipping_malformed(page)[0]] == [({"ok": "1"}, 7.0)]
+    assert Selector("m").series_skipping_malformed(page)[1] == 1
