@@ -3,7 +3,8 @@
 Durations follow Go's `time.ParseDuration` ("60s", "200ms", "1m30s", "0"); a bare YAML
 number is seconds. Sizes follow Kubernetes quantities ("1G" = 10⁹, "1Gi" = 2³⁰, "500M",
 "64Ki"), with an optional trailing "B" ("1GB", "1GiB"), or a plain integer of bytes.
-Both raise ValueError with a message meant to follow a field path.
+Both raise ValueError with a message meant to follow a field path. `go_round` rounds as the
+reference's formulas do (Go's math.Round).
 """
 
 from __future__ import annotations
@@ -58,3 +59,9 @@ def parse_bytes(value: str | int) -> int:
     if not m:
         raise ValueError(f"invalid byte size {value!r} (examples: 1Gi, 500M, 1048576)")
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2) or ""])
+
+
+def go_round(x: float) -> int:
+    """Go's math.Round for a finite x ≥ 0: a half rounds up (Python's round() rounds it to even)."""
+    r = math.floor(x)
+    return r + 1 if x - r >= 0.5 else r

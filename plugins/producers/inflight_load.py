@@ -24,6 +24,7 @@ from llmepp.framework.requestcontrol import (
 )
 from llmepp.framework.scheduling import SchedulingResult
 from llmepp.request.types import InferenceRequest, ResponseInfo
+from llmepp.units import go_round
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ class InFlightLoadProducer(DataProducer, PreRequest, FirstResponseChunkProcessor
             request.data[self._charges_key] = charges
 
     def _estimated_output(self, request: InferenceRequest, input_tokens: int) -> int:
-        est = round(input_tokens * self.output_ratio)
+        est = go_round(input_tokens * self.output_ratio)  # as the reference (a half rounds up)
         if request.max_tokens is not None and 0 < request.max_tokens < est:
             est = request.max_tokens
         if self.max_output is not None and self.max_output < est:

@@ -89,9 +89,14 @@ class MMEmbeddingsCacheProducer(DataProducer, PreRequest):
         targets = encode.targets if encode is not None and encode.targets else result.targets
         if not targets:
             return
-        lru = self.lrus.get(targets[0])
+        ep = targets[0]
+        lru = self.lrus.get(ep)
         if lru is None:
-            lru = self.lrus[targets[0]] = OrderedDict()
+            if ep.removed:
+                # Removed while this request was scheduled: its removal was notified already, so
+                # an LRU made now would never be dropped.
+                return
+            lru = self.lrus[ep] = OrderedDict()
         for item in items:
             lru[item] = None
             lru.move_to_end(item)

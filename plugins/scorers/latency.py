@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import msgspec
@@ -17,6 +16,7 @@ from llmepp.framework.datakeys import (
 from llmepp.framework.plugin import PluginContext, PluginParams
 from llmepp.framework.scheduling import Scorer
 from llmepp.request.types import InferenceRequest
+from llmepp.units import go_round
 
 LEAST = "least"
 MOST = "most"
@@ -180,11 +180,5 @@ class LatencyScorer(Scorer):
             composite = wkv * (1.0 - m.kv_cache_usage_percent) + wq * rel_queue + wp * prefix
             if not 0.0 <= composite <= 1.0:  # a KV usage past [0, 1] (1e308: round() overflows) or NaN
                 composite = 1.0 if composite > 1.0 else 0.0
-            out.append(_round_half_up(W_MAX * composite) / W_MAX)
+            out.append(go_round(W_MAX * composite) / W_MAX)
         return out
-
-
-def _round_half_up(x: float) -> int:
-    """Go's math.Round for x ≥ 0 (half away from zero; Python's round() rounds half to even)."""
-    r = math.floor(x)
-    return r + 1 if x - r >= 0.5 else r

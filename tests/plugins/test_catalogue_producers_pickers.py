@@ -178,6 +178,14 @@ def test_inflight_estimated_output_tokens() -> None:
     assert list(capped.loads.values())[-1].tokens == 1020  # client's max tokens is a cap too
 
 
+def test_inflight_estimated_output_rounds_half_away_from_zero() -> None:
+    # The reference: round(input · outputRatio) with Go's math.Round, 3 · 1.5 = 4.5 → 5 (not 4, to even).
+    p = make("inflight-load-producer", {"addEstimatedOutputTokens": True, "outputRatio": 1.5})
+    ep = endpoint(0)
+    p.pre_request(tokenized(3), scheduled(ep))
+    assert p.loads[ep].tokens == 3 + 5
+
+
 def test_inflight_counters_are_per_instance_and_dropped_on_removal() -> None:
     ds = Datastore()
     ds.upsert(endpoint(0).spec)

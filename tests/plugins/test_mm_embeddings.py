@@ -89,6 +89,16 @@ def test_the_lru_counts_matches_records_on_the_encoder_and_is_bounded() -> None:
     assert producer(cacheSizeInMBPerServer=0).capacity == 2048
 
 
+def test_an_endpoint_removed_while_its_request_was_scheduled_keeps_no_lru() -> None:
+    # Its removal was notified before PreRequest: an LRU made for it then would never be dropped.
+    p = producer()
+    pod = endpoint(0)
+    pod.removed = True
+    p.endpoint_removed(pod)
+    p.pre_request(request(mm_items=(1,)), result(pod))
+    assert pod not in p.lrus
+
+
 CONFIG = """
 apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
