@@ -126,7 +126,8 @@ class MetricsAuth:
         """(HTTP status, message): 200 lets the scrape through."""
         scheme, _, token = (authorization or "").partition(" ")
         token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        # A bearer token is ASCII (RFC 6750); header bytes that are not UTF-8 arrive here as surrogates.
+        if scheme.lower() != "bearer" or not token or not token.isascii():
             return 401, "a bearer token is required (Authorization: Bearer <ServiceAccount token>)"
         key = hashlib.sha256(f"{path}\0{token}".encode()).digest()
         now = self._clock()

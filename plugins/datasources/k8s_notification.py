@@ -112,10 +112,10 @@ class _NotificationCollector(Collector):
             "Exceptions raised by notification extractors.",
             labels=["source", "extractor"],
         )
-        for src in self.sources:
-            for kind, n in src.stats.events.items():
+        for src in self.sources:  # copies: /metrics renders in a worker thread while the event loop counts
+            for kind, n in list(src.stats.events.items()):
                 events.add_metric([src.name, kind], n)
-            for extractor, n in src.stats.errors.items():
+            for extractor, n in list(src.stats.errors.items()):
                 errors.add_metric([src.name, extractor], n)
         yield events
         yield errors

@@ -143,7 +143,8 @@ class ProgramAwareFairness(FairnessPolicy, ResponseCompleteProcessor):
             del programs[fid]
 
     def programs(self, now: float) -> dict[str, float]:
-        return {fid: self.service(fid, now) for fid in self._programs}
+        # A copy: /metrics calls this from a worker thread while the event loop may add or forget programs.
+        return {fid: self.service(fid, now) for fid in list(self._programs)}
 
     def response_complete(self, request: InferenceRequest, response: ResponseInfo, result: SchedulingResult) -> None:
         usage = response.usage

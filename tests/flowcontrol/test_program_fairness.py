@@ -301,3 +301,23 @@ def test_the_pick_is_the_formula_for_any_services_and_heads(flows: list[tuple[in
         enqueue(ctl, band, f"t{seq}", float(head), seq)
     pick = band.fairness.pick()
     assert pick is not None and pick.fairness_id == brute_force_pick(band, p)
+
+
+def test_a_scrape_survives_a_new_program_arriving_meanwhile(monkeypatch: pytest.MonkeyPatch) -> None:
+    # /metrics renders in a worker thread while the event loop charges requests: a program the loop adds
+    # between two steps of the scrape must not fail it ("dictionary changed size during iteration": a 500).
+    p, clock = policy()
+    registry = CollectorRegistry()
+    p.setup(PluginContext({}, datastore=None, settings=None, metrics=EppMetrics(registry)))
+    p.attained("a", 1, clock.now)
+    p.attained("b", 1, clock.now)
+    service = p.service
+
+    def service_while_the_loop_runs(fid: str, now: float) -> float:
+        p.attained(f"new-{fid}", 1, now)  # what the event loop may do while the thread is switched out
+        return service(fid, now)
+
+    monkeypatch.setattr(p, "service", service_while_the_loop_runs)
+    families = {m.name: m for m in registry.collect()}
+    samples = families["llm_d_epp_program_aware_attained_service_tokens"].samples
+    assert {s.labels["program_id"] for s in samples} >= {"a", "b"}

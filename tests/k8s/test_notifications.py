@@ -395,3 +395,23 @@ def test_an_extractor_of_another_kind_or_type_is_refused() -> None:
 def test_bad_parameters_name_the_field(params: dict[str, str] | None, expected: str) -> None:
     with pytest.raises(ConfigError, match=r"plugin 'w' \(type k8s-notification-source\): parameters: " + expected):
         registry.build("k8s-notification-source", "w", params)
+
+
+def test_a_scrape_survives_a_first_extractor_error_meanwhile(monkeypatch: pytest.MonkeyPatch) -> None:
+    # /metrics renders in a worker thread while the event loop counts events: an extractor failing for the
+    # first time between two steps of the scrape must not fail it ("dictionary changed size": a 500).
+    from prometheus_client.core import CounterMetricFamily
+
+    from llmepp.plugins.datasources.k8s_notification import _NotificationCollector
+
+    src = source()
+    src.stats.errors["first"] = 1
+    add_metric = CounterMetricFamily.add_metric
+
+    def add_metric_while_the_loop_runs(self: CounterMetricFamily, labels: Any, value: float) -> None:
+        src.stats.errors.setdefault(f"other-{len(src.stats.errors)}", 1)  # what the event loop may do
+        add_metric(self, labels, value)
+
+    monkeypatch.setattr(CounterMetricFamily, "add_metric", add_metric_while_the_loop_runs)
+    families = {m.name: m for m in _NotificationCollector([src]).collect()}
+    assert families["llm_d_epp_notification_extractor_errors"].samples

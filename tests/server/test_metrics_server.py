@@ -124,6 +124,27 @@ async def test_an_api_failure_of_any_kind_is_503_not_an_exception(api: BrokenApi
     assert not a._cache  # not a decision: the next scrape asks again
 
 
+async def test_a_token_that_is_not_ascii_is_401_not_a_server_error() -> None:
+    """Header bytes that are not UTF-8 reach the handler as surrogates: a 401, never a 500 and a traceback."""
+    api = FakeApi({"t": "prometheus"}, {"prometheus"})
+    a = MetricsAuth(lambda: api)  # type: ignore[arg-type, return-value]
+    for token in ("\udcff\udcfe", "t\u00e9"):
+        status, message = await a.check(f"Bearer {token}", "/metrics")
+        assert status == 401 and "bearer token" in message
+    assert api.calls == []
+    server = MetricsServer(_registry(), auth=a)
+    port = free_port()
+    await server.start("127.0.0.1", port)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 401 "), answer
+    finally:
+        await server.aclose()
+
+
 async def _get(url: str, headers: dict[str, str] | None = None, ssl_ctx: Any = None) -> tuple[int, dict, bytes]:
     headers = {"Accept-Encoding": "identity", **(headers or {})}  # aiohttp asks for gzip by default
     async with aiohttp.ClientSession(auto_decompress=False) as http, http.get(url, headers=headers, ssl=ssl_ctx) as r:
