@@ -127,6 +127,7 @@ class App:
             warn_if_scrapes_outlast_staleness(self.components.plugins.values(), period)
         self.models_poller = self._build_models_poller()
         self.dcgm_pollers = self._build_dcgm_pollers()
+        self._unsupported_parsers: list[str] = []
         self.health = health.HealthService(self.ready)
         self.draining = False
         self.grpc_port = 0
@@ -235,8 +236,23 @@ class App:
             self.datastore.synced
             and not self.draining
             and (self.kube is None or self.kube.ready())
+            and self._parsers_support_pool()
             and all(source.ready() for source in self.notification_sources)
         )
+
+    def _parsers_support_pool(self) -> bool:
+        """Every configured parser reads the pool's `appProtocol`, when it sets one (reference
+        health.go::checkProtocolSupport). A change of the answer is logged once, not at every probe."""
+        app_protocol = self.kube.app_protocol if self.kube is not None else ""
+        unsupported = self.components.parsers.unsupported(app_protocol)
+        if unsupported != self._unsupported_parsers:
+            self._unsupported_parsers = unsupported
+            if unsupported:
+                log.warning(
+                    "not ready: the InferencePool's appProtocol %r is not supported by parsers %s",
+                    app_protocol, ", ".join(unsupported),
+                )  # fmt: skip
+        return not unsupported
 
     async def start(self) -> None:
         s = self.settings

@@ -20,6 +20,12 @@ from llmepp.framework.plugin import Plugin
 from llmepp.framework.scheduling import SchedulingResult
 from llmepp.request.types import InferenceRequest, ResponseInfo
 
+# InferencePool `appProtocol` values (GIE v1 `AppProtocolHTTP` / `AppProtocolH2C`).
+APP_PROTOCOL_HTTP = "http"
+APP_PROTOCOL_H2C = "kubernetes.io/h2c"
+HTTP_AND_H2C: frozenset[str] = frozenset({APP_PROTOCOL_HTTP, APP_PROTOCOL_H2C})
+H2C_ONLY: frozenset[str] = frozenset({APP_PROTOCOL_H2C})
+
 
 class Parser(Plugin):
     """A `requestHandler.parsers` entry: claims request paths and reads their bodies.
@@ -30,9 +36,16 @@ class Parser(Plugin):
 
     # Path suffixes, e.g. "chat/completions"; empty: the fallback.
     claims: ClassVar[tuple[str, ...]] = ()
+    # The pool `appProtocol`s it can read; None: any. A pool whose appProtocol one configured parser
+    # does not support keeps the EPP unready (reference `Claims().Protocols`, health.go).
+    protocols: ClassVar[frozenset[str] | None] = None
     # False: `parse` never reads the body, so its requests are routed on their headers and the body
     # streams through the EPP unbuffered (FULL_DUPLEX_STREAMED).
     reads_body: ClassVar[bool] = True
+
+    @classmethod
+    def supports(cls, app_protocol: str) -> bool:
+        return cls.protocols is None or app_protocol in cls.protocols
 
     @abstractmethod
     def parse(self, request: InferenceRequest, suffix: str) -> None:

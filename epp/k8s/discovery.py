@@ -91,7 +91,11 @@ class _PoolEvents:
         ports = obj.ports()
         if not ports:
             log.warning("InferencePool %s has no target ports: no endpoints", self.name)
-        self.reconciler.set_pool(PoolSpec(target_ports=ports[:MAX_TARGET_PORTS], selector=obj.match_labels()))
+        self.reconciler.set_pool(
+            PoolSpec(
+                target_ports=ports[:MAX_TARGET_PORTS], selector=obj.match_labels(), app_protocol=obj.spec.app_protocol
+            )
+        )
         self.seen.set()
 
     def delete(self, obj: InferencePool) -> None:
@@ -113,6 +117,12 @@ class KubernetesDiscovery:
     def has_pool(self) -> bool:
         """Pool mode: the InferencePool exists (a deleted pool makes the EPP unready)."""
         return self.reconciler is not None and self.reconciler.pool is not None
+
+    @property
+    def app_protocol(self) -> str:
+        """The pool's `appProtocol`; "" when unset, without a pool, or in standalone mode."""
+        pool = self.reconciler.pool if self.reconciler is not None else None
+        return pool.app_protocol if pool is not None else ""
 
     async def run(self, notifier: DiscoveryNotifier) -> None:
         t = self.target

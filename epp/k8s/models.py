@@ -105,6 +105,8 @@ class InferencePoolSpec(_Model, frozen=True):
     selector: dict[str, Any] = {}
     target_ports: list[PortNumber] = []
     target_port_number: int | None = None  # v1alpha2
+    # v1: "http" or "kubernetes.io/h2c"; "" (unset): no protocol check.
+    app_protocol: str = ""
 
 
 class InferencePool(_Model, frozen=True):

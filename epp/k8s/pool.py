@@ -39,6 +39,7 @@ class PoolSpec:
 
     target_ports: tuple[int, ...]
     selector: Mapping[str, str] | None = None
+    app_protocol: str = ""  # the InferencePool's spec.appProtocol ("" unset); readiness checks it
 
     def selects(self, pod: Pod) -> bool:
         if self.selector is None:
@@ -104,6 +105,7 @@ class PoolReconciler:
             extra={
                 "selector": dict(pool.selector) if pool and pool.selector is not None else None,
                 "target_ports": list(pool.target_ports) if pool else None,
+                "app_protocol": pool.app_protocol if pool else None,
             },
         )
         self.pool = pool

@@ -9,7 +9,8 @@ runs that plugin (file mode); otherwise `--pool-name` (InferencePool mode) or
                 InferenceModelRewrite (→ ModelRewriter) informers in pool mode, and the
                 leader elector with --ha-enable-leader-election
     ready()     pool mode: the InferencePool exists; HA: this replica leads. (The app adds
-                "datastore synced" and "not draining".)
+                "datastore synced", "not draining" and "the parsers support the pool's
+                appProtocol", see `app_protocol`.)
     release()   SIGTERM: stop electing and give the lease up at once
     aclose()    stop everything, close the client
 
@@ -161,6 +162,11 @@ class KubeRuntime:
         if self.target.pool_mode and (self.discovery is None or not self.discovery.has_pool):
             return False
         return self.elector is None or self.elector.is_leader
+
+    @property
+    def app_protocol(self) -> str:
+        """The InferencePool's `appProtocol` ("" when unset or in standalone mode)."""
+        return self.discovery.app_protocol if self.discovery is not None else ""
 
     async def release(self) -> None:
         """Stop competing for leadership and hand the lease over (drain)."""

@@ -338,6 +338,12 @@ class RequestParsers:
             self._matched[path] = found
         return found
 
+    def unsupported(self, app_protocol: str) -> list[str]:
+        """The names of the parsers that cannot read a pool of `app_protocol` ("": unset, none)."""
+        if not app_protocol:
+            return []
+        return [p.name for p in self.parsers if not p.supports(app_protocol)]
+
     def reads_body(self, path: str) -> bool:
         """Whether the parser of `path` reads the body (an unclaimed path without fallback: True, so
         the 400 comes once the body is in, like any parse error)."""

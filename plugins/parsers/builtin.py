@@ -16,12 +16,16 @@
 - `passthrough-parser`: claims nothing, so it is the fallback; it never reads the body, so its requests
   are routed on their headers and the body streams through unbuffered (routed by load).
 
+Protocols (the pool `appProtocol`s each reads; readiness checks them): `http` and `kubernetes.io/h2c`
+for the HTTP parsers, `kubernetes.io/h2c` only for vllmgrpc-parser and vertexai-parser, any for
+passthrough-parser.
+
 Parameters: none.
 """
 
 from __future__ import annotations
 
-from llmepp.framework.requestcontrol import Parser
+from llmepp.framework.requestcontrol import H2C_ONLY, HTTP_AND_H2C, Parser
 from llmepp.request import parsers, vertexai, vllmgrpc
 from llmepp.request.types import InferenceRequest
 
@@ -29,6 +33,7 @@ from llmepp.request.types import InferenceRequest
 class OpenAIParser(Parser):
     type = "openai-parser"
     claims = tuple(parsers.OPENAI_CLAIMS)
+    protocols = HTTP_AND_H2C
 
     def parse(self, request: InferenceRequest, suffix: str) -> None:
         parsers.parse_openai(request, suffix)
@@ -37,6 +42,7 @@ class OpenAIParser(Parser):
 class AnthropicParser(Parser):
     type = "anthropic-parser"
     claims = parsers.ANTHROPIC_CLAIMS
+    protocols = HTTP_AND_H2C
 
     def parse(self, request: InferenceRequest, suffix: str) -> None:
         parsers.parse_anthropic(request, suffix)
@@ -45,6 +51,7 @@ class AnthropicParser(Parser):
 class SglangParser(Parser):
     type = "sglanghttp-parser"
     claims = parsers.SGLANG_CLAIMS
+    protocols = HTTP_AND_H2C
 
     def parse(self, request: InferenceRequest, suffix: str) -> None:
         parsers.parse_sglang(request, suffix)
@@ -53,6 +60,7 @@ class SglangParser(Parser):
 class VllmParser(Parser):
     type = "vllmhttp-parser"
     claims = parsers.VLLM_CLAIMS
+    protocols = HTTP_AND_H2C
 
     def parse(self, request: InferenceRequest, suffix: str) -> None:
         parsers.parse_vllm_generate(request, suffix)
@@ -71,6 +79,7 @@ class VllmGrpcParser(Parser):
 
     type = "vllmgrpc-parser"
     claims = vllmgrpc.CLAIMS
+    protocols = H2C_ONLY
 
     def parse(self, request: InferenceRequest, suffix: str) -> None:
         vllmgrpc.parse(request, suffix)
@@ -82,6 +91,7 @@ class VertexAIParser(Parser):
 
     type = "vertexai-parser"
     claims = vertexai.CLAIMS
+    protocols = H2C_ONLY
 
     def parse(self, request: InferenceRequest, suffix: str) -> None:
         vertexai.parse(request, suffix)
