@@ -141,7 +141,8 @@ class _ContentPart(msgspec.Struct):
 
 class _Message(msgspec.Struct):
     role: str = ""
-    content: str | list[_ContentPart] | None = None
+    # vLLM also takes a plain string as a content part (chat_utils.ChatCompletionContentPartParam): a text part.
+    content: str | list[_ContentPart | str] | None = None
 
 
 class _ChatBody(msgspec.Struct):
@@ -607,7 +608,9 @@ def _media_items(messages: Any) -> tuple[int, ...]:
         content = message.content
         if isinstance(content, str) or not content:
             continue
-        items.extend(_xxh64(_media_ref(part)) for part in content if part.type in MULTIMODAL_PARTS)
+        items.extend(
+            _xxh64(_media_ref(part)) for part in content if not isinstance(part, str) and part.type in MULTIMODAL_PARTS
+        )
     return tuple(items)
 
 
@@ -798,7 +801,7 @@ def _chat_prompt(chat: _ChatBody) -> bytes:
         if isinstance(content, str):
             parts.append(content)
         elif content:
-            parts.extend(p.text for p in content if p.text is not None)
+            parts.extend(p if isinstance(p, str) else p.text or "" for p in content)
     text = "".join(parts).encode()
     tools = bytes(chat.tools)
     if tools and tools != b"null":
@@ -816,11 +819,16 @@ def _chat_messages(chat: _ChatBody) -> list[tuple[str, str]]:
         if isinstance(content, str):
             text = content
         elif content:
-            text = "\n".join(p.text or "" for p in content if p.type == "text")
+            text = "\n".join(p if isinstance(p, str) else p.text or "" for p in content if _is_text_part(p))
         else:
             text = ""
         out.append((msg.role, text))
     return out
+
+
+def _is_text_part(part: _ContentPart | str) -> bool:
+    """A plain string, or a `text` part with text (vLLM skips one whose text is null)."""
+    return isinstance(part, str) or (part.type == "text" and part.text is not None)
 
 
 def _is_token_prompt(value: Any) -> bool:

@@ -276,7 +276,13 @@ def _text_parts(content: Any) -> list[str]:
         return [content]
     if not isinstance(content, list):
         raise ValueError("message content must be a string, a list of parts or null")
-    return [p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text" and "text" in p]
+    # A plain string part is a text part (vLLM's chat_utils: ChatCompletionContentPartParam includes str);
+    # a text part whose text is null is skipped, as vLLM skips it.
+    return [
+        p if isinstance(p, str) else p["text"]
+        for p in content
+        if isinstance(p, str) or (isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
+    ]
 
 
 def _tool_call(call: Any) -> Any:

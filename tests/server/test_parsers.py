@@ -178,6 +178,22 @@ def test_chat_errors(body: Any, message: str) -> None:
     assert bad(body, "/v1/chat/completions").startswith(message)
 
 
+@settings(max_examples=100, deadline=None)
+@given(texts=st.lists(st.text(max_size=8), min_size=1, max_size=4))
+def test_chat_plain_string_content_parts_read_as_text_parts(texts: list[str]) -> None:
+    # vLLM's chat content parts include plain strings (chat_utils.ChatCompletionContentPartParam: `| str`),
+    # rendered as text parts are: such a body is served, and routed like its text-part twin.
+    image = {"type": "image_url", "image_url": {"url": "http://x"}}
+
+    def body(parts: list[Any]) -> dict[str, Any]:
+        return {"model": "m", "messages": [{"role": "user", "content": [*parts, image]}]}
+
+    plain = parse(body(list(texts)), "/v1/chat/completions")
+    typed = parse(body([{"type": "text", "text": t} for t in texts]), "/v1/chat/completions")
+    assert (plain.prompt, plain.messages, plain.mm_items) == (typed.prompt, typed.messages, typed.mm_items)
+    assert plain.messages == [("user", "\n".join(texts))] and len(plain.mm_items) == 1
+
+
 # -- embeddings / passthrough ----------------------------------------------------------------------
 def test_embeddings() -> None:
     r = parse({"model": "e", "input": ["a", "b"]}, "/v1/embeddings")

@@ -106,6 +106,26 @@ def test_a_template_looping_over_content_gets_parts() -> None:
     assert not jinja("{% for m in messages %}{{ m.content }}{% endfor %}").content_as_parts()
 
 
+def test_plain_string_content_parts_render_as_text_parts() -> None:
+    # vLLM reads a plain string content part as a text part (joined by "\n", or wrapped as {type: text}).
+    typed = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    for t in (load_chat_template(str(CHATML), str(TOKENIZER_PATH)), jinja("{% for m in messages %}"
+              "[{% for p in m.content %}{{ p.type }}:{{ p.text }};{% endfor %}]{% endfor %}")):  # fmt: skip
+        plain = render(t, messages=[{"role": "user", "content": ["a", "b"]}])
+        assert plain == render(t, messages=[{"role": "user", "content": typed}])
+        assert "a\nb" in plain or "text:a;text:b;" in plain
+
+
+def test_a_text_part_without_text_is_skipped_as_vllm_skips_it() -> None:
+    # vLLM (chat_utils.PART_TYPES_TO_SKIP_NONE_CONTENT) serves the request without the part; the render
+    # raised TypeError, so the request was routed without prefix data.
+    t = load_chat_template(str(CHATML), str(TOKENIZER_PATH))
+    parts = [{"type": "text", "text": None}, {"type": "text", "text": "x"}]
+    r = chat({"messages": [{"role": "user", "content": parts}]})
+    assert t.render(r) == render(t, messages=[{"role": "user", "content": "x"}])
+    assert r.messages == [("user", "x")]
+
+
 def test_continue_final_message_cuts_after_it() -> None:
     t = load_chat_template(str(CHATML), str(TOKENIZER_PATH))
     msgs = [USER, {"role": "assistant", "content": "The answer is"}]
