@@ -767,7 +767,7 @@ class ExtProcStream:
             self.response_time += time.perf_counter() - t0
         return answer
 
-    def on_response_trailers(self, t: pb.HttpTrailers) -> Answer:
+    def on_response_trailers(self, t: pb.HttpTrailers) -> Answers:
         if not self.resp_started:
             self.svc.protocol_error("response_trailers_before_headers")
             self._request_side_over()
@@ -776,6 +776,13 @@ class ExtProcStream:
             info.grpc_status = _grpc_status(envoy.header_map_dict(t.trailers), info.grpc_status)
         answer = self._with_metadata(envoy.RESPONSE_TRAILERS_CONTINUE)
         self._response_ended()
+        rewriter = self.rewriter
+        if rewriter is not None and self.resp_mode == envoy.MODE_FULL_DUPLEX_STREAMED:
+            # The body ended without an end-of-stream chunk: what the rewriter held back goes out before the
+            # trailers (the body's last answer, without EoS: the trailers end the stream).
+            held = rewriter.feed(b"", True)
+            if held:
+                return [envoy.streamed_response_body(held, False), answer]
         return answer
 
     def _request_side_over(self) -> None:

@@ -524,6 +524,24 @@ async def test_model_rewrite_both_ways() -> None:
         assert (req.model, req.target_model) == ("m", "big-model-v2")
 
 
+async def test_model_rewrite_holds_no_bytes_back_when_the_response_ends_with_trailers() -> None:
+    # The rewriter holds back a chunk's tail that may begin the model pattern; a response that ends with
+    # trailers (no end-of-stream body chunk) must still get those bytes, before the trailers.
+    async with serve() as h:
+        s = h.open()
+        await s.route(BODY, {"x-llm-d-model-name-rewrite": "big-model-v2"})
+        await s.send(response_headers(200, "text/event-stream"))
+        await s.recv()
+        await s.send(response_body(b'data: {"id":1}\n\ndata: {"model":"big-mo'))
+        out = streamed(await s.recv(), "response_body")[0]
+        await s.send(response_trailers())
+        rest = await s.recv()
+        assert rest.WhichOneof("response") == "response_body"
+        out += streamed(rest, "response_body")[0]
+        assert out == b'data: {"id":1}\n\ndata: {"model":"big-mo'
+        assert (await s.recv()).WhichOneof("response") == "response_trailers"
+
+
 async def test_response_trailers_complete_once() -> None:
     async with serve() as h:
         s = h.open()
