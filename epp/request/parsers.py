@@ -740,7 +740,9 @@ _LAX_WHITESPACE = (
     "\u2028\u2029\u202f\u205f\u3000"
 )
 # Sign, ASCII digits with single underscores between them, an optional all-zero fraction.
-_LAX_INT = re.compile(r"[+-]?[0-9](?:_?[0-9])*(?:\.0+)?")
+# pydantic strips a leading run of zeros, underscores among them in any number ("0__0" and "0___1" read),
+# then reads the rest as Python's int() does (one "_" between digits): "0__", "_0" and "1__0" are refused.
+_LAX_INT = re.compile(r"[+-]?(?:0[0_]*[1-9](?:_?[0-9])*|0(?:[0_]*0)?|[1-9](?:_?[0-9])*)(?:\.0+)?")
 _LAX_INT_DIGITS = 4300  # significant digits at most (Python's int-string limit; pydantic's too)
 _LAX_I64 = 2.0**63  # a float must lie strictly within (-2⁶³, 2⁶³)
 _LAX_BOOLS = {"true": True, "t": True, "y": True, "yes": True, "on": True, "1": True,
