@@ -77,7 +77,7 @@ class ExtProcServicer(StreamContext):
             while True:
                 msg = await read()
                 if msg is eof:
-                    if self.counts_stream_codes:
+                    if self._stream_metrics is not None:
                         # A client's cancel reaches a handler waiting here as this same EOF (the failed read
                         # is swallowed); grpc.aio injects its CancelledError only from the call's close
                         # event, which comes before one more read completes: a cancelled stream raises here,

@@ -220,7 +220,6 @@ class StreamContext:
         self._streams_inflight = metrics.extproc_streams_inflight
         # --enable-grpc-stream-metrics: (duration histogram, totals by gRPC code), else no work per stream.
         self._stream_metrics = metrics.stream_metrics() if settings.grpc_stream_metrics else None
-        self.counts_stream_codes = self._stream_metrics is not None
         # Open ext_proc streams, for the drain (the gauge above is for Prometheus).
         self.active_streams = 0
         self._request_processing = metrics.request_processing
