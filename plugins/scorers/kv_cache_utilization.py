@@ -15,13 +15,14 @@ class KVCacheUtilizationScorer(Scorer):
     Parameters: none.
 
     Where the usage comes from is `utilizations` (multicluster-kv-cache-utilization-scorer: a
-    cluster's pool average); an endpoint whose usage is unknown (None) scores 0.
+    cluster's pool average); an endpoint whose usage is unknown (None: never scraped) scores 0, as
+    the reference's current scorer leaves an endpoint with no written metrics unscored.
     """
 
     type = "kv-cache-utilization-scorer"
 
     def utilizations(self, endpoints: Sequence[Endpoint]) -> Sequence[float | None]:
-        return [ep.metrics.kv_cache_usage_percent for ep in endpoints]
+        return [m.kv_cache_usage_percent if (m := ep.metrics).update_time else None for ep in endpoints]
 
     def score(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
         return [0.0 if u is None else 1.0 - u for u in self.utilizations(endpoints)]

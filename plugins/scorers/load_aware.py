@@ -21,7 +21,11 @@ class LoadAwareScorer(Scorer):
     running capacity, which vLLM metrics don't expose). Unlike queue-scorer the score does not
     depend on the other candidates, so two lightly loaded endpoints stay close.
 
-    Parameters: `threshold` (128; a value ≤ 0 means 128, as in the reference). Never-scraped endpoints read q = 0.
+    Parameters: `threshold` (128; a value ≤ 0 means 128, as in the reference).
+
+    A never-scraped endpoint scores 0. The reference's load-aware scorer still reads it as q = 0,
+    but its queue, running-requests and KV scorers now leave such an endpoint unscored, and one rule
+    for all four is what an operator can reason about: unknown load is not an idle pod.
     """
 
     type = "load-aware-scorer"
@@ -40,4 +44,9 @@ class LoadAwareScorer(Scorer):
 
     def score(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
         t, k = self.threshold, self.half_inv
-        return [0.5 - q * k if q < t else 0.0 for q in (ep.metrics.waiting_queue_size for ep in endpoints)]
+        scores = []
+        for ep in endpoints:
+            m = ep.metrics
+            q = m.waiting_queue_size
+            scores.append(0.5 - q * k if m.update_time and q < t else 0.0)
+        return scores

@@ -16,13 +16,15 @@ class QueueScorer(Scorer):
     Parameters: none.
 
     Where q comes from is `queue_sizes` (multicluster-queue-scorer: a cluster's pool average); an
-    endpoint whose queue is unknown (None) scores 0 and is left out of minQ / maxQ.
+    endpoint whose queue is unknown (None: never scraped) scores 0 and is left out of minQ / maxQ,
+    as the reference's current scorer leaves an endpoint with no written metrics unscored. Reading
+    it as 0 would make a pod that just joined, or whose /metrics never answers, the idlest one.
     """
 
     type = "queue-scorer"
 
     def queue_sizes(self, endpoints: Sequence[Endpoint]) -> Sequence[float | None]:
-        return [ep.metrics.waiting_queue_size for ep in endpoints]
+        return [m.waiting_queue_size if (m := ep.metrics).update_time else None for ep in endpoints]
 
     def score(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
         return shortest_first(self.queue_sizes(endpoints))

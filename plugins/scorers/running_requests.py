@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from llmepp.datalayer.endpoint import Endpoint
 from llmepp.framework.scheduling import Scorer
+from llmepp.plugins.scorers.queue import shortest_first
 from llmepp.request.types import InferenceRequest
 
 
@@ -16,15 +17,11 @@ class RunningRequestsSizeScorer(Scorer):
 
     Why: the running batch is what slows each decode step; spreading it evens out
     inter-token latency, where the queue scorer only sees requests not yet admitted.
-    Parameters: none. Never-scraped endpoints read 0 running (last known values, as the reference).
+    Parameters: none. A never-scraped endpoint scores 0 and is left out of minRun / maxRun, as the
+    reference's current scorer leaves an endpoint with no written metrics unscored.
     """
 
     type = "running-requests-size-scorer"
 
     def score(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
-        running = [ep.metrics.running_requests_size for ep in endpoints]
-        lo, hi = min(running, default=0), max(running, default=0)
-        if hi == lo:
-            return [1.0] * len(running)
-        inv_span = 1.0 / (hi - lo)
-        return [(hi - r) * inv_span for r in running]
+        return shortest_first([m.running_requests_size if (m := ep.metrics).update_time else None for ep in endpoints])

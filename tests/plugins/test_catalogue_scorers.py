@@ -53,7 +53,13 @@ def test_running_requests_min_max() -> None:
     assert s.score(request(), eps) == [1.0, 0.5, 0.0]
     assert s.score(request(), [endpoint(0, running=3), endpoint(1, running=3)]) == [1.0, 1.0]
     assert s.score(request(), []) == []
-    assert s.score(request(), [endpoint(0, running=4), endpoint(1, scraped=False)]) == [0.0, 1.0]
+    # A never-scraped endpoint is left unscored and out of the range (the reference's current scorer).
+    assert s.score(request(), [endpoint(0, running=4), endpoint(1, scraped=False)]) == [1.0, 0.0]
+    assert s.score(request(), [endpoint(0, running=4), endpoint(1, scraped=False), endpoint(2, running=8)]) == [
+        1.0,
+        0.0,
+        0.0,
+    ]
 
 
 @settings(max_examples=50, deadline=None)
@@ -74,7 +80,9 @@ def test_load_aware_formula() -> None:
     eps = [endpoint(0, queue=0), endpoint(1, queue=5), endpoint(2, queue=10), endpoint(3, queue=50)]
     assert s.score(request(), eps) == pytest.approx([0.5, 0.25, 0.0, 0.0])
     assert make("load-aware-scorer").score(request(), [endpoint(0, queue=64)]) == pytest.approx([0.25])
-    assert s.score(request(), [endpoint(0, scraped=False)]) == [0.5]
+    # Unknown load is not an empty queue: a never-scraped endpoint scores 0, as the reference's
+    # queue, running-requests and KV scorers leave such an endpoint unscored.
+    assert s.score(request(), [endpoint(0, scraped=False), endpoint(1, queue=5)]) == pytest.approx([0.0, 0.25])
     assert s.score(request(), []) == []
     # threshold <= 0 means the default there, as in the reference (test_reference_configs.py).
     assert registry.build("load-aware-scorer", "la", {"threshold": 0}).threshold == 128  # type: ignore[attr-defined]

@@ -213,9 +213,10 @@ def test_the_stock_scorers_still_read_pod_metrics() -> None:
     assert QueueScorer("q").score(request(), pods) == pytest.approx([6 / 9, 1.0, 0.0])
     assert KVCacheUtilizationScorer("kv").score(request(), pods) == pytest.approx([0.5, 0.9, 0.1])
     assert QueueScorer("q").score(request(), []) == []
-    # A pod never scraped reads as an idle pod, as before (only a cluster's load can be unknown).
+    # A pod never scraped is unknown load, as an unseen cluster: unscored, out of the range.
     pods[2].metrics = NO_METRICS
-    assert QueueScorer("q").score(request(), pods) == pytest.approx([0.0, 1.0, 1.0])
+    assert QueueScorer("q").score(request(), pods) == pytest.approx([0.0, 1.0, 0.0])
+    assert KVCacheUtilizationScorer("kv").score(request(), pods) == pytest.approx([0.5, 0.9, 0.0])
 
 
 async def test_hub_routes_to_the_less_loaded_cluster_and_never_to_an_unseen_one() -> None:

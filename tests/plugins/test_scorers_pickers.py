@@ -33,15 +33,24 @@ def test_queue_scorer_all_equal_and_empty() -> None:
     assert QueueScorer("q").score(request(), []) == []
 
 
-def test_queue_scorer_unscraped_endpoint_counts_as_empty_queue() -> None:
-    # Reference behaviour: scorers use last known values; never scraped means zeros.
-    eps = [endpoint(0, queue=4), endpoint(1, scraped=False)]
-    assert QueueScorer("q").score(request(), eps) == [0.0, 1.0]
+def test_queue_scorer_leaves_a_never_scraped_endpoint_unscored() -> None:
+    # As the reference's current queue scorer: an endpoint with no written metrics scores 0 and is
+    # left out of the range, so a pod that just joined (or whose /metrics never answers) does not
+    # read as the idlest one and draw every request until its first scrape.
+    eps = [endpoint(0, queue=4), endpoint(1, scraped=False), endpoint(2, queue=8)]
+    assert QueueScorer("q").score(request(), eps) == [1.0, 0.0, 0.0]
+    assert QueueScorer("q").score(request(), [endpoint(0, queue=4), endpoint(1, scraped=False)]) == [1.0, 0.0]
+    assert QueueScorer("q").score(request(), [endpoint(0, scraped=False), endpoint(1, scraped=False)]) == [0.0, 0.0]
 
 
 def test_kv_cache_scorer() -> None:
     eps = [endpoint(0, kv=0.0), endpoint(1, kv=0.25), endpoint(2, kv=1.0)]
     assert KVCacheUtilizationScorer("kv").score(request(), eps) == [1.0, 0.75, 0.0]
+
+
+def test_kv_cache_scorer_leaves_a_never_scraped_endpoint_unscored() -> None:
+    eps = [endpoint(0, kv=0.5), endpoint(1, scraped=False)]
+    assert KVCacheUtilizationScorer("kv").score(request(), eps) == [0.5, 0.0]
 
 
 def _prefix_scorer(**params: object) -> tuple[PrefixCacheScorer, str]:
