@@ -18,6 +18,11 @@ absent). An Anthropic Messages stream splits its usage: `message_start` carries 
 tokens (in `message.usage`), the last `message_delta` the output tokens; the first
 `HEAD_BYTES` of a stream are kept too, and the two are merged (as the reference does).
 
+Counts written as JSON floats: an integral one (`12.0`) is read as its int. The reference's Go decoder
+rejects it and so loses the whole usage; an operator whose server writes `12.0` means 12. A usage object
+with a count that is no count (a fraction, a negative, or past `MAX_COUNT`) is ignored, as a malformed
+one is, and a rate-limited warning says so.
+
 SGLang's native `/generate` has no `usage`: each output carries a `meta_info` with `prompt_tokens`,
 `completion_tokens` and `cached_tokens` (read when no `usage` is found). A batch answer (a list of
 prompts, or n > 1) is a JSON list, one object per output: their counts are summed. A stream's chunks
@@ -32,32 +37,45 @@ last N bytes.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import msgspec
 
+from llmepp.observability.logging import RateLimitedLog
 from llmepp.request.types import Usage
+
+log = logging.getLogger(__name__)
 
 SSE_TAIL_BYTES = 64 * 1024
 HEAD_BYTES = 8 * 1024  # a stream's first events: where message_start is
 JSON_BODY_LIMIT = 4 * 1024 * 1024
+# Past 2**53 a float is no longer an exact integer; no response comes near it, so a larger count is garbage.
+MAX_COUNT = 2**53
+
+# A token count as written: JSON has one number type (ints beyond 64 bits decode as Python ints).
+_Count = int | float | None
+
+
+class _BadCount(ValueError):
+    """A usage field that is not a token count."""
 
 
 class _Details(msgspec.Struct):
-    cached_tokens: int | None = None
+    cached_tokens: _Count = None
 
 
 class _UsageBody(msgspec.Struct):
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    total_tokens: int | None = None
-    input_tokens: int | None = None
-    output_tokens: int | None = None
+    prompt_tokens: _Count = None
+    completion_tokens: _Count = None
+    total_tokens: _Count = None
+    input_tokens: _Count = None
+    output_tokens: _Count = None
     prompt_tokens_details: _Details | None = None
     input_tokens_details: _Details | None = None
-    cache_read_input_tokens: int | None = None
+    cache_read_input_tokens: _Count = None
 
 
 class _Inner(msgspec.Struct):
@@ -68,9 +86,9 @@ class _MetaInfo(msgspec.Struct):
     """SGLang /generate: {"text": ..., "output_ids": [...], "meta_info": {"id": ..., "prompt_tokens": ...}}"""
 
     id: Any = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    cached_tokens: int | None = None
+    prompt_tokens: _Count = None
+    completion_tokens: _Count = None
+    cached_tokens: _Count = None
 
 
 class _Envelope(msgspec.Struct):
@@ -96,27 +114,52 @@ _DONE = b"[DONE]"
 # reports it) decoded from the end before giving up: a stream reports its usage in (or near) its last
 # event, and decoding every event of a 64 KB tail cost ~1 ms per response.
 _USAGE_MISSES = 16
+_bad_count_log = RateLimitedLog(log, 300.0)  # once per response from a misbehaving server: keep it quiet
+
+
+def _count(v: _Count) -> int | None:
+    """A token count as an int (an integral float too); _BadCount for anything else."""
+    if v is None:
+        return None
+    n = int(v) if isinstance(v, float) and v.is_integer() else v
+    if not isinstance(n, int) or not 0 <= n <= MAX_COUNT:
+        raise _BadCount(v)
+    return n
+
+
+def _ignored(e: _BadCount) -> None:
+    _bad_count_log.warning("response usage ignored: token count %s is not a whole number in [0, 2**53]", e)
 
 
 def _to_usage(u: _UsageBody) -> Usage | None:
-    prompt = u.prompt_tokens if u.prompt_tokens is not None else u.input_tokens
-    completion = u.completion_tokens if u.completion_tokens is not None else u.output_tokens
-    details = u.prompt_tokens_details or u.input_tokens_details
-    cached = details.cached_tokens if details is not None else u.cache_read_input_tokens
-    if prompt is None and completion is None and u.total_tokens is None:
+    try:
+        prompt = _count(u.prompt_tokens if u.prompt_tokens is not None else u.input_tokens)
+        completion = _count(u.completion_tokens if u.completion_tokens is not None else u.output_tokens)
+        details = u.prompt_tokens_details or u.input_tokens_details
+        cached = _count(details.cached_tokens if details is not None else u.cache_read_input_tokens)
+        total_tokens = _count(u.total_tokens)
+    except _BadCount as e:
+        _ignored(e)
+        return None
+    if prompt is None and completion is None and total_tokens is None:
         return None
     p = prompt or 0
     c = completion or 0
-    total = u.total_tokens if u.total_tokens is not None else p + c
+    total = total_tokens if total_tokens is not None else p + c
     return Usage(prompt_tokens=p, completion_tokens=c, cached_tokens=cached or 0, total_tokens=total)
 
 
 def _meta_usage(m: _MetaInfo) -> Usage | None:
-    if m.prompt_tokens is None and m.completion_tokens is None:
+    try:
+        prompt, completion, cached = _count(m.prompt_tokens), _count(m.completion_tokens), _count(m.cached_tokens)
+    except _BadCount as e:
+        _ignored(e)
         return None
-    p = m.prompt_tokens or 0
-    c = m.completion_tokens or 0
-    return Usage(prompt_tokens=p, completion_tokens=c, cached_tokens=m.cached_tokens or 0, total_tokens=p + c)
+    if prompt is None and completion is None:
+        return None
+    p = prompt or 0
+    c = completion or 0
+    return Usage(prompt_tokens=p, completion_tokens=c, cached_tokens=cached or 0, total_tokens=p + c)
 
 
 def _envelope_usage(env: _Envelope) -> Usage | None:

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from llmepp.observability.logging import RateLimitedLog
 from llmepp.request import usage as usage_mod
 from llmepp.request.rewrite import ModelNameRewriter
 from llmepp.request.types import Usage
@@ -382,3 +383,56 @@ def test_rewrite_at_every_split_point() -> None:
     for i in range(len(body) + 1):
         for j in range(i, len(body) + 1, 7):
             assert rewrite_all([body[:i], body[i:j], body[j:]]) == expected
+
+
+# -- counts written as JSON floats ---------------------------------------------------------------
+
+
+def test_integral_float_counts_are_read_as_ints() -> None:
+    """JSON has one number type: a server writing `12.0` means 12 (the reference's Go decoder drops it)."""
+    body = (
+        b'{"choices":[],"usage":{"prompt_tokens":12.0,"completion_tokens":5.0,"total_tokens":17.0,'
+        b'"prompt_tokens_details":{"cached_tokens":4.0}}}'
+    )
+    got = usage_from_json(body)
+    assert got == Usage(12, 5, 4, 17)
+    assert got is not None and all(type(v) is int for v in (got.prompt_tokens, got.completion_tokens))
+    assert usage_from_json(b'{"usage":{"prompt_tokens":1.2e1,"completion_tokens":5}}') == Usage(12, 5, 0, 17)
+    assert collect([body[:20], body[20:]], streaming=False) == Usage(12, 5, 4, 17)
+
+
+def test_integral_float_counts_in_streams_fragments_and_other_shapes() -> None:
+    assert usage_from_sse(sse_stream(3, {"prompt_tokens": 11.0, "completion_tokens": 4.0})) == Usage(11, 4, 0, 15)
+    assert usage_from_fragment(b'...ignored"usage": {"input_tokens": 9.0, "output_tokens": 3.0}}') == Usage(9, 3, 0, 12)
+    anthropic = b'{"usage":{"input_tokens":10.0,"output_tokens":2.0,"cache_read_input_tokens":6.0}}'
+    assert usage_from_json(anthropic) == Usage(10, 2, 6, 12)
+    sglang = b'{"text":"x","meta_info":{"id":"a","prompt_tokens":7.0,"completion_tokens":2.0,"cached_tokens":1.0}}'
+    assert usage_from_json(sglang) == Usage(7, 2, 1, 9)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["12.5", "-1", "-3.0", "1e300", str(2**60), "1e999"],
+    ids=["fraction", "negative", "negative-float", "huge-float", "huge-int", "out-of-range"],
+)
+def test_a_usage_with_a_count_that_is_no_count_is_ignored(value: str) -> None:
+    """A fraction, a negative or an absurd count is not a token count: that usage object is ignored, as a
+    malformed one is (never a crash, never a made-up number)."""
+    body = f'{{"usage":{{"prompt_tokens":{value},"completion_tokens":5}}}}'.encode()
+    assert usage_from_json(body) is None
+    assert usage_from_fragment(b"xx" + body[1:]) is None
+    assert usage_from_sse(b"data: " + body + b"\n\ndata: [DONE]\n\n") is None
+    sglang = f'{{"meta_info":{{"id":"a","prompt_tokens":{value},"completion_tokens":5}}}}'.encode()
+    assert usage_from_json(sglang) is None
+
+
+def test_an_ignored_count_is_logged_rate_limited(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A fresh limiter: an earlier test's warning must not hold this one back.
+    monkeypatch.setattr(usage_mod, "_bad_count_log", RateLimitedLog(usage_mod.log, 300.0))
+    with caplog.at_level("WARNING", logger=usage_mod.log.name):
+        for _ in range(3):
+            usage_from_json(b'{"usage":{"prompt_tokens":1.5,"completion_tokens":5}}')
+    assert len(caplog.records) == 1
+    assert "1.5" in caplog.records[0].getMessage()
