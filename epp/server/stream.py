@@ -608,6 +608,10 @@ class ExtProcStream:
         headers = self.headers
         sets = decision.headers
         remove = [h for h in CONTROL_HEADERS if h in headers and h not in sets]
+        if "traceparent" in sets and "tracestate" in headers and "tracestate" not in sets:
+            # The EPP's span continues the trace upstream; the client's tracestate belonged to the client's
+            # traceparent (or to an invalid one, which W3C says to discard along with it).
+            remove.append("tracestate")
         metadata = envoy.lb_metadata_bytes(destination, decision.scores)
         return envoy.routing_answer(set_headers, remove, metadata, on_body=on_body, body=new_body)
 

@@ -170,6 +170,26 @@ async def test_a_clients_sidecar_routing_headers_are_removed_unless_the_epp_sets
         }
 
 
+async def test_a_clients_tracestate_does_not_outlive_the_traceparent_the_epp_replaces() -> None:
+    """With tracing on the EPP writes the traceparent the model server continues, and so owns tracestate:
+    the span's own when it has one, else none. The client's would otherwise go on beside a traceparent it
+    does not belong to (a new trace when the client's traceparent was invalid; W3C: then discard it)."""
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    client = {"traceparent": "garbage", "tracestate": "vendor=stale"}
+    async with serve(FakeDirector(list(ENDPOINTS), extra_headers={"traceparent": traceparent})) as h:
+        common = (await h.open().route(BODY, client))[0].request_headers.response
+        assert set_headers(common)["traceparent"] == traceparent.encode()
+        assert "tracestate" in common.header_mutation.remove_headers
+    kept = {"traceparent": traceparent, "tracestate": "vendor=span"}
+    async with serve(FakeDirector(list(ENDPOINTS), extra_headers=kept)) as h:
+        common = (await h.open().route(BODY, client))[0].request_headers.response
+        assert set_headers(common)["tracestate"] == b"vendor=span"
+        assert "tracestate" not in common.header_mutation.remove_headers
+    async with serve() as h:  # tracing off: the client's trace headers go on untouched
+        common = (await h.open().route(BODY, client))[0].request_headers.response
+        assert "tracestate" not in common.header_mutation.remove_headers
+
+
 async def test_decision_headers_are_forwarded() -> None:
     director = FakeDirector(list(ENDPOINTS), extra_headers={"x-prefiller-host-port": "10.0.0.9:8000"})
     async with serve(director) as h:
