@@ -19,9 +19,11 @@ estimate tokenizer input:
   token, so `len(prompt) / 4` is the exact token count, like the estimate backend's
   4-bytes-per-pseudo-token packing.
 - chat: the raw `tools` JSON exactly as the client sent it (if any), then for each
-  message its role followed by its text (string content, or the `text` of each text
-  content part; non-text parts such as `image_url` contribute nothing).
-- embeddings: the input, with the same rules as a completions prompt.
+  message its role followed by its text (string content, or the text of each text
+  content part: `text`, `input_text`, `output_text`, `refusal`, `thinking`, as vLLM reads
+  them; other parts such as `image_url` contribute nothing).
+- embeddings: the input, with the same rules as a completions prompt; a body of chat `messages`
+  instead (vLLM's EmbeddingChatRequest, taken when `input` is absent or null) as a chat without tools.
 - responses (OpenAI Responses API): `instructions` as a system message, then the `input`
   (a string is one user message; a list gives each item's role and text), like chat.
 - messages (Anthropic Messages API, `/v1/messages`; vLLM serves it too): the `tools` JSON,
@@ -106,6 +108,11 @@ VLLM_CLAIMS = ("inference/v1/generate",)
 MULTIMODAL_PARTS = frozenset(
     {"image_url", "video_url", "input_audio", "audio_url", "input_image", "input_file", "image", "document"}
 )
+# Content parts vLLM reads as text (chat_utils' MM_PARSER_MAP), each with the field holding its text: a
+# Responses-style input / output text, an assistant's refusal and a thinking part are text like `text`.
+TEXT_PARTS: dict[str, str] = {
+    "text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal", "thinking": "thinking"
+}  # fmt: skip
 # requestHandler.parsers when the config lists none (the reference's list).
 DEFAULT_PARSERS = ("openai-parser", "anthropic-parser", "vllmhttp-parser", "passthrough-parser")
 
@@ -129,6 +136,8 @@ class _CompletionsBody(msgspec.Struct):
 class _ContentPart(msgspec.Struct):
     type: str = ""
     text: str | None = None
+    refusal: str | None = None
+    thinking: str | None = None
     # Media references (decoded only when present): chat image_url / video_url / audio_url /
     # input_audio, Responses input_image (image_url or file_id) / input_file.
     image_url: Any = None
@@ -137,6 +146,7 @@ class _ContentPart(msgspec.Struct):
     input_audio: Any = None
     file_id: Any = None
     file_data: Any = None
+    uuid: Any = None  # vLLM's user-supplied media identity (any JSON value: vLLM reads str(uuid))
 
 
 class _Message(msgspec.Struct):
@@ -159,6 +169,8 @@ class _ChatBody(msgspec.Struct):
 class _EmbeddingsBody(msgspec.Struct):
     model: Any = None
     input: Any = msgspec.UNSET
+    # Read (as a chat body) only without `input`: vLLM's request union takes the `input` reading first.
+    messages: msgspec.Raw = msgspec.Raw()
     cache_salt: str | None = None
 
 
@@ -419,9 +431,7 @@ def parse_openai(req: InferenceRequest, suffix: str) -> None:
     if kind is RequestKind.CHAT_COMPLETIONS:
         chat = _decode(_CHAT_DECODER, body)
         req.model = _model(chat.model)
-        req.prompt = _chat_prompt(chat)
-        req.messages = _chat_messages(chat)
-        req.mm_items = _media_items(chat.messages)
+        _read_chat(req, chat, bytes(chat.tools))
         req.stream = _flag(chat.stream)
         if chat.max_completion_tokens is not None:
             req.max_tokens = _max_tokens(chat.max_completion_tokens, "max_completion_tokens")
@@ -438,7 +448,13 @@ def parse_openai(req: InferenceRequest, suffix: str) -> None:
     elif kind is RequestKind.EMBEDDINGS:
         emb = _decode(_EMBEDDINGS_DECODER, body)
         req.model = _model(emb.model)
-        req.prompt, req.prompt_is_token_ids = _text_or_tokens(emb.input, "input", lax=True)
+        if emb.input is not msgspec.UNSET and emb.input is not None:
+            req.prompt, req.prompt_is_token_ids = _text_or_tokens(emb.input, "input", lax=True)
+        elif emb.messages:
+            # vLLM's EmbeddingChatRequest: chat messages, rendered by the chat template (without tools).
+            _read_chat(req, _decode(_CHAT_DECODER, body), b"")
+        else:
+            raise BadRequest('missing required field "input" (or "messages")')
         req.cache_salt = emb.cache_salt or ""
     elif kind is RequestKind.CONVERSATIONS:
         # No model: a conversation is stored state; its items are the start of every later turn.
@@ -615,9 +631,13 @@ def _media_items(messages: Any) -> tuple[int, ...]:
 
 
 def _media_ref(part: Any) -> bytes:
-    """How the client identified the item (URL, data, file id) as canonical JSON bytes."""
+    """How the client identified the item: its `uuid`, which vLLM takes as the item's hash in its caches
+    (the URL or data may then differ or be left out; as the generate API's mm_hashes are read), else its
+    URL, data or file id as canonical JSON bytes."""
     if isinstance(part, _Block):
         return msgspec.json.encode(part.source)
+    if part.uuid is not None:
+        return str(part.uuid).encode()
     ref = part.image_url or part.video_url or part.audio_url or part.input_audio or part.file_id or part.file_data
     return msgspec.json.encode(ref)
 
@@ -645,7 +665,7 @@ def _responses_messages(resp: _ResponsesBody) -> list[tuple[str, str]]:
         if isinstance(content, str):
             out.append((item.role, content))
         else:
-            out.append((item.role, "\n".join(p.text for p in content or () if p.text is not None)))
+            out.append((item.role, "\n".join(t for p in content or () if (t := _part_text(p)) is not None)))
     return out
 
 
@@ -790,7 +810,14 @@ def _json_type(value: Any) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
-def _chat_prompt(chat: _ChatBody) -> bytes:
+def _read_chat(req: InferenceRequest, chat: _ChatBody, tools: bytes) -> None:
+    """A chat's messages → the request's prompt (after the `tools` JSON), (role, text) messages, media items."""
+    req.prompt = _chat_prompt(chat, tools)
+    req.messages = _chat_messages(chat)
+    req.mm_items = _media_items(chat.messages)
+
+
+def _chat_prompt(chat: _ChatBody, tools: bytes) -> bytes:
     messages = chat.messages
     if messages is msgspec.UNSET:
         raise BadRequest('missing required field "messages"')
@@ -803,9 +830,8 @@ def _chat_prompt(chat: _ChatBody) -> bytes:
         if isinstance(content, str):
             parts.append(content)
         elif content:
-            parts.extend(p if isinstance(p, str) else p.text or "" for p in content)
+            parts.extend(t for p in content if (t := _part_text(p)) is not None)
     text = "".join(parts).encode()
-    tools = bytes(chat.tools)
     if tools and tools != b"null":
         return tools + text
     return text
@@ -813,7 +839,7 @@ def _chat_prompt(chat: _ChatBody) -> bytes:
 
 def _chat_messages(chat: _ChatBody) -> list[tuple[str, str]]:
     """(role, text) per message (validated by _chat_prompt): string content, or the text of the
-    `text` parts joined by "\n"; other parts and null content contribute nothing."""
+    text parts (TEXT_PARTS) joined by "\n"; other parts and null content contribute nothing."""
     assert not isinstance(chat.messages, msgspec.UnsetType)
     out: list[tuple[str, str]] = []
     for msg in chat.messages:
@@ -821,16 +847,20 @@ def _chat_messages(chat: _ChatBody) -> list[tuple[str, str]]:
         if isinstance(content, str):
             text = content
         elif content:
-            text = "\n".join(p if isinstance(p, str) else p.text or "" for p in content if _is_text_part(p))
+            text = "\n".join(t for p in content if (t := _part_text(p)) is not None)
         else:
             text = ""
         out.append((msg.role, text))
     return out
 
 
-def _is_text_part(part: _ContentPart | str) -> bool:
-    """A plain string, or a `text` part with text (vLLM skips one whose text is null)."""
-    return isinstance(part, str) or (part.type == "text" and part.text is not None)
+def _part_text(part: _ContentPart | str) -> str | None:
+    """The text of a text part: a plain string, or a TEXT_PARTS part's text field; None for other parts
+    and for a text part whose text is null (vLLM skips it)."""
+    if isinstance(part, str):
+        return part
+    field = TEXT_PARTS.get(part.type)
+    return getattr(part, field) if field else None
 
 
 def _is_token_prompt(value: Any) -> bool:

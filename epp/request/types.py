@@ -58,7 +58,8 @@ class InferenceRequest:
     # Completions / embeddings: the prompt was given as token ids (`prompt` holds them as LE uint32).
     prompt_is_token_ids: bool = False
     # The conversation's images, video, audio and documents, each identified by a hash of how it was
-    # sent (its URL, data or file id): what an encoder would embed (mm-embeddings-cache-producer).
+    # sent (its vLLM `uuid`, else its URL, data or file id): what an encoder would embed
+    # (mm-embeddings-cache-producer).
     mm_items: tuple[int, ...] = ()
     stream: bool = False
     max_tokens: int | None = None

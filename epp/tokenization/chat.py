@@ -18,8 +18,10 @@ engine's. `load_chat_template(spec, tokenizer_path)` gives one of:
   `name`, `tool_call_id` passed through; an assistant's `reasoning` as both `reasoning` and
   `reasoning_content` (a client's `reasoning_content` is not read, as in vLLM). `tools` as sent, so
   an empty list stays a list. A config whose `chat_template` is a list of named templates uses
-  `tool_use` for requests with a tools list (when present), else `default`. Responses, Conversations
-  and Anthropic Messages requests (no chat body) are rendered from their parsed role + text messages.
+  `tool_use` for requests with a tools list (when present), else `default`. Embeddings requests of chat
+  `messages` as vLLM renders them: without tools or documents, `add_generation_prompt` default false.
+  Responses, Conversations and Anthropic Messages requests (no chat body) are rendered from their parsed
+  role + text messages.
 * **built-in renderers**: `role-tags` (alias `llmepp-sim`), the simulator's template, per message
   ``<|{role}|>\\n{text}\\n`` then the generation prompt ``<|assistant|>\\n``; `plain`, the texts joined by
   "\\n" (engines serving raw text). `auto` falls back to `role-tags`, with a warning, when the tokenizer's
@@ -52,6 +54,7 @@ import msgspec
 from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from llmepp.request.parsers import TEXT_PARTS
 from llmepp.request.types import InferenceRequest, RequestKind
 
 log = logging.getLogger(__name__)
@@ -196,7 +199,18 @@ class _ChatInputs(msgspec.Struct):
     continue_final_message: bool = False
 
 
+class _EmbeddingChatInputs(msgspec.Struct):
+    """The fields of an embeddings request of chat messages a template sees (vLLM's EmbeddingChatRequest:
+    it renders no tools or documents, and no generation prompt unless asked for)."""
+
+    messages: list[dict[str, Any]] = []
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = False
+    continue_final_message: bool = False
+
+
 _INPUTS = msgspec.json.Decoder(_ChatInputs)
+_EMBEDDING_INPUTS = msgspec.json.Decoder(_EmbeddingChatInputs)
 _TEMPLATE_FIELDS = _ChatInputs.__struct_fields__
 
 
@@ -276,13 +290,18 @@ def _text_parts(content: Any) -> list[str]:
         return [content]
     if not isinstance(content, list):
         raise ValueError("message content must be a string, a list of parts or null")
-    # A plain string part is a text part (vLLM's chat_utils: ChatCompletionContentPartParam includes str);
-    # a text part whose text is null is skipped, as vLLM skips it.
-    return [
-        p if isinstance(p, str) else p["text"]
-        for p in content
-        if isinstance(p, str) or (isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
-    ]
+    return [text for p in content if (text := _part_text(p)) is not None]
+
+
+def _part_text(part: Any) -> str | None:
+    """A plain string part is a text part (vLLM's chat_utils: ChatCompletionContentPartParam includes str),
+    as is a TEXT_PARTS part (input_text, refusal, ...: its text field); one whose text is null is skipped, as
+    vLLM skips it. None: no text part."""
+    if isinstance(part, str):
+        return part
+    kind = part.get("type") if isinstance(part, dict) else None
+    text = part.get(TEXT_PARTS[kind]) if isinstance(kind, str) and kind in TEXT_PARTS else None
+    return text if isinstance(text, str) else None
 
 
 def _tool_call(call: Any) -> Any:
@@ -340,14 +359,7 @@ class JinjaTemplate:
         """The prompt text. `pause`: called every RENDER_SLICE of the render (a worker thread's
         loop_handoff)."""
         pacer = _Pacer(pause) if pause is not None else None
-        if request.kind is not RequestKind.CHAT_COMPLETIONS:
-            # Responses, Conversations, Anthropic Messages: their body is no chat body; their messages.
-            inputs = _ChatInputs(messages=chat_messages(request.messages or ()))
-        else:
-            try:
-                inputs = _INPUTS.decode(request.body)
-            except msgspec.DecodeError as e:  # ValidationError included
-                raise ValueError(f"chat request cannot be rendered: {e}") from None
+        inputs = _inputs(request)
         # As transformers picks: any tools list, even an empty one (vLLM passes [] as sent).
         name = "tool_use" if inputs.tools is not None and "tool_use" in self._templates else "default"
         as_parts = self._lists[name]
@@ -401,6 +413,19 @@ class JinjaTemplate:
         if role == "assistant" and reasoning is not None:
             out["reasoning"] = out["reasoning_content"] = reasoning
         return out
+
+
+def _inputs(request: InferenceRequest) -> _ChatInputs:
+    """What the template renders: the chat body's fields, an embeddings body's chat fields, or (Responses,
+    Conversations, Anthropic Messages: their body is no chat body) the parsed messages."""
+    try:
+        if request.kind is RequestKind.CHAT_COMPLETIONS:
+            return _INPUTS.decode(request.body)
+        if request.kind is RequestKind.EMBEDDINGS:
+            return _ChatInputs(**msgspec.structs.asdict(_EMBEDDING_INPUTS.decode(request.body)))
+    except msgspec.DecodeError as e:  # ValidationError included
+        raise ValueError(f"chat request cannot be rendered: {e}") from None
+    return _ChatInputs(messages=chat_messages(request.messages or ()))
 
 
 def _continue_final(text: str, final: dict[str, Any]) -> str:

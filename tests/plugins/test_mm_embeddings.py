@@ -57,6 +57,31 @@ def test_media_items_identify_what_was_sent_and_ignore_text() -> None:
     assert items("/v1/completions", b'{"model": "m", "prompt": "x"}') == ()
 
 
+def test_a_media_uuid_is_the_item_identity_as_in_vllm() -> None:
+    # vLLM takes a part's user-supplied `uuid` as the item's hash for its caches (the data may then be
+    # left out): two parts with one uuid are one item whatever they send, and it is the item a generate
+    # request names by that hash in features.mm_hashes.
+    def part(url: str | None, uuid: Any = None, kind: str = "image_url") -> dict[str, Any]:
+        ref: Any = {"url": url} if url is not None else None
+        return {"type": kind, kind: ref, **({"uuid": uuid} if uuid is not None else {})}
+
+    def chat_items(*parts: dict[str, Any], path: str = "/v1/chat/completions") -> tuple[int, ...]:
+        body = {"model": "m", "messages": [{"role": "user", "content": ["?", *parts]}]}
+        return items(path, json.dumps(body).encode())
+
+    cat = chat_items(part("http://x/cat.png", "img-1"))
+    assert cat == chat_items(part("http://y/other.png", "img-1")) == chat_items(part(None, "img-1"))
+    assert cat != chat_items(part("http://x/cat.png", "img-2")) != chat_items(part("http://x/cat.png"))
+    assert chat_items(part("http://x/cat.png"), part("http://x/dog.png", "img-1"))[1] == cat[0]
+    generate = {"token_ids": [1], "features": {"mm_hashes": {"image": ["img-1"]}}}
+    assert items("/inference/v1/generate", json.dumps(generate).encode()) == cat
+    # vLLM reads a non-string uuid as str(uuid).
+    assert chat_items(part("u", 7, "video_url")) == chat_items(part("v", "7", "video_url"))
+    responses = {"model": "m", "input": [{"role": "user", "content": [
+        {"type": "input_image", "image_url": "http://z", "uuid": "img-1"}]}]}  # fmt: skip
+    assert items("/v1/responses", json.dumps(responses).encode()) == cat
+
+
 def producer(**params: Any) -> Any:
     return registry.build("mm-embeddings-cache-producer", "mm", params)
 

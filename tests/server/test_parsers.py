@@ -194,11 +194,64 @@ def test_chat_plain_string_content_parts_read_as_text_parts(texts: list[str]) ->
     assert plain.messages == [("user", "\n".join(texts))] and len(plain.mm_items) == 1
 
 
+def test_chat_input_text_output_text_refusal_and_thinking_parts_read_as_text() -> None:
+    # vLLM's chat_utils reads these part types as text parts (a refusal part's text is its `refusal`, a
+    # thinking part's its `thinking`); one without its text is skipped, as vLLM skips it.
+    parts = [
+        {"type": "input_text", "text": "a"},
+        {"type": "refusal", "refusal": "no"},
+        {"type": "output_text", "text": "b"},
+        {"type": "thinking", "thinking": "hm"},
+        {"type": "refusal", "refusal": None},
+        {"type": "image_url", "image_url": {"url": "u"}, "text": "x"},
+    ]
+    r = parse({"model": "m", "messages": [{"role": "assistant", "content": parts}]}, "/v1/chat/completions")
+    assert r.messages == [("assistant", "a\nno\nb\nhm")]
+    assert r.prompt == b"assistantanobhm"  # the image part's stray `text` is no text part
+    said = [{"type": "output_text", "text": "a"}, {"type": "refusal", "refusal": "no"}]
+    items = [{"role": "assistant", "content": said}]
+    r = parse({"model": "m", "input": items}, "/v1/responses")
+    assert r.messages == [("assistant", "a\nno")] and r.prompt == b"assistanta\nno"
+
+
 # -- embeddings / passthrough ----------------------------------------------------------------------
 def test_embeddings() -> None:
     r = parse({"model": "e", "input": ["a", "b"]}, "/v1/embeddings")
-    assert r.kind is RequestKind.EMBEDDINGS and r.prompt == b"ab" and r.model == "e"
-    assert bad({"model": "e"}, "/v1/embeddings") == 'missing required field "input"'
+    assert r.kind is RequestKind.EMBEDDINGS and r.prompt == b"ab" and r.model == "e" and r.messages is None
+    assert bad({"model": "e"}, "/v1/embeddings") == 'missing required field "input" (or "messages")'
+    assert bad({"model": "e", "input": None}, "/v1/embeddings") == 'missing required field "input" (or "messages")'
+
+
+def test_embeddings_of_chat_messages() -> None:
+    # vLLM's EmbeddingChatRequest: `messages` instead of `input`, read like a chat's (without tools: vLLM
+    # renders none for an embedding); with both, vLLM's request union takes the `input` one.
+    image = {"type": "image_url", "image_url": {"url": "http://x"}}
+    msgs = [{"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "input_text", "text": "a"}, image, "b"]}]  # fmt: skip
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    body = {"model": "e", "messages": msgs, "tools": tools, "cache_salt": "s"}
+    r = parse(body, "/v1/embeddings")
+    assert r.kind is RequestKind.EMBEDDINGS and (r.model, r.cache_salt, r.prompt_is_token_ids) == ("e", "s", False)
+    assert r.messages == [("system", "be brief"), ("user", "a\nb")] and r.prompt == b"systembe briefuserab"
+    assert len(r.mm_items) == 1 and r.multimodal
+    assert parse({**body, "input": None}, "/v1/embeddings").messages == r.messages
+    both = parse({**body, "input": "x", "messages": "not even a list"}, "/v1/embeddings")
+    assert (both.prompt, both.messages, both.mm_items) == (b"x", None, ())
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"model": "e", "messages": []}, '"messages" must contain at least one message'),
+        ({"model": "e", "messages": None}, '"messages" must be an array, got null'),
+        ({"model": "e", "messages": "hi"}, '"messages" must be an array, got string'),
+        ({"model": "e", "messages": ["hi"]}, '"messages[0]" must be an object, got string'),
+        ({"model": "e", "messages": [{"role": "u", "content": 5}]}, '"messages[0].content" must be a string or array'),
+        ({"messages": [{"role": "user", "content": "hi"}]}, 'missing required field "model"'),
+    ],
+)
+def test_embeddings_of_chat_messages_errors(body: Any, message: str) -> None:
+    assert bad(body, "/v1/embeddings").startswith(message)
 
 
 def test_passthrough_keeps_the_body_raw() -> None:

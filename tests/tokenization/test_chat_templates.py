@@ -126,6 +126,39 @@ def test_a_text_part_without_text_is_skipped_as_vllm_skips_it() -> None:
     assert r.messages == [("user", "x")]
 
 
+def test_input_text_output_text_refusal_and_thinking_parts_render_as_text_parts() -> None:
+    # vLLM's chat_utils reads them as text (a refusal's text is its `refusal`, a thinking part's its
+    # `thinking`): joined by "\n", or each as {type: text} when the template loops over the parts.
+    parts = [{"type": "input_text", "text": "a"}, {"type": "refusal", "refusal": "no"},
+             {"type": "output_text", "text": "b"}, {"type": "thinking", "thinking": "hm"},
+             {"type": "refusal", "refusal": None}]  # fmt: skip
+    typed = [{"type": "text", "text": t} for t in ("a", "no", "b", "hm")]
+    for t in (load_chat_template(str(CHATML), str(TOKENIZER_PATH)), jinja("{% for m in messages %}"
+              "[{% for p in m.content %}{{ p.type }}:{{ p.text }};{% endfor %}]{% endfor %}")):  # fmt: skip
+        text = render(t, messages=[{"role": "assistant", "content": parts}])
+        assert text == render(t, messages=[{"role": "assistant", "content": typed}])
+        assert "a\nno\nb\nhm" in text or "text:a;text:no;text:b;text:hm;" in text
+
+
+def test_embeddings_of_chat_messages_render_as_vllm_renders_them() -> None:
+    # vLLM's EmbeddingChatRequest: the chat template over the messages, without tools or documents, and
+    # without the generation prompt unless asked for (add_generation_prompt defaults to false there).
+    t = load_chat_template(str(CHATML), str(TOKENIZER_PATH))
+    msgs = [USER, {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]}]
+    tools = [{"type": "function", "function": {"name": "get"}}]
+
+    def embed(**body: Any) -> str:
+        raw = json.dumps({"model": "m", "messages": msgs, **body}).encode()
+        return str(t.render(parse_request({":path": "/v1/embeddings"}, raw, request_id="r")))
+
+    assert embed(tools=tools) == render(t, messages=msgs, add_generation_prompt=False)
+    assert embed(tools=tools).endswith("no<|im_end|>\n")
+    kwargs = {"add_generation_prompt": True, "chat_template_kwargs": {"enable_thinking": False}}
+    assert embed(**kwargs) == render(t, messages=msgs, **kwargs)
+    assert embed(continue_final_message=True) == render(t, messages=msgs, add_generation_prompt=False,
+                                                        continue_final_message=True)  # fmt: skip
+
+
 def test_continue_final_message_cuts_after_it() -> None:
     t = load_chat_template(str(CHATML), str(TOKENIZER_PATH))
     msgs = [USER, {"role": "assistant", "content": "The answer is"}]
