@@ -225,6 +225,16 @@ def template_fields(body: bytes) -> dict[str, Any]:
     return {k: data[k] for k in _TEMPLATE_FIELDS if k in data}
 
 
+def embedding_chat_fields(body: bytes) -> dict[str, Any]:
+    """An embeddings body of chat messages: the fields that decide its rendering as vLLM's
+    EmbeddingChatRequest renders it (no tools or documents; no generation prompt unless asked for)."""
+    fields = template_fields(body)
+    fields.pop("tools", None)
+    fields.pop("documents", None)
+    fields.setdefault("add_generation_prompt", False)
+    return fields
+
+
 class _Generation(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask marker): renders its body."""
 

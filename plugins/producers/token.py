@@ -22,7 +22,14 @@ from llmepp.httpclient import upstream_connector
 from llmepp.kvevents.keys import tokens_to_bytes
 from llmepp.observability.logging import LogLimiter
 from llmepp.request.types import InferenceRequest, RequestKind
-from llmepp.tokenization.chat import AUTO, chat_messages, load_chat_template, loop_handoff, template_fields
+from llmepp.tokenization.chat import (
+    AUTO,
+    chat_messages,
+    embedding_chat_fields,
+    load_chat_template,
+    loop_handoff,
+    template_fields,
+)
 from llmepp.tokenization.hf import HFTokenizer, in_worker
 from llmepp.units import parse_duration
 
@@ -357,6 +364,8 @@ class VllmTokenProducer(TokenProducer):
                 raise ValueError("request body is not a JSON object")
             body["model"] = model
             return (CHAT_RENDER if request.kind is RequestKind.CHAT_COMPLETIONS else COMPLETIONS_RENDER), body
+        if request.kind is RequestKind.EMBEDDINGS and request.messages is not None:
+            return CHAT_RENDER, {"model": model, **embedding_chat_fields(request.body)}
         if request.messages is not None:
             # Responses, Conversations, Anthropic Messages: no chat body to forward; their messages.
             return CHAT_RENDER, {"model": model, "messages": chat_messages(request.messages)}
@@ -367,7 +376,9 @@ class VllmTokenProducer(TokenProducer):
     def _tokenize_body(request: InferenceRequest, model: str) -> dict[str, Any]:
         """vLLM's tokenize API body: the prompt, or the fields of a chat it reads."""
         body: dict[str, Any] = {"model": model}
-        if request.kind is not RequestKind.CHAT_COMPLETIONS and request.messages is not None:
+        if request.kind is RequestKind.EMBEDDINGS and request.messages is not None:
+            body.update(embedding_chat_fields(request.body))
+        elif request.kind is not RequestKind.CHAT_COMPLETIONS and request.messages is not None:
             # Responses, Conversations, Anthropic Messages: no chat body to forward; their messages.
             body["messages"] = chat_messages(request.messages)
         elif request.messages is not None:

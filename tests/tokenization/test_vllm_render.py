@@ -170,6 +170,28 @@ async def test_apis_without_a_chat_body_are_rendered_from_their_messages() -> No
     ]
 
 
+async def test_embeddings_of_chat_messages_are_rendered_as_vllm_embeds_them() -> None:
+    """vLLM's EmbeddingChatRequest renders its messages without tools or documents and without a
+    generation prompt unless asked for; sent as a bare chat, the render added one (chat's default)."""
+    messages = [{"role": "user", "content": "hello there"}]
+    body = {"model": "m", "messages": messages, "tools": [{"type": "function"}], "encoding_format": "float"}
+    asked = {"model": "m", "messages": messages, "add_generation_prompt": True, "chat_template_kwargs": {"a": 1}}
+    for path in ("", "/tokenize"):
+        async with FakeRenderServer() as server:
+            plugin = vllm(server.url, path=path) if path else vllm(server.url)
+            try:
+                assert await produce(plugin, parsed("/v1/embeddings", body)) is not None
+                assert await produce(plugin, parsed("/v1/embeddings", asked)) is not None
+            finally:
+                await plugin.aclose()
+        route = path or CHAT_RENDER
+        assert server.calls == [
+            (route, {"model": "served", "messages": messages, "add_generation_prompt": False}),
+            (route, {"model": "served", "messages": messages, "add_generation_prompt": True,
+                     "chat_template_kwargs": {"a": 1}}),
+        ], path  # fmt: skip
+
+
 async def test_media_get_the_multimodal_timeout() -> None:
     """The reference's `mmTimeout` (30 s): a request with images may take the renderer that long to
     fetch and process them; text requests keep `timeout` (5 s)."""
