@@ -23,7 +23,9 @@ lookups reach them again once the parent is cached again. An engine hash always 
 tokens, so the kept position stays right until the source is cleared. A store whose parent is
 unknown (removed long ago, or stored before we subscribed and never replayed) cannot be keyed and is
 skipped (`orphans`). Request keys are reference counted per (key, tier) so two engine
-blocks that map to the same key (duplicate stores, engine-only extra keys) keep it until both go.
+blocks that map to the same key (duplicate stores, engine-only extra keys) keep it until both go. A
+block stored again while held (vLLM >= 0.33 re-reports reused blocks) adds no reference, but its keys
+go out again unchanged: stores order the in-memory index's LRU and refresh the shared index's expiry.
 
 Hybrid models (HMA): every KV-cache group caches a request's blocks under the same engine hash. Only
 full-attention groups hold a prefix; stores of other kinds (sliding window, mamba, ...) are skipped,
@@ -164,6 +166,14 @@ class SourceChains:
                     delta.engine_set.append(h)
                     for k in known.keys:
                         self._incref(k, tbit, out_keys, out_masks)
+                else:
+                    # Reused, still held: its keys are stored again as they are (no new reference), so
+                    # the index's LRU order and the shared index's expiry follow use, not first store.
+                    for k in known.keys:
+                        m = kmask.get(k, 0)
+                        if m:
+                            out_keys.append(k)
+                            out_masks.append(m)
                 key, pending = known.last_key, known.pending
                 continue
             chunk = tokens[j * span : (j + 1) * span if j < last else len(tokens)]

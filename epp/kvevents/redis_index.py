@@ -44,7 +44,9 @@ Speculative entries written by one replica's routing decision are visible to eve
 finds the index, the chain state and the stream position in Redis and continues from there (with a
 replay socket it fetches the batches published while it was down; without one, batches no replica
 received are lost, as with a single EPP). Entries of a pod removed from the pool stay until `ttl`
-(they are never candidates). `ttl` (default 1h, refreshed by every store) bounds garbage; a prefix
+(they are never candidates), and so do its `src:` and `eng:` keys (refreshed by every batch applied:
+a pod silent for longer is read again from the start of its publisher's buffer, as if new).
+`ttl` (default 1h, refreshed by every store) bounds garbage; a prefix
 the engine keeps longer than `ttl` without re-reporting it (vLLM < 0.33 does not re-report reused
 blocks) drops out of the shared index early.
 """
@@ -99,6 +101,8 @@ for _ = 1, tonumber(ARGV[9]) do
     if ttl > 0 then redis.call('PEXPIRE', k, ttl) end
   elseif redis.call('HDEL', k, pod) == 1 then
     redis.call('HSET', k, 'l|', pod)
+    -- HDEL of the last holder deleted the hash: the mark recreated it, without an expiry
+    if ttl > 0 and redis.call('PTTL', k) < 0 then redis.call('PEXPIRE', k, ttl) end
   end
 end
 local ns = tonumber(ARGV[i]); i = i + 1
@@ -106,6 +110,9 @@ for _ = 1, ns do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]); i = i + 2 en
 local nd = tonumber(ARGV[i]); i = i + 1
 for _ = 1, nd do redis.call('HDEL', KEYS[3], ARGV[i]); i = i + 1 end
 redis.call('HSET', KEYS[1], 'ts', high, 'seq', ARGV[3], 'lts', ARGV[2])
+if ttl > 0 then  -- a pod gone for good leaves its position and chain state for `ttl`, like its entries
+  redis.call('PEXPIRE', KEYS[1], ttl); redis.call('PEXPIRE', KEYS[3], ttl)
+end
 return 1
 """
 
@@ -119,9 +126,9 @@ for j = 1, nw do w[j] = tonumber(ARGV[i + j]) end
 i = i + nw + 1
 local top = tonumber(ARGV[i]); local keys = ARGV[i + 1]
 local t = redis.call('TIME'); local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local gens = {}
-local g = redis.call('HGETALL', KEYS[1])
-for j = 1, #g, 2 do gens[g[j]] = tonumber(g[j + 1]) end
+local gens = {}  -- the candidates' only: the hash keeps a field for every pod that ever cleared
+local g = redis.call('HMGET', KEYS[1], unpack(alive))
+for j, p in ipairs(alive) do gens[p] = tonumber(g[j]) end
 local function fields_of(pods)
   local f = {}
   for j, p in ipairs(pods) do f[2 * j - 1] = p; f[2 * j] = 's|' .. p end

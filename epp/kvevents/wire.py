@@ -42,6 +42,12 @@ class MalformedMessage(ValueError):
     """A frame set or payload that cannot be read; the caller counts it and moves on."""
 
 
+# What a decoder raises on unreadable input. msgspec gives up on nesting deeper than its limit (~1000)
+# with RecursionError, not DecodeError: left uncaught, it killed the source's task, and the restart
+# replayed the same batch from 0 and failed again, forever.
+_DECODE_ERRORS = (msgspec.ValidationError, msgspec.DecodeError, RecursionError)
+
+
 # Values no engine sends make the event unreadable (skipped and counted) rather than fail later: token
 # ids are keyed as LE uint32 (keys.tokens_to_bytes raises beyond that), block sizes are counts.
 TokenId = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF_FFFF)]
@@ -131,7 +137,7 @@ def decode_batch(payload: bytes) -> EventBatch:
     for decoder in (_MAP_BATCH, _ARRAY_BATCH):
         try:
             b = decoder.decode(payload)
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except _DECODE_ERRORS:
             continue
         if not math.isfinite(b.ts):
             break  # the tolerant path reports it
@@ -139,7 +145,7 @@ def decode_batch(payload: bytes) -> EventBatch:
     # Tolerant path: read the envelope, then each event on its own.
     try:
         raw = _RAW_BATCH.decode(payload)
-    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+    except _DECODE_ERRORS as e:
         raise MalformedMessage(f"event batch: {e}") from None
     if not math.isfinite(raw.ts):
         # (ts, seq) orders batches: an infinite ts would make every later batch look like a duplicate.
@@ -162,7 +168,7 @@ def _decode_event(data: bytes) -> KVEvent | None:
     is_map = 0x80 <= marker <= 0x8F or marker in (0xDE, 0xDF)
     try:
         event: KVEvent = (_MAP_EVENT if is_map else _ARRAY_EVENT).decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except _DECODE_ERRORS:
         return None
     return event
 

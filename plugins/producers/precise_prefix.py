@@ -251,6 +251,10 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkPro
         self.store: IndexStore = self._make_store()
         self.pool = SubscriberPool(self.pool_options, self.store, self._new_chains, self.stats)
         self._pods: dict[Endpoint, str] = {}
+        # The pool's pods (hostport → its endpoints), once endpoints are followed: speculation for a pod
+        # that left would bring it back into the index after the pool forgot it, for good.
+        self._live: dict[str, int] = {}
+        self._following = False
         self._metrics: EppMetrics | None = None
         self._warned_estimate = False
         self._log = LogLimiter(log)
@@ -284,12 +288,20 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkPro
         await self.pool.aclose()
 
     def endpoint_added(self, endpoint: Endpoint) -> None:
-        self._pods[endpoint] = endpoint.hostport
+        self._following = True
+        if endpoint not in self._pods:
+            pod = self._pods[endpoint] = endpoint.hostport
+            self._live[pod] = self._live.get(pod, 0) + 1
         if self.discover:
             self.pool.endpoint_added(endpoint)
 
     def endpoint_removed(self, endpoint: Endpoint) -> None:
-        self._pods.pop(endpoint, None)
+        pod = self._pods.pop(endpoint, None)
+        if pod is not None:
+            if self._live.get(pod, 1) > 1:
+                self._live[pod] -= 1
+            else:
+                self._live.pop(pod, None)
         self.pool.endpoint_removed(endpoint)
 
     def in_process_source(self, endpoint: Endpoint) -> SourceIngest:
@@ -403,6 +415,8 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkPro
     def _speculate(self, targets: list[str], ctx: tuple[bytes, int], info: PrefixMatchInfo, ttl: float) -> None:
         keys = self._all_keys(ctx, info)
         for pod in targets:
+            if self._following and pod not in self._live:
+                continue  # left the pool since the routing decision
             self.index.speculate(pod, keys, ttl)
 
     # -- metrics -------------------------------------------------------------------------------

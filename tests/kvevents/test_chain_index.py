@@ -402,3 +402,23 @@ def test_mediums_no_tier_names_are_not_memoised_without_bound() -> None:
         assert tiers.bit(f"DISK-{i}") == 0
     assert tiers.bit("GPU") == 1 and tiers.bit("cpu") == 2 and tiers.bit(None) == 1
     assert len(tiers._by_medium) <= 64
+
+
+def test_a_re_reported_block_is_recently_stored_again() -> None:
+    """vLLM >= 0.33 re-reports the prefix blocks a request reuses. The chains swallowed the report (the
+    block was known): a prefix every request reuses stayed the *least* recently stored key, the first
+    the size bound evicted (and, swallowed again, it never came back while the engine held it); in the
+    shared index its entries expired `ttl` after the first store (test_redis.py)."""
+    index = MemoryIndex(size=3, pod_cache_size=10, tiers=TIERS)
+    chains = SourceChains(4, 0, TIERS, 1000)
+    hot, cold, new = list(range(8)), list(range(100, 104)), list(range(200, 204))
+    feed(chains, index, "p:1", [BlockStored([1, 2], None, hot, 4)])  # a shared system prompt
+    feed(chains, index, "p:1", [BlockStored([3], None, cold, 4)])
+    delta = feed(chains, index, "p:1", [BlockStored([1, 2], None, hot, 4)])  # reused: re-reported
+    assert delta.keys == block_keys(tokens_to_bytes(hot), 4, root_key(MODEL)) and delta.masks == [1, 1]
+    feed(chains, index, "p:1", [BlockStored([4], None, new, 4)])  # over the bound: the oldest goes
+    assert lookup(index, hot, 4, ["p:1"]) == {"p:1": 2}
+    assert lookup(index, cold, 4, ["p:1"]) == {}
+    # Still reference counted once: one removal drops it.
+    feed(chains, index, "p:1", [BlockRemoved([1, 2])])
+    assert lookup(index, hot, 4, ["p:1"]) == {}

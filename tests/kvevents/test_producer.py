@@ -25,6 +25,8 @@ from llmepp.request.parsers import parse_request
 from llmepp.request.types import InferenceRequest, ResponseInfo
 from llmepp_sim.tokenizer import TOKENIZER_PATH
 
+from .rig import until
+
 # The reference's test/perf/config/router-configs/precise-prefix.yaml shape (§2 example C).
 EXAMPLE_C = """
 apiVersion: llm-d.ai/v1alpha1
@@ -320,3 +322,28 @@ def test_notification_source_replays_known_endpoints_to_late_extractors() -> Non
     datastore.upsert(EndpointSpec(name="b", address="127.0.0.172", port=1))
     datastore.delete("a")
     assert rec.events == ["+a", "+b", "-a"]
+
+
+async def test_speculation_for_a_removed_endpoint_does_not_bring_its_pod_back() -> None:
+    """A request routed to an endpoint that leaves the pool before its response: releasing its
+    speculation re-created the pod in the index after the pool had forgotten it, and nothing ever
+    released it again (with pod churn the index's pod bits, and so every mask, grew without bound)."""
+    c, datastore, eps, producer = example_c()
+    req = chat("a prompt long enough for a few blocks of tokens " * 6)
+    await run_producers(c, req, eps)
+    producer.pre_request(req, SchedulingResult("default", {"default": ProfileResult(targets=[eps[2]])}))
+    await asyncio.sleep(0)  # the speculation runs
+    gone = eps[2].hostport
+    assert producer.index.bit_of(gone) != 0
+    datastore.delete("p2")
+    await until(lambda: producer.index.bit_of(gone) == 0, what="the pool forgot the pod")
+    producer.first_response_chunk(req, ResponseInfo(status=200))
+    assert producer.index.bit_of(gone) == 0 and producer.index.speculative_entries == 0
+    # A pod still in the pool is speculated for as before.
+    req = chat("another prompt long enough for a few blocks of tokens " * 6)
+    await run_producers(c, req, eps[:2])
+    producer.pre_request(req, SchedulingResult("default", {"default": ProfileResult(targets=[eps[1]])}))
+    await asyncio.sleep(0)
+    assert producer.index.speculative_entries > 0 and producer.index.bit_of(eps[1].hostport) != 0
+    for plugin in c.plugins.values():
+        await plugin.aclose()

@@ -23,6 +23,7 @@ from llmepp.kvevents.keys import block_keys, root_key, tokens_to_bytes
 from llmepp.kvevents.pool import PoolOptions, SubscriberPool
 from llmepp.kvevents.redis_index import RedisStore, connect
 from llmepp.kvevents.stats import KVEventStats
+from llmepp.kvevents.wire import BlockRemoved, BlockStored
 from llmepp.observability.metrics import EppMetrics
 from llmepp.plugins.producers.precise_prefix import RedisPrecisePrefixCacheProducer
 from llmepp.plugins.producers.shared_inflight import RedisInFlightLoadProducer
@@ -540,3 +541,68 @@ async def test_redis_lookup_failures_are_counted_and_exported() -> None:
         await until(lambda: p.stats.speculation_errors == 1, what="the failed speculative write counted")
         assert sample("speculation_errors") == 1
         await p.aclose()
+
+
+async def test_every_key_a_pod_leaves_behind_expires(server: RedisServer, client: aioredis.Redis) -> None:
+    """`ttl` bounds the garbage of pods that are gone. Two leaks: a removal that deleted a block's last
+    holder (HDEL empties the hash, Redis deletes it) recreated it for the last-holder mark without an
+    expiry, so every evicted block stayed for good; and a pod's stream position and chain state
+    (`src:`/`eng:`, one packed entry per engine block) had no expiry at all."""
+    store = RedisStore(client, TIERS, ttl=60.0)
+    pod = "127.0.0.179:8000"
+    chains = SourceChains(4, 0, TIERS, 100)
+    delta = Delta()
+    chains.stored(BlockStored([1, 2], None, TOKENS[:8], 4), "m", delta)
+    await store.write(pod, chains, 1.0, 0, delta)
+    delta = Delta()
+    chains.removed(BlockRemoved([2]), delta)
+    await store.write(pod, chains, 2.0, 1, delta)
+    keys = [k async for k in client.scan_iter("epp:kv:*")]
+    assert {k.decode().split(":")[2] for k in keys} == {"b", "src", "eng"}
+    assert len(keys) == 4
+    for k in keys:
+        assert 0 < await client.pttl(k) <= 60_000, k
+    removed = f"epp:kv:b:{delta.keys[0]:016x}"
+    assert await client.hgetall(removed) == {b"l|": pod.encode()}
+
+
+async def test_a_re_reported_block_refreshes_its_expiry(server: RedisServer, client: aioredis.Redis) -> None:
+    """vLLM >= 0.33 re-reports the blocks a request reuses: a prefix in constant use must not drop out of
+    the shared index `ttl` after it was first stored (the chains swallowed the re-report)."""
+    store = RedisStore(client, TIERS, ttl=60.0)
+    pod = "127.0.0.179:8000"
+    chains = SourceChains(4, 0, TIERS, 100)
+    delta = Delta()
+    chains.stored(BlockStored([1, 2], None, TOKENS[:8], 4), "m", delta)
+    await store.write(pod, chains, 1.0, 0, delta)
+    blocks = [f"epp:kv:b:{k:016x}" for k in delta.keys]
+    for k in blocks:
+        await client.pexpire(k, 1_000)  # most of the ttl has passed
+    delta = Delta()
+    chains.stored(BlockStored([1, 2], None, TOKENS[:8], 4), "m", delta)  # reused: re-reported
+    await store.write(pod, chains, 2.0, 1, delta)
+    for k in blocks:
+        assert await client.pttl(k) > 50_000, k
+    keys = block_keys(tokens_to_bytes(TOKENS[:8]), 4, root_key("m"))
+    assert (await store.lookup(keys, [pod])).lengths == {pod: 2}
+
+
+async def test_a_lookup_reads_only_its_candidates_generations(server: RedisServer, client: aioredis.Redis) -> None:
+    """Every pod that ever cleared its cache or restarted keeps a field in `gen` (pods come and go, the
+    hash only grows); each lookup read the whole hash (HGETALL) inside Redis, on the request path."""
+    store = RedisStore(client, TIERS, ttl=60.0)
+    await client.hset("epp:kv:gen", mapping={f"10.0.{i // 250}.{i % 250}:8000": 1 for i in range(5_000)})
+    pod = "127.0.0.179:8000"
+    chains = SourceChains(4, 0, TIERS, 100)
+    delta = Delta()
+    chains.stored(BlockStored([1, 2], None, TOKENS[:8], 4), "m", delta)
+    await store.write(pod, chains, 1.0, 0, delta)
+    delta = Delta()
+    chains.clear(delta)
+    chains.stored(BlockStored([1], None, TOKENS[:4], 4), "m", delta)
+    await store.write(pod, chains, 2.0, 1, delta)  # gen 1 for the pod
+    keys = block_keys(tokens_to_bytes(TOKENS[:8]), 4, root_key("m"))
+    await client.config_resetstat()
+    assert (await store.lookup(keys, [pod, "10.0.0.1:8000"])).lengths == {pod: 1}
+    stats = await client.info("commandstats")
+    assert "cmdstat_hgetall" not in stats, stats["cmdstat_hgetall"]

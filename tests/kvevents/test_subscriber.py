@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 
+import msgpack
 import pytest
 
 from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
@@ -325,3 +326,23 @@ async def test_a_source_remembers_a_bounded_number_of_topics() -> None:
     for i in range(5_000):
         await ingest.on_batch(Message(f"kv@p@model-{i}".encode(), i, b""), EventBatch(1.0 + i, [], 0))
     assert len(ingest._models) <= 1024
+
+
+async def test_a_batch_nested_too_deep_is_counted_not_fatal_to_the_source() -> None:
+    """msgspec's RecursionError escaped the decoder: the source's task died, the pool restarted it
+    (forgetting all it held) and the replay from 0 brought the same batch back, forever."""
+    host = "127.0.0.172"
+    async with TestPublisher(host) as pub:
+        pool, index = memory_pool(pub.port, pub.replay_port, block_tokens=4)
+        pool.endpoint_added(endpoint(host, 8000))
+        await asyncio.sleep(0.3)
+        await pub.publish([chain(0, 3)])
+        await until(lambda: len(index) == 3, what="3 keys indexed")
+        deep = b"\x93" + msgpack.packb(time.time()) + b"\x91" + b"\x91" * 5_000 + b"\x01" + msgpack.packb(0)
+        await pub.send_raw([pub.topic, pub.seq.to_bytes(8, "big"), deep])
+        pub.buffer.append((pub.seq, deep))
+        pub.seq += 1
+        await pub.publish([chain(3, 4)])
+        await until(lambda: pool.stats.malformed_payloads == 1 and len(index) == 4, what="the next batch applied")
+        assert pool.stats.restarts == 0 and pool.stats.resets == 0 and pub.replay_requests == []
+        await pool.aclose()

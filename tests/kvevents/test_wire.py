@@ -231,3 +231,29 @@ def test_a_non_finite_timestamp_is_malformed(ts: float) -> None:
     make every later batch look old (the shared index's guard would refuse them for good)."""
     with pytest.raises(MalformedMessage):
         decode_batch(msgpack.packb([ts, [], 0]))
+
+
+def _deep(depth: int = 5_000) -> bytes:
+    """A msgpack value nested `depth` arrays deep (msgspec gives up with RecursionError)."""
+    return b"\x91" * depth + b"\x01"
+
+
+def test_deep_nesting_is_malformed_not_a_recursion_error() -> None:
+    """msgspec raises RecursionError (not a DecodeError) past its nesting limit: it escaped decode_batch,
+    killed the source's task, and the pool's restart replayed the same batch from 0, forever. Even the
+    tolerant path cannot step over such an event (msgspec.Raw parses it too): the batch is malformed."""
+    deep_extra = (
+        b"\x85"
+        + b"".join(msgpack.packb(x) for x in ("type", "BlockStored", "block_hashes", [1], "token_ids", [1, 2]))
+        + msgpack.packb("block_size") + msgpack.packb(2)
+        + msgpack.packb("extra_keys") + _deep()
+    )  # fmt: skip
+    ts, rank = msgpack.packb(1.5), msgpack.packb(0)
+    for parts in (
+        [_deep(), b"\x90", rank],
+        [ts, _deep(), rank],
+        [ts, b"\x90", _deep()],
+        [ts, b"\x91" + deep_extra, rank],
+    ):
+        with pytest.raises(MalformedMessage):
+            decode_batch(b"\x93" + b"".join(parts))
