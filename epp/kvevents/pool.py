@@ -122,8 +122,9 @@ class SubscriberPool:
         self._ids = None
         if src is None:
             return
+        previous = self._stopping.get(pod)  # removed, re-added and removed again before that stop ended
         try:
-            task = asyncio.get_running_loop().create_task(self._stop(pod, src), name=f"kv-stop-{pod}")
+            task = asyncio.get_running_loop().create_task(self._stop(pod, src, previous), name=f"kv-stop-{pod}")
         except RuntimeError:
             return  # no loop: nothing was started
         self._stopping[pod] = task
@@ -282,7 +283,11 @@ class SubscriberPool:
             return pods[0]  # the source counts it as unreadable
         return next((p for p in pods if self._endpoints[p].spec.rank == rank), None)
 
-    async def _stop(self, pod: str, src: _Source) -> None:
+    async def _stop(self, pod: str, src: _Source, previous: asyncio.Task[None] | None) -> None:
+        """Ends `src` and forgets the pod; after `previous` (an earlier stop of the pod), so stops end in
+        order and a source started after this one (it waits for this stop) finds every forget done."""
+        if previous is not None:
+            await asyncio.shield(previous)
         if src.task is not None:
             src.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -15,6 +15,7 @@ from llmepp.kvevents.chain import SourceChains
 from llmepp.kvevents.index import MemoryIndex
 from llmepp.kvevents.ingest import MemoryStore, SourceIngest
 from llmepp.kvevents.keys import block_keys, root_key, tokens_to_bytes
+from llmepp.kvevents.pool import PoolOptions, SubscriberPool
 from llmepp.kvevents.stats import KVEventStats
 from llmepp.kvevents.wire import EventBatch, Message
 from llmepp.observability.logging import LogLimiter
@@ -170,6 +171,53 @@ async def test_pool_follows_endpoints_and_a_dead_publisher_costs_nothing() -> No
         pool.endpoint_removed(dead_ep)
         assert len(pool) == 0
         await pool.aclose()
+
+
+class _SlowForgetStore(MemoryStore):
+    """The first forget waits for `release` (a shared index's round trip); logs forgets and resumes."""
+
+    def __init__(self) -> None:
+        super().__init__(MemoryIndex(1_000_000, 10, TIERS))
+        self.release = asyncio.Event()
+        self.log: list[str] = []
+
+    async def forget(self, pod: str, chains: SourceChains) -> None:
+        first = "forget" not in " ".join(self.log)
+        self.log.append("forget started")
+        if first:
+            await self.release.wait()
+        await super().forget(pod, chains)
+        self.log.append("forget done")
+
+    async def resume(self, pod: str, chains: SourceChains) -> None:
+        self.log.append("resume")
+        return None
+
+
+async def test_a_pod_removed_and_re_added_twice_waits_for_every_earlier_forget() -> None:
+    """remove, add, remove, add in quick succession: the last source may only start once the first
+    removal's forget is done. It waited for the latest stop only, so a slow first forget (a shared index)
+    could land after the new source had begun, erasing what it had applied."""
+    store = _SlowForgetStore()
+    pool = SubscriberPool(
+        PoolOptions(socket_port=free_port("127.0.0.160")),
+        store,
+        lambda: SourceChains(16, 0, TIERS, 1_000_000),
+        KVEventStats(),
+    )
+    ep = endpoint("127.0.0.160", 8000)
+    pool.endpoint_added(ep)
+    await until(lambda: store.log == ["resume"], what="first source started")
+    pool.endpoint_removed(ep)
+    pool.endpoint_added(ep)
+    pool.endpoint_removed(ep)
+    pool.endpoint_added(ep)
+    await asyncio.sleep(0.1)  # the second stop and the last source: nothing may run past the first forget
+    assert store.log.count("resume") == 1, store.log
+    store.release.set()
+    await until(lambda: store.log.count("resume") == 2, what="the last source started")
+    assert store.log == ["resume", "forget started", "forget done", "forget started", "forget done", "resume"]
+    await pool.aclose()
 
 
 async def test_a_data_parallel_rank_is_read_from_its_own_ports() -> None:
