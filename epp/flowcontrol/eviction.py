@@ -58,6 +58,9 @@ class Evictor:
         self._seq = itertools.count()
         # id(request) -> (request, eviction key, dispatch order)
         self._inflight: dict[int, tuple[InferenceRequest, Any, int]] = {}
+        # priority -> how many of `_inflight` have it: a decision with no victim priority below the blocked
+        # band (asked every dispatcher tick while it is blocked) returns without walking `_inflight`.
+        self._priorities: dict[int, int] = {}
         self._next_decision = -1.0
 
     def __len__(self) -> int:
@@ -66,16 +69,31 @@ class Evictor:
     def dispatched(self, request: InferenceRequest) -> None:
         if self._accept.accept(request):
             seq = next(self._seq)
-            self._inflight[id(request)] = (request, self._ordering.eviction_key(request, seq), seq)
+            key = id(request)
+            if key in self._inflight:
+                self._forget(key)
+            self._inflight[key] = (request, self._ordering.eviction_key(request, seq), seq)
+            priorities = self._priorities
+            priorities[request.priority] = priorities.get(request.priority, 0) + 1
 
     def completed(self, request: InferenceRequest) -> None:
-        self._inflight.pop(id(request), None)
+        if id(request) in self._inflight:
+            self._forget(id(request))
+
+    def _forget(self, key: int) -> None:
+        request = self._inflight.pop(key)[0]
+        priorities = self._priorities
+        left = priorities[request.priority] - 1
+        if left:
+            priorities[request.priority] = left
+        else:
+            del priorities[request.priority]
 
     def reclaim(self, blocked_priority: int, waiting: int, now: float) -> int:
         """Revoke up to min(`waiting`, MAX_PER_DECISION) victims for a band of `blocked_priority` held
         back by saturation with `waiting` requests queued; at most one decision per `grace`. Returns
         how many were revoked."""
-        if now < self._next_decision or not self._inflight:
+        if now < self._next_decision or not any(p < blocked_priority for p in self._priorities):
             return 0
         candidates = [
             (key, seq, req)
@@ -92,7 +110,7 @@ class Evictor:
                 break
             evict = req.evict
             assert evict is not None
-            self._inflight.pop(id(req), None)
+            self._forget(id(req))
             if evict():
                 revoked += 1
                 priority = req.priority

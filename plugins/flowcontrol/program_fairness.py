@@ -5,9 +5,11 @@ from __future__ import annotations
 import heapq
 import math
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -18,7 +20,7 @@ from llmepp.flowcontrol.types import FLOW_ID_KEY, Outcome
 from llmepp.framework.plugin import PluginContext, PluginParams
 from llmepp.framework.requestcontrol import ResponseCompleteProcessor
 from llmepp.framework.scheduling import SchedulingResult
-from llmepp.observability.metrics import MAX_FAIRNESS_LABELS, PREFIX, BoundedLabels
+from llmepp.observability.metrics import MAX_FAIRNESS_LABELS, PREFIX, BoundedLabels, per_registry
 from llmepp.request.types import InferenceRequest, ResponseInfo
 
 DISPATCHED = Outcome.DISPATCHED.value
@@ -56,7 +58,9 @@ class ProgramAwareFairness(FairnessPolicy, ResponseCompleteProcessor):
     the first 1,000 summed under "other", as the queue metrics), the mean flow-control queue wait of each
     program's dispatched requests in this policy's bands, `llm_d_epp_program_aware_avg_wait_time_milliseconds
     {program_id}` (read from the queue-duration histograms at scrape time), and Jain's fairness index over
-    those means, `llm_d_epp_program_aware_jains_fairness_index` (1 = equal waits).
+    those means, `llm_d_epp_program_aware_jains_fairness_index` (1 = equal waits). Several program-aware
+    policies (one per band, say) share one set of series: waits over all their bands, a program's
+    service the largest of their views (each sees every completion).
 
     Parameters: `strategy` ("las", the only one), `lasWeightService` (0.8), `lasWeightHeadWait`
     (0.2), `lasHalfLifeSeconds` (60), `evictionTtlSeconds` (3600), `evictionSweepSeconds` (300),
@@ -98,7 +102,11 @@ class ProgramAwareFairness(FairnessPolicy, ResponseCompleteProcessor):
     def setup(self, ctx: PluginContext) -> None:
         registry = getattr(ctx.metrics, "registry", None)
         if registry is not None:
-            registry.register(_Collector(self, FlowControlMetrics.for_registry(registry)))
+            # One collector per registry for every program-aware policy: a collector each would emit each
+            # family once per policy, which Prometheus refuses (the whole scrape fails).
+            flow_metrics = FlowControlMetrics.for_registry(registry)
+            collector = per_registry(registry, "program-aware-fairness", lambda r: _register(r, flow_metrics))
+            collector.policies.add(self)
 
     # -- service -----------------------------------------------------------------------------------
     def service(self, fairness_id: str, now: float) -> float:
@@ -223,15 +231,30 @@ class _LasState(FairnessState):
         return flows[best_i]
 
 
+def _register(registry: CollectorRegistry, flow_metrics: FlowControlMetrics) -> _Collector:
+    collector = _Collector(flow_metrics)
+    registry.register(collector)
+    return collector
+
+
 class _Collector(Collector):
-    def __init__(self, policy: ProgramAwareFairness, flow_metrics: FlowControlMetrics) -> None:
-        self.policy = policy
+    """The program-aware series of every program-aware policy of a registry (one family each)."""
+
+    def __init__(self, flow_metrics: FlowControlMetrics) -> None:
+        self.policies: weakref.WeakSet[ProgramAwareFairness] = weakref.WeakSet()
         self.flow_metrics = flow_metrics
         # Fairness ids exported under their own name; later ones fold into "other" (as the queue metrics).
         self._labels = BoundedLabels(MAX_FAIRNESS_LABELS)
 
     def collect(self) -> Iterator[Any]:
-        programs = self.policy.programs(self.policy.clock())
+        policies = list(self.policies)
+        # Every policy is told of every completion, so each knows every program (with its own half-life):
+        # a program's service is the largest of their views, not their sum.
+        programs: dict[str, float] = {}
+        for policy in policies:
+            for fid, value in policy.programs(policy.clock()).items():
+                if value > programs.get(fid, -1.0):
+                    programs[fid] = value
         service = GaugeMetricFamily(
             PREFIX + "program_aware_attained_service_tokens",
             "Decayed attained service (prompt + 2 x completion tokens) per program.",
@@ -245,9 +268,9 @@ class _Collector(Collector):
         for fid, value in per_label.items():
             service.add_metric([fid], value)
         # Each program's mean queue wait: its dispatched requests' queue-duration histograms in the bands
-        # this policy orders (their fairness ids are capped the same way).
+        # these policies order (their fairness ids are capped the same way).
         waits: dict[str, list[float]] = {}
-        priorities = self.policy.priorities
+        priorities = {p for policy in policies for p in list(policy.priorities)}  # copies: the loop may add
         for (fid, priority, outcome, *_), hist in list(self.flow_metrics.waits.items()):
             if outcome == DISPATCHED and priority in priorities:
                 acc = waits.setdefault(fid, [0.0, 0])

@@ -64,6 +64,31 @@ def test_no_more_than_the_blocked_band_waits_for() -> None:
     assert v.evictor.reclaim(0, 1, now=0.0) == 1 and v.evicted == ["c"]
 
 
+def test_a_blocked_band_with_nothing_below_it_in_flight_does_not_walk_the_in_flight_set() -> None:
+    """The dispatcher asks for a decision every tick (1 ms) while a band is blocked. A sheddable band
+    backed up behind its own in-flight work (the usual saturated state) has no victim below it: that
+    must be known without a scan of every request in flight, 1,000 times a second."""
+
+    class Walks(dict):  # type: ignore[type-arg]
+        walks = 0
+
+        def values(self):  # type: ignore[no-untyped-def]
+            Walks.walks += 1
+            return super().values()
+
+    v = Victims()
+    v.evictor._inflight = Walks()
+    for i in range(100):
+        v.dispatch(f"r{i}", -1)
+    for tick in range(1000):
+        assert v.evictor.reclaim(-1, 10, now=tick * 0.001) == 0
+    assert Walks.walks == 0
+    low = v.dispatch("low", -2)
+    assert v.evictor.reclaim(-1, 10, now=1.0) == 1 and v.evicted == ["low"]
+    v.evictor.completed(low)
+    assert v.evictor.reclaim(-1, 10, now=5.0) == 0 and Walks.walks == 1
+
+
 def test_only_bands_below_the_blocked_one_and_only_answerable_unfinished_requests() -> None:
     v = Victims()
     v.dispatch("low", -5)

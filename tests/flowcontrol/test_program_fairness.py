@@ -321,3 +321,46 @@ def test_a_scrape_survives_a_new_program_arriving_meanwhile(monkeypatch: pytest.
     families = {m.name: m for m in registry.collect()}
     samples = families["llm_d_epp_program_aware_attained_service_tokens"].samples
     assert {s.labels["program_id"] for s in samples} >= {"a", "b"}
+
+
+def test_two_program_aware_policies_export_each_series_once() -> None:
+    """Two program-aware-fairness plugins (e.g. a half-life per band) used to register a collector each:
+    every family came out twice, which Prometheus refuses (a second HELP / TYPE line fails the whole
+    scrape). One collector per registry serves them all: waits over every band they order, one index."""
+    config = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [flowControl]
+plugins:
+- {type: program-aware-fairness, name: fast, parameters: {lasHalfLifeSeconds: 10}}
+- {type: program-aware-fairness, name: slow}
+flowControl:
+  priorityBands:
+  - {priority: 10, fairnessPolicyRef: fast}
+  - {priority: 0, fairnessPolicyRef: slow}
+"""
+    from prometheus_client import generate_latest
+
+    metrics = EppMetrics(CollectorRegistry())
+    c = build(load_config(config), metrics=metrics)
+    ctl = c.pipeline.admission
+    assert isinstance(ctl, FlowController)
+    for processor in c.pipeline.response_complete:
+        processor.response_complete(
+            request(fairness_id="a"),
+            ResponseInfo(usage=Usage(100, 0, 0, 100)),
+            None,  # type: ignore[arg-type]
+        )
+    ctl.metrics.wait_histogram("a", "10", "Dispatched", "epp", "m", "m").observe(0.2)
+    ctl.metrics.wait_histogram("b", "0", "Dispatched", "epp", "m", "m").observe(0.6)
+    text = generate_latest(metrics.registry).decode()
+    for name in ("attained_service_tokens", "avg_wait_time_milliseconds", "jains_fairness_index"):
+        assert text.count(f"# TYPE llm_d_epp_program_aware_{name} ") == 1, name
+    lines = [line for line in text.splitlines() if line.startswith("llm_d_epp_program_aware_")]
+    assert len(lines) == len(set(lines))
+    value = metrics.registry.get_sample_value
+    # Both policies saw the completion; the program is one series (not summed twice).
+    assert value("llm_d_epp_program_aware_attained_service_tokens", {"program_id": "a"}) == pytest.approx(100, rel=1e-3)
+    assert value("llm_d_epp_program_aware_avg_wait_time_milliseconds", {"program_id": "a"}) == pytest.approx(200)
+    assert value("llm_d_epp_program_aware_avg_wait_time_milliseconds", {"program_id": "b"}) == pytest.approx(600)
+    assert value("llm_d_epp_program_aware_jains_fairness_index") == pytest.approx(0.8)
