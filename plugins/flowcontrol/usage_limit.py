@@ -83,7 +83,8 @@ class PriorityHoldbackPolicy(UsageLimitPolicy):
     With N active bands, i their rank (0 = highest), p their priority:
         rank     c_i = maxCeiling − i·(maxCeiling − minCeiling)/(N − 1)
         value    c_i = minCeiling + (p_i − pMin)/(pMax − pMin)·(maxCeiling − minCeiling)
-        explicit c_i = ceilings[p_i]  (a priority missing from the map: 0, always gated)
+        explicit c_i = ceilings[p_i]; an unlisted p_i takes the ceiling of the nearest listed priority
+                 below it (below them all: the lowest listed ceiling)
     One band (or equal priorities in `value`) gets maxCeiling. Parameters: `shape` (linear),
     `domain` (rank), `minCeiling` (required for rank/value), `maxCeiling` (1.0), `ceilings`.
     """
@@ -106,8 +107,7 @@ class PriorityHoldbackPolicy(UsageLimitPolicy):
     def _compute(self, priorities: Sequence[int]) -> list[float]:
         p = self.params
         if p.domain == "explicit":
-            table = p.ceilings or {}
-            return [table.get(prio, 0.0) for prio in priorities]
+            return [_listed_ceiling(p.ceilings or {}, prio) for prio in priorities]
         lo, hi = p.min_ceiling or 0.0, p.max_ceiling if p.max_ceiling is not None else 1.0
         n = len(priorities)
         if p.domain == "rank":
@@ -118,6 +118,16 @@ class PriorityHoldbackPolicy(UsageLimitPolicy):
         if p_max == p_min:
             return [hi] * n
         return [lo + (prio - p_min) / (p_max - p_min) * (hi - lo) for prio in priorities]
+
+
+def _listed_ceiling(table: dict[int, float], priority: int) -> float:
+    """`priority`'s ceiling in an explicit table; unlisted (an objective added after the config), the nearest
+    listed priority's below it, else the lowest listed one's. Not 0: a band gated even on an idle pool
+    would hold back every band below it (head-of-line) until its requests' TTL."""
+    if priority in table:
+        return table[priority]
+    below = [p for p in table if p < priority]
+    return table[max(below)] if below else table[min(table)]
 
 
 class SoftReflectiveCeilingPolicy(UsageLimitPolicy):

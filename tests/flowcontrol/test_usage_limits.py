@@ -28,9 +28,13 @@ def test_holdback_value_domain_follows_priority_spacing() -> None:
     assert p.ceilings(0.0, [3, 3]) == [1.0, 1.0]
 
 
-def test_holdback_explicit_domain_reads_the_table_and_gates_unknown_priorities() -> None:
+def test_holdback_explicit_domain_reads_the_table_and_an_unlisted_priority_as_the_listed_one_below() -> None:
+    """An unlisted priority (an objective added later) is gated like the nearest listed priority below it,
+    below them all like the lowest. It read ceiling 0, gated even on an idle pool; and since a gated band
+    holds back every band below it, one such request stopped all lower traffic until its TTL."""
     p = plugin("priority-holdback-policy", domain="explicit", ceilings={"100": 0.95, "50": 0.7, "10": 0.3})
-    assert p.ceilings(0.0, [100, 50, 10, 0]) == [0.95, 0.7, 0.3, 0.0]
+    assert p.ceilings(0.0, [100, 50, 10]) == [0.95, 0.7, 0.3]
+    assert p.ceilings(0.0, [200, 100, 75, 50, 10, 0, -5]) == [0.95, 0.95, 0.7, 0.7, 0.3, 0.3, 0.3]
 
 
 def test_holdback_ceilings_follow_a_new_band_list() -> None:
