@@ -5,8 +5,9 @@
               *as observed by us* (our monotonic clock from the moment we last saw the
               record change — no trust in other machines' wall clocks)
     renew     every retry_period while leading; a renewal that has not succeeded for
-              renew_deadline drops leadership (renew_deadline < lease_duration, so we stop
-              acting as leader before anyone else may take over)
+              renew_deadline (counted from when the last successful one was sent) drops
+              leadership (renew_deadline < lease_duration, so we stop acting as leader before
+              anyone else may take over); a lease found held by another identity drops it at once
     release   on graceful shutdown: holder cleared and leaseDurationSeconds=1, so a
               follower takes over at its next retry instead of after a full lease duration
 
@@ -41,6 +42,8 @@ from llmepp.k8s.resources import LEASES
 log = logging.getLogger(__name__)
 
 JITTER = 1.2  # client-go's wait.JitterUntil factor for the acquire loop
+# A streak of failed attempts is logged when it starts, then at most once per this many seconds.
+FAILURE_LOG_INTERVAL = 60.0
 
 
 def lease_name(namespace: str, pool: str) -> str:
@@ -91,6 +94,10 @@ class LeaderElector:
         self._observed_at = 0.0
         self._path = LEASES.item(config.namespace, config.name)
         self._rng = random.Random()
+        self._other_holder = ""  # the last attempt found the lease validly held by this identity
+        self._failures = 0  # failed attempts (errors, not "held by another") since the last answer
+        self._failure_logged = False
+        self._next_failure_log = -math.inf
         self.transitions = 0  # times this process became leader
 
     @property
@@ -102,24 +109,43 @@ class LeaderElector:
         return self.config.identity
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            raise  # release() (shutdown) decides: it hands the lease over while we still hold it
+        except BaseException:
+            # A bug killed the loop: nobody renews now, so we must not go on claiming to lead.
+            self._set_leader(False)
+            raise
+
+    async def _run(self) -> None:
         c = self.config
         while True:
             while True:
+                # The deadline counts from when the winning write was sent: a follower may see it (and start
+                # counting its lease duration) the moment it is stored, however late its answer reaches us.
+                last_renewal = self._clock()
                 if await self._try_acquire_or_renew():
                     break
                 await asyncio.sleep(c.retry_period * (1 + self._rng.random() * (JITTER - 1)))
             self._set_leader(True)
-            last_renewal = self._clock()
             while True:
                 await asyncio.sleep(c.retry_period)
                 # As client-go: the renewal is bounded by the deadline, so a hung call cannot keep us leading.
-                remaining = c.renew_deadline - (self._clock() - last_renewal)
+                started = self._clock()
+                remaining = c.renew_deadline - (started - last_renewal)
                 try:
                     renewed = await asyncio.wait_for(self._try_acquire_or_renew(), max(remaining, 0.0))
                 except TimeoutError:
                     renewed = False
                 if renewed:
-                    last_renewal = self._clock()
+                    last_renewal = started
+                elif self._other_holder:
+                    # Someone else holds the lease (it was deleted and re-created, or overwritten): our renewals
+                    # cannot succeed before it expires, and they lead now. Waiting out the deadline = two leaders.
+                    log.error("leader election lost: lease %s is held by %s", c.name, self._other_holder)
+                    self._set_leader(False)
+                    break
                 elif self._clock() - last_renewal >= c.renew_deadline:
                     log.error("leader election lost: lease %s not renewed for %.1fs", c.name, c.renew_deadline)
                     self._set_leader(False)
@@ -164,17 +190,39 @@ class LeaderElector:
 
     async def _try_acquire_or_renew(self) -> bool:
         try:
-            return await self._attempt()
+            ok = await self._attempt()
         except KubeError as e:
             if not e.conflict:  # 409: someone else wrote first; expected, not worth a log line
-                log.warning("leader election: %s", e)
+                self._failed(str(e))
             return False
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:  # ValueError: not a Lease (JSON)
-            log.warning("leader election: %s: %s", type(e).__name__, e)
+            self._failed(f"{type(e).__name__}: {e}")
             return False
+        if self._failures:
+            log.log(
+                logging.INFO if self._failure_logged else logging.DEBUG,
+                "leader election recovered after %d failed attempts", self._failures,
+                extra={"lease": self.config.name},
+            )  # fmt: skip
+            self._failures, self._failure_logged = 0, False
+        return ok
+
+    def _failed(self, why: str) -> None:
+        """A failed attempt: logged when a streak starts, then once per FAILURE_LOG_INTERVAL (an API server
+        down for an hour is not 1800 warnings per replica)."""
+        self._failures += 1
+        now = self._clock()
+        if now >= self._next_failure_log:
+            self._next_failure_log = now + FAILURE_LOG_INTERVAL
+            self._failure_logged = True
+            streak = f" ({self._failures} failed attempts so far)" if self._failures > 1 else ""
+            log.warning("leader election: %s%s", why, streak, extra={"lease": self.config.name})
+        else:
+            log.debug("leader election: %s", why)
 
     async def _attempt(self) -> bool:
         c = self.config
+        self._other_holder = ""
         now = datetime.now(UTC)
         try:
             raw = await self.client.request("GET", self._path, request_timeout=self._call_timeout)
@@ -200,6 +248,7 @@ class LeaderElector:
         holder = current.holder_identity or ""
         duration = current.lease_duration_seconds or math.ceil(c.lease_duration)
         if holder and holder != self.identity and self._clock() < self._observed_at + duration:
+            self._other_holder = holder
             return False  # held by someone who renewed within the lease duration (as far as we know)
         spec = self._record(now, previous=current)
         doc: dict[str, Any] = json.loads(raw)

@@ -4,14 +4,20 @@ over when the leader dies (after the lease expires) or shuts down (at once: the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
+
+from llmepp.k8s.client import KubeClient
+from llmepp.k8s.leader import LeaderElector, LeaseConfig
 
 from .cluster import Cluster
 from .eppproc import NOT_SERVING, SERVING, Epp
 from .harness import endpoints, kube_settings, running_app
-from .kubeapi import TestKube, eventually
+from .kubeapi import ApiError, TestKube, eventually
 
 POOL = "llama"
 APP = {"app": "vllm-llama"}
@@ -94,3 +100,50 @@ async def test_followers_keep_their_datastore_warm(cluster: Cluster, kube: TestK
             await eventually(lambda: "q-rank-1" in endpoints(second.datastore))
         # `second` shut down gracefully as a follower: the leader is unaffected.
         assert first.ready()
+
+
+@contextlib.asynccontextmanager
+async def running_elector(cluster: Cluster, config: LeaseConfig) -> AsyncIterator[LeaderElector]:
+    client = await KubeClient.connect(str(cluster.kubeconfig))
+    elector = LeaderElector(client, config)
+    task = asyncio.create_task(elector.run())
+    try:
+        yield elector
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await client.aclose()
+
+
+async def test_a_leader_that_sees_another_holder_steps_down_at_once(
+    cluster: Cluster, kube: TestKube, namespace: str
+) -> None:
+    """The lease is deleted (kubectl, a namespace cleanup script) and another candidate recreates it first.
+    Our next renewal reads a lease someone else holds and renewed just now: we cannot be leader any more.
+    Before, the elector kept `is_leader` until its renew deadline ran out (10 s by default): two ready
+    leaders for that long."""
+    ns = namespace
+    lease, renew, retry = 15.0, 10.0, 0.3  # the default ratio; a long deadline makes the overlap visible
+    name = f"epp-{ns}-{POOL}.llm-d.ai"
+    path = f"/apis/coordination.k8s.io/v1/namespaces/{ns}/leases"
+    config = LeaseConfig(name, ns, "epp-a", lease_duration=lease, renew_deadline=renew, retry_period=retry)
+    async with running_elector(cluster, config) as a:
+        await eventually(lambda: a.is_leader, within=10)
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        intruder = {
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": name},
+            "spec": {"holderIdentity": "epp-b", "leaseDurationSeconds": 15, "acquireTime": now, "renewTime": now},
+        }  # fmt: skip
+        for _ in range(20):  # `a` may recreate it between our delete and our create: again
+            with contextlib.suppress(ApiError):
+                await kube.request("DELETE", f"{path}/{name}")
+            try:
+                await kube.request("POST", path, intruder)
+                break
+            except ApiError as e:
+                if e.status != 409:
+                    raise
+        took = await eventually(lambda: not a.is_leader, within=renew + 3)
+        assert took < 5 * retry, f"still leader {took:.1f}s after another candidate took the lease"
+        assert (await holder(kube, ns)) == "epp-b"

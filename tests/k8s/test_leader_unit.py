@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+
+import pytest
 
 from llmepp.k8s.client import KubeError
 from llmepp.k8s.leader import LeaderElector, LeaseConfig
@@ -28,6 +31,7 @@ class FakeLeaseApi:
         self.hang = False
         self.garbage = False
         self.last_write = 0.0
+        self.answer_delay = 0.0  # a write commits at once, its answer comes this much later
 
     async def request(
         self, method: str, path: str, *, params: Any = None, body: Any = None, request_timeout: float = 30.0
@@ -44,6 +48,8 @@ class FakeLeaseApi:
         self.version += 1
         self.doc = {**body, "metadata": {**body.get("metadata", {}), "resourceVersion": str(self.version)}}
         self.last_write = time.monotonic()
+        if self.answer_delay:
+            await asyncio.sleep(self.answer_delay)
         return json.dumps(self.doc).encode()
 
 
@@ -100,3 +106,77 @@ async def test_release_survives_a_garbage_answer() -> None:
         api.garbage = True
         await e.release()
         assert not e.is_leader
+
+
+async def test_the_renew_deadline_counts_from_when_the_last_renewal_was_sent() -> None:
+    """A follower takes the lease lease_duration after it saw the last renewal, which it may see the moment
+    it is written. The leader must stop by renew_deadline after that write, so it must count from when it
+    sent the renewal, not from when the (slow) answer came: before, a renewal answered 0.9 s late kept us
+    leading 0.9 s longer (with --ha-renew-deadline=10s --ha-lease-duration=12s and a 5 s answer: two
+    leaders for 3 s)."""
+    api = FakeLeaseApi()
+    async with elector(api) as (e, _):
+        await eventually(lambda: e.is_leader, within=5)
+        api.answer_delay = 0.9  # under the call timeout (1 s) and the time left before the deadline
+        written = api.last_write
+        await eventually(lambda: api.last_write > written, within=RETRY * 3)  # a renewal committed...
+        committed = api.last_write
+        api.hang = True  # ...and its late answer is the last one we get
+        await eventually(lambda: not e.is_leader, within=LEASE + 3)
+        led_for = time.monotonic() - committed
+        assert led_for <= RENEW + 0.2, f"still leader {led_for:.2f}s after the last renewal was written"
+
+
+async def test_an_elector_that_dies_stops_claiming_leadership() -> None:
+    """Whatever kills the election loop (here: a RuntimeError the retry does not expect, such as aiohttp's
+    "Session is closed"), `is_leader` must not stay True: nobody renews the lease any more, a follower takes
+    it after lease_duration, and two replicas would be ready leaders for good."""
+
+    class Broken(FakeLeaseApi):
+        broken = False
+
+        async def request(self, method: str, path: str, **kwargs: Any) -> bytes:
+            if self.broken:
+                raise RuntimeError("Session is closed")
+            return await super().request(method, path, **kwargs)
+
+    api = Broken()
+    config = LeaseConfig("lease", "ns", "me", lease_duration=LEASE, renew_deadline=RENEW, retry_period=RETRY)
+    e = LeaderElector(api, config)  # type: ignore[arg-type]
+    task = asyncio.create_task(e.run())
+    try:
+        await eventually(lambda: e.is_leader, within=5)
+        api.broken = True
+        await eventually(task.done, within=RETRY * 3)
+        assert isinstance(task.exception(), RuntimeError)
+        assert not e.is_leader
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, RuntimeError):
+            await task
+
+
+async def test_an_unreachable_api_server_is_logged_once_per_interval_not_per_attempt(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The API server is down (or flapping) for an hour: before, every attempt (every retry period, 2 s by
+    default) was a WARNING line, per replica, for as long as it lasted. The informers log a failure streak at
+    its start and then once per interval; so must leader election, and say when it is over."""
+    api = FakeLeaseApi()
+    api.garbage = True
+    config = LeaseConfig("lease", "ns", "me", lease_duration=LEASE, renew_deadline=RENEW, retry_period=0.02)
+    e = LeaderElector(api, config)  # type: ignore[arg-type]
+    task = asyncio.create_task(e.run())
+    try:
+        with caplog.at_level(logging.DEBUG, logger="llmepp.k8s.leader"):
+            await asyncio.sleep(1.0)  # ~40 failed attempts
+            api.garbage = False
+            await eventually(lambda: e.is_leader, within=2)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    attempts = [r for r in caplog.records if r.levelno == logging.DEBUG and "leader election" in r.getMessage()]
+    assert len(loud) == 1 and len(attempts) >= 10, (loud, len(attempts))
+    assert any("recovered" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
