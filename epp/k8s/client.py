@@ -26,7 +26,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -372,7 +372,7 @@ class KubeClient:
         *,
         read_timeout: float,
         opened: Callable[[], None] | None = None,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """A watch: one JSON event per line until the server closes the stream.
 
         `read_timeout` bounds the silence between lines, so a half-dead connection (a node

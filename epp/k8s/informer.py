@@ -6,9 +6,11 @@
       watch     from the last resourceVersion with `allowWatchBookmarks`; ADDED / MODIFIED →
                 upsert, DELETED → delete, BOOKMARK → only advances the resourceVersion
       410 Gone  (HTTP status or ERROR event: our resourceVersion left the watch cache) →
-                relist at once; the replace step makes the cache converge
-      other     connection errors, 5xx, 403 (RBAC not there yet) → exponential backoff with
-                jitter, then resume the watch from the last resourceVersion
+                relist at once; the replace step makes the cache converge (a 410 for the version
+                a list has just given is a failure: backoff, so a broken server cannot loop us on lists)
+      other     connection errors, 5xx, 403 (RBAC not there yet), anything unforeseen → exponential
+                backoff with jitter, then resume the watch from the last resourceVersion (relist
+                after an event line too long to read)
 
 The handler sees each change once, in order, on the event loop; its exceptions are logged
 and do not stop the informer. Watches end server-side after `watch_timeout`·(1..2)
@@ -23,6 +25,7 @@ on /metrics (`llm_d_epp_kubernetes_informer_*`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -33,6 +36,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import aiohttp
 import msgspec
+from aiohttp.http_exceptions import LineTooLong
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -45,6 +49,21 @@ log = logging.getLogger(__name__)
 
 # A failure streak is logged when it starts, then at most once per this many seconds while it lasts.
 FAILURE_LOG_INTERVAL = 60.0
+
+
+# What talking to an API server over a network may raise (KubeError: the answers).
+_EXPECTED = (KubeError, aiohttp.ClientError, TimeoutError, OSError, msgspec.DecodeError)
+
+
+class _Name(msgspec.Struct, rename="camel", frozen=True):
+    name: str = ""
+    resource_version: str = ""
+
+
+class _Named(msgspec.Struct, frozen=True):
+    """What identifies an object whose metadata may not decode as a whole (labels of the wrong type...)."""
+
+    metadata: _Name = _Name()
 
 
 class KubeObject(Protocol):
@@ -82,6 +101,7 @@ class InformerStats:
     events: int = 0
     bookmarks: int = 0
     errors: int = 0  # failed list / watch attempts
+    skipped: int = 0  # objects (in lists or events) that did not decode
     consecutive_errors: int = 0  # failed attempts since the last success
 
 
@@ -116,6 +136,7 @@ class Informer(Generic[T]):
         self._streak_started = 0.0  # when the current failure streak began (monotonic)
         self._next_failure_log = 0.0  # failures are logged at warning level from then on
         self._streak_logged = False  # a failure of the current streak was (so its end will be)
+        self._listed_at = 0.0  # when the last complete list came in (monotonic)
         self.owner = owner  # who watches (metrics label): "epp", or a notification source's name
         if self.options.metrics is not None:
             self.options.metrics.track(self)
@@ -144,12 +165,21 @@ class Informer(Generic[T]):
             except KubeError as e:
                 if e.gone:
                     self.stats.gone += 1
-                    log.info("watch expired (410), relisting", extra={"informer": self.name, "detail": e.message})
+                    if self.resource_version and time.monotonic() - self._listed_at < 1.0:
+                        # 410 for the version a list has just given: relisting at once would loop on full lists.
+                        await self._failed(e)
+                    else:
+                        log.info("watch expired (410), relisting", extra={"informer": self.name, "detail": e.message})
                     self.resource_version = ""
                     continue
                 await self._failed(e)
-            except (aiohttp.ClientError, TimeoutError, OSError, msgspec.DecodeError) as e:
+            except _EXPECTED as e:
                 await self._failed(e)
+            except Exception as e:  # none foreseen: a dead informer would keep stale objects, silently
+                await self._failed(e)
+                if isinstance(e, LineTooLong):
+                    # An event too big for a line: every watch from here would meet it again; a list reads it.
+                    self.resource_version = ""
 
     async def _failed(self, error: Exception) -> None:
         s = self.stats
@@ -166,7 +196,7 @@ class Informer(Generic[T]):
             # and recovers over and over is logged once per interval too.)
             self._next_failure_log = now + FAILURE_LOG_INTERVAL
             self._streak_logged = True
-            fatal = isinstance(error, KubeError) and 400 <= error.status < 500 and error.status not in (408, 429)
+            fatal = isinstance(error, KubeError) and 400 <= error.status < 500 and error.status not in (408, 410, 429)
             streak = (
                 f"; still failing after {s.consecutive_errors} attempts in {now - self._streak_started:.0f}s"
                 if s.consecutive_errors > 1
@@ -177,6 +207,7 @@ class Informer(Generic[T]):
                 "kubernetes %s %s failed (%s: %s)%s%s; retrying in %.1fs",
                 self.name, operation, type(error).__name__, error, self._hint(error), streak, delay,
                 extra={"informer": self.name, "failures": s.consecutive_errors},
+                exc_info=None if isinstance(error, _EXPECTED) else error,  # the unforeseen: where it came from
             )  # fmt: skip
         else:
             log.debug("kubernetes %s %s failed (%s: %s); retrying in %.1fs", self.name, operation,
@@ -231,11 +262,14 @@ class Informer(Generic[T]):
                 obj = self._decode(raw)
                 if obj is not None:
                     fresh[obj.metadata.name] = obj
+                else:
+                    self.stats.skipped += 1
             version = page.metadata.resource_version
             if not page.metadata.continue_:
                 break
             params["continue"] = page.metadata.continue_
         self.stats.lists += 1
+        self._listed_at = time.monotonic()
         if self.stats.consecutive_errors:
             self._recovered()
         self._replace(fresh)
@@ -270,9 +304,11 @@ class Informer(Generic[T]):
         self.stats.watches += 1
         # Silence longer than the server-side timeout (+ margin) means the connection is dead.
         lines = self.client.stream_lines(self._path, params, read_timeout=timeout + 30, opened=self._watch_opened)
-        async for line in lines:
-            self._backoff.reset()
-            self._on_event(self._events.decode(line))
+        # aclosing: a failed event closes the stream now, not when the exception (held through the backoff) goes.
+        async with contextlib.aclosing(lines):
+            async for line in lines:
+                self._on_event(self._events.decode(line))
+                self._backoff.reset()  # after the event: an ERROR event or garbage is no progress
 
     def _watch_opened(self) -> None:
         """The API server accepted the watch: a failure streak is over (an idle watch may send nothing for
@@ -292,6 +328,8 @@ class Informer(Generic[T]):
             raise KubeError(status.code, status.reason, status.message)
         obj = self._decode(event.object)
         if obj is None:
+            self.stats.skipped += 1
+            self._forget(event.object)
             return
         self.stats.events += 1
         name = obj.metadata.name
@@ -302,6 +340,19 @@ class Informer(Generic[T]):
             self._cache[name] = obj
             self._notify_upsert(obj)
         self.resource_version = obj.metadata.resource_version
+
+    def _forget(self, raw: msgspec.Raw) -> None:
+        """An event's object did not decode: its cached version (if any) is no longer true, and a relist would
+        drop it too (so would its DELETED event, equally undecodable, never reach the handler)."""
+        try:
+            meta = msgspec.json.decode(raw, type=_Named).metadata
+        except msgspec.DecodeError:
+            return  # not even a name: nothing to go by
+        old = self._cache.pop(meta.name, None)
+        if old is not None:
+            self._notify_delete(old)
+        if meta.resource_version:
+            self.resource_version = meta.resource_version
 
     def _decode(self, raw: msgspec.Raw) -> T | None:
         try:
@@ -333,6 +384,8 @@ _COUNTERS = {
     "events": ("events_total", "Changes received on the watch (ADDED, MODIFIED, DELETED)."),
     "bookmarks": ("bookmarks_total", "Bookmarks received on the watch."),
     "errors": ("errors_total", "Failed list or watch attempts (each retried with backoff)."),
+    "skipped": ("skipped_total", "Objects skipped (logged) because they do not decode: a shape the EPP does not "
+                "accept, e.g. a CRD installed with another schema."),
 }  # fmt: skip
 assert set(_COUNTERS) | {"consecutive_errors"} == {f.name for f in fields(InformerStats)}
 _LABELS = ["namespace", "owner", "resource"]

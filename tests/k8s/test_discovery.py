@@ -186,3 +186,20 @@ async def test_watch_relists_after_410_and_converges(cluster: Cluster, kube: Tes
             assert ep is not None and ep.labels.get("churn") == "19"
     finally:
         await proxy.aclose()
+
+
+async def test_a_pod_larger_than_128k_on_the_watch_does_not_kill_discovery(
+    cluster: Cluster, kube: TestKube, namespace: str
+) -> None:
+    """Pod annotations may total 256 KiB. A watch event line longer than aiohttp's default readline limit
+    (128 KiB) would raise LineTooLong, which no retry gets past (the same event comes again): the client's
+    session must read big lines (kubernetes_asyncio's sets read_bufsize=2 MiB, so lines up to 4 MiB)."""
+    ns = namespace
+    await kube.create_pool(ns, POOL, APP, [8000])
+    await kube.ready_pod(ns, "small", APP, "10.8.0.1")
+    async with running_discovery(cluster.kubeconfig, pool_target(ns)) as (ds, disc):
+        await eventually(lambda: ds.synced and len(endpoints(ds)) == 1, within=10)
+        await kube.ready_pod(ns, "big", APP, "10.8.0.2", annotations={"blob": "x" * 200_000})
+        await kube.ready_pod(ns, "after", APP, "10.8.0.3")
+        await eventually(lambda: set(endpoints(ds)) == {"small-rank-0", "big-rank-0", "after-rank-0"}, within=10)
+        assert disc.pods is not None and disc.pods.stats.lists == 1
