@@ -59,9 +59,11 @@ class DiscoveryTarget:
                     f"--endpoint-target-ports: {MAX_TARGET_PORTS} ports at most and at least one with "
                     f"--endpoint-selector (got {len(self.target_ports)})"
                 )
-            for port in self.target_ports:
+            for i, port in enumerate(self.target_ports):
                 if not 1 <= port <= 65535:
                     raise ConfigError(f"--endpoint-target-ports: {port} is not a port number")
+                if port in self.target_ports[:i]:
+                    raise ConfigError(f"--endpoint-target-ports: {port} is listed twice (a port is one rank)")
 
     @property
     def pool_mode(self) -> bool:

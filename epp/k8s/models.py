@@ -120,8 +120,10 @@ class InferencePool(_Model, frozen=True):
         return {str(k): str(v) for k, v in labels.items()}
 
     def ports(self) -> tuple[int, ...]:
+        """The target ports in order, a repeat ignored (the CRD's uniqueness rule is CEL, which an older API
+        server does not enforce; two rank endpoints at one host:port would collide)."""
         if self.spec.target_ports:
-            return tuple(p.number for p in self.spec.target_ports)
+            return tuple(dict.fromkeys(p.number for p in self.spec.target_ports))
         return (self.spec.target_port_number,) if self.spec.target_port_number else ()
 
 

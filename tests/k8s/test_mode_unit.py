@@ -56,6 +56,8 @@ def test_mode_selection() -> None:
         (Settings(endpoint_selector="app=v"), "--endpoint-target-ports"),
         (Settings(endpoint_selector="app=v", endpoint_target_ports=tuple(range(8000, 8009))),
          "--endpoint-target-ports"),
+        (Settings(endpoint_selector="app=v", endpoint_target_ports=(8000, 8001, 8000)),
+         "--endpoint-target-ports: 8000 is listed twice"),
         (Settings(pool_name="a", pool_name_set=True, ha_enable_leader_election=True, ha_renew_deadline=20.0),
          "retry period < renew deadline < lease duration"),
     ],

@@ -105,3 +105,20 @@ def test_pool_object_selector_and_ports_in_both_api_versions() -> None:
         b'{"metadata":{"name":"p"},"spec":{"selector":{"app":"v"},"targetPortNumber":8000}}', type=InferencePool
     )
     assert legacy.match_labels() == {"app": "v"} and legacy.ports() == (8000,)
+
+
+def test_a_port_listed_twice_in_target_ports_is_one_endpoint() -> None:
+    """The CRD's uniqueness rule is CEL, which an older API server does not enforce: [8000, 8001, 8000]
+    made two rank endpoints at one host:port (colliding wherever endpoints are keyed by address). The
+    repeat is ignored; the ranks are the remaining ports' positions."""
+    pool = msgspec.json.decode(
+        b'{"metadata":{"name":"p"},"spec":{"selector":{"matchLabels":{"app":"v"}},"targetPorts":[{"number":8000},'
+        b'{"number":8001},{"number":8000}]}}',
+        type=InferencePool,
+    )
+    assert pool.ports() == (8000, 8001)
+    ds = Datastore()
+    r = PoolReconciler(ds, NS)
+    r.set_pool(PoolSpec(pool.ports(), pool.match_labels()))
+    r.pod_changed(pod("a"))
+    assert state(ds) == {"a-rank-0": "10.0.0.1:8000", "a-rank-1": "10.0.0.1:8001"}
