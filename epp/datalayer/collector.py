@@ -45,7 +45,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from llmepp.datalayer.datastore import Datastore
@@ -153,7 +153,7 @@ class _EndpointScrape:
                 previous, ep.metrics = ep.metrics, NO_METRICS
                 if c.availability is not None:
                     c.availability.metrics_replaced(ep, previous)
-            self.failed("metrics scrape failed", err)
+            self.failed("metrics scrape failed", err if c.explain is None else c.explain(err))
             return
         self.down_count = 0  # a page came back: the server is up, whatever the page holds
         mapping = self.mapping
@@ -207,6 +207,8 @@ class MetricsCollector:
         # A hub: the endpoints are clusters, whose EPPs publish pool gauges.
         self.clusters = bool(getattr(source, "clusters_as_endpoints", False))
         self.availability = AvailabilityLog(metrics.cluster_unavailable) if self.clusters else None
+        # A source may put a failed fetch in its own words for the log (a hub: what a 401 means there).
+        self.explain: Callable[[ScrapeError], Exception] | None = getattr(source, "explain_failure", None)
         self._poll_errors = metrics.poll_errors.labels(source_type=source.type)
         self._extract_errors = metrics.extract_errors.labels(source_type=source.type, extractor_type=extractor.type)
         self._slots: list[dict[Endpoint, _EndpointScrape]] = [{} for _ in range(SUB_TICKS)]
@@ -264,6 +266,8 @@ class MetricsCollector:
             return
         del self._slots[state.slot][endpoint]
         state.client.close()
+        if self.availability is not None:
+            self.availability.forget(endpoint.name)
 
     # -- ticking -------------------------------------------------------------------------
     async def _tick_loop(self) -> None:

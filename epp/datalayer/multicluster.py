@@ -20,7 +20,8 @@ unknown, which the multicluster scorers rank below every known cluster, never as
 
 Availability: a cluster whose EPP reports 0 ready endpoints is unavailable (`is_unavailable`): the
 extractor, a screener, drops it from every request's candidates (unless no cluster is available:
-then all stay, as if none was screened), and the change is counted and logged (`AvailabilityLog`).
+then all stay, as if none was screened), and the change is counted and logged (`AvailabilityLog`;
+a flapping cluster is not logged on every change).
 An unknown ready count is not 0: such a cluster stays a candidate.
 
 The per-endpoint fields generic plugins read (queue, running, KV, `update_time`: the saturation
@@ -38,7 +39,8 @@ the availability and pool-average rules above.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 from llmepp.datalayer.endpoint import Endpoint, EndpointMetrics
 from llmepp.framework.plugin import ConfigError, Plugin
@@ -192,46 +194,124 @@ def _weighted_mean(clusters: Sequence[Endpoint], key: str) -> float:
     if not values:
         return 0.0
     total = sum(weights)
+    # Each term scaled first (a weight's share, or 1/n): no v·w or running sum past the float range
+    # (an inf or inf/inf = NaN gauge) however large a peer's finite values and counts are.
     if every_count_known and total > 0:
-        return sum(v * w for v, w in zip(values, weights, strict=True)) / total
-    return sum(values) / len(values)
+        return sum(v * (w / total) for v, w in zip(values, weights, strict=True))
+    n = len(values)
+    return sum(v / n for v in values)
+
+
+class _LogBudget:
+    """One cluster's availability log lines: a bucket of `LOG_BURST` lines refilled one per
+    `LOG_REFILL` seconds, and the changes not logged since the last line."""
+
+    __slots__ = ("at", "quiet", "tokens")
+
+    def __init__(self, now: float) -> None:
+        self.tokens = float(LOG_BURST)
+        self.at = now
+        self.quiet = 0
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(float(LOG_BURST), self.tokens + (now - self.at) / LOG_REFILL)
+        self.at = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+# A cluster's first LOG_BURST availability changes are logged; past that (flapping: its EPP's ready
+# count going 0 / not 0 scrape after scrape) one line per LOG_REFILL seconds with the count of the rest.
+LOG_BURST = 4
+LOG_REFILL = 30.0
 
 
 class AvailabilityLog:
-    """Counts (`counter`, labelled `cluster`) and logs a cluster's availability once per change:
-    WARNING when its EPP starts reporting 0 ready endpoints, INFO when it stops (a count again, or the
-    page no longer readable: a candidate again either way). Fed every replacement of a cluster's
-    metrics; keeps no state of its own (it compares the old and the new metrics)."""
+    """Counts (`counter`, labelled `cluster`) every time a cluster becomes unavailable and logs its
+    availability changes: WARNING when its EPP starts reporting 0 ready endpoints, INFO when it stops
+    (a count again, or the page no longer readable: a candidate again either way). Fed every
+    replacement of a cluster's metrics (it compares the old and the new metrics). A flapping cluster is
+    not logged on every change: past LOG_BURST lines, one per LOG_REFILL seconds (its current state and
+    how many changes went unlogged, at its next scrape once allowed), the rest at DEBUG. The per-cluster
+    budget is dropped by `forget` when the cluster is removed."""
 
-    __slots__ = ("counter",)
+    __slots__ = ("_budgets", "_clock", "_quiet", "counter")
 
-    def __init__(self, counter: Counter) -> None:
+    def __init__(self, counter: Counter, clock: Callable[[], float] = time.monotonic) -> None:
         self.counter = counter
+        self._clock = clock
+        self._budgets: dict[str, _LogBudget] = {}  # clusters whose availability changed
+        self._quiet: set[str] = set()  # ... and, of those, the ones with changes not logged yet
 
     def metrics_replaced(self, endpoint: Endpoint, previous: EndpointMetrics) -> None:
         was = previous.attributes.get(POOL_READY_ENDPOINTS) == 0
         now = is_unavailable(endpoint)
         if was == now:
+            if not self._quiet or endpoint.name not in self._quiet:  # the common case: two tests
+                return
+            pending = self._budgets[endpoint.name]
+            if pending.take(self._clock()):
+                self._announce(endpoint, now, pending)
             return
         name = endpoint.name
         if now:
             self.counter.labels(cluster=name).inc()
+        t = self._clock()
+        budget = self._budgets.get(name)
+        if budget is None:
+            budget = self._budgets[name] = _LogBudget(t)
+        if budget.take(t):
+            self._announce(endpoint, now, budget)
+            return
+        budget.quiet += 1
+        self._quiet.add(name)
+        log.debug(
+            "cluster %s: %s (flapping; not logged)",
+            name,
+            "unavailable" if now else "available",
+            extra={"endpoint": name},
+        )
+
+    def _announce(self, endpoint: Endpoint, unavailable: bool, budget: _LogBudget) -> None:
+        name = endpoint.name
+        more = ""
+        if budget.quiet:
+            more = f" ({budget.quiet} availability changes not logged before this: flapping)"
+            budget.quiet = 0
+            self._quiet.discard(name)
+        if unavailable:
             log.warning(
                 "cluster %s: its EPP reports no ready endpoints; it gets no requests until it has some "
-                "(unless no cluster has any)",
+                "(unless no cluster has any)%s",
                 name,
+                more,
                 extra={"endpoint": name},
             )
             return
         count = endpoint.metrics.attributes.get(POOL_READY_ENDPOINTS)
         if count is None:
             log.info(
-                "cluster %s: its ready endpoints are unknown now (not on its EPP's last page); a candidate again",
+                "cluster %s: its ready endpoints are unknown now (not on its EPP's last page); a candidate again%s",
                 name,
+                more,
                 extra={"endpoint": name},
             )
         else:
-            log.info("cluster %s: %g ready endpoints again; back in rotation", name, count, extra={"endpoint": name})
+            log.info(
+                "cluster %s: %g ready endpoints again; back in rotation%s", name, count, more, extra={"endpoint": name}
+            )
+
+    def forget(self, name: str) -> None:
+        """Drop what is kept for cluster `name` (removed from the pool), its counter series too."""
+        if self._budgets.pop(name, None) is not None:
+            self.counter.remove(name)
+        self._quiet.discard(name)
+
+    def tracked(self) -> list[str]:
+        """The clusters with per-cluster state (for tests: none once they are all removed)."""
+        return sorted(self._budgets)
 
 
 def is_hub(discovery: Plugin | None) -> bool:
@@ -249,8 +329,9 @@ def check_wiring(
     `sources` are the data layer's (source, extractors) pairs, `dataLayer.sources` first and in
     order (so index i is `dataLayer.sources[i]`), then those the loader added itself.
 
-    - A multicluster-metrics-data-source feeds multicluster-metrics-extractors only, and such an
-      extractor hangs under no other source; at most one such source.
+    - A multicluster-metrics-data-source feeds one multicluster-metrics-extractor, and such an
+      extractor hangs under no other source; at most one such source; in a hub, one listed in
+      `plugins` but not wired in `dataLayer.sources` (nothing would scrape the clusters) is refused.
     - Multicluster plugins need multicluster-file-discovery as `dataLayer.discovery`.
     - With multicluster-file-discovery, plugins that read model-server metrics (metrics-data-source,
       core-metrics-extractor, queue-scorer, kv-cache-utilization-scorer) are refused (their
@@ -266,6 +347,12 @@ def check_wiring(
                 raise ConfigError(
                     f"{where}.extractors: plugin {source.name!r} (type {SOURCE_TYPE}) needs a {EXTRACTOR_TYPE} "
                     "to read the peer EPPs' pool averages"
+                )
+            if len(extractors) > 1:
+                # The collector reads every page through one mapping: a second one's metrics would be ignored.
+                raise ConfigError(
+                    f"{where}.extractors[1].pluginRef: plugin {extractors[1].name!r} (type {extractors[1].type}): "
+                    f"a {SOURCE_TYPE} takes one extractor"
                 )
             for j, extractor in enumerate(extractors):
                 if extractor.type != EXTRACTOR_TYPE:
@@ -303,6 +390,21 @@ def check_wiring(
             raise ConfigError(
                 f"plugin {plugin.name!r} (type {plugin.type}): reads model-server metrics, which the clusters "
                 f"{discovery.name!r} (type {DISCOVERY_TYPE}) lists do not have; use {variant}"
+            )
+    wired = {id(p) for source, extractors in sources for p in (source, *extractors)}
+    for plugin in plugins.values():
+        if id(plugin) in wired:
+            continue
+        # Listed but not in dataLayer.sources: nothing would scrape the clusters (no load, no availability).
+        if plugin.type == SOURCE_TYPE:
+            raise ConfigError(
+                f"dataLayer.sources: plugin {plugin.name!r} (type {SOURCE_TYPE}) is not wired, so no cluster's "
+                f"EPP is scraped; add {{pluginRef: {plugin.name}, extractors: [{{pluginRef: <a {EXTRACTOR_TYPE}>}}]}}"
+            )
+        if plugin.type == EXTRACTOR_TYPE:
+            raise ConfigError(
+                f"dataLayer.sources: plugin {plugin.name!r} (type {EXTRACTOR_TYPE}) is not wired under a "
+                f"{SOURCE_TYPE}, so nothing feeds it (add it to that source's extractors)"
             )
     if not cluster_sources:
         for plugin in plugins.values():

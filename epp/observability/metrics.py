@@ -130,8 +130,15 @@ def sample_std_dev(values: list[float]) -> float:
     n = len(values)
     if not n:
         return 0.0
-    mean = sum(values) / n
-    return round(math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, n - 1)), 2)
+    mean = sum(v / n for v in values)
+    try:
+        return round(math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, n - 1)), 2)
+    except OverflowError:
+        # `d ** 2` of a huge (finite) value raises, which would stop every pool gauge's refresh (a hub's
+        # peers publish whatever they publish): scaled by the largest deviation instead.
+        deviations = [v - mean for v in values]
+        scale = max(abs(d) for d in deviations)
+        return round(scale * math.sqrt(sum((d / scale) ** 2 for d in deviations) / max(1, n - 1)), 2)
 
 
 def _build_info() -> tuple[str, str]:

@@ -42,10 +42,11 @@ reference's), so turn that off on the cluster EPPs and, to protect the page, ser
 A cluster whose scrape fails is counted (`llm_d_epp_datalayer_poll_errors_total{source_type=
 "multicluster-metrics-data-source"}` for an unreachable peer, a timeout or a non-200 status;
 `llm_d_epp_datalayer_extract_errors_total{..., extractor_type="multicluster-metrics-extractor"}` for a
-page that is malformed or lacks a gauge), logged (WARNING on the first failure, again every 30 s while
-it lasts, INFO on recovery) and from that scrape on has no value for what could not be read: unknown,
-which the scorers rank below every cluster whose load is known — never as an idle cluster, which
-would draw all the traffic to the one cluster nobody can see.
+page that is malformed, lacks a gauge or has an impossible value: NaN, ±Inf, negative), logged
+(WARNING on the first failure, again every 30 s while it lasts, INFO on recovery; a 401 / 403 with its
+fix) and from that scrape on has no value for what could not be read: unknown, which the scorers rank
+below every cluster whose load is known — never as an idle cluster, which would draw all the traffic
+to the one cluster nobody can see.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from typing import ClassVar
 
 from llmepp.datalayer.endpoint import NO_METRICS, Endpoint, EndpointMetrics, EndpointSpec
 from llmepp.datalayer.engines import CustomMetricSpec, EngineMapping, EngineSpecs, ExtractionFailed, PageMemo
-from llmepp.datalayer.httpscrape import ScrapeTarget
+from llmepp.datalayer.httpscrape import BadStatus, ScrapeError, ScrapeTarget
 from llmepp.datalayer.multicluster import (
     DEFAULT_KV_METRIC,
     DEFAULT_QUEUE_METRIC,
@@ -82,6 +83,18 @@ from llmepp.request.types import InferenceRequest
 FAILURE_LOG_INTERVAL = 30.0
 
 
+class AuthRequired(BadStatus):
+    """A cluster EPP refused the hub's scrape for want of a bearer token (which a hub does not send)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.args = (
+            f"HTTP status {status}: the cluster EPP's /metrics wants a bearer token, which a hub does not send; "
+            "run that EPP with --metrics-endpoint-auth=false (and protect /metrics with mTLS: "
+            "--metrics-client-ca-file there, clientCertPath / clientKeyPath here)",
+        )
+
+
 class MulticlusterMetricsDataSource(MetricsDataSource):
     """Scrapes every cluster's EPP metrics page: `scheme://host:port/path`.
 
@@ -106,6 +119,12 @@ class MulticlusterMetricsDataSource(MetricsDataSource):
         scheme: str = "https"
         insecure_skip_verify: bool = False
 
+    def explain_failure(self, err: ScrapeError) -> Exception:
+        """A failed scrape as logged: a 401 / 403 says how to fix it (the hub sends no bearer token)."""
+        if isinstance(err, BadStatus) and err.status in (401, 403):
+            return AuthRequired(err.status)
+        return err
+
     def target_for(self, spec: EndpointSpec) -> ScrapeTarget:
         labels = spec.labels
         host = labels.get(METRICS_ADDRESS_LABEL) or spec.address
@@ -114,12 +133,23 @@ class MulticlusterMetricsDataSource(MetricsDataSource):
         return ScrapeTarget(host, port, self.path, self.ssl_context)
 
 
+# A ready count at or past this is no pool's (the reference's counts are int64).
+_MAX_READY = 2.0**63
+_WHAT = {
+    POOL_KV_CACHE_UTILIZATION: "KV-cache utilization",
+    POOL_QUEUE_SIZE: "queue size",
+    POOL_READY_ENDPOINTS: "ready endpoint count",
+    POOL_RUNNING_REQUESTS: "running request count",
+}
+
+
 class PoolAverages(EngineMapping):
     """The pool gauges as endpoint attributes (and, while the cluster is available and both averages
     are known, as its per-endpoint fields: multicluster.cluster_metrics). Nothing carries over from the
     previous scrape: a gauge the page lacks is absent (unknown), and a page with none resets the
     endpoint to NO_METRICS; the problem is still reported (an extraction error; not for the optional
-    running-requests gauge)."""
+    running-requests gauge). A negative value, or a ready count past int64, is a broken peer: dropped
+    (unknown) and reported as an extraction error, as a missing gauge is."""
 
     __slots__ = ()
 
@@ -127,7 +157,22 @@ class PoolAverages(EngineMapping):
         self, page: bytes, previous: EndpointMetrics, now: float, memo: PageMemo | None = None
     ) -> tuple[EndpointMetrics, ExtractionFailed | None]:
         metrics, err = super().extract(page, NO_METRICS, now, memo)
-        return (NO_METRICS if metrics is None else cluster_metrics(metrics.attributes, now)), err
+        if metrics is None:
+            return NO_METRICS, err
+        attributes = metrics.attributes
+        # NaN / Inf are refused by the parser; a negative average (or a ready count no pool has) is a
+        # broken peer too: unknown, as a missing gauge, never the idlest cluster or a negative weight.
+        bad = {k: v for k, v in attributes.items() if v < 0.0 or (k == POOL_READY_ENDPOINTS and v >= _MAX_READY)}
+        if bad:
+            attributes = {k: v for k, v in attributes.items() if k not in bad}
+            spec = {c.attribute_key: c.metric_spec for c in self.specs.custom}
+            problems = [
+                f"custom metric {k}: {spec[k]}: value {v} is not a pool {_WHAT.get(k, k)}" for k, v in bad.items()
+            ]
+            err = ExtractionFailed([*(err.problems if err is not None else ()), *problems])
+            if not attributes:
+                return NO_METRICS, err
+        return cluster_metrics(attributes, now), err
 
 
 class MulticlusterMetricsExtractor(Screener):

@@ -49,6 +49,7 @@ class MetricsServer:
         self.port = 0
         self.page = page if page is not None else vllm_page()
         self.mode = "ok"
+        self.status = 503  # what mode "status" answers
         self.requests = 0
         self.ssl_context = ssl_context
         self._release = asyncio.Event()
@@ -80,7 +81,7 @@ class MetricsServer:
         if self.mode == "garbage":
             return web.Response(body=b"<html><body>not metrics</body></html>", content_type="text/html")
         if self.mode == "status":
-            return web.Response(status=503, text="overloaded")
+            return web.Response(status=self.status, text="overloaded")
         if self.mode == "chunked":
             resp = web.StreamResponse()
             resp.content_type = "text/plain"

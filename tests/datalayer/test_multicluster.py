@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,13 +22,14 @@ from prometheus_client import generate_latest
 from llmepp.config.loader import build, load_config
 from llmepp.datalayer.collector import MetricsCollector
 from llmepp.datalayer.datastore import Datastore
-from llmepp.datalayer.endpoint import NO_METRICS, Endpoint, EndpointSpec
+from llmepp.datalayer.endpoint import NO_METRICS, Endpoint, EndpointMetrics, EndpointSpec
 from llmepp.datalayer.endpointsfile import EndpointsFileError, parse_endpoints
 from llmepp.datalayer.multicluster import (
     POOL_KV_CACHE_UTILIZATION,
     POOL_QUEUE_SIZE,
     POOL_READY_ENDPOINTS,
     POOL_RUNNING_REQUESTS,
+    AvailabilityLog,
     cluster_metrics,
     is_unavailable,
     pool_averages,
@@ -38,6 +40,7 @@ from llmepp.plugins.datasources import multicluster as mc_source
 from llmepp.plugins.datasources.multicluster import MulticlusterMetricsDataSource, MulticlusterMetricsExtractor
 from llmepp.plugins.discovery.multicluster import MulticlusterFileDiscovery, cluster_labels, gateway_address
 from llmepp.plugins.flowcontrol.utilization_detector import UtilizationDetector, UtilizationDetectorParams
+from llmepp.plugins.scorers.multicluster import MulticlusterQueueScorer
 
 from .fakes import TEST_CERT, TEST_KEY, MetricsServer
 
@@ -513,3 +516,173 @@ dataLayer:
     assert gauge("std_dev_kv_cache_utilization") == pytest.approx(0.28)  # of 0.6 and 0.2, not of 0.6, 0.2, 0
     assert gauge("std_dev_queue_size") == pytest.approx(2.83)
     assert gauge("std_dev_running_requests") == pytest.approx(1.41)
+
+
+# -- broken peers: nonsense values, overflow, flapping ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("page", "unknown"),
+    [
+        (dict(kv=0.4, queue=-3.0), POOL_QUEUE_SIZE),  # would look idler than idle: all traffic to it
+        (dict(kv=-0.5, queue=1.0), POOL_KV_CACHE_UTILIZATION),  # would score 1.5
+        (dict(kv=0.4, queue=1.0, ready=-2), POOL_READY_ENDPOINTS),  # a negative weight in the hub's mean
+        (dict(kv=0.4, queue=1.0, ready=1e30), POOL_READY_ENDPOINTS),  # no pool has that many pods
+        (dict(kv=0.4, queue=1.0, ready=2, running=-1.0), POOL_RUNNING_REQUESTS),
+    ],
+)
+def test_a_negative_or_impossible_pool_value_is_unknown_and_reported(page: dict[str, float], unknown: str) -> None:
+    extractor = MulticlusterMetricsExtractor("x")
+    metrics, err = extractor.mapping.extract(epp_page(**page), NO_METRICS, 1.0)
+    assert metrics is not None and unknown not in metrics.attributes, metrics.attributes
+    assert err is not None and unknown in str(err)
+    assert all(v >= 0 for v in metrics.attributes.values())
+    assert metrics.waiting_queue_size >= 0 and metrics.kv_cache_usage_percent >= 0
+
+
+async def test_a_peer_publishing_a_negative_queue_does_not_draw_the_traffic(
+    hubs: Callable[..., object], peers: Callable[..., object]
+) -> None:
+    hub: Hub = await hubs()  # type: ignore[misc]
+    broken: MetricsServer = await peers("127.0.0.91", epp_page(kv=0.4, queue=-50.0))  # type: ignore[misc]
+    sane: MetricsServer = await peers("127.0.0.92", epp_page(kv=0.4, queue=2.0))  # type: ignore[misc]
+    a, b = hub.add("broken", broken), hub.add("sane", sane)
+    await wait_until(lambda: load(b) == (2.0, 0.4) and load(a)[1] == 0.4 and hub.extract_errors() >= 1)
+    assert load(a)[0] is None
+    assert MulticlusterQueueScorer("q").score(None, [a, b]) == [0.0, 1.0]  # type: ignore[arg-type]
+    assert all(math.isfinite(v) and v >= 0 for v in hub.gauges())
+
+
+def test_pool_averages_stay_finite_with_huge_values_and_counts() -> None:
+    huge = scraped_cluster("huge", queue=1e300, kv=0.5, ready=1e18, running=1e300)
+    small = scraped_cluster("small", queue=1.0, kv=0.5, ready=1, running=1.0)
+    legacy = scraped_cluster("legacy", queue=1e308, kv=0.5)  # no ready count: plain mean
+    for clusters in ([huge, small], [huge, huge], [legacy, legacy, small]):
+        ready, kv, queue, running = pool_averages(clusters)
+        assert all(math.isfinite(v) for v in (ready, kv, queue, running)), (ready, kv, queue, running)
+        assert kv == pytest.approx(0.5)
+    assert pool_averages([huge, small])[2] == pytest.approx(1e300)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_flapping_cluster_is_counted_every_time_but_not_logged_every_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="llmepp.datalayer.multicluster")
+    metrics, clock = EppMetrics(), _Clock()
+    availability = AvailabilityLog(metrics.cluster_unavailable, clock=clock)
+    ep = scraped_cluster("flappy", queue=1.0, kv=0.5, ready=1)
+    empty, one = scraped_cluster("x", queue=0.0, kv=0.0, ready=0).metrics, ep.metrics
+
+    def replace(new: EndpointMetrics) -> None:
+        previous, ep.metrics = ep.metrics, new
+        availability.metrics_replaced(ep, previous)
+
+    for _ in range(100):  # its EPP's ready count flips every 50 ms scrape for 10 s
+        replace(empty)
+        clock.now += 0.05
+        replace(one)
+        clock.now += 0.05
+    counted = metrics.registry.get_sample_value(
+        "llm_d_epp_multicluster_cluster_unavailable_total", {"cluster": "flappy"}
+    )
+    assert counted == 100
+
+    def lines() -> list[tuple[int, str]]:
+        return [(r.levelno, r.getMessage()) for r in caplog.records if r.levelno >= logging.INFO]
+
+    assert 2 <= len(lines()) <= 6, lines()  # the first changes, then quiet: not 200 lines
+    # It ends flapping unavailable: once the quiet period is over, its current state is logged with
+    # how many changes went unlogged, at the next scrape (not only at its next change).
+    replace(empty)
+    before = len(lines())
+    clock.now += 60.0
+    replace(empty)
+    last = lines()[before:]
+    assert len(last) == 1 and last[0][0] == logging.WARNING, last
+    assert "no ready endpoints" in last[0][1] and "changes" in last[0][1], last
+    replace(empty)
+    assert len(lines()) == before + 1  # said once
+    # A cluster that is removed leaves nothing behind.
+    availability.forget(ep.name)
+    assert not availability.tracked()
+
+
+async def test_a_removed_cluster_leaves_no_state_in_the_hub(
+    hubs: Callable[..., object], peers: Callable[..., object]
+) -> None:
+    hub: Hub = await hubs()  # type: ignore[misc]
+    peers_ = [await peers(f"127.0.0.{93 + i}", epp_page(kv=0.1, queue=1.0, ready=0)) for i in range(3)]  # type: ignore[misc]
+    clusters = [hub.add(f"c{i}", p) for i, p in enumerate(peers_)]
+    await wait_until(lambda: all(is_unavailable(ep) for ep in clusters))
+    for ep in clusters:
+        hub.datastore.delete(ep.name)
+    availability = hub.collector.availability
+    assert availability is not None and not availability.tracked()
+    assert (
+        hub.metrics.registry.get_sample_value(  # no series left behind per removed cluster
+            "llm_d_epp_multicluster_cluster_unavailable_total", {"cluster": "c0"}
+        )
+        is None
+    )
+    assert not hub.collector._by_endpoint and not any(hub.collector._slots)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_a_peer_asking_for_a_bearer_token_is_unknown_and_logged_with_the_fix(
+    hubs: Callable[..., object], peers: Callable[..., object], caplog: pytest.LogCaptureFixture, status: int
+) -> None:
+    caplog.set_level(logging.WARNING, logger="llmepp.datalayer.collector")
+    hub: Hub = await hubs()  # type: ignore[misc]
+    peer: MetricsServer = await peers("127.0.0.97", epp_page(kv=0.2, queue=1.0))  # type: ignore[misc]
+    peer.mode, peer.status = "status", status  # a Kubernetes-mode cluster EPP with --metrics-endpoint-auth
+    ep = hub.add("locked", peer)
+    await wait_until(lambda: hub.poll_errors() >= 2)
+    assert ep.metrics is NO_METRICS and not is_unavailable(ep)
+    [warning] = [r.getMessage() for r in caplog.records if getattr(r, "endpoint", None) == "locked"]
+    assert f"HTTP status {status}" in warning and "--metrics-endpoint-auth=false" in warning, warning
+
+
+async def test_a_slow_peer_is_unknown_after_the_timeout_and_does_not_hold_up_the_others(
+    hubs: Callable[..., object], peers: Callable[..., object]
+) -> None:
+    hub: Hub = await hubs()  # type: ignore[misc]
+    slow: MetricsServer = await peers("127.0.0.98", epp_page(kv=0.2, queue=1.0))  # type: ignore[misc]
+    fast: MetricsServer = await peers("127.0.0.99", epp_page(kv=0.3, queue=2.0))  # type: ignore[misc]
+    a, b = hub.add("slow", slow), hub.add("fast", fast)
+    await wait_until(lambda: load(a) == (1.0, 0.2) and load(b) == (2.0, 0.3))
+    slow.mode = "hang"  # answers nothing (the fixture's timeout: 0.3 s)
+    errors = hub.poll_errors()
+    await wait_until(lambda: a.metrics is NO_METRICS and hub.poll_errors() > errors)
+    fast.page = epp_page(kv=0.5, queue=4.0)
+    await wait_until(lambda: load(b) == (4.0, 0.5))  # the other cluster is still followed
+    slow.mode = "ok"
+    await slow.stop()  # release the hung handlers
+    await slow.start()
+    await wait_until(lambda: load(a) == (1.0, 0.2))
+
+
+async def test_a_peer_publishing_huge_finite_values_does_not_stop_the_hubs_gauges(
+    hubs: Callable[..., object], peers: Callable[..., object]
+) -> None:
+    hub: Hub = await hubs()  # type: ignore[misc]
+    wild: MetricsServer = await peers("127.0.0.100", epp_page(kv=1e200, queue=1e300, ready=2, running=1e250))  # type: ignore[misc]
+    sane: MetricsServer = await peers("127.0.0.101", epp_page(kv=0.5, queue=1.0, ready=2, running=1.0))  # type: ignore[misc]
+    a, b = hub.add("wild", wild), hub.add("sane", sane)
+    await wait_until(lambda: load(a) == (1e300, 1e200) and load(b) == (1.0, 0.5))
+    ready, kv, queue, _running = hub.gauges()  # raised OverflowError in the spreads: no gauge refreshed
+    assert ready == 4 and queue == pytest.approx(5e299) and kv == pytest.approx(5e199)
+    for spread in ("kv_cache_utilization", "queue_size", "running_requests"):
+        value = hub.metrics.registry.get_sample_value(f"llm_d_epp_std_dev_{spread}", {"name": "hub"})
+        assert value is not None and math.isfinite(value), (spread, value)
+    per_cluster = hub.metrics.registry.get_sample_value(
+        "llm_d_epp_per_endpoint_queue_size", {"name": "hub", "model_server_endpoint": "sane"}
+    )
+    assert per_cluster == 1.0

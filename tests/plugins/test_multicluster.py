@@ -361,6 +361,24 @@ WIRED = HUB_LAYER + "  sources: [{pluginRef: src, extractors: [{pluginRef: ext}]
             WIRED,
             "plugin 'pods' (type metrics-data-source): reads model-server metrics",
         ),
+        (  # listed, not wired: nothing would scrape the clusters (no load, no availability), silently
+            DISCOVERY + SOURCE + EXTRACTOR + "- {type: multicluster-prefix-cache-scorer}\n",
+            HUB_LAYER,
+            "dataLayer.sources: plugin 'src' (type multicluster-metrics-data-source) is not wired, so no cluster's "
+            "EPP is scraped; add {pluginRef: src, extractors: [{pluginRef: <a multicluster-metrics-extractor>}]}",
+        ),
+        (
+            DISCOVERY + EXTRACTOR + "- {type: multicluster-prefix-cache-scorer}\n",
+            HUB_LAYER,
+            "dataLayer.sources: plugin 'ext' (type multicluster-metrics-extractor) is not wired under a "
+            "multicluster-metrics-data-source",
+        ),
+        (  # the collector reads a page through one extractor: the second one's metric names would be ignored
+            DISCOVERY + SOURCE + EXTRACTOR + "- {type: multicluster-metrics-extractor, name: ext2}\n",
+            HUB_LAYER + "  sources: [{pluginRef: src, extractors: [{pluginRef: ext}, {pluginRef: ext2}]}]\n",
+            "dataLayer.sources[0].extractors[1].pluginRef: plugin 'ext2' (type multicluster-metrics-extractor): "
+            "a multicluster-metrics-data-source takes one extractor",
+        ),
         (
             DISCOVERY + SOURCE + EXTRACTOR + "- {type: multicluster-metrics-data-source, name: src2}\n",
             HUB_LAYER + "  sources:\n  - {pluginRef: src, extractors: [{pluginRef: ext}]}\n"
