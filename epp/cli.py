@@ -22,6 +22,14 @@ def parse_duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def parse_positive_duration(text: str) -> float:
+    """A duration > 0: an interval something repeats at (0 would repeat without a pause)."""
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return seconds
+
+
 def parse_size(text: str) -> int:
     """'16Mi', '16MiB', '10M', '1048576' → bytes (Kubernetes quantities)."""
     try:
@@ -98,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model-server metrics scrape interval (min 50ms)")  # fmt: skip
     p.add_argument("--metrics-staleness-threshold", type=parse_duration, default=d.metrics_staleness_threshold,
                    help="age after which scraped metrics count as stale")  # fmt: skip
-    p.add_argument("--refresh-prometheus-metrics-interval", type=parse_duration,
+    p.add_argument("--refresh-prometheus-metrics-interval", type=parse_positive_duration,
                    default=d.refresh_prometheus_metrics_interval, help="pool gauge refresh interval")  # fmt: skip
     p.add_argument("--max-body-size", type=parse_size, default=d.max_body_bytes,
                    help="largest request body accepted (413 above); gRPC message limits follow it")  # fmt: skip

@@ -23,6 +23,10 @@ _SIZE_UNITS = {
 }  # fmt: skip
 
 
+# Go's time.Duration is int64 nanoseconds: the reference's parser refuses anything longer (~292 years).
+MAX_DURATION = (2**63 - 1) / 1e9
+
+
 def parse_duration(value: str | int | float) -> float:
     """Seconds from a Go duration string or a number of seconds; never negative."""
     if isinstance(value, bool):
@@ -44,6 +48,8 @@ def parse_duration(value: str | int | float) -> float:
             raise ValueError(f"invalid duration {value!r} (examples: 60s, 200ms, 1m30s)")
     if seconds < 0 or not math.isfinite(seconds):
         raise ValueError(f"duration must be a finite value >= 0, got {value!r}")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"duration {value!r} is out of range (at most {MAX_DURATION:.0f}s, about 292 years)")
     return seconds
 
 

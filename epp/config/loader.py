@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,11 +108,45 @@ class Components:
     parsers: RequestParsers = field(default_factory=default_parsers)
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading what the reference's YAML parser (go-yaml, strict) reads differently:
+    a key given twice in one mapping is an error, not the last one winning; `1e3` and `2.5E-1` are numbers
+    (YAML 1.1, as PyYAML implements it, needs a dot and a signed exponent and reads them as strings)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue  # merged keys may be overridden; a non-scalar key fails below
+                key = self.construct_object(key_node)
+                if key in seen:
+                    mark = key_node.start_mark
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"line {mark.line + 1}, column {mark.column + 1}: duplicate key {key!r}"
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
+def _yaml_error(e: yaml.YAMLError) -> str:
+    if isinstance(e, yaml.constructor.ConstructorError) and e.problem and e.problem.startswith("line "):
+        return e.problem  # a duplicate key: the message has the position already
+    return str(e)
+
+
 def load_config(text: str) -> EndpointPickerConfig:
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass
     except yaml.YAMLError as e:
-        raise ConfigError(f"config is not valid YAML: {e}") from None
+        raise ConfigError(f"config is not valid YAML: {_yaml_error(e)}") from None
     except RecursionError:
         raise ConfigError("config is not valid YAML: nested too deeply") from None
     if raw is None:
@@ -120,7 +155,7 @@ def load_config(text: str) -> EndpointPickerConfig:
         raise ConfigError(f"config must be a mapping, got {type(raw).__name__}")
     _check_plain_data(raw)
     try:
-        config = msgspec.convert(raw, EndpointPickerConfig, str_keys=True)
+        config = msgspec.convert(_drop_nulls(raw, _CONFIG_INFO), EndpointPickerConfig, str_keys=True)
     except msgspec.ValidationError as e:
         raise ConfigError(f"config: {str(e).replace('`$.', '`').replace('`$`', 'the document')}") from None
     if config.api_version not in API_VERSIONS:
@@ -130,6 +165,34 @@ def load_config(text: str) -> EndpointPickerConfig:
     if config.kind != KIND:
         raise ConfigError(f"kind: expected {KIND!r}, got {config.kind!r}")
     return config
+
+
+_CONFIG_INFO = msgspec.inspect.type_info(EndpointPickerConfig)
+
+
+def _drop_nulls(value: Any, info: msgspec.inspect.Type) -> Any:
+    """`value` without the schema fields given as null (`featureGates:` with nothing under it) that cannot
+    be null: the reference's decoder (Go's JSON) leaves such a field unset, so it takes its default. Blocks
+    kept raw (`parameters`, `flowControl`) are left as they are: they are decoded where they are used."""
+    mi = msgspec.inspect
+    if isinstance(info, mi.UnionType):
+        member = next((t for t in info.types if isinstance(t, (mi.StructType, mi.ListType))), None)
+        return value if member is None else _drop_nulls(value, member)
+    if isinstance(info, mi.StructType) and isinstance(value, dict):
+        fields = {f.encode_name: f.type for f in info.fields}
+        out = {}
+        for key, item in value.items():
+            ftype = fields.get(key)
+            if ftype is None:
+                out[key] = item  # an unknown field: the conversion names it
+            elif item is not None:
+                out[key] = _drop_nulls(item, ftype)
+            elif isinstance(ftype, mi.UnionType) and any(isinstance(t, mi.NoneType) for t in ftype.types):
+                out[key] = None
+        return out
+    if isinstance(info, mi.ListType) and isinstance(value, list):
+        return [_drop_nulls(item, info.item_type) for item in value]
+    return value
 
 
 def _check_plain_data(raw: dict[str, Any]) -> None:
@@ -146,6 +209,11 @@ def _check_plain_data(raw: dict[str, Any]) -> None:
             continue
         if isinstance(node, float) and not math.isfinite(node):
             raise ConfigError(f"{path}: {node}: numbers must be finite")
+        if isinstance(node, str) and not _is_unicode(node):
+            # A lone surrogate ("\ud800"): it cannot be encoded wherever the text goes out (metrics, logs).
+            raise ConfigError(f"{path or 'config'}: not valid Unicode text (a lone surrogate escape)")
+        if isinstance(node, dict) and not all(_is_unicode(k) for k in node if isinstance(k, str)):
+            raise ConfigError(f"{path or 'config'}: a key is not valid Unicode text (a lone surrogate escape)")
         if not isinstance(node, (dict, list)) or id(node) in done:
             continue
         if id(node) in open_:
@@ -156,6 +224,14 @@ def _check_plain_data(raw: dict[str, Any]) -> None:
         for key, value in reversed(list(items)):
             where = f"{path}[{key}]" if isinstance(node, list) else f"{path}.{key}" if path else str(key)
             stack.append((value, where, False))
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_feature_gates(gates: Iterable[str]) -> dict[str, bool]:

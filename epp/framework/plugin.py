@@ -222,6 +222,9 @@ def _fold_keys(value: Any, info: msgspec.inspect.Type, label: str, path: str = "
     mi = msgspec.inspect
     if isinstance(info, mi.Metadata):
         return _fold_keys(value, info.type, label, path)
+    if type(value) is int and not _INT64_MIN <= value <= _INT64_MAX and _takes_int(info):
+        # The reference decodes into Go ints (64 bits) and refuses more; msgspec takes any Python int.
+        raise ConfigError(f"{label}: {path}: {value} is out of range (a 64-bit integer)")
     if isinstance(info, mi.UnionType):
         wanted: tuple[type, ...] = (
             (mi.StructType, mi.DictType) if isinstance(value, dict)
@@ -251,6 +254,16 @@ def _fold_keys(value: Any, info: msgspec.inspect.Type, label: str, path: str = "
     if isinstance(info, mi.DictType) and isinstance(value, dict):
         return {k: _fold_keys(v, info.value_type, label, f"{path}.{k}") for k, v in value.items()}
     return value
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _takes_int(info: msgspec.inspect.Type) -> bool:
+    mi = msgspec.inspect
+    if isinstance(info, mi.UnionType):
+        return any(_takes_int(t) for t in info.types)
+    return isinstance(info, mi.IntType)
 
 
 def _describe(err: msgspec.ValidationError) -> str:

@@ -113,3 +113,23 @@ def test_a_config_file_that_is_not_utf8_is_a_start_up_error(tmp_path: Path) -> N
     assert done.returncode == 2, done.stderr[-2000:]
     assert "--config-file:" in done.stderr and "is not UTF-8 text" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # Longer than Go's time.Duration (~292 years), which the reference's flag parsing refuses; here it was
+        # accepted (3.6e23 s).
+        (["--drain-timeout", "99999999999999999999h"], "argument --drain-timeout: duration '99999999999999999999h' is "
+         "out of range"),
+        (["--ha-lease-duration", "3000000h"], "argument --ha-lease-duration: duration '3000000h' is out of range"),
+        # The pool gauges refresh every interval: 0 spun the refresh loop without a pause (the reference's ticker
+        # panics on a non-positive interval).
+        (["--refresh-prometheus-metrics-interval", "0"], "argument --refresh-prometheus-metrics-interval: must be > 0"),
+        (["--drain-timeout=-5s"], "argument --drain-timeout: invalid duration '-5s'"),
+    ],
+)  # fmt: skip
+def test_bad_durations_are_usage_errors_naming_the_flag(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert message in usage_error(argv, capsys)

@@ -295,3 +295,86 @@ def test_shared_yaml_aliases_still_load() -> None:
     )
     assert [w.weight for w in c.pipeline.scheduler.profiles["decode"].scorers] == [2.5]
     assert [w.weight for w in c.pipeline.scheduler.profiles["prefill"].scorers] == [2.5]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # Duplicate keys: the reference decodes strictly ("mapping key already defined"); here the last one won
+        # silently, so a second `plugins:` dropped the first list.
+        (
+            "plugins:\n- type: queue-scorer\nplugins:\n- type: random-picker\n",
+            "config is not valid YAML: line 3, column 1: duplicate key 'plugins'",
+        ),
+        (
+            "plugins:\n- type: max-score-picker\n  parameters: {maxNumOfEndpoints: 2, maxNumOfEndpoints: 3}\n",
+            "config is not valid YAML: line 3, column 38: duplicate key 'maxNumOfEndpoints'",
+        ),
+        # A lone surrogate (a "\ud800" escape): the reference's YAML parser refuses it; here it loaded, and the
+        # name could not be encoded wherever it went out (metrics labels, JSON logs, headers).
+        ('plugins:\n- type: queue-scorer\n  name: "q\\ud800"\n', "plugins[0].name: not valid Unicode text"),
+        (
+            'plugins:\n- type: max-score-picker\n  parameters: {"\\udfff": 1}\n',
+            "plugins[0].parameters: a key is not valid Unicode text",
+        ),
+        # Beyond a 64-bit integer: the reference's decoder refuses it (Go int); here it was accepted.
+        (
+            "plugins:\n- type: random-picker\n  parameters: {maxNumOfEndpoints: 9223372036854775808}\n",
+            "plugin 'random-picker' (type random-picker): parameters.maxNumOfEndpoints: 9223372036854775808 is out of "
+            "range (a 64-bit integer)",
+        ),
+        (
+            "plugins:\n- type: token-producer\n  parameters: {estimate: {image: {defaultResolution: {width: "
+            "-99999999999999999999}}}}\n",
+            "parameters.estimate.image.defaultResolution.width: -99999999999999999999 is out of range",
+        ),
+        # A float too large for a float64 (YAML reads it as inf).
+        (
+            "plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: d\n  plugins: [{pluginRef: queue-scorer, "
+            "weight: 1e400}]\n",
+            "schedulingProfiles[0].plugins[0].weight: inf: numbers must be finite",
+        ),
+        # A duration longer than Go's time.Duration holds (~292 years): the reference refuses it.
+        (
+            "featureGates: [flowControl]\nflowControl: {defaultRequestTTL: 9999999999h}\n",
+            "flowControl.defaultRequestTTL: duration '9999999999h' is out of range",
+        ),
+    ],
+)  # fmt: skip
+def test_yaml_edge_cases_are_config_errors_naming_the_field(text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        built(text)
+    assert expected in str(err.value)
+
+
+def test_exponent_numbers_are_numbers_as_in_the_reference() -> None:
+    # The reference's YAML parser reads 1e3 and 2.5E-1 as numbers; PyYAML's YAML 1.1 rules read them as strings
+    # (needing a dot and a signed exponent), so a weight or parameter written so was refused.
+    c = built(
+        "plugins:\n- type: queue-scorer\n- type: approx-prefix-cache-producer\n  parameters: {lruCapacityPerServer: "
+        "31250}\n- type: concurrency-detector\n  parameters: {headroom: 2.5E-1}\nschedulingProfiles:\n- name: d\n"
+        "  plugins: [{pluginRef: queue-scorer, weight: 1e3}, {pluginRef: concurrency-detector}]\n"
+    )
+    assert [w.weight for w in c.pipeline.scheduler.profiles["d"].scorers] == [1000.0]
+    assert c.plugins["concurrency-detector"].params.headroom == 0.25
+    # Plain integers, strings that only look numeric and YAML 1.1 words stay what they were.
+    config = load_config("featureGates: ['1e3']\nplugins:\n- {type: queue-scorer, name: 1e3x}\n")
+    assert config.feature_gates == ["1e3"] and config.plugins[0].name == "1e3x"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "featureGates:\nplugins:\n- type: queue-scorer\n",
+        "schedulingProfiles:\nplugins:\n- type: queue-scorer\n",
+        "plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: default\n  plugins:\n",
+        "plugins:\n- type: queue-scorer\nrequestHandler: {parsers: }\n",
+        "plugins:\n- type: queue-scorer\ndataLayer: {sources: }\n",
+        "plugins:\n- type: queue-scorer\n  name:\n",
+    ],
+)
+def test_an_empty_section_is_an_absent_one_as_in_the_reference(text: str) -> None:
+    # `featureGates:` with nothing under it is null: the reference's decoder leaves the field unset (Go's JSON
+    # null); here it was "Expected `array`, got `null`", so a Helm-rendered empty section failed.
+    c = built(text)
+    assert isinstance(c.plugins["queue-scorer"], Scorer)

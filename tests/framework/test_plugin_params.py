@@ -7,8 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+import msgspec.inspect as mi
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from llmepp.config.loader import build, load_config
 from llmepp.framework.plugin import ConfigError, registry
@@ -37,3 +40,64 @@ def test_every_plugin_type_builds_or_fails_with_a_config_error(type_name: str) -
     for field in msgspec.structs.fields(cls.Params):
         for value in WRONG:
             _build(type_name, {field.encode_name: value})
+
+
+# Anything a YAML document can hold, wrong for most fields: scalars at the edges, nested lists and mappings.
+_SCALARS = (
+    st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from([2**63 - 1, 2**63, -(2**63) - 1, 2**70, 10**9, 1e300, -1e300, 5e-324, 0.999999])
+    | st.text(max_size=5)
+    | st.sampled_from(["", "x", "1s", "-1s", "0s", "10ms", "1Gi", "-1Gi", "true", "0", "-1", "prefill", "decode",
+                       "a.b", "(", "[", "*", "other", "probe", "1e3", "http://", "/nonexistent", "a==b", "${", "%s",
+                       "\ud800"])
+)  # fmt: skip
+_ANY = st.recursive(
+    _SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(["name", "type", "key", "value", "x", "\udfff"]), inner, max_size=2)
+    ),
+    max_leaves=5,
+)
+
+
+def _values(info: mi.Type, depth: int = 0) -> st.SearchStrategy[Any]:
+    """Values for a parameter of type `info`: right-typed ones (nested structs with their own field names, so
+    the draw reaches past the type check into each plugin's own validation) or anything at all."""
+    if depth > 4:
+        return _ANY
+    if isinstance(info, mi.Metadata):
+        return _values(info.type, depth)
+    if isinstance(info, mi.UnionType):
+        return st.one_of([_values(t, depth + 1) for t in info.types])
+    if isinstance(info, mi.StructType):
+        optional = {f.encode_name: _values(f.type, depth + 1) for f in info.fields}
+        return st.fixed_dictionaries({}, optional=optional) | _ANY
+    if isinstance(info, (mi.ListType, mi.SetType, mi.FrozenSetType, mi.VarTupleType)):
+        return st.lists(_values(info.item_type, depth + 1), max_size=3) | _ANY
+    if isinstance(info, mi.DictType):
+        return st.dictionaries(st.sampled_from(["a", "x", "", "prefill"]), _values(info.value_type, depth + 1),
+                               max_size=3) | _ANY  # fmt: skip
+    if isinstance(info, mi.LiteralType):
+        return st.sampled_from(list(info.values)) | _ANY
+    return _ANY
+
+
+_WITH_PARAMS = [t for t in registry.types() if msgspec.structs.fields(registry.get(t).Params)]  # type: ignore[union-attr]
+
+
+@st.composite
+def _plugin_with_random_parameters(draw: st.DrawFn) -> tuple[str, Any]:
+    type_name = draw(st.sampled_from(_WITH_PARAMS))
+    cls = registry.get(type_name)
+    assert cls is not None
+    return type_name, draw(_values(mi.type_info(cls.Params)))
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_plugin_with_random_parameters())
+def test_every_plugin_type_with_random_parameters_builds_or_fails_with_a_config_error(
+    case: tuple[str, Any],
+) -> None:
+    type_name, parameters = case
+    _build(type_name, parameters)
