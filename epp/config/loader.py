@@ -68,6 +68,7 @@ from llmepp.framework.scheduling import Filter, Picker, ProfileHandler, Scorer
 from llmepp.request.parsers import RequestParsers, default_parsers
 from llmepp.scheduling.profile import SchedulerProfile, WeightedScorer
 from llmepp.scheduling.scheduler import Scheduler
+from llmepp.units import parse_duration
 
 log = logging.getLogger(__name__)
 
@@ -628,6 +629,13 @@ def _build_data_layer(
     plugin_registry: PluginRegistry,
 ) -> None:
     layer = config.data_layer
+    if layer is not None and layer.cross_replica_sync_interval:
+        # Read by no plugin here (the router-local load is shared through redis-inflight-load-producer's
+        # Redis); checked so a typo is not silently carried along.
+        try:
+            parse_duration(layer.cross_replica_sync_interval)
+        except ValueError as e:
+            raise ConfigError(f"dataLayer.crossReplicaSyncInterval: {e}") from None
     if layer is not None and layer.discovery is not None:
         spec = layer.discovery
         where = (

@@ -378,3 +378,13 @@ def test_an_empty_section_is_an_absent_one_as_in_the_reference(text: str) -> Non
     # null); here it was "Expected `array`, got `null`", so a Helm-rendered empty section failed.
     c = built(text)
     assert isinstance(c.plugins["queue-scorer"], Scorer)
+
+
+def test_the_cross_replica_sync_interval_is_a_duration() -> None:
+    """dataLayer.crossReplicaSyncInterval (the reference's, default 200ms) was kept as text and never read:
+    `bogus` loaded. It is checked as the reference parses it."""
+    base = DEFAULT_CONFIG + "dataLayer:\n  crossReplicaSyncInterval: {}\n"
+    build(load_config(base.format("500ms")))
+    for bad in ("bogus", "-1s"):
+        with pytest.raises(ConfigError, match="dataLayer.crossReplicaSyncInterval"):
+            build(load_config(base.format(bad)))
