@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 from prometheus_client import CollectorRegistry
@@ -82,17 +82,21 @@ class _Spec(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=
     pass
 
 
+# The reference decodes into Go's int64 (and refuses more); a Python int has no bound of its own.
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+
+
 class BandTemplateSpec(_Spec):
-    max_requests: int = 0  # 0 = default (5000)
-    max_bytes: int | str = 0  # 0 = default (1G)
+    max_requests: Int64 = 0  # 0 = default (5000)
+    max_bytes: Int64 | str = 0  # 0 = default (1G)
     fairness_policy_ref: str = ""
     ordering_policy_ref: str = ""
 
 
 class PriorityBandSpec(_Spec):
-    priority: int
-    max_requests: int = 0
-    max_bytes: int | str = 0
+    priority: Int64
+    max_requests: Int64 = 0
+    max_bytes: Int64 | str = 0
     fairness_policy_ref: str = ""
     ordering_policy_ref: str = ""
 
@@ -102,9 +106,9 @@ class PluginRefSpec(_Spec):
 
 
 class FlowControlSpec(_Spec):
-    max_bytes: int | str = 0  # global; 0 = unlimited
-    max_requests: int = 0
-    max_flows: int | None = None  # None = DEFAULT_MAX_FLOWS
+    max_bytes: Int64 | str = 0  # global; 0 = unlimited
+    max_requests: Int64 = 0
+    max_flows: Int64 | None = None  # None = DEFAULT_MAX_FLOWS
     default_request_ttl: str | int | float | None = msgspec.field(default=None, name="defaultRequestTTL")
     no_endpoint_request_ttl: str | int | float | None = msgspec.field(default=None, name="noEndpointRequestTTL")
     default_priority_band: BandTemplateSpec | None = None
@@ -116,10 +120,16 @@ class FlowControlSpec(_Spec):
 
 
 def parse_flow_control(raw: Mapping[str, Any] | None) -> FlowControlSpec:
+    # `priorityBands:` with nothing under it (a Helm template's empty section): absent, as Go leaves it.
+    fields = {k: v for k, v in (raw or {}).items() if v is not None or k not in _NOT_NULLABLE}
     try:
-        return msgspec.convert(dict(raw or {}), FlowControlSpec, str_keys=True)
+        return msgspec.convert(fields, FlowControlSpec, str_keys=True)
     except msgspec.ValidationError as e:
         raise ConfigError(_describe(e, "flowControl")) from None
+
+
+# The fields a null cannot be: those whose default is not None.
+_NOT_NULLABLE = {f.encode_name for f in msgspec.structs.fields(FlowControlSpec) if f.default is not None}
 
 
 def _describe(err: msgspec.ValidationError, root: str) -> str:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from llmepp.config.loader import build, load_config
 from llmepp.config.schema import DEFAULT_CONFIG
 from llmepp.datalayer.datastore import Datastore
+from llmepp.flowcontrol.config import parse_flow_control
 from llmepp.flowcontrol.controller import FlowController
 from llmepp.flowcontrol.hooks import AdmissionHooks
 from llmepp.flowcontrol.legacy import LegacyAdmission
@@ -369,3 +372,16 @@ def test_a_scrape_period_beyond_the_staleness_threshold_is_a_startup_warning(
     assert bool(hits) is warned, hits
     if warned:
         assert "utilization-detector" in hits[0] and "1s" in hits[0] and "200ms" in hits[0]
+
+
+def test_flow_control_numbers_are_int64_and_an_empty_band_list_is_absent() -> None:
+    """As the reference decodes flowControl (Go int64 fields; an empty YAML section leaves a field unset):
+    a priority or limit past int64 was accepted, and `priorityBands:` with nothing under it was an error."""
+    assert parse_flow_control({"priorityBands": None}).priority_bands == []
+    for raw, where in (
+        ({"priorityBands": [{"priority": 2**64}]}, "flowControl.priorityBands[0].priority"),
+        ({"maxBytes": 2**63}, "flowControl.maxBytes"),
+        ({"defaultPriorityBand": {"maxRequests": -(2**64)}}, "flowControl.defaultPriorityBand.maxRequests"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(where)):
+            parse_flow_control(raw)
