@@ -117,11 +117,18 @@ def _literal(name: bytes, value: bytes) -> bytes:
     return b"\x00" + bytes((len(name),)) + name + bytes((len(value),)) + value
 
 
+# Every header block we send starts with an HPACK dynamic table size update to 0 (RFC 7541 §6.3): we never
+# index, and a peer that shrinks its table (SETTINGS_HEADER_TABLE_SIZE below 4096: Envoy's `hpack_table_size`,
+# at the start or mid-connection) requires one at the start of the next block it decodes (§4.2) — nghttp2
+# fails the whole connection without it. One byte per block; no state to track which block comes first.
+_TABLE_SIZE_0 = b"\x20"
 # Response header block: `:status: 200` (static index 8) + content-type literal (index 31).
-_RESPONSE_HEADERS = b"\x88" + b"\x0f\x10" + bytes((16,)) + b"application/grpc"
+_RESPONSE_HEADERS = _TABLE_SIZE_0 + b"\x88" + b"\x0f\x10" + bytes((16,)) + b"application/grpc"
 
 
 def _trailers(status: int, message: str = "") -> bytes:
+    """A trailers block's fields (after _TABLE_SIZE_0 as a block of its own, after _RESPONSE_HEADERS as a
+    trailers-only answer)."""
     block = _literal(b"grpc-status", str(status).encode())
     if message:
         block += _literal(b"grpc-message", message.encode()[:120])
@@ -129,6 +136,7 @@ def _trailers(status: int, message: str = "") -> bytes:
 
 
 _TRAILERS_OK = _trailers(GRPC_OK)
+_TRAILERS_OK_BLOCK = _TABLE_SIZE_0 + _TRAILERS_OK
 
 
 def _headers_fields_error(flags: int, payload: _Bytes, length: int) -> int:
@@ -460,8 +468,10 @@ class _Connection(asyncio.Protocol):
             if st.recv_unacked > OUR_STREAM_WINDOW:
                 self._reset(st, FLOW_CONTROL_ERROR)  # past the window we advertised (RFC 9113 §6.9.1)
                 return
-            if st.task is None and not st.backlog:
-                # While routing is pending, messages wait in the backlog: so does the client's window.
+            if st.task is None and not st.backlog and not st.pending:
+                # While routing is pending, messages wait in the backlog: so does the client's window. So too
+                # while our answers wait for the client's window: a client that sends but does not read would
+                # otherwise queue answers here without bound (each response chunk is echoed).
                 self.out.append(_frame(WINDOW_UPDATE, 0, sid, _U32.pack(st.recv_unacked)))
                 st.recv_unacked = 0
         if payload:
@@ -579,38 +589,47 @@ class _Connection(asyncio.Protocol):
     def _process(self, st: _Stream, msg: pb.ProcessingRequest) -> None:
         ext = st.ext
         try:
-            out: Any = ext.handle(msg.WhichOneof("request"), msg)
-        except Exception:
-            out = ext.fallback(msg)
-        if out.__class__ is Pending:
-            # Eagerly: routing that does not wait answers within this batch, no task.
             try:
-                done, out = out.step()
+                out: Any = ext.handle(msg.WhichOneof("request"), msg)
             except Exception:
-                done, out = True, ext.fallback(msg)
-            if not done:
-                st.task = asyncio.get_running_loop().create_task(self._await_pending(st, out, msg))
-                return
-        self._emit(st, out)
+                out = ext.fallback(msg)
+            if out.__class__ is Pending:
+                # Eagerly: routing that does not wait answers within this batch, no task.
+                try:
+                    done, out = out.step()
+                except Exception:
+                    done, out = True, ext.fallback(msg)
+                if not done:
+                    st.task = asyncio.get_running_loop().create_task(self._await_pending(st, out, msg))
+                    return
+            self._emit(st, out)
+        except Exception:
+            # As in _await_pending: one stream's failure (its fallback's included) must not end the connection
+            # with every other request on it.
+            log.exception("h2 ext_proc: stream %d failed", st.sid)
+            self._end(st, GRPC_INTERNAL, "internal error")
 
     async def _await_pending(self, st: _Stream, step: Any, msg: pb.ProcessingRequest) -> None:
+        failed = False
         try:
             out = await step
         except asyncio.CancelledError:
             raise
         except Exception:
-            out = st.ext.fallback(msg)
+            failed = True
         st.task = None
         if self.closed or st.local_closed:
             return
         try:
+            if failed:
+                out = st.ext.fallback(msg)
             self._emit(st, out)
             while st.backlog and st.task is None and not st.local_closed:
                 self._process(st, st.backlog.popleft())
             if st.task is None and not st.local_closed:
                 if st.remote_closed:
                     self._end(st, GRPC_OK)
-                elif st.recv_unacked >= OUR_STREAM_WINDOW // 2:  # the window withheld while routing
+                elif st.recv_unacked >= OUR_STREAM_WINDOW // 2 and not st.pending:  # withheld while routing
                     self.out.append(_frame(WINDOW_UPDATE, 0, st.sid, _U32.pack(st.recv_unacked)))
                     st.recv_unacked = 0
         except Exception:
@@ -708,15 +727,21 @@ class _Connection(asyncio.Protocol):
         self.blocked.discard(st.sid)
         if st.local_closed:
             self._forget(st)
+        elif st.recv_unacked >= OUR_STREAM_WINDOW // 2 and st.task is None and not st.backlog:
+            # The receive window withheld while answers were queued (see _on_data).
+            out.append(_frame(WINDOW_UPDATE, 0, st.sid, _U32.pack(st.recv_unacked)))
+            st.recv_unacked = 0
 
     def _end(self, st: _Stream, status: int, message: str = "") -> None:
         """End our side with grpc-status; release the stream's state."""
         if st.local_closed:
             return
         st.local_closed = True
-        trailers = _TRAILERS_OK if status == GRPC_OK and not message else _trailers(status, message)
+        ok = status == GRPC_OK and not message
+        trailers = _TRAILERS_OK if ok else _trailers(status, message)
         if st.headers_sent:
-            frame = _frame(HEADERS, END_HEADERS | END_STREAM, st.sid, trailers)
+            block = _TRAILERS_OK_BLOCK if ok else _TABLE_SIZE_0 + trailers
+            frame = _frame(HEADERS, END_HEADERS | END_STREAM, st.sid, block)
         else:  # trailers-only response
             frame = _frame(HEADERS, END_HEADERS | END_STREAM, st.sid, _RESPONSE_HEADERS + trailers)
         if st.pending:

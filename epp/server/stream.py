@@ -284,6 +284,15 @@ def _stream_code(stream: Any) -> str:
     return "OK" if finished else "Canceled"
 
 
+def _stream_cancelled() -> bool:
+    """Whether a CancelledError seen while routing is the stream's own cancellation (the transport cancelled
+    the task running the step: Envoy reset the stream) rather than one raised by a plugin (a future it
+    awaits cancelled by someone else), which is an error like any other. A step run eagerly, outside any
+    task (h2's first step), cannot have been cancelled from outside."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 # -- per-stream state machine ------------------------------------------------------------------
 _START = 0  # waiting for request headers
 _BODY = 1  # buffering the request body
@@ -528,7 +537,9 @@ class ExtProcStream:
                 decision = await decision
         except RequestError as e:
             return self.reject(e, req)
-        except Exception:
+        except (Exception, asyncio.CancelledError) as e:
+            if isinstance(e, asyncio.CancelledError) and _stream_cancelled():
+                raise
             log.exception("director failed on a body-less request", extra={"request_id": self.request_id})
             return self.reject(InternalError("internal error while routing the request"), req)
         self.svc._request_processing.observe(time.monotonic() - self.received_at)
@@ -564,7 +575,9 @@ class ExtProcStream:
             decision = await self.svc.director.handle_request(req, self.subset)
         except RequestError as e:
             return self.reject(e, req)
-        except Exception:
+        except (Exception, asyncio.CancelledError) as e:
+            if isinstance(e, asyncio.CancelledError) and _stream_cancelled():
+                raise
             log.exception("director failed", extra={"request_id": self.request_id})
             return self.reject(InternalError("internal error while routing the request"), req)
         # From the request headers, as the reference: the body's arrival and the queue wait included.

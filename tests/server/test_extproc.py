@@ -377,6 +377,26 @@ async def test_director_exception_is_500_not_a_broken_stream(caplog: pytest.LogC
         assert any("boom" in (r.exc_text or "") for r in caplog.records)
 
 
+@pytest.mark.parametrize("delay", [0.0, 0.05], ids=["at-once", "after-waiting"])
+async def test_a_cancellation_raised_by_routing_is_500_and_spares_the_connection(delay: float) -> None:
+    """A CancelledError out of routing that is not the stream's own cancellation (a plugin awaiting a shared
+    future someone else cancelled) is an error like any other: 500, the stream ends. Not a stream left
+    unanswered until Envoy's idle timeout, nor (h2) the whole connection torn down with every stream on it."""
+    director = FakeDirector(list(ENDPOINTS), raise_exc=asyncio.CancelledError())
+    director.delay = delay
+    async with serve(director) as h:
+        s = h.open()
+        await s.send(request_headers(), request_body(BODY, eos=True))
+        status, _, doc = immediate(await s.recv())
+        assert status == 500 and doc["error"]["type"] == "Internal"
+        await s.recv_eof()
+        assert await s.status() == grpc.StatusCode.OK
+        director.raise_exc = None
+        s2 = h.open()  # the same connection still serves
+        first, *_ = await s2.route(BODY)
+        assert first.WhichOneof("response") == "request_headers"
+
+
 async def test_request_error_from_attribute() -> None:
     director = FakeDirector(list(ENDPOINTS), fail_with=ResourceExhausted("busy"))
     async with serve(director) as h:

@@ -27,6 +27,7 @@ from llmepp.server.h2 import (
     H2ExtProcServer,
     create_h2_server,
 )
+from llmepp.server.stream import ExtProcStream, Pending
 from llmepp.settings import Settings
 from llmepp.testing.fakes import FakeDirector
 
@@ -324,3 +325,104 @@ async def test_malformed_frames_are_connection_errors_that_are_counted(
         == 1
     )
     c.close()
+
+
+async def test_header_blocks_follow_a_smaller_peer_hpack_table(
+    h2: tuple[H2ExtProcServer, FakeDirector, EppMetrics],
+) -> None:
+    """A peer that shrinks its HPACK table (Envoy's `hpack_table_size: 0` on the epp cluster, at the
+    start or mid-connection) requires a dynamic table size update at the start of the next header block
+    it decodes (RFC 7541 §4.2); nghttp2 fails the whole connection (COMPRESSION_ERROR) without one."""
+    server, _, _ = h2
+    c = await RawClient.connect(server.port, window=10_000_000)
+    c.send(frame(SETTINGS, 0, 0, struct.pack(">HI", 1, 0)))  # SETTINGS_HEADER_TABLE_SIZE = 0
+    c.send(open_stream(1, request_headers(), request_body(BODY, eos=True), end=True))
+    _, _, _, headers_block = await c.until(HEADERS, 1)
+    _, flags, _, trailers_block = await c.until(HEADERS, 1)
+    assert flags & END_STREAM
+    # Every block the peer may decode first after the change starts with a size update (001xxxxx) to ≤ 0.
+    assert headers_block[0] == 0x20, headers_block
+    assert trailers_block[0] == 0x20, trailers_block
+    # A trailers-only answer (a stream refused before any message) too, after a second change mid-connection.
+    c.send(frame(SETTINGS, 0, 0, struct.pack(">HI", 1, 0)))
+    c.send(frame(HEADERS, END_HEADERS, 3, b"\x83\x86") + frame(DATA, END_STREAM, 3, b"\x01\x00\x00\x00\x01x"))
+    _, flags, _, only_block = await c.until(HEADERS, 3)
+    assert flags & END_STREAM and only_block[0] == 0x20, only_block
+    c.close()
+
+
+async def test_a_stream_whose_answers_are_stuck_gets_no_more_receive_window(
+    h2: tuple[H2ExtProcServer, FakeDirector, EppMetrics],
+) -> None:
+    """A peer that keeps sending on a stream but grants no window for its answers: the answers queue up
+    here, so the stream's receive window is not replenished meanwhile (else the queue grows without bound:
+    every response chunk is echoed). Once the peer reads, the queue drains and the window follows."""
+    server, _, _ = h2
+    c = await RawClient.connect(server.port, window=100)
+    c.send(open_stream(1, request_headers(), request_body(BODY, eos=True), response_headers(200)))
+    chunk = grpc_msg(response_body(b"x" * 60_000))
+    sent = 0
+    while sent < 12 * 1024 * 1024:  # past half the 16 MiB window the server advertises
+        c.send(frame(DATA, 0, 1, chunk * 16))
+        sent += len(chunk) * 16
+    c.send(frame(PING, 0, 0, b"probe---"))  # its ACK: everything sent before it has been read
+    while not (c.seen and c.seen[-1][0] == PING and c.seen[-1][1] & 1):
+        await c.frame()
+    assert not [f for f in c.seen if f[0] == WINDOW_UPDATE and f[2] == 1]
+    (conn,) = server.connections
+    queued = sum(len(p) for _, p in conn.streams[1].pending)
+    assert queued > 10 * 1024 * 1024
+    # The peer reads: everything queued goes out, and the stream's window is replenished.
+    c.send(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", 2**31 - 1 - 65_535)))
+    c.send(frame(WINDOW_UPDATE, 0, 1, struct.pack(">I", 2**31 - 1 - 100)))
+    await c.until(WINDOW_UPDATE, 1)
+    assert not conn.streams[1].pending
+    c.close()
+
+
+class _BuggyStream(ExtProcStream):
+    """A stream whose message handling and its fallback both fail (a bug), on a marked request."""
+
+    def handle(self, kind, msg):  # type: ignore[no-untyped-def]
+        if kind == "request_headers":
+            bug = {h.key: h.raw_value for h in msg.request_headers.headers.headers}.get("x-test-bug")
+            if bug == b"late":  # after a routing wait
+                return Pending(self._fail_later())
+            if bug:
+                raise RuntimeError("bug in handling")
+        return super().handle(kind, msg)
+
+    async def _fail_later(self) -> None:
+        await asyncio.sleep(0.01)
+        raise RuntimeError("bug in routing")
+
+    def fallback(self, msg):  # type: ignore[no-untyped-def]
+        raise RuntimeError("bug in the fallback")
+
+
+@pytest.mark.parametrize("when", ["at-once", "late"])
+async def test_a_failing_stream_fails_alone(when: str) -> None:
+    """A stream whose handling fails past every fallback, answered eagerly within the read or after a
+    routing wait, ends with grpc-status INTERNAL (not left unanswered); the connection, and the other
+    requests Envoy multiplexes on it, go on."""
+    director = FakeDirector(list(ENDPOINTS))
+    settings = Settings()
+    ctx = ExtProcServicer(director, EppMetrics(), settings)
+    server = create_h2_server(ctx, settings, address="127.0.0.1:0", stream_factory=lambda push: _BuggyStream(ctx, push))
+    await server.start()
+    try:
+        c = await RawClient.connect(server.port, window=10_000_000)
+        c.send(open_stream(1, request_headers(), request_body(BODY, eos=True)))
+        while len(c.messages(1)) < 2:
+            await c.frame()
+        c.send(open_stream(3, request_headers({"x-test-bug": when})))
+        _, flags, _, block = await c.until(HEADERS, 3)
+        assert flags & END_STREAM and b"grpc-status" in block and b"\x0213" in block  # INTERNAL
+        # The routed request on the same connection still gets its response answered.
+        c.send(frame(DATA, 0, 1, grpc_msg(response_headers(200)) + grpc_msg(response_body(b"{}", eos=True))))
+        while len(c.messages(1)) < 4:
+            kind, _, _, _ = await c.frame()
+            assert kind != GOAWAY
+        c.close()
+    finally:
+        await server.stop(None)
