@@ -386,5 +386,5 @@ def test_the_cross_replica_sync_interval_is_a_duration() -> None:
     base = DEFAULT_CONFIG + "dataLayer:\n  crossReplicaSyncInterval: {}\n"
     build(load_config(base.format("500ms")))
     for bad in ("bogus", "-1s"):
-        with pytest.raises(ConfigError, match="dataLayer.crossReplicaSyncInterval"):
+        with pytest.raises(ConfigError, match=r"dataLayer\.crossReplicaSyncInterval"):
             build(load_config(base.format(bad)))
