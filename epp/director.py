@@ -41,7 +41,7 @@ from llmepp.framework.requestcontrol import (
     Screener,
 )
 from llmepp.framework.scheduling import ProfileResult, SchedulingResult
-from llmepp.observability.logging import LogLimiter
+from llmepp.observability.logging import LogLimiter, RateLimitedLog
 from llmepp.observability.metrics import EppMetrics
 from llmepp.observability.plugin_timing import PluginTimers
 from llmepp.request.types import InferenceRequest, ResponseInfo, TerminationCause
@@ -134,6 +134,7 @@ class Director:
         self._timers = PluginTimers(metrics.plugin_duration)
         self._producers: list[tuple[DataProducer, bool]] = []
         self._timeout_log = LogLimiter(log, interval=30.0)
+        self._failures = _PluginFailures()
         self.use_pipeline(pipeline)
 
     def use_pipeline(self, pipeline: Pipeline) -> None:
@@ -219,9 +220,7 @@ class Director:
                     except RequestError:
                         raise
                     except Exception:  # as the reference: a producer failure does not fail the request
-                        log.exception(
-                            "data producer %s failed", producer.name, extra={"request_id": request.request_id}
-                        )
+                        self._failures.error("DataProducer", producer.name, "data producer %s failed", producer.name)
                 if timers is not None:
                     timers.observe("DataProducer", producer, time.perf_counter() - start)
             if waited:
@@ -275,12 +274,20 @@ class Director:
         inflight.requests += 1
         inflight.tokens += tokens
         try:
+            errors: list[tuple[PreRequest, Exception]] | None = None  # allocated on a failure only
             for plugin in pipeline.pre_request:
                 if timers is not None:
                     start = time.perf_counter()
-                plugin.pre_request(request, result)
+                try:
+                    plugin.pre_request(request, result)
+                except Exception as e:  # as the reference: every PreRequest plugin runs, errors are joined
+                    if not isinstance(e, RequestError):
+                        self._failures.error("PreRequest", plugin.name, "pre-request plugin %s failed", plugin.name)
+                    errors = [*(errors or ()), (plugin, e)]
                 if timers is not None:
                     timers.observe("PreRequest", plugin, time.perf_counter() - start)
+            if errors:
+                raise _pre_request_error(errors)
         except BaseException:
             # The request will not go upstream: release what it holds, exactly as a finished one.
             self.response_complete(request, ResponseInfo(cause=TerminationCause.ERROR), decision)
@@ -324,7 +331,13 @@ class Director:
         for plugin in self.pipeline.response_header:
             if timers is not None:
                 start = time.perf_counter()
-            out = plugin.response_headers(request, response, headers)
+            try:
+                out = plugin.response_headers(request, response, headers)
+            except Exception:  # the other plugins still run, the response goes on
+                self._failures.error(
+                    "ResponseHeaderProcessor", plugin.name, "response-header plugin %s failed", plugin.name
+                )
+                continue
             if timers is not None:
                 timers.observe("ResponseHeaderProcessor", plugin, time.perf_counter() - start)
             if out:
@@ -341,7 +354,9 @@ class Director:
             try:
                 plugin.first_response_chunk(request, response)
             except Exception:
-                log.exception("first-response-chunk plugin %s failed", plugin.name)
+                self._failures.error(
+                    "FirstResponseChunkProcessor", plugin.name, "first-response-chunk plugin %s failed", plugin.name
+                )
             if timers is not None:
                 timers.observe("FirstResponseChunkProcessor", plugin, time.perf_counter() - start)
 
@@ -358,7 +373,9 @@ class Director:
             try:
                 out = plugin.response_metadata(request, response)
             except Exception:
-                log.exception("response-metadata plugin %s failed", plugin.name)
+                self._failures.error(
+                    "ResponseMetadataProcessor", plugin.name, "response-metadata plugin %s failed", plugin.name
+                )
                 continue
             for namespace, fields in (out or {}).items():
                 merged.setdefault(namespace, {}).update(fields)
@@ -382,7 +399,9 @@ class Director:
             try:
                 plugin.response_complete(request, response, result)
             except Exception:
-                log.exception("response-complete plugin %s failed", plugin.name)
+                self._failures.error(
+                    "ResponseCompleteProcessor", plugin.name, "response-complete plugin %s failed", plugin.name
+                )
             if timers is not None:
                 timers.observe("ResponseCompleteProcessor", plugin, time.perf_counter() - start)
 
@@ -411,7 +430,7 @@ class Director:
         except RequestError:
             raise
         except Exception:
-            log.exception("data producer %s failed", producer.name, extra={"request_id": request.request_id})
+            self._failures.error("DataProducer", producer.name, "data producer %s failed", producer.name)
 
     @staticmethod
     def _rewritten_body(request: InferenceRequest) -> bytes | None:
@@ -451,6 +470,33 @@ class Director:
                 extra={"request_id": request.request_id, "profile": name,
                        "targets": [ep.hostport for ep in res.targets], "top": top},
             )  # fmt: skip
+
+
+class _PluginFailures:
+    """A plugin that fails on every request: one error line (with the traceback) per extension point and
+    plugin per 30 s, saying how many were held back, not a traceback per request."""
+
+    _MAX_KEYS = 1024  # plugin names come from the config (and its reloads): bounded, but forget rather than grow
+
+    def __init__(self) -> None:
+        self._logs: dict[tuple[str, str], RateLimitedLog] = {}
+
+    def error(self, point: str, plugin: str, message: str, *args: object) -> None:
+        """Call from the `except` block (the traceback is the one being handled)."""
+        limiter = self._logs.get((point, plugin))
+        if limiter is None:
+            if len(self._logs) >= self._MAX_KEYS:
+                self._logs.clear()
+            limiter = self._logs[(point, plugin)] = RateLimitedLog(log)
+        limiter.error(message, *args, exc_info=True)
+
+
+def _pre_request_error(errors: list[tuple[PreRequest, Exception]]) -> RequestError:
+    """The reference's joined PreRequest errors: a single typed error keeps its own code, else 500."""
+    if len(errors) == 1 and isinstance(errors[0][1], RequestError):
+        return errors[0][1]
+    parts = [f"{plugin.name}: {e.message if isinstance(e, RequestError) else type(e).__name__}" for plugin, e in errors]
+    return RequestError("pre-request plugins failed: " + "; ".join(parts))
 
 
 DECISION_HEADER = "x-epp-decision"

@@ -37,7 +37,8 @@ class Filter(Plugin):
 class Scorer(Plugin):
     """Rates each endpoint in [0, 1] (higher is better); the profile sums weight·score.
 
-    Values outside [0, 1] are clamped by the framework.
+    Values outside [0, 1] are clamped by the framework (NaN to 0). A column of the wrong length, or
+    an exception, counts as 0 for every endpoint (logged, rate-limited): the other scorers decide.
     """
 
     category: ClassVar[ScorerCategory] = ScorerCategory.DISTRIBUTION

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from llmepp.datalayer.endpoint import Endpoint
 from llmepp.errors import Saturated
 from llmepp.framework.scheduling import Filter, Picker, ProfileResult, Scorer
+from llmepp.observability.logging import RateLimitedLog
 from llmepp.observability.plugin_timing import PluginTimers
 from llmepp.request.types import InferenceRequest
 
@@ -34,6 +35,7 @@ class SchedulerProfile:
     filters: list[Filter] = field(default_factory=list)
     scorers: list[WeightedScorer] = field(default_factory=list)
     _combine: Callable[[list[Sequence[float]]], list[float]] = field(init=False, repr=False)
+    _failures: dict[str, RateLimitedLog] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self._combine = weighted_sum([ws.weight for ws in self.scorers])
@@ -92,19 +94,33 @@ class SchedulerProfile:
         n = len(endpoints)
         columns: list[Sequence[float]] = []
         for ws in self.scorers:
-            if timers is not None:
-                start = time.perf_counter()
-                scores = ws.scorer.score(request, endpoints)
-                timers.observe("Scorer", ws.scorer, time.perf_counter() - start)
-            else:
-                scores = ws.scorer.score(request, endpoints)
-            if len(scores) != n:
-                raise RuntimeError(f"scorer {ws.scorer.name!r} returned {len(scores)} scores for {n} endpoints")
+            try:
+                if timers is not None:
+                    start = time.perf_counter()
+                    scores = ws.scorer.score(request, endpoints)
+                    timers.observe("Scorer", ws.scorer, time.perf_counter() - start)
+                else:
+                    scores = ws.scorer.score(request, endpoints)
+                if len(scores) != n:
+                    self._scorer_failed(ws.scorer, f"returned {len(scores)} scores for {n} endpoints", False)
+                    scores = [0.0] * n
+            except Exception:
+                self._scorer_failed(ws.scorer, "failed", True)
+                scores = [0.0] * n
             # Clamping per element is costly; check the range once (two C-level passes) instead.
             if n and (min(scores) < 0.0 or max(scores) > 1.0):
                 scores = _clamped(scores)
             columns.append(scores)
         return columns
+
+    def _scorer_failed(self, scorer: Scorer, what: str, exc_info: bool) -> None:
+        """A scorer bug: its column counts as all 0 for this request (as the reference, whose scorers answer
+        a map: an endpoint missing from it scores 0); one error line per scorer per 30 s, not per request."""
+        limiter = self._failures.get(scorer.name)
+        if limiter is None:
+            limiter = self._failures[scorer.name] = RateLimitedLog(log)
+        limiter.error("profile %r: scorer %r %s; it scores 0 for the request", self.name, scorer.name, what,
+                      exc_info=exc_info)  # fmt: skip
 
     def _totals(self, columns: list[Sequence[float]], n: int) -> list[float]:
         """Σ weight·score per endpoint. A NaN score escapes the range check (NaN compares false; first in

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from llmepp.datalayer.endpoint import Endpoint
 from llmepp.errors import RequestError, ResourceExhausted
 from llmepp.framework.scheduling import ProfileHandler, ProfileResult, SchedulingResult
+from llmepp.observability.logging import RateLimitedLog
 from llmepp.observability.plugin_timing import PluginTimers
 from llmepp.request.types import InferenceRequest
 from llmepp.scheduling.profile import SchedulerProfile
+
+log = logging.getLogger(__name__)
 
 # A handler that keeps asking for profiles is a bug; stop rather than spin.
 _MAX_ROUNDS = 16
@@ -19,12 +23,29 @@ class Scheduler:
     def __init__(self, handler: ProfileHandler, profiles: dict[str, SchedulerProfile]) -> None:
         self.handler = handler
         self.profiles = profiles
+        self._runaway_log = RateLimitedLog(log)
+        self._failure_log = RateLimitedLog(log)
 
     def schedule(
         self, request: InferenceRequest, candidates: Sequence[Endpoint], timers: PluginTimers | None = None
     ) -> SchedulingResult:
-        """`timers`: time each filter, scorer and picker (a sampled request)."""
+        """`timers`: time each filter, scorer and picker (a sampled request).
+
+        A plugin bug (an exception other than a RequestError, from a filter, picker, decider or the handler)
+        fails the request with a counted 500 and one error line with its traceback per 30 s, not one per request."""
+        try:
+            return self._schedule(request, candidates, timers)
+        except RequestError:
+            raise
+        except Exception as e:
+            self._failure_log.error("scheduling failed (profile handler %r)", self.handler.name, exc_info=True)
+            raise RequestError(f"scheduling failed: {type(e).__name__}") from None
+
+    def _schedule(
+        self, request: InferenceRequest, candidates: Sequence[Endpoint], timers: PluginTimers | None
+    ) -> SchedulingResult:
         results: dict[str, ProfileResult | None] = {}
+        errors: dict[str, RequestError] = {}
         for _ in range(_MAX_ROUNDS):
             to_run = self.handler.pick_profiles(request, self.profiles, results)
             if not to_run:
@@ -32,14 +53,24 @@ class Scheduler:
             for profile in to_run:
                 try:
                     results[profile.name] = profile.run(request, candidates, timers)
-                except RequestError:
+                except RequestError as e:
                     if len(self.profiles) == 1:
                         raise
                     # Multi-profile handlers decide whether a missing result is fatal.
                     results[profile.name] = None
+                    errors[profile.name] = e
         else:
-            raise RuntimeError(f"profile handler {self.handler.name!r} did not finish in {_MAX_ROUNDS} rounds")
+            # A handler bug, on every request: a counted 500 and one log line per 30 s, not a traceback each.
+            message = f"profile handler {self.handler.name!r} did not finish in {_MAX_ROUNDS} rounds"
+            self._runaway_log.error("%s", message)
+            raise RequestError(message)
+        if not results:  # as the reference: "failed to run any scheduler profile"
+            raise ResourceExhausted(f"profile handler {self.handler.name!r} ran no scheduling profile")
         result = self.handler.process_results(request, results)
         if not result.targets:
+            # The primary profile's own error when it failed (e.g. Saturated: 429 rejected-saturated).
+            error = errors.get(result.primary_profile)
+            if error is not None:
+                raise error
             raise ResourceExhausted(f"no endpoint chosen by primary profile {result.primary_profile!r}")
         return result

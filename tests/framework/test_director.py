@@ -13,9 +13,9 @@ from llmepp.config.schema import DEFAULT_CONFIG
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import EndpointSpec
 from llmepp.director import Director
-from llmepp.errors import NoEndpoints, Saturated
-from llmepp.framework.requestcontrol import Screener
-from llmepp.framework.scheduling import Filter
+from llmepp.errors import BadRequest, NoEndpoints, RequestError, ResourceExhausted, Saturated
+from llmepp.framework.requestcontrol import PreRequest, ResponseCompleteProcessor, ResponseHeaderProcessor, Screener
+from llmepp.framework.scheduling import Filter, ProfileHandler, SchedulingResult
 from llmepp.observability.metrics import EppMetrics
 from llmepp.observability.plugin_timing import TIMED_EVERY
 from llmepp.request.parsers import headers_request
@@ -208,8 +208,10 @@ async def test_failing_pre_request_plugin_releases_what_the_request_held() -> No
 
     d, ds = director_for(2)
     d.pipeline.pre_request.append(Boom("boom"))
-    with pytest.raises(RuntimeError):
+    # A plugin bug is a counted 500 (a RequestError: rate-limited log), not a traceback per request.
+    with pytest.raises(RequestError) as err:
         await d.handle_request(request(b"x" * 40), None)
+    assert err.value.status == 500
     assert all(ep.inflight.requests == 0 and ep.inflight.tokens == 0 for ep in ds.endpoints)
 
 
@@ -339,3 +341,177 @@ async def test_an_endpoint_removed_while_an_async_producer_waits_is_not_picked()
     producing(delete_all)
     with pytest.raises(NoEndpoints):
         await d.handle_request(request(b"x" * 400), None)
+
+
+# -- misbehaving plugins: other hooks still run, the request is answered, nothing leaks, logs are bounded --
+class _Recorder(PreRequest):
+    type = "recorder"
+
+    def __init__(self, name: str, error: Exception | None = None) -> None:
+        super().__init__(name)
+        self.error = error
+        self.calls = 0
+
+    def pre_request(self, request, result):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.error is not None:
+            raise self.error
+
+
+async def test_every_pre_request_plugin_runs_when_one_fails(caplog: pytest.LogCaptureFixture) -> None:
+    """Reference: all PreRequest plugins run and their errors are joined (500, a single typed error
+    keeps its code); the request holds nothing afterwards; a plugin bug is logged once, not per request."""
+    d, ds = director_for(2)
+    broken, after = _Recorder("broken", RuntimeError("plugin bug")), _Recorder("after")
+    d.pipeline.pre_request[:0] = [broken]
+    d.pipeline.pre_request.append(after)
+    with caplog.at_level(logging.ERROR, logger="llmepp.director"):
+        for _ in range(5):
+            with pytest.raises(RequestError) as err:
+                await d.handle_request(request(b"x" * 40), None)
+            assert err.value.status == 500 and "broken" in err.value.message
+    assert broken.calls == after.calls == 5
+    assert all(ep.inflight.requests == 0 and ep.inflight.tokens == 0 for ep in ds.endpoints)
+    assert len([r for r in caplog.records if "broken" in r.getMessage()]) == 1
+
+    typed = _Recorder("typed", BadRequest("no such adapter"))
+    d.pipeline.pre_request[:] = [typed, after]
+    with pytest.raises(BadRequest):  # a single typed error keeps its own code
+        await d.handle_request(request(b"x" * 40), None)
+    assert after.calls == 6
+
+
+async def test_a_failing_response_header_plugin_does_not_skip_the_others(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken(ResponseHeaderProcessor):
+        type = "broken-headers"
+
+        def response_headers(self, request, response, headers):  # type: ignore[no-untyped-def]
+            raise KeyError("x-missing")
+
+    class Stamp(ResponseHeaderProcessor):
+        type = "stamp"
+
+        def response_headers(self, request, response, headers):  # type: ignore[no-untyped-def]
+            return {"x-stamp": "1"}
+
+    d, _ = director_for(2)
+    d.pipeline.response_header[:] = [Broken("broken-headers"), Stamp("stamp")]
+    with caplog.at_level(logging.ERROR, logger="llmepp.director"):
+        for _ in range(5):
+            req = request(b"x" * 40)
+            decision = await d.handle_request(req, None)
+            assert d.response_headers(req, ResponseInfo(status=200), {}) == {"x-stamp": "1"}
+            d.response_complete(req, ResponseInfo(status=200), decision)
+    assert len([r for r in caplog.records if "broken-headers" in r.getMessage()]) == 1
+
+
+async def test_a_failing_response_complete_plugin_is_logged_once_not_per_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Broken(ResponseCompleteProcessor):
+        type = "broken-complete"
+
+        def response_complete(self, request, response, result):  # type: ignore[no-untyped-def]
+            raise ValueError("plugin bug")
+
+    d, ds = director_for(2)
+    d.pipeline.response_complete.insert(0, Broken("broken-complete"))
+    with caplog.at_level(logging.ERROR, logger="llmepp.director"):
+        for _ in range(5):
+            req = request(b"x" * 40)
+            decision = await d.handle_request(req, None)
+            d.response_complete(req, ResponseInfo(status=200), decision)
+    assert all(ep.inflight.requests == 0 and ep.inflight.tokens == 0 for ep in ds.endpoints)
+    assert len([r for r in caplog.records if "broken-complete" in r.getMessage()]) == 1
+
+
+class _Handler(ProfileHandler):
+    """A profile handler whose round picks are given: `rounds(results)` → profile names to run."""
+
+    type = "test-handler"
+
+    def __init__(self, rounds) -> None:  # type: ignore[no-untyped-def]
+        super().__init__("test-handler")
+        self.rounds = rounds
+
+    def pick_profiles(self, request, profiles, results):  # type: ignore[no-untyped-def]
+        return [profiles[n] for n in self.rounds(results)]
+
+    def process_results(self, request, results):  # type: ignore[no-untyped-def]
+        return SchedulingResult(primary_profile=next(iter(results)), profiles=results)
+
+
+async def test_a_profile_handler_that_never_finishes_is_a_500_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A handler that keeps selecting profiles is stopped by the round bound: a counted 500 (RequestError),
+    not a traceback per request; the request holds nothing."""
+    d, ds = director_for(2)
+    d.pipeline.scheduler.handler = _Handler(lambda results: ["default"])
+    with caplog.at_level(logging.ERROR, logger="llmepp"):
+        for _ in range(3):
+            with pytest.raises(RequestError) as err:
+                await d.handle_request(request(), None)
+            assert err.value.status == 500 and "test-handler" in err.value.message
+    assert all(ep.inflight.requests == 0 for ep in ds.endpoints)
+    assert len([r for r in caplog.records if "test-handler" in r.getMessage()]) == 1
+
+
+async def test_a_profile_handler_that_runs_no_profile_is_429() -> None:
+    """Reference scheduler: no profile run → "failed to run any scheduler profile" (429 from the director),
+    before the handler's ProcessResults sees an empty result set."""
+    d, _ = director_for(2)
+    d.pipeline.scheduler.handler = _Handler(lambda results: [])
+    with pytest.raises(ResourceExhausted):
+        await d.handle_request(request(), None)
+
+
+PD_CONFIG = """\
+plugins:
+- type: queue-scorer
+- type: max-score-picker
+- type: always-disagg-pd-decider
+- type: disagg-profile-handler
+  parameters: {deciders: {prefill: always-disagg-pd-decider}}
+schedulingProfiles:
+- name: decode
+  plugins: [{pluginRef: queue-scorer}, {pluginRef: max-score-picker}]
+- name: prefill
+  plugins: [{pluginRef: queue-scorer}, {pluginRef: max-score-picker}]
+"""
+
+
+async def test_primary_profile_filtered_empty_is_429_saturated_with_several_profiles() -> None:
+    """Filters of the primary profile removing every endpoint is 429 `rejected-saturated` (reference
+    §1.4), with one profile or several (P/D: the decode profile)."""
+    d, _ = director_for(2, PD_CONFIG)
+
+    class DropAll(Filter):
+        type = "drop-all"
+
+        def filter(self, request, endpoints):  # type: ignore[no-untyped-def]
+            return []
+
+    d.pipeline.scheduler.profiles["decode"].filters.append(DropAll("drop-all"))
+    with pytest.raises(Saturated) as err:
+        await d.handle_request(request(), None)
+    assert err.value.status == 429 and err.value.reason == "rejected-saturated"
+
+
+async def test_a_crashing_filter_is_a_500_logged_once_not_a_traceback_per_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    d, ds = director_for(2)
+
+    class Crash(Filter):
+        type = "crash"
+
+        def filter(self, request, endpoints):  # type: ignore[no-untyped-def]
+            raise ZeroDivisionError("plugin bug")
+
+    d.pipeline.scheduler.profiles["default"].filters.append(Crash("crash"))
+    with caplog.at_level(logging.ERROR, logger="llmepp"):
+        for _ in range(3):
+            with pytest.raises(RequestError) as err:
+                await d.handle_request(request(), None)
+            assert err.value.status == 500
+    assert all(ep.inflight.requests == 0 for ep in ds.endpoints)
+    assert len([r for r in caplog.records if r.exc_info]) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Sequence
 
@@ -153,3 +154,39 @@ def test_profile_clamps_nan_scores_to_zero(column: list[float], winners: set[int
             picked[eps.index(result.targets[0])] += 1
         expected = winners if isinstance(picker, MaxScorePicker) else {i for i, s in enumerate(column) if s > 0.0}
         assert set(picked) == (expected or {0, 1, 2}), (picker.type, column, picked)
+
+
+class _Broken(Scorer):
+    """A scorer with a bug: a column of the wrong length, or an exception."""
+
+    type = "broken-test-scorer"
+
+    def __init__(self, column: list[float] | None) -> None:
+        super().__init__("broken")
+        self.column = column
+
+    def score(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
+        if self.column is None:
+            raise ZeroDivisionError("plugin bug")
+        return list(self.column)
+
+
+@pytest.mark.parametrize("column", [[1.0], [1.0, 1.0, 1.0, 1.0], [], None])
+def test_a_broken_scorer_counts_as_zero_and_is_logged_once(
+    column: list[float] | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As the reference, whose scorers answer a map (an endpoint it lacks scores 0): a column of the
+    wrong length (or a raising scorer) contributes nothing; the other scorers still decide, and the bug
+    is logged once, not as a traceback per request."""
+    eps = [endpoint(0, queue=8), endpoint(1, queue=0), endpoint(2, queue=4)]
+    profile = SchedulerProfile(
+        "p",
+        MaxScorePicker("max"),
+        scorers=[WeightedScorer(_Broken(column), 5.0), WeightedScorer(QueueScorer("q"), 1.0)],
+    )
+    with caplog.at_level(logging.ERROR, logger="llmepp.scheduling"):
+        for _ in range(5):
+            result = profile.run(request(), eps)
+            assert result.targets == [eps[1]]
+            assert result.totals == [0.0, 1.0, 0.5]
+    assert len([r for r in caplog.records if "broken" in r.getMessage()]) == 1
