@@ -30,6 +30,15 @@ engine's. `load_chat_template(spec, tokenizer_path)` gives one of:
 A template that fails on a request (its `raise_exception`, a malformed body) raises ValueError: the
 token producer then skips the request (it routes without prefix data), as vLLM would reject it.
 
+Renders are bounded (a template is code: a bug, or a hostile model folder, must not hang or exhaust the
+EPP): each has a time `budget` (RENDER_BUDGET by default), checked every _PACE_LOOKUPS attribute / item
+lookups, at every call (macros included), every `range` step and every emitted chunk; its output may not
+exceed MAX_OUTPUT_FLOOR + OUTPUT_PER_BODY_BYTE characters per body byte; and what builds a huge value in
+one step from small operands is refused beforehand: `*` / `**` results, a namespace attribute longer than
+MAX_VALUE, and `lipsum`. Past a bound the render raises ValueError naming it, like any other failed render.
+A template is the operator's code, as trusted as the engine that renders it too: calls and filters given
+huge arguments (`center(10**8)`) are caught by the output bound, after they ran, not before.
+
 `render(request, pause=loop_handoff(loop))` is for a worker thread (the token producer renders long
 conversations there): Jinja holds the GIL throughout, so a worker alone still stalls the event loop for up
 to the interpreter's switch interval (5 ms) at a time, far longer on a busy CPU; paced, the render lets the
@@ -43,7 +52,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -52,7 +61,8 @@ import jinja2
 import jinja2.ext
 import msgspec
 from jinja2 import nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
+from jinja2.utils import Namespace
 
 from llmepp.request.parsers import TEXT_PARTS
 from llmepp.request.types import InferenceRequest, RequestKind
@@ -80,13 +90,90 @@ _RESERVED = frozenset({"messages", "tools", "documents", "add_generation_prompt"
 # template scans all the messages before it emits any: 6 ms left); time.sleep(0) / os.sched_yield as the
 # pause (a release the loop thread is too late to take restarts its 5 ms wait for a forced switch: 42 ms
 # stalls, 88 ms with the burners).
-# Costs, off the loop and for long renders only: ~+10% latency, +5-9% CPU for the counting; on the loop,
-# one callback per slice.
+# Costs: the counting, now on every render (it also enforces the render's time budget, inline ones included),
+# ~+11% render CPU (ChatML, 2-400 messages: 15.5 -> 17.5 us, 1,355 -> 1,500 us); paced renders ~+10% latency
+# and, on the loop, one callback per slice.
 RENDER_SLICE = 0.0005
 HANDOFF_TIMEOUT = 0.1  # a loop that no longer runs (shutdown) must not hang the worker
 _PACE_LOOKUPS = 256
 _PACE_MESSAGES = 32  # messages converted for the template between clock reads
 _paced_render = threading.local()  # .pacer: the _Pacer of the paced render running on this thread
+# The bounds of a render (see the module docstring).
+RENDER_BUDGET = 2.0  # seconds, unless the caller gives one
+MAX_VALUE = 1 << 22  # int magnitude a step may pass on; characters / items too, or the output bound if larger
+MAX_OUTPUT_FLOOR = 1 << 20  # characters of output any request may render to...
+OUTPUT_PER_BODY_BYTE = 8  # ...plus this many per byte of its body
+_MAX_POW_BITS = 1 << 16  # `a ** b`: results of at most this many bits
+_render_state = threading.local()  # .deadline (perf_counter) and .budget of the render on this thread
+
+
+class RenderLimitExceeded(jinja2.TemplateRuntimeError):
+    """A render went past one of its bounds."""
+
+
+def _checkpoint() -> None:
+    """Past the render's deadline: RenderLimitExceeded. Paced: the pause, when due."""
+    deadline: float | None = getattr(_render_state, "deadline", None)
+    if deadline is not None and time.perf_counter() > deadline:
+        raise RenderLimitExceeded(f"the render exceeded its {_render_state.budget * 1000:.0f} ms budget")
+    _pace_this_thread()
+
+
+def _max_len() -> int:
+    """Characters / items a step may produce: MAX_VALUE, or the render's output bound (a huge prompt's)."""
+    return max(MAX_VALUE, getattr(_render_state, "limit", None) or 0)
+
+
+def _too_big(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return abs(value) > MAX_VALUE
+    if isinstance(value, (str, list, tuple, dict)):
+        return len(value) > _max_len()
+    return False
+
+
+class _Range(Sequence[int]):
+    """The sandbox's `range` (at most MAX_RANGE items), at a checkpoint every step of an iteration."""
+
+    def __init__(self, r: range) -> None:
+        self._r = r
+
+    def __len__(self) -> int:
+        return len(self._r)
+
+    def __getitem__(self, i: Any) -> Any:
+        item = self._r[i]
+        return _Range(item) if isinstance(item, range) else item
+
+    def __iter__(self) -> Iterator[int]:
+        for i in self._r:
+            _checkpoint()
+            yield i
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._r
+
+    def __repr__(self) -> str:
+        return repr(self._r)
+
+
+def _range(*args: int) -> _Range:
+    return _Range(safe_range(*args))
+
+
+class _BoundedNamespace(Namespace):
+    """`namespace()`, refusing attributes larger than MAX_VALUE (`{% set ns.s = ns.s ~ ns.s %}` doubles)."""
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        if _too_big(value):
+            raise RenderLimitExceeded(f"namespace attribute {name!r} is longer than {_max_len()}")
+        super().__setitem__(name, value)
+
+
+def _no_lipsum(*args: Any, **kwargs: Any) -> str:
+    raise RenderLimitExceeded("lipsum is not available in chat templates")
 
 
 def loop_handoff(loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
@@ -128,30 +215,48 @@ _SANDBOX_GETITEM = ImmutableSandboxedEnvironment.getitem
 
 
 class _PacedEnvironment(ImmutableSandboxedEnvironment):
-    """The sandbox, pacing its thread's render every _PACE_LOOKUPS attribute / item lookups (the count is
-    shared by the threads rendering with it: a race only shifts when a thread next reads the clock)."""
+    """The sandbox, bounded (see the module docstring), at a checkpoint (pacing its thread's render, checking
+    its deadline) every _PACE_LOOKUPS attribute / item lookups (the count is shared by the threads rendering
+    with it: a race only shifts when a thread next reads the clock), and at every call."""
 
     _countdown = _PACE_LOOKUPS
+    # Only the operators that can build a huge value in one step from small operands (`'x' * 10**8`,
+    # `7 ** 10**7`): `+` and `%` are everywhere in chat templates, and intercepting them cost ~20% of a render.
+    intercepted_binops = frozenset({"*", "**"})
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         self._countdown -= 1
         if self._countdown <= 0:
             self._countdown = _PACE_LOOKUPS
-            _pace_this_thread()
+            _checkpoint()
         return _SANDBOX_GETATTR(self, obj, attribute)
 
     def getitem(self, obj: Any, argument: Any) -> Any:
         self._countdown -= 1
         if self._countdown <= 0:
             self._countdown = _PACE_LOOKUPS
-            _pace_this_thread()
+            _checkpoint()
         return _SANDBOX_GETITEM(self, obj, argument)
+
+    def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
+        if op == "**":
+            ints = isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1
+            if ints and abs(left).bit_length() * right > _MAX_POW_BITS:
+                raise RenderLimitExceeded(f"{op}: the result would have more than {_MAX_POW_BITS} bits")
+            return self.binop_table[op](left, right)
+        limit = _max_len()
+        for seq, n in ((left, right), (right, left)):  # `*`
+            if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > limit:
+                raise RenderLimitExceeded(f"{op}: the result would be longer than {limit}")
+        return self.binop_table[op](left, right)
 
 
 class ChatTemplate(Protocol):
     name: str
 
-    def render(self, request: InferenceRequest, *, pause: Callable[[], None] | None = None) -> str: ...
+    def render(
+        self, request: InferenceRequest, *, pause: Callable[[], None] | None = None, budget: float | None = None
+    ) -> str: ...
 
 
 # -- built-in renderers ----------------------------------------------------------------------
@@ -182,7 +287,9 @@ class BuiltinTemplate:
         self.name = name
         self._fn = BUILTIN[name]
 
-    def render(self, request: InferenceRequest, *, pause: Callable[[], None] | None = None) -> str:
+    def render(
+        self, request: InferenceRequest, *, pause: Callable[[], None] | None = None, budget: float | None = None
+    ) -> str:
         # ~0.05 µs per message (0.1 ms for 2,000): nothing to pace.
         return self._fn(request.messages or ())
 
@@ -267,6 +374,8 @@ def _environment(
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    if issubclass(cls, _PacedEnvironment):
+        env.globals.update(range=_range, namespace=_BoundedNamespace, lipsum=_no_lipsum)
     return env
 
 
@@ -344,30 +453,36 @@ class JinjaTemplate:
     """A model's Jinja chat template, compiled once (see the module docstring for the semantics)."""
 
     def __init__(self, source: str | dict[str, str], *, special_tokens: dict[str, str], origin: str) -> None:
-        env, paced_env = _environment(), _environment(_PacedEnvironment)
+        # One bounded environment (which also paces renders given a `pause`): compiled once.
+        env = _environment(_PacedEnvironment)
         sources = {"default": source} if isinstance(source, str) else dict(source)
         if "default" not in sources:
             raise ValueError(f"{origin}: the chat_template list has no template named 'default'")
         self.name = origin
         self._templates: dict[str, jinja2.Template] = {}
-        self._paced: dict[str, jinja2.Template] = {}  # the same, for paced renders
+        self._paced = self._templates  # the same templates, for paced renders
         self._lists: dict[str, bool] = {}
         for name, text in sources.items():
             try:
                 ast = env.parse(text)
                 self._templates[name] = env.from_string(ast)
-                self._paced[name] = paced_env.from_string(text)
+                self._lists[name] = _loops_over_content(ast)
             except jinja2.TemplateSyntaxError as e:
                 raise ValueError(f"{origin}: chat template {name!r}, line {e.lineno}: {e.message}") from None
-            self._lists[name] = _loops_over_content(ast)
+            except RecursionError:
+                raise ValueError(f"{origin}: chat template {name!r} is nested too deeply") from None
         self._special = special_tokens
 
     def content_as_parts(self, name: str = "default") -> bool:
         return self._lists[name]
 
-    def render(self, request: InferenceRequest, *, pause: Callable[[], None] | None = None) -> str:
+    def render(
+        self, request: InferenceRequest, *, pause: Callable[[], None] | None = None, budget: float | None = None
+    ) -> str:
         """The prompt text. `pause`: called every RENDER_SLICE of the render (a worker thread's
-        loop_handoff)."""
+        loop_handoff). `budget`: seconds the render may take (RENDER_BUDGET by default)."""
+        budget = RENDER_BUDGET if budget is None else budget
+        deadline = time.perf_counter() + budget
         pacer = _Pacer(pause) if pause is not None else None
         inputs = _inputs(request)
         # As transformers picks: any tools list, even an empty one (vLLM passes [] as sent).
@@ -392,14 +507,26 @@ class JinjaTemplate:
             add_generation_prompt=inputs.add_generation_prompt,
         )
         _paced_render.pacer = pacer
+        limit = MAX_OUTPUT_FLOOR + OUTPUT_PER_BODY_BYTE * len(request.body)
+        _render_state.deadline, _render_state.budget, _render_state.limit = deadline, budget, limit
         try:
-            text = (self._templates if pacer is None else self._paced)[name].render(context)
+            chunks, size = [], 0
+            for chunk in self._templates[name].generate(context):
+                size += len(chunk)
+                if size > limit:
+                    raise RenderLimitExceeded(f"the output exceeds {limit} characters")
+                chunks.append(chunk)
+            text = "".join(chunks)
         except jinja2.TemplateError as e:
             raise ValueError(f"chat template: {e}") from None
-        except (TypeError, ValueError, KeyError, AttributeError) as e:  # a template's own Python errors
+        except RecursionError:
+            raise ValueError("chat template failed on this request: it recursed too deeply") from None
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError, ArithmeticError, MemoryError) as e:
+            # A template's own Python errors.
             raise ValueError(f"chat template failed on this request: {e!r}") from None
         finally:
             _paced_render.pacer = None
+            _render_state.deadline = _render_state.limit = None
         if inputs.continue_final_message and messages:
             text = _continue_final(text, messages[-1])
         return text
@@ -462,17 +589,19 @@ def _token_text(value: Any) -> str | None:
     return None
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def read_tokenizer_config(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot be read as JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: cannot be read as JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return data
 
 
-def _special_tokens(config: dict[str, Any]) -> dict[str, str]:
+def special_tokens(config: dict[str, Any]) -> dict[str, str]:
     out = {}
     for key in SPECIAL_TOKENS:
         text = _token_text(config.get(key))
@@ -496,14 +625,14 @@ def load_chat_template(spec: str, tokenizer_path: str) -> ChatTemplate:
         return BuiltinTemplate(spec)
     folder = Path(tokenizer_path).parent
     config_path = folder / TOKENIZER_CONFIG
-    config = _read_config(config_path) if config_path.is_file() else {}
+    config = read_tokenizer_config(config_path) if config_path.is_file() else {}
     if spec == AUTO:
         jinja_path = folder / JINJA_FILE
         if jinja_path.is_file():
-            return JinjaTemplate(_read_text(jinja_path), special_tokens=_special_tokens(config), origin=str(jinja_path))
+            return JinjaTemplate(_read_text(jinja_path), special_tokens=special_tokens(config), origin=str(jinja_path))
         source = _config_template(config, config_path)
         if source is not None:
-            return JinjaTemplate(source, special_tokens=_special_tokens(config), origin=str(config_path))
+            return JinjaTemplate(source, special_tokens=special_tokens(config), origin=str(config_path))
         log.warning(
             "no chat template next to %s (%s or a chat_template in %s): chat requests are rendered with the "
             "built-in role-tags template; set tokenizer.chatTemplate to the model's template",
@@ -516,12 +645,12 @@ def load_chat_template(spec: str, tokenizer_path: str) -> ChatTemplate:
             f"{spec!r} is neither a built-in template ({', '.join(sorted(BUILTIN))}), {AUTO!r}, nor a file"
         )
     if path.suffix == ".json":
-        config = _read_config(path)
+        config = read_tokenizer_config(path)
         source = _config_template(config, path)
         if source is None:
             raise ValueError(f"{path}: has no chat_template")
-        return JinjaTemplate(source, special_tokens=_special_tokens(config), origin=str(path))
-    return JinjaTemplate(_read_text(path), special_tokens=_special_tokens(config), origin=str(path))
+        return JinjaTemplate(source, special_tokens=special_tokens(config), origin=str(path))
+    return JinjaTemplate(_read_text(path), special_tokens=special_tokens(config), origin=str(path))
 
 
 def _read_text(path: Path) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -28,20 +29,44 @@ from tokenizers import Tokenizer
 from llmepp.kvevents.keys import tokens_to_bytes
 
 # Two workers: a long prompt at a time per core; more would only queue behind the GIL-free work.
-_EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+WORKERS = 2
+_EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="tokenize")
+# Jobs that may wait for a worker. More are refused (WorkersBusy): a job queued behind that many long ones
+# would start after its request's producer budget (400 ms) has long passed, only to hold a worker then.
+MAX_QUEUED = 16
+_in_flight = 0  # jobs submitted and not finished (a job whose caller gave up still counts until it ends)
+_in_flight_lock = threading.Lock()
 T = TypeVar("T")
 
 
+class WorkersBusy(RuntimeError):
+    """The tokenization threads are busy and MAX_QUEUED jobs wait for them already."""
+
+
 async def in_worker(fn: Callable[..., T], *args: object) -> T:
-    """`fn(*args)` on the tokenization threads."""
-    return await asyncio.get_running_loop().run_in_executor(_EXECUTOR, fn, *args)
+    """`fn(*args)` on the tokenization threads; WorkersBusy when WORKERS + MAX_QUEUED jobs are pending."""
+    global _in_flight
+    with _in_flight_lock:
+        if _in_flight >= WORKERS + MAX_QUEUED:
+            raise WorkersBusy(f"all {WORKERS} tokenization threads are busy and {MAX_QUEUED} jobs wait for them")
+        _in_flight += 1
+    job = _EXECUTOR.submit(fn, *args)
+    job.add_done_callback(_done)  # run or cancelled (a caller's cancellation cancels a job still queued)
+    return await asyncio.wrap_future(job)
+
+
+def _done(_: object) -> None:
+    global _in_flight
+    with _in_flight_lock:
+        _in_flight -= 1
 
 
 class HFTokenizer:
     def __init__(self, path: str | Path, *, add_special_tokens: bool = False, thread_threshold: int = 4096) -> None:
         p = Path(path)
         if not p.is_file():
-            raise ValueError(f"tokenizer file {str(p)!r} does not exist")
+            what = "is a directory, not a tokenizer.json" if p.is_dir() else "does not exist"
+            raise ValueError(f"tokenizer file {str(p)!r} {what}")
         try:
             self._tokenizer = Tokenizer.from_file(str(p))
         except Exception as e:  # the library raises a bare Exception on a bad file
@@ -53,6 +78,9 @@ class HFTokenizer:
         self.path = p
         self.add_special_tokens = add_special_tokens
         self.thread_threshold = thread_threshold
+
+    def has_token(self, text: str) -> bool:
+        return self._tokenizer.token_to_id(text) is not None
 
     def ids(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=self.add_special_tokens).ids)

@@ -9,28 +9,35 @@ import asyncio
 import builtins
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import msgspec
+from prometheus_client import CollectorRegistry
 
 from llmepp.datalayer.endpoint import Endpoint
 from llmepp.framework.datakeys import TOKENIZED_PROMPT, TokenizedPrompt
-from llmepp.framework.plugin import PluginParams
+from llmepp.framework.plugin import PluginContext, PluginParams
 from llmepp.framework.requestcontrol import DataProducer
 from llmepp.httpclient import upstream_connector
 from llmepp.kvevents.keys import tokens_to_bytes
+from llmepp.observability.fast import Counter
 from llmepp.observability.logging import LogLimiter
+from llmepp.observability.metrics import PREFIX, per_registry
 from llmepp.request.types import InferenceRequest, RequestKind
 from llmepp.tokenization.chat import (
     AUTO,
+    TOKENIZER_CONFIG,
     chat_messages,
     embedding_chat_fields,
     load_chat_template,
     loop_handoff,
+    read_tokenizer_config,
+    special_tokens,
     template_fields,
 )
-from llmepp.tokenization.hf import HFTokenizer, in_worker
+from llmepp.tokenization.hf import HFTokenizer, WorkersBusy, in_worker
 from llmepp.units import parse_duration
 
 log = logging.getLogger(__name__)
@@ -41,6 +48,23 @@ BACKENDS = ("estimate", "hf")
 CHAT_RENDER = "/v1/chat/completions/render"
 COMPLETIONS_RENDER = "/v1/completions/render"
 _JSON = {"Content-Type": "application/json"}
+# Chat template render budgets (seconds): on the event loop (a short chat, expected well under 1 ms) and in a
+# worker thread (a long one; past the director's 400 ms producer budget its result is discarded anyway).
+INLINE_RENDER_BUDGET = 0.02
+WORKER_RENDER_BUDGET = 1.0
+MAX_REPLY_BYTES = 64 << 20  # a vLLM render / tokenize answer larger than this is a miss, not read further
+# The special tokens a template writes: those of a tokenizer_config.json must be tokens of the tokenizer.
+_TEMPLATE_TOKENS = ("bos_token", "eos_token")
+
+
+def _failures(registry: CollectorRegistry) -> Counter:
+    return Counter(
+        PREFIX + "tokenization_failures_total",
+        "Requests a token-producer could not tokenize (routed without TokenizedPrompt), by reason: template, "
+        "busy (tokenization threads saturated), encode, body, status, timeout, connection, reply.",
+        ("plugin_name", "backend", "reason"),
+        registry=registry,
+    )
 
 
 def estimate_tokens(prompt: bytes) -> bytes:
@@ -249,6 +273,19 @@ class TokenProducer(DataProducer):
         return super().__new__(target)
 
     backend = "estimate"
+    _failures: Counter | None = None
+    _log: LogLimiter
+
+    def setup(self, ctx: PluginContext) -> None:
+        registry = getattr(ctx.metrics, "registry", None)
+        if registry is not None:
+            self._failures = per_registry(registry, "tokenization_failures", _failures)
+
+    def _miss(self, reason: str, msg: str, *args: object) -> None:
+        """A request left without TokenizedPrompt: counted, logged (rate-limited per reason)."""
+        if self._failures is not None:
+            self._failures.labels(self.name, self.backend, reason).inc()
+        self._log.warning(reason, msg, *args)
 
     def produce(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Any:
         if request.prompt is not None:
@@ -269,7 +306,37 @@ class HFTokenProducer(TokenProducer):
             self.template = load_chat_template(cfg.chat_template, cfg.path)
         except ValueError as e:
             raise ValueError(f"tokenizer.chatTemplate: {e}") from None
+        self._check_special_tokens(cfg)
         self._log = LogLimiter(log)
+
+    def _check_special_tokens(self, cfg: TokenizerConfig) -> None:
+        """A tokenizer_config.json whose bos / eos tokens the tokenizer does not know is another model's: its
+        template would write them as plain text, tokenized unlike the engine's. Next to tokenizer.json (the
+        model's folder is mixed up): a ConfigError; named by chatTemplate (the operator's choice): a warning."""
+        if cfg.chat_template == AUTO:
+            config_path, fatal = Path(cfg.path).parent / TOKENIZER_CONFIG, True
+        elif cfg.chat_template.endswith(".json"):
+            config_path, fatal = Path(cfg.chat_template), False
+        else:
+            return
+        if not config_path.is_file():
+            return
+        config = read_tokenizer_config(config_path)  # read (and checked) once already by load_chat_template
+        special = special_tokens(config)
+        unknown = [
+            f"{key} {special[key]!r} is not a token of {cfg.path}"
+            for key in _TEMPLATE_TOKENS
+            if special.get(key) and not self.tokenizer.has_token(special[key])
+        ]
+        if not unknown:
+            return
+        problem = f"{config_path}: {'; '.join(unknown)}"
+        if fatal:
+            raise ValueError(
+                f"{problem}: this tokenizer_config.json belongs to another model; tokenizer.path must name the "
+                "model's own tokenizer.json (or set tokenizer.chatTemplate)"
+            )
+        log.warning("%s: tokenizer.chatTemplate: %s: the template is probably another model's", self.name, problem)
 
     async def produce(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None:
         if request.prompt is None:
@@ -291,16 +358,33 @@ class HFTokenProducer(TokenProducer):
             else:
                 # Short (< ~0.4 ms): a worker would hold the GIL as long (less than a RENDER_SLICE, so
                 # unpaced), plus a thread hop (~50 µs, more than a one-message render's ~10 µs).
-                token_bytes = await self.tokenizer.encode_async(self.template.render(request), special=False)
+                text = self._render(request, None, INLINE_RENDER_BUDGET)
+                token_bytes = await self.tokenizer.encode_async(text, special=False)
+        except _TemplateFailed as e:
+            self._miss("template", "%s: tokenization failed: %s", self.name, e)
+            return
+        except WorkersBusy as e:
+            self._miss("busy", "%s: tokenization skipped: %s", self.name, e)
+            return
         except Exception as e:
-            self._log.warning("hf", "%s: tokenization failed: %s", self.name, e)
+            self._miss("encode", "%s: tokenization failed: %s", self.name, e)
             return
         request.data[TOKENIZED_PROMPT] = TokenizedPrompt(token_bytes, self.backend)
 
     def _render_and_encode(self, request: InferenceRequest, pause: Callable[[], None]) -> bytes:
         """In a worker thread: the chat's prompt (rendered paced: `pause` lets the event loop run every
         RENDER_SLICE), encoded without the GIL."""
-        return self.tokenizer.encode_released(self.template.render(request, pause=pause), special=False)
+        return self.tokenizer.encode_released(self._render(request, pause, WORKER_RENDER_BUDGET), special=False)
+
+    def _render(self, request: InferenceRequest, pause: Callable[[], None] | None, budget: float) -> str:
+        try:
+            return self.template.render(request, pause=pause, budget=budget)
+        except ValueError as e:
+            raise _TemplateFailed(str(e)) from None
+
+
+class _TemplateFailed(Exception):
+    """The chat template failed on a request."""
 
 
 class VllmTokenProducer(TokenProducer):
@@ -330,7 +414,7 @@ class VllmTokenProducer(TokenProducer):
             else:
                 path, body = self._render_request(request, model)
         except ValueError as e:
-            self._log.warning("body", "%s: %s", self.name, e)
+            self._miss("body", "%s: %s", self.name, e)
             return
         url = self.base_url + path
         if self._session is None:
@@ -340,14 +424,23 @@ class VllmTokenProducer(TokenProducer):
             async with self._session.post(url, data=msgspec.json.encode(body), headers=_JSON, timeout=timeout) as resp:
                 if resp.status != 200:
                     detail = (await resp.content.read(512)).decode("utf-8", "replace")
-                    self._log.warning("status", "%s: %s answered %d: %s", self.name, url, resp.status, detail)
+                    self._miss("status", "%s: %s answered %d: %s", self.name, url, resp.status, detail)
                     return
-                reply = await resp.json(content_type=None)
+                raw = bytearray()
+                async for chunk in resp.content.iter_chunked(1 << 16):
+                    raw += chunk
+                    if len(raw) > MAX_REPLY_BYTES:
+                        raise ValueError(f"the answer is larger than {MAX_REPLY_BYTES} bytes")
+            reply = msgspec.json.decode(raw)
             # Not a list of uint32: TypeError / OverflowError.
             token_bytes = tokens_to_bytes(reply["tokens"] if self.tokenize_path else _rendered_ids(reply))
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, OverflowError) as e:
             verb = "tokenizing" if self.tokenize_path else "rendering"
-            self._log.warning("error", "%s: %s via %s failed: %r", self.name, verb, url, e)
+            reason = (
+                "timeout" if isinstance(e, TimeoutError)
+                else "connection" if isinstance(e, aiohttp.ClientError) else "reply"
+            )  # fmt: skip
+            self._miss(reason, "%s: %s via %s failed: %r", self.name, verb, url, e)
             return
         request.data[TOKENIZED_PROMPT] = TokenizedPrompt(token_bytes, self.backend)
 
