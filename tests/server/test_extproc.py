@@ -375,6 +375,13 @@ async def test_director_exception_is_500_not_a_broken_stream(caplog: pytest.LogC
         await s.recv_eof()
         assert await s.status() == grpc.StatusCode.OK
         assert any("boom" in (r.exc_text or "") for r in caplog.records)
+        # A plugin bug fails every request alike: its traceback is logged once per interval, not per request.
+        for _ in range(5):
+            s = h.open()
+            await s.send(request_headers(), request_body(BODY, eos=True))
+            assert immediate(await s.recv())[0] == 500
+            await s.recv_eof()
+        assert sum(1 for r in caplog.records if r.levelno >= logging.ERROR and "boom" in (r.exc_text or "")) == 1
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.05], ids=["at-once", "after-waiting"])
