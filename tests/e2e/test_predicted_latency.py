@@ -129,7 +129,9 @@ async def test_predictions_trained_on_real_responses_steer_tight_slo_requests(
         for _ in range(100):  # uploads every second, refits every half second
             status = await data_status(http, predictor)
             fitted = status["tpot"]["fits"] > before["tpot"]["fits"] and status["tpot"]["since_fit"] == 0
-            if status["tpot"]["received"] - before["tpot"]["received"] >= 24 and fitted:
+            # Both targets' samples (a TTFT can arrive in a later upload than the TPOTs that reached 24 first).
+            ttft_in = status["ttft"]["received"] - before["ttft"]["received"] >= 24
+            if ttft_in and status["tpot"]["received"] - before["tpot"]["received"] >= 24 and fitted:
                 break
             await asyncio.sleep(0.1)
         assert status["ttft"]["received"] - before["ttft"]["received"] >= 24, status
