@@ -31,8 +31,7 @@ estimate tokenizer input:
   Claude Code's per-request `x-anthropic-billing-header` blocks, which would give every request of
   a session a different prefix), then each message's role and text (string content, or its
   `text` blocks and the text inside `tool_result` blocks; images and tool calls add nothing).
-  `messages/count_tokens` generates nothing and is read as raw (routed by load); its response is not
-  processed: the EPP ends the ext_proc stream once it is routed (`skip_response_processing`).
+  `messages/count_tokens` generates nothing and is read as raw (routed by load).
 - generate (SGLang's native `/generate`): `text` (a string or a batch of strings, with the
   completions rules) or `input_ids` (token ids, or a batch of them), `sampling_params.max_new_tokens`,
   `stream`, `extra_key` as the cache salt (of a batch: the first prompt's); `model` when the client
@@ -483,9 +482,8 @@ def parse_openai(req: InferenceRequest, suffix: str) -> None:
 
 
 def parse_anthropic(req: InferenceRequest, suffix: str) -> None:
-    """anthropic-parser: a Messages API body (`count_tokens` stays raw, its response unprocessed)."""
+    """anthropic-parser: a Messages API body (`count_tokens` stays raw)."""
     if suffix != "messages":
-        req.skip_response_processing = True  # count_tokens: no generation, no usage to read
         return
     body = _decode(_MESSAGES_DECODER, req.body)
     req.kind = RequestKind.MESSAGES

@@ -76,10 +76,6 @@ class InferenceRequest:
     # Set by parsers of non-JSON responses (gRPC): the reader of the response's usage, given the
     # response headers. None: the JSON / SSE reader.
     usage_reader: Callable[[Mapping[str, str]], UsageReader] | None = None
-    # Set by parsers of requests whose response the EPP need not read (reference SkipResponseProcessing:
-    # anthropic-parser's count_tokens): once routed, the EPP ends the ext_proc stream (gRPC OK), so Envoy
-    # sends the response without it; the request completes then.
-    skip_response_processing: bool = False
     # Per-request data written by producers and read by scorers, keyed by data key.
     data: dict[str, Any] = field(default_factory=dict)
     # Request headers to add / overwrite upstream (e.g. x-prefiller-host-port).

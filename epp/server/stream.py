@@ -10,9 +10,6 @@ Reading order of one stream in FULL_DUPLEX_STREAMED mode (the deployment default
                                  clear_route_cache, dynamic_metadata envoy.lb)
                                → the body as streamed_response chunks ≤ 62,000 bytes
     request_trailers           → TrailersResponse (the body answers then end without EoS)
-    (skip_response_processing) → the parser needs nothing of the response: after the routing
-                                 answers the stream ends with OK, Envoy calls the EPP no more,
-                                 and finish() completes the request
     response_headers           → answered at once (status, event-stream detection, plugins)
     response_body ...          → each chunk echoed at once as streamed_response (usage tail
                                  kept, model name rewritten back when needed)
@@ -530,7 +527,7 @@ class ExtProcStream:
 
     async def _route_before_trailers(self, msg: pb.ProcessingRequest) -> Answers:
         routed = await self.route(msg, end_of_stream=False)
-        if self.phase != _ROUTED:  # refused or answered in the EPP: the stream ends with that answer
+        if self.closed:
             return routed
         out = routed if isinstance(routed, list) else [routed] if routed is not None else []
         out.append(envoy.REQUEST_TRAILERS_CONTINUE)
@@ -595,11 +592,6 @@ class ExtProcStream:
         if isinstance(decision, DirectResponse):
             return self.answer_directly(decision)
         self._routed(decision)
-        if req.skip_response_processing:
-            # The parser needs nothing of the response (reference SkipResponseProcessing): the stream ends
-            # with OK after this step's answers, so Envoy sends the response on without calling the EPP;
-            # finish() then completes the request (naturally) as for any stream that ends.
-            self.closed = True
         if self.body_unread:
             self.request_answered = True
             return self._routing_answer(decision, on_body=False, new_body=None)  # the body follows on its own
@@ -915,18 +907,10 @@ class ExtProcStream:
             self.complete(self.completing)
             return
         if self.decision is not None or self.resp_started:
-            if self.cancelled:
-                self.complete(TerminationCause.CLIENT_DISCONNECT)
-            elif self.resp_started and self.resp_mode == envoy.MODE_NONE:
+            if self.resp_started and self.resp_mode == envoy.MODE_NONE and not self.cancelled:
                 self.complete(TerminationCause.NATURAL)
-            elif self._response_skipped():
-                self.complete(TerminationCause.NATURAL)  # its stream ended by design after the routing answers
             else:
                 self.complete(TerminationCause.CLIENT_DISCONNECT)
-
-    def _response_skipped(self) -> bool:
-        req = self.request
-        return req is not None and req.skip_response_processing and self.request_answered and not self.resp_started
 
     def complete(self, cause: TerminationCause) -> None:
         if self.completed:

@@ -3,8 +3,7 @@
 - `openai-parser`: chat/completions, completions, embeddings, responses (model, prompt or
   messages or input, stream, max tokens, cache_salt);
 - `anthropic-parser`: messages, messages/count_tokens (model, system + messages, tools, stream,
-  max_tokens; count_tokens stays raw and skips response processing: once it is routed the EPP ends
-  the ext_proc stream, so Envoy passes its response on without the EPP);
+  max_tokens; count_tokens stays raw);
 - `vllmhttp-parser`: inference/v1/generate, vLLM's tokens-in / tokens-out API (token_ids,
   sampling_params.max_tokens, stream, cache_salt, features.mm_hashes as media items);
 - `sglanghttp-parser`: generate, SGLang's native API (text or input_ids, sampling_params.max_new_tokens,
@@ -13,8 +12,7 @@
   (tokenized.input_ids or text, sampling_params.max_tokens, stream; usage from the last response message);
   not in the default list, as in the reference;
 - `vertexai-parser`: PredictionService/ChatCompletions, /RawPredict, /StreamRawPredict, Vertex AI's gRPC
-  API over h2c: the OpenAI JSON in the request's HttpBody, read by the OpenAI rules (a custom prediction, not
-  OpenAI JSON, is routed on load); not in the default list;
+  API over h2c: the OpenAI JSON in the request's HttpBody, read by the OpenAI rules; not in the default list;
 - `passthrough-parser`: claims nothing, so it is the fallback; it never reads the body, so its requests
   are routed on their headers and the body streams through unbuffered (routed by load).
 

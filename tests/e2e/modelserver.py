@@ -74,8 +74,6 @@ class ModelServer:
     async def _echo(self, request: web.Request) -> web.Response:
         body = await request.read()
         self.received.append(body)
-        if "delay" in request.query:  # the answer comes a while after the request (seconds)
-            await asyncio.sleep(float(request.query["delay"]))
         return web.Response(body=body, headers=self._diag(request, body))
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
