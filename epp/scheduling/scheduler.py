@@ -45,7 +45,7 @@ class Scheduler:
         self, request: InferenceRequest, candidates: Sequence[Endpoint], timers: PluginTimers | None
     ) -> SchedulingResult:
         results: dict[str, ProfileResult | None] = {}
-        errors: dict[str, RequestError] = {}
+        errors: dict[str, RequestError] | None = None  # allocated when a profile fails only
         for _ in range(_MAX_ROUNDS):
             to_run = self.handler.pick_profiles(request, self.profiles, results)
             if not to_run:
@@ -58,7 +58,7 @@ class Scheduler:
                         raise
                     # Multi-profile handlers decide whether a missing result is fatal.
                     results[profile.name] = None
-                    errors[profile.name] = e
+                    errors = {**(errors or {}), profile.name: e}
         else:
             # A handler bug, on every request: a counted 500 and one log line per 30 s, not a traceback each.
             message = f"profile handler {self.handler.name!r} did not finish in {_MAX_ROUNDS} rounds"
@@ -69,7 +69,7 @@ class Scheduler:
         result = self.handler.process_results(request, results)
         if not result.targets:
             # The primary profile's own error when it failed (e.g. Saturated: 429 rejected-saturated).
-            error = errors.get(result.primary_profile)
+            error = errors.get(result.primary_profile) if errors else None
             if error is not None:
                 raise error
             raise ResourceExhausted(f"no endpoint chosen by primary profile {result.primary_profile!r}")
