@@ -32,7 +32,7 @@ token producer then skips the request (it routes without prefix data), as vLLM w
 
 Renders are bounded (a template is code: a bug, or a hostile model folder, must not hang or exhaust the
 EPP): each has a time `budget` (RENDER_BUDGET by default), checked every _PACE_LOOKUPS attribute / item
-lookups, at every call (macros included), every `range` step and every emitted chunk; its output may not
+lookups and every `range` step; its output may not
 exceed MAX_OUTPUT_FLOOR + OUTPUT_PER_BODY_BYTE characters per body byte; and what builds a huge value in
 one step from small operands is refused beforehand: `*` / `**` results, a namespace attribute longer than
 MAX_VALUE, and `lipsum`. Past a bound the render raises ValueError naming it, like any other failed render.
@@ -214,10 +214,10 @@ _SANDBOX_GETATTR = ImmutableSandboxedEnvironment.getattr
 _SANDBOX_GETITEM = ImmutableSandboxedEnvironment.getitem
 
 
-class _PacedEnvironment(ImmutableSandboxedEnvironment):
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
     """The sandbox, bounded (see the module docstring), at a checkpoint (pacing its thread's render, checking
     its deadline) every _PACE_LOOKUPS attribute / item lookups (the count is shared by the threads rendering
-    with it: a race only shifts when a thread next reads the clock), and at every call."""
+    with it: a race only shifts when a thread next reads the clock)."""
 
     _countdown = _PACE_LOOKUPS
     # Only the operators that can build a huge value in one step from small operands (`'x' * 10**8`,
@@ -306,18 +306,7 @@ class _ChatInputs(msgspec.Struct):
     continue_final_message: bool = False
 
 
-class _EmbeddingChatInputs(msgspec.Struct):
-    """The fields of an embeddings request of chat messages a template sees (vLLM's EmbeddingChatRequest:
-    it renders no tools or documents, and no generation prompt unless asked for)."""
-
-    messages: list[dict[str, Any]] = []
-    chat_template_kwargs: dict[str, Any] | None = None
-    add_generation_prompt: bool = False
-    continue_final_message: bool = False
-
-
 _INPUTS = msgspec.json.Decoder(_ChatInputs)
-_EMBEDDING_INPUTS = msgspec.json.Decoder(_EmbeddingChatInputs)
 _TEMPLATE_FIELDS = _ChatInputs.__struct_fields__
 
 
@@ -367,15 +356,16 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-def _environment(
-    cls: type[ImmutableSandboxedEnvironment] = ImmutableSandboxedEnvironment,
-) -> ImmutableSandboxedEnvironment:
-    env = cls(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols])
+def _environment() -> _BoundedEnvironment:
+    env = _BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    if issubclass(cls, _PacedEnvironment):
-        env.globals.update(range=_range, namespace=_BoundedNamespace, lipsum=_no_lipsum)
+    env.globals.update(
+        raise_exception=_raise_exception,
+        strftime_now=_strftime_now,
+        range=_range,
+        namespace=_BoundedNamespace,
+        lipsum=_no_lipsum,
+    )
     return env
 
 
@@ -454,13 +444,12 @@ class JinjaTemplate:
 
     def __init__(self, source: str | dict[str, str], *, special_tokens: dict[str, str], origin: str) -> None:
         # One bounded environment (which also paces renders given a `pause`): compiled once.
-        env = _environment(_PacedEnvironment)
+        env = _environment()
         sources = {"default": source} if isinstance(source, str) else dict(source)
         if "default" not in sources:
             raise ValueError(f"{origin}: the chat_template list has no template named 'default'")
         self.name = origin
         self._templates: dict[str, jinja2.Template] = {}
-        self._paced = self._templates  # the same templates, for paced renders
         self._lists: dict[str, bool] = {}
         for name, text in sources.items():
             try:
@@ -559,7 +548,8 @@ def _inputs(request: InferenceRequest) -> _ChatInputs:
         if request.kind is RequestKind.CHAT_COMPLETIONS:
             return _INPUTS.decode(request.body)
         if request.kind is RequestKind.EMBEDDINGS:
-            return _ChatInputs(**msgspec.structs.asdict(_EMBEDDING_INPUTS.decode(request.body)))
+            # The fields vLLM's EmbeddingChatRequest renders with, as the vllm token backend sends them.
+            return msgspec.convert(embedding_chat_fields(request.body), _ChatInputs)
     except msgspec.DecodeError as e:  # ValidationError included
         raise ValueError(f"chat request cannot be rendered: {e}") from None
     return _ChatInputs(messages=chat_messages(request.messages or ()))
