@@ -41,7 +41,7 @@ from llmepp.framework.requestcontrol import (
     Screener,
 )
 from llmepp.framework.scheduling import ProfileResult, SchedulingResult
-from llmepp.observability.logging import LogLimiter, RateLimitedLog
+from llmepp.observability.logging import LogLimiter
 from llmepp.observability.metrics import EppMetrics
 from llmepp.observability.plugin_timing import PluginTimers
 from llmepp.request.types import InferenceRequest, ResponseInfo, TerminationCause
@@ -134,7 +134,8 @@ class Director:
         self._timers = PluginTimers(metrics.plugin_duration)
         self._producers: list[tuple[DataProducer, bool]] = []
         self._timeout_log = LogLimiter(log, interval=30.0)
-        self._failures = _PluginFailures()
+        # A plugin failing on every request: one line (with its traceback) per extension point and plugin per 30 s.
+        self._failures = LogLimiter(log, interval=30.0)
         self.use_pipeline(pipeline)
 
     def use_pipeline(self, pipeline: Pipeline) -> None:
@@ -220,7 +221,9 @@ class Director:
                     except RequestError:
                         raise
                     except Exception:  # as the reference: a producer failure does not fail the request
-                        self._failures.error("DataProducer", producer.name, "data producer %s failed", producer.name)
+                        self._failures.error(
+                            f"DataProducer/{producer.name}", "data producer %s failed", producer.name, exc_info=True
+                        )
                 if timers is not None:
                     timers.observe("DataProducer", producer, time.perf_counter() - start)
             if waited:
@@ -282,7 +285,9 @@ class Director:
                     plugin.pre_request(request, result)
                 except Exception as e:  # as the reference: every PreRequest plugin runs, errors are joined
                     if not isinstance(e, RequestError):
-                        self._failures.error("PreRequest", plugin.name, "pre-request plugin %s failed", plugin.name)
+                        self._failures.error(
+                            f"PreRequest/{plugin.name}", "pre-request plugin %s failed", plugin.name, exc_info=True
+                        )
                     errors = [*(errors or ()), (plugin, e)]
                 if timers is not None:
                     timers.observe("PreRequest", plugin, time.perf_counter() - start)
@@ -335,7 +340,10 @@ class Director:
                 out = plugin.response_headers(request, response, headers)
             except Exception:  # the other plugins still run, the response goes on
                 self._failures.error(
-                    "ResponseHeaderProcessor", plugin.name, "response-header plugin %s failed", plugin.name
+                    f"ResponseHeaderProcessor/{plugin.name}",
+                    "response-header plugin %s failed",
+                    plugin.name,
+                    exc_info=True,
                 )
                 continue
             if timers is not None:
@@ -355,7 +363,10 @@ class Director:
                 plugin.first_response_chunk(request, response)
             except Exception:
                 self._failures.error(
-                    "FirstResponseChunkProcessor", plugin.name, "first-response-chunk plugin %s failed", plugin.name
+                    f"FirstResponseChunkProcessor/{plugin.name}",
+                    "first-response-chunk plugin %s failed",
+                    plugin.name,
+                    exc_info=True,
                 )
             if timers is not None:
                 timers.observe("FirstResponseChunkProcessor", plugin, time.perf_counter() - start)
@@ -374,7 +385,10 @@ class Director:
                 out = plugin.response_metadata(request, response)
             except Exception:
                 self._failures.error(
-                    "ResponseMetadataProcessor", plugin.name, "response-metadata plugin %s failed", plugin.name
+                    f"ResponseMetadataProcessor/{plugin.name}",
+                    "response-metadata plugin %s failed",
+                    plugin.name,
+                    exc_info=True,
                 )
                 continue
             for namespace, fields in (out or {}).items():
@@ -400,7 +414,10 @@ class Director:
                 plugin.response_complete(request, response, result)
             except Exception:
                 self._failures.error(
-                    "ResponseCompleteProcessor", plugin.name, "response-complete plugin %s failed", plugin.name
+                    f"ResponseCompleteProcessor/{plugin.name}",
+                    "response-complete plugin %s failed",
+                    plugin.name,
+                    exc_info=True,
                 )
             if timers is not None:
                 timers.observe("ResponseCompleteProcessor", plugin, time.perf_counter() - start)
@@ -430,7 +447,9 @@ class Director:
         except RequestError:
             raise
         except Exception:
-            self._failures.error("DataProducer", producer.name, "data producer %s failed", producer.name)
+            self._failures.error(
+                f"DataProducer/{producer.name}", "data producer %s failed", producer.name, exc_info=True
+            )
 
     @staticmethod
     def _rewritten_body(request: InferenceRequest) -> bytes | None:
@@ -470,25 +489,6 @@ class Director:
                 extra={"request_id": request.request_id, "profile": name,
                        "targets": [ep.hostport for ep in res.targets], "top": top},
             )  # fmt: skip
-
-
-class _PluginFailures:
-    """A plugin that fails on every request: one error line (with the traceback) per extension point and
-    plugin per 30 s, saying how many were held back, not a traceback per request."""
-
-    _MAX_KEYS = 1024  # plugin names come from the config (and its reloads): bounded, but forget rather than grow
-
-    def __init__(self) -> None:
-        self._logs: dict[tuple[str, str], RateLimitedLog] = {}
-
-    def error(self, point: str, plugin: str, message: str, *args: object) -> None:
-        """Call from the `except` block (the traceback is the one being handled)."""
-        limiter = self._logs.get((point, plugin))
-        if limiter is None:
-            if len(self._logs) >= self._MAX_KEYS:
-                self._logs.clear()
-            limiter = self._logs[(point, plugin)] = RateLimitedLog(log)
-        limiter.error(message, *args, exc_info=True)
 
 
 def _pre_request_error(errors: list[tuple[PreRequest, Exception]]) -> RequestError:

@@ -71,6 +71,15 @@ class LogLimiter:
         self._last: dict[str, tuple[float, int]] = {}
 
     def warning(self, key: str, msg: str, *args: object, extra: dict[str, object] | None = None) -> None:
+        self._emit(logging.WARNING, key, msg, args, extra, False)
+
+    def error(self, key: str, msg: str, *args: object, exc_info: bool = False) -> None:
+        """`exc_info`: the traceback of the exception being handled (call from its `except` block)."""
+        self._emit(logging.ERROR, key, msg, args, None, exc_info)
+
+    def _emit(
+        self, level: int, key: str, msg: str, args: tuple[object, ...], extra: dict[str, object] | None, exc_info: bool
+    ) -> None:
         now = time.monotonic()
         if len(self._last) >= _MAX_LIMITER_KEYS and key not in self._last:
             # Keys name pods that come and go, and topics an unknown publisher chooses: keep a bounded
@@ -84,7 +93,7 @@ class LogLimiter:
         if held:
             msg += " (%d similar messages suppressed)"
             args = (*args, held)
-        self.logger.warning(msg, *args, extra=extra)
+        self.logger.log(level, msg, *args, extra=extra, exc_info=exc_info)
 
 
 def _text(value: object) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from llmepp.datalayer.endpoint import Endpoint
 from llmepp.errors import Saturated
 from llmepp.framework.scheduling import Filter, Picker, ProfileResult, Scorer
-from llmepp.observability.logging import RateLimitedLog
+from llmepp.observability.logging import LogLimiter
 from llmepp.observability.plugin_timing import PluginTimers
 from llmepp.request.types import InferenceRequest
 
@@ -35,7 +35,8 @@ class SchedulerProfile:
     filters: list[Filter] = field(default_factory=list)
     scorers: list[WeightedScorer] = field(default_factory=list)
     _combine: Callable[[list[Sequence[float]]], list[float]] = field(init=False, repr=False)
-    _failures: dict[str, RateLimitedLog] = field(init=False, repr=False, default_factory=dict)
+    # A broken scorer: one line per scorer per 30 s, not per request.
+    _failures: LogLimiter = field(init=False, repr=False, default_factory=lambda: LogLimiter(log, interval=30.0))
 
     def __post_init__(self) -> None:
         self._combine = weighted_sum([ws.weight for ws in self.scorers])
@@ -116,11 +117,8 @@ class SchedulerProfile:
     def _scorer_failed(self, scorer: Scorer, what: str, exc_info: bool) -> None:
         """A scorer bug: its column counts as all 0 for this request (as the reference, whose scorers answer
         a map: an endpoint missing from it scores 0); one error line per scorer per 30 s, not per request."""
-        limiter = self._failures.get(scorer.name)
-        if limiter is None:
-            limiter = self._failures[scorer.name] = RateLimitedLog(log)
-        limiter.error("profile %r: scorer %r %s; it scores 0 for the request", self.name, scorer.name, what,
-                      exc_info=exc_info)  # fmt: skip
+        self._failures.error(scorer.name, "profile %r: scorer %r %s; it scores 0 for the request", self.name,
+                             scorer.name, what, exc_info=exc_info)  # fmt: skip
 
     def _totals(self, columns: list[Sequence[float]], n: int) -> list[float]:
         """Σ weight·score per endpoint. A NaN score escapes the range check (NaN compares false; first in
