@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from llmepp.datalayer.endpoint import Endpoint
 from llmepp.errors import RequestError, ResourceExhausted
 from llmepp.framework.scheduling import ProfileHandler, ProfileResult, SchedulingResult
-from llmepp.observability.logging import RateLimitedLog
+from llmepp.observability.logging import LogLimiter
 from llmepp.observability.plugin_timing import PluginTimers
 from llmepp.request.types import InferenceRequest
 from llmepp.scheduling.profile import SchedulerProfile
@@ -23,8 +23,7 @@ class Scheduler:
     def __init__(self, handler: ProfileHandler, profiles: dict[str, SchedulerProfile]) -> None:
         self.handler = handler
         self.profiles = profiles
-        self._runaway_log = RateLimitedLog(log)
-        self._failure_log = RateLimitedLog(log)
+        self._bug_log = LogLimiter(log, interval=30.0)  # a plugin bug fails every request: once per 30 s
 
     def schedule(
         self, request: InferenceRequest, candidates: Sequence[Endpoint], timers: PluginTimers | None = None
@@ -38,7 +37,7 @@ class Scheduler:
         except RequestError:
             raise
         except Exception as e:
-            self._failure_log.error("scheduling failed (profile handler %r)", self.handler.name, exc_info=True)
+            self._bug_log.error("failed", "scheduling failed (profile handler %r)", self.handler.name, exc_info=True)
             raise RequestError(f"scheduling failed: {type(e).__name__}") from None
 
     def _schedule(
@@ -62,7 +61,7 @@ class Scheduler:
         else:
             # A handler bug, on every request: a counted 500 and one log line per 30 s, not a traceback each.
             message = f"profile handler {self.handler.name!r} did not finish in {_MAX_ROUNDS} rounds"
-            self._runaway_log.error("%s", message)
+            self._bug_log.error("runaway", "%s", message)
             raise RequestError(message)
         if not results:  # as the reference: "failed to run any scheduler profile"
             raise ResourceExhausted(f"profile handler {self.handler.name!r} ran no scheduling profile")

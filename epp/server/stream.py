@@ -44,7 +44,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from llmepp.errors import DROPPED_REASON_HEADER, BadRequest, Evicted, PayloadTooLarge, RequestError
 from llmepp.framework.requestcontrol import DirectResponse
-from llmepp.observability.logging import LogLimiter, RateLimitedLog
+from llmepp.observability.logging import LogLimiter
 from llmepp.observability.metrics import MAX_FAIRNESS_LABELS, OVERFLOW_LABEL, BoundedLabels, EppMetrics
 from llmepp.request import grpcwire, parsers
 from llmepp.request.rewrite import ModelNameRewriter
@@ -228,10 +228,7 @@ class StreamContext:
         # An outage (no endpoints, shutting down) refuses every request: a line per kind of refusal per 10 s.
         self._reject_log = LogLimiter(log, interval=10.0)
         # A bug on the request path fails every request alike: its traceback once per 30 s per site.
-        self._routing_failed = RateLimitedLog(log)
-        self._usage_failed = RateLimitedLog(log)
-        self._handling_failed = RateLimitedLog(log)
-        self._completion_failed = RateLimitedLog(log)
+        self._bug_log = LogLimiter(log, interval=30.0)
 
     def labeled(
         self, model: str, target: str, fairness_id: str = parsers.DEFAULT_FAIRNESS_ID, priority: int = 0
@@ -545,7 +542,7 @@ class ExtProcStream:
         except (Exception, asyncio.CancelledError) as e:
             if isinstance(e, asyncio.CancelledError) and _stream_cancelled():
                 raise
-            self.svc._routing_failed.error("director failed (request %s)", self.request_id, exc_info=True)
+            self.svc._bug_log.error("routing", "director failed (request %s)", self.request_id, exc_info=True)
             return self.reject(InternalError("internal error while routing the request"), req)
         self.svc._request_processing.observe(time.monotonic() - self.received_at)
         self._count_request(req)
@@ -583,7 +580,7 @@ class ExtProcStream:
         except (Exception, asyncio.CancelledError) as e:
             if isinstance(e, asyncio.CancelledError) and _stream_cancelled():
                 raise
-            self.svc._routing_failed.error("director failed (request %s)", self.request_id, exc_info=True)
+            self.svc._bug_log.error("routing", "director failed (request %s)", self.request_id, exc_info=True)
             return self.reject(InternalError("internal error while routing the request"), req)
         # From the request headers, as the reference: the body's arrival and the queue wait included.
         self.svc._request_processing.observe(time.monotonic() - self.received_at)
@@ -826,7 +823,7 @@ class ExtProcStream:
             try:
                 info.usage = self.usage.result()
             except Exception:
-                self.svc._usage_failed.error("usage extraction failed (request %s)", self.request_id, exc_info=True)
+                self.svc._bug_log.error("usage", "usage extraction failed (request %s)", self.request_id, exc_info=True)
         metadata = director.response_metadata(req, info)
         return envoy.with_dynamic_metadata(answer, metadata) if metadata else answer
 
@@ -869,8 +866,8 @@ class ExtProcStream:
     def fallback(self, msg: pb.ProcessingRequest) -> Answer | None:
         """An unexpected exception while handling `msg`: log it and answer safely."""
         kind = msg.WhichOneof("request")
-        self.svc._handling_failed.error(
-            "ext_proc: error handling %s (request %s)", kind, self.request_id, exc_info=True
+        self.svc._bug_log.error(
+            "handling", "ext_proc: error handling %s (request %s)", kind, self.request_id, exc_info=True
         )
         self.svc.protocol_error("internal_error")
         request_side = kind in ("request_headers", "request_body", "request_trailers")
@@ -929,7 +926,7 @@ class ExtProcStream:
             try:
                 info.usage = usage.result()
             except Exception:
-                svc._usage_failed.error("usage extraction failed (request %s)", self.request_id, exc_info=True)
+                svc._bug_log.error("usage", "usage extraction failed (request %s)", self.request_id, exc_info=True)
         lab = self.lab
         req = self.request
         if lab is not None and req is not None:
@@ -962,8 +959,9 @@ class ExtProcStream:
             try:
                 svc.director.response_complete(req, info, decision)
             except Exception:
-                svc._completion_failed.error("director.response_complete failed (request %s)", self.request_id,
-                                             exc_info=True)  # fmt: skip
+                svc._bug_log.error(
+                    "completion", "director.response_complete failed (request %s)", self.request_id, exc_info=True
+                )
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "request complete: status=%s cause=%s bytes=%s usage=%s",
