@@ -85,7 +85,7 @@ from llmepp.flowcontrol.types import (
     QueueItem,
     outcome_error,
 )
-from llmepp.observability.logging import RateLimitedLog
+from llmepp.observability.logging import LogLimiter
 from llmepp.request.types import InferenceRequest
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ class FlowController(AdmissionController):
         self.detector_name = config.detector.name
         self._usage_limit = config.usage_limit
         self._saturation = StagedSaturation(config.detector)
-        self._cycle_log = RateLimitedLog(log, 10.0)  # a failing cycle repeats every tick (1 ms)
+        self._cycle_log = LogLimiter(log, 10.0)  # a failing cycle repeats every tick (1 ms)
         self.max_requests = config.max_requests
         self.max_bytes = config.max_bytes
         self._default_ttl = config.default_ttl
@@ -188,8 +188,8 @@ class FlowController(AdmissionController):
         self._busy_flows = 0  # of those, flows with requests waiting
         self._idle: list[tuple[float, int, FlowQueue]] = []  # (last use, tie-break, flow) heap
         self._idle_seq = 0
-        self._evict_log = RateLimitedLog(log, 300.0)
-        self._overflow_log = RateLimitedLog(log, 30.0)
+        self._evict_log = LogLimiter(log, 300.0)
+        self._overflow_log = LogLimiter(log, 30.0)
         # In-flight-based saturation must be re-read after each dispatch is scheduled.
         self._per_cycle = 1 if config.detector.counts_inflight else config.max_dispatch_per_cycle
 
@@ -254,7 +254,7 @@ class FlowController(AdmissionController):
             try:
                 self._saturation(self._pool(), self._clock())
             except Exception:
-                self._cycle_log.error("flow control saturation refresh failed", exc_info=True)
+                self._cycle_log.error("saturation", "flow control saturation refresh failed", exc_info=True)
         assert self._loop is not None
         self._refresh_timer = self._loop.call_later(self.config.saturation_refresh, self._refresh_saturation)
 
@@ -421,7 +421,7 @@ class FlowController(AdmissionController):
                     try:
                         self.dispatch_cycle()
                     except Exception:
-                        self._cycle_log.error("flow control dispatch cycle failed", exc_info=True)
+                        self._cycle_log.error("dispatch", "flow control dispatch cycle failed", exc_info=True)
                         self._credits = 0
                     if self.queued and self._credits > 0:
                         # Bounded work per cycle: let the dispatched requests' tasks run (and be
@@ -633,6 +633,7 @@ class FlowController(AdmissionController):
             # Every flow has requests waiting: share the band's overflow flow rather than refuse.
             self.metrics.overflow_counter(str(band.priority), self.pool_name).inc()
             self._overflow_log.warning(
+                "overflow",
                 "flow control: all %d flows (flowControl.maxFlows) have requests waiting; requests with a new "
                 "fairness id are queued in their band's shared overflow flow %r",
                 self.max_flows, OVERFLOW_FAIRNESS_ID,
@@ -691,6 +692,7 @@ class FlowController(AdmissionController):
                 self.flow_count -= 1
                 self.metrics.flow_eviction_counter(str(band.priority), self.pool_name).inc()
                 self._evict_log.warning(
+                    "evict",
                     "flow control: %d flows (flowControl.maxFlows) reached; new fairness ids take the place of "
                     "the idlest empty flows",
                     self.max_flows,

@@ -26,7 +26,7 @@ import aiohttp
 import msgspec
 
 from llmepp.httpclient import upstream_connector
-from llmepp.observability.logging import RateLimitedLog
+from llmepp.observability.logging import LogLimiter
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class PredictorClient:
         self._closed = False
         self.sent = 0  # training samples accepted by the training server
         self.dropped = 0  # training samples lost (buffer sampled down, upload failed)
-        self._upload_log = RateLimitedLog(log)
+        self._upload_log = LogLimiter(log, 30.0)
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -194,7 +194,9 @@ class PredictorClient:
                         raise PredictorUnavailable("error", f"answered {resp.status}: {detail[:300]!r}")
         except (TimeoutError, aiohttp.ClientError, OSError, PredictorUnavailable) as e:
             self.dropped += len(batch)
-            self._upload_log.warning("training samples not uploaded to %s (%d dropped): %s", url, len(batch), e)
+            self._upload_log.warning(
+                "upload", "training samples not uploaded to %s (%d dropped): %s", url, len(batch), e
+            )
             return 0
         self.sent += len(batch)
         return len(batch)

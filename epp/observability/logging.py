@@ -32,38 +32,13 @@ class JsonFormatter(logging.Formatter):
             return json.dumps({k: _text(v) for k, v in out.items()})
 
 
-class RateLimitedLog:
-    """One line per `interval` seconds for a recurring failure, saying how many happened since: a failure on
-    a hot path (per request, per dispatch cycle) must not flood the log."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 30.0) -> None:
-        self.log = logger
-        self.interval = interval
-        self._last = -float("inf")
-        self._suppressed = 0
-
-    def warning(self, message: str, *args: object) -> None:
-        self._emit(logging.WARNING, message, args, False)
-
-    def error(self, message: str, *args: object, exc_info: bool = False) -> None:
-        self._emit(logging.ERROR, message, args, exc_info)
-
-    def _emit(self, level: int, message: str, args: tuple[object, ...], exc_info: bool) -> None:
-        now = time.monotonic()
-        if now - self._last < self.interval:
-            self._suppressed += 1
-            return
-        more = f" ({self._suppressed} more since the last report)" if self._suppressed else ""
-        self.log.log(level, message + more, *args, exc_info=exc_info)
-        self._last = now
-        self._suppressed = 0
-
-
 _MAX_LIMITER_KEYS = 1024  # LogLimiter keys
 
 
 class LogLimiter:
-    """At most one log line per `interval` seconds per key; the next line says how many were held back."""
+    """At most one log line per `interval` seconds per key; the next line says how many were held back. A
+    failure on a hot path (per request, per dispatch cycle) must not flood the log; a site with one kind of
+    failure uses one constant key."""
 
     def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
         self.logger = logger

@@ -44,7 +44,7 @@ from typing import Any
 
 import msgspec
 
-from llmepp.observability.logging import RateLimitedLog
+from llmepp.observability.logging import LogLimiter
 from llmepp.request.types import Usage
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ _DONE = b"[DONE]"
 # reports it) decoded from the end before giving up: a stream reports its usage in (or near) its last
 # event, and decoding every event of a 64 KB tail cost ~1 ms per response.
 _USAGE_MISSES = 16
-_bad_count_log = RateLimitedLog(log, 300.0)  # once per response from a misbehaving server: keep it quiet
+_bad_count_log = LogLimiter(log, 300.0)  # once per response from a misbehaving server: keep it quiet
 
 
 def _count(v: _Count) -> int | None:
@@ -128,7 +128,7 @@ def _count(v: _Count) -> int | None:
 
 
 def _ignored(e: _BadCount) -> None:
-    _bad_count_log.warning("response usage ignored: token count %s is not a whole number in [0, 2**53]", e)
+    _bad_count_log.warning("count", "response usage ignored: token count %s is not a whole number in [0, 2**53]", e)
 
 
 def _to_usage(u: _UsageBody) -> Usage | None:

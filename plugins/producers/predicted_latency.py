@@ -36,7 +36,7 @@ from llmepp.framework.scheduling import SchedulingResult
 from llmepp.latencypredictor.client import PredictorClient, PredictorUnavailable, urls_from_env
 from llmepp.latencypredictor.schema import MAX_COUNT
 from llmepp.observability.fast import Counter, Gauge, Histogram
-from llmepp.observability.logging import RateLimitedLog
+from llmepp.observability.logging import LogLimiter
 from llmepp.observability.metrics import (
     GENERAL_LATENCY_BUCKETS,
     MAX_MODEL_LABELS,
@@ -342,7 +342,7 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         self._next_sweep = 0.0
         self._skip_until = 0.0
         self._backoff = 0.0
-        self._unavailable_log = RateLimitedLog(log)
+        self._unavailable_log = LogLimiter(log, 30.0)
 
     def setup(self, ctx: PluginContext) -> None:
         self._prefix_key = ctx.producer_key(
@@ -440,6 +440,7 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         self._backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, self._backoff * 2))
         self._skip_until = time.monotonic() + self._backoff
         self._unavailable_log.warning(
+            "unavailable",
             "%s: latency predictor unavailable, routing without predictions (next try in %.1fs): %s",
             self.name, self._backoff, e,
         )  # fmt: skip

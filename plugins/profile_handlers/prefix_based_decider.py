@@ -8,7 +8,7 @@ from llmepp.datalayer.endpoint import Endpoint
 from llmepp.framework.datakeys import PREFIX_CACHE_MATCH_INFO, TOKENIZED_PROMPT, PrefixMatchInfo, TokenizedPrompt
 from llmepp.framework.plugin import PluginContext, PluginParams
 from llmepp.framework.scheduling import Decider
-from llmepp.observability.logging import RateLimitedLog
+from llmepp.observability.logging import LogLimiter
 from llmepp.request.types import InferenceRequest
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class PrefixBasedPDDecider(Decider):
     def __init__(self, name: str, params: Params) -> None:
         super().__init__(name, params)
         self.non_cached_tokens = params.non_cached_tokens
-        self._missing_log = RateLimitedLog(log)
+        self._missing_log = LogLimiter(log, 30.0)
         self.prompt_tokens = params.prompt_tokens
         self.data_key = ""
         if self.non_cached_tokens == 0:
@@ -71,7 +71,7 @@ class PrefixBasedPDDecider(Decider):
         if threshold == 0:
             return False
         if endpoint is None:
-            self._missing_log.error("%s: no decode endpoint to compare against", self.name)
+            self._missing_log.error("no-decode", "%s: no decode endpoint to compare against", self.name)
             return False
         n = prompt_token_count(request)
         if (self.prompt_tokens and n < self.prompt_tokens) or n < threshold:
@@ -79,7 +79,9 @@ class PrefixBasedPDDecider(Decider):
         info: PrefixMatchInfo | None = request.data.get(self.data_key)
         if info is None:
             # Every request, while e.g. a tokenizer backend fails: rate-limited.
-            self._missing_log.error("%s: no prefix cache match info for the request; not disaggregating", self.name)
+            self._missing_log.error(
+                "no-match", "%s: no prefix cache match info for the request; not disaggregating", self.name
+            )
             return False
         hit = info.hits.get(endpoint, 0) * info.block_size
         return n - hit >= threshold

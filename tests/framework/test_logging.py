@@ -53,24 +53,26 @@ def test_extra_fields_json_cannot_hold_still_give_a_strict_json_line(extra: dict
     assert out["msg"] == "scored" and set(extra) <= set(out)
 
 
-def test_rate_limited_log_says_how_many_were_held_back(
+def test_log_limiter_says_how_many_were_held_back_per_key(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from llmepp.observability import logging as epp_logging
 
     now = [100.0]
     monkeypatch.setattr(epp_logging.time, "monotonic", lambda: now[0])
-    limited = epp_logging.RateLimitedLog(logging.getLogger("test.ratelimit"), interval=10.0)
+    limited = epp_logging.LogLimiter(logging.getLogger("test.ratelimit"), interval=10.0)
     with caplog.at_level(logging.WARNING, logger="test.ratelimit"):
         for _ in range(5):
-            limited.warning("pod %s down", "a")
+            limited.warning("down", "pod %s down", "a")
+        limited.warning("slow", "pod %s slow", "b")  # another key: not held back by the first
         now[0] += 10.0
         try:
             raise RuntimeError("boom")
         except RuntimeError:
-            limited.error("cycle failed", exc_info=True)
+            limited.error("down", "cycle failed", exc_info=True)
     messages = [(r.levelno, r.getMessage(), bool(r.exc_info)) for r in caplog.records]
     assert messages == [
         (logging.WARNING, "pod a down", False),
-        (logging.ERROR, "cycle failed (4 more since the last report)", True),
+        (logging.WARNING, "pod b slow", False),
+        (logging.ERROR, "cycle failed (4 similar messages suppressed)", True),
     ]

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmepp.observability.logging import RateLimitedLog
+from llmepp.observability.logging import LogLimiter
 from llmepp.request import usage as usage_mod
 from llmepp.request.rewrite import ModelNameRewriter
 from llmepp.request.types import Usage
@@ -430,7 +430,7 @@ def test_an_ignored_count_is_logged_rate_limited(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A fresh limiter: an earlier test's warning must not hold this one back.
-    monkeypatch.setattr(usage_mod, "_bad_count_log", RateLimitedLog(usage_mod.log, 300.0))
+    monkeypatch.setattr(usage_mod, "_bad_count_log", LogLimiter(usage_mod.log, 300.0))
     with caplog.at_level("WARNING", logger=usage_mod.log.name):
         for _ in range(3):
             usage_from_json(b'{"usage":{"prompt_tokens":1.5,"completion_tokens":5}}')
