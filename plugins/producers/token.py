@@ -369,6 +369,11 @@ class HFTokenProducer(TokenProducer):
         except Exception as e:
             self._miss("encode", "%s: tokenization failed: %s", self.name, e)
             return
+        except BaseException as e:
+            if not _is_rust_panic(e):
+                raise
+            self._miss("encode", "%s: tokenization failed (the tokenizer library panicked): %s", self.name, e)
+            return
         request.data[TOKENIZED_PROMPT] = TokenizedPrompt(token_bytes, self.backend)
 
     def _render_and_encode(self, request: InferenceRequest, pause: Callable[[], None]) -> bytes:
@@ -381,6 +386,12 @@ class HFTokenProducer(TokenProducer):
             return self.template.render(request, pause=pause, budget=budget)
         except ValueError as e:
             raise _TemplateFailed(str(e)) from None
+
+
+def _is_rust_panic(e: BaseException) -> bool:
+    """A panic inside the Rust `tokenizers` library: pyo3 raises it as a BaseException (so that `except
+    Exception` does not swallow it); for one request's encode it is that request's failure, not the EPP's."""
+    return type(e).__name__ == "PanicException" and type(e).__module__ == "pyo3_runtime"
 
 
 class _TemplateFailed(Exception):

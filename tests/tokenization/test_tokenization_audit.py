@@ -239,3 +239,36 @@ def test_the_bounds_scale_with_a_huge_prompt() -> None:
     big = "x" * 6_000_000
     req = parsed("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": big}]})
     assert t.render(req) == str(len(big) + 22)
+
+
+# -- the Rust library panicking ----------------------------------------------------------------------------
+# pyo3 raises a Rust panic as pyo3_runtime.PanicException, a BaseException (not importable by name).
+PanicException = type("PanicException", (BaseException,), {"__module__": "pyo3_runtime"})
+
+
+@pytest.mark.parametrize("chars", [10, 10_000], ids=["inline", "worker"])
+async def test_a_tokenizer_panic_is_a_counted_miss_not_a_failed_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chars: int
+) -> None:
+    """Before: the panic (a BaseException) passed `except Exception` and ended the request's routing."""
+    plugin = hf_producer(TOKENIZER_PATH)
+
+    def panic(*_: object, **__: object) -> bytes:
+        raise PanicException("called `Option::unwrap()` on a `None` value")
+
+    monkeypatch.setattr(plugin.tokenizer, "encode", panic)
+    monkeypatch.setattr(plugin.tokenizer, "encode_released", panic)
+    req = parsed("/v1/completions", {"model": "m", "prompt": "x" * chars})
+    assert await produce(plugin, req) is None
+    assert failures(plugin, "encode") == 1
+
+
+async def test_other_base_exceptions_still_propagate(monkeypatch: pytest.MonkeyPatch) -> None:
+    plugin = hf_producer(TOKENIZER_PATH)
+
+    def interrupted(*_: object, **__: object) -> bytes:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plugin.tokenizer, "encode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        await produce(plugin, parsed("/v1/completions", {"model": "m", "prompt": "hi"}))
