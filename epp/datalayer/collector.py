@@ -61,8 +61,8 @@ from llmepp.datalayer.multicluster import (
     pool_averages,
 )
 from llmepp.datalayer.promtext import PromTextError
-from llmepp.datalayer.streak import FailureStreak
 from llmepp.observability.metrics import EppMetrics, sample_std_dev
+from llmepp.observability.streak import FailureStreak
 
 # A hub's spreads: over its available clusters' published averages.
 _HUB_KEYS = (POOL_KV_CACHE_UTILIZATION, POOL_QUEUE_SIZE, POOL_RUNNING_REQUESTS)
@@ -122,7 +122,7 @@ class _EndpointScrape:
         self.countdown = 0
         self.down_count = 0  # consecutive fetches that got no page (0: the last one got one)
         self.down_since = 0.0  # time.monotonic() when the first of them began
-        self.streak = FailureStreak(log, endpoint.name, collector.failure_log_interval)
+        self.streak = FailureStreak(log, {"endpoint": endpoint.name}, collector.failure_log_interval)
         self.spec = endpoint.spec
         self.mapping: EngineMapping | None = None
         self.mapping_error: PromTextError | None = None

@@ -28,8 +28,8 @@ from typing import Protocol
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
 from llmepp.datalayer.httpscrape import ScrapeClient, ScrapeError, ScrapeTarget
-from llmepp.datalayer.streak import FailureStreak
 from llmepp.observability.metrics import EppMetrics
+from llmepp.observability.streak import FailureStreak
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class _EndpointPage:
         self.poller = poller
         self.endpoint = endpoint
         self.spec = endpoint.spec
-        self.streak = FailureStreak(log, endpoint.name)
+        self.streak = FailureStreak(log, {"endpoint": endpoint.name})
         self.client: ScrapeClient | None = None
         self.retarget()
 

@@ -44,6 +44,7 @@ from llmepp.k8s.backoff import Backoff
 from llmepp.k8s.client import KubeClient, KubeError
 from llmepp.k8s.models import Metadata, ObjectMeta, RawList, Status, WatchEvent
 from llmepp.k8s.resources import Resource
+from llmepp.observability.streak import FailureStreak
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +134,10 @@ class Informer(Generic[T]):
         self.stats = InformerStats()
         self._backoff = Backoff(self.options.backoff_initial, self.options.backoff_max)
         self._rng = random.Random()
-        self._streak_started = 0.0  # when the current failure streak began (monotonic)
-        self._next_failure_log = 0.0  # failures are logged at warning level from then on
-        self._streak_logged = False  # a failure of the current streak was (so its end will be)
+        # Every FAILURE_LOG_INTERVAL at most, a connection failing and recovering over and over included.
+        self._streak = FailureStreak(
+            log, {"informer": self.name}, remind_every=FAILURE_LOG_INTERVAL, quiet_for=FAILURE_LOG_INTERVAL
+        )
         self._listed_at = 0.0  # when the last complete list came in (monotonic)
         self.owner = owner  # who watches (metrics label): "epp", or a notification source's name
         if self.options.metrics is not None:
@@ -186,32 +188,16 @@ class Informer(Generic[T]):
         s.errors += 1
         s.consecutive_errors += 1
         delay = self._backoff.next_delay()
-        now = time.monotonic()
-        if s.consecutive_errors == 1:
-            self._streak_started = now
-        operation = "watch" if self.resource_version else "list"
-        if now >= self._next_failure_log:
-            # The start of a streak, then once per interval: regular enough that a look at the recent log of
-            # an EPP that never gets ready says why, without one line per attempt. (A connection that fails
-            # and recovers over and over is logged once per interval too.)
-            self._next_failure_log = now + FAILURE_LOG_INTERVAL
-            self._streak_logged = True
-            fatal = isinstance(error, KubeError) and 400 <= error.status < 500 and error.status not in (408, 410, 429)
-            streak = (
-                f"; still failing after {s.consecutive_errors} attempts in {now - self._streak_started:.0f}s"
-                if s.consecutive_errors > 1
-                else ""
-            )
-            log.log(
-                logging.ERROR if fatal else logging.WARNING,
-                "kubernetes %s %s failed (%s: %s)%s%s; retrying in %.1fs",
-                self.name, operation, type(error).__name__, error, self._hint(error), streak, delay,
-                extra={"informer": self.name, "failures": s.consecutive_errors},
-                exc_info=None if isinstance(error, _EXPECTED) else error,  # the unforeseen: where it came from
-            )  # fmt: skip
-        else:
-            log.debug("kubernetes %s %s failed (%s: %s); retrying in %.1fs", self.name, operation,
-                      type(error).__name__, error, delay)  # fmt: skip
+        # Logged when the streak starts, then once per interval: regular enough that a look at the recent log
+        # of an EPP that never gets ready says why, without one line per attempt.
+        fatal = isinstance(error, KubeError) and 400 <= error.status < 500 and error.status not in (408, 410, 429)
+        self._streak.failed(
+            f"kubernetes {self.name} {'watch' if self.resource_version else 'list'} failed",
+            f"{type(error).__name__}: {error}{self._hint(error)}",
+            then=f"; retrying in {delay:.1f}s",
+            level=logging.ERROR if fatal else logging.WARNING,
+            exc_info=None if isinstance(error, _EXPECTED) else error,  # the unforeseen: where it came from
+        )
         await asyncio.sleep(delay)
 
     def _hint(self, error: Exception) -> str:
@@ -235,15 +221,8 @@ class Informer(Generic[T]):
         return ""
 
     def _recovered(self) -> None:
-        s = self.stats
-        log.log(
-            logging.INFO if self._streak_logged else logging.DEBUG,
-            "kubernetes %s recovered after %d failed attempts in %.0fs",
-            self.name, s.consecutive_errors, time.monotonic() - self._streak_started,
-            extra={"informer": self.name},
-        )  # fmt: skip
-        s.consecutive_errors = 0
-        self._streak_logged = False
+        self._streak.succeeded(f"kubernetes {self.name}")
+        self.stats.consecutive_errors = 0
 
     async def _list(self) -> None:
         params: dict[str, str | int] = {"limit": self.options.page_size}

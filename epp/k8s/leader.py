@@ -38,6 +38,7 @@ import msgspec
 from llmepp.k8s.client import KubeClient, KubeError
 from llmepp.k8s.models import Lease, LeaseSpec
 from llmepp.k8s.resources import LEASES
+from llmepp.observability.streak import FailureStreak
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +96,11 @@ class LeaderElector:
         self._path = LEASES.item(config.namespace, config.name)
         self._rng = random.Random()
         self._other_holder = ""  # the last attempt found the lease validly held by this identity
-        self._failures = 0  # failed attempts (errors, not "held by another") since the last answer
-        self._failure_logged = False
-        self._next_failure_log = -math.inf
+        # Failed attempts (errors, not "held by another"): an API server down for an hour is not 1800
+        # warnings per replica.
+        self._streak = FailureStreak(
+            log, {"lease": config.name}, remind_every=FAILURE_LOG_INTERVAL, quiet_for=FAILURE_LOG_INTERVAL, clock=clock
+        )
         self.transitions = 0  # times this process became leader
 
     @property
@@ -193,32 +196,13 @@ class LeaderElector:
             ok = await self._attempt()
         except KubeError as e:
             if not e.conflict:  # 409: someone else wrote first; expected, not worth a log line
-                self._failed(str(e))
+                self._streak.failed("leader election", e)
             return False
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:  # ValueError: not a Lease (JSON)
-            self._failed(f"{type(e).__name__}: {e}")
+            self._streak.failed("leader election", f"{type(e).__name__}: {e}")
             return False
-        if self._failures:
-            log.log(
-                logging.INFO if self._failure_logged else logging.DEBUG,
-                "leader election recovered after %d failed attempts", self._failures,
-                extra={"lease": self.config.name},
-            )  # fmt: skip
-            self._failures, self._failure_logged = 0, False
+        self._streak.succeeded("leader election")
         return ok
-
-    def _failed(self, why: str) -> None:
-        """A failed attempt: logged when a streak starts, then once per FAILURE_LOG_INTERVAL (an API server
-        down for an hour is not 1800 warnings per replica)."""
-        self._failures += 1
-        now = self._clock()
-        if now >= self._next_failure_log:
-            self._next_failure_log = now + FAILURE_LOG_INTERVAL
-            self._failure_logged = True
-            streak = f" ({self._failures} failed attempts so far)" if self._failures > 1 else ""
-            log.warning("leader election: %s%s", why, streak, extra={"lease": self.config.name})
-        else:
-            log.debug("leader election: %s", why)
 
     async def _attempt(self) -> bool:
         c = self.config

@@ -75,7 +75,7 @@ async def test_a_selector_the_api_server_refuses_is_an_error_logged_once_per_int
     assert all(r.levelno == logging.ERROR for r in records), [r.levelname for r in records]
     first = records[0].getMessage()
     assert "list failed" in first and "400" in first and f"labelSelector {selector!r}" in first, first
-    assert "still failing" in records[1].getMessage() and "attempts" in records[1].getMessage()
+    assert "in a row over" in records[1].getMessage() and "400" in records[1].getMessage()
     gaps = [b.created - a.created for a, b in itertools.pairwise(records)]
     assert all(INTERVAL * 0.9 <= gap <= INTERVAL * 3 for gap in gaps), gaps
 
