@@ -7,7 +7,8 @@
                          pods the API server selects; no CRDs
 
 The datastore is marked synced once the initial lists are in and (pool mode) the pool
-exists — readiness waits for it, as in the reference (`PoolHasSynced`).
+exists — readiness waits for it, as in the reference (`PoolHasSynced`). A pool marked for
+deletion (deletionTimestamp, held by finalizers) counts as deleted, as in the reference.
 """
 
 from __future__ import annotations
@@ -85,11 +86,26 @@ class _PoolEvents:
     def __init__(self, reconciler: PoolReconciler, name: str) -> None:
         self.reconciler = reconciler
         self.name = name
-        self.seen = asyncio.Event()  # the pool existed at least once
+        self.seen = asyncio.Event()  # the pool existed (not marked for deletion) at least once
+        self.deleting = False  # the latest object carries deletionTimestamp
 
     def upsert(self, obj: InferencePool) -> None:
         if obj.metadata.name != self.name:
             return
+        if obj.metadata.deletion_timestamp:
+            # Deleted but held by finalizers: a deleted pool, as in the reference (inferencepool_reconciler
+            # clears the datastore). Every finalizer removed is one more event: logged once.
+            if not self.deleting:
+                self.deleting = True
+                log.warning(
+                    "InferencePool %s is being deleted (deletionTimestamp %s): the pool has no endpoints",
+                    self.name, obj.metadata.deletion_timestamp,
+                )  # fmt: skip
+            self.reconciler.set_pool(None)
+            return
+        if self.deleting:
+            self.deleting = False
+            log.info("InferencePool %s is no longer being deleted: the pool is active again", self.name)
         ports = obj.ports()
         if not ports:
             log.warning("InferencePool %s has no target ports: no endpoints", self.name)
@@ -102,7 +118,11 @@ class _PoolEvents:
 
     def delete(self, obj: InferencePool) -> None:
         if obj.metadata.name == self.name:
-            log.warning("InferencePool %s was deleted: the pool has no endpoints", self.name)
+            if self.deleting:  # already without endpoints since its deletionTimestamp (warned then)
+                log.info("InferencePool %s is gone (its finalizers are done)", self.name)
+            else:
+                log.warning("InferencePool %s was deleted: the pool has no endpoints", self.name)
+            self.deleting = False  # a pool re-created under the name starts afresh
             self.reconciler.set_pool(None)
 
 
@@ -117,7 +137,7 @@ class KubernetesDiscovery:
 
     @property
     def has_pool(self) -> bool:
-        """Pool mode: the InferencePool exists (a deleted pool makes the EPP unready)."""
+        """Pool mode: the InferencePool exists (a deleted pool, or one marked for deletion, makes the EPP unready)."""
         return self.reconciler is not None and self.reconciler.pool is not None
 
     @property

@@ -7,8 +7,8 @@ import asyncio
 from llmepp.k8s.discovery import DiscoveryTarget
 
 from .cluster import Cluster
-from .harness import endpoints, running_discovery
-from .kubeapi import ApiError, TestKube, eventually
+from .harness import endpoints, kube_settings, running_app, running_discovery
+from .kubeapi import POOL_API, ApiError, TestKube, eventually
 from .proxy import CuttableProxy
 
 POOL = "llama"
@@ -112,6 +112,40 @@ async def test_pool_changes_reevaluate_every_pod(cluster: Cluster, kube: TestKub
 
         await kube.delete_pool(ns, POOL)
         await eventually(lambda: endpoints(ds) == {} and not disc.has_pool)
+
+
+async def test_a_pool_held_by_a_finalizer_is_deleted_for_the_epp(
+    cluster: Cluster, kube: TestKube, namespace: str
+) -> None:
+    """DELETE of a pool a finalizer holds (a gateway controller's, say) only sets deletionTimestamp: the pool
+    stays until the finalizer goes. As in the reference (inferencepool_reconciler), the EPP treats it as
+    deleted at once: no endpoints, readiness NOT_SERVING."""
+    ns = namespace
+    pool_path = f"{POOL_API}/namespaces/{ns}/inferencepools/{POOL}"
+    await kube.create_pool(ns, POOL, APP, [8000])
+    await kube.merge_patch(pool_path, {"metadata": {"finalizers": ["example.com/hold"]}})
+    await kube.ready_pod(ns, "p", APP, "10.7.0.1")
+    async with running_app(kube_settings(cluster.kubeconfig, ns, pool=POOL)) as app:
+        await eventually(lambda: app.ready() and endpoints(app.datastore) == {"p-rank-0": "10.7.0.1:8000"}, within=10)
+
+        await kube.delete_pool(ns, POOL)
+        assert (await kube.request("GET", pool_path))["metadata"]["deletionTimestamp"]  # still there
+        await eventually(lambda: endpoints(app.datastore) == {} and not app.ready())
+        await kube.ready_pod(ns, "q", APP, "10.7.0.2")  # a pod arriving meanwhile is not routed to either
+        await asyncio.sleep(0.3)
+        assert endpoints(app.datastore) == {} and not app.ready()
+
+        await kube.merge_patch(pool_path, {"metadata": {"finalizers": None}})  # the finalizer goes: deleted
+        try:
+            await kube.request("GET", pool_path)
+            raise AssertionError("the pool outlived its last finalizer")
+        except ApiError as e:
+            assert e.status == 404
+        await asyncio.sleep(0.3)
+        assert endpoints(app.datastore) == {} and not app.ready()
+
+        await kube.create_pool(ns, POOL, APP, [8000])  # re-created: active again
+        await eventually(lambda: app.ready() and set(endpoints(app.datastore)) == {"p-rank-0", "q-rank-0"})
 
 
 async def test_standalone_selector_mode(cluster: Cluster, kube: TestKube, namespace: str) -> None:

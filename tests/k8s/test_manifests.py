@@ -113,6 +113,14 @@ def test_epp_deployment_probes_ports_and_hardening(path: Path) -> None:
     assert ports == {"grpc": 9002, "grpc-health": 9003, "metrics": 9090}
     assert epp["livenessProbe"]["grpc"] == {"port": 9003, "service": "liveness"}
     assert epp["readinessProbe"]["grpc"] == {"port": 9003, "service": "readiness"}
+    # One probe answer slower than the 1 s timeout (a GC pause, a CPU-starved node) must not take the EPP out of
+    # the Service (with leader election: the only Ready replica): 3 misses in a row, the reference chart's
+    # (period 2 s, Kubernetes' default threshold); still out within a lease duration (15 s) of failing for good.
+    readiness = epp["readinessProbe"]
+    threshold, period = readiness.get("failureThreshold", 3), readiness.get("periodSeconds", 10)
+    assert threshold >= 3 and threshold * period <= 15, readiness
+    if path == KUBE_DIR / "deployment.yaml":
+        assert (period, threshold) == (2, 3), readiness
     for c in containers(deployment):
         sc = c["securityContext"]
         assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False

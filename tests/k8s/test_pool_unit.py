@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+from typing import cast
+
 import msgspec
+import pytest
 
 from llmepp.datalayer.datastore import Datastore
+from llmepp.k8s.client import KubeClient
+from llmepp.k8s.discovery import DiscoveryTarget, KubernetesDiscovery, _PoolEvents
 from llmepp.k8s.models import InferencePool, Pod
 from llmepp.k8s.pool import PoolReconciler, PoolSpec, active_ports
 
@@ -122,3 +128,70 @@ def test_a_port_listed_twice_in_target_ports_is_one_endpoint() -> None:
     r.set_pool(PoolSpec(pool.ports(), pool.match_labels()))
     r.pod_changed(pod("a"))
     assert state(ds) == {"a-rank-0": "10.0.0.1:8000", "a-rank-1": "10.0.0.1:8001"}
+
+
+def pool_object(*, deleting: bool = False) -> InferencePool:
+    meta: dict[str, object] = {"name": "p", "namespace": NS}
+    if deleting:  # DELETE of a pool a finalizer holds: it stays, with deletionTimestamp
+        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+        meta["finalizers"] = ["example.com/hold"]
+    spec = {"selector": {"matchLabels": {"app": "v"}}, "targetPorts": [{"number": 8000}]}
+    return msgspec.convert({"metadata": meta, "spec": spec}, InferencePool)
+
+
+def pool_discovery(ds: Datastore) -> tuple[KubernetesDiscovery, _PoolEvents]:
+    """Pool-mode discovery without an API server: the pool events are fed directly."""
+    discovery = KubernetesDiscovery(cast(KubeClient, None), DiscoveryTarget(namespace=NS, pool_name="p"))
+    discovery.reconciler = PoolReconciler(ds, NS)
+    return discovery, _PoolEvents(discovery.reconciler, "p")
+
+
+def deletion_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records
+        if r.name == "llmepp.k8s.discovery" and r.levelno >= logging.WARNING and "delet" in r.getMessage()
+    ]  # fmt: skip
+
+
+def test_a_pool_marked_for_deletion_is_a_deleted_pool(caplog: pytest.LogCaptureFixture) -> None:
+    """A DELETE of a pool a finalizer holds leaves it in place with metadata.deletionTimestamp (a MODIFIED
+    event, then more as finalizers go). The reference's inferencepool_reconciler clears the datastore for it
+    as for a deleted pool: no endpoints, EPP not ready (`has_pool` is what readiness checks). Logged once for
+    the episode, not at every event; a later event without deletionTimestamp makes the pool active again."""
+    ds = Datastore()
+    discovery, events = pool_discovery(ds)
+    assert discovery.reconciler is not None
+    discovery.reconciler.pod_changed(pod("a"))
+    events.upsert(pool_object())
+    assert state(ds) == {"a-rank-0": "10.0.0.1:8000"} and discovery.has_pool
+
+    with caplog.at_level(logging.INFO, logger="llmepp.k8s.discovery"):
+        for _ in range(3):  # one event per finalizer removed or status written
+            events.upsert(pool_object(deleting=True))
+        assert state(ds) == {} and not discovery.has_pool
+        assert len(deletion_warnings(caplog)) == 1, deletion_warnings(caplog)
+        discovery.reconciler.pod_changed(pod("b", ip="10.0.0.2"))  # pods still tracked, not routed to
+        assert state(ds) == {}
+
+        events.upsert(pool_object())  # no deletionTimestamp any more: the latest object is the truth
+        assert state(ds) == {"a-rank-0": "10.0.0.1:8000", "b-rank-0": "10.0.0.2:8000"} and discovery.has_pool
+
+        events.upsert(pool_object(deleting=True))  # a new episode: logged again
+        assert state(ds) == {} and not discovery.has_pool
+        assert len(deletion_warnings(caplog)) == 2, deletion_warnings(caplog)
+
+
+def test_a_pool_first_seen_marked_for_deletion_never_counts_as_found() -> None:
+    """At start-up the pool is already being deleted: like a missing pool, discovery does not count it as
+    seen (the datastore is not marked synced); the last finalizer goes (DELETED), then a new pool of the same
+    name is created and becomes the active pool."""
+    ds = Datastore()
+    discovery, events = pool_discovery(ds)
+    assert discovery.reconciler is not None
+    discovery.reconciler.pod_changed(pod("a"))
+    events.upsert(pool_object(deleting=True))
+    assert not events.seen.is_set() and not discovery.has_pool and state(ds) == {}
+    events.delete(pool_object(deleting=True))
+    assert not discovery.has_pool
+    events.upsert(pool_object())  # re-created
+    assert events.seen.is_set() and discovery.has_pool and state(ds) == {"a-rank-0": "10.0.0.1:8000"}
