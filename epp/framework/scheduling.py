@@ -28,7 +28,9 @@ class ScorerCategory(enum.Enum):
 
 
 class Filter(Plugin):
-    """Removes endpoints that must not serve the request. Returns the kept endpoints, in order."""
+    """Removes endpoints that must not serve the request. Returns the kept endpoints, in order: each at
+    most once, and only endpoints it was given (the profile checks only an answer longer than its input,
+    cut to the given endpoints once each and logged; a shorter one is trusted)."""
 
     @abstractmethod
     def filter(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]: ...
@@ -105,10 +107,13 @@ class SchedulingResult:
         return res.targets if res is not None else []
 
     def destinations(self) -> list[str]:
-        """`ip:port` Envoy sends each primary target to: its own, or its IP at `destination_port`."""
+        """`ip:port` Envoy sends each primary target to: its own, or its IP at `destination_port`.
+
+        At `destination_port` two picked ranks of one pod share an address: it is listed once, at the
+        first's place (a repeat in Envoy's fallback list only retries the endpoint that just failed)."""
         port = self.destination_port
         if port:
-            return [join_hostport(ep.address, port) for ep in self.targets]
+            return list(dict.fromkeys([join_hostport(ep.address, port) for ep in self.targets]))
         return [ep.hostport for ep in self.targets]
 
     def kv_targets(self) -> list[Endpoint]:

@@ -24,7 +24,8 @@ class DataParallelProfileHandler(SingleProfileHandler):
     every target port, `single-profile-handler` does the same without the extra hop.
 
     Behaviour, for the picked endpoints e₁ … eₙ (n = the picker's maxNumOfEndpoints):
-      x-gateway-destination-endpoint (and envoy.lb metadata) = ip(e₁):primaryPort, …, ip(eₙ):primaryPort
+      x-gateway-destination-endpoint (and envoy.lb metadata) = ip(e₁):primaryPort, …, ip(eₙ):primaryPort,
+        each pod once, in pick order (two ranks of one pod share its primary port)
       x-data-parallel-host-port = ip(e₁):port(e₁)   (a client-sent value is overwritten)
     Load, in-flight and prefix-cache accounting stay with the picked rank endpoints. Exactly one
     scheduling profile must be configured (a start-up error otherwise).

@@ -8,10 +8,11 @@ from helpers import request
 
 from llmepp.config.loader import build, load_config
 from llmepp.datalayer.datastore import Datastore
-from llmepp.datalayer.endpoint import EndpointSpec
+from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
 from llmepp.director import Director
 from llmepp.errors import ResourceExhausted
 from llmepp.framework.plugin import ConfigError, registry
+from llmepp.framework.scheduling import ProfileResult, SchedulingResult
 from llmepp.observability.metrics import EppMetrics
 from llmepp.plugins.filters.header_testing import SELECTION_HEADER
 from llmepp.plugins.profile_handlers.data_parallel import DATA_PARALLEL_HEADER, DataParallelProfileHandler
@@ -110,6 +111,27 @@ async def test_a_fallback_list_goes_to_each_pick_s_primary_port() -> None:
     assert decision.destination == f"{first.address}:8000,{second.address}:8000"
     assert {first.hostport, second.hostport} == {"10.2.0.2:8001", "10.2.0.1:8001"}
     assert decision.headers[DATA_PARALLEL_HEADER] == first.hostport  # the first pick's rank, as the reference
+
+
+async def test_two_ranks_of_one_pod_give_its_primary_port_once() -> None:
+    """Both picks are ranks of pod-b: one destination, not `10.2.0.2:8000,10.2.0.2:8000` (Envoy would retry
+    the endpoint that just failed); the targets stay both ranks."""
+    picker = "- type: max-score-picker"
+    config = DATA_PARALLEL.replace(picker, picker + "\n  parameters: {maxNumOfEndpoints: 2}")
+    d, _ = director(config)
+    decision = await d.handle_request(forced("10.2.0.2"), None)
+    assert {ep.hostport for ep in decision.targets} == {"10.2.0.2:8000", "10.2.0.2:8001"}
+    assert decision.destination == "10.2.0.2:8000"
+    assert decision.headers[DATA_PARALLEL_HEADER] == decision.targets[0].hostport
+
+
+def test_destinations_at_the_primary_port_are_deduplicated_in_order() -> None:
+    eps = {(ip, rank): Endpoint(EndpointSpec(name=f"{ip}-{rank}", address=ip, port=8000 + rank, rank=rank))
+           for ip in ("10.2.0.1", "10.2.0.2", "10.2.0.3") for rank in (0, 1)}  # fmt: skip
+    picks = [eps["10.2.0.2", 1], eps["10.2.0.1", 0], eps["10.2.0.2", 0], eps["10.2.0.3", 1], eps["10.2.0.1", 1]]
+    result = SchedulingResult(profiles={"p": ProfileResult(targets=picks)}, primary_profile="p", destination_port=8000)
+    assert result.destinations() == ["10.2.0.2:8000", "10.2.0.1:8000", "10.2.0.3:8000"]
+    assert result.targets == picks  # accounting stays with every picked rank
 
 
 async def test_no_endpoint_is_429_without_a_header() -> None:
