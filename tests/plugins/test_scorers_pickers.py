@@ -12,7 +12,9 @@ from helpers import endpoint, request
 from llmepp.datalayer.endpoint import Endpoint
 from llmepp.framework.datakeys import PREFIX_CACHE_MATCH_INFO, PrefixMatchInfo, scoped
 from llmepp.framework.plugin import PluginContext
-from llmepp.framework.scheduling import PickerParams, Scorer
+from llmepp.framework.scheduling import Filter, PickerParams, Scorer
+from llmepp.observability.metrics import EppMetrics
+from llmepp.observability.plugin_timing import PluginTimers
 from llmepp.plugins.pickers.max_score import MaxScorePicker
 from llmepp.plugins.pickers.random_picker import RandomPicker
 from llmepp.plugins.pickers.weighted_random import WeightedRandomPicker
@@ -190,3 +192,56 @@ def test_a_broken_scorer_counts_as_zero_and_is_logged_once(
             assert result.targets == [eps[1]]
             assert result.totals == [0.0, 1.0, 0.5]
     assert len([r for r in caplog.records if "broken" in r.getMessage()]) == 1
+
+
+# -- the profile's guard on filters: what a third-party filter hands the scorers -------------------
+class _Extra(Filter):
+    """A filter with a bug: it answers more endpoints than it was given (a repeat, or one not given)."""
+
+    type = "extra-test-filter"
+
+    def __init__(self, extra: Endpoint | None) -> None:
+        super().__init__("extra")
+        self.extra = extra
+
+    def filter(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[Endpoint]:
+        # The pool's endpoints again (a repeat each), or a stale one the pool no longer holds.
+        return [*endpoints, *endpoints] if self.extra is None else [endpoints[1], self.extra, *endpoints]
+
+
+class _Seen(Scorer):
+    type = "seen-test-scorer"
+
+    def __init__(self) -> None:
+        super().__init__("seen")
+        self.seen: list[list[Endpoint]] = []
+
+    def score(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
+        self.seen.append(list(endpoints))
+        return [0.5] * len(endpoints)
+
+
+@pytest.mark.parametrize("stale", [False, True])
+@pytest.mark.parametrize("timed", [False, True])
+def test_a_filter_answering_more_than_it_was_given_is_cut_to_its_input_once_each(
+    stale: bool, timed: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Scorers and pickers never see an endpoint twice (two fallbacks to one endpoint) or one the
+    filter was not given (a pod removed from the pool): the filter's answer keeps each endpoint it
+    was given once, in its order, and the bug is logged once per 30 s, not per request."""
+    eps = [endpoint(i) for i in range(3)]
+    seen = _Seen()
+    profile = SchedulerProfile(
+        "p",
+        MaxScorePicker("max", PickerParams(max_num_of_endpoints=5)),
+        filters=[_Extra(endpoint(9) if stale else None)],
+        scorers=[WeightedScorer(seen, 1.0)],
+    )
+    timers = PluginTimers(EppMetrics().plugin_duration) if timed else None
+    expected = [eps[1], eps[0], eps[2]] if stale else eps
+    with caplog.at_level(logging.ERROR, logger="llmepp.scheduling"):
+        for _ in range(5):
+            result = profile.run(request(), eps, timers)
+            assert list(result.candidates) == expected and seen.seen.pop() == expected
+            assert sorted(result.targets, key=eps.index) == eps  # each once
+    assert len([r for r in caplog.records if "'extra'" in r.getMessage()]) == 1
