@@ -293,8 +293,11 @@ class Director:
                     timers.observe("PreRequest", plugin, time.perf_counter() - start)
             if errors:
                 raise _pre_request_error(errors)
-        except BaseException:
-            # The request will not go upstream: release what it holds, exactly as a finished one.
+        except BaseException as e:
+            # Its span ends with the error, as every refusal's (response_complete would end it as a
+            # response with no status); then what it holds is released, exactly as a finished one's.
+            if self.tracing is not None:
+                self.tracing.fail(request, e)
             self.response_complete(request, ResponseInfo(cause=TerminationCause.ERROR), decision)
             raise
         return decision

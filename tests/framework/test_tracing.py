@@ -13,12 +13,15 @@ from helpers import endpoint, request
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from llmepp.config.loader import build, load_config
 from llmepp.config.schema import DEFAULT_CONFIG
 from llmepp.datalayer.datastore import Datastore
 from llmepp.director import Director, RoutingDecision
-from llmepp.errors import ServiceUnavailable
+from llmepp.errors import RequestError, ServiceUnavailable
+from llmepp.framework.requestcontrol import PreRequest
+from llmepp.framework.scheduling import SchedulingResult
 from llmepp.observability import tracing
 from llmepp.observability.metrics import EppMetrics
 from llmepp.observability.tracing import RequestTracing, configure
@@ -98,6 +101,41 @@ async def test_a_refused_request_ends_its_span_with_the_error() -> None:
     span = spans["gateway.request"]
     assert span.attributes is not None and span.attributes["http.response.status_code"] == 503
     assert span.attributes["error.type"] == "rejected-no-endpoints"
+
+
+class _Boom(PreRequest):
+    type = "boom-test-pre-request"
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__("boom")
+        self.error = error
+
+    def pre_request(self, request: InferenceRequest, result: SchedulingResult) -> None:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "error_type", "description"),
+    [
+        (RuntimeError("plugin bug"), 500, "Internal", "pre-request plugins failed: boom: RuntimeError"),
+        (ServiceUnavailable("no capacity", reason="rejected-capacity"), 503, "rejected-capacity", "no capacity"),
+    ],
+)
+async def test_a_failing_pre_request_plugin_ends_the_span_with_the_error(
+    error: Exception, status: int, error_type: str, description: str
+) -> None:
+    """Scheduled, then refused by a PreRequest plugin: the span records the error as every refusal does
+    (status ERROR, error.type, the status code), not as a response that ended without a status."""
+    d, exporter = traced()
+    d.pipeline.pre_request.append(_Boom(error))
+    with pytest.raises(RequestError):
+        await d.handle_request(request(), None)
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert {"llm_d.epp.scheduling", "gateway.request"} <= set(spans)  # scheduled, then refused
+    span = spans["gateway.request"]
+    assert span.status.status_code is StatusCode.ERROR and span.status.description == description
+    assert span.attributes is not None
+    assert span.attributes["error.type"] == error_type and span.attributes["http.response.status_code"] == status
 
 
 async def test_a_body_less_request_is_traced_until_its_response_ends() -> None:
