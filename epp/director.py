@@ -27,6 +27,7 @@ from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import Endpoint, split_hostport
 from llmepp.errors import BadRequest, NoEndpoints, RequestError
 from llmepp.framework.datakeys import TOKENIZED_PROMPT
+from llmepp.framework.plugin import Plugin
 from llmepp.framework.requestcontrol import (
     Admitter,
     DataProducer,
@@ -182,10 +183,23 @@ class Director:
     async def _handle_request(
         self, request: InferenceRequest, subset: Sequence[str] | None
     ) -> RoutingDecision | DirectResponse:
+        # A plugin bug (anything but a RequestError, which is a plugin's answer) skips that plugin for the
+        # request, logged once per 30 s, as a failing producer or scorer does: not a 500 for every request.
         for processor in self.pipeline.header_processors:
-            processor.process_headers(request)
+            try:
+                processor.process_headers(request)
+            except RequestError:
+                raise
+            except Exception:
+                self._plugin_failed("RequestHeaderProcessor", processor)
         for responder in self.pipeline.responders:
-            answer = responder.respond(request)
+            try:
+                answer = responder.respond(request)
+            except RequestError:
+                raise
+            except Exception:
+                self._plugin_failed("Responder", responder)
+                continue
             if answer is not None:
                 return answer
         if self.rewriter is not None:
@@ -231,7 +245,12 @@ class Director:
             for admitter in pipeline.admitters:
                 if timers is not None:
                     start = time.perf_counter()
-                admitter.admit(request, candidates)
+                try:
+                    admitter.admit(request, candidates)  # refuses with a RequestError
+                except RequestError:
+                    raise
+                except Exception:  # fails open: a broken admitter must not refuse every request
+                    self._plugin_failed("Admitter", admitter)
                 if timers is not None:
                     timers.observe("Admitter", admitter, time.perf_counter() - start)
 
@@ -433,10 +452,21 @@ class Director:
         Screeners see body-less requests too (no payload, no model): they must not need a body."""
         candidates = self.candidates(subset)
         for screener in pipeline.screeners:
-            candidates = screener.screen(request, candidates)
+            try:
+                candidates = screener.screen(request, candidates)
+            except RequestError:
+                raise
+            except Exception:  # screens nothing out
+                self._plugin_failed("Screener", screener)
+                continue
             if not candidates:
                 raise NoEndpoints(f"no endpoint passed screener {screener.name!r}")
         return candidates
+
+    def _plugin_failed(self, kind: str, plugin: Plugin) -> None:
+        """From the `except` block of a plugin's failed call: its traceback, once per 30 s per plugin."""
+        self._failures.error(f"{kind}/{plugin.name}", "%s %s failed; skipped for the request", kind, plugin.name,
+                             exc_info=True)  # fmt: skip
 
     async def _run_async_producer(
         self, producer: DataProducer, request: InferenceRequest, candidates: Sequence[Endpoint]

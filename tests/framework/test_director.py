@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import msgspec
 import pytest
@@ -11,15 +12,24 @@ from helpers import endpoint, request
 from llmepp.config.loader import build, load_config
 from llmepp.config.schema import DEFAULT_CONFIG
 from llmepp.datalayer.datastore import Datastore
-from llmepp.datalayer.endpoint import EndpointSpec
+from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
 from llmepp.director import Director
 from llmepp.errors import BadRequest, NoEndpoints, RequestError, ResourceExhausted, Saturated
-from llmepp.framework.requestcontrol import PreRequest, ResponseCompleteProcessor, ResponseHeaderProcessor, Screener
+from llmepp.framework.requestcontrol import (
+    Admitter,
+    DirectResponse,
+    PreRequest,
+    RequestHeaderProcessor,
+    Responder,
+    ResponseCompleteProcessor,
+    ResponseHeaderProcessor,
+    Screener,
+)
 from llmepp.framework.scheduling import Filter, ProfileHandler, SchedulingResult
 from llmepp.observability.metrics import EppMetrics
 from llmepp.observability.plugin_timing import TIMED_EVERY
 from llmepp.request.parsers import headers_request
-from llmepp.request.types import ResponseInfo, TerminationCause
+from llmepp.request.types import InferenceRequest, ResponseInfo, TerminationCause
 from llmepp.scheduling.profile import SchedulerProfile
 
 
@@ -285,6 +295,79 @@ async def test_a_failing_data_producer_does_not_fail_the_request(
         decision = await d.handle_request(request(b"x" * 400), None)
     assert decision.targets
     assert f"data producer {sync[0].name} failed" in caplog.text
+
+
+class _BrokenHeaders(RequestHeaderProcessor):
+    type = "test-broken-headers"
+
+    def process_headers(self, request: InferenceRequest) -> None:
+        raise KeyError("x-tenant")
+
+
+class _BrokenResponder(Responder):
+    type = "test-broken-responder"
+
+    def respond(self, request: InferenceRequest) -> DirectResponse | None:
+        raise AttributeError("'NoneType' object has no attribute 'model'")
+
+
+class _BrokenScreener(Screener):
+    type = "test-broken-screener"
+
+    def screen(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> Sequence[Endpoint]:
+        raise IndexError("list index out of range")
+
+
+class _BrokenAdmitter(Admitter):
+    type = "test-broken-admitter"
+
+    def admit(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None:
+        raise ZeroDivisionError("division by zero")
+
+
+_BROKEN = [
+    ("header_processors", _BrokenHeaders, "RequestHeaderProcessor"),
+    ("responders", _BrokenResponder, "Responder"),
+    ("screeners", _BrokenScreener, "Screener"),
+    ("admitters", _BrokenAdmitter, "Admitter"),
+]
+
+
+@pytest.mark.parametrize(("stage", "cls", "kind"), _BROKEN, ids=[kind for _, _, kind in _BROKEN])
+async def test_a_broken_plugin_before_scheduling_is_skipped_not_a_500_for_every_request(
+    caplog: pytest.LogCaptureFixture, stage: str, cls: type, kind: str
+) -> None:
+    """Before: a header processor, responder, screener or admitter raising a bug (not a RequestError, its
+    way to answer) failed every request with a 500. Now it is skipped for the request (fails open, as a
+    broken producer or scorer) and logged once per 30 s, with its traceback."""
+    d, ds = director_for(3)
+    getattr(d.pipeline, stage).append(cls("broken"))
+    with caplog.at_level(logging.ERROR, logger="llmepp.director"):
+        for _ in range(5):
+            req = request(b"x" * 400)
+            decision = await d.handle_request(req, None)
+            assert not isinstance(decision, DirectResponse) and decision.targets[0] in ds.endpoints
+            d.response_complete(req, ResponseInfo(status=200), decision)
+    [line] = [r for r in caplog.records if "broken" in r.getMessage()]
+    assert f"{kind} broken failed; skipped for the request" in line.getMessage() and line.exc_info is not None
+
+
+@pytest.mark.parametrize(("stage", "cls", "kind"), _BROKEN, ids=[kind for _, _, kind in _BROKEN])
+async def test_a_request_error_from_a_plugin_before_scheduling_is_still_its_answer(
+    monkeypatch: pytest.MonkeyPatch, stage: str, cls: type, kind: str
+) -> None:
+    d, _ = director_for(3)
+    plugin = cls("refusing")
+
+    def refuse(*_: object) -> None:
+        raise BadRequest("tenant header missing")
+
+    method = {"header_processors": "process_headers", "responders": "respond", "screeners": "screen",
+              "admitters": "admit"}[stage]  # fmt: skip
+    monkeypatch.setattr(plugin, method, refuse)
+    getattr(d.pipeline, stage).append(plugin)
+    with pytest.raises(BadRequest, match="tenant header missing"):
+        await d.handle_request(request(b"x" * 400), None)
 
 
 async def test_a_slow_async_producer_is_skipped_and_logged_once_not_per_request(
