@@ -4,7 +4,10 @@
                                    └──────────────────────────────► local vLLM :8200 (decode, streamed)
 
 Without `x-prefiller-host-port` (or with an empty value, which the EPP sets to neutralise a
-client-sent one) every request is proxied to the local decoder unchanged and streamed back.
+client-sent one) every request is proxied to the local decoder unchanged and streamed back
+(the request target byte for byte, no header the client did not send). A GET / HEAD the decoder
+redirects to itself (a model server's `/metrics` -> `/metrics/`) is followed there, so a scrape
+through the sidecar gets the page; a redirect passed on names the sidecar, not the decoder.
 Several header lines with different values are a 400 JSON error: which one the EPP set is unknown.
 
 With it, on `POST /v1/completions` and `POST /v1/chat/completions` (NIXL v2 protocol, the
@@ -86,12 +89,19 @@ _DROP_RESPONSE = frozenset(
      "transfer-encoding", "upgrade", "content-length"}
 )  # fmt: skip
 _JSON = "application/json"
+# aiohttp client defaults a proxy must not add to what the client sent: a Content-Type the model server reads
+# the body by (FastAPI parses an untyped body as JSON, an octet-stream one not), an Accept-Encoding that would
+# get a compressed answer relayed as is to a client that cannot decode it.
+_NO_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
 # Content codings aiohttp's server decodes (http_parser.py): the body read is no longer encoded.
 _DECODED_ENCODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
 # A DNS name (RFC 1123 labels), the only hosts besides IP literals a host:port header may name.
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 # The longest wait between prefill attempts when doubling (a larger configured base is used as is).
 MAX_RETRY_BACKOFF = 10.0
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# Redirects of a GET / HEAD the sidecar follows on the decoder itself, e.g. a model server's /metrics -> /metrics/.
+MAX_DECODER_REDIRECTS = 10
 
 
 @dataclass
@@ -300,22 +310,39 @@ def parse_hostport(value: str, header: str = PREFILL_HEADER) -> tuple[str, int]:
     return host, port
 
 
+def _decoder_redirect(upstream: aiohttp.ClientResponse, url: URL) -> URL | None:
+    """Where a redirect of the decoder at `url` points when that is the decoder itself (None otherwise)."""
+    if upstream.status not in _REDIRECTS or "Location" not in upstream.headers:
+        return None
+    try:
+        location = url.join(URL(upstream.headers["Location"]))
+    except ValueError:
+        return None
+    same = (location.scheme, location.host, location.port) == (url.scheme, url.host, url.port)
+    return location if same and not location.raw_path.startswith("//") else None
+
+
 class _IdleWatch:
     """Fails the reads of a decoder's answer once it has sent nothing for `idle` seconds (a hung decoder
-    mid-stream). One timer per answer; per chunk the relay only stores the time of the last one."""
+    mid-stream). One timer per answer; per chunk the relay only stores the time of the last one, and
+    marks itself `busy` while its write waits for the client (time a slow client takes is no silence)."""
 
-    __slots__ = ("_handle", "_idle", "_payload", "last", "loop")
+    __slots__ = ("_handle", "_idle", "_payload", "busy", "last", "loop")
 
     def __init__(self, payload: aiohttp.StreamReader, idle: float) -> None:
         self.loop = asyncio.get_running_loop()
         self._payload = payload
         self._idle = idle
         self.last = self.loop.time()
+        # True while the relay writes to the client: a slow client blocks the reads too, no decoder silence.
+        self.busy = False
         self._handle = self.loop.call_later(idle, self._check)
 
     def _check(self) -> None:
         quiet = self.loop.time() - self.last
-        if quiet < self._idle:
+        if self.busy:
+            self._handle = self.loop.call_later(self._idle, self._check)
+        elif quiet < self._idle:
             self._handle = self.loop.call_later(self._idle - quiet, self._check)
         else:
             self._payload.set_exception(TimeoutError(f"the decoder sent nothing for {self._idle:g} s"))
@@ -555,22 +582,39 @@ class Sidecar:
         """Send to the local decoder (rank `rank`'s) and stream its answer back byte for byte."""
         assert self._session is not None
         decoder = self.decoders[rank]
-        try:
-            upstream = await self._session.request(
-                request.method,
-                decoder + request.path_qs,
-                headers=headers,
-                data=body,
-                timeout=self._decode_timeout,
-                allow_redirects=False,
-            )
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise ProxyError(502, f"decoder at {decoder} unreachable: {e}", stage="decode") from None
+        # The request target byte for byte (origin form): aiohttp's path_qs doubles a leading "//", and
+        # requoting would decode e.g. %2F in the query. Its parser let no space or control through.
+        target = request.raw_path if request.raw_path.startswith("/") else request.path_qs
+        url = URL(decoder + target, encoded=target.isascii())
+        # A redirect that stays on the decoder is followed for a GET / HEAD (a scraper of /metrics follows
+        # none, and one that does would go to the decoder's address, which only the sidecar reaches).
+        hops = MAX_DECODER_REDIRECTS if request.method in ("GET", "HEAD") else 0
+        while True:
+            try:
+                upstream = await self._session.request(
+                    request.method,
+                    url,
+                    headers=headers,
+                    data=body,
+                    timeout=self._decode_timeout,
+                    allow_redirects=False,
+                    skip_auto_headers=_NO_AUTO_HEADERS,
+                )
+            except (aiohttp.ClientError, TimeoutError) as e:
+                raise ProxyError(502, f"decoder at {decoder} unreachable: {e}", stage="decode") from None
+            location = _decoder_redirect(upstream, url)
+            if location is None or hops == 0:
+                break
+            hops -= 1
+            upstream.release()
+            url = location
         async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             drop = _DROP_RESPONSE | connection_tokens(upstream.headers.items())
             for k, v in upstream.headers.items():
                 if k.lower() not in drop:
+                    if location is not None and k.lower() == "location":
+                        v = str(location.relative())  # back through the sidecar, never to the decoder directly
                     response.headers.add(k, v)
             if upstream.content_length is not None and "Transfer-Encoding" not in upstream.headers:
                 response.content_length = upstream.content_length
@@ -581,8 +625,10 @@ class Sidecar:
             clock = watch.loop.time
             try:
                 async for chunk in upstream.content.iter_any():
-                    watch.last = clock()
+                    watch.busy = True
                     await response.write(chunk)
+                    watch.busy = False
+                    watch.last = clock()
             except (aiohttp.ClientError, TimeoutError) as e:
                 log.warning("decoder stream broke after the response started: %s; closing the connection", e)
                 if request.transport is not None:
