@@ -6,13 +6,14 @@ A client that measures wall-clock latency multiplies by ``time_scale`` to compar
 
 from __future__ import annotations
 
+import math
 import time
 
 
 class SimClock:
     def __init__(self, time_scale: float = 1.0) -> None:
-        if time_scale <= 0:
-            raise ValueError("time_scale must be > 0")
+        if not (math.isfinite(time_scale) and time_scale > 0):
+            raise ValueError("time_scale must be a finite number > 0")
         self.time_scale = time_scale
 
     def now(self) -> float:

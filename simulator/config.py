@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,7 +119,12 @@ class PodConfig:
         return self.served_model_name or [self.model]
 
     def validate(self) -> None:
-        problems = []
+        # NaN passes every range check below, and a NaN or infinite delay stalls the engine loop.
+        problems = [
+            f"{f.name} must be a finite number"
+            for f in dataclasses.fields(self)
+            if isinstance(value := getattr(self, f.name), float) and not math.isfinite(value)
+        ]
         if self.role not in ROLES:
             problems.append(f"role must be one of {ROLES}, got {self.role!r}")
         positive = ("max_num_seqs", "max_model_len", "kv_cache_size", "block_size", "event_batch_size")
@@ -181,8 +187,8 @@ class SimConfig:
     time_scale: float = 1.0  # 10 = every simulated latency passes 10x faster on the wall clock
 
     def validate(self) -> None:
-        if self.time_scale <= 0:
-            raise ValueError("time_scale must be > 0")
+        if not (math.isfinite(self.time_scale) and self.time_scale > 0):
+            raise ValueError("time_scale must be a finite number > 0")
         if not self.pods:
             raise ValueError("at least one pod is required")
         for pod in self.pods:

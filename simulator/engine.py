@@ -184,6 +184,12 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    def reconfigure(self, config: PodConfig) -> None:
+        """Apply runtime knobs now: a larger ``max_num_seqs`` admits waiting requests at once, not at the
+        next engine event (which may be a long prefill or decode step away)."""
+        self.config = config
+        self._kick()
+
     def abort_all(self) -> None:
         for request in [*self.running, *self.waiting]:
             self.abort(request)

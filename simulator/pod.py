@@ -255,7 +255,7 @@ class SimPod:
     # ------------------------------------------------------------------ runtime config
     def update_config(self, patch: Mapping[str, Any]) -> None:
         self.config = apply_runtime_patch(self.config, patch)
-        self.engine.config = self.config
+        self.engine.reconfigure(self.config)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -39,8 +39,10 @@ class InferenceRequest:
 def decode_json_body(raw: bytes) -> dict[str, Any]:
     try:
         body = _json_decode(raw)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # strings are decoded as UTF-8 by msgspec
         raise bad_request(f"Invalid JSON body: {exc}") from exc
+    except RecursionError:  # msgspec recurses per nesting level
+        raise bad_request("Invalid JSON body: nested too deeply.") from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
     return body
@@ -141,7 +143,10 @@ def parse_inference_request(
     options = _optional(body, "stream_options", dict, "an object")
     if options is not None and not stream:
         raise bad_request("Stream options can only be defined when `stream=True`.", param="stream_options")
-    include_usage = bool(options and options.get("include_usage"))
+    # vLLM's StreamOptions: `include_usage: bool | None = True` (lax: "false" is false; null is no usage).
+    usage_key = "stream_options.include_usage"
+    usage_flag = {usage_key: options.get("include_usage", True)} if options is not None else {}
+    include_usage = bool(_optional(usage_flag, usage_key, bool, "a boolean"))
     n = _optional(body, "n", int, "an integer")
     if n is not None and n != 1:
         raise bad_request("The simulator only supports n=1.", param="n")
@@ -150,6 +155,8 @@ def parse_inference_request(
     max_tokens = _max_tokens(body, chat)
     prompt: str | list[int]
     if chat:
+        _optional(body, "chat_template_kwargs", dict, "an object")  # a Jinja template reads both
+        _optional(body, "tools", list, "a list")
         prompt = _messages_text(body, render)
     else:
         if "prompt" not in body:

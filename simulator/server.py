@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
 # Which API a request body and its answer speak (they share the engine and the prompt handling).
 Api = Literal["openai", "anthropic", "vllm-generate"]
 POD_KEY: web.AppKey[SimPod] = web.AppKey("pod")
+log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 16 * 1024 * 1024
 HANG_POLL_SECONDS = 0.2
 
@@ -101,11 +103,27 @@ async def _identity_headers(request: web.Request, response: web.StreamResponse) 
 
 @web.middleware
 async def _errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every refusal is a JSON error in the OpenAI shape: the handlers' ``ApiError``, aiohttp's own (413 body
+    too large, 404 unknown route, 405 wrong method) and, as a 500, any unexpected failure."""
     try:
         response: web.StreamResponse = await handler(request)
         return response
     except ApiError as error:
         return error_response(error)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        text = exc.text or ""
+        message = text if text and not text.startswith(f"{exc.status}: ") else exc.reason
+        answer = error_response(ApiError(exc.status, message))
+        if "Allow" in exc.headers:
+            answer.headers["Allow"] = exc.headers["Allow"]
+        return answer
+    except Exception:
+        if request.writer.output_size > 0:  # a stream already started: no second response can follow
+            raise
+        log.exception("unexpected error serving %s %s", request.method, request.path)
+        return error_response(ApiError(500, "Internal server error."))
 
 
 def require_ready(pod: SimPod) -> None:

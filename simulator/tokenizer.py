@@ -123,6 +123,8 @@ def jinja_renderer(path: str) -> ChatRenderer:
             return template.render(context)
         except jinja2.TemplateError as e:
             raise ValueError(f"chat template: {e}") from None
+        except Exception as e:  # the template ran into what the client sent (as vLLM, the client's error)
+            raise ValueError(f"chat template: {type(e).__name__}: {e}") from None
 
     return render
 
