@@ -210,20 +210,37 @@ class App:
     def reload_config(self, config: EndpointPickerConfig) -> None:
         """Route new requests with `config`'s scheduling (ConfigError: refused, nothing changed)."""
         running = self.components
-        new = rebuild_scheduling(
-            running, config, datastore=self.datastore, settings=self.settings, metrics=self.metrics
-        )
+        built: list[Plugin] = []  # new instances only: never one of the running config's
+        try:
+            new = rebuild_scheduling(
+                running, config, datastore=self.datastore, settings=self.settings, metrics=self.metrics, built=built
+            )
+        except BaseException:
+            # Refused after some plugins were built (and set up: tasks, clients): they never serve.
+            self._close_later(built, "refused-config-plugins")
+            raise
         self.components = new
         self.director.use_pipeline(new.pipeline)
-        retired = [p for name, p in running.plugins.items() if new.plugins.get(name) is not p]
-        if retired:
-            task = asyncio.get_running_loop().create_task(_close_plugins(retired), name="retired-plugins")
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+        self._close_later(
+            [p for name, p in running.plugins.items() if new.plugins.get(name) is not p], "retired-plugins"
+        )
         log.info(
             "scheduling reconfigured",
             extra={"profiles": sorted(new.pipeline.scheduler.profiles), "plugins": sorted(new.plugins)},
         )
+
+    def _close_later(self, plugins: list[Plugin], name: str) -> None:
+        """`aclose()` the plugins in a task (awaited at shutdown); at once when no event loop runs."""
+        if not plugins:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            asyncio.run(_close_plugins(plugins))
+            return
+        task = loop.create_task(_close_plugins(plugins), name=name)
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def _objective_store(self) -> ObjectiveStore:
         """The store admission resolves priorities from (Kubernetes mode feeds it InferenceObjectives)."""

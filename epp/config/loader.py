@@ -313,10 +313,14 @@ def rebuild_scheduling(
     settings: Any = None,
     metrics: Any = None,
     plugin_registry: PluginRegistry = registry,
+    built: list[Plugin] | None = None,
 ) -> Components:
     """`running` with `config`'s scheduler: the stateless scheduling plugins rebuilt, every other plugin
     the running instance (its spec must be unchanged). Returns new Components sharing everything else
-    with `running` (whose pipeline stays as it was until the caller swaps); raises ConfigError."""
+    with `running` (whose pipeline stays as it was until the caller swaps); raises ConfigError.
+
+    `built` gets each plugin instance made for `config` as it is made (never a running one taken over),
+    so that when this raises, after some were built and set up, the caller closes them (`aclose`)."""
     for attr, key in _RESTART_SECTIONS:
         if getattr(config, attr) != getattr(running.config, attr):
             raise ConfigError(f"{key}: changed; {_RESTART}")
@@ -326,7 +330,7 @@ def rebuild_scheduling(
     # its running instance (one detector for both), so changing it needs a restart.
     detector = getattr(running.pipeline.admission, "detector", None)
     pinned = {name for name, p in running.plugins.items() if p is detector}
-    chosen = _Plugins(plugin_registry, running=running, reserved=own, pinned=pinned)
+    chosen = _Plugins(plugin_registry, running=running, reserved=own, pinned=pinned, fresh=built)
     scheduler = _build_scheduling(config, chosen)
     configured = {spec.name or spec.type for spec in running.config.plugins}
     for name in running.specs:
@@ -383,6 +387,7 @@ class _Plugins:
         running: Components | None = None,
         reserved: Iterable[str] = (),
         pinned: Iterable[str] = (),
+        fresh: list[Plugin] | None = None,
     ) -> None:
         self.registry = plugin_registry
         self.running = running
@@ -390,7 +395,7 @@ class _Plugins:
         self.pinned = set(pinned)  # running plugins kept (or a restart asked for) even if swappable
         self.plugins: dict[str, Plugin] = {}
         self.specs: dict[str, PluginSpec] = {}
-        self.fresh: list[Plugin] = []  # built now: to set up
+        self.fresh: list[Plugin] = [] if fresh is None else fresh  # built now: to set up (and close if refused)
 
     def add(self, spec: PluginSpec, where: str) -> Plugin:
         name = spec.name or spec.type

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from llmepp.config.loader import Components, build, load_config, rebuild_scheduling
-from llmepp.framework.plugin import ConfigError
+from llmepp.framework.plugin import ConfigError, Plugin
 from llmepp.plugins.pickers.random_picker import RandomPicker
 
 BASE = """
@@ -198,3 +198,19 @@ def test_dropping_a_scorer_keeps_the_producer_created_for_it() -> None:
     again = reload(new, with_active)
     assert again.plugins["inflight-load-producer"] is producer
     assert again.plugins["active-request-scorer"].key == old.plugins["active-request-scorer"].key  # type: ignore[attr-defined]
+
+
+def test_a_refused_reload_hands_back_every_instance_it_built_and_none_running() -> None:
+    # The caller closes them (App.reload_config): a refused file's plugins may own tasks or clients.
+    old = running()
+    built: list[Plugin] = []
+    refused = BASE.replace("{pluginRef: no-hit-lru-scorer, weight: 2}", "{pluginRef: missing}")
+    with pytest.raises(ConfigError, match="missing"):
+        rebuild_scheduling(old, load_config(refused), built=built)
+    assert sorted(p.name for p in built) == [
+        "kv-cache-utilization-scorer",
+        "max-score-picker",
+        "prefix-cache-scorer",
+        "queue-scorer",
+    ]
+    assert not any(p is q for p in built for q in old.plugins.values())
