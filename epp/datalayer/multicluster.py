@@ -91,14 +91,6 @@ _POOL_SCORERS = (QUEUE_SCORER_TYPE, KV_SCORER_TYPE)
 # Sources whose pages the metrics collector scrapes (one collector per EPP: the first one wired).
 METRICS_SOURCE_TYPES = ("metrics-data-source", SOURCE_TYPE)
 
-# Pod-mode plugins that read model-server metrics a cluster endpoint does not have → their variant.
-_POD_ONLY = {
-    "metrics-data-source": SOURCE_TYPE,
-    "core-metrics-extractor": EXTRACTOR_TYPE,
-    "queue-scorer": QUEUE_SCORER_TYPE,
-    "kv-cache-utilization-scorer": KV_SCORER_TYPE,
-}
-
 # Endpoint attribute keys (the reference's `llm-d.ai/multicluster-*` attributes).
 POOL_KV_CACHE_UTILIZATION = "llm-d.ai/multicluster-kv-cache-utilization"
 POOL_QUEUE_SIZE = "llm-d.ai/multicluster-queue-size"
@@ -333,10 +325,10 @@ def check_wiring(
       extractor hangs under no other source; at most one such source; in a hub, one listed in
       `plugins` but not wired in `dataLayer.sources` (nothing would scrape the clusters) is refused.
     - Multicluster plugins need multicluster-file-discovery as `dataLayer.discovery`.
-    - With multicluster-file-discovery, plugins that read model-server metrics (metrics-data-source,
-      core-metrics-extractor, queue-scorer, kv-cache-utilization-scorer) are refused (their
-      multicluster variant is named), and the pool-average scorers need the source + extractor pair
-      wired (the reference refuses such a config too: without it they would score nothing).
+    - With multicluster-file-discovery, plugins that declare `pod_only` (they read per-pod model-server
+      state: its metrics, LoRA adapters, KV events, its GPU) are refused, naming who needs them and the
+      multicluster variant where there is one; and the pool-average scorers need the source + extractor
+      pair wired (the reference refuses such a config too: without it they would score nothing).
     """
     cluster_sources: list[int] = []
     for i, (source, extractors) in enumerate(sources):
@@ -385,11 +377,12 @@ def check_wiring(
         return
     assert discovery is not None
     for plugin in plugins.values():
-        variant = _POD_ONLY.get(plugin.type)
-        if variant is not None:
+        if plugin.pod_only:
+            users = [p.name for p in plugins.values() if p is not plugin and p.consumes & plugin.produces]
+            needed = f"needed by {', '.join(users)}; " if users else ""
             raise ConfigError(
-                f"plugin {plugin.name!r} (type {plugin.type}): reads model-server metrics, which the clusters "
-                f"{discovery.name!r} (type {DISCOVERY_TYPE}) lists do not have; use {variant}"
+                f"plugin {plugin.name!r} (type {plugin.type}): {needed}{plugin.pod_only}; this hub's endpoints "
+                f"(from {discovery.name!r}, type {DISCOVERY_TYPE}) are clusters, not model servers"
             )
     wired = {id(p) for source, extractors in sources for p in (source, *extractors)}
     for plugin in plugins.values():

@@ -77,6 +77,9 @@ class Plugin(ABC):
     # decoder argument unused), so one is accepted and ignored with a warning; True where the reference
     # rejects a non-empty block (soft-reflective-ceiling-policy).
     rejects_parameters: ClassVar[bool] = False
+    # Non-empty: the plugin reads per-pod model-server state a multicluster hub's endpoints (whole clusters,
+    # reached through their gateways) never have, and this says what ("reads ..."): a hub refuses it.
+    pod_only: ClassVar[str] = ""
 
     def __init__(self, name: str, params: Any = None) -> None:
         self.name = name or self.type

@@ -75,6 +75,7 @@ class CoreMetricsExtractor(Plugin):
     """
 
     type = "core-metrics-extractor"
+    pod_only = "reads model-server metrics; use multicluster-metrics-extractor"
 
     class Params(PluginParams):
         engine_label_key: str = DEFAULT_ENGINE_LABEL

@@ -58,6 +58,7 @@ class DcgmDataSource(HttpDataSource):
     `clientKeyPath`)."""
 
     type = DCGM_SOURCE_TYPE
+    pod_only = "scrapes the GPU metrics of each pod's DCGM exporter"
 
     class Params(HttpSourceParams):
         path: str = "/metrics"
@@ -86,6 +87,7 @@ class DcgmExtractor(AttributeExtractor):
     attaches `GPUUtilization` (0..1) to each endpoint. Parameters: none."""
 
     type = DCGM_EXTRACTOR_TYPE
+    pod_only = "reads the GPU metrics of each pod's DCGM exporter"
     endpoint_attributes = frozenset({GPU_UTILIZATION})
     # Declared so a filter / scorer naming this plugin as its `producer` finds its attribute
     # produced (the loader checks every consumed key has a producer).

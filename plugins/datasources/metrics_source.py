@@ -20,6 +20,7 @@ class MetricsDataSource(HttpDataSource):
     """
 
     type = "metrics-data-source"
+    pod_only = "reads model-server metrics; use multicluster-metrics-data-source"
     # A failed fetch resets the endpoint's metrics (instead of letting them age), and a lasting failure
     # is logged again every this many seconds (0: once per streak); see llmepp.datalayer.collector.
     forget_on_failure: ClassVar[bool] = False

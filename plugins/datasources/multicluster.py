@@ -111,6 +111,7 @@ class MulticlusterMetricsDataSource(MetricsDataSource):
     """
 
     type = SOURCE_TYPE
+    pod_only = ""
     forget_on_failure: ClassVar[bool] = True
     clusters_as_endpoints: ClassVar[bool] = True
     failure_log_interval: ClassVar[float] = FAILURE_LOG_INTERVAL

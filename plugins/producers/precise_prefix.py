@@ -175,6 +175,7 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkPro
     """
 
     type = "precise-prefix-cache-producer"
+    pod_only = "indexes the KV-cache events each model server publishes (kvEventsConfig)"
     produces = frozenset({PREFIX_CACHE_MATCH_INFO})
     consumes = frozenset({TOKENIZED_PROMPT})
 

@@ -273,6 +273,7 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
     """
 
     type = "predicted-latency-producer"
+    pod_only = "predicts one model server's latency from its own KV-cache use, queue and running requests"
     produces = frozenset({LATENCY_PREDICTION_INFO})
     consumes = frozenset({PREFIX_CACHE_MATCH_INFO, TOKENIZED_PROMPT})
 

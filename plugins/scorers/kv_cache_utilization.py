@@ -20,6 +20,7 @@ class KVCacheUtilizationScorer(Scorer):
     """
 
     type = "kv-cache-utilization-scorer"
+    pod_only = "reads model-server metrics; use multicluster-kv-cache-utilization-scorer"
 
     def utilizations(self, endpoints: Sequence[Endpoint]) -> Sequence[float | None]:
         return [m.kv_cache_usage_percent if (m := ep.metrics).update_time else None for ep in endpoints]

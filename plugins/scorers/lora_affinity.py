@@ -30,6 +30,7 @@ class LoraAffinityScorer(Scorer):
     """
 
     type = "lora-affinity-scorer"
+    pod_only = "reads the LoRA adapters each model server has loaded (vllm:lora_requests_info)"
     category = ScorerCategory.AFFINITY
 
     def score(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:

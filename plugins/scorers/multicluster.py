@@ -34,6 +34,7 @@ class MulticlusterQueueScorer(QueueScorer):
     """
 
     type = QUEUE_SCORER_TYPE
+    pod_only = ""
 
     def queue_sizes(self, endpoints: Sequence[Endpoint]) -> list[float | None]:
         return [ep.metrics.attributes.get(POOL_QUEUE_SIZE) for ep in endpoints]
@@ -47,6 +48,7 @@ class MulticlusterKVCacheUtilizationScorer(KVCacheUtilizationScorer):
     """
 
     type = KV_SCORER_TYPE
+    pod_only = ""
 
     def utilizations(self, endpoints: Sequence[Endpoint]) -> list[float | None]:
         return [ep.metrics.attributes.get(POOL_KV_CACHE_UTILIZATION) for ep in endpoints]

@@ -22,6 +22,7 @@ class QueueScorer(Scorer):
     """
 
     type = "queue-scorer"
+    pod_only = "reads model-server metrics; use multicluster-queue-scorer"
 
     def queue_sizes(self, endpoints: Sequence[Endpoint]) -> Sequence[float | None]:
         return [m.waiting_queue_size if (m := ep.metrics).update_time else None for ep in endpoints]

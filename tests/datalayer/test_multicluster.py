@@ -686,3 +686,63 @@ async def test_a_peer_publishing_huge_finite_values_does_not_stop_the_hubs_gauge
         "llm_d_epp_per_endpoint_queue_size", {"name": "hub", "model_server_endpoint": "sane"}
     )
     assert per_cluster == 1.0
+
+
+# -- pod-only plugins in a hub -------------------------------------------------------------------------
+POD_HUB = """\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- {type: multicluster-file-discovery, name: clusters, parameters: {path: /nonexistent/clusters.yaml}}
+- {type: multicluster-metrics-data-source, name: src}
+- {type: multicluster-metrics-extractor, name: ext}
+- type: multicluster-queue-scorer
+dataLayer:
+  discovery: {pluginRef: clusters}
+  sources: [{pluginRef: src, extractors: [{pluginRef: ext}]}]
+"""
+# Plugins reading per-pod model-server state (adapters, KV events, one server's load, its GPU) that a
+# cluster endpoint (a gateway) never has: in a hub they would do nothing, or mislead, silently.
+POD_ONLY = {
+    "- type: lora-affinity-scorer\n": "plugin 'lora-affinity-scorer' (type lora-affinity-scorer): reads",
+    "- type: precise-prefix-cache-producer\n": "plugin 'precise-prefix-cache-producer' (type precise-prefix-cache",
+    "- type: precise-prefix-cache-scorer\n": "plugin 'precise-prefix-cache-scorer' (type precise-prefix-cache-sc",
+    "- type: predicted-latency-producer\n": "plugin 'predicted-latency-producer' (type predicted-latency-produce",
+    # Its predictions come from an auto-created predicted-latency-producer: the error says who needs it.
+    "- type: latency-scorer\n": "(type predicted-latency-producer): needed by latency-scorer; ",
+    "- {type: dcgm-data-source, name: gpu}\n": "plugin 'gpu' (type dcgm-data-source): ",
+    "- type: dcgm-extractor\n": "(type dcgm-extractor): ",
+}
+
+
+@pytest.mark.parametrize("plugin", sorted(POD_ONLY))
+def test_a_hub_refuses_plugins_that_read_per_pod_state_naming_plugin_and_why(plugin: str) -> None:
+    text = POD_HUB.replace("- type: multicluster-queue-scorer\n", "- type: multicluster-queue-scorer\n" + plugin)
+    with pytest.raises(ConfigError) as e:
+        build(load_config(text), datastore=Datastore(), metrics=EppMetrics())
+    message = str(e.value)
+    assert POD_ONLY[plugin] in message
+    assert "'clusters', type multicluster-file-discovery" in message and "hub" in message
+    # The same plugin in pod mode loads (the check is the hub's only).
+    pods = (
+        text.replace("multicluster-file-discovery", "file-discovery")
+        .replace(
+            "- {type: multicluster-metrics-data-source, name: src}\n"
+            "- {type: multicluster-metrics-extractor, name: ext}\n- type: multicluster-queue-scorer\n",
+            "",
+        )
+        .replace("  sources: [{pluginRef: src, extractors: [{pluginRef: ext}]}]\n", "")
+    )
+    build(load_config(pods), datastore=Datastore(), metrics=EppMetrics())
+
+
+def test_a_reload_cannot_bring_a_pod_only_scorer_into_a_hub() -> None:
+    from llmepp.config.loader import rebuild_scheduling
+
+    ds = Datastore()
+    running = build(load_config(POD_HUB), datastore=ds, metrics=EppMetrics())
+    text = POD_HUB.replace(
+        "- type: multicluster-queue-scorer\n", "- type: multicluster-queue-scorer\n- type: lora-affinity-scorer\n"
+    )
+    with pytest.raises(ConfigError, match=r"plugin 'lora-affinity-scorer' \(type lora-affinity-scorer\): reads"):
+        rebuild_scheduling(running, load_config(text), datastore=ds)

@@ -348,8 +348,8 @@ WIRED = HUB_LAYER + "  sources: [{pluginRef: src, extractors: [{pluginRef: ext}]
         (
             DISCOVERY + SOURCE + EXTRACTOR + "- {type: queue-scorer}\n",
             WIRED,
-            "plugin 'queue-scorer' (type queue-scorer): reads model-server metrics, which the clusters 'clusters' "
-            "(type multicluster-file-discovery) lists do not have; use multicluster-queue-scorer",
+            "plugin 'queue-scorer' (type queue-scorer): reads model-server metrics; use multicluster-queue-scorer; "
+            "this hub's endpoints (from 'clusters', type multicluster-file-discovery) are clusters, not model servers",
         ),
         (
             DISCOVERY + "- {type: kv-cache-utilization-scorer}\n",
