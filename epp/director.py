@@ -558,9 +558,11 @@ def _prompt_tokens(request: InferenceRequest) -> int:
 
 
 def _join(targets: Sequence[Endpoint]) -> str:
+    """Envoy's destination list: the primary, then fallbacks, each once (a picker's repeat would only retry the
+    endpoint that just failed)."""
     if len(targets) == 1:
         return targets[0].hostport
-    return ",".join(ep.hostport for ep in targets)
+    return ",".join(dict.fromkeys(ep.hostport for ep in targets))
 
 
 def _still_in_pool(candidates: Sequence[Endpoint]) -> Sequence[Endpoint]:

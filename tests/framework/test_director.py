@@ -175,6 +175,21 @@ async def test_fallback_list_is_comma_separated() -> None:
     assert parts[0] == decision.targets[0].hostport
 
 
+async def test_a_picker_repeating_an_endpoint_lists_it_once_in_the_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A third-party picker answering [a, a, b]: Envoy's fallback list was "a,a,b", retrying the endpoint
+    that had just failed."""
+    d, _ = director_for(4)
+    profile = next(iter(d.pipeline.scheduler.profiles.values()))
+
+    def repeating(endpoints: Sequence[Endpoint], totals: Sequence[float]) -> list[Endpoint]:
+        return [endpoints[1], endpoints[1], endpoints[0]]
+
+    monkeypatch.setattr(profile.picker, "pick", repeating)
+    decision = await d.handle_request(request(), None)
+    first, second = decision.targets[0].hostport, decision.targets[2].hostport
+    assert decision.destination == f"{first},{second}"
+
+
 async def test_emit_scores_covers_every_candidate() -> None:
     ds = Datastore()
     for i, q in enumerate([0, 4, 8]):
