@@ -50,7 +50,7 @@ from llmepp.framework.datakeys import (
     TOKENIZED_PROMPT,
 )
 from llmepp.framework.datalayer import EndpointDiscovery
-from llmepp.framework.plugin import ConfigError, Plugin, PluginContext, PluginRegistry, registry
+from llmepp.framework.plugin import ConfigError, Plugin, PluginContext, PluginRegistry, drop_nulls, registry
 from llmepp.framework.requestcontrol import (
     Admitter,
     DataProducer,
@@ -156,7 +156,7 @@ def load_config(text: str) -> EndpointPickerConfig:
         raise ConfigError(f"config must be a mapping, got {type(raw).__name__}")
     _check_plain_data(raw)
     try:
-        config = msgspec.convert(_drop_nulls(raw, _CONFIG_INFO), EndpointPickerConfig, str_keys=True)
+        config = msgspec.convert(drop_nulls(raw, _CONFIG_INFO), EndpointPickerConfig, str_keys=True)
     except msgspec.ValidationError as e:
         raise ConfigError(f"config: {str(e).replace('`$.', '`').replace('`$`', 'the document')}") from None
     if config.api_version not in API_VERSIONS:
@@ -169,31 +169,6 @@ def load_config(text: str) -> EndpointPickerConfig:
 
 
 _CONFIG_INFO = msgspec.inspect.type_info(EndpointPickerConfig)
-
-
-def _drop_nulls(value: Any, info: msgspec.inspect.Type) -> Any:
-    """`value` without the schema fields given as null (`featureGates:` with nothing under it) that cannot
-    be null: the reference's decoder (Go's JSON) leaves such a field unset, so it takes its default. Blocks
-    kept raw (`parameters`, `flowControl`) are left as they are: they are decoded where they are used."""
-    mi = msgspec.inspect
-    if isinstance(info, mi.UnionType):
-        member = next((t for t in info.types if isinstance(t, (mi.StructType, mi.ListType))), None)
-        return value if member is None else _drop_nulls(value, member)
-    if isinstance(info, mi.StructType) and isinstance(value, dict):
-        fields = {f.encode_name: f.type for f in info.fields}
-        out = {}
-        for key, item in value.items():
-            ftype = fields.get(key)
-            if ftype is None:
-                out[key] = item  # an unknown field: the conversion names it
-            elif item is not None:
-                out[key] = _drop_nulls(item, ftype)
-            elif isinstance(ftype, mi.UnionType) and any(isinstance(t, mi.NoneType) for t in ftype.types):
-                out[key] = None
-        return out
-    if isinstance(info, mi.ListType) and isinstance(value, list):
-        return [_drop_nulls(item, info.item_type) for item in value]
-    return value
 
 
 def _check_plain_data(raw: dict[str, Any]) -> None:

@@ -58,7 +58,7 @@ from llmepp.flowcontrol.interfaces import (
 from llmepp.flowcontrol.legacy import LegacyAdmission
 from llmepp.flowcontrol.metrics import FlowControlMetrics
 from llmepp.flowcontrol.objectives import ObjectivesFileWatcher, ObjectiveStore
-from llmepp.framework.plugin import ConfigError, Plugin, PluginRegistry, registry
+from llmepp.framework.plugin import ConfigError, Plugin, PluginRegistry, drop_nulls, registry
 from llmepp.units import parse_bytes, parse_duration
 
 if TYPE_CHECKING:
@@ -121,15 +121,13 @@ class FlowControlSpec(_Spec):
 
 def parse_flow_control(raw: Mapping[str, Any] | None) -> FlowControlSpec:
     # `priorityBands:` with nothing under it (a Helm template's empty section): absent, as Go leaves it.
-    fields = {k: v for k, v in (raw or {}).items() if v is not None or k not in _NOT_NULLABLE}
     try:
-        return msgspec.convert(fields, FlowControlSpec, str_keys=True)
+        return msgspec.convert(drop_nulls(raw or {}, _SPEC_INFO), FlowControlSpec, str_keys=True)
     except msgspec.ValidationError as e:
         raise ConfigError(_describe(e, "flowControl")) from None
 
 
-# The fields a null cannot be: those whose default is not None.
-_NOT_NULLABLE = {f.encode_name for f in msgspec.structs.fields(FlowControlSpec) if f.default is not None}
+_SPEC_INFO = msgspec.inspect.type_info(FlowControlSpec)
 
 
 def _describe(err: msgspec.ValidationError, root: str) -> str:

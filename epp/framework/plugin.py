@@ -250,6 +250,8 @@ def _fold_keys(value: Any, info: msgspec.inspect.Type, label: str, path: str = "
             if field is None:
                 out[key] = item
                 continue
+            if item is None and not _nullable(field.type):
+                continue  # as drop_nulls: Go's JSON leaves the field at its default
             out[field.encode_name] = _fold_keys(item, field.type, label, f"{path}.{field.encode_name}")
         return out
     if isinstance(info, (mi.ListType, mi.SetType, mi.FrozenSetType, mi.VarTupleType)) and isinstance(value, list):
@@ -257,6 +259,41 @@ def _fold_keys(value: Any, info: msgspec.inspect.Type, label: str, path: str = "
     if isinstance(info, mi.DictType) and isinstance(value, dict):
         return {k: _fold_keys(v, info.value_type, label, f"{path}.{k}") for k, v in value.items()}
     return value
+
+
+def drop_nulls(value: Any, info: msgspec.inspect.Type) -> Any:
+    """`value` without the schema fields given as null (`featureGates:` with nothing under it, a Helm value
+    left empty) that cannot be null: the reference's decoder (Go's JSON) leaves such a field unset, so it
+    takes its default. Blocks kept raw (`parameters`, `flowControl`) are left as they are: they are decoded
+    where they are used, the same way."""
+    mi = msgspec.inspect
+    if isinstance(info, mi.UnionType):
+        member = next((t for t in info.types if isinstance(t, (mi.StructType, mi.ListType))), None)
+        return value if member is None else drop_nulls(value, member)
+    if isinstance(info, mi.StructType) and isinstance(value, dict):
+        fields = {f.encode_name: f.type for f in info.fields}
+        out = {}
+        for key, item in value.items():
+            ftype = fields.get(key)
+            if ftype is None:
+                out[key] = item  # an unknown field: the conversion names it
+            elif item is not None:
+                out[key] = drop_nulls(item, ftype)
+            elif _nullable(ftype):
+                out[key] = None
+        return out
+    if isinstance(info, mi.ListType) and isinstance(value, list):
+        return [drop_nulls(item, info.item_type) for item in value]
+    return value
+
+
+def _nullable(info: msgspec.inspect.Type) -> bool:
+    mi = msgspec.inspect
+    if isinstance(info, mi.Metadata):
+        return _nullable(info.type)
+    return isinstance(info, mi.NoneType) or (
+        isinstance(info, mi.UnionType) and any(isinstance(t, mi.NoneType) for t in info.types)
+    )
 
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -283,6 +320,7 @@ __all__ = [
     "PluginContext",
     "PluginParams",
     "PluginRegistry",
+    "drop_nulls",
     "reference_default",
     "registry",
 ]

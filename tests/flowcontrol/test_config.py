@@ -385,3 +385,12 @@ def test_flow_control_numbers_are_int64_and_an_empty_band_list_is_absent() -> No
     ):
         with pytest.raises(ConfigError, match=re.escape(where)):
             parse_flow_control(raw)
+
+
+def test_a_null_inside_a_priority_band_takes_its_default_as_at_the_top_level() -> None:
+    """Before: only flowControl's own fields dropped a null; `maxBytes:` left empty inside a band was
+    "Expected `int | str`, got `null`"."""
+    spec = parse_flow_control({"maxRequests": None, "priorityBands": [{"priority": 1, "maxBytes": None}]})
+    assert spec.max_requests == 0 and spec.priority_bands[0].max_bytes == 0
+    with pytest.raises(ConfigError, match=r"priority"):
+        parse_flow_control({"priorityBands": [{"priority": None}]})  # required: a null is no value

@@ -388,3 +388,16 @@ def test_the_cross_replica_sync_interval_is_a_duration() -> None:
     for bad in ("bogus", "-1s"):
         with pytest.raises(ConfigError, match=r"dataLayer\.crossReplicaSyncInterval"):
             build(load_config(base.format(bad)))
+
+
+def test_a_null_plugin_parameter_takes_its_default_as_in_the_reference() -> None:
+    """`maxNumOfEndpoints:` left empty by a Helm value: Go's JSON leaves the field at its default. Before:
+    "Expected `int`, got `null`", a start-up error (the top-level sections already took their defaults)."""
+    text = (
+        "plugins:\n- type: queue-scorer\n- type: max-score-picker\n  parameters: {maxNumOfEndpoints: null}\n"
+        "- type: approx-prefix-cache-producer\n  parameters:\n    blockSizeTokens:\n    maxPrefixBlocksToMatch: 64\n"
+    )
+    c = built(text)
+    assert c.plugins["max-score-picker"].params.max_num_of_endpoints == 1
+    prefix = c.plugins["approx-prefix-cache-producer"].params
+    assert prefix.max_prefix_blocks_to_match == 64 and prefix.block_size_tokens == type(prefix)().block_size_tokens
