@@ -187,7 +187,8 @@ class KubernetesDiscovery:
         await asyncio.gather(*(i.synced.wait() for i in informers))
         t = self.target
         if pool_events is not None and not pool_events.seen.is_set():
-            log.warning("InferencePool %s/%s not found: not ready until it exists", t.namespace, t.pool_name)
+            why = "is being deleted" if pool_events.deleting else "not found"
+            log.warning("InferencePool %s/%s %s: not ready until it exists", t.namespace, t.pool_name, why)
             await pool_events.seen.wait()
         notifier.mark_synced()
         count = self.reconciler.endpoint_count if self.reconciler is not None else 0
