@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
+
+import msgspec
 
 from llmepp.errors import BadRequest
 from llmepp.framework.plugin import ConfigError, PluginParams
 from llmepp.framework.scheduling import ProfileHandler, ProfileResult, SchedulingResult
 from llmepp.request.types import InferenceRequest
 from llmepp.scheduling.profile import SchedulerProfile
+
+log = logging.getLogger(__name__)
 
 
 class HeaderProfileHandler(ProfileHandler):
@@ -25,15 +30,17 @@ class HeaderProfileHandler(ProfileHandler):
     succeed. With `defaultProfile: ""` the header is required (missing → 400).
 
     Parameters: `headerName` ("EPP-Profile", also when blank; matched case-insensitively),
-    `defaultProfile` ("decode"; must name a configured profile when there are several, checked at
-    start-up).
+    `defaultProfile` ("decode"; when set, it must name a configured profile when there are several,
+    checked at start-up; left unset, a config without a `decode` profile loads as in the reference,
+    with a warning, and a request without the header is answered 400).
     """
 
     type = "header-profile-handler"
 
     class Params(PluginParams):
         header_name: str = "EPP-Profile"
-        default_profile: str = "decode"
+        # UNSET: "decode", but not checked at start-up (the reference loads a config without it).
+        default_profile: str | msgspec.UnsetType = msgspec.UNSET
 
         def __post_init__(self) -> None:
             if not self.header_name.strip():  # as the reference: blank is the default
@@ -43,11 +50,21 @@ class HeaderProfileHandler(ProfileHandler):
         super().__init__(name, params)
         # The ext_proc layer lower-cases request header names.
         self.header = params.header_name.strip().lower()
-        self.default = params.default_profile
+        default = params.default_profile
+        self.explicit_default = not isinstance(default, msgspec.UnsetType)
+        # Trimmed, as the reference (it names a schedulingProfiles entry: case kept).
+        self.default: str = default.strip() if not isinstance(default, msgspec.UnsetType) else "decode"
 
     def validate_profiles(self, profiles: Mapping[str, SchedulerProfile]) -> None:
         # One profile always runs (below): defaultProfile is not used then.
         if len(profiles) > 1 and self.default and self.default not in profiles:
+            if not self.explicit_default:
+                log.warning(
+                    "%s: no scheduling profile named %r (the default defaultProfile; have: %s): "
+                    "requests without header %s are refused",
+                    self.name, self.default, ", ".join(profiles), self.params.header_name,
+                )  # fmt: skip
+                return
             raise ConfigError(
                 f"defaultProfile: no scheduling profile named {self.default!r} (have: {', '.join(profiles)})"
             )
