@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Callable, Sequence
 
@@ -87,8 +86,9 @@ class EndpointAttributeFilter(Filter):
       * `range` {min, max}: keep when min ≤ value(e) ≤ max.
       * `topK` {k, higherIsBetter=true}: keep the k highest (lowest) values (all if fewer).
       * `percentile` {percentile P, higherIsBetter=true}: cutoff = the nearest-rank value at
-        position ceil(P/100·N) (1-based, at least 1) of the ascending values; keep value ≥
-        cutoff (≤ when higherIsBetter is false).
+        position ceil(P/100·N) (1-based, within [1, N]; computed as the reference, int(P/100·N + 0.999999),
+        so float noise does not round it up) of the ascending values; keep value ≥ cutoff (≤ when
+        higherIsBetter is false).
     Endpoints missing the attribute are kept with `onMissing: Pass` (default, also when empty) or
     dropped with `Fail`; they take no part in topK / percentile ranking. With `fallbackOnEmpty`
     (false) and nothing kept, every candidate is kept.
@@ -161,7 +161,9 @@ class EndpointAttributeFilter(Filter):
             chosen = {i for _, i in ranked[:k]}
             return [i in chosen for i in range(len(values))]
         assert a.percentile is not None
-        pos = max(1, math.ceil(a.percentile.percentile / 100.0 * len(present)))
+        # The reference's nearest rank: a float error just above an integer (14/100·50 = 7.000000000000001)
+        # does not push the position up, as a plain ceil would.
+        pos = min(len(present), max(1, int(a.percentile.percentile / 100.0 * len(present) + 0.999999)))
         cutoff = present[pos - 1]
         if a.percentile.higher_is_better:
             return [v is not None and v >= cutoff for v in values]
