@@ -26,7 +26,7 @@ class MMEmbeddingsCacheProducer(DataProducer, PreRequest):
     """Per endpoint, an LRU of the media items (llmepp.request.parsers: a hash of each image / video /
     audio / document as sent) routed there, and per request how many of its items each endpoint holds:
 
-        matched(e) = |items(request) ∩ lru(e)|        (EncoderCacheMatchInfo, total = |items|)
+        matched(e) = |items(request) ∩ lru(e)|        (EncoderCacheMatchInfo, total = |items|; unique items)
 
     PreRequest records the items on the endpoint that encodes them: the pick of the profile named
     `encodeProfile` when it ran (E/P/D), else the primary pick. Capacity per endpoint =
@@ -69,9 +69,10 @@ class MMEmbeddingsCacheProducer(DataProducer, PreRequest):
 
     # -- DataProducer / PreRequest -----------------------------------------------------------
     def produce(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None:
-        items = request.mm_items
-        if not items:
+        if not request.mm_items:
             return
+        # Unique items, as the reference: an image repeated in a later turn is encoded (and counts) once.
+        items = dict.fromkeys(request.mm_items)
         matched: dict[Endpoint, int] = {}
         for ep in endpoints:
             lru = self.lrus.get(ep)

@@ -114,6 +114,18 @@ def test_the_lru_counts_matches_records_on_the_encoder_and_is_bounded() -> None:
     assert producer(cacheSizeInMBPerServer=0).capacity == 2048
 
 
+def test_an_item_sent_twice_counts_once_as_in_the_reference() -> None:
+    """The same image in two turns of a conversation is one item (the reference: the fraction of the
+    request's unique media hashes cached). Before: [A, A, B] with A cached scored 2/3, not 1/2."""
+    p = producer()
+    pods = [endpoint(0), endpoint(1)]
+    p.pre_request(request(mm_items=(1,)), result(pods[0]))
+    req = request(mm_items=(1, 1, 2))
+    p.produce(req, pods)
+    info = req.data[scoped(ENCODER_CACHE_MATCH_INFO, "mm")]
+    assert (info.total, info.matched) == (2, {pods[0]: 1})
+
+
 def test_an_endpoint_removed_while_its_request_was_scheduled_keeps_no_lru() -> None:
     # Its removal was notified before PreRequest: an LRU made for it then would never be dropped.
     p = producer()
