@@ -27,12 +27,12 @@ class HeaderProfileHandler(ProfileHandler):
     else `defaultProfile` when the header is missing or empty. A name that is not a configured
     profile is answered **400 Bad Request** naming the known profiles; the reference lets it
     surface as 429, which wrongly tells clients to back off and retry a request that can never
-    succeed. With `defaultProfile: ""` the header is required (missing → 400).
+    succeed. When `defaultProfile` names no configured profile, a request without the header is a 400.
 
     Parameters: `headerName` ("EPP-Profile", also when blank; matched case-insensitively),
-    `defaultProfile` ("decode"; when set, it must name a configured profile when there are several,
-    checked at start-up; left unset, a config without a `decode` profile loads as in the reference,
-    with a warning, and a request without the header is answered 400).
+    `defaultProfile` ("decode", also when blank, as the reference; when set, it must name a configured
+    profile when there are several, checked at start-up; left unset, a config without a `decode` profile
+    loads as in the reference, with a warning).
     """
 
     type = "header-profile-handler"
@@ -50,14 +50,14 @@ class HeaderProfileHandler(ProfileHandler):
         super().__init__(name, params)
         # The ext_proc layer lower-cases request header names.
         self.header = params.header_name.strip().lower()
-        default = params.default_profile
-        self.explicit_default = not isinstance(default, msgspec.UnsetType)
-        # Trimmed, as the reference (it names a schedulingProfiles entry: case kept).
-        self.default: str = default.strip() if not isinstance(default, msgspec.UnsetType) else "decode"
+        # Trimmed, blank the default, as the reference (it names a schedulingProfiles entry: case kept).
+        default = "" if isinstance(params.default_profile, msgspec.UnsetType) else params.default_profile.strip()
+        self.explicit_default = bool(default)
+        self.default = default or "decode"
 
     def validate_profiles(self, profiles: Mapping[str, SchedulerProfile]) -> None:
         # One profile always runs (below): defaultProfile is not used then.
-        if len(profiles) > 1 and self.default and self.default not in profiles:
+        if len(profiles) > 1 and self.default not in profiles:
             if not self.explicit_default:
                 log.warning(
                     "%s: no scheduling profile named %r (the default defaultProfile; have: %s): "
@@ -82,8 +82,6 @@ class HeaderProfileHandler(ProfileHandler):
         wanted = request.headers.get(self.header, "").strip() or self.default
         profile = profiles.get(wanted)
         if profile is None:
-            if not wanted:
-                raise BadRequest(f"header {self.params.header_name} is required")
             raise BadRequest(
                 f"header {self.params.header_name}: unknown scheduling profile {wanted[:64]!r}; "
                 f"known: {', '.join(profiles)}"

@@ -407,15 +407,15 @@ async def test_header_profile_handler_runs_the_named_profile() -> None:
     assert err.value.status == 400
 
 
-async def test_header_profile_handler_custom_header_and_required_header() -> None:
-    params = "{headerName: X-Stage, defaultProfile: ''}"
+async def test_header_profile_handler_custom_header_and_a_blank_default_is_decode() -> None:
+    # Reference NewHeaderProfileHandler: a blank defaultProfile is "decode" (a Helm value rendered empty).
+    params = "{headerName: X-Stage, defaultProfile: '  '}"
     config = HEADER.replace("{type: header-profile-handler}", f"{{type: header-profile-handler, parameters: {params}}}")
     d, _, _ = director(config, [("p0", "prefill"), ("d0", "decode")])
-    with pytest.raises(BadRequest, match="header X-Stage is required"):
-        await d.handle_request(request(b"x"), None)
+    assert (await d.handle_request(request(b"x"), None)).targets[0].name == "d0"
     req = request(b"x")
-    req.headers["x-stage"] = "decode"
-    assert (await d.handle_request(req, None)).targets[0].name == "d0"
+    req.headers["x-stage"] = "prefill"
+    assert (await d.handle_request(req, None)).targets[0].name == "p0"
 
 
 async def test_header_profile_handler_with_one_profile_always_runs_it() -> None:
