@@ -73,8 +73,45 @@ def config_text(settings: Settings) -> str:
     return DEFAULT_CONFIG
 
 
+# Closing what failed start-ups set up inside a running event loop (App() cannot await it): run() awaits these.
+_failed_start_ups: set[asyncio.Task[None]] = set()
+
+
+async def failed_start_ups_closed() -> None:
+    """Wait until every App that failed to start in this event loop has closed what it had set up."""
+    await asyncio.gather(*_failed_start_ups, return_exceptions=True)
+
+
 class App:
     def __init__(self, settings: Settings) -> None:
+        self._built: list[Plugin] = []  # every plugin made, for a start-up refused part-way
+        try:
+            self._build(settings)
+        except BaseException:
+            # Plugins set up before a later check refused the config (datastore listeners, tasks, sockets,
+            # worker threads) and the tracer's exporter thread.
+            coro = self._close_refused()
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                asyncio.run(coro)
+            else:
+                task = loop.create_task(coro, name="failed-start-up")
+                _failed_start_ups.add(task)
+                task.add_done_callback(_failed_start_ups.discard)
+            raise
+        self._built.clear()  # the running plugins are components.plugins (a reload retires some)
+
+    async def _close_refused(self) -> None:
+        """Close what a refused `App()` made: the plugins (set up or not), the tracer."""
+        components: Components | None = getattr(self, "components", None)
+        plugins = {id(p): p for p in [*self._built, *(components.plugins.values() if components else ())]}
+        await _close_plugins(plugins.values())
+        tracing: RequestTracing | None = getattr(self, "tracing", None)
+        if tracing is not None:
+            await asyncio.to_thread(tracing.shutdown)
+
+    def _build(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = EppMetrics()
         self.datastore = Datastore(settings.pool_name, settings.pool_namespace)
@@ -85,7 +122,7 @@ class App:
         config_signature = stat_signature(settings.config_file) if settings.config_file else None
         text = config_text(settings)
         self.components: Components = build(
-            load_config(text), datastore=self.datastore, settings=settings, metrics=self.metrics
+            load_config(text), datastore=self.datastore, settings=settings, metrics=self.metrics, built=self._built
         )
         self.metrics.config_last_reload_successful.set(1)
         self.metrics.config_last_reload_success_timestamp.set(time.time())
@@ -272,6 +309,20 @@ class App:
         return not unsupported
 
     async def start(self) -> None:
+        """Serve; on a failure (ConfigError: a port in use, discovery failing at once, ...) everything set up so
+        far is stopped and closed before the error propagates."""
+        try:
+            await self._start()
+        except BaseException:
+            if self._extproc is not None:
+                await self._extproc.stop(grace=None)
+            admission = self.components.pipeline.admission
+            if isinstance(admission, AdmissionController):
+                await admission.aclose()
+            await self._close()
+            raise
+
+    async def _start(self) -> None:
         s = self.settings
         discovery = self.components.discovery
         if s.metrics_port and self.metrics_auth is not None and self.kube is None:
@@ -396,6 +447,10 @@ class App:
         if isinstance(admission, AdmissionController):
             await admission.aclose()  # ends the drain window early once every stream is done
             await queue_drain
+        await self._close()
+
+    async def _close(self) -> None:
+        """Stop the health and /metrics servers, close every part and plugin (after the drain, or a failed start)."""
         if self._health_server is not None:
             await self._health_server.stop(grace=None)
         if self.config_watcher is not None:
@@ -453,7 +508,11 @@ def _tls_label(cert: ServingCert | None) -> str:
 
 
 async def run(settings: Settings) -> None:
-    app = App(settings)
+    try:
+        app = App(settings)
+    except BaseException:
+        await failed_start_ups_closed()
+        raise
     await app.start()
     tune_gc()
     stop = asyncio.Event()

@@ -38,6 +38,25 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def parse_positive_size(text: str) -> int:
+    """A size > 0: a limit every request is held to (0 would refuse them all)."""
+    size = parse_size(text)
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return size
+
+
+def parse_verbosity(text: str) -> int:
+    """-v: 0 quiet ... 5 trace; above 5 is the most verbose (klog's -v has no upper bound)."""
+    try:
+        level = int(text)
+    except ValueError:
+        level = -1
+    if level < 0:
+        raise argparse.ArgumentTypeError(f"invalid verbosity {text!r} (0-5: 2 default, 3 verbose, 4 debug, 5 trace)")
+    return level
+
+
 def parse_ports(text: str) -> tuple[int, ...]:
     """'8000,8001' → (8000, 8001)."""
     try:
@@ -108,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="age after which scraped metrics count as stale")  # fmt: skip
     p.add_argument("--refresh-prometheus-metrics-interval", type=parse_positive_duration,
                    default=d.refresh_prometheus_metrics_interval, help="pool gauge refresh interval")  # fmt: skip
-    p.add_argument("--max-body-size", type=parse_size, default=d.max_body_bytes,
+    p.add_argument("--max-body-size", type=parse_positive_size, default=d.max_body_bytes,
                    help="largest request body accepted (413 above); gRPC message limits follow it")  # fmt: skip
     p.add_argument("--drain-timeout", type=parse_duration, default=d.drain_timeout,
                    help="time in-flight requests get after SIGTERM")  # fmt: skip
@@ -149,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accepted for compatibility: the gRPC health services are always served")  # fmt: skip
     p.add_argument("--tracing", type=parse_bool, nargs="?", const=True, default=d.tracing, metavar="BOOL",
                    help="OpenTelemetry spans per request, exported as OTEL_TRACES_EXPORTER says")  # fmt: skip
-    p.add_argument("-v", "--v", dest="verbosity", type=int, default=d.verbosity, help="log verbosity 0-5")
+    p.add_argument("-v", "--v", dest="verbosity", type=parse_verbosity, default=d.verbosity, help="log verbosity 0-5")
     p.add_argument("--log-format", choices=("json", "text"), default="json")
     return p
 

@@ -1,11 +1,18 @@
-"""Small builders shared by unit tests (pure data; no mocks of behaviour)."""
+"""Small builders shared by unit tests (pure data; no mocks of behaviour), and a resource-owning test plugin."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
+
+import pytest
 
 from llmepp.datalayer.endpoint import Endpoint, EndpointMetrics, EndpointSpec
+from llmepp.framework.plugin import ConfigError, PluginContext, PluginParams, registry
+from llmepp.framework.scheduling import Scorer
 from llmepp.request.types import InferenceRequest, RequestKind
 from llmepp.server.tls import CERT_FILE, KEY_FILE, self_signed_pem
 
@@ -67,3 +74,40 @@ def write_cert_pair(directory: Path, host: str = "localhost") -> bytes:
     (directory / CERT_FILE).write_bytes(cert)
     (directory / KEY_FILE).write_bytes(key)
     return cert
+
+
+class ClosingScorer(Scorer):
+    """A scorer owning a background task from setup to aclose (as a plugin with a client, a socket or a
+    worker), recording its instances and how often each was closed. `register` it for one test."""
+
+    type = "test-closing-scorer"
+    instances: ClassVar[list[ClosingScorer]] = []
+
+    class Params(PluginParams):
+        fail_setup: bool = False
+
+    def __init__(self, name: str, params: Params) -> None:
+        super().__init__(name, params)
+        self.task: asyncio.Task[None] | None = None
+        self.closed = 0
+        ClosingScorer.instances.append(self)
+
+    def setup(self, ctx: PluginContext) -> None:
+        self.task = asyncio.get_running_loop().create_task(asyncio.sleep(3600))
+        if self.params.fail_setup:
+            raise ConfigError(f"plugin {self.name!r} (type {self.type}): failSetup")
+
+    async def aclose(self) -> None:
+        self.closed += 1
+        if self.task is not None:
+            self.task.cancel()
+
+    def score(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
+        return [1.0] * len(endpoints)
+
+    @classmethod
+    def register(cls, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Known to the plugin registry for this test only (a global one would be built by every test that
+        builds each registered type), with no instances yet."""
+        monkeypatch.setitem(registry._types, cls.type, cls)
+        cls.instances.clear()

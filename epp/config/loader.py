@@ -230,8 +230,29 @@ def build(
     settings: Any = None,
     metrics: Any = None,
     plugin_registry: PluginRegistry = registry,
+    built: list[Plugin] | None = None,
 ) -> Components:
-    chosen = _Plugins(plugin_registry)
+    """The config's plugins built, set up and wired; raises ConfigError. `built` gets every plugin instance
+    made (also those set up before a later step refused the config), so the caller can close them (`aclose`)."""
+    chosen = _Plugins(plugin_registry, fresh=built)
+    try:
+        return _build(config, chosen, datastore=datastore, settings=settings, metrics=metrics,
+                      plugin_registry=plugin_registry)  # fmt: skip
+    finally:
+        if built is not None:  # besides `fresh`: defaults the data layer and flow control added
+            made = {id(p) for p in built}
+            built.extend(p for p in chosen.plugins.values() if id(p) not in made)
+
+
+def _build(
+    config: EndpointPickerConfig,
+    chosen: _Plugins,
+    *,
+    datastore: Any,
+    settings: Any,
+    metrics: Any,
+    plugin_registry: PluginRegistry,
+) -> Components:
     scheduler = _build_scheduling(config, chosen)
     plugins = chosen.plugins
     _setup(chosen.fresh, plugins, scheduler, datastore=datastore, settings=settings, metrics=metrics)

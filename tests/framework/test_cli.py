@@ -51,6 +51,10 @@ def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
             "--max-body-size: the ext_proc message limits follow it (+ 1 MiB): 2148532224 bytes is above grpc.aio's "
             "limit of 2147483647 (--extproc-transport grpc); lower it or set --grpc-max-recv-msg-size",
         ),
+        # Accepted silently: a negative verbosity logged as 0; a zero body limit answered every request 413.
+        (["-v", "-1"], "argument -v/--v: invalid verbosity '-1' (0-5"),
+        (["--v=-3"], "argument -v/--v: invalid verbosity '-3' (0-5"),
+        (["--max-body-size", "0"], "argument --max-body-size: must be > 0, got '0'"),
     ],
 )
 def test_bad_flags_are_usage_errors_naming_the_flag(
@@ -74,6 +78,9 @@ def test_good_edge_values_are_kept() -> None:
     assert (
         settings_from_args(["--extproc-transport", "grpc", "--max-body-size", "2046Mi"]).max_body_bytes == 2046 * 2**20
     )
+    # Above 5 is the most verbose (klog's -v has no upper bound).
+    assert settings_from_args(["-v", "0"]).verbosity == 0 and settings_from_args(["--v", "9"]).verbosity == 9
+    assert settings_from_args(["--max-body-size", "1"]).max_body_bytes == 1
 
 
 def _run_epp(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -4,49 +4,15 @@ closes every plugin it built for the new config, and none of the running config'
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
+from helpers import ClosingScorer
 
 from llmepp.app import App
 from llmepp.config.loader import load_config
-from llmepp.datalayer.endpoint import Endpoint
-from llmepp.framework.plugin import ConfigError, PluginContext, PluginParams, registry
-from llmepp.framework.scheduling import Scorer
-from llmepp.request.types import InferenceRequest
+from llmepp.framework.plugin import ConfigError
 from llmepp.settings import Settings
-
-
-class RecordingScorer(Scorer):
-    """A scorer owning a background task from setup to aclose (as a plugin with a client or a worker)."""
-
-    type = "test-reload-recording-scorer"
-    instances: ClassVar[list[RecordingScorer]] = []
-
-    class Params(PluginParams):
-        fail_setup: bool = False
-
-    def __init__(self, name: str, params: Params) -> None:
-        super().__init__(name, params)
-        self.task: asyncio.Task[None] | None = None
-        self.closed = 0
-        RecordingScorer.instances.append(self)
-
-    def setup(self, ctx: PluginContext) -> None:
-        self.task = asyncio.get_running_loop().create_task(asyncio.sleep(3600))
-        if self.params.fail_setup:
-            raise ConfigError(f"plugin {self.name!r} (type {self.type}): failSetup")
-
-    async def aclose(self) -> None:
-        self.closed += 1
-        if self.task is not None:
-            self.task.cancel()
-
-    def score(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
-        return [1.0] * len(endpoints)
-
 
 RUNNING = """\
 apiVersion: llm-d.ai/v1alpha1
@@ -57,24 +23,24 @@ plugins:
 - type: queue-scorer
 - type: approx-prefix-cache-producer
 - type: inflight-load-producer
-- {type: test-reload-recording-scorer, name: recorder}
+- {type: test-closing-scorer, name: recorder}
 dataLayer:
   discovery: {pluginRef: file-discovery}
 """
-SCORERS = "- {type: test-reload-recording-scorer, name: recorder}\n"
+SCORERS = "- {type: test-closing-scorer, name: recorder}\n"
 # Each refused at a different step, after `recorder` (and `extra`) were built for it.
 REFUSED = {
     "a later plugin's setup fails": SCORERS
-    + "- {type: test-reload-recording-scorer, name: extra}\n"
-    + "- {type: test-reload-recording-scorer, name: failing, parameters: {failSetup: true}}\n",
+    + "- {type: test-closing-scorer, name: extra}\n"
+    + "- {type: test-closing-scorer, name: failing, parameters: {failSetup: true}}\n",
     "a later plugin cannot be built": SCORERS
-    + "- {type: test-reload-recording-scorer, name: extra}\n"
-    + "- {type: test-reload-recording-scorer, name: bad, parameters: {nope: 1}}\n",
+    + "- {type: test-closing-scorer, name: extra}\n"
+    + "- {type: test-closing-scorer, name: bad, parameters: {nope: 1}}\n",
     "a profile names no plugin": SCORERS
-    + "- {type: test-reload-recording-scorer, name: extra}\n"
+    + "- {type: test-closing-scorer, name: extra}\n"
     + "schedulingProfiles:\n- name: default\n  plugins: [{pluginRef: recorder}, {pluginRef: missing}]\n",
     "the wiring check refuses it": SCORERS
-    + "- {type: test-reload-recording-scorer, name: extra}\n"
+    + "- {type: test-closing-scorer, name: extra}\n"
     + "- type: multicluster-queue-scorer\n",
 }
 
@@ -89,17 +55,16 @@ def app_with(tmp_path: Path, text: str) -> App:
 async def test_a_refused_reload_closes_what_it_built_and_nothing_running(
     tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(registry._types, RecordingScorer.type, RecordingScorer)  # this test's only
-    RecordingScorer.instances.clear()
+    ClosingScorer.register(monkeypatch)
     app = app_with(tmp_path, RUNNING)
     running = app.components
-    (old,) = RecordingScorer.instances
+    (old,) = ClosingScorer.instances
     text = RUNNING.replace(SCORERS, REFUSED[case])
     with pytest.raises(ConfigError):
         app.reload_config(load_config(text))
     await asyncio.gather(*app._closing)
     assert app.components is running and app.director.pipeline is running.pipeline
-    built = [p for p in RecordingScorer.instances if p is not old]
+    built = [p for p in ClosingScorer.instances if p is not old]
     assert built, "the reload built nothing: the case does not test what it says"
     assert [(p.name, p.closed) for p in built] == [(p.name, 1) for p in built]
     assert all(p.task is None or p.task.cancelled() or p.task.done() for p in built)
