@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import random
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -32,10 +33,15 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PREDICTION_URL = "http://localhost:8001"
 DEFAULT_TRAINING_URL = "http://localhost:8000"
+# The most bytes of a bulk answer read: a prediction is a few hundred bytes (the reference's carries bounds,
+# timestamps, model type); a larger answer is refused before it is buffered whole.
+ANSWER_BASE_BYTES, ANSWER_ROW_BYTES = 64 * 1024, 4 * 1024
+BACKOFF_MIN, BACKOFF_MAX = 0.5, 5.0  # seconds a prediction server is not called after a failure (doubling)
 
 
 class PredictorUnavailable(Exception):
-    """No usable prediction: `reason` is "timeout", "error" (connection, status) or "invalid" (body)."""
+    """No usable prediction: `reason` is "timeout", "error" (connection, status), "invalid" (body) or
+    "skipped" (every prediction server is backing off after a failure; no call made)."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
@@ -63,6 +69,18 @@ def urls_from_env(env: Mapping[str, str] | None = None) -> tuple[list[str], str]
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"environment variable {name}: {url[:200]!r} is not an http(s) URL")
     return predict or [DEFAULT_PREDICTION_URL], train or DEFAULT_TRAINING_URL
+
+
+async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The body, or None once it is known to be longer than `limit` bytes (by its Content-Length, else as read)."""
+    if resp.content_length is not None and resp.content_length > limit:
+        return None
+    data = bytearray()
+    async for chunk in resp.content.iter_any():
+        data += chunk
+        if len(data) > limit:
+            return None
+    return bytes(data)
 
 
 def _env_number(env: Mapping[str, str], name: str, default: float) -> float:
@@ -101,6 +119,12 @@ class PredictorClient:
         self.max_sample_size = max_sample_size or max(1, int(_env_number(env, "LATENCY_MAX_SAMPLE_SIZE", 1000)))
         self._rng = rng or random.Random()
         self._next = 0
+        # Per prediction server: seconds of back-off after its last failure (0: healthy), and until when.
+        self._backoff = [0.0] * len(self.prediction_urls)
+        self._skip_until = [0.0] * len(self.prediction_urls)
+        # When each was last marked failed: a call begun before then failing too is the same failure (a stall
+        # with 100 calls in flight is one failure, not 100 doublings of the back-off).
+        self._failed_at = [0.0] * len(self.prediction_urls)
         self._session: aiohttp.ClientSession | None = None
         self._buffer: list[dict[str, Any]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -119,18 +143,46 @@ class PredictorClient:
 
     # -- predictions -------------------------------------------------------------------------------
     async def predict_bulk(self, rows: Sequence[Mapping[str, Any]]) -> list[tuple[float, float]]:
-        """(TTFT ms, TPOT ms) per row from POST /predict/bulk/strict, within `timeout` seconds."""
+        """(TTFT ms, TPOT ms) per row from POST /predict/bulk/strict, within `timeout` seconds, from the next
+        prediction server (round robin) that is not backing off: a server that failed is not called for 0.5 s,
+        doubling to 5 s while it keeps failing, the others are (one dead replica must not cost every request
+        its prediction). PredictorUnavailable("skipped") at once when every server is backing off."""
         if not rows:
             return []
-        url = self.prediction_urls[self._next % len(self.prediction_urls)]
-        self._next += 1
+        n, now = len(self.prediction_urls), time.monotonic()
+        for i in range(n):
+            k = (self._next + i) % n
+            if self._skip_until[k] <= now:
+                break
+        else:
+            raise PredictorUnavailable("skipped", "every prediction server is backing off after a failure")
+        self._next = k + 1
+        try:
+            out = await self._predict_at(self.prediction_urls[k], rows)
+        except PredictorUnavailable as e:
+            if now >= self._failed_at[k]:
+                self._backoff[k] = min(BACKOFF_MAX, max(BACKOFF_MIN, self._backoff[k] * 2))
+                self._failed_at[k] = failed = time.monotonic()
+                self._skip_until[k] = failed + self._backoff[k]
+            raise PredictorUnavailable(e.reason, f"{e.detail} (not called for {self._backoff[k]:.1f}s)") from None
+        self._backoff[k] = 0.0
+        return out
+
+    def backing_off(self) -> bool:
+        """Every prediction server is backing off after a failure: predict_bulk would raise "skipped"."""
+        return min(self._skip_until) > time.monotonic()
+
+    async def _predict_at(self, url: str, rows: Sequence[Mapping[str, Any]]) -> list[tuple[float, float]]:
         body = msgspec.json.encode({"requests": list(rows)})
+        limit = ANSWER_BASE_BYTES + ANSWER_ROW_BYTES * len(rows)
         try:
             async with asyncio.timeout(self.timeout):
                 async with self._client().post(
                     f"{url}/predict/bulk/strict", data=body, headers={"content-type": "application/json"}
                 ) as resp:
-                    payload = await resp.read()
+                    payload = await _read_at_most(resp, limit)
+                    if payload is None:
+                        raise PredictorUnavailable("invalid", f"{url}: answer longer than {limit} bytes")
                     if resp.status != 200:
                         raise PredictorUnavailable("error", f"{url} answered {resp.status}: {payload[:200]!r}")
         except TimeoutError:

@@ -25,7 +25,8 @@ class LatencySLOAdmitter(Admitter):
         reject otherwise: 429, `x-llm-d-request-dropped-reason: rejected-saturated` (as probabilistic-admitter;
                the reference answers an admitter's denial 500)
 
-    No prediction for any candidate (the predictor is down or slow): admitted (fail-open).
+    A never-scraped candidate (its metrics read 0) proves nothing either way. No prediction for any candidate
+    (the predictor is down or slow, nothing scraped): admitted (fail-open).
     Parameters: `latencyPredictionInfoProducerName` (default: the only producer).
     """
 
@@ -57,6 +58,8 @@ class LatencySLOAdmitter(Admitter):
         if not infos or not any(ep in infos for ep in endpoints):
             return
         for ep in endpoints:
+            if not ep.metrics.update_time:  # never scraped: its KV 0 and running 0 are unknown, not cold and idle
+                continue
             info = infos.get(ep)
             if ep.metrics.kv_cache_usage_percent < COLD_KV:
                 return

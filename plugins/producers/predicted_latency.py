@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 TTFT_SLO_HEADERS = ("x-llm-d-slo-ttft-ms", "x-slo-ttft-ms")
 TPOT_SLO_HEADERS = ("x-llm-d-slo-tpot-ms", "x-slo-tpot-ms")
 PREFILL_ROLE = "prefill"
-BACKOFF_MIN, BACKOFF_MAX = 0.5, 5.0  # seconds without prediction calls after a failure (doubling)
 SWEEP_EVERY = 10.0  # seconds between sweeps of dispatch records older than contextTTL
 # An SLO header above this (about 11.6 days) counts as this: far beyond any latency, and small enough that
 # the headroom arithmetic (· sloBufferFactor, SLO − prediction, their ranges) stays finite.
@@ -238,12 +237,14 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         tpotHeadroom = buffered − TPOT                   tpotValid = TPOT < buffered
         (streamingMode false, or e's role is prefill: TPOT is not trained → tpotHeadroom 0, tpotValid)
 
-    plus dispatched = e's requests from this producer not yet finished. The call is bounded by
-    `predictionTimeout` (below the director's 400 ms producer budget): a slow, failing or dead predictor
+    plus dispatched = e's requests from this producer not yet finished. An endpoint never scraped (its
+    metrics all read 0) is unknown load, not an idle pod: it has no row and no LatencyPredictionInfo. The call
+    is bounded by `predictionTimeout` (below the director's 400 ms producer budget): a slow, failing or dead predictor
     leaves no LatencyPredictionInfo — the consumers then route as without predictions (latency-scorer's
     composite fallback, the tier filter and admitter pass everything) — and is counted
-    (`llm_d_epp_latency_prediction_unavailable_total{reason}`), logged once per 30 s, and not called again for
-    0.5 s, doubling to 5 s while it keeps failing (requests meanwhile are routed at once, reason `skipped`).
+    (`llm_d_epp_latency_prediction_unavailable_total{reason}`), logged once per 30 s, and that prediction server
+    is not called again for 0.5 s, doubling to 5 s while it keeps failing (the other replicas of
+    predictionServerURL are; with every one backing off, requests are routed at once, reason `skipped`).
 
     Training (in the background, batched every LATENCY_FLUSH_INTERVAL_SEC to POST /add_training_data_bulk),
     only for responses that ended naturally with a status < 400; features are the chosen endpoint's at
@@ -255,7 +256,8 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
       * TPOT samples (streamingMode true, ≥ 2 output tokens from the response's usage): the mean
         inter-token latency (last byte − first byte) / (completion tokens − 1), once per sampled token
         position (token 2, then a Poisson process of mean `samplingMean` tokens, at most
-        `maxDecodeTokenSamplesForPrediction` when > 0) with num_tokens_generated = that position and the
+        `maxDecodeTokenSamplesForPrediction` when > 0, and never more than one upload's
+        LATENCY_MAX_SAMPLE_SIZE) with num_tokens_generated = that position and the
         endpoint's features at the first byte. Streamed answers need `stream_options.include_usage`.
 
     Metrics (labels plugin_name, plugin_type, model_name, target_model_name, as the reference):
@@ -341,8 +343,6 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         self._dispatched: dict[Endpoint, _Running] = {}
         self._prefill_tokens: dict[Endpoint, int] = {}
         self._next_sweep = 0.0
-        self._skip_until = 0.0
-        self._backoff = 0.0
         self._unavailable_log = LogLimiter(log, 30.0)
 
     def setup(self, ctx: PluginContext) -> None:
@@ -379,13 +379,15 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
             model = target = OVERFLOW_LABEL
         ctx = _Context(ttft_slo, tpot_slo, _input_tokens(request), scores, labels=(self.name, self.type, model, target))
         request.data[self._ctx_key] = ctx
-        if not self.params.predict_in_produce or not endpoints:
+        # A never-scraped endpoint (its metrics read 0) is unknown load, not the idlest pod: no prediction.
+        scraped = [ep for ep in endpoints if ep.metrics.update_time]
+        if not self.params.predict_in_produce or not scraped:
             return
-        if time.monotonic() < self._skip_until:
+        if self.client.backing_off():  # no rows built for a call that will not be made
             self._count_unavailable("skipped")
             return
-        ctx.prefill_snapshot = {ep: self._prefill_tokens.get(ep, 0) for ep in endpoints}
-        rows = [self._row(ep, ctx.input_tokens, scores.get(ep, 0.0), 1, ep.metrics) for ep in endpoints]
+        ctx.prefill_snapshot = {ep: self._prefill_tokens.get(ep, 0) for ep in scraped}
+        rows = [self._row(ep, ctx.input_tokens, scores.get(ep, 0.0), 1, ep.metrics) for ep in scraped]
         t0 = time.perf_counter()
         try:
             predicted = await self.client.predict_bulk(rows)
@@ -393,14 +395,13 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
             self._predictor_failed(e)
             return
         elapsed = time.perf_counter() - t0
-        self._backoff = 0.0
         m = self._metrics
         if m is not None:
             m.ttft_prediction_duration.labels(*ctx.labels).observe(elapsed)
             m.tpot_prediction_duration.labels(*ctx.labels).observe(elapsed)
             m.last.labels(*ctx.labels, "ttft_prediction_duration").set(elapsed)
             m.last.labels(*ctx.labels, "tpot_prediction_duration").set(elapsed)
-        infos = {ep: self._info(ep, ttft, tpot, ctx) for ep, (ttft, tpot) in zip(endpoints, predicted)}
+        infos = {ep: self._info(ep, ttft, tpot, ctx) for ep, (ttft, tpot) in zip(scraped, predicted)}
         ctx.predictions = infos
         request.data[self.key] = infos
 
@@ -438,13 +439,11 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
 
     def _predictor_failed(self, e: PredictorUnavailable) -> None:
         self._count_unavailable(e.reason)
-        self._backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, self._backoff * 2))
-        self._skip_until = time.monotonic() + self._backoff
+        if e.reason == "skipped":  # backing off after a failure, which was logged
+            return
         self._unavailable_log.warning(
-            "unavailable",
-            "%s: latency predictor unavailable, routing without predictions (next try in %.1fs): %s",
-            self.name, self._backoff, e,
-        )  # fmt: skip
+            "unavailable", "%s: latency predictor unavailable, routing without predictions: %s", self.name, e
+        )
 
     def _count_unavailable(self, reason: str) -> None:
         if self._metrics is not None:
@@ -527,9 +526,11 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
                 tpot_ms = (response.finished_at - response.first_byte_at) * 1000 / (tokens - 1)
                 features = ctx.first_token_metrics or ctx.dispatch_metrics
                 p = self.params
-                positions = decode_sample_positions(
-                    tokens, p.sampling_mean, p.max_decode_token_samples_for_prediction, self._rng
-                )
+                # At most one upload's worth (more would only be sampled away, and flood the buffer with one
+                # response's samples), and no position past the predictor's count bound (a 422 for the batch):
+                # a usage of 2**53 tokens was a loop of 2**53 / samplingMean samples.
+                cap = min(p.max_decode_token_samples_for_prediction or MAX_COUNT, self.client.max_sample_size)
+                positions = decode_sample_positions(min(tokens, MAX_COUNT), p.sampling_mean, cap, self._rng)
                 entries.extend(self._entry(ctx, features, k, 0.0, tpot_ms) for k in positions)
         else:  # the reference's default: TTFT is the end-to-end latency, TPOT is not trained
             ttft_ms = (response.finished_at - ctx.dispatched_at) * 1000

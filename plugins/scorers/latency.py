@@ -28,7 +28,7 @@ class LatencyScorer(Scorer):
     """Scores LatencyPredictionInfo (predicted-latency-producer); meant to run after
     prefix-cache-affinity-filter and slo-headroom-tier-filter have narrowed the candidates.
 
-    Groups (an endpoint without a prediction counts as positive, headroom 0):
+    Groups (an endpoint without a prediction — never scraped: its load is unknown — scores 0):
       * positive = TTFT and TPOT headroom ≥ 0. If any endpoint is positive, only positive ones are
         scored (the others 0), with `headroomSelectionStrategy`.
       * all negative: if any has 0 dispatched requests (idle), only the idle ones are scored; otherwise
@@ -51,7 +51,9 @@ class LatencyScorer(Scorer):
 
     with weights `compositeKVWeight`, `compositeQueueWeight`, `compositePrefixWeight` (1, 1, 1) normalised to
     sum 1 (KV alone when all are 0) and prefix = matched / total blocks (PrefixCacheMatchInfo); a half
-    rounds up (the reference's Go math.Round; Python's round() would round it to even).
+    rounds up (the reference's Go math.Round; Python's round() would round it to even). A never-scraped
+    endpoint scores 0 and is left out of maxQ (unknown load, not an idle pod, as queue-scorer and
+    kv-cache-utilization-scorer).
 
     Parameters: `ttftWeight` (0.8), `tpotWeight` (0.2), `headroomSelectionStrategy` (least | most),
     `compositeKVWeight`, `compositeQueueWeight`, `compositePrefixWeight` (1 each, ≥ 0),
@@ -113,7 +115,9 @@ class LatencyScorer(Scorer):
         negative: list[int] = []
         for i, ep in enumerate(endpoints):
             info = infos.get(ep)
-            if info is not None and (info.ttft_headroom < 0 or info.tpot_headroom < 0):
+            if info is None:
+                continue
+            if info.ttft_headroom < 0 or info.tpot_headroom < 0:
                 negative.append(i)
             else:
                 positive.append(i)
@@ -171,10 +175,13 @@ class LatencyScorer(Scorer):
         info: PrefixMatchInfo | None = request.data.get(self.prefix_key)
         hits = info.hits if info is not None and info.total_blocks > 0 else {}
         total = info.total_blocks if info is not None else 0
-        max_q = max((ep.metrics.waiting_queue_size for ep in endpoints), default=0)
+        max_q = max((ep.metrics.waiting_queue_size for ep in endpoints if ep.metrics.update_time), default=0)
         out = []
         for ep in endpoints:
             m = ep.metrics
+            if not m.update_time:
+                out.append(0.0)
+                continue
             rel_queue = (max_q - m.waiting_queue_size) / max_q if max_q > 0 else 1.0
             prefix = hits.get(ep, 0) / total if hits else 0.0
             composite = wkv * (1.0 - m.kv_cache_usage_percent) + wq * rel_queue + wp * prefix

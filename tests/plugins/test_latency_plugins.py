@@ -743,3 +743,158 @@ def test_the_tpot_budget_of_a_busy_endpoint_costs_no_pass_over_its_running_reque
     running = p._dispatched[busy]
     running.requests = NoScan(running.requests)
     assert budget(busy) == 45.0 and p.dispatched(busy) == 24
+
+
+async def test_an_absurd_completion_count_costs_a_bounded_number_of_tpot_samples() -> None:
+    """Usage is accepted up to 2**53 completion tokens; a TPOT sample was built for every sampled position (one per
+    samplingMean tokens, no cap by default): a server reporting 10**8 tokens cost 10**5 samples (seconds of event
+    loop and one response flooding the upload buffer), 2**53 froze the EPP. Positions past the predictor's count
+    bound (2**40) also made the whole upload a 422."""
+    p = make("predicted-latency-producer", {"streamingMode": True, "predictInProduce": False},
+             registry.build("approx-prefix-cache-producer", "approx", None))  # fmt: skip
+    sent: list[dict[str, Any]] = []
+    p.client.add_training = sent.extend
+    ep = endpoint(0)
+    req = request(b"z" * 400)
+    await p.produce(req, [ep])
+    p.pre_request(req, result(ep))
+    now = time.monotonic()
+    info = ResponseInfo(status=200, streaming=True, first_byte_at=now + 0.05, bytes=900,
+                        usage=Usage(prompt_tokens=100, completion_tokens=10**8, total_tokens=10**8 + 100))  # fmt: skip
+    p.first_response_chunk(req, info)
+    info.finished_at = now + 2.0
+    t0 = time.perf_counter()
+    p.response_complete(req, info, result(ep))
+    tpot = [e for e in sent if e["actual_tpot_ms"] > 0]
+    assert 0 < len(tpot) <= p.client.max_sample_size and time.perf_counter() - t0 < 1.0
+    assert all(e["num_tokens_generated"] <= 2**40 for e in tpot)
+    await p.aclose()
+
+
+async def test_one_dead_prediction_server_of_several_does_not_cost_every_request_its_prediction(
+    predictor: PredictorService,
+) -> None:
+    """PREDICTION_SERVER_URL lists replicas, used round robin; the back-off after a failure was the producer's, so
+    one dead replica stopped every call for 0.5-5 s, each time the round robin came back to it: almost no request
+    had a prediction while the other replica was fine. The dead one is skipped alone."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    p = make("predicted-latency-producer",
+             {"predictionServerURL": f"{dead},{predictor.urls['prediction']}",
+              "trainingServerURL": predictor.urls["training"]}, metrics=EppMetrics())  # fmt: skip
+    eps = [endpoint(0), endpoint(1)]
+    predicted = 0
+    for _ in range(20):
+        r = request()
+        await p.produce(r, eps)
+        predicted += KEY in r.data
+    assert predicted >= 19
+    counts = {k: c.value for k, c in p._metrics.unavailable._children.items()}
+    assert counts == {("plp", "error"): 1}
+    await p.aclose()
+
+
+async def test_when_every_prediction_server_is_backing_off_requests_are_routed_at_once() -> None:
+    p = producer(f"http://127.0.0.1:{free_port()},http://127.0.0.1:{free_port()}")
+    eps = [endpoint(0), endpoint(1)]
+    for _ in range(2):  # each fails once
+        await p.produce(request(), eps)
+    t0 = time.monotonic()
+    for _ in range(10):
+        r = request()
+        await p.produce(r, eps)
+        assert KEY not in r.data
+    assert time.monotonic() - t0 < 0.1
+    counts = {k: c.value for k, c in p._metrics.unavailable._children.items()}
+    assert counts == {("plp", "error"): 2, ("plp", "skipped"): 10}
+    await p.aclose()
+
+
+async def test_a_never_scraped_endpoint_is_unknown_load_not_the_fastest(predictor: PredictorService) -> None:
+    """A pod whose /metrics never answered reads KV 0, queue 0, running 0: predicted as the idlest pod, it won every
+    request (latency-scorer, with or without predictions) although its load is unknown, while the queue, KV and
+    running-requests scorers leave it unscored. It gets no prediction and scores 0 while another has a known load."""
+    train_tpot_on_running(predictor)
+    p = producer(predictor)
+    scorer = make("latency-scorer", None, p, registry.build("approx-prefix-cache-producer", "approx", None))
+    eps = [endpoint(0, queue=2, running=6, kv=0.4), endpoint(1, scraped=False)]
+    req = request(b"x" * 20)
+    req.headers["x-llm-d-slo-ttft-ms"] = "1000"
+    await p.produce(req, eps)
+    assert set(req.data[KEY]) == {eps[0]}
+    scores = scorer.score(req, eps)
+    assert scores[0] > 0 and scores[1] == 0.0
+    bare = request(b"x" * 20)  # no SLO: every headroom negative, the lowest prediction wins
+    await p.produce(bare, eps)
+    assert scorer.score(bare, eps)[1] == 0.0
+    # Nothing scraped: no call, no prediction.
+    unknown = request(b"x" * 20)
+    await p.produce(unknown, [eps[1], endpoint(2, scraped=False)])
+    assert KEY not in unknown.data
+    # Without predictions, the composite fallback (KV, queue, prefix) leaves it unscored too.
+    composite = scorer.score(request(), eps)
+    assert composite[0] > 0 and composite[1] == 0.0
+    await p.aclose()
+
+
+def test_the_admitter_does_not_admit_on_a_never_scraped_endpoints_zeros() -> None:
+    """Its KV 0 read as cold and its running 0 as idle: with one such pod in the pool no sheddable request was shed,
+    and the request then went to the saturated pods (the scorers leave the unknown one unscored)."""
+    a = make("latency-slo-admitter")
+    busy = endpoint(0, kv=0.5, running=3)
+    req = with_infos([busy], {0: info(-5, dispatched=2)}, priority=-1)
+    req.headers["x-llm-d-slo-ttft-ms"] = "200"
+    with pytest.raises(Saturated):
+        a.admit(req, [busy, endpoint(1, scraped=False)])
+    a.admit(req, [endpoint(1, scraped=False)])  # nothing known: no prediction applies, fail open
+
+
+async def test_a_huge_predictor_answer_is_refused_not_buffered() -> None:
+    """The answer was read whole whatever its size (only the 300 ms bound stopped it: on loopback, hundreds of MB
+    per request in flight). A bulk answer is a few hundred bytes per row: anything far past that is refused."""
+    pad = b" " * (64 * 1024 * 1024)
+    body = b'{"predictions": [{"ttft_ms": 1, "tpot_ms": 1}, {"ttft_ms": 2, "tpot_ms": 2}]' + pad + b"}"
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.path.startswith("/chunked/"):
+            resp = web.StreamResponse(headers={"content-type": "application/json"})
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            for i in range(0, len(body), 1 << 20):
+                await resp.write(body[i : i + (1 << 20)])
+            await resp.write_eof()
+            return resp
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host, port = runner.addresses[0][:2]
+    try:
+        for prefix in ("/whole", "/chunked"):
+            p = producer(f"http://{host}:{port}{prefix}", predictionTimeout="350ms")
+            r = request()
+            await p.produce(r, [endpoint(0), endpoint(1)])
+            assert KEY not in r.data
+            counts = {k: c.value for k, c in p._metrics.unavailable._children.items()}
+            assert counts == {("plp", "invalid"): 1}, (prefix, counts)
+            await p.aclose()
+    finally:
+        await runner.cleanup()
+
+
+async def test_concurrent_calls_failing_together_are_one_failure_for_the_back_off() -> None:
+    """The back-off doubled per failed call: 20 requests in flight when the predictor stalled made one stall a 5 s
+    back-off (0.5 · 2⁴ capped) instead of 0.5 s. Calls made before the server was marked failed do not escalate."""
+    runner, url = await slow_predictor(5.0)
+    try:
+        p = producer(url, predictionTimeout="100ms")
+        eps = [endpoint(0), endpoint(1)]
+        await asyncio.gather(*(p.produce(request(), eps) for _ in range(20)))
+        counts = {k: c.value for k, c in p._metrics.unavailable._children.items()}
+        assert counts == {("plp", "timeout"): 20}
+        assert p.client._backoff == [0.5]
+        await p.aclose()
+    finally:
+        await runner.cleanup()
