@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import msgspec
@@ -110,6 +110,9 @@ _META_KEY = b'"meta_info"'
 _ARRAY = re.compile(rb"[ \t\r\n]*\[")
 _ID_WINDOW = 16  # bytes from the end of `"meta_info"` to the start of its id's value, at most
 _DONE = b"[DONE]"
+_LONE_CR = re.compile(rb"\r(?!\n)")
+# A `data:` line followed by another of the same event (no blank line between them).
+_MULTI_DATA = re.compile(rb"(?:^|\n)data:[^\n]*+\n(?:[^\n]++\n)*?data:")
 # Events naming "usage" without one (OpenAI-style `"usage": null` in every chunk of a stream that never
 # reports it) decoded from the end before giving up: a stream reports its usage in (or near) its last
 # event, and decoding every event of a 64 KB tail cost ~1 ms per response.
@@ -203,11 +206,75 @@ def usage_from_json(body: bytes) -> Usage | None:
     return _summed(_envelope_usage(env) for env in envs)
 
 
+class _Malformed(Exception):
+    """A `data:` line naming a usage is no JSON: perhaps one line of an event's several."""
+
+
+def _read_sse(read: Callable[[bytes, bool], Usage | None], sse: bytes, warn: bool) -> Usage | None:
+    """`read` of SSE bytes with one `\n` ending each line (SSE ends a line with CR, LF or CRLF; a raw CR in
+    valid JSON is never inside a string), each event's data in one `data:` line. A CRLF line is read as it
+    is (its CR is stripped): only a lone CR costs a rewrite of the bytes. An event whose data is in several
+    `data:` lines is rare: the bytes are scanned for one only when a usage line is no JSON. A usage that is
+    not read for that is a rate-limited warning when `warn` (not for a head: its last line is cut)."""
+    if b"\r" in sse and _LONE_CR.search(sse) is not None:
+        sse = _lf(sse)
+    try:
+        return read(sse, True)
+    except _Malformed:
+        pass
+    if b"\r" in sse:  # CRLF: the blank line ending an event is no `\r` line here
+        sse = _lf(sse)
+    usage = read(_joined_data(sse) if _MULTI_DATA.search(sse) is not None else sse, False)
+    if usage is None and warn:
+        _bad_count_log.warning("sse", "response usage ignored: an SSE event naming a usage is malformed")
+    return usage
+
+
+def _lf(sse: bytes) -> bytes:
+    if b"\r\n" in sse:
+        sse = sse.replace(b"\r\n", b"\n")
+    return sse.replace(b"\r", b"\n")
+
+
+def _data_usage(payload: bytes, strict: bool) -> Usage | None:
+    """The usage of a `data:` line's payload; when strict, _Malformed if it is no envelope (a part of one,
+    as `"usage":{...` is, may still be JSON: a string, a number)."""
+    try:
+        env = _ENVELOPE.decode(payload)
+    except (msgspec.DecodeError, RecursionError):  # msgspec.ValidationError is a DecodeError
+        if strict:
+            raise _Malformed from None
+        return None
+    return _envelope_usage(env)
+
+
+def _joined_data(sse: bytes) -> bytes:
+    """Each event's `data:` lines in one: SSE joins them with a newline, joined with a tab here, which JSON
+    reads exactly as it reads a newline (whitespace between tokens, malformed inside a string)."""
+    out: list[bytes] = []
+    data: list[bytes] = []  # the current event's data lines
+    for line in sse.split(b"\n"):
+        if line.startswith(b"data:"):
+            data.append(line if not data else line[6:] if line[5:6] == b" " else line[5:])
+            continue
+        if not line and data:  # a blank line ends the event
+            out.append(b"\t".join(data))
+            data = []
+        out.append(line)  # event:, id:, comments: kept (before the event's data)
+    if data:
+        out.append(b"\t".join(data))
+    return b"\n".join(out)
+
+
 def usage_from_sse(tail: bytes) -> Usage | None:
     """Usage from the last SSE `data:` event that carries one (the tail may start mid-event: then the last
     `"usage"` object of that partial first line, as a Responses-API `response.completed` event repeating a
     long output outgrows the tail). An SGLang stream (its last event has a `meta_info`, no `usage`): the
     outputs' last running totals, summed."""
+    return _read_sse(_usage_from_sse_lines, tail, True)
+
+
+def _usage_from_sse_lines(tail: bytes, strict: bool) -> Usage | None:
     end = len(tail)
     last_event = True
     misses = 0
@@ -230,7 +297,7 @@ def usage_from_sse(tail: bytes) -> Usage | None:
         payload = line[5:].strip()
         if payload == _DONE:
             continue
-        usage = _from_envelope(payload)
+        usage = _data_usage(payload, strict)
         if usage is not None:
             return usage
         misses += 1
@@ -290,10 +357,14 @@ def _last_meta_object(fragment: bytes) -> _MetaInfo | None:
 
 def usage_from_sse_head(head: bytes) -> Usage | None:
     """Usage from the first SSE `data:` event that carries one (Anthropic's message_start)."""
+    return _read_sse(_head_usage, head, False)
+
+
+def _head_usage(head: bytes, strict: bool) -> Usage | None:
     misses = 0
     for line in head.split(b"\n"):
         if line.startswith(b"data:") and _USAGE_KEY in line:
-            usage = _from_envelope(line[5:].strip())
+            usage = _data_usage(line[5:].strip(), strict)
             if usage is not None:
                 return usage
             misses += 1
