@@ -11,42 +11,46 @@ are ever delayed, so SSE event timing is unaffected.
 
 from __future__ import annotations
 
+import re
+
 import msgspec
+
+_KEY = b'"model":'
 
 
 class ModelNameRewriter:
-    __slots__ = ("_carry", "_max_hold", "_pairs", "_patterns")
+    __slots__ = ("_carry", "_max_hold", "_pattern_bytes", "_patterns", "_plain", "_re", "_spaced")
 
     def __init__(self, target_model: str, client_model: str) -> None:
         target = msgspec.json.encode(target_model)
         client = msgspec.json.encode(client_model)
-        self._pairs = (
-            (b'"model":' + target, b'"model":' + client),
-            (b'"model": ' + target, b'"model": ' + client),
-        )
-        self._patterns = tuple(p for p, _ in self._pairs)
+        # One left-to-right scan for either pattern (the result is that of the whole body, however it is cut).
+        self._re = re.compile(re.escape(_KEY) + b"( ?)" + re.escape(target))
+        self._plain, self._spaced = _KEY + client, _KEY + b" " + client
+        self._patterns = (_KEY + target, _KEY + b" " + target)
         self._max_hold = max(len(p) for p in self._patterns) - 1
+        self._pattern_bytes = frozenset(self._patterns[1])  # a held tail ends with one of them
         self._carry = b""
 
     def feed(self, chunk: bytes, end_of_stream: bool) -> bytes:
         data = self._carry + chunk if self._carry else chunk
-        for pattern, replacement in self._pairs:
-            if pattern in data:
-                data = data.replace(pattern, replacement)
-        if end_of_stream:
-            self._carry = b""
-            return data
-        hold = self._partial_suffix(data)
+        # The held tail is raw bytes after the last match: a replaced name is never matched (nor held) again.
+        # split: [before, " " or "", between, ..., after the last match] in one C call.
+        parts = self._re.split(data) if _KEY in data else None
+        pos = len(data) - len(parts[-1]) if parts else 0
+        hold = 0 if end_of_stream or not data or data[-1] not in self._pattern_bytes else self._partial(data, pos)
+        self._carry = data[len(data) - hold :] if hold else b""
+        if parts is None or len(parts) == 1:
+            return data[: len(data) - hold] if hold else data
+        parts[1::2] = [self._spaced if space else self._plain for space in parts[1::2]]
         if hold:
-            self._carry = data[-hold:]
-            return data[:-hold]
-        self._carry = b""
-        return data
+            parts[-1] = parts[-1][: len(parts[-1]) - hold]
+        return b"".join(parts)
 
-    def _partial_suffix(self, data: bytes) -> int:
-        """Length of the longest data suffix that is a proper prefix of a pattern."""
+    def _partial(self, data: bytes, lo: int) -> int:
+        """Length of the longest data suffix from `lo` on that is a proper prefix of a pattern."""
         n = len(data)
-        lo = max(0, n - self._max_hold)
+        lo = max(lo, n - self._max_hold)
         i = data.find(b'"', lo)
         while i >= 0:
             tail = data[i:]

@@ -723,7 +723,13 @@ class ExtProcStream:
             extra = self.svc.director.response_headers(req, info, headers)
             if extra:
                 set_headers.extend(extra.items())
-            if req.target_model and req.target_model != req.model and req.usage_reader is None:
+            if (
+                req.target_model
+                and req.target_model != req.model
+                and req.usage_reader is None
+                # An encoded body (gzip, br, ...) is passed as it came: its bytes are no JSON to rewrite.
+                and headers.get("content-encoding", "identity").strip().lower() in ("identity", "")
+            ):
                 self.rewriter = ModelNameRewriter(req.target_model, req.model)
                 if self.resp_mode != envoy.MODE_FULL_DUPLEX_STREAMED and "content-length" in headers:
                     # Non-FDS modes keep content-length; the rewrite may change the length.
