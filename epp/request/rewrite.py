@@ -47,6 +47,11 @@ class ModelNameRewriter:
             parts[-1] = parts[-1][: len(parts[-1]) - hold]
         return b"".join(parts)
 
+    @property
+    def held(self) -> bytes:
+        """Bytes fed but not returned yet (a possible start of the pattern, waiting for the next chunk)."""
+        return self._carry
+
     def _partial(self, data: bytes, lo: int) -> int:
         """Length of the longest data suffix from `lo` on that is a proper prefix of a pattern."""
         n = len(data)

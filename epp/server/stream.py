@@ -392,6 +392,7 @@ class ExtProcStream:
         "resp_started",
         "response_time",
         "rewriter",
+        "rewriter_flushed",
         "rid_generated",
         "subset",
         "svc",
@@ -420,6 +421,7 @@ class ExtProcStream:
         self.info: ResponseInfo | None = None
         self.usage: UsageReader | None = None
         self.rewriter: ModelNameRewriter | None = None
+        self.rewriter_flushed = b""  # what the rewriter held before the body's last chunk (see fallback)
         self.lab: _Labeled | None = None
         self.last_chunk_at = 0.0  # a streamed answer's last body chunk (inter-token latency)
         self.request_trailers = False
@@ -776,6 +778,8 @@ class ExtProcStream:
         mode = self.resp_mode
         if mode == envoy.MODE_FULL_DUPLEX_STREAMED:
             if rewriter is not None:
+                if eos:  # once per response: the held bytes this feed returns, should a later step fail
+                    self.rewriter_flushed = rewriter.held
                 chunk = rewriter.feed(chunk, eos)
             answer: Answer = envoy.streamed_response_body(chunk, eos)
         elif rewriter is not None and (chunk or eos):
@@ -869,7 +873,7 @@ class ExtProcStream:
         return True
 
     # -- failures ------------------------------------------------------------------------------------
-    def fallback(self, msg: pb.ProcessingRequest) -> Answer | None:
+    def fallback(self, msg: pb.ProcessingRequest) -> Answers:
         """An unexpected exception while handling `msg`: log it and answer safely."""
         kind = msg.WhichOneof("request")
         self.svc._bug_log.error(
@@ -892,11 +896,22 @@ class ExtProcStream:
             if b.end_of_stream:
                 self.complete(TerminationCause.ERROR)
             if self.resp_mode == envoy.MODE_FULL_DUPLEX_STREAMED:
-                self.rewriter = None  # echo raw from now on
-                return envoy.streamed_response_body(b.body, b.end_of_stream)
+                body = b.body
+                rewriter = self.rewriter
+                if rewriter is not None:
+                    # Echo raw from now on, the bytes the rewriter held back first (no answer carried them). Only
+                    # the body's last chunk has a step after its feed (the response's metadata and completion).
+                    held = rewriter.held or (self.rewriter_flushed if b.end_of_stream else b"")
+                    body = held + body
+                    self.rewriter = None
+                return envoy.streamed_response_body(body, b.end_of_stream)
             return envoy.RESPONSE_BODY_CONTINUE
         if kind == "response_trailers":
             self.complete(TerminationCause.ERROR)
+            rewriter = self.rewriter
+            if rewriter is not None and rewriter.held and self.resp_mode == envoy.MODE_FULL_DUPLEX_STREAMED:
+                self.rewriter = None  # what it held goes out before the trailers, as on_response_trailers sends it
+                return [envoy.streamed_response_body(rewriter.held, False), envoy.RESPONSE_TRAILERS_CONTINUE]
             return envoy.RESPONSE_TRAILERS_CONTINUE
         return None
 

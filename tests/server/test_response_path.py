@@ -186,3 +186,66 @@ def test_hostile_streams_give_the_last_usage_however_split(
     assert collect(_split(stream, cuts), streaming=True) == whole
     if last and not any(kind == "big" for kind, _ in events[last[-1] + 1 :]):
         assert whole == Usage(last[-1], last[-1] + 1, 0, 2 * last[-1] + 1)
+
+
+# -- a failure while handling a response chunk loses none of the bytes the rewriter held ----------------------
+@pytest.mark.parametrize("failing_chunk", [1, 2], ids=["a middle chunk", "the last chunk"])
+async def test_a_failure_handling_a_chunk_echoes_what_the_rewriter_held(
+    monkeypatch: pytest.MonkeyPatch, failing_chunk: int
+) -> None:
+    """Chunk 0 ends in a possible start of the pattern (`"model":"big`): the rewriter holds it back for the next
+    chunk. Before: a failure handling that chunk (here the usage reader's, inside the EPP) echoed the chunk raw
+    and dropped the rewriter, and the held bytes with it; the client got a body with a hole."""
+    from llmepp.request.usage import UsageCollector
+
+    chunks = [b'{"id":"x","model":"big', b'-model-v2","choices":[],"more":"', b'tail"}']
+    calls = {"n": 0}
+    feed = UsageCollector.feed
+
+    def failing_feed(self: UsageCollector, chunk: bytes) -> None:
+        calls["n"] += 1
+        if calls["n"] == failing_chunk + 1:
+            raise RuntimeError("usage reader bug")
+        feed(self, chunk)
+
+    monkeypatch.setattr(UsageCollector, "feed", failing_feed)
+    body = json.dumps({"model": "m", "prompt": "hi"}).encode()
+    async with serve() as h:
+        s = h.open()
+        await s.route(body, {"x-llm-d-model-name-rewrite": "big-model-v2"})
+        await s.send(response_headers(200, "application/json"))
+        await s.recv()
+        out = b""
+        for i, chunk in enumerate(chunks):
+            await s.send(response_body(chunk, eos=i == len(chunks) - 1))
+            out += streamed(await s.recv(), "response_body")[0]
+    assert calls["n"] == len(chunks)
+    # Rewritten up to the failure, raw from there on: every byte there, once. (Failing at chunk 1, the name
+    # was still held, so it goes out raw; failing at chunk 2, it had been rewritten with chunk 1.)
+    raw = b"".join(chunks)
+    assert out == (raw if failing_chunk == 1 else raw.replace(b"big-model-v2", b"m"))
+
+
+async def test_a_failure_handling_the_last_chunk_after_its_feed_keeps_the_held_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The last chunk's feed returns the held bytes; its answer is then completed (metadata, completion). A
+    failure there answered the chunk raw without the bytes held before it."""
+    from llmepp.server import stream as stream_mod
+
+    def failing_end(self: object) -> None:
+        raise RuntimeError("completion bug")
+
+    monkeypatch.setattr(stream_mod.ExtProcStream, "_response_ended", failing_end)
+    chunks = [b'{"id":"x","model":"big', b'-model-v2"}']
+    body = json.dumps({"model": "m", "prompt": "hi"}).encode()
+    async with serve() as h:
+        s = h.open()
+        await s.route(body, {"x-llm-d-model-name-rewrite": "big-model-v2"})
+        await s.send(response_headers(200, "application/json"))
+        await s.recv()
+        out = b""
+        for i, chunk in enumerate(chunks):
+            await s.send(response_body(chunk, eos=i == len(chunks) - 1))
+            out += streamed(await s.recv(), "response_body")[0]
+    assert out == b"".join(chunks)
