@@ -560,7 +560,7 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
             if violated:
                 m.slo_violations.labels(*ctx.labels, "ttft").inc()
             last.labels(*ctx.labels, "ttft_slo_violation").set(1.0 if violated else 0.0)
-        if ctx.tpot_slo > 0:
+        if ctx.tpot_slo > 0 and tpot_ms > 0:  # a TPOT not measured (not streamed, one token) is no verdict
             violated = tpot_ms > ctx.tpot_slo
             if violated:
                 m.slo_violations.labels(*ctx.labels, "tpot").inc()

@@ -898,3 +898,20 @@ async def test_concurrent_calls_failing_together_are_one_failure_for_the_back_of
         await p.aclose()
     finally:
         await runner.cleanup()
+
+
+async def test_a_tpot_never_measured_is_no_tpot_slo_verdict() -> None:
+    """A non-streamed answer (or one token) has no TPOT: before, the last tpot_slo_violation read 0, as if the
+    request had met its TPOT SLO."""
+    from llmepp.plugins.producers.predicted_latency import _Context
+
+    p = make("predicted-latency-producer", {"streamingMode": True}, metrics=EppMetrics())
+    labels = ("plp", "predicted-latency-producer", "m", "m")
+    ctx = _Context(ttft_slo=100.0, tpot_slo=10.0, input_tokens=1, prefix_scores={}, labels=labels)
+    ctx.target = endpoint(0)
+    p._observe(ctx, 50.0, 0.0)
+    kinds = {key[-1] for key in p._metrics.last._children}
+    assert "ttft_slo_violation" in kinds and "tpot_slo_violation" not in kinds
+    p._observe(ctx, 50.0, 12.0)
+    assert p._metrics.last.labels(*labels, "tpot_slo_violation").value == 1.0
+    await p.aclose()
