@@ -14,10 +14,28 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from llmepp_sim.errors import bad_request
+from llmepp_sim.errors import ApiError, bad_request
 from llmepp_sim.protocol import encode_json, lax_int
 
+# vLLM maps these; any other finish reason (``abort``) has no stop_reason (null).
 STOP_REASONS = {"length": "max_tokens", "stop": "end_turn"}
+
+
+class AnthropicError(ApiError):
+    """An error of the Messages handler, in Anthropic's shape as vLLM's router translates it
+    (``{"type": "error", "error": {"type": <the OpenAI error type>, "message": ...}}``). Refusals of the
+    request model's validation keep the OpenAI shape: vLLM's app-wide validation handler answers them."""
+
+    def __init__(self, error: ApiError) -> None:
+        super().__init__(error.status, error.message, param=error.param, err_type=error.err_type)
+
+    def body(self) -> dict[str, Any]:
+        return {"type": "error", "error": {"type": self.err_type, "message": self.message}}
+
+
+def no_render(body: dict[str, Any]) -> str:
+    """A chat renderer that renders nothing: ``parse_inference_request`` with it only validates the fields."""
+    return ""
 
 
 def to_chat_body(body: dict[str, Any]) -> dict[str, Any]:
@@ -77,7 +95,7 @@ def full_response(message_id: str, model: str, text: str, finish_reason: str, us
             "role": "assistant",
             "model": model,
             "content": [{"type": "text", "text": text}],
-            "stop_reason": STOP_REASONS.get(finish_reason, "end_turn"),
+            "stop_reason": STOP_REASONS.get(finish_reason),
             "stop_sequence": None,
             "usage": usage_body,
         }
@@ -118,7 +136,7 @@ class MessagesStream:
 
     @staticmethod
     def end(finish_reason: str, output_tokens: int) -> bytes:
-        delta: dict[str, Any] = {"stop_reason": STOP_REASONS.get(finish_reason, "end_turn"), "stop_sequence": None}
+        delta: dict[str, Any] = {"stop_reason": STOP_REASONS.get(finish_reason), "stop_sequence": None}
         return (
             _event("content_block_stop", {"type": "content_block_stop", "index": 0})
             + _event(

@@ -95,6 +95,9 @@ class SimRequest:
     last_token_time: float | None = None
     finish_time: float | None = None
     finish_reason: str | None = None
+    # Aborted through vLLM's abort API (``abort_ids``), not by a shutdown: answered like any finished
+    # request, with finish_reason "abort".
+    aborted_by_request: bool = False
     remote_block_ids: list[int] = field(default_factory=list)
     _waiter: asyncio.Future[None] | None = None
     _done_waiter: asyncio.Future[None] | None = None
@@ -231,6 +234,7 @@ class Engine:
         wanted = set(request_ids)
         matches = [r for r in (*self.running, *self.waiting) if r.request_id in wanted]
         for request in matches:
+            request.aborted_by_request = True
             self.abort(request)
         return len(matches)
 

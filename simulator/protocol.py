@@ -128,6 +128,13 @@ def _messages_text(body: dict[str, Any], render: ChatRenderer) -> str:
         content = message.get("content")
         if content is not None and not isinstance(content, str | list):
             raise bad_request(f"messages[{i}].content must be a string or a list of parts.", param="messages")
+        # vLLM's content part union admits objects and strings only; a text part's text is joined as a
+        # string (missing or null: the part is skipped).
+        for part in content if isinstance(content, list) else ():
+            if not isinstance(part, dict | str):
+                raise bad_request(f"messages[{i}].content parts must be objects, got {part!r}.", param="messages")
+            if isinstance(part, dict) and part.get("type") == "text" and not isinstance(part.get("text"), str | None):
+                raise bad_request(f"messages[{i}].content: a text part's `text` must be a string.", param="messages")
     try:
         return render(body)
     except ValueError as e:
@@ -139,10 +146,12 @@ def parse_inference_request(
 ) -> InferenceRequest:
     """Validate a completions/chat body; tokenisation is left to the caller (it may be slow)."""
     model = _optional(body, "model", str, "a string")
+    # vLLM's validate_stream_options runs before field validation, on the raw values: an empty (falsy)
+    # object needs no stream; a raw falsy stream (false, 0, missing) refuses a non-empty one.
+    if body.get("stream_options") and not body.get("stream"):
+        raise bad_request("Stream options can only be defined when `stream=True`.", param="stream_options")
     stream = bool(_optional(body, "stream", bool, "a boolean") or False)
     options = _optional(body, "stream_options", dict, "an object")
-    if options is not None and not stream:
-        raise bad_request("Stream options can only be defined when `stream=True`.", param="stream_options")
     # vLLM's StreamOptions: `include_usage: bool | None = True` (lax: "false" is false; null is no usage).
     usage_key = "stream_options.include_usage"
     usage_flag = {usage_key: options.get("include_usage", True)} if options is not None else {}

@@ -257,7 +257,17 @@ async def _inference(request: web.Request, chat: bool, api: Api = "openai") -> w
     arrival = pod.clock.now()  # before the body is read and parsed: that host work is part of the overhead
     check_admission(pod, request.headers.get(FORCE_ERROR_HEADER))
     body = decode_json_body(await request.read())
-    sub = await submit(pod, body, chat, api, request.headers.get("X-Request-Id"), arrival)
+    request_id = request.headers.get("X-Request-Id")
+    if api == "anthropic":
+        # vLLM: the request model's validation answers in the OpenAI shape, the handler in Anthropic's.
+        body = anthropic.to_chat_body(body)
+        parse_inference_request(body, chat, pod.tokenizer.vocab_size, anthropic.no_render)
+        try:
+            sub = await submit(pod, body, chat, "openai", request_id, arrival)
+        except ApiError as error:
+            raise anthropic.AnthropicError(error) from None
+    else:
+        sub = await submit(pod, body, chat, api, request_id, arrival)
     sim_request, parsed, model = sub.sim_request, sub.parsed, sub.model
     try:
         if api == "anthropic":
@@ -298,11 +308,17 @@ def aborted_error() -> ApiError:
     return ApiError(503, "The request was aborted: the engine is shutting down.", err_type="ServiceUnavailableError")
 
 
+def _shut_down(sim_request: SimRequest) -> bool:
+    """Aborted because the engine is going down (an error), not through the abort API: a request aborted
+    that way is answered as vLLM answers it, finished with finish_reason "abort" (its output so far)."""
+    return sim_request.finish_reason == "abort" and not sim_request.aborted_by_request
+
+
 async def complete_body(sub: Submission) -> bytes:
     """The OpenAI (completions or chat) JSON answer, once the request has finished."""
     sim_request = sub.sim_request
     await sim_request.wait_finished()
-    if sim_request.finish_reason == "abort":
+    if _shut_down(sim_request):
         raise aborted_error()
     return full_response(
         sub.parsed.chat,
@@ -317,20 +333,23 @@ async def complete_body(sub: Submission) -> bytes:
 
 async def stream_events(sub: Submission) -> AsyncGenerator[tuple[list[bytes], bool], None]:
     """The OpenAI SSE answer: (events ready now, finished) each time the output grows; every event is one
-    complete ``data: ...\n\n``. Ends without ``finished`` when the engine aborts the request."""
+    complete ``data: ...\n\n``. Ends without ``finished`` when the engine aborts the request as the pod goes down."""
     sim_request, parsed, pod = sub.sim_request, sub.parsed, sub.pod
     renderer = StreamRenderer(parsed.chat, sim_request.request_id, sub.model)
     if parsed.chat:
         yield [renderer.role_chunk()], False
     async for sent, available, finished in output_growth(sim_request):
         texts = sim_request.output_text
-        last = available - 1 if finished else available
+        # An abort's final output adds no token (vLLM: new_token_ids=[]): its chunk has empty content.
+        last = available - 1 if finished and sim_request.finish_reason != "abort" else available
         # Tokens that piled up while the consumer was busy go out together.
         parts = [renderer.token_chunk(texts[i]) for i in range(sent, last)]
         if finished:
             parts.append(
                 renderer.final_token_chunk(
-                    texts[last], sim_request.finish_reason or "length", _kv_params_out(pod, sim_request)
+                    texts[last] if last < available else "",
+                    sim_request.finish_reason or "length",
+                    _kv_params_out(pod, sim_request),
                 )
             )
             if parsed.include_usage:
@@ -354,14 +373,14 @@ async def _stream(request: web.Request, sub: Submission) -> web.StreamResponse:
 
 async def output_growth(sim_request: SimRequest) -> AsyncIterator[tuple[int, int, bool]]:
     """(first token not sent yet, tokens available, finished) each time the output grows. Ends after
-    the last tokens, or at once when the engine aborts the request (the pod is going down: the
-    connection is being dropped)."""
+    the last tokens, or at once when the engine aborts the request because the pod is going down (the
+    connection is being dropped); a request aborted through the abort API finishes like any other."""
     sent = 0
     while True:
         await sim_request.wait(sent)
         available = len(sim_request.output_text)
         finished = sim_request.finished
-        if finished and sim_request.finish_reason == "abort":
+        if finished and _shut_down(sim_request):
             return
         yield sent, available, finished
         if finished:
@@ -371,8 +390,8 @@ async def output_growth(sim_request: SimRequest) -> AsyncIterator[tuple[int, int
 
 async def _complete_messages(sim_request: SimRequest, model: str) -> web.Response:
     await sim_request.wait_finished()
-    if sim_request.finish_reason == "abort":
-        raise aborted_error()
+    if _shut_down(sim_request):
+        raise anthropic.AnthropicError(aborted_error())
     u = _anthropic_usage(sim_request)
     body = anthropic.full_response(
         anthropic.new_message_id(), model, "".join(sim_request.output_text), sim_request.finish_reason or "length", u
@@ -403,7 +422,7 @@ async def _stream_messages(request: web.Request, sim_request: SimRequest, model:
 
 async def _complete_generate(sim_request: SimRequest) -> web.Response:
     await sim_request.wait_finished()
-    if sim_request.finish_reason == "abort":
+    if _shut_down(sim_request):
         raise aborted_error()
     body = generate.full_response(
         sim_request.request_id, sim_request.output_ids, sim_request.finish_reason or "length", _usage(sim_request)

@@ -1,0 +1,143 @@
+"""Bad requests and aborted requests answered as vLLM answers them (each case cites the vLLM source it follows)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import grpc
+
+from llmepp.protocols import vllm_engine_pb2 as pb
+from llmepp.protocols import vllm_engine_pb2_grpc as pb_grpc
+
+from .simkit import pod, started, words
+
+
+async def post(http: aiohttp.ClientSession, url: str, body: dict[str, Any], **headers: str) -> tuple[int, Any]:
+    async with http.post(url, json=body, headers=headers) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+# ---------------------------------------------------------------------------- /v1/messages error shapes
+async def test_messages_handler_errors_are_anthropic_shaped_validation_errors_openai_shaped(
+    http: aiohttp.ClientSession,
+) -> None:
+    # vllm/entrypoints/anthropic/api_router.py: an ErrorResponse of the handler goes through
+    # translate_error_response -> {"type": "error", "error": {"type": <OpenAI type>, "message": ...}};
+    # the request model's validation (FastAPI's RequestValidationError) is answered by the app-wide
+    # handler (vllm/entrypoints/serve/utils/server_utils.py) in the OpenAI shape.
+    cluster = await started([pod(max_model_len=64)])
+    try:
+        url = cluster.urls[0] + "/v1/messages"
+        status, err = await post(http, url, {"model": "nope", "messages": [{"role": "user", "content": "x"}],
+                                             "max_tokens": 2})  # fmt: skip
+        assert status == 404, err
+        assert err["type"] == "error" and set(err["error"]) == {"type", "message"}, err
+        assert err["error"]["type"] == "NotFoundError" and "nope" in err["error"]["message"]
+        status, err = await post(http, url, {"model": "sim-model", "messages": [{"role": "user", "content": words(40)}],
+                                             "max_tokens": 50})  # fmt: skip
+        assert status == 400 and err["type"] == "error" and err["error"]["type"] == "BadRequestError", err
+        assert "maximum context length" in err["error"]["message"]
+        # Request-model validation: the OpenAI shape, as on every route.
+        status, err = await post(http, url, {"model": "sim-model", "messages": [{"role": "user", "content": "x"}]})
+        assert status == 400 and err["error"]["code"] == 400 and "type" not in err, err
+    finally:
+        await cluster.stop()
+
+
+# ---------------------------------------------------------------------------- chat content parts
+async def test_content_parts_that_are_not_objects_or_whose_text_is_not_a_string_are_400(
+    http: aiohttp.ClientSession,
+) -> None:
+    # vllm/entrypoints/chat_utils.py: ChatCompletionContentPartParam admits objects and strings only (an int
+    # matches no member); a text part's text is joined as a string ("\n".join raises TypeError, a 400).
+    cluster = await started([pod()])
+    try:
+        base = cluster.urls[0]
+        for content in ([1, 2], [None], [["x"]], [{"type": "text", "text": 5}], [{"type": "text", "text": ["a"]}],
+                        [{"type": "text", "text": True}]):  # fmt: skip
+            messages = [{"role": "user", "content": content}]
+            for path in ("/v1/chat/completions", "/tokenize", "/v1/chat/completions/render"):
+                status, err = await post(http, base + path, {"model": "sim-model", "messages": messages})
+                assert status == 400, (path, content, err)
+                assert err["error"]["param"] == "messages", err
+        # What vLLM serves stays served: typed text parts, a text part without text (skipped), other parts.
+        messages = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text"},
+                                                 {"type": "text", "text": None}, {"type": "image_url"}]}]  # fmt: skip
+        status, answer = await post(http, base + "/tokenize", {"model": "sim-model", "messages": messages})
+        assert status == 200, answer
+    finally:
+        await cluster.stop()
+
+
+# ---------------------------------------------------------------------------- stream_options
+async def test_empty_stream_options_without_stream_are_accepted(http: aiohttp.ClientSession) -> None:
+    # vllm/entrypoints/openai/protocol.py, validate_stream_options (mode="before"):
+    #     if data.get("stream_options") and not data.get("stream"): raise ...
+    cluster = await started([pod()])
+    try:
+        base = cluster.urls[0]
+        status, answer = await post(http, base + "/v1/completions", {"prompt": "x", "max_tokens": 1,
+                                                                     "stream_options": {}})  # fmt: skip
+        assert status == 200 and answer["choices"][0]["text"], answer
+        chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1, "stream": False, "stream_options": {}}
+        status, answer = await post(http, base + "/v1/chat/completions", chat)
+        assert status == 200 and "usage" in answer, answer
+        # A non-empty object still needs stream (a raw falsy one: false, 0, missing).
+        for stream in (False, 0, None):
+            body = {"prompt": "x", "max_tokens": 1, "stream": stream, "stream_options": {"include_usage": False}}
+            status, err = await post(http, base + "/v1/completions", body)
+            assert status == 400 and err["error"]["param"] == "stream_options", (stream, err)
+    finally:
+        await cluster.stop()
+
+
+# ---------------------------------------------------------------------------- out-of-band Abort
+async def _abort_when_running(cluster: Any, request_id: str) -> None:
+    engine = cluster.pods[0].engine
+    for _ in range(200):
+        if any(r.request_id == request_id and r.output_ids for r in engine.running):
+            break
+        await asyncio.sleep(0.01)
+    async with grpc.aio.insecure_channel(cluster.pods[0].grpc_address) as channel:
+        await pb_grpc.VllmEngineStub(channel).Abort(pb.AbortRequest(request_ids=[request_id]))
+
+
+async def test_a_request_aborted_through_abort_finishes_with_finish_reason_abort(http: aiohttp.ClientSession) -> None:
+    # vllm/v1/engine/output_processor.py, abort_requests: an aborted request's stream gets a final output with
+    # FinishReason.ABORT; the serving layer only raises for finish_reason "error" (_raise_if_error), so the
+    # answer is a 200 whose choice says "abort" (a stream: that chunk, the usage, then [DONE]).
+    cluster = await started([pod(grpc_port=0, inter_token_latency=100.0)])
+    try:
+        base = cluster.urls[0]
+        chat = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 500}
+        task = asyncio.ensure_future(post(http, base + "/v1/chat/completions", chat, **{"X-Request-Id": "job-1"}))
+        await _abort_when_running(cluster, "job-1")
+        status, answer = await asyncio.wait_for(task, 10)
+        assert status == 200, answer
+        assert answer["choices"][0]["finish_reason"] == "abort" and 0 < answer["usage"]["completion_tokens"] < 500
+
+        streamed = {**chat, "stream": True, "stream_options": {"include_usage": True}}
+
+        async def stream() -> list[str]:
+            async with http.post(base + "/v1/chat/completions", json=streamed, headers={"X-Request-Id": "job-2"}) as r:
+                assert r.status == 200
+                return [ln.decode().strip() for ln in (await r.read()).splitlines() if ln.strip()]
+
+        task2 = asyncio.ensure_future(stream())
+        await _abort_when_running(cluster, "job-2")
+        lines = await asyncio.wait_for(task2, 10)
+        assert lines[-1] == "data: [DONE]", lines[-3:]
+        chunks = [json.loads(ln[len("data: ") :]) for ln in lines[:-1]]
+        assert chunks[-2]["choices"][0]["finish_reason"] == "abort" and chunks[-1]["usage"]["completion_tokens"] > 0
+
+        messages = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 500}
+        task3 = asyncio.ensure_future(post(http, base + "/v1/messages", messages, **{"X-Request-Id": "job-3"}))
+        await _abort_when_running(cluster, "job-3")
+        status, answer = await asyncio.wait_for(task3, 10)
+        # vllm/entrypoints/anthropic/serving.py maps stop/length/tool_calls only: "abort" has no stop_reason.
+        assert status == 200 and answer["stop_reason"] is None, answer
+    finally:
+        await cluster.stop()
