@@ -14,7 +14,9 @@ How (no Redis round trip on the request path):
 * consumers read a live view: remote snapshot + this replica's exact counters, so this replica's own
   dispatches count at once and the others' with at most one sync interval (+ a Redis round trip) of
   staleness. If Redis is unreachable for longer than `replicaTTL` the remote part is dropped (the
-  view degrades to the router-local counts), never blocking a request.
+  view degrades to the router-local counts), never blocking a request. A failed exchange is counted
+  (`llm_d_epp_inflight_sync_errors_total{producer_name}`, `sync_errors`) and logged at most every 10 s;
+  another replica's field that does not parse is skipped (and counts below zero read as zero).
 
 Parameters: those of `inflight-load-producer`, plus `redisConfig` {`address` redis://127.0.0.1:6379,
 `keyPrefix` epp:}, `syncInterval` 150ms, `replicaTTL` 2s, `replicaId` (default host:pid:random).
@@ -33,15 +35,26 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import msgspec
+from prometheus_client import CollectorRegistry, Counter
 
 from llmepp.datalayer.endpoint import Endpoint, InFlight
 from llmepp.framework.plugin import PluginContext, PluginParams
 from llmepp.observability.logging import LogLimiter
+from llmepp.observability.metrics import PREFIX, per_registry
 from llmepp.plugins.producers.inflight_load import InFlightLoadProducer
 from llmepp.request.types import InferenceRequest
 from llmepp.units import parse_duration
 
 log = logging.getLogger(__name__)
+
+
+def _sync_errors_counter(registry: CollectorRegistry) -> Counter:
+    return Counter(
+        PREFIX + "inflight_sync_errors",
+        "Failed exchanges of redis-inflight-load-producer counters with Redis (the view stays router-local).",
+        ("producer_name",),
+        registry=registry,
+    )
 
 
 class SharedRedisConfig(PluginParams):
@@ -115,9 +128,18 @@ class RedisInFlightLoadProducer(InFlightLoadProducer):
         self.synced_at = 0.0  # monotonic time of the last successful exchange
         self._task: asyncio.Task[None] | None = None
         self._log = LogLimiter(log)
+        self.sync_errors = 0  # failed exchanges (also llm_d_epp_inflight_sync_errors_total)
+        # Written as this instance's heartbeat: another value found there means another live process
+        # uses our replicaId (a `replicaId` in a config all replicas share), and nothing is shared.
+        self._nonce = secrets.token_hex(8).encode()
+        self.id_collisions = 0
+        self._errors_metric: Counter | None = None
 
     def setup(self, ctx: PluginContext) -> None:
         super().setup(ctx)
+        if ctx.metrics is not None:
+            errors = per_registry(ctx.metrics.registry, "inflight_sync_errors", _sync_errors_counter)
+            self._errors_metric = errors.labels(self.name)
         self._ensure_task()
 
     def pod(self, ep: Endpoint) -> str:
@@ -143,7 +165,7 @@ class RedisInFlightLoadProducer(InFlightLoadProducer):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         with contextlib.suppress(Exception):
-            await self.redis.delete(self.hash_key)
+            await self.redis.delete(self.hash_key, self.hash_key + ":alive")
             await self.redis.zrem(self.registry_key, self.replica)
         await self.redis.aclose()
 
@@ -163,6 +185,9 @@ class RedisInFlightLoadProducer(InFlightLoadProducer):
             except asyncio.CancelledError:
                 raise
             except Exception as e:
+                self.sync_errors += 1
+                if self._errors_metric is not None:
+                    self._errors_metric.inc()
                 self._log.warning("sync", "%s: in-flight exchange with Redis failed: %r", self.name, e)
                 if time.monotonic() - self.synced_at > self.replica_ttl:
                     self.remote = {}  # too old to trust: fall back to router-local counts
@@ -176,11 +201,20 @@ class RedisInFlightLoadProducer(InFlightLoadProducer):
         pipe.delete(self.hash_key)
         if mine:
             pipe.hset(self.hash_key, mapping=mine)  # type: ignore[arg-type]
-        pipe.set(self.hash_key + ":alive", "1", px=ttl_ms)
+        pipe.set(self.hash_key + ":alive", self._nonce, px=ttl_ms, get=True)
         pipe.pexpire(self.hash_key, ttl_ms)
         pipe.zadd(self.registry_key, {self.replica: time.time()})
         pipe.zrange(self.registry_key, 0, -1)
         replies: list[Any] = await pipe.execute()
+        previous = replies[-4]  # the heartbeat before ours; on our first write, maybe a predecessor's
+        if previous is not None and previous != self._nonce and self.synced_at:
+            self.id_collisions += 1
+            self._log.warning(
+                "replica-id",
+                "%s: another live EPP writes in-flight counts as replicaId %r: neither sees the other's load "
+                "(give each replica its own replicaId, or leave it unset)",
+                self.name, self.replica,
+            )  # fmt: skip
         others = [r.decode() for r in replies[-1] if r.decode() != self.replica]
         if not others:
             self.remote = {}
@@ -192,16 +226,24 @@ class RedisInFlightLoadProducer(InFlightLoadProducer):
         got: list[Any] = await pipe.execute()
         remote: dict[str, tuple[int, int]] = {}
         dead = []
+        bad = 0
         for i, other in enumerate(others):
             alive, counts = got[2 * i], got[2 * i + 1]
             if not alive:
                 dead.append(other)
                 continue
             for pod_b, value in counts.items():
-                req, tok = value.split()
-                pod = pod_b.decode()
+                try:  # another build's (or a corrupt) field: skip it, not the whole exchange
+                    req_s, tok_s = value.split()
+                    req, tok = max(0, int(req_s)), max(0, int(tok_s))  # never below zero
+                    pod = pod_b.decode()
+                except (ValueError, UnicodeDecodeError):
+                    bad += 1
+                    continue
                 r, t = remote.get(pod, (0, 0))
-                remote[pod] = (r + int(req), t + int(tok))
+                remote[pod] = (r + req, t + tok)
+        if bad:
+            self._log.warning("malformed", "%s: skipped %d malformed in-flight entries in Redis", self.name, bad)
         if dead:
             await self.redis.zrem(self.registry_key, *dead)
         self.remote = remote
