@@ -87,7 +87,11 @@ class PrefixIndex:
         return hits
 
     def add(self, endpoint: Endpoint, hashes: list[int], capacity: int = 0) -> None:
-        """Record that `endpoint` now holds these blocks (most recent last)."""
+        """Record that `endpoint` now holds these blocks (of one prompt, in prompt order).
+
+        They are touched last block first, so block 0 is the most recent: eviction cuts a prompt's
+        tail before its head, as the engine frees a request's blocks, and what survives still matches
+        (a match is consecutive from block 0). Of a prompt longer than the capacity its head is kept."""
         if endpoint.removed:
             return
         lru = self._lru.get(endpoint)
@@ -95,13 +99,13 @@ class PrefixIndex:
             lru = self._lru[endpoint] = OrderedDict()
         bit = self._slots.bit(endpoint)
         holders = self._holders
-        for h in hashes:
+        limit = capacity or self.default_capacity
+        for h in reversed(hashes if len(hashes) <= limit else hashes[:limit]):
             if h in lru:
                 lru.move_to_end(h)
                 continue
             lru[h] = None
             holders[h] = holders.get(h, 0) | bit
-        limit = capacity or self.default_capacity
         while len(lru) > limit:
             old, _ = lru.popitem(last=False)
             self._drop(old, bit)

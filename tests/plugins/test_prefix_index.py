@@ -70,12 +70,29 @@ def test_index_counts_consecutive_blocks_per_endpoint() -> None:
 def test_index_lru_evicts_oldest_blocks() -> None:
     idx = PrefixIndex(3)
     a = endpoint(0)
-    idx.add(a, [1, 2, 3])
+    for h in (1, 2, 3):
+        idx.add(a, [h])
     idx.add(a, [1])  # refresh 1
     idx.add(a, [4])  # evicts 2
     assert idx.match([1]) == {a: 1}
     assert idx.match([2]) == {}
     assert idx.blocks_of(a) == 3
+
+
+def test_index_evicts_a_prompts_tail_before_its_head() -> None:
+    """A match counts consecutive blocks from block 0, so evicting a prompt's head first leaves its
+    remaining blocks unmatchable (dead entries) while the engine, which frees a request's blocks
+    tail first, still serves the prefix. Partial eviction must cut the tail."""
+    idx = PrefixIndex(4)
+    a = endpoint(0)
+    idx.add(a, [1, 2, 3])
+    idx.add(a, [7, 8])  # one of 1, 2, 3 must go
+    assert idx.match([1, 2, 3]) == {a: 2}
+    assert idx.match([7, 8]) == {a: 2}
+    # A prompt longer than the capacity keeps its first blocks, so it is found again.
+    idx.add(a, list(range(100, 110)))
+    assert idx.match(list(range(100, 110))) == {a: 4}
+    assert idx.blocks_of(a) == 4
 
 
 def test_index_drops_removed_endpoint() -> None:
@@ -136,7 +153,7 @@ def test_index_agrees_with_a_set_per_endpoint_model(ops: list[tuple[str, int, li
         if op == "add":
             idx.add(eps[e], hashes)
             held = model.setdefault(e, [])
-            for h in hashes:
+            for h in reversed(hashes[:4]):  # a prompt's head is its most recent block
                 if h in held:
                     held.remove(h)
                 held.append(h)
