@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 from llmepp.datalayer.endpoint import Endpoint
@@ -13,6 +14,9 @@ from llmepp.request.types import InferenceRequest
 # Data key of the session identifier (a str); consumers resolve the producer at setup.
 SESSION_ID = "SessionID"
 DEFAULT_SESSION_HEADER = "x-session-id"
+# Longer ids are replaced by "sha256:<hex digest>": consumers keep the id as a binding key for minutes,
+# and a header may hold ~60 KiB (Envoy's limit), so an unbounded id is memory a client chooses.
+MAX_SESSION_ID_CHARS = 256
 
 
 class SessionIdProducer(DataProducer):
@@ -25,7 +29,8 @@ class SessionIdProducer(DataProducer):
     Parameters: exactly one of `headerName` (request header, case-insensitive) or
     `cookieName` (a cookie in the `Cookie` header). With neither — which is how the loader
     auto-creates it as the default SessionID producer — it reads the `x-session-id` header.
-    Absent or empty source: nothing is written ("no session preference").
+    Absent or empty source: nothing is written ("no session preference"). An id longer than
+    256 characters is written as "sha256:" + the hex digest of its UTF-8 (same id, same value).
     """
 
     type = "session-id-producer"
@@ -48,6 +53,8 @@ class SessionIdProducer(DataProducer):
     def produce(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None:
         value = self._cookie(request) if self.cookie else request.headers.get(self.header, "").strip()
         if value:
+            if len(value) > MAX_SESSION_ID_CHARS:
+                value = "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
             request.data[self.key] = value
 
     def _cookie(self, request: InferenceRequest) -> str:

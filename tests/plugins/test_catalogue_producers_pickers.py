@@ -266,6 +266,33 @@ def test_session_id_producer_header_cookie_default() -> None:
     assert "plugin 'sp' (type session-id-producer)" in str(err.value)
 
 
+def test_session_id_producer_bounds_huge_ids_and_keeps_them_distinct() -> None:
+    """The id becomes a binding key the session filter keeps for its TTL: a client sending 64 KiB
+    ids must not pin 64 KiB per session. Long ids are replaced by a digest (same id, same digest);
+    ordinary and non-ASCII ids pass unchanged."""
+    key = scoped("SessionID", "session-id-producer")
+    p = make("session-id-producer")
+    c = make("session-id-producer", {"cookieName": "sid"})
+
+    def sid(plugin: Plugin, headers: dict[str, str]) -> str | None:
+        req = request()
+        req.headers.update(headers)
+        plugin.produce(req, [])
+        value: str | None = req.data.get(key)
+        return value
+
+    huge, other = "s" * 65536, "s" * 65535 + "t"
+    got = sid(p, {"x-session-id": huge})
+    assert got is not None and len(got) <= 256
+    assert got == sid(p, {"x-session-id": huge}) == sid(c, {"cookie": f"a=b; sid={huge}"})
+    assert got != sid(p, {"x-session-id": other})
+    assert sid(p, {"x-session-id": "x" * 256}) == "x" * 256  # at the bound: unchanged
+    assert sid(p, {"x-session-id": " 会话-é-\ufffd "}) == "会话-é-\ufffd"
+    assert sid(p, {"x-session-id": "会" * 256}) == "会" * 256  # the bound is in characters
+    assert sid(c, {"cookie": "sid=; x=y"}) is None and sid(c, {"cookie": 'sid="'}) is None
+    assert sid(c, {"cookie": "garbage;;=;sid"}) is None
+
+
 def test_weighted_random_equal_scores_are_uniform() -> None:
     picker = make("weighted-random-picker")
     eps = [endpoint(i) for i in range(4)]
