@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import signal
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -71,6 +72,10 @@ def config_text(settings: Settings) -> str:
                 f"--config-file: {settings.config_file} is not UTF-8 text: {e.reason} at byte {e.start}"
             ) from None
     return DEFAULT_CONFIG
+
+
+class CloseFailed(Exception):
+    """run(): the EPP stopped, but some parts failed to close (each logged with its traceback); exit code 1."""
 
 
 # Closing what failed start-ups set up inside a running event loop (App() cannot await it): run() awaits these.
@@ -135,6 +140,13 @@ class App:
         self._closing: set[asyncio.Task[None]] = set()  # retired plugins' aclose()
         # Endpoint discovery: the config's plugin (file mode), else Kubernetes mode from the flags.
         self.kube: KubeRuntime | None = None
+        if self.components.discovery is not None and settings.ha_enable_leader_election:
+            raise ConfigError(
+                f"--ha-enable-leader-election: leader election holds a Kubernetes Lease, so it runs in Kubernetes "
+                f"mode only (--pool-name or --endpoint-selector, no dataLayer.discovery); with dataLayer.discovery "
+                f"{self.components.discovery.name!r} (type {self.components.discovery.type}) there is no Lease and "
+                f"every replica would report ready"
+            )
         if self.components.discovery is None:
             target = kubernetes_target(settings)
             if target is None:
@@ -187,6 +199,7 @@ class App:
         if not settings.secure_serving and (settings.cert_path or settings.enable_cert_reload):
             log.warning("--cert-path / --enable-cert-reload ignored: --secure-serving=false serves plaintext")
         self._cert_task: asyncio.Task[None] | None = None
+        self.close_failures = 0  # parts that raised while stopping or closing (each logged once)
 
     def _build_collector(self) -> MetricsCollector | None:
         for ds in self.components.data_sources:
@@ -314,11 +327,12 @@ class App:
         try:
             await self._start()
         except BaseException:
-            if self._extproc is not None:
-                await self._extproc.stop(grace=None)
+            extproc = self._extproc
+            if extproc is not None:
+                await self._closing_step("the ext_proc server", lambda: extproc.stop(grace=None))
             admission = self.components.pipeline.admission
             if isinstance(admission, AdmissionController):
-                await admission.aclose()
+                await self._closing_step("flow control", admission.aclose)
             await self._close()
             raise
 
@@ -429,56 +443,77 @@ class App:
                 return
             await asyncio.sleep(0.05)
 
-    async def shutdown(self) -> None:
-        """Drain: report NOT_SERVING at once, let in-flight streams finish, then stop."""
+    async def shutdown(self) -> int:
+        """Drain: report NOT_SERVING at once, let in-flight streams finish, then stop. Returns how many parts
+        failed to stop or close (each logged with its traceback; the others were closed all the same)."""
         self.draining = True
         self.health.drain()
         log.info("draining", extra={"drain_timeout": self.settings.drain_timeout})
         if self.kube is not None:
-            await self.kube.release()  # hand the leader lease over now, not after the drain
+            await self._closing_step("the leader lease release", self.kube.release)  # now, not after the drain
         admission = self.components.pipeline.admission
         if isinstance(admission, AdmissionController):
             # Queued requests are served during the drain window, then answered 503
             # rejected-shutting-down rather than cut off when the gRPC grace ends.
             queue_drain = asyncio.create_task(admission.drain(max(0.0, self.settings.drain_timeout - 1.0)))
         await self._wait_for_quiet()
-        if self._extproc is not None:
-            await self._extproc.stop(grace=1.0)
+        extproc = self._extproc
+        if extproc is not None:
+            await self._closing_step("the ext_proc server", lambda: extproc.stop(grace=1.0))
         if isinstance(admission, AdmissionController):
-            await admission.aclose()  # ends the drain window early once every stream is done
-            await queue_drain
+            # aclose ends the drain window early once every stream is done.
+            await self._closing_step("flow control", admission.aclose)
+            await self._closing_step("the flow-control queue drain", lambda: queue_drain)
         await self._close()
+        return self.close_failures
+
+    async def _closing_step(self, part: str, close: Callable[[], Awaitable[object] | object]) -> None:
+        """One step of stopping (`close` returns an awaitable, or closes at once): a failure is logged once with
+        its traceback and counted, and the next steps still run (one broken part must not leave the others open)."""
+        try:
+            result = close()
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            self.close_failures += 1
+            log.exception("%s failed to close", part)
 
     async def _close(self) -> None:
-        """Stop the health and /metrics servers, close every part and plugin (after the drain, or a failed start)."""
-        if self._health_server is not None:
-            await self._health_server.stop(grace=None)
+        """Stop the health and /metrics servers, close every part and plugin (after the drain, or a failed start).
+        A part that fails is logged and counted (`close_failures`); the others are closed all the same."""
+        step = self._closing_step
+        health_server = self._health_server
+        if health_server is not None:
+            await step("the health server", lambda: health_server.stop(grace=None))
         if self.config_watcher is not None:
-            await self.config_watcher.aclose()
+            await step("the config watcher", self.config_watcher.aclose)
         if self.collector is not None:
-            await self.collector.aclose()
+            await step("the metrics collector", self.collector.aclose)
         if self.models_poller is not None:
-            await self.models_poller.aclose()
+            await step("the models poller", self.models_poller.aclose)
         for poller in self.dcgm_pollers:
-            await poller.aclose()
-        if self.tracing is not None:
-            await asyncio.to_thread(self.tracing.shutdown)  # flushes the batched spans
+            await step("a DCGM poller", poller.aclose)
+        tracing = self.tracing
+        if tracing is not None:
+            await step("tracing", lambda: asyncio.to_thread(tracing.shutdown))  # flushes the batched spans
         for source in self.notification_sources:
-            await source.aclose()  # before the client they watch through closes
+            await step(f"notification source {source.name}", source.aclose)  # before the client they watch through
         if self.kube is not None:
-            await self.kube.aclose()
+            await step("the Kubernetes mode", self.kube.aclose)
         for task in (self._discovery_task, self._cert_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        if self.serving_cert is not None:
-            self.serving_cert.close()
+        serving_cert = self.serving_cert
+        if serving_cert is not None:
+            await step("the serving certificate", serving_cert.close)
         await asyncio.gather(*self._closing, return_exceptions=True)
-        await _close_plugins(self.components.plugins.values())
-        await self._metrics_server.aclose()
+        for plugin in self.components.plugins.values():
+            await step(f"plugin {plugin.name}", plugin.aclose)
+        await step("the /metrics server", self._metrics_server.aclose)
         if self._auth_kube is not None:
-            await self._auth_kube.aclose()
+            await step("the /metrics auth client", self._auth_kube.aclose)
         log.info("stopped")
 
 
@@ -508,26 +543,67 @@ def _tls_label(cert: ServingCert | None) -> str:
 
 
 async def run(settings: Settings) -> None:
-    try:
-        app = App(settings)
-    except BaseException:
-        await failed_start_ups_closed()
-        raise
-    await app.start()
-    tune_gc()
+    """Build, start, serve until SIGTERM or SIGINT, drain, close. The signal handlers are installed first: a
+    signal during the start-up (the config build, the discovery grace, the Kubernetes start) stops the start,
+    closes what it had set up and returns, as after a drain (exit code 0). A second signal exits at once (1)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
     def on_signal() -> None:
         if stop.is_set():  # a second signal: exit now, as the reference does (controller-runtime: exit 1)
-            log.warning("second signal during the drain: exiting now")
+            log.warning("second signal while stopping: exiting now")
             os._exit(1)
         stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
         loop.add_signal_handler(sig, on_signal)
-    await stop.wait()
-    await app.shutdown()
+    try:
+        await _serve(settings, stop)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+async def _serve(settings: Settings, stop: asyncio.Event) -> None:
+    try:
+        app = App(settings)  # synchronous: a signal meanwhile is handled once it returns
+    except BaseException:
+        await failed_start_ups_closed()
+        raise
+    # `starting` is scheduled first, so its first step (inside start()'s closing try) runs before a signal
+    # seen at the same loop iteration can cancel it: a cancelled start always closes what it set up.
+    starting = asyncio.create_task(app.start(), name="start-up")
+    stopping = asyncio.create_task(stop.wait(), name="stop-signal")
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            log.warning("signal during start-up: stopping before serving")
+            starting.cancel()
+            await _cancelled(starting)
+            return
+        starting.result()  # a failed start: its error (it has closed what it set up)
+        tune_gc()
+        await stopping
+    finally:
+        pending = [task for task in (starting, stopping) if not task.done()]  # run() itself cancelled, or failed
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            await _cancelled(task)
+    failures = await app.shutdown()
+    if failures:
+        raise CloseFailed(f"{failures} part(s) failed to close (logged above)")
+
+
+async def _cancelled(task: asyncio.Task[Any]) -> None:
+    """Wait for a task that was cancelled to end; re-raise if the caller itself is being cancelled."""
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
 
 
 def request_tracing(enabled: bool) -> RequestTracing | None:

@@ -94,7 +94,13 @@ def parse_list(text: str) -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     d = Settings()
-    p = argparse.ArgumentParser(prog="epp", description="Endpoint Picker: Envoy ext_proc server for LLM pools.")
+    p = argparse.ArgumentParser(
+        prog="epp",
+        description="Endpoint Picker: Envoy ext_proc server for LLM pools.",
+        epilog="exit codes: 0 stopped after SIGTERM or SIGINT (drained, or the start-up stopped by it); "
+        "1 stopped, but a part failed to close (logged), or a second signal while stopping; "
+        "2 usage or configuration error",
+    )
     p.add_argument("--grpc-port", type=parse_port, default=d.grpc_port, help="ext_proc gRPC port")
     p.add_argument("--grpc-health-port", type=parse_port, default=d.grpc_health_port, help="gRPC health port")
     p.add_argument("--metrics-port", type=parse_port, default=d.metrics_port, help="Prometheus /metrics port (0 = off)")
@@ -155,10 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decision-header", action="store_true",
                    help="add x-epp-decision (chosen endpoint and top scores) to responses")  # fmt: skip
     p.add_argument("--allow-experimental-plugins", action="store_true")
+    # 0 is the flag unset, as in the reference (its default 0 leaves gRPC's own limit).
     p.add_argument("--grpc-max-recv-msg-size", type=parse_size, default=None,
-                   help="largest ext_proc message accepted (default: --max-body-size + 1 MiB)")  # fmt: skip
+                   help="largest ext_proc message accepted (0 or unset: --max-body-size + 1 MiB)")  # fmt: skip
     p.add_argument("--grpc-max-send-msg-size", type=parse_size, default=None,
-                   help="largest ext_proc message sent (grpc.aio; default: --max-body-size + 1 MiB)")  # fmt: skip
+                   help="largest ext_proc message sent (grpc.aio; 0 or unset: --max-body-size + 1 MiB)")  # fmt: skip
     p.add_argument("--enable-grpc-stream-metrics", type=parse_bool, nargs="?", const=True, default=False,
                    metavar="BOOL", help="extproc_stream_duration_seconds and extproc_streams_total{code}")  # fmt: skip
     # The reference's; accepted so its command lines run unchanged (what they switch does not apply here).
@@ -204,6 +211,8 @@ def _check_flags(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
     p = build_parser()
     a = p.parse_args(argv)
+    a.grpc_max_recv_msg_size = a.grpc_max_recv_msg_size or None  # 0: unset (the help says so)
+    a.grpc_max_send_msg_size = a.grpc_max_send_msg_size or None
     _check_flags(p, a)
     return Settings(
         grpc_port=a.grpc_port,
@@ -257,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Measured ~20-30% less CPU per message for grpc.aio (the health server, --extproc-transport
     # grpc); must be set before grpc initialises, i.e. before the app module is imported.
     os.environ.setdefault("GRPC_EXPERIMENTS", "-event_engine_listener")
-    from llmepp.app import run
+    from llmepp.app import CloseFailed, run
     from llmepp.observability.logging import configure_logging
 
     settings = settings_from_args(argv)
@@ -274,6 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"epp: configuration error: {e}", file=sys.stderr)
         return 2
+    except CloseFailed as e:
+        print(f"epp: stopped, but {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

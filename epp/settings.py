@@ -67,7 +67,8 @@ class Settings:
     allow_experimental_plugins: bool = False
     # OpenTelemetry spans per request; exported only where OTEL_TRACES_EXPORTER says (observability.tracing).
     tracing: bool = True
-    # ext_proc message size limits; None = follow max_body_bytes (a BUFFERED body is one message).
+    # ext_proc message size limits; None = follow max_body_bytes (a BUFFERED body is one message). The CLI
+    # maps 0 to None (the reference's 0: not set); the servers also read 0 as None.
     grpc_max_recv_msg_size: int | None = None
     grpc_max_send_msg_size: int | None = None
     # extproc_stream_duration_seconds and extproc_streams_total{code} (the in-flight gauge is always on).

@@ -66,6 +66,23 @@ def kubernetes_target(settings: Settings) -> DiscoveryTarget | None:
     )
 
 
+def _check_lease_flags(o: KubeOptions) -> None:
+    """ConfigError naming the exact `--ha-*` flag to change (client-go's rule: retry < renew < lease)."""
+    rule = "(leader election needs retry period < renew deadline < lease duration)"
+    if o.retry_period <= 0:
+        raise ConfigError(f"--ha-retry-period: must be > 0, got {o.retry_period:g}s {rule}")
+    if o.renew_deadline >= o.lease_duration:
+        raise ConfigError(
+            f"--ha-renew-deadline: {o.renew_deadline:g}s must be shorter than --ha-lease-duration "
+            f"({o.lease_duration:g}s) {rule}"
+        )
+    if o.retry_period >= o.renew_deadline:
+        raise ConfigError(
+            f"--ha-retry-period: {o.retry_period:g}s must be shorter than --ha-renew-deadline "
+            f"({o.renew_deadline:g}s) {rule}"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class KubeOptions:
     kubeconfig: str | None = None
@@ -107,6 +124,7 @@ class KubeRuntime:
         self.rewriter = ModelRewriter(self.rewrites, registry) if target.pool_mode else None
         self.lease: LeaseConfig | None = None
         if options.leader_election:
+            _check_lease_flags(options)
             try:
                 self.lease = LeaseConfig(
                     name=lease_name(target.namespace, target.pool_name or pool_name),
@@ -117,13 +135,14 @@ class KubeRuntime:
                     retry_period=options.retry_period,
                 )
             except ValueError as e:
-                raise ConfigError(f"--ha-*: {e}") from None
+                raise ConfigError(f"--ha-lease-duration / --ha-renew-deadline / --ha-retry-period: {e}") from None
         self.client: KubeClient | None = None
         self.discovery: KubernetesDiscovery | None = None
         self.elector: LeaderElector | None = None
         self.informers: list[Informer[Any]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._elector_task: asyncio.Task[None] | None = None
+        self._released = False  # the lease was given up (or that was tried): aclose does not try again
         # llm_d_epp_kubernetes_informer_* for every informer built with `options.informer` once started
         # (ours, and the notification sources' the app starts with them).
         self.informer_metrics = InformerMetrics()
@@ -175,20 +194,24 @@ class KubeRuntime:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self.elector is not None:
+        if self.elector is not None and not self._released:
+            self._released = True
             await self.elector.release()
 
     async def aclose(self) -> None:
-        await self.release()
-        tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        if self.client is not None:
-            await self.client.aclose()
-            self.client = None
+        """Stop everything and close the client, even when the lease release fails (its error is raised after)."""
+        try:
+            await self.release()
+        finally:
+            tasks, self._tasks = self._tasks, []
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            if self.client is not None:
+                client, self.client = self.client, None
+                await client.aclose()
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(coro, name=name)

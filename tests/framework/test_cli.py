@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llmepp.cli import settings_from_args
+from llmepp.cli import build_parser, settings_from_args
 from llmepp.config.schema import DEFAULT_CONFIG
 from llmepp.testing.ports import free_port
 from llmepp.testing.stack import loopback_epp_args, with_file_discovery
@@ -140,3 +140,26 @@ def test_bad_durations_are_usage_errors_naming_the_flag(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert message in usage_error(argv, capsys)
+
+
+@pytest.mark.parametrize("flag", ["--grpc-max-recv-msg-size", "--grpc-max-send-msg-size"])
+def test_a_zero_grpc_message_size_is_the_flag_unset(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # The reference's flags default to 0, "not set": gRPC's own limit applies. Here 0 already meant the default
+    # where the servers read it (`size or default`) but not in the flag checks, so with grpc.aio a body limit
+    # above its C-int limit passed them and the server died with OverflowError building its options.
+    field = flag.removeprefix("--").replace("-", "_")
+    assert getattr(settings_from_args([flag, "0"]), field) is None
+    both_zero = ["--grpc-max-recv-msg-size", "0", "--grpc-max-send-msg-size", "0"]
+    err = usage_error(["--extproc-transport", "grpc", "--max-body-size", "2Gi", *both_zero], capsys)
+    assert "--max-body-size: the ext_proc message limits follow it" in err
+    # Documented where an operator looks.
+    helps = {a.option_strings[0]: a.help or "" for a in build_parser()._actions}
+    assert "0 or unset" in helps[flag]
+
+
+def test_the_exit_codes_are_documented_in_the_help() -> None:
+    # Who reads a pod's "exit code 1" needs to know it means "stopped, but a part failed to close".
+    help_text = " ".join(build_parser().format_help().split())
+    assert "exit codes: 0 stopped after SIGTERM or SIGINT" in help_text
+    assert "1 stopped, but a part failed to close (logged), or a second signal while stopping" in help_text
+    assert "2 usage or configuration error" in help_text

@@ -121,3 +121,29 @@ async def test_a_failed_start_closes_the_plugins_and_the_servers_already_listeni
     assert app._discovery_task is not None and app._discovery_task.done()
     with socket.socket() as again:  # the ext_proc server that was listening let go of its port
         again.bind(("127.0.0.1", grpc_port))
+
+
+async def test_a_part_failing_to_close_after_a_failed_start_neither_hides_its_error_nor_skips_the_rest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    endpoints = tmp_path / "endpoints.yaml"
+    endpoints.write_text("endpoints: []\n")
+
+    class BrokenTracing:
+        def shutdown(self) -> None:
+            raise RuntimeError("tracing shutdown broke")
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        app = App(Settings(config_text=pods_config(str(endpoints)), bind_address="127.0.0.1", grpc_port=free_port(),
+                           grpc_health_port=taken, metrics_port=0, secure_serving=False, tracing=False))  # fmt: skip
+        app.tracing = BrokenTracing()  # type: ignore[assignment]
+        # The start's own error, not the tracer's (which replaced it, and left every plugin open).
+        with pytest.raises(ConfigError, match="--grpc-health-port"):
+            await app.start()
+    await asyncio.sleep(0)
+    assert_all_closed()
+    logged = [r for r in caplog.records if r.exc_info and str(r.exc_info[1]) == "tracing shutdown broke"]
+    assert [r.getMessage() for r in logged] == ["tracing failed to close"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,64 @@ def test_lease_name_and_client_go_defaults() -> None:
     assert (cfg.lease_duration, cfg.renew_deadline, cfg.retry_period) == (15.0, 10.0, 2.0)
     s = Settings()
     assert (s.ha_lease_duration, s.ha_renew_deadline, s.ha_retry_period) == (15.0, 10.0, 2.0)
+
+
+def test_leader_election_in_file_discovery_mode_is_a_config_error() -> None:
+    # Was ignored: no Lease to hold in file mode, so every replica reported ready (not active-passive).
+    with pytest.raises(ConfigError) as refused:
+        App(Settings(config_text=FILE_CONFIG, ha_enable_leader_election=True))
+    message = str(refused.value)
+    assert message.startswith("--ha-enable-leader-election:")
+    assert "Kubernetes mode" in message and "every replica would report ready" in message
+
+
+@pytest.mark.parametrize(
+    ("ha", "message"),
+    [
+        ({"ha_retry_period": 0.0}, "--ha-retry-period: must be > 0, got 0s"),
+        ({"ha_renew_deadline": 20.0}, "--ha-renew-deadline: 20s must be shorter than --ha-lease-duration (15s)"),
+        ({"ha_renew_deadline": 15.0}, "--ha-renew-deadline: 15s must be shorter than --ha-lease-duration (15s)"),
+        ({"ha_lease_duration": 1.0, "ha_renew_deadline": 0.5, "ha_retry_period": 0.5},
+         "--ha-retry-period: 0.5s must be shorter than --ha-renew-deadline (0.5s)"),
+    ],
+)  # fmt: skip
+def test_bad_lease_timings_name_the_exact_flag(ha: dict[str, float], message: str) -> None:
+    # Was "--ha-*: leader election needs ...": which of the three flags to change was left to guess.
+    with pytest.raises(ConfigError) as refused:
+        App(Settings(pool_name="a", pool_name_set=True, ha_enable_leader_election=True, **ha))  # type: ignore[arg-type]
+    assert str(refused.value).startswith(message), refused.value
+    assert "--ha-*" not in str(refused.value)
+
+
+async def test_aclose_closes_the_client_when_the_lease_release_fails() -> None:
+    # A failing release (not one of the API errors the elector logs itself) left the informer tasks running and
+    # the client open; and a release retried by aclose after a failed one was logged twice.
+    from llmepp.datalayer.datastore import Datastore
+    from llmepp.flowcontrol.objectives import ObjectiveStore
+    from llmepp.k8s.discovery import DiscoveryTarget
+    from llmepp.k8s.runtime import KubeOptions, KubeRuntime
+
+    class BrokenElector:
+        is_leader = True
+        releases = 0
+
+        async def release(self) -> None:
+            self.releases += 1
+            raise RuntimeError("lease release broke")
+
+    class Client:
+        closed = False
+
+        async def aclose(self) -> None:
+            self.closed = True
+
+    target = DiscoveryTarget(namespace="ns", pool_name="p", pool_group="g", selector=None, target_ports=())
+    kube = KubeRuntime(target, KubeOptions(), Datastore("p", "ns"), ObjectiveStore())
+    elector, client = BrokenElector(), Client()
+    kube.elector, kube.client = elector, client  # type: ignore[assignment]
+    task = kube._spawn(asyncio.sleep(3600), "k8s-informer")
+    with pytest.raises(RuntimeError, match="lease release broke"):
+        await kube.aclose()
+    assert client.closed and kube.client is None and task.cancelled()
+    await kube.aclose()  # nothing left to close; the failed release is not tried again
+    assert elector.releases == 1
