@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 API_VERSIONS = ("llm-d.ai/v1alpha2", "inference.networking.x-k8s.io/v1alpha2")
 KIND = "InferenceObjective"
 LIST_KINDS = ("List", "InferenceObjectiveList")
-_INT32 = (-(2**31), 2**31 - 1)
+INT32_RANGE = (-(2**31), 2**31 - 1)  # spec.priority is an int32
 
 
 class ObjectiveStore:
@@ -129,7 +129,7 @@ def _objective(doc: Any, where: str) -> InferenceObjective:
         priority = 0
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise ValueError(f"{where} ({name}): spec.priority: expected an integer, got {priority!r}")
-    if not _INT32[0] <= priority <= _INT32[1]:
+    if not INT32_RANGE[0] <= priority <= INT32_RANGE[1]:
         raise ValueError(f"{where} ({name}): spec.priority: {priority} is outside int32")
     pool = ""
     ref = spec.get("poolRef")

@@ -5,7 +5,10 @@
                   the oldest resource (creationTimestamp, then name) wins; inside a resource
                   the first rule in list order wins
     target        weighted random over the rule's `targets` (weight/Σweights); targets
-                  without weights, or all weights 0, split uniformly
+                  without weights, or all weights 0, split uniformly; with mixed weights
+                  the unweighted targets are never chosen (as in the reference)
+    bad rules     a rule without targets, or whose `matches` name no model, is skipped
+                  (logged, counted in `RewriteSync.skipped`) — never a catch-all
 
 `ModelRewriteStore` is fed by the informer handler `RewriteSync` (only rewrites whose
 `poolRef` names our pool) and rebuilds a model → rule index on every change, so the
@@ -61,14 +64,29 @@ class _Rewrite:
     rules: tuple[Rule, ...]
 
 
-def rules_of(obj: InferenceModelRewrite) -> tuple[Rule, ...]:
+def rules_of(obj: InferenceModelRewrite, skipped: list[str] | None = None) -> tuple[Rule, ...]:
+    """The usable rules of `obj`. A rule the API server let through but that cannot apply is left out, with
+    the reason appended to `skipped`: one without targets (the reference picks it and answers 400 "model not
+    found"; here the next rule in precedence applies), or one whose `matches` name no model (a rule is a
+    catch-all only when `matches` is empty, as in the reference: it must never become one by accident)."""
     name = obj.metadata.name
     rules = []
-    for r in obj.spec.rules:
+    for i, r in enumerate(obj.spec.rules):
         targets = tuple(Target(t.model_rewrite, max(t.weight or 0, 0)) for t in r.targets if t.model_rewrite)
         if not targets:
-            continue  # a rule without targets rewrites nothing
+            if skipped is not None:
+                skipped.append(f"rules[{i}] has no target with a modelRewrite")
+            continue
         models = frozenset(m.model.value for m in r.matches if m.model is not None and m.model.value)
+        if r.matches and not models:
+            if skipped is not None:
+                skipped.append(f"rules[{i}] has matches but none names a model")
+            continue
+        if any(t.weight is not None and t.weight < 0 for t in r.targets):
+            log.warning("model rewrite %s: rules[%d]: a negative weight counts as 0", name, i)
+        weighted = sum(t.weight is not None for t in r.targets if t.model_rewrite)
+        if 0 < weighted < len(targets):
+            log.warning("model rewrite %s: rules[%d]: targets without a weight are never chosen", name, i)
         rules.append(Rule(name, models, targets, weighted=any(t.weight for t in targets)))
     return tuple(rules)
 
@@ -119,13 +137,18 @@ class RewriteSync:
         self.store = store
         self.pool_name = pool_name
         self.pool_group = pool_group
+        self.skipped = 0  # rules left out because they cannot apply (each logged)
 
     def upsert(self, obj: InferenceModelRewrite) -> None:
         name = obj.metadata.name
         if not refers_to_pool(obj.spec.pool_ref, self.pool_name, self.pool_group) or obj.metadata.deletion_timestamp:
             self.store.delete(name)
             return
-        rules = rules_of(obj)
+        skipped: list[str] = []
+        rules = rules_of(obj, skipped)
+        for reason in skipped:
+            log.warning("model rewrite %s: %s: rule skipped", name, reason)
+        self.skipped += len(skipped)
         log.info("model rewrite %s: %d rules", name, len(rules))
         self.store.set(name, obj.metadata.creation_timestamp, rules)
 

@@ -2,14 +2,17 @@
 
 Only objectives whose `spec.poolRef` names our pool (and its API group) count, like the
 reference reconciler: an objective that points elsewhere — or is edited to — is removed
-from the store. A missing `spec.priority` is 0.
+from the store. A missing `spec.priority` is 0. A priority outside int32 (the API server
+does not enforce `format: int32`; the reference cannot decode such an object, so its
+requests run at 0) is a logged skip counted in `ObjectiveSync.skipped`: the objective
+leaves the store, as the file loader rejects the same value.
 """
 
 from __future__ import annotations
 
 import logging
 
-from llmepp.flowcontrol.objectives import ObjectiveStore
+from llmepp.flowcontrol.objectives import INT32_RANGE, ObjectiveStore
 from llmepp.k8s.models import InferenceObjective, PoolRef
 
 log = logging.getLogger(__name__)
@@ -26,6 +29,7 @@ class ObjectiveSync:
         self.store = store
         self.pool_name = pool_name
         self.pool_group = pool_group
+        self.skipped = 0  # objects left out because of an unusable value (each logged)
 
     def upsert(self, obj: InferenceObjective) -> None:
         name = obj.metadata.name
@@ -35,6 +39,13 @@ class ObjectiveSync:
             self.store.delete(name)
             return
         priority = obj.spec.priority or 0
+        if not INT32_RANGE[0] <= priority <= INT32_RANGE[1]:
+            self.skipped += 1
+            log.warning(
+                "inference objective %r: spec.priority %d is outside int32: skipped (priority 0)", name, priority
+            )
+            self.store.delete(name)
+            return
         if self.store.get(name) != priority:
             log.info("inference objective %s: priority %d", name, priority)
         self.store.upsert(name, priority)

@@ -118,3 +118,29 @@ def test_load_errors_are_config_errors_naming_the_file(tmp_path: Path) -> None:
     path.write_text(obj("a", "x"))
     with pytest.raises(ConfigError, match=r"o\.yaml: document 0 \(a\): spec\.priority"):
         load_objectives(str(path))
+
+
+async def test_queued_requests_keep_the_priority_they_arrived_with() -> None:
+    # Reference: the priority is resolved once, in HandleRequest, before Admit. Editing or deleting the
+    # objective while its requests wait changes only the requests that arrive afterwards.
+    from .kit import Server, concurrency_pool, controller, req, spin, until
+
+    pool, det = concurrency_pool(1, max_concurrency=1)
+    ctl = controller(pool, det, objectives={"premium": 10, "batch": -5}, poll_interval=10.0)
+    store = ctl.objectives
+    srv = Server(ctl, pool)
+    pool()[0].inflight.requests = 1  # saturated: everything queues
+    srv.submit(req("p-before", objective="premium"))
+    srv.submit(req("b-before", objective="batch"))
+    await spin()
+    store.upsert("batch", 20)
+    store.delete("premium")
+    srv.submit(req("p-after", objective="premium"))
+    srv.submit(req("b-after", objective="batch"))
+    await spin()
+    assert ctl.queued == 4 and set(ctl.bands) >= {10, -5, 0, 20}
+    for n in range(1, 5):
+        srv.complete_one()
+        await until(lambda n=n: len(srv.order) == n)  # type: ignore[misc]
+    assert srv.order == ["b-after", "p-before", "p-after", "b-before"]
+    await srv.close()

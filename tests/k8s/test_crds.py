@@ -94,3 +94,25 @@ async def test_model_rewrites_are_applied_by_the_director(cluster: Cluster, kube
         await kube.delete_llmd(ns, "inferencemodelrewrites", "canary")
         await eventually(lambda: len(app.kube.rewrites) == 1)  # type: ignore[union-attr]
         assert await route("llama") == "loses-to-older"  # now the only exact rule
+
+
+async def test_objects_the_api_server_accepts_with_odd_values_are_skipped(
+    cluster: Cluster, kube: TestKube, namespace: str
+) -> None:
+    # The API server does not enforce `format: int32`, and `targets` is optional (minItems bounds a list only
+    # when it is there): both reach the EPP, which skips them (logged, counted) and keeps the rest.
+    ns = namespace
+    await kube.create_pool(ns, POOL, APP, [8000])
+    await kube.apply_objective(ns, "huge", POOL, 2**40)
+    await kube.apply_objective(ns, "fine", POOL, 3)
+    await kube.apply_rewrite(
+        ns, "odd", POOL,
+        [{"matches": [{"model": {"value": "llama"}}]}, {"targets": [{"modelRewrite": "fallback"}]}],
+    )  # fmt: skip
+    async with running_app(kube_settings(cluster.kubeconfig, ns)) as app:
+        assert app.kube is not None
+        store = app.kube.objectives
+        await eventually(lambda: store.get("fine") == 3 and len(app.kube.rewrites) == 1, within=10)  # type: ignore[union-attr]
+        assert store.get("huge") is None and store.priority("huge") == 0
+        rule = app.kube.rewrites.rule_for("llama")
+        assert rule is not None and rule.targets[0].model == "fallback"  # the target-less rule was skipped

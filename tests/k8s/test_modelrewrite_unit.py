@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections import Counter
 from typing import Any
@@ -137,3 +138,81 @@ def test_a_catch_all_rule_does_not_grow_a_series_per_client_model(monkeypatch: p
     assert len(series) == 4, series  # 3 models + "other"
     other = {"model_rewrite_name": "r", "model_name": "other", "target_model": "base"}
     assert registry.get_sample_value("llm_d_epp_model_rewrite_decisions_total", other) == 7
+
+
+def test_a_rule_whose_matches_name_no_model_matches_nothing_not_everything(caplog: pytest.LogCaptureFixture) -> None:
+    # Reference: a rule is a catch-all only when `matches` is empty; matches without a model (a CRD installed
+    # without our schema's `required`/`minLength`) index no model, so the rule never applies. It must not
+    # turn into a catch-all that rewrites every request of the pool.
+    store = ModelRewriteStore()
+    sync = RewriteSync(store, "p", "inference.networking.k8s.io")
+    odd = [
+        {"matches": [{}], "targets": [{"modelRewrite": "hijack-1"}]},
+        {"matches": [{"model": {"value": ""}}], "targets": [{"modelRewrite": "hijack-2"}]},
+        exact("a", "a2"),
+    ]
+    with caplog.at_level(logging.WARNING, logger="llmepp.k8s.modelrewrite"):
+        sync.upsert(rewrite("r", "2026-01-01T00:00:00Z", odd))
+    assert store.rule_for("b") is None  # no catch-all came out of it
+    assert chosen(store, "a") == "a2"  # the good rule of the same object still applies
+    assert sync.skipped == 2
+    assert sum("rules[0]" in r.getMessage() or "rules[1]" in r.getMessage() for r in caplog.records) == 2, caplog.text
+
+
+def test_a_rule_without_targets_is_a_counted_logged_skip(caplog: pytest.LogCaptureFixture) -> None:
+    # The API server accepts a rule without `targets` (minItems only bounds a list that is there). The reference
+    # picks that rule and answers its requests 400 "model not found in request body"; we skip it (the next rule
+    # in precedence applies), but say so.
+    store = ModelRewriteStore()
+    sync = RewriteSync(store, "p", "inference.networking.k8s.io")
+    with caplog.at_level(logging.WARNING, logger="llmepp.k8s.modelrewrite"):
+        sync.upsert(rewrite("r", "2026-01-01T00:00:00Z", [{"matches": [{"model": {"value": "a"}}]}, catch_all("x")]))
+    assert chosen(store, "a") == "x" and sync.skipped == 1
+    assert any("rules[0]" in r.getMessage() and "target" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_mixed_negative_and_huge_weights() -> None:
+    # Reference selectWeightedModel: targets without a weight are never picked once any target has one.
+    (mixed,) = rules_of(rewrite("m", "2026-01-01T00:00:00Z", [{"targets": [
+        {"modelRewrite": "a", "weight": 5}, {"modelRewrite": "unweighted"}]}]))  # fmt: skip
+    rng = random.Random(1)
+    assert {mixed.choose(rng) for _ in range(500)} == {"a"}
+    # A negative weight (only past a CRD without `minimum`) counts as 0; all of them: uniform, never a crash.
+    (neg,) = rules_of(rewrite("n", "2026-01-01T00:00:00Z", [{"targets": [
+        {"modelRewrite": "a", "weight": -1}, {"modelRewrite": "b", "weight": -7}]}]))  # fmt: skip
+    assert {neg.choose(rng) for _ in range(500)} == {"a", "b"}
+    (huge,) = rules_of(rewrite("h", "2026-01-01T00:00:00Z", [{"targets": [
+        {"modelRewrite": "a", "weight": 1_000_000}, {"modelRewrite": "b", "weight": 1}]}]))  # fmt: skip
+    picks = Counter(huge.choose(rng) for _ in range(2000))
+    assert picks["a"] >= 1990, picks
+
+
+def test_the_split_is_deterministic_for_a_seeded_rng() -> None:
+    weights = [
+        {"modelRewrite": "a", "weight": 1},
+        {"modelRewrite": "b", "weight": 1},
+        {"modelRewrite": "c", "weight": 2},
+    ]
+    store = store_with(
+        rewrite("r", "2026-01-01T00:00:00Z", [{"matches": [{"model": {"value": "m"}}], "targets": weights}])
+    )
+
+    def run(seed: int) -> list[str]:
+        rewriter = ModelRewriter(store, CollectorRegistry(), rng=random.Random(seed))
+        out = []
+        for _ in range(50):
+            req = request("m")
+            rewriter.rewrite(req)
+            out.append(req.target_model)
+        return out
+
+    assert run(3) == run(3) and set(run(3)) == {"a", "b", "c"}
+
+
+def test_matching_is_exact_and_case_sensitive_and_ties_in_age_go_by_name() -> None:
+    same = "2026-01-01T00:00:00Z"
+    store = store_with(
+        rewrite("zeta", same, [exact("Llama", "from-zeta")]), rewrite("alpha", same, [exact("Llama", "from-alpha")])
+    )
+    assert chosen(store, "Llama") == "from-alpha"  # deterministic (the reference's sort.Slice is not)
+    assert store.rule_for("llama") is None and store.rule_for("Llama ") is None and store.rule_for("Llama-2") is None
