@@ -21,6 +21,7 @@ when the scraper accepts it), never on the event loop that routes requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import json
@@ -39,14 +40,15 @@ from prometheus_client.exposition import choose_encoder
 
 from llmepp.framework.plugin import ConfigError
 from llmepp.k8s.client import KubeClient, KubeError
-from llmepp.server.tls import CERT_FILE, KEY_FILE, RELOAD_INTERVAL
+from llmepp.server.tls import CERT_FILE, KEY_FILE, RELOAD_INTERVAL, validity_problem
 
 log = logging.getLogger(__name__)
 
 ALLOW_TTL = 60.0  # s
 DENY_TTL = 10.0  # s
 _CACHE_SIZE = 1024  # distinct tokens remembered
-_API_TIMEOUT = 5.0  # s per review call
+_API_TIMEOUT = 5.0  # s per decision, waiting for a free slot included
+_MAX_REVIEWS = 8  # decisions asked of the API server at once (anyone can send a made-up token)
 CERT_CHECK_INTERVAL = RELOAD_INTERVAL  # s between looks at the --metrics-cert-dir files' mtimes
 _TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
 _ACCESS_REVIEWS = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
@@ -74,6 +76,8 @@ class _CertReloader:
         self.listening = self.current = _context(cert_dir, client_ca_file)
         self.listening.sni_callback = self._hello
         self._checked = time.monotonic()
+        self._last_error: str | None = None
+        self.reload_failures = 0  # breakages seen (each logged once, however many handshakes it lasts)
 
     def _stat(self) -> tuple[float, ...] | None:
         try:
@@ -90,9 +94,13 @@ class _CertReloader:
                 try:
                     self.current = _context(*self.args)
                 except ConfigError as e:
-                    log.warning("metrics certificate not reloaded; keeping the previous one: %s", e)
+                    # Retried every interval (a finished write or a chmod may fix it), told once per breakage.
+                    if str(e) != self._last_error:
+                        self._last_error = str(e)
+                        self.reload_failures += 1
+                        log.warning("metrics certificate not reloaded; keeping the previous one: %s", e)
                 else:
-                    self._stamp = stamp
+                    self._stamp, self._last_error = stamp, None
                     log.info("metrics certificate reloaded", extra={"cert_dir": self.args[0]})
         if self.current is not ctx:
             conn.context = self.current
@@ -105,6 +113,10 @@ def _context(cert_dir: str, client_ca_file: str | None) -> ssl.SSLContext:
         ctx.load_cert_chain(f"{cert_dir}/{CERT_FILE}", f"{cert_dir}/{KEY_FILE}")
     except (OSError, ssl.SSLError) as e:
         raise ConfigError(f"--metrics-cert-dir: cannot load {cert_dir}/{CERT_FILE} and {KEY_FILE}: {e}") from None
+    with contextlib.suppress(OSError), open(f"{cert_dir}/{CERT_FILE}", "rb") as f:
+        if problem := validity_problem(f.read()):
+            log.warning("metrics certificate %s/%s %s: scrapers that verify it will refuse the handshake",
+                        cert_dir, CERT_FILE, problem)  # fmt: skip
     if client_ca_file:
         try:
             ctx.load_verify_locations(client_ca_file)
@@ -121,6 +133,9 @@ class MetricsAuth:
         self._client = client  # the client may connect after the server starts (Kubernetes mode)
         self._clock = clock
         self._cache: OrderedDict[bytes, tuple[float, int, str]] = OrderedDict()
+        self._pending: dict[bytes, asyncio.Future[tuple[int, str]]] = {}  # one review per token at a time
+        self._slots = asyncio.Semaphore(_MAX_REVIEWS)
+        self._api_failing = False  # told once per outage, not per scrape
 
     async def check(self, authorization: str | None, path: str) -> tuple[int, str]:
         """(HTTP status, message): 200 lets the scrape through."""
@@ -137,18 +152,37 @@ class MetricsAuth:
         client = self._client()
         if client is None:
             return 503, "cannot verify the token: the Kubernetes API client is not connected yet"
+        pending = self._pending.get(key)
+        if pending is None:  # scrapes with the same token at the same time share one decision
+            pending = self._pending[key] = asyncio.ensure_future(self._decide(client, token, path, key, now))
+            pending.add_done_callback(lambda _: self._pending.pop(key, None))
+        return await asyncio.shield(pending)  # a scraper hanging up does not cancel the others' answer
+
+    async def _decide(self, client: KubeClient, token: str, path: str, key: bytes, now: float) -> tuple[int, str]:
         try:
-            status, message = await asyncio.wait_for(self._review(client, token, path), _API_TIMEOUT)
+            status, message = await asyncio.wait_for(self._bounded_review(client, token, path), _API_TIMEOUT)
         # ClientError: a dropped connection (API server restart); AttributeError / TypeError: an answer
         # that is not the review object it should be. Either way: not verified, 503, nothing cached.
         except (KubeError, aiohttp.ClientError, OSError, TimeoutError, ValueError, AttributeError, TypeError) as e:
-            log.warning("metrics auth: the API server could not review a token: %r", e)
+            if not self._api_failing:
+                self._api_failing = True
+                log.warning("metrics auth: the API server could not review a token (scrapes get 503 until it "
+                            "does): %r", e)  # fmt: skip
+            else:
+                log.debug("metrics auth: the API server could not review a token: %r", e)
             return 503, "cannot verify the token: the Kubernetes API did not answer"
+        if self._api_failing:
+            self._api_failing = False
+            log.info("metrics auth: the API server reviews tokens again")
         self._cache[key] = (now + (ALLOW_TTL if status == 200 else DENY_TTL), status, message)
         self._cache.move_to_end(key)
         while len(self._cache) > _CACHE_SIZE:
             self._cache.popitem(last=False)
         return status, message
+
+    async def _bounded_review(self, client: KubeClient, token: str, path: str) -> tuple[int, str]:
+        async with self._slots:
+            return await self._review(client, token, path)
 
     async def _review(self, client: KubeClient, token: str, path: str) -> tuple[int, str]:
         review = json.loads(await client.request("POST", _TOKEN_REVIEWS, body={

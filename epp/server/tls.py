@@ -69,6 +69,8 @@ class ServingCert:
     openssl_ciphers: str = ""
     reload: bool = False
     generation: int = 0  # bumped on every reload
+    reload_failures: int = 0  # breakages seen by the reload (each logged once, however long it lasts)
+    _last_error: str | None = None
     _pem: tuple[bytes, bytes] = (b"", b"")
     _stamp: tuple[float, float] = (0.0, 0.0)
     _current: ssl.SSLContext | None = None  # built from the last reloaded pair; new handshakes switch to it
@@ -128,6 +130,9 @@ class ServingCert:
             if not initial:
                 self.generation += 1
                 self._current = ctx
+        if not self.self_signed and (problem := validity_problem(cert_pem)):
+            log.warning("serving certificate %s %s: clients that verify it will refuse the handshake",
+                        self.cert_file, problem)  # fmt: skip
 
     @property
     def cert_pem(self) -> bytes:
@@ -150,8 +155,15 @@ class ServingCert:
             try:
                 self._load()
             except Exception as e:  # never let a bad rotation end the watch
-                log.warning("serving certificate not reloaded; keeping the previous one: %s", e)
+                # Retried every check (a chmod or a finished write may fix it), told once per breakage.
+                if str(e) != self._last_error:
+                    self._last_error = str(e)
+                    self.reload_failures += 1
+                    log.warning("serving certificate not reloaded; keeping the previous one: %s", e)
+                else:
+                    log.debug("serving certificate still not reloadable: %s", e)
             else:
+                self._last_error = None
                 log.info("serving certificate reloaded", extra={"cert_file": str(self.cert_file)})
 
     def close(self) -> None:
@@ -209,6 +221,22 @@ def _openssl_ciphers(names: tuple[str, ...]) -> str:
     return ":".join(CIPHER_SUITES[n] for n in names if n in CIPHER_SUITES)
 
 
+def validity_problem(cert_pem: bytes, now: datetime.datetime | None = None) -> str | None:
+    """Why the (first) certificate in `cert_pem` is outside its validity period now, or None."""
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        return None  # OpenSSL accepted it; nothing more to say
+    now = now or datetime.datetime.now(datetime.UTC)
+    if now > cert.not_valid_after_utc:
+        return f"expired at {cert.not_valid_after_utc.isoformat()}"
+    if now < cert.not_valid_before_utc:
+        return f"is not valid before {cert.not_valid_before_utc.isoformat()}"
+    return None
+
+
 def self_signed_pem(hosts: tuple[str, ...] = ()) -> tuple[bytes, bytes]:
     """A fresh ECDSA P-256 key and a self-signed certificate for it (PEM), valid ten years, naming this
     host, localhost and 127.0.0.1 (clients here skip verification; the names help when one does not)."""
@@ -242,4 +270,4 @@ def self_signed_pem(hosts: tuple[str, ...] = ()) -> tuple[bytes, bytes]:
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-__all__ = ["CERT_FILE", "KEY_FILE", "ServingCert", "self_signed_pem"]
+__all__ = ["CERT_FILE", "KEY_FILE", "ServingCert", "self_signed_pem", "validity_problem"]

@@ -267,3 +267,108 @@ async def test_auth_asked_for_without_a_kubeconfig_is_a_start_up_error(tmp_path:
     with pytest.raises(ConfigError, match="--metrics-endpoint-auth: needs the Kubernetes API"):
         await app.start()
     await app.shutdown()
+
+
+async def test_a_broken_metrics_certificate_rotation_is_logged_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Secret left broken: every scrape still gets the last good certificate, and the log says so once per
+    breakage, not on every handshake for as long as it lasts."""
+    monkeypatch.setattr(metrics_server, "CERT_CHECK_INTERVAL", 0.0, raising=False)
+    first = write_cert_pair(tmp_path)
+    server = MetricsServer(_registry(), ssl_context=metrics_ssl_context(str(tmp_path), None))
+    port = free_port()
+    await server.start("127.0.0.1", port)
+    try:
+        await asyncio.sleep(0.02)  # a later mtime
+        write_cert_pair(tmp_path / "other")
+        (tmp_path / KEY_FILE).write_bytes((tmp_path / "other" / KEY_FILE).read_bytes())  # mismatched pair
+        for _ in range(5):
+            assert await _served_certificate(port) == _der(first)
+        warnings = [r.getMessage() for r in caplog.records if "not reloaded" in r.getMessage()]
+        assert len(warnings) == 1, warnings
+        second = write_cert_pair(tmp_path)
+        assert await _served_certificate(port) == _der(second)
+        await asyncio.sleep(0.02)
+        (tmp_path / CERT_FILE).write_text("half-written")
+        for _ in range(3):
+            assert await _served_certificate(port) == _der(second)
+        assert len([r for r in caplog.records if "not reloaded" in r.getMessage()]) == 2
+    finally:
+        await server.aclose()
+
+
+class GatedApi(FakeApi):
+    """A FakeApi whose answers wait for `gate` (a slow or hung API server), counting calls in flight."""
+
+    def __init__(self, users: dict[str, str], readers: set[str]) -> None:
+        super().__init__(users, readers)
+        self.gate = asyncio.Event()
+        self.inflight = self.most_inflight = 0
+
+    async def request(self, method: str, path: str, *, body: Any = None, **kw: Any) -> bytes:
+        self.inflight += 1
+        self.most_inflight = max(self.most_inflight, self.inflight)
+        try:
+            await self.gate.wait()
+            return await super().request(method, path, body=body, **kw)
+        finally:
+            self.inflight -= 1
+
+
+async def test_concurrent_scrapes_with_one_token_share_one_review() -> None:
+    """Scrapes that arrive together (several Prometheus replicas, a retry) with the same token: one
+    TokenReview + SubjectAccessReview, not one pair each."""
+    api = GatedApi({"t": "prometheus"}, {"prometheus"})
+    a = MetricsAuth(lambda: api)  # type: ignore[arg-type, return-value]
+    checks = [asyncio.create_task(a.check("Bearer t", "/metrics")) for _ in range(20)]
+    await asyncio.sleep(0.05)
+    checks[0].cancel()  # a scraper that hangs up does not cancel the others' answer
+    api.gate.set()
+    results = await asyncio.gather(*checks[1:])
+    assert results == [(200, "")] * 19
+    assert api.calls == ["tokenreviews", "subjectaccessreviews"]
+
+
+async def test_reviews_in_flight_are_bounded_and_a_hung_api_fails_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Anyone can send a bearer token: a flood of made-up tokens must not become as many concurrent API calls
+    (the reference's client-go is rate-limited), and a hung API server answers 503 within the timeout,
+    never lets a scrape through."""
+    monkeypatch.setattr(metrics_server, "_API_TIMEOUT", 0.3)
+    api = GatedApi({"t": "prometheus"}, {"prometheus"})
+    a = MetricsAuth(lambda: api)  # type: ignore[arg-type, return-value]
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    results = await asyncio.gather(*(a.check(f"Bearer made-up-{i}", "/metrics") for i in range(200)))
+    assert loop.time() - start < 2.0
+    assert {status for status, _ in results} == {503}
+    assert api.most_inflight <= metrics_server._MAX_REVIEWS < 200, api.most_inflight
+    assert not a._cache
+
+
+async def test_a_huge_or_malformed_authorization_header_is_refused_without_an_api_call() -> None:
+    api = FakeApi({"t": "prometheus"}, {"prometheus"})
+    a = MetricsAuth(lambda: api)  # type: ignore[arg-type, return-value]
+    for header in ("Bearer", "Bearer\tt", "Token t", "Bearer  ", "bearer" + "x" * 10):
+        assert (await a.check(header, "/metrics"))[0] == 401, header
+    server = MetricsServer(_registry(), auth=a)
+    port = free_port()
+    await server.start("127.0.0.1", port)
+    try:
+        status, _, _ = await _get(f"http://127.0.0.1:{port}/metrics", {"Authorization": "Bearer " + "a" * 100_000})
+        assert 400 <= status < 500 and status != 200
+        assert (await _get(f"http://127.0.0.1:{port}/metrics", {"Authorization": "Bearer t"}))[0] == 200
+    finally:
+        await server.aclose()
+    assert api.calls == ["tokenreviews", "subjectaccessreviews"]
+
+
+def test_an_expired_metrics_certificate_is_said_at_start_up(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Prometheus verifies the certificate (unless told not to): an expired one fails every scrape, so the log
+    says why at start-up, naming the file (served anyway, as the reference's certwatcher does)."""
+    from tests.server.test_tls import _dated_pair
+
+    _dated_pair(tmp_path, (-30, -1))
+    assert metrics_ssl_context(str(tmp_path), None) is not None
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("expired" in m and f"{tmp_path}/{CERT_FILE}" in m for m in warnings), warnings

@@ -192,3 +192,84 @@ def test_the_app_makes_its_certificate_at_construction_and_says_when_cert_flags_
     served = App(Settings(config_text=FILE_CONFIG))
     assert served.serving_cert is not None and served.serving_cert.self_signed
     served.serving_cert.close()
+
+
+async def test_a_broken_rotation_is_logged_once_not_every_check(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Secret left broken (key of another pair, half-written key): the last good pair keeps being served and
+    the operator is told once per breakage (and counted), not every RELOAD_INTERVAL for as long as it lasts."""
+    from llmepp.server.tls import CERT_FILE
+
+    first = write_cert_pair(tmp_path)
+    cert = ServingCert.from_settings(Settings(cert_path=str(tmp_path), enable_cert_reload=True))
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0, ssl=cert.ssl_context())
+    port = server.sockets[0].getsockname()[1]
+    watcher = asyncio.create_task(cert.watch(interval=0.01))
+    try:
+        await asyncio.sleep(0.02)  # a later mtime
+        other = tmp_path / "other"
+        write_cert_pair(other)
+        (tmp_path / KEY_FILE).write_bytes((other / KEY_FILE).read_bytes())  # a key that does not match
+        await asyncio.sleep(0.3)  # ~30 checks
+        warnings = [r for r in caplog.records if "not reloaded" in r.getMessage()]
+        assert len(warnings) == 1 and cert.reload_failures == 1, [r.getMessage() for r in warnings]
+        assert cert.generation == 0 and await _served_certificate(port) == _der(first)
+        second = write_cert_pair(tmp_path)  # fixed: reloaded, and a later breakage is told again
+        for _ in range(100):
+            if cert.generation:
+                break
+            await asyncio.sleep(0.01)
+        assert cert.generation == 1 and await _served_certificate(port) == _der(second)
+        await asyncio.sleep(0.02)
+        (tmp_path / CERT_FILE).write_text("-----BEGIN CERTIFICATE-----\nhalf-wr")
+        await asyncio.sleep(0.3)
+        warnings = [r for r in caplog.records if "not reloaded" in r.getMessage()]
+        assert len(warnings) == 2 and cert.reload_failures == 2
+        assert await _served_certificate(port) == _der(second)
+    finally:
+        watcher.cancel()
+        server.close()
+        cert.close()
+
+
+def _dated_pair(directory: Path, days_from_now: tuple[float, float]) -> None:
+    import datetime
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from llmepp.server.tls import CERT_FILE
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now + datetime.timedelta(days=days_from_now[0]))
+        .not_valid_after(now + datetime.timedelta(days=days_from_now[1]))
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CERT_FILE).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / KEY_FILE).write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+
+
+@pytest.mark.parametrize(("days", "says"), [((-30, -1), "expired"), ((2, 30), "not valid before")])
+def test_an_expired_or_not_yet_valid_certificate_is_said_at_start_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, days: tuple[float, float], says: str
+) -> None:
+    """The reference (Go's LoadX509KeyPair) serves such a pair, and gateways that do not verify accept it, so
+    not a start-up error; but a gateway that verifies will fail every handshake: the log says why, naming it."""
+    _dated_pair(tmp_path, days)
+    cert = ServingCert.from_settings(Settings(cert_path=str(tmp_path)))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(says in m and str(cert.cert_file) in m for m in warnings), warnings
+    caplog.clear()
+    write_cert_pair(tmp_path)
+    ServingCert.from_settings(Settings(cert_path=str(tmp_path)))
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
