@@ -62,15 +62,23 @@ class HttpDataSource(Plugin):
             ctx.verify_mode = ssl.CERT_NONE
         else:
             ctx = ssl.create_default_context()
-        try:
-            if p.ca_cert_path:
+        if p.ca_cert_path:
+            try:
                 ctx.load_verify_locations(cafile=p.ca_cert_path)
-            if p.client_cert_path or p.client_key_path:
-                if not (p.client_cert_path and p.client_key_path):
-                    raise ConfigError("parameters.clientCertPath and clientKeyPath must be set together")
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError(
+                    f"parameters.caCertPath: cannot load {p.ca_cert_path!r} (PEM CA certificates): {e}"
+                ) from None
+        if p.client_cert_path or p.client_key_path:
+            if not (p.client_cert_path and p.client_key_path):
+                raise ConfigError("parameters.clientCertPath and clientKeyPath must be set together")
+            try:
                 ctx.load_cert_chain(p.client_cert_path, p.client_key_path)
-        except (OSError, ssl.SSLError) as e:
-            raise ConfigError(f"parameters: TLS files: {e}") from None
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError(
+                    f"parameters.clientCertPath / clientKeyPath: cannot load {p.client_cert_path!r} and "
+                    f"{p.client_key_path!r} (a PEM certificate and its key): {e}"
+                ) from None
         return ctx
 
     def target_for(self, spec: EndpointSpec) -> ScrapeTarget:

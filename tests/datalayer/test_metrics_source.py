@@ -64,7 +64,11 @@ def test_target_port_precedence() -> None:
         ({"interval": "0s"}, "interval: must be positive"),
         ({"interval": "fast"}, "interval: invalid duration"),
         ({"scheme": "https", "clientCertPath": "/x.pem"}, "must be set together"),
-        ({"scheme": "https", "caCertPath": "/nonexistent/ca.pem"}, "TLS files"),
+        ({"scheme": "https", "caCertPath": "/nonexistent/ca.pem"}, "caCertPath: cannot load '/nonexistent/ca.pem'"),
+        (
+            {"scheme": "https", "clientCertPath": "/nonexistent/c.pem", "clientKeyPath": "/nonexistent/k.pem"},
+            "clientCertPath / clientKeyPath: cannot load '/nonexistent/c.pem'",
+        ),
         ({"insecureSkipVerify": "yes"}, "insecureSkipVerify"),
         ({"timeout": "1s"}, "timeout"),
     ],
@@ -72,6 +76,14 @@ def test_target_port_precedence() -> None:
 def test_parameter_errors(params: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         build(params)
+
+
+def test_a_ca_file_that_is_no_pem_names_the_field_and_the_file(tmp_path: Path) -> None:
+    """Before: "parameters: TLS files: [X509: NO_CERTIFICATE_OR_CRL_FOUND] ...", naming neither."""
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=rf"caCertPath: cannot load '{bad}' \(PEM CA certificates\)"):
+        build({"scheme": "https", "caCertPath": str(bad)})
 
 
 def test_tls_files_load(tmp_path: Path) -> None:
