@@ -295,17 +295,69 @@ def immediate_response(
 
 # -- reading -----------------------------------------------------------------------------------
 def headers_dict(headers: pb.HttpHeaders) -> dict[str, str]:
-    """Header map → {name: value}. Envoy sends lower-case names and values in raw_value."""
+    """Header map → {name: value} (see header_map_dict). Envoy sends lower-case names and values in raw_value."""
     return header_map_dict(headers.headers)
 
 
 def header_map_dict(header_map: base_pb2.HeaderMap) -> dict[str, str]:
-    """A HeaderMap (headers, or trailers) → {name: value}."""
+    """A HeaderMap (headers, or trailers) → {name: value}.
+
+    - Names are taken as Envoy sends them: lower case (HTTP/2 and Envoy's header maps; lower-casing each
+      again would cost ~9% of this function for nothing).
+    - A value is UTF-8; one that is not (obs-text, RFC 9110 §5.5) is read as ISO-8859-1, so distinct
+      bytes stay distinct strings (`replace` made every such value the same) and the text still
+      encodes as UTF-8 (metric labels, logs, JSON, header mutations).
+    - A repeated field (Envoy sends one entry per field line of a header it does not coalesce itself)
+      is its values joined in order, ", " between them (RFC 9110 §5.3), "; " for cookie (RFC 9113
+      §8.2.3, RFC 6265 §5.4); empty values are left out (RFC 9110 §5.6.1). The reference's Go map
+      keeps the last one only, so a cookie or a content-coding on an earlier line was lost.
+    """
+    headers = header_map.headers
     out: dict[str, str] = {}
-    for h in header_map.headers:
+    for h in headers:
         raw = h.raw_value  # one attribute read per field: upb access is not free
-        out[h.key] = raw.decode("utf-8", "replace") if raw else h.value
+        if raw:
+            try:
+                out[h.key] = raw.decode()
+            except UnicodeDecodeError:
+                out[h.key] = raw.decode("latin-1")
+        else:
+            out[h.key] = h.value
+    if len(out) != len(headers):  # a name seen twice (rare): its values joined, in place
+        _join_repeated(headers, out)
     return out
+
+
+_FIELD_SEPARATORS = {"cookie": "; "}
+
+
+def _field_text(h: base_pb2.HeaderValue) -> str:
+    raw = h.raw_value
+    if not raw:
+        return str(h.value)
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _join_repeated(headers: Iterable[base_pb2.HeaderValue], out: dict[str, str]) -> None:
+    """Sets each repeated name of `out` to all its values joined: linear in the map, however many repeats.
+
+    `out` already holds every name at its first position (a later assignment keeps the place).
+    """
+    fields: dict[str, list[base_pb2.HeaderValue]] = {}
+    for h in headers:
+        key = h.key
+        same = fields.get(key)
+        if same is None:
+            fields[key] = [h]
+        else:
+            same.append(h)
+    for key, same in fields.items():
+        if len(same) > 1:
+            values = [_field_text(h) for h in same]
+            out[key] = _FIELD_SEPARATORS.get(key, ", ").join([v for v in values if v])
 
 
 def subset_hint(request: pb.ProcessingRequest) -> list[str] | None:
