@@ -15,7 +15,8 @@
 request path does one dict lookup. `ModelRewriter.rewrite(request)` is what the director
 calls: it sets `request.target_model` (and decodes the body so the director can re-encode
 it with the new `model`); the ext_proc layer rewrites the model name in the response back.
-A model already rewritten by the `x-gateway-model-name-rewrite` header is left alone.
+A rule matching the client's model overrides the `x-llm-d-model-name-rewrite` header's target, as in the
+reference (director.go modelRewriteIfNeeded: the header sets the target, a rule may override it).
 """
 
 from __future__ import annotations
@@ -177,16 +178,16 @@ class ModelRewriter:
 
     def rewrite(self, request: InferenceRequest) -> None:
         model = request.model
-        if not model or (request.target_model and request.target_model != model):
-            return  # nothing to match, or the rewrite header already decided
+        if not model:
+            return
         rule = self.store.rule_for(model)
         if rule is None:
-            return
+            return  # the rewrite header's target, if any, stands
         target = rule.choose(self._rng)
         self._count(rule.source, model, target)
-        if target == model:
+        if target == (request.target_model or model):
             return
-        if request.payload is None:
+        if target != model and request.payload is None:
             try:
                 request.payload = msgspec.json.decode(request.body, type=dict[str, Any])
             except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:

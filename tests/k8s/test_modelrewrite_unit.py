@@ -102,7 +102,10 @@ def test_rewriter_sets_target_decodes_payload_and_counts() -> None:
 
     header_rewritten = request("m", target="from-header")
     rewriter.rewrite(header_rewritten)
-    assert header_rewritten.target_model == "from-header"  # the header's decision stands
+    assert header_rewritten.target_model == "m2"  # as the reference: a matching rule overrides the header
+    header_only = request("other", target="from-header")
+    rewriter.rewrite(header_only)
+    assert header_only.target_model == "from-header"  # no rule for the model: the header's target stands
 
     unmatched = request("other")
     rewriter.rewrite(unmatched)
