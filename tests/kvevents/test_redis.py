@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -43,20 +42,6 @@ def chain(first: int, last: int, tokens: list[int] = TOKENS, base: int = 7000) -
 
 async def _eq(coro: object, value: int) -> bool:
     return await coro == value  # type: ignore[misc]
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    with RedisServer() as srv:
-        yield srv
-
-
-@pytest.fixture
-async def client(server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    c = connect(server.url)
-    await c.flushall()
-    yield c
-    await c.aclose()
 
 
 class Replica:

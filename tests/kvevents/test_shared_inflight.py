@@ -10,7 +10,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -21,7 +20,6 @@ from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
 from llmepp.framework.datakeys import IN_FLIGHT_LOAD, scoped
 from llmepp.framework.plugin import PluginContext, registry
 from llmepp.framework.scheduling import ProfileResult, SchedulingResult
-from llmepp.kvevents.redis_index import connect
 from llmepp.observability.metrics import EppMetrics
 from llmepp.plugins.producers.shared_inflight import RedisInFlightLoadProducer
 from llmepp.request.types import InferenceRequest, RequestKind, ResponseInfo
@@ -31,20 +29,6 @@ from llmepp.testing.redis import RedisServer
 from .rig import until
 
 FAST = {"syncInterval": "50ms", "replicaTTL": "300ms"}
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    with RedisServer() as srv:
-        yield srv
-
-
-@pytest.fixture
-async def client(server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    c = connect(server.url)
-    await c.flushall()
-    yield c
-    await c.aclose()
 
 
 def _pool() -> tuple[Datastore, Endpoint, Endpoint]:
