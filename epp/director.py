@@ -191,14 +191,16 @@ class Director:
             except RequestError:
                 raise
             except Exception:
-                self._plugin_failed("RequestHeaderProcessor", processor)
+                self._plugin_failed(
+                    "RequestHeaderProcessor", processor, "RequestHeaderProcessor %s failed; skipped for the request"
+                )
         for responder in self.pipeline.responders:
             try:
                 answer = responder.respond(request)
             except RequestError:
                 raise
             except Exception:
-                self._plugin_failed("Responder", responder)
+                self._plugin_failed("Responder", responder, "Responder %s failed; skipped for the request")
                 continue
             if answer is not None:
                 return answer
@@ -235,9 +237,7 @@ class Director:
                     except RequestError:
                         raise
                     except Exception:  # as the reference: a producer failure does not fail the request
-                        self._failures.error(
-                            f"DataProducer/{producer.name}", "data producer %s failed", producer.name, exc_info=True
-                        )
+                        self._plugin_failed("DataProducer", producer, "data producer %s failed")
                 if timers is not None:
                     timers.observe("DataProducer", producer, time.perf_counter() - start)
             if waited:
@@ -250,7 +250,7 @@ class Director:
                 except RequestError:
                     raise
                 except Exception:  # fails open: a broken admitter must not refuse every request
-                    self._plugin_failed("Admitter", admitter)
+                    self._plugin_failed("Admitter", admitter, "Admitter %s failed; skipped for the request")
                 if timers is not None:
                     timers.observe("Admitter", admitter, time.perf_counter() - start)
 
@@ -304,9 +304,7 @@ class Director:
                     plugin.pre_request(request, result)
                 except Exception as e:  # as the reference: every PreRequest plugin runs, errors are joined
                     if not isinstance(e, RequestError):
-                        self._failures.error(
-                            f"PreRequest/{plugin.name}", "pre-request plugin %s failed", plugin.name, exc_info=True
-                        )
+                        self._plugin_failed("PreRequest", plugin, "pre-request plugin %s failed")
                     errors = [*(errors or ()), (plugin, e)]
                 if timers is not None:
                     timers.observe("PreRequest", plugin, time.perf_counter() - start)
@@ -361,12 +359,7 @@ class Director:
             try:
                 out = plugin.response_headers(request, response, headers)
             except Exception:  # the other plugins still run, the response goes on
-                self._failures.error(
-                    f"ResponseHeaderProcessor/{plugin.name}",
-                    "response-header plugin %s failed",
-                    plugin.name,
-                    exc_info=True,
-                )
+                self._plugin_failed("ResponseHeaderProcessor", plugin, "response-header plugin %s failed")
                 continue
             if timers is not None:
                 timers.observe("ResponseHeaderProcessor", plugin, time.perf_counter() - start)
@@ -384,12 +377,7 @@ class Director:
             try:
                 plugin.first_response_chunk(request, response)
             except Exception:
-                self._failures.error(
-                    f"FirstResponseChunkProcessor/{plugin.name}",
-                    "first-response-chunk plugin %s failed",
-                    plugin.name,
-                    exc_info=True,
-                )
+                self._plugin_failed("FirstResponseChunkProcessor", plugin, "first-response-chunk plugin %s failed")
             if timers is not None:
                 timers.observe("FirstResponseChunkProcessor", plugin, time.perf_counter() - start)
 
@@ -406,12 +394,7 @@ class Director:
             try:
                 out = plugin.response_metadata(request, response)
             except Exception:
-                self._failures.error(
-                    f"ResponseMetadataProcessor/{plugin.name}",
-                    "response-metadata plugin %s failed",
-                    plugin.name,
-                    exc_info=True,
-                )
+                self._plugin_failed("ResponseMetadataProcessor", plugin, "response-metadata plugin %s failed")
                 continue
             for namespace, fields in (out or {}).items():
                 merged.setdefault(namespace, {}).update(fields)
@@ -435,12 +418,7 @@ class Director:
             try:
                 plugin.response_complete(request, response, result)
             except Exception:
-                self._failures.error(
-                    f"ResponseCompleteProcessor/{plugin.name}",
-                    "response-complete plugin %s failed",
-                    plugin.name,
-                    exc_info=True,
-                )
+                self._plugin_failed("ResponseCompleteProcessor", plugin, "response-complete plugin %s failed")
             if timers is not None:
                 timers.observe("ResponseCompleteProcessor", plugin, time.perf_counter() - start)
 
@@ -457,16 +435,16 @@ class Director:
             except RequestError:
                 raise
             except Exception:  # screens nothing out
-                self._plugin_failed("Screener", screener)
+                self._plugin_failed("Screener", screener, "Screener %s failed; skipped for the request")
                 continue
             if not candidates:
                 raise NoEndpoints(f"no endpoint passed screener {screener.name!r}")
         return candidates
 
-    def _plugin_failed(self, kind: str, plugin: Plugin) -> None:
-        """From the `except` block of a plugin's failed call: its traceback, once per 30 s per plugin."""
-        self._failures.error(f"{kind}/{plugin.name}", "%s %s failed; skipped for the request", kind, plugin.name,
-                             exc_info=True)  # fmt: skip
+    def _plugin_failed(self, kind: str, plugin: Plugin, message: str) -> None:
+        """From the `except` block of a plugin's failed call (`kind`: its extension point; `message`: the line,
+        "%s" the plugin's name): its traceback, once per 30 s per extension point and plugin."""
+        self._failures.error(f"{kind}/{plugin.name}", message, plugin.name, exc_info=True)
 
     async def _run_async_producer(
         self, producer: DataProducer, request: InferenceRequest, candidates: Sequence[Endpoint]
@@ -480,9 +458,7 @@ class Director:
         except RequestError:
             raise
         except Exception:
-            self._failures.error(
-                f"DataProducer/{producer.name}", "data producer %s failed", producer.name, exc_info=True
-            )
+            self._plugin_failed("DataProducer", producer, "data producer %s failed")
 
     @staticmethod
     def _rewritten_body(request: InferenceRequest) -> bytes | None:
