@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,15 +95,7 @@ class App:
         except BaseException:
             # Plugins set up before a later check refused the config (datastore listeners, tasks, sockets,
             # worker threads) and the tracer's exporter thread.
-            coro = self._close_refused()
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                asyncio.run(coro)
-            else:
-                task = loop.create_task(coro, name="failed-start-up")
-                _failed_start_ups.add(task)
-                task.add_done_callback(_failed_start_ups.discard)
+            _close_soon(self._close_refused(), "failed-start-up", _failed_start_ups)
             raise
         self._built.clear()  # the running plugins are components.plugins (a reload retires some)
 
@@ -281,16 +273,8 @@ class App:
 
     def _close_later(self, plugins: list[Plugin], name: str) -> None:
         """`aclose()` the plugins in a task (awaited at shutdown); at once when no event loop runs."""
-        if not plugins:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            asyncio.run(_close_plugins(plugins))
-            return
-        task = loop.create_task(_close_plugins(plugins), name=name)
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        if plugins:
+            _close_soon(_close_plugins(plugins), name, self._closing)
 
     def _objective_store(self) -> ObjectiveStore:
         """The store admission resolves priorities from (Kubernetes mode feeds it InferenceObjectives)."""
@@ -509,20 +493,37 @@ class App:
         if serving_cert is not None:
             await step("the serving certificate", serving_cert.close)
         await asyncio.gather(*self._closing, return_exceptions=True)
-        for plugin in self.components.plugins.values():
-            await step(f"plugin {plugin.name}", plugin.aclose)
+        self.close_failures += await _close_plugins(self.components.plugins.values())
         await step("the /metrics server", self._metrics_server.aclose)
         if self._auth_kube is not None:
             await step("the /metrics auth client", self._auth_kube.aclose)
         log.info("stopped")
 
 
-async def _close_plugins(plugins: Iterable[Plugin]) -> None:
+async def _close_plugins(plugins: Iterable[Plugin]) -> int:
+    """`aclose()` each plugin; one failing is logged with its traceback and the others are still closed.
+    Returns how many failed."""
+    failed = 0
     for plugin in plugins:
         try:
             await plugin.aclose()
         except Exception:
+            failed += 1
             log.exception("plugin %s failed to close", plugin.name)
+    return failed
+
+
+def _close_soon(closing: Coroutine[Any, Any, object], name: str, tasks: set[asyncio.Task[Any]]) -> None:
+    """Run `closing` as a task kept in `tasks` (awaited later); at once when no event loop runs (a caller that
+    is not async cannot await it)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(closing)
+        return
+    task = loop.create_task(closing, name=name)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
 
 
 @contextlib.contextmanager
