@@ -16,17 +16,22 @@ from llmepp.framework.scheduling import Scorer
 from llmepp.request.types import InferenceRequest, RequestKind
 from llmepp.server.tls import CERT_FILE, KEY_FILE, self_signed_pem
 
-# A config that builds an App in file-discovery mode without touching any file until start-up.
-FILE_CONFIG = """\
+
+def file_config(endpoints: Path | str, scorer: str = "type: queue-scorer") -> str:
+    """FILE_CONFIG reading the endpoints file `endpoints`, with `scorer` (a plugins entry) as its scorer."""
+    return f"""\
 apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
 plugins:
-- type: file-discovery
-  parameters: {path: /nonexistent/endpoints.yaml}
-- type: queue-scorer
+- {{type: file-discovery, parameters: {{path: {endpoints}}}}}
+- {scorer}
 dataLayer:
-  discovery: {pluginRef: file-discovery}
+  discovery: {{pluginRef: file-discovery}}
 """
+
+
+# A config that builds an App in file-discovery mode without touching any file until start-up.
+FILE_CONFIG = file_config("/nonexistent/endpoints.yaml")
 
 
 def endpoint(

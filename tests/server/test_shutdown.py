@@ -18,7 +18,7 @@ import grpc
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import ClosingScorer
+from helpers import ClosingScorer, file_config
 
 from llmepp import app as app_module
 from llmepp.settings import Settings
@@ -44,15 +44,7 @@ async def test_sigterm_drains_an_in_flight_stream_then_run_returns(
     endpoints = tmp_path / "endpoints.yaml"
     endpoints.write_text("endpoints:\n- {name: pod-a, address: 127.0.0.1, port: 18000}\n")
     grpc_port, health_port = free_port(), free_port()
-    config = f"""\
-apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- {{type: file-discovery, parameters: {{path: {endpoints}}}}}
-- type: queue-scorer
-dataLayer:
-  discovery: {{pluginRef: file-discovery}}
-"""
+    config = file_config(endpoints)
     settings = Settings(config_text=config, bind_address="127.0.0.1", grpc_port=grpc_port,
                         grpc_health_port=health_port, metrics_port=0, secure_serving=False, drain_timeout=3.0,
                         tracing=False)  # fmt: skip
@@ -165,15 +157,7 @@ async def test_a_sigterm_during_the_discovery_grace_stops_the_start_and_closes_i
     monkeypatch.setattr(app_module.App, "start", record_start)
     endpoints = tmp_path / "endpoints.yaml"
     endpoints.write_text("endpoints: []\n")
-    config = f"""\
-apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- {{type: file-discovery, parameters: {{path: {endpoints}}}}}
-- type: queue-scorer
-dataLayer:
-  discovery: {{pluginRef: file-discovery}}
-"""
+    config = file_config(endpoints)
     settings = Settings(config_text=config, bind_address="127.0.0.1", grpc_port=free_port(),
                         grpc_health_port=free_port(), metrics_port=0, secure_serving=False, tracing=False)  # fmt: skip
     running = asyncio.create_task(app_module.run(settings))
@@ -234,15 +218,7 @@ async def test_parts_failing_to_close_do_not_skip_the_others(
     ClosingScorer.register(monkeypatch)
     endpoints = tmp_path / "endpoints.yaml"
     endpoints.write_text("endpoints: []\n")
-    config = f"""\
-apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- {{type: file-discovery, parameters: {{path: {endpoints}}}}}
-- {{type: {ClosingScorer.type}, name: closing}}
-dataLayer:
-  discovery: {{pluginRef: file-discovery}}
-"""
+    config = file_config(endpoints, f"{{type: {ClosingScorer.type}, name: closing}}")
     health_port = free_port()
     app = app_module.App(Settings(config_text=config, bind_address="127.0.0.1", grpc_port=free_port(),
                                   grpc_health_port=health_port, metrics_port=free_port(), secure_serving=False,
