@@ -107,6 +107,23 @@ def test_a_rewritten_name_is_never_rewritten_again_across_a_chunk_boundary() -> 
 
 
 # -- an encoded body is never rewritten ------------------------------------------------------------------------
+async def through_the_epp(chunks: list[bytes], encoding: str | None = None) -> bytes:
+    """The response body the client gets when the pod answers `chunks` to a request routed with the model
+    name rewritten to big-model-v2 (the client asked for "m")."""
+    body = json.dumps({"model": "m", "prompt": "hi"}).encode()
+    extra = {"content-encoding": encoding} if encoding is not None else {}
+    async with serve() as h:
+        s = h.open()
+        await s.route(body, {"x-llm-d-model-name-rewrite": "big-model-v2"})
+        await s.send(response_headers(200, "application/json", **extra))
+        await s.recv()
+        out = b""
+        for i, chunk in enumerate(chunks):
+            await s.send(response_body(chunk, eos=i == len(chunks) - 1))
+            out += streamed(await s.recv(), "response_body")[0]
+    return out
+
+
 @pytest.mark.parametrize("encoding", ["gzip", "br", "GZIP"])
 async def test_a_content_encoded_response_is_passed_through_unchanged(encoding: str) -> None:
     # gzip level 0 (stored blocks) carries the JSON bytes verbatim: a rewrite there changes the length and breaks
@@ -114,29 +131,13 @@ async def test_a_content_encoded_response_is_passed_through_unchanged(encoding: 
     plain = json.dumps({"model": "big-model-v2", "choices": [], "usage": {"prompt_tokens": 1}}).encode()
     encoded = gzip.compress(plain, compresslevel=0)
     assert b'"model": "big-model-v2"' in encoded
-    body = json.dumps({"model": "m", "prompt": "hi"}).encode()
-    async with serve() as h:
-        s = h.open()
-        await s.route(body, {"x-llm-d-model-name-rewrite": "big-model-v2"})
-        await s.send(response_headers(200, "application/json", **{"content-encoding": encoding}))
-        await s.recv()
-        out = b""
-        for i in range(0, len(encoded), 16):
-            await s.send(response_body(encoded[i : i + 16], eos=i + 16 >= len(encoded)))
-            out += streamed(await s.recv(), "response_body")[0]
-        assert out == encoded
-        assert gzip.decompress(out) == plain
+    out = await through_the_epp([encoded[i : i + 16] for i in range(0, len(encoded), 16)], encoding)
+    assert out == encoded
+    assert gzip.decompress(out) == plain
 
 
 async def test_an_identity_encoded_response_is_still_rewritten() -> None:
-    body = json.dumps({"model": "m", "prompt": "hi"}).encode()
-    async with serve() as h:
-        s = h.open()
-        await s.route(body, {"x-llm-d-model-name-rewrite": "big-model-v2"})
-        await s.send(response_headers(200, "application/json", **{"content-encoding": "identity"}))
-        await s.recv()
-        await s.send(response_body(b'{"model":"big-model-v2"}', eos=True))
-        assert streamed(await s.recv(), "response_body")[0] == b'{"model":"m"}'
+    assert await through_the_epp([b'{"model":"big-model-v2"}'], "identity") == b'{"model":"m"}'
 
 
 # -- a skipped usage is said (rate-limited) ---------------------------------------------------------------------
@@ -209,16 +210,7 @@ async def test_a_failure_handling_a_chunk_echoes_what_the_rewriter_held(
         feed(self, chunk)
 
     monkeypatch.setattr(UsageCollector, "feed", failing_feed)
-    body = json.dumps({"model": "m", "prompt": "hi"}).encode()
-    async with serve() as h:
-        s = h.open()
-        await s.route(body, {"x-llm-d-model-name-rewrite": "big-model-v2"})
-        await s.send(response_headers(200, "application/json"))
-        await s.recv()
-        out = b""
-        for i, chunk in enumerate(chunks):
-            await s.send(response_body(chunk, eos=i == len(chunks) - 1))
-            out += streamed(await s.recv(), "response_body")[0]
+    out = await through_the_epp(chunks)
     assert calls["n"] == len(chunks)
     # Rewritten up to the failure, raw from there on: every byte there, once. (Failing at chunk 1, the name
     # was still held, so it goes out raw; failing at chunk 2, it had been rewritten with chunk 1.)
@@ -238,14 +230,5 @@ async def test_a_failure_handling_the_last_chunk_after_its_feed_keeps_the_held_b
 
     monkeypatch.setattr(stream_mod.ExtProcStream, "_response_ended", failing_end)
     chunks = [b'{"id":"x","model":"big', b'-model-v2"}']
-    body = json.dumps({"model": "m", "prompt": "hi"}).encode()
-    async with serve() as h:
-        s = h.open()
-        await s.route(body, {"x-llm-d-model-name-rewrite": "big-model-v2"})
-        await s.send(response_headers(200, "application/json"))
-        await s.recv()
-        out = b""
-        for i, chunk in enumerate(chunks):
-            await s.send(response_body(chunk, eos=i == len(chunks) - 1))
-            out += streamed(await s.recv(), "response_body")[0]
+    out = await through_the_epp(chunks)
     assert out == b"".join(chunks)
