@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -336,11 +336,8 @@ async def test_producer_neutralises_tpot_when_not_streaming_and_for_prefill_pods
     await role.aclose()
 
 
-async def slow_predictor(delay: float) -> tuple[web.AppRunner, str]:
-    async def handler(request: web.Request) -> web.Response:
-        await asyncio.sleep(delay)
-        return web.json_response({"detail": "late"})
-
+async def answering(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> tuple[web.AppRunner, str]:
+    """A predictor stand-in on loopback answering every path with `handler`: (its runner, its URL)."""
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
     runner = web.AppRunner(app)
@@ -348,6 +345,14 @@ async def slow_predictor(delay: float) -> tuple[web.AppRunner, str]:
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     host, port = runner.addresses[0][:2]
     return runner, f"http://{host}:{port}"
+
+
+async def slow_predictor(delay: float) -> tuple[web.AppRunner, str]:
+    async def handler(request: web.Request) -> web.Response:
+        await asyncio.sleep(delay)
+        return web.json_response({"detail": "late"})
+
+    return await answering(handler)
 
 
 async def test_a_slow_or_dead_predictor_never_stalls_routing(caplog: pytest.LogCaptureFixture) -> None:
@@ -503,13 +508,8 @@ async def test_a_predictor_answer_the_decoder_cannot_read_is_counted_and_backed_
         calls += 1
         return web.Response(body=deep, content_type="application/json")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    host, port = runner.addresses[0][:2]
-    p = producer(f"http://{host}:{port}")
+    runner, url = await answering(handler)
+    p = producer(url)
     try:
         for _ in range(3):
             r = request()
@@ -865,15 +865,10 @@ async def test_a_huge_predictor_answer_is_refused_not_buffered() -> None:
             return resp
         return web.Response(body=body, content_type="application/json")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    host, port = runner.addresses[0][:2]
+    runner, url = await answering(handler)
     try:
         for prefix in ("/whole", "/chunked"):
-            p = producer(f"http://{host}:{port}{prefix}", predictionTimeout="350ms")
+            p = producer(url + prefix, predictionTimeout="350ms")
             r = request()
             await p.produce(r, [endpoint(0), endpoint(1)])
             assert KEY not in r.data
