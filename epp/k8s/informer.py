@@ -82,6 +82,13 @@ class Handler(Protocol[T_contra]):
     def delete(self, obj: T_contra) -> None: ...
 
 
+def rejected_by(handler: object) -> int:
+    """Objects (or parts of one) a handler left out because a value cannot apply, each logged with the
+    reason: a handler that validates counts them in an int attribute `rejected` (none: 0)."""
+    n = getattr(handler, "rejected", 0)
+    return n if isinstance(n, int) else 0
+
+
 @dataclass(frozen=True, slots=True)
 class InformerOptions:
     label_selector: str = ""
@@ -367,6 +374,9 @@ _COUNTERS = {
                 "accept, e.g. a CRD installed with another schema."),
 }  # fmt: skip
 assert set(_COUNTERS) | {"consecutive_errors"} == {f.name for f in fields(InformerStats)}
+_REJECTED = ("rejected_total", "Objects or rules that decode but are left out (logged with the reason) because a "
+             "value cannot apply: an InferenceObjective priority outside int32, an InferenceModelRewrite rule "
+             "without targets or whose matches name no model.")  # fmt: skip
 _LABELS = ["namespace", "owner", "resource"]
 _PREFIX = "llm_d_epp_kubernetes_informer_"
 
@@ -390,7 +400,7 @@ class InformerMetrics(Collector):
             namespace = inf.namespace if f"/namespaces/{inf.namespace}/" in inf._path else ""
             s = inf.stats
             values = [getattr(s, name) for name in _COUNTERS]
-            values += [len(inf), 1.0 if inf.synced.is_set() else 0.0, s.consecutive_errors]
+            values += [rejected_by(inf.handler), len(inf), 1.0 if inf.synced.is_set() else 0.0, s.consecutive_errors]
             key = (namespace, inf.owner, resource)
             row = rows.get(key)
             # Two informers of one owner on one resource (not done today) make one series: counts and
@@ -398,7 +408,7 @@ class InformerMetrics(Collector):
             rows[key] = values if row is None else [*(a + b for a, b in zip(row[:-2], values[:-2], strict=True)),
                                                     min(row[-2], values[-2]), max(row[-1], values[-1])]  # fmt: skip
         families: list[CounterMetricFamily | GaugeMetricFamily] = [
-            CounterMetricFamily(_PREFIX + name, text, labels=_LABELS) for name, text in _COUNTERS.values()
+            CounterMetricFamily(_PREFIX + name, text, labels=_LABELS) for name, text in (*_COUNTERS.values(), _REJECTED)
         ]
         families += [
             GaugeMetricFamily(_PREFIX + "objects", "Objects in the informer's cache.", labels=_LABELS),

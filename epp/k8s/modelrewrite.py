@@ -8,7 +8,8 @@
                   without weights, or all weights 0, split uniformly; with mixed weights
                   the unweighted targets are never chosen (as in the reference)
     bad rules     a rule without targets, or whose `matches` name no model, is skipped
-                  (logged, counted in `RewriteSync.skipped`) — never a catch-all
+                  (logged, counted in `RewriteSync.rejected`, exported as
+                  `llm_d_epp_kubernetes_informer_rejected_total`) — never a catch-all
 
 `ModelRewriteStore` is fed by the informer handler `RewriteSync` (only rewrites whose
 `poolRef` names our pool) and rebuilds a model → rule index on every change, so the
@@ -138,7 +139,7 @@ class RewriteSync:
         self.store = store
         self.pool_name = pool_name
         self.pool_group = pool_group
-        self.skipped = 0  # rules left out because they cannot apply (each logged)
+        self.rejected = 0  # rules left out because they cannot apply (each logged)
 
     def upsert(self, obj: InferenceModelRewrite) -> None:
         name = obj.metadata.name
@@ -149,7 +150,7 @@ class RewriteSync:
         rules = rules_of(obj, skipped)
         for reason in skipped:
             log.warning("model rewrite %s: %s: rule skipped", name, reason)
-        self.skipped += len(skipped)
+        self.rejected += len(skipped)
         log.info("model rewrite %s: %d rules", name, len(rules))
         self.store.set(name, obj.metadata.creation_timestamp, rules)
 

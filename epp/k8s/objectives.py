@@ -4,7 +4,8 @@ Only objectives whose `spec.poolRef` names our pool (and its API group) count, l
 reference reconciler: an objective that points elsewhere — or is edited to — is removed
 from the store. A missing `spec.priority` is 0. A priority outside int32 (the API server
 does not enforce `format: int32`; the reference cannot decode such an object, so its
-requests run at 0) is a logged skip counted in `ObjectiveSync.skipped`: the objective
+requests run at 0) is a logged skip counted in `ObjectiveSync.rejected` (on /metrics:
+`llm_d_epp_kubernetes_informer_rejected_total`): the objective
 leaves the store, as the file loader rejects the same value.
 """
 
@@ -29,7 +30,7 @@ class ObjectiveSync:
         self.store = store
         self.pool_name = pool_name
         self.pool_group = pool_group
-        self.skipped = 0  # objects left out because of an unusable value (each logged)
+        self.rejected = 0  # objects left out because of an unusable value (each logged)
 
     def upsert(self, obj: InferenceObjective) -> None:
         name = obj.metadata.name
@@ -40,7 +41,7 @@ class ObjectiveSync:
             return
         priority = obj.spec.priority or 0
         if not INT32_RANGE[0] <= priority <= INT32_RANGE[1]:
-            self.skipped += 1
+            self.rejected += 1
             log.warning(
                 "inference objective %r: spec.priority %d is outside int32: skipped (priority 0)", name, priority
             )

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+from prometheus_client import generate_latest
+
 from llmepp.flowcontrol.objectives import ObjectiveStore
 from llmepp.request.parsers import parse_request
 from llmepp.request.types import ResponseInfo
@@ -116,3 +118,8 @@ async def test_objects_the_api_server_accepts_with_odd_values_are_skipped(
         assert store.get("huge") is None and store.priority("huge") == 0
         rule = app.kube.rewrites.rule_for("llama")
         assert rule is not None and rule.targets[0].model == "fallback"  # the target-less rule was skipped
+        text = generate_latest(app.metrics.registry).decode()
+    # What an operator sees on /metrics: one objective and one rule left out.
+    for resource in ("inferenceobjectives.llm-d.ai", "inferencemodelrewrites.llm-d.ai"):
+        labels = f'namespace="{ns}",owner="epp",resource="{resource}"'
+        assert f"llm_d_epp_kubernetes_informer_rejected_total{{{labels}}} 1.0" in text, text

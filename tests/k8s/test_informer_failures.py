@@ -151,6 +151,7 @@ async def test_the_apps_informers_are_on_its_metrics(cluster: Cluster, kube: Tes
     for resource in ("pods", pools, "inferenceobjectives.llm-d.ai", "inferencemodelrewrites.llm-d.ai"):
         assert sample("lists_total", resource) == 1 and sample("synced", resource) == 1
         assert sample("errors_total", resource) == 0 and sample("consecutive_errors", resource) == 0
+        assert sample("rejected_total", resource) == 0
         assert sample("watches_total", resource) >= 1
     assert sample("objects", "pods") == 2 and sample("objects", pools) == 1
     assert sample("objects", "inferenceobjectives.llm-d.ai") == 1

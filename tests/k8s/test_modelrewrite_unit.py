@@ -158,7 +158,7 @@ def test_a_rule_whose_matches_name_no_model_matches_nothing_not_everything(caplo
         sync.upsert(rewrite("r", "2026-01-01T00:00:00Z", odd))
     assert store.rule_for("b") is None  # no catch-all came out of it
     assert chosen(store, "a") == "a2"  # the good rule of the same object still applies
-    assert sync.skipped == 2
+    assert sync.rejected == 2
     assert sum("rules[0]" in r.getMessage() or "rules[1]" in r.getMessage() for r in caplog.records) == 2, caplog.text
 
 
@@ -170,7 +170,7 @@ def test_a_rule_without_targets_is_a_counted_logged_skip(caplog: pytest.LogCaptu
     sync = RewriteSync(store, "p", "inference.networking.k8s.io")
     with caplog.at_level(logging.WARNING, logger="llmepp.k8s.modelrewrite"):
         sync.upsert(rewrite("r", "2026-01-01T00:00:00Z", [{"matches": [{"model": {"value": "a"}}]}, catch_all("x")]))
-    assert chosen(store, "a") == "x" and sync.skipped == 1
+    assert chosen(store, "a") == "x" and sync.rejected == 1
     assert any("rules[0]" in r.getMessage() and "target" in r.getMessage() for r in caplog.records), caplog.text
 
 

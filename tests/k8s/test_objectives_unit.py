@@ -34,7 +34,7 @@ def test_priority_by_name_default_zero_other_pool_ignored_update_and_delete() ->
     sync.upsert(objective("premium", -3))
     assert store.priority("premium") == -3
     sync.delete(objective("premium", -3))
-    assert store.get("premium") is None and sync.skipped == 0
+    assert store.get("premium") is None and sync.rejected == 0
 
 
 @pytest.mark.parametrize("priority", [2**31, -(2**31) - 1, 2**40])
@@ -48,8 +48,8 @@ def test_a_priority_outside_int32_is_a_counted_logged_skip(priority: int, caplog
     with caplog.at_level(logging.WARNING, logger="llmepp.k8s.objectives"):
         sync.upsert(objective("o", priority))
     assert store.get("o") is None and store.priority("o") == 0
-    assert sync.skipped == 1
+    assert sync.rejected == 1
     assert any("int32" in r.getMessage() and "'o'" in r.getMessage() for r in caplog.records), caplog.text
     sync.upsert(objective("o", 2**31 - 1))  # the bounds themselves are fine
     sync.upsert(objective("lo", -(2**31)))
-    assert store.snapshot() == {"o": 2**31 - 1, "lo": -(2**31)} and sync.skipped == 1
+    assert store.snapshot() == {"o": 2**31 - 1, "lo": -(2**31)} and sync.rejected == 1
