@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 _QUIET_PERIOD = 1.0
 # Discovery gets this long to fail loudly at start-up (a bad endpoints file) before we serve.
 _DISCOVERY_STARTUP_GRACE = 0.5
+# A part (or plugin) still closing after this long is left behind, logged and counted as failed: one stuck
+# close (a peer that never answers) must not hold the pod in Terminating until the kubelet's SIGKILL while
+# the parts after it stay open.
+CLOSE_TIMEOUT = 5.0
 
 
 def config_text(settings: Settings) -> str:
@@ -457,7 +461,10 @@ class App:
         try:
             result = close()
             if inspect.isawaitable(result):
-                await result
+                await asyncio.wait_for(result, CLOSE_TIMEOUT)
+        except TimeoutError:
+            self.close_failures += 1
+            log.error("%s did not close within %gs: left behind", part, CLOSE_TIMEOUT)
         except Exception:
             self.close_failures += 1
             log.exception("%s failed to close", part)
@@ -501,12 +508,15 @@ class App:
 
 
 async def _close_plugins(plugins: Iterable[Plugin]) -> int:
-    """`aclose()` each plugin; one failing is logged with its traceback and the others are still closed.
-    Returns how many failed."""
+    """`aclose()` each plugin; one failing (or still closing after CLOSE_TIMEOUT) is logged and the others are
+    still closed. Returns how many failed."""
     failed = 0
     for plugin in plugins:
         try:
-            await plugin.aclose()
+            await asyncio.wait_for(plugin.aclose(), CLOSE_TIMEOUT)
+        except TimeoutError:
+            failed += 1
+            log.error("plugin %s did not close within %gs: left behind", plugin.name, CLOSE_TIMEOUT)
         except Exception:
             failed += 1
             log.exception("plugin %s failed to close", plugin.name)

@@ -251,6 +251,43 @@ async def test_parts_failing_to_close_do_not_skip_the_others(
         pass
 
 
+async def test_a_part_stuck_closing_is_left_behind_and_the_rest_still_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A close that never returns (a peer that never answers) held the shutdown for good: the plugins and the
+    # /metrics server after it stayed open until the kubelet's SIGKILL.
+    monkeypatch.setattr(app_module, "CLOSE_TIMEOUT", 0.2)
+    ClosingScorer.register(monkeypatch)
+    endpoints = tmp_path / "endpoints.yaml"
+    endpoints.write_text("endpoints: []\n")
+    config = file_config(endpoints, f"{{type: {ClosingScorer.type}, name: closing}}")
+    metrics_port = free_port()
+    app = app_module.App(Settings(config_text=config, bind_address="127.0.0.1", grpc_port=free_port(),
+                                  grpc_health_port=free_port(), metrics_port=metrics_port, secure_serving=False,
+                                  tracing=False, drain_timeout=0.2))  # fmt: skip
+    await app.start()
+    stuck = asyncio.Event()
+
+    async def hanging_aclose() -> None:
+        stuck.set()
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(app.components.plugins["file-discovery"], "aclose", hanging_aclose)
+    monkeypatch.setattr(app.collector, "aclose", hanging_aclose)
+    caplog.set_level("INFO", logger="llmepp.app")
+    assert await asyncio.wait_for(app.shutdown(), 10) == 2
+    assert stuck.is_set()
+    errors = sorted(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    assert errors == [
+        "plugin file-discovery did not close within 0.2s: left behind",
+        "the metrics collector did not close within 0.2s: left behind",
+    ], errors
+    assert [p.closed for p in ClosingScorer.instances] == [1]
+    assert caplog.records[-1].getMessage() == "stopped"
+    with socket_bound(metrics_port):  # the /metrics server, closed after the plugins, let go of its port
+        pass
+
+
 def test_the_exit_code_is_1_when_a_part_failed_to_close(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
