@@ -461,7 +461,7 @@ class App:
         try:
             result = close()
             if inspect.isawaitable(result):
-                await asyncio.wait_for(result, CLOSE_TIMEOUT)
+                await _within_close_timeout(result)
         except TimeoutError:
             self.close_failures += 1
             log.error("%s did not close within %gs: left behind", part, CLOSE_TIMEOUT)
@@ -513,7 +513,7 @@ async def _close_plugins(plugins: Iterable[Plugin]) -> int:
     failed = 0
     for plugin in plugins:
         try:
-            await asyncio.wait_for(plugin.aclose(), CLOSE_TIMEOUT)
+            await _within_close_timeout(plugin.aclose())
         except TimeoutError:
             failed += 1
             log.error("plugin %s did not close within %gs: left behind", plugin.name, CLOSE_TIMEOUT)
@@ -521,6 +521,22 @@ async def _close_plugins(plugins: Iterable[Plugin]) -> int:
             failed += 1
             log.exception("plugin %s failed to close", plugin.name)
     return failed
+
+
+async def _within_close_timeout(closing: Awaitable[object]) -> None:
+    """Await `closing` for at most CLOSE_TIMEOUT (TimeoutError after that). Not `asyncio.wait_for`: it waits for
+    the cancelled close to end, and a close that swallows the cancellation (suppressing CancelledError around
+    its own task's end) would hold the caller all the same. A close left behind is cancelled, not awaited."""
+    task = asyncio.ensure_future(closing)
+    try:
+        done, _ = await asyncio.wait((task,), timeout=CLOSE_TIMEOUT)
+    except BaseException:  # the caller cancelled: so is its close
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        raise TimeoutError
+    task.result()
 
 
 def _close_soon(closing: Coroutine[Any, Any, object], name: str, tasks: set[asyncio.Task[Any]]) -> None:
