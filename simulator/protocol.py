@@ -6,6 +6,9 @@ Deliberate simplifications, all answered with a vLLM-style 400 rather than silen
 ``llmepp_sim.textgen``.
 
 ``max_tokens`` (or chat's ``max_completion_tokens``) defaults to ``min(16, max_model_len - prompt_tokens)``.
+
+Chat content parts are typed as vLLM's chat parser types them: a part of a type vLLM does not parse
+(``file``, ``image``, ...) is a 400 with ``param: "type"``, naming the type and the part.
 """
 
 from __future__ import annotations
@@ -118,6 +121,35 @@ def _prompt(prompt: Any, vocab_size: int) -> str | list[int]:
     raise bad_request("`prompt` must be a string, a list of token ids, or a list with one of those.", param="prompt")
 
 
+# vllm/entrypoints/chat_utils.py: the part types vLLM parses (MM_PARSER_MAP), and the fields that stand for
+# the type of a part without one (or with a `uuid`), as _parse_chat_message_content_mm_part reads them.
+CONTENT_PART_TYPES = frozenset(
+    {"text", "thinking", "input_text", "output_text", "input_image", "image_url", "image_embeds", "audio_embeds",
+     "prompt_embeds", "image_pil", "audio_url", "input_audio", "refusal", "video_url", "tool_reference"}
+)  # fmt: skip
+_UNTYPED_PART_FIELDS = ("image_url", "image_pil", "image_embeds", "audio_embeds", "prompt_embeds", "audio_url",
+                        "video_url", "tool_reference")  # fmt: skip
+
+
+def _check_part_type(part: dict[str, Any], where: str) -> None:
+    """A content part's ``type`` as vLLM's chat parser judges it: a known type; else (no type, or a ``uuid``)
+    a direct media field; else a 400. An unknown type is vLLM's VLLMValidationError with ``parameter="type"``."""
+    part_type = part.get("type")
+    if isinstance(part_type, str) and part_type in CONTENT_PART_TYPES and part.get("uuid") is None:
+        return
+    if part_type is None or part.get("uuid") is not None:
+        if any(k in part for k in _UNTYPED_PART_FIELDS) or part.get("input_audio") is not None:
+            return
+        raise bad_request(f"Missing 'type' field in multimodal part {where}.", param="messages")
+    if not isinstance(part_type, str):
+        raise bad_request(f"Invalid 'type' field in multimodal part {where}: {part_type!r:.100}.", param="messages")
+    raise bad_request(
+        f"Unsupported chat content part type: {part_type[:100]!r} at {where}. "
+        f"Supported types: {', '.join(sorted(CONTENT_PART_TYPES))}.",
+        param="type",
+    )
+
+
 def _messages_text(body: dict[str, Any], render: ChatRenderer) -> str:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -130,11 +162,13 @@ def _messages_text(body: dict[str, Any], render: ChatRenderer) -> str:
             raise bad_request(f"messages[{i}].content must be a string or a list of parts.", param="messages")
         # vLLM's content part union admits objects and strings only; a text part's text is joined as a
         # string (missing or null: the part is skipped).
-        for part in content if isinstance(content, list) else ():
+        for j, part in enumerate(content if isinstance(content, list) else ()):
             if not isinstance(part, dict | str):
                 raise bad_request(f"messages[{i}].content parts must be objects, got {part!r}.", param="messages")
             if isinstance(part, dict) and part.get("type") == "text" and not isinstance(part.get("text"), str | None):
                 raise bad_request(f"messages[{i}].content: a text part's `text` must be a string.", param="messages")
+            if isinstance(part, dict):
+                _check_part_type(part, f"messages[{i}].content[{j}]")
     try:
         return render(body)
     except ValueError as e:

@@ -72,6 +72,54 @@ async def test_content_parts_that_are_not_objects_or_whose_text_is_not_a_string_
         await cluster.stop()
 
 
+async def test_content_parts_of_an_unknown_type_are_400_naming_the_type_and_the_part(
+    http: aiohttp.ClientSession,
+) -> None:
+    # vllm/entrypoints/chat_utils.py, _parse_chat_message_content_part: a type outside MM_PARSER_MAP is
+    # VLLMValidationError("Unsupported chat content part type: ...", parameter="type"), answered by
+    # create_error_response as a 400 BadRequestError whose param is "type". _parse_chat_message_content_mm_part:
+    # no type (or a uuid) and none of the direct fields -> "Missing 'type' field"; a type that is not a
+    # string -> "Invalid 'type' field" (ValueErrors: 400s).
+    cluster = await started([pod()])
+    try:
+        base = cluster.urls[0]
+        for bad in ("file", "input_file", "image", "tool_use", "", "TEXT"):
+            parts = [{"type": "text", "text": "a"}, {"type": bad, "x": 1}]
+            messages = [{"role": "system", "content": "s"}, {"role": "user", "content": parts}]
+            for path in ("/v1/chat/completions", "/tokenize", "/v1/chat/completions/render"):
+                status, err = await post(http, base + path, {"model": "sim-model", "messages": messages})
+                assert status == 400, (path, bad, err)
+                assert set(err) == {"error"} and set(err["error"]) == {"message", "type", "param", "code"}, err
+                assert err["error"]["type"] == "BadRequestError" and err["error"]["code"] == 400, err
+                assert err["error"]["param"] == "type", err
+                message = err["error"]["message"]
+                assert f"Unsupported chat content part type: {bad!r}" in message, message
+                assert "messages[1].content[1]" in message and "image_url" in message, message
+        for part, reason in (({"text": "a"}, "Missing 'type'"), ({"type": None}, "Missing 'type'"),
+                             ({"type": "nope", "uuid": "u"}, "Missing 'type'"), ({"type": 5}, "Invalid 'type'"),
+                             ({"type": ["text"], "text": "a"}, "Invalid 'type'")):  # fmt: skip
+            messages = [{"role": "user", "content": ["a", part]}]
+            status, err = await post(http, base + "/tokenize", {"model": "sim-model", "messages": messages})
+            assert status == 400 and err["error"]["type"] == "BadRequestError", (part, err)
+            assert reason in err["error"]["message"] and "messages[0].content[1]" in err["error"]["message"], err
+        # Every part vLLM parses stays served (the simulator renders `text` parts only), and so does an untyped
+        # part (or one with a uuid) with a direct media field.
+        parts = [{"type": "input_text", "text": "a"}, {"type": "output_text", "text": "b"},
+                 {"type": "refusal", "refusal": "no"}, {"type": "thinking", "thinking": "hm"},
+                 {"type": "image_url", "image_url": {"url": "http://x/i.png"}},
+                 {"type": "input_image", "image_url": "http://x/i.png"},
+                 {"type": "audio_url", "audio_url": {"url": "http://x/a.mp3"}},
+                 {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+                 {"type": "video_url", "video_url": {"url": "http://x/v.mp4"}}, {"type": "tool_reference", "name": "t"},
+                 {"image_url": "http://x/y.png"}, {"type": None, "video_url": "v"},
+                 {"type": "nope", "uuid": "u", "image_url": "i"}]  # fmt: skip
+        messages = [{"role": "user", "content": [{"type": "text", "text": "hi"}, *parts]}]
+        status, answer = await post(http, base + "/tokenize", {"model": "sim-model", "messages": messages})
+        assert status == 200, answer
+    finally:
+        await cluster.stop()
+
+
 # ---------------------------------------------------------------------------- stream_options
 async def test_empty_stream_options_without_stream_are_accepted(http: aiohttp.ClientSession) -> None:
     # vllm/entrypoints/openai/protocol.py, validate_stream_options (mode="before"):
