@@ -40,6 +40,7 @@ from aiohttp import web
 
 from llmepp.latencypredictor import schema
 from llmepp.latencypredictor.model import MAX_FEATURE, LatencyModel, TargetModel, iso
+from llmepp.observability.logging import quiet_malformed_http_requests
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,7 @@ class PredictorService:
             plan.append(("prediction", s.prediction_port, both, True))
         if both and s.training_port and s.training_port == s.prediction_port:
             plan = [("training", s.training_port, True, True)]
+        quiet_malformed_http_requests()
         for role, port, training, prediction in plan:
             runner = web.AppRunner(self.app(training=training, prediction=prediction), access_log=None)
             await runner.setup()

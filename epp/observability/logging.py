@@ -71,6 +71,35 @@ class LogLimiter:
         self.logger.log(level, msg, *args, extra=extra, exc_info=exc_info)
 
 
+class _MalformedHttpRequests(logging.Filter):
+    """aiohttp logs each request it cannot parse (a bad header line, an over-long one) at ERROR with a traceback;
+    on our HTTP ports (/metrics, the P/D sidecar, the latency predictor) that is a client's error, and a broken
+    client or a scanner would flood the log. Such a line becomes one WARNING without the traceback per minute
+    (the next one says how many were held back). What aiohttp logs below ERROR is left alone."""
+
+    def __init__(self, errors: type[Exception]) -> None:
+        super().__init__()
+        self._errors = errors
+        self._limiter = LogLimiter(logging.getLogger("llmepp.http"), 60.0)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.levelno < logging.ERROR or not isinstance(exc, self._errors):
+            return True
+        detail = " ".join(str(getattr(exc, "message", "") or type(exc).__name__).split())
+        self._limiter.warning("malformed", "%s (a malformed HTTP request: %.200s)", record.getMessage(), detail)
+        return False
+
+
+def quiet_malformed_http_requests() -> None:
+    """Install `_MalformedHttpRequests` on aiohttp's server logger (once per process; servers call it at start)."""
+    from aiohttp.http_exceptions import HttpProcessingError
+
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _MalformedHttpRequests) for f in logger.filters):
+        logger.addFilter(_MalformedHttpRequests(HttpProcessingError))
+
+
 def _text(value: object) -> str:
     try:
         return value if isinstance(value, str) else repr(value)

@@ -40,6 +40,7 @@ from prometheus_client.exposition import choose_encoder
 
 from llmepp.framework.plugin import ConfigError
 from llmepp.k8s.client import KubeClient, KubeError
+from llmepp.observability.logging import quiet_malformed_http_requests
 from llmepp.server.tls import CERT_FILE, KEY_FILE, RELOAD_INTERVAL, validity_problem
 
 log = logging.getLogger(__name__)
@@ -224,6 +225,7 @@ class MetricsServer:
         self._runner: web.AppRunner | None = None
 
     async def start(self, host: str, port: int) -> None:
+        quiet_malformed_http_requests()
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)

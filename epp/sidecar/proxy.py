@@ -67,6 +67,7 @@ from yarl import URL
 
 from llmepp.datalayer.endpoint import join_hostport
 from llmepp.httpclient import upstream_connector
+from llmepp.observability.logging import quiet_malformed_http_requests
 
 log = logging.getLogger(__name__)
 
@@ -384,6 +385,7 @@ class Sidecar:
     async def start(self) -> None:
         # No pool limit: every in-flight request holds one upstream connection anyway, and a
         # limit would queue decodes behind slow prefills. Raw bytes: no decompression in between.
+        quiet_malformed_http_requests()
         connector = upstream_connector(limit=0, ttl_dns_cache=60, ssl=self.options.tls_verify)
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         try:

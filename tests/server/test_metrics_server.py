@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import logging
 import ssl
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,32 @@ async def test_a_token_that_is_not_ascii_is_401_not_a_server_error() -> None:
         assert answer.startswith(b"HTTP/1.1 401 "), answer
     finally:
         await server.aclose()
+
+
+async def test_malformed_requests_are_one_warning_a_minute_not_an_error_with_a_traceback_each(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """aiohttp logged every request it could not parse at ERROR with a traceback: a client's error, and a broken
+    client or a scanner on the /metrics port flooded the EPP's log with them."""
+    caplog.set_level(logging.DEBUG)
+    server = MetricsServer(_registry())
+    port = free_port()
+    await server.start("127.0.0.1", port)
+    try:
+        for _ in range(5):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.0 400 "), answer
+        status, _, _ = await _get(f"http://127.0.0.1:{port}/metrics")  # the server is fine
+        assert status == 200
+    finally:
+        await server.aclose()
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [(r.levelname, bool(r.exc_info)) for r in loud] == [("WARNING", False)], [r.getMessage() for r in loud]
+    message = loud[0].getMessage()
+    assert "127.0.0.1" in message and "malformed HTTP request" in message and "Bad Header" in message, message
 
 
 async def _get(url: str, headers: dict[str, str] | None = None, ssl_ctx: Any = None) -> tuple[int, dict, bytes]:
