@@ -2,10 +2,13 @@
 
     handle_request:  header processors → responders (may answer it here) → admission (flow control)
                      → candidates (pool ∩ subset hint) → screeners → data producers → admitters
-                     → scheduler (profiles: filter → score → pick) → pre-request plugins
-                     → in-flight accounting → RoutingDecision
+                     → scheduler (profiles: filter → score → pick) → in-flight accounting
+                     → pre-request plugins → RoutingDecision
     handle_bodyless: responders (may answer it here) → candidates → screeners → a random one of them
     response_headers / response_complete: response plugins and in-flight release.
+
+From admission to in-flight accounting a request is on its way to an endpoint but counted on none:
+flow control counts it as pending (flowcontrol.interfaces.PendingLoad) until `release_pending`.
 
 The ext_proc stream (server/extproc.py) owns the protocol; this module owns the policy.
 """
@@ -87,6 +90,11 @@ class Admission(Protocol):
     that disconnects cancels the waiting task, which must free its place."""
 
     async def admit(self, request: InferenceRequest, pool: Sequence[Endpoint]) -> None: ...
+
+    def release_pending(self, request: InferenceRequest) -> None:
+        """Once per `admit` that returned, when the request is no longer on its way to an endpoint: charged to
+        one's in-flight counts, or failed / cancelled before. Until then in-flight-based flow control counts it
+        (flowcontrol.interfaces.PendingLoad)."""
 
     def request_completed(self, request: InferenceRequest) -> None:
         """An admitted request is over (routed and finished, or never routed): its capacity is free."""
@@ -209,18 +217,22 @@ class Director:
         # Re-encode before anything is charged, so a body that cannot be rewritten holds nothing.
         body = self._rewritten_body(request)
         admission = self.pipeline.admission
+        admitted_at = 0.0
         if admission is not None:
             # Before candidates (as the reference): flow control may hold the request while the
             # pool is empty (scale from zero), and candidates are fresh after any queue wait.
-            admitted_at = time.monotonic() if self.tracing is not None else 0.0
+            if self.tracing is not None:
+                admitted_at = time.monotonic()
             # The request's candidates as the reference locates them (subset hint applied, possibly
             # none): legacy admission sheds on their saturation; flow control reads its own pool.
             await admission.admit(request, self._located(subset))
-            if self.tracing is not None:
-                attributes = {"llm_d.epp.priority": request.priority, "llm_d.epp.fairness_id": request.fairness_id}
-                self.tracing.stage(request, "llm_d.epp.admission", admitted_at, attributes)
+            # Admitted: until it is charged to its endpoint below, flow control counts it as pending
+            # (in-flight saturation must see it while producers await); `finally` ends that.
         pipeline = self.pipeline  # one pipeline per request from here on, whatever a reload swaps in
         try:
+            if admission is not None and self.tracing is not None:
+                attributes = {"llm_d.epp.priority": request.priority, "llm_d.epp.fairness_id": request.fairness_id}
+                self.tracing.stage(request, "llm_d.epp.admission", admitted_at, attributes)
             candidates = self._screened(pipeline, request, subset)
             timers = self._timers if self._timers.request_sampled() else None  # one request in 16
             start = 0.0
@@ -286,13 +298,18 @@ class Director:
                 scores=self._scores(result) if self.emit_scores else None,
                 inflight_tokens=tokens,
             )
+            inflight = targets[0].inflight
         except BaseException:
             if admission is not None:
                 # Admitted, never routed: no response will complete it. Release it now (in-flight
                 # eviction stops tracking it; the flow controller may dispatch in its place).
                 admission.request_completed(request)
             raise
-        inflight = targets[0].inflight
+        finally:
+            if admission is not None:
+                # No longer pending, however the block above ended: routed, it is charged to its
+                # endpoint just below, with no await in between for saturation to be read.
+                admission.release_pending(request)
         inflight.requests += 1
         inflight.tokens += tokens
         try:
@@ -530,7 +547,7 @@ def _prompt_tokens(request: InferenceRequest) -> int:
     tokens = request.data.get(TOKENIZED_PROMPT)
     if tokens is not None:
         return int(tokens.count)
-    return (len(request.prompt) + 3) // 4 if request.prompt else 0
+    return request.estimated_prompt_tokens
 
 
 def _join(targets: Sequence[Endpoint]) -> str:

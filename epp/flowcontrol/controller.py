@@ -20,6 +20,15 @@ one in-flight count later). With an in-flight-based detector a cycle dispatches 
 request and yields, so the next cycle sees it counted; scraped detectors may batch up to
 `max_dispatch_per_cycle`. The dispatcher sleeps on a future when nothing waits.
 
+Pending: an in-flight count sees a request only once the director charges it to its endpoint,
+after data producers (which may await a tokenizer or a latency predictor) and the scheduler.
+So an in-flight-based detector with a PendingLoad (`self.pending`) also counts requests
+dispatched (fast path or cycle) and not yet charged: the count goes up at the dispatch
+decision and down at `release_pending` (the director: charged, failed or cancelled), or here
+when the waiting coroutine is cancelled or closed after its dispatch, before admit returned.
+Without it a burst held in a producer would all pass the fast path, and each 1 ms cycle would
+dispatch another request into the same free slot. Scraped detectors keep no such count.
+
 TTL: all queued requests share the TTL of the current regime (noEndpointRequestTTL while
 the pool is empty, else defaultRequestTTL). As in the reference (controller/config.go), a
 change of regime starts a fresh budget for every request waiting: a request expires once
@@ -69,6 +78,7 @@ from llmepp.flowcontrol.interfaces import (
     EvictionOrderingPolicy,
     FairnessPolicy,
     OrderingPolicy,
+    PendingLoad,
     SaturationDetector,
     UsageLimitPolicy,
 )
@@ -192,6 +202,8 @@ class FlowController(AdmissionController):
         self._overflow_log = LogLimiter(log, 30.0)
         # In-flight-based saturation must be re-read after each dispatch is scheduled.
         self._per_cycle = 1 if config.detector.counts_inflight else config.max_dispatch_per_cycle
+        # Dispatched, not yet charged to an endpoint (module docstring); None: the detector does not count it.
+        self.pending: PendingLoad | None = config.detector.pending if config.detector.counts_inflight else None
 
         self.bands: dict[int, PriorityBand] = {}
         self._order: list[PriorityBand] = []  # highest priority first
@@ -275,6 +287,12 @@ class FlowController(AdmissionController):
         if self.queued:
             self._credits += 1
             self._wake()
+
+    def release_pending(self, request: InferenceRequest) -> None:
+        pending = self.pending
+        if pending is not None:
+            pending.requests -= 1
+            pending.tokens -= request.estimated_prompt_tokens
 
     def shutdown(self) -> None:
         """Reject everything waiting (503 rejected-shutting-down) and refuse new requests."""
@@ -362,20 +380,26 @@ class FlowController(AdmissionController):
                 flow.metrics.enqueue(ENQUEUED).observe(time.perf_counter() - t0)
                 if self.evictor is not None:
                     self.evictor.dispatched(request)
+                if (pending := self.pending) is not None:
+                    pending.requests += 1
+                    pending.tokens += request.estimated_prompt_tokens
                 return
 
         item = self._enqueue(request, band, flow, pool, now)
         flow.metrics.enqueue(ENQUEUED).observe(time.perf_counter() - t0)
+        future = item.future
         try:
-            outcome = await item.future
+            outcome = await future
+            if outcome is not _DISPATCHED:
+                raise outcome_error(outcome)
+            if self.evictor is not None:
+                self.evictor.dispatched(request)
         except BaseException:  # cancelled, or closed (GeneratorExit): dropped without being resumed
             if item.state is _QUEUED:
                 self._settle_in_place(item, Outcome.EVICTED_CONTEXT_CANCELLED, self._clock())
+            elif future.done() and not future.cancelled() and future.result() is _DISPATCHED:
+                self.release_pending(request)  # dispatched, but the director will never have it
             raise
-        if outcome is not _DISPATCHED:
-            raise outcome_error(outcome)
-        if self.evictor is not None:
-            self.evictor.dispatched(request)
 
     def _enqueue(
         self, request: InferenceRequest, band: PriorityBand, flow: FlowQueue, pool: Sequence[Endpoint], now: float
@@ -504,6 +528,10 @@ class FlowController(AdmissionController):
             self._record(item.flow, Outcome.EVICTED_CONTEXT_CANCELLED, now - item.enqueued_at, request)
             return False
         future.set_result(_DISPATCHED)
+        if (pending := self.pending) is not None and request is not None:
+            # Counted now, not when its task resumes: a request admitted on the fast path before then must see it.
+            pending.requests += 1
+            pending.tokens += request.estimated_prompt_tokens
         self._record(item.flow, _DISPATCHED, now - item.enqueued_at, request)
         return True
 

@@ -84,6 +84,23 @@ class EvictionOrderingPolicy(Plugin):
     def eviction_key(self, request: InferenceRequest, sequence: int) -> tuple[float, ...]: ...
 
 
+class PendingLoad:
+    """Requests the flow controller has released that the director has not yet charged to an endpoint's
+    in-flight counts: it is still running data producers (a tokenizer, a latency predictor) or the scheduler
+    for them. The controller adds a request when it dispatches it; `AdmissionController.release_pending`
+    takes it away when the director charges it to its endpoint, or when it fails or is cancelled first.
+    `tokens` sums their prompt-token estimates (`InferenceRequest.estimated_prompt_tokens`)."""
+
+    __slots__ = ("requests", "tokens")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.tokens = 0
+
+    def __repr__(self) -> str:
+        return f"PendingLoad(requests={self.requests}, tokens={self.tokens})"
+
+
 class SaturationDetector(Plugin):
     """Pool saturation in [0, ∞): below 1 there is room, at or above 1 the pool is full (NaN is read as full)."""
 
@@ -99,6 +116,9 @@ class SaturationDetector(Plugin):
     # several requests). Scraped detectors see a dispatch only after the next scrape, so
     # batching changes nothing for them.
     counts_inflight: ClassVar[bool] = False
+    # A counts_inflight detector whose saturation also counts the requests on their way to an endpoint sets
+    # its own PendingLoad here; the flow controller keeps it up to date (None: not counted).
+    pending: PendingLoad | None = None
 
     @abstractmethod
     def saturation(self, endpoints: Sequence[Endpoint], now: float) -> float:
@@ -116,6 +136,11 @@ class AdmissionController(ABC):
 
     def request_completed(self, request: InferenceRequest) -> None:
         """A routed request finished: in-flight capacity was freed."""
+
+    def release_pending(self, request: InferenceRequest) -> None:
+        """An admitted request is no longer on its way to an endpoint (see PendingLoad): the director
+        charged it to its endpoint's in-flight counts, or it failed or was cancelled before that. Called
+        once for each `admit` that returned."""
 
     async def drain(self, grace: float) -> None:
         """Serve normally for up to `grace` seconds, then close (see FlowController.drain)."""

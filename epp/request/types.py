@@ -101,6 +101,14 @@ class InferenceRequest:
     def body_size(self) -> int:
         return len(self.body) or self.unread_body_size
 
+    @property
+    def estimated_prompt_tokens(self) -> int:
+        """Prompt tokens without a tokenizer: bytes/4 (exact for a prompt given as token ids). What the
+        director charges to `inflight.tokens` when no token producer counted them, and what flow control
+        counts for a request not yet charged (flowcontrol.interfaces.PendingLoad)."""
+        prompt = self.prompt
+        return (len(prompt) + 3) // 4 if prompt else 0
+
 
 @dataclass(slots=True)
 class Usage:

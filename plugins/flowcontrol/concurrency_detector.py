@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from llmepp.datalayer.endpoint import Endpoint
-from llmepp.flowcontrol.interfaces import SaturationDetector
+from llmepp.flowcontrol.interfaces import PendingLoad, SaturationDetector
 from llmepp.framework.plugin import PluginParams
 from llmepp.framework.scheduling import Filter
 from llmepp.request.types import InferenceRequest
@@ -33,17 +33,25 @@ class ConcurrencyDetector(SaturationDetector, Filter):
     """Saturation from requests / prompt tokens this EPP has in flight on each endpoint.
 
     Uses `endpoint.inflight` (requests, tokens), kept by the director: it needs no scraping,
-    so it reacts within one request, and it never goes stale.
+    so it reacts within one request, and it never goes stale. It also counts `pending`
+    (P requests, P_tokens prompt-token estimates): what flow control has dispatched and the
+    director has not yet charged to an endpoint (async producers still running for them).
+    They are on no endpoint yet, so they are spread over the pool:
 
-        requests: saturation = Σ inflight.requests / (N · maxConcurrency)
-        tokens:   saturation = Σ inflight.tokens   / (N · maxTokenConcurrency)
-        hybrid:   saturation = mean over endpoints of
-                               max(requests/maxConcurrency, tokens/maxTokenConcurrency)
+        requests: saturation = (Σ inflight.requests + P) / (N · maxConcurrency)
+        tokens:   saturation = (Σ inflight.tokens + P_tokens) / (N · maxTokenConcurrency)
+        hybrid:   saturation = (Σ over endpoints of max(requests/maxConcurrency, tokens/maxTokenConcurrency)
+                                + max(P/maxConcurrency, P_tokens/maxTokenConcurrency)) / N
         empty pool → 1.0
+
+    P_tokens is bytes/4 of each prompt (`InferenceRequest.estimated_prompt_tokens`), what the
+    director charges when no token producer ran. With prefill/decode stages each stage's
+    reading counts every pending request (it may load either). Outside flow control (legacy
+    admission) nothing is pending.
 
     As a scheduling filter it keeps endpoints still under capacity·(1+headroom) (requests
     < maxConcurrency·(1+headroom) and/or tokens < maxTokenConcurrency·(1+headroom) per mode),
-    failing open when none qualify.
+    failing open when none qualify. Pending requests play no part there: they have no endpoint.
 
     Parameters: `concurrencyMode` (requests | tokens | hybrid, default requests),
     `maxConcurrency` (100), `maxTokenConcurrency` (1000000), `headroom` (0, filter only),
@@ -63,18 +71,22 @@ class ConcurrencyDetector(SaturationDetector, Filter):
         self.max_tokens = p.max_token_concurrency
         self.headroom = p.headroom
         self.stale_endpoints = 0
+        self.pending: PendingLoad = PendingLoad()  # kept by the flow controller
 
     def saturation(self, endpoints: Sequence[Endpoint], now: float) -> float:
         n = len(endpoints)
         if n == 0:
             return 1.0
+        pending = self.pending
         if self.mode == "requests":
-            return sum(ep.inflight.requests for ep in endpoints) / (n * self.max_requests)
+            return (sum(ep.inflight.requests for ep in endpoints) + pending.requests) / (n * self.max_requests)
         if self.mode == "tokens":
-            return sum(ep.inflight.tokens for ep in endpoints) / (n * self.max_tokens)
+            return (sum(ep.inflight.tokens for ep in endpoints) + pending.tokens) / (n * self.max_tokens)
         inv_r = 1.0 / self.max_requests
         inv_t = 1.0 / self.max_tokens
-        total = 0.0
+        r = pending.requests * inv_r
+        t = pending.tokens * inv_t
+        total = r if r > t else t
         for ep in endpoints:
             r = ep.inflight.requests * inv_r
             t = ep.inflight.tokens * inv_t

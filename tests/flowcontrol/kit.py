@@ -99,7 +99,7 @@ def req(
 
 
 class Server:
-    """Plays the director's part: admit, count in-flight on the endpoint, record dispatch order.
+    """Plays the director's part: admit, count in-flight on the endpoint (no longer pending), record dispatch order.
 
     With `auto_complete`, each dispatched request finishes at once (frees its slot and tells
     the controller), so dispatches chain one after another through completion credits.
@@ -116,6 +116,7 @@ class Server:
         await self.ctl.admit(r, self.pool())
         ep = self.pool()[0]
         ep.inflight.requests += 1
+        self.ctl.release_pending(r)  # charged: no longer pending
         self.order.append(r.request_id)
         if self.auto_complete:
             await asyncio.sleep(0)

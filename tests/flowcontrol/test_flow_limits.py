@@ -51,7 +51,9 @@ async def test_a_fresh_fairness_id_per_request_keeps_the_flows_bounded() -> None
     pool, det = concurrency_pool(1, max_concurrency=100)
     ctl = controller(pool, det, max_flows=50, objectives={"hi": 5})
     for i in range(5000):
-        await ctl.admit(req(f"r{i}", fairness=f"fresh-{i}", objective="hi" if i % 3 == 0 else ""), pool())
+        r = req(f"r{i}", fairness=f"fresh-{i}", objective="hi" if i % 3 == 0 else "")
+        await ctl.admit(r, pool())
+        ctl.release_pending(r)  # routed and finished at once
     assert sum(len(b.flows) for b in ctl.bands.values()) == ctl.flow_count == 50
     # The most recent ids are the ones kept.
     assert ("fresh-4999", 0) in flow_ids(ctl) and ("fresh-4998", 5) in flow_ids(ctl)
@@ -63,7 +65,9 @@ async def test_the_default_bounds_flows_too() -> None:
     ctl = controller(pool, det)
     assert ctl.max_flows == DEFAULT_MAX_FLOWS
     for i in range(DEFAULT_MAX_FLOWS + 10):
-        await ctl.admit(req(f"r{i}", fairness=f"fresh-{i}"), pool())
+        r = req(f"r{i}", fairness=f"fresh-{i}")
+        await ctl.admit(r, pool())
+        ctl.release_pending(r)  # routed and finished at once
     assert ctl.flow_count == DEFAULT_MAX_FLOWS
     await ctl.aclose()
 

@@ -14,8 +14,10 @@ async def test_queue_gauges_outcome_counters_and_wait_histogram() -> None:
     pool, det = concurrency_pool(1, max_concurrency=1)
     ctl = controller(pool, det, registry_=registry, objectives={"vip": 2}, poll_interval=10.0)
     srv = Server(ctl, pool)
-    await ctl.admit(req("fast", fairness="t1"), pool())  # fast path: dispatched, not queued
+    fast = req("fast", fairness="t1")
+    await ctl.admit(fast, pool())  # fast path: dispatched, not queued
     pool()[0].inflight.requests = 1
+    ctl.release_pending(fast)  # charged to the endpoint
     srv.submit(req("a", fairness="t1", body=b"x" * 10))
     srv.submit(req("b", fairness="t1", body=b"x" * 5))
     srv.submit(req("c", fairness="t2", objective="vip"))

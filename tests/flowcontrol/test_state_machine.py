@@ -100,6 +100,7 @@ class FlowControlMachine(RuleBasedStateMachine):
         higher = [b for p, b in self.ctl.bands.items() if p > r.priority and b.count]
         assert not higher, f"{rid} (priority {r.priority}) overtook waiting requests of {higher}"
         self.ep.inflight.requests += 1
+        self.ctl.release_pending(r)  # charged to the endpoint: no longer pending
         self.running.append(rid)
         self.served.append(rid)
 
@@ -136,11 +137,13 @@ class FlowControlMachine(RuleBasedStateMachine):
         rid = f"ab{self.seq}"
 
         async def step_then_drop() -> None:
-            coro = self.ctl.admit(req(rid, body=b"y" * size), self.pool())
+            r = req(rid, body=b"y" * size)
+            coro = self.ctl.admit(r, self.pool())
             try:
                 coro.send(None)
             except StopIteration:
                 self.ep.inflight.requests += 1  # fast path: dispatched, holds a slot like any other
+                self.ctl.release_pending(r)
                 self.running.append(rid)
                 return
             except RequestError:
@@ -217,6 +220,13 @@ class FlowControlMachine(RuleBasedStateMachine):
             assert band.bytes == sum(f.bytes for f in band.flows.values())
             assert 0 <= band.count <= band.max_requests
         assert 0 <= ctl.queued_bytes <= 120
+
+    @invariant()
+    def nothing_stays_pending(self) -> None:
+        """Every dispatched request was charged to the endpoint or dropped by its client by now: none is
+        still counted as on its way (flowcontrol.interfaces.PendingLoad)."""
+        pending = self.ctl.pending
+        assert pending is not None and (pending.requests, pending.tokens) == (0, 0), pending
 
     @invariant()
     def flows_are_bounded_and_none_with_requests_is_dropped(self) -> None:
