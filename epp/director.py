@@ -29,7 +29,7 @@ import msgspec
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import Endpoint, split_hostport
 from llmepp.errors import BadRequest, NoEndpoints, RequestError
-from llmepp.framework.datakeys import TOKENIZED_PROMPT
+from llmepp.framework.datakeys import prompt_tokens
 from llmepp.framework.plugin import Plugin
 from llmepp.framework.requestcontrol import (
     Admitter,
@@ -287,7 +287,7 @@ class Director:
             if log.isEnabledFor(logging.DEBUG):
                 self._log_decision(request, result)
             targets = picked
-            tokens = _prompt_tokens(request)
+            tokens = prompt_tokens(request)
             decision = RoutingDecision(
                 targets=targets,
                 # A profile handler may route the targets through another port of their pod (data parallel).
@@ -540,14 +540,6 @@ def decision_summary(result: SchedulingResult, top: int = 3) -> str:
         ranked = " ".join(f"{ep.hostport}={total:.3f}" for ep, total in res.ranked(top))
         parts.append(f"{name}: {chosen}; scores {ranked}")
     return " | ".join(parts)
-
-
-def _prompt_tokens(request: InferenceRequest) -> int:
-    """Prompt size in tokens: the token producer's count if it ran, else bytes/4 (its estimate)."""
-    tokens = request.data.get(TOKENIZED_PROMPT)
-    if tokens is not None:
-        return int(tokens.count)
-    return request.estimated_prompt_tokens
 
 
 def _join(targets: Sequence[Endpoint]) -> str:

@@ -7,8 +7,12 @@ Producers write under `scoped(KEY, producer_name)` so two instances of one produ
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from llmepp.datalayer.endpoint import Endpoint
+
+if TYPE_CHECKING:
+    from llmepp.request.types import InferenceRequest
 
 TOKENIZED_PROMPT = "TokenizedPrompt"
 PREFIX_CACHE_MATCH_INFO = "PrefixCacheMatchInfo"
@@ -35,6 +39,12 @@ class TokenizedPrompt:
     @property
     def count(self) -> int:
         return len(self.token_bytes) // 4
+
+
+def prompt_tokens(request: InferenceRequest) -> int:
+    """The prompt's tokens: the token producer's count, else the estimate backend's (4 prompt bytes a token)."""
+    tokens: TokenizedPrompt | None = request.data.get(TOKENIZED_PROMPT)
+    return tokens.count if tokens is not None else request.estimated_prompt_tokens
 
 
 @dataclass(slots=True)

@@ -12,7 +12,7 @@ from llmepp.framework.datakeys import (
     PREFIX_CACHE_MATCH_INFO,
     TOKENIZED_PROMPT,
     PrefixMatchInfo,
-    TokenizedPrompt,
+    prompt_tokens,
     scoped,
 )
 from llmepp.framework.plugin import Plugin, PluginContext, PluginParams
@@ -152,7 +152,7 @@ class InFlightLoadProducer(DataProducer, PreRequest, FirstResponseChunkProcessor
 
     # -- PreRequest ------------------------------------------------------------------------
     def pre_request(self, request: InferenceRequest, result: SchedulingResult) -> None:
-        input_tokens = _input_tokens(request)
+        input_tokens = prompt_tokens(request)
         info: PrefixMatchInfo | None = request.data.get(self._prefix_key) if self._prefix_key else None
         output = self._estimated_output(request, input_tokens) if self.add_output else 0
         charges: list[_Charge] = []
@@ -208,13 +208,6 @@ def _release(c: _Charge, *, prompt: bool, rest: bool) -> None:
         if c.requests:
             load.requests = max(0, load.requests - c.requests)
             c.requests = 0
-
-
-def _input_tokens(request: InferenceRequest) -> int:
-    tokens: TokenizedPrompt | None = request.data.get(TOKENIZED_PROMPT)
-    if tokens is not None:
-        return tokens.count
-    return (len(request.prompt) + 3) // 4 if request.prompt else 0
 
 
 def _uncached(ep: Endpoint, input_tokens: int, info: PrefixMatchInfo | None) -> int:

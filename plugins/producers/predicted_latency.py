@@ -22,7 +22,7 @@ from llmepp.framework.datakeys import (
     TOKENIZED_PROMPT,
     LatencyPredictionInfo,
     PrefixMatchInfo,
-    TokenizedPrompt,
+    prompt_tokens,
     scoped,
 )
 from llmepp.framework.plugin import PluginContext, PluginParams
@@ -377,7 +377,7 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         model, target = request.model, request.target_model or request.model
         if self._metrics is not None and not self._metrics.pairs.admits((model, target)):
             model = target = OVERFLOW_LABEL
-        ctx = _Context(ttft_slo, tpot_slo, _input_tokens(request), scores, labels=(self.name, self.type, model, target))
+        ctx = _Context(ttft_slo, tpot_slo, prompt_tokens(request), scores, labels=(self.name, self.type, model, target))
         request.data[self._ctx_key] = ctx
         # A never-scraped endpoint (its metrics read 0) is unknown load, not the idlest pod: no prediction.
         scraped = [ep for ep in endpoints if ep.metrics.update_time]
@@ -594,10 +594,3 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
 
     def prefill_tokens(self, endpoint: Endpoint) -> int:
         return self._prefill_tokens.get(endpoint, 0)
-
-
-def _input_tokens(request: InferenceRequest) -> int:
-    tokens: TokenizedPrompt | None = request.data.get(TOKENIZED_PROMPT)
-    if tokens is not None:
-        return tokens.count
-    return (len(request.prompt) + 3) // 4 if request.prompt else 0

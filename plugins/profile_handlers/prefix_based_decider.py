@@ -5,7 +5,12 @@ from __future__ import annotations
 import logging
 
 from llmepp.datalayer.endpoint import Endpoint
-from llmepp.framework.datakeys import PREFIX_CACHE_MATCH_INFO, TOKENIZED_PROMPT, PrefixMatchInfo, TokenizedPrompt
+from llmepp.framework.datakeys import (
+    PREFIX_CACHE_MATCH_INFO,
+    TOKENIZED_PROMPT,
+    PrefixMatchInfo,
+    prompt_tokens,
+)
 from llmepp.framework.plugin import PluginContext, PluginParams
 from llmepp.framework.scheduling import Decider
 from llmepp.observability.logging import LogLimiter
@@ -73,7 +78,7 @@ class PrefixBasedPDDecider(Decider):
         if endpoint is None:
             self._missing_log.error("no-decode", "%s: no decode endpoint to compare against", self.name)
             return False
-        n = prompt_token_count(request)
+        n = prompt_tokens(request)
         if (self.prompt_tokens and n < self.prompt_tokens) or n < threshold:
             return False
         info: PrefixMatchInfo | None = request.data.get(self.data_key)
@@ -85,11 +90,3 @@ class PrefixBasedPDDecider(Decider):
             return False
         hit = info.hits.get(endpoint, 0) * info.block_size
         return n - hit >= threshold
-
-
-def prompt_token_count(request: InferenceRequest) -> int:
-    """The token producer's count, else the estimate backend's rule (4 prompt bytes per token)."""
-    tokens: TokenizedPrompt | None = request.data.get(TOKENIZED_PROMPT)
-    if tokens is not None:
-        return tokens.count
-    return len(request.prompt) // 4 if request.prompt else 0

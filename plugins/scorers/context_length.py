@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 
 from llmepp.datalayer.endpoint import Endpoint
-from llmepp.framework.datakeys import TOKENIZED_PROMPT, TokenizedPrompt
+from llmepp.framework.datakeys import prompt_tokens
 from llmepp.framework.plugin import PluginParams
 from llmepp.framework.scheduling import Filter, Scorer, ScorerCategory
 from llmepp.request.types import InferenceRequest
@@ -60,7 +60,7 @@ class ContextLengthAware(Scorer, Filter):
     Why: pools split by context length (short-prompt and long-prompt replicas with different
     max-model-len / batch settings) need prompts to land on the matching group.
 
-    L = TokenizedPrompt count (token-producer), else prompt bytes / 4.
+    L = TokenizedPrompt count (token-producer), else prompt bytes / 4 rounded up (`prompt_tokens`).
     Parameters: `label` (llm-d.ai/context-length-range), `enableFiltering` (false).
     """
 
@@ -92,13 +92,6 @@ class ContextLengthAware(Scorer, Filter):
                 self._ranges[value] = r
         return r  # type: ignore[return-value]
 
-    @staticmethod
-    def prompt_tokens(request: InferenceRequest) -> int:
-        tokens: TokenizedPrompt | None = request.data.get(TOKENIZED_PROMPT)
-        if tokens is not None:
-            return tokens.count
-        return len(request.prompt) // 4 if request.prompt else 0
-
     def _label_scores(
         self, length: int, endpoints: Sequence[Endpoint]
     ) -> tuple[list[str | None], dict[str | None, float]]:
@@ -114,12 +107,12 @@ class ContextLengthAware(Scorer, Filter):
         return values, memo
 
     def score(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
-        values, memo = self._label_scores(self.prompt_tokens(request), endpoints)
+        values, memo = self._label_scores(prompt_tokens(request), endpoints)
         return [memo[v] for v in values]
 
     def filter(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]:
         if not self.filtering:
             return endpoints
         # In range ⇔ score > 0.3; unlabelled (0.5) passes; malformed (0.0) does not.
-        values, memo = self._label_scores(self.prompt_tokens(request), endpoints)
+        values, memo = self._label_scores(prompt_tokens(request), endpoints)
         return [ep for ep, v in zip(endpoints, values) if memo[v] > MAX_FALLBACK]
