@@ -15,16 +15,21 @@ Credentials that rotate are read again, as client-go does: a kubeconfig's `token
 credentials (hooks before each request), and the API server's certificate authority when it is a
 file — the service account's ca.crt, a kubeconfig's `certificate-authority` (RotatingCA): checked
 every CA_FILE_PERIOD and at once after a failed verification; new connections use what it says
-now, open ones (a watch) are left alone.
+now, open ones (a watch) are left alone. An `exec` plugin is run by us (_ExecPlugin), not by the library: it
+has EXEC_TIMEOUT to answer, and it is killed and reaped, with whatever it started, when it takes longer, when
+start-up is cancelled while it runs, or when the client is closed during a renewal.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import signal
 import ssl
+import sys
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -105,6 +110,141 @@ def _strip_token(configuration: Any) -> None:
         configuration.api_key["BearerToken"] = token.strip()
 
 
+# A plugin that has not answered in this long never will (kubectl's have no limit, but a person is there to
+# press ^C); the run is killed and start-up fails, or a renewal keeps the old credential.
+EXEC_TIMEOUT = 60.0
+EXEC_KILL_WAIT = 5.0  # for a killed plugin to be reaped
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL the plugin and whatever it started (its own process group: it leads a session of its own)."""
+    with contextlib.suppress(ProcessLookupError):  # all gone already
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+class _PluginClosed(Exception):
+    """The client was closed before or while the exec plugin ran."""
+
+
+class _ExecPlugin:
+    """Runs a kubeconfig user's `exec` credential plugin in place of kubernetes_asyncio's ExecProvider, whose
+    run neither bounds the wait nor kills the child when cancelled: a start-up cancelled by SIGTERM left the
+    plugin running, unreaped. Here the plugin gets a session (process group) of its own, and a run that is
+    cancelled, takes longer than EXEC_TIMEOUT or is still going when the client closes kills the group and
+    reaps the plugin. What is done with its answer is what the library does (load_from_exec_plugin)."""
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+        self.user = str(loader._current_context["context"]["user"])
+        self._running: set[asyncio.subprocess.Process] = set()
+        self.closed = False
+
+    async def load(self) -> bool:
+        """Stands in for `loader.load_from_exec_plugin` (at load, and from the renewal hook)."""
+        from kubernetes_asyncio.config.dateutil import parse_rfc3339
+        from kubernetes_asyncio.config.kube_config import FileOrData, _is_expired
+
+        loader = self._loader
+        if hasattr(loader, "exec_plugin_expiry") and not _is_expired(loader.exec_plugin_expiry):
+            return True
+        status = await self._run()
+        if "token" in status:
+            loader.token = f"Bearer {status['token']}"
+            if "expirationTimestamp" in status:
+                loader.exec_plugin_expiry = parse_rfc3339(status["expirationTimestamp"])
+        elif "clientCertificateData" in status:
+            if "clientKeyData" not in status:
+                log.error("exec: missing clientKeyData field in plugin output")
+                return False
+            base_path = loader._get_base_path(loader._cluster.path)
+            for attr, key in (("cert_file", "clientCertificateData"), ("key_file", "clientKeyData")):
+                setattr(loader, attr, FileOrData(
+                    status, None, data_key_name=key, file_base_path=base_path,
+                    base64_file_content=False, temp_file_path=loader._temp_file_path,
+                ).as_file())  # fmt: skip
+        else:
+            log.error("exec: missing token or clientCertificateData field in plugin output")
+        return True
+
+    async def _run(self) -> dict[str, Any]:
+        from kubernetes_asyncio.config.config_exception import ConfigException
+        from kubernetes_asyncio.config.exec_provider import ExecProvider
+
+        if self.closed:
+            raise _PluginClosed
+        provider = ExecProvider(self._loader._user["exec"])  # checks the config; the command line and environment
+        info = {
+            "apiVersion": provider.api_version,
+            "kind": "ExecCredential",
+            "spec": {"interactive": sys.stdout.isatty()},
+        }
+        env = {**provider.env, "KUBERNETES_EXEC_INFO": json.dumps(info)}
+        what = f"exec plugin of kubeconfig user {self.user!r} ({provider.args[0]})"
+        proc: asyncio.subprocess.Process | None = None
+        try:
+            async with asyncio.timeout(EXEC_TIMEOUT):
+                proc = await asyncio.create_subprocess_exec(
+                    *provider.args, env=env, stdin=None, stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE, start_new_session=True,
+                )  # fmt: skip
+                self._running.add(proc)
+                stdout, stderr = await proc.communicate()
+        except TimeoutError:
+            raise ConfigException(f"{what} did not answer within {EXEC_TIMEOUT:g} s: killed") from None
+        finally:
+            if proc is not None:
+                self._running.discard(proc)
+                if proc.returncode is None:  # cancelled or timed out
+                    await self._reap(proc)
+        assert proc is not None
+        if self.closed:
+            raise _PluginClosed
+        if proc.returncode != 0:
+            msg = f"{what}: process returned {proc.returncode}"
+            if stderr.strip():
+                msg += f". {stderr.decode(errors='replace').strip()}"
+            raise ConfigException(msg)
+        try:
+            data = json.loads(stdout)
+        except ValueError as e:
+            raise ConfigException(f"{what}: failed to decode process output: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigException(f"{what}: malformed response: not an object")
+        for key in ("apiVersion", "kind", "status"):
+            if key not in data:
+                raise ConfigException(f"{what}: malformed response. missing key '{key}'")
+        if data["apiVersion"] != provider.api_version:
+            raise ConfigException(
+                f"{what}: plugin api version {data['apiVersion']} does not match {provider.api_version}"
+            )
+        return cast(dict[str, Any], data["status"])
+
+    @staticmethod
+    async def _reap(proc: asyncio.subprocess.Process) -> None:
+        _kill_group(proc)
+        try:
+            await asyncio.wait_for(proc.wait(), EXEC_KILL_WAIT)
+        except TimeoutError:
+            log.warning("kubeconfig exec plugin (pid %d) killed but not reaped after %g s", proc.pid, EXEC_KILL_WAIT)
+
+    async def aclose(self) -> None:
+        """Kill a run still going (a renewal); none is started after."""
+        self.closed = True
+        running, self._running = self._running, set()
+        await asyncio.gather(*(self._reap(p) for p in running))
+
+
+def _exec_plugin(loader: Any) -> _ExecPlugin | None:
+    """Have the loader run its user's exec plugin (if any) with us. Raises ImportError / AttributeError if the
+    library's private parts moved."""
+    user = loader._user
+    if not user or loader.provider or "exec" not in user:  # gcp / oidc auth providers: kubernetes_asyncio's own
+        return None
+    plugin = _ExecPlugin(loader)
+    loader.load_from_exec_plugin = plugin.load
+    return plugin
+
+
 def _kubeconfig_refresher(loader: Any) -> Callable[..., Awaitable[None] | None] | None:
     """The `refresh_api_key_hook` the kubeconfig's user needs, if any (private parts of kubernetes_asyncio's loader)."""
     from kubernetes_asyncio.config.kube_config import _is_expired
@@ -127,6 +267,8 @@ def _kubeconfig_refresher(loader: Any) -> Callable[..., Awaitable[None] | None] 
                 next_run = time.monotonic() + EXEC_MIN_INTERVAL
                 try:
                     await loader.load_from_exec_plugin()
+                except _PluginClosed:
+                    return
                 except Exception as e:  # the old credential stays; requests fail with 401 and are retried
                     log.warning("kubeconfig exec plugin failed, keeping the expired credential: %s", e)
                     return
@@ -257,10 +399,13 @@ class ClusterInfo:
 class KubeClient:
     """JSON requests and watch streams against one API server."""
 
-    def __init__(self, api: ApiClient, info: ClusterInfo, ca: RotatingCA | None = None) -> None:
+    def __init__(
+        self, api: ApiClient, info: ClusterInfo, ca: RotatingCA | None = None, exec_plugin: _ExecPlugin | None = None
+    ) -> None:
         self._api = api
         self.info = info
         self._ca = ca
+        self._exec_plugin = exec_plugin
 
     @classmethod
     async def connect(cls, kubeconfig: str | None = None) -> KubeClient:
@@ -269,17 +414,23 @@ class KubeClient:
         from kubernetes_asyncio import client as k8s_client
         from kubernetes_asyncio import config as k8s_config
         from kubernetes_asyncio.config.config_exception import ConfigException
+        from kubernetes_asyncio.config.kube_config import KubeConfigLoader, KubeConfigMerger
 
         configuration = k8s_client.Configuration()
+        exec_plugin: _ExecPlugin | None = None
         try:
             if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
                 k8s_config.load_incluster_config(client_configuration=configuration)
                 source = "in-cluster"
             else:
                 path = kubeconfig_path(kubeconfig)
-                loader = await k8s_config.load_kube_config(
-                    config_file=path, client_configuration=configuration, persist_config=False
-                )
+                # What load_kube_config(path, persist_config=False) does, with the exec plugin run by us.
+                loader = KubeConfigLoader(config_dict=KubeConfigMerger(path).config, config_base_path=None)
+                try:
+                    exec_plugin = _exec_plugin(loader)
+                except (ImportError, AttributeError) as e:
+                    log.warning("kubeconfig exec plugin run by kubernetes_asyncio (it changed): %s", e)
+                await loader.load_and_set(configuration)
                 try:
                     configuration.refresh_api_key_hook = _kubeconfig_refresher(loader)
                 except (ImportError, AttributeError) as e:  # private parts of the library moved: load as before
@@ -307,9 +458,11 @@ class KubeClient:
             raise ConfigError(
                 f"Kubernetes client configuration ({source}): certificate authority {configuration.ssl_ca_cert}: {e}"
             ) from None
-        return cls(api, ClusterInfo(host=str(configuration.host), source=source), ca)
+        return cls(api, ClusterInfo(host=str(configuration.host), source=source), ca, exec_plugin)
 
     async def aclose(self) -> None:
+        if self._exec_plugin is not None:
+            await self._exec_plugin.aclose()  # a renewal still running
         await self._api.close()
 
     # -- requests ----------------------------------------------------------------------

@@ -1,0 +1,181 @@
+"""A kubeconfig `exec` credential plugin is a child process of the EPP: it must not outlive the EPP's
+interest in it. A start-up that is cancelled (SIGTERM while loading credentials), a plugin that never
+answers (bounded wait) and a client closed while a renewal runs all kill the plugin (its whole process
+group: a shell script's own children too) and reap it. No API server is needed: the plugin runs before
+any request is sent."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import write_cert_pair
+
+from llmepp.framework.plugin import ConfigError
+from llmepp.k8s import client as kclient
+from llmepp.k8s.client import KubeClient
+
+API = "https://127.0.0.1:9"  # never reached before the plugin has answered
+
+
+def kubeconfig(path: Path, command: str, args: list[str]) -> Path:
+    argv = ", ".join(f'"{a}"' for a in args)
+    exec = f'{{apiVersion: client.authentication.k8s.io/v1beta1, command: "{command}", args: [{argv}]}}'
+    path.write_text(
+        f"""apiVersion: v1
+kind: Config
+clusters: [{{name: t, cluster: {{server: "{API}", insecure-skip-tls-verify: true}}}}]
+users: [{{name: robot, user: {{exec: {exec}}}}}]
+contexts: [{{name: t, context: {{cluster: t, user: robot}}}}]
+current-context: t
+"""
+    )
+    return path
+
+
+def hanging_shell_plugin(tmp_path: Path, pids: Path) -> Path:
+    """A shell script that records its PID and its child's, then waits for the child forever."""
+    script = tmp_path / "plugin.sh"
+    script.write_text(f'#!/bin/sh\nsleep 600 &\necho "$$ $!" > "{pids}.tmp"\nmv "{pids}.tmp" "{pids}"\nwait\n')
+    script.chmod(0o755)
+    return script
+
+
+def _pids_written(pids: Path) -> list[int] | None:
+    return [int(p) for p in pids.read_text().split()] if pids.exists() else None
+
+
+async def read_pids(pids: Path) -> list[int]:
+    deadline = time.monotonic() + 10
+    while (written := _pids_written(pids)) is None:
+        assert time.monotonic() < deadline, "the exec plugin never started"
+        await asyncio.sleep(0.02)
+    return written
+
+
+def alive(pid: int) -> bool:
+    """Running, or a zombie nobody reaped (our own child) — either is a leak."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def assert_gone(pids: list[int], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while any(alive(p) for p in pids):
+        if time.monotonic() > deadline:
+            for p in pids:  # do not leave them behind for the next test
+                if alive(p):
+                    os.kill(p, 9)
+            pytest.fail(f"exec plugin processes still alive: {[p for p in pids if alive(p)]}")
+        await asyncio.sleep(0.02)
+
+
+async def test_cancelled_connect_kills_the_exec_plugin(tmp_path: Path) -> None:
+    """SIGTERM during start-up cancels the start task while the plugin runs: the plugin and its own
+    children are killed and reaped, not left running after the EPP gave up on them."""
+    pids = tmp_path / "pids"
+    kc = kubeconfig(tmp_path / "kc", str(hanging_shell_plugin(tmp_path, pids)), [])
+    task = asyncio.create_task(KubeClient.connect(str(kc)))
+    plugin_pids = await read_pids(pids)
+    assert all(alive(p) for p in plugin_pids)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await assert_gone(plugin_pids)
+
+
+async def test_cancelled_connect_kills_a_python_plugin(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(
+        f"import os, pathlib, time\npathlib.Path({str(pids)!r}).write_text(str(os.getpid()))\ntime.sleep(600)\n"
+    )
+    kc = kubeconfig(tmp_path / "kc", sys.executable, [str(plugin)])
+    task = asyncio.create_task(KubeClient.connect(str(kc)))
+    plugin_pids = await read_pids(pids)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await assert_gone(plugin_pids)
+
+
+async def test_a_plugin_that_never_answers_fails_start_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kclient, "EXEC_TIMEOUT", 0.5)
+    pids = tmp_path / "pids"
+    script = hanging_shell_plugin(tmp_path, pids)
+    kc = kubeconfig(tmp_path / "kc", str(script), [])
+    with pytest.raises(ConfigError) as e:
+        await asyncio.wait_for(KubeClient.connect(str(kc)), 10)
+    assert "robot" in str(e.value) and str(script) in str(e.value) and "0.5 s" in str(e.value), e.value
+    await assert_gone(await read_pids(pids))
+
+
+async def test_a_failing_plugin_still_says_why(tmp_path: Path) -> None:
+    script = tmp_path / "plugin.sh"
+    script.write_text("#!/bin/sh\necho 'no credentials here' >&2\nexit 3\n")
+    script.chmod(0o755)
+    with pytest.raises(ConfigError, match=r"returned 3\. no credentials here"):
+        await KubeClient.connect(str(kubeconfig(tmp_path / "kc", str(script), [])))
+
+
+async def test_closing_the_client_kills_a_renewal_in_progress(tmp_path: Path) -> None:
+    """The first run hands out a credential that is already due for renewal (it expires within the
+    5 min skew); the second, run by the next request, hangs — until the client is closed."""
+    pids = tmp_path / "pids"
+    runs = tmp_path / "runs"
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(
+        f"""import datetime, json, os, pathlib, time
+runs = pathlib.Path({str(runs)!r})
+if runs.exists():
+    pathlib.Path({str(pids)!r}).write_text(str(os.getpid()))
+    time.sleep(600)
+runs.write_text("x")
+expiry = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=1)
+status = {{"token": "t", "expirationTimestamp": expiry.strftime("%Y-%m-%dT%H:%M:%SZ")}}
+print(json.dumps({{"apiVersion": "client.authentication.k8s.io/v1beta1", "kind": "ExecCredential", "status": status}}))
+"""
+    )
+    client = await KubeClient.connect(str(kubeconfig(tmp_path / "kc", sys.executable, [str(plugin)])))
+    request = asyncio.create_task(client.get("/api/v1/namespaces"))
+    try:
+        plugin_pids = await read_pids(pids)
+        await asyncio.wait_for(client.aclose(), 10)
+        await assert_gone(plugin_pids)
+    finally:
+        request.cancel()
+        await asyncio.gather(request, return_exceptions=True)
+
+
+async def test_a_plugin_answering_a_client_certificate_is_used_for_tls(tmp_path: Path) -> None:
+    """The other kind of ExecCredential: a client certificate and key (PEM in the answer) become the files the
+    client's TLS presents, as the library's own run did."""
+    certs = tmp_path / "certs"
+    cert = write_cert_pair(certs)
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(
+        f"""import json, pathlib
+certs = pathlib.Path({str(certs)!r})
+status = {{"clientCertificateData": (certs / "tls.crt").read_text(), "clientKeyData": (certs / "tls.key").read_text()}}
+print(json.dumps({{"apiVersion": "client.authentication.k8s.io/v1beta1", "kind": "ExecCredential", "status": status}}))
+"""
+    )
+    client = await KubeClient.connect(str(kubeconfig(tmp_path / "kc", sys.executable, [str(plugin)])))
+    try:
+        configuration = client._api.configuration
+        assert _read(configuration.cert_file) == cert
+        assert _read(configuration.key_file) == _read(certs / "tls.key")
+        assert not configuration.api_key  # no bearer token besides
+    finally:
+        await client.aclose()
+
+
+def _read(path: str | Path) -> bytes:
+    return Path(path).read_bytes()
