@@ -47,6 +47,7 @@ from llmepp.server.extproc import ExtProcServicer, create_server
 from llmepp.server.h2 import H2ExtProcServer, create_h2_server
 from llmepp.server.tls import ServingCert
 from llmepp.settings import Settings
+from llmepp.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from llmepp.observability.tracing import RequestTracing
@@ -491,11 +492,8 @@ class App:
             await step(f"notification source {source.name}", source.aclose)  # before the client they watch through
         if self.kube is not None:
             await step("the Kubernetes mode", self.kube.aclose)
-        for task in (self._discovery_task, self._cert_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        with contextlib.suppress(Exception):  # discovery's failure was reported by start(); the cert watch logs its own
+            await cancel_and_wait(self._discovery_task, self._cert_task)
         serving_cert = self.serving_cert
         if serving_cert is not None:
             await step("the serving certificate", serving_cert.close)
@@ -606,31 +604,17 @@ async def _serve(settings: Settings, stop: asyncio.Event) -> None:
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
             log.warning("signal during start-up: stopping before serving")
-            starting.cancel()
-            await _cancelled(starting)
+            await cancel_and_wait(starting)
             return
         starting.result()  # a failed start: its error (it has closed what it set up)
         tune_gc()
         await stopping
     finally:
-        pending = [task for task in (starting, stopping) if not task.done()]  # run() itself cancelled, or failed
-        for task in pending:
-            task.cancel()
-        for task in pending:
-            await _cancelled(task)
+        # run() itself cancelled, or failed
+        await cancel_and_wait(*(task for task in (starting, stopping) if not task.done()))
     failures = await app.shutdown()
     if failures:
         raise CloseFailed(f"{failures} part(s) failed to close (logged above)")
-
-
-async def _cancelled(task: asyncio.Task[Any]) -> None:
-    """Wait for a task that was cancelled to end; re-raise if the caller itself is being cancelled."""
-    try:
-        await task
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise
 
 
 def request_tracing(enabled: bool) -> RequestTracing | None:

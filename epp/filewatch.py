@@ -9,10 +9,11 @@ show up as a new inode.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from abc import ABC, abstractmethod
+
+from llmepp.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,4 @@ class FilePoller(ABC):
 
     async def aclose(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)

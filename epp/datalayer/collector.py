@@ -63,6 +63,7 @@ from llmepp.datalayer.multicluster import (
 from llmepp.datalayer.promtext import PromTextError
 from llmepp.observability.metrics import EppMetrics, sample_std_dev
 from llmepp.observability.streak import FailureStreak
+from llmepp.tasks import cancel_and_wait
 
 # A hub's spreads: over its available clusters' published averages.
 _HUB_KEYS = (POOL_KV_CACHE_UTILIZATION, POOL_QUEUE_SIZE, POOL_RUNNING_REQUESTS)
@@ -236,12 +237,8 @@ class MetricsCollector:
         self._started = False
         with contextlib.suppress(ValueError):
             self.datastore.remove_listener(self)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        tasks, self._tasks = self._tasks, []
+        await cancel_and_wait(*tasks)
         for state in self._by_endpoint.values():
             state.client.close()
         self._by_endpoint.clear()

@@ -30,6 +30,7 @@ from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
 from llmepp.datalayer.httpscrape import ScrapeClient, ScrapeError, ScrapeTarget
 from llmepp.observability.metrics import EppMetrics
 from llmepp.observability.streak import FailureStreak
+from llmepp.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +154,7 @@ class PagePoller(ABC):
             return
         with contextlib.suppress(ValueError):
             self.datastore.remove_listener(self)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
         for state in self._states.values():
             if state.client is not None:
                 state.client.close()

@@ -97,6 +97,7 @@ from llmepp.flowcontrol.types import (
 )
 from llmepp.observability.logging import LogLimiter
 from llmepp.request.types import InferenceRequest
+from llmepp.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -330,10 +331,7 @@ class FlowController(AdmissionController):
     async def aclose(self) -> None:
         self.shutdown()
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         if self._watcher is not None:
             await self._watcher.aclose()
 

@@ -14,7 +14,6 @@ deletion (deletionTimestamp, held by finalizers) counts as deleted, as in the re
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass, replace
 from typing import Any
@@ -27,6 +26,7 @@ from llmepp.k8s.models import InferencePool, Pod
 from llmepp.k8s.pool import MAX_TARGET_PORTS, PoolReconciler, PoolSpec
 from llmepp.k8s.resources import PODS, inference_pools
 from llmepp.k8s.selector import SelectorError, parse_selector
+from llmepp.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -175,11 +175,7 @@ class KubernetesDiscovery:
             # gather: an informer that dies of a bug fails discovery instead of hanging it.
             await asyncio.gather(*tasks)
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_and_wait(*tasks)
 
     async def _mark_synced(
         self, notifier: DiscoveryNotifier, informers: list[Informer[Any]], pool_events: _PoolEvents | None

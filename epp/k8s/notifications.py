@@ -37,6 +37,7 @@ from llmepp.k8s.client import KubeClient, KubeError
 from llmepp.k8s.informer import Informer, InformerOptions
 from llmepp.k8s.models import ObjectMeta
 from llmepp.k8s.resources import Resource
+from llmepp.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -177,11 +178,8 @@ class NotificationWatch:
 
     async def aclose(self) -> None:
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        with contextlib.suppress(Exception):  # a crash was logged when it happened (_report_crash)
+            await cancel_and_wait(*tasks)
 
     # -- watching ----------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -197,9 +195,7 @@ class NotificationWatch:
             self._queue.put_nowait(_INITIAL_DONE)
             await task
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     async def _resolve_with_retry(self) -> Resource:
         backoff = Backoff(self.options.backoff_initial, self.options.backoff_max)

@@ -40,6 +40,7 @@ from llmepp.k8s.models import InferenceModelRewrite, InferenceObjective
 from llmepp.k8s.objectives import ObjectiveSync
 from llmepp.k8s.resources import INFERENCE_MODEL_REWRITES, INFERENCE_OBJECTIVES
 from llmepp.settings import Settings
+from llmepp.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -190,10 +191,7 @@ class KubeRuntime:
     async def release(self) -> None:
         """Stop competing for leadership and hand the lease over (drain)."""
         task, self._elector_task = self._elector_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         if self.elector is not None and not self._released:
             self._released = True
             await self.elector.release()
@@ -204,11 +202,8 @@ class KubeRuntime:
             await self.release()
         finally:
             tasks, self._tasks = self._tasks, []
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            with contextlib.suppress(Exception):  # a crash was logged when it happened (_report_crash)
+                await cancel_and_wait(*tasks)
             if self.client is not None:
                 client, self.client = self.client, None
                 await client.aclose()

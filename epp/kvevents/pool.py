@@ -36,6 +36,7 @@ from llmepp.kvevents.stats import KVEventStats
 from llmepp.kvevents.subscriber import Subscriber, SubscriberOptions, sub_socket
 from llmepp.kvevents.wire import MalformedMessage, Message, decode_batch, parse_frames
 from llmepp.observability.logging import LogLimiter
+from llmepp.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -137,19 +138,12 @@ class SubscriberPool:
 
     async def aclose(self) -> None:
         self._closed = True
-        if self._receiver is not None:
-            self._receiver.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._receiver
-            self._receiver = None
+        receiver, self._receiver = self._receiver, None
         sources, self._sources = self._sources, {}
-        for src in sources.values():
-            if src.task is not None:
-                src.task.cancel()
-        for src in sources.values():
-            if src.task is not None:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await src.task
+        with contextlib.suppress(Exception):
+            await cancel_and_wait(receiver)
+        with contextlib.suppress(Exception):
+            await cancel_and_wait(*(src.task for src in sources.values()))
 
     # -- internals -----------------------------------------------------------------------------
     def _start(self, pod: str) -> None:
@@ -288,10 +282,8 @@ class SubscriberPool:
         order and a source started after this one (it waits for this stop) finds every forget done."""
         if previous is not None:
             await asyncio.shield(previous)
-        if src.task is not None:
-            src.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await src.task
+        with contextlib.suppress(Exception):
+            await cancel_and_wait(src.task)
         try:
             await self.store.forget(pod, src.chains)
         except Exception:

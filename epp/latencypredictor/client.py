@@ -28,6 +28,7 @@ import msgspec
 
 from llmepp.httpclient import upstream_connector
 from llmepp.observability.logging import LogLimiter
+from llmepp.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -255,11 +256,8 @@ class PredictorClient:
 
     async def aclose(self) -> None:
         self._closed = True
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-            self._flusher = None
+        flusher, self._flusher = self._flusher, None
+        await cancel_and_wait(flusher)
         if self._buffer:  # a last upload, briefly: shutdown must not wait on a hung training server
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):

@@ -25,7 +25,6 @@ with a JSON body and a log line.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import os
@@ -41,6 +40,7 @@ from aiohttp import web
 from llmepp.latencypredictor import schema
 from llmepp.latencypredictor.model import MAX_FEATURE, LatencyModel, TargetModel, iso
 from llmepp.observability.logging import quiet_malformed_http_requests
+from llmepp.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -176,12 +176,8 @@ class PredictorService:
         return dict(self.urls)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+        tasks, self._tasks = self._tasks, []
+        await cancel_and_wait(*tasks)
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ from llmepp.framework.requestcontrol import PreRequest, ResponseHeaderProcessor
 from llmepp.framework.scheduling import SchedulingResult
 from llmepp.plugins.filters.common import set_consumes
 from llmepp.request.types import InferenceRequest, ResponseInfo
+from llmepp.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -184,11 +184,8 @@ class SessionAffinity(PreRequest, ResponseHeaderProcessor):
         self._sweeper = loop.create_task(self._sweep_forever(), name=f"{self.name}-session-sweep")
 
     async def aclose(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        sweeper, self._sweeper = self._sweeper, None
+        await cancel_and_wait(sweeper)
 
     # -- request side ------------------------------------------------------------------------
     def session_id(self, request: InferenceRequest) -> str:

@@ -43,6 +43,7 @@ from llmepp.observability.logging import LogLimiter
 from llmepp.observability.metrics import PREFIX, per_registry
 from llmepp.plugins.producers.inflight_load import InFlightLoadProducer
 from llmepp.request.types import InferenceRequest
+from llmepp.tasks import cancel_and_wait
 from llmepp.units import parse_duration
 
 log = logging.getLogger(__name__)
@@ -160,10 +161,9 @@ class RedisInFlightLoadProducer(InFlightLoadProducer):
         request.data[self.key] = self.view
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        task, self._task = self._task, None
+        with contextlib.suppress(Exception):  # its failures were counted and logged as they happened
+            await cancel_and_wait(task)
         with contextlib.suppress(Exception):
             await self.redis.delete(self.hash_key, self.hash_key + ":alive")
             await self.redis.zrem(self.registry_key, self.replica)
