@@ -253,28 +253,34 @@ def _kubeconfig_refresher(loader: Any) -> Callable[..., Awaitable[None] | None] 
     if not user or loader.provider:  # gcp / oidc auth providers: kubernetes_asyncio's own business
         return None
     if "exec" in user:
-        lock = asyncio.Lock()
         next_run = 0.0
+        renewal: asyncio.Task[None] | None = None
+
+        async def renew(configuration: Any) -> None:
+            try:
+                await loader.load_from_exec_plugin()
+            except _PluginClosed:
+                return
+            except Exception as e:  # the old credential stays; requests fail with 401 and are retried
+                log.warning("kubeconfig exec plugin failed, keeping the expired credential: %s", e)
+                return
+            configuration.api_key["BearerToken"] = loader.token
+            _strip_token(configuration)
+            log.info("kubeconfig exec credential renewed")
 
         async def renew_exec(configuration: Any, *_: Any) -> None:
-            nonlocal next_run
+            nonlocal next_run, renewal
             expiry = getattr(loader, "exec_plugin_expiry", None)
             if expiry is None or not _is_expired(expiry):
                 return
-            async with lock:  # concurrent requests wait for the one run
-                if not _is_expired(loader.exec_plugin_expiry) or time.monotonic() < next_run:
-                    return  # renewed while we waited
+            if renewal is None or renewal.done():
+                if time.monotonic() < next_run:
+                    return  # failed a moment ago: the old credential until the next try
                 next_run = time.monotonic() + EXEC_MIN_INTERVAL
-                try:
-                    await loader.load_from_exec_plugin()
-                except _PluginClosed:
-                    return
-                except Exception as e:  # the old credential stays; requests fail with 401 and are retried
-                    log.warning("kubeconfig exec plugin failed, keeping the expired credential: %s", e)
-                    return
-                configuration.api_key["BearerToken"] = loader.token
-                _strip_token(configuration)
-                log.info("kubeconfig exec credential renewed")
+                renewal = asyncio.create_task(renew(configuration), name="kubeconfig-exec-renewal")
+            # Concurrent requests wait for the one run, shielded: one of them cancelled must not cancel (and
+            # kill) the run the others wait for.
+            await asyncio.shield(renewal)
 
         return renew_exec
     if "tokenFile" in user and not user.safe_get("token"):

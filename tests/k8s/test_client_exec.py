@@ -179,3 +179,36 @@ print(json.dumps({{"apiVersion": "client.authentication.k8s.io/v1beta1", "kind":
 
 def _read(path: str | Path) -> bytes:
     return Path(path).read_bytes()
+
+
+async def test_a_request_cancelled_during_a_renewal_does_not_cancel_it_for_the_others(tmp_path: Path) -> None:
+    """Requests share one renewal run; the one that started it going away (cancelled) killed the plugin, and the
+    requests waiting with it kept the expired credential for EXEC_MIN_INTERVAL."""
+    runs = tmp_path / "runs"
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(
+        f"""import datetime, json, pathlib, time
+runs = pathlib.Path({str(runs)!r})
+n = len(runs.read_text()) if runs.exists() else 0
+runs.write_text("x" * (n + 1))
+if n:
+    time.sleep(0.5)
+expiry = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=1 if n == 0 else 60)
+status = {{"token": f"t{{n}}", "expirationTimestamp": expiry.strftime("%Y-%m-%dT%H:%M:%SZ")}}
+print(json.dumps({{"apiVersion": "client.authentication.k8s.io/v1beta1", "kind": "ExecCredential", "status": status}}))
+"""
+    )
+    client = await KubeClient.connect(str(kubeconfig(tmp_path / "kc", sys.executable, [str(plugin)])))
+    try:
+        configuration = client._api.configuration
+        hook = configuration.refresh_api_key_hook
+        assert configuration.api_key["BearerToken"] == "Bearer t0"  # due for renewal (within the 5 min skew)
+        first = asyncio.create_task(hook(configuration))
+        second = asyncio.create_task(hook(configuration))
+        await asyncio.sleep(0.2)  # the renewal's plugin is running
+        first.cancel()
+        await asyncio.wait_for(second, 10)
+        assert configuration.api_key["BearerToken"] == "Bearer t1"
+        assert _read(runs) == b"xx"
+    finally:
+        await client.aclose()
