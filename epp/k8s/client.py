@@ -126,6 +126,28 @@ class _PluginClosed(Exception):
     """The client was closed before or while the exec plugin ran."""
 
 
+_EXEC_EXTENSION = "client.authentication.k8s.io/exec"
+
+
+def _exec_cluster(loader: Any) -> dict[str, Any]:
+    """KUBERNETES_EXEC_INFO's `spec.cluster` for `provideClusterInfo: true`, as client-go fills it: the server, the
+    CA as base64 data (a `certificate-authority` file read), and the cluster's exec extension as `config`."""
+    from kubernetes_asyncio.config.kube_config import FileOrData
+
+    cluster = loader._cluster
+    info: dict[str, Any] = {"server": cluster.safe_get("server") or ""}
+    for key in ("tls-server-name", "insecure-skip-tls-verify", "proxy-url", "disable-compression"):
+        if cluster.safe_get(key):
+            info[key] = cluster.value[key]
+    ca = FileOrData(cluster, "certificate-authority", file_base_path=loader._get_base_path(cluster.path)).as_data()
+    if ca:
+        info["certificate-authority-data"] = ca
+    for extension in cluster.safe_get("extensions") or []:
+        if isinstance(extension, dict) and extension.get("name") == _EXEC_EXTENSION and "extension" in extension:
+            info["config"] = extension["extension"]
+    return info
+
+
 class _ExecPlugin:
     """Runs a kubeconfig user's `exec` credential plugin in place of kubernetes_asyncio's ExecProvider, whose
     run neither bounds the wait nor kills the child when cancelled: a start-up cancelled by SIGTERM left the
@@ -173,11 +195,16 @@ class _ExecPlugin:
         if self.closed:
             raise _PluginClosed
         provider = ExecProvider(self._loader._user["exec"])  # checks the config; the command line and environment
-        info = {
-            "apiVersion": provider.api_version,
-            "kind": "ExecCredential",
-            "spec": {"interactive": sys.stdout.isatty()},
+        command = provider.args[0]
+        if os.sep in command and not os.path.isabs(command):  # as client-go: relative to the user's kubeconfig file
+            provider.args[0] = os.path.join(self._loader._get_base_path(self._loader._user.path), command)
+        exec_config = self._loader._user["exec"]
+        spec: dict[str, Any] = {  # as the library: stdout a terminal; client-go's `interactiveMode: Never` too
+            "interactive": exec_config.safe_get("interactiveMode") != "Never" and sys.stdout.isatty()
         }
+        if exec_config.safe_get("provideClusterInfo"):  # client-go's; the library ignores it
+            spec["cluster"] = _exec_cluster(self._loader)
+        info = {"apiVersion": provider.api_version, "kind": "ExecCredential", "spec": spec}
         env = {**provider.env, "KUBERNETES_EXEC_INFO": json.dumps(info)}
         what = f"exec plugin of kubeconfig user {self.user!r} ({provider.args[0]})"
         proc: asyncio.subprocess.Process | None = None
@@ -191,6 +218,9 @@ class _ExecPlugin:
                 stdout, stderr = await proc.communicate()
         except TimeoutError:
             raise ConfigException(f"{what} did not answer within {EXEC_TIMEOUT:g} s: killed") from None
+        except FileNotFoundError as e:  # the command is not there: client-go shows the kubeconfig's installHint
+            hint = exec_config.safe_get("installHint")
+            raise ConfigException(f"{what}: {e.strerror}" + (f". {hint}" if hint else "")) from None
         finally:
             if proc is not None:
                 self._running.discard(proc)

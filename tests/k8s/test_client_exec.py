@@ -7,6 +7,8 @@ any request is sent."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
 import sys
 import time
@@ -212,3 +214,130 @@ print(json.dumps({{"apiVersion": "client.authentication.k8s.io/v1beta1", "kind":
         assert _read(runs) == b"xx"
     finally:
         await client.aclose()
+
+
+def token_plugin(path: Path, token: str = "t", extra: str = "") -> Path:
+    """A shell script answering a token (no expiry); `extra` runs first."""
+    credential = (
+        '{"apiVersion": "client.authentication.k8s.io/v1beta1", "kind": "ExecCredential", '
+        f'"status": {{"token": "{token}"}}}}'
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\n{extra}\necho '{credential}'\n")
+    path.chmod(0o755)
+    return path
+
+
+async def test_a_relative_command_path_is_resolved_against_the_kubeconfig_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As client-go does (kubectl works with this kubeconfig from anywhere): a command with a path separator that
+    is not absolute is relative to the directory of the kubeconfig file, not to the EPP's working directory."""
+    token_plugin(tmp_path / "conf" / "bin" / "plugin.sh")
+    kc = kubeconfig(tmp_path / "conf" / "kc", "bin/plugin.sh", [])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    client = await KubeClient.connect(str(kc))
+    try:
+        assert client._api.configuration.api_key["BearerToken"] == "Bearer t"
+    finally:
+        await client.aclose()
+
+
+async def test_a_bare_command_name_is_looked_up_in_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No path separator: $PATH, not the kubeconfig's directory (a file of that name there is not run)."""
+    token_plugin(tmp_path / "conf" / "my-plugin", "wrong")
+    token_plugin(tmp_path / "path" / "my-plugin", "right")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'path'}{os.pathsep}{os.environ['PATH']}")
+    client = await KubeClient.connect(str(kubeconfig(tmp_path / "conf" / "kc", "my-plugin", [])))
+    try:
+        assert client._api.configuration.api_key["BearerToken"] == "Bearer right"
+    finally:
+        await client.aclose()
+
+
+def exec_info_plugin(tmp_path: Path) -> tuple[Path, Path]:
+    """A plugin that keeps the KUBERNETES_EXEC_INFO it was given (and answers a token)."""
+    seen = tmp_path / "exec-info.json"
+    return token_plugin(tmp_path / "plugin.sh", extra=f'printf %s "$KUBERNETES_EXEC_INFO" > "{seen}"'), seen
+
+
+async def test_provide_cluster_info_gives_the_plugin_the_cluster(tmp_path: Path) -> None:
+    """`provideClusterInfo: true`: KUBERNETES_EXEC_INFO's spec.cluster says which cluster the credential is for
+    (server, CA as base64 data — read from a `certificate-authority` file too — and the cluster's exec extension),
+    as client-go gives it; a plugin serving several clusters depends on it."""
+    plugin, seen = exec_info_plugin(tmp_path)
+    ca = b"-----BEGIN CERTIFICATE-----\nnot really\n-----END CERTIFICATE-----\n"
+    (tmp_path / "ca.crt").write_bytes(ca)
+    kc = tmp_path / "kc"
+    kc.write_text(
+        f"""apiVersion: v1
+kind: Config
+clusters:
+- name: t
+  cluster:
+    server: "{API}"
+    certificate-authority: ca.crt
+    tls-server-name: api.example
+    extensions:
+    - {{name: other, extension: {{a: 1}}}}
+    - {{name: client.authentication.k8s.io/exec, extension: {{audience: epp}}}}
+users:
+- name: robot
+  user:
+    exec: {{apiVersion: client.authentication.k8s.io/v1beta1, command: "{plugin}", provideClusterInfo: true}}
+contexts: [{{name: t, context: {{cluster: t, user: robot}}}}]
+current-context: t
+"""
+    )
+    with pytest.raises(ConfigError):  # "not really" is no certificate: the plugin has run by then
+        await KubeClient.connect(str(kc))
+    info = json.loads(seen.read_text())
+    assert info["apiVersion"] == "client.authentication.k8s.io/v1beta1" and info["kind"] == "ExecCredential"
+    assert info["spec"]["interactive"] is False
+    assert info["spec"]["cluster"] == {
+        "server": API,
+        "tls-server-name": "api.example",
+        "certificate-authority-data": base64.b64encode(ca).decode(),
+        "config": {"audience": "epp"},
+    }
+
+
+async def test_without_provide_cluster_info_the_plugin_is_not_told_the_cluster(tmp_path: Path) -> None:
+    plugin, seen = exec_info_plugin(tmp_path)
+    client = await KubeClient.connect(str(kubeconfig(tmp_path / "kc", str(plugin), [])))
+    await client.aclose()
+    assert json.loads(seen.read_text())["spec"] == {"interactive": False}
+
+
+async def test_interactive_mode_never_is_never_interactive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`interactiveMode: Never` (client-go): spec.interactive is false even on a terminal."""
+
+    class Terminal:
+        def isatty(self) -> bool:
+            return True
+
+    plugin, seen = exec_info_plugin(tmp_path)
+    kc = tmp_path / "kc"
+    kc.write_text(
+        kubeconfig(tmp_path / "kc", str(plugin), []).read_text().replace("args: []", "args: [], interactiveMode: Never")
+    )
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    client = await KubeClient.connect(str(kc))
+    await client.aclose()
+    assert json.loads(seen.read_text())["spec"]["interactive"] is False
+
+
+async def test_a_missing_plugin_says_how_to_install_it(tmp_path: Path) -> None:
+    """client-go shows the kubeconfig's `installHint` when the command is not found (GKE's kubeconfigs carry one)."""
+    kc = tmp_path / "kc"
+    kc.write_text(
+        kubeconfig(tmp_path / "kc", "no-such-exec-plugin-here", [])
+        .read_text()
+        .replace("args: []", 'args: [], installHint: "install it with: apt install the-plugin"')
+    )
+    with pytest.raises(ConfigError) as e:
+        await KubeClient.connect(str(kc))
+    assert "no-such-exec-plugin-here" in str(e.value) and "robot" in str(e.value), e.value
+    assert "install it with: apt install the-plugin" in str(e.value), e.value
