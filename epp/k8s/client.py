@@ -163,6 +163,7 @@ class _ExecPlugin:
 
     async def load(self) -> bool:
         """Stands in for `loader.load_from_exec_plugin` (at load, and from the renewal hook)."""
+        from kubernetes_asyncio.config.config_exception import ConfigException
         from kubernetes_asyncio.config.dateutil import parse_rfc3339
         from kubernetes_asyncio.config.kube_config import FileOrData, _is_expired
 
@@ -171,9 +172,19 @@ class _ExecPlugin:
             return True
         status = await self._run()
         if "token" in status:
+            expiry = status.get("expirationTimestamp")
+            try:
+                expires = parse_rfc3339(expiry) if expiry is not None else None
+            except (ValueError, TypeError, AttributeError):
+                raise ConfigException(
+                    f"exec plugin of kubeconfig user {self.user!r}: expirationTimestamp {expiry!r:.100} is not "
+                    "an RFC 3339 time"
+                ) from None
             loader.token = f"Bearer {status['token']}"
-            if "expirationTimestamp" in status:
-                loader.exec_plugin_expiry = parse_rfc3339(status["expirationTimestamp"])
+            if expires is not None:
+                loader.exec_plugin_expiry = expires
+            elif hasattr(loader, "exec_plugin_expiry"):
+                del loader.exec_plugin_expiry  # this credential does not expire (the last one did)
         elif "clientCertificateData" in status:
             if "clientKeyData" not in status:
                 log.error("exec: missing clientKeyData field in plugin output")
@@ -247,7 +258,10 @@ class _ExecPlugin:
             raise ConfigException(
                 f"{what}: plugin api version {data['apiVersion']} does not match {provider.api_version}"
             )
-        return cast(dict[str, Any], data["status"])
+        status = data["status"]
+        if not isinstance(status, dict):
+            raise ConfigException(f"{what}: malformed response: status is not an object")
+        return cast(dict[str, Any], status)
 
     @staticmethod
     async def _reap(proc: asyncio.subprocess.Process) -> None:

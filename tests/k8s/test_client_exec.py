@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -341,3 +342,20 @@ async def test_a_missing_plugin_says_how_to_install_it(tmp_path: Path) -> None:
         await KubeClient.connect(str(kc))
     assert "no-such-exec-plugin-here" in str(e.value) and "robot" in str(e.value), e.value
     assert "install it with: apt install the-plugin" in str(e.value), e.value
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (None, "status is not an object"),
+        ({"token": "t", "expirationTimestamp": "tomorrow"}, "expirationTimestamp 'tomorrow' is not an RFC 3339 time"),
+        ({"token": "t", "expirationTimestamp": 5}, "expirationTimestamp 5 is not an RFC 3339 time"),
+    ],
+)
+async def test_a_malformed_answer_is_a_start_up_error_naming_it(tmp_path: Path, status: object, error: str) -> None:
+    """A traceback before (TypeError / ValueError out of connect), not the start-up error naming the problem."""
+    plugin = tmp_path / "plugin.py"
+    answer = {"apiVersion": "client.authentication.k8s.io/v1beta1", "kind": "ExecCredential", "status": status}
+    plugin.write_text(f"import json\nprint(json.dumps({answer!r}))\n")
+    with pytest.raises(ConfigError, match=f"kubeconfig user 'robot'.*{re.escape(error)}"):
+        await KubeClient.connect(str(kubeconfig(tmp_path / "kc", sys.executable, [str(plugin)])))
