@@ -5,10 +5,12 @@ deploy/ RBAC: tests/k8s/test_manifests.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import logging
 import ssl
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -134,16 +136,12 @@ async def test_a_token_that_is_not_ascii_is_401_not_a_server_error() -> None:
         assert status == 401 and "bearer token" in message
     assert api.calls == []
     server = MetricsServer(_registry(), auth=a)
-    port = free_port()
-    await server.start("127.0.0.1", port)
-    try:
+    async with serving(server) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n")
         answer = await asyncio.wait_for(reader.read(), 5)
         writer.close()
         assert answer.startswith(b"HTTP/1.1 401 "), answer
-    finally:
-        await server.aclose()
 
 
 async def test_malformed_requests_are_one_warning_a_minute_not_an_error_with_a_traceback_each(
@@ -153,9 +151,7 @@ async def test_malformed_requests_are_one_warning_a_minute_not_an_error_with_a_t
     client or a scanner on the /metrics port flooded the EPP's log with them."""
     caplog.set_level(logging.DEBUG)
     server = MetricsServer(_registry())
-    port = free_port()
-    await server.start("127.0.0.1", port)
-    try:
+    async with serving(server) as port:
         for _ in range(5):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
@@ -164,12 +160,21 @@ async def test_malformed_requests_are_one_warning_a_minute_not_an_error_with_a_t
             assert answer.startswith(b"HTTP/1.0 400 "), answer
         status, _, _ = await _get(f"http://127.0.0.1:{port}/metrics")  # the server is fine
         assert status == 200
-    finally:
-        await server.aclose()
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert [(r.levelname, bool(r.exc_info)) for r in loud] == [("WARNING", False)], [r.getMessage() for r in loud]
     message = loud[0].getMessage()
     assert "127.0.0.1" in message and "malformed HTTP request" in message and "Bad Header" in message, message
+
+
+@contextlib.asynccontextmanager
+async def serving(server: MetricsServer) -> AsyncIterator[int]:
+    """`server` listening on a free loopback port (yielded) until the block ends."""
+    port = free_port()
+    await server.start("127.0.0.1", port)
+    try:
+        yield port
+    finally:
+        await server.aclose()
 
 
 async def _get(url: str, headers: dict[str, str] | None = None, ssl_ctx: Any = None) -> tuple[int, dict, bytes]:
@@ -190,10 +195,8 @@ def _registry() -> CollectorRegistry:
 async def test_server_renders_gzips_and_refuses_without_a_token() -> None:
     api = FakeApi({"t": "prometheus"}, {"prometheus"})
     server = MetricsServer(_registry(), auth=MetricsAuth(lambda: api))  # type: ignore[arg-type, return-value]
-    port = free_port()
-    await server.start("127.0.0.1", port)
-    url = f"http://127.0.0.1:{port}/metrics"
-    try:
+    async with serving(server) as port:
+        url = f"http://127.0.0.1:{port}/metrics"
         status, headers, body = await _get(url)
         assert status == 401 and headers["Content-Type"].startswith("application/json")
         assert "bearer token" in json.loads(body)["error"]
@@ -204,8 +207,6 @@ async def test_server_renders_gzips_and_refuses_without_a_token() -> None:
         assert headers["Content-Encoding"] == "gzip" and b"llm_d_epp_test_total 3.0" in gzip.decompress(body)
         status, headers, body = await _get(url, {"Authorization": "Bearer t", "Accept": OPENMETRICS})
         assert headers["Content-Type"].startswith("application/openmetrics-text") and body.endswith(b"# EOF\n")
-    finally:
-        await server.aclose()
 
 
 async def test_https_and_client_certificates(tmp_path: Path) -> None:
@@ -214,19 +215,15 @@ async def test_https_and_client_certificates(tmp_path: Path) -> None:
     write_cert_pair(client_dir)
     ctx = metrics_ssl_context(str(server_dir), str(client_dir / CERT_FILE))
     server = MetricsServer(_registry(), ssl_context=ctx)
-    port = free_port()
-    await server.start("127.0.0.1", port)
-    url = f"https://127.0.0.1:{port}/metrics"
-    client = ssl.create_default_context(cafile=str(server_dir / CERT_FILE))
-    client.check_hostname = False
-    try:
+    async with serving(server) as port:
+        url = f"https://127.0.0.1:{port}/metrics"
+        client = ssl.create_default_context(cafile=str(server_dir / CERT_FILE))
+        client.check_hostname = False
         with pytest.raises(aiohttp.ClientError):  # no client certificate: the handshake fails
             await _get(url, ssl_ctx=client)
         client.load_cert_chain(client_dir / CERT_FILE, client_dir / KEY_FILE)
         status, _, body = await _get(url, ssl_ctx=client)
         assert status == 200 and b"llm_d_epp_test_total" in body
-    finally:
-        await server.aclose()
 
 
 async def _served_certificate(port: int) -> bytes:
@@ -251,9 +248,7 @@ async def test_a_rotated_metrics_certificate_is_served_to_new_connections(
     monkeypatch.setattr(metrics_server, "CERT_CHECK_INTERVAL", 0.0, raising=False)
     first = write_cert_pair(tmp_path)
     server = MetricsServer(_registry(), ssl_context=metrics_ssl_context(str(tmp_path), None))
-    port = free_port()
-    await server.start("127.0.0.1", port)
-    try:
+    async with serving(server) as port:
         assert await _served_certificate(port) == _der(first)
         await asyncio.sleep(0.02)  # a later mtime
         second = write_cert_pair(tmp_path)
@@ -262,8 +257,6 @@ async def test_a_rotated_metrics_certificate_is_served_to_new_connections(
         assert await _served_certificate(port) == _der(second)
         status, _, body = await _get(f"https://127.0.0.1:{port}/metrics", ssl_ctx=False)
         assert status == 200 and b"llm_d_epp_test_total" in body
-    finally:
-        await server.aclose()
 
 
 def test_metrics_tls_flags_fail_at_start_up_naming_the_flag(tmp_path: Path) -> None:
@@ -304,9 +297,7 @@ async def test_a_broken_metrics_certificate_rotation_is_logged_once(
     monkeypatch.setattr(metrics_server, "CERT_CHECK_INTERVAL", 0.0, raising=False)
     first = write_cert_pair(tmp_path)
     server = MetricsServer(_registry(), ssl_context=metrics_ssl_context(str(tmp_path), None))
-    port = free_port()
-    await server.start("127.0.0.1", port)
-    try:
+    async with serving(server) as port:
         await asyncio.sleep(0.02)  # a later mtime
         write_cert_pair(tmp_path / "other")
         (tmp_path / KEY_FILE).write_bytes((tmp_path / "other" / KEY_FILE).read_bytes())  # mismatched pair
@@ -321,8 +312,6 @@ async def test_a_broken_metrics_certificate_rotation_is_logged_once(
         for _ in range(3):
             assert await _served_certificate(port) == _der(second)
         assert len([r for r in caplog.records if "not reloaded" in r.getMessage()]) == 2
-    finally:
-        await server.aclose()
 
 
 class GatedApi(FakeApi):
@@ -379,14 +368,10 @@ async def test_a_huge_or_malformed_authorization_header_is_refused_without_an_ap
     for header in ("Bearer", "Bearer\tt", "Token t", "Bearer  ", "bearer" + "x" * 10):
         assert (await a.check(header, "/metrics"))[0] == 401, header
     server = MetricsServer(_registry(), auth=a)
-    port = free_port()
-    await server.start("127.0.0.1", port)
-    try:
+    async with serving(server) as port:
         status, _, _ = await _get(f"http://127.0.0.1:{port}/metrics", {"Authorization": "Bearer " + "a" * 100_000})
         assert 400 <= status < 500 and status != 200
         assert (await _get(f"http://127.0.0.1:{port}/metrics", {"Authorization": "Bearer t"}))[0] == 200
-    finally:
-        await server.aclose()
     assert api.calls == ["tokenreviews", "subjectaccessreviews"]
 
 
