@@ -206,6 +206,21 @@ class _Client:
         self.closed = True
 
 
+async def _started_with_a_closing_scorer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, health_port: int, metrics_port: int
+) -> app_module.App:
+    """A started EPP (no endpoints, drain 0.2 s) whose config holds one ClosingScorer."""
+    ClosingScorer.register(monkeypatch)
+    endpoints = tmp_path / "endpoints.yaml"
+    endpoints.write_text("endpoints: []\n")
+    config = file_config(endpoints, f"{{type: {ClosingScorer.type}, name: closing}}")
+    app = app_module.App(Settings(config_text=config, bind_address="127.0.0.1", grpc_port=free_port(),
+                                  grpc_health_port=health_port, metrics_port=metrics_port, secure_serving=False,
+                                  tracing=False, drain_timeout=0.2))  # fmt: skip
+    await app.start()
+    return app
+
+
 async def test_parts_failing_to_close_do_not_skip_the_others(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -215,15 +230,8 @@ async def test_parts_failing_to_close_do_not_skip_the_others(
     from llmepp.k8s.discovery import DiscoveryTarget
     from llmepp.k8s.runtime import KubeOptions, KubeRuntime
 
-    ClosingScorer.register(monkeypatch)
-    endpoints = tmp_path / "endpoints.yaml"
-    endpoints.write_text("endpoints: []\n")
-    config = file_config(endpoints, f"{{type: {ClosingScorer.type}, name: closing}}")
     health_port = free_port()
-    app = app_module.App(Settings(config_text=config, bind_address="127.0.0.1", grpc_port=free_port(),
-                                  grpc_health_port=health_port, metrics_port=free_port(), secure_serving=False,
-                                  tracing=False, drain_timeout=0.2))  # fmt: skip
-    await app.start()
+    app = await _started_with_a_closing_scorer(tmp_path, monkeypatch, health_port, free_port())
     kube = KubeRuntime(DiscoveryTarget(namespace="ns", pool_name="p", pool_group="g", selector=None, target_ports=()),
                        KubeOptions(), app.datastore, ObjectiveStore())  # fmt: skip
     elector, client = _BrokenElector(), _Client()
@@ -257,15 +265,8 @@ async def test_a_part_stuck_closing_is_left_behind_and_the_rest_still_close(
     # A close that never returns (a peer that never answers) held the shutdown for good: the plugins and the
     # /metrics server after it stayed open until the kubelet's SIGKILL.
     monkeypatch.setattr(app_module, "CLOSE_TIMEOUT", 0.2)
-    ClosingScorer.register(monkeypatch)
-    endpoints = tmp_path / "endpoints.yaml"
-    endpoints.write_text("endpoints: []\n")
-    config = file_config(endpoints, f"{{type: {ClosingScorer.type}, name: closing}}")
     metrics_port = free_port()
-    app = app_module.App(Settings(config_text=config, bind_address="127.0.0.1", grpc_port=free_port(),
-                                  grpc_health_port=free_port(), metrics_port=metrics_port, secure_serving=False,
-                                  tracing=False, drain_timeout=0.2))  # fmt: skip
-    await app.start()
+    app = await _started_with_a_closing_scorer(tmp_path, monkeypatch, free_port(), metrics_port)
     stuck = asyncio.Event()
 
     async def hanging_aclose() -> None:
