@@ -290,10 +290,8 @@ class FlowController(AdmissionController):
             self._wake()
 
     def release_pending(self, request: InferenceRequest) -> None:
-        pending = self.pending
-        if pending is not None:
-            pending.requests -= 1
-            pending.tokens -= request.estimated_prompt_tokens
+        if self.pending is not None:
+            self.pending.remove(request)
 
     def shutdown(self) -> None:
         """Reject everything waiting (503 rejected-shutting-down) and refuse new requests."""
@@ -378,9 +376,8 @@ class FlowController(AdmissionController):
                 flow.metrics.enqueue(ENQUEUED).observe(time.perf_counter() - t0)
                 if self.evictor is not None:
                     self.evictor.dispatched(request)
-                if (pending := self.pending) is not None:
-                    pending.requests += 1
-                    pending.tokens += request.estimated_prompt_tokens
+                if self.pending is not None:
+                    self.pending.add(request)
                 return
 
         item = self._enqueue(request, band, flow, pool, now)
@@ -526,10 +523,9 @@ class FlowController(AdmissionController):
             self._record(item.flow, Outcome.EVICTED_CONTEXT_CANCELLED, now - item.enqueued_at, request)
             return False
         future.set_result(_DISPATCHED)
-        if (pending := self.pending) is not None and request is not None:
+        if self.pending is not None and request is not None:
             # Counted now, not when its task resumes: a request admitted on the fast path before then must see it.
-            pending.requests += 1
-            pending.tokens += request.estimated_prompt_tokens
+            self.pending.add(request)
         self._record(item.flow, _DISPATCHED, now - item.enqueued_at, request)
         return True
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from llmepp.datalayer.endpoint import Endpoint
@@ -84,6 +85,7 @@ class EvictionOrderingPolicy(Plugin):
     def eviction_key(self, request: InferenceRequest, sequence: int) -> tuple[float, ...]: ...
 
 
+@dataclass(slots=True)
 class PendingLoad:
     """Requests the flow controller has released that the director has not yet charged to an endpoint's
     in-flight counts: it is still running data producers (a tokenizer, a latency predictor) or the scheduler
@@ -91,14 +93,16 @@ class PendingLoad:
     takes it away when the director charges it to its endpoint, or when it fails or is cancelled first.
     `tokens` sums their prompt-token estimates (`InferenceRequest.estimated_prompt_tokens`)."""
 
-    __slots__ = ("requests", "tokens")
+    requests: int = 0
+    tokens: int = 0
 
-    def __init__(self) -> None:
-        self.requests = 0
-        self.tokens = 0
+    def add(self, request: InferenceRequest) -> None:
+        self.requests += 1
+        self.tokens += request.estimated_prompt_tokens
 
-    def __repr__(self) -> str:
-        return f"PendingLoad(requests={self.requests}, tokens={self.tokens})"
+    def remove(self, request: InferenceRequest) -> None:
+        self.requests -= 1
+        self.tokens -= request.estimated_prompt_tokens
 
 
 class SaturationDetector(Plugin):
