@@ -91,18 +91,29 @@ class PendingLoad:
     in-flight counts: it is still running data producers (a tokenizer, a latency predictor) or the scheduler
     for them. The controller adds a request when it dispatches it; `AdmissionController.release_pending`
     takes it away when the director charges it to its endpoint, or when it fails or is cancelled first.
-    `tokens` sums their prompt-token estimates (`InferenceRequest.estimated_prompt_tokens`)."""
+    `tokens` sums their prompt-token estimates (`InferenceRequest.estimated_prompt_tokens`).
+
+    The request keeps the figure it was counted with, so a producer that changes its prompt meanwhile
+    cannot leave `tokens` off, and a second release is a no-op rather than a count below zero (which
+    would admit one request too many for the rest of the process's life)."""
 
     requests: int = 0
     tokens: int = 0
 
     def add(self, request: InferenceRequest) -> None:
+        if request.pending_tokens is not None:
+            return
+        tokens = request.pending_tokens = request.estimated_prompt_tokens
         self.requests += 1
-        self.tokens += request.estimated_prompt_tokens
+        self.tokens += tokens
 
     def remove(self, request: InferenceRequest) -> None:
+        tokens = request.pending_tokens
+        if tokens is None:
+            return
+        request.pending_tokens = None
         self.requests -= 1
-        self.tokens -= request.estimated_prompt_tokens
+        self.tokens -= tokens
 
 
 class SaturationDetector(Plugin):

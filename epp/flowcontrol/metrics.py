@@ -300,10 +300,21 @@ class _Collector(Collector):
                 "flowControl.maxFlows plus one overflow flow per band.",
                 labels=["inference_pool"],
             ),
+            GaugeMetricFamily(
+                p + "flow_control_pending_requests",
+                "Requests flow control has released that are not yet charged to an endpoint (in data producers "
+                "or the scheduler); an in-flight saturation detector counts them as load. No series otherwise.",
+                labels=["inference_pool"],
+            ),
+            GaugeMetricFamily(
+                p + "flow_control_pending_tokens",
+                "Prompt-token estimates (bytes/4) of the pending requests.",
+                labels=["inference_pool"],
+            ),
         ]
 
     def _fill_gauges(self, families: list[Any], src: Any) -> None:
-        size, qbytes, cap_r, cap_b, glob_r, glob_b, sat, stale, flows = families
+        size, qbytes, cap_r, cap_b, glob_r, glob_b, sat, stale, flows, pending_r, pending_t = families
         pool = src.pool_name
         label = self.metrics.fairness_label
         flows.add_metric([pool], sum(len(band.flows) for band in list(src.bands.values())))
@@ -344,3 +355,6 @@ class _Collector(Collector):
         for stage, value in src.last_saturation.items():
             sat.add_metric([pool, stage], value)
         stale.add_metric([src.detector_name], src.stale_endpoints)
+        if src.pending is not None:
+            pending_r.add_metric([pool], src.pending.requests)
+            pending_t.add_metric([pool], src.pending.tokens)

@@ -91,6 +91,8 @@ class InferenceRequest:
     unread_body_size: int = 0
     # The request's OpenTelemetry span while it is traced (llmepp.observability.tracing).
     span: Any = None
+    # Flow control: the prompt tokens counted for it while it is pending (PendingLoad); None when it is not.
+    pending_tokens: int | None = None
 
     @property
     def multimodal(self) -> bool:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import pytest
 from helpers import endpoint, request
+from prometheus_client import CollectorRegistry
 
 from llmepp.config.loader import build, load_config
 from llmepp.datalayer.datastore import Datastore
@@ -66,7 +67,9 @@ class Gate(DataProducer):
             self.inside -= 1
 
 
-def setup(cap: int = 2, *, mode: str = "requests", token_cap: int = 1_000_000) -> tuple[Director, FlowController, Gate]:
+def setup(
+    cap: int = 2, *, mode: str = "requests", token_cap: int = 1_000_000, first: DataProducer | None = None
+) -> tuple[Director, FlowController, Gate]:
     ds = Datastore()
     ds.upsert(endpoint(0).spec)
     metrics = EppMetrics()
@@ -75,6 +78,7 @@ def setup(cap: int = 2, *, mode: str = "requests", token_cap: int = 1_000_000) -
     assert isinstance(fc, FlowController)
     fc._poll = 0.001  # dispatch cycles every millisecond while work waits (the default)
     gate = Gate(ds.endpoints)
+    c.pipeline.producers[:0] = [first] if first is not None else []
     c.pipeline.producers.append(gate)
     return Director(ds, c.pipeline, metrics), fc, gate
 
@@ -237,6 +241,78 @@ async def test_a_waiting_coroutine_closed_after_dispatch_is_no_longer_pending() 
     coro.close()
     assert pending(ctl) == (0, 0)
     await ctl.aclose()
+
+
+class PromptRewriter(DataProducer):
+    """A third-party producer that replaces the prompt (a template it renders, a compression it applies)."""
+
+    type = "test-prompt-rewriter"
+
+    def __init__(self) -> None:
+        super().__init__("prompt-rewriter")
+
+    def produce(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None:
+        request.prompt = b"y" * 4000
+
+
+async def test_a_prompt_changed_while_pending_releases_the_tokens_it_was_counted_with() -> None:
+    d, fc, gate = setup(cap=100, mode="tokens", token_cap=1_000_000, first=PromptRewriter())
+    gate.open.clear()
+    r = request(b"x" * 400)
+    task = asyncio.create_task(d.handle_request(r, None))
+    await until(lambda: gate.entered == 1)
+    assert r.prompt == b"y" * 4000 and pending(fc) == (1, 100)  # counted when dispatched, before the rewrite
+    gate.open.set()
+    decision = await task
+    assert isinstance(decision, RoutingDecision)
+    assert pending(fc) == (0, 0)
+    d.response_complete(r, ResponseInfo(status=200), decision)
+    await fc.aclose()
+
+
+async def test_a_second_release_of_the_same_request_does_not_count_below_zero() -> None:
+    d, fc, _ = setup(cap=1)
+    r = request()
+    decision = await routed(d, r)
+    assert pending(fc) == (0, 0)
+    fc.release_pending(r)  # released again (a plugin bug, a double cleanup): no effect
+    assert pending(fc) == (0, 0)
+    d.response_complete(r, ResponseInfo(status=200), decision)
+    # Still one slot, not two: a count below zero would let a second request through.
+    held = request()
+    held_decision = await routed(d, held)
+    waiting = asyncio.create_task(d.handle_request(request(), None))
+    await until(lambda: fc.queued == 1)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    d.response_complete(held, ResponseInfo(status=200), held_decision)
+    await fc.aclose()
+
+
+async def test_the_pending_count_is_on_metrics_while_requests_wait_in_producers() -> None:
+    registry = CollectorRegistry()
+    pool, det = concurrency_pool(1, 10)
+    ctl = controller(pool, det, registry_=registry, poll_interval=10.0)
+
+    def value(name: str) -> float | None:
+        return registry.get_sample_value("llm_d_epp_flow_control_pending_" + name, {"inference_pool": "epp"})
+
+    assert (value("requests"), value("tokens")) == (0, 0)
+    a, b = request(b"x" * 40), request(b"x" * 8)  # 10 and 2 tokens
+    for r in (a, b):
+        await ctl.admit(r, pool())  # released; its director has not charged it yet
+    assert (value("requests"), value("tokens")) == (2, 12)
+    ctl.release_pending(a)
+    assert (value("requests"), value("tokens")) == (1, 2)
+    ctl.release_pending(b)
+    assert (value("requests"), value("tokens")) == (0, 0)
+    await ctl.aclose()
+    # A scraped detector keeps no pending count: no series.
+    registry = CollectorRegistry()
+    scraped = controller(Pool([endpoint(0)]), plugin("utilization-detector"), registry_=registry)
+    assert value("requests") is None
+    await scraped.aclose()
 
 
 async def test_scraped_detectors_keep_no_pending_count() -> None:
