@@ -8,7 +8,10 @@ Deliberate simplifications, all answered with a vLLM-style 400 rather than silen
 ``max_tokens`` (or chat's ``max_completion_tokens``) defaults to ``min(16, max_model_len - prompt_tokens)``.
 
 Chat content parts are typed as vLLM's chat parser types them: a part of a type vLLM does not parse
-(``file``, ``image``, ...) is a 400 with ``param: "type"``, naming the type and the part.
+(``file``, ``image``, ...) is a 400 with ``param: "type"``, naming the type and the part. A typed media part
+vLLM validates (``image_url``, ``audio_url``, ``video_url``, ``input_image``) missing a required field, or a
+``prompt_embeds`` part without ``data``, is a 400 with ``param: null``; a text-like part without its text is
+skipped, as vLLM skips it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 import msgspec
 
-from llmepp_sim.errors import bad_request
+from llmepp_sim.errors import ApiError, bad_request
 from llmepp_sim.tokenizer import ChatRenderer, render_body
 
 DEFAULT_MAX_TOKENS = 16
@@ -121,33 +124,118 @@ def _prompt(prompt: Any, vocab_size: int) -> str | list[int]:
     raise bad_request("`prompt` must be a string, a list of token ids, or a list with one of those.", param="prompt")
 
 
-# vllm/entrypoints/chat_utils.py: the part types vLLM parses (MM_PARSER_MAP), and the fields that stand for
-# the type of a part without one (or with a `uuid`), as _parse_chat_message_content_mm_part reads them.
+# vllm/entrypoints/chat_utils.py: the part types vLLM parses (MM_PARSER_MAP).
 CONTENT_PART_TYPES = frozenset(
     {"text", "thinking", "input_text", "output_text", "input_image", "image_url", "image_embeds", "audio_embeds",
      "prompt_embeds", "image_pil", "audio_url", "input_audio", "refusal", "video_url", "tool_reference"}
 )  # fmt: skip
+# _parse_chat_message_content_mm_part: the fields that stand for the type of a part without one (or with a
+# `uuid`), in the order it tries them (input_audio only when not null).
 _UNTYPED_PART_FIELDS = ("image_url", "image_pil", "image_embeds", "audio_embeds", "prompt_embeds", "audio_url",
-                        "video_url", "tool_reference")  # fmt: skip
+                        "input_audio", "video_url", "tool_reference")  # fmt: skip
+# MM_PARSER_MAP reads these parts' content with a plain .get of this field (no validation).
+_TEXT_PART_FIELDS = {"text": "text", "input_text": "text", "output_text": "text", "thinking": "thinking",
+                     "refusal": "refusal"}  # fmt: skip
+# MM_PARSER_MAP validates these with TypeAdapter(<TypedDict>): {"<field>": {"url": str, ...}}, all required.
+_URL_PARTS = {"image_url": "ChatCompletionContentPartImageParam", "audio_url": "ChatCompletionContentPartAudioParam",
+              "video_url": "ChatCompletionContentPartVideoParam"}  # fmt: skip
+_PROMPT_EMBEDS_MISSING_DATA = (
+    "prompt_embeds content part requires a non-empty `data` field with base64-encoded tensor bytes"
+)
+
+_Error = tuple[str, str, str, Any]  # pydantic's (loc, message, error type, input value)
 
 
-def _check_part_type(part: dict[str, Any], where: str) -> None:
-    """A content part's ``type`` as vLLM's chat parser judges it: a known type; else (no type, or a ``uuid``)
-    a direct media field; else a 400. An unknown type is vLLM's VLLMValidationError with ``parameter="type"``."""
+def _missing(loc: str, parent: Any) -> _Error:
+    return loc, "Field required", "missing", parent
+
+
+def _not_a(loc: str, kind: str, value: Any) -> _Error:
+    message = "Input should be a valid dictionary" if kind == "dict" else "Input should be a valid string"
+    return loc, message, f"{kind}_type", value
+
+
+def _validation_error(model: str, errors: list[_Error], where: str) -> ApiError:
+    """pydantic's ValidationError text; vLLM's create_error_response answers it (a ValueError) with param None."""
+    lines = [f"{len(errors)} validation error{'s' if len(errors) > 1 else ''} for {model}"]
+    for loc, message, kind, value in errors:
+        shown = repr(value)
+        shown = shown if len(shown) <= 100 else f"{shown[:49]}...{shown[-48:]}"
+        lines += [loc, f"  {message} [type={kind}, input_value={shown}, input_type={type(value).__name__}]"]
+    return bad_request("\n".join([*lines, f"  at {where}"]))
+
+
+def _url_part_errors(part: dict[str, Any], field: str) -> list[_Error]:
+    # openai's ChatCompletionContentPartImageParam (ImageURL: url required, detail a Literal) and vLLM's
+    # ChatCompletionContentPartAudioParam / ...VideoParam (AudioURL / VideoURL: url required).
+    if field not in part:
+        return [_missing(field, part)]
+    value = part[field]
+    if not isinstance(value, dict):
+        return [_not_a(field, "dict", value)]
+    errors = []
+    if "url" not in value:
+        errors.append(_missing(f"{field}.url", value))
+    elif not isinstance(value["url"], str):
+        errors.append(_not_a(f"{field}.url", "string", value["url"]))
+    if field == "image_url" and "detail" in value and value["detail"] not in ("auto", "low", "high"):
+        errors.append((f"{field}.detail", "Input should be 'auto', 'low' or 'high'", "literal_error", value["detail"]))
+    return errors
+
+
+def _input_image_errors(part: dict[str, Any]) -> list[_Error]:
+    # openai's ResponseInputImageParam: detail required (a Literal; newer SDKs add "original", accepted here since
+    # the SDK version vLLM pins is not known), file_id / image_url optional strings.
+    errors = []
+    if "detail" not in part:
+        errors.append(_missing("detail", part))
+    elif part["detail"] not in ("high", "low", "auto", "original"):
+        errors.append(("detail", "Input should be 'high', 'low' or 'auto'", "literal_error", part["detail"]))
+    errors += [_not_a(key, "string", part[key]) for key in ("file_id", "image_url")
+               if part.get(key) is not None and not isinstance(part[key], str)]  # fmt: skip
+    return errors
+
+
+def _check_typed_part(part: dict[str, Any], part_type: str, where: str) -> None:
+    """What _parse_chat_message_content_part makes of a part of a known type (and no uuid)."""
+    if part_type in _URL_PARTS or part_type == "input_image":
+        model = _URL_PARTS.get(part_type, "ResponseInputImageParam")
+        errors = _url_part_errors(part, part_type) if part_type in _URL_PARTS else _input_image_errors(part)
+        if errors:
+            raise _validation_error(model, errors, where)
+    field = _TEXT_PART_FIELDS.get(part_type)
+    # Falsy content (missing, null, "", 0, ...) is skipped (PART_TYPES_TO_SKIP_NONE_CONTENT, then `if parse_res`
+    # in _parse_chat_message_content_parts); other non-strings reach "\n".join, whose TypeError is a 400.
+    if field is not None and part.get(field) and not isinstance(part[field], str):
+        raise bad_request(f"{where}: a {part_type} part's `{field}` must be a string.", param="messages")
+
+
+def _check_part(part: dict[str, Any], where: str) -> None:
+    """A content part as vLLM's chat parser judges it (_parse_chat_message_content_mm_part, then
+    _parse_chat_message_content_part): a known type is checked as MM_PARSER_MAP reads it; else (no type, or a
+    ``uuid``) a direct media field names the type; else a 400. An unknown type is vLLM's VLLMValidationError
+    with ``parameter="type"``."""
     part_type = part.get("type")
     if isinstance(part_type, str) and part_type in CONTENT_PART_TYPES and part.get("uuid") is None:
-        return
-    if part_type is None or part.get("uuid") is not None:
-        if any(k in part for k in _UNTYPED_PART_FIELDS) or part.get("input_audio") is not None:
-            return
-        raise bad_request(f"Missing 'type' field in multimodal part {where}.", param="messages")
-    if not isinstance(part_type, str):
+        resolved = part_type
+        _check_typed_part(part, part_type, where)
+    elif part_type is None or part.get("uuid") is not None:
+        present = (k for k in _UNTYPED_PART_FIELDS if (k in part if k != "input_audio" else part.get(k) is not None))
+        found = next(present, None)
+        if found is None:
+            raise bad_request(f"Missing 'type' field in multimodal part {where}.", param="messages")
+        resolved = found
+    elif not isinstance(part_type, str):
         raise bad_request(f"Invalid 'type' field in multimodal part {where}: {part_type!r:.100}.", param="messages")
-    raise bad_request(
-        f"Unsupported chat content part type: {part_type[:100]!r} at {where}. "
-        f"Supported types: {', '.join(sorted(CONTENT_PART_TYPES))}.",
-        param="type",
-    )
+    else:
+        raise bad_request(
+            f"Unsupported chat content part type: {part_type[:100]!r} at {where}. "
+            f"Supported types: {', '.join(sorted(CONTENT_PART_TYPES))}.",
+            param="type",
+        )
+    # Both paths read a prompt_embeds part's `data`; empty, it is refused before --enable-prompt-embeds is.
+    if resolved == "prompt_embeds" and not part.get("data"):
+        raise bad_request(f"{_PROMPT_EMBEDS_MISSING_DATA} ({where}).")
 
 
 def _messages_text(body: dict[str, Any], render: ChatRenderer) -> str:
@@ -160,15 +248,12 @@ def _messages_text(body: dict[str, Any], render: ChatRenderer) -> str:
         content = message.get("content")
         if content is not None and not isinstance(content, str | list):
             raise bad_request(f"messages[{i}].content must be a string or a list of parts.", param="messages")
-        # vLLM's content part union admits objects and strings only; a text part's text is joined as a
-        # string (missing or null: the part is skipped).
+        # vLLM's content part union admits objects and strings only.
         for j, part in enumerate(content if isinstance(content, list) else ()):
             if not isinstance(part, dict | str):
                 raise bad_request(f"messages[{i}].content parts must be objects, got {part!r}.", param="messages")
-            if isinstance(part, dict) and part.get("type") == "text" and not isinstance(part.get("text"), str | None):
-                raise bad_request(f"messages[{i}].content: a text part's `text` must be a string.", param="messages")
             if isinstance(part, dict):
-                _check_part_type(part, f"messages[{i}].content[{j}]")
+                _check_part(part, f"messages[{i}].content[{j}]")
     try:
         return render(body)
     except ValueError as e:

@@ -15,7 +15,8 @@ in order::
 followed by the generation prompt ``<|assistant|>\\n``. ``role`` is the message's role verbatim (system,
 user, assistant, tool, ...; roles outside ``CHAT_ROLES`` are not special tokens and simply get split by
 BPE). ``content`` is the message's string content, or for a list of content parts the ``text`` of every
-``{"type": "text"}`` part joined with ``\\n`` (other part types are ignored); a missing/null content is
+``{"type": "text"}`` part joined with ``\\n`` (a part with empty or null text, and other part types, are
+ignored); a missing/null content is
 the empty string. Example: ``[{"role":"user","content":"Hi"}]`` renders to
 ``"<|user|>\\nHi\\n<|assistant|>\\n"``.
 
@@ -69,7 +70,13 @@ def message_text(content: Any) -> str:
         return ""
     if isinstance(content, str):
         return content
-    parts = [part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"]
+    # vLLM (chat_utils._parse_chat_message_content_parts) drops a part whose text is falsy (missing, null, "");
+    # a typed part with a uuid is parsed as a media part, not as text.
+    parts = [
+        part["text"]
+        for part in content
+        if isinstance(part, dict) and part.get("type") == "text" and part.get("uuid") is None and part.get("text")
+    ]
     return "\n".join(str(p) for p in parts)
 
 

@@ -64,8 +64,9 @@ async def test_content_parts_that_are_not_objects_or_whose_text_is_not_a_string_
                 assert status == 400, (path, content, err)
                 assert err["error"]["param"] == "messages", err
         # What vLLM serves stays served: typed text parts, a text part without text (skipped), other parts.
-        messages = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text"},
-                                                 {"type": "text", "text": None}, {"type": "image_url"}]}]  # fmt: skip
+        parts = [{"type": "text", "text": "a"}, {"type": "text"}, {"type": "text", "text": None},
+                 {"type": "image_url", "image_url": {"url": "http://x/i.png"}}]  # fmt: skip
+        messages = [{"role": "user", "content": parts}]
         status, answer = await post(http, base + "/tokenize", {"model": "sim-model", "messages": messages})
         assert status == 200, answer
     finally:
@@ -107,7 +108,7 @@ async def test_content_parts_of_an_unknown_type_are_400_naming_the_type_and_the_
         parts = [{"type": "input_text", "text": "a"}, {"type": "output_text", "text": "b"},
                  {"type": "refusal", "refusal": "no"}, {"type": "thinking", "thinking": "hm"},
                  {"type": "image_url", "image_url": {"url": "http://x/i.png"}},
-                 {"type": "input_image", "image_url": "http://x/i.png"},
+                 {"type": "input_image", "image_url": "http://x/i.png", "detail": "auto"},
                  {"type": "audio_url", "audio_url": {"url": "http://x/a.mp3"}},
                  {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
                  {"type": "video_url", "video_url": {"url": "http://x/v.mp4"}}, {"type": "tool_reference", "name": "t"},
@@ -116,6 +117,91 @@ async def test_content_parts_of_an_unknown_type_are_400_naming_the_type_and_the_
         messages = [{"role": "user", "content": [{"type": "text", "text": "hi"}, *parts]}]
         status, answer = await post(http, base + "/tokenize", {"model": "sim-model", "messages": messages})
         assert status == 200, answer
+    finally:
+        await cluster.stop()
+
+
+async def test_media_parts_missing_their_required_fields_are_400_as_vllms_typeadapter_says(
+    http: aiohttp.ClientSession,
+) -> None:
+    # vllm/entrypoints/chat_utils.py, MM_PARSER_MAP: "image_url" / "audio_url" / "video_url" / "input_image" parts
+    # (typed, no uuid) go through TypeAdapter(<OpenAI TypedDict>).validate_python; a missing or mistyped required
+    # field raises pydantic's ValidationError, a ValueError, which create_error_response answers as a 400
+    # BadRequestError with param None.
+    cluster = await started([pod()])
+    try:
+        base = cluster.urls[0]
+        cases = [
+            ({"type": "image_url"}, "ChatCompletionContentPartImageParam", "image_url", "Field required"),
+            ({"type": "image_url", "image_url": {}}, "ChatCompletionContentPartImageParam", "image_url.url",
+             "Field required"),
+            ({"type": "image_url", "image_url": None}, "ChatCompletionContentPartImageParam", "image_url",
+             "Input should be a valid dictionary"),
+            ({"type": "image_url", "image_url": "http://x/i.png"}, "ChatCompletionContentPartImageParam",
+             "image_url", "Input should be a valid dictionary"),
+            ({"type": "image_url", "image_url": {"url": 5}}, "ChatCompletionContentPartImageParam", "image_url.url",
+             "Input should be a valid string"),
+            ({"type": "image_url", "image_url": {"url": "u", "detail": "max"}}, "ChatCompletionContentPartImageParam",
+             "image_url.detail", "Input should be 'auto', 'low' or 'high'"),
+            ({"type": "audio_url"}, "ChatCompletionContentPartAudioParam", "audio_url", "Field required"),
+            ({"type": "audio_url", "audio_url": {}}, "ChatCompletionContentPartAudioParam", "audio_url.url",
+             "Field required"),
+            ({"type": "video_url", "video_url": {}}, "ChatCompletionContentPartVideoParam", "video_url.url",
+             "Field required"),
+            ({"type": "input_image"}, "ResponseInputImageParam", "detail", "Field required"),
+            ({"type": "input_image", "image_url": "http://x/i.png"}, "ResponseInputImageParam", "detail",
+             "Field required"),
+            ({"type": "input_image", "detail": "auto", "image_url": 3}, "ResponseInputImageParam", "image_url",
+             "Input should be a valid string"),
+        ]  # fmt: skip
+        for part, model, loc, reason in cases:
+            messages = [{"role": "user", "content": [{"type": "text", "text": "a"}, part]}]
+            for path in ("/v1/chat/completions", "/tokenize", "/v1/chat/completions/render"):
+                status, err = await post(http, base + path, {"model": "sim-model", "messages": messages})
+                assert status == 400, (path, part, err)
+                assert err["error"]["type"] == "BadRequestError" and err["error"]["param"] is None, (part, err)
+                message = err["error"]["message"]
+                assert message.startswith(f"1 validation error for {model}\n{loc}\n  {reason} ["), (part, message)
+                assert "messages[0].content[1]" in message, message
+        # _parse_chat_message_content_part: a prompt_embeds part (typed, or resolved from its field) whose `data`
+        # is empty is a ValueError before --enable-prompt-embeds is even looked at.
+        for part in ({"type": "prompt_embeds"}, {"type": "prompt_embeds", "data": ""}, {"prompt_embeds": "x"},
+                     {"type": "prompt_embeds", "uuid": "u", "prompt_embeds": None, "data": None}):  # fmt: skip
+            messages = [{"role": "user", "content": ["a", part]}]
+            status, err = await post(http, base + "/tokenize", {"model": "sim-model", "messages": messages})
+            assert status == 400 and err["error"]["param"] is None, (part, err)
+            assert "prompt_embeds content part requires a non-empty `data` field" in err["error"]["message"], err
+    finally:
+        await cluster.stop()
+
+
+async def test_text_like_parts_without_their_text_are_skipped_and_non_string_ones_are_400(
+    http: aiohttp.ClientSession,
+) -> None:
+    # vllm/entrypoints/chat_utils.py, _parse_chat_message_content_part: text/input_text/output_text/refusal/thinking
+    # read their field with .get (no validation); None content of "text"/"refusal" is skipped
+    # (PART_TYPES_TO_SKIP_NONE_CONTENT) and any falsy content is dropped by `if parse_res:` in
+    # _parse_chat_message_content_parts; a truthy non-string reaches "\n".join (TypeError, a 400). A media part
+    # with a uuid is not validated (the untyped path), so an empty one is served too.
+    cluster = await started([pod()])
+    try:
+        base = cluster.urls[0]
+        plain = [{"role": "user", "content": [{"type": "text", "text": "a"}]}]
+        status, expected = await post(http, base + "/tokenize", {"model": "sim-model", "messages": plain})
+        assert status == 200, expected
+        skipped = [{"type": "text"}, {"type": "text", "text": None}, {"type": "text", "text": ""},
+                   {"type": "text", "text": 0}, {"type": "input_text"}, {"type": "output_text", "text": None},
+                   {"type": "thinking"}, {"type": "refusal"}, {"type": "refusal", "refusal": None},
+                   {"type": "tool_reference"}, {"type": "image_url", "uuid": "u", "image_url": {}}]  # fmt: skip
+        messages = [{"role": "user", "content": [{"type": "text", "text": "a"}, *skipped]}]
+        status, answer = await post(http, base + "/tokenize", {"model": "sim-model", "messages": messages})
+        assert status == 200, answer
+        assert answer["tokens"] == expected["tokens"], "skipped parts must not reach the rendered prompt"
+        for part in ({"type": "input_text", "text": 5}, {"type": "output_text", "text": ["a"]},
+                     {"type": "thinking", "thinking": {"x": 1}}, {"type": "refusal", "refusal": True}):  # fmt: skip
+            messages = [{"role": "user", "content": [part]}]
+            status, err = await post(http, base + "/tokenize", {"model": "sim-model", "messages": messages})
+            assert status == 400 and err["error"]["param"] == "messages", (part, err)
     finally:
         await cluster.stop()
 
