@@ -11,19 +11,21 @@ Config resolution (`--kubeconfig`): the flag's file if given; else the in-cluste
 account when running in a pod (`KUBERNETES_SERVICE_HOST`); else `$KUBECONFIG`; else
 `~/.kube/config`.
 
-Credentials that rotate are read again, as client-go does: a kubeconfig's `tokenFile` and `exec`
-credentials (hooks before each request), and the API server's certificate authority when it is a
-file — the service account's ca.crt, a kubeconfig's `certificate-authority` (RotatingCA): checked
-every CA_FILE_PERIOD and at once after a failed verification; new connections use what it says
-now, open ones (a watch) are left alone. An `exec` plugin is run by us (_ExecPlugin), not by the library: it
-has EXEC_TIMEOUT to answer, and it is killed and reaped, with whatever it started, when it takes longer, when
-start-up is cancelled while it runs, or when the client is closed during a renewal.
+Credentials that rotate are read again, as client-go does: a kubeconfig's `tokenFile` (a hook before each
+request); an `exec` plugin's credential, token or client certificate, once it expires or the API server
+refuses it (401); and the API server's certificate authority when it is a file — the service account's
+ca.crt, a kubeconfig's `certificate-authority`: checked every CA_FILE_PERIOD and at once after a failed
+verification. The SSL context follows the CA file and the client certificate (ApiTLS): new connections use
+what they say now, open ones (a watch) are left alone. An `exec` plugin is run by us (_ExecPlugin), not by
+the library: it has EXEC_TIMEOUT to answer, and it is killed and reaped, with whatever it started, when it
+takes longer, when start-up is cancelled while it runs, or when the client is closed during a renewal.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import logging
 import os
@@ -31,7 +33,7 @@ import signal
 import ssl
 import sys
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -97,10 +99,10 @@ def kubeconfig_path(flag: str | None) -> str:
     return os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
 
 
-# client-go re-reads a kubeconfig user's `tokenFile` every minute and runs its `exec` plugin again once
-# the credential expires; kubernetes_asyncio does either once, at load. These hooks run before each request.
+# client-go re-reads a kubeconfig user's `tokenFile` every minute and runs its `exec` plugin again once the
+# credential expires or is refused; kubernetes_asyncio does either once, at load.
 TOKEN_FILE_PERIOD = 60.0
-EXEC_MIN_INTERVAL = 10.0  # at most one plugin run per this many seconds (a failing or very short-lived one)
+EXEC_MIN_INTERVAL = 10.0  # at most one plugin run per this many seconds (failing, short-lived or always refused)
 
 
 def _strip_token(configuration: Any) -> None:
@@ -153,38 +155,43 @@ class _ExecPlugin:
     run neither bounds the wait nor kills the child when cancelled: a start-up cancelled by SIGTERM left the
     plugin running, unreaped. Here the plugin gets a session (process group) of its own, and a run that is
     cancelled, takes longer than EXEC_TIMEOUT or is still going when the client closes kills the group and
-    reaps the plugin. What is done with its answer is what the library does (load_from_exec_plugin)."""
+    reaps the plugin. What is done with its answer is what the library does (load_from_exec_plugin).
 
-    def __init__(self, loader: Any) -> None:
+    It runs again, as client-go's exec authenticator does, before the next request once the credential has
+    expired (`expirationTimestamp`, less the library's 5 min skew) or the API server answered 401 to it (revoked,
+    or one that never expires gone stale): at most once per EXEC_MIN_INTERVAL, one run shared by the requests
+    waiting for it. A failed run keeps the old credential until the next try."""
+
+    def __init__(self, loader: Any, configuration: Any) -> None:
         self._loader = loader
+        self._configuration = configuration
         self.user = str(loader._current_context["context"]["user"])
         self._running: set[asyncio.subprocess.Process] = set()
         self.closed = False
+        self.expiry: datetime.datetime | None = None  # of the current credential; None: it does not expire
+        self.refused = False  # the API server answered 401 to the current credential
+        self.generation = 0  # counts credentials, so a 401 to one already replaced is not held against the next
+        self._next_run = 0.0
+        self._renewal: asyncio.Task[None] | None = None
 
     async def load(self) -> bool:
-        """Stands in for `loader.load_from_exec_plugin` (at load, and from the renewal hook)."""
+        """Stands in for `loader.load_from_exec_plugin` (at load, and for a renewal): runs the plugin."""
         from kubernetes_asyncio.config.config_exception import ConfigException
         from kubernetes_asyncio.config.dateutil import parse_rfc3339
-        from kubernetes_asyncio.config.kube_config import FileOrData, _is_expired
+        from kubernetes_asyncio.config.kube_config import FileOrData
 
         loader = self._loader
-        if hasattr(loader, "exec_plugin_expiry") and not _is_expired(loader.exec_plugin_expiry):
-            return True
         status = await self._run()
+        expiry = status.get("expirationTimestamp")
+        try:
+            expires = parse_rfc3339(expiry) if expiry is not None else None
+        except (ValueError, TypeError, AttributeError):
+            raise ConfigException(
+                f"exec plugin of kubeconfig user {self.user!r}: expirationTimestamp {expiry!r:.100} is not "
+                "an RFC 3339 time"
+            ) from None
         if "token" in status:
-            expiry = status.get("expirationTimestamp")
-            try:
-                expires = parse_rfc3339(expiry) if expiry is not None else None
-            except (ValueError, TypeError, AttributeError):
-                raise ConfigException(
-                    f"exec plugin of kubeconfig user {self.user!r}: expirationTimestamp {expiry!r:.100} is not "
-                    "an RFC 3339 time"
-                ) from None
             loader.token = f"Bearer {status['token']}"
-            if expires is not None:
-                loader.exec_plugin_expiry = expires
-            elif hasattr(loader, "exec_plugin_expiry"):
-                del loader.exec_plugin_expiry  # this credential does not expire (the last one did)
         elif "clientCertificateData" in status:
             if "clientKeyData" not in status:
                 log.error("exec: missing clientKeyData field in plugin output")
@@ -197,7 +204,46 @@ class _ExecPlugin:
                 ).as_file())  # fmt: skip
         else:
             log.error("exec: missing token or clientCertificateData field in plugin output")
+            return True
+        self.expiry, self.refused = expires, False
+        self.generation += 1
         return True
+
+    def unauthorized(self, generation: int) -> None:
+        """The API server answered 401 to a request made with credential `generation`."""
+        if generation == self.generation:
+            self.refused = True
+
+    async def refresh(self) -> None:
+        """Before each request: renew the credential if it is due."""
+        from kubernetes_asyncio.config.kube_config import _is_expired
+
+        if not self.refused and (self.expiry is None or not _is_expired(self.expiry)):
+            return
+        if self._renewal is None or self._renewal.done():
+            if time.monotonic() < self._next_run:
+                return  # ran a moment ago: the old credential until the next try
+            self._next_run = time.monotonic() + EXEC_MIN_INTERVAL
+            self._renewal = asyncio.create_task(self._renew(), name="kubeconfig-exec-renewal")
+        # Concurrent requests wait for the one run, shielded: one of them cancelled must not cancel (and
+        # kill) the run the others wait for.
+        await asyncio.shield(self._renewal)
+
+    async def _renew(self) -> None:
+        why = "refused by the API server" if self.refused else "expired"
+        generation = self.generation
+        try:
+            await self.load()
+        except _PluginClosed:
+            return
+        except Exception as e:  # the old credential stays; requests fail with 401 and are retried
+            log.warning("kubeconfig exec plugin failed, keeping the %s credential: %s", why, e)
+            return
+        if self.generation == generation:
+            return  # an answer without a credential (logged): the old one stays
+        self._loader._set_config(self._configuration)  # the token or certificate files, as at load
+        _strip_token(self._configuration)
+        log.info("kubeconfig exec credential renewed (the last one %s)", why)
 
     async def _run(self) -> dict[str, Any]:
         from kubernetes_asyncio.config.config_exception import ConfigException
@@ -278,55 +324,23 @@ class _ExecPlugin:
         await asyncio.gather(*(self._reap(p) for p in running))
 
 
-def _exec_plugin(loader: Any) -> _ExecPlugin | None:
+def _exec_plugin(loader: Any, configuration: Any) -> _ExecPlugin | None:
     """Have the loader run its user's exec plugin (if any) with us. Raises ImportError / AttributeError if the
     library's private parts moved."""
     user = loader._user
     if not user or loader.provider or "exec" not in user:  # gcp / oidc auth providers: kubernetes_asyncio's own
         return None
-    plugin = _ExecPlugin(loader)
+    plugin = _ExecPlugin(loader, configuration)
     loader.load_from_exec_plugin = plugin.load
     return plugin
 
 
-def _kubeconfig_refresher(loader: Any) -> Callable[..., Awaitable[None] | None] | None:
+def _kubeconfig_refresher(loader: Any) -> Callable[..., None] | None:
     """The `refresh_api_key_hook` the kubeconfig's user needs, if any (private parts of kubernetes_asyncio's loader)."""
-    from kubernetes_asyncio.config.kube_config import _is_expired
-
     user = loader._user
-    if not user or loader.provider:  # gcp / oidc auth providers: kubernetes_asyncio's own business
+    # gcp / oidc auth providers: kubernetes_asyncio's own business; an exec plugin's credential: _ExecPlugin's
+    if not user or loader.provider or "exec" in user:
         return None
-    if "exec" in user:
-        next_run = 0.0
-        renewal: asyncio.Task[None] | None = None
-
-        async def renew(configuration: Any) -> None:
-            try:
-                await loader.load_from_exec_plugin()
-            except _PluginClosed:
-                return
-            except Exception as e:  # the old credential stays; requests fail with 401 and are retried
-                log.warning("kubeconfig exec plugin failed, keeping the expired credential: %s", e)
-                return
-            configuration.api_key["BearerToken"] = loader.token
-            _strip_token(configuration)
-            log.info("kubeconfig exec credential renewed")
-
-        async def renew_exec(configuration: Any, *_: Any) -> None:
-            nonlocal next_run, renewal
-            expiry = getattr(loader, "exec_plugin_expiry", None)
-            if expiry is None or not _is_expired(expiry):
-                return
-            if renewal is None or renewal.done():
-                if time.monotonic() < next_run:
-                    return  # failed a moment ago: the old credential until the next try
-                next_run = time.monotonic() + EXEC_MIN_INTERVAL
-                renewal = asyncio.create_task(renew(configuration), name="kubeconfig-exec-renewal")
-            # Concurrent requests wait for the one run, shielded: one of them cancelled must not cancel (and
-            # kill) the run the others wait for.
-            await asyncio.shield(renewal)
-
-        return renew_exec
     if "tokenFile" in user and not user.safe_get("token"):
         next_read = time.monotonic() + TOKEN_FILE_PERIOD
 
@@ -352,68 +366,80 @@ def _kubeconfig_refresher(loader: Any) -> Callable[..., Awaitable[None] | None] 
 CA_FILE_PERIOD = 60.0
 
 
-class RotatingCA:
-    """The SSL context for the API server, rebuilt when the CA file's content changes.
+class ApiTLS:
+    """The SSL context for the API server, made as kubernetes_asyncio makes its own (CA, client certificate,
+    verification switches) but made again when what it is made from changes: the CA file's content (when the
+    server is verified against one: checked every CA_FILE_PERIOD, and before the next request after a failed
+    verification) or the client certificate files the configuration names (an exec plugin's renewal names new
+    ones). What cannot be used (a CA file caught half-written, a certificate that does not load) keeps the last
+    good context, with a warning, until it changes again."""
 
-    The context is made as kubernetes_asyncio makes its own (client certificate, strict-verification
-    switch included), but from the file as it is now. A file that cannot be read or holds no certificate
-    (caught half-written) keeps the last good context, with a warning, and is tried again next time."""
-
-    def __init__(self, configuration: Any, path: str) -> None:
+    def __init__(self, configuration: Any) -> None:
         self._configuration = configuration
-        self.path = path
-        self._content = self._read()
-        self.context = self._build()
+        self._ca_path: str | None = configuration.ssl_ca_cert if configuration.verify_ssl else None
+        self._made_from = self._sources(self._read_ca())
+        self.context = self._make()
         self._next_check = time.monotonic() + CA_FILE_PERIOD
 
     def current(self) -> ssl.SSLContext:
-        now = time.monotonic()
-        if now >= self._next_check:
-            self._next_check = now + CA_FILE_PERIOD
-            self._reload()
+        ca = self._made_from[0]
+        if self._ca_path is not None and time.monotonic() >= self._next_check:
+            self._next_check = time.monotonic() + CA_FILE_PERIOD
+            try:
+                ca = self._read_ca()
+            except OSError as e:
+                log.warning("kubernetes API CA file %s unreadable, keeping the previous CA: %s", self._ca_path, e)
+        sources = self._sources(ca)
+        if sources != self._made_from:
+            ca_changed = ca != self._made_from[0]
+            what = f"kubernetes API CA file {self._ca_path}" if ca_changed else f"client certificate {sources[1]}"
+            self._made_from = sources  # tried once: a broken one is not tried (and warned about) every request
+            try:
+                self.context = self._make()
+            except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+                log.warning("%s unusable, keeping the previous TLS context: %s", what, e)
+                return self.context
+            if ca_changed:
+                log.info("%s changed: new connections verify against it", what)
         return self.context
 
     def check_soon(self) -> None:
         """A certificate did not verify: the CA may have rotated, look at the file before the next request."""
         self._next_check = 0.0
 
-    def _read(self) -> bytes:
-        with open(self.path, "rb") as f:
+    def _read_ca(self) -> bytes | None:
+        if self._ca_path is None:
+            return None
+        with open(self._ca_path, "rb") as f:
             return f.read()
 
-    def _build(self) -> ssl.SSLContext:
+    def _sources(self, ca: bytes | None) -> tuple[bytes | None, str | None, str | None]:
+        return ca, self._configuration.cert_file, self._configuration.key_file
+
+    def _make(self) -> ssl.SSLContext:
         c = self._configuration
-        context = ssl.create_default_context(cafile=self.path)
+        context = ssl.create_default_context(cafile=self._ca_path)
         if c.cert_file:
             context.load_cert_chain(c.cert_file, keyfile=c.key_file)
+        if not c.verify_ssl:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
         if getattr(c, "disable_strict_ssl_verification", False):
             context.verify_flags &= ~ssl.VERIFY_X509_STRICT
         return context
 
-    def _reload(self) -> None:
-        try:
-            content = self._read()
-            if content == self._content:
-                return
-            context = self._build()
-        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
-            log.warning("kubernetes API CA file %s unusable, keeping the previous CA: %s", self.path, e)
-            return
-        self._content, self.context = content, context
-        log.info("kubernetes API CA file %s changed: new connections verify against it", self.path)
 
-
-class _SessionWithCurrentCA:
+class _SessionWithCurrentTLS:
     """Stands in for kubernetes_asyncio's aiohttp session (`rest_client.pool_manager`): every request
     carries the current SSL context. aiohttp pools connections per context, so a new one makes new
-    connections (verified against the new CA) while the open ones keep going."""
+    connections (a new CA, a new client certificate) while the open ones keep going."""
 
-    def __init__(self, session: aiohttp.ClientSession, ca: RotatingCA) -> None:
+    def __init__(self, session: aiohttp.ClientSession, tls: ApiTLS) -> None:
         self._session = session
-        self._ca = ca
+        self._tls = tls
 
     def request(self, *args: Any, **kwargs: Any) -> Any:
-        return self._session.request(*args, ssl=self._ca.current(), **kwargs)
+        return self._session.request(*args, ssl=self._tls.current(), **kwargs)
 
     async def close(self) -> None:
         await self._session.close()
@@ -422,20 +448,20 @@ class _SessionWithCurrentCA:
         return getattr(self._session, name)
 
 
-def _rotating_ca(api: ApiClient, configuration: Any) -> RotatingCA | None:
-    """Make `api` follow its CA file, if it verifies the server against one."""
-    path = configuration.ssl_ca_cert
-    if not path or not configuration.verify_ssl or not str(configuration.host).startswith("https"):
+def _api_tls(api: ApiClient, configuration: Any) -> ApiTLS | None:
+    """Make `api`'s requests use an ApiTLS context (HTTPS only)."""
+    if not str(configuration.host).startswith("https"):
         return None
     try:
         rest = api.rest_client
         session = rest.pool_manager
     except AttributeError as e:  # kubernetes_asyncio changed
-        log.warning("kubernetes API CA file %s will not be re-read (kubernetes_asyncio changed): %s", path, e)
+        log.warning("kubernetes API CA file and client certificate will not be re-read (kubernetes_asyncio "
+                    "changed): %s", e)  # fmt: skip
         return None
-    ca = RotatingCA(configuration, path)
-    rest.pool_manager = cast(aiohttp.ClientSession, _SessionWithCurrentCA(session, ca))  # what it calls: request, close
-    return ca
+    tls = ApiTLS(configuration)
+    rest.pool_manager = cast(aiohttp.ClientSession, _SessionWithCurrentTLS(session, tls))  # request, close
+    return tls
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,11 +476,11 @@ class KubeClient:
     """JSON requests and watch streams against one API server."""
 
     def __init__(
-        self, api: ApiClient, info: ClusterInfo, ca: RotatingCA | None = None, exec_plugin: _ExecPlugin | None = None
+        self, api: ApiClient, info: ClusterInfo, tls: ApiTLS | None = None, exec_plugin: _ExecPlugin | None = None
     ) -> None:
         self._api = api
         self.info = info
-        self._ca = ca
+        self._tls = tls
         self._exec_plugin = exec_plugin
 
     @classmethod
@@ -477,7 +503,7 @@ class KubeClient:
                 # What load_kube_config(path, persist_config=False) does, with the exec plugin run by us.
                 loader = KubeConfigLoader(config_dict=KubeConfigMerger(path).config, config_base_path=None)
                 try:
-                    exec_plugin = _exec_plugin(loader)
+                    exec_plugin = _exec_plugin(loader, configuration)
                 except (ImportError, AttributeError) as e:
                     log.warning("kubeconfig exec plugin run by kubernetes_asyncio (it changed): %s", e)
                 await loader.load_and_set(configuration)
@@ -502,13 +528,13 @@ class KubeClient:
             )  # fmt: skip
             raise ConfigError(f"Kubernetes client configuration ({source}): {files or 'TLS'}: {e}") from None
         try:
-            ca = _rotating_ca(api, configuration)
+            tls = _api_tls(api, configuration)
         except (OSError, ValueError) as e:  # the file changed since ApiClient read it: as above
             await api.close()
             raise ConfigError(
                 f"Kubernetes client configuration ({source}): certificate authority {configuration.ssl_ca_cert}: {e}"
             ) from None
-        return cls(api, ClusterInfo(host=str(configuration.host), source=source), ca, exec_plugin)
+        return cls(api, ClusterInfo(host=str(configuration.host), source=source), tls, exec_plugin)
 
     async def aclose(self) -> None:
         if self._exec_plugin is not None:
@@ -526,6 +552,10 @@ class KubeClient:
         request_timeout: aiohttp.ClientTimeout | float = REQUEST_TIMEOUT,
     ) -> aiohttp.ClientResponse:
         """Send one request; the response is returned unread (2xx) or raised as KubeError."""
+        exec_plugin = self._exec_plugin
+        if exec_plugin is not None:
+            await exec_plugin.refresh()
+            credential = exec_plugin.generation
         try:
             response: aiohttp.ClientResponse = await self._api.call_api(
                 path,
@@ -538,9 +568,11 @@ class KubeClient:
                 _request_timeout=request_timeout,
             )
         except aiohttp.ClientConnectorCertificateError:
-            if self._ca is not None:
-                self._ca.check_soon()
+            if self._tls is not None:
+                self._tls.check_soon()
             raise
+        if response.status == 401 and exec_plugin is not None:
+            exec_plugin.unauthorized(credential)  # revoked before its expiry, or one that never expires
         if not 200 <= response.status < 300:
             try:
                 data = await response.read()

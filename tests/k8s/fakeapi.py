@@ -5,6 +5,7 @@ handler; the client under test (llmepp.k8s.client.KubeClient) connects through a
 from __future__ import annotations
 
 import contextlib
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -29,18 +30,27 @@ current-context: fake
 
 
 @contextlib.asynccontextmanager
-async def fake_api(handler: Handler, tmp_path: Path) -> AsyncIterator[KubeClient]:
-    """Serve `handler` for every request; yields a KubeClient connected to it."""
+async def serving(handler: Handler, ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[str]:
+    """Serve `handler` for every request on loopback (HTTPS with `ssl_context`); yields the server's URL."""
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
     runner = web.AppRunner(app, shutdown_timeout=0.1)  # handlers that hold a watch open
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    client = await KubeClient.connect(str(kubeconfig(tmp_path / "fake.kubeconfig", f"http://127.0.0.1:{port}")))
     try:
-        yield client
+        yield f"{'https' if ssl_context else 'http'}://127.0.0.1:{port}"
     finally:
-        await client.aclose()
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def fake_api(handler: Handler, tmp_path: Path) -> AsyncIterator[KubeClient]:
+    """Serve `handler` for every request; yields a KubeClient connected to it."""
+    async with serving(handler) as url:
+        client = await KubeClient.connect(str(kubeconfig(tmp_path / "fake.kubeconfig", url)))
+        try:
+            yield client
+        finally:
+            await client.aclose()

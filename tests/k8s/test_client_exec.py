@@ -2,36 +2,46 @@
 interest in it. A start-up that is cancelled (SIGTERM while loading credentials), a plugin that never
 answers (bounded wait) and a client closed while a renewal runs all kill the plugin (its whole process
 group: a shell script's own children too) and reap it. No API server is needed: the plugin runs before
-any request is sent."""
+any request is sent. Renewals (a credential the server refuses, a client certificate that expires) are seen
+through a stand-in server on loopback (fakeapi.py) that records the credential each request presented."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
+import logging
 import os
 import re
+import ssl
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from helpers import write_cert_pair
 
 from llmepp.framework.plugin import ConfigError
 from llmepp.k8s import client as kclient
-from llmepp.k8s.client import KubeClient
+from llmepp.k8s.client import KubeClient, KubeError
+from llmepp.server.tls import self_signed_pem
+
+from .fakeapi import serving
 
 API = "https://127.0.0.1:9"  # never reached before the plugin has answered
+PODS = "/api/v1/namespaces/default/pods"
 
 
-def kubeconfig(path: Path, command: str, args: list[str]) -> Path:
+def kubeconfig(
+    path: Path, command: str, args: list[str], server: str = API, trust: str = "insecure-skip-tls-verify: true"
+) -> Path:
     argv = ", ".join(f'"{a}"' for a in args)
     exec = f'{{apiVersion: client.authentication.k8s.io/v1beta1, command: "{command}", args: [{argv}]}}'
     path.write_text(
         f"""apiVersion: v1
 kind: Config
-clusters: [{{name: t, cluster: {{server: "{API}", insecure-skip-tls-verify: true}}}}]
+clusters: [{{name: t, cluster: {{server: "{server}", {trust}}}}}]
 users: [{{name: robot, user: {{exec: {exec}}}}}]
 contexts: [{{name: t, context: {{cluster: t, user: robot}}}}]
 current-context: t
@@ -204,10 +214,11 @@ print(json.dumps({{"apiVersion": "client.authentication.k8s.io/v1beta1", "kind":
     client = await KubeClient.connect(str(kubeconfig(tmp_path / "kc", sys.executable, [str(plugin)])))
     try:
         configuration = client._api.configuration
-        hook = configuration.refresh_api_key_hook
+        plugin = client._exec_plugin
+        assert plugin is not None
         assert configuration.api_key["BearerToken"] == "Bearer t0"  # due for renewal (within the 5 min skew)
-        first = asyncio.create_task(hook(configuration))
-        second = asyncio.create_task(hook(configuration))
+        first = asyncio.create_task(plugin.refresh())  # what each request does first
+        second = asyncio.create_task(plugin.refresh())
         await asyncio.sleep(0.2)  # the renewal's plugin is running
         first.cancel()
         await asyncio.wait_for(second, 10)
@@ -359,3 +370,133 @@ async def test_a_malformed_answer_is_a_start_up_error_naming_it(tmp_path: Path, 
     plugin.write_text(f"import json\nprint(json.dumps({answer!r}))\n")
     with pytest.raises(ConfigError, match=f"kubeconfig user 'robot'.*{re.escape(error)}"):
         await KubeClient.connect(str(kubeconfig(tmp_path / "kc", sys.executable, [str(plugin)])))
+
+
+def answering_plugin(tmp_path: Path, *answers: dict[str, object]) -> tuple[Path, Path]:
+    """A plugin whose n-th run answers `answers[n]` (the last one ever after), and the file counting its runs (one
+    `x` each). An answer's `expiresIn` (seconds from the run) becomes its expirationTimestamp."""
+    runs = tmp_path / "runs"
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(
+        f"""import datetime, json, pathlib
+runs = pathlib.Path({str(runs)!r})
+n = len(runs.read_text()) if runs.exists() else 0
+runs.write_text("x" * (n + 1))
+status = {list(answers)!r}[min(n, {len(answers) - 1})]
+if "expiresIn" in status:
+    expiry = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=status.pop("expiresIn"))
+    status["expirationTimestamp"] = expiry.strftime("%Y-%m-%dT%H:%M:%SZ")
+print(json.dumps({{"apiVersion": "client.authentication.k8s.io/v1beta1", "kind": "ExecCredential", "status": status}}))
+"""
+    )
+    return plugin, runs
+
+
+def unauthorized() -> web.Response:
+    return web.json_response({"kind": "Status", "code": 401, "reason": "Unauthorized"}, status=401)
+
+
+async def get_status(client: KubeClient) -> int:
+    try:
+        await client.get(PODS)
+    except KubeError as e:
+        return e.status
+    return 200
+
+
+async def test_a_token_refused_with_401_is_renewed_for_the_next_request(tmp_path: Path) -> None:
+    """A token revoked before it expires (or one that never expires: no expirationTimestamp) is answered 401: as
+    client-go, the plugin runs again for the next request instead of the refused token being sent forever."""
+    seen: list[str] = []
+
+    async def api(request: web.Request) -> web.Response:
+        seen.append(request.headers["Authorization"])
+        return web.json_response({"kind": "PodList", "items": []}) if seen[-1] == "Bearer B" else unauthorized()
+
+    plugin, runs = answering_plugin(tmp_path, {"token": "A"}, {"token": "B"})
+    async with serving(api) as url:
+        client = await KubeClient.connect(str(kubeconfig(tmp_path / "kc", sys.executable, [str(plugin)], url)))
+        try:
+            assert [await get_status(client) for _ in range(3)] == [401, 200, 200]
+            assert seen == ["Bearer A", "Bearer B", "Bearer B"]
+            assert runs.read_text() == "xx"
+        finally:
+            await client.aclose()
+
+
+async def test_a_server_refusing_every_token_runs_the_plugin_at_most_once_per_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each 401 asks for a new credential, but the plugin is not forked for every request: until EXEC_MIN_INTERVAL
+    has passed since the last run, requests go out with the token they have."""
+    monkeypatch.setattr(kclient, "EXEC_MIN_INTERVAL", 1.0)
+    seen: list[str] = []
+
+    async def api(request: web.Request) -> web.Response:
+        seen.append(request.headers["Authorization"])
+        return unauthorized()
+
+    plugin, runs = answering_plugin(tmp_path, {"token": "t0"}, {"token": "t1"}, {"token": "t2"})
+    async with serving(api) as url:
+        client = await KubeClient.connect(str(kubeconfig(tmp_path / "kc", sys.executable, [str(plugin)], url)))
+        try:
+            with caplog.at_level(logging.INFO, logger="llmepp.k8s.client"):
+                for _ in range(5):
+                    assert await get_status(client) == 401
+                await asyncio.sleep(1.1)
+                assert await get_status(client) == 401
+            assert seen == ["Bearer t0", "Bearer t1", *["Bearer t1"] * 3, "Bearer t2"]
+            assert runs.read_text() == "xxx"
+            renewals = [r for r in caplog.records if "renewed" in r.getMessage()]
+            assert len(renewals) == 2, [r.getMessage() for r in caplog.records]
+        finally:
+            await client.aclose()
+
+
+def _pem_pair(directory: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate whose common name is `name`, and its key, as files in `directory`."""
+    cert, key = self_signed_pem((name,))
+    (directory / f"{name}.crt").write_bytes(cert)
+    (directory / f"{name}.key").write_bytes(key)
+    return directory / f"{name}.crt", directory / f"{name}.key"
+
+
+def _cert_answer(pair: tuple[Path, Path], **extra: object) -> dict[str, object]:
+    return {"clientCertificateData": pair[0].read_text(), "clientKeyData": pair[1].read_text(), **extra}
+
+
+@pytest.mark.parametrize("why", ["expired", "refused"])
+async def test_a_renewed_client_certificate_is_presented_on_new_connections(tmp_path: Path, why: str) -> None:
+    """A plugin answering a client certificate: once it expires (or the server refuses it with 401) the plugin
+    runs again and the next request's TLS handshake presents the new certificate, not the first one forever.
+    Real TLS on loopback: the server requires a client certificate and records whose each request presented."""
+    server_cert, server_key = _pem_pair(tmp_path, "127.0.0.1")
+    one, two = _pem_pair(tmp_path, "one"), _pem_pair(tmp_path, "two")
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(server_cert, server_key)
+    tls.load_verify_locations(cadata=one[0].read_text() + two[0].read_text())
+    tls.verify_mode = ssl.CERT_REQUIRED
+    seen: list[str] = []
+
+    async def api(request: web.Request) -> web.Response:
+        peer = request.transport.get_extra_info("peercert") if request.transport else None
+        seen.append(dict(field for rdn in peer["subject"] for field in rdn)["commonName"] if peer else "")
+        if why == "refused" and seen[-1] == "one":
+            return unauthorized()
+        return web.json_response({"kind": "PodList", "items": []})
+
+    # Expiring: valid 2-3 s (the client renews 5 min before an expiry); refused: it would never expire.
+    first = _cert_answer(one, expiresIn=5 * 60 + 3) if why == "expired" else _cert_answer(one)
+    plugin, runs = answering_plugin(tmp_path, first, _cert_answer(two, expiresIn=3600))
+    trust = f'certificate-authority: "{server_cert}"'
+    async with serving(api, tls) as url:
+        client = await KubeClient.connect(str(kubeconfig(tmp_path / "kc", sys.executable, [str(plugin)], url, trust)))
+        try:
+            assert await get_status(client) == (200 if why == "expired" else 401)
+            if why == "expired":
+                await asyncio.sleep(3.2)
+            assert [await get_status(client) for _ in range(2)] == [200, 200]
+            assert seen == ["one", "two", "two"]
+            assert runs.read_text() == "xx"
+        finally:
+            await client.aclose()
