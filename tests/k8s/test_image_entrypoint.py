@@ -43,8 +43,13 @@ SOURCES = (
 )  # the Containerfile's COPYs
 
 
+# The clean venv must see only what it installed: a PYTHONPATH naming the checkout (where a build leaves
+# llm_epp.egg-info) makes its pip think the project is installed already and skip the wheel.
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
 def run(*cmd: str | Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=CLEAN_ENV)
     assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
@@ -105,7 +110,7 @@ def test_image_entrypoint_from_a_clean_venv(tmp_path: Path) -> None:
             free_port(), "--bind-address", "127.0.0.1", "--drain-timeout", "1s"]  # fmt: skip
     # With an OTLP trace exporter named, so the image's tracing dependencies must load.
     env = {
-        **os.environ,
+        **CLEAN_ENV,
         "OTEL_TRACES_EXPORTER": "otlp",
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",
     }
@@ -129,7 +134,7 @@ def test_image_entrypoint_from_a_clean_venv(tmp_path: Path) -> None:
     k8s = subprocess.run(
         [str(epp), "--pool-name", "llama", "--kubeconfig", str(tmp_path / "missing"), "--grpc-port", "0",
          "--grpc-health-port", "0", "--metrics-port", "0"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, env=CLEAN_ENV,
     )  # fmt: skip
     assert k8s.returncode == 2, k8s.stderr[-3000:]
     assert "configuration error" in k8s.stderr and "--kubeconfig" in k8s.stderr
