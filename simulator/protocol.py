@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 
 from llmepp_sim.errors import ApiError, bad_request
-from llmepp_sim.tokenizer import ChatRenderer, render_body
+from llmepp_sim.tokenizer import TEXT_PART_FIELDS, ChatRenderer, render_body
 
 DEFAULT_MAX_TOKENS = 16
 _json_encode = msgspec.json.Encoder().encode
@@ -133,9 +133,6 @@ CONTENT_PART_TYPES = frozenset(
 # `uuid`), in the order it tries them (input_audio only when not null).
 _UNTYPED_PART_FIELDS = ("image_url", "image_pil", "image_embeds", "audio_embeds", "prompt_embeds", "audio_url",
                         "input_audio", "video_url", "tool_reference")  # fmt: skip
-# MM_PARSER_MAP reads these parts' content with a plain .get of this field (no validation).
-_TEXT_PART_FIELDS = {"text": "text", "input_text": "text", "output_text": "text", "thinking": "thinking",
-                     "refusal": "refusal"}  # fmt: skip
 # MM_PARSER_MAP validates these with TypeAdapter(<TypedDict>): {"<field>": {"url": str, ...}}, all required.
 _URL_PARTS = {"image_url": "ChatCompletionContentPartImageParam", "audio_url": "ChatCompletionContentPartAudioParam",
               "video_url": "ChatCompletionContentPartVideoParam"}  # fmt: skip
@@ -203,7 +200,7 @@ def _check_typed_part(part: dict[str, Any], part_type: str, where: str) -> None:
         errors = _url_part_errors(part, part_type) if part_type in _URL_PARTS else _input_image_errors(part)
         if errors:
             raise _validation_error(model, errors, where)
-    field = _TEXT_PART_FIELDS.get(part_type)
+    field = TEXT_PART_FIELDS.get(part_type)  # read with a plain .get, no validation
     # Falsy content (missing, null, "", 0, ...) is skipped (PART_TYPES_TO_SKIP_NONE_CONTENT, then `if parse_res`
     # in _parse_chat_message_content_parts); other non-strings reach "\n".join, whose TypeError is a 400.
     if field is not None and part.get(field) and not isinstance(part[field], str):

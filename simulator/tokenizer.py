@@ -14,10 +14,11 @@ in order::
 
 followed by the generation prompt ``<|assistant|>\\n``. ``role`` is the message's role verbatim (system,
 user, assistant, tool, ...; roles outside ``CHAT_ROLES`` are not special tokens and simply get split by
-BPE). ``content`` is the message's string content, or for a list of content parts the ``text`` of every
-``{"type": "text"}`` part joined with ``\\n`` (a part with empty or null text, and other part types, are
-ignored); a missing/null content is
-the empty string. Example: ``[{"role":"user","content":"Hi"}]`` renders to
+BPE). ``content`` is the message's string content, or for a list of content parts the text of its text
+parts joined with ``\\n``, as vLLM joins them for a template over string content: plain string parts and the
+``TEXT_PART_FIELDS`` field of a ``text``, ``input_text``, ``output_text``, ``refusal`` or ``thinking`` part
+(a part with empty or null text, and other part types, are skipped); a missing/null content is the empty
+string. Example: ``[{"role":"user","content":"Hi"}]`` renders to
 ``"<|user|>\\nHi\\n<|assistant|>\\n"``.
 
 Because every message is rendered independently and appended, a conversation's rendering is a prefix of
@@ -64,6 +65,11 @@ def _tokenizer_path() -> Path:
 TOKENIZER_PATH = _tokenizer_path()
 
 
+# vllm/entrypoints/chat_utils.py, MM_PARSER_MAP: the part types whose content is text, and its field.
+TEXT_PART_FIELDS = {"text": "text", "input_text": "text", "output_text": "text", "thinking": "thinking",
+                    "refusal": "refusal"}  # fmt: skip
+
+
 def message_text(content: Any) -> str:
     """The text of one chat message's ``content`` (string, list of parts, or null)."""
     if content is None:
@@ -72,12 +78,19 @@ def message_text(content: Any) -> str:
         return content
     # vLLM (chat_utils._parse_chat_message_content_parts) drops a part whose text is falsy (missing, null, "");
     # a typed part with a uuid is parsed as a media part, not as text.
-    parts = [
-        part["text"]
-        for part in content
-        if isinstance(part, dict) and part.get("type") == "text" and part.get("uuid") is None and part.get("text")
-    ]
-    return "\n".join(str(p) for p in parts)
+    texts = []
+    for part in content:
+        text: Any
+        if isinstance(part, str):
+            text = part
+        elif isinstance(part, dict) and part.get("uuid") is None and isinstance(kind := part.get("type"), str):
+            field = TEXT_PART_FIELDS.get(kind)
+            text = part.get(field) if field else None
+        else:
+            continue
+        if text:
+            texts.append(str(text))
+    return "\n".join(texts)
 
 
 def render_chat(messages: Sequence[dict[str, Any]]) -> str:

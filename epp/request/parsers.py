@@ -856,11 +856,11 @@ def _chat_messages(chat: _ChatBody) -> list[tuple[str, str]]:
 
 def _part_text(part: _ContentPart | str) -> str | None:
     """The text of a text part: a plain string, or a TEXT_PARTS part's text field; None for other parts
-    and for a text part whose text is null (vLLM skips it)."""
+    and for a text part whose text is null or empty (vLLM skips it: `if parse_res`)."""
     if isinstance(part, str):
-        return part
+        return part or None
     field = TEXT_PARTS.get(part.type)
-    return getattr(part, field) if field else None
+    return (getattr(part, field) or None) if field else None
 
 
 def _is_token_prompt(value: Any) -> bool:

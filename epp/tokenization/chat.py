@@ -404,13 +404,13 @@ def _text_parts(content: Any) -> list[str]:
 
 def _part_text(part: Any) -> str | None:
     """A plain string part is a text part (vLLM's chat_utils: ChatCompletionContentPartParam includes str),
-    as is a TEXT_PARTS part (input_text, refusal, ...: its text field); one whose text is null is skipped, as
-    vLLM skips it. None: no text part."""
+    as is a TEXT_PARTS part (input_text, refusal, ...: its text field); one whose text is null or empty is
+    skipped, as vLLM skips it (`if parse_res`). None: no text part."""
     if isinstance(part, str):
-        return part
+        return part or None
     kind = part.get("type") if isinstance(part, dict) else None
     text = part.get(TEXT_PARTS[kind]) if isinstance(kind, str) and kind in TEXT_PARTS else None
-    return text if isinstance(text, str) else None
+    return text if isinstance(text, str) and text else None
 
 
 def _tool_call(call: Any) -> Any:

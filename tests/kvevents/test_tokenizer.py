@@ -29,7 +29,9 @@ role = st.sampled_from(["system", "user", "assistant", "tool", "developer"])
 content = st.one_of(
     st.none(),
     text,
-    st.lists(st.one_of(st.fixed_dictionaries({"type": st.just("text"), "text": text}),
+    st.lists(st.one_of(text, st.fixed_dictionaries({"type": st.just("text"), "text": st.none() | text}),
+                       st.fixed_dictionaries({"type": st.just("input_text"), "text": text}),
+                       st.fixed_dictionaries({"type": st.just("refusal"), "refusal": text}),
                        st.fixed_dictionaries({"type": st.just("image_url"), "image_url": st.just({"url": "x"})})),
              max_size=3),
 )  # fmt: skip

@@ -191,7 +191,8 @@ def test_chat_plain_string_content_parts_read_as_text_parts(texts: list[str]) ->
     plain = parse(body(list(texts)), "/v1/chat/completions")
     typed = parse(body([{"type": "text", "text": t} for t in texts]), "/v1/chat/completions")
     assert (plain.prompt, plain.messages, plain.mm_items) == (typed.prompt, typed.messages, typed.mm_items)
-    assert plain.messages == [("user", "\n".join(texts))] and len(plain.mm_items) == 1
+    # Empty texts are skipped, as vLLM skips a falsy part (chat_utils._parse_chat_message_content_parts).
+    assert plain.messages == [("user", "\n".join(t for t in texts if t))] and len(plain.mm_items) == 1
 
 
 def test_chat_input_text_output_text_refusal_and_thinking_parts_read_as_text() -> None:

@@ -230,10 +230,18 @@ async def test_hf_producer_adds_special_tokens_to_completions_only(tmp_path: Pat
 
 
 text = st.text(st.characters(codec="utf-8", exclude_characters="\r"), max_size=80)
-message = st.fixed_dictionaries(
-    {"role": st.sampled_from(["user", "assistant", "tool"]),
-     "content": st.one_of(text, st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": text}), max_size=2))}
+# Every kind of text part vLLM joins (plain strings; text / input_text / output_text / refusal / thinking, their
+# text null or empty included: skipped) and a media part (no text).
+part = st.one_of(
+    text,
+    st.sampled_from([("text", "text"), ("input_text", "text"), ("output_text", "text"), ("refusal", "refusal"),
+                     ("thinking", "thinking")]).flatmap(
+        lambda kind: st.fixed_dictionaries({"type": st.just(kind[0]), kind[1]: st.none() | text})),
+    st.just({"type": "image_url", "image_url": {"url": "http://x/i.png"}}),
 )  # fmt: skip
+message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant", "tool"]), "content": st.one_of(text, st.lists(part, max_size=3))}
+)
 
 
 @settings(max_examples=80, deadline=None)
