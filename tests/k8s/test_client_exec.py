@@ -424,6 +424,39 @@ async def test_a_token_refused_with_401_is_renewed_for_the_next_request(tmp_path
             await client.aclose()
 
 
+async def test_a_late_401_to_a_credential_already_replaced_does_not_renew_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two requests went out with token A; the first 401 renews it to B. The second 401, for A, arrives after
+    that: it says nothing about B, which stays (as client-go compares the credential a 401 was for)."""
+    monkeypatch.setattr(kclient, "EXEC_MIN_INTERVAL", 0.0)  # only the credential check can hold a second run back
+    seen: list[str] = []
+    release = asyncio.Event()
+
+    async def api(request: web.Request) -> web.Response:
+        token = request.headers["Authorization"]
+        seen.append(token)
+        if token != "Bearer A":
+            return web.json_response({"kind": "PodList", "items": []})
+        if seen.count("Bearer A") == 2:
+            await release.wait()  # the slow one
+        return unauthorized()
+
+    plugin, runs = answering_plugin(tmp_path, {"token": "A"}, {"token": "B"}, {"token": "C"})
+    async with serving(api) as url:
+        client = await KubeClient.connect(str(kubeconfig(tmp_path / "kc", sys.executable, [str(plugin)], url)))
+        try:
+            first, slow = asyncio.create_task(get_status(client)), asyncio.create_task(get_status(client))
+            assert await first == 401
+            assert await get_status(client) == 200  # renewed to B
+            release.set()
+            assert await slow == 401  # A's late answer
+            assert await get_status(client) == 200
+            assert seen[-1] == "Bearer B" and runs.read_text() == "xx"
+        finally:
+            await client.aclose()
+
+
 async def test_a_server_refusing_every_token_runs_the_plugin_at_most_once_per_interval(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
