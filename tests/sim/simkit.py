@@ -28,7 +28,13 @@ def pod(host: str = "127.0.0.2", **overrides: Any) -> PodConfig:
     return PodConfig(**values)
 
 
+def running(configs: Sequence[PodConfig], time_scale: float = FAST) -> SimCluster:
+    """``async with running([...]) as cluster:`` starts the pods on entry and stops them on exit, failed or not."""
+    return SimCluster(list(configs), time_scale=time_scale)
+
+
 async def started(configs: Sequence[PodConfig], time_scale: float = FAST) -> SimCluster:
+    """A started cluster the caller stops itself, for tests that tear down other resources before it."""
     cluster = SimCluster(list(configs), time_scale=time_scale)
     await cluster.start()
     return cluster

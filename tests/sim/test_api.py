@@ -12,7 +12,7 @@ import pytest
 from llmepp_sim.config import PodConfig
 from llmepp_sim.tokenizer import shared_tokenizer
 
-from .simkit import complete, pod, started, words
+from .simkit import complete, pod, running, words
 
 
 def assert_vllm_error(body: dict[str, object], status: int, err_type: str) -> None:
@@ -25,8 +25,7 @@ def assert_vllm_error(body: dict[str, object], status: int, err_type: str) -> No
 
 
 async def test_completion_body_usage_and_identity_headers(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(name="alpha")])
-    try:
+    async with running([pod(name="alpha")]) as cluster:
         url, port = cluster.urls[0], cluster.pods[0].port
         result = await complete(http, url, "The model serves requests", 5)
         assert result.status == 200
@@ -52,13 +51,10 @@ async def test_completion_body_usage_and_identity_headers(http: aiohttp.ClientSe
         async with http.get(url + "/health") as response:
             assert response.status == 200
             assert response.headers["x-inference-pod"] == "alpha"
-    finally:
-        await cluster.stop()
 
 
 async def test_max_tokens_variants_and_deterministic_text(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(), pod(host="127.0.0.3", seed=0), pod(host="127.0.0.4", seed=7)])
-    try:
+    async with running([pod(), pod(host="127.0.0.3", seed=0), pod(host="127.0.0.4", seed=7)]) as cluster:
         a, b, c = cluster.urls
         default = await complete(http, a, "hello", None)
         assert default.body["usage"]["completion_tokens"] == 16
@@ -73,14 +69,11 @@ async def test_max_tokens_variants_and_deterministic_text(http: aiohttp.ClientSe
         other = await complete(http, c, "hello", 9)
         assert same.body["choices"][0]["text"] == eos.body["choices"][0]["text"]
         assert other.body["choices"][0]["text"] != eos.body["choices"][0]["text"]
-    finally:
-        await cluster.stop()
 
 
 async def test_scalars_are_read_as_vllms_pydantic_models_read_them(http: aiohttp.ClientSession) -> None:
     # vLLM validates in lax mode: "stream": "true" streams, "max_tokens": 3.0 / "3" is 3; "maybe" is a 400.
-    cluster = await started([pod()])
-    try:
+    async with running([pod()]) as cluster:
         url = cluster.urls[0] + "/v1/completions"
         for max_tokens in (3.0, "3", " 3 "):
             async with http.post(url, json={"prompt": "hi", "max_tokens": max_tokens}) as response:
@@ -94,25 +87,19 @@ async def test_scalars_are_read_as_vllms_pydantic_models_read_them(http: aiohttp
             async with http.post(url, json={"prompt": "hi", **bad}) as response:
                 assert response.status == 400
                 assert (await response.json())["error"]["param"] == next(iter(bad))
-    finally:
-        await cluster.stop()
 
 
 async def test_default_max_tokens_is_capped_by_remaining_context(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(max_model_len=64)])
-    try:
+    async with running([pod(max_model_len=64)]) as cluster:
         prompt = [5] * 60
         result = await complete(http, cluster.urls[0], prompt, None)
         assert result.status == 200
         assert result.body["usage"]["prompt_tokens"] == 60
         assert result.body["usage"]["completion_tokens"] == 4
-    finally:
-        await cluster.stop()
 
 
 async def test_streaming_completion_sse_framing(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod()])
-    try:
+    async with running([pod()]) as cluster:
         result = await complete(http, cluster.urls[0], "stream me", 4, stream=True)
         assert result.status == 200
         assert result.headers["Content-Type"].startswith("text/event-stream")
@@ -133,13 +120,10 @@ async def test_streaming_completion_sse_framing(http: aiohttp.ClientSession) -> 
         text = "".join(c["choices"][0]["text"] for c in token_chunks)
         unary = await complete(http, cluster.urls[0], "stream me", 4)
         assert text == unary.body["choices"][0]["text"]
-    finally:
-        await cluster.stop()
 
 
 async def test_streaming_chat_role_chunk_and_no_usage_without_include_usage(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod()])
-    try:
+    async with running([pod()]) as cluster:
         messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
         result = await complete(http, cluster.urls[0], messages, 3, stream=True, chat=True, stream_options=None)
         events = [line for line in result.lines if line]
@@ -150,13 +134,10 @@ async def test_streaming_chat_role_chunk_and_no_usage_without_include_usage(http
         assert len(chunks) == 1 + 3  # role chunk + one per token, no usage chunk
         assert all("usage" not in c for c in chunks)
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-    finally:
-        await cluster.stop()
 
 
 async def test_chunked_request_body_is_accepted(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod()])
-    try:
+    async with running([pod()]) as cluster:
         payload = json.dumps({"model": "sim-model", "prompt": words(50), "max_tokens": 2}).encode()
 
         async def body() -> AsyncIterator[bytes]:
@@ -167,13 +148,10 @@ async def test_chunked_request_body_is_accepted(http: aiohttp.ClientSession) -> 
             assert response.request_info.headers.get("Transfer-Encoding") == "chunked"
             assert response.status == 200
             assert (await response.json())["usage"]["completion_tokens"] == 2
-    finally:
-        await cluster.stop()
 
 
 async def test_malformed_requests_get_vllm_style_400(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(max_model_len=64)])
-    try:
+    async with running([pod(max_model_len=64)]) as cluster:
         url = cluster.urls[0] + "/v1/completions"
         chat_url = cluster.urls[0] + "/v1/chat/completions"
         cases = [
@@ -208,13 +186,10 @@ async def test_malformed_requests_get_vllm_style_400(http: aiohttp.ClientSession
             body = await response.json()
             assert_vllm_error(body, 404, "NotFoundError")
             assert "gpt-nope" in body["error"]["message"]
-    finally:
-        await cluster.stop()
 
 
 async def test_models_tokenize_and_served_names(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(model="org/base", served_model_name=["base", "alias"], max_model_len=512)])
-    try:
+    async with running([pod(model="org/base", served_model_name=["base", "alias"], max_model_len=512)]) as cluster:
         url = cluster.urls[0]
         async with http.get(url + "/v1/models") as response:
             models = await response.json()
@@ -232,25 +207,19 @@ async def test_models_tokenize_and_served_names(http: aiohttp.ClientSession) -> 
         assert tokens == {"count": len(expected), "max_model_len": 512, "tokens": expected}
         async with http.post(url + "/tokenize", json={"prompt": "hello world"}) as response:
             assert (await response.json())["tokens"] == shared_tokenizer().encode("hello world")
-    finally:
-        await cluster.stop()
 
 
 async def test_token_id_prompt_is_used_verbatim_and_cached(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod()])
-    try:
+    async with running([pod()]) as cluster:
         ids = list(range(100, 164))
         first = await complete(http, cluster.urls[0], ids, 1)
         second = await complete(http, cluster.urls[0], [ids], 1)  # a batch of one
         assert first.body["usage"]["prompt_tokens"] == 64
         assert second.cached_tokens == 48  # 3 of 4 full blocks: the last token is always recomputed
-    finally:
-        await cluster.stop()
 
 
 async def test_long_prompts_are_tokenized_off_the_loop_identically(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(max_model_len=4096)])
-    try:
+    async with running([pod(max_model_len=4096)]) as cluster:
         url = cluster.urls[0]
         text = words(1500, salt="long ")
         assert len(text) > 4096  # above the worker-thread threshold
@@ -258,16 +227,13 @@ async def test_long_prompts_are_tokenized_off_the_loop_identically(http: aiohttp
             assert (await response.json())["tokens"] == shared_tokenizer().encode(text)
         result = await complete(http, url, text, 2)
         assert result.body["usage"]["prompt_tokens"] == len(shared_tokenizer().encode(text))
-    finally:
-        await cluster.stop()
 
 
 CHATML = Path(__file__).parent.parent / "tokenization" / "templates" / "chatml" / "tokenizer_config.json"
 
 
 async def test_a_pod_with_a_jinja_chat_template_renders_chats_with_it(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(chat_template=str(CHATML))])
-    try:
+    async with running([pod(chat_template=str(CHATML))]) as cluster:
         url = cluster.urls[0]
         body = {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"enable_thinking": False}}
         async with http.post(url + "/tokenize", json=body) as response:
@@ -280,8 +246,6 @@ async def test_a_pod_with_a_jinja_chat_template_renders_chats_with_it(http: aioh
         async with http.post(url + "/v1/chat/completions", json={"messages": bad, "max_tokens": 1}) as response:
             assert response.status == 400
             assert "system message must come first" in (await response.json())["error"]["message"]
-    finally:
-        await cluster.stop()
 
 
 def test_an_unreadable_chat_template_is_a_config_error(tmp_path: Path) -> None:

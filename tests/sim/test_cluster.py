@@ -11,7 +11,7 @@ import aiohttp
 
 from llmepp_sim import ThreadedSimCluster
 
-from .simkit import pod, started, words
+from .simkit import pod, running, words
 
 
 def test_threaded_cluster_serves_synchronous_callers() -> None:
@@ -35,8 +35,7 @@ def test_threaded_cluster_serves_synchronous_callers() -> None:
 
 async def test_one_loop_carries_16_pods_and_200_concurrent_streams(http: aiohttp.ClientSession) -> None:
     configs = [pod(f"127.0.0.{2 + i}", max_num_seqs=16, inter_token_latency=10.0) for i in range(16)]
-    cluster = await started(configs, time_scale=5)
-    try:
+    async with running(configs, time_scale=5) as cluster:
 
         async def stream(i: int) -> int:
             body = {"prompt": words(64, salt=f"s{i} "), "max_tokens": 24, "stream": True}
@@ -54,5 +53,3 @@ async def test_one_loop_carries_16_pods_and_200_concurrent_streams(http: aiohttp
         # Simulated: ~13 requests per pod, ~0.2 s of shared prefill + 23 decode steps: under half a
         # second of simulated time, 0.1 s at 5x. The bound only catches a loop that cannot keep up.
         assert elapsed < 10.0
-    finally:
-        await cluster.stop()

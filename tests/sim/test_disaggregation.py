@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import aiohttp
 
-from .simkit import STEADY, complete, pod, started, words
+from .simkit import STEADY, complete, pod, running, words
 
 
 async def test_prefill_then_remote_decode(http: aiohttp.ClientSession) -> None:
     slow_prefill = {"prefill_time_per_token": 1.0, "prefill_overhead": 10.0, "inter_token_latency": 5.0}
-    cluster = await started(
+    async with running(
         [
             pod("127.0.0.2", name="prefiller", role="prefill", **slow_prefill),
             pod(
@@ -22,8 +22,7 @@ async def test_prefill_then_remote_decode(http: aiohttp.ClientSession) -> None:
             ),
         ],
         time_scale=STEADY,
-    )
-    try:
+    ) as cluster:
         p_url, d_url = cluster.urls
         prompt = words(300)
         p_params = {"do_remote_decode": True, "do_remote_prefill": False}
@@ -49,13 +48,10 @@ async def test_prefill_then_remote_decode(http: aiohttp.ClientSession) -> None:
         # For contrast: a plain request on the decode pod does prefill locally.
         plain = await complete(http, d_url, words(300, salt="plain "), 1, stream=True)
         assert plain.ttft_wall * STEADY > 0.3
-    finally:
-        await cluster.stop()
 
 
 async def test_roles_refuse_the_other_side(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod("127.0.0.2", role="prefill"), pod("127.0.0.3", role="decode")])
-    try:
+    async with running([pod("127.0.0.2", role="prefill"), pod("127.0.0.3", role="decode")]) as cluster:
         p_url, d_url = cluster.urls
         to_prefill = await complete(http, p_url, "x", 2, kv_transfer_params={"do_remote_prefill": True})
         to_decode = await complete(http, d_url, "x", 2, kv_transfer_params={"do_remote_decode": True})
@@ -65,5 +61,3 @@ async def test_roles_refuse_the_other_side(http: aiohttp.ClientSession) -> None:
         # Plain requests work on both roles.
         assert (await complete(http, p_url, "x", 2)).status == 200
         assert (await complete(http, d_url, "x", 2)).status == 200
-    finally:
-        await cluster.stop()

@@ -7,15 +7,14 @@ import contextlib
 
 import aiohttp
 
-from .simkit import FAST, STEADY, complete, pod, sample, scrape, started, words
+from .simkit import FAST, STEADY, complete, pod, running, sample, scrape, words
 
 # Slow prefill makes cache effects large compared with timer jitter (1 ms wall = 10 ms simulated).
 SLOW_PREFILL = {"prefill_overhead": 10.0, "prefill_time_per_token": 1.0, "inter_token_latency": 5.0}
 
 
 async def test_repeat_prompt_hits_prefix_cache_and_ttft_drops(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(**SLOW_PREFILL)], time_scale=STEADY)
-    try:
+    async with running([pod(**SLOW_PREFILL)], time_scale=STEADY) as cluster:
         url = cluster.urls[0]
         prompt = words(400)
         first = await complete(http, url, prompt, stream=True)
@@ -27,13 +26,10 @@ async def test_repeat_prompt_hits_prefix_cache_and_ttft_drops(http: aiohttp.Clie
         assert second.cached_tokens == (prompt_tokens - 1) // 16 * 16
         # ~410 ms vs ~26 ms simulated
         assert second.ttft_wall < first.ttft_wall / 3
-    finally:
-        await cluster.stop()
 
 
 async def test_ttft_grows_with_uncached_and_shrinks_with_cached_tokens(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(**SLOW_PREFILL, max_model_len=2048)], time_scale=STEADY)
-    try:
+    async with running([pod(**SLOW_PREFILL, max_model_len=2048)], time_scale=STEADY) as cluster:
         url = cluster.urls[0]
         ttft = {}
         for n in (100, 300, 600):
@@ -49,13 +45,10 @@ async def test_ttft_grows_with_uncached_and_shrinks_with_cached_tokens(http: aio
         longer = await complete(http, url, shared + " batch queue", stream=True)
         assert longer.cached_tokens >= 576
         assert longer.ttft_wall * STEADY < ttft[600] / 4
-    finally:
-        await cluster.stop()
 
 
 async def test_eviction_under_pressure_drops_cached_prefix(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(kv_cache_size=40, prefill_time_per_token=0.1)])
-    try:
+    async with running([pod(kv_cache_size=40, prefill_time_per_token=0.1)]) as cluster:
         url = cluster.urls[0]
         victim = words(200, salt="victim ")
         await complete(http, url, victim)
@@ -63,13 +56,10 @@ async def test_eviction_under_pressure_drops_cached_prefix(http: aiohttp.ClientS
         for i in range(6):  # 6 x 13 blocks through a 40-block cache
             await complete(http, url, words(200, salt=f"other{i} "))
         assert (await complete(http, url, victim)).cached_tokens == 0
-    finally:
-        await cluster.stop()
 
 
 async def test_full_batch_queues_and_later_requests_pay_the_wait(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(max_num_seqs=2, inter_token_latency=50.0)])
-    try:
+    async with running([pod(max_num_seqs=2, inter_token_latency=50.0)]) as cluster:
         url = cluster.urls[0]
         tasks = [asyncio.create_task(complete(http, url, words(20, salt=f"q{i} "), 30, stream=True)) for i in range(6)]
         await asyncio.sleep(0.03)  # 300 ms simulated: all have arrived, the first two run for ~1.5 s
@@ -94,26 +84,20 @@ async def test_full_batch_queues_and_later_requests_pay_the_wait(http: aiohttp.C
         assert sample(families, "vllm:request_queue_time_seconds", "_count") == 6
         queue_sum = sample(families, "vllm:request_queue_time_seconds", "_sum")
         assert queue_sum > 2 * one_request
-    finally:
-        await cluster.stop()
 
 
 async def test_concurrent_prefills_share_the_gpu(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(**SLOW_PREFILL, max_model_len=2048)], time_scale=STEADY)
-    try:
+    async with running([pod(**SLOW_PREFILL, max_model_len=2048)], time_scale=STEADY) as cluster:
         url = cluster.urls[0]
         solo = await complete(http, url, words(500, salt="solo "), stream=True)
         pair = await asyncio.gather(*(complete(http, url, words(500, salt=f"pair{i} "), stream=True) for i in range(2)))
         # ~510 ms alone; ~1010 ms when two prefills split the GPU.
         assert min(r.ttft_wall for r in pair) > 1.5 * solo.ttft_wall
-    finally:
-        await cluster.stop()
 
 
 async def test_inter_token_latency_rises_with_batch_size(http: aiohttp.ClientSession) -> None:
     config = pod(max_num_seqs=4, inter_token_latency=40.0, time_factor_under_load=3.0, prefill_overhead=1.0)
-    cluster = await started([config])
-    try:
+    async with running([config]) as cluster:
         url = cluster.urls[0]
 
         def itl(result: object) -> float:
@@ -131,15 +115,12 @@ async def test_inter_token_latency_rises_with_batch_size(http: aiohttp.ClientSes
         families = await scrape(http, url)
         itl_count = sample(families, "vllm:inter_token_latency_seconds", "_count")
         assert itl_count == 5 * 29
-    finally:
-        await cluster.stop()
 
 
 async def test_decode_blocks_are_allocated_and_preemption_recovers(http: aiohttp.ClientSession) -> None:
     # 4 requests x (2 prompt blocks + 4 decode blocks) = 24 blocks > 16: decoding must preempt.
     config = pod(kv_cache_size=16, max_num_seqs=4, inter_token_latency=2.0, max_model_len=256)
-    cluster = await started([config])
-    try:
+    async with running([config]) as cluster:
         url = cluster.urls[0]
         results = await asyncio.gather(*(complete(http, url, words(30, salt=f"p{i} "), 64) for i in range(4)))
         assert all(r.status == 200 for r in results)
@@ -148,13 +129,10 @@ async def test_decode_blocks_are_allocated_and_preemption_recovers(http: aiohttp
         assert sample(families, "vllm:num_preemptions") > 0
         assert sample(families, "vllm:generation_tokens") == 4 * 64
         assert sample(families, "vllm:kv_cache_usage_perc") == 0.0  # finished blocks are free (cached)
-    finally:
-        await cluster.stop()
 
 
 async def test_kv_usage_gauge_is_live(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(kv_cache_size=100, inter_token_latency=50.0)])
-    try:
+    async with running([pod(kv_cache_size=100, inter_token_latency=50.0)]) as cluster:
         url = cluster.urls[0]
         task = asyncio.create_task(complete(http, url, words(160), 40))
         await asyncio.sleep(0.05)
@@ -163,27 +141,21 @@ async def test_kv_usage_gauge_is_live(http: aiohttp.ClientSession) -> None:
         after = sample(await scrape(http, url), "vllm:kv_cache_usage_perc")
         assert 0.10 <= during <= 0.14  # ~11-13 of 100 blocks while running
         assert after == 0.0
-    finally:
-        await cluster.stop()
 
 
 async def test_idle_pods_do_not_spin() -> None:
     import resource
 
-    cluster = await started([pod(host=f"127.0.0.{i}") for i in range(2, 18)])
-    try:
+    async with running([pod(host=f"127.0.0.{i}") for i in range(2, 18)]):
         before = resource.getrusage(resource.RUSAGE_SELF)
         await asyncio.sleep(1.0)
         after = resource.getrusage(resource.RUSAGE_SELF)
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         assert cpu < 0.1  # 16 idle pods: no engine loop runs without work
-    finally:
-        await cluster.stop()
 
 
 async def test_client_disconnect_aborts_and_frees_the_seat(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(max_num_seqs=1, inter_token_latency=100.0)])
-    try:
+    async with running([pod(max_num_seqs=1, inter_token_latency=100.0)]) as cluster:
         url = cluster.urls[0]
         for stream in (False, True):
             body = {"prompt": "x", "max_tokens": 500, "stream": stream}
@@ -196,5 +168,3 @@ async def test_client_disconnect_aborts_and_frees_the_seat(http: aiohttp.ClientS
             assert sample(families, "vllm:num_requests_running") == 0
         assert sample(families, "vllm:request_success", finished_reason="abort") == 2
         assert (await complete(http, url, "x", 2)).status == 200  # the single seat is free again
-    finally:
-        await cluster.stop()

@@ -8,7 +8,7 @@ import time
 import aiohttp
 import pytest
 
-from .simkit import FAST, complete, pod, sample, scrape, started, words
+from .simkit import FAST, complete, pod, running, sample, scrape, words
 
 EXPECTED = {
     "rate_limit": (429, "RateLimitError"),
@@ -21,8 +21,7 @@ EXPECTED = {
 
 
 async def test_every_failure_type_at_100_percent(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(failure_injection_rate=100.0, failure_types=["rate_limit"])])
-    try:
+    async with running([pod(failure_injection_rate=100.0, failure_types=["rate_limit"])]) as cluster:
         url = cluster.urls[0]
         for kind, (status, err_type) in EXPECTED.items():
             async with http.post(url + "/admin/config", json={"failure_types": [kind]}) as response:
@@ -34,23 +33,17 @@ async def test_every_failure_type_at_100_percent(http: aiohttp.ClientSession) ->
                 assert result.body["error"]["code"] == status
         # Injection happens before the engine: nothing ran.
         assert sample(await scrape(http, url), "vllm:prompt_tokens") == 0
-    finally:
-        await cluster.stop()
 
 
 async def test_partial_injection_rate_is_roughly_honoured(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(failure_injection_rate=30.0, failure_types=["server_error"], seed=3)])
-    try:
+    async with running([pod(failure_injection_rate=30.0, failure_types=["server_error"], seed=3)]) as cluster:
         statuses = [(await complete(http, cluster.urls[0], "x", 1)).status for _ in range(100)]
         assert set(statuses) == {200, 500}
         assert 15 <= statuses.count(500) <= 45
-    finally:
-        await cluster.stop()
 
 
 async def test_x_return_error_forces_the_status(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod()])
-    try:
+    async with running([pod()]) as cluster:
         url = cluster.urls[0]
         for status, err_type in ((429, "RateLimitError"), (503, "ServiceUnavailableError"), (400, "BadRequestError")):
             result = await complete(http, url, "x", 1, headers={"X-Return-Error": str(status)})
@@ -58,13 +51,10 @@ async def test_x_return_error_forces_the_status(http: aiohttp.ClientSession) -> 
             assert result.body["error"]["type"] == err_type
             assert result.headers["x-inference-pod"] == "sim-0"
         assert (await complete(http, url, "x", 1, headers={"X-Return-Error": "banana"})).status == 200
-    finally:
-        await cluster.stop()
 
 
 async def test_startup_duration_answers_503_then_serves(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(startup_duration=0.4)])
-    try:
+    async with running([pod(startup_duration=0.4)]) as cluster:
         url = cluster.urls[0]
         async with http.get(url + "/health") as response:
             assert response.status == 503
@@ -77,23 +67,17 @@ async def test_startup_duration_answers_503_then_serves(http: aiohttp.ClientSess
         async with http.get(url + "/health") as response:
             assert response.status == 200
         assert (await complete(http, url, "x", 1)).status == 200
-    finally:
-        await cluster.stop()
 
 
 async def test_slow_metrics(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(metrics_delay=0.3)])
-    try:
+    async with running([pod(metrics_delay=0.3)]) as cluster:
         start = time.monotonic()
         await scrape(http, cluster.urls[0])
         assert time.monotonic() - start >= 0.3
-    finally:
-        await cluster.stop()
 
 
 async def test_hung_metrics_never_answer_until_switched_off(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(metrics_hang=True)])
-    try:
+    async with running([pod(metrics_hang=True)]) as cluster:
         url = cluster.urls[0]
         with pytest.raises(asyncio.TimeoutError):
             async with http.get(url + "/metrics", timeout=aiohttp.ClientTimeout(total=0.5)) as response:
@@ -102,13 +86,10 @@ async def test_hung_metrics_never_answer_until_switched_off(http: aiohttp.Client
         async with http.post(url + "/admin/config", json={"metrics_hang": False}) as response:
             assert response.status == 200
         await scrape(http, url)
-    finally:
-        await cluster.stop()
 
 
 async def test_kill_via_admin_drops_connections_and_comes_back(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(inter_token_latency=50.0)])
-    try:
+    async with running([pod(inter_token_latency=50.0)]) as cluster:
         url = cluster.urls[0]
         await complete(http, url, words(50), 2)
         assert sample(await scrape(http, url), "vllm:prompt_tokens") > 0
@@ -129,13 +110,10 @@ async def test_kill_via_admin_drops_connections_and_comes_back(http: aiohttp.Cli
         families = await scrape(http, url)
         assert sample(families, "vllm:prompt_tokens") == 0
         assert (await complete(http, url, words(50), 2)).cached_tokens == 0
-    finally:
-        await cluster.stop()
 
 
 async def test_kill_and_revive_from_python(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(), pod("127.0.0.3")])
-    try:
+    async with running([pod(), pod("127.0.0.3")]) as cluster:
         victim, survivor = cluster.pods
         await victim.kill()
         assert not victim.alive
@@ -145,13 +123,10 @@ async def test_kill_and_revive_from_python(http: aiohttp.ClientSession) -> None:
         await victim.revive()
         assert victim.alive
         assert (await complete(http, victim.url, "x", 1)).status == 200
-    finally:
-        await cluster.stop()
 
 
 async def test_admin_config_changes_latency_at_runtime(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(inter_token_latency=5.0)])
-    try:
+    async with running([pod(inter_token_latency=5.0)]) as cluster:
         url = cluster.urls[0]
         quick = await complete(http, url, "x", 20)
         async with http.post(url + "/admin/config", json={"inter-token-latency": 60.0}) as response:
@@ -169,5 +144,3 @@ async def test_admin_config_changes_latency_at_runtime(http: aiohttp.ClientSessi
             described = await response.json()
         assert described["config"]["inter_token_latency"] == 60.0
         assert described["alive"] is True and described["name"] == "sim-0"
-    finally:
-        await cluster.stop()

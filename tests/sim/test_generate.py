@@ -7,7 +7,7 @@ from typing import Any
 
 import aiohttp
 
-from .simkit import pod, started
+from .simkit import pod, running
 
 PROMPT = list(range(100, 400))
 
@@ -20,8 +20,7 @@ async def generate(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) 
 
 
 async def test_token_ids_in_token_ids_out_with_usage_and_cache_hits(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod()])
-    try:
+    async with running([pod()]) as cluster:
         url = cluster.urls[0]
         status, first = await generate(http, url, {"token_ids": PROMPT, "sampling_params": {"max_tokens": 5}})
         assert status == 200, first
@@ -31,13 +30,10 @@ async def test_token_ids_in_token_ids_out_with_usage_and_cache_hits(http: aiohtt
         assert first["usage"]["prompt_tokens"] == len(PROMPT) and first["usage"]["completion_tokens"] == 5
         _, again = await generate(http, url, {"token_ids": [*PROMPT, 7], "sampling_params": {"max_tokens": 2}})
         assert again["usage"]["prompt_tokens_details"]["cached_tokens"] >= 256
-    finally:
-        await cluster.stop()
 
 
 async def test_a_stream_sends_the_new_ids_then_usage_then_done(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod()])
-    try:
+    async with running([pod()]) as cluster:
         body = {"token_ids": PROMPT, "sampling_params": {"max_tokens": 4}, "stream": True,
                 "stream_options": {"include_usage": True}}  # fmt: skip
         status, text = await generate(http, cluster.urls[0], body)
@@ -48,16 +44,11 @@ async def test_a_stream_sends_the_new_ids_then_usage_then_done(http: aiohttp.Cli
         ids = [t for e in events[:-1] for t in e["choices"][0]["token_ids"]]
         assert len(ids) == 4 and events[-2]["choices"][0]["finish_reason"] == "length"
         assert events[-1]["usage"]["completion_tokens"] == 4
-    finally:
-        await cluster.stop()
 
 
 async def test_bad_generate_bodies_are_400(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod()])
-    try:
+    async with running([pod()]) as cluster:
         bad = ({"sampling_params": {"max_tokens": 1}}, {"token_ids": []}, {"token_ids": [1], "sampling_params": 3})
         for body in bad:
             status, answer = await generate(http, cluster.urls[0], body)
             assert status == 400 and answer["error"]["message"], (body, answer)
-    finally:
-        await cluster.stop()

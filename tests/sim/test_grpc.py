@@ -25,7 +25,7 @@ from llmepp_sim import PodConfig, SimCluster, SimProcess
 from llmepp_sim.cli import config_from_args
 from llmepp_sim.cluster import parse_pod_line
 
-from .simkit import pod, sample, scrape, started, words
+from .simkit import pod, running, sample, scrape, started, words
 
 PROMPT = list(range(100, 400))  # 300 token ids: 18 full blocks of 16
 
@@ -367,12 +367,9 @@ async def test_a_taken_grpc_port_fails_the_start_and_releases_the_http_port() ->
 
 
 async def test_pods_without_grpc_port_have_no_grpc_face() -> None:
-    cluster = await started([pod()])
-    try:
+    async with running([pod()]) as cluster:
         assert cluster.pods[0].grpc_port is None and cluster.pods[0].grpc_address == ""
         assert " grpc=" not in cluster.pod_lines()[0]
-    finally:
-        await cluster.stop()
 
 
 def test_grpc_port_flag_and_pod_line() -> None:

@@ -20,7 +20,7 @@ from llmepp_sim.lora import LoraManager
 from llmepp_sim.textgen import FillerStream, filler_vocabulary
 from llmepp_sim.tokenizer import SimTokenizer, shared_tokenizer
 
-from .simkit import FAST, STEADY, complete, pod, started, words
+from .simkit import FAST, STEADY, complete, pod, running, words
 
 SLACK = 1e-3  # simulated seconds: float slack for lower bounds
 
@@ -41,8 +41,7 @@ class SlowTokenizer(SimTokenizer):
 
 async def test_host_time_within_the_overhead_does_not_inflate_ttft(http: aiohttp.ClientSession) -> None:
     # 1 s simulated overhead = 100 ms wall at x10; the tokenizer takes 80 ms wall = 800 ms simulated.
-    cluster = await started([pod(prefill_overhead=1000.0, prefill_time_per_token=0.1)], time_scale=FAST)
-    try:
+    async with running([pod(prefill_overhead=1000.0, prefill_time_per_token=0.1)], time_scale=FAST) as cluster:
         cluster.pods[0].tokenizer = SlowTokenizer(0.08)
         result = await complete(http, cluster.urls[0], words(50, salt="slow host "), stream=True)
         assert result.status == 200
@@ -52,15 +51,12 @@ async def test_host_time_within_the_overhead_does_not_inflate_ttft(http: aiohttp
         # Not model + 10 x 80 ms: the host time ran inside the simulated overhead (the bound leaves 40 ms
         # wall for HTTP and event-loop lag on a loaded machine).
         assert ttft < model + 0.4
-    finally:
-        await cluster.stop()
 
 
 async def test_host_time_beyond_the_overhead_makes_the_request_late_not_early(http: aiohttp.ClientSession) -> None:
     # 400 ms simulated overhead; the tokenizer takes 250 ms wall = 750 ms simulated at x3, then the GPU
     # prefill (2 ms/token) still has to run: it cannot overlap host work that precedes it.
-    cluster = await started([pod(prefill_overhead=400.0, prefill_time_per_token=2.0)], time_scale=STEADY)
-    try:
+    async with running([pod(prefill_overhead=400.0, prefill_time_per_token=2.0)], time_scale=STEADY) as cluster:
         cluster.pods[0].tokenizer = SlowTokenizer(0.25)
         result = await complete(http, cluster.urls[0], words(100, salt="slower host "), stream=True)
         assert result.status == 200
@@ -68,8 +64,6 @@ async def test_host_time_beyond_the_overhead_makes_the_request_late_not_early(ht
         ttft = result.ttft_wall * STEADY
         assert ttft >= 0.75 + work - SLACK  # late by the host time the overhead could not absorb
         assert ttft < 0.75 + work + 0.2  # ... but the overhead itself is not added on top (was 0.75 + 0.4 + work)
-    finally:
-        await cluster.stop()
 
 
 def _request(rid: str, prompt: list[int], max_tokens: int) -> SimRequest:

@@ -19,7 +19,7 @@ from llmepp_sim.clock import SimClock
 from llmepp_sim.config import SimConfig
 from llmepp_sim.server import MAX_BODY_BYTES
 
-from .simkit import pod, sample, scrape, started
+from .simkit import pod, running, sample, scrape
 from .test_api import CHATML, assert_vllm_error
 from .test_grpc import grpc_pod, serving
 
@@ -32,16 +32,13 @@ async def post(http: aiohttp.ClientSession, url: str, raw: bytes) -> tuple[int, 
 
 
 async def test_undecodable_bodies_are_a_json_400(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod()])
-    try:
+    async with running([pod()]) as cluster:
         url = cluster.urls[0]
         for path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/admin/config"):
             for raw in (DEEP, b'{"prompt": "\xff"}', b"\xef\xbb\xbf{}"):
                 status, content_type, body = await post(http, url + path, raw)
                 assert (status, content_type) == (400, "application/json"), (path, raw[:20], body[:200])
                 assert_vllm_error(json.loads(body), 400, "BadRequestError")
-    finally:
-        await cluster.stop()
 
 
 async def test_undecodable_vertex_bodies_are_invalid_argument() -> None:
@@ -55,8 +52,7 @@ async def test_undecodable_vertex_bodies_are_invalid_argument() -> None:
 
 
 async def test_http_level_refusals_use_the_openai_error_shape(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod()])
-    try:
+    async with running([pod()]) as cluster:
         url = cluster.urls[0]
         oversized = b'{"prompt": "' + b"a" * MAX_BODY_BYTES + b'"}'
         status, content_type, body = await post(http, url + "/v1/completions", oversized)
@@ -72,15 +68,12 @@ async def test_http_level_refusals_use_the_openai_error_shape(http: aiohttp.Clie
         # The pod still serves.
         status, _, body = await post(http, url + "/v1/completions", b'{"prompt": "hi", "max_tokens": 1}')
         assert status == 200, body
-    finally:
-        await cluster.stop()
 
 
 async def test_an_unexpected_failure_is_a_json_500_and_frees_nothing_it_did_not_take(
     http: aiohttp.ClientSession,
 ) -> None:
-    cluster = await started([pod()])
-    try:
+    async with running([pod()]) as cluster:
         sim = cluster.pods[0]
 
         async def broken(prompt: object) -> list[int]:
@@ -93,13 +86,10 @@ async def test_an_unexpected_failure_is_a_json_500_and_frees_nothing_it_did_not_
         assert (status, content_type) == (500, "application/json"), body
         assert_vllm_error(json.loads(body), 500, "InternalServerError")
         assert not sim.engine.running and not sim.engine.waiting
-    finally:
-        await cluster.stop()
 
 
 async def test_wrongly_typed_chat_template_inputs_are_a_400(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(chat_template=str(CHATML))])
-    try:
+    async with running([pod(chat_template=str(CHATML))]) as cluster:
         url = cluster.urls[0]
         messages = [{"role": "user", "content": "hi"}]
         cases = [
@@ -123,8 +113,6 @@ async def test_wrongly_typed_chat_template_inputs_are_a_400(http: aiohttp.Client
         status, content_type, body = await post(http, url + "/v1/chat/completions", raw)
         assert (status, content_type) == (400, "application/json"), body[:300]
         assert not cluster.pods[0].engine.running and not cluster.pods[0].engine.waiting
-    finally:
-        await cluster.stop()
 
 
 async def stream_lines(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[int, list[str]]:
@@ -136,8 +124,7 @@ async def stream_lines(http: aiohttp.ClientSession, url: str, body: dict[str, An
 async def test_stream_options_include_usage_is_read_as_vllms_pydantic_model_reads_it(
     http: aiohttp.ClientSession,
 ) -> None:
-    cluster = await started([pod()])
-    try:
+    async with running([pod()]) as cluster:
         url = cluster.urls[0]
         base = {"prompt": "hi", "max_tokens": 2, "stream": True}
         # vLLM's StreamOptions: include_usage is a lax bool that defaults to true.
@@ -153,16 +140,15 @@ async def test_stream_options_include_usage_is_read_as_vllms_pydantic_model_read
         )
         assert (status, content_type) == (400, "application/json")
         assert json.loads(body)["error"]["param"] == "stream_options.include_usage"
-    finally:
-        await cluster.stop()
 
 
 async def test_raising_max_num_seqs_at_runtime_admits_the_waiting_requests_at_once(
     http: aiohttp.ClientSession,
 ) -> None:
     # Real time: a decode step is 3 s, so no engine event happens while the patch should take effect.
-    cluster = await started([pod(max_num_seqs=1, inter_token_latency=3000.0, prefill_overhead=1.0)], time_scale=1.0)
-    try:
+    async with running(
+        [pod(max_num_seqs=1, inter_token_latency=3000.0, prefill_overhead=1.0)], time_scale=1.0
+    ) as cluster:
         url, engine = cluster.urls[0], cluster.pods[0].engine
         body = {"prompt": "hi", "max_tokens": 3}
         tasks = [asyncio.ensure_future(post(http, url + "/v1/completions", json.dumps(body).encode())) for _ in (0, 1)]
@@ -179,14 +165,11 @@ async def test_raising_max_num_seqs_at_runtime_admits_the_waiting_requests_at_on
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    finally:
-        await cluster.stop()
 
 
 async def test_non_finite_runtime_knobs_are_refused(http: aiohttp.ClientSession) -> None:
     # A NaN step time made the engine loop spin without ever awaiting: every pod of the process froze.
-    cluster = await started([pod()])
-    try:
+    async with running([pod()]) as cluster:
         url = cluster.urls[0]
         for key in ("inter_token_latency", "prefill_overhead", "time_factor_under_load", "metrics_delay"):
             for value in ("nan", "inf", "Infinity"):
@@ -195,8 +178,6 @@ async def test_non_finite_runtime_knobs_are_refused(http: aiohttp.ClientSession)
                     assert_vllm_error(await response.json(), 400, "BadRequestError")
         result = await asyncio.wait_for(post(http, url + "/v1/completions", b'{"prompt": "hi", "max_tokens": 2}'), 5)
         assert result[0] == 200
-    finally:
-        await cluster.stop()
 
 
 @pytest.mark.parametrize("scale", [math.nan, math.inf, 0.0, -1.0])
@@ -210,8 +191,7 @@ def test_a_non_finite_or_non_positive_time_scale_is_refused(scale: float) -> Non
 async def test_clients_leaving_at_every_stage_give_back_every_seat_and_block(http: aiohttp.ClientSession) -> None:
     # One seat, a 2 s overhead: the first request sits in its prefill while the second is queued.
     config = pod(max_num_seqs=1, prefill_overhead=2000.0, inter_token_latency=200.0, kv_cache_size=64)
-    cluster = await started([config], time_scale=1.0)
-    try:
+    async with running([config], time_scale=1.0) as cluster:
         url, engine = cluster.urls[0], cluster.pods[0].engine
         prompt = "cache request server model token prefix queue batch " * 5
 
@@ -257,5 +237,3 @@ async def test_clients_leaving_at_every_stage_give_back_every_seat_and_block(htt
         assert sample(families, "vllm:num_requests_waiting") == 0
         assert sample(families, "vllm:kv_cache_usage_perc") == 0
         assert sample(families, "vllm:request_success", finished_reason="abort") == 6
-    finally:
-        await cluster.stop()

@@ -10,7 +10,7 @@ import aiohttp
 
 from llmepp_sim import LoraModule
 
-from .simkit import FAST, STEADY, complete, pod, scrape, started, words
+from .simkit import FAST, STEADY, complete, pod, running, scrape, words
 
 LORA_POD = {
     "lora_modules": [LoraModule("tuned-a", "/adapters/a"), LoraModule("tuned-b", "/adapters/b")],
@@ -27,8 +27,7 @@ def latest_lora_info(families: dict[str, Any]) -> dict[str, str]:
 
 
 async def test_first_request_pays_the_load_and_the_second_does_not(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(**LORA_POD)], time_scale=STEADY)
-    try:
+    async with running([pod(**LORA_POD)], time_scale=STEADY) as cluster:
         url = cluster.urls[0]
         cold = await complete(http, url, words(10), 2, stream=True, model="tuned-a")
         warm = await complete(http, url, words(10, salt="x "), 2, stream=True, model="tuned-a")
@@ -37,13 +36,10 @@ async def test_first_request_pays_the_load_and_the_second_does_not(http: aiohttp
         assert cold.ttft_wall * STEADY > 0.49  # 500 ms load + prefill
         assert warm.ttft_wall * STEADY < 0.25
         assert base.ttft_wall * STEADY < 0.25
-    finally:
-        await cluster.stop()
 
 
 async def test_second_adapter_waits_for_a_slot_and_metrics_show_it(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(**LORA_POD)])
-    try:
+    async with running([pod(**LORA_POD)]) as cluster:
         url = cluster.urls[0]
         finished_at: dict[str, float] = {}
 
@@ -68,13 +64,10 @@ async def test_second_adapter_waits_for_a_slot_and_metrics_show_it(http: aiohttp
         assert (finished_at["b"] - finished_at["a"]) * FAST > 0.49
         info = latest_lora_info(await scrape(http, url))
         assert info["running_lora_adapters"] == "" and info["waiting_lora_adapters"] == ""
-    finally:
-        await cluster.stop()
 
 
 async def test_base_model_requests_are_not_blocked_by_adapter_waits(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(**LORA_POD, max_num_seqs=4)], time_scale=STEADY)
-    try:
+    async with running([pod(**LORA_POD, max_num_seqs=4)], time_scale=STEADY) as cluster:
         url = cluster.urls[0]
         a = asyncio.create_task(complete(http, url, words(10), 120, model="tuned-a"))
         await asyncio.sleep(0.02)
@@ -84,13 +77,10 @@ async def test_base_model_requests_are_not_blocked_by_adapter_waits(http: aiohtt
         assert not b.done()
         assert base.total_wall * STEADY < 0.4
         await asyncio.gather(a, b)
-    finally:
-        await cluster.stop()
 
 
 async def test_load_and_unload_endpoints(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod()])
-    try:
+    async with running([pod()]) as cluster:
         url = cluster.urls[0]
         assert (await complete(http, url, "hi", 1, model="fresh")).status == 404
         async with http.post(url + "/v1/load_lora_adapter", json={"lora_name": "fresh", "lora_path": "/a/f"}) as r:
@@ -108,18 +98,13 @@ async def test_load_and_unload_endpoints(http: aiohttp.ClientSession) -> None:
         async with http.post(url + "/v1/unload_lora_adapter", json={"lora_name": "fresh"}) as r:
             assert r.status == 404
         assert (await complete(http, url, "hi", 1, model="fresh")).status == 404
-    finally:
-        await cluster.stop()
 
 
 async def test_adapters_have_their_own_prefix_cache_namespace(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(**{**LORA_POD, "max_loras": 2})])
-    try:
+    async with running([pod(**{**LORA_POD, "max_loras": 2})]) as cluster:
         url = cluster.urls[0]
         prompt = words(64)
         await complete(http, url, prompt, 1, model="tuned-a")
         assert (await complete(http, url, prompt, 1, model="tuned-a")).cached_tokens > 0
         assert (await complete(http, url, prompt, 1, model="tuned-b")).cached_tokens == 0
         assert (await complete(http, url, prompt, 1)).cached_tokens == 0
-    finally:
-        await cluster.stop()

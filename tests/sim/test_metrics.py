@@ -6,7 +6,7 @@ import asyncio
 
 import aiohttp
 
-from .simkit import complete, pod, sample, scrape, started, words
+from .simkit import complete, pod, running, sample, scrape, words
 
 EXPECTED_TYPES = {
     "vllm:num_requests_running": "gauge",
@@ -30,8 +30,7 @@ EXPECTED_TYPES = {
 
 
 async def test_metric_names_types_and_labels(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(served_model_name=["llama"], kv_cache_size=333, block_size=32)])
-    try:
+    async with running([pod(served_model_name=["llama"], kv_cache_size=333, block_size=32)]) as cluster:
         url = cluster.urls[0]
         families = await scrape(http, url)
         for name, kind in EXPECTED_TYPES.items():
@@ -48,13 +47,10 @@ async def test_metric_names_types_and_labels(http: aiohttp.ClientSession) -> Non
         assert lora.value > 1.7e9  # a unix timestamp
         reasons = {s.labels["finished_reason"] for s in families["vllm:request_success"].samples}
         assert {"length", "stop", "abort"} <= reasons
-    finally:
-        await cluster.stop()
 
 
 async def test_counters_and_histograms_follow_traffic(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod()])
-    try:
+    async with running([pod()]) as cluster:
         url = cluster.urls[0]
         prompt = words(100)
         first = await complete(http, url, prompt, 8, model="sim-model")
@@ -74,13 +70,10 @@ async def test_counters_and_histograms_follow_traffic(http: aiohttp.ClientSessio
         assert 0.06 < ttft_sum < 1.0
         buckets = [s for s in families["vllm:time_to_first_token_seconds"].samples if s.name.endswith("_bucket")]
         assert buckets[-1].labels["le"] == "+Inf" and buckets[-1].value == 2
-    finally:
-        await cluster.stop()
 
 
 async def test_gauges_are_current_at_scrape_time(http: aiohttp.ClientSession) -> None:
-    cluster = await started([pod(max_num_seqs=3, inter_token_latency=50.0)])
-    try:
+    async with running([pod(max_num_seqs=3, inter_token_latency=50.0)]) as cluster:
         url = cluster.urls[0]
         tasks = [asyncio.create_task(complete(http, url, words(10, salt=f"g{i} "), 40)) for i in range(5)]
         await asyncio.sleep(0.03)
@@ -92,5 +85,3 @@ async def test_gauges_are_current_at_scrape_time(http: aiohttp.ClientSession) ->
         families = await scrape(http, url)
         assert sample(families, "vllm:num_requests_running") == 0
         assert sample(families, "vllm:num_requests_waiting") == 0
-    finally:
-        await cluster.stop()

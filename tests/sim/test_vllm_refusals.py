@@ -12,7 +12,7 @@ import grpc
 from llmepp.protocols import vllm_engine_pb2 as pb
 from llmepp.protocols import vllm_engine_pb2_grpc as pb_grpc
 
-from .simkit import pod, started, words
+from .simkit import pod, running, words
 
 
 async def post(http: aiohttp.ClientSession, url: str, body: dict[str, Any], **headers: str) -> tuple[int, Any]:
@@ -28,8 +28,7 @@ async def test_messages_handler_errors_are_anthropic_shaped_validation_errors_op
     # translate_error_response -> {"type": "error", "error": {"type": <OpenAI type>, "message": ...}};
     # the request model's validation (FastAPI's RequestValidationError) is answered by the app-wide
     # handler (vllm/entrypoints/serve/utils/server_utils.py) in the OpenAI shape.
-    cluster = await started([pod(max_model_len=64)])
-    try:
+    async with running([pod(max_model_len=64)]) as cluster:
         url = cluster.urls[0] + "/v1/messages"
         status, err = await post(http, url, {"model": "nope", "messages": [{"role": "user", "content": "x"}],
                                              "max_tokens": 2})  # fmt: skip
@@ -43,8 +42,6 @@ async def test_messages_handler_errors_are_anthropic_shaped_validation_errors_op
         # Request-model validation: the OpenAI shape, as on every route.
         status, err = await post(http, url, {"model": "sim-model", "messages": [{"role": "user", "content": "x"}]})
         assert status == 400 and err["error"]["code"] == 400 and "type" not in err, err
-    finally:
-        await cluster.stop()
 
 
 # ---------------------------------------------------------------------------- chat content parts
@@ -53,8 +50,7 @@ async def test_content_parts_that_are_not_objects_or_whose_text_is_not_a_string_
 ) -> None:
     # vllm/entrypoints/chat_utils.py: ChatCompletionContentPartParam admits objects and strings only (an int
     # matches no member); a text part's text is joined as a string ("\n".join raises TypeError, a 400).
-    cluster = await started([pod()])
-    try:
+    async with running([pod()]) as cluster:
         base = cluster.urls[0]
         for content in ([1, 2], [None], [["x"]], [{"type": "text", "text": 5}], [{"type": "text", "text": ["a"]}],
                         [{"type": "text", "text": True}]):  # fmt: skip
@@ -69,8 +65,6 @@ async def test_content_parts_that_are_not_objects_or_whose_text_is_not_a_string_
         messages = [{"role": "user", "content": parts}]
         status, answer = await post(http, base + "/tokenize", {"model": "sim-model", "messages": messages})
         assert status == 200, answer
-    finally:
-        await cluster.stop()
 
 
 async def test_content_parts_of_an_unknown_type_are_400_naming_the_type_and_the_part(
@@ -81,8 +75,7 @@ async def test_content_parts_of_an_unknown_type_are_400_naming_the_type_and_the_
     # create_error_response as a 400 BadRequestError whose param is "type". _parse_chat_message_content_mm_part:
     # no type (or a uuid) and none of the direct fields -> "Missing 'type' field"; a type that is not a
     # string -> "Invalid 'type' field" (ValueErrors: 400s).
-    cluster = await started([pod()])
-    try:
+    async with running([pod()]) as cluster:
         base = cluster.urls[0]
         for bad in ("file", "input_file", "image", "tool_use", "", "TEXT"):
             parts = [{"type": "text", "text": "a"}, {"type": bad, "x": 1}]
@@ -117,8 +110,6 @@ async def test_content_parts_of_an_unknown_type_are_400_naming_the_type_and_the_
         messages = [{"role": "user", "content": [{"type": "text", "text": "hi"}, *parts]}]
         status, answer = await post(http, base + "/tokenize", {"model": "sim-model", "messages": messages})
         assert status == 200, answer
-    finally:
-        await cluster.stop()
 
 
 async def test_media_parts_missing_their_required_fields_are_400_as_vllms_typeadapter_says(
@@ -128,8 +119,7 @@ async def test_media_parts_missing_their_required_fields_are_400_as_vllms_typead
     # (typed, no uuid) go through TypeAdapter(<OpenAI TypedDict>).validate_python; a missing or mistyped required
     # field raises pydantic's ValidationError, a ValueError, which create_error_response answers as a 400
     # BadRequestError with param None.
-    cluster = await started([pod()])
-    try:
+    async with running([pod()]) as cluster:
         base = cluster.urls[0]
         cases = [
             ({"type": "image_url"}, "ChatCompletionContentPartImageParam", "image_url", "Field required"),
@@ -171,8 +161,6 @@ async def test_media_parts_missing_their_required_fields_are_400_as_vllms_typead
             status, err = await post(http, base + "/tokenize", {"model": "sim-model", "messages": messages})
             assert status == 400 and err["error"]["param"] is None, (part, err)
             assert "prompt_embeds content part requires a non-empty `data` field" in err["error"]["message"], err
-    finally:
-        await cluster.stop()
 
 
 async def test_text_like_parts_without_their_text_are_skipped_and_non_string_ones_are_400(
@@ -183,8 +171,7 @@ async def test_text_like_parts_without_their_text_are_skipped_and_non_string_one
     # (PART_TYPES_TO_SKIP_NONE_CONTENT) and any falsy content is dropped by `if parse_res:` in
     # _parse_chat_message_content_parts; a truthy non-string reaches "\n".join (TypeError, a 400). A media part
     # with a uuid is not validated (the untyped path), so an empty one is served too.
-    cluster = await started([pod()])
-    try:
+    async with running([pod()]) as cluster:
         base = cluster.urls[0]
         plain = [{"role": "user", "content": [{"type": "text", "text": "a"}]}]
         status, expected = await post(http, base + "/tokenize", {"model": "sim-model", "messages": plain})
@@ -202,16 +189,13 @@ async def test_text_like_parts_without_their_text_are_skipped_and_non_string_one
             messages = [{"role": "user", "content": [part]}]
             status, err = await post(http, base + "/tokenize", {"model": "sim-model", "messages": messages})
             assert status == 400 and err["error"]["param"] == "messages", (part, err)
-    finally:
-        await cluster.stop()
 
 
 # ---------------------------------------------------------------------------- stream_options
 async def test_empty_stream_options_without_stream_are_accepted(http: aiohttp.ClientSession) -> None:
     # vllm/entrypoints/openai/protocol.py, validate_stream_options (mode="before"):
     #     if data.get("stream_options") and not data.get("stream"): raise ...
-    cluster = await started([pod()])
-    try:
+    async with running([pod()]) as cluster:
         base = cluster.urls[0]
         status, answer = await post(http, base + "/v1/completions", {"prompt": "x", "max_tokens": 1,
                                                                      "stream_options": {}})  # fmt: skip
@@ -224,8 +208,6 @@ async def test_empty_stream_options_without_stream_are_accepted(http: aiohttp.Cl
             body = {"prompt": "x", "max_tokens": 1, "stream": stream, "stream_options": {"include_usage": False}}
             status, err = await post(http, base + "/v1/completions", body)
             assert status == 400 and err["error"]["param"] == "stream_options", (stream, err)
-    finally:
-        await cluster.stop()
 
 
 # ---------------------------------------------------------------------------- out-of-band Abort
@@ -243,8 +225,7 @@ async def test_a_request_aborted_through_abort_finishes_with_finish_reason_abort
     # vllm/v1/engine/output_processor.py, abort_requests: an aborted request's stream gets a final output with
     # FinishReason.ABORT; the serving layer only raises for finish_reason "error" (_raise_if_error), so the
     # answer is a 200 whose choice says "abort" (a stream: that chunk, the usage, then [DONE]).
-    cluster = await started([pod(grpc_port=0, inter_token_latency=100.0)])
-    try:
+    async with running([pod(grpc_port=0, inter_token_latency=100.0)]) as cluster:
         base = cluster.urls[0]
         chat = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 500}
         task = asyncio.ensure_future(post(http, base + "/v1/chat/completions", chat, **{"X-Request-Id": "job-1"}))
@@ -273,5 +254,3 @@ async def test_a_request_aborted_through_abort_finishes_with_finish_reason_abort
         status, answer = await asyncio.wait_for(task3, 10)
         # vllm/entrypoints/anthropic/serving.py maps stop/length/tool_calls only: "abort" has no stop_reason.
         assert status == 200 and answer["stop_reason"] is None, answer
-    finally:
-        await cluster.stop()
