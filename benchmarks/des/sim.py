@@ -505,7 +505,10 @@ def fresh_copy(template: InferenceRequest, request_id: str, received_at: float) 
         value = getattr(template, f.name)
         if isinstance(value, list | dict | set):
             changes[f.name] = copy.copy(value)
-    changes.update(request_id=request_id, received_at=received_at, data={}, upstream_headers={}, scheduling=None)
+    changes.update(
+        request_id=request_id, received_at=received_at, data={}, upstream_headers={}, scheduling=None,
+        pending_tokens=None,
+    )  # fmt: skip
     return dataclasses.replace(template, **changes)
 
 
