@@ -12,7 +12,8 @@ even placement (18/19/19/19) leaves three pods over the edge, where the prompt l
 worst case. A quota such as 18/18/18/21 piles the overflow onto one pod instead. The table shows what that
 buys at light load and what the overloaded pod costs when load decides; the per-pod table shows the
 over-edge pods' thrash (share of requests that hit their whole prompt) by stage. With ``--unpack-stage N``
-each quota also runs packed-then-unpacked: from the first request of stage N (0 = the warm-up) each group a
+each quota also runs packed-then-unpacked: from the first request of stage N (1 = the first after the warm-up,
+whose cycle has placed every group) each group a
 pod holds beyond the fit (18) goes to a pod at or under it, one group per pod, paying its full prefill there — the
 best case of a policy that packs while load is light and spreads when it rises.
 
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unpack-stage", type=int, default=None, help="also run each quota unpacked at this stage")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
+    if a.unpack_stage is not None and not 1 <= a.unpack_stage <= len(FULL_RATES):
+        p.error(f"--unpack-stage must be a stage after the warm-up: 1 to {len(FULL_RATES)}")
     registry.register(GroupQuotaScorer)
     seeds: list[int] = a.seeds
     scale = Scale()
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     for q in a.quotas:
         variants[f"quota {q}"] = ([int(x) for x in q.split(",")], None)
         if a.unpack_stage is not None:
-            at = f"{qps[a.unpack_stage - 1]:g} QPS" if a.unpack_stage else "the warm-up"
+            at = f"{qps[a.unpack_stage - 1]:g} QPS"
             variants[f"quota {q}, unpacked at {at}"] = ([int(x) for x in q.split(",")], a.unpack_stage)
     runs: list[dict[str, Any]] = []
     for seed in seeds:
