@@ -165,7 +165,7 @@ class _ExecPlugin:
     def __init__(self, loader: Any, configuration: Any) -> None:
         self._loader = loader
         self._configuration = configuration
-        self.user = str(loader._current_context["context"]["user"])
+        self.name = f"exec plugin of kubeconfig user {str(loader._current_context['context']['user'])!r}"
         self._running: set[asyncio.subprocess.Process] = set()
         self.closed = False
         self.expiry: datetime.datetime | None = None  # of the current credential; None: it does not expire
@@ -186,10 +186,7 @@ class _ExecPlugin:
         try:
             expires = parse_rfc3339(expiry) if expiry is not None else None
         except (ValueError, TypeError, AttributeError):
-            raise ConfigException(
-                f"exec plugin of kubeconfig user {self.user!r}: expirationTimestamp {expiry!r:.100} is not "
-                "an RFC 3339 time"
-            ) from None
+            raise ConfigException(f"{self.name}: expirationTimestamp {expiry!r:.100} is not an RFC 3339 time") from None
         if "token" in status:
             loader.token = f"Bearer {status['token']}"
         elif "clientCertificateData" in status:
@@ -263,7 +260,7 @@ class _ExecPlugin:
             spec["cluster"] = _exec_cluster(self._loader)
         info = {"apiVersion": provider.api_version, "kind": "ExecCredential", "spec": spec}
         env = {**provider.env, "KUBERNETES_EXEC_INFO": json.dumps(info)}
-        what = f"exec plugin of kubeconfig user {self.user!r} ({provider.args[0]})"
+        what = f"{self.name} ({provider.args[0]})"
         proc: asyncio.subprocess.Process | None = None
         try:
             async with asyncio.timeout(EXEC_TIMEOUT):
