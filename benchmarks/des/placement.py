@@ -12,10 +12,10 @@ even placement (18/19/19/19) leaves three pods over the edge, where the prompt l
 worst case. A quota such as 18/18/18/21 piles the overflow onto one pod instead. The table shows what that
 buys at light load and what the overloaded pod costs when load decides; the per-pod table shows the
 over-edge pods' thrash (share of requests that hit their whole prompt) by stage. With ``--unpack-stage N``
-each quota also runs packed-then-unpacked: from the first request of stage N (1 = the first after the warm-up,
-whose cycle has placed every group) each group a
-pod holds beyond the fit (18) goes to a pod at or under it, one group per pod, paying its full prefill there — the
-best case of a policy that packs while load is light and spreads when it rises.
+each quota also runs packed-then-unpacked: from the first request of stage N (1 = the first after the
+warm-up, whose cycle has placed every group) each group a pod holds beyond the fit (18) goes to a pod at or
+under it, one group per pod, paying its full prefill there — the best case of a policy that packs while
+load is light and spreads when it rises.
 
 The oracle is a measuring device, not a policy: it knows the group count and the per-pod fit in advance.
 """
