@@ -446,8 +446,11 @@ async def test_a_late_401_to_a_credential_already_replaced_does_not_renew_again(
     async with serving(api) as url:
         client = await KubeClient.connect(str(kubeconfig(tmp_path / "kc", sys.executable, [str(plugin)], url)))
         try:
-            first, slow = asyncio.create_task(get_status(client)), asyncio.create_task(get_status(client))
-            assert await first == 401
+            # Either request may reach the server second (and be held), so take whichever answers first.
+            both = {asyncio.create_task(get_status(client)) for _ in range(2)}
+            done, held = await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+            assert [task.result() for task in done] == [401]
+            (slow,) = held
             assert await get_status(client) == 200  # renewed to B
             release.set()
             assert await slow == 401  # A's late answer
