@@ -276,7 +276,14 @@ async def _run(tmp: Path) -> dict[str, Any]:
         queued = asyncio.ensure_future(waiting.route(_body(200), FAIRNESS))
         await asyncio.sleep(0.2)
         assert not queued.done()
-        during = await _scrape(url)
+        # Until the scrape shows it queued: a loaded machine may take longer than the sleep to bring its stream
+        # to flow control, and it waits there until a held request completes.
+        for _ in range(250):
+            during = await _scrape(url)
+            family = during.get("llm_d_epp_flow_control_queue_size")
+            if family is not None and any(s.value for s in family.samples):
+                break
+            await asyncio.sleep(0.02)
         await _complete(held[0], streaming=True)
         await queued
         await _complete(held[1], streaming=True)
@@ -406,7 +413,9 @@ async def test_request_processing_runs_from_request_receipt_and_counts_rejection
     async with serve() as h:
         s = h.open()
         await s.send(request_headers())
-        await asyncio.sleep(0.2)  # the body is slow to come
+        # The body is slow to come. Sent 0.3 s after the headers: the server may read the headers later than they
+        # were sent (a loaded machine: 0.193 s was measured after a 0.2 s sleep), and the body at once.
+        await asyncio.sleep(0.3)
         await s.send(request_body(_body(0), eos=True))
         await s.recv()
         assert h.sample("llm_d_epp_request_processing_duration_seconds_sum") >= 0.2

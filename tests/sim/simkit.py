@@ -5,9 +5,10 @@ Every pod binds port 0 (and ZMQ ``*`` ports) so parallel test runs never collide
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,6 +104,26 @@ async def scrape(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
         assert response.status == 200
         text = await response.text()
     return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+async def scrape_until(
+    session: aiohttp.ClientSession, url: str, cond: Callable[[dict[str, Any]], bool], within: float = 5.0
+) -> dict[str, Any]:
+    """Scrape until ``cond(families)`` holds and return those families. Requests sent together from tasks reach
+    the pod over however many loop turns a loaded machine takes: a fixed sleep before one scrape is a race."""
+    deadline = time.monotonic() + within
+    while not cond(families := await scrape(session, url)):
+        assert time.monotonic() < deadline, f"no scrape of {url} met the condition in {within} s"
+        await asyncio.sleep(0.02)  # not faster: each scrape is rendered on the loop the pods run on
+    return families
+
+
+async def until(cond: Callable[[], bool], within: float = 5.0) -> None:
+    """Let the loop run until ``cond()`` holds (an engine's state, read in process: no scrape load)."""
+    deadline = time.monotonic() + within
+    while not cond():
+        assert time.monotonic() < deadline, f"condition not met in {within} s"
+        await asyncio.sleep(0.002)
 
 
 def sample(families: dict[str, Any], family: str, suffix: str = "", **labels: str) -> float:

@@ -7,7 +7,7 @@ import contextlib
 
 import aiohttp
 
-from .simkit import FAST, STEADY, complete, pod, running, sample, scrape, words
+from .simkit import FAST, STEADY, complete, pod, running, sample, scrape, until, words
 
 # Slow prefill makes cache effects large compared with timer jitter (1 ms wall = 10 ms simulated).
 SLOW_PREFILL = {"prefill_overhead": 10.0, "prefill_time_per_token": 1.0, "inter_token_latency": 5.0}
@@ -60,9 +60,11 @@ async def test_eviction_under_pressure_drops_cached_prefix(http: aiohttp.ClientS
 
 async def test_full_batch_queues_and_later_requests_pay_the_wait(http: aiohttp.ClientSession) -> None:
     async with running([pod(max_num_seqs=2, inter_token_latency=50.0)]) as cluster:
-        url = cluster.urls[0]
+        url, engine = cluster.urls[0], cluster.pods[0].engine
         tasks = [asyncio.create_task(complete(http, url, words(20, salt=f"q{i} "), 30, stream=True)) for i in range(6)]
-        await asyncio.sleep(0.03)  # 300 ms simulated: all have arrived, the first two run for ~1.5 s
+        # Until all have arrived (a fixed 30 ms sleep raced them on a loaded machine); the first two run for ~1.5 s
+        # simulated (0.15 s wall).
+        await until(lambda: len(engine.running) + len(engine.waiting) == 6)
         families = await scrape(http, url)
         assert sample(families, "vllm:num_requests_running") == 2
         assert sample(families, "vllm:num_requests_waiting") == 4
@@ -133,9 +135,10 @@ async def test_decode_blocks_are_allocated_and_preemption_recovers(http: aiohttp
 
 async def test_kv_usage_gauge_is_live(http: aiohttp.ClientSession) -> None:
     async with running([pod(kv_cache_size=100, inter_token_latency=50.0)]) as cluster:
-        url = cluster.urls[0]
+        url, engine = cluster.urls[0], cluster.pods[0].engine
         task = asyncio.create_task(complete(http, url, words(160), 40))
-        await asyncio.sleep(0.05)
+        # Once it runs (~2 s simulated, 0.2 s wall); a fixed 50 ms sleep could end before it reached the pod.
+        await until(lambda: len(engine.running) == 1)
         during = sample(await scrape(http, url), "vllm:kv_cache_usage_perc")
         await task
         after = sample(await scrape(http, url), "vllm:kv_cache_usage_perc")

@@ -10,7 +10,7 @@ import aiohttp
 
 from llmepp_sim import LoraModule
 
-from .simkit import FAST, STEADY, complete, pod, running, scrape, words
+from .simkit import FAST, STEADY, complete, pod, running, scrape, scrape_until, words
 
 LORA_POD = {
     "lora_modules": [LoraModule("tuned-a", "/adapters/a"), LoraModule("tuned-b", "/adapters/b")],
@@ -49,10 +49,13 @@ async def test_second_adapter_waits_for_a_slot_and_metrics_show_it(http: aiohttp
             return result
 
         a = asyncio.create_task(timed("a", complete(http, url, words(10), 120, stream=True, model="tuned-a")))
-        await asyncio.sleep(0.04)  # a is loading/running (~1.7 s simulated in total)
+        # a is loading/running (~1.7 s simulated in total) before b is sent, and b has reached the pod before the
+        # scrape looked: fixed sleeps (40 ms, 20 ms) could end first on a loaded machine, and b took the slot.
+        await scrape_until(http, url, lambda f: latest_lora_info(f)["running_lora_adapters"] == "tuned-a")
         b = asyncio.create_task(timed("b", complete(http, url, words(10, salt="b "), 2, stream=True, model="tuned-b")))
-        await asyncio.sleep(0.02)
-        info = latest_lora_info(await scrape(http, url))
+        info = latest_lora_info(
+            await scrape_until(http, url, lambda f: latest_lora_info(f)["waiting_lora_adapters"] != "")
+        )
         assert info == {
             "model_name": "sim-model",
             "running_lora_adapters": "tuned-a",

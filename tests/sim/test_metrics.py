@@ -6,7 +6,7 @@ import asyncio
 
 import aiohttp
 
-from .simkit import complete, pod, running, sample, scrape, words
+from .simkit import complete, pod, running, sample, scrape, until, words
 
 EXPECTED_TYPES = {
     "vllm:num_requests_running": "gauge",
@@ -74,9 +74,11 @@ async def test_counters_and_histograms_follow_traffic(http: aiohttp.ClientSessio
 
 async def test_gauges_are_current_at_scrape_time(http: aiohttp.ClientSession) -> None:
     async with running([pod(max_num_seqs=3, inter_token_latency=50.0)]) as cluster:
-        url = cluster.urls[0]
+        url, engine = cluster.urls[0], cluster.pods[0].engine
         tasks = [asyncio.create_task(complete(http, url, words(10, salt=f"g{i} "), 40)) for i in range(5)]
-        await asyncio.sleep(0.03)
+        # Until all five have reached the pod (a fixed 30 ms sleep raced them on a loaded machine); the first
+        # three run for ~2 s simulated (0.2 s wall).
+        await until(lambda: len(engine.running) + len(engine.waiting) == 5)
         families = await scrape(http, url)
         assert sample(families, "vllm:num_requests_running") == 3
         assert sample(families, "vllm:num_requests_waiting") == 2
