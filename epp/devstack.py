@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import signal
 from pathlib import Path
 
@@ -39,10 +38,25 @@ def parse_options() -> tuple[StackOptions, int]:
 
 async def main(options: StackOptions, pods: int) -> None:
     print(f"starting {pods} simulated pods, the EPP and Envoy ...", flush=True)
-    async with Stack(options) as stack:
-        url = stack.url.replace("127.0.0.1", "localhost")
-        print(
-            f"""
+    # Ctrl-C, `kill` or the terminal closing (SIGHUP) stop the stack's processes too (the EPP and the pods run
+    # in sessions of their own: nothing else would stop them), during start-up as well. Later signals are
+    # ignored, so a second Ctrl-C cannot cut the clean-up short and leave them running.
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        for sig in _STOP_SIGNALS:
+            loop.add_signal_handler(sig, lambda: None)
+        task.cancel()
+
+    for sig in _STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        async with Stack(options) as stack:
+            url = stack.url.replace("127.0.0.1", "localhost")
+            print(
+                f"""
 ready: Envoy {url}  ->  EPP 127.0.0.1:9002 (ext_proc over TLS)  ->  pods {", ".join(p.address for p in stack.pods)}
 
   curl -s {url}/v1/completions -H 'content-type: application/json' \\
@@ -53,16 +67,16 @@ ready: Envoy {url}  ->  EPP 127.0.0.1:9002 (ext_proc over TLS)  ->  pods {", ".j
   EPP config: {stack.config_file} (edits of its scorers, weights and profiles apply within ~2 s)
 
 Ctrl-C stops everything.""",
-            flush=True,
-        )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+                flush=True,
+            )
+            await asyncio.Future()  # until a signal cancels this task
+    except asyncio.CancelledError:
+        pass
     print("stopped", flush=True)
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main(*parse_options()))
+    asyncio.run(main(*parse_options()))

@@ -1,0 +1,132 @@
+"""`make run` (python -m llmepp.devstack), as the README tells a new user to run it: the stack comes up, the curl
+line it prints is answered by a simulated pod through Envoy and the EPP, and Ctrl-C (or the terminal closing,
+even during start-up) stops every process it started."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import socket
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+PODS = 2
+# What devstack listens on besides Envoy's listener (--port): Envoy admin, the EPP's three ports, the pods.
+FIXED = {
+    "Envoy admin": ("127.0.0.1", 9901),
+    "EPP": ("127.0.0.1", 9002),
+    "EPP health": ("127.0.0.1", 9003),
+    "EPP metrics": ("127.0.0.1", 9090),
+    **{f"pod {i}": (f"127.0.0.{i + 2}", 8000) for i in range(PODS)},
+}
+START_TIMEOUT = 180.0  # Envoy, the EPP and the pods start on a loaded 2-core machine
+STOP_TIMEOUT = 60.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _listening() -> list[str]:
+    out = []
+    for what, address in FIXED.items():
+        with socket.socket() as s:
+            if s.connect_ex(address) == 0:
+                out.append(f"{what} {address[0]}:{address[1]}")
+    return out
+
+
+@asynccontextmanager
+async def devstack() -> AsyncIterator[asyncio.subprocess.Process]:
+    """`make run`'s command; whatever happens in the test, it is stopped as a user stops it (Ctrl-C) after."""
+    busy = _listening()
+    assert not busy, f"devstack's ports are taken (a `make run` still running?): {busy}"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "llmepp.devstack", "--pods", str(PODS), "--port", str(_free_port()),
+        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def _read_until(proc: asyncio.subprocess.Process, text: str) -> str:
+    assert proc.stdout is not None
+    printed = ""
+    async with asyncio.timeout(START_TIMEOUT):
+        while text not in printed:
+            line = await proc.stdout.readline()
+            assert line, f"devstack exited before printing {text!r}:\n{printed}"
+            printed += line.decode()
+    return printed
+
+
+async def _stopped(proc: asyncio.subprocess.Process, sig: signal.Signals) -> str:
+    """Send `sig`; devstack must exit 0 saying "stopped", with nothing of the stack still listening."""
+    assert proc.stdout is not None
+    proc.send_signal(sig)
+    async with asyncio.timeout(STOP_TIMEOUT):
+        rest = (await proc.stdout.read()).decode()
+        assert await proc.wait() == 0, rest
+    assert rest.rstrip().endswith("stopped"), rest
+    assert not _listening(), "a process devstack started outlived it"
+    return rest
+
+
+def _curl_request(printed: str) -> urllib.request.Request:
+    """The printed curl line as a request: URL, header and JSON body taken from the text."""
+    url = re.search(r"curl -s (\S+/v1/completions)", printed)
+    body = re.search(r"-d '(\{.*?\})'", printed, re.S)
+    assert url and body, printed
+    data = json.loads(body.group(1))  # the line must hold valid JSON a user can paste
+    return urllib.request.Request(
+        url.group(1), data=json.dumps(data).encode(), headers={"content-type": "application/json"}
+    )
+
+
+async def test_make_run_serves_the_printed_curl_line_and_stops_on_ctrl_c() -> None:
+    async with devstack() as proc:
+        printed = await _read_until(proc, "Ctrl-C stops everything.")
+
+        def send() -> tuple[int, str | None, dict[str, object]]:
+            with urllib.request.urlopen(_curl_request(printed), timeout=60) as r:
+                return r.status, r.headers.get("x-inference-pod"), json.loads(r.read())
+
+        status, pod, answer = await asyncio.to_thread(send)
+        assert status == 200, answer
+        assert answer["object"] == "text_completion" and answer["choices"], answer
+        assert pod in {f"sim-{i}" for i in range(PODS)}, pod  # the simulated pod that answered
+        await _stopped(proc, signal.SIGINT)
+
+
+async def test_the_terminal_closing_during_start_up_stops_what_was_started() -> None:
+    """SIGHUP once the pods serve, before the stack is ready: devstack stops them (they run in sessions of their
+    own, so the terminal's hang-up does not reach them) instead of dying and leaving them on their ports."""
+    async with devstack() as proc:
+        await _read_until(proc, "starting")
+        deadline = time.monotonic() + START_TIMEOUT
+        while not any(what.startswith("pod") for what in _listening()):
+            assert proc.returncode is None and time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        rest = await _stopped(proc, signal.SIGHUP)
+        assert "ready:" not in rest  # it was stopped during start-up, as meant
