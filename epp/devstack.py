@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import socket
+import sys
 from pathlib import Path
 
 from llmepp.config.schema import DEFAULT_CONFIG
@@ -21,10 +23,16 @@ def parse_options() -> tuple[StackOptions, int]:
     ap.add_argument("--config", help="EndpointPickerConfig YAML (discovery is added); default profile if omitted")
     ap.add_argument("--latency-profile", default="llama-8b-h100", help="simulator latency profile")
     args = ap.parse_args()
+    if args.pods < 1:
+        ap.error("--pods must be at least 1")
+    try:
+        config = Path(args.config).read_text() if args.config else DEFAULT_CONFIG
+    except (OSError, UnicodeDecodeError) as e:
+        ap.error(f"--config: {e}")
     options = StackOptions(
         pods=args.pods,
         sim_args=["--latency-profile", args.latency_profile, "--max-num-seqs", "16", "--kv-cache-size", "4096"],
-        epp_config=Path(args.config).read_text() if args.config else DEFAULT_CONFIG,
+        epp_config=config,
         pod_port=8000,
         envoy_port=args.port,
         envoy_admin_port=9901,
@@ -36,7 +44,32 @@ def parse_options() -> tuple[StackOptions, int]:
     return options, args.pods
 
 
-async def main(options: StackOptions, pods: int) -> None:
+def ports_in_use(options: StackOptions) -> list[str]:
+    """The stack's fixed addresses something else holds (another `make run`, say), as "what host:port"."""
+    wanted = [
+        ("Envoy", "127.0.0.1", options.envoy_port),
+        ("Envoy admin", "127.0.0.1", options.envoy_admin_port),
+        ("EPP", "127.0.0.1", options.epp_port),
+        ("EPP health", "127.0.0.1", options.health_port),
+        ("EPP metrics", "127.0.0.1", options.metrics_port),
+        *((f"pod {i}", f"127.0.0.{options.first_host + i}", options.pod_port) for i in range(options.pods)),
+    ]
+    busy = []
+    for what, host, port in wanted:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no obstacle
+            try:
+                s.bind((host, port))
+            except OSError:
+                busy.append(f"{what} {host}:{port}")
+    return busy
+
+
+async def main(options: StackOptions, pods: int) -> int:
+    # Taken ports would otherwise show as one program failing to start, half-way through the start-up.
+    if busy := ports_in_use(options):
+        print(f"devstack: in use already (is another `make run` running?): {', '.join(busy)}", file=sys.stderr)
+        return 1
     print(f"starting {pods} simulated pods, the EPP and Envoy ...", flush=True)
     # Ctrl-C, `kill` or the terminal closing (SIGHUP) stop the stack's processes too (the EPP and the pods run
     # in sessions of their own: nothing else would stop them), during start-up as well. Later signals are
@@ -72,11 +105,15 @@ Ctrl-C stops everything.""",
             await asyncio.Future()  # until a signal cancels this task
     except asyncio.CancelledError:
         pass
+    except (RuntimeError, TimeoutError, OSError) as e:  # a program that did not start; its log tail is in `e`
+        print(f"devstack: the stack did not start: {e}", file=sys.stderr)
+        return 1
     print("stopped", flush=True)
+    return 0
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 if __name__ == "__main__":
-    asyncio.run(main(*parse_options()))
+    sys.exit(asyncio.run(main(*parse_options())))

@@ -130,3 +130,41 @@ async def test_the_terminal_closing_during_start_up_stops_what_was_started() -> 
             await asyncio.sleep(0.02)
         rest = await _stopped(proc, signal.SIGHUP)
         assert "ready:" not in rest  # it was stopped during start-up, as meant
+
+
+async def _exit(*args: str) -> tuple[int, str]:
+    """Run devstack to its end (it must end by itself): exit code and everything it printed."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "llmepp.devstack", "--pods", str(PODS), "--port", str(_free_port()), *args,
+        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), START_TIMEOUT)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def test_a_taken_port_is_named_before_anything_starts() -> None:
+    with socket.socket() as holder:
+        holder.bind(FIXED["EPP"])
+        holder.listen()
+        code, printed = await _exit()
+    assert code == 1, printed
+    assert "EPP 127.0.0.1:9002" in printed and "another `make run`" in printed, printed
+    assert "Traceback" not in printed and "starting" not in printed, printed
+
+
+async def test_a_config_the_epp_refuses_is_reported_without_a_traceback(tmp_path: Path) -> None:
+    config = tmp_path / "epp-config.yaml"
+    config.write_text("plugins:\n- type: no-such-scorer\n")
+    code, printed = await _exit("--config", str(config))
+    assert code == 1, printed
+    assert "devstack: the stack did not start" in printed and "no-such-scorer" in printed, printed
+    assert "Traceback" not in printed.split("devstack: the stack did not start")[0], printed  # devstack's own
+    assert not _listening(), "a process devstack started outlived it"
+    code, printed = await _exit("--config", str(tmp_path / "missing.yaml"))
+    assert code == 2 and "--config" in printed and "Traceback" not in printed, printed
