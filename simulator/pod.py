@@ -41,9 +41,10 @@ def bind_listener(host: str, port: int) -> socket.socket:
     try:
         sock.bind((host, port))
         sock.listen(1024)
-    except OSError:
+    except OSError as e:
         sock.close()
-        raise
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise OSError(e.errno, f"cannot listen on {where}: {e.strerror}") from e
     sock.setblocking(False)
     return sock
 

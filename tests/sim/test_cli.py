@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -170,3 +171,12 @@ def test_cli_errors_exit_2_without_traceback(capsys: pytest.CaptureFixture[str])
     assert "epp-sim: error:" in capsys.readouterr().err
     assert main(["--list-profiles"]) == 0
     assert "llama-8b-h100" in capsys.readouterr().out.split()
+
+
+def test_a_taken_port_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert main(["--hosts", "127.0.0.1", "--port", str(port)]) == 1
+    assert f"cannot listen on 127.0.0.1:{port}: " in capsys.readouterr().err
