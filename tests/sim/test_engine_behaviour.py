@@ -59,23 +59,25 @@ async def test_eviction_under_pressure_drops_cached_prefix(http: aiohttp.ClientS
 
 
 async def test_full_batch_queues_and_later_requests_pay_the_wait(http: aiohttp.ClientSession) -> None:
-    async with running([pod(max_num_seqs=2, inter_token_latency=50.0)]) as cluster:
+    # At STEADY (3x) a stall of 100 ms wall between a request's arrival and its admission still reads as no
+    # wait (< 0.3 s simulated); at FAST it took 30 ms, which a loaded machine can produce.
+    async with running([pod(max_num_seqs=2, inter_token_latency=50.0)], time_scale=STEADY) as cluster:
         url, engine = cluster.urls[0], cluster.pods[0].engine
         tasks = [asyncio.create_task(complete(http, url, words(20, salt=f"q{i} "), 30, stream=True)) for i in range(6)]
-        # Until all have arrived (a fixed 30 ms sleep raced them on a loaded machine); the first two run for ~1.5 s
-        # simulated (0.15 s wall).
+        # Until all have arrived (a fixed sleep raced them on a loaded machine); the first two run for ~1.5 s
+        # simulated (0.5 s wall).
         await until(lambda: len(engine.running) + len(engine.waiting) == 6)
         families = await scrape(http, url)
         assert sample(families, "vllm:num_requests_running") == 2
         assert sample(families, "vllm:num_requests_waiting") == 4
         results = await asyncio.gather(*tasks)
-        one_request = min(r.total_wall for r in results) * FAST  # ~ 34 ms prefill + 29 x 50 ms decode
-        assert max(r.ttft_wall for r in results) * FAST > 1.6 * one_request
+        one_request = min(r.total_wall for r in results) * STEADY  # ~ 34 ms prefill + 29 x 50 ms decode
+        assert max(r.ttft_wall for r in results) * STEADY > 1.6 * one_request
         families = await scrape(http, url)
         assert sample(families, "vllm:num_requests_waiting") == 0
 
-        # The engine's own clock, not the client's: a wall-clock stall of this process (at time scale 10,
-        # 0.1 s wall is 1 simulated second) can delay when the client sees a token, not when the engine
+        # The engine's own clock, not the client's: a wall-clock stall of this process (at time scale 3,
+        # 0.1 s wall is 0.3 simulated seconds) can delay when the client sees a token, not when the engine
         # admitted a request. The first pair never waited, the second waited one batch, the last two.
         def waited(le: str) -> float:
             return sample(families, "vllm:request_queue_time_seconds", "_bucket", le=le)
