@@ -23,8 +23,8 @@ def parse_options() -> tuple[StackOptions, int]:
     ap.add_argument("--config", help="EndpointPickerConfig YAML (discovery is added); default profile if omitted")
     ap.add_argument("--latency-profile", default="llama-8b-h100", help="simulator latency profile")
     args = ap.parse_args()
-    if args.pods < 1:
-        ap.error("--pods must be at least 1")
+    if not 1 <= args.pods <= 253:
+        ap.error("--pods must be 1 to 253 (the pods are 127.0.0.2 and up)")
     try:
         config = Path(args.config).read_text() if args.config else DEFAULT_CONFIG
     except (OSError, UnicodeDecodeError) as e:

@@ -166,5 +166,10 @@ async def test_a_config_the_epp_refuses_is_reported_without_a_traceback(tmp_path
     assert "devstack: the stack did not start" in printed and "no-such-scorer" in printed, printed
     assert "Traceback" not in printed.split("devstack: the stack did not start")[0], printed  # devstack's own
     assert not _listening(), "a process devstack started outlived it"
+
+
+async def test_usage_errors_exit_2_before_anything_starts(tmp_path: Path) -> None:
     code, printed = await _exit("--config", str(tmp_path / "missing.yaml"))
     assert code == 2 and "--config" in printed and "Traceback" not in printed, printed
+    code, printed = await _exit("--pods", "254")  # the last --pods wins over the one _exit gives
+    assert code == 2 and "--pods must be 1 to 253" in printed, printed
