@@ -25,6 +25,8 @@ def parse_options() -> tuple[StackOptions, int]:
     args = ap.parse_args()
     if not 1 <= args.pods <= 253:
         ap.error("--pods must be 1 to 253 (the pods are 127.0.0.2 and up)")
+    if not 1 <= args.port <= 65535:
+        ap.error("--port must be 1 to 65535")
     try:
         config = Path(args.config).read_text() if args.config else DEFAULT_CONFIG
     except (OSError, UnicodeDecodeError) as e:
@@ -81,6 +83,7 @@ async def main(options: StackOptions, pods: int) -> int:
     def on_signal() -> None:
         for sig in _STOP_SIGNALS:
             loop.add_signal_handler(sig, lambda: None)
+        print("stopping (Envoy, the EPP, the pods) ...", flush=True)
         task.cancel()
 
     for sig in _STOP_SIGNALS:

@@ -173,3 +173,5 @@ async def test_usage_errors_exit_2_before_anything_starts(tmp_path: Path) -> Non
     assert code == 2 and "--config" in printed and "Traceback" not in printed, printed
     code, printed = await _exit("--pods", "254")  # the last --pods wins over the one _exit gives
     assert code == 2 and "--pods must be 1 to 253" in printed, printed
+    code, printed = await _exit("--port", "70000")
+    assert code == 2 and "--port must be 1 to 65535" in printed, printed
