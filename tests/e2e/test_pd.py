@@ -120,7 +120,8 @@ async def test_long_uncached_prompt_is_disaggregated_then_cached_repeat_is_not(
     assert diff.pods[prefillers[0]]["vllm:request_prefill_time_seconds_sum"] > 1.0
     assert set(served) == {prefillers[0], decoder}
     assert diff.pods[decoder]["vllm:generation_tokens_total"] == 12
-    assert diff.pods[decoder]["vllm:request_prefill_time_seconds_sum"] < 0.4
+    # Under half a local prefill: at time scale 4 a host stall of 0.19 s once showed as 0.75 s simulated here.
+    assert diff.pods[decoder]["vllm:request_prefill_time_seconds_sum"] < 1.0
 
     # The same prompt again: the decode pod holds all of it, so it stays decode-only there.
     await asyncio.sleep(0.05)

@@ -5,10 +5,10 @@ and `epp-latency-predictor` as its own process on loopback.
 
 The predictor starts knowing nothing but its prior. The pods carry 0, 6 and 12 long background requests
 (sent to them directly, so only their scraped metrics show it); requests through Envoy pinned to each pod
-train it on what they observe. Then requests with a 32 ms TPOT SLO, routed freely, must go to the idle pod
-(predicted ~20 ms; the others ~45 and ~70 ms) — without predictions the scorer's KV / queue / prefix
-fallback sees three nearly identical pods and spreads them. Stopping the predictor (a hang), then killing it,
-must not fail or stall a single request.
+train it on what they observe. Then requests with a TPOT SLO between the idle pod's predicted TPOT and the
+next one's (~32 ms), routed freely, must go to the idle pod (predicted ~20 ms; the others ~45 and ~70 ms) —
+without predictions the scorer's KV / queue / prefix fallback sees three nearly identical pods and spreads
+them. Stopping the predictor (a hang), then killing it, must not fail or stall a single request.
 """
 
 from __future__ import annotations
@@ -140,13 +140,16 @@ async def test_predictions_trained_on_real_responses_steer_tight_slo_requests(
         # The model learnt that TPOT grows with running requests (the prior says 1 ms per request).
         features = {"kv_cache_percentage": 0.05, "input_token_length": 60, "num_request_waiting": 0,
                     "num_tokens_generated": 1, "prefix_cache_score": 0.0}  # fmt: skip
-        rows = [{**features, "num_request_running": r} for r in (0, 12)]
+        rows = [{**features, "num_request_running": r} for r in BACKGROUND]
         async with http.post(f"{predictor.prediction_url}/predict/bulk/strict", json={"requests": rows}) as r:
-            idle, busy = (p["tpot_ms"] for p in (await r.json())["predictions"])
-        assert idle < 32 < 40 < busy, (idle, busy)
+            idle, mid, busy = (p["tpot_ms"] for p in (await r.json())["predictions"])
+        # ~20 / 44 / 68 ms. The differences, not the levels: on a starved machine every observed TPOT carries the
+        # same host delay per token on top (57 ms for the idle pod was seen once).
+        assert mid - idle > 10 and busy - mid > 10, (idle, mid, busy)
 
-        # Tight TPOT SLO, routed freely: the idle pod, bar the tier filter's 1% exploration.
-        slo = {"x-llm-d-slo-ttft-ms": "5000", "x-llm-d-slo-tpot-ms": "32"}
+        # Tight TPOT SLO (~32 ms: between what the idle pod and the next are predicted), routed freely: the idle
+        # pod, bar the tier filter's 1% exploration.
+        slo = {"x-llm-d-slo-ttft-ms": "5000", "x-llm-d-slo-tpot-ms": f"{(idle + mid) / 2:.0f}"}
         served = [await complete(http, stack.url, slo) for _ in range(20)]
         assert served.count(names[0]) >= 18 and served.count(names[2]) <= 1, served
         labels = {"model_name": MODEL, "target_model_name": MODEL}
