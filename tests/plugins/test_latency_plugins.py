@@ -610,6 +610,9 @@ async def test_through_the_director_a_tight_slo_avoids_the_endpoint_predicted_sl
     metrics = EppMetrics()
     c = build(load_config(yaml.safe_dump(config)), datastore=ds, metrics=metrics)
     d = Director(ds, c.pipeline, metrics)
+    # Seeded: unseeded, 3+ explorations of the negative tier in 30 requests (P ≈ 0.33%) failed the bound below.
+    # This seed explores once (the 5th of its first 30 draws is < 1%), so the negative tier is still reachable.
+    c.plugins["slo-headroom-tier-filter"]._rng = random.Random(6)  # type: ignore[attr-defined]
     chosen = []
     for i in range(30):
         req = request(f"prompt {i}".encode())
