@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -70,6 +70,15 @@ def request(prompt: bytes | None = b"hello", model: str = "m", **kw: object) -> 
         prompt=prompt,
         **kw,  # type: ignore[arg-type]
     )
+
+
+async def until(cond: Callable[[], bool], within: float = 5.0, what: str = "condition", interval: float = 0.01) -> None:
+    """Let the loop run until `cond()` holds; AssertionError naming `what` after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(interval)
 
 
 def write_cert_pair(directory: Path, host: str = "localhost") -> bytes:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import Callable
 
 import zmq.asyncio
 
@@ -20,14 +18,6 @@ from llmepp.kvevents.subscriber import Subscriber, SubscriberOptions
 from llmepp.kvevents.tiers import TierTable
 
 TIERS = TierTable()
-
-
-async def until(cond: Callable[[], bool], within: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 class Rig:

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import pytest
+from helpers import until
 
 from llmepp.config.loader import Components, build, load_config
 from llmepp.datalayer.datastore import Datastore
@@ -24,8 +25,6 @@ from llmepp.plugins.scorers.prefix_cache import PrefixCacheScorer
 from llmepp.request.parsers import parse_request
 from llmepp.request.types import InferenceRequest, ResponseInfo
 from llmepp_sim.tokenizer import TOKENIZER_PATH
-
-from .rig import until
 
 # The reference's test/perf/config/router-configs/precise-prefix.yaml shape (§2 example C).
 EXAMPLE_C = """

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import redis.asyncio as aioredis
+from helpers import until
 
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import EndpointSpec
@@ -30,7 +31,7 @@ from llmepp.request.types import InferenceRequest, RequestKind, ResponseInfo
 from llmepp.testing.redis import RedisServer
 
 from .publisher import CLEARED, Engine, TestPublisher, stored
-from .rig import TIERS, endpoint, until
+from .rig import TIERS, endpoint
 
 TOKENS = list(range(300, 300 + 4 * 16))
 

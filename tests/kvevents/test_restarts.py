@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 
+from helpers import until
+
 from .publisher import Engine, TestPublisher, stored
-from .rig import Rig, until
+from .rig import Rig
 
 TOKENS = list(range(100, 100 + 4 * 12))  # the first incarnation's prompt: 12 blocks of 4 tokens
 OTHER = list(range(900, 900 + 4 * 12))  # what the restarted engine stores

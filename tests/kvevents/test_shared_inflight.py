@@ -14,6 +14,7 @@ import time
 
 import pytest
 import redis.asyncio as aioredis
+from helpers import until
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmepp.datalayer.datastore import Datastore
@@ -26,8 +27,6 @@ from llmepp.plugins.producers.shared_inflight import RedisInFlightLoadProducer
 from llmepp.request.types import InferenceRequest, RequestKind, ResponseInfo
 from llmepp.testing.ports import free_port
 from llmepp.testing.redis import RedisServer
-
-from .rig import until
 
 FAST = {"syncInterval": "50ms", "replicaTTL": "300ms"}
 

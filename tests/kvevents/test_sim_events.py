@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+from helpers import until
 
 from llmepp.kvevents.index import MemoryIndex
 from llmepp.kvevents.pool import SubscriberPool
@@ -16,7 +17,7 @@ from llmepp.testing.ports import free_port
 from llmepp_sim.cluster import SimProcess
 from llmepp_sim.tokenizer import SimTokenizer
 
-from .rig import endpoint, memory_pool, pool_match, until
+from .rig import endpoint, memory_pool, pool_match
 
 WORDS = [
     "alpha",

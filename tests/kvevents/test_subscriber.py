@@ -9,6 +9,7 @@ import time
 
 import msgpack
 import pytest
+from helpers import until
 
 from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
 from llmepp.kvevents.chain import SourceChains
@@ -22,7 +23,7 @@ from llmepp.observability.logging import LogLimiter
 from llmepp.testing.ports import free_port, free_port_pair, free_shared_port
 
 from .publisher import CLEARED, TestPublisher, stored
-from .rig import TIERS, Rig, endpoint, memory_pool, until
+from .rig import TIERS, Rig, endpoint, memory_pool
 
 TOKENS = list(range(100, 100 + 4 * 12))  # 12 blocks of 4 tokens
 

@@ -118,14 +118,6 @@ async def scrape_until(
     return families
 
 
-async def until(cond: Callable[[], bool], within: float = 5.0) -> None:
-    """Let the loop run until ``cond()`` holds (an engine's state, read in process: no scrape load)."""
-    deadline = time.monotonic() + within
-    while not cond():
-        assert time.monotonic() < deadline, f"condition not met in {within} s"
-        await asyncio.sleep(0.002)
-
-
 def sample(families: dict[str, Any], family: str, suffix: str = "", **labels: str) -> float:
     """Value of the first sample of ``family`` named family+suffix whose labels include ``labels``.
 

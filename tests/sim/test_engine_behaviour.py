@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 
 import aiohttp
+from helpers import until
 
-from .simkit import FAST, STEADY, complete, pod, running, sample, scrape, until, words
+from .simkit import FAST, STEADY, complete, pod, running, sample, scrape, words
 
 # Slow prefill makes cache effects large compared with timer jitter (1 ms wall = 10 ms simulated).
 SLOW_PREFILL = {"prefill_overhead": 10.0, "prefill_time_per_token": 1.0, "inter_token_latency": 5.0}
@@ -66,7 +67,7 @@ async def test_full_batch_queues_and_later_requests_pay_the_wait(http: aiohttp.C
         tasks = [asyncio.create_task(complete(http, url, words(20, salt=f"q{i} "), 30, stream=True)) for i in range(6)]
         # Until all have arrived (a fixed sleep raced them on a loaded machine); the first two run for ~1.5 s
         # simulated (0.5 s wall).
-        await until(lambda: len(engine.running) + len(engine.waiting) == 6)
+        await until(lambda: len(engine.running) + len(engine.waiting) == 6, what="all six at the pod", interval=0.002)
         families = await scrape(http, url)
         assert sample(families, "vllm:num_requests_running") == 2
         assert sample(families, "vllm:num_requests_waiting") == 4
@@ -140,7 +141,7 @@ async def test_kv_usage_gauge_is_live(http: aiohttp.ClientSession) -> None:
         url, engine = cluster.urls[0], cluster.pods[0].engine
         task = asyncio.create_task(complete(http, url, words(160), 40))
         # Once it runs (~2 s simulated, 0.2 s wall); a fixed 50 ms sleep could end before it reached the pod.
-        await until(lambda: len(engine.running) == 1)
+        await until(lambda: len(engine.running) == 1, what="the request running", interval=0.002)
         during = sample(await scrape(http, url), "vllm:kv_cache_usage_perc")
         await task
         after = sample(await scrape(http, url), "vllm:kv_cache_usage_perc")

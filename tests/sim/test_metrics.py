@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+from helpers import until
 
-from .simkit import complete, pod, running, sample, scrape, until, words
+from .simkit import complete, pod, running, sample, scrape, words
 
 EXPECTED_TYPES = {
     "vllm:num_requests_running": "gauge",
@@ -78,7 +79,7 @@ async def test_gauges_are_current_at_scrape_time(http: aiohttp.ClientSession) ->
         tasks = [asyncio.create_task(complete(http, url, words(10, salt=f"g{i} "), 40)) for i in range(5)]
         # Until all five have reached the pod (a fixed 30 ms sleep raced them on a loaded machine); the first
         # three run for ~2 s simulated (0.2 s wall).
-        await until(lambda: len(engine.running) + len(engine.waiting) == 5)
+        await until(lambda: len(engine.running) + len(engine.waiting) == 5, what="all five at the pod", interval=0.002)
         families = await scrape(http, url)
         assert sample(families, "vllm:num_requests_running") == 3
         assert sample(families, "vllm:num_requests_waiting") == 2
