@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from llmepp.testing.ports import free_port
+
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,12 +34,6 @@ FIXED = {
 }
 START_TIMEOUT = 180.0  # Envoy, the EPP and the pods start on a loaded 2-core machine
 STOP_TIMEOUT = 60.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _listening() -> list[str]:
@@ -55,7 +51,7 @@ async def devstack() -> AsyncIterator[asyncio.subprocess.Process]:
     busy = _listening()
     assert not busy, f"devstack's ports are taken (a `make run` still running?): {busy}"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "llmepp.devstack", "--pods", str(PODS), "--port", str(_free_port()),
+        sys.executable, "-m", "llmepp.devstack", "--pods", str(PODS), "--port", str(free_port()),
         cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -135,7 +131,7 @@ async def test_the_terminal_closing_during_start_up_stops_what_was_started() -> 
 async def _exit(*args: str) -> tuple[int, str]:
     """Run devstack to its end (it must end by itself): exit code and everything it printed."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "llmepp.devstack", "--pods", str(PODS), "--port", str(_free_port()), *args,
+        sys.executable, "-m", "llmepp.devstack", "--pods", str(PODS), "--port", str(free_port()), *args,
         cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     try:
