@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import pytest
+from helpers import until
 
 from llmepp.datalayer.collector import MetricsCollector
 from llmepp.datalayer.datastore import Datastore
@@ -85,26 +86,18 @@ async def servers() -> AsyncIterator[ServerFactory]:
         await s.stop()
 
 
-async def wait_until(cond: Callable[[], bool], within: float = 2.0) -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
-
-
 async def test_metrics_update_and_follow_the_server(harness_factory: HarnessFactory, servers: ServerFactory) -> None:
     h = await harness_factory()
     server = await servers("127.0.0.51", vllm_page(waiting=2, running=5, kv_usage=0.5))
     t0 = time.monotonic()
     ep = h.add("a", server)
-    await wait_until(lambda: ep.metrics.update_time > 0)
+    await until(lambda: ep.metrics.update_time > 0)
     assert time.monotonic() - t0 < 0.5  # the first scrape starts at once (bound is loose for loaded CI)
     first = ep.metrics
     assert (first.waiting_queue_size, first.running_requests_size, first.kv_cache_usage_percent) == (2, 5, 0.5)
     assert (first.cache_block_size, first.cache_num_blocks) == (16, 74272)
     server.page = vllm_page(waiting=9, running=1, kv_usage=0.75)
-    await wait_until(lambda: ep.metrics.waiting_queue_size == 9)
+    await until(lambda: ep.metrics.waiting_queue_size == 9)
     assert ep.metrics is not first and ep.metrics.update_time > first.update_time
     assert ep.metrics_age(time.monotonic()) < 0.2
     # Steady state: about one scrape per 50 ms tick (10 in 0.5 s), never more.
@@ -121,7 +114,7 @@ async def test_hung_server_goes_stale_without_holding_up_others(
     hung_srv = await servers("127.0.0.52")
     ok_srv = await servers("127.0.0.53")
     hung, ok = h.add("hung", hung_srv), h.add("ok", ok_srv)
-    await wait_until(lambda: hung.metrics.update_time > 0 and ok.metrics.update_time > 0)
+    await until(lambda: hung.metrics.update_time > 0 and ok.metrics.update_time > 0)
     hung_srv.mode = "hang"
     await asyncio.sleep(0.06)
     frozen = hung.metrics.update_time
@@ -150,13 +143,13 @@ async def test_unreachable_then_recovered_logs_once_each_way(
     h = await harness_factory()
     server = await servers("127.0.0.54")
     ep = h.add("flaky", server)
-    await wait_until(lambda: ep.metrics.update_time > 0)
+    await until(lambda: ep.metrics.update_time > 0)
     await server.stop()
     errors0 = h.poll_errors()
-    await wait_until(lambda: h.poll_errors() >= errors0 + 5)
+    await until(lambda: h.poll_errors() >= errors0 + 5)
     stale_since = ep.metrics.update_time
     await server.start()  # same address and port
-    await wait_until(lambda: ep.metrics.update_time > stale_since)
+    await until(lambda: ep.metrics.update_time > stale_since)
     records = [r for r in caplog.records if getattr(r, "endpoint", None) == "flaky"]
     warnings = [r for r in records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
@@ -172,23 +165,23 @@ async def test_garbage_page_and_bad_status_are_counted_apart(
     h = await harness_factory()
     server = await servers("127.0.0.55")
     ep = h.add("g", server)
-    await wait_until(lambda: ep.metrics.update_time > 0)
+    await until(lambda: ep.metrics.update_time > 0)
     server.mode = "garbage"
-    await wait_until(lambda: h.extract_errors() >= 3)
+    await until(lambda: h.extract_errors() >= 3)
     frozen = ep.metrics.update_time
     assert h.poll_errors() == 0
     server.mode = "status"
-    await wait_until(lambda: h.poll_errors() >= 3)
+    await until(lambda: h.poll_errors() >= 3)
     assert ep.metrics.update_time == frozen
     server.mode = "chunked"
-    await wait_until(lambda: ep.metrics.update_time > frozen, within=0.6)  # next page, not after 1 s
+    await until(lambda: ep.metrics.update_time > frozen, within=0.6)  # next page, not after 1 s
 
 
 async def test_removed_endpoint_is_no_longer_scraped(harness_factory: HarnessFactory, servers: ServerFactory) -> None:
     h = await harness_factory()
     server = await servers("127.0.0.56")
     ep = h.add("gone", server)
-    await wait_until(lambda: server.requests >= 3)
+    await until(lambda: server.requests >= 3)
     h.datastore.delete("gone")
     await asyncio.sleep(0.02)
     n = server.requests
@@ -203,7 +196,7 @@ async def test_source_interval_and_port_override(harness_factory: HarnessFactory
     assert h.collector.ticks_per_poll == 5
     # The serving port is wrong on purpose: the source's port override is what gets scraped.
     h.datastore.upsert(EndpointSpec(name="p", address=server.host, port=1))
-    await wait_until(lambda: server.requests >= 1)
+    await until(lambda: server.requests >= 1)
     n0 = server.requests
     await asyncio.sleep(1.0)
     assert 2 <= server.requests - n0 <= 6  # ~4 at 250 ms, not ~20 at the 50 ms base tick
@@ -217,11 +210,11 @@ async def test_metrics_port_change_in_place_moves_the_scrape(
     serving = await servers("127.0.0.58", vllm_page(waiting=1))
     sidecar = await servers("127.0.0.58", vllm_page(waiting=7))
     ep = h.add("m", serving)
-    await wait_until(lambda: ep.metrics.waiting_queue_size == 1)
+    await until(lambda: ep.metrics.waiting_queue_size == 1)
     # Same address:port, so the datastore updates the spec in place (no remove/add).
     h.datastore.upsert(EndpointSpec(name="m", address=serving.host, port=serving.port, metrics_port=sidecar.port))
     assert h.datastore.get("m") is ep
-    await wait_until(lambda: ep.metrics.waiting_queue_size == 7)
+    await until(lambda: ep.metrics.waiting_queue_size == 7)
     n = serving.requests
     await asyncio.sleep(0.2)
     assert serving.requests == n
@@ -232,7 +225,7 @@ async def test_unknown_engine_is_an_extract_error(harness_factory: HarnessFactor
     h = await harness_factory()
     server = await servers("127.0.0.59")
     ep = h.add("x", server, **{"llm-d.ai/engine-type": "mystery"})
-    await wait_until(lambda: h.extract_errors() >= 2)
+    await until(lambda: h.extract_errors() >= 2)
     assert ep.metrics.update_time == 0.0
     assert h.poll_errors() == 0
 
@@ -242,7 +235,7 @@ async def test_pool_gauges(harness_factory: HarnessFactory, servers: ServerFacto
     s1 = await servers("127.0.0.60", vllm_page(waiting=2, running=4, kv_usage=0.25))
     s2 = await servers("127.0.0.61", vllm_page(waiting=6, running=8, kv_usage=0.75))
     e1, e2 = h.add("one", s1), h.add("two", s2)
-    await wait_until(lambda: e1.metrics.update_time > 0 and e2.metrics.update_time > 0)
+    await until(lambda: e1.metrics.update_time > 0 and e2.metrics.update_time > 0)
     h.collector.update_pool_gauges()
     get = h.metrics.registry.get_sample_value
     assert get("llm_d_epp_average_queue_size", {"name": "pool"}) == 4.0
@@ -262,7 +255,7 @@ async def test_aclose_stops_scraping(harness_factory: HarnessFactory, servers: S
     h = await harness_factory()
     server = await servers("127.0.0.62")
     h.add("c", server)
-    await wait_until(lambda: server.requests >= 2)
+    await until(lambda: server.requests >= 2)
     await h.collector.aclose()
     n = server.requests
     await asyncio.sleep(0.2)
@@ -286,7 +279,7 @@ async def test_ready_count_drops_an_endpoint_that_stops_answering_and_takes_it_b
         await servers("127.0.0.65", vllm_page(waiting=8)),
     )
     up, down = h.add("up", up_srv), h.add("down", down_srv)
-    await wait_until(lambda: up.metrics.update_time > 0 and down.metrics.update_time > 0)
+    await until(lambda: up.metrics.update_time > 0 and down.metrics.update_time > 0)
     assert ready_gauge(h) == 2.0
     queue = {"name": "pool"}
     assert h.metrics.registry.get_sample_value("llm_d_epp_average_queue_size", queue) == 5.0
@@ -298,13 +291,13 @@ async def test_ready_count_drops_an_endpoint_that_stops_answering_and_takes_it_b
         assert ready_gauge(h) == 2.0
         await asyncio.sleep(0.02)
     assert h.poll_errors() >= errors0 + 5
-    await wait_until(lambda: ready_gauge(h) == 1.0, within=1.5)
+    await until(lambda: ready_gauge(h) == 1.0, within=1.5)
     assert time.monotonic() - stopped >= 0.9
     assert h.datastore.get("down") is down  # still in the pool: only the ready count changed
     # Its last (frozen) load is not the pool's any more either.
     assert h.metrics.registry.get_sample_value("llm_d_epp_average_queue_size", queue) == 2.0
     await down_srv.start()  # same address and port: answers again
-    await wait_until(lambda: ready_gauge(h) == 2.0, within=1.0)
+    await until(lambda: ready_gauge(h) == 2.0, within=1.0)
 
 
 async def test_one_lost_scrape_or_a_short_outage_does_not_drop_the_ready_count(
@@ -315,13 +308,13 @@ async def test_one_lost_scrape_or_a_short_outage_does_not_drop_the_ready_count(
     assert h.collector.down_after == 1.0
     s1, s2 = await servers("127.0.0.66"), await servers("127.0.0.67")
     e1, e2 = h.add("one", s1), h.add("two", s2)
-    await wait_until(lambda: e1.metrics.update_time > 0 and e2.metrics.update_time > 0)
+    await until(lambda: e1.metrics.update_time > 0 and e2.metrics.update_time > 0)
     assert ready_gauge(h) == 2.0
 
     # One scrape hangs until its timeout (the server is switched back at once: only that one hangs).
     s2.mode = "hang"
     n0, errors0, hung_at = s2.requests, h.poll_errors(), time.monotonic()
-    await wait_until(lambda: s2.requests > n0)
+    await until(lambda: s2.requests > n0)
     s2.mode = "ok"
     samples: list[float | None] = []
     while h.poll_errors() == errors0:
@@ -372,7 +365,7 @@ async def test_a_flapping_endpoint_is_not_logged_on_every_scrape(
     try:
         h = await harness_factory()
         h.datastore.upsert(EndpointSpec(name="flap", address=server.host, port=server.port))
-        await wait_until(lambda: h.poll_errors() >= 8)
+        await until(lambda: h.poll_errors() >= 8)
     finally:
         await server.stop()
     records = [r for r in caplog.records if getattr(r, "endpoint", None) == "flap"]

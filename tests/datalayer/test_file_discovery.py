@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from helpers import until
 
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import EndpointSpec
@@ -156,14 +156,6 @@ async def running() -> AsyncIterator[Callable[[FileDiscovery, Datastore], asynci
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def wait_until(cond: Callable[[], bool], within: float = 2.0) -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
-
-
 def names(ds: Datastore) -> set[str]:
     return {ep.name for ep in ds.endpoints}
 
@@ -199,7 +191,7 @@ async def test_static_load_marks_synced(tmp_path: Path, running: Callable[..., a
     path.write_text(json.dumps({"endpoints": [{"name": "a", "address": "10.0.0.1", "port": "8000"}]}))
     ds = Datastore()
     task = running(build(path), ds)
-    await wait_until(lambda: ds.synced)
+    await until(lambda: ds.synced)
     assert names(ds) == {"a"}
     path.write_text(json.dumps({"endpoints": []}))  # not watched: ignored
     await asyncio.sleep(0.1)
@@ -213,15 +205,15 @@ async def test_reload_adds_removes_and_changes(tmp_path: Path, running: Callable
     ds = Datastore()
     plugin = build(path, watch=True)
     running(plugin, ds)
-    await wait_until(lambda: ds.synced)
+    await until(lambda: ds.synced)
     a_before = ds.get("a")
     path.write_text(entries(("a", "10.0.0.1", 8000), ("b", "10.0.0.9", 8000), ("c", "10.0.0.3", 8000)))
-    await wait_until(lambda: names(ds) == {"a", "b", "c"})
+    await until(lambda: names(ds) == {"a", "b", "c"})
     b = ds.get("b")
     assert b is not None and b.address == "10.0.0.9"
     assert ds.get("a") is a_before  # unchanged entries are untouched
     path.write_text(entries(("c", "10.0.0.3", 8000)))
-    await wait_until(lambda: names(ds) == {"c"})
+    await until(lambda: names(ds) == {"c"})
     assert a_before is not None and a_before.removed
     assert plugin.reloads == 2 and plugin.reload_errors == 0
 
@@ -231,11 +223,11 @@ async def test_atomic_rename(tmp_path: Path, running: Callable[..., asyncio.Task
     path.write_text(entries(("a", "10.0.0.1", 8000)))
     ds = Datastore()
     running(build(path, watch=True), ds)
-    await wait_until(lambda: ds.synced)
+    await until(lambda: ds.synced)
     tmp = tmp_path / ".eps.yaml.tmp"
     tmp.write_text(entries(("z", "10.0.0.26", 8000)))
     os.replace(tmp, path)
-    await wait_until(lambda: names(ds) == {"z"})
+    await until(lambda: names(ds) == {"z"})
 
 
 async def test_configmap_symlink_swap(tmp_path: Path, running: Callable[..., asyncio.Task[None]]) -> None:
@@ -250,10 +242,10 @@ async def test_configmap_symlink_swap(tmp_path: Path, running: Callable[..., asy
     path.symlink_to("..data/eps.yaml")
     ds = Datastore()
     running(build(path, watch=True), ds)
-    await wait_until(lambda: names(ds) == {"a"})
+    await until(lambda: names(ds) == {"a"})
     (tmp_path / "..data_tmp").symlink_to(v2.name)
     os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
-    await wait_until(lambda: names(ds) == {"a", "b"})
+    await until(lambda: names(ds) == {"a", "b"})
 
 
 async def test_bad_reload_keeps_the_pool(
@@ -264,20 +256,20 @@ async def test_bad_reload_keeps_the_pool(
     ds = Datastore()
     plugin = build(path, watch=True)
     running(plugin, ds)
-    await wait_until(lambda: ds.synced)
+    await until(lambda: ds.synced)
     path.write_text(entries(("a", "10.0.0.1", 8000), ("b", "10.0.0.2", 99999)))
-    await wait_until(lambda: plugin.reload_errors == 1)
+    await until(lambda: plugin.reload_errors == 1)
     await asyncio.sleep(0.1)
     assert names(ds) == {"a", "b"}
     assert plugin.reload_errors == 1  # logged once per file state, not once per poll
     assert any("endpoints[1].port: must be 1-65535" in r.getMessage() for r in caplog.records)
     path.write_text("endpoints: [")  # broken YAML
-    await wait_until(lambda: plugin.reload_errors == 2)
+    await until(lambda: plugin.reload_errors == 2)
     path.unlink()  # gone
-    await wait_until(lambda: plugin.reload_errors == 3)
+    await until(lambda: plugin.reload_errors == 3)
     assert names(ds) == {"a", "b"}
     path.write_text(entries(("b", "10.0.0.2", 8000)))  # back and valid
-    await wait_until(lambda: names(ds) == {"b"})
+    await until(lambda: names(ds) == {"b"})
 
 
 async def test_reload_errors_are_counted_in_poll_errors(
@@ -293,7 +285,7 @@ async def test_reload_errors_are_counted_in_poll_errors(
     plugin.setup(PluginContext({}, None, None, metrics))
     ds = Datastore()
     running(plugin, ds)
-    await wait_until(lambda: ds.synced)
+    await until(lambda: ds.synced)
     path.write_text("not: [valid")
     sample = {"source_type": "file-discovery"}
-    await wait_until(lambda: metrics.registry.get_sample_value("llm_d_epp_datalayer_poll_errors_total", sample) == 1)
+    await until(lambda: metrics.registry.get_sample_value("llm_d_epp_datalayer_poll_errors_total", sample) == 1)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 from aiohttp import web
+from helpers import until
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -144,14 +144,6 @@ async def model_servers() -> AsyncIterator[Callable[[str], asyncio.Future[Models
     yield start  # type: ignore[misc]
     for s in started:
         await s.stop()
-
-
-async def until(cond: Callable[[], bool], within: float = 3.0) -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 def _errors(metrics: EppMetrics) -> tuple[float, float]:

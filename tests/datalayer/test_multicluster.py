@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import until
 from prometheus_client import generate_latest
 
 from llmepp.config.loader import build, load_config
@@ -284,14 +285,6 @@ async def peers() -> AsyncIterator[Callable[..., object]]:
         await server.stop()
 
 
-async def wait_until(cond: Callable[[], bool], within: float = 3.0) -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
-
-
 def load(ep: Endpoint) -> tuple[float | None, float | None]:
     a = ep.metrics.attributes
     return a.get(POOL_QUEUE_SIZE), a.get(POOL_KV_CACHE_UTILIZATION)
@@ -304,35 +297,35 @@ async def test_pool_averages_follow_the_peer_and_go_unknown_when_it_cannot_be_re
     hub: Hub = await hubs()  # type: ignore[misc]
     peer: MetricsServer = await peers("127.0.0.81", epp_page(kv=0.25, queue=3.5))  # type: ignore[misc]
     ep = hub.add("cluster-a", peer)
-    await wait_until(lambda: load(ep) == (3.5, 0.25))
+    await until(lambda: load(ep) == (3.5, 0.25))
     peer.page = epp_page(kv=0.75, queue=0.5)
-    await wait_until(lambda: load(ep) == (0.5, 0.75))
+    await until(lambda: load(ep) == (0.5, 0.75))
     assert hub.poll_errors() == 0 and hub.extract_errors() == 0
     # The peer stops publishing the queue gauge: that one is unknown, the KV value still follows.
     peer.page = epp_page(kv=0.5, queue=None)
-    await wait_until(lambda: load(ep) == (None, 0.5))
+    await until(lambda: load(ep) == (None, 0.5))
     assert hub.extract_errors() >= 1
     # Neither gauge (e.g. a model server's page by mistake), then garbage: unknown, nothing kept.
     peer.page = (
         b"# HELP vllm:num_requests_waiting x\n# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting 4\n"
     )
-    await wait_until(lambda: ep.metrics is NO_METRICS)
+    await until(lambda: ep.metrics is NO_METRICS)
     peer.page = epp_page(kv=0.1, queue=1.0)
-    await wait_until(lambda: load(ep) == (1.0, 0.1))
+    await until(lambda: load(ep) == (1.0, 0.1))
     peer.mode = "garbage"
-    await wait_until(lambda: ep.metrics is NO_METRICS)
+    await until(lambda: ep.metrics is NO_METRICS)
     # An error status, then unreachable: unknown at once (not last known values aging), counted.
     peer.mode = "ok"
-    await wait_until(lambda: load(ep) == (1.0, 0.1))
+    await until(lambda: load(ep) == (1.0, 0.1))
     peer.mode = "status"
-    await wait_until(lambda: ep.metrics is NO_METRICS)
+    await until(lambda: ep.metrics is NO_METRICS)
     peer.mode = "ok"
-    await wait_until(lambda: load(ep) == (1.0, 0.1))
+    await until(lambda: load(ep) == (1.0, 0.1))
     errors = hub.poll_errors()
     await peer.stop()
-    await wait_until(lambda: ep.metrics is NO_METRICS and hub.poll_errors() >= errors + 3)
+    await until(lambda: ep.metrics is NO_METRICS and hub.poll_errors() >= errors + 3)
     await peer.start()  # same address and port: back to known values
-    await wait_until(lambda: load(ep) == (1.0, 0.1))
+    await until(lambda: load(ep) == (1.0, 0.1))
     records = [r for r in caplog.records if getattr(r, "endpoint", None) == "cluster-a"]
     warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     recoveries = [r.getMessage() for r in records if r.levelno == logging.INFO]
@@ -354,7 +347,7 @@ async def test_a_lasting_failure_is_logged_again_once_per_interval(
     hub: Hub = await hubs()  # type: ignore[misc]
     peer: MetricsServer = await peers("127.0.0.82", epp_page(kv=0.2, queue=1.0))  # type: ignore[misc]
     ep = hub.add("cluster-b", peer)
-    await wait_until(lambda: load(ep) == (1.0, 0.2))
+    await until(lambda: load(ep) == (1.0, 0.2))
     peer.mode = "status"
     await asyncio.sleep(1.0)  # ~20 failed scrapes
     peer.mode = "ok"
@@ -375,7 +368,7 @@ async def test_peer_certificates_are_verified_by_default(
     strict: Hub = await hubs("{}")  # type: ignore[misc]
     trusted: Hub = await hubs(f"{{caCertPath: {tmp_path / 'c.pem'}}}")  # type: ignore[misc]
     a, b = strict.add("untrusted", peer), trusted.add("trusted", peer)
-    await wait_until(lambda: load(b) == (2.0, 0.3) and strict.poll_errors() >= 3)
+    await until(lambda: load(b) == (2.0, 0.3) and strict.poll_errors() >= 3)
     assert a.metrics is NO_METRICS  # a self-signed peer is refused: its load stays unknown
 
 
@@ -389,31 +382,31 @@ async def test_an_empty_cluster_is_unavailable_counted_and_logged_once_per_chang
     hub: Hub = await hubs()  # type: ignore[misc]
     peer: MetricsServer = await peers("127.0.0.83", epp_page(kv=0.4, queue=2.5, ready=3, running=1.5))  # type: ignore[misc]
     ep = hub.add("cluster-e", peer)
-    await wait_until(lambda: ep.metrics.attributes.get(POOL_READY_ENDPOINTS) == 3)
+    await until(lambda: ep.metrics.attributes.get(POOL_READY_ENDPOINTS) == 3)
     # Available: the pool averages are the cluster's per-endpoint fields too (what generic plugins read).
     m = ep.metrics
     assert (m.waiting_queue_size, m.kv_cache_usage_percent, m.running_requests_size) == (2.5, 0.4, 1.5)
     assert m.update_time > 0 and not is_unavailable(ep)
     # Its pods are gone: its EPP still publishes averages of 0, which must not read as idle.
     peer.page = epp_page(kv=0.0, queue=0.0, ready=0)
-    await wait_until(lambda: is_unavailable(ep))
+    await until(lambda: is_unavailable(ep))
     scrapes = peer.requests
-    await wait_until(lambda: peer.requests >= scrapes + 5)  # still empty: nothing more counted or logged
+    await until(lambda: peer.requests >= scrapes + 5)  # still empty: nothing more counted or logged
     assert ep.metrics.update_time == 0.0 and ep.metrics.waiting_queue_size == 0  # no load to act on
     assert hub.unavailable("cluster-e") == 1
     peer.page = epp_page(kv=0.1, queue=0.0, ready=1)
-    await wait_until(lambda: not is_unavailable(ep) and ep.metrics.update_time > 0)
+    await until(lambda: not is_unavailable(ep) and ep.metrics.update_time > 0)
     peer.page = epp_page(kv=0.0, queue=0.0, ready=0)
-    await wait_until(lambda: is_unavailable(ep))
+    await until(lambda: is_unavailable(ep))
     assert hub.unavailable("cluster-e") == 2
     peer.mode = "status"  # unreadable: the count is unknown, which is not 0: a candidate again
-    await wait_until(lambda: ep.metrics is NO_METRICS)
+    await until(lambda: ep.metrics is NO_METRICS)
     assert not is_unavailable(ep) and hub.unavailable("cluster-e") == 2
     # A page without the ready gauge: an extraction error, the loads still used, not unavailable.
     peer.mode = "ok"
     peer.page = epp_page(kv=0.3, queue=1.0, ready=None)
     errors = hub.extract_errors()
-    await wait_until(lambda: load(ep) == (1.0, 0.3) and hub.extract_errors() > errors)
+    await until(lambda: load(ep) == (1.0, 0.3) and hub.extract_errors() > errors)
     assert not is_unavailable(ep) and ep.metrics.waiting_queue_size == 1.0
     logged = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "llmepp.datalayer.multicluster"]
     assert logged == [
@@ -455,7 +448,7 @@ async def test_a_hub_publishes_its_clusters_averages_and_chains_and_its_detector
     small: MetricsServer = await peers("127.0.0.85", epp_page(kv=0.2, queue=0.0, ready=1, running=0.0))  # type: ignore[misc]
     empty: MetricsServer = await peers("127.0.0.86", epp_page(kv=0.0, queue=0.0, ready=0, running=0.0))  # type: ignore[misc]
     clusters = [hub.add("big", big), hub.add("small", small), hub.add("empty", empty)]
-    await wait_until(lambda: all(POOL_READY_ENDPOINTS in ep.metrics.attributes for ep in clusters))
+    await until(lambda: all(POOL_READY_ENDPOINTS in ep.metrics.attributes for ep in clusters))
     # Per pod behind the hub: (3·4 + 1·0) / 4 queued, (3·0.6 + 1·0.2) / 4 KV; the empty cluster adds nothing.
     assert hub.gauges() == pytest.approx((4, 0.5, 3.0, 1.5))
     # A hub above reads this hub's page as it reads a cluster's: 4 pods, the same averages.
@@ -463,9 +456,7 @@ async def test_a_hub_publishes_its_clusters_averages_and_chains_and_its_detector
     lower: MetricsServer = await peers("127.0.0.87", generate_latest(hub.metrics.registry))  # type: ignore[misc]
     other: MetricsServer = await peers("127.0.0.88", epp_page(kv=0.0, queue=0.0, ready=4, running=0.0))  # type: ignore[misc]
     a, b = top.add("hub-a", lower), top.add("cluster-b", other)
-    await wait_until(
-        lambda: POOL_READY_ENDPOINTS in a.metrics.attributes and POOL_READY_ENDPOINTS in b.metrics.attributes
-    )
+    await until(lambda: POOL_READY_ENDPOINTS in a.metrics.attributes and POOL_READY_ENDPOINTS in b.metrics.attributes)
     assert a.metrics.attributes == pytest.approx(
         {POOL_READY_ENDPOINTS: 4, POOL_KV_CACHE_UTILIZATION: 0.5, POOL_QUEUE_SIZE: 3.0, POOL_RUNNING_REQUESTS: 1.5}
     )
@@ -475,7 +466,7 @@ async def test_a_hub_publishes_its_clusters_averages_and_chains_and_its_detector
     detector = UtilizationDetector("d", UtilizationDetectorParams(metrics_staleness_threshold="10s"))
     assert detector.saturation(clusters, time.monotonic()) == pytest.approx((0.8 + 0.25 + 1.0) / 3)
     empty.page = epp_page(kv=0.0, queue=0.0, ready=2, running=0.0)  # its pods are back, idle
-    await wait_until(lambda: not is_unavailable(clusters[2]))
+    await until(lambda: not is_unavailable(clusters[2]))
     assert detector.saturation(clusters, time.monotonic()) == pytest.approx((0.8 + 0.25 + 0.0) / 3)
     assert hub.gauges() == pytest.approx((6, (1.8 + 0.2) / 6, 2.0, 1.0))
 
@@ -547,7 +538,7 @@ async def test_a_peer_publishing_a_negative_queue_does_not_draw_the_traffic(
     broken: MetricsServer = await peers("127.0.0.91", epp_page(kv=0.4, queue=-50.0))  # type: ignore[misc]
     sane: MetricsServer = await peers("127.0.0.92", epp_page(kv=0.4, queue=2.0))  # type: ignore[misc]
     a, b = hub.add("broken", broken), hub.add("sane", sane)
-    await wait_until(lambda: load(b) == (2.0, 0.4) and load(a)[1] == 0.4 and hub.extract_errors() >= 1)
+    await until(lambda: load(b) == (2.0, 0.4) and load(a)[1] == 0.4 and hub.extract_errors() >= 1)
     assert load(a)[0] is None
     assert MulticlusterQueueScorer("q").score(None, [a, b]) == [0.0, 1.0]  # type: ignore[arg-type]
     assert all(math.isfinite(v) and v >= 0 for v in hub.gauges())
@@ -621,7 +612,7 @@ async def test_a_removed_cluster_leaves_no_state_in_the_hub(
     hub: Hub = await hubs()  # type: ignore[misc]
     peers_ = [await peers(f"127.0.0.{93 + i}", epp_page(kv=0.1, queue=1.0, ready=0)) for i in range(3)]  # type: ignore[misc]
     clusters = [hub.add(f"c{i}", p) for i, p in enumerate(peers_)]
-    await wait_until(lambda: all(is_unavailable(ep) for ep in clusters))
+    await until(lambda: all(is_unavailable(ep) for ep in clusters))
     for ep in clusters:
         hub.datastore.delete(ep.name)
     availability = hub.collector.availability
@@ -644,7 +635,7 @@ async def test_a_peer_asking_for_a_bearer_token_is_unknown_and_logged_with_the_f
     peer: MetricsServer = await peers("127.0.0.97", epp_page(kv=0.2, queue=1.0))  # type: ignore[misc]
     peer.mode, peer.status = "status", status  # a Kubernetes-mode cluster EPP with --metrics-endpoint-auth
     ep = hub.add("locked", peer)
-    await wait_until(lambda: hub.poll_errors() >= 2)
+    await until(lambda: hub.poll_errors() >= 2)
     assert ep.metrics is NO_METRICS and not is_unavailable(ep)
     [warning] = [r.getMessage() for r in caplog.records if getattr(r, "endpoint", None) == "locked"]
     assert f"HTTP status {status}" in warning and "--metrics-endpoint-auth=false" in warning, warning
@@ -657,16 +648,16 @@ async def test_a_slow_peer_is_unknown_after_the_timeout_and_does_not_hold_up_the
     slow: MetricsServer = await peers("127.0.0.98", epp_page(kv=0.2, queue=1.0))  # type: ignore[misc]
     fast: MetricsServer = await peers("127.0.0.99", epp_page(kv=0.3, queue=2.0))  # type: ignore[misc]
     a, b = hub.add("slow", slow), hub.add("fast", fast)
-    await wait_until(lambda: load(a) == (1.0, 0.2) and load(b) == (2.0, 0.3))
+    await until(lambda: load(a) == (1.0, 0.2) and load(b) == (2.0, 0.3))
     slow.mode = "hang"  # answers nothing (the fixture's timeout: 0.3 s)
     errors = hub.poll_errors()
-    await wait_until(lambda: a.metrics is NO_METRICS and hub.poll_errors() > errors)
+    await until(lambda: a.metrics is NO_METRICS and hub.poll_errors() > errors)
     fast.page = epp_page(kv=0.5, queue=4.0)
-    await wait_until(lambda: load(b) == (4.0, 0.5))  # the other cluster is still followed
+    await until(lambda: load(b) == (4.0, 0.5))  # the other cluster is still followed
     slow.mode = "ok"
     await slow.stop()  # release the hung handlers
     await slow.start()
-    await wait_until(lambda: load(a) == (1.0, 0.2))
+    await until(lambda: load(a) == (1.0, 0.2))
 
 
 async def test_a_peer_publishing_huge_finite_values_does_not_stop_the_hubs_gauges(
@@ -676,7 +667,7 @@ async def test_a_peer_publishing_huge_finite_values_does_not_stop_the_hubs_gauge
     wild: MetricsServer = await peers("127.0.0.100", epp_page(kv=1e200, queue=1e300, ready=2, running=1e250))  # type: ignore[misc]
     sane: MetricsServer = await peers("127.0.0.101", epp_page(kv=0.5, queue=1.0, ready=2, running=1.0))  # type: ignore[misc]
     a, b = hub.add("wild", wild), hub.add("sane", sane)
-    await wait_until(lambda: load(a) == (1e300, 1e200) and load(b) == (1.0, 0.5))
+    await until(lambda: load(a) == (1e300, 1e200) and load(b) == (1.0, 0.5))
     ready, kv, queue, _running = hub.gauges()  # raised OverflowError in the spreads: no gauge refreshed
     assert ready == 4 and queue == pytest.approx(5e299) and kv == pytest.approx(5e199)
     for spread in ("kv_cache_utilization", "queue_size", "running_requests"):

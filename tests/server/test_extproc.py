@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import grpc
 import msgspec
 import pytest
+from helpers import until
 
 from llmepp.errors import ResourceExhausted
 from llmepp.request.types import RequestKind, TerminationCause
@@ -66,14 +67,6 @@ JSON_RESPONSE = json.dumps(
 # The request series' fairness id and priority of a request without either (the reference's defaults).
 FP = {"fairness_id": "default-flow", "priority": "0"}
 UNPARSED = {**FP, "model_name": "", "target_model_name": ""}
-
-
-async def wait_until(cond, within: float = 3.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + within
-    while not cond():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 def sse(*events: dict | str) -> list[bytes]:  # type: ignore[type-arg]
@@ -532,7 +525,7 @@ async def test_the_event_stream_media_type_is_case_insensitive(content_type: str
         await s.recv()
         await s.send(response_body(b"", eos=True))
         await s.recv()
-        await wait_until(lambda: len(h.director.completions) == 1)
+        await until(lambda: len(h.director.completions) == 1)
         (c,) = h.director.completions
         assert c.response.streaming
         labels = {**FP, "model_name": "m", "target_model_name": "m", "streaming": "true"}
@@ -636,9 +629,9 @@ async def test_cancel_mid_body_holds_nothing() -> None:
     async with serve() as h:
         s = h.open()
         await s.send(request_headers(), request_body(BODY[:10]))
-        await wait_until(lambda: h.sample("llm_d_epp_extproc_streams_inflight") == 1)
+        await until(lambda: h.sample("llm_d_epp_extproc_streams_inflight") == 1)
         s.cancel()
-        await wait_until(lambda: h.sample("llm_d_epp_extproc_streams_inflight") == 0)
+        await until(lambda: h.sample("llm_d_epp_extproc_streams_inflight") == 0)
         assert h.director.requests == [] and h.director.completions == []
 
 
@@ -651,7 +644,7 @@ async def test_cancel_mid_response_releases_exactly_once() -> None:
         await s.recv()
         assert h.director.inflight
         s.cancel()
-        await wait_until(lambda: len(h.director.completions) == 1)
+        await until(lambda: len(h.director.completions) == 1)
         await asyncio.sleep(0.1)
         (c,) = h.director.completions
         assert c.response.cause is TerminationCause.CLIENT_DISCONNECT
@@ -725,10 +718,10 @@ async def test_cancel_while_the_director_decides() -> None:
     async with serve(FakeDirector(list(ENDPOINTS), delay=5.0)) as h:
         s = h.open()
         await s.send(request_headers(), request_body(BODY, eos=True))
-        await wait_until(lambda: h.sample("llm_d_epp_extproc_streams_inflight") == 1)
+        await until(lambda: h.sample("llm_d_epp_extproc_streams_inflight") == 1)
         await asyncio.sleep(0.05)
         s.cancel()
-        await wait_until(lambda: h.sample("llm_d_epp_extproc_streams_inflight") == 0, within=2.0)
+        await until(lambda: h.sample("llm_d_epp_extproc_streams_inflight") == 0, within=2.0)
         assert h.director.completions == [] and h.director.inflight == {}
 
 
@@ -748,10 +741,10 @@ async def test_a_stream_the_client_cancels_is_counted_canceled(phase: str) -> No
             await s.recv()
         else:
             await s.send(request_headers(), request_body(BODY, eos=True))
-        await wait_until(lambda: h.sample("llm_d_epp_extproc_streams_inflight") == 1)
+        await until(lambda: h.sample("llm_d_epp_extproc_streams_inflight") == 1)
         await asyncio.sleep(0.05)  # the handler waits: in read(), or on the director
         s.cancel()
-        await wait_until(lambda: h.sample("llm_d_epp_extproc_streams_inflight") == 0)
+        await until(lambda: h.sample("llm_d_epp_extproc_streams_inflight") == 0)
         await asyncio.sleep(0.05)
         assert h.sample("llm_d_epp_extproc_streams_total", {"code": "Canceled"}) == 1
         assert h.sample("llm_d_epp_extproc_streams_total", {"code": "OK"}) == 0
@@ -778,7 +771,7 @@ async def test_streams_that_end_without_a_cancel_are_counted_ok() -> None:
         await s.close()
         await s.recv_eof()
         assert await s.status() == grpc.StatusCode.OK
-        await wait_until(lambda: h.sample("llm_d_epp_extproc_streams_total", {"code": "OK"}) == 2)
+        await until(lambda: h.sample("llm_d_epp_extproc_streams_total", {"code": "OK"}) == 2)
         await asyncio.sleep(0.05)
         assert h.sample("llm_d_epp_extproc_streams_total", {"code": "Canceled"}) == 0
         assert len(h.director.completions) == 2 and h.director.inflight == {}
@@ -852,7 +845,7 @@ async def test_messages_sent_while_routing_waits_are_answered_after_it_in_order(
         await s.send(response_headers(200, "application/json"), response_body(JSON_RESPONSE, eos=True))
         assert (await s.recv()).WhichOneof("response") == "response_headers"
         assert streamed(await s.recv(), "response_body") == (JSON_RESPONSE, True)
-        await wait_until(lambda: len(h.director.completions) == 1)
+        await until(lambda: len(h.director.completions) == 1)
         assert h.director.inflight == {}
 
 
@@ -998,7 +991,7 @@ async def test_an_unread_body_is_routed_on_the_headers_and_streamed_through() ->
         await s.send(response_headers(200), response_body(JSON_RESPONSE, eos=True))
         assert (await s.recv()).WhichOneof("response") == "response_headers"
         assert streamed(await s.recv(), "response_body") == (JSON_RESPONSE, True)
-        await wait_until(lambda: len(h.director.completions) == 1)
+        await until(lambda: len(h.director.completions) == 1)
         assert h.director.inflight == {}
         size = h.sample("llm_d_epp_request_size_bytes_sum", UNPARSED)
         assert size == 30
@@ -1053,7 +1046,7 @@ async def test_the_last_response_answer_carries_the_reported_metadata() -> None:
         last = await s.recv()
         assert streamed(last, "response_body") == (JSON_RESPONSE[half:], True)
         assert dict(last.dynamic_metadata["envoy.lb"]) == {"x-cost": 10.0}  # usage read before answering
-        await wait_until(lambda: len(h.director.completions) == 1)
+        await until(lambda: len(h.director.completions) == 1)
         assert h.director.completions[0].response.usage.total_tokens == 10  # type: ignore[union-attr]
 
 
@@ -1087,7 +1080,7 @@ async def test_stream_metrics_when_enabled_and_the_message_limit_flag() -> None:
         await s.recv()
         await s.close()
         await s.status()
-        await wait_until(lambda: h.sample("llm_d_epp_extproc_streams_total", {"code": "OK"}) == 1)
+        await until(lambda: h.sample("llm_d_epp_extproc_streams_total", {"code": "OK"}) == 1)
         assert h.sample("llm_d_epp_extproc_stream_duration_seconds_count") == 1
     async with serve() as h:  # off by default: not even registered
         assert h.metrics.registry.get_sample_value("llm_d_epp_extproc_stream_duration_seconds_count") is None
@@ -1134,7 +1127,7 @@ async def test_a_stream_reset_after_its_request_finished_is_counted_ok() -> None
         await s.recv()
         await asyncio.sleep(0.05)  # the completion runs after the last answer
         s.cancel()
-        await wait_until(lambda: h.sample("llm_d_epp_extproc_streams_inflight") == 0)
+        await until(lambda: h.sample("llm_d_epp_extproc_streams_inflight") == 0)
         await asyncio.sleep(0.05)
         assert h.sample("llm_d_epp_extproc_streams_total", {"code": "OK"}) == 1
         assert h.sample("llm_d_epp_extproc_streams_total", {"code": "Canceled"}) == 0
