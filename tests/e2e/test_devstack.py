@@ -36,9 +36,9 @@ START_TIMEOUT = 180.0  # Envoy, the EPP and the pods start on a loaded 2-core ma
 STOP_TIMEOUT = 60.0
 
 
-def _listening() -> list[str]:
+def _listening(addresses: dict[str, tuple[str, int]] = FIXED) -> list[str]:
     out = []
-    for what, address in FIXED.items():
+    for what, address in addresses.items():
         with socket.socket() as s:
             if s.connect_ex(address) == 0:
                 out.append(f"{what} {address[0]}:{address[1]}")
@@ -46,12 +46,13 @@ def _listening() -> list[str]:
 
 
 @asynccontextmanager
-async def devstack() -> AsyncIterator[asyncio.subprocess.Process]:
-    """`make run`'s command; whatever happens in the test, it is stopped as a user stops it (Ctrl-C) after."""
-    busy = _listening()
+async def devstack(*args: str, ports: dict[str, tuple[str, int]] = FIXED) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`make run`'s command (with `args`, listening on `ports`); whatever happens in the test, it is stopped as a
+    user stops it (Ctrl-C) after."""
+    busy = _listening(ports)
     assert not busy, f"devstack's ports are taken (a `make run` still running?): {busy}"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "llmepp.devstack", "--pods", str(PODS), "--port", str(free_port()),
+        sys.executable, "-m", "llmepp.devstack", "--pods", str(PODS), "--port", str(free_port()), *args,
         cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -77,7 +78,9 @@ async def _read_until(proc: asyncio.subprocess.Process, text: str) -> str:
     return printed
 
 
-async def _stopped(proc: asyncio.subprocess.Process, sig: signal.Signals) -> str:
+async def _stopped(
+    proc: asyncio.subprocess.Process, sig: signal.Signals, ports: dict[str, tuple[str, int]] = FIXED
+) -> str:
     """Send `sig`; devstack must exit 0 saying "stopped", with nothing of the stack still listening."""
     assert proc.stdout is not None
     proc.send_signal(sig)
@@ -85,7 +88,7 @@ async def _stopped(proc: asyncio.subprocess.Process, sig: signal.Signals) -> str
         rest = (await proc.stdout.read()).decode()
         assert await proc.wait() == 0, rest
     assert rest.rstrip().endswith("stopped"), rest
-    assert not _listening(), "a process devstack started outlived it"
+    assert not _listening(ports), "a process devstack started outlived it"
     return rest
 
 
@@ -100,19 +103,47 @@ def _curl_request(printed: str) -> urllib.request.Request:
     )
 
 
+async def _answers_the_curl_line(printed: str) -> None:
+    def send() -> tuple[int, str | None, dict[str, object]]:
+        with urllib.request.urlopen(_curl_request(printed), timeout=60) as r:
+            return r.status, r.headers.get("x-inference-pod"), json.loads(r.read())
+
+    status, pod, answer = await asyncio.to_thread(send)
+    assert status == 200, answer
+    assert answer["object"] == "text_completion" and answer["choices"], answer
+    assert pod in {f"sim-{i}" for i in range(PODS)}, pod  # the simulated pod that answered
+
+
 async def test_make_run_serves_the_printed_curl_line_and_stops_on_ctrl_c() -> None:
     async with devstack() as proc:
         printed = await _read_until(proc, "Ctrl-C stops everything.")
-
-        def send() -> tuple[int, str | None, dict[str, object]]:
-            with urllib.request.urlopen(_curl_request(printed), timeout=60) as r:
-                return r.status, r.headers.get("x-inference-pod"), json.loads(r.read())
-
-        status, pod, answer = await asyncio.to_thread(send)
-        assert status == 200, answer
-        assert answer["object"] == "text_completion" and answer["choices"], answer
-        assert pod in {f"sim-{i}" for i in range(PODS)}, pod  # the simulated pod that answered
+        await _answers_the_curl_line(printed)
         await _stopped(proc, signal.SIGINT)
+
+
+async def test_every_port_can_be_moved() -> None:
+    """Another Envoy on 9901 or a Prometheus on 9090 need not stop `make run`: each port has a flag, and what
+    devstack prints (the EPP's address, its metrics line) follows them."""
+    admin, epp, health, metrics, pod = (free_port() for _ in range(5))
+    moved = {
+        "Envoy admin": ("127.0.0.1", admin),
+        "EPP": ("127.0.0.1", epp),
+        "EPP health": ("127.0.0.1", health),
+        "EPP metrics": ("127.0.0.1", metrics),
+        **{f"pod {i}": (f"127.0.0.{i + 2}", pod) for i in range(PODS)},
+    }
+    flags = ["--admin-port", str(admin), "--epp-port", str(epp), "--health-port", str(health)]
+    flags += ["--metrics-port", str(metrics), "--pod-port", str(pod)]
+    async with devstack(*flags, ports=moved) as proc:
+        printed = await _read_until(proc, "Ctrl-C stops everything.")
+        assert f"EPP 127.0.0.1:{epp} " in printed and f"127.0.0.2:{pod}" in printed, printed
+        assert sorted(_listening(moved)) == sorted(f"{w} {h}:{p}" for w, (h, p) in moved.items())
+        await _answers_the_curl_line(printed)
+        url = re.search(r"curl -s (localhost:\d+/metrics)", printed)
+        assert url and url.group(1) == f"localhost:{metrics}/metrics", printed
+        page = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://{url.group(1)}", timeout=10).read())
+        assert b"llm_d_epp_" in page
+        await _stopped(proc, signal.SIGINT, moved)
 
 
 async def test_the_terminal_closing_during_start_up_stops_what_was_started() -> None:
@@ -150,7 +181,7 @@ async def test_a_taken_port_is_named_before_anything_starts() -> None:
         holder.listen()
         code, printed = await _exit()
     assert code == 1, printed
-    assert "EPP 127.0.0.1:9002" in printed and "another `make run`" in printed, printed
+    assert "EPP 127.0.0.1:9002 (--epp-port)" in printed and "another `make run`" in printed, printed
     assert "Traceback" not in printed and "starting" not in printed, printed
 
 
@@ -171,3 +202,7 @@ async def test_usage_errors_exit_2_before_anything_starts(tmp_path: Path) -> Non
     assert code == 2 and "--pods must be 1 to 253" in printed, printed
     code, printed = await _exit("--port", "70000")
     assert code == 2 and "--port must be 1 to 65535" in printed, printed
+    code, printed = await _exit("--metrics-port", "0")
+    assert code == 2 and "--metrics-port must be 1 to 65535" in printed, printed
+    code, printed = await _exit("--epp-port", "9003")  # the EPP's health port's default
+    assert code == 2 and "--epp-port and --health-port are both 9003" in printed, printed
