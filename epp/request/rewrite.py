@@ -7,6 +7,9 @@ parsing per chunk. Unlike a per-chunk replace, a pattern split across two chunks
 rewritten: a chunk tail that could be the start of a pattern is held back and prepended to
 the next chunk (released at end of stream). Only bytes inside a partial `"model": "...`
 are ever delayed, so SSE event timing is unaffected.
+
+`hold_tails=False` holds nothing back (a pattern split across chunks stays as sent): for a stream
+whose end may leave no answer to release held bytes in (Envoy's STREAMED mode ending in trailers).
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ _KEY = b'"model":'
 
 
 class ModelNameRewriter:
-    __slots__ = ("_carry", "_max_hold", "_pattern_bytes", "_patterns", "_plain", "_re", "_spaced")
+    __slots__ = ("_carry", "_hold_tails", "_max_hold", "_pattern_bytes", "_patterns", "_plain", "_re", "_spaced")
 
-    def __init__(self, target_model: str, client_model: str) -> None:
+    def __init__(self, target_model: str, client_model: str, *, hold_tails: bool = True) -> None:
         target = msgspec.json.encode(target_model)
         client = msgspec.json.encode(client_model)
         # One left-to-right scan for either pattern (the result is that of the whole body, however it is cut).
@@ -31,6 +34,7 @@ class ModelNameRewriter:
         self._max_hold = max(len(p) for p in self._patterns) - 1
         self._pattern_bytes = frozenset(self._patterns[1])  # a held tail ends with one of them
         self._carry = b""
+        self._hold_tails = hold_tails
 
     def feed(self, chunk: bytes, end_of_stream: bool) -> bytes:
         data = self._carry + chunk if self._carry else chunk
@@ -38,7 +42,10 @@ class ModelNameRewriter:
         # split: [before, " " or "", between, ..., after the last match] in one C call.
         parts = self._re.split(data) if _KEY in data else None
         pos = len(data) - len(parts[-1]) if parts else 0
-        hold = 0 if end_of_stream or not data or data[-1] not in self._pattern_bytes else self._partial(data, pos)
+        if end_of_stream or not self._hold_tails or not data or data[-1] not in self._pattern_bytes:
+            hold = 0
+        else:
+            hold = self._partial(data, pos)
         self._carry = data[len(data) - hold :] if hold else b""
         if parts is None or len(parts) == 1:
             return data[: len(data) - hold] if hold else data

@@ -732,7 +732,10 @@ class ExtProcStream:
                 # An encoded body (gzip, br, ...) is passed as it came: its bytes are no JSON to rewrite.
                 and headers.get("content-encoding", "identity").strip().lower() in ("identity", "")
             ):
-                self.rewriter = ModelNameRewriter(req.target_model, req.model)
+                # STREAMED mode answers each message once: held bytes would have no answer to go out in if
+                # trailers end the body, so a response announcing trailers is rewritten chunk by chunk.
+                hold = self.resp_mode != envoy.MODE_STREAMED or "trailer" not in headers
+                self.rewriter = ModelNameRewriter(req.target_model, req.model, hold_tails=hold)
                 if self.resp_mode != envoy.MODE_FULL_DUPLEX_STREAMED and "content-length" in headers:
                     # Non-FDS modes keep content-length; the rewrite may change the length.
                     remove.append("content-length")
@@ -805,12 +808,20 @@ class ExtProcStream:
         answer = self._with_metadata(envoy.RESPONSE_TRAILERS_CONTINUE)
         self._response_ended()
         rewriter = self.rewriter
-        if rewriter is not None and self.resp_mode == envoy.MODE_FULL_DUPLEX_STREAMED:
-            # The body ended without an end-of-stream chunk: what the rewriter held back goes out before the
-            # trailers (the body's last answer, without EoS: the trailers end the stream).
-            held = rewriter.feed(b"", True)
-            if held:
-                return [envoy.streamed_response_body(held, False), answer]
+        if rewriter is not None and rewriter.held:
+            if self.resp_mode == envoy.MODE_FULL_DUPLEX_STREAMED:
+                # The body ended without an end-of-stream chunk: what the rewriter held back goes out before the
+                # trailers (the body's last answer, without EoS: the trailers end the stream).
+                return [envoy.streamed_response_body(rewriter.feed(b"", True), False), answer]
+            # STREAMED mode, trailers unannounced: no answer can carry the bytes any more.
+            self.svc.protocol_error("rewrite_bytes_lost_at_trailers")
+            self.svc._reject_log.warning(
+                "rewrite_lost",
+                "ext_proc: the response of request %s ended in unannounced trailers in STREAMED mode; %d bytes the "
+                "model-name rewrite held back are lost (FULL_DUPLEX_STREAMED has no such loss)",
+                self.request_id,
+                len(rewriter.held),
+            )
         return answer
 
     def _request_side_over(self) -> None:

@@ -259,6 +259,21 @@ def test_rewrite_is_independent_of_chunking(parts: list[bytes], cuts: list[int])
     assert rewrite_all(chunks) == expected
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    parts=st.lists(
+        st.sampled_from([b'"model":"tgt"', b'"model": "tgt"', b"data: ", b'"', b"x", b'"model"']), max_size=12
+    ),
+    cuts=st.lists(st.integers(0, 200), max_size=10),
+)
+def test_rewrite_without_held_tails_returns_every_byte_of_each_chunk(parts: list[bytes], cuts: list[int]) -> None:
+    # hold_tails=False: each chunk is rewritten on its own and returned whole (nothing waits for a next chunk).
+    rw = ModelNameRewriter("tgt", "cli", hold_tails=False)
+    for chunk in _split(b"".join(parts), cuts):
+        expected = chunk.replace(b'"model":"tgt"', b'"model":"cli"').replace(b'"model": "tgt"', b'"model": "cli"')
+        assert rw.feed(chunk, False) == expected and rw.held == b""
+
+
 # -- usage events longer than the kept tail, odd bodies ---------------------------------------------------
 def responses_stream(output_chars: int, usage: dict | None) -> bytes:  # type: ignore[type-arg]
     """A Responses-API stream: its response.completed event carries the whole output, then the usage."""
