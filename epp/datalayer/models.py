@@ -18,6 +18,7 @@ import msgspec
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import Endpoint, ModelData
 from llmepp.datalayer.pagepoll import PageError, PagePoller, PageSource
+from llmepp.decoding import DECODE_ERRORS
 from llmepp.observability.metrics import EppMetrics
 
 
@@ -49,7 +50,7 @@ def parse_models_page(body: bytes) -> tuple[ModelData, ...]:
     Raises ModelsPageError naming what is wrong."""
     try:
         page = _decoder.decode(body)
-    except msgspec.DecodeError as err:
+    except DECODE_ERRORS as err:
         raise ModelsPageError(f"not a model list: {err}") from None
     models = []
     for i, entry in enumerate(page.data):

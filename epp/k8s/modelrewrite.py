@@ -30,6 +30,7 @@ from typing import Any
 import msgspec
 from prometheus_client import CollectorRegistry, Counter
 
+from llmepp.decoding import DECODE_ERRORS
 from llmepp.errors import BadRequest
 from llmepp.k8s.models import InferenceModelRewrite
 from llmepp.k8s.objectives import refers_to_pool
@@ -191,7 +192,7 @@ class ModelRewriter:
         if target != model and request.payload is None:
             try:
                 request.payload = msgspec.json.decode(request.body, type=dict[str, Any])
-            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
+            except DECODE_ERRORS as e:
                 raise BadRequest(f"cannot rewrite model name: {e}") from None
         request.target_model = target
 

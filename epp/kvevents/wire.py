@@ -33,6 +33,8 @@ from typing import Annotated, Any
 
 import msgspec
 
+from llmepp.decoding import DECODE_ERRORS
+
 MASK64 = 0xFFFF_FFFF_FFFF_FFFF
 END_OF_REPLAY_SEQ = -1
 _END_SEQ_BYTES = (-1).to_bytes(8, "big", signed=True)
@@ -45,7 +47,6 @@ class MalformedMessage(ValueError):
 # What a decoder raises on unreadable input. msgspec gives up on nesting deeper than its limit (~1000)
 # with RecursionError, not DecodeError: left uncaught, it killed the source's task, and the restart
 # replayed the same batch from 0 and failed again, forever.
-_DECODE_ERRORS = (msgspec.ValidationError, msgspec.DecodeError, RecursionError)
 
 
 # Values no engine sends make the event unreadable (skipped and counted) rather than fail later: token
@@ -137,7 +138,7 @@ def decode_batch(payload: bytes) -> EventBatch:
     for decoder in (_MAP_BATCH, _ARRAY_BATCH):
         try:
             b = decoder.decode(payload)
-        except _DECODE_ERRORS:
+        except DECODE_ERRORS:
             continue
         if not math.isfinite(b.ts):
             break  # the tolerant path reports it
@@ -145,7 +146,7 @@ def decode_batch(payload: bytes) -> EventBatch:
     # Tolerant path: read the envelope, then each event on its own.
     try:
         raw = _RAW_BATCH.decode(payload)
-    except _DECODE_ERRORS as e:
+    except DECODE_ERRORS as e:
         raise MalformedMessage(f"event batch: {e}") from None
     if not math.isfinite(raw.ts):
         # (ts, seq) orders batches: an infinite ts would make every later batch look like a duplicate.
@@ -168,7 +169,7 @@ def _decode_event(data: bytes) -> KVEvent | None:
     is_map = 0x80 <= marker <= 0x8F or marker in (0xDE, 0xDF)
     try:
         event: KVEvent = (_MAP_EVENT if is_map else _ARRAY_EVENT).decode(data)
-    except _DECODE_ERRORS:
+    except DECODE_ERRORS:
         return None
     return event
 

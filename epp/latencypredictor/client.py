@@ -26,6 +26,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from llmepp.decoding import DECODE_ERRORS
 from llmepp.httpclient import upstream_connector
 from llmepp.observability.logging import LogLimiter
 from llmepp.tasks import cancel_and_wait
@@ -192,7 +193,7 @@ class PredictorClient:
             raise PredictorUnavailable("error", f"{url}: {e or type(e).__name__}") from None
         try:
             answer = msgspec.json.decode(payload, type=_BulkAnswer)
-        except (msgspec.MsgspecError, RecursionError) as e:  # RecursionError: nested past msgspec's limit
+        except DECODE_ERRORS as e:
             raise PredictorUnavailable("invalid", f"{url}: {e}") from None
         if len(answer.predictions) != len(rows):
             raise PredictorUnavailable("invalid", f"{url}: {len(answer.predictions)} predictions for {len(rows)} rows")

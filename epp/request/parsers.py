@@ -682,6 +682,8 @@ def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
         raise BadRequest(_validation_message(str(e))) from None
     except msgspec.DecodeError as e:
         raise MalformedJSON(_decode_message(str(e), len(body))) from None
+    except UnicodeDecodeError as e:  # msgspec's error for a string's bytes; its offset is within the string
+        raise MalformedJSON(f"invalid JSON: a string holds byte 0x{e.object[e.start]:02x}, not UTF-8") from None
     except RecursionError:  # msgspec stops at Python's recursion limit (less the caller's depth)
         raise BadRequest("request body nests JSON too deeply") from None
 

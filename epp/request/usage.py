@@ -44,6 +44,7 @@ from typing import Any
 
 import msgspec
 
+from llmepp.decoding import DECODE_ERRORS
 from llmepp.observability.logging import LogLimiter
 from llmepp.request.types import Usage
 
@@ -178,7 +179,7 @@ def _envelope_usage(env: _Envelope) -> Usage | None:
 def _from_envelope(doc: bytes) -> Usage | None:
     try:
         env = _ENVELOPE.decode(doc)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+    except DECODE_ERRORS:
         return None
     return _envelope_usage(env)
 
@@ -201,7 +202,7 @@ def usage_from_json(body: bytes) -> Usage | None:
         return _from_envelope(body)
     try:
         envs = _ENVELOPES.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+    except DECODE_ERRORS:
         return None
     return _summed(_envelope_usage(env) for env in envs)
 
@@ -241,7 +242,7 @@ def _data_usage(payload: bytes, strict: bool) -> Usage | None:
     as `"usage":{...` is, may still be JSON: a string, a number)."""
     try:
         env = _ENVELOPE.decode(payload)
-    except (msgspec.DecodeError, RecursionError):  # msgspec.ValidationError is a DecodeError
+    except DECODE_ERRORS:
         if strict:
             raise _Malformed from None
         return None
@@ -341,7 +342,7 @@ def _meta_from_sse(tail: bytes) -> Usage | None:
 def _meta_of(payload: bytes) -> _MetaInfo | None:
     try:
         return _ENVELOPE.decode(payload).meta_info
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+    except DECODE_ERRORS:
         return None
 
 
@@ -350,7 +351,7 @@ def _last_meta_object(fragment: bytes) -> _MetaInfo | None:
     for obj in _objects_after(fragment, _META_KEY):
         try:
             return _META.decode(obj)
-        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        except DECODE_ERRORS:
             pass
     return None
 
@@ -391,7 +392,7 @@ def usage_from_fragment(tail: bytes) -> Usage | None:
     for obj in _objects_after(tail, _USAGE_KEY):
         try:
             return _to_usage(_USAGE.decode(obj))
-        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        except DECODE_ERRORS:
             pass
     meta = _last_meta_object(tail) if _META_KEY in tail else None
     return _meta_usage(meta) if meta is not None else None

@@ -23,6 +23,7 @@ import msgspec
 from google.api import httpbody_pb2
 from google.protobuf.message import DecodeError
 
+from llmepp.decoding import DECODE_ERRORS
 from llmepp.errors import BadRequest
 from llmepp.protocols import vertexai_prediction_pb2 as pb
 from llmepp.request import grpcwire, parsers
@@ -52,7 +53,7 @@ def _api(suffix: str, data: bytes) -> str | None:
         return "chat/completions"
     try:
         shape = _SHAPE.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except DECODE_ERRORS:
         return None  # not an OpenAI JSON object: a custom prediction
     if shape.messages:
         return "chat/completions"

@@ -66,6 +66,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from llmepp.datalayer.endpoint import join_hostport
+from llmepp.decoding import DECODE_ERRORS
 from llmepp.httpclient import upstream_connector
 from llmepp.observability.logging import quiet_malformed_http_requests
 
@@ -469,7 +470,7 @@ class Sidecar:
         raw = await request.read()
         try:
             payload = msgspec.json.decode(raw)
-        except (msgspec.DecodeError, RecursionError) as e:  # RecursionError: nested too deep
+        except DECODE_ERRORS as e:
             raise ProxyError(400, f"request body is not valid JSON: {e}") from None
         if not isinstance(payload, dict):
             raise ProxyError(400, "request body must be a JSON object")
@@ -485,7 +486,7 @@ class Sidecar:
             raise ProxyError(502, f"prefill pod {prefiller} answered {status}, not a prefill result", stage="prefill")
         try:
             prefilled = msgspec.json.decode(answer)
-        except (msgspec.DecodeError, RecursionError):
+        except DECODE_ERRORS:
             raise ProxyError(502, f"prefill pod {prefiller} answered invalid JSON", stage="prefill") from None
         kv = prefilled.get("kv_transfer_params") if isinstance(prefilled, dict) else None
         if isinstance(kv, dict):
@@ -573,7 +574,7 @@ class Sidecar:
                     return web.Response(
                         status=status, body=answer, content_type=_JSON, headers={FAILED_STAGE_HEADER: "prefill"}
                     )
-            except msgspec.DecodeError:
+            except DECODE_ERRORS:
                 pass
         text = answer[:500].decode("utf-8", "replace")
         return json_error(status, f"prefill pod {prefiller} returned {status}: {text}", stage="prefill")

@@ -64,6 +64,7 @@ from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 from jinja2.utils import Namespace
 
+from llmepp.decoding import DECODE_ERRORS
 from llmepp.request.parsers import TEXT_PARTS
 from llmepp.request.types import InferenceRequest, RequestKind
 
@@ -314,7 +315,7 @@ def template_fields(body: bytes) -> dict[str, Any]:
     """The chat body's fields that decide its rendering, verbatim (for a model server's /tokenize)."""
     try:
         data = msgspec.json.decode(body)
-    except msgspec.DecodeError as e:
+    except DECODE_ERRORS as e:
         raise ValueError(f"chat request cannot be decoded: {e}") from None
     if not isinstance(data, dict):
         raise ValueError("chat request body is not a JSON object")
@@ -550,7 +551,7 @@ def _inputs(request: InferenceRequest) -> _ChatInputs:
         if request.kind is RequestKind.EMBEDDINGS:
             # The fields vLLM's EmbeddingChatRequest renders with, as the vllm token backend sends them.
             return msgspec.convert(embedding_chat_fields(request.body), _ChatInputs)
-    except msgspec.DecodeError as e:  # ValidationError included
+    except DECODE_ERRORS as e:
         raise ValueError(f"chat request cannot be rendered: {e}") from None
     return _ChatInputs(messages=chat_messages(request.messages or ()))
 

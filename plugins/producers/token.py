@@ -17,6 +17,7 @@ import msgspec
 from prometheus_client import CollectorRegistry
 
 from llmepp.datalayer.endpoint import Endpoint
+from llmepp.decoding import DECODE_ERRORS
 from llmepp.framework.datakeys import TOKENIZED_PROMPT, TokenizedPrompt
 from llmepp.framework.plugin import PluginContext, PluginParams
 from llmepp.framework.requestcontrol import DataProducer
@@ -462,7 +463,7 @@ class VllmTokenProducer(TokenProducer):
         if request.kind in (RequestKind.CHAT_COMPLETIONS, RequestKind.COMPLETIONS):
             try:
                 body = msgspec.json.decode(request.body)
-            except msgspec.DecodeError as e:
+            except DECODE_ERRORS as e:
                 raise ValueError(f"request body cannot be decoded: {e}") from None
             if not isinstance(body, dict):
                 raise ValueError("request body is not a JSON object")

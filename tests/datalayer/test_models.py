@@ -67,6 +67,7 @@ def test_minimal_entries_take_defaults() -> None:
         (b'{"data": [{"object": "model"}]}', "missing required field `id` - at `$.data[0]`"),
         (b'{"data": [{"id": 7}]}', "Expected `str`, got `int` - at `$.data[0].id`"),
         (b'{"data": [{"id": "a"}, {"id": ""}]}', "empty id at `$.data[1].id`"),
+        (b'{"data": [{"id": "\xff"}]}', "not a model list: 'utf-8' codec can't decode byte 0xff"),
     ],
 )
 def test_pages_that_are_not_model_lists_are_errors_that_say_why(body: bytes, message: str) -> None:

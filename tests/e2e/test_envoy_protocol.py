@@ -357,9 +357,10 @@ async def test_control_headers_are_not_forwarded(stack: Stack) -> None:
 
 
 # -- errors -----------------------------------------------------------------------------------------
-async def test_invalid_json_is_400(stack: Stack) -> None:
+@pytest.mark.parametrize("body", [b'{"model": ', b'{"model": "m", "prompt": "caf\xe9"}'])  # cut; latin-1
+async def test_invalid_json_is_400(stack: Stack, body: bytes) -> None:
     async with stack.session.post(
-        stack.url(stack.fds_port), data=b'{"model": ', headers={"content-type": "application/json"}
+        stack.url(stack.fds_port), data=body, headers={"content-type": "application/json"}
     ) as r:
         assert r.status == 400
         assert r.headers["content-type"] == "application/json"

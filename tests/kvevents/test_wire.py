@@ -225,6 +225,23 @@ def test_field_values_no_engine_sends_make_the_event_unreadable(bad: dict[str, A
     assert batch.skipped == 1 and len(batch.events) == 2
 
 
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_string_that_is_not_utf8_skips_its_event(legacy: bool) -> None:
+    """msgspec raises UnicodeDecodeError (not a DecodeError) for such a string: it escaped decode_batch and
+    took the source down, as the deep nesting below did."""
+    good = {"type": "BlockStored", "block_hashes": [1], "parent_block_hash": None, "token_ids": [1, 2, 3, 4],
+            "block_size": 4, "lora_id": None, "medium": "GPU", "lora_name": None}  # fmt: skip
+    events = [good, {**good, "lora_name": "x"}, good]
+    wire = [to_array({**dict.fromkeys(STORED_ORDER), **e}, 7) for e in events] if legacy else events
+    payload = msgpack.packb([1.0, wire, 0], use_bin_type=True)
+    assert payload.count(b"\xa1x") == 1
+    batch = decode_batch(payload.replace(b"\xa1x", b"\xa1\xff"))  # the one-byte string "x" becomes 0xff
+    assert batch.skipped == 1 and len(batch.events) == 2
+    junk = msgpack.packb([1.0, [good, "r"], 0], use_bin_type=True).replace(b"\xa1r", b"\xa1\xff")
+    batch = decode_batch(junk)  # an event that is such a string
+    assert batch.skipped == 1 and len(batch.events) == 1
+
+
 @pytest.mark.parametrize("ts", [float("inf"), float("-inf"), float("nan")])
 def test_a_non_finite_timestamp_is_malformed(ts: float) -> None:
     """The (timestamp, seq) order is what tells duplicates from restarts; an infinite timestamp would

@@ -375,6 +375,31 @@ def test_any_bytes_parse_or_bad_request(raw: bytes) -> None:
         parse_request({":path": "/v1/chat/completions"}, raw, request_id="r")
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    raw=st.binary(max_size=16),
+    field=st.sampled_from(["model", "prompt", "input", "content", "key"]),
+    path=st.sampled_from(
+        ["/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/messages"]
+    ),
+)
+def test_any_bytes_inside_a_json_string_parse_or_bad_request(raw: bytes, field: str, path: str) -> None:
+    # msgspec raises UnicodeDecodeError, not its DecodeError, for a string whose bytes are not UTF-8.
+    strings = {"model": b"m", "prompt": b"p", "input": b"i", "content": b"c", "key": b"k"}
+    strings[field] = raw
+    body = b'{"model":"%s","prompt":"%s","input":"%s","messages":[{"role":"user","content":"%s"}],"%s":1}' % (
+        strings["model"], strings["prompt"], strings["input"], strings["content"], strings["key"]
+    )  # fmt: skip
+    with contextlib.suppress(BadRequest):
+        parse_request({":path": path}, body, request_id="r")
+
+
+def test_a_string_that_is_not_utf8_is_a_bad_request_naming_the_byte() -> None:
+    with pytest.raises(BadRequest, match="a string holds byte 0xff, not UTF-8") as e:
+        parse_request({":path": "/v1/completions"}, b'{"model":"m","prompt":"a\xff\xfeb"}', request_id="r")
+    assert e.value.status == 400
+
+
 texts = st.text(max_size=30)
 messages = st.lists(
     st.fixed_dictionaries(

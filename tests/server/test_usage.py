@@ -50,6 +50,12 @@ def test_json_without_usage_or_invalid() -> None:
     assert usage_from_json(b'{"usage": null}') is None
     assert usage_from_json(b'{"usage": {"prompt_tokens": "x"}}') is None
     assert usage_from_json(b"not json usage") is None
+    # A string that is not UTF-8 where a field is read (msgspec's UnicodeDecodeError): no usage, not an error on
+    # the response path; in a field that is skipped it does not matter.
+    assert usage_from_json(b'{"meta_info":{"id":"\xff","prompt_tokens":1,"completion_tokens":1}}') is None
+    assert usage_from_sse(b'data: {"meta_info":{"id":"\xff","prompt_tokens":1,"completion_tokens":1}}\n\n') is None
+    text = b'{"choices":[{"text":"\xff"}],"usage":{"prompt_tokens":1,"completion_tokens":1}}'
+    assert usage_from_json(text) == Usage(1, 1, 0, 2)
 
 
 def test_sse_final_event_before_done() -> None:

@@ -152,6 +152,25 @@ async def test_deeply_nested_json_is_a_json_error(http: aiohttp.ClientSession) -
         await stopped(sidecar, p, d, p2)
 
 
+async def test_json_with_a_string_that_is_not_utf8_is_a_json_error(http: aiohttp.ClientSession) -> None:
+    # msgspec raises UnicodeDecodeError (not its DecodeError) for such a string: it was aiohttp's plain 500.
+    async def garbled(request: web.Request, body: dict[str, Any] | None) -> web.StreamResponse:
+        return web.Response(body=b'{"kv_transfer_params": "\xff"}', content_type="application/json")
+
+    p, d, sidecar = await started()
+    p2 = await Fake(garbled).start()
+    try:
+        async with http.post(f"{sidecar.url}/v1/completions", data=b'{"prompt": "\xff"}',
+                             headers={"x-prefiller-host-port": p.hostport}) as resp:  # fmt: skip
+            assert resp.status == 400 and "not valid JSON" in (await resp.json())["error"]["message"]
+        async with http.post(f"{sidecar.url}/v1/completions", json=BODY,
+                             headers={"x-prefiller-host-port": p2.hostport}) as resp:  # fmt: skip
+            assert resp.status == 502 and resp.headers["x-pd-failed-stage"] == "prefill"
+        assert p.seen == [] and d.seen == []
+    finally:
+        await stopped(sidecar, p, d, p2)
+
+
 async def test_an_oversized_prefill_answer_is_refused_not_buffered(http: aiohttp.ClientSession) -> None:
     sent = []
 
