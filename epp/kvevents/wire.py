@@ -44,11 +44,6 @@ class MalformedMessage(ValueError):
     """A frame set or payload that cannot be read; the caller counts it and moves on."""
 
 
-# What a decoder raises on unreadable input. msgspec gives up on nesting deeper than its limit (~1000)
-# with RecursionError, not DecodeError: left uncaught, it killed the source's task, and the restart
-# replayed the same batch from 0 and failed again, forever.
-
-
 # Values no engine sends make the event unreadable (skipped and counted) rather than fail later: token
 # ids are keyed as LE uint32 (keys.tokens_to_bytes raises beyond that), block sizes are counts.
 TokenId = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF_FFFF)]
