@@ -468,6 +468,7 @@ class Director:
     ) -> None:
         produce: Callable[..., Awaitable[None]] = producer.produce  # type: ignore[assignment]
         try:
+            # wait_for, not asyncio.timeout: the routing step's first stretch runs outside any task (Pending.step).
             await asyncio.wait_for(produce(request, candidates), producer.produce_timeout or PRODUCER_TIMEOUT)
         except TimeoutError:
             # Every request while e.g. a tokenizer sidecar is slow: one line per producer per 30 s.

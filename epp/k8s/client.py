@@ -310,7 +310,8 @@ class _ExecPlugin:
     async def _reap(proc: asyncio.subprocess.Process) -> None:
         _kill_group(proc)
         try:
-            await asyncio.wait_for(proc.wait(), EXEC_KILL_WAIT)
+            async with asyncio.timeout(EXEC_KILL_WAIT):
+                await proc.wait()
         except TimeoutError:
             log.warning("kubeconfig exec plugin (pid %d) killed but not reaped after %g s", proc.pid, EXEC_KILL_WAIT)
 

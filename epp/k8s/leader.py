@@ -138,7 +138,8 @@ class LeaderElector:
                 started = self._clock()
                 remaining = c.renew_deadline - (started - last_renewal)
                 try:
-                    renewed = await asyncio.wait_for(self._try_acquire_or_renew(), max(remaining, 0.0))
+                    async with asyncio.timeout(max(remaining, 0.0)):
+                        renewed = await self._try_acquire_or_renew()
                 except TimeoutError:
                     renewed = False
                 if renewed:

@@ -163,7 +163,8 @@ class NotificationWatch:
         """Resolve the kind (KindNotFound when the API server says it does not exist), then watch in the
         background. An API server that cannot be asked now is retried in the background."""
         try:
-            self.resource = await asyncio.wait_for(resolve_kind(self.client, self.gvk), STARTUP_RESOLVE_TIMEOUT)
+            async with asyncio.timeout(STARTUP_RESOLVE_TIMEOUT):
+                self.resource = await resolve_kind(self.client, self.gvk)
         except KindNotFound:
             raise
         except (KubeError, aiohttp.ClientError, TimeoutError, OSError, msgspec.DecodeError) as e:

@@ -282,14 +282,16 @@ class RedisStore:
         args.extend(_hex(h) for h in dels)
         src = self.prefix + "src:" + pod
         eng = self.prefix + "eng:" + pod
-        await asyncio.wait_for(self._apply(keys=[src, self.gen_key, eng], args=args), self.write_timeout)
+        async with asyncio.timeout(self.write_timeout):
+            await self._apply(keys=[src, self.gen_key, eng], args=args)
 
     async def resume(self, pod: str, chains: SourceChains) -> ResumePoint | None:
         pipe = self.client.pipeline(transaction=True)
         pipe.hgetall(self.prefix + "src:" + pod)
         pipe.hgetall(self.prefix + "eng:" + pod)
         # One transaction: the position and the chain state it belongs to.
-        replies: list[Any] = await asyncio.wait_for(pipe.execute(), self.write_timeout * 4)
+        async with asyncio.timeout(self.write_timeout * 4):
+            replies: list[Any] = await pipe.execute()
         src: dict[bytes, bytes] = replies[0]
         eng: dict[bytes, bytes] = replies[1]
         if not src:

@@ -161,7 +161,8 @@ class MetricsAuth:
 
     async def _decide(self, client: KubeClient, token: str, path: str, key: bytes, now: float) -> tuple[int, str]:
         try:
-            status, message = await asyncio.wait_for(self._bounded_review(client, token, path), _API_TIMEOUT)
+            async with asyncio.timeout(_API_TIMEOUT):
+                status, message = await self._bounded_review(client, token, path)
         # ClientError: a dropped connection (API server restart); AttributeError / TypeError: an answer
         # that is not the review object it should be. Either way: not verified, 503, nothing cached.
         except (KubeError, aiohttp.ClientError, OSError, TimeoutError, ValueError, AttributeError, TypeError) as e:

@@ -943,7 +943,8 @@ class H2ExtProcServer:
                 conn.goaway()
             if self.connections:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._idle.wait(), grace)
+                    async with asyncio.timeout(grace):
+                        await self._idle.wait()
         for conn in list(self.connections):
             conn.abort()
         # Let connection_lost callbacks run.

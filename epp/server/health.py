@@ -80,7 +80,8 @@ class HealthService(health_pb2_grpc.HealthServicer):
                 await asyncio.sleep(self.watch_interval)
                 continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), self.watch_interval)
+                async with asyncio.timeout(self.watch_interval):
+                    await self._changed.wait()
 
 
 def add_to_server(service: HealthService, server: grpc.aio.Server) -> None:

@@ -122,7 +122,8 @@ class ChildProcess(ABC):
         if self.proc is None:
             return None
         try:
-            return await asyncio.wait_for(self.proc.wait(), within)
+            async with asyncio.timeout(within):
+                return await self.proc.wait()
         except TimeoutError:
             return None
 

@@ -481,7 +481,8 @@ class RedisPrecisePrefixCacheProducer(PrecisePrefixCacheProducer):
         hits: dict[Endpoint, int] = {}
         last: Endpoint | None = None
         try:
-            m = await asyncio.wait_for(self.redis_store.lookup(keys, list(pods)), self.lookup_timeout)
+            async with asyncio.timeout(self.lookup_timeout):
+                m = await self.redis_store.lookup(keys, list(pods))
         except Exception as e:  # Redis slow or down: route without prefix data, never stall
             if isinstance(e, TimeoutError):  # past lookupTimeout (redis-py's own timeouts are errors)
                 self.stats.lookup_timeouts += 1
@@ -510,7 +511,8 @@ class RedisPrecisePrefixCacheProducer(PrecisePrefixCacheProducer):
 
     async def _speculate_remote(self, pod: str, keys: list[int], ttl: float) -> None:
         try:
-            await asyncio.wait_for(self.redis_store.speculate(pod, keys, ttl), 1.0)
+            async with asyncio.timeout(1.0):
+                await self.redis_store.speculate(pod, keys, ttl)
         except Exception as e:
             self.stats.speculation_errors += 1
             self._log.warning("speculate", "%s: speculative write to Redis failed: %r", self.name, e)

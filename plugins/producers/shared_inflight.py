@@ -180,7 +180,8 @@ class RedisInFlightLoadProducer(InFlightLoadProducer):
     async def _run(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self.sync_once(), self.replica_ttl)
+                async with asyncio.timeout(self.replica_ttl):
+                    await self.sync_once()
                 self.synced_at = time.monotonic()
             except asyncio.CancelledError:
                 raise

@@ -180,3 +180,38 @@ async def test_an_unreachable_api_server_is_logged_once_per_interval_not_per_att
     attempts = [r for r in caplog.records if r.levelno == logging.DEBUG and "leader election" in r.getMessage()]
     assert len(loud) == 1 and len(attempts) >= 10, (loud, len(attempts))
     assert any("recovered" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+
+
+async def test_a_shutdown_as_a_renewal_completes_stops_the_loop() -> None:
+    """Python 3.11's asyncio.wait_for returned the renewal's result when the shutdown's cancellation arrived in
+    the same loop iteration as the renewal's answer: the loop, its cancellation swallowed, went on renewing
+    (and the shutdown waited for it for ever)."""
+
+    class Gated(FakeLeaseApi):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate: asyncio.Event | None = None
+            self.waiting = asyncio.Event()
+
+        async def request(self, method: str, path: str, **kwargs: Any) -> bytes:
+            if self.gate is not None and method == "PUT":
+                self.waiting.set()
+                await self.gate.wait()
+            return await super().request(method, path, **kwargs)
+
+    api = Gated()
+    config = LeaseConfig("lease", "ns", "me", lease_duration=LEASE, renew_deadline=RENEW, retry_period=0.05)
+    e = LeaderElector(api, config)  # type: ignore[arg-type]
+    task = asyncio.create_task(e.run())
+    try:
+        await eventually(lambda: e.is_leader, within=5)
+        api.gate = asyncio.Event()
+        await asyncio.wait_for(api.waiting.wait(), 5)  # a renewal's PUT is in flight
+        api.gate.set()  # its answer arrives on the next loop iteration, the cancellation in the same one
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        assert task in done and task.cancelled()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({task}, timeout=5)

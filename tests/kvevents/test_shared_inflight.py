@@ -198,6 +198,26 @@ async def test_a_sigkilled_replica_leaves_nothing_behind(server: RedisServer, cl
         await r1.aclose()
 
 
+async def test_close_while_an_exchange_completes_stops_the_sync_loop(server: RedisServer) -> None:
+    """Closing as an exchange ends (the suite's clean-clone run hung here for minutes): Python 3.11's
+    asyncio.wait_for returns the result when the cancellation and the completion meet in one loop iteration,
+    and the sync loop, its cancellation swallowed, ran on while aclose waited for it."""
+    ds, _, _ = _pool()
+    r1 = _replica(server.url, "r1", ds)
+    exchanged = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def sync_once() -> None:
+        entered.set()
+        await exchanged.wait()
+
+    r1.sync_once = sync_once  # type: ignore[method-assign]
+    await asyncio.wait_for(entered.wait(), 5)
+    exchanged.set()  # the exchange ends on the next loop iteration, the cancellation below arrives in it
+    async with asyncio.timeout(5):
+        await r1.aclose()
+
+
 async def test_two_live_replicas_with_one_replica_id_are_reported(
     server: RedisServer, client: aioredis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
