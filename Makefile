@@ -39,9 +39,11 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The tests are checked with tests/ as the package base, as pytest imports them (`helpers`, `server.client`).
 typecheck: install
 	$(VENV)/bin/mypy -p llmepp -p llmepp_sim
 	$(VENV)/bin/mypy benchmarks
+	MYPYPATH=tests $(VENV)/bin/mypy --explicit-package-bases tests
 
 unit: install
 	$(VENV)/bin/pytest -q -m "not e2e"

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import aiohttp
 import grpc
@@ -320,7 +321,7 @@ class Stack:
         await self.stop_pods()
         self._dir.cleanup()
 
-    async def __aenter__(self) -> Stack:
+    async def __aenter__(self) -> Self:
         try:
             await self.start()
         except BaseException:

@@ -100,8 +100,10 @@ def _stage(rate: float, p90: float | str, hit: float) -> dict[str, Any]:
 
 
 def _result(precise_stages: list[dict[str, Any]], approx_stages: list[dict[str, Any]]) -> dict[str, Any]:
-    scenarios = [{"key": s.key, "title": s.title, "contenders": {p: s.contender_name(p) for p in pr.PRODUCERS}}
-                 for s in pr.SCENARIOS]  # fmt: skip
+    scenarios: list[dict[str, Any]] = [
+        {"key": s.key, "title": s.title, "contenders": {p: s.contender_name(p) for p in pr.PRODUCERS}}
+        for s in pr.SCENARIOS
+    ]
     contenders = {}
     for s in scenarios:
         contenders[s["contenders"]["precise"]] = {"status": "ok", "stages": precise_stages}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 from aiohttp import web
@@ -20,6 +20,7 @@ from benchmarks.loadgen import Outcome, drop_trailing_events, execute
 from benchmarks.workloads import SLO_CLASSES, Scale, SloMix, build
 from llmepp.config.loader import build as build_config
 from llmepp.config.loader import load_config
+from llmepp.plugins.scorers.latency import LatencyScorer
 from llmepp.testing.ports import free_port
 from llmepp_sim.cluster import SimProcess
 
@@ -30,6 +31,7 @@ def test_slo_mix_is_seeded_and_states_slos_in_the_epps_units() -> None:
     assert isinstance(wl, SloMix)
     assert wl.stages[0].warmup and not any(s.warmup for s in wl.stages[1:])
     again = build("slo-mix", scale, quick=False, seed=3)
+    assert isinstance(again, SloMix)
     assert [wl.call(i).body for i in range(20)] == [again.call(i).body for i in range(20)]
     calls = [wl.call(i) for i in range(2000)]
     interactive = [c for c in calls if c.key.startswith("interactive/")]
@@ -127,7 +129,11 @@ def test_the_tables_give_the_median_and_range_over_seeds() -> None:
 
 def test_the_spreading_variant_changes_only_the_headroom_strategy() -> None:
     def strategies(text: str) -> list[bool]:
-        return [p.most for p in build_config(load_config(text)).plugins.values() if p.type == "latency-scorer"]
+        return [
+            cast(LatencyScorer, p).most
+            for p in build_config(load_config(text)).plugins.values()
+            if p.type == "latency-scorer"
+        ]
 
     assert strategies(pl.preset_text()) == [False] and strategies(pl.preset_text("most")) == [True]
     assert [c.name for c in pl.contenders()] == ["epp-default", "epp-predicted-latency"]

@@ -22,7 +22,7 @@ from llmepp.datalayer.collector import MetricsCollector
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.dcgm import DcgmPageError, DcgmPoller, parse_gpu_utilization
 from llmepp.datalayer.endpoint import Endpoint, EndpointMetrics, EndpointSpec
-from llmepp.director import Director
+from llmepp.director import Director, RoutingDecision
 from llmepp.framework.plugin import ConfigError
 from llmepp.observability.metrics import EppMetrics
 from llmepp.plugins.datasources.core_metrics import CoreMetricsExtractor
@@ -321,6 +321,7 @@ async def test_the_reference_config_loads_and_gpu_utilisation_drives_scheduling(
     d = Director(ds, c.pipeline, EppMetrics())
     for _ in range(5):
         decision = await d.handle_request(request(b"x"), None)
+        assert isinstance(decision, RoutingDecision)
         assert decision.targets[0].name == "pod-3"
     req = request(b"x")
     f = c.plugins["gpu-not-saturated"]

@@ -173,7 +173,7 @@ async def test_poller_keeps_each_endpoints_models_and_counts_failures(model_serv
         assert [m.id for m in ep_a.models or ()] == ["llama", "legal"]
 
         # b unloads its adapter: the next poll shows it.
-        b.body = json.dumps({"object": "list", "data": [VLLM_PAGE["data"][0]]}).encode()  # type: ignore[index]
+        b.body = json.dumps({"object": "list", "data": [VLLM_PAGE["data"][0]]}).encode()
         await until(lambda: [m.id for m in ep_b.models or ()] == ["llama"])
 
         # A page that is not a model list: counted, the last good list stays.

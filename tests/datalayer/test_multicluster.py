@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import until
@@ -522,7 +523,7 @@ dataLayer:
         (dict(kv=0.4, queue=1.0, ready=2, running=-1.0), POOL_RUNNING_REQUESTS),
     ],
 )
-def test_a_negative_or_impossible_pool_value_is_unknown_and_reported(page: dict[str, float], unknown: str) -> None:
+def test_a_negative_or_impossible_pool_value_is_unknown_and_reported(page: dict[str, Any], unknown: str) -> None:
     extractor = MulticlusterMetricsExtractor("x")
     metrics, err = extractor.mapping.extract(epp_page(**page), NO_METRICS, 1.0)
     assert metrics is not None and unknown not in metrics.attributes, metrics.attributes

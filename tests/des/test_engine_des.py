@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from typing import cast
 
 import pytest
 
@@ -140,13 +141,15 @@ def test_the_faster_block_bookkeeping_behaves_exactly_as_before() -> None:
                 requests.append(r)
                 await asyncio.sleep(0.013 * (k % 3))
             await asyncio.gather(*(r.wait_finished() for r in requests))
-            out = [(r.num_cached_tokens, r.first_token_time, r.finish_time, tuple(r.output_ids)) for r in requests]
+            out: list[tuple[object, ...]] = [
+                (r.num_cached_tokens, r.first_token_time, r.finish_time, tuple(r.output_ids)) for r in requests
+            ]
             out.append((engine.stats.preemptions, engine.stats.prefix_cache_hits))
             await engine.stop()
             return out
 
         results = run(main)
-        return events, results, int(results[-1][0] or 0)
+        return events, results, int(cast(int | None, results[-1][0]) or 0)
 
     new_events, new_results, preemptions = scenario(Engine)
     old_events, old_results, _ = scenario(_ReferenceEngine)

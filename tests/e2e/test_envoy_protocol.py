@@ -118,7 +118,7 @@ async def settle(director: FakeDirector, within: float = 3.0) -> None:
     assert director.inflight == {}, director.inflight
 
 
-def completion(model: str = "m", stream: bool = False, prompt: str = "hello") -> dict:  # type: ignore[type-arg]
+def completion(model: str = "m", stream: bool = False, prompt: str = "hello") -> dict:
     return {"model": model, "prompt": prompt, "stream": stream, "max_tokens": 4}
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator, Callable
+from typing import cast
 
 import aiohttp
 import pytest
@@ -122,8 +123,8 @@ async def test_a_prompt_prefix_follows_it_to_the_same_cluster(
             port, pod, usage = await complete(http, deployment.hub.url, f"{shared} turn {turn}")
             placed.append((deployment.cluster_of(port), pod))
             if turn:  # the cluster's EPP sent it on to the pod holding the prefix
-                details = usage.get("prompt_tokens_details") or {}
-                assert details.get("cached_tokens", 0) > 500, usage  # type: ignore[union-attr]
+                details = cast(dict[str, int], usage.get("prompt_tokens_details") or {})
+                assert details.get("cached_tokens", 0) > 500, usage
         assert len(set(placed)) == 1, placed
 
 

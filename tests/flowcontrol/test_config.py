@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 
@@ -355,7 +356,7 @@ LONG_STALENESS = "- type: utilization-detector\n  parameters: {metricsStalenessT
     ],
 )
 def test_a_scrape_period_beyond_the_staleness_threshold_is_a_startup_warning(
-    extra: str, settings: dict[str, float], warned: bool, caplog: pytest.LogCaptureFixture
+    extra: str, settings: dict[str, Any], warned: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     # llm-d-router#2514: with scrapes rarer than metricsStalenessThreshold, the utilization detector reads
     # every pod stale (saturated) most of the time and dispatch stalls for seconds, with nothing said.

@@ -10,7 +10,7 @@ from helpers import FILE_CONFIG, endpoint, request
 
 from llmepp.config.loader import build, load_config
 from llmepp.datalayer.datastore import Datastore
-from llmepp.director import Director
+from llmepp.director import Director, RoutingDecision
 from llmepp.errors import RequestError
 from llmepp.flowcontrol.controller import FlowController
 from llmepp.observability.metrics import EppMetrics
@@ -49,6 +49,7 @@ async def test_completion_of_a_routed_request_dispatches_the_next() -> None:
     d, fc = director()
     first = request(fairness_id="a")
     decision = await d.handle_request(first, None)  # idle pool: straight through
+    assert isinstance(decision, RoutingDecision)
     assert decision.targets[0].inflight.requests == 1
     second = asyncio.create_task(d.handle_request(request(fairness_id="b"), None))
     await until(lambda: fc.queued == 1)
@@ -56,6 +57,7 @@ async def test_completion_of_a_routed_request_dispatches_the_next() -> None:
     assert not second.done()  # the only slot is taken
     d.response_complete(first, ResponseInfo(status=200), decision)  # director → hook → dispatcher
     decision2 = await asyncio.wait_for(second, 1.0)
+    assert isinstance(decision2, RoutingDecision)
     assert decision2.targets[0].inflight.requests == 1 and fc.queued == 0
     await fc.aclose()
 
@@ -116,6 +118,7 @@ async def test_an_admitted_request_that_is_never_routed_is_released() -> None:
     assert len(fc.evictor) == 0  # not kept (with its body) forever
     routed = request(objective="batch")
     decision = await d.handle_request(routed, None)
+    assert isinstance(decision, RoutingDecision)
     assert len(fc.evictor) == 1
     d.response_complete(routed, ResponseInfo(status=200), decision)
     assert len(fc.evictor) == 0

@@ -69,7 +69,7 @@ def test_a_blocked_band_with_nothing_below_it_in_flight_does_not_walk_the_in_fli
     backed up behind its own in-flight work (the usual saturated state) has no victim below it: that
     must be known without a scan of every request in flight, 1,000 times a second."""
 
-    class Walks(dict):  # type: ignore[type-arg]
+    class Walks(dict):
         walks = 0
 
         def values(self):  # type: ignore[no-untyped-def]

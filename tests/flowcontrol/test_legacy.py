@@ -12,7 +12,7 @@ from llmepp.config.loader import build, load_config
 from llmepp.config.schema import DEFAULT_CONFIG
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import Endpoint
-from llmepp.director import Director
+from llmepp.director import Director, RoutingDecision
 from llmepp.errors import RequestError
 from llmepp.flowcontrol.interfaces import SaturationDetector
 from llmepp.flowcontrol.legacy import LegacyAdmission
@@ -81,6 +81,7 @@ async def test_director_without_gate_uses_legacy_admission_end_to_end(tmp_path) 
     assert isinstance(c.pipeline.admission, LegacyAdmission)
     d = Director(ds, c.pipeline, metrics)
     decision = await d.handle_request(request(), None)  # priority 0 is never shed
+    assert isinstance(decision, RoutingDecision)
     assert decision.targets[0].name == "pod-0"
     with pytest.raises(RequestError) as err:
         await d.handle_request(request(objective="batch"), None)
@@ -105,6 +106,7 @@ async def test_legacy_admission_reads_the_saturation_of_the_subset_hint_not_the_
         ds.get(ep.name).metrics = ep.metrics  # type: ignore[union-attr]
     # Pool mean (1 + 0 + 10) / 3 ≥ 1; the idle pod alone reads 0: admitted.
     decision = await d.handle_request(request(objective="batch"), [idle.hostport])
+    assert isinstance(decision, RoutingDecision)
     assert decision.targets[0].name == "pod-1"
     ds.delete(overloaded.name)  # pool mean (1 + 0) / 2 < 1; the full pod alone reads 1: shed.
     with pytest.raises(RequestError) as err:

@@ -175,11 +175,12 @@ async def test_many_reloads_under_traffic_keep_nothing_of_the_retired_schedulers
     import gc
     import weakref
 
+    from helpers import FILE_CONFIG, request
+
     from llmepp.datalayer.endpoint import EndpointSpec
     from llmepp.director import RoutingDecision
     from llmepp.framework.plugin import Plugin
     from llmepp.request.types import ResponseInfo
-    from tests.helpers import FILE_CONFIG, request
 
     path = tmp_path / "config.yaml"
     path.write_text(FILE_CONFIG)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import cast
 
 import msgspec
 import pytest
@@ -13,7 +14,7 @@ from llmepp.config.loader import build, load_config
 from llmepp.config.schema import DEFAULT_CONFIG
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
-from llmepp.director import Director
+from llmepp.director import Director, RoutingDecision
 from llmepp.errors import BadRequest, NoEndpoints, RequestError, ResourceExhausted, Saturated
 from llmepp.framework.requestcontrol import (
     Admitter,
@@ -46,6 +47,7 @@ async def test_routes_to_a_pool_endpoint_and_accounts_inflight() -> None:
     d, _ds = director_for(3)
     req = request(b"x" * 400)
     decision = await d.handle_request(req, None)
+    assert isinstance(decision, RoutingDecision)
     target = decision.targets[0]
     assert decision.destination == target.hostport
     assert target.inflight.requests == 1 and target.inflight.tokens == 100
@@ -58,6 +60,7 @@ async def test_subset_hint_matches_on_ip_only() -> None:
     wanted = ds.endpoints[2]
     for _ in range(20):
         decision = await d.handle_request(request(), [f"{wanted.address}:9999"])
+        assert isinstance(decision, RoutingDecision)
         assert decision.targets == [wanted]
 
 
@@ -72,6 +75,7 @@ async def test_subset_hint_with_bracketed_ipv6_entries() -> None:
     wanted = next(ep for ep in ds.endpoints if ep.address == "fd00::2")
     for _ in range(20):
         decision = await d.handle_request(request(), ["[fd00::2]:9999", "[fd00::9]:8000"])
+        assert isinstance(decision, RoutingDecision)
         assert decision.targets == [wanted]
         assert decision.destination == "[fd00::2]:8000"
     assert {ep.address for ep in d.candidates(["[fd00::1]:8000", "10.0.0.3:8000"])} == {"fd00::1", "10.0.0.3"}
@@ -109,7 +113,7 @@ async def test_filters_removing_everything_is_429_saturated() -> None:
 
 async def test_bodyless_goes_to_a_random_ready_endpoint() -> None:
     d, ds = director_for(3)
-    seen = {d.handle_bodyless(request(None), None).destination for _ in range(60)}
+    seen = {cast(RoutingDecision, d.handle_bodyless(request(None), None)).destination for _ in range(60)}
     assert seen == {ep.hostport for ep in ds.endpoints}
 
 
@@ -135,11 +139,11 @@ async def test_bodyless_runs_the_screeners() -> None:
     d.pipeline.screeners.append(screener)
     get = headers_request({":method": "GET", ":path": "/v1/models"}, request_id="b-1")
     # 60 picks of the 2 kept: P(never the dropped one | screeners ignored) = (2/3)^60 ≈ 3e-11.
-    seen = {d.handle_bodyless(get, None).destination for _ in range(60)}
+    seen = {cast(RoutingDecision, d.handle_bodyless(get, None)).destination for _ in range(60)}
     assert seen == {ep.hostport for ep in ds.endpoints if ep is not dropped}
     assert screener.seen and all(r is get for r in screener.seen)
     # The subset hint narrows first, then the screeners; none left is the same 503 as a routed request.
-    assert d.handle_bodyless(get, [ds.endpoints[0].hostport]).targets == [ds.endpoints[0]]
+    assert cast(RoutingDecision, d.handle_bodyless(get, [ds.endpoints[0].hostport])).targets == [ds.endpoints[0]]
     with pytest.raises(NoEndpoints, match="no endpoint passed screener 'drop-named'") as err:
         d.handle_bodyless(get, [dropped.hostport])
     assert err.value.status == 503
@@ -170,6 +174,7 @@ async def test_fallback_list_is_comma_separated() -> None:
     )
     d, _ = director_for(4, text)
     decision = await d.handle_request(request(), None)
+    assert isinstance(decision, RoutingDecision)
     parts = decision.destination.split(",")
     assert len(parts) == 3 and len(set(parts)) == 3
     assert parts[0] == decision.targets[0].hostport
@@ -186,6 +191,7 @@ async def test_a_picker_repeating_an_endpoint_lists_it_once_in_the_fallbacks(mon
 
     monkeypatch.setattr(profile.picker, "pick", repeating)
     decision = await d.handle_request(request(), None)
+    assert isinstance(decision, RoutingDecision)
     first, second = decision.targets[0].hostport, decision.targets[2].hostport
     assert decision.destination == f"{first},{second}"
 
@@ -201,6 +207,7 @@ async def test_emit_scores_covers_every_candidate() -> None:
     d = Director(ds, c.pipeline, metrics, emit_scores=True, decision_header=True)
     req = request(b"p" * 100)
     decision = await d.handle_request(req, None)
+    assert isinstance(decision, RoutingDecision)
     assert decision.scores is not None
     assert set(decision.scores) == {ep.hostport for ep in ds.endpoints}
     # queue 2·(1, .5, 0) + kv 2·1 + prefix 3·0 (cold) + no-hit-lru 2·(1, .5, 0) (never used: list order)
@@ -267,6 +274,7 @@ async def test_plugin_durations_are_recorded_for_one_request_in_sixteen() -> Non
     for i in range(2 * TIMED_EVERY):
         req = request(b"x" * 400)
         decision = await d.handle_request(req, None)
+        assert isinstance(decision, RoutingDecision)
         d.response_complete(req, ResponseInfo(status=200), decision)
         if i == TIMED_EVERY - 2:
             assert count("Scorer", "queue-scorer") == 0  # not sampled yet
@@ -308,6 +316,7 @@ async def test_a_failing_data_producer_does_not_fail_the_request(
         monkeypatch.setattr(producer, "produce", broken)
     with caplog.at_level(logging.ERROR, logger="llmepp.director"):
         decision = await d.handle_request(request(b"x" * 400), None)
+        assert isinstance(decision, RoutingDecision)
     assert decision.targets
     assert f"data producer {sync[0].name} failed" in caplog.text
 
@@ -400,7 +409,7 @@ async def test_a_slow_async_producer_is_skipped_and_logged_once_not_per_request(
     d._producers = [(producer, True)]  # type: ignore[list-item]
     with caplog.at_level(logging.WARNING, logger="llmepp.director"):
         for _ in range(5):  # every request still routes, on what the other producers gave
-            assert (await d.handle_request(request(b"x" * 400), None)).targets
+            assert cast(RoutingDecision, await d.handle_request(request(b"x" * 400), None)).targets
     lines = [r for r in caplog.records if "data producer slow-tokenizer timed out" in r.getMessage()]
     assert len(lines) == 1
 
@@ -430,7 +439,7 @@ async def test_an_endpoint_removed_while_an_async_producer_waits_is_not_picked()
     producing(delete_one)
     for _ in range(20):
         ds.upsert(gone.spec)
-        assert (await d.handle_request(request(b"x" * 400), None)).targets == [kept]
+        assert cast(RoutingDecision, await d.handle_request(request(b"x" * 400), None)).targets == [kept]
 
     async def delete_all(*_: object) -> None:
         for ep in ds.endpoints:
@@ -498,6 +507,7 @@ async def test_a_failing_response_header_plugin_does_not_skip_the_others(caplog:
         for _ in range(5):
             req = request(b"x" * 40)
             decision = await d.handle_request(req, None)
+            assert isinstance(decision, RoutingDecision)
             assert d.response_headers(req, ResponseInfo(status=200), {}) == {"x-stamp": "1"}
             d.response_complete(req, ResponseInfo(status=200), decision)
     assert len([r for r in caplog.records if "broken-headers" in r.getMessage()]) == 1
@@ -518,6 +528,7 @@ async def test_a_failing_response_complete_plugin_is_logged_once_not_per_request
         for _ in range(5):
             req = request(b"x" * 40)
             decision = await d.handle_request(req, None)
+            assert isinstance(decision, RoutingDecision)
             d.response_complete(req, ResponseInfo(status=200), decision)
     assert all(ep.inflight.requests == 0 and ep.inflight.tokens == 0 for ep in ds.endpoints)
     assert len([r for r in caplog.records if "broken-complete" in r.getMessage()]) == 1

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from llmepp.config.loader import build, load_config
 from llmepp.framework.plugin import ConfigError, registry
 
-WRONG = [None, -1, 0, "x", "-1s", [], {}, True, 2**70, 1e308, float("nan"), float("inf")]
+WRONG: list[Any] = [None, -1, 0, "x", "-1s", [], {}, True, 2**70, 1e308, float("nan"), float("inf")]
 
 
 def _build(type_name: str, parameters: dict[str, Any] | None) -> None:

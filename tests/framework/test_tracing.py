@@ -7,13 +7,14 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from typing import cast
 
 import pytest
 from helpers import endpoint, request
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import StatusCode
+from opentelemetry.trace import SpanContext, StatusCode
 
 from llmepp.config.loader import build, load_config
 from llmepp.config.schema import DEFAULT_CONFIG
@@ -75,7 +76,9 @@ async def test_a_request_is_a_server_span_in_the_clients_trace_and_the_model_ser
     assert root.attributes["http.response.status_code"] == 200
     assert (root.attributes["gen_ai.usage.input_tokens"], root.attributes["gen_ai.usage.output_tokens"]) == (7, 3)
     for child in ("llm_d.epp.admission", "llm_d.epp.scheduling"):
-        assert spans[child].parent is not None and spans[child].parent.span_id == root.context.span_id
+        assert (
+            spans[child].parent is not None and cast(SpanContext, spans[child].parent).span_id == root.context.span_id
+        )
     assert spans["llm_d.epp.scheduling"].attributes == {"llm_d.epp.primary_profile": "default",
                                                        "llm_d.epp.candidates": 3}  # fmt: skip
 

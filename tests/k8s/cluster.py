@@ -25,6 +25,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from llmepp.testing.ports import free_port
 
@@ -122,7 +123,7 @@ class Cluster:
         while time.monotonic() < deadline:
             for proc in self.procs:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}:\n{self.logs()}")
+                    raise RuntimeError(f"{cast(list[str], proc.args)[0]} exited with {proc.returncode}:\n{self.logs()}")
             try:
                 with urllib.request.urlopen(request, context=ctx, timeout=2) as reply:
                     if reply.read() == b"ok":

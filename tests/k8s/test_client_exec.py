@@ -24,7 +24,7 @@ from helpers import write_cert_pair
 
 from llmepp.framework.plugin import ConfigError
 from llmepp.k8s import client as kclient
-from llmepp.k8s.client import KubeClient, KubeError
+from llmepp.k8s.client import KubeClient, KubeError, _ExecPlugin
 from llmepp.server.tls import self_signed_pem
 
 from .fakeapi import serving
@@ -184,6 +184,7 @@ print(json.dumps({{"apiVersion": "client.authentication.k8s.io/v1beta1", "kind":
     client = await KubeClient.connect(str(kubeconfig(tmp_path / "kc", sys.executable, [str(plugin)])))
     try:
         configuration = client._api.configuration
+        assert configuration.cert_file is not None and configuration.key_file is not None
         assert _read(configuration.cert_file) == cert
         assert _read(configuration.key_file) == _read(certs / "tls.key")
         assert not configuration.api_key  # no bearer token besides
@@ -199,6 +200,7 @@ async def test_a_request_cancelled_during_a_renewal_does_not_cancel_it_for_the_o
     """Requests share one renewal run; the one that started it going away (cancelled) killed the plugin, and the
     requests waiting with it kept the expired credential for EXEC_MIN_INTERVAL."""
     runs = tmp_path / "runs"
+    plugin: Path | _ExecPlugin | None
     plugin = tmp_path / "plugin.py"
     plugin.write_text(
         f"""import datetime, json, pathlib, time

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from typing import cast
 
 from prometheus_client import generate_latest
 
+from llmepp.director import RoutingDecision
 from llmepp.flowcontrol.objectives import ObjectiveStore
+from llmepp.k8s.runtime import KubeRuntime
 from llmepp.request.parsers import parse_request
 from llmepp.request.types import ResponseInfo
 
@@ -68,12 +71,13 @@ async def test_model_rewrites_are_applied_by_the_director(cluster: Cluster, kube
 
     async with running_app(kube_settings(cluster.kubeconfig, ns)) as app:
         assert app.kube is not None
-        await eventually(lambda: app.ready() and len(app.kube.rewrites) == 2, within=10)
+        await eventually(lambda: app.ready() and len(cast(KubeRuntime, app.kube).rewrites) == 2, within=10)
 
         async def route(model: str) -> str:
             headers = {":path": "/v1/completions", ":method": "POST"}
             request = parse_request(headers, completion(model), request_id="r")
             decision = await app.director.handle_request(request, None)
+            assert isinstance(decision, RoutingDecision)
             app.director.response_complete(request, ResponseInfo(), decision)
             sent = json.loads(decision.body) if decision.body is not None else {"model": model}
             assert sent["model"] == request.target_model  # the upstream body carries the target

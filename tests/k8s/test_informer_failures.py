@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from llmepp.k8s import informer as informer_module
 from llmepp.k8s.client import KubeClient
-from llmepp.k8s.informer import Informer, InformerMetrics, InformerOptions
+from llmepp.k8s.informer import Informer, InformerMetrics, InformerOptions, KubeObject
 from llmepp.k8s.models import InferenceObjective, Pod
 from llmepp.k8s.resources import INFERENCE_OBJECTIVES, PODS, Resource
 from llmepp.k8s.selector import SelectorError, parse_selector
@@ -38,9 +38,9 @@ class Nothing:
 @contextlib.asynccontextmanager
 async def running_informer(
     kubeconfig: str, resource: Resource, ns: str, kind: type, options: InformerOptions
-) -> AsyncIterator[Informer[object]]:
+) -> AsyncIterator[Informer[KubeObject]]:
     client = await KubeClient.connect(kubeconfig)
-    inf: Informer[object] = Informer(client, resource, ns, kind, Nothing(), options)
+    inf: Informer[KubeObject] = Informer(client, resource, ns, kind, Nothing(), options)
     task = asyncio.create_task(inf.run())
     try:
         yield inf

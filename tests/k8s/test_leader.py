@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from llmepp.k8s.client import KubeClient
 from llmepp.k8s.leader import LeaderElector, LeaseConfig
@@ -83,7 +84,7 @@ async def test_followers_keep_their_datastore_warm(cluster: Cluster, kube: TestK
     ns = namespace
     await kube.create_pool(ns, POOL, APP, [8000, 8001])
     await kube.ready_pod(ns, "p", APP, "10.8.0.1")
-    ha = {
+    ha: dict[str, Any] = {
         "ha_enable_leader_election": True,
         "ha_lease_duration": LEASE,
         "ha_renew_deadline": RENEW,

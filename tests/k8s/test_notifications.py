@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, cast
 
 import pytest
 from helpers import FILE_CONFIG
@@ -146,7 +146,7 @@ async def test_events_keep_coming_across_watch_timeouts(cluster: Cluster, kube: 
             assert src.watch is not None and src.watch.informer is not None
             informer = src.watch.informer
             watches = informer.stats.watches
-            await eventually(lambda i=informer, w=watches: i.stats.watches > w, within=15)
+            await eventually(cast(Callable[[], bool], lambda i=informer, w=watches: i.stats.watches > w), within=15)
         await put_configmap(kube, namespace, "c", {"i": "last"})
         await eventually(lambda: len(rec.events) == 4, within=10)
         assert [e[2]["i"] for e in rec.events] == ["0", "1", "2", "last"]

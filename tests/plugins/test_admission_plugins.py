@@ -107,7 +107,7 @@ plugins:
         ("/v1/messages", {"max_tokens": 4, "messages": [{"role": "user", "content": "text only"}]}, False),
     ],
 )  # fmt: skip
-def test_the_multimodal_decider_follows_media_parts(path: str, body: dict, media: bool) -> None:  # type: ignore[type-arg]
+def test_the_multimodal_decider_follows_media_parts(path: str, body: dict, media: bool) -> None:
     decider = registry.build("always-disagg-multimodal-decider", "mm", None)
     req = parse_request({":path": path}, json.dumps({"model": "m", **body}).encode(), request_id="r")
     assert req.multimodal is media

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from pathlib import Path
+from typing import cast
 
 import pytest
 from helpers import endpoint, request
@@ -13,7 +14,7 @@ from helpers import endpoint, request
 from llmepp.config.loader import DEFAULT_PRODUCERS, Components, build, load_config
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import EndpointMetrics
-from llmepp.director import Director
+from llmepp.director import Director, RoutingDecision
 from llmepp.framework.plugin import ConfigError
 from llmepp.observability.metrics import EppMetrics
 from llmepp.plugins.filters.session import encode_token
@@ -112,6 +113,7 @@ async def test_every_catalogue_plugin_loads_and_schedules() -> None:
     req = request(b"a prompt " * 50)
     req.headers["x-session-id"] = "s1"
     decision = await d.handle_request(req, None)
+    assert isinstance(decision, RoutingDecision)
     assert len(decision.targets) == 2
     extra = d.response_headers(req, ResponseInfo(status=200), {})
     assert extra is not None and extra["x-session-token"] == encode_token(decision.targets[0])
@@ -195,6 +197,7 @@ async def test_optimized_baseline_loads_and_spreads_cold_requests() -> None:
     for i in range(4):  # four distinct (cold) prompts: the LRU sends each to a fresh endpoint
         req = request(bytes([65 + i]) * 2000)
         decision = await d.handle_request(req, None)
+        assert isinstance(decision, RoutingDecision)
         seen.append(decision.targets[0].name)
         d.response_complete(req, ResponseInfo(status=200), decision)
         await asyncio.sleep(0)  # the prefix index is updated just after the routing answer
@@ -202,6 +205,7 @@ async def test_optimized_baseline_loads_and_spreads_cold_requests() -> None:
     # A warm repeat goes back to where the prefix is cached.
     req = request(b"B" * 2000)
     decision = await d.handle_request(req, None)
+    assert isinstance(decision, RoutingDecision)
     assert decision.targets[0].name == seen[1]
 
 
@@ -222,6 +226,7 @@ schedulingProfiles:
         ep.metrics = EndpointMetrics(update_time=1.0)
     first = request()
     decision = await d.handle_request(first, None)
+    assert isinstance(decision, RoutingDecision)
     pinned = decision.targets[0]
     headers = d.response_headers(first, ResponseInfo(status=200), {})
     assert headers == {"x-session-token": encode_token(pinned)}
@@ -233,6 +238,7 @@ schedulingProfiles:
         nxt = request()
         nxt.headers["x-session-token"] = headers["x-session-token"]
         decision = await d.handle_request(nxt, None)
+        assert isinstance(decision, RoutingDecision)
         assert decision.targets[0] is pinned
         d.response_complete(nxt, ResponseInfo(status=200), decision)
 
@@ -242,26 +248,27 @@ async def test_session_filter_round_trip_and_departed_endpoint() -> None:
     d, ds, _ = director(text, n=6)
     first = request()
     decision = await d.handle_request(first, None)
+    assert isinstance(decision, RoutingDecision)
     token = d.response_headers(first, ResponseInfo(status=200), {})["x-session-token"]  # type: ignore[index]
     pinned = decision.targets[0]
     d.response_complete(first, ResponseInfo(status=200), decision)
     for _ in range(10):
         nxt = request()
         nxt.headers["x-session-token"] = token
-        assert (await d.handle_request(nxt, None)).targets[0] is pinned
+        assert cast(RoutingDecision, await d.handle_request(nxt, None)).targets[0] is pinned
     ds.delete(pinned.name)
-    spread = Counter()
+    spread: Counter[str] = Counter()
     for _ in range(30):
         nxt = request()
         nxt.headers["x-session-token"] = token
-        spread[(await d.handle_request(nxt, None)).targets[0].name] += 1
+        spread[cast(RoutingDecision, await d.handle_request(nxt, None)).targets[0].name] += 1
     assert pinned.name not in spread and len(spread) > 1
 
 
 async def test_active_request_scorer_balances_through_the_director() -> None:
     text = HEADER + "plugins:\n- type: active-request-scorer\n"
     d, _ds, c = director(text, n=3)
-    decisions = [await d.handle_request(request(), None) for _ in range(6)]
+    decisions = [cast(RoutingDecision, await d.handle_request(request(), None)) for _ in range(6)]
     assert Counter(dec.targets[0].name for dec in decisions) == {"pod-0": 2, "pod-1": 2, "pod-2": 2}
     ifl = c.plugins["inflight-load-producer"]
     assert sum(load.requests for load in ifl.loads.values()) == 6  # type: ignore[attr-defined]
@@ -328,4 +335,5 @@ async def test_a_custom_metric_drives_the_attribute_scorer() -> None:
         {},
     ]
     decision = await d.handle_request(request(b"hello"), None)
+    assert isinstance(decision, RoutingDecision)
     assert decision.targets[0].name == "pod-1"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from helpers import endpoint, request
@@ -25,6 +25,9 @@ from llmepp.framework.datakeys import (
 from llmepp.framework.plugin import ConfigError, Plugin, PluginContext, registry
 from llmepp.framework.scheduling import ProfileResult, SchedulingResult
 from llmepp.observability.metrics import EppMetrics
+from llmepp.plugins.producers.agent_identity import AgentIdentity
+from llmepp.plugins.producers.inflight_load import InFlightLoadProducer
+from llmepp.plugins.producers.session_id import SessionIdProducer
 from llmepp.request.types import InferenceRequest, ResponseInfo
 
 
@@ -211,6 +214,7 @@ def test_inflight_a_target_removed_while_its_request_was_scheduled_is_not_tracke
     ds.upsert(endpoint(0).spec)
     old = ds.endpoints[0]
     p = registry.build("inflight-load-producer", "ifl", None)
+    assert isinstance(p, InFlightLoadProducer)
     p.setup(PluginContext({"ifl": p}, ds, None, metrics))
     req = tokenized(10)
     p.produce(req, [old])
@@ -274,7 +278,7 @@ def test_session_id_producer_bounds_huge_ids_and_keeps_them_distinct() -> None:
     p = make("session-id-producer")
     c = make("session-id-producer", {"cookieName": "sid"})
 
-    def sid(plugin: Plugin, headers: dict[str, str]) -> str | None:
+    def sid(plugin: SessionIdProducer, headers: dict[str, str]) -> str | None:
         req = request()
         req.headers.update(headers)
         plugin.produce(req, [])
@@ -310,6 +314,7 @@ def test_weighted_random_tiny_scores_never_pick_a_zero() -> None:
 def test_inflight_counters_are_exported_per_endpoint_and_producer() -> None:
     metrics = EppMetrics()
     p = registry.build("inflight-load-producer", "ifl", None)
+    assert isinstance(p, InFlightLoadProducer)
     p.setup(PluginContext({"ifl": p}, None, None, metrics))
     a, b = endpoint(0), endpoint(1)
     req = tokenized(700)
@@ -345,6 +350,7 @@ def agent_request(headers: dict[str, str]) -> InferenceRequest:
 
 def test_an_agent_session_becomes_the_fairness_id() -> None:
     plugin = registry.build("agent-identity", "agent-identity", None)
+    assert isinstance(plugin, AgentIdentity)
     req = agent_request({"session-id": "later", "x-claude-code-session-id": " claude-1 "})
     plugin.process_headers(req)
     assert req.fairness_id == "claude-1" and req.data["agent-identity"] == "claude-1"  # listed order wins
@@ -355,6 +361,7 @@ def test_an_agent_session_becomes_the_fairness_id() -> None:
 
 def test_an_explicit_fairness_header_wins_and_extra_headers_come_first() -> None:
     plugin = registry.build("agent-identity", "agent-identity", {"additionalSessionHeaders": ["X-Conversation"]})
+    assert isinstance(plugin, AgentIdentity)
     req = agent_request({"x-conversation": "conv-9", "session_id": "s"})
     plugin.process_headers(req)
     assert req.fairness_id == "conv-9"
@@ -366,5 +373,5 @@ def test_an_explicit_fairness_header_wins_and_extra_headers_come_first() -> None
 
 def test_a_huge_session_value_is_cut() -> None:
     req = agent_request({"session_id": "x" * 10_000})
-    registry.build("agent-identity", "agent-identity", None).process_headers(req)
+    cast(AgentIdentity, registry.build("agent-identity", "agent-identity", None)).process_headers(req)
     assert len(req.fairness_id) == 256

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from helpers import endpoint, request
 
+from llmepp.director import RoutingDecision
 from llmepp.framework.plugin import PluginContext, registry
+from llmepp.plugins.filters.endpoint_attribute import EndpointAttributeFilter
 
 from .test_pd_plugins import director
 
@@ -27,7 +31,7 @@ async def test_header_profile_handler_loads_without_a_decode_profile_when_defaul
     d, _, _ = director(HEADER_STAGES, [("p0", "prefill"), ("d0", "decode")])
     req = request(b"x")
     req.headers["epp-profile"] = "prefill-stage"
-    assert (await d.handle_request(req, None)).targets[0].name == "p0"
+    assert cast(RoutingDecision, await d.handle_request(req, None)).targets[0].name == "p0"
 
 
 async def test_header_profile_handler_trims_default_profile() -> None:
@@ -37,7 +41,7 @@ async def test_header_profile_handler_trims_default_profile() -> None:
         "{type: header-profile-handler, parameters: {defaultProfile: ' prefill-stage '}}",
     )
     d, _, _ = director(config, [("p0", "prefill"), ("d0", "decode")])
-    assert (await d.handle_request(request(b"x"), None)).targets[0].name == "p0"
+    assert cast(RoutingDecision, await d.handle_request(request(b"x"), None)).targets[0].name == "p0"
 
 
 # -- endpoint-attribute-filter --------------------------------------------------------------------
@@ -53,6 +57,7 @@ def test_attribute_filter_percentile_position_is_not_pushed_up_by_float_error() 
             "algorithm": {"type": "percentile", "percentile": {"percentile": 14, "higherIsBetter": False}},
         },
     )
+    assert isinstance(f, EndpointAttributeFilter)
     f.setup(PluginContext({"f": f}, None, None, None))
     kept = f.filter(request(), eps)
     assert [ep.name for ep in kept] == [f"pod-{i}" for i in range(7)]  # cutoff = 7th smallest value, 6

@@ -9,7 +9,7 @@ from helpers import request
 from llmepp.config.loader import build, load_config
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
-from llmepp.director import Director
+from llmepp.director import Director, RoutingDecision
 from llmepp.errors import ResourceExhausted
 from llmepp.framework.plugin import ConfigError, registry
 from llmepp.framework.scheduling import ProfileResult, SchedulingResult
@@ -58,6 +58,7 @@ async def test_reference_config_routes_to_the_primary_port_and_names_the_rank() 
     d, ds = director()
     assert isinstance(d.pipeline.scheduler.handler, DataParallelProfileHandler)
     decision = await d.handle_request(forced("10.2.0.2:8001"), None)
+    assert isinstance(decision, RoutingDecision)
     assert decision.destination == "10.2.0.2:8000"  # x-gateway-destination-endpoint and envoy.lb metadata
     assert decision.headers[DATA_PARALLEL_HEADER] == "10.2.0.2:8001"
     # The rank stays the target: its in-flight load (and its prefix cache) is what the request adds to.
@@ -75,6 +76,7 @@ async def test_ipv6_pods_get_bracketed_destination_and_rank_header() -> None:
     metrics = EppMetrics()
     d = Director(ds, build(load_config(DATA_PARALLEL), datastore=ds, metrics=metrics).pipeline, metrics)
     decision = await d.handle_request(forced("[fd00::2]:8001"), None)
+    assert isinstance(decision, RoutingDecision)
     assert decision.destination == "[fd00::2]:8000"
     assert decision.headers[DATA_PARALLEL_HEADER] == "[fd00::2]:8001"
     assert decision.targets == [ds.by_hostport["[fd00::2]:8001"]]
@@ -83,9 +85,11 @@ async def test_ipv6_pods_get_bracketed_destination_and_rank_header() -> None:
 async def test_rank_zero_is_named_too_and_every_pick_gets_the_header() -> None:
     d, _ = director()
     decision = await d.handle_request(forced("10.2.0.1:8000"), None)
+    assert isinstance(decision, RoutingDecision)
     assert decision.destination == "10.2.0.1:8000"
     assert decision.headers[DATA_PARALLEL_HEADER] == "10.2.0.1:8000"
     unforced = await d.handle_request(request(b"x"), None)
+    assert isinstance(unforced, RoutingDecision)
     target = unforced.targets[0]
     assert unforced.destination == f"{target.address}:8000"
     assert unforced.headers[DATA_PARALLEL_HEADER] == target.hostport
@@ -98,6 +102,7 @@ async def test_primary_port_parameter_and_a_client_sent_header_is_overwritten() 
     req = forced("10.2.0.1:8001")
     req.headers[DATA_PARALLEL_HEADER] = "203.0.113.9:1"
     decision = await d.handle_request(req, None)
+    assert isinstance(decision, RoutingDecision)
     assert decision.destination == "10.2.0.1:9000"
     assert decision.headers[DATA_PARALLEL_HEADER] == "10.2.0.1:8001"
 
@@ -107,6 +112,7 @@ async def test_a_fallback_list_goes_to_each_pick_s_primary_port() -> None:
     config = DATA_PARALLEL.replace(picker, picker + "\n  parameters: {maxNumOfEndpoints: 2}")
     d, _ = director(config)
     decision = await d.handle_request(forced("10.2.0.2:8001,10.2.0.1:8001"), None)
+    assert isinstance(decision, RoutingDecision)
     first, second = decision.targets
     assert decision.destination == f"{first.address}:8000,{second.address}:8000"
     assert {first.hostport, second.hostport} == {"10.2.0.2:8001", "10.2.0.1:8001"}
@@ -120,6 +126,7 @@ async def test_two_ranks_of_one_pod_give_its_primary_port_once() -> None:
     config = DATA_PARALLEL.replace(picker, picker + "\n  parameters: {maxNumOfEndpoints: 2}")
     d, _ = director(config)
     decision = await d.handle_request(forced("10.2.0.2"), None)
+    assert isinstance(decision, RoutingDecision)
     assert {ep.hostport for ep in decision.targets} == {"10.2.0.2:8000", "10.2.0.2:8001"}
     assert decision.destination == "10.2.0.2:8000"
     assert decision.headers[DATA_PARALLEL_HEADER] == decision.targets[0].hostport
@@ -158,6 +165,7 @@ def test_more_than_one_profile_is_a_start_up_error() -> None:
 
 def test_no_profile_is_refused_too() -> None:
     handler = registry.build("data-parallel-profile-handler", "dp", None)
+    assert isinstance(handler, DataParallelProfileHandler)
     with pytest.raises(ConfigError, match="exactly one scheduling profile, found 0"):
         handler.validate_profiles({})
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -17,7 +17,7 @@ from helpers import request
 from llmepp.config.loader import build, load_config
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import EndpointSpec
-from llmepp.director import Director
+from llmepp.director import Director, RoutingDecision
 from llmepp.errors import ServiceUnavailable
 from llmepp.framework.plugin import ConfigError, PluginContext, registry
 from llmepp.observability.metrics import EppMetrics
@@ -122,7 +122,7 @@ def pd_config(mode: str) -> str:
 
 def pods(shape: dict[str, dict[str, int]], set_name: str = "revision-rollout") -> list[EndpointSpec]:
     """Endpoints for {revision: {role: count}}, labelled as the DisaggregatedSet controller labels pods."""
-    specs = []
+    specs: list[EndpointSpec] = []
     for revision, roles in shape.items():
         for role, count in roles.items():
             for i in range(count):
@@ -154,6 +154,7 @@ class Rig:
         req.request_id = f"r-{next(REQUEST_IDS)}"  # as the server's: one per request (the newer shape keys on it)
         req.headers.update(headers or {})
         decision = await self.director.handle_request(req, None)
+        assert isinstance(decision, RoutingDecision)
         assert decision.result is not None
         prefill = decision.result.profiles.get("prefill")
         stamped = self.director.response_headers(req, ResponseInfo(status=200), {}) or {}
@@ -245,7 +246,7 @@ async def test_bodyless_requests_are_screened_too() -> None:
 
     def bodyless(headers: dict[str, str]) -> str:
         get = headers_request({":method": "GET", ":path": "/v1/models", **headers}, request_id="b-1")
-        return rig.director.handle_bodyless(get, None).targets[0].labels[REV]
+        return cast(RoutingDecision, rig.director.handle_bodyless(get, None)).targets[0].labels[REV]
 
     assert {bodyless({}) for _ in range(200)} == {"A", "B"}  # never C (incomplete)
     assert {bodyless({"x-disagg-revision": "B"}) for _ in range(30)} == {"B"}
@@ -277,6 +278,7 @@ async def test_readme_config_prefer_selector_stamps_only_and_shares_follow_pool_
     req = request(b"x")
     req.headers["x-disagg-slice"] = "nowhere"
     decision = await rig.director.handle_request(req, None)
+    assert isinstance(decision, RoutingDecision)
     stamped = rig.director.response_headers(req, ResponseInfo(status=200), {})
     assert stamped == {
         "x-disagg-revision": decision.targets[0].labels[REV],

@@ -163,7 +163,9 @@ def test_the_no_hit_lru_forgets_removed_endpoints_so_live_ones_keep_their_order(
         for i in range(2):
             ds.delete(f"pod-{g * 2 + i}", NS)
     assert not scorer.lru
-    live = [ds.get(f"live-{i}", NS) for i in range(3) if not ds.upsert(_spec("", 90_000 + i, name=f"live-{i}"))]
+    for i in range(3):
+        ds.upsert(_spec("", 90_000 + i, name=f"live-{i}"))
+    live = [ds.get(f"live-{i}", NS) for i in range(3)]
     for ep in live[::-1]:  # live-2 least recently used, live-0 most
         scorer._touch(ep)
     assert list(scorer.lru) == live[::-1]

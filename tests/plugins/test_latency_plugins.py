@@ -22,7 +22,7 @@ from prometheus_client import generate_latest
 from llmepp.config.loader import DEFAULT_PRODUCERS, build, load_config
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import Endpoint, EndpointMetrics
-from llmepp.director import Director
+from llmepp.director import Director, RoutingDecision
 from llmepp.errors import REASON_SATURATED, Saturated
 from llmepp.framework.datakeys import (
     LATENCY_PREDICTION_INFO,
@@ -274,7 +274,12 @@ def producer(svc: PredictorService | str, **params: Any) -> Any:
 
 def train_tpot_on_running(svc: PredictorService) -> None:
     """TPOT = 10 + 2·running ms, TTFT = 50 + 100·waiting ms."""
-    base = {"kv_cache_percentage": 0.1, "input_token_length": 5, "num_tokens_generated": 0, "prefix_cache_score": 0.0}
+    base: dict[str, Any] = {
+        "kv_cache_percentage": 0.1,
+        "input_token_length": 5,
+        "num_tokens_generated": 0,
+        "prefix_cache_score": 0.0,
+    }
     entries = [
         TrainingEntry(**base, num_request_running=running, num_request_waiting=waiting,
                       actual_ttft_ms=50.0 + 100 * waiting, actual_tpot_ms=10.0 + 2 * running)
@@ -618,6 +623,7 @@ async def test_through_the_director_a_tight_slo_avoids_the_endpoint_predicted_sl
         req = request(f"prompt {i}".encode())
         req.headers.update({"x-llm-d-slo-ttft-ms": "1000", "x-llm-d-slo-tpot-ms": "30"})  # pod-1: ~60 ms TPOT
         decision = await d.handle_request(req, None)
+        assert isinstance(decision, RoutingDecision)
         chosen.append(decision.targets[0].name)
         d.response_complete(req, ResponseInfo(status=200), decision)
     assert chosen.count("pod-1") <= 2, chosen  # ε = 1% exploration of the negative tier

@@ -164,6 +164,7 @@ def test_the_p90_covers_ninety_percent_of_each_scale_not_only_of_the_pool() -> N
 
 
 def test_a_sparse_size_falls_back_to_the_global_residual() -> None:
+    tokens: tuple[float, ...] | int
     tokens = (-5.0, 0.0, 1.0, 2.0, 200.0, 256.0, 1e12, float("nan"))
     assert [size_bucket(v) for v in tokens] == [0, 0, 0, 1, 7, 8, 20, 0]
     model = LatencyModel(seed=2)
@@ -232,7 +233,12 @@ def test_refits_recompute_a_bounded_share_of_the_window_and_keep_its_sums_exact(
     assert t.stored > 4 * RECOMPUTE_BUDGET  # the whole window is far more than one refit may recompute
     recomputed: list[int] = []
     real = _Bucket.recompute
-    monkeypatch.setattr(_Bucket, "recompute", lambda b: (recomputed.append(len(b.samples)), real(b))[1])
+
+    def recompute(b: _Bucket) -> Any:
+        recomputed.append(len(b.samples))
+        return real(b)
+
+    monkeypatch.setattr(_Bucket, "recompute", recompute)
     fits = 0
     while sum(recomputed) < t.stored + 1 or fits < 3:  # a whole round of the round robin, and more
         before = len(recomputed)

@@ -12,7 +12,7 @@ from helpers import endpoint, request
 from llmepp.config.loader import build, load_config
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import EndpointSpec
-from llmepp.director import Director
+from llmepp.director import Director, RoutingDecision
 from llmepp.framework.datakeys import ENCODER_CACHE_MATCH_INFO, scoped
 from llmepp.framework.plugin import registry
 from llmepp.framework.scheduling import ProfileResult, SchedulingResult
@@ -87,7 +87,9 @@ def producer(**params: Any) -> Any:
 
 
 def result(primary: Any, encode: Any = None) -> SchedulingResult:
-    profiles = {"decode": ProfileResult(targets=[primary], candidates=[primary], totals=[1.0])}
+    profiles: dict[str, ProfileResult | None] = {
+        "decode": ProfileResult(targets=[primary], candidates=[primary], totals=[1.0])
+    }
     if encode is not None:
         profiles["encode"] = ProfileResult(targets=[encode], candidates=[encode], totals=[1.0])
     return SchedulingResult(primary_profile="decode", profiles=profiles)
@@ -162,6 +164,7 @@ async def test_requests_repeating_an_image_go_where_it_was_encoded() -> None:
             req = parse_request({":path": "/v1/chat/completions"}, chat(f"http://x/{image}.png", text=f"q{round_}"),
                                 request_id=f"{image}{round_}")  # fmt: skip
             decision = await director.handle_request(req, None)
+            assert isinstance(decision, RoutingDecision)
             homes.setdefault(image, Counter())[decision.targets[0].name] += 1
     # Each image's later requests followed its first: one pod per image.
     assert all(len(pods) == 1 for pods in homes.values()), homes

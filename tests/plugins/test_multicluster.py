@@ -9,6 +9,7 @@ import asyncio
 import re
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
 from helpers import request
@@ -17,7 +18,7 @@ from llmepp.config.loader import Components, build, load_config, rebuild_schedul
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import NO_METRICS, Endpoint, EndpointMetrics, EndpointSpec
 from llmepp.datalayer.multicluster import POOL_KV_CACHE_UTILIZATION, POOL_QUEUE_SIZE, POOL_READY_ENDPOINTS
-from llmepp.director import Director
+from llmepp.director import Director, RoutingDecision
 from llmepp.framework.plugin import ConfigError
 from llmepp.observability.metrics import EppMetrics
 from llmepp.plugins.datasources.multicluster import MulticlusterMetricsDataSource, MulticlusterMetricsExtractor
@@ -126,6 +127,7 @@ async def route(d: Director, prompt: bytes, headers: dict[str, str] | None = Non
     req = request(prompt)
     req.headers.update(headers or {})
     decision = await d.handle_request(req, None)
+    assert isinstance(decision, RoutingDecision)
     extra = d.response_headers(req, ResponseInfo(status=200), {}) or {}
     d.response_complete(req, ResponseInfo(status=200), decision)
     await asyncio.sleep(0)  # the prefix index is updated just after the routing answer
@@ -286,12 +288,12 @@ def test_bodyless_requests_skip_a_cluster_with_no_ready_endpoints() -> None:
         set_load(ep, queue=5.0, kv=0.8, ready=2)
     get = headers_request({":method": "GET", ":path": "/v1/models"}, request_id="b-1")
     # 60 picks of the 2 available: P(never the empty one | not screened) = (2/3)^60 ≈ 3e-11.
-    seen = {d.handle_bodyless(get, None).targets[0] for _ in range(60)}
+    seen = {cast(RoutingDecision, d.handle_bodyless(get, None)).targets[0] for _ in range(60)}
     assert seen == set(others)
     # No cluster has a ready endpoint: all stay candidates, as for a routed request.
     for ep in others:
         set_load(ep, queue=0.0, kv=0.0, ready=0)
-    assert {d.handle_bodyless(get, None).targets[0] for _ in range(60)} == set(ds.endpoints)
+    assert {cast(RoutingDecision, d.handle_bodyless(get, None)).targets[0] for _ in range(60)} == set(ds.endpoints)
 
 
 # -- modes that must not mix ---------------------------------------------------------------------

@@ -15,7 +15,7 @@ from helpers import endpoint, request
 from llmepp.config.loader import build, load_config
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
-from llmepp.director import Director
+from llmepp.director import Director, RoutingDecision
 from llmepp.framework.datakeys import PREFIX_CACHE_MATCH_INFO, PrefixMatchInfo
 from llmepp.framework.plugin import ConfigError, Plugin, PluginContext, registry
 from llmepp.framework.scheduling import ProfileResult, SchedulingResult
@@ -219,15 +219,18 @@ async def test_a_pull_is_named_through_the_director() -> None:
     d, ds = director()
     prompt = b"shared system prompt " * 60  # ~1260 bytes: 4 full 64-token blocks
     home = await d.handle_request(request(prompt), None)
+    assert isinstance(home, RoutingDecision)
     assert HEADER not in home.headers  # nobody cached it yet
     await asyncio.sleep(0)  # the prefix index records in a call_soon after the routing answer
     again = await d.handle_request(request(prompt), None)
+    assert isinstance(again, RoutingDecision)
     assert again.targets == home.targets and HEADER not in again.headers  # affinity: computed at home
     # Forced elsewhere (as load-aware scoring would), the new pod is told to pull from the home pod.
     other = next(ep for ep in ds.endpoints if ep is not home.targets[0])
     req = request(prompt)
     req.headers[SELECTION_HEADER] = other.hostport
     away = await d.handle_request(req, None)
+    assert isinstance(away, RoutingDecision)
     assert away.targets == [other] and away.headers[HEADER] == home.targets[0].hostport
 
 

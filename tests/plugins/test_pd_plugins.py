@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from helpers import endpoint, request
@@ -13,7 +13,7 @@ from helpers import endpoint, request
 from llmepp.config.loader import build, load_config
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
-from llmepp.director import Director
+from llmepp.director import Director, RoutingDecision
 from llmepp.errors import BadRequest, ResourceExhausted, ServiceUnavailable
 from llmepp.framework.datakeys import PREFIX_CACHE_MATCH_INFO, TOKENIZED_PROMPT, PrefixMatchInfo, TokenizedPrompt
 from llmepp.framework.plugin import ConfigError, Plugin, PluginContext, registry
@@ -165,6 +165,7 @@ async def test_example_b_loads_unchanged_and_disaggregates_a_long_prompt() -> No
     d, _, metrics = director(EXAMPLE_B, PD_PODS)
     req = request(b"a" * 4000)  # 1000 estimated tokens, nothing cached
     decision = await d.handle_request(req, None)
+    assert isinstance(decision, RoutingDecision)
     assert decision.targets[0].name in {"d0", "d1"}  # decode is primary: Envoy routes there
     assert decision.result is not None
     prefill = decision.result.profiles["prefill"]
@@ -178,15 +179,18 @@ async def test_example_b_short_and_cached_prompts_stay_decode_only() -> None:
     d, _, metrics = director(EXAMPLE_B, PD_PODS)
     short = request(b"hi there")  # 2 tokens < nonCachedTokens 16
     decision = await d.handle_request(short, None)
+    assert isinstance(decision, RoutingDecision)
     assert decision.targets[0].name in {"d0", "d1"}
     assert "x-prefiller-host-port" not in decision.headers
     assert decision.result is not None and set(decision.result.profiles) == {"decode"}
     # 256 tokens = 4 full 64-token blocks: once routed, the decode pod caches all of it.
     prompt = b"b" * 1024
     first = await d.handle_request(request(prompt), None)
+    assert isinstance(first, RoutingDecision)
     assert "x-prefiller-host-port" in first.headers
     await asyncio.sleep(0)  # the prefix index records in a call_soon after the routing answer
     again = await d.handle_request(request(prompt), None)
+    assert isinstance(again, RoutingDecision)
     assert again.targets == first.targets  # prefix affinity keeps the decode pod
     assert "x-prefiller-host-port" not in again.headers
     assert decisions(metrics, "decode-only") == 2 and decisions(metrics, "prefill-decode") == 1
@@ -198,12 +202,14 @@ async def test_client_sent_prefill_header_is_blanked_when_no_prefill_runs() -> N
     req.headers["x-prefiller-host-port"] = "203.0.113.9:1"
     req.headers["x-encoder-hosts-ports"] = "203.0.113.9:2"
     decision = await d.handle_request(req, None)
+    assert isinstance(decision, RoutingDecision)
     assert decision.headers["x-prefiller-host-port"] == ""
     assert decision.headers["x-encoder-hosts-ports"] == ""
     # A disaggregated request overwrites the client's value with the real pick.
     long = request(b"c" * 4000)
     long.headers["x-prefiller-host-port"] = "203.0.113.9:1"
     decision = await d.handle_request(long, None)
+    assert isinstance(decision, RoutingDecision)
     assert decision.headers["x-prefiller-host-port"].startswith("10.1.0.")
 
 
@@ -211,6 +217,7 @@ async def test_unlabeled_pool_routes_decode_only() -> None:
     # decode-filter keeps unlabeled pods; prefill-filter drops them: the required prefill fails.
     d, _, _ = director(EXAMPLE_B, [("u0", None), ("u1", None)])
     decision = await d.handle_request(request(b"short"), None)
+    assert isinstance(decision, RoutingDecision)
     assert decision.targets[0].name in {"u0", "u1"}
     with pytest.raises(ServiceUnavailable, match="prefill profile 'prefill' was required"):
         await d.handle_request(request(b"z" * 4000), None)
@@ -250,7 +257,9 @@ async def test_deciders_are_asked_once_per_request_with_the_decode_pick() -> Non
     assert isinstance(handler, DisaggProfileHandler)
     calls = count_decider(handler)
     yes = await d.handle_request(request(b"e" * 4000), None)
+    assert isinstance(yes, RoutingDecision)
     no = await d.handle_request(request(b"tiny"), None)
+    assert isinstance(no, RoutingDecision)
     assert calls == [yes.targets[0].name, no.targets[0].name]
 
 
@@ -278,6 +287,7 @@ async def test_encode_prefill_decode_stamps_both_headers(caplog: pytest.LogCaptu
         d, _, metrics = director(config, [("e0", "encode"), ("e1", "encode"), ("p0", "prefill"), ("d0", "decode")])
     assert "never run" in caplog.text and "unused" in caplog.text
     decision = await d.handle_request(request(b"x"), None)
+    assert isinstance(decision, RoutingDecision)
     assert decision.targets[0].name == "d0"
     assert decision.headers["x-prefiller-host-port"] == "10.1.0.3:8000"
     assert sorted(decision.headers["x-encoder-hosts-ports"].split(",")) == ["10.1.0.1:8000", "10.1.0.2:8000"]
@@ -288,6 +298,7 @@ async def test_a_failed_encode_stage_is_dropped() -> None:
     d, _, metrics = director(EPD.replace("{pluginRef: picker}", "{pluginRef: max-score-picker}"),
                              [("p0", "prefill"), ("d0", "decode")])  # fmt: skip
     decision = await d.handle_request(request(b"x"), None)
+    assert isinstance(decision, RoutingDecision)
     assert "x-encoder-hosts-ports" not in decision.headers
     assert decision.headers["x-prefiller-host-port"] == "10.1.0.1:8000"
     assert decisions(metrics, "prefill-decode") == 1
@@ -309,6 +320,7 @@ async def test_prefill_first_always_prefills_then_decodes() -> None:
     d, _, metrics = director(PREFILL_FIRST, [("p0", "prefill"), ("d0", "decode")])
     req = request(b"x")
     decision = await d.handle_request(req, None)
+    assert isinstance(decision, RoutingDecision)
     assert decision.targets[0].name == "d0"
     assert decision.headers["x-prefiller-host-port"] == "10.1.0.1:8000"
     assert req.data[PEER_ENDPOINT].name == "p0"  # published for the decode profile's plugins
@@ -397,9 +409,10 @@ async def test_header_profile_handler_runs_the_named_profile() -> None:
     req = request(b"x")
     req.headers["epp-profile"] = " prefill "
     decision = await d.handle_request(req, None)
+    assert isinstance(decision, RoutingDecision)
     assert decision.targets[0].name == "p0"
     assert decision.result is not None and list(decision.result.profiles) == ["prefill"]
-    assert (await d.handle_request(request(b"x"), None)).targets[0].name == "d0"  # default: decode
+    assert cast(RoutingDecision, await d.handle_request(request(b"x"), None)).targets[0].name == "d0"  # default: decode
     bad = request(b"x")
     bad.headers["epp-profile"] = "encode"
     with pytest.raises(BadRequest, match="unknown scheduling profile 'encode'; known: decode, prefill") as err:
@@ -412,10 +425,10 @@ async def test_header_profile_handler_custom_header_and_a_blank_default_is_decod
     params = "{headerName: X-Stage, defaultProfile: '  '}"
     config = HEADER.replace("{type: header-profile-handler}", f"{{type: header-profile-handler, parameters: {params}}}")
     d, _, _ = director(config, [("p0", "prefill"), ("d0", "decode")])
-    assert (await d.handle_request(request(b"x"), None)).targets[0].name == "d0"
+    assert cast(RoutingDecision, await d.handle_request(request(b"x"), None)).targets[0].name == "d0"
     req = request(b"x")
     req.headers["x-stage"] = "prefill"
-    assert (await d.handle_request(req, None)).targets[0].name == "p0"
+    assert cast(RoutingDecision, await d.handle_request(req, None)).targets[0].name == "p0"
 
 
 async def test_header_profile_handler_with_one_profile_always_runs_it() -> None:
@@ -429,10 +442,10 @@ schedulingProfiles:
 - {name: stage, plugins: [{pluginRef: decode-filter}]}
 """
     d, _, _ = director(config, [("d0", "decode")])
-    assert (await d.handle_request(request(b"x"), None)).targets[0].name == "d0"
+    assert cast(RoutingDecision, await d.handle_request(request(b"x"), None)).targets[0].name == "d0"
     req = request(b"x")
     req.headers["epp-profile"] = "prefill"
-    assert (await d.handle_request(req, None)).targets[0].name == "d0"
+    assert cast(RoutingDecision, await d.handle_request(req, None)).targets[0].name == "d0"
 
 
 def test_header_profile_handler_empty_header_name_means_the_default() -> None:
@@ -470,6 +483,7 @@ def legacy_decisions(metrics: EppMetrics, kind: str) -> float:
 async def test_a_legacy_pd_config_without_parameters_disaggregates_every_request() -> None:
     d, _, metrics = director(legacy_pd(), PD_PODS)
     decision = await d.handle_request(request(b"hi"), None)  # threshold 0: even a short prompt
+    assert isinstance(decision, RoutingDecision)
     assert decision.targets[0].name in {"d0", "d1"}
     assert decision.result is not None
     prefill = decision.result.profiles["prefill"]
@@ -481,8 +495,10 @@ async def test_a_legacy_threshold_disaggregates_only_long_uncached_prompts() -> 
     params = "{threshold: 500, hashBlockSize: 64, prefixPluginName: prefix-cache-scorer}"
     d, _, metrics = director(legacy_pd(params), PD_PODS)
     short = await d.handle_request(request(b"s" * 400), None)  # 100 tokens < 500
+    assert isinstance(short, RoutingDecision)
     assert "x-prefiller-host-port" not in short.headers
     long = await d.handle_request(request(b"l" * 4000), None)  # 1000 uncached tokens
+    assert isinstance(long, RoutingDecision)
     assert long.headers["x-prefiller-host-port"].startswith("10.1.0.")
     assert legacy_decisions(metrics, "decode-only") == 1 and legacy_decisions(metrics, "prefill-decode") == 1
 
@@ -496,6 +512,7 @@ async def test_a_legacy_decider_plugin_name_and_renamed_profiles() -> None:
     )
     d, _, _ = director(config, PD_PODS)
     decision = await d.handle_request(request(b"x" * 4000), None)  # nonCachedTokens 0: never disaggregate
+    assert isinstance(decision, RoutingDecision)
     assert decision.targets[0].name in {"d0", "d1"} and "x-prefiller-host-port" not in decision.headers
 
 
@@ -508,8 +525,10 @@ async def test_a_legacy_config_uses_the_decider_named_prefix_based_pd_decider_by
     )
     d, _, metrics = director(config, PD_PODS)
     short = await d.handle_request(request(b"s" * 400), None)  # 100 tokens < 500
+    assert isinstance(short, RoutingDecision)
     assert "x-prefiller-host-port" not in short.headers
     long = await d.handle_request(request(b"l" * 4000), None)  # 1000 uncached tokens
+    assert isinstance(long, RoutingDecision)
     assert long.headers["x-prefiller-host-port"].startswith("10.1.0.")
     assert legacy_decisions(metrics, "decode-only") == 1 and legacy_decisions(metrics, "prefill-decode") == 1
 
@@ -520,6 +539,7 @@ async def test_a_legacy_config_with_only_a_decode_profile_is_decode_only() -> No
     )
     d, _, _ = director(config, PD_PODS)
     decision = await d.handle_request(request(b"x" * 4000), None)
+    assert isinstance(decision, RoutingDecision)
     assert decision.targets[0].name in {"d0", "d1"} and "x-prefiller-host-port" not in decision.headers
 
 
@@ -530,6 +550,7 @@ async def test_a_legacy_config_whose_prefill_pods_are_all_gone_serves_decode_onl
     req = request(b"x" * 4000)
     req.headers["x-prefiller-host-port"] = "203.0.113.9:1"
     decision = await d.handle_request(req, None)
+    assert isinstance(decision, RoutingDecision)
     assert decision.targets[0].name in {"d0", "d1"}
     assert decision.result is not None and set(decision.result.profiles) == {"decode"}
     assert decision.headers["x-prefiller-host-port"] == ""
@@ -550,6 +571,7 @@ async def test_a_legacy_prefix_match_info_producer_name_is_accepted_and_used() -
     assert isinstance(handler, DisaggProfileHandler) and handler.prefill_decider is not None
     assert handler.prefill_decider.data_key == f"{PREFIX_CACHE_MATCH_INFO}/approx"  # type: ignore[attr-defined]
     long = await d.handle_request(request(b"l" * 4000), None)
+    assert isinstance(long, RoutingDecision)
     assert long.headers["x-prefiller-host-port"].startswith("10.1.0.")
 
 

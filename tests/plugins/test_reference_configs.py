@@ -29,6 +29,7 @@ from llmepp.framework.datakeys import ENCODER_CACHE_MATCH_INFO, EncoderCacheMatc
 from llmepp.framework.plugin import ConfigError, PluginContext, registry
 from llmepp.observability.metrics import EppMetrics
 from llmepp.plugins.producers.token import TokenProducer, VllmTokenProducer
+from llmepp.plugins.scorers.prefix_cache import PrefixCacheScorer
 
 CONFIGS = Path(__file__).parent / "reference_configs"
 PATHS = sorted(CONFIGS.glob("*.yaml"))
@@ -76,8 +77,8 @@ def test_parameter_names_match_ignoring_case_as_go_json_does(caplog: pytest.LogC
             {"MatchLabels": {"App": "vllm"}, "matchexpressions": [{"KEY": "role", "Operator": "In", "values": ["a"]}]},
         )
     assert picker.max_num_of_endpoints == 3  # type: ignore[attr-defined]
-    assert selector.params.match_labels == {"App": "vllm"}  # type: ignore[attr-defined]
-    assert selector.params.match_expressions[0].key == "role"  # type: ignore[attr-defined]
+    assert selector.params.match_labels == {"App": "vllm"}
+    assert selector.params.match_expressions[0].key == "role"
     assert "parameters.MaxNumOfEndpoints read as maxNumOfEndpoints" in caplog.text
     assert "parameters.matchExpressions[0].KEY read as key" in caplog.text
     with pytest.raises(ConfigError, match="unknown field `maxNumEndpoints`"):
@@ -217,10 +218,10 @@ def test_approx_prefix_block_size_rules_follow_the_reference(caplog: pytest.LogC
     # The deprecated `blockSize` maps onto blockSizeTokens when that is left at its default.
     with caplog.at_level(logging.WARNING):
         legacy = registry.build("approx-prefix-cache-producer", "a", {"blockSize": 128, "autoTune": False})
-    assert legacy.params.block_size_tokens == 128  # type: ignore[attr-defined]
+    assert legacy.params.block_size_tokens == 128
     assert "blockSize" in caplog.text and "deprecated" in caplog.text
     both = registry.build("approx-prefix-cache-producer", "a", {"blockSize": 128, "blockSizeTokens": 256})
-    assert both.params.block_size_tokens == 256  # type: ignore[attr-defined]
+    assert both.params.block_size_tokens == 256
 
 
 def test_prefix_scale_tokens_is_checked_only_when_match_length_counts() -> None:
@@ -258,6 +259,7 @@ def test_prefix_score_with_the_default_scale() -> None:
 
     approx = registry.build("approx-prefix-cache-producer", "approx", None)
     scorer = registry.build("prefix-cache-scorer", "prefix", {"matchLengthWeight": 0.25})
+    assert isinstance(scorer, PrefixCacheScorer)
     scorer.setup(PluginContext({"approx": approx, "prefix": scorer}, None, None, None))
     eps = [endpoint(0), endpoint(1)]
     req = request()

@@ -10,12 +10,14 @@ from helpers import endpoint, request
 
 from llmepp.framework.plugin import ConfigError, registry
 from llmepp.framework.scheduling import ProfileResult, SchedulingResult
+from llmepp.plugins.reporters.served_endpoint import DestinationEndpointServed
 from llmepp.request.types import ResponseInfo, Usage
 
 
 def test_the_served_endpoint_header_names_the_primary_target() -> None:
     for type_ in ("destination-endpoint-served", "destination-endpoint-served-verifier"):
         plugin = registry.build(type_, type_, None)
+        assert isinstance(plugin, DestinationEndpointServed)
         req = request()
         assert plugin.response_headers(req, ResponseInfo(status=200), {}) is None  # never scheduled
         target, fallback = endpoint(3), endpoint(1)
@@ -29,7 +31,7 @@ def reporter(*attributes: dict[str, object]) -> Any:
     return registry.build("request-attribute-reporter", "cost", {"attributes": list(attributes)})
 
 
-COST = {
+COST: dict[str, object] = {
     "key": {"name": "x-gateway-inference-request-cost"},
     "expression": "usage.prompt_tokens + usage.completion_tokens",
     "condition": "has(usage.prompt_tokens) && has(usage.completion_tokens)",

@@ -14,7 +14,7 @@ from helpers import request
 from llmepp.config.loader import Components, build, load_config
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
-from llmepp.director import Director
+from llmepp.director import Director, RoutingDecision
 from llmepp.framework.plugin import ConfigError, PluginContext
 from llmepp.k8s.models import Pod
 from llmepp.k8s.pool import PoolReconciler, PoolSpec
@@ -289,12 +289,14 @@ schedulingProfiles:
     d = Director(ds, c.pipeline, EppMetrics())
     for _ in range(10):
         decision = await d.handle_request(request(b"x"), None)
+        assert isinstance(decision, RoutingDecision)
         assert decision.targets[0].name == "d0"
         assert decision.headers["x-prefiller-host-port"] == ep(ds, "p-host").hostport
     # The co-located prefill pod is gone: the filter still keeps the same-rack one, never p-far.
     ds.delete("p-host")
     for _ in range(10):
         decision = await d.handle_request(request(b"x"), None)
+        assert isinstance(decision, RoutingDecision)
         assert decision.headers["x-prefiller-host-port"] == ep(ds, "p-rack").hostport
 
 

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from typing import Any, cast
 
 import grpc
 import msgspec
@@ -69,7 +70,7 @@ FP = {"fairness_id": "default-flow", "priority": "0"}
 UNPARSED = {**FP, "model_name": "", "target_model_name": ""}
 
 
-def sse(*events: dict | str) -> list[bytes]:  # type: ignore[type-arg]
+def sse(*events: dict | str) -> list[bytes]:
     out = []
     for e in events:
         payload = e if isinstance(e, str) else json.dumps(e)
@@ -295,7 +296,7 @@ async def test_bodyless_request_is_answered_at_once() -> None:
 
 
 # -- errors ------------------------------------------------------------------------------------
-def immediate(resp) -> tuple[int, dict[str, bytes], dict]:  # type: ignore[no-untyped-def,type-arg]
+def immediate(resp) -> tuple[int, dict[str, bytes], dict]:  # type: ignore[no-untyped-def]
     assert resp.WhichOneof("response") == "immediate_response", resp
     ir = resp.immediate_response
     hdrs = {o.header.key: o.header.raw_value for o in ir.headers.set_headers}
@@ -814,7 +815,7 @@ async def test_buffered_mode_model_rewrite_replaces_body_with_length() -> None:
         new_body = common.body_mutation.body
         assert json.loads(new_body)["model"] == "t"
         assert set_headers(common)["content-length"] == str(len(new_body)).encode()
-        await s.send(response_headers(200, "application/json", **{"content-length": "20"}))
+        await s.send(response_headers(200, "application/json", **cast(dict[str, Any], {"content-length": "20"})))
         r = await s.recv()
         assert "content-length" in r.response_headers.response.header_mutation.remove_headers
         await s.send(response_body(b'{"model":"t"}', eos=True))
@@ -834,7 +835,11 @@ async def test_streamed_mode_rewrite_before_trailers(announced: bool) -> None:
         await s.recv()
         await s.send(request_body(BODY, eos=True))
         await s.recv()
-        await s.send(response_headers(200, "text/event-stream", **({"trailer": "x-usage"} if announced else {})))
+        await s.send(
+            response_headers(
+                200, "text/event-stream", **cast(dict[str, Any], {"trailer": "x-usage"} if announced else {})
+            )
+        )
         await s.recv()
         out = []
         for chunk in [b'data: {"model":"t","a":1}\n\ndata: {"model":"', b't"}\n\ndata: {"model":"']:
@@ -1056,7 +1061,7 @@ async def test_body_chunks_that_arrive_while_unread_routing_waits_follow_its_ans
 
 
 # -- response metadata (ResponseMetadataProcessor) ----------------------------------------------------
-def cost_of(response) -> dict:  # type: ignore[no-untyped-def,type-arg]
+def cost_of(response) -> dict:  # type: ignore[no-untyped-def]
     return {"envoy.lb": {"x-cost": response.usage.total_tokens if response.usage else -1}}
 
 

@@ -93,7 +93,7 @@ class Peer:
 
         def new_stream(push: Any) -> ExtProcStream:
             stream = Counted(servicer, push)
-            stream.finished = self.finished
+            stream.finish_log = self.finished
             self.opened.append(stream)
             return stream
 
@@ -124,11 +124,14 @@ class Peer:
 
 
 class Counted(ExtProcStream):
-    __slots__ = ("finished",)
-    finished: list[int]
+    """A stream that records its finish() calls in its connection's shared `finish_log` (its own name: the
+    stream reads and sets `finished`, so a shared list there made every stream look finished once one was)."""
+
+    __slots__ = ("finish_log",)
+    finish_log: list[int]
 
     def finish(self) -> None:
-        self.finished.append(id(self))
+        self.finish_log.append(id(self))
         super().finish()
 
 

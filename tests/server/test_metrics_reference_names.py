@@ -235,6 +235,7 @@ async def _run(tmp: Path) -> dict[str, Any]:
     runners, ports = [], []
     for pod in PODS:
         page = VLLM_PAGE.format(**pod)
+        app: web.Application | App
         app = web.Application()
         app.router.add_get("/metrics", _page_handler(page))
         runner = web.AppRunner(app)

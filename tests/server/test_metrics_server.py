@@ -378,7 +378,7 @@ async def test_a_huge_or_malformed_authorization_header_is_refused_without_an_ap
 def test_an_expired_metrics_certificate_is_said_at_start_up(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Prometheus verifies the certificate (unless told not to): an expired one fails every scrape, so the log
     says why at start-up, naming the file (served anyway, as the reference's certwatcher does)."""
-    from tests.server.test_tls import _dated_pair
+    from .test_tls import _dated_pair
 
     _dated_pair(tmp_path, (-30, -1))
     assert metrics_ssl_context(str(tmp_path), None) is not None

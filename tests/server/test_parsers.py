@@ -276,7 +276,7 @@ def test_responses_instructions_then_input() -> None:
 
 # -- messages (Anthropic) --------------------------------------------------------------------------
 def test_anthropic_messages_system_blocks_tools_and_tool_results() -> None:
-    body = {
+    body: dict[str, Any] = {
         "model": "claude-like",
         "system": [{"type": "text", "text": "You are terse."}],
         "tools": [{"name": "ls", "input_schema": {"type": "object"}}],

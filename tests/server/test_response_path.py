@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -111,7 +112,7 @@ async def through_the_epp(chunks: list[bytes], encoding: str | None = None) -> b
     """The response body the client gets when the pod answers `chunks` to a request routed with the model
     name rewritten to big-model-v2 (the client asked for "m")."""
     body = json.dumps({"model": "m", "prompt": "hi"}).encode()
-    extra = {"content-encoding": encoding} if encoding is not None else {}
+    extra: dict[str, Any] = {"content-encoding": encoding} if encoding is not None else {}
     async with serve() as h:
         s = h.open()
         await s.route(body, {"x-llm-d-model-name-rewrite": "big-model-v2"})

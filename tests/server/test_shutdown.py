@@ -23,7 +23,8 @@ from helpers import ClosingScorer, file_config
 from llmepp import app as app_module
 from llmepp.settings import Settings
 from llmepp.testing.ports import free_port
-from tests.server.client import Stream, response_body, response_headers
+
+from .client import Stream, response_body, response_headers
 
 
 @contextlib.contextmanager

@@ -15,7 +15,8 @@ from llmepp.framework.plugin import ConfigError
 from llmepp.server.tls import KEY_FILE, ServingCert, self_signed_pem
 from llmepp.settings import Settings
 from llmepp.testing.stack import serves_tls
-from tests.server.client import TRANSPORT, serve, set_headers
+
+from .client import TRANSPORT, serve, set_headers
 
 BODY = b'{"model": "m", "prompt": "hello", "max_tokens": 5}'
 

@@ -22,7 +22,7 @@ def collect(chunks: list[bytes], streaming: bool) -> Usage | None:
     return c.result()
 
 
-def sse_stream(n_events: int, usage: dict | None, done: bool = True, crlf: bool = False) -> bytes:  # type: ignore[type-arg]
+def sse_stream(n_events: int, usage: dict | None, done: bool = True, crlf: bool = False) -> bytes:
     nl = "\r\n" if crlf else "\n"
     parts = [f'data: {{"choices":[{{"delta":{{"content":"tok{i}"}}}}],"usage":null}}{nl}{nl}' for i in range(n_events)]
     if usage is not None:
@@ -119,7 +119,7 @@ def test_long_stream_keeps_only_a_tail() -> None:
     assert c.result() == Usage(1, 20000, 0, 20001)
 
 
-def anthropic_stream(n_deltas: int, start: dict, end: dict) -> bytes:  # type: ignore[type-arg]
+def anthropic_stream(n_deltas: int, start: dict, end: dict) -> bytes:
     """An Anthropic Messages stream: usage split over message_start and the last message_delta."""
     events = [("message_start", {"type": "message_start", "message": {"id": "m", "usage": start}})]
     events += [
@@ -196,7 +196,7 @@ usage_dicts = st.fixed_dictionaries(
 
 @settings(max_examples=200, deadline=None)
 @given(n=st.integers(0, 30), u=st.none() | usage_dicts, cuts=st.lists(st.integers(0, 5000), max_size=20))
-def test_sse_chunk_boundaries_do_not_matter(n: int, u: dict | None, cuts: list[int]) -> None:  # type: ignore[type-arg]
+def test_sse_chunk_boundaries_do_not_matter(n: int, u: dict | None, cuts: list[int]) -> None:
     stream = sse_stream(n, u)
     whole = collect([stream], streaming=True)
     assert collect(_split(stream, cuts), streaming=True) == whole
@@ -225,7 +225,7 @@ def test_tail_bound_is_chunking_independent(pad: int, cuts: list[int]) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(u=usage_dicts, text=st.text(max_size=200), cuts=st.lists(st.integers(0, 600), max_size=10))
-def test_json_chunk_boundaries_do_not_matter(u: dict, text: str, cuts: list[int]) -> None:  # type: ignore[type-arg]
+def test_json_chunk_boundaries_do_not_matter(u: dict, text: str, cuts: list[int]) -> None:
     body = json.dumps({"choices": [{"text": text}], "usage": u}).encode()
     got = collect(_split(body, cuts), streaming=False)
     assert got == collect([body], streaming=False)
@@ -281,10 +281,10 @@ def test_rewrite_without_held_tails_returns_every_byte_of_each_chunk(parts: list
 
 
 # -- usage events longer than the kept tail, odd bodies ---------------------------------------------------
-def responses_stream(output_chars: int, usage: dict | None) -> bytes:  # type: ignore[type-arg]
+def responses_stream(output_chars: int, usage: dict | None) -> bytes:
     """A Responses-API stream: its response.completed event carries the whole output, then the usage."""
-    resp = {"id": "r", "model": "m", "status": "in_progress", "output": [], "usage": None}
-    events = [("response.created", {"type": "response.created", "response": resp})]
+    resp: dict[str, object] = {"id": "r", "model": "m", "status": "in_progress", "output": [], "usage": None}
+    events: list[tuple[str, dict[str, object]]] = [("response.created", {"type": "response.created", "response": resp})]
     events += [("response.output_text.delta", {"type": "response.output_text.delta", "delta": "w"})] * 20
     output = [{"type": "message", "content": [{"type": "output_text", "text": "w" * output_chars}]}]
     done = {**resp, "status": "completed", "output": output, "usage": usage}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 import aiohttp
 from helpers import until
@@ -11,7 +12,7 @@ from helpers import until
 from .simkit import FAST, STEADY, complete, pod, running, sample, scrape, words
 
 # Slow prefill makes cache effects large compared with timer jitter (1 ms wall = 10 ms simulated).
-SLOW_PREFILL = {"prefill_overhead": 10.0, "prefill_time_per_token": 1.0, "inter_token_latency": 5.0}
+SLOW_PREFILL: dict[str, Any] = {"prefill_overhead": 10.0, "prefill_time_per_token": 1.0, "inter_token_latency": 5.0}
 
 
 async def test_repeat_prompt_hits_prefix_cache_and_ttft_drops(http: aiohttp.ClientSession) -> None:
@@ -107,7 +108,7 @@ async def test_inter_token_latency_rises_with_batch_size(http: aiohttp.ClientSes
 
         def itl(result: object) -> float:
             assert hasattr(result, "total_wall") and hasattr(result, "ttft_wall")
-            return (result.total_wall - result.ttft_wall) / 29 * FAST  # type: ignore[attr-defined]
+            return (result.total_wall - result.ttft_wall) / 29 * FAST
 
         alone = itl(await complete(http, url, words(10), 30, stream=True))
         loaded = await asyncio.gather(

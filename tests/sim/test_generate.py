@@ -48,7 +48,11 @@ async def test_a_stream_sends_the_new_ids_then_usage_then_done(http: aiohttp.Cli
 
 async def test_bad_generate_bodies_are_400(http: aiohttp.ClientSession) -> None:
     async with running([pod()]) as cluster:
-        bad = ({"sampling_params": {"max_tokens": 1}}, {"token_ids": []}, {"token_ids": [1], "sampling_params": 3})
+        bad: tuple[dict[str, Any], ...] = (
+            {"sampling_params": {"max_tokens": 1}},
+            {"token_ids": []},
+            {"token_ids": [1], "sampling_params": 3},
+        )
         for body in bad:
             status, answer = await generate(http, cluster.urls[0], body)
             assert status == 400 and answer["error"]["message"], (body, answer)

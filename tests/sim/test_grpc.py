@@ -321,6 +321,7 @@ async def test_vertex_raw_predict_answers_the_http_json(http: aiohttp.ClientSess
         assert whole.content_type == "text/event-stream"
         assert [event_json(e) for e in sse_events(whole.data)] == [event_json(m.data) for m in streamed]
 
+        bad: dict[str, Any]
         for bad in ({"input": "responses API"}, {"messages": []}):
             error = await grpc_error(stub.RawPredict(vertex_pb.RawPredictRequest(http_body=http_body(bad))))
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details()

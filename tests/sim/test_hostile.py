@@ -92,7 +92,7 @@ async def test_wrongly_typed_chat_template_inputs_are_a_400(http: aiohttp.Client
     async with running([pod(chat_template=str(CHATML))]) as cluster:
         url = cluster.urls[0]
         messages = [{"role": "user", "content": "hi"}]
-        cases = [
+        cases: list[tuple[dict[str, Any], str]] = [
             ({"chat_template_kwargs": "x"}, "chat_template_kwargs"),
             ({"chat_template_kwargs": [1]}, "chat_template_kwargs"),
             ({"tools": 5}, "tools"),

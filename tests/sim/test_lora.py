@@ -12,7 +12,7 @@ from llmepp_sim import LoraModule
 
 from .simkit import FAST, STEADY, complete, pod, running, scrape, scrape_until, words
 
-LORA_POD = {
+LORA_POD: dict[str, Any] = {
     "lora_modules": [LoraModule("tuned-a", "/adapters/a"), LoraModule("tuned-b", "/adapters/b")],
     "max_loras": 1,
     "lora_load_latency": 500.0,

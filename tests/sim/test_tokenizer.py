@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 from llmepp_sim import build_tokenizer
 from llmepp_sim.textgen import FillerStream, filler_vocabulary
@@ -35,7 +36,7 @@ def test_token_counts_are_not_the_four_byte_approximation() -> None:
 
 
 def test_chat_template_is_exactly_the_documented_one() -> None:
-    messages = [
+    messages: list[dict[str, Any]] = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]},
         {"role": "assistant", "content": None},

@@ -54,7 +54,7 @@ async def test_content_parts_that_are_not_objects_or_whose_text_is_not_a_string_
         base = cluster.urls[0]
         for content in ([1, 2], [None], [["x"]], [{"type": "text", "text": 5}], [{"type": "text", "text": ["a"]}],
                         [{"type": "text", "text": True}]):  # fmt: skip
-            messages = [{"role": "user", "content": content}]
+            messages: list[dict[str, object]] = [{"role": "user", "content": content}]
             for path in ("/v1/chat/completions", "/tokenize", "/v1/chat/completions/render"):
                 status, err = await post(http, base + path, {"model": "sim-model", "messages": messages})
                 assert status == 400, (path, content, err)

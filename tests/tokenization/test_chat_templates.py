@@ -16,6 +16,7 @@ from tokenizers.processors import TemplateProcessing
 
 from llmepp.framework.datakeys import TOKENIZED_PROMPT, TokenizedPrompt
 from llmepp.framework.plugin import ConfigError, registry
+from llmepp.plugins.producers.token import TokenProducer
 from llmepp.request.parsers import parse_request
 from llmepp.request.types import InferenceRequest
 from llmepp.tokenization.chat import BuiltinTemplate, JinjaTemplate, load_chat_template
@@ -216,6 +217,7 @@ async def test_hf_producer_adds_special_tokens_to_completions_only(tmp_path: Pat
     tok.save(str(path))
     params = {"backend": "hf", "path": str(path), "chatTemplate": str(CHATML), "addSpecialTokens": True}
     plugin = registry.build("token-producer", "t", {"tokenizer": params})
+    assert isinstance(plugin, TokenProducer)
 
     async def token_ids(req: InferenceRequest) -> list[int]:
         await plugin.produce(req, [])

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from llmepp.framework.datakeys import TOKENIZED_PROMPT, TokenizedPrompt
 from llmepp.framework.plugin import ConfigError, PluginContext, registry
 from llmepp.plugins.producers import token as token_mod
-from llmepp.plugins.producers.token import TokenProducer
+from llmepp.plugins.producers.token import HFTokenProducer, TokenProducer
 from llmepp.request.parsers import parse_request
 from llmepp.request.types import InferenceRequest
 from llmepp.tokenization import hf
@@ -55,8 +55,9 @@ def model_dir(tmp_path: Path, config: Any = None, jinja: str | None = None) -> P
     return tmp_path / "tokenizer.json"
 
 
-def hf_producer(path: Path, **cfg: Any) -> TokenProducer:
+def hf_producer(path: Path, **cfg: Any) -> HFTokenProducer:
     plugin = registry.build("token-producer", "tok", {"tokenizer": {"backend": "hf", "path": str(path), **cfg}})
+    assert isinstance(plugin, HFTokenProducer)
     metrics = type("M", (), {"registry": CollectorRegistry()})()
     plugin.setup(PluginContext({}, None, None, metrics))
     plugin._test_registry = metrics.registry  # type: ignore[attr-defined]
@@ -194,7 +195,7 @@ async def test_a_saturated_worker_pool_sheds_instead_of_queueing(monkeypatch: py
 
     running = [asyncio.ensure_future(hf.in_worker(blocker)) for _ in range(2 + 1)]  # 2 workers + 1 queued
     await asyncio.sleep(0)
-    with pytest.raises(hf.WorkersBusy):  # type: ignore[attr-defined]
+    with pytest.raises(hf.WorkersBusy):
         await hf.in_worker(lambda: None)
     release.set()
     await asyncio.gather(*running)
@@ -217,6 +218,7 @@ async def test_an_oversized_render_reply_is_a_bounded_miss(monkeypatch: pytest.M
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     plugin = registry.build("token-producer", "tok", {"modelName": "m", "vllm": {"url": f"http://127.0.0.1:{port}"}})
+    assert isinstance(plugin, TokenProducer)
     metrics = type("M", (), {"registry": CollectorRegistry()})()
     plugin.setup(PluginContext({}, None, None, metrics))
     plugin._test_registry = metrics.registry  # type: ignore[attr-defined]

@@ -90,6 +90,7 @@ async def test_truncation_and_padding_in_tokenizer_json_are_ignored(tmp_path: Pa
     path = tmp_path / "tokenizer.json"
     tok.save(str(path))
     plugin = registry.build("token-producer", "t", {"tokenizer": {"backend": "hf", "path": str(path)}})
+    assert isinstance(plugin, TokenProducer)
     prompt = "the quick brown fox jumps over the lazy dog " * 4
     tokens = await produce(plugin, parsed("/v1/completions", {"model": "m", "prompt": prompt}))
     assert tokens is not None and ids(tokens) == SIM.encode(prompt)
@@ -151,11 +152,12 @@ async def test_a_garbage_tokenize_reply_is_a_logged_miss_not_an_exception(
     async with FakeTokenizeServer() as server:
         server.reply = reply
         plugin = registry.build("token-producer", "tok", {"vllm": {"url": server.url, "path": "/tokenize"}})
+        assert isinstance(plugin, TokenProducer)
         req = parsed("/v1/completions", {"model": "m", "prompt": "hello"})
         try:
             assert await produce(plugin, req) is None
         finally:
-            await plugin.aclose()  # type: ignore[attr-defined]
+            await plugin.aclose()
     assert "tokenizing via" in caplog.text
 
 
@@ -166,6 +168,7 @@ async def test_the_vllm_backend_sends_non_chat_apis_as_chat_messages() -> None:
     async with FakeTokenizeServer() as server:
         params = {"modelName": "m", "vllm": {"url": server.url, "path": "/tokenize"}}
         plugin = registry.build("token-producer", "tok", params)
+        assert isinstance(plugin, TokenProducer)
         try:
             requests = [
                 parsed("/v1/responses", {"model": "m", "instructions": "be brief", "input": "hello there"}),
@@ -175,7 +178,7 @@ async def test_the_vllm_backend_sends_non_chat_apis_as_chat_messages() -> None:
             for req in requests:
                 assert await produce(plugin, req) is not None
         finally:
-            await plugin.aclose()  # type: ignore[attr-defined]
+            await plugin.aclose()
     expected = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
     assert [b["messages"] for b in server.bodies] == [expected, expected]
     assert all(b["model"] == "m" and "system" not in b for b in server.bodies)
@@ -277,6 +280,7 @@ async def test_the_same_prompt_always_gives_the_same_ids_and_hashes(prompt: str,
     ]  # fmt: skip
     seed = prefix_seed("m", "")
     for plugin in plugins:
+        assert isinstance(plugin, TokenProducer)
         runs = []
         for _ in range(2):
             tokens = await produce(plugin, parsed("/v1/completions", {"model": "m", "prompt": prompt}))
