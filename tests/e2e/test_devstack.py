@@ -24,14 +24,20 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 PODS = 2
-# What devstack listens on besides Envoy's listener (--port): Envoy admin, the EPP's three ports, the pods.
-FIXED = {
-    "Envoy admin": ("127.0.0.1", 9901),
-    "EPP": ("127.0.0.1", 9002),
-    "EPP health": ("127.0.0.1", 9003),
-    "EPP metrics": ("127.0.0.1", 9090),
-    **{f"pod {i}": (f"127.0.0.{i + 2}", 8000) for i in range(PODS)},
-}
+
+
+def _addresses(admin: int, epp: int, health: int, metrics: int, pod: int) -> dict[str, tuple[str, int]]:
+    """What devstack listens on besides Envoy's listener (--port): Envoy admin, the EPP's three ports, the pods."""
+    return {
+        "Envoy admin": ("127.0.0.1", admin),
+        "EPP": ("127.0.0.1", epp),
+        "EPP health": ("127.0.0.1", health),
+        "EPP metrics": ("127.0.0.1", metrics),
+        **{f"pod {i}": (f"127.0.0.{i + 2}", pod) for i in range(PODS)},
+    }
+
+
+FIXED = _addresses(9901, 9002, 9003, 9090, 8000)  # the defaults
 START_TIMEOUT = 180.0  # Envoy, the EPP and the pods start on a loaded 2-core machine
 STOP_TIMEOUT = 60.0
 
@@ -125,13 +131,7 @@ async def test_every_port_can_be_moved() -> None:
     """Another Envoy on 9901 or a Prometheus on 9090 need not stop `make run`: each port has a flag, and what
     devstack prints (the EPP's address, its metrics line) follows them."""
     admin, epp, health, metrics, pod = (free_port() for _ in range(5))
-    moved = {
-        "Envoy admin": ("127.0.0.1", admin),
-        "EPP": ("127.0.0.1", epp),
-        "EPP health": ("127.0.0.1", health),
-        "EPP metrics": ("127.0.0.1", metrics),
-        **{f"pod {i}": (f"127.0.0.{i + 2}", pod) for i in range(PODS)},
-    }
+    moved = _addresses(admin, epp, health, metrics, pod)
     flags = ["--admin-port", str(admin), "--epp-port", str(epp), "--health-port", str(health)]
     flags += ["--metrics-port", str(metrics), "--pod-port", str(pod)]
     async with devstack(*flags, ports=moved) as proc:
