@@ -31,7 +31,7 @@ install: $(STAMP)
 	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=strict \
 		> $(VENV)/relink.log 2>&1 || (cat $(VENV)/relink.log; exit 1)
 
-# make run ARGS="--pods 8 --config my-epp-config.yaml" (python -m llmepp.devstack --help)
+# make run ARGS="--pods 8 --config my-epp-config.yaml", make run ARGS=--precise (python -m llmepp.devstack --help)
 run: install
 	$(PY) -m llmepp.devstack $(ARGS)
 

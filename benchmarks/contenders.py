@@ -42,6 +42,7 @@ import yaml
 
 from benchmarks.des.policies import policy_config
 from llmepp.testing.envoy import EnvoyProcess, render_envoy_config
+from llmepp.testing.lifetime import die_with_parent
 from llmepp.testing.ports import free_port
 from llmepp.testing.stack import EppProcess, loopback_epp_args, with_epp_endpoints, with_file_discovery
 
@@ -201,8 +202,8 @@ class RustRouter(Contender):
         self.log_path = workdir / f"{self.name}.log"
         with self.log_path.open("wb") as log:
             self.proc = await asyncio.create_subprocess_exec(
-                *argv, stdout=log, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
-                start_new_session=True,
+                *die_with_parent(argv), stdout=log, stderr=asyncio.subprocess.STDOUT,
+                stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
         self.url = f"http://127.0.0.1:{port}"
         self.pids = {"router": self.proc.pid}

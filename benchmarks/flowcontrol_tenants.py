@@ -658,7 +658,7 @@ async def run(s: Setup, only: list[str] | None = None) -> tuple[dict[str, Any], 
     args = sim_args(s, port)
     out["sim_args"] = args
     sim = SimProcess(args, ready_timeout=60)
-    await asyncio.to_thread(sim.start)
+    await sim.start_async()
     assert sim.process is not None
     pods = [(h, port) for h in s.hosts]
     connector = aiohttp.TCPConnector(limit=0, force_close=False)

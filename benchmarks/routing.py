@@ -166,7 +166,7 @@ def stage_line(s: dict[str, Any]) -> str:
 async def start_sim(args: list[str]) -> tuple[SimProcess, dict[str, int]]:
     """Start the `epp-sim` process running every pod; returns it and the host pids the sampler follows."""
     sim = SimProcess(args, ready_timeout=60)
-    await asyncio.to_thread(sim.start)
+    await sim.start_async()
     assert sim.process is not None
     return sim, {"sim": sim.process.pid, "client": os.getpid()}
 

@@ -1,6 +1,6 @@
 """`make run`: Envoy + EPP + simulated vLLM pods on loopback, until Ctrl-C.
 
-python -m llmepp.devstack [--pods 4] [--config my-epp-config.yaml] [--port 8081] [--metrics-port 9091] ...
+python -m llmepp.devstack [--pods 4] [--config my-epp-config.yaml | --precise] [--port 8081] [--metrics-port 9091] ...
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from llmepp.config.schema import DEFAULT_CONFIG
 from llmepp.testing.stack import Stack, StackOptions
+from llmepp_sim.tokenizer import TOKENIZER_PATH
 
 # (what listens, flag, StackOptions field, default, help): the reference's defaults (EPP 9002/9003/9090, Envoy
 # admin 9901), each movable, since 9090 is also Prometheus's and 9901 any other Envoy's. All on 127.0.0.1 but
@@ -28,12 +29,63 @@ _PORTS = (
 )
 
 
+# `--precise`: each pod publishes its KV events on its own address, on the ports vLLM's llm-d guides use
+# (`--kv-events-config` endpoint and replay_endpoint), and the EPP routes on them with the reference's
+# precise-prefix profile (README, "Precise prefix routing"), tokenizing with the simulator's tokenizer.
+KV_EVENTS_PORT, KV_REPLAY_PORT = 5557, 5558
+PRECISE_CONFIG = f"""\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: token-producer
+  parameters:
+    modelName: sim-model
+    tokenizer: {{backend: hf, path: {TOKENIZER_PATH}, chatTemplate: role-tags}}
+- type: endpoint-notification-source
+- type: precise-prefix-cache-producer
+  parameters:
+    tokenProcessorConfig: {{blockSizeTokens: 16}}
+    speculativeIndexing: true
+    kvEventsConfig:
+      topicFilter: "kv@"
+      discoverPods: true
+      podDiscoveryConfig: {{socketPort: {KV_EVENTS_PORT}, replaySocketPort: {KV_REPLAY_PORT}}}
+- type: active-request-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+  parameters: {{prefixMatchInfoProducerName: precise-prefix-cache-producer}}
+- type: no-hit-lru-scorer
+dataLayer:
+  sources:
+  - pluginRef: endpoint-notification-source
+    extractors: [{{pluginRef: precise-prefix-cache-producer}}]
+schedulingProfiles:
+- name: default
+  plugins:
+  - {{pluginRef: active-request-scorer, weight: 4}}
+  - {{pluginRef: kv-cache-utilization-scorer, weight: 2}}
+  - {{pluginRef: prefix-cache-scorer, weight: 2}}
+  - {{pluginRef: no-hit-lru-scorer, weight: 2}}
+"""
+_KV_EVENTS_SIM_ARGS = [
+    "--zmq-endpoint", f"tcp://{{host}}:{KV_EVENTS_PORT}",
+    "--kv-events-replay-endpoint", f"tcp://{{host}}:{KV_REPLAY_PORT}",
+]  # fmt: skip
+
+
 def parse_options() -> StackOptions:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pods", type=int, default=4, help="simulated vLLM pods (127.0.0.2, 127.0.0.3, ...)")
     for _, flag, field, default, what in _PORTS:
         ap.add_argument(flag, dest=field, type=int, default=default, metavar="PORT", help=f"{what} (default {default})")
-    ap.add_argument("--config", help="EndpointPickerConfig YAML (discovery is added); default profile if omitted")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--config", help="EndpointPickerConfig YAML (discovery is added); default profile if omitted")
+    which.add_argument(
+        "--precise",
+        action="store_true",
+        help=f"precise prefix routing: the pods publish KV events (ports {KV_EVENTS_PORT}, {KV_REPLAY_PORT}), "
+        "the EPP routes on them",
+    )
     ap.add_argument("--latency-profile", default="llama-8b-h100", help="simulator latency profile")
     args = ap.parse_args()
     if not 1 <= args.pods <= 253:
@@ -47,13 +99,16 @@ def parse_options() -> StackOptions:
             if port in on_127_0_0_1:
                 ap.error(f"{on_127_0_0_1[port]} and {flag} are both {port}")
             on_127_0_0_1[port] = flag
+    if args.precise and args.pod_port in (KV_EVENTS_PORT, KV_REPLAY_PORT):
+        ap.error(f"--pod-port {args.pod_port} is a KV-event port of --precise")
     try:
-        config = Path(args.config).read_text() if args.config else DEFAULT_CONFIG
+        config = Path(args.config).read_text() if args.config else PRECISE_CONFIG if args.precise else DEFAULT_CONFIG
     except (OSError, UnicodeDecodeError) as e:
         ap.error(f"--config: {e}")
     return StackOptions(
         pods=args.pods,
-        sim_args=["--latency-profile", args.latency_profile, "--max-num-seqs", "16", "--kv-cache-size", "4096"],
+        sim_args=["--latency-profile", args.latency_profile, "--max-num-seqs", "16", "--kv-cache-size", "4096"]
+        + (_KV_EVENTS_SIM_ARGS if args.precise else []),
         epp_config=config,
         epp_args=["--watch-config-file"],
         **{field: getattr(args, field) for _, _, field, _, _ in _PORTS},
@@ -66,17 +121,25 @@ def ports_in_use(options: StackOptions) -> list[str]:
     for what, flag, field, _, _ in _PORTS:
         port = getattr(options, field)
         if field == "pod_port":
-            wanted = [(f"pod {i}", f"127.0.0.{options.first_host + i}") for i in range(options.pods)]
+            pods = [f"127.0.0.{options.first_host + i}" for i in range(options.pods)]
+            wanted = [(f"pod {i}", host, port, flag) for i, host in enumerate(pods)]
+            if _publishes_kv_events(options):
+                wanted += [(f"pod {i} KV events", host, p, "--precise") for i, host in enumerate(pods)
+                           for p in (KV_EVENTS_PORT, KV_REPLAY_PORT)]  # fmt: skip
         else:
-            wanted = [(what, "127.0.0.1")]
-        for name, host in wanted:
+            wanted = [(what, "127.0.0.1", port, flag)]
+        for name, host, at, by in wanted:
             with socket.socket() as s:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no obstacle
                 try:
-                    s.bind((host, port))
+                    s.bind((host, at))
                 except OSError:
-                    busy.append(f"{name} {host}:{port} ({flag})")
+                    busy.append(f"{name} {host}:{at} ({by})")
     return busy
+
+
+def _publishes_kv_events(options: StackOptions) -> bool:
+    return _KV_EVENTS_SIM_ARGS[0] in options.sim_args
 
 
 async def main(options: StackOptions) -> int:
@@ -107,6 +170,12 @@ async def main(options: StackOptions) -> int:
         async with Stack(options) as stack:
             url = stack.url.replace("127.0.0.1", "localhost")
             epp, addresses = f"127.0.0.1:{options.epp_port}", ", ".join(p.address for p in stack.pods)
+            precise = (
+                f"\n  precise prefix routing: the pods' KV events (tcp://<pod>:{KV_EVENTS_PORT}) feed the EPP's index; "
+                f"curl -s localhost:{options.metrics_port}/metrics | grep llm_d_epp_kv_events_block"
+                if _publishes_kv_events(options)
+                else ""
+            )
             print(
                 f"""
 ready: Envoy {url}  ->  EPP {epp} (ext_proc over TLS)  ->  pods {addresses}
@@ -116,7 +185,7 @@ ready: Envoy {url}  ->  EPP {epp} (ext_proc over TLS)  ->  pods {addresses}
 
   streaming:  add "stream": true      EPP metrics: curl -s localhost:{options.metrics_port}/metrics | grep llm_d_epp
   the x-inference-pod response header names the pod that answered; EPP log: {stack.workdir}/epp.log
-  EPP config: {stack.config_file} (edits of its scorers, weights and profiles apply within ~2 s)
+  EPP config: {stack.config_file} (edits of its scorers, weights and profiles apply within ~2 s){precise}
 
 Ctrl-C stops everything.""",
                 flush=True,

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TypeVar
 
+from llmepp.testing.lifetime import die_with_parent
 from llmepp_sim.clock import SimClock
 from llmepp_sim.config import PodConfig, SimConfig
 from llmepp_sim.pod import SimPod
@@ -251,8 +252,30 @@ class SimProcess:
         return [p.url for p in self.pods]
 
     def start(self) -> SimProcess:
+        ready = self._spawn()
+        try:
+            ready.result(self._ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    async def start_async(self) -> SimProcess:
+        """`start` for an event loop: the fork on the loop's thread (so the pods die with this process, see
+        `die_with_parent`), the wait without blocking the loop."""
+        ready = self._spawn()
+        try:
+            async with asyncio.timeout(self._ready_timeout):
+                await asyncio.wrap_future(ready)
+        except BaseException:
+            await asyncio.to_thread(self.stop)
+            raise
+        return self
+
+    def _spawn(self) -> concurrent.futures.Future[None]:
+        """The process, and a future done once its ready line has been printed."""
         self.process = subprocess.Popen(
-            self.args, stdout=subprocess.PIPE, text=True, env=self._env, start_new_session=True
+            die_with_parent(self.args), stdout=subprocess.PIPE, text=True, env=self._env, start_new_session=True
         )
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
 
@@ -270,12 +293,7 @@ class SimProcess:
 
         self._drain = threading.Thread(target=read, name="epp-sim-stdout", daemon=True)
         self._drain.start()
-        try:
-            ready.result(self._ready_timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        return ready
 
     def stop(self, timeout: float = 10.0) -> int | None:
         process = self.process

@@ -38,6 +38,8 @@ from typing import Any, Literal
 
 import yaml
 
+from llmepp.testing.lifetime import die_with_parent
+
 BodyMode = Literal["FULL_DUPLEX_STREAMED", "BUFFERED", "STREAMED"]
 RouteBy = Literal["header", "metadata"]
 
@@ -220,6 +222,8 @@ def render_envoy_config(
             ".HttpConnectionManager",
             "stat_prefix": "llm",
             "codec_type": "AUTO",
+            # HTTP/1.0 clients (ApacheBench, old scripts) get an answer: Envoy's default is an empty 426.
+            "http_protocol_options": {"accept_http_10": True},
             "stream_idle_timeout": IDLE_TIMEOUT,
             "access_log": [
                 {
@@ -377,8 +381,9 @@ class EnvoyProcess:
         ]
         with self.log_path.open("wb") as log_file:
             self.proc = await asyncio.create_subprocess_exec(
-                *args, stdout=log_file, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL
-            )
+                *die_with_parent(args), stdout=log_file, stderr=asyncio.subprocess.STDOUT,
+                stdin=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
         deadline = time.monotonic() + self.startup_timeout
         while True:
             if self.proc.returncode is not None:

@@ -112,7 +112,7 @@ class PDStack(Stack):
         sim_config = self.workdir / "sim.yaml"
         sim_config.write_text(yaml.safe_dump({"pods": entries}))
         self.sim = SimProcess(["--config", str(sim_config), *o.sim_args], ready_timeout=o.startup_timeout)
-        await asyncio.to_thread(self.sim.start)
+        await self.sim.start_async()
         if not o.sidecars:
             return
         by_host: dict[str, list[PodInfo]] = {}  # a decode pod's ranks share its address

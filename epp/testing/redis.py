@@ -19,9 +19,11 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from llmepp.testing.lifetime import die_with_parent
 from llmepp.testing.ports import free_port
 
 BINARY = "redis-server"
+READY_TIMEOUT = 10.0  # seconds for a started redis-server to answer PING
 
 
 def ensure_installed() -> str:
@@ -46,16 +48,26 @@ class RedisServer:
         self._dir = tempfile.TemporaryDirectory(prefix="epp-redis-")
 
     @property
+    def _log(self) -> Path:
+        return Path(self._dir.name) / "redis.log"
+
+    @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> RedisServer:
-        binary = ensure_installed()
+    def start(self, timeout: float = READY_TIMEOUT) -> RedisServer:
+        self._spawn(ensure_installed())
+        return self._wait_ready(timeout)
+
+    def _spawn(self, binary: str) -> None:
         args = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
                 "--dir", self._dir.name, "--daemonize", "no", "--loglevel", "warning"]  # fmt: skip
-        log = Path(self._dir.name) / "redis.log"
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        with self._log.open("wb") as out:
+            self.proc = subprocess.Popen(die_with_parent(args), stdout=out, stderr=subprocess.STDOUT)
+
+    def _wait_ready(self, timeout: float) -> RedisServer:
+        assert self.proc is not None
+        log = self._log
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -83,7 +95,9 @@ class RedisServer:
         self._dir.cleanup()
 
     async def __aenter__(self) -> RedisServer:
-        return await asyncio.to_thread(self.start)
+        # Forked on the loop's thread (so redis dies with this process, see die_with_parent), waited off it.
+        self._spawn(await asyncio.to_thread(ensure_installed))
+        return await asyncio.to_thread(self._wait_ready, READY_TIMEOUT)
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

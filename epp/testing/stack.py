@@ -36,6 +36,7 @@ from llmepp.cli import build_parser
 from llmepp.config.schema import DEFAULT_CONFIG
 from llmepp.datalayer.endpoint import join_hostport, split_hostport
 from llmepp.testing.envoy import EnvoyProcess, render_envoy_config
+from llmepp.testing.lifetime import die_with_parent
 from llmepp.testing.ports import free_port
 from llmepp_sim.cluster import PodInfo, SimProcess
 
@@ -102,8 +103,9 @@ class ChildProcess(ABC):
         with self.log_path.open("ab") as out:
             env = {**os.environ, **self.env} if self.env else None
             self.proc = await asyncio.create_subprocess_exec(
-                *self.args, stdout=out, stderr=asyncio.subprocess.STDOUT, start_new_session=True, env=env
-            )
+                *die_with_parent(self.args), stdout=out, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+                env=env,
+            )  # fmt: skip
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.returncode is not None:
@@ -257,7 +259,7 @@ class Stack:
         if o.grpc_pods:
             sim_args += ["--grpc-port", str(self.pod_grpc_port)]
         self.sim = SimProcess(sim_args, ready_timeout=o.startup_timeout)
-        await asyncio.to_thread(self.sim.start)
+        await self.sim.start_async()
 
     async def stop_pods(self) -> None:
         if self.sim is not None:

@@ -146,6 +146,44 @@ async def test_every_port_can_be_moved() -> None:
         await _stopped(proc, signal.SIGINT, moved)
 
 
+async def test_precise_routes_on_the_pods_kv_events() -> None:
+    """`make run ARGS=--precise`: the pods publish KV events, the EPP's precise index takes them in, and a prompt
+    sent again goes where its blocks are."""
+    async with devstack("--precise") as proc:
+        printed = await _read_until(proc, "Ctrl-C stops everything.")
+        assert "precise prefix routing" in printed, printed
+        prompt = "A long system prompt shared by every request of this test. " * 40
+        body = {"model": "sim-model", "prompt": prompt, "max_tokens": 4}
+        request = _curl_request(printed)
+
+        def send() -> str | None:
+            send_request = urllib.request.Request(
+                request.full_url, data=json.dumps(body).encode(), headers=request.headers
+            )
+            with urllib.request.urlopen(send_request, timeout=60) as r:
+                assert r.status == 200
+                return r.headers.get("x-inference-pod")
+
+        first = await asyncio.to_thread(send)
+        metrics = f"http://127.0.0.1:{FIXED['EPP metrics'][1]}/metrics"
+        stored = re.compile(
+            rb'^llm_d_epp_kv_events_block_stored_total\{producer="precise-prefix-cache-producer"\} (\S+)$', re.M
+        )
+
+        def blocks_stored() -> float:
+            page = urllib.request.urlopen(metrics, timeout=10).read()
+            match = stored.search(page)
+            assert match, page[-2000:]
+            return float(match.group(1))
+
+        deadline = time.monotonic() + 30
+        while await asyncio.to_thread(blocks_stored) == 0:  # the events arrive after the answer
+            assert time.monotonic() < deadline, "no KV event reached the EPP"
+            await asyncio.sleep(0.1)
+        assert [await asyncio.to_thread(send) for _ in range(3)] == [first] * 3
+        await _stopped(proc, signal.SIGINT)
+
+
 async def test_the_terminal_closing_during_start_up_stops_what_was_started() -> None:
     """SIGHUP once the pods serve, before the stack is ready: devstack stops them (they run in sessions of their
     own, so the terminal's hang-up does not reach them) instead of dying and leaving them on their ports."""
@@ -157,6 +195,21 @@ async def test_the_terminal_closing_during_start_up_stops_what_was_started() -> 
             await asyncio.sleep(0.02)
         rest = await _stopped(proc, signal.SIGHUP)
         assert "ready:" not in rest  # it was stopped during start-up, as meant
+
+
+async def test_a_sigkilled_devstack_takes_its_processes_with_it() -> None:
+    """`kill -9` (or the OOM killer) runs no clean-up in devstack: the kernel signals its children instead
+    (PR_SET_PDEATHSIG), and they stop. Before, Envoy, the EPP and the pods went on holding their ports."""
+    async with devstack() as proc:
+        await _read_until(proc, "Ctrl-C stops everything.")
+        assert sorted(_listening()) == sorted(f"{w} {h}:{p}" for w, (h, p) in FIXED.items())
+        proc.kill()
+        async with asyncio.timeout(STOP_TIMEOUT):  # the pods write to devstack's stderr: a live one holds it
+            await proc.wait()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while left := _listening():
+            assert time.monotonic() < deadline, f"still listening after devstack was killed: {left}"
+            await asyncio.sleep(0.1)
 
 
 async def _exit(*args: str) -> tuple[int, str]:
@@ -183,6 +236,11 @@ async def test_a_taken_port_is_named_before_anything_starts() -> None:
     assert code == 1, printed
     assert "EPP 127.0.0.1:9002 (--epp-port)" in printed and "another `make run`" in printed, printed
     assert "Traceback" not in printed and "starting" not in printed, printed
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.2", 5557))
+        holder.listen()
+        code, printed = await _exit("--precise")
+    assert code == 1 and "pod 0 KV events 127.0.0.2:5557 (--precise)" in printed, printed
 
 
 async def test_a_config_the_epp_refuses_is_reported_without_a_traceback(tmp_path: Path) -> None:
@@ -206,3 +264,7 @@ async def test_usage_errors_exit_2_before_anything_starts(tmp_path: Path) -> Non
     assert code == 2 and "--metrics-port must be 1 to 65535" in printed, printed
     code, printed = await _exit("--epp-port", "9003")  # the EPP's health port's default
     assert code == 2 and "--epp-port and --health-port are both 9003" in printed, printed
+    code, printed = await _exit("--precise", "--config", str(tmp_path / "x.yaml"))
+    assert code == 2 and "not allowed with argument" in printed, printed
+    code, printed = await _exit("--precise", "--pod-port", "5557")
+    assert code == 2 and "--pod-port 5557 is a KV-event port of --precise" in printed, printed

@@ -332,6 +332,30 @@ async def test_h2c_client(stack: Stack) -> None:
     await settle(stack.director)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_http_1_0_client(stack: Stack, stream: bool) -> None:
+    """As ApacheBench sends it: HTTP/1.0, no keep-alive (a stream's end is the connection's close). Before,
+    Envoy answered an empty 426 (no bytes)."""
+    body = json.dumps(completion(prompt="over HTTP/1.0", stream=stream)).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.fds_port)
+    writer.write(
+        b"POST /v1/completions HTTP/1.0\r\nHost: localhost\r\ncontent-type: application/json\r\n"
+        + f"x-test-route: {stack.pods[0].hostport}\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    response = await asyncio.wait_for(reader.read(), 10)  # HTTP/1.0: the server closes when done
+    writer.close()
+    head, _, payload = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200"), head
+    assert b"transfer-encoding" not in head.lower()  # an HTTP/1.0 client knows no chunks
+    assert f"x-served-by: {stack.pods[0].hostport}".encode() in head.lower(), head
+    if stream:
+        assert payload.count(b"data: ") > 1 and payload.endswith(b"data: [DONE]\n\n"), payload
+    else:
+        assert json.loads(payload)["served_by"] == stack.pods[0].hostport
+    await settle(stack.director)
+
+
 async def test_model_rewrite_through_envoy(stack: Stack) -> None:
     for stream in (False, True):
         async with stack.session.post(

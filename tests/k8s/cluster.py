@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
+from llmepp.testing.lifetime import die_with_parent
 from llmepp.testing.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,7 +107,7 @@ class Cluster:
         ]  # fmt: skip
         for name, cmd in (("etcd", etcd), ("kube-apiserver", apiserver)):
             log = (w / f"{name}.log").open("wb")
-            self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+            self.procs.append(subprocess.Popen(die_with_parent(cmd), stdout=log, stderr=subprocess.STDOUT))
         self._wait_ready()
         self.write_kubeconfig(self.kubeconfig, ADMIN_TOKEN)
         self.write_kubeconfig(self.epp_kubeconfig, EPP_TOKEN, namespace=RBAC_NAMESPACE)

@@ -294,7 +294,7 @@ class DataParallelStack(Stack):
         sim_yaml = self.workdir / "sim.yaml"
         sim_yaml.write_text(yaml.safe_dump({"pods": pods}))
         self.sim = SimProcess(["--config", str(sim_yaml), *SIM], ready_timeout=self.options.startup_timeout)
-        await asyncio.to_thread(self.sim.start)
+        await self.sim.start_async()
 
     def write_endpoints(self, pods: list[PodInfo]) -> None:
         entries = []

@@ -280,8 +280,9 @@ async def test_inflight_load_is_shared_between_replicas(server: RedisServer, cli
 
 
 async def test_lookups_agree_with_the_in_memory_index(server: RedisServer, client: aioredis.Redis) -> None:
-    """Differential: random stores (both tiers), removals, clears and speculation applied to both
-    indexes; every lookup (random prompts sharing prefixes, random candidate sets) must agree."""
+    """Differential: random stores (both tiers), removals, clears and speculation (onto a pod that holds
+    nothing and onto one that holds some of the keys, on either tier) applied to both indexes; every lookup
+    (random prompts sharing prefixes, random candidate sets) must agree."""
     rng = random.Random(11)
     pods = [f"10.0.2.{i}:8000" for i in range(5)]
     fresh = "10.0.2.99:8000"  # only ever speculated on
@@ -316,8 +317,9 @@ async def test_lookups_agree_with_the_in_memory_index(server: RedisServer, clien
                 memory.apply(pod, delta)
                 await store.write(pod, SourceChains(4, 0, TIERS, 10), 1.0, seq, delta)
         spec_keys = rng.choice(prompt_keys)[: rng.randrange(1, 30)]
-        memory.speculate(fresh, spec_keys, 60.0)
-        await store.speculate(fresh, spec_keys, 60.0)
+        for onto in (fresh, rng.choice(pods)):
+            memory.speculate(onto, spec_keys, 60.0)
+            await store.speculate(onto, spec_keys, 60.0)
         for prompt, keys in zip(prompts, prompt_keys):
             candidates = rng.sample([*pods, fresh], rng.randrange(1, len(pods) + 2))
             mask = 0
@@ -328,6 +330,26 @@ async def test_lookups_agree_with_the_in_memory_index(server: RedisServer, clien
             assert got.lengths == {memory.pod_of(b): n for b, n in want.lengths.items()}, round_
             assert got.weighted == pytest.approx({memory.pod_of(b): w for b, w in want.weighted.items()}), round_
             assert got.last == (memory.pod_of(want.last) if want.last else None), round_
+
+
+async def test_a_prefix_speculated_onto_the_pod_holding_it_on_cpu_scores_as_on_gpu(
+    server: RedisServer, client: aioredis.Redis
+) -> None:
+    """The request just routed there loads the offloaded prefix back: both indexes score it at the best
+    tier's weight. Before, the in-memory index charged the CPU tier's (3.2 for 4 blocks), Redis did not
+    (4.0), so a scorer ranked pods differently by backend."""
+    pod, tokens, root = "10.0.3.1:8000", list(range(16)), root_key("m")
+    keys = block_keys(tokens_to_bytes(tokens), 4, root)
+    on_cpu = Delta(keys=list(keys), masks=[2] * len(keys))  # tier bit 2: cpu
+    memory = MemoryIndex(1000, 10, TIERS)
+    memory.apply(pod, on_cpu)
+    memory.speculate(pod, keys, 60.0)
+    store = RedisStore(client, TIERS)
+    await store.write(pod, SourceChains(4, 0, TIERS, 10), 1.0, 0, on_cpu)
+    await store.speculate(pod, keys, 60.0)
+    bit = memory.bit(pod)
+    assert memory.match(tokens_to_bytes(tokens), 4, root, bit).weighted == {bit: pytest.approx(4.0)}
+    assert (await store.lookup(keys, [pod])).weighted == {pod: pytest.approx(4.0)}
 
 
 async def test_pools_larger_than_one_script_call_are_looked_up_in_chunks(

@@ -60,7 +60,7 @@ class SimPods:
         self.index: MemoryIndex
 
     async def __aenter__(self) -> SimPods:
-        await asyncio.to_thread(self.proc.start)
+        await self.proc.start_async()
         self.pool, self.index = memory_pool(self.zmq_port, self.replay_port)
         for pod in self.proc.pods:
             host, port = pod.address.rsplit(":", 1)
