@@ -380,7 +380,7 @@ class FlowController(AdmissionController):
                     self.pending.add(request)
                 return
 
-        item = self._enqueue(request, band, flow, pool, now)
+        item = self._enqueue(request, band, flow, now)
         flow.metrics.enqueue(ENQUEUED).observe(time.perf_counter() - t0)
         future = item.future
         try:
@@ -396,13 +396,10 @@ class FlowController(AdmissionController):
                 self.release_pending(request)  # dispatched, but the director will never have it
             raise
 
-    def _enqueue(
-        self, request: InferenceRequest, band: PriorityBand, flow: FlowQueue, pool: Sequence[Endpoint], now: float
-    ) -> QueueItem:
+    def _enqueue(self, request: InferenceRequest, band: PriorityBand, flow: FlowQueue, now: float) -> QueueItem:
         loop = self._loop or asyncio.get_running_loop()
-        ttl = self._no_endpoint_ttl if not pool else self._default_ttl
         self._seq += 1
-        item = QueueItem(request, flow, self._seq, now, now + ttl if ttl > 0 else _INF, loop.create_future())
+        item = QueueItem(request, flow, self._seq, now, loop.create_future())
         band.push(item)
         if flow.count == 1 and not flow.overflow:
             self._busy_flows += 1

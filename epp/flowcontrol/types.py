@@ -55,7 +55,7 @@ class ItemState(enum.IntEnum):
 class QueueItem:
     """One waiting request. Heaps hold (sort_key, seq, item); seq breaks ties FCFS."""
 
-    __slots__ = ("deadline", "enqueued_at", "flow", "future", "request", "seq", "size", "sort_key", "state")
+    __slots__ = ("enqueued_at", "flow", "future", "request", "seq", "size", "sort_key", "state")
 
     def __init__(
         self,
@@ -63,15 +63,12 @@ class QueueItem:
         flow: FlowQueue,
         seq: int,
         enqueued_at: float,
-        deadline: float,
         future: asyncio.Future[Outcome],
     ) -> None:
         self.request: InferenceRequest | None = request
         self.flow = flow
         self.seq = seq
         self.enqueued_at = enqueued_at
-        # enqueued_at + the TTL in force at enqueue (inf when TTLs are off): EDF's key.
-        self.deadline = deadline
         self.size = request.body_size
         self.future = future
         self.state = ItemState.QUEUED

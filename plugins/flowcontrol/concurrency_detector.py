@@ -49,9 +49,10 @@ class ConcurrencyDetector(SaturationDetector, Filter):
     reading counts every pending request (it may load either). Outside flow control (legacy
     admission) nothing is pending.
 
-    As a scheduling filter it keeps endpoints still under capacity·(1+headroom) (requests
-    < maxConcurrency·(1+headroom) and/or tokens < maxTokenConcurrency·(1+headroom) per mode),
-    failing open when none qualify. Pending requests play no part there: they have no endpoint.
+    As a scheduling filter it keeps endpoints still under capacity·(1+headroom), truncated to an
+    integer as the reference does (requests < ⌊maxConcurrency·(1+headroom)⌋ and/or tokens
+    < ⌊maxTokenConcurrency·(1+headroom)⌋ per mode), failing open when none qualify. Pending requests
+    play no part there: they have no endpoint.
 
     Parameters: `concurrencyMode` (requests | tokens | hybrid, default requests),
     `maxConcurrency` (100), `maxTokenConcurrency` (1000000), `headroom` (0, filter only),
@@ -94,9 +95,10 @@ class ConcurrencyDetector(SaturationDetector, Filter):
         return total / n
 
     def filter(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]:
+        # Integer limits, as the reference's int64(): 100 · 1.1 is 110.00000000000001, and 3 · 1.5 is 4 in flight.
         scale = 1.0 + self.headroom
-        cap_r = self.max_requests * scale
-        cap_t = self.max_tokens * scale
+        cap_r = int(self.max_requests * scale)
+        cap_t = int(self.max_tokens * scale)
         if self.mode == "requests":
             kept = [ep for ep in endpoints if ep.inflight.requests < cap_r]
         elif self.mode == "tokens":

@@ -26,20 +26,20 @@ class FcfsOrderingPolicy(OrderingPolicy):
 class EdfOrderingPolicy(OrderingPolicy):
     """Earliest deadline first: the request closest to expiring goes first.
 
-    key(item) = enqueue time + the effective TTL in force when it was enqueued; with no TTL
-    (defaultRequestTTL 0s) the deadline is +inf (far future), so such requests fall back to
-    FCFS among themselves (ties by arrival sequence) and go after every request that has a
-    deadline. Parameters: none.
-
-    With one TTL for everything this orders like FCFS; it differs when TTLs differ, e.g. a
-    request enqueued while the pool was empty (noEndpointRequestTTL) next to one enqueued
-    under defaultRequestTTL.
+    A request expires once the TTL of the current regime (noEndpointRequestTTL while the pool is
+    empty, else defaultRequestTTL) has passed since the later of its enqueue and the last regime
+    change (the controller's "fresh budget"): every waiting request has the same TTL, so the one
+    closest to expiring is the earliest enqueued, and key(item) = its enqueue time, as FCFS. The
+    reference keys on enqueue time + the TTL in force at enqueue, which goes stale at a regime
+    change: after scale from zero, requests that waited for the first pod (keyed with the long
+    noEndpointRequestTTL) went after newer ones and expired first. Per-request TTLs would make
+    the two differ; like the reference, this build has none. Parameters: none.
     """
 
     type = "edf-ordering-policy"
 
     def sort_key(self, item: QueueItem) -> float:
-        return item.deadline
+        return item.enqueued_at
 
 
 class SloDeadlineOrderingPolicy(OrderingPolicy):

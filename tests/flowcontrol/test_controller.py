@@ -502,9 +502,37 @@ async def _regime_order(ordering: str) -> list[str]:
     return srv.order
 
 
-async def test_edf_dispatches_the_earliest_deadline_first() -> None:
-    assert await _regime_order("edf-ordering-policy") == ["b", "a"]
+async def test_edf_follows_the_fresh_budget_of_a_regime_change() -> None:
+    """b's TTL at enqueue was shorter, but each regime change restarts every waiting request's budget: a,
+    enqueued first, expires first. Before, EDF keyed on the TTL at enqueue and sent b first."""
+    assert await _regime_order("edf-ordering-policy") == ["a", "b"]
     assert await _regime_order("fcfs-ordering-policy") == ["a", "b"]
+
+
+async def test_edf_after_scale_from_zero_serves_the_request_that_waited_for_the_first_pod() -> None:
+    """a waits for the first pod (noEndpointRequestTTL 300 s); the pod comes at t=10, so a expires at 70;
+    b arrives at 20 and expires at 80. Before, a kept its enqueue-time key (0 + 300) and b (20 + 60) went
+    first, leaving a to be shed at 70."""
+    clock = Clock()
+    pool = Pool([])
+    ctl = controller(pool, plugin("concurrency-detector", maxConcurrency=1), ordering="edf-ordering-policy",
+                     clock=clock, poll_interval=10.0, default_ttl=60.0, no_endpoint_ttl=300.0)  # fmt: skip
+    srv = Server(ctl, pool)
+    srv.submit(req("a"))
+    await spin()
+    clock.advance(10)
+    ep = endpoint(0)
+    ep.inflight.requests = 1  # the first pod, busy
+    pool.set([ep])
+    ctl.pool_changed()
+    clock.advance(10)
+    srv.submit(req("b"))
+    await spin()
+    assert ctl.queued == 2
+    srv.complete_one()
+    await spin(50)
+    assert srv.order == ["a"]
+    await srv.close()
 
 
 async def test_slo_deadline_orders_by_arrival_plus_the_ttft_objective() -> None:

@@ -90,6 +90,23 @@ def test_concurrency_filter_with_headroom() -> None:
 
 
 @pytest.mark.parametrize(
+    ("params", "at_limit"),
+    [
+        ({"headroom": 0.1}, {"requests": 110}),  # 100 · 1.1 = 110.00000000000001 as a float
+        ({"maxConcurrency": 3, "headroom": 0.5}, {"requests": 4}),  # ⌊4.5⌋
+        ({"concurrencyMode": "tokens", "maxTokenConcurrency": 100, "headroom": 0.1}, {"tokens": 110}),
+    ],
+)
+def test_the_concurrency_filter_limit_is_an_integer_as_the_reference(params: dict, at_limit: dict) -> None:
+    """The reference truncates capacity·(1+headroom) to an integer (int64). Before, the float limit kept an
+    endpoint at the limit (110 < 110.00000000000001) or one above it (4 < 4.5)."""
+    full, free = endpoint(0), endpoint(1)
+    for field, value in at_limit.items():
+        setattr(full.inflight, field, value)
+    assert plugin("concurrency-detector", **params).filter(request(), [full, free]) == [free]
+
+
+@pytest.mark.parametrize(
     ("type_name", "params", "message"),
     [
         ("utilization-detector", {"kvCacheUtilThreshold": 1.5}, "kvCacheUtilThreshold must be in (0, 1]"),

@@ -125,7 +125,7 @@ def las_band() -> tuple[Any, ProgramAwareFairness, Clock, Any]:
 def enqueue(ctl: Any, band: Any, fid: str, at: float, seq: int) -> QueueItem:
     """One request of program `fid` queued at `at` (its flow made on first use)."""
     flow = band.flows.get(fid) or ctl._new_flow(band, fid, at)
-    item = QueueItem(req(f"{fid}-{seq}", fairness=fid), flow, seq, at, math.inf, None)  # type: ignore[arg-type]
+    item = QueueItem(req(f"{fid}-{seq}", fairness=fid), flow, seq, at, None)  # type: ignore[arg-type]
     band.push(item)
     return item
 
