@@ -174,6 +174,10 @@ class SourceChains:
                         if m:
                             out_keys.append(k)
                             out_masks.append(m)
+                # Most recently stored last: the bound sheds from the front (dict order), so a reused
+                # prefix must not stay "oldest" while the engine keeps using it.
+                del engine[h]
+                engine[h] = known
                 key, pending = known.last_key, known.pending
                 continue
             chunk = tokens[j * span : (j + 1) * span if j < last else len(tokens)]
@@ -230,6 +234,7 @@ class SourceChains:
                 delta.engine_del.append(h)
                 ghosts = self._ghosts
                 ghosts[h] = (block.last_key, block.pending)
+                ghosts.move_to_end(h)  # removed again: now the most recent removal
                 if len(ghosts) > GHOSTS:
                     ghosts.popitem(last=False)
             for k in block.keys:
@@ -308,8 +313,8 @@ class SourceChains:
         out_masks.append(m)
 
     def _shed(self, delta: Delta) -> None:
-        """Over the bound: forget the oldest engine blocks (insertion order) down to 90% of it, so
-        the cost is amortised over many stores."""
+        """Over the bound: forget the least recently stored engine blocks (dict order; a re-stored block
+        moves to the end) down to 90% of it, so the cost is amortised over many stores."""
         engine = self.engine
         drop = list(itertools.islice(engine, len(engine) - self.max_blocks * 9 // 10))
         for h in drop:

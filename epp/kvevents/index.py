@@ -263,8 +263,11 @@ class MemoryIndex:
                 if low:
                     lk = low.get(key)
                     if lk:
+                        # A key speculated onto a pod counts as on its best tier there (the routed
+                        # request loads it back), as in the shared index's lookup.
+                        speculated = spec_get(key, 0)
                         for bit, w in lk.items():
-                            if bit & alive:
+                            if bit & alive and not bit & speculated:
                                 penalty[bit] = penalty.get(bit, 0.0) + top - w
                 n += 1
             while alive:

@@ -422,3 +422,49 @@ def test_a_re_reported_block_is_recently_stored_again() -> None:
     # Still reference counted once: one removal drops it.
     feed(chains, index, "p:1", [BlockRemoved([1, 2])])
     assert lookup(index, hot, 4, ["p:1"]) == {}
+
+
+def test_the_engine_bound_sheds_the_least_recently_stored_blocks() -> None:
+    """Over `max_blocks` a source forgets engine blocks from the least recently stored: a prefix that vLLM
+    re-reports on every reuse (0.33 and later) is recent, however early it was first stored. Before, the
+    bound shed by first store, so the pod's hottest prefix left the index first."""
+    index = MemoryIndex(size=1000, pod_cache_size=10, tiers=TIERS)
+    chains = SourceChains(4, 0, TIERS, max_blocks=10)
+    hot = list(range(8))  # 2 engine blocks, stored first
+
+    def feed(ev: BlockStored) -> None:
+        delta = Delta()
+        chains.stored(ev, MODEL, delta)
+        index.apply("p:1", delta)
+
+    def held(tokens: list[int]) -> int:
+        bit = index.bit("p:1")
+        return index.match(tokens_to_bytes(tokens), 4, root_key(MODEL), bit).lengths.get(bit, 0)
+
+    feed(BlockStored([1, 2], None, hot, 4))
+    for i in range(8):  # one-off prompts; the hot prefix is reused (re-reported) all along
+        feed(BlockStored([100 + i], None, list(range(100 + 4 * i, 104 + 4 * i)), 4))
+        feed(BlockStored([1, 2], None, hot, 4))
+    assert held(hot) == 2
+    feed(BlockStored([999], None, [7, 7, 7, 7], 4))  # 11 blocks > 10: shed to 9
+    assert held(hot) == 2
+    assert held(list(range(100, 104))) == 0  # the oldest one-off went instead
+
+
+def test_a_block_removed_again_is_the_most_recent_removed_parent() -> None:
+    """The removed parents a source remembers (GHOSTS) are dropped oldest removal first. A block removed,
+    stored again and removed again is the newest removal; before, it kept its first removal's place and
+    was dropped first, so a store continuing from it was an orphan (its keys never indexed)."""
+    chains = SourceChains(4, 0, TIERS, 100_000)
+    delta = Delta()
+    chains.stored(BlockStored([7], None, [1, 2, 3, 4], 4), MODEL, delta)
+    chains.removed(BlockRemoved([7]), delta)
+    chains.stored(BlockStored([7], None, [1, 2, 3, 4], 4), MODEL, delta)  # cached again
+    for h in range(1000, 1000 + GHOSTS - 1):  # other blocks come and go
+        chains.stored(BlockStored([h], None, [h] * 4, 4), MODEL, delta)
+        chains.removed(BlockRemoved([h]), delta)
+    chains.removed(BlockRemoved([7]), delta)  # removed again: the most recent removal
+    chains.stored(BlockStored([50_000], None, [9] * 4, 4), MODEL, delta)
+    chains.removed(BlockRemoved([50_000]), delta)  # one removal more than GHOSTS remembers
+    chains.stored(BlockStored([8], parent_block_hash=7, token_ids=[5, 6, 7, 8], block_size=4), MODEL, delta)
+    assert chains.stats.orphans == 0
