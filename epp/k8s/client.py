@@ -416,7 +416,10 @@ class ApiTLS:
 
     def _make(self) -> ssl.SSLContext:
         c = self._configuration
-        context = ssl.create_default_context(cafile=self._ca_path)
+        # The CA bytes compared, not the file again (it may have changed since). PEM is ASCII; a bundle's
+        # comments may not be, and cadata takes ASCII only: what is dropped is comment text.
+        ca = self._made_from[0]
+        context = ssl.create_default_context(cadata=None if ca is None else ca.decode("ascii", "ignore"))
         if c.cert_file:
             context.load_cert_chain(c.cert_file, keyfile=c.key_file)
         if not c.verify_ssl:

@@ -133,15 +133,20 @@ class LeaderElector:
                 await asyncio.sleep(c.retry_period * (1 + self._rng.random() * (JITTER - 1)))
             self._set_leader(True)
             while True:
-                await asyncio.sleep(c.retry_period)
+                # The next renewal after retry_period, but never past the deadline: renewals that keep failing
+                # fast must end leadership at the deadline, not a retry period later (possibly after a
+                # follower has taken the lease, when renew_deadline + retry_period > lease_duration).
+                await asyncio.sleep(min(c.retry_period, max(c.renew_deadline - (self._clock() - last_renewal), 0.0)))
                 # As client-go: the renewal is bounded by the deadline, so a hung call cannot keep us leading.
                 started = self._clock()
                 remaining = c.renew_deadline - (started - last_renewal)
-                try:
-                    async with asyncio.timeout(max(remaining, 0.0)):
-                        renewed = await self._try_acquire_or_renew()
-                except TimeoutError:
-                    renewed = False
+                renewed = False
+                if remaining > 0:
+                    try:
+                        async with asyncio.timeout(remaining):
+                            renewed = await self._try_acquire_or_renew()
+                    except TimeoutError:
+                        pass
                 if renewed:
                     last_renewal = started
                 elif self._other_holder:

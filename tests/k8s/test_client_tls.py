@@ -128,7 +128,8 @@ async def test_the_ca_file_is_checked_periodically_and_replaces_the_old_trust(
         await asyncio.sleep(0.3)
         with pytest.raises(aiohttp.ClientConnectorCertificateError):
             await client.get(PODS)
-        rotate(ca, other_ca() + cluster_ca(cluster))  # a rotation's overlap: old and new CA in one bundle
+        # A rotation's overlap: old and new CA in one bundle, with comments as CA bundles carry them.
+        rotate(ca, "# Issuer: CN=Türk\n".encode() + other_ca() + b"# the cluster CA\n" + cluster_ca(cluster))
         await asyncio.sleep(0.3)
         await client.get(PODS)
         with caplog.at_level(logging.WARNING, logger="llmepp.k8s.client"):

@@ -23,13 +23,15 @@ LEASE, RENEW, RETRY = 3.0, 2.0, 0.5
 
 
 class FakeLeaseApi:
-    """GET / POST / PUT of one Lease. `hang`: every call waits out its timeout; `garbage`: 200 with junk."""
+    """GET / POST / PUT of one Lease. `hang`: every call waits out its timeout; `garbage`: 200 with junk;
+    `fail`: every call is answered 500 at once (an API server whose etcd is down)."""
 
     def __init__(self) -> None:
         self.doc: dict[str, Any] | None = None
         self.version = 0
         self.hang = False
         self.garbage = False
+        self.fail = False
         self.last_write = 0.0
         self.answer_delay = 0.0  # a write commits at once, its answer comes this much later
 
@@ -41,6 +43,8 @@ class FakeLeaseApi:
             raise TimeoutError("no answer")
         if self.garbage:
             return b"<html>502 Bad Gateway</html>"
+        if self.fail:
+            raise KubeError(500, "InternalError", "etcdserver: request timed out")
         if method == "GET":
             if self.doc is None:
                 raise KubeError(404, "NotFound")
@@ -54,8 +58,8 @@ class FakeLeaseApi:
 
 
 @contextlib.asynccontextmanager
-async def elector(api: FakeLeaseApi) -> AsyncIterator[tuple[LeaderElector, asyncio.Task[None]]]:
-    config = LeaseConfig("lease", "ns", "me", lease_duration=LEASE, renew_deadline=RENEW, retry_period=RETRY)
+async def elector(api: FakeLeaseApi, retry: float = RETRY) -> AsyncIterator[tuple[LeaderElector, asyncio.Task[None]]]:
+    config = LeaseConfig("lease", "ns", "me", lease_duration=LEASE, renew_deadline=RENEW, retry_period=retry)
     e = LeaderElector(api, config)  # type: ignore[arg-type]
     task = asyncio.create_task(e.run())
     try:
@@ -122,6 +126,22 @@ async def test_the_renew_deadline_counts_from_when_the_last_renewal_was_sent() -
         await eventually(lambda: api.last_write > written, within=RETRY * 3)  # a renewal committed...
         committed = api.last_write
         api.hang = True  # ...and its late answer is the last one we get
+        await eventually(lambda: not e.is_leader, within=LEASE + 3)
+        led_for = time.monotonic() - committed
+        assert led_for <= RENEW + 0.2, f"still leader {led_for:.2f}s after the last renewal was written"
+
+
+async def test_renewals_that_fail_fast_end_leadership_at_the_deadline_not_a_retry_period_later() -> None:
+    """With retry 1.9 s, renew deadline 2 s and lease 3 s (valid flags), a leader whose renewals are answered
+    500 at once used to sleep a whole retry period past a failed attempt made just inside the deadline, and
+    lead until ~3.8 s after its last renewal, when a follower may already hold the lease (from 3 s)."""
+    api = FakeLeaseApi()
+    async with elector(api, retry=1.9) as (e, _):
+        await eventually(lambda: e.is_leader, within=5)
+        written = api.last_write
+        await eventually(lambda: api.last_write > written, within=5)  # a renewal committed...
+        committed = api.last_write
+        api.fail = True  # ...and every later call fails at once
         await eventually(lambda: not e.is_leader, within=LEASE + 3)
         led_for = time.monotonic() - committed
         assert led_for <= RENEW + 0.2, f"still leader {led_for:.2f}s after the last renewal was written"
