@@ -204,8 +204,8 @@ class _ImagesBody(msgspec.Struct):
 
 class _GenerateBody(msgspec.Struct):
     model: Any = None  # no GenerateReqInput field: SGLang ignores it; the router reads a string one
-    text: Any = msgspec.UNSET
-    input_ids: Any = msgspec.UNSET
+    text: Any = None  # null is absent, as in SGLang's GenerateReqInput (clients send the unused one so)
+    input_ids: Any = None
     sampling_params: _SamplingParams | list[_SamplingParams] | None = None
     stream: Any = None  # GenerateReqInput.stream: pydantic-validated (FastAPI), so lax
     extra_key: str | list[str] | None = None  # a batch may salt each prompt
@@ -571,7 +571,7 @@ def _block_text(content: str | list[_Block] | None) -> str:
 def parse_sglang(req: InferenceRequest, suffix: str) -> None:
     """sglanghttp-parser: SGLang's native generate body (no `model` is normal: one model per server)."""
     body = _decode(_GENERATE_DECODER, req.body)
-    has_text, has_ids = body.text is not msgspec.UNSET, body.input_ids is not msgspec.UNSET
+    has_text, has_ids = body.text is not None, body.input_ids is not None
     if has_text == has_ids:
         raise BadRequest('exactly one of "text" and "input_ids" is required')
     req.kind = RequestKind.GENERATE

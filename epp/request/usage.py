@@ -476,15 +476,21 @@ class UsageCollector:
 
     def result(self) -> Usage | None:
         if self.streaming:
-            end = usage_from_sse(bytes(self._buf[-SSE_TAIL_BYTES:]))
-            if end is not None and end.prompt_tokens:
-                return end
-            return _merged(usage_from_sse_head(bytes(self._head)), end)
+            return _stream_usage(bytes(self._head), bytes(self._buf[-SSE_TAIL_BYTES:]))
         if self._overflow:
             return usage_from_fragment(bytes(self._buf[-SSE_TAIL_BYTES:]))
         body = bytes(self._buf)
         usage = usage_from_json(body)
         if usage is None and b"data:" in body:
-            # An SSE stream served without the event-stream content type.
-            usage = usage_from_sse(body[-SSE_TAIL_BYTES:])
+            # An SSE stream served without the event-stream content type: all of it is here.
+            usage = _stream_usage(body[:HEAD_BYTES], body[-SSE_TAIL_BYTES:])
         return usage
+
+
+def _stream_usage(head: bytes, tail: bytes) -> Usage | None:
+    """A stream's usage: its last events', completed by its first (Anthropic sends the input tokens in
+    message_start only)."""
+    end = usage_from_sse(tail)
+    if end is not None and end.prompt_tokens:
+        return end
+    return _merged(usage_from_sse_head(head), end)

@@ -162,6 +162,7 @@ class _Stream:
         "pending",
         "recv_unacked",
         "remote_closed",
+        "reset_queued",
         "send_window",
         "sid",
         "task",
@@ -177,6 +178,7 @@ class _Stream:
         self.headers_sent = False
         self.local_closed = False  # our END_STREAM went out (or is queued)
         self.remote_closed = False  # the client half-closed
+        self.reset_queued = False  # our RST_STREAM waits in `pending` (noted as a reset once it is out)
         self.send_window = send_window
         # Frames waiting for flow-control window: (is_data, bytes).
         self.pending: collections.deque[tuple[bool, bytes | memoryview]] = collections.deque()
@@ -194,6 +196,9 @@ class _Connection(asyncio.Protocol):
         self.preface = False
         self.streams: dict[int, _Stream] = {}
         self.last_stream_id = 0
+        # The last-stream-id of our final GOAWAY: a later one may not name a higher id (RFC 9113 §6.8), though
+        # streams refused after it still raise last_stream_id (their frames are then no idle-stream errors).
+        self.goaway_last_id: int | None = None
         self.out: list[bytes | memoryview] = []  # frames for the next write (views: no copy before the join)
         self.conn_send_window = DEFAULT_WINDOW
         self.peer_initial_window = DEFAULT_WINDOW
@@ -726,6 +731,8 @@ class _Connection(asyncio.Protocol):
             out.append(piece)
         self.blocked.discard(st.sid)
         if st.local_closed:
+            if st.reset_queued:
+                self._note_reset(st.sid)
             self._forget(st)
         elif st.recv_unacked >= OUR_STREAM_WINDOW // 2 and st.task is None and not st.backlog:
             # The receive window withheld while answers were queued (see _on_data).
@@ -751,10 +758,13 @@ class _Connection(asyncio.Protocol):
         if not st.remote_closed:
             # Tell the client to stop sending; everything it sends now is ignored.
             if st.pending:
+                # Noted when it goes out (`_drain`): a sweep PING sent now would overtake it, and its ACK
+                # end the grace for frames the client sends before it sees the reset.
                 st.pending.append((False, _frame(RST_STREAM, 0, st.sid, _U32.pack(NO_ERROR))))
+                st.reset_queued = True
             else:
                 self.out.append(_frame(RST_STREAM, 0, st.sid, _U32.pack(NO_ERROR)))
-            self._note_reset(st.sid)
+                self._note_reset(st.sid)
         st.ext.cancelled = st.ext.cancelled or status != GRPC_OK
         self._release(st)
         if not st.pending:
@@ -835,7 +845,8 @@ class _Connection(asyncio.Protocol):
         """GOAWAY, then close; with `abort`, at once, without waiting for the peer to read what is buffered
         (a peer that does not answer may not read either)."""
         self.closed = True
-        self.out.append(_frame(GOAWAY, 0, 0, _U32.pack(self.last_stream_id) + _U32.pack(code) + reason.encode()))
+        last = self.last_stream_id if self.goaway_last_id is None else self.goaway_last_id
+        self.out.append(_frame(GOAWAY, 0, 0, _U32.pack(last) + _U32.pack(code) + reason.encode()))
         self._flush()
         if self.transport is not None:
             if abort:
@@ -863,6 +874,7 @@ class _Connection(asyncio.Protocol):
         if self.goaway_sent or self.closed:
             return
         self.goaway_sent = True
+        self.goaway_last_id = self.last_stream_id
         self.out.append(_frame(GOAWAY, 0, 0, _U32.pack(self.last_stream_id) + _U32.pack(NO_ERROR)))
         self._flush()
         if not self.streams:

@@ -102,8 +102,8 @@ def _extractor_attribute(key: str) -> AttributeReader:
     def read(request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float | None]:
         out: list[float | None] = []
         for ep in endpoints:
-            v = ep.attributes.get(key)
-            out.append(v if isinstance(v, float) else None)
+            v = ep.attributes.get(key)  # a plugin author's extractor may write an int: a number too
+            out.append(float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None)
         return out
 
     return read

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 
 from llmepp.datalayer.endpoint import Endpoint
@@ -20,15 +21,17 @@ MAX_FALLBACK = 0.3  # in-range scores are strictly above, out-of-range strictly 
 MAX_BOUND = 2**63 - 1
 
 
+# A bound as the reference's strconv.Atoi reads one, ASCII digits with an optional "+" (Python's int()
+# would also take "8_192" and non-ASCII digits); spaces around it are forgiven.
+_BOUND = re.compile(r"\s*\+?[0-9]+\s*")
+
+
 def parse_range(value: str) -> tuple[int, int] | None:
     """`"min-max"` (integers, 0 ≤ min ≤ max ≤ 2^63 − 1) → (min, max); None when malformed."""
     lo, sep, hi = value.partition("-")
-    if not sep:
+    if not sep or not _BOUND.fullmatch(lo) or not _BOUND.fullmatch(hi):
         return None
-    try:
-        a, b = int(lo.strip()), int(hi.strip())
-    except ValueError:
-        return None
+    a, b = int(lo), int(hi)
     return (a, b) if 0 <= a <= b <= MAX_BOUND else None
 
 

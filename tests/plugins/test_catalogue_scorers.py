@@ -399,6 +399,8 @@ def test_context_length_formula() -> None:
     assert range_score(100, 2048, 8192) == pytest.approx(0.3 / (1 + 1948 / 1000))
     assert parse_range("0-2048") == (0, 2048) and parse_range(" 10 - 20 ") == (10, 20)
     assert parse_range("20-10") is None and parse_range("abc") is None and parse_range("1-2-3") is None
+    # Python's int() reads these; the reference's strconv.Atoi does not (a malformed label scores 0).
+    assert parse_range("0-8_192") is None and parse_range("0-\u0968\u0966") is None and parse_range("+0-+5") == (0, 5)
 
 
 def test_context_length_scores_and_filter() -> None:

@@ -110,6 +110,12 @@ def test_the_gpu_sample_reads_the_dcgm_extractors_attribute_by_its_scoped_key() 
     assert [ep.name for ep in components.plugins["gpu-utilization-filter"].filter(req, eps)] == ["pod-0", "pod-2"]  # type: ignore[attr-defined]
     # fixedRange [0, 1], lower is better: 1 − value.
     assert components.plugins["gpu-utilization-scorer"].score(req, eps) == pytest.approx([0.8, 0.05, 0.5])  # type: ignore[attr-defined]
+    # An extractor may write an int (a plugin author's): 1 is a number (filtered out, score 0); a bool or a
+    # string is none (missing: passes the filter, as an endpoint without the attribute).
+    for ep, value in zip(eps, [1, True, "0.1"]):
+        ep.attributes[key] = value
+    assert components.plugins["gpu-utilization-scorer"].score(req, eps)[0] == pytest.approx(0.0)  # type: ignore[attr-defined]
+    assert [ep.name for ep in components.plugins["gpu-utilization-filter"].filter(req, eps)] == ["pod-1", "pod-2"]  # type: ignore[attr-defined]
 
 
 def test_a_scoped_attribute_may_name_the_extractors_type() -> None:

@@ -367,6 +367,32 @@ async def test_streams_after_goaway_are_refused() -> None:
     assert [struct.unpack(">I", p[:4])[0] for kind, _, _, p in out if kind == GOAWAY] == [3]
     peer.send(open_stream(5, request_headers()))
     assert resets(peer.frames()) == {5: REFUSED_STREAM}
+    # §6.8: a later GOAWAY may not name a higher last stream id. Before, the refused stream 5 raised it.
+    peer.send(frame(PING, 0, 1, b"x" * 8))  # a PING on a stream: a connection error
+    assert [struct.unpack(">I", p[:4])[0] for kind, _, _, p in peer.frames() if kind == GOAWAY] == [3]
+
+
+async def test_a_reset_queued_behind_data_is_noted_when_it_goes_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RFC 9113 §5.1: frames the client sent before it saw our RST_STREAM are ignored, until the ACK of a PING
+    sent after the reset. A reset queued behind DATA waiting for window goes out later: its sweep PING must
+    follow it. Before, the PING left at once, its ACK ended the grace before the reset was even out, and the
+    client's in-flight trailers then killed the connection (GOAWAY PROTOCOL_ERROR)."""
+    monkeypatch.setattr(h2, "RESET_IDS_SWEEP", 1)  # a sweep PING per reset (1,024 in production)
+    peer = Peer(max_body_bytes=100)
+    peer.send(PREFACE + settings_frame(4, 10))  # a 10-byte stream window: our answers on stream 1 queue
+    peer.frames()
+    # A body past max_body_bytes: a 413 ends stream 1, its trailers and RST_STREAM queued behind the answer.
+    peer.send(open_stream(1, request_headers(), request_body(b"x" * 200)))
+    out = peer.frames()
+    assert [k for k, _, sid, _ in out if k in (RST_STREAM, PING) and sid in (0, 1)] == []
+    peer.send(window_update(1, 1_000_000))
+    out = peer.frames()
+    kinds = [kind for kind, flags, sid, _ in out if (kind, sid) == (RST_STREAM, 1) or (kind == PING and not flags & 1)]
+    assert kinds == [RST_STREAM, PING]
+    (ping,) = [p for kind, flags, _, p in out if kind == PING and not flags & 1]
+    peer.send(frame(HEADERS, END_HEADERS | END_STREAM, 1, b"\x40"))  # sent before the client saw the reset
+    peer.send(frame(PING, 1, 0, ping))
+    assert goaway_code(peer.frames()) is None and not peer.conn.closed
 
 
 # -- flow control of what we receive -------------------------------------------------------------------------

@@ -486,6 +486,10 @@ def test_sglang_generate_text_ids_batches_and_salt() -> None:
     ids = sglang({"input_ids": [[1, 2], [3]], "sampling_params": [{"max_new_tokens": 2}, {"max_new_tokens": 9}]})
     assert ids.prompt == struct.pack("<3I", 1, 2, 3) and ids.prompt_is_token_ids and ids.max_tokens == 2
     assert sglang({"text": ["a", "b"], "model": "m"}).prompt == b"ab"
+    # null is absent, as in SGLang (a client serialising every field sends the unused one so); before, a 400.
+    nulls = sglang({"text": None, "input_ids": [1, 2]})
+    assert nulls.prompt == struct.pack("<2I", 1, 2) and nulls.prompt_is_token_ids
+    assert sglang({"text": "hello", "input_ids": None}).prompt == b"hello"
 
 
 @pytest.mark.parametrize(
@@ -493,6 +497,7 @@ def test_sglang_generate_text_ids_batches_and_salt() -> None:
     [
         ({"sampling_params": {}}, 'exactly one of "text" and "input_ids" is required'),
         ({"text": "a", "input_ids": [1]}, 'exactly one of "text" and "input_ids" is required'),
+        ({"text": None, "input_ids": None}, 'exactly one of "text" and "input_ids" is required'),
         ({"text": [1, 2]}, '"text" must be a string or a list of strings'),
         ({"input_ids": "abc"}, '"input_ids" must be a list of token ids'),
         ({"input_ids": [-1]}, "token ids must be integers in [0, 4294967295]"),

@@ -152,6 +152,9 @@ def test_anthropic_stream_merges_message_start_and_the_last_delta() -> None:
     # A final delta that reports the input itself (newer API versions) wins.
     both = anthropic_stream(3, start, {"input_tokens": 41, "output_tokens": 9})
     assert collect([both], streaming=True) == Usage(41, 9, 0, 50)
+    # Served without the event-stream content type (read as a body that turns out to be SSE): the same
+    # counts. Before, only the last events were read there: no input or cached tokens.
+    assert collect([short], streaming=False) == Usage(40, 9, 32, 49)
 
 
 def test_large_json_body_falls_back_to_the_tail() -> None:
