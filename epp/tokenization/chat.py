@@ -443,7 +443,14 @@ def _tool(tool: dict[str, Any]) -> dict[str, Any]:
 class JinjaTemplate:
     """A model's Jinja chat template, compiled once (see the module docstring for the semantics)."""
 
-    def __init__(self, source: str | dict[str, str], *, special_tokens: dict[str, str], origin: str) -> None:
+    def __init__(
+        self,
+        source: str | dict[str, str],
+        *,
+        special_tokens: dict[str, str],
+        origin: str,
+        tokens_from: Path | None = None,
+    ) -> None:
         # One bounded environment (which also paces renders given a `pause`): compiled once.
         env = _environment()
         sources = {"default": source} if isinstance(source, str) else dict(source)
@@ -461,7 +468,9 @@ class JinjaTemplate:
                 raise ValueError(f"{origin}: chat template {name!r}, line {e.lineno}: {e.message}") from None
             except RecursionError:
                 raise ValueError(f"{origin}: chat template {name!r} is nested too deeply") from None
-        self._special = special_tokens
+        # The tokenizer_config.json the special tokens were read from (None: no such file).
+        self.special_tokens = special_tokens
+        self.tokens_from = tokens_from
 
     def content_as_parts(self, name: str = "default") -> bool:
         return self._lists[name]
@@ -489,7 +498,7 @@ class JinjaTemplate:
         if inputs.add_generation_prompt and inputs.continue_final_message:
             raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
         kwargs = inputs.chat_template_kwargs or {}
-        context: dict[str, Any] = {**self._special, **{k: v for k, v in kwargs.items() if k not in _RESERVED}}
+        context: dict[str, Any] = {**self.special_tokens, **{k: v for k, v in kwargs.items() if k not in _RESERVED}}
         context.update(
             messages=messages,
             tools=[_tool(t) for t in inputs.tools] if inputs.tools is not None else None,
@@ -580,7 +589,7 @@ def _token_text(value: Any) -> str | None:
     return None
 
 
-def read_tokenizer_config(path: Path) -> dict[str, Any]:
+def _read_tokenizer_config(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -592,7 +601,7 @@ def read_tokenizer_config(path: Path) -> dict[str, Any]:
     return data
 
 
-def special_tokens(config: dict[str, Any]) -> dict[str, str]:
+def _special_tokens(config: dict[str, Any]) -> dict[str, str]:
     out = {}
     for key in SPECIAL_TOKENS:
         text = _token_text(config.get(key))
@@ -616,14 +625,18 @@ def load_chat_template(spec: str, tokenizer_path: str) -> ChatTemplate:
         return BuiltinTemplate(spec)
     folder = Path(tokenizer_path).parent
     config_path = folder / TOKENIZER_CONFIG
-    config = read_tokenizer_config(config_path) if config_path.is_file() else {}
+    has_config = config_path.is_file()
+    config = _read_tokenizer_config(config_path) if has_config else {}
+    tokens, tokens_from = _special_tokens(config), (config_path if has_config else None)
     if spec == AUTO:
         jinja_path = folder / JINJA_FILE
         if jinja_path.is_file():
-            return JinjaTemplate(_read_text(jinja_path), special_tokens=special_tokens(config), origin=str(jinja_path))
+            return JinjaTemplate(
+                _read_text(jinja_path), origin=str(jinja_path), special_tokens=tokens, tokens_from=tokens_from
+            )
         source = _config_template(config, config_path)
         if source is not None:
-            return JinjaTemplate(source, special_tokens=special_tokens(config), origin=str(config_path))
+            return JinjaTemplate(source, origin=str(config_path), special_tokens=tokens, tokens_from=tokens_from)
         log.warning(
             "no chat template next to %s (%s or a chat_template in %s): chat requests are rendered with the "
             "built-in role-tags template; set tokenizer.chatTemplate to the model's template",
@@ -636,12 +649,12 @@ def load_chat_template(spec: str, tokenizer_path: str) -> ChatTemplate:
             f"{spec!r} is neither a built-in template ({', '.join(sorted(BUILTIN))}), {AUTO!r}, nor a file"
         )
     if path.suffix == ".json":
-        config = read_tokenizer_config(path)
+        config = _read_tokenizer_config(path)
         source = _config_template(config, path)
         if source is None:
             raise ValueError(f"{path}: has no chat_template")
-        return JinjaTemplate(source, special_tokens=special_tokens(config), origin=str(path))
-    return JinjaTemplate(_read_text(path), special_tokens=special_tokens(config), origin=str(path))
+        return JinjaTemplate(source, special_tokens=_special_tokens(config), origin=str(path), tokens_from=path)
+    return JinjaTemplate(_read_text(path), origin=str(path), special_tokens=tokens, tokens_from=tokens_from)
 
 
 def _read_text(path: Path) -> str:

@@ -9,7 +9,6 @@ import asyncio
 import builtins
 import logging
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -29,13 +28,11 @@ from llmepp.observability.metrics import PREFIX, per_registry
 from llmepp.request.types import InferenceRequest, RequestKind
 from llmepp.tokenization.chat import (
     AUTO,
-    TOKENIZER_CONFIG,
+    JinjaTemplate,
     chat_messages,
     embedding_chat_fields,
     load_chat_template,
     loop_handoff,
-    read_tokenizer_config,
-    special_tokens,
     template_fields,
 )
 from llmepp.tokenization.hf import HFTokenizer, WorkersBusy, in_worker
@@ -312,18 +309,13 @@ class HFTokenProducer(TokenProducer):
 
     def _check_special_tokens(self, cfg: TokenizerConfig) -> None:
         """A tokenizer_config.json whose bos / eos tokens the tokenizer does not know is another model's: its
-        template would write them as plain text, tokenized unlike the engine's. Next to tokenizer.json (the
-        model's folder is mixed up): a ConfigError; named by chatTemplate (the operator's choice): a warning."""
-        if cfg.chat_template == AUTO:
-            config_path, fatal = Path(cfg.path).parent / TOKENIZER_CONFIG, True
-        elif cfg.chat_template.endswith(".json"):
-            config_path, fatal = Path(cfg.chat_template), False
-        else:
+        template would write them as plain text, tokenized unlike the engine's. Found by `auto` next to
+        tokenizer.json (the model's folder is mixed up): a ConfigError; with a template chatTemplate names (the
+        operator's choice): a warning."""
+        template = self.template
+        if not isinstance(template, JinjaTemplate) or template.tokens_from is None:
             return
-        if not config_path.is_file():
-            return
-        config = read_tokenizer_config(config_path)  # read (and checked) once already by load_chat_template
-        special = special_tokens(config)
+        special = template.special_tokens
         unknown = [
             f"{key} {special[key]!r} is not a token of {cfg.path}"
             for key in _TEMPLATE_TOKENS
@@ -331,8 +323,8 @@ class HFTokenProducer(TokenProducer):
         ]
         if not unknown:
             return
-        problem = f"{config_path}: {'; '.join(unknown)}"
-        if fatal:
+        problem = f"{template.tokens_from}: {'; '.join(unknown)}"
+        if cfg.chat_template == AUTO:
             raise ValueError(
                 f"{problem}: this tokenizer_config.json belongs to another model; tokenizer.path must name the "
                 "model's own tokenizer.json (or set tokenizer.chatTemplate)"

@@ -110,6 +110,18 @@ def test_a_chosen_template_config_of_another_model_is_a_warning(
     assert "eos_token" in caplog.text and "not a token" in caplog.text
 
 
+def test_a_chosen_jinja_template_with_another_models_tokens_beside_the_tokenizer_is_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The template fills {{ eos_token }} from the tokenizer_config.json next to the tokenizer: checked as
+    when `auto` finds it, but the operator chose the template, so it loads with a warning."""
+    path = model_dir(tmp_path, {"eos_token": "<|eot_id|>"})
+    template = tmp_path / "chosen.jinja"
+    template.write_text("{{ eos_token }}")
+    hf_producer(path, chatTemplate=str(template))
+    assert "eos_token" in caplog.text and "not a token" in caplog.text
+
+
 def test_a_matching_tokenizer_config_loads(tmp_path: Path) -> None:
     config = {"eos_token": "<|endoftext|>", "bos_token": None, "chat_template": "{{ eos_token }}"}
     hf_producer(model_dir(tmp_path, config))
