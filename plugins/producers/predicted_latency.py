@@ -267,9 +267,9 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
     TTFT / TPOT, and 1 / 0 for an SLO violation) in `llm_d_epp_inference_request_metric{type}`.
 
     Parameters: `samplingMean` (1000, > 0), `maxDecodeTokenSamplesForPrediction` (0, ≥ 0), `sloBufferFactor`
-    (1.0, > 0), `contextTTL` (5m: dispatch records older than this are dropped, as a lost response would
-    leave them), `streamingMode` (false), `endpointRoleLabel` (""), `predictInProduce` (true; false =
-    training only), `prefixMatchInfoProducerName`; this build's: `predictionServerURL` (comma-separated;
+    (1.0, > 0), `contextTTL` (5m: dispatch records and prefill-token charges older than this are dropped, as
+    a lost response would leave them), `streamingMode` (false), `endpointRoleLabel` (""), `predictInProduce`
+    (true; false = training only), `prefixMatchInfoProducerName`; this build's: `predictionServerURL` (comma-separated;
     default env PREDICTION_SERVER_URL, else http://localhost:8001), `trainingServerURL` (env
     TRAINING_SERVER_URL, else http://localhost:8000), `predictionTimeout` (300ms).
     """
@@ -342,6 +342,8 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         # Requests this producer dispatched and has not seen finish, per endpoint: id(context) → (TPOT SLO, when).
         self._dispatched: dict[Endpoint, _Running] = {}
         self._prefill_tokens: dict[Endpoint, int] = {}
+        # The contexts holding a prefill charge, by id, with when it was made: the sweep releases a lost one's.
+        self._charges: dict[int, tuple[_Context, float]] = {}
         self._next_sweep = 0.0
         self._unavailable_log = LogLimiter(log, 30.0)
 
@@ -467,10 +469,12 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         before = self._prefill_tokens.get(charged, 0)
         # The training feature is what the prediction saw: the other requests' prefill tokens (as the reference's
         # in-flight snapshot from Produce), never this request's own, which only input_token_length carries.
+        # The target's row, also with P/D (its prediction row counted the decode pod's, not the prefill pod's).
         snapshot = ctx.prefill_snapshot or {}
-        ctx.prefill_tokens_at_dispatch = snapshot.get(charged, before)
+        ctx.prefill_tokens_at_dispatch = snapshot.get(ep, self._prefill_tokens.get(ep, 0))
         self._prefill_tokens[charged] = before + ctx.input_tokens
         ctx.prefill_endpoint = charged
+        self._charges[id(ctx)] = (ctx, now)
         running = self._dispatched.get(ep)
         if running is None:
             running = self._dispatched[ep] = _Running()
@@ -484,6 +488,9 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
                 running.pop(key)
             if not running:
                 del self._dispatched[ep]
+        for ctx, at in list(self._charges.values()):
+            if at < oldest:
+                self._release_prefill(ctx)
 
     # -- response ----------------------------------------------------------------------------------
     def first_response_chunk(self, request: InferenceRequest, response: ResponseInfo) -> None:
@@ -571,6 +578,7 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         if ep is None:
             return
         ctx.prefill_endpoint = None
+        self._charges.pop(id(ctx), None)
         left = self._prefill_tokens.get(ep, 0) - ctx.input_tokens
         if left > 0:
             self._prefill_tokens[ep] = left

@@ -14,7 +14,7 @@ from llmepp.framework.requestcontrol import PreRequest
 from llmepp.framework.scheduling import Decider, ProfileHandler, ProfileResult, SchedulingResult
 from llmepp.observability.metrics import MAX_MODEL_LABELS, PREFIX, BoundedLabels, per_registry
 from llmepp.request import parsers
-from llmepp.request.types import InferenceRequest
+from llmepp.request.types import InferenceRequest, RequestKind
 from llmepp.scheduling.profile import SchedulerProfile
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,12 @@ PREFILL_FIRST = "prefill-first"
 # The reference parses the order loosely (case, '-' and '_' ignored; "decode"/"prefill" accepted).
 _STAGE_ORDERS = {"": DECODE_FIRST, "decodefirst": DECODE_FIRST, "decode": DECODE_FIRST,
                  "prefillfirst": PREFILL_FIRST, "prefill": PREFILL_FIRST}  # fmt: skip
+
+# The request kinds a remote prefill can serve: those the decode pod's sidecar splits (llmepp.sidecar.proxy
+# PD_PATHS). Embeddings have no decode to hand over, and the sidecar sends every other kind straight to its
+# own vLLM, so a prefill pick for them would charge a prefill pod for work it never does, or fail the request
+# (503) when no prefill pod is up.
+PREFILL_KINDS = frozenset({RequestKind.COMPLETIONS, RequestKind.CHAT_COMPLETIONS})
 
 DECODE_ONLY = "decode-only"
 PREFILL_DECODE = "prefill-decode"
@@ -74,6 +80,8 @@ class DisaggProfileHandler(ProfileHandler, PreRequest):
          no prefill decider = decode-only for every request.
     `stageOrder: prefill-first`: `prefill` always runs, then `encode` (if its decider approves,
     asked with no endpoint), then `decode`; a prefill decider is a configuration error there.
+    Requests other than completions and chat completions (PREFILL_KINDS: embeddings, the Responses and
+    Anthropic APIs, ...) are decode-only in either order: the sidecar splits only those two.
 
     The primary profile is always `decode` (its pick becomes x-gateway-destination-endpoint). A
     stage that was chosen but found no endpoint fails the request with 503 for prefill (silently
@@ -158,6 +166,8 @@ class DisaggProfileHandler(ProfileHandler, PreRequest):
         profiles: Mapping[str, SchedulerProfile],
         results: Mapping[str, ProfileResult | None],
     ) -> Sequence[SchedulerProfile]:
+        if request.kind not in PREFILL_KINDS:  # decode-only, whatever the stage order and the deciders
+            return () if self.decode in results else (profiles[self.decode],)
         if self.prefill_first:
             return self._pick_prefill_first(request, profiles, results)
         if self.decode not in results:

@@ -470,6 +470,48 @@ async def test_training_rows_carry_the_prefill_tokens_the_prediction_saw(predict
     await p.aclose()
 
 
+async def test_a_pd_training_row_carries_the_decode_targets_prefill_tokens(predictor: PredictorService) -> None:
+    """With P/D the TTFT sample is the decode target's row, so its prefill_tokens_in_flight is what the target's
+    prediction row said (0 here), not the prefill pod's 1,000 another request has in flight there."""
+    p = producer(predictor, streamingMode=True)
+    sent: list[dict[str, Any]] = []
+    p.client.add_training = sent.extend
+    decode, prefill = endpoint(0, running=3), endpoint(1)
+
+    def pd() -> SchedulingResult:
+        profiles: dict[str, ProfileResult | None] = {
+            "decode": ProfileResult([decode]),
+            "prefill": ProfileResult([prefill]),
+        }
+        return SchedulingResult("decode", profiles, prefill_profile="prefill")
+
+    first = request(b"a" * 4000)  # 1,000 tokens, still prefilling on the prefill pod
+    await p.produce(first, [decode, prefill])
+    p.pre_request(first, pd())
+    req = request(b"x" * 400)
+    await p.produce(req, [decode, prefill])
+    p.pre_request(req, pd())
+    assert p.prefill_tokens(prefill) == 1100 and p.prefill_tokens(decode) == 0
+    p.first_response_chunk(req, ResponseInfo(status=200, streaming=True, first_byte_at=time.monotonic() + 0.05))
+    (sample,) = sent
+    assert (sample["num_request_running"], sample["prefill_tokens_in_flight"]) == (3, 0)
+    await p.aclose()
+
+
+async def test_the_context_ttl_sweep_releases_a_lost_requests_prefill_tokens(predictor: PredictorService) -> None:
+    """A response that never completes leaves its dispatch record and its prefill charge: the sweep drops both.
+    Before, the charge stayed for the life of the process, inflating every later row of that endpoint."""
+    p = producer(predictor, streamingMode=True, contextTTL="1s")
+    ep = endpoint(0)
+    lost = request(b"x" * 4000)
+    await p.produce(lost, [ep])
+    p.pre_request(lost, result(ep))
+    assert p.dispatched(ep) == 1 and p.prefill_tokens(ep) == 1000
+    p._sweep(time.monotonic() + 3600.0)  # the periodic sweep, an hour later
+    assert p.dispatched(ep) == 0 and p.prefill_tokens(ep) == 0
+    await p.aclose()
+
+
 async def test_streaming_mode_does_not_train_on_a_response_that_was_not_streamed(predictor: PredictorService) -> None:
     """A `"stream": false` answer's first byte comes when the whole answer does: taken as a TTFT sample it was the
     end-to-end latency, and (last byte − first byte) / (tokens − 1) a TPOT sample of ~0 ms."""

@@ -7,6 +7,7 @@ import asyncio
 import logging
 from typing import Any, cast
 
+import msgspec
 import pytest
 from helpers import endpoint, request
 
@@ -20,6 +21,7 @@ from llmepp.framework.plugin import ConfigError, Plugin, PluginContext, registry
 from llmepp.framework.scheduling import Decider
 from llmepp.observability.metrics import EppMetrics
 from llmepp.plugins.profile_handlers.disagg import PEER_ENDPOINT, DisaggProfileHandler
+from llmepp.request.parsers import parse_request
 from llmepp.request.types import InferenceRequest
 from llmepp.testing.pdstack import LEGACY_PD_CONFIG, PD_CONFIG
 
@@ -194,6 +196,36 @@ async def test_example_b_short_and_cached_prompts_stay_decode_only() -> None:
     assert again.targets == first.targets  # prefix affinity keeps the decode pod
     assert "x-prefiller-host-port" not in again.headers
     assert decisions(metrics, "decode-only") == 2 and decisions(metrics, "prefill-decode") == 1
+
+
+def _parsed(path: str, body: dict[str, Any]) -> InferenceRequest:
+    return parse_request({":path": path, ":method": "POST"}, msgspec.json.encode(body), request_id="r")
+
+
+# A long uncached prompt of each kind the sidecar does not split: the decider would approve its length.
+UNSPLIT = [
+    ("/v1/embeddings", {"model": "m", "input": "a" * 4000}),
+    ("/v1/responses", {"model": "m", "input": "a" * 4000}),
+    ("/v1/messages", {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "a" * 4000}]}),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), UNSPLIT, ids=[p for p, _ in UNSPLIT])
+@pytest.mark.parametrize("config", ["decode-first", "prefill-first"])
+async def test_kinds_the_sidecar_does_not_split_are_decode_only(path: str, body: dict[str, Any], config: str) -> None:
+    """Embeddings have no decode to hand over, and the sidecar sends the Responses and Anthropic APIs straight
+    to its vLLM. Before, a long one got a prefill pick (a prefill pod charged for work it never did, the
+    decision counted prefill-decode) and, with no prefill pod up, a 503 the decode pod need not have given."""
+    pods: list[tuple[str, str | None]] = [("p0", "prefill"), ("d0", "decode")]
+    d, _, metrics = director(EXAMPLE_B if config == "decode-first" else PREFILL_FIRST, pods)
+    decision = await d.handle_request(_parsed(path, body), None)
+    assert isinstance(decision, RoutingDecision) and decision.targets[0].name == "d0"
+    assert not decision.headers.get("x-prefiller-host-port"), decision.headers
+    assert decision.result is not None and set(decision.result.profiles) == {"decode"}
+    assert decisions(metrics, "decode-only") == 1 and decisions(metrics, "prefill-decode") == 0
+    d, _, _ = director(EXAMPLE_B if config == "decode-first" else PREFILL_FIRST, [("d0", "decode")])
+    decision = await d.handle_request(_parsed(path, body), None)  # no prefill pod up: still served
+    assert isinstance(decision, RoutingDecision) and decision.targets[0].name == "d0"
 
 
 async def test_client_sent_prefill_header_is_blanked_when_no_prefill_runs() -> None:
