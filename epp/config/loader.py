@@ -342,6 +342,13 @@ def rebuild_scheduling(
     plugins = {**own, **chosen.plugins}
     _setup(chosen.fresh, plugins, scheduler, datastore=datastore, settings=settings, metrics=metrics)
     check_wiring(running.discovery, [(ds.source, ds.extractors) for ds in running.data_sources], plugins)
+    # A running instance taken over is not set up again: what it resolved from other plugins must hold.
+    before = PluginContext(running.plugins, datastore=datastore, settings=settings, metrics=metrics)
+    after = PluginContext(plugins, datastore=datastore, settings=settings, metrics=metrics)
+    fresh = {id(p) for p in chosen.fresh}
+    for name, plugin in plugins.items():
+        if id(plugin) not in fresh and plugin.wiring(after) != plugin.wiring(before):
+            raise ConfigError(f"plugin {name!r} (type {plugin.type}): the plugins it reads changed; {_RESTART}")
     return dataclasses.replace(
         running,
         config=config,
@@ -600,16 +607,19 @@ def _plugin_of_type(type_name: str, plugins: dict[str, Plugin], plugin_registry:
 
 
 def _request_parsers(config: EndpointPickerConfig, plugins: dict[str, Plugin]) -> RequestParsers:
-    """requestHandler.parsers (after the deprecated top-level `parser`); the default list when empty."""
+    """requestHandler.parsers, else the deprecated top-level `parser` (as the reference: when both are set,
+    the new field is used); the default list when neither names one."""
     refs: list[tuple[str, str]] = []  # (field, plugin name)
-    if config.parser is not None:
-        log.warning("parser is deprecated; use requestHandler.parsers")
-        refs.append(("parser.pluginRef", config.parser.plugin_ref))
     if config.request_handler is not None:
         refs += [
             (f"requestHandler.parsers[{i}].pluginRef", r.plugin_ref)
             for i, r in enumerate(config.request_handler.parsers)
         ]
+    if config.parser is not None:
+        used = "requestHandler.parsers is used" if refs else "using it"
+        log.warning("parser is deprecated; use requestHandler.parsers (%s)", used)
+        if not refs:
+            refs.append(("parser.pluginRef", config.parser.plugin_ref))
     if not refs:
         return default_parsers()
     parsers: list[Parser] = []

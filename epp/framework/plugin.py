@@ -88,6 +88,12 @@ class Plugin(ABC):
     def setup(self, ctx: PluginContext) -> None:
         """Called once after every plugin is built: resolve references, start background work."""
 
+    def wiring(self, ctx: PluginContext) -> object:
+        """What setup() resolves from *other* plugins' names or parameters, worked out again for `ctx`
+        (no side effects). A config reload keeps a plugin that holds state, set up as it is: if its wiring
+        under the new config differs, the reload is refused. Default: nothing resolved that way."""
+        return None
+
     async def aclose(self) -> None:
         """Release background work on shutdown."""
 

@@ -89,14 +89,19 @@ class NoHitLRUScorer(Scorer, PreRequest):
         self._cold_key = f"{self.name}/cold"
 
     def setup(self, ctx: PluginContext) -> None:
-        self.key = ctx.producer_key(
-            self, PREFIX_CACHE_MATCH_INFO, self._producer_name(ctx), "prefixMatchInfoProducerName"
-        )
-        self.inflight_key = ctx.producer_key(
-            self, IN_FLIGHT_LOAD, self.params.in_flight_load_producer_name, "inFlightLoadProducerName"
-        )
+        self.key, self.inflight_key = self.wiring(ctx)
         if ctx.datastore is not None:
             ctx.datastore.add_listener(self)
+
+    def wiring(self, ctx: PluginContext) -> tuple[str, str]:
+        """The data keys read: the prefix one may follow another plugin (prefixPluginName / Type)."""
+        prefix = ctx.producer_key(
+            self, PREFIX_CACHE_MATCH_INFO, self._producer_name(ctx), "prefixMatchInfoProducerName"
+        )
+        inflight = ctx.producer_key(
+            self, IN_FLIGHT_LOAD, self.params.in_flight_load_producer_name, "inFlightLoadProducerName"
+        )
+        return prefix, inflight
 
     # -- DatastoreListener ---------------------------------------------------------------
     def endpoint_added(self, endpoint: Endpoint) -> None:

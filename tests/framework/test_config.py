@@ -193,6 +193,12 @@ def test_request_handler_parsers_are_the_configured_list() -> None:
         )
     )
     assert [p.name for p in deprecated.parsers.parsers] == ["raw"]
+    # Both set: the new field is used, as in the reference. Before, the deprecated parser went first (and a
+    # passthrough one there claimed every path).
+    both = built(PARSERS + "parser: {pluginRef: raw}\n")
+    assert [p.name for p in both.parsers.parsers] == ["openai-parser", "raw"]
+    only_new = built(PARSERS.replace(", {pluginRef: raw}", "") + "parser: {pluginRef: raw}\n")
+    assert [p.name for p in only_new.parsers.parsers] == ["openai-parser"]
 
 
 @pytest.mark.parametrize(

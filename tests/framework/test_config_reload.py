@@ -122,6 +122,31 @@ def test_a_new_consumer_whose_producer_would_be_created_is_refused() -> None:
         reload(old, text)
 
 
+TWO_INDEXES = """
+plugins:
+- {type: approx-prefix-cache-producer, name: a1}
+- {type: approx-prefix-cache-producer, name: a2, parameters: {blockSizeTokens: 128}}
+- type: prefix-cache-scorer
+  parameters: {prefixMatchInfoProducerName: a1}
+- type: no-hit-lru-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: prefix-cache-scorer, weight: 3}
+  - {pluginRef: no-hit-lru-scorer, weight: 2}
+"""
+
+
+def test_a_kept_plugin_that_follows_a_changed_one_is_refused() -> None:
+    """no-hit-lru-scorer keeps its running instance, and with it the producer it found by following
+    prefix-cache-scorer at start-up. Before, pointing the scorer at another producer was accepted, and the two
+    then read different indexes (a start-up with the same file has both on a2)."""
+    old = running(TWO_INDEXES)
+    with pytest.raises(ConfigError, match=r"plugin 'no-hit-lru-scorer' .*plugins it reads changed.*restart the EPP"):
+        reload(old, TWO_INDEXES.replace("prefixMatchInfoProducerName: a1", "prefixMatchInfoProducerName: a2"))
+    reload(old, TWO_INDEXES.replace("weight: 3", "weight: 5"))  # what leaves its wiring alone still reloads
+
+
 def test_config_errors_in_the_new_file_name_the_field_as_at_start_up() -> None:
     old = running()
     with pytest.raises(ConfigError, match=r"schedulingProfiles\['default'\]: pluginRef 'nope'"):
