@@ -1,5 +1,5 @@
-"""Fixtures for the Kubernetes tests: one real etcd + kube-apiserver for the whole session
-(cluster.py), a fresh namespace per test, and the tests' own API client (kubeapi.py)."""
+"""Fixtures for the Kubernetes tests: one real etcd + kube-apiserver for all of them (cluster.py), a fresh
+namespace per test, and the tests' own API client (kubeapi.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from .cluster import ADMIN_TOKEN, Cluster
 from .kubeapi import TestKube
 
 
-@pytest.fixture(scope="session")
+# Package scope: stopped once the Kubernetes tests are done, not left running beside the rest of the suite.
+@pytest.fixture(scope="package")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     c = Cluster(tmp_path_factory.mktemp("k8s"))
     try:

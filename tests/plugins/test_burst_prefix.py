@@ -9,7 +9,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from helpers import endpoint, request
+from helpers import endpoint, on_a_punctual_loop, request
 
 from llmepp.config.loader import build, load_config
 from llmepp.datalayer.datastore import Datastore
@@ -161,34 +161,40 @@ async def test_the_window_releases_a_burst_together_with_a_full_match_on_the_gro
 
 
 async def test_a_late_arrival_waits_only_for_the_rest_of_the_window() -> None:
-    # The late request must arrive while the window is still open: a loaded machine may oversleep by tens of
-    # ms, so the window stays open 250 ms past the sleep (a 200 ms window and a 150 ms sleep left 50 ms).
-    p = producer({"windowDurationMs": 500})
-    eps = [endpoint(i) for i in range(2)]
-    first = asyncio.create_task(p.produce(tokenized(prompt("a")), eps))
-    await asyncio.sleep(0.25)
-    start = time.monotonic()
-    late = tokenized(prompt("a"))
-    await p.produce(late, eps)
-    assert time.monotonic() - start < 0.4  # the rest of the window (<= 0.25 s), not a window of its own (0.5 s)
-    await first
-    assert late.data[KEY].hits  # it joined the open batch, so it is grouped with the first
+    async def measure() -> None:
+        # The late request must arrive while the window is still open: a loaded machine may oversleep by tens of
+        # ms, so the window stays open 250 ms past the sleep (a 200 ms window and a 150 ms sleep left 50 ms).
+        p = producer({"windowDurationMs": 500})
+        eps = [endpoint(i) for i in range(2)]
+        first = asyncio.create_task(p.produce(tokenized(prompt("a")), eps))
+        await asyncio.sleep(0.25)
+        start = time.monotonic()
+        late = tokenized(prompt("a"))
+        await p.produce(late, eps)
+        assert time.monotonic() - start < 0.4  # the rest of the window (<= 0.25 s), not a window of its own (0.5 s)
+        await first
+        assert late.data[KEY].hits  # it joined the open batch, so it is grouped with the first
+
+    await on_a_punctual_loop(measure)
 
 
 async def test_max_batch_size_seals_early_and_the_next_request_opens_a_new_batch() -> None:
-    p = producer({"windowDurationMs": 5000, "maxBatchSize": 3})
-    eps = [endpoint(i) for i in range(2)]
-    start = time.monotonic()
-    reqs = [tokenized(prompt("a")) for _ in range(3)]
-    await asyncio.wait_for(asyncio.gather(*(p.produce(r, eps) for r in reqs)), 1.0)
-    assert time.monotonic() - start < 0.5
-    assert len({next(iter(r.data[KEY].hits)) for r in reqs}) == 1
-    fourth = asyncio.create_task(p.produce(tokenized(prompt("a")), eps))
-    await asyncio.sleep(0.01)
-    assert not fourth.done() and p._batch is not None and len(p._batch.entries) == 1
-    fourth.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await fourth
+    async def measure() -> None:
+        p = producer({"windowDurationMs": 5000, "maxBatchSize": 3})
+        eps = [endpoint(i) for i in range(2)]
+        start = time.monotonic()
+        reqs = [tokenized(prompt("a")) for _ in range(3)]
+        await asyncio.wait_for(asyncio.gather(*(p.produce(r, eps) for r in reqs)), 1.0)
+        assert time.monotonic() - start < 0.5
+        assert len({next(iter(r.data[KEY].hits)) for r in reqs}) == 1
+        fourth = asyncio.create_task(p.produce(tokenized(prompt("a")), eps))
+        await asyncio.sleep(0.01)
+        assert not fourth.done() and p._batch is not None and len(p._batch.entries) == 1
+        fourth.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await fourth
+
+    await on_a_punctual_loop(measure)
 
 
 async def test_a_cancelled_request_leaves_the_batch_and_the_others_go_on() -> None:

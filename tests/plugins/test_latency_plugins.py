@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 import yaml
 from aiohttp import web
-from helpers import endpoint, request
+from helpers import endpoint, on_a_punctual_loop, request
 from prometheus_client import generate_latest
 
 from llmepp.config.loader import DEFAULT_PRODUCERS, build, load_config
@@ -361,33 +361,37 @@ async def slow_predictor(delay: float) -> tuple[web.AppRunner, str]:
 
 
 async def test_a_slow_or_dead_predictor_never_stalls_routing(caplog: pytest.LogCaptureFixture) -> None:
-    runner, url = await slow_predictor(5.0)
-    try:
-        p = producer(url, predictionTimeout="100ms")
-        eps = [endpoint(0), endpoint(1)]
+    async def measure() -> None:
+        caplog.clear()  # a measurement counts its own warnings
+        runner, url = await slow_predictor(5.0)
+        try:
+            p = producer(url, predictionTimeout="100ms")
+            eps = [endpoint(0), endpoint(1)]
+            t0 = time.monotonic()
+            first = request()
+            await p.produce(first, eps)
+            assert time.monotonic() - t0 < 0.3 and KEY not in first.data  # bounded, then no prediction
+            t1 = time.monotonic()
+            for _ in range(20):  # backing off: routed at once, not one timeout each
+                r = request()
+                await p.produce(r, eps)
+                assert KEY not in r.data
+            assert time.monotonic() - t1 < 0.1
+            counts = {k: c.value for k, c in p._metrics.unavailable._children.items()}
+            assert counts[("plp", "timeout")] == 1 and counts[("plp", "skipped")] == 20
+            warnings = [r for r in caplog.records if "latency predictor unavailable" in r.getMessage()]
+            assert len(warnings) == 1  # logged once per interval, not per request
+            await p.aclose()
+        finally:
+            await runner.cleanup()
+        dead = producer(f"http://127.0.0.1:{free_port()}")
+        r = request()
         t0 = time.monotonic()
-        first = request()
-        await p.produce(first, eps)
-        assert time.monotonic() - t0 < 0.3 and KEY not in first.data  # bounded, then no prediction
-        t1 = time.monotonic()
-        for _ in range(20):  # backing off: routed at once, not one timeout each
-            r = request()
-            await p.produce(r, eps)
-            assert KEY not in r.data
-        assert time.monotonic() - t1 < 0.1
-        counts = {k: c.value for k, c in p._metrics.unavailable._children.items()}
-        assert counts[("plp", "timeout")] == 1 and counts[("plp", "skipped")] == 20
-        warnings = [r for r in caplog.records if "latency predictor unavailable" in r.getMessage()]
-        assert len(warnings) == 1  # logged once per interval, not per request
-        await p.aclose()
-    finally:
-        await runner.cleanup()
-    dead = producer(f"http://127.0.0.1:{free_port()}")
-    r = request()
-    t0 = time.monotonic()
-    await dead.produce(r, [endpoint(0)])
-    assert time.monotonic() - t0 < 0.3 and KEY not in r.data
-    await dead.aclose()
+        await dead.produce(r, [endpoint(0)])
+        assert time.monotonic() - t0 < 0.3 and KEY not in r.data
+        await dead.aclose()
+
+    await on_a_punctual_loop(measure)
 
 
 async def test_the_producer_trains_on_what_the_response_showed(predictor: PredictorService) -> None:
@@ -847,19 +851,22 @@ async def test_one_dead_prediction_server_of_several_does_not_cost_every_request
 
 
 async def test_when_every_prediction_server_is_backing_off_requests_are_routed_at_once() -> None:
-    p = producer(f"http://127.0.0.1:{free_port()},http://127.0.0.1:{free_port()}")
-    eps = [endpoint(0), endpoint(1)]
-    for _ in range(2):  # each fails once
-        await p.produce(request(), eps)
-    t0 = time.monotonic()
-    for _ in range(10):
-        r = request()
-        await p.produce(r, eps)
-        assert KEY not in r.data
-    assert time.monotonic() - t0 < 0.1
-    counts = {k: c.value for k, c in p._metrics.unavailable._children.items()}
-    assert counts == {("plp", "error"): 2, ("plp", "skipped"): 10}
-    await p.aclose()
+    async def measure() -> None:
+        p = producer(f"http://127.0.0.1:{free_port()},http://127.0.0.1:{free_port()}")
+        eps = [endpoint(0), endpoint(1)]
+        for _ in range(2):  # each fails once
+            await p.produce(request(), eps)
+        t0 = time.monotonic()
+        for _ in range(10):
+            r = request()
+            await p.produce(r, eps)
+            assert KEY not in r.data
+        assert time.monotonic() - t0 < 0.1
+        counts = {k: c.value for k, c in p._metrics.unavailable._children.items()}
+        assert counts == {("plp", "error"): 2, ("plp", "skipped"): 10}
+        await p.aclose()
+
+    await on_a_punctual_loop(measure)
 
 
 async def test_a_never_scraped_endpoint_is_unknown_load_not_the_fastest(predictor: PredictorService) -> None:

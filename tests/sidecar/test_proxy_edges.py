@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from helpers import on_a_punctual_loop
 from multidict import CIMultiDict
 
 from llmepp.sidecar import proxy
@@ -303,31 +304,34 @@ def test_decoder_tls_without_an_explicit_vllm_port() -> None:
 
 
 async def test_a_prefiller_that_never_answers_is_one_timeout_not_one_per_retry(http: aiohttp.ClientSession) -> None:
-    connections: list[asyncio.StreamWriter] = []
+    async def measure() -> None:
+        connections: list[asyncio.StreamWriter] = []
 
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connections.append(writer)  # accepts the connection and the request, never answers
-        await reader.read()
-        writer.close()
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            connections.append(writer)  # accepts the connection and the request, never answers
+            await reader.read()
+            writer.close()
 
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    hung = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    p, d, sidecar = await started(prefill_timeout=0.3, prefill_max_retries=2, prefill_retry_backoff=0.01)
-    try:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        async with http.post(f"{sidecar.url}/v1/completions", json=BODY,
-                             headers={"x-prefiller-host-port": hung}) as resp:  # fmt: skip
-            assert resp.status == 504 and resp.headers["x-pd-failed-stage"] == "prefill"
-            assert "timed out" in (await resp.json())["error"]["message"]
-        # was: the whole timeout again per retry (3 x --prefill-timeout, 15 minutes with the defaults),
-        # each retry queueing the same prefill once more on a pod that is stuck or overloaded
-        assert loop.time() - start < 0.55
-        assert len(connections) == 1 and d.seen == []
-    finally:
-        await stopped(sidecar, p, d)
-        server.close()
-        await server.wait_closed()
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        hung = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        p, d, sidecar = await started(prefill_timeout=0.3, prefill_max_retries=2, prefill_retry_backoff=0.01)
+        try:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            async with http.post(f"{sidecar.url}/v1/completions", json=BODY,
+                                 headers={"x-prefiller-host-port": hung}) as resp:  # fmt: skip
+                assert resp.status == 504 and resp.headers["x-pd-failed-stage"] == "prefill"
+                assert "timed out" in (await resp.json())["error"]["message"]
+            # was: the whole timeout again per retry (3 x --prefill-timeout, 15 minutes with the defaults),
+            # each retry queueing the same prefill once more on a pod that is stuck or overloaded
+            assert loop.time() - start < 0.55
+            assert len(connections) == 1 and d.seen == []
+        finally:
+            await stopped(sidecar, p, d)
+            server.close()
+            await server.wait_closed()
+
+    await on_a_punctual_loop(measure)
 
 
 async def test_several_prefiller_header_lines_are_refused_not_first_wins(http: aiohttp.ClientSession) -> None:

@@ -7,7 +7,7 @@ import contextlib
 from typing import Any
 
 import aiohttp
-from helpers import until
+from helpers import on_a_punctual_loop, until
 
 from .simkit import FAST, STEADY, complete, pod, running, sample, scrape, words
 
@@ -16,37 +16,43 @@ SLOW_PREFILL: dict[str, Any] = {"prefill_overhead": 10.0, "prefill_time_per_toke
 
 
 async def test_repeat_prompt_hits_prefix_cache_and_ttft_drops(http: aiohttp.ClientSession) -> None:
-    async with running([pod(**SLOW_PREFILL)], time_scale=STEADY) as cluster:
-        url = cluster.urls[0]
-        prompt = words(400)
-        first = await complete(http, url, prompt, stream=True)
-        second = await complete(http, url, prompt, stream=True)
-        assert first.status == second.status == 200
-        assert first.cached_tokens == 0
-        prompt_tokens = second.body["usage"]["prompt_tokens"]
-        # All full blocks but the one holding the last token (vLLM always recomputes the last token).
-        assert second.cached_tokens == (prompt_tokens - 1) // 16 * 16
-        # ~410 ms vs ~26 ms simulated
-        assert second.ttft_wall < first.ttft_wall / 3
+    async def measure() -> None:
+        async with running([pod(**SLOW_PREFILL)], time_scale=STEADY) as cluster:
+            url = cluster.urls[0]
+            prompt = words(400)
+            first = await complete(http, url, prompt, stream=True)
+            second = await complete(http, url, prompt, stream=True)
+            assert first.status == second.status == 200
+            assert first.cached_tokens == 0
+            prompt_tokens = second.body["usage"]["prompt_tokens"]
+            # All full blocks but the one holding the last token (vLLM always recomputes the last token).
+            assert second.cached_tokens == (prompt_tokens - 1) // 16 * 16
+            # ~410 ms vs ~26 ms simulated
+            assert second.ttft_wall < first.ttft_wall / 3
+
+    await on_a_punctual_loop(measure)
 
 
 async def test_ttft_grows_with_uncached_and_shrinks_with_cached_tokens(http: aiohttp.ClientSession) -> None:
-    async with running([pod(**SLOW_PREFILL, max_model_len=2048)], time_scale=STEADY) as cluster:
-        url = cluster.urls[0]
-        ttft = {}
-        for n in (100, 300, 600):
-            result = await complete(http, url, words(n, salt=f"size{n} "), stream=True)
-            assert result.cached_tokens == 0
-            ttft[n] = result.ttft_wall * STEADY  # simulated seconds
-        assert ttft[100] < ttft[300] < ttft[600]
-        # Model: 10 ms + n x 1 ms, so +300 ms from 300 to 600 tokens. The bounds leave room for a loaded
-        # machine's event-loop lag but demand the per-token slope.
-        assert 0.2 < ttft[600] - ttft[300] < 0.5
-        shared = words(600, salt="shared ")
-        await complete(http, url, shared, stream=True)
-        longer = await complete(http, url, shared + " batch queue", stream=True)
-        assert longer.cached_tokens >= 576
-        assert longer.ttft_wall * STEADY < ttft[600] / 4
+    async def measure() -> None:
+        async with running([pod(**SLOW_PREFILL, max_model_len=2048)], time_scale=STEADY) as cluster:
+            url = cluster.urls[0]
+            ttft = {}
+            for n in (100, 300, 600):
+                result = await complete(http, url, words(n, salt=f"size{n} "), stream=True)
+                assert result.cached_tokens == 0
+                ttft[n] = result.ttft_wall * STEADY  # simulated seconds
+            assert ttft[100] < ttft[300] < ttft[600]
+            # Model: 10 ms + n x 1 ms, so +300 ms from 300 to 600 tokens. The bounds leave room for a loaded
+            # machine's event-loop lag but demand the per-token slope.
+            assert 0.2 < ttft[600] - ttft[300] < 0.5
+            shared = words(600, salt="shared ")
+            await complete(http, url, shared, stream=True)
+            longer = await complete(http, url, shared + " batch queue", stream=True)
+            assert longer.cached_tokens >= 576
+            assert longer.ttft_wall * STEADY < ttft[600] / 4
+
+    await on_a_punctual_loop(measure)
 
 
 async def test_eviction_under_pressure_drops_cached_prefix(http: aiohttp.ClientSession) -> None:
@@ -61,66 +67,81 @@ async def test_eviction_under_pressure_drops_cached_prefix(http: aiohttp.ClientS
 
 
 async def test_full_batch_queues_and_later_requests_pay_the_wait(http: aiohttp.ClientSession) -> None:
-    # At STEADY (3x) a stall of 100 ms wall between a request's arrival and its admission still reads as no
-    # wait (< 0.3 s simulated); at FAST it took 30 ms, which a loaded machine can produce.
-    async with running([pod(max_num_seqs=2, inter_token_latency=50.0)], time_scale=STEADY) as cluster:
-        url, engine = cluster.urls[0], cluster.pods[0].engine
-        tasks = [asyncio.create_task(complete(http, url, words(20, salt=f"q{i} "), 30, stream=True)) for i in range(6)]
-        # Until all have arrived (a fixed sleep raced them on a loaded machine); the first two run for ~1.5 s
-        # simulated (0.5 s wall).
-        await until(lambda: len(engine.running) + len(engine.waiting) == 6, what="all six at the pod", interval=0.002)
-        families = await scrape(http, url)
-        assert sample(families, "vllm:num_requests_running") == 2
-        assert sample(families, "vllm:num_requests_waiting") == 4
-        results = await asyncio.gather(*tasks)
-        one_request = min(r.total_wall for r in results) * STEADY  # ~ 34 ms prefill + 29 x 50 ms decode
-        assert max(r.ttft_wall for r in results) * STEADY > 1.6 * one_request
-        families = await scrape(http, url)
-        assert sample(families, "vllm:num_requests_waiting") == 0
+    async def measure() -> None:
+        # At STEADY (3x) a stall of 100 ms wall between a request's arrival and its admission still reads as no
+        # wait (< 0.3 s simulated); at FAST it took 30 ms, which a loaded machine can produce.
+        async with running([pod(max_num_seqs=2, inter_token_latency=50.0)], time_scale=STEADY) as cluster:
+            url, engine = cluster.urls[0], cluster.pods[0].engine
+            tasks = [
+                asyncio.create_task(complete(http, url, words(20, salt=f"q{i} "), 30, stream=True)) for i in range(6)
+            ]
+            # Until all have arrived (a fixed sleep raced them on a loaded machine); the first two run for ~1.5 s
+            # simulated (0.5 s wall).
+            await until(
+                lambda: len(engine.running) + len(engine.waiting) == 6, what="all six at the pod", interval=0.002
+            )
+            families = await scrape(http, url)
+            assert sample(families, "vllm:num_requests_running") == 2
+            assert sample(families, "vllm:num_requests_waiting") == 4
+            results = await asyncio.gather(*tasks)
+            one_request = min(r.total_wall for r in results) * STEADY  # ~ 34 ms prefill + 29 x 50 ms decode
+            assert max(r.ttft_wall for r in results) * STEADY > 1.6 * one_request
+            families = await scrape(http, url)
+            assert sample(families, "vllm:num_requests_waiting") == 0
 
-        # The engine's own clock, not the client's: a wall-clock stall of this process (at time scale 3,
-        # 0.1 s wall is 0.3 simulated seconds) can delay when the client sees a token, not when the engine
-        # admitted a request. The first pair never waited, the second waited one batch, the last two.
-        def waited(le: str) -> float:
-            return sample(families, "vllm:request_queue_time_seconds", "_bucket", le=le)
+            # The engine's own clock, not the client's: a wall-clock stall of this process (at time scale 3,
+            # 0.1 s wall is 0.3 simulated seconds) can delay when the client sees a token, not when the engine
+            # admitted a request. The first pair never waited, the second waited one batch, the last two.
+            def waited(le: str) -> float:
+                return sample(families, "vllm:request_queue_time_seconds", "_bucket", le=le)
 
-        assert waited("0.3") == 2
-        assert waited("1.0") == 2
-        assert waited("2.5") == 4
-        assert sample(families, "vllm:request_queue_time_seconds", "_count") == 6
-        queue_sum = sample(families, "vllm:request_queue_time_seconds", "_sum")
-        assert queue_sum > 2 * one_request
+            assert waited("0.3") == 2
+            assert waited("1.0") == 2
+            assert waited("2.5") == 4
+            assert sample(families, "vllm:request_queue_time_seconds", "_count") == 6
+            queue_sum = sample(families, "vllm:request_queue_time_seconds", "_sum")
+            assert queue_sum > 2 * one_request
+
+    await on_a_punctual_loop(measure)
 
 
 async def test_concurrent_prefills_share_the_gpu(http: aiohttp.ClientSession) -> None:
-    async with running([pod(**SLOW_PREFILL, max_model_len=2048)], time_scale=STEADY) as cluster:
-        url = cluster.urls[0]
-        solo = await complete(http, url, words(500, salt="solo "), stream=True)
-        pair = await asyncio.gather(*(complete(http, url, words(500, salt=f"pair{i} "), stream=True) for i in range(2)))
-        # ~510 ms alone; ~1010 ms when two prefills split the GPU.
-        assert min(r.ttft_wall for r in pair) > 1.5 * solo.ttft_wall
+    async def measure() -> None:
+        async with running([pod(**SLOW_PREFILL, max_model_len=2048)], time_scale=STEADY) as cluster:
+            url = cluster.urls[0]
+            solo = await complete(http, url, words(500, salt="solo "), stream=True)
+            pair = await asyncio.gather(
+                *(complete(http, url, words(500, salt=f"pair{i} "), stream=True) for i in range(2))
+            )
+            # ~510 ms alone; ~1010 ms when two prefills split the GPU.
+            assert min(r.ttft_wall for r in pair) > 1.5 * solo.ttft_wall
+
+    await on_a_punctual_loop(measure)
 
 
 async def test_inter_token_latency_rises_with_batch_size(http: aiohttp.ClientSession) -> None:
-    config = pod(max_num_seqs=4, inter_token_latency=40.0, time_factor_under_load=3.0, prefill_overhead=1.0)
-    async with running([config]) as cluster:
-        url = cluster.urls[0]
+    async def measure() -> None:
+        config = pod(max_num_seqs=4, inter_token_latency=40.0, time_factor_under_load=3.0, prefill_overhead=1.0)
+        async with running([config]) as cluster:
+            url = cluster.urls[0]
 
-        def itl(result: object) -> float:
-            assert hasattr(result, "total_wall") and hasattr(result, "ttft_wall")
-            return (result.total_wall - result.ttft_wall) / 29 * FAST
+            def itl(result: object) -> float:
+                assert hasattr(result, "total_wall") and hasattr(result, "ttft_wall")
+                return (result.total_wall - result.ttft_wall) / 29 * FAST
 
-        alone = itl(await complete(http, url, words(10), 30, stream=True))
-        loaded = await asyncio.gather(
-            *(complete(http, url, words(10, salt=f"l{i} "), 30, stream=True) for i in range(4))
-        )
-        busy = sum(itl(r) for r in loaded) / len(loaded)
-        assert 0.035 < alone < 0.07  # 40 ms at one running request
-        assert 0.100 < busy < 0.18  # 3 x 40 ms at max_num_seqs
-        assert busy > 2 * alone
-        families = await scrape(http, url)
-        itl_count = sample(families, "vllm:inter_token_latency_seconds", "_count")
-        assert itl_count == 5 * 29
+            alone = itl(await complete(http, url, words(10), 30, stream=True))
+            loaded = await asyncio.gather(
+                *(complete(http, url, words(10, salt=f"l{i} "), 30, stream=True) for i in range(4))
+            )
+            busy = sum(itl(r) for r in loaded) / len(loaded)
+            assert 0.035 < alone < 0.07  # 40 ms at one running request
+            assert 0.100 < busy < 0.18  # 3 x 40 ms at max_num_seqs
+            assert busy > 2 * alone
+            families = await scrape(http, url)
+            itl_count = sample(families, "vllm:inter_token_latency_seconds", "_count")
+            assert itl_count == 5 * 29
+
+    await on_a_punctual_loop(measure)
 
 
 async def test_decode_blocks_are_allocated_and_preemption_recovers(http: aiohttp.ClientSession) -> None:

@@ -7,6 +7,7 @@ import time
 
 import aiohttp
 import pytest
+from helpers import on_a_punctual_loop
 
 from .simkit import FAST, complete, pod, running, sample, scrape, words
 
@@ -126,21 +127,24 @@ async def test_kill_and_revive_from_python(http: aiohttp.ClientSession) -> None:
 
 
 async def test_admin_config_changes_latency_at_runtime(http: aiohttp.ClientSession) -> None:
-    async with running([pod(inter_token_latency=5.0)]) as cluster:
-        url = cluster.urls[0]
-        quick = await complete(http, url, "x", 20)
-        async with http.post(url + "/admin/config", json={"inter-token-latency": 60.0}) as response:
-            assert response.status == 200
-            assert (await response.json())["inter_token_latency"] == 60.0
-        slow = await complete(http, url, "x", 20)
-        # Simulated: ~30 ms prefill + 19 x 5 ms, then + 19 x 60 ms.
-        assert quick.total_wall * FAST < 0.8
-        assert slow.total_wall * FAST > 1.1
-        async with http.post(url + "/admin/config", json={"kv_cache_size": 5}) as response:
-            assert response.status == 400  # memory layout is not a runtime knob
-        async with http.post(url + "/admin/config", json={"failure_injection_rate": 101}) as response:
-            assert response.status == 400
-        async with http.get(url + "/admin/config") as response:
-            described = await response.json()
-        assert described["config"]["inter_token_latency"] == 60.0
-        assert described["alive"] is True and described["name"] == "sim-0"
+    async def measure() -> None:
+        async with running([pod(inter_token_latency=5.0)]) as cluster:
+            url = cluster.urls[0]
+            quick = await complete(http, url, "x", 20)
+            async with http.post(url + "/admin/config", json={"inter-token-latency": 60.0}) as response:
+                assert response.status == 200
+                assert (await response.json())["inter_token_latency"] == 60.0
+            slow = await complete(http, url, "x", 20)
+            # Simulated: ~30 ms prefill + 19 x 5 ms, then + 19 x 60 ms.
+            assert quick.total_wall * FAST < 0.8
+            assert slow.total_wall * FAST > 1.1
+            async with http.post(url + "/admin/config", json={"kv_cache_size": 5}) as response:
+                assert response.status == 400  # memory layout is not a runtime knob
+            async with http.post(url + "/admin/config", json={"failure_injection_rate": 101}) as response:
+                assert response.status == 400
+            async with http.get(url + "/admin/config") as response:
+                described = await response.json()
+            assert described["config"]["inter_token_latency"] == 60.0
+            assert described["alive"] is True and described["name"] == "sim-0"
+
+    await on_a_punctual_loop(measure)

@@ -12,6 +12,7 @@ import aiohttp
 import grpc
 import pytest
 from google.api import httpbody_pb2
+from helpers import on_a_punctual_loop
 
 from llmepp.protocols import vertexai_prediction_pb2 as vertex_pb
 from llmepp.protocols import vertexai_prediction_pb2_grpc as vertex_grpc
@@ -189,51 +190,59 @@ def test_a_non_finite_or_non_positive_time_scale_is_refused(scale: float) -> Non
 
 
 async def test_clients_leaving_at_every_stage_give_back_every_seat_and_block(http: aiohttp.ClientSession) -> None:
-    # One seat, a 2 s overhead: the first request sits in its prefill while the second is queued.
-    config = pod(max_num_seqs=1, prefill_overhead=2000.0, inter_token_latency=200.0, kv_cache_size=64)
-    async with running([config], time_scale=1.0) as cluster:
-        url, engine = cluster.urls[0], cluster.pods[0].engine
-        prompt = "cache request server model token prefix queue batch " * 5
+    async def measure() -> None:
+        # One seat, a 2 s overhead: the first request sits in its prefill while the second is queued.
+        config = pod(max_num_seqs=1, prefill_overhead=2000.0, inter_token_latency=200.0, kv_cache_size=64)
+        async with running([config], time_scale=1.0) as cluster:
+            url, engine = cluster.urls[0], cluster.pods[0].engine
+            prompt = "cache request server model token prefix queue batch " * 5
 
-        async def read(path: str, body: dict[str, Any], lines: int | None = None) -> None:
-            async with http.post(url + path, json=body) as response:
-                if lines is None:
-                    await response.read()
-                    return
-                async for _ in response.content:
-                    lines -= 1
-                    if lines <= 0:
-                        return  # leaving mid-stream closes the connection
+            async def read(path: str, body: dict[str, Any], lines: int | None = None) -> None:
+                async with http.post(url + path, json=body) as response:
+                    if lines is None:
+                        await response.read()
+                        return
+                    async for _ in response.content:
+                        lines -= 1
+                        if lines <= 0:
+                            return  # leaving mid-stream closes the connection
 
-        async def idle() -> bool:
-            for _ in range(100):
-                if not engine.running and not engine.waiting and engine.pool.num_free == engine.pool.num_blocks:
-                    return True
-                await asyncio.sleep(0.01)
-            return False
+            async def idle() -> bool:
+                for _ in range(100):
+                    if not engine.running and not engine.waiting and engine.pool.num_free == engine.pool.num_blocks:
+                        return True
+                    await asyncio.sleep(0.01)
+                return False
 
-        prefilling = asyncio.ensure_future(read("/v1/completions", {"prompt": prompt, "max_tokens": 50}))
-        queued = asyncio.ensure_future(read("/v1/completions", {"prompt": prompt, "max_tokens": 50, "stream": True}))
-        await asyncio.sleep(0.5)
-        assert (len(engine.running), len(engine.waiting)) == (1, 1) and engine.pool.num_free < engine.pool.num_blocks
-        prefilling.cancel()
-        queued.cancel()
-        await asyncio.gather(prefilling, queued, return_exceptions=True)
-        assert await idle()
-        cluster.pods[0].update_config({"prefill_overhead": 1.0})
-        decoding = [
-            ("/v1/completions", {"prompt": prompt, "max_tokens": 50, "stream": True}),
-            ("/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}], "max_tokens": 50,
-                                      "stream": True}),
-            ("/v1/messages", {"messages": [{"role": "user", "content": prompt}], "max_tokens": 50, "stream": True}),
-            ("/inference/v1/generate", {"token_ids": list(range(100, 180)), "sampling_params": {"max_tokens": 50},
-                                        "stream": True}),
-        ]  # fmt: skip
-        for path, body in decoding:
-            await asyncio.wait_for(read(path, body, lines=4), 5)
-            assert await idle(), path
-        families = await scrape(http, url)
-        assert sample(families, "vllm:num_requests_running") == 0
-        assert sample(families, "vllm:num_requests_waiting") == 0
-        assert sample(families, "vllm:kv_cache_usage_perc") == 0
-        assert sample(families, "vllm:request_success", finished_reason="abort") == 6
+            prefilling = asyncio.ensure_future(read("/v1/completions", {"prompt": prompt, "max_tokens": 50}))
+            queued = asyncio.ensure_future(
+                read("/v1/completions", {"prompt": prompt, "max_tokens": 50, "stream": True})
+            )
+            await asyncio.sleep(0.5)
+            assert (len(engine.running), len(engine.waiting)) == (
+                1,
+                1,
+            ) and engine.pool.num_free < engine.pool.num_blocks
+            prefilling.cancel()
+            queued.cancel()
+            await asyncio.gather(prefilling, queued, return_exceptions=True)
+            assert await idle()
+            cluster.pods[0].update_config({"prefill_overhead": 1.0})
+            decoding = [
+                ("/v1/completions", {"prompt": prompt, "max_tokens": 50, "stream": True}),
+                ("/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}], "max_tokens": 50,
+                                          "stream": True}),
+                ("/v1/messages", {"messages": [{"role": "user", "content": prompt}], "max_tokens": 50, "stream": True}),
+                ("/inference/v1/generate", {"token_ids": list(range(100, 180)), "sampling_params": {"max_tokens": 50},
+                                            "stream": True}),
+            ]  # fmt: skip
+            for path, body in decoding:
+                await asyncio.wait_for(read(path, body, lines=4), 5)
+                assert await idle(), path
+            families = await scrape(http, url)
+            assert sample(families, "vllm:num_requests_running") == 0
+            assert sample(families, "vllm:num_requests_waiting") == 0
+            assert sample(families, "vllm:kv_cache_usage_perc") == 0
+            assert sample(families, "vllm:request_success", finished_reason="abort") == 6
+
+    await on_a_punctual_loop(measure)
