@@ -131,6 +131,8 @@ class _CompletionsBody(msgspec.Struct):
     stream: Any = None
     max_tokens: Any = None
     cache_salt: str | None = None
+    add_special_tokens: Any = None
+    truncate_prompt_tokens: Any = None
 
 
 class _ContentPart(msgspec.Struct):
@@ -164,6 +166,8 @@ class _ChatBody(msgspec.Struct):
     max_tokens: Any = None
     max_completion_tokens: Any = None
     cache_salt: str | None = None
+    add_special_tokens: Any = None
+    truncate_prompt_tokens: Any = None
 
 
 class _EmbeddingsBody(msgspec.Struct):
@@ -424,6 +428,16 @@ def parse_request(
     return default_parsers().parse(headers, body, request_id=request_id, received_at=received_at)
 
 
+def _read_tokenize_params(req: InferenceRequest, body: _CompletionsBody | _ChatBody) -> None:
+    """vLLM's `add_special_tokens` (a bool) and `truncate_prompt_tokens` (N > 0: the last N tokens). Other
+    values are left to the model server to refuse (-1, vLLM's "truncate to max_model_len", is unknown here)."""
+    if isinstance(body.add_special_tokens, bool):
+        req.add_special_tokens = body.add_special_tokens
+    n = body.truncate_prompt_tokens
+    if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+        req.truncate_prompt_tokens = n
+
+
 def parse_openai(req: InferenceRequest, suffix: str) -> None:
     """openai-parser: one of OPENAI_CLAIMS' bodies."""
     body = req.body
@@ -438,6 +452,7 @@ def parse_openai(req: InferenceRequest, suffix: str) -> None:
         else:
             req.max_tokens = _max_tokens(chat.max_tokens)
         req.cache_salt = chat.cache_salt or ""
+        _read_tokenize_params(req, chat)
     elif kind is RequestKind.COMPLETIONS:
         comp = _decode(_COMPLETIONS_DECODER, body)
         req.model = _model(comp.model)
@@ -445,6 +460,7 @@ def parse_openai(req: InferenceRequest, suffix: str) -> None:
         req.stream = _flag(comp.stream)
         req.max_tokens = _max_tokens(comp.max_tokens)
         req.cache_salt = comp.cache_salt or ""
+        _read_tokenize_params(req, comp)
     elif kind is RequestKind.EMBEDDINGS:
         emb = _decode(_EMBEDDINGS_DECODER, body)
         req.model = _model(emb.model)

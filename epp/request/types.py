@@ -64,6 +64,10 @@ class InferenceRequest:
     stream: bool = False
     max_tokens: int | None = None
     cache_salt: str = ""
+    # vLLM's per-request tokenization fields (completions and chat), read by the hf token producer:
+    # None where the request does not set them (or sets them to what vLLM would refuse).
+    add_special_tokens: bool | None = None
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last N tokens (vLLM's left truncation)
     # Flow-control identity.
     objective: str = ""
     priority: int = 0

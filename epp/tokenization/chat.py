@@ -305,10 +305,12 @@ class _ChatInputs(msgspec.Struct):
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    reasoning_effort: Any = None
 
 
 _INPUTS = msgspec.json.Decoder(_ChatInputs)
-_TEMPLATE_FIELDS = _ChatInputs.__struct_fields__
+# What vLLM's /tokenize (TokenizeChatRequest) takes: no reasoning_effort.
+_TEMPLATE_FIELDS = tuple(f for f in _ChatInputs.__struct_fields__ if f != "reasoning_effort")
 
 
 def template_fields(body: bytes) -> dict[str, Any]:
@@ -415,29 +417,33 @@ def _part_text(part: Any) -> str | None:
 
 
 def _tool_call(call: Any) -> Any:
-    """vLLM hands a tool call's `arguments` to the template as an object: a JSON string parsed; empty,
-    null, invalid JSON or anything but a JSON object as {}."""
+    """vLLM hands a tool call's `arguments` to the template decoded (chat_utils._postprocess_messages): a
+    JSON string parsed, whatever JSON value it holds; empty, null or invalid JSON as {}."""
     if isinstance(call, dict) and isinstance(call.get("function"), dict):
         fn = call["function"]
         args = fn.get("arguments")
-        if isinstance(args, str) and args:
+        if not args:
+            args = {}
+        elif isinstance(args, str):
             try:
                 args = json.loads(args)
             except ValueError:
-                args = None
-        return {**call, "function": {**fn, "arguments": args if isinstance(args, dict) else {}}}
+                args = {}
+        return {**call, "function": {**fn, "arguments": args}}
     return call
 
 
 def _tool(tool: dict[str, Any]) -> dict[str, Any]:
-    """A tool as vLLM hands it to the template (its request model dumped: absent fields are null)."""
+    """A tool as vLLM hands it to the template (its request model dumped: absent fields are null, but
+    `strict` and `defer_loading` appear only when set, as vLLM's FunctionDefinition serializes them)."""
     fn = tool.get("function")
     if not isinstance(fn, dict):
         return tool
-    return {
-        "type": tool.get("type", "function"),
-        "function": {"name": fn.get("name"), "description": fn.get("description"), "parameters": fn.get("parameters")},
-    }
+    function = {"name": fn.get("name"), "description": fn.get("description"), "parameters": fn.get("parameters")}
+    for optional in ("strict", "defer_loading"):
+        if fn.get(optional) is not None:
+            function[optional] = fn[optional]
+    return {"type": tool.get("type", "function"), "function": function}
 
 
 class JinjaTemplate:
@@ -498,7 +504,15 @@ class JinjaTemplate:
         if inputs.add_generation_prompt and inputs.continue_final_message:
             raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
         kwargs = inputs.chat_template_kwargs or {}
-        context: dict[str, Any] = {**self.special_tokens, **{k: v for k, v in kwargs.items() if k not in _RESERVED}}
+        context: dict[str, Any] = dict(self.special_tokens)
+        effort = inputs.reasoning_effort
+        if isinstance(effort, str):
+            # vLLM's build_chat_params: the effort is a template variable, and turns thinking on or off
+            # unless the request's chat_template_kwargs say.
+            context["reasoning_effort"] = effort
+            if "enable_thinking" not in kwargs:
+                context["enable_thinking"] = effort != "none"
+        context.update((k, v) for k, v in kwargs.items() if k not in _RESERVED)
         context.update(
             messages=messages,
             tools=[_tool(t) for t in inputs.tools] if inputs.tools is not None else None,

@@ -1,8 +1,8 @@
 """A local Hugging Face `tokenizer.json`, loaded offline, encoding to TokenizedPrompt bytes.
 
 The file is read from the configured path, never fetched from a hub. `encode` returns the ids as
-little-endian uint32 bytes (TokenizedPrompt's layout) without special tokens by default — as vLLM's
-completions endpoint adds them per the model's config, set `addSpecialTokens` to match the engine.
+little-endian uint32 bytes (TokenizedPrompt's layout), with the special tokens the tokenizer's
+post-processor adds (a BOS) when `add_special_tokens`, as vLLM's completions endpoint encodes by default.
 
 Cost (measured on the simulator's 4096-entry BPE, 2-core AMD EPYC): ~0.6 µs per token for short
 prompts, 1.5–2 µs per token at 100k tokens. `encode_async` hands texts longer than

@@ -75,7 +75,7 @@ class TokenizerConfig(PluginParams):
     backend: str = "estimate"
     path: str = ""
     chat_template: str = AUTO
-    add_special_tokens: bool = False
+    add_special_tokens: bool = True  # completions, as vLLM's default (a request's own field wins)
     thread_threshold_chars: int = 4096
 
 
@@ -177,12 +177,14 @@ class TokenProducer(DataProducer):
       content of each message) into uint32 pseudo-tokens, 4 bytes per token. Count = ceil(bytes / 4).
       Good for approximate prefix routing; never equal to an engine's tokens.
     * `hf` — `tokenizer: {backend: hf, path: /models/x/tokenizer.json}`: the model's real tokenizer
-      from a local file (never downloaded). Completions: the prompt text encoded as is (with special
-      tokens when `addSpecialTokens`, as vLLM's completions endpoint adds them). Chat: the request
-      rendered with `chatTemplate`, then encoded without special tokens (the template writes them, as
-      in vLLM): `auto` (default) = the model's Jinja template from `chat_template.jinja` or
-      `tokenizer_config.json` next to the tokenizer (else the built-in `role-tags`, logged); a path to
-      either file; or a built-in name (`role-tags`, the simulator's; `plain`). Semantics in
+      from a local file (never downloaded). Completions: the prompt text encoded as is, with the
+      tokenizer's special tokens (BOS) unless `addSpecialTokens: false` (vLLM's completions default). Chat:
+      the request rendered with `chatTemplate`, then encoded without special tokens (the template writes
+      them, as in vLLM). Either way a request's own `add_special_tokens` wins, and its
+      `truncate_prompt_tokens` keeps the last N tokens, as vLLM does. `chatTemplate: auto` (default) = the
+      model's Jinja template from `chat_template.jinja` or `tokenizer_config.json` next to the tokenizer
+      (else the built-in `role-tags`, logged); a path to either file; or a built-in name (`role-tags`,
+      the simulator's; `plain`). Semantics in
       llmepp.tokenization.chat. Needed by `precise-prefix-cache-producer`.
       Prompts of more than `threadThresholdChars` (4096) characters are encoded in a worker thread;
       a chat whose body has that many bytes is rendered there too (then encoded, in the same job).
@@ -339,7 +341,8 @@ class HFTokenProducer(TokenProducer):
             return
         try:
             if request.messages is None:
-                token_bytes = await self.tokenizer.encode_async(request.prompt.decode("utf-8", "replace"))
+                text = request.prompt.decode("utf-8", "replace")
+                token_bytes = await self.tokenizer.encode_async(text, request.add_special_tokens)
             elif len(request.body) >= self.tokenizer.thread_threshold:
                 # A long conversation: rendered in the worker that encodes it (one hop). Inline, a Jinja
                 # render stalls the loop for all of it: ~3 µs per message with a ChatML template, ~9 µs
@@ -352,7 +355,7 @@ class HFTokenProducer(TokenProducer):
                 # Short (< ~0.4 ms): a worker would hold the GIL as long (less than a RENDER_SLICE, so
                 # unpaced), plus a thread hop (~50 µs, more than a one-message render's ~10 µs).
                 text = self._render(request, None, INLINE_RENDER_BUDGET)
-                token_bytes = await self.tokenizer.encode_async(text, special=False)
+                token_bytes = await self.tokenizer.encode_async(text, special=request.add_special_tokens is True)
         except _TemplateFailed as e:
             self._miss("template", "%s: tokenization failed: %s", self.name, e)
             return
@@ -367,12 +370,15 @@ class HFTokenProducer(TokenProducer):
                 raise
             self._miss("encode", "%s: tokenization failed (the tokenizer library panicked): %s", self.name, e)
             return
+        if request.truncate_prompt_tokens is not None:
+            token_bytes = token_bytes[-4 * request.truncate_prompt_tokens :]
         request.data[TOKENIZED_PROMPT] = TokenizedPrompt(token_bytes, self.backend)
 
     def _render_and_encode(self, request: InferenceRequest, pause: Callable[[], None]) -> bytes:
         """In a worker thread: the chat's prompt (rendered paced: `pause` lets the event loop run every
         RENDER_SLICE), encoded without the GIL."""
-        return self.tokenizer.encode_released(self._render(request, pause, WORKER_RENDER_BUDGET), special=False)
+        text = self._render(request, pause, WORKER_RENDER_BUDGET)
+        return self.tokenizer.encode_released(text, special=request.add_special_tokens is True)
 
     def _render(self, request: InferenceRequest, pause: Callable[[], None] | None, budget: float) -> str:
         try:

@@ -231,6 +231,61 @@ async def test_hf_producer_adds_special_tokens_to_completions_only(tmp_path: Pat
     assert await token_ids(completion) == [tok.token_to_id(bos), *SIM.encode("hello")]
 
 
+async def test_hf_producer_follows_vllms_tokenization_defaults_and_the_requests_own_fields(tmp_path: Path) -> None:
+    """vLLM encodes a completion with special tokens unless told not to (CompletionRequest.add_special_tokens
+    defaults to True), a chat without them (False), and either request may set `add_special_tokens`;
+    `truncate_prompt_tokens: N` keeps the last N tokens. The producer's defaults are vLLM's."""
+    tok = Tokenizer.from_file(str(TOKENIZER_PATH))
+    bos = "<|endoftext|>"
+    tok.post_processor = TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    bos_id = tok.token_to_id(bos)
+
+    def producer(**extra: object) -> TokenProducer:
+        plugin = registry.build(
+            "token-producer",
+            "t",
+            {"tokenizer": {"backend": "hf", "path": str(path), "chatTemplate": str(CHATML), **extra}},
+        )
+        assert isinstance(plugin, TokenProducer)
+        return plugin
+
+    async def token_ids(plugin: TokenProducer, path_: str, body: dict[str, object]) -> list[int]:
+        req = parse_request({":path": path_}, json.dumps({"model": "m", **body}).encode(), request_id="r")
+        await plugin.produce(req, [])
+        tokens: TokenizedPrompt = req.data[TOKENIZED_PROMPT]
+        return list(struct.unpack(f"<{tokens.count}I", tokens.token_bytes))
+
+    default, off = producer(), producer(addSpecialTokens=False)
+    hello = SIM.encode("hello there")
+    assert await token_ids(default, "/v1/completions", {"prompt": "hello there"}) == [bos_id, *hello]
+    assert await token_ids(off, "/v1/completions", {"prompt": "hello there"}) == hello
+    # The request's own field wins over the config, both ways; a value vLLM would refuse is not read.
+    assert await token_ids(default, "/v1/completions", {"prompt": "hello there", "add_special_tokens": False}) == hello
+    assert await token_ids(off, "/v1/completions", {"prompt": "hello there", "add_special_tokens": True}) == [
+        bos_id,
+        *hello,
+    ]
+    assert await token_ids(off, "/v1/completions", {"prompt": "hello there", "add_special_tokens": "yes"}) == hello
+    chat_body = {"messages": [USER]}
+    rendered = SIM.encode(load_chat_template(str(CHATML), str(TOKENIZER_PATH)).render(chat(chat_body)))
+    assert await token_ids(default, "/v1/chat/completions", chat_body) == rendered
+    assert await token_ids(default, "/v1/chat/completions", {**chat_body, "add_special_tokens": True}) == [
+        bos_id,
+        *rendered,
+    ]
+    # Left truncation: the last N tokens (BOS included in what is cut), for both kinds; 0 / -1 / true: none.
+    assert (
+        await token_ids(default, "/v1/completions", {"prompt": "hello there", "truncate_prompt_tokens": 1})
+        == hello[-1:]
+    )
+    assert await token_ids(default, "/v1/chat/completions", {**chat_body, "truncate_prompt_tokens": 3}) == rendered[-3:]
+    for n in (0, -1, True, "2"):
+        body = {"prompt": "hello there", "truncate_prompt_tokens": n}
+        assert await token_ids(default, "/v1/completions", body) == [bos_id, *hello]
+
+
 text = st.text(st.characters(codec="utf-8", exclude_characters="\r"), max_size=80)
 # Every kind of text part vLLM joins (plain strings; text / input_text / output_text / refusal / thinking, their
 # text null or empty included: skipped) and a media part (no text).

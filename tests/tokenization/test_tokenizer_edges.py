@@ -215,16 +215,46 @@ ARGS = (
 
 @pytest.mark.parametrize(
     ("arguments", "rendered"),
-    [('{"a": 1}', '{"a": 1};'), ("", "{};"), (None, "{};"), ("null", "{};"), ("not json", "{};"), ("[1]", "{};"),
-     ({"b": 2}, '{"b": 2};')],
+    [('{"a": 1}', '{"a": 1};'), ("", "{};"), (None, "{};"), ("null", "null;"), ("not json", "{};"), ("[1]", "[1];"),
+     ("7", "7;"), ({"b": 2}, '{"b": 2};'), ([2], "[2];")],
 )  # fmt: skip
 def test_tool_call_arguments_reach_the_template_as_vllm_passes_them(arguments: Any, rendered: str) -> None:
-    """vLLM hands the template an object: empty / null arguments become {}, as do strings that are not
-    a JSON object. Before: "" and null were rendered as they came, invalid JSON as the raw string."""
+    """vLLM hands the template the arguments decoded (chat_utils._postprocess_messages): a JSON string
+    parsed, whatever value it holds; empty / null arguments become {} (invalid JSON, which vLLM refuses, too).
+    Before: "" and null were rendered as they came, invalid JSON as the raw string; later a JSON value that
+    was not an object became {}."""
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}
     assistant = {"role": "assistant", "content": None, "tool_calls": [call]}
     req = chat(messages=[{"role": "user", "content": "x"}, assistant])
     assert jinja(ARGS).render(req) == rendered
+
+
+def test_a_tools_strict_and_defer_loading_reach_the_template_only_when_set() -> None:
+    """vLLM dumps each tool's FunctionDefinition: description / parameters null when absent, `strict` and
+    `defer_loading` only when set (OpenAI's Agents SDK sends strict: true). Before: both were dropped."""
+    probe = jinja("{% for t in tools %}{{ t | tojson }};{% endfor %}")
+    plain = {"type": "function", "function": {"name": "f"}}
+    strict = {"type": "function", "function": {"name": "g", "parameters": {}, "strict": True, "defer_loading": False}}
+    unset = {"type": "function", "function": {"name": "h", "strict": None}}
+    rendered = probe.render(chat(messages=[{"role": "user", "content": "x"}], tools=[plain, strict, unset]))
+    assert [json.loads(t) for t in rendered.split(";")[:-1]] == [
+        {"type": "function", "function": {"name": "f", "description": None, "parameters": None}},
+        {"type": "function", "function": {"name": "g", "description": None, "parameters": {}, "strict": True,
+                                          "defer_loading": False}},
+        {"type": "function", "function": {"name": "h", "description": None, "parameters": None}},
+    ]  # fmt: skip
+
+
+def test_reasoning_effort_reaches_the_template_and_sets_thinking_as_vllm_does() -> None:
+    """vLLM's build_chat_params passes `reasoning_effort` to the template and, unless chat_template_kwargs set
+    enable_thinking, sets it to effort != "none" (a Qwen3 template then closes an empty <think> block)."""
+    probe = jinja("{{ reasoning_effort }}|{{ enable_thinking }}")
+    user = [{"role": "user", "content": "x"}]
+    assert probe.render(chat(messages=user, reasoning_effort="none")) == "none|False"
+    assert probe.render(chat(messages=user, reasoning_effort="low")) == "low|True"
+    kwargs = {"enable_thinking": True}
+    assert probe.render(chat(messages=user, reasoning_effort="none", chat_template_kwargs=kwargs)) == "none|True"
+    assert probe.render(chat(messages=user)) == "|"
 
 
 def test_an_empty_tools_list_reaches_the_template_as_a_list() -> None:
