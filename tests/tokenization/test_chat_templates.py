@@ -268,7 +268,7 @@ async def test_hf_producer_follows_vllms_tokenization_defaults_and_the_requests_
         *hello,
     ]
     assert await token_ids(off, "/v1/completions", {"prompt": "hello there", "add_special_tokens": "yes"}) == hello
-    chat_body = {"messages": [USER]}
+    chat_body: dict[str, object] = {"messages": [USER]}
     rendered = SIM.encode(load_chat_template(str(CHATML), str(TOKENIZER_PATH)).render(chat(chat_body)))
     assert await token_ids(default, "/v1/chat/completions", chat_body) == rendered
     assert await token_ids(default, "/v1/chat/completions", {**chat_body, "add_special_tokens": True}) == [
@@ -282,7 +282,7 @@ async def test_hf_producer_follows_vllms_tokenization_defaults_and_the_requests_
     )
     assert await token_ids(default, "/v1/chat/completions", {**chat_body, "truncate_prompt_tokens": 3}) == rendered[-3:]
     for n in (0, -1, True, "2"):
-        body = {"prompt": "hello there", "truncate_prompt_tokens": n}
+        body: dict[str, object] = {"prompt": "hello there", "truncate_prompt_tokens": n}
         assert await token_ids(default, "/v1/completions", body) == [bos_id, *hello]
 
 
