@@ -387,10 +387,13 @@ class Engine:
         request.block_ids = hits + self.pool.allocate(num_new)
         request.stored_blocks = len(hits)
         cached_tokens = len(hits) * bs
-        self.stats.prefix_cache_queries += len(tokens)
-        self.stats.prefix_cache_hits += cached_tokens
-        if request.num_cached_tokens is None:
+        if request.num_cached_tokens is None:  # first admission
             request.num_cached_tokens = cached_tokens
+            # As vLLM's exported counters: no query with prefix caching off, and a recompute after a
+            # preemption counts apart (its preempted_* stats, not exported), so it cannot inflate the hit rate.
+            if self.config.enable_kvcache:
+                self.stats.prefix_cache_queries += len(tokens)
+                self.stats.prefix_cache_hits += cached_tokens
         return True
 
     def _start_prefill(self, request: SimRequest, now: float, running_loras: set[str]) -> None:

@@ -21,7 +21,8 @@ from llmepp_sim.protocol import encode_json
 def to_completions_body(body: dict[str, Any]) -> dict[str, Any]:
     """The equivalent completions body (validated as one by the caller)."""
     ids = body.get("token_ids")
-    if not isinstance(ids, list) or not ids:
+    # vLLM's GenerateRequest.token_ids is list[int]: text or nested lists are a 400, not a prompt.
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise bad_request("`token_ids` is required and must be a non-empty list of token ids.", param="token_ids")
     params = body.get("sampling_params")
     if params is not None and not isinstance(params, dict):

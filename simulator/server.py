@@ -336,14 +336,15 @@ async def stream_events(sub: Submission) -> AsyncGenerator[tuple[list[bytes], bo
     complete ``data: ...\n\n``. Ends without ``finished`` when the engine aborts the request as the pod goes down."""
     sim_request, parsed, pod = sub.sim_request, sub.parsed, sub.pod
     renderer = StreamRenderer(parsed.chat, sim_request.request_id, sub.model)
-    if parsed.chat:
-        yield [renderer.role_chunk()], False
     async for sent, available, finished in output_growth(sim_request):
         texts = sim_request.output_text
         # An abort's final output adds no token (vLLM: new_token_ids=[]): its chunk has empty content.
         last = available - 1 if finished and sim_request.finish_reason != "abort" else available
+        # A chat's role chunk goes out with the first output, after the prefill (vLLM sends it on the
+        # generator's first iteration): a client or gateway timing the first byte measures the TTFT.
+        parts = [renderer.role_chunk()] if parsed.chat and sent == 0 else []
         # Tokens that piled up while the consumer was busy go out together.
-        parts = [renderer.token_chunk(texts[i]) for i in range(sent, last)]
+        parts += [renderer.token_chunk(texts[i]) for i in range(sent, last)]
         if finished:
             parts.append(
                 renderer.final_token_chunk(
@@ -585,7 +586,7 @@ async def _kill(request: web.Request) -> web.Response:
     pod = request.app[POD_KEY]
     body = decode_json_body(await request.read() or b"{}")
     duration = body.get("duration")
-    if duration is not None and (not isinstance(duration, int | float) or duration < 0):
+    if duration is not None and (isinstance(duration, bool) or not isinstance(duration, int | float) or duration < 0):
         raise bad_request("`duration` must be a non-negative number of seconds or null.", param="duration")
     pod.schedule_kill(None if duration is None else float(duration))
     return json_response({"killed": pod.name, "duration": duration}, status=202)

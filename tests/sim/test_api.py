@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -134,6 +135,26 @@ async def test_streaming_chat_role_chunk_and_no_usage_without_include_usage(http
         assert len(chunks) == 1 + 3  # role chunk + one per token, no usage chunk
         assert all("usage" not in c for c in chunks)
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+async def test_a_chat_streams_its_role_chunk_with_the_first_token_after_the_prefill(
+    http: aiohttp.ClientSession,
+) -> None:
+    """vLLM sends the role chunk on the engine's first output, so a gateway timing a chat stream's first body
+    byte (the EPP's TTFT, the latency predictor's training) measures the prefill. Before: the role chunk went
+    out at once, and every streamed chat read TTFT ~ 0."""
+    # 2 s simulated prefill overhead at 10x: >= 200 ms wall before the first token.
+    async with running([pod(prefill_overhead=2000.0)], time_scale=10) as cluster:
+        body = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True}
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        async with http.post(cluster.urls[0] + "/v1/chat/completions", json=body) as response:
+            assert response.status == 200
+            first = await response.content.readline()
+            first_byte = loop.time() - start
+            rest = await response.read()
+        assert b'"role":"assistant"' in first and rest.endswith(b"data: [DONE]\n\n")
+        assert first_byte >= 0.19
 
 
 async def test_chunked_request_body_is_accepted(http: aiohttp.ClientSession) -> None:

@@ -96,6 +96,8 @@ async def test_kill_via_admin_drops_connections_and_comes_back(http: aiohttp.Cli
         assert sample(await scrape(http, url), "vllm:prompt_tokens") > 0
         in_flight = asyncio.create_task(complete(http, url, words(10), 200, stream=True))
         await asyncio.sleep(0.05)
+        async with http.post(url + "/admin/kill", json={"duration": True}) as response:
+            assert response.status == 400  # not a number of seconds (was: read as 1 s)
         async with http.post(url + "/admin/kill", json={"duration": 0.5}) as response:
             assert response.status == 202
         with pytest.raises(aiohttp.ClientError):  # the stream is cut mid-way

@@ -52,6 +52,10 @@ async def test_bad_generate_bodies_are_400(http: aiohttp.ClientSession) -> None:
             {"sampling_params": {"max_tokens": 1}},
             {"token_ids": []},
             {"token_ids": [1], "sampling_params": 3},
+            # vLLM's token_ids is list[int]: not text, not a batch of one, not booleans.
+            {"token_ids": ["hello world"]},
+            {"token_ids": [[1, 2, 3]]},
+            {"token_ids": [True, 2]},
         )
         for body in bad:
             status, answer = await generate(http, cluster.urls[0], body)
