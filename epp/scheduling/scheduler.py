@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 from llmepp.datalayer.endpoint import Endpoint
@@ -46,7 +47,10 @@ class Scheduler:
         results: dict[str, ProfileResult | None] = {}
         errors: dict[str, RequestError] | None = None  # allocated when a profile fails only
         for _ in range(_MAX_ROUNDS):
+            start = time.perf_counter() if timers is not None else 0.0
             to_run = self.handler.pick_profiles(request, self.profiles, results)
+            if timers is not None:
+                timers.observe("ProfilePicker", self.handler, time.perf_counter() - start)
             if not to_run:
                 break
             for profile in to_run:
@@ -65,7 +69,10 @@ class Scheduler:
             raise RequestError(message)
         if not results:  # as the reference: "failed to run any scheduler profile"
             raise ResourceExhausted(f"profile handler {self.handler.name!r} ran no scheduling profile")
+        start = time.perf_counter() if timers is not None else 0.0
         result = self.handler.process_results(request, results)
+        if timers is not None:
+            timers.observe("ProcessProfilesResults", self.handler, time.perf_counter() - start)
         if not result.targets:
             # The primary profile's own error when it failed (e.g. Saturated: 429 rejected-saturated).
             error = errors.get(result.primary_profile) if errors else None

@@ -259,6 +259,23 @@ async def test_unrewritable_body_is_400_and_charges_nothing() -> None:
     assert all(ep.inflight.requests == 0 for ep in ds.endpoints)
 
 
+async def test_a_failed_scheduling_attempt_is_timed_like_a_successful_one() -> None:
+    """The reference observes the scheduler's latency and counts the attempt in one defer: the histogram's
+    count is every attempt's, refused ones included (a 429 under saturation was counted, not timed)."""
+    d, _ = director_for(1)
+
+    def saturated(*args: object, **kwargs: object) -> SchedulingResult:
+        raise Saturated()
+
+    d.pipeline.scheduler.schedule = saturated  # type: ignore[method-assign]
+    with pytest.raises(Saturated):
+        await d.handle_request(request(), None)
+    sample = d.metrics.registry.get_sample_value
+    labels = {"status": "failure", "target_model_name": "m", "endpoint_name": "", "namespace": "", "port": ""}
+    assert sample("llm_d_epp_scheduler_attempts_total", labels) == 1
+    assert sample("llm_d_epp_scheduler_e2e_duration_seconds_count") == 1
+
+
 async def test_plugin_durations_are_recorded_for_one_request_in_sixteen() -> None:
     ds = Datastore()
     for i in range(3):
@@ -290,9 +307,12 @@ async def test_plugin_durations_are_recorded_for_one_request_in_sixteen() -> Non
         ("PreRequest", "approx-prefix-cache-producer"),
         ("PreRequest", "no-hit-lru-scorer"),
         ("ResponseCompleteProcessor", "inflight-load-producer"),
+        ("ProcessProfilesResults", "single-profile-handler"),
     }
     for point, plugin_type in expected:
         assert count(point, plugin_type) == 2, (point, plugin_type)
+    # The handler is timed at every pick, as the reference's loop does: the profile's, then the empty one.
+    assert count("ProfilePicker", "single-profile-handler") == 4
     total = metrics.registry.get_sample_value(
         "llm_d_epp_plugin_duration_seconds_sum",
         {"extension_point": "Scorer", "plugin_type": "queue-scorer", "plugin_name": "queue-scorer"},
