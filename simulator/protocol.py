@@ -40,6 +40,7 @@ class InferenceRequest:
     stream: bool
     include_usage: bool
     kv_transfer_params: dict[str, Any] | None
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats (with include_usage)
 
 
 def decode_json_body(raw: bytes) -> dict[str, Any]:
@@ -272,6 +273,10 @@ def parse_inference_request(
     usage_key = "stream_options.include_usage"
     usage_flag = {usage_key: options.get("include_usage", True)} if options is not None else {}
     include_usage = bool(_optional(usage_flag, usage_key, bool, "a boolean"))
+    # vLLM: a running usage in every chunk when both include_usage and continuous_usage_stats are set.
+    continuous_key = "stream_options.continuous_usage_stats"
+    continuous_flag = {continuous_key: options.get("continuous_usage_stats")} if options is not None else {}
+    continuous = include_usage and bool(_optional(continuous_flag, continuous_key, bool, "a boolean"))
     n = _optional(body, "n", int, "an integer")
     if n is not None and n != 1:
         raise bad_request("The simulator only supports n=1.", param="n")
@@ -287,7 +292,7 @@ def parse_inference_request(
         if "prompt" not in body:
             raise bad_request("`prompt` is required.", param="prompt")
         prompt = _prompt(body["prompt"], vocab_size)
-    return InferenceRequest(chat, model, prompt, max_tokens, stream, include_usage, kv_params)
+    return InferenceRequest(chat, model, prompt, max_tokens, stream, include_usage, kv_params, continuous)
 
 
 # ---------------------------------------------------------------------------- responses
@@ -340,8 +345,9 @@ class StreamRenderer:
 
     Chat streams open with a role chunk (``delta: {"role": "assistant", "content": ""}``); every token is
     one chunk; the last token's chunk carries ``finish_reason``; with ``include_usage`` a final chunk with
-    ``choices: []`` and ``usage`` follows; the stream ends with ``data: [DONE]``. The JSON around the token
-    text is pre-rendered once per request, so a token costs one small string encode.
+    ``choices: []`` and ``usage`` follows; the stream ends with ``data: [DONE]``. With continuous usage
+    stats every chunk also carries the usage so far (``usage=``). The JSON around the token text is
+    pre-rendered once per request, so a token costs one small string encode.
     """
 
     def __init__(self, chat: bool, request_id: str, model: str) -> None:
@@ -360,19 +366,29 @@ class StreamRenderer:
             self._before = b"data: " + prefix + b',"choices":[{"index":0,"text":'
             self._after_open = b',"logprobs":null,"finish_reason":null,"stop_reason":null}]}\n\n'
 
-    def role_chunk(self) -> bytes:
-        chunk = {
+    def role_chunk(self, usage: dict[str, int] | None = None) -> bytes:
+        chunk: dict[str, Any] = {
             **self._head,
             "choices": [
                 {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
             ],
         }
+        if usage is not None:
+            chunk["usage"] = usage
         return b"data: " + _json_encode(chunk) + b"\n\n"
 
-    def token_chunk(self, text: str) -> bytes:
-        return self._before + _json_encode(text) + self._after_open
+    def token_chunk(self, text: str, usage: dict[str, int] | None = None) -> bytes:
+        if usage is None:
+            return self._before + _json_encode(text) + self._after_open
+        return self._before + _json_encode(text) + self._after_open[:-3] + b',"usage":' + _json_encode(usage) + b"}\n\n"
 
-    def final_token_chunk(self, text: str, finish_reason: str, kv_transfer_params: dict[str, Any] | None) -> bytes:
+    def final_token_chunk(
+        self,
+        text: str,
+        finish_reason: str,
+        kv_transfer_params: dict[str, Any] | None,
+        usage: dict[str, int] | None = None,
+    ) -> bytes:
         if self.chat:
             choice: dict[str, Any] = {
                 "index": 0,
@@ -384,6 +400,8 @@ class StreamRenderer:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason, "stop_reason": None}
         chunk: dict[str, Any] = {**self._head, "choices": [choice]}
+        if usage is not None:
+            chunk["usage"] = usage
         if kv_transfer_params is not None:
             chunk["kv_transfer_params"] = kv_transfer_params
         return b"data: " + _json_encode(chunk) + b"\n\n"

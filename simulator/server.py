@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -303,6 +303,12 @@ def _usage(sim_request: SimRequest) -> dict[str, Any]:
     return usage(len(sim_request.prompt_ids), len(sim_request.output_ids), sim_request.num_cached_tokens or 0)
 
 
+def _running_usage(sim_request: SimRequest) -> Callable[[int], dict[str, int]]:
+    """vLLM's continuous usage stats: the usage after `n` output tokens (prompt tokens throughout)."""
+    prompt = len(sim_request.prompt_ids)
+    return lambda n: {"prompt_tokens": prompt, "total_tokens": prompt + n, "completion_tokens": n}
+
+
 def aborted_error() -> ApiError:
     """The answer to a request the engine aborted (the pod is going down)."""
     return ApiError(503, "The request was aborted: the engine is shutting down.", err_type="ServiceUnavailableError")
@@ -342,15 +348,17 @@ async def stream_events(sub: Submission) -> AsyncGenerator[tuple[list[bytes], bo
         last = available - 1 if finished and sim_request.finish_reason != "abort" else available
         # A chat's role chunk goes out with the first output, after the prefill (vLLM sends it on the
         # generator's first iteration): a client or gateway timing the first byte measures the TTFT.
-        parts = [renderer.role_chunk()] if parsed.chat and sent == 0 else []
+        so_far = _running_usage(sim_request) if parsed.continuous_usage else None
+        parts = [renderer.role_chunk(so_far and so_far(0))] if parsed.chat and sent == 0 else []
         # Tokens that piled up while the consumer was busy go out together.
-        parts += [renderer.token_chunk(texts[i]) for i in range(sent, last)]
+        parts += [renderer.token_chunk(texts[i], so_far and so_far(i + 1)) for i in range(sent, last)]
         if finished:
             parts.append(
                 renderer.final_token_chunk(
                     texts[last] if last < available else "",
                     sim_request.finish_reason or "length",
                     _kv_params_out(pod, sim_request),
+                    so_far and so_far(available),
                 )
             )
             if parsed.include_usage:

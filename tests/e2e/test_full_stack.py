@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2
 
-from llmepp.testing.stack import Stack, StackOptions
+from llmepp.testing.stack import Stack, StackOptions, epp_metric
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
@@ -80,6 +80,35 @@ async def test_streaming_chat_is_intact(stack: Stack, client: aiohttp.ClientSess
     content = [c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]]
     assert len([c for c in content if c]) == 6
     assert chunks[-1]["usage"]["completion_tokens"] == 6
+
+
+async def test_continuous_usage_stats_are_accounted_once_from_the_last_usage(
+    stack: Stack, client: aiohttp.ClientSession
+) -> None:
+    """vLLM's continuous_usage_stats put a running usage in every chunk: the EPP's token metrics take the
+    last one (the whole answer's), not the first or a sum."""
+    labels = {"model_name": MODEL, "target_model_name": MODEL}
+    metric = "llm_d_epp_request_output_tokens_sum"
+    before = await epp_metric(client, stack.metrics_url, metric, **labels)
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "count for me"}],
+        "max_tokens": 7,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    async with client.post(f"{stack.url}/v1/chat/completions", json=body) as resp:
+        assert resp.status == 200
+        text = (await resp.read()).decode()
+    running = [json.loads(ln[6:])["usage"]["completion_tokens"] for ln in text.splitlines() if ln.startswith("data: {")]
+    assert running == [0, 1, 2, 3, 4, 5, 6, 7, 7]  # role chunk, 7 tokens, final usage chunk
+    after = before
+    for _ in range(50):  # the EPP accounts right after its last answer
+        after = await epp_metric(client, stack.metrics_url, metric, **labels)
+        if after > before:
+            break
+        await asyncio.sleep(0.02)
+    assert after - before == 7
 
 
 async def test_lax_scalars_pass_as_vllm_reads_them(stack: Stack, client: aiohttp.ClientSession) -> None:

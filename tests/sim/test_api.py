@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -155,6 +156,28 @@ async def test_a_chat_streams_its_role_chunk_with_the_first_token_after_the_pref
             rest = await response.read()
         assert b'"role":"assistant"' in first and rest.endswith(b"data: [DONE]\n\n")
         assert first_byte >= 0.19
+
+
+@pytest.mark.parametrize("chat", [False, True])
+async def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(
+    http: aiohttp.ClientSession, chat: bool
+) -> None:
+    """vLLM: with include_usage and continuous_usage_stats every chunk carries the usage so far (a chat's role
+    chunk 0 completion tokens), then the final usage chunk; without include_usage it adds nothing."""
+    async with running([pod()]) as cluster:
+        prompt: Any = [{"role": "user", "content": "hello"}] if chat else "hello there"
+        options = {"include_usage": True, "continuous_usage_stats": True}
+        result = await complete(http, cluster.urls[0], prompt, 3, stream=True, chat=chat, stream_options=options)
+        chunks = [json.loads(line[6:]) for line in result.lines if line and line != "data: [DONE]"]
+        prompt_tokens = chunks[-1]["usage"]["prompt_tokens"]
+        running_counts = [c["usage"]["completion_tokens"] for c in chunks[:-1]]
+        assert running_counts == ([0] if chat else []) + [1, 2, 3]
+        assert all(c["usage"]["total_tokens"] == prompt_tokens + c["usage"]["completion_tokens"] for c in chunks)
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+        options = {"include_usage": False, "continuous_usage_stats": True}
+        alone = await complete(http, cluster.urls[0], prompt, 3, stream=True, chat=chat, stream_options=options)
+        lines = [line for line in alone.lines if line and line != "data: [DONE]"]
+        assert len(lines) == len(chunks) - 1 and all("usage" not in json.loads(line[6:]) for line in lines)
 
 
 async def test_chunked_request_body_is_accepted(http: aiohttp.ClientSession) -> None:
