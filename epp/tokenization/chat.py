@@ -395,25 +395,27 @@ def _loops_over_content(ast: nodes.Template) -> bool:
     return False
 
 
-def _text_parts(content: Any) -> list[str]:
+def _text_parts(content: Any, keep_empty: bool) -> list[str]:
+    """The texts of a message's content. An empty text part is skipped in the string format, as vLLM skips
+    it (`if parse_res`: ""), but kept in the parts format (`keep_empty`), where vLLM's parse result is the
+    part itself, {"type": "text", "text": ""}, which is truthy."""
     if content is None:
         return []
     if isinstance(content, str):
         return [content]
     if not isinstance(content, list):
         raise ValueError("message content must be a string, a list of parts or null")
-    return [text for p in content if (text := _part_text(p)) is not None]
+    return [text for p in content if (text := _part_text(p)) is not None and (keep_empty or text)]
 
 
 def _part_text(part: Any) -> str | None:
     """A plain string part is a text part (vLLM's chat_utils: ChatCompletionContentPartParam includes str),
-    as is a TEXT_PARTS part (input_text, refusal, ...: its text field); one whose text is null or empty is
-    skipped, as vLLM skips it (`if parse_res`). None: no text part."""
+    as is a TEXT_PARTS part (input_text, refusal, ...: its text field). None: no text part (or a null text)."""
     if isinstance(part, str):
-        return part or None
+        return part
     kind = part.get("type") if isinstance(part, dict) else None
     text = part.get(TEXT_PARTS[kind]) if isinstance(kind, str) and kind in TEXT_PARTS else None
-    return text if isinstance(text, str) and text else None
+    return text if isinstance(text, str) else None
 
 
 def _tool_call(call: Any) -> Any:
@@ -546,7 +548,7 @@ class JinjaTemplate:
 
     @staticmethod
     def _message(m: dict[str, Any], as_parts: bool) -> dict[str, Any]:
-        texts = _text_parts(m.get("content"))
+        texts = _text_parts(m.get("content"), keep_empty=as_parts)
         role = m.get("role", "")
         out: dict[str, Any] = {"role": role}
         # vLLM joins a tool result's text parts whatever the content format.

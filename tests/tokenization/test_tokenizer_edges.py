@@ -257,6 +257,22 @@ def test_reasoning_effort_reaches_the_template_and_sets_thinking_as_vllm_does() 
     assert probe.render(chat(messages=user)) == "|"
 
 
+def test_an_empty_text_part_is_kept_in_the_parts_format_and_skipped_in_the_string_format() -> None:
+    """vLLM keeps a part when its parse result is truthy: in the parts ("openai") format that is the part itself,
+    {"type": "text", "text": ""}, so it stays (and a tool message's parts are joined with it); in the string
+    format it is "", skipped. Before: skipped in both."""
+    parts_format = jinja(
+        "{% for m in messages %}{% if m.content is string %}{{ m.content | tojson }}{% else %}"
+        "{% for p in m.content %}[{{ p.text }}]{% endfor %}{% endif %};{% endfor %}"
+    )
+    string_format = jinja("{% for m in messages %}{{ m.content | tojson }};{% endfor %}")
+    assert parts_format.content_as_parts() and not string_format.content_as_parts()
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": ""}, "", {"type": "text", "text": "b"}]
+    req = chat(messages=[{"role": "user", "content": parts}, {"role": "tool", "tool_call_id": "c", "content": parts}])
+    assert parts_format.render(req) == '[a][][][b];"a\\n\\n\\nb";'
+    assert string_format.render(req) == '"a\\nb";"a\\nb";'
+
+
 def test_an_empty_tools_list_reaches_the_template_as_a_list() -> None:
     """vLLM passes `tools: []` as [] (only an absent / null tools is None), and transformers picks a
     config's `tool_use` template whenever tools is not None. Templates such as Llama 3.1's test
