@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.metrics import pct
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL_HOST = "127.0.0.2"
 REQUEST_BODY = b'{"model":"m","prompt":"hello world, a short prompt","max_tokens":8}'
@@ -290,11 +292,6 @@ class HttpClient:
         self.sock.close()
 
 
-def _pct(values: Sequence[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(p / 100 * len(s)))]
-
-
 @dataclass
 class LatencyResult:
     name: str
@@ -377,7 +374,8 @@ async def bench_latency(
         for child in children:
             child.stop()
     results = {
-        k: LatencyResult(k, _pct(v, 50) * 1e3, _pct(v, 99) * 1e3, statistics.fmean(v) * 1e3) for k, v in samples.items()
+        k: LatencyResult(k, pct(v, 0.5) * 1e3, pct(v, 0.99) * 1e3, statistics.fmean(v) * 1e3)
+        for k, v in samples.items()
     }
     base = results["envoy"]
     added: dict[str, dict[str, float]] = {}

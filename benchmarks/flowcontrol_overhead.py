@@ -29,6 +29,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from benchmarks.metrics import pct
 from llmepp.datalayer.endpoint import Endpoint, EndpointMetrics, EndpointSpec
 from llmepp.errors import RequestError
 from llmepp.flowcontrol.controller import BandConfig, FlowControlConfig, FlowController
@@ -95,11 +96,6 @@ def make_request(i: int, fairness_id: str = "default-flow", priority: int = 0, b
         fairness_id=fairness_id,
         priority=priority,
     )
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 async def _stick_one(ctl: FlowController, pool: tuple[Endpoint, ...]) -> asyncio.Task[None]:

@@ -55,6 +55,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import report
 from benchmarks.contenders import envoy_yaml
+from benchmarks.metrics import pct
 from llmepp.testing.envoy import EnvoyProcess
 from llmepp.testing.ports import free_port
 from llmepp.testing.stack import EppProcess, loopback_epp_args, with_file_discovery
@@ -263,17 +264,12 @@ class ScenarioResult:
     loadavg: str
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def _pcts(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"p50": None, "p90": None, "p99": None}
     out: dict[str, float | None] = {}
     for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
-        v = percentile(values, q)
+        v = pct(values, q)
         out[name] = None if v == float("inf") else round(v * 1000, 1)
     return out
 

@@ -68,16 +68,20 @@ async def execute(
                 out.error = f"http {resp.status}"
                 await resp.read()
                 return _finish(out), ""
-            tail = b""
+            pending = b""  # the read's unfinished event
             async for data in resp.content.iter_any():
                 now = time.monotonic()
-                # One SSE event per token; events end with a blank line (a "\n" may end one read and
-                # start the next).
-                n = (tail + data).count(b"\n\n") if tail else data.count(b"\n\n")
-                tail = data[-1:] if data.endswith(b"\n") and not data.endswith(b"\n\n") else b""
+                # One `data:` event per token; events end with a blank line. Comment events (": keep-alive",
+                # which axum-based routers send while a request waits) are no token: counted, they made a
+                # keep-alive the first token and reset the TTFT timeout below.
+                *complete, pending = (pending + data).split(b"\n\n")
+                n = sum(1 for event in complete if event.lstrip(b"\n").startswith(b"data:"))
                 if want_text:
                     raw.append(data)
                 if not n:
+                    # aiohttp's sock_read timeout only sees silence; comments keep a stalled request alive.
+                    if out.first == 0.0 and now - out.sent > ttft_timeout:
+                        raise TimeoutError
                     continue
                 before = max(0, events - lead)
                 events += n

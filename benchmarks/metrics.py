@@ -89,6 +89,7 @@ class Sample:
     pods: list[dict[str, float]]
     cpu: dict[str, float]
     rss: dict[str, float]
+    complete: bool = True  # every pod answered its scrape (a failed one reads as zeros: never used)
 
 
 @dataclass
@@ -119,13 +120,13 @@ class Sampler:
         pods = [parse_pod_metrics(x) for x in texts]
         cpu = {name: proc_cpu_seconds(pid) for name, pid in self.pids.items()}
         rss = {name: proc_rss_mb(pid)[0] for name, pid in self.pids.items()}
-        self.samples.append(Sample(t, pods, cpu, rss))
+        self.samples.append(Sample(t, pods, cpu, rss, complete=all(texts)))
 
     async def _get(self, url: str) -> str:
         assert self._session is not None
         try:
             async with self._session.get(url + "/metrics") as r:
-                return await r.text()
+                return await r.text() if r.status == 200 else ""
         except (aiohttp.ClientError, TimeoutError):
             return ""
 
@@ -139,11 +140,13 @@ class Sampler:
             await self._session.close()
 
     def at(self, t: float) -> Sample:
-        """The sample closest to wall time `t`."""
-        return min(self.samples, key=lambda s: abs(s.t - t))
+        """The complete sample closest to wall time `t` (a failed scrape's zeros would make a stage's
+        counter deltas span the whole run, or go negative); any sample if none is complete."""
+        candidates = [s for s in self.samples if s.complete] or self.samples
+        return min(candidates, key=lambda s: abs(s.t - t))
 
     def between(self, a: float, b: float) -> list[Sample]:
-        return [s for s in self.samples if a <= s.t <= b]
+        return [s for s in self.samples if a <= s.t <= b and s.complete]
 
 
 def pct(values: Sequence[float], q: float) -> float:

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import aiohttp
 
+from benchmarks.metrics import pct
 from llmepp.config.schema import DEFAULT_CONFIG
 from llmepp.testing.pdstack import PD_CONFIG, PDStack, PDStackOptions, scrape, total
 from llmepp.testing.stack import Stack
@@ -105,13 +106,6 @@ async def one_request(session: aiohttp.ClientSession, url: str, prompt: str) -> 
     if not stamps:
         return "no tokens"
     return Result(stamps[0] - start, [b - a for a, b in itertools.pairwise(stamps)], len(stamps))
-
-
-def pct(values: Sequence[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def arrivals(qps: float, seconds: float, seed: int) -> list[float]:

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from datalayer.vllm_page import vllm_page  # type: ignore[import-not-found,unused-ignore]
 
+from benchmarks.metrics import pct
 from llmepp.datalayer.collector import MetricsCollector
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import EndpointSpec
@@ -192,13 +193,6 @@ async def drive_aiohttp(run: Run) -> Callable[[], Coroutine[Any, Any, None]]:
 DRIVERS = {"collector": drive_collector, "tasks": drive_tasks, "aiohttp": drive_aiohttp}
 
 
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))]
-
-
 async def measure(
     mode: str, n: int, interval: float, seconds: float, warmup: float, conn: Connection
 ) -> dict[str, Any]:
@@ -249,9 +243,9 @@ async def measure(
         "cpu_us_per_scrape": 1e6 * (user + sys_) / max(1.0, served1 - served0),
         "poll_errors": errors1["poll"] - errors0["poll"],
         "extract_errors": errors1["extract"] - errors0["extract"],
-        "age_p99_ms": 1000 * _pct(ages, 0.99),
+        "age_p99_ms": 1000 * pct(ages, 0.99),
         "age_max_ms": 1000 * max(ages, default=float("nan")),
-        "loop_lag_p99_ms": 1000 * _pct(lags, 0.99),
+        "loop_lag_p99_ms": 1000 * pct(lags, 0.99),
         "loop_lag_max_ms": 1000 * max(lags, default=float("nan")),
     }
 

@@ -57,6 +57,8 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     pos = (len(xs) - 1) * q / 100.0
     lo = math.floor(pos)
     hi = min(lo + 1, len(xs) - 1)
+    if math.isinf(xs[hi]):  # a failed request's TTFT: inf - inf would be nan
+        return xs[lo] if pos == lo else math.inf
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
@@ -73,6 +75,9 @@ def stage_metrics(
         recs = [r for r in records if r.stage == k]
         ok = [r for r in recs if r.error is None and r.ttft is not None]
         ttfts = [r.ttft for r in ok if r.ttft is not None]
+        # A failed request's TTFT is infinite, as in the live harness: a policy cannot look fast by failing
+        # requests (its percentiles reach inf once failures pass their rank).
+        censored = ttfts + [math.inf] * (len(recs) - len(ok))
         itls = [r.itl for r in ok if r.itl is not None]
         prompt = sum(r.prompt_tokens for r in ok)
         cached = sum(r.cached_tokens for r in ok)
@@ -96,9 +101,9 @@ def stage_metrics(
                 "requests": len(recs),
                 "completed": len(ok),
                 "errors": errors,
-                "ttft_p50_s": percentile(ttfts, 50),
-                "ttft_p90_s": percentile(ttfts, 90),
-                "ttft_p99_s": percentile(ttfts, 99),
+                "ttft_p50_s": percentile(censored, 50),
+                "ttft_p90_s": percentile(censored, 90),
+                "ttft_p99_s": percentile(censored, 99),
                 "ttft_mean_s": sum(ttfts) / len(ttfts) if ttfts else None,
                 "itl_p50_s": percentile(itls, 50),
                 "itl_p90_s": percentile(itls, 90),

@@ -90,7 +90,7 @@ def test_percentiles_count_failed_requests_as_infinite() -> None:
     samples.append(ft.Sample("quiet", 10, 429, reason="rejected-saturated"))
     t = ft.summarize(traffic, samples, {"quiet": (0.8, 8)})
     assert (t.sent, t.ok, t.success_rate) == (10, 8, 0.8)
-    assert t.ttft_ms["p50"] == 600.0  # 10 values, the 6th smallest
+    assert t.ttft_ms["p50"] == 500.0  # 10 values, nearest rank: the 5th smallest (was the 6th, one rank high)
     assert t.ttft_ms["p90"] is None  # falls on a 429
     assert t.ttft_ok_ms["p90"] == 800.0
     assert t.outcomes == {"ok": 8, "rejected-ttl-expired": 1, "rejected-saturated": 1}

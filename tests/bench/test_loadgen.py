@@ -1,0 +1,85 @@
+"""The load generator's streaming client: what counts as a token, when the TTFT is taken."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import pytest_asyncio
+from aiohttp import web
+
+from benchmarks.loadgen import execute
+from benchmarks.workloads import Call, _completion
+
+TOKENS = 3
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@pytest_asyncio.fixture
+async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[str]]]:
+    runners: list[web.AppRunner] = []
+
+    async def start(handler: Handler) -> str:
+        app = web.Application()
+        app.router.add_post("/v1/completions", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+def _token(i: int) -> bytes:
+    return b'data: {"choices":[{"index":0,"text":" t%d","finish_reason":null}]}\n\n' % i
+
+
+async def test_keep_alive_comments_are_neither_the_first_token_nor_tokens(
+    serve: Callable[[Handler], Awaitable[str]],
+) -> None:
+    """smg (axum) sends `: keep-alive` comments while a request waits: they were counted as token events, so
+    its TTFT was taken at the first one (15 s wall: 60 s simulated at time scale 4) and its tokens inflated."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b": keep-alive\n\n")
+        await asyncio.sleep(0.3)
+        await response.write(b":\n\n" + _token(0)[:20])  # an event split across reads
+        await response.write(_token(0)[20:] + _token(1))
+        await response.write(_token(2) + b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    url = await serve(handler)
+    call = Call("/v1/completions", _completion("hi", TOKENS), TOKENS, 1, "k", usage=False)
+    async with aiohttp.ClientSession() as session:
+        out, _ = await execute(session, url, call, 0, 10.0, 10.0)
+    assert out.ok and out.tokens == TOKENS, out
+    assert out.first - out.sent >= 0.3
+
+
+async def test_a_request_kept_alive_by_comments_still_times_out_waiting_for_its_first_token(
+    serve: Callable[[Handler], Awaitable[str]],
+) -> None:
+    """aiohttp's read timeout sees only silence; comments every 50 ms kept a stalled request alive past it."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for _ in range(40):
+            await response.write(b": keep-alive\n\n")
+            await asyncio.sleep(0.05)
+        return response
+
+    url = await serve(handler)
+    call = Call("/v1/completions", _completion("hi", TOKENS), TOKENS, 1, "k", usage=False)
+    async with aiohttp.ClientSession() as session:
+        out, _ = await execute(session, url, call, 0, 0.3, 10.0)
+    assert out.error == "ttft-timeout" and out.tokens == 0
+    assert out.end - out.sent < 1.0  # not the 2 s the comments lasted
