@@ -57,6 +57,21 @@ def parse_verbosity(text: str) -> int:
     return level
 
 
+# zap's level names as this EPP's verbosity (the reference logs at V(2) by default, V(4) debug).
+_ZAP_LEVELS = {"debug": 4, "info": 2, "warn": 1, "error": 0, "dpanic": 0, "panic": 0, "fatal": 0}
+
+
+def parse_zap_level(text: str) -> int:
+    """--zap-log-level: a zap level name, or an integer N > 0 for V(N) as controller-runtime reads it."""
+    level = _ZAP_LEVELS.get(text.strip().lower())
+    if level is not None:
+        return level
+    try:
+        return parse_verbosity(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"invalid level {text!r} (debug, info, error or an integer)") from None
+
+
 def parse_ports(text: str) -> tuple[int, ...]:
     """'8000,8001' → (8000, 8001)."""
     try:
@@ -65,7 +80,7 @@ def parse_ports(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"invalid port list {text!r} (example: 8000,8001)") from None
     if any(not 1 <= p <= 65535 for p in ports):
         raise argparse.ArgumentTypeError(f"invalid port list {text!r}: ports are 1-65535")
-    return ports
+    return tuple(dict.fromkeys(ports))  # a port listed twice once, as the reference's removeDuplicatePorts
 
 
 def parse_port(text: str) -> int:
@@ -85,6 +100,12 @@ def parse_bool(text: str) -> bool:
     if value is None:
         raise argparse.ArgumentTypeError(f"invalid boolean {text!r} (true or false)")
     return value
+
+
+def _switch(p: argparse.ArgumentParser, flag: str, help: str | None = None) -> None:
+    """An on/off flag as Go's flag package reads one: `--x` is true, and `--x=true` / `--x=false` work too (a
+    Helm template writes `--x={{ .Values.x }}`)."""
+    p.add_argument(flag, type=parse_bool, nargs="?", const=True, default=False, metavar="BOOL", help=help)
 
 
 def parse_list(text: str) -> tuple[str, ...]:
@@ -108,11 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     cfg = p.add_mutually_exclusive_group()
     cfg.add_argument("--config-file", help="EndpointPickerConfig YAML file")
     cfg.add_argument("--config-text", help="EndpointPickerConfig YAML as a string")
-    p.add_argument("--watch-config-file", action="store_true",
-                   help="apply --config-file's scorers, filters, pickers and profiles when it changes")  # fmt: skip
+    _switch(p, "--watch-config-file", "apply --config-file's scorers, filters, pickers and profiles when it changes")
     p.add_argument("--pool-name", default=None,
                    help=f"InferencePool to watch (Kubernetes mode); a label in file mode ({d.pool_name})")  # fmt: skip
-    p.add_argument("--pool-namespace", default=os.environ.get("NAMESPACE") or d.pool_namespace,
+    p.add_argument("--pool-namespace", default=None,
                    help="namespace of the pool, its pods and CRDs (default $NAMESPACE, else default)")  # fmt: skip
     p.add_argument("--pool-group", default=d.pool_group, help="API group of the InferencePool")
     p.add_argument("--endpoint-selector", default=None,
@@ -121,8 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --endpoint-selector: comma-separated pod ports, 1 to 8 (ranks)")  # fmt: skip
     p.add_argument("--kubeconfig", default=d.kubeconfig,
                    help="kubeconfig (default: in-cluster account, else $KUBECONFIG, else ~/.kube/config)")  # fmt: skip
-    p.add_argument("--ha-enable-leader-election", action="store_true",
-                   help="only the Lease holder reports ready (active-passive)")  # fmt: skip
+    _switch(p, "--ha-enable-leader-election", "only the Lease holder reports ready (active-passive)")
     p.add_argument("--ha-lease-duration", type=parse_duration, default=d.ha_lease_duration)
     p.add_argument("--ha-renew-deadline", type=parse_duration, default=d.ha_renew_deadline)
     p.add_argument("--ha-retry-period", type=parse_duration, default=d.ha_retry_period)
@@ -143,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="BOOL", help="TLS on the ext_proc port (default true; =false: plaintext)")  # fmt: skip
     p.add_argument("--cert-path", default=d.cert_path,
                    help="directory with tls.crt and tls.key (default: a self-signed certificate)")  # fmt: skip
-    p.add_argument("--enable-cert-reload", action="store_true", help="re-read --cert-path's files when they change")
+    _switch(p, "--enable-cert-reload", "re-read --cert-path's files when they change")
     p.add_argument("--tls-min-version", default=d.tls_min_version, choices=("VersionTLS12", "VersionTLS13"))
     p.add_argument("--tls-cipher-suites", type=parse_list, default=d.tls_cipher_suites,
                    help="comma-separated TLS 1.2 cipher suites, Go's names (default: OpenSSL's)")  # fmt: skip
@@ -153,14 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-cert-dir", default=None, help="directory with tls.crt and tls.key: /metrics over HTTPS")
     p.add_argument("--metrics-client-ca-file", default=None,
                    help="CA bundle; /metrics then requires client certificates signed by it (mTLS)")  # fmt: skip
-    p.add_argument("--destination-fallback-list", action="store_true",
-                   help="send every picked endpoint (comma-separated) for gateways with fallback support")  # fmt: skip
-    p.add_argument("--disable-endpoint-subset-filter", action="store_true")
-    p.add_argument("--emit-endpoint-scores", action="store_true",
-                   help="every candidate's score in envoy.lb/x-gateway-destination-endpoint-scores")  # fmt: skip
-    p.add_argument("--decision-header", action="store_true",
-                   help="add x-epp-decision (chosen endpoint and top scores) to responses")  # fmt: skip
-    p.add_argument("--allow-experimental-plugins", action="store_true")
+    _switch(p, "--destination-fallback-list", "send every picked endpoint (comma-separated) for gateways with fallback")
+    _switch(p, "--disable-endpoint-subset-filter")
+    _switch(p, "--emit-endpoint-scores", "every candidate's score in envoy.lb/x-gateway-destination-endpoint-scores")
+    _switch(p, "--decision-header", "add x-epp-decision (chosen endpoint and top scores) to responses")
+    _switch(p, "--allow-experimental-plugins")
     # 0 is the flag unset, as in the reference (its default 0 leaves gRPC's own limit).
     p.add_argument("--grpc-max-recv-msg-size", type=parse_size, default=None,
                    help="largest ext_proc message accepted (0 or unset: --max-body-size + 1 MiB)")  # fmt: skip
@@ -175,8 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accepted for compatibility: the gRPC health services are always served")  # fmt: skip
     p.add_argument("--tracing", type=parse_bool, nargs="?", const=True, default=d.tracing, metavar="BOOL",
                    help="OpenTelemetry spans per request, exported as OTEL_TRACES_EXPORTER says")  # fmt: skip
-    p.add_argument("-v", "--v", dest="verbosity", type=parse_verbosity, default=d.verbosity, help="log verbosity 0-5")
-    p.add_argument("--log-format", choices=("json", "text"), default="json")
+    p.add_argument("-v", "--v", dest="verbosity", type=parse_verbosity, default=None,
+                   help=f"log verbosity 0-5 (default {d.verbosity})")  # fmt: skip
+    p.add_argument("--log-format", choices=("json", "text"), default=None, help="default json")
+    # controller-runtime's zap flags, which the reference registers beside -v: deployments pass them. The
+    # encoder and level map onto --log-format and -v (which win when given); the rest are accepted.
+    p.add_argument("--zap-encoder", choices=("json", "console"), default=None, help="json or console (text) logs")
+    p.add_argument("--zap-log-level", type=parse_zap_level, default=None,
+                   help="debug (-v 4), info (-v 2), error (-v 0) or a verbosity")  # fmt: skip
+    p.add_argument("--zap-devel", type=parse_bool, nargs="?", const=True, default=False, metavar="BOOL",
+                   help="accepted for compatibility (development logging defaults)")  # fmt: skip
+    p.add_argument("--zap-stacktrace-level", default=None, help="accepted for compatibility")
+    p.add_argument("--zap-time-encoding", default=None, help="accepted for compatibility")
     return p
 
 
@@ -208,6 +234,11 @@ def _check_flags(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
                         f"{flag}")  # fmt: skip
 
 
+def _first(*values: Any) -> Any:
+    """The first value that is not None."""
+    return next(v for v in values if v is not None)
+
+
 def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
     p = build_parser()
     a = p.parse_args(argv)
@@ -222,9 +253,10 @@ def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
         config_file=a.config_file,
         config_text=a.config_text,
         watch_config_file=a.watch_config_file,
+        # Empty is unset, as the reference reads them (a template's `--pool-name={{ .Values.pool }}`).
         pool_name=a.pool_name or Settings().pool_name,
-        pool_namespace=a.pool_namespace,
-        pool_name_set=a.pool_name is not None,
+        pool_namespace=a.pool_namespace or os.environ.get("NAMESPACE") or Settings().pool_namespace,
+        pool_name_set=bool(a.pool_name),
         pool_group=a.pool_group,
         endpoint_selector=a.endpoint_selector,
         endpoint_target_ports=a.endpoint_target_ports,
@@ -257,8 +289,8 @@ def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
         grpc_max_recv_msg_size=a.grpc_max_recv_msg_size,
         grpc_max_send_msg_size=a.grpc_max_send_msg_size,
         grpc_stream_metrics=a.enable_grpc_stream_metrics,
-        verbosity=a.verbosity,
-        log_json=a.log_format == "json",
+        verbosity=_first(a.verbosity, a.zap_log_level, Settings().verbosity),
+        log_json=_first(a.log_format, {"console": "text"}.get(a.zap_encoder, a.zap_encoder), "json") == "json",
     )
 
 

@@ -163,3 +163,54 @@ def test_the_exit_codes_are_documented_in_the_help() -> None:
     assert "exit codes: 0 stopped after SIGTERM or SIGINT" in help_text
     assert "1 stopped, but a part failed to close (logged), or a second signal while stopping" in help_text
     assert "2 usage or configuration error" in help_text
+
+
+@pytest.mark.parametrize(
+    ("flag", "field"),
+    [
+        ("--ha-enable-leader-election", "ha_enable_leader_election"),
+        ("--allow-experimental-plugins", "allow_experimental_plugins"),
+        ("--disable-endpoint-subset-filter", "disable_endpoint_subset_filter"),
+        ("--emit-endpoint-scores", "emit_endpoint_scores"),
+        ("--enable-cert-reload", "enable_cert_reload"),
+        ("--watch-config-file", "watch_config_file"),
+        ("--destination-fallback-list", "destination_fallback_list"),
+        ("--decision-header", "decision_header"),
+    ],
+)
+def test_on_off_flags_take_gos_explicit_values(flag: str, field: str) -> None:
+    """The reference's are Go bool flags: `--x`, `--x=true` and `--x=false` all parse (a Helm template writes
+    `--x={{ .Values.x }}`); before, `=true` was a usage error."""
+    assert getattr(settings_from_args([]), field) is False
+    assert getattr(settings_from_args([flag]), field) is True
+    assert getattr(settings_from_args([f"{flag}=true"]), field) is True
+    assert getattr(settings_from_args([f"{flag}=false"]), field) is False
+
+
+def test_controller_runtimes_zap_flags_run_as_the_reference_registers_them() -> None:
+    """Deployments pass --zap-encoder json, --zap-log-level debug...: they were unrecognized arguments."""
+    assert (settings_from_args([]).verbosity, settings_from_args([]).log_json) == (2, True)
+    s = settings_from_args(["--zap-encoder", "console", "--zap-log-level", "debug", "--zap-devel",
+                            "--zap-stacktrace-level=error", "--zap-time-encoding", "iso8601"])  # fmt: skip
+    assert (s.verbosity, s.log_json) == (4, False)
+    assert settings_from_args(["--zap-log-level=3"]).verbosity == 3
+    assert settings_from_args(["--zap-log-level=error"]).verbosity == 0
+    # -v and --log-format, when given, win.
+    s = settings_from_args(["--zap-log-level=debug", "-v", "1", "--zap-encoder=console", "--log-format=json"])
+    assert (s.verbosity, s.log_json) == (1, True)
+
+
+def test_empty_pool_flags_are_unset_as_the_reference_reads_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A template's `--pool-name=` / `--pool-namespace=` with an empty value: unset (before, the empty name
+    counted as given, clashing with --endpoint-selector, and the empty namespace was used as "")."""
+    monkeypatch.delenv("NAMESPACE", raising=False)
+    s = settings_from_args(["--pool-name=", "--pool-namespace=", "--endpoint-selector=app=vllm"])
+    assert not s.pool_name_set and s.pool_namespace == "default"
+    monkeypatch.setenv("NAMESPACE", "serving")
+    assert settings_from_args(["--pool-namespace="]).pool_namespace == "serving"
+    assert settings_from_args(["--pool-namespace=other"]).pool_namespace == "other"
+
+
+def test_a_target_port_listed_twice_counts_once() -> None:
+    """The reference de-duplicates --endpoint-target-ports (removeDuplicatePorts); here it was refused."""
+    assert settings_from_args(["--endpoint-target-ports=8000,8001,8000"]).endpoint_target_ports == (8000, 8001)
