@@ -45,6 +45,7 @@ from llmepp.observability.metrics_server import MetricsAuth, MetricsServer, metr
 from llmepp.server import health
 from llmepp.server.extproc import ExtProcServicer, create_server
 from llmepp.server.h2 import H2ExtProcServer, create_h2_server
+from llmepp.server.listen import grpc_address
 from llmepp.server.tls import ServingCert
 from llmepp.settings import Settings
 from llmepp.tasks import cancel_and_wait
@@ -383,7 +384,7 @@ class App:
 
         self._health_server = grpc.aio.server()
         health.add_to_server(self.health, self._health_server)
-        health_address = join_hostport(s.bind_address, s.grpc_health_port)
+        health_address = grpc_address(s.bind_address, s.grpc_health_port)
         with _listening("--grpc-health-port", health_address):
             self.health_port = self._health_server.add_insecure_port(health_address)
         await self._health_server.start()

@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=parse_port, default=d.grpc_port, help="ext_proc gRPC port")
     p.add_argument("--grpc-health-port", type=parse_port, default=d.grpc_health_port, help="gRPC health port")
     p.add_argument("--metrics-port", type=parse_port, default=d.metrics_port, help="Prometheus /metrics port (0 = off)")
-    p.add_argument("--bind-address", default=d.bind_address, help="address the servers listen on")
+    p.add_argument("--bind-address", default=d.bind_address,
+                   help="address the servers listen on (default: every address, IPv6 and IPv4)")  # fmt: skip
     cfg = p.add_mutually_exclusive_group()
     cfg.add_argument("--config-file", help="EndpointPickerConfig YAML file")
     cfg.add_argument("--config-text", help="EndpointPickerConfig YAML as a string")

@@ -11,7 +11,7 @@ class Settings:
     grpc_port: int = 9002
     grpc_health_port: int = 9003
     metrics_port: int = 9090
-    bind_address: str = "0.0.0.0"
+    bind_address: str = ""  # every address, IPv6 and IPv4 (server.listen)
     # Configuration: at most one of the two.
     config_file: str | None = None
     config_text: str | None = None

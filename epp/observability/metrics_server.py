@@ -41,6 +41,7 @@ from prometheus_client.exposition import choose_encoder
 from llmepp.framework.plugin import ConfigError
 from llmepp.k8s.client import KubeClient, KubeError
 from llmepp.observability.logging import quiet_malformed_http_requests
+from llmepp.server.listen import any_address_socket
 from llmepp.server.tls import CERT_FILE, KEY_FILE, RELOAD_INTERVAL, validity_problem
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,11 @@ class MetricsServer:
         app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, ssl_context=self.ssl_context, reuse_address=True)
+        site: web.BaseSite = (
+            web.TCPSite(self._runner, host, port, ssl_context=self.ssl_context, reuse_address=True)
+            if host
+            else web.SockSite(self._runner, any_address_socket(port), ssl_context=self.ssl_context)
+        )
         await site.start()
         self.port = port
 

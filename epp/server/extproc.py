@@ -26,8 +26,8 @@ from typing import Any
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from llmepp.datalayer.endpoint import join_hostport
 from llmepp.server import envoy
+from llmepp.server.listen import grpc_address
 from llmepp.server.stream import (
     CONTROL_HEADERS,
     Answers,
@@ -197,7 +197,7 @@ def create_server(
     """
     server = grpc.aio.server(options=[*server_options(settings), *options])
     add_to_server(servicer, server)
-    address = address or join_hostport(settings.bind_address, settings.grpc_port)
+    address = address or grpc_address(settings.bind_address, settings.grpc_port)
     if credentials is not None:
         return server, server.add_secure_port(address, credentials)
     return server, server.add_insecure_port(address)

@@ -43,6 +43,7 @@ from typing import Any
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from llmepp.datalayer.endpoint import join_hostport, split_hostport
+from llmepp.server.listen import any_address_socket
 from llmepp.server.stream import ExtProcStream, Pending, StreamContext
 from llmepp.settings import Settings
 
@@ -923,12 +924,15 @@ class H2ExtProcServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        # Every address: one dual-stack socket (asyncio would bind IPv4 and IPv6 apart, on two ports for 0).
+        where: dict[str, Any] = (
+            {"host": self.host, "port": self.requested_port, "reuse_address": True, "reuse_port": False}
+            if self.host
+            else {"sock": any_address_socket(self.requested_port)}
+        )
         self._server = await loop.create_server(
             lambda: _Connection(self),
-            self.host,
-            self.requested_port,
-            reuse_address=True,
-            reuse_port=False,
+            **where,
             ssl=self.ssl,
             # The TLS handshake is bounded like ours (asyncio's default is 60 s).
             ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.ssl is not None else None,
@@ -981,6 +985,4 @@ def create_h2_server(
     (tls.ServingCert.ssl_context) makes it a TLS port with ALPN h2, else plaintext (h2c)."""
     addr = address or join_hostport(settings.bind_address, settings.grpc_port)
     host, port = split_hostport(addr)
-    return H2ExtProcServer(
-        context, settings, host=host or "0.0.0.0", port=int(port), stream_factory=stream_factory, ssl=ssl
-    )
+    return H2ExtProcServer(context, settings, host=host, port=int(port), stream_factory=stream_factory, ssl=ssl)

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--host", default=d.host, help="listen address (default %(default)s)")
+    p.add_argument("--host", default=d.host, help="listen address (default: every address, IPv6 and IPv4)")
     p.add_argument("--port", type=int, default=d.port, help="listen port, the pod's serving port (default %(default)s)")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--decoder-url", help=f"URL of the local decode server (default {d.decoder_url})")
@@ -178,10 +178,10 @@ async def serve(options: SidecarOptions) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     if len(sidecar.ports) == 1:
-        print(f"{READY_PREFIX}{options.host}:{sidecar.port} decoder={options.decoder_url}", flush=True)
+        print(f"{READY_PREFIX}{options.host or '*'}:{sidecar.port} decoder={options.decoder_url}", flush=True)
     else:
         for rank, (port, decoder) in enumerate(zip(sidecar.ports, sidecar.decoders)):
-            print(f"{READY_PREFIX}{options.host}:{port} decoder={decoder} rank={rank}", flush=True)
+            print(f"{READY_PREFIX}{options.host or '*'}:{port} decoder={decoder} rank={rank}", flush=True)
     try:
         await stop.wait()
     finally:

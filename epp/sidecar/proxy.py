@@ -69,6 +69,7 @@ from llmepp.datalayer.endpoint import join_hostport
 from llmepp.decoding import DECODE_ERRORS
 from llmepp.httpclient import upstream_connector
 from llmepp.observability.logging import quiet_malformed_http_requests
+from llmepp.server.listen import any_address_socket
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ MAX_DECODER_REDIRECTS = 10
 
 @dataclass
 class SidecarOptions:
-    host: str = "0.0.0.0"
+    host: str = ""  # every address, IPv6 and IPv4 (server.listen), as the reference's `:port`
     port: int = 8000  # 0 = any free port (tests)
     decoder_url: str = "http://127.0.0.1:8200"
     prefill_scheme: str = "http"
@@ -395,7 +396,12 @@ class Sidecar:
                 runner = web.AppRunner(self.app(rank), handler_cancellation=True, access_log=None)
                 self._runners.append(runner)
                 await runner.setup()
-                await web.TCPSite(runner, self.options.host, port, backlog=1024).start()
+                site: web.BaseSite = (
+                    web.TCPSite(runner, self.options.host, port, backlog=1024)
+                    if self.options.host
+                    else web.SockSite(runner, any_address_socket(port), backlog=1024)
+                )
+                await site.start()
         except BaseException:
             await self.stop()
             raise

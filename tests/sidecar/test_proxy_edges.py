@@ -19,9 +19,9 @@ from multidict import CIMultiDict
 
 from llmepp.sidecar import proxy
 from llmepp.sidecar.cli import options_from_args
-from llmepp.sidecar.proxy import SidecarOptions, parse_hostport
+from llmepp.sidecar.proxy import Sidecar, SidecarOptions, parse_hostport
 
-from .test_proxy import KV, Fake, http, prefill_ok, started, stopped
+from .test_proxy import KV, Fake, decode_stream, http, prefill_ok, started, stopped
 
 __all__ = ["http"]  # the fixture, re-exported for pytest
 
@@ -426,3 +426,18 @@ async def test_a_streamed_answer_silent_past_the_idle_timeout_is_cut(http: aioht
         assert loop.time() - t0 < 1
     finally:
         await stopped(sidecar, p, d)
+
+
+async def test_by_default_the_sidecar_answers_on_ipv6_and_ipv4(http: aiohttp.ClientSession) -> None:
+    """The reference listens on `:port`, every address; this one bound 0.0.0.0, refusing Envoy / the EPP on an
+    IPv6 pod address (every data-parallel rank port too)."""
+    d = await Fake(decode_stream).start()
+    sidecar = Sidecar(SidecarOptions(port=0, decoder_url=f"http://{d.hostport}"))
+    await sidecar.start()
+    try:
+        for host in ("127.0.0.1", "[::1]"):
+            async with http.post(f"http://{host}:{sidecar.port}/v1/completions", json=BODY) as resp:
+                assert resp.status == 200, host
+                await resp.read()
+    finally:
+        await stopped(sidecar, d)
