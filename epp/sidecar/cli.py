@@ -5,7 +5,7 @@
     POD_IP=10.0.0.5 epp-pd-sidecar --port 8000 --vllm-port 8200 --data-parallel-size 4
         # ports 8000-8003 front vLLM ranks 8200-8203; 8000 also forwards by x-data-parallel-host-port
 
-Durations accept plain seconds (`0.2`) or Go-style units (`200ms`, `5s`, `2m`). Prints
+Durations accept plain seconds (`0.2`) or Go's syntax (`200ms`, `5s`, `1m30s`, `250us`). Prints
 `epp-pd-sidecar: listening <host:port> decoder=<url>` once it accepts connections (one line per
 data-parallel rank, ending ` rank=<r>`, rank 0 first); SIGTERM / SIGINT stop it (exit 0).
 
@@ -16,10 +16,13 @@ primary port, `x-data-parallel-host-port: <pod ip>:<port + r>` (set by the EPP's
 a value naming another address or port is a 400. The pod's IP is `--pod-ip`, default `$POD_IP` (as
 the reference reads it), else `--host` when that is not a wildcard.
 
-The reference sidecar's flags are accepted so its Deployment args start this one: `--kv-connector nixlv2`,
-`--enable-tls prefiller,decoder` (https upstreams), `--tls-insecure-skip-verify`, `--enable-ssrf-protection`
-(with `--allowed-prefill-networks`), `--data-parallel-size`; what this sidecar does not do (other
-connectors, encoders, chunked decode, prefiller sampling, metrics) is refused at start with the reason.
+The reference sidecar's flags are accepted so its Deployment args start this one: `--kv-connector nixlv2`
+(or `--connector`), `--enable-tls prefiller,decoder` (https upstreams; repeatable, as `--prefiller-use-tls` /
+`--decoder-use-tls`), `--tls-insecure-skip-verify` (every stage, or a list of them), `--enable-ssrf-protection`
+(with `--allowed-prefill-networks`), `--data-parallel-size`, `--zap-log-level` / `-v`; `--secure-proxy=false`,
+`--cert-path`, `--inference-pool`, `--pool-group` and `--max-idle-conns-per-host` are accepted with nothing to
+do here. What this sidecar does not do (other connectors, encoders, chunked decode, prefiller sampling,
+metrics, serving TLS) is refused at start with the reason.
 """
 
 from __future__ import annotations
@@ -42,16 +45,34 @@ from llmepp.gctuning import tune_gc
 from llmepp.sidecar.proxy import Sidecar, SidecarOptions
 
 READY_PREFIX = "epp-pd-sidecar: listening "
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
-_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+_GO_DURATION = re.compile(rf"(?:{_NUMBER}(?:ns|us|µs|μs|ms|s|m|h))+")
+_GO_PART = re.compile(rf"({_NUMBER})(ns|us|µs|μs|ms|s|m|h)")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_STAGES = ("prefiller", "decoder", "encoder")
 _SIZE = re.compile(r"^\s*(\d+)\s*(|k|ki|kib|m|mi|mib|g|gi|gib)\s*$", re.IGNORECASE)
 
 
 def duration(text: str) -> float:
-    match = _DURATION.match(text)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 0.2, 200ms, 5s)")
-    return float(match[1]) * _UNITS[match[2]]
+    """Seconds, or Go's time.ParseDuration syntax (`1m30s`, `250us`), as the reference parses its durations."""
+    value = text.strip()
+    if re.fullmatch(_NUMBER, value):
+        return float(value)
+    if _GO_DURATION.fullmatch(value) is None:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 0.2, 200ms, 5s, 1m30s)")
+    return sum(float(number) * _UNITS[unit] for number, unit in _GO_PART.findall(value))
+
+
+def stages(text: str) -> set[str]:
+    """--tls-insecure-skip-verify: a Go bool (every stage) or, as the newer reference, a list of stages."""
+    try:
+        return set(_STAGES) if parse_bool(text) else set()
+    except argparse.ArgumentTypeError:
+        pass
+    named = {part.strip() for part in text.split(",") if part.strip()}
+    if not named or named - set(_STAGES):
+        raise argparse.ArgumentTypeError(f"invalid {text!r}: true, false or stages ({', '.join(_STAGES)})")
+    return named
 
 
 def size(text: str) -> int:
@@ -93,15 +114,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pod-ip", default=os.environ.get("POD_IP", ""),
                    help="this pod's IP as the EPP names it in x-data-parallel-host-port (default $POD_IP, "
                    "else --host); only with --data-parallel-size > 1")  # fmt: skip
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-level", default=None, choices=("debug", "info", "warning", "error"), help="default info")
     # The reference sidecar's flags (cmd/pd-sidecar), so its Deployment args start this one: honoured where
     # this sidecar does what they ask, refused with the reason where it does not.
     ref = p.add_argument_group("reference flags")
-    ref.add_argument("--kv-connector", default="nixlv2", help="nixlv2 (vLLM's NixlConnector), the only one here")
+    ref.add_argument("--kv-connector", "--connector", dest="kv_connector", default="nixlv2",
+                     help="nixlv2 (vLLM's NixlConnector), the only one here")  # fmt: skip
     ref.add_argument("--ec-connector", default="", help="encoder connectors: none here (encoders are not run)")
-    ref.add_argument("--enable-tls", default="", help="comma-separated: prefiller, decoder (https upstreams)")
+    ref.add_argument("--enable-tls", action="append", default=[],
+                     help="comma-separated, repeatable: prefiller, decoder (https upstreams)")  # fmt: skip
     go_bool: dict[str, Any] = {"type": parse_bool, "nargs": "?", "const": True, "default": False, "metavar": "BOOL"}
-    ref.add_argument("--tls-insecure-skip-verify", **go_bool)
+    ref.add_argument("--prefiller-use-tls", **go_bool, help="as --enable-tls prefiller")
+    ref.add_argument("--decoder-use-tls", **go_bool, help="as --enable-tls decoder")
+    ref.add_argument("--tls-insecure-skip-verify", type=stages, nargs="?", const=set(_STAGES), default=set(),
+                     metavar="BOOL|STAGES", help="skip certificate checks: every stage, or named ones")  # fmt: skip
+    ref.add_argument("--secure-proxy", "--secure-serving", dest="secure_proxy", **go_bool,
+                     help="TLS on the sidecar's own port: not served here (=false is accepted)")  # fmt: skip
+    ref.add_argument("--cert-path", default="", help="with --secure-proxy, which is not served here")
+    ref.add_argument("--inference-pool", default="", help="accepted: SSRF protection reads --allowed-prefill-networks")
+    ref.add_argument("--pool-group", default="", help="accepted (see --inference-pool)")
+    ref.add_argument("--max-idle-conns-per-host", type=int, default=0, help="accepted: idle connections are unbounded")
+    ref.add_argument("--zap-log-level", default=None, help="debug, info, error (as --log-level)")
+    ref.add_argument("-v", "--v", dest="verbosity", type=int, default=None, help="4 or more: debug logs")
     ref.add_argument("--enable-ssrf-protection", **go_bool,
                      help="needs --allowed-prefill-networks here (the reference reads the InferencePool)")  # fmt: skip
     ref.add_argument("--enable-prefiller-sampling", **go_bool)
@@ -121,7 +155,7 @@ def _unsupported(a: argparse.Namespace) -> list[str]:
         problems.append(f"--kv-connector {a.kv_connector}: only nixlv2 (vLLM's NixlConnector) is implemented")
     if a.ec_connector:
         problems.append("--ec-connector: this sidecar runs no encoders")
-    unknown = {t.strip() for t in a.enable_tls.split(",") if t.strip()} - {"prefiller", "decoder"}
+    unknown = _tls_stages(a) - {"prefiller", "decoder"}
     if unknown:
         problems.append(f"--enable-tls {','.join(sorted(unknown))}: only prefiller and decoder")
     if a.enable_ssrf_protection and not a.allowed_prefill_networks:
@@ -132,7 +166,34 @@ def _unsupported(a: argparse.Namespace) -> list[str]:
         problems.append("--decode-chunk-size: chunked decode is not implemented")
     if a.metrics_port:
         problems.append("--metrics-port: this sidecar serves no metrics")
+    if a.secure_proxy:
+        problems.append("--secure-proxy: this sidecar serves plain HTTP (TLS ends at the gateway or a mesh)")
+    if a.zap_log_level is not None and _zap_level(a.zap_log_level) is None:
+        problems.append(f"--zap-log-level {a.zap_log_level}: debug, info, warn, error or a number")
     return problems
+
+
+def _tls_stages(a: argparse.Namespace) -> set[str]:
+    named = {t.strip() for value in a.enable_tls for t in value.split(",") if t.strip()}
+    flags = {"prefiller": a.prefiller_use_tls, "decoder": a.decoder_use_tls}
+    return named | {stage for stage, on in flags.items() if on}
+
+
+def _zap_level(text: str) -> str | None:
+    """A zap level as a --log-level (an integer N > 0 is V(N): debug)."""
+    level = {"debug": "debug", "info": "info", "warn": "warning", "error": "error"}.get(text.strip().lower())
+    if level is None and text.strip().isdigit():
+        level = "debug" if int(text) > 0 else "info"
+    return level
+
+
+def _log_level(a: argparse.Namespace) -> str:
+    """--log-level, else --zap-log-level, else -v (4 or more: debug), else info."""
+    if a.log_level is not None:
+        return str(a.log_level)
+    if a.zap_log_level is not None:
+        return _zap_level(a.zap_log_level) or "info"
+    return "debug" if a.verbosity is not None and a.verbosity >= 4 else "info"
 
 
 def options_from_args(argv: Sequence[str] | None = None) -> tuple[SidecarOptions, str]:
@@ -142,7 +203,7 @@ def options_from_args(argv: Sequence[str] | None = None) -> tuple[SidecarOptions
     problems = _unsupported(a)
     if problems:
         parser.error("; ".join(problems))
-    tls = {t.strip() for t in a.enable_tls.split(",") if t.strip()}
+    tls = _tls_stages(a)
     scheme = "https" if "decoder" in tls else "http"
     vllm_port = URL(SidecarOptions.decoder_url).port if a.vllm_port is None else a.vllm_port
     decoder = a.decoder_url or f"{scheme}://127.0.0.1:{vllm_port}"
@@ -159,13 +220,14 @@ def options_from_args(argv: Sequence[str] | None = None) -> tuple[SidecarOptions
             decode_idle_timeout=a.decode_idle_timeout,
             max_body_bytes=a.max_body_size,
             allowed_prefill_networks=[n.strip() for n in a.allowed_prefill_networks.split(",") if n.strip()],
-            tls_verify=not a.tls_insecure_skip_verify,
+            tls_verify_prefill="prefiller" not in a.tls_insecure_skip_verify,
+            tls_verify_decoder="decoder" not in a.tls_insecure_skip_verify,
             data_parallel_size=a.data_parallel_size,
             pod_ip=a.pod_ip,
         )
     except ValueError as e:
         parser.error(str(e))
-    return options, a.log_level
+    return options, _log_level(a)
 
 
 async def serve(options: SidecarOptions) -> None:

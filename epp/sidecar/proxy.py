@@ -121,8 +121,9 @@ class SidecarOptions:
     max_body_bytes: int = 64 * 1024 * 1024
     # SSRF guard: networks x-prefiller-host-port may point into; empty = any address.
     allowed_prefill_networks: list[str] = field(default_factory=list)
-    # https upstreams: verify their certificates (--tls-insecure-skip-verify turns it off).
-    tls_verify: bool = True
+    # https upstreams: verify their certificates, per stage (--tls-insecure-skip-verify turns it off).
+    tls_verify_prefill: bool = True
+    tls_verify_decoder: bool = True
     # Data-parallel ranks of the local model server: rank r is served on port + r and fronts the
     # decoder URL's port + r. 1 = no data parallelism (one port, one decoder).
     data_parallel_size: int = 1
@@ -388,7 +389,7 @@ class Sidecar:
         # No pool limit: every in-flight request holds one upstream connection anyway, and a
         # limit would queue decodes behind slow prefills. Raw bytes: no decompression in between.
         quiet_malformed_http_requests()
-        connector = upstream_connector(limit=0, ttl_dns_cache=60, ssl=self.options.tls_verify)
+        connector = upstream_connector(limit=0, ttl_dns_cache=60)
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         try:
             for rank, port in enumerate(self.ports):
@@ -538,6 +539,7 @@ class Sidecar:
                     timeout=self._prefill_timeout,
                     allow_redirects=False,
                     auto_decompress=True,
+                    ssl=o.tls_verify_prefill,
                 ) as up:
                     answer = await self._read_prefill(up, prefiller)
                     status, content_type = up.status, up.headers.get("Content-Type", "")
@@ -608,6 +610,7 @@ class Sidecar:
                     timeout=self._decode_timeout,
                     allow_redirects=False,
                     skip_auto_headers=_NO_AUTO_HEADERS,
+                    ssl=self.options.tls_verify_decoder,
                 )
             except (aiohttp.ClientError, TimeoutError) as e:
                 raise ProxyError(502, f"decoder at {decoder} unreachable: {e}", stage="decode") from None

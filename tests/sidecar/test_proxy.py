@@ -3,17 +3,22 @@ requests, retries, error passing, streaming pass-through, chunked uploads, the S
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from helpers import write_cert_pair
 
-from llmepp.sidecar.cli import options_from_args
+from llmepp.server.tls import CERT_FILE, KEY_FILE
+from llmepp.sidecar.cli import duration, options_from_args
 from llmepp.sidecar.proxy import Sidecar, SidecarOptions, prefill_request
 
 Handler = Callable[[web.Request, dict[str, Any] | None], Awaitable[web.StreamResponse]]
@@ -41,6 +46,7 @@ class Fake:
     seen: list[Seen] = field(default_factory=list)
     runner: web.AppRunner | None = None
     port: int = 0
+    ssl_context: ssl.SSLContext | None = None  # https
 
     async def start(self) -> Fake:
         async def handle(request: web.Request) -> web.StreamResponse:
@@ -55,7 +61,7 @@ class Fake:
         app.router.add_route("*", "/{tail:.*}", handle)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
         await site.start()
         self.port = int(self.runner.addresses[0][1])
         return self
@@ -364,14 +370,17 @@ def test_the_reference_sidecar_flags(capsys: pytest.CaptureFixture[str]) -> None
          "--data-parallel-size=1", "--decode-chunk-size=0", "--metrics-port=0"]
     )  # fmt: skip
     assert options.prefill_scheme == "https" and options.decoder_url == "https://127.0.0.1:8200"
-    assert not options.tls_verify and len(options.networks) == 1
-    assert options_from_args([])[0].tls_verify
-    # Booleans take Go's flag syntax, like the reference binary.
-    assert not options_from_args(["--tls-insecure-skip-verify=t"])[0].tls_verify
-    assert options_from_args(["--tls-insecure-skip-verify=F"])[0].tls_verify
+    assert not options.tls_verify_prefill and not options.tls_verify_decoder and len(options.networks) == 1
+    assert options_from_args([])[0].tls_verify_prefill and options_from_args([])[0].tls_verify_decoder
+    # Booleans take Go's flag syntax, like the reference binary; the newer reference names stages.
+    verify = lambda argv: ((o := options_from_args(argv)[0]).tls_verify_prefill, o.tls_verify_decoder)  # noqa: E731
+    assert verify(["--tls-insecure-skip-verify=t"]) == (False, False)
+    assert verify(["--tls-insecure-skip-verify=F"]) == (True, True)
+    assert verify(["--tls-insecure-skip-verify=prefiller"]) == (False, True)
+    assert verify(["--tls-insecure-skip-verify=prefiller,decoder"]) == (False, False)
     with pytest.raises(SystemExit):
         options_from_args(["--tls-insecure-skip-verify=maybe"])
-    assert "invalid boolean 'maybe'" in capsys.readouterr().err
+    assert "invalid 'maybe'" in capsys.readouterr().err
     # What this sidecar does not do is refused with the reason, not ignored.
     for bad, reason in (
         (["--kv-connector", "mooncake"], "only nixlv2"),
@@ -384,3 +393,61 @@ def test_the_reference_sidecar_flags(capsys: pytest.CaptureFixture[str]) -> None
         with pytest.raises(SystemExit):
             options_from_args(bad)
         assert reason in capsys.readouterr().err
+
+
+def test_reference_deployment_args_start_this_sidecar(capsys: pytest.CaptureFixture[str]) -> None:
+    """Args from real reference Deployments (llm-d guides, KServe): they were unrecognized arguments, a repeated
+    --enable-tls dropped the first, and Go durations such as 1m30s were refused."""
+    options, level = options_from_args(
+        ["--port=8000", "--vllm-port=8200", "--connector=nixlv2", "--secure-proxy=false", "--secure-serving=false",
+         "--cert-path=/certs", "--inference-pool=pool", "--pool-group=inference.networking.k8s.io",
+         "--max-idle-conns-per-host=100", "--zap-log-level=debug", "--enable-tls=prefiller", "--enable-tls=decoder",
+         "--prefill-retry-backoff=1m30s"]
+    )  # fmt: skip
+    assert (options.prefill_scheme, options.decoder_url) == ("https", "https://127.0.0.1:8200")
+    assert options.prefill_retry_backoff == 90.0 and level == "debug"
+    assert options_from_args(["--prefiller-use-tls", "--decoder-use-tls=false"])[0].prefill_scheme == "https"
+    assert options_from_args(["-v", "4"])[1] == "debug" and options_from_args(["-v", "2"])[1] == "info"
+    assert options_from_args(["--zap-log-level=2", "--log-level=error"])[1] == "error"
+    with pytest.raises(SystemExit):
+        options_from_args(["--secure-proxy"])  # TLS on its own port: refused with the reason, not ignored
+    assert "serves plain HTTP" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("0.2", 0.2), ("200ms", 0.2), ("5s", 5.0), ("1m30s", 90.0), ("1h30m", 5400.0), ("250us", 0.00025),
+     ("1.5h", 5400.0), ("100ns", 1e-7)],
+)  # fmt: skip
+def test_durations_take_gos_syntax(text: str, seconds: float) -> None:
+    assert duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "s", "1x", "1m30", "-1s", "1 m"])
+def test_bad_durations_are_refused(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        duration(text)
+
+
+async def test_certificate_checks_are_skipped_per_stage(http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    """--tls-insecure-skip-verify=prefiller skips the prefill pod's check only: a self-signed decoder is still
+    refused (before, one switch covered every upstream)."""
+    write_cert_pair(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / CERT_FILE, tmp_path / KEY_FILE)
+    p = await Fake(prefill_ok, ssl_context=context).start()
+    d = await Fake(decode_stream, ssl_context=context).start()
+    headers = {"x-prefiller-host-port": p.hostport}
+    for verify_decoder, status in ((True, 502), (False, 200)):
+        options = SidecarOptions(host="127.0.0.1", port=0, decoder_url=f"https://{d.hostport}", prefill_scheme="https",
+                                 tls_verify_prefill=False, tls_verify_decoder=verify_decoder)  # fmt: skip
+        sidecar = Sidecar(options)
+        await sidecar.start()
+        try:
+            async with http.post(f"{sidecar.url}/v1/chat/completions", json=CHAT, headers=headers) as resp:
+                assert resp.status == status, await resp.text()
+                await resp.read()
+        finally:
+            await stopped(sidecar)
+        assert len(p.seen) == (1 if verify_decoder else 2)  # the prefill ran both times
+    await stopped(p, d)
