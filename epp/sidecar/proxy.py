@@ -45,7 +45,8 @@ The response path does one read and one write per chunk (`iter_any`), nothing pe
 answer silent for `decode_idle_timeout` is cut, the wait for an answer is not bounded (a non-streamed
 generation is silent until it ends).
 Request bodies are read whole (chunked uploads from Envoy included): the P/D path must parse
-the JSON anyway, and the pass-through path stays simple.
+the JSON anyway, and the pass-through path stays simple. A WebSocket (vLLM's Realtime API,
+`/v1/realtime`) is relayed to the decoder message for message.
 """
 
 from __future__ import annotations
@@ -428,6 +429,8 @@ class Sidecar:
                 prefiller = self._prefiller(request)
                 if prefiller:
                     return await self._disaggregated(request, prefiller, rank)
+            if request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket":
+                return await self._websocket(request, rank)
             body = await request.read() if request.can_read_body else None
             return await self._to_decoder(request, forward_headers(request.headers.items()), body, rank)
         except ProxyError as e:
@@ -586,6 +589,58 @@ class Sidecar:
                 pass
         text = answer[:500].decode("utf-8", "replace")
         return json_error(status, f"prefill pod {prefiller} returned {status}: {text}", stage="prefill")
+
+    async def _websocket(self, request: web.Request, rank: int) -> web.StreamResponse:
+        """A WebSocket to the decoder (vLLM's Realtime API, /v1/realtime), relayed message for message: the
+        sidecar owns the pod's serving port, so an upgrade dropped here reaches the model server nowhere."""
+        assert self._session is not None
+        target = request.raw_path if request.raw_path.startswith("/") else request.path_qs
+        url = URL(self.decoders[rank] + target, encoded=target.isascii())
+        # The handshake's own headers are the client library's to write; the rest (auth, ids) go through.
+        headers = {
+            k: v
+            for k, v in forward_headers(request.headers.items()).items()
+            if not k.lower().startswith("sec-websocket")
+        }
+        protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        try:
+            upstream = await self._session.ws_connect(
+                url.with_scheme("wss" if url.scheme == "https" else "ws"), headers=headers, protocols=protocols,
+                ssl=self.options.tls_verify_decoder, timeout=aiohttp.ClientWSTimeout(ws_receive=None),
+                max_msg_size=self.options.max_body_bytes,
+            )  # fmt: skip
+        except aiohttp.WSServerHandshakeError as e:
+            status = e.status if 400 <= e.status < 600 else 502
+            raise ProxyError(status, f"decoder refused the WebSocket: {e.message}") from None
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise ProxyError(502, f"decoder unreachable: {type(e).__name__}") from None
+        client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else (),
+                                       max_msg_size=self.options.max_body_bytes)  # fmt: skip
+        try:
+            await client.prepare(request)
+
+            async def relay(source: Any, sink: Any) -> None:
+                async for message in source:
+                    if message.type is aiohttp.WSMsgType.TEXT:
+                        await sink.send_str(message.data)
+                    elif message.type is aiohttp.WSMsgType.BINARY:
+                        await sink.send_bytes(message.data)
+                    else:  # closing or an error: end both sides
+                        break
+                await sink.close()
+
+            # Either side closing ends the relay; the other direction is cancelled with it.
+            tasks = [asyncio.create_task(relay(client, upstream)), asyncio.create_task(relay(upstream, client))]
+            try:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await upstream.close()
+            await client.close()
+        return client
 
     async def _to_decoder(
         self, request: web.Request, headers: CIMultiDict[str], body: bytes | None, rank: int = 0

@@ -441,3 +441,43 @@ async def test_by_default_the_sidecar_answers_on_ipv6_and_ipv4(http: aiohttp.Cli
                 await resp.read()
     finally:
         await stopped(sidecar, d)
+
+
+async def test_a_websocket_to_the_model_server_is_relayed(http: aiohttp.ClientSession) -> None:
+    """vLLM's Realtime API is a WebSocket (/v1/realtime) on the port the sidecar owns: the upgrade was dropped
+    as a hop-by-hop header, so no client reached it. Relayed now, text and binary, subprotocol and auth
+    included; the decoder closing ends the client's socket."""
+    seen: dict[str, str] = {}
+
+    async def decode(request: web.Request, body: Any) -> web.StreamResponse:
+        if request.path != "/v1/realtime":
+            return web.json_response({"error": "no"}, status=404)
+        seen["auth"] = request.headers.get("Authorization", "")
+        ws = web.WebSocketResponse(protocols=("realtime",))
+        await ws.prepare(request)
+        async for message in ws:
+            if message.type is aiohttp.WSMsgType.TEXT and message.data == "bye":
+                break
+            if message.type is aiohttp.WSMsgType.TEXT:
+                await ws.send_str(f"echo:{message.data}")
+            else:
+                await ws.send_bytes(message.data[::-1])
+        await ws.close()
+        return ws
+
+    p, d, sidecar = await started(decode=decode)
+    try:
+        headers = {"Authorization": "Bearer t"}
+        async with http.ws_connect(f"{sidecar.url}/v1/realtime", protocols=("realtime",), headers=headers) as ws:
+            assert ws.protocol == "realtime" and seen["auth"] == "Bearer t"
+            await ws.send_str("hi")
+            assert await ws.receive_str() == "echo:hi"
+            await ws.send_bytes(b"\x01\x02")
+            assert await ws.receive_bytes() == b"\x02\x01"
+            await ws.send_str("bye")  # the decoder closes: so does the client's socket
+            assert (await ws.receive()).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(f"{sidecar.url}/v1/elsewhere")
+        assert refused.value.status == 404
+    finally:
+        await stopped(sidecar, p, d)
