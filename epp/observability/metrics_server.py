@@ -238,7 +238,7 @@ class MetricsServer:
             else web.SockSite(self._runner, any_address_socket(port), ssl_context=self.ssl_context)
         )
         await site.start()
-        self.port = port
+        self.port = int(self._runner.addresses[0][1])  # the bound one, when asked for any (0)
 
     async def aclose(self) -> None:
         if self._runner is not None:
@@ -252,12 +252,29 @@ class MetricsServer:
                 return web.json_response({"error": message}, status=status)
         # Content negotiation as prometheus_client's own server: OpenMetrics when asked for, else text 0.0.4.
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-        gz = "gzip" in request.headers.get("Accept-Encoding", "")
+        gz = accepts_gzip(request.headers.get("Accept-Encoding", ""))
         body = await asyncio.get_running_loop().run_in_executor(None, _render, encoder, self.registry, gz)
-        headers = {"Content-Type": content_type}
+        headers = {"Content-Type": content_type, "Vary": "Accept-Encoding"}
         if gz:
             headers["Content-Encoding"] = "gzip"
         return web.Response(body=body, headers=headers)
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding admits gzip (RFC 9110 12.5.3): `gzip` or `*` with a q-value above 0."""
+    accepted: dict[str, bool] = {}
+    for item in accept_encoding.split(","):
+        coding, *params = (part.strip() for part in item.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        accepted[coding.lower()] = q > 0
+    return accepted.get("gzip", accepted.get("x-gzip", accepted.get("*", False)))
 
 
 def _render(encoder: Callable[[CollectorRegistry], bytes], registry: CollectorRegistry, gz: bool) -> bytes:

@@ -26,6 +26,7 @@ import logging
 import os
 import threading
 import time
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,6 +60,17 @@ for _name in ("opentelemetry.trace.span", "opentelemetry.trace.propagation.trace
     logging.getLogger(_name).setLevel(logging.ERROR)
 
 
+def _service_name(env: Mapping[str, str]) -> str:
+    """OTEL_SERVICE_NAME, else a service.name in OTEL_RESOURCE_ATTRIBUTES (the spec's order), else ours."""
+    if env.get("OTEL_SERVICE_NAME", "").strip():
+        return env["OTEL_SERVICE_NAME"].strip()
+    for item in env.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == "service.name" and value.strip():
+            return urllib.parse.unquote(value.strip())
+    return SERVICE_NAME
+
+
 def _exporter(name: str) -> SpanExporter | None:
     if name == "otlp":
         try:
@@ -88,7 +100,7 @@ def configure(enabled: bool, env: Mapping[str, str] = os.environ) -> RequestTrac
         return None
     # The SDK reads OTEL_TRACES_SAMPLER itself; without it, the reference's default.
     sampler = None if env.get("OTEL_TRACES_SAMPLER") else ParentBased(TraceIdRatioBased(_default_ratio(env)))
-    resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME", SERVICE_NAME)})
+    resource = Resource.create({"service.name": _service_name(env)})
     provider = TracerProvider(resource=resource, sampler=sampler)
     provider.add_span_processor(BatchSpanProcessor(exporter))
     log.info("tracing: exporting spans with %s", name)

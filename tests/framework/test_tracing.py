@@ -25,7 +25,7 @@ from llmepp.framework.requestcontrol import PreRequest
 from llmepp.framework.scheduling import SchedulingResult
 from llmepp.observability import tracing
 from llmepp.observability.metrics import EppMetrics
-from llmepp.observability.tracing import RequestTracing, configure
+from llmepp.observability.tracing import SERVICE_NAME, RequestTracing, configure
 from llmepp.request.types import InferenceRequest, RequestKind, ResponseInfo, Usage
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -304,3 +304,20 @@ def test_a_bad_otel_variable_checked_as_the_sdk_loads_is_a_configuration_error_a
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("ConfigError:") and "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT" in out.stdout
+
+
+def test_the_service_name_follows_the_otel_environment() -> None:
+    """OTEL_SERVICE_NAME, else service.name in OTEL_RESOURCE_ATTRIBUTES (the spec's order), else the EPP's own:
+    the attribute was overridden by the EPP's default."""
+
+    def service(env: dict[str, str]) -> object:
+        t = configure(True, {"OTEL_TRACES_EXPORTER": "console", **env})
+        assert t is not None and t.provider is not None
+        try:
+            return t.provider.resource.attributes["service.name"]
+        finally:
+            t.shutdown()
+
+    assert service({"OTEL_RESOURCE_ATTRIBUTES": "team=ml,service.name=epp%20east"}) == "epp east"
+    assert service({"OTEL_RESOURCE_ATTRIBUTES": "service.name=a", "OTEL_SERVICE_NAME": "b"}) == "b"
+    assert service({}) == SERVICE_NAME

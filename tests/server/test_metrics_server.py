@@ -26,7 +26,14 @@ from llmepp.cli import settings_from_args
 from llmepp.framework.plugin import ConfigError
 from llmepp.k8s.client import KubeError
 from llmepp.observability import metrics_server
-from llmepp.observability.metrics_server import ALLOW_TTL, DENY_TTL, MetricsAuth, MetricsServer, metrics_ssl_context
+from llmepp.observability.metrics_server import (
+    ALLOW_TTL,
+    DENY_TTL,
+    MetricsAuth,
+    MetricsServer,
+    accepts_gzip,
+    metrics_ssl_context,
+)
 from llmepp.server.tls import CERT_FILE, KEY_FILE
 from llmepp.settings import Settings
 from llmepp.testing.ports import free_port
@@ -205,6 +212,10 @@ async def test_server_renders_gzips_and_refuses_without_a_token() -> None:
         assert b"llm_d_epp_test_total 3.0" in body
         status, headers, body = await _get(url, {"Authorization": "Bearer t", "Accept-Encoding": "gzip"})
         assert headers["Content-Encoding"] == "gzip" and b"llm_d_epp_test_total 3.0" in gzip.decompress(body)
+        assert headers["Vary"] == "Accept-Encoding"  # a cache in between keeps the two forms apart
+        # gzip;q=0 refuses gzip (RFC 9110 12.5.3): it was sent gzipped all the same.
+        status, headers, body = await _get(url, {"Authorization": "Bearer t", "Accept-Encoding": "gzip;q=0, identity"})
+        assert "Content-Encoding" not in headers and b"llm_d_epp_test_total 3.0" in body
         status, headers, body = await _get(url, {"Authorization": "Bearer t", "Accept": OPENMETRICS})
         assert headers["Content-Type"].startswith("application/openmetrics-text") and body.endswith(b"# EOF\n")
 
@@ -384,3 +395,24 @@ def test_an_expired_metrics_certificate_is_said_at_start_up(tmp_path: Path, capl
     assert metrics_ssl_context(str(tmp_path), None) is not None
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("expired" in m and f"{tmp_path}/{CERT_FILE}" in m for m in warnings), warnings
+
+
+@pytest.mark.parametrize(
+    ("accept", "gzipped"),
+    [("gzip", True), ("GZIP;q=0.5", True), ("br, gzip;q=1.0", True), ("*", True), ("x-gzip", True),
+     ("gzip;q=0", False), ("gzip; q=0.0", False), ("identity", False), ("", False), ("*;q=0", False),
+     ("*, gzip;q=0", False), ("gzip;q=x", False), ("gzipped", False)],
+)  # fmt: skip
+def test_gzip_is_sent_only_when_accepted(accept: str, gzipped: bool) -> None:
+    assert accepts_gzip(accept) is gzipped
+
+
+async def test_the_server_reports_the_port_it_bound() -> None:
+    server = MetricsServer(_registry())
+    await server.start("127.0.0.1", 0)
+    try:
+        assert server.port > 0  # was 0: the port asked for
+        status, _, body = await _get(f"http://127.0.0.1:{server.port}/metrics")
+        assert status == 200 and b"llm_d_epp_test_total" in body
+    finally:
+        await server.aclose()
