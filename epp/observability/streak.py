@@ -23,7 +23,9 @@ class FailureStreak:
     it keeps failing, INFO with the count and duration when an attempt succeeds again. With `remind_every`
     (seconds), a streak that lasts is logged at `level` again once per that interval (with its count). A
     target flapping (a new streak failing with the reason last announced, within `quiet_for` seconds of
-    that line) is logged at DEBUG both ways, unless it lasts that long; the next line counts them.
+    that line) is logged at DEBUG both ways until `quiet_for` seconds have passed since that line: then its
+    next failure is logged at `level` again, however short its own streak, so a target that keeps flapping
+    warns once per `quiet_for`; that line counts the quiet streaks.
 
     `extra` goes on every line; a `target` given to a call adds its `address`. `then` is said after the
     reason but is not part of it (e.g. the retry delay)."""
