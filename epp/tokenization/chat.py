@@ -373,26 +373,44 @@ def _environment() -> _BoundedEnvironment:
 
 
 def _loops_over_content(ast: nodes.Template) -> bool:
-    """vLLM's content-format detection: does the template iterate over a message's `content`
-    (directly, or through a variable assigned from it)? Then it expects a list of parts."""
+    """vLLM's content-format detection (`_detect_content_format`): does the template loop over the `content`
+    of a variable that loops over `messages` (or a variable assigned from it)? Then it takes content as a
+    list of parts ("openai"), else as a string. Filters, tests and slices around a variable are seen
+    through; a variable assigned from `content` is not followed, as vLLM does not follow it."""
 
-    def is_content(node: nodes.Node) -> bool:
-        while isinstance(node, nodes.Filter) and node.node is not None:
-            node = node.node
+    def unwrap(node: nodes.Node) -> nodes.Node:
+        while True:
+            wrapped = isinstance(node, nodes.Filter | nodes.Test) and node.node is not None
+            if not (wrapped or (isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Slice))):
+                return node
+            node = node.node  # type: ignore[attr-defined]
+
+    def is_var(node: nodes.Node, names: set[str]) -> bool:
+        node = unwrap(node)
+        return isinstance(node, nodes.Name) and node.ctx == "load" and node.name in names
+
+    def is_field(node: nodes.Node, names: set[str], key: str) -> bool:
+        node = unwrap(node)
         if isinstance(node, nodes.Getattr):
-            return node.attr == "content"
+            return node.attr == key and is_var(node.node, names)
         if isinstance(node, nodes.Getitem):
-            return isinstance(node.arg, nodes.Const) and node.arg.value == "content"
+            return isinstance(node.arg, nodes.Const) and node.arg.value == key and is_var(node.node, names)
         return False
 
-    aliases = {
-        a.target.name for a in ast.find_all(nodes.Assign) if isinstance(a.target, nodes.Name) and is_content(a.node)
-    }
-    for loop in ast.find_all(nodes.For):
-        it = loop.iter
-        if is_content(it) or (isinstance(it, nodes.Name) and it.name in aliases):
-            return True
-    return False
+    # `messages` and the variables assigned from it, transitively.
+    lists = {"messages"}
+    assigns = [a for a in ast.find_all(nodes.Assign) if isinstance(a.target, nodes.Name)]
+    grew = True
+    while grew:
+        grew = False
+        for a in assigns:
+            name = a.target.name  # type: ignore[attr-defined]
+            if name not in lists and is_var(a.node, lists):
+                lists.add(name)
+                grew = True
+    loops = list(ast.find_all(nodes.For))
+    messages = {loop.target.name for loop in loops if isinstance(loop.target, nodes.Name) and is_var(loop.iter, lists)}
+    return any(is_field(loop.iter, messages, "content") for loop in loops)
 
 
 def _text_parts(content: Any, keep_empty: bool) -> list[str]:

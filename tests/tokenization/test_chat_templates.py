@@ -100,11 +100,30 @@ def test_a_template_looping_over_content_gets_parts() -> None:
     t = jinja("{% for m in messages %}[{% for p in m.content %}{{ p.type }}:{{ p.text }};{% endfor %}]{% endfor %}")
     assert t.content_as_parts()
     assert render(t, messages=[{"role": "user", "content": "x"}, {"role": "user", "content": None}]) == "[text:x;][]"
-    aliased = jinja(
-        "{% for m in messages %}{% set c = m['content'] %}{% for p in c %}{{ p.text }}{% endfor %}{% endfor %}"
-    )
-    assert aliased.content_as_parts()
     assert not jinja("{% for m in messages %}{{ m.content }}{% endfor %}").content_as_parts()
+
+
+@pytest.mark.parametrize(
+    ("source", "parts"),
+    [
+        # Filters, tests and slices around the loop's iterable are seen through.
+        ("{% for m in messages %}{% for p in m['content'] | list %}{% endfor %}{% endfor %}", True),
+        ("{% for m in messages %}{% for p in m.content[1:] %}{% endfor %}{% endfor %}", True),
+        ("{% for m in messages | reverse %}{% for p in m.content %}{% endfor %}{% endfor %}", True),
+        ("{% for m in messages[1:] %}{% for p in m.content %}{% endfor %}{% endfor %}", True),
+        # messages assigned to another variable (transitively) is still messages.
+        ("{% set a = messages %}{% set b = a %}{% for m in b %}{% for p in m.content %}{% endfor %}{% endfor %}", True),
+        # A variable assigned from content is not followed (vLLM: string format, parts joined with "\n") ...
+        ("{% for m in messages %}{% set c = m['content'] %}{% for p in c %}{% endfor %}{% endfor %}", False),
+        # ... nor is content of something that is no message loop variable.
+        ("{% for p in messages[0].content %}{% endfor %}", False),
+        ("{% for m in tools %}{% for p in m.content %}{% endfor %}{% endfor %}", False),
+    ],
+)
+def test_content_format_is_detected_as_vllm_detects_it(source: str, parts: bool) -> None:
+    """vLLM's _detect_content_format: a `for` over the `content` of a variable looping over `messages`. Before,
+    a variable assigned from content counted, and sliced content or a non-message's content did not / did."""
+    assert jinja(source).content_as_parts() is parts
 
 
 def test_plain_string_content_parts_render_as_text_parts() -> None:
