@@ -4,10 +4,12 @@ Precise prefix routing needs the EPP's token ids to equal the engine's, so the t
 engine's. `load_chat_template(spec, tokenizer_path)` gives one of:
 
 * **the model's Jinja template** (`spec` `auto`, or a path): `chat_template.jinja` next to `tokenizer.json`,
-  else the `chat_template` of the `tokenizer_config.json` there; or the file `spec` names (a `.json`
-  tokenizer config or a Jinja source). Rendered as vLLM's `/v1/chat/completions` renders it (through
-  transformers): a sandboxed Jinja environment with `trim_blocks`, `lstrip_blocks`, `loopcontrols`,
-  `{% generation %}`, transformers' `tojson` (no HTML escaping), `raise_exception`, `strftime_now`; the
+  else the `chat_template` of the `tokenizer_config.json` there, except that a multimodal model's processor
+  template (`chat_template.json`) renders requests without tools, as vLLM's resolve_chat_template prefers
+  it; or the file `spec` names (a `.json` tokenizer config or a Jinja source). Rendered as vLLM's
+  `/v1/chat/completions` renders it (through transformers): a sandboxed Jinja environment with
+  `trim_blocks`, `lstrip_blocks`, `loopcontrols`, `{% generation %}`, transformers' `tojson` (no HTML
+  escaping), `raise_exception`, `strftime_now`; the
   context is the config's special tokens (`bos_token`, `eos_token`, ...), `messages`, `tools`, `documents`,
   `add_generation_prompt` (request, default true), then the request's `chat_template_kwargs` (e.g.
   Qwen3's `enable_thinking`); `continue_final_message` cuts after the final message as transformers does.
@@ -73,6 +75,7 @@ log = logging.getLogger(__name__)
 Messages = Sequence[tuple[str, str]]
 AUTO = "auto"
 JINJA_FILE = "chat_template.jinja"
+PROCESSOR_TEMPLATE = "chat_template.json"  # a processor's (multimodal models: llava-hf, Qwen-VL), older layout
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Context names a request's chat_template_kwargs may not override (they come from their own fields).
@@ -669,6 +672,16 @@ def load_chat_template(spec: str, tokenizer_path: str) -> ChatTemplate:
                 _read_text(jinja_path), origin=str(jinja_path), special_tokens=tokens, tokens_from=tokens_from
             )
         source = _config_template(config, config_path)
+        processor_path = folder / PROCESSOR_TEMPLATE
+        if processor_path.is_file():
+            # vLLM: the processor's template unless the request has tools, then the tokenizer's (its
+            # tool_use one if named); the named-template choice does exactly that.
+            processor = _config_template(_read_tokenizer_config(processor_path), processor_path)
+            if not isinstance(processor, str):
+                raise ValueError(f"{processor_path}: chat_template must be a string")
+            tokenizer_tools = source.get("tool_use", source.get("default")) if isinstance(source, dict) else source
+            sources = {"default": processor, "tool_use": tokenizer_tools or processor}
+            return JinjaTemplate(sources, origin=str(processor_path), special_tokens=tokens, tokens_from=tokens_from)
         if source is not None:
             return JinjaTemplate(source, origin=str(config_path), special_tokens=tokens, tokens_from=tokens_from)
         log.warning(

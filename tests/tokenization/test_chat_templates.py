@@ -333,3 +333,24 @@ def test_the_epp_and_the_simulator_render_the_same_prompt(
         body["chat_template_kwargs"] = {"enable_thinking": think}
     epp = render(load_chat_template(str(CHATML), str(TOKENIZER_PATH)), **body)
     assert epp == jinja_renderer(str(CHATML))(body)
+
+
+def test_auto_prefers_a_processors_template_for_requests_without_tools(tmp_path: Path) -> None:
+    """vLLM's resolve_chat_template: the AutoProcessor's template (a multimodal model's chat_template.json)
+    before the tokenizer's, unless the request has tools. Before, `auto` never read chat_template.json."""
+    (tmp_path / "tokenizer.json").write_bytes(Path(TOKENIZER_PATH).read_bytes())
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "P:{{ messages[0].content }}"}))
+    t = load_chat_template("auto", str(tmp_path / "tokenizer.json"))
+    user = [{"role": "user", "content": "hi"}]
+    assert render(t, messages=user) == "P:hi"
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    assert render(t, messages=user, tools=tools) == "P:hi"  # no tokenizer template: the processor's still
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "T:{{ messages[0].content }}"}))
+    t = load_chat_template("auto", str(tmp_path / "tokenizer.json"))
+    assert render(t, messages=user) == "P:hi" and render(t, messages=user, tools=tools) == "T:hi"
+    named = [{"name": "default", "template": "D"}, {"name": "tool_use", "template": "U"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
+    t = load_chat_template("auto", str(tmp_path / "tokenizer.json"))
+    assert render(t, messages=user) == "P:hi" and render(t, messages=user, tools=tools) == "U"
+    (tmp_path / "chat_template.jinja").write_text("J")  # the newer layout's one file wins, as before
+    assert render(load_chat_template("auto", str(tmp_path / "tokenizer.json")), messages=user) == "J"
