@@ -37,6 +37,7 @@ from llmepp.framework.datakeys import scoped
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "epp.plugins"
+DIST = "llm-epp"  # this project's distribution, whose entry point registers the built-ins
 
 
 class PluginParams(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
@@ -153,15 +154,23 @@ class PluginRegistry:
     def __init__(self) -> None:
         self._types: dict[str, type[Plugin]] = {}
         self._loaded_entry_points = False
+        self._loading: str | None = None  # the entry point being loaded
 
     def register(self, cls: type[P], *aliases: str) -> type[P]:
-        """Register a plugin class under `cls.type` (usable as a class decorator)."""
+        """Register a plugin class under `cls.type` (usable as a class decorator). A type string already
+        taken by another class is an error; while entry points load, it is logged and that name skipped,
+        so one package's clash neither stops start-up nor unregisters what other packages bring."""
         if not cls.type:
             raise ValueError(f"{cls.__name__} has no type string")
         for key in (cls.type, *cls.aliases, *aliases):
             existing = self._types.get(key)
             if existing is not None and existing is not cls:
-                raise ValueError(f"plugin type {key!r} already registered by {existing.__qualname__}")
+                message = f"plugin type {key!r} already registered by {existing.__module__}.{existing.__qualname__}"
+                if self._loading is None:
+                    raise ValueError(message)
+                log.error("plugin entry point %s: %s.%s not registered as %r: %s", self._loading, cls.__module__,
+                          cls.__qualname__, key, message)  # fmt: skip
+                continue
             self._types[key] = cls
         return cls
 
@@ -178,13 +187,21 @@ class PluginRegistry:
         if self._loaded_entry_points:
             return
         self._loaded_entry_points = True
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
+        # The built-ins first: a package cannot take a built-in type string, whatever the install order.
+        eps = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: getattr(ep.dist, "name", "") != DIST)
+        for ep in eps:
             try:
                 target = ep.load()
             except Exception:
                 log.exception("failed to load plugin entry point %s", ep.value)
                 continue
-            self._apply(target, ep.value)
+            self._loading = ep.value
+            try:
+                self._apply(target, ep.value)
+            except Exception:  # a registration function's own failure: its package's plugins are missing
+                log.exception("plugin entry point %s failed to register its plugins", ep.value)
+            finally:
+                self._loading = None
 
     def _apply(self, target: Any, origin: str) -> None:
         if isinstance(target, type) and issubclass(target, Plugin):

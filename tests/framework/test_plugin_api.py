@@ -74,3 +74,50 @@ def test_out_of_tree_parameters_are_validated(installed_plugin_package: None) ->
         err.value
     )
     assert "`label`" in str(err.value)
+
+
+CLASHING = textwrap.dedent(
+    """
+    from llmepp import PluginParams, Scorer
+
+    class MyQueueScorer(Scorer):
+        type = "queue-scorer"  # a built-in's type string
+
+        def score(self, request, endpoints):
+            return [0.0 for _ in endpoints]
+
+    class Other(Scorer):
+        type = "clash-other-scorer"
+
+        def score(self, request, endpoints):
+            return [1.0 for _ in endpoints]
+
+    def register(registry):
+        registry.register(MyQueueScorer)
+        registry.register(Other)
+    """
+)
+
+
+def test_a_package_taking_a_built_in_type_string_is_logged_not_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: the clash was a bare ValueError out of the first lookup (a traceback at start-up), and the
+    entry points after it never loaded; found before llm-epp's own, it left most built-ins unregistered."""
+    (tmp_path / "clash_plugins").mkdir()
+    (tmp_path / "clash_plugins" / "__init__.py").write_text(CLASHING)
+    dist = tmp_path / "clash_plugins-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: clash-plugins\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[epp.plugins]\nclash = clash_plugins:register\n")
+    sys.path.insert(0, str(tmp_path))  # found before llm-epp's distribution
+    try:
+        reg = PluginRegistry()
+        queue = reg.get("queue-scorer")
+        assert queue is not None and queue.__module__ != "clash_plugins"  # the built-in keeps its name
+        assert reg.get("clash-other-scorer") is not None  # the package's other plugin still registers
+        assert all(reg.get(t) is not None for t in ("max-score-picker", "single-profile-handler", "file-discovery"))
+        assert "'queue-scorer' already registered by llmepp.plugins" in caplog.text
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("clash_plugins", None)
