@@ -23,6 +23,7 @@ Register it in your package's pyproject.toml:
 """
 
 from llmepp.datalayer.endpoint import Endpoint, EndpointMetrics, EndpointSpec, InFlight
+from llmepp.errors import BadRequest, RequestError
 from llmepp.framework.datakeys import PREFIX_CACHE_MATCH_INFO, TOKENIZED_PROMPT, PrefixMatchInfo, TokenizedPrompt
 from llmepp.framework.datalayer import (
     EndpointDiscovery,
@@ -31,7 +32,15 @@ from llmepp.framework.datalayer import (
     NotificationEventType,
     NotificationExtractor,
 )
-from llmepp.framework.plugin import ConfigError, Plugin, PluginContext, PluginParams, PluginRegistry, registry
+from llmepp.framework.plugin import (
+    ConfigError,
+    Plugin,
+    PluginContext,
+    PluginParams,
+    PluginRegistry,
+    reference_default,
+    registry,
+)
 from llmepp.framework.requestcontrol import (
     Admitter,
     DataProducer,
@@ -63,6 +72,7 @@ __all__ = [
     "PREFIX_CACHE_MATCH_INFO",
     "TOKENIZED_PROMPT",
     "Admitter",
+    "BadRequest",
     "ConfigError",
     "DataProducer",
     "Decider",
@@ -90,6 +100,7 @@ __all__ = [
     "PrefixMatchInfo",
     "ProfileHandler",
     "ProfileResult",
+    "RequestError",
     "RequestHeaderProcessor",
     "RequestKind",
     "Responder",
@@ -103,5 +114,6 @@ __all__ = [
     "Screener",
     "TokenizedPrompt",
     "Usage",
+    "reference_default",
     "registry",
 ]

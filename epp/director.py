@@ -20,7 +20,7 @@ import inspect
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -241,15 +241,20 @@ class Director:
                 if timers is not None:
                     start = time.perf_counter()
                 if is_async:
-                    await self._run_async_producer(producer, request, candidates)
+                    await self._await_producer(producer, producer.produce(request, candidates))  # type: ignore[arg-type]
                     waited = True
                 else:
                     try:
-                        producer.produce(request, candidates)
+                        produced = producer.produce(request, candidates)
                     except RequestError:
                         raise
                     except Exception:  # as the reference: a producer failure does not fail the request
                         self._plugin_failed("DataProducer", producer, "data producer %s failed")
+                    else:
+                        # A plain def that returns an awaitable (an async def behind a decorator): awaited too.
+                        if produced is not None and inspect.isawaitable(produced):
+                            await self._await_producer(producer, produced)
+                            waited = True
                 if timers is not None:
                     timers.observe("DataProducer", producer, time.perf_counter() - start)
             if waited:
@@ -350,7 +355,13 @@ class Director:
         try:
             pipeline = self.pipeline
             for responder in pipeline.responders:
-                answer = responder.respond(request)
+                try:
+                    answer = responder.respond(request)
+                except RequestError:
+                    raise
+                except Exception:  # as on the body path: a broken responder is skipped, not a 500
+                    self._plugin_failed("Responder", responder, "Responder %s failed; skipped for the request")
+                    continue
                 if answer is not None:
                     if tracing is not None:
                         tracing.end(request, ResponseInfo(status=answer.status))
@@ -466,13 +477,10 @@ class Director:
         "%s" the plugin's name): its traceback, once per 30 s per extension point and plugin."""
         self._failures.error(f"{kind}/{plugin.name}", message, plugin.name, exc_info=True)
 
-    async def _run_async_producer(
-        self, producer: DataProducer, request: InferenceRequest, candidates: Sequence[Endpoint]
-    ) -> None:
-        produce: Callable[..., Awaitable[None]] = producer.produce  # type: ignore[assignment]
+    async def _await_producer(self, producer: DataProducer, produced: Awaitable[None]) -> None:
         try:
             # wait_for, not asyncio.timeout: the routing step's first stretch runs outside any task (Pending.step).
-            await asyncio.wait_for(produce(request, candidates), producer.produce_timeout or PRODUCER_TIMEOUT)
+            await asyncio.wait_for(produced, producer.produce_timeout or PRODUCER_TIMEOUT)
         except TimeoutError:
             # Every request while e.g. a tokenizer sidecar is slow: one line per producer per 30 s.
             self._timeout_log.warning(producer.name, "data producer %s timed out", producer.name)

@@ -462,12 +462,13 @@ def _setup(
     """`setup()` of the plugins built now (taken-over ones are set up already), then the profile check."""
     ctx = PluginContext(plugins, datastore=datastore, settings=settings, metrics=metrics)
     for plugin in fresh:
+        label = f"plugin {plugin.name!r} (type {plugin.type})"
         try:
             plugin.setup(ctx)
-        except ConfigError:
-            raise
+        except ConfigError as e:
+            raise (e if str(e).startswith(label) else ConfigError(f"{label}: {e}")) from None
         except (ValueError, TypeError) as e:
-            raise ConfigError(f"plugin {plugin.name!r} (type {plugin.type}): {e}") from None
+            raise ConfigError(f"{label}: {e}") from None
     handler = scheduler.handler
     try:
         handler.validate_profiles(scheduler.profiles)

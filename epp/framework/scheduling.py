@@ -63,7 +63,8 @@ class Picker(Plugin):
 
     def __init__(self, name: str, params: PickerParams | None = None) -> None:
         super().__init__(name, params)
-        n = self.params.max_num_of_endpoints
+        # An author's own Params need not derive from PickerParams: then one endpoint, the default.
+        n = getattr(self.params, "max_num_of_endpoints", 1)
         self.max_num_of_endpoints: int = n if n >= 1 else reference_default(self.type, "maxNumOfEndpoints", n, 1, "< 1")
 
     @abstractmethod

@@ -111,12 +111,13 @@ class SchedulerProfile:
                 if len(scores) != n:
                     self._scorer_failed(ws.scorer, f"returned {len(scores)} scores for {n} endpoints", False)
                     scores = [0.0] * n
+                # Clamping per element is costly; check the range once (two C-level passes) instead. Inside
+                # the try: a column that is no list of numbers (None, a map) is the scorer's failure too.
+                elif n and (min(scores) < 0.0 or max(scores) > 1.0):
+                    scores = _clamped(scores)
             except Exception:
                 self._scorer_failed(ws.scorer, "failed", True)
                 scores = [0.0] * n
-            # Clamping per element is costly; check the range once (two C-level passes) instead.
-            if n and (min(scores) < 0.0 or max(scores) > 1.0):
-                scores = _clamped(scores)
             columns.append(scores)
         return columns
 
