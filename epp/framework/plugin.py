@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import builtins
 import functools
+import inspect
 import logging
 from abc import ABC
 from collections.abc import Mapping
@@ -81,6 +82,9 @@ class Plugin(ABC):
     # Non-empty: the plugin reads per-pod model-server state a multicluster hub's endpoints (whole clusters,
     # reached through their gateways) never have, and this says what ("reads ..."): a hub refuses it.
     pod_only: ClassVar[str] = ""
+    # Methods the EPP calls synchronously (each extension point names its own): an `async def` one would
+    # never run (an async admitter would admit everything), so building such a plugin is a config error.
+    sync_hooks: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, name: str, params: Any = None) -> None:
         self.name = name or self.type
@@ -217,6 +221,12 @@ class PluginRegistry:
         label = f"plugin {name!r} (type {type_name})"
         if cls is None:
             raise ConfigError(f"{label}: unknown plugin type; known types: {', '.join(self.types())}")
+        async_hooks = _async_hooks(cls)
+        if async_hooks:
+            raise ConfigError(
+                f"{label}: {', '.join(async_hooks)} is an async def, but the EPP calls it synchronously, so it "
+                "would never run; make it a plain def (only a DataProducer's produce may be async)"
+            )
         if raw_params and not cls.rejects_parameters and not msgspec.structs.fields(cls.Params):
             log.warning("%s: takes no parameters; ignoring %s, as the reference does", label, sorted(raw_params))
             raw_params = None
@@ -233,6 +243,13 @@ class PluginRegistry:
             raise ConfigError(f"{label}: {e}") from None
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{label}: parameters: {e}") from None
+
+
+@functools.cache
+def _async_hooks(cls: builtins.type[Plugin]) -> list[str]:
+    """The class's sync hooks (every extension point it implements) written as `async def`."""
+    hooks = {hook for klass in cls.__mro__ for hook in vars(klass).get("sync_hooks", ())}
+    return sorted(hook for hook in hooks if inspect.iscoroutinefunction(getattr(cls, hook, None)))
 
 
 @functools.cache

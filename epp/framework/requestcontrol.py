@@ -34,6 +34,8 @@ class Parser(Plugin):
     claims nothing is the fallback for unclaimed paths (llmepp.request.parsers.RequestParsers).
     """
 
+    sync_hooks: ClassVar[tuple[str, ...]] = ("parse",)
+
     # Path suffixes, e.g. "chat/completions"; empty: the fallback.
     claims: ClassVar[tuple[str, ...]] = ()
     # The pool `appProtocol`s it can read; None: any. A pool whose appProtocol one configured parser
@@ -67,6 +69,8 @@ class RequestHeaderProcessor(Plugin):
     """Reads a request's headers before anything else (admission included) and may set request
     attributes from them, e.g. the flow-control fairness id of an agent's session."""
 
+    sync_hooks: ClassVar[tuple[str, ...]] = ("process_headers",)
+
     @abstractmethod
     def process_headers(self, request: InferenceRequest) -> None: ...
 
@@ -76,6 +80,8 @@ class Responder(Plugin):
 
     Returns the answer, or None to let the request be routed as usual. Called for every request,
     body-less ones included, so declining must be cheap."""
+
+    sync_hooks: ClassVar[tuple[str, ...]] = ("respond",)
 
     @abstractmethod
     def respond(self, request: InferenceRequest) -> DirectResponse | None: ...
@@ -87,6 +93,8 @@ class Screener(Plugin):
 
     Called for body-less requests too (GET /v1/models and the like: no payload, no model, headers
     only), before the director picks one of the candidates kept: such a request must not fail."""
+
+    sync_hooks: ClassVar[tuple[str, ...]] = ("screen",)
 
     @abstractmethod
     def screen(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> Sequence[Endpoint]: ...
@@ -109,6 +117,8 @@ class DataProducer(Plugin):
 class Admitter(Plugin):
     """May reject a request before scheduling by raising a RequestError."""
 
+    sync_hooks: ClassVar[tuple[str, ...]] = ("admit",)
+
     @abstractmethod
     def admit(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None: ...
 
@@ -116,12 +126,16 @@ class Admitter(Plugin):
 class PreRequest(Plugin):
     """Runs after a successful schedule, before the request goes upstream."""
 
+    sync_hooks: ClassVar[tuple[str, ...]] = ("pre_request",)
+
     @abstractmethod
     def pre_request(self, request: InferenceRequest, result: SchedulingResult) -> None: ...
 
 
 class ResponseHeaderProcessor(Plugin):
     """Sees the response status and headers; may return headers to set on the client response."""
+
+    sync_hooks: ClassVar[tuple[str, ...]] = ("response_headers",)
 
     @abstractmethod
     def response_headers(
@@ -133,6 +147,8 @@ class FirstResponseChunkProcessor(Plugin):
     """Called once when the first response body bytes arrive (the model server has finished
     prefill: the request's prompt no longer loads the server). Not called per chunk."""
 
+    sync_hooks: ClassVar[tuple[str, ...]] = ("first_response_chunk",)
+
     @abstractmethod
     def first_response_chunk(self, request: InferenceRequest, response: ResponseInfo) -> None: ...
 
@@ -143,6 +159,8 @@ class ResponseMetadataProcessor(Plugin):
     returned {namespace: {key: value}} rides on the answer to that message. Only while one is
     configured does the EPP read usage before answering instead of after."""
 
+    sync_hooks: ClassVar[tuple[str, ...]] = ("response_metadata",)
+
     @abstractmethod
     def response_metadata(
         self, request: InferenceRequest, response: ResponseInfo
@@ -151,6 +169,8 @@ class ResponseMetadataProcessor(Plugin):
 
 class ResponseCompleteProcessor(Plugin):
     """Called exactly once per scheduled request when its response ends (naturally or not)."""
+
+    sync_hooks: ClassVar[tuple[str, ...]] = ("response_complete",)
 
     @abstractmethod
     def response_complete(

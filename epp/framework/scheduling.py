@@ -32,6 +32,8 @@ class Filter(Plugin):
     most once, and only endpoints it was given (the profile checks only an answer longer than its input,
     cut to the given endpoints once each and logged; a shorter one is trusted)."""
 
+    sync_hooks: ClassVar[tuple[str, ...]] = ("filter",)
+
     @abstractmethod
     def filter(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]: ...
 
@@ -42,6 +44,8 @@ class Scorer(Plugin):
     Values outside [0, 1] are clamped by the framework (NaN to 0). A column of the wrong length, or
     an exception, counts as 0 for every endpoint (logged, rate-limited): the other scorers decide.
     """
+
+    sync_hooks: ClassVar[tuple[str, ...]] = ("score",)
 
     category: ClassVar[ScorerCategory] = ScorerCategory.DISTRIBUTION
 
@@ -58,6 +62,8 @@ class PickerParams(PluginParams):
 
 class Picker(Plugin):
     """Chooses the ordered target list from the scored endpoints."""
+
+    sync_hooks: ClassVar[tuple[str, ...]] = ("pick",)
 
     Params: ClassVar[builtins.type[PluginParams]] = PickerParams
 
@@ -131,6 +137,11 @@ class SchedulingResult:
 class ProfileHandler(Plugin):
     """Decides which profiles run (in rounds) and which result is primary."""
 
+    sync_hooks: ClassVar[tuple[str, ...]] = (
+        "pick_profiles",
+        "process_results",
+    )
+
     def validate_profiles(self, profiles: Mapping[str, SchedulerProfile]) -> None:
         """Raise ConfigError at start-up if the configured profiles don't suit this handler."""
 
@@ -158,6 +169,8 @@ class Decider(Plugin):
     picked its endpoint (decode-first); in prefill-first mode the encode decider is asked with
     `None`. Runs on the event loop inside scheduling: keep it allocation-light.
     """
+
+    sync_hooks: ClassVar[tuple[str, ...]] = ("disaggregate",)
 
     @abstractmethod
     def disaggregate(self, request: InferenceRequest, endpoint: Endpoint | None) -> bool:

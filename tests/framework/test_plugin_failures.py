@@ -13,15 +13,20 @@ from helpers import endpoint, request
 
 import llmepp
 from llmepp import (
+    Admitter,
     ConfigError,
     DataProducer,
     Endpoint,
     InferenceRequest,
     Picker,
+    Plugin,
     PluginContext,
     PluginParams,
     PluginRegistry,
+    PreRequest,
+    RequestError,
     Responder,
+    SchedulingResult,
     Scorer,
 )
 from llmepp.config.loader import build, load_config
@@ -172,3 +177,40 @@ def test_what_the_extension_points_document_is_exported() -> None:
     reference_default: `from llmepp import ...` failed for all three."""
     for name in ("RequestError", "BadRequest", "reference_default"):
         assert name in llmepp.__all__ and getattr(llmepp, name) is not None
+
+
+class AsyncAdmitter(Admitter):
+    type = "author-async-admitter"
+
+    async def admit(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None:  # type: ignore[override]
+        raise RequestError("never admitted")
+
+
+class AsyncScorerAndPreRequest(Scorer, PreRequest):
+    type = "author-async-pre-request"
+
+    def score(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
+        return [1.0] * len(endpoints)
+
+    async def pre_request(self, request: InferenceRequest, result: SchedulingResult) -> None:  # type: ignore[override]
+        pass
+
+
+@pytest.mark.parametrize(("cls", "hook"), [(AsyncAdmitter, "admit"), (AsyncScorerAndPreRequest, "pre_request")])
+def test_an_async_def_where_the_epp_calls_synchronously_is_a_config_error(cls: type[Plugin], hook: str) -> None:
+    """The coroutine was created and dropped: an async admitter admitted every request, an async
+    pre_request never ran, silently."""
+    with pytest.raises(ConfigError) as err:
+        registry_with(cls).build(cls.type, "mine", None)
+    assert str(err.value).startswith(f"plugin 'mine' (type {cls.type}): {hook} is an async def")
+
+
+class AsyncProducer(DataProducer):
+    type = "author-async-producer"
+
+    async def produce(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None:
+        pass
+
+
+def test_an_async_producer_is_fine() -> None:
+    assert isinstance(registry_with(AsyncProducer).build(AsyncProducer.type, "p", None), AsyncProducer)
