@@ -188,12 +188,10 @@ class Director:
             tracing.routed(request, decision.destination)
         return decision
 
-    async def _handle_request(
-        self, request: InferenceRequest, subset: Sequence[str] | None
-    ) -> RoutingDecision | DirectResponse:
+    def _process_headers(self, pipeline: Pipeline, request: InferenceRequest) -> None:
         # A plugin bug (anything but a RequestError, which is a plugin's answer) skips that plugin for the
         # request, logged once per 30 s, as a failing producer or scorer does: not a 500 for every request.
-        for processor in self.pipeline.header_processors:
+        for processor in pipeline.header_processors:
             try:
                 processor.process_headers(request)
             except RequestError:
@@ -202,6 +200,11 @@ class Director:
                 self._plugin_failed(
                     "RequestHeaderProcessor", processor, "RequestHeaderProcessor %s failed; skipped for the request"
                 )
+
+    async def _handle_request(
+        self, request: InferenceRequest, subset: Sequence[str] | None
+    ) -> RoutingDecision | DirectResponse:
+        self._process_headers(self.pipeline, request)
         for responder in self.pipeline.responders:
             try:
                 answer = responder.respond(request)
@@ -354,6 +357,7 @@ class Director:
             tracing.start(request)
         try:
             pipeline = self.pipeline
+            self._process_headers(pipeline, request)  # before anything else, as on the body path
             for responder in pipeline.responders:
                 try:
                     answer = responder.respond(request)

@@ -16,6 +16,7 @@ from llmepp import (
     Admitter,
     ConfigError,
     DataProducer,
+    DirectResponse,
     Endpoint,
     InferenceRequest,
     Picker,
@@ -25,6 +26,7 @@ from llmepp import (
     PluginRegistry,
     PreRequest,
     RequestError,
+    RequestHeaderProcessor,
     Responder,
     SchedulingResult,
     Scorer,
@@ -214,3 +216,28 @@ class AsyncProducer(DataProducer):
 
 def test_an_async_producer_is_fine() -> None:
     assert isinstance(registry_with(AsyncProducer).build(AsyncProducer.type, "p", None), AsyncProducer)
+
+
+class TenantFromHeader(RequestHeaderProcessor):
+    type = "author-tenant-header"
+
+    def process_headers(self, request: InferenceRequest) -> None:
+        request.data["tenant"] = request.headers.get("x-tenant", "")
+
+
+class TenantModels(Responder):
+    type = "author-tenant-models"
+
+    def respond(self, request: InferenceRequest) -> DirectResponse | None:
+        tenant = request.data.get("tenant")
+        return DirectResponse(200, tenant.encode(), "text/plain") if tenant else None
+
+
+def test_request_header_processors_run_on_bodyless_requests_too() -> None:
+    """Their docstring says they run before anything else; on GET /v1/models a responder did not see what
+    they set."""
+    reg = registry_with(TenantFromHeader, TenantModels)
+    d, _ = director("plugins:\n- type: author-tenant-header\n- type: author-tenant-models\n", reg)
+    req = headers_request({":method": "GET", ":path": "/v1/models", "x-tenant": "a"}, request_id="r")
+    answer = d.handle_bodyless(req, None)
+    assert isinstance(answer, DirectResponse) and answer.body == b"a"
