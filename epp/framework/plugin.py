@@ -235,6 +235,8 @@ class PluginRegistry:
                                      str_keys=True)  # fmt: skip
         except msgspec.ValidationError as e:
             raise ConfigError(f"{label}: parameters: {_describe(e)}") from None
+        except ConfigError as e:  # raised by a Params' __post_init__ (msgspec turns only ValueError / TypeError)
+            raise ConfigError(f"{label}: parameters: {e}") from None
         if type_name != cls.type:
             log.warning("%s: type %s is deprecated; use %s", label, type_name, cls.type)
         try:

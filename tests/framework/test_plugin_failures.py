@@ -241,3 +241,24 @@ def test_request_header_processors_run_on_bodyless_requests_too() -> None:
     req = headers_request({":method": "GET", ":path": "/v1/models", "x-tenant": "a"}, request_id="r")
     answer = d.handle_bodyless(req, None)
     assert isinstance(answer, DirectResponse) and answer.body == b"a"
+
+
+class StrictScorer(Scorer):
+    type = "author-strict-scorer"
+
+    class Params(PluginParams):
+        window: int = 8
+
+        def __post_init__(self) -> None:
+            if self.window > 64:
+                raise ConfigError(f"window: {self.window} is above 64")
+
+    def score(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
+        return [1.0] * len(endpoints)
+
+
+def test_a_config_error_from_a_params_post_init_names_the_plugin() -> None:
+    """msgspec turns only ValueError / TypeError into validation errors: a ConfigError escaped bare."""
+    with pytest.raises(ConfigError) as err:
+        registry_with(StrictScorer).build(StrictScorer.type, "mine", {"window": 100})
+    assert str(err.value) == "plugin 'mine' (type author-strict-scorer): parameters: window: 100 is above 64"
