@@ -379,7 +379,8 @@ class EppMetrics:
 class InFlightCollector(Collector):
     """`inflight_requests` / `inflight_tokens` per endpoint for every `inflight-load-producer`
     (labels endpoint_name, namespace, producer_name; the reference also splits by fairness_id and
-    priority, which these counters do not track). Endpoints with nothing in flight are omitted."""
+    priority, which these counters do not track). An endpoint is listed while the producer tracks it, at 0
+    once idle (a series that vanished when idle would read as missing data, not as no load)."""
 
     def __init__(self) -> None:
         # producer name -> its live Endpoint -> InFlight mapping
