@@ -222,8 +222,11 @@ def render_envoy_config(
             ".HttpConnectionManager",
             "stat_prefix": "llm",
             "codec_type": "AUTO",
-            # HTTP/1.0 clients (ApacheBench, old scripts) get an answer: Envoy's default is an empty 426.
-            "http_protocol_options": {"accept_http_10": True},
+            # HTTP/1.0 clients (ApacheBench, old scripts) get an answer: Envoy's default is an empty 426;
+            # without a default host, one sending no Host header (HTTP/1.0 needs none) is a 400.
+            "http_protocol_options": {"accept_http_10": True, "default_host_for_http_10": "localhost"},
+            # WebSockets (vLLM's Realtime API, /v1/realtime): routed on their headers like any request.
+            "upgrade_configs": [{"upgrade_type": "websocket"}],
             "stream_idle_timeout": IDLE_TIMEOUT,
             "access_log": [
                 {

@@ -36,6 +36,7 @@ class ModelServer:
         app.router.add_post("/v1/chat/completions", self._generate)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/big", self._big)
+        app.router.add_get("/v1/realtime", self._realtime)
         app.router.add_route("*", "/{tail:.*}", self._echo)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -43,6 +44,14 @@ class ModelServer:
 
     async def stop(self) -> None:
         await self._runner.cleanup()
+
+    async def _realtime(self, request: web.Request) -> web.WebSocketResponse:
+        """A WebSocket (as vLLM's Realtime API): echoes each text message with the server's address."""
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            await ws.send_str(f"{self.hostport}:{message.data}")
+        return ws
 
     def _diag(self, request: web.Request, body: bytes, model: str = "") -> dict[str, str]:
         return {

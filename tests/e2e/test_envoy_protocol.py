@@ -356,6 +356,34 @@ async def test_http_1_0_client(stack: Stack, stream: bool) -> None:
     await settle(stack.director)
 
 
+async def test_http_1_0_without_a_host_header(stack: Stack) -> None:
+    """HTTP/1.0 needs no Host header; without default_host_for_http_10 Envoy answered 400 (missing_host_header)."""
+    body = json.dumps(completion(prompt="no host")).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.fds_port)
+    writer.write(
+        b"POST /v1/completions HTTP/1.0\r\ncontent-type: application/json\r\n"
+        + f"x-test-route: {stack.pods[-1].hostport}\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    response = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, payload = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200"), head
+    assert json.loads(payload)["served_by"] == stack.pods[-1].hostport
+    await settle(stack.director)
+
+
+async def test_a_websocket_is_routed_to_the_picked_pod(stack: Stack) -> None:
+    """vLLM's Realtime API (/v1/realtime): without upgrade_configs Envoy refused the handshake itself (403,
+    upgrade_failed) before the EPP saw it. Now it is routed on its headers, then relayed both ways."""
+    pod = stack.pods[-1]
+    url = stack.url(stack.fds_port, "/v1/realtime").replace("http://", "ws://")
+    async with stack.session.ws_connect(url, headers={"x-test-route": pod.hostport}) as ws:
+        await ws.send_str("hello")
+        assert await asyncio.wait_for(ws.receive_str(), 10) == f"{pod.hostport}:hello"
+    await settle(stack.director)
+
+
 async def test_model_rewrite_through_envoy(stack: Stack) -> None:
     for stream in (False, True):
         async with stack.session.post(
