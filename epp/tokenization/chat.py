@@ -77,6 +77,7 @@ AUTO = "auto"
 JINJA_FILE = "chat_template.jinja"
 PROCESSOR_TEMPLATE = "chat_template.json"  # a processor's (multimodal models: llava-hf, Qwen-VL), older layout
 TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Context names a request's chat_template_kwargs may not override (they come from their own fields).
 _RESERVED = frozenset({"messages", "tools", "documents", "add_generation_prompt", "continue_final_message"})
@@ -665,6 +666,9 @@ def load_chat_template(spec: str, tokenizer_path: str) -> ChatTemplate:
     has_config = config_path.is_file()
     config = _read_tokenizer_config(config_path) if has_config else {}
     tokens, tokens_from = _special_tokens(config), (config_path if has_config else None)
+    map_path = folder / SPECIAL_TOKENS_MAP
+    if map_path.is_file():  # as transformers loads a tokenizer: its entries override tokenizer_config.json's
+        tokens.update(_special_tokens(_read_tokenizer_config(map_path)))
     if spec == AUTO:
         jinja_path = folder / JINJA_FILE
         if jinja_path.is_file():

@@ -354,3 +354,17 @@ def test_auto_prefers_a_processors_template_for_requests_without_tools(tmp_path:
     assert render(t, messages=user) == "P:hi" and render(t, messages=user, tools=tools) == "U"
     (tmp_path / "chat_template.jinja").write_text("J")  # the newer layout's one file wins, as before
     assert render(load_chat_template("auto", str(tmp_path / "tokenizer.json")), messages=user) == "J"
+
+
+def test_special_tokens_map_json_gives_the_templates_special_tokens(tmp_path: Path) -> None:
+    """transformers reads special_tokens_map.json after tokenizer_config.json and lets it override: a model
+    whose config names no bos_token still renders the map's (it rendered none)."""
+    (tmp_path / "tokenizer.json").write_bytes(Path(TOKENIZER_PATH).read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": "{{ bos_token }}|{{ eos_token }}|{{ messages[0].content }}", "eos_token": "A"})
+    )
+    (tmp_path / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": {"content": "<s>", "lstrip": False}, "eos_token": "</s>"})
+    )
+    t = load_chat_template("auto", str(tmp_path / "tokenizer.json"))
+    assert render(t, messages=[{"role": "user", "content": "hi"}]) == "<s>|</s>|hi"
