@@ -92,9 +92,11 @@ _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 _LABEL_NAME = r"[a-zA-Z_][a-zA-Z0-9_]*"
 # Unrolled `"(?:[^"\\]|\\.)*"`: twice as fast in `re`, which loops over a plain class quickly.
 _LABEL_VALUE = r'"([^"\\]*(?:\\.[^"\\]*)*)"'
-_PAIR = r"[ \t]*" + _LABEL_NAME + r"[ \t]*=[ \t]*" + _LABEL_VALUE.replace("(", "(?:", 1) + r"[ \t]*"
-# The whole text between a sample's braces: pairs separated by commas, trailing comma allowed.
-_LABEL_BLOCK = re.compile(("(?:" + _PAIR + ",)*(?:" + _PAIR + ")?[ \t]*").encode())
+_PAIR = r"[ \t]*" + _LABEL_NAME + r"[ \t]*=[ \t]*" + _LABEL_VALUE.replace("(", "(?:", 1)
+# The whole text between a sample's braces: pairs separated by commas, trailing comma allowed. Each run of
+# blanks is matched by one quantifier only: a pair's trailing blanks and the block's last ones overlapping
+# made a pod's `{a="b"<N blanks>x}` backtrack in O(N^2) (2 s of event loop per scrape at 32 KB).
+_LABEL_BLOCK = re.compile(("(?:" + _PAIR + r"[ \t]*,)*(?:" + _PAIR + ")?[ \t]*").encode())
 _LABEL_PAIRS = re.compile(r"(" + _LABEL_NAME + r")[ \t]*=[ \t]*" + _LABEL_VALUE)
 # One matcher of a spec: quoted or bare value (the reference accepts both).
 _SPEC_PAIR = re.compile(r"\s*(" + _LABEL_NAME + r')\s*(=~|!=|!~|=)\s*(?:"((?:[^"\\]|\\.)*)"|([^",}\s]+))\s*([,}])')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -352,3 +353,25 @@ def test_a_label_name_given_twice_is_malformed_not_resolved(labels: dict[str, st
             _ = s.labels
     assert [(dict(s.labels), s.value) for s in Selector("m").series_skipping_malformed(page)[0]] == [({"ok": "1"}, 7.0)]
     assert Selector("m").series_skipping_malformed(page)[1] == 1
+
+
+@pytest.mark.parametrize("tail", [b"x} 1", b",x} 1", b'  ,  b="2"   x} 1'])
+def test_a_long_run_of_blanks_in_a_label_block_costs_linear_time(tail: bytes) -> None:
+    """A pod's `{a="1"<N blanks>x}`: the label-block regex matched the blanks with two overlapping
+    quantifiers and backtracked in O(N^2): 2 s of event loop per 50 ms scrape at 32 KB. At 1 MB that
+    would be about half an hour; linear, it is milliseconds (the bound leaves three orders of margin)."""
+    from llmepp.datalayer.endpoint import EndpointMetrics
+    from llmepp.datalayer.engines import BUILTIN_ENGINES, EngineMapping
+
+    page = (
+        b"# TYPE vllm:num_requests_waiting gauge\n"
+        + b'vllm:num_requests_waiting{model_name="m"'
+        + b" " * (1 << 20)
+        + tail
+        + b"\n# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running 0\n"
+    )
+    mapping = EngineMapping(next(s for s in BUILTIN_ENGINES if s.name == "vllm"))
+    started = time.process_time()
+    _, error = mapping.extract(page, EndpointMetrics(), time.monotonic(), mapping.new_memo())
+    assert error is not None  # the line is refused, as it must be
+    assert time.process_time() - started < 10.0
