@@ -62,6 +62,11 @@ S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS, S_INITIAL_WINDOW_S
 # Error codes.
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR, SETTINGS_TIMEOUT = 0, 1, 2, 3, 4
 STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM = 5, 6, 7
+ENHANCE_YOUR_CALM = 0xB
+# SETTINGS frames a client may send on one connection (Envoy sends one, gRPC clients a few): a change of
+# INITIAL_WINDOW_SIZE must adjust every open stream's window (RFC 9113 §6.9.2), so a flood of them would
+# cost O(frames x streams) of event loop.
+MAX_PEER_SETTINGS = 1000
 # gRPC status codes used here.
 GRPC_OK, GRPC_UNIMPLEMENTED, GRPC_INTERNAL, GRPC_RESOURCE_EXHAUSTED = 0, 12, 13, 8
 
@@ -212,6 +217,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.max_message = server.max_message
         self.settings_acked = False  # the client acknowledged our SETTINGS: the handshake is over
+        self.peer_settings = 0  # SETTINGS frames received (not ACKs)
         self.heard = False  # bytes arrived since the timer last looked
         self.pinged = False  # a keepalive PING is out, unanswered
         self.paused = False  # the peer is not reading what we write (so we do not read either)
@@ -554,6 +560,14 @@ class _Connection(asyncio.Protocol):
         if flags & ACK:
             self.settings_acked = True  # (we send SETTINGS once)
             return
+        self.peer_settings += 1
+        if self.peer_settings > MAX_PEER_SETTINGS:
+            self.ctx.protocol_error("h2_settings_flood")
+            self._fatal(ENHANCE_YOUR_CALM, f"more than {MAX_PEER_SETTINGS} SETTINGS frames")
+            return
+        # Streams are walked only for a change that can unblock them: a SETTINGS frame re-sent unchanged
+        # (or empty) walked every open stream, twice for INITIAL_WINDOW_SIZE, an O(streams) cost per frame.
+        unblocked = False
         for off in range(0, len(payload) - 5, 6):
             ident, value = _U16_U32.unpack_from(payload, off)
             if (
@@ -564,7 +578,7 @@ class _Connection(asyncio.Protocol):
                 self._malformed(FLOW_CONTROL_ERROR if ident == S_INITIAL_WINDOW_SIZE else PROTOCOL_ERROR,
                                 f"SETTINGS {ident} = {value} is out of range")  # fmt: skip
                 return
-            if ident == S_INITIAL_WINDOW_SIZE:
+            if ident == S_INITIAL_WINDOW_SIZE and value != self.peer_initial_window:
                 delta = value - self.peer_initial_window
                 self.peer_initial_window = value
                 for st in self.streams.values():
@@ -572,12 +586,15 @@ class _Connection(asyncio.Protocol):
                     if st.send_window > MAX_WINDOW:
                         self._malformed(FLOW_CONTROL_ERROR, "a stream window past 2^31-1")
                         return
-            elif ident == S_MAX_FRAME_SIZE:
+                unblocked = unblocked or delta > 0
+            elif ident == S_MAX_FRAME_SIZE and value != self.peer_max_frame:
                 self.peer_max_frame = value
+                unblocked = True
         self.out.append(_frame(SETTINGS, ACK, 0))
-        for st in list(self.streams.values()):
-            if st.pending:
-                self._drain(st)
+        if unblocked:
+            for st in list(self.streams.values()):
+                if st.pending:
+                    self._drain(st)
 
     # -- messages --------------------------------------------------------------------------------
     def _on_message(self, st: _Stream, raw: _Bytes) -> None:
