@@ -76,6 +76,9 @@ CONTROL_HEADERS = (
 EVENT_STREAM = "text/event-stream"
 # Distinct (model, target) label pairs kept before folding into "other" (reference cap).
 MAX_LABEL_PAIRS = 1000
+# Label sets (model, target, fairness id, priority) with series of their own: each value is bounded above,
+# but their product is not (1,000 pairs x 1,000 fairness ids); past this, a new set reports as "other".
+MAX_LABEL_SETS = 4096
 
 
 class Director(Protocol):
@@ -241,13 +244,18 @@ class StreamContext:
 
     def _bounded(self, key: tuple[str, str, str, int]) -> _Labeled:
         """Client input bounds the label values as in the reference: MAX_LABEL_PAIRS (model, target)
-        pairs and MAX_FAIRNESS_LABELS fairness ids, later ones reported as "other"."""
+        pairs and MAX_FAIRNESS_LABELS fairness ids, later ones reported as "other"; and MAX_LABEL_SETS
+        combinations of them, later ones all "other" (with their priority)."""
         model, target, fairness_id, priority = key
         if not self._pairs.admits((model, target)):
             model = target = OVERFLOW_LABEL
         fairness_id = self._fairness(fairness_id)
         bounded = (model, target, fairness_id, priority)
         lab = self._labeled.get(bounded)
+        if lab is None and len(self._labeled) >= MAX_LABEL_SETS:
+            bounded = (OVERFLOW_LABEL, OVERFLOW_LABEL, OVERFLOW_LABEL, priority)
+            model, target, fairness_id = bounded[:3]
+            lab = self._labeled.get(bounded)
         if lab is None:
             lab = self._labeled[bounded] = _Labeled(self.metrics, model, target, fairness_id, str(priority))
         return lab

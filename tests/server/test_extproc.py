@@ -1148,6 +1148,31 @@ async def test_error_series_are_capped_like_the_request_series(monkeypatch: pyte
         assert h.sample("llm_d_epp_request_error_total", other) == 9
 
 
+async def test_label_combinations_are_capped_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Model and fairness id are each client input with a cap of their own, but every combination had its
+    request series: 1,000 pairs x 1,000 fairness ids, about 5 GB and 260M samples per scrape at the caps."""
+    from llmepp.server import stream
+
+    monkeypatch.setattr(stream, "MAX_LABEL_SETS", 4)
+    async with serve(FakeDirector(list(ENDPOINTS), fail_with=ResourceExhausted("busy"))) as h:
+        for i in range(9):
+            s = h.open()
+            body = json.dumps({"model": f"m{i % 3}", "prompt": "hi"}).encode()
+            headers = {"x-llm-d-inference-fairness-id": f"tenant{i // 3}"}
+            await s.send(request_headers(headers), request_body(body, eos=True))
+            assert immediate(await s.recv())[0] == 429
+        label_sets = {
+            tuple(sorted(sample.labels.items()))
+            for metric in h.metrics.registry.collect()
+            if metric.name == "llm_d_epp_request_error"
+            for sample in metric.samples
+            if sample.name == "llm_d_epp_request_error_total"
+        }
+        assert len(label_sets) == 5, label_sets  # 4 combinations + "other"
+        other = {"model_name": "other", "target_model_name": "other", "fairness_id": "other", "priority": "0"}
+        assert h.sample("llm_d_epp_request_error_total", {**other, "error_code": "ResourceExhausted"}) == 5
+
+
 async def test_a_stream_reset_after_its_request_finished_is_counted_ok() -> None:
     # Envoy (1.40) ends every ext_proc stream with a reset, a request answered to its end included: that is a
     # finished request, not a cancelled one.
