@@ -28,6 +28,7 @@ from llmepp.observability.metrics import (
     FAST_BUCKETS,
     MAX_FAIRNESS_LABELS,
     MAX_MODEL_LABELS,
+    OVERFLOW_LABEL,
     PREFIX,
     BoundedLabels,
     per_registry,
@@ -43,6 +44,9 @@ WAIT_BUCKETS = (
 # The reference's (100 µs .. 100 ms) with finer ones below: a cycle or an enqueue takes microseconds here.
 CYCLE_BUCKETS = tuple(sorted({0.000005, *FAST_BUCKETS}))
 ENQUEUE_BUCKETS = CYCLE_BUCKETS
+# Wait histograms with series of their own (fairness id x model x target x outcome x priority); later ones
+# fold into "other", as the request series do (server.stream.MAX_LABEL_SETS).
+MAX_WAIT_SERIES = 4096
 # flow_control_request_enqueue_duration_seconds{outcome} of a request admitted to its queue (the reference's
 # label for an item not finalised when its enqueue ends); a refused one has its outcome.
 ENQUEUED = "NotYetFinalized"
@@ -170,7 +174,11 @@ class FlowControlMetrics:
         key = (fairness_id, priority, outcome, pool, model, target)
         found = self.waits.get(key)
         if found is None:
-            found = self.waits[key] = Buckets(WAIT_BUCKETS)
+            if len(self.waits) >= MAX_WAIT_SERIES:  # each label is capped; their product is capped here
+                key = (OVERFLOW_LABEL, priority, outcome, pool, OVERFLOW_LABEL, OVERFLOW_LABEL)
+                found = self.waits.get(key)
+            if found is None:
+                found = self.waits[key] = Buckets(WAIT_BUCKETS)
         return found
 
     def enqueue_histogram(self, fairness_id: str, priority: str, outcome: str) -> Buckets:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from llmepp.flowcontrol.metrics import MAX_FAIRNESS_LABELS, FlowControlMetrics
+from llmepp.flowcontrol.metrics import MAX_FAIRNESS_LABELS, MAX_WAIT_SERIES, FlowControlMetrics
 
 from .kit import Server, concurrency_pool, controller, req, spin
 
@@ -61,6 +61,18 @@ def test_fairness_id_labels_are_capped() -> None:
     labels = {m.fairness_label(f"tenant-{i}") for i in range(MAX_FAIRNESS_LABELS + 50)}
     assert len(labels) == MAX_FAIRNESS_LABELS + 1 and "other" in labels
     assert m.fairness_label("tenant-3") == "tenant-3"
+
+
+def test_wait_histogram_label_combinations_are_capped() -> None:
+    """Fairness ids, models and targets are each capped; their combinations were not (a histogram of 18
+    buckets per fairness x model x target x outcome)."""
+    m = FlowControlMetrics.for_registry(CollectorRegistry())
+    for f in range(80):
+        for model in range(80):
+            m.wait_histogram(f"t{f}", "0", "Dispatched", "epp", f"m{model}", f"m{model}").observe(0.1)
+    assert len(m.waits) == MAX_WAIT_SERIES + 1
+    other = m.waits[("other", "0", "Dispatched", "epp", "other", "other")]
+    assert other is m.wait_histogram("t79", "0", "Dispatched", "epp", "m79", "m79")
 
 
 def test_one_metrics_object_per_registry() -> None:
