@@ -67,6 +67,8 @@ ENHANCE_YOUR_CALM = 0xB
 # INITIAL_WINDOW_SIZE must adjust every open stream's window (RFC 9113 §6.9.2), so a flood of them would
 # cost O(frames x streams) of event loop.
 MAX_PEER_SETTINGS = 1000
+# Messages a stream may queue while its routing step runs (body chunks, trailers: a handful).
+MAX_BACKLOG = 4096
 # gRPC status codes used here.
 GRPC_OK, GRPC_UNIMPLEMENTED, GRPC_INTERNAL, GRPC_RESOURCE_EXHAUSTED = 0, 12, 13, 8
 
@@ -605,6 +607,12 @@ class _Connection(asyncio.Protocol):
             self._end(st, GRPC_INTERNAL, "cannot decode ProcessingRequest")
             return
         if st.task is not None or st.backlog:
+            if len(st.backlog) >= MAX_BACKLOG:
+                # Envoy sends next to nothing while a request is routed; 5-byte empty messages filling the
+                # 16 MiB window would hold ~24x that in decoded messages.
+                self.ctx.protocol_error("h2_backlog_overflow")
+                self._end(st, GRPC_RESOURCE_EXHAUSTED, f"more than {MAX_BACKLOG} messages while routing")
+                return
             st.backlog.append(msg)  # keep order behind the routing step in progress
             return
         self._process(st, msg)

@@ -452,6 +452,24 @@ async def test_window_is_withheld_while_routing_waits() -> None:
     assert not peer.conn.streams[1].backlog
 
 
+async def test_the_backlog_behind_a_pending_route_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Empty 5-byte gRPC messages while routing waits were decoded and queued up to the 16 MiB window:
+    ~24x that held in message objects. Past MAX_BACKLOG the stream ends (RESOURCE_EXHAUSTED), the routing
+    step cancelled and the request released."""
+    monkeypatch.setattr(h2, "MAX_BACKLOG", 50)
+    peer = connected()
+    peer.send(open_stream(1, request_headers(SLOW), request_body(BODY, eos=True)))
+    assert peer.conn.streams[1].task is not None
+    peer.send(frame(DATA, 0, 1, b"\x00\x00\x00\x00\x00" * 50))
+    assert len(peer.conn.streams[1].backlog) == 50 and goaway_code(peer.frames()) is None
+    peer.send(frame(DATA, 0, 1, b"\x00\x00\x00\x00\x00"))
+    out = peer.frames()
+    assert 1 not in peer.conn.streams and goaway_code(out) is None
+    assert any(kind == HEADERS and s == 1 and b"more than 50 messages" in p for kind, _, s, p in out)
+    await peer.settle()
+    assert peer.director.inflight == {}
+
+
 async def test_data_past_the_stream_window_is_a_flow_control_error() -> None:
     peer = connected()
     peer.send(open_stream(1, request_headers(SLOW), request_body(BODY, eos=True)) + open_stream(3, request_headers()))
