@@ -365,7 +365,7 @@ class App:
         if isinstance(admission, AdmissionController):
             admission.start()  # the dispatcher, flow GC and objectives-file watcher: now, not at the first request
         cert = self.serving_cert
-        extproc_address = join_hostport(s.bind_address, s.grpc_port)
+        extproc_address = join_hostport(s.bind_address or "*", s.grpc_port)  # "*": every address
         if s.extproc_transport == "h2":
             h2 = create_h2_server(self._servicer, s, ssl=cert.ssl_context() if cert else None)
             with _listening("--grpc-port", extproc_address):
@@ -390,7 +390,7 @@ class App:
         await self._health_server.start()
 
         if s.metrics_port:
-            with _listening("--metrics-port", join_hostport(s.bind_address, s.metrics_port)):
+            with _listening("--metrics-port", join_hostport(s.bind_address or "*", s.metrics_port)):
                 await self._metrics_server.start(s.bind_address, s.metrics_port)
         log.info(
             "epp serving",
