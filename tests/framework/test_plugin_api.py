@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,19 +35,28 @@ PACKAGE = textwrap.dedent(
 )
 
 
-@pytest.fixture
-def installed_plugin_package(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """An importable package with a dist-info entry point, exactly what pip would install."""
-    (tmp_path / "author_scorers").mkdir()
-    (tmp_path / "author_scorers" / "__init__.py").write_text(PACKAGE)
-    dist = tmp_path / "author_scorers-0.1.dist-info"
+@contextlib.contextmanager
+def installed(site: Path, package: str, source: str, entry_point: str) -> Iterator[None]:
+    """`package` (its `__init__` is `source`) importable from `site`, ahead of everything else on the path,
+    with a dist-info declaring the `epp.plugins` `entry_point`: exactly what pip would install."""
+    (site / package).mkdir()
+    (site / package / "__init__.py").write_text(source)
+    dist = site / f"{package}-0.1.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: author-scorers\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[epp.plugins]\nprefer-label = author_scorers:PreferLabel\n")
-    sys.path.insert(0, str(tmp_path))
-    yield
-    sys.path.remove(str(tmp_path))
-    sys.modules.pop("author_scorers", None)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package.replace('_', '-')}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[epp.plugins]\n{entry_point}\n")
+    sys.path.insert(0, str(site))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(site))
+        sys.modules.pop(package, None)
+
+
+@pytest.fixture
+def installed_plugin_package(tmp_path: Path) -> Iterator[None]:
+    with installed(tmp_path, "author_scorers", PACKAGE, "prefer-label = author_scorers:PreferLabel"):
+        yield
 
 
 CONFIG = """
@@ -104,20 +115,10 @@ def test_a_package_taking_a_built_in_type_string_is_logged_not_fatal(
 ) -> None:
     """Before: the clash was a bare ValueError out of the first lookup (a traceback at start-up), and the
     entry points after it never loaded; found before llm-epp's own, it left most built-ins unregistered."""
-    (tmp_path / "clash_plugins").mkdir()
-    (tmp_path / "clash_plugins" / "__init__.py").write_text(CLASHING)
-    dist = tmp_path / "clash_plugins-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: clash-plugins\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[epp.plugins]\nclash = clash_plugins:register\n")
-    sys.path.insert(0, str(tmp_path))  # found before llm-epp's distribution
-    try:
+    with installed(tmp_path, "clash_plugins", CLASHING, "clash = clash_plugins:register"):  # found before ours
         reg = PluginRegistry()
         queue = reg.get("queue-scorer")
         assert queue is not None and queue.__module__ != "clash_plugins"  # the built-in keeps its name
         assert reg.get("clash-other-scorer") is not None  # the package's other plugin still registers
         assert all(reg.get(t) is not None for t in ("max-score-picker", "single-profile-handler", "file-discovery"))
         assert "'queue-scorer' already registered by llmepp.plugins" in caplog.text
-    finally:
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop("clash_plugins", None)
