@@ -35,6 +35,7 @@ class KVEventStats:
     replays_failed: int = 0  # timeout or error; the source cools down
     replays_incomplete: int = 0  # the publisher no longer buffered the first batch asked for
     replayed_batches: int = 0
+    redials: int = 0  # connections ZeroMQ dropped for good (a message over the size limit) and dialled again
     restarts: int = 0  # subscribers restarted after an error (e.g. the shared index unreachable)
     unknown_sources: int = 0  # global-socket mode: messages whose topic names no endpoint of the pool
     queue_drops: int = 0  # global-socket mode: messages dropped because their source's queue was full

@@ -34,7 +34,8 @@ after a failure the source cools down for `replay_cooldown` (reference: 2 min ti
 at most 8 replays at once across sources). A reply whose first batch is later than asked (the
 publisher's buffer no longer has it) is applied anyway and counted as incomplete.
 
-Never fatal: malformed frames and payloads are counted and logged (rate-limited). A dead or slow
+Never fatal: malformed frames and payloads are counted and logged (rate-limited); a message over
+`max_message_bytes` is dropped by ZeroMQ with its connection, which is dialled again (`_watch`). A dead or slow
 publisher costs nothing but an idle task: ZeroMQ reconnects in the background, and all of this runs
 in the source's own task, so routing never waits for it.
 """
@@ -42,6 +43,7 @@ in the source's own task, so routing never waits for it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -66,6 +68,13 @@ from llmepp.observability.logging import LogLimiter
 
 log = logging.getLogger(__name__)
 
+# A bigger message drops the connection that brings it (ZeroMQ's MAXMSGSIZE; 0: no limit). vLLM's largest
+# batches are one engine step's events: a few MB even for 100k-token prompts.
+MAX_MESSAGE_BYTES = 64 << 20
+
+# Seconds a dropped connection may go without ZeroMQ's own retry before the subscriber dials again.
+REDIAL_AFTER = 0.5
+
 
 class BatchSink(Protocol):
     """Where a source's decoded batches go, in sequence order (ingest.SourceIngest)."""
@@ -88,6 +97,7 @@ class SubscriberOptions:
     rcv_hwm: int = 10_000
     reconnect_ivl_ms: int = 100
     reconnect_ivl_max_ms: int = 5_000
+    max_message_bytes: int = MAX_MESSAGE_BYTES
 
 
 def ipv6_endpoint(endpoint: str) -> bool:
@@ -111,6 +121,7 @@ def sub_socket(context: zmq.asyncio.Context, options: SubscriberOptions, endpoin
     sock.setsockopt(zmq.RCVHWM, options.rcv_hwm)
     sock.setsockopt(zmq.RECONNECT_IVL, options.reconnect_ivl_ms)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, options.reconnect_ivl_max_ms)
+    sock.setsockopt(zmq.MAXMSGSIZE, options.max_message_bytes or -1)
     sock.setsockopt(zmq.SUBSCRIBE, options.topic_filter)
     return sock
 
@@ -165,8 +176,8 @@ class Subscriber:
     async def run(self) -> None:
         """The source's task body: receive and apply until cancelled."""
         sub = sub_socket(self._ctx, self.options, self.endpoint)
-        monitor = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        watch = asyncio.get_running_loop().create_task(self._watch(monitor), name=f"kv-monitor-{self.pod}")
+        monitor = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CONNECTED)
+        watch = asyncio.get_running_loop().create_task(self._watch(sub, monitor), name=f"kv-monitor-{self.pod}")
         sub.connect(self.endpoint)
         try:
             while True:
@@ -187,15 +198,38 @@ class Subscriber:
             monitor.close(linger=0)
             sub.close(linger=0)
 
-    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
-        """A lost connection may hide a publisher restart: check the next batch against the anchor."""
+    async def _watch(self, sub: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
+        """A lost connection may hide a publisher restart: check the next batch against the anchor.
+
+        ZeroMQ retries a dropped connection itself (EVENT_CONNECT_RETRIED follows the drop at once), except
+        after a protocol error such as a message over `max_message_bytes`: that session is gone for good,
+        so after REDIAL_AFTER without a retry the subscriber dials again."""
+        dropped = False
         try:
             while True:
+                if dropped and not await monitor.poll(REDIAL_AFTER * 1000):
+                    dropped = False
+                    self._redial(sub)
+                    continue
                 event = parse_monitor_message(await monitor.recv_multipart())
-                if event["event"] == zmq.EVENT_DISCONNECTED:
+                dropped = event["event"] == zmq.EVENT_DISCONNECTED
+                if dropped:
                     self._suspect = True
         except zmq.ZMQError:  # the monitor closed under us (the subscriber is stopping)
             return
+
+    def _redial(self, sub: zmq.asyncio.Socket) -> None:
+        self.stats.redials += 1
+        self._log.warning(
+            f"redial:{self.pod}",
+            "KV events from %s: the connection was dropped and not retried (a message over %d bytes, or another "
+            "protocol error); dialling again",
+            self.pod,
+            self.options.max_message_bytes,
+        )
+        with contextlib.suppress(zmq.ZMQError):  # no longer registered: connecting again is enough
+            sub.disconnect(self.endpoint)
+        sub.connect(self.endpoint)
 
     async def handle(self, msg: Message) -> None:
         """One live message of this source, however it was received (its own socket, or the pool's
@@ -321,6 +355,8 @@ class Subscriber:
         async with self._slots:
             dealer = self._ctx.socket(zmq.DEALER)
             dealer.setsockopt(zmq.LINGER, 0)
+            # An oversized reply drops the connection, so the replay times out: counted as a failed replay.
+            dealer.setsockopt(zmq.MAXMSGSIZE, o.max_message_bytes or -1)
             if ipv6_endpoint(self.replay_endpoint):
                 dealer.setsockopt(zmq.IPV6, 1)
             dealer.connect(self.replay_endpoint)

@@ -33,7 +33,7 @@ from llmepp.kvevents.ingest import IndexStore, MemoryStore, SourceIngest
 from llmepp.kvevents.keys import block_keys, root_key, seed_of
 from llmepp.kvevents.pool import PoolOptions, SubscriberPool
 from llmepp.kvevents.stats import KVEventsCollector, KVEventStats, register
-from llmepp.kvevents.subscriber import SubscriberOptions
+from llmepp.kvevents.subscriber import MAX_MESSAGE_BYTES, SubscriberOptions
 from llmepp.kvevents.tiers import DEFAULT_TIERS, TierTable
 from llmepp.observability.logging import LogLimiter
 from llmepp.observability.metrics import EppMetrics
@@ -111,6 +111,7 @@ class KVEventsConfig(PluginParams):
     replay_idle_timeout: str = "2s"
     replay_cooldown: str = "30s"
     max_concurrent_replays: int = 8
+    max_message_bytes: int = MAX_MESSAGE_BYTES
 
 
 class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkProcessor, ResponseCompleteProcessor):
@@ -162,7 +163,8 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkPro
     `kvCacheBackendConfigs` [{name, weight}] (gpu 1.0, cpu 0.8)}, `kvEventsConfig` {`topicFilter`
     "kv@", `discoverPods` true, `podDiscoveryConfig` {`socketPort` 5557, `replaySocketPort` 0 = no
     replay}, `replayTimeout` 2m, `replayIdleTimeout` 2s, `replayCooldown` 30s,
-    `maxConcurrentReplays` 8, `concurrency` (accepted: every source already has its own task),
+    `maxConcurrentReplays` 8, `maxMessageBytes` 64 MiB (a larger message is dropped with the connection that
+    brought it, which is dialled again; 0 = no limit), `concurrency` (accepted: every source already has its own task),
     `engineType` vllm}, `speculativeIndexing` false, `speculativeTTL` 2s, `speculativeMaxHold` 5m.
     `kvEventsConfig.zmqEndpoint` (e.g. "tcp://*:5557") selects global-socket mode: the EPP binds it and
     the pods' vLLM connects to it (`"endpoint": "tcp://<epp-service>:5557"`, topic
@@ -213,6 +215,8 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkPro
                 f"kvEventsConfig.zmqEndpoint: a tcp://<host>:<port> or ipc://<path> endpoint to bind, "
                 f"got {ev.zmq_endpoint!r}"
             )
+        if ev.max_message_bytes < 0:
+            raise ConfigError(f"kvEventsConfig.maxMessageBytes: 0 (no limit) or more, got {ev.max_message_bytes}")
         if ev.engine_type not in ("", "vllm"):
             raise ConfigError(f"kvEventsConfig.engineType: only vllm is supported, got {ev.engine_type!r}")
         self.block_tokens = tp.block_size_tokens if tp.block_size is None else tp.block_size
@@ -246,6 +250,7 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkPro
                 replay_timeout=parse_duration(ev.replay_timeout),
                 replay_idle_timeout=parse_duration(ev.replay_idle_timeout),
                 replay_cooldown=parse_duration(ev.replay_cooldown),
+                max_message_bytes=ev.max_message_bytes,
             ),
         )
         self.index = MemoryIndex(self.size, self.pod_cache_size, self.tiers)

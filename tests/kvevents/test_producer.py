@@ -277,6 +277,7 @@ schedulingProfiles:
         ({"speculativeTTL": "soon"}, "invalid duration"),
         ({"indexerConfig": {"kvBlockIndexConfig": {"inMemoryConfig": {"size": 0}}}}, "size"),
         ({"kvEventsConfig": {"typo": 1}}, "typo"),
+        ({"kvEventsConfig": {"maxMessageBytes": -1}}, "maxMessageBytes"),
     ],
 )
 def test_bad_configs_name_the_field(params: dict[str, Any], error: str) -> None:
@@ -298,6 +299,15 @@ def test_reference_indexer_fields_are_accepted() -> None:
     assert isinstance(p, PrecisePrefixCacheProducer)
     assert p.index.size == 1000 and p.index.pod_cache_size == 4
     assert p.tiers.weight_of[2] == 0.5 and p.pool_options.replay_socket_port == 6001
+
+
+def test_the_kv_event_message_size_limit_is_configurable() -> None:
+    default = registry.build("precise-prefix-cache-producer", "p", {})
+    assert isinstance(default, PrecisePrefixCacheProducer)
+    assert default.pool_options.subscriber.max_message_bytes == 64 << 20
+    p = registry.build("precise-prefix-cache-producer", "p", {"kvEventsConfig": {"maxMessageBytes": 0}})
+    assert isinstance(p, PrecisePrefixCacheProducer)
+    assert p.pool_options.subscriber.max_message_bytes == 0  # no limit
 
 
 def test_notification_source_replays_known_endpoints_to_late_extractors() -> None:

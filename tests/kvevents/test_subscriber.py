@@ -18,6 +18,7 @@ from llmepp.kvevents.ingest import MemoryStore, SourceIngest
 from llmepp.kvevents.keys import block_keys, root_key, tokens_to_bytes
 from llmepp.kvevents.pool import PoolOptions, SubscriberPool
 from llmepp.kvevents.stats import KVEventStats
+from llmepp.kvevents.subscriber import SubscriberOptions
 from llmepp.kvevents.wire import EventBatch, Message
 from llmepp.observability.logging import LogLimiter
 from llmepp.testing.ports import free_port, free_port_pair, free_shared_port
@@ -398,3 +399,53 @@ async def test_a_batch_nested_too_deep_is_counted_not_fatal_to_the_source() -> N
         await until(lambda: pool.stats.malformed_payloads == 1 and len(index) == 4, what="the next batch applied")
         assert pool.stats.restarts == 0 and pool.stats.resets == 0 and pub.replay_requests == []
         await pool.aclose()
+
+
+async def test_a_message_over_the_size_limit_is_dropped_and_the_source_reconnects() -> None:
+    """ZeroMQ drops a connection that brings a message over MAXMSGSIZE and, unlike any other drop, never
+    retries it: the subscriber dials again itself, and the gap the lost batch leaves is replayed."""
+    host = "127.0.0.173"
+    async with TestPublisher(host) as pub, Rig(host, pub.port, pub.replay_port, max_message_bytes=4096) as rig:
+        await pub.publish([chain(0, 2)])
+        await until(lambda: rig.matched(TOKENS) == 2, what="first batch")
+        huge = stored([7000], None, list(range(3000)), block_size=3000)  # ~6 KB of msgpack
+        await pub.publish([huge])
+        await until(lambda: rig.stats.redials == 1, what="the dropped connection dialled again")
+        assert rig.stats.messages == 1  # the oversized message never reached the subscriber
+        await asyncio.sleep(0.3)  # slow joiner: the subscription reaches the publisher again
+        await pub.publish([chain(2, 4)])
+        # The replay of the gap meets the oversized batch too: that reply is dropped the same way, the
+        # replay times out and the batch is counted lost; the live batch after it is applied.
+        await until(lambda: rig.matched(TOKENS) == 4, what="the batch after the gap")
+        assert rig.stats.lost_batches == 1 and rig.stats.replays_failed == 1
+
+
+async def test_a_publisher_blip_is_left_to_zeromq_to_reconnect() -> None:
+    host = "127.0.0.182"
+    async with TestPublisher(host) as pub, Rig(host, pub.port, pub.replay_port) as rig:
+        await pub.publish([chain(0, 2)])
+        await until(lambda: rig.matched(TOKENS) == 2, what="first batch")
+        await pub.drop_connections()
+        await asyncio.sleep(1.0)  # longer than the subscriber waits for ZeroMQ's own retry
+        await pub.publish([chain(2, 4)])
+        await until(lambda: rig.matched(TOKENS) == 4, what="the batch after the blip")
+        assert rig.stats.redials == 0 and rig.stats.lost_batches == 0
+
+
+async def test_global_socket_mode_drops_an_oversized_message_and_the_pod_connects_again() -> None:
+    host = "127.0.0.183"
+    bound = f"tcp://127.0.0.1:{free_port('127.0.0.1')}"
+    options = PoolOptions(socket_port=5557, bind_endpoint=bound, subscriber=SubscriberOptions(max_message_bytes=4096))
+    index = MemoryIndex(1_000_000, 10, TIERS)
+    pool = SubscriberPool(options, MemoryStore(index), lambda: SourceChains(4, 0, TIERS, 1_000_000), KVEventStats())
+    pool.endpoint_added(endpoint(host, 8000))
+    async with TestPublisher(host, connect=bound, topic=f"kv@{host}@m") as pub:
+        await asyncio.sleep(0.3)  # the connect completes
+        await pub.publish([chain(0, 2)])
+        await until(lambda: pool.stats.batches == 1, what="first batch")
+        await pub.publish([stored([7000], None, list(range(3000)), block_size=3000)])
+        await asyncio.sleep(0.5)  # the pod's PUB socket sees its connection closed and dials again
+        await pub.publish([chain(2, 4)])
+        await until(lambda: pool.stats.batches == 2, what="the batch after the oversized one")
+        assert pool.stats.messages == 2 and pool.stats.lost_batches == 1  # no replay socket configured
+    await pool.aclose()
