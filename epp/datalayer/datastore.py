@@ -62,8 +62,10 @@ class Datastore:
         if existing is not None:
             if existing.spec == spec:
                 return
-            if existing.spec.hostport == spec.hostport:
-                existing.spec = spec  # labels etc. changed; keep metrics and in-flight counts
+            # Labels etc. changed: keep metrics and in-flight counts. A new data-parallel rank is another
+            # engine behind the same port (its KV events come from another socket): listeners must hear it.
+            if existing.spec.hostport == spec.hostport and existing.spec.rank == spec.rank:
+                existing.spec = spec
                 self._rebuild()
                 return
             # Same name, new address: a different server. Replace it.

@@ -84,6 +84,8 @@ def parse_objectives(text: str, source: str = "objectives") -> list[InferenceObj
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as e:
         raise ValueError(f"{source}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{source}: not valid YAML: nested too deeply") from None
     found: list[InferenceObjective] = []
     for i, doc in enumerate(docs):
         where = f"{source}: document {i}"

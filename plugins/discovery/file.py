@@ -83,6 +83,10 @@ class FileDiscovery(EndpointDiscovery):
             except EndpointsFileError as e:
                 self._reload_failed(str(e))
                 continue
+            except Exception as e:  # a bug must not end the watch: the pool would freeze, unnoticed
+                log.exception("endpoints file reload failed", extra={"path": self.path})
+                self._reload_failed(f"{self.path}: {e!r}")
+                continue
             if changes.moved():
                 changes.retry()  # changed while we read it: read again once it settles
                 continue

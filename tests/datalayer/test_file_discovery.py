@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 from helpers import until
 
 from llmepp.datalayer.datastore import Datastore
-from llmepp.datalayer.endpoint import EndpointSpec
+from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
 from llmepp.datalayer.endpointsfile import MAX_FILE_BYTES, EndpointsFileError, parse_endpoints
 from llmepp.framework.plugin import ConfigError, PluginRegistry
 from llmepp.plugins.discovery import PLUGINS
@@ -122,11 +124,30 @@ endpoints:
         (b"endpoints: [\n  - name: a\n bad", "not valid YAML/JSON"),
         (b'{"endpoints": [}', "not valid YAML/JSON"),
         (b"endpoints: []\n" + b"#" * MAX_FILE_BYTES, "larger than the 1048576 byte limit"),
+        (b'{"endpoints": ' + b"[" * 60_000 + b"]" * 60_000 + b"}", "nested too deeply"),
     ],
 )
 def test_file_level_problems(data: bytes, problem: str) -> None:
     with pytest.raises(EndpointsFileError, match=problem.replace("[", r"\[").replace("`", ".")):
         parse_endpoints(data)
+
+
+def test_a_deeply_nested_yaml_file_is_rejected_not_a_crash(tmp_path: Path) -> None:
+    """libyaml's C loader overflows the C stack on ~25,000 nested flow collections (SIGSEGV), the file
+    well under the size limit: in a child process, as the plugin reads it (in a thread)."""
+    path = tmp_path / "eps.yaml"
+    path.write_text("endpoints: " + "[" * 60_000 + "]" * 60_000 + "\n")
+    code = (
+        "import asyncio, sys\n"
+        "from llmepp.datalayer.endpointsfile import EndpointsFileError, read_endpoints_file\n"
+        "try:\n"
+        "    asyncio.run(asyncio.to_thread(read_endpoints_file, sys.argv[1]))\n"
+        "except EndpointsFileError as e:\n"
+        "    print(e)\n"
+    )
+    child = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert child.returncode == 0, f"exit {child.returncode}: {child.stderr[-500:]}"
+    assert child.stdout.strip() == f"{path}: nested too deeply"
 
 
 # -- the plugin ---------------------------------------------------------------------------
@@ -270,6 +291,46 @@ async def test_bad_reload_keeps_the_pool(
     assert names(ds) == {"a", "b"}
     path.write_text(entries(("b", "10.0.0.2", 8000)))  # back and valid
     await until(lambda: names(ds) == {"b"})
+
+
+async def test_an_unexpected_reload_error_is_counted_and_the_watch_goes_on(
+    tmp_path: Path, running: Callable[..., asyncio.Task[None]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "eps.yaml"
+    path.write_text(entries(("a", "10.0.0.1", 8000)))
+    ds = Datastore()
+    plugin = build(path, watch=True)
+    task = running(plugin, ds)
+    await until(lambda: ds.synced)
+    read = plugin.read
+    monkeypatch.setattr(plugin, "read", lambda: (_ for _ in ()).throw(RuntimeError("a bug")))
+    path.write_text(entries(("b", "10.0.0.2", 8000)))
+    await until(lambda: plugin.reload_errors == 1, what="the failed reload counted")
+    assert not task.done() and names(ds) == {"a"}
+    monkeypatch.setattr(plugin, "read", read)
+    path.write_text(entries(("c", "10.0.0.3", 8000)))
+    await until(lambda: names(ds) == {"c"}, what="the next good file loaded")
+
+
+async def test_a_new_rank_behind_the_same_port_is_announced_to_listeners() -> None:
+    """Listeners latch an endpoint's rank (the KV-event subscriber reads socketPort + rank): an entry
+    whose rank was fixed in the file is a new endpoint to them, not an in-place label change."""
+    events: list[tuple[str, int]] = []
+
+    class Recorder:
+        def endpoint_added(self, ep: Endpoint) -> None:
+            events.append(("added", ep.spec.rank))
+
+        def endpoint_removed(self, ep: Endpoint) -> None:
+            events.append(("removed", ep.spec.rank))
+
+    ds = Datastore()
+    ds.add_listener(Recorder())
+    ds.upsert(EndpointSpec(name="dp", address="10.0.0.1", port=8001, rank=0))
+    ds.upsert(EndpointSpec(name="dp", address="10.0.0.1", port=8001, rank=0, labels={"zone": "a"}))
+    assert events == [("added", 0)]  # a label change stays in place
+    ds.upsert(EndpointSpec(name="dp", address="10.0.0.1", port=8001, rank=1, labels={"zone": "a"}))
+    assert events == [("added", 0), ("removed", 0), ("added", 1)]
 
 
 async def test_reload_errors_are_counted_in_poll_errors(

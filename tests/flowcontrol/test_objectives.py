@@ -48,6 +48,7 @@ def test_items_list_as_kubectl_prints_it() -> None:
         (obj("a", 2**31), "spec.priority: 2147483648 is outside int32"),
         (obj("a", pool=None) + "---\n- 1\n", "document 1: expected an InferenceObjective mapping"),
         ("a: [", "not valid YAML"),
+        ("a: " + "[" * 5000 + "]" * 5000, "not valid YAML: nested too deeply"),
     ],
 )  # fmt: skip
 def test_errors_name_document_and_field(text: str, message: str) -> None:
