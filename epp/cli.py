@@ -146,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ha-lease-duration", type=parse_duration, default=d.ha_lease_duration)
     p.add_argument("--ha-renew-deadline", type=parse_duration, default=d.ha_renew_deadline)
     p.add_argument("--ha-retry-period", type=parse_duration, default=d.ha_retry_period)
-    p.add_argument("--objectives-file", help="InferenceObjective YAML (objective name -> priority); reloaded on change")
+    p.add_argument("--objectives-file",
+                   help="InferenceObjective YAML (objective name -> priority); reloaded once a change holds still "
+                   "for a 1 s poll (a bad or empty file keeps the last good one)")  # fmt: skip
     p.add_argument("--refresh-metrics-interval", type=parse_duration, default=d.refresh_metrics_interval,
                    help="model-server metrics scrape interval (min 50ms)")  # fmt: skip
     p.add_argument("--metrics-staleness-threshold", type=parse_duration, default=d.metrics_staleness_threshold,

@@ -63,8 +63,12 @@ class SettledChanges:
         return stat_signature(self.path) != self.reported
 
     def retry(self) -> None:
-        """Read the file again once it settles (after `moved()`)."""
-        self.reported = None
+        """Read the file again once it settles (after `moved()`), or report it missing if it goes."""
+        self.reported = _UNREAD
+
+
+# A state no file has: after `retry()` the next settled state is reported, a missing file included.
+_UNREAD: Signature = (-1, -1, -1, -1)
 
 
 class FilePoller(ABC):

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from llmepp.filewatch import FilePoller, Signature, stat_signature
+from llmepp.filewatch import FilePoller, SettledChanges, stat_signature
 from llmepp.framework.plugin import ConfigError
 
 log = logging.getLogger(__name__)
@@ -155,13 +155,16 @@ def priorities_for_pool(objectives: list[InferenceObjective], pool_name: str, so
     return result
 
 
-def load_objectives(path: str, pool_name: str = "") -> dict[str, int]:
-    """Read and validate an objectives file; ConfigError (naming the file) on any problem."""
+def load_objectives(path: str, pool_name: str = "", *, allow_empty: bool = True) -> dict[str, int]:
+    """Read and validate an objectives file; ConfigError (naming the file) on any problem. Without
+    `allow_empty` a file with no content is one too (a reload: truncated, its new content not written yet)."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
-    except OSError as e:
-        raise ConfigError(f"--objectives-file: cannot read {path}: {e.strerror}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--objectives-file: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not allow_empty and not text.strip():
+        raise ConfigError(f"{path}: the file is empty")
     try:
         return priorities_for_pool(parse_objectives(text, path), pool_name, path)
     except ValueError as e:
@@ -169,10 +172,11 @@ def load_objectives(path: str, pool_name: str = "") -> dict[str, int]:
 
 
 class ObjectivesFileWatcher(FilePoller):
-    """Polls the file's stat; on change reloads it into the store.
+    """Polls the file's stat; once a change has held still for a poll, reloads it into the store.
 
     A file that fails to load at start-up is a ConfigError (`load()`); later, a bad edit is
-    logged and the last good objectives stay in force, so a typo cannot drop priorities.
+    logged and the last good objectives stay in force, so a typo cannot drop priorities; nor can a
+    file caught mid-write (read only once it stops changing; an empty file is a bad edit).
     """
 
     name = "objectives-watcher"
@@ -182,28 +186,30 @@ class ObjectivesFileWatcher(FilePoller):
         self.path = path
         self.store = store
         self.pool_name = pool_name
-        self._stamp: Signature | None = None
+        self._changes = SettledChanges(path, None)
 
     def load(self) -> None:
         """Initial load: raises ConfigError."""
         stamp = stat_signature(self.path)
         self.store.replace(load_objectives(self.path, self.pool_name))
-        self._stamp = stamp
+        self._changes = SettledChanges(self.path, stamp)
         log.info("loaded %d inference objectives from %s", len(self.store), self.path)
 
     def check(self) -> bool:
-        """Reload if the file changed since the last look; True when the store was replaced."""
-        stamp = stat_signature(self.path)
-        if stamp == self._stamp:
+        """Reload if the file changed and has settled since the last look; True when the store was replaced."""
+        changes = self._changes
+        if not changes.settled():
             return False
-        self._stamp = stamp
-        if stamp is None:
+        if changes.missing:
             log.error("objectives file %s disappeared; keeping the last %d objectives", self.path, len(self.store))
             return False
         try:
-            priorities = load_objectives(self.path, self.pool_name)
+            priorities = load_objectives(self.path, self.pool_name, allow_empty=False)
         except ConfigError as e:
             log.error("objectives file reload failed, keeping the previous objectives: %s", e)
+            return False
+        if changes.moved():
+            changes.retry()  # changed while we read it: read again once it settles
             return False
         self.store.replace(priorities)
         log.info("reloaded %d inference objectives from %s", len(priorities), self.path)

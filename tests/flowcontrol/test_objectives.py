@@ -87,13 +87,31 @@ def test_watcher_reloads_on_change_and_keeps_the_last_good_file(tmp_path: Path) 
     assert store.snapshot() == {"a": 1}
     assert not w.check()  # unchanged
     _touch(path, obj("a", 5) + "---\n" + obj("b", -1))
-    assert w.check() and store.snapshot() == {"a": 5, "b": -1}
+    assert [w.check(), w.check()] == [False, True]  # seen, then read once it held still for a poll
+    assert store.snapshot() == {"a": 5, "b": -1}
     _touch(path, obj("a", "oops"))
-    assert not w.check() and store.snapshot() == {"a": 5, "b": -1}  # bad edit: previous objectives stay
+    assert [w.check(), w.check()] == [False, False]
+    assert store.snapshot() == {"a": 5, "b": -1}  # bad edit: previous objectives stay
     path.unlink()
-    assert not w.check() and store.priority("a") == 5
+    assert [w.check(), w.check()] == [False, False] and store.priority("a") == 5
     path.write_text(obj("c", 7))
-    assert w.check() and store.snapshot() == {"c": 7}
+    assert [w.check(), w.check()] == [False, True] and store.snapshot() == {"c": 7}
+
+
+def test_watcher_reads_a_file_only_once_it_stops_changing_and_never_an_empty_one(tmp_path: Path) -> None:
+    path = tmp_path / "o.yaml"
+    path.write_text(obj("a", 1) + "---\n" + obj("b", 2))
+    store = ObjectiveStore()
+    w = ObjectivesFileWatcher(str(path), store)
+    w.load()
+    _touch(path, "")  # truncated by an editor writing in place ...
+    assert not w.check() and store.snapshot() == {"a": 1, "b": 2}
+    _touch(path, obj("a", 1))  # ... half of the new content before the next poll ...
+    assert not w.check()
+    _touch(path, obj("a", 1) + "---\n" + obj("b", 3))  # ... and the rest
+    assert [w.check(), w.check()] == [False, True] and store.snapshot() == {"a": 1, "b": 3}
+    _touch(path, "  \n")  # emptied: a reload that would drop every priority is refused
+    assert [w.check(), w.check()] == [False, False] and store.snapshot() == {"a": 1, "b": 3}
 
 
 async def test_watcher_task_polls_the_file(tmp_path: Path) -> None:

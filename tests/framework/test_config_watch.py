@@ -15,7 +15,7 @@ from llmepp.cli import settings_from_args
 from llmepp.config.loader import build, load_config, rebuild_scheduling
 from llmepp.config.schema import DEFAULT_CONFIG, EndpointPickerConfig
 from llmepp.config.watch import ConfigWatcher
-from llmepp.filewatch import stat_signature
+from llmepp.filewatch import SettledChanges, stat_signature
 from llmepp.framework.plugin import ConfigError
 from llmepp.observability.metrics import EppMetrics
 from llmepp.settings import Settings
@@ -209,3 +209,16 @@ async def test_many_reloads_under_traffic_keep_nothing_of_the_retired_schedulers
     assert live_plugins() == before
     assert first() is None
     assert len(app.director._timers._children) <= 2 * len(app.components.plugins)
+
+
+def test_a_file_deleted_after_a_retry_is_reported_missing(tmp_path: Path) -> None:
+    """retry() (the file moved while it was read) must not hide a deletion that follows: the next settled
+    state is reported whatever it is."""
+    path = tmp_path / "f"
+    path.write_text("a")
+    changes = SettledChanges(str(path), stat_signature(str(path)))
+    os.utime(path, ns=(1, 1))
+    assert [changes.settled(), changes.settled()] == [False, True]
+    changes.retry()
+    path.unlink()
+    assert [changes.settled(), changes.settled()] == [False, True] and changes.missing
