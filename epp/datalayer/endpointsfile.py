@@ -229,7 +229,8 @@ def _port(entry: dict[str, Any], key: str, where: str, problems: list[str], *, r
         problems.append(f"{where}.{key}: must be an integer 1-65535, got {_kind(value)} {value!r}")
         return None
     if isinstance(value, str):
-        if not value.strip().isdecimal():
+        digits = value.strip()
+        if not (digits.isascii() and digits.isdecimal()):  # int() would read "٣٠" as 30
             problems.append(f"{where}.{key}: must be an integer 1-65535, got {value!r}")
             return None
         value = int(value)

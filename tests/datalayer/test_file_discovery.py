@@ -84,6 +84,7 @@ def test_parse_json_and_empty_pool() -> None:
         ({"name": "a", "address": "10.0.0.1", "port": 1, "rank": -1}, "endpoints[0].rank: must be an integer 0-255"),
         ({"name": "a", "address": "10.0.0.1", "port": 1, "rank": "1"}, "endpoints[0].rank: must be an integer 0-255"),
         ({"name": "a", "address": "10.0.0.1", "port": 1, "rank": True}, "endpoints[0].rank: must be an integer 0-255"),
+        ({"name": "a", "address": "10.0.0.1", "port": "٣٠"}, "endpoints[0].port: must be an integer 1-65535"),
     ],
 )
 def test_entry_validation_messages(entry: dict[str, object], problem: str) -> None:
