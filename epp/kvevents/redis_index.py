@@ -57,11 +57,13 @@ import asyncio
 import logging
 import math
 import struct
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 
+from llmepp.framework.plugin import ConfigError
 from llmepp.kvevents.chain import Delta, EngineBlock, SourceChains, pack_block, unpack_block
 from llmepp.kvevents.subscriber import ResumePoint
 from llmepp.kvevents.tiers import TierTable
@@ -191,16 +193,44 @@ LOOKUP_CHUNK = 2048
 
 
 def redis_url(address: str) -> str:
-    """llm-d accepts `redis://`, `valkey://` and bare `host:port`; redis-py wants a redis URL."""
+    """llm-d accepts `redis://`, `valkey://` and bare `host:port`; redis-py wants a redis URL. A socket
+    path (`/run/redis.sock`) becomes `unix://`. ValueError for what redis-py would read as something else
+    (it drops a db that is not a number and connects to localhost:6379 when no host is given)."""
+    address = address.strip()
+    if not address:
+        raise ValueError("empty; expected redis://<host>:<port>[/<db>], rediss://... or unix://<path>")
+    if address.startswith("/"):
+        address = "unix://" + address
     if address.startswith(("valkey://", "valkeys://")):
         address = "redis" + address[len("valkey") :]
     if "://" not in address:
         address = "redis://" + address
+    url = urllib.parse.urlsplit(address)
+    if url.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"scheme {url.scheme!r}: expected redis://, rediss://, valkey://, valkeys:// or unix://")
+    if url.scheme == "unix":
+        if not url.path:
+            raise ValueError(f"{address!r} names no socket path")
+        return address
+    try:
+        url.port  # noqa: B018 - parsing it raises ValueError for a bad port
+    except ValueError:
+        raise ValueError(f"{address!r}: the port must be a number 0-65535") from None
+    if not url.hostname:
+        raise ValueError(f"{address!r} names no host")
+    db = url.path.lstrip("/")
+    if db and not (db.isascii() and db.isdigit()):
+        raise ValueError(f"{address!r}: the database after the host must be a number, got {db!r}")
     return address
 
 
-def connect(address: str, timeout: float = 2.0) -> aioredis.Redis:
-    return aioredis.Redis.from_url(redis_url(address), socket_timeout=timeout, socket_connect_timeout=timeout)
+def connect(address: str, timeout: float = 2.0, *, field: str = "redisConfig.address") -> aioredis.Redis:
+    """A client for `address` (no connection yet); ConfigError naming `field` for an unusable address."""
+    try:
+        url = redis_url(address)
+    except ValueError as e:
+        raise ConfigError(f"{field}: {e}") from None
+    return aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
 
 
 @dataclass(frozen=True, slots=True)

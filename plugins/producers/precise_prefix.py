@@ -460,7 +460,7 @@ class RedisPrecisePrefixCacheProducer(PrecisePrefixCacheProducer):
         cfg = _redis_config(self.params)
         assert cfg is not None
         self.lookup_timeout = parse_duration(cfg.lookup_timeout)
-        self.redis = connect(cfg.address)
+        self.redis = connect(cfg.address, field="indexerConfig.kvBlockIndexConfig.redisConfig.address")
         # What is stored (request keys, tier bits, chain state, stream position) depends on the block
         # size, the seed and the tiers: configurations that differ keep apart, replicas of one share.
         scope = f"{self.block_tokens}.{self.seed:x}.{'+'.join(self.tiers.names)}:"

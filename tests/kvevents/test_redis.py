@@ -15,7 +15,7 @@ from helpers import until
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import EndpointSpec
 from llmepp.framework.datakeys import IN_FLIGHT_LOAD, PREFIX_CACHE_MATCH_INFO, TOKENIZED_PROMPT, TokenizedPrompt, scoped
-from llmepp.framework.plugin import PluginContext, registry
+from llmepp.framework.plugin import ConfigError, PluginContext, registry
 from llmepp.framework.scheduling import ProfileResult, SchedulingResult
 from llmepp.kvevents.chain import Delta, SourceChains
 from llmepp.kvevents.index import MemoryIndex
@@ -614,3 +614,43 @@ async def test_a_lookup_reads_only_its_candidates_generations(server: RedisServe
     assert (await store.lookup(keys, [pod, "10.0.0.1:8000"])).lengths == {pod: 1}
     stats = await client.info("commandstats")
     assert "cmdstat_hgetall" not in stats, stats["cmdstat_hgetall"]
+
+
+@pytest.mark.parametrize(
+    ("address", "url"),
+    [
+        ("redis://10.0.0.1:6379/2", "redis://10.0.0.1:6379/2"),
+        ("10.0.0.1:6379", "redis://10.0.0.1:6379"),
+        ("valkey://redis:6379", "redis://redis:6379"),
+        ("valkeys://:pw@redis:6380", "rediss://:pw@redis:6380"),
+        ("/run/redis/redis.sock", "unix:///run/redis/redis.sock"),
+        ("redis://[fd00::1]:6379", "redis://[fd00::1]:6379"),
+    ],
+)
+def test_redis_addresses_llm_d_accepts_become_urls(address: str, url: str) -> None:
+    from llmepp.kvevents.redis_index import redis_url
+
+    assert redis_url(address) == url
+
+
+@pytest.mark.parametrize("kind", ["redis-inflight-load-producer", "precise-prefix-cache-producer"])
+@pytest.mark.parametrize(
+    ("address", "problem"),
+    [
+        ("", "empty"),
+        ("redis://127.0.0.1:6379/abc", "the database after the host must be a number"),  # redis-py: db 0
+        ("redis:///var/run/redis.sock", "names no host"),  # redis-py: localhost:6379
+        ("http://127.0.0.1:6379", "scheme 'http'"),
+        ("redis://127.0.0.1:99999", "the port must be a number"),
+    ],
+)
+def test_an_address_redis_would_read_as_another_is_a_start_up_error_naming_the_field(
+    kind: str, address: str, problem: str
+) -> None:
+    params: dict[str, object] = {"redisConfig": {"address": address}}
+    field = "redisConfig.address"
+    if kind == "precise-prefix-cache-producer":
+        params = {"indexerConfig": {"kvBlockIndexConfig": params}}
+        field = "indexerConfig.kvBlockIndexConfig.redisConfig.address"
+    with pytest.raises(ConfigError, match=f"{field}: .*{problem}"):
+        registry.build(kind, "p", params)
