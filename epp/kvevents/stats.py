@@ -42,6 +42,7 @@ class KVEventStats:
     # Redis index only: requests routed without prefix data, and speculative writes lost.
     lookup_errors: int = 0  # the lookup failed (Redis unreachable, connection lost, script error)
     lookup_timeouts: int = 0  # the lookup outlasted lookupTimeout
+    lookup_skips: int = 0  # Redis not called: too many lookups were already waiting on it
     speculation_errors: int = 0  # a speculative write failed or timed out
 
 

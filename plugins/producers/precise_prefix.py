@@ -7,7 +7,7 @@ import asyncio
 import builtins
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -41,6 +41,9 @@ from llmepp.plugins.datasources.endpoint_notification import EndpointNotificatio
 from llmepp.plugins.scorers.prefix_cache import PrefixCacheScorer
 from llmepp.request.types import InferenceRequest, ResponseInfo
 from llmepp.units import parse_duration
+
+if TYPE_CHECKING:  # redis is imported only when configured
+    from llmepp.kvevents.redis_index import RedisMatch
 
 log = logging.getLogger(__name__)
 
@@ -451,6 +454,15 @@ def _redis_config(params: Any) -> RedisConfig | None:
     return kb.redis_config if kb is not None else None
 
 
+# Lookups a producer leaves waiting on Redis (each holds one of redis-py's 100 pooled connections, which
+# ingestion shares): past this many a request skips Redis at once (`lookup_skips`).
+MAX_PENDING_LOOKUPS = 64
+
+
+class _LookupsPiledUp(Exception):
+    pass
+
+
 class RedisPrecisePrefixCacheProducer(PrecisePrefixCacheProducer):
     """The same producer on the shared Redis index: lookups are one awaited script call."""
 
@@ -467,6 +479,7 @@ class RedisPrecisePrefixCacheProducer(PrecisePrefixCacheProducer):
         prefix = cfg.key_prefix + scope
         self.redis_store = RedisStore(self.redis, self.tiers, prefix=prefix, ttl=parse_duration(cfg.ttl))
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pending_lookups = 0
         return self.redis_store
 
     async def aclose(self) -> None:
@@ -486,11 +499,12 @@ class RedisPrecisePrefixCacheProducer(PrecisePrefixCacheProducer):
         hits: dict[Endpoint, int] = {}
         last: Endpoint | None = None
         try:
-            async with asyncio.timeout(self.lookup_timeout):
-                m = await self.redis_store.lookup(keys, list(pods))
+            m = await self._lookup(keys, list(pods))
         except Exception as e:  # Redis slow or down: route without prefix data, never stall
             if isinstance(e, TimeoutError):  # past lookupTimeout (redis-py's own timeouts are errors)
                 self.stats.lookup_timeouts += 1
+            elif isinstance(e, _LookupsPiledUp):
+                self.stats.lookup_skips += 1
             else:
                 self.stats.lookup_errors += 1
             self._log.warning("lookup", "%s: Redis lookup failed (%r); no prefix data for this request", self.name, e)
@@ -502,6 +516,25 @@ class RedisPrecisePrefixCacheProducer(PrecisePrefixCacheProducer):
             if not hits and m.last:
                 last = pods.get(m.last)
         self._publish(request, tokens, root, len(keys), hits, keys, last)
+
+    async def _lookup(self, keys: list[int], pods: list[str]) -> RedisMatch:
+        """The lookup, within lookupTimeout whatever redis-py does with a cancellation (in a burst on a stalled
+        Redis some are held until the command completes): it runs as a task the request stops waiting for."""
+        if self._pending_lookups >= MAX_PENDING_LOOKUPS:
+            raise _LookupsPiledUp(f"{self._pending_lookups} lookups already waiting on Redis")
+        lookup = asyncio.ensure_future(self.redis_store.lookup(keys, pods))
+        self._pending_lookups += 1
+        lookup.add_done_callback(self._lookup_done)
+        await asyncio.wait((lookup,), timeout=self.lookup_timeout)
+        if not lookup.done():
+            lookup.cancel()  # not awaited: it gives its connection back when redis-py lets it
+            raise TimeoutError
+        return lookup.result()
+
+    def _lookup_done(self, lookup: asyncio.Future[RedisMatch]) -> None:
+        self._pending_lookups -= 1
+        if not lookup.cancelled():
+            lookup.exception()  # retrieved: an abandoned lookup's error was counted as a timeout
 
     def _speculate(self, targets: list[str], ctx: tuple[bytes, int], info: PrefixMatchInfo, ttl: float) -> None:
         keys = self._all_keys(ctx, info)

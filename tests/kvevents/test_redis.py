@@ -551,6 +551,40 @@ async def test_redis_lookup_failures_are_counted_and_exported() -> None:
         await p.aclose()
 
 
+async def test_a_burst_on_a_stalled_redis_waits_no_longer_than_lookup_timeout() -> None:
+    """Under asyncio.timeout, some of a burst of lookups on a paused Redis waited the whole pause (redis-py
+    held their cancellation until the command completed); past MAX_PENDING_LOOKUPS waiting on Redis, a
+    request does not call it at all."""
+    from llmepp.plugins.producers.precise_prefix import MAX_PENDING_LOOKUPS
+
+    with RedisServer() as srv:
+        config = {"redisConfig": {"address": srv.url, "lookupTimeout": "50ms"}}
+        p = _producer(srv.url, indexerConfig={"kvBlockIndexConfig": config})
+        eps = [endpoint("127.0.0.150", 8000), endpoint("127.0.0.151", 8000)]
+        await p.produce(_request(), eps)  # connected, scripts loaded
+        admin = connect(srv.url)
+        await admin.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+
+        async def one() -> float:
+            req = _request()
+            t0 = time.monotonic()
+            await p.produce(req, eps)
+            assert req.data[scoped(PREFIX_CACHE_MATCH_INFO, "precise")].hits == {}
+            return time.monotonic() - t0
+
+        took = await asyncio.gather(*(one() for _ in range(250)))
+        slow = sorted(t for t in took if t > 0.5)
+        assert not slow, f"{len(slow)} of 250 requests waited past lookupTimeout=50ms: up to {slow[-1]:.2f} s"
+        assert p.stats.lookup_timeouts == MAX_PENDING_LOOKUPS
+        assert p.stats.lookup_skips == 250 - MAX_PENDING_LOOKUPS and p.stats.lookup_errors == 0
+        await asyncio.sleep(1.6)  # the pause ends: the abandoned lookups complete and free their slots
+        await until(lambda: p._pending_lookups == 0, what="the abandoned lookups done")
+        assert await _hits(p, _request(), eps, {})
+        assert p.stats.lookup_timeouts == MAX_PENDING_LOOKUPS  # the lookup after the pause answered in time
+        await admin.aclose()
+        await p.aclose()
+
+
 async def test_every_key_a_pod_leaves_behind_expires(server: RedisServer, client: aioredis.Redis) -> None:
     """`ttl` bounds the garbage of pods that are gone. Two leaks: a removal that deleted a block's last
     holder (HDEL empties the hash, Redis deletes it) recreated it for the last-holder mark without an
