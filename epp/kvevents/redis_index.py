@@ -25,9 +25,14 @@ that found the publisher's batch under our last number to be another one (subscr
 which batch it saw replaced: if `src:<pod>` still holds exactly that (seq, lts), whatever the clocks
 say. A restart bumps the pod's generation (O(1): stale entries stop counting and are overwritten or
 expire with `ttl`). `AllBlocksCleared` does the same, and its removals are applied as well, so the
-pod becomes the last holder of each key it held (as in the in-memory index). A failed write raises,
+pod becomes the last holder of each key it held (as in the in-memory index). So does the first batch of
+a source Redis holds no position for: a new pod at an address an earlier one used must not inherit what
+that one left in keys other pods keep alive. A failed write raises,
 so the pool restarts the subscriber, which resumes from `src:<pod>` and replays what Redis is missing
-(first checking that the publisher still has the batch `src:<pod>` ends with).
+(first checking that the publisher still has the batch `src:<pod>` ends with). A write that finds no
+position where this replica wrote or resumed one (Redis restarted empty, or the pod was silent past
+`ttl`) sends the replica's whole state of the pod instead (its chains hold it), so an empty Redis is
+refilled by the next batch of each pod without a replay.
 
 Reads. A lookup is one script call: it walks the prompt's keys from block 0 inside Redis and returns
 per candidate pod the consecutive match and its tier-weighted sum. The keys travel as one string
@@ -43,9 +48,12 @@ Speculative entries written by one replica's routing decision are visible to eve
 (that is what makes two replicas send a burst of one prompt to one pod). A replica that restarts
 finds the index, the chain state and the stream position in Redis and continues from there (with a
 replay socket it fetches the batches published while it was down; without one, batches no replica
-received are lost, as with a single EPP). Entries of a pod removed from the pool stay until `ttl`
-(they are never candidates), and so do its `src:` and `eng:` keys (refreshed by every batch applied:
-a pod silent for longer is read again from the start of its publisher's buffer, as if new).
+received are lost, as with a single EPP). Entries of a pod removed from the pool are never candidates;
+they expire with `ttl`, except its fields in keys other pods keep storing (a shared system prompt's),
+which stay until those keys go: one field per departed pod per such key, of a generation no later pod
+at that address counts. Its `src:` and `eng:` keys expire with `ttl` (refreshed by every batch applied:
+a pod silent for longer is read again from the start of its publisher's buffer, as if new); `gen` (a
+field per pod address ever seen) goes when no pod has written for `ttl`.
 `ttl` (default 1h, refreshed by every store) bounds garbage; a prefix
 the engine keeps longer than `ttl` without re-reporting it (vLLM < 0.33 does not re-report reused
 blocks) drops out of the shared index early.
@@ -76,7 +84,14 @@ local cur = redis.call('HMGET', KEYS[1], 'ts', 'seq', 'lts')
 local cts = tonumber(cur[1]); local cseq = tonumber(cur[2])
 local clear = ARGV[6] == '1'
 local high = ARGV[2]
-if cseq then
+if not cseq then
+  -- Redis holds no position for the pod. If this replica wrote or resumed one, Redis lost it (restarted
+  -- empty, or the pod was silent past `ttl`): the caller sends its whole state instead of this batch.
+  if tonumber(ARGV[9]) >= 0 then return -1 end
+  -- A source new to Redis: whatever an earlier pod at this address left (in keys others keep alive)
+  -- must not count for it.
+  clear = true
+else
   local replaced = ARGV[7] ~= '' and tonumber(ARGV[7]) == cseq and ARGV[8] == (cur[3] or cur[1])
   if replaced or (seq <= cseq and ts > cts) then
     clear = true  -- a restarted publisher: its own clock from here on
@@ -95,8 +110,8 @@ else
   gen = tonumber(redis.call('HGET', KEYS[2], pod) or '0')
 end
 local ttl = tonumber(ARGV[4]); local bp = ARGV[5]
-local i = 10
-for _ = 1, tonumber(ARGV[9]) do
+local i = 11
+for _ = 1, tonumber(ARGV[10]) do
   local k = bp .. ARGV[i]; local m = tonumber(ARGV[i + 1]); i = i + 2
   if m > 0 then
     redis.call('HSET', k, pod, gen * 256 + m)
@@ -114,6 +129,8 @@ for _ = 1, nd do redis.call('HDEL', KEYS[3], ARGV[i]); i = i + 1 end
 redis.call('HSET', KEYS[1], 'ts', high, 'seq', ARGV[3], 'lts', ARGV[2])
 if ttl > 0 then  -- a pod gone for good leaves its position and chain state for `ttl`, like its entries
   redis.call('PEXPIRE', KEYS[1], ttl); redis.call('PEXPIRE', KEYS[3], ttl)
+  -- the generations go only when no pod has written for `ttl`: every entry they qualify is gone by then
+  redis.call('PEXPIRE', KEYS[2], ttl)
 end
 return 1
 """
@@ -271,6 +288,9 @@ class RedisStore:
         self._apply = client.register_script(_APPLY)
         self._lookup = client.register_script(_LOOKUP)
         self._speculate = client.register_script(_SPECULATE)
+        # Per pod, the last sequence number this replica saw Redis hold (written or resumed): Redis losing
+        # it shows up at the next write.
+        self._positions: dict[str, int] = {}
         # weight_of[mask] for masks 1..255 (Lua tables are 1-based: w[mask]).
         weights = tiers.weight_of[1:]
         self._weight_args: list[Any] = [len(weights), *(repr(w) for w in weights), repr(tiers.top)]
@@ -290,30 +310,53 @@ class RedisStore:
         # A clear bumps the pod's generation (its old entries stop counting at once), and its
         # removals still go through, so each key records the pod as its last holder, as the
         # in-memory index does.
-        args: list[Any] = [pod, repr(ts), seq, self.ttl_ms, self.block_prefix, "1" if delta.clear_at >= 0 else "0"]
-        if replaces is None:
-            args += ["", ""]
-        else:
-            args += [replaces[0], repr(replaces[1])]
-        keys, masks = delta.keys, delta.masks
+        engine = chains.engine
+        # Engine blocks: their final state in this batch (the chains object is already past it).
+        sets = [h for h in dict.fromkeys(delta.engine_set) if h in engine]
+        dels = [h for h in dict.fromkeys(delta.engine_del) if h not in engine]
+        expected = self._positions.get(pod, -1)
+        async with asyncio.timeout(self.write_timeout):
+            applied = await self._write(pod, ts, seq, delta.clear_at >= 0, replaces, expected,
+                                        delta.keys, delta.masks, sets, dels, engine)  # fmt: skip
+            if applied == -1:
+                # Redis lost the pod's position (restarted empty, or the pod was silent past `ttl`), and
+                # with it what this replica wrote: the chains hold the pod's whole state, so send that.
+                log.warning("Redis lost the KV state of %s; writing this replica's (%d blocks)", pod, len(engine))
+                keys = list(chains.kmask)
+                await self._write(pod, ts, seq, True, None, -1, keys, [chains.kmask[k] for k in keys],
+                                  list(engine), [], engine)  # fmt: skip
+        self._positions[pod] = seq
+
+    async def _write(
+        self,
+        pod: str,
+        ts: float,
+        seq: int,
+        clear: bool,
+        replaces: tuple[int, float] | None,
+        expected: int,
+        keys: list[int],
+        masks: list[int],
+        sets: list[int],
+        dels: list[int],
+        engine: dict[int, EngineBlock],
+    ) -> int:
+        """One _APPLY call: 1 applied, 0 applied already (by another replica), -1 position lost."""
+        args: list[Any] = [pod, repr(ts), seq, self.ttl_ms, self.block_prefix, "1" if clear else "0"]
+        args += ["", ""] if replaces is None else [replaces[0], repr(replaces[1])]
+        args.append(expected)
         args.append(len(keys))
         for i in range(len(keys)):
             args.append(_hex(keys[i]))
             args.append(masks[i])
-        # Engine blocks: their final state in this batch (the chains object is already past it).
-        engine = chains.engine
-        sets = [h for h in dict.fromkeys(delta.engine_set) if h in engine]
         args.append(len(sets))
         for h in sets:
             args.append(_hex(h))
             args.append(pack_block(engine[h]))
-        dels = [h for h in dict.fromkeys(delta.engine_del) if h not in engine]
         args.append(len(dels))
         args.extend(_hex(h) for h in dels)
-        src = self.prefix + "src:" + pod
-        eng = self.prefix + "eng:" + pod
-        async with asyncio.timeout(self.write_timeout):
-            await self._apply(keys=[src, self.gen_key, eng], args=args)
+        keys_ = [self.prefix + "src:" + pod, self.gen_key, self.prefix + "eng:" + pod]
+        return int(await self._apply(keys=keys_, args=args))
 
     async def resume(self, pod: str, chains: SourceChains) -> ResumePoint | None:
         pipe = self.client.pipeline(transaction=True)
@@ -325,7 +368,9 @@ class RedisStore:
         src: dict[bytes, bytes] = replies[0]
         eng: dict[bytes, bytes] = replies[1]
         if not src:
+            self._positions.pop(pod, None)
             return None
+        self._positions[pod] = int(src[b"seq"])
         blocks: dict[int, EngineBlock] = {int(h, 16): unpack_block(bytes(v)) for h, v in eng.items()}
         chains.restore(blocks)
         log.info("resumed KV state from Redis", extra={"pod": pod, "seq": int(src[b"seq"]), "blocks": len(blocks)})
@@ -338,6 +383,7 @@ class RedisStore:
         # is never a candidate and its entries expire with `ttl`.
         chains.engine.clear()
         chains.kmask.clear()
+        self._positions.pop(pod, None)
 
     # -- reads ----------------------------------------------------------------------------------
     async def lookup(self, keys: list[int], candidates: list[str]) -> RedisMatch:

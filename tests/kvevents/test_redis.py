@@ -98,9 +98,9 @@ async def test_two_replicas_apply_every_batch_once_and_agree(server: RedisServer
         await eventually(settled)
         assert await a.match(pod) == await b.match(pod) == 7
         await until(lambda: a.stats.batches == 5 and b.stats.batches == 5)
-        # Each batch was delivered twice (once per replica) but stored once: one generation, one
-        # field per key, and the engine chain state saved once per block.
-        assert await client.hget("epp:kv:gen", pod) is None
+        # Each batch was delivered twice (once per replica) but stored once: one generation (the first
+        # batch of a source new to Redis starts it), one field per key, the engine chain state saved once.
+        assert await client.hget("epp:kv:gen", pod) == b"1"
         assert await client.hlen(f"epp:kv:eng:{pod}") == 7
         # A cleared cache invalidates the pod for both replicas in O(1) (generation bump).
         await pub.publish([CLEARED])
@@ -109,7 +109,7 @@ async def test_two_replicas_apply_every_batch_once_and_agree(server: RedisServer
             return await a.match(pod) == 0 and await b.match(pod) == 0
 
         await eventually(cleared)
-        assert await client.hget("epp:kv:gen", pod) == b"1"
+        assert await client.hget("epp:kv:gen", pod) == b"2"
         await a.close()
         await b.close()
 
@@ -180,7 +180,7 @@ async def test_publisher_restart_is_detected_by_the_shared_guard(server: RedisSe
             return await a.match(ep.hostport) == 0 and await a.match(ep.hostport, other) == 2
 
         await eventually(swapped)
-        assert await client.hget("epp:kv:gen", ep.hostport) == b"1"
+        assert await client.hget("epp:kv:gen", ep.hostport) == b"2"
         await a.close()
 
 
@@ -421,13 +421,13 @@ async def test_the_guard_orders_a_sources_batches_by_sequence_not_by_clock(
     # not even one newer than the last batch's timestamp.
     await put(1, 10_001.0, 2, 4, mask=0)
     await put(3, 6_403.0, 6, 8, mask=0)
-    assert await held() == 8 and await client.hget("epp:kv:gen", pod) is None
+    assert await held() == 8 and await client.hget("epp:kv:gen", pod) == b"1"
     resume = await store.resume(pod, SourceChains(4, 0, TIERS, 10))
     assert resume is not None and resume.next_seq == 4
     assert resume.last_ts == 10_001.0 and resume.anchor_ts == 6_403.0
     # A restart still shows as an older number with newer data.
     await put(0, 20_000.0, 0, 1)
-    assert await held() == 1 and await client.hget("epp:kv:gen", pod) == b"1"
+    assert await held() == 1 and await client.hget("epp:kv:gen", pod) == b"2"
 
 
 async def test_a_publisher_whose_clock_steps_back_loses_no_batches(server: RedisServer, client: aioredis.Redis) -> None:
@@ -480,7 +480,7 @@ async def test_a_replica_resuming_after_the_publisher_restarted_rebuilds_the_pod
             return await b.match(pod) == 0 and await b.match(pod, OTHER) == 5
 
         await eventually(rebuilt)
-        assert b.stats.resets == 1 and await client.hget("epp:kv:gen", pod) == b"1"
+        assert b.stats.resets == 1 and await client.hget("epp:kv:gen", pod) == b"2"
         assert b.pool.chains()[0].stats.orphans == 0
         await b.close()
 
@@ -512,7 +512,7 @@ async def test_a_restart_with_the_clock_stepped_back_replaces_the_shared_state(
             return await a.match(pod) == 0 and await a.match(pod, OTHER) == 6
 
         await eventually(rebuilt)
-        assert a.stats.resets == 1 and await client.hget("epp:kv:gen", pod) == b"1"
+        assert a.stats.resets == 1 and await client.hget("epp:kv:gen", pod) == b"2"
         await a.close()
 
 
@@ -600,8 +600,8 @@ async def test_every_key_a_pod_leaves_behind_expires(server: RedisServer, client
     chains.removed(BlockRemoved([2]), delta)
     await store.write(pod, chains, 2.0, 1, delta)
     keys = [k async for k in client.scan_iter("epp:kv:*")]
-    assert {k.decode().split(":")[2] for k in keys} == {"b", "src", "eng"}
-    assert len(keys) == 4
+    assert {k.decode().split(":")[2] for k in keys} == {"b", "src", "eng", "gen"}
+    assert len(keys) == 5
     for k in keys:
         assert 0 < await client.pttl(k) <= 60_000, k
     removed = f"epp:kv:b:{delta.keys[0]:016x}"
@@ -688,3 +688,64 @@ def test_an_address_redis_would_read_as_another_is_a_start_up_error_naming_the_f
         field = "indexerConfig.kvBlockIndexConfig.redisConfig.address"
     with pytest.raises(ConfigError, match=f"{field}: .*{problem}"):
         registry.build(kind, "p", params)
+
+
+async def test_a_new_pod_at_a_departed_pods_address_inherits_none_of_its_entries(
+    server: RedisServer, client: aioredis.Redis
+) -> None:
+    """Kubernetes reuses pod IPs. The departed pod's position expired with `ttl`, but its field stays in a
+    key another pod keeps storing; the new pod's first batch must start a generation that field is not of."""
+    store = RedisStore(client, TIERS, ttl=0.3)
+    old, other = "10.0.0.1:8000", "10.0.0.2:8000"
+    shared = Delta()
+    SourceChains(4, 0, TIERS, 100).stored(BlockStored([1, 2], None, TOKENS[:8], 4), "m", shared)
+    await store.write(old, SourceChains(4, 0, TIERS, 100), 1.0, 0, shared)
+    for seq in range(6):  # the other pod keeps the shared prefix's keys alive past `ttl`
+        await asyncio.sleep(0.1)
+        await store.write(other, SourceChains(4, 0, TIERS, 100), 1.0 + seq, seq, shared)
+    assert not await client.exists(f"epp:kv:src:{old}")
+    fresh = Delta()
+    SourceChains(4, 0, TIERS, 100).stored(BlockStored([91], None, list(range(900, 904)), 4), "m", fresh)
+    await store.write(old, SourceChains(4, 0, TIERS, 100), 100.0, 0, fresh)  # the new pod's first batch
+    keys = block_keys(tokens_to_bytes(TOKENS[:8]), 4, root_key("m"))
+    assert (await store.lookup(keys, [old, other])).lengths == {other: 2}
+
+
+async def test_a_redis_restarted_empty_is_refilled_from_the_replicas_state_without_a_replay() -> None:
+    """The request path's lookups meet the dead connections first, so the next batch's write reaches the
+    empty Redis and succeeds: it must not leave the pod with only that batch's blocks."""
+    srv = RedisServer().start()
+    host = "127.0.0.184"
+    try:
+        async with TestPublisher(host) as pub:
+            client = connect(srv.url)
+            store = RedisStore(client, TIERS, ttl=60.0)
+            stats = KVEventStats()
+            pool = SubscriberPool(
+                PoolOptions(socket_port=pub.port), store, lambda: SourceChains(4, 0, TIERS, 100_000), stats
+            )
+            pod = endpoint(host, 8000).hostport
+            pool.endpoint_added(endpoint(host, 8000))
+            await asyncio.sleep(0.3)
+            await pub.publish([chain(0, 3)])
+
+            async def matched() -> int:
+                keys = block_keys(tokens_to_bytes(TOKENS), 4, root_key("m"))
+                try:
+                    return (await store.lookup(keys, [pod])).lengths.get(pod, 0)
+                except Exception:
+                    return -1
+
+            await eventually(lambda: _eq(matched(), 3))
+            port = srv.port
+            srv.stop()
+            srv = RedisServer(port=port).start()
+            for _ in range(3):
+                await matched()  # requests arrive: they find the dead connections
+            await pub.publish([chain(3, 5)])
+            await eventually(lambda: _eq(matched(), 5))
+            assert stats.restarts == 0 and stats.lost_batches == 0
+            await pool.aclose()
+            await client.aclose()
+    finally:
+        srv.stop()
