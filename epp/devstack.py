@@ -12,7 +12,9 @@ import socket
 import sys
 from pathlib import Path
 
+from llmepp.config.loader import load_config
 from llmepp.config.schema import DEFAULT_CONFIG
+from llmepp.framework.plugin import ConfigError
 from llmepp.testing.stack import Stack, StackOptions
 from llmepp_sim.tokenizer import TOKENIZER_PATH
 
@@ -74,7 +76,9 @@ _KV_EVENTS_SIM_ARGS = [
 
 
 def parse_options() -> StackOptions:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m llmepp.devstack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--pods", type=int, default=4, help="simulated vLLM pods (127.0.0.2, 127.0.0.3, ...)")
     for _, flag, field, default, what in _PORTS:
         ap.add_argument(flag, dest=field, type=int, default=default, metavar="PORT", help=f"{what} (default {default})")
@@ -103,7 +107,8 @@ def parse_options() -> StackOptions:
         ap.error(f"--pod-port {args.pod_port} is a KV-event port of --precise")
     try:
         config = Path(args.config).read_text() if args.config else PRECISE_CONFIG if args.precise else DEFAULT_CONFIG
-    except (OSError, UnicodeDecodeError) as e:
+        load_config(config)  # what `epp` would refuse at start-up, refused before anything starts
+    except (OSError, UnicodeDecodeError, ConfigError) as e:
         ap.error(f"--config: {e}")
     return StackOptions(
         pods=args.pods,

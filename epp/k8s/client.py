@@ -91,12 +91,24 @@ class KubeError(Exception):
 
 
 def kubeconfig_path(flag: str | None) -> str:
-    """--kubeconfig, else $KUBECONFIG (may list several files), else ~/.kube/config."""
+    """--kubeconfig, else $KUBECONFIG (may list several files; the missing ones are skipped, as client-go
+    does), else ~/.kube/config. ConfigError naming the source when there is no file to read."""
     if flag is not None:
         if not os.path.exists(flag):
             raise ConfigError(f"--kubeconfig: {flag}: no such file")
         return flag
-    return os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    listed = os.environ.get("KUBECONFIG")
+    if listed:
+        if not any(os.path.exists(p) for p in listed.split(os.pathsep) if p):
+            raise ConfigError(f"$KUBECONFIG: {listed}: no such file")
+        return listed
+    default = os.path.expanduser("~/.kube/config")
+    if not os.path.exists(default):
+        raise ConfigError(
+            f"no Kubernetes credentials: not in a cluster ($KUBERNETES_SERVICE_HOST unset), $KUBECONFIG unset and "
+            f"{default} not found (use --kubeconfig, or a config with file discovery)"
+        )
+    return default
 
 
 # client-go re-reads a kubeconfig user's `tokenFile` every minute and runs its `exec` plugin again once the

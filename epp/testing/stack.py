@@ -377,14 +377,16 @@ def write_yaml_atomically(path: Path, document: object) -> None:
 def with_file_discovery(config_text: str, endpoints_file: Path) -> str:
     """The config with a `file-discovery` plugin (live reload) as its endpoint discovery."""
     config = yaml.safe_load(config_text) or {}
-    config.setdefault("plugins", []).append(
+    # A field given as null keeps its default, as the EPP reads it.
+    config["plugins"] = [
+        *(config.get("plugins") or []),
         {
             "type": "file-discovery",
             "name": "stack-discovery",
             "parameters": {"path": str(endpoints_file), "watchFile": True},
-        }
-    )
-    config.setdefault("dataLayer", {})["discovery"] = {"pluginRef": "stack-discovery"}
+        },
+    ]
+    config["dataLayer"] = {**(config.get("dataLayer") or {}), "discovery": {"pluginRef": "stack-discovery"}}
     return yaml.safe_dump(config, sort_keys=False)
 
 

@@ -17,8 +17,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+import yaml
 
 from llmepp.testing.ports import free_port
+from llmepp.testing.stack import with_file_discovery
 
 pytestmark = pytest.mark.e2e
 
@@ -268,3 +270,19 @@ async def test_usage_errors_exit_2_before_anything_starts(tmp_path: Path) -> Non
     assert code == 2 and "not allowed with argument" in printed, printed
     code, printed = await _exit("--precise", "--pod-port", "5557")
     assert code == 2 and "--pod-port 5557 is a KV-event port of --precise" in printed, printed
+    # A config the EPP could not read: was a traceback from the stack's own YAML handling, pods started.
+    broken = tmp_path / "broken.yaml"
+    for text, problem in [("plugins: [ {type: queue-scorer\n", "is not valid YAML"),
+                          ("- type: queue-scorer\n", "must be a mapping")]:  # fmt: skip
+        broken.write_text(text)
+        code, printed = await _exit("--config", str(broken))
+        assert code == 2 and f"--config: config {problem}" in printed and "Traceback" not in printed, printed
+
+
+async def test_a_null_plugins_or_data_layer_field_is_read_as_the_epp_reads_it(tmp_path: Path) -> None:
+    """`plugins:` / `dataLayer:` given empty keep their defaults, as `epp` reads them; the stack adding its
+    file discovery to them raised."""
+    config = "plugins:\ndataLayer:\n"
+    document = yaml.safe_load(with_file_discovery(config, tmp_path / "endpoints.yaml"))
+    assert [p["type"] for p in document["plugins"]] == ["file-discovery"]
+    assert document["dataLayer"] == {"discovery": {"pluginRef": "stack-discovery"}}

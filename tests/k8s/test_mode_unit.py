@@ -86,6 +86,25 @@ async def test_missing_kubeconfig_is_a_config_error(tmp_path: Path) -> None:
         await app.start()
 
 
+@pytest.mark.parametrize("env", ["KUBECONFIG", "HOME"])
+async def test_no_kubeconfig_to_read_is_a_config_error_naming_where_it_looked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: str
+) -> None:
+    """Was "Invalid kube-config file. Expected key current-context", from the library's empty config."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.setenv(env, str(tmp_path / "nope"))
+    expected = (
+        r"\$KUBECONFIG: .*nope: no such file"
+        if env == "KUBECONFIG"
+        else r"no Kubernetes credentials: .*nope/\.kube/config"
+    )
+    app = App(Settings(pool_name="a", pool_name_set=True))
+    with pytest.raises(ConfigError, match=expected):
+        await app.start()
+    await app.shutdown()
+
+
 def test_lease_name_and_client_go_defaults() -> None:
     assert lease_name("ns", "llama") == "epp-ns-llama.llm-d.ai"
     cfg = LeaseConfig(name="n", namespace="ns", identity="me")
