@@ -43,6 +43,7 @@ LIVE_TIME_SCALE = 4.0  # the live run's: wall-clock intervals of the EPP are thi
 EPP_REFRESH_WALL = 0.050  # s, the EPP's metrics refresh interval
 REQUEST_LATENCY_WALL = 0.004  # s, Envoy + ext_proc + HTTP per request, measured (benchmarks/DES.md)
 REQUEST_TIMEOUT = 420.0  # simulated s, the live client's total timeout
+FIRST_TOKEN_TIMEOUT = 300.0  # simulated s, the live client's time-to-first-token timeout
 
 
 def live_schedule(scale: Scale, seed: int, rates: Sequence[float]) -> tuple[Schedule, int]:
@@ -78,6 +79,7 @@ def options(scale: Scale, kv_blocks: int, config: Path, scenario: Scenario, seed
         refresh_interval=EPP_REFRESH_WALL * LIVE_TIME_SCALE,
         request_latency=REQUEST_LATENCY_WALL * LIVE_TIME_SCALE,
         request_timeout=REQUEST_TIMEOUT,
+        first_token_timeout=FIRST_TOKEN_TIMEOUT,
         seed=seed,
         replicas=scenario.replicas,
         eviction=Eviction(seed=seed) if scenario.evict else None,

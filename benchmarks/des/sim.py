@@ -15,10 +15,11 @@ Everything runs on one ``VirtualTimeLoop`` (``benchmarks.des.vloop``):
   block size and count), the pool split into the collector's ``SUB_TICKS`` staggered slots.
   ``refresh_interval = 0`` is an oracle: every endpoint is refreshed right before each routing decision.
 * **Clients** are open-loop: requests arrive at the schedule's times whatever the cluster does; a request
-  not finished ``request_timeout`` after arrival is cancelled (the engine aborts it, the EPP sees a client
-  disconnect), like inference-perf's ``request_timeout``. With ``drain_between_stages`` each stage starts
-  when every request of the one before has finished, as the live routing benchmarks' ladder does
-  (inference-perf's stages); the arrival times then count from each stage's actual start.
+  not finished ``request_timeout`` after arrival, or without a first token ``first_token_timeout`` after it,
+  is cancelled (the engine aborts it, the EPP sees a client disconnect), like the live load generator.
+  With ``drain_between_stages`` each stage starts when every request of the one before has finished, as
+  the live routing benchmarks' ladder does (inference-perf's stages); the arrival times then count from
+  each stage's actual start.
 
 * **KV events** (when the config has a ``precise-prefix-cache-producer``): each engine's block pool reports
   its stored / removed blocks to a sink that batches them like the live publisher, encodes them in vLLM's
@@ -111,6 +112,9 @@ class SimOptions:
     pod_overrides: dict[str, Any] = field(default_factory=dict)  # PodConfig fields on top of the profile
     refresh_interval: float = 0.050  # s of simulated time; 0 = fresh metrics at every decision
     request_timeout: float = 300.0  # s after arrival
+    # s after arrival without a first token before the request fails ("ttft-timeout"; the live loadgen's
+    # read timeout); None: only `request_timeout`.
+    first_token_timeout: float | None = None
     # s from a request's arrival to its routing decision: the client -> gateway -> EPP -> pod path, which is
     # otherwise not modelled (0 = routing and delivery are instantaneous). Counted in TTFT.
     request_latency: float = 0.0
@@ -332,6 +336,7 @@ class Simulation:
         rec.pod = pod.index
         info = ResponseInfo(status=200, streaming=True)
         sim_request: SimRequest | None = None
+        first_seen = False
         try:
             max_tokens = workload.output_len
             rec.prompt_tokens = len(prompt_ids)
@@ -353,8 +358,12 @@ class Simulation:
                 info.status = 400
                 sim_request = None
                 return
-            async with asyncio.timeout_at(arrived + self.options.request_timeout):
+            deadline = arrived + self.options.request_timeout
+            first_by = self.options.first_token_timeout
+            async with asyncio.timeout_at(deadline if first_by is None else min(deadline, arrived + first_by)) as t:
                 await sim_request.wait(0)
+                t.reschedule(deadline)
+                first_seen = True
                 info.first_byte_at = loop.time()
                 director.response_first_chunk(request, info)
                 await sim_request.wait_finished()
@@ -373,7 +382,7 @@ class Simulation:
             rec.finished = last - self.t0
             info.usage = Usage(len(prompt_ids), n, rec.cached_tokens, len(prompt_ids) + n)
         except TimeoutError:
-            rec.error = "timeout"
+            rec.error = "timeout" if first_seen else "ttft-timeout"
             info.cause = TerminationCause.CLIENT_DISCONNECT
         finally:
             if sim_request is not None:
@@ -513,9 +522,10 @@ def fresh_copy(template: InferenceRequest, request_id: str, received_at: float) 
 
 
 class _EventFeed:
-    """One pod's KV-event publisher in simulated time: what the pool reports is batched (at most
-    ``batch_size`` events), encoded in vLLM's wire format, decoded by the EPP's decoder and handed to every
-    replica's ``SourceIngest`` ``delay`` after the first pending change (the live publisher's flush)."""
+    """One pod's KV-event publisher in simulated time, batching as the live one does: a full batch
+    (``batch_size`` events) goes at once, a partial one ``delay`` after its first change (the flush). Each
+    is encoded in vLLM's wire format, decoded by the EPP's decoder and handed to every replica's
+    ``SourceIngest``."""
 
     def __init__(self, loop: VirtualTimeLoop, topic: bytes, batch_size: int, delay: float) -> None:
         self.loop = loop
@@ -529,18 +539,25 @@ class _EventFeed:
 
     def __call__(self, events: Sequence[KVEvent]) -> None:
         self._pending.extend(events)
-        if self._timer is None:
+        size = self.batch_size
+        while len(self._pending) >= size:
+            self._send(self._pending[:size])
+            del self._pending[:size]
+        if self._pending and self._timer is None:
             self._timer = self.loop.call_later(self.delay, self._flush)
 
     def _flush(self) -> None:
         self._timer = None
-        pending, self._pending = self._pending, []
-        for i in range(0, len(pending), self.batch_size):
-            payload = encode_batch(self.loop.time(), pending[i : i + self.batch_size], 0, False)
-            msg, batch = Message(self.topic, self._seq, payload), decode_batch(payload)
-            self._seq += 1
-            for ingest in self.ingests:  # tasks run in creation order: each source's batches stay in sequence
-                self.loop.create_task(ingest.on_batch(msg, batch))
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self._send(pending)
+
+    def _send(self, events: list[KVEvent]) -> None:
+        payload = encode_batch(self.loop.time(), events, 0, False)
+        msg, batch = Message(self.topic, self._seq, payload), decode_batch(payload)
+        self._seq += 1
+        for ingest in self.ingests:  # tasks run in creation order: each source's batches stay in sequence
+            self.loop.create_task(ingest.on_batch(msg, batch))
 
 
 def _des_config(text: str) -> tuple[str, bool]:

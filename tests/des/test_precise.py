@@ -70,3 +70,31 @@ def test_precise_cli_runs_the_live_scale_comparison(tmp_path: Path, capsys: pyte
     for run in runs.values():
         assert run["scenario"] == "evict" and len(run["stages"]) == 1
         assert run["stages"][0]["completed"] > 0
+
+
+def test_the_event_feed_sends_a_full_batch_at_once_and_a_partial_one_after_the_flush_delay() -> None:
+    """As the live publisher (llmepp_sim.kvevents): the DES held full batches for the flush delay too."""
+    import asyncio
+
+    from benchmarks.des.sim import _EventFeed
+    from benchmarks.des.vloop import run
+    from llmepp.kvevents.wire import EventBatch, Message
+    from llmepp_sim.kvwire import BlockStored
+
+    delivered: list[tuple[float, int]] = []
+
+    class Ingest:
+        async def on_batch(self, msg: Message, batch: EventBatch) -> None:
+            delivered.append((asyncio.get_running_loop().time(), len(batch.events)))
+
+    def stored(i: int) -> BlockStored:
+        return BlockStored(block_hashes=[i + 1], parent_block_hash=None, token_ids=list(range(16)), block_size=16)
+
+    async def main(loop: object) -> None:
+        feed = _EventFeed(loop, b"kv@sim-0@m", 16, 0.025)  # type: ignore[arg-type]
+        feed.ingests.append(Ingest())  # type: ignore[arg-type]
+        feed([stored(i) for i in range(20)])
+        await asyncio.sleep(0.1)
+
+    run(main, start=1000.0)
+    assert delivered == [(1000.0, 16), (1000.025, 4)]

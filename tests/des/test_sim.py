@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 
@@ -11,7 +12,7 @@ from benchmarks.des.__main__ import main as cli_main
 from benchmarks.des.results import percentile, stage_metrics
 from benchmarks.des.sim import HEADERS, SimOptions, SimResult, fresh_copy, simulate
 from benchmarks.des.suite import scale_run, summarize
-from benchmarks.des.workload import NoSharing, SharedPrefix, Stage, ladder, request_body, schedule
+from benchmarks.des.workload import Arrival, NoSharing, Schedule, SharedPrefix, Stage, ladder, request_body, schedule
 from llmepp.request.parsers import parse_request
 
 SMALL_KV = {"kv_cache_size": 1000, "max_num_seqs": 32}
@@ -136,3 +137,18 @@ def test_a_drained_ladder_starts_each_stage_after_the_previous_one_finished() ->
     assert drained.stages()[1]["requests"] == open_loop.stages()[1]["requests"]
     span = drained.stages()[1]["output_tokens_per_s"]
     assert span is not None and span > 0
+
+
+def test_a_request_without_a_first_token_by_first_token_timeout_fails_as_in_the_live_client() -> None:
+    """The live load generator fails a request with no first token 300 s after it was sent (total 420 s);
+    the DES had only the total, so a 350 s TTFT counted as a success."""
+    wl = SharedPrefix(num_groups=1, prompts_per_group=1, system_prompt_len=84, question_len=16, output_len=2, seed=0)
+    sched = Schedule(wl, [Stage(1.0, 1.0)], [Arrival(0, 0.0, 0)])
+    slow = {"prefill_time_per_token": 3500.0}  # 100 prompt tokens: ~350 s of prefill, done well before 420 s
+    options = SimOptions(pods=1, policy="random", profile="llama-8b-h100", pod_overrides=slow, request_timeout=420.0)
+    served = simulate(sched, options).records[0]
+    assert served.error is None and served.ttft is not None and 300 < served.ttft < 420
+    options.first_token_timeout = 300.0
+    failed = simulate(sched, options)
+    assert failed.records[0].error == "ttft-timeout"
+    assert failed.stages()[0]["ttft_p50_s"] == math.inf
