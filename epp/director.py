@@ -157,7 +157,8 @@ class Director:
     # -- request path ------------------------------------------------------------------
     def candidates(self, subset: Sequence[str] | None) -> Sequence[Endpoint]:
         """The pool, narrowed by Envoy's subset hint (matched on IP only, like the reference; an IPv6
-        entry is `[ip]:port`); NoEndpoints when that leaves none."""
+        entry is `[ip]:port`), less the endpoints whose server stopped answering while others answer;
+        NoEndpoints when that leaves none."""
         endpoints = self._located(subset)
         if not endpoints:
             raise NoEndpoints()
@@ -168,7 +169,7 @@ class Director:
         if subset is not None and self.subset_filter:
             ips = {split_hostport(hp)[0] for hp in subset}
             endpoints = tuple(ep for ep in endpoints if ep.address in ips)
-        return endpoints
+        return self.datastore.reachable(endpoints)
 
     async def handle_request(
         self, request: InferenceRequest, subset: Sequence[str] | None

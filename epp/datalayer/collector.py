@@ -37,6 +37,12 @@ stays ready. An endpoint not scraped yet is ready. Discovery decides what is in 
 Ready pods; file discovery: the listed pods); this only takes out the ones that are listed but dead
 (a stopped pod still in the file, a Ready pod whose model server died). The pool averages are over the
 ready endpoints: a dead pod's last load is not the pool's.
+
+Routing leaves out an endpoint whose every fetch for `down_after` (as above) found nothing listening
+(connection refused or no route: `Endpoint.unreachable`, Datastore.reachable), while another candidate
+answers: a crashed server fails each request at once, so its load reads as none and it would draw the
+traffic (Kubernetes takes such a pod out when its readiness probe has failed, seconds later). A server
+that answers slowly or with an error is still there: it stays routable.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from typing import Protocol
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import NO_METRICS, Endpoint, EndpointSpec
 from llmepp.datalayer.engines import EngineMapping, PageMemo
-from llmepp.datalayer.httpscrape import ScrapeClient, ScrapeError, ScrapeTarget
+from llmepp.datalayer.httpscrape import ConnectFailed, ScrapeClient, ScrapeError, ScrapeTarget
 from llmepp.datalayer.multicluster import (
     POOL_KV_CACHE_UTILIZATION,
     POOL_QUEUE_SIZE,
@@ -106,6 +112,7 @@ class _EndpointScrape:
         "collector",
         "countdown",
         "down_count",
+        "down_refused",
         "down_since",
         "endpoint",
         "mapping",
@@ -123,6 +130,7 @@ class _EndpointScrape:
         self.countdown = 0
         self.down_count = 0  # consecutive fetches that got no page (0: the last one got one)
         self.down_since = 0.0  # time.monotonic() when the first of them began
+        self.down_refused = False  # every one of them found nothing listening (routing leaves it out)
         self.streak = FailureStreak(log, {"endpoint": endpoint.name}, collector.failure_log_interval)
         self.spec = endpoint.spec
         self.mapping: EngineMapping | None = None
@@ -146,10 +154,18 @@ class _EndpointScrape:
         c = self.collector
         if err is not None:
             c._poll_errors.inc()
+            refused = isinstance(err, ConnectFailed)
             if not self.down_count:  # failing since this scrape began
                 client = self.client
                 self.down_since = client.deadline - client.timeout
+                self.down_refused = refused
             self.down_count += 1
+            self.down_refused = self.down_refused and refused
+            down_for = time.monotonic() - self.down_since
+            if self.down_refused and self.down_count >= 2 and not ep.unreachable and down_for >= c.down_after:
+                c.datastore.set_unreachable(ep, True)
+                log.warning("endpoint %s: nothing has listened on its metrics port for %.1f s; routing leaves "
+                            "it out while other endpoints answer", ep.name, down_for)  # fmt: skip
             if c.forget_on_failure:
                 previous, ep.metrics = ep.metrics, NO_METRICS
                 if c.availability is not None:
@@ -157,6 +173,9 @@ class _EndpointScrape:
             self.failed("metrics scrape failed", err if c.explain is None else c.explain(err))
             return
         self.down_count = 0  # a page came back: the server is up, whatever the page holds
+        if ep.unreachable:
+            c.datastore.set_unreachable(ep, False)
+            log.info("endpoint %s answers its metrics page again: routed to again", ep.name)
         mapping = self.mapping
         if mapping is None:
             c._extract_errors.inc()
@@ -241,6 +260,7 @@ class MetricsCollector:
         await cancel_and_wait(*tasks)
         for state in self._by_endpoint.values():
             state.client.close()
+            self.datastore.set_unreachable(state.endpoint, False)  # nobody looks any more
         self._by_endpoint.clear()
         for slot in self._slots:
             slot.clear()
@@ -308,6 +328,7 @@ class MetricsCollector:
             state.client.close()
             state.client = ScrapeClient(target, state.on_result, self.timeout)
             state.down_count = 0  # the old target's failures say nothing about the new one
+            self.datastore.set_unreachable(state.endpoint, False)
 
     # -- pool gauges ---------------------------------------------------------------------
     async def _gauge_loop(self) -> None:

@@ -9,7 +9,7 @@ per-endpoint state) hear about additions and removals.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
@@ -46,6 +46,7 @@ class Datastore:
         self.endpoints: tuple[Endpoint, ...] = ()
         self.by_hostport: dict[str, Endpoint] = {}
         self.synced = False
+        self.unreachable = 0  # endpoints of the pool marked unreachable: 0 is the request path's fast case
 
     def add_listener(self, listener: DatastoreListener) -> None:
         self._listeners.append(listener)
@@ -85,6 +86,21 @@ class Datastore:
     def mark_synced(self) -> None:
         self.synced = True
 
+    def set_unreachable(self, ep: Endpoint, unreachable: bool) -> None:
+        """The metrics collector's verdict on `ep`'s server (see llmepp.datalayer.collector)."""
+        if ep.unreachable == unreachable:
+            return
+        ep.unreachable = unreachable
+        if not ep.removed:
+            self.unreachable += 1 if unreachable else -1
+
+    def reachable(self, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]:
+        """`endpoints` less the unreachable ones, unless that leaves none: a pod whose server is down fails
+        every request at once, so it looks idle and would draw the traffic; with all down, try them anyway."""
+        if not self.unreachable:
+            return endpoints
+        return tuple(ep for ep in endpoints if not ep.unreachable) or endpoints
+
     # -- queries -----------------------------------------------------------------------
     def get(self, name: str, namespace: str = "default") -> Endpoint | None:
         return self._by_key.get((namespace, name))
@@ -99,6 +115,8 @@ class Datastore:
     def _remove(self, key: tuple[str, str]) -> None:
         ep = self._by_key.pop(key)
         ep.removed = True
+        if ep.unreachable:
+            self.unreachable -= 1
         log.info("endpoint removed", extra={"endpoint": ep.name, "address": ep.hostport})
         for listener in self._listeners:
             listener.endpoint_removed(ep)

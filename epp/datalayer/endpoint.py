@@ -127,6 +127,9 @@ class Endpoint:
     models: tuple[ModelData, ...] | None = None
     # Set when discovery removes the endpoint; long-lived plugin state uses it to drop entries.
     removed: bool = False
+    # Set by the metrics collector while the server has stopped answering (Datastore.set_unreachable):
+    # routing leaves it out as long as another candidate answers.
+    unreachable: bool = False
     # Values data-layer extractors other than the metrics scrape attach, keyed
     # `scoped(attribute, extractor name)`: the DCGM extractor's GPUUtilization, the topology
     # extractor's Topology. Kept apart from `metrics` so a vLLM scrape, which replaces `metrics`,

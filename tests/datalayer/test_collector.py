@@ -293,11 +293,29 @@ async def test_ready_count_drops_an_endpoint_that_stops_answering_and_takes_it_b
     assert h.poll_errors() >= errors0 + 5
     await until(lambda: ready_gauge(h) == 1.0, within=1.5)
     assert time.monotonic() - stopped >= 0.9
-    assert h.datastore.get("down") is down  # still in the pool: only the ready count changed
+    assert h.datastore.get("down") is down  # still in the pool: the ready count and routing leave it out
+    await until(lambda: down.unreachable, within=0.5, what="routing told (at the next refused scrape)")
+    assert not up.unreachable and h.datastore.unreachable == 1
+    assert h.datastore.reachable(h.datastore.endpoints) == (up,)
     # Its last (frozen) load is not the pool's any more either.
     assert h.metrics.registry.get_sample_value("llm_d_epp_average_queue_size", queue) == 2.0
     await down_srv.start()  # same address and port: answers again
     await until(lambda: ready_gauge(h) == 2.0, within=1.0)
+    assert not down.unreachable and h.datastore.unreachable == 0
+
+
+async def test_a_server_answering_errors_leaves_the_ready_count_but_stays_routable(
+    harness_factory: HarnessFactory, servers: ServerFactory
+) -> None:
+    """Routing leaves out only a server nothing listens for: one that answers 503 is there (and so may
+    serve), whatever its metrics page says."""
+    h = await harness_factory()
+    srv = await servers("127.0.0.68")
+    ep = h.add("erring", srv)
+    await until(lambda: ep.metrics.update_time > 0)
+    srv.mode = "status"
+    await until(lambda: ready_gauge(h) == 0.0, within=2.0)
+    assert not ep.unreachable and h.datastore.unreachable == 0
 
 
 async def test_one_lost_scrape_or_a_short_outage_does_not_drop_the_ready_count(

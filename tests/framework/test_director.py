@@ -83,6 +83,25 @@ async def test_subset_hint_with_bracketed_ipv6_entries() -> None:
         d.candidates(["[fd00::9]:8000"])
 
 
+async def test_an_unreachable_endpoint_is_routed_around_while_another_answers() -> None:
+    """A dead server fails each request at once, so its load reads as none: left in, it draws the traffic."""
+    d, ds = director_for(3)
+    dead, *alive = ds.endpoints
+    ds.set_unreachable(dead, True)
+    for _ in range(30):
+        decision = await d.handle_request(request(), None)
+        assert isinstance(decision, RoutingDecision) and decision.targets[0] in alive
+    assert d.candidates([f"{dead.address}:8000"]) == (dead,)  # all the hint names is down: try it anyway
+    for ep in alive:
+        ds.set_unreachable(ep, True)
+    assert set(d.candidates(None)) == set(ds.endpoints)  # all down: every one is tried
+    ds.delete(dead.name)  # removed while unreachable: the count follows
+    assert ds.unreachable == 2
+    for ep in alive:
+        ds.set_unreachable(ep, False)
+    assert ds.unreachable == 0 and set(d.candidates(None)) == set(alive)
+
+
 async def test_empty_pool_and_empty_subset_are_503() -> None:
     d, _ = director_for(0)
     with pytest.raises(NoEndpoints) as err:
