@@ -6,8 +6,7 @@ import math
 
 from llmepp.flowcontrol.interfaces import OrderingPolicy
 from llmepp.flowcontrol.types import QueueItem
-
-SLO_TTFT_HEADER = "x-llm-d-slo-ttft-ms"
+from llmepp.request.slo import TTFT_SLO_HEADERS, slo_ms
 
 
 class FcfsOrderingPolicy(OrderingPolicy):
@@ -45,23 +44,17 @@ class EdfOrderingPolicy(OrderingPolicy):
 class SloDeadlineOrderingPolicy(OrderingPolicy):
     """The request whose TTFT objective runs out first goes first.
 
-    key(item) = the request's arrival (its headers, monotonic) + `x-llm-d-slo-ttft-ms` / 1000;
-    without the header, or with one that is not a positive number, the deadline is +inf: such
-    requests go after every request with an objective, FCFS among themselves. Parameters: none.
+    key(item) = the request's arrival (its headers, monotonic) + `x-llm-d-slo-ttft-ms` (or the deprecated
+    `x-slo-ttft-ms`) / 1000; without the header, or with one that is not a positive number, the deadline
+    is +inf: such requests go after every request with an objective, FCFS among themselves. Parameters: none.
     """
 
     type = "slo-deadline-ordering-policy"
 
     def sort_key(self, item: QueueItem) -> float:
         request = item.request
-        raw = request.headers.get(SLO_TTFT_HEADER) if request is not None else None
-        if not raw:
-            return math.inf
-        try:
-            ms = float(raw)
-        except ValueError:
-            return math.inf
-        if not 0 < ms < math.inf:
+        ms = slo_ms(request.headers, TTFT_SLO_HEADERS) if request is not None else 0.0
+        if not ms:
             return math.inf
         assert request is not None
         return request.received_at + ms / 1000.0

@@ -7,7 +7,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,40 +45,14 @@ from llmepp.observability.metrics import (
     BoundedLabels,
     per_registry,
 )
+from llmepp.request.slo import request_slos
 from llmepp.request.types import InferenceRequest, ResponseInfo, TerminationCause
 from llmepp.units import parse_duration
 
 log = logging.getLogger(__name__)
 
-# Per-request SLO headers (milliseconds), current name first, then the deprecated alias (reference §1.3).
-TTFT_SLO_HEADERS = ("x-llm-d-slo-ttft-ms", "x-slo-ttft-ms")
-TPOT_SLO_HEADERS = ("x-llm-d-slo-tpot-ms", "x-slo-tpot-ms")
 PREFILL_ROLE = "prefill"
 SWEEP_EVERY = 10.0  # seconds between sweeps of dispatch records older than contextTTL
-# An SLO header above this (about 11.6 days) counts as this: far beyond any latency, and small enough that
-# the headroom arithmetic (· sloBufferFactor, SLO − prediction, their ranges) stays finite.
-MAX_SLO_MS = 1e9
-
-
-def slo_ms(headers: Mapping[str, str], names: Sequence[str]) -> float:
-    """The first present header of `names` as milliseconds; 0 (no SLO) when absent, not a number,
-    negative or infinite, as the reference reads it; at most MAX_SLO_MS."""
-    for name in names:
-        raw = headers.get(name)
-        if raw is None:
-            continue
-        try:
-            value = float(raw)
-        except ValueError:
-            log.debug("%s: %r is not a number; no SLO", name, raw)
-            return 0.0
-        return min(value, MAX_SLO_MS) if math.isfinite(value) and value > 0 else 0.0
-    return 0.0
-
-
-def request_slos(request: InferenceRequest) -> tuple[float, float]:
-    """(TTFT SLO, TPOT SLO) in ms from the request's headers; 0 = none."""
-    return slo_ms(request.headers, TTFT_SLO_HEADERS), slo_ms(request.headers, TPOT_SLO_HEADERS)
 
 
 def decode_sample_positions(tokens: int, mean: float, cap: int, rng: random.Random) -> list[int]:

@@ -542,13 +542,14 @@ async def test_slo_deadline_orders_by_arrival_plus_the_ttft_objective() -> None:
     ep = pool()[0]
     ep.inflight.requests = 1
     t0 = 1000.0
-    # (name, arrival, header): deadlines 1002.0, 1000.5 + 0.5 = 1001.0, none, 1001.5, bad
+    # (name, arrival, header): deadlines 1002.0, 1000.5 + 0.5 = 1001.0, none, 1001.5 (the deprecated
+    # header name, reference §1.2), bad
     for name, arrival, slo in [("slow", 0.0, "2000"), ("tight", 0.5, "500"), ("none", 0.1, None),
                                ("mid", 1.0, "500"), ("junk", 0.2, "-3")]:  # fmt: skip
         r = req(name)
         r.received_at = t0 + arrival
         if slo is not None:
-            r.headers["x-llm-d-slo-ttft-ms"] = slo
+            r.headers["x-slo-ttft-ms" if name == "mid" else "x-llm-d-slo-ttft-ms"] = slo
         srv.submit(r)
         await spin()
     ep.inflight.requests = 0

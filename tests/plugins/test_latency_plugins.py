@@ -36,7 +36,8 @@ from llmepp.framework.scheduling import ProfileResult, SchedulingResult
 from llmepp.latencypredictor.schema import TrainingEntry
 from llmepp.latencypredictor.server import PredictorService, Settings
 from llmepp.observability.metrics import EppMetrics
-from llmepp.plugins.producers.predicted_latency import decode_sample_positions, request_slos
+from llmepp.plugins.producers.predicted_latency import decode_sample_positions
+from llmepp.request.slo import request_slos
 from llmepp.request.types import InferenceRequest, ResponseInfo, TerminationCause, Usage
 from llmepp.testing.ports import free_port
 
