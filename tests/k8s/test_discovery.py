@@ -237,3 +237,20 @@ async def test_a_pod_larger_than_128k_on_the_watch_does_not_kill_discovery(
         await kube.ready_pod(ns, "after", APP, "10.8.0.3")
         await eventually(lambda: set(endpoints(ds)) == {"small-rank-0", "big-rank-0", "after-rank-0"}, within=10)
         assert disc.pods is not None and disc.pods.stats.lists == 1
+
+
+async def test_the_app_protocol_survives_the_shipped_crd(cluster: Cluster, kube: TestKube, namespace: str) -> None:
+    """The EPP's readiness protocol check reads spec.appProtocol: the shipped CRD had no such field, so the
+    API server pruned it and an h2c pool read as one without a protocol."""
+    pool = {
+        "apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool", "metadata": {"name": "h2c"},
+        "spec": {"selector": {"matchLabels": {"app": "x"}}, "targetPorts": [{"number": 8000}],
+                 "appProtocol": "kubernetes.io/h2c", "endpointPickerRef": {"name": "epp", "port": {"number": 9002}}},
+    }  # fmt: skip
+    await kube.request("POST", f"{POOL_API}/namespaces/{namespace}/inferencepools", pool)
+    async with running_discovery(cluster.kubeconfig, DiscoveryTarget(namespace=namespace, pool_name="h2c")) as (
+        ds,
+        disc,
+    ):
+        await eventually(lambda: ds.synced, within=10)
+        assert disc.app_protocol == "kubernetes.io/h2c"
