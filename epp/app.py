@@ -16,6 +16,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -152,9 +153,10 @@ class App:
                     "dataLayer.discovery: no endpoint discovery configured; add a file-discovery plugin "
                     "(see deploy/ and README), or run in Kubernetes mode with --pool-name or --endpoint-selector"
                 )
+            populate = self.components.feature_gates.get("haPopulateNonLeaderDatastore", True)
             self.kube = KubeRuntime(
-                target, KubeOptions.from_settings(settings), self.datastore, self._objective_store(),
-                self.metrics.registry, pool_name=settings.pool_name,
+                target, replace(KubeOptions.from_settings(settings), populate_followers=populate), self.datastore,
+                self._objective_store(), self.metrics.registry, pool_name=settings.pool_name,
             )  # fmt: skip
         self.notification_sources = self._wire_notification_sources()
         self.tracing = request_tracing(settings.tracing)

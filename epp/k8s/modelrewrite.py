@@ -110,6 +110,10 @@ class ModelRewriteStore:
         if self._rewrites.pop(name, None) is not None:
             self._rebuild()
 
+    def clear(self) -> None:
+        self._rewrites.clear()
+        self._rebuild()
+
     def rule_for(self, model: str) -> Rule | None:
         rule = self._exact.get(model)
         return rule if rule is not None else self._catch_all

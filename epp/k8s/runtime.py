@@ -93,6 +93,9 @@ class KubeOptions:
     retry_period: float = 2.0
     identity: str = field(default_factory=default_identity)
     informer: InformerOptions = field(default_factory=InformerOptions)
+    # featureGates haPopulateNonLeaderDatastore (reference default true): followers run the reconcilers too,
+    # so a new leader routes at once; false: only the leader watches pods and CRDs (less API load).
+    populate_followers: bool = True
 
     @classmethod
     def from_settings(cls, s: Settings) -> KubeOptions:
@@ -142,6 +145,7 @@ class KubeRuntime:
         self.elector: LeaderElector | None = None
         self.informers: list[Informer[Any]] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._reconcilers: list[asyncio.Task[None]] = []  # discovery and the CRD informers, while they run
         self._elector_task: asyncio.Task[None] | None = None
         self._released = False  # the lease was given up (or that was tried): aclose does not try again
         # llm_d_epp_kubernetes_informer_* for every informer built with `options.informer` once started
@@ -159,8 +163,18 @@ class KubeRuntime:
             extra={"api_server": client.info.host, "config": client.info.source, "namespace": t.namespace,
                    "pool": t.pool_name, "selector": t.selector, "leader_election": self.lease is not None},
         )  # fmt: skip
+        leader_only = self.lease is not None and not o.populate_followers
+        if not leader_only:
+            self._start_reconcilers()
+        if self.lease is not None:
+            self.elector = LeaderElector(client, self.lease, on_change=self._leadership if leader_only else None)
+            self._elector_task = self._spawn(self.elector.run(), "k8s-leader-election")
+
+    def _start_reconcilers(self) -> None:
+        t, o, client = self.target, self.options, self.client
+        assert client is not None
         self.discovery = KubernetesDiscovery(client, t, o.informer)
-        self._spawn(self.discovery.run(self.notifier), "k8s-discovery")
+        self._reconcilers = [self._spawn(self.discovery.run(self.notifier), "k8s-discovery")]
         if t.pool_mode:
             assert t.pool_name is not None and self.rewriter is not None
             objectives: Informer[InferenceObjective] = Informer(
@@ -172,11 +186,24 @@ class KubeRuntime:
                 RewriteSync(self.rewrites, t.pool_name, t.pool_group), o.informer,
             )  # fmt: skip
             self.informers = [objectives, rewrites]
-            for informer in self.informers:
-                self._spawn(informer.run(), f"k8s-{informer.name}")
-        if self.lease is not None:
-            self.elector = LeaderElector(client, self.lease)
-            self._elector_task = self._spawn(self.elector.run(), "k8s-leader-election")
+            self._reconcilers += [self._spawn(i.run(), f"k8s-{i.name}") for i in self.informers]
+
+    def _leadership(self, leader: bool) -> None:
+        """haPopulateNonLeaderDatastore=false: the reconcilers run while this replica leads; a replica that
+        stops leading forgets the pool's endpoints, objectives and rewrites (it is not ready meanwhile)."""
+        if leader and not self._reconcilers:
+            log.info("leading: watching the pool's pods and CRDs")
+            self._start_reconcilers()
+        elif not leader and self._reconcilers:
+            log.info("no longer leading: forgetting the pool's endpoints, objectives and rewrites")
+            for task in self._reconcilers:
+                task.cancel()  # awaited by aclose, with every task
+            self._reconcilers = []
+            if self.discovery is not None and self.discovery.reconciler is not None:
+                self.discovery.reconciler.set_pool(None)  # deletes every endpoint it upserted
+            self.discovery, self.informers = None, []
+            self.objectives.replace({})
+            self.rewrites.clear()
 
     def ready(self) -> bool:
         if self.target.pool_mode and (self.discovery is None or not self.discovery.has_pool):

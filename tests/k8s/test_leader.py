@@ -103,6 +103,44 @@ async def test_followers_keep_their_datastore_warm(cluster: Cluster, kube: TestK
         assert first.ready()
 
 
+async def test_with_ha_populate_non_leader_datastore_false_only_the_leader_populates(
+    cluster: Cluster, kube: TestKube, namespace: str
+) -> None:
+    """featureGates haPopulateNonLeaderDatastore=false (reference §2: the reconcilers run on non-leaders only
+    while it is true): a follower watches nothing and holds no endpoints; leading, it fills its datastore.
+    The gate was accepted and ignored."""
+    ns = namespace
+    await kube.create_pool(ns, POOL, APP, [8000])
+    await kube.ready_pod(ns, "p", APP, "10.8.1.1")
+    config = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: ["haPopulateNonLeaderDatastore=false"]
+plugins:
+- type: queue-scorer
+schedulingProfiles:
+- name: default
+  plugins: [{pluginRef: queue-scorer}]
+"""
+    ha: dict[str, Any] = {
+        "config_text": config,
+        "ha_enable_leader_election": True,
+        "ha_lease_duration": LEASE,
+        "ha_renew_deadline": RENEW,
+        "ha_retry_period": RETRY,
+    }
+    async with running_app(kube_settings(cluster.kubeconfig, ns, **ha)) as first:
+        await eventually(first.ready, within=10)
+        assert endpoints(first.datastore) == {"p-rank-0": "10.8.1.1:8000"}
+        async with running_app(kube_settings(cluster.kubeconfig, ns, **ha)) as second:
+            await asyncio.sleep(3 * RETRY)
+            assert first.ready() and not second.ready()
+            assert endpoints(second.datastore) == {}
+            await first.shutdown()  # the leader goes (releasing the lease): the follower leads and fills up
+            await eventually(second.ready, within=10)
+            assert endpoints(second.datastore) == {"p-rank-0": "10.8.1.1:8000"}
+
+
 @contextlib.asynccontextmanager
 async def running_elector(cluster: Cluster, config: LeaseConfig) -> AsyncIterator[LeaderElector]:
     client = await KubeClient.connect(str(cluster.kubeconfig))
