@@ -9,7 +9,7 @@ families only when /metrics is scraped. Same call shapes as prometheus_client:
 
 from __future__ import annotations
 
-import bisect
+from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -61,7 +61,7 @@ class Buckets:
 
     def observe(self, value: float) -> None:
         # bisect_left: a value equal to a bound belongs to that bound's bucket (le is inclusive).
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
 
     def cumulative(self) -> list[tuple[str, float]]:

@@ -197,8 +197,9 @@ def routing_answer(
 
     Equal to `routing_headers_response(routing_common(...), lb_metadata(...))` (see tests).
     """
-    mutation = b"".join(_set_header_field(k, v) for k, v in set_headers)
-    mutation += b"".join(_ld(b"\x12", name.encode()) for name in remove)
+    mutation = b"".join([_set_header_field(k, v) for k, v in set_headers])
+    if remove:
+        mutation += b"".join([_ld(b"\x12", name.encode()) for name in remove])
     common = _ld(b"\x12", mutation)  # CommonResponse.header_mutation = field 2
     if body is not None:
         common += _ld(b"\x1a", _ld(b"\x0a", body))  # body_mutation{body} (a oneof: always present)

@@ -112,8 +112,18 @@ _FromString = pb.ProcessingRequest.FromString
 _Bytes = bytes | bytearray | memoryview
 
 
+_FRAME_HEADER = struct.Struct(">IBI")  # length (24 bits) and type, flags, stream id (RFC 9113 §4.1)
+# A DATA frame's header followed by the gRPC prefix of the one message it holds whole (flag 0: uncompressed).
+_DATA_MESSAGE_HEADER = struct.Struct(">IBIBI")
+
+
 def _frame_header(length: int, kind: int, flags: int, stream_id: int) -> bytes:
-    return _U32.pack(length << 8 | kind) + bytes((flags,)) + _U32.pack(stream_id)
+    return _FRAME_HEADER.pack(length << 8 | kind, flags, stream_id)
+
+
+def _grpc_prefix(size: int) -> bytes:
+    """A gRPC message's 5-byte prefix: not compressed, its length."""
+    return b"\x00" + _U32.pack(size)
 
 
 def _frame(kind: int, flags: int, stream_id: int, payload: _Bytes = b"") -> bytes:
@@ -699,18 +709,18 @@ class _Connection(asyncio.Protocol):
             st.headers_sent = True
             self._queue(st, False, _frame(HEADERS, END_HEADERS, st.sid, _RESPONSE_HEADERS))
         n = len(data) + 5
-        prefix = b"\x00" + _U32.pack(len(data))
         if not st.pending and n <= st.send_window and n <= self.conn_send_window:
             st.send_window -= n
             self.conn_send_window -= n
             out = self.out
             max_frame = self.peer_max_frame
             if n <= max_frame:
-                out.append(_frame_header(n, DATA, 0, st.sid) + prefix)
+                out.append(_DATA_MESSAGE_HEADER.pack(n << 8 | DATA, 0, st.sid, 0, len(data)))
                 out.append(data)
                 return
             # A long body's answers span frames: the frames are views of `data`, copied once by the flush's join
             # (copying each piece, and the rest after it, cost a long prompt milliseconds).
+            prefix = _grpc_prefix(len(data))
             view = memoryview(data)
             first = max_frame - 5
             out.append(_frame_header(max_frame, DATA, 0, st.sid) + prefix)
@@ -720,7 +730,7 @@ class _Connection(asyncio.Protocol):
                 out.append(_frame_header(len(piece), DATA, 0, st.sid))
                 out.append(piece)
             return
-        self._queue(st, True, prefix + data)
+        self._queue(st, True, _grpc_prefix(len(data)) + data)
         self._drain(st)
 
     def _queue(self, st: _Stream, is_data: bool, payload: bytes) -> None:

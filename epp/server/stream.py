@@ -73,6 +73,7 @@ CONTROL_HEADERS = (
     DROPPED_REASON_HEADER,
     *parsers.SIDECAR_HEADERS,
 )
+_CONTROL_HEADER_SET = frozenset(CONTROL_HEADERS)  # most requests carry none: one C-level check
 EVENT_STREAM = "text/event-stream"
 # Distinct (model, target) label pairs kept before folding into "other" (reference cap).
 MAX_LABEL_PAIRS = 1000
@@ -632,7 +633,11 @@ class ExtProcStream:
             set_headers.append(("content-length", str(len(new_body))))
         headers = self.headers
         sets = decision.headers
-        remove = [h for h in CONTROL_HEADERS if h in headers and h not in sets]
+        remove = (
+            [h for h in CONTROL_HEADERS if h in headers and h not in sets]
+            if not _CONTROL_HEADER_SET.isdisjoint(headers)
+            else []
+        )
         if "traceparent" in sets and "tracestate" in headers and "tracestate" not in sets:
             # The EPP's span continues the trace upstream; the client's tracestate belonged to the client's
             # traceparent (or to an invalid one, which W3C says to discard along with it).
