@@ -36,7 +36,9 @@ from typing import Any
 
 import uvloop
 
+# Run as a script (the documented command): the repository root (`benchmarks`) and tests/ (`datalayer`).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datalayer.vllm_page import vllm_page  # type: ignore[import-not-found,unused-ignore]
 
