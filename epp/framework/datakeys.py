@@ -49,7 +49,8 @@ def prompt_tokens(request: InferenceRequest) -> int:
 
 @dataclass(slots=True)
 class PrefixMatchInfo:
-    """Per-endpoint prefix hits: `hits[endpoint]` consecutive blocks from the prompt start."""
+    """Per-endpoint prefix hits: `hits[endpoint]` consecutive blocks from the prompt start, the score the
+    prefix scorer reads (the precise producer weighs each block by the tier holding it: cpu 0.8)."""
 
     block_size: int  # tokens per block
     total_blocks: int
@@ -59,6 +60,13 @@ class PrefixMatchInfo:
     # No endpoint holds the prompt's first block: the candidate that last held it, when the producer
     # knows (the precise producer, from the pods' removal events); None otherwise.
     last_holder: Endpoint | None = None
+    # The blocks themselves, unweighted, when they differ from `hits` (tiers); None: `hits` counts them.
+    cached: dict[Endpoint, int] | None = None
+
+    def cached_blocks(self, endpoint: Endpoint) -> int:
+        """Consecutive prompt blocks `endpoint` holds, in any tier: what it need not compute (reference
+        `CachedBlockCount`), where `hits` is the tier-weighted score."""
+        return (self.hits if self.cached is None else self.cached).get(endpoint, 0)
 
 
 @dataclass(slots=True)

@@ -214,7 +214,7 @@ def _uncached(ep: Endpoint, input_tokens: int, info: PrefixMatchInfo | None) -> 
     if info is None or info.block_size <= 0:
         return input_tokens
     indexed = info.total_blocks * info.block_size
-    uncached = (info.total_blocks - info.hits.get(ep, 0)) * info.block_size + max(0, input_tokens - indexed)
+    uncached = (info.total_blocks - info.cached_blocks(ep)) * info.block_size + max(0, input_tokens - indexed)
     # The trailing partial block is hashed, so `indexed` can exceed the prompt: cap it there.
     return max(0, min(uncached, input_tokens))
 

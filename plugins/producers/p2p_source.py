@@ -85,9 +85,8 @@ class P2PSourceProducer(DataProducer, PreRequest):
         info: PrefixMatchInfo | None = request.data.get(self.data_key)
         if info is None or not info.hits:
             return
-        hits = info.hits
         # Only candidates: the match may name endpoints the subset hint or a screener excluded.
-        held = [(ep, h) for ep in endpoints if (h := hits.get(ep, 0)) > 0]
+        held = [(ep, h) for ep in endpoints if (h := info.cached_blocks(ep)) > 0]
         if not held:
             return
         best = max(h for _, h in held)
@@ -105,7 +104,7 @@ class P2PSourceProducer(DataProducer, PreRequest):
         computing = self._computing(result)
         if source is not None and computing is not None and source.endpoint is not computing:
             info: PrefixMatchInfo = request.data[self.data_key]
-            if source.cached_tokens - info.hits.get(computing, 0) * info.block_size >= self.min_delta:
+            if source.cached_tokens - info.cached_blocks(computing) * info.block_size >= self.min_delta:
                 request.upstream_headers[KV_CACHE_SOURCE_HEADER] = source.endpoint.hostport
                 return
         if KV_CACHE_SOURCE_HEADER in request.headers:

@@ -357,15 +357,17 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkPro
             cand |= b
         m = index.match(tokens.token_bytes, self.block_tokens, root, cand)
         hits: dict[Endpoint, int] = {}
+        cached: dict[Endpoint, int] = {}
         last: Endpoint | None = None
         if m.weighted:
             for ep, b in zip(endpoints, bits):
                 w = m.weighted.get(b)
                 if w:
                     hits[ep] = int(w + 0.5)
+                    cached[ep] = m.lengths[b]
         elif m.last:
             last = endpoints[bits.index(m.last)]
-        self._publish(request, tokens, root, m.total_blocks, hits, [], last)
+        self._publish(request, tokens, root, m.total_blocks, hits, [], last, cached)
 
     def _publish(
         self,
@@ -376,8 +378,11 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkPro
         hits: dict[Endpoint, int],
         keys: list[int],
         last: Endpoint | None = None,
+        cached: dict[Endpoint, int] | None = None,
     ) -> None:
-        request.data[self.key] = PrefixMatchInfo(self.block_tokens, total, hits, keys, last)
+        # `cached` only when a lower tier made the weighted score differ from the block count.
+        cached = cached if cached is not None and cached != hits else None
+        request.data[self.key] = PrefixMatchInfo(self.block_tokens, total, hits, keys, last, cached)
         if self.speculative:
             request.data[self._ctx_key] = (tokens.token_bytes, root)
         if self._metrics is not None and total:
@@ -497,6 +502,7 @@ class RedisPrecisePrefixCacheProducer(PrecisePrefixCacheProducer):
         keys = block_keys(tokens.token_bytes, self.block_tokens, root)
         pods = {self._pod(ep): ep for ep in endpoints}
         hits: dict[Endpoint, int] = {}
+        cached: dict[Endpoint, int] = {}
         last: Endpoint | None = None
         try:
             m = await self._lookup(keys, list(pods))
@@ -513,9 +519,10 @@ class RedisPrecisePrefixCacheProducer(PrecisePrefixCacheProducer):
                 ep = pods.get(pod)
                 if ep is not None and w:
                     hits[ep] = int(w + 0.5)
+                    cached[ep] = m.lengths.get(pod, 0)
             if not hits and m.last:
                 last = pods.get(m.last)
-        self._publish(request, tokens, root, len(keys), hits, keys, last)
+        self._publish(request, tokens, root, len(keys), hits, keys, last, cached)
 
     async def _lookup(self, keys: list[int], pods: list[str]) -> RedisMatch:
         """The lookup, within lookupTimeout whatever redis-py does with a cancellation (in a burst on a stalled

@@ -32,7 +32,7 @@ class PrefixBasedPDDecider(Decider):
         if nonCachedTokens == 0                       → no  (disaggregation disabled)
         if promptTokens > 0 and in < promptTokens     → no
         if in < nonCachedTokens                       → no
-        hit = PrefixMatchInfo.hits[decode pod] × block size   (tokens the decode pod caches)
+        hit = PrefixMatchInfo.cached_blocks(decode pod) × block size   (tokens it caches, any tier)
         disaggregate  iff  in − hit ≥ nonCachedTokens
 
     No decode endpoint, or no prefix match info for the request → no (logged as an error: the
@@ -88,5 +88,5 @@ class PrefixBasedPDDecider(Decider):
                 "no-match", "%s: no prefix cache match info for the request; not disaggregating", self.name
             )
             return False
-        hit = info.hits.get(endpoint, 0) * info.block_size
+        hit = info.cached_blocks(endpoint) * info.block_size
         return n - hit >= threshold

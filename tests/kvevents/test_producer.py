@@ -21,6 +21,7 @@ from llmepp.kvevents.keys import block_keys, root_key
 from llmepp.observability.metrics import EppMetrics
 from llmepp.plugins.datasources.endpoint_notification import EndpointNotificationSource
 from llmepp.plugins.producers.precise_prefix import PrecisePrefixCacheProducer, PrecisePrefixCacheScorer
+from llmepp.plugins.profile_handlers.prefix_based_decider import PrefixBasedPDDecider
 from llmepp.plugins.scorers.prefix_cache import PrefixCacheScorer
 from llmepp.request.parsers import parse_request
 from llmepp.request.types import InferenceRequest, ResponseInfo
@@ -354,5 +355,35 @@ async def test_speculation_for_a_removed_endpoint_does_not_bring_its_pod_back() 
     producer.pre_request(req, SchedulingResult("default", {"default": ProfileResult(targets=[eps[1]])}))
     await asyncio.sleep(0)
     assert producer.index.speculative_entries > 0 and producer.index.bit_of(eps[1].hostport) != 0
+    for plugin in c.plugins.values():
+        await plugin.aclose()
+
+
+async def test_the_pd_decider_counts_blocks_a_pod_holds_on_cpu_as_cached() -> None:
+    """Reference §6: hit = CachedBlockCount x block size; the precise producer's hits are the tier-weighted
+    score (cpu 0.8), which made a decode pod holding the whole prompt on CPU look 20% uncached."""
+    c, datastore, eps, producer = example_c()
+    prompt = "tell me about the weather in the mountains and the valleys " * 8
+    req = chat(prompt)
+    await run_producers(c, req, eps)
+    tokens = req.data[TOKENIZED_PROMPT]
+    total = tokens.count // 16
+    keys = block_keys(tokens.token_bytes, 16, root_key("sim-model"))[:total]
+    cpu = producer.tiers.bit("cpu")
+    producer.index.apply(eps[1].hostport, Delta(keys=keys, masks=[cpu] * len(keys)))  # whole prompt, on CPU
+    req = chat(prompt)
+    await run_producers(c, req, eps)
+    uncached = tokens.count - total * 16  # < 16: only the trailing partial block is not cached
+    # Threshold between the true uncached count and the one a 0.8-weighted hit count gives.
+    weighted_uncached = tokens.count - round(total * 0.8) * 16
+    threshold = uncached + 1
+    assert weighted_uncached >= threshold, (uncached, weighted_uncached)
+    decider = registry.build(
+        "prefix-based-pd-decider", "d", {"nonCachedTokens": threshold, "prefixMatchInfoProducerName": producer.name}
+    )
+    assert isinstance(decider, PrefixBasedPDDecider)
+    decider.setup(PluginContext(c.plugins, datastore, None, None))
+    # Reference: (in - CachedBlockCount*16) = uncached < threshold -> no disaggregation.
+    assert decider.disaggregate(req, eps[1]) is False
     for plugin in c.plugins.values():
         await plugin.aclose()
