@@ -28,8 +28,8 @@ import msgspec
 
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import Endpoint, split_hostport
-from llmepp.errors import BadRequest, NoEndpoints, RequestError
-from llmepp.framework.datakeys import prompt_tokens
+from llmepp.errors import BadRequest, NoEndpoints, PreconditionFailed, RequestError
+from llmepp.framework.datakeys import PrefixMatchInfo, prompt_tokens
 from llmepp.framework.plugin import Plugin
 from llmepp.framework.requestcontrol import (
     Admitter,
@@ -298,6 +298,9 @@ class Director:
             request.scheduling = result
             if log.isEnabledFor(logging.DEBUG):
                 self._log_decision(request, result)
+            if "prefer" in request.headers and _if_available(request) and not _cached_blocks(request, picked[0]):
+                # Conditional decode (a coordinator's): only where the prompt's prefix is already cached.
+                raise PreconditionFailed(f"Prefer: if-available: {picked[0].name} holds none of the prompt's prefix")
             targets = picked
             tokens = prompt_tokens(request)
             decision = RoutingDecision(
@@ -565,6 +568,17 @@ def _join(targets: Sequence[Endpoint]) -> str:
     if len(targets) == 1:
         return targets[0].hostport
     return ",".join(dict.fromkeys(ep.hostport for ep in targets))
+
+
+def _if_available(request: InferenceRequest) -> bool:
+    """`Prefer: if-available` (RFC 7240 preferences, comma-separated, each with optional parameters)."""
+    return any(p.split(";", 1)[0].strip().lower() == "if-available" for p in request.headers["prefer"].split(","))
+
+
+def _cached_blocks(request: InferenceRequest, endpoint: Endpoint) -> int:
+    """The prompt blocks `endpoint` holds by any prefix producer's match (0 without one)."""
+    infos = (v for v in request.data.values() if isinstance(v, PrefixMatchInfo))
+    return max((info.cached_blocks(endpoint) for info in infos), default=0)
 
 
 def _still_in_pool(candidates: Sequence[Endpoint]) -> Sequence[Endpoint]:

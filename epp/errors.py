@@ -45,6 +45,11 @@ class NotFound(RequestError):
     code = "NotFoundError"
 
 
+class PreconditionFailed(RequestError):
+    status = 412
+    code = "PreconditionFailed"
+
+
 class ServiceUnavailable(RequestError):
     status = 503
     code = "ServiceUnavailable"

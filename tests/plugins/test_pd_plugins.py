@@ -15,7 +15,7 @@ from llmepp.config.loader import build, load_config
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
 from llmepp.director import Director, RoutingDecision
-from llmepp.errors import BadRequest, ResourceExhausted, ServiceUnavailable
+from llmepp.errors import BadRequest, PreconditionFailed, ResourceExhausted, ServiceUnavailable
 from llmepp.framework.datakeys import PREFIX_CACHE_MATCH_INFO, TOKENIZED_PROMPT, PrefixMatchInfo, TokenizedPrompt
 from llmepp.framework.plugin import ConfigError, Plugin, PluginContext, registry
 from llmepp.framework.scheduling import Decider
@@ -622,3 +622,36 @@ def test_disagg_headers_handler_stamps_both_headers() -> None:
     )
     handler.pre_request(req, result)
     assert req.upstream_headers == {"x-prefiller-host-port": "10.0.0.2:8000", "x-encoder-hosts-ports": "10.0.0.3:8000"}
+
+
+COORDINATOR = """
+plugins:
+- {type: approx-prefix-cache-producer}
+- {type: prefix-cache-scorer}
+- {type: decode-filter}
+- {type: prefill-filter}
+- {type: header-profile-handler}
+schedulingProfiles:
+- {name: decode, plugins: [{pluginRef: decode-filter}, {pluginRef: prefix-cache-scorer}]}
+- {name: prefill, plugins: [{pluginRef: prefill-filter}, {pluginRef: prefix-cache-scorer}]}
+"""
+
+
+async def test_conditional_decode_is_412_unless_the_decode_pod_holds_the_prefix() -> None:
+    """Reference §1.4 / §6: a coordinator's `Prefer: if-available` decode call is answered 412 when the
+    chosen decode pod caches none of the prompt (it then runs the prefill phase first); it was routed."""
+    d, _, _ = director(COORDINATOR, [("p0", "prefill"), ("d0", "decode")])
+    cold = request(b"q" * 4000)
+    cold.headers.update({"epp-profile": "decode", "prefer": "respond-async, if-available"})
+    with pytest.raises(PreconditionFailed) as refused:
+        await d.handle_request(cold, None)
+    assert refused.value.status == 412 and "d0" in refused.value.message
+    assert d.datastore.endpoints[1].inflight.requests == 0  # nothing charged
+    warm = request(b"w" * 4000)
+    warm.headers["epp-profile"] = "decode"
+    assert isinstance(await d.handle_request(warm, None), RoutingDecision)
+    await asyncio.sleep(0)  # the approximate index records the routed prompt in a call_soon
+    again = request(b"w" * 4000)
+    again.headers.update({"epp-profile": "decode", "prefer": "if-available"})
+    decision = await d.handle_request(again, None)
+    assert isinstance(decision, RoutingDecision) and decision.targets[0].name == "d0"
