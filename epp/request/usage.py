@@ -109,7 +109,9 @@ _META = msgspec.json.Decoder(_MetaInfo)
 _USAGE_KEY = b'"usage"'
 _META_KEY = b'"meta_info"'
 _ARRAY = re.compile(rb"[ \t\r\n]*\[")
-_ID_WINDOW = 16  # bytes from the end of `"meta_info"` to the start of its id's value, at most
+# The id SGLang writes first in meta_info, as its raw JSON value (a string or a bare scalar), read from the end
+# of `"meta_info"`.
+_META_ID = re.compile(rb'[ \t]*:[ \t]*\{[ \t]*"id"[ \t]*:[ \t]*("(?:[^"\\\n]|\\.)*"|[^,}\s]+)')
 _DONE = b"[DONE]"
 _LONE_CR = re.compile(rb"\r(?!\n)")
 # A `data:` line followed by another of the same event (no blank line between them).
@@ -310,9 +312,9 @@ def _usage_from_sse_lines(tail: bytes, strict: bool) -> Usage | None:
 def _meta_from_sse(tail: bytes) -> Usage | None:
     """An SGLang stream's usage: the last `meta_info` of each output (by id) in the tail, summed."""
     last: dict[Any, Usage | None] = {}
-    # `:"<id>"` of each output counted: an earlier chunk of it is skipped undecoded (SGLang writes the id
-    # first in meta_info, so it is within a few bytes of the key).
-    counted: list[bytes] = []
+    # The raw id of each output counted: an earlier chunk of it is skipped undecoded (one set lookup a line;
+    # an id written otherwise than msgspec encodes it is decoded, and then skipped by `last`).
+    counted: set[bytes] = set()
     end = len(tail)
     while end > 0:
         start = tail.rfind(b"\n", 0, end) + 1
@@ -321,8 +323,8 @@ def _meta_from_sse(tail: bytes) -> Usage | None:
         key = line.rfind(_META_KEY)
         if key < 0:
             continue
-        lo = key + len(_META_KEY)
-        if any(line.find(tok, lo, lo + _ID_WINDOW + len(tok)) >= 0 for tok in counted):
+        raw = _META_ID.match(line, key + len(_META_KEY))
+        if raw is not None and raw.group(1) in counted:
             continue
         if line.startswith(b"data:"):
             meta = _meta_of(line[5:].strip())
@@ -334,8 +336,7 @@ def _meta_from_sse(tail: bytes) -> Usage | None:
             continue
         last[meta.id] = _meta_usage(meta)
         if meta.id is not None:
-            encoded = msgspec.json.encode(meta.id)
-            counted += (b":" + encoded, b": " + encoded)
+            counted.add(msgspec.json.encode(meta.id))
     return _summed(last.values())
 
 
