@@ -442,7 +442,7 @@ def _part_text(part: Any) -> str | None:
 
 def _tool_call(call: Any) -> Any:
     """vLLM hands a tool call's `arguments` to the template decoded (chat_utils._postprocess_messages): a
-    JSON string parsed, whatever JSON value it holds; empty, null or invalid JSON as {}."""
+    JSON string parsed, whatever JSON value it holds; empty, null or invalid JSON (nested too deeply too) as {}."""
     if isinstance(call, dict) and isinstance(call.get("function"), dict):
         fn = call["function"]
         args = fn.get("arguments")
@@ -451,7 +451,7 @@ def _tool_call(call: Any) -> Any:
         elif isinstance(args, str):
             try:
                 args = json.loads(args)
-            except ValueError:
+            except (ValueError, RecursionError):
                 args = {}
         return {**call, "function": {**fn, "arguments": args}}
     return call

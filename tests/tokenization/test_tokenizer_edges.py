@@ -216,7 +216,8 @@ ARGS = (
 @pytest.mark.parametrize(
     ("arguments", "rendered"),
     [('{"a": 1}', '{"a": 1};'), ("", "{};"), (None, "{};"), ("null", "null;"), ("not json", "{};"), ("[1]", "[1];"),
-     ("7", "7;"), ({"b": 2}, '{"b": 2};'), ([2], "[2];")],
+     ("7", "7;"), ({"b": 2}, '{"b": 2};'), ([2], "[2];"),
+     ("[" * 2000 + "]" * 2000, "{};")],  # nested too deeply: json's RecursionError escaped the render
 )  # fmt: skip
 def test_tool_call_arguments_reach_the_template_as_vllm_passes_them(arguments: Any, rendered: str) -> None:
     """vLLM hands the template the arguments decoded (chat_utils._postprocess_messages): a JSON string
