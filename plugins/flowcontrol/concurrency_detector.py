@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-from llmepp.datalayer.endpoint import Endpoint
+from llmepp.datalayer.endpoint import Endpoint, InFlight
 from llmepp.flowcontrol.interfaces import PendingLoad, SaturationDetector
-from llmepp.framework.plugin import PluginParams
+from llmepp.framework.plugin import PluginContext, PluginParams
 from llmepp.framework.scheduling import Filter
+from llmepp.plugins.producers.inflight_load import NO_LOAD, InFlightLoadProducer
 from llmepp.request.types import InferenceRequest
 
 
@@ -17,7 +18,7 @@ class ConcurrencyDetectorParams(PluginParams):
     max_concurrency: int = 100
     max_token_concurrency: int = 1_000_000
     headroom: float = 0.0
-    # Accepted for config compatibility; this build reads the director's `endpoint.inflight`.
+    # The inflight-load-producer whose counts to read; "" = the director's `endpoint.inflight`.
     in_flight_load_producer_name: str = ""
 
     def __post_init__(self) -> None:
@@ -33,8 +34,11 @@ class ConcurrencyDetector(SaturationDetector, Filter):
     """Saturation from requests / prompt tokens this EPP has in flight on each endpoint.
 
     Uses `endpoint.inflight` (requests, tokens), kept by the director: it needs no scraping,
-    so it reacts within one request, and it never goes stale. It also counts `pending`
-    (P requests, P_tokens prompt-token estimates): what flow control has dispatched and the
+    so it reacts within one request, and it never goes stale. With `inFlightLoadProducerName`, that
+    inflight-load-producer's counts instead (the reference's InFlightLoad): they charge the prefill
+    profile's pick too, until its prefill is done, where the director charges the request's target
+    (with P/D, the decode pod) alone; their tokens are the uncached prompt tokens plus estimated output.
+    It also counts `pending` (P requests, P_tokens prompt-token estimates): what flow control has dispatched and the
     director has not yet charged to an endpoint (async producers still running for them).
     They are on no endpoint yet, so they are spread over the pool:
 
@@ -56,7 +60,7 @@ class ConcurrencyDetector(SaturationDetector, Filter):
 
     Parameters: `concurrencyMode` (requests | tokens | hybrid, default requests),
     `maxConcurrency` (100), `maxTokenConcurrency` (1000000), `headroom` (0, filter only),
-    `inFlightLoadProducerName` (accepted, unused: counts come from the director).
+    `inFlightLoadProducerName` ("": the director's counts).
     """
 
     type = "concurrency-detector"
@@ -73,24 +77,41 @@ class ConcurrencyDetector(SaturationDetector, Filter):
         self.headroom = p.headroom
         self.stale_endpoints = 0
         self.pending: PendingLoad = PendingLoad()  # kept by the flow controller
+        self._loads: dict[Endpoint, InFlight] | None = None  # the named producer's live counts
+
+    def setup(self, ctx: PluginContext) -> None:
+        name = self.params.in_flight_load_producer_name
+        if name:
+            producer = ctx.plugin(name, InFlightLoadProducer, referrer=self, field="inFlightLoadProducerName")
+            self._loads = producer.loads
+
+    def wiring(self, ctx: PluginContext) -> object:
+        return self.params.in_flight_load_producer_name
+
+    def _inflight(self, endpoints: Sequence[Endpoint]) -> list[InFlight]:
+        loads = self._loads
+        if loads is None:
+            return [ep.inflight for ep in endpoints]
+        return [loads.get(ep, NO_LOAD) for ep in endpoints]
 
     def saturation(self, endpoints: Sequence[Endpoint], now: float) -> float:
         n = len(endpoints)
         if n == 0:
             return 1.0
         pending = self.pending
+        inflight = self._inflight(endpoints)
         if self.mode == "requests":
-            return (sum(ep.inflight.requests for ep in endpoints) + pending.requests) / (n * self.max_requests)
+            return (sum(f.requests for f in inflight) + pending.requests) / (n * self.max_requests)
         if self.mode == "tokens":
-            return (sum(ep.inflight.tokens for ep in endpoints) + pending.tokens) / (n * self.max_tokens)
+            return (sum(f.tokens for f in inflight) + pending.tokens) / (n * self.max_tokens)
         inv_r = 1.0 / self.max_requests
         inv_t = 1.0 / self.max_tokens
         r = pending.requests * inv_r
         t = pending.tokens * inv_t
         total = r if r > t else t
-        for ep in endpoints:
-            r = ep.inflight.requests * inv_r
-            t = ep.inflight.tokens * inv_t
+        for f in inflight:
+            r = f.requests * inv_r
+            t = f.tokens * inv_t
             total += r if r > t else t
         return total / n
 
@@ -99,10 +120,11 @@ class ConcurrencyDetector(SaturationDetector, Filter):
         scale = 1.0 + self.headroom
         cap_r = int(self.max_requests * scale)
         cap_t = int(self.max_tokens * scale)
+        pairs = zip(endpoints, self._inflight(endpoints))
         if self.mode == "requests":
-            kept = [ep for ep in endpoints if ep.inflight.requests < cap_r]
+            kept = [ep for ep, f in pairs if f.requests < cap_r]
         elif self.mode == "tokens":
-            kept = [ep for ep in endpoints if ep.inflight.tokens < cap_t]
+            kept = [ep for ep, f in pairs if f.tokens < cap_t]
         else:
-            kept = [ep for ep in endpoints if ep.inflight.requests < cap_r and ep.inflight.tokens < cap_t]
+            kept = [ep for ep, f in pairs if f.requests < cap_r and f.tokens < cap_t]
         return kept if kept else endpoints

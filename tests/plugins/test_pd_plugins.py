@@ -16,6 +16,7 @@ from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
 from llmepp.director import Director, RoutingDecision
 from llmepp.errors import BadRequest, PreconditionFailed, ResourceExhausted, ServiceUnavailable
+from llmepp.flowcontrol.interfaces import SaturationDetector
 from llmepp.framework.datakeys import PREFIX_CACHE_MATCH_INFO, TOKENIZED_PROMPT, PrefixMatchInfo, TokenizedPrompt
 from llmepp.framework.plugin import ConfigError, Plugin, PluginContext, registry
 from llmepp.framework.scheduling import Decider
@@ -655,3 +656,31 @@ async def test_conditional_decode_is_412_unless_the_decode_pod_holds_the_prefix(
     again.headers.update({"epp-profile": "decode", "prefer": "if-available"})
     decision = await d.handle_request(again, None)
     assert isinstance(decision, RoutingDecision) and decision.targets[0].name == "d0"
+
+
+async def test_a_concurrency_detector_reading_the_inflight_producer_counts_remote_prefills() -> None:
+    """The director charges a P/D request to its decode pod only: a detector reading those counts saw a
+    prefill pod running a remote prefill as idle. Named, the inflight-load-producer's counts (which charge the
+    prefill pick until its prefill is done) make that pod saturated and filter it out of the next prefill."""
+    config = EXAMPLE_B.replace(
+        "- type: queue-scorer",
+        "- type: queue-scorer\n- type: inflight-load-producer\n- type: concurrency-detector\n"
+        "  parameters: {maxConcurrency: 1, inFlightLoadProducerName: inflight-load-producer}",
+    ).replace(
+        "plugins: [{pluginRef: prefill-filter}, ",
+        "plugins: [{pluginRef: prefill-filter}, {pluginRef: concurrency-detector}, ",
+    )
+    d, _, _ = director(config, [("p0", "prefill"), ("p1", "prefill"), ("d0", "decode"), ("d1", "decode")])
+    detector = next(f for f in d.pipeline.scheduler.profiles["prefill"].filters if f.type == "concurrency-detector")
+    assert isinstance(detector, SaturationDetector)
+
+    async def prefill_pick(body: bytes) -> Endpoint:
+        decision = await d.handle_request(request(body), None)
+        assert isinstance(decision, RoutingDecision) and decision.result is not None
+        picked = decision.result.profiles["prefill"]
+        assert picked is not None
+        return picked.targets[0]
+
+    prefill = await prefill_pick(b"a" * 4000)
+    assert detector.saturation([prefill], 0.0) >= 1.0 and prefill.inflight.requests == 0
+    assert await prefill_pick(b"b" * 4000) is not prefill
