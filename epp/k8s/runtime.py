@@ -196,14 +196,17 @@ class KubeRuntime:
             self._start_reconcilers()
         elif not leader and self._reconcilers:
             log.info("no longer leading: forgetting the pool's endpoints, objectives and rewrites")
-            for task in self._reconcilers:
-                task.cancel()  # awaited by aclose, with every task
-            self._reconcilers = []
-            if self.discovery is not None and self.discovery.reconciler is not None:
-                self.discovery.reconciler.set_pool(None)  # deletes every endpoint it upserted
-            self.discovery, self.informers = None, []
-            self.objectives.replace({})
-            self.rewrites.clear()
+            tasks, discovery = self._reconcilers, self.discovery
+            self._reconcilers, self.discovery, self.informers = [], None, []
+            self._spawn(self._forget(tasks, discovery), "k8s-forget")
+
+    async def _forget(self, tasks: list[asyncio.Task[None]], discovery: KubernetesDiscovery | None) -> None:
+        # Stopped first (an informer's last event must not land after the clearing), then cleared.
+        await cancel_and_wait(*tasks)
+        if discovery is not None and discovery.reconciler is not None:
+            discovery.reconciler.set_pool(None)  # deletes every endpoint it upserted
+        self.objectives.replace({})
+        self.rewrites.clear()
 
     def ready(self) -> bool:
         if self.target.pool_mode and (self.discovery is None or not self.discovery.has_pool):

@@ -139,6 +139,10 @@ schedulingProfiles:
             await first.shutdown()  # the leader goes (releasing the lease): the follower leads and fills up
             await eventually(second.ready, within=10)
             assert endpoints(second.datastore) == {"p-rank-0": "10.8.1.1:8000"}
+            assert second.kube is not None
+            second.kube._leadership(False)  # as the elector reports a lost lease: stop watching, forget
+            await eventually(lambda: endpoints(second.datastore) == {}, within=5)
+            assert second.kube.discovery is None and not second.ready()
 
 
 @contextlib.asynccontextmanager
