@@ -15,12 +15,13 @@ import pytest
 import pytest_asyncio
 
 from llmepp.protocols import vllm_engine_pb2 as vl
-from llmepp.protocols import vllm_engine_pb2_grpc as vl_grpc
 from llmepp.testing.stack import Stack, StackOptions, epp_metric
+
+from .test_grpc_apis import call_generate, generate
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
-CONFIG = (Path("/work/main/deploy/config/grpc-epp-config.yaml")).read_text()
+CONFIG = (Path(__file__).parents[2] / "deploy" / "config" / "grpc-epp-config.yaml").read_text()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -39,11 +40,7 @@ async def channel(stack: Stack) -> AsyncIterator[grpc.aio.Channel]:
 
 
 async def call(channel: grpc.aio.Channel, ids: list[int]) -> list[vl.GenerateResponse]:
-    req = vl.GenerateRequest(
-        tokenized=vl.TokenizedInput(input_ids=ids), sampling_params=vl.SamplingParams(max_tokens=2), stream=False
-    )
-    c = vl_grpc.VllmEngineStub(channel).Generate(req, timeout=30)
-    return [a async for a in c]
+    return (await call_generate(channel, generate(ids, 2, stream=False)))[1]
 
 
 async def test_a_small_call_is_served(channel: grpc.aio.Channel) -> None:
