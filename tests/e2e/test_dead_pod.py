@@ -15,6 +15,8 @@ import pytest_asyncio
 
 from llmepp.testing.stack import Stack, StackOptions
 
+from .answers import completion
+
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
 
@@ -24,11 +26,9 @@ async def stack() -> AsyncIterator[Stack]:
         yield st
 
 
-async def completion(http: aiohttp.ClientSession, stack: Stack, prompt: str) -> tuple[int, str]:
-    body = {"model": "sim-model", "prompt": prompt, "max_tokens": 2}
-    async with http.post(f"{stack.url}/v1/completions", json=body) as resp:
-        await resp.read()
-        return resp.status, resp.headers.get("x-inference-pod", "")
+async def served(http: aiohttp.ClientSession, stack: Stack, prompt: str) -> tuple[int, str]:
+    status, headers, _ = await completion(http, stack.url, "sim-model", prompt, 2)
+    return status, headers.get("x-inference-pod", "")
 
 
 async def test_a_crashed_pod_is_routed_around_until_it_is_back(stack: Stack, http: aiohttp.ClientSession) -> None:
@@ -36,10 +36,10 @@ async def test_a_crashed_pod_is_routed_around_until_it_is_back(stack: Stack, htt
     async with http.post(f"http://{dead.address}/admin/kill", json={"duration": 4}) as resp:
         assert resp.status == 202, await resp.text()
     await asyncio.sleep(1.5)  # > 1 s of refused scrapes
-    served = Counter([await completion(http, stack, f"while it is down {i}") for i in range(30)])
-    assert set(served) <= {(200, p.name) for p in stack.pods[1:]}, served
+    answers = Counter([await served(http, stack, f"while it is down {i}") for i in range(30)])
+    assert set(answers) <= {(200, p.name) for p in stack.pods[1:]}, answers
     for i in range(100):  # revived after 4 s; routed to again once its metrics page answers
-        if (await completion(http, stack, f"is it back {i}"))[1] == dead.name:
+        if (await served(http, stack, f"is it back {i}"))[1] == dead.name:
             break
         await asyncio.sleep(0.1)
     else:

@@ -17,9 +17,10 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 import pytest_asyncio
-from multidict import CIMultiDict
 
 from llmepp.testing.stack import Stack, StackOptions, epp_metric
+
+from .answers import Answer, completion
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
@@ -53,12 +54,8 @@ async def stack() -> AsyncIterator[Stack]:
         yield st
 
 
-async def send(
-    http: aiohttp.ClientSession, stack: Stack, prompt: str, tokens: int
-) -> tuple[int, CIMultiDict[str], str]:
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": tokens}
-    async with http.post(f"{stack.url}/v1/completions", json=body) as resp:
-        return resp.status, resp.headers.copy(), await resp.text()
+async def send(http: aiohttp.ClientSession, stack: Stack, prompt: str, tokens: int) -> Answer:
+    return await completion(http, stack.url, MODEL, prompt, tokens)
 
 
 async def metric(http: aiohttp.ClientSession, stack: Stack, name: str, **labels: str) -> float:

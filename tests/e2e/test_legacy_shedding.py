@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 import pytest_asyncio
-from multidict import CIMultiDict
 
 from llmepp.testing.stack import Stack, StackOptions, epp_metric
+
+from .answers import Answer, completion
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
@@ -55,10 +56,8 @@ async def stack() -> AsyncIterator[Stack]:
 
 async def send(
     http: aiohttp.ClientSession, stack: Stack, prompt: str, tokens: int, headers: dict[str, str] | None = None
-) -> tuple[int, CIMultiDict[str], str]:
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": tokens}
-    async with http.post(f"{stack.url}/v1/completions", json=body, headers=headers or {}) as resp:
-        return resp.status, resp.headers.copy(), await resp.text()
+) -> Answer:
+    return await completion(http, stack.url, MODEL, prompt, tokens, headers)
 
 
 SHED = {"x-llm-d-inference-objective": "batch"}

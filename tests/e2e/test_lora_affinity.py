@@ -13,9 +13,10 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 import pytest_asyncio
-from multidict import CIMultiDict
 
 from llmepp.testing.stack import Stack, StackOptions
+
+from .answers import Answer, completion
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
@@ -51,18 +52,8 @@ async def stack() -> AsyncIterator[Stack]:
         yield st
 
 
-async def send(http: aiohttp.ClientSession, stack: Stack, model: str, tokens: int) -> tuple[int, CIMultiDict[str], str]:
-    body = {"model": model, "prompt": f"adapter {model}", "max_tokens": tokens}
-    async with http.post(f"{stack.url}/v1/completions", json=body) as resp:
-        return resp.status, resp.headers.copy(), await resp.text()
-
-
-async def first_pod(stack: Stack, pods_seen: dict[str, str], key: str) -> str:
-    for _ in range(500):
-        if key in pods_seen:
-            return pods_seen[key]
-        await asyncio.sleep(0.01)
-    raise AssertionError("no pod")
+async def send(http: aiohttp.ClientSession, stack: Stack, model: str, tokens: int) -> Answer:
+    return await completion(http, stack.url, model, f"adapter {model}", tokens)
 
 
 async def test_requests_follow_the_running_adapter(stack: Stack, http: aiohttp.ClientSession) -> None:

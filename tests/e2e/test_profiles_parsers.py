@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
 import pytest_asyncio
-from multidict import CIMultiDict
 
 from llmepp.testing.stack import Stack, StackOptions
 from llmepp_sim.cluster import PodInfo
+
+from .answers import Answer, post_json
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
@@ -56,10 +58,9 @@ async def stack() -> AsyncIterator[Stack]:
 
 
 async def post(
-    http: aiohttp.ClientSession, stack: Stack, path: str, body: dict, headers: dict[str, str] | None = None
-) -> tuple[int, CIMultiDict[str], str]:
-    async with http.post(f"{stack.url}{path}", json=body, headers=headers or {}) as resp:
-        return resp.status, resp.headers.copy(), await resp.text()
+    http: aiohttp.ClientSession, stack: Stack, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> Answer:
+    return await post_json(http, f"{stack.url}{path}", body, headers)
 
 
 def group(stack: Stack, g: str) -> set[str]:

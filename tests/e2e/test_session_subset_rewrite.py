@@ -16,12 +16,13 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 import pytest_asyncio
-from multidict import CIMultiDict
 
 from e2e.test_ipv6 import HINT_HEADER, with_subset_hint_from_header
 from llmepp.testing.envoy import EnvoyProcess, render_envoy_config
 from llmepp.testing.ports import free_port
 from llmepp.testing.stack import Stack, StackOptions, serves_tls
+
+from .answers import Answer, completion
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
@@ -46,13 +47,8 @@ async def stack() -> AsyncIterator[Stack]:
         yield st
 
 
-async def post(
-    http: aiohttp.ClientSession, url: str, prompt: str, headers: dict[str, str] | None = None
-) -> tuple[int, CIMultiDict[str], str]:
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": 2}
-    async with http.post(f"{url}/v1/completions", json=body, headers=headers or {}) as resp:
-        text = await resp.text()
-        return resp.status, resp.headers.copy(), text
+async def post(http: aiohttp.ClientSession, url: str, prompt: str, headers: dict[str, str] | None = None) -> Answer:
+    return await completion(http, url, MODEL, prompt, 2, headers)
 
 
 def token_of(name: str) -> str:
