@@ -2,7 +2,7 @@
 
 Durations follow Go's `time.ParseDuration` ("60s", "200ms", "1m30s", "0"); a bare YAML
 number is seconds. Sizes follow Kubernetes quantities ("1G" = 10⁹, "1Gi" = 2³⁰, "500M",
-"64Ki"), with an optional trailing "B" ("1GB", "1GiB"), or a plain integer of bytes.
+"64Ki", "1e9"), with an optional trailing "B" ("1GB", "1GiB"), or a plain integer of bytes.
 Both raise ValueError with a message meant to follow a field path. `go_round` rounds as the
 reference's formulas do (Go's math.Round).
 """
@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _DURATION_UNITS = {
     "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0,
 }  # fmt: skip
-_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|Pi|Ei|k|K|M|G|T|P|E)?B?$")
+_SIZE = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)(?:\s*(Ki|Mi|Gi|Ti|Pi|Ei|k|K|M|G|T|P|E)?B?|[eE]([+-]?\d{1,3}))$")
 _SIZE_UNITS = {
     "": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
     "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
@@ -63,8 +64,10 @@ def parse_bytes(value: str | int) -> int:
         return value
     m = _SIZE.match(value.strip())
     if not m:
-        raise ValueError(f"invalid byte size {value!r} (examples: 1Gi, 500M, 1048576)")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2) or ""])
+        raise ValueError(f"invalid byte size {value!r} (examples: 1Gi, 500M, 1e9, 1048576)")
+    number = Decimal(m.group(1))  # exact: a float would round sizes past 2**53
+    size = number.scaleb(int(m.group(3))) if m.group(3) else number * _SIZE_UNITS[m.group(2) or ""]
+    return math.ceil(size)  # a fraction of a byte rounds up, as Kubernetes' Quantity.Value()
 
 
 def go_round(x: float) -> int:

@@ -284,13 +284,16 @@ def test_durations(text: str | float, seconds: float) -> None:
 @pytest.mark.parametrize(
     ("text", "size"),
     [("1Gi", 2**30), ("1G", 10**9), ("500M", 500 * 10**6), ("64Ki", 65536), ("1k", 1000), ("1GB", 10**9),
-     ("1GiB", 2**30), ("1048576", 1048576), (123, 123), ("1.5Gi", int(1.5 * 2**30))],
+     ("1GiB", 2**30), ("1048576", 1048576), (123, 123), ("1.5Gi", int(1.5 * 2**30)),
+     # Kubernetes quantities also take a decimal exponent; a fraction of a byte rounds up, as Quantity.Value().
+     ("1e9", 10**9), ("1E9", 10**9), ("1.5e3", 1500), ("2e+3", 2000), ("5e-1", 1), ("0.5", 1), (".5k", 500),
+     ("9007199254740993", 9007199254740993)],
 )  # fmt: skip
 def test_byte_sizes(text: str | int, size: int) -> None:
     assert parse_bytes(text) == size
 
 
-@pytest.mark.parametrize("bad", ["", "1 parsec", "-5", "1iB", "G"])
+@pytest.mark.parametrize("bad", ["", "1 parsec", "-5", "1iB", "G", "1e", "1eG", "1e9Gi", "1..5", ".", True])
 def test_bad_byte_sizes(bad: str) -> None:
     with pytest.raises(ValueError):
         parse_bytes(bad)
