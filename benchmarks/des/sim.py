@@ -641,7 +641,7 @@ def simulate(schedule: Schedule, options: SimOptions) -> SimResult:
             {
                 "stored": p.stats.block_stored,
                 "removed": p.stats.block_removed,
-                "orphans": sum(c.stats.orphans for c in p.pool.chains()),
+                "orphans": p.chain_totals.orphans,
                 "index_keys": len(p.index),
             }
             for p in sim.producers

@@ -97,7 +97,9 @@ class ChainStats:
 
 
 class SourceChains:
-    def __init__(self, block_tokens: int, seed: int, tiers: TierTable, max_blocks: int) -> None:
+    def __init__(
+        self, block_tokens: int, seed: int, tiers: TierTable, max_blocks: int, stats: ChainStats | None = None
+    ) -> None:
         self.step = block_tokens * 4
         self.seed = seed
         self.tiers = tiers
@@ -107,11 +109,13 @@ class SourceChains:
         self.kmask: dict[int, int] = {}
         self._extra: dict[tuple[int, int], int] = {}
         self._roots: dict[tuple[str, str], int] = {}
-        # Removed engine hash → (last_key, pending), oldest first.
-        self._ghosts: OrderedDict[int, tuple[int, bytes]] = OrderedDict()
+        # Removed engine hash → (last_key, pending, keys), oldest first.
+        self._ghosts: OrderedDict[int, tuple[int, bytes, tuple[int, ...]]] = OrderedDict()
         # group_idx of KV-cache groups whose stores name a non-prefix kind: their removals are skipped.
         self._other_groups: set[int] = set()
-        self.stats = ChainStats()
+        # Shareable: a producer keeps one running total over every source it ever had (Prometheus counters
+        # must not drop when a pod leaves).
+        self.stats = stats if stats is not None else ChainStats()
 
     def __len__(self) -> int:
         return len(self.engine)
@@ -127,6 +131,16 @@ class SourceChains:
             return n
         if ev.kv_cache_spec_kind is not None and ev.group_idx is not None:
             self._other_groups.discard(ev.group_idx)  # a prefix group after all (a restarted engine)
+        if not ev.token_ids and n:
+            # Location-only: vLLM's offloading connector reports a chunk copied to CPU (or storage) as
+            # BlockStored without tokens or parent (block_size its own, or 0). The blocks it names now
+            # also live on that tier (llm-d: handleDeviceTierUpdate); it says nothing about tokens.
+            tbit = self.tiers.bit(ev.medium)
+            if not tbit:
+                self.stats.unknown_medium += 1
+            else:
+                self._relocated(ev.block_hashes, tbit, delta)
+            return n
         if (ev.block_size and len(ev.token_ids) != n * ev.block_size) or (ev.lora_id is not None and not ev.lora_name):
             self.stats.unkeyable += 1
             return n
@@ -148,7 +162,7 @@ class SourceChains:
                 if ghost is None:
                     self.stats.orphans += 1
                     return n
-                key, pending = ghost
+                key, pending = ghost[0], ghost[1]
         tokens = tokens_to_bytes(ev.token_ids)
         span = (ev.block_size or (len(ev.token_ids) // n if n else 0)) * 4
         step = self.step
@@ -233,13 +247,45 @@ class SourceChains:
                 del engine[h]
                 delta.engine_del.append(h)
                 ghosts = self._ghosts
-                ghosts[h] = (block.last_key, block.pending)
+                ghosts[h] = (block.last_key, block.pending, block.keys)
                 ghosts.move_to_end(h)  # removed again: now the most recent removal
                 if len(ghosts) > GHOSTS:
                     ghosts.popitem(last=False)
             for k in block.keys:
                 self._decref(k, tbit, delta.keys, delta.masks)
         return len(ev.block_hashes)
+
+    def _relocated(self, hashes: list[int | bytes], tbit: int, delta: Delta) -> None:
+        """Engine blocks now (also) held on tier `tbit`, named without tokens. A block removed from its
+        other tiers in the meantime (the GPU evicts a block and its copy to CPU completes in one engine
+        step) comes back from its kept position; one never keyed cannot be, and is skipped."""
+        engine = self.engine
+        kmask = self.kmask
+        for raw in hashes:
+            h = normalize_hash(raw)
+            block = engine.get(h)
+            if block is None:
+                ghost = self._ghosts.pop(h, None)
+                if ghost is None:
+                    self.stats.unkeyable += 1
+                    continue
+                block = EngineBlock(0, ghost[2], ghost[0], ghost[1])
+            else:
+                del engine[h]  # most recently stored last (the bound sheds from the front)
+            engine[h] = block
+            delta.engine_set.append(h)
+            if block.tiers & tbit:
+                for k in block.keys:  # reported again: refresh, no new reference
+                    m = kmask.get(k, 0)
+                    if m:
+                        delta.keys.append(k)
+                        delta.masks.append(m)
+            else:
+                block.tiers |= tbit
+                for k in block.keys:
+                    self._incref(k, tbit, delta.keys, delta.masks)
+        if len(engine) > self.max_blocks:
+            self._shed(delta)
 
     def clear(self, delta: Delta) -> None:
         """AllBlocksCleared or a publisher restart: the pod holds nothing any more."""

@@ -243,6 +243,9 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkPro
         self._ctx_key = f"{self.name}/prompt"
         self._held_key = f"{self.name}/held"
         self.stats = KVEventStats()
+        # One running total for every source's chain counters: exported as Prometheus counters, they must
+        # not drop when a pod leaves the pool or a subscriber starts over with fresh chains.
+        self.chain_totals = ChainStats()
         self.pool_options = PoolOptions(
             socket_port=disc.socket_port,
             replay_socket_port=disc.replay_socket_port,
@@ -277,13 +280,13 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkPro
         return MemoryStore(self.index)
 
     def _new_chains(self) -> SourceChains:
-        return SourceChains(self.block_tokens, self.seed, self.tiers, max_blocks=self.size)
+        return SourceChains(self.block_tokens, self.seed, self.tiers, max_blocks=self.size, stats=self.chain_totals)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def setup(self, ctx: PluginContext) -> None:
         self._metrics = ctx.metrics
         registry = getattr(ctx.metrics, "registry", None)
-        register(registry, KVEventsCollector(self.name, self.stats, self._chain_stats, self._gauges))
+        register(registry, KVEventsCollector(self.name, self.stats, lambda: self.chain_totals, self._gauges))
         if not self.discover:
             log.warning("%s: kvEventsConfig.discoverPods is false: no KV events are consumed", self.name)
             return
@@ -434,17 +437,6 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkPro
             self.index.speculate(pod, keys, ttl)
 
     # -- metrics -------------------------------------------------------------------------------
-    def _chain_stats(self) -> ChainStats:
-        total = ChainStats()
-        for chains in self.pool.chains():
-            s = chains.stats
-            total.orphans += s.orphans
-            total.unknown_removals += s.unknown_removals
-            total.unknown_medium += s.unknown_medium
-            total.skipped_kind += s.skipped_kind
-            total.unkeyable += s.unkeyable
-        return total
-
     def _gauges(self) -> dict[str, float]:
         return {
             "index_keys": float(len(self.index)),
