@@ -47,13 +47,13 @@ def feed(chains: SourceChains, index: MemoryIndex, pod: str, events: list[BlockS
     index.apply(pod, delta)
 
 
-def match(index: MemoryIndex, tokens: list[int], pod: str, block: int = 16):
+def match(index: MemoryIndex, tokens: list[int], pod: str, block: int = 16) -> tuple[int, float]:
     cand = index.bit(pod)
     m = index.match(tokens_to_bytes(tokens), block, root_key(MODEL), cand)
     return m.lengths.get(cand, 0), m.weighted.get(cand, 0.0)
 
 
-def offload_placeholder(hashes: list[int], block_size: int) -> BlockStored:
+def offload_placeholder(hashes: list[int | bytes], block_size: int) -> BlockStored:
     """What vLLM's OffloadingConnector publishes when a chunk lands on CPU."""
     return BlockStored(
         block_hashes=hashes, parent_block_hash=None, token_ids=[], block_size=block_size, lora_id=None,
@@ -66,7 +66,7 @@ def test_blocks_offloaded_to_cpu_stay_indexed_after_the_gpu_evicts_them(placehol
     index = MemoryIndex(1000, 10, TIERS)
     chains = SourceChains(16, 0, TIERS, 1000)
     tokens = [random.Random(7).randrange(50_000) for _ in range(16 * 4)]
-    hashes = [0x1111, 0x2222, 0x3333, 0x4444]
+    hashes: list[int | bytes] = [0x1111, 0x2222, 0x3333, 0x4444]
     feed(chains, index, "p:1", [BlockStored(hashes, None, tokens, 16, medium="GPU")])
     assert match(index, tokens, "p:1") == (4, pytest.approx(4.0))
     # The offloading connector copies all four blocks to CPU, then the GPU evicts them.
