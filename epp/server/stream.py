@@ -304,6 +304,11 @@ def _stream_cancelled() -> bool:
     return task is not None and task.cancelling() > 0
 
 
+def _ended() -> bool:
+    """`InferenceRequest.evict` of a request that has ended: there is nothing left to revoke."""
+    return False
+
+
 # -- per-stream state machine ------------------------------------------------------------------
 _START = 0  # waiting for request headers
 _BODY = 1  # buffering the request body
@@ -974,6 +979,10 @@ class ExtProcStream:
                 svc._bug_log.error("usage", "usage extraction failed (request %s)", self.request_id, exc_info=True)
         lab = self.lab
         req = self.request
+        if req is not None and req.evict is not None:
+            # Nothing left to revoke; and the bound method (request -> stream -> request) would keep both alive
+            # after the stream ends, until a cyclic GC run, which a serving process makes rare (gctuning).
+            req.evict = _ended
         if lab is not None and req is not None:
             if self.decision is not None:
                 lab.running.dec()
