@@ -986,6 +986,10 @@ class ExtProcStream:
         if lab is not None and req is not None:
             if self.decision is not None:
                 lab.running.dec()
+        # As the reference, latency, size and token histograms are recorded at the response's natural end only: a
+        # request the client abandoned, Envoy reset or flow control evicted has no end-to-end latency or TTFT (its
+        # release above and the plugins' response_complete below still run).
+        if lab is not None and req is not None and cause is TerminationCause.NATURAL:
             elapsed = now - req.received_at
             lab.duration.observe(elapsed)
             if info.bytes:
