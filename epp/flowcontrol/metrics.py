@@ -331,7 +331,14 @@ class _Collector(Collector):
         # models seen waiting keep a series (at 0) while the flow lives, as the reference's gauges do.
         seen = self._seen_models.get(pool, {})
         fresh: dict[tuple[str, str], set[tuple[str, str]]] = {}
-        for band in list(src.bands.values()):
+        bands = list(src.bands.values())
+        # Each label is capped, their product is capped here (as the wait histogram's): the combinations carried
+        # over from the last scrape keep their series, new ones get series of their own while fewer than
+        # MAX_WAIT_SERIES exist, later ones are reported as (other, priority, other, other) and not carried over.
+        live = {(label(flow.fairness_id), str(band.priority)) for band in bands for flow in list(band.flows.values())}
+        room = MAX_WAIT_SERIES - sum(len(seen.get(key, ())) for key in live)
+        overflow = (OVERFLOW_LABEL, OVERFLOW_LABEL)
+        for band in bands:
             priority = str(band.priority)
             per_label: dict[tuple[str, str, str], list[int]] = {}
             for flow in list(band.flows.values()):
@@ -344,8 +351,14 @@ class _Collector(Collector):
                     if item.state is not ItemState.QUEUED or request is None:
                         continue
                     pair = (model(request.model), model(request.target_model))
-                    models.add(pair)
-                    acc = per_label.setdefault((fid, *pair), [0, 0])
+                    series_fid = fid
+                    if pair not in models:
+                        if room > 0:
+                            room -= 1
+                            models.add(pair)
+                        else:
+                            series_fid, pair = OVERFLOW_LABEL, overflow
+                    acc = per_label.setdefault((series_fid, *pair), [0, 0])
                     acc[0] += 1
                     acc[1] += item.size
                 for pair in models:
