@@ -498,6 +498,10 @@ class _Connection(asyncio.Protocol):
                 # otherwise queue answers here without bound (each response chunk is echoed).
                 self.out.append(_frame(WINDOW_UPDATE, 0, sid, _U32.pack(st.recv_unacked)))
                 st.recv_unacked = 0
+        if flags & END_STREAM:
+            # Noted before the frame's messages are handled: one of them may end the stream, and then the
+            # client, already closed, must get no RST_STREAM after our END_STREAM (RFC 9113 §5.1).
+            st.remote_closed = True
         if payload:
             self._on_stream_bytes(st, payload)
             if st.local_closed:
@@ -699,6 +703,10 @@ class _Connection(asyncio.Protocol):
 
     def _on_remote_close(self, st: _Stream) -> None:
         st.remote_closed = True
+        if st.parts:
+            # Half-closed inside a length-prefixed message: it can never be whole (gRPC fails such a call).
+            self._end(st, GRPC_INTERNAL, "the client half-closed inside a message")
+            return
         if st.task is None and not st.backlog and not st.local_closed:
             self._end(st, GRPC_OK)
 
