@@ -983,9 +983,8 @@ class ExtProcStream:
             # Nothing left to revoke; and the bound method (request -> stream -> request) would keep both alive
             # after the stream ends, until a cyclic GC run, which a serving process makes rare (gctuning).
             req.evict = _ended
-        if lab is not None and req is not None:
-            if self.decision is not None:
-                lab.running.dec()
+        if lab is not None and req is not None and self.decision is not None:
+            lab.running.dec()
         # As the reference, latency, size and token histograms are recorded at the response's natural end only: a
         # request the client abandoned, Envoy reset or flow control evicted has no end-to-end latency or TTFT (its
         # release above and the plugins' response_complete below still run).
