@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from llmepp.kvevents.keys import tokens_to_bytes
 
@@ -85,17 +85,32 @@ class HFTokenizer:
     def ids(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=self.add_special_tokens).ids)
 
-    def encode(self, text: str, special: bool | None = None) -> bytes:
-        """`special` overrides `add_special_tokens` (chat prompts: False, their template has them)."""
+    def encode(self, text: str, special: bool | None = None, truncate: int | None = None) -> bytes:
+        """`special` overrides `add_special_tokens` (chat prompts: False, their template has them). `truncate`:
+        vLLM's `truncate_prompt_tokens` (see `_truncated`)."""
         add = self.add_special_tokens if special is None else special
-        return tokens_to_bytes(self._tokenizer.encode(text, add_special_tokens=add).ids)
+        if truncate is None:
+            return tokens_to_bytes(self._tokenizer.encode(text, add_special_tokens=add).ids)
+        return self._truncated(self._tokenizer.encode(text, add_special_tokens=False), add, truncate)
 
-    async def encode_async(self, text: str, special: bool | None = None) -> bytes:
+    async def encode_async(self, text: str, special: bool | None = None, truncate: int | None = None) -> bytes:
         if len(text) < self.thread_threshold:
-            return self.encode(text, special)
-        return await in_worker(self.encode_released, text, special)
+            return self.encode(text, special, truncate)
+        return await in_worker(self.encode_released, text, special, truncate)
 
-    def encode_released(self, text: str, special: bool | None = None) -> bytes:
+    def encode_released(self, text: str, special: bool | None = None, truncate: int | None = None) -> bytes:
         """`encode` for a worker thread: the batch API encodes without the GIL."""
         add = self.add_special_tokens if special is None else special
-        return tokens_to_bytes(self._encode_batch([text], add_special_tokens=add)[0].ids)
+        if truncate is None:
+            return tokens_to_bytes(self._encode_batch([text], add_special_tokens=add)[0].ids)
+        return self._truncated(self._encode_batch([text], add_special_tokens=False)[0], add, truncate)
+
+    def _truncated(self, encoding: Encoding, add: bool, truncate: int) -> bytes:
+        """As vLLM encodes with `truncate_prompt_tokens` N (transformers' `truncation=True, max_length=N`, on the
+        left for generate models): the tokenizer keeps room for the special tokens it adds, so a completion with
+        BOS is [BOS] + the text's last N - 1 tokens."""
+        room = self._tokenizer.num_special_tokens_to_add(False) if add else 0
+        encoding.truncate(max(truncate - room, 0), direction="left")
+        if add:
+            encoding = self._tokenizer.post_process(encoding, add_special_tokens=True)
+        return tokens_to_bytes(encoding.ids)

@@ -336,13 +336,16 @@ class HFTokenProducer(TokenProducer):
     async def produce(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None:
         if request.prompt is None:
             return
+        truncate = request.truncate_prompt_tokens
         if request.prompt_is_token_ids:
-            request.data[TOKENIZED_PROMPT] = TokenizedPrompt(request.prompt, self.backend)
+            # vLLM truncates token-id prompts too (TokenizeParams._token_truncation: the last N).
+            ids = request.prompt if truncate is None else request.prompt[-4 * truncate :]
+            request.data[TOKENIZED_PROMPT] = TokenizedPrompt(ids, self.backend)
             return
         try:
             if request.messages is None:
                 text = request.prompt.decode("utf-8", "replace")
-                token_bytes = await self.tokenizer.encode_async(text, request.add_special_tokens)
+                token_bytes = await self.tokenizer.encode_async(text, request.add_special_tokens, truncate)
             elif len(request.body) >= self.tokenizer.thread_threshold:
                 # A long conversation: rendered in the worker that encodes it (one hop). Inline, a Jinja
                 # render stalls the loop for all of it: ~3 µs per message with a ChatML template, ~9 µs
@@ -355,7 +358,9 @@ class HFTokenProducer(TokenProducer):
                 # Short (< ~0.4 ms): a worker would hold the GIL as long (less than a RENDER_SLICE, so
                 # unpaced), plus a thread hop (~50 µs, more than a one-message render's ~10 µs).
                 text = self._render(request, None, INLINE_RENDER_BUDGET)
-                token_bytes = await self.tokenizer.encode_async(text, special=request.add_special_tokens is True)
+                token_bytes = await self.tokenizer.encode_async(
+                    text, special=request.add_special_tokens is True, truncate=truncate
+                )
         except _TemplateFailed as e:
             self._miss("template", "%s: tokenization failed: %s", self.name, e)
             return
@@ -370,15 +375,15 @@ class HFTokenProducer(TokenProducer):
                 raise
             self._miss("encode", "%s: tokenization failed (the tokenizer library panicked): %s", self.name, e)
             return
-        if request.truncate_prompt_tokens is not None:
-            token_bytes = token_bytes[-4 * request.truncate_prompt_tokens :]
         request.data[TOKENIZED_PROMPT] = TokenizedPrompt(token_bytes, self.backend)
 
     def _render_and_encode(self, request: InferenceRequest, pause: Callable[[], None]) -> bytes:
         """In a worker thread: the chat's prompt (rendered paced: `pause` lets the event loop run every
         RENDER_SLICE), encoded without the GIL."""
         text = self._render(request, pause, WORKER_RENDER_BUDGET)
-        return self.tokenizer.encode_released(text, special=request.add_special_tokens is True)
+        return self.tokenizer.encode_released(
+            text, special=request.add_special_tokens is True, truncate=request.truncate_prompt_tokens
+        )
 
     def _render(self, request: InferenceRequest, pause: Callable[[], None] | None, budget: float) -> str:
         try:

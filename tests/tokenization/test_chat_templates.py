@@ -294,11 +294,12 @@ async def test_hf_producer_follows_vllms_tokenization_defaults_and_the_requests_
         bos_id,
         *rendered,
     ]
-    # Left truncation: the last N tokens (BOS included in what is cut), for both kinds; 0 / -1 / true: none.
-    assert (
-        await token_ids(default, "/v1/completions", {"prompt": "hello there", "truncate_prompt_tokens": 1})
-        == hello[-1:]
-    )
+    # Left truncation as transformers truncates for vLLM: room kept for the BOS it adds, so N = 1 is the BOS;
+    # a chat (no special tokens) keeps its last N tokens; 0 / -1 / true: none.
+    assert await token_ids(default, "/v1/completions", {"prompt": "hello there", "truncate_prompt_tokens": 1}) == [
+        bos_id
+    ]
+    assert await token_ids(off, "/v1/completions", {"prompt": "hello there", "truncate_prompt_tokens": 1}) == hello[-1:]
     assert await token_ids(default, "/v1/chat/completions", {**chat_body, "truncate_prompt_tokens": 3}) == rendered[-3:]
     for n in (0, -1, True, "2"):
         body: dict[str, object] = {"prompt": "hello there", "truncate_prompt_tokens": n}
