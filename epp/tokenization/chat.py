@@ -576,12 +576,16 @@ class JinjaTemplate:
         # vLLM joins a tool result's text parts whatever the content format.
         parts = as_parts and role != "tool"
         out["content"] = [{"type": "text", "text": t} for t in texts] if parts else "\n".join(texts)
+        # As vLLM's _parse_chat_message_content: an assistant's tool_calls whenever present and not null (an
+        # empty list too: vLLM's own answers carry `"tool_calls": []`, and clients send them back), a tool
+        # message's tool_call_id, a string name.
         calls = m.get("tool_calls")
-        if role == "assistant" and isinstance(calls, list) and calls:
+        if role == "assistant" and isinstance(calls, list):
             out["tool_calls"] = [_tool_call(c) for c in calls]
-        for key in ("name", "tool_call_id"):
-            if key in m:
-                out[key] = m[key]
+        if role == "tool" and "tool_call_id" in m:
+            out["tool_call_id"] = m["tool_call_id"]
+        if isinstance(m.get("name"), str):
+            out["name"] = m["name"]
         # vLLM reads an assistant's `reasoning` (not `reasoning_content`) and passes it under both names.
         reasoning = m.get("reasoning")
         if role == "assistant" and reasoning is not None:
