@@ -9,8 +9,10 @@ prompts, 1.5–2 µs per token at 100k tokens. `encode_async` hands texts longer
 `thread_threshold` characters to a small thread pool, which encodes them with the batch API: it
 releases the GIL while encoding (`Tokenizer.encode` holds it for the whole call, so in a thread it
 would stall the event loop just the same), so a long prompt does not stall every other request.
-`in_worker` runs other tokenization work on the same pool (the token producer renders a long chat's
-template there, then encodes it with `encode_released`: one thread hop for both).
+Prompts of LONG_CHARS or more have a thread of their own, so encodes the director gave up on cannot hold
+the threads ordinary prompts need. `in_worker` runs other tokenization work on the same pool (the token
+producer renders a long chat's template there, then encodes it with `encode_released`: one thread hop for
+both).
 
 Like transformers (hence vLLM), encoding never truncates or pads, whatever `tokenizer.json` configures.
 """
@@ -34,7 +36,15 @@ _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=WORKERS, thread_na
 # Jobs that may wait for a worker. More are refused (WorkersBusy): a job queued behind that many long ones
 # would start after its request's producer budget (400 ms) has long passed, only to hold a worker then.
 MAX_QUEUED = 16
+# Prompts this long (~64k tokens, about 0.25 s of encoding here) take a lane of their own. The director stops
+# waiting for a prompt at its 400 ms budget, but a running encode cannot be stopped: two abandoned encodes of
+# multi-megabyte bodies would hold both workers for seconds, and every ordinary prompt needing a worker would
+# be routed without prefix data meanwhile. In their own lane they only delay each other.
+LONG_CHARS = 256 * 1024
+LONG_QUEUED = 2
+_LONG_EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize-long")
 _in_flight = 0  # jobs submitted and not finished (a job whose caller gave up still counts until it ends)
+_long_in_flight = 0
 _in_flight_lock = threading.Lock()
 T = TypeVar("T")
 
@@ -43,15 +53,23 @@ class WorkersBusy(RuntimeError):
     """The tokenization threads are busy and MAX_QUEUED jobs wait for them already."""
 
 
-async def in_worker(fn: Callable[..., T], *args: object) -> T:
-    """`fn(*args)` on the tokenization threads; WorkersBusy when WORKERS + MAX_QUEUED jobs are pending."""
-    global _in_flight
+async def in_worker(fn: Callable[..., T], *args: object, chars: int = 0) -> T:
+    """`fn(*args)` on the tokenization threads (a prompt of `chars` >= LONG_CHARS on the long lane); WorkersBusy
+    when WORKERS + MAX_QUEUED jobs are pending (1 + LONG_QUEUED on the long lane)."""
+    global _in_flight, _long_in_flight
+    long = chars >= LONG_CHARS
     with _in_flight_lock:
-        if _in_flight >= WORKERS + MAX_QUEUED:
-            raise WorkersBusy(f"all {WORKERS} tokenization threads are busy and {MAX_QUEUED} jobs wait for them")
-        _in_flight += 1
-    job = _EXECUTOR.submit(fn, *args)
-    job.add_done_callback(_done)  # run or cancelled (a caller's cancellation cancels a job still queued)
+        if long:
+            if _long_in_flight >= 1 + LONG_QUEUED:
+                raise WorkersBusy(f"the long-prompt tokenization thread is busy and {LONG_QUEUED} prompts wait for it")
+            _long_in_flight += 1
+        else:
+            if _in_flight >= WORKERS + MAX_QUEUED:
+                raise WorkersBusy(f"all {WORKERS} tokenization threads are busy and {MAX_QUEUED} jobs wait for them")
+            _in_flight += 1
+    job = (_LONG_EXECUTOR if long else _EXECUTOR).submit(fn, *args)
+    # Run or cancelled (a caller's cancellation cancels a job still queued).
+    job.add_done_callback(_long_done if long else _done)
     return await asyncio.wrap_future(job)
 
 
@@ -59,6 +77,12 @@ def _done(_: object) -> None:
     global _in_flight
     with _in_flight_lock:
         _in_flight -= 1
+
+
+def _long_done(_: object) -> None:
+    global _long_in_flight
+    with _in_flight_lock:
+        _long_in_flight -= 1
 
 
 class HFTokenizer:
@@ -96,7 +120,7 @@ class HFTokenizer:
     async def encode_async(self, text: str, special: bool | None = None, truncate: int | None = None) -> bytes:
         if len(text) < self.thread_threshold:
             return self.encode(text, special, truncate)
-        return await in_worker(self.encode_released, text, special, truncate)
+        return await in_worker(self.encode_released, text, special, truncate, chars=len(text))
 
     def encode_released(self, text: str, special: bool | None = None, truncate: int | None = None) -> bytes:
         """`encode` for a worker thread: the batch API encodes without the GIL."""

@@ -353,7 +353,7 @@ class HFTokenProducer(TokenProducer):
                 # threadThresholdChars (4096) bytes is ~40 short messages, ~0.1-0.4 ms to render, and
                 # renders to a prompt about that long, whose encode went to a worker anyway: no extra hop.
                 pause = loop_handoff(asyncio.get_running_loop())
-                token_bytes = await in_worker(self._render_and_encode, request, pause)
+                token_bytes = await in_worker(self._render_and_encode, request, pause, chars=len(request.body))
             else:
                 # Short (< ~0.4 ms): a worker would hold the GIL as long (less than a RENDER_SLICE, so
                 # unpaced), plus a thread hop (~50 µs, more than a one-message render's ~10 µs).
