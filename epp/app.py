@@ -67,11 +67,17 @@ CLOSE_TIMEOUT = 5.0
 
 
 def config_text(settings: Settings) -> str:
-    if settings.config_text is not None:
+    """The config's text; empty (an empty --config-text or file) is the built-in default, as the reference
+    (its LoadRawConfig uses loadDefaultConfig for zero bytes)."""
+    if settings.config_text:
         return settings.config_text
     if settings.config_file is not None:
         try:
-            return Path(settings.config_file).read_text()
+            text = Path(settings.config_file).read_text()
+            if text:
+                return text
+            log.warning("--config-file %s is empty: using the default config", settings.config_file)
+            return DEFAULT_CONFIG
         except OSError as e:
             raise ConfigError(f"--config-file: cannot read {settings.config_file}: {e.strerror}") from None
         except UnicodeDecodeError as e:

@@ -145,7 +145,7 @@ def _yaml_error(e: yaml.YAMLError) -> str:
 
 def load_config(text: str) -> EndpointPickerConfig:
     try:
-        raw = yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass
+        raw = _first_document(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"config is not valid YAML: {_yaml_error(e)}") from None
     except RecursionError:
@@ -165,7 +165,27 @@ def load_config(text: str) -> EndpointPickerConfig:
         log.warning("apiVersion %s is deprecated; use %s", config.api_version, API_VERSIONS[0])
     if config.kind != KIND:
         raise ConfigError(f"kind: expected {KIND!r}, got {config.kind!r}")
+    for i, profile in enumerate(config.scheduling_profiles):
+        if not profile.name:  # as the reference's validateSchedulingProfiles
+            raise ConfigError(f"schedulingProfiles[{i}].name: a profile needs a name")
     return config
+
+
+def _first_document(text: str) -> Any:
+    """The stream's first YAML document, as the reference's decoder (go-yaml Unmarshal) reads it: a trailing
+    `---` (generated, concatenated files) loads; later documents are ignored, with a warning when not empty."""
+    loader = _YamlLoader(text)  # a SafeLoader subclass
+    try:
+        raw = loader.get_data() if loader.check_data() else None
+        try:
+            extra = any(loader.get_data() is not None for _ in iter(loader.check_data, False))
+        except yaml.YAMLError:
+            extra = True
+        if extra:
+            log.warning("config: only the first YAML document is read (as the reference); the others are ignored")
+        return raw
+    finally:
+        loader.dispose()
 
 
 _CONFIG_INFO = msgspec.inspect.type_info(EndpointPickerConfig)
