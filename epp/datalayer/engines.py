@@ -82,6 +82,10 @@ BUILTIN_ENGINES: tuple[EngineSpecs, ...] = (
         queued_requests="sglang:num_queue_reqs",
         running_requests="sglang:num_running_reqs",
         kv_usage="sglang:token_usage",
+        # The reference's mapping (older servers: labels of an info gauge) or the newer servers' gauges.
+        cache_info="sglang:cache_config_info",
+        cache_block_size_label="page_size",
+        cache_num_blocks_label="num_pages",
         cache_block_size="sglang:page_size",
         cache_num_blocks="sglang:num_pages",
     ),
@@ -181,7 +185,7 @@ class PageMemo:
 class EngineMapping:
     """Compiled selectors for one engine. Immutable; shared by every endpoint of that engine."""
 
-    __slots__ = ("block_label", "blocks_label", "custom", "name", "optional", "selectors", "specs")
+    __slots__ = ("block_label", "blocks_label", "custom", "geometry_either", "name", "optional", "selectors", "specs")
 
     def __init__(self, specs: EngineSpecs) -> None:
         """Raises InvalidSpec naming the engine and field."""
@@ -196,8 +200,16 @@ class EngineMapping:
                 raise InvalidSpec(f"engine {specs.name!r}: customMetrics[{i}].metricSpec: {e}") from None
         self.selectors: tuple[Selector | None, ...] = (*(_compile(specs, f) for f in _FIELDS), *custom)
         self.custom = tuple((len(_FIELDS) + i, c) for i, c in enumerate(specs.custom))
+        # Cache geometry from an info gauge's labels or from plain gauges, whichever the server has
+        # (SGLang changed from the first to the second): the info gauge is then optional.
+        sels = self.selectors
+        self.geometry_either = sels[_CACHE_INFO] is not None and (
+            sels[_BLOCK_SIZE] is not None or sels[_NUM_BLOCKS] is not None
+        )
         # Families a page may lack without it being an error: looked for again only now and then.
-        self.optional = frozenset((_LORA, *(i for i, c in self.custom if c.optional)))
+        self.optional = frozenset(
+            (_LORA, *((_CACHE_INFO,) if self.geometry_either else ()), *(i for i, c in self.custom if c.optional))
+        )
         self.block_label = specs.cache_block_size_label or "block_size"
         self.blocks_label = specs.cache_num_blocks_label or "num_gpu_blocks"
 
@@ -285,21 +297,24 @@ class EngineMapping:
                     updated = True
                 except PromTextError as e:
                     problems = [*(problems or ()), f"lora info: {e}"]
+        info_read = False
         if (sel := sels[_CACHE_INFO]) is not None:
             try:
-                labels = latest_of(sel, self._find(_CACHE_INFO, page, memo)).labels
-                block_size = _label_int(labels, self.block_label, 0)
-                num_blocks = _label_int(labels, self.blocks_label, num_blocks)
-                updated = True
+                found = self._find(_CACHE_INFO, page, memo)
+                if found or not self.geometry_either:  # absent with gauges configured: read those instead
+                    labels = latest_of(sel, found).labels
+                    block_size = _label_int(labels, self.block_label, 0)
+                    num_blocks = _label_int(labels, self.blocks_label, num_blocks)
+                    updated = info_read = True
             except PromTextError as e:
                 problems = [*(problems or ()), f"cache info: {e}"]
-        if (sel := sels[_BLOCK_SIZE]) is not None:
+        if (sel := sels[_BLOCK_SIZE]) is not None and not info_read:
             try:
                 block_size = _count(sel, self._find(_BLOCK_SIZE, page, memo))
                 updated = True
             except PromTextError as e:
                 problems = [*(problems or ()), f"cache block size: {e}"]
-        if (sel := sels[_NUM_BLOCKS]) is not None:
+        if (sel := sels[_NUM_BLOCKS]) is not None and not info_read:
             try:
                 num_blocks = _count(sel, self._find(_NUM_BLOCKS, page, memo))
                 updated = True
