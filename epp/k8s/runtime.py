@@ -190,7 +190,11 @@ class KubeRuntime:
 
     def _leadership(self, leader: bool) -> None:
         """haPopulateNonLeaderDatastore=false: the reconcilers run while this replica leads; a replica that
-        stops leading forgets the pool's endpoints, objectives and rewrites (it is not ready meanwhile)."""
+        stops leading forgets the pool's endpoints, objectives and rewrites (it is not ready meanwhile).
+        A lease given up on SIGTERM (`release`) forgets nothing: the drain keeps routing what the gateway
+        still sends here with the endpoints it had, as the reference keeps its datastore."""
+        if self._released:
+            return
         if leader and not self._reconcilers:
             log.info("leading: watching the pool's pods and CRDs")
             self._start_reconcilers()

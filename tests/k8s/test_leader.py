@@ -107,8 +107,8 @@ async def test_with_ha_populate_non_leader_datastore_false_only_the_leader_popul
     cluster: Cluster, kube: TestKube, namespace: str
 ) -> None:
     """featureGates haPopulateNonLeaderDatastore=false (reference §2: the reconcilers run on non-leaders only
-    while it is true): a follower watches nothing and holds no endpoints; leading, it fills its datastore.
-    The gate was accepted and ignored."""
+    while it is true): a follower watches nothing and holds no endpoints; leading, it fills its datastore; a
+    leader that gives up its lease on SIGTERM keeps its endpoints for the drain."""
     ns = namespace
     await kube.create_pool(ns, POOL, APP, [8000])
     await kube.ready_pod(ns, "p", APP, "10.8.1.1")
@@ -136,7 +136,13 @@ schedulingProfiles:
             await asyncio.sleep(3 * RETRY)
             assert first.ready() and not second.ready()
             assert endpoints(second.datastore) == {}
-            await first.shutdown()  # the leader goes (releasing the lease): the follower leads and fills up
+            # SIGTERM: the leader first gives up the lease, then drains, routing what the gateway still sends
+            # it with the endpoints it has (they were all forgotten at once, as if the lease were lost: 503s).
+            assert first.kube is not None
+            await first.kube.release()
+            await asyncio.sleep(3 * RETRY)
+            assert endpoints(first.datastore) == {"p-rank-0": "10.8.1.1:8000"}
+            await first.shutdown()  # the follower leads and fills up
             await eventually(second.ready, within=10)
             assert endpoints(second.datastore) == {"p-rank-0": "10.8.1.1:8000"}
             assert second.kube is not None
