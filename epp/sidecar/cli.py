@@ -126,15 +126,26 @@ def build_parser() -> argparse.ArgumentParser:
     go_bool: dict[str, Any] = {"type": parse_bool, "nargs": "?", "const": True, "default": False, "metavar": "BOOL"}
     ref.add_argument("--prefiller-use-tls", **go_bool, help="as --enable-tls prefiller")
     ref.add_argument("--decoder-use-tls", **go_bool, help="as --enable-tls decoder")
-    ref.add_argument("--tls-insecure-skip-verify", type=stages, nargs="?", const=set(_STAGES), default=set(),
-                     metavar="BOOL|STAGES", help="skip certificate checks: every stage, or named ones")  # fmt: skip
+    # Repeatable, as the reference's StringSliceVar: the stages of every occurrence add up.
+    ref.add_argument("--tls-insecure-skip-verify", type=stages, nargs="?", const=set(_STAGES), default=[],
+                     action="append", metavar="BOOL|STAGES",
+                     help="skip certificate checks: every stage, or named ones (repeatable)")  # fmt: skip
+    ref.add_argument("--prefiller-tls-insecure-skip-verify", **go_bool, help="as --tls-insecure-skip-verify prefiller")
+    ref.add_argument("--decoder-tls-insecure-skip-verify", **go_bool, help="as --tls-insecure-skip-verify decoder")
     ref.add_argument("--secure-proxy", "--secure-serving", dest="secure_proxy", **go_bool,
                      help="TLS on the sidecar's own port: not served here (=false is accepted)")  # fmt: skip
     ref.add_argument("--cert-path", default="", help="with --secure-proxy, which is not served here")
     ref.add_argument("--inference-pool", default="", help="accepted: SSRF protection reads --allowed-prefill-networks")
     ref.add_argument("--pool-group", default="", help="accepted (see --inference-pool)")
+    ref.add_argument("--inference-pool-namespace", default="", help="deprecated in the reference: as --inference-pool")
+    ref.add_argument("--inference-pool-name", default="", help="deprecated in the reference: as --inference-pool")
     ref.add_argument("--max-idle-conns-per-host", type=int, default=0, help="accepted: idle connections are unbounded")
     ref.add_argument("--zap-log-level", default=None, help="debug, info, error (as --log-level)")
+    # controller-runtime's other zap flags (zap.Options.BindFlags): accepted, the log format is this one's own.
+    ref.add_argument("--zap-devel", **go_bool, help="accepted")
+    ref.add_argument("--zap-encoder", default="", help="accepted (json | console)")
+    ref.add_argument("--zap-stacktrace-level", default="", help="accepted")
+    ref.add_argument("--zap-time-encoding", default="", help="accepted")
     ref.add_argument("-v", "--v", dest="verbosity", type=int, default=None, help="4 or more: debug logs")
     ref.add_argument("--enable-ssrf-protection", **go_bool,
                      help="needs --allowed-prefill-networks here (the reference reads the InferencePool)")  # fmt: skip
@@ -207,6 +218,9 @@ def options_from_args(argv: Sequence[str] | None = None) -> tuple[SidecarOptions
     scheme = "https" if "decoder" in tls else "http"
     vllm_port = URL(SidecarOptions.decoder_url).port if a.vllm_port is None else a.vllm_port
     decoder = a.decoder_url or f"{scheme}://127.0.0.1:{vllm_port}"
+    skip: set[str] = set().union(*a.tls_insecure_skip_verify)
+    skip |= {stage for stage, on in (("prefiller", a.prefiller_tls_insecure_skip_verify),
+                                     ("decoder", a.decoder_tls_insecure_skip_verify)) if on}  # fmt: skip
     try:
         options = SidecarOptions(
             host=a.host,
@@ -220,8 +234,8 @@ def options_from_args(argv: Sequence[str] | None = None) -> tuple[SidecarOptions
             decode_idle_timeout=a.decode_idle_timeout,
             max_body_bytes=a.max_body_size,
             allowed_prefill_networks=[n.strip() for n in a.allowed_prefill_networks.split(",") if n.strip()],
-            tls_verify_prefill="prefiller" not in a.tls_insecure_skip_verify,
-            tls_verify_decoder="decoder" not in a.tls_insecure_skip_verify,
+            tls_verify_prefill="prefiller" not in skip,
+            tls_verify_decoder="decoder" not in skip,
             data_parallel_size=a.data_parallel_size,
             pod_ip=a.pod_ip,
         )
