@@ -181,13 +181,14 @@ class TokenProducer(DataProducer):
       tokenizer's special tokens (BOS) unless `addSpecialTokens: false` (vLLM's completions default). Chat:
       the request rendered with `chatTemplate`, then encoded without special tokens (the template writes
       them, as in vLLM). Either way a request's own `add_special_tokens` wins, and its
-      `truncate_prompt_tokens` keeps the last N tokens, as vLLM does. `chatTemplate: auto` (default) = the
-      model's Jinja template from `chat_template.jinja` or `tokenizer_config.json` next to the tokenizer
-      (else the built-in `role-tags`, logged); a path to either file; or a built-in name (`role-tags`,
-      the simulator's; `plain`). Semantics in
+      `truncate_prompt_tokens` keeps the last N tokens as vLLM does (a completion's BOS counted in the N).
+      `chatTemplate: auto` (default) = the model's Jinja template from `chat_template.jinja` or
+      `tokenizer_config.json` next to the tokenizer (else the built-in `role-tags`, logged); a path to
+      either file; or a built-in name (`role-tags`, the simulator's; `plain`). Semantics in
       llmepp.tokenization.chat. Needed by `precise-prefix-cache-producer`.
       Prompts of more than `threadThresholdChars` (4096) characters are encoded in a worker thread;
-      a chat whose body has that many bytes is rendered there too (then encoded, in the same job).
+      a chat whose body has that many bytes is rendered there too (then encoded, in the same job);
+      prompts of 256 Ki characters or more have a thread of their own (llmepp.tokenization.hf).
     * `vllm` — `vllm: {url: http://render:8000}` (the reference's parameters): vLLM renders, as the
       reference's backend asks it: a chat request's body as sent (the model set to `modelName`, else the
       request's) to `{url}/v1/chat/completions/render`, a completions request's to
