@@ -168,6 +168,13 @@ class _Running:
             if self._least is not None and tpot_slo < self._least:
                 self._least = tpot_slo
 
+    def responding(self, key: int) -> None:
+        """Its response has begun: the stream completes it (response_complete, exactly once), however long it
+        generates, so the contextTTL sweep (meant for lost responses) must leave it."""
+        entry = self.requests.get(key)
+        if entry is not None:
+            self.requests[key] = (entry[0], math.inf)
+
     def pop(self, key: int) -> None:
         entry = self.requests.pop(key, None)
         if entry is None or not entry[0] > 0:
@@ -473,6 +480,9 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
             return
         ctx.first_token_metrics = ctx.target.metrics
         self._release_prefill(ctx)
+        running = self._dispatched.get(ctx.target)
+        if running is not None:
+            running.responding(id(ctx))
         if (
             self.streaming
             and response.streaming
@@ -493,7 +503,12 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
             running.pop(id(ctx))
             if not running:
                 del self._dispatched[ctx.target]
-        if response.cause is not TerminationCause.NATURAL or not 0 < response.status < 400 or not response.bytes:
+        if (
+            response.cause is not TerminationCause.NATURAL
+            or not 0 < response.status < 400
+            or response.grpc_status  # a gRPC API's failure: HTTP 200, the error in grpc-status
+            or not response.bytes
+        ):
             return
         entries = []
         if self.streaming:
