@@ -181,6 +181,11 @@ class _EmbeddingsBody(msgspec.Struct):
 class _InputItem(msgspec.Struct):
     role: str = "user"
     content: str | list[_ContentPart] | None = None
+    # Responses API items other than messages (vLLM's construct_chat_message_with_tool_call): a
+    # `function_call` is an assistant turn (its tool call), a `function_call_output` a `tool` message
+    # whose content is `output` (a string, or a list of content parts).
+    type: str = ""
+    output: Any = None
 
 
 class _ResponsesBody(msgspec.Struct):
@@ -677,12 +682,38 @@ def _responses_messages(resp: _ResponsesBody) -> list[tuple[str, str]]:
     if not items:
         raise BadRequest('"input" must not be an empty list')
     for item in items:
+        kind = item.type
+        if kind == "function_call_output":
+            out.append(("tool", _output_text(item.output)))
+            continue
+        if kind in _ASSISTANT_ITEMS:  # a tool call or reasoning: an assistant turn without text (as in chat)
+            out.append(("assistant", ""))
+            continue
         content = item.content
         if isinstance(content, str):
             out.append((item.role, content))
         else:
             out.append((item.role, "\n".join(t for p in content or () if (t := _part_text(p)) is not None)))
     return out
+
+
+_ASSISTANT_ITEMS = frozenset({"function_call", "reasoning"})
+
+
+def _output_text(output: Any) -> str:
+    """A function_call_output's `output`: a string, or the text of its text parts joined by "\n"."""
+    if isinstance(output, str):
+        return output
+    if isinstance(output, list):
+        return "\n".join(
+            text
+            for part in output
+            if isinstance(part, dict)
+            and part.get("type") in TEXT_PARTS
+            and isinstance(text := part.get(TEXT_PARTS[part["type"]]), str)
+            and text
+        )
+    return ""
 
 
 class MalformedJSON(BadRequest):
@@ -693,7 +724,15 @@ def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
     if not body:
         raise BadRequest("request body is empty; expected a JSON object")
     try:
-        return decoder.decode(body)
+        try:
+            return decoder.decode(body)
+        except msgspec.DecodeError:
+            # msgspec refuses a lone surrogate escape ("\ud83d": JSON's grammar allows it; JavaScript writes
+            # it for a string cut inside a pair) as "Input data was truncated". Read it as Go's encoding/json
+            # (the reference) and Python's json do: U+FFFD (same length: byte offsets in errors still hold).
+            if b"\\u" not in body or _LONE_SURROGATE.search(body) is None:
+                raise
+            return decoder.decode(_LONE_SURROGATE.sub(_replace_surrogate, body))
     except msgspec.ValidationError as e:
         raise BadRequest(_validation_message(str(e))) from None
     except msgspec.DecodeError as e:
@@ -702,6 +741,17 @@ def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
         raise MalformedJSON(f"invalid JSON: a string holds byte 0x{e.object[e.start]:02x}, not UTF-8") from None
     except RecursionError:  # msgspec stops at Python's recursion limit (less the caller's depth)
         raise BadRequest("request body nests JSON too deeply") from None
+
+
+# A \uD800-\uDFFF escape (after an even number of backslashes, so a real escape): a high one with its low
+# one (kept), a high one alone, or a low one alone.
+_LONE_SURROGATE = re.compile(
+    rb"(?<!\\)((?:\\\\)*)\\u(?:[dD][89abAB][0-9a-fA-F]{2}(\\u[dD][c-fC-F][0-9a-fA-F]{2})?|[dD][c-fC-F][0-9a-fA-F]{2})"
+)
+
+
+def _replace_surrogate(m: re.Match[bytes]) -> bytes:
+    return m.group(0) if m.group(2) else m.group(1) + b"\\ufffd"
 
 
 def _decode_message(msg: str, size: int) -> str:

@@ -403,6 +403,7 @@ def usage_from_fragment(tail: bytes) -> Usage | None:
 # buffer's), so a pod answering `"usage":{` thousands of times over made it quadratic (9.5 s of event loop
 # for a 64 KB tail). A real answer's usage is its last (or next to last) one.
 _MAX_CANDIDATES = 8
+_MAX_USAGE_OBJECT = 1024  # bytes of a `"usage": {...}` read in a dropped part of a large body
 
 
 def _objects_after(buf: bytes, key: bytes) -> Iterator[bytes]:
@@ -458,7 +459,7 @@ class UsageCollector:
     also copied into the head); parsing happens once.
     """
 
-    __slots__ = ("_buf", "_head", "_head_open", "_overflow", "streaming")
+    __slots__ = ("_buf", "_dropped_usage", "_head", "_head_open", "_overflow", "streaming")
 
     def __init__(self, streaming: bool) -> None:
         self.streaming = streaming
@@ -466,6 +467,9 @@ class UsageCollector:
         self._head = bytearray()
         self._head_open = streaming  # still keeping a stream's first HEAD_BYTES
         self._overflow = False  # non-streaming body grew past JSON_BODY_LIMIT
+        # The last "usage" object of the bytes an overflowing body dropped: vLLM writes fields after its usage
+        # (prompt_logprobs, prompt_token_ids), which can push it out of the kept tail.
+        self._dropped_usage: bytes | None = None
 
     def feed(self, chunk: bytes) -> None:
         buf = self._buf
@@ -476,16 +480,40 @@ class UsageCollector:
             self._head_open = len(head) < HEAD_BYTES
         if self.streaming or self._overflow:
             if len(buf) > 2 * SSE_TAIL_BYTES:
+                if self._overflow:
+                    self._keep_dropped_usage(buf)
                 del buf[:-SSE_TAIL_BYTES]
         elif len(buf) > JSON_BODY_LIMIT:
             self._overflow = True
+            self._keep_dropped_usage(buf)
             del buf[:-SSE_TAIL_BYTES]
+
+    def _keep_dropped_usage(self, buf: bytearray) -> None:
+        """Remember the last complete `"usage": {...}` whose key starts in the part of `buf` about to be
+        dropped (its object may run on into the kept tail: the whole buffer is read)."""
+        end = len(buf) - SSE_TAIL_BYTES + len(_USAGE_KEY) - 1  # a key found before `end` starts before the cut
+        for _ in range(_MAX_CANDIDATES):
+            pos = buf.rfind(_USAGE_KEY, 0, end)
+            if pos < 0:
+                return
+            # A usage object is small: the scan (a Python loop) is bounded, whatever the pod sends.
+            obj = _object_after_colon(bytes(buf[pos + len(_USAGE_KEY) : pos + _MAX_USAGE_OBJECT]), 0)
+            if obj is not None:
+                self._dropped_usage = obj
+                return
+            end = pos + len(_USAGE_KEY) - 1
 
     def result(self) -> Usage | None:
         if self.streaming:
             return _stream_usage(bytes(self._head), bytes(self._buf[-SSE_TAIL_BYTES:]))
         if self._overflow:
-            return usage_from_fragment(bytes(self._buf[-SSE_TAIL_BYTES:]))
+            usage = usage_from_fragment(bytes(self._buf[-SSE_TAIL_BYTES:]))
+            if usage is None and self._dropped_usage is not None:
+                try:
+                    usage = _to_usage(_USAGE.decode(self._dropped_usage))
+                except DECODE_ERRORS:
+                    usage = None
+            return usage
         body = bytes(self._buf)
         usage = usage_from_json(body)
         if usage is None and b"data:" in body:
