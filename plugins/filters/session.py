@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -49,6 +50,9 @@ DEFAULT_SESSION_ID_HEADER = "x-session-id"
 SESSION_ID_DATA_KEY = "SessionID"  # the session-id-producer's data key
 DEFAULT_TTL_S = 300.0
 DEFAULT_SWEEP_S = 10.0
+# As session-id-producer (MAX_SESSION_ID_CHARS there; not imported: plugins.producers imports this module):
+# a longer id is kept as "sha256:<hex>", since a binding key lives for the TTL and a header may hold ~60 KiB.
+MAX_SESSION_ID_CHARS = 256
 
 
 class EncodedEndpointHeaderConfig(PluginParams):
@@ -196,6 +200,9 @@ class SessionAffinity(PreRequest, ResponseHeaderProcessor):
                 raw = request.data.get(self._attribute_keys[attr])
                 value = raw.strip() if isinstance(raw, str) else ""
             if value:
+                # As session-id-producer: a binding key is kept for the TTL, so a client must not choose its size.
+                if len(value) > MAX_SESSION_ID_CHARS:
+                    value = "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
                 return value
         return ""
 
