@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import random
 from collections.abc import Callable, Sequence
 
 from llmepp.datalayer.endpoint import Endpoint
@@ -122,6 +123,7 @@ class EndpointAttributeFilter(Filter):
         self.fallback = params.fallback_on_empty
         assert params.algorithm is not None  # checked in Params
         self.algorithm: AlgorithmParams = params.algorithm
+        self._rng = random.Random()  # topK: who of the endpoints tied at the cut is kept
         # Built-ins need no other plugin; custom metrics and a producer's attribute are resolved in setup.
         self.read: AttributeReader | None = None if params.producer else BUILTIN_ATTRIBUTES.get(params.attribute)
         set_consumes(self, {params.attribute} if params.producer else ())
@@ -159,6 +161,13 @@ class EndpointAttributeFilter(Filter):
             higher = a.top_k.higher_is_better
             ranked = sorted(((v, i) for i, v in enumerate(values) if v is not None), key=_first, reverse=higher)
             chosen = {i for _, i in ranked[:k]}
+            if 0 < k < len(ranked) and ranked[k][0] == ranked[k - 1][0]:
+                # A tie across the cut (an idle pool: every queue 0) shares its places at random; in candidate
+                # order every request of a burst would see the same k endpoints until the next scrape.
+                cut = ranked[k - 1][0]
+                tied = [i for v, i in ranked if v == cut]
+                chosen.difference_update(tied)
+                chosen.update(self._rng.sample(tied, k - len(chosen)))
             return [i in chosen for i in range(len(values))]
         assert a.percentile is not None
         # The reference's nearest rank: a float error just above an integer (14/100·50 = 7.000000000000001)
