@@ -7,18 +7,10 @@ vLLM (`OffloadingConnectorScheduler.take_events`, and the `_placeholder_stored` 
                 block_size=event.block_size   # older releases; 0 in newer ones
                 , medium="CPU", lora_name=None)
 
-i.e. no tokens, no parent: "this engine block now also lives on CPU". llm-d's pool
-(`handleDeviceTierUpdate`) resolves such an event through its engine-key map and adds the tier to
-the request keys already known; unknown hashes are skipped. Here:
-
-* with a non-zero `block_size` the event is dropped as `unkeyable` (token count != blocks x
-  block_size), so the CPU tier is never recorded: once the GPU evicts the block, the pod loses the
-  prefix in the index although it still holds it on CPU (the 0.8-weight tier never works);
-* with `block_size=0` and a hash the chains do not hold (GPU copy already removed in the same batch,
-  or stored before the EPP subscribed), a keyless engine block is created whose chain position is
-  the *root*; a later GPU store naming it as parent is keyed as if it began a prompt: the pod is
-  credited with prefixes it does not hold (false hits) and the real chain position (the removed
-  block's ghost) is shadowed.
+i.e. no tokens, no parent: "this engine block now also lives on CPU". As llm-d's pool
+(`handleDeviceTierUpdate`), the chains add the tier to the blocks they know; a block removed just before
+comes back from its kept chain position, an unknown one is skipped. (These events used to be dropped as
+unkeyable, or, with `block_size=0` and an unknown hash, keyed as a new prompt at the root.)
 """
 
 from __future__ import annotations
@@ -27,24 +19,12 @@ import random
 
 import pytest
 
-from llmepp.kvevents.chain import Delta, SourceChains
+from llmepp.kvevents.chain import SourceChains
 from llmepp.kvevents.index import MemoryIndex
 from llmepp.kvevents.keys import block_keys, root_key, tokens_to_bytes
-from llmepp.kvevents.tiers import TierTable
 from llmepp.kvevents.wire import BlockRemoved, BlockStored
 
-MODEL = "m"
-TIERS = TierTable()
-
-
-def feed(chains: SourceChains, index: MemoryIndex, pod: str, events: list[BlockStored | BlockRemoved]) -> None:
-    delta = Delta()
-    for ev in events:
-        if isinstance(ev, BlockStored):
-            chains.stored(ev, MODEL, delta)
-        else:
-            chains.removed(ev, delta)
-    index.apply(pod, delta)
+from .test_chain_index import MODEL, TIERS, feed
 
 
 def match(index: MemoryIndex, tokens: list[int], pod: str, block: int = 16) -> tuple[int, float]:
