@@ -41,8 +41,8 @@ def test_sglang_cache_config_info_page_is_read_without_an_extraction_error() -> 
     m, err = _sglang().extract(SGLANG_CACHE_CONFIG_INFO, NO_METRICS, 1.0)
     assert m is not None
     assert (m.waiting_queue_size, m.running_requests_size, m.kv_cache_usage_percent) == (2, 8, 0.125)
-    # Every scrape of such a server is counted in llm_d_epp_datalayer_extract_errors_total and logged,
-    # and the KV geometry (prefix-cache autoTune) is never learned.
+    # An error here would count every scrape of such a server in llm_d_epp_datalayer_extract_errors_total,
+    # and the KV geometry (prefix-cache autoTune) would never be learned.
     assert err is None, err
     assert (m.cache_block_size, m.cache_num_blocks) == (16, 1000)
 

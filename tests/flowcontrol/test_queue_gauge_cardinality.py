@@ -1,11 +1,10 @@
-"""Review: flow-control queue gauges' label cardinality against client input.
+"""Flow-control queue gauges' label cardinality against client input.
 
 `flow_control_queue_size` / `flow_control_queue_bytes` are labelled (fairness_id, priority, inference_pool,
-model_name, target_model_name). Fairness ids and model names are each capped at 1,000 values (client input),
-and the sibling `flow_control_request_queue_duration_seconds` caps their *product* at MAX_WAIT_SERIES (4,096),
-as the request series cap theirs (README "Metrics": "and 4,096 combinations of them"). The queue gauges do not:
-every (fairness id, model, target) combination seen waiting becomes a series and stays (at 0) for the flow's
-lifetime, so 1,000 tenants x 1,000 model names = 1,000,000 series per gauge.
+model_name, target_model_name). Fairness ids and model names are each capped at 1,000 values (client input);
+their product is capped at MAX_WAIT_SERIES (4,096) as for `flow_control_request_queue_duration_seconds` and
+the request series (README "Metrics"), else 1,000 tenants x 1,000 model names would be 1,000,000 series per
+gauge, each kept (at 0) while its flow lives.
 """
 
 from __future__ import annotations

@@ -27,10 +27,10 @@ def _default_scorers() -> list[tuple[str, float]]:
     return _scorers(build(load_config(DEFAULT_CONFIG)))
 
 
-# F1 -------------------------------------------------------------------------------------------
+# -- an empty config ------------------------------------------------------------------------------
 # Reference runner: configBytes stays empty for an empty --config-text (it falls through) and for an
 # empty --config-file; LoadRawConfig then uses the built-in default config (`len(configBytes) == 0`).
-# Here the empty text is parsed as a config with no plugins: one profile with no scorers (random routing).
+# Read as YAML it would be a config with no plugins: one profile with no scorers (random routing).
 
 
 def test_an_empty_config_file_uses_the_default_config_as_in_the_reference(tmp_path: Path) -> None:
@@ -46,7 +46,7 @@ def test_an_empty_config_text_flag_uses_the_default_config_as_in_the_reference()
     assert _scorers(components) == _default_scorers()
 
 
-# F2 -------------------------------------------------------------------------------------------
+# -- several YAML documents ----------------------------------------------------------------------
 # The reference decodes YAML with sigs.k8s.io/yaml (go-yaml Unmarshal: the first document in the stream);
 # a generated file ending in a `---` separator, or followed by a comment-only document, loads there.
 
@@ -58,9 +58,9 @@ def test_a_trailing_document_separator_loads_as_in_the_reference(tail: str) -> N
     assert _scorers(components) == [("queue-scorer", 1.0)]
 
 
-# F3 -------------------------------------------------------------------------------------------
+# -- an unnamed profile ----------------------------------------------------------------------------
 # Reference validation.go::validateSchedulingProfiles: `schedulingProfiles[%d] is missing a name`.
-# Here `name: ""` (e.g. an unset Helm value) loads as a profile called "".
+# `name: ""` (e.g. an unset Helm value) would be a profile no profile handler can name.
 
 
 def test_an_empty_profile_name_is_refused_naming_the_field() -> None:

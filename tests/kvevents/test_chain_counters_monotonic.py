@@ -1,9 +1,7 @@
 """`llm_d_epp_kv_events_{orphans,unknown_removals,unknown_medium,skipped_kind,unkeyable}_total` are
-exported as Prometheus *counters*, but computed at scrape time as the sum over the pool's *current*
-sources' `SourceChains.stats`. When a pod leaves the pool (scale-down, rolling update, an IP reused
-by a new pod) or a subscriber is restarted with fresh chains, its share vanishes and the counters go
-down. Prometheus reads a decrease as a counter reset, so `rate()`/`increase()` report a spike of the
-whole remaining value (and the dropped share is lost from the totals)."""
+exported as Prometheus *counters*: they must not go down when a pod leaves the pool (scale-down, rolling
+update, an IP reused by a new pod) or a subscriber restarts with fresh chains. Prometheus would read the
+decrease as a counter reset (a spike in `rate()`/`increase()`), so the producer keeps one running total."""
 
 from __future__ import annotations
 

@@ -24,11 +24,10 @@ def result_for(ep: Any, profile: str = "default") -> SchedulingResult:
 
 
 def test_session_id_from_a_header_is_bounded_like_the_session_id_producers() -> None:
-    """strategy session_id with the default source ({header: x-session-id}) keeps the raw header value as
-    the binding key for evictionTtlSeconds (300 s). session-id-producer caps an id at 256 characters
-    (longer → "sha256:<hex>") precisely because "a header may hold ~60 KiB (Envoy's limit), so an
-    unbounded id is memory a client chooses"; the affinity plugins' own header source skips that cap, so
-    every request with a fresh 60 KiB id pins 60 KiB for five minutes (≈ 18 GB at 1,000 req/s)."""
+    """strategy session_id with the default source ({header: x-session-id}) keys a binding by the session id
+    for evictionTtlSeconds (300 s). As session-id-producer, an id over 256 characters is kept as
+    "sha256:<hex>": a header may hold ~60 KiB (Envoy's limit), and a fresh 60 KiB id per request would pin
+    60 KiB for five minutes (≈ 18 GB at 1,000 req/s)."""
     for type_ in ("session-affinity-filter", "session-affinity-scorer"):
         f = make(type_, {"strategy": "session_id"})
         eps = [endpoint(0), endpoint(1)]
@@ -47,10 +46,9 @@ def test_session_id_from_a_header_is_bounded_like_the_session_id_producers() -> 
 
 def test_endpoint_attribute_topk_does_not_herd_ties_onto_the_first_candidates() -> None:
     """topK keeps "the K endpoints with the highest (or lowest) attribute value"; when values tie (an idle
-    pool: every waiting queue 0, every running count equal within a scrape interval) the sort is stable, so
-    the kept set is always the first K endpoints in datastore order. With topK used to narrow a fleet
-    before scoring (its stated use), every request in a burst sees the same K pods and the other N − K get
-    nothing until a scrape shows the first K loaded: herding, where max-score-picker shuffles ties."""
+    pool: every waiting queue 0, every running count equal within a scrape interval), keeping the first K in
+    datastore order would give every request in a burst the same K pods and the other N − K nothing until a
+    scrape shows the first K loaded: herding, where max-score-picker shuffles ties."""
     f = make(
         "endpoint-attribute-filter",
         {"attribute": "waiting-queue", "algorithm": {"type": "topK", "topK": {"k": 2, "higherIsBetter": False}}},

@@ -87,9 +87,9 @@ async def test_a_grpc_stream_that_failed_midway_trains_no_tpot() -> None:
 async def test_a_stream_still_generating_after_context_ttl_keeps_its_endpoint_busy() -> None:
     """contextTTL (5m) exists for lost responses ("as a lost response would leave them"). A live stream is not
     lost: the reference keeps its context while chunks keep coming (its TTL cache is touched on every
-    ResponseBody chunk). Here the sweep drops a request still streaming 5 minutes after dispatch (a long
-    reasoning answer), so its endpoint reads as idle (dispatched 0) and its TPOT SLO leaves the endpoint's
-    budget: latency-slo-admitter then admits a sheddable request it must shed."""
+    ResponseBody chunk). Were the sweep to drop a request still streaming 5 minutes after dispatch (a long
+    reasoning answer), its endpoint would read as idle (dispatched 0) and its TPOT SLO leave the endpoint's
+    budget: latency-slo-admitter would then admit a sheddable request it must shed."""
     p, _ = _producer(streamingMode=True, predictInProduce=True)
 
     async def slow(rows: Any) -> list[tuple[float, float]]:

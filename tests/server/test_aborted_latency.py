@@ -1,12 +1,9 @@
-"""Review: latency histograms and requests that never completed.
+"""Latency histograms and requests that never completed.
 
-Reference (llm-d-router.md §1.5 and pkg/epp/handlers/response.go / server.go): e2e latency
-(`request_duration_seconds`), response size, TTFT, NTPOT and TPOT are recorded *at the response's end of
-stream* (`HandleResponseBody(..., endOfStream=true)`). A request that ends abnormally (client disconnect,
-Envoy reset, eviction) only gets the deferred `director.HandleResponseBody` cleanup, which releases plugins'
-state and records none of these histograms. Here `ExtProcStream.complete()` observes them for every
-termination cause, so a client giving up after 50 ms shows up as a 50 ms "request latency" (and a first-byte
-time) on the operator's latency dashboards and SLO alerts.
+As the reference (llm-d-router.md §1.5, pkg/epp/handlers/response.go / server.go), e2e latency
+(`request_duration_seconds`), response size, TTFT, NTPOT and TPOT are recorded at the response's natural end
+only. A request that ends abnormally (client disconnect, Envoy reset, eviction) is released but records none
+of them: a client giving up after 50 ms must not show as a 50 ms "request latency" on latency dashboards.
 """
 
 from __future__ import annotations

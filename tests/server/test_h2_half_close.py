@@ -25,9 +25,8 @@ async def test_no_rst_stream_on_a_stream_closed_by_both_end_streams() -> None:
     The client's last message and its half-close travel in one DATA frame (END_STREAM set: what an HTTP/2
     stack does when the message and the close are queued together, e.g. nghttp2's data provider in Envoy).
     That message ends the stream on our side (here a 413 immediate response: body past max_body_bytes). The
-    stream is then closed on both sides once our trailers (END_STREAM) are out, yet the server follows them
-    with RST_STREAM(NO_ERROR), because `_on_data` processes the frame's messages before it records the
-    END_STREAM, so `_end` believes the client is still sending and "tells it to stop"."""
+    stream is then closed on both sides once our trailers (END_STREAM) are out: no RST_STREAM may follow them
+    (`_on_data` must record the END_STREAM before it handles the frame's messages)."""
     peer = connected(max_body_bytes=100)
     peer.send(frame(HEADERS, END_HEADERS, 1, b"\x83\x86"))
     peer.send(frame(DATA, END_STREAM, 1, grpc_msg(request_headers()) + grpc_msg(request_body(b"x" * 200, eos=True))))
@@ -42,7 +41,7 @@ async def test_no_rst_stream_on_a_stream_closed_by_both_end_streams() -> None:
 
 async def test_the_same_answer_with_a_separate_half_close_sends_no_reset() -> None:
     """Control: the same request with the half-close in its own DATA frame is answered without RST_STREAM
-    (passes on the current code; shows the difference is only where END_STREAM sits)."""
+    once the client has not half-closed (the difference is only where END_STREAM sits)."""
     peer = connected(max_body_bytes=100)
     peer.send(frame(HEADERS, END_HEADERS, 1, b"\x83\x86"))
     peer.send(frame(DATA, 0, 1, grpc_msg(request_headers()) + grpc_msg(request_body(b"x" * 200, eos=True))))
@@ -54,8 +53,7 @@ async def test_the_same_answer_with_a_separate_half_close_sends_no_reset() -> No
 async def test_a_half_close_inside_a_grpc_message_is_not_ok() -> None:
     """A gRPC stream half-closed by the client in the middle of a length-prefixed message (its 5-byte prefix
     announces more bytes than ever arrive) is a truncated request: gRPC servers fail the call (grpc-go and
-    grpc core: INTERNAL), they do not report success. The h2 transport drops the partial message and
-    answers grpc-status 0 (OK), as if the request had been whole."""
+    grpc core: INTERNAL), they do not report success as if the request had been whole."""
     peer = connected()
     whole = grpc_msg(request_headers())
     truncated = grpc_msg(request_body(b'{"model": "m", "prompt": "hello"}', eos=True))[:-10]

@@ -68,9 +68,8 @@ def test_responses_tool_items_read_like_the_same_chat_conversation() -> None:
 # JSON's grammar allows "\ud83d" on its own (RFC 8259 §7/§8.2); JavaScript's JSON.stringify writes exactly
 # that for a string cut inside a surrogate pair (a chat UI truncating a history with emoji). Python's
 # json.loads (vLLM's FastAPI) and Go's encoding/json (the reference router, which replaces it with U+FFFD)
-# read it. msgspec refuses it with "Input data was truncated", which the parser reports as
-# "unexpected end of input" at the body's last byte: a 400 naming no real problem, even when the string is
-# in a field the router never reads.
+# read it. msgspec refuses it ("Input data was truncated"), so the parser reads it as Go does rather than
+# answer a 400 naming no real problem, even when the string is in a field the router never reads.
 BODY_WITH_LONE_SURROGATE_IN_USER = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"user":"alice \\ud83d"}'
 
 
@@ -91,12 +90,12 @@ def test_a_lone_surrogate_in_a_read_field_is_not_reported_as_a_truncated_body() 
 
 
 # -- usage of a large non-streamed answer with fields after `usage` -------------------------------
-# A non-streamed answer past JSON_BODY_LIMIT (4 MB) keeps only its last 64 KB and reads the last "usage" object
-# there, on the assumption (usage.py) that "servers put usage after the choices". vLLM's ChatCompletionResponse
+# A non-streamed answer past JSON_BODY_LIMIT (4 MB) keeps only its last 64 KB, plus the last "usage" object of
+# what it drops: servers mostly put usage after the choices, but vLLM's ChatCompletionResponse
 # writes `usage` *before* its vLLM-only fields: `prompt_logprobs` (and `prompt_token_ids`,
 # `kv_transfer_params`). A chat request with `"prompt_logprobs": 1` over a long prompt answers several MB of
-# prompt logprobs after the usage: the usage is lost (no token accounting, no usage for the
-# request-attribute-reporter's rate-limit / billing metadata, nothing for the latency predictor).
+# prompt logprobs after the usage, which must not be lost (token accounting, the request-attribute-reporter's
+# rate-limit / billing metadata, the latency predictor).
 def _vllm_chat_answer_with_prompt_logprobs(prompt_tokens: int) -> bytes:
     logprobs = [None] + [
         {str(1000 + i): {"logprob": -1.2345678, "rank": 1, "decoded_token": f"tok{i}"}}

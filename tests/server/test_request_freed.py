@@ -50,12 +50,11 @@ def _requests_in_memory() -> int:
 @pytest.mark.parametrize("ending", ["natural", "evicted", "reset"])
 async def test_a_finished_request_is_freed_by_reference_counting_when_eviction_is_enabled(ending: str) -> None:
     """With `flowControl.enableEviction` the transports give every stream a `push` (StreamContext.out_of_band) and
-    `_routed` stores the bound method `stream.evict` on the request: request -> stream -> request is a reference
-    cycle that outlives the stream. Serving processes run the cyclic GC rarely (gctuning: thresholds
-    (20000, 50, 100) after gc.freeze, on the stated premise that per-request objects die by reference counting),
-    so every finished request (its body, parsed payload, request.data, scheduling result) and its stream stay in
-    memory until a cyclic collection: measured 85 MiB vs 274 MiB max RSS after 60k 16 KB-prompt requests at 64
-    in flight (explore_retain.py)."""
+    `_routed` stores the bound method `stream.evict` on the request: request -> stream -> request, a cycle unless
+    completion breaks it. Serving processes run the cyclic GC rarely (gctuning: thresholds (20000, 50, 100) after
+    gc.freeze), so such a cycle kept every finished request (body, parsed payload, request.data, scheduling
+    result) and its stream in memory until a cyclic collection (a review measured 85 vs 274 MiB max RSS after 60k
+    16 KB-prompt requests at 64 in flight)."""
     director, metrics, ds = _director()
     svc = StreamContext(director, metrics, out_of_band=True)
     pushed: list[object] = []

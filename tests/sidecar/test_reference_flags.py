@@ -37,11 +37,11 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-# -- Finding 1: a repeated --tls-insecure-skip-verify keeps only the last occurrence ------------------------
+# -- a repeated --tls-insecure-skip-verify adds up ----------------------------------------------------------
 def test_repeated_tls_insecure_skip_verify_accumulates_like_the_reference() -> None:
     """The reference binds --tls-insecure-skip-verify with pflag StringSliceVar ("Can be specified multiple
-    times or as comma-separated values"), exactly as --enable-tls. Here the second occurrence replaces the
-    first, so the prefill pod's self-signed certificate is still verified."""
+    times or as comma-separated values"), exactly as --enable-tls: were the second occurrence to replace the
+    first, the prefill pod's self-signed certificate would still be verified."""
     options, _ = options_from_args(
         ["--enable-tls=prefiller,decoder", "--tls-insecure-skip-verify=prefiller", "--tls-insecure-skip-verify=decoder"]
     )
@@ -81,7 +81,7 @@ async def test_repeated_skip_verify_flags_let_a_self_signed_prefill_pod_serve(
         await d_runner.cleanup()
 
 
-# -- Finding 2: reference flags that make the sidecar refuse to start -----------------------------------------
+# -- reference flags a Deployment may pass must not stop start-up -----------------------------------------------
 @pytest.mark.parametrize(
     "argv",
     [
