@@ -175,23 +175,7 @@ class SourceChains:
             known = engine.get(h)
             if known is not None:
                 # Re-stored (vLLM >= 0.33 reports reused blocks) or stored on another tier.
-                if not known.tiers & tbit:
-                    known.tiers |= tbit
-                    delta.engine_set.append(h)
-                    for k in known.keys:
-                        self._incref(k, tbit, out_keys, out_masks)
-                else:
-                    # Reused, still held: its keys are stored again as they are (no new reference), so
-                    # the index's LRU order and the shared index's expiry follow use, not first store.
-                    for k in known.keys:
-                        m = kmask.get(k, 0)
-                        if m:
-                            out_keys.append(k)
-                            out_masks.append(m)
-                # Most recently stored last: the bound sheds from the front (dict order), so a reused
-                # prefix must not stay "oldest" while the engine keeps using it.
-                del engine[h]
-                engine[h] = known
+                self._held_on(h, known, tbit, delta)
                 key, pending = known.last_key, known.pending
                 continue
             chunk = tokens[j * span : (j + 1) * span if j < last else len(tokens)]
@@ -260,7 +244,6 @@ class SourceChains:
         other tiers in the meantime (the GPU evicts a block and its copy to CPU completes in one engine
         step) comes back from its kept position; one never keyed cannot be, and is skipped."""
         engine = self.engine
-        kmask = self.kmask
         for raw in hashes:
             h = normalize_hash(raw)
             block = engine.get(h)
@@ -269,23 +252,31 @@ class SourceChains:
                 if ghost is None:
                     self.stats.unkeyable += 1
                     continue
-                block = EngineBlock(0, ghost[2], ghost[0], ghost[1])
-            else:
-                del engine[h]  # most recently stored last (the bound sheds from the front)
-            engine[h] = block
-            delta.engine_set.append(h)
-            if block.tiers & tbit:
-                for k in block.keys:  # reported again: refresh, no new reference
-                    m = kmask.get(k, 0)
-                    if m:
-                        delta.keys.append(k)
-                        delta.masks.append(m)
-            else:
-                block.tiers |= tbit
-                for k in block.keys:
-                    self._incref(k, tbit, delta.keys, delta.masks)
+                block = EngineBlock(0, ghost[2], ghost[0], ghost[1])  # no tier yet: _held_on records it
+            self._held_on(h, block, tbit, delta)
         if len(engine) > self.max_blocks:
             self._shed(delta)
+
+    def _held_on(self, h: int, block: EngineBlock, tbit: int, delta: Delta) -> None:
+        """Engine block `h` stored (again) on tier `tbit`. A new tier adds a reference to its keys; a tier it
+        has already stores its keys again as they are (no new reference), so the index's LRU order and the
+        shared index's expiry follow use, not first store. It becomes the most recently stored: the bound
+        sheds from the front (dict order), so a reused prefix must not stay "oldest" while the engine uses it."""
+        if block.tiers & tbit:
+            kmask = self.kmask
+            for k in block.keys:
+                m = kmask.get(k, 0)
+                if m:
+                    delta.keys.append(k)
+                    delta.masks.append(m)
+        else:
+            block.tiers |= tbit
+            delta.engine_set.append(h)
+            for k in block.keys:
+                self._incref(k, tbit, delta.keys, delta.masks)
+        engine = self.engine
+        engine.pop(h, None)
+        engine[h] = block
 
     def clear(self, delta: Delta) -> None:
         """AllBlocksCleared or a publisher restart: the pod holds nothing any more."""
