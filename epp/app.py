@@ -91,6 +91,11 @@ class CloseFailed(Exception):
     """run(): the EPP stopped, but some parts failed to close (each logged with its traceback); exit code 1."""
 
 
+class PartFailed(Exception):
+    """run(): a part the EPP cannot serve without (endpoint discovery) ended while serving; the EPP drained and
+    stopped, exit code 1, so Kubernetes restarts it (as the reference's manager stops when a runnable fails)."""
+
+
 # Closing what failed start-ups set up inside a running event loop (App() cannot await it): run() awaits these.
 _failed_start_ups: set[asyncio.Task[None]] = set()
 
@@ -191,6 +196,9 @@ class App:
         self._servicer: ExtProcServicer | None = None
         self._health_server: grpc.aio.Server | None = None
         self._discovery_task: asyncio.Task[None] | None = None
+        # Set when a part the EPP cannot serve without ends while serving (`failure` says why): run() stops.
+        self.failed = asyncio.Event()
+        self.failure: BaseException | None = None
         # /metrics: auth on by default where there is a Kubernetes API to ask (the reference always has one).
         auth = settings.metrics_endpoint_auth if settings.metrics_endpoint_auth is not None else self.kube is not None
         self.metrics_auth = MetricsAuth(self._auth_client) if auth else None
@@ -354,6 +362,9 @@ class App:
             if done:
                 self._discovery_task.result()  # raises the start-up error (e.g. a bad endpoints file)
                 raise ConfigError(f"discovery plugin {discovery.name!r} stopped right after start")
+            # Past the grace nobody awaits it until shutdown cancels it: an end now (a first read slower than the
+            # grace that finds a bad file, a bug while a change is applied) leaves the pool frozen or never synced.
+            self._discovery_task.add_done_callback(self._discovery_ended)
         if self.collector is not None:
             await self.collector.start()
         if self.models_poller is not None:
@@ -413,6 +424,22 @@ class App:
                 "config_watch": self.settings.config_file if self.config_watcher is not None else "",
             },
         )
+
+    def _discovery_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self.draining:
+            return
+        name = self.components.discovery.name if self.components.discovery is not None else "discovery"
+        exc = task.exception()
+        if isinstance(exc, ConfigError):  # the file's content: a configuration error (exit code 2)
+            self.failure = exc
+        else:
+            self.failure = PartFailed(f"endpoint discovery {name!r} stopped" + (f": {exc!r}" if exc else ""))
+        trace = exc if exc is not None and not isinstance(exc, ConfigError) else None
+        log.error(
+            "endpoint discovery %r ended while serving; the pool no longer follows its source: stopping (%s)",
+            name, exc, exc_info=trace,
+        )  # fmt: skip
+        self.failed.set()
 
     def _auth_client(self) -> KubeClient | None:
         return self.kube.client if self.kube is not None else self._auth_kube
@@ -617,11 +644,17 @@ async def _serve(settings: Settings, stop: asyncio.Event) -> None:
             return
         starting.result()  # a failed start: its error (it has closed what it set up)
         tune_gc()
-        await stopping
+        failing = asyncio.create_task(app.failed.wait(), name="part-failed")
+        try:
+            await asyncio.wait({stopping, failing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await cancel_and_wait(failing)
     finally:
         # run() itself cancelled, or failed
         await cancel_and_wait(*(task for task in (starting, stopping) if not task.done()))
     failures = await app.shutdown()
+    if app.failure is not None:
+        raise app.failure
     if failures:
         raise CloseFailed(f"{failures} part(s) failed to close (logged above)")
 

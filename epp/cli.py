@@ -119,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="epp",
         description="Endpoint Picker: Envoy ext_proc server for LLM pools.",
         epilog="exit codes: 0 stopped after SIGTERM or SIGINT (drained, or the start-up stopped by it); "
-        "1 stopped, but a part failed to close (logged), or a second signal while stopping; "
-        "2 usage or configuration error",
+        "1 stopped, but a part failed to close (logged), endpoint discovery failed while serving, or a second "
+        "signal while stopping; 2 usage or configuration error (also an endpoints file found bad after the start)",
     )
     p.add_argument("--grpc-port", type=parse_port, default=d.grpc_port, help="ext_proc gRPC port")
     p.add_argument("--grpc-health-port", type=parse_port, default=d.grpc_health_port, help="gRPC health port")
@@ -301,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Measured ~20-30% less CPU per message for grpc.aio (the health server, --extproc-transport
     # grpc); must be set before grpc initialises, i.e. before the app module is imported.
     os.environ.setdefault("GRPC_EXPERIMENTS", "-event_engine_listener")
-    from llmepp.app import CloseFailed, run
+    from llmepp.app import CloseFailed, PartFailed, run
     from llmepp.observability.logging import configure_logging
 
     settings = settings_from_args(argv)
@@ -320,6 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except CloseFailed as e:
         print(f"epp: stopped, but {e}", file=sys.stderr)
+        return 1
+    except PartFailed as e:
+        print(f"epp: stopped: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
