@@ -709,8 +709,9 @@ def _output_text(output: Any) -> str:
             text
             for part in output
             if isinstance(part, dict)
-            and part.get("type") in TEXT_PARTS
-            and isinstance(text := part.get(TEXT_PARTS[part["type"]]), str)
+            and isinstance(kind := part.get("type"), str)  # a client's list / object: no part type (unhashable)
+            and kind in TEXT_PARTS
+            and isinstance(text := part.get(TEXT_PARTS[kind]), str)
             and text
         )
     return ""
