@@ -98,6 +98,19 @@ MAX_FAIRNESS_LABELS = 1000
 OVERFLOW_LABEL = "other"
 
 
+# Client-supplied label values (model names, fairness ids) longer than this are reported as OVERFLOW_LABEL: one
+# request's 1 MB model name otherwise added ~500 MB to every scrape, for the life of the process.
+MAX_LABEL_VALUE_CHARS = 256
+
+
+def _too_long(value: Hashable) -> bool:
+    if isinstance(value, str):
+        return len(value) > MAX_LABEL_VALUE_CHARS
+    if isinstance(value, tuple):
+        return any(isinstance(v, str) and len(v) > MAX_LABEL_VALUE_CHARS for v in value)
+    return False
+
+
 class BoundedLabels:
     """Label values from client input: the first `limit` distinct values keep series of their own, later
     ones are reported as OVERFLOW_LABEL (`labels(value)`); `admits(value)` for values that are not one
@@ -110,11 +123,12 @@ class BoundedLabels:
         self._seen: set[Hashable] = set()
 
     def admits(self, value: Hashable) -> bool:
-        """Whether `value` has, or now gets, series of its own."""
+        """Whether `value` has, or now gets, series of its own (a string, or each string of a tuple, longer than
+        MAX_LABEL_VALUE_CHARS never does: a label value is repeated on every line of its series)."""
         seen = self._seen
         if value in seen:
             return True
-        if len(seen) >= self.limit:
+        if len(seen) >= self.limit or _too_long(value):
             return False
         seen.add(value)
         return True
