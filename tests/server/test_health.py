@@ -109,7 +109,8 @@ async def test_a_second_signal_during_the_drain_exits_at_once(monkeypatch: pytes
 
     class DrainingApp:
         def __init__(self, settings: object) -> None:
-            pass
+            self.failed = asyncio.Event()  # no part fails while it serves
+            self.failure = None
 
         async def start(self) -> None:
             asyncio.get_running_loop().call_later(0.05, os.kill, os.getpid(), signal.SIGTERM)
