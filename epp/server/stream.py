@@ -509,7 +509,15 @@ class ExtProcStream:
                     return self.reject(PayloadTooLarge(f"request body exceeds {self.svc.max_body_bytes} bytes"), None)
                 self.chunks.append(chunk)
             if b.end_of_stream or self.req_mode != envoy.MODE_FULL_DUPLEX_STREAMED:
-                # BUFFERED sends the whole body in one message (even without EoS).
+                # BUFFERED sends the whole body in one message (even without EoS: trailers follow). BUFFERED_PARTIAL
+                # too, unless it is larger than Envoy's buffer limit: then only its start comes, the rest goes
+                # upstream without us. A cut body is no JSON to read: the request is routed on its headers.
+                if (
+                    self.req_mode == envoy.MODE_BUFFERED_PARTIAL
+                    and not b.end_of_stream
+                    and _content_length(self.headers) > self.body_size
+                ):
+                    self.body_unread = True
                 return Pending(self.route(msg, end_of_stream=True))
             return None
         if self.phase == _ROUTED and self.req_mode == envoy.MODE_STREAMED:
@@ -607,7 +615,9 @@ class ExtProcStream:
         self._routed(decision)
         if self.body_unread:
             self.request_answered = True
-            return self._routing_answer(decision, on_body=False, new_body=None)  # the body follows on its own
+            # The body follows on its own; a BUFFERED_PARTIAL body cut at the buffer limit is answered here.
+            on_body = self.req_mode == envoy.MODE_BUFFERED_PARTIAL
+            return self._routing_answer(decision, on_body=on_body, new_body=None)
         if self.req_mode == envoy.MODE_FULL_DUPLEX_STREAMED:
             out_body = decision.body if decision.body is not None else body
             answers: list[Answer] = [self._routing_answer(decision, on_body=False, new_body=None)]
