@@ -49,6 +49,10 @@ DESTINATION_HEADER = "x-gateway-destination-endpoint"
 # long ends the stream (504, flag SI), so it must outlast a non-streamed generation and a wait in flow control.
 ROUTE_TIMEOUT = "86400s"
 IDLE_TIMEOUT = "3600s"
+# Pod connections idle this long are closed by Envoy: below vLLM's keep-alive (uvicorn's timeout_keep_alive,
+# VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s), so Envoy never writes a request on a connection the pod is closing
+# (a 503 UC, "reset before headers. reset reason: connection termination"). Envoy's default is an hour.
+POD_CONNECTION_IDLE_TIMEOUT = "4s"
 CIRCUIT_BREAKER_LIMIT = 40000
 
 ACCESS_LOG_FORMAT = (
@@ -119,6 +123,17 @@ def _http2_upstream() -> dict[str, Any]:
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
             "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+
+
+def _pod_protocol_options(http2: bool) -> dict[str, Any]:
+    """The pods' connections: HTTP/1.1 (or h2c), closed when idle before the pod's keep-alive would."""
+    return {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "common_http_protocol_options": {"idle_timeout": POD_CONNECTION_IDLE_TIMEOUT},
+            "explicit_http_config": {"http2_protocol_options": {}} if http2 else {"http_protocol_options": {}},
         }
     }
 
@@ -269,7 +284,7 @@ def render_envoy_config(
                 "connect_timeout": "2s",
                 "original_dst_lb_config": odst,
                 "circuit_breakers": _breakers(),
-                **({"typed_extension_protocol_options": _http2_upstream()} if pods_http2 else {}),
+                "typed_extension_protocol_options": _pod_protocol_options(pods_http2),
             }
         )
     else:
