@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,9 +36,10 @@ class _Compiled:
     __slots__ = ("condition", "expression", "failures", "key")
 
     def __init__(self, i: int, attribute: Attribute) -> None:
-        if not attribute.key.name or not attribute.key.namespace:
-            raise ConfigError(f"parameters.attributes[{i}].key: name and namespace must not be empty")
-        self.key = attribute.key
+        if not attribute.key.name:
+            raise ConfigError(f"parameters.attributes[{i}].key: name must not be empty")
+        # An empty namespace is the default one, as in the reference.
+        self.key = attribute.key if attribute.key.namespace else AttributeKey(attribute.key.name)
         self.expression = _compile(attribute.expression, f"parameters.attributes[{i}].expression")
         condition = attribute.condition
         self.condition = _compile(condition, f"parameters.attributes[{i}].condition") if condition else None
@@ -52,31 +54,34 @@ def _compile(source: str, field: str) -> Any:
 
 
 def usage_context(usage: Usage | None) -> dict[str, Any]:
-    """The CEL variables: `usage` in the OpenAI shape, whatever API answered (absent fields: no usage)."""
+    """The CEL variables: `usage` in the OpenAI shape, whatever API answered (absent fields: no usage).
+    Numbers are doubles, as in the reference (its `usage` is a google.protobuf.Struct)."""
     if usage is None:
         return {"usage": {}}
     return {
         "usage": {
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+            "prompt_tokens": float(usage.prompt_tokens),
+            "completion_tokens": float(usage.completion_tokens),
+            "total_tokens": float(usage.total_tokens),
+            "prompt_tokens_details": {"cached_tokens": float(usage.cached_tokens)},
         }
     }
 
 
 class RequestAttributeReporter(ResponseMetadataProcessor):
-    """Each attribute: when `condition` (CEL, bool; none = always) holds, `expression` (CEL, an integer)
-    is set as `key.namespace` (envoy.lb) / `key.name` in Envoy's dynamic metadata on the answer to the
-    response's last message, e.g. `usage.prompt_tokens + usage.completion_tokens` as the request's cost
-    for a token-based rate limit, billing, or the access log (`%DYNAMIC_METADATA(envoy.lb:name)%`).
+    """Each attribute: when `condition` (CEL, bool; none = always) holds, `expression` (CEL, a number; a double
+    is truncated to an integer, as the reference's int64(v)) is set as `key.namespace` (envoy.lb) / `key.name` in
+    Envoy's dynamic metadata on the answer to the response's last message, e.g. `usage.prompt_tokens +
+    usage.completion_tokens` as the request's cost for a token-based rate limit, billing, or the access log
+    (`%DYNAMIC_METADATA(envoy.lb:name)%`).
 
     Variables: `usage.prompt_tokens`, `.completion_tokens`, `.total_tokens`,
-    `.prompt_tokens_details.cached_tokens` (the usage the model server reported, read from OpenAI,
-    Anthropic and vLLM answers alike; `usage` is empty when it reported none, so `has()` is false).
-    An expression that fails or is not an integer reports nothing for that request (logged on the
-    first failure, then every 1000th). Expressions are compiled at start-up: a syntax error names
-    the attribute.
+    `.prompt_tokens_details.cached_tokens`: doubles, as in the reference (its `usage` is a protobuf Struct), so
+    a reference config's `usage.prompt_tokens * 0.25 + usage.completion_tokens * 1.0` works unchanged (CEL
+    does not mix types: an integer literal needs a `.0`). They are the usage the model server reported, read
+    from OpenAI, Anthropic and vLLM answers alike; `usage` is empty when it reported none, so `has()` is false.
+    An expression that fails or is not a finite number reports nothing for that request (logged on the first
+    failure, then every 1000th). Expressions are compiled at start-up: a syntax error names the attribute.
     """
 
     type = "request-attribute-reporter"
@@ -101,8 +106,10 @@ class RequestAttributeReporter(ResponseMetadataProcessor):
             except Exception as e:  # a user's expression: whatever it raises, this request reports nothing
                 self._failed(attr, f"evaluation failed: {type(e).__name__}: {e}")
                 continue
+            if isinstance(value, float) and math.isfinite(value):
+                value = int(value)  # the reference truncates a double result (int64(doubleVal))
             if not isinstance(value, int) or isinstance(value, bool):
-                self._failed(attr, f"expression gave {type(value).__name__} {value!r}, not an integer")
+                self._failed(attr, f"expression gave {type(value).__name__} {value!r}, not a number")
                 continue
             out.setdefault(attr.key.namespace, {})[attr.key.name] = value
         return out or None

@@ -53,19 +53,38 @@ def test_no_usage_means_the_condition_is_false_and_nothing_is_reported() -> None
     assert reporter(COST).response_metadata(request(), answered(None)) is None
 
 
-def test_failing_or_non_integer_expressions_report_nothing_and_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+def test_failing_or_non_numeric_expressions_report_nothing_and_are_logged(caplog: pytest.LogCaptureFixture) -> None:
     r = reporter(
         {"key": {"name": "a"}, "expression": "usage.prompt_tokens"},  # no usage: an evaluation error
-        {"key": {"name": "b"}, "expression": "usage.completion_tokens > 2"},  # a bool
-        {"key": {"name": "c"}, "expression": "double(usage.completion_tokens) * 1.5"},  # a double
+        {"key": {"name": "b"}, "expression": "usage.completion_tokens > 2.0"},  # a bool
+        {"key": {"name": "c"}, "expression": "usage.completion_tokens * 2"},  # double * int: CEL has no overload
     )
     with caplog.at_level(logging.WARNING):
-        # `a` is an integer; `b` and `c` are not (each logged on its first failure).
         assert r.response_metadata(request(), answered(Usage(completion_tokens=3))) == {"envoy.lb": {"a": 0}}
         assert r.response_metadata(request(), answered(None)) is None  # no usage: `a` fails to evaluate
     assert "cost: attribute envoy.lb/a not reported" in caplog.text
-    assert "expression gave bool True, not an integer" in caplog.text
-    assert "expression gave float 4.5" in caplog.text
+    assert "expression gave bool True, not a number" in caplog.text
+    assert "cost: attribute envoy.lb/c not reported" in caplog.text
+
+
+def test_usage_numbers_are_doubles_and_a_double_result_is_truncated_as_the_reference() -> None:
+    """The reference's `usage` is a google.protobuf.Struct (numbers are doubles) and it reports int64(result):
+    a weighted token cost from a reference config gives the same integer here."""
+    usage = Usage(prompt_tokens=8, completion_tokens=3, total_tokens=11)
+    r = reporter(
+        {"key": {"name": "weighted"}, "expression": "usage.prompt_tokens * 0.25 + usage.completion_tokens * 1.0"},
+        {"key": {"name": "truncated"}, "expression": "usage.completion_tokens * 1.5"},  # 4.5
+        {"key": {"name": "negative"}, "expression": "0.0 - usage.completion_tokens * 1.5"},  # -4.5
+        {"key": {"name": "infinite"}, "expression": "usage.completion_tokens / 0.0"},
+    )
+    out = r.response_metadata(request(), answered(usage))
+    assert out == {"envoy.lb": {"weighted": 5, "truncated": 4, "negative": -4}}
+    assert all(type(v) is int for v in out["envoy.lb"].values())
+
+
+def test_an_empty_namespace_is_the_default_one() -> None:
+    r = reporter({"key": {"namespace": "", "name": "cost"}, "expression": "usage.total_tokens"})
+    assert r.response_metadata(request(), answered(Usage(total_tokens=11))) == {"envoy.lb": {"cost": 11}}
 
 
 @pytest.mark.parametrize(
@@ -74,7 +93,7 @@ def test_failing_or_non_integer_expressions_report_nothing_and_are_logged(caplog
         ([], "parameters.attributes: at least one attribute is required"),
         ([{"key": {"name": "a"}, "expression": "usage.prompt_tokens +"}], "attributes[0].expression: not a CEL"),
         ([COST, {"key": {"name": "b"}, "expression": "1", "condition": "has("}], "attributes[1].condition: not a CEL"),
-        ([{"key": {"name": ""}, "expression": "1"}], "attributes[0].key: name and namespace must not be empty"),
+        ([{"key": {"name": ""}, "expression": "1"}], "attributes[0].key: name must not be empty"),
         ([{"expression": "1"}], "missing required field `key`"),
     ],
 )
