@@ -44,6 +44,7 @@ class KVEventStats:
     lookup_timeouts: int = 0  # the lookup outlasted lookupTimeout
     lookup_skips: int = 0  # Redis not called: too many lookups were already waiting on it
     speculation_errors: int = 0  # a speculative write failed or timed out
+    speculation_skips: int = 0  # a speculative write not started: too many were already waiting on Redis
 
 
 _COUNTERS = [f.name for f in fields(KVEventStats)]

@@ -454,6 +454,10 @@ def _redis_config(params: Any) -> RedisConfig | None:
 # Lookups a producer leaves waiting on Redis (each holds one of redis-py's 100 pooled connections, which
 # ingestion shares): past this many a request skips Redis at once (`lookup_skips`).
 MAX_PENDING_LOOKUPS = 64
+# Speculative writes left waiting on Redis (one connection each, up to 1 s): past this many a routed request's
+# speculation is skipped (`speculation_skips`), so a stall under load never takes the connections ingestion's
+# writes need (with MAX_PENDING_LOOKUPS, well under the pool's 100).
+MAX_PENDING_SPECULATIONS = 16
 
 
 class _LookupsPiledUp(Exception):
@@ -542,6 +546,9 @@ class RedisPrecisePrefixCacheProducer(PrecisePrefixCacheProducer):
         except RuntimeError:
             return  # no event loop (in-process tooling): nothing to write with
         for pod in targets:
+            if len(self._tasks) >= MAX_PENDING_SPECULATIONS:
+                self.stats.speculation_skips += 1
+                continue
             task = loop.create_task(self._speculate_remote(pod, keys, ttl))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

@@ -585,6 +585,40 @@ async def test_a_burst_on_a_stalled_redis_waits_no_longer_than_lookup_timeout() 
         await p.aclose()
 
 
+async def test_speculation_during_a_stall_leaves_ingestion_its_connections() -> None:
+    """Speculative writes (one per routed target, each holding a pooled connection up to 1 s) are capped as
+    lookups are: a 0.8 s Redis stall at ~200 routed requests/s must not take all of redis-py's 100 connections,
+    or a KV-event write arriving meanwhile (built to wait out a stall) fails at once and the pod's subscriber
+    restarts, dropping its chains."""
+    from llmepp.plugins.producers.precise_prefix import MAX_PENDING_SPECULATIONS
+
+    with RedisServer() as srv:
+        p = _producer(srv.url, speculativeTTL="30s")
+        eps = [endpoint(f"127.0.0.{160 + i}", 8000) for i in range(4)]
+        await p.produce(_request(), eps)  # connected, scripts loaded
+        admin = connect(srv.url)
+        await admin.execute_command("CLIENT", "PAUSE", 800, "ALL")
+
+        async def route(i: int) -> None:
+            req = _request()
+            await p.produce(req, eps)  # no prefix data (the lookup times out or is skipped)
+            p.pre_request(req, SchedulingResult("default", {"default": ProfileResult(targets=[eps[i % 4]])}))
+
+        routed = [asyncio.get_running_loop().create_task(route(i)) for i in range(120)]
+        for task in routed:
+            await asyncio.sleep(0.005)
+            assert not task.done() or task.exception() is None
+        chains = SourceChains(4, p.seed, p.tiers, 1000)
+        delta = Delta()
+        chains.stored(BlockStored([1], None, [1, 2, 3, 4], 4), "m", delta)
+        await p.redis_store.write(eps[0].hostport, chains, 1.0, 0, delta)  # waits out the stall, no error
+        await asyncio.gather(*routed)
+        assert p.stats.speculation_skips > 0
+        assert len(p._tasks) <= MAX_PENDING_SPECULATIONS
+        await admin.aclose()
+        await p.aclose()
+
+
 async def test_every_key_a_pod_leaves_behind_expires(server: RedisServer, client: aioredis.Redis) -> None:
     """`ttl` bounds the garbage of pods that are gone. Two leaks: a removal that deleted a block's last
     holder (HDEL empties the hash, Redis deletes it) recreated it for the last-holder mark without an
