@@ -234,7 +234,7 @@ class SourceChains:
                 ghosts[h] = (block.last_key, block.pending, block.keys)
                 ghosts.move_to_end(h)  # removed again: now the most recent removal
                 if len(ghosts) > GHOSTS:
-                    ghosts.popitem(last=False)
+                    delta.engine_del.append(ghosts.popitem(last=False)[0])
             for k in block.keys:
                 self._decref(k, tbit, delta.keys, delta.masks)
         return len(ev.block_hashes)
@@ -292,9 +292,24 @@ class SourceChains:
         self._ghosts.clear()  # a restarted engine may hash differently
 
     # -- persistence (redis_index.py keeps a copy so a restarted EPP resumes the chains) ------------
+    def saved(self, h: int) -> EngineBlock | None:
+        """What a copy of the chains keeps for engine hash `h`: its block, a removed block's kept position
+        (tiers 0: later stores may still name it as their parent), or None (forget it)."""
+        block = self.engine.get(h)
+        if block is not None:
+            return block
+        ghost = self._ghosts.get(h)
+        return None if ghost is None else EngineBlock(0, ghost[2], ghost[0], ghost[1])
+
+    def removed_kept(self) -> list[int]:
+        """The removed blocks whose positions are kept (oldest first)."""
+        return list(self._ghosts)
+
     def restore(self, blocks: dict[int, EngineBlock]) -> None:
-        """Rebuild from saved engine blocks (their keys and tiers give every reference)."""
-        self.engine = dict(blocks)
+        """Rebuild from saved blocks (`saved`: their keys and tiers give every reference; tiers 0 are removed
+        blocks' kept positions)."""
+        self.engine = {h: b for h, b in blocks.items() if b.tiers}
+        self._ghosts = OrderedDict((h, (b.last_key, b.pending, b.keys)) for h, b in blocks.items() if not b.tiers)
         self.kmask.clear()
         self._extra.clear()
         scratch_keys: list[int] = []

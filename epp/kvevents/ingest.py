@@ -38,6 +38,11 @@ class IndexStore(Protocol):
         """Restore the pod's chains from the store; where its stream continues (None: from 0)."""
         ...
 
+    async def catch_up(self, pod: str, chains: SourceChains, start: int, until: int) -> ResumePoint | None:
+        """Batches [start, until) of the pod were missed: if the store holds some of them (a shared index
+        another replica kept up), restore `chains` from it and say where the stream continues."""
+        ...
+
     async def forget(self, pod: str, chains: SourceChains) -> None:
         """The endpoint left the pool."""
         ...
@@ -63,6 +68,9 @@ class MemoryStore:
 
     async def resume(self, pod: str, chains: SourceChains) -> ResumePoint | None:
         return None
+
+    async def catch_up(self, pod: str, chains: SourceChains, start: int, until: int) -> ResumePoint | None:
+        return None  # this EPP's own index: nobody else applied what it missed
 
     async def forget(self, pod: str, chains: SourceChains) -> None:
         delta = Delta()
@@ -104,6 +112,11 @@ class SourceIngest:
                 stats.all_cleared += 1
                 chains.clear(delta)
         await self.store.write(self.pod, chains, batch.ts, msg.seq, delta, replaces)
+
+    async def catch_up(self, start: int, until: int) -> ResumePoint | None:
+        if self._reset_pending:
+            return None  # the next batch starts a restarted publisher's state from empty
+        return await self.store.catch_up(self.pod, self.chains, start, until)
 
     def on_reset(self, replaced: tuple[int, float] | None = None) -> None:
         """The publisher restarted: what we know of it is void; the next batch starts from empty."""

@@ -13,7 +13,8 @@ position or chain state; one Redis, not Redis Cluster — the scripts touch keys
     gen          HASH  pod → generation               bumped when a pod's cache is cleared
     src:<pod>    HASH  seq, lts, ts                    last batch applied from the pod's publisher: its
                                                        number and timestamp, and the newest timestamp
-    eng:<pod>    HASH  engine hash → packed chain state (chain.EngineBlock), to resume after a restart
+    eng:<pod>    HASH  engine hash → packed chain state (chain.EngineBlock), to resume after a restart; also
+                       the kept positions of the last removed blocks (tiers 0; vLLM names them as parents)
 
 Writes. Every replica subscribes to every pod (as with the in-memory index) and sends each decoded
 batch to one Lua script, guarded by the source position: a batch is applied only if its sequence
@@ -48,7 +49,11 @@ Speculative entries written by one replica's routing decision are visible to eve
 (that is what makes two replicas send a burst of one prompt to one pod). A replica that restarts
 finds the index, the chain state and the stream position in Redis and continues from there (with a
 replay socket it fetches the batches published while it was down; without one, batches no replica
-received are lost, as with a single EPP). Entries of a pod removed from the pool are never candidates;
+received are lost, as with a single EPP). A replica that misses batches another replica applied (its SUB
+socket joined late, its queue overflowed) and cannot replay them takes the pod's chains and position from
+Redis (`catch_up`, waiting up to CATCH_UP_WAIT for the batch just before the one in hand): each replica
+computes a batch's changes from the state Redis holds, so whichever copy lands first is the right one.
+Entries of a pod removed from the pool are never candidates;
 they expire with `ttl`, except its fields in keys other pods keep storing (a shared system prompt's),
 which stay until those keys go: one field per departed pod per such key, of a generation no later pod
 at that address counts. Its `src:` and `eng:` keys expire with `ttl` (refreshed by every batch applied:
@@ -77,6 +82,9 @@ from llmepp.kvevents.subscriber import ResumePoint
 from llmepp.kvevents.tiers import TierTable
 
 log = logging.getLogger(__name__)
+
+# How long a replica that missed batches waits for another replica to apply the one before the batch in hand.
+CATCH_UP_WAIT = 0.2
 
 _APPLY = """
 local ts = tonumber(ARGV[2]); local seq = tonumber(ARGV[3])
@@ -310,21 +318,29 @@ class RedisStore:
         # A clear bumps the pod's generation (its old entries stop counting at once), and its
         # removals still go through, so each key records the pod as its last holder, as the
         # in-memory index does.
-        engine = chains.engine
-        # Engine blocks: their final state in this batch (the chains object is already past it).
-        sets = [h for h in dict.fromkeys(delta.engine_set) if h in engine]
-        dels = [h for h in dict.fromkeys(delta.engine_del) if h not in engine]
+        # Engine blocks (and removed blocks' kept positions) in their final state after this batch (the chains
+        # object is already past it): saved, or deleted.
+        sets: list[tuple[int, bytes]] = []
+        dels: list[int] = []
+        for h in dict.fromkeys(delta.engine_set + delta.engine_del):
+            block = chains.saved(h)
+            if block is None:
+                dels.append(h)
+            else:
+                sets.append((h, pack_block(block)))
         expected = self._positions.get(pod, -1)
         async with asyncio.timeout(self.write_timeout):
             applied = await self._write(pod, ts, seq, delta.clear_at >= 0, replaces, expected,
-                                        delta.keys, delta.masks, sets, dels, engine)  # fmt: skip
+                                        delta.keys, delta.masks, sets, dels)  # fmt: skip
             if applied == -1:
                 # Redis lost the pod's position (restarted empty, or the pod was silent past `ttl`), and
                 # with it what this replica wrote: the chains hold the pod's whole state, so send that.
+                engine = chains.engine
                 log.warning("Redis lost the KV state of %s; writing this replica's (%d blocks)", pod, len(engine))
                 keys = list(chains.kmask)
+                every = [(h, pack_block(b)) for h in [*engine, *chains.removed_kept()] if (b := chains.saved(h))]
                 await self._write(pod, ts, seq, True, None, -1, keys, [chains.kmask[k] for k in keys],
-                                  list(engine), [], engine)  # fmt: skip
+                                  every, [])  # fmt: skip
         self._positions[pod] = seq
 
     async def _write(
@@ -337,9 +353,8 @@ class RedisStore:
         expected: int,
         keys: list[int],
         masks: list[int],
-        sets: list[int],
+        sets: list[tuple[int, bytes]],
         dels: list[int],
-        engine: dict[int, EngineBlock],
     ) -> int:
         """One _APPLY call: 1 applied, 0 applied already (by another replica), -1 position lost."""
         args: list[Any] = [pod, repr(ts), seq, self.ttl_ms, self.block_prefix, "1" if clear else "0"]
@@ -350,9 +365,9 @@ class RedisStore:
             args.append(_hex(keys[i]))
             args.append(masks[i])
         args.append(len(sets))
-        for h in sets:
+        for h, packed in sets:
             args.append(_hex(h))
-            args.append(pack_block(engine[h]))
+            args.append(packed)
         args.append(len(dels))
         args.extend(_hex(h) for h in dels)
         keys_ = [self.prefix + "src:" + pod, self.gen_key, self.prefix + "eng:" + pod]
@@ -377,6 +392,25 @@ class RedisStore:
         # `lts` is missing in positions written before it existed, when `ts` was always the last batch's.
         last = float(src[b"ts"])
         return ResumePoint(next_seq=int(src[b"seq"]) + 1, last_ts=last, anchor_ts=float(src.get(b"lts", src[b"ts"])))
+
+    async def catch_up(self, pod: str, chains: SourceChains, start: int, until: int) -> ResumePoint | None:
+        # Another replica may be a moment from applying the batch just before the one in hand: wait for it a
+        # little (this source's task only), or we would write that one's successor from chains without it.
+        key = self.prefix + "src:" + pod
+        deadline = asyncio.get_running_loop().time() + CATCH_UP_WAIT
+        while True:
+            async with asyncio.timeout(self.write_timeout):
+                seq = await self.client.hget(key, "seq")
+            if (seq is not None and int(seq) >= until - 1) or asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(0.01)
+        if seq is None or int(seq) < start:
+            return None  # Redis missed them too
+        point = await self.resume(pod, chains)
+        if point is not None:
+            log.info("caught up with the shared index", extra={"pod": pod, "missed": f"{start}..{until - 1}",
+                                                                "seq": point.next_seq - 1})  # fmt: skip
+        return point
 
     async def forget(self, pod: str, chains: SourceChains) -> None:
         # The shared entries stay: other replicas may still route to the pod; a pod gone for good

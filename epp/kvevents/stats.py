@@ -36,6 +36,7 @@ class KVEventStats:
     replays_incomplete: int = 0  # the publisher no longer buffered the first batch asked for
     replayed_batches: int = 0
     redials: int = 0  # connections ZeroMQ dropped for good (a message over the size limit) and dialled again
+    caught_up_batches: int = 0  # missed batches another replica had applied: state taken from the shared index
     restarts: int = 0  # subscribers restarted after an error (e.g. the shared index unreachable)
     unknown_sources: int = 0  # global-socket mode: messages whose topic names no endpoint of the pool
     queue_drops: int = 0  # global-socket mode: messages dropped because their source's queue was full

@@ -86,6 +86,11 @@ class BatchSink(Protocol):
         previous process, if known (a shared index takes the restart only if it is still there)."""
         ...
 
+    async def catch_up(self, start: int, until: int) -> ResumePoint | None:
+        """Batches [start, until) were missed and cannot be replayed: take the source's state from a
+        shared index that holds some of them (another replica applied them); where to continue, or None."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class SubscriberOptions:
@@ -296,7 +301,7 @@ class Subscriber:
         self.next_seq, self.last_ts, self._anchor_ts, self._suspect = 0, -math.inf, None, False
         seq = msg.seq
         if seq > 0:
-            await self._recover(0, seq)  # no anchor: cannot find another restart
+            await self._recover(0, seq, catch_up=False)  # no anchor: cannot find another restart
         if seq < self.next_seq:
             return
         if batch is None:
@@ -320,19 +325,18 @@ class Subscriber:
             self._cooldown_until = asyncio.get_running_loop().time() + self.options.replay_cooldown
         return outcome in (_RESTARTED, _EMPTY)
 
-    async def _recover(self, start: int, until: int) -> bool:
-        """Fetch batches [start, until) from the replay socket, or count them lost; True if the replay
-        showed the publisher restarted (nothing applied then). `until == start`: only the check."""
+    async def _recover(self, start: int, until: int, *, catch_up: bool = True) -> bool:
+        """Fetch batches [start, until) from the replay socket, else from what a shared index holds
+        (`catch_up`: not after a restart, whose state starts empty), else count them lost; True if the
+        replay showed the publisher restarted (nothing applied then). `until == start`: only the check."""
         self._suspect = False
         gap = until > start
         if gap:
             self.stats.gaps += 1
         if not self._can_replay():
             if gap:
-                self.stats.lost_batches += until - start
                 why = "no replay endpoint" if not self.replay_endpoint else "replay cooling down"
-                msg = "KV events from %s: batches %d..%d missed (%s)"
-                self._log.warning(f"gap:{self.pod}", msg, self.pod, start, until - 1, why)
+                await self._lost(start, until, why, catch_up)
             return False
         outcome = await self._replay(start)
         if outcome == _RESTARTED:
@@ -340,10 +344,25 @@ class Subscriber:
         if outcome == _FAILED:
             self._cooldown_until = asyncio.get_running_loop().time() + self.options.replay_cooldown
         if self.next_seq < until:
-            self.stats.lost_batches += until - self.next_seq
+            await self._lost(self.next_seq, until, "not in the replay", catch_up)
+        return False
+
+    async def _lost(self, start: int, until: int, why: str, catch_up: bool) -> None:
+        """Batches [start, until) are not coming: our state would miss them. A shared index that another
+        replica kept up holds them: continue from its state (our chains would otherwise compute the next
+        batches' changes wrongly, and a wrong copy applied first is what every replica then reads)."""
+        point = await self.sink.catch_up(start, until) if catch_up else None
+        if point is not None and point.next_seq > start:
+            self.stats.caught_up_batches += min(point.next_seq, until) - start
+            self.next_seq, self._anchor_ts = point.next_seq, point.anchor_ts
+            self.last_ts = max(self.last_ts, point.last_ts)
+            start = point.next_seq
+        if start < until:
+            self.stats.lost_batches += until - start
+            msg = "KV events from %s: batches %d..%d missed (%s)"
+            self._log.warning(f"gap:{self.pod}", msg, self.pod, start, until - 1, why)
             self.next_seq = until
             self._anchor_ts = None
-        return False
 
     async def _replay(self, start: int) -> int:
         """Apply the buffered batches from `start` on. Asks from the anchor (`start - 1`) when its
