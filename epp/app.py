@@ -345,6 +345,8 @@ class App:
     async def _start(self) -> None:
         s = self.settings
         discovery = self.components.discovery
+        for plugin in self.components.plugins.values():
+            await plugin.check()  # a ConfigError (e.g. an external store refusing our credentials) refuses the start
         if s.metrics_port and self.metrics_auth is not None and self.kube is None:
             try:
                 self._auth_kube = await KubeClient.connect(s.kubeconfig)

@@ -99,6 +99,11 @@ class Plugin(ABC):
         under the new config differs, the reload is refused. Default: nothing resolved that way."""
         return None
 
+    async def check(self) -> None:
+        """Called once in the event loop before the EPP serves, after setup: what only I/O can tell (an external
+        store's credentials). A ConfigError refuses the start-up with its message; anything that may still
+        come right (a store not up yet) should be logged, not raised."""
+
     async def aclose(self) -> None:
         """Release background work on shutdown."""
 

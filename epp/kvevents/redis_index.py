@@ -75,6 +75,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
 
 from llmepp.framework.plugin import ConfigError
 from llmepp.kvevents.chain import Delta, EngineBlock, SourceChains, pack_block, unpack_block
@@ -85,6 +86,8 @@ log = logging.getLogger(__name__)
 
 # How long a replica that missed batches waits for another replica to apply the one before the batch in hand.
 CATCH_UP_WAIT = 0.2
+# The start-up check's wait for a PING answer.
+CHECK_TIMEOUT = 3.0
 
 _APPLY = """
 local ts = tonumber(ARGV[2]); local seq = tonumber(ARGV[3])
@@ -256,6 +259,21 @@ def connect(address: str, timeout: float = 2.0, *, field: str = "redisConfig.add
     except ValueError as e:
         raise ConfigError(f"{field}: {e}") from None
     return aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+async def check_reachable(client: aioredis.Redis, field: str, owner: str) -> None:
+    """Start-up check of a configured Redis: refused credentials or database (they never come right) are a
+    ConfigError naming `field`; unreachable is only logged (it may be starting: each use retries)."""
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT):
+            await client.ping()
+    except (redis_errors.AuthenticationError, redis_errors.AuthenticationWrongNumberOfArgsError,
+            redis_errors.NoPermissionError) as e:  # fmt: skip
+        raise ConfigError(f"{field}: Redis refused the credentials: {e}") from None
+    except redis_errors.ResponseError as e:  # e.g. "DB index is out of range"
+        raise ConfigError(f"{field}: Redis refused the connection: {e}") from None
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError, TimeoutError, OSError) as e:
+        log.warning("%s: Redis not reachable at start-up (%r); working without it until it answers", owner, e)
 
 
 @dataclass(frozen=True, slots=True)

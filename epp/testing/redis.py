@@ -42,8 +42,9 @@ def ensure_installed() -> str:
 
 
 class RedisServer:
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, password: str = "") -> None:
         self.port = port or free_port()
+        self.password = password  # requirepass: clients must AUTH
         self.proc: subprocess.Popen[bytes] | None = None
         self._dir = tempfile.TemporaryDirectory(prefix="epp-redis-")
 
@@ -62,6 +63,8 @@ class RedisServer:
     def _spawn(self, binary: str) -> None:
         args = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
                 "--dir", self._dir.name, "--daemonize", "no", "--loglevel", "warning"]  # fmt: skip
+        if self.password:
+            args += ["--requirepass", self.password]
         with self._log.open("wb") as out:
             self.proc = subprocess.Popen(die_with_parent(args), stdout=out, stderr=subprocess.STDOUT)
 
@@ -75,7 +78,7 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):  # NOAUTH: up, with requirepass
                         return self
             except OSError:
                 pass

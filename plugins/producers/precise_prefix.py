@@ -460,6 +460,9 @@ MAX_PENDING_LOOKUPS = 64
 MAX_PENDING_SPECULATIONS = 16
 
 
+_ADDRESS_FIELD = "indexerConfig.kvBlockIndexConfig.redisConfig.address"
+
+
 class _LookupsPiledUp(Exception):
     pass
 
@@ -473,7 +476,7 @@ class RedisPrecisePrefixCacheProducer(PrecisePrefixCacheProducer):
         cfg = _redis_config(self.params)
         assert cfg is not None
         self.lookup_timeout = parse_duration(cfg.lookup_timeout)
-        self.redis = connect(cfg.address, field="indexerConfig.kvBlockIndexConfig.redisConfig.address")
+        self.redis = connect(cfg.address, field=_ADDRESS_FIELD)
         # What is stored (request keys, tier bits, chain state, stream position) depends on the block
         # size, the seed and the tiers: configurations that differ keep apart, replicas of one share.
         scope = f"{self.block_tokens}.{self.seed:x}.{'+'.join(self.tiers.names)}:"
@@ -482,6 +485,11 @@ class RedisPrecisePrefixCacheProducer(PrecisePrefixCacheProducer):
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending_lookups = 0
         return self.redis_store
+
+    async def check(self) -> None:
+        from llmepp.kvevents.redis_index import check_reachable
+
+        await check_reachable(self.redis, f"plugin {self.name!r}: {_ADDRESS_FIELD}", self.name)
 
     async def aclose(self) -> None:
         await super().aclose()

@@ -160,6 +160,11 @@ class RedisInFlightLoadProducer(InFlightLoadProducer):
             self._ensure_task()
         request.data[self.key] = self.view
 
+    async def check(self) -> None:
+        from llmepp.kvevents.redis_index import check_reachable
+
+        await check_reachable(self.redis, f"plugin {self.name!r}: redisConfig.address", self.name)
+
     async def aclose(self) -> None:
         task, self._task = self._task, None
         with contextlib.suppress(Exception):  # its failures were counted and logged as they happened
