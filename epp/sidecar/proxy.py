@@ -553,6 +553,8 @@ class Sidecar:
                 # A connect timeout is a connection failure; a prefill that outlived prefill_timeout
                 # is not retried: that would wait the whole timeout again on a stuck or overloaded pod.
                 gave_up = isinstance(e, TimeoutError) and not isinstance(e, aiohttp.ConnectionTimeoutError)
+                # A certificate the pod presents will not verify on the next attempt either.
+                gave_up = gave_up or isinstance(e, aiohttp.ClientConnectorCertificateError)
                 if gave_up or attempt >= o.prefill_max_retries:
                     kind = "timed out" if isinstance(e, TimeoutError) else f"unreachable ({e.__class__.__name__}: {e})"
                     raise ProxyError(

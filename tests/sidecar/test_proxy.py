@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -450,4 +451,29 @@ async def test_certificate_checks_are_skipped_per_stage(http: aiohttp.ClientSess
         finally:
             await stopped(sidecar)
         assert len(p.seen) == (1 if verify_decoder else 2)  # the prefill ran both times
+    await stopped(p, d)
+
+
+async def test_a_prefill_pod_whose_certificate_does_not_verify_is_not_retried(
+    http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """A certificate that fails verification fails every attempt: 502 at once, not after the retries' backoff."""
+    write_cert_pair(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / CERT_FILE, tmp_path / KEY_FILE)
+    p = await Fake(prefill_ok, ssl_context=context).start()
+    d = await Fake(decode_stream).start()
+    options = SidecarOptions(host="127.0.0.1", port=0, decoder_url=f"http://{d.hostport}", prefill_scheme="https",
+                             prefill_retry_backoff=1.0)  # fmt: skip
+    sidecar = Sidecar(options)
+    await sidecar.start()
+    try:
+        t0 = time.monotonic()
+        headers = {"x-prefiller-host-port": p.hostport}
+        async with http.post(f"{sidecar.url}/v1/chat/completions", json=CHAT, headers=headers) as resp:
+            assert resp.status == 502, await resp.text()
+            assert "after 1 attempt" in await resp.text()
+        assert time.monotonic() - t0 < 1.0  # no retry backoff waited
+    finally:
+        await stopped(sidecar)
     await stopped(p, d)
