@@ -161,7 +161,10 @@ def test_the_exit_codes_are_documented_in_the_help() -> None:
     # Who reads a pod's "exit code 1" needs to know it means "stopped, but a part failed to close".
     help_text = " ".join(build_parser().format_help().split())
     assert "exit codes: 0 stopped after SIGTERM or SIGINT" in help_text
-    assert "1 stopped, but a part failed to close (logged), or a second signal while stopping" in help_text
+    assert (
+        "1 stopped, but a part failed to close (logged), endpoint discovery failed while serving, or a second "
+        "signal while stopping" in help_text
+    )
     assert "2 usage or configuration error" in help_text
 
 
