@@ -19,6 +19,8 @@ PREFIX_CACHE_MATCH_INFO = "PrefixCacheMatchInfo"
 IN_FLIGHT_LOAD = "InFlightLoad"
 ENCODER_CACHE_MATCH_INFO = "EncoderCacheMatchInfo"
 LATENCY_PREDICTION_INFO = "LatencyPredictionInfo"
+# Keys written as they are, not scoped by producer: one tokenization per request (token-producer).
+UNSCOPED: frozenset[str] = frozenset({TOKENIZED_PROMPT})
 
 
 def scoped(key: str, producer_name: str) -> str:

@@ -33,7 +33,7 @@ from typing import Any, ClassVar, TypeVar
 import msgspec
 import msgspec.inspect
 
-from llmepp.framework.datakeys import scoped
+from llmepp.framework.datakeys import UNSCOPED, scoped
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class PluginContext:
                 found = ", ".join(p.name for p in producers) or "none"
                 raise ConfigError(f"{label}: exactly one producer of {data_key} is needed (found: {found}); name one")
             producer = producers[0]
-        return scoped(data_key, producer.name)
+        return data_key if data_key in UNSCOPED else scoped(data_key, producer.name)
 
 
 class PluginRegistry:
@@ -171,7 +171,8 @@ class PluginRegistry:
         so one package's clash neither stops start-up nor unregisters what other packages bring."""
         if not cls.type:
             raise ValueError(f"{cls.__name__} has no type string")
-        for key in (cls.type, *cls.aliases, *aliases):
+        # A class's own aliases only: a subclass under a type string of its own does not inherit them.
+        for key in (cls.type, *vars(cls).get("aliases", ()), *aliases):
             existing = self._types.get(key)
             if existing is not None and existing is not cls:
                 message = f"plugin type {key!r} already registered by {existing.__module__}.{existing.__qualname__}"
@@ -254,8 +255,10 @@ class PluginRegistry:
 
 @functools.cache
 def _async_hooks(cls: builtins.type[Plugin]) -> list[str]:
-    """The class's sync hooks (every extension point it implements) written as `async def`."""
+    """The class's sync hooks (every extension point it implements, and the set-up methods every plugin has)
+    written as `async def`."""
     hooks = {hook for klass in cls.__mro__ for hook in vars(klass).get("sync_hooks", ())}
+    hooks |= {"setup", "wiring", "validate_profiles"}
     return sorted(hook for hook in hooks if inspect.iscoroutinefunction(getattr(cls, hook, None)))
 
 
