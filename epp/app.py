@@ -346,7 +346,9 @@ class App:
         s = self.settings
         discovery = self.components.discovery
         for plugin in self.components.plugins.values():
-            await plugin.check()  # a ConfigError (e.g. an external store refusing our credentials) refuses the start
+            checked = plugin.check()  # a ConfigError (e.g. an external store refusing our credentials) refuses it
+            if inspect.isawaitable(checked):  # an author's plain `def check` works too
+                await checked
         if s.metrics_port and self.metrics_auth is not None and self.kube is None:
             try:
                 self._auth_kube = await KubeClient.connect(s.kubeconfig)

@@ -147,3 +147,46 @@ async def test_a_part_failing_to_close_after_a_failed_start_neither_hides_its_er
     assert_all_closed()
     logged = [r for r in caplog.records if r.exc_info and str(r.exc_info[1]) == "tracing shutdown broke"]
     assert [r.getMessage() for r in logged] == ["tracing failed to close"]
+
+
+class _CheckedScorer(ClosingScorer):
+    """A plugin whose start-up check refuses (an external store refusing its credentials), written as an
+    author may: `async def check`, or a plain `def check`."""
+
+    type = "test-checked-scorer"
+
+    class Params(ClosingScorer.Params):
+        refuse: bool = False
+        sync: bool = False
+
+    def check(self) -> Any:
+        if self.params.sync:
+            if self.params.refuse:
+                raise ConfigError(f"plugin {self.name!r}: refused by its check")
+            return None
+        return self._async_check()
+
+    async def _async_check(self) -> None:
+        if self.params.refuse:
+            raise ConfigError(f"plugin {self.name!r}: refused by its check")
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async-check", "sync-check"])
+async def test_a_plugin_check_refusing_stops_the_start_and_closes_every_plugin(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sync: bool
+) -> None:
+    monkeypatch.setitem(registry._types, _CheckedScorer.type, _CheckedScorer)
+    endpoints = tmp_path / "endpoints.yaml"
+    endpoints.write_text("endpoints:\n- {name: a, address: 127.0.0.1, port: 8000}\n")
+    ok = f"- {{type: {_CheckedScorer.type}, name: ok, parameters: {{sync: {str(sync).lower()}}}}}\n"
+    settings: dict[str, Any] = {"bind_address": "127.0.0.1", "grpc_port": free_port(), "grpc_health_port": free_port(),
+                "metrics_port": 0, "secure_serving": False, "tracing": False}  # fmt: skip
+    app = App(Settings(config_text=pods_config(str(endpoints), extra=ok), **settings))
+    await app.start()  # a check that passes
+    await app.shutdown()
+    refusing = ok.replace("name: ok, parameters: {", "name: refuser, parameters: {refuse: true, ")
+    app = App(Settings(config_text=pods_config(str(endpoints), extra=refusing), **settings))
+    with pytest.raises(ConfigError, match="refused by its check"):
+        await app.start()
+    await asyncio.sleep(0)
+    assert [p.closed for p in ClosingScorer.instances[-3:]] == [1, 1, 1]  # first, second, refuser
