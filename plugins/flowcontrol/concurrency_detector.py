@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from llmepp.datalayer.endpoint import Endpoint, InFlight
@@ -77,13 +77,15 @@ class ConcurrencyDetector(SaturationDetector, Filter):
         self.headroom = p.headroom
         self.stale_endpoints = 0
         self.pending: PendingLoad = PendingLoad()  # kept by the flow controller
-        self._loads: dict[Endpoint, InFlight] | None = None  # the named producer's live counts
+        self._loads: Mapping[Endpoint, InFlight] | None = None  # the named producer's live counts
 
     def setup(self, ctx: PluginContext) -> None:
         name = self.params.in_flight_load_producer_name
         if name:
             producer = ctx.plugin(name, InFlightLoadProducer, referrer=self, field="inFlightLoadProducerName")
-            self._loads = producer.loads
+            # Its consumer view (a redis-inflight-load-producer's adds the other replicas' counts), as the scorers
+            # read it through the request's data.
+            self._loads = producer.view
 
     def wiring(self, ctx: PluginContext) -> object:
         return self.params.in_flight_load_producer_name

@@ -131,6 +131,12 @@ class InFlightLoadProducer(DataProducer, PreRequest, FirstResponseChunkProcessor
         # Where a request's charges are kept between PreRequest and completion.
         self._charges_key = f"{self.name}/charges"
 
+    @property
+    def view(self) -> InFlightLoads:
+        """What consumers read as this producer's InFlightLoad (the live counters; a shared variant adds
+        other replicas' counts). Consumers holding the producer itself (concurrency-detector) read this."""
+        return self.loads
+
     def setup(self, ctx: PluginContext) -> None:
         self._prefix_key = _optional_prefix_key(self, ctx, self.params.prefix_match_info_producer_name)
         if ctx.metrics is not None:

@@ -125,7 +125,7 @@ class RedisInFlightLoadProducer(InFlightLoadProducer):
         self.registry_key = f"{cfg.key_prefix}inflight-replicas"
         self.remote: dict[str, tuple[int, int]] = {}
         self.pods: dict[Endpoint, str] = {}
-        self.view = SharedLoads(self)
+        self._view = SharedLoads(self)
         self.synced_at = 0.0  # monotonic time of the last successful exchange
         self._task: asyncio.Task[None] | None = None
         self._log = LogLimiter(log)
@@ -142,6 +142,11 @@ class RedisInFlightLoadProducer(InFlightLoadProducer):
             errors = per_registry(ctx.metrics.registry, "inflight_sync_errors", _sync_errors_counter)
             self._errors_metric = errors.labels(self.name)
         self._ensure_task()
+
+    @property
+    def view(self) -> SharedLoads:
+        """This replica's counters plus the other replicas' last snapshot: what every consumer reads."""
+        return self._view
 
     def pod(self, ep: Endpoint) -> str:
         pod = self.pods.get(ep)

@@ -23,6 +23,7 @@ from llmepp.framework.datakeys import IN_FLIGHT_LOAD, scoped
 from llmepp.framework.plugin import PluginContext, registry
 from llmepp.framework.scheduling import ProfileResult, SchedulingResult
 from llmepp.observability.metrics import EppMetrics
+from llmepp.plugins.flowcontrol.concurrency_detector import ConcurrencyDetector
 from llmepp.plugins.producers.shared_inflight import RedisInFlightLoadProducer
 from llmepp.request.types import InferenceRequest, RequestKind, ResponseInfo
 from llmepp.testing.ports import free_port
@@ -234,3 +235,40 @@ async def test_two_live_replicas_with_one_replica_id_are_reported(
     await asyncio.sleep(0.4)
     assert alone.id_collisions == 0
     await alone.aclose()
+
+
+def _detector_request() -> InferenceRequest:
+    return InferenceRequest("q", "/v1/completions", {}, RequestKind.COMPLETIONS, model="m", prompt=b"x" * 400)
+
+
+def test_a_concurrency_detector_reading_a_redis_inflight_producer_counts_the_other_replicas() -> None:
+    """concurrency-detector with inFlightLoadProducerName: a redis-inflight-load-producer reads as it does for
+    the scorers (this replica's counters plus the other replicas' snapshot), so N replicas do not admit N x
+    maxConcurrency per endpoint."""
+    ds = Datastore()
+    ds.upsert(EndpointSpec(name="a", address="10.0.0.1", port=8000))
+    ds.upsert(EndpointSpec(name="b", address="10.0.0.2", port=8000))
+    a, b = ds.endpoints
+    # No event loop runs here, so no sync task starts and Redis is never contacted.
+    producer = registry.build(
+        "redis-inflight-load-producer", "load", {"redisConfig": {"address": "redis://127.0.0.1:1"}, "replicaId": "r1"}
+    )
+    assert isinstance(producer, RedisInFlightLoadProducer)
+    detector = registry.build("concurrency-detector", "det", {"maxConcurrency": 2, "inFlightLoadProducerName": "load"})
+    assert isinstance(detector, ConcurrencyDetector)
+    ctx = PluginContext({"load": producer, "det": detector}, ds, None, None)
+    producer.setup(ctx)
+    detector.setup(ctx)
+
+    # The other replica's last snapshot, as `sync_once` stores it: 2 requests in flight on pod a (its capacity).
+    producer.remote = {a.hostport: (2, 800)}
+
+    # What the scorers read (the producer's data key): the shared view counts them.
+    probe = _detector_request()
+    producer.produce(probe, [a, b])
+    view = probe.data[scoped(IN_FLIGHT_LOAD, "load")]
+    assert view[a].requests == 2
+
+    # The detector, reading the same producer, must see the same load.
+    assert detector.saturation([a], 0.0) >= 1.0, "pod a is full (other replica's requests) but reads as idle"
+    assert list(detector.filter(_detector_request(), [a, b])) == [b], "the full pod is kept by the filter"
