@@ -52,7 +52,8 @@ replay socket it fetches the batches published while it was down; without one, b
 received are lost, as with a single EPP). A replica that misses batches another replica applied (its SUB
 socket joined late, its queue overflowed) and cannot replay them takes the pod's chains and position from
 Redis (`catch_up`, waiting up to CATCH_UP_WAIT for the batch just before the one in hand): each replica
-computes a batch's changes from the state Redis holds, so whichever copy lands first is the right one.
+computes a batch's changes from the state Redis holds, so whichever copy lands first is a right one (unless
+the replica applying the batch before it is slower than that wait).
 Entries of a pod removed from the pool are never candidates;
 they expire with `ttl`, except its fields in keys other pods keep storing (a shared system prompt's),
 which stay until those keys go: one field per departed pod per such key, of a generation no later pod
