@@ -9,10 +9,9 @@ import textwrap
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
-from helpers import endpoint, request
+from helpers import request
 
 from llmepp import (
     TOKENIZED_PROMPT,
@@ -25,29 +24,10 @@ from llmepp import (
     TokenizedPrompt,
 )
 from llmepp.config.loader import build, load_config
-from llmepp.datalayer.datastore import Datastore
-from llmepp.director import Director, RoutingDecision
-from llmepp.observability.metrics import EppMetrics
+from llmepp.director import RoutingDecision
 
 from .test_plugin_api import installed
-
-
-def registry_with(*classes: type[Any]) -> PluginRegistry:
-    reg = PluginRegistry()
-    reg.load_entry_points()
-    for cls in classes:
-        reg.register(cls)
-    return reg
-
-
-def director(config: str, reg: PluginRegistry) -> tuple[Director, Any]:
-    ds = Datastore()
-    for i in range(3):
-        ds.upsert(endpoint(i).spec)
-    metrics = EppMetrics()
-    c = build(load_config(config), datastore=ds, metrics=metrics, plugin_registry=reg)
-    return Director(ds, c.pipeline, metrics), c
-
+from .test_plugin_failures import director, registry_with
 
 # -- 1. an `async def setup` is silently never run ------------------------------------------------------------
 
@@ -161,4 +141,5 @@ async def test_producer_key_finds_the_tokenized_prompt() -> None:
     assert isinstance(await d.handle_request(req, None), RoutingDecision)
     assert req.data.get(TOKENIZED_PROMPT) is not None  # the producer did run
     scorer = c.plugins[PromptLengthScorer.type]
+    assert isinstance(scorer, PromptLengthScorer)
     assert scorer.seen and scorer.seen[0] is not None, f"read {scorer.key!r}; data keys: {sorted(req.data)}"

@@ -31,7 +31,7 @@ from llmepp import (
     SchedulingResult,
     Scorer,
 )
-from llmepp.config.loader import build, load_config
+from llmepp.config.loader import Components, build, load_config
 from llmepp.datalayer.datastore import Datastore
 from llmepp.director import Director, RoutingDecision
 from llmepp.observability.metrics import EppMetrics
@@ -48,13 +48,14 @@ def registry_with(*classes: type[Any]) -> PluginRegistry:
     return reg
 
 
-def director(config: str, reg: PluginRegistry) -> tuple[Director, Datastore]:
+def director(config: str, reg: PluginRegistry) -> tuple[Director, Components]:
+    """A director over three endpoints for `config` built from `reg`, and what the build made."""
     ds = Datastore()
     for i in range(3):
         ds.upsert(endpoint(i).spec)
     metrics = EppMetrics()
     c = build(load_config(config), datastore=ds, metrics=metrics, plugin_registry=reg)
-    return Director(ds, c.pipeline, metrics), ds
+    return Director(ds, c.pipeline, metrics), c
 
 
 class BrokenModelsResponder(Responder):
@@ -66,9 +67,9 @@ class BrokenModelsResponder(Responder):
 
 def test_a_broken_responder_is_skipped_on_bodyless_requests_too() -> None:
     """It was on the body path; GET /v1/models answered 500 on every request."""
-    d, ds = director("plugins:\n- type: author-models-responder\n", registry_with(BrokenModelsResponder))
+    d, _ = director("plugins:\n- type: author-models-responder\n", registry_with(BrokenModelsResponder))
     decision = d.handle_bodyless(headers_request({":method": "GET", ":path": "/v1/models"}, request_id="r"), None)
-    assert isinstance(decision, RoutingDecision) and decision.targets[0] in ds.endpoints
+    assert isinstance(decision, RoutingDecision) and decision.targets[0] in d.datastore.endpoints
 
 
 class AwaitableProducer(DataProducer):
