@@ -114,28 +114,20 @@ def _static_cluster(name: str, address: str, port: int, *, http2: bool) -> dict[
         },
     }
     if http2:
-        cluster["typed_extension_protocol_options"] = _http2_upstream()
+        cluster["typed_extension_protocol_options"] = _protocol_options(http2=True)
     return cluster
 
 
-def _http2_upstream() -> dict[str, Any]:
-    return {
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            "explicit_http_config": {"http2_protocol_options": {}},
-        }
+def _protocol_options(*, http2: bool, idle_timeout: str | None = None) -> dict[str, Any]:
+    """An upstream cluster's protocol: h2c, else HTTP/1.1; with `idle_timeout`, connections idle that long
+    are closed."""
+    options: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}} if http2 else {"http_protocol_options": {}},
     }
-
-
-def _pod_protocol_options(http2: bool) -> dict[str, Any]:
-    """The pods' connections: HTTP/1.1 (or h2c), closed when idle before the pod's keep-alive would."""
-    return {
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            "common_http_protocol_options": {"idle_timeout": POD_CONNECTION_IDLE_TIMEOUT},
-            "explicit_http_config": {"http2_protocol_options": {}} if http2 else {"http_protocol_options": {}},
-        }
-    }
+    if idle_timeout is not None:
+        options["common_http_protocol_options"] = {"idle_timeout": idle_timeout}
+    return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": options}
 
 
 def _upstream_tls() -> dict[str, Any]:
@@ -284,7 +276,10 @@ def render_envoy_config(
                 "connect_timeout": "2s",
                 "original_dst_lb_config": odst,
                 "circuit_breakers": _breakers(),
-                "typed_extension_protocol_options": _pod_protocol_options(pods_http2),
+                # The pods' connections closed when idle before the pod's keep-alive would close them.
+                "typed_extension_protocol_options": _protocol_options(
+                    http2=pods_http2, idle_timeout=POD_CONNECTION_IDLE_TIMEOUT
+                ),
             }
         )
     else:
