@@ -16,6 +16,8 @@ from llmepp.framework.plugin import ConfigError, PluginContext, PluginParams, re
 from llmepp.framework.scheduling import Scorer
 from llmepp.request.types import InferenceRequest, RequestKind
 from llmepp.server.tls import CERT_FILE, KEY_FILE, self_signed_pem
+from llmepp.settings import Settings
+from llmepp.testing.ports import free_port
 
 
 def file_config(endpoints: Path | str, scorer: str = "type: queue-scorer") -> str:
@@ -29,6 +31,14 @@ plugins:
 dataLayer:
   discovery: {{pluginRef: file-discovery}}
 """
+
+
+def loopback_settings(config: str) -> Settings:
+    """Settings for an App serving `config` on loopback: free ports, no metrics port, no TLS, no tracing, a
+    short drain."""
+    return Settings(config_text=config, bind_address="127.0.0.1", grpc_port=free_port(),
+                    grpc_health_port=free_port(), metrics_port=0, secure_serving=False, tracing=False,
+                    drain_timeout=0.2)  # fmt: skip
 
 
 # A config that builds an App in file-discovery mode without touching any file until start-up.

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ClosingScorer
+from helpers import ClosingScorer, loopback_settings
 
 from llmepp import app as app_module
 from llmepp.app import App
@@ -179,13 +179,11 @@ async def test_a_plugin_check_refusing_stops_the_start_and_closes_every_plugin(
     endpoints = tmp_path / "endpoints.yaml"
     endpoints.write_text("endpoints:\n- {name: a, address: 127.0.0.1, port: 8000}\n")
     ok = f"- {{type: {_CheckedScorer.type}, name: ok, parameters: {{sync: {str(sync).lower()}}}}}\n"
-    settings: dict[str, Any] = {"bind_address": "127.0.0.1", "grpc_port": free_port(), "grpc_health_port": free_port(),
-                "metrics_port": 0, "secure_serving": False, "tracing": False}  # fmt: skip
-    app = App(Settings(config_text=pods_config(str(endpoints), extra=ok), **settings))
+    app = App(loopback_settings(pods_config(str(endpoints), extra=ok)))
     await app.start()  # a check that passes
     await app.shutdown()
     refusing = ok.replace("name: ok, parameters: {", "name: refuser, parameters: {refuse: true, ")
-    app = App(Settings(config_text=pods_config(str(endpoints), extra=refusing), **settings))
+    app = App(loopback_settings(pods_config(str(endpoints), extra=refusing)))
     with pytest.raises(ConfigError, match="refused by its check"):
         await app.start()
     await asyncio.sleep(0)

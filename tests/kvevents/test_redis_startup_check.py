@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import file_config
+from helpers import file_config, loopback_settings
 
 from llmepp import app as app_module
 from llmepp.framework.plugin import ConfigError
@@ -49,9 +49,7 @@ def _settings(tmp_path: Path, plugin: str) -> Settings:
     endpoints = tmp_path / "endpoints.yaml"
     endpoints.write_text("endpoints:\n- {name: a, address: 127.0.0.1, port: 8000}\n")
     config = file_config(endpoints, plugin) + "schedulingProfiles:\n- name: default\n  plugins: []\n"
-    return Settings(config_text=config, bind_address="127.0.0.1", grpc_port=free_port(),
-                    grpc_health_port=free_port(), metrics_port=0, secure_serving=False, tracing=False,
-                    drain_timeout=0.2)  # fmt: skip
+    return loopback_settings(config)
 
 
 async def _started(settings: Settings) -> None:

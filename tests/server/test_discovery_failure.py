@@ -11,21 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import file_config
+from helpers import file_config, loopback_settings
 
 from llmepp import app as app_module
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import EndpointSpec
 from llmepp.framework.plugin import ConfigError
 from llmepp.plugins.discovery.file import FileDiscovery
-from llmepp.settings import Settings
-from llmepp.testing.ports import free_port
-
-
-def _settings(config: str) -> Settings:
-    return Settings(config_text=config, bind_address="127.0.0.1", grpc_port=free_port(),
-                    grpc_health_port=free_port(), metrics_port=0, secure_serving=False, tracing=False,
-                    drain_timeout=0.2)  # fmt: skip
 
 
 async def test_a_bad_endpoints_file_read_after_the_grace_stops_the_epp_naming_the_entry(
@@ -42,7 +34,7 @@ async def test_a_bad_endpoints_file_read_after_the_grace_stops_the_epp_naming_th
     monkeypatch.setattr(FileDiscovery, "read", slow_read)
     monkeypatch.setattr(app_module, "tune_gc", lambda: None)
     with pytest.raises(ConfigError, match="not-an-ip"):
-        await asyncio.wait_for(app_module.run(_settings(file_config(endpoints))), 10)
+        await asyncio.wait_for(app_module.run(loopback_settings(file_config(endpoints))), 10)
 
 
 async def test_discovery_failing_while_serving_stops_the_epp_and_logs_why(
@@ -65,7 +57,7 @@ async def test_discovery_failing_while_serving_stops_the_epp_and_logs_why(
 
     monkeypatch.setattr(Datastore, "upsert", broken_upsert)
     caplog.set_level(logging.INFO)
-    running = asyncio.create_task(app_module.run(_settings(config)))
+    running = asyncio.create_task(app_module.run(loopback_settings(config)))
     await asyncio.sleep(app_module._DISCOVERY_STARTUP_GRACE + 0.3)
     assert not running.done()
     endpoints.write_text("endpoints:\n- {name: b, address: 127.0.0.2, port: 8000}\n")
@@ -81,7 +73,7 @@ async def test_a_signal_still_stops_a_serving_epp_cleanly(tmp_path: Path, monkey
     endpoints.write_text("endpoints:\n- {name: a, address: 127.0.0.1, port: 8000}\n")
     monkeypatch.setattr(app_module, "tune_gc", lambda: None)
     stop = asyncio.Event()
-    running = asyncio.create_task(app_module._serve(_settings(file_config(endpoints)), stop))
+    running = asyncio.create_task(app_module._serve(loopback_settings(file_config(endpoints)), stop))
     await asyncio.sleep(app_module._DISCOVERY_STARTUP_GRACE + 0.3)
     stop.set()
     await asyncio.wait_for(running, 10)  # returns: exit code 0
