@@ -258,6 +258,9 @@ async def _inference(request: web.Request, chat: bool, api: Api = "openai") -> w
     check_admission(pod, request.headers.get(FORCE_ERROR_HEADER))
     body = decode_json_body(await request.read())
     request_id = request.headers.get("X-Request-Id")
+    if request_id is not None and api != "vllm-generate":
+        # vLLM's OpenAI serving layer names the engine request (and the response id) with the API's prefix.
+        request_id = ("chatcmpl-" if chat else "cmpl-") + request_id
     if api == "anthropic":
         # vLLM: the request model's validation answers in the OpenAI shape, the handler in Anthropic's.
         body = anthropic.to_chat_body(body)

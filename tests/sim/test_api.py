@@ -26,6 +26,20 @@ def assert_vllm_error(body: dict[str, object], status: int, err_type: str) -> No
     assert isinstance(error["message"], str) and error["message"]
 
 
+@pytest.mark.parametrize(("path", "prefix"), [("/v1/completions", "cmpl-"), ("/v1/chat/completions", "chatcmpl-")])
+async def test_x_request_id_names_the_response_with_the_api_prefix(
+    http: aiohttp.ClientSession, path: str, prefix: str
+) -> None:
+    # vLLM's serving_completion / serving_chat: request_id = f"cmpl-{base}" / f"chatcmpl-{base}", where base is
+    # the X-Request-Id header when the client sent one.
+    async with running([pod()]) as cluster:
+        body: dict[str, Any] = {"model": "sim-model", "max_tokens": 2}
+        body.update({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"})
+        async with http.post(cluster.urls[0] + path, json=body, headers={"X-Request-Id": "job-1"}) as resp:
+            answer = await resp.json()
+        assert answer["id"] == prefix + "job-1"
+
+
 async def test_completion_body_usage_and_identity_headers(http: aiohttp.ClientSession) -> None:
     async with running([pod(name="alpha")]) as cluster:
         url, port = cluster.urls[0], cluster.pods[0].port

@@ -229,7 +229,7 @@ async def test_a_request_aborted_through_abort_finishes_with_finish_reason_abort
         base = cluster.urls[0]
         chat = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 500}
         task = asyncio.ensure_future(post(http, base + "/v1/chat/completions", chat, **{"X-Request-Id": "job-1"}))
-        await _abort_when_running(cluster, "job-1")
+        await _abort_when_running(cluster, "chatcmpl-job-1")
         status, answer = await asyncio.wait_for(task, 10)
         assert status == 200, answer
         assert answer["choices"][0]["finish_reason"] == "abort" and 0 < answer["usage"]["completion_tokens"] < 500
@@ -242,7 +242,7 @@ async def test_a_request_aborted_through_abort_finishes_with_finish_reason_abort
                 return [ln.decode().strip() for ln in (await r.read()).splitlines() if ln.strip()]
 
         task2 = asyncio.ensure_future(stream())
-        await _abort_when_running(cluster, "job-2")
+        await _abort_when_running(cluster, "chatcmpl-job-2")
         lines = await asyncio.wait_for(task2, 10)
         assert lines[-1] == "data: [DONE]", lines[-3:]
         chunks = [json.loads(ln[len("data: ") :]) for ln in lines[:-1]]
@@ -250,7 +250,7 @@ async def test_a_request_aborted_through_abort_finishes_with_finish_reason_abort
 
         messages = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 500}
         task3 = asyncio.ensure_future(post(http, base + "/v1/messages", messages, **{"X-Request-Id": "job-3"}))
-        await _abort_when_running(cluster, "job-3")
+        await _abort_when_running(cluster, "chatcmpl-job-3")
         status, answer = await asyncio.wait_for(task3, 10)
         # vllm/entrypoints/anthropic/serving.py maps stop/length/tool_calls only: "abort" has no stop_reason.
         assert status == 200 and answer["stop_reason"] is None, answer
