@@ -487,7 +487,7 @@ def _setup(
             plugin.setup(ctx)
         except ConfigError as e:
             raise (e if str(e).startswith(label) else ConfigError(f"{label}: {e}")) from None
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, OSError) as e:  # OSError: a file or socket its parameters name
             raise ConfigError(f"{label}: {e}") from None
     handler = scheduler.handler
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -173,6 +174,27 @@ def test_a_config_error_raised_in_setup_names_the_plugin() -> None:
         str(err.value)
         == "plugin 'mine' (type author-needs-pool-scorer): minEndpoints: 5 is more than the pool can hold"
     )
+
+
+class ReadsAMissingFile(Scorer):
+    type = "author-reads-file-scorer"
+
+    def setup(self, ctx: PluginContext) -> None:
+        Path("/nonexistent/model-table.json").read_text()
+
+    def score(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
+        return [1.0] * len(endpoints)
+
+
+def test_an_os_error_in_setup_is_a_start_up_error_naming_the_plugin() -> None:
+    """A file or socket a plugin's parameters name that the machine cannot give is an operator's problem: one
+    line naming the plugin and the cause, not a traceback."""
+    with pytest.raises(ConfigError) as err:
+        build(load_config("plugins:\n- {type: author-reads-file-scorer, name: table}\n"),
+              plugin_registry=registry_with(ReadsAMissingFile))  # fmt: skip
+    message = str(err.value)
+    assert message.startswith("plugin 'table' (type author-reads-file-scorer): ")
+    assert "No such file or directory" in message and "/nonexistent/model-table.json" in message
 
 
 def test_what_the_extension_points_document_is_exported() -> None:
