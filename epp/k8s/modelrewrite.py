@@ -34,7 +34,7 @@ from llmepp.decoding import DECODE_ERRORS
 from llmepp.errors import BadRequest
 from llmepp.k8s.models import InferenceModelRewrite
 from llmepp.k8s.objectives import refers_to_pool
-from llmepp.observability.metrics import PREFIX
+from llmepp.observability.metrics import MAX_LABEL_VALUE_CHARS, OVERFLOW_LABEL, PREFIX
 from llmepp.request.types import InferenceRequest
 
 log = logging.getLogger(__name__)
@@ -201,11 +201,12 @@ class ModelRewriter:
         request.target_model = target
 
     def _count(self, source: str, model: str, target: str) -> None:
-        """One decision; past MAX_DECISION_SERIES label sets the model is "other": a catch-all rule sees every
-        model name clients send (client input), and each would be a series for ever."""
+        """One decision; past MAX_DECISION_SERIES label sets, or for a model name longer than
+        MAX_LABEL_VALUE_CHARS, the model is "other": a catch-all rule sees every model name clients send (client
+        input), and each would be a series for ever (a long one repeated on every scrape)."""
         key = (source, model, target)
         if key not in self._series:
-            if len(self._series) >= MAX_DECISION_SERIES:
-                key = (source, "other", target)
+            if len(self._series) >= MAX_DECISION_SERIES or len(model) > MAX_LABEL_VALUE_CHARS:
+                key = (source, OVERFLOW_LABEL, target)
             self._series.add(key)
         self.decisions.labels(*key).inc()

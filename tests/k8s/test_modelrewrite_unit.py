@@ -143,6 +143,18 @@ def test_a_catch_all_rule_does_not_grow_a_series_per_client_model(monkeypatch: p
     assert registry.get_sample_value("llm_d_epp_model_rewrite_decisions_total", other) == 7
 
 
+def test_a_long_client_model_name_is_counted_as_other() -> None:
+    """A label value repeats on every line of its series: a catch-all rule must not put a client's 100 KB model
+    name on every scrape (the README's 256-character bound on label values from client input)."""
+    registry = CollectorRegistry()
+    rewriter = ModelRewriter(store_with(rewrite("r", "2026-01-01T00:00:00Z", [catch_all("base")])), registry)
+    req = request("m" * 100_000)
+    rewriter.rewrite(req)
+    assert req.target_model == "base"
+    series = [s.labels for m in registry.collect() for s in m.samples if s.name.endswith("decisions_total")]
+    assert series == [{"model_rewrite_name": "r", "model_name": "other", "target_model": "base"}]
+
+
 def test_a_rule_whose_matches_name_no_model_matches_nothing_not_everything(caplog: pytest.LogCaptureFixture) -> None:
     # Reference: a rule is a catch-all only when `matches` is empty; matches without a model (a CRD installed
     # without our schema's `required`/`minLength`) index no model, so the rule never applies. It must not
