@@ -84,7 +84,12 @@ class SubscriberPool:
         self.new_chains = new_chains
         self.stats = stats
         self._sources: dict[str, _Source] = {}
+        # ip:port -> the endpoint whose source runs there: the newest of `_at`'s.
         self._endpoints: dict[str, Endpoint] = {}
+        # ip:port -> every endpoint of the pool at it, oldest first. Discovery can hold two for a moment while it
+        # applies one change (a name moving onto the address another name leaves in the same change): the
+        # address's source follows the newest, and stops only when the last one is removed.
+        self._at: dict[str, list[Endpoint]] = {}
         self._slots: asyncio.Semaphore | None = None
         self._ctx: zmq.asyncio.Context | None = None
         self._limiter = LogLimiter(log)
@@ -107,20 +112,48 @@ class SubscriberPool:
 
     # -- DatastoreListener ---------------------------------------------------------------------
     def endpoint_added(self, endpoint: Endpoint) -> None:
-        pod = endpoint.hostport
-        if pod in self._sources or self._closed:
+        if self._closed:
             return
-        self._endpoints[pod] = endpoint
-        queue: asyncio.Queue[Message] | None = asyncio.Queue(SOURCE_QUEUE) if self.options.bind_endpoint else None
-        self._sources[pod] = _Source(self.new_chains(), queue)
-        self._ids = None
-        self._start(pod)
+        pod = endpoint.hostport
+        at = self._at.setdefault(pod, [])
+        if any(ep is endpoint for ep in at):
+            return
+        at.append(endpoint)
+        self._follow(pod, endpoint)
 
     def endpoint_removed(self, endpoint: Endpoint) -> None:
         pod = endpoint.hostport
-        src = self._sources.pop(pod, None)
+        at = self._at.get(pod, [])
+        if not any(ep is endpoint for ep in at):
+            return
+        at[:] = [ep for ep in at if ep is not endpoint]
+        if at:
+            if self._endpoints.get(pod) is endpoint:
+                self._follow(pod, at[-1])
+            return
+        del self._at[pod]
         self._endpoints.pop(pod, None)
         self._ids = None
+        self._stop_source(pod)
+
+    def _follow(self, pod: str, endpoint: Endpoint) -> None:
+        """The address's source now reads `endpoint`'s sockets: the same rank's (the same server) keeps its
+        subscription and state, another rank's starts over on its own socket once the old one stopped."""
+        owner = self._endpoints.get(pod)
+        self._endpoints[pod] = endpoint
+        self._ids = None
+        if owner is not None and pod in self._sources:
+            if owner.spec.rank == endpoint.spec.rank:
+                return
+            self._stop_source(pod)
+        if self._closed:
+            return
+        queue: asyncio.Queue[Message] | None = asyncio.Queue(SOURCE_QUEUE) if self.options.bind_endpoint else None
+        self._sources[pod] = _Source(self.new_chains(), queue)
+        self._start(pod)
+
+    def _stop_source(self, pod: str) -> None:
+        src = self._sources.pop(pod, None)
         if src is None:
             return
         previous = self._stopping.get(pod)  # removed, re-added and removed again before that stop ended
