@@ -216,4 +216,5 @@ async def _conversation(
         if not out.ok:
             return  # the user gives up on this conversation
         conv.answered(text)
-        await asyncio.sleep(conv.think[conv.turn - 1] / cfg.time_scale)
+        if not conv.done:  # no think time after the last answer: the stage ends at its last completion
+            await asyncio.sleep(conv.think[conv.turn - 1] / cfg.time_scale)

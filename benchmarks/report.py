@@ -1187,12 +1187,16 @@ def render(results: Path, readme: Path = README, template: Path = TEMPLATE) -> s
     run_md = ""
     if routing:
         sc = routing["scale"]
-        argv = " ".join(run_meta.get("argv", []))
-        command = f"`python -m benchmarks.run_all {argv}`" if argv else ("`make bench-quick`" if routing["quick"]
-                                                                          else "`make bench`")  # fmt: skip
+        # run.json is the last run_all's (any `--only <section>` rewrites it): it describes the routing run only
+        # when routing.json's own recorded command is that run_all's.
+        own: list[str] = routing.get("argv") or []
+        same_run = own[:1] == ["benchmarks.run_all"] and own[1:] == run_meta.get("argv")
+        command = ("`make bench`" if own == ["benchmarks.run_all"] else "`make bench-quick`"
+                   if own == ["benchmarks.run_all", "--quick"] else f"`python -m {' '.join(own)}`" if own
+                   else "command not recorded")  # fmt: skip
         run_md = (f"Run (routing section): {command}, started {routing['started']}, "
                   f"routing section {routing.get('wall_s', 0) / 60:.1f} min wall"
-                  + (f", whole run {run_meta['wall_s'] / 60:.1f} min" if run_meta.get("wall_s") else "")
+                  + (f", whole run {run_meta['wall_s'] / 60:.1f} min" if same_run and run_meta.get("wall_s") else "")
                   + f". Scale: {sc['pods']} pods, time scale {sc['time_scale']:g}, token unit {sc['token_unit']}, "
                   f"KV {routing['kv_blocks_per_pod']} blocks of {sc['block_size']} simulated tokens per pod "
                   f"(= {routing['kv_real_tokens_per_pod']:,} real tokens). Simulator flags: "

@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -188,6 +189,8 @@ def run_header(
         "total_timeout_s": RunConfig.total_timeout_sim,
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "python": platform.python_version(),
+        # The command that wrote this JSON (results/run.json is only the last run_all's, whatever it ran).
+        "argv": [f"benchmarks.{Path(sys.argv[0]).stem}", *sys.argv[1:]],
     }
 
 

@@ -17,6 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
+from benchmarks.metrics import pct
 from llmepp.config.loader import build, load_config
 from llmepp.config.schema import DEFAULT_CONFIG
 from llmepp.datalayer.datastore import Datastore
@@ -77,10 +78,9 @@ async def measure(config: str, endpoints: int, prompt_bytes: int, n: int, seed: 
             samples.append(dt)
         await asyncio.sleep(0)  # let deferred bookkeeping (index updates) run, as in the server
         director.response_complete(req, ResponseInfo(status=200), decision)
-    samples.sort()
     return {
-        "p50_us": samples[len(samples) // 2] * 1e6,
-        "p99_us": samples[int(len(samples) * 0.99)] * 1e6,
+        "p50_us": pct(samples, 0.5) * 1e6,
+        "p99_us": pct(samples, 0.99) * 1e6,
         "mean_us": statistics.fmean(samples) * 1e6,
     }
 

@@ -9,8 +9,8 @@ import aiohttp
 import pytest_asyncio
 from aiohttp import web
 
-from benchmarks.loadgen import execute
-from benchmarks.workloads import Call, _completion
+from benchmarks.loadgen import RunConfig, execute, run_ladder
+from benchmarks.workloads import Call, Conversation, MultiTurn, Scale, StageSpec, _completion
 
 TOKENS = 3
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -23,6 +23,7 @@ async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[str]]]:
     async def start(handler: Handler) -> str:
         app = web.Application()
         app.router.add_post("/v1/completions", handler)
+        app.router.add_post("/v1/chat/completions", handler)
         runner = web.AppRunner(app)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -83,3 +84,33 @@ async def test_a_request_kept_alive_by_comments_still_times_out_waiting_for_its_
         out, _ = await execute(session, url, call, 0, 0.3, 10.0)
     assert out.error == "ttft-timeout" and out.tokens == 0
     assert out.end - out.sent < 1.0  # not the 2 s the comments lasted
+
+
+class _OneConversation(MultiTurn):
+    """One conversation of one turn, started at once, whose user would think 2 s after the answer."""
+
+    def arrivals(self, index: int, stage: StageSpec) -> list[float]:
+        return [0.0]
+
+    def conversation(self, i: int) -> Conversation:
+        return Conversation(f"c{i}", [{"role": "system", "content": "s"}], ["hello"], 3, think=[2.0])
+
+
+async def test_a_multi_turn_stage_ends_at_its_last_completion(serve: Callable[[Handler], Awaitable[str]]) -> None:
+    """A stage's time is first arrival to last completion (benchmarks/README.md): no think time after a
+    conversation's last answer (it was slept, so every stage's window, and its tokens/s, had an idle tail)."""
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        role = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+        token = b'data: {"choices":[{"index":0,"delta":{"content":" t"},"finish_reason":null}]}\n\n'
+        await response.write(role + token * 3 + b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    wl = _OneConversation("multi-turn", [StageSpec(1.0, 1.0)], scale=Scale(), turns=1)
+    outcomes, windows = await run_ladder(wl, RunConfig(await serve(chat), time_scale=1.0))
+    assert len(outcomes) == 1 and outcomes[0].ok and outcomes[0].tokens == 3, outcomes
+    tail = windows[0].end - outcomes[0].end
+    assert tail < 0.5, f"the stage ended {tail:.2f} s after its last completion"

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from benchmarks import report
 
@@ -44,3 +48,35 @@ def test_long_prompt_table_shows_each_size_and_the_epp_minus_noop_difference() -
     assert "| prompt | noop-h2 | epp-h2 | EPP − no-op, grpc.aio | EPP − no-op, h2 |" in table
     assert "| 16 KiB | 0.250 | 0.350 | - | +0.100 |" in table
     assert "| 2,048 KiB | 3.000 | 4.500 | - | +1.500 |" in table
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")  # no workloads: empty plots
+def test_the_routing_run_line_names_the_command_that_wrote_routing_json(tmp_path: Path) -> None:
+    """results/run.json is the last run_all's, rewritten by any `--only <section>`: the routing header takes its
+    command from routing.json, and "whole run" only from the run_all that wrote routing.json (it named the
+    command of a later `--only overhead` run and that run's 5 min as the whole run around a 57 min section)."""
+    results = tmp_path / "results"
+    results.mkdir()
+    routing: dict[str, Any] = {
+        "quick": False, "seed": 1, "started": "2026-11-21 03:06:24 UTC", "wall_s": 3400.0,
+        "scale": {"token_unit": 16, "time_scale": 4.0, "pods": 4, "block_size": 16, "max_num_seqs": 256},
+        "kv_blocks_per_pod": 1233, "kv_real_tokens_per_pod": 315648, "footprint_blocks": 3600,
+        "footprint_share": 0.73, "sim_args": ["--time-scale", "4"], "ttft_timeout_s": 300.0, "workloads": {},
+    }  # fmt: skip
+    template = tmp_path / "README.template.md"
+    template.write_text("{{RUN}}\n")
+
+    def run_line(own_argv: list[str] | None, run_argv: list[str]) -> str:
+        if own_argv is not None:
+            routing["argv"] = own_argv
+        (results / "routing.json").write_text(json.dumps(routing))
+        run = {"machine": {"nproc": "2"}, "argv": run_argv, "wall_s": 311.7}
+        (results / "run.json").write_text(json.dumps(run))
+        return report.render(results, tmp_path / "README.md", template).splitlines()[0]
+
+    line = run_line(None, ["--only", "overhead"])
+    assert "--only overhead" not in line and "whole run" not in line, line
+    line = run_line(["benchmarks.routing", "--seed", "3"], ["--only", "overhead"])
+    assert "`python -m benchmarks.routing --seed 3`" in line and "whole run" not in line, line
+    line = run_line(["benchmarks.run_all"], [])
+    assert "`make bench`" in line and "whole run 5.2 min" in line, line

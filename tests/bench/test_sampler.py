@@ -7,7 +7,14 @@ import math
 
 from aiohttp import web
 
-from benchmarks import extproc_overhead, flowcontrol_overhead, flowcontrol_tenants, pd_disagg, scrape_cost
+from benchmarks import (
+    extproc_overhead,
+    flowcontrol_overhead,
+    flowcontrol_tenants,
+    pd_disagg,
+    scheduling,
+    scrape_cost,
+)
 from benchmarks.loadgen import StageWindow
 from benchmarks.metrics import Sampler, pct, summarize_stage
 from benchmarks.workloads import StageSpec
@@ -54,7 +61,7 @@ async def test_a_failed_scrape_at_a_stage_edge_is_skipped_not_read_as_zero_count
 def test_every_benchmark_takes_nearest_rank_percentiles() -> None:
     """Five benchmarks had their own percentile, one rank high (index int(q * n)): p90 of ten values was the
     maximum, p50 of two the larger. They all take metrics.pct now."""
-    for module in (pd_disagg, flowcontrol_tenants, flowcontrol_overhead, scrape_cost, extproc_overhead):
+    for module in (pd_disagg, flowcontrol_tenants, flowcontrol_overhead, scrape_cost, extproc_overhead, scheduling):
         assert module.pct is pct, module.__name__
     assert pct([float(i) for i in range(10, 0, -1)], 0.9) == 9.0
     assert pct([2.0, 1.0], 0.5) == 1.0 and pct([1.0, math.inf], 0.99) == math.inf and math.isnan(pct([], 0.5))
