@@ -208,6 +208,11 @@ def routing_answer(
     return _ld(_TAG_REQUEST_BODY if on_body else _TAG_REQUEST_HEADERS, phase) + _ld(_TAG_DYNAMIC_METADATA, metadata)
 
 
+def trailers_routing_answer(destination: str, scores: Mapping[str, float] | None) -> bytes:
+    """The request trailers' answer carrying the envoy.lb routing metadata (a BUFFERED request with no body)."""
+    return REQUEST_TRAILERS_CONTINUE + _ld(_TAG_DYNAMIC_METADATA, lb_metadata_bytes(destination, scores))
+
+
 # -- builders --------------------------------------------------------------------------------
 def header_option(key: str, value: str | bytes) -> base_pb2.HeaderValueOption:
     """Set (overwrite) a header. Envoy 1.40 reads only `raw_value`; `append` is left unset

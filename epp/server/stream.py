@@ -547,6 +547,10 @@ class ExtProcStream:
         return envoy.REQUEST_TRAILERS_CONTINUE
 
     async def _route_before_trailers(self, msg: pb.ProcessingRequest) -> Answers:
+        if self.req_mode != envoy.MODE_FULL_DUPLEX_STREAMED:
+            # BUFFERED with no body at all: Envoy sent the trailers instead of a body message and waits for
+            # their answer alone (a body answer is spurious: 500).
+            return await self.route(msg, end_of_stream=False, on_trailers=True)
         routed = await self.route(msg, end_of_stream=False)
         if self.closed:
             return routed
@@ -577,7 +581,7 @@ class ExtProcStream:
         self.request_answered = True
         return answer
 
-    async def route(self, msg: pb.ProcessingRequest, *, end_of_stream: bool) -> Answers:
+    async def route(self, msg: pb.ProcessingRequest, *, end_of_stream: bool, on_trailers: bool = False) -> Answers:
         subset = envoy.subset_hint(msg)
         if subset is not None:
             self.subset = subset
@@ -613,6 +617,11 @@ class ExtProcStream:
         if isinstance(decision, DirectResponse):
             return self.answer_directly(decision)
         self._routed(decision)
+        if on_trailers:
+            # The request headers cannot change any more: the routing rides on the trailers answer's
+            # envoy.lb metadata only (an Envoy routing by the header answers 503, as for no routing).
+            self.request_answered = True
+            return envoy.trailers_routing_answer(self.svc.destination(decision), decision.scores)
         if self.body_unread:
             self.request_answered = True
             # The body follows on its own; a BUFFERED_PARTIAL body cut at the buffer limit is answered here.
@@ -767,15 +776,20 @@ class ExtProcStream:
                 if self.resp_mode != envoy.MODE_FULL_DUPLEX_STREAMED and "content-length" in headers:
                     # Non-FDS modes keep content-length; the rewrite may change the length.
                     remove.append("content-length")
+        answer: Answer = (
+            envoy.response_headers_response(set_headers, remove)
+            if set_headers or remove
+            else envoy.RESPONSE_HEADERS_CONTINUE
+        )
         if h.end_of_stream:
             if grpcwire.is_grpc(self.headers):  # a trailers-only gRPC answer
                 info.grpc_status = _grpc_status(headers, None)
+            # The response's last message: its answer carries the reporters' metadata (as a last body chunk's).
+            answer = self._with_metadata(answer)
             self._response_ended()
         if self.svc.time_response_chunks:
             self.response_time += time.perf_counter() - t0
-        if set_headers or remove:
-            return envoy.response_headers_response(set_headers, remove)
-        return envoy.RESPONSE_HEADERS_CONTINUE
+        return answer
 
     def on_response_body(self, b: pb.HttpBody) -> Answer:
         timed = self.svc.time_response_chunks

@@ -864,6 +864,23 @@ async def test_request_trailers_end_the_body() -> None:
         assert (await s.recv()).WhichOneof("response") == "request_trailers"
 
 
+async def test_buffered_request_trailers_without_a_body_get_one_trailers_answer_with_the_routing() -> None:
+    """BUFFERED, request trailers sent, no body: Envoy sends the trailers in place of a body message and waits
+    for their answer alone (a body answer is spurious to it: a 500). The routing rides on that answer's
+    envoy.lb metadata, since the request headers can no longer change."""
+    async with serve() as h:
+        s = h.open()
+        await s.send(request_headers(path="/passthrough", req_mode=BUFFERED, resp_mode=STREAMED))
+        assert (await s.recv()).WhichOneof("response") == "request_headers"
+        await s.send(request_trailers())
+        r = await s.recv()
+        assert r.WhichOneof("response") == "request_trailers"
+        assert lb_metadata(r)["x-gateway-destination-endpoint"] in ENDPOINTS
+        await s.send(response_headers(204, eos=True))
+        assert (await s.recv()).WhichOneof("response") == "response_headers"
+        await until(lambda: len(h.director.completions) == 1)
+
+
 async def test_messages_sent_while_routing_waits_are_answered_after_it_in_order() -> None:
     # The director waits (as flow control or an async producer would): the routing step is
     # continued in a task, and the trailers that arrive meanwhile are answered after its answers.
@@ -1092,6 +1109,18 @@ async def test_a_response_ended_by_trailers_reports_on_the_trailers_answer() -> 
         trailers = await s.recv()
         assert trailers.WhichOneof("response") == "response_trailers"
         assert dict(trailers.dynamic_metadata["envoy.lb"]) == {"x-cost": 10.0}
+
+
+async def test_a_response_ended_by_its_headers_reports_on_the_headers_answer() -> None:
+    """A 204, a HEAD answer or a gRPC trailers-only error ends on its headers: that answer is the response's last
+    and carries the reporters' metadata (it was sent plain)."""
+    async with serve(FakeDirector(list(ENDPOINTS), metadata=cost_of)) as h:
+        s = h.open()
+        await s.route(BODY)
+        await s.send(response_headers(204, eos=True))
+        r = await s.recv()
+        assert r.WhichOneof("response") == "response_headers"
+        assert dict(r.dynamic_metadata["envoy.lb"]) == {"x-cost": -1.0}  # no usage in a 204
 
 
 async def test_without_metadata_reporters_the_last_answer_is_plain() -> None:
