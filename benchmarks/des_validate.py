@@ -539,8 +539,8 @@ def render_scale(sc: dict[str, Any]) -> list[str]:
         *_meta_lines(sc["meta"]),
         f"Pods use the `{SCALE_PROFILE}` profile. Workload (`benchmarks/des/suite.py`): 8 prefix groups per pod "
         "x 4 questions, 2048-token system prompts, 256-token questions, 256 output tokens (the shape of "
-        "llm-d-benchmark's `shared_prefix_synthetic`), so the system prompts alone are ~14x one pod's KV cache "
-        "(19,200 blocks = 307k tokens); Poisson "
+        "llm-d-benchmark's `shared_prefix_synthetic`), so all the system prompts together are pods / 18.75 times "
+        "one pod's KV cache of 19,200 blocks = 307k tokens (13.7x at 256 pods, 3.4x at 64); Poisson "
         f"ladder {list(sc['qps_per_pod'])} QPS per pod x {sc['stage_duration_s']:g} s, no warm-up (the first "
         "pass over the prompts is cold); metrics refresh 50 ms; request timeout 300 s. Every policy gets the "
         "same arrivals.",

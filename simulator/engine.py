@@ -293,8 +293,11 @@ class Engine:
         self._last_advance = now
         if self._next_decode_at is not None and now >= self._next_decode_at - EPS:
             self._decode_step(now)
-        if elapsed <= 0:
+        if elapsed < 0:
             return
+        # elapsed == 0 still runs the passes below: a request admitted with no fixed delay and no prefill work
+        # (all prefill latencies 0) is parked in FIXED with fixed_left 0 and completes here. Returning early
+        # left it there for ever on a clock that cannot move while this loop spins (the DES's virtual time).
         prefilling = [r for r in self.running if r.phase is Phase.PREFILL]
         share = elapsed / len(prefilling) if prefilling else 0.0
         for request in prefilling:

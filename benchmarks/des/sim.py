@@ -252,6 +252,7 @@ class Simulation:
                 components = build(load_config(config_text), datastore=self.datastore, metrics=metrics)
             director = Director(self.datastore, components.pipeline, metrics)
             _seed_rngs([*components.plugins.values(), director], options.seed, replica=r)
+            _virtual_clocks([*components.plugins.values(), components.pipeline.admission], loop)
             for plugin in components.plugins.values():
                 if isinstance(plugin, PrecisePrefixCacheProducer):
                     self.producers.append(plugin)
@@ -584,6 +585,16 @@ def _des_config(text: str) -> tuple[str, bool]:
 
 def _address(i: int) -> str:
     return f"10.{i // 62500 % 256}.{i // 250 % 250}.{i % 250 + 1}"
+
+
+def _virtual_clocks(objects: Sequence[Any], loop: VirtualTimeLoop) -> None:
+    """Point plugins that read ``time.monotonic`` through a swappable ``clock`` / ``_clock`` attribute at the
+    loop's clock: the DES stamps metrics (``update_time``) and requests (``received_at``) with simulated time,
+    and a freshness check against the wall clock would read every endpoint stale (or fresh) for ever."""
+    for obj in objects:
+        for attr in ("clock", "_clock"):
+            if getattr(obj, attr, None) is time.monotonic:
+                setattr(obj, attr, loop.time)
 
 
 def _seed_rngs(objects: Sequence[Any], seed: int, replica: int = 0) -> None:

@@ -4,8 +4,9 @@
 writes nothing. ``benchmarks/des_validate.py`` uses the same functions for ``benchmarks/DES.md``.
 
 Scale workload: the ``shared_prefix_synthetic`` shape of llm-d-benchmark (2048-token system prompts,
-256-token questions, 256 output tokens) with 8 prefix groups per pod x 4 questions, so the system prompts
-alone are ~14x one pod's KV cache (a cache-blind router cannot keep them resident; an affine one can).
+256-token questions, 256 output tokens) with 8 prefix groups per pod x 4 questions, so all the system prompts
+together are pods / 18.75 times one pod's KV cache (13.7x at 256 pods, 3.4x at 64: a cache-blind router cannot
+keep them resident; an affine one can).
 Pods use the ``qwen3-32b-h100-tp2`` profile. The QPS ladder is per pod so it scales with the pool.
 """
 

@@ -10,10 +10,14 @@ import pytest
 
 from benchmarks.des.__main__ import main as cli_main
 from benchmarks.des.results import percentile, stage_metrics
-from benchmarks.des.sim import HEADERS, SimOptions, SimResult, fresh_copy, simulate
+from benchmarks.des.sim import HEADERS, SimOptions, SimResult, Simulation, fresh_copy, simulate
 from benchmarks.des.suite import scale_run, summarize
+from benchmarks.des.vloop import VirtualTimeLoop, run
 from benchmarks.des.workload import Arrival, NoSharing, Schedule, SharedPrefix, Stage, ladder, request_body, schedule
+from llmepp.director import RoutingDecision
 from llmepp.request.parsers import parse_request
+from llmepp_sim.engine import SimRequest
+from llmepp_sim.textgen import FillerStream
 
 SMALL_KV = {"kv_cache_size": 1000, "max_num_seqs": 32}
 
@@ -152,3 +156,59 @@ def test_a_request_without_a_first_token_by_first_token_timeout_fails_as_in_the_
     failed = simulate(sched, options)
     assert failed.records[0].error == "ttft-timeout"
     assert failed.stages()[0]["ttft_p50_s"] == math.inf
+
+
+@pytest.mark.timeout(60)
+def test_a_pod_with_no_prefill_latency_serves_in_simulated_time() -> None:
+    """PodConfig accepts all-zero prefill latencies and the live engine serves such a request at once; so must the
+    DES (its engine spun at one virtual instant for ever: no time passed, so the pass that ends a zero-length
+    prefill never ran)."""
+    wl = SharedPrefix(num_groups=1, prompts_per_group=1, system_prompt_len=64, question_len=16, output_len=4)
+    sched = Schedule(wl, [Stage(1.0, 1.0)], [Arrival(0, 0.0, 0)])
+    zero = {"time_to_first_token": 0.0, "prefill_overhead": 0.0, "prefill_time_per_token": 0.0}
+    opts = SimOptions(pods=1, policy="random", profile="llama-8b-h100", pod_overrides=zero)
+    (rec,) = simulate(sched, opts).records
+    assert rec.error is None and rec.output_tokens == 4
+
+
+UTILIZATION_FILTER = """
+plugins:
+- type: utilization-detector
+  parameters: {queueDepthThreshold: 2}
+- type: random-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: utilization-detector
+  - pluginRef: random-picker
+"""
+
+
+def test_plugins_judge_metrics_freshness_on_simulated_time() -> None:
+    """The DES stamps metrics with simulated time: a plugin judging their freshness (utilization-detector as a
+    filter) must read the same clock, as live both are time.monotonic(). On the wall clock every endpoint read
+    stale (or fresh) for ever, and the filter kept a pod whose fresh metrics show a queue over its threshold."""
+    wl = SharedPrefix(num_groups=1, prompts_per_group=1, system_prompt_len=64, question_len=16, output_len=4)
+    sched = Schedule(wl, [Stage(1.0, 1.0)], [])
+    opts = SimOptions(pods=2, epp_config=UTILIZATION_FILTER, profile="llama-8b-h100", refresh_interval=0.0)
+
+    async def main(loop: VirtualTimeLoop) -> list[str]:
+        sim = Simulation(loop, sched, opts)
+        busy = sim.pods[0]
+        prompt = wl.prompt(0)
+        ids = prompt.token_ids()
+        for i in range(10):  # its engine loop is not started: the 10 stay waiting
+            busy.engine.submit(SimRequest(f"q{i}", ids, 4, FillerStream(sim.fillers, 0, ids)))
+        sim._refresh_all()  # as before every decision with refresh_interval 0
+        assert busy.endpoint.metrics.waiting_queue_size == 10
+        picks = []
+        for i in range(40):
+            request = parse_request(HEADERS, request_body(prompt, 4), request_id=str(i), received_at=loop.time())
+            decision = await sim.directors[0].handle_request(request, None)
+            assert isinstance(decision, RoutingDecision)
+            picks.append(decision.targets[0].name)
+        return picks
+
+    # Virtual time far behind the wall clock (time.monotonic() is well past 10 s by now).
+    picks = run(main, start=10.0)
+    assert "sim-0" not in picks, f"the queued pod was picked {picks.count('sim-0')} times of 40"
