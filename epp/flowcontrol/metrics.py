@@ -27,6 +27,7 @@ from llmepp.observability.fast import Buckets, Tally
 from llmepp.observability.metrics import (
     FAST_BUCKETS,
     MAX_FAIRNESS_LABELS,
+    MAX_LABEL_VALUE_CHARS,
     MAX_MODEL_LABELS,
     OVERFLOW_LABEL,
     PREFIX,
@@ -67,6 +68,11 @@ class FlowChildren:
         self._enqueue: dict[str, Buckets] = {}
 
     def wait(self, outcome: Outcome, model: str = "", target: str = "") -> Buckets:
+        # Reported as "other" anyway; a cache key would keep the client's whole name (up to the body limit).
+        if len(model) > MAX_LABEL_VALUE_CHARS:
+            model = OVERFLOW_LABEL
+        if len(target) > MAX_LABEL_VALUE_CHARS:
+            target = OVERFLOW_LABEL
         key = (outcome, model, target)
         found = self._hist.get(key)
         if found is None:

@@ -342,6 +342,9 @@ class EppMetrics:
     def scheduler_attempt(self, status: str, target_model: str, endpoint: Endpoint | None) -> Tally:
         """`scheduler_attempts_total` child of one attempt: its status, target model and the primary
         endpoint picked (empty names when none, as the reference's failures)."""
+        if len(target_model) > MAX_LABEL_VALUE_CHARS:
+            # Reported as "other" anyway; a cache key would keep the client's whole name (up to the body limit).
+            target_model = OVERFLOW_LABEL
         key = (status, target_model, endpoint)
         child = self._attempts.get(key)
         if child is None:

@@ -46,7 +46,7 @@ from llmepp.errors import DROPPED_REASON_HEADER, BadRequest, Evicted, PayloadToo
 from llmepp.framework.requestcontrol import DirectResponse
 from llmepp.observability.logging import LogLimiter
 from llmepp.observability.metrics import MAX_FAIRNESS_LABELS, OVERFLOW_LABEL, BoundedLabels, EppMetrics
-from llmepp.request import grpcwire, parsers
+from llmepp.request import grpcwire, parsers, slo
 from llmepp.request.rewrite import ModelNameRewriter
 from llmepp.request.types import InferenceRequest, RequestKind, ResponseInfo, TerminationCause, UsageReader
 from llmepp.request.usage import UsageCollector
@@ -72,6 +72,14 @@ CONTROL_HEADERS = (
     parsers.H_MODEL_REWRITE_ALIAS,
     DROPPED_REASON_HEADER,
     *parsers.SIDECAR_HEADERS,
+    # The rest of the reference's system-owned request headers (pkg/epp/util/request/headers.go): the SLO inputs
+    # (read by SLO ordering, latency prediction and admission), the video inputs, the served-endpoint key.
+    *slo.TTFT_SLO_HEADERS,
+    *slo.TPOT_SLO_HEADERS,
+    "x-llm-d-video-fps",
+    "x-llm-d-video-duration-seconds",
+    "x-llm-d-video-resolution",
+    envoy.DESTINATION_HEADER + "-served",
 )
 _CONTROL_HEADER_SET = frozenset(CONTROL_HEADERS)  # most requests carry none: one C-level check
 EVENT_STREAM = "text/event-stream"

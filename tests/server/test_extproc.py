@@ -164,6 +164,26 @@ async def test_a_clients_sidecar_routing_headers_are_removed_unless_the_epp_sets
         }
 
 
+async def test_the_other_system_owned_headers_a_client_sends_are_removed() -> None:
+    """The reference strips every system-owned request header (pkg/epp/util/request/headers.go): the SLO and
+    video inputs the EPP reads, and the served-endpoint key, are not forwarded to the model server as the client
+    spelled them (plugins still read them)."""
+    async with serve() as h:
+        spoofed = {
+            "x-llm-d-slo-ttft-ms": "1",
+            "x-slo-ttft-ms": "1",
+            "x-llm-d-slo-tpot-ms": "1",
+            "x-slo-tpot-ms": "1",
+            "x-llm-d-video-fps": "30",
+            "x-llm-d-video-duration-seconds": "5",
+            "x-llm-d-video-resolution": "720p",
+            "x-gateway-destination-endpoint-served": "203.0.113.7:80",
+        }
+        common = (await h.open().route(BODY, spoofed))[0].request_headers.response
+        assert set(common.header_mutation.remove_headers) == set(spoofed)
+        assert h.director.requests[0].headers["x-llm-d-slo-ttft-ms"] == "1"
+
+
 async def test_a_clients_tracestate_does_not_outlive_the_traceparent_the_epp_replaces() -> None:
     """With tracing on the EPP writes the traceparent the model server continues, and so owns tracestate:
     the span's own when it has one, else none. The client's would otherwise go on beside a traceparent it

@@ -7,10 +7,19 @@ longer than MAX_LABEL_VALUE_CHARS is reported as "other"."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import tracemalloc
+from collections.abc import Callable
 
-from prometheus_client import generate_latest
+from helpers import endpoint
+from prometheus_client import CollectorRegistry, generate_latest
 
+from llmepp.config.loader import build, load_config
+from llmepp.datalayer.datastore import Datastore
+from llmepp.director import Director
+from llmepp.flowcontrol.metrics import FlowChildren, FlowControlMetrics
+from llmepp.flowcontrol.types import Outcome
 from llmepp.observability.metrics import MAX_LABEL_VALUE_CHARS, OVERFLOW_LABEL, BoundedLabels, EppMetrics
 from llmepp.server.stream import ExtProcStream, Pending, StreamContext
 from llmepp.settings import Settings
@@ -61,3 +70,76 @@ def test_bounded_labels_report_an_over_long_value_as_other() -> None:
     assert labels(ok + "m") == OVERFLOW_LABEL
     assert not labels.admits(("model", "t" * (MAX_LABEL_VALUE_CHARS + 1)))
     assert labels.admits(("model", "target"))
+
+
+# -- the caches from labels to metric children are keyed after the bound --------------------------------------
+NAME_BYTES = 1024 * 1024
+NAMES = 40
+
+
+def _retained(step: Callable[[int], None]) -> int:
+    """Bytes still allocated after NAMES calls of `step(i)` (each with its own 1 MiB model name)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        for i in range(NAMES):
+            step(i)
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - start
+    finally:
+        tracemalloc.stop()
+
+
+def _long_model(i: int) -> str:
+    return f"{i:04d}" + "m" * NAME_BYTES
+
+
+async def test_scheduled_requests_do_not_keep_their_model_names() -> None:
+    """scheduler_attempts' child cache (up to 10,000 keys) held each scheduled request's whole model name: a
+    client sending a few hundred multi-MiB names (an unknown model is still scheduled) pinned gigabytes."""
+    ds = Datastore()
+    ds.upsert(endpoint(0).spec)
+    metrics = EppMetrics()
+    director = Director(ds, build(load_config("plugins:\n- type: queue-scorer\n"), datastore=ds).pipeline, metrics)
+    ctx = StreamContext(director, metrics, Settings())
+
+    async def one(model: str) -> None:
+        stream = ExtProcStream(ctx)
+        body = json.dumps({"model": model, "prompt": "hi"}).encode()
+        for msg in (request_headers(), request_body(body, eos=True), response_headers(404)):
+            out = stream.handle(msg.WhichOneof("request"), msg)
+            if isinstance(out, Pending):
+                await out.coro
+        stream.handle("response_body", response_body(b'{"error":"model not found"}', eos=True))
+        stream.finish()
+        await asyncio.sleep(0)
+
+    await one("warm")  # every lazily made child and cache exists
+    models = [_long_model(i) for i in range(NAMES)]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        for i in range(NAMES):
+            await one(models[i])
+        gc.collect()
+        models.clear()
+        gc.collect()
+        retained = tracemalloc.get_traced_memory()[0] - start
+    finally:
+        tracemalloc.stop()
+    assert retained < 4 * NAME_BYTES, f"{retained / 2**20:.1f} MiB held after {NAMES} finished requests"
+
+
+def test_flow_control_wait_series_do_not_keep_model_names() -> None:
+    """A flow's queue-duration children (up to 1,000 keys per flow; the default flow lives for ever)."""
+    children = FlowChildren(FlowControlMetrics(CollectorRegistry()), "default-flow", "0", "pool")
+    children.wait(Outcome.DISPATCHED, "warm", "warm").observe(0.0)
+
+    def step(i: int) -> None:
+        model = _long_model(i)
+        children.wait(Outcome.DISPATCHED, model, model).observe(0.01)
+
+    retained = _retained(step)
+    assert retained < 4 * NAME_BYTES, f"{retained / 2**20:.1f} MiB held after {NAMES} requests left flow control"
