@@ -23,7 +23,6 @@ import msgspec
 from google.api import httpbody_pb2
 from google.protobuf.message import DecodeError
 
-from llmepp.decoding import DECODE_ERRORS
 from llmepp.errors import BadRequest
 from llmepp.protocols import vertexai_prediction_pb2 as pb
 from llmepp.request import grpcwire, parsers
@@ -52,8 +51,8 @@ def _api(suffix: str, data: bytes) -> str | None:
     if suffix == CHAT:
         return "chat/completions"
     try:
-        shape = _SHAPE.decode(data)
-    except DECODE_ERRORS:
+        shape = parsers._decode(_SHAPE, data)  # read as the OpenAI parser reads it (a lone surrogate too)
+    except BadRequest:
         return None  # not an OpenAI JSON object: a custom prediction
     if shape.messages:
         return "chat/completions"

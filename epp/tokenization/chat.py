@@ -593,6 +593,40 @@ class JinjaTemplate:
         return out
 
 
+class _ApiTools(msgspec.Struct):
+    tools: list[Any] | None = None
+
+
+_API_TOOLS = msgspec.json.Decoder(_ApiTools)
+
+
+def api_tools(request: InferenceRequest) -> list[dict[str, Any]] | None:
+    """The tools of a Responses or Anthropic Messages request as vLLM hands them to the chat template: a Responses
+    function tool {type, name, description, parameters, strict} as {type: function, function: {the rest}}
+    (responses utils' convert_tool_responses_to_completions_format); an Anthropic tool {name, description,
+    input_schema} as a function whose parameters are its input_schema (its Anthropic endpoint's conversion).
+    None for other kinds, or without tools."""
+    kind = request.kind
+    if kind is not RequestKind.RESPONSES and kind is not RequestKind.MESSAGES:
+        return None
+    try:
+        tools = _API_TOOLS.decode(request.body).tools
+    except DECODE_ERRORS:
+        return None
+    out: list[dict[str, Any]] = []
+    for tool in tools or ():
+        if not isinstance(tool, dict):
+            continue
+        if kind is RequestKind.RESPONSES:
+            if tool.get("type") == "function":
+                out.append({"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}})
+        elif isinstance(tool.get("name"), str):
+            function = {"name": tool["name"], "description": tool.get("description"),
+                        "parameters": tool.get("input_schema")}  # fmt: skip
+            out.append({"type": "function", "function": function})
+    return out or None
+
+
 def _inputs(request: InferenceRequest) -> _ChatInputs:
     """What the template renders: the chat body's fields, an embeddings body's chat fields, or (Responses,
     Conversations, Anthropic Messages: their body is no chat body) the parsed messages."""
@@ -604,7 +638,8 @@ def _inputs(request: InferenceRequest) -> _ChatInputs:
             return msgspec.convert(embedding_chat_fields(request.body), _ChatInputs)
     except DECODE_ERRORS as e:
         raise ValueError(f"chat request cannot be rendered: {e}") from None
-    return _ChatInputs(messages=chat_messages(request.messages or ()))
+    # Responses, Conversations, Anthropic Messages: their messages, and the tools vLLM renders with them.
+    return _ChatInputs(messages=chat_messages(request.messages or ()), tools=api_tools(request))
 
 
 def _continue_final(text: str, final: dict[str, Any]) -> str:

@@ -29,6 +29,7 @@ from llmepp.request.types import InferenceRequest, RequestKind
 from llmepp.tokenization.chat import (
     AUTO,
     JinjaTemplate,
+    api_tools,
     chat_messages,
     embedding_chat_fields,
     load_chat_template,
@@ -476,8 +477,12 @@ class VllmTokenProducer(TokenProducer):
         if request.kind is RequestKind.EMBEDDINGS and request.messages is not None:
             return CHAT_RENDER, {"model": model, **embedding_chat_fields(request.body)}
         if request.messages is not None:
-            # Responses, Conversations, Anthropic Messages: no chat body to forward; their messages.
-            return CHAT_RENDER, {"model": model, "messages": chat_messages(request.messages)}
+            # Responses, Conversations, Anthropic Messages: no chat body to forward; their messages and tools.
+            body = {"model": model, "messages": chat_messages(request.messages)}
+            tools = api_tools(request)
+            if tools is not None:
+                body["tools"] = tools
+            return CHAT_RENDER, body
         assert request.prompt is not None
         return COMPLETIONS_RENDER, {"model": model, "prompt": request.prompt.decode("utf-8", "replace")}
 
@@ -488,8 +493,11 @@ class VllmTokenProducer(TokenProducer):
         if request.kind is RequestKind.EMBEDDINGS and request.messages is not None:
             body.update(embedding_chat_fields(request.body))
         elif request.kind is not RequestKind.CHAT_COMPLETIONS and request.messages is not None:
-            # Responses, Conversations, Anthropic Messages: no chat body to forward; their messages.
+            # Responses, Conversations, Anthropic Messages: no chat body to forward; their messages and tools.
             body["messages"] = chat_messages(request.messages)
+            tools = api_tools(request)
+            if tools is not None:
+                body["tools"] = tools
         elif request.messages is not None:
             # The server renders its own chat template: send what decides the rendering, verbatim.
             body.update(template_fields(request.body))

@@ -6,9 +6,20 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import msgspec
+from google.api import httpbody_pb2
+from prometheus_client import CollectorRegistry
+
+from llmepp.director import Director
 from llmepp.errors import BadRequest
-from llmepp.request.parsers import parse_request
+from llmepp.framework.plugin import registry
+from llmepp.k8s.modelrewrite import ModelRewriter, ModelRewriteStore, RewriteSync
+from llmepp.k8s.models import InferenceModelRewrite
+from llmepp.protocols import vertexai_prediction_pb2 as vx
+from llmepp.request import grpcwire
+from llmepp.request.parsers import RequestParsers, parse_request
 from llmepp.request.types import InferenceRequest, RequestKind
+from llmepp.tokenization.chat import JinjaTemplate
 
 
 def _parse(path: str, body: dict[str, Any] | bytes) -> InferenceRequest:
@@ -124,3 +135,40 @@ def test_usage_of_a_large_answer_with_prompt_logprobs_after_the_usage_is_read() 
     for i in range(0, len(body), 16 * 1024):  # as Envoy hands it over
         collector.feed(body[i : i + 16 * 1024])
     assert collector.result() == Usage(prompt_tokens=80_000, completion_tokens=1, cached_tokens=0, total_tokens=80_001)
+
+
+# -- a lone surrogate escape is read the same by every reader of the body -------------------------------------
+# The parser reads a lone "\ud83d" (a chat UI cutting a history inside an emoji pair) as U+FFFD, as Go's
+# encoding/json and Python's json do; the readers after it (an InferenceModelRewrite, Vertex RawPredict's
+# shape check, the chat-template render) refused the same body: a 400 once a rewrite rule matched, a chat routed
+# as an opaque prediction, no tokenized prompt.
+LONE_SURROGATE_BODY = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"user":"alice \\ud83d"}'
+
+
+def test_a_lone_surrogate_body_is_rewritten_by_an_inference_model_rewrite() -> None:
+    req = _parse("/v1/chat/completions", LONE_SURROGATE_BODY)
+    doc = {
+        "metadata": {"name": "canary", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"poolRef": {"name": "p"},
+                 "rules": [{"matches": [{"model": {"value": "m"}}], "targets": [{"modelRewrite": "m2"}]}]},
+    }  # fmt: skip
+    store = ModelRewriteStore()
+    RewriteSync(store, "p", "inference.networking.k8s.io").upsert(msgspec.convert(doc, InferenceModelRewrite))
+    ModelRewriter(store, CollectorRegistry()).rewrite(req)
+    assert req.target_model == "m2"
+    assert json.loads(Director._rewritten_body(req) or b"")["model"] == "m2"
+
+
+def test_a_lone_surrogate_raw_predict_body_is_read_as_the_chat_it_is() -> None:
+    http = httpbody_pb2.HttpBody(content_type="application/json", data=LONE_SURROGATE_BODY)
+    body = grpcwire.frame(vx.RawPredictRequest(endpoint="e", http_body=http).SerializeToString())
+    table = RequestParsers([registry.build(t, t, None) for t in ("vertexai-parser", "passthrough-parser")])  # type: ignore[misc]
+    headers = {":path": "/google.cloud.aiplatform.v1.PredictionService/RawPredict", "content-type": "application/grpc"}
+    req = table.parse(headers, body, request_id="r")
+    assert req.kind is RequestKind.CHAT_COMPLETIONS and req.model == "m"
+
+
+def test_a_lone_surrogate_chat_is_rendered_by_the_chat_template() -> None:
+    req = _parse("/v1/chat/completions", LONE_SURROGATE_BODY)
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    assert JinjaTemplate(template, special_tokens={}, origin="test").render(req) == "<user>hi"

@@ -76,3 +76,65 @@ def test_message_fields_are_passed_as_vllm_passes_them() -> None:
     ]
     # vLLM: no tool_call_id on a user message, no null name; the assistant's empty tool_calls kept.
     assert render(KEYS, messages) == "content,role;content,role,tool_calls;content,name,role,tool_call_id;"
+
+
+# -- the tools of Responses and Anthropic Messages requests ---------------------------------------------------
+# vLLM renders a Responses request's function tools (construct_tool_dicts: {type, name, ...} as a chat function
+# tool) and an Anthropic request's tools ({name, description, input_schema} as a function whose parameters are
+# the input_schema) into the template's `tools`, which most templates write at the very start of the prompt.
+TOOLS_FIRST = (
+    "{% if tools %}<tools>{% for t in tools %}{{ t.function | tojson }};{% endfor %}</tools>{% endif %}"
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+)
+SCHEMA = {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}
+
+
+def _render(path: str, body: dict[str, Any]) -> str:
+    req = parse_request({":path": path}, json.dumps(body).encode(), request_id="r")
+    return JinjaTemplate(TOOLS_FIRST, special_tokens={}, origin="test").render(req)
+
+
+def _chat_with_tools() -> str:
+    tool = {"type": "function", "function": {"name": "read_file", "description": "read a file", "parameters": SCHEMA}}
+    return _render(
+        "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "fix it"}], "tools": [tool]}
+    )
+
+
+def test_a_responses_requests_tools_render_as_the_same_chat_requests() -> None:
+    chat = _chat_with_tools()
+    assert chat.startswith('<tools>{"name": "read_file", "description": "read a file", "parameters": {')
+    responses = {
+        "model": "m",
+        "input": [{"type": "message", "role": "user", "content": "fix it"}],
+        "tools": [
+            {"type": "function", "name": "read_file", "description": "read a file", "parameters": SCHEMA},
+            {"type": "web_search_preview"},  # a built-in tool: vLLM renders it only with a tool server
+        ],
+    }
+    assert _render("/v1/responses", responses) == chat
+
+
+def test_an_anthropic_requests_tools_render_as_the_same_chat_requests() -> None:
+    messages = {
+        "model": "m",
+        "max_tokens": 100,
+        "messages": [{"role": "user", "content": "fix it"}],
+        "tools": [{"name": "read_file", "description": "read a file", "input_schema": SCHEMA}],
+    }
+    assert _render("/v1/messages", messages) == _chat_with_tools()
+
+
+def test_the_vllm_render_backend_sends_a_responses_requests_tools_as_chat_tools() -> None:
+    from llmepp.plugins.producers.token import VllmTokenProducer
+
+    body = {
+        "model": "m",
+        "input": "fix it",
+        "tools": [{"type": "function", "name": "read_file", "description": "read a file", "parameters": SCHEMA}],
+    }
+    req = parse_request({":path": "/v1/responses"}, json.dumps(body).encode(), request_id="r")
+    _path, sent = VllmTokenProducer._render_request(req, "m")
+    assert sent["tools"] == [
+        {"type": "function", "function": {"name": "read_file", "description": "read a file", "parameters": SCHEMA}}
+    ]
