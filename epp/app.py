@@ -405,7 +405,8 @@ class App:
         if self.config_watcher is not None:
             self.config_watcher.start()
 
-        self._health_server = grpc.aio.server()
+        # SO_REUSEPORT off (gRPC sets it by default), as on the ext_proc port: a second EPP must not share this one.
+        self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         health.add_to_server(self.health, self._health_server)
         health_address = grpc_address(s.bind_address, s.grpc_health_port)
         with _listening("--grpc-health-port", health_address):

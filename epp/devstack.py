@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import socket
 import sys
 from pathlib import Path
+from typing import TextIO
 
 from llmepp.config.loader import load_config
 from llmepp.config.schema import DEFAULT_CONFIG
@@ -166,8 +168,8 @@ async def main(options: StackOptions) -> int:
     def on_signal() -> None:
         for sig in _STOP_SIGNALS:
             loop.add_signal_handler(sig, lambda: None)
-        print("stopping (Envoy, the EPP, the pods) ...", flush=True)
-        task.cancel()
+        task.cancel()  # first: the terminal may be gone (SIGHUP), and then printing fails
+        _say("stopping (Envoy, the EPP, the pods) ...")
 
     for sig in _STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal)
@@ -181,7 +183,7 @@ async def main(options: StackOptions) -> int:
                 if _publishes_kv_events(options)
                 else ""
             )
-            print(
+            _say(
                 f"""
 ready: Envoy {url}  ->  EPP {epp} (ext_proc over TLS)  ->  pods {addresses}
 
@@ -192,17 +194,23 @@ ready: Envoy {url}  ->  EPP {epp} (ext_proc over TLS)  ->  pods {addresses}
   the x-inference-pod response header names the pod that answered; EPP log: {stack.workdir}/epp.log
   EPP config: {stack.config_file} (edits of its scorers, weights and profiles apply within ~2 s){precise}
 
-Ctrl-C stops everything.""",
-                flush=True,
+Ctrl-C stops everything."""
             )
             await asyncio.Future()  # until a signal cancels this task
     except asyncio.CancelledError:
         pass
     except (RuntimeError, TimeoutError, OSError) as e:  # a program that did not start; its log tail is in `e`
-        print(f"devstack: the stack did not start: {e}", file=sys.stderr)
+        _say(f"devstack: the stack did not start: {e}", sys.stderr)
         return 1
-    print("stopped", flush=True)
+    _say("stopped")
     return 0
+
+
+def _say(text: str, file: TextIO | None = None) -> None:
+    """Print, unless the terminal has gone (closed window: EIO) or the pipe's reader has (EPIPE): the stack must
+    still stop, or start, without anyone to read it."""
+    with contextlib.suppress(OSError):
+        print(text, file=file or sys.stdout, flush=True)
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import socket
@@ -197,6 +198,36 @@ async def test_the_terminal_closing_during_start_up_stops_what_was_started() -> 
             await asyncio.sleep(0.02)
         rest = await _stopped(proc, signal.SIGHUP)
         assert "ready:" not in rest  # it was stopped during start-up, as meant
+
+
+async def test_a_stop_with_no_one_left_to_read_the_output_still_stops_the_stack() -> None:
+    """The terminal closed (printing then fails with EIO) or `make run | tee log` with the tee gone (EPIPE): the
+    stop must not depend on printing "stopping". It did: the signal handler's print raised before it cancelled
+    the stack, and every later signal was ignored, leaving Envoy, the EPP and the pods on their ports."""
+    assert not _listening(), "devstack's ports are taken (a `make run` still running?)"
+    read_fd, write_fd = os.pipe()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "llmepp.devstack", "--pods", str(PODS), "--port", str(free_port()),
+        cwd=REPO, stdout=write_fd, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    os.close(write_fd)
+    try:
+        reader = os.fdopen(read_fd, "rb", buffering=0)
+        printed = b""
+        async with asyncio.timeout(START_TIMEOUT):
+            while b"Ctrl-C stops everything." not in printed:
+                chunk = await asyncio.to_thread(reader.read, 65536)
+                assert chunk, f"devstack exited before it was ready:\n{printed.decode()}"
+                printed += chunk
+        reader.close()  # nobody reads its output any more
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(STOP_TIMEOUT):
+            await proc.wait()
+        assert not _listening(), "a process devstack started outlived it"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def test_a_sigkilled_devstack_takes_its_processes_with_it() -> None:

@@ -97,8 +97,15 @@ def _run_epp(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     ("flag", "transport"),  # the transport only changes how the ext_proc port binds
     [("--grpc-port", "h2"), ("--grpc-port", "grpc"), ("--grpc-health-port", "h2"), ("--metrics-port", "h2")],
 )
-def test_a_port_in_use_is_a_start_up_error_naming_the_flag(tmp_path: Path, flag: str, transport: str) -> None:
+@pytest.mark.parametrize("shared", [False, True], ids=["plain", "reuseport"])
+def test_a_port_in_use_is_a_start_up_error_naming_the_flag(
+    tmp_path: Path, flag: str, transport: str, shared: bool
+) -> None:
+    """`shared`: the holder allows SO_REUSEPORT, as a gRPC server (another EPP) does; the EPP must not share the
+    port with it (probes or requests would reach either process at random)."""
     with socket.socket() as busy:
+        if shared:
+            busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
