@@ -198,13 +198,21 @@ async def test_a_watch_that_fails_after_every_open_is_logged_once_per_interval(
         watches += 1
         return web.Response(body=b"<html>proxy error</html>\n")
 
+    loop = asyncio.get_running_loop()
     with caplog.at_level(logging.DEBUG, logger="llmepp.k8s.informer"):
         async with fake_api(handler, tmp_path) as client, running(client) as (_, _, task):
+            start = loop.time()
             await asyncio.sleep(1.2)
-            assert not task.done() and watches >= 8
+            while watches < 8:  # a loaded machine attempts more slowly
+                assert loop.time() - start < 20, watches
+                await asyncio.sleep(0.05)
+            elapsed = loop.time() - start
+            assert not task.done()
     loud = [r for r in caplog.records if r.levelno >= logging.INFO and "synced" not in r.getMessage()]
-    assert 2 <= len([r for r in loud if r.levelno == logging.WARNING]) <= 3, [r.getMessage() for r in loud]
-    assert len(loud) <= 6, [r.getMessage() for r in loud]
+    warnings = len([r for r in loud if r.levelno == logging.WARNING])
+    # One warning per interval (the first at once), not one per attempt.
+    assert 2 <= warnings <= elapsed / 0.5 + 1, ([r.getMessage() for r in loud], elapsed, watches)
+    assert len(loud) <= 2 * warnings, [r.getMessage() for r in loud]
 
 
 async def test_a_watch_answered_410_right_after_every_list_backs_off(
