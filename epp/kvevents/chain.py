@@ -381,17 +381,20 @@ class SourceChains:
 
 
 def _cache_salt(ev: BlockStored) -> str:
-    """vLLM puts a request's cache_salt in the first block's extra keys (next to LoRA names and
-    multimodal identifiers); the last plain string there that is not the LoRA name is the salt."""
+    """vLLM puts a request's cache_salt in the first block's extra keys, after the LoRA name and the
+    identifiers (plain strings too) of the multimodal items overlapping the block: the last plain string
+    there that is neither the LoRA name nor an item that continues into the next block (an image's
+    placeholders span many blocks; the salt is on block 0 only) is the salt."""
     extra: Any = ev.extra_keys
     if not extra or not isinstance(extra, list):
         return ""
     first = extra[0]
     if not isinstance(first, list | tuple):
         return ""
+    second = extra[1] if len(extra) > 1 and isinstance(extra[1], list | tuple) else ()
     salt = ""
     for item in first:
-        if isinstance(item, str) and item != ev.lora_name:
+        if isinstance(item, str) and item != ev.lora_name and item not in second:
             salt = item
     return salt
 

@@ -147,6 +147,28 @@ def test_removed_parents_are_remembered_within_a_bound() -> None:
     assert chains.stats.orphans == 2
 
 
+def _held(index: MemoryIndex, tokens: list[int], salt: str = "") -> int:
+    """Blocks of `tokens` pod p:1 holds, for a request with `salt` (MODEL's root)."""
+    bit = index.bit("p:1")
+    return index.match(tokens_to_bytes(tokens), 16, root_key(MODEL, salt), bit).lengths.get(bit, 0)
+
+
+def test_an_image_identifier_in_the_first_block_is_not_taken_for_the_cache_salt() -> None:
+    """vLLM's block extra keys are the LoRA name, the identifiers (plain strings) of the multimodal items
+    overlapping the block, then the cache_salt, on block 0 only. An image starting in block 0 of a request with
+    no salt must not root the chain as if its hash were a salt: multimodal requests match on their text tokens."""
+    index, chains = MemoryIndex(1000, 10, TIERS), SourceChains(16, 0, TIERS, 1000)
+    tokens = [random.Random(5).randrange(50_000) for _ in range(16 * 3)]
+    image = "5f1c0a9e3b7d2c4f8a6e1b0d9c3f7a2e5b8d4c1f0e9a7b6c3d2e1f0a9b8c7d6e"
+    feed(chains, index, "p:1", [BlockStored([0x11, 0x22, 0x33], None, tokens, 16, extra_keys=[[image], [image], None])])
+    assert _held(index, tokens) == 3
+
+    index, chains = MemoryIndex(1000, 10, TIERS), SourceChains(16, 0, TIERS, 1000)
+    salted = [["imghash", "tenant-a"], ["imghash"], None]  # an image and a salt: the salt comes last
+    feed(chains, index, "p:1", [BlockStored([0x11, 0x22, 0x33], None, tokens, 16, extra_keys=salted)])
+    assert _held(index, tokens, salt="tenant-a") == 3 and _held(index, tokens) == 0
+
+
 def test_tiers_weight_the_match_and_removal_is_per_tier() -> None:
     index = MemoryIndex(1000, 10, TIERS)
     chains = SourceChains(16, 0, TIERS, 1000)
