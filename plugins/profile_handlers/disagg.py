@@ -37,6 +37,15 @@ _STAGE_ORDERS = {"": DECODE_FIRST, "decodefirst": DECODE_FIRST, "decode": DECODE
 # own vLLM, so a prefill pick for them would charge a prefill pod for work it never does, or fail the request
 # (503) when no prefill pod is up.
 PREFILL_KINDS = frozenset({RequestKind.COMPLETIONS, RequestKind.CHAT_COMPLETIONS})
+# vLLM's render endpoints (`.../completions/render`, `.../chat/completions/render`) parse as those kinds but
+# only tokenize: the sidecar passes them through, there is no prefill to run remotely.
+RENDER_SUFFIX = "/render"
+
+
+def _remote_prefill_possible(request: InferenceRequest) -> bool:
+    """The decode pod's sidecar would split this request into a remote prefill and a local decode."""
+    return request.kind in PREFILL_KINDS and not request.path.rstrip("/").endswith(RENDER_SUFFIX)
+
 
 DECODE_ONLY = "decode-only"
 PREFILL_DECODE = "prefill-decode"
@@ -166,7 +175,7 @@ class DisaggProfileHandler(ProfileHandler, PreRequest):
         profiles: Mapping[str, SchedulerProfile],
         results: Mapping[str, ProfileResult | None],
     ) -> Sequence[SchedulerProfile]:
-        if request.kind not in PREFILL_KINDS:  # decode-only, whatever the stage order and the deciders
+        if not _remote_prefill_possible(request):  # decode-only, whatever the stage order and the deciders
             return () if self.decode in results else (profiles[self.decode],)
         if self.prefill_first:
             return self._pick_prefill_first(request, profiles, results)

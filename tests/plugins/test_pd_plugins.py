@@ -208,6 +208,9 @@ UNSPLIT = [
     ("/v1/embeddings", {"model": "m", "input": "a" * 4000}),
     ("/v1/responses", {"model": "m", "input": "a" * 4000}),
     ("/v1/messages", {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "a" * 4000}]}),
+    # vLLM's render endpoints parse as the API they render, but only tokenize: the sidecar passes them through.
+    ("/v1/chat/completions/render", {"model": "m", "messages": [{"role": "user", "content": "a" * 4000}]}),
+    ("/v1/completions/render", {"model": "m", "prompt": "a" * 4000}),
 ]
 
 
