@@ -390,7 +390,11 @@ class Director:
         extra: dict[str, str] | None = None
         if self.decision_header and request.scheduling is not None:
             extra = {DECISION_HEADER: decision_summary(request.scheduling)}
-        timers = self._timers if self.pipeline.response_header and self._timers.response_sampled() else None
+        timers = (
+            self._timers
+            if self.pipeline.response_header and self._timers.response_sampled("ResponseHeaderProcessor")
+            else None
+        )
         start = 0.0
         for plugin in self.pipeline.response_header:
             if timers is not None:
@@ -408,7 +412,7 @@ class Director:
 
     def response_first_chunk(self, request: InferenceRequest, response: ResponseInfo) -> None:
         """Once, at the first response body bytes of a scheduled request."""
-        timers = self._timers if self._timers.response_sampled() else None
+        timers = self._timers if self._timers.response_sampled("FirstResponseChunkProcessor") else None
         start = 0.0
         for plugin in self.pipeline.first_response_chunk:
             if timers is not None:
@@ -449,7 +453,7 @@ class Director:
         inflight = decision.targets[0].inflight
         inflight.requests -= 1
         inflight.tokens -= decision.inflight_tokens
-        timers = self._timers if self._timers.response_sampled() else None
+        timers = self._timers if self._timers.response_sampled("ResponseCompleteProcessor") else None
         start = 0.0
         for plugin in self.pipeline.response_complete:
             if timers is not None:

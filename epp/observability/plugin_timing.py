@@ -24,17 +24,19 @@ class PluginTimers:
         # keying by instance kept every retired one alive (and an entry for it) for the EPP's lifetime.
         self._children: dict[tuple[str, str, str], Buckets] = {}
         self._requests = 0
-        self._responses = 0
+        # One count per response hook: a shared one advanced by two hooks per request (first chunk,
+        # completion) always reached a multiple of `every` on the same hook, and never timed the other.
+        self._responses: dict[str, int] = {}
 
     def request_sampled(self) -> bool:
         """Time this request's routing (producers, admitters, filters, scorers, picker, pre-request)?"""
         self._requests += 1
         return self._requests % self.every == 0
 
-    def response_sampled(self) -> bool:
-        """Time this response hook's plugins?"""
-        self._responses += 1
-        return self._responses % self.every == 0
+    def response_sampled(self, hook: str) -> bool:
+        """Time this call of response hook `hook`'s plugins? One call in `every` of each hook."""
+        n = self._responses[hook] = self._responses.get(hook, 0) + 1
+        return n % self.every == 0
 
     def observe(self, extension_point: str, plugin: Plugin, seconds: float) -> None:
         key = (extension_point, plugin.type, plugin.name)

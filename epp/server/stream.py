@@ -1038,7 +1038,8 @@ class ExtProcStream:
                     if out > 1 and info.streaming and info.bytes:
                         lab.streaming_tpot.observe((now - info.first_byte_at) / (out - 1))
                 lab.cached_tokens.observe(u.cached_tokens)
-        if info.status >= 400 or info.grpc_status:
+        if (info.status >= 400 or info.grpc_status) and cause is not TerminationCause.EVICTED:
+            # (An evicted request was counted by evict(), once: its 429 is the answer the client got.)
             code = "ModelServerError" if self.decision is not None else "ProxyError"
             svc.metrics.request_error_total.labels(*(lab or svc.labeled("", "")).labels, code).inc()
         if self.resp_started and svc.time_response_chunks:

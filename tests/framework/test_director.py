@@ -311,7 +311,9 @@ async def test_plugin_durations_are_recorded_for_one_request_in_sixteen() -> Non
         req = request(b"x" * 400)
         decision = await d.handle_request(req, None)
         assert isinstance(decision, RoutingDecision)
-        d.response_complete(req, ResponseInfo(status=200), decision)
+        info = ResponseInfo(status=200)
+        d.response_first_chunk(req, info)  # each response hook is sampled on its own count
+        d.response_complete(req, info, decision)
         if i == TIMED_EVERY - 2:
             assert count("Scorer", "queue-scorer") == 0  # not sampled yet
     expected = {
@@ -325,6 +327,7 @@ async def test_plugin_durations_are_recorded_for_one_request_in_sixteen() -> Non
         ("Picker", "max-score-picker"),
         ("PreRequest", "approx-prefix-cache-producer"),
         ("PreRequest", "no-hit-lru-scorer"),
+        ("FirstResponseChunkProcessor", "inflight-load-producer"),
         ("ResponseCompleteProcessor", "inflight-load-producer"),
         ("ProcessProfilesResults", "single-profile-handler"),
     }
