@@ -534,7 +534,9 @@ class App:
         if self.kube is not None:
             await step("the Kubernetes mode", self.kube.aclose)
         with contextlib.suppress(Exception):  # discovery's failure was reported by start(); the cert watch logs its own
-            await cancel_and_wait(self._discovery_task, self._cert_task)
+            # In a task of its own: closing a start-up cancelled by a signal runs in the cancelled task, where
+            # cancel_and_wait would take the discovery task's CancelledError for ours and stop `_close` here.
+            await _within_close_timeout(cancel_and_wait(self._discovery_task, self._cert_task))
         serving_cert = self.serving_cert
         if serving_cert is not None:
             await step("the serving certificate", serving_cert.close)
@@ -646,6 +648,8 @@ async def _serve(settings: Settings, stop: asyncio.Event) -> None:
         if not starting.done():
             log.warning("signal during start-up: stopping before serving")
             await cancel_and_wait(starting)
+            if app.close_failures:
+                raise CloseFailed(f"{app.close_failures} part(s) failed to close (logged above)")
             return
         starting.result()  # a failed start: its error (it has closed what it set up)
         tune_gc()
