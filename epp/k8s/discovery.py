@@ -134,6 +134,9 @@ class KubernetesDiscovery:
         self.reconciler: PoolReconciler | None = None
         self.pods: Informer[Pod] | None = None
         self.pool: Informer[InferencePool] | None = None
+        # The initial lists are in and (pool mode) the pool exists: what the datastore's `synced` says at
+        # start-up, for this discovery (a replica that leads again runs a new one, the datastore stays synced).
+        self.synced = False
 
     @property
     def has_pool(self) -> bool:
@@ -186,6 +189,7 @@ class KubernetesDiscovery:
             why = "is being deleted" if pool_events.deleting else "not found"
             log.warning("InferencePool %s/%s %s: not ready until it exists", t.namespace, t.pool_name, why)
             await pool_events.seen.wait()
+        self.synced = True
         notifier.mark_synced()
         count = self.reconciler.endpoint_count if self.reconciler is not None else 0
         log.info("endpoints synced from kubernetes", extra={"endpoints": count})

@@ -213,7 +213,11 @@ class KubeRuntime:
         self.rewrites.clear()
 
     def ready(self) -> bool:
-        if self.target.pool_mode and (self.discovery is None or not self.discovery.has_pool):
+        # This term's discovery must have listed (haPopulateNonLeaderDatastore=false starts a new one each time
+        # this replica leads again, while the datastore is still marked synced from the first).
+        if self.discovery is None or not self.discovery.synced:
+            return False
+        if self.target.pool_mode and not self.discovery.has_pool:
             return False
         return self.elector is None or self.elector.is_leader
 

@@ -79,6 +79,7 @@ def pool_app(app_protocol: str | None, *parser_types: str) -> App:
     discovery.reconciler = PoolReconciler(app.datastore, "ns")
     app.kube.discovery = discovery
     _PoolEvents(discovery.reconciler, POOL).upsert(msgspec.json.decode(pool_object(app_protocol), type=InferencePool))
+    discovery.synced = True  # its initial lists are in
     app.datastore.mark_synced()
     return app
 
