@@ -406,7 +406,7 @@ class RequestParsers:
             if req.target_model != req.model:
                 # Only a rewrite needs the whole payload; decoding it twice is rarer than keeping it.
                 # (req.body: a parser of a wrapped API, e.g. vertexai-parser, leaves the JSON there.)
-                req.payload = _decode(_ANY_DECODER, req.body)
+                req.payload = decode_body(_ANY_DECODER, req.body)
         return req
 
 
@@ -448,7 +448,7 @@ def parse_openai(req: InferenceRequest, suffix: str) -> None:
     body = req.body
     req.kind = kind = OPENAI_CLAIMS[suffix]
     if kind is RequestKind.CHAT_COMPLETIONS:
-        chat = _decode(_CHAT_DECODER, body, req)
+        chat = decode_body(_CHAT_DECODER, body, req)
         req.model = _model(chat.model)
         _read_chat(req, chat, bytes(chat.tools))
         req.stream = _flag(chat.stream)
@@ -459,7 +459,7 @@ def parse_openai(req: InferenceRequest, suffix: str) -> None:
         req.cache_salt = chat.cache_salt or ""
         _read_tokenize_params(req, chat)
     elif kind is RequestKind.COMPLETIONS:
-        comp = _decode(_COMPLETIONS_DECODER, body, req)
+        comp = decode_body(_COMPLETIONS_DECODER, body, req)
         req.model = _model(comp.model)
         req.prompt, req.prompt_is_token_ids = _text_or_tokens(comp.prompt, "prompt", lax=True)
         req.stream = _flag(comp.stream)
@@ -467,31 +467,31 @@ def parse_openai(req: InferenceRequest, suffix: str) -> None:
         req.cache_salt = comp.cache_salt or ""
         _read_tokenize_params(req, comp)
     elif kind is RequestKind.EMBEDDINGS:
-        emb = _decode(_EMBEDDINGS_DECODER, body, req)
+        emb = decode_body(_EMBEDDINGS_DECODER, body, req)
         req.model = _model(emb.model)
         if emb.input is not msgspec.UNSET and emb.input is not None:
             req.prompt, req.prompt_is_token_ids = _text_or_tokens(emb.input, "input", lax=True)
         elif emb.messages:
             # vLLM's EmbeddingChatRequest: chat messages, rendered by the chat template (without tools).
-            _read_chat(req, _decode(_CHAT_DECODER, req.body), b"")
+            _read_chat(req, decode_body(_CHAT_DECODER, req.body), b"")
         else:
             raise BadRequest('missing required field "input" (or "messages")')
         req.cache_salt = emb.cache_salt or ""
     elif kind is RequestKind.CONVERSATIONS:
         # No model: a conversation is stored state; its items are the start of every later turn.
-        conv = _decode(_CONVERSATIONS_DECODER, body, req)
+        conv = decode_body(_CONVERSATIONS_DECODER, body, req)
         if conv.items is msgspec.UNSET:
             raise BadRequest('missing required field "items"')
         req.messages = _responses_messages(_ResponsesBody(input=conv.items)) if conv.items else []
         req.prompt = conversation_prompt(req.messages)
     elif kind is RequestKind.IMAGES:
-        images = _decode(_IMAGES_DECODER, body, req)
+        images = decode_body(_IMAGES_DECODER, body, req)
         if images.prompt is msgspec.UNSET:
             raise BadRequest('missing required field "prompt"')
         req.model = images.model or ""
         req.prompt = images.prompt.encode()
     else:
-        resp = _decode(_RESPONSES_DECODER, body, req)
+        resp = decode_body(_RESPONSES_DECODER, body, req)
         req.model = _model(resp.model)
         req.messages = _responses_messages(resp)
         if not isinstance(resp.input, str | msgspec.UnsetType):
@@ -506,7 +506,7 @@ def parse_anthropic(req: InferenceRequest, suffix: str) -> None:
     """anthropic-parser: a Messages API body (`count_tokens` stays raw)."""
     if suffix != "messages":
         return
-    body = _decode(_MESSAGES_DECODER, req.body, req)
+    body = decode_body(_MESSAGES_DECODER, req.body, req)
     req.kind = RequestKind.MESSAGES
     req.model = _model(body.model)
     if body.messages is msgspec.UNSET:
@@ -591,7 +591,7 @@ def _block_text(content: str | list[_Block] | None) -> str:
 
 def parse_sglang(req: InferenceRequest, suffix: str) -> None:
     """sglanghttp-parser: SGLang's native generate body (no `model` is normal: one model per server)."""
-    body = _decode(_GENERATE_DECODER, req.body, req)
+    body = decode_body(_GENERATE_DECODER, req.body, req)
     has_text, has_ids = body.text is not None, body.input_ids is not None
     if has_text == has_ids:
         raise BadRequest('exactly one of "text" and "input_ids" is required')
@@ -619,7 +619,7 @@ def parse_sglang(req: InferenceRequest, suffix: str) -> None:
 def parse_vllm_generate(req: InferenceRequest, suffix: str) -> None:
     """vllmhttp-parser: vLLM's tokens-in / tokens-out `inference/v1/generate` (a rendered prompt:
     `token_ids`, multimodal items as `features.mm_hashes` per modality)."""
-    body = _decode(_VLLM_GENERATE_DECODER, req.body, req)
+    body = decode_body(_VLLM_GENERATE_DECODER, req.body, req)
     ids = body.token_ids
     if ids is msgspec.UNSET:
         raise BadRequest('missing required field "token_ids"')
@@ -721,7 +721,7 @@ class MalformedJSON(BadRequest):
     """The body is not JSON (as opposed to JSON of the wrong shape)."""
 
 
-def _decode(decoder: msgspec.json.Decoder[Any], body: bytes, req: InferenceRequest | None = None) -> Any:
+def decode_body(decoder: msgspec.json.Decoder[Any], body: bytes, req: InferenceRequest | None = None) -> Any:
     """`body` decoded; `req`: the request whose body it is, whose `body` then becomes the bytes decoded (a lone
     surrogate escape read as \\ufffd: same length), so that its later readers (a model rewrite, the token
     producers' chat render) read the body as the parser did. What goes upstream stays the client's bytes."""

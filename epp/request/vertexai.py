@@ -51,7 +51,7 @@ def _api(suffix: str, data: bytes) -> str | None:
     if suffix == CHAT:
         return "chat/completions"
     try:
-        shape = parsers._decode(_SHAPE, data)  # read as the OpenAI parser reads it (a lone surrogate too)
+        shape = parsers.decode_body(_SHAPE, data)  # read as the OpenAI parser reads it (a lone surrogate too)
     except BadRequest:
         return None  # not an OpenAI JSON object: a custom prediction
     if shape.messages:
