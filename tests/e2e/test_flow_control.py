@@ -130,7 +130,8 @@ class Run:
         async with self.client.post(f"{self.stack.url}/v1/completions", json=body, headers=headers) as resp:
             raw = await resp.read()
             if resp.status == 200:
-                self.rids[name] = json.loads(raw)["id"]  # the pod's id is Envoy's x-request-id
+                # The pod names its answer "cmpl-" + the x-request-id Envoy sent it (as vLLM does).
+                self.rids[name] = json.loads(raw)["id"].removeprefix("cmpl-")
             self.finished.append(name)
             return resp.status, dict(resp.headers), time.monotonic() - t0
 

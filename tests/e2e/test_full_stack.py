@@ -51,7 +51,7 @@ async def test_non_streaming_completion_routed_to_a_pod(stack: Stack, client: ai
     assert body["usage"]["completion_tokens"] == 4
     # Envoy's access log shows the upstream equal to the EPP's header and metadata choice.
     assert stack.envoy is not None
-    rid = resp.headers.get("x-request-id") or body["id"]
+    rid = resp.headers.get("x-request-id") or body["id"].removeprefix("cmpl-")  # the pod's id: "cmpl-" + Envoy's
     line = ""
     for _ in range(40):  # Envoy flushes its log every 200 ms
         line = next((ln for ln in stack.envoy.access_log() if rid in ln), "")

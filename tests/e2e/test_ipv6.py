@@ -42,7 +42,8 @@ async def complete(http: aiohttp.ClientSession, url: str, prompt: str, **headers
 
 async def access_line(envoy: EnvoyProcess, resp: aiohttp.ClientResponse) -> dict[str, str]:
     """The fields of Envoy's access-log line for `resp` (upstream, dest = the header, lb_md = the metadata)."""
-    rid = resp.headers.get("x-request-id") or json.loads(await resp.read())["id"]
+    # The pod's id is "cmpl-" + the x-request-id Envoy sent it (as vLLM names it).
+    rid = resp.headers.get("x-request-id") or json.loads(await resp.read())["id"].removeprefix("cmpl-")
     for _ in range(40):  # Envoy flushes its log every 200 ms
         line = next((ln for ln in envoy.access_log() if rid in ln), "")
         if line:
