@@ -96,8 +96,8 @@ def _long_model(i: int) -> str:
 
 
 async def test_scheduled_requests_do_not_keep_their_model_names() -> None:
-    """scheduler_attempts' child cache (up to 10,000 keys) held each scheduled request's whole model name: a
-    client sending a few hundred multi-MiB names (an unknown model is still scheduled) pinned gigabytes."""
+    """A finished request's model name is not kept (scheduler_attempts' child cache, up to 10,000 keys, held each
+    whole: a client sending a few hundred multi-MiB names, an unknown model still scheduled, pinned gigabytes)."""
     ds = Datastore()
     ds.upsert(endpoint(0).spec)
     metrics = EppMetrics()
