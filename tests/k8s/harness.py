@@ -18,6 +18,18 @@ from llmepp.settings import Settings
 # Reconnect fast in tests (production: up to 30 s between attempts).
 TEST_INFORMER = InformerOptions(backoff_initial=0.1, backoff_max=1.0)
 
+# featureGates haPopulateNonLeaderDatastore=false: only the leader watches and holds endpoints.
+LEADER_ONLY_CONFIG = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: ["haPopulateNonLeaderDatastore=false"]
+plugins:
+- type: queue-scorer
+schedulingProfiles:
+- name: default
+  plugins: [{pluginRef: queue-scorer}]
+"""
+
 
 @contextlib.asynccontextmanager
 async def running_discovery(

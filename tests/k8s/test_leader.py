@@ -17,7 +17,7 @@ from llmepp.k8s.leader import LeaderElector, LeaseConfig
 
 from .cluster import Cluster
 from .eppproc import NOT_SERVING, SERVING, Epp
-from .harness import endpoints, kube_settings, running_app
+from .harness import LEADER_ONLY_CONFIG, endpoints, kube_settings, running_app
 from .kubeapi import ApiError, TestKube, eventually
 
 POOL = "llama"
@@ -112,18 +112,8 @@ async def test_with_ha_populate_non_leader_datastore_false_only_the_leader_popul
     ns = namespace
     await kube.create_pool(ns, POOL, APP, [8000])
     await kube.ready_pod(ns, "p", APP, "10.8.1.1")
-    config = """
-apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-featureGates: ["haPopulateNonLeaderDatastore=false"]
-plugins:
-- type: queue-scorer
-schedulingProfiles:
-- name: default
-  plugins: [{pluginRef: queue-scorer}]
-"""
     ha: dict[str, Any] = {
-        "config_text": config,
+        "config_text": LEADER_ONLY_CONFIG,
         "ha_enable_leader_election": True,
         "ha_lease_duration": LEASE,
         "ha_renew_deadline": RENEW,

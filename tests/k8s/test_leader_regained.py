@@ -15,23 +15,13 @@ from typing import Any
 
 from aiohttp import web
 
-from k8s.fakeapi import kubeconfig, serving
-from k8s.harness import endpoints, kube_settings, running_app
-from k8s.kubeapi import eventually
+from .fakeapi import kubeconfig, serving
+from .harness import LEADER_ONLY_CONFIG, endpoints, kube_settings, running_app
+from .kubeapi import eventually
 
 NS = "ns"
 LEASE = f"/apis/coordination.k8s.io/v1/namespaces/{NS}/leases"
 LEASE_ITEM = f"{LEASE}/epp-{NS}-llama.llm-d.ai"
-CONFIG = """
-apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-featureGates: ["haPopulateNonLeaderDatastore=false"]
-plugins:
-- type: queue-scorer
-schedulingProfiles:
-- name: default
-  plugins: [{pluginRef: queue-scorer}]
-"""
 
 
 class Api:
@@ -85,7 +75,7 @@ async def test_a_regained_lease_is_not_ready_before_the_pods_are_listed_again(tm
         settings = kube_settings(
             kubeconfig(tmp_path / "kc", url),
             NS,
-            config_text=CONFIG,
+            config_text=LEADER_ONLY_CONFIG,
             ha_enable_leader_election=True,
             ha_lease_duration=3.0,
             ha_renew_deadline=2.0,
