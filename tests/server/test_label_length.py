@@ -10,7 +10,7 @@ import asyncio
 import gc
 import json
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from helpers import endpoint
 from prometheus_client import CollectorRegistry, generate_latest
@@ -77,22 +77,18 @@ NAME_BYTES = 1024 * 1024
 NAMES = 40
 
 
-def _retained(step: Callable[[int], None]) -> int:
-    """Bytes still allocated after NAMES calls of `step(i)` (each with its own 1 MiB model name)."""
+async def _retained(step: Callable[[str], Awaitable[None]]) -> int:
+    """Bytes still allocated after NAMES calls of `step(model)`, each with its own 1 MiB model name."""
     gc.collect()
     tracemalloc.start()
     try:
         start = tracemalloc.get_traced_memory()[0]
         for i in range(NAMES):
-            step(i)
+            await step(f"{i:04d}" + "m" * NAME_BYTES)
         gc.collect()
         return tracemalloc.get_traced_memory()[0] - start
     finally:
         tracemalloc.stop()
-
-
-def _long_model(i: int) -> str:
-    return f"{i:04d}" + "m" * NAME_BYTES
 
 
 async def test_scheduled_requests_do_not_keep_their_model_names() -> None:
@@ -116,30 +112,17 @@ async def test_scheduled_requests_do_not_keep_their_model_names() -> None:
         await asyncio.sleep(0)
 
     await one("warm")  # every lazily made child and cache exists
-    models = [_long_model(i) for i in range(NAMES)]
-    gc.collect()
-    tracemalloc.start()
-    try:
-        start = tracemalloc.get_traced_memory()[0]
-        for i in range(NAMES):
-            await one(models[i])
-        gc.collect()
-        models.clear()
-        gc.collect()
-        retained = tracemalloc.get_traced_memory()[0] - start
-    finally:
-        tracemalloc.stop()
+    retained = await _retained(one)
     assert retained < 4 * NAME_BYTES, f"{retained / 2**20:.1f} MiB held after {NAMES} finished requests"
 
 
-def test_flow_control_wait_series_do_not_keep_model_names() -> None:
+async def test_flow_control_wait_series_do_not_keep_model_names() -> None:
     """A flow's queue-duration children (up to 1,000 keys per flow; the default flow lives for ever)."""
     children = FlowChildren(FlowControlMetrics(CollectorRegistry()), "default-flow", "0", "pool")
     children.wait(Outcome.DISPATCHED, "warm", "warm").observe(0.0)
 
-    def step(i: int) -> None:
-        model = _long_model(i)
+    async def step(model: str) -> None:
         children.wait(Outcome.DISPATCHED, model, model).observe(0.01)
 
-    retained = _retained(step)
+    retained = await _retained(step)
     assert retained < 4 * NAME_BYTES, f"{retained / 2**20:.1f} MiB held after {NAMES} requests left flow control"
