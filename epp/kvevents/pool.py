@@ -84,11 +84,9 @@ class SubscriberPool:
         self.new_chains = new_chains
         self.stats = stats
         self._sources: dict[str, _Source] = {}
-        # ip:port -> the endpoint whose source runs there: the newest of `_at`'s.
-        self._endpoints: dict[str, Endpoint] = {}
         # ip:port -> every endpoint of the pool at it, oldest first. Discovery can hold two for a moment while it
         # applies one change (a name moving onto the address another name leaves in the same change): the
-        # address's source follows the newest, and stops only when the last one is removed.
+        # address's source reads the newest's sockets (`at[-1]`), and stops only when the last one is removed.
         self._at: dict[str, list[Endpoint]] = {}
         self._slots: asyncio.Semaphore | None = None
         self._ctx: zmq.asyncio.Context | None = None
@@ -118,32 +116,31 @@ class SubscriberPool:
         at = self._at.setdefault(pod, [])
         if any(ep is endpoint for ep in at):
             return
+        previous = at[-1] if at else None
         at.append(endpoint)
-        self._follow(pod, endpoint)
+        self._follow(pod, previous, endpoint)
 
     def endpoint_removed(self, endpoint: Endpoint) -> None:
         pod = endpoint.hostport
         at = self._at.get(pod, [])
         if not any(ep is endpoint for ep in at):
             return
+        owned = at[-1] is endpoint
         at[:] = [ep for ep in at if ep is not endpoint]
         if at:
-            if self._endpoints.get(pod) is endpoint:
-                self._follow(pod, at[-1])
+            if owned:
+                self._follow(pod, endpoint, at[-1])
             return
         del self._at[pod]
-        self._endpoints.pop(pod, None)
         self._ids = None
         self._stop_source(pod)
 
-    def _follow(self, pod: str, endpoint: Endpoint) -> None:
-        """The address's source now reads `endpoint`'s sockets: the same rank's (the same server) keeps its
-        subscription and state, another rank's starts over on its own socket once the old one stopped."""
-        owner = self._endpoints.get(pod)
-        self._endpoints[pod] = endpoint
+    def _follow(self, pod: str, previous: Endpoint | None, endpoint: Endpoint) -> None:
+        """The address's source now reads `endpoint`'s sockets, not `previous`'s: the same rank's (the same server)
+        keeps its subscription and state, another rank's starts over on its own socket once the old one stopped."""
         self._ids = None
-        if owner is not None and pod in self._sources:
-            if owner.spec.rank == endpoint.spec.rank:
+        if previous is not None and pod in self._sources:
+            if previous.spec.rank == endpoint.spec.rank:
                 return
             self._stop_source(pod)
         if self._closed:
@@ -195,7 +192,7 @@ class SubscriberPool:
             self._slots = asyncio.Semaphore(max(1, o.max_concurrent_replays))
         if self._ctx is None:
             self._ctx = zmq.asyncio.Context.instance()
-        endpoint = self._endpoints[pod]
+        endpoint = self._at[pod][-1]
         previous = self._stopping.get(pod)
         if previous is not None:
             await asyncio.shield(previous)
@@ -295,7 +292,8 @@ class SubscriberPool:
         ids = self._ids
         if ids is None:
             ids = self._ids = {}
-            for pod, ep in self._endpoints.items():
+            for pod, at in self._at.items():
+                ep = at[-1]
                 for key in dict.fromkeys((pod, ep.name, ep.address)):
                     ids.setdefault(key, []).append(pod)
         pods = ids.get(parts[1].decode("utf-8", "replace"))
@@ -308,7 +306,7 @@ class SubscriberPool:
             rank = decode_batch(msg.payload).data_parallel_rank or 0
         except MalformedMessage:
             return pods[0]  # the source counts it as unreadable
-        return next((p for p in pods if self._endpoints[p].spec.rank == rank), None)
+        return next((p for p in pods if self._at[p][-1].spec.rank == rank), None)
 
     async def _stop(self, pod: str, src: _Source, previous: asyncio.Task[None] | None) -> None:
         """Ends `src` and forgets the pod; after `previous` (an earlier stop of the pod), so stops end in
