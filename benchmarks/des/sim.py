@@ -252,13 +252,14 @@ class Simulation:
                 components = build(load_config(config_text), datastore=self.datastore, metrics=metrics)
             director = Director(self.datastore, components.pipeline, metrics)
             _seed_rngs([*components.plugins.values(), director], options.seed, replica=r)
-            _virtual_clocks([*components.plugins.values(), components.pipeline.admission], loop)
-            for plugin in components.plugins.values():
-                if isinstance(plugin, PrecisePrefixCacheProducer):
-                    self.producers.append(plugin)
-                    plugin.index.clock = loop.time  # speculative entries lapse in simulated time
-                    for pod, feed in zip(self.pods, self.feeds):
-                        feed.ingests.append(plugin.in_process_source(pod.endpoint))
+            precise = [p for p in components.plugins.values() if isinstance(p, PrecisePrefixCacheProducer)]
+            # Metrics freshness checks, and the precise index's speculative entries lapsing, in simulated time.
+            _virtual_clocks([*components.plugins.values(), components.pipeline.admission, *(p.index for p in precise)],
+                            loop)  # fmt: skip
+            for plugin in precise:
+                self.producers.append(plugin)
+                for pod, feed in zip(self.pods, self.feeds):
+                    feed.ingests.append(plugin.in_process_source(pod.endpoint))
             self.directors.append(director)
         self.evicted: list[int] = []  # blocks per eviction round
         self.stage_starts: list[float] = []  # s since t0

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.des import vloop
 from benchmarks.des.precise import main as precise_main
-from benchmarks.des.sim import Eviction, SimOptions, SimResult, simulate
+from benchmarks.des.sim import Eviction, SimOptions, SimResult, Simulation, simulate
 from benchmarks.des.workload import SharedPrefix, Stage, schedule
 
 CONFIGS = Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
@@ -98,3 +99,15 @@ def test_the_event_feed_sends_a_full_batch_at_once_and_a_partial_one_after_the_f
 
     run(main, start=1000.0)
     assert delivered == [(1000.0, 16), (1000.025, 4)]
+
+
+def test_the_precise_index_reads_simulated_time() -> None:
+    """Its speculative entries lapse in simulated time, as its events arrive."""
+    workload = SharedPrefix(num_groups=1, prompts_per_group=1, system_prompt_len=64, question_len=16, output_len=4)
+    config = (CONFIGS / "precise-default.yaml").read_text()
+
+    async def main(loop: vloop.VirtualTimeLoop) -> bool:
+        sim = Simulation(loop, schedule(workload, [Stage(1.0, 1.0)]), SimOptions(pods=2, epp_config=config))
+        return bool(sim.producers) and all(p.index.clock == loop.time for p in sim.producers)
+
+    assert vloop.run(main, start=10.0)
