@@ -1191,9 +1191,8 @@ def render(results: Path, readme: Path = README, template: Path = TEMPLATE) -> s
         # when routing.json's own recorded command is that run_all's.
         own: list[str] = routing.get("argv") or []
         same_run = own[:1] == ["benchmarks.run_all"] and own[1:] == run_meta.get("argv")
-        command = ("`make bench`" if own == ["benchmarks.run_all"] else "`make bench-quick`"
-                   if own == ["benchmarks.run_all", "--quick"] else f"`python -m {' '.join(own)}`" if own
-                   else "command not recorded")  # fmt: skip
+        make = {("benchmarks.run_all",): "make bench", ("benchmarks.run_all", "--quick"): "make bench-quick"}
+        command = f"`{make.get(tuple(own)) or 'python -m ' + ' '.join(own)}`" if own else "command not recorded"
         run_md = (f"Run (routing section): {command}, started {routing['started']}, "
                   f"routing section {routing.get('wall_s', 0) / 60:.1f} min wall"
                   + (f", whole run {run_meta['wall_s'] / 60:.1f} min" if same_run and run_meta.get("wall_s") else "")
