@@ -27,6 +27,15 @@ blocks that map to the same key (duplicate stores, engine-only extra keys) keep 
 block stored again while held (vLLM >= 0.33 re-reports reused blocks) adds no reference, but its keys
 go out again unchanged: stores order the in-memory index's LRU and refresh the shared index's expiry.
 
+Offload tiers (CPU, storage) count announcements instead: vLLM's offloading connector with
+`self_describing_kv_events` publishes each chunk of several GPU blocks with its per-block hashes, and
+chunks of a prefix that diverges inside a chunk name the shared blocks once each; an evicted chunk's
+removal names them too. So a block leaves such a tier at its last announcement's removal (`_copies`;
+not persisted: a copy restored from Redis drops a shared block at the first). These stores carry no
+extra keys (no cache_salt), so a block whose hash is known, held or recently removed, keeps its keys.
+Without that option the connector names a chunk by its last block only (placeholders, no tokens):
+with chunks of f > 1 GPU blocks, only every f-th block is marked as offloaded.
+
 Hybrid models (HMA): every KV-cache group caches a request's blocks under the same engine hash. Only
 full-attention groups hold a prefix; stores of other kinds (sliding window, mamba, ...) are skipped,
 and so are removals from those groups (`BlockRemoved` names the group, not its kind: the group's kind
@@ -109,6 +118,10 @@ class SourceChains:
         self.kmask: dict[int, int] = {}
         self._extra: dict[tuple[int, int], int] = {}
         self._roots: dict[tuple[str, str], int] = {}
+        # The tier whose re-stores are refreshes (GPU: one block per hash); (hash, other tier) → stores
+        # beyond the first not yet removed.
+        self._primary = tiers.bit(None)
+        self._copies: dict[tuple[int, int], int] = {}
         # Removed engine hash → (last_key, pending, keys), oldest first.
         self._ghosts: OrderedDict[int, tuple[int, bytes, tuple[int, ...]]] = OrderedDict()
         # group_idx of KV-cache groups whose stores name a non-prefix kind: their removals are skipped.
@@ -173,6 +186,8 @@ class SourceChains:
         for j, raw in enumerate(ev.block_hashes):
             h = normalize_hash(raw)
             known = engine.get(h)
+            if known is None and (ghost := self._ghosts.pop(h, None)) is not None:
+                known = EngineBlock(0, ghost[2], ghost[0], ghost[1])  # removed recently: same tokens, same keys
             if known is not None:
                 # Re-stored (vLLM >= 0.33 reports reused blocks) or stored on another tier.
                 self._held_on(h, known, tbit, delta)
@@ -224,6 +239,8 @@ class SourceChains:
             if block is None or not block.tiers & tbit:
                 self.stats.unknown_removals += 1
                 continue
+            if self._copies and self._dropped_copy(h, tbit):
+                continue
             block.tiers &= ~tbit
             if block.tiers:
                 delta.engine_set.append(h)
@@ -263,6 +280,9 @@ class SourceChains:
         shared index's expiry follow use, not first store. It becomes the most recently stored: the bound
         sheds from the front (dict order), so a reused prefix must not stay "oldest" while the engine uses it."""
         if block.tiers & tbit:
+            if tbit != self._primary:
+                hk = (h, tbit)
+                self._copies[hk] = self._copies.get(hk, 0) + 1
             kmask = self.kmask
             for k in block.keys:
                 m = kmask.get(k, 0)
@@ -289,6 +309,7 @@ class SourceChains:
         self.engine.clear()
         self.kmask.clear()
         self._extra.clear()
+        self._copies.clear()
         self._ghosts.clear()  # a restarted engine may hash differently
 
     # -- persistence (redis_index.py keeps a copy so a restarted EPP resumes the chains) ------------
@@ -312,6 +333,7 @@ class SourceChains:
         self._ghosts = OrderedDict((h, (b.last_key, b.pending, b.keys)) for h, b in blocks.items() if not b.tiers)
         self.kmask.clear()
         self._extra.clear()
+        self._copies.clear()
         scratch_keys: list[int] = []
         scratch_masks: list[int] = []
         for block in self.engine.values():
@@ -331,6 +353,18 @@ class SourceChains:
                 self._roots.clear()
             root = self._roots[rk] = root_key(model, salt, self.seed)
         return root
+
+    def _dropped_copy(self, h: int, tbit: int) -> bool:
+        """One of several announcements of `h` on `tbit` removed: the tier still holds it."""
+        hk = (h, tbit)
+        c = self._copies.get(hk)
+        if not c:
+            return False
+        if c == 1:
+            del self._copies[hk]
+        else:
+            self._copies[hk] = c - 1
+        return True
 
     def _incref(self, k: int, tbit: int, out_keys: list[int], out_masks: list[int]) -> None:
         m = self.kmask.get(k, 0)
@@ -376,6 +410,8 @@ class SourceChains:
             while tiers:
                 tbit = tiers & -tiers
                 tiers ^= tbit
+                if self._copies:
+                    self._copies.pop((h, tbit), None)
                 for k in block.keys:
                     self._decref(k, tbit, delta.keys, delta.masks)
 

@@ -74,3 +74,63 @@ def test_a_location_only_store_of_an_unknown_block_does_not_restart_the_chain_at
     # C continues B's chain position (B's removal kept it): C's key is that of the prompt A+B+C.
     key_c = block_keys(tokens_to_bytes(a_tokens + b_tokens + c_tokens), 16, root_key(MODEL))[2]
     assert index.holders(key_c) == index.bit("p:1")
+
+
+# -- Self-describing offload events (vLLM >= 0.24, `kv_connector_extra_config.self_describing_kv_events`) --
+# The connector's OffloadingEventsTracker publishes each offloaded chunk as a BlockStored with the chunk's
+# per-GPU-block hashes, its parent, its tokens and block_size = the GPU block size, but extra_keys=None; an
+# eviction fans out a BlockRemoved to the same hashes. Chunks of a prefix that diverges inside a chunk
+# re-announce the shared hashes once per chunk, and vLLM asks consumers to reference-count them.
+
+
+def self_describing(hashes: list[int | bytes], parent: int | None, tokens: list[int]) -> BlockStored:
+    return BlockStored(hashes, parent, tokens, 16, medium="CPU")
+
+
+def test_a_block_shared_by_two_offloaded_chunks_stays_on_cpu_until_both_are_evicted() -> None:
+    index = MemoryIndex(1000, 10, TIERS)
+    chains = SourceChains(16, 0, TIERS, 1000)
+    rng = random.Random(11)
+    shared = [rng.randrange(50_000) for _ in range(32)]
+    tail_a = [rng.randrange(50_000) for _ in range(32)]
+    tail_b = [rng.randrange(50_000) for _ in range(32)]
+    a: list[int | bytes] = [0xA0, 0xA1, 0xA2, 0xA3]
+    b: list[int | bytes] = [0xA0, 0xA1, 0xB2, 0xB3]
+    feed(chains, index, "p:1", [BlockStored(a, None, shared + tail_a, 16, medium="GPU")])
+    feed(chains, index, "p:1", [BlockStored(b[2:], 0xA1, tail_b, 16, medium="GPU")])
+    # CPU chunks of 4 GPU blocks: both contain A0, A1.
+    feed(chains, index, "p:1", [self_describing(a, None, shared + tail_a), self_describing(b, None, shared + tail_b)])
+    feed(chains, index, "p:1", [BlockRemoved(a + b[2:], "GPU")])
+    assert match(index, shared + tail_b, "p:1") == (4, pytest.approx(4 * 0.8))
+    # The CPU evicts chunk A: its removal names A0 and A1 too, which chunk B still holds.
+    feed(chains, index, "p:1", [BlockRemoved(a, "CPU")])
+    assert match(index, shared + tail_b, "p:1") == (4, pytest.approx(4 * 0.8))
+    assert match(index, shared + tail_a, "p:1") == (2, pytest.approx(2 * 0.8))
+    feed(chains, index, "p:1", [BlockRemoved(b, "CPU")])
+    assert match(index, shared + tail_b, "p:1") == (0, 0.0)
+
+
+def test_a_gpu_block_stored_again_is_not_counted_twice() -> None:
+    """vLLM >= 0.33 re-reports reused GPU blocks (emit_cached_block_events); the GPU removes a block once."""
+    index = MemoryIndex(1000, 10, TIERS)
+    chains = SourceChains(16, 0, TIERS, 1000)
+    tokens = [random.Random(5).randrange(50_000) for _ in range(32)]
+    stored = BlockStored([0x1, 0x2], None, tokens, 16, medium="GPU")
+    feed(chains, index, "p:1", [stored, stored])
+    feed(chains, index, "p:1", [BlockRemoved([0x1, 0x2], "GPU")])
+    assert match(index, tokens, "p:1") == (0, 0.0)
+
+
+def test_an_offloaded_chunk_of_a_salted_prompt_evicted_from_gpu_keeps_the_salted_keys() -> None:
+    """The self-describing store carries no extra_keys, so its first block cannot name the cache_salt;
+    the engine hash names the same block the GPU store keyed with its salt."""
+    index = MemoryIndex(1000, 10, TIERS)
+    chains = SourceChains(16, 0, TIERS, 1000)
+    tokens = [random.Random(9).randrange(50_000) for _ in range(32)]
+    hashes: list[int | bytes] = [0x51, 0x52]
+    feed(chains, index, "p:1", [BlockStored(hashes, None, tokens, 16, medium="GPU", extra_keys=[["s1"], None])])
+    # The GPU evicts the blocks before the connector's store event is published.
+    feed(chains, index, "p:1", [BlockRemoved(hashes, "GPU"), self_describing(hashes, None, tokens)])
+    cand = index.bit("p:1")
+    m = index.match(tokens_to_bytes(tokens), 16, root_key(MODEL, "s1"), cand)
+    assert (m.lengths.get(cand, 0), m.weighted.get(cand, 0.0)) == (2, pytest.approx(2 * 0.8))
