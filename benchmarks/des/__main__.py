@@ -23,7 +23,21 @@ RESULTS_DIR = Path(__file__).resolve().parent.parent / "results" / "des"
 
 
 def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+    values = [float(x) for x in text.split(",") if x.strip()]
+    if not values or any(not v > 0 for v in values):  # `not v > 0` also rejects NaN
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def _positive(kind: type[int] | type[float]) -> Any:
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid ... value" error
+    return parse
 
 
 def _pod_override(text: str) -> tuple[str, Any]:
@@ -35,14 +49,14 @@ def _pod_override(text: str) -> tuple[str, Any]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.des", description=__doc__.split("\n\n")[0])
-    p.add_argument("--pods", type=int, default=8)
+    p.add_argument("--pods", type=_positive(int), default=8)
     p.add_argument(
         "--policy",
         default="default",
         help="comma-separated: random, load-only, prefix-only, default, optimized-baseline or config paths",
     )
     p.add_argument("--qps", type=_floats, default=[3.0, 10.0, 15.0], help="QPS ladder, e.g. 10,20,40")
-    p.add_argument("--stage-duration", type=float, default=30.0, help="simulated seconds per stage")
+    p.add_argument("--stage-duration", type=_positive(float), default=30.0, help="simulated seconds per stage")
     p.add_argument("--warmup-qps", type=float, default=0.0, help="a warm-up stage at this rate first (0 = none)")
     p.add_argument("--warmup-duration", type=float, default=50.0)
     p.add_argument("--workload", choices=("shared-prefix", "no-sharing"), default="shared-prefix")

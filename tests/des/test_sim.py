@@ -212,3 +212,21 @@ def test_plugins_judge_metrics_freshness_on_simulated_time() -> None:
     # Virtual time far behind the wall clock (time.monotonic() is well past 10 s by now).
     picks = run(main, start=10.0)
     assert "sim-0" not in picks, f"the queued pod was picked {picks.count('sim-0')} times of 40"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--pods", "0"], "argument --pods: must be > 0, got '0'"),
+        (["--qps", "0,5"], "argument --qps: expected positive numbers, got '0,5'"),
+        (["--qps", "nan"], "argument --qps: expected positive numbers, got 'nan'"),
+        (["--stage-duration", "-1"], "argument --stage-duration: must be > 0, got '-1'"),
+    ],
+)
+def test_the_cli_rejects_an_empty_pool_or_ladder_with_a_usage_error(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli_main([*argv, "--no-json"])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
