@@ -82,8 +82,8 @@ HOW_IT_WORKS = [
     "stage starts when the previous one's requests have finished), token-id prompts "
     '(`"prompt": [ids]`) so the EPP and the pods see exactly the live prompts; 300 s request timeout.',
     "- **KV events** (configs with a `precise-prefix-cache-producer`): each engine's block pool reports "
-    "stored / removed blocks to a feed that batches them like the live publisher (16 events, or what is "
-    "pending `kv_event_delay` after the first change), encodes them in vLLM's wire format and hands the "
+    "stored / removed blocks to a feed that batches them like the live publisher (a full batch of 16 events at "
+    "once, a partial one `kv_event_delay` after its first change), encodes them in vLLM's wire format and hands the "
     "decoded batch to every EPP replica's `SourceIngest`, the sink its ZeroMQ subscriber feeds live; the "
     "index reads the loop's clock, so speculative entries lapse in simulated time. Scenario options: "
     "`replicas` (independent EPPs from one config, arrivals alternating between them) and `eviction` (part "
