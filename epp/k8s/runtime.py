@@ -144,7 +144,7 @@ class KubeRuntime:
         self.discovery: KubernetesDiscovery | None = None
         self.elector: LeaderElector | None = None
         self.informers: list[Informer[Any]] = []
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()  # running ones: leadership flaps spawn new tasks each time
         self._reconcilers: list[asyncio.Task[None]] = []  # discovery and the CRD informers, while they run
         self._elector_task: asyncio.Task[None] | None = None
         self._released = False  # the lease was given up (or that was tried): aclose does not try again
@@ -239,7 +239,7 @@ class KubeRuntime:
         try:
             await self.release()
         finally:
-            tasks, self._tasks = self._tasks, []
+            tasks, self._tasks = self._tasks, set()
             with contextlib.suppress(Exception):  # a crash was logged when it happened (_report_crash)
                 await cancel_and_wait(*tasks)
             if self.client is not None:
@@ -249,7 +249,8 @@ class KubeRuntime:
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
         task.add_done_callback(_report_crash)
-        self._tasks.append(task)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         return task
 
 

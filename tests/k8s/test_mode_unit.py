@@ -172,3 +172,21 @@ async def test_aclose_closes_the_client_when_the_lease_release_fails() -> None:
     assert client.closed and kube.client is None and task.cancelled()
     await kube.aclose()  # nothing left to close; the failed release is not tried again
     assert elector.releases == 1
+
+
+async def test_finished_tasks_are_not_kept() -> None:
+    # Each leadership change (haPopulateNonLeaderDatastore=false) spawns reconcilers and a forget task; the
+    # runtime kept every finished one until shutdown, so a replica whose lease flapped grew without bound.
+    from llmepp.datalayer.datastore import Datastore
+    from llmepp.flowcontrol.objectives import ObjectiveStore
+    from llmepp.k8s.discovery import DiscoveryTarget
+    from llmepp.k8s.runtime import KubeOptions, KubeRuntime
+
+    target = DiscoveryTarget(namespace="ns", pool_name="p", pool_group="g", selector=None, target_ports=())
+    kube = KubeRuntime(target, KubeOptions(), Datastore("p", "ns"), ObjectiveStore())
+    done = [kube._spawn(asyncio.sleep(0), f"k8s-forget-{i}") for i in range(3)]
+    running = kube._spawn(asyncio.sleep(3600), "k8s-discovery")
+    await asyncio.gather(*done)
+    assert set(kube._tasks) == {running}
+    await kube.aclose()
+    assert running.cancelled()
