@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -171,11 +172,30 @@ class EppProcess(ChildProcess):
             return None
 
 
+_WORKDIR_PREFIX = "epp-stack-"
+_OWNER = "owner.pid"
+
+
+def _remove_abandoned_workdirs() -> None:
+    """Work directories of stacks whose process was killed (SIGKILL, or SIGTERM without a handler): their
+    children went with them (die_with_parent); their logs and configs stayed in the temp dir."""
+    for workdir in Path(tempfile.gettempdir()).glob(_WORKDIR_PREFIX + "*"):
+        try:
+            pid = int((workdir / _OWNER).read_text())
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(workdir, ignore_errors=True)
+        except (OSError, ValueError):
+            continue  # another user's, being created, or from before owner files: leave it
+
+
 class Stack:
     def __init__(self, options: StackOptions | None = None) -> None:
         self.options = o = options or StackOptions()
-        self._dir = tempfile.TemporaryDirectory(prefix="epp-stack-")
+        _remove_abandoned_workdirs()
+        self._dir = tempfile.TemporaryDirectory(prefix=_WORKDIR_PREFIX)
         self.workdir = Path(self._dir.name)
+        (self.workdir / _OWNER).write_text(str(os.getpid()))
         # Where Envoy, the EPP and (IPv6) the pods listen.
         self.loopback = "::1" if o.ipv6 else "127.0.0.1"
         self.epp_port = o.epp_port or free_port(self.loopback)
