@@ -79,8 +79,12 @@ PROCESSOR_TEMPLATE = "chat_template.json"  # a processor's (multimodal models: l
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-# Context names a request's chat_template_kwargs may not override (they come from their own fields).
+# Context names a request's chat_template_kwargs may not override (they come from their own fields). `tools`
+# and `documents` are set apart: vLLM takes them from chat_template_kwargs too (see JinjaTemplate.render).
 _RESERVED = frozenset({"messages", "tools", "documents", "add_generation_prompt", "continue_final_message"})
+# transformers' layout for a tokenizer's named templates: chat_template.jinja ("default") and, per other name,
+# additional_chat_templates/<name>.jinja (loaded back as {"default": ..., "<name>": ...}).
+ADDITIONAL_TEMPLATES = "additional_chat_templates"
 
 # Paced rendering (in a worker thread) lets the event loop run every RENDER_SLICE seconds: the template,
 # compiled a second time in an environment that counts its attribute / item lookups (every `message.role`,
@@ -514,8 +518,16 @@ class JinjaTemplate:
         deadline = time.perf_counter() + budget
         pacer = _Pacer(pause) if pause is not None else None
         inputs = _inputs(request)
+        kwargs = inputs.chat_template_kwargs or {}
+        # vLLM merges the request's fields over its chat_template_kwargs leaving out those that are None
+        # (renderers.params.merge_kwargs): without a `documents` field, chat_template_kwargs' documents reach the
+        # template. The request's tools are a default its chat_template_kwargs override (_preprocess_chat).
+        tools = kwargs.get("tools")
+        if tools is None and inputs.tools is not None:
+            tools = [_tool(t) for t in inputs.tools]
+        documents = inputs.documents if inputs.documents is not None else kwargs.get("documents")
         # As transformers picks: any tools list, even an empty one (vLLM passes [] as sent).
-        name = "tool_use" if inputs.tools is not None and "tool_use" in self._templates else "default"
+        name = "tool_use" if tools is not None and "tool_use" in self._templates else "default"
         as_parts = self._lists[name]
         if pacer is None:
             messages = [self._message(m, as_parts) for m in inputs.messages]
@@ -527,7 +539,6 @@ class JinjaTemplate:
                     pacer.pace()
         if inputs.add_generation_prompt and inputs.continue_final_message:
             raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
-        kwargs = inputs.chat_template_kwargs or {}
         context: dict[str, Any] = dict(self.special_tokens)
         effort = inputs.reasoning_effort
         if isinstance(effort, str):
@@ -539,8 +550,8 @@ class JinjaTemplate:
         context.update((k, v) for k, v in kwargs.items() if k not in _RESERVED)
         context.update(
             messages=messages,
-            tools=[_tool(t) for t in inputs.tools] if inputs.tools is not None else None,
-            documents=inputs.documents,
+            tools=tools,
+            documents=documents,
             add_generation_prompt=inputs.add_generation_prompt,
         )
         _paced_render.pacer = pacer
@@ -710,11 +721,15 @@ def load_chat_template(spec: str, tokenizer_path: str) -> ChatTemplate:
         tokens.update(_special_tokens(_read_tokenizer_config(map_path)))
     if spec == AUTO:
         jinja_path = folder / JINJA_FILE
+        named = _additional_templates(folder)
         if jinja_path.is_file():
+            text = _read_text(jinja_path)
             return JinjaTemplate(
-                _read_text(jinja_path), origin=str(jinja_path), special_tokens=tokens, tokens_from=tokens_from
-            )
-        source = _config_template(config, config_path)
+                {"default": text, **named} if named else text,
+                origin=str(jinja_path), special_tokens=tokens, tokens_from=tokens_from,
+            )  # fmt: skip
+        # As transformers loads them: template files, when there are any, replace the config's chat_template.
+        source = named or _config_template(config, config_path)
         processor_path = folder / PROCESSOR_TEMPLATE
         if processor_path.is_file():
             # vLLM: the processor's template unless the request has tools, then the tokenizer's (its
@@ -745,6 +760,14 @@ def load_chat_template(spec: str, tokenizer_path: str) -> ChatTemplate:
             raise ValueError(f"{path}: has no chat_template")
         return JinjaTemplate(source, special_tokens=_special_tokens(config), origin=str(path), tokens_from=path)
     return JinjaTemplate(_read_text(path), origin=str(path), special_tokens=tokens, tokens_from=tokens_from)
+
+
+def _additional_templates(folder: Path) -> dict[str, str]:
+    """The named templates of `folder`'s additional_chat_templates/ ({} without any)."""
+    extra = folder / ADDITIONAL_TEMPLATES
+    if not extra.is_dir():
+        return {}
+    return {p.name.removesuffix(".jinja"): _read_text(p) for p in sorted(extra.glob("*.jinja")) if p.is_file()}
 
 
 def _read_text(path: Path) -> str:

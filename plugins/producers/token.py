@@ -422,7 +422,10 @@ class VllmTokenProducer(TokenProducer):
         if request.prompt is None:
             return
         if request.prompt_is_token_ids:
-            request.data[TOKENIZED_PROMPT] = TokenizedPrompt(request.prompt, self.backend)
+            # vLLM truncates token-id prompts too (TokenizeParams._token_truncation: the last N).
+            truncate = request.truncate_prompt_tokens
+            ids = request.prompt if truncate is None else request.prompt[-4 * truncate :]
+            request.data[TOKENIZED_PROMPT] = TokenizedPrompt(ids, self.backend)
             return
         model = self.model or request.target_model or request.model
         try:
