@@ -127,9 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=parse_port, default=d.metrics_port, help="Prometheus /metrics port (0 = off)")
     p.add_argument("--bind-address", default=d.bind_address,
                    help="address the servers listen on (default: every address, IPv6 and IPv4)")  # fmt: skip
-    cfg = p.add_mutually_exclusive_group()
-    cfg.add_argument("--config-file", help="EndpointPickerConfig YAML file")
-    cfg.add_argument("--config-text", help="EndpointPickerConfig YAML as a string")
+    # At most one of the two (checked in _check_flags): an empty value is unset, as the reference reads them.
+    p.add_argument("--config-file", help="EndpointPickerConfig YAML file")
+    p.add_argument("--config-text", help="EndpointPickerConfig YAML as a string")
     _switch(p, "--watch-config-file", "apply --config-file's scorers, filters, pickers and profiles when it changes")
     p.add_argument("--pool-name", default=None,
                    help=f"InferencePool to watch (Kubernetes mode); a label in file mode ({d.pool_name})")  # fmt: skip
@@ -215,6 +215,8 @@ GRPC_AIO_MAX_MESSAGE = 2**31 - 1
 
 def _check_flags(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """Flags that contradict each other: a usage error (exit code 2) instead of a failure at bind."""
+    if a.config_file and a.config_text:
+        p.error("argument --config-text: not allowed with argument --config-file")
     ports = [
         ("--grpc-port", a.grpc_port),
         ("--grpc-health-port", a.grpc_health_port),
@@ -253,7 +255,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
         grpc_health_port=a.grpc_health_port,
         metrics_port=a.metrics_port,
         bind_address=a.bind_address,
-        config_file=a.config_file,
+        config_file=a.config_file or None,  # empty: unset, as the reference reads it
         config_text=a.config_text or None,  # empty: unset, as the reference reads it
         watch_config_file=a.watch_config_file,
         # Empty is unset, as the reference reads them (a template's `--pool-name={{ .Values.pool }}`).

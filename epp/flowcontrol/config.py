@@ -87,7 +87,8 @@ Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 
 class BandTemplateSpec(_Spec):
-    max_requests: Int64 = 0  # 0 = default (5000)
+    # A Kubernetes quantity, like maxBytes ("100", "1k"): the reference's *resource.Quantity.
+    max_requests: Int64 | str = 0  # 0 = default (5000)
     max_bytes: Int64 | str = 0  # 0 = default (1G)
     fairness_policy_ref: str = ""
     ordering_policy_ref: str = ""
@@ -95,7 +96,7 @@ class BandTemplateSpec(_Spec):
 
 class PriorityBandSpec(_Spec):
     priority: Int64
-    max_requests: Int64 = 0
+    max_requests: Int64 | str = 0
     max_bytes: Int64 | str = 0
     fairness_policy_ref: str = ""
     ordering_policy_ref: str = ""
@@ -107,7 +108,7 @@ class PluginRefSpec(_Spec):
 
 class FlowControlSpec(_Spec):
     max_bytes: Int64 | str = 0  # global; 0 = unlimited
-    max_requests: Int64 = 0
+    max_requests: Int64 | str = 0
     max_flows: Int64 | None = None  # None = DEFAULT_MAX_FLOWS
     default_request_ttl: str | int | float | None = msgspec.field(default=None, name="defaultRequestTTL")
     no_endpoint_request_ttl: str | int | float | None = msgspec.field(default=None, name="noEndpointRequestTTL")
@@ -205,11 +206,22 @@ def resolve_detector(
     return detector
 
 
+def _count(value: int | str, field: str) -> int:
+    """maxRequests: an integer or a Kubernetes quantity ("100", "1k"), as the reference's resource.Quantity."""
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{field}: must be >= 0, got {value}")
+        return value
+    try:
+        return parse_bytes(value)
+    except ValueError:
+        raise ConfigError(f"{field}: invalid count {value!r} (examples: 100, 1k)") from None
+
+
 def _band(
     spec: BandTemplateSpec | PriorityBandSpec, field: str, resolver: _Resolver, fallback: BandConfig | None = None
 ) -> BandConfig:
-    if spec.max_requests < 0:
-        raise ConfigError(f"{field}.maxRequests: must be >= 0, got {spec.max_requests}")
+    max_requests = _count(spec.max_requests, f"{field}.maxRequests")
     try:
         max_bytes = parse_bytes(spec.max_bytes)
     except ValueError as e:
@@ -234,15 +246,14 @@ def _band(
     return BandConfig(
         ordering=ordering,
         fairness=fairness,
-        max_requests=spec.max_requests or (fallback.max_requests if fallback else DEFAULT_BAND_MAX_REQUESTS),
+        max_requests=max_requests or (fallback.max_requests if fallback else DEFAULT_BAND_MAX_REQUESTS),
         max_bytes=max_bytes or (fallback.max_bytes if fallback else DEFAULT_BAND_MAX_BYTES),
     )
 
 
 def resolve_flow_control(spec: FlowControlSpec, detector: SaturationDetector, resolver: _Resolver) -> FlowControlConfig:
     """Validate the parsed block and build the controller's config (injecting default policies)."""
-    if spec.max_requests < 0:
-        raise ConfigError(f"flowControl.maxRequests: must be >= 0, got {spec.max_requests}")
+    max_requests = _count(spec.max_requests, "flowControl.maxRequests")
     try:
         max_bytes = parse_bytes(spec.max_bytes)
     except ValueError as e:
@@ -286,7 +297,7 @@ def resolve_flow_control(spec: FlowControlSpec, detector: SaturationDetector, re
         default_band=default_band,
         bands=bands,
         default_negative_band=negative,
-        max_requests=spec.max_requests,
+        max_requests=max_requests,
         max_bytes=max_bytes,
         max_flows=max_flows,
         default_ttl=default_ttl,

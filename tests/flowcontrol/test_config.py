@@ -398,3 +398,38 @@ def test_a_null_inside_a_priority_band_takes_its_default_as_at_the_top_level() -
     assert spec.max_requests == 0 and spec.priority_bands[0].max_bytes == 0
     with pytest.raises(ConfigError, match=r"priority"):
         parse_flow_control({"priorityBands": [{"priority": None}]})  # required: a null is no value
+
+
+_QUANTITY_FLOW = """\
+featureGates: [flowControl]
+plugins:
+- type: queue-scorer
+schedulingProfiles:
+- name: default
+  plugins: [{pluginRef: queue-scorer}]
+flowControl:
+"""
+
+
+@pytest.mark.parametrize(
+    ("block", "band", "glob"),
+    [
+        ("  maxRequests: 1k\n", None, 1000),
+        ("  maxRequests: '100'\n", None, 100),
+        ("  defaultPriorityBand: {maxRequests: 2k}\n", 2000, 0),
+        ("  priorityBands:\n  - {priority: 1, maxRequests: '300'}\n", 300, 0),
+    ],
+)
+def test_max_requests_takes_a_kubernetes_quantity_as_in_the_reference(block: str, band: int | None, glob: int) -> None:
+    """The reference's maxRequests (global and per band) is a resource.Quantity ("100", "1k"), like maxBytes."""
+    fc = build(load_config(_QUANTITY_FLOW + block)).pipeline.admission
+    assert isinstance(fc, FlowController)
+    assert fc.config.max_requests == glob
+    if band is not None:
+        bands = fc.config.bands
+        assert (bands[1].max_requests if bands else fc.config.default_band.max_requests) == band
+
+
+def test_a_max_requests_that_is_no_quantity_names_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"flowControl\.maxRequests: invalid count 'lots'"):
+        build(load_config(_QUANTITY_FLOW + "  maxRequests: lots\n"))

@@ -224,3 +224,23 @@ def test_empty_pool_flags_are_unset_as_the_reference_reads_them(monkeypatch: pyt
 def test_a_target_port_listed_twice_counts_once() -> None:
     """The reference de-duplicates --endpoint-target-ports (removeDuplicatePorts); here it was refused."""
     assert settings_from_args(["--endpoint-target-ports=8000,8001,8000"]).endpoint_target_ports == (8000, 8001)
+
+
+def test_an_empty_config_file_flag_is_unset_as_in_the_reference(tmp_path: Path) -> None:
+    """The reference refuses only both config flags non-empty; an empty one (a template's `--config-file=`)
+    is unset, and with neither the built-in default config is used."""
+    from llmepp.app import config_text
+
+    assert config_text(settings_from_args(["--config-file="])) == DEFAULT_CONFIG
+    path = tmp_path / "epp.yaml"
+    path.write_text("plugins:\n- type: queue-scorer\n")
+    assert config_text(settings_from_args(["--config-file", str(path), "--config-text="])) == path.read_text()
+    text = "plugins:\n- type: kv-cache-utilization-scorer\n"
+    assert config_text(settings_from_args(["--config-file=", "--config-text", text])) == text
+
+
+def test_both_config_flags_given_are_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        settings_from_args(["--config-file", str(tmp_path / "x.yaml"), "--config-text", "plugins: []"])
+    assert exit_.value.code == 2
+    assert "argument --config-text: not allowed with argument --config-file" in capsys.readouterr().err

@@ -101,3 +101,31 @@ def test_every_plugin_type_with_random_parameters_builds_or_fails_with_a_config_
 ) -> None:
     type_name, parameters = case
     _build(type_name, parameters)
+
+
+@pytest.mark.parametrize(
+    ("producer", "picker", "tokens", "n"),
+    [("1e5", "1", 100000, 1), ("100000", "2.0", 100000, 2), ("131072.0", "1e0", 131072, 1)],
+)
+def test_a_whole_number_float_is_accepted_for_an_int_parameter_as_in_the_reference(
+    producer: str, picker: str, tokens: int, n: int
+) -> None:
+    """The reference turns the YAML into JSON before Go decodes `parameters`: a whole-number float (`1e5`,
+    `2.0`) is the JSON number 100000 / 2 there, which an int field takes."""
+    text = f"""\
+plugins:
+- type: approx-prefix-cache-producer
+  parameters: {{maxPrefixTokensToMatch: {producer}}}
+- type: prefix-cache-scorer
+- type: max-score-picker
+  parameters: {{maxNumOfEndpoints: {picker}}}
+"""
+    c = build(load_config(text))
+    assert c.plugins["approx-prefix-cache-producer"].params.max_prefix_tokens_to_match == tokens
+    count = c.plugins["max-score-picker"].params.max_num_of_endpoints
+    assert count == n and isinstance(count, int)
+
+
+def test_a_fractional_float_for_an_int_parameter_is_refused_naming_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"parameters\.maxNumOfEndpoints"):
+        build(load_config("plugins:\n- type: max-score-picker\n  parameters: {maxNumOfEndpoints: 2.5}\n"))
