@@ -57,7 +57,15 @@ from typing import Protocol
 from llmepp.datalayer.datastore import Datastore
 from llmepp.datalayer.endpoint import NO_METRICS, Endpoint, EndpointSpec
 from llmepp.datalayer.engines import EngineMapping, PageMemo
-from llmepp.datalayer.httpscrape import ConnectFailed, ScrapeClient, ScrapeError, ScrapeTarget
+from llmepp.datalayer.httpscrape import (
+    BadStatus,
+    ConnectFailed,
+    ConnectionClosed,
+    ProtocolViolation,
+    ScrapeClient,
+    ScrapeError,
+    ScrapeTarget,
+)
 from llmepp.datalayer.multicluster import (
     POOL_KV_CACHE_UTILIZATION,
     POOL_QUEUE_SIZE,
@@ -81,6 +89,9 @@ SUB_TICKS = 5
 # this many polls (the source's interval) if that is longer; and only after two failed fetches in a row.
 MIN_DOWN_AFTER = 1.0
 DOWN_AFTER_POLLS = 3
+# Fetch failures that prove a server listens on the port: it accepted the connection and answered (an
+# error status, a broken response) or closed it. A timeout proves nothing (an unrouted address times out too).
+_ANSWERED = (BadStatus, ProtocolViolation, ConnectionClosed)
 
 
 class ScrapeSource(Protocol):
@@ -166,6 +177,11 @@ class _EndpointScrape:
                 c.datastore.set_unreachable(ep, True)
                 log.warning("endpoint %s: nothing has listened on its metrics port for %.1f s; routing leaves "
                             "it out while other endpoints answer", ep.name, down_for)  # fmt: skip
+            elif ep.unreachable and isinstance(err, _ANSWERED):
+                # Something listens again (it answered, if with an error): a server that answers with an
+                # error is still there, so it is routed to again, as after a page.
+                c.datastore.set_unreachable(ep, False)
+                log.info("endpoint %s answers on its metrics port again (%s): routed to again", ep.name, err)
             if c.forget_on_failure:
                 previous, ep.metrics = ep.metrics, NO_METRICS
                 if c.availability is not None:

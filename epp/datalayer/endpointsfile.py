@@ -44,7 +44,39 @@ __all__ = [
 MAX_FILE_BYTES = 1 << 20
 _ENTRY_FIELDS = ("name", "namespace", "address", "port", "labels", "metricsPort", "rank")
 MAX_RANK = 255
-_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Int(int):
+    """A YAML integer that remembers how the file wrote it (`010`, `0x1F`): a label keeps that text."""
+
+    source = ""
+
+
+class _Float(float):
+    """A YAML float that remembers how the file wrote it (`1.10`): a label keeps that text."""
+
+    source = ""
+
+
+def _loader(base: type[yaml.SafeLoader]) -> type[yaml.SafeLoader]:
+    class Loader(base):  # type: ignore[valid-type,misc]
+        pass
+
+    def make(cls: type[_Int] | type[_Float], construct: str):  # type: ignore[no-untyped-def]
+        def construct_number(loader: yaml.SafeLoader, node: yaml.ScalarNode):  # type: ignore[no-untyped-def]
+            value = cls(getattr(yaml.SafeLoader, construct)(loader, node))
+            value.source = node.value
+            return value
+
+        return construct_number
+
+    Loader.add_constructor("tag:yaml.org,2002:int", make(_Int, "construct_yaml_int"))
+    Loader.add_constructor("tag:yaml.org,2002:float", make(_Float, "construct_yaml_float"))
+    return Loader
+
+
+_Loader: type[yaml.SafeLoader] = _loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+_PyLoader: type[yaml.SafeLoader] = _loader(yaml.SafeLoader)
 # libyaml's composer recurses on the C stack: ~25,000 nested flow collections overflow an 8 MB thread stack
 # (SIGSEGV, nothing to catch). Flow nesting cannot exceed the count of `[` and `{`, so past this many the
 # pure-Python loader reads the file (its RecursionError is caught; it is ~4x slower).
@@ -121,7 +153,7 @@ def parse_endpoints(
             doc = json.loads(data)
         else:
             few_openers = data.count(b"[") + data.count(b"{") <= _C_LOADER_MAX_OPENERS
-            doc = yaml.load(data, Loader=_Loader if few_openers else yaml.SafeLoader)
+            doc = yaml.load(data, Loader=_Loader if few_openers else _PyLoader)
     except (ValueError, yaml.YAMLError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise EndpointsFileError(source, [f"not valid {'JSON' if json_hint else 'YAML/JSON'}: {e}"]) from None
     except RecursionError:
@@ -184,6 +216,8 @@ def _entry(
     rank = entry.get("rank", 0)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= MAX_RANK:
         problems.append(f"{where}.rank: must be an integer 0-{MAX_RANK}, got {_kind(rank)} {rank!r}")
+    else:
+        rank = int(rank)
     if len(problems) > before or not name or not address or port is None:
         return None
     if ":" in address:  # an IPv6 literal: one spelling, so addresses and address:port compare
@@ -237,7 +271,7 @@ def _port(entry: dict[str, Any], key: str, where: str, problems: list[str], *, r
     if not 1 <= value <= 65535:
         problems.append(f"{where}.{key}: must be 1-65535, got {value}")
         return None
-    return value
+    return int(value)
 
 
 def _labels(value: Any, where: str, problems: list[str]) -> Mapping[str, str]:
@@ -253,7 +287,8 @@ def _labels(value: Any, where: str, problems: list[str]) -> Mapping[str, str]:
         elif isinstance(v, bool):  # YAML turns `true` into a bool; labels are strings
             out[k] = "true" if v else "false"
         elif isinstance(v, (str, int, float)):
-            out[k] = str(v)
+            # As written: YAML resolved `1.10` to 1.1 and `010` to 8, which str() would turn into other labels.
+            out[k] = getattr(v, "source", "") or str(v)
         elif v is None:
             out[k] = ""
         else:
@@ -262,6 +297,8 @@ def _labels(value: Any, where: str, problems: list[str]) -> Mapping[str, str]:
 
 
 def _kind(value: Any) -> str:
-    return {dict: "mapping", list: "list", str: "string", bool: "boolean", int: "integer", float: "number"}.get(
-        type(value), type(value).__name__
-    )
+    for cls, kind in ((dict, "mapping"), (list, "list"), (str, "string"), (bool, "boolean"), (int, "integer"),
+                      (float, "number")):  # fmt: skip
+        if isinstance(value, cls):
+            return kind
+    return type(value).__name__

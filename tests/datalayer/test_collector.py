@@ -318,6 +318,24 @@ async def test_a_server_answering_errors_leaves_the_ready_count_but_stays_routab
     assert not ep.unreachable and h.datastore.unreachable == 0
 
 
+async def test_an_unreachable_server_that_answers_again_with_an_error_is_routed_to_again(
+    harness_factory: HarnessFactory, servers: ServerFactory
+) -> None:
+    """A server left out because nothing listened is routed to again as soon as something answers on its
+    port (here 503), not only once its page is good again."""
+    h = await harness_factory()
+    srv = await servers("127.0.0.69")
+    ep = h.add("restarted", srv)
+    await until(lambda: ep.metrics.update_time > 0)
+    await srv.stop()
+    await until(lambda: ep.unreachable, within=3.0, what="marked unreachable")
+    srv.mode = "status"
+    await srv.start()
+    answered = srv.requests
+    await until(lambda: not ep.unreachable, within=2.0, what="routed to again")
+    assert h.datastore.unreachable == 0 and srv.requests > answered
+
+
 async def test_one_lost_scrape_or_a_short_outage_does_not_drop_the_ready_count(
     harness_factory: HarnessFactory, servers: ServerFactory
 ) -> None:

@@ -351,3 +351,13 @@ async def test_reload_errors_are_counted_in_poll_errors(
     path.write_text("not: [valid")
     sample = {"source_type": "file-discovery"}
     await until(lambda: metrics.registry.get_sample_value("llm_d_epp_datalayer_poll_errors_total", sample) == 1)
+
+
+@pytest.mark.parametrize("written", ["1.10", "010", "0x1F", "1e3", "8000"])
+def test_an_unquoted_label_value_keeps_what_the_file_says(written: str) -> None:
+    """A label is the text the file wrote: YAML would read `1.10` as 1.1 and `010` as 8, and a label
+    selector for the written value would stop matching the pod."""
+    doc = f"endpoints:\n- {{name: a, address: 10.0.0.1, port: 8000, rank: 1, labels: {{v: {written}}}}}\n"
+    (spec,) = parse_endpoints(doc.encode())
+    assert spec.labels["v"] == written
+    assert type(spec.port) is int and type(spec.rank) is int
