@@ -38,9 +38,17 @@ class IndexStore(Protocol):
         """Restore the pod's chains from the store; where its stream continues (None: from 0)."""
         ...
 
-    async def catch_up(self, pod: str, chains: SourceChains, start: int, until: int) -> ResumePoint | None:
+    async def catch_up(
+        self,
+        pod: str,
+        chains: SourceChains,
+        start: int,
+        until: int,
+        restart_of: tuple[int, float] | None = None,
+    ) -> ResumePoint | None:
         """Batches [start, until) of the pod were missed: if the store holds some of them (a shared index
-        another replica kept up), restore `chains` from it and say where the stream continues."""
+        another replica kept up), restore `chains` from it and say where the stream continues. `restart_of`:
+        the batches are a restarted publisher's, which replaced the stream ending at that (seq, timestamp)."""
         ...
 
     async def forget(self, pod: str, chains: SourceChains) -> None:
@@ -69,7 +77,14 @@ class MemoryStore:
     async def resume(self, pod: str, chains: SourceChains) -> ResumePoint | None:
         return None
 
-    async def catch_up(self, pod: str, chains: SourceChains, start: int, until: int) -> ResumePoint | None:
+    async def catch_up(
+        self,
+        pod: str,
+        chains: SourceChains,
+        start: int,
+        until: int,
+        restart_of: tuple[int, float] | None = None,
+    ) -> ResumePoint | None:
         return None  # this EPP's own index: nobody else applied what it missed
 
     async def forget(self, pod: str, chains: SourceChains) -> None:
@@ -115,7 +130,14 @@ class SourceIngest:
 
     async def catch_up(self, start: int, until: int) -> ResumePoint | None:
         if self._reset_pending:
-            return None  # the next batch starts a restarted publisher's state from empty
+            # A restarted publisher's first batches: only a shared index another replica fed from that same
+            # restart has them (else the next batch starts the new process's state from empty).
+            if self._replaced is None:
+                return None
+            point = await self.store.catch_up(self.pod, self.chains, start, until, restart_of=self._replaced)
+            if point is not None:
+                self._reset_pending, self._replaced = False, None  # the restart is applied, chains restored
+            return point
         return await self.store.catch_up(self.pod, self.chains, start, until)
 
     def on_reset(self, replaced: tuple[int, float] | None = None) -> None:

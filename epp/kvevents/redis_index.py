@@ -89,6 +89,10 @@ log = logging.getLogger(__name__)
 CATCH_UP_WAIT = 0.2
 # The start-up check's wait for a PING answer.
 CHECK_TIMEOUT = 3.0
+# RedisStore's write deadline (a stall shorter than this is waited out; resume waits 4x as long), and the
+# client's per-command read timeout, above the longest deadline (lookups and speculation keep their own).
+WRITE_TIMEOUT = 5.0
+STORE_READ_TIMEOUT = WRITE_TIMEOUT * 4 + 1.0
 
 _APPLY = """
 local ts = tonumber(ARGV[2]); local seq = tonumber(ARGV[3])
@@ -107,6 +111,9 @@ else
   local replaced = ARGV[7] ~= '' and tonumber(ARGV[7]) == cseq and ARGV[8] == (cur[3] or cur[1])
   if replaced or (seq <= cseq and ts > cts) then
     clear = true  -- a restarted publisher: its own clock from here on
+    -- which stream it replaced: a replica seeing the same restart later continues from here (catch_up)
+    if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'rf', ARGV[7] .. '|' .. ARGV[8])
+    else redis.call('HDEL', KEYS[1], 'rf') end
   elseif seq <= cseq then
     return 0  -- applied already (another replica delivered it first)
   elseif ts < cts then
@@ -253,13 +260,19 @@ def redis_url(address: str) -> str:
     return address
 
 
-def connect(address: str, timeout: float = 2.0, *, field: str = "redisConfig.address") -> aioredis.Redis:
-    """A client for `address` (no connection yet); ConfigError naming `field` for an unusable address."""
+def connect(
+    address: str, timeout: float = 2.0, *, field: str = "redisConfig.address", read_timeout: float | None = None
+) -> aioredis.Redis:
+    """A client for `address` (no connection yet); ConfigError naming `field` for an unusable address.
+    `read_timeout` (default `timeout`): how long one command may wait for its answer; callers with their own
+    deadlines (RedisStore) set it above the longest of them, or redis-py cuts those short."""
     try:
         url = redis_url(address)
     except ValueError as e:
         raise ConfigError(f"{field}: {e}") from None
-    return aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    return aioredis.Redis.from_url(
+        url, socket_timeout=timeout if read_timeout is None else read_timeout, socket_connect_timeout=timeout
+    )
 
 
 async def check_reachable(client: aioredis.Redis, field: str, owner: str) -> None:
@@ -303,7 +316,7 @@ class RedisStore:
         *,
         prefix: str = "epp:kv:",
         ttl: float = 3600.0,
-        write_timeout: float = 5.0,
+        write_timeout: float = WRITE_TIMEOUT,
     ) -> None:
         self.client = client
         self.tiers = tiers
@@ -412,10 +425,23 @@ class RedisStore:
         last = float(src[b"ts"])
         return ResumePoint(next_seq=int(src[b"seq"]) + 1, last_ts=last, anchor_ts=float(src.get(b"lts", src[b"ts"])))
 
-    async def catch_up(self, pod: str, chains: SourceChains, start: int, until: int) -> ResumePoint | None:
+    async def catch_up(
+        self,
+        pod: str,
+        chains: SourceChains,
+        start: int,
+        until: int,
+        restart_of: tuple[int, float] | None = None,
+    ) -> ResumePoint | None:
         # Another replica may be a moment from applying the batch just before the one in hand: wait for it a
         # little (this source's task only), or we would write that one's successor from chains without it.
         key = self.prefix + "src:" + pod
+        if restart_of is not None:
+            # After a publisher restart: only a position another replica reached past that same restart.
+            async with asyncio.timeout(self.write_timeout):
+                rf = await self.client.hget(key, "rf")
+            if rf is None or rf.decode() != f"{restart_of[0]}|{restart_of[1]!r}":
+                return None
         deadline = asyncio.get_running_loop().time() + CATCH_UP_WAIT
         while True:
             async with asyncio.timeout(self.write_timeout):

@@ -301,7 +301,9 @@ class Subscriber:
         self.next_seq, self.last_ts, self._anchor_ts, self._suspect = 0, -math.inf, None, False
         seq = msg.seq
         if seq > 0:
-            await self._recover(0, seq, catch_up=False)  # no anchor: cannot find another restart
+            # No anchor: cannot find another restart. A shared index may hold the new process's first
+            # batches, applied by a replica that saw them (the sink checks it is this restart's).
+            await self._recover(0, seq)
         if seq < self.next_seq:
             return
         if batch is None:

@@ -471,12 +471,14 @@ class RedisPrecisePrefixCacheProducer(PrecisePrefixCacheProducer):
     """The same producer on the shared Redis index: lookups are one awaited script call."""
 
     def _make_store(self) -> IndexStore:
-        from llmepp.kvevents.redis_index import RedisStore, connect
+        from llmepp.kvevents.redis_index import STORE_READ_TIMEOUT, RedisStore, connect
 
         cfg = _redis_config(self.params)
         assert cfg is not None
         self.lookup_timeout = parse_duration(cfg.lookup_timeout)
-        self.redis = connect(cfg.address, field=_ADDRESS_FIELD)
+        # Every call has its own deadline (lookupTimeout, speculation 1 s, writes 5 s): the client's read
+        # timeout must not fail a write sooner than its deadline.
+        self.redis = connect(cfg.address, field=_ADDRESS_FIELD, read_timeout=STORE_READ_TIMEOUT)
         # What is stored (request keys, tier bits, chain state, stream position) depends on the block
         # size, the seed and the tiers: configurations that differ keep apart, replicas of one share.
         scope = f"{self.block_tokens}.{self.seed:x}.{'+'.join(self.tiers.names)}:"

@@ -200,3 +200,44 @@ async def test_batches_no_replica_has_are_lost_once_the_wait_is_over(
     assert a.stats.lost_batches == 1 and a.stats.caught_up_batches == 0
     assert await a.matched() == 2
     await a.client.aclose()
+
+
+async def _restart_seen_late(server: RedisServer, late_replica_first: bool) -> int:
+    a, b = Replica(server.url), Replica(server.url)
+    await a.start()
+    await b.start()
+    old = [msg(0, stored(0, 2)), msg(1, stored(2, 4)), msg(2, removed(3, 2)), msg(3, stored(2, 4))]
+    for m in old:  # the old vLLM process: both replicas in sync, Redis at seq 3
+        await a.deliver(m)
+        await b.deliver(m)
+    assert await a.matched() == 4
+    # vLLM restarts (same pod, same address). The new process stores the same prompt again.
+    n0, n1, n2 = msg(0, stored(0, 2)), msg(1, stored(2, 4)), msg(2, stored(4, 6))
+    await a.deliver(n0)  # A sees the restart at the new process's first batch and applies it
+    await a.deliver(n1)
+    assert await a.matched() == 4
+    # B's SUB socket rejoined the restarted publisher a moment later: its first batch is the new seq 2.
+    first, second = (b, a) if late_replica_first else (a, b)
+    await first.deliver(n2)
+    await second.deliver(n2)
+    got = await a.matched()
+    await a.client.aclose()
+    await b.client.aclose()
+    return got
+
+
+async def test_a_publisher_restart_seen_from_its_start_by_the_first_writer_keeps_every_block(
+    server: RedisServer, client: aioredis.Redis
+) -> None:
+    assert await _restart_seen_late(server, late_replica_first=False) == 6
+
+
+async def test_a_replica_that_joined_the_restarted_publisher_late_does_not_wipe_its_first_batches(
+    server: RedisServer, client: aioredis.Redis
+) -> None:
+    """A vLLM restart one replica applied is not undone by another that saw the new process only from a later
+    batch (its SUB socket rejoined late): that replica continues from the shared state of the same restart
+    instead of writing its empty chains (a second clear). Which copy lands first is a coin toss; both orders
+    must give the index A's chains hold."""
+    got = await _restart_seen_late(server, late_replica_first=True)
+    assert got == 6, f"shared index credits the restarted pod with {got} of the 6 blocks it stored"
