@@ -439,8 +439,8 @@ class RedisStore:
         if restart_of is not None:
             # After a publisher restart: only a position another replica reached past that same restart.
             async with asyncio.timeout(self.write_timeout):
-                rf = await self.client.hget(key, "rf")
-            if rf is None or rf.decode() != f"{restart_of[0]}|{restart_of[1]!r}":
+                rf = await self.client.hget(key, "rf")  # bytes: the client does not decode answers
+            if rf != f"{restart_of[0]}|{restart_of[1]!r}".encode():
                 return None
         deadline = asyncio.get_running_loop().time() + CATCH_UP_WAIT
         while True:
