@@ -137,6 +137,9 @@ class ResponseInfo:
 
     status: int = 0
     streaming: bool = False
+    # The body came in one message (Envoy's BUFFERED / BUFFERED_PARTIAL response mode): its arrival is no
+    # first token, and there are no chunk gaps to time.
+    whole_body: bool = False
     usage: Usage | None = None
     first_byte_at: float = 0.0  # monotonic time of the first response body byte (TTFT)
     finished_at: float = 0.0

@@ -818,6 +818,7 @@ class ExtProcStream:
             self._request_side_over()
         if chunk:
             if not info.bytes:
+                info.whole_body = self.resp_mode not in (envoy.MODE_FULL_DUPLEX_STREAMED, envoy.MODE_STREAMED)
                 info.first_byte_at = self.last_chunk_at = time.monotonic()
                 if self.decision is not None and self.request is not None:
                     self.svc.director.response_first_chunk(self.request, info)

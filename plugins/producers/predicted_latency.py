@@ -218,7 +218,8 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         tpotHeadroom = buffered − TPOT                   tpotValid = TPOT < buffered
         (streamingMode false, or e's role is prefill: TPOT is not trained → tpotHeadroom 0, tpotValid)
 
-    plus dispatched = e's requests from this producer not yet finished. An endpoint never scraped (its
+    plus dispatched = e's requests from this producer not yet finished (with P/D, a prefill pod's count
+    includes the requests whose prefill it runs, until their first byte). An endpoint never scraped (its
     metrics all read 0) is unknown load, not an idle pod: it has no row and no LatencyPredictionInfo. The call
     is bounded by `predictionTimeout` (below the director's 400 ms producer budget): a slow, failing or dead predictor
     leaves no LatencyPredictionInfo — the consumers then route as without predictions (latency-scorer's
@@ -323,6 +324,8 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         # Requests this producer dispatched and has not seen finish, per endpoint: id(context) → (TPOT SLO, when).
         self._dispatched: dict[Endpoint, _Running] = {}
         self._prefill_tokens: dict[Endpoint, int] = {}
+        # P/D: per prefill pod, the requests whose prefill it runs for this EPP (charged to it, not their target).
+        self._prefilling: dict[Endpoint, int] = {}
         # The contexts holding a prefill charge, by id, with when it was made: the sweep releases a lost one's.
         self._charges: dict[int, tuple[_Context, float]] = {}
         self._next_sweep = 0.0
@@ -348,6 +351,7 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
     def endpoint_removed(self, endpoint: Endpoint) -> None:
         self._dispatched.pop(endpoint, None)
         self._prefill_tokens.pop(endpoint, None)
+        self._prefilling.pop(endpoint, None)
 
     # -- DataProducer ----------------------------------------------------------------------------------
     async def produce(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None:
@@ -417,7 +421,8 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
             tpot_ok, tpot_headroom = tpot < buffered, buffered - tpot
         return LatencyPredictionInfo(
             ttft_ms=ttft, tpot_ms=tpot, ttft_headroom=ttft_headroom, tpot_headroom=tpot_headroom,
-            ttft_valid=ttft < ctx.ttft_slo, tpot_valid=tpot_ok, dispatched_requests=len(running) if running else 0,
+            ttft_valid=ttft < ctx.ttft_slo, tpot_valid=tpot_ok,
+            dispatched_requests=(len(running) if running else 0) + self._prefilling.get(ep, 0),
         )  # fmt: skip
 
     def _predictor_failed(self, e: PredictorUnavailable) -> None:
@@ -454,6 +459,8 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         snapshot = ctx.prefill_snapshot or {}
         ctx.prefill_tokens_at_dispatch = snapshot.get(ep, self._prefill_tokens.get(ep, 0))
         self._prefill_tokens[charged] = before + ctx.input_tokens
+        if charged is not ep:  # a P/D prefill pod: busy with this request until its first byte
+            self._prefilling[charged] = self._prefilling.get(charged, 0) + 1
         ctx.prefill_endpoint = charged
         self._charges[id(ctx)] = (ctx, now)
         running = self._dispatched.get(ep)
@@ -486,6 +493,7 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         if (
             self.streaming
             and response.streaming
+            and not response.whole_body  # one message: its arrival is the whole generation, not a first token
             and 0 < response.status < 400
             and response.first_byte_at > ctx.dispatched_at
         ):
@@ -513,12 +521,14 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         entries = []
         if self.streaming:
             ttft_ms = (response.first_byte_at - ctx.dispatched_at) * 1000
-            # An answer not streamed comes whole: its first byte is no first token, its bytes no token gaps.
-            if not ctx.ttft_reported and response.streaming:
+            # An answer not streamed comes whole: its first byte is no first token, its bytes no token gaps. So
+            # does a streamed one that Envoy delivered in one message (BUFFERED response mode).
+            timed = response.streaming and not response.whole_body
+            if not ctx.ttft_reported and timed:
                 entries.append(self._entry(ctx, ctx.dispatch_metrics, 0, ttft_ms, 0.0))
             tokens = response.usage.completion_tokens if response.usage is not None else 0
             tpot_ms = 0.0
-            if response.streaming and tokens > 1 and response.finished_at > response.first_byte_at:
+            if timed and tokens > 1 and response.finished_at > response.first_byte_at:
                 tpot_ms = (response.finished_at - response.first_byte_at) * 1000 / (tokens - 1)
                 features = ctx.first_token_metrics or ctx.dispatch_metrics
                 p = self.params
@@ -573,6 +583,12 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
             self._prefill_tokens[ep] = left
         else:
             self._prefill_tokens.pop(ep, None)
+        if ep is not ctx.target:
+            count = self._prefilling.get(ep, 0) - 1
+            if count > 0:
+                self._prefilling[ep] = count
+            else:
+                self._prefilling.pop(ep, None)
 
     def _entry(
         self, ctx: _Context, m: EndpointMetrics, generated: int, ttft_ms: float, tpot_ms: float
