@@ -167,6 +167,7 @@ class Engine:
         self.running: list[SimRequest] = []
         self._root_hash = blockhash.root_hash(config.hash_seed)
         self._next_decode_at: float | None = None
+        self._last_decode_at: float | None = None  # when the last lockstep decode step ran
         self._last_advance = clock.now()
         # Simulated time before which no admission may be backdated: capacity last changed or was lacking.
         self._admission_floor = clock.now()
@@ -341,6 +342,7 @@ class Engine:
     def _decode_step(self, now: float) -> None:
         due = self._next_decode_at
         assert due is not None
+        self._last_decode_at = now
         for request in [r for r in self.running if r.phase is Phase.DECODE]:
             if request.phase is Phase.DECODE:  # an earlier request's preemption may have requeued it
                 self._emit_token(request, now)
@@ -404,7 +406,8 @@ class Engine:
         first_admission = request.admitted_time is None
         credit = 0.0
         uncached = request.num_tokens - request.stored_blocks * cfg.block_size
-        if request.kind is RequestKind.REMOTE_PREFILL and not request.transferred:
+        pulls_remote_kv = request.kind is RequestKind.REMOTE_PREFILL and not request.transferred
+        if pulls_remote_kv:
             # The KV is pulled from the prefill pod (only the blocks not already cached here).
             request.fixed_left = (cfg.kv_cache_transfer_latency + uncached * cfg.kv_cache_transfer_time_per_token) * MS
             request.work_left = 0.0
@@ -423,6 +426,12 @@ class Engine:
             request.fixed_left += self.lora.acquire(
                 request.lora.name, running_loras, cfg.max_loras, now, cfg.lora_load_latency * MS
             )
+        if not pulls_remote_kv:
+            # vLLM caches (and publishes) the full blocks of the tokens it schedules when it schedules them
+            # (allocate_slots -> cache_blocks), not when the forward pass ends: a request with the same prefix
+            # admitted while this one is still prefilling reuses them. Remote KV is cached once it has arrived
+            # (vLLM's delay_cache_blocks), in _prefill_done.
+            self._store_full_blocks(request)
         if request.fixed_left > EPS:
             request.phase = Phase.FIXED
         elif request.work_left > EPS:
@@ -438,9 +447,15 @@ class Engine:
             stats.request_prompt_tokens.observe(len(request.prompt_ids))
         self._store_full_blocks(request)
         request.phase = Phase.DECODE
+        if self._next_decode_at is not None and (self._last_decode_at is None or self._last_decode_at < now - EPS):
+            # vLLM runs a prefill inside an engine step: its first token comes out with the running batch's
+            # tokens at the end of that step, and the next one a whole step later. Finishing between two ticks
+            # and emitting now would make the first inter-token gap anything from 0 to one step.
+            return
         self._emit_token(request, now)
         if request.phase is Phase.DECODE and self._next_decode_at is None:
             self._next_decode_at = now + self._step_time()
+            self._last_decode_at = now  # the step that carried this prefill ends now
 
     # ------------------------------------------------------------------ tokens and blocks
     def _emit_token(self, request: SimRequest, now: float) -> None:

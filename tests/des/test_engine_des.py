@@ -124,7 +124,7 @@ class _ReferenceEngine(Engine):
 
 def test_the_faster_block_bookkeeping_behaves_exactly_as_before() -> None:
     """A tight KV pool (evictions, preemptions, shared prefixes): same events, hits and timings as the original."""
-    config = PodConfig(kv_cache_size=96, max_num_seqs=8, max_model_len=4096)
+    config = PodConfig(kv_cache_size=80, max_num_seqs=8, max_model_len=4096)
     shared = [(3 * i) % 4000 + 1 for i in range(200)]
     prompts = [shared + [(11 * i + k) % 4000 + 1 for i in range(37 + 9 * k)] for k in range(12)]
 

@@ -1,0 +1,94 @@
+"""vLLM caches (hashes and publishes) a request's full prompt blocks when it *schedules* the request
+(KVCacheManager.allocate_slots -> coordinator.cache_blocks(request, min(computed + new, num_tokens))), not
+when the forward pass ends. So a second request with the same prefix that is scheduled after the first one
+(in the same step, or in any later step) hits those blocks, and BlockStored is published at that step.
+
+So must the simulator: otherwise a same-prefix request admitted while the first is still prefilling gets
+no hit, recomputes the prompt and takes duplicate blocks, `vllm:prefix_cache_hits` and `usage.cached_tokens`
+under-count the bursts prefix-aware routing creates, and the KV events arrive a whole prefill late.
+"""
+
+from __future__ import annotations
+
+from llmepp_sim.clock import SimClock
+from llmepp_sim.config import PodConfig
+from llmepp_sim.engine import Engine, Phase, SimRequest
+from llmepp_sim.kvwire import BlockStored, KVEvent
+from llmepp_sim.lora import LoraManager
+from llmepp_sim.textgen import FillerStream, filler_vocabulary
+from llmepp_sim.tokenizer import shared_tokenizer
+
+
+class _HandClock(SimClock):
+    def __init__(self) -> None:
+        super().__init__(1.0)
+        self.t = 1000.0
+
+    def now(self) -> float:
+        return self.t
+
+
+def _engine(events: list[KVEvent] | None = None) -> tuple[Engine, _HandClock]:
+    clock = _HandClock()
+    # llama-8b-h100-like latencies: 30 ms overhead + 0.2 ms per uncached prompt token.
+    config = PodConfig(block_size=16, kv_cache_size=1000, max_num_seqs=8, max_model_len=4096,
+                       time_to_first_token=0, prefill_overhead=30, prefill_time_per_token=0.2,
+                       inter_token_latency=12)  # fmt: skip
+    engine = Engine(config, clock, LoraManager([]), events.extend if events is not None else None)
+    return engine, clock
+
+
+def _request(rid: str, ids: list[int], max_tokens: int = 4) -> SimRequest:
+    return SimRequest(rid, ids, max_tokens, FillerStream(filler_vocabulary(shared_tokenizer()), 0, ids))
+
+
+def _step(engine: Engine, clock: _HandClock) -> None:
+    engine._advance(clock.t)
+    engine._schedule(clock.t)
+
+
+PROMPT = list(range(100, 100 + 16 * 64))  # 1024 tokens = 64 full blocks
+
+
+def test_a_request_scheduled_while_its_prefix_is_prefilling_hits_the_prefix_cache() -> None:
+    engine, clock = _engine()
+    a = _request("a", PROMPT)
+    engine.submit(a)
+    _step(engine, clock)
+    assert a.phase in (Phase.FIXED, Phase.PREFILL)
+    # 50 ms later (A's prefill takes 30 + 1024 * 0.2 = 235 ms) B, same prompt + a different question, arrives.
+    clock.t += 0.050
+    b = _request("b", PROMPT + list(range(5000, 5010)))
+    engine.submit(b)
+    _step(engine, clock)
+    assert b.phase is not Phase.WAITING
+    assert a.first_token_time is None  # A is still prefilling
+    # vLLM: A's 64 blocks were cached when A was scheduled, so B reuses all of them.
+    assert b.num_cached_tokens == 1024, f"B reused {b.num_cached_tokens} of A's 1024 cached prompt tokens"
+    assert engine.stats.prefix_cache_hits == 1024
+
+
+def test_two_identical_prompts_scheduled_in_the_same_step_share_the_blocks() -> None:
+    engine, clock = _engine()
+    a, b = _request("a", PROMPT), _request("b", PROMPT)
+    engine.submit(a)
+    engine.submit(b)
+    _step(engine, clock)
+    assert a.phase is not Phase.WAITING and b.phase is not Phase.WAITING
+    # vLLM schedules A first (caching its 64 blocks), then B's lookup finds them (up to num_tokens - 1 tokens:
+    # the last block is recomputed): 63 blocks hit, and the pool holds 64 + 1 blocks, not 2 x 64.
+    assert b.num_cached_tokens == 63 * 16
+    assert engine.pool.num_free == engine.pool.num_blocks - 65
+
+
+def test_block_stored_is_published_when_the_request_is_scheduled() -> None:
+    events: list[KVEvent] = []
+    engine, clock = _engine(events)
+    a = _request("a", PROMPT)
+    engine.submit(a)
+    _step(engine, clock)
+    assert a.first_token_time is None
+    stored = [h for e in events if isinstance(e, BlockStored) for h in e.block_hashes]
+    # vLLM publishes BlockStored for the scheduled prompt blocks at the end of that step (before the forward
+    # pass that computes them completes); the simulator waits for the end of the whole prefill.
+    assert len(stored) == 64, f"{len(stored)} blocks published at scheduling time"
