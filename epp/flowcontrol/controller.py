@@ -368,6 +368,15 @@ class FlowController(AdmissionController):
             flow.metrics.enqueue(outcome.value).observe(time.perf_counter() - t0)
             raise outcome_error(outcome)
 
+        if flow.overflow and fid != OVERFLOW_FAIRNESS_ID:  # a new fairness id at the flow limit, queued below
+            self.metrics.overflow_counter(str(band.priority), self.pool_name).inc()
+            self._overflow_log.warning(
+                "overflow",
+                "flow control: all %d flows (flowControl.maxFlows) have requests waiting; requests with a new "
+                "fairness id are queued in their band's shared overflow flow %r",
+                self.max_flows, OVERFLOW_FAIRNESS_ID,
+            )  # fmt: skip
+
         # Fast path: nobody is waiting, so dispatching now is what a cycle would do.
         if not self.queued:
             saturation = self._saturation(pool, now)
@@ -468,6 +477,7 @@ class FlowController(AdmissionController):
         sent = 0
         gated = False
         blocked: PriorityBand | None = None
+        blocked_ceiling = 0.0
         while sent < budget and self.queued:
             for i, band in enumerate(order):
                 if not band.count:
@@ -475,6 +485,7 @@ class FlowController(AdmissionController):
                 if saturation >= ceilings[i]:
                     gated = True  # head-of-line: nothing below a blocked band may go
                     blocked = band
+                    blocked_ceiling = ceilings[i]
                     break
                 flow = band.fairness.pick()
                 if flow is None:  # count says otherwise; never expected
@@ -506,7 +517,9 @@ class FlowController(AdmissionController):
             if gated:
                 break
         self._credits = 0 if gated or not self.queued else self._credits - sent
-        if blocked is not None and self.evictor is not None:
+        # A ceiling of 0 (soft-reflective thinning a band, an explicit 0) holds the band back whatever the load:
+        # revoking in-flight work cannot open it (the reference's maybeReclaim skips such bands too).
+        if blocked is not None and self.evictor is not None and blocked_ceiling > 0:
             self.evictor.reclaim(blocked.priority, blocked.count, now)
         self.metrics.dispatch_cycle.observe(time.perf_counter() - t0)
         return sent
@@ -649,14 +662,8 @@ class FlowController(AdmissionController):
         if fairness_id == OVERFLOW_FAIRNESS_ID:
             return self._overflow_flow(band, now)
         if self.flow_count >= self.max_flows and not self._evict_idlest():
-            # Every flow has requests waiting: share the band's overflow flow rather than refuse.
-            self.metrics.overflow_counter(str(band.priority), self.pool_name).inc()
-            self._overflow_log.warning(
-                "overflow",
-                "flow control: all %d flows (flowControl.maxFlows) have requests waiting; requests with a new "
-                "fairness id are queued in their band's shared overflow flow %r",
-                self.max_flows, OVERFLOW_FAIRNESS_ID,
-            )  # fmt: skip
+            # Every flow has requests waiting: share the band's overflow flow rather than refuse (counted by
+            # admit once the request is actually queued there, not when it is refused).
             if request is not None:
                 request.data[FLOW_ID_KEY] = OVERFLOW_FAIRNESS_ID
             return self._overflow_flow(band, now)
