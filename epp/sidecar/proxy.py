@@ -327,6 +327,19 @@ def _decoder_redirect(upstream: aiohttp.ClientResponse, url: URL) -> URL | None:
     return location if same and not location.raw_path.startswith("//") else None
 
 
+def _sendable_close_code(code: Any) -> bool:
+    """A WebSocket close code an endpoint may put in a Close frame (RFC 6455 7.4): not 1005/1006/1015."""
+    return isinstance(code, int) and (code in _SENDABLE_CLOSE_CODES or 3000 <= code <= 4999)
+
+
+_SENDABLE_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
+
+
+def _close_reason(text: str | None) -> bytes:
+    """A Close frame's reason: at most 123 bytes of UTF-8, cut at a character boundary."""
+    return (text or "").encode()[:123].decode(errors="ignore").encode()
+
+
 class _IdleWatch:
     """Fails the reads of a decoder's answer once it has sent nothing for `idle` seconds (a hung decoder
     mid-stream). One timer per answer; per chunk the relay only stores the time of the last one, and
@@ -618,21 +631,36 @@ class Sidecar:
             raise ProxyError(502, f"decoder unreachable: {type(e).__name__}") from None
         client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else (),
                                        max_msg_size=self.options.max_body_bytes)  # fmt: skip
+        ends: dict[Any, tuple[int, bytes]] = {}  # per side: the close code and reason to send it
         try:
             await client.prepare(request)
 
-            async def relay(source: Any, sink: Any) -> None:
-                async for message in source:
+            async def relay(source: Any, sink: Any, abnormal: int) -> None:
+                while True:
+                    message = await source.receive()
                     if message.type is aiohttp.WSMsgType.TEXT:
                         await sink.send_str(message.data)
                     elif message.type is aiohttp.WSMsgType.BINARY:
                         await sink.send_bytes(message.data)
                     else:  # closing or an error: end both sides
                         break
-                await sink.close()
+                if message.type is aiohttp.WSMsgType.CLOSING:  # the other direction is closing `source`
+                    return
+                # The Close frame as sent (code and reason); a connection lost without one is no normal closure.
+                if message.type is aiohttp.WSMsgType.CLOSE:
+                    sendable = _sendable_close_code(message.data)
+                    ends[sink] = (message.data, _close_reason(message.extra)) if sendable else (1000, b"")
+                else:
+                    ends[sink] = (abnormal, b"")
+                code, reason = ends[sink]
+                await sink.close(code=code, message=reason)
 
-            # Either side closing ends the relay; the other direction is cancelled with it.
-            tasks = [asyncio.create_task(relay(client, upstream)), asyncio.create_task(relay(upstream, client))]
+            # Either side closing ends the relay; the other direction is cancelled with it. The close code
+            # (and reason) one side sent is passed on, also when the handler is cancelled mid-handshake.
+            tasks = [
+                asyncio.create_task(relay(client, upstream, aiohttp.WSCloseCode.GOING_AWAY)),
+                asyncio.create_task(relay(upstream, client, aiohttp.WSCloseCode.INTERNAL_ERROR)),
+            ]
             try:
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -640,8 +668,10 @@ class Sidecar:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
         finally:
-            await upstream.close()
-            await client.close()
+            code, reason = ends.get(upstream, (aiohttp.WSCloseCode.GOING_AWAY, b""))  # default: the client left
+            await upstream.close(code=code, message=reason)
+            code, reason = ends.get(client, (aiohttp.WSCloseCode.OK, b""))
+            await client.close(code=code, message=reason)
         return client
 
     async def _to_decoder(

@@ -481,3 +481,77 @@ async def test_a_websocket_to_the_model_server_is_relayed(http: aiohttp.ClientSe
         assert refused.value.status == 404
     finally:
         await stopped(sidecar, p, d)
+
+
+async def test_the_decoders_close_code_and_reason_reach_the_client(http: aiohttp.ClientSession) -> None:
+    """The model server ends a session with 1011 (internal error) and a reason: the client gets that code and
+    reason, not 1000 "normal closure" (a failed session is no finished one). The reference's reverse proxy
+    copies the upgraded bytes, Close frames included."""
+
+    async def decode(request: web.Request, body: Any) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            if message.type is aiohttp.WSMsgType.TEXT and message.data == "fail":
+                await ws.send_str("last words")
+                await ws.close(code=aiohttp.WSCloseCode.INTERNAL_ERROR, message=b"engine dead")
+        return ws
+
+    p, d, sidecar = await started(decode=decode)
+    try:
+        async with http.ws_connect(f"{sidecar.url}/v1/realtime") as ws:
+            await ws.send_str("fail")
+            assert (await ws.receive(timeout=5)).data == "last words"
+            closing = await ws.receive(timeout=5)
+            assert closing.type is aiohttp.WSMsgType.CLOSE
+            assert (closing.data, closing.extra) == (aiohttp.WSCloseCode.INTERNAL_ERROR, "engine dead")
+    finally:
+        await stopped(sidecar, p, d)
+
+
+async def test_the_clients_close_code_reaches_the_decoder(http: aiohttp.ClientSession) -> None:
+    """The client ends the session with an application close code (4000-4999): the model server sees 1000."""
+    seen: dict[str, Any] = {}
+    done = asyncio.Event()
+
+    async def decode(request: web.Request, body: Any) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for _ in ws:
+            pass
+        seen["code"] = ws.close_code
+        done.set()
+        return ws
+
+    p, d, sidecar = await started(decode=decode)
+    try:
+        async with http.ws_connect(f"{sidecar.url}/v1/realtime") as ws:
+            await ws.send_str("hello")
+            await ws.close(code=4001, message=b"user hung up")
+        await asyncio.wait_for(done.wait(), 5)
+        assert seen["code"] == 4001
+    finally:
+        await stopped(sidecar, p, d)
+
+
+async def test_a_decoder_dying_mid_session_is_not_a_normal_closure(http: aiohttp.ClientSession) -> None:
+    """The model server's connection drops without a Close frame (crash, OOM kill): the client gets a clean
+    1000 "normal closure" instead of an error code, as if the session had ended on purpose."""
+
+    async def decode(request: web.Request, body: Any) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.receive()
+        assert request.transport is not None
+        request.transport.abort()  # the engine process dies
+        return ws
+
+    p, d, sidecar = await started(decode=decode)
+    try:
+        async with http.ws_connect(f"{sidecar.url}/v1/realtime") as ws:
+            await ws.send_str("hello")
+            closing = await ws.receive(timeout=5)
+            assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+            assert ws.close_code != aiohttp.WSCloseCode.OK, "an abnormal end is reported as a normal closure"
+    finally:
+        await stopped(sidecar, p, d)
