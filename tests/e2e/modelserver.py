@@ -62,6 +62,7 @@ class ModelServer:
             "x-received-dest": request.headers.get("x-gateway-destination-endpoint", "-"),
             "x-received-te": request.headers.get("transfer-encoding", "-"),
             "x-received-objective": request.headers.get("x-llm-d-inference-objective", "-"),
+            "x-received-fairness": request.headers.get("x-llm-d-inference-fairness-id", "-"),
         }
 
     async def _models(self, request: web.Request) -> web.Response:

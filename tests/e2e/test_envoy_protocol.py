@@ -400,11 +400,15 @@ async def test_model_rewrite_through_envoy(stack: Stack) -> None:
 
 async def test_control_headers_are_not_forwarded(stack: Stack) -> None:
     async with stack.session.post(
-        stack.url(stack.fds_port), json=completion(), headers={"x-llm-d-inference-objective": "gold"}
+        stack.url(stack.fds_port),
+        json=completion(),
+        headers={"x-llm-d-inference-objective": "gold", "x-llm-d-inference-fairness-id": "tenant-a"},
     ) as r:
         assert r.status == 200
         assert r.headers["x-received-objective"] == "-"
+        assert r.headers["x-received-fairness"] == "-"
     assert stack.director.requests[-1].objective == "gold"
+    assert stack.director.requests[-1].fairness_id == "tenant-a"
     await settle(stack.director)
 
 

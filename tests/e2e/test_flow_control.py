@@ -266,6 +266,7 @@ async def test_control_headers_do_not_reach_the_model_server(stack: Stack, clien
             await asyncio.sleep(0.05)
         assert resp.status == 200 and resp.headers["x-served-by"] == echo.hostport
         assert resp.headers["x-received-objective"] == "-"
+        assert resp.headers["x-received-fairness"] == "-"
     finally:
         stack.write_endpoints(sim_pods)
         await asyncio.sleep(0.5)  # file discovery polls every 250 ms

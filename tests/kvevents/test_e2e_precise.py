@@ -173,9 +173,15 @@ async def test_a_prompt_evicted_behind_the_epps_back_goes_back_to_its_pod(http: 
         prompt = long_prompt(8)
         await complete(http, home.url, prompt)
         await asyncio.sleep(EVENTS_SETTLE)
+        removed = await metric(http, stack.metrics_url, "llm_d_epp_kv_events_block_removed_total")
         async with http.post(home.url + "/admin/evict", json={"fraction": 1.0}) as resp:
-            assert resp.status == 200 and (await resp.json())["evicted"] > 0
+            assert resp.status == 200
+            evicted = (await resp.json())["evicted"]
+        assert evicted > 0
         await asyncio.sleep(EVENTS_SETTLE)
+        # The EPP applied the removals (else a stale index, still crediting the pod, would send it there too).
+        applied = await metric(http, stack.metrics_url, "llm_d_epp_kv_events_block_removed_total") - removed
+        assert applied >= evicted, (applied, evicted)
         # No pod holds the prompt now (nothing is cached: the removal events arrived). A new prompt
         # would go to the never-used sim-0 first; this one returns to the pod that made room for it.
         pod, cached = await complete(http, stack.url, prompt)
