@@ -275,11 +275,11 @@ def _fold_keys(value: Any, info: msgspec.inspect.Type, label: str, path: str = "
     mi = msgspec.inspect
     if isinstance(info, mi.Metadata):
         return _fold_keys(value, info.type, label, path)
-    if type(value) is float and value.is_integer() and _takes_int(info) and not _takes_float(info):
+    if type(value) is float and value.is_integer() and _takes(info, mi.IntType) and not _takes(info, _FLOATISH):
         # The reference turns the YAML into JSON before Go decodes the parameters: a whole-number float
         # (`1e5`, `2.0`) is written as the JSON number 100000 / 2, which an int field takes.
         value = int(value)
-    if type(value) is int and not _INT64_MIN <= value <= _INT64_MAX and _takes_int(info):
+    if type(value) is int and not _INT64_MIN <= value <= _INT64_MAX and _takes(info, mi.IntType):
         # The reference decodes into Go ints (64 bits) and refuses more; msgspec takes any Python int.
         raise ConfigError(f"{label}: {path}: {value} is out of range (a 64-bit integer)")
     if isinstance(info, mi.UnionType):
@@ -351,24 +351,17 @@ def _nullable(info: msgspec.inspect.Type) -> bool:
 
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_FLOATISH = (msgspec.inspect.FloatType, msgspec.inspect.AnyType)  # fields a float may fill as it is
 
 
-def _takes_int(info: msgspec.inspect.Type) -> bool:
+def _takes(info: msgspec.inspect.Type, kinds: type | tuple[type, ...]) -> bool:
+    """Whether a field of type `info` (through metadata and unions) accepts one of the msgspec `kinds`."""
     mi = msgspec.inspect
     if isinstance(info, mi.Metadata):
-        return _takes_int(info.type)
+        return _takes(info.type, kinds)
     if isinstance(info, mi.UnionType):
-        return any(_takes_int(t) for t in info.types)
-    return isinstance(info, mi.IntType)
-
-
-def _takes_float(info: msgspec.inspect.Type) -> bool:
-    mi = msgspec.inspect
-    if isinstance(info, mi.Metadata):
-        return _takes_float(info.type)
-    if isinstance(info, mi.UnionType):
-        return any(_takes_float(t) for t in info.types)
-    return isinstance(info, (mi.FloatType, mi.AnyType))
+        return any(_takes(t, kinds) for t in info.types)
+    return isinstance(info, kinds)
 
 
 def _describe(err: msgspec.ValidationError) -> str:
