@@ -111,6 +111,7 @@ class Server:
         self.auto_complete = auto_complete
         self.order: list[str] = []
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.evicted: list[str] = []  # ids of the `evictable` requests the controller revoked
 
     async def serve(self, r: InferenceRequest) -> None:
         await self.ctl.admit(r, self.pool())
@@ -136,6 +137,18 @@ class Server:
     def complete_one(self) -> None:
         self.pool()[0].inflight.requests -= 1
         self.ctl.request_completed(req("completed"))
+
+    def evictable(self, r: InferenceRequest) -> InferenceRequest:
+        """`r` with the stream's evict: release now (in-flight count, completion) and record its id."""
+
+        def evict() -> bool:
+            self.evicted.append(r.request_id)
+            self.complete_one()
+            self.ctl.request_completed(r)
+            return True
+
+        r.evict = evict
+        return r
 
 
 async def until(cond: Callable[[], bool], within: float = 2.0) -> None:

@@ -110,31 +110,19 @@ async def test_a_blocked_band_gets_the_capacity_sheddable_work_held() -> None:
     policies = {"eviction_filter": plugin("sheddable-eviction-filter"), "eviction_ordering": plugin(ORDER)}
     ctl = controller(pool, det, eviction_grace=0.01, **policies)
     srv = Server(ctl, pool)
-    evicted: list[str] = []
-
-    def answerable(r: InferenceRequest) -> InferenceRequest:
-        def evict() -> bool:  # what the stream does: release now (in-flight counts, completion)
-            evicted.append(r.request_id)
-            srv.complete_one()
-            ctl.request_completed(r)
-            return True
-
-        r.evict = evict
-        return r
-
     for rid in ("batch-1", "batch-2"):
-        srv.submit(answerable(req(rid, priority=-1)))
+        srv.submit(srv.evictable(req(rid, priority=-1)))
     await until(lambda: srv.order == ["batch-1", "batch-2"])
     srv.submit(req("interactive", priority=0))
     await until(lambda: "interactive" in srv.order)
-    assert evicted == ["batch-2"]  # the newest one; one slot was all the blocked request needed
+    assert srv.evicted == ["batch-2"]  # the newest one; one slot was all the blocked request needed
     # The reference's flow_control_revocations_issued_total{priority} is the blocked band's.
     assert ctl.metrics.revocations[("0", "epp")].value == 1
     assert ctl.metrics.revocation_outcomes[("confirmed", "epp")].value == 1
     # A sheddable newcomer does not evict its own band.
-    srv.submit(answerable(req("batch-3", priority=-1)))
+    srv.submit(srv.evictable(req("batch-3", priority=-1)))
     await spin(200)
-    assert evicted == ["batch-2"] and "batch-3" not in srv.order
+    assert srv.evicted == ["batch-2"] and "batch-3" not in srv.order
     await srv.close()
 
 

@@ -8,7 +8,6 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from llmepp.errors import ResourceExhausted
-from llmepp.request.types import InferenceRequest
 
 from .kit import BandConfig, Server, concurrency_pool, controller, plugin, req, spin, until
 
@@ -30,21 +29,9 @@ async def test_soft_reflective_thinning_below_saturation_does_not_revoke_in_flig
         eviction_ordering=plugin(ORDER),
     )
     srv = Server(ctl, pool)
-    evicted: list[str] = []
-
-    def answerable(r: InferenceRequest) -> InferenceRequest:
-        def evict() -> bool:
-            evicted.append(r.request_id)
-            srv.complete_one()
-            ctl.request_completed(r)
-            return True
-
-        r.evict = evict
-        return r
-
     batch = [f"batch-{i}" for i in range(7)]
     for rid in batch:
-        srv.submit(answerable(req(rid, priority=-1)))
+        srv.submit(srv.evictable(req(rid, priority=-1)))
     await until(lambda: all(b in srv.order for b in batch))
     assert pool()[0].inflight.requests == 7  # saturation 0.7: the pool is not full
     for i in range(2):
@@ -53,7 +40,7 @@ async def test_soft_reflective_thinning_below_saturation_does_not_revoke_in_flig
     await spin(50)
     # Band 0 is only being thinned (soft-reflective alternates its ceiling 0 / 1 at this load), it dispatches
     # every other tick: no in-flight work should be revoked for it while the pool is at 70 %.
-    assert evicted == []
+    assert srv.evicted == []
     await srv.close()
 
 

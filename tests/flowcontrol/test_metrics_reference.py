@@ -8,8 +8,6 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmepp.request.types import InferenceRequest
-
 from .kit import Server, concurrency_pool, controller, plugin, req, spin, until
 
 ORDER = "priority-then-time-eviction-order-policy"
@@ -30,17 +28,8 @@ async def test_revocations_are_counted_as_issued_for_the_blocked_band_and_by_out
     ctl = controller(pool, det, eviction_grace=0.01, registry_=registry, **policies)
     srv = Server(ctl, pool)
 
-    def answerable(r: InferenceRequest) -> InferenceRequest:
-        def evict() -> bool:
-            srv.complete_one()
-            ctl.request_completed(r)
-            return True
-
-        r.evict = evict
-        return r
-
     for rid in ("batch-1", "batch-2"):
-        srv.submit(answerable(req(rid, priority=-1)))
+        srv.submit(srv.evictable(req(rid, priority=-1)))
     await until(lambda: srv.order == ["batch-1", "batch-2"])
     srv.submit(req("interactive", priority=3))
     await until(lambda: "interactive" in srv.order)
