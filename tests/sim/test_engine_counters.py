@@ -4,39 +4,22 @@ preempted request's re-admission under preempted_queries / preempted_hits, which
 
 from __future__ import annotations
 
-from llmepp_sim.clock import SimClock
 from llmepp_sim.config import PodConfig
 from llmepp_sim.engine import Engine, SimRequest
 from llmepp_sim.lora import LoraManager
-from llmepp_sim.textgen import FillerStream, filler_vocabulary
-from llmepp_sim.tokenizer import shared_tokenizer
 
-
-class _HandClock(SimClock):
-    def __init__(self) -> None:
-        super().__init__(1.0)
-        self.t = 1000.0
-
-    def now(self) -> float:
-        return self.t
+from .handclock import HandClock, run_until_idle, sim_request
 
 
 def _run(config: PodConfig, prompts: dict[str, list[int]], max_tokens: int) -> tuple[Engine, list[SimRequest]]:
     """Submit the prompts at once and step the engine's loop by hand until it is idle."""
-    clock = _HandClock()
+    clock = HandClock()
     engine = Engine(config, clock, LoraManager([]), None)
-    fillers = filler_vocabulary(shared_tokenizer())
-    requests = [SimRequest(rid, ids, max_tokens, FillerStream(fillers, 0, ids)) for rid, ids in prompts.items()]
+    requests = [sim_request(rid, ids, max_tokens) for rid, ids in prompts.items()]
     for request in requests:
         engine.submit(request)
-    for _ in range(100_000):
-        engine._advance(clock.t)
-        engine._schedule(clock.t)
-        next_event = engine._next_event(clock.t)
-        if next_event is None:
-            return engine, requests
-        clock.t = max(clock.t, next_event) + 1e-9
-    raise AssertionError("the engine never went idle")
+    run_until_idle(engine, clock, nudge=1e-9)
+    return engine, requests
 
 
 def test_no_prefix_cache_queries_with_prefix_caching_off() -> None:

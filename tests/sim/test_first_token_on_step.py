@@ -9,56 +9,29 @@ low (17 % at max_tokens 4) and producing sub-step ITL samples vLLM cannot.
 
 from __future__ import annotations
 
-from llmepp_sim.clock import SimClock
 from llmepp_sim.config import PodConfig
-from llmepp_sim.engine import Engine, SimRequest
+from llmepp_sim.engine import Engine
 from llmepp_sim.lora import LoraManager
-from llmepp_sim.textgen import FillerStream, filler_vocabulary
-from llmepp_sim.tokenizer import shared_tokenizer
 
-
-class _HandClock(SimClock):
-    def __init__(self) -> None:
-        super().__init__(1.0)
-        self.t = 1000.0
-
-    def now(self) -> float:
-        return self.t
-
-
-def _request(rid: str, ids: list[int], max_tokens: int) -> SimRequest:
-    return SimRequest(rid, ids, max_tokens, FillerStream(filler_vocabulary(shared_tokenizer()), 0, ids))
-
-
-def _run_until_idle(engine: Engine, clock: _HandClock, stop_at: float | None = None) -> None:
-    for _ in range(100_000):
-        engine._advance(clock.t)
-        engine._schedule(clock.t)
-        next_event = engine._next_event(clock.t)
-        if next_event is None or (stop_at is not None and next_event > stop_at):
-            if stop_at is not None:
-                clock.t = stop_at
-            return
-        clock.t = max(clock.t, next_event)
-    raise AssertionError("the engine never went idle")
+from .handclock import HandClock, run_until_idle, sim_request
 
 
 def test_the_first_inter_token_gap_of_a_request_joining_a_running_batch_is_a_whole_step() -> None:
-    clock = _HandClock()
+    clock = HandClock()
     # time_factor_under_load 1: every decode step lasts exactly 20 ms.
     config = PodConfig(block_size=16, kv_cache_size=1000, max_num_seqs=8, max_model_len=4096,
                        time_to_first_token=0, prefill_overhead=10, prefill_time_per_token=0.1,
                        inter_token_latency=20, time_factor_under_load=1.0)  # fmt: skip
     engine = Engine(config, clock, LoraManager([]), None)
     step = 0.020
-    a = _request("a", list(range(100, 164)), 200)
+    a = sim_request("a", list(range(100, 164)), 200)
     engine.submit(a)
     # Let A decode for a while, then B arrives; its prefill ends 10 + 64 * 0.1 = 16.4 ms later, 3.6 ms
     # before A's next tick (ticks every 20 ms from A's first token at 1000.0164).
-    _run_until_idle(engine, clock, stop_at=1000.0164 + 10 * step)
-    b = _request("b", list(range(300, 364)), 3)
+    run_until_idle(engine, clock, stop_at=1000.0164 + 10 * step)
+    b = sim_request("b", list(range(300, 364)), 3)
     engine.submit(b)
-    _run_until_idle(engine, clock)
+    run_until_idle(engine, clock)
     assert b.finish_reason == "length" and len(b.output_ids) == 3
     assert b.first_token_time is not None and b.finish_time is not None
     first_gap_and_second = b.finish_time - b.first_token_time  # two gaps: token 1 -> 2 -> 3
@@ -69,16 +42,16 @@ def test_the_first_inter_token_gap_of_a_request_joining_a_running_batch_is_a_who
 
 
 def test_no_inter_token_latency_sample_is_shorter_than_a_decode_step() -> None:
-    clock = _HandClock()
+    clock = HandClock()
     config = PodConfig(block_size=16, kv_cache_size=4000, max_num_seqs=64, max_model_len=4096,
                        time_to_first_token=0, prefill_overhead=10, prefill_time_per_token=0.1,
                        inter_token_latency=20, time_factor_under_load=1.0)  # fmt: skip
     engine = Engine(config, clock, LoraManager([]), None)
     # A steady stream of requests arriving every 7 ms, each generating 4 tokens.
     for i in range(40):
-        engine.submit(_request(f"r{i}", list(range(1000 + 64 * i, 1064 + 64 * i)), 4))
-        _run_until_idle(engine, clock, stop_at=clock.t + 0.007)
-    _run_until_idle(engine, clock)
+        engine.submit(sim_request(f"r{i}", list(range(1000 + 64 * i, 1064 + 64 * i)), 4))
+        run_until_idle(engine, clock, stop_at=clock.t + 0.007)
+    run_until_idle(engine, clock)
     itl = engine.stats.itl
     below_step = itl.counts[0] + itl.counts[1]  # buckets le=0.01 and (0.01, 0.025]: anything < 25 ms
     assert itl.count == 40 * 3

@@ -10,26 +10,16 @@ under-count the bursts prefix-aware routing creates, and the KV events arrive a 
 
 from __future__ import annotations
 
-from llmepp_sim.clock import SimClock
 from llmepp_sim.config import PodConfig
-from llmepp_sim.engine import Engine, Phase, SimRequest
+from llmepp_sim.engine import Engine, Phase
 from llmepp_sim.kvwire import BlockStored, KVEvent
 from llmepp_sim.lora import LoraManager
-from llmepp_sim.textgen import FillerStream, filler_vocabulary
-from llmepp_sim.tokenizer import shared_tokenizer
+
+from .handclock import HandClock, sim_request, step
 
 
-class _HandClock(SimClock):
-    def __init__(self) -> None:
-        super().__init__(1.0)
-        self.t = 1000.0
-
-    def now(self) -> float:
-        return self.t
-
-
-def _engine(events: list[KVEvent] | None = None) -> tuple[Engine, _HandClock]:
-    clock = _HandClock()
+def _engine(events: list[KVEvent] | None = None) -> tuple[Engine, HandClock]:
+    clock = HandClock()
     # llama-8b-h100-like latencies: 30 ms overhead + 0.2 ms per uncached prompt token.
     config = PodConfig(block_size=16, kv_cache_size=1000, max_num_seqs=8, max_model_len=4096,
                        time_to_first_token=0, prefill_overhead=30, prefill_time_per_token=0.2,
@@ -38,29 +28,20 @@ def _engine(events: list[KVEvent] | None = None) -> tuple[Engine, _HandClock]:
     return engine, clock
 
 
-def _request(rid: str, ids: list[int], max_tokens: int = 4) -> SimRequest:
-    return SimRequest(rid, ids, max_tokens, FillerStream(filler_vocabulary(shared_tokenizer()), 0, ids))
-
-
-def _step(engine: Engine, clock: _HandClock) -> None:
-    engine._advance(clock.t)
-    engine._schedule(clock.t)
-
-
 PROMPT = list(range(100, 100 + 16 * 64))  # 1024 tokens = 64 full blocks
 
 
 def test_a_request_scheduled_while_its_prefix_is_prefilling_hits_the_prefix_cache() -> None:
     engine, clock = _engine()
-    a = _request("a", PROMPT)
+    a = sim_request("a", PROMPT, 4)
     engine.submit(a)
-    _step(engine, clock)
+    step(engine, clock)
     assert a.phase in (Phase.FIXED, Phase.PREFILL)
     # 50 ms later (A's prefill takes 30 + 1024 * 0.2 = 235 ms) B, same prompt + a different question, arrives.
     clock.t += 0.050
-    b = _request("b", PROMPT + list(range(5000, 5010)))
+    b = sim_request("b", PROMPT + list(range(5000, 5010)), 4)
     engine.submit(b)
-    _step(engine, clock)
+    step(engine, clock)
     assert b.phase is not Phase.WAITING
     assert a.first_token_time is None  # A is still prefilling
     # vLLM: A's 64 blocks were cached when A was scheduled, so B reuses all of them.
@@ -70,10 +51,10 @@ def test_a_request_scheduled_while_its_prefix_is_prefilling_hits_the_prefix_cach
 
 def test_two_identical_prompts_scheduled_in_the_same_step_share_the_blocks() -> None:
     engine, clock = _engine()
-    a, b = _request("a", PROMPT), _request("b", PROMPT)
+    a, b = sim_request("a", PROMPT, 4), sim_request("b", PROMPT, 4)
     engine.submit(a)
     engine.submit(b)
-    _step(engine, clock)
+    step(engine, clock)
     assert a.phase is not Phase.WAITING and b.phase is not Phase.WAITING
     # vLLM schedules A first (caching its 64 blocks), then B's lookup finds them (up to num_tokens - 1 tokens:
     # the last block is recomputed): 63 blocks hit, and the pool holds 64 + 1 blocks, not 2 x 64.
@@ -84,9 +65,9 @@ def test_two_identical_prompts_scheduled_in_the_same_step_share_the_blocks() -> 
 def test_block_stored_is_published_when_the_request_is_scheduled() -> None:
     events: list[KVEvent] = []
     engine, clock = _engine(events)
-    a = _request("a", PROMPT)
+    a = sim_request("a", PROMPT, 4)
     engine.submit(a)
-    _step(engine, clock)
+    step(engine, clock)
     assert a.first_token_time is None
     stored = [h for e in events if isinstance(e, BlockStored) for h in e.block_hashes]
     # vLLM publishes BlockStored for the scheduled prompt blocks at the end of that step (before the forward
