@@ -6,13 +6,11 @@ Producers write under `scoped(KEY, producer_name)` so two instances of one produ
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from llmepp.datalayer.endpoint import Endpoint
-
-if TYPE_CHECKING:
-    from llmepp.request.types import InferenceRequest
+from llmepp.request.types import InferenceRequest, split_prompts
 
 TOKENIZED_PROMPT = "TokenizedPrompt"
 PREFIX_CACHE_MATCH_INFO = "PrefixCacheMatchInfo"
@@ -37,10 +35,24 @@ class TokenizedPrompt:
 
     token_bytes: bytes
     backend: str = "estimate"
+    # A batch of prompts (InferenceRequest.prompt_ends): where each prompt ends in `token_bytes` (byte
+    # offsets, multiples of 4); () for one prompt.
+    ends: tuple[int, ...] = ()
 
     @property
     def count(self) -> int:
         return len(self.token_bytes) // 4
+
+    def prompts(self) -> list[bytes]:
+        """Each prompt's tokens (the engine caches a batch's prompts each on its own); [token_bytes] for one."""
+        return split_prompts(self.token_bytes, self.ends)
+
+    @classmethod
+    def joined(cls, prompts: list[bytes], backend: str) -> TokenizedPrompt:
+        """Several prompts' tokens (LE uint32 bytes each) as one TokenizedPrompt; one prompt has no ends."""
+        if len(prompts) == 1:
+            return cls(prompts[0], backend)
+        return cls(b"".join(prompts), backend, tuple(itertools.accumulate(map(len, prompts))))
 
 
 def prompt_tokens(request: InferenceRequest) -> int:
@@ -57,13 +69,22 @@ class PrefixMatchInfo:
     block_size: int  # tokens per block
     total_blocks: int
     hits: dict[Endpoint, int]
-    # The block hashes of this prompt, kept so PreRequest can index them without rehashing.
+    # The block hashes of this prompt, kept so PreRequest can index them without rehashing. A batch's
+    # prompts: each prompt's chain in turn, `chain_ends` says where each ends.
     hashes: list[int]
     # No endpoint holds the prompt's first block: the candidate that last held it, when the producer
     # knows (the precise producer, from the pods' removal events); None otherwise.
     last_holder: Endpoint | None = None
     # The blocks themselves, unweighted, when they differ from `hits` (tiers); None: `hits` counts them.
     cached: dict[Endpoint, int] | None = None
+    chain_ends: tuple[int, ...] = ()  # a batch: the end of each prompt's chain in `hashes`; () for one prompt
+
+    def chains(self) -> list[list[int]]:
+        """The block hashes of each prompt: [hashes] for a single prompt."""
+        if not self.chain_ends:
+            return [self.hashes]
+        starts = (0, *self.chain_ends[:-1])
+        return [self.hashes[a:b] for a, b in zip(starts, self.chain_ends, strict=True) if b > a]
 
     def cached_blocks(self, endpoint: Endpoint) -> int:
         """Consecutive prompt blocks `endpoint` holds, in any tier: what it need not compute (reference

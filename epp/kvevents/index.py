@@ -48,6 +48,16 @@ class Match:
     weighted: dict[int, float]
     last: int = 0  # no candidate holds block 0: the candidate bit that last held it (0: none)
 
+    def add(self, other: Match) -> None:
+        """Another prompt of the same batch (the engine caches each on its own): blocks and scores add up;
+        a last holder is kept only while no prompt matched anywhere."""
+        self.total_blocks += other.total_blocks
+        for bit, n in other.lengths.items():
+            self.lengths[bit] = self.lengths.get(bit, 0) + n
+        for bit, w in other.weighted.items():
+            self.weighted[bit] = self.weighted.get(bit, 0.0) + w
+        self.last = 0 if self.lengths else self.last or other.last
+
 
 LAST_HOLDER_SLACK = 65_536  # last holders kept beyond the number of keys held (~8 MB, PRECISE.md)
 

@@ -290,11 +290,19 @@ async def check_reachable(client: aioredis.Redis, field: str, owner: str) -> Non
         log.warning("%s: Redis not reachable at start-up (%r); working without it until it answers", owner, e)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RedisMatch:
     lengths: dict[str, int]
     weighted: dict[str, float]
     last: str | None = None  # no candidate holds block 0: the candidate that last held it
+
+    def add(self, other: RedisMatch) -> None:
+        """Another prompt of the same batch: as index.Match.add."""
+        for pod, n in other.lengths.items():
+            self.lengths[pod] = self.lengths.get(pod, 0) + n
+        for pod, w in other.weighted.items():
+            self.weighted[pod] = self.weighted.get(pod, 0.0) + w
+        self.last = None if self.lengths else self.last or other.last
 
 
 def _hex(k: int) -> str:

@@ -51,6 +51,7 @@ the max-token fields and token ids are decoded as raw values and converted here;
 from __future__ import annotations
 
 import array
+import itertools
 import re
 import sys
 import uuid
@@ -461,7 +462,7 @@ def parse_openai(req: InferenceRequest, suffix: str) -> None:
     elif kind is RequestKind.COMPLETIONS:
         comp = decode_body(_COMPLETIONS_DECODER, body, req)
         req.model = _model(comp.model)
-        req.prompt, req.prompt_is_token_ids = _text_or_tokens(comp.prompt, "prompt", lax=True)
+        req.prompt, req.prompt_is_token_ids, req.prompt_ends = _text_or_tokens(comp.prompt, "prompt", lax=True)
         req.stream = _flag(comp.stream)
         req.max_tokens = _max_tokens(comp.max_tokens)
         req.cache_salt = comp.cache_salt or ""
@@ -470,7 +471,7 @@ def parse_openai(req: InferenceRequest, suffix: str) -> None:
         emb = decode_body(_EMBEDDINGS_DECODER, body, req)
         req.model = _model(emb.model)
         if emb.input is not msgspec.UNSET and emb.input is not None:
-            req.prompt, req.prompt_is_token_ids = _text_or_tokens(emb.input, "input", lax=True)
+            req.prompt, req.prompt_is_token_ids, req.prompt_ends = _text_or_tokens(emb.input, "input", lax=True)
         elif emb.messages:
             # vLLM's EmbeddingChatRequest: chat messages, rendered by the chat template (without tools).
             _read_chat(req, decode_body(_CHAT_DECODER, req.body), b"")
@@ -600,12 +601,12 @@ def parse_sglang(req: InferenceRequest, suffix: str) -> None:
     if has_text:
         if _is_token_prompt(body.text):
             raise BadRequest('"text" must be a string or a list of strings')
-        req.prompt = _text_or_tokens(body.text, "text")[0]
+        req.prompt, _, req.prompt_ends = _text_or_tokens(body.text, "text")
     else:
         ids = body.input_ids
         if not isinstance(ids, list) or not ids or isinstance(ids[0], str):
             raise BadRequest('"input_ids" must be a list of token ids or a list of such lists')
-        req.prompt = _text_or_tokens(ids, "input_ids")[0]
+        req.prompt, _, req.prompt_ends = _text_or_tokens(ids, "input_ids")
         req.prompt_is_token_ids = True
     params = body.sampling_params
     first = params[0] if isinstance(params, list) and params else params
@@ -944,37 +945,48 @@ def _is_token_prompt(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and not isinstance(value[0], str)
 
 
-def _text_or_tokens(value: Any, field: str, *, lax: bool = False) -> tuple[bytes, bool]:
+def _text_or_tokens(value: Any, field: str, *, lax: bool = False) -> tuple[bytes, bool, tuple[int, ...]]:
     """A completions prompt / embeddings input: str, list[str], list[int] or list[list[int]] → (prompt,
-    given as token ids?). `lax`: token ids as vLLM's pydantic union reads them (smart mode: a list of
-    strings is text; any other list whose items all read as integers, e.g. [1.0, "2"], is token ids)."""
+    given as token ids?, where each prompt of a batch ends in it). A batch (a list of several strings or
+    token-id lists) is several prompts that the engine computes and caches each on its own: their bytes are
+    joined and the end offsets kept, so prefix hashing can take them apart (() for a single prompt).
+    `lax`: token ids as vLLM's pydantic union reads them (smart mode: a list of strings is text; any other
+    list whose items all read as integers, e.g. [1.0, "2"], is token ids)."""
     if value is msgspec.UNSET or value is None:
         raise BadRequest(f'missing required field "{field}"')
     if isinstance(value, str):
-        return value.encode(), False
+        return value.encode(), False, ()
     if not isinstance(value, list):
         raise BadRequest(f'"{field}" must be a string or list')
     if not value:
         raise BadRequest(f'"{field}" must not be an empty list')
     first = value[0]
     if isinstance(first, str) and all(isinstance(v, str) for v in value):
-        return "".join(value).encode(), False
+        parts = [v.encode() for v in value]
+        return b"".join(parts), False, _ends(parts)
     if type(first) is int:  # the usual token-id prompt (bool is no int here: JSON true)
-        return pack_token_ids(value, field, lax=lax), True
+        return pack_token_ids(value, field, lax=lax), True, ()
     if isinstance(first, list):
-        out = bytearray()
+        packed: list[bytes] = []
         for item in value:
             if not isinstance(item, list) or not item:
                 raise BadRequest(f'"{field}" must be a list of non-empty token-id lists')
-            out += pack_token_ids(item, field, lax=lax)
-        return bytes(out), True
+            packed.append(pack_token_ids(item, field, lax=lax))
+        return b"".join(packed), True, _ends(packed)
     if lax:
         ids = [lax_int(v) for v in value]
         if None not in ids:
-            return pack_token_ids(ids, field), True
+            return pack_token_ids(ids, field), True, ()
     if isinstance(first, str):
         raise BadRequest(f'"{field}" list must contain only strings')
     raise BadRequest(f'"{field}" must be a string, a list of strings or a list of token ids')
+
+
+def _ends(parts: list[bytes]) -> tuple[int, ...]:
+    """End offsets of the joined `parts` (() for one part: a batch of one is a single prompt)."""
+    if len(parts) < 2:
+        return ()
+    return tuple(itertools.accumulate(map(len, parts)))
 
 
 def pack_token_ids(ids: Iterable[Any], field: str, *, uint32: bool = False, lax: bool = False) -> bytes:

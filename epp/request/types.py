@@ -57,6 +57,10 @@ class InferenceRequest:
     messages: list[tuple[str, str]] | None = None
     # Completions / embeddings: the prompt was given as token ids (`prompt` holds them as LE uint32).
     prompt_is_token_ids: bool = False
+    # A batch (completions / embeddings / generate with several prompts): where each prompt ends in
+    # `prompt` (byte offsets, the last = len(prompt)); () for a single prompt. The engine caches each
+    # prompt on its own, so prefix producers hash each on its own (TokenizedPrompt.ends).
+    prompt_ends: tuple[int, ...] = ()
     # The conversation's images, video, audio and documents, each identified by a hash of how it was
     # sent (its vLLM `uuid`, else its URL, data or file id): what an encoder would embed
     # (mm-embeddings-cache-producer).
@@ -107,6 +111,10 @@ class InferenceRequest:
     def body_size(self) -> int:
         return len(self.body) or self.unread_body_size
 
+    def prompts(self) -> list[bytes]:
+        """Each prompt of a batch (`prompt_ends`), else [prompt]; [] without a prompt."""
+        return [] if self.prompt is None else split_prompts(self.prompt, self.prompt_ends)
+
     @property
     def estimated_prompt_tokens(self) -> int:
         """Prompt tokens without a tokenizer: bytes/4 (exact for a prompt given as token ids). What the
@@ -148,3 +156,16 @@ class ResponseInfo:
     # gRPC APIs: the answer's grpc-status (from its trailers, or the headers of a trailers-only
     # answer); None for HTTP APIs or when none came. Non-zero is a model-server error.
     grpc_status: int | None = None
+
+
+def split_prompts(data: bytes, ends: tuple[int, ...]) -> list[bytes]:
+    """`data` cut at the end offsets of a batch's prompts (empty prompts left out); [data] when `ends` is ()."""
+    if not ends:
+        return [data]
+    out: list[bytes] = []
+    start = 0
+    for end in ends:
+        if end > start:
+            out.append(data[start:end])
+        start = end
+    return out

@@ -18,7 +18,7 @@ from llmepp.framework.plugin import PluginContext, PluginParams, reference_defau
 from llmepp.framework.requestcontrol import DataProducer, PreRequest
 from llmepp.framework.scheduling import SchedulingResult
 from llmepp.observability.metrics import EppMetrics
-from llmepp.plugins.producers.prefix_index import PrefixIndex, block_hashes, prefix_seed
+from llmepp.plugins.producers.prefix_index import PrefixIndex, prefix_seed, prompt_hashes
 from llmepp.request.types import InferenceRequest
 
 log = logging.getLogger(__name__)
@@ -114,9 +114,10 @@ class ApproxPrefixCacheProducer(DataProducer, PreRequest):
             return
         bt = self.block_tokens(endpoints)
         seed = prefix_seed(request.target_model or request.model, request.cache_salt)
-        hashes = block_hashes(tokens.token_bytes, bt, seed, self.max_blocks(bt))
-        hits = self.index.match(hashes)
-        request.data[self.key] = PrefixMatchInfo(block_size=bt, total_blocks=len(hashes), hits=hits, hashes=hashes)
+        hashes, ends = prompt_hashes(tokens, bt, seed, self.max_blocks(bt))
+        info = PrefixMatchInfo(block_size=bt, total_blocks=len(hashes), hits={}, hashes=hashes, chain_ends=ends)
+        info.hits = hits = self.index.match_chains(info.chains()) if ends else self.index.match(hashes)
+        request.data[self.key] = info
         if self._metrics is not None and hashes:
             best = max(hits.values(), default=0)
             self._metrics.prefix_indexer_hit_ratio.observe(best / len(hashes))
@@ -149,7 +150,9 @@ class ApproxPrefixCacheProducer(DataProducer, PreRequest):
             self._record(targets, info)
 
     def _record(self, targets: list[Endpoint], info: PrefixMatchInfo) -> None:
+        chains = info.chains()
         for ep in targets:
-            self.index.add(ep, info.hashes, self._capacity(ep))
+            for chain in chains:
+                self.index.add(ep, chain, self._capacity(ep))
         if self._metrics is not None:
             self._metrics.prefix_indexer_size.set(len(self.index))

@@ -23,8 +23,9 @@ producer is the window + 300 ms (`produce_timeout`).
 Assignment, per sealed batch (B = `blockSizeTokens`, m = `minColocateBlocks`, k = `maxPerReplica`):
 
 1. Blocks: each prompt's tokens (from the token producer) are hashed in blocks of B tokens, chained
-   and seeded by model + cache_salt (`prefix_index.block_hashes`, the approximate producer's scheme),
-   at most `maxPrefixTokensToMatch / B` blocks (0: 2048 blocks).
+   and seeded by model + cache_salt (`prefix_index.prompt_hashes`, the approximate producer's scheme),
+   at most `maxPrefixTokensToMatch / B` blocks (0: 2048 blocks); a batch of prompts: each prompt's chain
+   in turn.
 2. Units: requests with identical block chains form a group; a group of ≥ 2 is a unit. With m > 0 a
    lone request is a unit too when it shares ≥ m leading blocks with another request of the batch
    (equal hash of block m). Every other request gets no affinity (match info with no hits: 0 on
@@ -70,7 +71,7 @@ from llmepp.framework.datakeys import (
 )
 from llmepp.framework.plugin import PluginParams
 from llmepp.framework.requestcontrol import DataProducer
-from llmepp.plugins.producers.prefix_index import block_hashes, prefix_seed
+from llmepp.plugins.producers.prefix_index import prefix_seed, prompt_hashes
 from llmepp.request.types import InferenceRequest
 
 log = logging.getLogger(__name__)
@@ -267,7 +268,7 @@ class BurstPrefixCacheProducer(DataProducer):
         if tokens is None or not tokens.token_bytes or not endpoints:
             return
         seed = prefix_seed(request.target_model or request.model, request.cache_salt)
-        hashes = block_hashes(tokens.token_bytes, self.block_size, seed, self.max_blocks)
+        hashes, ends = prompt_hashes(tokens, self.block_size, seed, self.max_blocks)
         loop = asyncio.get_running_loop()
         entry = _Entry(BurstMember(hashes, tokens.count, endpoints), loop.create_future())
         batch = self._batch
@@ -286,7 +287,7 @@ class BurstPrefixCacheProducer(DataProducer):
         total = len(hashes)
         hits = {assigned: total} if assigned is not None and assigned in endpoints else {}
         request.data[self.key] = PrefixMatchInfo(
-            block_size=self.block_size, total_blocks=total, hits=hits, hashes=hashes
+            block_size=self.block_size, total_blocks=total, hits=hits, hashes=hashes, chain_ends=ends
         )
 
     def _withdraw(self, batch: _Batch, entry: _Entry) -> None:

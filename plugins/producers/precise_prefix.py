@@ -117,6 +117,10 @@ class KVEventsConfig(PluginParams):
     max_message_bytes: int = MAX_MESSAGE_BYTES
 
 
+# What PreRequest needs to speculate a routed prompt's keys: its tokens and its root key.
+_RoutedPrompt = tuple[TokenizedPrompt, int]
+
+
 class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkProcessor, ResponseCompleteProcessor):
     """Writes PrefixCacheMatchInfo from the pods' own KV-cache reports (vLLM KV events).
 
@@ -358,7 +362,10 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkPro
         cand = 0
         for b in bits:
             cand |= b
-        m = index.match(tokens.token_bytes, self.block_tokens, root, cand)
+        prompts = tokens.prompts()
+        m = index.match(prompts[0], self.block_tokens, root, cand)
+        for prompt in prompts[1:]:  # a batch: the engine caches each prompt on its own
+            m.add(index.match(prompt, self.block_tokens, root, cand))
         hits: dict[Endpoint, int] = {}
         cached: dict[Endpoint, int] = {}
         last: Endpoint | None = None
@@ -387,7 +394,7 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkPro
         cached = cached if cached is not None and cached != hits else None
         request.data[self.key] = PrefixMatchInfo(self.block_tokens, total, hits, keys, last, cached)
         if self.speculative:
-            request.data[self._ctx_key] = (tokens.token_bytes, root)
+            request.data[self._ctx_key] = (tokens, root)
         if self._metrics is not None and total:
             best = max(hits.values(), default=0)
             self._metrics.prefix_indexer_hit_ratio.observe(min(1.0, best / total))
@@ -419,17 +426,23 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkPro
         self._release(request)  # no first bytes (an error, a disconnect): release all the same
 
     def _release(self, request: InferenceRequest) -> None:
-        held: tuple[list[str], tuple[bytes, int], PrefixMatchInfo] | None = request.data.pop(self._held_key, None)
+        held: tuple[list[str], _RoutedPrompt, PrefixMatchInfo] | None = request.data.pop(self._held_key, None)
         if held is not None:
             targets, ctx, info = held
             self._speculate(targets, ctx, info, self.speculative_ttl)
 
-    def _all_keys(self, ctx: tuple[bytes, int], info: PrefixMatchInfo) -> list[int]:
+    def _all_keys(self, ctx: _RoutedPrompt, info: PrefixMatchInfo) -> list[int]:
         if len(info.hashes) < info.total_blocks:
-            info.hashes = block_keys(ctx[0], self.block_tokens, ctx[1])
+            info.hashes = self._keys(ctx[0], ctx[1])
         return info.hashes
 
-    def _speculate(self, targets: list[str], ctx: tuple[bytes, int], info: PrefixMatchInfo, ttl: float) -> None:
+    def _keys(self, tokens: TokenizedPrompt, root: int) -> list[int]:
+        """Every full block's key, of each prompt of a batch in turn."""
+        if not tokens.ends:
+            return block_keys(tokens.token_bytes, self.block_tokens, root)
+        return [k for prompt in tokens.prompts() for k in block_keys(prompt, self.block_tokens, root)]
+
+    def _speculate(self, targets: list[str], ctx: _RoutedPrompt, info: PrefixMatchInfo, ttl: float) -> None:
         keys = self._all_keys(ctx, info)
         for pod in targets:
             if self._following and pod not in self._live:
@@ -505,13 +518,16 @@ class RedisPrecisePrefixCacheProducer(PrecisePrefixCacheProducer):
         if tokens is None:
             return
         root = self._root(request)
-        keys = block_keys(tokens.token_bytes, self.block_tokens, root)
+        chains = [block_keys(prompt, self.block_tokens, root) for prompt in tokens.prompts()]
+        keys = chains[0] if len(chains) == 1 else [k for chain in chains for k in chain]
         pods = {self._pod(ep): ep for ep in endpoints}
         hits: dict[Endpoint, int] = {}
         cached: dict[Endpoint, int] = {}
         last: Endpoint | None = None
         try:
-            m = await self._lookup(keys, list(pods))
+            m = await self._lookup(chains[0], list(pods))
+            for chain in chains[1:]:  # a batch: the engine caches each prompt on its own
+                m.add(await self._lookup(chain, list(pods)))
         except Exception as e:  # Redis slow or down: route without prefix data, never stall
             if isinstance(e, TimeoutError):  # past lookupTimeout (redis-py's own timeouts are errors)
                 self.stats.lookup_timeouts += 1
@@ -549,7 +565,7 @@ class RedisPrecisePrefixCacheProducer(PrecisePrefixCacheProducer):
         if not lookup.cancelled():
             lookup.exception()  # retrieved: an abandoned lookup's error was counted as a timeout
 
-    def _speculate(self, targets: list[str], ctx: tuple[bytes, int], info: PrefixMatchInfo, ttl: float) -> None:
+    def _speculate(self, targets: list[str], ctx: _RoutedPrompt, info: PrefixMatchInfo, ttl: float) -> None:
         keys = self._all_keys(ctx, info)
         try:
             loop = asyncio.get_running_loop()

@@ -19,6 +19,7 @@ import xxhash
 
 from llmepp.bitslots import BitSlots, bits
 from llmepp.datalayer.endpoint import Endpoint
+from llmepp.framework.datakeys import TokenizedPrompt
 
 _xxh64 = xxhash.xxh64_intdigest
 _pack_pair = struct.Struct("<QQ").pack
@@ -42,6 +43,22 @@ def block_hashes(token_bytes: bytes, block_tokens: int, seed: int, max_blocks: i
         h = _xxh64(_pack_pair(_xxh64(view[off : off + step]), h))
         append(h)
     return out
+
+
+def prompt_hashes(
+    tokens: TokenizedPrompt, block_tokens: int, seed: int, max_blocks: int = 0
+) -> tuple[list[int], tuple[int, ...]]:
+    """The block hashes of a request's prompt and where each prompt's chain ends (() for one prompt). A batch's
+    prompts are hashed each on its own from `seed` (the reference's "each prompt in a batch is hashed
+    independently"): the engine computes and caches each as a request of its own."""
+    if not tokens.ends:
+        return block_hashes(tokens.token_bytes, block_tokens, seed, max_blocks), ()
+    hashes: list[int] = []
+    ends: list[int] = []
+    for prompt in tokens.prompts():
+        hashes += block_hashes(prompt, block_tokens, seed, max_blocks)
+        ends.append(len(hashes))
+    return hashes, tuple(ends)
 
 
 class PrefixIndex:
@@ -84,6 +101,17 @@ class PrefixIndex:
         n = len(hashes)
         for bit in bits(alive):
             hits[endpoint_of(bit)] = n
+        return hits
+
+    def match_chains(self, chains: list[list[int]]) -> dict[Endpoint, int]:
+        """A batch's prompts: each one's consecutive matched blocks, summed per endpoint (as the reference
+        adds up its prompts' matches)."""
+        if len(chains) == 1:
+            return self.match(chains[0])
+        hits: dict[Endpoint, int] = {}
+        for chain in chains:
+            for ep, n in self.match(chain).items():
+                hits[ep] = hits.get(ep, 0) + n
         return hits
 
     def add(self, endpoint: Endpoint, hashes: list[int], capacity: int = 0) -> None:

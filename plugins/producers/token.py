@@ -72,6 +72,14 @@ def estimate_tokens(prompt: bytes) -> bytes:
     return prompt + b"\0" * pad if pad else prompt
 
 
+def _token_id_prompt(request: InferenceRequest, backend: str) -> TokenizedPrompt:
+    """A prompt given as token ids, as it is; with `truncate_prompt_tokens` each prompt's last N tokens, as
+    vLLM truncates token-id prompts too (TokenizeParams._token_truncation; a batch's prompts each)."""
+    n = request.truncate_prompt_tokens
+    prompts = request.prompts()
+    return TokenizedPrompt.joined(prompts if n is None else [p[-4 * n :] for p in prompts], backend)
+
+
 class TokenizerConfig(PluginParams):
     backend: str = "estimate"
     path: str = ""
@@ -291,7 +299,9 @@ class TokenProducer(DataProducer):
 
     def produce(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Any:
         if request.prompt is not None:
-            request.data[TOKENIZED_PROMPT] = TokenizedPrompt(estimate_tokens(request.prompt))
+            # A batch's prompts padded each on its own, as the reference packs each string of a batch.
+            prompts = [estimate_tokens(prompt) for prompt in request.prompts()]
+            request.data[TOKENIZED_PROMPT] = TokenizedPrompt.joined(prompts, "estimate")
 
 
 class HFTokenProducer(TokenProducer):
@@ -338,16 +348,18 @@ class HFTokenProducer(TokenProducer):
     async def produce(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None:
         if request.prompt is None:
             return
-        truncate = request.truncate_prompt_tokens
         if request.prompt_is_token_ids:
-            # vLLM truncates token-id prompts too (TokenizeParams._token_truncation: the last N).
-            ids = request.prompt if truncate is None else request.prompt[-4 * truncate :]
-            request.data[TOKENIZED_PROMPT] = TokenizedPrompt(ids, self.backend)
+            request.data[TOKENIZED_PROMPT] = _token_id_prompt(request, self.backend)
             return
+        truncate = request.truncate_prompt_tokens
         try:
             if request.messages is None:
-                text = request.prompt.decode("utf-8", "replace")
-                token_bytes = await self.tokenizer.encode_async(text, request.add_special_tokens, truncate)
+                # A batch's prompts each encoded (BOS and truncation each), as vLLM prepares each on its own.
+                encode = self.tokenizer.encode_async
+                parts = [
+                    await encode(prompt.decode("utf-8", "replace"), request.add_special_tokens, truncate)
+                    for prompt in request.prompts()
+                ]
             elif len(request.body) >= self.tokenizer.thread_threshold:
                 # A long conversation: rendered in the worker that encodes it (one hop). Inline, a Jinja
                 # render stalls the loop for all of it: ~3 µs per message with a ChatML template, ~9 µs
@@ -355,14 +367,13 @@ class HFTokenProducer(TokenProducer):
                 # threadThresholdChars (4096) bytes is ~40 short messages, ~0.1-0.4 ms to render, and
                 # renders to a prompt about that long, whose encode went to a worker anyway: no extra hop.
                 pause = loop_handoff(asyncio.get_running_loop())
-                token_bytes = await in_worker(self._render_and_encode, request, pause, chars=len(request.body))
+                parts = [await in_worker(self._render_and_encode, request, pause, chars=len(request.body))]
             else:
                 # Short (< ~0.4 ms): a worker would hold the GIL as long (less than a RENDER_SLICE, so
                 # unpaced), plus a thread hop (~50 µs, more than a one-message render's ~10 µs).
                 text = self._render(request, None, INLINE_RENDER_BUDGET)
-                token_bytes = await self.tokenizer.encode_async(
-                    text, special=request.add_special_tokens is True, truncate=truncate
-                )
+                special = request.add_special_tokens is True
+                parts = [await self.tokenizer.encode_async(text, special=special, truncate=truncate)]
         except _TemplateFailed as e:
             self._miss("template", "%s: tokenization failed: %s", self.name, e)
             return
@@ -377,7 +388,7 @@ class HFTokenProducer(TokenProducer):
                 raise
             self._miss("encode", "%s: tokenization failed (the tokenizer library panicked): %s", self.name, e)
             return
-        request.data[TOKENIZED_PROMPT] = TokenizedPrompt(token_bytes, self.backend)
+        request.data[TOKENIZED_PROMPT] = TokenizedPrompt.joined(parts, self.backend)
 
     def _render_and_encode(self, request: InferenceRequest, pause: Callable[[], None]) -> bytes:
         """In a worker thread: the chat's prompt (rendered paced: `pause` lets the event loop run every
@@ -422,47 +433,54 @@ class VllmTokenProducer(TokenProducer):
         if request.prompt is None:
             return
         if request.prompt_is_token_ids:
-            # vLLM truncates token-id prompts too (TokenizeParams._token_truncation: the last N).
-            truncate = request.truncate_prompt_tokens
-            ids = request.prompt if truncate is None else request.prompt[-4 * truncate :]
-            request.data[TOKENIZED_PROMPT] = TokenizedPrompt(ids, self.backend)
+            request.data[TOKENIZED_PROMPT] = _token_id_prompt(request, self.backend)
             return
         model = self.model or request.target_model or request.model
         try:
             if self.tokenize_path:
-                path, body = self.tokenize_path, self._tokenize_body(request, model)
+                # The tokenize API takes one prompt: a batch's prompts one call each.
+                calls = [(self.tokenize_path, body) for body in self._tokenize_bodies(request, model)]
             else:
-                path, body = self._render_request(request, model)
+                calls = [self._render_request(request, model)]
         except ValueError as e:
             self._miss("body", "%s: %s", self.name, e)
             return
-        url = self.base_url + path
         if self._session is None:
             self._session = aiohttp.ClientSession(connector=upstream_connector(), timeout=self.timeout)
-        timeout = self.mm_timeout if request.multimodal else self.timeout
-        try:
-            async with self._session.post(url, data=msgspec.json.encode(body), headers=_JSON, timeout=timeout) as resp:
-                if resp.status != 200:
-                    detail = (await resp.content.read(512)).decode("utf-8", "replace")
-                    self._miss("status", "%s: %s answered %d: %s", self.name, url, resp.status, detail)
+        limit = self.mm_timeout if request.multimodal else self.timeout
+        prompts: list[bytes] = []
+        for path, body in calls:
+            url = self.base_url + path
+            try:
+                reply = await self._post(url, body, limit)
+                if reply is None:
                     return
-                raw = bytearray()
-                async for chunk in resp.content.iter_chunked(1 << 16):
-                    raw += chunk
-                    if len(raw) > MAX_REPLY_BYTES:
-                        raise ValueError(f"the answer is larger than {MAX_REPLY_BYTES} bytes")
-            reply = msgspec.json.decode(raw)
-            # Not a list of uint32: TypeError / OverflowError.
-            token_bytes = tokens_to_bytes(reply["tokens"] if self.tokenize_path else _rendered_ids(reply))
-        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, OverflowError) as e:
-            verb = "tokenizing" if self.tokenize_path else "rendering"
-            reason = (
-                "timeout" if isinstance(e, TimeoutError)
-                else "connection" if isinstance(e, aiohttp.ClientError) else "reply"
-            )  # fmt: skip
-            self._miss(reason, "%s: %s via %s failed: %r", self.name, verb, url, e)
-            return
-        request.data[TOKENIZED_PROMPT] = TokenizedPrompt(token_bytes, self.backend)
+                # Not a list of uint32: TypeError / OverflowError.
+                prompts += map(tokens_to_bytes, [reply["tokens"]] if self.tokenize_path else _rendered_ids(reply))
+            except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, OverflowError) as e:
+                verb = "tokenizing" if self.tokenize_path else "rendering"
+                reason = (
+                    "timeout" if isinstance(e, TimeoutError)
+                    else "connection" if isinstance(e, aiohttp.ClientError) else "reply"
+                )  # fmt: skip
+                self._miss(reason, "%s: %s via %s failed: %r", self.name, verb, url, e)
+                return
+        request.data[TOKENIZED_PROMPT] = TokenizedPrompt.joined(prompts, self.backend)
+
+    async def _post(self, url: str, body: dict[str, Any], limit: aiohttp.ClientTimeout) -> Any:
+        """vLLM's decoded JSON answer; None (counted, logged) when it answers an error status."""
+        assert self._session is not None
+        async with self._session.post(url, data=msgspec.json.encode(body), headers=_JSON, timeout=limit) as resp:
+            if resp.status != 200:
+                detail = (await resp.content.read(512)).decode("utf-8", "replace")
+                self._miss("status", "%s: %s answered %d: %s", self.name, url, resp.status, detail)
+                return None
+            raw = bytearray()
+            async for chunk in resp.content.iter_chunked(1 << 16):
+                raw += chunk
+                if len(raw) > MAX_REPLY_BYTES:
+                    raise ValueError(f"the answer is larger than {MAX_REPLY_BYTES} bytes")
+        return msgspec.json.decode(raw)
 
     @staticmethod
     def _render_request(request: InferenceRequest, model: str) -> tuple[str, dict[str, Any]]:
@@ -486,12 +504,12 @@ class VllmTokenProducer(TokenProducer):
             if tools is not None:
                 body["tools"] = tools
             return CHAT_RENDER, body
-        assert request.prompt is not None
-        return COMPLETIONS_RENDER, {"model": model, "prompt": request.prompt.decode("utf-8", "replace")}
+        prompts = [prompt.decode("utf-8", "replace") for prompt in request.prompts()]
+        return COMPLETIONS_RENDER, {"model": model, "prompt": prompts[0] if len(prompts) == 1 else prompts}
 
     @staticmethod
-    def _tokenize_body(request: InferenceRequest, model: str) -> dict[str, Any]:
-        """vLLM's tokenize API body: the prompt, or the fields of a chat it reads."""
+    def _tokenize_bodies(request: InferenceRequest, model: str) -> list[dict[str, Any]]:
+        """vLLM's tokenize API bodies: the prompt (a batch: one per prompt), or the fields of a chat it reads."""
         body: dict[str, Any] = {"model": model}
         if request.kind is RequestKind.EMBEDDINGS and request.messages is not None:
             body.update(embedding_chat_fields(request.body))
@@ -505,9 +523,8 @@ class VllmTokenProducer(TokenProducer):
             # The server renders its own chat template: send what decides the rendering, verbatim.
             body.update(template_fields(request.body))
         else:
-            assert request.prompt is not None
-            body["prompt"] = request.prompt.decode("utf-8", "replace")
-        return body
+            return [{**body, "prompt": prompt.decode("utf-8", "replace")} for prompt in request.prompts()]
+        return [body]
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -515,15 +532,15 @@ class VllmTokenProducer(TokenProducer):
             self._session = None
 
 
-def _rendered_ids(reply: Any) -> list[int]:
-    """The token ids of a render answer: a GenerateRequest, or a list of them (one per prompt)."""
+def _rendered_ids(reply: Any) -> list[list[int]]:
+    """Each prompt's token ids in a render answer: a GenerateRequest, or a list of them (one per prompt)."""
     items = reply if isinstance(reply, list) else [reply]
     if not items:
         raise ValueError("the render answer holds no prompt")
-    ids: list[int] = []
+    prompts: list[list[int]] = []
     for item in items:
-        part = item["token_ids"] if isinstance(item, dict) else None
-        if not isinstance(part, list):
-            raise TypeError(f"token_ids is not a list: {part!r:.80}")
-        ids += part
-    return ids
+        ids = item["token_ids"] if isinstance(item, dict) else None
+        if not isinstance(ids, list):
+            raise TypeError(f"token_ids is not a list: {ids!r:.80}")
+        prompts.append(ids)
+    return prompts

@@ -186,6 +186,40 @@ async def test_lookup_feeds_scorer_and_decider_and_speculation_spreads_to_the_ro
         await plugin.aclose()
 
 
+def completion(prompt: str | list[str]) -> InferenceRequest:
+    body = {"model": "sim-model", "prompt": prompt}
+    return parse_request({":path": "/v1/completions"}, json.dumps(body).encode(), request_id="r")
+
+
+async def test_a_batch_matches_and_speculates_each_prompt_on_its_own() -> None:
+    """vLLM runs and caches each prompt of a completions batch as a request of its own: each prompt's blocks
+    are looked up from the root and the matches add up, and speculation marks each prompt's blocks on the
+    routed pod. Before, the joined prompt was looked up as one: the second prompt never matched."""
+    c, _, eps, producer = example_c()
+    key = scoped(PREFIX_CACHE_MATCH_INFO, producer.name)
+    a, b = "tell me about the weather in the mountains " * 8, "and now for something completely different " * 8
+    singles = {}
+    for prompt in (a, b):
+        req = singles[prompt] = completion(prompt)
+        await run_producers(c, req, eps)
+    blocks = {p: req.data[TOKENIZED_PROMPT].count // 16 for p, req in singles.items()}
+    hold(producer, eps[1], singles[b].data[TOKENIZED_PROMPT].token_bytes, 3)
+
+    batch = completion([a, b])
+    await run_producers(c, batch, eps)
+    info: PrefixMatchInfo = batch.data[key]
+    assert info.total_blocks == blocks[a] + blocks[b] and info.hits == {eps[1]: 3}
+
+    producer.pre_request(batch, SchedulingResult("default", {"default": ProfileResult(targets=[eps[2]])}))
+    await asyncio.sleep(0)  # speculation runs right after the routing answer
+    for prompt in (a, b):
+        again = completion(prompt)
+        await run_producers(c, again, eps)
+        assert again.data[key].hits.get(eps[2]) == blocks[prompt]
+    for plugin in c.plugins.values():
+        await plugin.aclose()
+
+
 async def test_a_prefix_evicted_at_its_pod_is_scored_back_there() -> None:
     c, _, eps, producer = example_c()
     prompt = "a system prompt that many questions share, long enough for a few blocks " * 6

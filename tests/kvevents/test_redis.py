@@ -226,6 +226,31 @@ async def test_speculation_written_by_one_replica_is_seen_by_another(server: Red
     await b.aclose()
 
 
+async def test_a_batch_is_looked_up_and_speculated_prompt_by_prompt(server: RedisServer, client: object) -> None:
+    """A completions batch's prompts are cached by the engine each on its own: each prompt's keys are looked up
+    on their own and the matches add up; the routed pod is speculated to hold each prompt."""
+    a, b = _producer(server.url), _producer(server.url)
+    eps = [endpoint("127.0.0.178", 8000), endpoint("127.0.0.179", 8000)]
+    other = list(range(500, 540))  # 10 blocks of 4
+    prompts = [tokens_to_bytes(TOKENS), tokens_to_bytes(other)]
+
+    def request(*parts: bytes) -> InferenceRequest:
+        req = _request()
+        req.data[TOKENIZED_PROMPT] = TokenizedPrompt.joined(list(parts), "hf")
+        return req
+
+    batch = request(*prompts)
+    await a.produce(batch, eps)
+    info = batch.data[scoped(PREFIX_CACHE_MATCH_INFO, "precise")]
+    assert info.hits == {} and info.total_blocks == 26
+    a.pre_request(batch, SchedulingResult("default", {"default": ProfileResult(targets=[eps[1]])}))
+    await eventually(lambda: _hits(b, request(prompts[1]), eps, {eps[1]: 10}))
+    assert await _hits(b, request(prompts[0]), eps, {eps[1]: 16})
+    assert await _hits(b, request(*prompts), eps, {eps[1]: 26})
+    await a.aclose()
+    await b.aclose()
+
+
 async def _hits(p: RedisPrecisePrefixCacheProducer, req: InferenceRequest, eps: list, want: dict) -> bool:
     await p.produce(req, eps)
     return bool(req.data[scoped(PREFIX_CACHE_MATCH_INFO, "precise")].hits == want)

@@ -106,6 +106,23 @@ async def test_token_id_prompts_pass_through() -> None:
     assert ids(tokens) == [5, 6, 4000000000]
 
 
+async def test_a_batch_is_tokenized_prompt_by_prompt() -> None:
+    """vLLM prepares each prompt of a completions batch as a request of its own: each gets its special tokens
+    and its truncation (the last N tokens of each), and is cached on its own. Before, the batch's texts were
+    joined and encoded once (one BOS, one truncation, tokens merged across the seam)."""
+    prompts = ["hello there", "general kenobi"]
+    tokens = await produce(hf(), parsed("/v1/completions", {"model": "m", "prompt": prompts}))
+    each = [SIM.encode(p) for p in prompts]
+    assert ids(tokens) == each[0] + each[1]
+    assert tokens.ends == (4 * len(each[0]), 4 * (len(each[0]) + len(each[1])))
+    body = {"model": "m", "prompt": prompts, "truncate_prompt_tokens": 2}
+    truncated = await produce(hf(), parsed("/v1/completions", body))
+    assert ids(truncated) == each[0][-2:] + each[1][-2:] and truncated.ends == (8, 16)
+    body = {"model": "m", "prompt": [[1, 2, 3], [4, 5, 6]], "truncate_prompt_tokens": 2}
+    id_batch = await produce(hf(), parsed("/v1/completions", body))
+    assert ids(id_batch) == [2, 3, 5, 6] and id_batch.ends == (8, 16)
+
+
 def test_estimate_stays_the_default_and_synchronous() -> None:
     # No backend configured (`modelName` alone would select vllm, as in the reference).
     plugin = registry.build("token-producer", "tok", None)

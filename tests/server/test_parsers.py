@@ -485,7 +485,9 @@ def test_sglang_generate_text_ids_batches_and_salt() -> None:
     assert r.model == "" and r.target_model == ""  # one model per SGLang server: none in the body
     ids = sglang({"input_ids": [[1, 2], [3]], "sampling_params": [{"max_new_tokens": 2}, {"max_new_tokens": 9}]})
     assert ids.prompt == struct.pack("<3I", 1, 2, 3) and ids.prompt_is_token_ids and ids.max_tokens == 2
-    assert sglang({"text": ["a", "b"], "model": "m"}).prompt == b"ab"
+    assert ids.prompts() == [struct.pack("<2I", 1, 2), struct.pack("<I", 3)]  # a batch: each prompt on its own
+    texts = sglang({"text": ["a", "b"], "model": "m"})
+    assert texts.prompt == b"ab" and texts.prompts() == [b"a", b"b"]
     # null is absent, as in SGLang (a client serialising every field sends the unused one so); before, a 400.
     nulls = sglang({"text": None, "input_ids": [1, 2]})
     assert nulls.prompt == struct.pack("<2I", 1, 2) and nulls.prompt_is_token_ids

@@ -143,8 +143,8 @@ async def test_a_completion_is_rendered_from_its_body_as_sent() -> None:
             tokens = await produce(plugin, parsed("/v1/completions", body))
         finally:
             await plugin.aclose()
-    # One GenerateRequest per prompt; the prompts' ids in order, as the prompt bytes join the texts.
-    assert tokens is not None and ids(tokens) == [1, 2, 3]
+    # One GenerateRequest per prompt: the prompts' ids in order, and where each prompt ends (bytes).
+    assert tokens is not None and ids(tokens) == [1, 2, 3] and tokens.ends == (8, 12)
     assert server.calls == [(COMPLETIONS_RENDER, {**body, "model": "served"})]
 
 
@@ -254,6 +254,19 @@ async def test_path_keeps_the_tokenize_api() -> None:
             await plugin.aclose()
     assert tokens is not None and ids(tokens) == [3]
     assert server.calls == [("/tokenize", {"model": "served", "messages": [{"role": "user", "content": "hi"}]})]
+
+
+async def test_the_tokenize_api_gets_a_batch_prompt_by_prompt() -> None:
+    """vLLM's tokenize API takes one prompt: a completions batch is one call per prompt, each prompt's ids
+    kept apart (the engine caches each on its own). Before, the joined text was tokenized once."""
+    async with FakeRenderServer() as server:
+        plugin = vllm(server.url, path="/tokenize")
+        try:
+            tokens = await produce(plugin, parsed("/v1/completions", {"model": "m", "prompt": ["ab", "cd"]}))
+        finally:
+            await plugin.aclose()
+    assert [body["prompt"] for _, body in server.calls] == ["ab", "cd"]
+    assert tokens is not None and ids(tokens) == [3, 3] and tokens.ends == (4, 8)
 
 
 # -- the simulator -------------------------------------------------------------------------------------
