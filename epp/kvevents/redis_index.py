@@ -112,7 +112,7 @@ else
   if replaced or (seq <= cseq and ts > cts) then
     clear = true  -- a restarted publisher: its own clock from here on
     -- which stream it replaced: a replica seeing the same restart later continues from here (catch_up)
-    if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'rf', ARGV[7] .. '|' .. ARGV[8])
+    if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'rf', ARGV[10])
     else redis.call('HDEL', KEYS[1], 'rf') end
   elseif seq <= cseq then
     return 0  -- applied already (another replica delivered it first)
@@ -129,8 +129,8 @@ else
   gen = tonumber(redis.call('HGET', KEYS[2], pod) or '0')
 end
 local ttl = tonumber(ARGV[4]); local bp = ARGV[5]
-local i = 11
-for _ = 1, tonumber(ARGV[10]) do
+local i = 12
+for _ = 1, tonumber(ARGV[11]) do
   local k = bp .. ARGV[i]; local m = tonumber(ARGV[i + 1]); i = i + 2
   if m > 0 then
     redis.call('HSET', k, pod, gen * 256 + m)
@@ -305,6 +305,11 @@ class RedisMatch:
         self.last = None if self.lengths else self.last or other.last
 
 
+def _stream_id(position: tuple[int, float]) -> str:
+    """A publisher's stream, named by its last batch (sequence, timestamp): what a restart replaced (`rf`)."""
+    return f"{position[0]}|{position[1]!r}"
+
+
 def _hex(k: int) -> str:
     return f"{k:016x}"
 
@@ -400,6 +405,7 @@ class RedisStore:
         args: list[Any] = [pod, repr(ts), seq, self.ttl_ms, self.block_prefix, "1" if clear else "0"]
         args += ["", ""] if replaces is None else [replaces[0], repr(replaces[1])]
         args.append(expected)
+        args.append("" if replaces is None else _stream_id(replaces))
         args.append(len(keys))
         for i in range(len(keys)):
             args.append(_hex(keys[i]))
@@ -444,21 +450,21 @@ class RedisStore:
         # Another replica may be a moment from applying the batch just before the one in hand: wait for it a
         # little (this source's task only), or we would write that one's successor from chains without it.
         key = self.prefix + "src:" + pod
-        if restart_of is not None:
-            # After a publisher restart: only a position another replica reached past that same restart.
-            async with asyncio.timeout(self.write_timeout):
-                rf = await self.client.hget(key, "rf")  # bytes: the client does not decode answers
-            if rf != f"{restart_of[0]}|{restart_of[1]!r}".encode():
-                return None
+        # After a publisher restart: only a position another replica reached past that same restart (which
+        # that replica may be applying right now, as it may the batch before the one in hand).
+        restart = None if restart_of is None else _stream_id(restart_of).encode()
         deadline = asyncio.get_running_loop().time() + CATCH_UP_WAIT
         while True:
             async with asyncio.timeout(self.write_timeout):
-                seq = await self.client.hget(key, "seq")
-            if (seq is not None and int(seq) >= until - 1) or asyncio.get_running_loop().time() >= deadline:
+                seq, rf = await self.client.hmget(key, ["seq", "rf"])  # bytes: the client does not decode answers
+            same_stream = restart is None or rf == restart
+            if seq is not None and int(seq) >= until - 1 and same_stream:
+                break
+            if asyncio.get_running_loop().time() >= deadline:
                 break
             await asyncio.sleep(0.01)
-        if seq is None or int(seq) < start:
-            return None  # Redis missed them too
+        if seq is None or int(seq) < start or not same_stream:
+            return None  # Redis missed them too, or holds no state from the same restart
         point = await self.resume(pod, chains)
         if point is not None:
             log.info("caught up with the shared index", extra={"pod": pod, "missed": f"{start}..{until - 1}",

@@ -241,3 +241,35 @@ async def test_a_replica_that_joined_the_restarted_publisher_late_does_not_wipe_
     must give the index A's chains hold."""
     got = await _restart_seen_late(server, late_replica_first=True)
     assert got == 6, f"shared index credits the restarted pod with {got} of the 6 blocks it stored"
+
+
+async def test_a_late_replica_waits_for_the_restart_another_one_is_applying(
+    server: RedisServer, client: aioredis.Redis
+) -> None:
+    """B sees the restarted publisher first at its batch 2 while A is a moment from applying the restart (batches
+    0 and 1): B waits for it as for any batch another replica is applying. Before, B checked which stream Redis's
+    restart replaced once, before waiting, found none yet, and cleared the pod with its own empty chains: A's
+    copies of batches 0 and 1 then counted as applied already and the index lost their blocks."""
+    a, b = Replica(server.url), Replica(server.url)
+    await a.start()
+    await b.start()
+    old = [msg(0, stored(0, 2)), msg(1, stored(2, 4)), msg(2, removed(3, 2)), msg(3, stored(2, 4))]
+    for m in old:  # the old vLLM process: both replicas in sync, Redis at seq 3
+        await a.deliver(m)
+        await b.deliver(m)
+    n0, n1, n2 = msg(0, stored(0, 2)), msg(1, stored(2, 4)), msg(2, stored(4, 6))
+
+    async def a_late() -> None:
+        await asyncio.sleep(0.05)
+        await a.deliver(n0)
+        await a.deliver(n1)
+
+    late = asyncio.create_task(a_late())
+    await b.deliver(n2)
+    await late
+    await a.deliver(n2)
+    got = await a.matched()
+    await a.client.aclose()
+    await b.client.aclose()
+    assert got == 6, f"shared index credits the restarted pod with {got} of the 6 blocks it stored"
+    assert b.stats.caught_up_batches == 2, b.stats
