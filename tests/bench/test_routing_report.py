@@ -38,6 +38,19 @@ def test_seed_summary_uses_medians_and_calls_near_ties() -> None:
     assert report.seed_summary(runs[:1]) == ("_Fewer than two workload seeds._", [])
 
 
+def test_a_seed_run_again_counts_once_with_its_newest_run() -> None:
+    """The main run's seed re-run among the repeats (after a simulator change): the newer run replaces it."""
+    vllm, smg = report.RIVALS
+    old = _routing(1, {report.EPP: [0.4, 9.0, 9.0], vllm: [0.4, 1.0, 1.0], smg: [0.4, 1.0, 1.0]})
+    old["started"] = "2026-11-21 04:06:14 UTC"
+    new = _routing(1, {report.EPP: [0.4, 0.5, 0.5], vllm: [0.4, 1.0, 1.0], smg: [0.4, 1.0, 1.0]})
+    new["started"] = "2026-11-23 12:00:00 UTC"
+    other = _routing(2, {report.EPP: [0.4, 0.5, 0.5], vllm: [0.4, 1.0, 1.0], smg: [0.4, 1.0, 1.0]})
+    table, rows = report.seed_summary([old, other, new])
+    assert table.startswith("Workload seeds 1, 2 ") and "| 5 | 0.50 (0.50-0.50) |" in table
+    assert rows[0][3] == "**met**"
+
+
 def test_long_prompt_table_shows_each_size_and_the_epp_minus_noop_difference() -> None:
     def row(kb: int, noop: float, epp: float) -> dict[str, Any]:
         added = {"envoy+noop-h2": {"p50_ms": noop, "p99_ms": noop}, "envoy+epp-h2": {"p50_ms": epp, "p99_ms": epp}}
