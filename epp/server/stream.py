@@ -1024,8 +1024,12 @@ class ExtProcStream:
         if lab is not None and req is not None and cause is TerminationCause.NATURAL:
             elapsed = now - req.received_at
             lab.duration.observe(elapsed)
+            # A streamed answer Envoy delivered in one message (BUFFERED response modes): its arrival is the whole
+            # generation, not a first token, and it has no token gaps: no streaming TTFT or TPOT sample.
+            timed = info.bytes and not (info.streaming and info.whole_body)
             if info.bytes:
                 lab.response_size.observe(info.bytes)
+            if timed:
                 ttft = lab.ttft_streaming if info.streaming else lab.ttft_non_streaming
                 ttft.observe(info.first_byte_at - req.received_at)
             u = info.usage
@@ -1036,7 +1040,7 @@ class ExtProcStream:
                 if out > 0:
                     lab.output_tokens.observe(out)
                     lab.ntpot.observe(elapsed / out)
-                    if out > 1 and info.streaming and info.bytes:
+                    if out > 1 and info.streaming and timed:
                         lab.streaming_tpot.observe((now - info.first_byte_at) / (out - 1))
                 lab.cached_tokens.observe(u.cached_tokens)
         if (info.status >= 400 or info.grpc_status) and cause is not TerminationCause.EVICTED:
