@@ -13,8 +13,9 @@ Strategies (`strategy`):
   default `[{header: x-session-id}]`) is bound server-side to the endpoint it was routed to.
   Unbound → no preference. Bound and the endpoint is a candidate → that endpoint. Bound but
   the endpoint is not a candidate → no preference, and the binding moves to wherever the
-  request goes. Bindings unused for `evictionTtlSeconds` (300) are swept every
-  `evictionSweepSeconds` (10). Nothing is written on the response.
+  request goes; a request other scorers sent elsewhere leaves the binding where it is. Every request
+  of the session keeps its binding alive; bindings unused for `evictionTtlSeconds` (300) are swept
+  every `evictionSweepSeconds` (10). Nothing is written on the response.
 
 For P/D, run one instance per profile: `profileName: prefill` with header
 `x-session-token-prefill` pins the prefill endpoint the same way. The default header is
@@ -244,6 +245,9 @@ class SessionAffinity(PreRequest, ResponseHeaderProcessor):
         elif request.data.get(self._presence_key) is False:
             # The bound endpoint was gone from the candidates: follow the request.
             bound.namespace, bound.name, bound.last_seen = chosen.namespace, chosen.name, now
+        else:
+            # Outweighed by other scorers this time: the binding stays, and the session is active.
+            bound.last_seen = now
         if self._sweeper is None and now >= self._next_sweep:
             self.sweep(now)
 

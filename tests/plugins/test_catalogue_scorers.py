@@ -3,6 +3,7 @@ ties, and property tests where the formula has invariants."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -555,6 +556,30 @@ def test_session_scorer_session_id_keeps_binding_when_outweighed() -> None:
     r = req_for()
     assert s.score(r, eps) == [0.0, 1.0, 0.0]
     s.pre_request(r, result_for(eps[2]))  # outweighed while pod-1 was a candidate: binding kept
+    assert s.score(req_for(), eps) == [0.0, 1.0, 0.0]
+
+
+def test_a_session_outweighed_on_every_request_stays_bound_while_it_is_active() -> None:
+    """Each request of the session refreshes its binding, wherever it went: a session active all along is not
+    forgotten after `evictionTtlSeconds` because other scorers outweighed it each time (before, only a request
+    that landed on the bound endpoint refreshed it)."""
+    s = make("session-affinity-scorer", {"strategy": "session_id", "sessionIdConfig": {"evictionTtlSeconds": 10}})
+    eps = [endpoint(i) for i in range(3)]
+
+    def req_for() -> Any:
+        r = request()
+        r.headers["x-session-id"] = "abc"
+        return r
+
+    r = req_for()
+    s.score(r, eps)
+    s.pre_request(r, result_for(eps[1]))
+    for _ in range(3):  # every 6 s for 18 s (past the 10 s TTL), always outweighed
+        s.bindings["abc"].last_seen -= 6
+        r = req_for()
+        s.score(r, eps)
+        s.pre_request(r, result_for(eps[2]))
+        s.sweep(time.monotonic())
     assert s.score(req_for(), eps) == [0.0, 1.0, 0.0]
 
 
