@@ -29,8 +29,9 @@ estimate tokenizer input:
 - messages (Anthropic Messages API, `/v1/messages`; vLLM serves it too): the `tools` JSON,
   the system prompt as vLLM's Anthropic endpoint builds it (`_anthropic_messages`: without
   Claude Code's per-request `x-anthropic-billing-header` blocks, which would give every request of
-  a session a different prefix), then each message's role and text (string content, or its
-  `text` blocks and the text inside `tool_result` blocks; images and tool calls add nothing).
+  a session a different prefix), then each message's role (Claude Code's `ctx` / `msg` are user turns,
+  as vLLM normalizes them) and text (string content, or its `text` blocks and the text inside
+  `tool_result` blocks; images and tool calls add nothing).
   `messages/count_tokens` generates nothing and is read as raw (routed by load).
 - generate (SGLang's native `/generate`): `text` (a string or a batch of strings, with the
   completions rules) or `input_ids` (token ids, or a batch of them), `sampling_params.max_new_tokens`,
@@ -174,6 +175,7 @@ class _ChatBody(msgspec.Struct):
 class _EmbeddingsBody(msgspec.Struct):
     model: Any = None
     input: Any = msgspec.UNSET
+    add_special_tokens: Any = None  # EmbeddingCompletionRequest / EmbeddingChatRequest (lax bool)
     # Read (as a chat body) only without `input`: vLLM's request union takes the `input` reading first.
     messages: msgspec.Raw = msgspec.Raw()
     cache_salt: str | None = None
@@ -435,13 +437,18 @@ def parse_request(
 
 
 def _read_tokenize_params(req: InferenceRequest, body: _CompletionsBody | _ChatBody) -> None:
-    """vLLM's `add_special_tokens` (a bool) and `truncate_prompt_tokens` (N > 0: the last N tokens). Other
-    values are left to the model server to refuse (-1, vLLM's "truncate to max_model_len", is unknown here)."""
-    if isinstance(body.add_special_tokens, bool):
-        req.add_special_tokens = body.add_special_tokens
+    """vLLM's `add_special_tokens` (a bool) and `truncate_prompt_tokens` (N > 0: the last N tokens), read as
+    pydantic's lax mode reads them ("false", 0, "8", 8.0). Other values are left to the model server to refuse
+    (-1, vLLM's "truncate to max_model_len", is unknown here)."""
+    _read_add_special_tokens(req, body.add_special_tokens)
     n = body.truncate_prompt_tokens
-    if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+    if n is not None and (n := lax_int(n)) is not None and n > 0:
         req.truncate_prompt_tokens = n
+
+
+def _read_add_special_tokens(req: InferenceRequest, value: Any) -> None:
+    if value is not None and (flag := lax_bool(value)) is not None:
+        req.add_special_tokens = flag
 
 
 def parse_openai(req: InferenceRequest, suffix: str) -> None:
@@ -478,6 +485,9 @@ def parse_openai(req: InferenceRequest, suffix: str) -> None:
         else:
             raise BadRequest('missing required field "input" (or "messages")')
         req.cache_salt = emb.cache_salt or ""
+        # (Not truncate_prompt_tokens: a pooling model's tokenizer truncates on the right, keeping the prompt's
+        # start, which the unread prompt's hashes already match.)
+        _read_add_special_tokens(req, emb.add_special_tokens)
     elif kind is RequestKind.CONVERSATIONS:
         # No model: a conversation is stored state; its items are the start of every later turn.
         conv = decode_body(_CONVERSATIONS_DECODER, body, req)
@@ -514,11 +524,16 @@ def parse_anthropic(req: InferenceRequest, suffix: str) -> None:
         raise BadRequest('missing required field "messages"')
     if not body.messages:
         raise BadRequest('"messages" must contain at least one message')
+    for message in body.messages:  # vLLM's AnthropicMessage.normalize_role: Claude Code's ctx / msg are user turns
+        message.role = _ANTHROPIC_ROLES.get(message.role, message.role)
     req.messages = messages = _anthropic_messages(body)
     req.mm_items = _media_items(body.messages)
     req.prompt = conversation_prompt(messages, bytes(body.tools))
     req.stream = _flag(body.stream)
     req.max_tokens = _max_tokens(body.max_tokens)
+
+
+_ANTHROPIC_ROLES = {"ctx": "user", "msg": "user"}
 
 
 def _anthropic_messages(body: _MessagesBody) -> list[tuple[str, str]]:

@@ -1,18 +1,23 @@
 """The system prompt of an Anthropic Messages request as vLLM's Anthropic endpoint builds it
 (vllm/entrypoints/anthropic/inline_system.py, serving.py): Claude Code's per-request
 `x-anthropic-billing-header` text blocks are dropped, system text blocks are joined without separator,
-system messages leading `messages` are appended to the system prompt ("\\n\\n"), later ones stay in place."""
+system messages leading `messages` are appended to the system prompt ("\\n\\n"), later ones stay in place; Claude
+Code's non-standard `ctx` / `msg` roles are user turns (vLLM's AnthropicMessage.normalize_role)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from llmepp.framework.datakeys import TOKENIZED_PROMPT
+from llmepp.framework.plugin import registry
 from llmepp.plugins.producers.prefix_index import block_hashes, prefix_seed
 from llmepp.plugins.producers.token import estimate_tokens
 from llmepp.request.parsers import parse_request
+from llmepp_sim.tokenizer import TOKENIZER_PATH
 
 
 def parse(body: dict[str, Any]) -> Any:
@@ -122,3 +127,66 @@ def test_user_and_assistant_text_keep_their_blocks_joined_by_newline() -> None:
     ]
     r = parse({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": content}]})
     assert r.messages == [("user", "x-anthropic-billing-header: kept in a user turn\nb")]
+
+
+# -- Claude Code's non-standard roles -----------------------------------------------------
+# vLLM's AnthropicMessage (vllm/entrypoints/anthropic/protocol.py) normalizes the roles Claude Code >= 2.1.154 sends:
+#     @field_validator("role", mode="before")
+#     def normalize_role(cls, v): return {"ctx": "user", "msg": "user"}.get(v, v)
+# so `ctx` / `msg` messages are user turns for the chat template and for inline-system placement.
+def test_claude_code_ctx_and_msg_roles_are_user_turns_as_vllm_reads_them() -> None:
+    body = {
+        "model": "claude",
+        "max_tokens": 64,
+        "messages": [
+            {"role": "ctx", "content": "<env>cwd=/repo</env>"},
+            {"role": "msg", "content": "fix the test"},
+        ],
+    }
+    req = parse(body)
+    assert req.messages == [("user", "<env>cwd=/repo</env>"), ("user", "fix the test")]
+
+
+def test_a_system_note_held_past_a_tool_use_is_placed_after_the_ctx_turn_that_answers_it() -> None:
+    # vLLM (inline_system._move_out_of_tool_runs, on normalized roles): a system message between an assistant's
+    # tool_use and its tool_result goes right after the user turn carrying the result.
+    body = {
+        "model": "claude",
+        "max_tokens": 64,
+        "system": "You are Claude Code.",
+        "messages": [
+            {"role": "user", "content": "list files"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "ls", "input": {}}]},
+            {"role": "system", "content": "note: sandboxed"},
+            {"role": "ctx", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "a.py"}]},
+            {"role": "user", "content": "now open a.py"},
+        ],
+    }
+    req = parse(body)
+    assert req.messages == [
+        ("system", "You are Claude Code."),
+        ("user", "list files"),
+        ("assistant", ""),
+        ("user", "a.py"),
+        ("system", "note: sandboxed"),
+        ("user", "now open a.py"),
+    ]
+
+
+# ... and so the hf token producer renders what vLLM renders ---------------------------------------------
+async def test_a_ctx_turn_is_tokenized_as_the_user_turn_vllm_renders() -> None:
+    chatml = Path(__file__).parents[1] / "tokenization" / "templates" / "chatml" / "tokenizer_config.json"
+    plugin: Any = registry.build(
+        "token-producer",
+        "t",
+        {"tokenizer": {"backend": "hf", "path": str(TOKENIZER_PATH), "chatTemplate": str(chatml)}},
+    )
+
+    async def tokens(role: str) -> bytes:
+        body = {"model": "claude", "max_tokens": 8, "messages": [{"role": role, "content": "fix the failing test"}]}
+        req = parse(body)
+        await plugin.produce(req, [])
+        return req.data[TOKENIZED_PROMPT].token_bytes
+
+    # vLLM normalizes ctx to user before rendering: the engine prefills the "user" rendering.
+    assert await tokens("ctx") == await tokens("user")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any
+from typing import Annotated, Any
 
 import pydantic
 import pytest
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from llmepp.errors import BadRequest
 from llmepp.framework.plugin import registry
-from llmepp.request.parsers import RequestParsers, lax_bool, lax_int
+from llmepp.request.parsers import RequestParsers, lax_bool, lax_int, parse_request
 
 TABLE = RequestParsers(
     [registry.build(t, t, None) for t in ("openai-parser", "anthropic-parser", "vllmhttp-parser", "sglanghttp-parser")]  # type: ignore[misc]
@@ -356,3 +356,51 @@ def test_leading_zeros_with_underscores_read_as_pydantic_reads_them(text: str) -
     except pydantic.ValidationError:
         expected = None
     assert lax_int(text) == expected
+
+
+def _parse(path: str, body: dict[str, Any]) -> Any:
+    return parse_request({":path": path}, json.dumps(body).encode(), request_id="r")
+
+
+# -- vLLM's tokenization fields: read as pydantic reads them, and on embeddings too ------------------------------
+class _VllmTokenizeFields(pydantic.BaseModel):
+    """The two fields as vLLM types them (CompletionRequest / ChatCompletionRequest / PoolingBasicRequestMixin +
+    CompletionRequestMixin for embeddings): lax pydantic, as FastAPI validates the JSON body."""
+
+    truncate_prompt_tokens: Annotated[int, pydantic.Field(ge=-1)] | None = None
+    add_special_tokens: bool = True
+
+
+@pytest.mark.parametrize(
+    ("path", "extra"),
+    [
+        ("/v1/completions", {"prompt": "a long document"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+    ],
+)
+@pytest.mark.parametrize(("truncate", "special"), [("8", "false"), (8.0, 0), (" 8 ", "off")])
+def test_lax_tokenization_fields_are_read_as_vllm_reads_them(
+    path: str, extra: dict[str, Any], truncate: Any, special: Any
+) -> None:
+    fields = {"truncate_prompt_tokens": truncate, "add_special_tokens": special}
+    vllm = _VllmTokenizeFields.model_validate(fields)
+    assert (vllm.truncate_prompt_tokens, vllm.add_special_tokens) == (8, False)  # what vLLM tokenizes with
+    req = _parse(path, {"model": "m", **extra, **fields})
+    assert (req.truncate_prompt_tokens, req.add_special_tokens) == (8, False)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"input": "a long document"},
+        {"input": ["doc one", "doc two"]},
+        {"messages": [{"role": "user", "content": "a long document"}]},
+    ],
+)
+def test_embeddings_read_add_special_tokens(body: dict[str, Any]) -> None:
+    # vLLM's EmbeddingCompletionRequest (CompletionRequestMixin.add_special_tokens, default True) and
+    # EmbeddingChatRequest (ChatRequestOptionsMixin, default False) tokenize with the request's value; the hf token
+    # producer encodes with request.add_special_tokens (None: its config default, True). A `false` left unread
+    # gives the EPP a BOS the engine does not have: every block hash of the request differs from the pod's.
+    req = _parse("/v1/embeddings", {"model": "e5", **body, "add_special_tokens": False})
+    assert req.add_special_tokens is False

@@ -280,13 +280,17 @@ async def test_hf_producer_follows_vllms_tokenization_defaults_and_the_requests_
     hello = SIM.encode("hello there")
     assert await token_ids(default, "/v1/completions", {"prompt": "hello there"}) == [bos_id, *hello]
     assert await token_ids(off, "/v1/completions", {"prompt": "hello there"}) == hello
-    # The request's own field wins over the config, both ways; a value vLLM would refuse is not read.
+    # The request's own field wins over the config, both ways, read as vLLM's pydantic model reads it ("yes": true).
     assert await token_ids(default, "/v1/completions", {"prompt": "hello there", "add_special_tokens": False}) == hello
     assert await token_ids(off, "/v1/completions", {"prompt": "hello there", "add_special_tokens": True}) == [
         bos_id,
         *hello,
     ]
-    assert await token_ids(off, "/v1/completions", {"prompt": "hello there", "add_special_tokens": "yes"}) == hello
+    assert await token_ids(off, "/v1/completions", {"prompt": "hello there", "add_special_tokens": "yes"}) == [
+        bos_id,
+        *hello,
+    ]
+    assert await token_ids(off, "/v1/completions", {"prompt": "hello there", "add_special_tokens": "maybe"}) == hello
     chat_body: dict[str, object] = {"messages": [USER]}
     rendered = SIM.encode(load_chat_template(str(CHATML), str(TOKENIZER_PATH)).render(chat(chat_body)))
     assert await token_ids(default, "/v1/chat/completions", chat_body) == rendered
@@ -295,13 +299,20 @@ async def test_hf_producer_follows_vllms_tokenization_defaults_and_the_requests_
         *rendered,
     ]
     # Left truncation as transformers truncates for vLLM: room kept for the BOS it adds, so N = 1 is the BOS;
-    # a chat (no special tokens) keeps its last N tokens; 0 / -1 / true: none.
+    # a chat (no special tokens) keeps its last N tokens; 0 / -1: none; true and "2" read as pydantic reads them.
     assert await token_ids(default, "/v1/completions", {"prompt": "hello there", "truncate_prompt_tokens": 1}) == [
         bos_id
     ]
     assert await token_ids(off, "/v1/completions", {"prompt": "hello there", "truncate_prompt_tokens": 1}) == hello[-1:]
     assert await token_ids(default, "/v1/chat/completions", {**chat_body, "truncate_prompt_tokens": 3}) == rendered[-3:]
-    for n in (0, -1, True, "2"):
+    assert await token_ids(default, "/v1/completions", {"prompt": "hello there", "truncate_prompt_tokens": True}) == [
+        bos_id
+    ]
+    assert await token_ids(default, "/v1/completions", {"prompt": "hello there", "truncate_prompt_tokens": "2"}) == [
+        bos_id,
+        *hello[-1:],
+    ]
+    for n in (0, -1, "x"):
         body: dict[str, object] = {"prompt": "hello there", "truncate_prompt_tokens": n}
         assert await token_ids(default, "/v1/completions", body) == [bos_id, *hello]
 
