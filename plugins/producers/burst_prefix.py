@@ -313,6 +313,18 @@ class BurstPrefixCacheProducer(DataProducer):
             self._batch = None
         live = [e for e in batch.entries if not e.future.done()]
         p = self.params
+        # An endpoint discovery removed while the window was open must not be assigned: the director drops it
+        # from the candidates, and its group would be left with no affinity at all. One pruned copy per distinct
+        # candidate list, so members that shared one still share one (assign's fast path).
+        pruned: dict[int, Sequence[Endpoint]] = {}
+        for e in live:
+            cands = e.member.candidates
+            kept = pruned.get(id(cands))
+            if kept is None:
+                kept = pruned[id(cands)] = (
+                    [ep for ep in cands if not ep.removed] if any(ep.removed for ep in cands) else cands
+                )
+            e.member.candidates = kept
         try:
             targets = assign(
                 [e.member for e in live],
