@@ -496,6 +496,25 @@ class RedisStore:
         last = None if lengths else next((m.last for m in parts if m.last), None)
         return RedisMatch(lengths, weighted, last)
 
+    async def lookup_batch(self, chains: list[list[int]], candidates: list[str]) -> RedisMatch:
+        """A batch's prompts (the engine caches each on its own): each chain looked up from its root, the
+        matches added up (RedisMatch.add), in one round trip (a pipeline of one script call per prompt)."""
+        chains = [c for c in chains if c]
+        if not chains or not candidates:
+            return RedisMatch({}, {})
+        if len(candidates) <= LOOKUP_CHUNK:
+            pipe = self.client.pipeline(transaction=False)
+            for c in chains:
+                args = [self.block_prefix, len(candidates), *candidates, *self._weight_args, _hex_run(c)]
+                await self._lookup(keys=[self.gen_key], args=args, client=pipe)
+            parts = [self._match(raw) for raw in await pipe.execute()]
+        else:
+            parts = list(await asyncio.gather(*(self.lookup(c, candidates) for c in chains)))
+        m = parts[0]
+        for part in parts[1:]:
+            m.add(part)
+        return m
+
     async def _lookup_raw(self, run: str, candidates: list[str]) -> list[Any]:
         args = [self.block_prefix, len(candidates), *candidates, *self._weight_args, run]
         raw: list[Any] = await self._lookup(keys=[self.gen_key], args=args)

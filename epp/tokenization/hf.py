@@ -122,6 +122,25 @@ class HFTokenizer:
             return self.encode(text, special, truncate)
         return await in_worker(self.encode_released, text, special, truncate, chars=len(text))
 
+    async def encode_many_async(
+        self, texts: list[str], special: bool | None = None, truncate: int | None = None
+    ) -> list[bytes]:
+        """A batch of prompts, each encoded on its own (its special tokens, its truncation). As `encode_async`,
+        by their total length: a batch of many short prompts is as long as one long prompt, in a worker too."""
+        chars = sum(map(len, texts))
+        if chars < self.thread_threshold:
+            return [self.encode(text, special, truncate) for text in texts]
+        return await in_worker(self.encode_many_released, texts, special, truncate, chars=chars)
+
+    def encode_many_released(
+        self, texts: list[str], special: bool | None = None, truncate: int | None = None
+    ) -> list[bytes]:
+        """`encode_released` of each text, in one batch call (without the GIL)."""
+        add = self.add_special_tokens if special is None else special
+        if truncate is None:
+            return [tokens_to_bytes(e.ids) for e in self._encode_batch(texts, add_special_tokens=add)]
+        return [self._truncated(e, add, truncate) for e in self._encode_batch(texts, add_special_tokens=False)]
+
     def encode_released(self, text: str, special: bool | None = None, truncate: int | None = None) -> bytes:
         """`encode` for a worker thread: the batch API encodes without the GIL."""
         add = self.add_special_tokens if special is None else special

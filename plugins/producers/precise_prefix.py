@@ -525,9 +525,7 @@ class RedisPrecisePrefixCacheProducer(PrecisePrefixCacheProducer):
         cached: dict[Endpoint, int] = {}
         last: Endpoint | None = None
         try:
-            m = await self._lookup(chains[0], list(pods))
-            for chain in chains[1:]:  # a batch: the engine caches each prompt on its own
-                m.add(await self._lookup(chain, list(pods)))
+            m = await self._lookup(chains, list(pods))
         except Exception as e:  # Redis slow or down: route without prefix data, never stall
             if isinstance(e, TimeoutError):  # past lookupTimeout (redis-py's own timeouts are errors)
                 self.stats.lookup_timeouts += 1
@@ -546,12 +544,16 @@ class RedisPrecisePrefixCacheProducer(PrecisePrefixCacheProducer):
                 last = pods.get(m.last)
         self._publish(request, tokens, root, len(keys), hits, keys, last, cached)
 
-    async def _lookup(self, keys: list[int], pods: list[str]) -> RedisMatch:
+    async def _lookup(self, chains: list[list[int]], pods: list[str]) -> RedisMatch:
         """The lookup, within lookupTimeout whatever redis-py does with a cancellation (in a burst on a stalled
-        Redis some are held until the command completes): it runs as a task the request stops waiting for."""
+        Redis some are held until the command completes): it runs as a task the request stops waiting for. A
+        batch's prompts (the engine caches each on its own): all in one round trip, within the one deadline."""
         if self._pending_lookups >= MAX_PENDING_LOOKUPS:
             raise _LookupsPiledUp(f"{self._pending_lookups} lookups already waiting on Redis")
-        lookup = asyncio.ensure_future(self.redis_store.lookup(keys, pods))
+        store = self.redis_store
+        lookup = asyncio.ensure_future(
+            store.lookup(chains[0], pods) if len(chains) == 1 else store.lookup_batch(chains, pods)
+        )
         self._pending_lookups += 1
         lookup.add_done_callback(self._lookup_done)
         await asyncio.wait((lookup,), timeout=self.lookup_timeout)

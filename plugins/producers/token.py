@@ -354,12 +354,14 @@ class HFTokenProducer(TokenProducer):
         truncate = request.truncate_prompt_tokens
         try:
             if request.messages is None:
-                # A batch's prompts each encoded (BOS and truncation each), as vLLM prepares each on its own.
-                encode = self.tokenizer.encode_async
-                parts = [
-                    await encode(prompt.decode("utf-8", "replace"), request.add_special_tokens, truncate)
-                    for prompt in request.prompts()
-                ]
+                texts = [prompt.decode("utf-8", "replace") for prompt in request.prompts()]
+                if len(texts) == 1:
+                    parts = [await self.tokenizer.encode_async(texts[0], request.add_special_tokens, truncate)]
+                else:
+                    # A batch's prompts each encoded (BOS and truncation each), as vLLM prepares each on its own;
+                    # in a worker when they add up to a long prompt (not prompt by prompt on the event loop).
+                    encode_many = self.tokenizer.encode_many_async
+                    parts = await encode_many(texts, request.add_special_tokens, truncate)
             elif len(request.body) >= self.tokenizer.thread_threshold:
                 # A long conversation: rendered in the worker that encodes it (one hop). Inline, a Jinja
                 # render stalls the loop for all of it: ~3 µs per message with a ChatML template, ~9 µs
@@ -415,6 +417,14 @@ class _TemplateFailed(Exception):
     """The chat template failed on a request."""
 
 
+class _ErrorStatus(Exception):
+    """vLLM answered an error status."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(status, detail)
+        self.status, self.detail = status, detail
+
+
 class VllmTokenProducer(TokenProducer):
     backend = "vllm"
 
@@ -449,14 +459,21 @@ class VllmTokenProducer(TokenProducer):
             self._session = aiohttp.ClientSession(connector=upstream_connector(), timeout=self.timeout)
         limit = self.mm_timeout if request.multimodal else self.timeout
         prompts: list[bytes] = []
-        for path, body in calls:
+        if len(calls) == 1:
+            replies: list[Any] = [await self._reply(*calls[0], limit)]
+        else:
+            # A batch on the tokenize API (one prompt a call): the calls at once, not N round trips in turn.
+            replies = await asyncio.gather(*(self._reply(path, body, limit) for path, body in calls))
+        for (path, _), reply in zip(calls, replies, strict=True):
             url = self.base_url + path
             try:
-                reply = await self._post(url, body, limit)
-                if reply is None:
-                    return
+                if isinstance(reply, BaseException):
+                    raise reply
                 # Not a list of uint32: TypeError / OverflowError.
                 prompts += map(tokens_to_bytes, [reply["tokens"]] if self.tokenize_path else _rendered_ids(reply))
+            except _ErrorStatus as e:
+                self._miss("status", "%s: %s answered %d: %s", self.name, url, e.status, e.detail)
+                return
             except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, OverflowError) as e:
                 verb = "tokenizing" if self.tokenize_path else "rendering"
                 reason = (
@@ -467,14 +484,20 @@ class VllmTokenProducer(TokenProducer):
                 return
         request.data[TOKENIZED_PROMPT] = TokenizedPrompt.joined(prompts, self.backend)
 
+    async def _reply(self, path: str, body: dict[str, Any], limit: aiohttp.ClientTimeout) -> Any:
+        """vLLM's decoded JSON answer, or the exception it failed with (counted and logged by the caller, once
+        per request)."""
+        try:
+            return await self._post(self.base_url + path, body, limit)
+        except Exception as e:
+            return e
+
     async def _post(self, url: str, body: dict[str, Any], limit: aiohttp.ClientTimeout) -> Any:
-        """vLLM's decoded JSON answer; None (counted, logged) when it answers an error status."""
+        """vLLM's decoded JSON answer; _ErrorStatus when it answers an error status."""
         assert self._session is not None
         async with self._session.post(url, data=msgspec.json.encode(body), headers=_JSON, timeout=limit) as resp:
             if resp.status != 200:
-                detail = (await resp.content.read(512)).decode("utf-8", "replace")
-                self._miss("status", "%s: %s answered %d: %s", self.name, url, resp.status, detail)
-                return None
+                raise _ErrorStatus(resp.status, (await resp.content.read(512)).decode("utf-8", "replace"))
             raw = bytearray()
             async for chunk in resp.content.iter_chunked(1 << 16):
                 raw += chunk

@@ -809,3 +809,60 @@ async def test_a_redis_restarted_empty_is_refilled_from_the_replicas_state_witho
             await client.aclose()
     finally:
         srv.stop()
+
+
+class _CountingProxy:
+    """A TCP proxy in front of Redis counting the client's writes (its round trips, one command or pipeline each)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.writes = 0
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _conn(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        sr, sw = await asyncio.open_connection("127.0.0.1", self.port)
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, count: bool) -> None:
+            try:
+                while data := await r.read(1 << 20):
+                    self.writes += count
+                    w.write(data)
+                    await w.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                w.close()
+
+        await asyncio.gather(pipe(cr, sw, True), pipe(sr, cw, False))
+
+
+async def test_a_batch_is_looked_up_in_one_round_trip(server: RedisServer, client: object) -> None:
+    """README: lookups are one script call on the request path within `lookupTimeout`. A batch's prompts are looked
+    up each from its root but in one pipelined round trip under that one deadline (one call after the other, a
+    batch of 20 prompts waited 20 round trips, past the deadline and the director's producer budget)."""
+    proxy = _CountingProxy(int(server.url.rsplit(":", 1)[1]))
+    p = _producer(await proxy.start())
+    eps = [endpoint("127.0.0.180", 8000), endpoint("127.0.0.181", 8000)]
+
+    def request(prompts: list[list[int]]) -> InferenceRequest:
+        req = _request()
+        req.data[TOKENIZED_PROMPT] = TokenizedPrompt.joined([tokens_to_bytes(t) for t in prompts], "hf")
+        return req
+
+    try:
+        await p.produce(request([list(range(100, 132))]), eps)  # connected, the script loaded
+        before = proxy.writes
+        batch = request([list(range(1000 * i, 1000 * i + 32)) for i in range(20)])
+        await p.produce(batch, eps)
+        assert batch.data[scoped(PREFIX_CACHE_MATCH_INFO, "precise")].total_blocks == 20 * 8
+        assert p.stats.lookup_timeouts == 0 and p.stats.lookup_errors == 0
+        # One pipeline (the client may write it in more than one piece), not a round trip per prompt.
+        assert proxy.writes - before <= 2, f"a batch of 20 prompts took {proxy.writes - before} writes to Redis"
+    finally:
+        await p.aclose()
+        assert proxy.server is not None
+        proxy.server.close()

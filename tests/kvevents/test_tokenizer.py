@@ -6,6 +6,7 @@ import asyncio
 import json
 import random
 import struct
+import threading
 from typing import Any
 
 import msgspec
@@ -182,3 +183,37 @@ def test_parser_keeps_messages_and_token_id_flag() -> None:
     assert not parsed("/v1/completions", {"model": "m", "prompt": "x"}).prompt_is_token_ids
     assert parsed("/v1/completions", {"model": "m", "prompt": [[1], [2]]}).prompt_is_token_ids
     assert msgspec.json.encode(req.messages) == b'[["user","a"],["assistant",""]]'
+
+
+async def test_hf_a_long_batch_is_not_encoded_on_the_event_loop(monkeypatch: Any) -> None:
+    """`encode_async` hands a text of `threadThresholdChars` (4096) or more to a worker thread, which encodes it
+    with the GIL released, so that a long prompt never stalls the event loop (every other request's ext_proc
+    stream). A batch is encoded prompt by prompt, and measured by its total length: a batch of many prompts each
+    under the threshold (64 x 3.5 KB here, 224 KB in all) goes to a worker as one job, as one 224 KB prompt would
+    (encoded through encode_async one prompt at a time, it all ran inline, on the loop)."""
+    plugin = registry.build("token-producer", "tok", {"tokenizer": {"backend": "hf", "path": str(TOKENIZER_PATH)}})
+    assert isinstance(plugin, HFTokenProducer)
+    tok = plugin.tokenizer
+    loop_thread = threading.get_ident()
+    on_loop: list[int] = []
+    real_encode = type(tok).encode
+
+    def spy(self: Any, text: str, special: Any = None, truncate: Any = None) -> bytes:
+        if threading.get_ident() == loop_thread:
+            on_loop.append(len(text))
+        return real_encode(self, text, special, truncate)
+
+    monkeypatch.setattr(type(tok), "encode", spy)
+    prompts = [f"question {i}: " + "the quick brown fox jumps over the lazy dog " * 80 for i in range(64)]
+    assert all(len(p) < tok.thread_threshold for p in prompts)
+
+    single = parsed("/v1/completions", {"model": "m", "prompt": "".join(prompts)})
+    await plugin.produce(single, [])
+    assert single.data[TOKENIZED_PROMPT].count > 0 and on_loop == []  # the joined text: in a worker
+
+    batch = parsed("/v1/completions", {"model": "m", "prompt": prompts})
+    await plugin.produce(batch, [])
+    assert batch.data[TOKENIZED_PROMPT].ends  # tokenized prompt by prompt
+    assert sum(on_loop) < tok.thread_threshold, (
+        f"{sum(on_loop)} characters ({len(on_loop)} prompts) encoded on the event loop for one request"
+    )
