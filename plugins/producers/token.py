@@ -210,8 +210,9 @@ class TokenProducer(DataProducer):
       `path` (this EPP's, e.g. `/tokenize`): vLLM's tokenize API at that path instead, for servers
       without the render routes; it gets the prompt, or the chat's messages, tools, documents,
       chat_template_kwargs, add_generation_prompt and continue_final_message (the fields vLLM's
-      `/tokenize` reads). One call per request, bounded by `timeout`, or `mmTimeout` for a request
-      with media (and by the director's 400 ms producer budget).
+      `/tokenize` reads). One call per request (a batch on the tokenize API: one per prompt, made
+      together), bounded by `timeout`, or `mmTimeout` for a request with media (and by the director's
+      400 ms producer budget).
       Used when `vllm` or `modelName` is set (the reference's selection: `modelName` alone means the
       render endpoint at the default URL) and `tokenizer` is not.
 
