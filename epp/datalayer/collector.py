@@ -61,6 +61,7 @@ from llmepp.datalayer.httpscrape import (
     BadStatus,
     ConnectFailed,
     ConnectionClosed,
+    HandshakeFailed,
     ProtocolViolation,
     ScrapeClient,
     ScrapeError,
@@ -69,6 +70,7 @@ from llmepp.datalayer.httpscrape import (
 from llmepp.datalayer.multicluster import (
     POOL_KV_CACHE_UTILIZATION,
     POOL_QUEUE_SIZE,
+    POOL_READY_ENDPOINTS,
     POOL_RUNNING_REQUESTS,
     AvailabilityLog,
     is_unavailable,
@@ -90,8 +92,9 @@ SUB_TICKS = 5
 MIN_DOWN_AFTER = 1.0
 DOWN_AFTER_POLLS = 3
 # Fetch failures that prove a server listens on the port: it accepted the connection and answered (an
-# error status, a broken response) or closed it. A timeout proves nothing (an unrouted address times out too).
-_ANSWERED = (BadStatus, ProtocolViolation, ConnectionClosed)
+# error status, a broken response, a failed TLS handshake) or closed it. A timeout proves nothing (an
+# unrouted address times out too).
+_ANSWERED = (BadStatus, ProtocolViolation, ConnectionClosed, HandshakeFailed)
 
 
 class ScrapeSource(Protocol):
@@ -126,6 +129,7 @@ class _EndpointScrape:
         "down_refused",
         "down_since",
         "endpoint",
+        "last_ready",
         "mapping",
         "mapping_error",
         "memo",
@@ -142,6 +146,7 @@ class _EndpointScrape:
         self.down_count = 0  # consecutive fetches that got no page (0: the last one got one)
         self.down_since = 0.0  # time.monotonic() when the first of them began
         self.down_refused = False  # every one of them found nothing listening (routing leaves it out)
+        self.last_ready: float | None = None  # a hub: the cluster's ready count on its last page that had one
         self.streak = FailureStreak(log, {"endpoint": endpoint.name}, collector.failure_log_interval)
         self.spec = endpoint.spec
         self.mapping: EngineMapping | None = None
@@ -165,7 +170,8 @@ class _EndpointScrape:
         c = self.collector
         if err is not None:
             c._poll_errors.inc()
-            refused = isinstance(err, ConnectFailed)
+            # Nothing listening: the connection failed, not the TLS handshake after it (a server answered).
+            refused = isinstance(err, ConnectFailed) and not isinstance(err, HandshakeFailed)
             if not self.down_count:  # failing since this scrape began
                 client = self.client
                 self.down_since = client.deadline - client.timeout
@@ -204,6 +210,7 @@ class _EndpointScrape:
             ep.metrics = metrics
             if c.availability is not None:
                 c.availability.metrics_replaced(ep, previous)
+                self.last_ready = metrics.attributes.get(POOL_READY_ENDPOINTS)
         if perr is not None:
             c._extract_errors.inc()
             self.failed("metrics page unusable", perr)
@@ -361,6 +368,17 @@ class MetricsCollector:
         endpoints = self.datastore.endpoints
         if self.clusters:  # a hub: its clusters' gauges, weighted by their ready endpoints
             ready, kv, queue, running = pool_averages(endpoints)
+            # A cluster whose fetches have failed only briefly (not yet down: ready_endpoints' rule) still has
+            # its pods, as a pod EPP keeps a pod through one lost scrape: its last known count stays in the sum.
+            for ep in self.ready_endpoints(endpoints, time.monotonic()):
+                state = self._by_endpoint.get(ep)
+                if (
+                    state is not None
+                    and state.down_count
+                    and state.last_ready
+                    and POOL_READY_ENDPOINTS not in ep.metrics.attributes
+                ):
+                    ready += state.last_ready
             # As the averages: an empty cluster's published 0s are no load (pool_averages skips them too).
             known = [ep.metrics.attributes for ep in endpoints if not is_unavailable(ep)]
             spreads = [[v for a in known if (v := a.get(key)) is not None] for key in _HUB_KEYS]

@@ -30,6 +30,7 @@ __all__ = [
     "BadStatus",
     "ConnectFailed",
     "ConnectionClosed",
+    "HandshakeFailed",
     "ProtocolViolation",
     "ScrapeClient",
     "ScrapeError",
@@ -47,6 +48,11 @@ class ScrapeError(Exception):
 
 class ConnectFailed(ScrapeError):
     pass
+
+
+class HandshakeFailed(ConnectFailed):
+    """The TCP connection was made but the TLS handshake failed (certificate not trusted or not valid for
+    the address, a plain-HTTP server, ...): unlike a refused connection, a server listens on the port."""
 
 
 class ScrapeTimeout(ScrapeError):
@@ -479,7 +485,9 @@ class ScrapeClient:
         except Exception as e:  # OSError, ssl.SSLError, gaierror...: never let a scrape crash
             self._connecting = None
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
-            self._report(None, ConnectFailed(f"connect to {join_hostport(t.host, t.port)} failed: {reason}"))
+            # A TLS error comes after the TCP connection was accepted: something listens there.
+            kind = HandshakeFailed if isinstance(e, ssl.SSLError) else ConnectFailed
+            self._report(None, kind(f"connect to {join_hostport(t.host, t.port)} failed: {reason}"))
             return
         self._connecting = None
         if self.closed or not self.busy:
