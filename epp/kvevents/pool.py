@@ -54,6 +54,7 @@ class PoolOptions:
 
 
 SOURCE_QUEUE = 10_000  # messages a source may have waiting in global-socket mode (then: a gap)
+MAX_TOPIC_SHOWN = 256  # bytes of an unknown topic a log line shows
 
 
 def tcp(address: str, port: int) -> str:
@@ -275,8 +276,14 @@ class SubscriberPool:
         src = self._sources.get(pod) if pod else None
         if src is None or src.queue is None:
             self.stats.unknown_sources += 1
+            # One key for the site: the topic is the publisher's choice (any size, a new one per message).
+            topic = msg.topic
+            shown = topic[:MAX_TOPIC_SHOWN]
             self._limiter.warning(
-                f"unknown:{msg.topic!r}", "KV events for topic %r: no such endpoint in the pool; skipped", msg.topic
+                "unknown-topic",
+                "KV events for topic %r%s: no such endpoint in the pool; skipped",
+                shown,
+                f" (+{len(topic) - len(shown)} bytes)" if len(topic) > len(shown) else "",
             )
             return
         try:

@@ -63,6 +63,7 @@ import msgspec
 import xxhash
 
 from llmepp.errors import BadRequest
+from llmepp.request.clientids import bounded_id
 from llmepp.request.types import InferenceRequest, RequestKind
 
 if TYPE_CHECKING:
@@ -313,6 +314,12 @@ def _header(headers: Mapping[str, str], name: str, alias: str) -> str:
     return headers.get(name) or headers.get(alias) or ""
 
 
+def _fairness_id(headers: Mapping[str, str]) -> str:
+    """The flow's fairness id: it keys per-tenant state that outlives the request (flows; program-aware fairness
+    records for up to an hour), so a long one is bounded (clientids.bounded_id)."""
+    return bounded_id(_header(headers, H_FAIRNESS, H_FAIRNESS_ALIAS)) or DEFAULT_FAIRNESS_ID
+
+
 def headers_request(
     headers: Mapping[str, str], *, request_id: str, received_at: float = 0.0, kind: RequestKind = RequestKind.BODYLESS
 ) -> InferenceRequest:
@@ -324,7 +331,7 @@ def headers_request(
         headers=dict(headers),
         kind=kind,
         objective=_header(headers, H_OBJECTIVE, H_OBJECTIVE_ALIAS),
-        fairness_id=_header(headers, H_FAIRNESS, H_FAIRNESS_ALIAS) or DEFAULT_FAIRNESS_ID,
+        fairness_id=_fairness_id(headers),
         received_at=received_at,
     )
 
@@ -390,7 +397,7 @@ class RequestParsers:
             kind=RequestKind.PASSTHROUGH,
             body=body,
             objective=_header(headers, H_OBJECTIVE, H_OBJECTIVE_ALIAS),
-            fairness_id=_header(headers, H_FAIRNESS, H_FAIRNESS_ALIAS) or DEFAULT_FAIRNESS_ID,
+            fairness_id=_fairness_id(headers),
             received_at=received_at,
         )
         try:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ from llmepp.framework.plugin import ConfigError, Plugin, PluginContext, PluginPa
 from llmepp.framework.requestcontrol import PreRequest, ResponseHeaderProcessor
 from llmepp.framework.scheduling import SchedulingResult
 from llmepp.plugins.filters.common import set_consumes
+from llmepp.request.clientids import bounded_id
 from llmepp.request.types import InferenceRequest, ResponseInfo
 from llmepp.tasks import cancel_and_wait
 
@@ -51,9 +51,6 @@ DEFAULT_SESSION_ID_HEADER = "x-session-id"
 SESSION_ID_DATA_KEY = "SessionID"  # the session-id-producer's data key
 DEFAULT_TTL_S = 300.0
 DEFAULT_SWEEP_S = 10.0
-# As session-id-producer (MAX_SESSION_ID_CHARS there; not imported: plugins.producers imports this module):
-# a longer id is kept as "sha256:<hex>", since a binding key lives for the TTL and a header may hold ~60 KiB.
-MAX_SESSION_ID_CHARS = 256
 
 
 class EncodedEndpointHeaderConfig(PluginParams):
@@ -202,9 +199,7 @@ class SessionAffinity(PreRequest, ResponseHeaderProcessor):
                 value = raw.strip() if isinstance(raw, str) else ""
             if value:
                 # As session-id-producer: a binding key is kept for the TTL, so a client must not choose its size.
-                if len(value) > MAX_SESSION_ID_CHARS:
-                    value = "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
-                return value
+                return bounded_id(value)
         return ""
 
     def session_target(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Endpoint | None:

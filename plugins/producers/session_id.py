@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
 from llmepp.datalayer.endpoint import Endpoint
 from llmepp.framework.datakeys import scoped
 from llmepp.framework.plugin import PluginParams
 from llmepp.framework.requestcontrol import DataProducer
+from llmepp.request.clientids import bounded_id
 from llmepp.request.types import InferenceRequest
 
 # Data key of the session identifier (a str); consumers resolve the producer at setup.
 SESSION_ID = "SessionID"
 DEFAULT_SESSION_HEADER = "x-session-id"
-# Longer ids are replaced by "sha256:<hex digest>": consumers keep the id as a binding key for minutes,
-# and a header may hold ~60 KiB (Envoy's limit), so an unbounded id is memory a client chooses.
-MAX_SESSION_ID_CHARS = 256
 
 
 class SessionIdProducer(DataProducer):
@@ -53,9 +50,7 @@ class SessionIdProducer(DataProducer):
     def produce(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None:
         value = self._cookie(request) if self.cookie else request.headers.get(self.header, "").strip()
         if value:
-            if len(value) > MAX_SESSION_ID_CHARS:
-                value = "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
-            request.data[self.key] = value
+            request.data[self.key] = bounded_id(value)
 
     def _cookie(self, request: InferenceRequest) -> str:
         raw = request.headers.get("cookie")

@@ -21,6 +21,7 @@ from llmepp.datalayer.endpoint import Endpoint
 from llmepp.framework.plugin import ConfigError, PluginContext, PluginParams
 from llmepp.framework.requestcontrol import ResponseHeaderProcessor, Screener
 from llmepp.observability.metrics import PREFIX, per_registry
+from llmepp.request.clientids import bounded_id
 from llmepp.request.types import InferenceRequest, ResponseInfo
 
 log = logging.getLogger(__name__)
@@ -371,6 +372,7 @@ class RevisionDecisions:
         return len(self._entries)
 
     def get_or_set(self, decision_id: str, candidate: str) -> str:
+        decision_id = bounded_id(decision_id)  # client input: it must not choose the store's size
         now = self.clock()
         if now - self._swept >= self.sweep_interval:
             self._sweep(now)

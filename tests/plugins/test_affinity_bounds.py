@@ -9,7 +9,7 @@ from helpers import endpoint, request
 
 from llmepp.framework.plugin import PluginContext, registry
 from llmepp.framework.scheduling import ProfileResult, SchedulingResult
-from llmepp.plugins.producers.session_id import MAX_SESSION_ID_CHARS
+from llmepp.request.clientids import MAX_ID_CHARS as MAX_SESSION_ID_CHARS
 
 
 def make(type_: str, params: dict[str, Any] | None = None, *others: Any, name: str = "") -> Any:
