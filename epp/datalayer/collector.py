@@ -146,7 +146,7 @@ class _EndpointScrape:
         self.down_count = 0  # consecutive fetches that got no page (0: the last one got one)
         self.down_since = 0.0  # time.monotonic() when the first of them began
         self.down_refused = False  # every one of them found nothing listening (routing leaves it out)
-        self.last_ready: float | None = None  # a hub: the cluster's ready count on its last page that had one
+        self.last_ready: float | None = None  # a hub: the ready count its cluster published on its last page
         self.streak = FailureStreak(log, {"endpoint": endpoint.name}, collector.failure_log_interval)
         self.spec = endpoint.spec
         self.mapping: EngineMapping | None = None
