@@ -290,10 +290,15 @@ schedulingProfiles:
 """
 
 
-async def test_a_burst_through_the_director_lands_one_group_per_endpoint() -> None:
+def pool(n: int) -> Datastore:
     ds = Datastore()
-    for i in range(4):
+    for i in range(n):
         ds.upsert(EndpointSpec(name=f"pod-{i}", address=f"10.4.0.{i + 1}", port=8000))
+    return ds
+
+
+async def test_a_burst_through_the_director_lands_one_group_per_endpoint() -> None:
+    ds = pool(4)
     metrics = EppMetrics()
     components = build(load_config(CONFIG), datastore=ds, metrics=metrics)
     assert [p.type for p in components.pipeline.producers] == ["token-producer", "burst-prefix-cache-producer"]
@@ -310,46 +315,21 @@ async def test_a_burst_through_the_director_lands_one_group_per_endpoint() -> No
 # scale-in, readiness lost). The director drops it from the candidates, so a group assigned to it would be left
 # with no affinity and scattered over the live pods: the prompt prefilled on many pods, which the producer exists
 # to prevent. Removed endpoints are never assigned.
-_CHURN_KEY = scoped(PREFIX_CACHE_MATCH_INFO, "burst-prefix-cache-producer")
-_CHURN_PROMPT = (b"the same RL rollout prompt " * 60)[:1500]
-
-_CHURN_CONFIG = """
-plugins:
-- type: burst-prefix-cache-producer
-  parameters: {windowDurationMs: 300}
-- type: prefix-cache-scorer
-  parameters: {prefixMatchInfoProducerName: burst-prefix-cache-producer}
-- type: queue-scorer
-schedulingProfiles:
-- name: default
-  plugins:
-  - {pluginRef: prefix-cache-scorer, weight: 3}
-  - {pluginRef: queue-scorer, weight: 1}
-"""
-
-
-def _churn_pool(n: int) -> Datastore:
-    ds = Datastore()
-    for i in range(n):
-        ds.upsert(EndpointSpec(name=f"pod-{i}", address=f"10.9.0.{i + 1}", port=8000))
-    return ds
-
-
 async def test_a_group_is_never_assigned_to_an_endpoint_removed_during_the_window() -> None:
-    ds = _churn_pool(3)
+    ds = pool(3)
     p = registry.build("burst-prefix-cache-producer", "burst-prefix-cache-producer", {"windowDurationMs": 200})
     assert isinstance(p, BurstPrefixCacheProducer)
     reqs = []
     for _ in range(6):
-        r = request(_CHURN_PROMPT)
-        r.data[TOKENIZED_PROMPT] = TokenizedPrompt(estimate_tokens(_CHURN_PROMPT))
+        r = request(prompt("r"))
+        r.data[TOKENIZED_PROMPT] = TokenizedPrompt(estimate_tokens(prompt("r")))
         reqs.append(r)
     candidates = ds.endpoints  # what the director hands every producer: the pool when the request came in
     waiting = asyncio.gather(*(p.produce(r, candidates) for r in reqs))
     await asyncio.sleep(0.05)
     ds.delete("pod-0")  # a pod leaves while the window is open (rollout, scale-in, readiness lost)
     await waiting
-    infos: list[PrefixMatchInfo] = [r.data[_CHURN_KEY] for r in reqs]
+    infos: list[PrefixMatchInfo] = [r.data[KEY] for r in reqs]
     homes = {ep for info in infos for ep in info.hits}
     assert homes, "the group got no affinity at all"
     removed = [ep.name for ep in homes if ep.removed]
@@ -357,11 +337,11 @@ async def test_a_group_is_never_assigned_to_an_endpoint_removed_during_the_windo
 
 
 async def test_through_the_director_a_burst_still_lands_on_one_pod_when_a_pod_leaves_during_the_window() -> None:
-    ds = _churn_pool(6)
+    ds = pool(6)
     metrics = EppMetrics()
-    components = build(load_config(_CHURN_CONFIG), datastore=ds, metrics=metrics)
+    components = build(load_config(CONFIG), datastore=ds, metrics=metrics)
     director = Director(ds, components.pipeline, metrics)
-    reqs = [request(_CHURN_PROMPT) for _ in range(12)]
+    reqs = [request(prompt("r")) for _ in range(12)]
     routing = asyncio.gather(*(director.handle_request(r, None) for r in reqs))
     await asyncio.sleep(0.1)
     ds.delete("pod-0")
