@@ -202,14 +202,19 @@ async def test_batches_no_replica_has_are_lost_once_the_wait_is_over(
     await a.client.aclose()
 
 
-async def _restart_seen_late(server: RedisServer, late_replica_first: bool) -> int:
+async def _in_sync_with_an_old_process(server: RedisServer) -> tuple[Replica, Replica]:
+    """Two replicas that both applied the old vLLM process's four batches (Redis at seq 3, blocks 0-3 held)."""
     a, b = Replica(server.url), Replica(server.url)
     await a.start()
     await b.start()
-    old = [msg(0, stored(0, 2)), msg(1, stored(2, 4)), msg(2, removed(3, 2)), msg(3, stored(2, 4))]
-    for m in old:  # the old vLLM process: both replicas in sync, Redis at seq 3
+    for m in (msg(0, stored(0, 2)), msg(1, stored(2, 4)), msg(2, removed(3, 2)), msg(3, stored(2, 4))):
         await a.deliver(m)
         await b.deliver(m)
+    return a, b
+
+
+async def _restart_seen_late(server: RedisServer, late_replica_first: bool) -> int:
+    a, b = await _in_sync_with_an_old_process(server)
     assert await a.matched() == 4
     # vLLM restarts (same pod, same address). The new process stores the same prompt again.
     n0, n1, n2 = msg(0, stored(0, 2)), msg(1, stored(2, 4)), msg(2, stored(4, 6))
@@ -250,13 +255,7 @@ async def test_a_late_replica_waits_for_the_restart_another_one_is_applying(
     0 and 1): B waits for it as for any batch another replica is applying. Before, B checked which stream Redis's
     restart replaced once, before waiting, found none yet, and cleared the pod with its own empty chains: A's
     copies of batches 0 and 1 then counted as applied already and the index lost their blocks."""
-    a, b = Replica(server.url), Replica(server.url)
-    await a.start()
-    await b.start()
-    old = [msg(0, stored(0, 2)), msg(1, stored(2, 4)), msg(2, removed(3, 2)), msg(3, stored(2, 4))]
-    for m in old:  # the old vLLM process: both replicas in sync, Redis at seq 3
-        await a.deliver(m)
-        await b.deliver(m)
+    a, b = await _in_sync_with_an_old_process(server)
     n0, n1, n2 = msg(0, stored(0, 2)), msg(1, stored(2, 4)), msg(2, stored(4, 6))
 
     async def a_late() -> None:
