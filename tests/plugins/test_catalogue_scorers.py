@@ -541,22 +541,24 @@ def test_session_scorer_scores_and_writes_token() -> None:
     assert s.response_headers(req, ResponseInfo(status=200), {}) == {"x-session-token": encode_token(eps[0])}
 
 
+def in_session() -> Any:
+    """A request of session "abc" (the session_id strategy's default header)."""
+    r = request()
+    r.headers["x-session-id"] = "abc"
+    return r
+
+
 def test_session_scorer_session_id_keeps_binding_when_outweighed() -> None:
     s = make("session-affinity-scorer", {"strategy": "session_id"})
     eps = [endpoint(i) for i in range(3)]
 
-    def req_for() -> Any:
-        r = request()
-        r.headers["x-session-id"] = "abc"
-        return r
-
-    r = req_for()
+    r = in_session()
     assert s.score(r, eps) == [0.0, 0.0, 0.0]
     s.pre_request(r, result_for(eps[1]))
-    r = req_for()
+    r = in_session()
     assert s.score(r, eps) == [0.0, 1.0, 0.0]
     s.pre_request(r, result_for(eps[2]))  # outweighed while pod-1 was a candidate: binding kept
-    assert s.score(req_for(), eps) == [0.0, 1.0, 0.0]
+    assert s.score(in_session(), eps) == [0.0, 1.0, 0.0]
 
 
 def test_a_session_outweighed_on_every_request_stays_bound_while_it_is_active() -> None:
@@ -566,21 +568,16 @@ def test_a_session_outweighed_on_every_request_stays_bound_while_it_is_active() 
     s = make("session-affinity-scorer", {"strategy": "session_id", "sessionIdConfig": {"evictionTtlSeconds": 10}})
     eps = [endpoint(i) for i in range(3)]
 
-    def req_for() -> Any:
-        r = request()
-        r.headers["x-session-id"] = "abc"
-        return r
-
-    r = req_for()
+    r = in_session()
     s.score(r, eps)
     s.pre_request(r, result_for(eps[1]))
     for _ in range(3):  # every 6 s for 18 s (past the 10 s TTL), always outweighed
         s.bindings["abc"].last_seen -= 6
-        r = req_for()
+        r = in_session()
         s.score(r, eps)
         s.pre_request(r, result_for(eps[2]))
         s.sweep(time.monotonic())
-    assert s.score(req_for(), eps) == [0.0, 1.0, 0.0]
+    assert s.score(in_session(), eps) == [0.0, 1.0, 0.0]
 
 
 def test_no_hit_lru_follows_the_prefix_scorer_by_type() -> None:
