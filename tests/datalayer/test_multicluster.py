@@ -220,7 +220,8 @@ class Hub:
         """The hub's own pool gauges, refreshed now: (ready, average KV, average queue, average running)."""
         self.collector.update_pool_gauges()
         names = ("ready_endpoints", "average_kv_cache_utilization", "average_queue_size", "average_running_requests")
-        r, kv, q, run = (self.metrics.registry.get_sample_value(f"llm_d_epp_{n}", {"name": "hub"}) for n in names)
+        pool = {"name": self.datastore.pool_name}
+        r, kv, q, run = (self.metrics.registry.get_sample_value(f"llm_d_epp_{n}", pool) for n in names)
         return r or 0.0, kv or 0.0, q or 0.0, run or 0.0
 
     def poll_errors(self) -> float:
@@ -246,7 +247,7 @@ class Hub:
 async def hubs() -> AsyncIterator[Callable[..., object]]:
     made: list[Hub] = []
 
-    async def make(source_params: str = "{scheme: http}") -> Hub:
+    async def make(source_params: str = "{scheme: http}", pool: str = "hub") -> Hub:
         """The collector exactly as the app builds it from a hub config."""
         text = f"""
 plugins:
@@ -259,7 +260,7 @@ dataLayer:
   - pluginRef: multicluster-metrics-data-source
     extractors: [{{pluginRef: multicluster-metrics-extractor}}]
 """
-        ds, metrics = Datastore("hub"), EppMetrics()
+        ds, metrics = Datastore(pool), EppMetrics()
         [wired] = build(load_config(text), datastore=ds, metrics=metrics).data_sources
         collector = MetricsCollector(ds, metrics, 0.05, wired.source, wired.extractors[0], 0.3)  # type: ignore[arg-type]
         await collector.start()
@@ -738,3 +739,58 @@ def test_a_reload_cannot_bring_a_pod_only_scorer_into_a_hub() -> None:
     )
     with pytest.raises(ConfigError, match=r"plugin 'lora-affinity-scorer' \(type lora-affinity-scorer\): reads"):
         rebuild_scheduling(running, load_config(text), datastore=ds)
+
+
+# -- a cluster's EPP failing briefly or over TLS -------------------------------------------------------------
+async def test_a_cluster_whose_epp_fails_the_tls_handshake_stays_routable(
+    hubs: Callable[..., object], peers: Callable[..., object], tmp_path: Path
+) -> None:
+    """A failed TLS handshake (a certificate not valid for the peer's address, expired, a rotated CA, an http-only
+    peer) proves a server listens on the port: as one answering an error status, the cluster stays a candidate
+    with unknown load (before, the handshake error read as "connection refused" and routing left it out)."""
+    (tmp_path / "c.pem").write_text(TEST_CERT)
+    (tmp_path / "k.pem").write_text(TEST_KEY)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
+    # The certificate names 127.0.0.1 / .43 / .44: the second cluster's EPP serves it on .47 (a certificate not
+    # valid for its address: the classic misissued / moved EPP).
+    good: MetricsServer = await peers("127.0.0.44", epp_page(kv=0.3, queue=1.0, ready=2), tls)  # type: ignore[misc]
+    bad: MetricsServer = await peers("127.0.0.47", epp_page(kv=0.3, queue=1.0, ready=2), tls)  # type: ignore[misc]
+    hub: Hub = await hubs(f"{{caCertPath: {tmp_path / 'c.pem'}}}")  # type: ignore[misc]
+    a, b = hub.add("good", good), hub.add("bad-cert", bad)
+    await until(lambda: POOL_READY_ENDPOINTS in a.metrics.attributes, what="good cluster scraped")
+    assert b.metrics is NO_METRICS  # its load is unknown: the documented behaviour
+    # Past down_after (1 s) with the handshake failing every scrape (the server answered each time).
+    assert hub.collector.down_after == 1.0
+    await asyncio.sleep(2.0)
+    assert not b.unreachable, "a cluster whose EPP answered every scrape (TLS) was taken for 'nothing listening'"
+    assert hub.datastore.reachable(hub.datastore.endpoints) == (a, b)
+
+
+async def test_one_lost_scrape_of_a_clusters_epp_does_not_zero_the_hubs_ready_count(
+    hubs: Callable[..., object], peers: Callable[..., object]
+) -> None:
+    """A hub publishes llm_d_epp_ready_endpoints as one EPP in front of all those pods would (README), so a hub
+    above can treat it as a cluster; a pod EPP keeps a pod through one lost scrape (every fetch failing, twice
+    in a row, for down_after). So does a hub's ready count: the cluster's last count stays in the sum while its
+    fetches fail only briefly. (Before, one lost scrape published ready = 0, which a hub above reads as "no
+    ready endpoints": it took the whole sub-hub out and counted it unavailable.)"""
+    peer: MetricsServer = await peers("127.0.0.48", epp_page(kv=0.2, queue=1.0, ready=4))  # type: ignore[misc]
+    lower: Hub = await hubs(pool="lower")  # type: ignore[misc]
+    cluster = lower.add("only-cluster", peer)
+    await until(lambda: lower.gauges()[0] == 4.0, what="lower hub publishes 4 pods")
+    # One scrape of the cluster's EPP is lost (a 503 here; a timeout does the same), then it answers again.
+    errors = lower.poll_errors()
+    peer.mode = "status"
+    await until(lambda: lower.poll_errors() > errors, what="one failed scrape")
+    peer.mode = "ok"
+    # What the lower hub publishes at this moment (its gauge refresh may fall here), and what a hub above makes
+    # of that page.
+    assert cluster.metrics is NO_METRICS  # the lost scrape is what the lower hub has now (documented)
+    published = lower.gauges()[0]
+    upper_peer: MetricsServer = await peers("127.0.0.49", generate_latest(lower.metrics.registry))  # type: ignore[misc]
+    upper: Hub = await hubs(pool="upper")  # type: ignore[misc]
+    sub_hub = upper.add("lower-hub", upper_peer)
+    await until(lambda: POOL_READY_ENDPOINTS in sub_hub.metrics.attributes, what="upper hub scraped")
+    assert published == 4.0, f"lower hub published ready={published} after one lost scrape of its cluster"
+    assert not is_unavailable(sub_hub)
