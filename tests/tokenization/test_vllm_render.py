@@ -60,13 +60,17 @@ class FakeRenderServer:
         }
         self.delay = 0.0
         self.calls: list[tuple[str, Any]] = []
+        self.in_flight = self.peak = 0  # calls being answered now, and the most at once
         self.url = ""
         self._runner: web.AppRunner | None = None
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.calls.append((request.path, await request.json()))
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
         if self.delay:
             await asyncio.sleep(self.delay)
+        self.in_flight -= 1
         return web.json_response(self.replies[request.path])
 
     async def __aenter__(self) -> FakeRenderServer:
@@ -273,33 +277,17 @@ async def test_a_batchs_tokenize_calls_are_made_at_once() -> None:
     """The tokenize API takes one prompt: a batch's calls go out together, not one round trip after another (40
     prompts against a 15 ms endpoint took > 600 ms in turn, past the director's 400 ms producer budget, and the
     request got no tokens)."""
-    in_flight = peak = 0
-
-    async def tokenize(request: web.Request) -> web.Response:
-        nonlocal in_flight, peak
-        body = await request.json()
-        in_flight += 1
-        peak = max(peak, in_flight)
-        await asyncio.sleep(0.05)
-        in_flight -= 1
-        return web.json_response({"count": 1, "max_model_len": 8, "tokens": [len(body["prompt"])]})
-
-    app = web.Application()
-    app.router.add_post("/tokenize", tokenize)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    plugin = vllm(f"http://127.0.0.1:{port}", path="/tokenize")
-    try:
-        prompts = [f"prompt number {i}" for i in range(10)]
-        tokens = await produce(plugin, parsed("/v1/completions", {"model": "m", "prompt": prompts}))
-    finally:
-        await plugin.aclose()
-        await runner.cleanup()
-    assert tokens is not None and ids(tokens) == [len(p) for p in prompts] and len(tokens.prompts()) == 10
-    assert peak > 1, "the batch's tokenize calls were made one after another"
+    async with FakeRenderServer() as server:
+        server.delay = 0.05
+        plugin = vllm(server.url, path="/tokenize")
+        try:
+            prompts = [f"prompt number {i}" for i in range(10)]
+            tokens = await produce(plugin, parsed("/v1/completions", {"model": "m", "prompt": prompts}))
+        finally:
+            await plugin.aclose()
+    assert sorted(body["prompt"] for _, body in server.calls) == sorted(prompts)
+    assert tokens is not None and ids(tokens) == [3] * 10 and len(tokens.prompts()) == 10
+    assert server.peak > 1, "the batch's tokenize calls were made one after another"
 
 
 # -- the simulator -------------------------------------------------------------------------------------
