@@ -433,14 +433,12 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkPro
 
     def _all_keys(self, ctx: _RoutedPrompt, info: PrefixMatchInfo) -> list[int]:
         if len(info.hashes) < info.total_blocks:
-            info.hashes = self._keys(ctx[0], ctx[1])
+            info.hashes = _joined(self._chains(ctx[0], ctx[1]))
         return info.hashes
 
-    def _keys(self, tokens: TokenizedPrompt, root: int) -> list[int]:
-        """Every full block's key, of each prompt of a batch in turn."""
-        if not tokens.ends:
-            return block_keys(tokens.token_bytes, self.block_tokens, root)
-        return [k for prompt in tokens.prompts() for k in block_keys(prompt, self.block_tokens, root)]
+    def _chains(self, tokens: TokenizedPrompt, root: int) -> list[list[int]]:
+        """Every full block's key, per prompt (a batch's prompts each from the root; [keys] for one prompt)."""
+        return [block_keys(prompt, self.block_tokens, root) for prompt in tokens.prompts()]
 
     def _speculate(self, targets: list[str], ctx: _RoutedPrompt, info: PrefixMatchInfo, ttl: float) -> None:
         keys = self._all_keys(ctx, info)
@@ -456,6 +454,11 @@ class PrecisePrefixCacheProducer(DataProducer, PreRequest, FirstResponseChunkPro
             "index_speculative_entries": float(self.index.speculative_entries),
             "subscribers": float(len(self.pool)),
         }
+
+
+def _joined(chains: list[list[int]]) -> list[int]:
+    """A batch's per-prompt keys in one list (PrefixMatchInfo.hashes); one prompt's as they are."""
+    return chains[0] if len(chains) == 1 else [k for chain in chains for k in chain]
 
 
 def _redis_config(params: Any) -> RedisConfig | None:
@@ -518,8 +521,8 @@ class RedisPrecisePrefixCacheProducer(PrecisePrefixCacheProducer):
         if tokens is None:
             return
         root = self._root(request)
-        chains = [block_keys(prompt, self.block_tokens, root) for prompt in tokens.prompts()]
-        keys = chains[0] if len(chains) == 1 else [k for chain in chains for k in chain]
+        chains = self._chains(tokens, root)
+        keys = _joined(chains)
         pods = {self._pod(ep): ep for ep in endpoints}
         hits: dict[Endpoint, int] = {}
         cached: dict[Endpoint, int] = {}
