@@ -505,8 +505,7 @@ class RedisStore:
         if len(candidates) <= LOOKUP_CHUNK:
             pipe = self.client.pipeline(transaction=False)
             for c in chains:
-                args = [self.block_prefix, len(candidates), *candidates, *self._weight_args, _hex_run(c)]
-                await self._lookup(keys=[self.gen_key], args=args, client=pipe)
+                await self._lookup(keys=[self.gen_key], args=self._lookup_args(_hex_run(c), candidates), client=pipe)
             parts = [self._match(raw) for raw in await pipe.execute()]
         else:
             parts = list(await asyncio.gather(*(self.lookup(c, candidates) for c in chains)))
@@ -516,9 +515,12 @@ class RedisStore:
         return m
 
     async def _lookup_raw(self, run: str, candidates: list[str]) -> list[Any]:
-        args = [self.block_prefix, len(candidates), *candidates, *self._weight_args, run]
-        raw: list[Any] = await self._lookup(keys=[self.gen_key], args=args)
+        raw: list[Any] = await self._lookup(keys=[self.gen_key], args=self._lookup_args(run, candidates))
         return raw
+
+    def _lookup_args(self, run: str, candidates: list[str]) -> list[Any]:
+        """The _LOOKUP script's arguments: the key prefix, the candidates, the tier weights, the keys as one run."""
+        return [self.block_prefix, len(candidates), *candidates, *self._weight_args, run]
 
     @staticmethod
     def _match(raw: list[Any]) -> RedisMatch:
