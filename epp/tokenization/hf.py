@@ -135,7 +135,7 @@ class HFTokenizer:
     def encode_many_released(
         self, texts: list[str], special: bool | None = None, truncate: int | None = None
     ) -> list[bytes]:
-        """`encode_released` of each text, in one batch call (without the GIL)."""
+        """Each text encoded as `encode` does, in one batch call (the batch API encodes without the GIL)."""
         add = self.add_special_tokens if special is None else special
         if truncate is None:
             return [tokens_to_bytes(e.ids) for e in self._encode_batch(texts, add_special_tokens=add)]
@@ -143,10 +143,7 @@ class HFTokenizer:
 
     def encode_released(self, text: str, special: bool | None = None, truncate: int | None = None) -> bytes:
         """`encode` for a worker thread: the batch API encodes without the GIL."""
-        add = self.add_special_tokens if special is None else special
-        if truncate is None:
-            return tokens_to_bytes(self._encode_batch([text], add_special_tokens=add)[0].ids)
-        return self._truncated(self._encode_batch([text], add_special_tokens=False)[0], add, truncate)
+        return self.encode_many_released([text], special, truncate)[0]
 
     def _truncated(self, encoding: Encoding, add: bool, truncate: int) -> bytes:
         """As vLLM encodes with `truncate_prompt_tokens` N (transformers' `truncation=True, max_length=N`, on the

@@ -355,14 +355,10 @@ class HFTokenProducer(TokenProducer):
         truncate = request.truncate_prompt_tokens
         try:
             if request.messages is None:
+                # A batch's prompts each encoded (BOS and truncation each), as vLLM prepares each on its own; in a
+                # worker when they add up to a long prompt (not prompt by prompt on the event loop).
                 texts = [prompt.decode("utf-8", "replace") for prompt in request.prompts()]
-                if len(texts) == 1:
-                    parts = [await self.tokenizer.encode_async(texts[0], request.add_special_tokens, truncate)]
-                else:
-                    # A batch's prompts each encoded (BOS and truncation each), as vLLM prepares each on its own;
-                    # in a worker when they add up to a long prompt (not prompt by prompt on the event loop).
-                    encode_many = self.tokenizer.encode_many_async
-                    parts = await encode_many(texts, request.add_special_tokens, truncate)
+                parts = await self.tokenizer.encode_many_async(texts, request.add_special_tokens, truncate)
             elif len(request.body) >= self.tokenizer.thread_threshold:
                 # A long conversation: rendered in the worker that encodes it (one hop). Inline, a Jinja
                 # render stalls the loop for all of it: ~3 µs per message with a ChatML template, ~9 µs

@@ -272,6 +272,7 @@ async def test_a_tokenizer_panic_is_a_counted_miss_not_a_failed_request(
 
     monkeypatch.setattr(plugin.tokenizer, "encode", panic)
     monkeypatch.setattr(plugin.tokenizer, "encode_released", panic)
+    monkeypatch.setattr(plugin.tokenizer, "encode_many_released", panic)
     req = parsed("/v1/completions", {"model": "m", "prompt": "x" * chars})
     assert await produce(plugin, req) is None
     assert failures(plugin, "encode") == 1
