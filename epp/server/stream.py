@@ -33,7 +33,6 @@ await), and the transport calls `finish()` when the stream ends for any reason.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from collections.abc import Callable, Coroutine, Generator, Sequence
@@ -97,7 +96,9 @@ class Director(Protocol):
         self, request: InferenceRequest, subset: Sequence[str] | None
     ) -> RoutingDecision | DirectResponse: ...
 
-    def handle_bodyless(self, request: InferenceRequest, subset: Sequence[str] | None) -> Any: ...
+    def handle_bodyless(
+        self, request: InferenceRequest, subset: Sequence[str] | None
+    ) -> RoutingDecision | DirectResponse: ...
 
     def response_headers(
         self, request: InferenceRequest, response: ResponseInfo, headers: dict[str, str]
@@ -569,22 +570,9 @@ class ExtProcStream:
     async def route_bodyless(self) -> Answers:
         req = parsers.headers_request(self.headers, request_id=self.request_id, received_at=self.received_at)
         self.request = req
-        try:
-            decision = self.svc.director.handle_bodyless(req, self.subset)
-            if inspect.isawaitable(decision):
-                decision = await decision
-        except RequestError as e:
-            return self.reject(e, req)
-        except (Exception, asyncio.CancelledError) as e:
-            if isinstance(e, asyncio.CancelledError) and _stream_cancelled():
-                raise
-            self.svc._bug_log.error("routing", "director failed (request %s)", self.request_id, exc_info=True)
-            return self.reject(InternalError("internal error while routing the request"), req)
-        self.svc._request_processing.observe(time.monotonic() - self.received_at)
-        self._count_request(req)
-        if isinstance(decision, DirectResponse):
-            return self.answer_directly(decision)
-        self._routed(decision)
+        decision, answer = await self._schedule(req, bodyless=True)
+        if decision is None:
+            return answer
         answer = self._routing_answer(decision, on_body=False, new_body=None)
         self.request_answered = True
         return answer
@@ -609,22 +597,9 @@ class ExtProcStream:
             except BadRequest as e:
                 return self.reject(e, None)
         self.request = req
-        try:
-            decision = await self.svc.director.handle_request(req, self.subset)
-        except RequestError as e:
-            return self.reject(e, req)
-        except (Exception, asyncio.CancelledError) as e:
-            if isinstance(e, asyncio.CancelledError) and _stream_cancelled():
-                raise
-            self.svc._bug_log.error("routing", "director failed (request %s)", self.request_id, exc_info=True)
-            return self.reject(InternalError("internal error while routing the request"), req)
-        # From the request headers, as the reference: the body's arrival and the queue wait included.
-        self.svc._request_processing.observe(time.monotonic() - self.received_at)
-        # Counted after the director: its InferenceModelRewrite sets the target model the labels carry.
-        self._count_request(req)
-        if isinstance(decision, DirectResponse):
-            return self.answer_directly(decision)
-        self._routed(decision)
+        decision, answer = await self._schedule(req, bodyless=False)
+        if decision is None:
+            return answer
         if on_trailers:
             # The request headers cannot change any more: the routing rides on the trailers answer's
             # envoy.lb metadata only (an Envoy routing by the header answers 503, as for no routing).
@@ -651,6 +626,32 @@ class ExtProcStream:
         answer = self._routing_answer(decision, on_body=True, new_body=decision.body)
         self.request_answered = True
         return answer
+
+    async def _schedule(self, req: InferenceRequest, *, bodyless: bool) -> tuple[RoutingDecision | None, Answers]:
+        """Request control for `req`. Routed: (the decision, None); the caller builds the routing answer, which
+        depends on where the body is. Otherwise (None, the answer): a rejection, a director failure (fail
+        closed) or a plugin's direct response."""
+        director = self.svc.director
+        try:
+            if bodyless:
+                decision = director.handle_bodyless(req, self.subset)
+            else:
+                decision = await director.handle_request(req, self.subset)
+        except RequestError as e:
+            return None, self.reject(e, req)
+        except (Exception, asyncio.CancelledError) as e:
+            if isinstance(e, asyncio.CancelledError) and _stream_cancelled():
+                raise
+            self.svc._bug_log.error("routing", "director failed (request %s)", self.request_id, exc_info=True)
+            return None, self.reject(InternalError("internal error while routing the request"), req)
+        # From the request headers, as the reference: the body's arrival and the queue wait included.
+        self.svc._request_processing.observe(time.monotonic() - self.received_at)
+        # Counted after the director: its InferenceModelRewrite sets the target model the labels carry.
+        self._count_request(req)
+        if isinstance(decision, DirectResponse):
+            return None, self.answer_directly(decision)
+        self._routed(decision)
+        return decision, None
 
     def _routing_answer(self, decision: RoutingDecision, *, on_body: bool, new_body: bytes | None) -> bytes:
         """header_mutation (destination, request id, plugin headers; control headers removed)
