@@ -60,6 +60,7 @@ class Match:
 
 
 LAST_HOLDER_SLACK = 65_536  # last holders kept beyond the number of keys held (~8 MB, PRECISE.md)
+SPEC_QUEUE_SLACK = 1_024  # superseded speculative deadlines a queue may hold beyond twice the live entries
 
 
 class MemoryIndex:
@@ -216,6 +217,15 @@ class MemoryIndex:
                     spec[k] = m
                 else:
                     spec.pop(k, None)
+        limit = 2 * len(spec_until) + SPEC_QUEUE_SLACK
+        for queue in self._spec_queues.values():
+            if len(queue) > limit:
+                # Superseded deadlines wait behind a live one at the front (a request held for
+                # speculativeMaxHold, e.g. a non-streaming one): drop them, keeping the order. Amortised
+                # O(1): a pass keeps at most half of what it reads.
+                kept = [e for e in queue if spec_until.get((e[1], e[2])) == e[0]]
+                queue.clear()
+                queue.extend(kept)
 
     # -- reads -----------------------------------------------------------------------------------
     def match(self, token_bytes: bytes, block_tokens: int, root: int, candidates: int, max_blocks: int = 0) -> Match:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmepp.kvevents.chain import GHOSTS, Delta, SourceChains, pack_block, unpack_block
-from llmepp.kvevents.index import LAST_HOLDER_SLACK, Match, MemoryIndex
+from llmepp.kvevents.index import LAST_HOLDER_SLACK, SPEC_QUEUE_SLACK, Match, MemoryIndex
 from llmepp.kvevents.keys import block_keys, root_key, tokens_to_bytes
 from llmepp.kvevents.tiers import TierTable
 from llmepp.kvevents.wire import BlockRemoved, BlockStored
@@ -416,6 +416,27 @@ def test_superseded_speculative_deadlines_do_not_pile_up() -> None:
     index.expire()
     assert index.speculative_entries == 0
     assert sum(len(q) for q in index._spec_queues.values()) == 0
+
+
+def test_superseded_speculative_deadlines_do_not_pile_up_behind_a_held_request() -> None:
+    """Superseded deadlines were dropped only from the front of their queue: while one request stayed
+    held (its first response bytes not yet back: a long prefill or a non-streaming request), every later
+    request's superseded 5-minute entry queued behind it, one per prompt block, for up to 5 minutes."""
+    now = [0.0]
+    index = MemoryIndex(1_000_000, 10, TIERS, clock=lambda: now[0])
+    index.speculate("a:1", list(range(10**6, 10**6 + 256)), 300.0)  # held throughout
+    for r in range(500):
+        keys = list(range(r * 256, (r + 1) * 256))
+        index.speculate("b:1", keys, 300.0)
+        now[0] += 0.005
+        index.speculate("b:1", keys, 2.0)
+        now[0] += 0.005
+        index.expire()
+    now[0] += 3.0
+    index.expire()
+    live = index.speculative_entries
+    assert live == 256  # the held request's
+    assert sum(len(q) for q in index._spec_queues.values()) <= 2 * live + SPEC_QUEUE_SLACK
 
 
 def test_mediums_no_tier_names_are_not_memoised_without_bound() -> None:
