@@ -52,6 +52,7 @@ from __future__ import annotations
 import itertools
 import struct
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -326,9 +327,17 @@ class SourceChains:
         """The removed blocks whose positions are kept (oldest first)."""
         return list(self._ghosts)
 
-    def restore(self, blocks: dict[int, EngineBlock]) -> None:
+    def other_groups(self) -> list[int]:
+        """The KV-cache groups learned to be of a non-prefix kind (a copy of the chains keeps them: their
+        removals name only the group, and must still be skipped after a restore)."""
+        return sorted(self._other_groups)
+
+    def restore(self, blocks: dict[int, EngineBlock], other_groups: Iterable[int] = ()) -> None:
         """Rebuild from saved blocks (`saved`: their keys and tiers give every reference; tiers 0 are removed
-        blocks' kept positions)."""
+        blocks' kept positions) and the saved non-prefix groups (`other_groups`)."""
+        for g in other_groups:
+            if len(self._other_groups) < MAX_GROUPS:
+                self._other_groups.add(g)
         self.engine = {h: b for h, b in blocks.items() if b.tiers}
         self._ghosts = OrderedDict((h, (b.last_key, b.pending, b.keys)) for h, b in blocks.items() if not b.tiers)
         self.kmask.clear()

@@ -11,8 +11,9 @@ position or chain state; one Redis, not Redis Cluster — the scripts touch keys
                        "s|"pod → expiry (ms, Redis clock)   speculative entries
                        "l|" → pod                    the pod whose event last removed the key
     gen          HASH  pod → generation               bumped when a pod's cache is cleared
-    src:<pod>    HASH  seq, lts, ts                    last batch applied from the pod's publisher: its
-                                                       number and timestamp, and the newest timestamp
+    src:<pod>    HASH  seq, lts, ts, og                last batch applied from the pod's publisher: its
+                                                       number and timestamp, and the newest timestamp;
+                                                       the non-prefix KV-cache groups (chain.py)
     eng:<pod>    HASH  engine hash → packed chain state (chain.EngineBlock), to resume after a restart; also
                        the kept positions of the last removed blocks (tiers 0; vLLM names them as parents)
 
@@ -145,7 +146,8 @@ local ns = tonumber(ARGV[i]); i = i + 1
 for _ = 1, ns do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]); i = i + 2 end
 local nd = tonumber(ARGV[i]); i = i + 1
 for _ = 1, nd do redis.call('HDEL', KEYS[3], ARGV[i]); i = i + 1 end
-redis.call('HSET', KEYS[1], 'ts', high, 'seq', ARGV[3], 'lts', ARGV[2])
+-- the non-prefix KV-cache groups (chain.py skips their removals; a resumed copy must too)
+redis.call('HSET', KEYS[1], 'ts', high, 'seq', ARGV[3], 'lts', ARGV[2], 'og', ARGV[i])
 if ttl > 0 then  -- a pod gone for good leaves its position and chain state for `ttl`, like its entries
   redis.call('PEXPIRE', KEYS[1], ttl); redis.call('PEXPIRE', KEYS[3], ttl)
   -- the generations go only when no pod has written for `ttl`: every entry they qualify is gone by then
@@ -374,9 +376,10 @@ class RedisStore:
             else:
                 sets.append((h, pack_block(block)))
         expected = self._positions.get(pod, -1)
+        groups = ",".join(map(str, chains.other_groups()))
         async with asyncio.timeout(self.write_timeout):
             applied = await self._write(pod, ts, seq, delta.clear_at >= 0, replaces, expected,
-                                        delta.keys, delta.masks, sets, dels)  # fmt: skip
+                                        delta.keys, delta.masks, sets, dels, groups)  # fmt: skip
             if applied == -1:
                 # Redis lost the pod's position (restarted empty, or the pod was silent past `ttl`), and
                 # with it what this replica wrote: the chains hold the pod's whole state, so send that.
@@ -385,7 +388,7 @@ class RedisStore:
                 keys = list(chains.kmask)
                 every = [(h, pack_block(b)) for h in [*engine, *chains.removed_kept()] if (b := chains.saved(h))]
                 await self._write(pod, ts, seq, True, None, -1, keys, [chains.kmask[k] for k in keys],
-                                  every, [])  # fmt: skip
+                                  every, [], groups)  # fmt: skip
         self._positions[pod] = seq
 
     async def _write(
@@ -400,6 +403,7 @@ class RedisStore:
         masks: list[int],
         sets: list[tuple[int, bytes]],
         dels: list[int],
+        groups: str,
     ) -> int:
         """One _APPLY call: 1 applied, 0 applied already (by another replica), -1 position lost."""
         args: list[Any] = [pod, repr(ts), seq, self.ttl_ms, self.block_prefix, "1" if clear else "0"]
@@ -416,6 +420,7 @@ class RedisStore:
             args.append(packed)
         args.append(len(dels))
         args.extend(_hex(h) for h in dels)
+        args.append(groups)
         keys_ = [self.prefix + "src:" + pod, self.gen_key, self.prefix + "eng:" + pod]
         return int(await self._apply(keys=keys_, args=args))
 
@@ -433,7 +438,8 @@ class RedisStore:
             return None
         self._positions[pod] = int(src[b"seq"])
         blocks: dict[int, EngineBlock] = {int(h, 16): unpack_block(bytes(v)) for h, v in eng.items()}
-        chains.restore(blocks)
+        groups = [int(g) for g in src.get(b"og", b"").split(b",") if g]  # written by _APPLY: "", "1" or "1,3"
+        chains.restore(blocks, groups)
         log.info("resumed KV state from Redis", extra={"pod": pod, "seq": int(src[b"seq"]), "blocks": len(blocks)})
         # `lts` is missing in positions written before it existed, when `ts` was always the last batch's.
         last = float(src[b"ts"])

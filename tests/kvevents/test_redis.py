@@ -30,7 +30,7 @@ from llmepp.plugins.producers.shared_inflight import RedisInFlightLoadProducer
 from llmepp.request.types import InferenceRequest, RequestKind, ResponseInfo
 from llmepp.testing.redis import RedisServer
 
-from .publisher import CLEARED, Engine, TestPublisher, stored
+from .publisher import CLEARED, Engine, TestPublisher, removed, stored
 from .rig import TIERS, endpoint
 
 TOKENS = list(range(300, 300 + 4 * 16))
@@ -137,6 +137,40 @@ async def test_restarted_replica_resumes_chains_and_position(server: RedisServer
         # check it is still the publisher's) with the saved chain state: no orphans.
         assert pub.replay_requests == [1] and restarted.stats.resets == 0
         assert restarted.pool.chains()[0].stats.orphans == 0
+        await restarted.close()
+
+
+async def test_a_resumed_replica_still_skips_a_sliding_window_groups_removals(
+    server: RedisServer, client: aioredis.Redis
+) -> None:
+    """A hybrid model caches a prompt in its full-attention and its sliding-window group under one engine
+    hash; a removal names only the group, whose kind the chains learn from its stores. A replica resumed
+    from Redis (a rolling update) did not know the sliding-window group any more: its first removal there
+    took the prefix the full-attention group still holds out of the shared index."""
+    host = "127.0.0.177"
+    hashes = [7000, 7001, 7002, 7003]
+    tokens = TOKENS[:16]
+    async with TestPublisher(host) as pub:
+        ep = endpoint(host, 8000)
+        a = Replica(server.url, pub.port, pub.replay_port)
+        a.pool.endpoint_added(ep)
+        await asyncio.sleep(0.3)
+        await pub.publish(
+            [
+                stored(hashes, None, tokens, group_idx=0, kv_cache_spec_kind="full_attention"),
+                stored(hashes, None, tokens, group_idx=1, kv_cache_spec_kind="sliding_window"),
+            ]
+        )
+        await eventually(lambda: _eq(a.match(ep.hostport, tokens), 4))
+        await a.close()
+        restarted = Replica(server.url, pub.port, pub.replay_port)
+        restarted.pool.endpoint_added(ep)
+        await asyncio.sleep(0.3)
+        # The window moved on: group 1 drops the first two blocks; group 0 still holds all four.
+        await pub.publish([{**removed(hashes[:2]), "group_idx": 1}])
+        await pub.publish([chain(4, 6)])  # a later batch: the removal's has been applied
+        await eventually(lambda: _eq(restarted.match(ep.hostport, TOKENS[:24]), 6))
+        assert await restarted.match(ep.hostport, tokens) == 4
         await restarted.close()
 
 
