@@ -67,8 +67,12 @@ ENHANCE_YOUR_CALM = 0xB
 # INITIAL_WINDOW_SIZE must adjust every open stream's window (RFC 9113 §6.9.2), so a flood of them would
 # cost O(frames x streams) of event loop.
 MAX_PEER_SETTINGS = 1000
-# Messages a stream may queue while its routing step runs (body chunks, trailers: a handful).
-MAX_BACKLOG = 4096
+# What a stream may queue while its routing step runs: trailers, and body chunks (a handful when the body was read,
+# but an unread body keeps streaming in while the request is routed on its headers, e.g. queued by flow control).
+# Bounded in bytes, each message costing its size plus its decoded object's overhead: a client sending chunks of
+# BACKLOG_MESSAGE_COST bytes or more is bounded by the stream window alone, and a flood of empty messages holds
+# little more than the window would.
+BACKLOG_MESSAGE_COST = 512
 # gRPC status codes used here.
 GRPC_OK, GRPC_UNIMPLEMENTED, GRPC_INTERNAL, GRPC_RESOURCE_EXHAUSTED = 0, 12, 13, 8
 
@@ -78,6 +82,7 @@ DEFAULT_WINDOW = 65_535
 DEFAULT_FRAME = 16_384
 # What we advertise: big receive windows (we consume every byte at once) and frames.
 OUR_STREAM_WINDOW = 16 * 1024 * 1024
+MAX_BACKLOG_COST = 2 * OUR_STREAM_WINDOW  # no WINDOW_UPDATE while a backlog waits: the window bounds its bytes
 OUR_MAX_FRAME = 1024 * 1024
 OUR_MAX_STREAMS = 1_000_000
 # Connection timers (seconds; one timer per connection, never per frame). The handshake — the client's
@@ -171,6 +176,7 @@ def _headers_fields_error(flags: int, payload: _Bytes, length: int) -> int:
 class _Stream:
     __slots__ = (
         "backlog",
+        "backlog_cost",
         "ext",
         "have",
         "headers_sent",
@@ -203,6 +209,7 @@ class _Stream:
         self.recv_unacked = 0
         self.task: asyncio.Task[None] | None = None  # routing in progress
         self.backlog: collections.deque[pb.ProcessingRequest] = collections.deque()
+        self.backlog_cost = 0
 
 
 class _Connection(asyncio.Protocol):
@@ -621,11 +628,11 @@ class _Connection(asyncio.Protocol):
             self._end(st, GRPC_INTERNAL, "cannot decode ProcessingRequest")
             return
         if st.task is not None or st.backlog:
-            if len(st.backlog) >= MAX_BACKLOG:
-                # Envoy sends next to nothing while a request is routed; 5-byte empty messages filling the
-                # 16 MiB window would hold ~24x that in decoded messages.
+            st.backlog_cost += len(raw) + BACKLOG_MESSAGE_COST
+            if st.backlog_cost > MAX_BACKLOG_COST:
+                # 5-byte empty messages filling the 16 MiB window would hold ~24x that in decoded messages.
                 self.ctx.protocol_error("h2_backlog_overflow")
-                self._end(st, GRPC_RESOURCE_EXHAUSTED, f"more than {MAX_BACKLOG} messages while routing")
+                self._end(st, GRPC_RESOURCE_EXHAUSTED, f"more than {MAX_BACKLOG_COST} bytes of messages while routing")
                 return
             st.backlog.append(msg)  # keep order behind the routing step in progress
             return
@@ -671,6 +678,8 @@ class _Connection(asyncio.Protocol):
             self._emit(st, out)
             while st.backlog and st.task is None and not st.local_closed:
                 self._process(st, st.backlog.popleft())
+            if not st.backlog:
+                st.backlog_cost = 0
             if st.task is None and not st.local_closed:
                 if st.remote_closed:
                     self._end(st, GRPC_OK)

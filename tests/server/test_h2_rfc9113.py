@@ -454,9 +454,9 @@ async def test_window_is_withheld_while_routing_waits() -> None:
 
 async def test_the_backlog_behind_a_pending_route_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     """Empty 5-byte gRPC messages while routing waits were decoded and queued up to the 16 MiB window:
-    ~24x that held in message objects. Past MAX_BACKLOG the stream ends (RESOURCE_EXHAUSTED), the routing
+    ~24x that held in message objects. Past MAX_BACKLOG_COST the stream ends (RESOURCE_EXHAUSTED), the routing
     step cancelled and the request released."""
-    monkeypatch.setattr(h2, "MAX_BACKLOG", 50)
+    monkeypatch.setattr(h2, "MAX_BACKLOG_COST", 50 * h2.BACKLOG_MESSAGE_COST)
     peer = connected()
     peer.send(open_stream(1, request_headers(SLOW), request_body(BODY, eos=True)))
     assert peer.conn.streams[1].task is not None
@@ -465,9 +465,28 @@ async def test_the_backlog_behind_a_pending_route_is_bounded(monkeypatch: pytest
     peer.send(frame(DATA, 0, 1, b"\x00\x00\x00\x00\x00"))
     out = peer.frames()
     assert 1 not in peer.conn.streams and goaway_code(out) is None
-    assert any(kind == HEADERS and s == 1 and b"more than 50 messages" in p for kind, _, s, p in out)
+    assert any(kind == HEADERS and s == 1 and b"bytes of messages while routing" in p for kind, _, s, p in out)
     await peer.settle()
     assert peer.director.inflight == {}
+
+
+async def test_an_unread_upload_behind_a_pending_route_is_held_not_cut_off() -> None:
+    """A body no parser reads (passthrough) streams in while the request is routed on its headers (e.g. queued
+    by flow control). The backlog was capped at 4096 messages: 5,000 chunks of 1 KiB, a third of the stream
+    window, ended the stream (RESOURCE_EXHAUSTED, a 500 for the client). Now the window bounds them."""
+    peer = connected()
+    peer.send(frame(HEADERS, END_HEADERS, 1, b"\x83\x86"))
+    peer.send(frame(DATA, 0, 1, grpc_msg(request_headers(SLOW, path="/passthrough"))))
+    assert peer.conn.streams[1].task is not None
+    chunk = grpc_msg(request_body(b"a" * 1024))
+    for _ in range(5000):
+        peer.send(frame(DATA, 0, 1, chunk))
+    assert len(peer.conn.streams[1].backlog) == 5000 and not resets(peer.frames())
+    await peer.settle()  # routed: the chunks are echoed in order
+    peer.send(window_update(0, 2**30) + window_update(1, 2**30))
+    out = messages(peer.frames(), 1)
+    assert len(out) == 1 + 5000
+    assert all(m.request_body.response.body_mutation.streamed_response.body == b"a" * 1024 for m in out[1:])
 
 
 async def test_data_past_the_stream_window_is_a_flow_control_error() -> None:
