@@ -388,6 +388,7 @@ class ExtProcStream:
     returned as a `Pending`. The transport writes the answers in order."""
 
     __slots__ = (
+        "body_maybe_cut",
         "body_size",
         "body_streamed",
         "body_unread",
@@ -439,6 +440,7 @@ class ExtProcStream:
         self.body_size = 0
         self.body_unread = False  # routed on the headers (STREAMED / NONE modes, or no parser reads it)
         self.body_streamed = False  # FULL_DUPLEX_STREAMED and unread: body chunks are echoed as they come
+        self.body_maybe_cut = False  # BUFFERED_PARTIAL, no content-length, no EoS: the body may be cut short
         self.request: InferenceRequest | None = None
         self.decision: RoutingDecision | None = None
         self.info: ResponseInfo | None = None
@@ -502,7 +504,17 @@ class ExtProcStream:
                 self.body_unread = self.body_streamed = True
                 return Pending(self.route(msg, end_of_stream=False))
             return None  # the answer waits for the body
-        return envoy.REQUEST_HEADERS_CONTINUE  # BUFFERED: Envoy holds the body until this
+        # BUFFERED: Envoy holds the body until this. The routing header is set (and the control headers
+        # removed) on the body answer, but a request without a body (trailers only) is routed on the trailers
+        # answer, which cannot change the headers: a client's routing or control headers go now.
+        if envoy.DESTINATION_HEADER in self.headers or not _CONTROL_HEADER_SET.isdisjoint(self.headers):
+            remove = [h for h in (envoy.DESTINATION_HEADER, *CONTROL_HEADERS) if h in self.headers]
+            return pb.ProcessingResponse(
+                request_headers=pb.HeadersResponse(
+                    response=pb.CommonResponse(header_mutation=envoy.header_mutation(remove=remove))
+                )
+            )
+        return envoy.REQUEST_HEADERS_CONTINUE
 
     def on_request_body(self, msg: pb.ProcessingRequest) -> Answers | Pending:
         if self.body_streamed:
@@ -521,12 +533,13 @@ class ExtProcStream:
                 # BUFFERED sends the whole body in one message (even without EoS: trailers follow). BUFFERED_PARTIAL
                 # too, unless it is larger than Envoy's buffer limit: then only its start comes, the rest goes
                 # upstream without us. A cut body is no JSON to read: the request is routed on its headers.
-                if (
-                    self.req_mode == envoy.MODE_BUFFERED_PARTIAL
-                    and not b.end_of_stream
-                    and _content_length(self.headers) > self.body_size
-                ):
-                    self.body_unread = True
+                if self.req_mode == envoy.MODE_BUFFERED_PARTIAL and not b.end_of_stream:
+                    if _content_length(self.headers) > self.body_size:
+                        self.body_unread = True
+                    elif "content-length" not in self.headers:
+                        # No length to tell a body cut at the buffer limit from a whole one that trailers follow:
+                        # a body that does not parse is taken as cut (routed on its headers; the server judges it).
+                        self.body_maybe_cut = True
                 return Pending(self.route(msg, end_of_stream=True))
             return None
         if self.phase == _ROUTED and self.req_mode == envoy.MODE_STREAMED:
@@ -595,7 +608,12 @@ class ExtProcStream:
                     self.headers, body, request_id=self.request_id, received_at=self.received_at
                 )
             except BadRequest as e:
-                return self.reject(e, None)
+                if not self.body_maybe_cut:
+                    return self.reject(e, None)
+                self.body_unread = True
+                req = parsers.headers_request(
+                    self.headers, request_id=self.request_id, received_at=self.received_at, kind=RequestKind.PASSTHROUGH
+                )
         self.request = req
         decision, answer = await self._schedule(req, bodyless=False)
         if decision is None:
