@@ -206,13 +206,13 @@ _REPORTED_POD_FIELDS = {
 
 
 class _Pod:
-    __slots__ = ("config", "endpoint", "engine", "index")
+    __slots__ = ("config", "endpoints", "engine", "index")
 
-    def __init__(self, index: int, config: PodConfig, engine: Engine, endpoint: Endpoint) -> None:
+    def __init__(self, index: int, config: PodConfig, engine: Engine, endpoints: list[Endpoint]) -> None:
         self.index = index
         self.config = config
         self.engine = engine
-        self.endpoint = endpoint
+        self.endpoints = endpoints  # one per EPP replica (each has its own datastore, as live)
 
 
 class Simulation:
@@ -227,7 +227,9 @@ class Simulation:
         clock = VirtualClock(loop)
         tokenizer = shared_tokenizer()
         self.fillers: tuple[FillerToken, ...] = filler_vocabulary(tokenizer)
-        self.datastore = Datastore()
+        # One datastore per EPP replica, as live (each process discovers the pods itself): the director's in-flight
+        # counters (`endpoint.inflight`) are per replica.
+        self.datastores = [Datastore() for _ in range(max(1, options.replicas))]
         self.pods: list[_Pod] = []
         self.feeds: list[_EventFeed] = []
         config_text, kv_events = _des_config(options.config_text())
@@ -236,21 +238,25 @@ class Simulation:
             feed = _EventFeed(loop, f"kv@{config.name}@{options.model}".encode(), base.event_batch_size,
                               options.kv_event_delay)  # fmt: skip
             engine = Engine(config, clock, LoraManager(config.lora_modules), feed if kv_events else None)
-            self.datastore.upsert(
-                EndpointSpec(name=config.name, address=config.host, port=config.port, labels={"llm-d.ai/role": "both"})
+            spec = EndpointSpec(
+                name=config.name, address=config.host, port=config.port, labels={"llm-d.ai/role": "both"}
             )
-            endpoint = self.datastore.get(config.name)
-            assert endpoint is not None
-            self.pods.append(_Pod(i, config, engine, endpoint))
+            endpoints = []
+            for datastore in self.datastores:
+                datastore.upsert(spec)
+                endpoint = datastore.get(config.name)
+                assert endpoint is not None
+                endpoints.append(endpoint)
+            self.pods.append(_Pod(i, config, engine, endpoints))
             self.feeds.append(feed)
-        self._by_hostport = {p.endpoint.hostport: p for p in self.pods}
+        self._by_hostport = {p.endpoints[0].hostport: p for p in self.pods}
         self.directors: list[Director] = []
         self.producers: list[PrecisePrefixCacheProducer] = []
         for r in range(max(1, options.replicas)):
             metrics = EppMetrics()
             with _quiet(PrecisePrefixCacheProducer.__module__):  # its "discoverPods is false" warning: on purpose
-                components = build(load_config(config_text), datastore=self.datastore, metrics=metrics)
-            director = Director(self.datastore, components.pipeline, metrics)
+                components = build(load_config(config_text), datastore=self.datastores[r], metrics=metrics)
+            director = Director(self.datastores[r], components.pipeline, metrics)
             _seed_rngs([*components.plugins.values(), director], options.seed, replica=r)
             precise = [p for p in components.plugins.values() if isinstance(p, PrecisePrefixCacheProducer)]
             # Metrics freshness checks, and the precise index's speculative entries lapsing, in simulated time.
@@ -259,7 +265,7 @@ class Simulation:
             for plugin in precise:
                 self.producers.append(plugin)
                 for pod, feed in zip(self.pods, self.feeds):
-                    feed.ingests.append(plugin.in_process_source(pod.endpoint))
+                    feed.ingests.append(plugin.in_process_source(pod.endpoints[r]))
             self.directors.append(director)
         self.evicted: list[int] = []  # blocks per eviction round
         self.stage_starts: list[float] = []  # s since t0
@@ -440,7 +446,7 @@ class Simulation:
     def _refresh(self, pod: _Pod, now: float) -> None:
         engine = pod.engine
         config = pod.config
-        pod.endpoint.metrics = EndpointMetrics(
+        metrics = EndpointMetrics(
             waiting_queue_size=len(engine.waiting),
             running_requests_size=len(engine.running),
             kv_cache_usage_percent=engine.pool.usage(),
@@ -449,6 +455,8 @@ class Simulation:
             cache_num_blocks=config.kv_cache_size,
             update_time=now,
         )
+        for endpoint in pod.endpoints:
+            endpoint.metrics = metrics
 
     def _refresh_all(self) -> None:
         now = self.loop.time()

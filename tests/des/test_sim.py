@@ -200,7 +200,7 @@ def test_plugins_judge_metrics_freshness_on_simulated_time() -> None:
         for i in range(10):  # its engine loop is not started: the 10 stay waiting
             busy.engine.submit(SimRequest(f"q{i}", ids, 4, FillerStream(sim.fillers, 0, ids)))
         sim._refresh_all()  # as before every decision with refresh_interval 0
-        assert busy.endpoint.metrics.waiting_queue_size == 10
+        assert busy.endpoints[0].metrics.waiting_queue_size == 10
         picks = []
         for i in range(40):
             request = parse_request(HEADERS, request_body(prompt, 4), request_id=str(i), received_at=loop.time())
@@ -230,3 +230,40 @@ def test_the_cli_rejects_an_empty_pool_or_ladder_with_a_usage_error(
         cli_main([*argv, "--no-json"])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+ACTIVE_REQUESTS = """
+plugins:
+- type: endpoint-attribute-scorer
+  parameters:
+    attributeKey: active-requests
+    algorithm: {type: linear_lower_is_better}
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: endpoint-attribute-scorer, weight: 1}
+  - pluginRef: max-score-picker
+"""
+
+
+def test_each_replica_counts_only_its_own_requests_in_flight() -> None:
+    """Replicas are separate EPP processes live, each with its own datastore. The DES built them on one, so the
+    director's in-flight counters (read by endpoint-attribute scorers, active-request / token-load scorers
+    without an inflight producer, concurrency detection) counted the other replicas' requests too."""
+    wl = SharedPrefix(num_groups=1, prompts_per_group=1, system_prompt_len=64, question_len=16, output_len=4)
+    opts = SimOptions(pods=4, epp_config=ACTIVE_REQUESTS, profile="llama-8b-h100", replicas=2, seed=1)
+    body = request_body(wl.prompt(0), 4)
+
+    async def main(loop: VirtualTimeLoop) -> tuple[list[int], list[int]]:
+        sim = Simulation(loop, Schedule(wl, [Stage(1.0, 1.0)], []), opts)
+        zero, one = sim.directors
+        held = await one.handle_request(parse_request(HEADERS, body, request_id="r1", received_at=loop.time()), None)
+        assert isinstance(held, RoutingDecision)  # in flight on replica 1
+        return [ep.inflight.requests for ep in zero.datastore.endpoints], [
+            ep.inflight.requests for ep in one.datastore.endpoints
+        ]
+
+    seen_by_zero, seen_by_one = run(main, start=1000.0)
+    assert seen_by_zero == [0, 0, 0, 0]
+    assert sorted(seen_by_one) == [0, 0, 0, 1]
