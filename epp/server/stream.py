@@ -299,6 +299,11 @@ def _stream_code(stream: Any) -> str:
     finished one included: those are `OK`."""
     if not getattr(stream, "cancelled", False):
         return "OK"
+    if getattr(stream, "closed", False):
+        # The EPP answered the request to its end (a refusal, a direct answer, an eviction's 429): Envoy's reset
+        # after that is how it ends every stream. h2 ends such a stream OK before the reset comes; grpc.aio's
+        # handler is still reading (a pushed answer) and sees the reset.
+        return "OK"
     info = getattr(stream, "info", None)
     finished = getattr(stream, "completed", False) and info is not None and info.cause is TerminationCause.NATURAL
     return "OK" if finished else "Canceled"

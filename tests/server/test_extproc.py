@@ -802,6 +802,28 @@ async def test_streams_that_end_without_a_cancel_are_counted_ok() -> None:
         assert len(h.director.completions) == 2 and h.director.inflight == {}
 
 
+async def test_an_evicted_stream_is_counted_ok_on_either_transport() -> None:
+    """An eviction's 429 is pushed outside any message handler. h2 ended the stream OK at once; grpc.aio's
+    handler went on reading until Envoy's reset and counted the stream Canceled, so an eviction storm read
+    as clients hanging up on one transport only."""
+    chat = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+    async with serve(out_of_band=True, settings=Settings(grpc_stream_metrics=True)) as h:
+        s = h.open()
+        await s.route(chat, path="/v1/chat/completions")
+        await s.send(response_headers(200, "text/event-stream"), response_body(b"data: {}\n\n"))
+        await s.recv()
+        await s.recv()
+        (req,) = h.director.requests
+        assert req.evict is not None and req.evict()
+        assert (await s.recv()).WhichOneof("response") == "immediate_response"
+        await asyncio.sleep(0.05)
+        s.cancel()  # Envoy resets every ext_proc stream once it is done with it
+        await until(lambda: h.sample("llm_d_epp_extproc_streams_inflight") == 0)
+        await asyncio.sleep(0.05)
+        assert h.sample("llm_d_epp_extproc_streams_total", {"code": "Canceled"}) == 0
+        assert h.sample("llm_d_epp_extproc_streams_total", {"code": "OK"}) == 1
+
+
 # -- other body modes ------------------------------------------------------------------------------
 async def test_buffered_mode_routes_on_the_body_answer() -> None:
     async with serve() as h:
