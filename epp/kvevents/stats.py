@@ -7,7 +7,6 @@ EPP's `llm_d_epp_` prefix with a `producer` label (several precise producers may
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
@@ -15,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from llmepp.kvevents.chain import ChainStats
+from llmepp.observability.metrics import per_registry
 
 
 @dataclass(slots=True)
@@ -83,10 +83,25 @@ class KVEventsCollector(Collector):
             yield g
 
 
+class _Exported(Collector):
+    """Every precise producer's counters in one registry, each family once with a sample per producer:
+    a collector per producer would repeat each family name (OpenMetrics refuses such a page)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.by_producer: dict[str, KVEventsCollector] = {}
+        registry.register(self)
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
+        for collector in list(self.by_producer.values()):
+            for family in collector.collect():
+                found = families.setdefault(family.name, family)
+                if found is not family:
+                    found.samples.extend(family.samples)
+        yield from families.values()
+
+
 def register(registry: CollectorRegistry | None, collector: KVEventsCollector) -> None:
-    if registry is None:
-        return
-    try:
-        registry.register(collector)
-    except ValueError:  # a second producer instance: names collide; its counters stay internal
-        logging.getLogger(__name__).warning("precise prefix metrics of %s not exported (duplicate)", collector.producer)
+    if registry is not None:
+        # A producer rebuilt under its name (a config reload) replaces the retired one's series.
+        per_registry(registry, "kv-events", _Exported).by_producer[collector.producer] = collector

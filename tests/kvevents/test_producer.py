@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 from helpers import until
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from llmepp.config.loader import Components, build, load_config
 from llmepp.datalayer.datastore import Datastore
@@ -421,3 +423,28 @@ async def test_the_pd_decider_counts_blocks_a_pod_holds_on_cpu_as_cached() -> No
     assert decider.disaggregate(req, eps[1]) is False
     for plugin in c.plugins.values():
         await plugin.aclose()
+
+
+TWO_INDEXES = """
+plugins:
+- {type: precise-prefix-cache-producer, name: prefill-index, parameters: {kvEventsConfig: {discoverPods: false}}}
+- {type: precise-prefix-cache-producer, name: decode-index, parameters: {kvEventsConfig: {discoverPods: false}}}
+- {type: prefix-cache-scorer, name: prefill-prefix, parameters: {prefixMatchInfoProducerName: prefill-index}}
+- {type: prefix-cache-scorer, name: decode-prefix, parameters: {prefixMatchInfoProducerName: decode-index}}
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins: [{pluginRef: prefill-prefix}, {pluginRef: decode-prefix}, {pluginRef: max-score-picker}]
+"""
+
+
+def test_two_precise_producers_export_each_family_once() -> None:
+    """Each producer registered a collector of its own, and the registry (not auto-describing) took both: every
+    llm_d_epp_kv_* family appeared twice, which OpenMetrics (Prometheus 3's first choice) refuses outright."""
+    metrics = EppMetrics()
+    build(load_config(TWO_INDEXES), datastore=Datastore(), metrics=metrics)
+    encoder, content_type = choose_encoder("application/openmetrics-text;version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text")
+    families = {f.name: f for f in text_string_to_metric_families(encoder(metrics.registry).decode())}
+    producers = {s.labels["producer"] for s in families["llm_d_epp_kv_events_messages"].samples}
+    assert producers == {"prefill-index", "decode-index"}
