@@ -20,7 +20,7 @@ from llmepp.flowcontrol.types import FLOW_ID_KEY, Outcome
 from llmepp.framework.plugin import PluginContext, PluginParams
 from llmepp.framework.requestcontrol import ResponseCompleteProcessor
 from llmepp.framework.scheduling import SchedulingResult
-from llmepp.observability.metrics import MAX_FAIRNESS_LABELS, PREFIX, BoundedLabels, per_registry
+from llmepp.observability.metrics import PREFIX, per_registry
 from llmepp.request.types import InferenceRequest, ResponseInfo
 
 DISPATCHED = Outcome.DISPATCHED.value
@@ -243,8 +243,6 @@ class _Collector(Collector):
     def __init__(self, flow_metrics: FlowControlMetrics) -> None:
         self.policies: weakref.WeakSet[ProgramAwareFairness] = weakref.WeakSet()
         self.flow_metrics = flow_metrics
-        # Fairness ids exported under their own name; later ones fold into "other" (as the queue metrics).
-        self._labels = BoundedLabels(MAX_FAIRNESS_LABELS)
 
     def collect(self) -> Iterator[Any]:
         policies = list(self.policies)
@@ -260,7 +258,9 @@ class _Collector(Collector):
             "Decayed attained service (prompt + 2 x completion tokens) per program.",
             labels=["program_id"],
         )
-        label = self._labels
+        # The queue metrics' fairness-id labels (the waits below carry them): a program past the cap is "other"
+        # in both series, not in one under its name and in the other folded.
+        label = self.flow_metrics.fairness_label
         per_label: dict[str, float] = {}
         for fid, value in sorted(programs.items()):
             fid = label(fid)

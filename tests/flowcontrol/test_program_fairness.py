@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from llmepp.config.loader import build, load_config
 from llmepp.flowcontrol.controller import BandConfig, FlowController
+from llmepp.flowcontrol.metrics import FlowControlMetrics
 from llmepp.flowcontrol.types import ItemState, QueueItem
 from llmepp.framework.plugin import ConfigError, PluginContext
 from llmepp.observability.metrics import MAX_FAIRNESS_LABELS, OVERFLOW_LABEL, EppMetrics
@@ -364,3 +365,26 @@ flowControl:
     assert value("llm_d_epp_program_aware_avg_wait_time_milliseconds", {"program_id": "a"}) == pytest.approx(200)
     assert value("llm_d_epp_program_aware_avg_wait_time_milliseconds", {"program_id": "b"}) == pytest.approx(600)
     assert value("llm_d_epp_program_aware_jains_fairness_index") == pytest.approx(0.8)
+
+
+def test_service_and_wait_series_fold_the_same_programs_into_other() -> None:
+    """Both program-aware series cap program ids at MAX_FAIRNESS_LABELS. The service series kept a list of its
+    own, filled in sorted order at scrape time, the wait series flow control's (in order of first flow): past
+    the cap a program had one series under its name and the other folded into "other"."""
+    registry = CollectorRegistry()
+    policy = plugin("program-aware-fairness")
+    clock = Clock()
+    policy.clock = clock
+    policy.setup(PluginContext({}, datastore=None, settings=None, metrics=EppMetrics(registry)))
+    policy.priorities.add("0")
+    flow_metrics = FlowControlMetrics.for_registry(registry)
+    for fid in [f"t{i:04d}" for i in range(MAX_FAIRNESS_LABELS + 1)][::-1]:  # flows appear in reverse name order
+        flow_metrics.wait_histogram(flow_metrics.fairness_label(fid), "0", "Dispatched", "pool", "m", "m").observe(0.01)
+        policy.attained(fid, 10, clock.now)
+
+    def program_ids(family: str) -> set[str]:
+        return {s.labels["program_id"] for m in registry.collect() if m.name == family for s in m.samples}
+
+    service = program_ids("llm_d_epp_program_aware_attained_service_tokens")
+    wait = program_ids("llm_d_epp_program_aware_avg_wait_time_milliseconds")
+    assert OVERFLOW_LABEL in service and service == wait
