@@ -407,7 +407,12 @@ class Subscriber:
                             if seen is not None and seen.ts != self._anchor_ts:
                                 log.info(
                                     "KV replay: the publisher's batch under our last number is another one",
-                                    extra={"pod": self.pod, "seq": anchor, "ts": seen.ts, "ours": self._anchor_ts},
+                                    extra={
+                                        "pod": self.pod,
+                                        "seq": anchor,
+                                        "batch_ts": seen.ts,
+                                        "ours": self._anchor_ts,
+                                    },
                                 )
                                 outcome = _RESTARTED
                                 break

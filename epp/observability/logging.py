@@ -9,6 +9,7 @@ import time
 
 # Attributes every LogRecord has; anything else came from `extra=` and is emitted as a field.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+_OWN = frozenset({"ts", "level", "logger", "msg", "exc"})
 
 
 class JsonFormatter(logging.Formatter):
@@ -23,7 +24,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": msg,
         }
-        out.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")})
+        for k, v in record.__dict__.items():
+            if k not in _STANDARD and not k.startswith("_"):
+                # An `extra` field named like one of the line's own keys (ts, level, logger) keeps them.
+                out["extra_" + k if k in _OWN else k] = v
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         try:

@@ -76,3 +76,23 @@ def test_log_limiter_says_how_many_were_held_back_per_key(
         (logging.WARNING, "pod b slow", False),
         (logging.ERROR, "cycle failed (4 similar messages suppressed)", True),
     ]
+
+
+def test_extra_fields_named_like_the_lines_own_keys_do_not_replace_them() -> None:
+    """logging refuses `extra` keys that clash with LogRecord attributes, not "ts", "level" or "logger": they
+    replaced the line's own time, level and logger (a KV replay line carried a batch's epoch float as its ts)."""
+    logger = logging.getLogger("llmepp.test")
+    record = logger.makeRecord(
+        logger.name,
+        logging.INFO,
+        __file__,
+        1,
+        "m",
+        (),
+        None,
+        extra={"ts": 1700000000.25, "level": "debug", "logger": "x"},
+    )
+    line = json.loads(JsonFormatter().format(record))
+    assert isinstance(line["ts"], str) and line["ts"].endswith("Z")
+    assert line["level"] == "info" and line["logger"] == "llmepp.test"
+    assert line["extra_ts"] == 1700000000.25 and line["extra_level"] == "debug" and line["extra_logger"] == "x"
