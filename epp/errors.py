@@ -66,8 +66,9 @@ class NoEndpoints(ServiceUnavailable):
 
 
 class Saturated(ResourceExhausted):
-    def __init__(self, message: str = "all endpoints were filtered out") -> None:
+    def __init__(self, message: str = "all endpoints were filtered out", *, emptied_by: str = "") -> None:
         super().__init__(message, reason=REASON_SATURATED)
+        self.emptied_by = emptied_by  # the type of the filter that removed every endpoint, if one did
 
 
 class Evicted(ResourceExhausted):

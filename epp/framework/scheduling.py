@@ -97,6 +97,11 @@ class ProfileResult:
         return pairs[:limit] if limit is not None else pairs
 
 
+# request.data key: {profile name: the RequestError its run raised}, for the profile handler's process_results
+# (set only when a profile of a multi-profile handler failed).
+PROFILE_ERRORS = "scheduling/profile-errors"
+
+
 @dataclass(slots=True)
 class SchedulingResult:
     primary_profile: str

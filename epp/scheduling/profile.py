@@ -53,7 +53,7 @@ class SchedulerProfile:
                 kept = self._filter_overfilled(f, endpoints, kept)
             endpoints = kept
             if not endpoints:
-                raise Saturated(f"profile {self.name!r}: filter {f.name!r} removed every endpoint")
+                raise Saturated(f"profile {self.name!r}: filter {f.name!r} removed every endpoint", emptied_by=f.type)
         columns = self._score(request, endpoints)
         totals = self._totals(columns, len(endpoints))
         return self._result(endpoints, columns, totals, self.picker.pick(endpoints, totals))
@@ -72,7 +72,7 @@ class SchedulerProfile:
                 kept = self._filter_overfilled(f, endpoints, kept)
             endpoints = kept
             if not endpoints:
-                raise Saturated(f"profile {self.name!r}: filter {f.name!r} removed every endpoint")
+                raise Saturated(f"profile {self.name!r}: filter {f.name!r} removed every endpoint", emptied_by=f.type)
         columns = self._score(request, endpoints, timers)
         totals = self._totals(columns, len(endpoints))
         start = clock()

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from llmepp.datalayer.endpoint import Endpoint
 from llmepp.errors import RequestError, ResourceExhausted
-from llmepp.framework.scheduling import ProfileHandler, ProfileResult, SchedulingResult
+from llmepp.framework.scheduling import PROFILE_ERRORS, ProfileHandler, ProfileResult, SchedulingResult
 from llmepp.observability.logging import LogLimiter
 from llmepp.observability.plugin_timing import PluginTimers
 from llmepp.request.types import InferenceRequest
@@ -69,6 +69,8 @@ class Scheduler:
             raise RequestError(message)
         if not results:  # as the reference: "failed to run any scheduler profile"
             raise ResourceExhausted(f"profile handler {self.handler.name!r} ran no scheduling profile")
+        if errors:
+            request.data[PROFILE_ERRORS] = errors
         start = time.perf_counter() if timers is not None else 0.0
         result = self.handler.process_results(request, results)
         if timers is not None:

@@ -8,10 +8,10 @@ from collections.abc import Mapping, Sequence
 import msgspec
 from prometheus_client import CollectorRegistry, Counter
 
-from llmepp.errors import REASON_NO_ENDPOINTS, ServiceUnavailable
+from llmepp.errors import REASON_NO_ENDPOINTS, Saturated, ServiceUnavailable
 from llmepp.framework.plugin import ConfigError, PluginContext, PluginParams
 from llmepp.framework.requestcontrol import PreRequest
-from llmepp.framework.scheduling import Decider, ProfileHandler, ProfileResult, SchedulingResult
+from llmepp.framework.scheduling import PROFILE_ERRORS, Decider, ProfileHandler, ProfileResult, SchedulingResult
 from llmepp.observability.metrics import MAX_MODEL_LABELS, PREFIX, BoundedLabels, per_registry
 from llmepp.request import parsers
 from llmepp.request.types import InferenceRequest, RequestKind
@@ -42,9 +42,16 @@ PREFILL_KINDS = frozenset({RequestKind.COMPLETIONS, RequestKind.CHAT_COMPLETIONS
 RENDER_SUFFIX = "/render"
 
 
+# The role filters' types (plugins/filters/roles.py): a stage they empty has no pod of its role.
+ROLE_FILTERS = frozenset({"prefill-filter", "decode-filter", "encode-filter"})
+
+
 def _remote_prefill_possible(request: InferenceRequest) -> bool:
     """The decode pod's sidecar would split this request into a remote prefill and a local decode."""
-    return request.kind in PREFILL_KINDS and not request.path.rstrip("/").endswith(RENDER_SUFFIX)
+    path = request.path
+    # The sidecar matches its paths exactly: with a trailing slash it passes the request to its vLLM as is
+    # (which redirects it to the path without one, then split).
+    return request.kind in PREFILL_KINDS and not path.endswith("/") and not path.endswith(RENDER_SUFFIX)
 
 
 DECODE_ONLY = "decode-only"
@@ -93,9 +100,10 @@ class DisaggProfileHandler(ProfileHandler, PreRequest):
     Anthropic APIs, ...) are decode-only in either order: the sidecar splits only those two.
 
     The primary profile is always `decode` (its pick becomes x-gateway-destination-endpoint). A
-    stage that was chosen but found no endpoint fails the request with 503 for prefill (silently
-    prefilling on the decode pod instead would defeat the split, as the reference argues) and is
-    dropped for encode (the decode pod can encode itself).
+    stage that was chosen but found no endpoint fails the request for prefill (silently prefilling on
+    the decode pod instead would defeat the split, as the reference argues): 503 when no candidate has
+    the prefill role, else the profile's own error (429 rejected-saturated when a load filter refused
+    every prefill pod); it is dropped for encode (the decode pod can encode itself).
 
     PreRequest stamps `x-prefiller-host-port: <ip:port>` of the prefill pick and
     `x-encoder-hosts-ports: <ip:port,...>` of the encode picks for the sidecar. A client-sent
@@ -215,6 +223,11 @@ class DisaggProfileHandler(ProfileHandler, PreRequest):
         if self.prefill in results:  # it ran, so it was required (decider or prefill-first)
             prefill = results[self.prefill]
             if prefill is None or not prefill.targets:
+                error = (request.data.get(PROFILE_ERRORS) or {}).get(self.prefill)
+                if error is not None and not (isinstance(error, Saturated) and error.emptied_by in ROLE_FILTERS):
+                    # Prefill pods are there but a load filter refused them all: the stage's own error (429
+                    # rejected-saturated), as a failed decode stage answers.
+                    raise error
                 raise ServiceUnavailable(
                     f"prefill profile {self.prefill!r} was required but found no endpoint", reason=REASON_NO_ENDPOINTS
                 )

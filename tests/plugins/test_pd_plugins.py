@@ -687,3 +687,49 @@ async def test_a_concurrency_detector_reading_the_inflight_producer_counts_remot
     prefill = await prefill_pick(b"a" * 4000)
     assert detector.saturation([prefill], 0.0) >= 1.0 and prefill.inflight.requests == 0
     assert await prefill_pick(b"b" * 4000) is not prefill
+
+
+async def test_a_saturated_prefill_pool_is_429_saturated_and_an_absent_one_503() -> None:
+    """Prefill pods are up but a load filter in the prefill profile refuses them all (each already runs a
+    remote prefill): that is saturation, 429 rejected-saturated as the decode stage answers it, not the 503
+    rejected-no-endpoints (which Envoy's retry_on 5xx retries at once) of a pool without prefill pods."""
+    cfg = EXAMPLE_B.replace(
+        "- type: max-score-picker",
+        "- type: max-score-picker\n- type: inflight-load-producer\n- type: utilization-filter\n"
+        "  parameters: {conditions: [{metric: active-requests, maxValue: 0}]}",
+    ).replace(
+        "plugins: [{pluginRef: prefill-filter}, ",
+        "plugins: [{pluginRef: prefill-filter}, {pluginRef: utilization-filter}, ",
+        1,
+    )
+    assert "{pluginRef: utilization-filter}" in cfg
+    d, _, _ = director(cfg, [("p0", "prefill"), ("d0", "decode"), ("d1", "decode")])
+    first = await d.handle_request(request(b"a" * 4000), None)
+    assert isinstance(first, RoutingDecision) and first.result is not None
+    prefill = first.result.profiles["prefill"]
+    assert prefill is not None and prefill.targets[0].name == "p0"
+    with pytest.raises(ResourceExhausted) as saturated:  # p0 still runs the first one's prefill
+        await d.handle_request(request(b"b" * 4000), None)
+    assert (saturated.value.status, saturated.value.reason) == (429, "rejected-saturated")
+    d, _, _ = director(cfg, [("d0", "decode")])
+    with pytest.raises(ServiceUnavailable) as absent:
+        await d.handle_request(request(b"a" * 4000), None)
+    assert (absent.value.status, absent.value.reason) == (503, "rejected-no-endpoints")
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions/", "/v1/completions/"])
+async def test_a_path_the_sidecar_passes_through_gets_no_prefill_pick(path: str) -> None:
+    """The parser ignores a trailing slash, the sidecar does not: it splits only its exact paths and passes
+    these to its vLLM as they are. A prefill pick for them was charged, indexed and counted for a prefill
+    that never happens (and with no prefill pod up, answered 503)."""
+    if path.endswith("chat/completions/"):
+        body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "a" * 4000}]}
+    else:
+        body = {"model": "m", "prompt": "a" * 4000}
+    pod_sets: list[list[tuple[str, str | None]]] = [[("p0", "prefill"), ("d0", "decode")], [("d0", "decode")]]
+    for pods in pod_sets:
+        d, _, _ = director(EXAMPLE_B, pods)
+        req = parse_request({":path": path, ":method": "POST"}, msgspec.json.encode(body), request_id="r")
+        decision = await d.handle_request(req, None)
+        assert isinstance(decision, RoutingDecision) and decision.targets[0].name == "d0"
+        assert "x-prefiller-host-port" not in decision.headers
