@@ -19,7 +19,10 @@ One asyncio task per pod plays vLLM's scheduler loop, on simulated time (``llmep
   the GPU's prefill throughput equally (processor sharing): two concurrent prefills each progress at half
   speed. A decode-side P/D request replaces all of this with ``kv_cache_transfer_latency +
   uncached_tokens x kv_cache_transfer_time_per_token`` (network, not shared). The prefill produces the
-  first token; its full blocks enter the prefix cache then (``BlockStored``).
+  first token. Its full prompt blocks enter the prefix cache (``BlockStored``) when it is admitted, as vLLM
+  caches a step's blocks when it schedules the step: a same-prefix request admitted meanwhile reuses them,
+  but starts its own prefill work only once they are computed (``KV_WAIT``), as vLLM runs it in a later
+  engine step than the one computing them.
 * **Decode**: all decoding requests advance in lockstep, one token per step; a step lasts
   ``inter_token_latency x f(n)`` with ``f`` rising linearly from 1 at one running request to
   ``time_factor_under_load`` at ``max_num_seqs``. Every ``block_size`` tokens a request needs one more KV
@@ -59,6 +62,7 @@ MS = 1e-3
 class Phase(enum.Enum):
     WAITING = "waiting"
     FIXED = "fixed"  # overhead / LoRA load / KV transfer: a pure delay, not shared
+    KV_WAIT = "kv_wait"  # its cache hit includes blocks another request's prefill is still computing
     PREFILL = "prefill"  # GPU prefill work, shared among concurrent prefills
     DECODE = "decode"
     FINISHED = "finished"
@@ -99,6 +103,11 @@ class SimRequest:
     # request, with finish_reason "abort".
     aborted_by_request: bool = False
     remote_block_ids: list[int] = field(default_factory=list)
+    # Prefix-cache blocks are cached when a request is scheduled, before its prefill computes them: the
+    # requests whose prefill computes blocks this one's cache hit reuses, and those reusing this one's.
+    computing: bool = False
+    kv_owners: list[SimRequest] = field(default_factory=list)
+    kv_dependents: list[SimRequest] = field(default_factory=list)
     _waiter: asyncio.Future[None] | None = None
     _done_waiter: asyncio.Future[None] | None = None
 
@@ -166,6 +175,7 @@ class Engine:
         self.waiting: deque[SimRequest] = deque()
         self.running: list[SimRequest] = []
         self._root_hash = blockhash.root_hash(config.hash_seed)
+        self._computing: dict[int, SimRequest] = {}  # block id -> the request whose prefill computes it
         self._next_decode_at: float | None = None
         self._last_decode_at: float | None = None  # when the last lockstep decode step ran
         self._last_advance = clock.now()
@@ -223,6 +233,7 @@ class Engine:
         if request.phase is Phase.WAITING:
             self.waiting.remove(request)
         else:
+            self._kv_computed(request)
             self.running.remove(request)
             self.pool.free(request.block_ids)
             request.block_ids = []
@@ -311,7 +322,9 @@ class Engine:
             if request.phase is not Phase.FIXED:
                 continue
             request.fixed_left -= elapsed
-            if request.fixed_left <= EPS:
+            if request.fixed_left <= EPS and request.kv_owners and self._kv_pending(request):
+                request.phase = Phase.KV_WAIT
+            elif request.fixed_left <= EPS:
                 # The loop woke late: credit the overshoot to the prefill work (at the share it would have
                 # had), so timer lateness at the phase change does not add to the TTFT.
                 overshoot = -min(0.0, request.fixed_left)
@@ -389,6 +402,7 @@ class Engine:
         if not self.pool.can_allocate(num_new, hits):
             return False
         self.pool.touch(hits)
+        request.kv_owners = self._owners_of(hits, request) if self._computing else []
         request.block_ids = hits + self.pool.allocate(num_new)
         request.stored_blocks = len(hits)
         cached_tokens = len(hits) * bs
@@ -431,16 +445,55 @@ class Engine:
             # (allocate_slots -> cache_blocks), not when the forward pass ends: a request with the same prefix
             # admitted while this one is still prefilling reuses them. Remote KV is cached once it has arrived
             # (vLLM's delay_cache_blocks), in _prefill_done.
+            stored = request.stored_blocks
             self._store_full_blocks(request)
+            if request.stored_blocks > stored and request.work_left > EPS:
+                request.computing = True
+                for block in request.block_ids[stored : request.stored_blocks]:
+                    self._computing[block] = request
         if request.fixed_left > EPS:
             request.phase = Phase.FIXED
+        elif request.kv_owners and self._kv_pending(request):
+            request.phase = Phase.KV_WAIT
         elif request.work_left > EPS:
             request.phase = Phase.PREFILL
         else:
             request.phase = Phase.FIXED
             request.fixed_left = 0.0  # completes on the next pass, after admission settles
 
+    def _owners_of(self, hits: list[int], request: SimRequest) -> list[SimRequest]:
+        owners: list[SimRequest] = []
+        for block in hits:
+            owner = self._computing.get(block)
+            if owner is not None and owner is not request and all(o is not owner for o in owners):
+                owners.append(owner)
+                owner.kv_dependents.append(request)
+        return owners
+
+    @staticmethod
+    def _kv_pending(request: SimRequest) -> bool:
+        return any(owner.computing for owner in request.kv_owners)
+
+    def _kv_computed(self, request: SimRequest) -> None:
+        """``request`` no longer computes the blocks it stored at admission (its prefill ended, or it was
+        preempted or aborted): requests waiting for them start their own prefill work, as vLLM runs them in
+        the engine step after the one that computed those blocks.
+
+        A request preempted or aborted mid-prefill counts as having computed them: vLLM finishes a step it
+        scheduled, and the simulator does not split a prefill into steps."""
+        if request.computing:
+            request.computing = False
+            for block in request.block_ids[: request.stored_blocks]:
+                if self._computing.get(block) is request:
+                    del self._computing[block]
+        dependents, request.kv_dependents = request.kv_dependents, []
+        for dependent in dependents:
+            if dependent.phase is Phase.KV_WAIT and not self._kv_pending(dependent):
+                # Its prefill work starts now; with none left, the loop's next pass (at once) completes it.
+                dependent.phase = Phase.PREFILL
+
     def _prefill_done(self, request: SimRequest, now: float) -> None:
+        self._kv_computed(request)
         stats = self.stats
         if request.first_token_time is None:
             stats.prompt_tokens += len(request.prompt_ids)
@@ -521,6 +574,7 @@ class Engine:
 
     def _preempt(self, request: SimRequest) -> None:
         self._admission_floor = max(self._admission_floor, self._last_advance)  # blocks freed (in a pass)
+        self._kv_computed(request)
         self.running.remove(request)
         self.pool.free(request.block_ids)
         request.block_ids = []

@@ -15,7 +15,7 @@ from llmepp_sim.engine import Engine, Phase
 from llmepp_sim.kvwire import BlockStored, KVEvent
 from llmepp_sim.lora import LoraManager
 
-from .handclock import HandClock, sim_request, step
+from .handclock import HandClock, run_until_idle, sim_request, step
 
 
 def _engine(events: list[KVEvent] | None = None) -> tuple[Engine, HandClock]:
@@ -73,3 +73,62 @@ def test_block_stored_is_published_when_the_request_is_scheduled() -> None:
     # vLLM publishes BlockStored for the scheduled prompt blocks at the end of that step (before the forward
     # pass that computes them completes); the simulator waits for the end of the whole prefill.
     assert len(stored) == 64, f"{len(stored)} blocks published at scheduling time"
+
+
+def test_a_request_reusing_blocks_still_being_prefilled_waits_for_them() -> None:
+    """vLLM runs the engine steps one after another: B, scheduled after the step that computes A's prompt, gets
+    its first token only after that step, even though its cache hit counts A's blocks from the start. The
+    simulator's prefill is one processor-shared span, so B waits (KV_WAIT) until A's prefill has ended and
+    only then does its own 10 uncached tokens; A's prefill is not slowed by B's work meanwhile."""
+    engine, clock = _engine()
+    a = sim_request("a", PROMPT, 4)
+    engine.submit(a)
+    step(engine, clock)
+    clock.t += 0.050
+    b = sim_request("b", PROMPT + list(range(5000, 5010)), 4)
+    engine.submit(b)
+    run_until_idle(engine, clock)
+    assert a.first_token_time is not None and b.first_token_time is not None
+    assert b.num_cached_tokens == 1024
+    # A alone: 30 ms + 1024 x 0.2 ms after its arrival at 1000.0.
+    assert abs(a.first_token_time - (1000.0 + 0.030 + 0.2048)) < 1e-6, a.first_token_time - 1000.0
+    assert b.first_token_time >= a.first_token_time + 10 * 0.0002 - 1e-9, (
+        f"B's first token {1000 * (b.first_token_time - a.first_token_time):+.1f} ms after A's"
+    )
+
+
+def test_a_waiting_reuser_starts_when_the_prefill_it_waits_for_is_aborted() -> None:
+    engine, clock = _engine()
+    a = sim_request("a", PROMPT, 4)
+    engine.submit(a)
+    step(engine, clock)
+    clock.t += 0.050
+    b = sim_request("b", PROMPT + list(range(5000, 5010)), 4)
+    engine.submit(b)
+    step(engine, clock)
+    clock.t += 0.040  # B's 30 ms of fixed delay is over: it waits for A's blocks
+    step(engine, clock)
+    assert b.phase is Phase.KV_WAIT
+    engine.abort(a)
+    run_until_idle(engine, clock)
+    assert b.finished and b.finish_reason == "length" and len(b.output_ids) == 4
+    assert not engine._computing
+
+
+def test_a_waiting_reuser_starts_when_the_prefill_it_waits_for_is_preempted() -> None:
+    engine, clock = _engine()
+    a = sim_request("a", PROMPT, 4)
+    engine.submit(a)
+    step(engine, clock)
+    clock.t += 0.050
+    b = sim_request("b", PROMPT + list(range(5000, 5010)), 4)
+    engine.submit(b)
+    step(engine, clock)
+    clock.t += 0.040
+    step(engine, clock)
+    assert b.phase is Phase.KV_WAIT
+    engine._preempt(a)
+    run_until_idle(engine, clock)
+    assert a.finished and b.finished
+    assert b.first_token_time is not None and a.first_token_time is not None
+    assert not engine._computing
