@@ -56,10 +56,15 @@ class Status(_Model, frozen=True):
     message: str = ""
 
 
-class Metadata(_Model, frozen=True):
-    """Just the metadata of any object (bookmarks carry nothing else)."""
+class _Version(_Model, frozen=True):
+    resource_version: str = ""
 
-    metadata: ObjectMeta = ObjectMeta()
+
+class Metadata(_Model, frozen=True):
+    """Just the resourceVersion of any object: what a bookmark is for. Not ObjectMeta: a built-in kind's bookmark
+    is an empty typed object, whose zero metav1.Time is sent as `"creationTimestamp": null`."""
+
+    metadata: _Version = _Version()
 
 
 # -- Pod -----------------------------------------------------------------------------------
