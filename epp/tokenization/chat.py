@@ -67,7 +67,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 from jinja2.utils import Namespace
 
 from llmepp.decoding import DECODE_ERRORS
-from llmepp.request.parsers import TEXT_PARTS
+from llmepp.request.parsers import BILLING_HEADER, TEXT_PARTS
 from llmepp.request.types import InferenceRequest, RequestKind
 
 log = logging.getLogger(__name__)
@@ -316,7 +316,8 @@ class _ChatInputs(msgspec.Struct):
     reasoning_effort: Any = None
 
 
-_INPUTS = msgspec.json.Decoder(_ChatInputs)
+# strict=False: "false" / 0 read as booleans, as vLLM's (lax) pydantic request model reads them.
+_INPUTS = msgspec.json.Decoder(_ChatInputs, strict=False)
 # What vLLM's /tokenize (TokenizeChatRequest) takes: no reasoning_effort.
 _TEMPLATE_FIELDS = tuple(f for f in _ChatInputs.__struct_fields__ if f != "reasoning_effort")
 
@@ -649,8 +650,215 @@ def _inputs(request: InferenceRequest) -> _ChatInputs:
             return msgspec.convert(embedding_chat_fields(request.body), _ChatInputs)
     except DECODE_ERRORS as e:
         raise ValueError(f"chat request cannot be rendered: {e}") from None
-    # Responses, Conversations, Anthropic Messages: their messages, and the tools vLLM renders with them.
-    return _ChatInputs(messages=chat_messages(request.messages or ()), tools=api_tools(request))
+    # Responses, Conversations, Anthropic Messages: the chat vLLM builds from them, and its tools.
+    return _ChatInputs(messages=api_chat_messages(request), tools=api_tools(request))
+
+
+class _AnthropicBlock(msgspec.Struct):
+    type: str = ""
+    text: Any = None
+    thinking: Any = None
+    id: Any = None  # tool_use
+    name: Any = None
+    input: Any = None
+    tool_use_id: Any = None  # tool_result
+    content: Any = None
+    source: Any = None  # image
+
+
+class _AnthropicMessage(msgspec.Struct):
+    role: str = ""
+    content: str | list[_AnthropicBlock] | None = None
+
+
+class _AnthropicBody(msgspec.Struct):
+    messages: list[_AnthropicMessage] = []
+
+
+class _ResponsesBody(msgspec.Struct):
+    input: Any = None
+    items: Any = None  # Conversations
+
+
+def api_chat_messages(request: InferenceRequest) -> list[dict[str, Any]]:
+    """The chat messages vLLM renders for a Responses, Conversations or Anthropic Messages request: tool calls
+    as the assistant's `tool_calls`, tool results as `tool` messages, thinking / reasoning items as the
+    assistant's `reasoning`. Other kinds: the parsed (role, text) messages."""
+    try:
+        if request.kind is RequestKind.MESSAGES:
+            return _anthropic_chat(request)
+        if request.kind is RequestKind.RESPONSES or request.kind is RequestKind.CONVERSATIONS:
+            return _responses_chat(request)
+    except DECODE_ERRORS as e:
+        raise ValueError(f"request cannot be rendered: {e}") from None
+    return chat_messages(request.messages or ())
+
+
+_ANTHROPIC_ROLES = {"ctx": "user", "msg": "user"}
+
+
+def _anthropic_chat(request: InferenceRequest) -> list[dict[str, Any]]:
+    """As vLLM's AnthropicServingMessages converts messages (_convert_messages, _convert_block), with system
+    messages placed as the parser places them (the "preserve" placement of vLLM's inline_system.py): the
+    system prompt the parser built first, a later system message in place, held past an assistant's
+    tool_use until its results. Not converted: `tool_reference` items inside a tool result."""
+    msgs = msgspec.json.decode(request.body, type=_AnthropicBody).messages
+    parsed = request.messages or ()
+    out: list[dict[str, Any]] = (
+        [{"role": "system", "content": parsed[0][1]}] if parsed and parsed[0][0] == "system" else []
+    )
+    lead = 0
+    while lead < len(msgs) and msgs[lead].role == "system":
+        lead += 1
+    held: list[dict[str, Any]] = []
+    awaiting_results = False
+    for msg in msgs[lead:]:
+        role = _ANTHROPIC_ROLES.get(msg.role, msg.role)
+        content = msg.content
+        if role == "system":
+            text = _anthropic_system_text(content)
+            if text:
+                (held if awaiting_results else out).append({"role": "system", "content": text})
+            continue
+        if held and role == "assistant":
+            out += held
+            held.clear()
+        _anthropic_message(role, content, out)
+        if held and role == "user":
+            out += held
+            held.clear()
+        awaiting_results = (
+            role == "assistant" and isinstance(content, list) and any(b.type == "tool_use" for b in content)
+        )
+    return out + held
+
+
+def _anthropic_system_text(content: str | list[_AnthropicBlock] | None) -> str:
+    if isinstance(content, str):
+        return "" if content.startswith(BILLING_HEADER) else content
+    return "".join(
+        b.text
+        for b in content or ()
+        if b.type == "text" and isinstance(b.text, str) and b.text and not b.text.startswith(BILLING_HEADER)
+    )
+
+
+def _anthropic_message(role: str, content: str | list[_AnthropicBlock] | None, out: list[dict[str, Any]]) -> None:
+    message: dict[str, Any] = {"role": role}
+    if isinstance(content, str):
+        message["content"] = content
+    else:
+        parts: list[dict[str, Any]] = []
+        calls: list[dict[str, Any]] = []
+        reasoning: list[str] = []
+        for block in content or ():
+            kind = block.type
+            if kind == "text" and block.text:
+                parts.append({"type": "text", "text": block.text})
+            elif kind == "image" and block.source:
+                parts.append({"type": "image_url", "image_url": {"url": _anthropic_image_url(block.source)}})
+            elif kind == "thinking" and block.thinking is not None:
+                reasoning.append(str(block.thinking))
+            elif kind == "tool_use":
+                arguments = json.dumps(block.input or {})
+                calls.append({"id": block.id or "call", "type": "function",
+                              "function": {"name": block.name or "", "arguments": arguments}})  # fmt: skip
+            elif kind == "tool_result" and role == "user":
+                out += _anthropic_tool_result(block)  # before the user's own message, as vLLM
+            elif kind == "tool_result":
+                parts.append({"type": "text", "text": f"Tool result: {block.content if block.content else ''}"})
+        if reasoning:
+            message["reasoning"] = "".join(reasoning)
+        if calls:
+            message["tool_calls"] = calls
+        if len(parts) == 1 and parts[0]["type"] == "text":
+            message["content"] = parts[0]["text"]
+        elif parts:
+            message["content"] = parts
+    if not (role == "user" and "content" not in message):
+        out.append(message)
+
+
+def _anthropic_image_url(source: Any) -> str:
+    if not isinstance(source, dict):
+        return ""
+    if source.get("type") == "url":
+        return str(source.get("url", ""))
+    return f"data:{source.get('media_type', 'image/jpeg')};base64,{source.get('data', '')}"
+
+
+def _anthropic_tool_result(block: _AnthropicBlock) -> list[dict[str, Any]]:
+    """A user's tool_result as vLLM's _convert_user_tool_result makes it: a `tool` message with its text, then
+    a user message with its images, if any."""
+    inner = block.content
+    texts: list[str] = []
+    images: list[dict[str, Any]] = []
+    if isinstance(inner, list):
+        for item in inner:
+            if not isinstance(item, dict):
+                continue
+            if item.get("type") == "text":
+                texts.append(str(item.get("text", "")))
+            elif item.get("type") == "image" and (url := _anthropic_image_url(item.get("source", {}))):
+                images.append({"type": "image_url", "image_url": {"url": url}})
+    text = inner if isinstance(inner, str) else "\n".join(texts)
+    out: list[dict[str, Any]] = [{"role": "tool", "tool_call_id": block.tool_use_id or "", "content": text}]
+    if images:
+        out.append({"role": "user", "content": images})
+    return out
+
+
+def _responses_chat(request: InferenceRequest) -> list[dict[str, Any]]:
+    """As vLLM's construct_chat_messages_with_tool_call (responses/utils.py): a function_call joins the
+    preceding assistant message's `tool_calls` (or starts one), a reasoning item its `reasoning`, an assistant
+    message's text (its first part) its `content`; a function_call_output is a `tool` message. Messages of
+    other roles: the parser's (role, text), one per item after the instructions."""
+    body = msgspec.json.decode(request.body, type=_ResponsesBody)
+    items = body.items if request.kind is RequestKind.CONVERSATIONS else body.input
+    parsed = list(request.messages or ())
+    skip = len(parsed) - (len(items) if isinstance(items, list) else 1)  # the instructions' system message
+    out: list[dict[str, Any]] = [{"role": role, "content": text} for role, text in parsed[:skip]]
+    if not isinstance(items, list):
+        return out + [{"role": role, "content": text} for role, text in parsed[skip:]]
+    first = len(out)
+    for item, (role, text) in zip(items, parsed[skip:]):
+        prev = out[-1] if len(out) > first and out[-1].get("role") == "assistant" else None
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "function_call":
+            call = {"id": item.get("call_id"), "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments")}}  # fmt: skip
+            if prev is not None and isinstance(prev.get("tool_calls", []), list):
+                prev.setdefault("tool_calls", []).append(call)
+            else:
+                out.append({"role": "assistant", "tool_calls": [call]})
+        elif kind == "reasoning":
+            if prev is not None and prev.get("reasoning") is None:
+                prev["reasoning"] = _reasoning_text(item)
+            else:
+                out.append({"role": "assistant", "reasoning": _reasoning_text(item)})
+        elif kind == "function_call_output":
+            out.append({"role": "tool", "content": text, "tool_call_id": item.get("call_id")})
+        elif role == "assistant":
+            content = item.get("content") if isinstance(item, dict) else None
+            if isinstance(content, list) and content and isinstance(content[0], dict):
+                content = content[0].get("text")
+            first_text = content if isinstance(content, str) else text
+            if prev is not None and prev.get("content") is None:
+                prev["content"] = first_text
+            else:
+                out.append({"role": "assistant", "content": first_text})
+        else:
+            out.append({"role": role, "content": text})
+    return out
+
+
+def _reasoning_text(item: dict[str, Any]) -> str:
+    """A reasoning item's first content text, else its first summary text (vLLM's order)."""
+    for key in ("content", "summary"):
+        parts = item.get(key)
+        if isinstance(parts, list) and parts and isinstance(parts[0], dict):
+            return str(parts[0].get("text", ""))
+    return ""
 
 
 def _continue_final(text: str, final: dict[str, Any]) -> str:

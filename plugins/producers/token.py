@@ -29,8 +29,8 @@ from llmepp.request.types import InferenceRequest, RequestKind
 from llmepp.tokenization.chat import (
     AUTO,
     JinjaTemplate,
+    api_chat_messages,
     api_tools,
-    chat_messages,
     embedding_chat_fields,
     load_chat_template,
     loop_handoff,
@@ -221,7 +221,7 @@ class TokenProducer(DataProducer):
 
     Parameters: `modelName` (selects the vllm backend and is sent to it; informational with
     `tokenizer`), `tokenizer` {`backend` estimate|hf, `path`, `chatTemplate` auto, `addSpecialTokens`
-    false, `threadThresholdChars` 4096}, `vllm` {`url` http://localhost:8000, `timeout` 5s, `mmTimeout`
+    true, `threadThresholdChars` 4096}, `vllm` {`url` http://localhost:8000, `timeout` 5s, `mmTimeout`
     30s, `path` (unset: the render API)}, `estimate` (the reference's multimodal placeholder tuning
     {`image`, `video`}: selects the estimate backend; validated, no effect on text-only estimation),
     `udsTokenizerConfig` (the reference's deprecated UDS sidecar backend: not supported, an error when
@@ -359,14 +359,16 @@ class HFTokenProducer(TokenProducer):
                 # worker when they add up to a long prompt (not prompt by prompt on the event loop).
                 texts = [prompt.decode("utf-8", "replace") for prompt in request.prompts()]
                 parts = await self.tokenizer.encode_many_async(texts, request.add_special_tokens, truncate)
-            elif len(request.body) >= self.tokenizer.thread_threshold:
+            elif len(request.prompt) >= self.tokenizer.thread_threshold:
                 # A long conversation: rendered in the worker that encodes it (one hop). Inline, a Jinja
                 # render stalls the loop for all of it: ~3 µs per message with a ChatML template, ~9 µs
-                # with a Qwen3-style one (6 / 18 ms for 2,000 messages; llmepp.tokenization.chat). A body of
-                # threadThresholdChars (4096) bytes is ~40 short messages, ~0.1-0.4 ms to render, and
+                # with a Qwen3-style one (6 / 18 ms for 2,000 messages; llmepp.tokenization.chat). A conversation of
+                # threadThresholdChars (4096) characters is ~40 short messages, ~0.1-0.4 ms to render, and
                 # renders to a prompt about that long, whose encode went to a worker anyway: no extra hop.
                 pause = loop_handoff(asyncio.get_running_loop())
-                parts = [await in_worker(self._render_and_encode, request, pause, chars=len(request.body))]
+                # Sized by the conversation's text (tools JSON, role + text per message), not by its body: an
+                # inline base64 image makes a body long, not the prompt (and must not take the long lane).
+                parts = [await in_worker(self._render_and_encode, request, pause, chars=len(request.prompt))]
             else:
                 # Short (< ~0.4 ms): a worker would hold the GIL as long (less than a RENDER_SLICE, so
                 # unpaced), plus a thread hop (~50 µs, more than a one-message render's ~10 µs).
@@ -518,8 +520,8 @@ class VllmTokenProducer(TokenProducer):
         if request.kind is RequestKind.EMBEDDINGS and request.messages is not None:
             return CHAT_RENDER, {"model": model, **embedding_chat_fields(request.body)}
         if request.messages is not None:
-            # Responses, Conversations, Anthropic Messages: no chat body to forward; their messages and tools.
-            body = {"model": model, "messages": chat_messages(request.messages)}
+            # Responses, Conversations, Anthropic Messages: no chat body to forward; the chat vLLM builds.
+            body = {"model": model, "messages": api_chat_messages(request)}
             tools = api_tools(request)
             if tools is not None:
                 body["tools"] = tools
@@ -534,8 +536,8 @@ class VllmTokenProducer(TokenProducer):
         if request.kind is RequestKind.EMBEDDINGS and request.messages is not None:
             body.update(embedding_chat_fields(request.body))
         elif request.kind is not RequestKind.CHAT_COMPLETIONS and request.messages is not None:
-            # Responses, Conversations, Anthropic Messages: no chat body to forward; their messages and tools.
-            body["messages"] = chat_messages(request.messages)
+            # Responses, Conversations, Anthropic Messages: no chat body to forward; the chat vLLM builds.
+            body["messages"] = api_chat_messages(request)
             tools = api_tools(request)
             if tools is not None:
                 body["tools"] = tools
@@ -543,7 +545,12 @@ class VllmTokenProducer(TokenProducer):
             # The server renders its own chat template: send what decides the rendering, verbatim.
             body.update(template_fields(request.body))
         else:
+            # TokenizeCompletionRequest.add_special_tokens (default true): the request's own, when it sets one.
+            if request.add_special_tokens is not None:
+                body["add_special_tokens"] = request.add_special_tokens
             return [{**body, "prompt": prompt.decode("utf-8", "replace")} for prompt in request.prompts()]
+        if request.add_special_tokens is not None:  # TokenizeChatRequest's (default false)
+            body["add_special_tokens"] = request.add_special_tokens
         return [body]
 
     async def aclose(self) -> None:
