@@ -277,16 +277,15 @@ def resolve_flow_control(spec: FlowControlSpec, detector: SaturationDetector, re
     default_band = _band(spec.default_priority_band or BandTemplateSpec(), "flowControl.defaultPriorityBand", resolver)
     negative = None
     if spec.default_negative_priority_band is not None:
-        negative = _band(
-            spec.default_negative_priority_band, "flowControl.defaultNegativePriorityBand", resolver, default_band
-        )
+        # As the reference (loader/flowcontrol.go::buildPriorityBand): unset fields take the system defaults,
+        # not defaultPriorityBand's (that is only the template for dynamically provisioned priorities).
+        negative = _band(spec.default_negative_priority_band, "flowControl.defaultNegativePriorityBand", resolver)
     bands: dict[int, BandConfig] = {}
     for i, band in enumerate(spec.priority_bands):
         field = f"flowControl.priorityBands[{i}]"
         if band.priority in bands:
             raise ConfigError(f"{field}.priority: duplicate priority {band.priority}")
-        template = negative if band.priority < 0 and negative is not None else default_band
-        bands[band.priority] = _band(band, field, resolver, template)
+        bands[band.priority] = _band(band, field, resolver)
     usage: UsageLimitPolicy = resolver.ref(
         spec.usage_limit_policy_plugin_ref, DEFAULT_USAGE_LIMIT, UsageLimitPolicy,
         "flowControl.usageLimitPolicyPluginRef", "a usage-limit policy",

@@ -213,6 +213,10 @@ class FlowController(AdmissionController):
         now = clock()
         for priority, band in config.bands.items():
             self._add_band(priority, band, dynamic=False, now=now)
+        if 0 not in self.bands:
+            # As the reference (registry/config.go::NewConfig): priority 0 is always provisioned, from the default
+            # template, and never garbage-collected; usage-limit policies see it among the priorities.
+            self._add_band(0, config.default_band, dynamic=False, now=now)
 
         self.queued = 0
         self.queued_bytes = 0

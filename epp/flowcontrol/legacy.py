@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from llmepp.datalayer.endpoint import Endpoint
-from llmepp.errors import REASON_SATURATED, ResourceExhausted
+from llmepp.errors import ResourceExhausted
 from llmepp.flowcontrol.interfaces import AdmissionController, SaturationDetector
 from llmepp.flowcontrol.objectives import ObjectivesFileWatcher, ObjectiveStore
 from llmepp.request.types import InferenceRequest
@@ -48,9 +48,8 @@ class LegacyAdmission(AdmissionController):
         # Only sheddable requests pay for the saturation computation.
         # `not <` rather than `>=`: a NaN reading counts as saturated, as in the flow controller.
         if request.priority < 0 and not self.detector.saturation(candidates, self._clock()) < 1.0:
-            raise ResourceExhausted(
-                "pool is saturated: sheddable request (priority < 0) dropped", reason=REASON_SATURATED
-            )
+            # No x-llm-d-request-dropped-reason: the reference's rejectIfSheddableAndSaturated sets no header.
+            raise ResourceExhausted("pool is saturated: sheddable request (priority < 0) dropped")
 
     async def aclose(self) -> None:
         if self._watcher is not None:

@@ -155,9 +155,9 @@ flowControl:
     assert (fc.config.default_ttl, fc.config.no_endpoint_ttl) == (30.0, 90.0)
     assert (fc.config.default_band.max_requests, fc.config.default_band.max_bytes) == (100, 500_000_000)
     hi, neg = fc.config.bands[10], fc.config.bands[-1]
-    assert isinstance(hi.ordering, EdfOrderingPolicy) and isinstance(hi.fairness, RoundRobinFairnessPolicy)
-    assert (hi.max_requests, hi.max_bytes) == (50, 500_000_000)  # unset fields follow the default band
-    assert (neg.max_requests, neg.max_bytes) == (10, 1_048_576)  # negative bands follow the negative template
+    assert isinstance(hi.ordering, EdfOrderingPolicy) and isinstance(hi.fairness, GlobalStrictFairnessPolicy)
+    assert (hi.max_requests, hi.max_bytes) == (50, 1_000_000_000)  # unset fields: the reference defaults
+    assert (neg.max_requests, neg.max_bytes) == (5000, 1_048_576)  # not a template's
     assert fc.config.default_negative_band is not None and fc.config.default_negative_band.max_requests == 10
     assert fc.config.usage_limit.threshold == 0.9  # type: ignore[attr-defined]
 
