@@ -170,8 +170,9 @@ def epp_config(s: Setup, policy: str) -> str:
     if policy == "priority":
         bands = (
             "  priorityBands:\n"
-            f"  - {{priority: {HIGH_PRIORITY}, maxRequests: {s.band_max_requests}}}\n"
-            f"  - {{priority: {LOW_PRIORITY}, maxRequests: {s.band_max_requests}}}\n"
+            # An explicit band does not take defaultPriorityBand's fields (as the reference): name the policy.
+            f"  - {{priority: {HIGH_PRIORITY}, maxRequests: {s.band_max_requests}, fairnessPolicyRef: {fairness}}}\n"
+            f"  - {{priority: {LOW_PRIORITY}, maxRequests: {s.band_max_requests}, fairnessPolicyRef: {fairness}}}\n"
         )
     # concurrency-detector twice over: the dispatch gate (flowControl.saturationDetector) and the filter that
     # sends a dispatched request to a pod with a free slot; active-request-scorer spreads quiet-time load.
