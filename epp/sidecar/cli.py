@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="skip certificate checks: every stage, or named ones (repeatable)")  # fmt: skip
     ref.add_argument("--prefiller-tls-insecure-skip-verify", **go_bool, help="as --tls-insecure-skip-verify prefiller")
     ref.add_argument("--decoder-tls-insecure-skip-verify", **go_bool, help="as --tls-insecure-skip-verify decoder")
-    ref.add_argument("--secure-proxy", "--secure-serving", dest="secure_proxy", **go_bool,
+    # Default None: the reference's default is true (TLS), so "not given" differs from an explicit =false.
+    ref.add_argument("--secure-proxy", "--secure-serving", dest="secure_proxy", **{**go_bool, "default": None},
                      help="TLS on the sidecar's own port: not served here (=false is accepted)")  # fmt: skip
     ref.add_argument("--cert-path", default="", help="with --secure-proxy, which is not served here")
     ref.add_argument("--inference-pool", default="", help="accepted: SSRF protection reads --allowed-prefill-networks")
@@ -179,6 +180,9 @@ def _unsupported(a: argparse.Namespace) -> list[str]:
         problems.append("--metrics-port: this sidecar serves no metrics")
     if a.secure_proxy:
         problems.append("--secure-proxy: this sidecar serves plain HTTP (TLS ends at the gateway or a mesh)")
+    elif a.cert_path and a.secure_proxy is None:
+        problems.append("--cert-path: the reference serves TLS with it (its --secure-proxy defaults to true); "
+                        "this sidecar serves plain HTTP: pass --secure-proxy=false")  # fmt: skip
     if a.zap_log_level is not None and _zap_level(a.zap_log_level) is None:
         problems.append(f"--zap-log-level {a.zap_log_level}: debug, info, warn, error or a number")
     return problems

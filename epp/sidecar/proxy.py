@@ -55,6 +55,7 @@ import asyncio
 import ipaddress
 import logging
 import re
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -79,6 +80,10 @@ ENCODER_HEADER = "x-encoder-hosts-ports"
 # The data-parallel rank (ip:port) the EPP picked (reference pkg/common/routing: DataParallelEndpointHeader).
 DATA_PARALLEL_HEADER = "x-data-parallel-host-port"
 FAILED_STAGE_HEADER = "x-pd-failed-stage"
+# vLLM names a request by X-Request-Id. Before vLLM PR #29665 (remote_request_id in kv_transfer_params) the
+# NixlConnector pairs the decode's "blocks read" notification with the prefill by that id, so both requests
+# must carry the same one (reference connector_nixlv2.go adds one uuid to both).
+REQUEST_ID_HEADER = "X-Request-Id"
 PD_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 TRANSIENT_STATUSES = frozenset({502, 503, 504})
 # RFC 7230 hop-by-hop headers plus those aiohttp recomputes (length, host); the P/D control
@@ -499,6 +504,8 @@ class Sidecar:
             raise ProxyError(400, "request body must be a JSON object")
         headers = forward_headers(request.headers.items())
         headers["Content-Type"] = _JSON
+        if not headers.get(REQUEST_ID_HEADER, "").strip():  # the client's (Envoy's) id otherwise, as vLLM reads it
+            headers[REQUEST_ID_HEADER] = str(uuid.uuid4())
         chat = request.path == "/v1/chat/completions"
         pbody = msgspec.json.encode(prefill_request(payload, chat))
         url = f"{self.options.prefill_scheme}://{target}{request.path_qs}"
