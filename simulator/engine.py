@@ -436,6 +436,10 @@ class Engine:
             request.work_left = uncached * cfg.prefill_time_per_token * MS
         if first_admission:
             request.admitted_time = now - credit
+            if pulls_remote_kv:
+                # vLLM: num_cached_tokens = local hits + the KV the connector loads (the whole prompt but its
+                # last token, which the decode side computes): what usage.cached_tokens reports.
+                request.num_cached_tokens = max(request.num_cached_tokens or 0, len(request.prompt_ids) - 1)
         if request.lora:
             request.fixed_left += self.lora.acquire(
                 request.lora.name, running_loras, cfg.max_loras, now, cfg.lora_load_latency * MS

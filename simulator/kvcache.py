@@ -7,7 +7,12 @@ Mirrors vLLM v1's ``BlockPool`` semantics:
   be reused by a later request with the same prefix until the allocator evicts it.
 * The free queue is LRU: allocation takes the least recently freed block first. Requests free their blocks
   tail-first, so a sequence's last blocks are evicted before its first ones (prefixes survive longest).
+  A freed block that holds no hash (a partial tail, a block never filled) goes to the *front* of the queue
+  and is reused before any cached block is evicted (vLLM ``BlockPool.free_blocks``, since PR #42656).
 * Only full blocks are hashed/cached; each stored run emits ``BlockStored``, each eviction ``BlockRemoved``.
+  As vLLM, the pool does not de-duplicate: a block recomputed under a hash that is already cached is cached
+  (and published) too, a hit takes the oldest copy, and the hash stays cached until its last copy is evicted
+  (each evicted copy publishes ``BlockRemoved``).
 * ``usage`` counts in-use blocks only (cached-but-free blocks are free), exactly like
   ``vllm:kv_cache_usage_perc``.
 """
@@ -30,7 +35,8 @@ class BlockPool:
         self._sink = sink
         self._ref = [0] * num_blocks
         self._hash: list[int | None] = [None] * num_blocks
-        self._by_hash: dict[int, int] = {}
+        # hash -> its cached copies, oldest first (vLLM's BlockHashToBlockMap; a hit takes the first)
+        self._by_hash: dict[int, dict[int, None]] = {}
         # Insertion order = eviction order (oldest first); holds exactly the blocks with ref 0.
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
 
@@ -53,10 +59,10 @@ class BlockPool:
         """Block ids of the longest run of resident blocks from the start of ``hashes``."""
         blocks = []
         for h in hashes:
-            block = self._by_hash.get(h)
-            if block is None:
+            copies = self._by_hash.get(h)
+            if not copies:
                 break
-            blocks.append(block)
+            blocks.append(next(iter(copies)))
         return blocks
 
     def can_allocate(self, num_new: int, hit_blocks: Sequence[int]) -> bool:
@@ -78,12 +84,8 @@ class BlockPool:
         evicted: list[int] = []
         for _ in range(count):
             b, _ = self._free.popitem(last=False)
-            h = self._hash[b]
-            if h is not None:
-                self._hash[b] = None
-                if self._by_hash.get(h) == b:
-                    del self._by_hash[h]
-                    evicted.append(h)
+            if (h := self._uncache(b)) is not None:
+                evicted.append(h)
             self._ref[b] = 1
             blocks.append(b)
         if evicted:
@@ -91,11 +93,17 @@ class BlockPool:
         return blocks
 
     def free(self, blocks: Sequence[int]) -> None:
-        """Release one reference to each block; release tail-first so prefixes are evicted last."""
+        """Release one reference to each block; release tail-first so prefixes are evicted last. Blocks without
+        a hash go to the front of the free queue (reused first), cached ones to the back (vLLM free_blocks)."""
+        fresh: list[int] = []
         for b in reversed(blocks):
             self._ref[b] -= 1
             if self._ref[b] == 0:
                 self._free[b] = None
+                if self._hash[b] is None:
+                    fresh.append(b)
+        for b in reversed(fresh):  # vLLM prepend_n: the first of them ends up at the head
+            self._free.move_to_end(b, last=False)
 
     def store(
         self,
@@ -108,9 +116,9 @@ class BlockPool:
     ) -> None:
         """Register freshly computed full blocks in the prefix cache and publish them.
 
-        ``token_ids`` are the tokens of exactly these blocks. A hash that is already cached (another
-        request computed the same prefix concurrently) keeps its first block, as in vLLM, and is left out
-        of the event; each contiguous run of new blocks becomes one ``BlockStored``.
+        ``token_ids`` are the tokens of exactly these blocks. As vLLM (cache_full_blocks), a hash that is
+        already cached under another block is cached again under this one and published: the blocks form
+        one ``BlockStored``.
         """
         bs = self.block_size
         events: list[KVEvent] = []
@@ -132,12 +140,12 @@ class BlockPool:
             )
 
         for i, (b, h) in enumerate(zip(blocks, hashes)):
-            if h in self._by_hash:
+            if self._hash[b] == h:  # already this hash's block (a prefix hit): not new
                 close_run(i)
                 run_start = None
                 continue
             self._hash[b] = h
-            self._by_hash[h] = b
+            self._by_hash.setdefault(h, {})[b] = None
             if run_start is None:
                 run_start = i
         close_run(len(blocks))
@@ -163,15 +171,25 @@ class BlockPool:
         chosen = rng.sample(cached, min(count, len(cached))) if rng is not None else cached[: max(0, count)]
         evicted: list[int] = []
         for b in chosen:
-            h = self._hash[b]
-            self._hash[b] = None
-            if h is not None and self._by_hash.get(h) == b:
-                del self._by_hash[h]
+            if (h := self._uncache(b)) is not None:
                 evicted.append(h)
             self._free.move_to_end(b, last=False)
         if evicted:
             self._emit([BlockRemoved(evicted)])
         return len(chosen)
+
+    def _uncache(self, b: int) -> int | None:
+        """Drop block ``b``'s hash (one copy of it); the hash, or None if it had none."""
+        h = self._hash[b]
+        if h is None:
+            return None
+        self._hash[b] = None
+        copies = self._by_hash.get(h)
+        if copies is not None:
+            copies.pop(b, None)
+            if not copies:
+                del self._by_hash[h]
+        return h
 
     def _emit(self, events: list[KVEvent]) -> None:
         if events and self._sink is not None:

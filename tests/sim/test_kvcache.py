@@ -64,14 +64,15 @@ def test_reference_counts_keep_shared_blocks_in_use() -> None:
     assert pool.can_allocate(4, hits) is False  # reusing a free cached block consumes one
 
 
-def test_duplicate_hashes_keep_the_first_block_and_split_runs() -> None:
+def test_duplicate_hashes_are_cached_and_published_again_as_vllm_does() -> None:
     events: list[KVEvent] = []
     pool = BlockPool(8, 2, events.extend)
     first = pool.allocate(2)
     pool.store(first, [1, 2], None, [0, 0, 0, 0])
     second = pool.allocate(3)
     pool.store(second, [5, 2, 6], 4, [9] * 6)
-    assert events[1:] == [BlockStored([5], 4, [9, 9], 2), BlockStored([6], 2, [9, 9], 2)]
+    assert events[1:] == [BlockStored([5, 2, 6], 4, [9] * 6, 2)]
+    assert pool.cached_prefix([2]) == [first[1]]  # a hit takes the oldest copy
 
 
 def test_clear_cached_refuses_while_in_use() -> None:

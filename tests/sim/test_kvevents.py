@@ -92,15 +92,16 @@ async def test_map_format_events_match_what_the_engine_stored_and_evicted(http: 
             }
         )
         assert all(0 <= h < 2**64 for h in stored["block_hashes"])
-        # An 8-block cache: three more 3-block prompts evict the first prompt's blocks, tail first.
-        for i in range(3):
+        # An 8-block cache: more 3-block prompts evict the first prompt's blocks, tail first. Their partial
+        # tail blocks hold no hash and are reused first (vLLM free_blocks), so it takes four.
+        for i in range(4):
             await complete(http, url, words(40, salt=f"other{i} "), 2)
         messages = await receive(
             sub, lambda m: sum(len(e["block_hashes"]) for e in events_of(m) if e["type"] == "BlockRemoved") >= 2
         )
         assert [s for _, s, _ in messages] == list(range(1, 1 + len(messages)))
         removed = [h for e in events_of(messages) if e["type"] == "BlockRemoved" for h in e["block_hashes"]]
-        assert removed == [expected_hashes[1], expected_hashes[0]]
+        assert removed[:2] == [expected_hashes[1], expected_hashes[0]]
         assert all(e["medium"] == "GPU" for e in events_of(messages) if e["type"] == "BlockRemoved")
         # And the engine agrees: the first prompt is no longer cached.
         assert (await complete(http, url, prompt, 2)).cached_tokens == 0
