@@ -67,7 +67,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 from jinja2.utils import Namespace
 
 from llmepp.decoding import DECODE_ERRORS
-from llmepp.request.parsers import BILLING_HEADER, TEXT_PARTS
+from llmepp.request.parsers import TEXT_PARTS
 from llmepp.request.types import InferenceRequest, RequestKind
 
 log = logging.getLogger(__name__)
@@ -694,53 +694,20 @@ def api_chat_messages(request: InferenceRequest) -> list[dict[str, Any]]:
     return chat_messages(request.messages or ())
 
 
-_ANTHROPIC_ROLES = {"ctx": "user", "msg": "user"}
-
-
 def _anthropic_chat(request: InferenceRequest) -> list[dict[str, Any]]:
-    """As vLLM's AnthropicServingMessages converts messages (_convert_messages, _convert_block), with system
-    messages placed as the parser places them (the "preserve" placement of vLLM's inline_system.py): the
-    system prompt the parser built first, a later system message in place, held past an assistant's
-    tool_use until its results. Not converted: `tool_reference` items inside a tool result."""
-    msgs = msgspec.json.decode(request.body, type=_AnthropicBody).messages
-    parsed = request.messages or ()
-    out: list[dict[str, Any]] = (
-        [{"role": "system", "content": parsed[0][1]}] if parsed and parsed[0][0] == "system" else []
-    )
-    lead = 0
-    while lead < len(msgs) and msgs[lead].role == "system":
-        lead += 1
-    held: list[dict[str, Any]] = []
-    awaiting_results = False
-    for msg in msgs[lead:]:
-        role = _ANTHROPIC_ROLES.get(msg.role, msg.role)
-        content = msg.content
+    """As vLLM's AnthropicServingMessages converts messages (_convert_messages, _convert_block). System messages
+    are the parser's, where it placed them (the "preserve" placement of vLLM's inline_system.py); each other
+    parsed message is the next non-system message of the body, converted. Not converted: `tool_reference` items
+    inside a tool result."""
+    body = msgspec.json.decode(request.body, type=_AnthropicBody)
+    messages = iter([m for m in body.messages if m.role != "system"])
+    out: list[dict[str, Any]] = []
+    for role, text in request.messages or ():
         if role == "system":
-            text = _anthropic_system_text(content)
-            if text:
-                (held if awaiting_results else out).append({"role": "system", "content": text})
-            continue
-        if held and role == "assistant":
-            out += held
-            held.clear()
-        _anthropic_message(role, content, out)
-        if held and role == "user":
-            out += held
-            held.clear()
-        awaiting_results = (
-            role == "assistant" and isinstance(content, list) and any(b.type == "tool_use" for b in content)
-        )
-    return out + held
-
-
-def _anthropic_system_text(content: str | list[_AnthropicBlock] | None) -> str:
-    if isinstance(content, str):
-        return "" if content.startswith(BILLING_HEADER) else content
-    return "".join(
-        b.text
-        for b in content or ()
-        if b.type == "text" and isinstance(b.text, str) and b.text and not b.text.startswith(BILLING_HEADER)
-    )
+            out.append({"role": "system", "content": text})
+        else:  # the parser's role: ctx / msg already read as user
+            _anthropic_message(role, next(messages).content, out)
+    return out
 
 
 def _anthropic_message(role: str, content: str | list[_AnthropicBlock] | None, out: list[dict[str, Any]]) -> None:
