@@ -14,15 +14,14 @@ from pathlib import Path
 
 from aiohttp import web
 
-from llmepp.k8s.informer import Informer, InformerOptions
+from llmepp.k8s.informer import Informer
 from llmepp.k8s.models import Pod
 from llmepp.k8s.notifications import ObjectInformer, RawObject
 from llmepp.k8s.resources import PODS, Resource
 
 from .fakeapi import fake_api
 from .kubeapi import eventually
-
-FAST = InformerOptions(backoff_initial=0.05, backoff_max=0.2)
+from .test_informer_unit import FAST, Recorder
 
 # A pod watch's bookmark exactly as a kube-apiserver sends it: the object is a typed, empty v1.Pod with only
 # resourceVersion set, so metav1.Time's zero value is marshalled as `"creationTimestamp": null` (bytes quoted
@@ -31,17 +30,6 @@ POD_BOOKMARK = (
     b'{"type":"BOOKMARK","object":{"kind":"Pod","apiVersion":"v1","metadata":{"resourceVersion":"3845",'
     b'"creationTimestamp":null},"spec":{"containers":null},"status":{}}}\n'
 )
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, str]] = []
-
-    def upsert(self, obj: Pod) -> None:
-        self.seen.append(("upsert", obj.metadata.name))
-
-    def delete(self, obj: Pod) -> None:
-        self.seen.append(("delete", obj.metadata.name))
 
 
 async def test_a_pod_bookmark_as_the_api_server_sends_it_advances_the_resource_version(tmp_path: Path) -> None:

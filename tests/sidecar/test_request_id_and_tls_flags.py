@@ -98,15 +98,22 @@ class RawUpstream:
             self.server.close()
 
 
+async def _post_completion(port: int, prefiller: str, body: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw HTTP/1.1 completions request to the sidecar (the test then drops the connection)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += f"x-prefiller-host-port: {prefiller}\r\nContent-Length: {len(body)}\r\n\r\n"
+    writer.write(head.encode() + body)
+    return reader, writer
+
+
 async def test_a_client_gone_during_the_prefill_closes_the_prefill_connection() -> None:
     prefill = await RawUpstream().start()
     p, d, sidecar = await started()
     try:
-        _, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
-        body = b'{"model": "m", "prompt": "p", "max_tokens": 3}'
-        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"x-prefiller-host-port: " + prefill.hostport.encode() + b"\r\n"
-                     b"Content-Length: %d\r\n\r\n" % len(body) + body)  # fmt: skip
+        _, writer = await _post_completion(
+            sidecar.port, prefill.hostport, b'{"model": "m", "prompt": "p", "max_tokens": 3}'
+        )
         await asyncio.wait_for(prefill.got_request.wait(), 5)
         writer.close()
         await asyncio.wait_for(prefill.peer_closed.wait(), 5)
@@ -122,11 +129,8 @@ async def test_a_client_gone_mid_stream_closes_the_decoder_connection() -> None:
     sidecar = Sidecar(SidecarOptions(host="127.0.0.1", port=0, decoder_url=f"http://{decoder.hostport}"))
     await sidecar.start()
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
         body = b'{"model": "m", "prompt": "p", "max_tokens": 3, "stream": true}'
-        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"x-prefiller-host-port: " + p.hostport.encode() + b"\r\n"
-                     b"Content-Length: %d\r\n\r\n" % len(body) + body)  # fmt: skip
+        reader, writer = await _post_completion(sidecar.port, p.hostport, body)
         await asyncio.wait_for(reader.readuntil(b"data: x"), 5)
         writer.close()
         await asyncio.wait_for(decoder.peer_closed.wait(), 5)

@@ -11,7 +11,7 @@ under-count the bursts prefix-aware routing creates, and the KV events arrive a 
 from __future__ import annotations
 
 from llmepp_sim.config import PodConfig
-from llmepp_sim.engine import Engine, Phase
+from llmepp_sim.engine import Engine, Phase, SimRequest
 from llmepp_sim.kvwire import BlockStored, KVEvent
 from llmepp_sim.lora import LoraManager
 
@@ -75,11 +75,8 @@ def test_block_stored_is_published_when_the_request_is_scheduled() -> None:
     assert len(stored) == 64, f"{len(stored)} blocks published at scheduling time"
 
 
-def test_a_request_reusing_blocks_still_being_prefilled_waits_for_them() -> None:
-    """vLLM runs the engine steps one after another: B, scheduled after the step that computes A's prompt, gets
-    its first token only after that step, even though its cache hit counts A's blocks from the start. The
-    simulator's prefill is one processor-shared span, so B waits (KV_WAIT) until A's prefill has ended and
-    only then does its own 10 uncached tokens; A's prefill is not slowed by B's work meanwhile."""
+def _b_arrives_while_a_prefills() -> tuple[Engine, HandClock, SimRequest, SimRequest]:
+    """A (PROMPT) admitted, and 50 ms into its 235 ms prefill B (PROMPT + 10 tokens) submitted and admitted."""
     engine, clock = _engine()
     a = sim_request("a", PROMPT, 4)
     engine.submit(a)
@@ -87,6 +84,16 @@ def test_a_request_reusing_blocks_still_being_prefilled_waits_for_them() -> None
     clock.t += 0.050
     b = sim_request("b", PROMPT + list(range(5000, 5010)), 4)
     engine.submit(b)
+    step(engine, clock)
+    return engine, clock, a, b
+
+
+def test_a_request_reusing_blocks_still_being_prefilled_waits_for_them() -> None:
+    """vLLM runs the engine steps one after another: B, scheduled after the step that computes A's prompt, gets
+    its first token only after that step, even though its cache hit counts A's blocks from the start. The
+    simulator's prefill is one processor-shared span, so B waits (KV_WAIT) until A's prefill has ended and
+    only then does its own 10 uncached tokens; A's prefill is not slowed by B's work meanwhile."""
+    engine, clock, a, b = _b_arrives_while_a_prefills()
     run_until_idle(engine, clock)
     assert a.first_token_time is not None and b.first_token_time is not None
     assert b.num_cached_tokens == 1024
@@ -98,14 +105,7 @@ def test_a_request_reusing_blocks_still_being_prefilled_waits_for_them() -> None
 
 
 def test_a_waiting_reuser_starts_when_the_prefill_it_waits_for_is_aborted() -> None:
-    engine, clock = _engine()
-    a = sim_request("a", PROMPT, 4)
-    engine.submit(a)
-    step(engine, clock)
-    clock.t += 0.050
-    b = sim_request("b", PROMPT + list(range(5000, 5010)), 4)
-    engine.submit(b)
-    step(engine, clock)
+    engine, clock, a, b = _b_arrives_while_a_prefills()
     clock.t += 0.040  # B's 30 ms of fixed delay is over: it waits for A's blocks
     step(engine, clock)
     assert b.phase is Phase.KV_WAIT
@@ -116,14 +116,7 @@ def test_a_waiting_reuser_starts_when_the_prefill_it_waits_for_is_aborted() -> N
 
 
 def test_a_waiting_reuser_starts_when_the_prefill_it_waits_for_is_preempted() -> None:
-    engine, clock = _engine()
-    a = sim_request("a", PROMPT, 4)
-    engine.submit(a)
-    step(engine, clock)
-    clock.t += 0.050
-    b = sim_request("b", PROMPT + list(range(5000, 5010)), 4)
-    engine.submit(b)
-    step(engine, clock)
+    engine, clock, a, b = _b_arrives_while_a_prefills()
     clock.t += 0.040
     step(engine, clock)
     assert b.phase is Phase.KV_WAIT
