@@ -544,13 +544,10 @@ class VllmTokenProducer(TokenProducer):
         elif request.messages is not None:
             # The server renders its own chat template: send what decides the rendering, verbatim.
             body.update(template_fields(request.body))
-        else:
-            # TokenizeCompletionRequest.add_special_tokens (default true): the request's own, when it sets one.
-            if request.add_special_tokens is not None:
-                body["add_special_tokens"] = request.add_special_tokens
-            return [{**body, "prompt": prompt.decode("utf-8", "replace")} for prompt in request.prompts()]
-        if request.add_special_tokens is not None:  # TokenizeChatRequest's (default false)
+        if request.add_special_tokens is not None:  # the request's own (vLLM's defaults: completion true, chat false)
             body["add_special_tokens"] = request.add_special_tokens
+        if request.messages is None:
+            return [{**body, "prompt": prompt.decode("utf-8", "replace")} for prompt in request.prompts()]
         return [body]
 
     async def aclose(self) -> None:
