@@ -26,6 +26,7 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 GRPC_STATUS = {
     400: 3,  # INVALID_ARGUMENT
     404: 5,  # NOT_FOUND
+    412: 9,  # FAILED_PRECONDITION (conditional decode: nothing cached)
     413: 8,  # RESOURCE_EXHAUSTED (a message over the limit)
     429: 8,  # RESOURCE_EXHAUSTED (saturated, evicted)
     500: 13,  # INTERNAL

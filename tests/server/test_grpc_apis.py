@@ -16,7 +16,7 @@ from google.api import httpbody_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmepp.errors import BadRequest
+from llmepp.errors import BadRequest, PreconditionFailed, RequestError
 from llmepp.framework.plugin import registry
 from llmepp.protocols import vertexai_prediction_pb2 as vx
 from llmepp.protocols import vllm_engine_pb2 as vl
@@ -138,6 +138,18 @@ def test_a_compressed_message_is_read_whole_or_refused_by_its_decompressed_size(
     truncated = b"\x01" + (len(packed) - 1).to_bytes(4, "big") + packed[:-1]
     with pytest.raises(BadRequest, match="does not decompress"):
         grpcwire.messages(truncated, encoding)
+
+
+def test_every_request_error_has_its_grpc_status() -> None:
+    """A gRPC client gets the code for the EPP's answer (grpc/doc/statuscodes.md), never UNKNOWN: 412 of a
+    conditional decode that found nothing cached is FAILED_PRECONDITION."""
+
+    def subclasses(cls: type[RequestError]) -> set[type[RequestError]]:
+        return {cls}.union(*(subclasses(c) for c in cls.__subclasses__()))
+
+    for cls in subclasses(RequestError):
+        assert grpcwire.grpc_status(cls.status) != grpcwire.GRPC_UNKNOWN, cls
+    assert grpcwire.grpc_status(PreconditionFailed.status) == 9
 
 
 @pytest.mark.parametrize(
