@@ -287,16 +287,16 @@ class EngineMapping:
             except PromTextError as e:
                 problems = [*(problems or ()), f"kv usage: {e}"]
         if (sel := sels[_LORA]) is not None:
-            found = self._find(_LORA, page, memo)
-            if found:  # absent = LoRA disabled on this server: not an error (reference behaviour)
-                try:
+            try:  # _find parses the family's lines: a malformed one raises MalformedSeries
+                found = self._find(_LORA, page, memo)
+                if found:  # absent = LoRA disabled on this server: not an error (reference behaviour)
                     labels = largest_of(sel, found).labels
                     max_active = _label_int(labels, "max_lora", 0)
                     active = _adapters(labels.get("running_lora_adapters", ""))
                     waiting_models = _adapters(labels.get("waiting_lora_adapters", ""))
                     updated = True
-                except PromTextError as e:
-                    problems = [*(problems or ()), f"lora info: {e}"]
+            except PromTextError as e:
+                problems = [*(problems or ()), f"lora info: {e}"]
         info_read = False
         if (sel := sels[_CACHE_INFO]) is not None:
             try:
@@ -324,11 +324,11 @@ class EngineMapping:
         if self.custom:
             attributes = dict(attributes)
             for i, c in self.custom:
-                found = self._find(i, page, memo)
-                if not found and c.optional:
-                    attributes.pop(c.attribute_key, None)  # not reported on this scrape
-                    continue
                 try:
+                    found = self._find(i, page, memo)
+                    if not found and c.optional:
+                        attributes.pop(c.attribute_key, None)  # not reported on this scrape
+                        continue
                     attributes[c.attribute_key] = finite_value(sels[i], found)  # type: ignore[arg-type]
                     updated = True
                 except PromTextError as e:

@@ -334,6 +334,12 @@ def _parse_line(page: bytes, pos: int, end: int) -> Series:
     block = b""
     if pos >= end:
         raise MalformedSeries("sample line has no value")
+    if page[pos] in b" \t":  # blanks may separate the name from its labels (expfmt accepts `name {a="b"} 1`)
+        p = pos + 1
+        while p < end and page[p] in b" \t":
+            p += 1
+        if p < end and page[p] == 0x7B:
+            pos = p
     if page[pos] == 0x7B:  # "{"
         # Values and timestamps never contain "}", so the last one on the line closes the labels.
         close = page.rfind(b"}", pos, end)

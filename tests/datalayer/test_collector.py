@@ -177,6 +177,18 @@ async def test_garbage_page_and_bad_status_are_counted_apart(
     await until(lambda: ep.metrics.update_time > frozen, within=0.6)  # next page, not after 1 s
 
 
+async def test_a_page_with_a_malformed_lora_line_is_applied_and_counted(
+    harness_factory: HarnessFactory, servers: ServerFactory
+) -> None:
+    """The good values of a page with one malformed optional line are applied and the page counts as an
+    extraction error (the error escaped into the connection: every scrape lost, the pod stale for good)."""
+    h = await harness_factory()
+    bad_lora = b'vllm:lora_requests_info{max_lora="1",running_lora_adapters="a"} x\n'
+    ep = h.add("l", await servers("127.0.0.56", vllm_page(waiting=3) + bad_lora))
+    await until(lambda: ep.metrics.update_time > 0 and h.extract_errors() >= 1)
+    assert ep.metrics.waiting_queue_size == 3
+
+
 async def test_removed_endpoint_is_no_longer_scraped(harness_factory: HarnessFactory, servers: ServerFactory) -> None:
     h = await harness_factory()
     server = await servers("127.0.0.56")

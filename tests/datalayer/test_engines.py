@@ -59,6 +59,34 @@ def test_vllm_lora_newest_series_wins() -> None:
     assert m.waiting_models == {"w"}
 
 
+@pytest.mark.parametrize("memo", [False, True])
+def test_a_malformed_lora_line_is_a_problem_and_the_rest_still_applied(memo: bool) -> None:
+    """extract never raises: a LoRA-info line whose value is not a number is a reported problem, and the
+    page's queue, running and KV values are applied (an exception escaped into the scrape connection and
+    the whole page was lost, leaving the pod stale)."""
+    bad = b'# TYPE vllm:lora_requests_info gauge\nvllm:lora_requests_info{max_lora="1",running_lora_adapters="a"} x\n'
+    m, err = mapping("vllm").extract(vllm_page(waiting=3, running=2, kv_usage=0.5) + bad, NO_METRICS, 1.0,
+                                     mapping("vllm").new_memo() if memo else None)  # fmt: skip
+    assert m is not None and (m.waiting_queue_size, m.running_requests_size, m.kv_cache_usage_percent) == (3, 2, 0.5)
+    assert err is not None and any(p.startswith("lora info:") for p in err.problems)
+
+
+def test_a_malformed_custom_metric_line_is_a_problem_and_the_rest_still_applied() -> None:
+    custom = [{"attributeKey": "custom.preempt", "metricSpec": "vllm:num_preemptions_total"}]
+    ext = build(
+        {
+            "engineConfigs": [
+                {"name": "vllm", "queuedRequestsSpec": "vllm:num_requests_waiting", "customMetrics": custom}
+            ]
+        }
+    )
+    mapping = ext.mapping_for({})
+    page = b"vllm:num_requests_waiting 3\nvllm:num_preemptions_total 1 2 3\n"
+    m, err = mapping.extract(page, NO_METRICS, 1.0, mapping.new_memo())
+    assert m is not None and m.waiting_queue_size == 3
+    assert err is not None and "custom metric custom.preempt" in str(err)
+
+
 def test_missing_metric_is_reported_and_the_rest_still_applied() -> None:
     page = vllm_page(waiting=5, running=6).replace(b"vllm:kv_cache_usage_perc{", b"vllm:kv_cache_renamed{")
     previous = EndpointMetrics(kv_cache_usage_percent=0.9, update_time=1.0)

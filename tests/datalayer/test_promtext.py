@@ -112,6 +112,8 @@ def test_first_line_no_trailing_newline_crlf_and_whitespace() -> None:
     assert Selector("a").value(b'a{x="1",} 5\n') == 5.0  # trailing comma is legal
     assert Selector("a").value(b"a{} 6\n") == 6.0
     assert Selector("a").value(b'a{ x = "1" , y="2" } 7\n') == 7.0
+    assert Selector("a").value(b'a {x="1"} 8\n') == 8.0  # blanks before the labels (Prometheus' expfmt)
+    assert Selector.parse("a{x=1}").value(b'a\t {x="1"} 9\n') == 9.0
 
 
 @pytest.mark.parametrize(
