@@ -30,9 +30,11 @@ class _Entry(msgspec.Struct):
     # vLLM also sends permission: ignored. root and max_model_len are kept when well-formed; another server's
     # odd values there must not cost the pod its whole list.
     id: str
-    object: str = "model"
-    created: int = 0
-    owned_by: str = ""
+    # JSON null reads as an absent field (the reference's Go decoder leaves a null field unset): servers
+    # built on pydantic `Optional[...] = None` send null for these.
+    object: str | None = "model"
+    created: int | None = 0
+    owned_by: str | None = ""
     parent: str | None = None
     root: Any = None
     max_model_len: Any = None
@@ -60,7 +62,15 @@ def parse_models_page(body: bytes) -> tuple[ModelData, ...]:
         length = entry.max_model_len
         length = length if type(length) is int and length > 0 else None
         models.append(
-            ModelData(entry.id, entry.object, entry.created, entry.owned_by, entry.parent or None, root, length)
+            ModelData(
+                entry.id,
+                entry.object if entry.object is not None else "model",
+                entry.created or 0,
+                entry.owned_by or "",
+                entry.parent or None,
+                root,
+                length,
+            )
         )
     return tuple(models)
 

@@ -127,8 +127,10 @@ class PagePoller(ABC):
         self.datastore = datastore
         self.source = source
         self.interval = source.poll_interval
-        # A fetch outlasting the period would be skipped by the next tick anyway.
-        self.timeout = min(timeout, self.interval)
+        # Not capped at the period: a tick skips a fetch still in flight and expires it only past its
+        # deadline, so a server slower than a short interval still gets its page read (the reference's
+        # dispatch timeout is 1 s whatever the interval).
+        self.timeout = timeout
         self._poll_errors = metrics.poll_errors.labels(source_type=source.type)
         self._extract_errors = metrics.extract_errors.labels(source_type=source.type, extractor_type=extractor_type)
         self._states: dict[Endpoint, _EndpointPage] = {}

@@ -56,6 +56,10 @@ def test_odd_root_or_context_length_values_are_dropped_not_the_list(
 def test_minimal_entries_take_defaults() -> None:
     assert parse_models_page(b'{"data": [{"id": "m"}]}') == (ModelData("m"),)
     assert parse_models_page(b'{"object": "list", "data": []}') == ()
+    # null is the default, as Go's encoding/json reads it (servers built on pydantic Optional fields send it)
+    assert parse_models_page(b'{"data": [{"id": "m", "object": null, "created": null, "owned_by": null}]}') == (
+        ModelData("m"),
+    )
 
 
 @pytest.mark.parametrize(
@@ -111,6 +115,7 @@ class ModelsServer:
         self.port = 0
         self.body = json.dumps(VLLM_PAGE).encode()
         self.status = 200
+        self.delay = 0.0
         self.requests = 0
         self._runner: web.AppRunner | None = None
 
@@ -130,6 +135,7 @@ class ModelsServer:
 
     async def _handle(self, request: web.Request) -> web.Response:
         self.requests += 1
+        await asyncio.sleep(self.delay)
         return web.Response(status=self.status, body=self.body, content_type="application/json")
 
 
@@ -191,5 +197,24 @@ async def test_poller_keeps_each_endpoints_models_and_counts_failures(model_serv
         seen = b.requests
         await asyncio.sleep(0.2)
         assert b.requests == seen
+    finally:
+        await poller.aclose()
+
+
+async def test_a_server_slower_than_the_poll_interval_still_gets_its_list_read(model_servers) -> None:  # type: ignore[no-untyped-def]
+    """The fetch timeout is not the poll interval: a tick skips a fetch still in flight, so a server that
+    answers in 300 ms is read with a 100 ms interval (the reference's fetch timeout is 1 s whatever the interval)."""
+    server = await model_servers("127.0.0.72")
+    server.delay = 0.3
+    metrics, datastore = EppMetrics(), Datastore(pool_name="pool")
+    source = ModelsDataSource("models-data-source", ModelsDataSource.Params(interval="100ms"))
+    poller = ModelsPoller(datastore, metrics, source, ModelsDataExtractor("models-data-extractor"), timeout=1.0)
+    await poller.start()
+    try:
+        datastore.upsert(EndpointSpec(name="a", address=server.host, port=server.port))
+        ep = datastore.get("a")
+        assert ep is not None
+        await until(lambda: ep.models is not None, within=4.0, what="the model list of a server answering in 300 ms")
+        assert _errors(metrics) == (0.0, 0.0)
     finally:
         await poller.aclose()
