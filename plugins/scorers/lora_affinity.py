@@ -18,12 +18,11 @@ class LoraAffinityScorer(Scorer):
         a waiting to be loaded              → 0.6
         otherwise                           → 0.0   (full, would need an eviction)
 
-    Non-LoRA case (this build's choice; the reference applies the rule above regardless):
-    when **no candidate reports any LoRA state** (maxLoras 0, no active or waiting adapter —
-    LoRA disabled, or never scraped) the request cannot be LoRA-routed and every endpoint
-    scores 1.0, i.e. the scorer expresses no preference. A base-model request on a
-    LoRA-enabled pool follows the rule above, as in the reference (it favours endpoints
-    with free adapter slots).
+    A pool without LoRA (maxLoras 0, no active or waiting adapter) scores 0.0 everywhere, as the
+    reference's rule does: a constant 0 is the only column that leaves every picker's choice unchanged
+    (a constant 1.0 shifts weighted-random-picker's probabilities toward the least-scored endpoints).
+    A base-model request on a LoRA-enabled pool follows the rule above, as in the reference (it
+    favours endpoints with free adapter slots).
 
     Why: loading an adapter stalls the batch; reusing a loaded one is free.
     Parameters: none.
@@ -36,7 +35,7 @@ class LoraAffinityScorer(Scorer):
     def score(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
         metrics = [ep.metrics for ep in endpoints]
         if not any(m.max_active_models or m.active_models or m.waiting_models for m in metrics):
-            return [1.0] * len(metrics)
+            return [0.0] * len(metrics)  # the rule's answer with no LoRA state, without the per-endpoint pass
         a = request.target_model or request.model
         return [
             1.0 if a in m.active_models

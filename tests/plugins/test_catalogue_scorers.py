@@ -24,6 +24,7 @@ from llmepp.framework.scheduling import ProfileResult, SchedulingResult
 from llmepp.plugins.filters.session import encode_token
 from llmepp.plugins.scorers.context_length import parse_range, range_score
 from llmepp.request.types import ResponseInfo
+from llmepp.scheduling.profile import SchedulerProfile, WeightedScorer
 
 PREFIX_KEY = scoped(PREFIX_CACHE_MATCH_INFO, "approx")
 
@@ -359,13 +360,25 @@ def test_lora_affinity_tiers() -> None:
     assert s.score(request(), []) == []
 
 
-def test_lora_affinity_without_lora_state_is_neutral() -> None:
+def test_lora_affinity_without_lora_state_scores_zero() -> None:
     s = make("lora-affinity-scorer")
     eps = [endpoint(0), endpoint(1, scraped=False)]
-    assert s.score(request(model="base"), eps) == [1.0, 1.0]
+    assert s.score(request(model="base"), eps) == [0.0, 0.0]  # as the reference: 0 < 0 is false
     # One LoRA-capable endpoint in the pool: the reference tiers apply to every candidate.
     mixed = [endpoint(0), lora_ep(1, set(), set(), 4)]
     assert s.score(request(model="sql"), mixed) == [0.0, 0.8]
+
+
+def test_lora_affinity_without_lora_leaves_weighted_random_unchanged() -> None:
+    # A constant 1.0 column would give the longest queue a third of the picks (totals 2 and 1); 0 keeps the
+    # queue scorer's 1 and 0, so weighted-random-picker never picks the pod scoring 0.
+    profile = SchedulerProfile(
+        name="default",
+        picker=make("weighted-random-picker"),
+        scorers=[WeightedScorer(make("queue-scorer"), 1.0), WeightedScorer(make("lora-affinity-scorer"), 1.0)],
+    )
+    eps = [endpoint(0, queue=0), endpoint(1, queue=10)]
+    assert {profile.run(request(model="base"), eps).targets[0].name for _ in range(300)} == {"pod-0"}
 
 
 # -- header-label-affinity-scorer ----------------------------------------------------------------
