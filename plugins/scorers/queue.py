@@ -41,11 +41,13 @@ def shortest_first(queues: Sequence[float | None]) -> list[float]:
         lo, hi = min(known), max(known)
         if hi == lo:
             return [0.0 if q is None else 1.0 for q in queues]
-        inv = 1.0 / (hi - lo)
-        return [0.0 if q is None else (hi - q) * inv for q in queues]
+        span = hi - lo
+        return [0.0 if q is None else (hi - q) / span for q in queues]
     values: Sequence[float] = queues  # type: ignore[assignment]  # no None, checked above
     lo, hi = min(values, default=0), max(values, default=0)
     if hi == lo:
         return [1.0] * len(values)
-    inv_span = 1.0 / (hi - lo)
-    return [(hi - q) * inv_span for q in values]
+    # Divide (as the reference): a rounded reciprocal makes the shortest queue 0.9999999999999999 for some
+    # spans (49 · (1/49)), which turns a reference tie into a deterministic loss.
+    span = hi - lo
+    return [(hi - q) / span for q in values]

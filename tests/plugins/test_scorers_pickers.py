@@ -22,6 +22,7 @@ from llmepp.plugins.producers.approx_prefix import ApproxPrefixCacheProducer
 from llmepp.plugins.scorers.kv_cache_utilization import KVCacheUtilizationScorer
 from llmepp.plugins.scorers.prefix_cache import PrefixCacheScorer
 from llmepp.plugins.scorers.queue import QueueScorer
+from llmepp.plugins.scorers.running_requests import RunningRequestsSizeScorer
 from llmepp.request.types import InferenceRequest
 from llmepp.scheduling.profile import SchedulerProfile, WeightedScorer
 
@@ -34,6 +35,25 @@ def test_queue_scorer_min_max() -> None:
 def test_queue_scorer_all_equal_and_empty() -> None:
     assert QueueScorer("q").score(request(), [endpoint(0, queue=3), endpoint(1, queue=3)]) == [1.0, 1.0]
     assert QueueScorer("q").score(request(), []) == []
+
+
+def test_the_shortest_queue_scores_exactly_one() -> None:
+    # (max - q) / (max - min) divides, as the reference: 49 * (1 / 49) is 0.9999999999999999, which would
+    # turn a tie with another scorer's 1.0 into a fixed pick (below).
+    eps = [endpoint(0, queue=0, running=0), endpoint(1, queue=49, running=49)]
+    assert QueueScorer("q").score(request(), eps) == [1.0, 0.0]
+    assert RunningRequestsSizeScorer("r").score(request(), eps) == [1.0, 0.0]
+
+
+def test_a_tie_between_scorers_is_broken_at_random() -> None:
+    # pod-0: shortest queue, full KV; pod-1: longest queue (span 49), empty KV: both total 1.0.
+    profile = SchedulerProfile(
+        name="default",
+        picker=MaxScorePicker("p"),
+        scorers=[WeightedScorer(QueueScorer("q"), 1.0), WeightedScorer(KVCacheUtilizationScorer("kv"), 1.0)],
+    )
+    eps = [endpoint(0, queue=0, kv=1.0), endpoint(1, queue=49, kv=0.0)]
+    assert {profile.run(request(), eps).targets[0].name for _ in range(300)} == {"pod-0", "pod-1"}
 
 
 def test_queue_scorer_leaves_a_never_scraped_endpoint_unscored() -> None:
