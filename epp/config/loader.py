@@ -151,7 +151,13 @@ def load_config(text: str) -> EndpointPickerConfig:
     except RecursionError:
         raise ConfigError("config is not valid YAML: nested too deeply") from None
     if raw is None:
-        raw = {}
+        # Only whitespace, comments or `---`: the reference's decoder refuses it (no kind). Read as a config it
+        # has no plugins: one profile without scorers, i.e. random routing. Zero bytes is the default config
+        # (app.config_text), as in the reference.
+        raise ConfigError(
+            "config: the document is empty (only whitespace or comments); give a config, or an empty file for "
+            "the default one"
+        )
     if not isinstance(raw, dict):
         raise ConfigError(f"config must be a mapping, got {type(raw).__name__}")
     _check_plain_data(raw)
@@ -230,16 +236,24 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
+_GO_BOOLS = {"1": True, "t": True, "true": True, "0": False, "f": False, "false": False}  # strconv.ParseBool
+
+
 def parse_feature_gates(gates: Iterable[str]) -> dict[str, bool]:
+    """`name` or `name=value`, as the reference's loadFeatureConfig (the value read by strconv.ParseBool); a
+    gate it does not register is an error there (validateFeatureGates: "unknown or unregistered")."""
     result = dict(KNOWN_FEATURE_GATES)
     for i, gate in enumerate(gates):
-        name, _, value = gate.partition("=")
+        name, sep, value = gate.partition("=")
         name = name.strip()
-        if value.strip().lower() not in ("", "true", "false"):
-            raise ConfigError(f"featureGates[{i}]: {gate!r}: value must be true or false")
         if name not in KNOWN_FEATURE_GATES:
-            log.warning("featureGates[%d]: unknown gate %r ignored", i, name)
-        result[name] = value.strip().lower() != "false"
+            raise ConfigError(
+                f"featureGates[{i}]: {gate!r}: unknown feature gate; known: {', '.join(sorted(KNOWN_FEATURE_GATES))}"
+            )
+        parsed = _GO_BOOLS.get(value.strip().lower()) if sep else True
+        if parsed is None:
+            raise ConfigError(f"featureGates[{i}]: {gate!r}: value must be true or false")
+        result[name] = parsed
     return result
 
 
@@ -459,12 +473,10 @@ def _build_scheduling(config: EndpointPickerConfig, chosen: _Plugins) -> Schedul
     plugins = chosen.plugins
     _add_default_producers(chosen)
     specs = config.scheduling_profiles or [_default_profile_spec(plugins)]
-    if DEFAULT_PICKER not in plugins and (
-        not any(isinstance(p, Picker) for p in plugins.values())
-        or any(not _profile_has(spec, plugins, Picker) for spec in specs)
-    ):
-        chosen.add_default(DEFAULT_PICKER)
-    profiles = {spec.name: _build_profile(spec, plugins) for spec in specs}
+    default_picker: Picker | None = None
+    if any(not _profile_has(spec, plugins, Picker) for spec in specs):
+        default_picker = _default_picker(chosen, specs)
+    profiles = {spec.name: _build_profile(spec, plugins, default_picker) for spec in specs}
     if len(profiles) != len(specs):
         raise ConfigError("schedulingProfiles: profile names must be unique")
     return Scheduler(_profile_handler(chosen, profiles), profiles)
@@ -525,11 +537,35 @@ def _default_profile_spec(plugins: dict[str, Plugin]) -> SchedulingProfileSpec:
     return SchedulingProfileSpec(name="default", plugins=refs)
 
 
+def _default_picker(chosen: _Plugins, specs: list[SchedulingProfileSpec]) -> Picker:
+    """The picker of a profile that names none, as the reference's ensureSchedulingLayer: a configured picker
+    (the one named max-score-picker first, else the first in the config; the reference takes any one), else a
+    `max-score-picker` made with defaults."""
+    plugins = chosen.plugins
+    named = plugins.get(DEFAULT_PICKER)
+    if isinstance(named, Picker):
+        return named
+    configured = next((p for p in plugins.values() if isinstance(p, Picker)), None)
+    if configured is not None:
+        return configured
+    if named is not None:
+        lacking = next(spec.name for spec in specs if not _profile_has(spec, plugins, Picker))
+        raise ConfigError(
+            f"plugin {DEFAULT_PICKER!r} (type {named.type}): is not a picker; profile {lacking!r} has no "
+            "picker and the name is needed for the default one"
+        )
+    picker = chosen.add_default(DEFAULT_PICKER)
+    assert isinstance(picker, Picker)
+    return picker
+
+
 def _profile_has(spec: SchedulingProfileSpec, plugins: dict[str, Plugin], kind: type[Plugin]) -> bool:
     return any(isinstance(plugins.get(ref.plugin_ref), kind) for ref in spec.plugins)
 
 
-def _build_profile(spec: SchedulingProfileSpec, plugins: dict[str, Plugin]) -> SchedulerProfile:
+def _build_profile(
+    spec: SchedulingProfileSpec, plugins: dict[str, Plugin], default_picker: Picker | None
+) -> SchedulerProfile:
     where = f"schedulingProfiles[{spec.name!r}]"
     filters: list[Filter] = []
     scorers: list[WeightedScorer] = []
@@ -543,9 +579,7 @@ def _build_profile(spec: SchedulingProfileSpec, plugins: dict[str, Plugin]) -> S
             filters.append(plugin)
             used = True
         if isinstance(plugin, Scorer):
-            weight = 1.0 if ref.weight is None else ref.weight
-            if weight < 0:
-                raise ConfigError(f"{where}: pluginRef {ref.plugin_ref!r}: weight must be >= 0, got {weight}")
+            weight = 1.0 if ref.weight is None else ref.weight  # as given: a negative weight is a penalty
             scorers.append(WeightedScorer(plugin, weight))
             used = True
         if isinstance(plugin, Picker):
@@ -562,13 +596,8 @@ def _build_profile(spec: SchedulingProfileSpec, plugins: dict[str, Plugin]) -> S
                 f"{where}: pluginRef {ref.plugin_ref!r} (type {plugin.type}) is not a filter, scorer or picker"
             )
     if picker is None:
-        default = plugins[DEFAULT_PICKER]
-        if not isinstance(default, Picker):
-            raise ConfigError(
-                f"plugin {DEFAULT_PICKER!r} (type {default.type}): is not a picker; profile {spec.name!r} has no "
-                "picker and the name is needed for the default one"
-            )
-        picker = default
+        assert default_picker is not None  # _build_scheduling made one for the profiles that name none
+        picker = default_picker
     return SchedulerProfile(name=spec.name, picker=picker, filters=filters, scorers=scorers)
 
 

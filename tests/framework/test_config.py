@@ -117,11 +117,6 @@ def test_named_instances_of_one_type() -> None:
             "schedulingProfiles['d']: pluginRef 'nope': no plugin with that name",
         ),
         (
-            "plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: d\n  plugins: [{pluginRef: queue-scorer, "
-            "weight: -1}]\n",
-            "weight must be >= 0",
-        ),
-        (
             "plugins:\n- type: max-score-picker\n- type: random-picker\nschedulingProfiles:\n- name: d\n  plugins: "
             "[{pluginRef: max-score-picker}, {pluginRef: random-picker}]\n",
             "more than one picker",
@@ -148,6 +143,15 @@ def test_named_instances_of_one_type() -> None:
         ("plugin: []\n", "unknown field `plugin`"),
         ("plugins:\n- name: x\n", "missing required field `type`"),
         ("featureGates: [flowControl=maybe]\n", "featureGates[0]: 'flowControl=maybe'"),
+        ("featureGates: [flowControl=]\n", "featureGates[0]: 'flowControl=': value must be true or false"),
+        # A misspelled gate is refused as the reference refuses it ("unknown or unregistered"), not run without
+        # the feature the operator asked for.
+        ("featureGates: [flowcontrol]\n", "featureGates[0]: 'flowcontrol': unknown feature gate; known: "),
+        # Only comments, blank lines or `---`: not a config without plugins (random routing), an error. Zero
+        # bytes is the default config (app.config_text).
+        ("\n", "config: the document is empty"),
+        ("# plugins:\n# - type: queue-scorer\n", "config: the document is empty"),
+        ("---\n", "config: the document is empty"),
     ],
 )
 def test_config_errors_name_the_field(text: str, expected: str) -> None:
@@ -161,6 +165,32 @@ def test_feature_gates() -> None:
     assert gates["flowControl"] is True
     assert gates["haPopulateNonLeaderDatastore"] is False
     assert parse_feature_gates([])["flowControl"] is False
+    # Values read as Go's strconv.ParseBool reads them, as the reference does.
+    for value, on in [("1", True), ("t", True), ("T", True), ("TRUE", True), ("0", False), ("F", False)]:
+        assert parse_feature_gates([f"flowControl={value}"])["flowControl"] is on
+
+
+def test_a_profile_without_a_picker_gets_the_configured_one() -> None:
+    # As the reference's ensureSchedulingLayer: the configured picker, with its parameters; max-score-picker
+    # is made only when the config has no picker.
+    c = built(
+        "plugins:\n- type: queue-scorer\n- {type: max-score-picker, name: top3, parameters: {maxNumOfEndpoints: 3}}\n"
+        "schedulingProfiles:\n- name: default\n  plugins: [{pluginRef: queue-scorer}]\n"
+    )
+    assert c.pipeline.scheduler.profiles["default"].picker is c.plugins["top3"]
+    assert "max-score-picker" not in c.plugins
+    c = built("plugins:\n- type: queue-scorer\n- type: random-picker\n")
+    assert c.pipeline.scheduler.profiles["default"].picker is c.plugins["random-picker"]
+
+
+def test_a_negative_weight_is_used_as_given() -> None:
+    # The reference's weighted scorer has no range check: a negative weight is a penalty.
+    c = built(
+        "plugins:\n- type: queue-scorer\n- type: kv-cache-utilization-scorer\n"
+        "schedulingProfiles:\n- name: default\n  plugins:\n  - {pluginRef: queue-scorer}\n"
+        "  - {pluginRef: kv-cache-utilization-scorer, weight: -0.5}\n"
+    )
+    assert [w.weight for w in c.pipeline.scheduler.profiles["default"].scorers] == [1.0, -0.5]
 
 
 PARSERS = """

@@ -135,6 +135,15 @@ def test_a_truncated_file_is_not_applied_and_the_rewritten_one_is(
     assert h.value("llm_d_epp_config_last_reload_successful") == 1
 
 
+def test_a_commented_out_file_is_not_applied(tmp_path: Path) -> None:
+    # Only comments (or blank lines, or `---`): no config, refused as the reference's decoder refuses it,
+    # never a config without plugins (random routing) counted as applied.
+    h = Harness(tmp_path)
+    h.write("# " + OTHER.replace("\n", "\n# "))
+    assert h.polls() == [False, False]
+    assert h.applied == [] and h.value("llm_d_epp_config_reloads_total", result="rejected") == 1
+
+
 def test_watching_without_a_config_file_is_a_start_up_error() -> None:
     with pytest.raises(ConfigError, match="--watch-config-file needs --config-file"):
         App(Settings(watch_config_file=True, config_text=DEFAULT_CONFIG))
