@@ -42,7 +42,7 @@ class PayloadTooLarge(RequestError):
 
 class NotFound(RequestError):
     status = 404
-    code = "NotFoundError"
+    code = "NotFound"
 
 
 class PreconditionFailed(RequestError):

@@ -34,7 +34,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -98,13 +98,37 @@ def configure(enabled: bool, env: Mapping[str, str] = os.environ) -> RequestTrac
         if name != "none":
             log.warning("OTEL_TRACES_EXPORTER=%s is not supported (otlp, console, none): tracing is off", name)
         return None
-    # The SDK reads OTEL_TRACES_SAMPLER itself; without it, the reference's default.
-    sampler = None if env.get("OTEL_TRACES_SAMPLER") else ParentBased(TraceIdRatioBased(_default_ratio(env)))
+    sampler = _sampler(env)
     resource = Resource.create({"service.name": _service_name(env)})
     provider = TracerProvider(resource=resource, sampler=sampler)
     provider.add_span_processor(BatchSpanProcessor(exporter))
     log.info("tracing: exporting spans with %s", name)
     return RequestTracing(provider.get_tracer("llmepp"), provider)
+
+
+_OTHER_SAMPLERS: dict[str, Sampler] = {
+    "always_on": ALWAYS_ON,
+    "always_off": ALWAYS_OFF,
+    "parentbased_always_on": ParentBased(ALWAYS_ON),
+    "parentbased_always_off": ParentBased(ALWAYS_OFF),
+}
+
+
+def _sampler(env: Mapping[str, str]) -> Sampler:
+    """OTEL_TRACES_SAMPLER read here, not by the SDK: the reference's parentbased_traceidratio (its default) takes
+    OTEL_TRACES_SAMPLER_ARG with 0.1 when that is unset or unusable (the SDK's default ratio is 1.0), and an
+    unknown name falls back to it at 0.1 (the SDK's fallback is parentbased_always_on: every request traced)."""
+    name = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if name in ("", "parentbased_traceidratio"):
+        return ParentBased(TraceIdRatioBased(_default_ratio(env)))
+    if name == "traceidratio":
+        return TraceIdRatioBased(_default_ratio(env))
+    found = _OTHER_SAMPLERS.get(name)
+    if found is None:
+        log.warning("OTEL_TRACES_SAMPLER=%s is not supported: sampling parentbased_traceidratio %s", name,
+                    DEFAULT_SAMPLE_RATIO)  # fmt: skip
+        return ParentBased(TraceIdRatioBased(DEFAULT_SAMPLE_RATIO))
+    return found
 
 
 def _default_ratio(env: Mapping[str, str]) -> float:

@@ -222,6 +222,14 @@ def test_the_sampling_ratio_alone_sets_the_default_samplers_ratio(caplog: pytest
         for bad in ("ten percent", "5", "-1", "nan"):
             assert ratio({"OTEL_TRACES_SAMPLER_ARG": bad}).startswith("ParentBased{root:TraceIdRatioBased{0.1}")
     assert "OTEL_TRACES_SAMPLER_ARG=ten percent" in caplog.text
+    # Named, the reference's sampler keeps the reference's 0.1 without a usable ratio (the SDK's is 1.0), and
+    # an unsupported name falls back to it (the SDK's fallback traces every request).
+    for env in ({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio"},
+                {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "ten percent"},
+                {"OTEL_TRACES_SAMPLER": "parentbased_tracidratio"}):  # fmt: skip
+        assert ratio(env).startswith("ParentBased{root:TraceIdRatioBased{0.1}"), env
+    assert ratio({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.5"}) == "TraceIdRatioBased{0.5}"
+    assert ratio({"OTEL_TRACES_SAMPLER": "always_on"}) == "AlwaysOnSampler"
 
 
 async def test_client_supplied_strings_are_bounded_in_spans() -> None:

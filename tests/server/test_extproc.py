@@ -16,7 +16,7 @@ import msgspec
 import pytest
 from helpers import until
 
-from llmepp.errors import ResourceExhausted
+from llmepp.errors import NotFound, ResourceExhausted
 from llmepp.request.types import RequestKind, TerminationCause
 from llmepp.settings import Settings
 from llmepp.testing.fakes import FakeDirector
@@ -493,6 +493,16 @@ async def test_request_metrics_carry_the_target_model_the_director_chose() -> No
         labels = {**FP, "model_name": "m", "target_model_name": "m-v2"}
         assert h.sample("llm_d_epp_request_total", labels) == 0  # refused: an error only, as the reference
         assert h.sample("llm_d_epp_request_error_total", {**labels, "error_code": "ResourceExhausted"}) == 1
+
+
+async def test_a_404_counts_under_the_reference_error_code() -> None:
+    # request_error_total{error_code}: the reference's code for 404 is NotFound (dashboards and alerts name it).
+    async with serve(FakeDirector(list(ENDPOINTS), fail_with=NotFound("The model `x` does not exist."))) as h:
+        s = h.open()
+        await s.send(request_headers(), request_body(BODY, eos=True))
+        assert immediate(await s.recv())[0] == 404
+        labels = {**FP, "model_name": "m", "target_model_name": "m"}
+        assert h.sample("llm_d_epp_request_error_total", {**labels, "error_code": "NotFound"}) == 1
 
 
 async def test_sse_response_streams_and_usage_from_final_event() -> None:
