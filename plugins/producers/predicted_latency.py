@@ -62,7 +62,10 @@ def decode_sample_positions(tokens: int, mean: float, cap: int, rng: random.Rand
     k = 2
     while k <= tokens and (cap <= 0 or len(out) < cap):
         out.append(k)
-        k += max(1, round(rng.expovariate(1.0 / mean)))
+        gap = rng.expovariate(1.0 / mean)  # may overflow to inf for a mean near the float maximum
+        if not gap < tokens:
+            break
+        k += max(1, round(gap))
     return out
 
 
@@ -143,6 +146,11 @@ class _Context:
     # chosen endpoint's is its training samples' feature, so training and prediction rows agree.
     prefill_snapshot: dict[Endpoint, int] | None = None
     ttft_reported: bool = False
+    # Whose prefill the TTFT measures (the P/D prefill pod, else the target), its metrics and its prediction row's
+    # prefill tokens at dispatch: the TTFT sample's features, as the reference's prefill-target branch.
+    ttft_endpoint: Endpoint | None = None
+    ttft_dispatch_metrics: EndpointMetrics = NO_METRICS
+    ttft_prefill_tokens_at_dispatch: int = 0
     labels: tuple[str, str, str, str] = ("", "", "", "")
 
 
@@ -275,8 +283,8 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         prediction_timeout: str | float = "300ms"
 
         def __post_init__(self) -> None:
-            if not self.sampling_mean > 0:
-                raise ValueError(f"samplingMean must be > 0, got {self.sampling_mean}")
+            if not 0 < self.sampling_mean < math.inf:
+                raise ValueError(f"samplingMean must be > 0 and finite, got {self.sampling_mean}")
             if self.max_decode_token_samples_for_prediction < 0:
                 raise ValueError("maxDecodeTokenSamplesForPrediction must be >= 0")
             if not 0 < self.slo_buffer_factor < math.inf:
@@ -455,9 +463,12 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         before = self._prefill_tokens.get(charged, 0)
         # The training feature is what the prediction saw: the other requests' prefill tokens (as the reference's
         # in-flight snapshot from Produce), never this request's own, which only input_token_length carries.
-        # The target's row, also with P/D (its prediction row counted the decode pod's, not the prefill pod's).
+        # TPOT rows describe the target, TTFT rows the pod that runs the prefill (with P/D the prefill pod).
         snapshot = ctx.prefill_snapshot or {}
         ctx.prefill_tokens_at_dispatch = snapshot.get(ep, self._prefill_tokens.get(ep, 0))
+        ctx.ttft_endpoint = charged  # kept after the first byte, unlike prefill_endpoint
+        ctx.ttft_dispatch_metrics = charged.metrics
+        ctx.ttft_prefill_tokens_at_dispatch = snapshot.get(charged, before)
         self._prefill_tokens[charged] = before + ctx.input_tokens
         if charged is not ep:  # a P/D prefill pod: busy with this request until its first byte
             self._prefilling[charged] = self._prefilling.get(charged, 0) + 1
@@ -499,7 +510,7 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         ):
             ctx.ttft_reported = True
             ttft_ms = (response.first_byte_at - ctx.dispatched_at) * 1000
-            self.client.add_training([self._entry(ctx, ctx.dispatch_metrics, 0, ttft_ms, 0.0)])
+            self.client.add_training([self._ttft_entry(ctx, ttft_ms)])
 
     def response_complete(self, request: InferenceRequest, response: ResponseInfo, result: SchedulingResult) -> None:
         ctx: _Context | None = request.data.pop(self._ctx_key, None)
@@ -525,7 +536,7 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
             # does a streamed one that Envoy delivered in one message (BUFFERED response mode).
             timed = response.streaming and not response.whole_body
             if not ctx.ttft_reported and timed:
-                entries.append(self._entry(ctx, ctx.dispatch_metrics, 0, ttft_ms, 0.0))
+                entries.append(self._ttft_entry(ctx, ttft_ms))
             tokens = response.usage.completion_tokens if response.usage is not None else 0
             tpot_ms = 0.0
             if timed and tokens > 1 and response.finished_at > response.first_byte_at:
@@ -541,7 +552,7 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         else:  # the reference's default: TTFT is the end-to-end latency, TPOT is not trained
             ttft_ms = (response.finished_at - ctx.dispatched_at) * 1000
             tpot_ms = 0.0
-            entries.append(self._entry(ctx, ctx.dispatch_metrics, 0, ttft_ms, 0.0))
+            entries.append(self._ttft_entry(ctx, ttft_ms))
         if entries:
             self.client.add_training(entries)
         self._observe(ctx, ttft_ms, tpot_ms)
@@ -551,13 +562,16 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         if m is None or ctx.target is None:
             return
         predicted = ctx.predictions.get(ctx.target) if ctx.predictions else None
+        # The TTFT prediction of the pod that ran the prefill (reference: the prefill target's, with P/D).
+        ttft_ep = ctx.ttft_endpoint or ctx.target
+        predicted_first = ctx.predictions.get(ttft_ep) if ctx.predictions else None
         last = m.last
-        if predicted is not None:
-            m.predicted_ttft.labels(*ctx.labels).observe(predicted.ttft_ms / 1000)
-            last.labels(*ctx.labels, "predicted_ttft").set(predicted.ttft_ms / 1000)
-            if self.streaming:
-                m.predicted_tpot.labels(*ctx.labels).observe(predicted.tpot_ms / 1000)
-                last.labels(*ctx.labels, "predicted_tpot").set(predicted.tpot_ms / 1000)
+        if predicted_first is not None:
+            m.predicted_ttft.labels(*ctx.labels).observe(predicted_first.ttft_ms / 1000)
+            last.labels(*ctx.labels, "predicted_ttft").set(predicted_first.ttft_ms / 1000)
+        if predicted is not None and self.streaming:
+            m.predicted_tpot.labels(*ctx.labels).observe(predicted.tpot_ms / 1000)
+            last.labels(*ctx.labels, "predicted_tpot").set(predicted.tpot_ms / 1000)
         last.labels(*ctx.labels, "ttft").set(ttft_ms / 1000)
         if tpot_ms > 0:
             last.labels(*ctx.labels, "tpot").set(tpot_ms / 1000)
@@ -590,12 +604,19 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
             else:
                 self._prefilling.pop(ep, None)
 
+    def _ttft_entry(self, ctx: _Context, ttft_ms: float) -> dict[str, Any]:
+        """The TTFT sample: the features of the pod that ran the prefill (P/D: the prefill pod) at dispatch."""
+        ep = ctx.ttft_endpoint or ctx.target
+        return self._entry(ctx, ctx.ttft_dispatch_metrics, 0, ttft_ms, 0.0, ep, ctx.ttft_prefill_tokens_at_dispatch)
+
     def _entry(
-        self, ctx: _Context, m: EndpointMetrics, generated: int, ttft_ms: float, tpot_ms: float
-    ) -> dict[str, Any]:
-        assert ctx.target is not None
-        row = self._row(ctx.target, ctx.input_tokens, ctx.prefix_scores.get(ctx.target, 0.0), generated, m)
-        row["prefill_tokens_in_flight"] = ctx.prefill_tokens_at_dispatch
+        self, ctx: _Context, m: EndpointMetrics, generated: int, ttft_ms: float, tpot_ms: float,
+        ep: Endpoint | None = None, prefill_tokens: int | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        ep = ep or ctx.target
+        assert ep is not None
+        row = self._row(ep, ctx.input_tokens, ctx.prefix_scores.get(ep, 0.0), generated, m)
+        row["prefill_tokens_in_flight"] = ctx.prefill_tokens_at_dispatch if prefill_tokens is None else prefill_tokens
         row["actual_ttft_ms"] = max(0.0, ttft_ms)
         row["actual_tpot_ms"] = max(0.0, tpot_ms)
         row["timestamp"] = time.time()

@@ -237,12 +237,15 @@ def test_slo_headers_and_sampling_positions() -> None:
     many = decode_sample_positions(100000, 1000, 0, rng)
     assert 70 < len(many) < 130  # a Poisson process of mean gap 1000 tokens
     assert len(decode_sample_positions(100000, 1000, 5, rng)) == 5
+    # A finite mean near the float maximum draws infinite gaps now and then: sampling ends, never raises.
+    assert all(decode_sample_positions(10_000, 1e308, 1000, random.Random(seed))[0] == 2 for seed in range(50))
 
 
 @pytest.mark.parametrize(
     ("params", "message"),
     [
         ({"samplingMean": 0}, "samplingMean must be > 0"),
+        ({"samplingMean": float("inf")}, "samplingMean must be > 0 and finite"),
         ({"sloBufferFactor": -1}, "sloBufferFactor must be > 0"),
         ({"maxDecodeTokenSamplesForPrediction": -1}, "maxDecodeTokenSamplesForPrediction must be >= 0"),
         ({"contextTTL": "soon"}, "contextTTL: invalid duration"),
@@ -475,13 +478,14 @@ async def test_training_rows_carry_the_prefill_tokens_the_prediction_saw(predict
     await p.aclose()
 
 
-async def test_a_pd_training_row_carries_the_decode_targets_prefill_tokens(predictor: PredictorService) -> None:
-    """With P/D the TTFT sample is the decode target's row, so its prefill_tokens_in_flight is what the target's
-    prediction row said (0 here), not the prefill pod's 1,000 another request has in flight there."""
+async def test_a_pd_training_row_carries_the_prefill_pods_prefill_tokens(predictor: PredictorService) -> None:
+    """With P/D the TTFT sample is the prefill pod's row (the reference's prefill-target branch: its metrics, prefix
+    score and in-flight load at dispatch), so its prefill_tokens_in_flight is what the prefill pod's prediction row
+    said: the 1,000 another request has in flight there, not this request's own 100."""
     p = producer(predictor, streamingMode=True)
     sent: list[dict[str, Any]] = []
     p.client.add_training = sent.extend
-    decode, prefill = endpoint(0, running=3), endpoint(1)
+    decode, prefill = endpoint(0, running=3), endpoint(1, kv=0.7, queue=4)
 
     def pd() -> SchedulingResult:
         profiles: dict[str, ProfileResult | None] = {
@@ -495,11 +499,22 @@ async def test_a_pd_training_row_carries_the_decode_targets_prefill_tokens(predi
     p.pre_request(first, pd())
     req = request(b"x" * 400)
     await p.produce(req, [decode, prefill])
+    ctx = req.data[p._ctx_key]
+    ctx.predictions = {
+        ep: LatencyPredictionInfo(ms, 10.0, 0.0, 0.0, True, True) for ep, ms in ((decode, 900.0), (prefill, 40.0))
+    }
     p.pre_request(req, pd())
     assert p.prefill_tokens(prefill) == 1100 and p.prefill_tokens(decode) == 0
-    p.first_response_chunk(req, ResponseInfo(status=200, streaming=True, first_byte_at=time.monotonic() + 0.05))
+    now = time.monotonic()
+    info = ResponseInfo(status=200, streaming=True, first_byte_at=now + 0.05, bytes=10, usage=Usage(100, 5, 105))
+    p.first_response_chunk(req, info)
     (sample,) = sent
-    assert (sample["num_request_running"], sample["prefill_tokens_in_flight"]) == (3, 0)
+    assert (sample["num_request_running"], sample["prefill_tokens_in_flight"]) == (0, 1000)
+    assert (sample["kv_cache_percentage"], sample["num_request_waiting"]) == (0.7, 4)
+    # The predicted TTFT reported beside the actual one is the prefill pod's prediction, as the reference's.
+    info.finished_at = now + 0.1
+    p.response_complete(req, info, pd())
+    assert p._metrics.last.labels("plp", "predicted-latency-producer", "m", "m", "predicted_ttft").value == 0.04
     await p.aclose()
 
 
