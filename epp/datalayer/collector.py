@@ -55,7 +55,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from llmepp.datalayer.datastore import Datastore
-from llmepp.datalayer.endpoint import NO_METRICS, Endpoint, EndpointSpec
+from llmepp.datalayer.endpoint import NO_METRICS, Endpoint, EndpointMetrics, EndpointSpec
 from llmepp.datalayer.engines import EngineMapping, PageMemo
 from llmepp.datalayer.httpscrape import (
     BadStatus,
@@ -84,6 +84,8 @@ from llmepp.tasks import cancel_and_wait
 # A hub's spreads: over its available clusters' published averages.
 _HUB_KEYS = (POOL_KV_CACHE_UTILIZATION, POOL_QUEUE_SIZE, POOL_RUNNING_REQUESTS)
 log = logging.getLogger(__name__)
+# What an empty cluster keeps through a brief fetch failure: its count of 0, no load.
+_STILL_EMPTY = EndpointMetrics(attributes={POOL_READY_ENDPOINTS: 0.0})
 
 MIN_INTERVAL = 0.050  # the reference clamps --refresh-metrics-interval to >= 50 ms
 SUB_TICKS = 5
@@ -189,7 +191,13 @@ class _EndpointScrape:
                 c.datastore.set_unreachable(ep, False)
                 log.info("endpoint %s answers on its metrics port again (%s): routed to again", ep.name, err)
             if c.forget_on_failure:
-                previous, ep.metrics = ep.metrics, NO_METRICS
+                previous = ep.metrics
+                # A cluster whose EPP said it has no ready endpoints stays empty through a brief failure (not
+                # down yet: the ready count's rule), as its last count stays in the hub's gauge: one lost scrape
+                # must not put it back among the candidates, nor count it unavailable again at the next page.
+                down = self.down_count >= 2 and down_for >= c.down_after
+                keep_empty = not down and previous.attributes.get(POOL_READY_ENDPOINTS) == 0
+                ep.metrics = _STILL_EMPTY if keep_empty else NO_METRICS
                 if c.availability is not None:
                     c.availability.metrics_replaced(ep, previous)
             self.failed("metrics scrape failed", err if c.explain is None else c.explain(err))
@@ -370,15 +378,17 @@ class MetricsCollector:
             ready, kv, queue, running = pool_averages(endpoints)
             # A cluster whose fetches have failed only briefly (not yet down: ready_endpoints' rule) still has
             # its pods, as a pod EPP keeps a pod through one lost scrape: its last known count stays in the sum.
+            # A cluster whose count is unknown (not read yet, or its page lacks the gauge) is a candidate, as a pod
+            # EPP counts a pod it has not read or cannot read as ready: it counts as one, never as none (a hub
+            # above would take this one for empty).
             for ep in self.ready_endpoints(endpoints, time.monotonic()):
+                if POOL_READY_ENDPOINTS in ep.metrics.attributes:
+                    continue  # counted by pool_averages
                 state = self._by_endpoint.get(ep)
-                if (
-                    state is not None
-                    and state.down_count
-                    and state.last_ready
-                    and POOL_READY_ENDPOINTS not in ep.metrics.attributes
-                ):
+                if state is not None and state.down_count and state.last_ready is not None:
                     ready += state.last_ready
+                else:
+                    ready += 1.0
             # As the averages: an empty cluster's published 0s are no load (pool_averages skips them too).
             known = [ep.metrics.attributes for ep in endpoints if not is_unavailable(ep)]
             spreads = [[v for a in known if (v := a.get(key)) is not None] for key in _HUB_KEYS]

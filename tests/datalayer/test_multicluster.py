@@ -794,3 +794,83 @@ async def test_one_lost_scrape_of_a_clusters_epp_does_not_zero_the_hubs_ready_co
     await until(lambda: POOL_READY_ENDPOINTS in sub_hub.metrics.attributes, what="upper hub scraped")
     assert published == 4.0, f"lower hub published ready={published} after one lost scrape of its cluster"
     assert not is_unavailable(sub_hub)
+
+
+async def test_a_peer_page_with_a_malformed_gauge_line_does_not_freeze_the_clusters_last_load(
+    hubs: Callable[..., Any], peers: Callable[..., Any]
+) -> None:
+    """A page whose queue line has a bad value (a peer mid-restart, a proxy's partial page) is counted and the
+    cluster's queue is unknown from that scrape on, not frozen at its last good (idle) value."""
+    hub: Hub = await hubs()
+    peer: MetricsServer = await peers("127.0.0.83", epp_page(kv=0.1, queue=0.0))
+    ep = hub.add("cluster-m", peer)
+    await until(lambda: load(ep) == (0.0, 0.1))  # idle: the best cluster there is
+    good = epp_page(kv=0.1, queue=0.0)
+    # The queue family is on the page but its sample's value is garbage.
+    peer.page = good.replace(
+        b'llm_d_epp_average_queue_size{name="pool"} 0.0', b'llm_d_epp_average_queue_size{name="pool"} 0.0.0'
+    )
+    assert peer.page != good
+    requests = peer.requests
+    await until(lambda: peer.requests >= requests + 5, what="five more scrapes")
+    await asyncio.sleep(0.1)
+    # The queue is unknown now (and the error counted); the idle reading is not kept.
+    assert load(ep)[0] is None, ep.metrics
+    assert hub.extract_errors() >= 1
+
+
+async def test_a_hub_whose_clusters_counts_are_unknown_does_not_publish_zero_ready_endpoints(
+    hubs: Callable[..., Any], peers: Callable[..., Any]
+) -> None:
+    """A cluster whose EPP publishes no ready gauge (an older or reference EPP) is a candidate, so the hub's
+    own ready count includes it (as one): a hub above must not take the whole lower hub for empty."""
+    peer: MetricsServer = await peers("127.0.0.84", epp_page(kv=0.2, queue=1.0, ready=None))
+    lower: Hub = await hubs(pool="lower")
+    cluster = lower.add("no-count", peer)
+    await until(lambda: load(cluster) == (1.0, 0.2), what="cluster load read")
+    assert lower.datastore.reachable(lower.datastore.endpoints) == (cluster,)  # the lower hub routes there
+    lower.collector.update_pool_gauges()
+    upper_peer: MetricsServer = await peers("127.0.0.85", generate_latest(lower.metrics.registry))
+    upper: Hub = await hubs(pool="upper")
+    sub_hub = upper.add("lower-hub", upper_peer)
+    await until(lambda: load(sub_hub) != (None, None), what="upper hub scraped the lower hub")
+    published = lower.metrics.registry.get_sample_value("llm_d_epp_ready_endpoints", {"name": "lower"})
+    assert not is_unavailable(sub_hub), f"lower hub routes to a live cluster but published ready={published}"
+
+
+async def test_a_hub_does_not_publish_zero_ready_endpoints_before_its_first_scrape(
+    hubs: Callable[..., Any], peers: Callable[..., Any]
+) -> None:
+    """As a pod EPP counts an endpoint not scraped yet as ready, a starting hub whose clusters' first pages
+    have not arrived publishes a ready count above 0 (a hub above would read 0 as empty until the next refresh)."""
+    slow: MetricsServer = await peers("127.0.0.86", epp_page(kv=0.2, queue=1.0, ready=3))
+    slow.mode = "hang"  # its first page has not arrived yet
+    hub: Hub = await hubs(pool="starting")
+    cluster = hub.add("first", slow)
+    assert cluster.metrics is NO_METRICS
+    ready = hub.gauges()[0]
+    slow.mode = "ok"
+    await slow.stop()
+    assert ready != 0.0, "a starting hub with a cluster it routes to published llm_d_epp_ready_endpoints 0"
+
+
+async def test_one_lost_scrape_of_an_empty_clusters_epp_does_not_put_it_back_in_rotation(
+    hubs: Callable[..., Any], peers: Callable[..., Any]
+) -> None:
+    """An empty cluster stays out of rotation through a brief fetch failure of its EPP, as its last ready count
+    stays in the hub's gauge: no prefix or session is routed to a cluster with no pods, and the next page does
+    not count it as newly unavailable."""
+    hub: Hub = await hubs()
+    peer: MetricsServer = await peers("127.0.0.87", epp_page(kv=0.0, queue=0.0, ready=0))
+    ep = hub.add("empty", peer)
+    await until(lambda: is_unavailable(ep), what="empty cluster screened out")
+    assert hub.unavailable("empty") == 1
+    errors = hub.poll_errors()
+    peer.mode = "status"  # one lost scrape
+    await until(lambda: hub.poll_errors() > errors, what="one failed scrape")
+    in_rotation = not is_unavailable(ep)
+    peer.mode = "ok"
+    requests = peer.requests
+    await until(lambda: peer.requests >= requests + 3 and is_unavailable(ep), what="empty again")
+    assert not in_rotation, "one lost scrape put an empty cluster back among the candidates"
+    assert hub.unavailable("empty") == 1, "one lost scrape counted as the cluster becoming unavailable again"
