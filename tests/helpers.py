@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from aiohttp import web
 
 from llmepp.datalayer.endpoint import Endpoint, EndpointMetrics, EndpointSpec
 from llmepp.framework.plugin import ConfigError, PluginContext, PluginParams, registry
@@ -81,6 +83,28 @@ def request(prompt: bytes | None = b"hello", model: str = "m", **kw: object) -> 
         prompt=prompt,
         **kw,  # type: ignore[arg-type]
     )
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ssl_context: ssl.SSLContext | None = None,
+    *,
+    route: tuple[str, str] = ("*", "/{tail:.*}"),
+) -> AsyncIterator[str]:
+    """Serve `handler` on loopback (HTTPS with `ssl_context`) for `route` (method, path; default every
+    request); yields the server's URL."""
+    app = web.Application()
+    app.router.add_route(*route, handler)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)  # handlers that hold a stream open
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"{'https' if ssl_context else 'http'}://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
 
 
 async def until(cond: Callable[[], bool], within: float = 5.0, what: str = "condition", interval: float = 0.01) -> None:

@@ -5,11 +5,11 @@ handler; the client under test (llmepp.k8s.client.KubeClient) connects through a
 from __future__ import annotations
 
 import contextlib
-import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
+from helpers import serving
 
 from llmepp.k8s.client import KubeClient
 
@@ -27,22 +27,6 @@ current-context: fake
 """
     )
     return path
-
-
-@contextlib.asynccontextmanager
-async def serving(handler: Handler, ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[str]:
-    """Serve `handler` for every request on loopback (HTTPS with `ssl_context`); yields the server's URL."""
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)  # handlers that hold a watch open
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"{'https' if ssl_context else 'http'}://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
 
 
 @contextlib.asynccontextmanager

@@ -20,14 +20,12 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from helpers import write_cert_pair
+from helpers import serving, write_cert_pair
 
 from llmepp.framework.plugin import ConfigError
 from llmepp.k8s import client as kclient
 from llmepp.k8s.client import KubeClient, KubeError, _ExecPlugin
 from llmepp.server.tls import self_signed_pem
-
-from .fakeapi import serving
 
 API = "https://127.0.0.1:9"  # never reached before the plugin has answered
 PODS = "/api/v1/namespaces/default/pods"

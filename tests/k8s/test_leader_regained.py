@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from helpers import serving
 
-from .fakeapi import kubeconfig, serving
+from .fakeapi import kubeconfig
 from .harness import LEADER_ONLY_CONFIG, endpoints, kube_settings, running_app
 from .kubeapi import eventually
 

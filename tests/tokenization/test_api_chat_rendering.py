@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from helpers import serving
 
 from llmepp.framework.datakeys import TOKENIZED_PROMPT
 from llmepp.framework.plugin import registry
@@ -111,25 +112,18 @@ async def test_the_tokenize_api_gets_add_special_tokens() -> None:
         calls.append(await request.json())
         return web.json_response({"count": 1, "max_model_len": 8, "tokens": [3]})
 
-    app = web.Application()
-    app.router.add_post("/tokenize", tokenize)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    plugin = registry.build("token-producer", "t", {"vllm": {"url": f"http://127.0.0.1:{port}", "path": "/tokenize"}})
-    assert isinstance(plugin, VllmTokenProducer)
-    try:
-        comp = parsed("/v1/completions", {"model": "m", "prompt": "hi", "add_special_tokens": False})
-        chat = parsed("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}],
-                                               "add_special_tokens": True})  # fmt: skip
-        for req in (comp, chat):
-            await asyncio.wait_for(plugin.produce(req, []), 10)
-            assert req.data.get(TOKENIZED_PROMPT) is not None
-    finally:
-        await plugin.aclose()
-        await runner.cleanup()
+    async with serving(tokenize, route=("POST", "/tokenize")) as url:
+        plugin = registry.build("token-producer", "t", {"vllm": {"url": url, "path": "/tokenize"}})
+        assert isinstance(plugin, VllmTokenProducer)
+        try:
+            comp = parsed("/v1/completions", {"model": "m", "prompt": "hi", "add_special_tokens": False})
+            chat = parsed("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                                   "add_special_tokens": True})  # fmt: skip
+            for req in (comp, chat):
+                await asyncio.wait_for(plugin.produce(req, []), 10)
+                assert req.data.get(TOKENIZED_PROMPT) is not None
+        finally:
+            await plugin.aclose()
     assert calls[0].get("add_special_tokens") is False, calls[0]
     assert calls[1].get("add_special_tokens") is True, calls[1]
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from helpers import serving
 from prometheus_client import CollectorRegistry
 
 from llmepp.framework.datakeys import TOKENIZED_PROMPT, TokenizedPrompt
@@ -222,24 +223,17 @@ async def test_an_oversized_render_reply_is_a_bounded_miss(monkeypatch: pytest.M
     async def render(_: web.Request) -> web.Response:
         return web.json_response({"token_ids": list(range(10_000))})
 
-    app = web.Application()
-    app.router.add_post("/v1/completions/render", render)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    plugin = registry.build("token-producer", "tok", {"modelName": "m", "vllm": {"url": f"http://127.0.0.1:{port}"}})
-    assert isinstance(plugin, TokenProducer)
-    metrics = type("M", (), {"registry": CollectorRegistry()})()
-    plugin.setup(PluginContext({}, None, None, metrics))
-    plugin._test_registry = metrics.registry  # type: ignore[attr-defined]
-    try:
-        assert await produce(plugin, parsed("/v1/completions", {"model": "m", "prompt": "hi"})) is None
-        assert failures(plugin, "reply") == 1
-    finally:
-        await plugin.aclose()
-        await runner.cleanup()
+    async with serving(render, route=("POST", "/v1/completions/render")) as url:
+        plugin = registry.build("token-producer", "tok", {"modelName": "m", "vllm": {"url": url}})
+        assert isinstance(plugin, TokenProducer)
+        metrics = type("M", (), {"registry": CollectorRegistry()})()
+        plugin.setup(PluginContext({}, None, None, metrics))
+        plugin._test_registry = metrics.registry  # type: ignore[attr-defined]
+        try:
+            assert await produce(plugin, parsed("/v1/completions", {"model": "m", "prompt": "hi"})) is None
+            assert failures(plugin, "reply") == 1
+        finally:
+            await plugin.aclose()
 
 
 def test_the_bounds_scale_with_a_huge_prompt() -> None:
