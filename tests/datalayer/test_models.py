@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable
@@ -164,13 +165,24 @@ def _errors(metrics: EppMetrics) -> tuple[float, float]:
     return poll or 0.0, extract or 0.0
 
 
-async def test_poller_keeps_each_endpoints_models_and_counts_failures(model_servers) -> None:  # type: ignore[no-untyped-def]
-    a, b = await model_servers("127.0.0.70"), await model_servers("127.0.0.71")
+@contextlib.asynccontextmanager
+async def polling(interval: str, fetch_timeout: float) -> AsyncIterator[tuple[Datastore, EppMetrics]]:
+    """A running ModelsPoller over a fresh datastore: endpoints upserted there are polled."""
     metrics, datastore = EppMetrics(), Datastore(pool_name="pool")
-    source = ModelsDataSource("models-data-source", ModelsDataSource.Params(interval="50ms"))
-    poller = ModelsPoller(datastore, metrics, source, ModelsDataExtractor("models-data-extractor"), timeout=0.3)
+    source = ModelsDataSource("models-data-source", ModelsDataSource.Params(interval=interval))
+    poller = ModelsPoller(
+        datastore, metrics, source, ModelsDataExtractor("models-data-extractor"), timeout=fetch_timeout
+    )
     await poller.start()
     try:
+        yield datastore, metrics
+    finally:
+        await poller.aclose()
+
+
+async def test_poller_keeps_each_endpoints_models_and_counts_failures(model_servers) -> None:  # type: ignore[no-untyped-def]
+    a, b = await model_servers("127.0.0.70"), await model_servers("127.0.0.71")
+    async with polling("50ms", 0.3) as (datastore, metrics):
         datastore.upsert(EndpointSpec(name="a", address=a.host, port=a.port))
         datastore.upsert(EndpointSpec(name="b", address=b.host, port=b.port))
         ep_a, ep_b = datastore.get("a"), datastore.get("b")
@@ -197,8 +209,6 @@ async def test_poller_keeps_each_endpoints_models_and_counts_failures(model_serv
         seen = b.requests
         await asyncio.sleep(0.2)
         assert b.requests == seen
-    finally:
-        await poller.aclose()
 
 
 async def test_a_server_slower_than_the_poll_interval_still_gets_its_list_read(model_servers) -> None:  # type: ignore[no-untyped-def]
@@ -206,15 +216,9 @@ async def test_a_server_slower_than_the_poll_interval_still_gets_its_list_read(m
     answers in 300 ms is read with a 100 ms interval (the reference's fetch timeout is 1 s whatever the interval)."""
     server = await model_servers("127.0.0.72")
     server.delay = 0.3
-    metrics, datastore = EppMetrics(), Datastore(pool_name="pool")
-    source = ModelsDataSource("models-data-source", ModelsDataSource.Params(interval="100ms"))
-    poller = ModelsPoller(datastore, metrics, source, ModelsDataExtractor("models-data-extractor"), timeout=1.0)
-    await poller.start()
-    try:
+    async with polling("100ms", 1.0) as (datastore, metrics):
         datastore.upsert(EndpointSpec(name="a", address=server.host, port=server.port))
         ep = datastore.get("a")
         assert ep is not None
         await until(lambda: ep.models is not None, within=4.0, what="the model list of a server answering in 300 ms")
         assert _errors(metrics) == (0.0, 0.0)
-    finally:
-        await poller.aclose()
