@@ -157,6 +157,11 @@ class _EndpointScrape:
         self.client = ScrapeClient(collector.source.target_for(self.spec), self.on_result, collector.timeout)
         self.resolve_mapping()
 
+    def is_down(self, now: float, down_after: float) -> bool:
+        """Every fetch has failed, at least twice in a row, since a scrape that began `down_after` seconds
+        before `now` or earlier (the ready count's rule, module docstring)."""
+        return self.down_count >= 2 and now - self.down_since >= down_after
+
     def resolve_mapping(self) -> None:
         try:
             self.mapping, self.mapping_error = self.collector.extractor.mapping_for(self.spec.labels), None
@@ -180,11 +185,12 @@ class _EndpointScrape:
                 self.down_refused = refused
             self.down_count += 1
             self.down_refused = self.down_refused and refused
-            down_for = time.monotonic() - self.down_since
-            if self.down_refused and self.down_count >= 2 and not ep.unreachable and down_for >= c.down_after:
+            now = time.monotonic()
+            down = self.is_down(now, c.down_after)
+            if self.down_refused and down and not ep.unreachable:
                 c.datastore.set_unreachable(ep, True)
                 log.warning("endpoint %s: nothing has listened on its metrics port for %.1f s; routing leaves "
-                            "it out while other endpoints answer", ep.name, down_for)  # fmt: skip
+                            "it out while other endpoints answer", ep.name, now - self.down_since)  # fmt: skip
             elif ep.unreachable and isinstance(err, _ANSWERED):
                 # Something listens again (it answered, if with an error): a server that answers with an
                 # error is still there, so it is routed to again, as after a page.
@@ -195,7 +201,6 @@ class _EndpointScrape:
                 # A cluster whose EPP said it has no ready endpoints stays empty through a brief failure (not
                 # down yet: the ready count's rule), as its last count stays in the hub's gauge: one lost scrape
                 # must not put it back among the candidates, nor count it unavailable again at the next page.
-                down = self.down_count >= 2 and down_for >= c.down_after
                 keep_empty = not down and previous.attributes.get(POOL_READY_ENDPOINTS) == 0
                 ep.metrics = _STILL_EMPTY if keep_empty else NO_METRICS
                 if c.availability is not None:
@@ -424,13 +429,8 @@ class MetricsCollector:
         """The ready ones of `endpoints` at `now`: all but those whose fetches have all failed, at least
         twice in a row, since a scrape that began `down_after` seconds ago or earlier (see the module
         docstring). The pool averages are taken over these too: a dead pod's last load is not the pool's."""
-        cutoff = now - self.down_after
         states = self._by_endpoint
-        down = [
-            ep
-            for ep in endpoints
-            if (state := states.get(ep)) is not None and state.down_count >= 2 and state.down_since <= cutoff
-        ]
+        down = [ep for ep in endpoints if (state := states.get(ep)) is not None and state.is_down(now, self.down_after)]
         if not down:
             return endpoints
         return [ep for ep in endpoints if ep not in down]
