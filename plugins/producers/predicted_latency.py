@@ -548,7 +548,8 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
                 # a usage of 2**53 tokens was a loop of 2**53 / samplingMean samples.
                 cap = min(p.max_decode_token_samples_for_prediction or MAX_COUNT, self.client.max_sample_size)
                 positions = decode_sample_positions(min(tokens, MAX_COUNT), p.sampling_mean, cap, self._rng)
-                entries.extend(self._entry(ctx, features, k, 0.0, tpot_ms) for k in positions)
+                target, in_flight = ctx.target, ctx.prefill_tokens_at_dispatch
+                entries.extend(self._entry(ctx, target, features, in_flight, k, 0.0, tpot_ms) for k in positions)
         else:  # the reference's default: TTFT is the end-to-end latency, TPOT is not trained
             ttft_ms = (response.finished_at - ctx.dispatched_at) * 1000
             tpot_ms = 0.0
@@ -563,8 +564,7 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
             return
         predicted = ctx.predictions.get(ctx.target) if ctx.predictions else None
         # The TTFT prediction of the pod that ran the prefill (reference: the prefill target's, with P/D).
-        ttft_ep = ctx.ttft_endpoint or ctx.target
-        predicted_first = ctx.predictions.get(ttft_ep) if ctx.predictions else None
+        predicted_first = ctx.predictions.get(ctx.ttft_endpoint) if ctx.predictions and ctx.ttft_endpoint else None
         last = m.last
         if predicted_first is not None:
             m.predicted_ttft.labels(*ctx.labels).observe(predicted_first.ttft_ms / 1000)
@@ -606,17 +606,16 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
 
     def _ttft_entry(self, ctx: _Context, ttft_ms: float) -> dict[str, Any]:
         """The TTFT sample: the features of the pod that ran the prefill (P/D: the prefill pod) at dispatch."""
-        ep = ctx.ttft_endpoint or ctx.target
-        return self._entry(ctx, ctx.ttft_dispatch_metrics, 0, ttft_ms, 0.0, ep, ctx.ttft_prefill_tokens_at_dispatch)
+        in_flight = ctx.ttft_prefill_tokens_at_dispatch
+        return self._entry(ctx, ctx.ttft_endpoint, ctx.ttft_dispatch_metrics, in_flight, 0, ttft_ms, 0.0)
 
     def _entry(
-        self, ctx: _Context, m: EndpointMetrics, generated: int, ttft_ms: float, tpot_ms: float,
-        ep: Endpoint | None = None, prefill_tokens: int | None = None,
+        self, ctx: _Context, ep: Endpoint | None, m: EndpointMetrics, prefill_tokens: int, generated: int,
+        ttft_ms: float, tpot_ms: float,
     ) -> dict[str, Any]:  # fmt: skip
-        ep = ep or ctx.target
-        assert ep is not None
+        assert ep is not None  # set by pre_request, before any response
         row = self._row(ep, ctx.input_tokens, ctx.prefix_scores.get(ep, 0.0), generated, m)
-        row["prefill_tokens_in_flight"] = ctx.prefill_tokens_at_dispatch if prefill_tokens is None else prefill_tokens
+        row["prefill_tokens_in_flight"] = prefill_tokens
         row["actual_ttft_ms"] = max(0.0, ttft_ms)
         row["actual_tpot_ms"] = max(0.0, tpot_ms)
         row["timestamp"] = time.time()
