@@ -43,13 +43,15 @@ class NoHitLRUScorer(Scorer, PreRequest):
     evicted goes back to the endpoint that held it (this build; the reference spreads it like a new
     one): that endpoint made room for it, while another would push out its own warm prefixes to
     take it — with the pool's working set near its KV capacity, a cascade of misses (measured in
-    benchmarks/README.md, precise prefix). Unless the home is already recomputing: after an eviction many
-    of its prefixes come back at once, and queueing them all behind one pod's prefill costs more than the
-    misses spreading them causes (benchmarks/DES.md, eviction). The backlog gate uses the router's own
+    benchmarks/README.md, precise prefix). Unless the home is far behind (a restarted pod gets all its
+    prefixes back at once): queueing many prompts behind one pod's prefill costs more than the misses
+    spreading them causes. The limit is high because each spread prefix evicts warm ones elsewhere; with
+    2 prompts the eviction benchmark lost about a point of hit rate to approximate routing, with 8 it
+    gains one (benchmarks/DES.md, eviction). The backlog gate uses the router's own
     in-flight counters, which see a prefill queue the moment it forms; scraped queues show it only once
     the pod's KV is full.
 
-    Parameters: `lruSize` (1024, > 0), `preferLastHolder` (true), `lastHolderBacklogLimit` (2.0 prompts;
+    Parameters: `lruSize` (1024, > 0), `preferLastHolder` (true), `lastHolderBacklogLimit` (8.0 prompts;
     < 0 = no limit), `inFlightLoadProducerName` (the inflight-load-producer to read, default the only one,
     auto-created), `prefixMatchInfoProducerName` (which
     PrefixCacheMatchInfo producer decides "cold"; default: the only one, approx producer
@@ -65,7 +67,7 @@ class NoHitLRUScorer(Scorer, PreRequest):
     class Params(PluginParams):
         lru_size: int = 1024
         prefer_last_holder: bool = True
-        last_holder_backlog_limit: float = 2.0
+        last_holder_backlog_limit: float = 8.0
         in_flight_load_producer_name: str = ""
         prefix_match_info_producer_name: str = ""
         prefix_plugin_type: str = "prefix-cache-scorer"

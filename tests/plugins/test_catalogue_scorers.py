@@ -263,7 +263,7 @@ def test_no_hit_lru_sends_an_evicted_prefix_back_to_its_last_holder() -> None:
 
 
 def test_no_hit_lru_spreads_an_evicted_prefix_when_its_last_holder_has_a_prefill_backlog() -> None:
-    s, inflight = lru_with_inflight()  # lastHolderBacklogLimit 2 prompts; the prompt is 4 blocks x 64 = 256 tokens
+    s, inflight = lru_with_inflight()  # lastHolderBacklogLimit 8 prompts; the prompt is 4 blocks x 64 = 256 tokens
     eps = [endpoint(i) for i in range(4)]
 
     def score(home_backlog: int, least: int) -> list[float]:
@@ -278,9 +278,9 @@ def test_no_hit_lru_spreads_an_evicted_prefix_when_its_last_holder_has_a_prefill
 
     home = pytest.approx([0.5, 1 / 3, 1.0, 0.0])
     spread = pytest.approx([1.0, 2 / 3, 1 / 3, 0.0])
-    assert score(512, 0) == home  # exactly two prompts more than the least-loaded candidate: still home
-    assert score(513, 0) == spread  # one token over: the plain cold LRU order
-    assert score(1000, 600) == home  # the difference counts, not the level
+    assert score(2048, 0) == home  # exactly eight prompts more than the least-loaded candidate: still home
+    assert score(2049, 0) == spread  # one token over: the plain cold LRU order
+    assert score(2600, 600) == home  # the difference counts, not the level
     unlimited, inflight = lru_with_inflight(lastHolderBacklogLimit=-1)
     inflight.loads[eps[2]] = InFlight(requests=9, tokens=10**6)
     req = cold(eps)
