@@ -6,6 +6,7 @@ models poller) do the fetching with it.
 
 from __future__ import annotations
 
+import logging
 import ssl
 from typing import Annotated, Any
 
@@ -15,6 +16,8 @@ from llmepp.datalayer.endpoint import EndpointSpec
 from llmepp.datalayer.httpscrape import ScrapeTarget
 from llmepp.framework.plugin import ConfigError, Plugin, PluginParams
 from llmepp.units import parse_duration
+
+log = logging.getLogger(__name__)
 
 
 class HttpSourceParams(PluginParams):
@@ -53,6 +56,14 @@ class HttpDataSource(Plugin):
             if self.interval <= 0:
                 raise ConfigError(f"parameters.interval: must be positive, got {p.interval!r}")
         self.ssl_context = self._ssl_context(p) if p.scheme == "https" else None
+        if p.scheme == "http":
+            # Loading them would be wrong (the pages are plain HTTP) and refusing the config would break
+            # configs the reference loads; but a forgotten `scheme: https` must not pass unnoticed.
+            unused = [f for f, v in (("caCertPath", p.ca_cert_path), ("clientCertPath", p.client_cert_path),
+                                     ("clientKeyPath", p.client_key_path)) if v]  # fmt: skip
+            if unused:
+                log.warning("plugin %s: parameters.%s ignored: scheme is http (set scheme: https to scrape over TLS)",
+                            name, " / ".join(unused))  # fmt: skip
 
     @staticmethod
     def _ssl_context(p: HttpSourceParams) -> ssl.SSLContext:

@@ -86,6 +86,18 @@ def test_a_ca_file_that_is_no_pem_names_the_field_and_the_file(tmp_path: Path) -
         build({"scheme": "https", "caCertPath": str(bad)})
 
 
+def test_tls_files_with_scheme_http_are_named_in_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """A forgotten `scheme: https` scraped in plain text without a word; the files are still not loaded."""
+    with caplog.at_level("WARNING"):
+        src = build({"caCertPath": "/nonexistent/ca.pem", "clientKeyPath": "/nonexistent/k.pem"})
+    assert src.ssl_context is None
+    assert "parameters.caCertPath / clientKeyPath ignored: scheme is http" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        build({})
+    assert caplog.text == ""
+
+
 def test_tls_files_load(tmp_path: Path) -> None:
     from .fakes import TEST_CERT, TEST_KEY
 
