@@ -20,7 +20,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -133,6 +133,8 @@ class PredictorClient:
         self._closed = False
         self.sent = 0  # training samples accepted by the training server
         self.dropped = 0  # training samples lost (buffer sampled down, upload failed)
+        # Told (outcome "sent" / "dropped", count) as samples leave the buffer: the owner's metrics.
+        self.on_samples: Callable[[str, int], None] | None = None
         self._upload_log = LogLimiter(log, 30.0)
 
     def _client(self) -> aiohttp.ClientSession:
@@ -215,7 +217,7 @@ class PredictorClient:
                 buffer.append(entry)
             else:  # the training server is down or slow: a new sample replaces a random one (O(1), not a resample)
                 buffer[self._rng.randrange(cap)] = entry
-                self.dropped += 1
+                self._count("dropped", 1)
         if self._flusher is None or self._flusher.done():
             with contextlib.suppress(RuntimeError):  # no running loop (a unit test calling hooks directly)
                 self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
@@ -235,7 +237,7 @@ class PredictorClient:
         if not batch:
             return 0
         if len(batch) > self.max_sample_size:
-            self.dropped += len(batch) - self.max_sample_size
+            self._count("dropped", len(batch) - self.max_sample_size)
             batch = self._rng.sample(batch, self.max_sample_size)
         url = f"{self.training_url}/add_training_data_bulk"
         try:
@@ -247,13 +249,21 @@ class PredictorClient:
                     if resp.status >= 300:
                         raise PredictorUnavailable("error", f"answered {resp.status}: {detail[:300]!r}")
         except (TimeoutError, aiohttp.ClientError, OSError, PredictorUnavailable) as e:
-            self.dropped += len(batch)
+            self._count("dropped", len(batch))
             self._upload_log.warning(
                 "upload", "training samples not uploaded to %s (%d dropped): %s", url, len(batch), e
             )
             return 0
-        self.sent += len(batch)
+        self._count("sent", len(batch))
         return len(batch)
+
+    def _count(self, outcome: str, n: int) -> None:
+        if outcome == "sent":
+            self.sent += n
+        else:
+            self.dropped += n
+        if self.on_samples is not None:
+            self.on_samples(outcome, n)
 
     async def aclose(self) -> None:
         self._closed = True

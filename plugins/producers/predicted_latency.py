@@ -118,6 +118,12 @@ class LatencyMetrics:
             "skipped while backing off after a failure.",
             ("plugin_name", "reason"), registry=registry,
         )  # fmt: skip
+        self.training_samples = Counter(
+            PREFIX + "latency_training_samples_total",
+            "Training samples that left the upload buffer: sent (accepted by the training server) or dropped "
+            "(the buffer sampled down while the server was slow or down, or the upload failed).",
+            ("plugin_name", "outcome"), registry=registry,
+        )  # fmt: skip
         # model_name / target_model_name are client input: the first MAX_MODEL_LABELS (model, target) pairs get
         # series of their own, later ones share OVERFLOW_LABEL (as the EPP's other per-model series).
         self.pairs = BoundedLabels(MAX_MODEL_LABELS)
@@ -345,7 +351,9 @@ class PredictedLatencyProducer(DataProducer, PreRequest, FirstResponseChunkProce
         )
         registry = getattr(ctx.metrics, "registry", None)
         if registry is not None:
-            self._metrics = LatencyMetrics.of(registry)
+            self._metrics = metrics = LatencyMetrics.of(registry)
+            samples = metrics.training_samples
+            self.client.on_samples = lambda outcome, n: samples.labels(self.name, outcome).inc(n)
         if ctx.datastore is not None:
             ctx.datastore.add_listener(self)
 

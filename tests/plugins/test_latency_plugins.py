@@ -612,6 +612,22 @@ async def test_non_streaming_mode_trains_end_to_end_latency(predictor: Predictor
     await p.aclose()
 
 
+async def test_training_samples_sent_and_dropped_are_counted(predictor: PredictorService) -> None:
+    """Samples lost to a dead training server were only a log line (once per 30 s) and a private counter."""
+    sample = {"kv_cache_percentage": 0.1, "input_token_length": 5, "num_request_waiting": 0,
+              "num_request_running": 1, "num_tokens_generated": 0, "prefix_cache_score": 0.0,
+              "actual_ttft_ms": 40.0, "actual_tpot_ms": 0.0}  # fmt: skip
+    dead_url = f"http://127.0.0.1:{free_port()}"
+    for url, outcome in ((predictor.urls["training"], "sent"), (dead_url, "dropped")):
+        p = make("predicted-latency-producer", {"predictionServerURL": predictor.urls["prediction"],
+                 "trainingServerURL": url}, metrics=(metrics := EppMetrics()))  # fmt: skip
+        p.client.add_training([sample] * 3)
+        assert await p.client.flush() == (3 if outcome == "sent" else 0)
+        text = generate_latest(metrics.registry).decode()
+        assert f'llm_d_epp_latency_training_samples_total{{outcome="{outcome}",plugin_name="plp"}} 3.0' in text
+        await p.aclose()
+
+
 def test_producer_metrics_are_registered_once_per_registry() -> None:
     metrics = EppMetrics()
     a = make("predicted-latency-producer", None, registry.build("approx-prefix-cache-producer", "approx", None),
