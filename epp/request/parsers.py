@@ -90,6 +90,7 @@ H_DATA_PARALLEL = "x-data-parallel-host-port"
 SIDECAR_HEADERS = (H_PREFILLER, H_ENCODERS, H_KV_CACHE_SOURCE, H_DATA_PARALLEL)
 
 DEFAULT_PATH = "/v1/completions"
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # vLLM's CompletionRequest.max_tokens default (OpenAI's legacy API too)
 DEFAULT_FAIRNESS_ID = "default-flow"
 
 # The OpenAI API paths openai-parser claims, and what each is.
@@ -132,7 +133,7 @@ class _CompletionsBody(msgspec.Struct):
     prompt: Any = msgspec.UNSET
     # Lax scalars (read by _flag / _max_tokens as vLLM's pydantic models read them): Any.
     stream: Any = None
-    max_tokens: Any = None
+    max_tokens: Any = msgspec.UNSET  # absent: vLLM's default (16); null: none
     cache_salt: str | None = None
     add_special_tokens: Any = None
     truncate_prompt_tokens: Any = None
@@ -467,10 +468,9 @@ def parse_openai(req: InferenceRequest, suffix: str) -> None:
         req.model = _model(chat.model)
         _read_chat(req, chat, bytes(chat.tools))
         req.stream = _flag(chat.stream)
-        if chat.max_completion_tokens is not None:
-            req.max_tokens = _max_tokens(chat.max_completion_tokens, "max_completion_tokens")
-        else:
-            req.max_tokens = _max_tokens(chat.max_tokens)
+        # vLLM (to_sampling_params): `max_completion_tokens or max_tokens`; both are validated.
+        completion = _max_tokens(chat.max_completion_tokens, "max_completion_tokens")
+        req.max_tokens = completion or _max_tokens(chat.max_tokens)
         req.cache_salt = chat.cache_salt or ""
         _read_tokenize_params(req, chat)
     elif kind is RequestKind.COMPLETIONS:
@@ -478,7 +478,9 @@ def parse_openai(req: InferenceRequest, suffix: str) -> None:
         req.model = _model(comp.model)
         req.prompt, req.prompt_is_token_ids, req.prompt_ends = _text_or_tokens(comp.prompt, "prompt", lax=True)
         req.stream = _flag(comp.stream)
-        req.max_tokens = _max_tokens(comp.max_tokens)
+        # vLLM's CompletionRequest: `max_tokens: int | None = 16` (absent: 16; an explicit null: no limit).
+        absent = comp.max_tokens is msgspec.UNSET
+        req.max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if absent else _max_tokens(comp.max_tokens)
         req.cache_salt = comp.cache_salt or ""
         _read_tokenize_params(req, comp)
     elif kind is RequestKind.EMBEDDINGS:
@@ -668,10 +670,24 @@ def _media_items(messages: Any) -> tuple[int, ...]:
         content = message.content
         if isinstance(content, str) or not content:
             continue
-        items.extend(
-            _xxh64(_media_ref(part)) for part in content if not isinstance(part, str) and part.type in MULTIMODAL_PARTS
-        )
+        items.extend(_xxh64(_media_ref(part)) for part in content if _is_media(part))
     return tuple(items)
+
+
+def _is_media(part: Any) -> bool:
+    """A media part / block: its type says so, or (vLLM's "simple" forms, chat_utils'
+    _parse_chat_message_content_mm_part) a chat part without "type" holds an image_url, audio_url,
+    input_audio or video_url."""
+    if isinstance(part, str):
+        return False
+    if part.type:
+        return part.type in MULTIMODAL_PARTS
+    return isinstance(part, _ContentPart) and (
+        part.image_url is not None
+        or part.audio_url is not None
+        or part.input_audio is not None
+        or part.video_url is not None
+    )
 
 
 def _media_ref(part: Any) -> bytes:

@@ -159,6 +159,35 @@ def test_chat_prompt_tools_then_role_and_content() -> None:
 def test_chat_max_tokens_fallback_and_no_tools() -> None:
     r = parse({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}, "/v1/chat/completions")
     assert r.prompt == b"userhi" and r.max_tokens == 4
+    # vLLM's to_sampling_params reads `max_completion_tokens or max_tokens`: a zero one defers (it won before).
+    zero = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0, "max_tokens": 5}
+    assert parse(zero, "/v1/chat/completions").max_tokens == 5
+
+
+def test_completions_without_max_tokens_generate_at_most_16() -> None:
+    """vLLM's CompletionRequest has `max_tokens: int | None = 16`; read as no limit, the in-flight load charged
+    1.5x the prompt as output."""
+    assert parse({"model": "m", "prompt": "hi"}).max_tokens == 16
+    assert parse({"model": "m", "prompt": "hi", "max_tokens": None}).max_tokens is None  # explicit: no limit
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"image_url": "https://example.com/cat.png"},
+        {"image_url": {"url": "https://example.com/cat.png"}},
+        {"audio_url": "https://example.com/a.wav"},
+        {"video_url": "https://example.com/v.mp4"},
+    ],
+)
+def test_a_media_part_without_type_is_media(part: dict[str, Any]) -> None:
+    """vLLM's chat_utils reads these "simple" parts as media (an encoder runs); they counted as text, so E/P/D and
+    the multimodal cache affinity missed them. A type-less part naming no media stays no media."""
+    doc = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "what is it?"}, part]}]}
+    r = parse(doc, "/v1/chat/completions")
+    assert r.multimodal and len(r.mm_items) == 1
+    doc["messages"][0]["content"] = [{"text": "hi"}]
+    assert not parse(doc, "/v1/chat/completions").multimodal
 
 
 @pytest.mark.parametrize(
