@@ -16,6 +16,7 @@ served model's name.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 
@@ -79,8 +80,20 @@ def parse(req: InferenceRequest, suffix: str) -> None:
     if api is None:
         req.kind = RequestKind.PASSTHROUGH  # routed on load; the body goes upstream as it came
         return
-    req.body = data
-    parsers.parse_openai(req, api)
+    if suffix == CHAT:
+        req.body = data
+        parsers.parse_openai(req, api)
+    else:
+        # A raw body only resembles an OpenAI request: one the OpenAI rules refuse (an embeddings `input` list, a
+        # custom prediction with a `prompt` and no `model`) is a custom prediction too, routed on load.
+        probe = dataclasses.replace(req, body=data)
+        try:
+            parsers.parse_openai(probe, api)
+        except BadRequest:
+            req.kind = RequestKind.PASSTHROUGH
+            return
+        for f in dataclasses.fields(req):
+            setattr(req, f.name, getattr(probe, f.name))
     req.wrap_body = functools.partial(_rewrapped, message)
     req.usage_reader = functools.partial(_HttpBodyUsage, streaming=req.stream)
 

@@ -284,6 +284,9 @@ def test_vertex_chat_completions_reads_the_openai_json() -> None:
         ({"model": "m", "prompt": "hi"}, RequestKind.COMPLETIONS),
         ({"instances": [1, 2]}, RequestKind.PASSTHROUGH),
         (b"\x00not json", RequestKind.PASSTHROUGH),
+        # OpenAI-like but not readable by its rules (they were INVALID_ARGUMENT): custom predictions, routed on load.
+        ({"model": "m", "input": ["first passage", "second passage"]}, RequestKind.PASSTHROUGH),  # an embeddings body
+        ({"prompt": "Once upon a time", "max_tokens": 16}, RequestKind.PASSTHROUGH),  # vLLM /generate: no model
     ],
 )
 def test_vertex_raw_predict_by_shape(doc: dict[str, Any] | bytes, kind: RequestKind) -> None:
