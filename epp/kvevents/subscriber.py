@@ -145,6 +145,11 @@ class ResumePoint:
 _OK, _FAILED, _RESTARTED, _EMPTY = range(4)
 
 
+class _ReplayTimedOut(Exception):
+    """The replay socket went silent (or the whole replay ran out of time). Not TimeoutError: a sink write's
+    own deadline (RedisStore.write) raises that, and must reach the pool, which restarts the source."""
+
+
 class Subscriber:
     def __init__(
         self,
@@ -388,7 +393,7 @@ class Subscriber:
                 while True:
                     remaining = deadline - loop.time()
                     if remaining <= 0 or not await dealer.poll(min(o.replay_idle_timeout, remaining) * 1000):
-                        raise TimeoutError
+                        raise _ReplayTimedOut
                     frames = await dealer.recv_multipart()
                     try:
                         item = parse_replay_reply(frames)
@@ -437,7 +442,7 @@ class Subscriber:
                     await self._apply(item, batch)
                     self.stats.replayed_batches += 1
                     await asyncio.sleep(0)
-            except TimeoutError:
+            except _ReplayTimedOut:
                 self.stats.replays_failed += 1
                 self._log.warning(f"replay:{self.pod}", "KV replay from %s timed out", self.pod)
                 return _FAILED

@@ -12,7 +12,7 @@ import pytest
 from helpers import on_a_punctual_loop, until
 
 from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
-from llmepp.kvevents.chain import SourceChains
+from llmepp.kvevents.chain import Delta, SourceChains
 from llmepp.kvevents.index import MemoryIndex
 from llmepp.kvevents.ingest import MemoryStore, SourceIngest
 from llmepp.kvevents.keys import block_keys, root_key, tokens_to_bytes
@@ -24,7 +24,7 @@ from llmepp.observability.logging import LogLimiter
 from llmepp.testing.ports import free_port, free_port_pair, free_shared_port
 
 from .publisher import CLEARED, TestPublisher, stored
-from .rig import TIERS, Rig, endpoint, memory_pool
+from .rig import TIERS, Rig, endpoint, memory_pool, pool_match
 
 TOKENS = list(range(100, 100 + 4 * 12))  # 12 blocks of 4 tokens
 
@@ -449,3 +449,50 @@ async def test_global_socket_mode_drops_an_oversized_message_and_the_pod_connect
         await until(lambda: pool.stats.batches == 2, what="the batch after the oversized one")
         assert pool.stats.messages == 2 and pool.stats.lost_batches == 1  # no replay socket configured
     await pool.aclose()
+
+
+class _StallsOnce(MemoryStore):
+    """A store whose write of batch `seq` fails once with the write deadline's TimeoutError (a stalled Redis)."""
+
+    def __init__(self, index: MemoryIndex, seq: int) -> None:
+        super().__init__(index)
+        self.seq = seq
+        self.failed = False
+
+    async def write(self, pod, chains, ts, seq, delta: Delta, replaces=None) -> None:  # type: ignore[no-untyped-def]
+        if seq == self.seq and not self.failed:
+            self.failed = True
+            raise TimeoutError
+        await super().write(pod, chains, ts, seq, delta, replaces)
+
+
+async def test_a_store_write_timing_out_during_a_replay_restarts_the_source() -> None:
+    """As on the live path (RedisStore.write's 5 s deadline raises TimeoutError; the pool restarts the source,
+    which resumes from the store's position). The replay took it for its own socket timeout: the batch was
+    counted a failed replay and the store lacked it for good while the chains held it."""
+    host = "127.0.0.179"
+    tokens = list(range(100, 100 + 16 * 8))
+
+    def chain16(first: int, last: int) -> dict:
+        hashes = [1000 + i for i in range(first, last)]
+        return stored(hashes, 1000 + first - 1 if first else None, tokens[16 * first : 16 * last], block_size=16)
+
+    index = MemoryIndex(100_000, 10, TIERS)
+    store = _StallsOnce(index, seq=1)
+    async with TestPublisher(host, topic="kv@pod@sim-model") as pub:
+        options = PoolOptions(socket_port=pub.port, replay_socket_port=pub.replay_port,
+                              subscriber=SubscriberOptions(replay_idle_timeout=0.5))  # fmt: skip
+        pool = SubscriberPool(options, store, lambda: SourceChains(16, 0, TIERS, 100_000), KVEventStats())
+        ep = endpoint(host, 8000)
+        pool.endpoint_added(ep)
+        try:
+            await asyncio.sleep(0.3)  # slow joiner
+            await pub.publish([chain16(0, 2)])
+            await pub.publish([chain16(2, 4)], drop=True)  # a gap: replayed, and its write times out
+            await pub.publish([chain16(4, 6)])
+            await until(lambda: store.failed, what="the replayed batch's write failed")
+            await asyncio.sleep(1.5)  # the restarted source waits RESTART_DELAY (1 s) and subscribes again
+            await pub.publish([chain16(6, 8)])
+            await until(lambda: pool_match(index, ep.hostport, tokens) == 8, within=6.0, what="all 8 blocks")
+        finally:
+            await pool.aclose()
