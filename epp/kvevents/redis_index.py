@@ -135,7 +135,8 @@ for _ = 1, tonumber(ARGV[11]) do
   local k = bp .. ARGV[i]; local m = tonumber(ARGV[i + 1]); i = i + 2
   if m > 0 then
     redis.call('HSET', k, pod, gen * 256 + m)
-    if ttl > 0 then redis.call('PEXPIRE', k, ttl) end
+    -- ttl 0 (no expiry): a key a speculative entry created carries that entry's short expiry; drop it
+    if ttl > 0 then redis.call('PEXPIRE', k, ttl) else redis.call('PERSIST', k) end
   elseif redis.call('HDEL', k, pod) == 1 then
     redis.call('HSET', k, 'l|', pod)
     -- HDEL of the last holder deleted the hash: the mark recreated it, without an expiry

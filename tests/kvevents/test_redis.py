@@ -900,3 +900,21 @@ async def test_a_batch_is_looked_up_in_one_round_trip(server: RedisServer, clien
         await p.aclose()
         assert proxy.server is not None
         proxy.server.close()
+
+
+async def test_with_ttl_off_a_real_entry_outlives_the_speculation_that_created_its_key(
+    server: RedisServer, client: aioredis.Redis
+) -> None:
+    """`ttl: 0` is no expiry, but a key a speculative entry created carries that entry's short expiry, and the
+    pod's real BlockStored left it there: the entry vanished with the speculation while the pod held the block."""
+    store = RedisStore(client, TIERS, ttl=0)
+    pod = "127.0.0.181:8000"
+    tokens = list(range(300, 308))
+    keys = block_keys(tokens_to_bytes(tokens), 4, root_key("m"))
+    await store.speculate(pod, keys, 0.1)  # the routed request's prompt, before its events
+    chains = SourceChains(4, 0, TIERS, 100)
+    delta = Delta()
+    chains.stored(BlockStored([1, 2], None, tokens, 4), "m", delta)  # the pod's events confirm it
+    await store.write(pod, chains, 1.0, 0, delta)
+    await asyncio.sleep(1.5)  # past the speculation's deadline and its 1 s grace
+    assert (await store.lookup(keys, [pod])).lengths == {pod: 2}
