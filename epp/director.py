@@ -490,12 +490,22 @@ class Director:
         self._failures.error(f"{kind}/{plugin.name}", message, plugin.name, exc_info=True)
 
     async def _await_producer(self, producer: DataProducer, produced: Awaitable[None]) -> None:
+        # The producer runs in a task of its own, waited on with asyncio.wait: the routing step's first stretch
+        # runs outside any task (Pending.step), where asyncio.timeout raises RuntimeError("Timeout should be used
+        # inside a task") -- and so does wait_for from Python 3.12 on (it is asyncio.timeout there).
+        task = asyncio.ensure_future(produced)
         try:
-            # wait_for, not asyncio.timeout: the routing step's first stretch runs outside any task (Pending.step).
-            await asyncio.wait_for(produced, producer.produce_timeout or PRODUCER_TIMEOUT)
-        except TimeoutError:
+            done, _ = await asyncio.wait((task,), timeout=producer.produce_timeout or PRODUCER_TIMEOUT)
+        except BaseException:  # the routing step was cancelled (the stream went away): so is the producer
+            task.cancel()
+            raise
+        if not done:
+            task.cancel()
             # Every request while e.g. a tokenizer sidecar is slow: one line per producer per 30 s.
             self._timeout_log.warning(producer.name, "data producer %s timed out", producer.name)
+            return
+        try:
+            task.result()
         except RequestError:
             raise
         except Exception:
