@@ -183,11 +183,13 @@ def test_completions_without_max_tokens_generate_at_most_16() -> None:
 def test_a_media_part_without_type_is_media(part: dict[str, Any]) -> None:
     """vLLM's chat_utils reads these "simple" parts as media (an encoder runs); they counted as text, so E/P/D and
     the multimodal cache affinity missed them. A type-less part naming no media stays no media."""
-    doc = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "what is it?"}, part]}]}
-    r = parse(doc, "/v1/chat/completions")
+
+    def chat(*content: dict[str, Any]) -> dict[str, Any]:
+        return {"model": "m", "messages": [{"role": "user", "content": list(content)}]}
+
+    r = parse(chat({"type": "text", "text": "what is it?"}, part), "/v1/chat/completions")
     assert r.multimodal and len(r.mm_items) == 1
-    doc["messages"][0]["content"] = [{"text": "hi"}]
-    assert not parse(doc, "/v1/chat/completions").multimodal
+    assert not parse(chat({"text": "hi"}), "/v1/chat/completions").multimodal
 
 
 @pytest.mark.parametrize(
