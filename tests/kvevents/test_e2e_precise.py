@@ -31,7 +31,13 @@ LOAD_SCORERS = """
 
 
 def config(
-    zmq_port: int, replay_port: int, *, redis_url: str = "", chat_template: str = "role-tags", load_scorers: bool = True
+    zmq_port: int,
+    replay_port: int,
+    *,
+    redis_url: str = "",
+    chat_template: str = "role-tags",
+    load_scorers: bool = True,
+    backlog_limit: float | None = None,
 ) -> str:
     index = ""
     load = ""
@@ -45,6 +51,7 @@ def config(
   parameters:
     redisConfig: {{address: "{redis_url}"}}"""
     replay = f", replaySocketPort: {replay_port}" if replay_port else ""
+    limit = "" if backlog_limit is None else f"\n  parameters: {{lastHolderBacklogLimit: {backlog_limit}}}"
     return f"""
 apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
@@ -68,7 +75,7 @@ plugins:
 - type: prefix-cache-scorer
   parameters:
     prefixMatchInfoProducerName: precise-prefix-cache-producer
-- type: no-hit-lru-scorer
+- type: no-hit-lru-scorer{limit}
 dataLayer:
   sources:
   - pluginRef: endpoint-notification-source
@@ -91,6 +98,7 @@ def stack_options(
     chat_template: str = "",
     sim_args: list[str] = SIM,
     load_scorers: bool = True,
+    backlog_limit: float | None = None,
 ) -> StackOptions:
     host = f"127.0.0.{first_host}"
     zmq_port, replay_port = free_port(host), free_port(host) if replay else 0
@@ -102,7 +110,7 @@ def stack_options(
     return StackOptions(
         pods=4, first_host=first_host, sim_args=sim, epp_replicas=replicas,
         epp_config=config(zmq_port, replay_port, redis_url=redis_url, chat_template=chat_template or "role-tags",
-                          load_scorers=load_scorers),
+                          load_scorers=load_scorers, backlog_limit=backlog_limit),
     )  # fmt: skip
 
 
@@ -197,7 +205,8 @@ async def test_an_evicted_prompt_skips_its_pod_while_that_pod_is_recomputing(htt
     # (1 ms per token), so requests routed to the home pod queue there in prefill for seconds.
     slow = ["--latency-profile", "llama-8b-h100", "--time-scale", "1", "--prefill-time-per-token", "1",
             "--max-num-seqs", "8", "--max-model-len", "8192"]  # fmt: skip
-    async with Stack(stack_options(190, sim_args=slow, load_scorers=False)) as stack:
+    # A backlog of two long prompts: over a limit of 2 prompts (the default, 8, would wait for more).
+    async with Stack(stack_options(190, sim_args=slow, load_scorers=False, backlog_limit=2)) as stack:
         home, pods = stack.pods[2], stack.pods
 
         async def evicted_on(pod_url: str, prompt: str) -> None:
