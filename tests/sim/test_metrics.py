@@ -6,6 +6,9 @@ import asyncio
 
 import aiohttp
 from helpers import on_a_punctual_loop, until
+from prometheus_client.parser import text_string_to_metric_families
+
+from llmepp_sim.metrics import CacheInfo, EngineGauges, EngineStats, PodMetrics
 
 from .simkit import complete, pod, running, sample, scrape, words
 
@@ -91,3 +94,38 @@ async def test_gauges_are_current_at_scrape_time(http: aiohttp.ClientSession) ->
         families = await scrape(http, url)
         assert sample(families, "vllm:num_requests_running") == 0
         assert sample(families, "vllm:num_requests_waiting") == 0
+
+
+def test_page_escapes_label_values_and_formats_values_as_prometheus_client_does() -> None:
+    # The page is rendered by hand (a scrape must not cost the engines' event loop ~1 ms); prometheus_client's
+    # parser must read back exactly what was rendered, whatever the model and adapter names hold.
+    stats = EngineStats(max_model_len=2_000_000)
+    stats.prompt_tokens = 12_345_678
+    stats.finished["stop"] = 1_234_567
+    for value in (3, 900, 1_500_000):
+        stats.request_prompt_tokens.observe(value)
+    stats.ttft.observe(0.3)
+    gauges = EngineGauges(3, 1, 0.123456789, ['a"b', "c\\d"], ["x\ny"], 4)
+    page = PodMetrics('mo"d\\el', CacheInfo(16, 1000, True), lambda: stats, lambda: gauges).render()
+    families = {f.name: f for f in text_string_to_metric_families(page.decode())}
+    assert set(EXPECTED_TYPES) <= set(families)
+    for name, kind in EXPECTED_TYPES.items():
+        assert families[name].type == kind, name
+    assert sample(families, "vllm:prompt_tokens") == 12_345_678
+    assert sample(families, "vllm:request_success", finished_reason="stop") == 1_234_567
+    assert sample(families, "vllm:kv_cache_usage_perc") == 0.123456789
+    lora = families["vllm:lora_requests_info"].samples[0].labels
+    assert lora == {
+        "model_name": 'mo"d\\el', "running_lora_adapters": 'a"b,c\\d', "waiting_lora_adapters": "x\ny", "max_lora": "4"
+    }  # fmt: skip
+    buckets = {
+        float(s.labels["le"]): s.value
+        for s in families["vllm:request_prompt_tokens"].samples
+        if s.name.endswith("_bucket")
+    }
+    # Cumulative counts; a bound of a million is written 1e+06, as vLLM's prometheus_client Histogram writes it.
+    assert buckets[5.0] == 1 and buckets[1000.0] == 2 and buckets[1e6] == 2 and buckets[2e6] == 3
+    assert buckets[float("inf")] == 3
+    assert b'le="1e+06"' in page
+    assert sample(families, "vllm:request_prompt_tokens", "_sum") == 1_500_903
+    assert sample(families, "vllm:time_to_first_token_seconds", "_count") == 1
