@@ -1118,9 +1118,10 @@ def precise_section(
     w = precise["workloads"]["shared-prefix"]
     pods = sc["pods"]
     load = precise.get("loadavg", {})
+    seed = f" --seed {precise['seed']}" if precise.get("seed", 1) != 1 else ""
     out = [
         f"Run: `python -m benchmarks.precise_routing{' --quick' if precise['quick'] else ''} --profile "
-        f"{precise.get('profile', '?')}`, started "
+        f"{precise.get('profile', '?')}{seed}`, started "
         f"{precise['started']}, {precise.get('wall_s', 0) / 60:.1f} min wall, load average "
         f"{load.get('start', '?')} → {load.get('end', '?')} (2 cores, shared with other benchmark runs). Scale: "
         f"{pods} pods, time scale {sc['time_scale']:g}, token unit {sc['token_unit']}, KV "

@@ -136,3 +136,11 @@ def test_verdicts_skip_light_load_and_need_both_metrics(tmp_path: Path) -> None:
         r[0] == "precise prefix (#8), reference profile" for r in report.precise_targets(won, "reference profile")
     )
     assert report.precise_targets(None, "reference profile") == []
+
+
+def test_the_run_line_names_a_workload_seed_other_than_the_default(tmp_path: Path) -> None:
+    approx = [_stage(5, 2.0, 0.7)]
+    run = _result([_stage(5, 1.0, 0.8)], approx) | {"profile": "reference"}
+    assert "`python -m benchmarks.precise_routing --profile reference`" in report.precise_section(run, tmp_path, [])
+    text = report.precise_section(run | {"seed": 4}, tmp_path, [])
+    assert "`python -m benchmarks.precise_routing --profile reference --seed 4`" in text
