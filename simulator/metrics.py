@@ -106,11 +106,11 @@ class PodMetrics:
     """One engine's /metrics page: ``render()`` is the body, in prometheus_client's text format.
 
     Rendered by hand rather than through prometheus_client's generic collector: every pod's engine steps
-    on the same event loop as the scrapes, and the generic path cost ~1 ms a page (4 pods scraped every
-    50 ms took ~10% of the loop). vLLM serves /metrics from its API-server process, off the engine's loop,
-    so a scrape must not slow the simulated engines. The page is what ``generate_latest`` would print for
-    the same families (label names sorted, values as Go formats floats); tests read it with
-    prometheus_client's parser.
+    on the same event loop as the scrapes, and the generic path cost 1-2 ms a page (an EPP scraping 4 pods
+    every 50 ms took ~15% of a core from the engines). vLLM serves /metrics from its API-server process,
+    off the engine's loop, so a scrape must not slow the simulated engines. The page is what vLLM's
+    prometheus_client prints (label names sorted, values and bucket bounds formatted as Go formats floats);
+    tests read it with prometheus_client's parser.
     """
 
     def __init__(
