@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -422,13 +422,13 @@ class _Plugins:
         plugin_registry: PluginRegistry,
         *,
         running: Components | None = None,
-        reserved: Iterable[str] = (),
+        reserved: Mapping[str, Plugin] | None = None,
         pinned: Iterable[str] = (),
         fresh: list[Plugin] | None = None,
     ) -> None:
         self.registry = plugin_registry
         self.running = running
-        self.reserved = set(reserved)
+        self.reserved = {n: p.type for n, p in (reserved or {}).items()}  # name -> type
         self.pinned = set(pinned)  # running plugins kept (or a restart asked for) even if swappable
         self.plugins: dict[str, Plugin] = {}
         self.specs: dict[str, PluginSpec] = {}
@@ -438,8 +438,14 @@ class _Plugins:
         name = spec.name or spec.type
         if not spec.type:
             raise ConfigError(f"{where}: type is required")
-        if name in self.plugins or name in self.reserved:
+        if name in self.plugins:
             raise ConfigError(f"{where}: duplicate plugin name {name!r}")
+        if name in self.reserved:
+            # On a reload only: the running EPP made a plugin of this name for itself (its config did not).
+            raise ConfigError(
+                f"{where}: plugin name {name!r} is taken by a plugin the running EPP created for itself "
+                f"(type {self.reserved[name]}); use another name"
+            )
         spec = msgspec.structs.replace(spec, name=name)
         running = self.running
         if running is not None:

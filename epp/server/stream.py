@@ -972,6 +972,14 @@ class ExtProcStream:
                 # Routed, but the answer could not be built: release, then fail closed.
                 self.complete(TerminationCause.ERROR)
             return self.reject(InternalError("internal error while processing the request"), self.request)
+        if kind == "request_body" and self.phase == _ROUTED:
+            # A routed body's chunk still goes upstream: Envoy waits for each streamed chunk's echo.
+            if self.req_mode == envoy.MODE_FULL_DUPLEX_STREAMED and self.body_streamed:
+                b = msg.request_body
+                return envoy.streamed_request_body(b.body, b.end_of_stream)
+            if self.req_mode == envoy.MODE_STREAMED:
+                return envoy.REQUEST_BODY_CONTINUE
+            return None
         if kind == "request_trailers":
             return envoy.REQUEST_TRAILERS_CONTINUE
         if kind == "response_headers":
