@@ -106,6 +106,11 @@ def _event(name: str, data: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + encode_json(data) + b"\n\n"
 
 
+def error_event(error: AnthropicError) -> bytes:
+    """The `error` event that ends a stream the engine cut short (Anthropic's streaming error shape)."""
+    return _event("error", error.body())
+
+
 class MessagesStream:
     """The events of one streamed Messages response."""
 

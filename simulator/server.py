@@ -149,7 +149,7 @@ async def _generate(request: web.Request) -> web.StreamResponse:
 
 
 def _resolve_model(pod: SimPod, name: str | None) -> tuple[str, LoraAdapter | None]:
-    if name is None or name in pod.config.base_model_names:
+    if not name or name in pod.config.base_model_names:  # vLLM: an empty name is the served model
         return name or pod.config.model_name, None
     adapter = pod.lora.get(name)
     if adapter is None:
@@ -317,6 +317,12 @@ def aborted_error() -> ApiError:
     return ApiError(503, "The request was aborted: the engine is shutting down.", err_type="ServiceUnavailableError")
 
 
+def _sse_error(body: dict[str, Any]) -> bytes:
+    """A stream the engine cut short ends with its error as an event (then `[DONE]`), as vLLM's stream
+    generators do: the status line went out with the first byte, so only the body can tell the client."""
+    return b"data: " + encode_json(body) + b"\n\n"
+
+
 def _shut_down(sim_request: SimRequest) -> bool:
     """Aborted because the engine is going down (an error), not through the abort API: a request aborted
     that way is answered as vLLM answers it, finished with finish_reason "abort" (its output so far)."""
@@ -380,13 +386,16 @@ async def _stream(request: web.Request, sub: Submission) -> web.StreamResponse:
                     await response.write(b"".join(parts))
                 if finished:
                     await response.write_eof()
+        if _shut_down(sub.sim_request):
+            await response.write(_sse_error(aborted_error().body()) + StreamRenderer.done())
+            await response.write_eof()
     return response
 
 
 async def output_growth(sim_request: SimRequest) -> AsyncIterator[tuple[int, int, bool]]:
     """(first token not sent yet, tokens available, finished) each time the output grows. Ends after
-    the last tokens, or at once when the engine aborts the request because the pod is going down (the
-    connection is being dropped); a request aborted through the abort API finishes like any other."""
+    the last tokens, or at once when the engine aborts the request (a failed step, or the pod going down): the
+    caller ends its stream with the error. A request aborted through the abort API finishes like any other."""
     sent = 0
     while True:
         await sim_request.wait(sent)
@@ -429,6 +438,9 @@ async def _stream_messages(request: web.Request, sim_request: SimRequest, model:
             await response.write(b"".join(parts))
             if finished:
                 await response.write_eof()
+        if _shut_down(sim_request):
+            await response.write(anthropic.error_event(anthropic.AnthropicError(aborted_error())))
+            await response.write_eof()
     return response
 
 
@@ -459,6 +471,9 @@ async def _stream_generate(
             await response.write(b"".join(parts))
             if finished:
                 await response.write_eof()
+        if _shut_down(sim_request):
+            await response.write(_sse_error(aborted_error().body()) + generate.DONE)
+            await response.write_eof()
     return response
 
 

@@ -257,6 +257,8 @@ async def test_models_tokenize_and_served_names(http: aiohttp.ClientSession) -> 
         result = await complete(http, url, "x", 1, model="alias")
         assert result.status == 200 and result.body["model"] == "alias"
         assert (await complete(http, url, "x", 1, model="org/base")).status == 404  # not a served name
+        result = await complete(http, url, "x", 1, model="")  # vLLM: an empty name is the first served name
+        assert result.status == 200 and result.body["model"] == "base"
         image = {"type": "image_url", "image_url": {"url": "http://x/i.png"}}  # not rendered
         messages = [{"role": "user", "content": [{"type": "text", "text": "hi"}, image]}]
         async with http.post(url + "/tokenize", json={"messages": messages}) as response:

@@ -246,3 +246,35 @@ async def test_clients_leaving_at_every_stage_give_back_every_seat_and_block(htt
             assert sample(families, "vllm:request_success", finished_reason="abort") == 6
 
     await on_a_punctual_loop(measure)
+
+
+async def test_a_stream_the_engine_aborts_ends_with_an_error_event(http: aiohttp.ClientSession) -> None:
+    """A failed engine step aborts what is in flight: a stream already answered 200 says so in its body (vLLM's
+    stream generators send the error, then `[DONE]`), so a router cannot count the cut answer as a success."""
+    config = pod(inter_token_latency=200.0)
+    prompt = "cache request server model token prefix queue batch"
+    streams = [
+        ("/v1/completions", {"prompt": prompt, "max_tokens": 50, "stream": True}, b"data: [DONE]\n\n"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}], "max_tokens": 50, "stream": True},
+         b"data: [DONE]\n\n"),
+        ("/inference/v1/generate", {"token_ids": list(range(100, 140)), "sampling_params": {"max_tokens": 50},
+                                    "stream": True}, b"data: [DONE]\n\n"),
+        ("/v1/messages", {"messages": [{"role": "user", "content": prompt}], "max_tokens": 50, "stream": True}, b""),
+    ]  # fmt: skip
+    async with running([config], time_scale=1.0) as cluster:
+        url, engine = cluster.urls[0], cluster.pods[0].engine
+        for path, body, last in streams:
+            async with http.post(url + path, json=body) as response:
+                assert response.status == 200
+                await response.content.readline()  # under way
+                engine.abort_all()
+                text = await asyncio.wait_for(response.read(), 5)
+            events = [e for e in text.split(b"\n\n") if e]
+            tail = events[-2] if last else events[-1]
+            error = json.loads(tail.split(b"data: ", 1)[1])
+            if path == "/v1/messages":
+                assert tail.startswith(b"event: error\n") and error["type"] == "error"
+                assert error["error"]["type"] == "ServiceUnavailableError", error
+            else:
+                assert_vllm_error(error, 503, "ServiceUnavailableError")
+                assert text.endswith(last), text[-200:]
