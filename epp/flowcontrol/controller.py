@@ -474,7 +474,8 @@ class FlowController(AdmissionController):
         """One cycle (the dispatcher task runs these; tests may call it directly). Returns dispatches."""
         t0 = time.perf_counter()
         now = self._clock()
-        saturation = self._saturation(self._pool(), now)
+        pool = self._pool()
+        saturation = self._saturation(pool, now)
         ceilings = self._usage_limit.ceilings(saturation, self._priorities)
         budget = min(self._credits, self._per_cycle)
         order = self._order
@@ -522,8 +523,10 @@ class FlowController(AdmissionController):
                 break
         self._credits = 0 if gated or not self.queued else self._credits - sent
         # A ceiling of 0 (soft-reflective thinning a band, an explicit 0) holds the band back whatever the load:
-        # revoking in-flight work cannot open it (the reference's maybeReclaim skips such bands too).
-        if blocked is not None and self.evictor is not None and blocked_ceiling > 0:
+        # revoking in-flight work cannot open it (the reference's maybeReclaim skips such bands too). Nor can
+        # it open an empty pool (saturation 1.0 with nothing to dispatch to): the requests still in flight run
+        # on pods that have left it, and revoking them would only fail their clients.
+        if blocked is not None and self.evictor is not None and blocked_ceiling > 0 and pool:
             self.evictor.reclaim(blocked.priority, blocked.count, now)
         self.metrics.dispatch_cycle.observe(time.perf_counter() - t0)
         return sent

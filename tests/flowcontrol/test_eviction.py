@@ -126,6 +126,23 @@ async def test_a_blocked_band_gets_the_capacity_sheddable_work_held() -> None:
     await srv.close()
 
 
+async def test_an_empty_pool_revokes_nothing() -> None:
+    """Saturation reads 1.0 while the pool is empty (its last pod failed readiness, say), but what is still in
+    flight runs on pods that have left it: revoking those would fail their clients and open nothing."""
+    pool, det = concurrency_pool(n=1, max_concurrency=4)
+    policies = {"eviction_filter": plugin("sheddable-eviction-filter"), "eviction_ordering": plugin(ORDER)}
+    ctl = controller(pool, det, eviction_grace=0.01, **policies)
+    srv = Server(ctl, pool)
+    for rid in ("batch-1", "batch-2"):
+        srv.submit(srv.evictable(req(rid, priority=-1)))
+    await until(lambda: srv.order == ["batch-1", "batch-2"])
+    pool.set([])
+    srv.submit(req("interactive", priority=0))
+    await spin(200)
+    assert srv.evicted == [] and "interactive" not in srv.order
+    await srv.close()
+
+
 # -- the policies are plugins ------------------------------------------------------------------------
 class OldestFirst(EvictionOrderingPolicy):
     """A custom ordering a plugin author might write: the longest-running victim first."""
