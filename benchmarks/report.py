@@ -399,16 +399,31 @@ def repeat_targets(runs: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
-def seed_summary(runs: list[dict[str, Any]]) -> tuple[str, list[list[str]]]:
-    """Shared-prefix across workload seeds (the main run and every repeat; of a seed run twice, the newest run):
-    per stage, the EPP default's and each rival's median TTFT p90 (min-max) and in how many seeds the EPP's was
-    lower; a target row per rival on the medians."""
+def _seed_runs(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """The runs to take medians over: of a seed run twice, the newest; only runs made like the first (the main
+    run: same quick mode and scale), so a quick run never stands in for a seed. Also a note naming what was
+    left out ("" if nothing)."""
+    if not runs:
+        return [], ""
+    like = (runs[0].get("quick"), runs[0].get("scale"))
     newest: dict[Any, dict[str, Any]] = {}
-    for run in runs:  # a seed run again (the main run's seed among the repeats): its newest run counts
+    unlike = []
+    for run in runs:
+        if (run.get("quick"), run.get("scale")) != like:
+            unlike.append(f"seed {run.get('seed', '?')} of {run.get('started', '?')}")
+            continue
         seed = run.get("seed")
         if seed not in newest or run.get("started", "") > newest[seed].get("started", ""):
             newest[seed] = run
-    runs = list(newest.values())
+    note = f" Left out, made with another mode or scale: {', '.join(unlike)}." if unlike else ""
+    return list(newest.values()), note
+
+
+def seed_summary(runs: list[dict[str, Any]]) -> tuple[str, list[list[str]]]:
+    """Shared-prefix across workload seeds (the main run and every repeat; of a seed run twice, the newest run):
+    per stage, the EPP default's and each rival's median TTFT p90 (min-max) and in how many seeds the EPP's was
+    lower; a target row per rival on the medians. A stage or rival some seed lacks is not met."""
+    runs, left_out = _seed_runs(runs)
     maps = []
     for run in runs:
         w = run.get("workloads", {}).get("shared-prefix")
@@ -432,6 +447,8 @@ def seed_summary(runs: list[dict[str, Any]]) -> tuple[str, list[list[str]]]:
         for rival in RIVALS:
             pairs = [(x, _num(m[rival][r]["ttft_p90_s"])) for x, m in zip(e, maps) if r in m[rival]]
             got = [(a, b) for a, b in pairs if a is not None and b is not None]
+            if len(got) < len(maps):
+                lost[rival].append(f"{r:g} (measured in {len(got)} of {len(maps)} seeds)")
             if not got:
                 row += ["-", "-"]
                 continue
@@ -444,12 +461,16 @@ def seed_summary(runs: list[dict[str, Any]]) -> tuple[str, list[list[str]]]:
         rows.append(row)
     label = f"routing (#6), {len(maps)} workload seeds"
     listed = ", ".join(f"{r:g}" for r in rates)
+    if not rates:
+        return "_No stage past light load measured in every seed._", [
+            [label, f"shared-prefix vs {rival}: median TTFT p90 over the seeds", "no stage past light load measured "
+             "for the EPP in every seed", "not measured"] for rival in RIVALS]  # fmt: skip
     verdicts = [[label, f"shared-prefix vs {rival}: median TTFT p90 over the seeds lower at every stage past light "
                  f"load ({listed} QPS; medians within {TTFT_TIE:.0%} are a tie)",
                  "lower at every stage" if not lost[rival] else f"not lower at {', '.join(lost[rival])} QPS",
                  _met(not lost[rival])] for rival in RIVALS]  # fmt: skip
     seeds = ", ".join(str(run.get("seed", "?")) for run in runs)
-    return f"Workload seeds {seeds} (TTFT p90 in simulated s):\n\n" + _table(rows, head), verdicts
+    return f"Workload seeds {seeds} (TTFT p90 in simulated s).{left_out}\n\n" + _table(rows, head), verdicts
 
 
 def repeat_tables(runs: list[dict[str, Any]]) -> str:
@@ -987,17 +1008,28 @@ def _median_at(maps: list[dict[float, Any]], rate: float, metric: str) -> float 
 def precise_seed_summary(runs: list[dict[str, Any]], profile: str) -> tuple[str, list[list[str]]]:
     """The precise comparison over workload seeds (the profile's main run + `<name>_seed<N>.json` repeats): per
     scenario and stage past light load, approx's and precise's median TTFT p90 and hit rate; two target rows
-    per scenario on the medians (TTFT medians within TTFT_TIE are a tie, hit rates must be higher)."""
+    per scenario on the medians (TTFT medians within TTFT_TIE are a tie, hit rates must be higher). A scenario
+    or stage some seed lacks is not met."""
+    runs, left_out = _seed_runs(runs)
     if len(runs) < 2:
         return "_Fewer than two workload seeds._", []
     per_run = [{s["key"]: (s, a, p) for s, a, p in _precise_pairs(run)} for run in runs]
-    keys = [k for k in per_run[0] if all(k in m for m in per_run)]
+    keys = list(dict.fromkeys(k for m in per_run for k in m))
     issue = f"{PRECISE_ISSUE}, {profile}, {len(runs)} workload seeds"
     rows, verdicts = [], []
     for key in keys:
-        title = per_run[0][key][0]["title"]
+        title = next(m[key][0]["title"] for m in per_run if key in m)
+        if not all(key in m for m in per_run):
+            have = sum(key in m for m in per_run)
+            verdicts.append([issue, f"{title}: precise vs approx over the seeds",
+                             f"run in {have} of {len(per_run)} seeds", "not measured"])  # fmt: skip
+            continue
         rates = sorted(set.intersection(*(set(m[key][1]) & set(m[key][2]) for m in per_run)))
         rates = [r for r in rates if r > PRECISE_LIGHT_RATE]
+        if not rates:
+            verdicts.append([issue, f"{title}: precise vs approx over the seeds",
+                             "no stage past light load measured for both in every seed", "not measured"])  # fmt: skip
+            continue
         lost_t, lost_h = [], []
         approx_maps, precise_maps = [m[key][1] for m in per_run], [m[key][2] for m in per_run]
         for r in rates:
@@ -1026,7 +1058,7 @@ def precise_seed_summary(runs: list[dict[str, Any]], profile: str) -> tuple[str,
     seeds = ", ".join(str(run.get("seed", "?")) for run in runs)
     head = ["scenario", "QPS", "TTFT p90 approx / precise, median (s)", "seeds where precise is lower",
             "hit rate approx / precise, median"]  # fmt: skip
-    return f"Workload seeds {seeds}, profile {profile}:\n\n" + _table(rows, head), verdicts
+    return f"Workload seeds {seeds}, profile {profile}.{left_out}\n\n" + _table(rows, head), verdicts
 
 
 def precise_plots(precise: dict[str, Any], out: Path, prefix: str = "precise") -> list[tuple[str, str]]:

@@ -144,3 +144,27 @@ def test_the_run_line_names_a_workload_seed_other_than_the_default(tmp_path: Pat
     assert "`python -m benchmarks.precise_routing --profile reference`" in report.precise_section(run, tmp_path, [])
     text = report.precise_section(run | {"seed": 4}, tmp_path, [])
     assert "`python -m benchmarks.precise_routing --profile reference --seed 4`" in text
+
+
+def test_the_seed_medians_need_every_scenario_in_every_seed() -> None:
+    """A seed whose run died (or is still running) before a scenario, or whose producer failed in it: that
+    scenario is not measured, never met on the seeds that have it."""
+    approx = [_stage(1.5, 0.5, 0.7), _stage(5, 2.0, 0.7), _stage(10, 4.0, 0.6)]
+    precise = [_stage(1.5, 0.5, 0.7), _stage(5, 1.0, 0.8), _stage(10, 2.0, 0.8)]
+    runs = [_result(precise, approx) | {"seed": s, "started": f"2026-11-2{s}"} for s in (1, 2, 3)]
+    table, rows = report.precise_seed_summary(runs, "reference profile")
+    assert len(rows) == 2 * len(pr.SCENARIOS) and {r[3] for r in rows} == {"**met**"}
+    assert "| 5 | 2.00 / 1.00 | 3 of 3 | 70.0% / 80.0% |" in table
+    last = pr.SCENARIOS[-1]
+    partial = runs[2]
+    partial["scenarios"] = [s for s in partial["scenarios"] if s["key"] != last.key]
+    _, rows = report.precise_seed_summary(runs, "reference profile")
+    assert [r[2:] for r in rows if r[1].startswith(last.title)] == [["run in 2 of 3 seeds", "not measured"]]
+    partial["scenarios"] = runs[0]["scenarios"]
+    partial["workloads"]["shared-prefix"]["contenders"][last.contender_name("precise")] = {"status": "failed"}
+    _, rows = report.precise_seed_summary(runs, "reference profile")
+    assert [r[3] for r in rows if r[1].startswith(last.title)] == ["not measured"]
+    # A seed run twice counts once, with its newest run.
+    again = _result(precise, [_stage(1.5, 0.5, 0.7), _stage(5, 0.5, 0.9), _stage(10, 1.0, 0.9)])
+    table, rows = report.precise_seed_summary([*runs[:2], again | {"seed": 1, "started": "2026-11-29"}], "p")
+    assert table.startswith("Workload seeds 1, 2, profile p.") and "| 5 | 1.25 / 1.00 | 1 of 2 |" in table

@@ -51,6 +51,35 @@ def test_a_seed_run_again_counts_once_with_its_newest_run() -> None:
     assert rows[0][3] == "**met**"
 
 
+def test_a_seed_without_a_contender_or_the_epp_is_never_met() -> None:
+    """A rival that failed (or was not run) in one seed, or an EPP that failed in one: nothing to compare is
+    no win. Both used to come out met."""
+    vllm, smg = report.RIVALS
+    good = {report.EPP: [0.4, 0.5, 0.5], vllm: [0.4, 1.0, 1.0], smg: [0.4, 1.0, 1.0]}
+    one, two = _routing(1, good), _routing(2, good)
+    two["workloads"]["shared-prefix"]["contenders"][smg]["status"] = "failed"
+    _, rows = report.seed_summary([one, two])
+    assert rows[0][3] == "**met**"
+    assert rows[1][2] == "not lower at 5 (measured in 1 of 2 seeds), 7.5 (measured in 1 of 2 seeds) QPS"
+    assert rows[1][3] == "**not met**"
+    two["workloads"]["shared-prefix"]["contenders"][report.EPP]["status"] = "failed"
+    table, rows = report.seed_summary([one, two])
+    assert table.startswith("_No stage past light load") and [r[3] for r in rows] == ["not measured"] * 2
+
+
+def test_a_quick_run_never_stands_in_for_a_seed() -> None:
+    vllm, smg = report.RIVALS
+    main = _routing(1, {report.EPP: [0.4, 0.5, 0.5], vllm: [0.4, 1.0, 1.0], smg: [0.4, 1.0, 1.0]})
+    main["quick"], main["started"] = False, "2026-11-21 00:00:00 UTC"
+    other = _routing(2, {report.EPP: [0.4, 0.5, 0.5], vllm: [0.4, 1.0, 1.0], smg: [0.4, 1.0, 1.0]})
+    other["quick"] = False
+    quick = _routing(1, {report.EPP: [0.4, 9.0, 9.0], vllm: [0.4, 1.0, 1.0], smg: [0.4, 1.0, 1.0]})
+    quick["quick"], quick["started"] = True, "2026-11-22 00:00:00 UTC"  # newer, but not like the main run
+    table, rows = report.seed_summary([main, other, quick])
+    assert "Left out, made with another mode or scale: seed 1 of 2026-11-22 00:00:00 UTC." in table
+    assert "| 5 | 0.50 (0.50-0.50) |" in table and rows[0][3] == "**met**"
+
+
 def test_long_prompt_table_shows_each_size_and_the_epp_minus_noop_difference() -> None:
     def row(kb: int, noop: float, epp: float) -> dict[str, Any]:
         added = {"envoy+noop-h2": {"p50_ms": noop, "p99_ms": noop}, "envoy+epp-h2": {"p50_ms": epp, "p99_ms": epp}}
