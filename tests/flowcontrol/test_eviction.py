@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from llmepp.flowcontrol.controller import FlowController
 from llmepp.flowcontrol.eviction import MAX_PER_DECISION, Evictor
 from llmepp.flowcontrol.interfaces import EvictionFilterPolicy, EvictionOrderingPolicy
 from llmepp.observability.fast import Tally
 from llmepp.request.types import InferenceRequest
 
-from .kit import Server, concurrency_pool, controller, plugin, req, spin, until
+from .kit import Pool, Server, concurrency_pool, controller, plugin, req, spin, until
 
 ORDER = "priority-then-time-eviction-order-policy"
 
@@ -105,14 +106,20 @@ def test_only_bands_below_the_blocked_one_and_only_answerable_unfinished_request
     assert v.evicted == ["low", "mid"] and v.counts[0].value == 1 and v.counts[-2].value == 1  # "gone": none
 
 
-async def test_a_blocked_band_gets_the_capacity_sheddable_work_held() -> None:
-    pool, det = concurrency_pool(n=1, max_concurrency=2)
+async def _two_sheddable_in_flight(max_concurrency: int) -> tuple[Pool, FlowController, Server]:
+    """One pod, eviction on (default policies), two sheddable requests dispatched to it."""
+    pool, det = concurrency_pool(n=1, max_concurrency=max_concurrency)
     policies = {"eviction_filter": plugin("sheddable-eviction-filter"), "eviction_ordering": plugin(ORDER)}
     ctl = controller(pool, det, eviction_grace=0.01, **policies)
     srv = Server(ctl, pool)
     for rid in ("batch-1", "batch-2"):
         srv.submit(srv.evictable(req(rid, priority=-1)))
     await until(lambda: srv.order == ["batch-1", "batch-2"])
+    return pool, ctl, srv
+
+
+async def test_a_blocked_band_gets_the_capacity_sheddable_work_held() -> None:
+    _, ctl, srv = await _two_sheddable_in_flight(max_concurrency=2)
     srv.submit(req("interactive", priority=0))
     await until(lambda: "interactive" in srv.order)
     assert srv.evicted == ["batch-2"]  # the newest one; one slot was all the blocked request needed
@@ -129,13 +136,7 @@ async def test_a_blocked_band_gets_the_capacity_sheddable_work_held() -> None:
 async def test_an_empty_pool_revokes_nothing() -> None:
     """Saturation reads 1.0 while the pool is empty (its last pod failed readiness, say), but what is still in
     flight runs on pods that have left it: revoking those would fail their clients and open nothing."""
-    pool, det = concurrency_pool(n=1, max_concurrency=4)
-    policies = {"eviction_filter": plugin("sheddable-eviction-filter"), "eviction_ordering": plugin(ORDER)}
-    ctl = controller(pool, det, eviction_grace=0.01, **policies)
-    srv = Server(ctl, pool)
-    for rid in ("batch-1", "batch-2"):
-        srv.submit(srv.evictable(req(rid, priority=-1)))
-    await until(lambda: srv.order == ["batch-1", "batch-2"])
+    pool, _, srv = await _two_sheddable_in_flight(max_concurrency=4)
     pool.set([])
     srv.submit(req("interactive", priority=0))
     await spin(200)
