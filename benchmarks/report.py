@@ -422,7 +422,8 @@ def _seed_runs(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
 def seed_summary(runs: list[dict[str, Any]]) -> tuple[str, list[list[str]]]:
     """Shared-prefix across workload seeds (the main run and every repeat; of a seed run twice, the newest run):
     per stage, the EPP default's and each rival's median TTFT p90 (min-max) and in how many seeds the EPP's was
-    lower; a target row per rival on the medians. A stage or rival some seed lacks is not met."""
+    lower; a target row per rival on the medians. A rival missing at a stage in some seed is not met there; with
+    no stage past light load measured for the EPP in every seed, nothing is."""
     runs, left_out = _seed_runs(runs)
     maps = []
     for run in runs:
@@ -1009,7 +1010,8 @@ def precise_seed_summary(runs: list[dict[str, Any]], profile: str) -> tuple[str,
     """The precise comparison over workload seeds (the profile's main run + `<name>_seed<N>.json` repeats): per
     scenario and stage past light load, approx's and precise's median TTFT p90 and hit rate; two target rows
     per scenario on the medians (TTFT medians within TTFT_TIE are a tie, hit rates must be higher). A scenario
-    or stage some seed lacks is not met."""
+    some seed lacks, or with no stage past light load measured for both producers in every seed, is not
+    measured."""
     runs, left_out = _seed_runs(runs)
     if len(runs) < 2:
         return "_Fewer than two workload seeds._", []
