@@ -437,6 +437,11 @@ def seed_summary(runs: list[dict[str, Any]]) -> tuple[str, list[list[str]]]:
         return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
     rates = sorted(set.intersection(*(set(m[EPP]) for m in maps)))[1:]  # past the lightest stage
+    label = f"routing (#6), {len(maps)} workload seeds"
+    if not rates:
+        return "_No stage past light load measured in every seed._", [
+            [label, f"shared-prefix vs {rival}: median TTFT p90 over the seeds", "no stage past light load measured "
+             "for the EPP in every seed", "not measured"] for rival in RIVALS]  # fmt: skip
     head = ["QPS", f"{EPP} TTFT p90, median (min-max)"]
     for rival in RIVALS:
         head += [rival, f"seeds where {EPP} is lower"]
@@ -460,12 +465,7 @@ def seed_summary(runs: list[dict[str, Any]]) -> tuple[str, list[list[str]]]:
                 lost[rival].append(f"{r:g} ({'tied' if med_e <= med_r * (1 + TTFT_TIE) else 'higher'}: "
                                    f"{med_e:.2f} vs {med_r:.2f} s)")  # fmt: skip
         rows.append(row)
-    label = f"routing (#6), {len(maps)} workload seeds"
     listed = ", ".join(f"{r:g}" for r in rates)
-    if not rates:
-        return "_No stage past light load measured in every seed._", [
-            [label, f"shared-prefix vs {rival}: median TTFT p90 over the seeds", "no stage past light load measured "
-             "for the EPP in every seed", "not measured"] for rival in RIVALS]  # fmt: skip
     verdicts = [[label, f"shared-prefix vs {rival}: median TTFT p90 over the seeds lower at every stage past light "
                  f"load ({listed} QPS; medians within {TTFT_TIE:.0%} are a tie)",
                  "lower at every stage" if not lost[rival] else f"not lower at {', '.join(lost[rival])} QPS",
