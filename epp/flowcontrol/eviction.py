@@ -27,6 +27,7 @@ from typing import Any
 
 from llmepp.flowcontrol.interfaces import EvictionFilterPolicy, EvictionOrderingPolicy
 from llmepp.observability.fast import Tally
+from llmepp.observability.logging import LogLimiter
 from llmepp.request.types import InferenceRequest
 
 log = logging.getLogger(__name__)
@@ -62,19 +63,32 @@ class Evictor:
         # band (asked every dispatcher tick while it is blocked) returns without walking `_inflight`.
         self._priorities: dict[int, int] = {}
         self._next_decision = -1.0
+        self._policy_log = LogLimiter(log, 60.0)
 
     def __len__(self) -> int:
         return len(self._inflight)
 
     def dispatched(self, request: InferenceRequest) -> None:
-        if self._accept.accept(request):
-            seq = next(self._seq)
-            key = id(request)
-            if key in self._inflight:
-                self._forget(key)
-            self._inflight[key] = (request, self._ordering.eviction_key(request, seq), seq)
-            priorities = self._priorities
-            priorities[request.priority] = priorities.get(request.priority, 0) + 1
+        # The policies may be a plugin author's: one that raises leaves the request unevictable rather than
+        # failing a request that was admitted.
+        seq = next(self._seq)
+        try:
+            if not self._accept.accept(request):
+                return
+            order = self._ordering.eviction_key(request, seq)
+        except Exception:
+            self._policy_log.error(
+                "raised",
+                "eviction policy %r or %r raised; the dispatched request cannot be evicted",
+                self._accept.type, self._ordering.type, exc_info=True,
+            )  # fmt: skip
+            return
+        key = id(request)
+        if key in self._inflight:
+            self._forget(key)
+        self._inflight[key] = (request, order, seq)
+        priorities = self._priorities
+        priorities[request.priority] = priorities.get(request.priority, 0) + 1
 
     def completed(self, request: InferenceRequest) -> None:
         if id(request) in self._inflight:

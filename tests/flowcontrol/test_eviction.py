@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
+
 from llmepp.flowcontrol.controller import FlowController
 from llmepp.flowcontrol.eviction import MAX_PER_DECISION, Evictor
 from llmepp.flowcontrol.interfaces import EvictionFilterPolicy, EvictionOrderingPolicy
@@ -172,3 +174,32 @@ def test_custom_policies_decide_the_victims() -> None:
     v.dispatch("p0", 0)
     assert v.evictor.reclaim(10, 2, now=0.0) == 2 and v.evicted == ["p0", "p5"]
     assert v.evictor.reclaim(0, 2, now=5.0) == 0
+
+
+class RaisesOnTenants(EvictionFilterPolicy):
+    """A plugin author's filter with a bug: it raises on some requests (here, those whose id starts "bad")."""
+
+    type = "test-raises-on-tenants"
+
+    def accept(self, request: InferenceRequest) -> bool:
+        if request.request_id.startswith("bad"):
+            raise KeyError("tenant")
+        return request.priority < 0
+
+
+async def test_a_policy_that_raises_leaves_the_request_admitted_and_unevictable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pool, det = concurrency_pool(n=1, max_concurrency=2)
+    ctl = controller(
+        pool, det, eviction_grace=0.01, eviction_filter=RaisesOnTenants("r"), eviction_ordering=plugin(ORDER)
+    )
+    srv = Server(ctl, pool)
+    for rid in ("bad-1", "batch-2"):
+        srv.submit(srv.evictable(req(rid, priority=-1)))
+    await until(lambda: srv.order == ["bad-1", "batch-2"])  # admitted although the policy raised on bad-1
+    assert "eviction policy 'test-raises-on-tenants'" in caplog.text
+    srv.submit(req("interactive", priority=0))
+    await until(lambda: "interactive" in srv.order)
+    assert srv.evicted == ["batch-2"]  # the one the policy could judge
+    await srv.close()
