@@ -4,10 +4,11 @@ Client-side work is kept small because the client shares 2 cores with the simula
 routers: one `aiohttp` session, request bodies pre-encoded, SSE parsed by counting event terminators in
 each read (no JSON decoding, except for the assistant text of a multi-turn answer, decoded once at the end).
 
-Every read that carries token events is stamped with `time.monotonic()`; TTFT is the first such stamp
-minus the send time; ITL gaps are the differences between consecutive stamps (events that arrive in the
-same read have a gap of 0, as the client saw them). All times here are wall-clock seconds; the runner
-converts them to simulated time.
+Every read that carries token events is stamped with `time.monotonic()`; TTFT is the first such stamp minus
+the request's scheduled arrival (its Poisson slot, or the end of a chat turn's think time), not the moment its
+task got to run, so a late sender adds its lag to TTFT instead of hiding it; ITL gaps are the differences
+between consecutive stamps (events that arrive in the same read have a gap of 0, as the client saw them). All
+times here are wall-clock seconds; the runner converts them to simulated time.
 """
 
 from __future__ import annotations
@@ -51,9 +52,11 @@ async def execute(
     ttft_timeout: float,
     total_timeout: float,
     want_text: bool = False,
+    due: float | None = None,
 ) -> tuple[Outcome, str]:
-    """Send one streamed request; never raises (errors are recorded in the outcome)."""
-    out = Outcome(stage, call.key, time.monotonic(), call.max_tokens)
+    """Send one streamed request; never raises (errors are recorded in the outcome). `due`: the scheduled
+    arrival (monotonic), which TTFT and the TTFT timeout count from; None: now."""
+    out = Outcome(stage, call.key, time.monotonic() if due is None else due, call.max_tokens)
     raw: list[bytes] = []
     chat = call.path.endswith("chat/completions")
     events = 0
@@ -179,14 +182,15 @@ async def run_ladder(
             windows.append(window)
             tasks: list[asyncio.Task[None]] = []
             for offset in offsets:
-                delay = start + offset / cfg.time_scale - time.monotonic()
+                due = start + offset / cfg.time_scale
+                delay = due - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 if isinstance(workload, MultiTurn):
-                    coro = _conversation(session, workload.conversation(counter), index, cfg, outcomes)
+                    coro = _conversation(session, workload.conversation(counter), index, cfg, outcomes, due)
                 else:
                     call = workload.call(counter)  # type: ignore[attr-defined]
-                    coro = _single(session, call, index, cfg, outcomes)
+                    coro = _single(session, call, index, cfg, outcomes, due)
                 counter += 1
                 window.sent += 1
                 tasks.append(asyncio.create_task(coro))
@@ -200,21 +204,30 @@ async def run_ladder(
 
 
 async def _single(
-    session: aiohttp.ClientSession, call: Call, stage: int, cfg: RunConfig, outcomes: list[Outcome]
+    session: aiohttp.ClientSession, call: Call, stage: int, cfg: RunConfig, outcomes: list[Outcome], due: float
 ) -> None:
-    out, _ = await execute(session, cfg.base_url, call, stage, cfg.ttft_timeout, cfg.total_timeout)
+    out, _ = await execute(session, cfg.base_url, call, stage, cfg.ttft_timeout, cfg.total_timeout, due=due)
     outcomes.append(out)
 
 
 async def _conversation(
-    session: aiohttp.ClientSession, conv: Conversation, stage: int, cfg: RunConfig, outcomes: list[Outcome]
+    session: aiohttp.ClientSession,
+    conv: Conversation,
+    stage: int,
+    cfg: RunConfig,
+    outcomes: list[Outcome],
+    due: float,
 ) -> None:
     while not conv.done:
         call = conv.next_call()
-        out, text = await execute(session, cfg.base_url, call, stage, cfg.ttft_timeout, cfg.total_timeout, True)
+        out, text = await execute(
+            session, cfg.base_url, call, stage, cfg.ttft_timeout, cfg.total_timeout, want_text=True, due=due
+        )
         outcomes.append(out)
         if not out.ok:
             return  # the user gives up on this conversation
         conv.answered(text)
         if not conv.done:  # no think time after the last answer: the stage ends at its last completion
-            await asyncio.sleep(conv.think[conv.turn - 1] / cfg.time_scale)
+            think = conv.think[conv.turn - 1] / cfg.time_scale
+            due = time.monotonic() + think
+            await asyncio.sleep(think)

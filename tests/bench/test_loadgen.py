@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -10,7 +11,7 @@ import pytest_asyncio
 from aiohttp import web
 
 from benchmarks.loadgen import RunConfig, execute, run_ladder
-from benchmarks.workloads import Call, Conversation, MultiTurn, Scale, StageSpec, _completion
+from benchmarks.workloads import Call, Conversation, MultiTurn, Scale, StageSpec, Workload, _completion
 
 TOKENS = 3
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -114,3 +115,34 @@ async def test_a_multi_turn_stage_ends_at_its_last_completion(serve: Callable[[H
     assert len(outcomes) == 1 and outcomes[0].ok and outcomes[0].tokens == 3, outcomes
     tail = windows[0].end - outcomes[0].end
     assert tail < 0.5, f"the stage ended {tail:.2f} s after its last completion"
+
+
+class _LateSender(Workload):
+    """One request at offset 0 whose sender is held up 0.3 s (building the call blocks the loop), as a
+    client sharing two cores with the pods and the routers can be."""
+
+    def arrivals(self, index: int, stage: StageSpec) -> list[float]:
+        return [0.0]
+
+    def call(self, i: int) -> Call:
+        time.sleep(0.3)
+        return Call("/v1/completions", _completion("hi", TOKENS), TOKENS, 1, "k", usage=False)
+
+
+async def test_ttft_counts_from_the_scheduled_arrival_not_from_a_late_send(
+    serve: Callable[[Handler], Awaitable[str]],
+) -> None:
+    """An open-loop client that falls behind must not hide its lag: TTFT starts at the Poisson slot."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(_token(0) + _token(1) + _token(2) + b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    wl = _LateSender("late", [StageSpec(1.0, 1.0)])
+    outcomes, windows = await run_ladder(wl, RunConfig(await serve(handler), time_scale=1.0))
+    assert len(outcomes) == 1 and outcomes[0].ok, outcomes
+    assert outcomes[0].sent == windows[0].start
+    assert outcomes[0].first - outcomes[0].sent >= 0.3
