@@ -17,8 +17,17 @@ OTLP_PROTO_FIX = $(PY) -m pip install -q --force-reinstall --no-deps \
 	"opentelemetry-proto==$$($(PY) -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 
 # Dependencies are (re)installed only when pyproject.toml / setup.py change.
+# A .venv without pip (python3-venv missing: `venv` fails after creating bin/python) or on a Python older than
+# 3.11 is made again rather than trusted.
+VENV_OK = $(PY) -c 'import sys, pip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
 $(STAMP): pyproject.toml setup.py examples/epp-plugin-example/pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(VENV_OK) || { \
+		rm -rf $(VENV); \
+		$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+			|| { echo "Python 3.11 or newer is needed; $(PYTHON) is $$($(PYTHON) -V 2>&1). Try: make PYTHON=python3.11 ..." >&2; exit 1; }; \
+		$(PYTHON) -m venv $(VENV) && $(VENV_OK) \
+			|| { rm -rf $(VENV); echo "$(PYTHON) -m venv failed (on Debian/Ubuntu: apt install python3-venv)" >&2; exit 1; }; \
+	}
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=strict > $(VENV)/install.log 2>&1 \
 		|| (cat $(VENV)/install.log; exit 1)
@@ -72,6 +81,6 @@ clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .run
 
 # kube-apiserver (built once from Debian's source package, ~3 min), etcd and kubectl for the
-# Kubernetes tests, cached in .cache/k8s/bin; a no-op when the cache is complete.
+# Kubernetes tests, cached in ~/.cache/llm-epp/k8s/bin; a no-op when the cache is complete.
 k8s-binaries:
 	@bash tests/k8s/build-kube-apiserver.sh

