@@ -210,7 +210,8 @@ ready: Envoy {url}  ->  EPP {epp} (ext_proc over TLS)  ->  pods {addresses}
        -d '{{"model": "sim-model", "prompt": "Tell me about endpoint pickers", "max_tokens": 20}}' -i
 
   streaming:  add "stream": true      EPP metrics: curl -s localhost:{options.metrics_port}/metrics | grep llm_d_epp
-  the x-inference-pod response header names the pod that answered; EPP log: {stack.workdir}/epp.log
+  the x-inference-pod response header names the pod that answered
+  logs: {stack.workdir}/epp.log, {stack.workdir}/envoy.log
   EPP config: {stack.config_file} (edits of its scorers, weights and profiles apply within ~2 s){precise}
 
 Ctrl-C stops everything."""

@@ -347,8 +347,12 @@ class EnvoyProcess:
         concurrency: int = 1,
         startup_timeout: float = 30.0,
         extra_args: tuple[str, ...] = (),
+        workdir: Path | None = None,
     ) -> None:
+        """`workdir`: where envoy.yaml and envoy.log go (a stack's work directory, removed with it); None: a
+        temporary directory of its own, removed at stop()."""
         self.config = config
+        self.workdir = workdir
         self.admin_port = admin_port
         self.log_level = log_level
         self.concurrency = concurrency
@@ -373,8 +377,10 @@ class EnvoyProcess:
         return [line for line in self.log.splitlines() if line.startswith("ACCESS ")]
 
     async def start(self) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="epp-envoy-")
-        workdir = Path(self._dir.name)
+        workdir = self.workdir
+        if workdir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="epp-envoy-")
+            workdir = Path(self._dir.name)
         config_path = workdir / "envoy.yaml"
         config_path.write_text(self.config)
         self.log_path = workdir / "envoy.log"
@@ -443,12 +449,12 @@ class EnvoyProcess:
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
-        # Keep the log readable after the temporary directory is gone.
+        # Keep the log readable after its directory is gone (ours now, a stack's when the stack ends).
+        self._saved_log = self.log
+        self.log_path = None
         if self._dir is not None:
-            self._saved_log = self.log
             self._dir.cleanup()
             self._dir = None
-            self.log_path = None
 
     async def __aenter__(self) -> EnvoyProcess:
         await self.start()

@@ -269,7 +269,7 @@ class Stack:
         )
         if self.replica_ports:
             config = with_epp_endpoints(config, [self.epp_port, *(g for g, _, _ in self.replica_ports)])
-        self.envoy = EnvoyProcess(config, self.envoy_admin_port, log_level=o.envoy_log_level)
+        self.envoy = EnvoyProcess(config, self.envoy_admin_port, log_level=o.envoy_log_level, workdir=self.workdir)
         await self.envoy.start()
 
     async def start_pods(self) -> None:
