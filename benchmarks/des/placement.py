@@ -122,7 +122,7 @@ def _per_pod(res: SimResult, block_size: int) -> dict[str, Any]:
     workload = res.schedule.workload
     homes: dict[int, Counter[int]] = {}
     for r in res.records:
-        if r.pod is not None:
+        if r.pod >= 0:
             homes.setdefault(workload.prompt(r.index).group, Counter())[r.pod] += 1
     main = {g: c.most_common(1)[0][0] for g, c in homes.items()}
     per_pod = Counter(main.values())
@@ -130,7 +130,7 @@ def _per_pod(res: SimResult, block_size: int) -> dict[str, Any]:
     for stage in range(len(res.schedule.stages)):
         homes_now: dict[int, Counter[int]] = {}
         for r in res.records:
-            if r.stage == stage and r.pod is not None:
+            if r.stage == stage and r.pod >= 0:
                 homes_now.setdefault(workload.prompt(r.index).group, Counter())[r.pod] += 1
         counts = Counter(c.most_common(1)[0][0] for c in homes_now.values())
         by_stage.append([counts[p] for p in range(res.options.pods)])
@@ -138,7 +138,7 @@ def _per_pod(res: SimResult, block_size: int) -> dict[str, Any]:
     for stage in range(len(res.schedule.stages)):
         by_count: dict[str, list[int]] = {}
         for r in res.records:
-            if r.stage != stage or r.ttft is None or r.pod is None:
+            if r.stage != stage or r.ttft is None or r.pod < 0:
                 continue
             cell = by_count.setdefault(str(per_pod[r.pod]), [0, 0])
             cell[0] += r.cached_tokens >= r.prompt_tokens // block_size * block_size

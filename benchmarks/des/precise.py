@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from benchmarks.des.sim import Eviction, SimOptions, simulate
 from benchmarks.des.workload import Schedule, SharedPrefix, Stage, schedule
 from benchmarks.precise_routing import PRODUCERS, PROFILES, SCENARIOS, Scenario
@@ -38,6 +40,8 @@ from benchmarks.workloads import (
     kv_blocks_per_pod,
     shared_prefix_stages,
 )
+from llmepp.plugins.producers.precise_prefix import PrecisePrefixCacheProducer
+from llmepp.units import parse_duration
 
 LIVE_TIME_SCALE = 4.0  # the live run's: wall-clock intervals of the EPP are this many simulated seconds
 EPP_REFRESH_WALL = 0.050  # s, the EPP's metrics refresh interval
@@ -62,11 +66,28 @@ def live_schedule(scale: Scale, seed: int, rates: Sequence[float]) -> tuple[Sche
     return schedule(workload, stages, seed=seed), kv_blocks
 
 
+def live_durations(config: str) -> str:
+    """`config` with the precise producer's speculative durations as the live run has them in simulated time:
+    the EPP times them on the wall clock, which the live run's time scale stretches (2 s of `speculativeTTL`
+    are 8 simulated s there); the DES times them on the simulated clock."""
+    document = yaml.safe_load(config)
+    defaults = PrecisePrefixCacheProducer.Params()
+    for plugin in document.get("plugins") or []:
+        if plugin.get("type") != PrecisePrefixCacheProducer.type:
+            continue
+        params = plugin.setdefault("parameters", {}) or {}
+        plugin["parameters"] = params
+        for key, default in (("speculativeTTL", defaults.speculative_ttl),
+                             ("speculativeMaxHold", defaults.speculative_max_hold)):  # fmt: skip
+            params[key] = f"{parse_duration(params.get(key, default)) * LIVE_TIME_SCALE:g}s"
+    return yaml.safe_dump(document, sort_keys=False)
+
+
 def options(scale: Scale, kv_blocks: int, config: Path, scenario: Scenario, seed: int) -> SimOptions:
     k = scale.token_unit
     return SimOptions(
         pods=scale.pods,
-        epp_config=config.read_text(),
+        epp_config=live_durations(config.read_text()),
         profile=PROFILE,
         pod_overrides={
             "prefill_time_per_token": PREFILL_MS_PER_TOKEN * k,

@@ -289,6 +289,14 @@ class Simulation:
         if self.options.eviction is not None:
             background.append(self.loop.create_task(self._evictor(self.options.eviction), name="des-evict"))
         tasks: set[asyncio.Task[None]] = set()
+        # A request task that raised (a plugin's bug, say) would otherwise vanish: not an error, not a TTFT.
+        failures: list[BaseException] = []
+
+        def done(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                failures.append(exc)
+
         by_stage: list[list[Arrival]] = [[] for _ in self.schedule.stages]
         for arrival in self.schedule.arrivals:
             by_stage[arrival.stage].append(arrival)
@@ -306,9 +314,11 @@ class Simulation:
                         await asyncio.sleep(delay)
                     task = self.loop.create_task(self._serve(arrival))
                     tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+                    task.add_done_callback(done)
             while tasks:
                 await asyncio.wait(list(tasks))
+            if failures:
+                raise RuntimeError(f"{len(failures)} simulated requests failed inside the DES") from failures[0]
             # Let the last stage's queue samples cover its whole window.
             end = self.t0 + self.schedule.end + shift
             if self.loop.time() < end:

@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from benchmarks.des import vloop
+from benchmarks.des.precise import live_durations
 from benchmarks.des.precise import main as precise_main
 from benchmarks.des.sim import Eviction, SimOptions, SimResult, Simulation, simulate
 from benchmarks.des.workload import SharedPrefix, Stage, schedule
@@ -111,3 +113,20 @@ def test_the_precise_index_reads_simulated_time() -> None:
         return bool(sim.producers) and all(p.index.clock == loop.time for p in sim.producers)
 
     assert vloop.run(main, start=10.0)
+
+
+def test_the_speculative_durations_are_stretched_as_the_live_time_scale_stretches_them() -> None:
+    """The EPP times `speculativeTTL` / `speculativeMaxHold` on the wall clock: at the live run's time scale 4
+    the defaults (2 s, 5 m) last 8 and 1200 simulated s; the DES times them on its simulated clock."""
+    document = yaml.safe_load(live_durations((CONFIGS / "precise-prefix.yaml").read_text()))
+    (producer,) = [p for p in document["plugins"] if p["type"] == "precise-prefix-cache-producer"]
+    assert producer["parameters"]["speculativeTTL"] == "8s"
+    assert producer["parameters"]["speculativeMaxHold"] == "1200s"
+    assert producer["parameters"]["speculativeIndexing"] is True  # the rest kept
+    given = (
+        "plugins:\n- type: precise-prefix-cache-producer\n  parameters: {speculativeTTL: 500ms}\n"
+        "- type: random-picker\n"
+    )
+    document = yaml.safe_load(live_durations(given))
+    assert document["plugins"][0]["parameters"]["speculativeTTL"] == "2s"
+    assert document["plugins"][1] == {"type": "random-picker"}

@@ -267,3 +267,23 @@ def test_each_replica_counts_only_its_own_requests_in_flight() -> None:
     seen_by_zero, seen_by_one = run(main, start=1000.0)
     assert seen_by_zero == [0, 0, 0, 0]
     assert sorted(seen_by_one) == [0, 0, 0, 1]
+
+
+def test_a_request_task_that_raises_fails_the_run_instead_of_vanishing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug inside the DES or a plugin left the request with no error and no TTFT: an infinite TTFT that no
+    error count explained. The run now fails, naming how many requests it lost."""
+    wl = SharedPrefix(num_groups=1, prompts_per_group=2, system_prompt_len=84, question_len=16, output_len=2, seed=0)
+    sched = Schedule(wl, [Stage(1.0, 1.0)], [Arrival(0, 0.0, 0), Arrival(1, 0.5, 0)])
+    options = SimOptions(pods=1, policy="random", profile="llama-8b-h100")
+    assert all(r.error is None for r in simulate(sched, options).records)
+    real = Simulation._prompt
+
+    def buggy(self: Simulation, prompt: object, index: int, arrived: float) -> object:
+        if index == 1:
+            raise ZeroDivisionError("a plugin's bug")
+        return real(self, prompt, index, arrived)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Simulation, "_prompt", buggy)
+    with pytest.raises(RuntimeError, match="1 simulated requests failed") as failed:
+        simulate(sched, options)
+    assert isinstance(failed.value.__cause__, ZeroDivisionError)
