@@ -85,7 +85,9 @@ HOW_IT_WORKS = [
     "stored / removed blocks to a feed that batches them like the live publisher (a full batch of 16 events at "
     "once, a partial one `kv_event_delay` after its first change), encodes them in vLLM's wire format and hands the "
     "decoded batch to every EPP replica's `SourceIngest`, the sink its ZeroMQ subscriber feeds live; the "
-    "index reads the loop's clock, so speculative entries lapse in simulated time. Scenario options: "
+    "index reads the loop's clock, so speculative entries lapse in simulated time (`benchmarks.des.precise` "
+    "stretches `speculativeTTL` and `speculativeMaxHold` by the live run's time scale, 4, as the live run's wall "
+    "clock does). Scenario options: "
     "`replicas` (independent EPPs from one config, arrivals alternating between them) and `eviction` (part "
     "of one pod's prefix cache evicted periodically behind the EPP's back, as `POST /admin/evict`). "
     "`python -m benchmarks.des.precise` runs the live precise benchmark's set-up this way.",
