@@ -160,7 +160,8 @@ def _publishes_kv_events(options: StackOptions) -> bool:
 
 
 async def main(options: StackOptions) -> int:
-    # Taken ports would otherwise show as one program failing to start, half-way through the start-up.
+    # A missing Envoy or a taken port would otherwise show as one program failing to start, half-way through
+    # the start-up.
     try:
         envoy_binary()
     except FileNotFoundError as e:

@@ -75,8 +75,7 @@ def live_durations(config: str) -> str:
     for plugin in document.get("plugins") or []:
         if plugin.get("type") != PrecisePrefixCacheProducer.type:
             continue
-        params = plugin.setdefault("parameters", {}) or {}
-        plugin["parameters"] = params
+        params = plugin["parameters"] = plugin.get("parameters") or {}  # absent or `parameters:` (null)
         for key, default in (("speculativeTTL", defaults.speculative_ttl),
                              ("speculativeMaxHold", defaults.speculative_max_hold)):  # fmt: skip
             params[key] = f"{parse_duration(params.get(key, default)) * LIVE_TIME_SCALE:g}s"
