@@ -255,8 +255,11 @@ class Director:
                     except Exception:  # as the reference: a producer failure does not fail the request
                         self._plugin_failed("DataProducer", producer, "data producer %s failed")
                     else:
-                        # A plain def that returns an awaitable (an async def behind a decorator): awaited too.
-                        if produced is not None and inspect.isawaitable(produced):
+                        # A plain def that returns an awaitable (an async def behind a decorator, or work that
+                        # must wait): awaited too. A done future is the result of work finished at once.
+                        if isinstance(produced, asyncio.Future) and produced.done():
+                            self._produced(producer, produced)
+                        elif produced is not None and inspect.isawaitable(produced):
                             await self._await_producer(producer, produced)
                             waited = True
                 if timers is not None:
@@ -504,8 +507,12 @@ class Director:
             # Every request while e.g. a tokenizer sidecar is slow: one line per producer per 30 s.
             self._timeout_log.warning(producer.name, "data producer %s timed out", producer.name)
             return
+        self._produced(producer, task)
+
+    def _produced(self, producer: DataProducer, done: asyncio.Future[Any]) -> None:
+        """A finished producer's outcome: its RequestError fails the request, another failure is logged."""
         try:
-            task.result()
+            done.result()
         except RequestError:
             raise
         except Exception:

@@ -672,6 +672,7 @@ def simulate(schedule: Schedule, options: SimOptions) -> SimResult:
                 "stored": p.stats.block_stored,
                 "removed": p.stats.block_removed,
                 "orphans": p.chain_totals.orphans,
+                "unknown_removals": p.chain_totals.unknown_removals,
                 "index_keys": len(p.index),
             }
             for p in sim.producers

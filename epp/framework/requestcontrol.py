@@ -105,6 +105,8 @@ class DataProducer(Plugin):
 
     May be `async def produce` when it must wait (e.g. a remote tokenizer); the director
     awaits it with a timeout (`produce_timeout` seconds; 0: the default 400 ms) and cancels it then.
+    A plain `def` may return an awaitable for the requests that must wait and a done future for those
+    it finished at once: a done future costs the request no task and no event-loop turn.
     Declare written keys in `produces`, read keys in `consumes`.
     """
 

@@ -180,7 +180,8 @@ class ModelRewriter:
             ("model_rewrite_name", "model_name", "target_model"),
             registry=registry,
         )
-        self._series: set[tuple[str, str, str]] = set()
+        # (rule, model, target) -> its counter child: `labels()` takes the family's lock; once per series.
+        self._series: dict[tuple[str, str, str], Any] = {}
 
     def rewrite(self, request: InferenceRequest) -> None:
         model = request.model
@@ -204,9 +205,13 @@ class ModelRewriter:
         """One decision; past MAX_DECISION_SERIES label sets, or for a model name longer than
         MAX_LABEL_VALUE_CHARS, the model is "other": a catch-all rule sees every model name clients send (client
         input), and each would be a series for ever (a long one repeated on every scrape)."""
+        series = self._series
         key = (source, model, target)
-        if key not in self._series:
-            if len(self._series) >= MAX_DECISION_SERIES or len(model) > MAX_LABEL_VALUE_CHARS:
+        child = series.get(key)
+        if child is None:
+            if len(series) >= MAX_DECISION_SERIES or len(model) > MAX_LABEL_VALUE_CHARS:
                 key = (source, OVERFLOW_LABEL, target)
-            self._series.add(key)
-        self.decisions.labels(*key).inc()
+                child = series.get(key)
+            if child is None:
+                child = series[key] = self.decisions.labels(*key)
+        child.inc()

@@ -93,6 +93,9 @@ class _Family(Generic[C]):
     def labels(self, *values: Any, **kw: Any) -> C:
         if kw:
             values = tuple(kw[n] for n in self.labelnames)
+        child = self._children.get(values)  # label values given as strings (the usual case): no conversion
+        if child is not None:
+            return child
         key = tuple(str(v) for v in values)
         child = self._children.get(key)
         if child is None:

@@ -274,6 +274,8 @@ def usage_from_sse(tail: bytes) -> Usage | None:
     `"usage"` object of that partial first line, as a Responses-API `response.completed` event repeating a
     long output outgrows the tail). An SGLang stream (its last event has a `meta_info`, no `usage`): the
     outputs' last running totals, summed."""
+    if _USAGE_KEY not in tail and _META_KEY not in tail:  # no line can give one: skip the Python line walk
+        return None
     return _read_sse(_usage_from_sse_lines, tail, True)
 
 
@@ -359,6 +361,8 @@ def _last_meta_object(fragment: bytes) -> _MetaInfo | None:
 
 def usage_from_sse_head(head: bytes) -> Usage | None:
     """Usage from the first SSE `data:` event that carries one (Anthropic's message_start)."""
+    if _USAGE_KEY not in head:  # only a line naming one is read
+        return None
     return _read_sse(_head_usage, head, False)
 
 
@@ -505,9 +509,9 @@ class UsageCollector:
 
     def result(self) -> Usage | None:
         if self.streaming:
-            return _stream_usage(bytes(self._head), bytes(self._buf[-SSE_TAIL_BYTES:]))
+            return _stream_usage(bytes(self._head), bytes(memoryview(self._buf)[-SSE_TAIL_BYTES:]))
         if self._overflow:
-            usage = usage_from_fragment(bytes(self._buf[-SSE_TAIL_BYTES:]))
+            usage = usage_from_fragment(bytes(memoryview(self._buf)[-SSE_TAIL_BYTES:]))
             if usage is None and self._dropped_usage is not None:
                 try:
                     usage = _to_usage(_USAGE.decode(self._dropped_usage))

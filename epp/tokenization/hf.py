@@ -5,7 +5,7 @@ little-endian uint32 bytes (TokenizedPrompt's layout), with the special tokens t
 post-processor adds (a BOS) when `add_special_tokens`, as vLLM's completions endpoint encodes by default.
 
 Cost (measured on the simulator's 4096-entry BPE, 2-core AMD EPYC): ~0.6 µs per token for short
-prompts, 1.5–2 µs per token at 100k tokens. `encode_async` hands texts longer than
+prompts, 1.5–2 µs per token at 100k tokens. `encode_many` hands texts longer than
 `thread_threshold` characters to a small thread pool, which encodes them with the batch API: it
 releases the GIL while encoding (`Tokenizer.encode` holds it for the whole call, so in a thread it
 would stall the event loop just the same), so a long prompt does not stall every other request.
@@ -22,9 +22,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from tokenizers import Encoding, Tokenizer
 
@@ -117,20 +117,16 @@ class HFTokenizer:
             return tokens_to_bytes(self._tokenizer.encode(text, add_special_tokens=add).ids)
         return self._truncated(self._tokenizer.encode(text, add_special_tokens=False), add, truncate)
 
-    async def encode_async(self, text: str, special: bool | None = None, truncate: int | None = None) -> bytes:
-        if len(text) < self.thread_threshold:
-            return self.encode(text, special, truncate)
-        return await in_worker(self.encode_released, text, special, truncate, chars=len(text))
-
-    async def encode_many_async(
+    def encode_many(
         self, texts: list[str], special: bool | None = None, truncate: int | None = None
-    ) -> list[bytes]:
-        """A batch of prompts, each encoded on its own (its special tokens, its truncation). As `encode_async`,
-        by their total length: a batch of many short prompts is as long as one long prompt, in a worker too."""
+    ) -> list[bytes] | Coroutine[Any, Any, list[bytes]]:
+        """Each text encoded as `encode` does (its special tokens, its truncation): at once while they add up to
+        fewer than `thread_threshold` characters (no task, no thread hop), else a coroutine that encodes them in a
+        worker thread. Measured by their total length: a batch of many short prompts is as long as one long prompt."""
         chars = sum(map(len, texts))
         if chars < self.thread_threshold:
             return [self.encode(text, special, truncate) for text in texts]
-        return await in_worker(self.encode_many_released, texts, special, truncate, chars=chars)
+        return in_worker(self.encode_many_released, texts, special, truncate, chars=chars)
 
     def encode_many_released(
         self, texts: list[str], special: bool | None = None, truncate: int | None = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -346,19 +346,23 @@ class HFTokenProducer(TokenProducer):
             )
         log.warning("%s: tokenizer.chatTemplate: %s: the template is probably another model's", self.name, problem)
 
-    async def produce(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None:
+    def produce(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Awaitable[None]:
+        """A short prompt is encoded here and answered with a done future (the request costs no task and no
+        event-loop turn); a long one goes to a worker thread, and the coroutine waiting for it is returned."""
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
         if request.prompt is None:
-            return
+            return done
         if request.prompt_is_token_ids:
             request.data[TOKENIZED_PROMPT] = _token_id_prompt(request, self.backend)
-            return
+            return done
         truncate = request.truncate_prompt_tokens
         try:
             if request.messages is None:
                 # A batch's prompts each encoded (BOS and truncation each), as vLLM prepares each on its own; in a
                 # worker when they add up to a long prompt (not prompt by prompt on the event loop).
                 texts = [prompt.decode("utf-8", "replace") for prompt in request.prompts()]
-                parts = await self.tokenizer.encode_many_async(texts, request.add_special_tokens, truncate)
+                parts = self.tokenizer.encode_many(texts, request.add_special_tokens, truncate)
             elif len(request.prompt) >= self.tokenizer.thread_threshold:
                 # A long conversation: rendered in the worker that encodes it (one hop). Inline, a Jinja
                 # render stalls the loop for all of it: ~3 µs per message with a ChatML template, ~9 µs
@@ -368,28 +372,40 @@ class HFTokenProducer(TokenProducer):
                 pause = loop_handoff(asyncio.get_running_loop())
                 # Sized by the conversation's text (tools JSON, role + text per message), not by its body: an
                 # inline base64 image makes a body long, not the prompt (and must not take the long lane).
-                parts = [await in_worker(self._render_and_encode, request, pause, chars=len(request.prompt))]
+                parts = _listed(in_worker(self._render_and_encode, request, pause, chars=len(request.prompt)))
             else:
                 # Short (< ~0.4 ms): a worker would hold the GIL as long (less than a RENDER_SLICE, so
                 # unpaced), plus a thread hop (~50 µs, more than a one-message render's ~10 µs).
                 text = self._render(request, None, INLINE_RENDER_BUDGET)
-                special = request.add_special_tokens is True
-                parts = [await self.tokenizer.encode_async(text, special=special, truncate=truncate)]
-        except _TemplateFailed as e:
-            self._miss("template", "%s: tokenization failed: %s", self.name, e)
-            return
-        except WorkersBusy as e:
-            self._miss("busy", "%s: tokenization skipped: %s", self.name, e)
-            return
-        except Exception as e:
-            self._miss("encode", "%s: tokenization failed: %s", self.name, e)
-            return
+                parts = self.tokenizer.encode_many([text], request.add_special_tokens is True, truncate)
         except BaseException as e:
-            if not _is_rust_panic(e):
-                raise
-            self._miss("encode", "%s: tokenization failed (the tokenizer library panicked): %s", self.name, e)
+            self._failed(e)
+            return done
+        if not isinstance(parts, list):
+            return self._encoded_later(request, parts)
+        request.data[TOKENIZED_PROMPT] = TokenizedPrompt.joined(parts, self.backend)
+        return done
+
+    async def _encoded_later(self, request: InferenceRequest, work: Awaitable[list[bytes]]) -> None:
+        try:
+            parts = await work
+        except BaseException as e:
+            self._failed(e)
             return
         request.data[TOKENIZED_PROMPT] = TokenizedPrompt.joined(parts, self.backend)
+
+    def _failed(self, e: BaseException) -> None:
+        """A request's tokenization failed: counted and logged; anything else (a cancellation) is raised again."""
+        if isinstance(e, _TemplateFailed):
+            self._miss("template", "%s: tokenization failed: %s", self.name, e)
+        elif isinstance(e, WorkersBusy):
+            self._miss("busy", "%s: tokenization skipped: %s", self.name, e)
+        elif isinstance(e, Exception):
+            self._miss("encode", "%s: tokenization failed: %s", self.name, e)
+        elif _is_rust_panic(e):
+            self._miss("encode", "%s: tokenization failed (the tokenizer library panicked): %s", self.name, e)
+        else:
+            raise e
 
     def _render_and_encode(self, request: InferenceRequest, pause: Callable[[], None]) -> bytes:
         """In a worker thread: the chat's prompt (rendered paced: `pause` lets the event loop run every
@@ -404,6 +420,10 @@ class HFTokenProducer(TokenProducer):
             return self.template.render(request, pause=pause, budget=budget)
         except ValueError as e:
             raise _TemplateFailed(str(e)) from None
+
+
+async def _listed(one: Awaitable[bytes]) -> list[bytes]:
+    return [await one]
 
 
 def _is_rust_panic(e: BaseException) -> bool:

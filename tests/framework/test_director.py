@@ -666,3 +666,70 @@ async def test_a_crashing_filter_is_a_500_logged_once_not_a_traceback_per_reques
             assert err.value.status == 500
     assert all(ep.inflight.requests == 0 for ep in ds.endpoints)
     assert len([r for r in caplog.records if r.exc_info]) == 1
+
+
+def _hf_tokenizing_director(n: int) -> tuple[Director, Datastore]:
+    from llmepp_sim.tokenizer import TOKENIZER_PATH
+
+    config = f"""
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: token-producer
+  parameters: {{tokenizer: {{backend: hf, path: {str(TOKENIZER_PATH)!r}}}}}
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: max-score-picker
+"""
+    return director_for(n, config)
+
+
+def test_a_producer_that_finished_at_once_costs_no_event_loop_turn() -> None:
+    """The hf token producer encodes a short prompt inline and returns a done future: the routing step then
+    finishes in its first stretch, with no task and no asyncio.wait (~25 µs and three loop turns a request)."""
+    from llmepp.framework.datakeys import TOKENIZED_PROMPT
+
+    async def main() -> None:
+        d, _ = _hf_tokenizing_director(2)
+        assert [type(p).__name__ for p, _ in d._producers] == ["HFTokenProducer"]
+        req = request(b"the quick brown fox " * 20)
+        routing = d.handle_request(req, None)
+        with pytest.raises(StopIteration) as finished:
+            routing.send(None)  # the first stretch, as Pending.step runs it: no yield
+        assert cast(RoutingDecision, finished.value.value).targets
+        assert req.data[TOKENIZED_PROMPT].count > 0
+
+        long = request(b"the quick brown fox " * 400)  # 8,000 characters: encoded in a worker, awaited
+        assert cast(RoutingDecision, await d.handle_request(long, None)).targets
+        assert long.data[TOKENIZED_PROMPT].count > 0
+
+    import asyncio
+
+    asyncio.run(main())
+
+
+async def test_a_done_future_from_a_producer_is_its_outcome(caplog: pytest.LogCaptureFixture) -> None:
+    """A producer's done future that holds a failure: a RequestError is the request's answer, another one is
+    logged and the request routes on."""
+    import asyncio
+    import types
+
+    d, _ = director_for(2)
+
+    def failing(error: Exception) -> object:
+        def produce(*_: object) -> asyncio.Future[None]:
+            done = asyncio.get_running_loop().create_future()
+            done.set_exception(error)
+            return done
+
+        return types.SimpleNamespace(name="at-once", type="at-once", produce_timeout=0.0, produce=produce)
+
+    d._producers = [(failing(BadRequest("no tenant")), False)]  # type: ignore[list-item]
+    with pytest.raises(BadRequest, match="no tenant"):
+        await d.handle_request(request(b"x" * 400), None)
+    d._producers = [(failing(RuntimeError("plugin bug")), False)]  # type: ignore[list-item]
+    with caplog.at_level(logging.ERROR, logger="llmepp.director"):
+        assert cast(RoutingDecision, await d.handle_request(request(b"x" * 400), None)).targets
+    assert any("data producer at-once failed" in r.getMessage() for r in caplog.records)

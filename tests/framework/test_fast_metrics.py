@@ -47,6 +47,15 @@ def test_wrong_label_count_is_an_error() -> None:
         c.labels("only-one")
 
 
+def test_label_values_of_other_types_name_the_same_series_as_their_strings() -> None:
+    """`labels` looks a child up by the values as given first (strings: no conversion), then by their str()."""
+    c = Counter("z_total", "Z.", ("priority", "model"), registry=CollectorRegistry())
+    assert c.labels(1, "m") is c.labels("1", "m") is c.labels(priority=1, model="m")
+    assert c.labels(1, "m") is not c.labels("2", "m")
+    with pytest.raises(ValueError, match="expected labels"):
+        c.labels(1)
+
+
 def test_histograms_reach_as_far_as_the_values_they_record() -> None:
     """The top finite bucket is at least the reference's (llm-d-router pkg/epp/metrics) and what the EPP allows:
     above it, every value lands in +Inf and histogram_quantile answers with the top bound."""

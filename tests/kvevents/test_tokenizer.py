@@ -186,11 +186,11 @@ def test_parser_keeps_messages_and_token_id_flag() -> None:
 
 
 async def test_hf_a_long_batch_is_not_encoded_on_the_event_loop(monkeypatch: Any) -> None:
-    """`encode_async` hands a text of `threadThresholdChars` (4096) or more to a worker thread, which encodes it
+    """`encode_many` hands a text of `threadThresholdChars` (4096) or more to a worker thread, which encodes it
     with the GIL released, so that a long prompt never stalls the event loop (every other request's ext_proc
     stream). A batch is encoded prompt by prompt, and measured by its total length: a batch of many prompts each
     under the threshold (64 x 3.5 KB here, 224 KB in all) goes to a worker as one job, as one 224 KB prompt would
-    (encoded through encode_async one prompt at a time, it all ran inline, on the loop)."""
+    (encoded one prompt at a time, it all ran inline, on the loop)."""
     plugin = registry.build("token-producer", "tok", {"tokenizer": {"backend": "hf", "path": str(TOKENIZER_PATH)}})
     assert isinstance(plugin, HFTokenProducer)
     tok = plugin.tokenizer
