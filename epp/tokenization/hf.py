@@ -22,9 +22,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from tokenizers import Encoding, Tokenizer
 
@@ -53,9 +53,10 @@ class WorkersBusy(RuntimeError):
     """The tokenization threads are busy and MAX_QUEUED jobs wait for them already."""
 
 
-async def in_worker(fn: Callable[..., T], *args: object, chars: int = 0) -> T:
-    """`fn(*args)` on the tokenization threads (a prompt of `chars` >= LONG_CHARS on the long lane); WorkersBusy
-    when WORKERS + MAX_QUEUED jobs are pending (1 + LONG_QUEUED on the long lane)."""
+def in_worker(fn: Callable[..., T], *args: object, chars: int = 0) -> asyncio.Future[T]:
+    """`fn(*args)` submitted to the tokenization threads (a prompt of `chars` >= LONG_CHARS on the long lane), its
+    result to await; WorkersBusy at once when WORKERS + MAX_QUEUED jobs are pending (1 + LONG_QUEUED on the long
+    lane). A future, not a coroutine: one that is never awaited (its caller cancelled first) is no error."""
     global _in_flight, _long_in_flight
     long = chars >= LONG_CHARS
     with _in_flight_lock:
@@ -70,7 +71,7 @@ async def in_worker(fn: Callable[..., T], *args: object, chars: int = 0) -> T:
     job = (_LONG_EXECUTOR if long else _EXECUTOR).submit(fn, *args)
     # Run or cancelled (a caller's cancellation cancels a job still queued).
     job.add_done_callback(_long_done if long else _done)
-    return await asyncio.wrap_future(job)
+    return asyncio.wrap_future(job)
 
 
 def _done(_: object) -> None:
@@ -119,9 +120,9 @@ class HFTokenizer:
 
     def encode_many(
         self, texts: list[str], special: bool | None = None, truncate: int | None = None
-    ) -> list[bytes] | Coroutine[Any, Any, list[bytes]]:
+    ) -> list[bytes] | asyncio.Future[list[bytes]]:
         """Each text encoded as `encode` does (its special tokens, its truncation): at once while they add up to
-        fewer than `thread_threshold` characters (no task, no thread hop), else a coroutine that encodes them in a
+        fewer than `thread_threshold` characters (no task, no thread hop), else a future of their encoding in a
         worker thread. Measured by their total length: a batch of many short prompts is as long as one long prompt."""
         chars = sum(map(len, texts))
         if chars < self.thread_threshold:

@@ -372,7 +372,7 @@ class HFTokenProducer(TokenProducer):
                 pause = loop_handoff(asyncio.get_running_loop())
                 # Sized by the conversation's text (tools JSON, role + text per message), not by its body: an
                 # inline base64 image makes a body long, not the prompt (and must not take the long lane).
-                parts = _listed(in_worker(self._render_and_encode, request, pause, chars=len(request.prompt)))
+                parts = in_worker(self._render_and_encode, request, pause, chars=len(request.prompt))
             else:
                 # Short (< ~0.4 ms): a worker would hold the GIL as long (less than a RENDER_SLICE, so
                 # unpaced), plus a thread hop (~50 µs, more than a one-message render's ~10 µs).
@@ -386,7 +386,7 @@ class HFTokenProducer(TokenProducer):
         request.data[TOKENIZED_PROMPT] = TokenizedPrompt.joined(parts, self.backend)
         return done
 
-    async def _encoded_later(self, request: InferenceRequest, work: Awaitable[list[bytes]]) -> None:
+    async def _encoded_later(self, request: InferenceRequest, work: asyncio.Future[list[bytes]]) -> None:
         try:
             parts = await work
         except BaseException as e:
@@ -407,23 +407,21 @@ class HFTokenProducer(TokenProducer):
         else:
             raise e
 
-    def _render_and_encode(self, request: InferenceRequest, pause: Callable[[], None]) -> bytes:
+    def _render_and_encode(self, request: InferenceRequest, pause: Callable[[], None]) -> list[bytes]:
         """In a worker thread: the chat's prompt (rendered paced: `pause` lets the event loop run every
-        RENDER_SLICE), encoded without the GIL."""
+        RENDER_SLICE), encoded without the GIL (as a batch of one)."""
         text = self._render(request, pause, WORKER_RENDER_BUDGET)
-        return self.tokenizer.encode_released(
-            text, special=request.add_special_tokens is True, truncate=request.truncate_prompt_tokens
-        )
+        return [
+            self.tokenizer.encode_released(
+                text, special=request.add_special_tokens is True, truncate=request.truncate_prompt_tokens
+            )
+        ]
 
     def _render(self, request: InferenceRequest, pause: Callable[[], None] | None, budget: float) -> str:
         try:
             return self.template.render(request, pause=pause, budget=budget)
         except ValueError as e:
             raise _TemplateFailed(str(e)) from None
-
-
-async def _listed(one: Awaitable[bytes]) -> list[bytes]:
-    return [await one]
 
 
 def _is_rust_panic(e: BaseException) -> bool:

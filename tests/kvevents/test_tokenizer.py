@@ -217,3 +217,31 @@ async def test_hf_a_long_batch_is_not_encoded_on_the_event_loop(monkeypatch: Any
     assert sum(on_loop) < tok.thread_threshold, (
         f"{sum(on_loop)} characters ({len(on_loop)} prompts) encoded on the event loop for one request"
     )
+
+
+async def test_a_long_prompt_dropped_before_its_wait_starts_leaves_no_unawaited_coroutine(
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    """A long prompt's produce() submits the encode and returns what waits for it. When the routing step is
+    cancelled before that wait starts (the client went away), the awaitable is closed unstarted: nothing inside it
+    may be a coroutine left un-awaited (a RuntimeWarning on every such request)."""
+    import gc
+    import inspect
+
+    from llmepp.tokenization import hf as hf_module
+
+    for body in (
+        {"model": "m", "prompt": "the quick brown fox " * 400},
+        {"model": "m", "messages": [{"role": "user", "content": "the quick brown fox " * 400}]},
+    ):
+        req = parsed("/v1/chat/completions" if "messages" in body else "/v1/completions", body)
+        later = hf().produce(req, [])
+        assert inspect.iscoroutine(later)  # long: encoded in a worker
+        later.close()
+        del later
+        gc.collect()
+        for _ in range(500):  # the submitted job still runs; let it end before the next test
+            if not hf_module._in_flight:
+                break
+            await asyncio.sleep(0.01)
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
