@@ -12,6 +12,9 @@ queueing (`vllm:num_requests_waiting` summed over pods, averaged over the sample
 Router side (from /proc): CPU (cores, and CPU-ms per request) and resident memory of each process on the
 request path (the EPP, Envoy, or the Rust router).
 
+Machine (from `speed_probe.SpeedProbe`): the median CPU time of a fixed piece of work run beside the stage,
+so stages of different contenders can be checked for having met an equally fast machine.
+
 Conversions: client times are wall-clock; times in the results are simulated (wall x time scale). One
 simulated token is `token_unit` real tokens: ITL/TPOT are per real token (gap x time scale / token unit),
 throughput is real output tokens per simulated second.
@@ -31,6 +34,7 @@ from typing import Any
 import aiohttp
 
 from benchmarks.loadgen import Outcome, StageWindow
+from benchmarks.speed_probe import SpeedProbe
 
 POD_METRICS = {
     "hits": "vllm:prefix_cache_hits_total",
@@ -187,6 +191,7 @@ def summarize_stage(
     time_scale: float,
     token_unit: int,
     peak_rss: dict[str, float] | None = None,
+    probe: SpeedProbe | None = None,
 ) -> dict[str, Any]:
     mine = [o for o in outcomes if o.stage == window.index]
     ok = [o for o in mine if o.ok]
@@ -256,4 +261,6 @@ def summarize_stage(
         "rss_mb": {k: _finite(v) for k, v in s1.rss.items()},
         "peak_rss_mb": {k: _finite(v) for k, v in (peak_rss or {}).items()},
         "pods_used": sorted({o.pod for o in mine if o.pod}),
+        # The machine's speed in this stage (benchmarks.speed_probe): comparable across contenders of a run.
+        "probe_cpu_us": probe.median_between(window.start, window.end) if probe is not None else None,
     }

@@ -212,6 +212,15 @@ def routing_tables(routing: dict[str, Any]) -> str:
         if not ok:
             continue
         rates = [s["rate"] for s in _stages(w["contenders"][ok[0]])]
+        probed = any(s.get("probe_cpu_us") for n in ok for s in _stages(w["contenders"][n]))
+        machine = [
+            (
+                "Machine speed: CPU µs of the probe's fixed work, stage median (lower is faster; "
+                "benchmarks/speed_probe.py)",
+                lambda s: s.get("probe_cpu_us"),
+                lambda x: _f(x, ".0f"),
+            )
+        ]
         for title, get, fmt in (
             ("TTFT p90 (simulated seconds)", lambda s: s["ttft_p90_s"], _ttft),
             ("Output throughput (real tokens per simulated second)", lambda s: s["output_tokens_per_s"],
@@ -220,6 +229,7 @@ def routing_tables(routing: dict[str, Any]) -> str:
              lambda x: _f(None if x is None else x * 100, ".0f") + ("%" if x is not None else "")),
             ("Success rate", lambda s: s["success_rate"],
              lambda x: _f(None if x is None else x * 100, ".1f") + ("%" if x is not None else "")),
+            *(machine if probed else []),
         ):  # fmt: skip
             lines.append(f"**{title}**\n")
             head = "| QPS | " + ("canonical QPS | " if wname == "shared-prefix" else "") + " | ".join(ok) + " |"

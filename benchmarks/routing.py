@@ -33,6 +33,7 @@ import aiohttp
 from benchmarks.contenders import Contender, EppBehindEnvoy, all_contenders, wait_ready
 from benchmarks.loadgen import Outcome, RunConfig, StageWindow, run_ladder
 from benchmarks.metrics import Sampler, parse_pod_metrics, proc_rss_mb, summarize_stage
+from benchmarks.speed_probe import SpeedProbe
 from benchmarks.workloads import MODEL, WORKLOADS, Scale, SharedPrefix, Workload, build, kv_blocks_per_pod, sim_args
 from llmepp.testing.ports import free_port
 from llmepp_sim.cluster import SimProcess
@@ -113,6 +114,8 @@ async def run_contender(
     await c.before_ladder()
     sampler = Sampler(urls, {**c.pids, **host_pids})
     await sampler.start()
+    probe = SpeedProbe(cdir / "speed_probe.txt")
+    probe.start()
     t0 = time.monotonic()
 
     def progress(window: StageWindow) -> None:
@@ -123,10 +126,11 @@ async def run_contender(
     try:
         outcomes, windows = await run_ladder(workload, RunConfig(c.url, scale.time_scale), progress)
     finally:
+        probe.stop()
         await sampler.stop()
         peak = {name: proc_rss_mb(pid)[1] for name, pid in c.pids.items()}
         await c.stop()
-    stages = [summarize_stage(w, outcomes, sampler, scale.time_scale, scale.token_unit, peak) for w in windows]
+    stages = [summarize_stage(w, outcomes, sampler, scale.time_scale, scale.token_unit, peak, probe) for w in windows]
     if outcomes_sink is not None:
         outcomes_sink.extend(outcomes)
     raw.append({"workload": workload_name, "contender": c.name,
@@ -160,7 +164,7 @@ def stage_line(s: dict[str, Any]) -> str:
         f"{s['label']:>8}: {s['ok']}/{s['sent']} ok, TTFT p50/p90 {_fmt(s['ttft_p50_s'], '.2f')}/"
         f"{_fmt(s['ttft_p90_s'], '.2f')} s, ITL p50 {_fmt(s['itl_p50_ms'], '.0f')} ms, "
         f"out {_fmt(s['output_tokens_per_s'], '.0f')} tok/s, hit {hit_pct}%, "
-        f"wait {s['pod_waiting_mean']:.1f}, cpu {cpu}"
+        f"wait {s['pod_waiting_mean']:.1f}, cpu {cpu}, probe {_fmt(s.get('probe_cpu_us'), '.0f')} us"
     )
 
 
