@@ -525,9 +525,10 @@ class FlowController(AdmissionController):
         # A ceiling of 0 (soft-reflective thinning a band, an explicit 0) holds the band back whatever the load:
         # revoking in-flight work cannot open it (the reference's maybeReclaim skips such bands too). Nor can
         # it open an empty pool (saturation 1.0 with nothing to dispatch to): the requests still in flight run
-        # on pods that have left it, and revoking them would only fail their clients.
+        # on pods that have left it, and revoking them would only fail their clients (the evictor skips such
+        # requests in a pool that still has endpoints, too).
         if blocked is not None and self.evictor is not None and blocked_ceiling > 0 and pool:
-            self.evictor.reclaim(blocked.priority, blocked.count, now)
+            self.evictor.reclaim(blocked.priority, blocked.count, now, pool)
         self.metrics.dispatch_cycle.observe(time.perf_counter() - t0)
         return sent
 

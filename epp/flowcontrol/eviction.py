@@ -5,7 +5,8 @@ so the capacity they hold comes back for the blocked, more important work:
 
     victims  = dispatched, unfinished, accepted by the EvictionFilterPolicy (default
                `sheddable-eviction-filter`: priority < 0), below the blocked band's priority,
-               and still answerable
+               still answerable, and served by an endpoint still in the pool (one on a pod that
+               left frees nothing the saturation detector reads)
     order    = the EvictionOrderingPolicy's (default `priority-then-time-eviction-order-policy`:
                lowest priority first, then the most recently dispatched first: the least work lost)
     per decision: one revocation per request waiting in the blocked band, at most 2; the next
@@ -22,9 +23,10 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from llmepp.datalayer.endpoint import Endpoint
 from llmepp.flowcontrol.interfaces import EvictionFilterPolicy, EvictionOrderingPolicy
 from llmepp.observability.fast import Tally
 from llmepp.observability.logging import LogLimiter
@@ -103,10 +105,10 @@ class Evictor:
         else:
             del priorities[request.priority]
 
-    def reclaim(self, blocked_priority: int, waiting: int, now: float) -> int:
+    def reclaim(self, blocked_priority: int, waiting: int, now: float, pool: Iterable[Endpoint]) -> int:
         """Revoke up to min(`waiting`, MAX_PER_DECISION) victims for a band of `blocked_priority` held
         back by saturation with `waiting` requests queued; at most one decision per `grace`. Returns
-        how many were revoked."""
+        how many were revoked. Only requests on endpoints of `pool` (the pool the detector reads) qualify."""
         if now < self._next_decision or not any(p < blocked_priority for p in self._priorities):
             return 0
         candidates = [
@@ -114,6 +116,9 @@ class Evictor:
             for req, key, seq in self._inflight.values()
             if req.priority < blocked_priority and req.evict is not None
         ]
+        if candidates:
+            members = set(pool)
+            candidates = [c for c in candidates if _served_in(c[2], members)]
         if not candidates:
             return 0
         candidates.sort(key=lambda c: (c[0], c[1]))
@@ -140,3 +145,12 @@ class Evictor:
         if revoked:
             self._next_decision = now + self.grace
         return revoked
+
+
+def _served_in(request: InferenceRequest, pool: set[Endpoint]) -> bool:
+    """The request runs on an endpoint of `pool` (a request without a scheduling result, routed by a
+    plugin-less path, is assumed to)."""
+    result = request.scheduling
+    if result is None:
+        return True
+    return any(ep in pool for ep in result.targets)
