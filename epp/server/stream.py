@@ -142,7 +142,24 @@ def error_body(err: RequestError) -> bytes:
     return msgspec.json.encode({"error": {"code": err.status, "type": err.code, "message": err.message}})
 
 
-def error_response(err: RequestError, *, grpc: bool = False) -> pb.ProcessingResponse:
+# Serialized error answers: a storm of 429s (saturation, eviction) repeats a handful of them. Messages of
+# 400s can be unique per request, so only the first few hundred distinct ones are kept.
+_ERROR_ANSWERS: dict[tuple[int, str, str | None, str, bool], bytes] = {}
+_ERROR_ANSWERS_MAX = 256
+
+
+def error_response(err: RequestError, *, grpc: bool = False) -> bytes:
+    """The serialized ImmediateResponse of an error (see `_error_response`), built once per distinct error."""
+    key = (err.status, err.code, err.reason, err.message, grpc)
+    answer = _ERROR_ANSWERS.get(key)
+    if answer is None:
+        answer = _error_response(err, grpc).SerializeToString()
+        if len(_ERROR_ANSWERS) < _ERROR_ANSWERS_MAX:
+            _ERROR_ANSWERS[key] = answer
+    return answer
+
+
+def _error_response(err: RequestError, grpc: bool) -> pb.ProcessingResponse:
     """The ImmediateResponse of an error: a JSON body, or for a gRPC client a gRPC status with the
     message (Envoy sends it as a trailers-only answer, grpc-message carrying the body)."""
     details = f"llm_epp_{err.code}" + (f"_{err.reason}" if err.reason else "")
