@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 import msgspec
@@ -52,13 +53,18 @@ class Rule:
     models: frozenset[str]  # exact matches; empty = catch-all
     targets: tuple[Target, ...]
     weighted: bool  # False: uniform choice
+    # Running sums of the weights, once per rule rather than per request (the same draw as `weights=`).
+    cum_weights: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cum_weights", tuple(accumulate(t.weight for t in self.targets)))
 
     def choose(self, rng: random.Random) -> str:
         if len(self.targets) == 1:
             return self.targets[0].model
         if not self.weighted:
             return rng.choice(self.targets).model
-        return rng.choices(self.targets, weights=[t.weight for t in self.targets])[0].model
+        return rng.choices(self.targets, cum_weights=self.cum_weights)[0].model
 
 
 @dataclass(frozen=True, slots=True)

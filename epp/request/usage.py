@@ -178,7 +178,7 @@ def _envelope_usage(env: _Envelope) -> Usage | None:
     return _meta_usage(env.meta_info) if env.meta_info is not None else None
 
 
-def _from_envelope(doc: bytes) -> Usage | None:
+def _from_envelope(doc: bytes | bytearray) -> Usage | None:
     try:
         env = _ENVELOPE.decode(doc)
     except DECODE_ERRORS:
@@ -196,8 +196,9 @@ def _summed(usages: Iterable[Usage | None]) -> Usage | None:
     return Usage(prompt_tokens=p, completion_tokens=c, cached_tokens=cached, total_tokens=p + c)
 
 
-def usage_from_json(body: bytes) -> Usage | None:
-    """Usage of a complete non-streaming JSON response body (an SGLang batch: a list), or None."""
+def usage_from_json(body: bytes | bytearray) -> Usage | None:
+    """Usage of a complete non-streaming JSON response body (an SGLang batch: a list), or None. A bytearray
+    is read in place (a collected body of up to JSON_BODY_LIMIT is not copied)."""
     if _USAGE_KEY not in body and _META_KEY not in body:
         return None
     if _ARRAY.match(body) is None:
@@ -518,11 +519,11 @@ class UsageCollector:
                 except DECODE_ERRORS:
                     usage = None
             return usage
-        body = bytes(self._buf)
+        body = self._buf
         usage = usage_from_json(body)
         if usage is None and b"data:" in body:
             # An SSE stream served without the event-stream content type: all of it is here.
-            usage = _stream_usage(body[:HEAD_BYTES], body[-SSE_TAIL_BYTES:])
+            usage = _stream_usage(bytes(body[:HEAD_BYTES]), bytes(body[-SSE_TAIL_BYTES:]))
         return usage
 
 
