@@ -76,6 +76,8 @@ class ExtProcServicer(StreamContext):
             eof = grpc.aio.EOF
             while True:
                 msg = await read()
+                if pushes:  # answered out of band while we waited (an eviction's 429): this message comes too late
+                    break
                 if msg is eof:
                     if self._stream_metrics is not None:
                         # A client's cancel reaches a handler waiting here as this same EOF (the failed read

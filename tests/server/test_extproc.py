@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import json
@@ -730,6 +731,28 @@ async def test_an_eviction_push_waits_for_an_answer_being_written() -> None:
         assert set(kinds[:-1]) <= {"response_body"}
         await s.close()
         assert await s.status() == grpc.StatusCode.OK
+
+
+async def test_a_message_arriving_after_an_eviction_runs_no_response_plugin() -> None:
+    """The 429 ends the request: a response chunk Envoy sent before it saw the 429 is not the request's
+    first chunk to the response plugins (grpc.aio's handler, waiting on its read, used to handle it)."""
+    async with serve(out_of_band=True) as h:
+        s = h.open()
+        await s.route(CHAT, path="/v1/chat/completions")
+        await s.send(response_headers(200, "text/event-stream"))
+        await s.recv()
+        (req,) = h.director.requests
+        assert req.evict is not None and req.evict()
+        assert (await s.recv()).WhichOneof("response") == "immediate_response"
+        # h2 ended the stream with the 429 (the send fails); grpc.aio's handler was still reading.
+        with contextlib.suppress(asyncio.InvalidStateError):
+            await s.send(response_body(b"data: {}\n\n"))
+        await asyncio.sleep(0.05)
+        assert h.director.first_chunks == []
+        (c,) = h.director.completions
+        assert c.response.cause is TerminationCause.EVICTED
+        with contextlib.suppress(asyncio.InvalidStateError):
+            await s.close()
 
 
 async def test_without_eviction_no_request_can_be_revoked() -> None:
