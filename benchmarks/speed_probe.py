@@ -29,6 +29,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from llmepp.testing.lifetime import die_with_parent
+
 _rng = random.Random(7)
 _DATA = [_rng.randrange(1 << 30) for _ in range(4000)]
 _WORDS = [f"w{x % 977}" for x in _DATA]
@@ -78,11 +80,18 @@ class SpeedProbe:
         self.samples: list[tuple[float, float]] = []
         self._proc: subprocess.Popen[bytes] | None = None
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
     def start(self) -> None:
         self.path.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "benchmarks.speed_probe", "--out", str(self.path)]
         cmd += ["--interval", str(self.interval)]
-        self._proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdin=subprocess.DEVNULL)
+        # An endless loop: it must end with the harness, also one killed without clean-up.
+        self._proc = subprocess.Popen(
+            die_with_parent(cmd), cwd=Path(__file__).resolve().parents[1], stdin=subprocess.DEVNULL
+        )
 
     def stop(self) -> None:
         if self._proc is not None:

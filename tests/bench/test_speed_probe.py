@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -35,3 +39,41 @@ def test_a_torn_or_garbled_line_is_skipped() -> None:
 
 def test_the_work_is_the_same_every_run() -> None:
     assert work() == work()
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is no zombie (an orphan's zombie may wait for a reaper that never comes)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_the_probe_ends_with_a_harness_killed_without_clean_up(tmp_path: Path) -> None:
+    """The probe loops for ever: a harness killed with SIGKILL (no `stop()`) must not leave it running."""
+    harness = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from benchmarks.speed_probe import SpeedProbe\n"
+        "probe = SpeedProbe(Path(sys.argv[1]), interval=0.05)\n"
+        "probe.start()\n"
+        "print(probe.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    parent = subprocess.Popen(
+        [sys.executable, "-c", harness, str(tmp_path / "probe.txt")], cwd=repo, stdout=subprocess.PIPE, text=True
+    )
+    assert parent.stdout is not None
+    pid = int(parent.stdout.readline())
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "probe.txt").exists() and time.monotonic() < deadline:  # the probe runs
+        time.sleep(0.05)
+    assert _running(pid)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(pid)
