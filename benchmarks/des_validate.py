@@ -179,7 +179,7 @@ async def live_run(sched: Schedule, policy: str, time_scale: float, request_time
             tasks = []
             start = time.monotonic()
             for a in sched.arrivals:
-                body = request_body(workload.prompt(a.index), workload.output_len)
+                body = request_body(workload.prompt(a.index))
                 delay = start + a.time / time_scale - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)

@@ -40,6 +40,18 @@ def _positive(kind: type[int] | type[float]) -> Any:
     return parse
 
 
+def _length(text: str) -> int | tuple[int, int]:
+    """A token count, or a uniform range ``LOW:HIGH``."""
+    low, sep, high = text.partition(":")
+    try:
+        span = (int(low), int(high)) if sep else (int(low), int(low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or LOW:HIGH, got {text!r}") from None
+    if not 0 < span[0] <= span[1]:
+        raise argparse.ArgumentTypeError(f"expected 0 < LOW <= HIGH, got {text!r}")
+    return span if sep else span[0]
+
+
 def _pod_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep:
@@ -64,8 +76,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-per-group", type=int, default=5)
     p.add_argument("--system-len", type=int, default=6000, help="shared system prompt tokens")
     p.add_argument("--question-len", type=int, default=1200)
-    p.add_argument("--prompt-len", type=int, default=1000, help="no-sharing prompt tokens")
-    p.add_argument("--output-len", type=int, default=1000)
+    p.add_argument("--prompt-len", type=_length, default=1000, help="no-sharing prompt tokens, or LOW:HIGH (uniform)")
+    p.add_argument("--output-len", type=_length, default=1000, help="output tokens (no-sharing: also LOW:HIGH)")
     p.add_argument("--profile", default="qwen3-32b-h100-tp2", help="simulator latency profile (name or YAML path)")
     p.add_argument(
         "--pod-config",
@@ -91,6 +103,7 @@ def parser() -> argparse.ArgumentParser:
 def make_workload(args: argparse.Namespace) -> Workload:
     if args.workload == "no-sharing":
         return NoSharing(prompt_len=args.prompt_len, output_len=args.output_len, seed=args.seed)
+    assert isinstance(args.output_len, int)  # main() rejects a range for shared-prefix
     return SharedPrefix(
         num_groups=args.groups,
         prompts_per_group=args.prompts_per_group,
@@ -130,7 +143,10 @@ def comparison_table(results: list[SimResult]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.workload != "no-sharing" and not isinstance(args.output_len, int):
+        p.error("argument --output-len: a LOW:HIGH range is for --workload no-sharing")
     workload = make_workload(args)
     warmup = Stage(args.warmup_qps, args.warmup_duration, warmup=True) if args.warmup_qps > 0 else None
     sched = schedule(workload, ladder(args.qps, args.stage_duration, warmup), seed=args.seed)

@@ -356,7 +356,7 @@ class Simulation:
         sim_request: SimRequest | None = None
         first_seen = False
         try:
-            max_tokens = workload.output_len
+            max_tokens = prompt.output_len
             rec.prompt_tokens = len(prompt_ids)
             if len(prompt_ids) + max_tokens > pod.config.max_model_len:
                 rec.error = "context-length"
@@ -421,14 +421,14 @@ class Simulation:
         """
         if not prompt.shared:
             ids = prompt.token_ids()
-            body = request_body(prompt, self.schedule.workload.output_len, self.options.model)
+            body = request_body(prompt, self.options.model)
             return parse_request(HEADERS, body, request_id=str(index), received_at=arrived), ids, []
         entry = self._prompt_cache.get(prompt.key)
         if entry is not None:
             template, ids, hashes = entry
             return fresh_copy(template, str(index), arrived), ids, hashes
         ids = prompt.token_ids()
-        body = request_body(prompt, self.schedule.workload.output_len, self.options.model)
+        body = request_body(prompt, self.options.model)
         request = parse_request(HEADERS, body, request_id=str(index), received_at=arrived)
         hashes = self._prefix_hashes(prompt)
         blockhash.extend_chain(hashes, ids, self._block_size, self._root_hash)

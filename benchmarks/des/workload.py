@@ -45,6 +45,7 @@ class Prompt:
     prefix: tuple[int, ...]
     suffix: tuple[int, ...]
     shared: bool  # sent more than once (worth memoising)
+    output_len: int  # the request's max_tokens (generation ignores EOS, so also its output length)
 
     def token_ids(self) -> list[int]:
         return [*self.prefix, *self.suffix]
@@ -84,7 +85,8 @@ class SharedPrefix:
             for g in range(self.num_groups):
                 system = _tokens(rng, vocab, self.system_prompt_len)
                 for _ in range(self.prompts_per_group):
-                    prompts.append(Prompt(len(prompts), g, system, _tokens(rng, vocab, self.question_len), True))
+                    question = _tokens(rng, vocab, self.question_len)
+                    prompts.append(Prompt(len(prompts), g, system, question, True, self.output_len))
             rng.shuffle(prompts)
             self._prompts = prompts
         return self._prompts[index % len(self._prompts)]
@@ -102,14 +104,19 @@ class SharedPrefix:
 
 
 class NoSharing:
-    """Every request has its own random prompt of ``prompt_len`` tokens: no prefix is ever reused.
+    """Every request has its own random prompt: no prefix is ever reused.
 
-    Prompts are generated on demand from ``(seed, index)`` and not kept, so long runs stay small.
+    ``prompt_len`` and ``output_len`` are token counts, or ``(low, high)`` ranges each request draws from
+    uniformly (the live no-sharing workload's varied lengths: rotating requests over pods balances their
+    count, not their prefill work). Prompts are generated on demand from ``(seed, index)`` and not kept, so
+    long runs stay small.
     """
 
-    def __init__(self, prompt_len: int = 1000, output_len: int = 200, seed: int = 0) -> None:
-        self.prompt_len = prompt_len
-        self.output_len = output_len
+    def __init__(
+        self, prompt_len: int | tuple[int, int] = 1000, output_len: int | tuple[int, int] = 200, seed: int = 0
+    ) -> None:
+        self.prompt_len = _span(prompt_len, "prompt_len")
+        self.output_len = _span(output_len, "output_len")
         self.seed = seed
         self._vocab: list[int] | None = None
 
@@ -117,10 +124,21 @@ class NoSharing:
         if self._vocab is None:
             self._vocab = _vocabulary()
         rng = random.Random(f"no-sharing:{self.seed}:{index}")
-        return Prompt(index, index, (), _tokens(rng, self._vocab, self.prompt_len), False)
+        (p_lo, p_hi), (o_lo, o_hi) = self.prompt_len, self.output_len
+        # Fixed lengths draw nothing, so their prompts are the ones seeds gave before ranges existed.
+        n = p_lo if p_lo == p_hi else rng.randint(p_lo, p_hi)
+        out = o_lo if o_lo == o_hi else rng.randint(o_lo, o_hi)
+        return Prompt(index, index, (), _tokens(rng, self._vocab, n), False, out)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "no-sharing", "prompt_len": self.prompt_len, "output_len": self.output_len, "seed": self.seed}
+
+
+def _span(value: int | tuple[int, int], name: str) -> tuple[int, int]:
+    lo, hi = (value, value) if isinstance(value, int) else value
+    if not 0 < lo <= hi:
+        raise ValueError(f"{name}: expected a positive count or a range low <= high, got {value!r}")
+    return lo, hi
 
 
 Workload = SharedPrefix | NoSharing
@@ -182,13 +200,13 @@ def schedule(workload: Workload, stages: Sequence[Stage], seed: int = 0) -> Sche
     return out
 
 
-def request_body(prompt: Prompt, output_len: int, model: str = MODEL) -> bytes:
+def request_body(prompt: Prompt, model: str = MODEL) -> bytes:
     """The completions request both the DES and the live client send (streaming, usage included)."""
     return _encode(
         {
             "model": model,
             "prompt": prompt.token_ids(),
-            "max_tokens": output_len,
+            "max_tokens": prompt.output_len,
             "stream": True,
             "stream_options": {"include_usage": True},
             "ignore_eos": True,

@@ -76,7 +76,7 @@ def test_ttft_of_an_idle_request_is_the_latency_formula_plus_request_latency() -
 
 def test_a_copied_parse_equals_a_real_parse() -> None:
     prompt = SharedPrefix(num_groups=2, prompts_per_group=2, system_prompt_len=50, question_len=10).prompt(1)
-    body = request_body(prompt, 7)
+    body = request_body(prompt)
     template = parse_request(HEADERS, body, request_id="1", received_at=1.0)
     copied = fresh_copy(template, "2", 2.0)
     assert copied == parse_request(HEADERS, body, request_id="2", received_at=2.0)
@@ -85,6 +85,19 @@ def test_a_copied_parse_equals_a_real_parse() -> None:
     assert "x" not in template.data and "y" not in template.headers
     assert template.prompt_is_token_ids if hasattr(template, "prompt_is_token_ids") else True
     assert template.prompt is not None and len(template.prompt) == 4 * len(prompt)
+
+
+def test_no_sharing_draws_each_requests_lengths_from_its_ranges() -> None:
+    varied = NoSharing(prompt_len=(100, 300), output_len=(10, 50), seed=3)
+    prompts = [varied.prompt(i) for i in range(200)]
+    assert all(100 <= len(p) <= 300 and 10 <= p.output_len <= 50 for p in prompts)
+    assert len({len(p) for p in prompts}) > 50 and len({p.output_len for p in prompts}) > 20
+    assert [len(p) for p in prompts] == [len(varied.prompt(i)) for i in range(200)]  # a function of (seed, index)
+    assert b'"max_tokens":%d' % prompts[0].output_len in request_body(prompts[0])
+    fixed = NoSharing(prompt_len=256, output_len=32, seed=3)
+    assert {(len(fixed.prompt(i)), fixed.prompt(i).output_len) for i in range(20)} == {(256, 32)}
+    with pytest.raises(ValueError, match="prompt_len"):
+        NoSharing(prompt_len=(300, 200))
 
 
 def test_schedule_is_poisson_at_the_stage_rates_and_cycles_prompts() -> None:
@@ -203,7 +216,7 @@ def test_plugins_judge_metrics_freshness_on_simulated_time() -> None:
         assert busy.endpoints[0].metrics.waiting_queue_size == 10
         picks = []
         for i in range(40):
-            request = parse_request(HEADERS, request_body(prompt, 4), request_id=str(i), received_at=loop.time())
+            request = parse_request(HEADERS, request_body(prompt), request_id=str(i), received_at=loop.time())
             decision = await sim.directors[0].handle_request(request, None)
             assert isinstance(decision, RoutingDecision)
             picks.append(decision.targets[0].name)
@@ -221,6 +234,9 @@ def test_plugins_judge_metrics_freshness_on_simulated_time() -> None:
         (["--qps", "0,5"], "argument --qps: expected positive numbers, got '0,5'"),
         (["--qps", "nan"], "argument --qps: expected positive numbers, got 'nan'"),
         (["--stage-duration", "-1"], "argument --stage-duration: must be > 0, got '-1'"),
+        (["--prompt-len", "300:200"], "argument --prompt-len: expected 0 < LOW <= HIGH, got '300:200'"),
+        (["--prompt-len", "1k"], "argument --prompt-len: expected N or LOW:HIGH, got '1k'"),
+        (["--output-len", "10:20"], "argument --output-len: a LOW:HIGH range is for --workload no-sharing"),
     ],
 )
 def test_the_cli_rejects_an_empty_pool_or_ladder_with_a_usage_error(
@@ -253,7 +269,7 @@ def test_each_replica_counts_only_its_own_requests_in_flight() -> None:
     without an inflight producer, concurrency detection) counted the other replicas' requests too."""
     wl = SharedPrefix(num_groups=1, prompts_per_group=1, system_prompt_len=64, question_len=16, output_len=4)
     opts = SimOptions(pods=4, epp_config=ACTIVE_REQUESTS, profile="llama-8b-h100", replicas=2, seed=1)
-    body = request_body(wl.prompt(0), 4)
+    body = request_body(wl.prompt(0))
 
     async def main(loop: VirtualTimeLoop) -> tuple[list[int], list[int]]:
         sim = Simulation(loop, Schedule(wl, [Stage(1.0, 1.0)], []), opts)
