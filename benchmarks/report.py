@@ -484,6 +484,68 @@ def seed_summary(runs: list[dict[str, Any]]) -> tuple[str, list[list[str]]]:
     return f"Workload seeds {seeds} (TTFT p90 in simulated s).{left_out}\n\n" + _table(rows, head), verdicts
 
 
+def nosharing_runs(results: Path) -> list[dict[str, Any]]:
+    """No-sharing runs with a workload seed each (`routing_nosharing_seed<N>.json`, written by
+    `python -m benchmarks.routing --seed N --workloads no-sharing --json ...`)."""
+    runs = []
+    for path in sorted(results.glob("routing_nosharing_seed*.json")):
+        data = _load(path)
+        if data and "no-sharing" in data.get("workloads", {}):
+            runs.append(data)
+    return runs
+
+
+def nosharing_seed_summary(runs: list[dict[str, Any]]) -> tuple[str, list[list[str]]]:
+    """No-sharing across workload seeds (of a seed run twice, the newest): per stage, each contender's median TTFT
+    p90 (min-max) and median output tokens/s, and a target row: the EPP default's medians within 5% of the best
+    other contender's at every stage. Only contenders measured in every seed count."""
+    runs, left_out = _seed_runs(runs)
+    ws = [w for run in runs if (w := run.get("workloads", {}).get("no-sharing"))]
+    if len(ws) < 2:
+        return "_Fewer than two workload seeds._", []
+    names = [n for n in _ordered(ws[0]["contenders"]) if not n.startswith("diag-")]
+    maps = {n: [_stage_map(w, n) for w in ws] for n in names}
+    names = [n for n in names if all(maps[n])]
+    label = f"routing (#6), no-sharing, {len(ws)} workload seeds"
+    if EPP not in names:
+        return "_The EPP default was not measured in every seed._", [
+            [label, "no-sharing: EPP default within 5% of the best other contender", "EPP default not measured in "
+             "every seed", "not measured"]]  # fmt: skip
+    rates = sorted(set.intersection(*(set(m) for n in names for m in maps[n])))
+
+    def med(name: str, r: float, key: str) -> float | None:
+        values = [v for m in maps[name] if (v := _num(m[r][key])) is not None]
+        return statistics.median(values) if len(values) == len(ws) else None  # a failed seed: not measured
+
+    head = ["QPS", *names]
+    rows, detail, misses = [], [], []
+    for r in rates:
+        row = [f"{r:g}"]
+        for n in names:
+            p90s = [v for m in maps[n] if (v := _num(m[r]["ttft_p90_s"])) is not None]
+            tok = _f(med(n, r, "output_tokens_per_s"), ".0f")
+            row.append(f"{statistics.median(p90s):.2f} ({min(p90s):.2f}-{max(p90s):.2f}) / {tok}" if p90s else "-")
+        rows.append(row)
+        others = [n for n in names if n != EPP]
+        best_t = min((v for n in others if (v := med(n, r, "ttft_p90_s")) is not None), default=None)
+        best_x = max((v for n in others if (v := med(n, r, "output_tokens_per_s")) is not None), default=None)
+        t, x = med(EPP, r, "ttft_p90_s"), med(EPP, r, "output_tokens_per_s")
+        dt = t / best_t - 1 if t is not None and best_t else None
+        dx = x / best_x - 1 if x is not None and best_x else None
+        detail.append(f"{r:g} QPS: TTFT p90 {_f(None if dt is None else dt * 100, '+.0f')}%, "
+                      f"throughput {_f(None if dx is None else dx * 100, '+.1f')}%")  # fmt: skip
+        if dt is None or dt > 0.05 or dx is None or dx < -0.05:
+            misses.append(f"{r:g}")
+    verdict = [label, "no-sharing: EPP default's median TTFT p90 and throughput over the seeds within 5% of the "
+               "best other contender's (every stage)", "; ".join(detail) + " (vs the best other median at that stage)",
+               _met(not misses) + ("" if not misses else f" (at {', '.join(misses)} QPS)")]  # fmt: skip
+    seeds = ", ".join(str(run.get("seed", "?")) for run in runs)
+    started = min(run.get("started", "?") for run in runs)
+    text = (f"Workload seeds {seeds}, from {started}: TTFT p90 in simulated s, median over the seeds (min-max) / "
+            f"median output tokens/s.{left_out}\n\n")  # fmt: skip
+    return text + _table(rows, head), [verdict]
+
+
 def repeat_tables(runs: list[dict[str, Any]]) -> str:
     if not runs:
         return "_No repeat run._"
@@ -1258,6 +1320,8 @@ def render(results: Path, readme: Path = README, template: Path = TEMPLATE) -> s
     targets += repeat_targets(repeats)
     seeds_md, seed_rows = seed_summary(([routing] if routing else []) + repeats)
     targets += seed_rows
+    nosharing_md, nosharing_rows = nosharing_seed_summary(nosharing_runs(results))
+    targets += nosharing_rows
     targets += overhead_targets(overhead)
     fc_tenants = _load(results / "flowcontrol_tenants.json")
     targets += flowcontrol_tenant_targets(fc_tenants)
@@ -1278,6 +1342,7 @@ def render(results: Path, readme: Path = README, template: Path = TEMPLATE) -> s
         "WINNERS": winners_table(routing) if routing else "_no routing results_",
         "REPEATS": repeat_tables(repeats),
         "SEEDS": seeds_md,
+        "NOSHARING_SEEDS": nosharing_md,
         "AFFINITY": affinity_table(results) if routing else "",
         "COST": cost_table(routing) if routing else "",
         "ROUTING": routing_tables(routing) if routing else "_The routing section was not run._",

@@ -82,7 +82,9 @@ class EndpointPickerConfig(_Schema):
 # The profile used when no config is given: the reference's optimized-baseline scorers (its
 # benchmark profile). Measured against the reference's older default (queue 2, kv-cache 2, prefix 3)
 # on the canonical shared-prefix and no-sharing workloads (benchmarks/README.md), no-hit-lru is what
-# keeps cold requests from herding onto the pod that looked least loaded at the last scrape.
+# keeps cold requests from herding onto the pod that looked least loaded at the last scrape, and
+# spreadByBacklog (this build's addition) keeps its rotation from feeding a pod whose queue of long prompts
+# has fallen behind (no-sharing workload, varied prompt lengths).
 DEFAULT_CONFIG = """\
 apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
@@ -91,6 +93,8 @@ plugins:
 - type: kv-cache-utilization-scorer
 - type: prefix-cache-scorer
 - type: no-hit-lru-scorer
+  parameters:
+    spreadByBacklog: true
 schedulingProfiles:
 - name: default
   plugins:

@@ -80,6 +80,54 @@ def test_a_quick_run_never_stands_in_for_a_seed() -> None:
     assert "| 5 | 0.50 (0.50-0.50) |" in table and rows[0][3] == "**met**"
 
 
+def _nosharing(seed: int, stages: dict[str, list[tuple[float, float]]]) -> dict[str, Any]:
+    """A no-sharing seed run: per contender, (TTFT p90, output tokens/s) at 2 and 7.5 QPS."""
+    contenders = {name: {"status": "ok", "stages": [{**_stage(r, t), "output_tokens_per_s": x}
+                                                    for r, (t, x) in zip([2.0, 7.5], ts)]}
+                  for name, ts in stages.items()}  # fmt: skip
+    return {
+        "seed": seed,
+        "started": f"2026-11-24 10:0{seed}:00 UTC",
+        "workloads": {"no-sharing": {"contenders": contenders}},
+    }
+
+
+def test_nosharing_seed_summary_compares_medians_with_the_best_other_contender() -> None:
+    rr, smg = "envoy-round-robin", "smg-cache-aware"
+    runs = [
+        _nosharing(
+            1, {rr: [(1.0, 400), (5.0, 1800)], report.EPP: [(1.0, 400), (4.0, 1800)], smg: [(1.1, 400), (4.4, 1800)]}
+        ),
+        _nosharing(
+            2, {rr: [(1.0, 400), (3.0, 1800)], report.EPP: [(1.0, 400), (2.5, 1800)], smg: [(1.0, 400), (9.0, 1800)]}
+        ),
+        _nosharing(
+            3, {rr: [(1.0, 400), (5.0, 1800)], report.EPP: [(1.0, 400), (4.8, 1700)], smg: [(1.0, 400), (5.0, 1800)]}
+        ),
+    ]
+    table, rows = report.nosharing_seed_summary(runs)
+    assert table.startswith("Workload seeds 1, 2, 3, from 2026-11-24 10:01:00 UTC")
+    assert "| 7.5 | 5.00 (3.00-5.00) / 1800 | 4.00 (2.50-4.80) / 1800 | 5.00 (4.40-9.00) / 1800 |" in table
+    assert rows[0][2].startswith("2 QPS: TTFT p90 +0%, throughput +0.0%; 7.5 QPS: TTFT p90 -20%")
+    assert rows[0][3] == "**met**"
+    # Within 5% of the best median is met; 6% above it is not.
+    runs[0]["workloads"]["no-sharing"]["contenders"][rr]["stages"][1]["ttft_p90_s"] = 3.77  # rr median 3.77 vs EPP 4.0
+    _, rows = report.nosharing_seed_summary(runs)
+    assert rows[0][3] == "**not met** (at 7.5 QPS)"
+    # Timeouts count as the timeout: in two of three seeds they are the median.
+    runs[0]["workloads"]["no-sharing"]["contenders"][rr]["stages"][1]["ttft_p90_s"] = 5.0
+    epp = [run["workloads"]["no-sharing"]["contenders"][report.EPP]["stages"][1] for run in runs]
+    epp[0]["ttft_p90_s"] = epp[1]["ttft_p90_s"] = "timeout"
+    table, rows = report.nosharing_seed_summary(runs)
+    assert "| 7.5 | 5.00 (3.00-5.00) / 1800 | 300.00 (4.80-300.00) / 1800 |" in table
+    assert rows[0][3] == "**not met** (at 7.5 QPS)"
+    # A stage without a TTFT in one seed (nothing completed) is not measured: not met either.
+    epp[0]["ttft_p90_s"], epp[1]["ttft_p90_s"] = None, 2.5
+    _, rows = report.nosharing_seed_summary(runs)
+    assert rows[0][3] == "**not met** (at 7.5 QPS)" and "7.5 QPS: TTFT p90 -%" in rows[0][2]
+    assert report.nosharing_seed_summary(runs[:1]) == ("_Fewer than two workload seeds._", [])
+
+
 def test_long_prompt_table_shows_each_size_and_the_epp_minus_noop_difference() -> None:
     def row(kb: int, noop: float, epp: float) -> dict[str, Any]:
         added = {"envoy+noop-h2": {"p50_ms": noop, "p99_ms": noop}, "envoy+epp-h2": {"p50_ms": epp, "p99_ms": epp}}

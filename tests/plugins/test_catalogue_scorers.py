@@ -289,6 +289,42 @@ def test_no_hit_lru_spreads_an_evicted_prefix_when_its_last_holder_has_a_prefill
     assert unlimited.score(req, eps) == home
 
 
+def test_no_hit_lru_spread_by_backlog_discounts_endpoints_over_a_prompt_behind() -> None:
+    s, inflight = lru_with_inflight(spreadByBacklog=True)
+    eps = [endpoint(i) for i in range(4)]
+
+    def score(*backlog: int, holder: Endpoint | None = None) -> list[float]:
+        inflight.loads.clear()
+        for ep, tokens in zip(eps, backlog, strict=True):
+            inflight.loads[ep] = InFlight(requests=1, tokens=tokens)
+        req = cold(eps)
+        req.data[TOKENIZED_PROMPT] = TokenizedPrompt(b"\0" * (4 * 100))  # P = 100 tokens
+        req.data[PREFIX_KEY].last_holder = holder
+        inflight.produce(req, eps)
+        return s.score(req, eps)
+
+    lru = [1.0, 2 / 3, 1 / 3, 0.0]  # never used: candidate order
+    assert score(0, 0, 0, 0) == pytest.approx(lru)
+    assert score(100, 0, 50, 0) == pytest.approx(lru)  # within one prompt of the least: rotation alone
+    assert score(150, 50, 120, 50) == pytest.approx(lru)  # the gap counts, not the level
+    # 300 tokens = 3 prompts behind the least, 2 past the free one: × 100 / (100 + 200).
+    assert score(300, 0, 0, 0) == pytest.approx([1 / 3, 2 / 3, 1 / 3, 0.0])
+    assert score(201, 0, 0, 0) == pytest.approx([100 / 201, 2 / 3, 1 / 3, 0.0])
+    # The last holder that keeps up keeps its 1.0; the others' half scores are discounted as well.
+    assert score(0, 0, 300, 0, holder=eps[2]) == pytest.approx([0.5, 1 / 3, 1.0, 0.0])
+    assert score(300, 0, 0, 0, holder=eps[2]) == pytest.approx([0.5 / 3, 1 / 3, 1.0, 0.0])
+    # Warm requests are untouched; off (the reference's behaviour) ignores the backlog.
+    inflight.loads[eps[0]] = InFlight(requests=1, tokens=10**6)
+    warm = cold(eps, {eps[1]: 2})
+    inflight.produce(warm, eps)
+    assert s.score(warm, eps) == [0.5] * 4
+    off, inflight = lru_with_inflight()
+    inflight.loads[eps[0]] = InFlight(requests=1, tokens=10**6)
+    req = cold(eps)
+    inflight.produce(req, eps)
+    assert off.score(req, eps) == pytest.approx(lru)
+
+
 def test_no_hit_lru_edges_and_bounded_size() -> None:
     s = lru_scorer(lruSize=2)
     eps = [endpoint(i) for i in range(3)]
