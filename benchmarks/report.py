@@ -389,15 +389,20 @@ def routing_targets(routing: dict[str, Any]) -> tuple[list[list[str]], list[str]
     return rows, notes
 
 
-def repeat_runs(results: Path) -> list[dict[str, Any]]:
-    """Extra shared-prefix runs with another workload seed (`routing_seed<N>.json`, written by
-    `python -m benchmarks.routing --seed N --workloads shared-prefix --json ...`)."""
+def _seed_files(results: Path, prefix: str, workload: str) -> list[dict[str, Any]]:
+    """The runs in `<prefix><N>.json` that measured `workload` (written by `python -m benchmarks.routing --seed N
+    --workloads <workload> --json ...`)."""
     runs = []
-    for path in sorted(results.glob("routing_seed*.json")):
+    for path in sorted(results.glob(f"{prefix}*.json")):
         data = _load(path)
-        if data and "shared-prefix" in data.get("workloads", {}):
+        if data and workload in data.get("workloads", {}):
             runs.append(data)
     return runs
+
+
+def repeat_runs(results: Path) -> list[dict[str, Any]]:
+    """Extra shared-prefix runs with another workload seed (`routing_seed<N>.json`)."""
+    return _seed_files(results, "routing_seed", "shared-prefix")
 
 
 def repeat_targets(runs: list[dict[str, Any]]) -> list[list[str]]:
@@ -485,14 +490,8 @@ def seed_summary(runs: list[dict[str, Any]]) -> tuple[str, list[list[str]]]:
 
 
 def nosharing_runs(results: Path) -> list[dict[str, Any]]:
-    """No-sharing runs with a workload seed each (`routing_nosharing_seed<N>.json`, written by
-    `python -m benchmarks.routing --seed N --workloads no-sharing --json ...`)."""
-    runs = []
-    for path in sorted(results.glob("routing_nosharing_seed*.json")):
-        data = _load(path)
-        if data and "no-sharing" in data.get("workloads", {}):
-            runs.append(data)
-    return runs
+    """No-sharing runs with a workload seed each (`routing_nosharing_seed<N>.json`)."""
+    return _seed_files(results, "routing_nosharing_seed", "no-sharing")
 
 
 def nosharing_seed_summary(runs: list[dict[str, Any]]) -> tuple[str, list[list[str]]]:
