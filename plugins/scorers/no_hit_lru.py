@@ -157,39 +157,31 @@ class NoHitLRUScorer(Scorer, PreRequest):
             return [0.5] * n
         if n <= 1:
             return [1.0] * n
-        if info is None:
-            return self._spread(request, endpoints)
-        home = info.last_holder if self.prefer_last_holder else None
-        if home is not None:
-            try:
-                at = endpoints.index(home)  # by identity (Endpoint has no __eq__): one scan
-            except ValueError:
-                return self._spread(request, endpoints)
-            if self._home_keeps_up(request, info, at, endpoints):
-                return [1.0 if i == at else 0.5 * s for i, s in enumerate(self._spread(request, endpoints))]
-        return self._spread(request, endpoints)
-
-    def _spread(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
         scores = self._cold_scores(endpoints)
-        if not self.by_backlog:
+        at = self._last_holder_at(info, endpoints)
+        limit = None  # the last holder's backlog gate, in tokens
+        if at >= 0 and info is not None and self.backlog_limit >= 0:
+            limit = self.backlog_limit * info.total_blocks * info.block_size
+        if self.by_backlog or limit is not None:
+            backlog = token_counts(request, self.inflight_key, endpoints)  # one read serves both
+            if self.by_backlog:
+                scores = _spread_by_backlog(scores, backlog, max(1, prompt_tokens(request)))
+            if limit is not None and backlog[at] - min(backlog) > limit:
+                return scores  # the last holder is too far behind: spread it like a new prefix
+        if at < 0:
             return scores
-        backlog = token_counts(request, self.inflight_key, endpoints)
-        p = max(1, prompt_tokens(request))
-        floor = min(backlog) + p  # within one prompt of the least backlog: rotation decides alone
-        if max(backlog) <= floor:
-            return scores
-        return [s if b <= floor else s * p / (p + b - floor) for s, b in zip(scores, backlog, strict=True)]
+        return [1.0 if i == at else 0.5 * s for i, s in enumerate(scores)]
 
-    def _home_keeps_up(
-        self, request: InferenceRequest, info: PrefixMatchInfo, at: int, endpoints: Sequence[Endpoint]
-    ) -> bool:
-        """Whether the last holder's (`endpoints[at]`) prefill backlog (uncached prompt tokens this EPP has
-        sent it that have not produced a first token) is within `lastHolderBacklogLimit` prompts of the
-        least-loaded candidate's."""
-        if self.backlog_limit < 0:
-            return True
-        backlog = token_counts(request, self.inflight_key, endpoints)
-        return backlog[at] - min(backlog) <= self.backlog_limit * info.total_blocks * info.block_size
+    def _last_holder_at(self, info: PrefixMatchInfo | None, endpoints: Sequence[Endpoint]) -> int:
+        """The candidate index of the endpoint that last held the prompt's first block, or -1 (none, not a
+        candidate, or `preferLastHolder` off)."""
+        home = info.last_holder if info is not None and self.prefer_last_holder else None
+        if home is None:
+            return -1
+        try:
+            return endpoints.index(home)  # by identity (Endpoint has no __eq__): one scan
+        except ValueError:
+            return -1
 
     def _cold_scores(self, endpoints: Sequence[Endpoint]) -> list[float]:
         n = len(endpoints)
@@ -223,3 +215,12 @@ class NoHitLRUScorer(Scorer, PreRequest):
         lru[ep] = None
         if len(lru) > self.lru_size:
             lru.popitem(last=False)
+
+
+def _spread_by_backlog(scores: list[float], backlog: list[int], p: int) -> list[float]:
+    """Each score × P / (P + excess), excess = backlog − (least backlog + P): a candidate more than one
+    prompt of prefill behind the least-loaded one is discounted by how far behind it is, in prompts."""
+    floor = min(backlog) + p  # within one prompt of the least backlog: rotation decides alone
+    if max(backlog) <= floor:
+        return scores
+    return [s if b <= floor else s * p / (p + b - floor) for s, b in zip(scores, backlog, strict=True)]

@@ -313,6 +313,8 @@ def test_no_hit_lru_spread_by_backlog_discounts_endpoints_over_a_prompt_behind()
     # The last holder that keeps up keeps its 1.0; the others' half scores are discounted as well.
     assert score(0, 0, 300, 0, holder=eps[2]) == pytest.approx([0.5, 1 / 3, 1.0, 0.0])
     assert score(300, 0, 0, 0, holder=eps[2]) == pytest.approx([0.5 / 3, 1 / 3, 1.0, 0.0])
+    # A last holder past lastHolderBacklogLimit (8 × 256 tokens) is spread like the others, discounted too.
+    assert score(3000, 0, 0, 0, holder=eps[0]) == pytest.approx([100 / 3000, 2 / 3, 1 / 3, 0.0])
     # Warm requests are untouched; off (the reference's behaviour) ignores the backlog.
     inflight.loads[eps[0]] = InFlight(requests=1, tokens=10**6)
     warm = cold(eps, {eps[1]: 2})
