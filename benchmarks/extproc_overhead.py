@@ -113,7 +113,7 @@ def _run_loop(main: Any, loop: str) -> None:
 
 def _director(kind: str, endpoint: str, metrics: Any) -> Any:
     """`fake`: trivial round robin (the protocol floor); `default`: the real director with the
-    reference default profile (queue 2, kv-cache 2, prefix 3 + its producers), as `epp` runs it."""
+    built-in default profile (`DEFAULT_CONFIG` + its producers), as `epp` runs it without a config."""
     if kind == "fake":
         from llmepp.testing.fakes import FakeDirector
 
