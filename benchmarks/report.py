@@ -450,6 +450,11 @@ def _seed_runs(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
     return list(newest.values()), note
 
 
+def _median_range(values: list[float]) -> str:
+    """A seed table's cell: the median over the seeds and their range."""
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
 def seed_summary(runs: list[dict[str, Any]]) -> tuple[str, list[list[str]]]:
     """Shared-prefix across workload seeds (the main run and every repeat; of a seed run twice, the newest run):
     per stage, the EPP default's and each rival's median TTFT p90 (min-max) and in how many seeds the EPP's was
@@ -464,9 +469,6 @@ def seed_summary(runs: list[dict[str, Any]]) -> tuple[str, list[list[str]]]:
     if len(maps) < 2:
         return "_Fewer than two workload seeds._", []
 
-    def cell(values: list[float]) -> str:
-        return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
-
     rates = sorted(set.intersection(*(set(m[EPP]) for m in maps)))[1:]  # past the lightest stage
     label = f"routing (#6), {len(maps)} workload seeds"
     if not rates:
@@ -480,7 +482,7 @@ def seed_summary(runs: list[dict[str, Any]]) -> tuple[str, list[list[str]]]:
     lost: dict[str, list[str]] = {rival: [] for rival in RIVALS}
     for r in rates:
         e = [_num(m[EPP][r]["ttft_p90_s"]) for m in maps]
-        row = [f"{r:g}", cell([x for x in e if x is not None])]
+        row = [f"{r:g}", _median_range([x for x in e if x is not None])]
         for rival in RIVALS:
             pairs = [(x, _num(m[rival][r]["ttft_p90_s"])) for x, m in zip(e, maps) if r in m[rival]]
             got = [(a, b) for a, b in pairs if a is not None and b is not None]
@@ -490,7 +492,7 @@ def seed_summary(runs: list[dict[str, Any]]) -> tuple[str, list[list[str]]]:
                 row += ["-", "-"]
                 continue
             wins = sum(1 for a, b in got if a < b)
-            row += [cell([b for _, b in got]), f"{wins} of {len(got)}"]
+            row += [_median_range([b for _, b in got]), f"{wins} of {len(got)}"]
             med_e, med_r = statistics.median(a for a, _ in got), statistics.median(b for _, b in got)
             if med_e >= med_r * (1 - TTFT_TIE):
                 lost[rival].append(f"{r:g} ({'tied' if med_e <= med_r * (1 + TTFT_TIE) else 'higher'}: "
@@ -539,7 +541,7 @@ def nosharing_seed_summary(runs: list[dict[str, Any]]) -> tuple[str, list[list[s
         for n in names:
             p90s = [v for m in maps[n] if (v := _num(m[r]["ttft_p90_s"])) is not None]
             tok = _f(med(n, r, "output_tokens_per_s"), ".0f")
-            row.append(f"{statistics.median(p90s):.2f} ({min(p90s):.2f}-{max(p90s):.2f}) / {tok}" if p90s else "-")
+            row.append(f"{_median_range(p90s)} / {tok}" if p90s else "-")
         rows.append(row)
         others = [n for n in names if n != EPP]
         best_t = min((v for n in others if (v := med(n, r, "ttft_p90_s")) is not None), default=None)
