@@ -17,7 +17,7 @@ import yaml
 
 from benchmarks.des.results import format_table
 from benchmarks.des.sim import SimOptions, SimResult, simulate
-from benchmarks.des.workload import NoSharing, SharedPrefix, Stage, Workload, ladder, schedule
+from benchmarks.des.workload import NoSharing, SharedPrefix, Stage, Workload, ladder, length_range, schedule
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "results" / "des"
 
@@ -41,15 +41,17 @@ def _positive(kind: type[int] | type[float]) -> Any:
 
 
 def _length(text: str) -> int | tuple[int, int]:
-    """A token count, or a uniform range ``LOW:HIGH``."""
+    """A token count, or a uniform range ``LOW:HIGH`` (checked as the workload checks it)."""
     low, sep, high = text.partition(":")
     try:
-        span = (int(low), int(high)) if sep else (int(low), int(low))
+        value = (int(low), int(high)) if sep else int(low)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected N or LOW:HIGH, got {text!r}") from None
-    if not 0 < span[0] <= span[1]:
-        raise argparse.ArgumentTypeError(f"expected 0 < LOW <= HIGH, got {text!r}")
-    return span if sep else span[0]
+    try:
+        length_range(value, "length")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 0 < LOW <= HIGH, got {text!r}") from None
+    return value
 
 
 def _pod_override(text: str) -> tuple[str, Any]:

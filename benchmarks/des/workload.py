@@ -115,8 +115,8 @@ class NoSharing:
     def __init__(
         self, prompt_len: int | tuple[int, int] = 1000, output_len: int | tuple[int, int] = 200, seed: int = 0
     ) -> None:
-        self.prompt_len = _span(prompt_len, "prompt_len")
-        self.output_len = _span(output_len, "output_len")
+        self.prompt_len = length_range(prompt_len, "prompt_len")
+        self.output_len = length_range(output_len, "output_len")
         self.seed = seed
         self._vocab: list[int] | None = None
 
@@ -134,7 +134,8 @@ class NoSharing:
         return {"kind": "no-sharing", "prompt_len": self.prompt_len, "output_len": self.output_len, "seed": self.seed}
 
 
-def _span(value: int | tuple[int, int], name: str) -> tuple[int, int]:
+def length_range(value: int | tuple[int, int], name: str) -> tuple[int, int]:
+    """A token count or a ``(low, high)`` range as a range; ValueError naming `name` unless 0 < low <= high."""
     lo, hi = (value, value) if isinstance(value, int) else value
     if not 0 < lo <= hi:
         raise ValueError(f"{name}: expected a positive count or a range low <= high, got {value!r}")
