@@ -310,6 +310,43 @@ def _saturated(s: dict[str, Any], light: dict[str, Any]) -> bool:
     return failed or (p90 is not None and p90_light is not None and p90 > 10 * p90_light)
 
 
+def _rival_rows(w: dict[str, Any], workload: str) -> list[list[str]]:
+    """The main run's target rows against each cache-aware rival on `workload`: lower TTFT p90 and higher
+    throughput (a difference under THROUGHPUT_TIE is a tie) at every stage past the lightest."""
+    rows: list[list[str]] = []
+    epp = _stage_map(w, EPP)
+    for rival in RIVALS:
+        rv = _stage_map(w, rival)
+        common = sorted(set(rv) & set(epp))[1:]  # every stage past the lightest
+        if not common:
+            absent = [(n, w["contenders"].get(n, {})) for n, m in ((EPP, epp), (rival, rv)) if not m]
+            why = "; ".join(f"{n} not run: {c.get('reason', c.get('status', 'not selected'))[:200]}" for n, c in absent)
+            rows.append(["routing (#6)", f"{workload} vs {rival}: lower TTFT p90 and higher throughput past light load",
+                         why or "no stage past light load measured for both", "not measured"])  # fmt: skip
+            continue
+        lost, ties = [], []
+        for r in common:
+            t_e, t_r = _num(epp[r]["ttft_p90_s"]), _num(rv[r]["ttft_p90_s"])
+            x_e, x_r = epp[r]["output_tokens_per_s"], rv[r]["output_tokens_per_s"]
+            bad = []
+            if t_e is None or t_r is None or t_e >= t_r:
+                bad.append(f"TTFT p90 {_ttft(epp[r]['ttft_p90_s'])} vs {_ttft(rv[r]['ttft_p90_s'])} s")
+            if x_e is None or x_r is None or x_e < x_r * (1 - THROUGHPUT_TIE):
+                bad.append(f"throughput {_f(x_e, '.0f')} vs {_f(x_r, '.0f')}")
+            elif x_e <= x_r:
+                ties.append(f"{r:g} QPS ({_f(x_e, '.0f')} vs {_f(x_r, '.0f')})")
+            if bad:
+                lost.append(f"{r:g} QPS: " + ", ".join(bad))
+        tie_note = f"; throughput tied within {THROUGHPUT_TIE:.0%} at " + ", ".join(ties) if ties else ""
+        rows.append(["routing (#6)", f"{workload} vs {rival}: lower TTFT p90 and higher throughput at every "
+                     f"stage past light load ({', '.join(f'{r:g}' for r in common)} QPS; a throughput "
+                     f"difference under {THROUGHPUT_TIE:.0%} is a tie: below saturation every router delivers "
+                     "the offered load)",
+                     ("won every stage" if not lost else "lost at " + "; ".join(lost)) + tie_note,
+                     _met(not lost)])  # fmt: skip
+    return rows
+
+
 def routing_targets(routing: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
     rows: list[list[str]] = []
     notes: list[str] = []
@@ -337,35 +374,10 @@ def routing_targets(routing: dict[str, Any]) -> tuple[list[list[str]], list[str]
             else:
                 rows.append(["routing (#6)", "EPP vs round_robin at RR saturation", "round_robin never saturated",
                              "n/a"])  # fmt: skip
-        for rival in RIVALS:
-            rv = _stage_map(w, rival)
-            if not rv:
-                status = w["contenders"].get(rival, {})
-                rows.append(["routing (#6)", f"vs {rival}: lower TTFT p90 and higher throughput past light load",
-                             f"not run: {status.get('reason', status.get('status', 'not selected'))[:200]}",
-                             "not measured"])  # fmt: skip
-                continue
-            common = sorted(set(rv) & set(epp))[1:]  # every stage past the lightest
-            lost, ties = [], []
-            for r in common:
-                t_e, t_r = _num(epp[r]["ttft_p90_s"]), _num(rv[r]["ttft_p90_s"])
-                x_e, x_r = epp[r]["output_tokens_per_s"], rv[r]["output_tokens_per_s"]
-                bad = []
-                if t_e is None or t_r is None or t_e >= t_r:
-                    bad.append(f"TTFT p90 {_ttft(epp[r]['ttft_p90_s'])} vs {_ttft(rv[r]['ttft_p90_s'])} s")
-                if x_e is None or x_r is None or x_e < x_r * (1 - THROUGHPUT_TIE):
-                    bad.append(f"throughput {_f(x_e, '.0f')} vs {_f(x_r, '.0f')}")
-                elif x_e <= x_r:
-                    ties.append(f"{r:g} QPS ({_f(x_e, '.0f')} vs {_f(x_r, '.0f')})")
-                if bad:
-                    lost.append(f"{r:g} QPS: " + ", ".join(bad))
-            tie_note = f"; throughput tied within {THROUGHPUT_TIE:.0%} at " + ", ".join(ties) if ties else ""
-            rows.append(["routing (#6)", f"shared-prefix vs {rival}: lower TTFT p90 and higher throughput at every "
-                         f"stage past light load ({', '.join(f'{r:g}' for r in common)} QPS; a throughput "
-                         f"difference under {THROUGHPUT_TIE:.0%} is a tie: below saturation every router delivers "
-                         "the offered load)",
-                         ("won every stage" if not lost else "lost at " + "; ".join(lost)) + tie_note,
-                         _met(not lost)])  # fmt: skip
+        rows += _rival_rows(w, "shared-prefix")
+    w = routing.get("workloads", {}).get("multi-turn")
+    if w:
+        rows += _rival_rows(w, "multi-turn")
     w = routing.get("workloads", {}).get("no-sharing")
     if w:
         epp = _stage_map(w, EPP)
@@ -455,25 +467,26 @@ def _median_range(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
-def seed_summary(runs: list[dict[str, Any]]) -> tuple[str, list[list[str]]]:
-    """Shared-prefix across workload seeds (the main run and every repeat; of a seed run twice, the newest run):
-    per stage, the EPP default's and each rival's median TTFT p90 (min-max) and in how many seeds the EPP's was
-    lower; a target row per rival on the medians. A rival missing at a stage in some seed is not met there; with
-    no stage past light load measured for the EPP in every seed, nothing is."""
+def seed_summary(runs: list[dict[str, Any]], workload: str = "shared-prefix") -> tuple[str, list[list[str]]]:
+    """`workload` (shared-prefix or multi-turn) across workload seeds (the main run and every repeat; of a seed
+    run twice, the newest run): per stage, the EPP default's and each rival's median TTFT p90 (min-max) and in how
+    many seeds the EPP's was lower; a target row per rival on the medians. A rival missing at a stage in some seed
+    is not met there; with no stage past light load measured for the EPP in every seed, nothing is."""
     runs, left_out = _seed_runs(runs)
     maps = []
     for run in runs:
-        w = run.get("workloads", {}).get("shared-prefix")
+        w = run.get("workloads", {}).get(workload)
         if w:
             maps.append({n: _stage_map(w, n) for n in (EPP, *RIVALS)})
     if len(maps) < 2:
         return "_Fewer than two workload seeds._", []
 
     rates = sorted(set.intersection(*(set(m[EPP]) for m in maps)))[1:]  # past the lightest stage
-    label = f"routing (#6), {len(maps)} workload seeds"
+    named = "" if workload == "shared-prefix" else f"{workload}, "  # the shared-prefix rows' labels as before
+    label = f"routing (#6), {named}{len(maps)} workload seeds"
     if not rates:
         return "_No stage past light load measured in every seed._", [
-            [label, f"shared-prefix vs {rival}: median TTFT p90 over the seeds", "no stage past light load measured "
+            [label, f"{workload} vs {rival}: median TTFT p90 over the seeds", "no stage past light load measured "
              "for the EPP in every seed", "not measured"] for rival in RIVALS]  # fmt: skip
     head = ["QPS", f"{EPP} TTFT p90, median (min-max)"]
     for rival in RIVALS:
@@ -499,12 +512,17 @@ def seed_summary(runs: list[dict[str, Any]]) -> tuple[str, list[list[str]]]:
                                    f"{med_e:.2f} vs {med_r:.2f} s)")  # fmt: skip
         rows.append(row)
     listed = ", ".join(f"{r:g}" for r in rates)
-    verdicts = [[label, f"shared-prefix vs {rival}: median TTFT p90 over the seeds lower at every stage past light "
+    verdicts = [[label, f"{workload} vs {rival}: median TTFT p90 over the seeds lower at every stage past light "
                  f"load ({listed} QPS; medians within {TTFT_TIE:.0%} are a tie)",
                  "lower at every stage" if not lost[rival] else f"not lower at {', '.join(lost[rival])} QPS",
                  _met(not lost[rival])] for rival in RIVALS]  # fmt: skip
     seeds = ", ".join(str(run.get("seed", "?")) for run in runs)
     return f"Workload seeds {seeds} (TTFT p90 in simulated s).{left_out}\n\n" + _table(rows, head), verdicts
+
+
+def multiturn_runs(results: Path) -> list[dict[str, Any]]:
+    """Multi-turn runs with a workload seed each (`routing_multiturn_seed<N>.json`)."""
+    return _seed_files(results, "routing_multiturn_seed", "multi-turn")
 
 
 def nosharing_runs(results: Path) -> list[dict[str, Any]]:
@@ -1336,6 +1354,8 @@ def render(results: Path, readme: Path = README, template: Path = TEMPLATE) -> s
     targets += seed_rows
     nosharing_md, nosharing_rows = nosharing_seed_summary(nosharing_runs(results))
     targets += nosharing_rows
+    multiturn_md, multiturn_rows = seed_summary(([routing] if routing else []) + multiturn_runs(results), "multi-turn")
+    targets += multiturn_rows
     targets += overhead_targets(overhead)
     fc_tenants = _load(results / "flowcontrol_tenants.json")
     targets += flowcontrol_tenant_targets(fc_tenants)
@@ -1357,6 +1377,7 @@ def render(results: Path, readme: Path = README, template: Path = TEMPLATE) -> s
         "REPEATS": repeat_tables(repeats),
         "SEEDS": seeds_md,
         "NOSHARING_SEEDS": nosharing_md,
+        "MULTITURN_SEEDS": multiturn_md,
         "AFFINITY": affinity_table(results) if routing else "",
         "COST": cost_table(routing) if routing else "",
         "ROUTING": routing_tables(routing) if routing else "_The routing section was not run._",

@@ -80,6 +80,38 @@ def test_a_quick_run_never_stands_in_for_a_seed() -> None:
     assert "| 5 | 0.50 (0.50-0.50) |" in table and rows[0][3] == "**met**"
 
 
+def test_multi_turn_seeds_have_rows_of_their_own() -> None:
+    """The same median comparison on the multi-turn workload, labelled with it; shared-prefix runs do not count."""
+    vllm, smg = report.RIVALS
+    runs = []
+    for seed, smg_p90 in ((1, 0.9), (2, 0.97), (3, 1.2)):
+        run = _routing(seed, {report.EPP: [0.4, 1.0, 1.0], vllm: [0.4, 1.2, 1.2], smg: [0.4, smg_p90, 1.2]})
+        run["workloads"]["multi-turn"] = run["workloads"].pop("shared-prefix")
+        runs.append(run)
+    table, rows = report.seed_summary(runs, "multi-turn")
+    assert "| 5 | 1.00 (1.00-1.00) | 1.20 (1.20-1.20) | 3 of 3 | 0.97 (0.90-1.20) | 1 of 3 |" in table
+    assert [r[0] for r in rows] == ["routing (#6), multi-turn, 3 workload seeds"] * 2
+    assert rows[0][1].startswith(f"multi-turn vs {vllm}: median TTFT p90") and rows[0][3] == "**met**"
+    assert rows[1][2] == "not lower at 5 (tied: 1.00 vs 0.97 s) QPS" and rows[1][3] == "**not met**"
+    assert report.seed_summary(runs) == ("_Fewer than two workload seeds._", [])
+
+
+def test_main_run_rival_rows_cover_multi_turn_and_never_pass_without_the_epp() -> None:
+    vllm, smg = report.RIVALS
+    run = _routing(1, {report.EPP: [0.4, 1.0, 1.0], vllm: [0.4, 1.2, 0.9], smg: [0.4, 1.2, 1.2]})
+    run["workloads"]["multi-turn"] = run["workloads"]["shared-prefix"]
+    rows = report.routing_targets(run)[0]
+    multi = [r for r in rows if r[1].startswith("multi-turn vs")]
+    assert [r[3] for r in multi] == ["**not met**", "**met**"]
+    assert multi[0][2].startswith("lost at 7.5 QPS: TTFT p90 1.00 vs 0.90 s; throughput tied")
+    # Without the EPP's stages there is nothing to win: not measured (it read "won every stage").
+    run["workloads"]["multi-turn"] = {"contenders": {**run["workloads"]["shared-prefix"]["contenders"],
+                                                     report.EPP: {"status": "failed"}}}  # fmt: skip
+    multi = [r for r in report.routing_targets(run)[0] if r[1].startswith("multi-turn vs")]
+    assert [r[3] for r in multi] == ["not measured"] * 2
+    assert multi[0][2] == f"{report.EPP} not run: failed"
+
+
 def _nosharing(seed: int, stages: dict[str, list[tuple[float, float]]]) -> dict[str, Any]:
     """A no-sharing seed run: per contender, (TTFT p90, output tokens/s) at 2 and 7.5 QPS."""
     contenders = {name: {"status": "ok", "stages": [{**_stage(r, t), "output_tokens_per_s": x}
