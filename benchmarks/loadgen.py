@@ -168,7 +168,8 @@ async def run_ladder(
 ) -> tuple[list[Outcome], list[StageWindow]]:
     """Run the stages in order. As inference-perf does, each stage sends its arrivals and then waits until
     every request it sent has finished (or timed out) before the next stage starts; a stage's window runs
-    from its first arrival to its last completion. `on_stage(window)` is called at the end of each stage.
+    from its start (the first arrival slot) to its last completion. `on_stage(window)` is called at the end of
+    each stage.
     """
     outcomes: list[Outcome] = []
     windows: list[StageWindow] = []

@@ -214,7 +214,7 @@ def summarize_stage(
         if t is not None:
             tpot.append(t)
     # Output throughput as inference-perf reports it per stage: the stage's output tokens over the stage's
-    # time (first arrival to last completion, drain included).
+    # time (its start, the first arrival slot, to its last completion, drain included).
     tokens_out = sum(o.tokens for o in mine)
     wall = window.end - window.start
     sim_seconds = wall * time_scale

@@ -310,6 +310,12 @@ def _saturated(s: dict[str, Any], light: dict[str, Any]) -> bool:
     return failed or (p90 is not None and p90_light is not None and p90 > 10 * p90_light)
 
 
+def _status(w: dict[str, Any], name: str) -> str:
+    """Why a contender has no stages in workload `w`: its recorded reason or status."""
+    c = w["contenders"].get(name, {})
+    return str(c.get("reason", c.get("status", "not selected")))[:200]
+
+
 def _rival_rows(w: dict[str, Any], workload: str) -> list[list[str]]:
     """The main run's target rows against each cache-aware rival on `workload`: lower TTFT p90 and higher
     throughput (a difference under THROUGHPUT_TIE is a tie) at every stage past the lightest."""
@@ -319,8 +325,7 @@ def _rival_rows(w: dict[str, Any], workload: str) -> list[list[str]]:
         rv = _stage_map(w, rival)
         common = sorted(set(rv) & set(epp))[1:]  # every stage past the lightest
         if not common:
-            absent = [(n, w["contenders"].get(n, {})) for n, m in ((EPP, epp), (rival, rv)) if not m]
-            why = "; ".join(f"{n} not run: {c.get('reason', c.get('status', 'not selected'))[:200]}" for n, c in absent)
+            why = "; ".join(f"{n} not run: {_status(w, n)}" for n, m in ((EPP, epp), (rival, rv)) if not m)
             rows.append(["routing (#6)", f"{workload} vs {rival}: lower TTFT p90 and higher throughput past light load",
                          why or "no stage past light load measured for both", "not measured"])  # fmt: skip
             continue
@@ -374,12 +379,19 @@ def routing_targets(routing: dict[str, Any]) -> tuple[list[list[str]], list[str]
             else:
                 rows.append(["routing (#6)", "EPP vs round_robin at RR saturation", "round_robin never saturated",
                              "n/a"])  # fmt: skip
+        else:
+            rows.append(["routing (#6)", "shared-prefix: EPP default vs Envoy round_robin where round_robin saturates",
+                         f"no stage measured for both ({BASELINE}: {_status(w, BASELINE)}; {EPP}: {_status(w, EPP)})",
+                         "not measured"])  # fmt: skip
         rows += _rival_rows(w, "shared-prefix")
     w = routing.get("workloads", {}).get("multi-turn")
     if w:
         rows += _rival_rows(w, "multi-turn")
     w = routing.get("workloads", {}).get("no-sharing")
-    if w:
+    if w and not _stage_map(w, EPP):
+        rows.append(["routing (#6)", "no-sharing: EPP default within 5% of the best other contender",
+                     f"{EPP}: {_status(w, EPP)}", "not measured"])  # fmt: skip
+    elif w:
         epp = _stage_map(w, EPP)
         others = {n: _stage_map(w, n) for n in _contenders(w) if n != EPP}
         misses = []
@@ -1106,8 +1118,9 @@ def precise_targets(precise: dict[str, Any] | None, profile: str = "") -> list[l
 
 
 def _median_at(maps: list[dict[float, Any]], rate: float, metric: str) -> float | None:
+    """The median over every seed; None if a seed has no value there (a smaller sample is not the same median)."""
     values = [v for m in maps if (v := _num(m[rate][metric])) is not None]
-    return statistics.median(values) if values else None
+    return statistics.median(values) if len(values) == len(maps) else None
 
 
 def precise_seed_summary(runs: list[dict[str, Any]], profile: str) -> tuple[str, list[list[str]]]:

@@ -164,6 +164,16 @@ def test_the_seed_medians_need_every_scenario_in_every_seed() -> None:
     partial["workloads"]["shared-prefix"]["contenders"][last.contender_name("precise")] = {"status": "failed"}
     _, rows = report.precise_seed_summary(runs, "reference profile")
     assert [r[3] for r in rows if r[1].startswith(last.title)] == ["not measured"]
+    # A stage with no value in one seed (nothing completed: no TTFT, no hit rate) is not a smaller sample: not met.
+    empty = {**_stage(10, 0.0, 0.0), "ttft_p90_s": None, "prefix_hit_rate": None}
+    runs = [_result(precise, approx) | {"seed": s, "started": f"2026-11-2{s}"} for s in (1, 2)]
+    runs.append(_result([*precise[:2], empty], approx) | {"seed": 3, "started": "2026-11-23"})
+    table, rows = report.precise_seed_summary(runs, "reference profile")
+    first = pr.SCENARIOS[0].title
+    assert "| 10 | 4.00 / - | 2 of 3 | 60.0% / - |" in table
+    assert [r[2:] for r in rows if r[1].startswith(first)] == [
+        ["not lower at 10 (- vs 4.00 s) QPS", "**not met**"], ["not higher at 10 (- vs 60.0%) QPS", "**not met**"]
+    ]  # fmt: skip
     # A seed run twice counts once, with its newest run.
     again = _result(precise, [_stage(1.5, 0.5, 0.7), _stage(5, 0.5, 0.9), _stage(10, 1.0, 0.9)])
     table, rows = report.precise_seed_summary([*runs[:2], again | {"seed": 1, "started": "2026-11-29"}], "p")

@@ -112,6 +112,23 @@ def test_main_run_rival_rows_cover_multi_turn_and_never_pass_without_the_epp() -
     assert multi[0][2] == f"{report.EPP} not run: failed"
 
 
+def test_main_run_rows_without_the_epp_or_round_robin_are_not_measured() -> None:
+    """No-sharing with the EPP failed read 'met' (nothing to miss); shared-prefix without round_robin dropped the
+    two round_robin rows from the table instead of saying they were not measured."""
+    vllm, smg = report.RIVALS
+    run = _routing(1, {report.EPP: [0.4, 1.0, 1.0], vllm: [0.4, 1.2, 1.2], smg: [0.4, 1.2, 1.2]})
+    served = run["workloads"]["shared-prefix"]["contenders"][vllm]
+    run["workloads"]["no-sharing"] = {"contenders": {report.EPP: {"status": "failed"}, report.BASELINE: served}}
+    rows = report.routing_targets(run)[0]
+    assert [r[1:] for r in rows if r[1].startswith("no-sharing")] == [
+        ["no-sharing: EPP default within 5% of the best other contender", f"{report.EPP}: failed", "not measured"]
+    ]
+    assert [r[1:] for r in rows if "round_robin saturates" in r[1]] == [[
+        "shared-prefix: EPP default vs Envoy round_robin where round_robin saturates",
+        f"no stage measured for both ({report.BASELINE}: not selected; {report.EPP}: ok)", "not measured",
+    ]]  # fmt: skip
+
+
 def _nosharing(seed: int, stages: dict[str, list[tuple[float, float]]]) -> dict[str, Any]:
     """A no-sharing seed run: per contender, (TTFT p90, output tokens/s) at 2 and 7.5 QPS."""
     contenders = {name: {"status": "ok", "stages": [{**_stage(r, t), "output_tokens_per_s": x}
