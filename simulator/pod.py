@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from llmepp.httpclient import MAX_HEADER_LINE_BYTES
 from llmepp_sim.clock import SimClock
 from llmepp_sim.config import PodConfig, apply_runtime_patch, pod_config_to_dict
 from llmepp_sim.engine import Engine
@@ -126,7 +127,13 @@ class SimPod:
         app = build_app(self)
         # handler_cancellation: a client that disconnects aborts its request and frees its seat, as in vLLM.
         self._runner = web.AppRunner(
-            app, handle_signals=False, access_log=None, shutdown_timeout=1.0, handler_cancellation=True
+            app,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=1.0,
+            handler_cancellation=True,
+            max_line_size=MAX_HEADER_LINE_BYTES,
+            max_field_size=MAX_HEADER_LINE_BYTES,
         )
         await self._runner.setup()
         await self._come_up()

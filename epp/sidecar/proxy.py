@@ -69,7 +69,7 @@ from yarl import URL
 
 from llmepp.datalayer.endpoint import join_hostport
 from llmepp.decoding import DECODE_ERRORS
-from llmepp.httpclient import upstream_connector
+from llmepp.httpclient import MAX_HEADER_LINE_BYTES, upstream_connector
 from llmepp.observability.logging import quiet_malformed_http_requests
 from llmepp.server.listen import any_address_socket
 
@@ -413,7 +413,13 @@ class Sidecar:
         try:
             for rank, port in enumerate(self.ports):
                 # handler_cancellation: a client that goes away cancels its prefill wait / upstream reads.
-                runner = web.AppRunner(self.app(rank), handler_cancellation=True, access_log=None)
+                runner = web.AppRunner(
+                    self.app(rank),
+                    handler_cancellation=True,
+                    access_log=None,
+                    max_line_size=MAX_HEADER_LINE_BYTES,
+                    max_field_size=MAX_HEADER_LINE_BYTES,
+                )
                 self._runners.append(runner)
                 await runner.setup()
                 site: web.BaseSite = (

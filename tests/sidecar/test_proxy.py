@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 from helpers import write_cert_pair
 
+from llmepp.httpclient import MAX_HEADER_LINE_BYTES
 from llmepp.server.tls import CERT_FILE, KEY_FILE
 from llmepp.sidecar.cli import duration, options_from_args
 from llmepp.sidecar.proxy import Sidecar, SidecarOptions, prefill_request
@@ -60,7 +61,9 @@ class Fake:
 
         app = web.Application(client_max_size=64 << 20)
         app.router.add_route("*", "/{tail:.*}", handle)
-        self.runner = web.AppRunner(app, access_log=None)
+        self.runner = web.AppRunner(
+            app, access_log=None, max_line_size=MAX_HEADER_LINE_BYTES, max_field_size=MAX_HEADER_LINE_BYTES
+        )  # the sidecar forwards long headers
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
         await site.start()

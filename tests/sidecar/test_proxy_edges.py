@@ -85,6 +85,21 @@ async def test_an_ipv6_prefill_pod_with_or_without_brackets(http: aiohttp.Client
         await runner.cleanup()
 
 
+async def test_a_long_request_header_is_forwarded(http: aiohttp.ClientSession) -> None:
+    """Envoy passes headers up to 60 KiB; the sidecar refused any line over aiohttp's 8,190 bytes (plain-text
+    400), so a request Envoy passes failed in a P/D pool only."""
+    p, d, sidecar = await started()
+    try:
+        for size in (9_000, 50_000):
+            headers = {"x-long": "a" * size, "x-prefiller-host-port": p.hostport}
+            async with http.post(f"{sidecar.url}/v1/completions", json=BODY, headers=headers) as resp:
+                assert resp.status == 200, (size, await resp.text())
+                await resp.read()
+        assert [len(s.headers["x-long"]) for s in d.seen] == [9_000, 50_000]
+    finally:
+        await stopped(sidecar, p, d)
+
+
 def test_parse_hostport() -> None:
     assert parse_hostport("10.0.0.1:8000") == ("10.0.0.1", 8000)
     assert parse_hostport("[fd00::1]:8000") == ("fd00::1", 8000)
