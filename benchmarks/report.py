@@ -479,6 +479,12 @@ def _median_range(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
+def _median_at(maps: list[dict[float, Any]], rate: float, metric: str) -> float | None:
+    """The median over every seed; None if a seed has no value there (a smaller sample is not the same median)."""
+    values = [v for m in maps if (v := _num(m[rate][metric])) is not None]
+    return statistics.median(values) if len(values) == len(maps) else None
+
+
 def seed_summary(runs: list[dict[str, Any]], workload: str = "shared-prefix") -> tuple[str, list[list[str]]]:
     """`workload` (shared-prefix or multi-turn) across workload seeds (the main run and every repeat; of a seed
     run twice, the newest run): per stage, the EPP default's and each rival's median TTFT p90 (min-max) and in how
@@ -561,8 +567,7 @@ def nosharing_seed_summary(runs: list[dict[str, Any]]) -> tuple[str, list[list[s
     rates = sorted(set.intersection(*(set(m) for n in names for m in maps[n])))
 
     def med(name: str, r: float, key: str) -> float | None:
-        values = [v for m in maps[name] if (v := _num(m[r][key])) is not None]
-        return statistics.median(values) if len(values) == len(ws) else None  # a failed seed: not measured
+        return _median_at(maps[name], r, key)  # a failed seed: not measured
 
     head = ["QPS", *names]
     rows, detail, misses = [], [], []
@@ -1115,12 +1120,6 @@ def precise_targets(precise: dict[str, Any] | None, profile: str = "") -> list[l
                      f"stage past light load ({listed} QPS)", "precise vs approx: " + "; ".join(cells),
                      _met(not lost) + ("" if not lost else f" (at {', '.join(lost)} QPS)")])  # fmt: skip
     return rows
-
-
-def _median_at(maps: list[dict[float, Any]], rate: float, metric: str) -> float | None:
-    """The median over every seed; None if a seed has no value there (a smaller sample is not the same median)."""
-    values = [v for m in maps if (v := _num(m[rate][metric])) is not None]
-    return statistics.median(values) if len(values) == len(maps) else None
 
 
 def precise_seed_summary(runs: list[dict[str, Any]], profile: str) -> tuple[str, list[list[str]]]:
