@@ -16,6 +16,7 @@ Choices, each checked against Envoy 1.40 (see docs in deploy/envoy.yaml):
 - `message_timeout` is not enforced in FDS mode: a hung EPP is bounded only by the idle
   timeouts (an hour here, as a non-streamed generation sends nothing until it is done).
 - route `timeout` 86400 s: it caps the whole response, a streaming one included.
+- `local_reply_config`: Envoy's own error answers are JSON in the EPP's error shape (`_local_replies`).
 - circuit breakers raised to 40,000 on both clusters (every request is also a stream on
   the `epp` cluster; Envoy's default allows only 1,024 at once).
 """
@@ -91,6 +92,10 @@ _HEADER = """\
 #   gateways that implement the fallback).
 # - To route on the metadata instead of the header, replace original_dst_lb_config by
 #   {metadata_key: {key: envoy.lb, path: [{key: x-gateway-destination-endpoint}]}}.
+# - local_reply_config: Envoy's own errors (a failed or timed-out pod, an unreachable EPP)
+#   answer JSON in the EPP's shape, {"error": {"code", "type", "message"}}, not plain text or
+#   an empty 500. The EPP's own answers (no response flag, no ext_proc error detail) and gRPC
+#   clients' (trailers-only grpc-status) are left as they are.
 # - The EPP serves TLS by default (--secure-serving, self-signed unless --cert-path), so the
 #   epp cluster has a TLS transport socket without certificate verification, as gateways
 #   configure it for the reference EPP; drop it for an EPP run with --secure-serving=false.
@@ -156,6 +161,49 @@ _PROCESSING_MODES: dict[str, tuple[str, str, str, str]] = {
     # Bodies pass as they come, each chunk acknowledged: the EPP routes on the request headers.
     "STREAMED": ("STREAMED", "SKIP", "STREAMED", "SKIP"),
 }
+
+
+def _json_reply(error_type: str, message: str) -> dict[str, Any]:
+    # The EPP's own error shape (llmepp.server.stream.error_body); a lone command keeps its type (code: a number).
+    body = {"error": {"code": "%RESPONSE_CODE%", "type": error_type, "message": message}}
+    return {"json_format": body, "content_type": "application/json"}
+
+
+def _local_replies() -> dict[str, Any]:
+    """Envoy's own error answers in JSON, as the EPP's: plain text ("no healthy upstream") or, with the EPP
+    unreachable, an empty 500 told an OpenAI client nothing. Mappers apply in order, the first match only.
+    The EPP's ImmediateResponses are local replies too; they carry no response flag and no ext_proc error
+    detail, so no mapper touches their JSON. gRPC clients keep Envoy's trailers-only status (grpc-message)."""
+    return {
+        "mappers": [
+            {
+                "filter": {
+                    "header_filter": {
+                        "header": {"name": "content-type", "string_match": {"prefix": "application/grpc"}}
+                    }
+                }
+            },
+            {
+                "filter": {
+                    "extension_filter": {
+                        "name": "envoy.access_loggers.extension_filters.cel",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3"
+                            ".ExpressionFilter",
+                            "expression": "response.code_details.startsWith('ext_proc_error')",
+                        },
+                    }
+                },
+                "body_format_override": _json_reply(
+                    "endpoint_picker_error", "the endpoint picker failed: %RESPONSE_CODE_DETAILS%"
+                ),
+            },
+            {
+                "filter": {"response_flag_filter": {}},  # any flag: a failed upstream, a timeout, an overflow
+                "body_format_override": _json_reply("gateway_error", "%LOCAL_REPLY_BODY% (%RESPONSE_FLAGS%)"),
+            },
+        ]
+    }
 
 
 def _ext_proc_filter(body_mode: BodyMode) -> dict[str, Any]:
@@ -244,6 +292,7 @@ def render_envoy_config(
                     },
                 }
             ],
+            "local_reply_config": _local_replies(),
             "http_filters": filters,
             "route_config": {
                 "name": "llm",

@@ -44,3 +44,28 @@ async def test_a_crashed_pod_is_routed_around_until_it_is_back(stack: Stack, htt
         await asyncio.sleep(0.1)
     else:
         raise AssertionError("the revived pod was never routed to again")
+
+
+async def test_with_every_pod_down_the_client_gets_envoys_503_as_json(
+    stack: Stack, http: aiohttp.ClientSession
+) -> None:
+    """Nothing to route around: the EPP still picks a pod and Envoy's connection to it fails (UF: refused; UC: a
+    pooled connection the killed pod closed). Envoy's own answer comes in the EPP's error shape, naming the
+    failure and its response flag, not as plain text."""
+    for pod in stack.pods:
+        async with http.post(f"http://{pod.address}/admin/kill", json={"duration": 3}) as resp:
+            assert resp.status == 202, await resp.text()
+    await asyncio.sleep(1.5)  # every pod refused its scrapes for > 1 s
+    async with http.post(
+        f"{stack.url}/v1/completions", json={"model": "sim-model", "prompt": "anyone there?", "max_tokens": 2}
+    ) as resp:
+        assert resp.status == 503
+        assert resp.content_type == "application/json"
+        error = (await resp.json())["error"]
+    assert error["code"] == 503 and error["type"] == "gateway_error", error
+    assert error["message"].startswith("upstream connect error") and error["message"].endswith(("(UF)", "(UC)")), error
+    # The EPP's own refusals keep their body: a bad request is its 400, not rewritten by Envoy.
+    async with http.post(f"{stack.url}/v1/completions", json={"prompt": "no model"}) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]["type"] != "gateway_error"
+    await asyncio.sleep(2)  # back before the module's next test

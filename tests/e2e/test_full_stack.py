@@ -224,6 +224,11 @@ async def test_epp_restart_while_envoy_stays_up(stack: Stack, client: aiohttp.Cl
     await stack.epp.stop()
     async with client.post(f"{stack.url}/v1/completions", json={"model": MODEL, "prompt": "x"}) as resp:
         assert resp.status == 500  # failure_mode_allow: false → fail closed, immediately
+        # Envoy's local reply, in the EPP's error shape (an empty body without local_reply_config).
+        assert resp.content_type == "application/json"
+        error = (await resp.json())["error"]
+    assert error["code"] == 500 and error["type"] == "endpoint_picker_error", error
+    assert error["message"].startswith("the endpoint picker failed: ext_proc_error_gRPC_error_14"), error
     await stack.restart_epp()
     resp = await complete(client, stack, "back again")
     assert resp.status == 200
