@@ -145,7 +145,7 @@ def _yaml_error(e: yaml.YAMLError) -> str:
 
 def load_config(text: str) -> EndpointPickerConfig:
     try:
-        raw = _first_document(text)
+        raw, more = _first_document(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"config is not valid YAML: {_yaml_error(e)}") from None
     except RecursionError:
@@ -154,6 +154,11 @@ def load_config(text: str) -> EndpointPickerConfig:
         # Only whitespace, comments or `---`: the reference's decoder refuses it (no kind). Read as a config it
         # has no plugins: one profile without scorers, i.e. random routing. Zero bytes is the default config
         # (app.config_text), as in the reference.
+        if more:  # e.g. `---`, a comment block, `---`, the config: the config is the second document
+            raise ConfigError(
+                "config: the first YAML document is empty and only the first is read (as the reference); "
+                "remove the first `---`"
+            )
         raise ConfigError(
             "config: the document is empty (only whitespace or comments); give a config, or an empty file for "
             "the default one"
@@ -177,9 +182,10 @@ def load_config(text: str) -> EndpointPickerConfig:
     return config
 
 
-def _first_document(text: str) -> Any:
-    """The stream's first YAML document, as the reference's decoder (go-yaml Unmarshal) reads it: a trailing
-    `---` (generated, concatenated files) loads; later documents are ignored, with a warning when not empty."""
+def _first_document(text: str) -> tuple[Any, bool]:
+    """The stream's first YAML document, as the reference's decoder (go-yaml Unmarshal) reads it, and whether
+    a later one is not empty: a trailing `---` (generated, concatenated files) loads; later documents are
+    ignored, with a warning."""
     loader = _YamlLoader(text)  # a SafeLoader subclass
     try:
         raw = loader.get_data() if loader.check_data() else None
@@ -187,9 +193,9 @@ def _first_document(text: str) -> Any:
             extra = any(loader.get_data() is not None for _ in iter(loader.check_data, False))
         except yaml.YAMLError:
             extra = True
-        if extra:
+        if extra and raw is not None:
             log.warning("config: only the first YAML document is read (as the reference); the others are ignored")
-        return raw
+        return raw, extra
     finally:
         loader.dispose()
 
@@ -474,17 +480,19 @@ class _Plugins:
 
 
 def _build_scheduling(config: EndpointPickerConfig, chosen: _Plugins) -> Scheduler:
-    for i, spec in enumerate(config.plugins):
-        chosen.add(spec, f"plugins[{i}]")
+    for i, plugin_spec in enumerate(config.plugins):
+        chosen.add(plugin_spec, f"plugins[{i}]")
     plugins = chosen.plugins
     _add_default_producers(chosen)
     specs = config.scheduling_profiles or [_default_profile_spec(plugins)]
     default_picker: Picker | None = None
     if any(not _profile_has(spec, plugins, Picker) for spec in specs):
         default_picker = _default_picker(chosen, specs)
-    profiles = {spec.name: _build_profile(spec, plugins, default_picker) for spec in specs}
-    if len(profiles) != len(specs):
-        raise ConfigError("schedulingProfiles: profile names must be unique")
+    profiles: dict[str, SchedulerProfile] = {}
+    for spec in specs:
+        if spec.name in profiles:
+            raise ConfigError(f"schedulingProfiles: profile names must be unique; {spec.name!r} is given twice")
+        profiles[spec.name] = _build_profile(spec, plugins, default_picker)
     return Scheduler(_profile_handler(chosen, profiles), profiles)
 
 
@@ -576,10 +584,19 @@ def _build_profile(
     filters: list[Filter] = []
     scorers: list[WeightedScorer] = []
     picker: Picker | None = None
+    if not spec.plugins:
+        log.warning("%s: lists no plugins: every endpoint ties and the pick is random", where)
+    seen: set[str] = set()
     for ref in spec.plugins:
         plugin = plugins.get(ref.plugin_ref)
         if plugin is None:
             raise ConfigError(f"{where}: pluginRef {ref.plugin_ref!r}: no plugin with that name")
+        if ref.plugin_ref in seen:  # kept: a scorer listed twice counts twice
+            log.warning("%s: pluginRef %r is listed more than once", where, ref.plugin_ref)
+        seen.add(ref.plugin_ref)
+        if ref.weight is not None and not isinstance(plugin, Scorer):
+            log.warning("%s: pluginRef %r (type %s) is not a scorer; its weight is ignored", where, ref.plugin_ref,
+                        plugin.type)  # fmt: skip
         used = False
         if isinstance(plugin, Filter):
             filters.append(plugin)

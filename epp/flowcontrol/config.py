@@ -145,9 +145,10 @@ def _describe(err: msgspec.ValidationError, root: str) -> str:
 class _Resolver:
     """Looks up referenced plugins, injecting reference defaults under their type name."""
 
-    def __init__(self, plugins: dict[str, Plugin], plugin_registry: PluginRegistry) -> None:
+    def __init__(self, plugins: dict[str, Plugin], plugin_registry: PluginRegistry, *, trial: bool = False) -> None:
         self.plugins = plugins
         self.registry = plugin_registry
+        self.trial = trial  # a check only: what it injects is thrown away, so not logged
 
     # `kind` is an abstract extension point (mypy rejects abstract classes as type[T]): callers
     # annotate what they receive.
@@ -161,7 +162,8 @@ class _Resolver:
 
     def default(self, type_name: str, kind: Any, field: str, label: str) -> Any:
         if type_name not in self.plugins:
-            log.info("flow control: injected default plugin %s", type_name)
+            if not self.trial:
+                log.info("flow control: injected default plugin %s", type_name)
             self.plugins[type_name] = self.registry.build(type_name, type_name, None)
         return self.get(type_name, kind, field, label)
 
@@ -332,7 +334,13 @@ def build_admission(
     enabled = bool(feature_gates.get(FEATURE_GATE, False))
     fc_config = resolve_flow_control(spec, detector, resolver) if enabled else None
     if not enabled and config.flow_control and set(config.flow_control) - {"saturationDetector"}:
-        log.warning("flowControl block ignored (except saturationDetector): feature gate %s is off", FEATURE_GATE)
+        problem = ""
+        try:  # on a copy: the plugins a resolution injects are not this build's
+            resolve_flow_control(spec, detector, _Resolver(dict(plugins), plugin_registry, trial=True))
+        except ConfigError as e:  # said now, not first when the gate is turned on
+            problem = f"; with it on, the block would be refused: {e}"
+        log.warning("flowControl block ignored (except saturationDetector): feature gate %s is off%s", FEATURE_GATE,
+                    problem)  # fmt: skip
     if fc_config is not None and spec.enable_eviction:
         fc_config.eviction_grace = eviction_grace(detector, settings)
         fc_config.eviction_filter = _configured_or_default(

@@ -236,9 +236,9 @@ class PluginRegistry:
         if raw_params and not cls.rejects_parameters and not msgspec.structs.fields(cls.Params):
             log.warning("%s: takes no parameters; ignoring %s, as the reference does", label, sorted(raw_params))
             raw_params = None
+        folded = _fold_keys(raw_params or {}, _type_info(cls.Params), label)  # its errors name the plugin
         try:
-            params = msgspec.convert(_fold_keys(raw_params or {}, _type_info(cls.Params), label), cls.Params,
-                                     str_keys=True)  # fmt: skip
+            params = msgspec.convert(folded, cls.Params, str_keys=True)
         except msgspec.ValidationError as e:
             raise ConfigError(f"{label}: parameters: {_describe(e)}") from None
         except ConfigError as e:  # raised by a Params' __post_init__ (msgspec turns only ValueError / TypeError)

@@ -92,6 +92,22 @@ def test_gate_can_be_switched_off_explicitly() -> None:
                       LegacyAdmission)  # fmt: skip
 
 
+def test_a_block_the_gate_leaves_off_is_still_checked(caplog: pytest.LogCaptureFixture) -> None:
+    """Ignored, as the reference ignores it, but a value the gate-on build refuses is said at start-up, not
+    first when the gate is turned on; nothing the check resolves joins the build."""
+    off = ISSUE_EXAMPLE.replace('["flowControl"]', "[]")
+    c = built(off + "  maxRequests: -5\n")
+    assert isinstance(c.pipeline.admission, LegacyAdmission)
+    (warning,) = [r.getMessage() for r in caplog.records if "block ignored" in r.getMessage()]
+    assert warning.endswith("with it on, the block would be refused: flowControl.maxRequests: must be >= 0, got -5")
+    assert "global-strict-fairness-policy" not in c.plugins
+    caplog.clear()
+    built(off)
+    (warning,) = [r.getMessage() for r in caplog.records if "block ignored" in r.getMessage()]
+    assert warning.endswith("feature gate flowControl is off")
+    assert not [r for r in caplog.records if "injected default plugin global-strict" in r.getMessage()]
+
+
 def test_deprecated_saturation_detector_plugin_ref_shape() -> None:
     text = (
         HEAD

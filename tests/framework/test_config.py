@@ -152,12 +152,60 @@ def test_named_instances_of_one_type() -> None:
         ("\n", "config: the document is empty"),
         ("# plugins:\n# - type: queue-scorer\n", "config: the document is empty"),
         ("---\n", "config: the document is empty"),
+        # `---`, a comment block, `---`, the config: the config is the (ignored) second document.
+        ("---\n# header\n---\nplugins: []\n", "config: the first YAML document is empty and only the first is read"),
+        (
+            "schedulingProfiles:\n- name: default\n- name: other\n- name: default\n",
+            "schedulingProfiles: profile names must be unique; 'default' is given twice",
+        ),
+        (
+            "plugins:\n- type: no-hit-lru-scorer\n  parameters: {lruSize: 99999999999999999999999}\n",
+            "plugin 'no-hit-lru-scorer' (type no-hit-lru-scorer): parameters.lruSize: 99999999999999999999999 is "
+            "out of range",  # the plugin named once
+        ),
     ],
 )
 def test_config_errors_name_the_field(text: str, expected: str) -> None:
     with pytest.raises(ConfigError) as err:
         built(text)
     assert expected in str(err.value)
+
+
+PROFILE = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins: %s
+"""
+
+
+@pytest.mark.parametrize(
+    ("refs", "warning"),
+    [
+        ("[]", "schedulingProfiles['default']: lists no plugins: every endpoint ties and the pick is random"),
+        (
+            "[{pluginRef: queue-scorer, weight: 2}, {pluginRef: queue-scorer, weight: 3}]",
+            "schedulingProfiles['default']: pluginRef 'queue-scorer' is listed more than once",
+        ),
+        (
+            "[{pluginRef: queue-scorer}, {pluginRef: max-score-picker, weight: 5}]",
+            "schedulingProfiles['default']: pluginRef 'max-score-picker' (type max-score-picker) is not a scorer; "
+            "its weight is ignored",
+        ),
+    ],
+)
+def test_likely_typos_in_a_profile_are_warned_of(refs: str, warning: str, caplog: pytest.LogCaptureFixture) -> None:
+    built(PROFILE % refs)  # loads, as before
+    assert warning in [r.getMessage() for r in caplog.records]
+
+
+def test_a_plain_profile_warns_of_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    built(PROFILE % "[{pluginRef: queue-scorer, weight: 2}, {pluginRef: max-score-picker}]")
+    assert not [r for r in caplog.records if r.name == "llmepp.config.loader"]
 
 
 def test_feature_gates() -> None:
