@@ -90,6 +90,24 @@ class KubeError(Exception):
         return cls(status, reason, message)
 
 
+def _check_kubeconfig_files(paths: str) -> None:
+    """Each existing file of `paths` is YAML holding a mapping (or nothing): the client library's merger fails on
+    anything else with a TypeError or a YAML traceback."""
+    import yaml
+
+    for path in filter(os.path.exists, filter(None, paths.split(os.pathsep))):
+        try:
+            with open(path, encoding="utf-8") as f:
+                doc = yaml.safe_load(f)
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"kubeconfig {path}: not valid YAML: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"kubeconfig {path}: {e}") from None
+        if not isinstance(doc, dict):
+            what = "empty" if doc is None else f"a {type(doc).__name__}"
+            raise ConfigError(f"kubeconfig {path}: is {what}, not a kubeconfig (a mapping: clusters, contexts, users)")
+
+
 def kubeconfig_path(flag: str | None) -> str:
     """--kubeconfig, else $KUBECONFIG (may list several files; the missing ones are skipped, as client-go
     does), else ~/.kube/config. ConfigError naming the source when there is no file to read."""
@@ -513,6 +531,7 @@ class KubeClient:
                 source = "in-cluster"
             else:
                 path = kubeconfig_path(kubeconfig)
+                _check_kubeconfig_files(path)
                 # What load_kube_config(path, persist_config=False) does, with the exec plugin run by us.
                 loader = KubeConfigLoader(config_dict=KubeConfigMerger(path).config, config_base_path=None)
                 try:

@@ -222,6 +222,8 @@ def options_from_args(argv: Sequence[str] | None = None) -> tuple[SidecarOptions
     scheme = "https" if "decoder" in tls else "http"
     vllm_port = URL(SidecarOptions.decoder_url).port if a.vllm_port is None else a.vllm_port
     decoder = a.decoder_url or f"{scheme}://127.0.0.1:{vllm_port}"
+    if not a.decoder_url and abs(vllm_port - a.port) < max(1, a.data_parallel_size):  # rank r: port + r -> vllm + r
+        parser.error(f"--vllm-port {vllm_port}: the sidecar listens there (--port {a.port}); it would call itself")
     skip: set[str] = set().union(*a.tls_insecure_skip_verify)
     skip |= {stage for stage, on in (("prefiller", a.prefiller_tls_insecure_skip_verify),
                                      ("decoder", a.decoder_tls_insecure_skip_verify)) if on}  # fmt: skip
@@ -280,7 +282,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         uvloop.install()
     except ImportError:  # asyncio's own loop works, slower
         pass
-    asyncio.run(serve(options))
+    try:
+        asyncio.run(serve(options))
+    except OSError as e:  # its port in use, an address it cannot bind
+        print(f"epp-pd-sidecar: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -7,7 +7,7 @@ import asyncio
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -107,6 +107,7 @@ class RawServer:
         self.connections = 0
         self.requests = 0
         self._server: asyncio.Server | None = None
+        self._open: set[asyncio.Transport] = set()
 
     async def start(self) -> RawServer:
         loop = asyncio.get_running_loop()
@@ -118,6 +119,9 @@ class RawServer:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+            # Python 3.12.1+: wait_closed also waits for the connections, and a client's keep-alive one stays open.
+            for transport in list(self._open):
+                transport.abort()
             await self._server.wait_closed()
 
 
@@ -132,6 +136,10 @@ class _RawProto(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        self.server._open.add(cast(asyncio.Transport, transport))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._open.discard(self.transport)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data

@@ -86,6 +86,24 @@ async def test_missing_kubeconfig_is_a_config_error(tmp_path: Path) -> None:
         await app.start()
 
 
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("", r"kubeconfig .*kc: is empty, not a kubeconfig"),
+        ("- a\n", r"kubeconfig .*kc: is a list, not a kubeconfig"),
+        ("junk: [\n", r"kubeconfig .*kc: not valid YAML: "),
+    ],
+)
+async def test_a_file_that_is_no_kubeconfig_is_a_config_error(tmp_path: Path, content: str, expected: str) -> None:
+    """Was a traceback from the client library (a TypeError, or the YAML parser's error)."""
+    path = tmp_path / "kc"
+    path.write_text(content)
+    app = App(Settings(pool_name="a", pool_name_set=True, kubeconfig=str(path)))
+    with pytest.raises(ConfigError, match=expected):
+        await app.start()
+    await app.shutdown()
+
+
 @pytest.mark.parametrize("env", ["KUBECONFIG", "HOME"])
 async def test_no_kubeconfig_to_read_is_a_config_error_naming_where_it_looked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: str

@@ -3,7 +3,10 @@ deprecated and logging flags it still registers are accepted."""
 
 from __future__ import annotations
 
+import socket
 import ssl
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -108,3 +111,28 @@ def test_deprecated_skip_verify_flags_are_honoured() -> None:
     assert (options.tls_verify_prefill, options.tls_verify_decoder) == (False, True)
     options, _ = options_from_args(["--enable-tls=prefiller,decoder", "--decoder-tls-insecure-skip-verify=true"])
     assert (options.tls_verify_prefill, options.tls_verify_decoder) == (True, False)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--port", "9000", "--vllm-port", "9000"],
+        ["--port", "9000", "--vllm-port", "9001", "--data-parallel-size", "2"],  # rank 0 forwards to rank 1's port
+    ],
+)
+def test_a_decoder_port_the_sidecar_listens_on_is_refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        options_from_args(argv)
+    assert "it would call itself" in capsys.readouterr().err
+
+
+def test_a_port_in_use_is_a_message_not_a_traceback() -> None:
+    with socket.socket() as taken:  # the program in a process of its own: main() installs uvloop's policy
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["--host", "127.0.0.1", "--port", str(port), "--vllm-port", str(port + 1)]
+        run = subprocess.run([sys.executable, "-m", "llmepp.sidecar.cli", *argv], capture_output=True, text=True,
+                             timeout=60)  # fmt: skip
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.startswith("epp-pd-sidecar: [Errno 98]"), run.stderr
