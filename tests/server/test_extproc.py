@@ -744,14 +744,15 @@ async def test_a_message_arriving_after_an_eviction_runs_no_response_plugin() ->
         (req,) = h.director.requests
         assert req.evict is not None and req.evict()
         assert (await s.recv()).WhichOneof("response") == "immediate_response"
-        # h2 ended the stream with the 429 (the send fails); grpc.aio's handler was still reading.
-        with contextlib.suppress(asyncio.InvalidStateError):
+        # h2 ended the stream with the 429 (the send fails: InvalidStateError, or on Python 3.12 an AioRpcError);
+        # grpc.aio's handler was still reading.
+        with contextlib.suppress(asyncio.InvalidStateError, grpc.aio.AioRpcError):
             await s.send(response_body(b"data: {}\n\n"))
         await asyncio.sleep(0.05)
         assert h.director.first_chunks == []
         (c,) = h.director.completions
         assert c.response.cause is TerminationCause.EVICTED
-        with contextlib.suppress(asyncio.InvalidStateError):
+        with contextlib.suppress(asyncio.InvalidStateError, grpc.aio.AioRpcError):
             await s.close()
 
 
