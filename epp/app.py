@@ -157,6 +157,13 @@ class App:
                 f"{self.components.discovery.name!r} (type {self.components.discovery.type}) there is no Lease and "
                 f"every replica would report ready"
             )
+        if self.components.discovery is not None and settings.endpoint_selector:
+            # Not an error: a Helm chart passes its selector either way; but the operator should know.
+            log.warning(
+                "--endpoint-selector %r (and --endpoint-target-ports) ignored: dataLayer.discovery %r (type %s) "
+                "finds the endpoints",
+                settings.endpoint_selector, self.components.discovery.name, self.components.discovery.type,
+            )  # fmt: skip
         if self.components.discovery is None:
             target = kubernetes_target(settings)
             if target is None:

@@ -15,7 +15,7 @@ from llmepp.settings import Settings
 
 
 def parse_duration(text: str) -> float:
-    """'50ms', '2s', '1m30s', '300' (seconds) → seconds (Go duration syntax, like the reference)."""
+    """'50ms', '2s', '1m30s', '0' → seconds (Go duration syntax, like the reference: a unit is required)."""
     try:
         return units.parse_duration(text)
     except ValueError as e:
@@ -72,10 +72,20 @@ def parse_zap_level(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid level {text!r} (debug, info, error or an integer)") from None
 
 
+def _digits(text: str) -> int:
+    """A decimal integer of ASCII digits, '-' allowed (int() would also take '+80', '8_000' and other scripts'
+    digits); the callers' range checks then name a negative one."""
+    text = text.strip()
+    digits = text.removeprefix("-")
+    if not (digits.isascii() and digits.isdigit()):
+        raise ValueError(text)
+    return int(text)
+
+
 def parse_ports(text: str) -> tuple[int, ...]:
     """'8000,8001' → (8000, 8001)."""
     try:
-        ports = tuple(int(part) for part in text.split(",") if part.strip())
+        ports = tuple(_digits(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid port list {text!r} (example: 8000,8001)") from None
     if any(not 1 <= p <= 65535 for p in ports):
@@ -86,7 +96,7 @@ def parse_ports(text: str) -> tuple[int, ...]:
 def parse_port(text: str) -> int:
     """A TCP port, 0-65535 (0: any free port, or off where the flag says so)."""
     try:
-        port = int(text)
+        port = _digits(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid port {text!r} (0-65535)") from None
     if not 0 <= port <= 65535:
@@ -117,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = Settings()
     p = argparse.ArgumentParser(
         prog="epp",
+        allow_abbrev=False,  # Go's flag package takes no prefixes: `--pool` must not mean --pool-name
         description="Endpoint Picker: Envoy ext_proc server for LLM pools.",
         epilog="exit codes: 0 stopped after SIGTERM or SIGINT (drained, or the start-up stopped by it); "
         "1 stopped, but a part failed to close (logged), endpoint discovery failed while serving, or a second "

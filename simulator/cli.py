@@ -96,6 +96,7 @@ FLAG_HELP = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="epp-sim",
+        allow_abbrev=False,  # Go flags (the tool this mirrors) take no prefixes
         description="vLLM-compatible model-server simulator (many pods per process).",
         argument_default=argparse.SUPPRESS,  # only explicitly given flags reach the config merge
         formatter_class=argparse.RawDescriptionHelpFormatter,

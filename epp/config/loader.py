@@ -203,6 +203,11 @@ def _first_document(text: str) -> tuple[Any, bool]:
 _CONFIG_INFO = msgspec.inspect.type_info(EndpointPickerConfig)
 
 
+# Scores are in [0, 1]: with weights this large a profile's totals would overflow to inf (and inf - inf is NaN, so
+# the pick turns random). 1e15 keeps every integer weight exact and is far above any useful one.
+_MAX_WEIGHT = 1e15
+
+
 def _check_plain_data(raw: dict[str, Any]) -> None:
     """What the reference's YAML -> JSON step refuses: .nan / .inf (JSON has no such numbers; a NaN passes
     every range check) and an alias inside the node it names (a cycle). Errors name the path."""
@@ -603,6 +608,9 @@ def _build_profile(
             used = True
         if isinstance(plugin, Scorer):
             weight = 1.0 if ref.weight is None else ref.weight  # as given: a negative weight is a penalty
+            if abs(weight) > _MAX_WEIGHT:
+                raise ConfigError(f"{where}: pluginRef {ref.plugin_ref!r}: weight {weight:g} is out of range "
+                                  f"(at most {_MAX_WEIGHT:g} either way)")  # fmt: skip
             scorers.append(WeightedScorer(plugin, weight))
             used = True
         if isinstance(plugin, Picker):

@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = SidecarOptions()
     p = argparse.ArgumentParser(
         prog="epp-pd-sidecar",
+        allow_abbrev=False,  # Go flags (the tool this mirrors) take no prefixes
         description="Decode-side P/D routing sidecar: runs the remote prefill named by x-prefiller-host-port, "
         "then streams the local decoder's answer.",
         epilog=__doc__,

@@ -241,6 +241,19 @@ def test_a_negative_weight_is_used_as_given() -> None:
     assert [w.weight for w in c.pipeline.scheduler.profiles["default"].scorers] == [1.0, -0.5]
 
 
+@pytest.mark.parametrize("weight", ["1e308", "-1e16"])
+def test_a_weight_so_large_the_totals_overflow_is_refused(weight: str) -> None:
+    # Was accepted: two scorers at 1e308 made a profile's totals inf, and the pick random.
+    with pytest.raises(ConfigError) as refused:
+        built(
+            "plugins:\n- type: queue-scorer\n- type: kv-cache-utilization-scorer\n"
+            "schedulingProfiles:\n- name: default\n  plugins:\n  - {pluginRef: queue-scorer}\n"
+            f"  - {{pluginRef: kv-cache-utilization-scorer, weight: {weight}}}\n"
+        )
+    assert "pluginRef 'kv-cache-utilization-scorer': weight" in str(refused.value)
+    assert "out of range (at most 1e+15 either way)" in str(refused.value)
+
+
 PARSERS = """
 apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig

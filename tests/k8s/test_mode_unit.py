@@ -49,6 +49,33 @@ def test_mode_selection() -> None:
     assert selector.kube is not None and not selector.kube.target.pool_mode and selector.director.rewriter is None
 
 
+def test_a_selector_that_file_mode_ignores_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="llmepp.app"):
+        App(Settings(config_text=FILE_CONFIG, pool_name="llama", pool_name_set=True))
+    assert "--endpoint-selector" not in caplog.text  # --pool-name labels file mode's pool: not ignored
+    with caplog.at_level("WARNING", logger="llmepp.app"):
+        app = App(Settings(config_text=FILE_CONFIG, endpoint_selector="app=v", endpoint_target_ports=(8000,)))
+    assert app.kube is None
+    assert "--endpoint-selector 'app=v' (and --endpoint-target-ports) ignored: dataLayer.discovery" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--pool", "llama"],  # a prefix of --pool-name: Go's flags take none
+        ["--grpc-port", "9_002"],
+        ["--grpc-port", "+9002"],
+        ["--grpc-port", "\u0669"],  # Arabic-Indic nine: int() reads it
+        ["--endpoint-target-ports", "8000,8_001"],
+    ],
+)
+def test_flags_go_would_refuse_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        settings_from_args(argv)
+    assert exited.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
