@@ -223,7 +223,9 @@ def options_from_args(argv: Sequence[str] | None = None) -> tuple[SidecarOptions
     scheme = "https" if "decoder" in tls else "http"
     vllm_port = URL(SidecarOptions.decoder_url).port if a.vllm_port is None else a.vllm_port
     decoder = a.decoder_url or f"{scheme}://127.0.0.1:{vllm_port}"
-    if not a.decoder_url and abs(vllm_port - a.port) < max(1, a.data_parallel_size):  # rank r: port + r -> vllm + r
+    # The default decoder is 127.0.0.1: only a sidecar listening there (or on every address) would call itself.
+    loopback = a.host in ("", "0.0.0.0", "::", "127.0.0.1", "localhost")
+    if not a.decoder_url and loopback and abs(vllm_port - a.port) < max(1, a.data_parallel_size):  # rank r: +r
         parser.error(f"--vllm-port {vllm_port}: the sidecar listens there (--port {a.port}); it would call itself")
     skip: set[str] = set().union(*a.tls_insecure_skip_verify)
     skip |= {stage for stage, on in (("prefiller", a.prefiller_tls_insecure_skip_verify),

@@ -118,12 +118,19 @@ def test_deprecated_skip_verify_flags_are_honoured() -> None:
     [
         ["--port", "9000", "--vllm-port", "9000"],
         ["--port", "9000", "--vllm-port", "9001", "--data-parallel-size", "2"],  # rank 0 forwards to rank 1's port
+        ["--host", "127.0.0.1", "--port", "9000", "--vllm-port", "9000"],
     ],
 )
 def test_a_decoder_port_the_sidecar_listens_on_is_refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         options_from_args(argv)
     assert "it would call itself" in capsys.readouterr().err
+
+
+def test_a_decoder_port_on_loopback_is_not_the_sidecar_listening_elsewhere() -> None:
+    # The decoder is 127.0.0.1:9000; a sidecar on 127.0.0.2:9000 is another socket (was refused).
+    options, _ = options_from_args(["--host", "127.0.0.2", "--port", "9000", "--vllm-port", "9000"])
+    assert (options.host, options.port, options.decoder_url) == ("127.0.0.2", 9000, "http://127.0.0.1:9000")
 
 
 def test_a_port_in_use_is_a_message_not_a_traceback() -> None:
