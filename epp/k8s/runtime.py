@@ -39,6 +39,7 @@ from llmepp.k8s.modelrewrite import ModelRewriter, ModelRewriteStore, RewriteSyn
 from llmepp.k8s.models import InferenceModelRewrite, InferenceObjective
 from llmepp.k8s.objectives import ObjectiveSync
 from llmepp.k8s.resources import INFERENCE_MODEL_REWRITES, INFERENCE_OBJECTIVES
+from llmepp.k8s.selector import dns_name_problem
 from llmepp.settings import Settings
 from llmepp.tasks import cancel_and_wait
 
@@ -52,6 +53,11 @@ def kubernetes_target(settings: Settings) -> DiscoveryTarget | None:
     selector = settings.endpoint_selector or None
     if pool is None and selector is None:
         return None
+    problem = dns_name_problem(settings.pool_namespace, label=True)
+    if problem:
+        raise ConfigError(f"--pool-namespace (or $NAMESPACE) {settings.pool_namespace!r}: {problem}")
+    if pool is not None and (problem := dns_name_problem(pool, label=False)):
+        raise ConfigError(f"--pool-name {pool!r}: {problem}")
     if pool is not None and settings.objectives_file:
         # Both would write the same store; each file reload would wipe the pool's objectives.
         raise ConfigError(

@@ -74,6 +74,23 @@ _NAME_RULE = (
 )
 
 
+_DNS_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+def dns_name_problem(name: str, *, label: bool) -> str | None:
+    """Why `name` is not a DNS-1123 label (`label`: a namespace's name, at most 63 characters) or subdomain (most
+    objects' names, at most 253), or None. The API server refuses such names; found at start-up, the flag that
+    gave one is named instead of informers retrying a request that cannot succeed."""
+    limit, pattern = (_NAME_MAX, _DNS_LABEL_RE) if label else (_PREFIX_MAX, _DNS_SUBDOMAIN_RE)
+    if len(name) > limit:
+        return f"must be no more than {limit} characters"
+    if not pattern.fullmatch(name):
+        dots = "" if label else " or '.'"
+        return (f"must be a lowercase RFC 1123 {'label' if label else 'subdomain'}: lower case alphanumeric "
+                f"characters, '-'{dots}, starting and ending with an alphanumeric character")  # fmt: skip
+    return None
+
+
 def _key_problem(key: str) -> str | None:
     """Why `key` is not a qualified name (IsQualifiedName), or None."""
     parts = key.split("/")

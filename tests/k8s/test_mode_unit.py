@@ -88,6 +88,15 @@ def test_flags_go_would_refuse_are_usage_errors(argv: list[str], capsys: pytest.
          "--endpoint-target-ports: 8000 is listed twice"),
         (Settings(pool_name="a", pool_name_set=True, ha_enable_leader_election=True, ha_renew_deadline=20.0),
          "retry period < renew deadline < lease duration"),
+        (Settings(pool_name="Llama", pool_name_set=True),
+         r"^--pool-name 'Llama': must be a lowercase RFC 1123 subdomain"),
+        (Settings(pool_name="a" * 254, pool_name_set=True), r"^--pool-name 'a+': must be no more than 253 characters"),
+        (Settings(pool_name="a", pool_name_set=True, pool_namespace="my.ns"),
+         r"^--pool-namespace \(or \$NAMESPACE\) 'my.ns': must be a lowercase RFC 1123 label"),
+        (Settings(endpoint_selector="app=v", endpoint_target_ports=(8000,), pool_namespace="-ns"),
+         r"^--pool-namespace \(or \$NAMESPACE\) '-ns': must be a lowercase RFC 1123 label"),
+        (Settings(endpoint_selector="app=v", endpoint_target_ports=(8000,), pool_namespace="n" * 64),
+         r"must be no more than 63 characters"),
     ],
 )  # fmt: skip
 def test_bad_kubernetes_flags_are_config_errors(settings: Settings, message: str) -> None:
