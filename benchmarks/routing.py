@@ -200,7 +200,7 @@ def run_header(
 
 async def run(
     quick: bool, scale: Scale, workloads: Sequence[str], contender_names: Sequence[str] | None, seed: int,
-    out: Path, extra_epp: Sequence[tuple[str, str]] = (),
+    out: Path, extra_epp: Sequence[tuple[str, str]] = (), stages: Sequence[tuple[float, float]] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     extras = [(n, path, Path(path).read_text()) for n, path in extra_epp]  # noqa: ASYNC240 (before the run)
     kv_blocks, sp = kv_blocks_per_pod(scale, seed)
@@ -218,7 +218,7 @@ async def run(
     try:
         with tempfile.TemporaryDirectory(prefix="bench-routing-") as tmp:
             for wl_name in workloads:
-                wl = build(wl_name, scale, quick, seed)
+                wl = build(wl_name, scale, quick, seed, stages)
                 names = contender_names or (QUICK_CONTENDERS[wl_name] if quick else None)
                 contenders = [c for c in all_contenders() if names is None or c.name in names]
                 contenders += [EppBehindEnvoy(n, text, f"EPP, {path} (extra)") for n, path, text in extras]
@@ -228,8 +228,9 @@ async def run(
                 for c in contenders:
                     print(f"  {c.name} ({c.description}) - {time.monotonic() - t_all:.0f}s into the run", flush=True)
                     entry["contenders"][c.name] = await run_contender(
-                        c, wl_name, scale, quick, pods, Path(tmp), seed, raw, host_pids
-                    )
+                        c, wl_name, scale, quick, pods, Path(tmp), seed, raw, host_pids,
+                        workload=build(wl_name, scale, quick, seed, stages),
+                    )  # fmt: skip
                     _write(report, out)
     finally:
         await asyncio.to_thread(sim.stop)
@@ -270,6 +271,17 @@ def parse_extra(values: Sequence[str]) -> list[tuple[str, str]]:
     return out
 
 
+def parse_stages(text: str) -> list[tuple[float, float]]:
+    """'12:60,20:60' -> [(12.0, 60.0), (20.0, 60.0)]: rate and simulated seconds per stage."""
+    try:
+        stages = [(float(r), float(d)) for r, d in (part.split(":") for part in text.split(",") if part.strip())]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected RATE:SECONDS,... (e.g. 12:60,20:60), got {text!r}") from None
+    if not stages or any(not (math.isfinite(r) and r > 0 and math.isfinite(d) and d > 0) for r, d in stages):
+        raise argparse.ArgumentTypeError(f"rates and durations must be finite and > 0, got {text!r}")
+    return stages
+
+
 def scale_from_args(a: argparse.Namespace) -> Scale:
     return Scale(token_unit=a.token_unit, time_scale=a.time_scale, pods=a.pods)
 
@@ -283,6 +295,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--extra-epp", action="append", default=[], metavar="NAME=CONFIG",
                    help="also run the EPP with this EndpointPickerConfig file (diagnostics)")  # fmt: skip
+    p.add_argument("--stages", type=parse_stages, default=None, metavar="RATE:SECONDS,...",
+                   help="replace each workload's measured stages (rates in its ladder's units; warm-up kept); "
+                   "diagnostics")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -298,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import uvloop
 
     stop_cleanly_on_sigterm()
-    uvloop.run(run(a.quick, scale_from_args(a), workloads, names, a.seed, a.json, parse_extra(a.extra_epp)))
+    uvloop.run(run(a.quick, scale_from_args(a), workloads, names, a.seed, a.json, parse_extra(a.extra_epp), a.stages))
 
 
 if __name__ == "__main__":

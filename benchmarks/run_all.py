@@ -74,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 a.seed,
                 a.results / "routing.json",
                 routing.parse_extra(a.extra_epp),
+                a.stages,
             )
         )
     if a.only in ("all", "precise"):

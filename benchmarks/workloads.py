@@ -395,7 +395,19 @@ def shared_prefix_stages(scale: Scale, rates: Sequence[float], cycle: int) -> li
     return stages
 
 
-def build(name: str, scale: Scale, quick: bool, seed: int = 1) -> Workload:
+def build(
+    name: str, scale: Scale, quick: bool, seed: int = 1, stages: Sequence[tuple[float, float]] | None = None
+) -> Workload:
+    """The workload `name` with its ladder; `stages` ((rate, seconds) in the ladder's own units: canonical QPS for
+    shared-prefix, 4-pod requests/s for the others) replaces its measured stages, keeping any warm-up."""
+    workload = _build(name, scale, quick, seed)
+    if stages:
+        f = scale.pods / (8 if name == "shared-prefix" else 4)
+        workload.stages = [s for s in workload.stages if s.warmup] + [StageSpec(r * f, d) for r, d in stages]
+    return workload
+
+
+def _build(name: str, scale: Scale, quick: bool, seed: int) -> Workload:
     f = scale.pods / 4  # the other ladders are written for 4 pods
     if name == "shared-prefix":
         rates = QUICK_RATES if quick else FULL_RATES
