@@ -79,8 +79,8 @@ _DNS_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 def dns_name_problem(name: str, *, label: bool) -> str | None:
     """Why `name` is not a DNS-1123 label (`label`: a namespace's name, at most 63 characters) or subdomain (most
-    objects' names, at most 253), or None. The API server refuses such names; found at start-up, the flag that
-    gave one is named instead of informers retrying a request that cannot succeed."""
+    objects' names, at most 253), or None. The API server refuses such names: checked at start-up, the error
+    names the flag that gave one."""
     limit, pattern = (_NAME_MAX, _DNS_LABEL_RE) if label else (_PREFIX_MAX, _DNS_SUBDOMAIN_RE)
     if len(name) > limit:
         return f"must be no more than {limit} characters"
