@@ -62,7 +62,7 @@ def test_a_selector_that_file_mode_ignores_is_a_warning(caplog: pytest.LogCaptur
 @pytest.mark.parametrize(
     "argv",
     [
-        ["--pool", "llama"],  # a prefix of --pool-name: Go's flags take none
+        ["--kubecon", "/k"],  # a prefix of --kubeconfig only: Go's flags take none
         ["--grpc-port", "9_002"],
         ["--grpc-port", "+9002"],
         ["--grpc-port", "\u0669"],  # Arabic-Indic nine: int() reads it
