@@ -73,8 +73,9 @@ def parse_zap_level(text: str) -> int:
 
 
 def _digits(text: str) -> int:
-    """A decimal integer of ASCII digits, '-' allowed (int() would also take '+80', '8_000' and other scripts'
-    digits); the callers' range checks then name a negative one."""
+    """A decimal integer of ASCII digits, '-' allowed; the callers' range checks then name a negative one.
+    int() would also take '+80', '8_000' and other scripts' digits, and the reference's Go flags read any Go
+    integer literal ('+80', '8_000', '0x50', '010' = 8): plain decimal is the one spelling here."""
     text = text.strip()
     digits = text.removeprefix("-")
     if not (digits.isascii() and digits.isdigit()):

@@ -63,13 +63,18 @@ def test_a_selector_that_file_mode_ignores_is_a_warning(caplog: pytest.LogCaptur
     "argv",
     [
         ["--kubecon", "/k"],  # a prefix of --kubeconfig only: Go's flags take none
+        ["--grpc-port", "\u0669"],  # Arabic-Indic nine: int() reads it
+        ["--endpoint-target-ports", "8000,8_001"],  # the reference reads the list base 10: no '_'
+        # Stricter than the reference: Go's flag.Int reads Go integer literals ('+9002', '9_002', '0x232a',
+        # '010' = 8); a port here is plain decimal digits.
         ["--grpc-port", "9_002"],
         ["--grpc-port", "+9002"],
-        ["--grpc-port", "\u0669"],  # Arabic-Indic nine: int() reads it
-        ["--endpoint-target-ports", "8000,8_001"],
+        ["--grpc-port", "0x232a"],
     ],
 )
-def test_flags_go_would_refuse_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_abbreviations_and_non_decimal_ports_are_usage_errors(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exited:
         settings_from_args(argv)
     assert exited.value.code == 2
