@@ -42,7 +42,7 @@ from yarl import URL
 
 from llmepp.cli import parse_bool
 from llmepp.gctuning import tune_gc
-from llmepp.sidecar.proxy import Sidecar, SidecarOptions
+from llmepp.sidecar.proxy import EVERY_ADDRESS, Sidecar, SidecarOptions
 
 READY_PREFIX = "epp-pd-sidecar: listening "
 _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
@@ -224,7 +224,7 @@ def options_from_args(argv: Sequence[str] | None = None) -> tuple[SidecarOptions
     vllm_port = URL(SidecarOptions.decoder_url).port if a.vllm_port is None else a.vllm_port
     decoder = a.decoder_url or f"{scheme}://127.0.0.1:{vllm_port}"
     # The default decoder is 127.0.0.1: only a sidecar listening there (or on every address) would call itself.
-    loopback = a.host in ("", "0.0.0.0", "::", "127.0.0.1", "localhost")
+    loopback = a.host in (*EVERY_ADDRESS, "127.0.0.1", "localhost")
     if not a.decoder_url and loopback and abs(vllm_port - a.port) < max(1, a.data_parallel_size):  # rank r: +r
         parser.error(f"--vllm-port {vllm_port}: the sidecar listens there (--port {a.port}); it would call itself")
     skip: set[str] = set().union(*a.tls_insecure_skip_verify)

@@ -111,6 +111,8 @@ MAX_RETRY_BACKOFF = 10.0
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # Redirects of a GET / HEAD the sidecar follows on the decoder itself, e.g. a model server's /metrics -> /metrics/.
 MAX_DECODER_REDIRECTS = 10
+# --host values that listen on every address (the default "" is every address, IPv6 and IPv4).
+EVERY_ADDRESS = ("", "0.0.0.0", "::")
 
 
 @dataclass
@@ -180,7 +182,7 @@ class SidecarOptions:
         _check_port_range("decoder port", decoder_port, n)
         self.pod_ip = self.pod_ip.strip().removeprefix("[").removesuffix("]")
         if not self.pod_ip:
-            if self.host in ("", "0.0.0.0", "::"):
+            if self.host in EVERY_ADDRESS:
                 raise ValueError(
                     "data-parallel-size > 1 needs this pod's IP, the address the EPP names in "
                     f"{DATA_PARALLEL_HEADER}: set POD_IP (or --pod-ip), or listen on that address (--host)"
