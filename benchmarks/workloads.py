@@ -415,7 +415,10 @@ def _build(name: str, scale: Scale, quick: bool, seed: int) -> Workload:
         stages = shared_prefix_stages(scale, rates, groups * 5)
         return SharedPrefix(name, stages, seed=seed, groups=groups, scale=scale)
     if name == "multi-turn":
-        ladder: list[tuple[float, float]] = [(4, 60), (8, 60), (12, 60), (16, 60)] if not quick else [(6, 40), (14, 40)]
+        # 12-36: 12 and 20 are light; at 28 and 36 the pods' prefill is the bottleneck (TTFT p90 1-5 s).
+        ladder: list[tuple[float, float]] = (
+            [(12, 60), (20, 60), (28, 60), (36, 60)] if not quick else [(12, 40), (28, 40)]
+        )
         stages = [StageSpec(r * f, d) for r, d in ladder]
         return MultiTurn(name, stages, seed=seed, scale=scale)
     if name == "no-sharing":

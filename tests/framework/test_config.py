@@ -16,13 +16,13 @@ def built(text: str):  # type: ignore[no-untyped-def]
     return build(load_config(text))
 
 
-def test_default_config_is_the_optimized_baseline_profile() -> None:
+def test_default_config_is_the_optimized_baseline_scorers_with_prefix_weight_6() -> None:
     c = built(DEFAULT_CONFIG)
     profile = c.pipeline.scheduler.profiles["default"]
     assert [(w.scorer.type, w.weight) for w in profile.scorers] == [
         ("queue-scorer", 2.0),
         ("kv-cache-utilization-scorer", 2.0),
-        ("prefix-cache-scorer", 3.0),
+        ("prefix-cache-scorer", 6.0),
         ("no-hit-lru-scorer", 2.0),
     ]
     assert isinstance(profile.picker, MaxScorePicker)

@@ -229,7 +229,7 @@ async def test_emit_scores_covers_every_candidate() -> None:
     assert isinstance(decision, RoutingDecision)
     assert decision.scores is not None
     assert set(decision.scores) == {ep.hostport for ep in ds.endpoints}
-    # queue 2·(1, .5, 0) + kv 2·1 + prefix 3·0 (cold) + no-hit-lru 2·(1, .5, 0) (never used: list order)
+    # queue 2·(1, .5, 0) + kv 2·1 + prefix 6·0 (cold) + no-hit-lru 2·(1, .5, 0) (never used: list order)
     assert sorted(decision.scores.values(), reverse=True) == pytest.approx([6.0, 4.0, 2.0])
     header = d.response_headers(req, ResponseInfo(status=200), {})
     assert header is not None
