@@ -454,23 +454,40 @@ def repeat_targets(runs: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+def _epp_profile(run: dict[str, Any]) -> str | None:
+    """What the EPP default was in `run`: its contender description (None if the run did not measure it)."""
+    for w in run.get("workloads", {}).values():
+        if EPP in w.get("contenders", {}):
+            return str(w["contenders"][EPP].get("description"))
+    return None
+
+
 def _seed_runs(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
     """The runs to take medians over: of a seed run twice, the newest; only runs made like the first (the main
-    run: same quick mode and scale), so a quick run never stands in for a seed. Also a note naming what was
-    left out ("" if nothing)."""
+    run: same quick mode and scale, and the same EPP default profile), so neither a quick run nor one made
+    before the default profile changed stands in for a seed. Also a note naming what was left out ("" if
+    nothing)."""
     if not runs:
         return [], ""
     like = (runs[0].get("quick"), runs[0].get("scale"))
+    profile = _epp_profile(runs[0])
     newest: dict[Any, dict[str, Any]] = {}
-    unlike = []
+    unlike: list[str] = []
+    other_profile: dict[str, list[str]] = {}  # profile -> the runs made with it
     for run in runs:
+        name = f"seed {run.get('seed', '?')} of {run.get('started', '?')}"
         if (run.get("quick"), run.get("scale")) != like:
-            unlike.append(f"seed {run.get('seed', '?')} of {run.get('started', '?')}")
+            unlike.append(name)
+            continue
+        if None not in (profile, theirs := _epp_profile(run)) and theirs != profile:
+            other_profile.setdefault(str(theirs), []).append(name)
             continue
         seed = run.get("seed")
         if seed not in newest or run.get("started", "") > newest[seed].get("started", ""):
             newest[seed] = run
     note = f" Left out, made with another mode or scale: {', '.join(unlike)}." if unlike else ""
+    for theirs, names in other_profile.items():
+        note += f" Left out, made with another EPP default profile (`{theirs}`, not `{profile}`): {', '.join(names)}."
     return list(newest.values()), note
 
 
@@ -497,7 +514,7 @@ def seed_summary(runs: list[dict[str, Any]], workload: str = "shared-prefix") ->
         if w:
             maps.append({n: _stage_map(w, n) for n in (EPP, *RIVALS)})
     if len(maps) < 2:
-        return "_Fewer than two workload seeds._", []
+        return f"_Fewer than two workload seeds._{left_out}", []
 
     rates = sorted(set.intersection(*(set(m[EPP]) for m in maps)))[1:]  # past the lightest stage
     named = "" if workload == "shared-prefix" else f"{workload}, "  # the shared-prefix rows' labels as before
@@ -549,13 +566,14 @@ def nosharing_runs(results: Path) -> list[dict[str, Any]]:
 
 
 def nosharing_seed_summary(runs: list[dict[str, Any]]) -> tuple[str, list[list[str]]]:
-    """No-sharing across workload seeds (of a seed run twice, the newest): per stage, each contender's median TTFT
-    p90 (min-max) and median output tokens/s, and a target row: the EPP default's medians within 5% of the best
-    other contender's at every stage. Only contenders measured in every seed count."""
+    """No-sharing across workload seeds (the main run and every repeat; of a seed run twice, the newest): per
+    stage, each contender's median TTFT p90 (min-max) and median output tokens/s, and a target row: the EPP
+    default's medians within 5% of the best other contender's at every stage. Only contenders measured in every
+    seed count."""
     runs, left_out = _seed_runs(runs)
     ws = [w for run in runs if (w := run.get("workloads", {}).get("no-sharing"))]
     if len(ws) < 2:
-        return "_Fewer than two workload seeds._", []
+        return f"_Fewer than two workload seeds._{left_out}", []
     names = [n for n in _ordered(ws[0]["contenders"]) if not n.startswith("diag-")]
     maps = {n: [_stage_map(w, n) for w in ws] for n in names}
     names = [n for n in names if all(maps[n])]
@@ -1130,7 +1148,7 @@ def precise_seed_summary(runs: list[dict[str, Any]], profile: str) -> tuple[str,
     measured."""
     runs, left_out = _seed_runs(runs)
     if len(runs) < 2:
-        return "_Fewer than two workload seeds._", []
+        return f"_Fewer than two workload seeds._{left_out}", []
     per_run = [{s["key"]: (s, a, p) for s, a, p in _precise_pairs(run)} for run in runs]
     keys = list(dict.fromkeys(k for m in per_run for k in m))
     issue = f"{PRECISE_ISSUE}, {profile}, {len(runs)} workload seeds"
@@ -1364,7 +1382,7 @@ def render(results: Path, readme: Path = README, template: Path = TEMPLATE) -> s
     targets += repeat_targets(repeats)
     seeds_md, seed_rows = seed_summary(([routing] if routing else []) + repeats)
     targets += seed_rows
-    nosharing_md, nosharing_rows = nosharing_seed_summary(nosharing_runs(results))
+    nosharing_md, nosharing_rows = nosharing_seed_summary(([routing] if routing else []) + nosharing_runs(results))
     targets += nosharing_rows
     multiturn_md, multiturn_rows = seed_summary(([routing] if routing else []) + multiturn_runs(results), "multi-turn")
     targets += multiturn_rows

@@ -80,6 +80,32 @@ def test_a_quick_run_never_stands_in_for_a_seed() -> None:
     assert "| 5 | 0.50 (0.50-0.50) |" in table and rows[0][3] == "**met**"
 
 
+def test_a_seed_made_with_another_default_profile_is_left_out() -> None:
+    """After the default profile changed, a seed measured with the old one does not count (the main run's
+    profile decides), and the summary says which runs were left out and why."""
+    vllm, smg = report.RIVALS
+    runs = [_routing(s, {report.EPP: [0.4, 0.5, 0.5], vllm: [0.4, 1.0, 1.0], smg: [0.4, 1.0, 1.0]}) for s in (1, 2, 3)]
+    for run, profile in zip(runs, ("prefix 6", "prefix 6", "prefix 3")):
+        run["workloads"]["shared-prefix"]["contenders"][report.EPP]["description"] = profile
+    runs[1]["workloads"]["shared-prefix"]["contenders"][report.EPP]["stages"][1]["ttft_p90_s"] = 0.7
+    runs[2]["workloads"]["shared-prefix"]["contenders"][report.EPP]["stages"][1]["ttft_p90_s"] = 9.0
+    runs[2]["started"] = "2026-11-20 00:00:00 UTC"
+    table, rows = report.seed_summary(runs)
+    assert table.startswith("Workload seeds 1, 2 ")
+    assert (
+        "Left out, made with another EPP default profile (`prefix 3`, not `prefix 6`): seed 3 of "
+        "2026-11-20 00:00:00 UTC." in table
+    )
+    assert "| 5 | 0.60 (0.50-0.70) |" in table and rows[0][3] == "**met**"
+    table, rows = report.seed_summary([runs[0], runs[2]])
+    assert (
+        table
+        == "_Fewer than two workload seeds._ Left out, made with another EPP default profile (`prefix 3`, not "
+        "`prefix 6`): seed 3 of 2026-11-20 00:00:00 UTC."
+        and rows == []
+    )
+
+
 def test_multi_turn_seeds_have_rows_of_their_own() -> None:
     """The same median comparison on the multi-turn workload, labelled with it; shared-prefix runs do not count."""
     vllm, smg = report.RIVALS
