@@ -445,21 +445,25 @@ def repeat_runs(results: Path) -> list[dict[str, Any]]:
     return _seed_files(results, "routing_seed", "shared-prefix")
 
 
-def repeat_targets(runs: list[dict[str, Any]]) -> list[list[str]]:
-    """The rival rows of `routing_targets` for each repeat run, labelled with its seed."""
-    rows = []
-    for run in runs:
-        label = f"routing (#6), workload seed {run.get('seed', '?')}"
-        rows += [[label, *r[1:]] for r in routing_targets(run)[0] if r[1].startswith("shared-prefix vs")]
-    return rows
-
-
 def _epp_profile(run: dict[str, Any]) -> str | None:
     """What the EPP default was in `run`: its contender description (None if the run did not measure it)."""
     for w in run.get("workloads", {}).values():
         if EPP in w.get("contenders", {}):
             return str(w["contenders"][EPP].get("description"))
     return None
+
+
+def repeat_targets(runs: list[dict[str, Any]], profile: str | None = None) -> list[list[str]]:
+    """The rival rows of `routing_targets` for each repeat run, labelled with its seed; with `profile`, only for
+    the runs whose EPP default was that profile (the main run's: a run of an older default is not a verdict on
+    this one)."""
+    rows = []
+    for run in runs:
+        if profile is not None and _epp_profile(run) not in (None, profile):
+            continue
+        label = f"routing (#6), workload seed {run.get('seed', '?')}"
+        rows += [[label, *r[1:]] for r in routing_targets(run)[0] if r[1].startswith("shared-prefix vs")]
+    return rows
 
 
 def _seed_runs(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
@@ -1379,7 +1383,7 @@ def render(results: Path, readme: Path = README, template: Path = TEMPLATE) -> s
     if routing:
         targets += routing_targets(routing)[0]
     repeats = repeat_runs(results)
-    targets += repeat_targets(repeats)
+    targets += repeat_targets(repeats, _epp_profile(routing) if routing else None)
     seeds_md, seed_rows = seed_summary(([routing] if routing else []) + repeats)
     targets += seed_rows
     nosharing_md, nosharing_rows = nosharing_seed_summary(([routing] if routing else []) + nosharing_runs(results))

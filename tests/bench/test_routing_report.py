@@ -97,6 +97,8 @@ def test_a_seed_made_with_another_default_profile_is_left_out() -> None:
         "2026-11-20 00:00:00 UTC." in table
     )
     assert "| 5 | 0.60 (0.50-0.70) |" in table and rows[0][3] == "**met**"
+    assert [r[0] for r in report.repeat_targets(runs[1:], "prefix 6")] == ["routing (#6), workload seed 2"] * 2
+    assert len(report.repeat_targets(runs[1:])) == 4
     table, rows = report.seed_summary([runs[0], runs[2]])
     assert (
         table
