@@ -453,13 +453,19 @@ def _epp_profile(run: dict[str, Any]) -> str | None:
     return None
 
 
+def _made_with_another_profile(run: dict[str, Any], profile: str | None) -> bool:
+    """Whether `run` measured the EPP default with another profile than `profile` (None: any profile counts)."""
+    theirs = _epp_profile(run)
+    return None not in (profile, theirs) and theirs != profile
+
+
 def repeat_targets(runs: list[dict[str, Any]], profile: str | None = None) -> list[list[str]]:
     """The rival rows of `routing_targets` for each repeat run, labelled with its seed; with `profile`, only for
     the runs whose EPP default was that profile (the main run's: a run of an older default is not a verdict on
     this one)."""
     rows = []
     for run in runs:
-        if profile is not None and _epp_profile(run) not in (None, profile):
+        if _made_with_another_profile(run, profile):
             continue
         label = f"routing (#6), workload seed {run.get('seed', '?')}"
         rows += [[label, *r[1:]] for r in routing_targets(run)[0] if r[1].startswith("shared-prefix vs")]
@@ -483,8 +489,8 @@ def _seed_runs(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
         if (run.get("quick"), run.get("scale")) != like:
             unlike.append(name)
             continue
-        if None not in (profile, theirs := _epp_profile(run)) and theirs != profile:
-            other_profile.setdefault(str(theirs), []).append(name)
+        if _made_with_another_profile(run, profile):
+            other_profile.setdefault(str(_epp_profile(run)), []).append(name)
             continue
         seed = run.get("seed")
         if seed not in newest or run.get("started", "") > newest[seed].get("started", ""):
