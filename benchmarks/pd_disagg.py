@@ -8,8 +8,8 @@ Run (results and their discussion: benchmarks/PD.md)::
 Both deployments are 4 simulated pods with the same latency profile and time scale, behind a
 real Envoy and the `epp` program (llmepp.testing.pdstack):
 
-* **aggregated**: 4 pods with role `both`, the EPP's default config (queue 2, kv-cache 2,
-  prefix 3; one `default` profile);
+* **aggregated**: 4 pods with role `both`, the EPP's built-in default config (`DEFAULT_CONFIG`;
+  one `default` profile);
 * **disaggregated**: 2 `prefill` pods + 2 `decode` pods, each decode pod behind an
   `epp-pd-sidecar`, the reference P/D config (example B: disagg-profile-handler +
   prefix-based-pd-decider, nonCachedTokens 16 - every prompt here is uncached, so every
