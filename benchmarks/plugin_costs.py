@@ -63,6 +63,7 @@ PLUGINS: list[tuple[str, dict[str, Any] | None]] = [
                                            {"metric": "active-requests", "maxValue": 64}]}),
     ("endpoint-attribute-filter", {"attribute": "waiting-queue", "algorithm": {
         "type": "threshold", "threshold": {"operator": "LessThan", "value": 6}}}),
+    ("load-balance-filter", None),
     ("prefix-cache-affinity-filter", None),
     ("session-affinity-filter", None),
     ("context-length-aware", {"enableFiltering": True}),
@@ -330,6 +331,7 @@ gives its parameters, defaults and formula.
 |---|---|---|
 | `label-selector-filter` (aliases `by-label-selector`, `by-label`) | filter | Kubernetes label selector |
 | `utilization-filter` | filter | drop if any of active-requests / running / waiting / kv exceeds its max |
+| `load-balance-filter` | filter | drop endpoints over max(lo + 16, 1.25·lo) in-flight requests (lo: least loaded) |
 | `endpoint-attribute-filter` | filter | threshold / range / topK / percentile on one scalar attribute |
 | `prefix-cache-affinity-filter` | filter | keep prefix score ≥ 0.8 unless their TTFT is 18 s worse |
 | `session-affinity-filter` | filter + pre-request + response header | hard pin to the session endpoint |

@@ -2,6 +2,7 @@ from llmepp.framework.plugin import Plugin
 from llmepp.plugins.filters.endpoint_attribute import EndpointAttributeFilter
 from llmepp.plugins.filters.header_testing import HeaderBasedTestingFilter
 from llmepp.plugins.filters.label_selector import ByLabelFilter, LabelSelectorFilter
+from llmepp.plugins.filters.load_balance import LoadBalanceFilter
 from llmepp.plugins.filters.multicluster import MulticlusterSessionAffinityFilter
 from llmepp.plugins.filters.prefix_cache_affinity import PrefixCacheAffinityFilter
 from llmepp.plugins.filters.roles import DecodeFilter, EncodeFilter, PrefillFilter
@@ -14,6 +15,7 @@ PLUGINS: list[type[Plugin]] = [
     LabelSelectorFilter,
     ByLabelFilter,
     UtilizationFilter,
+    LoadBalanceFilter,
     EndpointAttributeFilter,
     PrefixCacheAffinityFilter,
     SessionAffinityFilter,

@@ -42,6 +42,8 @@ plugins:
     - {metric: kv-cache-utilization, maxValue: 0.95}
     - {metric: active-requests, maxValue: 1000}
     fallbackOnEmpty: true
+- type: load-balance-filter
+  parameters: {absThreshold: 32, relThreshold: 1.5}
 - type: endpoint-attribute-filter
   parameters:
     attribute: waiting-queue
@@ -101,7 +103,7 @@ async def test_every_catalogue_plugin_loads_and_schedules() -> None:
     types = {p.type for p in c.plugins.values()}
     # The deprecated alias builds a label-selector-filter (named after the alias, as no name is given).
     assert c.plugins["by-label-selector"].type == "label-selector-filter"
-    for t in ("label-selector-filter", "by-label", "utilization-filter",
+    for t in ("label-selector-filter", "by-label", "utilization-filter", "load-balance-filter",
               "endpoint-attribute-filter", "prefix-cache-affinity-filter", "session-affinity-filter",
               "running-requests-size-scorer", "load-aware-scorer", "active-request-scorer", "token-load-scorer",
               "no-hit-lru-scorer", "lora-affinity-scorer", "session-affinity-scorer", "header-label-affinity-scorer",

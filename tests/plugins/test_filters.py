@@ -1,4 +1,4 @@
-"""Filters of the plugin catalogue: label selector (+ deprecated aliases), utilization,
+"""Filters of the plugin catalogue: label selector (+ deprecated aliases), utilization, load balance,
 endpoint attribute, prefix-cache affinity, session affinity."""
 
 from __future__ import annotations
@@ -152,6 +152,78 @@ def test_utilization_filter_validation(params: dict[str, Any], message: str) -> 
     with pytest.raises(ConfigError, match=message) as err:
         registry.build("utilization-filter", "u", params)
     assert "type utilization-filter" in str(err.value)
+
+
+# -- load-balance-filter ---------------------------------------------------------------------
+def balanced(counts: list[int], params: dict[str, Any] | None = None) -> list[str]:
+    producer = registry.build("inflight-load-producer", "ifl", None)
+    f = make("load-balance-filter", params, producer)
+    eps = [endpoint(i) for i in range(len(counts))]
+    for ep, n in zip(eps, counts):
+        producer.loads[ep] = InFlight(requests=n)  # type: ignore[attr-defined]
+    req = request()
+    producer.produce(req, eps)  # type: ignore[attr-defined]
+    return names(f.filter(req, eps))
+
+
+def test_load_balance_filter_drops_only_endpoints_over_both_thresholds() -> None:
+    # Defaults abs 16, rel 1.25: with lo = 100 the cap is max(116, 125) = 125.
+    assert balanced([100, 125, 126, 140]) == ["pod-0", "pod-1"]
+    assert balanced([100, 110, 125]) == ["pod-0", "pod-1", "pod-2"]  # nobody over the cap: all kept
+    # Low counts: the absolute threshold governs (lo = 2: cap max(18, 2.5) = 18).
+    assert balanced([2, 18, 19]) == ["pod-0", "pod-1"]
+    assert balanced([0, 16, 17]) == ["pod-0", "pod-1"]
+    assert balanced([5, 40], {"absThreshold": 0, "relThreshold": 1.0}) == ["pod-0"]
+    assert balanced([7]) == ["pod-0"]
+
+
+def test_load_balance_filter_reads_the_director_counts_without_producer_data() -> None:
+    f = make("load-balance-filter", None, registry.build("inflight-load-producer", "ifl", None))
+    assert f.consumes == {IN_FLIGHT_LOAD}
+    eps = [endpoint(0), endpoint(1)]
+    eps[0].inflight.requests = 30
+    assert names(f.filter(request(), eps)) == ["pod-1"]
+    assert f.filter(request(), []) == []
+
+
+@given(st.lists(st.integers(0, 500), min_size=1, max_size=12), st.integers(0, 64), st.floats(1.0, 3.0))
+@settings(max_examples=200, deadline=None)
+def test_load_balance_filter_keeps_the_least_loaded_and_drops_exactly_the_overloaded(
+    counts: list[int], abs_threshold: int, rel: float
+) -> None:
+    kept = balanced(counts, {"absThreshold": abs_threshold, "relThreshold": rel})
+    lo = min(counts)
+    assert f"pod-{counts.index(lo)}" in kept
+    overloaded = [f"pod-{i}" for i, n in enumerate(counts) if n - lo > abs_threshold and n > rel * lo]
+    assert sorted(kept + overloaded) == sorted(f"pod-{i}" for i in range(len(counts)))
+
+
+def test_load_balance_filter_leaves_requests_with_a_long_cached_prefix_alone() -> None:
+    prefix = registry.build("approx-prefix-cache-producer", "approx", None)
+    inflight = registry.build("inflight-load-producer", "ifl", None)
+    f = make("load-balance-filter", {"maxMatchedTokens": 128}, prefix, inflight)
+    assert f.consumes == {IN_FLIGHT_LOAD, PREFIX_CACHE_MATCH_INFO}
+    eps = [endpoint(0), endpoint(1)]
+    eps[0].inflight.requests = 40
+    # 64-token blocks: 2 matched blocks (128 tokens) may still be moved, 3 may not.
+    assert names(f.filter(with_hits(eps, {0: 2}), eps)) == ["pod-1"]
+    assert names(f.filter(with_hits(eps, {0: 3, 1: 1}), eps)) == ["pod-0", "pod-1"]
+    assert names(f.filter(request(), eps)) == ["pod-1"]  # no match data: balanced as any request
+    assert make("load-balance-filter", None, inflight).consumes == {IN_FLIGHT_LOAD}
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"absThreshold": -1}, "absThreshold must be >= 0"),
+        ({"relThreshold": 0.9}, "relThreshold must be >= 1"),
+        ({"maxMatchedTokens": -1}, "maxMatchedTokens must be >= 0"),
+    ],
+)
+def test_load_balance_filter_validation(params: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as err:
+        registry.build("load-balance-filter", "b", params)
+    assert "type load-balance-filter" in str(err.value)
 
 
 # -- endpoint-attribute-filter -----------------------------------------------------------------
