@@ -77,8 +77,10 @@ class LoadBalanceFilter(Filter):
             return endpoints
         if self.max_matched is not None:
             info: PrefixMatchInfo | None = request.data.get(self.prefix_key)
-            if info is not None and info.hits and max(info.hits.values()) * info.block_size > self.max_matched:
-                return endpoints
+            if info is not None and info.hits:
+                get = info.hits.get
+                if max(get(ep, 0) for ep in endpoints) * info.block_size > self.max_matched:
+                    return endpoints
         counts = request_counts(request, self.key, endpoints)
         lo = min(counts)
         cap = max(lo + self.abs, self.rel * lo)  # above both bounds = overloaded

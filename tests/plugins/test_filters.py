@@ -208,6 +208,9 @@ def test_load_balance_filter_leaves_requests_with_a_long_cached_prefix_alone() -
     # 64-token blocks: 2 matched blocks (128 tokens) may still be moved, 3 may not.
     assert names(f.filter(with_hits(eps, {0: 2}), eps)) == ["pod-1"]
     assert names(f.filter(with_hits(eps, {0: 3, 1: 1}), eps)) == ["pod-0", "pod-1"]
+    # Only the candidates' matches count: a longer one on an endpoint filtered out earlier does not.
+    other = [*eps, endpoint(2)]
+    assert names(f.filter(with_hits(other, {2: 9, 0: 1}), eps)) == ["pod-1"]
     assert names(f.filter(request(), eps)) == ["pod-1"]  # no match data: balanced as any request
     assert make("load-balance-filter", None, inflight).consumes == {IN_FLIGHT_LOAD}
 
