@@ -23,7 +23,8 @@ from llmepp.request.types import InferenceRequest
 
 log = logging.getLogger(__name__)
 
-# Each (endpoint, block) costs one LRU entry, so blocks are never smaller than this (#1158).
+# Each (endpoint, block) costs one LRU entry, so blocks are never smaller than this (#1158); our
+# `minBlockSizeTokens` makes the reference's constant a parameter.
 MIN_BLOCK_TOKENS = 64
 
 
@@ -35,11 +36,13 @@ class ApproxPrefixCacheProducer(DataProducer, PreRequest):
     endpoint by an LRU of `lruCapacityPerServer` blocks (with `autoTune`: the endpoint's
     `vllm:cache_config_info` num_gpu_blocks).
 
-    Parameters (reference defaults): `autoTune` true, `blockSizeTokens` 16 (floor 64; with
-    autoTune the endpoint's reported block size, floor 64), `maxPrefixTokensToMatch` 131072,
+    Parameters (reference defaults): `autoTune` true, `blockSizeTokens` 16 (floor `minBlockSizeTokens`; with
+    autoTune the endpoint's reported block size, same floor), `maxPrefixTokensToMatch` 131072,
     `maxPrefixBlocksToMatch` 2048 (used when the token cap is 0), `lruCapacityPerServer` 31250 (≤ 0: the
-    default), `blockSize` (deprecated: blockSizeTokens when that is left at 16). As the reference,
-    `blockSizeTokens` ≤ 0 is an error only with autoTune off (with it, the endpoint's size or the floor).
+    default), `blockSize` (deprecated: blockSizeTokens when that is left at 16). Not in the reference:
+    `minBlockSizeTokens` 64 (≥ 1), the reference's fixed floor as a parameter, for prompts that are short in
+    tokens (in the scaled benchmarks a token stands for 16). As the reference, `blockSizeTokens` ≤ 0 is an
+    error only with autoTune off (with it, the endpoint's size or the floor).
     """
 
     type = "approx-prefix-cache-producer"
@@ -55,6 +58,7 @@ class ApproxPrefixCacheProducer(DataProducer, PreRequest):
         max_prefix_tokens_to_match: int = 131072
         max_prefix_blocks_to_match: int = 2048
         lru_capacity_per_server: int = 31250
+        min_block_size_tokens: int = MIN_BLOCK_TOKENS
 
         def __post_init__(self) -> None:
             # The reference's factory checks (approximateprefix/plugin.go); its names in the messages.
@@ -70,6 +74,8 @@ class ApproxPrefixCacheProducer(DataProducer, PreRequest):
                     "approx-prefix-cache-producer", "lruCapacityPerServer", self.lru_capacity_per_server, 31250,
                     "not > 0",
                 )  # fmt: skip
+            if self.min_block_size_tokens < 1:
+                raise ValueError(f"minBlockSizeTokens must be >= 1, got {self.min_block_size_tokens}")
             if self.max_prefix_tokens_to_match < 0 or self.max_prefix_blocks_to_match < 0:
                 raise ValueError("maxPrefixTokensToMatch / maxPrefixBlocksToMatch must be >= 0")
 
@@ -100,7 +106,7 @@ class ApproxPrefixCacheProducer(DataProducer, PreRequest):
                 if ep.metrics.cache_block_size:
                     size = ep.metrics.cache_block_size
                     break
-        return max(size, MIN_BLOCK_TOKENS)
+        return max(size, self.params.min_block_size_tokens)
 
     def max_blocks(self, block_tokens: int) -> int:
         p = self.params

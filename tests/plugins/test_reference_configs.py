@@ -230,6 +230,19 @@ def test_approx_prefix_block_size_rules_follow_the_reference(caplog: pytest.LogC
     assert both.params.block_size_tokens == 256
 
 
+def test_approx_prefix_floor_is_a_parameter() -> None:
+    # minBlockSizeTokens (ours) replaces the reference's fixed floor of 64; it bounds autoTune's size too.
+    fine = registry.build("approx-prefix-cache-producer", "a",
+                          {"autoTune": False, "blockSizeTokens": 6, "minBlockSizeTokens": 6})  # fmt: skip
+    assert fine.block_tokens([endpoint(0)]) == 6  # type: ignore[attr-defined]
+    floored = registry.build("approx-prefix-cache-producer", "a", {"autoTune": False, "blockSizeTokens": 6})
+    assert floored.block_tokens([endpoint(0)]) == 64  # type: ignore[attr-defined]
+    tuned = registry.build("approx-prefix-cache-producer", "a", {"blockSizeTokens": 0, "minBlockSizeTokens": 8})
+    assert tuned.block_tokens([endpoint(0)]) == 8  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="minBlockSizeTokens must be >= 1, got 0"):
+        registry.build("approx-prefix-cache-producer", "a", {"minBlockSizeTokens": 0})
+
+
 def test_prefix_scale_tokens_is_checked_only_when_match_length_counts() -> None:
     registry.build("prefix-cache-scorer", "p", {"matchLengthScaleTokens": 0})  # weight 0: unused, accepted
     with pytest.raises(ConfigError, match="matchLengthScaleTokens must be > 0"):
