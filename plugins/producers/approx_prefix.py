@@ -23,8 +23,8 @@ from llmepp.request.types import InferenceRequest
 
 log = logging.getLogger(__name__)
 
-# Each (endpoint, block) costs one LRU entry, so blocks are never smaller than this (#1158); our
-# `minBlockSizeTokens` makes the reference's constant a parameter.
+# The reference's floor on the block size (#1158: each (endpoint, block) costs one LRU entry); here the
+# default of `minBlockSizeTokens`.
 MIN_BLOCK_TOKENS = 64
 
 
