@@ -67,27 +67,30 @@ async def test_bookmarks_advance_the_resource_version_and_watches_renew(
     async with informer(cluster, namespace, InformerOptions(watch_timeout=3)) as (inf, rec):
         await asyncio.wait_for(inf.synced.wait(), 10)
         listed = int(inf.resource_version)
-        # The server's watch cache sends bookmarks only once it has dispatched an event of the resource
-        # (cacher.go: "never send a bookmark event if we did not see an event here"). In about one run of
-        # seven our first write never reached it that way and every watch stayed silent; a second write
-        # always brought the bookmark. So: write elsewhere, wait, and write again if none came.
-        for attempt in range(3):
+        # The server's watch cache sends each watch one bookmark, at the version of the last event it has
+        # seen, and only if that is newer than the watch's start, which it moves to the last event it
+        # replayed (cacher.go: `watchRV = initEvents[len(initEvents)-1].ResourceVersion`, filtered out
+        # or not). A write that lands after one watch's bookmark and before the next watch starts
+        # is replayed to every later watch from our version, so no bookmark ever reports it. A single
+        # write lost that race in about one run in seven (and three in a row once, in CI). Writing every
+        # 0.5 s lands a newer write between a watch's start and its bookmark (1-3 s later, give or take
+        # the server's 1 s buckets) within a watch or two.
+        written = 0
+        for attempt in range(60):
             await kube.apply_objective(elsewhere, "not-ours", "pool", attempt + 1)
-            other = await kube.request(
-                "GET", f"/apis/llm-d.ai/v1alpha2/namespaces/{elsewhere}/inferenceobjectives/not-ours"
-            )
-            written = int(other["metadata"]["resourceVersion"])
-            assert written > listed
-
-            def caught_up(written: int = written) -> bool:
-                return inf.stats.bookmarks >= 1 and int(inf.resource_version) >= written
-
-            try:
-                await eventually(caught_up, within=15)
+            if not written:
+                other = await kube.request(
+                    "GET", f"/apis/llm-d.ai/v1alpha2/namespaces/{elsewhere}/inferenceobjectives/not-ours"
+                )
+                written = int(other["metadata"]["resourceVersion"])
+                assert written > listed
+            await asyncio.sleep(0.5)
+            if inf.stats.bookmarks >= 1 and int(inf.resource_version) >= written:
                 break
-            except AssertionError:
-                if attempt == 2:
-                    raise
+        else:
+            raise AssertionError(
+                f"no bookmark reached {written} in 30 s (listed {listed}): at {inf.resource_version}, {inf.stats}"
+            )
         assert inf.stats.events == 0 and rec.seen == []
         # The server ended the watch at its timeout; the informer watches again, without a relist.
         await eventually(lambda: inf.stats.watches >= 2, within=15)
