@@ -77,10 +77,9 @@ class LoadBalanceFilter(Filter):
             return endpoints
         if self.max_matched is not None:
             info: PrefixMatchInfo | None = request.data.get(self.prefix_key)
-            if info is not None and info.hits:
-                get = info.hits.get
-                if max(get(ep, 0) for ep in endpoints) * info.block_size > self.max_matched:
-                    return endpoints
+            # The blocks each candidate holds in any tier (`hits` is tier-weighted: a prefix in cpu counts 0.8).
+            if info is not None and max(map(info.cached_blocks, endpoints)) * info.block_size > self.max_matched:
+                return endpoints
         counts = request_counts(request, self.key, endpoints)
         lo = min(counts)
         cap = max(lo + self.abs, self.rel * lo)  # above both bounds = overloaded

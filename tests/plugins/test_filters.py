@@ -212,6 +212,10 @@ def test_load_balance_filter_leaves_requests_with_a_long_cached_prefix_alone() -
     other = [*eps, endpoint(2)]
     assert names(f.filter(with_hits(other, {2: 9, 0: 1}), eps)) == ["pod-1"]
     assert names(f.filter(request(), eps)) == ["pod-1"]  # no match data: balanced as any request
+    # A prefix held in a lower tier: the blocks held count (3 x 64 tokens), not the tier-weighted score (2).
+    tiered = with_hits(eps, {0: 2})
+    tiered.data[scoped(PREFIX_CACHE_MATCH_INFO, "approx")].cached = {eps[0]: 3}
+    assert names(f.filter(tiered, eps)) == ["pod-0", "pod-1"]
     assert make("load-balance-filter", None, inflight).consumes == {IN_FLIGHT_LOAD}
 
 
