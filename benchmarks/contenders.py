@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import shutil
 import signal
 import sys
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +114,10 @@ class Contender(ABC):
         return None
 
     @abstractmethod
+    def setup(self) -> dict[str, Any]:
+        """What a results file records to rerun this contender exactly (config, arguments, versions)."""
+
+    @abstractmethod
     async def start(self, pods: list[tuple[str, int]], workdir: Path) -> None:
         """Start the router in front of `pods` ((host, port) pairs); set `url`."""
 
@@ -128,6 +134,9 @@ class EnvoyLB(Contender):
         super().__init__(name, "envoy", description)
         self.lb_policy = lb_policy
         self.envoy: EnvoyProcess | None = None
+
+    def setup(self) -> dict[str, Any]:
+        return {"lb_policy": self.lb_policy}
 
     async def start(self, pods: list[tuple[str, int]], workdir: Path) -> None:
         port, admin = free_port(), free_port()
@@ -150,6 +159,11 @@ class EppBehindEnvoy(Contender):
         self.extra_args = extra_args or []
         self.epp: EppProcess | None = None
         self.envoy: EnvoyProcess | None = None
+
+    def setup(self) -> dict[str, Any]:
+        # The hash tells two results files' configs apart at a glance; the text reruns it.
+        digest = hashlib.sha256(self.config_text.encode()).hexdigest()[:16]
+        return {"config_sha256": digest, "config": self.config_text, "extra_args": self.extra_args}
 
     async def start(self, pods: list[tuple[str, int]], workdir: Path) -> None:
         config = _write_epp_config(self.config_text, pods, workdir)
@@ -181,6 +195,13 @@ class RustRouter(Contender):
         self.args = args
         self.proc: asyncio.subprocess.Process | None = None
         self.log_path: Path | None = None
+
+    def setup(self) -> dict[str, Any]:
+        try:
+            installed = version(self.program)  # the console script is named after its distribution
+        except PackageNotFoundError:
+            installed = None
+        return {"program": self.program, "version": installed, "args": self.args}
 
     def binary(self) -> str | None:
         candidate = VENV_BIN / self.program
@@ -295,6 +316,9 @@ class EppReplicasBehindEnvoy(EppBehindEnvoy):
         self.epp_metrics: dict[str, float] = {}
         self._baseline: dict[str, float] = {}
 
+    def setup(self) -> dict[str, Any]:
+        return {**super().setup(), "replicas": self.replicas}
+
     async def start(self, pods: list[tuple[str, int]], workdir: Path) -> None:
         config = _write_epp_config(self.config_text, pods, workdir)
         grpc_ports = []
@@ -386,6 +410,9 @@ class WithEviction(Contender):
 
     def unavailable(self) -> str | None:
         return self.inner.unavailable()
+
+    def setup(self) -> dict[str, Any]:
+        return {**self.inner.setup(), "eviction": asdict(self.spec)}
 
     async def start(self, pods: list[tuple[str, int]], workdir: Path) -> None:
         await self.inner.start(pods, workdir)

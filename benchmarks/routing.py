@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +40,7 @@ from llmepp.testing.ports import free_port
 from llmepp_sim.cluster import SimProcess
 
 RESULTS = Path(__file__).parent / "results"
+REPO = Path(__file__).resolve().parents[1]
 FIRST_HOST = 200
 
 QUICK_CONTENDERS = {
@@ -108,7 +110,7 @@ async def run_contender(
         await c.stop()
         msg = f"{type(exc).__name__}: {exc}"
         print(f"  {c.name}: FAILED TO START - {msg[:800]}", flush=True)
-        return {"status": "failed", "reason": msg[:4000], "log_tail": c.log_tail}
+        return {"status": "failed", "reason": msg[:4000], "log_tail": c.log_tail, "setup": c.setup()}
     workload = workload or build(workload_name, scale, quick, seed)
     await reset_caches(urls)
     await c.before_ladder()
@@ -139,8 +141,8 @@ async def run_contender(
     for s in stages:
         print("    " + stage_line(s), flush=True)
     print(f"  {c.name}: done in {time.monotonic() - t0:.0f}s wall", flush=True)
-    return {"status": "ok", "description": c.description, "wall_s": time.monotonic() - t0, "stages": stages,
-            "log_tail": c.log_tail[-1500:] if _suspicious(c.log_tail) else ""}  # fmt: skip
+    return {"status": "ok", "description": c.description, "setup": c.setup(), "wall_s": time.monotonic() - t0,
+            "stages": stages, "log_tail": c.log_tail[-1500:] if _suspicious(c.log_tail) else ""}  # fmt: skip
 
 
 def _suspicious(log: str) -> bool:
@@ -176,6 +178,17 @@ async def start_sim(args: list[str]) -> tuple[SimProcess, dict[str, int]]:
     return sim, {"sim": sim.process.pid, "client": os.getpid()}
 
 
+def source_commit() -> str | None:
+    """The checkout's commit, "+dirty" when tracked files differ from it (None outside a git checkout)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
 def run_header(
     quick: bool, seed: int, scale: Scale, kv_blocks: int, sp: SharedPrefix, sim_argv: list[str]
 ) -> dict[str, Any]:
@@ -193,6 +206,7 @@ def run_header(
         "total_timeout_s": RunConfig.total_timeout_sim,
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "python": platform.python_version(),
+        "commit": source_commit(),
         # The command that wrote this JSON (results/run.json is only the last run_all's, whatever it ran).
         "argv": [f"benchmarks.{Path(sys.argv[0]).stem}", *sys.argv[1:]],
     }
