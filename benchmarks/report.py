@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -432,8 +433,13 @@ def _band_verdict(misses: list[str]) -> str:
 def _seed_files(results: Path, prefix: str, workload: str) -> list[dict[str, Any]]:
     """The runs in `<prefix><N>.json` that measured `workload` (written by `python -m benchmarks.routing --seed N
     --workloads <workload> --json ...`)."""
+
+    def seed_order(path: Path) -> tuple[int, str]:  # seed 10 after seed 9, not after seed 1
+        n = path.stem[len(prefix) :]
+        return (int(n) if n.isdigit() else sys.maxsize, path.name)
+
     runs = []
-    for path in sorted(results.glob(f"{prefix}*.json")):
+    for path in sorted(results.glob(f"{prefix}*.json"), key=seed_order):
         data = _load(path)
         if data and workload in data.get("workloads", {}):
             runs.append(data)
@@ -445,21 +451,40 @@ def repeat_runs(results: Path) -> list[dict[str, Any]]:
     return _seed_files(results, "routing_seed", "shared-prefix")
 
 
-def _epp_profile(run: dict[str, Any]) -> str | None:
-    """What the EPP default was in `run`: its contender description (None if the run did not measure it)."""
+@dataclass(frozen=True)
+class _Profile:
+    """The EPP default a run measured: its contender description and, in files since 2026-11-25, the SHA-256
+    of its config text (`setup.config_sha256`)."""
+
+    description: str
+    config_sha256: str | None
+
+    def same_as(self, other: _Profile) -> bool:
+        # The hash when both files have one: a description is hand-written and can lag behind the config.
+        if self.config_sha256 and other.config_sha256:
+            return self.config_sha256 == other.config_sha256
+        return self.description == other.description
+
+    def __str__(self) -> str:
+        return self.description if not self.config_sha256 else f"{self.description}, config {self.config_sha256}"
+
+
+def _epp_profile(run: dict[str, Any]) -> _Profile | None:
+    """What the EPP default was in `run` (None if the run did not measure it)."""
     for w in run.get("workloads", {}).values():
         if EPP in w.get("contenders", {}):
-            return str(w["contenders"][EPP].get("description"))
+            c = w["contenders"][EPP]
+            return _Profile(str(c.get("description")), (c.get("setup") or {}).get("config_sha256"))
     return None
 
 
-def _made_with_another_profile(run: dict[str, Any], profile: str | None) -> bool:
+def _made_with_another_profile(run: dict[str, Any], profile: _Profile | None) -> bool:
     """Whether `run` measured the EPP default with another profile than `profile` (None: any profile counts)."""
     theirs = _epp_profile(run)
-    return None not in (profile, theirs) and theirs != profile
+    return profile is not None and theirs is not None and not theirs.same_as(profile)
 
 
-def repeat_targets(runs: list[dict[str, Any]], profile: str | None = None) -> list[list[str]]:
+def repeat_targets(runs: list[dict[str, Any]], profile: _Profile | None = None) -> list[list[str]]:
     """The rival rows of `routing_targets` for each repeat run, labelled with its seed; with `profile`, only for
     the runs whose EPP default was that profile (the main run's: a run of an older default is not a verdict on
     this one)."""

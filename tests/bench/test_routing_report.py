@@ -97,7 +97,8 @@ def test_a_seed_made_with_another_default_profile_is_left_out() -> None:
         "2026-11-20 00:00:00 UTC." in table
     )
     assert "| 5 | 0.60 (0.50-0.70) |" in table and rows[0][3] == "**met**"
-    assert [r[0] for r in report.repeat_targets(runs[1:], "prefix 6")] == ["routing (#6), workload seed 2"] * 2
+    main_profile = report._epp_profile(runs[0])
+    assert [r[0] for r in report.repeat_targets(runs[1:], main_profile)] == ["routing (#6), workload seed 2"] * 2
     assert len(report.repeat_targets(runs[1:])) == 4
     table, rows = report.seed_summary([runs[0], runs[2]])
     assert (
@@ -106,6 +107,25 @@ def test_a_seed_made_with_another_default_profile_is_left_out() -> None:
         "`prefix 6`): seed 3 of 2026-11-20 00:00:00 UTC."
         and rows == []
     )
+
+
+def test_the_config_hash_decides_when_both_runs_record_one() -> None:
+    """Files since 2026-11-25 record the EPP config's SHA-256: two runs that both have one are the same profile
+    exactly when the hashes match, whatever their descriptions say; against an older file without a hash the
+    descriptions decide, as before."""
+    vllm, smg = report.RIVALS
+    runs = [_routing(s, {report.EPP: [0.4, 0.5, 0.5], vllm: [0.4, 1.0, 1.0], smg: [0.4, 1.0, 1.0]}) for s in (1, 2, 3)]
+    epp = [run["workloads"]["shared-prefix"]["contenders"][report.EPP] for run in runs]
+    for c, sha in zip(epp, ("aaaa", "bbbb", "aaaa")):
+        c["description"], c["setup"] = "prefix 6", {"config_sha256": sha}
+    epp[2]["description"] = "prefix 6, reworded"
+    table, _ = report.seed_summary(runs)
+    assert table.startswith("Workload seeds 1, 3 ")
+    assert "(`prefix 6, config bbbb`, not `prefix 6, config aaaa`): seed 2 of ?." in table
+    del epp[0]["setup"]  # the main run predates the hash: the descriptions decide
+    table, _ = report.seed_summary(runs)
+    assert table.startswith("Workload seeds 1, 2 ")
+    assert "(`prefix 6, reworded, config aaaa`, not `prefix 6`): seed 3 of ?." in table
 
 
 def test_multi_turn_seeds_have_rows_of_their_own() -> None:
@@ -247,3 +267,12 @@ def test_the_routing_run_line_names_the_command_that_wrote_routing_json(tmp_path
     assert "`python -m benchmarks.routing --seed 3`" in line and "whole run" not in line, line
     line = run_line(["benchmarks.run_all"], [])
     assert "`make bench`" in line and "whole run 5.2 min" in line, line
+
+
+def test_seed_files_are_read_in_seed_order(tmp_path: Path) -> None:
+    """Seed 10 comes after seed 9 (a name sort put it after seed 1), and a file of another workload is skipped."""
+    for seed in (10, 2, 1, 9):
+        run: dict[str, Any] = {"seed": seed, "workloads": {"multi-turn": {"contenders": {}}}}
+        (tmp_path / f"routing_multiturn_seed{seed}.json").write_text(json.dumps(run))
+    (tmp_path / "routing_multiturn_seed3.json").write_text(json.dumps({"seed": 3, "workloads": {"no-sharing": {}}}))
+    assert [run["seed"] for run in report.multiturn_runs(tmp_path)] == [1, 2, 9, 10]
