@@ -431,8 +431,8 @@ def _band_verdict(misses: list[str]) -> str:
 
 
 def _seed_files(results: Path, prefix: str, workload: str) -> list[dict[str, Any]]:
-    """The runs in `<prefix><N>.json` that measured `workload` (written by `python -m benchmarks.routing --seed N
-    --workloads <workload> --json ...`)."""
+    """The runs in `<prefix><N>.json` that measured `workload`, in seed order (written by `python -m
+    benchmarks.routing --seed N --workloads <workload> --json ...`, or `benchmarks.precise_routing --seed N`)."""
 
     def seed_order(path: Path) -> tuple[int, str]:  # seed 10 after seed 9, not after seed 1
         n = path.stem[len(prefix) :]
@@ -1429,9 +1429,7 @@ def render(results: Path, readme: Path = README, template: Path = TEMPLATE) -> s
     reference = _load(results / "routing_precise_reference.json")
     targets += precise_targets(reference, "reference profile")
     reference_seeds = [reference] if reference else []
-    reference_seeds += [
-        r for path in sorted(results.glob("routing_precise_reference_seed*.json")) if (r := _load(path))
-    ]
+    reference_seeds += _seed_files(results, "routing_precise_reference_seed", "shared-prefix")
     reference_seeds_md, reference_seed_rows = precise_seed_summary(reference_seeds, "reference profile")
     targets += reference_seed_rows
     values = {
