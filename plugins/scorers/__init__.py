@@ -13,6 +13,7 @@ from llmepp.plugins.scorers.multicluster import (
     MulticlusterQueueScorer,
 )
 from llmepp.plugins.scorers.no_hit_lru import NoHitLRUScorer
+from llmepp.plugins.scorers.prefill_backlog import PrefillBacklogScorer
 from llmepp.plugins.scorers.prefix_cache import PrefixCacheScorer
 from llmepp.plugins.scorers.queue import QueueScorer
 from llmepp.plugins.scorers.running_requests import RunningRequestsSizeScorer
@@ -28,6 +29,7 @@ PLUGINS: list[type[Plugin]] = [
     LoadAwareScorer,
     ActiveRequestScorer,
     TokenLoadScorer,
+    PrefillBacklogScorer,
     NoHitLRUScorer,
     LoraAffinityScorer,
     SessionAffinityScorer,

@@ -182,6 +182,80 @@ def test_token_load_property(tokens: list[int]) -> None:
     assert ordered == sorted(ordered, reverse=True)
 
 
+# -- prefill-backlog-scorer ----------------------------------------------------------------------
+def backlog_scorer() -> tuple[Any, Any]:
+    producer = registry.build("approx-prefix-cache-producer", "approx", None)
+    inflight = registry.build("inflight-load-producer", "ifl", None)
+    return make("prefill-backlog-scorer", None, producer, inflight), inflight
+
+
+def indexed_prompt(tokens: int, hits: dict[Endpoint, int]) -> Any:
+    """A prompt of `tokens` tokens indexed as 64-token blocks, `hits` of them cached per endpoint."""
+    req = request()
+    req.data[TOKENIZED_PROMPT] = TokenizedPrompt(b"\0" * (4 * tokens))
+    blocks = -(-tokens // 64)
+    req.data[PREFIX_KEY] = PrefixMatchInfo(block_size=64, total_blocks=blocks, hits=hits, hashes=list(range(blocks)))
+    return req
+
+
+def test_prefill_backlog_formula() -> None:
+    s, inflight = backlog_scorer()
+    eps = [endpoint(i) for i in range(3)]
+    inflight.loads[eps[0]] = InFlight(requests=4, tokens=1000)
+    inflight.loads[eps[2]] = InFlight(requests=1, tokens=100)
+    req = indexed_prompt(256, {eps[0]: 4, eps[1]: 1})
+    inflight.produce(req, eps)
+    # cost = backlog + uncached: 1000 + 0, 0 + 192, 100 + 256
+    assert s.score(req, eps) == pytest.approx([0.0, 1.0, (1000 - 356) / 808])
+    assert s.score(req, []) == []
+    same = indexed_prompt(256, {})
+    inflight.loads.clear()
+    inflight.produce(same, eps)
+    assert s.score(same, eps) == [1.0, 1.0, 1.0]
+
+
+def test_prefill_backlog_moves_a_request_only_when_the_backlog_outweighs_the_recompute() -> None:
+    s, inflight = backlog_scorer()
+    home, other = endpoint(0), endpoint(1)
+    req = indexed_prompt(1280, {home: 20, other: 4})  # elsewhere 1,024 tokens more to prefill
+    for backlog, best in ((1000, home), (1024, None), (1100, other)):
+        inflight.loads[home] = InFlight(requests=3, tokens=backlog)
+        inflight.produce(req, [home, other])
+        scores = dict(zip((home, other), s.score(req, [home, other])))
+        if best is None:
+            assert scores == {home: 1.0, other: 1.0}
+        else:
+            assert scores[best] == 1.0 and min(scores.values()) == 0.0
+
+
+def test_prefill_backlog_without_a_prefix_producer_charges_the_whole_prompt() -> None:
+    inflight: Any = registry.build("inflight-load-producer", "ifl", None)
+    s = make("prefill-backlog-scorer", None, inflight)
+    eps = [endpoint(0), endpoint(1)]
+    inflight.loads[eps[0]] = InFlight(requests=1, tokens=50)
+    req = indexed_prompt(256, {eps[0]: 4})  # match data nobody reads: no producer of it is configured
+    inflight.produce(req, eps)
+    assert s.score(req, eps) == [0.0, 1.0]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 8)), min_size=1, max_size=16))
+def test_prefill_backlog_property(loads: list[tuple[int, int]]) -> None:
+    s, inflight = backlog_scorer()
+    eps = [endpoint(i) for i in range(len(loads))]
+    req = indexed_prompt(512, {ep: hit for ep, (_, hit) in zip(eps, loads)})
+    for ep, (backlog, _) in zip(eps, loads):
+        inflight.loads[ep] = InFlight(requests=1, tokens=backlog)
+    inflight.produce(req, eps)
+    scores = s.score(req, eps)
+    costs = [backlog + (8 - hit) * 64 for backlog, hit in loads]
+    assert all(0.0 <= x <= 1.0 for x in scores)
+    assert max(scores) == 1.0
+    ordered = [x for _, x in sorted(zip(costs, scores))]
+    assert ordered == sorted(ordered, reverse=True)
+    assert {i for i, x in enumerate(scores) if x == 1.0} == {i for i, c in enumerate(costs) if c == min(costs)}
+
+
 # -- no-hit-lru-scorer ---------------------------------------------------------------------------
 def lru_scorer(**params: Any) -> Any:
     return lru_with_inflight(**params)[0]
