@@ -138,7 +138,7 @@ class InFlightLoadProducer(DataProducer, PreRequest, FirstResponseChunkProcessor
         return self.loads
 
     def setup(self, ctx: PluginContext) -> None:
-        self._prefix_key = optional_prefix_key(self, ctx, self.params.prefix_match_info_producer_name)
+        self._prefix_key = _optional_prefix_key(self, ctx, self.params.prefix_match_info_producer_name)
         if ctx.metrics is not None:
             ctx.metrics.inflight.add(self.name, self.loads)
         if ctx.datastore is not None:
@@ -166,7 +166,7 @@ class InFlightLoadProducer(DataProducer, PreRequest, FirstResponseChunkProcessor
             if res is None or not res.targets:
                 continue
             ep = res.targets[0]
-            prompt = uncached_tokens(ep, input_tokens, info)
+            prompt = _uncached(ep, input_tokens, info)
             load = self.loads.get(ep)
             if load is None:
                 load = InFlight()
@@ -216,7 +216,7 @@ def _release(c: _Charge, *, prompt: bool, rest: bool) -> None:
             c.requests = 0
 
 
-def uncached_tokens(ep: Endpoint, input_tokens: int, info: PrefixMatchInfo | None) -> int:
+def _uncached(ep: Endpoint, input_tokens: int, info: PrefixMatchInfo | None) -> int:
     if info is None or info.block_size <= 0:
         return input_tokens
     indexed = info.total_blocks * info.block_size
@@ -225,7 +225,7 @@ def uncached_tokens(ep: Endpoint, input_tokens: int, info: PrefixMatchInfo | Non
     return max(0, min(uncached, input_tokens))
 
 
-def optional_prefix_key(plugin: Plugin, ctx: PluginContext, producer_name: str) -> str:
+def _optional_prefix_key(plugin: Plugin, ctx: PluginContext, producer_name: str) -> str:
     """PrefixCacheMatchInfo is optional here: the named producer, else the only one, else the
     approximate one among several, else none (no cache discount)."""
     if producer_name:

@@ -13,7 +13,6 @@ from llmepp.plugins.scorers.multicluster import (
     MulticlusterQueueScorer,
 )
 from llmepp.plugins.scorers.no_hit_lru import NoHitLRUScorer
-from llmepp.plugins.scorers.prefill_backlog import PrefillBacklogScorer
 from llmepp.plugins.scorers.prefix_cache import PrefixCacheScorer
 from llmepp.plugins.scorers.queue import QueueScorer
 from llmepp.plugins.scorers.running_requests import RunningRequestsSizeScorer
@@ -29,7 +28,6 @@ PLUGINS: list[type[Plugin]] = [
     LoadAwareScorer,
     ActiveRequestScorer,
     TokenLoadScorer,
-    PrefillBacklogScorer,
     NoHitLRUScorer,
     LoraAffinityScorer,
     SessionAffinityScorer,
