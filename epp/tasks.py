@@ -27,3 +27,14 @@ async def cancel_and_wait(*tasks: asyncio.Task[Any] | None) -> None:
                 error = e
     if error is not None:
         raise error
+
+
+def raise_if_cancelled() -> None:
+    """Raise CancelledError if the current task has been asked to stop. Called after a library call in a loop
+    that must stop when cancelled: Python 3.11's asyncio.wait_for returns its result instead of raising when the
+    cancellation arrives in the loop iteration the awaited call completes in (redis-py bounds every socket write
+    with it), and the loop would then run on while the cancel_and_wait that stops it waits forever. The request
+    stays counted (`Task.cancelling()`) when the CancelledError is swallowed."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 
-from llmepp.tasks import cancel_and_wait
+from llmepp.tasks import cancel_and_wait, raise_if_cancelled
 
 
 async def test_tasks_are_cancelled_and_awaited_and_none_is_skipped() -> None:
@@ -52,3 +52,34 @@ async def test_the_callers_own_cancellation_is_passed_on_not_swallowed() -> None
     with contextlib.suppress(asyncio.CancelledError):
         await closing
     assert closing.cancelled() and after == []
+
+
+async def test_a_loop_whose_cancellation_a_library_swallowed_still_stops() -> None:
+    """Python 3.11's asyncio.wait_for returns the result when the cancellation arrives in the loop iteration the
+    awaited call completes in (redis-py bounds its socket writes with it). The loop checks afterwards, so the
+    cancel_and_wait stopping it returns (the clean-clone CI run hung 300 s in a shared-inflight replica's aclose)."""
+    loop = asyncio.get_running_loop()
+    written = loop.create_future()
+    entered = asyncio.Event()
+    rounds = 0
+
+    async def sync_loop() -> None:
+        nonlocal rounds
+        while True:
+            rounds += 1
+            entered.set()
+            await asyncio.wait_for(written, 10)  # as redis-py's send_packed_command
+            raise_if_cancelled()
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(sync_loop())
+    await asyncio.wait_for(entered.wait(), 5)
+    written.set_result(None)  # the write completes; the cancellation below arrives in the same iteration
+    async with asyncio.timeout(5):
+        await cancel_and_wait(task)
+    assert task.cancelled() and rounds == 1
+
+
+async def test_raise_if_cancelled_is_silent_when_nobody_asked() -> None:
+    raise_if_cancelled()  # in a task never cancelled
+    raise_if_cancelled()  # and twice: it changes nothing

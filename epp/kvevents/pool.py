@@ -36,7 +36,7 @@ from llmepp.kvevents.stats import KVEventStats
 from llmepp.kvevents.subscriber import Subscriber, SubscriberOptions, sub_socket
 from llmepp.kvevents.wire import MalformedMessage, Message, decode_batch, parse_frames
 from llmepp.observability.logging import LogLimiter
-from llmepp.tasks import cancel_and_wait
+from llmepp.tasks import cancel_and_wait, raise_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +214,7 @@ class SubscriberPool:
                     await self.store.forget(pod, src.chains)
                     src.chains = self.new_chains()
                 resume = await self.store.resume(pod, src.chains)
+                raise_if_cancelled()  # a Redis store's client may have swallowed the task's cancellation
                 sub = Subscriber(
                     pod,
                     o.bind_endpoint or tcp(endpoint.address, port),

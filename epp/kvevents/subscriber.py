@@ -65,6 +65,7 @@ from llmepp.kvevents.wire import (
     replay_request,
 )
 from llmepp.observability.logging import LogLimiter
+from llmepp.tasks import raise_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +247,7 @@ class Subscriber:
         bound socket in global-socket mode)."""
         self._topic = msg.topic
         await self._live(msg)
+        raise_if_cancelled()  # a Redis-backed sink's client may have swallowed the task's cancellation
 
     # -- sequence handling -----------------------------------------------------------------------
     async def _live(self, msg: Message) -> None:

@@ -43,7 +43,7 @@ from llmepp.observability.logging import LogLimiter
 from llmepp.observability.metrics import PREFIX, per_registry
 from llmepp.plugins.producers.inflight_load import InFlightLoadProducer
 from llmepp.request.types import InferenceRequest
-from llmepp.tasks import cancel_and_wait
+from llmepp.tasks import cancel_and_wait, raise_if_cancelled
 from llmepp.units import parse_duration
 
 log = logging.getLogger(__name__)
@@ -202,6 +202,7 @@ class RedisInFlightLoadProducer(InFlightLoadProducer):
                 self._log.warning("sync", "%s: in-flight exchange with Redis failed: %r", self.name, e)
                 if time.monotonic() - self.synced_at > self.replica_ttl:
                     self.remote = {}  # too old to trust: fall back to router-local counts
+            raise_if_cancelled()  # redis-py may have swallowed aclose's cancellation
             await asyncio.sleep(self.interval)
 
     async def sync_once(self) -> None:

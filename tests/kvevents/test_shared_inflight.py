@@ -219,6 +219,26 @@ async def test_close_while_an_exchange_completes_stops_the_sync_loop(server: Red
         await r1.aclose()
 
 
+async def test_close_when_redis_py_swallowed_the_cancellation_stops_the_sync_loop(server: RedisServer) -> None:
+    """redis-py bounds each socket write with asyncio.wait_for, which in Python 3.11 returns the write's result
+    when the cancellation arrives in the iteration the write completes in: the sync loop, its cancellation
+    swallowed, ran on while aclose waited (the clean-clone CI run hung 300 s in the SIGKILL test's aclose)."""
+    ds, _, _ = _pool()
+    r1 = _replica(server.url, "r1", ds)
+    written = asyncio.get_running_loop().create_future()
+    entered = asyncio.Event()
+
+    async def sync_once() -> None:
+        entered.set()
+        await asyncio.wait_for(written, 10)  # as redis-py's send_packed_command
+
+    r1.sync_once = sync_once  # type: ignore[method-assign]
+    await asyncio.wait_for(entered.wait(), 5)
+    written.set_result(None)  # the write completes; aclose's cancellation arrives in the same iteration
+    async with asyncio.timeout(5):
+        await r1.aclose()
+
+
 async def test_two_live_replicas_with_one_replica_id_are_reported(
     server: RedisServer, client: aioredis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -9,6 +9,7 @@ import time
 
 import msgpack
 import pytest
+import zmq.asyncio
 from helpers import on_a_punctual_loop, until
 
 from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
@@ -18,7 +19,7 @@ from llmepp.kvevents.ingest import MemoryStore, SourceIngest
 from llmepp.kvevents.keys import block_keys, root_key, tokens_to_bytes
 from llmepp.kvevents.pool import PoolOptions, SubscriberPool
 from llmepp.kvevents.stats import KVEventStats
-from llmepp.kvevents.subscriber import SubscriberOptions
+from llmepp.kvevents.subscriber import Subscriber, SubscriberOptions
 from llmepp.kvevents.wire import EventBatch, Message
 from llmepp.observability.logging import LogLimiter
 from llmepp.testing.ports import free_port, free_port_pair, free_shared_port
@@ -496,3 +497,58 @@ async def test_a_store_write_timing_out_during_a_replay_restarts_the_source() ->
             await until(lambda: pool_match(index, ep.hostport, tokens) == 8, within=6.0, what="all 8 blocks")
         finally:
             await pool.aclose()
+
+
+async def test_a_cancellation_a_redis_backed_sink_swallowed_still_stops_the_source() -> None:
+    """redis-py bounds each socket write with asyncio.wait_for, which in Python 3.11 returns the write's result
+    when the cancellation arrives in the iteration the write completes in: the source's task would go back to
+    its socket (or queue) and the pool's close would wait for it forever."""
+    written = asyncio.get_running_loop().create_future()
+    entered = asyncio.Event()
+
+    class RedisLikeSink:
+        async def on_batch(self, msg: Message, batch: EventBatch) -> None:
+            entered.set()
+            await asyncio.wait_for(written, 10)  # as redis-py's send_packed_command
+
+        def on_reset(self, replaced: tuple[int, float] | None = None) -> None:
+            pass
+
+        async def catch_up(self, start: int, until: int) -> None:
+            return None
+
+    stats = KVEventStats()
+    sub = Subscriber(
+        "pod", "tcp://127.0.0.1:1", "", RedisLikeSink(), options=SubscriberOptions(), stats=stats,
+        replay_slots=asyncio.Semaphore(1), context=zmq.asyncio.Context.instance(),
+    )  # fmt: skip
+    handling = asyncio.create_task(sub.handle(Message(b"kv@pod@m", 0, msgpack.packb([time.time(), [], 0]))))
+    await asyncio.wait_for(entered.wait(), 5)
+    written.set_result(None)  # the write completes; the cancellation below arrives in the same iteration
+    handling.cancel()
+    await asyncio.wait({handling}, timeout=5)
+    assert handling.cancelled()
+
+
+async def test_a_pool_closes_when_its_redis_backed_store_swallowed_a_sources_cancellation() -> None:
+    """The same race in the store's resume, at a source's start: the source would go on to subscribe and wait
+    on its socket, and the pool's aclose with it."""
+    written = asyncio.get_running_loop().create_future()
+    entered = asyncio.Event()
+
+    class RedisLikeStore(MemoryStore):
+        async def resume(self, pod: str, chains: SourceChains) -> None:
+            entered.set()
+            await asyncio.wait_for(written, 10)  # as redis-py's send_packed_command
+
+    pool = SubscriberPool(
+        PoolOptions(socket_port=free_port()),
+        RedisLikeStore(MemoryIndex(1000, 10, TIERS)),
+        lambda: SourceChains(16, 0, TIERS, 1000),
+        KVEventStats(),
+    )
+    pool.endpoint_added(endpoint("127.0.0.152", 8000))
+    await asyncio.wait_for(entered.wait(), 5)
+    written.set_result(None)  # the read completes; aclose's cancellation arrives in the same iteration
+    async with asyncio.timeout(5):
+        await pool.aclose()
