@@ -120,6 +120,27 @@ async def until(cond: Callable[[], bool], within: float = 5.0, what: str = "cond
 _STARVED = 0.015
 
 
+class RacingWrite:
+    """A call awaited as redis-py awaits its socket writes (`asyncio.wait_for`), which the test completes with
+    `complete()` in the loop iteration it cancels the caller in: Python 3.11's wait_for then returns the result
+    and swallows the cancellation."""
+
+    def __init__(self) -> None:
+        self._entered = asyncio.Event()
+        self._written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def __call__(self) -> None:
+        self._entered.set()
+        await asyncio.wait_for(self._written, 10)
+
+    async def started(self) -> None:
+        await asyncio.wait_for(self._entered.wait(), 5)
+
+    def complete(self) -> None:
+        """The write completes; a cancellation issued before the test next awaits arrives in the same iteration."""
+        self._written.set_result(None)
+
+
 async def _watch_lag(worst: list[float]) -> None:
     """Keep `worst[0]` at the latest this loop's 5 ms timer has fired, until cancelled."""
     loop = asyncio.get_running_loop()

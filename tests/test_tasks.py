@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 
 import pytest
+from helpers import RacingWrite
 
 from llmepp.tasks import cancel_and_wait, raise_if_cancelled
 
@@ -58,23 +59,20 @@ async def test_a_loop_whose_cancellation_a_library_swallowed_still_stops() -> No
     """Python 3.11's asyncio.wait_for returns the result when the cancellation arrives in the loop iteration the
     awaited call completes in (redis-py bounds its socket writes with it). The loop checks afterwards, so the
     cancel_and_wait stopping it returns (the clean-clone CI run hung 300 s in a shared-inflight replica's aclose)."""
-    loop = asyncio.get_running_loop()
-    written = loop.create_future()
-    entered = asyncio.Event()
+    write = RacingWrite()
     rounds = 0
 
     async def sync_loop() -> None:
         nonlocal rounds
         while True:
             rounds += 1
-            entered.set()
-            await asyncio.wait_for(written, 10)  # as redis-py's send_packed_command
+            await write()
             raise_if_cancelled()
             await asyncio.sleep(0.01)
 
     task = asyncio.create_task(sync_loop())
-    await asyncio.wait_for(entered.wait(), 5)
-    written.set_result(None)  # the write completes; the cancellation below arrives in the same iteration
+    await write.started()
+    write.complete()
     async with asyncio.timeout(5):
         await cancel_and_wait(task)
     assert task.cancelled() and rounds == 1

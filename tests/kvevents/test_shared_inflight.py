@@ -14,7 +14,7 @@ import time
 
 import pytest
 import redis.asyncio as aioredis
-from helpers import until
+from helpers import RacingWrite, until
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmepp.datalayer.datastore import Datastore
@@ -225,16 +225,10 @@ async def test_close_when_redis_py_swallowed_the_cancellation_stops_the_sync_loo
     swallowed, ran on while aclose waited (the clean-clone CI run hung 300 s in the SIGKILL test's aclose)."""
     ds, _, _ = _pool()
     r1 = _replica(server.url, "r1", ds)
-    written = asyncio.get_running_loop().create_future()
-    entered = asyncio.Event()
-
-    async def sync_once() -> None:
-        entered.set()
-        await asyncio.wait_for(written, 10)  # as redis-py's send_packed_command
-
-    r1.sync_once = sync_once  # type: ignore[method-assign]
-    await asyncio.wait_for(entered.wait(), 5)
-    written.set_result(None)  # the write completes; aclose's cancellation arrives in the same iteration
+    write = RacingWrite()
+    r1.sync_once = write  # type: ignore[method-assign]
+    await write.started()
+    write.complete()  # aclose's cancellation arrives in the same iteration
     async with asyncio.timeout(5):
         await r1.aclose()
 

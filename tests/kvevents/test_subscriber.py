@@ -10,7 +10,7 @@ import time
 import msgpack
 import pytest
 import zmq.asyncio
-from helpers import on_a_punctual_loop, until
+from helpers import RacingWrite, on_a_punctual_loop, until
 
 from llmepp.datalayer.endpoint import Endpoint, EndpointSpec
 from llmepp.kvevents.chain import Delta, SourceChains
@@ -503,13 +503,11 @@ async def test_a_cancellation_a_redis_backed_sink_swallowed_still_stops_the_sour
     """redis-py bounds each socket write with asyncio.wait_for, which in Python 3.11 returns the write's result
     when the cancellation arrives in the iteration the write completes in: the source's task would go back to
     its socket (or queue) and the pool's close would wait for it forever."""
-    written = asyncio.get_running_loop().create_future()
-    entered = asyncio.Event()
+    write = RacingWrite()
 
     class RedisLikeSink:
         async def on_batch(self, msg: Message, batch: EventBatch) -> None:
-            entered.set()
-            await asyncio.wait_for(written, 10)  # as redis-py's send_packed_command
+            await write()
 
         def on_reset(self, replaced: tuple[int, float] | None = None) -> None:
             pass
@@ -523,8 +521,8 @@ async def test_a_cancellation_a_redis_backed_sink_swallowed_still_stops_the_sour
         replay_slots=asyncio.Semaphore(1), context=zmq.asyncio.Context.instance(),
     )  # fmt: skip
     handling = asyncio.create_task(sub.handle(Message(b"kv@pod@m", 0, msgpack.packb([time.time(), [], 0]))))
-    await asyncio.wait_for(entered.wait(), 5)
-    written.set_result(None)  # the write completes; the cancellation below arrives in the same iteration
+    await write.started()
+    write.complete()
     handling.cancel()
     await asyncio.wait({handling}, timeout=5)
     assert handling.cancelled()
@@ -533,13 +531,11 @@ async def test_a_cancellation_a_redis_backed_sink_swallowed_still_stops_the_sour
 async def test_a_pool_closes_when_its_redis_backed_store_swallowed_a_sources_cancellation() -> None:
     """The same race in the store's resume, at a source's start: the source would go on to subscribe and wait
     on its socket, and the pool's aclose with it."""
-    written = asyncio.get_running_loop().create_future()
-    entered = asyncio.Event()
+    write = RacingWrite()
 
     class RedisLikeStore(MemoryStore):
         async def resume(self, pod: str, chains: SourceChains) -> None:
-            entered.set()
-            await asyncio.wait_for(written, 10)  # as redis-py's send_packed_command
+            await write()  # the write of its commands
 
     pool = SubscriberPool(
         PoolOptions(socket_port=free_port()),
@@ -548,7 +544,7 @@ async def test_a_pool_closes_when_its_redis_backed_store_swallowed_a_sources_can
         KVEventStats(),
     )
     pool.endpoint_added(endpoint("127.0.0.152", 8000))
-    await asyncio.wait_for(entered.wait(), 5)
-    written.set_result(None)  # the read completes; aclose's cancellation arrives in the same iteration
+    await write.started()
+    write.complete()  # aclose's cancellation arrives in the same iteration
     async with asyncio.timeout(5):
         await pool.aclose()
