@@ -5,11 +5,13 @@
     .venv/bin/python -m benchmarks.extproc_overhead throughput --seconds 8 --concurrency 64
     .venv/bin/python -m benchmarks.extproc_overhead chunks --chunks 2000 --streams 16
     .venv/bin/python -m benchmarks.extproc_overhead long --sizes-kb 16,128,512,2048
+    .venv/bin/python -m benchmarks.extproc_overhead inprocess --inprocess-n 20000
     .venv/bin/python -m benchmarks.extproc_overhead all --quick    # smoke run (seconds)
 
 (a) latency: sequential small POST /v1/completions, one keep-alive HTTP/1.1 connection per
     target, targets interleaved in rounds: direct to the model server, Envoy without
-    ext_proc, Envoy + the no-op processor, Envoy + the EPP servicer with a fake director.
+    ext_proc, Envoy + the no-op processor, Envoy + the EPP (the real director with the default
+    profile; `--director fake`: a trivial round robin, the protocol logic alone).
     Added latency = target − "Envoy without ext_proc"; ratio = EPP added / no-op added
     (also the median of per-round ratios: robust when the machine's load drifts).
 (b) throughput: one EPP process driven directly over gRPC by a load generator process
@@ -20,6 +22,9 @@
 (d) long: (a) with long prompts (a completions request of 16 KB - 2 MB of prose): what the
     EPP adds for long contexts over a no-op processor that streams the same body through
     (the EPP buffers it, parses it, hashes its prefix blocks and sends it back in chunks).
+(e) inprocess: (a)'s six messages, as Envoy sends them, handled with no transport: the CPU of
+    each step of the no-op stream and of the EPP's with a trivial director (`fake`: the
+    protocol state machine alone) and with the real one (`default`: plus the routing).
 
 Every server runs in its own process (uvloop); the CPU of the EPP / no-op process (all
 threads) is read from /proc. The machine is shared: treat single runs as noisy.
@@ -637,10 +642,139 @@ def bench_chunks(
 
 
 # =====================================================================================
+# (e) in-process: the stream logic's CPU per message, no transport
+# =====================================================================================
+IN_PROCESS_TARGETS = ("noop", "fake", "default")  # the no-op stream; the EPP's with a trivial / the real director
+IN_PROCESS_STEPS = (
+    "request headers",
+    "request body",
+    "request end of stream",
+    "response headers",
+    "response body",
+    "response end of stream",
+    "after the last answer",
+)
+_IN_PROCESS_ROUNDS = 3
+
+
+def envoy_messages() -> list[bytes]:
+    """The six ext_proc messages Envoy 1.40 sends for (a)'s small request, FULL_DUPLEX_STREAMED both ways, with
+    the header sets the latency run's Envoy sends: each body chunk, then its end of stream as a message alone."""
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    def headers(h: dict[str, str]) -> Any:
+        fields = [base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in h.items()]
+        return pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=fields))
+
+    request = {
+        ":authority": "bench",
+        ":path": "/v1/completions",
+        ":method": "POST",
+        ":scheme": "http",
+        "content-type": "application/json",
+        "content-length": str(len(REQUEST_BODY)),
+        "x-forwarded-proto": "http",
+        "x-request-id": "cbfa4b4c-6a7f-47fe-a794-b6f8c5f68209",
+    }
+    response = {
+        ":status": "200",
+        "content-type": "application/json",
+        "content-length": str(len(RESPONSE_JSON)),
+        "date": "Wed, 25 Nov 2026 15:53:11 GMT",
+        "server": "Python/3.11 aiohttp/3.14.5",
+        "x-envoy-upstream-service-time": "0",
+    }
+    fds = pb.ProtocolConfiguration(request_body_mode=4, response_body_mode=4)
+    messages = [
+        pb.ProcessingRequest(request_headers=headers(request), protocol_config=fds),
+        pb.ProcessingRequest(request_body=pb.HttpBody(body=REQUEST_BODY)),
+        pb.ProcessingRequest(request_body=pb.HttpBody(end_of_stream=True)),
+        pb.ProcessingRequest(response_headers=headers(response)),
+        pb.ProcessingRequest(response_body=pb.HttpBody(body=RESPONSE_JSON)),
+        pb.ProcessingRequest(response_body=pb.HttpBody(end_of_stream=True)),
+    ]
+    return [m.SerializeToString() for m in messages]
+
+
+async def _inprocess_run(target: str, n: int) -> list[float]:
+    """µs per request for each of IN_PROCESS_STEPS: every message decoded and handled as the h2 server does (the
+    routing step run eagerly), then one loop turn, in which the completion queued after the last answer runs."""
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    from benchmarks.noop_extproc import NoopStream, _route_answer
+    from llmepp.gctuning import tune_gc
+    from llmepp.observability.metrics import EppMetrics
+    from llmepp.server.stream import ExtProcStream, Pending, StreamContext
+    from llmepp.settings import Settings
+
+    endpoint = f"{MODEL_HOST}:8000"
+    if target == "noop":
+        route = _route_answer(endpoint)
+
+        def new_stream() -> Any:
+            return NoopStream(route)
+    else:
+        metrics = EppMetrics()
+        context = StreamContext(_director(target, endpoint, metrics), metrics, Settings())
+
+        def new_stream() -> Any:
+            return ExtProcStream(context)
+
+    tune_gc()  # as the servers run
+    raw = envoy_messages()
+    decode = pb.ProcessingRequest.FromString
+    perf = time.perf_counter
+    warmup = n // 10
+    totals = [0.0] * len(IN_PROCESS_STEPS)
+    for i in range(warmup + n):
+        if i == warmup:
+            totals = [0.0] * len(IN_PROCESS_STEPS)
+        stream = new_stream()
+        for step, message in enumerate(raw):
+            t0 = perf()
+            msg = decode(message)
+            out = stream.handle(msg.WhichOneof("request"), msg)
+            if out.__class__ is Pending:
+                done, out = out.step()
+                if not done:
+                    raise RuntimeError("the routing step waited: an in-process run cannot time it")
+            totals[step] += perf() - t0
+        t0 = perf()
+        await asyncio.sleep(0)
+        stream.finish()
+        totals[-1] += perf() - t0
+        if target != "noop" and stream.decision is None:
+            raise RuntimeError(f"the {target} director did not route the request: nothing routed was measured")
+    return [t / n * 1e6 for t in totals]
+
+
+def bench_inprocess(n: int) -> dict[str, Any]:
+    """Each target in its own process, the targets interleaved over rounds; the median of each step."""
+    rounds: dict[str, list[list[float]]] = {t: [] for t in IN_PROCESS_TARGETS}
+    for _ in range(_IN_PROCESS_ROUNDS):
+        for target in IN_PROCESS_TARGETS:
+            out = subprocess.run(
+                [sys.executable, "-m", "benchmarks.extproc_overhead", "inprocess-run", "--target", target, "--n",
+                 str(n)],
+                cwd=REPO, capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            rounds[target].append(json.loads(out.stdout))
+    result: dict[str, Any] = {"requests_per_round": n, "rounds": _IN_PROCESS_ROUNDS}
+    for target, runs in rounds.items():
+        steps = [statistics.median(r[i] for r in runs) for i in range(len(IN_PROCESS_STEPS))]
+        result[target] = {
+            "us_per_step": dict(zip(IN_PROCESS_STEPS, steps, strict=True)),
+            "latency_path_us": sum(steps[:-1]),  # every answer the request's latency waits for
+        }
+    return result
+
+
+# =====================================================================================
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("all", "latency", "throughput", "chunks", "long"):
+    for name in ("all", "latency", "throughput", "chunks", "long", "inprocess"):
         p = sub.add_parser(name)
         p.add_argument("--quick", action="store_true")
         p.add_argument("--n", type=int, default=2000, help="latency: requests per target")
@@ -651,6 +785,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.add_argument("--streams", type=int, default=16)
         p.add_argument("--sizes-kb", default="16,128,512,2048", help="long: prompt sizes in KiB")
         p.add_argument("--long-n", type=int, default=200, help="long: requests per target and size")
+        p.add_argument("--inprocess-n", type=int, default=20000, help="inprocess: requests per target and round")
         p.add_argument("--grpc-experiments", default=None, help="GRPC_EXPERIMENTS for the servers")
         p.add_argument("--no-timing", action="store_true", help="EPP without per-chunk timing")
         p.add_argument("--json", action="store_true", help="print JSON only")
@@ -665,6 +800,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--no-timing", action="store_true")
     p.add_argument("--transport", default="grpc")
     p.add_argument("--director", choices=("fake", "default"), default="default")
+    p = sub.add_parser("inprocess-run")
+    p.add_argument("--target", choices=IN_PROCESS_TARGETS, required=True)
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--loop", default="uvloop")
     p = sub.add_parser("serve-noop")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--endpoint", required=True)
@@ -685,6 +824,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.cmd == "serve-epp":
         _run_loop(_serve_epp(args.port, args.endpoint, not args.no_timing, args.transport, args.director), args.loop)
         return
+    if args.cmd == "inprocess-run":
+        steps: list[float] = []
+
+        async def run() -> None:
+            steps.extend(await _inprocess_run(args.target, args.n))
+
+        _run_loop(run(), args.loop)
+        print(json.dumps(steps))
+        return
     if args.cmd == "serve-noop":
         _run_loop(_serve_noop(args.port, args.endpoint, args.transport), args.loop)
         return
@@ -699,7 +847,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     DIRECTOR = args.director
     if args.quick:
         args.n, args.rounds, args.seconds, args.chunks, args.streams = 300, 3, 2.0, 300, 8
-        args.sizes_kb, args.long_n = "128", 40
+        args.sizes_kb, args.long_n, args.inprocess_n = "128", 40, 2000
     env = {"GRPC_EXPERIMENTS": args.grpc_experiments} if args.grpc_experiments is not None else None
     transports = [t for t in args.transports.split(",") if t]
     report: dict[str, Any] = {"machine": machine()}
@@ -712,6 +860,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.cmd in ("all", "long"):
         sizes = [int(x) for x in args.sizes_kb.split(",") if x]
         report["long"] = asyncio.run(bench_long(sizes, args.long_n, min(args.rounds, 10), transports))
+    if args.cmd == "inprocess":
+        report["inprocess"] = bench_inprocess(args.inprocess_n)
     if args.json:
         print(json.dumps(report, indent=2))
         return
@@ -754,6 +904,18 @@ def _format(r: dict[str, Any]) -> str:
             cells = "  ".join(f"{name.removeprefix('envoy+')} {a['p50_ms']:.3f}" for name, a in added.items())
             diff = "  ".join(f"{k} {v:+.3f}" for k, v in row["epp_minus_noop_p50_ms"].items())
             lines.append(f"  {row['kb']:>5} KiB: {cells}  ({diff})")
+    if "inprocess" in r:
+        ip = r["inprocess"]
+        lines.append(f"\n(e) in-process CPU per request, µs (median of {ip['rounds']} rounds of "
+                     f"{ip['requests_per_round']} requests)")  # fmt: skip
+        lines.append(f"  {'step':<24}" + "".join(f"{t:>10}" for t in IN_PROCESS_TARGETS))
+        lines.extend(
+            f"  {step:<24}" + "".join(f"{ip[t]['us_per_step'][step]:10.1f}" for t in IN_PROCESS_TARGETS)
+            for step in IN_PROCESS_STEPS
+        )
+        lines.append(
+            f"  {'latency path (1-6)':<24}" + "".join(f"{ip[t]['latency_path_us']:10.1f}" for t in IN_PROCESS_TARGETS)
+        )
     return "\n".join(lines)
 
 

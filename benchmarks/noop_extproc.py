@@ -6,8 +6,8 @@ routing header answer goes out before the first body answer, response messages a
 echoed one for one. It runs on the same runtimes as the EPP, with the same server options,
 serializer and hand-encoded body answers, so the difference to the EPP is the EPP's work:
 
-    --transport grpc   grpc.aio (the EPP's default transport)
-    --transport h2     llmepp.server.h2 (the EPP's opt-in HTTP/2 transport)
+    --transport grpc   grpc.aio (the EPP's opt-in transport, --extproc-transport grpc)
+    --transport h2     llmepp.server.h2 (the EPP's default HTTP/2 transport)
 
     .venv/bin/python -m benchmarks.noop_extproc --port 9002 --endpoint 127.0.0.2:8000
 """
