@@ -757,8 +757,10 @@ def bench_inprocess(n: int) -> dict[str, Any]:
             out = subprocess.run(
                 [sys.executable, "-m", "benchmarks.extproc_overhead", "inprocess-run", "--target", target, "--n",
                  str(n)],
-                cwd=REPO, capture_output=True, text=True, check=True,
+                cwd=REPO, capture_output=True, text=True,
             )  # fmt: skip
+            if out.returncode:
+                raise RuntimeError(f"in-process run of {target} failed:\n{out.stderr}")
             rounds[target].append(json.loads(out.stdout))
     result: dict[str, Any] = {"requests_per_round": n, "rounds": _IN_PROCESS_ROUNDS}
     for target, runs in rounds.items():
@@ -820,6 +822,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--chunks", type=int, default=1000)
     p.add_argument("--streams", type=int, default=16)
     args = ap.parse_args(argv)
+    if (args.n if args.cmd == "inprocess-run" else getattr(args, "inprocess_n", 1)) < 1:
+        ap.error("the number of in-process requests must be at least 1")
 
     if args.cmd == "serve-epp":
         _run_loop(_serve_epp(args.port, args.endpoint, not args.no_timing, args.transport, args.director), args.loop)
