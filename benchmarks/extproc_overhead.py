@@ -435,18 +435,21 @@ async def bench_long(sizes_kb: Sequence[int], n: int, rounds: int, transports: S
 # =====================================================================================
 # (b) / (c) load generator speaking ext_proc (child process)
 # =====================================================================================
+def _header_map(headers: dict[str, str]) -> Any:
+    """An ext_proc HeaderMap as Envoy fills it: values in raw_value."""
+    from envoy.config.core.v3 import base_pb2
+
+    return base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in headers.items()])
+
+
 async def _loadgen(port: int, mode: str, seconds: float, concurrency: int, chunks: int, streams: int) -> None:
     import grpc
-    from envoy.config.core.v3 import base_pb2
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
     from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-    def hmap(h: dict[str, str]) -> Any:
-        return base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in h.items()])
-
     req_headers = pb.ProcessingRequest(
         request_headers=pb.HttpHeaders(
-            headers=hmap(
+            headers=_header_map(
                 {
                     ":method": "POST",
                     ":path": "/v1/completions",
@@ -466,7 +469,7 @@ async def _loadgen(port: int, mode: str, seconds: float, concurrency: int, chunk
     req_eos = pb.ProcessingRequest(request_body=pb.HttpBody(end_of_stream=True))
     resp_headers = pb.ProcessingRequest(
         response_headers=pb.HttpHeaders(
-            headers=hmap(
+            headers=_header_map(
                 {
                     ":status": "200",
                     "content-type": "text/event-stream" if mode == "chunks" else "application/json",
@@ -660,12 +663,7 @@ _IN_PROCESS_ROUNDS = 3
 def envoy_messages() -> list[bytes]:
     """The six ext_proc messages Envoy 1.40 sends for (a)'s small request, FULL_DUPLEX_STREAMED both ways, with
     the header sets the latency run's Envoy sends: each body chunk, then its end of stream as a message alone."""
-    from envoy.config.core.v3 import base_pb2
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-
-    def headers(h: dict[str, str]) -> Any:
-        fields = [base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in h.items()]
-        return pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=fields))
 
     request = {
         ":authority": "bench",
@@ -687,10 +685,10 @@ def envoy_messages() -> list[bytes]:
     }
     fds = pb.ProtocolConfiguration(request_body_mode=4, response_body_mode=4)
     messages = [
-        pb.ProcessingRequest(request_headers=headers(request), protocol_config=fds),
+        pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=_header_map(request)), protocol_config=fds),
         pb.ProcessingRequest(request_body=pb.HttpBody(body=REQUEST_BODY)),
         pb.ProcessingRequest(request_body=pb.HttpBody(end_of_stream=True)),
-        pb.ProcessingRequest(response_headers=headers(response)),
+        pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=_header_map(response))),
         pb.ProcessingRequest(response_body=pb.HttpBody(body=RESPONSE_JSON)),
         pb.ProcessingRequest(response_body=pb.HttpBody(end_of_stream=True)),
     ]
