@@ -1072,6 +1072,38 @@ def flowcontrol_tenant_targets(data: dict[str, Any] | None) -> list[list[str]]:
     return rows
 
 
+def hot_prefix_table(data: dict[str, Any] | None) -> str:
+    """`benchmarks.des.hot_prefix`: per contender and rate, the median over seeds of TTFT p90 and of the busiest
+    pod's share of the stage's requests."""
+    if not data:
+        return "_`python -m benchmarks.des.hot_prefix --json benchmarks/results/des/hot-prefix.json` not run yet_"
+    seeds = sorted({r["seed"] for r in data["runs"]})
+    rows = []
+    for name in data["contenders"]:
+        runs = [r for r in data["runs"] if r["contender"] == name]
+        cells = [name]
+        for k in range(len(data["rates"])):
+            ttft = [r["stages"][k]["ttft_p90_s"] for r in runs if r["stages"][k]["ttft_p90_s"] is not None]
+            share = [r["stages"][k]["busiest_pod_share"] for r in runs if r["stages"][k]["busiest_pod_share"]]
+            cells.append(f"{statistics.median(ttft):.2f} s ({statistics.median(share):.0%})" if ttft and share else "-")
+        rows.append(cells)
+    head = ["contender"] + [f"{r:g} req/s" for r in data["rates"]]
+    text = (f"Command: `python -m benchmarks.des.{' '.join(['hot_prefix', *(data.get('argv') or [])])}`, started "
+            f"{data.get('started', '?')}; seeds {', '.join(map(str, seeds))}; median TTFT p90 in simulated s "
+            "(busiest pod's share of the stage's requests):\n\n" + _table(rows, head))  # fmt: skip
+    checks = data.get("benchmark_workloads") or []
+    parts = []
+    for workload in dict.fromkeys(c["workload"] for c in checks):
+        rows_w = [c for c in checks if c["workload"] == workload]
+        moved = sum(c["rerouted"] for c in rows_w)
+        total = sum(c["requests"] for c in rows_w)
+        parts.append(f"{workload} (seeds {', '.join(str(c['seed']) for c in rows_w)}): {moved:,} of {total:,} requests")
+    if parts:
+        text += ("\n\nRouted to another pod by the escape hatch than by the default, same schedules (`--check-seeds`): "
+                 + "; ".join(parts) + ".")  # fmt: skip
+    return text
+
+
 def flowcontrol_tenants_table(data: dict[str, Any] | None) -> str:
     """The per-tenant table of the flow-control saturation benchmark."""
     if not data:
@@ -1447,6 +1479,7 @@ def render(results: Path, readme: Path = README, template: Path = TEMPLATE) -> s
         "PLOTS": "\n\n".join(f"![{alt}](results/{name})" for name, alt in images),
         "OVERHEAD": overhead_tables(overhead),
         "FLOWCONTROL_TENANTS": flowcontrol_tenants_table(fc_tenants),
+        "HOT_PREFIX": hot_prefix_table(_load(results / "des" / "hot-prefix.json")),
         "PRECISE": precise_section(precise, results, precise_plots(precise, results) if precise else []),
         "PRECISE_REFERENCE": precise_section(
             reference,

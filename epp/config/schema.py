@@ -89,6 +89,8 @@ class EndpointPickerConfig(_Schema):
 # conversation's own pod leads by only its history's share of the prompt, and at weight 3 a KV-utilisation
 # gap of 0.23 was enough to move a returning turn and recompute its history elsewhere; weight 6 keeps turns
 # home and changed shared-prefix and no-sharing by <= 0.03 s TTFT p90 (benchmarks/results/diagnostics).
+# No escape hatch: one prefix carrying all traffic (one app's system prompt) goes to one pod whatever its load;
+# benchmarks/configs/default-load-balance.yaml adds load-balance-filter for that (benchmarks/README.md).
 DEFAULT_CONFIG = """\
 apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
