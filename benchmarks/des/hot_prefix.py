@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.des.policies import policy_config
-from benchmarks.des.precise import live_schedule, options, seed_list
+from benchmarks.des.precise import cell, live_schedule, options, seed_list, seed_median
 from benchmarks.des.sim import SimResult, simulate
 from benchmarks.des.workload import NoSharing, Schedule, SharedPrefix, Stage, schedule
 from benchmarks.precise_routing import SCENARIOS
@@ -136,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 res = simulate(sched, options(scale, kv_blocks, Path(tmp) / f"{name}.yaml", SCENARIOS[0], seed))
                 stages = stage_rows(res)
                 results.append({"seed": seed, "contender": name, "stages": stages, "wall_s": res.wall_seconds})
-                cells = "  ".join(_fmt(s["ttft_p90_s"], s["busiest_pod_share"]) for s in stages)
+                cells = "  ".join(cell(s["ttft_p90_s"], s["busiest_pod_share"]) for s in stages)
                 print(f"seed {seed} {name:22} {cells}   ({res.wall_seconds:.0f}s wall, "
                       f"{time.monotonic() - t0:.0f}s in)", flush=True)  # fmt: skip
         checks = rerouted(scale, a.check_seeds, (Path(tmp) / "default.yaml", Path(tmp) / "default-load-balance.yaml"))
@@ -145,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         runs = [r for r in results if r["contender"] == name]
         medians = [
-            _fmt(_median(runs, k, "ttft_p90_s"), _median(runs, k, "busiest_pod_share")) for k in range(len(rates))
+            cell(seed_median(runs, k, "ttft_p90_s"), seed_median(runs, k, "busiest_pod_share"))
+            for k in range(len(rates))
         ]
         print(f"  {name:22} " + "  ".join(medians))
     if a.json:
@@ -163,17 +163,6 @@ def main(argv: list[str] | None = None) -> int:
         }
         a.json.write_text(json.dumps(doc, indent=1))
     return 0
-
-
-def _median(runs: list[dict[str, Any]], stage: int, metric: str) -> float | None:
-    values = [r["stages"][stage][metric] for r in runs if r["stages"][stage][metric] is not None]
-    return statistics.median(values) if values else None
-
-
-def _fmt(ttft: float | None, share: float | None) -> str:
-    t = "-" if ttft is None else f"{ttft:6.2f}"
-    s = "-" if share is None else f"{share:4.2f}"
-    return f"{t}/{s}"
 
 
 if __name__ == "__main__":

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 stages = [s for s in res.stages() if not s["warmup"]]
                 results.append({"seed": seed, "scenario": scenario.key, "contender": name, "stages": stages,
                                 "wall_s": res.wall_seconds})  # fmt: skip
-                cells = "  ".join(f"{_fmt(*_row(s))}" for s in stages)
+                cells = "  ".join(f"{cell(*_row(s))}" for s in stages)
                 print(f"seed {seed} {scenario.key:10} {name:16} {cells}   ({res.wall_seconds:.0f}s wall, "
                       f"{time.monotonic() - t0:.0f}s in)", flush=True)  # fmt: skip
     print("\nmedian over seeds: TTFT p90 s / hit rate per stage (QPS " + ", ".join(f"{r / 2:g}" for r in rates) + ")")
@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     for scenario in scenarios:
         for name in configs:
             runs = [r for r in results if r["scenario"] == scenario.key and r["contender"] == name]
-            medians = [_fmt(_median(runs, k, "ttft_p90_s"), _median(runs, k, "prefix_hit_rate")) for k in stage_ids]
+            medians = [
+                cell(seed_median(runs, k, "ttft_p90_s"), seed_median(runs, k, "prefix_hit_rate")) for k in stage_ids
+            ]
             print(f"  {scenario.key:10} {name:16} " + "  ".join(medians))
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
@@ -167,12 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _median(runs: list[dict[str, Any]], stage: int, metric: str) -> float | None:
+def seed_median(runs: list[dict[str, Any]], stage: int, metric: str) -> float | None:
+    """The median over `runs` (one per seed) of a stage's metric, its missing values left out."""
     values = [r["stages"][stage][metric] for r in runs if r["stages"][stage][metric] is not None]
     return statistics.median(values) if values else None
 
 
-def _fmt(ttft: float | None, hit: float | None) -> str:
+def cell(ttft: float | None, hit: float | None) -> str:
+    """`TTFT/fraction` for the printed tables (a hit rate here, a pod's share in hot_prefix)."""
     t = "-" if ttft is None else f"{ttft:6.2f}"
     h = "-" if hit is None else f"{hit:4.2f}"
     return f"{t}/{h}"
