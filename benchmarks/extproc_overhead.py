@@ -665,6 +665,8 @@ def envoy_messages() -> list[bytes]:
     the header sets the latency run's Envoy sends: each body chunk, then its end of stream as a message alone."""
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+    from llmepp.server.envoy import MODE_FULL_DUPLEX_STREAMED
+
     request = {
         ":authority": "bench",
         ":path": "/v1/completions",
@@ -683,7 +685,9 @@ def envoy_messages() -> list[bytes]:
         "server": "Python/3.11 aiohttp/3.14.5",
         "x-envoy-upstream-service-time": "0",
     }
-    fds = pb.ProtocolConfiguration(request_body_mode=4, response_body_mode=4)
+    fds = pb.ProtocolConfiguration(
+        request_body_mode=MODE_FULL_DUPLEX_STREAMED, response_body_mode=MODE_FULL_DUPLEX_STREAMED
+    )
     messages = [
         pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=_header_map(request)), protocol_config=fds),
         pb.ProcessingRequest(request_body=pb.HttpBody(body=REQUEST_BODY)),

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -73,7 +72,7 @@ def no_sharing_schedule(scale: Scale, seed: int) -> Schedule:
     return schedule(workload, [Stage(s.rate, s.duration, s.warmup) for s in live.stages], seed=seed)
 
 
-def rerouted(scale: Scale, seeds: list[int], configs: tuple[Path, Path]) -> list[dict[str, Any]]:
+def rerouted(scale: Scale, seeds: list[int], configs: tuple[str, str]) -> list[dict[str, Any]]:
     """Per benchmark workload and seed: requests the second config sends to another pod than the first."""
     rows = []
     for workload in ("shared-prefix", "no-sharing"):
@@ -123,22 +122,19 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in CONTENDERS if not a.only or n in a.only.split(",")]
     results: list[dict[str, Any]] = []
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, policy in CONTENDERS.items():
-            (Path(tmp) / f"{name}.yaml").write_text(
-                policy_config(str(ROOT / policy) if policy.endswith(".yaml") else policy)
-            )
-        for seed in a.seeds:
-            kv_blocks, _ = kv_blocks_per_pod(scale, seed)
-            sched = one_app_schedule(scale, seed, rates, a.stage_duration)
-            for name in names:
-                res = simulate(sched, options(scale, kv_blocks, Path(tmp) / f"{name}.yaml", SCENARIOS[0], seed))
-                stages = stage_rows(res)
-                results.append({"seed": seed, "contender": name, "stages": stages, "wall_s": res.wall_seconds})
-                cells = "  ".join(cell(s["ttft_p90_s"], s["busiest_pod_share"]) for s in stages)
-                print(f"seed {seed} {name:22} {cells}   ({res.wall_seconds:.0f}s wall, "
-                      f"{time.monotonic() - t0:.0f}s in)", flush=True)  # fmt: skip
-        checks = rerouted(scale, a.check_seeds, (Path(tmp) / "default.yaml", Path(tmp) / "default-load-balance.yaml"))
+    configs = {name: policy_config(str(ROOT / policy) if policy.endswith(".yaml") else policy)
+               for name, policy in CONTENDERS.items()}  # fmt: skip
+    for seed in a.seeds:
+        kv_blocks, _ = kv_blocks_per_pod(scale, seed)
+        sched = one_app_schedule(scale, seed, rates, a.stage_duration)
+        for name in names:
+            res = simulate(sched, options(scale, kv_blocks, configs[name], SCENARIOS[0], seed))
+            stages = stage_rows(res)
+            results.append({"seed": seed, "contender": name, "stages": stages, "wall_s": res.wall_seconds})
+            cells = "  ".join(cell(s["ttft_p90_s"], s["busiest_pod_share"]) for s in stages)
+            print(f"seed {seed} {name:22} {cells}   ({res.wall_seconds:.0f}s wall, "
+                  f"{time.monotonic() - t0:.0f}s in)", flush=True)  # fmt: skip
+    checks = rerouted(scale, a.check_seeds, (configs["default"], configs["default-load-balance"]))
     listed = ", ".join(f"{r:g}" for r in rates)
     print(f"\nmedian over seeds: TTFT p90 s / busiest pod's share per stage (req/s {listed})")
     for name in names:

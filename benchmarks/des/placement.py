@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         sched, kv_blocks = live_schedule(scale, seed, FULL_RATES)
         for name, (quotas, unpack_stage) in variants.items():
-            opts = options(scale, kv_blocks, base, SCENARIOS[0], seed)
+            opts = options(scale, kv_blocks, base.read_text(), SCENARIOS[0], seed)
             unpack_from = 0
             if unpack_stage is not None:
                 unpack_from = next(x.index for x in sched.arrivals if x.stage >= unpack_stage)

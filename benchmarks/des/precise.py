@@ -82,11 +82,12 @@ def live_durations(config: str) -> str:
     return yaml.safe_dump(document, sort_keys=False)
 
 
-def options(scale: Scale, kv_blocks: int, config: Path, scenario: Scenario, seed: int) -> SimOptions:
+def options(scale: Scale, kv_blocks: int, config: str, scenario: Scenario, seed: int) -> SimOptions:
+    """The live run's set-up in simulated time, routing with `config` (EndpointPickerConfig YAML)."""
     k = scale.token_unit
     return SimOptions(
         pods=scale.pods,
-        epp_config=live_durations(config.read_text()),
+        epp_config=live_durations(config),
         profile=PROFILE,
         pod_overrides={
             "prefill_time_per_token": PREFILL_MS_PER_TOKEN * k,
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         sched, kv_blocks = live_schedule(scale, seed, rates)
         for scenario in scenarios:
             for name, config in configs.items():
-                res = simulate(sched, options(scale, kv_blocks, config, scenario, seed))
+                res = simulate(sched, options(scale, kv_blocks, config.read_text(), scenario, seed))
                 stages = [s for s in res.stages() if not s["warmup"]]
                 results.append({"seed": seed, "scenario": scenario.key, "contender": name, "stages": stages,
                                 "wall_s": res.wall_seconds})  # fmt: skip
