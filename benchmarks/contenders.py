@@ -273,7 +273,8 @@ def all_contenders() -> list[Contender]:
         EppBehindEnvoy("epp-random", policy_config("random"), "EPP, random-picker"),
         EppBehindEnvoy("epp-load", policy_config("load-only"), "EPP, queue 2 + kv-cache-utilization 2"),
         EppBehindEnvoy("epp-default", policy_config("default"),
-                       "EPP, default profile (queue 2, kv-cache 2, prefix 6, no-hit-lru 2 spreadByBacklog)"),
+                       "EPP, default profile (load-balance-filter 32/1.5x; queue 2, kv-cache 2, prefix 6, "
+                       "no-hit-lru 2 spreadByBacklog)"),
         EppBehindEnvoy("epp-optimized-baseline", policy_config("optimized-baseline"),
                        "EPP, optimized-baseline (queue 2, kv 2, prefix 3, no-hit-lru 2, approx-prefix producer)"),
         RustRouter("vllm-router-cache-aware", "vllm-router",

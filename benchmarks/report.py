@@ -1099,8 +1099,8 @@ def hot_prefix_table(data: dict[str, Any] | None) -> str:
         total = sum(c["requests"] for c in rows_w)
         parts.append(f"{workload} (seeds {', '.join(str(c['seed']) for c in rows_w)}): {moved:,} of {total:,} requests")
     if parts:
-        text += ("\n\nRouted to another pod by the escape hatch than by the default, same schedules (`--check-seeds`): "
-                 + "; ".join(parts) + ".")  # fmt: skip
+        text += ("\n\nRouted to another pod by the default than by the default without its escape hatch, same "
+                 "schedules (`--check-seeds`): " + "; ".join(parts) + ".")  # fmt: skip
     return text
 
 

@@ -4,19 +4,20 @@
 
 The benchmark workloads spread their prefixes (150 groups, 8 apps), which hides what prefix affinity does
 when one prefix carries the traffic: no load score outweighs a 79% prefix match, so every request goes to the
-pod that cached the prompt first while the others idle. This run shows it and what the escape hatch
-(`load-balance-filter`, smg's balance rule on in-flight requests) does about it.
+pod that cached the prompt first while the others idle. This run shows it and what the escape hatch in the
+default profile (`load-balance-filter`, smg's balance rule on in-flight requests) does about it.
 
 Set-up as the live runs (``benchmarks.workloads`` scale: 4 pods, token unit 16, time scale 4, the EPP's refresh
 and per-request latency in simulated time; ``benchmarks.des.precise.options``): one 1,500-token system prompt,
 each request its own 400-token question and 300 output tokens (the multi-turn workload's first turn), Poisson
 arrivals at each rate (requests/s over 4 pods) for 60 simulated s, each stage starting on drained pods.
-Contenders: the built-in default, the default with the escape hatch, the reference's optimized-baseline and
-load-only (cache-blind, the balance floor). Prints TTFT p90 and the busiest pod's share of the stage's requests.
+Contenders: the built-in default, the default without its escape hatch (the default until 2026-11-25), the
+reference's optimized-baseline and load-only (cache-blind, the balance floor). Prints TTFT p90 and the busiest
+pod's share of the stage's requests.
 
 ``--check-seeds`` also runs the live shared-prefix and no-sharing workloads (same scale and ladders) with the
-default and with the escape hatch, and counts the requests the hatch sends to another pod: what adding it costs
-the workloads where affinity should not yield.
+default and without its escape hatch, and counts the requests the hatch sends to another pod: what it costs the
+workloads where affinity should not yield.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from benchmarks.workloads import NoSharing as LiveNoSharing
 ROOT = Path(__file__).resolve().parents[2]
 CONTENDERS = {  # name → a named DES policy or a config file under the repository root
     "default": "default",
-    "default-load-balance": "benchmarks/configs/default-load-balance.yaml",
+    "default-no-hatch": "benchmarks/configs/default-no-hatch.yaml",
     "optimized-baseline": "optimized-baseline",
     "load-only": "load-only",
 }
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             cells = "  ".join(cell(s["ttft_p90_s"], s["busiest_pod_share"]) for s in stages)
             print(f"seed {seed} {name:22} {cells}   ({res.wall_seconds:.0f}s wall, "
                   f"{time.monotonic() - t0:.0f}s in)", flush=True)  # fmt: skip
-    checks = rerouted(scale, a.check_seeds, (configs["default"], configs["default-load-balance"]))
+    checks = rerouted(scale, a.check_seeds, (configs["default-no-hatch"], configs["default"]))
     listed = ", ".join(f"{r:g}" for r in rates)
     print(f"\nmedian over seeds: TTFT p90 s / busiest pod's share per stage (req/s {listed})")
     for name in names:

@@ -89,12 +89,20 @@ class EndpointPickerConfig(_Schema):
 # conversation's own pod leads by only its history's share of the prompt, and at weight 3 a KV-utilisation
 # gap of 0.23 was enough to move a returning turn and recompute its history elsewhere; weight 6 keeps turns
 # home and changed shared-prefix and no-sharing by <= 0.03 s TTFT p90 (benchmarks/results/diagnostics).
-# No escape hatch: one prefix carrying all traffic (one app's system prompt) goes to one pod whatever its load;
-# benchmarks/configs/default-load-balance.yaml adds load-balance-filter for that (benchmarks/README.md).
+# load-balance-filter at 32 / 1.5x is the escape hatch every cache-aware router has: without it, one prefix
+# carrying all traffic (one app's system prompt) goes to one pod whatever its load, because no load score
+# outweighs a large prefix match (TTFT p90 26 s vs 1.5 s at 9 req/s on 4 pods; benchmarks/README.md, "One hot
+# prefix"). It changed no decision in the shared-prefix and no-sharing workloads in simulated time and moved at
+# most 33 returning turns of the multi-turn workload at 36 QPS (benchmarks/configs/default-no-hatch.yaml is the
+# profile without it).
 DEFAULT_CONFIG = """\
 apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
 plugins:
+- type: load-balance-filter
+  parameters:
+    absThreshold: 32
+    relThreshold: 1.5
 - type: queue-scorer
 - type: kv-cache-utilization-scorer
 - type: prefix-cache-scorer
@@ -104,6 +112,7 @@ plugins:
 schedulingProfiles:
 - name: default
   plugins:
+  - pluginRef: load-balance-filter
   - pluginRef: queue-scorer
     weight: 2
   - pluginRef: kv-cache-utilization-scorer

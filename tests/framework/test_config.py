@@ -8,6 +8,7 @@ from llmepp.config.loader import build, load_config, parse_feature_gates
 from llmepp.config.schema import DEFAULT_CONFIG
 from llmepp.framework.plugin import ConfigError
 from llmepp.framework.scheduling import Scorer
+from llmepp.plugins.filters.load_balance import LoadBalanceFilter
 from llmepp.plugins.pickers.max_score import MaxScorePicker
 from llmepp.plugins.profile_handlers.single import SingleProfileHandler
 
@@ -16,9 +17,12 @@ def built(text: str):  # type: ignore[no-untyped-def]
     return build(load_config(text))
 
 
-def test_default_config_is_the_optimized_baseline_scorers_with_prefix_weight_6() -> None:
+def test_default_config_is_the_escape_hatch_then_the_optimized_baseline_scorers_with_prefix_weight_6() -> None:
     c = built(DEFAULT_CONFIG)
     profile = c.pipeline.scheduler.profiles["default"]
+    assert [f.type for f in profile.filters] == ["load-balance-filter"]
+    (hatch,) = profile.filters
+    assert isinstance(hatch, LoadBalanceFilter) and (hatch.abs, hatch.rel) == (32, 1.5)
     assert [(w.scorer.type, w.weight) for w in profile.scorers] == [
         ("queue-scorer", 2.0),
         ("kv-cache-utilization-scorer", 2.0),
@@ -27,12 +31,12 @@ def test_default_config_is_the_optimized_baseline_scorers_with_prefix_weight_6()
     ]
     assert isinstance(profile.picker, MaxScorePicker)
     assert isinstance(c.pipeline.scheduler.handler, SingleProfileHandler)
-    # The producers the scorers read are auto-created, in dependency order (no-hit-lru reads in-flight load
-    # for its last-holder backlog gate).
+    # The producers the plugins read are auto-created, in dependency order (the filter, and no-hit-lru for its
+    # last-holder backlog gate, read in-flight load).
     assert [p.type for p in c.pipeline.producers] == [
         "token-producer",
-        "approx-prefix-cache-producer",
         "inflight-load-producer",
+        "approx-prefix-cache-producer",
     ]
 
 

@@ -165,7 +165,7 @@ def test_a_new_file_the_loader_refuses_keeps_the_running_scheduler_and_names_the
         DEFAULT_CONFIG.replace("- type: queue-scorer\n", "- {type: queue-scorer, name: max-score-picker}\n").replace(
             "pluginRef: queue-scorer", "pluginRef: max-score-picker"
         ): "plugin 'max-score-picker' (type queue-scorer): is not a picker",
-        DEFAULT_CONFIG.replace("weight: 6", "weight: .nan"): "schedulingProfiles[0].plugins[2].weight: nan",
+        DEFAULT_CONFIG.replace("weight: 6", "weight: .nan"): "schedulingProfiles[0].plugins[3].weight: nan",
     }  # fmt: skip
     with caplog.at_level(logging.ERROR, logger="llmepp.config.watch"):
         for text, message in bad.items():
