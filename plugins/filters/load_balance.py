@@ -29,8 +29,9 @@ class LoadBalanceFilter(Filter):
     most of the traffic their pods stay overloaded while others idle. Dropping the overloaded
     pods for a while lets the prompt be cached on a second pod; after that the prefix scores tie
     and the load scorers spread the prefix's requests. With one prefix carrying all traffic, the default profile
-    sends every request to one pod, 26 s TTFT p90 at 9 req/s over 4 pods against 1.5 s with this filter at
-    32 / 1.5x (`python -m benchmarks.des.hot_prefix`), which is why the default profile has it at those values.
+    without this filter sends every request to one pod, 26 s TTFT p90 at 9 req/s over 4 pods against 1.5 s with
+    it at 32 / 1.5x (`python -m benchmarks.des.hot_prefix`), which is why the default profile has it at those
+    values.
     Not lower: at 16 / 1.25x it moved returning turns of the multi-turn benchmark off their cached history and
     raised TTFT p90 (benchmarks/results/diagnostics/README.md).
 
