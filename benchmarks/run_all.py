@@ -103,8 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   "--json", str(a.results / "des" / f"precise-{profile}.json")])  # fmt: skip
     if a.only in ("all", "hot-prefix"):
         # One prefix carrying all traffic, in simulated time (~1 min, deterministic): what prefix affinity does
-        # without an escape hatch, which the benchmark workloads' many prefixes do not show, and what the hatch
-        # would change in those workloads.
+        # without the default's escape hatch, which the benchmark workloads' many prefixes do not show, and what
+        # the hatch changes in those workloads.
         print("== one hot prefix in simulated time, five seeds", flush=True)
         des_hot_prefix.main(["--seeds", "1-5", "--check-seeds", "1-10",
                              "--json", str(a.results / "des" / "hot-prefix.json")])  # fmt: skip
