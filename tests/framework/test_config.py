@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 
 from llmepp.config.loader import build, load_config, parse_feature_gates
 from llmepp.config.schema import DEFAULT_CONFIG
@@ -502,3 +505,25 @@ def test_a_null_plugin_parameter_takes_its_default_as_in_the_reference() -> None
     assert c.plugins["max-score-picker"].params.max_num_of_endpoints == 1
     prefix = c.plugins["approx-prefix-cache-producer"].params
     assert prefix.max_prefix_blocks_to_match == 64 and prefix.block_size_tokens == type(prefix)().block_size_tokens
+
+
+@pytest.mark.parametrize(
+    ("path", "in_configmap"),
+    [
+        ("deploy/config/default-file-discovery.yaml", False),
+        ("deploy/kubernetes/configmap.yaml", True),
+        ("deploy/kubernetes/standalone/configmap.yaml", True),
+    ],
+)
+def test_deploy_configs_carry_the_built_in_default_profile(path: str, in_configmap: bool) -> None:
+    """The deploy configs copy DEFAULT_CONFIG (a manifest must stand alone); a change to the default must reach
+    them. Only endpoint discovery may differ."""
+    text = (Path(__file__).parents[2] / path).read_text()
+    if in_configmap:
+        (configmap,) = [d for d in yaml.safe_load_all(text) if d and d.get("kind") == "ConfigMap"]
+        text = configmap["data"]["config.yaml"]
+    theirs = yaml.safe_load(text)
+    ours = yaml.safe_load(DEFAULT_CONFIG)
+    discovery = theirs.pop("dataLayer", {}).get("discovery", {}).get("pluginRef")
+    theirs["plugins"] = [p for p in theirs["plugins"] if p.get("name", p["type"]) != discovery]
+    assert theirs == ours
