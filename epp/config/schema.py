@@ -93,8 +93,9 @@ class EndpointPickerConfig(_Schema):
 # carrying all traffic (one app's system prompt) goes to one pod whatever its load, because no load score
 # outweighs a large prefix match (TTFT p90 26 s vs 1.5 s at 9 req/s on 4 pods; benchmarks/README.md, "One hot
 # prefix"). It changed no decision in the shared-prefix and no-sharing workloads in simulated time; in the live
-# multi-turn workload at 36 QPS it moved 0-51 of 1,590-1,905 returning turns per seed, and whether that costs
-# TTFT there is not yet measured (benchmarks/configs/default-no-hatch.yaml is the profile without it).
+# multi-turn workload at 36 QPS it moved 0-51 of 1,590-1,905 returning turns per seed, and paired against the
+# profile without it (benchmarks/configs/default-no-hatch.yaml) over ten seeds its TTFT p90 effect was within
+# 5% at every stage (benchmarks/results/diagnostics/README.md).
 DEFAULT_CONFIG = """\
 apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
